@@ -21,7 +21,7 @@ from flowport.server.api.unimplemented import unimplemented_handler
 from flowport.server.interceptor import ErrorInterceptor
 from flowport.server.metrics import RequestMetrics
 from flowport.server.settings import Settings
-from flowport.server.storage import SqliteStore, Store
+from flowport.server.storage import MigrationError, SqliteStore, Store
 from flowport.v1 import (
     event_pb2,
     execution_pb2,
@@ -154,7 +154,7 @@ def run(settings: Settings) -> int:
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(serve(settings))
-    except StartupError as exc:
+    except (StartupError, MigrationError) as exc:
         print(f"flowport: {exc}", file=sys.stderr)
         return 2
     return 0

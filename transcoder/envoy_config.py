@@ -19,6 +19,7 @@ from typing import Any
 from flowport.server.settings import Settings, _connect_host
 
 CLUSTER = "flowport_grpc"
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
 API_PACKAGE = "flowport.v1"
 SERVICES = [
     f"{API_PACKAGE}.{name}"
@@ -145,6 +146,19 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
     return {
         "node": {"id": "flowport", "cluster": "flowport"},
         "admin": {"address": _address("127.0.0.1", settings.admin_port)},
+        # A bound on downstream connections, so a flood cannot exhaust file
+        # descriptors (Envoy warns at start when there is none).
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": _typed(
+                        "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                        max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS,
+                    ),
+                }
+            ]
+        },
         "static_resources": {
             "listeners": [
                 {

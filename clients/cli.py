@@ -1,0 +1,90 @@
+"""The `flowport` command.
+
+    flowport up             run the gRPC server and Envoy (REST on :8080)
+    flowport serve          run the gRPC server alone, behind your own Envoy
+    flowport envoy-config   print the Envoy bootstrap `up` would use
+
+Every setting is a flag here, a FLOWPORT_<NAME> environment variable, or a
+key in the TOML file given with --config (flags win over the environment,
+which wins over the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flowport.server.settings import ENV_PREFIX, Settings, SettingsError
+from flowport.server.version import VERSION
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (flag > FLOWPORT_* environment > --config file > default)")
+    group.add_argument("--config", type=Path, metavar="FILE", help="TOML file with settings (env FLOWPORT_CONFIG)")
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "none" if default is None else default
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            metavar=name.split("_")[-1].upper(),
+            default=None,
+            help=f"{field.description} (default {shown}; env {ENV_PREFIX}{name.upper()})",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with one subcommand per action."""
+    parser = argparse.ArgumentParser(
+        prog="flowport", description="flowport: a gRPC-first workflow gateway with REST through Envoy."
+    )
+    parser.add_argument("--version", action="version", version=f"flowport {VERSION}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in (
+        ("up", "run the gRPC server and Envoy in front of it until Ctrl-C"),
+        ("serve", "run the gRPC server alone (for an Envoy you run yourself)"),
+        ("envoy-config", "print the Envoy bootstrap (JSON) that `up` renders from the settings"),
+    ):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _add_setting_flags(sub)
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the parsed flags, the environment and the config file."""
+    flags: dict[str, Any] = {name: getattr(args, name) for name in Settings.model_fields}
+    return Settings.load(flags, config_file=args.config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `flowport` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args)
+    except SettingsError as exc:
+        print(f"flowport: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if args.command == "envoy-config":
+        from flowport.transcoder.envoy_config import render
+
+        print(json.dumps(render(settings), indent=2))
+        return 0
+    if args.command == "serve":
+        from flowport.server.app import run
+
+        return run(settings)
+    from flowport.server.supervisor import up
+
+    return up(settings, out=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

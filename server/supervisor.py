@@ -1,0 +1,194 @@
+"""`flowport up`: run the gRPC server and Envoy as child processes.
+
+Start the server, wait until it reports SERVING, start Envoy, wait until
+`/healthz` answers 200 through it, print the URLs; on SIGINT/SIGTERM stop
+the server gracefully first (Envoy keeps relaying its in-flight answers),
+then Envoy. Children run in their own process group, so a terminal's Ctrl-C
+reaches only the supervisor, which then stops them in order; on Linux they
+also get SIGTERM if the supervisor itself dies, so none is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from flowport.server.envoy_binary import EnvoyNotFound, find_envoy
+from flowport.server.settings import ENV_PREFIX, Settings
+from flowport.transcoder.envoy_config import render
+
+POLL_INTERVAL = 0.05
+PR_SET_PDEATHSIG = 1
+
+
+class UpError(RuntimeError):
+    """`flowport up` could not start; the message says why."""
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def check_ports_free(settings: Settings) -> None:
+    """Fail, naming the port and its flag, when one is already taken."""
+    for flag, host, port in (
+        ("--http-port", settings.host, settings.http_port),
+        ("--grpc-port", settings.host, settings.grpc_port),
+        ("--admin-port", "127.0.0.1", settings.admin_port),
+    ):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            # Envoy and gRPC set SO_REUSEADDR too, so TIME_WAIT is not "in use".
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise UpError(f"port {port} ({flag}) on {host} is not available: {exc.strerror}") from None
+    if len({settings.http_port, settings.grpc_port, settings.admin_port}) < 3:
+        raise UpError("--http-port, --grpc-port and --admin-port must be three different ports")
+
+
+def child_environment(settings: Settings) -> dict[str, str]:
+    """The environment that makes `flowport serve` load exactly `settings`."""
+    env = dict(os.environ)
+    env.pop(f"{ENV_PREFIX}CONFIG", None)
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[ENV_PREFIX + name.upper()] = str(value)
+    return env
+
+
+class Supervisor:
+    """The two children and the order they start and stop in."""
+
+    def __init__(self, settings: Settings, out: Callable[[str], None] = print) -> None:
+        self.settings = settings
+        self.out = out
+        self.server: subprocess.Popen[bytes] | None = None
+        self.envoy: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+
+    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+        )
+
+    def start(self) -> None:
+        """Start both children and wait until both are healthy."""
+        s = self.settings
+        check_ports_free(s)
+        try:
+            envoy_bin = find_envoy(s.envoy)
+        except EnvoyNotFound as exc:
+            raise UpError(str(exc)) from None
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        config_path = s.data_dir / "envoy.json"
+        config_path.write_text(json.dumps(render(s), indent=2))
+        deadline = time.monotonic() + s.startup_timeout
+        self.server = self._spawn([sys.executable, "-m", "flowport.clients.cli", "serve"], child_environment(s))
+        self._wait(self.server, "server", lambda: _grpc_serving(s.grpc_target), deadline)
+        self.envoy = self._spawn(
+            [str(envoy_bin), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
+        )
+        self._wait(self.envoy, "Envoy", lambda: _http_ok(f"http://127.0.0.1:{s.admin_port}/ready") and _http_ok(f"{s.http_url}/healthz"), deadline)
+
+    def _wait(self, proc: subprocess.Popen[bytes], what: str, ready: Callable[[], bool], deadline: float) -> None:
+        while not ready():
+            if proc.poll() is not None:
+                raise UpError(f"the {what} exited with code {proc.returncode} while starting (see its log above)")
+            if self.stopping.is_set():
+                raise UpError("interrupted while starting")
+            if time.monotonic() > deadline:
+                raise UpError(f"the {what} was not healthy within {self.settings.startup_timeout:g}s (--startup-timeout)")
+            time.sleep(POLL_INTERVAL)
+
+    def wait(self) -> int:
+        """Block until a signal or a child's exit; return the exit code to use."""
+        while not self.stopping.wait(0.2):
+            for proc, what in ((self.server, "server"), (self.envoy, "Envoy")):
+                if proc is not None and proc.poll() is not None:
+                    self.out(f"flowport: the {what} exited unexpectedly with code {proc.returncode}; stopping")
+                    return 1
+        return 0
+
+    def stop(self) -> None:
+        """Stop the server gracefully, then Envoy; kill whatever overstays."""
+        grace = self.settings.shutdown_grace
+        for proc, timeout in ((self.server, grace + 5.0), (self.envoy, 5.0)):
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _grpc_serving(target: str) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as response:  # noqa: S310 - our own loopback URL
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def up(settings: Settings, out: Callable[[str], None] = print) -> int:
+    """Run server and Envoy until SIGINT/SIGTERM; return the process exit code."""
+    supervisor = Supervisor(settings, out)
+    started = time.monotonic()
+
+    def on_signal(signum: int, frame: object) -> None:
+        supervisor.stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            supervisor.start()
+        except UpError as exc:
+            out(f"flowport: {exc}")
+            return 2
+        s = settings
+        out(
+            f"flowport is up in {time.monotonic() - started:.2f}s\n"
+            f"  REST + gRPC (Envoy)  {s.http_url}\n"
+            f"  gRPC (server)        {s.grpc_target}\n"
+            f"  Envoy admin          http://127.0.0.1:{s.admin_port}\n"
+            f"  data                 {Path(s.data_dir).resolve()}\n"
+            "Press Ctrl-C to stop."
+        )
+        return supervisor.wait()
+    finally:
+        supervisor.stop()
+        if supervisor.server is not None:
+            out("flowport: stopped")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

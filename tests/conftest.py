@@ -1,0 +1,124 @@
+"""Shared fixtures: free ports, settings in a temporary data dir, and one
+real flowport stack (server + Envoy via `flowport up`) per test session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flowport.server.settings import Settings
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings on free loopback ports with data in a temporary folder."""
+    return Settings.load(
+        {
+            "data_dir": tmp_path / "data",
+            "http_port": free_port(),
+            "grpc_port": free_port(),
+            "admin_port": free_port(),
+            "shutdown_grace": 2.0,
+        },
+        environ={},
+    )
+
+
+@dataclass
+class Stack:
+    """A running `flowport up`: its process and where to reach it."""
+
+    process: subprocess.Popen[str]
+    settings: Settings
+    output: list[str]
+
+    @property
+    def http(self) -> str:
+        return self.settings.http_url
+
+    @property
+    def envoy_target(self) -> str:
+        return f"127.0.0.1:{self.settings.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return self.settings.grpc_target
+
+
+def start_up(settings: Settings, timeout: float = 30.0) -> Stack:
+    """Run `flowport up` with `settings` and wait for its "is up" line."""
+    argv = [
+        sys.executable,
+        "-m",
+        "flowport.clients.cli",
+        "up",
+        "--data-dir",
+        str(settings.data_dir),
+        "--http-port",
+        str(settings.http_port),
+        "--grpc-port",
+        str(settings.grpc_port),
+        "--admin-port",
+        str(settings.admin_port),
+        "--shutdown-grace",
+        str(settings.shutdown_grace),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWPORT_")}
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert process.stdout is not None
+    output: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if "Press Ctrl-C to stop." in line:
+            return Stack(process, settings, output)
+    process.kill()
+    raise AssertionError("flowport up did not come up:\n" + "".join(output))
+
+
+def stop_up(stack: Stack, timeout: float = 20.0) -> int:
+    """SIGINT `flowport up` (as Ctrl-C would) and return its exit code."""
+    stack.process.send_signal(signal.SIGINT)
+    out, _ = stack.process.communicate(timeout=timeout)
+    stack.output.append(out)
+    return stack.process.returncode
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One real server + Envoy for the integration tests that only make calls."""
+    data = tmp_path_factory.mktemp("stack")
+    settings = Settings.load(
+        {
+            "data_dir": data,
+            "http_port": free_port(),
+            "grpc_port": free_port(),
+            "admin_port": free_port(),
+            "shutdown_grace": 2.0,
+        },
+        environ={},
+    )
+    running = start_up(settings)
+    try:
+        yield running
+    finally:
+        stop_up(running)

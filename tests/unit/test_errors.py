@@ -1,0 +1,135 @@
+"""Error mapping: a raised FlowportError reaches the client as a rich google.rpc.Status."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import empty_pb2
+
+from flowport.clients import ApiError
+from flowport.server import errors
+from flowport.server.interceptor import ErrorInterceptor
+from flowport.server.metrics import RequestMetrics
+
+RAISED: dict[str, Exception] = {
+    "NotFound": errors.NotFound("thing 'x' does not exist", reason="THING_NOT_FOUND", metadata={"thing": "x"}),
+    "Invalid": errors.InvalidArgument(
+        "bad input", violations=[("nodes[1].config.url", "required"), ("name", "too long")]
+    ),
+    "Exhausted": errors.ResourceExhausted("slow down", retry_delay=1.5),
+    "Bug": ZeroDivisionError("secret internal detail"),
+}
+
+
+async def _stream(request: Any, context: Any) -> AsyncIterator[empty_pb2.Empty]:
+    yield empty_pb2.Empty()
+    raise errors.OutOfRange("cursor too old", reason="CURSOR_EXPIRED")
+
+
+class _Handler(grpc.GenericRpcHandler):
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        name = details.method.rsplit("/", 1)[1]
+        kwargs: dict[str, Any] = {
+            "request_deserializer": empty_pb2.Empty.FromString,
+            "response_serializer": empty_pb2.Empty.SerializeToString,
+        }
+        if name == "Stream":
+            return grpc.unary_stream_rpc_method_handler(_stream, **kwargs)
+
+        async def behaviour(request: Any, context: Any) -> empty_pb2.Empty:
+            raise RAISED[name]
+
+        return grpc.unary_unary_rpc_method_handler(behaviour, **kwargs)
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[tuple[grpc.aio.Channel, RequestMetrics]]:
+    metrics = RequestMetrics()
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(metrics)])
+    server.add_generic_rpc_handlers([_Handler()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        yield ch, metrics
+    await server.stop(None)
+
+
+async def _call(ch: grpc.aio.Channel, name: str) -> ApiError:
+    call = ch.unary_unary(
+        f"/test.Errors/{name}",
+        request_serializer=empty_pb2.Empty.SerializeToString,
+        response_deserializer=empty_pb2.Empty.FromString,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(empty_pb2.Empty())
+    return ApiError.from_rpc_error(caught.value)
+
+
+async def test_not_found_carries_error_info(channel: tuple[grpc.aio.Channel, RequestMetrics]) -> None:
+    error = await _call(channel[0], "NotFound")
+    assert error.code is grpc.StatusCode.NOT_FOUND
+    assert error.message == "thing 'x' does not exist"
+    assert (error.reason, error.domain, error.metadata) == ("THING_NOT_FOUND", "flowport.dev", {"thing": "x"})
+
+
+async def test_invalid_argument_carries_every_field_violation(channel: tuple[grpc.aio.Channel, RequestMetrics]) -> None:
+    error = await _call(channel[0], "Invalid")
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.reason == "INVALID_ARGUMENT"
+    assert error.violations == [("nodes[1].config.url", "required"), ("name", "too long")]
+
+
+async def test_resource_exhausted_carries_retry_info(channel: tuple[grpc.aio.Channel, RequestMetrics]) -> None:
+    error = await _call(channel[0], "Exhausted")
+    assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.retry_delay == pytest.approx(1.5)
+
+
+async def test_an_unexpected_exception_is_internal_without_leaking_details(
+    channel: tuple[grpc.aio.Channel, RequestMetrics], caplog: pytest.LogCaptureFixture
+) -> None:
+    error = await _call(channel[0], "Bug")
+    assert error.code is grpc.StatusCode.INTERNAL
+    assert "secret internal detail" not in error.message
+    incident = error.metadata["incident"]
+    assert incident in error.message
+    assert any(incident in r.getMessage() and r.exc_info for r in caplog.records), "the traceback is logged"
+
+
+async def test_an_error_after_a_stream_started_ends_it_with_the_status(
+    channel: tuple[grpc.aio.Channel, RequestMetrics],
+) -> None:
+    ch, metrics = channel
+    call = ch.unary_stream(
+        "/test.Errors/Stream",
+        request_serializer=empty_pb2.Empty.SerializeToString,
+        response_deserializer=empty_pb2.Empty.FromString,
+    )
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for item in call(empty_pb2.Empty()):
+            received.append(item)
+    error = ApiError.from_rpc_error(caught.value)
+    assert len(received) == 1
+    assert (error.code, error.reason) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED")
+    assert metrics.active_streams == 0 and metrics.errors == 1
+
+
+async def test_calls_and_errors_are_counted(channel: tuple[grpc.aio.Channel, RequestMetrics]) -> None:
+    ch, metrics = channel
+    for name in ("NotFound", "Invalid"):
+        await _call(ch, name)
+    assert (metrics.total, metrics.errors) == (2, 2)
+    assert metrics.error_rate == 1.0
+
+
+def test_every_status_code_maps_to_a_google_rpc_code() -> None:
+    for code in grpc.StatusCode:
+        class _E(errors.FlowportError):
+            pass
+
+        _E.code = code
+        assert _E("x").to_status().code == code.value[0]

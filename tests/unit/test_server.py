@@ -1,0 +1,214 @@
+"""The gRPC server in-process on 127.0.0.1: sessions, gateway, health,
+reflection, UNIMPLEMENTED services and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from flowport.clients import ApiError, AsyncClient
+from flowport.server.app import ALL_SERVICES, Running, start, stop
+from flowport.server.settings import Settings
+from flowport.v1 import gateway_pb2, session_pb2, workflow_pb2
+
+S = session_pb2
+
+
+@pytest.fixture
+async def running(settings: Settings) -> AsyncIterator[Running]:
+    server = await start(settings)
+    yield server
+    await stop(server, 1.0)
+
+
+@pytest.fixture
+async def client(running: Running) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(f"127.0.0.1:{running.port}") as c:
+        yield c
+
+
+async def _error(awaitable: object) -> ApiError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await awaitable  # type: ignore[misc]
+    return ApiError.from_rpc_error(caught.value)
+
+
+async def test_session_lifecycle(client: AsyncClient) -> None:
+    metadata = struct_pb2.Struct()
+    metadata.update({"tenant_id": "acme", "isolation_level": "strict", "n": 3})
+    created = await client.sessions.CreateSession(
+        S.CreateSessionRequest(session=S.Session(user_id="ada", metadata=metadata, ttl=duration_pb2.Duration(seconds=60)))
+    )
+    assert created.session_id.startswith("ses_") and created.tenant == "default"
+    assert created.expire_time.seconds - created.create_time.seconds == 60
+    assert created.WhichOneof("expiration") == "expire_time"
+    got = await client.sessions.GetSession(S.GetSessionRequest(session_id=created.session_id))
+    assert got == created
+    listed = await client.sessions.ListSessions(S.ListSessionsRequest())
+    assert created.session_id in [s.session_id for s in listed.sessions]
+    await client.sessions.DeleteSession(S.DeleteSessionRequest(session_id=created.session_id))
+    error = await _error(client.sessions.GetSession(S.GetSessionRequest(session_id=created.session_id)))
+    assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert error.metadata == {"session_id": created.session_id}
+
+
+async def test_unknown_session_is_not_found_for_get_and_delete(client: AsyncClient) -> None:
+    for call in (
+        client.sessions.GetSession(S.GetSessionRequest(session_id="ses_nope")),
+        client.sessions.DeleteSession(S.DeleteSessionRequest(session_id="ses_nope")),
+    ):
+        error = await _error(call)
+        assert error.code is grpc.StatusCode.NOT_FOUND
+        assert "ses_nope" in error.message
+
+
+@pytest.mark.parametrize(
+    ("session", "field"),
+    [
+        (S.Session(user_id="u" * 257), "session.user_id"),
+        (S.Session(ttl=duration_pb2.Duration(seconds=0, nanos=5)), "session.ttl"),
+        (S.Session(ttl=duration_pb2.Duration(seconds=8 * 86400)), "session.ttl"),
+    ],
+)
+async def test_invalid_sessions_name_the_field(client: AsyncClient, session: S.Session, field: str) -> None:
+    error = await _error(client.sessions.CreateSession(S.CreateSessionRequest(session=session)))
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in error.violations] == [field]
+
+
+async def test_expire_time_in_the_past_is_refused(client: AsyncClient) -> None:
+    session = S.Session()
+    session.expire_time.FromSeconds(1)
+    error = await _error(client.sessions.CreateSession(S.CreateSessionRequest(session=session)))
+    assert error.violations[0][0] == "session.expire_time"
+
+
+async def test_oversized_metadata_and_request_id_are_refused(client: AsyncClient) -> None:
+    big = struct_pb2.Struct()
+    big.update({"blob": "x" * (65 * 1024)})
+    error = await _error(client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session(metadata=big))))
+    assert error.violations[0][0] == "session.metadata"
+    error = await _error(client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session(), request_id="k" * 129)))
+    assert error.violations[0][0] == "request_id"
+
+
+async def test_request_id_makes_create_idempotent(client: AsyncClient) -> None:
+    request = S.CreateSessionRequest(session=S.Session(user_id="ada"), request_id="req-1")
+    first = await client.sessions.CreateSession(request)
+    again = await client.sessions.CreateSession(request)
+    assert again == first
+    error = await _error(
+        client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session(user_id="bob"), request_id="req-1"))
+    )
+    assert (error.code, error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    listed = await client.sessions.ListSessions(S.ListSessionsRequest(user_id="ada"))
+    assert len(listed.sessions) == 1, "the retry must not create a second session"
+
+
+async def test_request_id_makes_delete_retryable(client: AsyncClient) -> None:
+    created = await client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session()))
+    other = await client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session()))
+    request = S.DeleteSessionRequest(session_id=created.session_id, request_id="del-1")
+    await client.sessions.DeleteSession(request)
+    await client.sessions.DeleteSession(request)  # a retry succeeds
+    error = await _error(client.sessions.DeleteSession(S.DeleteSessionRequest(session_id=other.session_id, request_id="del-1")))
+    assert error.code is grpc.StatusCode.ALREADY_EXISTS
+    assert (await client.sessions.GetSession(S.GetSessionRequest(session_id=other.session_id))).session_id
+
+
+async def test_list_pages_through_every_session_once(client: AsyncClient) -> None:
+    ids = {(await client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session(user_id="p")))).session_id for _ in range(7)}
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await client.sessions.ListSessions(S.ListSessionsRequest(user_id="p", page_size=3, page_token=token))
+        seen += [s.session_id for s in page.sessions]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == 3
+    assert sorted(seen) == sorted(ids) and len(seen) == len(ids)
+
+
+async def test_bad_page_parameters_are_invalid_argument(client: AsyncClient) -> None:
+    error = await _error(client.sessions.ListSessions(S.ListSessionsRequest(page_size=-1)))
+    assert error.violations[0][0] == "page_size"
+    error = await _error(client.sessions.ListSessions(S.ListSessionsRequest(page_token="not-a-token")))
+    assert error.violations[0][0] == "page_token"
+    for _ in range(2):
+        await client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session(user_id="q")))
+    page = await client.sessions.ListSessions(S.ListSessionsRequest(user_id="q", page_size=1))
+    error = await _error(client.sessions.ListSessions(S.ListSessionsRequest(user_id="other", page_token=page.next_page_token)))
+    assert "different filters" in error.message
+
+
+async def test_gateway_info_health_and_stats(client: AsyncClient) -> None:
+    info = await client.gateway.GetInfo(gateway_pb2.GetInfoRequest())
+    assert info.name == "flowport" and info.api_version == "v1"
+    assert {f.name: f.enabled for f in info.features}["sessions"] is True
+    health = await client.gateway.GetHealth(gateway_pb2.GetHealthRequest())
+    assert health.status == "healthy"
+    assert health.components["database"].status == "healthy"
+    assert health.components["database"].latency > 0
+    await client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session()))
+    stats = await client.gateway.GetStats(gateway_pb2.GetStatsRequest())
+    assert stats.sessions.active == 1
+    assert stats.requests.total >= 3
+    assert stats.system.rss_bytes > 0
+
+
+async def test_unimplemented_services_say_so_clearly(client: AsyncClient) -> None:
+    error = await _error(client.workflows.ListWorkflows(workflow_pb2.ListWorkflowsRequest()))
+    assert error.code is grpc.StatusCode.UNIMPLEMENTED
+    assert "flowport.v1.WorkflowService.ListWorkflows" in error.message
+    assert error.reason == "NOT_IMPLEMENTED_YET"
+
+
+async def test_standard_health_and_reflection(running: Running) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ["", *ALL_SERVICES]:
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = [s.name async for r in responses for s in r.list_services_response.service]
+        assert set(ALL_SERVICES) <= set(names)
+
+
+async def test_a_second_server_on_the_same_port_fails_naming_it(running: Running, settings: Settings) -> None:
+    from flowport.server.app import StartupError
+
+    with pytest.raises(StartupError, match=f"--grpc-port {settings.grpc_port}"):
+        await start(settings)
+
+
+async def test_graceful_stop_lets_in_flight_calls_finish(settings: Settings) -> None:
+    running = await start(settings)
+    store = running.store
+    original = store.get_session
+    release = asyncio.Event()
+
+    async def slow_get(*args: object, **kwargs: object) -> object:
+        await release.wait()
+        return await original(*args, **kwargs)  # type: ignore[arg-type]
+
+    store.get_session = slow_get  # type: ignore[method-assign]
+    async with AsyncClient(f"127.0.0.1:{running.port}") as c:
+        created = await c.sessions.CreateSession(S.CreateSessionRequest(session=S.Session()))
+        in_flight = asyncio.ensure_future(c.sessions.GetSession(S.GetSessionRequest(session_id=created.session_id)))
+        await asyncio.sleep(0.2)
+        stopping = asyncio.ensure_future(stop(running, 5.0))
+        await asyncio.sleep(0.2)
+        release.set()
+        got = await in_flight
+        await stopping
+    assert got.session_id == created.session_id

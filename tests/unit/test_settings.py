@@ -1,0 +1,75 @@
+"""Settings: precedence flag > environment > config file > default, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flowport.server.settings import Settings, SettingsError
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    s = Settings.load({}, environ={})
+    assert (s.host, s.http_port, s.grpc_port, s.admin_port) == ("127.0.0.1", 8080, 50051, 9901)
+    assert s.data_dir == Path(".flowport")
+    assert s.database_path == Path(".flowport/flowport.db")
+
+
+def test_flag_beats_environment_beats_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "flowport.toml"
+    config.write_text('http_port = 7001\ngrpc_port = 7002\nadmin_port = 7003\nlog_level = "debug"\n')
+    s = Settings.load(
+        {"http_port": "9001"},
+        environ={"FLOWPORT_HTTP_PORT": "8001", "FLOWPORT_GRPC_PORT": "8002"},
+        config_file=config,
+    )
+    assert (s.http_port, s.grpc_port, s.admin_port, s.log_level) == (9001, 8002, 7003, "debug")
+
+
+def test_config_file_may_use_a_flowport_table_and_is_found_through_the_environment(tmp_path: Path) -> None:
+    config = tmp_path / "shared.toml"
+    config.write_text("[flowport]\ngrpc-port = 6000\n")
+    assert Settings.load({}, environ={"FLOWPORT_CONFIG": str(config)}).grpc_port == 6000
+
+
+@pytest.mark.parametrize(
+    ("flags", "environ", "expected"),
+    [
+        ({"http_port": "eighty"}, {}, "invalid setting http_port (flag --http-port)"),
+        ({}, {"FLOWPORT_GRPC_PORT": "70000"}, "invalid setting grpc_port (environment FLOWPORT_GRPC_PORT)"),
+        ({}, {"FLOWPORT_LOG_LEVEL": "loud"}, "invalid setting log_level (environment FLOWPORT_LOG_LEVEL)"),
+        ({"shutdown_grace": "-1"}, {}, "invalid setting shutdown_grace (flag --shutdown-grace)"),
+        ({"host": " "}, {}, "invalid setting host (flag --host)"),
+    ],
+)
+def test_a_bad_value_names_the_setting_and_where_it_came_from(
+    flags: dict[str, str], environ: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.load(flags, environ=environ)
+    assert str(caught.value).startswith(expected)
+
+
+def test_unknown_key_in_config_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "flowport.toml"
+    config.write_text("htp_port = 1\n")
+    with pytest.raises(SettingsError, match=r"unknown setting 'htp_port' in config file"):
+        Settings.load({}, environ={}, config_file=config)
+
+
+def test_missing_or_broken_config_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        Settings.load({}, environ={}, config_file=tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("http_port = \n")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        Settings.load({}, environ={}, config_file=broken)
+
+
+def test_bind_all_host_is_reached_through_loopback() -> None:
+    s = Settings.load({"host": "0.0.0.0"}, environ={})
+    assert s.grpc_target == "127.0.0.1:50051"
+    assert s.http_url == "http://127.0.0.1:8080"
+    v6 = Settings.load({"host": "::"}, environ={})
+    assert v6.http_url == "http://[::1]:8080"

@@ -1,0 +1,140 @@
+"""The SQLite store on a real file: sessions, idempotency, expiry, migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from google.protobuf import timestamp_pb2
+
+from flowport.server.storage import IdempotencyConflict, MigrationError, SqliteStore
+from flowport.server.storage.migrations import Migration, bundled
+from flowport.v1 import session_pb2
+
+NOW = 1_700_000_000_000_000
+HOUR = 3600 * 1_000_000
+
+
+def _ts(us: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
+
+
+def session(sid: str, *, tenant: str = "t1", created: int = NOW, ttl: int = HOUR, user: str = "u") -> session_pb2.Session:
+    return session_pb2.Session(
+        session_id=sid, tenant=tenant, user_id=user, create_time=_ts(created), expire_time=_ts(created + ttl)
+    )
+
+
+async def test_sessions_round_trip_and_are_scoped_by_tenant(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    try:
+        await store.create_session("t1", session("s1"), None)
+        got = await store.get_session("t1", "s1", NOW)
+        assert got is not None and got.session_id == "s1" and got.user_id == "u"
+        assert await store.get_session("t2", "s1", NOW) is None
+        assert await store.delete_session("t2", "s1", NOW) is False
+        assert await store.delete_session("t1", "s1", NOW) is True
+        assert await store.get_session("t1", "s1", NOW) is None
+    finally:
+        await store.close()
+
+
+async def test_expired_sessions_are_invisible_and_purged(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    try:
+        await store.create_session("t1", session("old", ttl=HOUR), None)
+        await store.create_session("t1", session("new", ttl=3 * HOUR), None)
+        later = NOW + 2 * HOUR
+        assert await store.get_session("t1", "old", later) is None
+        assert [s.session_id for s in await store.list_sessions("t1", user_id="", after=None, limit=10, now_us=later)] == ["new"]
+        assert await store.count_active_sessions(later) == 1
+        assert await store.purge_expired(later, idempotency_before_us=0) == 1
+        assert await store.count_active_sessions(NOW) == 1
+    finally:
+        await store.close()
+
+
+async def test_list_is_newest_first_and_resumes_after_a_cursor(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    try:
+        for i in range(5):
+            await store.create_session("t1", session(f"s{i}", created=NOW + i, user="a" if i % 2 else "b"), None)
+        first = await store.list_sessions("t1", user_id="", after=None, limit=2, now_us=NOW)
+        assert [s.session_id for s in first] == ["s4", "s3"]
+        rest = await store.list_sessions("t1", user_id="", after=(NOW + 3, "s3"), limit=10, now_us=NOW)
+        assert [s.session_id for s in rest] == ["s2", "s1", "s0"]
+        only_a = await store.list_sessions("t1", user_id="a", after=None, limit=10, now_us=NOW)
+        assert [s.session_id for s in only_a] == ["s3", "s1"]
+    finally:
+        await store.close()
+
+
+async def test_idempotent_create_replays_the_first_result_and_refuses_another_body(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    try:
+        first = await store.create_session("t1", session("s1"), ("key", b"hash-a"))
+        again = await store.create_session("t1", session("s2"), ("key", b"hash-a"))
+        assert not first.replayed and again.replayed
+        assert session_pb2.Session.FromString(again.response).session_id == "s1"
+        assert await store.get_session("t1", "s2", NOW) is None, "a replay must not create a second session"
+        with pytest.raises(IdempotencyConflict):
+            await store.create_session("t1", session("s3"), ("key", b"hash-b"))
+        # Keys are per tenant: another tenant's identical key is independent.
+        other = await store.create_session("t2", session("s4", tenant="t2"), ("key", b"hash-b"))
+        assert not other.replayed
+    finally:
+        await store.close()
+
+
+async def test_data_survives_reopening_and_migrations_are_not_reapplied(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    store = await SqliteStore.open(path)
+    await store.create_session("t1", session("kept"), None)
+    await store.close()
+    reopened = await SqliteStore.open(path)
+    try:
+        assert await reopened.get_session("t1", "kept", NOW) is not None
+    finally:
+        await reopened.close()
+    with sqlite3.connect(path) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert versions == [m.version for m in bundled()]
+
+
+async def test_an_existing_file_is_upgraded_by_new_migrations_keeping_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    store = await SqliteStore.open(path)
+    await store.create_session("t1", session("before"), None)
+    await store.close()
+    upgrade = Migration(len(bundled()) + 1, "add_note", "ALTER TABLE sessions ADD COLUMN note TEXT NOT NULL DEFAULT '';")
+    upgraded = await SqliteStore.open(path, [*bundled(), upgrade])
+    try:
+        assert await upgraded.get_session("t1", "before", NOW) is not None
+    finally:
+        await upgraded.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT note FROM sessions WHERE session_id='before'").fetchone() == ("",)
+        assert max(r[0] for r in conn.execute("SELECT version FROM schema_migrations")) == upgrade.version
+
+
+async def test_a_database_from_a_newer_flowport_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    newer = Migration(len(bundled()) + 1, "future", "CREATE TABLE future (x INTEGER);")
+    store = await SqliteStore.open(path, [*bundled(), newer])
+    await store.close()
+    with pytest.raises(MigrationError, match="newer than this flowport knows"):
+        await SqliteStore.open(path)
+
+
+async def test_a_failing_migration_leaves_the_schema_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    broken = Migration(len(bundled()) + 1, "broken", "CREATE TABLE half (x INTEGER);\nNOT SQL;")
+    with pytest.raises(MigrationError, match="broken failed"):
+        await SqliteStore.open(path, [*bundled(), broken])
+    with sqlite3.connect(path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+    assert "half" not in tables
+    assert versions == [m.version for m in bundled()]
