@@ -68,7 +68,7 @@ class AsyncClient(_Stubs):
 
     async def close(self) -> None:
         """Close the channel."""
-        await self.channel.close()
+        await self.channel.close(None)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -32,7 +33,7 @@ class ApiError(Exception):
         code = call.code() if call is not None else grpc.StatusCode.UNKNOWN
         message = (call.details() if call is not None else str(error)) or ""
         result = cls(code=code, message=message)
-        trailers = call.trailing_metadata() if call is not None else None
+        trailers: Any = call.trailing_metadata() if call is not None else None
         for key, value in trailers or ():
             if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
                 result._read_status(status_pb2.Status.FromString(value))

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,7 +40,10 @@ log = logging.getLogger("flowport.server")
 PURGE_INTERVAL = 60.0
 IDEMPOTENCY_RETENTION = 24 * 3600.0
 
-IMPLEMENTED = [gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"], session_pb2.DESCRIPTOR.services_by_name["SessionService"]]
+IMPLEMENTED = [
+    gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
+    session_pb2.DESCRIPTOR.services_by_name["SessionService"],
+]
 NOT_YET_IMPLEMENTED = [
     workflow_pb2.DESCRIPTOR.services_by_name["WorkflowService"],
     execution_pb2.DESCRIPTOR.services_by_name["ExecutionService"],
@@ -59,7 +63,7 @@ class Running:
     """A started server and what shuts it down."""
 
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
     store: Store
     port: int
 
@@ -83,17 +87,16 @@ async def start(settings: Settings) -> Running:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*ALL_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{settings.host}:{settings.grpc_port}"
+    cause = ""
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
-        port, cause = 0, exc
-    else:
-        cause = None
+        port, cause = 0, f" ({exc})"
     if port == 0:
         await store.close()
         raise StartupError(
-            f"cannot listen on {address} (--grpc-port {settings.grpc_port}): the port is in use or the address "
-            f"is not available{f' ({cause})' if cause else ''}"
+            f"cannot listen on {address} (--grpc-port {settings.grpc_port}): "
+            f"the port is in use or the address is not available{cause}"
         )
     await server.start()
     for name in ["", *ALL_SERVICES]:

@@ -24,13 +24,13 @@ class CheckResult:
 Check = Callable[[], Awaitable[None]]
 
 
-async def run_check(check: Check, timeout: float) -> CheckResult:
-    """Run one check: healthy if it returns within `timeout`, else unhealthy."""
+async def run_check(check: Check, limit: float) -> CheckResult:
+    """Run one check: healthy if it returns within `limit` seconds, else unhealthy."""
     started, wall = time.perf_counter(), time.time()
     try:
-        await asyncio.wait_for(check(), timeout)
+        await asyncio.wait_for(check(), limit)
     except TimeoutError:
-        return CheckResult(UNHEALTHY, 1000 * (time.perf_counter() - started), wall, f"no answer within {timeout:g}s")
+        return CheckResult(UNHEALTHY, 1000 * (time.perf_counter() - started), wall, f"no answer within {limit:g}s")
     except Exception as exc:  # noqa: BLE001 - any failure is the component's health
         return CheckResult(UNHEALTHY, 1000 * (time.perf_counter() - started), wall, f"{type(exc).__name__}: {exc}")
     return CheckResult(HEALTHY, 1000 * (time.perf_counter() - started), wall)

@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -21,11 +21,16 @@ log = logging.getLogger(__name__)
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
-Handler = grpc.RpcMethodHandler
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+if TYPE_CHECKING:  # the grpc classes are generic only in their stubs
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+    Context = grpc.aio.ServicerContext[Any, Any]
+    # What grpc.aio calls: the stubs only describe the sync signatures.
+    UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
+    StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
 
 
-async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: FlowportError) -> None:
+async def abort_with(context: Context, error: FlowportError) -> None:
     """End the call with `error`'s status, details included (raises AbortError)."""
     status = error.to_status()
     await context.abort(
@@ -40,7 +45,7 @@ def _internal(method: str, exc: BaseException) -> Internal:
     return Internal(f"internal error (incident {incident})", metadata={"incident": incident})
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps every handler so raised FlowportErrors become rich statuses."""
 
     def __init__(self, metrics: RequestMetrics) -> None:
@@ -48,7 +53,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         # Handlers are fixed per method, so each is wrapped once, not per call.
         self._wrapped: dict[str, Handler | None] = {}
 
-    async def intercept_service(self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:  # type: ignore[override]
+    # The stubs say a handler is always returned; grpc returns None for an
+    # unknown method, and so must an interceptor.
+    async def intercept_service(  # type: ignore[override]
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         method = handler_call_details.method
         if method in self._wrapped:
             return self._wrapped[method]
@@ -60,9 +69,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, method: str, handler: Handler) -> Handler:
         metrics = self._metrics
         if handler.unary_unary is not None:
-            unary = handler.unary_unary
+            unary = cast("UnaryBehavior", handler.unary_unary)
 
-            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async def unary_behavior(request: Any, context: Context) -> Any:
                 start = time.perf_counter()
                 ok = False
                 try:
@@ -84,9 +93,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
-            stream = handler.unary_stream
+            stream = cast("StreamBehavior", handler.unary_stream)
 
-            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
                 ok = False
                 metrics.stream_opened()
                 try:

@@ -42,7 +42,9 @@ class Settings(BaseModel):
     session_default_ttl: float = Field(
         86400.0, gt=0, description="seconds a session lives when created without ttl or expire_time"
     )
-    session_max_ttl: float = Field(7 * 86400.0, gt=0, description="longest session lifetime a caller may ask for, seconds")
+    session_max_ttl: float = Field(
+        7 * 86400.0, gt=0, description="longest session lifetime a caller may ask for, seconds"
+    )
     unary_timeout: float = Field(
         30.0, gt=0, le=3600, description="Envoy route timeout for unary calls, seconds (streams have none)"
     )
@@ -113,7 +115,7 @@ class Settings(BaseModel):
 
 def _connect_host(host: str) -> str:
     """A bind-all address is not a destination; connect to loopback instead."""
-    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104 - mapping away from bind-all
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

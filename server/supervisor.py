@@ -109,7 +109,12 @@ class Supervisor:
         self.envoy = self._spawn(
             [str(envoy_bin), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
         )
-        self._wait(self.envoy, "Envoy", lambda: _http_ok(f"http://127.0.0.1:{s.admin_port}/ready") and _http_ok(f"{s.http_url}/healthz"), deadline)
+        self._wait(
+            self.envoy,
+            "Envoy",
+            lambda: _http_ok(f"http://127.0.0.1:{s.admin_port}/ready") and _http_ok(f"{s.http_url}/healthz"),
+            deadline,
+        )
 
     def _wait(self, proc: subprocess.Popen[bytes], what: str, ready: Callable[[], bool], deadline: float) -> None:
         while not ready():
@@ -118,7 +123,9 @@ class Supervisor:
             if self.stopping.is_set():
                 raise UpError("interrupted while starting")
             if time.monotonic() > deadline:
-                raise UpError(f"the {what} was not healthy within {self.settings.startup_timeout:g}s (--startup-timeout)")
+                raise UpError(
+                    f"the {what} was not healthy within {self.settings.startup_timeout:g}s (--startup-timeout)"
+                )
             time.sleep(POLL_INTERVAL)
 
     def wait(self) -> int:

@@ -7,13 +7,11 @@ principal's tenant; the store already scopes every read and write by it.
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
+from flowport.server.types import Context
 
 DEFAULT_TENANT = "default"
 
 
-def tenant_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def tenant_of(context: Context) -> str:
     """The tenant the call acts for."""
     return DEFAULT_TENANT

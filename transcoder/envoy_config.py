@@ -60,10 +60,10 @@ def _seconds(value: float) -> str:
 def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]:
     """The Envoy v3 bootstrap for `settings`, as a JSON-ready dict."""
     descriptor = descriptor or descriptor_path()
-    routes = [
-        {"match": {"path": path}, "route": {"cluster": CLUSTER, "timeout": "0s"}} for path in STREAMING_PATHS
-    ]
-    routes.append({"match": {"prefix": "/"}, "route": {"cluster": CLUSTER, "timeout": _seconds(settings.unary_timeout)}})
+    routes = [{"match": {"path": path}, "route": {"cluster": CLUSTER, "timeout": "0s"}} for path in STREAMING_PATHS]
+    routes.append(
+        {"match": {"prefix": "/"}, "route": {"cluster": CLUSTER, "timeout": _seconds(settings.unary_timeout)}}
+    )
     http_filters = [
         {
             # Answers GET /healthz itself: 200 while the upstream passes its
@@ -120,7 +120,11 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
         "load_assignment": {
             "cluster_name": CLUSTER,
             "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": _address(_connect_host(settings.host), settings.grpc_port)}}]}
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _address(_connect_host(settings.host), settings.grpc_port)}}
+                    ]
+                }
             ],
         },
         "typed_extension_protocol_options": {

@@ -5,18 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
 
-import grpc
 from google.protobuf import timestamp_pb2
 
 from flowport.server.health import Check, overall, run_check
 from flowport.server.metrics import RequestMetrics
 from flowport.server.storage import Store
+from flowport.server.types import Context
 from flowport.server.version import VERSION
 from flowport.v1 import gateway_pb2, gateway_pb2_grpc
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 CHECK_TIMEOUT = 2.0
 
@@ -108,5 +105,3 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
             webhooks=gateway_pb2.WebhookStats(),
             security=gateway_pb2.SecurityStats(),
         )
-
-

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any
 
-import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from flowport.server import pagination
@@ -15,13 +13,12 @@ from flowport.server.ids import new_id
 from flowport.server.settings import Settings
 from flowport.server.storage import IdempotencyConflict, Store
 from flowport.server.tenancy import tenant_of
+from flowport.server.types import Context
 from flowport.v1 import session_pb2, session_pb2_grpc
 
 MAX_USER_ID = 256
 MAX_METADATA_BYTES = 64 * 1024
 MAX_REQUEST_ID = 128
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _now_us() -> int:
@@ -84,7 +81,9 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         if given.metadata.ByteSize() > MAX_METADATA_BYTES:
             violations.append(("session.metadata", f"at most {MAX_METADATA_BYTES} bytes encoded"))
         if violations:
-            raise InvalidArgument("session is not valid: " + "; ".join(f"{f} {d}" for f, d in violations), violations=violations)
+            raise InvalidArgument(
+                "session is not valid: " + "; ".join(f"{f} {d}" for f, d in violations), violations=violations
+            )
         now_us = _now_us()
         session = session_pb2.Session(
             session_id=new_id("ses"),
@@ -126,7 +125,9 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         after = None
         if cursor is not None:
             if len(cursor) != 2 or not isinstance(cursor[0], int) or not isinstance(cursor[1], str):
-                raise InvalidArgument("page_token is not a token this server issued", violations=[("page_token", "malformed")])
+                raise InvalidArgument(
+                    "page_token is not a token this server issued", violations=[("page_token", "malformed")]
+                )
             after = (cursor[0], cursor[1])
         # One extra row tells whether another page exists.
         rows = await self._store.list_sessions(

@@ -26,7 +26,7 @@ def _error(method: MethodDescriptor) -> Unimplemented:
     )
 
 
-def _handler(method: MethodDescriptor) -> grpc.RpcMethodHandler:
+def _handler(method: MethodDescriptor) -> grpc.RpcMethodHandler[Any, Any]:
     request_class = message_factory.GetMessageClass(method.input_type)
     response_class = message_factory.GetMessageClass(method.output_type)
     kwargs: dict[str, Any] = {
@@ -47,8 +47,6 @@ def _handler(method: MethodDescriptor) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
 
 
-def unimplemented_handler(service: ServiceDescriptor) -> grpc.GenericRpcHandler:
+def unimplemented_handler(service: ServiceDescriptor) -> grpc.GenericRpcHandler[Any, Any]:
     """A handler answering UNIMPLEMENTED, with a clear message, for every RPC of `service`."""
-    return grpc.method_handlers_generic_handler(
-        service.full_name, {m.name: _handler(m) for m in service.methods}
-    )
+    return grpc.method_handlers_generic_handler(service.full_name, {m.name: _handler(m) for m in service.methods})

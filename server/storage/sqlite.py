@@ -19,7 +19,7 @@ from typing import TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from flowport.server.storage.base import IdempotencyConflict, IdempotentResult
-from flowport.server.storage.migrations import Migration, bundled, migrate
+from flowport.server.storage.migrate import Migration, bundled, migrate
 from flowport.v1 import session_pb2
 
 T = TypeVar("T")

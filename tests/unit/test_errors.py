@@ -128,6 +128,7 @@ async def test_calls_and_errors_are_counted(channel: tuple[grpc.aio.Channel, Req
 
 def test_every_status_code_maps_to_a_google_rpc_code() -> None:
     for code in grpc.StatusCode:
+
         class _E(errors.FlowportError):
             pass
 

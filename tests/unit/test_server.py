@@ -43,7 +43,9 @@ async def test_session_lifecycle(client: AsyncClient) -> None:
     metadata = struct_pb2.Struct()
     metadata.update({"tenant_id": "acme", "isolation_level": "strict", "n": 3})
     created = await client.sessions.CreateSession(
-        S.CreateSessionRequest(session=S.Session(user_id="ada", metadata=metadata, ttl=duration_pb2.Duration(seconds=60)))
+        S.CreateSessionRequest(
+            session=S.Session(user_id="ada", metadata=metadata, ttl=duration_pb2.Duration(seconds=60))
+        )
     )
     assert created.session_id.startswith("ses_") and created.tenant == "default"
     assert created.expire_time.seconds - created.create_time.seconds == 60
@@ -94,7 +96,9 @@ async def test_oversized_metadata_and_request_id_are_refused(client: AsyncClient
     big.update({"blob": "x" * (65 * 1024)})
     error = await _error(client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session(metadata=big))))
     assert error.violations[0][0] == "session.metadata"
-    error = await _error(client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session(), request_id="k" * 129)))
+    error = await _error(
+        client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session(), request_id="k" * 129))
+    )
     assert error.violations[0][0] == "request_id"
 
 
@@ -117,13 +121,18 @@ async def test_request_id_makes_delete_retryable(client: AsyncClient) -> None:
     request = S.DeleteSessionRequest(session_id=created.session_id, request_id="del-1")
     await client.sessions.DeleteSession(request)
     await client.sessions.DeleteSession(request)  # a retry succeeds
-    error = await _error(client.sessions.DeleteSession(S.DeleteSessionRequest(session_id=other.session_id, request_id="del-1")))
+    error = await _error(
+        client.sessions.DeleteSession(S.DeleteSessionRequest(session_id=other.session_id, request_id="del-1"))
+    )
     assert error.code is grpc.StatusCode.ALREADY_EXISTS
     assert (await client.sessions.GetSession(S.GetSessionRequest(session_id=other.session_id))).session_id
 
 
 async def test_list_pages_through_every_session_once(client: AsyncClient) -> None:
-    ids = {(await client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session(user_id="p")))).session_id for _ in range(7)}
+    ids = {
+        (await client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session(user_id="p")))).session_id
+        for _ in range(7)
+    }
     seen: list[str] = []
     token = ""
     pages = 0
@@ -141,12 +150,15 @@ async def test_list_pages_through_every_session_once(client: AsyncClient) -> Non
 async def test_bad_page_parameters_are_invalid_argument(client: AsyncClient) -> None:
     error = await _error(client.sessions.ListSessions(S.ListSessionsRequest(page_size=-1)))
     assert error.violations[0][0] == "page_size"
-    error = await _error(client.sessions.ListSessions(S.ListSessionsRequest(page_token="not-a-token")))
+    bad_token = "not-a-token"
+    error = await _error(client.sessions.ListSessions(S.ListSessionsRequest(page_token=bad_token)))
     assert error.violations[0][0] == "page_token"
     for _ in range(2):
         await client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session(user_id="q")))
     page = await client.sessions.ListSessions(S.ListSessionsRequest(user_id="q", page_size=1))
-    error = await _error(client.sessions.ListSessions(S.ListSessionsRequest(user_id="other", page_token=page.next_page_token)))
+    error = await _error(
+        client.sessions.ListSessions(S.ListSessionsRequest(user_id="other", page_token=page.next_page_token))
+    )
     assert "different filters" in error.message
 
 

@@ -68,7 +68,7 @@ def test_missing_or_broken_config_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_bind_all_host_is_reached_through_loopback() -> None:
-    s = Settings.load({"host": "0.0.0.0"}, environ={})
+    s = Settings.load({"host": "0.0.0.0"}, environ={})  # noqa: S104
     assert s.grpc_target == "127.0.0.1:50051"
     assert s.http_url == "http://127.0.0.1:8080"
     v6 = Settings.load({"host": "::"}, environ={})

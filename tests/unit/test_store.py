@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from flowport.server.storage import IdempotencyConflict, MigrationError, SqliteStore
-from flowport.server.storage.migrations import Migration, bundled
+from flowport.server.storage.migrate import Migration, bundled
 from flowport.v1 import session_pb2
 
 NOW = 1_700_000_000_000_000
@@ -20,7 +20,9 @@ def _ts(us: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
 
 
-def session(sid: str, *, tenant: str = "t1", created: int = NOW, ttl: int = HOUR, user: str = "u") -> session_pb2.Session:
+def session(
+    sid: str, *, tenant: str = "t1", created: int = NOW, ttl: int = HOUR, user: str = "u"
+) -> session_pb2.Session:
     return session_pb2.Session(
         session_id=sid, tenant=tenant, user_id=user, create_time=_ts(created), expire_time=_ts(created + ttl)
     )
@@ -47,7 +49,9 @@ async def test_expired_sessions_are_invisible_and_purged(tmp_path: Path) -> None
         await store.create_session("t1", session("new", ttl=3 * HOUR), None)
         later = NOW + 2 * HOUR
         assert await store.get_session("t1", "old", later) is None
-        assert [s.session_id for s in await store.list_sessions("t1", user_id="", after=None, limit=10, now_us=later)] == ["new"]
+        assert [
+            s.session_id for s in await store.list_sessions("t1", user_id="", after=None, limit=10, now_us=later)
+        ] == ["new"]
         assert await store.count_active_sessions(later) == 1
         assert await store.purge_expired(later, idempotency_before_us=0) == 1
         assert await store.count_active_sessions(NOW) == 1
@@ -108,7 +112,9 @@ async def test_an_existing_file_is_upgraded_by_new_migrations_keeping_its_rows(t
     store = await SqliteStore.open(path)
     await store.create_session("t1", session("before"), None)
     await store.close()
-    upgrade = Migration(len(bundled()) + 1, "add_note", "ALTER TABLE sessions ADD COLUMN note TEXT NOT NULL DEFAULT '';")
+    upgrade = Migration(
+        len(bundled()) + 1, "add_note", "ALTER TABLE sessions ADD COLUMN note TEXT NOT NULL DEFAULT '';"
+    )
     upgraded = await SqliteStore.open(path, [*bundled(), upgrade])
     try:
         assert await upgraded.get_session("t1", "before", NOW) is not None

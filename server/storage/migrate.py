@@ -41,7 +41,9 @@ def bundled() -> list[Migration]:
     found.sort(key=lambda m: m.version)
     for expected, migration in enumerate(found, start=1):
         if migration.version != expected:
-            raise MigrationError(f"migration {migration.version:04d}_{migration.name} breaks the sequence at {expected}")
+            raise MigrationError(
+                f"migration {migration.version:04d}_{migration.name} breaks the sequence at {expected}"
+            )
     return found
 
 
@@ -72,7 +74,8 @@ def migrate(conn: sqlite3.Connection, migrations: list[Migration], path: Path | 
             # executescript commits first; BEGIN/COMMIT make the file atomic.
             conn.executescript(
                 f"BEGIN;\n{migration.sql}\n"
-                f"INSERT INTO schema_migrations VALUES ({migration.version}, '{migration.name}', {time.time_ns() // 1000});\n"
+                "INSERT INTO schema_migrations VALUES "
+                f"({migration.version}, '{migration.name}', {time.time_ns() // 1000});\n"
                 "COMMIT;"
             )
         except sqlite3.Error as exc:

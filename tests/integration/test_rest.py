@@ -1,0 +1,128 @@
+"""REST and gRPC through a real Envoy in front of a real server (`flowport up`)."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import pytest
+
+from flowport.clients import ApiError, Client
+from flowport.v1 import gateway_pb2, session_pb2
+
+from ..conftest import Stack
+
+pytestmark = pytest.mark.integration
+
+ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
+
+
+@pytest.fixture
+def http(stack: Stack) -> httpx.Client:
+    with httpx.Client(base_url=stack.http, timeout=10) as client:
+        yield client
+
+
+def test_session_crud_over_rest(http: httpx.Client) -> None:
+    created = http.post("/api/sessions", json={"user_id": "ada", "metadata": {"team": "core", "n": 1}, "ttl": "120s"})
+    assert created.status_code == 200, created.text
+    body = created.json()
+    assert body["user_id"] == "ada" and body["metadata"] == {"team": "core", "n": 1}
+    assert "sessionId" not in body, "proto field names, not lowerCamelCase"
+    session_id = body["session_id"]
+    got = http.get(f"/api/sessions/{session_id}")
+    assert got.status_code == 200 and got.json() == body
+    listed = http.get("/api/sessions", params={"user_id": "ada", "page_size": 10})
+    assert listed.status_code == 200
+    assert [s["session_id"] for s in listed.json()["sessions"]] == [session_id]
+    assert listed.json()["next_page_token"] == "", "defaults are printed"
+    deleted = http.delete(f"/api/sessions/{session_id}")
+    assert deleted.status_code == 200 and deleted.json() == {}
+    assert http.get(f"/api/sessions/{session_id}").status_code == 404
+
+
+def test_unknown_session_is_404_with_a_json_status(http: httpx.Client) -> None:
+    response = http.get("/api/sessions/ses_missing")
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("application/json")
+    status = response.json()
+    assert status["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "ses_missing" in status["message"]
+    info = next(d for d in status["details"] if d["@type"] == ERROR_INFO)
+    assert info["reason"] == "SESSION_NOT_FOUND" and info["domain"] == "flowport.dev"
+
+
+def test_invalid_session_is_400_with_field_violations(http: httpx.Client) -> None:
+    response = http.post("/api/sessions", json={"user_id": "u" * 300})
+    assert response.status_code == 400
+    details = response.json()["details"]
+    bad_request = next(d for d in details if d["@type"].endswith("google.rpc.BadRequest"))
+    assert bad_request["field_violations"][0]["field"] == "session.user_id"
+
+
+def test_request_id_over_rest_replays_the_first_session(http: httpx.Client) -> None:
+    first = http.post("/api/sessions?request_id=rest-1", json={"user_id": "idem"})
+    again = http.post("/api/sessions?request_id=rest-1", json={"user_id": "idem"})
+    assert first.status_code == again.status_code == 200
+    assert first.json() == again.json()
+    conflict = http.post("/api/sessions?request_id=rest-1", json={"user_id": "other"})
+    assert conflict.status_code == 409
+
+
+def test_health_json_has_the_seed_shape(http: httpx.Client) -> None:
+    response = http.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "healthy"
+    assert set(body) >= {"status", "timestamp", "components", "version", "uptime"}
+    assert isinstance(body["uptime"], int)
+    database = body["components"]["database"]
+    assert database["status"] == "healthy" and isinstance(database["latency"], float | int)
+
+
+def test_info_and_stats_over_rest(http: httpx.Client) -> None:
+    info = http.get("/").json()
+    assert info["name"] == "flowport" and info["endpoints"]["sessions"] == "/api/sessions"
+    stats = http.get("/api/stats")
+    assert stats.status_code == 200
+    assert int(stats.json()["requests"]["total"]) >= 1
+
+
+def test_envoy_healthz_reports_the_upstream(http: httpx.Client) -> None:
+    assert http.get("/healthz").status_code == 200
+
+
+def test_unimplemented_service_is_501_json(http: httpx.Client) -> None:
+    response = http.get("/api/workflows")
+    assert response.status_code == 501
+    assert "not implemented" in response.json()["message"]
+
+
+def test_unknown_paths_and_query_parameters_are_refused(http: httpx.Client) -> None:
+    assert http.get("/api/nothing-here").status_code == 404
+    unknown = http.get("/api/sessions", params={"bogus": "1"})
+    assert unknown.status_code == 400
+    assert "bogus" in unknown.text
+
+
+def test_grpc_through_envoy(stack: Stack) -> None:
+    with Client(stack.envoy_target) as client:
+        created = client.sessions.CreateSession(
+            session_pb2.CreateSessionRequest(session=session_pb2.Session(user_id="grpc"))
+        )
+        got = client.sessions.GetSession(session_pb2.GetSessionRequest(session_id=created.session_id))
+        assert got == created
+        listed = client.sessions.ListSessions(session_pb2.ListSessionsRequest(user_id="grpc"))
+        assert [s.session_id for s in listed.sessions] == [created.session_id]
+        client.sessions.DeleteSession(session_pb2.DeleteSessionRequest(session_id=created.session_id))
+        with pytest.raises(grpc.RpcError) as caught:
+            client.sessions.GetSession(session_pb2.GetSessionRequest(session_id=created.session_id))
+        error = ApiError.from_rpc_error(caught.value)
+        assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+        assert client.gateway.GetHealth(gateway_pb2.GetHealthRequest()).status == "healthy"
+
+
+def test_rest_and_grpc_see_the_same_data(stack: Stack, http: httpx.Client) -> None:
+    created = http.post("/api/sessions", json={"user_id": "both"}).json()
+    with Client(stack.grpc_target) as direct:
+        got = direct.sessions.GetSession(session_pb2.GetSessionRequest(session_id=created["session_id"]))
+    assert got.user_id == "both"
