@@ -45,7 +45,7 @@ def _internal(method: str, exc: BaseException) -> Internal:
     return Internal(f"internal error (incident {incident})", metadata={"incident": incident})
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler so raised FlowportErrors become rich statuses."""
 
     def __init__(self, metrics: RequestMetrics) -> None:
@@ -53,9 +53,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         # Handlers are fixed per method, so each is wrapped once, not per call.
         self._wrapped: dict[str, Handler | None] = {}
 
-    # The stubs say a handler is always returned; grpc returns None for an
-    # unknown method, and so must an interceptor.
-    async def intercept_service(  # type: ignore[override]
+    # grpc returns None for an unknown method, and so must an interceptor.
+    async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         method = handler_call_details.method

@@ -47,6 +47,6 @@ def _handler(method: MethodDescriptor) -> grpc.RpcMethodHandler[Any, Any]:
     return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
 
 
-def unimplemented_handler(service: ServiceDescriptor) -> grpc.GenericRpcHandler[Any, Any]:
+def unimplemented_handler(service: ServiceDescriptor) -> grpc.GenericRpcHandler:
     """A handler answering UNIMPLEMENTED, with a clear message, for every RPC of `service`."""
     return grpc.method_handlers_generic_handler(service.full_name, {m.name: _handler(m) for m in service.methods})
