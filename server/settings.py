@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "FLOWPORT_"
 
@@ -30,7 +30,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field("127.0.0.1", description="address the REST/gRPC listener (Envoy) and the server bind to")
-    http_port: Port = Field(8080, ge=1, le=65535, description="Envoy listener: REST, native gRPC and grpc-web")
+    http_port: Port = Field(8080, ge=1, le=65535, description="Envoy listener: REST/JSON and native gRPC")
     grpc_port: Port = Field(50051, ge=1, le=65535, description="the gRPC server's own port")
     admin_port: Port = Field(9901, ge=1, le=65535, description="Envoy admin interface, always on 127.0.0.1")
     data_dir: Path = Field(Path(".flowport"), description="where the SQLite database and rendered Envoy config live")
@@ -58,6 +58,12 @@ class Settings(BaseModel):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _default_ttl_within_max(self) -> Settings:
+        if self.session_default_ttl > self.session_max_ttl:
+            raise ValueError("session_default_ttl must not exceed session_max_ttl")
+        return self
 
     @property
     def database_path(self) -> Path:
@@ -106,7 +112,9 @@ class Settings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             first = exc.errors()[0]
-            name = str(first["loc"][0]) if first["loc"] else "?"
+            if not first["loc"]:  # a rule that spans several settings
+                raise SettingsError(f"invalid settings: {first['msg'].removeprefix('Value error, ')}") from None
+            name = str(first["loc"][0])
             where = sources.get(name, "default")
             if first["type"] == "extra_forbidden":
                 raise SettingsError(f"unknown setting {name!r} in {where}") from None

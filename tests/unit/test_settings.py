@@ -73,3 +73,8 @@ def test_bind_all_host_is_reached_through_loopback() -> None:
     assert s.http_url == "http://127.0.0.1:8080"
     v6 = Settings.load({"host": "::"}, environ={})
     assert v6.http_url == "http://[::1]:8080"
+
+
+def test_settings_that_contradict_each_other_are_refused() -> None:
+    with pytest.raises(SettingsError, match="session_default_ttl must not exceed session_max_ttl"):
+        Settings.load({"session_default_ttl": "100", "session_max_ttl": "10"}, environ={})
