@@ -1,0 +1,1 @@
+"""Node types: what a workflow's nodes can do."""

@@ -1,0 +1,127 @@
+"""What a node type is: its schemas, its safety, and how it runs.
+
+A node type is a class with class-level metadata (served as JSON Schema by
+SchemaService) and an async `run`. Parameters reach `run` Kailash-style: the
+node's config, then the execution's inputs, then values from connections,
+each overriding the one before. Node types that run user code or call the
+network get what they share (HTTP pool, sandbox pool, SQL pools) through
+`NodeServices`, never by creating their own per call.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from jsonschema import Draft202012Validator
+
+if TYPE_CHECKING:
+    import httpx
+
+    from flowport.server.nodes.sql_pools import SqlPools
+    from flowport.server.sandbox.pool import SandboxPool
+
+JsonSchema = dict[str, Any]
+Violation = tuple[str, str]
+
+
+class NodeError(Exception):
+    """A node attempt failed. `retryable` says whether another attempt may help."""
+
+    def __init__(self, message: str, *, reason: str = "NODE_FAILED", retryable: bool = False,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+@dataclass
+class NodeServices:
+    """Resources shared by every node run in this process."""
+
+    http: httpx.AsyncClient | None = None
+    sandbox: SandboxPool | None = None
+    sql: SqlPools | None = None
+    # Hosts an HTTP node may reach although they resolve to private ranges.
+    http_allowlist: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """Where a node attempt runs."""
+
+    tenant: str
+    execution_id: str
+    node_id: str
+    attempt: int
+    timeout: float
+    services: NodeServices
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def remaining(self) -> float:
+        """Seconds left before this attempt's timeout."""
+        return max(0.0, self.timeout - (time.monotonic() - self.started))
+
+
+class NodeType(ABC):
+    """Base of every node type. Subclasses set the class attributes and `run`."""
+
+    type_name: ClassVar[str]
+    description: ClassVar[str]
+    category: ClassVar[str]
+    config_schema: ClassVar[JsonSchema] = {"type": "object"}
+    # Parameters the node reads; names not listed are refused on connections
+    # unless `open_inputs` is set (PythonCodeNode takes any variable).
+    inputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {}}
+    outputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {}}
+    open_inputs: ClassVar[bool] = False
+    # Running twice is harmless: may be retried, and resumed after a crash.
+    retry_safe: ClassVar[bool] = False
+    default_timeout: ClassVar[float] = 30.0
+    max_timeout: ClassVar[float] = 300.0
+    # Runs even when some inbound connections carry nothing (a branch not
+    # taken): MergeNode. Others are skipped in that case.
+    runs_on_partial_inputs: ClassVar[bool] = False
+
+    _validator: ClassVar[Draft202012Validator | None] = None
+
+    @classmethod
+    def output_names(cls) -> list[str]:
+        """Outputs a connection may read from."""
+        return list(cls.outputs_schema.get("properties", {}))
+
+    @classmethod
+    def input_names(cls) -> list[str]:
+        """Inputs a connection may write to (any name when `open_inputs`)."""
+        return list(cls.inputs_schema.get("properties", {}))
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any], path: str) -> list[Violation]:
+        """Problems with `config`, each with a field path under `path`."""
+        if cls._validator is None or cls._validator.schema is not cls.config_schema:
+            cls._validator = Draft202012Validator(cls.config_schema)
+        problems = []
+        for error in sorted(cls._validator.iter_errors(dict(config)), key=lambda e: list(e.absolute_path)):
+            where = path + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+            if error.validator == "required":
+                missing = error.message.split("'")[1] if "'" in error.message else "?"
+                problems.append((f"{where}.{missing}", f"required by {cls.type_name}"))
+            elif error.validator == "additionalProperties":
+                problems.append((where, f"{error.message} ({cls.type_name} does not take it)"))
+            else:
+                problems.append((where, error.message))
+        return problems
+
+    def prepare(self, config: Mapping[str, Any]) -> Any:
+        """Work done once per workflow version (e.g. compiling code); passed to `run`."""
+        return None
+
+    @abstractmethod
+    async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """One attempt: return outputs keyed by output name, or raise NodeError."""

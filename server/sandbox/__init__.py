@@ -1,0 +1,1 @@
+"""Sandboxed execution of user Python code in warm worker processes."""
