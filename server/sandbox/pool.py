@@ -1,0 +1,458 @@
+"""SandboxPool: warm worker processes that run user code, one job at a time each.
+
+`run()` takes an idle worker from a queue (waiting when all are busy), sends
+the job, and puts the worker back. A worker that timed out, crashed, ran out
+of memory, hit the CPU limit, was refused something, or whose caller was
+cancelled is killed and replaced in the background, so the next `run()`
+finds a fresh one. User code never runs in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import itertools
+import logging
+import os
+import signal
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from flowport.server.sandbox.errors import (
+    SandboxCrashed,
+    SandboxError,
+    SandboxMemoryError,
+    SandboxPolicyViolation,
+    SandboxTimeout,
+    UserCodeError,
+)
+from flowport.server.sandbox.worker import CODE_CACHE_SIZE, MAX_FRAME
+
+log = logging.getLogger(__name__)
+
+WORKER_MODULE = "flowport.server.sandbox.worker"
+START_TIMEOUT = 30.0  # a cold interpreter importing everything, on a busy machine
+PING_TIMEOUT = 5.0
+STDERR_TAIL = 4096
+RESPAWN_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+# The worker gets no secrets from the server's environment: user code can read
+# os.environ without raising any audit event.
+ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "PYTHONHOME", "SYSTEMROOT")
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Per-job limits of the sandbox."""
+
+    cpu_seconds: float = 5.0  # CPU time per job
+    memory_bytes: int = 512 * 2**20  # address-space limit of a worker (RLIMIT_AS)
+    wall_seconds: float = 30.0  # wall-clock limit per job; a per-call timeout may lower it
+
+
+@dataclass
+class SandboxStats:
+    """Counters since the pool started."""
+
+    jobs: int = 0  # runs that reached a worker
+    failures: int = 0  # runs that raised a SandboxError
+    workers_replaced: int = 0
+
+
+class _Lost(Exception):
+    """The worker stopped answering properly: it died, or sent a malformed frame."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_key(code: str) -> str:
+    return hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _new_job_id() -> int:
+    # Unpredictable, so frames user code forges cannot pass for a later job's reply.
+    return int.from_bytes(os.urandom(8), "big") >> 1
+
+
+class _Worker:
+    """One worker process and what the pool knows about it."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        self.process = process
+        self.pid = process.pid
+        self.reader = process.stdout
+        self.writer = process.stdin
+        # Code keys this worker has compiled, in its LRU order (mirrors its cache).
+        self.known: OrderedDict[str, None] = OrderedDict()
+        self.stderr = bytearray()
+        self.stderr_task = asyncio.create_task(self._drain_stderr(process.stderr))
+        self.killed = False
+        # Per job: set by the wall-clock timer and by the worker's notices.
+        self.expired = False
+        self.cpu_exceeded = False
+        self.violations: list[str] = []
+
+    async def _drain_stderr(self, stream: asyncio.StreamReader) -> None:
+        # Keep only a tail, for crash messages; user code can write here.
+        while chunk := await stream.read(STDERR_TAIL):
+            self.stderr += chunk
+            del self.stderr[:-STDERR_TAIL]
+
+    def begin_job(self) -> None:
+        self.expired = self.cpu_exceeded = False
+        self.violations.clear()
+
+    def expire(self) -> None:
+        self.expired = True
+        self.kill()
+
+    def kill(self) -> None:
+        # os.kill, once: Process.kill() polls the child first (Popen.send_signal),
+        # which can reap it behind the event loop's child watcher.
+        if not self.killed and self.process.returncode is None:
+            self.killed = True
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        self.writer.close()
+
+    async def reap(self) -> int:
+        """Wait until the process is gone and its stderr read; its exit status."""
+        status = await self.process.wait()
+        await asyncio.gather(self.stderr_task, return_exceptions=True)
+        return status
+
+    def last_stderr_line(self) -> str:
+        lines = bytes(self.stderr).decode("utf-8", "replace").strip().splitlines()
+        return lines[-1][:500] if lines else ""
+
+    async def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and read frames until its reply; notices on the way are recorded."""
+        job_id = request["id"]
+        payload = orjson.dumps(request)
+        self.writer.write(len(payload).to_bytes(4, "big") + payload)
+        await self.writer.drain()
+        while True:
+            size = int.from_bytes(await self.reader.readexactly(4), "big")
+            if size > MAX_FRAME:
+                raise _Lost(f"sent a frame of {size} bytes")
+            message = orjson.loads(await self.reader.readexactly(size))
+            if type(message) is not dict:
+                raise _Lost("sent a malformed frame")
+            if message.get("id") == job_id:
+                return message
+            if "violation" in message:
+                self.violations.append(str(message["violation"]))
+            elif "cpu" in message:
+                self.cpu_exceeded = True
+            # Anything else is stale or forged by user code: dropped.
+
+
+class SandboxPool:
+    """A fixed number of warm sandbox workers; `run()` executes user code in one of them."""
+
+    def __init__(
+        self, size: int = 2, limits: SandboxLimits = SandboxLimits(), read_allowlist: Sequence[str] = ()
+    ) -> None:
+        if size < 1:
+            raise ValueError("a sandbox pool needs at least one worker")
+        self._size = size
+        self._limits = limits
+        self._config = orjson.dumps(
+            {
+                "cpu_seconds": limits.cpu_seconds,
+                "memory_bytes": limits.memory_bytes,
+                "wall_seconds": limits.wall_seconds,
+                "read_allowlist": [os.path.abspath(p) for p in read_allowlist],
+            }
+        ).decode()
+        self._env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
+        # Idle workers; None once closed, to wake whoever waits for one.
+        self._idle: asyncio.Queue[_Worker | None] = asyncio.Queue()
+        self._workers: set[_Worker] = set()  # in service: idle or running a job
+        self._processes: set[_Worker] = set()  # every process not yet reaped
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._closed = False
+        self.stats = SandboxStats()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the workers in service (for tests and diagnostics)."""
+        return sorted(w.pid for w in self._workers)
+
+    async def start(self) -> None:
+        """Spawn the workers and wait until each answers a ping."""
+        if self._started:
+            return
+        self._started = True
+        results = await asyncio.gather(*(self._spawn() for _ in range(self._size)), return_exceptions=True)
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            await self.close()
+            raise failure
+        for worker in results:
+            assert isinstance(worker, _Worker)
+            self._idle.put_nowait(worker)
+
+    async def close(self) -> None:
+        """Stop every worker and wait for it to exit."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        processes = list(self._processes)
+        for worker in processes:
+            worker.kill()
+        await asyncio.gather(*(w.reap() for w in processes), return_exceptions=True)
+        self._processes.clear()
+        self._workers.clear()
+        self._idle.put_nowait(None)
+
+    async def ping(self) -> None:
+        """Health check: raises unless the pool runs and an idle worker (if any) answers."""
+        if not self._started or self._closed:
+            raise SandboxError("sandbox pool is not running", reason="SANDBOX_UNAVAILABLE")
+        try:
+            worker = self._checked(self._idle.get_nowait())
+        except asyncio.QueueEmpty:
+            if not self._workers:
+                raise SandboxCrashed("no sandbox worker is running") from None
+            return  # all busy running jobs: alive
+        timer = asyncio.get_running_loop().call_later(PING_TIMEOUT, worker.expire)
+        healthy = False
+        try:
+            await worker.call({"id": _new_job_id(), "op": "ping"})
+            healthy = True
+        except (_Lost, OSError, EOFError, orjson.JSONDecodeError) as exc:
+            raise SandboxCrashed(f"sandbox worker {worker.pid} did not answer a ping") from exc
+        finally:
+            timer.cancel()
+            self._release(worker, healthy)
+
+    async def run(
+        self,
+        code: str,
+        inputs: dict[str, Any],
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run `code` with `inputs` as variables; the JSON value it assigned to `result` (None if none).
+
+        `timeout` bounds the whole call, waiting for a free worker included;
+        `limits.wall_seconds` bounds the run in the worker.
+        """
+        try:
+            if not self._started or self._closed:
+                raise SandboxError("sandbox pool is not running", reason="SANDBOX_UNAVAILABLE")
+            try:
+                inputs_json = orjson.Fragment(orjson.dumps(inputs, option=orjson.OPT_NON_STR_KEYS))
+            except orjson.JSONEncodeError as exc:
+                raise UserCodeError(f"inputs are not JSON-serializable: {exc}", reason="USER_CODE_INPUT") from None
+            limit = wall = self._limits.wall_seconds
+            if timeout is None:
+                worker = self._checked(self._idle.get_nowait() if self._idle.qsize() else await self._idle.get())
+            else:
+                started = time.monotonic()
+                worker = self._checked(
+                    self._idle.get_nowait() if self._idle.qsize() else await self._wait_for_worker(timeout)
+                )
+                limit = min(limit, timeout)
+                wall = min(wall, timeout - (time.monotonic() - started))
+                if wall <= 0:
+                    self._idle.put_nowait(worker)
+                    raise SandboxTimeout(f"no time left to run the code ({timeout:g} s)", limit="wall", seconds=0)
+            self.stats.jobs += 1
+            return await self._run_on(worker, code, inputs_json, wall, limit)
+        except SandboxError:
+            self.stats.failures += 1
+            raise
+
+    def _checked(self, worker: _Worker | None) -> _Worker:
+        if worker is None:  # closed: pass the wake-up on to the next waiter
+            self._idle.put_nowait(None)
+            raise SandboxError("sandbox pool is not running", reason="SANDBOX_UNAVAILABLE")
+        return worker
+
+    async def _wait_for_worker(self, seconds: float) -> _Worker | None:
+        try:
+            async with asyncio.timeout(max(seconds, 0.0)):
+                return await self._idle.get()
+        except TimeoutError:
+            raise SandboxTimeout(
+                f"no sandbox worker became free within the {seconds:g} s timeout", limit="wall", seconds=seconds
+            ) from None
+
+    async def _run_on(self, worker: _Worker, code: str, inputs: orjson.Fragment, wall: float, limit: float) -> Any:
+        """Run the job on `worker`, killing it after `wall` seconds (`limit` is the limit as configured)."""
+        key = _code_key(code)
+        worker.begin_job()
+        healthy = False
+        timer = asyncio.get_running_loop().call_later(wall, worker.expire)
+        try:
+            reply = await worker.call(self._request(worker, key, code, inputs))
+            if reply.get("status") == "missing":  # the worker evicted it: send the code again
+                worker.known.pop(key, None)
+                reply = await worker.call(self._request(worker, key, code, inputs))
+            if reply.get("kind") != "syntax":
+                worker.known[key] = None
+                if len(worker.known) > CODE_CACHE_SIZE:
+                    worker.known.popitem(last=False)
+            timer.cancel()
+            error = self._error(worker, reply)
+            healthy = not (reply.get("retire") or worker.violations or worker.cpu_exceeded)
+        except (_Lost, OSError, EOFError, orjson.JSONDecodeError) as exc:
+            raise await self._failure(worker, limit, exc) from None
+        finally:
+            timer.cancel()
+            self._release(worker, healthy)
+        if error is not None:
+            raise error
+        return reply.get("result")
+
+    def _request(self, worker: _Worker, key: str, code: str, inputs: orjson.Fragment) -> dict[str, Any]:
+        if key in worker.known:
+            worker.known.move_to_end(key)
+            return {"id": _new_job_id(), "key": key, "code": None, "inputs": inputs}
+        return {"id": _new_job_id(), "key": key, "code": code, "inputs": inputs}
+
+    def _error(self, worker: _Worker, reply: dict[str, Any]) -> SandboxError | None:
+        """What the job failed with, or None when it succeeded."""
+        if worker.violations:  # first: a refusal may be why the code failed or stopped
+            return SandboxPolicyViolation(worker.violations[0])
+        if worker.cpu_exceeded:
+            return self._cpu_timeout()
+        if reply.get("status") == "ok":
+            return None
+        return self._reported(reply)
+
+    def _reported(self, reply: dict[str, Any]) -> SandboxError:
+        """The error a worker's error reply stands for."""
+        kind, message = reply.get("kind"), str(reply.get("message", "the sandbox reported an error"))
+        if kind in ("user", "syntax", "result"):
+            reason = "USER_CODE_SYNTAX" if kind == "syntax" else None
+            return UserCodeError(message, reason=reason, error_type=reply.get("type"), line=reply.get("line"))
+        if kind == "policy":
+            return SandboxPolicyViolation(message)
+        if kind == "cpu":
+            return self._cpu_timeout()
+        if kind == "memory":
+            return SandboxMemoryError(f"memory limit exceeded ({self._limits.memory_bytes // 2**20} MiB)")
+        return SandboxCrashed(message)
+
+    def _cpu_timeout(self) -> SandboxTimeout:
+        seconds = self._limits.cpu_seconds
+        return SandboxTimeout(f"CPU time limit exceeded ({seconds:g} s)", limit="cpu", seconds=seconds)
+
+    async def _failure(self, worker: _Worker, limit: float, exc: Exception) -> SandboxError:
+        """The error for a worker that stopped answering (it is being replaced)."""
+        if worker.violations:
+            return SandboxPolicyViolation(worker.violations[0])
+        if worker.cpu_exceeded:
+            return self._cpu_timeout()
+        if self._closed:
+            return SandboxError("the sandbox pool was closed while the code ran", reason="SANDBOX_UNAVAILABLE")
+        if worker.expired:
+            return SandboxTimeout(f"wall-clock time limit exceeded ({limit:g} s)", limit="wall", seconds=limit)
+        if isinstance(exc, (_Lost, orjson.JSONDecodeError)):
+            # It wrote something that is not a frame (user code can reach its fds).
+            return SandboxCrashed(f"sandbox worker broke the protocol ({exc})")
+        return await self._death(worker)
+
+    async def _death(self, worker: _Worker) -> SandboxError:
+        """The error for a worker that died by itself, from its exit status."""
+        worker.kill()
+        status = await worker.reap()
+        if status == -signal.SIGXCPU:
+            return self._cpu_timeout()  # the RLIMIT_CPU backstop
+        if status < 0:
+            how = f"was killed by {signal.Signals(-status).name}"
+            if -status in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
+                how += " (possibly out of memory)"
+        else:
+            how = f"exited with status {status}"
+        detail = worker.last_stderr_line()
+        return SandboxCrashed(f"sandbox worker {how}" + (f": {detail}" if detail else ""))
+
+    def _release(self, worker: _Worker, healthy: bool) -> None:
+        """Back to the idle queue, or kill it and start a replacement."""
+        if healthy and not self._closed and worker.process.returncode is None:
+            self._idle.put_nowait(worker)
+            return
+        self._workers.discard(worker)
+        worker.kill()
+        if self._closed:
+            return  # close() reaps it
+        self.stats.workers_replaced += 1
+        task = asyncio.get_running_loop().create_task(self._replace(worker))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _replace(self, old: _Worker) -> None:
+        await old.reap()
+        self._processes.discard(old)
+        for attempt in itertools.count():
+            if self._closed:
+                return
+            try:
+                worker = await self._spawn()
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the pool must get its worker back
+                delay = RESPAWN_DELAYS[min(attempt, len(RESPAWN_DELAYS) - 1)]
+                log.error("could not start a sandbox worker (retrying in %gs): %s", delay, exc)
+                await asyncio.sleep(delay)
+                continue
+            if self._closed:  # closed while it started: close() may not have seen it
+                self._workers.discard(worker)
+                worker.kill()
+                await worker.reap()
+                return
+            self._idle.put_nowait(worker)
+            return
+
+    async def _spawn(self) -> _Worker:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                WORKER_MODULE,
+                self._config,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env,
+                # Not the server's working directory: a json.py there must not
+                # shadow the stdlib. A new session: Ctrl-C is the server's.
+                cwd="/",
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise SandboxCrashed(f"cannot start a sandbox worker: {exc}") from exc
+        worker = _Worker(process)
+        self._processes.add(worker)
+        timer = asyncio.get_running_loop().call_later(START_TIMEOUT, worker.expire)
+        try:
+            reply = await worker.call({"id": _new_job_id(), "op": "ping"})
+            if reply.get("status") != "pong":
+                raise _Lost("did not answer the ping")
+        except (_Lost, OSError, EOFError, orjson.JSONDecodeError) as exc:
+            worker.kill()
+            status = await worker.reap()
+            detail = worker.last_stderr_line() or (f"no answer within {START_TIMEOUT:g} s" if worker.expired else "")
+            raise SandboxCrashed(f"sandbox worker failed to start (status {status}): {detail}") from exc
+        except BaseException:
+            worker.kill()
+            raise
+        finally:
+            timer.cancel()
+        self._workers.add(worker)
+        return worker
