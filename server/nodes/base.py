@@ -14,6 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from jsonschema import Draft202012Validator
@@ -31,8 +32,9 @@ Violation = tuple[str, str]
 class NodeError(Exception):
     """A node attempt failed. `retryable` says whether another attempt may help."""
 
-    def __init__(self, message: str, *, reason: str = "NODE_FAILED", retryable: bool = False,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: str = "NODE_FAILED", retryable: bool = False, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
@@ -49,6 +51,9 @@ class NodeServices:
     sql: SqlPools | None = None
     # Hosts an HTTP node may reach although they resolve to private ranges.
     http_allowlist: frozenset[str] = frozenset()
+    # Folders a SQLite connection string may not point into: the server's
+    # own data dir holds every tenant's state.
+    protected_paths: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,26 @@ class NodeType(ABC):
     def input_names(cls) -> list[str]:
         """Inputs a connection may write to (any name when `open_inputs`)."""
         return list(cls.inputs_schema.get("properties", {}))
+
+    @classmethod
+    def is_retry_safe(cls, config: Mapping[str, Any]) -> bool:
+        """Whether a node with this config may run twice (retries, resume after a crash)."""
+        return cls.retry_safe
+
+    @classmethod
+    def reads(cls, config: Mapping[str, Any]) -> set[str] | None:
+        """Execution inputs this node is offered by name; None offers all of them.
+
+        By default: the inputs its schema requires and the `${name}` references
+        in its config. Other inputs reach a node only through a connection or
+        an input object keyed by the node's id, so an input named `data` does
+        not change every HTTP node's body.
+        """
+        from flowport.server.nodes.substitution import references
+
+        names = set(cls.inputs_schema.get("required", []))
+        names.update(ref.split(".", 1)[0] for ref in references(dict(config)))
+        return names
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any], path: str) -> list[Violation]:

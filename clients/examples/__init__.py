@@ -1,0 +1,1 @@
+"""Runnable examples of extending and calling flowport."""

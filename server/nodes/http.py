@@ -1,0 +1,685 @@
+"""HTTP node types: `HTTPRequestNode` (one URL) and `RESTClientNode` (a base
+URL, a resource and an auth scheme). Both build an `HttpCall` and hand it to
+`perform`, which owns everything else.
+
+Behaviour of `perform`:
+
+- The request goes through the process-wide `httpx.AsyncClient` in
+  `ctx.services.http` (never one per call). Requests are built as
+  `httpx.Request` objects, so the client's cookie jar, default headers and
+  auth are not applied: nothing one workflow receives leaks into another's
+  requests.
+- SSRF guard, before every attempt and every redirect hop: the host is
+  resolved with `loop.getaddrinfo` and refused (`HTTP_TARGET_FORBIDDEN`) when
+  any address is private, loopback, link-local, reserved, multicast,
+  unspecified or otherwise not global (IPv4-mapped/6to4/Teredo IPv6 forms
+  are unwrapped), unless the host name or that address is in
+  `ctx.services.http_allowlist`. Plain-`http` requests are pinned to the
+  checked address (Host header kept) so a second DNS answer cannot swap in
+  an internal address; `https` relies on certificate verification for that.
+- Retries (`retry_attempts` after the first) on connect errors, timeouts,
+  5xx and 429, with exponential backoff and jitter
+  (`retry_delay * 2**(n-1)` scaled by a random 0.5-1.0, capped at
+  `max_retry_delay`); a `Retry-After` header (seconds or HTTP date) is used
+  instead, capped at `max_retry_delay`. No sleep reaches past
+  `ctx.remaining`; each attempt gets `min(timeout, ctx.remaining)` in total.
+- Any other status (and a retryable one once the attempts or the time are
+  used up) is returned as outputs with `success: false`; only a connect
+  error or timeout on the last attempt raises (`HTTP_UNREACHABLE`,
+  `HTTP_TIMEOUT`, retryable).
+- Redirects are not followed unless `follow_redirects` is true (then at
+  most 5 hops, each checked by the SSRF guard; `Authorization`, `Cookie` and
+  the API key header are dropped when the origin changes).
+- Bodies larger than `max_response_bytes` (at most 10 MiB) fail with
+  `HTTP_RESPONSE_TOO_LARGE`; the size is counted after decompression.
+
+`retry_safe` is False on both classes: the engine cannot tell a GET from a
+POST at class level, and re-running a POST is not safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import codecs
+import email.utils
+import ipaddress
+import json
+import math
+import random
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Final
+
+import httpx
+
+from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType
+from flowport.server.nodes.substitution import check_params, substitute
+from flowport.server.version import VERSION
+
+MAX_RESPONSE_BYTES: Final = 10 * 1024 * 1024
+MAX_REDIRECTS: Final = 5
+DEADLINE_MARGIN: Final = 0.05  # seconds
+METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+USER_AGENT: Final = f"flowport/{VERSION}"
+
+# Replaced by tests to record backoff delays without waiting for them.
+_sleep = asyncio.sleep
+_jitter = random.SystemRandom()
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_BAD_HEADER_VALUE = re.compile(r"[\r\n\x00]")
+_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# -- schemas ---------------------------------------------------------------
+
+_QUERY_VALUE: JsonSchema = {"type": ["string", "number", "boolean", "null"]}
+_QUERY_SCHEMA: JsonSchema = {
+    "type": "object",
+    "additionalProperties": {"anyOf": [_QUERY_VALUE, {"type": "array", "items": _QUERY_VALUE}]},
+}
+_HEADERS_SCHEMA: JsonSchema = {"type": "object", "additionalProperties": {"type": "string"}}
+
+# Request and retry settings shared by both node types.
+_COMMON_PROPERTIES: dict[str, JsonSchema] = {
+    "method": {"enum": list(METHODS), "default": "GET", "description": "HTTP method."},
+    "headers": {**_HEADERS_SCHEMA, "description": "Request headers; values may hold ${name} references."},
+    "params": {**_QUERY_SCHEMA, "description": "Query string parameters (merged into the URL's own)."},
+    "query": {**_QUERY_SCHEMA, "description": "Same as `params`; wins on a shared name."},
+    "body": {"description": "Any JSON value, sent as JSON (content-type application/json)."},
+    "json": {"description": "Same as `body`."},
+    "data": {"type": "string", "description": "A raw string body, sent as is (UTF-8)."},
+    "timeout": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": 300,
+        "default": 30,
+        "description": "Seconds one attempt may take in total (also bounded by the node's remaining time).",
+    },
+    "retry_attempts": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 10,
+        "default": 0,
+        "description": "Attempts after the first, on connect errors, timeouts, 5xx and 429.",
+    },
+    "retry_delay": {
+        "type": "number",
+        "minimum": 0,
+        "default": 1,
+        "description": "Seconds; base of the exponential backoff.",
+    },
+    "max_retry_delay": {
+        "type": "number",
+        "minimum": 0,
+        "default": 30,
+        "description": "Longest wait between attempts, Retry-After included.",
+    },
+    "expect_json": {
+        "type": "boolean",
+        "description": "true: a 2xx body must be JSON (else HTTP_INVALID_JSON); false: never parse; "
+        "absent: parse when the content-type is JSON.",
+    },
+    "follow_redirects": {
+        "type": "boolean",
+        "default": False,
+        "description": f"Follow up to {MAX_REDIRECTS} redirects, each target checked like the first.",
+    },
+    "max_response_bytes": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_RESPONSE_BYTES,
+        "default": MAX_RESPONSE_BYTES,
+        "description": "Largest (decompressed) body accepted.",
+    },
+}
+
+_RESPONSE_SCHEMA: JsonSchema = {
+    "type": "object",
+    "properties": {
+        "status_code": {"type": "integer"},
+        "headers": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "Lower-case names; repeated headers joined with ', '.",
+        },
+        "body": {"type": "string", "description": "The body as text (charset from content-type, else UTF-8)."},
+        "json": {"description": "The parsed body when it is JSON (see expect_json), else null."},
+        "url": {"type": "string", "description": "The URL that answered (after redirects)."},
+        "attempts": {"type": "integer", "description": "Attempts made, retries included."},
+    },
+    "required": ["status_code", "headers", "body", "json", "url", "attempts"],
+}
+
+_OUTPUTS_SCHEMA: JsonSchema = {
+    "type": "object",
+    "properties": {
+        "response": _RESPONSE_SCHEMA,
+        "result": {**_RESPONSE_SCHEMA, "description": "Same object as `response`."},
+        "status_code": {"type": "integer"},
+        "success": {"type": "boolean", "description": "True for a 2xx status."},
+    },
+}
+
+
+def _inputs_schema(config_schema: JsonSchema) -> JsonSchema:
+    """Every config key may also arrive as a parameter; other names feed ${name} references."""
+    return {"type": "object", "properties": dict(config_schema["properties"]), "additionalProperties": True}
+
+
+# -- the call --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpCall:
+    """One request as a node asked for it, references already substituted."""
+
+    method: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    query: dict[str, Any] = field(default_factory=dict)
+    content: bytes | None = None
+    timeout: float = 30.0
+    retry_attempts: int = 0
+    retry_delay: float = 1.0
+    max_retry_delay: float = 30.0
+    expect_json: bool | None = None
+    follow_redirects: bool = False
+    max_response_bytes: int = MAX_RESPONSE_BYTES
+    # Header names (lower case) dropped when a redirect changes origin.
+    sensitive_headers: frozenset[str] = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
+def build_call(
+    params: Mapping[str, Any], url: Any, headers: Mapping[str, Any], *, sensitive_headers: frozenset[str] = frozenset()
+) -> HttpCall:
+    """An HttpCall from merged parameters, for `url` and `headers` already substituted."""
+    if not isinstance(url, str) or not url:
+        raise NodeError(f"url must be a non-empty string, got {url!r}", reason="INVALID_PARAMETER")
+    method = str(params.get("method") or "GET").upper()
+    if method not in METHODS:
+        raise NodeError(f"method {method!r} is not one of {', '.join(METHODS)}", reason="INVALID_PARAMETER")
+
+    query: dict[str, Any] = {}
+    for key in ("params", "query"):
+        value = substitute(params.get(key), params)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise NodeError(f"{key} must be an object, got {type(value).__name__}", reason="INVALID_PARAMETER")
+        query.update(value)
+
+    final_headers = _clean_headers(headers)
+    content: bytes | None = None
+    bodies = [key for key in ("json", "body", "data") if params.get(key) is not None]
+    if len(bodies) > 1:
+        raise NodeError(f"give only one of json, body, data (got {', '.join(bodies)})", reason="INVALID_PARAMETER")
+    if bodies == ["data"]:
+        data = substitute(params["data"], params)
+        content = (data if isinstance(data, str) else json.dumps(data)).encode()
+    elif bodies:
+        value = substitute(params[bodies[0]], params)
+        try:
+            content = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise NodeError(f"{bodies[0]} is not JSON-serialisable: {exc}", reason="INVALID_PARAMETER") from exc
+        if not any(name.lower() == "content-type" for name in final_headers):
+            final_headers["Content-Type"] = "application/json"
+    if not any(name.lower() == "user-agent" for name in final_headers):
+        final_headers["User-Agent"] = USER_AGENT
+
+    expect_json = params.get("expect_json")
+    return HttpCall(
+        method=method,
+        url=url,
+        headers=final_headers,
+        query=query,
+        content=content,
+        timeout=float(params.get("timeout", 30)),
+        retry_attempts=int(params.get("retry_attempts", 0)),
+        retry_delay=float(params.get("retry_delay", 1)),
+        max_retry_delay=float(params.get("max_retry_delay", 30)),
+        expect_json=expect_json if isinstance(expect_json, bool) else None,
+        follow_redirects=bool(params.get("follow_redirects", False)),
+        max_response_bytes=min(int(params.get("max_response_bytes", MAX_RESPONSE_BYTES)), MAX_RESPONSE_BYTES),
+        sensitive_headers=HttpCall.sensitive_headers | {name.lower() for name in sensitive_headers},
+    )
+
+
+def _clean_headers(headers: Mapping[str, Any]) -> dict[str, str]:
+    cleaned: dict[str, str] = {}
+    for name, value in headers.items():
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else str(value)
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise NodeError(f"invalid header name {name!r}", reason="INVALID_PARAMETER")
+        if _BAD_HEADER_VALUE.search(text):
+            raise NodeError(f"header {name} holds a line break or NUL", reason="INVALID_PARAMETER")
+        cleaned[name] = text
+    return cleaned
+
+
+# -- performing it ---------------------------------------------------------
+
+
+class _Transient(Exception):
+    """An attempt failed in a way another attempt may fix."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    url: str
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+    charset: str | None
+
+
+async def perform(ctx: NodeContext, call: HttpCall) -> dict[str, Any]:
+    """Run `call` with retries; the node's outputs."""
+    client = ctx.services.http
+    if client is None:
+        raise NodeError("no shared HTTP client is configured", reason="HTTP_CLIENT_UNAVAILABLE")
+    url = _parse_url(call.url)
+    if call.query:
+        url = url.copy_merge_params(call.query)
+    allowlist = frozenset(host.lower().strip("[]") for host in ctx.services.http_allowlist)
+
+    attempts = call.retry_attempts + 1
+    made = 0
+    fetched: _Fetched | None = None
+    failure: _Transient | None = None
+    for attempt in range(1, attempts + 1):
+        # A little before the engine's own deadline, so the node reports what timed out.
+        budget = min(call.timeout, ctx.remaining - DEADLINE_MARGIN)
+        if budget <= 0:
+            if made == 0:
+                raise NodeError("no time left for the request", reason="HTTP_TIMEOUT", retryable=True)
+            break
+        made = attempt
+        try:
+            fetched, failure = await _attempt(client, call, url, allowlist, budget), None
+        except _Transient as exc:
+            fetched, failure = None, exc
+        if fetched is not None and not _retryable_status(fetched.status_code):
+            break
+        if attempt == attempts:
+            break
+        delay = _backoff(call, attempt, fetched)
+        if delay >= ctx.remaining - DEADLINE_MARGIN:
+            break
+        await _sleep(delay)
+
+    if failure is not None:
+        raise NodeError(
+            f"{failure.message} (after {made} attempt{'s' if made != 1 else ''})", reason=failure.reason, retryable=True
+        )
+    assert fetched is not None
+    return _outputs(fetched, made, call.expect_json)
+
+
+def _parse_url(raw: str) -> httpx.URL:
+    try:
+        url = httpx.URL(raw)
+    except httpx.InvalidURL as exc:
+        raise NodeError(f"invalid url {raw!r}: {exc}", reason="HTTP_INVALID_URL") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise NodeError(f"url must be http(s) with a host, got {raw!r}", reason="HTTP_INVALID_URL")
+    return url
+
+
+def _retryable_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+def _backoff(call: HttpCall, attempt: int, fetched: _Fetched | None) -> float:
+    """Seconds to wait before attempt `attempt + 1`."""
+    if fetched is not None:
+        retry_after = parse_retry_after(fetched.headers.get("retry-after"))
+        if retry_after is not None:
+            return min(retry_after, call.max_retry_delay)
+    exponential = min(call.retry_delay * 2.0 ** (attempt - 1), call.max_retry_delay)
+    return exponential * _jitter.uniform(0.5, 1.0)
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds a Retry-After header asks for (delta-seconds or HTTP date); None when absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return None if math.isnan(seconds) else max(0.0, seconds)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+async def _attempt(
+    client: httpx.AsyncClient, call: HttpCall, url: httpx.URL, allowlist: frozenset[str], budget: float
+) -> _Fetched:
+    """One attempt, redirects included, within `budget` seconds."""
+    try:
+        async with asyncio.timeout(budget):
+            return await _exchange(client, call, url, allowlist, budget)
+    except (TimeoutError, httpx.TimeoutException) as exc:
+        raise _Transient("HTTP_TIMEOUT", f"{call.method} {_safe(url)} timed out after {budget:.3g}s") from exc
+    except httpx.LocalProtocolError as exc:
+        raise NodeError(f"cannot send {call.method} {_safe(url)}: {exc}", reason="INVALID_PARAMETER") from exc
+    except httpx.TransportError as exc:
+        detail = str(exc) or type(exc).__name__
+        raise _Transient("HTTP_UNREACHABLE", f"{call.method} {_safe(url)} failed: {detail}") from exc
+    except httpx.HTTPError as exc:
+        raise NodeError(f"{call.method} {_safe(url)}: bad response: {exc}", reason="HTTP_BAD_RESPONSE") from exc
+
+
+async def _exchange(
+    client: httpx.AsyncClient, call: HttpCall, url: httpx.URL, allowlist: frozenset[str], budget: float
+) -> _Fetched:
+    method, content, headers = call.method, call.content, dict(call.headers)
+    for hop in range(MAX_REDIRECTS + 1):
+        pinned = await _check_target(url, allowlist)
+        request_url = url.copy_with(host=pinned) if pinned is not None else url
+        request_headers = dict(headers)
+        if pinned is not None and not any(name.lower() == "host" for name in request_headers):
+            request_headers["Host"] = url.netloc.decode("ascii")
+        request = httpx.Request(
+            method,
+            request_url,
+            headers=request_headers,
+            content=content,
+            extensions={"timeout": httpx.Timeout(budget).as_dict()},
+        )
+        response = await client.send(request, stream=True, follow_redirects=False)
+        try:
+            if call.follow_redirects and response.is_redirect and hop < MAX_REDIRECTS:
+                target = url.join(response.headers["location"])
+                if target.scheme in ("http", "https") and target.host:
+                    method, content = _redirect_method(method, content, response.status_code)
+                    if content is None:
+                        headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+                    if (target.scheme, target.host, target.port) != (url.scheme, url.host, url.port):
+                        headers = {k: v for k, v in headers.items() if k.lower() not in call.sensitive_headers}
+                    url = target
+                    continue
+            body = await _read_capped(response, call.max_response_bytes, method == "HEAD", url)
+            return _Fetched(str(url), response.status_code, response.headers, body, response.charset_encoding)
+        finally:
+            await response.aclose()
+    raise AssertionError("unreachable: the last hop always returns")  # pragma: no cover
+
+
+def _redirect_method(method: str, content: bytes | None, status: int) -> tuple[str, bytes | None]:
+    if (status == 303 and method != "HEAD") or (status in (301, 302) and method == "POST"):
+        return "GET", None
+    return method, content
+
+
+async def _read_capped(response: httpx.Response, cap: int, head: bool, url: httpx.URL) -> bytes:
+    declared = response.headers.get("content-length", "")
+    if not head and declared.isdigit() and int(declared) > cap:
+        raise NodeError(
+            f"response from {_safe(url)} is {declared} bytes, more than the {cap} allowed",
+            reason="HTTP_RESPONSE_TOO_LARGE",
+        )
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > cap:
+            raise NodeError(
+                f"response from {_safe(url)} is larger than the {cap} bytes allowed", reason="HTTP_RESPONSE_TOO_LARGE"
+            )
+    return bytes(body)
+
+
+def _safe(url: httpx.URL) -> str:
+    """The URL without credentials or query (for messages)."""
+    return str(url.copy_with(username=None, password=None, query=None, fragment=None))
+
+
+# -- SSRF guard -------------------------------------------------------------
+
+
+def forbidden_address(address: _IPAddress) -> bool:
+    """True for addresses an HTTP node may not reach unless allowlisted."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
+        if embedded is not None and forbidden_address(embedded):
+            return True
+    return (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_reserved
+        or address.is_multicast
+        or address.is_unspecified
+        or not address.is_global
+    )
+
+
+async def _check_target(url: httpx.URL, allowlist: frozenset[str]) -> str | None:
+    """Refuse forbidden targets; the address to pin a plain-http request to, if any."""
+    host = url.host.lower()
+    if host in allowlist:
+        return None
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        if forbidden_address(literal) and literal.compressed not in allowlist:
+            raise _forbidden(host, literal.compressed)
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise _Transient("HTTP_UNREACHABLE", f"cannot resolve {host}: {exc}") from exc
+    addresses: list[str] = []
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if forbidden_address(address) and address.compressed not in allowlist:
+            raise _forbidden(host, address.compressed)
+        addresses.append(address.compressed)
+    if not addresses:
+        raise _Transient("HTTP_UNREACHABLE", f"{host} resolves to no address")
+    return addresses[0] if url.scheme == "http" else None
+
+
+def _forbidden(host: str, address: str) -> NodeError:
+    shown = host if host == address else f"{host} ({address})"
+    return NodeError(
+        f"target {shown} is a private, loopback or otherwise internal address and not allowlisted",
+        reason="HTTP_TARGET_FORBIDDEN",
+    )
+
+
+# -- outputs ----------------------------------------------------------------
+
+
+def _outputs(fetched: _Fetched, attempts: int, expect_json: bool | None) -> dict[str, Any]:
+    text = fetched.content.decode(_codec(fetched.charset), errors="replace")
+    success = 200 <= fetched.status_code < 300
+    parsed: Any = None
+    mime = fetched.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    is_json_type = mime == "application/json" or mime.endswith("+json")
+    if text.strip() and (expect_json or (expect_json is None and is_json_type)):
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            if expect_json and success:
+                raise NodeError(f"response from {fetched.url} is not JSON: {exc}", reason="HTTP_INVALID_JSON") from exc
+    response = {
+        "status_code": fetched.status_code,
+        "headers": dict(fetched.headers.items()),
+        "body": text,
+        "json": parsed,
+        "url": fetched.url,
+        "attempts": attempts,
+    }
+    return {"response": response, "result": response, "status_code": fetched.status_code, "success": success}
+
+
+def _codec(charset: str | None) -> str:
+    if charset:
+        try:
+            return codecs.lookup(charset).name
+        except LookupError:
+            pass
+    return "utf-8"
+
+
+# -- node types -------------------------------------------------------------
+
+
+class _HTTPNode(NodeType):
+    """What both HTTP node types share: outputs, safety, running an HttpCall."""
+
+    category: ClassVar[str] = "api"
+    outputs_schema: ClassVar[JsonSchema] = _OUTPUTS_SCHEMA
+    # ${name} references may name any parameter, so connections may write any name.
+    open_inputs: ClassVar[bool] = True
+    # Class-level: a POST is not safe to run twice, so neither type is.
+    retry_safe: ClassVar[bool] = False
+    default_timeout: ClassVar[float] = 60.0
+    max_timeout: ClassVar[float] = 600.0
+
+    @classmethod
+    def is_retry_safe(cls, config: Mapping[str, Any]) -> bool:
+        # Safe methods only (RFC 9110): rerunning a POST could act twice.
+        return str(config.get("method", "GET")).upper() in ("GET", "HEAD", "OPTIONS")
+
+    def call(self, params: Mapping[str, Any]) -> HttpCall:
+        """The request `params` describe."""
+        raise NotImplementedError
+
+    async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        check_params(type(self), params)
+        return await perform(ctx, self.call(params))
+
+
+_HTTP_REQUEST_CONFIG: JsonSchema = {
+    "type": "object",
+    "properties": {
+        "url": {"type": "string", "minLength": 1, "description": "Target URL; may hold ${name} references."},
+        **_COMMON_PROPERTIES,
+    },
+    "required": ["url"],
+    "additionalProperties": False,
+}
+
+
+class HTTPRequestNode(_HTTPNode):
+    """One HTTP request to `url`."""
+
+    type_name: ClassVar[str] = "HTTPRequestNode"
+    description: ClassVar[str] = (
+        "Sends one HTTP request (retries with backoff on 5xx, 429 and network errors) and returns the response."
+    )
+    config_schema: ClassVar[JsonSchema] = _HTTP_REQUEST_CONFIG
+    inputs_schema: ClassVar[JsonSchema] = _inputs_schema(_HTTP_REQUEST_CONFIG)
+
+    def call(self, params: Mapping[str, Any]) -> HttpCall:
+        url = substitute(params.get("url"), params)
+        headers = substitute(params.get("headers") or {}, params)
+        return build_call(params, url, headers)
+
+
+AUTH_TYPES: Final = ("none", "bearer", "basic", "api_key")
+
+_REST_CONFIG: JsonSchema = {
+    "type": "object",
+    "properties": {
+        "base_url": {"type": "string", "minLength": 1, "description": "e.g. https://api.example.com/v1"},
+        "resource": {"type": "string", "description": "Path appended to base_url; may hold ${name} references."},
+        "path": {"type": "string", "description": "Same as `resource`."},
+        "auth_type": {"enum": list(AUTH_TYPES), "default": "none"},
+        "auth_token": {"type": "string", "description": "Bearer token or API key."},
+        "username": {"type": "string", "description": "For basic auth."},
+        "password": {"type": "string", "description": "For basic auth."},
+        "api_key_header": {"type": "string", "minLength": 1, "default": "X-API-Key"},
+        "default_headers": {**_HEADERS_SCHEMA, "description": "Sent with every request; `headers` override them."},
+        **_COMMON_PROPERTIES,
+    },
+    "required": ["base_url"],
+    "allOf": [
+        {
+            "if": {"properties": {"auth_type": {"enum": ["bearer", "api_key"]}}, "required": ["auth_type"]},
+            "then": {"required": ["auth_token"]},
+        },
+        {
+            "if": {"properties": {"auth_type": {"const": "basic"}}, "required": ["auth_type"]},
+            "then": {"required": ["username", "password"]},
+        },
+    ],
+    "additionalProperties": False,
+}
+
+
+class RESTClientNode(_HTTPNode):
+    """A call to a REST resource under `base_url`, with bearer, basic or API key auth."""
+
+    type_name: ClassVar[str] = "RESTClientNode"
+    description: ClassVar[str] = (
+        "Calls a REST API resource under base_url with bearer, basic or API key auth; same behaviour and "
+        "outputs as HTTPRequestNode."
+    )
+    config_schema: ClassVar[JsonSchema] = _REST_CONFIG
+    inputs_schema: ClassVar[JsonSchema] = _inputs_schema(_REST_CONFIG)
+
+    def call(self, params: Mapping[str, Any]) -> HttpCall:
+        base = substitute(params.get("base_url"), params)
+        resource = substitute(params.get("resource", params.get("path")), params)
+        if not isinstance(base, str) or not base:
+            raise NodeError("base_url must be a non-empty string", reason="INVALID_PARAMETER")
+        url = base
+        if resource not in (None, ""):
+            url = base.rstrip("/") + "/" + str(resource).lstrip("/")
+        headers: dict[str, Any] = {}
+        for key in ("default_headers", "headers"):
+            for name, value in (substitute(params.get(key) or {}, params)).items():
+                headers = {k: v for k, v in headers.items() if k.lower() != str(name).lower()}
+                headers[name] = value
+        sensitive: frozenset[str] = frozenset()
+        auth_type = params.get("auth_type") or "none"
+        if auth_type != "none":
+            name, value = self._auth_header(auth_type, params)
+            headers = {k: v for k, v in headers.items() if k.lower() != name.lower()}
+            headers[name] = value
+            sensitive = frozenset({name.lower()})
+        return build_call(params, url, headers, sensitive_headers=sensitive)
+
+    @staticmethod
+    def _auth_header(auth_type: str, params: Mapping[str, Any]) -> tuple[str, str]:
+        if auth_type == "basic":
+            username = substitute(params.get("username"), params)
+            password = substitute(params.get("password"), params)
+            if username is None or password is None:
+                raise NodeError("basic auth needs username and password", reason="INVALID_PARAMETER")
+            if ":" in str(username):
+                raise NodeError("a basic auth username may not contain ':'", reason="INVALID_PARAMETER")
+            pair = f"{username}:{password}".encode()
+            return "Authorization", "Basic " + base64.b64encode(pair).decode("ascii")
+        token = substitute(params.get("auth_token"), params)
+        if token is None or token == "":
+            raise NodeError(f"auth_type {auth_type} needs auth_token", reason="INVALID_PARAMETER")
+        if auth_type == "bearer":
+            return "Authorization", f"Bearer {token}"
+        header = str(params.get("api_key_header") or "X-API-Key")
+        return header, str(token)

@@ -1,0 +1,90 @@
+"""PythonCodeNode: user code, run in the sandbox pool, never in the server.
+
+The code sees each parameter as a variable (config keys other than `code`,
+execution inputs, connected values) plus `datetime`, `date`, `timedelta`,
+`json`, `math` and `re`; whatever it assigns to `result` is the node's
+output `result`. Syntax errors are found when the workflow is validated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
+from flowport.server.sandbox import errors as sandbox_errors
+
+MAX_CODE_CHARS = 100_000
+
+
+class PythonCodeNode(NodeType):
+    """Runs a Python snippet in a sandboxed worker process."""
+
+    type_name = "PythonCodeNode"
+    description = (
+        "Runs Python code in a sandboxed worker process. Parameters are variables; "
+        "the value assigned to `result` is the output. No file, network or process access."
+    )
+    category = "code"
+    config_schema: ClassVar[JsonSchema] = {
+        "type": "object",
+        "required": ["code"],
+        "properties": {
+            "code": {"type": "string", "minLength": 1, "maxLength": MAX_CODE_CHARS, "description": "Python source"},
+        },
+        "additionalProperties": True,
+        "description": "Keys other than `code` are default values of variables.",
+    }
+    inputs_schema: ClassVar[JsonSchema] = {
+        "type": "object",
+        "additionalProperties": True,
+        "properties": {},
+        "description": "Any name: each becomes a variable of the code.",
+    }
+    outputs_schema: ClassVar[JsonSchema] = {
+        "type": "object",
+        "properties": {"result": {"description": "the value the code assigned to `result` (JSON)"}},
+    }
+    open_inputs = True
+    # The sandbox allows no I/O, so a rerun cannot have side effects.
+    retry_safe = True
+    default_timeout = 30.0
+    max_timeout = 300.0
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any], path: str) -> list[Violation]:
+        problems = super().validate_config(config, path)
+        code = config.get("code")
+        if isinstance(code, str) and code and len(code) <= MAX_CODE_CHARS:
+            try:
+                # Compiling only parses; nothing in the code runs here.
+                compile(code, "<node>", "exec", dont_inherit=True)
+            except SyntaxError as exc:
+                problems.append((f"{path}.code", f"SyntaxError: {exc.msg} (line {exc.lineno})"))
+            except (ValueError, RecursionError, MemoryError) as exc:
+                problems.append((f"{path}.code", f"cannot be compiled: {type(exc).__name__}"))
+        return problems
+
+    @classmethod
+    def reads(cls, config: Mapping[str, Any]) -> set[str] | None:
+        return None  # every input is a variable of the code
+
+    def prepare(self, config: Mapping[str, Any]) -> str:
+        return str(config["code"])
+
+    async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        pool = ctx.services.sandbox
+        if pool is None:
+            raise NodeError("no sandbox pool is running in this server", reason="SANDBOX_UNAVAILABLE")
+        variables = {k: v for k, v in params.items() if k != "code"}
+        try:
+            result = await pool.run(prepared, variables, timeout=ctx.remaining)
+        except sandbox_errors.SandboxTimeout as exc:
+            raise NodeError(str(exc), reason=exc.reason, retryable=False) from None
+        except sandbox_errors.SandboxCrashed as exc:
+            # The worker died under the code (not a policy refusal): another
+            # attempt, on a fresh worker, may succeed.
+            raise NodeError(str(exc), reason=exc.reason, retryable=True) from None
+        except sandbox_errors.SandboxError as exc:
+            raise NodeError(str(exc), reason=exc.reason, retryable=False) from None
+        return {"result": result}

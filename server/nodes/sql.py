@@ -1,0 +1,389 @@
+"""SQL node types: `SQLDatabaseNode` and `AsyncSQLDatabaseNode` (the seed's
+async name; both share this implementation and behave the same).
+
+Queries are parameterised only. The query names its parameters `:name`
+(SQLAlchemy `text()`); the driver binds the values, which are never
+formatted into the SQL. Each bind parameter's value comes from
+`query_params` (or its older name `parameters`; values there may be
+`${name}` references, resolved from the node's parameters) or else from a
+node parameter with the same name; a parameter found in neither fails with
+`SQL_MISSING_PARAMETER`. A literal colon that is not a parameter is written
+`\\:` (text() does not look inside quotes).
+
+The statement runs in its own transaction on a pooled connection from
+`ctx.services.sql` (shared engines): committed when it succeeds, rolled back
+when it fails or returns more than `max_rows` rows (`SQL_TOO_MANY_ROWS`).
+Queries (SELECT, WITH, VALUES, …) are read through a server-side cursor, so
+a large result is not loaded before the cap applies; other statements run
+buffered so the driver reports the affected row count. The whole call is
+bounded by `ctx.remaining` (`SQL_TIMEOUT`): on PostgreSQL `statement_timeout`
+is set for the transaction so the server stops the query too, and on SQLite
+the running statement is interrupted at the deadline.
+
+Outputs, the same shape for every statement:
+
+    result    = {"rows": [{column: value, …}, …], "row_count": n, "columns": [name, …]}
+    rows      = result["rows"]
+    row_count = result["row_count"]
+
+For statements that return rows (SELECT, … RETURNING) `row_count` is the
+number of rows; for other statements `rows` and `columns` are empty and
+`row_count` is the driver's count of affected rows (-1 when unknown, e.g.
+DDL). Values are JSON-friendly: datetime/date/time as ISO 8601 strings,
+Decimal as a string (exact; convert with float() if you need a number),
+bytes as base64, UUID as a string, timedelta as seconds (float), JSON and
+array columns as JSON values; other driver types are str()-ed. When two
+columns share a name the last one wins in the row objects.
+
+`echo` is accepted for compatibility and ignored: SQL logging would log
+bound values, and engines are shared between workflows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import decimal
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Final
+
+from sqlalchemy import text
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import TextClause
+
+from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType
+from flowport.server.nodes.sql_pools import CONNECTION_STRING_PATTERN, UnsupportedDatabase, async_url, describe
+from flowport.server.nodes.substitution import check_params, substitute
+
+DEFAULT_MAX_ROWS: Final = 10_000
+DEADLINE_MARGIN: Final = 0.05  # seconds
+_QUERY_CANCELED: Final = "57014"  # PostgreSQL SQLSTATE of a statement_timeout
+# Statements that read (after leading comments): fetched through a server-side cursor.
+_QUERY_STATEMENT = re.compile(
+    r"^\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*\(?\s*(?:select|with|values|show|table|explain|pragma)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+MAX_MAX_ROWS: Final = 100_000
+
+_CONFIG_SCHEMA: JsonSchema = {
+    "type": "object",
+    "properties": {
+        "connection_string": {
+            "type": "string",
+            "pattern": CONNECTION_STRING_PATTERN,
+            "description": "sqlite:///path.db or postgresql://user:pass@host:port/db",
+        },
+        "query": {"type": "string", "minLength": 1, "description": "One SQL statement with :name parameters."},
+        "query_params": {
+            "type": "object",
+            "description": "Values for the query's :name parameters; may hold ${name} references.",
+        },
+        "parameters": {"type": "object", "description": "Same as query_params (which wins on a shared name)."},
+        "max_rows": {"type": "integer", "minimum": 1, "maximum": MAX_MAX_ROWS, "default": DEFAULT_MAX_ROWS},
+        "pool_size": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
+        "max_overflow": {"type": "integer", "minimum": 0, "maximum": 200, "default": 10},
+        "pool_recycle": {"type": "integer", "minimum": -1, "default": 3600, "description": "Seconds; -1 never."},
+        "echo": {"type": "boolean", "description": "Accepted and ignored (SQL logging is not per node)."},
+    },
+    "required": ["connection_string", "query"],
+    "additionalProperties": False,
+}
+
+_ROWS_SCHEMA: JsonSchema = {"type": "array", "items": {"type": "object"}}
+_RESULT_SCHEMA: JsonSchema = {
+    "type": "object",
+    "properties": {
+        "rows": _ROWS_SCHEMA,
+        "row_count": {"type": "integer", "description": "Rows returned, or rows affected by a write (-1: unknown)."},
+        "columns": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["rows", "row_count", "columns"],
+}
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    """A query compiled once per workflow version."""
+
+    query: str
+    statement: TextClause
+    bind_names: tuple[str, ...]
+    # Read through a server-side cursor (queries); writes run buffered so the
+    # driver reports the affected row count.
+    streamed: bool
+
+
+def prepare_query(query: str) -> PreparedQuery:
+    """`query` as a text() clause and the names of its bind parameters, in order."""
+    try:
+        statement = text(query)
+        names = tuple(statement.compile().params)
+    except SQLAlchemyError as exc:
+        raise NodeError(f"cannot parse the query: {exc}", reason="SQL_INVALID_QUERY") from exc
+    return PreparedQuery(query, statement, names, bool(_QUERY_STATEMENT.match(query)))
+
+
+def bind_values(prepared: PreparedQuery, params: Mapping[str, Any]) -> dict[str, Any]:
+    """A value for each bind parameter: query_params/parameters (substituted), else the parameter itself."""
+    explicit: dict[str, Any] = {}
+    for key in ("parameters", "query_params"):
+        given = params.get(key)
+        if given is None:
+            continue
+        if not isinstance(given, Mapping):
+            raise NodeError(f"{key} must be an object, got {type(given).__name__}", reason="INVALID_PARAMETER")
+        explicit.update(given)
+    values: dict[str, Any] = {}
+    for name in prepared.bind_names:
+        if name in explicit:
+            values[name] = substitute(explicit[name], params)
+        elif name in params:
+            values[name] = params[name]
+        else:
+            raise NodeError(
+                f"query parameter :{name} has no value (give it in query_params or as a parameter named {name!r})",
+                reason="SQL_MISSING_PARAMETER",
+            )
+    return values
+
+
+def jsonable(value: Any) -> Any:
+    """A database value as a JSON-friendly value (see the module docstring)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(item) for item in value]
+    for kind, convert in _CONVERTERS:
+        if isinstance(value, kind):
+            return convert(value)
+    return str(value)
+
+
+_CONVERTERS: tuple[tuple[type | tuple[type, ...], Callable[[Any], Any]], ...] = (
+    ((dt.datetime, dt.date, dt.time), lambda value: value.isoformat()),
+    (decimal.Decimal, str),
+    ((bytes, bytearray, memoryview), lambda value: base64.b64encode(bytes(value)).decode("ascii")),
+    (uuid.UUID, str),
+    (dt.timedelta, lambda value: value.total_seconds()),
+)
+
+
+class _TooManyRows(Exception):
+    pass
+
+
+def _execute(
+    conn: Connection, prepared: PreparedQuery, values: dict[str, Any], max_rows: int, timeout_ms: int | None
+) -> dict[str, Any]:
+    """Run on the sync side of an AsyncConnection, inside its transaction."""
+    if timeout_ms is not None:
+        conn.execute(text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": str(timeout_ms)})
+    statement = prepared.statement
+    if prepared.streamed:
+        statement = statement.execution_options(stream_results=True, max_row_buffer=1000)
+    result = conn.execute(statement, values)
+    try:
+        if not result.returns_rows:
+            return {"rows": [], "row_count": result.rowcount, "columns": []}
+        columns = list(result.keys())
+        fetched = result.fetchmany(max_rows + 1)
+        if len(fetched) > max_rows:
+            raise _TooManyRows
+        rows = [{column: jsonable(value) for column, value in zip(columns, row, strict=True)} for row in fetched]
+        return {"rows": rows, "row_count": len(rows), "columns": columns}
+    finally:
+        result.close()
+
+
+class _Watchdog:
+    """Interrupts a SQLite statement at the deadline (a cancelled task cannot stop SQLite's thread)."""
+
+    def __init__(self, driver_connection: Any, delay: float) -> None:
+        self.fired = False
+        self._driver = driver_connection
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        task = asyncio.get_running_loop().create_task(self._driver.interrupt())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+async def _sqlite_watchdog(conn: AsyncConnection, delay: float) -> _Watchdog | None:
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    return _Watchdog(driver, delay) if hasattr(driver, "interrupt") else None
+
+
+def _refuse_protected(url: URL, protected: tuple[Path, ...]) -> None:
+    """Refuse a SQLite file inside a protected folder (the server's own data)."""
+    if not url.drivername.startswith("sqlite") or not url.database or not protected:
+        return
+    target = Path(url.database).resolve()
+    for folder in protected:
+        if target.is_relative_to(folder.resolve()):
+            raise NodeError(
+                "this SQLite database is in the server's data directory, which nodes may not open",
+                reason="SQL_DATABASE_FORBIDDEN",
+            )
+
+
+class SQLDatabaseNode(NodeType):
+    """One parameterised SQL statement against SQLite or PostgreSQL."""
+
+    type_name: ClassVar[str] = "SQLDatabaseNode"
+    description: ClassVar[str] = (
+        "Runs one parameterised SQL statement (:name parameters bound by the driver) on SQLite or PostgreSQL "
+        "through a shared connection pool; returns rows as objects."
+    )
+    category: ClassVar[str] = "data"
+    config_schema: ClassVar[JsonSchema] = _CONFIG_SCHEMA
+    # Bind parameters and ${name} references may name any parameter.
+    inputs_schema: ClassVar[JsonSchema] = {
+        "type": "object",
+        "properties": dict(_CONFIG_SCHEMA["properties"]),
+        "additionalProperties": True,
+    }
+    open_inputs: ClassVar[bool] = True
+    outputs_schema: ClassVar[JsonSchema] = {
+        "type": "object",
+        "properties": {
+            "result": _RESULT_SCHEMA,
+            "rows": {**_ROWS_SCHEMA, "description": "Same as result.rows."},
+            "row_count": {"type": "integer", "description": "Same as result.row_count."},
+        },
+    }
+    # A write is not safe to run twice.
+    retry_safe: ClassVar[bool] = False
+    default_timeout: ClassVar[float] = 30.0
+    max_timeout: ClassVar[float] = 600.0
+
+    @classmethod
+    def is_retry_safe(cls, config: Mapping[str, Any]) -> bool:
+        query = config.get("query")
+        # A plain SELECT reads only; anything else may write.
+        return isinstance(query, str) and query.lstrip().upper().startswith("SELECT")
+
+    @classmethod
+    def reads(cls, config: Mapping[str, Any]) -> set[str] | None:
+        names = super().reads(config) or set()
+        query = config.get("query")
+        if isinstance(query, str):
+            with contextlib.suppress(NodeError):  # reported when the node runs
+                names.update(prepare_query(query).bind_names)
+        return names
+
+    def prepare(self, config: Mapping[str, Any]) -> PreparedQuery | None:
+        query = config.get("query")
+        if not isinstance(query, str) or not query.strip():
+            return None
+        try:
+            return prepare_query(query)
+        except NodeError:  # reported by run, where it fails the node rather than the plan
+            return None
+
+    async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        connection_string = params.get("connection_string")
+        try:
+            url = async_url(connection_string) if isinstance(connection_string, str) else None
+        except UnsupportedDatabase as exc:
+            raise NodeError(str(exc), reason="SQL_UNSUPPORTED_DATABASE") from exc
+        check_params(type(self), params)
+        assert url is not None and isinstance(connection_string, str)  # both checked by check_params
+        _refuse_protected(url, ctx.services.protected_paths)
+        pools = ctx.services.sql
+        if pools is None:
+            raise NodeError("no SQL pools are configured", reason="SQL_POOLS_UNAVAILABLE")
+        query = params["query"]
+        if not isinstance(prepared, PreparedQuery) or prepared.query != query:
+            prepared = prepare_query(query)
+        values = bind_values(prepared, params)
+        engine = pools.engine(
+            connection_string,
+            int(params.get("pool_size", 5)),
+            int(params.get("max_overflow", 10)),
+            int(params.get("pool_recycle", 3600)),
+        )
+        max_rows = int(params.get("max_rows", DEFAULT_MAX_ROWS))
+        # A little before the engine's own deadline, so the node reports what timed out.
+        remaining = ctx.remaining - DEADLINE_MARGIN
+        if remaining <= 0:
+            raise NodeError("no time left for the query", reason="SQL_TIMEOUT", retryable=True)
+        result = await _run_statement(
+            engine,
+            url,
+            prepared=prepared,
+            values=values,
+            max_rows=max_rows,
+            remaining=remaining,
+            where=describe(connection_string),
+        )
+        return {"result": result, "rows": result["rows"], "row_count": result["row_count"]}
+
+
+async def _run_statement(
+    engine: AsyncEngine,
+    url: URL,
+    *,
+    prepared: PreparedQuery,
+    values: dict[str, Any],
+    max_rows: int,
+    remaining: float,
+    where: str,
+) -> dict[str, Any]:
+    """One statement in its own transaction within `remaining` seconds; errors as NodeError."""
+    postgres = url.get_backend_name() == "postgresql"
+    timeout_ms = max(1, int(remaining * 1000)) if postgres else None
+    connected = False
+    watchdog: _Watchdog | None = None
+    try:
+        async with asyncio.timeout(remaining), engine.connect() as conn:
+            connected = True
+            watchdog = await _sqlite_watchdog(conn, remaining) if url.get_backend_name() == "sqlite" else None
+            try:
+                async with conn.begin():
+                    return await conn.run_sync(_execute, prepared, values, max_rows, timeout_ms)
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
+    except TimeoutError as exc:
+        raise NodeError(
+            f"query on {where} timed out after {remaining:.3g}s", reason="SQL_TIMEOUT", retryable=True
+        ) from exc
+    except _TooManyRows as exc:
+        raise NodeError(
+            f"the query returned more than max_rows={max_rows} rows (rolled back)", reason="SQL_TOO_MANY_ROWS"
+        ) from exc
+    except DBAPIError as exc:
+        detail = str(exc.orig) if exc.orig is not None else type(exc).__name__
+        if getattr(exc.orig, "sqlstate", None) == _QUERY_CANCELED or (watchdog is not None and watchdog.fired):
+            raise NodeError(f"query on {where} timed out", reason="SQL_TIMEOUT", retryable=True) from exc
+        if not connected or exc.connection_invalidated:
+            raise NodeError(f"cannot reach {where}: {detail}", reason="SQL_UNAVAILABLE", retryable=True) from exc
+        raise NodeError(f"query failed on {where}: {detail}", reason="SQL_ERROR") from exc
+    except (OSError, SQLAlchemyError) as exc:
+        if not connected:
+            raise NodeError(f"cannot reach {where}: {exc}", reason="SQL_UNAVAILABLE", retryable=True) from exc
+        raise NodeError(f"query failed on {where}: {exc}", reason="SQL_ERROR") from exc
+
+
+class AsyncSQLDatabaseNode(SQLDatabaseNode):
+    """The seed's async name for SQLDatabaseNode; the same behaviour."""
+
+    type_name: ClassVar[str] = "AsyncSQLDatabaseNode"
+    description: ClassVar[str] = "Same as SQLDatabaseNode (the seed's async name for it)."

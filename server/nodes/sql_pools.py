@@ -1,0 +1,104 @@
+"""Shared SQLAlchemy async engines (connection pools), one per database.
+
+SQL nodes never create an engine per call: `SqlPools.engine` returns the
+process-wide `AsyncEngine` for a connection string, creating it on first
+use. The first caller's pool settings win for the life of the engine.
+
+Connection strings name the database, not the driver: `sqlite:///path.db`
+and `postgresql://user:pass@host:5432/db` (also `postgres://`) are mapped
+to the async drivers `sqlite+aiosqlite` and `postgresql+asyncpg`; naming
+those drivers explicitly is accepted too. Anything else is refused with
+`UnsupportedDatabase`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+# Schemes a connection string may start with, and the async driver each maps to.
+ASYNC_DRIVERS: Final = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+# The same list as a JSON Schema `pattern` for node configs.
+CONNECTION_STRING_PATTERN: Final = r"^(sqlite(\+aiosqlite)?|postgres(ql)?(\+asyncpg)?)://"
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class UnsupportedDatabase(ValueError):
+    """A connection string for a database or driver flowport does not support."""
+
+
+def async_url(connection_string: str) -> URL:
+    """The async-driver URL for `connection_string`; raises UnsupportedDatabase."""
+    match = _SCHEME.match(connection_string)
+    scheme = match.group(1).lower() if match else ""
+    driver = ASYNC_DRIVERS.get(scheme)
+    if driver is None:
+        shown = scheme or connection_string.split(":", 1)[0][:40]
+        raise UnsupportedDatabase(
+            f"unsupported database {shown!r}: use sqlite:///path.db or postgresql://user:pass@host:port/db"
+        )
+    try:
+        url = make_url(driver + connection_string[match.end(1) :] if match else connection_string)
+    except ArgumentError as exc:
+        raise UnsupportedDatabase(f"cannot parse the connection string for {scheme}: {exc}") from exc
+    return url
+
+
+def describe(connection_string: str) -> str:
+    """The connection string with its password hidden (for messages and logs)."""
+    try:
+        return async_url(connection_string).render_as_string(hide_password=True)
+    except UnsupportedDatabase:
+        return connection_string.split("://", 1)[0] + "://…"
+
+
+class SqlPools:
+    """Process-wide async engines keyed by (normalised) connection string."""
+
+    def __init__(self) -> None:
+        self._engines: dict[str, AsyncEngine] = {}
+
+    def engine(
+        self,
+        connection_string: str,
+        pool_size: int = 5,
+        max_overflow: int = 10,
+        pool_recycle: int = 3600,
+        *,
+        echo: bool = False,
+    ) -> AsyncEngine:
+        """The shared engine for `connection_string`, created on first use (with `pool_pre_ping`)."""
+        url = async_url(connection_string)
+        key = url.render_as_string(hide_password=False)
+        engine = self._engines.get(key)
+        if engine is None:
+            options: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": pool_recycle, "echo": echo}
+            if not _sqlite_memory(url):  # in-memory SQLite uses one static connection, no pool sizes
+                options.update(pool_size=pool_size, max_overflow=max_overflow)
+            engine = create_async_engine(url, **options)
+            self._engines[key] = engine
+        return engine
+
+    def __len__(self) -> int:
+        return len(self._engines)
+
+    async def close(self) -> None:
+        """Dispose every engine (closing pooled connections); later calls create new ones."""
+        engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            await engine.dispose()
+
+
+def _sqlite_memory(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")

@@ -1,0 +1,127 @@
+"""`${name}` references in node configs, resolved from a node's parameters.
+
+`substitute(value, params)` walks strings inside dicts and lists (dict keys
+are left alone) and replaces each `${name}` with `params[name]`:
+
+- a string that is exactly one reference becomes the value itself, keeping
+  its type (`"${limit}"` → `100`); inside a longer string the value is
+  `str()`-ed (`"Bearer ${token}"` → `"Bearer abc"`);
+- dotted names navigate dicts (and lists by index): `${session.tenant_id}`;
+  a parameter whose own name contains the dot wins over navigation;
+- `${secret:NAME}` is left untouched (secrets are resolved elsewhere);
+- `$${x}` is the literal text `${x}`;
+- an unknown name raises `NodeError(reason="UNRESOLVED_REFERENCE")`.
+
+Substituted values are not themselves searched for references, so a value
+coming from a user cannot inject another reference.
+
+`check_params` applies a node type's config schema to the merged parameters
+it reads at run time (connections may bring values of any shape).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from flowport.server.nodes.base import NodeError, NodeType
+
+# `$${` (escape), `${secret:…}` (kept), or `${name}`.
+_TOKEN = re.compile(r"\$\$\{|\$\{([^{}]*)\}")
+_KEPT_PREFIX = "secret:"
+_MISSING = object()
+
+
+def substitute(value: Any, params: Mapping[str, Any]) -> Any:
+    """`value` with every `${name}` in its strings replaced from `params`."""
+    if isinstance(value, str):
+        return _substitute_string(value, params)
+    if isinstance(value, dict):
+        return {key: substitute(item, params) for key, item in value.items()}
+    if isinstance(value, list):
+        return [substitute(item, params) for item in value]
+    return value
+
+
+def references(value: Any) -> list[str]:
+    """Names referenced by `${name}` in `value` (secrets and escapes excluded), in order."""
+    found: list[str] = []
+    if isinstance(value, str):
+        for match in _TOKEN.finditer(value):
+            name = match.group(1)
+            if name is not None and not name.strip().startswith(_KEPT_PREFIX) and name.strip() not in found:
+                found.append(name.strip())
+    elif isinstance(value, dict):
+        for item in value.values():
+            found.extend(name for name in references(item) if name not in found)
+    elif isinstance(value, list):
+        for item in value:
+            found.extend(name for name in references(item) if name not in found)
+    return found
+
+
+def lookup(name: str, params: Mapping[str, Any]) -> Any:
+    """The value `name` refers to in `params`; raises UNRESOLVED_REFERENCE when there is none."""
+    value = _lookup(name, params)
+    if value is _MISSING:
+        raise NodeError(f"unresolved reference ${{{name}}}: no parameter named {name!r}", reason="UNRESOLVED_REFERENCE")
+    return value
+
+
+def _lookup(name: str, params: Mapping[str, Any]) -> Any:
+    if name in params:
+        return params[name]
+    if not name or "." not in name:
+        return _MISSING
+    current: Any = params
+    for part in name.split("."):
+        if isinstance(current, Mapping) and part in current:
+            current = current[part]
+        elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
+            current = current[int(part)]
+        else:
+            return _MISSING
+    return current
+
+
+def _substitute_string(text: str, params: Mapping[str, Any]) -> Any:
+    if "$" not in text:
+        return text
+    whole = _TOKEN.fullmatch(text)
+    if whole is not None and whole.group(1) is not None:
+        name = whole.group(1).strip()
+        if name.startswith(_KEPT_PREFIX):
+            return text
+        return lookup(name, params)
+
+    def replace(match: re.Match[str]) -> str:
+        inner = match.group(1)
+        if inner is None:  # `$${` escape
+            return "${"
+        name = inner.strip()
+        if name.startswith(_KEPT_PREFIX):
+            return match.group(0)
+        return str(lookup(name, params))
+
+    return _TOKEN.sub(replace, text)
+
+
+@cache
+def _params_validator(cls: type[NodeType]) -> Draft202012Validator:
+    """The config schema applied to merged parameters (other names are allowed there)."""
+    schema = {key: value for key, value in cls.config_schema.items() if key != "additionalProperties"}
+    return Draft202012Validator(schema)
+
+
+def check_params(cls: type[NodeType], params: Mapping[str, Any]) -> None:
+    """Raise INVALID_PARAMETER when a parameter the node reads has the wrong shape."""
+    known = cls.config_schema.get("properties", {})
+    relevant = {key: value for key, value in params.items() if key in known}
+    error = next(iter(sorted(_params_validator(cls).iter_errors(relevant), key=lambda e: list(e.absolute_path))), None)
+    if error is not None:
+        where = ".".join(str(part) for part in error.absolute_path) or "parameters"
+        raise NodeError(f"parameter {where}: {error.message}", reason="INVALID_PARAMETER")

@@ -1,0 +1,384 @@
+"""SQLDatabaseNode / AsyncSQLDatabaseNode on a SQLite file, and on a
+throw-away PostgreSQL cluster when PostgreSQL is installed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import glob
+import os
+import pwd
+import shutil
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
+from flowport.server.nodes.sql import AsyncSQLDatabaseNode, SQLDatabaseNode, jsonable, prepare_query
+from flowport.server.nodes.sql_pools import SqlPools, async_url
+
+SEED_SELECT = """
+    SELECT id, name, status, tenant_id, created_at
+    FROM enterprise_records
+    WHERE tenant_id = :tenant_id AND status = :status
+    ORDER BY created_at DESC, id DESC
+    LIMIT :limit
+"""
+SEED_PARAMS = {"tenant_id": "${session.tenant_id}", "status": "active", "limit": 100}
+RECORDS = [
+    ("alpha", "active", "acme", "2026-01-01T10:00:00"),
+    ("beta", "active", "acme", "2026-01-02T10:00:00"),
+    ("gamma", "archived", "acme", "2026-01-03T10:00:00"),
+    ("delta", "active", "globex", "2026-01-04T10:00:00"),
+]
+
+
+@pytest.fixture
+async def pools() -> AsyncIterator[SqlPools]:
+    shared = SqlPools()
+    yield shared
+    await shared.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'app.db'}"
+
+
+def make_ctx(pools: SqlPools | None, timeout: float = 10.0) -> NodeContext:
+    return NodeContext(
+        tenant="acme", execution_id="exe_1", node_id="db", attempt=1, timeout=timeout, services=NodeServices(sql=pools)
+    )
+
+
+async def run_sql(
+    ctx: NodeContext, connection_string: str, query: str, node: SQLDatabaseNode | None = None, **params: Any
+) -> dict[str, Any]:
+    node = node or SQLDatabaseNode()
+    merged = {"connection_string": connection_string, "query": query, **params}
+    return await node.run(ctx, node.prepare(merged), merged)
+
+
+async def create_records(ctx: NodeContext, url: str, *, id_column: str = "INTEGER PRIMARY KEY") -> None:
+    await run_sql(
+        ctx,
+        url,
+        f"CREATE TABLE enterprise_records (id {id_column}, name TEXT NOT NULL, status TEXT NOT NULL, "
+        "tenant_id TEXT NOT NULL, created_at TEXT NOT NULL)",
+    )
+    for name, status, tenant, created in RECORDS:
+        out = await run_sql(
+            ctx,
+            url,
+            "INSERT INTO enterprise_records (name, status, tenant_id, created_at) "
+            "VALUES (:name, :status, :tenant, :at)",
+            query_params={"name": name, "status": status, "tenant": "${tenant}", "at": created},
+            tenant=tenant,
+        )
+        assert out["result"] == {"rows": [], "row_count": 1, "columns": []}
+
+
+# -- SQLite ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("node_type", [SQLDatabaseNode, AsyncSQLDatabaseNode])
+async def test_seed_select_on_sqlite(pools: SqlPools, sqlite_url: str, node_type: type[SQLDatabaseNode]) -> None:
+    ctx = make_ctx(pools)
+    await create_records(ctx, sqlite_url)
+    out = await run_sql(
+        ctx, sqlite_url, SEED_SELECT, node_type(), query_params=SEED_PARAMS, session={"tenant_id": "acme"}
+    )
+    assert out["result"]["columns"] == ["id", "name", "status", "tenant_id", "created_at"]
+    assert out["row_count"] == 2
+    assert out["result"]["row_count"] == 2
+    assert out["rows"] == out["result"]["rows"]
+    assert out["rows"] == [
+        {"id": 2, "name": "beta", "status": "active", "tenant_id": "acme", "created_at": "2026-01-02T10:00:00"},
+        {"id": 1, "name": "alpha", "status": "active", "tenant_id": "acme", "created_at": "2026-01-01T10:00:00"},
+    ]
+    # The writes were committed: another connection sees them.
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as raw:
+        assert raw.execute("SELECT count(*) FROM enterprise_records").fetchone() == (4,)
+
+
+async def test_parameters_from_node_params_and_aliases(pools: SqlPools, sqlite_url: str) -> None:
+    ctx = make_ctx(pools)
+    await create_records(ctx, sqlite_url)
+    # No query_params: parameters with the bind names are used.
+    out = await run_sql(ctx, sqlite_url, SEED_SELECT, tenant_id="globex", status="active", limit=10)
+    assert [row["name"] for row in out["rows"]] == ["delta"]
+    # `parameters` is the seed's other name; query_params wins over it, both win over plain params.
+    out = await run_sql(
+        ctx,
+        sqlite_url,
+        SEED_SELECT,
+        parameters={"tenant_id": "globex", "status": "archived", "limit": 1},
+        query_params={"status": "active"},
+        tenant_id="acme",
+    )
+    assert [row["name"] for row in out["rows"]] == ["delta"]
+
+
+async def test_injection_attempt_is_just_a_value(pools: SqlPools, sqlite_url: str) -> None:
+    ctx = make_ctx(pools)
+    await create_records(ctx, sqlite_url)
+    for evil in ("x' OR '1'='1", "acme' --", "acme'; DROP TABLE enterprise_records; --"):
+        out = await run_sql(ctx, sqlite_url, SEED_SELECT, tenant_id=evil, status="active", limit=100)
+        assert out["rows"] == [], evil
+        assert out["row_count"] == 0
+    out = await run_sql(ctx, sqlite_url, "SELECT count(*) AS n FROM enterprise_records")
+    assert out["rows"] == [{"n": 4}]
+
+
+async def test_missing_parameter(pools: SqlPools, sqlite_url: str) -> None:
+    ctx = make_ctx(pools)
+    with pytest.raises(NodeError) as caught:
+        await run_sql(ctx, sqlite_url, SEED_SELECT, tenant_id="acme", limit=5)
+    assert caught.value.reason == "SQL_MISSING_PARAMETER"
+    assert ":status" in caught.value.message
+    with pytest.raises(NodeError) as caught:
+        await run_sql(ctx, sqlite_url, SEED_SELECT, query_params=SEED_PARAMS)  # no `session` to resolve from
+    assert caught.value.reason == "UNRESOLVED_REFERENCE"
+    assert "session.tenant_id" in caught.value.message
+
+
+async def test_row_cap(pools: SqlPools, sqlite_url: str) -> None:
+    ctx = make_ctx(pools)
+    await create_records(ctx, sqlite_url)
+    with pytest.raises(NodeError) as caught:
+        await run_sql(ctx, sqlite_url, "SELECT * FROM enterprise_records", max_rows=3)
+    assert caught.value.reason == "SQL_TOO_MANY_ROWS"
+    assert len((await run_sql(ctx, sqlite_url, "SELECT * FROM enterprise_records", max_rows=4))["rows"]) == 4
+    # A write returning too many rows is rolled back.
+    with pytest.raises(NodeError) as caught:
+        await run_sql(ctx, sqlite_url, "UPDATE enterprise_records SET status = 'x' RETURNING id", max_rows=1)
+    assert caught.value.reason == "SQL_TOO_MANY_ROWS"
+    out = await run_sql(ctx, sqlite_url, "SELECT count(*) AS n FROM enterprise_records WHERE status = 'x'")
+    assert out["rows"] == [{"n": 0}]
+
+
+async def test_write_row_counts_and_errors(pools: SqlPools, sqlite_url: str) -> None:
+    ctx = make_ctx(pools)
+    await create_records(ctx, sqlite_url)
+    out = await run_sql(
+        ctx, sqlite_url, "UPDATE enterprise_records SET status = :to WHERE tenant_id = :t", to="done", t="acme"
+    )
+    assert out == {"result": {"rows": [], "row_count": 3, "columns": []}, "rows": [], "row_count": 3}
+    with pytest.raises(NodeError) as caught:
+        await run_sql(ctx, sqlite_url, "SELECT * FROM no_such_table")
+    assert caught.value.reason == "SQL_ERROR"
+    assert "no_such_table" in caught.value.message
+    # Two statements in one query are refused by the driver.
+    with pytest.raises(NodeError) as caught:
+        await run_sql(ctx, sqlite_url, "SELECT 1; DELETE FROM enterprise_records")
+    assert caught.value.reason == "SQL_ERROR"
+    out = await run_sql(ctx, sqlite_url, "SELECT count(*) AS n FROM enterprise_records")
+    assert out["rows"] == [{"n": 4}]
+
+
+async def test_timeout_interrupts_sqlite(pools: SqlPools, sqlite_url: str) -> None:
+    slow = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) SELECT count(*) FROM c"
+    with pytest.raises(NodeError) as caught:
+        await run_sql(make_ctx(pools, timeout=0.3), sqlite_url, slow)
+    assert caught.value.reason == "SQL_TIMEOUT"
+    # The pooled connection is usable again.
+    assert (await run_sql(make_ctx(pools), sqlite_url, "SELECT 1 AS one"))["rows"] == [{"one": 1}]
+    with pytest.raises(NodeError) as caught:
+        await run_sql(make_ctx(pools, timeout=0.0), sqlite_url, "SELECT 1")
+    assert caught.value.reason == "SQL_TIMEOUT"
+
+
+async def test_unsupported_scheme(pools: SqlPools) -> None:
+    config = {"connection_string": "mysql://u:p@db/app", "query": "SELECT 1"}
+    violations = SQLDatabaseNode.validate_config(config, "nodes[0].config")
+    assert [path for path, _ in violations] == ["nodes[0].config.connection_string"]
+    with pytest.raises(NodeError) as caught:
+        await run_sql(make_ctx(pools), "mysql://u:p@db/app", "SELECT 1")
+    assert caught.value.reason == "SQL_UNSUPPORTED_DATABASE"
+    assert len(pools) == 0
+
+
+def test_config_validation() -> None:
+    seed = {
+        "connection_string": "postgresql://enterprise-user:pass@db-cluster:5432/enterprise",
+        "pool_size": 20,
+        "max_overflow": 50,
+        "pool_recycle": 3600,
+        "echo": False,
+        "query": SEED_SELECT,
+        "query_params": SEED_PARAMS,
+    }
+    assert AsyncSQLDatabaseNode.validate_config(seed, "nodes[2].config") == []
+    missing = SQLDatabaseNode.validate_config({"connection_string": "sqlite:///x.db"}, "nodes[0].config")
+    assert [path for path, _ in missing] == ["nodes[0].config.query"]
+    wrong = SQLDatabaseNode.validate_config(
+        {"connection_string": "sqlite:///x.db", "query": "SELECT 1", "max_rows": 0}, "nodes[0].config"
+    )
+    assert [path for path, _ in wrong] == ["nodes[0].config.max_rows"]
+    for node_type in (SQLDatabaseNode, AsyncSQLDatabaseNode):
+        assert node_type.retry_safe is False
+        assert set(node_type.output_names()) == {"result", "rows", "row_count"}
+
+
+async def test_pool_is_shared(pools: SqlPools, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    engine = pools.engine(url)
+    assert pools.engine(url) is engine
+    assert pools.engine(f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}") is engine
+    assert pools.engine(f"sqlite:///{tmp_path / 'other.db'}") is not engine
+    assert engine.url.drivername == "sqlite+aiosqlite"
+    for _ in range(3):
+        await run_sql(make_ctx(pools), url, "SELECT 1")
+    assert len(pools) == 2
+    assert pools.engine(url) is engine
+    await pools.close()
+    assert len(pools) == 0
+    assert pools.engine(url) is not engine
+
+
+def test_async_url_mapping() -> None:
+    assert async_url("postgresql://u:p@h:5432/db").drivername == "postgresql+asyncpg"
+    assert async_url("postgres://u:p@h/db").drivername == "postgresql+asyncpg"
+    assert async_url("sqlite:///data/app.db").database == "data/app.db"
+
+
+async def test_missing_sql_service(sqlite_url: str) -> None:
+    with pytest.raises(NodeError) as caught:
+        await run_sql(make_ctx(None), sqlite_url, "SELECT 1")
+    assert caught.value.reason == "SQL_POOLS_UNAVAILABLE"
+
+
+def test_prepare_and_jsonable() -> None:
+    prepared = prepare_query(SEED_SELECT)
+    assert prepared.bind_names == ("tenant_id", "status", "limit")
+    assert prepared.streamed is True
+    assert prepare_query("INSERT INTO t VALUES (:a)").streamed is False
+    assert prepare_query(r"SELECT '12\:30' AS t").bind_names == ()
+    value = {
+        "when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+        "day": dt.date(2026, 1, 2),
+        "amount": decimal.Decimal("12.30"),
+        "blob": b"\x00\x01",
+        "id": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "took": dt.timedelta(seconds=1.5),
+        "tags": ("a", 1),
+    }
+    assert jsonable(value) == {
+        "when": "2026-01-02T03:04:05+00:00",
+        "day": "2026-01-02",
+        "amount": "12.30",
+        "blob": "AAE=",
+        "id": "12345678-1234-5678-1234-567812345678",
+        "took": 1.5,
+        "tags": ["a", 1],
+    }
+
+
+# -- PostgreSQL -------------------------------------------------------------------
+
+
+def _postgres_bin() -> Path | None:
+    candidates = ["/usr/local/bin", *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    for folder in candidates:
+        if all((Path(folder) / tool).is_file() for tool in ("initdb", "pg_ctl")):
+            return Path(folder)
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (trust auth); its URL."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl in /usr/local/bin or /usr/lib/postgresql/*/bin)")
+    prefix: list[str] = []
+    owner: pwd.struct_passwd | None = None
+    if os.geteuid() == 0:  # initdb refuses to run as root: run the cluster as the postgres user
+        runuser = shutil.which("runuser")
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            owner = None
+        if runuser is None or owner is None:
+            pytest.skip("running as root and there is no `postgres` user with runuser to own a cluster")
+        prefix = [runuser, "-u", "postgres", "--"]
+    # Not under tmp_path: pytest's base folder is private to root, the cluster's owner must reach it.
+    base = Path(tempfile.mkdtemp(prefix="flowport-pg-"))
+    if owner is not None:
+        os.chown(base, owner.pw_uid, owner.pw_gid)
+    base.chmod(0o700)
+    data = base / "data"
+    port = _free_port()
+
+    def tool(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=120, check=False)
+
+    started = False
+    try:
+        init = tool(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                    "--no-locale", "--no-sync")  # fmt: skip
+        assert init.returncode == 0, init.stdout + init.stderr
+        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
+        start = tool(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60", "-o", options,
+                     "start")  # fmt: skip
+        started = start.returncode == 0
+        log = (base / "log").read_text() if (base / "log").exists() else ""
+        assert started, start.stdout + start.stderr + log
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        if started:
+            tool(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_seed_select_on_postgres(pools: SqlPools, postgres_url: str) -> None:
+    ctx = make_ctx(pools)
+    await create_records(ctx, postgres_url, id_column="SERIAL PRIMARY KEY")
+    out = await run_sql(
+        ctx,
+        postgres_url,
+        SEED_SELECT,
+        AsyncSQLDatabaseNode(),
+        query_params=SEED_PARAMS,
+        session={"tenant_id": "acme"},
+        pool_size=2,
+        max_overflow=1,
+    )
+    assert [row["name"] for row in out["rows"]] == ["beta", "alpha"]
+    assert out["result"]["columns"] == ["id", "name", "status", "tenant_id", "created_at"]
+    # Injection attempts are values; typed values come back JSON-friendly.
+    evil = await run_sql(ctx, postgres_url, SEED_SELECT, tenant_id="x' OR '1'='1", status="active", limit=100)
+    assert evil["rows"] == []
+    typed = await run_sql(
+        ctx,
+        postgres_url,
+        "SELECT CAST(:n AS numeric) AS amount, TIMESTAMPTZ '2026-01-02 03:04:05+00' AS at, "
+        "CAST('{\"a\": [1, 2]}' AS jsonb) AS doc, ARRAY[1, 2] AS nums",
+        n="12.30",
+    )
+    assert typed["rows"] == [
+        {"amount": "12.30", "at": "2026-01-02T03:04:05+00:00", "doc": {"a": [1, 2]}, "nums": [1, 2]}
+    ]
+    updated = await run_sql(ctx, postgres_url, "UPDATE enterprise_records SET status = 'done' WHERE tenant_id = 'acme'")
+    assert updated["row_count"] == 3
+    with pytest.raises(NodeError) as caught:
+        await run_sql(ctx, postgres_url, "SELECT generate_series(1, 100) AS n", max_rows=10)
+    assert caught.value.reason == "SQL_TOO_MANY_ROWS"
+    with pytest.raises(NodeError) as caught:
+        await run_sql(make_ctx(pools, timeout=0.5), postgres_url, "SELECT pg_sleep(30)")
+    assert caught.value.reason == "SQL_TIMEOUT"
+    assert (await run_sql(ctx, postgres_url, "SELECT 1 AS one"))["rows"] == [{"one": 1}]
+    assert pools.engine(postgres_url) is pools.engine(postgres_url)
