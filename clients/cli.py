@@ -27,8 +27,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (flag > FLOWPORT_* environment > --config file > default)")
     group.add_argument("--config", type=Path, metavar="FILE", help="TOML file with settings (env FLOWPORT_CONFIG)")
     for name, field in Settings.model_fields.items():
-        default = field.default
-        shown = "none" if default is None else default
+        default = field.get_default(call_default_factory=True)
+        shown = "none" if default in (None, []) else default
         group.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,

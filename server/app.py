@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -13,26 +14,41 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from flowport.server.api.executions import ExecutionService
 from flowport.server.api.gateway import GatewayService
+from flowport.server.api.schemas import SchemaService
 from flowport.server.api.sessions import SessionService
 from flowport.server.api.unimplemented import unimplemented_handler
+from flowport.server.api.workflows import WorkflowService
+from flowport.server.engine.executor import Executor
+from flowport.server.engine.plan import PlanCache
+from flowport.server.engine.registry import NodeRegistry
+from flowport.server.events.bus import EventBus
 from flowport.server.interceptor import ErrorInterceptor
 from flowport.server.metrics import RequestMetrics
+from flowport.server.nodes.base import NodeServices
+from flowport.server.nodes.python_code import PythonCodeNode
+from flowport.server.nodes.sql_pools import SqlPools
+from flowport.server.sandbox import SandboxLimits, SandboxPool
 from flowport.server.settings import Settings
 from flowport.server.storage import MigrationError, SqliteStore, Store
 from flowport.v1 import (
     event_pb2,
     execution_pb2,
+    execution_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
     schema_pb2,
+    schema_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
     webhook_pb2,
     workflow_pb2,
+    workflow_pb2_grpc,
 )
 
 log = logging.getLogger("flowport.server")
@@ -43,13 +59,13 @@ IDEMPOTENCY_RETENTION = 24 * 3600.0
 IMPLEMENTED = [
     gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
     session_pb2.DESCRIPTOR.services_by_name["SessionService"],
-]
-NOT_YET_IMPLEMENTED = [
     workflow_pb2.DESCRIPTOR.services_by_name["WorkflowService"],
     execution_pb2.DESCRIPTOR.services_by_name["ExecutionService"],
+    schema_pb2.DESCRIPTOR.services_by_name["SchemaService"],
+]
+NOT_YET_IMPLEMENTED = [
     event_pb2.DESCRIPTOR.services_by_name["EventService"],
     webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"],
-    schema_pb2.DESCRIPTOR.services_by_name["SchemaService"],
 ]
 ALL_SERVICES = [s.full_name for s in IMPLEMENTED + NOT_YET_IMPLEMENTED]
 
@@ -60,17 +76,56 @@ class StartupError(RuntimeError):
 
 @dataclass
 class Running:
-    """A started server and what shuts it down."""
+    """A started server and everything it owns."""
 
     server: grpc.aio.Server
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
     store: Store
     port: int
+    executor: Executor
+    services: NodeServices
+    bus: EventBus
+
+
+async def _open_node_services(settings: Settings) -> NodeServices:
+    limits = SandboxLimits(
+        cpu_seconds=settings.sandbox_cpu_seconds,
+        memory_bytes=settings.sandbox_memory_mb * 2**20,
+        wall_seconds=PythonCodeNode.max_timeout,
+    )
+    sandbox = SandboxPool(size=settings.sandbox_workers or os.cpu_count() or 1, limits=limits)
+    await sandbox.start()
+    return NodeServices(
+        # One connection pool for every HTTP node of every execution.
+        http=httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)),
+        sandbox=sandbox,
+        sql=SqlPools(),
+        http_allowlist=frozenset(settings.http_allowlist),
+        protected_paths=(settings.data_dir,),
+    )
+
+
+async def _close_node_services(services: NodeServices) -> None:
+    if services.sandbox is not None:
+        await services.sandbox.close()
+    if services.http is not None:
+        await services.http.aclose()
+    if services.sql is not None:
+        await services.sql.close()
 
 
 async def start(settings: Settings) -> Running:
-    """Open the store, bind the port and start serving. Raises StartupError."""
-    store = await SqliteStore.open(settings.database_path)
+    """Open the store, start the sandbox pool, bind the port and serve.
+
+    Executions a previous process left unfinished are resumed (or failed as
+    INTERRUPTED) once the server is up. Raises StartupError.
+    """
+    # Workers boot while the database opens.
+    store, services = await asyncio.gather(SqliteStore.open(settings.database_path), _open_node_services(settings))
+    registry = NodeRegistry.default()
+    plans = PlanCache(registry)
+    bus = EventBus()
+    executor = Executor(store, plans, bus, services, max_concurrent=settings.max_concurrent_executions)
     metrics = RequestMetrics()
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(metrics)],
@@ -80,8 +135,12 @@ async def start(settings: Settings) -> Running:
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ],
     )
-    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayService(store, metrics), server)
-    session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, settings), server)
+    gateway = GatewayService(store, metrics, executor, bus, services)
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
+    session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, settings, bus), server)
+    workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowService(store, registry, bus), server)
+    execution_pb2_grpc.add_ExecutionServiceServicer_to_server(ExecutionService(store, executor, bus), server)
+    schema_pb2_grpc.add_SchemaServiceServicer_to_server(SchemaService(store, registry, plans), server)
     server.add_generic_rpc_handlers([unimplemented_handler(s) for s in NOT_YET_IMPLEMENTED])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -93,21 +152,28 @@ async def start(settings: Settings) -> Running:
     except RuntimeError as exc:
         port, cause = 0, f" ({exc})"
     if port == 0:
+        await _close_node_services(services)
         await store.close()
         raise StartupError(
             f"cannot listen on {address} (--grpc-port {settings.grpc_port}): "
             f"the port is in use or the address is not available{cause}"
         )
     await server.start()
+    resumed, failed = await executor.recover()
+    if resumed or failed:
+        log.info("after restart: %d executions resumed, %d failed as INTERRUPTED", resumed, failed)
     for name in ["", *ALL_SERVICES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, health_servicer, store, port)
+    return Running(server, health_servicer, store, port, executor, services, bus)
 
 
 async def stop(running: Running, grace: float) -> None:
-    """Report NOT_SERVING, stop accepting calls, let in-flight ones finish within `grace`."""
+    """Report NOT_SERVING, stop accepting calls, let in-flight ones finish
+    within `grace`, then stop executions (left RUNNING, resumed next start)."""
     await running.health.enter_graceful_shutdown()
     await running.server.stop(grace)
+    await running.executor.shutdown()
+    await _close_node_services(running.services)
     await running.store.close()
 
 

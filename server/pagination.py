@@ -43,12 +43,32 @@ def decode_token(token: str, filters: dict[str, Any]) -> list[Any] | None:
         if not isinstance(cursor, list):
             raise ValueError
     except (ValueError, KeyError, TypeError):
-        raise InvalidArgument(
-            "page_token is not a token this server issued", violations=[("page_token", "malformed")]
-        ) from None
+        raise _malformed() from None
     if fingerprint != _fingerprint(filters):
         raise InvalidArgument(
             "page_token was issued for a request with different filters",
             violations=[("page_token", "filters differ from the request that returned this token")],
         )
     return cursor
+
+
+def _malformed() -> InvalidArgument:
+    return InvalidArgument("page_token is not a token this server issued", violations=[("page_token", "malformed")])
+
+
+def cursor_str(cursor: list[Any] | None) -> str | None:
+    """A one-string cursor ([key]) as its key; None for the first page."""
+    if cursor is None:
+        return None
+    if len(cursor) != 1 or not isinstance(cursor[0], str):
+        raise _malformed()
+    return cursor[0]
+
+
+def cursor_time_id(cursor: list[Any] | None) -> tuple[int, str] | None:
+    """A ([create_us, id]) cursor as a tuple; None for the first page."""
+    if cursor is None:
+        return None
+    if len(cursor) != 2 or not isinstance(cursor[0], int) or not isinstance(cursor[1], str):
+        raise _malformed()
+    return cursor[0], cursor[1]

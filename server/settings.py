@@ -51,12 +51,31 @@ class Settings(BaseModel):
     startup_timeout: float = Field(
         20.0, gt=0, le=600, description="seconds `flowport up` waits for the server and Envoy to become healthy"
     )
+    max_concurrent_executions: int = Field(
+        256, ge=1, le=100_000, description="executions running at once in one server process (the seed's max_workers)"
+    )
+    sandbox_workers: int = Field(
+        0, ge=0, le=256, description="warm PythonCodeNode worker processes; 0 means one per CPU core"
+    )
+    sandbox_memory_mb: int = Field(512, ge=64, le=65536, description="address-space limit of a sandbox worker, MiB")
+    sandbox_cpu_seconds: float = Field(10.0, gt=0, le=3600, description="CPU time one PythonCodeNode run may use")
+    http_allowlist: list[str] = Field(
+        default_factory=list,
+        description="hosts/IPs HTTP nodes may reach though private, loopback or link-local (comma-separated)",
+    )
 
     @field_validator("host")
     @classmethod
     def _host_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("http_allowlist", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
     @model_validator(mode="after")

@@ -69,7 +69,9 @@ def child_environment(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.pop(f"{ENV_PREFIX}CONFIG", None)
     for name, value in settings.model_dump().items():
-        if value is not None:
+        if isinstance(value, list):
+            env[ENV_PREFIX + name.upper()] = ",".join(map(str, value))
+        elif value is not None:
             env[ENV_PREFIX + name.upper()] = str(value)
     return env
 

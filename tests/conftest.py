@@ -3,7 +3,6 @@ real flowport stack (server + Envoy via `flowport up`) per test session."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from flowport.server.settings import Settings
+from flowport.server.supervisor import child_environment
 
 
 def free_port() -> int:
@@ -28,16 +28,22 @@ def free_port() -> int:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Settings on free loopback ports with data in a temporary folder."""
-    return Settings.load(
-        {
-            "data_dir": tmp_path / "data",
-            "http_port": free_port(),
-            "grpc_port": free_port(),
-            "admin_port": free_port(),
-            "shutdown_grace": 2.0,
-        },
-        environ={},
-    )
+    return make_settings(tmp_path / "data")
+
+
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    """Loopback ports, small pools, loopback allowed for HTTP nodes (receivers run on 127.0.0.1)."""
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "http_port": free_port(),
+        "grpc_port": free_port(),
+        "admin_port": free_port(),
+        "shutdown_grace": 2.0,
+        "sandbox_workers": 2,
+        "http_allowlist": "127.0.0.1,localhost",
+    }
+    values.update(overrides)
+    return Settings.load(values, environ={})
 
 
 @dataclass
@@ -62,24 +68,9 @@ class Stack:
 
 
 def start_up(settings: Settings, timeout: float = 30.0) -> Stack:
-    """Run `flowport up` with `settings` and wait for its "is up" line."""
-    argv = [
-        sys.executable,
-        "-m",
-        "flowport.clients.cli",
-        "up",
-        "--data-dir",
-        str(settings.data_dir),
-        "--http-port",
-        str(settings.http_port),
-        "--grpc-port",
-        str(settings.grpc_port),
-        "--admin-port",
-        str(settings.admin_port),
-        "--shutdown-grace",
-        str(settings.shutdown_grace),
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWPORT_")}
+    """Run `flowport up` with `settings` (as FLOWPORT_* variables) and wait for its "is up" line."""
+    env = {k: v for k, v in child_environment(settings).items() if k != "FLOWPORT_ENVOY"}
+    argv = [sys.executable, "-m", "flowport.clients.cli", "up"]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert process.stdout is not None
     output: list[str] = []
@@ -106,18 +97,7 @@ def stop_up(stack: Stack, timeout: float = 20.0) -> int:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One real server + Envoy for the integration tests that only make calls."""
-    data = tmp_path_factory.mktemp("stack")
-    settings = Settings.load(
-        {
-            "data_dir": data,
-            "http_port": free_port(),
-            "grpc_port": free_port(),
-            "admin_port": free_port(),
-            "shutdown_grace": 2.0,
-        },
-        environ={},
-    )
-    running = start_up(settings)
+    running = start_up(make_settings(tmp_path_factory.mktemp("stack")))
     try:
         yield running
     finally:

@@ -8,8 +8,11 @@ import time
 
 from google.protobuf import timestamp_pb2
 
+from flowport.server.engine.executor import Executor
+from flowport.server.events.bus import EventBus
 from flowport.server.health import Check, overall, run_check
 from flowport.server.metrics import RequestMetrics
+from flowport.server.nodes.base import NodeServices
 from flowport.server.storage import Store
 from flowport.server.types import Context
 from flowport.server.version import VERSION
@@ -22,11 +25,12 @@ FEATURES = [
     ("sessions", True, ""),
     ("health", True, ""),
     ("stats", True, ""),
-    ("workflows", False, "not implemented yet: WorkflowService answers UNIMPLEMENTED"),
-    ("executions", False, "not implemented yet: ExecutionService answers UNIMPLEMENTED"),
+    ("workflows", True, ""),
+    ("executions", True, ""),
+    ("schemas", True, ""),
+    ("sandboxed_python", True, ""),
     ("event_streams", False, "not implemented yet: EventService answers UNIMPLEMENTED"),
     ("webhooks", False, "not implemented yet: WebhookService answers UNIMPLEMENTED"),
-    ("schemas", False, "not implemented yet: SchemaService answers UNIMPLEMENTED"),
 ]
 
 ENDPOINTS = {
@@ -53,12 +57,19 @@ def _rss_bytes() -> int:
 class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
     """What the gateway is, how healthy and how busy."""
 
-    def __init__(self, store: Store, metrics: RequestMetrics) -> None:
+    def __init__(
+        self, store: Store, metrics: RequestMetrics, executor: Executor, bus: EventBus, services: NodeServices
+    ) -> None:
         self._store = store
         self._metrics = metrics
+        self._executor = executor
+        self._bus = bus
+        self._services = services
         self._started = timestamp_pb2.Timestamp()
         self._started.FromSeconds(int(metrics.started))
         self._checks: dict[str, Check] = {"database": store.ping}
+        if services.sandbox is not None:
+            self._checks["sandbox"] = services.sandbox.ping
 
     async def GetInfo(self, request: gateway_pb2.GetInfoRequest, context: Context) -> gateway_pb2.GatewayInfo:
         return gateway_pb2.GatewayInfo(
@@ -85,23 +96,39 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         server = health.components["server"]
         server.status = "healthy"
         server.last_check.CopyFrom(health.timestamp)
-        server.details.update({"active_streams": self._metrics.active_streams, "calls": self._metrics.total})
+        server.details.update(
+            {
+                "active_streams": self._metrics.active_streams,
+                "calls": self._metrics.total,
+                "running_executions": self._executor.running,
+            }
+        )
         health.status = overall([c.status for c in health.components.values()])
         return health
 
     async def GetStats(self, request: gateway_pb2.GetStatsRequest, context: Context) -> gateway_pb2.Stats:
         m = self._metrics
+        c = self._executor.counters
         active = await self._store.count_active_sessions(time.time_ns() // 1000)
         return gateway_pb2.Stats(
             sessions=gateway_pb2.SessionStats(active=active),
             requests=gateway_pb2.RequestStats(
                 total=m.total, errors=m.errors, error_rate=m.error_rate, avg_response_time=m.avg_response_ms
             ),
-            realtime=gateway_pb2.RealtimeStats(active_streams=m.active_streams),
+            realtime=gateway_pb2.RealtimeStats(active_streams=m.active_streams, events_published=self._bus.published),
             system=gateway_pb2.SystemStats(uptime=m.uptime, rss_bytes=_rss_bytes()),
-            # UNFINISHED: executions, webhooks and security figures stay zero
-            # until those subsystems exist.
-            executions=gateway_pb2.ExecutionStats(),
+            executions=gateway_pb2.ExecutionStats(
+                started=c.started,
+                succeeded=c.succeeded,
+                failed=c.failed,
+                cancelled=c.cancelled,
+                running=self._executor.running,
+                latency_p50=c.percentile(0.5),
+                latency_p90=c.percentile(0.9),
+                latency_p99=c.percentile(0.99),
+            ),
+            # UNFINISHED: webhook and security figures stay zero until those
+            # subsystems exist.
             webhooks=gateway_pb2.WebhookStats(),
             security=gateway_pb2.SecurityStats(),
         )

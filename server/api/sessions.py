@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import time
-
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from flowport.server import pagination
+from flowport.server.api.common import check_request_id, idempotency_key, now_us, require, timestamp
 from flowport.server.errors import AlreadyExists, InvalidArgument, NotFound
+from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
 from flowport.server.settings import Settings
 from flowport.server.storage import IdempotencyConflict, Store
@@ -18,36 +17,14 @@ from flowport.v1 import session_pb2, session_pb2_grpc
 
 MAX_USER_ID = 256
 MAX_METADATA_BYTES = 64 * 1024
-MAX_REQUEST_ID = 128
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
-
-
-def _timestamp(us: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
-
-
-def check_request_id(request_id: str) -> None:
-    """Idempotency keys are short opaque strings."""
-    if len(request_id) > MAX_REQUEST_ID:
-        raise InvalidArgument(
-            f"request_id is {len(request_id)} characters, at most {MAX_REQUEST_ID} are allowed",
-            violations=[("request_id", f"at most {MAX_REQUEST_ID} characters")],
-        )
-
-
-def _require_id(session_id: str) -> None:
-    if not session_id:
-        raise InvalidArgument("session_id is required", violations=[("session_id", "required")])
 
 
 class SessionService(session_pb2_grpc.SessionServiceServicer):
     """Sessions on the store, expiring after their TTL."""
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, bus: EventBus) -> None:
         self._store = store
+        self._bus = bus
         self._default_ttl_us = int(settings.session_default_ttl * 1e6)
         self._max_ttl_us = int(settings.session_max_ttl * 1e6)
 
@@ -84,21 +61,18 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             raise InvalidArgument(
                 "session is not valid: " + "; ".join(f"{f} {d}" for f, d in violations), violations=violations
             )
-        now_us = _now_us()
+        now = now_us()
         session = session_pb2.Session(
             session_id=new_id("ses"),
             user_id=given.user_id,
             metadata=given.metadata,
             tenant=tenant_of(context),
-            create_time=_timestamp(now_us),
-            expire_time=_timestamp(self._expiry_us(given, now_us)),
+            create_time=timestamp(now),
+            expire_time=timestamp(self._expiry_us(given, now)),
         )
-        idempotency = None
-        if request.request_id:
-            # The key guards the request as sent, so a retry after the TTL
-            # computation moved on still matches.
-            fingerprint = session_pb2.CreateSessionRequest(session=given).SerializeToString(deterministic=True)
-            idempotency = (request.request_id, hashlib.sha256(fingerprint).digest())
+        # The key guards the request as sent, so a retry after the TTL
+        # computation moved on still matches.
+        idempotency = idempotency_key(request.request_id, session_pb2.CreateSessionRequest(session=given))
         try:
             result = await self._store.create_session(session.tenant, session, idempotency)
         except IdempotencyConflict:
@@ -107,11 +81,14 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
                 reason="REQUEST_ID_REUSED",
                 metadata={"request_id": request.request_id},
             ) from None
-        return session_pb2.Session.FromString(result.response) if result.replayed else session
+        if result.replayed:
+            return session_pb2.Session.FromString(result.response)
+        self._bus.publish("session.created", tenant=session.tenant, session_id=session.session_id)
+        return session
 
     async def GetSession(self, request: session_pb2.GetSessionRequest, context: Context) -> session_pb2.Session:
-        _require_id(request.session_id)
-        session = await self._store.get_session(tenant_of(context), request.session_id, _now_us())
+        require(request.session_id, "session_id")
+        session = await self._store.get_session(tenant_of(context), request.session_id, now_us())
         if session is None:
             raise _not_found(request.session_id)
         return session
@@ -121,17 +98,10 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.ListSessionsResponse:
         size = pagination.page_size(request.page_size)
         filters = {"user_id": request.user_id}
-        cursor = pagination.decode_token(request.page_token, filters)
-        after = None
-        if cursor is not None:
-            if len(cursor) != 2 or not isinstance(cursor[0], int) or not isinstance(cursor[1], str):
-                raise InvalidArgument(
-                    "page_token is not a token this server issued", violations=[("page_token", "malformed")]
-                )
-            after = (cursor[0], cursor[1])
+        after = pagination.cursor_time_id(pagination.decode_token(request.page_token, filters))
         # One extra row tells whether another page exists.
         rows = await self._store.list_sessions(
-            tenant_of(context), user_id=request.user_id, after=after, limit=size + 1, now_us=_now_us()
+            tenant_of(context), user_id=request.user_id, after=after, limit=size + 1, now_us=now_us()
         )
         response = session_pb2.ListSessionsResponse(sessions=rows[:size])
         if len(rows) > size:
@@ -142,11 +112,11 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         return response
 
     async def DeleteSession(self, request: session_pb2.DeleteSessionRequest, context: Context) -> empty_pb2.Empty:
-        _require_id(request.session_id)
+        require(request.session_id, "session_id")
         check_request_id(request.request_id)
         try:
             deleted = await self._store.delete_session(
-                tenant_of(context), request.session_id, _now_us(), request.request_id
+                tenant_of(context), request.session_id, now_us(), request.request_id
             )
         except IdempotencyConflict:
             raise AlreadyExists(
@@ -156,6 +126,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             ) from None
         if not deleted:
             raise _not_found(request.session_id)
+        self._bus.publish("session.deleted", tenant=tenant_of(context), session_id=request.session_id)
         return empty_pb2.Empty()
 
 

@@ -1,1 +1,1 @@
-"""events"""
+"""The event bus every state change is published to."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from flowport.v1 import session_pb2
+from flowport.v1 import execution_pb2, session_pb2, workflow_pb2
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,55 @@ class Store(Protocol):
         raises IdempotencyConflict when the key deleted another session.
         """
 
+    async def session_exists(self, tenant: str, session_id: str, now_us: int) -> bool:
+        """Whether an unexpired session with this id exists in the tenant."""
+
     async def count_active_sessions(self, now_us: int) -> int:
         """Unexpired sessions across tenants."""
 
     async def purge_expired(self, now_us: int, idempotency_before_us: int) -> int:
         """Delete expired sessions and old idempotency records; return rows removed."""
+
+    async def create_workflow(
+        self, tenant: str, workflow: workflow_pb2.Workflow, idempotency_key: tuple[str, bytes] | None
+    ) -> IdempotentResult:
+        """Store the next version of `workflow`'s name; `response` is the stored Workflow."""
+
+    async def get_workflow(
+        self, tenant: str, workflow_id: str, version: int = 0, *, include_deleted: bool = False
+    ) -> workflow_pb2.Workflow | None:
+        """A version (0: the latest), or None."""
+
+    async def list_workflows(
+        self, tenant: str, *, session_id: str, after: str | None, limit: int
+    ) -> list[workflow_pb2.Workflow]:
+        """Latest version of each workflow, ordered by id, after `after`."""
+
+    async def delete_workflow(self, tenant: str, workflow_id: str, now_us: int, request_id: str = "") -> bool:
+        """Hide every version; False when there was none."""
+
+    async def insert_execution(
+        self, tenant: str, execution: execution_pb2.Execution, idempotency_key: tuple[str, bytes] | None
+    ) -> IdempotentResult:
+        """Record a new execution; `response` is the (first) execution's id."""
+
+    async def save_execution(self, execution: execution_pb2.Execution) -> None:
+        """Write an execution's current state."""
+
+    async def get_execution(self, tenant: str, execution_id: str) -> execution_pb2.Execution | None:
+        """The execution, or None."""
+
+    async def list_executions(
+        self,
+        tenant: str,
+        *,
+        workflow_id: str,
+        session_id: str,
+        state: int,
+        after: tuple[int, str] | None,
+        limit: int,
+    ) -> list[execution_pb2.Execution]:
+        """Executions newest first, filtered, after the (create_us, id) cursor."""
+
+    async def unfinished_executions(self) -> list[execution_pb2.Execution]:
+        """PENDING and RUNNING executions of every tenant, oldest first."""

@@ -92,7 +92,7 @@ def test_envoy_healthz_reports_the_upstream(http: httpx.Client) -> None:
 
 
 def test_unimplemented_service_is_501_json(http: httpx.Client) -> None:
-    response = http.get("/api/workflows")
+    response = http.get("/api/webhooks")
     assert response.status_code == 501
     assert "not implemented" in response.json()["message"]
 

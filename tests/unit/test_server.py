@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from flowport.clients import ApiError, AsyncClient
 from flowport.server.app import ALL_SERVICES, Running, start, stop
 from flowport.server.settings import Settings
-from flowport.v1 import gateway_pb2, session_pb2, workflow_pb2
+from flowport.v1 import gateway_pb2, session_pb2, webhook_pb2
 
 S = session_pb2
 
@@ -178,9 +178,9 @@ async def test_gateway_info_health_and_stats(client: AsyncClient) -> None:
 
 
 async def test_unimplemented_services_say_so_clearly(client: AsyncClient) -> None:
-    error = await _error(client.workflows.ListWorkflows(workflow_pb2.ListWorkflowsRequest()))
+    error = await _error(client.webhooks.ListWebhooks(webhook_pb2.ListWebhooksRequest()))
     assert error.code is grpc.StatusCode.UNIMPLEMENTED
-    assert "flowport.v1.WorkflowService.ListWorkflows" in error.message
+    assert "flowport.v1.WebhookService.ListWebhooks" in error.message
     assert error.reason == "NOT_IMPLEMENTED_YET"
 
 

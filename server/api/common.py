@@ -1,0 +1,49 @@
+"""Checks and conversions every service shares."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
+
+from flowport.server.errors import InvalidArgument
+
+MAX_REQUEST_ID = 128
+
+
+def now_us() -> int:
+    """Microseconds since the epoch."""
+    return time.time_ns() // 1000
+
+
+def timestamp(us: int) -> timestamp_pb2.Timestamp:
+    """A Timestamp from microseconds since the epoch."""
+    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
+
+
+def check_request_id(request_id: str) -> None:
+    """Idempotency keys are short opaque strings."""
+    if len(request_id) > MAX_REQUEST_ID:
+        raise InvalidArgument(
+            f"request_id is {len(request_id)} characters, at most {MAX_REQUEST_ID} are allowed",
+            violations=[("request_id", f"at most {MAX_REQUEST_ID} characters")],
+        )
+
+
+def require(value: str, field: str) -> None:
+    """INVALID_ARGUMENT naming `field` when `value` is empty."""
+    if not value:
+        raise InvalidArgument(f"{field} is required", violations=[(field, "required")])
+
+
+def request_hash(message: Message) -> bytes:
+    """A stable digest of a request, for idempotency keys."""
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).digest()
+
+
+def idempotency_key(request_id: str, message: Message) -> tuple[str, bytes] | None:
+    """(request_id, digest of `message`), or None when no request_id was given."""
+    check_request_id(request_id)
+    return (request_id, request_hash(message)) if request_id else None

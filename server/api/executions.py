@@ -1,0 +1,172 @@
+"""ExecutionService: run workflows, read, list, cancel and watch executions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from flowport.server import pagination
+from flowport.server.api.common import idempotency_key, now_us, require
+from flowport.server.api.workflows import workflow_not_found
+from flowport.server.engine.executor import FINISHED, Executor
+from flowport.server.errors import AlreadyExists, InvalidArgument, NotFound
+from flowport.server.events.bus import EventBus
+from flowport.server.storage import IdempotencyConflict, Store
+from flowport.server.tenancy import tenant_of
+from flowport.server.types import Context
+from flowport.v1 import event_pb2, execution_pb2, execution_pb2_grpc
+
+DEFAULT_WAIT = 30.0
+MAX_WAIT = 300.0
+WATCH_HEARTBEAT = 15.0
+# Envoy's transcoder keeps the REST path it rewrote in this header.
+ORIGINAL_PATH = "x-envoy-original-path"
+KAILASH_EXECUTE_SUFFIX = "/execute"
+
+
+def _not_found(execution_id: str) -> NotFound:
+    return NotFound(
+        f"execution {execution_id!r} does not exist",
+        reason="EXECUTION_NOT_FOUND",
+        metadata={"execution_id": execution_id},
+    )
+
+
+def _is_kailash_execute(context: Context) -> bool:
+    """True for `POST /workflows/{id}/execute`, which always waits."""
+    for key, value in context.invocation_metadata() or ():
+        if key == ORIGINAL_PATH and isinstance(value, str):
+            return value.split("?", 1)[0].startswith("/workflows/") and value.split("?", 1)[0].endswith(
+                KAILASH_EXECUTE_SUFFIX
+            )
+    return False
+
+
+class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
+    """Executions of stored workflows."""
+
+    def __init__(self, store: Store, executor: Executor, bus: EventBus) -> None:
+        self._store = store
+        self._executor = executor
+        self._bus = bus
+
+    async def CreateExecution(
+        self, request: execution_pb2.CreateExecutionRequest, context: Context
+    ) -> execution_pb2.Execution:
+        require(request.workflow_id, "workflow_id")
+        key_message = execution_pb2.CreateExecutionRequest()
+        key_message.CopyFrom(request)
+        key_message.ClearField("wait")
+        key_message.ClearField("wait_timeout")
+        key = idempotency_key(request.request_id, key_message)
+        wait = request.wait or _is_kailash_execute(context)
+        timeout = DEFAULT_WAIT
+        if request.HasField("wait_timeout"):
+            timeout = request.wait_timeout.ToNanoseconds() / 1e9
+            if not 0 < timeout <= MAX_WAIT:
+                raise InvalidArgument(
+                    f"wait_timeout must be more than 0s and at most {MAX_WAIT:g}s",
+                    violations=[("wait_timeout", f"in (0s, {MAX_WAIT:g}s]")],
+                )
+        if request.workflow_version < 0:
+            raise InvalidArgument("workflow_version must not be negative", violations=[("workflow_version", ">= 0")])
+        tenant = tenant_of(context)
+        workflow = await self._store.get_workflow(tenant, request.workflow_id, request.workflow_version)
+        if workflow is None:
+            raise workflow_not_found(request.workflow_id, request.workflow_version)
+        if request.session_id and not await self._store.session_exists(tenant, request.session_id, now_us()):
+            raise NotFound(
+                f"session {request.session_id!r} does not exist or has expired",
+                reason="SESSION_NOT_FOUND",
+                metadata={"session_id": request.session_id},
+            )
+        try:
+            execution, _ = await self._executor.create(
+                tenant,
+                workflow,
+                request.inputs,
+                session_id=request.session_id,
+                request_id=request.request_id,
+                request_hash=key[1] if key else None,
+            )
+        except IdempotencyConflict:
+            raise AlreadyExists(
+                f"request_id {request.request_id!r} was already used with a different request",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": request.request_id},
+            ) from None
+        if wait and execution.state not in FINISHED:
+            waited = await self._executor.wait(tenant, execution.execution_id, timeout)
+            if waited is not None:
+                return waited
+        return execution
+
+    async def GetExecution(
+        self, request: execution_pb2.GetExecutionRequest, context: Context
+    ) -> execution_pb2.Execution:
+        require(request.execution_id, "execution_id")
+        execution = await self._executor.get(tenant_of(context), request.execution_id)
+        if execution is None:
+            raise _not_found(request.execution_id)
+        return execution
+
+    async def ListExecutions(
+        self, request: execution_pb2.ListExecutionsRequest, context: Context
+    ) -> execution_pb2.ListExecutionsResponse:
+        size = pagination.page_size(request.page_size)
+        if request.state and request.state not in execution_pb2.Execution.State.values():
+            raise InvalidArgument(f"unknown state {request.state}", violations=[("state", "not a known state")])
+        filters = {"workflow_id": request.workflow_id, "session_id": request.session_id, "state": request.state}
+        after = pagination.cursor_time_id(pagination.decode_token(request.page_token, filters))
+        rows = await self._store.list_executions(
+            tenant_of(context),
+            workflow_id=request.workflow_id,
+            session_id=request.session_id,
+            state=request.state,
+            after=after,
+            limit=size + 1,
+        )
+        response = execution_pb2.ListExecutionsResponse(executions=rows[:size])
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = pagination.encode_token(
+                [last.create_time.ToMicroseconds(), last.execution_id], filters
+            )
+        return response
+
+    async def CancelExecution(
+        self, request: execution_pb2.CancelExecutionRequest, context: Context
+    ) -> execution_pb2.Execution:
+        require(request.execution_id, "execution_id")
+        idempotency_key(request.request_id, request)  # validates the key's length
+        execution = await self._executor.cancel(tenant_of(context), request.execution_id)
+        if execution is None:
+            raise _not_found(request.execution_id)
+        return execution
+
+    async def WatchExecution(
+        self, request: execution_pb2.WatchExecutionRequest, context: Context
+    ) -> AsyncIterator[execution_pb2.WatchExecutionResponse]:
+        require(request.execution_id, "execution_id")
+        tenant = tenant_of(context)
+        execution_id = request.execution_id
+        # Subscribe before reading the state, so no event falls in between.
+        subscription = self._bus.subscribe(lambda e: e.execution_id == execution_id and e.tenant == tenant)
+        try:
+            execution = await self._executor.get(tenant, execution_id)
+            if execution is None:
+                raise _not_found(execution_id)
+            yield execution_pb2.WatchExecutionResponse(execution=execution)
+            if execution.state in FINISHED:
+                return
+            while True:
+                event = await subscription.next(WATCH_HEARTBEAT)
+                if event is None:
+                    heartbeat = event_pb2.Event(type="heartbeat", execution_id=execution_id)
+                    heartbeat.time.GetCurrentTime()
+                    yield execution_pb2.WatchExecutionResponse(event=heartbeat)
+                    continue
+                yield execution_pb2.WatchExecutionResponse(event=event)
+                if event.type in ("execution.completed", "execution.failed", "execution.cancelled"):
+                    return
+        finally:
+            subscription.close()

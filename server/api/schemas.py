@@ -1,0 +1,81 @@
+"""SchemaService: node types and workflow interfaces as JSON Schema."""
+
+from __future__ import annotations
+
+from flowport.server import pagination
+from flowport.server.api.workflows import workflow_not_found
+from flowport.server.engine.plan import PlanCache
+from flowport.server.engine.registry import NodeRegistry
+from flowport.server.engine.values import python_to_struct
+from flowport.server.errors import InvalidArgument, NotFound
+from flowport.server.nodes.base import NodeType
+from flowport.server.storage import Store
+from flowport.server.tenancy import tenant_of
+from flowport.server.types import Context
+from flowport.v1 import schema_pb2, schema_pb2_grpc
+
+
+def node_schema(node_type: NodeType) -> schema_pb2.NodeSchema:
+    """The NodeSchema message describing `node_type`."""
+    return schema_pb2.NodeSchema(
+        node_type=node_type.type_name,
+        description=node_type.description,
+        category=node_type.category,
+        config_schema=python_to_struct(node_type.config_schema),
+        inputs_schema=python_to_struct(node_type.inputs_schema),
+        outputs_schema=python_to_struct(node_type.outputs_schema),
+        retry_safe=node_type.retry_safe,
+    )
+
+
+class SchemaService(schema_pb2_grpc.SchemaServiceServicer):
+    """Schema discovery for clients that build workflows."""
+
+    def __init__(self, store: Store, registry: NodeRegistry, plans: PlanCache) -> None:
+        self._store = store
+        self._registry = registry
+        self._plans = plans
+        # Node types are fixed for the process's life: build their messages once.
+        self._schemas = {}
+        for name in registry.names():
+            node_type = registry.get(name)
+            assert node_type is not None
+            self._schemas[name] = node_schema(node_type)
+
+    async def ListNodeSchemas(
+        self, request: schema_pb2.ListNodeSchemasRequest, context: Context
+    ) -> schema_pb2.ListNodeSchemasResponse:
+        size = pagination.page_size(request.page_size)
+        after = pagination.cursor_str(pagination.decode_token(request.page_token, {}))
+        names = [n for n in sorted(self._schemas) if after is None or n > after]
+        response = schema_pb2.ListNodeSchemasResponse(node_schemas=[self._schemas[n] for n in names[:size]])
+        if len(names) > size:
+            response.next_page_token = pagination.encode_token([names[size - 1]], {})
+        return response
+
+    async def GetNodeSchema(self, request: schema_pb2.GetNodeSchemaRequest, context: Context) -> schema_pb2.NodeSchema:
+        schema = self._schemas.get(request.node_type)
+        if schema is None:
+            raise NotFound(
+                f"node type {request.node_type!r} does not exist; known types: {', '.join(sorted(self._schemas))}",
+                reason="NODE_TYPE_NOT_FOUND",
+                metadata={"node_type": request.node_type},
+            )
+        return schema
+
+    async def GetWorkflowSchema(
+        self, request: schema_pb2.GetWorkflowSchemaRequest, context: Context
+    ) -> schema_pb2.WorkflowSchema:
+        if request.version < 0:
+            raise InvalidArgument("version must not be negative", violations=[("version", "must be >= 0")])
+        tenant = tenant_of(context)
+        workflow = await self._store.get_workflow(tenant, request.workflow_id, request.version)
+        if workflow is None:
+            raise workflow_not_found(request.workflow_id, request.version)
+        plan = self._plans.get(tenant, workflow)
+        return schema_pb2.WorkflowSchema(
+            workflow_id=workflow.workflow_id,
+            version=workflow.version,
+            inputs_schema=python_to_struct(plan.inputs_schema()),
+            outputs_schema=python_to_struct(plan.outputs_schema()),
+        )

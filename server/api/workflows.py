@@ -1,0 +1,127 @@
+"""WorkflowService: create (versioned), validate, get, list, delete."""
+
+from __future__ import annotations
+
+from google.protobuf import empty_pb2
+from google.rpc import error_details_pb2
+
+from flowport.server import pagination
+from flowport.server.api.common import idempotency_key, now_us, require, timestamp
+from flowport.server.engine.registry import NodeRegistry
+from flowport.server.engine.validation import validate
+from flowport.server.errors import AlreadyExists, InvalidArgument, NotFound
+from flowport.server.events.bus import EventBus
+from flowport.server.storage import IdempotencyConflict, Store
+from flowport.server.tenancy import tenant_of
+from flowport.server.types import Context
+from flowport.v1 import workflow_pb2, workflow_pb2_grpc
+
+
+def workflow_not_found(workflow_id: str, version: int = 0) -> NotFound:
+    """NOT_FOUND for a workflow (or one version of it)."""
+    what = f"workflow {workflow_id!r}" + (f" version {version}" if version else "")
+    return NotFound(f"{what} does not exist", reason="WORKFLOW_NOT_FOUND", metadata={"workflow_id": workflow_id})
+
+
+class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
+    """Dynamic workflows in the seed's config format, versioned by name."""
+
+    def __init__(self, store: Store, registry: NodeRegistry, bus: EventBus) -> None:
+        self._store = store
+        self._registry = registry
+        self._bus = bus
+
+    async def CreateWorkflow(
+        self, request: workflow_pb2.CreateWorkflowRequest, context: Context
+    ) -> workflow_pb2.Workflow:
+        given = request.workflow
+        key = idempotency_key(request.request_id, given)
+        problems = validate(given, self._registry)
+        if problems:
+            raise InvalidArgument(
+                f"workflow is not valid ({len(problems)} problem{'s' if len(problems) > 1 else ''}): "
+                + "; ".join(f"{p}: {d}" for p, d in problems[:5]),
+                reason="INVALID_WORKFLOW",
+                violations=problems,
+            )
+        tenant = tenant_of(context)
+        if given.session_id and not await self._store.session_exists(tenant, given.session_id, now_us()):
+            raise NotFound(
+                f"session {given.session_id!r} does not exist or has expired",
+                reason="SESSION_NOT_FOUND",
+                metadata={"session_id": given.session_id},
+            )
+        workflow = workflow_pb2.Workflow()
+        workflow.CopyFrom(given)
+        workflow.workflow_id = given.name
+        workflow.tenant = tenant
+        workflow.version = 0
+        workflow.create_time.CopyFrom(timestamp(now_us()))
+        try:
+            result = await self._store.create_workflow(tenant, workflow, key)
+        except IdempotencyConflict:
+            raise AlreadyExists(
+                f"request_id {request.request_id!r} was already used with a different workflow",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": request.request_id},
+            ) from None
+        stored = workflow_pb2.Workflow.FromString(result.response)
+        if not result.replayed:
+            self._bus.publish(
+                "workflow.created",
+                tenant=tenant,
+                session_id=stored.session_id,
+                workflow_id=stored.workflow_id,
+                data={"version": stored.version, "nodes": len(stored.nodes)},
+            )
+        return stored
+
+    async def GetWorkflow(self, request: workflow_pb2.GetWorkflowRequest, context: Context) -> workflow_pb2.Workflow:
+        require(request.workflow_id, "workflow_id")
+        if request.version < 0:
+            raise InvalidArgument("version must not be negative", violations=[("version", "must be >= 0")])
+        workflow = await self._store.get_workflow(tenant_of(context), request.workflow_id, request.version)
+        if workflow is None:
+            raise workflow_not_found(request.workflow_id, request.version)
+        return workflow
+
+    async def ListWorkflows(
+        self, request: workflow_pb2.ListWorkflowsRequest, context: Context
+    ) -> workflow_pb2.ListWorkflowsResponse:
+        size = pagination.page_size(request.page_size)
+        filters = {"session_id": request.session_id}
+        cursor = pagination.decode_token(request.page_token, filters)
+        after = pagination.cursor_str(cursor)
+        rows = await self._store.list_workflows(
+            tenant_of(context), session_id=request.session_id, after=after, limit=size + 1
+        )
+        response = workflow_pb2.ListWorkflowsResponse(workflows=rows[:size])
+        if len(rows) > size:
+            response.next_page_token = pagination.encode_token([rows[size - 1].workflow_id], filters)
+        return response
+
+    async def DeleteWorkflow(self, request: workflow_pb2.DeleteWorkflowRequest, context: Context) -> empty_pb2.Empty:
+        require(request.workflow_id, "workflow_id")
+        idempotency_key(request.request_id, request)  # validates the key's length
+        tenant = tenant_of(context)
+        try:
+            deleted = await self._store.delete_workflow(tenant, request.workflow_id, now_us(), request.request_id)
+        except IdempotencyConflict:
+            raise AlreadyExists(
+                f"request_id {request.request_id!r} was already used to delete another workflow",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": request.request_id},
+            ) from None
+        if not deleted:
+            raise workflow_not_found(request.workflow_id)
+        self._bus.publish("workflow.deleted", tenant=tenant, workflow_id=request.workflow_id)
+        return empty_pb2.Empty()
+
+    async def ValidateWorkflow(
+        self, request: workflow_pb2.ValidateWorkflowRequest, context: Context
+    ) -> workflow_pb2.ValidateWorkflowResponse:
+        problems = validate(request.workflow, self._registry)
+        return workflow_pb2.ValidateWorkflowResponse(
+            valid=not problems,
+            errors=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in problems],
+        )

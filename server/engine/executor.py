@@ -1,0 +1,494 @@
+"""The executor: runs executions of compiled plans, durably and concurrently.
+
+An execution is written PENDING before anything runs. Its nodes start as
+soon as every node they depend on has finished, so independent branches
+run concurrently. Each node attempt is bounded by the node's timeout;
+retry-safe nodes are retried with exponential backoff and jitter. Every
+state change is written (grouped with concurrent writes by the store) and
+published as an event. A node that is not safe to run twice is recorded
+RUNNING before it starts, so a crash can never make it run twice: after a
+restart such an execution fails as INTERRUPTED instead.
+
+At most `max_concurrent` executions run at once in this process; beyond
+that CreateExecution fails fast with RESOURCE_EXHAUSTED (and a RetryInfo)
+rather than queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import any_pb2, timestamp_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from flowport.server.engine.plan import Plan, PlanCache, PlanNode
+from flowport.server.engine.stats import ExecutionCounters
+from flowport.server.engine.values import python_to_struct, struct_to_python
+from flowport.server.errors import DOMAIN, InvalidArgument, ResourceExhausted
+from flowport.server.events.bus import EventBus
+from flowport.server.ids import new_id
+from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
+from flowport.server.nodes.paths import MISSING, lookup
+from flowport.server.storage.base import Store
+from flowport.v1 import execution_pb2, workflow_pb2
+
+log = logging.getLogger(__name__)
+
+Execution = execution_pb2.Execution
+NodeRun = execution_pb2.NodeRun
+FINISHED = (Execution.STATE_SUCCEEDED, Execution.STATE_FAILED, Execution.STATE_CANCELLED)
+BACKOFF_JITTER = 0.2
+
+
+class NodeFailed(Exception):
+    """A node failed after its last attempt; the execution fails with `status`."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    return ts
+
+
+def _status(code: int, message: str, reason: str, metadata: dict[str, str]) -> status_pb2.Status:
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))
+    return status_pb2.Status(code=code, message=message, details=[detail])
+
+
+def _finish(node_run: NodeRun, state: int) -> None:
+    node_run.state = state  # type: ignore[assignment]
+    node_run.end_time.CopyFrom(_now())
+    node_run.duration.FromNanoseconds(node_run.end_time.ToNanoseconds() - node_run.start_time.ToNanoseconds())
+
+
+@dataclass
+class _Run:
+    """An execution in progress in this process."""
+
+    tenant: str
+    plan: Plan
+    execution: Execution
+    inputs: dict[str, Any]
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: set[str] = field(default_factory=set)
+    node_runs: dict[str, NodeRun] = field(default_factory=dict)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_requested: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+class Executor:
+    """Starts, runs, cancels and recovers executions."""
+
+    def __init__(
+        self,
+        store: Store,
+        plans: PlanCache,
+        bus: EventBus,
+        services: NodeServices,
+        *,
+        max_concurrent: int,
+    ) -> None:
+        self._store = store
+        self._plans = plans
+        self._bus = bus
+        self._services = services
+        self._max = max_concurrent
+        self._runs: dict[str, _Run] = {}
+        self._admitting = 0
+        self.counters = ExecutionCounters()
+
+    @property
+    def running(self) -> int:
+        """Executions in progress in this process."""
+        return len(self._runs)
+
+    # -- starting ---------------------------------------------------------
+
+    async def create(
+        self,
+        tenant: str,
+        workflow: workflow_pb2.Workflow,
+        inputs: Any,
+        *,
+        session_id: str,
+        request_id: str,
+        request_hash: bytes | None,
+    ) -> tuple[Execution, bool]:
+        """Record and start an execution; returns it and whether it is a replay.
+
+        Raises InvalidArgument for missing inputs, ResourceExhausted when full.
+        """
+        plan = self._plans.get(tenant, workflow)
+        values = struct_to_python(inputs)
+        missing = [name for name in plan.inputs_schema()["required"] if name not in values]
+        if missing:
+            raise InvalidArgument(
+                f"inputs missing for workflow {workflow.workflow_id!r}: {', '.join(missing)}",
+                violations=[(f"inputs.{name}", "required by the workflow") for name in missing],
+            )
+        if len(self._runs) + self._admitting >= self._max:
+            raise ResourceExhausted(
+                f"the server is running its maximum of {self._max} executions; retry shortly",
+                reason="TOO_MANY_EXECUTIONS",
+                metadata={"max_concurrent_executions": str(self._max)},
+                retry_delay=1.0,
+            )
+        execution = Execution(
+            execution_id=new_id("exe"),
+            workflow_id=workflow.workflow_id,
+            workflow_version=workflow.version,
+            session_id=session_id,
+            state=Execution.STATE_PENDING,
+            inputs=inputs,
+            create_time=_now(),
+            tenant=tenant,
+            request_id=request_id,
+        )
+        self._admitting += 1
+        try:
+            key = (request_id, request_hash) if request_id and request_hash is not None else None
+            result = await self._store.insert_execution(tenant, execution, key)
+        finally:
+            self._admitting -= 1
+        if result.replayed:
+            first = await self.get(tenant, result.response.decode())
+            assert first is not None, "an idempotency record points at a missing execution"
+            return first, True
+        self._start(_Run(tenant, plan, execution, values))
+        return execution, False
+
+    def _start(self, run: _Run) -> None:
+        self._runs[run.execution.execution_id] = run
+        run.task = asyncio.create_task(self._execute(run), name=f"execution {run.execution.execution_id}")
+
+    # -- reading, waiting, cancelling --------------------------------------
+
+    async def get(self, tenant: str, execution_id: str) -> Execution | None:
+        """The execution as it is now (from memory while it runs here)."""
+        run = self._runs.get(execution_id)
+        if run is not None and run.tenant == tenant:
+            snapshot = Execution()
+            snapshot.CopyFrom(run.execution)
+            return snapshot
+        return await self._store.get_execution(tenant, execution_id)
+
+    async def wait(self, tenant: str, execution_id: str, timeout: float) -> Execution | None:
+        """The execution once it has ended, or as it is when `timeout` passes."""
+        run = self._runs.get(execution_id)
+        if run is not None and run.tenant == tenant:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(run.finished.wait()), timeout)
+        return await self.get(tenant, execution_id)
+
+    async def cancel(self, tenant: str, execution_id: str) -> Execution | None:
+        """Cancel; an execution that has ended is returned unchanged."""
+        run = self._runs.get(execution_id)
+        if run is not None and run.tenant == tenant and run.task is not None:
+            run.cancel_requested = True
+            run.task.cancel()
+            await run.finished.wait()
+            return await self.get(tenant, execution_id)
+        execution = await self._store.get_execution(tenant, execution_id)
+        if execution is not None and execution.state not in FINISHED:
+            # Recorded but not running here (e.g. waiting to be recovered).
+            execution.state = Execution.STATE_CANCELLED
+            execution.error.CopyFrom(_status(code_pb2.CANCELLED, "cancelled by request", "CANCELLED", {}))
+            execution.end_time.CopyFrom(_now())
+            await self._store.save_execution(execution)
+            self._publish("execution.cancelled", tenant, execution)
+        return execution
+
+    async def shutdown(self) -> None:
+        """Stop running executions without recording an end: they stay
+        RUNNING in the store and are recovered by the next start."""
+        tasks = [run.task for run in self._runs.values() if run.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- recovery -------------------------------------------------------------
+
+    async def recover(self) -> tuple[int, int]:
+        """Resume or fail executions a previous process left unfinished.
+
+        Finished nodes keep their outputs. A node caught RUNNING is rerun when
+        its type is retry-safe; otherwise the execution fails as INTERRUPTED.
+        Returns (resumed, failed).
+        """
+        resumed = failed = 0
+        for execution in await self._store.unfinished_executions():
+            tenant = execution.tenant
+            workflow = await self._store.get_workflow(
+                tenant, execution.workflow_id, execution.workflow_version, include_deleted=True
+            )
+            reason = ""
+            plan = None
+            if workflow is None:
+                reason = f"workflow {execution.workflow_id!r} version {execution.workflow_version} no longer exists"
+            else:
+                plan = self._plans.get(tenant, workflow)
+                for node_run in execution.node_runs:
+                    node = plan.nodes.get(node_run.node_id)
+                    if node_run.state == NodeRun.STATE_RUNNING and (node is None or not node.retry_safe):
+                        reason = (
+                            f"node {node_run.node_id!r} ({node_run.node_type}) was running when the server stopped "
+                            "and is not safe to run twice"
+                        )
+                        break
+            if reason or plan is None:
+                execution.state = Execution.STATE_FAILED
+                execution.error.CopyFrom(
+                    _status(
+                        code_pb2.ABORTED,
+                        f"interrupted: {reason}",
+                        "INTERRUPTED",
+                        {"execution_id": execution.execution_id},
+                    )
+                )
+                execution.end_time.CopyFrom(_now())
+                await self._store.save_execution(execution)
+                self._publish("execution.failed", tenant, execution)
+                self.counters.failed += 1
+                failed += 1
+                continue
+            run = _Run(tenant, plan, execution, struct_to_python(execution.inputs))
+            outputs = struct_to_python(execution.outputs)
+            kept = []
+            for node_run in execution.node_runs:
+                if node_run.state == NodeRun.STATE_SUCCEEDED and node_run.node_id in outputs:
+                    run.done[node_run.node_id] = outputs[node_run.node_id]
+                elif node_run.state == NodeRun.STATE_SKIPPED:
+                    run.skipped.add(node_run.node_id)
+                else:
+                    continue  # a retry-safe node caught RUNNING: dropped, it reruns
+                kept.append(node_run)
+            del execution.node_runs[:]
+            for node_run in kept:
+                run.node_runs[node_run.node_id] = execution.node_runs.add()
+                run.node_runs[node_run.node_id].CopyFrom(node_run)
+            log.info(
+                "resuming execution %s after a restart (%d nodes already done)", execution.execution_id, len(run.done)
+            )
+            self._start(run)
+            resumed += 1
+        return resumed, failed
+
+    # -- running ----------------------------------------------------------
+
+    def _publish(self, type_: str, tenant: str, execution: Execution, data: dict[str, Any] | None = None) -> None:
+        self._bus.publish(
+            type_,
+            tenant=tenant,
+            session_id=execution.session_id,
+            workflow_id=execution.workflow_id,
+            execution_id=execution.execution_id,
+            data=data,
+        )
+
+    async def _execute(self, run: _Run) -> None:
+        execution = run.execution
+        started = time.perf_counter()
+        try:
+            if execution.state == Execution.STATE_PENDING:
+                execution.state = Execution.STATE_RUNNING
+                execution.start_time.CopyFrom(_now())
+                self.counters.started += 1
+                await self._store.save_execution(execution)
+                self._publish(
+                    "execution.started", run.tenant, execution, {"workflow_version": execution.workflow_version}
+                )
+            await self._walk(run)
+            execution.state = Execution.STATE_SUCCEEDED
+        except NodeFailed as failure:
+            execution.state = Execution.STATE_FAILED
+            execution.error.CopyFrom(failure.status)
+        except asyncio.CancelledError:
+            if not run.cancel_requested:
+                # Server shutdown: leave the execution RUNNING for recovery.
+                self._runs.pop(execution.execution_id, None)
+                run.finished.set()
+                raise
+            execution.state = Execution.STATE_CANCELLED
+            execution.error.CopyFrom(_status(code_pb2.CANCELLED, "cancelled by request", "CANCELLED", {}))
+            for node_run in run.node_runs.values():
+                if node_run.state == NodeRun.STATE_RUNNING:
+                    _finish(node_run, NodeRun.STATE_CANCELLED)
+        except Exception as exc:
+            log.exception("execution %s failed inside the executor", execution.execution_id)
+            execution.state = Execution.STATE_FAILED
+            execution.error.CopyFrom(
+                _status(code_pb2.INTERNAL, f"internal error: {type(exc).__name__}", "INTERNAL", {})
+            )
+        execution.end_time.CopyFrom(_now())
+        if execution.HasField("start_time"):
+            execution.duration.FromNanoseconds(
+                execution.end_time.ToNanoseconds() - execution.start_time.ToNanoseconds()
+            )
+        try:
+            await self._store.save_execution(execution)
+        except Exception:
+            log.exception("could not record the end of execution %s", execution.execution_id)
+        final = {
+            Execution.STATE_SUCCEEDED: ("execution.completed", "succeeded"),
+            Execution.STATE_FAILED: ("execution.failed", "failed"),
+            Execution.STATE_CANCELLED: ("execution.cancelled", "cancelled"),
+        }[execution.state]
+        data: dict[str, Any] = {"state": Execution.State.Name(execution.state)}
+        if execution.HasField("error"):
+            data["error"] = execution.error.message
+        self._publish(final[0], run.tenant, execution, data)
+        setattr(self.counters, final[1], getattr(self.counters, final[1]) + 1)
+        self.counters.latencies_ms.append(1000 * (time.perf_counter() - started))
+        self._runs.pop(execution.execution_id, None)
+        run.finished.set()
+
+    def _inputs_for(self, run: _Run, node: PlanNode) -> tuple[dict[str, Any], bool]:
+        """The node's parameters, and whether it must be skipped."""
+        params = dict(node.config)
+        own = run.inputs.get(node.node_id)
+        for key, value in run.inputs.items():
+            if key == node.node_id and isinstance(value, dict):
+                continue
+            if node.reads is None or key in node.reads:
+                params[key] = value
+        if isinstance(own, dict):
+            params.update(own)
+        missing = 0
+        for binding in node.inbound:
+            outputs = run.done.get(binding.from_node)
+            if outputs is None or binding.path[0] not in outputs:
+                missing += 1  # the source was skipped or did not take this branch
+                continue
+            value = lookup(outputs, binding.path)
+            if value is MISSING:
+                raise NodeFailed(
+                    _status(
+                        code_pb2.FAILED_PRECONDITION,
+                        f"node {node.node_id!r}: output path {'.'.join(map(str, binding.path))!r} "
+                        f"of node {binding.from_node!r} does not exist",
+                        "MISSING_VALUE",
+                        {"node_id": node.node_id, "from_node": binding.from_node},
+                    )
+                )
+            params[binding.to_input] = value
+        if node.inbound and missing:
+            skip = missing == len(node.inbound) if node.node_type.runs_on_partial_inputs else True
+            return params, skip
+        return params, False
+
+    async def _walk(self, run: _Run) -> None:
+        plan = run.plan
+        started: set[str] = set(run.done) | run.skipped
+        tasks: dict[asyncio.Task[dict[str, Any]], str] = {}
+        try:
+            while True:
+                progressed = True
+                while progressed:
+                    progressed = False
+                    for nid in plan.order:
+                        node = plan.nodes[nid]
+                        if nid in started or not node.upstream <= (set(run.done) | run.skipped):
+                            continue
+                        started.add(nid)
+                        params, skip = self._inputs_for(run, node)
+                        if skip:
+                            self._record_skip(run, node)
+                            progressed = True
+                            continue
+                        task = asyncio.create_task(self._run_node(run, node, params))
+                        tasks[task] = nid
+                if not tasks:
+                    return
+                finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    nid = tasks.pop(task)
+                    run.done[nid] = task.result()  # raises NodeFailed
+                total = len(plan.nodes)
+                complete = len(run.done) + len(run.skipped)
+                self._publish(
+                    "execution.progress",
+                    run.tenant,
+                    run.execution,
+                    {"completed": complete, "total": total, "progress": complete / total},
+                )
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _record_skip(self, run: _Run, node: PlanNode) -> None:
+        node_run = run.execution.node_runs.add(
+            node_id=node.node_id, node_type=node.node_type.type_name, state=NodeRun.STATE_SKIPPED
+        )
+        node_run.start_time.CopyFrom(_now())
+        node_run.end_time.CopyFrom(node_run.start_time)
+        run.node_runs[node.node_id] = node_run
+        run.skipped.add(node.node_id)
+
+    async def _run_node(self, run: _Run, node: PlanNode, params: dict[str, Any]) -> dict[str, Any]:
+        execution = run.execution
+        node_run = execution.node_runs.add(
+            node_id=node.node_id, node_type=node.node_type.type_name, state=NodeRun.STATE_RUNNING
+        )
+        node_run.start_time.CopyFrom(_now())
+        run.node_runs[node.node_id] = node_run
+        if not node.retry_safe:
+            # Durably RUNNING before it starts: after a crash it is never rerun.
+            await self._store.save_execution(execution)
+        self._publish("node.started", run.tenant, execution, {"node_id": node.node_id, "node_type": node_run.node_type})
+        error = NodeError("no attempt made")
+        for attempt in range(1, node.max_attempts + 1):
+            node_run.attempts = attempt
+            ctx = NodeContext(run.tenant, execution.execution_id, node.node_id, attempt, node.timeout, self._services)
+            try:
+                outputs = await asyncio.wait_for(node.node_type.run(ctx, node.prepared, params), node.timeout)
+                python_to_struct({node.node_id: outputs}, execution.outputs)
+            except NodeError as exc:
+                error = exc
+            except TimeoutError:
+                error = NodeError(f"timed out after {node.timeout:g}s", reason="NODE_TIMEOUT", retryable=True)
+            except (TypeError, ValueError) as exc:
+                error = NodeError(f"outputs are not JSON: {exc}", reason="BAD_OUTPUT")
+            except Exception as exc:
+                log.exception("node type %s raised", node.node_type.type_name)
+                error = NodeError(f"{type(exc).__name__}: {exc}", reason="NODE_CRASHED")
+            else:
+                _finish(node_run, NodeRun.STATE_SUCCEEDED)
+                await self._store.save_execution(execution)
+                self._publish("node.completed", run.tenant, execution, {"node_id": node.node_id, "attempts": attempt})
+                return outputs
+            if attempt < node.max_attempts and error.retryable:
+                delay = error.retry_after or min(node.max_backoff, node.initial_backoff * 2 ** (attempt - 1))
+                await asyncio.sleep(delay * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER))  # noqa: S311
+                continue
+            break
+        code = code_pb2.DEADLINE_EXCEEDED if error.reason in ("NODE_TIMEOUT", "SANDBOX_TIMEOUT") else code_pb2.ABORTED
+        status = _status(
+            code,
+            f"node {node.node_id!r} ({node.node_type.type_name}) failed: {error.message}",
+            error.reason,
+            {"node_id": node.node_id, "node_type": node.node_type.type_name, "attempts": str(node_run.attempts)},
+        )
+        node_run.error.CopyFrom(status)
+        _finish(node_run, NodeRun.STATE_FAILED)
+        await self._store.save_execution(execution)
+        self._publish(
+            "node.failed",
+            run.tenant,
+            execution,
+            {"node_id": node.node_id, "error": status.message, "reason": error.reason},
+        )
+        raise NodeFailed(status)

@@ -1,0 +1,168 @@
+"""A workflow version compiled once into what the executor walks.
+
+The plan holds each node's type, static config and the type's prepared
+form of it (e.g. compiled code), its timeout and retry policy, where each
+of its inputs comes from, and which nodes wait for it. Plans are cached per
+(tenant, workflow, version): versions never change, so entries never go
+stale, and the cache is bounded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from flowport.server.engine.registry import NodeRegistry
+from flowport.server.engine.validation import node_id, validate
+from flowport.server.engine.values import struct_to_python
+from flowport.server.nodes.base import JsonSchema, NodeType
+from flowport.server.nodes.paths import steps
+from flowport.v1 import workflow_pb2
+
+DEFAULT_INITIAL_BACKOFF = 1.0
+DEFAULT_MAX_BACKOFF = 30.0
+
+
+class InvalidWorkflow(ValueError):
+    """The workflow does not validate; `violations` say why."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{p}: {d}" for p, d in violations))
+        self.violations = violations
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One connection into a node: value at `path` of `from_node`'s outputs goes to `to_input`."""
+
+    from_node: str
+    path: tuple[str | int, ...]
+    to_input: str
+
+
+@dataclass(frozen=True)
+class PlanNode:
+    """One node, ready to run."""
+
+    node_id: str
+    node_type: NodeType
+    config: dict[str, Any]
+    prepared: Any
+    timeout: float
+    max_attempts: int
+    initial_backoff: float
+    max_backoff: float
+    inbound: tuple[Binding, ...]
+    upstream: frozenset[str]
+    downstream: tuple[str, ...]
+    retry_safe: bool
+    reads: frozenset[str] | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled workflow version."""
+
+    workflow_id: str
+    version: int
+    nodes: dict[str, PlanNode]
+    order: tuple[str, ...]
+
+    def inputs_schema(self) -> JsonSchema:
+        """JSON Schema of execution inputs: required node inputs nothing else provides."""
+        properties: dict[str, Any] = {}
+        required: set[str] = set()
+        for node in self.nodes.values():
+            if node.node_id in properties:
+                continue
+            bound = {b.to_input for b in node.inbound} | set(node.config)
+            schema = node.node_type.inputs_schema
+            for name in schema.get("required", []):
+                if name not in bound:
+                    properties[name] = schema.get("properties", {}).get(name, {})
+                    required.add(name)
+        return {"type": "object", "properties": properties, "required": sorted(required)}
+
+    def outputs_schema(self) -> JsonSchema:
+        """JSON Schema of execution outputs, keyed by node id."""
+        return {
+            "type": "object",
+            "properties": {nid: n.node_type.outputs_schema for nid, n in self.nodes.items()},
+        }
+
+
+def _seconds(duration: Any, default: float) -> float:
+    return duration.ToNanoseconds() / 1e9 if duration.ByteSize() else default
+
+
+def compile_plan(workflow: workflow_pb2.Workflow, registry: NodeRegistry) -> Plan:
+    """Compile a workflow version. Raises InvalidWorkflow when it does not validate."""
+    problems = validate(workflow, registry)
+    if problems:
+        raise InvalidWorkflow(problems)
+    inbound: dict[str, list[Binding]] = {node_id(n): [] for n in workflow.nodes}
+    downstream: dict[str, list[str]] = {node_id(n): [] for n in workflow.nodes}
+    for conn in workflow.connections:
+        inbound[conn.to_node].append(Binding(conn.from_node, tuple(steps(conn.from_output)), conn.to_input))
+        if conn.to_node not in downstream[conn.from_node]:
+            downstream[conn.from_node].append(conn.to_node)
+    nodes: dict[str, PlanNode] = {}
+    for node in workflow.nodes:
+        nid = node_id(node)
+        node_type = registry.get(node.type)
+        assert node_type is not None  # validated
+        config = struct_to_python(node.config)
+        attempts = node.retry.max_attempts or 1
+        nodes[nid] = PlanNode(
+            node_id=nid,
+            node_type=node_type,
+            config=config,
+            prepared=node_type.prepare(config),
+            timeout=_seconds(node.timeout, node_type.default_timeout),
+            max_attempts=attempts,
+            initial_backoff=_seconds(node.retry.initial_backoff, DEFAULT_INITIAL_BACKOFF),
+            max_backoff=_seconds(node.retry.max_backoff, DEFAULT_MAX_BACKOFF),
+            inbound=tuple(inbound[nid]),
+            upstream=frozenset(b.from_node for b in inbound[nid]),
+            downstream=tuple(downstream[nid]),
+            retry_safe=node_type.is_retry_safe(config),
+            reads=None if (reads := node_type.reads(config)) is None else frozenset(reads),
+        )
+    return Plan(workflow.workflow_id, workflow.version, nodes, _topological(nodes))
+
+
+def _topological(nodes: dict[str, PlanNode]) -> tuple[str, ...]:
+    waiting = {nid: len(n.upstream) for nid, n in nodes.items()}
+    ready = [nid for nid, count in waiting.items() if count == 0]
+    order: list[str] = []
+    while ready:
+        current = ready.pop(0)
+        order.append(current)
+        for child in nodes[current].downstream:
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                ready.append(child)
+    return tuple(order)
+
+
+class PlanCache:
+    """Compiled plans by (tenant, workflow_id, version), least recently used out first."""
+
+    def __init__(self, registry: NodeRegistry, capacity: int = 1024) -> None:
+        self._registry = registry
+        self._capacity = capacity
+        self._plans: OrderedDict[tuple[str, str, int], Plan] = OrderedDict()
+
+    def get(self, tenant: str, workflow: workflow_pb2.Workflow) -> Plan:
+        """The plan for this stored workflow version, compiled on first use."""
+        key = (tenant, workflow.workflow_id, workflow.version)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = compile_plan(workflow, self._registry)
+            self._plans[key] = plan
+            if len(self._plans) > self._capacity:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan

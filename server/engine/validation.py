@@ -1,0 +1,185 @@
+"""Workflow validation: every problem at once, each with a field path.
+
+Rules: a valid name; at least one node; known node types; node ids given
+(as `name` or `id`), well-formed and unique; node configs valid against
+their type's JSON Schema; timeouts and retry policies within the type's
+bounds; connections between existing nodes, from outputs the source
+declares to inputs the target declares, one connection per input, and no
+cycles.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from flowport.server.engine.registry import NodeRegistry
+from flowport.server.engine.values import struct_to_python
+from flowport.server.nodes.paths import steps
+from flowport.v1 import workflow_pb2
+
+Violation = tuple[str, str]
+
+NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+NODE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
+MAX_NODES = 500
+MAX_ATTEMPTS = 10
+
+
+def node_id(node: workflow_pb2.Node) -> str:
+    """The node's identifier: `name`, or `id` when `name` is empty."""
+    return node.name or node.id
+
+
+def validate(workflow: workflow_pb2.Workflow, registry: NodeRegistry, prefix: str = "") -> list[Violation]:
+    """Every problem with `workflow`; empty when it is valid. Paths get `prefix`."""
+    problems: list[Violation] = []
+    if not workflow.name:
+        problems.append(("name", "required"))
+    elif not NAME.match(workflow.name):
+        problems.append(("name", "1 to 128 characters: letters, digits, '_', '-', '.', not starting with '-' or '.'"))
+    if not workflow.nodes:
+        problems.append(("nodes", "at least one node is required"))
+    elif len(workflow.nodes) > MAX_NODES:
+        problems.append(("nodes", f"at most {MAX_NODES} nodes"))
+    ids: dict[str, int] = {}
+    for i, node in enumerate(workflow.nodes):
+        problems += _check_node(i, node, registry, ids)
+    problems += _check_connections(workflow, registry, ids)
+    return [(prefix + path, description) for path, description in problems]
+
+
+def _check_node(i: int, node: workflow_pb2.Node, registry: NodeRegistry, ids: dict[str, int]) -> list[Violation]:
+    where = f"nodes[{i}]"
+    problems: list[Violation] = []
+    ident = node_id(node)
+    if not ident:
+        problems.append((f"{where}.name", "a node needs an identifier in 'name' or 'id'"))
+    elif node.name and node.id and node.name != node.id:
+        problems.append((f"{where}.id", f"differs from name {node.name!r}; give one, or the same in both"))
+    elif not NODE_ID.match(ident):
+        field = "name" if node.name else "id"
+        problems.append(
+            (f"{where}.{field}", "1 to 128 characters: letters, digits, '_', '-', '.', starting with a letter or '_'")
+        )
+    elif ident in ids:
+        field = "name" if node.name else "id"
+        problems.append((f"{where}.{field}", f"duplicate node id {ident!r} (also nodes[{ids[ident]}])"))
+    else:
+        ids[ident] = i
+    if not node.type:
+        problems.append((f"{where}.type", "required"))
+        return problems
+    node_type = registry.get(node.type)
+    if node_type is None:
+        problems.append(
+            (f"{where}.type", f"unknown node type {node.type!r}; known types: {', '.join(registry.names())}")
+        )
+        return problems
+    problems += node_type.validate_config(struct_to_python(node.config), f"{where}.config")
+    if node.HasField("timeout"):
+        seconds = node.timeout.ToNanoseconds() / 1e9
+        if not 0 < seconds <= node_type.max_timeout:
+            problems.append(
+                (f"{where}.timeout", f"must be more than 0s and at most {node_type.max_timeout:g}s for {node.type}")
+            )
+    if node.HasField("retry"):
+        attempts = node.retry.max_attempts
+        if not 0 <= attempts <= MAX_ATTEMPTS:
+            problems.append((f"{where}.retry.max_attempts", f"between 0 and {MAX_ATTEMPTS}"))
+        elif attempts > 1 and not node_type.is_retry_safe(struct_to_python(node.config)):
+            problems.append((f"{where}.retry", f"{node.type} is not safe to run twice, so it cannot be retried"))
+        backoffs = (("initial_backoff", node.retry.initial_backoff), ("max_backoff", node.retry.max_backoff))
+        for field, duration in backoffs:
+            if duration.ByteSize() and duration.ToNanoseconds() <= 0:
+                problems.append((f"{where}.retry.{field}", "must be positive"))
+    return problems
+
+
+def _check_connections(workflow: workflow_pb2.Workflow, registry: NodeRegistry, ids: dict[str, int]) -> list[Violation]:
+    problems: list[Violation] = []
+    edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    bound: dict[tuple[str, str], int] = {}
+    for k, conn in enumerate(workflow.connections):
+        where = f"connections[{k}]"
+        ok = True
+        for field in ("from_node", "from_output", "to_node", "to_input"):
+            if not getattr(conn, field):
+                problems.append((f"{where}.{field}", "required"))
+                ok = False
+        if not ok:
+            continue
+        source = ids.get(conn.from_node)
+        target = ids.get(conn.to_node)
+        if source is None:
+            problems.append((f"{where}.from_node", f"no node with id {conn.from_node!r}"))
+        if target is None:
+            problems.append((f"{where}.to_node", f"no node with id {conn.to_node!r}"))
+        if source is None or target is None:
+            continue
+        source_type = registry.get(workflow.nodes[source].type)
+        target_type = registry.get(workflow.nodes[target].type)
+        output = str(next(iter(steps(conn.from_output)), ""))
+        if source_type is not None and output not in source_type.output_names():
+            problems.append(
+                (
+                    f"{where}.from_output",
+                    f"{source_type.type_name} has no output {output!r}; "
+                    f"it has: {', '.join(source_type.output_names())}",
+                )
+            )
+        if target_type is not None and not target_type.open_inputs and conn.to_input not in target_type.input_names():
+            problems.append(
+                (
+                    f"{where}.to_input",
+                    f"{target_type.type_name} has no input {conn.to_input!r}; "
+                    f"it has: {', '.join(target_type.input_names())}",
+                )
+            )
+        key = (conn.to_node, conn.to_input)
+        if key in bound:
+            problems.append(
+                (
+                    f"{where}.to_input",
+                    f"input {conn.to_input!r} of {conn.to_node!r} is already bound by connections[{bound[key]}]",
+                )
+            )
+        else:
+            bound[key] = k
+        if conn.from_node == conn.to_node:
+            problems.append((where, f"connects node {conn.from_node!r} to itself"))
+            continue
+        edges[conn.from_node].append((conn.to_node, k))
+    cycle = find_cycle(list(ids), edges)
+    if cycle is not None:
+        nodes, index = cycle
+        problems.append((f"connections[{index}]", "creates a cycle: " + " → ".join(nodes)))
+    return problems
+
+
+def find_cycle(nodes: list[str], edges: dict[str, list[tuple[str, int]]]) -> tuple[list[str], int] | None:
+    """A cycle as (node path, index of its closing connection), or None."""
+    white, grey, black = 0, 1, 2
+    color = dict.fromkeys(nodes, white)
+    stack: list[str] = []
+
+    def visit(node: str) -> tuple[list[str], int] | None:
+        color[node] = grey
+        stack.append(node)
+        for target, index in edges.get(node, []):
+            if color.get(target) == grey:
+                return [*stack[stack.index(target) :], target], index
+            if color.get(target) == white:
+                found = visit(target)
+                if found is not None:
+                    return found
+        stack.pop()
+        color[node] = black
+        return None
+
+    for node in nodes:
+        if color[node] == white:
+            found = visit(node)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,127 @@
+"""The in-process event bus: publish never blocks, subscribers never slow
+each other down.
+
+Every state change is published here as a `flowport.v1.Event`. Each
+subscriber has a bounded queue; a subscriber whose queue is full is cut off
+(its iterator raises `SubscriberOverflow`) instead of making the publisher
+wait. UNFINISHED: the durable, resumable event log and `StreamEvents` come
+with the real-time work; until then events live only in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from flowport.v1 import event_pb2
+
+Filter = Callable[[event_pb2.Event], bool]
+
+
+class SubscriberOverflow(Exception):
+    """The subscriber fell behind by more than its queue and was cut off."""
+
+
+class Subscription:
+    """One subscriber's view of the bus; iterate it with `async for`."""
+
+    def __init__(self, bus: EventBus, accept: Filter, size: int) -> None:
+        self._bus = bus
+        self.accept = accept
+        self.queue: asyncio.Queue[event_pb2.Event | None] = asyncio.Queue(size)
+        self.overflowed = False
+
+    def offer(self, event: event_pb2.Event) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self._bus.unsubscribe(self)
+            # Wake the reader so it notices at once.
+            self.queue.get_nowait()
+            self.queue.put_nowait(None)
+
+    def close(self) -> None:
+        """Stop receiving events."""
+        self._bus.unsubscribe(self)
+
+    async def next(self, timeout: float | None = None) -> event_pb2.Event | None:
+        """The next event, or None when `timeout` passes first (then call again)."""
+        try:
+            event = await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            return None
+        if event is None:
+            raise SubscriberOverflow("subscriber fell behind and was disconnected")
+        return event
+
+    def __aiter__(self) -> AsyncIterator[event_pb2.Event]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[event_pb2.Event]:
+        while True:
+            event = await self.next()
+            assert event is not None  # no timeout given
+            yield event
+
+
+class EventBus:
+    """Fan-out of events to the subscribers whose filter accepts them."""
+
+    def __init__(self, queue_size: int = 1024) -> None:
+        self._queue_size = queue_size
+        self._subscribers: list[Subscription] = []
+        self._ids = itertools.count(1)
+        self.published = 0
+
+    def publish(
+        self,
+        type_: str,
+        *,
+        tenant: str,
+        session_id: str = "",
+        workflow_id: str = "",
+        execution_id: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> event_pb2.Event:
+        """Stamp and deliver an event; returns it. Never waits."""
+        event = event_pb2.Event(
+            id=str(next(self._ids)),
+            type=type_,
+            tenant=tenant,
+            session_id=session_id,
+            workflow_id=workflow_id,
+            execution_id=execution_id,
+            data=struct_pb2.Struct(),
+        )
+        event.time.FromNanoseconds(time.time_ns())
+        if data:
+            event.data.update(data)
+        self.published += 1
+        for subscriber in list(self._subscribers):
+            if subscriber.accept(event):
+                subscriber.offer(event)
+        return event
+
+    def subscribe(self, accept: Filter, size: int | None = None) -> Subscription:
+        """A new subscriber receiving events that `accept` approves, from now on."""
+        subscription = Subscription(self, accept, size or self._queue_size)
+        self._subscribers.append(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Remove a subscriber (idempotent)."""
+        if subscription in self._subscribers:
+            self._subscribers.remove(subscription)
+
+    @property
+    def subscriber_count(self) -> int:
+        """Subscribers connected now."""
+        return len(self._subscribers)

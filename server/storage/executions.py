@@ -1,0 +1,100 @@
+"""Execution rows: the whole Execution message, rewritten at each change."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from flowport.server.storage import idempotency
+from flowport.server.storage.base import IdempotentResult
+from flowport.server.storage.tables import Tables, micros
+from flowport.v1 import execution_pb2
+
+_CREATE = "flowport.v1.ExecutionService/CreateExecution"
+UNFINISHED = (execution_pb2.Execution.STATE_PENDING, execution_pb2.Execution.STATE_RUNNING)
+
+
+class ExecutionTables(Tables):
+    """Executions, scoped by tenant."""
+
+    async def insert_execution(
+        self, tenant: str, execution: execution_pb2.Execution, idempotency_key: tuple[str, bytes] | None
+    ) -> IdempotentResult:
+        """Record a new execution; a replayed key returns the first one's id as `response`."""
+        body = execution.SerializeToString()
+        now_us = micros(execution.create_time)
+
+        def op(conn: sqlite3.Connection) -> IdempotentResult:
+            if idempotency_key is not None:
+                first = idempotency.replayed(conn, tenant, _CREATE, *idempotency_key)
+                if first is not None:
+                    return IdempotentResult(first, replayed=True)
+                idempotency.remember(
+                    conn, tenant, _CREATE, idempotency_key, execution.execution_id.encode(), now_us=now_us
+                )
+            conn.execute(
+                "INSERT INTO executions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    tenant,
+                    execution.execution_id,
+                    execution.workflow_id,
+                    execution.session_id,
+                    execution.state,
+                    now_us,
+                    body,
+                ),
+            )
+            return IdempotentResult(execution.execution_id.encode(), replayed=False)
+
+        return await self._write(op)
+
+    async def save_execution(self, execution: execution_pb2.Execution) -> None:
+        """Write the execution's current state (grouped with concurrent writes)."""
+        body = execution.SerializeToString()
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE executions SET state=?, body=? WHERE execution_id=?",
+                (execution.state, body, execution.execution_id),
+            )
+        )
+
+    async def get_execution(self, tenant: str, execution_id: str) -> execution_pb2.Execution | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT body FROM executions WHERE execution_id=? AND tenant=?", (execution_id, tenant)
+            ).fetchone()
+        )
+        return None if row is None else execution_pb2.Execution.FromString(row[0])
+
+    async def list_executions(
+        self,
+        tenant: str,
+        *,
+        workflow_id: str,
+        session_id: str,
+        state: int,
+        after: tuple[int, str] | None,
+        limit: int,
+    ) -> list[execution_pb2.Execution]:
+        """Newest first, strictly after the (create_us, execution_id) cursor."""
+        sql = "SELECT body FROM executions WHERE tenant=?"
+        args: list[object] = [tenant]
+        for column, value in (("workflow_id", workflow_id), ("session_id", session_id), ("state", state)):
+            if value:
+                sql += f" AND {column}=?"
+                args.append(value)
+        if after is not None:
+            sql += " AND (create_us, execution_id) < (?, ?)"
+            args.extend(after)
+        sql += " ORDER BY create_us DESC, execution_id DESC LIMIT ?"
+        args.append(limit)
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
+        return [execution_pb2.Execution.FromString(row[0]) for row in rows]
+
+    async def unfinished_executions(self) -> list[execution_pb2.Execution]:
+        """Executions left PENDING or RUNNING, of every tenant, oldest first."""
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT body FROM executions WHERE state IN (?, ?) ORDER BY create_us", UNFINISHED
+            ).fetchall()
+        )
+        return [execution_pb2.Execution.FromString(row[0]) for row in rows]

@@ -1,0 +1,32 @@
+"""Idempotency records: one table, shared by every mutating call.
+
+A record maps (tenant, method, request_id) to a hash of the request and the
+serialized response of the first call. Functions here run inside a write
+transaction on the writer thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from flowport.server.storage.base import IdempotencyConflict
+
+
+def replayed(conn: sqlite3.Connection, tenant: str, method: str, request_id: str, request_hash: bytes) -> bytes | None:
+    """The first call's response, None for a new key; IdempotencyConflict for another request."""
+    row = conn.execute(
+        "SELECT request_hash, response FROM idempotency WHERE tenant=? AND method=? AND request_id=?",
+        (tenant, method, request_id),
+    ).fetchone()
+    if row is None:
+        return None
+    if row[0] != request_hash:
+        raise IdempotencyConflict(request_id)
+    return bytes(row[1])
+
+
+def remember(
+    conn: sqlite3.Connection, tenant: str, method: str, key: tuple[str, bytes], response: bytes, *, now_us: int
+) -> None:
+    """Record the response of the first call with this (request_id, request_hash) key."""
+    conn.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?)", (tenant, method, *key, response, now_us))

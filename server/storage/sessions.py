@@ -1,0 +1,99 @@
+"""Session rows."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from flowport.server.storage import idempotency
+from flowport.server.storage.base import IdempotentResult
+from flowport.server.storage.tables import Tables, micros
+from flowport.v1 import session_pb2
+
+_CREATE = "flowport.v1.SessionService/CreateSession"
+_DELETE = "flowport.v1.SessionService/DeleteSession"
+
+
+class SessionTables(Tables):
+    """Sessions, scoped by tenant, expiring at `expire_us`."""
+
+    async def create_session(
+        self, tenant: str, session: session_pb2.Session, idempotency_key: tuple[str, bytes] | None
+    ) -> IdempotentResult:
+        body = session.SerializeToString()
+        now_us = micros(session.create_time)
+
+        def op(conn: sqlite3.Connection) -> IdempotentResult:
+            if idempotency_key is not None:
+                first = idempotency.replayed(conn, tenant, _CREATE, *idempotency_key)
+                if first is not None:
+                    return IdempotentResult(first, replayed=True)
+                idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
+            conn.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
+                (tenant, session.session_id, session.user_id, now_us, micros(session.expire_time), body),
+            )
+            return IdempotentResult(body, replayed=False)
+
+        return await self._write(op)
+
+    async def get_session(self, tenant: str, session_id: str, now_us: int) -> session_pb2.Session | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT body FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?",
+                (session_id, tenant, now_us),
+            ).fetchone()
+        )
+        return None if row is None else session_pb2.Session.FromString(row[0])
+
+    async def list_sessions(
+        self, tenant: str, *, user_id: str, after: tuple[int, str] | None, limit: int, now_us: int
+    ) -> list[session_pb2.Session]:
+        sql = "SELECT body FROM sessions WHERE tenant=? AND expire_us>?"
+        args: list[object] = [tenant, now_us]
+        if user_id:
+            sql += " AND user_id=?"
+            args.append(user_id)
+        if after is not None:
+            sql += " AND (create_us, session_id) < (?, ?)"
+            args.extend(after)
+        sql += " ORDER BY create_us DESC, session_id DESC LIMIT ?"
+        args.append(limit)
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
+        return [session_pb2.Session.FromString(row[0]) for row in rows]
+
+    async def delete_session(self, tenant: str, session_id: str, now_us: int, request_id: str = "") -> bool:
+        key = session_id.encode()
+
+        def op(conn: sqlite3.Connection) -> bool:
+            if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
+                return True
+            deleted = conn.execute(
+                "DELETE FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?", (session_id, tenant, now_us)
+            ).rowcount
+            if deleted and request_id:
+                idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
+            return deleted > 0
+
+        return await self._write(op)
+
+    async def session_exists(self, tenant: str, session_id: str, now_us: int) -> bool:
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT 1 FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?", (session_id, tenant, now_us)
+            ).fetchone()
+        )
+        return row is not None
+
+    async def count_active_sessions(self, now_us: int) -> int:
+        row = await self._read(
+            lambda conn: conn.execute("SELECT count(*) FROM sessions WHERE expire_us>?", (now_us,)).fetchone()
+        )
+        return int(row[0])
+
+    async def purge_expired(self, now_us: int, idempotency_before_us: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            removed = conn.execute("DELETE FROM sessions WHERE expire_us<=?", (now_us,)).rowcount
+            removed += conn.execute("DELETE FROM idempotency WHERE create_us<?", (idempotency_before_us,)).rowcount
+            return removed
+
+        return await self._write(op)

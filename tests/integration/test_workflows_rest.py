@@ -1,0 +1,233 @@
+"""Workflows, executions and schemas over REST through a real Envoy, with
+nodes that reach real local services on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+
+from ..conftest import Stack
+from ..unit.test_validation import SEED_PIPELINE
+
+pytestmark = pytest.mark.integration
+
+BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
+
+
+class _Api(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps({"items": [1, 2, 3], "external_id": "x-1"}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.http, timeout=30) as client:
+        yield client
+
+
+def create(http: httpx.Client, workflow: dict[str, Any]) -> dict[str, Any]:
+    response = http.post("/api/workflows", json=workflow)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_the_seed_pipeline_runs_against_a_local_api(http: httpx.Client, api: str) -> None:
+    pipeline = json.loads(json.dumps(SEED_PIPELINE))
+    pipeline["name"] = "seed_pipeline_rest"
+    pipeline["nodes"][0]["config"]["url"] = f"{api}/data"
+    created = create(http, pipeline)
+    assert created["workflow_id"] == "seed_pipeline_rest" and created["version"] == 1
+    response = http.post("/api/executions", json={"workflow_id": "seed_pipeline_rest", "wait": True})
+    assert response.status_code == 200, response.text
+    execution = response.json()
+    assert execution["state"] == "STATE_SUCCEEDED", execution["error"]
+    processed = execution["outputs"]["process_data"]["result"]
+    # len() of the response object: status_code, headers, body, json, url, attempts
+    assert processed["processed"] == 6
+    assert "T" in processed["timestamp"]
+    assert execution["outputs"]["fetch_data"]["response"]["json"]["items"] == [1, 2, 3]
+
+
+def test_two_python_nodes_chain_like_the_seed(http: httpx.Client) -> None:
+    create(
+        http,
+        {
+            "name": "python_chain",
+            "nodes": [
+                {
+                    "type": "PythonCodeNode",
+                    "name": "validate",
+                    "config": {"code": "result = {'user_id': user_id, 'ok': True}"},
+                },
+                {
+                    "type": "PythonCodeNode",
+                    "name": "greet",
+                    "config": {"code": "result = {'hello': data['user_id'], 'n': n * 2}"},
+                },
+            ],
+            "connections": [{"from_node": "validate", "from_output": "result", "to_node": "greet", "to_input": "data"}],
+        },
+    )
+    execution = http.post(
+        "/api/executions", json={"workflow_id": "python_chain", "inputs": {"user_id": "ada", "n": 21}, "wait": True}
+    ).json()
+    assert execution["state"] == "STATE_SUCCEEDED", execution["error"]
+    assert execution["outputs"]["greet"]["result"] == {"hello": "ada", "n": 42}
+
+
+def test_kailash_execute_path_waits_and_returns_outputs_by_node(http: httpx.Client) -> None:
+    create(
+        http,
+        {
+            "name": "trivial",
+            "nodes": [{"type": "PythonCodeNode", "name": "calc", "config": {"code": "result = {'n': n + 1}"}}],
+        },
+    )
+    response = http.post("/workflows/trivial/execute", json={"inputs": {"n": 1}})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["state"] == "STATE_SUCCEEDED"
+    assert body["outputs"] == {"calc": {"result": {"n": 2}}}
+
+
+def test_invalid_workflow_is_400_with_every_violation(http: httpx.Client) -> None:
+    response = http.post(
+        "/api/workflows",
+        json={"name": "broken", "nodes": [{"type": "HTTPRequestNode", "name": "a"}, {"type": "Nope", "name": "a"}]},
+    )
+    assert response.status_code == 400
+    details = next(d for d in response.json()["details"] if d["@type"] == BAD_REQUEST)
+    fields = {v["field"] for v in details["field_violations"]}
+    assert {"nodes[0].config.url", "nodes[1].name", "nodes[1].type"} <= fields
+
+
+def test_validate_returns_problems_without_creating(http: httpx.Client) -> None:
+    response = http.post(
+        "/api/workflows:validate", json={"name": "never_created", "nodes": [{"type": "Nope", "name": "x"}]}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["valid"] is False and body["errors"][0]["field"] == "nodes[0].type"
+    assert http.get("/api/workflows/never_created").status_code == 404
+    ok = http.post("/api/workflows:validate", json=SEED_PIPELINE).json()
+    assert ok == {"valid": True, "errors": []}
+
+
+def test_versions_list_get_and_delete(http: httpx.Client) -> None:
+    first = create(
+        http,
+        {"name": "versioned", "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": "result = 1"}}]},
+    )
+    second = create(
+        http,
+        {"name": "versioned", "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": "result = 2"}}]},
+    )
+    assert (first["version"], second["version"]) == (1, 2)
+    assert http.get("/api/workflows/versioned").json()["version"] == 2
+    assert (
+        http.get("/api/workflows/versioned", params={"version": 1}).json()["nodes"][0]["config"]["code"] == "result = 1"
+    )
+    names = [w["workflow_id"] for w in http.get("/api/workflows", params={"page_size": 1000}).json()["workflows"]]
+    assert names.count("versioned") == 1
+    run = http.post("/api/executions", json={"workflow_id": "versioned", "wait": True}).json()
+    assert run["workflow_version"] == 2 and run["outputs"]["a"]["result"] == 2
+    assert http.delete("/api/workflows/versioned").status_code == 200
+    assert http.get("/api/workflows/versioned").status_code == 404
+    assert http.get(f"/api/executions/{run['execution_id']}").status_code == 200, "executions outlive their workflow"
+
+
+def test_idempotent_execution_over_rest(http: httpx.Client) -> None:
+    create(http, {"name": "idem", "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": "result = n"}}]})
+    body = {"workflow_id": "idem", "inputs": {"n": 7}, "request_id": "idem-1", "wait": True}
+    first = http.post("/api/executions", json=body).json()
+    again = http.post("/api/executions", json=body).json()
+    assert first["execution_id"] == again["execution_id"]
+    listed = http.get("/api/executions", params={"workflow_id": "idem"}).json()["executions"]
+    assert len(listed) == 1, "a replay must not run the workflow again"
+    conflict = http.post("/api/executions", json={**body, "inputs": {"n": 8}})
+    assert conflict.status_code == 409
+
+
+def test_cancel_over_rest_stops_user_code(http: httpx.Client) -> None:
+    create(
+        http,
+        {
+            "name": "spin",
+            "nodes": [{"type": "PythonCodeNode", "name": "loop", "config": {"code": "while True:\n    pass"}}],
+        },
+    )
+    started = http.post("/api/executions", json={"workflow_id": "spin"}).json()
+    assert started["state"] in ("STATE_PENDING", "STATE_RUNNING")
+    cancelled = http.post(f"/api/executions/{started['execution_id']}:cancel", json={})
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["state"] == "STATE_CANCELLED"
+    after = http.post("/api/executions", json={"workflow_id": "trivial_after_cancel_missing"})
+    assert after.status_code == 404
+    create(
+        http,
+        {
+            "name": "after_cancel",
+            "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": "result = 'ok'"}}],
+        },
+    )
+    ok = http.post("/api/executions", json={"workflow_id": "after_cancel", "wait": True}).json()
+    assert ok["state"] == "STATE_SUCCEEDED", "the sandbox pool recovered from the cancelled worker"
+
+
+def test_failed_execution_names_the_node(http: httpx.Client) -> None:
+    create(
+        http,
+        {"name": "boom", "nodes": [{"type": "PythonCodeNode", "name": "divide", "config": {"code": "result = 1 / 0"}}]},
+    )
+    execution = http.post("/api/executions", json={"workflow_id": "boom", "wait": True}).json()
+    assert execution["state"] == "STATE_FAILED"
+    assert "divide" in execution["error"]["message"] and "ZeroDivisionError" in execution["error"]["message"]
+    run = execution["node_runs"][0]
+    assert run["state"] == "STATE_FAILED" and run["error"]["message"]
+
+
+def test_schemas(http: httpx.Client) -> None:
+    nodes = http.get("/api/schemas/nodes").json()["node_schemas"]
+    names = {n["node_type"] for n in nodes}
+    assert {
+        "PythonCodeNode",
+        "HTTPRequestNode",
+        "RESTClientNode",
+        "SQLDatabaseNode",
+        "AsyncSQLDatabaseNode",
+        "SwitchNode",
+        "MergeNode",
+        "TransformNode",
+    } <= names
+    http_node = http.get("/api/schemas/nodes/HTTPRequestNode").json()
+    assert "url" in http_node["config_schema"]["required"]
+    assert http.get("/api/schemas/nodes/TeleportNode").status_code == 404
+    create(http, {"name": "needs_n", "nodes": [{"type": "SwitchNode", "name": "s", "config": {"operator": "truthy"}}]})
+    schema = http.get("/api/schemas/workflows/needs_n").json()
+    assert schema["inputs_schema"]["required"] == ["input_data"]
+    assert "s" in schema["outputs_schema"]["properties"]
+    missing = http.post("/api/executions", json={"workflow_id": "needs_n"})
+    assert missing.status_code == 400 and "input_data" in missing.text

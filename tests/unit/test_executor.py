@@ -1,0 +1,345 @@
+"""The executor on a real SQLite store, with small node types of the tests'
+own (plugged in as any custom node type would be)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from google.protobuf import duration_pb2, json_format, struct_pb2
+
+from flowport.server.engine.executor import Executor
+from flowport.server.engine.plan import PlanCache
+from flowport.server.engine.registry import NodeRegistry
+from flowport.server.errors import InvalidArgument, ResourceExhausted
+from flowport.server.events.bus import EventBus
+from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeServices, NodeType
+from flowport.server.nodes.builtins import MergeNode, SwitchNode
+from flowport.server.storage import SqliteStore
+from flowport.v1 import execution_pb2, workflow_pb2
+
+Execution = execution_pb2.Execution
+NodeRun = execution_pb2.NodeRun
+CALLS: dict[str, int] = {}
+GATES: dict[str, asyncio.Event] = {}
+
+
+class AddNode(NodeType):
+    """result = x + add (x from an input, add from config)."""
+
+    type_name = "AddNode"
+    description = "adds"
+    category = "test"
+    config_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"add": {"type": "number"}}}
+    inputs_schema: ClassVar[JsonSchema] = {"type": "object", "required": ["x"], "properties": {"x": {}}}
+    outputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"result": {}}}
+    retry_safe = True
+
+    async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        CALLS[ctx.node_id] = CALLS.get(ctx.node_id, 0) + 1
+        return {"result": params["x"] + params.get("add", 0)}
+
+
+class GateNode(NodeType):
+    """Waits for the gate named in config, then returns; not retry-safe."""
+
+    type_name = "GateNode"
+    description = "waits"
+    category = "test"
+    config_schema: ClassVar[JsonSchema] = {
+        "type": "object",
+        "properties": {"gate": {"type": "string"}, "open": {"type": "string"}},
+    }
+    inputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"x": {}}}
+    outputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"result": {}}}
+
+    async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        CALLS[ctx.node_id] = CALLS.get(ctx.node_id, 0) + 1
+        if params.get("open"):
+            GATES.setdefault(params["open"], asyncio.Event()).set()
+        if params.get("gate"):
+            await GATES.setdefault(params["gate"], asyncio.Event()).wait()
+        return {"result": ctx.node_id}
+
+
+class FlakyNode(NodeType):
+    """Fails (retryably) until its `failures` budget is spent."""
+
+    type_name = "FlakyNode"
+    description = "flaky"
+    category = "test"
+    config_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"failures": {"type": "integer"}}}
+    outputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"result": {}}}
+    retry_safe = True
+
+    async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        if ctx.attempt <= params.get("failures", 0):
+            raise NodeError(f"attempt {ctx.attempt} failed", reason="FLAKY", retryable=True)
+        return {"result": ctx.attempt}
+
+
+REGISTRY = NodeRegistry([AddNode, GateNode, FlakyNode, SwitchNode, MergeNode])
+
+
+def wf(
+    name: str, nodes: list[dict[str, Any]], connections: list[tuple[str, str, str, str]] = (), version: int = 1
+) -> workflow_pb2.Workflow:  # type: ignore[assignment]
+    message = json_format.ParseDict(
+        {
+            "name": name,
+            "nodes": nodes,
+            "connections": [
+                {"from_node": a, "from_output": o, "to_node": b, "to_input": i} for a, o, b, i in connections
+            ],
+        },
+        workflow_pb2.Workflow(),
+    )
+    message.workflow_id = name
+    message.version = version
+    message.tenant = "t"
+    return message
+
+
+def inputs(**values: Any) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(values)
+    return s
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[tuple[Executor, SqliteStore, EventBus]]:
+    CALLS.clear()
+    GATES.clear()
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    bus = EventBus()
+    executor = Executor(store, PlanCache(REGISTRY), bus, NodeServices(), max_concurrent=4)
+    yield executor, store, bus
+    await executor.shutdown()
+    await store.close()
+
+
+async def run(executor: Executor, workflow: workflow_pb2.Workflow, **values: Any) -> Execution:
+    execution, _ = await executor.create(
+        "t", workflow, inputs(**values), session_id="", request_id="", request_hash=None
+    )
+    done = await executor.wait("t", execution.execution_id, 10)
+    assert done is not None
+    return done
+
+
+async def test_a_chain_passes_outputs_along_and_config_becomes_parameters(
+    env: tuple[Executor, SqliteStore, EventBus],
+) -> None:
+    executor, store, _ = env
+    chain = wf(
+        "chain",
+        [
+            {"type": "AddNode", "name": "a", "config": {"add": 1}},
+            {"type": "AddNode", "name": "b", "config": {"add": 10}},
+        ],
+        [("a", "result", "b", "x")],
+    )
+    done = await run(executor, chain, x=5)
+    assert done.state == Execution.STATE_SUCCEEDED
+    assert json_format.MessageToDict(done.outputs) == {"a": {"result": 6.0}, "b": {"result": 16.0}}
+    assert [(r.node_id, r.state, r.attempts) for r in done.node_runs] == [
+        ("a", NodeRun.STATE_SUCCEEDED, 1),
+        ("b", NodeRun.STATE_SUCCEEDED, 1),
+    ]
+    stored = await store.get_execution("t", done.execution_id)
+    assert stored == done, "the final state is durable"
+
+
+async def test_integers_reach_nodes_as_integers(env: tuple[Executor, SqliteStore, EventBus]) -> None:
+    seen: list[Any] = []
+
+    class Probe(AddNode):
+        type_name = "Probe"
+
+        async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+            seen.append(params["x"])
+            return {"result": 0}
+
+    _executor, store, bus = env
+    probe = Executor(store, PlanCache(NodeRegistry([Probe])), bus, NodeServices(), max_concurrent=1)
+    await run(probe, wf("probe", [{"type": "Probe", "name": "p"}]), x=3)
+    assert seen == [3] and isinstance(seen[0], int)
+
+
+async def test_independent_branches_run_concurrently(env: tuple[Executor, SqliteStore, EventBus]) -> None:
+    executor, _, _ = env
+    # Each branch opens the gate the other waits on: only concurrent runs finish.
+    both = wf(
+        "both",
+        [
+            {"type": "GateNode", "name": "left", "config": {"open": "L", "gate": "R"}, "timeout": "5s"},
+            {"type": "GateNode", "name": "right", "config": {"open": "R", "gate": "L"}, "timeout": "5s"},
+        ],
+    )
+    done = await run(executor, both)
+    assert done.state == Execution.STATE_SUCCEEDED, done.error.message
+
+
+async def test_the_concurrency_limit_answers_resource_exhausted(env: tuple[Executor, SqliteStore, EventBus]) -> None:
+    executor, _, _ = env
+    waiting = wf("waiting", [{"type": "GateNode", "name": "g", "config": {"gate": "never"}}])
+    started = [
+        await executor.create("t", waiting, inputs(), session_id="", request_id="", request_hash=None) for _ in range(4)
+    ]
+    with pytest.raises(ResourceExhausted) as caught:
+        await executor.create("t", waiting, inputs(), session_id="", request_id="", request_hash=None)
+    assert caught.value.retry_delay is not None
+    for execution, _ in started:
+        await executor.cancel("t", execution.execution_id)
+    assert executor.running == 0
+
+
+async def test_a_node_timeout_fails_the_execution_naming_the_node(env: tuple[Executor, SqliteStore, EventBus]) -> None:
+    executor, _, _ = env
+    slow = wf("slow", [{"type": "GateNode", "name": "stuck", "config": {"gate": "never"}, "timeout": "0.2s"}])
+    done = await run(executor, slow)
+    assert done.state == Execution.STATE_FAILED
+    assert "stuck" in done.error.message and "timed out" in done.error.message
+    assert done.node_runs[0].state == NodeRun.STATE_FAILED
+
+
+async def test_retry_safe_nodes_are_retried_with_backoff(env: tuple[Executor, SqliteStore, EventBus]) -> None:
+    executor, _, _ = env
+    flaky = wf("flaky", [{"type": "FlakyNode", "name": "f", "config": {"failures": 2}}])
+    flaky.nodes[0].retry.max_attempts = 3
+    flaky.nodes[0].retry.initial_backoff.CopyFrom(duration_pb2.Duration(nanos=10_000_000))
+    done = await run(executor, flaky)
+    assert done.state == Execution.STATE_SUCCEEDED
+    assert done.node_runs[0].attempts == 3
+    flaky.name = flaky.workflow_id = "flaky2"
+    flaky.nodes[0].retry.max_attempts = 2
+    failed = await run(executor, flaky)
+    assert failed.state == Execution.STATE_FAILED and failed.node_runs[0].attempts == 2
+
+
+async def test_a_switch_skips_the_branch_not_taken_and_merge_runs_with_what_arrived(
+    env: tuple[Executor, SqliteStore, EventBus],
+) -> None:
+    executor, _, _ = env
+    routed = wf(
+        "routed",
+        [
+            {"type": "SwitchNode", "name": "sw", "config": {"condition_field": "n", "operator": ">", "value": 10}},
+            {"type": "AddNode", "name": "big", "config": {"add": 0}},
+            {"type": "AddNode", "name": "small", "config": {"add": 0}},
+            {"type": "MergeNode", "name": "m"},
+        ],
+        [
+            ("sw", "true_output.n", "big", "x"),
+            ("sw", "false_output.n", "small", "x"),
+            ("big", "result", "m", "data1"),
+            ("small", "result", "m", "data2"),
+        ],
+    )
+    done = await run(executor, routed, input_data={"n": 3})
+    assert done.state == Execution.STATE_SUCCEEDED, done.error.message
+    states = {r.node_id: r.state for r in done.node_runs}
+    assert states["big"] == NodeRun.STATE_SKIPPED and states["small"] == NodeRun.STATE_SUCCEEDED
+    assert json_format.MessageToDict(done.outputs)["m"]["merged_data"] == [3.0]
+
+
+async def test_missing_required_inputs_are_invalid_argument(env: tuple[Executor, SqliteStore, EventBus]) -> None:
+    executor, _, _ = env
+    with pytest.raises(InvalidArgument) as caught:
+        await executor.create(
+            "t",
+            wf("needs_x", [{"type": "AddNode", "name": "a"}]),
+            inputs(),
+            session_id="",
+            request_id="",
+            request_hash=None,
+        )
+    assert caught.value.violations == [("inputs.x", "required by the workflow")]
+
+
+async def test_cancel_stops_running_nodes(env: tuple[Executor, SqliteStore, EventBus]) -> None:
+    executor, store, bus = env
+    events = bus.subscribe(lambda e: True)
+    waiting = wf("waiting", [{"type": "GateNode", "name": "g", "config": {"gate": "never"}}])
+    execution, _ = await executor.create("t", waiting, inputs(), session_id="", request_id="", request_hash=None)
+    while (await events.next(5)).type != "node.started":  # type: ignore[union-attr]
+        pass
+    cancelled = await executor.cancel("t", execution.execution_id)
+    assert cancelled is not None and cancelled.state == Execution.STATE_CANCELLED
+    assert cancelled.node_runs[0].state == NodeRun.STATE_CANCELLED
+    assert (await store.get_execution("t", execution.execution_id)).state == Execution.STATE_CANCELLED  # type: ignore[union-attr]
+    again = await executor.cancel("t", execution.execution_id)
+    assert again is not None and again.state == Execution.STATE_CANCELLED, "cancelling twice changes nothing"
+
+
+async def test_events_follow_the_execution(env: tuple[Executor, SqliteStore, EventBus]) -> None:
+    executor, _, bus = env
+    events = bus.subscribe(lambda e: True)
+    await run(executor, wf("one", [{"type": "AddNode", "name": "a"}]), x=1)
+    types = []
+    while (event := await events.next(0.01)) is not None:
+        types.append(event.type)
+    assert types == ["execution.started", "node.started", "node.completed", "execution.progress", "execution.completed"]
+
+
+async def test_recovery_resumes_after_finished_nodes_and_fails_unsafe_ones(tmp_path: Path) -> None:
+    CALLS.clear()
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    chain = wf(
+        "chain",
+        [
+            {"type": "AddNode", "name": "a", "config": {"add": 1}},
+            {"type": "AddNode", "name": "b", "config": {"add": 1}},
+        ],
+        [("a", "result", "b", "x")],
+    )
+    unsafe = wf("unsafe", [{"type": "GateNode", "name": "g"}])
+    for workflow in (chain, unsafe):
+        await store.create_workflow("t", workflow, None)
+    # What a crashed process leaves behind: `a` finished, `b` running; and an
+    # unsafe node caught running.
+    resumable = Execution(
+        execution_id="exe_1",
+        workflow_id="chain",
+        workflow_version=1,
+        tenant="t",
+        state=Execution.STATE_RUNNING,
+        inputs=inputs(x=1),
+    )
+    resumable.outputs.update({"a": {"result": 2}})
+    resumable.node_runs.add(node_id="a", node_type="AddNode", state=NodeRun.STATE_SUCCEEDED, attempts=1)
+    resumable.node_runs.add(node_id="b", node_type="AddNode", state=NodeRun.STATE_RUNNING, attempts=1)
+    stuck = Execution(
+        execution_id="exe_2", workflow_id="unsafe", workflow_version=1, tenant="t", state=Execution.STATE_RUNNING
+    )
+    stuck.node_runs.add(node_id="g", node_type="GateNode", state=NodeRun.STATE_RUNNING, attempts=1)
+    for execution in (resumable, stuck):
+        execution.create_time.GetCurrentTime()
+        await store.insert_execution("t", execution, None)
+    executor = Executor(store, PlanCache(REGISTRY), EventBus(), NodeServices(), max_concurrent=4)
+    assert await executor.recover() == (1, 1)
+    done = await executor.wait("t", "exe_1", 10)
+    assert done is not None and done.state == Execution.STATE_SUCCEEDED
+    assert json_format.MessageToDict(done.outputs)["b"] == {"result": 3.0}
+    assert CALLS == {"b": 1}, "a finished node is not run again"
+    failed = await store.get_execution("t", "exe_2")
+    assert failed is not None and failed.state == Execution.STATE_FAILED
+    assert "not safe to run twice" in failed.error.message
+    assert CALLS.get("g") is None, "an unsafe node is never run twice"
+    await executor.shutdown()
+    await store.close()
+
+
+async def test_concurrent_executions_share_commits(env: tuple[Executor, SqliteStore, EventBus]) -> None:
+    _executor, store, _ = env
+    many = Executor(store, PlanCache(REGISTRY), EventBus(), NodeServices(), max_concurrent=200)
+    one = wf("one", [{"type": "AddNode", "name": "a"}])
+    before = store.write_batches
+    results = await asyncio.gather(*(run(many, one, x=i) for i in range(100)))
+    assert all(r.state == Execution.STATE_SUCCEEDED for r in results)
+    batches, writes = (a - b for a, b in zip(store.write_batches, before, strict=True))
+    assert writes >= 300
+    assert batches < writes / 2, f"{batches} commits for {writes} writes: writes were not grouped"
