@@ -231,3 +231,115 @@ def test_schemas(http: httpx.Client) -> None:
     assert "s" in schema["outputs_schema"]["properties"]
     missing = http.post("/api/executions", json={"workflow_id": "needs_n"})
     assert missing.status_code == 400 and "input_data" in missing.text
+
+
+HOSTILE = {
+    "reads_passwd": ("result = open('/etc/passwd').read()", "SANDBOX_POLICY"),
+    "writes_file": ("f = open('/tmp/flowport-sandbox-probe', 'w')\nf.write('x')\nresult = 1", "SANDBOX_POLICY"),
+    "opens_socket": ("import socket\ns = socket.socket()\ns.connect(('127.0.0.1', 9))\nresult = 1", "SANDBOX_POLICY"),
+    "spawns_process": ("import subprocess\nresult = subprocess.run(['true'])", "SANDBOX_POLICY"),
+    "imports_ctypes": ("import ctypes\nresult = 1", "SANDBOX_POLICY"),
+    "loops_forever": ("while True:\n    pass", "TIMEOUT"),
+    "allocates_2gib": ("x = bytearray(2 * 1024**3)\nresult = len(x)", "SANDBOX_MEMORY"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_user_code_fails_clearly_and_the_server_stays_healthy(http: httpx.Client, case: str) -> None:
+    code, reason = HOSTILE[case]
+    name = f"hostile_{case}"
+    node: dict[str, Any] = {"type": "PythonCodeNode", "name": "user", "config": {"code": code}, "timeout": "3s"}
+    create(http, {"name": name, "nodes": [node]})
+    execution = http.post("/api/executions", json={"workflow_id": name, "wait": True}).json()
+    assert execution["state"] == "STATE_FAILED"
+    error = execution["error"]
+    assert reason in error["details"][0]["reason"], error
+    assert "'user'" in error["message"]
+    assert http.get("/health").json()["status"] == "healthy"
+    create(
+        http,
+        {
+            "name": f"after_{case}",
+            "nodes": [{"type": "PythonCodeNode", "name": "ok", "config": {"code": "result = n + 1"}}],
+        },
+    )
+    after = http.post("/api/executions", json={"workflow_id": f"after_{case}", "inputs": {"n": 1}, "wait": True}).json()
+    assert after["state"] == "STATE_SUCCEEDED" and after["outputs"]["ok"]["result"] == 2
+
+
+def test_the_seed_sql_example_runs_against_a_sqlite_file(
+    http: httpx.Client, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import sqlite3
+
+    db = tmp_path_factory.mktemp("sql") / "enterprise.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE enterprise_records (id INTEGER, name TEXT, status TEXT, tenant_id TEXT, created_at TEXT)"
+        )
+        conn.executemany(
+            "INSERT INTO enterprise_records VALUES (?, ?, ?, ?, ?)",
+            [
+                (1, "alpha", "active", "acme", "2024-01-01T10:00:00"),
+                (2, "beta", "inactive", "acme", "2024-01-02T10:00:00"),
+                (3, "gamma", "active", "acme", "2024-01-03T10:00:00"),
+                (4, "delta", "active", "other", "2024-01-04T10:00:00"),
+            ],
+        )
+    create(
+        http,
+        {
+            "name": "seed_db_workflow",
+            "nodes": [
+                {
+                    "type": "AsyncSQLDatabaseNode",
+                    "name": "enterprise_db",
+                    "config": {
+                        "connection_string": f"sqlite:///{db}",
+                        "pool_size": 5,
+                        "query": "SELECT id, name, status, tenant_id, created_at FROM enterprise_records "
+                        "WHERE tenant_id = :tenant_id AND status = :status ORDER BY created_at DESC LIMIT :limit",
+                        "query_params": {"tenant_id": "${tenant_id}", "status": "active", "limit": 100},
+                    },
+                },
+                {
+                    "type": "PythonCodeNode",
+                    "name": "process_db_results",
+                    # The seed calls .isoformat() on datetimes; rows arrive as JSON, dates as ISO strings.
+                    "config": {
+                        "code": "records = [{'id': r['id'], 'name': r['name'], 'created_at': r['created_at']} "
+                        "for r in db_results['rows']]\n"
+                        "result = {'records': records, 'count': len(records), "
+                        "'tenant_id': db_results['rows'][0]['tenant_id'] if records else None}"
+                    },
+                },
+            ],
+            "connections": [
+                {
+                    "from_node": "enterprise_db",
+                    "from_output": "result",
+                    "to_node": "process_db_results",
+                    "to_input": "db_results",
+                }
+            ],
+        },
+    )
+    execution = http.post(
+        "/api/executions", json={"workflow_id": "seed_db_workflow", "inputs": {"tenant_id": "acme"}, "wait": True}
+    ).json()
+    assert execution["state"] == "STATE_SUCCEEDED", execution["error"]
+    result = execution["outputs"]["process_db_results"]["result"]
+    assert result["count"] == 2 and result["tenant_id"] == "acme"
+    assert [r["name"] for r in result["records"]] == ["gamma", "alpha"]
+
+
+def test_stats_count_executions(http: httpx.Client) -> None:
+    create(
+        http, {"name": "counted", "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": "result = 1"}}]}
+    )
+    assert (
+        http.post("/api/executions", json={"workflow_id": "counted", "wait": True}).json()["state"] == "STATE_SUCCEEDED"
+    )
+    executions = http.get("/api/stats").json()["executions"]
+    assert int(executions["started"]) >= 1 and int(executions["succeeded"]) >= 1
+    assert executions["latency_p99"] >= executions["latency_p50"] > 0
