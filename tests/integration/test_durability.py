@@ -130,7 +130,7 @@ def test_a_killed_server_resumes_retry_safe_work_without_rerunning_finished_node
 class _Hanging(BaseHTTPRequestHandler):
     hits: list[str] = []
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.hits.append(self.path)
         time.sleep(5)  # long enough for the server to be killed meanwhile
         self.send_response(200)
