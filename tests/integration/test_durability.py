@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import pytest
@@ -128,7 +128,7 @@ def test_a_killed_server_resumes_retry_safe_work_without_rerunning_finished_node
 
 
 class _Hanging(BaseHTTPRequestHandler):
-    hits: list[str] = []
+    hits: ClassVar[list[str]] = []
 
     def do_POST(self) -> None:
         self.hits.append(self.path)
