@@ -165,7 +165,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
                     heartbeat.time.GetCurrentTime()
                     yield execution_pb2.WatchExecutionResponse(event=heartbeat)
                     continue
-                yield execution_pb2.WatchExecutionResponse(event=event)
+                yield execution_pb2.WatchExecutionResponse(event=event.to_proto())
                 if event.type in ("execution.completed", "execution.failed", "execution.cancelled"):
                     return
         finally:

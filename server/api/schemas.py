@@ -76,6 +76,6 @@ class SchemaService(schema_pb2_grpc.SchemaServiceServicer):
         return schema_pb2.WorkflowSchema(
             workflow_id=workflow.workflow_id,
             version=workflow.version,
-            inputs_schema=python_to_struct(plan.inputs_schema()),
+            inputs_schema=python_to_struct(plan.inputs_schema),
             outputs_schema=python_to_struct(plan.outputs_schema()),
         )

@@ -132,7 +132,7 @@ class Executor:
         """
         plan = self._plans.get(tenant, workflow)
         values = struct_to_python(inputs)
-        missing = [name for name in plan.inputs_schema()["required"] if name not in values]
+        missing = [name for name in plan.inputs_schema["required"] if name not in values]
         if missing:
             raise InvalidArgument(
                 f"inputs missing for workflow {workflow.workflow_id!r}: {', '.join(missing)}",
@@ -187,10 +187,14 @@ class Executor:
     async def wait(self, tenant: str, execution_id: str, timeout: float) -> Execution | None:
         """The execution once it has ended, or as it is when `timeout` passes."""
         run = self._runs.get(execution_id)
-        if run is not None and run.tenant == tenant:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(run.finished.wait()), timeout)
-        return await self.get(tenant, execution_id)
+        if run is None or run.tenant != tenant:
+            return await self.get(tenant, execution_id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await run.finished.wait()
+        snapshot = Execution()
+        snapshot.CopyFrom(run.execution)
+        return snapshot
 
     async def cancel(self, tenant: str, execution_id: str) -> Execution | None:
         """Cancel; an execution that has ended is returned unchanged."""
@@ -305,7 +309,7 @@ class Executor:
                 execution.state = Execution.STATE_RUNNING
                 execution.start_time.CopyFrom(_now())
                 self.counters.started += 1
-                await self._store.save_execution(execution)
+                await self._store.save_execution(execution, wait=False)
                 self._publish(
                     "execution.started", run.tenant, execution, {"workflow_version": execution.workflow_version}
                 )
@@ -454,7 +458,9 @@ class Executor:
             node_run.attempts = attempt
             ctx = NodeContext(run.tenant, execution.execution_id, node.node_id, attempt, node.timeout, self._services)
             try:
-                outputs = await asyncio.wait_for(node.node_type.run(ctx, node.prepared, params), node.timeout)
+                # asyncio.timeout, unlike wait_for, runs the node in this task: no extra task per node.
+                async with asyncio.timeout(node.timeout):
+                    outputs = await node.node_type.run(ctx, node.prepared, params)
                 python_to_struct({node.node_id: outputs}, execution.outputs)
             except NodeError as exc:
                 error = exc
@@ -467,7 +473,10 @@ class Executor:
                 error = NodeError(f"{type(exc).__name__}: {exc}", reason="NODE_CRASHED")
             else:
                 _finish(node_run, NodeRun.STATE_SUCCEEDED)
-                await self._store.save_execution(execution)
+                # Not awaited: if this write is lost in a crash, the node is
+                # rerun only when retry-safe, and an unsafe one was recorded
+                # RUNNING before it started, so it fails as INTERRUPTED.
+                await self._store.save_execution(execution, wait=False)
                 self._publish("node.completed", run.tenant, execution, {"node_id": node.node_id, "attempts": attempt})
                 return outputs
             if attempt < node.max_attempts and error.retryable:

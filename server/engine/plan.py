@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from flowport.server.engine.registry import NodeRegistry
@@ -69,6 +70,7 @@ class Plan:
     nodes: dict[str, PlanNode]
     order: tuple[str, ...]
 
+    @cached_property
     def inputs_schema(self) -> JsonSchema:
         """JSON Schema of execution inputs: required node inputs nothing else provides."""
         properties: dict[str, Any] = {}

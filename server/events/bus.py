@@ -14,13 +14,46 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import struct_pb2
 
 from flowport.v1 import event_pb2
 
-Filter = Callable[[event_pb2.Event], bool]
+
+@dataclass(frozen=True, slots=True)
+class BusEvent:
+    """An event as the bus carries it: plain fields, turned into a
+    `flowport.v1.Event` only for a subscriber that receives it."""
+
+    id: str
+    type: str
+    time_ns: int
+    tenant: str
+    session_id: str = ""
+    workflow_id: str = ""
+    execution_id: str = ""
+    data: dict[str, Any] | None = None
+
+    def to_proto(self) -> event_pb2.Event:
+        """The wire form."""
+        event = event_pb2.Event(
+            id=self.id,
+            type=self.type,
+            tenant=self.tenant,
+            session_id=self.session_id,
+            workflow_id=self.workflow_id,
+            execution_id=self.execution_id,
+            data=struct_pb2.Struct(),
+        )
+        event.time.FromNanoseconds(self.time_ns)
+        if self.data:
+            event.data.update(self.data)
+        return event
+
+
+Filter = Callable[[BusEvent], bool]
 
 
 class SubscriberOverflow(Exception):
@@ -33,10 +66,10 @@ class Subscription:
     def __init__(self, bus: EventBus, accept: Filter, size: int) -> None:
         self._bus = bus
         self.accept = accept
-        self.queue: asyncio.Queue[event_pb2.Event | None] = asyncio.Queue(size)
+        self.queue: asyncio.Queue[BusEvent | None] = asyncio.Queue(size)
         self.overflowed = False
 
-    def offer(self, event: event_pb2.Event) -> None:
+    def offer(self, event: BusEvent) -> None:
         if self.overflowed:
             return
         try:
@@ -52,7 +85,7 @@ class Subscription:
         """Stop receiving events."""
         self._bus.unsubscribe(self)
 
-    async def next(self, timeout: float | None = None) -> event_pb2.Event | None:
+    async def next(self, timeout: float | None = None) -> BusEvent | None:
         """The next event, or None when `timeout` passes first (then call again)."""
         try:
             event = await asyncio.wait_for(self.queue.get(), timeout)
@@ -62,10 +95,10 @@ class Subscription:
             raise SubscriberOverflow("subscriber fell behind and was disconnected")
         return event
 
-    def __aiter__(self) -> AsyncIterator[event_pb2.Event]:
+    def __aiter__(self) -> AsyncIterator[BusEvent]:
         return self._events()
 
-    async def _events(self) -> AsyncIterator[event_pb2.Event]:
+    async def _events(self) -> AsyncIterator[BusEvent]:
         while True:
             event = await self.next()
             assert event is not None  # no timeout given
@@ -90,22 +123,14 @@ class EventBus:
         workflow_id: str = "",
         execution_id: str = "",
         data: dict[str, Any] | None = None,
-    ) -> event_pb2.Event:
+    ) -> BusEvent:
         """Stamp and deliver an event; returns it. Never waits."""
-        event = event_pb2.Event(
-            id=str(next(self._ids)),
-            type=type_,
-            tenant=tenant,
-            session_id=session_id,
-            workflow_id=workflow_id,
-            execution_id=execution_id,
-            data=struct_pb2.Struct(),
+        event = BusEvent(
+            str(next(self._ids)), type_, time.time_ns(), tenant, session_id, workflow_id, execution_id, data
         )
-        event.time.FromNanoseconds(time.time_ns())
-        if data:
-            event.data.update(data)
         self.published += 1
-        for subscriber in list(self._subscribers):
+        # A copy: a subscriber that overflows removes itself meanwhile.
+        for subscriber in tuple(self._subscribers):
             if subscriber.accept(event):
                 subscriber.offer(event)
         return event

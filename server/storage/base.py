@@ -86,8 +86,8 @@ class Store(Protocol):
     ) -> IdempotentResult:
         """Record a new execution; `response` is the (first) execution's id."""
 
-    async def save_execution(self, execution: execution_pb2.Execution) -> None:
-        """Write an execution's current state."""
+    async def save_execution(self, execution: execution_pb2.Execution, *, wait: bool = True) -> None:
+        """Write an execution's current state; `wait=False` queues it (committed in order)."""
 
     async def get_execution(self, tenant: str, execution_id: str) -> execution_pb2.Execution | None:
         """The execution, or None."""

@@ -47,22 +47,25 @@ class ExecutionTables(Tables):
 
         return await self._write(op)
 
-    async def save_execution(self, execution: execution_pb2.Execution) -> None:
-        """Write the execution's current state (grouped with concurrent writes)."""
+    async def save_execution(self, execution: execution_pb2.Execution, *, wait: bool = True) -> None:
+        """Write the execution's current state (grouped with concurrent writes).
+
+        With `wait=False` the write is queued and the call returns at once; a
+        later awaited write commits it (writes commit in order).
+        """
         body = execution.SerializeToString()
-        await self._write(
-            lambda conn: conn.execute(
-                "UPDATE executions SET state=?, body=? WHERE execution_id=?",
-                (execution.state, body, execution.execution_id),
-            )
-        )
+        args = (execution.state, body, execution.execution_id)
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE executions SET state=?, body=? WHERE execution_id=?", args)
+
+        if wait:
+            await self._write(op)
+        else:
+            self._write_soon(op)
 
     async def get_execution(self, tenant: str, execution_id: str) -> execution_pb2.Execution | None:
-        row = await self._read(
-            lambda conn: conn.execute(
-                "SELECT body FROM executions WHERE execution_id=? AND tenant=?", (execution_id, tenant)
-            ).fetchone()
-        )
+        row = self._lookup("SELECT body FROM executions WHERE execution_id=? AND tenant=?", (execution_id, tenant))
         return None if row is None else execution_pb2.Execution.FromString(row[0])
 
     async def list_executions(

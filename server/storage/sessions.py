@@ -37,11 +37,8 @@ class SessionTables(Tables):
         return await self._write(op)
 
     async def get_session(self, tenant: str, session_id: str, now_us: int) -> session_pb2.Session | None:
-        row = await self._read(
-            lambda conn: conn.execute(
-                "SELECT body FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?",
-                (session_id, tenant, now_us),
-            ).fetchone()
+        row = self._lookup(
+            "SELECT body FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?", (session_id, tenant, now_us)
         )
         return None if row is None else session_pb2.Session.FromString(row[0])
 
@@ -77,10 +74,8 @@ class SessionTables(Tables):
         return await self._write(op)
 
     async def session_exists(self, tenant: str, session_id: str, now_us: int) -> bool:
-        row = await self._read(
-            lambda conn: conn.execute(
-                "SELECT 1 FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?", (session_id, tenant, now_us)
-            ).fetchone()
+        row = self._lookup(
+            "SELECT 1 FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?", (session_id, tenant, now_us)
         )
         return row is not None
 

@@ -12,6 +12,7 @@ others in its batch down with it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from flowport.server.storage.sessions import SessionTables
 from flowport.server.storage.workflows import WorkflowTables
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 Op = Callable[[sqlite3.Connection], Any]
 
 
@@ -92,6 +94,11 @@ def _run_batch(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]
     return results
 
 
+def _log_unretrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("a queued write failed: %s", future.exception())
+
+
 class _GroupWriter:
     """Queues write operations and commits each batch in one transaction."""
 
@@ -102,12 +109,16 @@ class _GroupWriter:
         self.batches = 0
         self.writes = 0
 
-    async def submit(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    def enqueue(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue `op`; the future resolves once its batch is committed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((op, future))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
-        return await future
+        return future
+
+    async def submit(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        return await self.enqueue(op)
 
     async def _flush(self) -> None:
         try:
@@ -123,6 +134,9 @@ class _GroupWriter:
                 for (_, future), (ok, value) in zip(batch, results, strict=True):
                     if future.done():  # the caller was cancelled; the write stands
                         continue
+                    if not ok and not future.get_loop().is_closed():
+                        # Nobody may await a queued write: its failure must still be seen.
+                        future.add_done_callback(_log_unretrieved)
                     if ok:
                         future.set_result(value)
                     else:
@@ -144,6 +158,7 @@ class SqliteStore(SessionTables, WorkflowTables, ExecutionTables):
         self._writer = _Thread("flowport-sqlite-w")
         self._reader = _Thread("flowport-sqlite-r")
         self._group = _GroupWriter(self._writer)
+        self._inline: sqlite3.Connection | None = None
 
     @classmethod
     async def open(cls, path: Path, migrations: list[Migration] | None = None) -> SqliteStore:
@@ -158,10 +173,14 @@ class SqliteStore(SessionTables, WorkflowTables, ExecutionTables):
             await store._writer.close()
             raise
         await store._reader.open(lambda: _connect(path, readonly=True))
+        store._inline = _connect(path, readonly=True)
         return store
 
     async def close(self) -> None:
         await self._group.drain()
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
         await self._reader.close()
         await self._writer.close()
 
@@ -173,6 +192,14 @@ class SqliteStore(SessionTables, WorkflowTables, ExecutionTables):
 
     async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         return await self._reader.run(op)
+
+    def _lookup(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
+        assert self._inline is not None, "store is closed"
+        row: tuple[Any, ...] | None = self._inline.execute(sql, args).fetchone()
+        return row
+
+    def _write_soon(self, op: Callable[[sqlite3.Connection], object]) -> None:
+        self._group.enqueue(op)
 
     @property
     def write_batches(self) -> tuple[int, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -19,7 +19,19 @@ class Tables:
         raise NotImplementedError
 
     async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `op` on the read connection."""
+        """Run `op` on the read connection's thread (scans, lists)."""
+        raise NotImplementedError
+
+    def _lookup(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
+        """One row by key, read on the calling thread.
+
+        A primary-key read in WAL mode takes microseconds and never waits for
+        the writer, which is less than a hop to a thread and back costs.
+        """
+        raise NotImplementedError
+
+    def _write_soon(self, op: Callable[[sqlite3.Connection], object]) -> None:
+        """Queue a write without waiting for it; a later awaited write commits it too."""
         raise NotImplementedError
 
 

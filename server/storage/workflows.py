@@ -58,7 +58,7 @@ class WorkflowTables(Tables):
             sql += " AND version=?"
             args.append(version)
         sql += " ORDER BY version DESC LIMIT 1"
-        row = await self._read(lambda conn: conn.execute(sql, args).fetchone())
+        row = self._lookup(sql, tuple(args))
         return None if row is None else workflow_pb2.Workflow.FromString(row[0])
 
     async def list_workflows(

@@ -221,4 +221,4 @@ def test_plan_orders_nodes_and_binds_inputs(registry: NodeRegistry) -> None:
     binding = plan.nodes["process_data"].inbound[0]
     assert (binding.from_node, binding.path, binding.to_input) == ("fetch_data", ("response",), "data")
     assert plan.nodes["fetch_data"].downstream == ("process_data",)
-    assert plan.inputs_schema()["required"] == []
+    assert plan.inputs_schema["required"] == []

@@ -1,0 +1,147 @@
+"""CPU per execution of the trivial workflow, end to end in the server.
+
+Starts `flowport serve` on free loopback ports, creates the trivial workflow
+(one PythonCodeNode returning {'n': n + 1}), runs --count executions with
+`wait` over direct gRPC at --concurrency, and reports the CPU time the
+server process and its sandbox workers spent per execution (from
+/proc/<pid>/stat, so Linux only), plus throughput for context.
+
+    python -m benchmarks.cpu_per_execution --count 2000 --concurrency 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+from flowport.server.settings import Settings
+from flowport.server.supervisor import child_environment
+from flowport.v1 import (
+    execution_pb2,
+    execution_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    workflow_pb2,
+    workflow_pb2_grpc,
+)
+
+TICKS = os.sysconf("SC_CLK_TCK")
+TRIVIAL = {
+    "name": "trivial",
+    "nodes": [{"type": "PythonCodeNode", "name": "calc", "config": {"code": "result = {'n': n + 1}"}}],
+}
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _drive(target: str, count: int, concurrency: int, baseline: bool) -> float:
+    async with grpc.aio.insecure_channel(target) as channel:
+        for _ in range(100):
+            try:
+                await gateway_pb2_grpc.GatewayServiceStub(channel).GetInfo(gateway_pb2.GetInfoRequest(), timeout=1)
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+        if baseline:
+            gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+
+            async def info() -> None:
+                for _ in numbers:
+                    await gateway.GetInfo(gateway_pb2.GetInfoRequest())
+
+            numbers = iter(range(count + 50))
+            started = time.perf_counter()
+            await asyncio.gather(*(info() for _ in range(concurrency)))
+            return time.perf_counter() - started
+        workflows = workflow_pb2_grpc.WorkflowServiceStub(channel)
+        await workflows.CreateWorkflow(
+            workflow_pb2.CreateWorkflowRequest(workflow=json_format.ParseDict(TRIVIAL, workflow_pb2.Workflow()))
+        )
+        executions = execution_pb2_grpc.ExecutionServiceStub(channel)
+        numbers = iter(range(count))
+
+        async def worker() -> None:
+            for n in numbers:
+                request = execution_pb2.CreateExecutionRequest(workflow_id="trivial", wait=True)
+                request.inputs.update({"n": n})
+                done = await executions.CreateExecution(request)
+                assert done.state == execution_pb2.Execution.STATE_SUCCEEDED, done.error.message
+                assert done.outputs["calc"]["result"]["n"] == n + 1
+
+        warm = iter(range(50))
+        numbers, warm = warm, numbers  # warm-up round first
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        numbers = warm
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--baseline", action="store_true", help="measure a trivial unary RPC (GetInfo) instead: the gRPC floor"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as data:
+        settings = Settings.load({"data_dir": data, "grpc_port": _free_port(), "sandbox_workers": 1}, environ={})
+        server = subprocess.Popen(
+            [sys.executable, "-m", "flowport.clients.cli", "serve", "--log-level", "warning"],
+            env=child_environment(settings),
+        )
+        try:
+            time.sleep(1.0)
+            workers = _children(server.pid)
+            before = _cpu_seconds(server.pid), sum(_cpu_seconds(w) for w in workers)
+            # The warm-up round is inside _drive; measure around the whole run and subtract it below.
+            elapsed = asyncio.run(_drive(settings.grpc_target, args.count, args.concurrency, args.baseline))
+            after = _cpu_seconds(server.pid), sum(_cpu_seconds(w) for w in _children(server.pid))
+        finally:
+            server.terminate()
+            server.wait(30)
+    total = args.count + 50
+    server_ms = 1000 * (after[0] - before[0]) / total
+    worker_ms = 1000 * (after[1] - before[1]) / total
+    print(f"cores: {os.cpu_count()}  executions: {args.count} (+50 warm-up)  concurrency: {args.concurrency}")
+    what = "GetInfo call" if args.baseline else "execution"
+    print(f"server CPU per {what}:  {server_ms:.3f} ms")
+    print(f"sandbox CPU per execution: {worker_ms:.3f} ms")
+    print(f"throughput (client, server and workers share the machine): {args.count / elapsed:.0f} executions/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
