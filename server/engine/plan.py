@@ -80,7 +80,7 @@ class Plan:
                 continue
             bound = {b.to_input for b in node.inbound} | set(node.config)
             schema = node.node_type.inputs_schema
-            for name in schema.get("required", []):
+            for name in sorted(node.node_type.required_inputs(node.config)):
                 if name not in bound:
                     properties[name] = schema.get("properties", {}).get(name, {})
                     required.add(name)

@@ -112,6 +112,11 @@ class NodeType(ABC):
         return cls.retry_safe
 
     @classmethod
+    def required_inputs(cls, config: Mapping[str, Any]) -> set[str]:
+        """Parameters that must be given (by config, connection or execution input)."""
+        return set(cls.inputs_schema.get("required", []))
+
+    @classmethod
     def reads(cls, config: Mapping[str, Any]) -> set[str] | None:
         """Execution inputs this node is offered by name; None offers all of them.
 

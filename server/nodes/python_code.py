@@ -8,13 +8,41 @@ output `result`. Syntax errors are found when the workflow is validated.
 
 from __future__ import annotations
 
+import builtins
+import symtable
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
 from flowport.server.sandbox import errors as sandbox_errors
 
+BUILTIN_NAMES = frozenset(dir(builtins))
+
 MAX_CODE_CHARS = 100_000
+# Names the sandbox provides to every run (see sandbox/worker.py).
+PROVIDED = frozenset({"datetime", "date", "timedelta", "json", "math", "re", "__name__"})
+
+
+def free_variables(code: str) -> set[str]:
+    """Global names `code` reads and never assigns: the inputs it expects.
+
+    Empty when the code does not parse (validation reports that).
+    """
+    try:
+        top = symtable.symtable(code, "<node>", "exec")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return set()
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    used: set[str] = set()
+    tables = [top]
+    while tables:
+        table = tables.pop()
+        for symbol in table.get_symbols():
+            global_read = symbol.is_global() or table is top
+            if symbol.is_referenced() and global_read and not (table is top and symbol.get_name() in bound):
+                used.add(symbol.get_name())
+        tables.extend(table.get_children())
+    return used - bound - BUILTIN_NAMES - PROVIDED
 
 
 class PythonCodeNode(NodeType):
@@ -64,6 +92,12 @@ class PythonCodeNode(NodeType):
             except (ValueError, RecursionError, MemoryError) as exc:
                 problems.append((f"{path}.code", f"cannot be compiled: {type(exc).__name__}"))
         return problems
+
+    @classmethod
+    def required_inputs(cls, config: Mapping[str, Any]) -> set[str]:
+        # The code's free variables: names it reads but never binds.
+        code = config.get("code")
+        return free_variables(code) if isinstance(code, str) else set()
 
     @classmethod
     def reads(cls, config: Mapping[str, Any]) -> set[str] | None:

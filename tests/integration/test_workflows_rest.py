@@ -231,6 +231,15 @@ def test_schemas(http: httpx.Client) -> None:
     assert "s" in schema["outputs_schema"]["properties"]
     missing = http.post("/api/executions", json={"workflow_id": "needs_n"})
     assert missing.status_code == 400 and "input_data" in missing.text
+    create(
+        http,
+        {"name": "uses_n", "nodes": [{"type": "PythonCodeNode", "name": "c", "config": {"code": "result = n + 1"}}]},
+    )
+    assert http.get("/api/schemas/workflows/uses_n").json()["inputs_schema"]["required"] == ["n"]
+    no_n = http.post("/api/executions", json={"workflow_id": "uses_n"})
+    assert no_n.status_code == 400
+    violation = next(d for d in no_n.json()["details"] if d["@type"] == BAD_REQUEST)["field_violations"][0]
+    assert violation["field"] == "inputs.n"
 
 
 HOSTILE = {
@@ -343,3 +352,28 @@ def test_stats_count_executions(http: httpx.Client) -> None:
     executions = http.get("/api/stats").json()["executions"]
     assert int(executions["started"]) >= 1 and int(executions["succeeded"]) >= 1
     assert executions["latency_p99"] >= executions["latency_p50"] > 0
+
+
+def test_list_executions_filters_and_pages(http: httpx.Client) -> None:
+    create(
+        http,
+        {"name": "listed", "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": "result = 1 / n"}}]},
+    )
+    session = http.post("/api/sessions", json={"user_id": "lister"}).json()["session_id"]
+    ids = set()
+    for n in (1, 2, 0):  # n == 0 fails
+        body = {"workflow_id": "listed", "inputs": {"n": n}, "session_id": session, "wait": True}
+        ids.add(http.post("/api/executions", json=body).json()["execution_id"])
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = http.get("/api/executions", params={"session_id": session, "page_size": 2, "page_token": token}).json()
+        seen += [e["execution_id"] for e in page["executions"]]
+        token = page["next_page_token"]
+        if not token:
+            break
+    assert sorted(seen) == sorted(ids)
+    failed = http.get("/api/executions", params={"session_id": session, "state": "STATE_FAILED"}).json()["executions"]
+    assert len(failed) == 1 and failed[0]["inputs"] == {"n": 0}
+    unknown_session = http.post("/api/executions", json={"workflow_id": "listed", "session_id": "ses_nope"})
+    assert unknown_session.status_code == 404

@@ -222,3 +222,17 @@ def test_plan_orders_nodes_and_binds_inputs(registry: NodeRegistry) -> None:
     assert (binding.from_node, binding.path, binding.to_input) == ("fetch_data", ("response",), "data")
     assert plan.nodes["fetch_data"].downstream == ("process_data",)
     assert plan.inputs_schema["required"] == []
+
+
+def test_python_code_inputs_are_its_free_variables(registry: NodeRegistry) -> None:
+    data = {
+        "name": "w",
+        "nodes": [
+            code_node("first", "import math\ndef scale(v):\n    return v * factor\nresult = [scale(i) for i in items]"),
+            code_node("second", "result = {'n': len(data), 'at': datetime.now().isoformat()}"),
+        ],
+        "connections": [{"from_node": "first", "from_output": "result", "to_node": "second", "to_input": "data"}],
+    }
+    plan = compile_plan(workflow(data), registry)
+    # `data` comes from a connection; datetime, len and math are provided.
+    assert plan.inputs_schema["required"] == ["factor", "items"]
