@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import orjson
 
 from flowport.server.errors import InvalidArgument
+
+T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -72,3 +75,16 @@ def cursor_time_id(cursor: list[Any] | None) -> tuple[int, str] | None:
     if len(cursor) != 2 or not isinstance(cursor[0], int) or not isinstance(cursor[1], str):
         raise _malformed()
     return cursor[0], cursor[1]
+
+
+def page(
+    rows: Sequence[T], size: int, filters: dict[str, Any], cursor: Callable[[T], list[Any]]
+) -> tuple[list[T], str]:
+    """Split `size + 1` fetched rows into the page and the token for the next one.
+
+    Fetching one row more than the page tells whether another page exists
+    without a count query.
+    """
+    if len(rows) <= size:
+        return list(rows), ""
+    return list(rows[:size]), encode_token(cursor(rows[size - 1]), filters)

@@ -8,7 +8,7 @@ import time
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
-from flowport.server.errors import InvalidArgument
+from flowport.server.errors import AlreadyExists, InvalidArgument
 
 MAX_REQUEST_ID = 128
 
@@ -47,3 +47,12 @@ def idempotency_key(request_id: str, message: Message) -> tuple[str, bytes] | No
     """(request_id, digest of `message`), or None when no request_id was given."""
     check_request_id(request_id)
     return (request_id, request_hash(message)) if request_id else None
+
+
+def request_id_reused(request_id: str, what: str) -> AlreadyExists:
+    """ALREADY_EXISTS for an idempotency key used before with another request."""
+    return AlreadyExists(
+        f"request_id {request_id!r} was already used {what}",
+        reason="REQUEST_ID_REUSED",
+        metadata={"request_id": request_id},
+    )

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from flowport.server import pagination
-from flowport.server.api.common import idempotency_key, now_us, require
+from flowport.server.api.common import idempotency_key, now_us, request_id_reused, require
+from flowport.server.api.sessions import session_not_found
 from flowport.server.api.workflows import workflow_not_found
 from flowport.server.engine.executor import FINISHED, Executor
-from flowport.server.errors import AlreadyExists, InvalidArgument, NotFound
+from flowport.server.errors import InvalidArgument, NotFound
 from flowport.server.events.bus import EventBus
 from flowport.server.storage import IdempotencyConflict, Store
 from flowport.server.tenancy import tenant_of
@@ -74,11 +75,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         if workflow is None:
             raise workflow_not_found(request.workflow_id, request.workflow_version)
         if request.session_id and not await self._store.session_exists(tenant, request.session_id, now_us()):
-            raise NotFound(
-                f"session {request.session_id!r} does not exist or has expired",
-                reason="SESSION_NOT_FOUND",
-                metadata={"session_id": request.session_id},
-            )
+            raise session_not_found(request.session_id)
         try:
             execution, _ = await self._executor.create(
                 tenant,
@@ -89,11 +86,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
                 request_hash=key[1] if key else None,
             )
         except IdempotencyConflict:
-            raise AlreadyExists(
-                f"request_id {request.request_id!r} was already used with a different request",
-                reason="REQUEST_ID_REUSED",
-                metadata={"request_id": request.request_id},
-            ) from None
+            raise request_id_reused(request.request_id, "with a different request") from None
         if wait and execution.state not in FINISHED:
             waited = await self._executor.wait(tenant, execution.execution_id, timeout)
             if waited is not None:
@@ -125,13 +118,10 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
             after=after,
             limit=size + 1,
         )
-        response = execution_pb2.ListExecutionsResponse(executions=rows[:size])
-        if len(rows) > size:
-            last = rows[size - 1]
-            response.next_page_token = pagination.encode_token(
-                [last.create_time.ToMicroseconds(), last.execution_id], filters
-            )
-        return response
+        executions, token = pagination.page(
+            rows, size, filters, lambda e: [e.create_time.ToMicroseconds(), e.execution_id]
+        )
+        return execution_pb2.ListExecutionsResponse(executions=executions, next_page_token=token)
 
     async def CancelExecution(
         self, request: execution_pb2.CancelExecutionRequest, context: Context

@@ -47,11 +47,9 @@ class SchemaService(schema_pb2_grpc.SchemaServiceServicer):
     ) -> schema_pb2.ListNodeSchemasResponse:
         size = pagination.page_size(request.page_size)
         after = pagination.cursor_str(pagination.decode_token(request.page_token, {}))
-        names = [n for n in sorted(self._schemas) if after is None or n > after]
-        response = schema_pb2.ListNodeSchemasResponse(node_schemas=[self._schemas[n] for n in names[:size]])
-        if len(names) > size:
-            response.next_page_token = pagination.encode_token([names[size - 1]], {})
-        return response
+        names = [n for n in sorted(self._schemas) if after is None or n > after][: size + 1]
+        shown, token = pagination.page(names, size, {}, lambda n: [n])
+        return schema_pb2.ListNodeSchemasResponse(node_schemas=[self._schemas[n] for n in shown], next_page_token=token)
 
     async def GetNodeSchema(self, request: schema_pb2.GetNodeSchemaRequest, context: Context) -> schema_pb2.NodeSchema:
         schema = self._schemas.get(request.node_type)

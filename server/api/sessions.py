@@ -5,8 +5,8 @@ from __future__ import annotations
 from google.protobuf import empty_pb2
 
 from flowport.server import pagination
-from flowport.server.api.common import check_request_id, idempotency_key, now_us, require, timestamp
-from flowport.server.errors import AlreadyExists, InvalidArgument, NotFound
+from flowport.server.api.common import check_request_id, idempotency_key, now_us, request_id_reused, require, timestamp
+from flowport.server.errors import InvalidArgument, NotFound
 from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
 from flowport.server.settings import Settings
@@ -76,11 +76,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         try:
             result = await self._store.create_session(session.tenant, session, idempotency)
         except IdempotencyConflict:
-            raise AlreadyExists(
-                f"request_id {request.request_id!r} was already used with a different session",
-                reason="REQUEST_ID_REUSED",
-                metadata={"request_id": request.request_id},
-            ) from None
+            raise request_id_reused(request.request_id, "with a different session") from None
         if result.replayed:
             return session_pb2.Session.FromString(result.response)
         self._bus.publish("session.created", tenant=session.tenant, session_id=session.session_id)
@@ -90,7 +86,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         require(request.session_id, "session_id")
         session = await self._store.get_session(tenant_of(context), request.session_id, now_us())
         if session is None:
-            raise _not_found(request.session_id)
+            raise session_not_found(request.session_id)
         return session
 
     async def ListSessions(
@@ -99,17 +95,11 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         size = pagination.page_size(request.page_size)
         filters = {"user_id": request.user_id}
         after = pagination.cursor_time_id(pagination.decode_token(request.page_token, filters))
-        # One extra row tells whether another page exists.
         rows = await self._store.list_sessions(
             tenant_of(context), user_id=request.user_id, after=after, limit=size + 1, now_us=now_us()
         )
-        response = session_pb2.ListSessionsResponse(sessions=rows[:size])
-        if len(rows) > size:
-            last = rows[size - 1]
-            response.next_page_token = pagination.encode_token(
-                [last.create_time.ToMicroseconds(), last.session_id], filters
-            )
-        return response
+        sessions, token = pagination.page(rows, size, filters, lambda s: [s.create_time.ToMicroseconds(), s.session_id])
+        return session_pb2.ListSessionsResponse(sessions=sessions, next_page_token=token)
 
     async def DeleteSession(self, request: session_pb2.DeleteSessionRequest, context: Context) -> empty_pb2.Empty:
         require(request.session_id, "session_id")
@@ -119,18 +109,15 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
                 tenant_of(context), request.session_id, now_us(), request.request_id
             )
         except IdempotencyConflict:
-            raise AlreadyExists(
-                f"request_id {request.request_id!r} was already used to delete another session",
-                reason="REQUEST_ID_REUSED",
-                metadata={"request_id": request.request_id},
-            ) from None
+            raise request_id_reused(request.request_id, "to delete another session") from None
         if not deleted:
-            raise _not_found(request.session_id)
+            raise session_not_found(request.session_id)
         self._bus.publish("session.deleted", tenant=tenant_of(context), session_id=request.session_id)
         return empty_pb2.Empty()
 
 
-def _not_found(session_id: str) -> NotFound:
+def session_not_found(session_id: str) -> NotFound:
+    """NOT_FOUND for a session that does not exist or has expired."""
     return NotFound(
         f"session {session_id!r} does not exist or has expired",
         reason="SESSION_NOT_FOUND",

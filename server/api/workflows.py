@@ -6,10 +6,11 @@ from google.protobuf import empty_pb2
 from google.rpc import error_details_pb2
 
 from flowport.server import pagination
-from flowport.server.api.common import idempotency_key, now_us, require, timestamp
+from flowport.server.api.common import idempotency_key, now_us, request_id_reused, require, timestamp
+from flowport.server.api.sessions import session_not_found
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import validate
-from flowport.server.errors import AlreadyExists, InvalidArgument, NotFound
+from flowport.server.errors import InvalidArgument, NotFound
 from flowport.server.events.bus import EventBus
 from flowport.server.storage import IdempotencyConflict, Store
 from flowport.server.tenancy import tenant_of
@@ -46,11 +47,7 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
             )
         tenant = tenant_of(context)
         if given.session_id and not await self._store.session_exists(tenant, given.session_id, now_us()):
-            raise NotFound(
-                f"session {given.session_id!r} does not exist or has expired",
-                reason="SESSION_NOT_FOUND",
-                metadata={"session_id": given.session_id},
-            )
+            raise session_not_found(given.session_id)
         workflow = workflow_pb2.Workflow()
         workflow.CopyFrom(given)
         workflow.workflow_id = given.name
@@ -60,11 +57,7 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
         try:
             result = await self._store.create_workflow(tenant, workflow, key)
         except IdempotencyConflict:
-            raise AlreadyExists(
-                f"request_id {request.request_id!r} was already used with a different workflow",
-                reason="REQUEST_ID_REUSED",
-                metadata={"request_id": request.request_id},
-            ) from None
+            raise request_id_reused(request.request_id, "with a different workflow") from None
         stored = workflow_pb2.Workflow.FromString(result.response)
         if not result.replayed:
             self._bus.publish(
@@ -95,10 +88,8 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
         rows = await self._store.list_workflows(
             tenant_of(context), session_id=request.session_id, after=after, limit=size + 1
         )
-        response = workflow_pb2.ListWorkflowsResponse(workflows=rows[:size])
-        if len(rows) > size:
-            response.next_page_token = pagination.encode_token([rows[size - 1].workflow_id], filters)
-        return response
+        workflows, token = pagination.page(rows, size, filters, lambda w: [w.workflow_id])
+        return workflow_pb2.ListWorkflowsResponse(workflows=workflows, next_page_token=token)
 
     async def DeleteWorkflow(self, request: workflow_pb2.DeleteWorkflowRequest, context: Context) -> empty_pb2.Empty:
         require(request.workflow_id, "workflow_id")
@@ -107,11 +98,7 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
         try:
             deleted = await self._store.delete_workflow(tenant, request.workflow_id, now_us(), request.request_id)
         except IdempotencyConflict:
-            raise AlreadyExists(
-                f"request_id {request.request_id!r} was already used to delete another workflow",
-                reason="REQUEST_ID_REUSED",
-                metadata={"request_id": request.request_id},
-            ) from None
+            raise request_id_reused(request.request_id, "to delete another workflow") from None
         if not deleted:
             raise workflow_not_found(request.workflow_id)
         self._bus.publish("workflow.deleted", tenant=tenant, workflow_id=request.workflow_id)
