@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from flowport.clients import ApiError, AsyncClient
 from flowport.server.app import ALL_SERVICES, Running, start, stop
 from flowport.server.settings import Settings
-from flowport.v1 import gateway_pb2, session_pb2, webhook_pb2
+from flowport.v1 import gateway_pb2, session_pb2, webhook_pb2, workflow_pb2
 
 S = session_pb2
 
@@ -224,3 +224,38 @@ async def test_graceful_stop_lets_in_flight_calls_finish(settings: Settings) -> 
         got = await in_flight
         await stopping
     assert got.session_id == created.session_id
+
+
+async def test_watch_execution_streams_state_then_events_until_the_end(client: AsyncClient) -> None:
+    from google.protobuf import json_format
+
+    from flowport.v1 import execution_pb2
+
+    workflow = json_format.ParseDict(
+        {
+            "name": "watched",
+            "nodes": [
+                {"type": "PythonCodeNode", "name": "a", "config": {"code": "import time\ntime.sleep(0.5)\nresult = 1"}}
+            ],
+        },
+        workflow_pb2.Workflow(),
+    )
+    await client.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=workflow))
+    started = await client.executions.CreateExecution(execution_pb2.CreateExecutionRequest(workflow_id="watched"))
+    messages = [
+        m
+        async for m in client.executions.WatchExecution(
+            execution_pb2.WatchExecutionRequest(execution_id=started.execution_id)
+        )
+    ]
+    assert messages[0].WhichOneof("update") == "execution"
+    assert messages[0].execution.execution_id == started.execution_id
+    # The node sleeps, so the watch begins while the execution runs.
+    assert messages[0].execution.state in (execution_pb2.Execution.STATE_PENDING, execution_pb2.Execution.STATE_RUNNING)
+    types = [m.event.type for m in messages[1:]]
+    assert types[-3:] == ["node.completed", "execution.progress", "execution.completed"]
+    assert all(m.event.execution_id == started.execution_id for m in messages[1:])
+    error = await _error(
+        client.executions.WatchExecution(execution_pb2.WatchExecutionRequest(execution_id="exe_missing")).read()
+    )
+    assert error.code is grpc.StatusCode.NOT_FOUND
