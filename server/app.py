@@ -139,7 +139,9 @@ async def start(settings: Settings) -> Running:
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
     session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, settings, bus), server)
     workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowService(store, registry, bus), server)
-    execution_pb2_grpc.add_ExecutionServiceServicer_to_server(ExecutionService(store, executor, bus), server)
+    execution_pb2_grpc.add_ExecutionServiceServicer_to_server(
+        ExecutionService(store, executor, bus, settings.stream_heartbeat), server
+    )
     schema_pb2_grpc.add_SchemaServiceServicer_to_server(SchemaService(store, registry, plans), server)
     server.add_generic_rpc_handlers([unimplemented_handler(s) for s in NOT_YET_IMPLEMENTED])
     health_servicer = health.aio.HealthServicer()

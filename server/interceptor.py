@@ -13,9 +13,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from flowport.server.errors import FlowportError, Internal
+from flowport.server.api.in_band import in_band_error
+from flowport.server.errors import FlowportError, Internal, InvalidArgument
 from flowport.server.metrics import RequestMetrics
+from flowport.server.transcoding import original_path
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,31 @@ async def abort_with(context: Context, error: FlowportError) -> None:
     await context.abort(
         error.code, error.message, trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),)
     )
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse, so the call can
+    answer INVALID_ARGUMENT instead of gRPC's own UNKNOWN (an HTTP 500)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _undecodable(method: str) -> InvalidArgument:
+    return InvalidArgument(f"the request to {method} could not be decoded", reason="MALFORMED_REQUEST")
 
 
 def _internal(method: str, exc: BaseException) -> Internal:
@@ -74,6 +102,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 start = time.perf_counter()
                 ok = False
                 try:
+                    if isinstance(request, _Undecodable):
+                        raise _undecodable(method)
                     response = await unary(request, context)
                     ok = True
                     return response
@@ -88,7 +118,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_behavior,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -96,23 +126,33 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
                 ok = False
+                last: type[Any] | None = None
                 metrics.stream_opened()
                 try:
-                    async for item in stream(request, context):
-                        yield item
-                    ok = True
-                except FlowportError as exc:
-                    await abort_with(context, exc)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    await abort_with(context, _internal(method, exc))
+                    try:
+                        if isinstance(request, _Undecodable):
+                            raise _undecodable(method)
+                        async for item in stream(request, context):
+                            last = type(item)
+                            yield item
+                        ok = True
+                    except FlowportError as exc:
+                        error = exc
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001
+                        error = _internal(method, exc)
+                    if not ok:
+                        final = in_band_error(last, error) if last is not None and original_path(context) else None
+                        if final is None:
+                            await abort_with(context, error)
+                        yield final
                 finally:
                     metrics.stream_closed(ok)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream_behavior,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         # Client- and bidi-streaming methods are not part of the API.

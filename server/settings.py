@@ -59,6 +59,42 @@ class Settings(BaseModel):
     )
     sandbox_memory_mb: int = Field(512, ge=64, le=65536, description="address-space limit of a sandbox worker, MiB")
     sandbox_cpu_seconds: float = Field(10.0, gt=0, le=3600, description="CPU time one PythonCodeNode run may use")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="origins browsers may call the API from, e.g. https://app.example.com, or '*' (comma-separated)",
+    )
+    cors_allow_credentials: bool = Field(False, description="let browsers send cookies/credentials cross-origin")
+    cors_max_age: int = Field(600, ge=0, le=86400, description="seconds a browser may cache a CORS preflight answer")
+    max_request_bytes: int = Field(
+        4 * 2**20, ge=1024, le=2**30, description="largest REST request body Envoy accepts (413 beyond)"
+    )
+    stream_idle_timeout: float = Field(
+        300.0, gt=0, le=86400, description="Envoy closes a stream idle this many seconds (heartbeats keep streams busy)"
+    )
+    stream_heartbeat: float = Field(
+        15.0, gt=0, le=3600, description="seconds between heartbeat events on an idle stream"
+    )
+    rate_limit_max_requests: int = Field(
+        2000, ge=0, description="gateway-wide requests per time window through Envoy; 0 turns rate limiting off"
+    )
+    rate_limit_time_window: float = Field(
+        1.0, gt=0, le=3600, description="rate-limit window (token refill interval), seconds"
+    )
+    rate_limit_burst_limit: int = Field(
+        0, ge=0, description="tokens a bucket holds (the burst allowed); 0 means the same as its max_requests"
+    )
+    rate_limit_client_max_requests: int = Field(
+        500, ge=0, description="requests per window for each client (its API key, else its address); 0 turns it off"
+    )
+    rate_limit_address_max_requests: int = Field(
+        0, ge=0, description="requests per window from one address whatever the keys; 0 means 4x the client limit"
+    )
+    rate_limit_execution_max_requests: int = Field(
+        500, ge=0, description="CreateExecution calls per window, gateway-wide (stricter than reads); 0: no override"
+    )
+    access_log: str = Field(
+        "", description="Envoy access log (JSON lines): a path, '-' for stdout, 'off'; default <data-dir>/access.log"
+    )
     http_allowlist: list[str] = Field(
         default_factory=list,
         description="hosts/IPs HTTP nodes may reach though private, loopback or link-local (comma-separated)",
@@ -71,7 +107,7 @@ class Settings(BaseModel):
             raise ValueError("must not be empty")
         return value
 
-    @field_validator("http_allowlist", mode="before")
+    @field_validator("http_allowlist", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -82,6 +118,8 @@ class Settings(BaseModel):
     def _default_ttl_within_max(self) -> Settings:
         if self.session_default_ttl > self.session_max_ttl:
             raise ValueError("session_default_ttl must not exceed session_max_ttl")
+        if self.stream_heartbeat >= self.stream_idle_timeout:
+            raise ValueError("stream_heartbeat must be shorter than stream_idle_timeout, or Envoy cuts idle streams")
         return self
 
     @property

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from flowport.server.settings import Settings
@@ -102,3 +103,77 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield running
     finally:
         stop_up(running)
+
+
+class ServeProcess:
+    """`flowport serve` as a child process that can be killed and restarted."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        from flowport.clients import Client
+        from flowport.v1 import gateway_pb2
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flowport.clients.cli", "serve"], env=child_environment(self.settings)
+        )
+        deadline = time.monotonic() + timeout
+        with Client(self.settings.grpc_target) as client:
+            while time.monotonic() < deadline:
+                try:
+                    client.gateway.GetInfo(gateway_pb2.GetInfoRequest(), timeout=1)
+                    return
+                except grpc.RpcError:
+                    assert self.process.poll() is None, "flowport serve exited while starting"
+                    time.sleep(0.1)
+        raise AssertionError("flowport serve did not start")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+
+
+class EnvoyProcess:
+    """Envoy alone, on the config `flowport up` would render, in front of a ServeProcess."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        import json
+
+        import httpx
+
+        from flowport.server.envoy_binary import find_envoy
+        from flowport.transcoder.envoy_config import render
+
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.settings.data_dir / "envoy.json"
+        config.write_text(json.dumps(render(self.settings)))
+        self.process = subprocess.Popen(
+            [str(find_envoy(None)), "-c", str(config), "--disable-hot-restart", "--log-level", "error"]
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.settings.admin_port}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.process.poll() is None, "Envoy exited while starting"
+            time.sleep(0.05)
+        raise AssertionError("Envoy did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)

@@ -7,7 +7,8 @@ Outputs:
 - `proto/flowport/v1/*_pb2.py`, `*_pb2_grpc.py` and their `.pyi` stubs
   (package `flowport.v1`);
 - `transcoder/descriptor.pb`, the descriptor set (with imports and source
-  info) that Envoy's gRPC-JSON transcoder and the OpenAPI generator read.
+  info) that Envoy's gRPC-JSON transcoder and the OpenAPI generator read;
+- `transcoder/openapi.json`, the OpenAPI 3.1 document Envoy serves.
 
 The googleapis protos come from the installed `googleapis-common-protos`
 and the well-known types from `grpcio-tools`; none is copied here.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import shutil
 import sys
 import tempfile
@@ -28,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "proto"
 API_DIR = PROTO_ROOT / "flowport" / "v1"
 DESCRIPTOR_SET = REPO_ROOT / "transcoder" / "descriptor.pb"
+OPENAPI = REPO_ROOT / "transcoder" / "openapi.json"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
@@ -85,6 +88,19 @@ def generate(python_out: Path, descriptor_out: Path) -> None:
             raise CodegenError(f"protoc failed (exit {code}) with {options}")
 
 
+def write_openapi(descriptor: Path, out: Path) -> None:
+    """Render the OpenAPI document for `descriptor` into `out` (stable JSON)."""
+    from flowport.transcoder.openapi import document
+
+    text = json.dumps(document(_version(), descriptor), indent=2, sort_keys=False, ensure_ascii=False)
+    out.write_text(text + "\n", encoding="utf-8")
+
+
+def _version() -> str:
+    # The API's version, not the package's: the document changes with the protos only.
+    return "v1"
+
+
 def _generated_in(root: Path) -> dict[str, Path]:
     api = root / "flowport" / "v1"
     return {p.name: p for p in sorted(api.iterdir()) if p.name.endswith(GENERATED_SUFFIXES)}
@@ -100,6 +116,9 @@ def stale_files() -> list[str]:
         stale += [n for n in sorted(set(fresh) & set(current)) if not filecmp.cmp(fresh[n], current[n], shallow=False)]
         if not DESCRIPTOR_SET.exists() or not filecmp.cmp(out / "descriptor.pb", DESCRIPTOR_SET, shallow=False):
             stale.append(str(DESCRIPTOR_SET.relative_to(REPO_ROOT)))
+        write_openapi(out / "descriptor.pb", out / "openapi.json")
+        if not OPENAPI.exists() or not filecmp.cmp(out / "openapi.json", OPENAPI, shallow=False):
+            stale.append(str(OPENAPI.relative_to(REPO_ROOT)))
         return stale
 
 
@@ -108,6 +127,7 @@ def write() -> None:
     for path in _generated_in(PROTO_ROOT).values():
         path.unlink()
     generate(PROTO_ROOT, DESCRIPTOR_SET)
+    write_openapi(DESCRIPTOR_SET, OPENAPI)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

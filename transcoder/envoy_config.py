@@ -1,9 +1,10 @@
 """Render Envoy's bootstrap config from flowport's settings.
 
-One listener serves REST/JSON (transcoded to gRPC by `grpc_json_transcoder`
-from the checked-in descriptor set), native gRPC over h2c, and `/healthz`
-(answered by Envoy from the upstream's active gRPC health checks). The
-upstream cluster speaks HTTP/2 to the flowport server. Admin listens on
+One listener serves REST/JSON (transcoded to gRPC from the checked-in
+descriptor set), native gRPC, grpc-web, server-sent events and NDJSON
+streams, `/healthz` and `/openapi.json`. Envoy owns the edge: CORS, local
+rate limits, request size caps, JSON local replies, active health checks,
+outlier detection and retries of idempotent calls. Admin listens on
 127.0.0.1 only, whatever `--host` says.
 
 `envoy/README.md` explains each part; `flowport envoy-config` prints the
@@ -17,32 +18,30 @@ from pathlib import Path
 from typing import Any
 
 from flowport.server.settings import Settings, _connect_host
+from flowport.transcoder.envoy_routes import CLUSTER, OPENAPI_PATH, RATE_LIMIT, TRANSCODER, rpc_routes, stream_routes
+from flowport.transcoder.http_rules import descriptor_path, services
+from flowport.transcoder.local_replies import local_reply_config
 
-CLUSTER = "flowport_grpc"
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
-API_PACKAGE = "flowport.v1"
-SERVICES = [
-    f"{API_PACKAGE}.{name}"
-    for name in (
-        "GatewayService",
-        "SessionService",
-        "WorkflowService",
-        "ExecutionService",
-        "EventService",
-        "WebhookService",
-        "SchemaService",
-    )
-]
-# Server-streaming RPCs: no route timeout, or Envoy would cut them at it.
-STREAMING_PATHS = [
-    f"/{API_PACKAGE}.EventService/StreamEvents",
-    f"/{API_PACKAGE}.ExecutionService/WatchExecution",
-]
+# Headers that carry identity inside the gateway; a client must never set them.
+IDENTITY_HEADERS = ("x-flowport-tenant", "x-flowport-subject", "x-flowport-roles", "x-envoy-original-path")
+CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+CORS_ALLOW_HEADERS = (
+    "authorization, content-type, accept, x-api-key, last-event-id, x-request-id, "
+    "x-grpc-web, x-user-agent, grpc-timeout"
+)
+CORS_EXPOSE_HEADERS = (
+    "grpc-status, grpc-message, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset, retry-after"
+)
+HEALTH_CHECK_PATH = "/healthz"
+PER_ROUTE_DISABLED = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+
+SERVICES = services()
 
 
-def descriptor_path() -> Path:
-    """The descriptor set shipped with the package (built by transcoder.codegen)."""
-    return Path(str(resources.files("flowport.transcoder") / "descriptor.pb"))
+def openapi_path() -> Path:
+    """The OpenAPI document shipped with the package (built by transcoder.codegen)."""
+    return Path(str(resources.files("flowport.transcoder") / "openapi.json"))
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -57,14 +56,159 @@ def _seconds(value: float) -> str:
     return f"{value:g}s"
 
 
-def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]:
-    """The Envoy v3 bootstrap for `settings`, as a JSON-ready dict."""
-    descriptor = descriptor or descriptor_path()
-    routes = [{"match": {"path": path}, "route": {"cluster": CLUSTER, "timeout": "0s"}} for path in STREAMING_PATHS]
-    routes.append(
-        {"match": {"prefix": "/"}, "route": {"cluster": CLUSTER, "timeout": _seconds(settings.unary_timeout)}}
+def _percent(value: int) -> dict[str, Any]:
+    return {"default_value": {"numerator": value, "denominator": "HUNDRED"}, "runtime_key": "flowport.unused"}
+
+
+def transcoder_config(settings: Settings, descriptor: Path, stream_style: str = "") -> dict[str, Any]:
+    """The gRPC-JSON transcoder's config; `stream_style` 'sse' or 'ndjson' for stream routes."""
+    print_options: dict[str, Any] = {
+        "add_whitespace": False,
+        "always_print_primitive_fields": True,
+        "always_print_enums_as_ints": False,
+        "preserve_proto_field_names": True,
+    }
+    if stream_style == "sse":
+        print_options["stream_sse_style_delimited"] = True
+    elif stream_style == "ndjson":
+        print_options["stream_newline_delimited"] = True
+    return _typed(
+        "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+        proto_descriptor=str(descriptor),
+        services=SERVICES,
+        print_options=print_options,
+        # gRPC errors become JSON google.rpc.Status bodies; this needs
+        # google/rpc/error_details.proto in the descriptor set.
+        convert_grpc_status=True,
+        request_validation_options={"reject_unknown_method": True, "reject_unknown_query_parameters": True},
     )
-    http_filters = [
+
+
+def _bucket(settings: Settings, max_requests: int) -> dict[str, Any]:
+    # The seed's RateLimitConfig: max_requests per time_window, burst_limit tokens at most.
+    return {
+        "max_tokens": settings.rate_limit_burst_limit or max_requests,
+        "tokens_per_fill": max_requests,
+        "fill_interval": _seconds(settings.rate_limit_time_window),
+    }
+
+
+def rate_limit_config(settings: Settings, max_requests: int) -> dict[str, Any]:
+    """A local rate limit with a shared bucket of `max_requests`, plus one bucket per client."""
+    descriptors: list[dict[str, Any]] = []
+    actions: list[dict[str, Any]] = []
+    if settings.rate_limit_client_max_requests:
+        client = _bucket(settings, settings.rate_limit_client_max_requests)
+        address = _bucket(
+            settings, settings.rate_limit_address_max_requests or 4 * settings.rate_limit_client_max_requests
+        )
+        # A client is its API key, or its address when it sends none; every
+        # address also has a looser bucket, so made-up keys cannot escape.
+        # An empty value means one bucket per distinct value.
+        descriptors = [
+            {"entries": [{"key": "client_key", "value": ""}], "token_bucket": client},
+            {
+                "entries": [{"key": "keyless", "value": "yes"}, {"key": "remote_address", "value": ""}],
+                "token_bucket": client,
+            },
+            {"entries": [{"key": "remote_address", "value": ""}], "token_bucket": address},
+        ]
+        key = {"header_name": "x-api-key", "descriptor_key": "client_key", "skip_if_absent": True}
+        no_key = {
+            "descriptor_key": "keyless",
+            "descriptor_value": "yes",
+            "expect_match": False,
+            "headers": [{"name": "x-api-key", "present_match": True}],
+        }
+        # remote_address is the peer Envoy saw, never an X-Forwarded-For it was sent.
+        actions = [
+            {"actions": [{"request_headers": key}]},
+            {"actions": [{"header_value_match": no_key}, {"remote_address": {}}]},
+            {"actions": [{"remote_address": {}}]},
+        ]
+    return _typed(
+        "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        stat_prefix="flowport_rate_limit",
+        token_bucket=_bucket(settings, max_requests),
+        descriptors=descriptors,
+        rate_limits=actions,
+        filter_enabled=_percent(100),
+        filter_enforced=_percent(100),
+        enable_x_ratelimit_headers="DRAFT_VERSION_03",
+        rate_limited_as_resource_exhausted=True,
+        local_rate_limit_per_downstream_connection=False,
+        response_headers_to_add=[
+            {
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                "header": {"key": "retry-after", "value": str(max(1, round(settings.rate_limit_time_window)))},
+            }
+        ],
+    )
+
+
+def _cors_policy(settings: Settings) -> dict[str, Any]:
+    origins = [{"prefix": ""} if o == "*" else {"exact": o} for o in settings.cors_origins]
+    return _typed(
+        "envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        allow_origin_string_match=origins,
+        allow_methods=CORS_METHODS,
+        allow_headers=CORS_ALLOW_HEADERS,
+        expose_headers=CORS_EXPOSE_HEADERS,
+        max_age=str(settings.cors_max_age),
+        allow_credentials=settings.cors_allow_credentials,
+        # A preflight from an origin not allowed is answered here, never forwarded.
+        forward_not_matching_preflights=False,
+    )
+
+
+def _access_log(settings: Settings) -> list[dict[str, Any]]:
+    if settings.access_log == "off":
+        return []
+    path = {"-": "/dev/stdout", "": str(settings.data_dir.resolve() / "access.log")}.get(
+        settings.access_log, settings.access_log
+    )
+    fields = {
+        "time": "%START_TIME%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "protocol": "%PROTOCOL%",
+        "status": "%RESPONSE_CODE%",
+        "grpc_status": "%GRPC_STATUS_NUMBER%",
+        "flags": "%RESPONSE_FLAGS%",
+        "bytes_in": "%BYTES_RECEIVED%",
+        "bytes_out": "%BYTES_SENT%",
+        "duration_ms": "%DURATION%",
+        "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+        "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+        "user_agent": "%REQ(USER-AGENT)%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+    }
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": _typed(
+                "envoy.extensions.access_loggers.file.v3.FileAccessLog", path=path, log_format={"json_format": fields}
+            ),
+        }
+    ]
+
+
+def _http_filters(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
+    lua = resources.files("flowport.transcoder").joinpath("edge.lua").read_text("utf-8")
+    filters: list[dict[str, Any]] = [
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.lua.v3.Lua", default_source_code={"inline_string": lua}
+            ),
+        },
+        {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                mutations={"request_mutations": [{"remove": h} for h in IDENTITY_HEADERS]},
+            ),
+        },
         {
             # Answers GET /healthz itself: 200 while the upstream passes its
             # active health checks, 503 otherwise.
@@ -72,46 +216,97 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
             "typed_config": _typed(
                 "envoy.extensions.filters.http.health_check.v3.HealthCheck",
                 pass_through_mode=False,
-                headers=[{"name": ":path", "string_match": {"exact": "/healthz"}}],
+                headers=[{"name": ":path", "string_match": {"exact": HEALTH_CHECK_PATH}}],
                 cluster_min_healthy_percentages={CLUSTER: {"value": 1.0}},
             ),
         },
+        {"name": "envoy.filters.http.cors", "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors")},
         {
-            "name": "envoy.filters.http.grpc_json_transcoder",
+            "name": "envoy.filters.http.grpc_web",
+            "typed_config": _typed("envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"),
+        },
+        {
+            # Caps request bodies (413); the API has no client streams, so
+            # whole requests are buffered anyway for transcoding.
+            "name": "envoy.filters.http.buffer",
             "typed_config": _typed(
-                "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-                proto_descriptor=str(descriptor),
-                services=SERVICES,
-                print_options={
-                    "add_whitespace": False,
-                    "always_print_primitive_fields": True,
-                    "always_print_enums_as_ints": False,
-                    "preserve_proto_field_names": True,
-                },
-                # gRPC errors become JSON google.rpc.Status bodies; this needs
-                # google/rpc/error_details.proto in the descriptor set.
-                convert_grpc_status=True,
-                request_validation_options={
-                    "reject_unknown_method": True,
-                    "reject_unknown_query_parameters": True,
-                },
+                "envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=settings.max_request_bytes
             ),
         },
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
-        },
+        {"name": TRANSCODER, "typed_config": transcoder_config(settings, descriptor)},
     ]
+    if settings.rate_limit_max_requests:
+        # After the transcoder, so buckets apply per RPC however it was called.
+        filters.append(
+            {"name": RATE_LIMIT, "typed_config": rate_limit_config(settings, settings.rate_limit_max_requests)}
+        )
+    filters += [
+        {
+            "name": "envoy.filters.http.grpc_stats",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+                emit_filter_state=True,
+                stats_for_all_methods=True,
+                enable_upstream_stats=True,
+            ),
+        },
+        {"name": "envoy.filters.http.router", "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")},
+    ]
+    return filters
+
+
+def _routes(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
+    routes: list[dict[str, Any]] = []
+    document = openapi_path()
+    if document.exists():
+        routes.append(
+            {
+                "name": "openapi",
+                "match": {"path": OPENAPI_PATH},
+                "direct_response": {"status": 200, "body": {"filename": str(document)}},
+                "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+                "typed_per_filter_config": {TRANSCODER: PER_ROUTE_DISABLED, RATE_LIMIT: PER_ROUTE_DISABLED},
+            }
+        )
+    routes += stream_routes(
+        transcoder_config(settings, descriptor, "sse"), transcoder_config(settings, descriptor, "ndjson")
+    )
+    execution_limit = None
+    if settings.rate_limit_max_requests and settings.rate_limit_execution_max_requests:
+        execution_limit = rate_limit_config(settings, settings.rate_limit_execution_max_requests)
+    routes += rpc_routes(settings, execution_limit)
+    # Everything else that reaches the router is native gRPC to the server's
+    # other services (health, reflection).
+    routes.append({"name": "other-grpc", "match": {"prefix": "/"}, "route": {"cluster": CLUSTER, "timeout": "0s"}})
+    return routes
+
+
+def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]:
+    """The Envoy v3 bootstrap for `settings`, as a JSON-ready dict."""
+    descriptor = descriptor or descriptor_path()
+    virtual_host: dict[str, Any] = {
+        "name": "flowport",
+        "domains": ["*"],
+        "routes": _routes(settings, descriptor),
+        "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(settings)},
+    }
     connection_manager = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="flowport",
         codec_type="AUTO",
-        stream_idle_timeout="300s",
+        stream_idle_timeout=_seconds(settings.stream_idle_timeout),
+        # The client address is the peer's, never an X-Forwarded-For it sent.
+        use_remote_address=True,
+        xff_num_trusted_hops=0,
+        local_reply_config=local_reply_config(),
+        access_log=_access_log(settings),
         route_config={
             "name": "flowport",
-            "virtual_hosts": [{"name": "flowport", "domains": ["*"], "routes": routes}],
+            "virtual_hosts": [virtual_host],
+            # The OpenAPI document is served whole from memory.
+            "max_direct_response_body_size_bytes": 4 * 2**20,
         },
-        http_filters=http_filters,
+        http_filters=_http_filters(settings, descriptor),
     )
     cluster = {
         "name": CLUSTER,
@@ -136,7 +331,7 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
         "health_checks": [
             {
                 "timeout": "1s",
-                "interval": "2s",
+                "interval": "1s",
                 # Keep checking an idle upstream, so /healthz stays true.
                 "no_traffic_interval": "1s",
                 "unhealthy_threshold": 1,
@@ -144,6 +339,18 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
                 "grpc_health_check": {},
             }
         ],
+        # Eject a server that cannot be reached or resets streams; never one
+        # that answers: an application error (a 501, a 500 for a bad request)
+        # says nothing about the server's health.
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "enforcing_consecutive_5xx": 0,
+            "consecutive_gateway_failure": 3,
+            "enforcing_consecutive_gateway_failure": 100,
+            "interval": "5s",
+            "base_ejection_time": "5s",
+            "max_ejection_percent": 100,
+        },
         # No traffic to an unhealthy upstream: fail fast with 503 instead.
         "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
     }

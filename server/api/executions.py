@@ -13,14 +13,12 @@ from flowport.server.errors import InvalidArgument, NotFound
 from flowport.server.events.bus import EventBus
 from flowport.server.storage import IdempotencyConflict, Store
 from flowport.server.tenancy import tenant_of
+from flowport.server.transcoding import original_path
 from flowport.server.types import Context
 from flowport.v1 import event_pb2, execution_pb2, execution_pb2_grpc
 
 DEFAULT_WAIT = 30.0
 MAX_WAIT = 300.0
-WATCH_HEARTBEAT = 15.0
-# Envoy's transcoder keeps the REST path it rewrote in this header.
-ORIGINAL_PATH = "x-envoy-original-path"
 KAILASH_EXECUTE_SUFFIX = "/execute"
 
 
@@ -34,21 +32,19 @@ def _not_found(execution_id: str) -> NotFound:
 
 def _is_kailash_execute(context: Context) -> bool:
     """True for `POST /workflows/{id}/execute`, which always waits."""
-    for key, value in context.invocation_metadata() or ():
-        if key == ORIGINAL_PATH and isinstance(value, str):
-            return value.split("?", 1)[0].startswith("/workflows/") and value.split("?", 1)[0].endswith(
-                KAILASH_EXECUTE_SUFFIX
-            )
-    return False
+    path = original_path(context)
+    return path is not None and path.startswith("/workflows/") and path.endswith(KAILASH_EXECUTE_SUFFIX)
 
 
 class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
     """Executions of stored workflows."""
 
-    def __init__(self, store: Store, executor: Executor, bus: EventBus) -> None:
+    def __init__(self, store: Store, executor: Executor, bus: EventBus, heartbeat: float) -> None:
         self._store = store
         self._executor = executor
         self._bus = bus
+        # Shorter than Envoy's stream idle timeout (settings enforce it).
+        self._heartbeat = heartbeat
 
     async def CreateExecution(
         self, request: execution_pb2.CreateExecutionRequest, context: Context
@@ -149,7 +145,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
             if execution.state in FINISHED:
                 return
             while True:
-                event = await subscription.next(WATCH_HEARTBEAT)
+                event = await subscription.next(self._heartbeat)
                 if event is None:
                     heartbeat = event_pb2.Event(type="heartbeat", execution_id=execution_id)
                     heartbeat.time.GetCurrentTime()

@@ -473,10 +473,11 @@ class Executor:
                 error = NodeError(f"{type(exc).__name__}: {exc}", reason="NODE_CRASHED")
             else:
                 _finish(node_run, NodeRun.STATE_SUCCEEDED)
-                # Not awaited: if this write is lost in a crash, the node is
-                # rerun only when retry-safe, and an unsafe one was recorded
-                # RUNNING before it started, so it fails as INTERRUPTED.
-                await self._store.save_execution(execution, wait=False)
+                # Awaited only when other nodes wait for this output: a node
+                # starts only once what it reads is durable, so a restart never
+                # reruns a node whose dependents already started. A last node's
+                # write is committed with the execution's end.
+                await self._store.save_execution(execution, wait=bool(node.downstream))
                 self._publish("node.completed", run.tenant, execution, {"node_id": node.node_id, "attempts": attempt})
                 return outputs
             if attempt < node.max_attempts and error.retryable:

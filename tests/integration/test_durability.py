@@ -5,9 +5,6 @@ not safe to rerun is never run twice: its execution fails as INTERRUPTED."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,53 +12,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
-import grpc
 import pytest
 from google.protobuf import json_format
 
 from flowport.clients import Client
-from flowport.server.settings import Settings
-from flowport.server.supervisor import child_environment
-from flowport.v1 import execution_pb2, gateway_pb2, workflow_pb2
+from flowport.v1 import execution_pb2, workflow_pb2
 
+from ..conftest import ServeProcess as Server
 from ..conftest import make_settings
 
 pytestmark = pytest.mark.integration
 Execution = execution_pb2.Execution
 NodeRun = execution_pb2.NodeRun
-
-
-class Server:
-    """`flowport serve` as a child process that can be killed and restarted."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "flowport.clients.cli", "serve"], env=child_environment(self.settings)
-        )
-        deadline = time.monotonic() + 30
-        with Client(self.settings.grpc_target) as client:
-            while time.monotonic() < deadline:
-                try:
-                    client.gateway.GetInfo(gateway_pb2.GetInfoRequest(), timeout=1)
-                    return
-                except grpc.RpcError:
-                    assert self.process.poll() is None, "flowport serve exited while starting"
-                    time.sleep(0.1)
-        raise AssertionError("flowport serve did not start")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(30)
 
 
 @pytest.fixture

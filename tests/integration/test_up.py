@@ -124,6 +124,7 @@ def test_rendered_envoy_config_passes_envoy_validation(settings: Settings, tmp_p
     import json
 
     config = tmp_path / "envoy.json"
+    settings.data_dir.mkdir(parents=True)  # as `flowport up` does: the access log lives there
     config.write_text(json.dumps(render(settings)))
     result = subprocess.run(
         [str(find_envoy(None)), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],

@@ -1,0 +1,323 @@
+"""Envoy's edge through a real Envoy and server: JSON errors and local
+replies, no grpc-* headers on REST, body caps, CORS, streams as SSE and
+NDJSON (also in headless Chromium), grpc-web, the OpenAPI document and
+operations (access log, Prometheus stats)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import grpc
+import httpx
+import pytest
+
+from flowport.clients import ApiError, Client
+from flowport.v1 import session_pb2
+
+from ..conftest import Stack, free_port, make_settings, start_up, stop_up
+
+pytestmark = pytest.mark.integration
+ALLOWED = "http://allowed.test"
+PAGE_PORT = free_port()
+PAGE_ORIGIN = f"http://127.0.0.1:{PAGE_PORT}"
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("edge"),
+        cors_origins=f"{ALLOWED},{PAGE_ORIGIN}",
+        max_request_bytes=64 * 1024,
+        stream_heartbeat=1.0,
+    )
+    stack = start_up(settings)
+    yield stack
+    stop_up(stack)
+
+
+@pytest.fixture
+def http(edge: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=edge.http, timeout=30) as client:
+        yield client
+
+
+def _status(response: httpx.Response) -> dict[str, Any]:
+    assert response.headers["content-type"].startswith("application/json"), response.text
+    body = response.json()
+    assert set(body) >= {"code", "message"}, body
+    return body
+
+
+def _slow_workflow(http: httpx.Client, name: str, seconds: float) -> None:
+    code = f"import time\ntime.sleep({seconds})\nresult = 1"
+    response = http.post(
+        "/api/workflows",
+        json={"name": name, "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": code}}]},
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_unknown_paths_and_query_parameters_answer_json(http: httpx.Client) -> None:
+    missing = http.get("/api/no-such-thing")
+    assert missing.status_code == 404 and _status(missing)["code"] == 5
+    unknown = http.get("/api/sessions", params={"bogus": "1"})
+    assert unknown.status_code == 400
+    assert "bogus" in _status(unknown)["message"]
+
+
+def test_malformed_json_is_400_json_naming_the_problem(http: httpx.Client) -> None:
+    response = http.post("/api/sessions", content=b'{"user_id": ', headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    body = _status(response)
+    assert body["code"] == 3 and body["message"]
+
+
+def test_a_body_over_the_cap_is_413_json(http: httpx.Client) -> None:
+    response = http.post("/api/sessions", json={"user_id": "u", "metadata": {"blob": "x" * 100_000}})
+    assert response.status_code == 413
+    assert _status(response)["details"][0]["reason"] == "REQUEST_TOO_LARGE"
+
+
+def test_rest_responses_carry_no_grpc_headers(http: httpx.Client) -> None:
+    for response in (http.get("/health"), http.get("/api/sessions/ses_missing"), http.get("/nope")):
+        grpc_headers = [h for h in response.headers if h.lower().startswith("grpc-")]
+        assert grpc_headers == [], (response.status_code, grpc_headers)
+
+
+def test_native_grpc_through_envoy_keeps_its_status(edge: Stack) -> None:
+    with Client(edge.envoy_target) as client, pytest.raises(grpc.RpcError) as caught:
+        client.sessions.GetSession(session_pb2.GetSessionRequest(session_id="ses_missing"))
+    error = ApiError.from_rpc_error(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    with Client(edge.envoy_target) as client, pytest.raises(grpc.RpcError) as unknown:
+        client.channel.unary_unary("/flowport.v1.Nope/Nothing")(b"", timeout=5)
+    assert unknown.value.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)  # type: ignore[attr-defined]
+
+
+def test_cors_preflight_allowed_and_denied(edge: Stack, http: httpx.Client) -> None:
+    def upstream_requests() -> int:
+        stats = httpx.get(
+            f"http://127.0.0.1:{edge.settings.admin_port}/stats",
+            params={"filter": "cluster.flowport_grpc.upstream_rq_total$"},
+        ).text
+        return int(stats.split(":")[1])
+
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type,x-api-key"}
+    allowed = http.options("/api/sessions", headers={"Origin": ALLOWED, **preflight})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == ALLOWED
+    assert "x-api-key" in allowed.headers["access-control-allow-headers"]
+    before = upstream_requests()
+    denied = http.options("/api/sessions", headers={"Origin": "http://evil.test", **preflight})
+    assert "access-control-allow-origin" not in denied.headers
+    assert upstream_requests() == before, "a denied preflight must not reach the server"
+    simple = http.get("/health", headers={"Origin": ALLOWED})
+    assert simple.headers["access-control-allow-origin"] == ALLOWED
+    assert "x-ratelimit-remaining" in simple.headers["access-control-expose-headers"]
+    assert "access-control-allow-origin" not in http.get("/health", headers={"Origin": "http://evil.test"}).headers
+
+
+def test_streams_as_server_sent_events_and_ndjson(http: httpx.Client) -> None:
+    _slow_workflow(http, "streamed", 0.5)
+    for accept, content_type in (("text/event-stream", "text/event-stream"), ("application/json", "application/json")):
+        started = http.post("/api/executions", json={"workflow_id": "streamed"}).json()
+        with http.stream(
+            "GET", f"/api/executions/{started['execution_id']}:watch", headers={"Accept": accept}
+        ) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith(content_type)
+            lines = [line for line in response.iter_lines() if line.strip()]
+        if accept == "text/event-stream":
+            assert all(line.startswith("data: ") for line in lines)
+            lines = [line.removeprefix("data: ") for line in lines]
+        messages = [json.loads(line) for line in lines]
+        assert messages[0]["execution"]["execution_id"] == started["execution_id"]
+        assert messages[-1]["event"]["type"] == "execution.completed"
+
+
+def test_idle_streams_get_heartbeats_and_no_route_timeout(http: httpx.Client) -> None:
+    # Longer than a heartbeat interval (1s here): the stream stays open and beats.
+    _slow_workflow(http, "quiet", 2.5)
+    started = http.post("/api/executions", json={"workflow_id": "quiet"}).json()
+    with http.stream("GET", f"/api/executions/{started['execution_id']}:watch") as response:
+        types = [json.loads(line).get("event", {}).get("type") for line in response.iter_lines() if line.strip()]
+    assert "heartbeat" in types
+    assert types[-1] == "execution.completed"
+
+
+def test_grpc_web_on_the_same_port(edge: Stack) -> None:
+    request = session_pb2.GetSessionRequest(session_id="ses_missing").SerializeToString()
+    frame = struct.pack(">BI", 0, len(request)) + request
+    response = httpx.post(
+        f"{edge.http}/flowport.v1.SessionService/GetSession",
+        content=frame,
+        headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
+        timeout=10,
+    )
+    assert response.status_code == 200
+    status = response.headers.get("grpc-status")
+    if status is None:  # the status came in a trailer frame
+        body = response.content
+        assert body[0] & 0x80, "a grpc-web trailer frame"
+        trailers = body[5:].decode()
+        status = next(
+            line.split(":", 1)[1].strip() for line in trailers.split("\r\n") if line.startswith("grpc-status")
+        )
+    assert status == str(grpc.StatusCode.NOT_FOUND.value[0])
+
+
+def test_openapi_document_is_served_and_valid(http: httpx.Client) -> None:
+    from openapi_spec_validator import validate
+
+    response = http.get("/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    validate(document)
+    assert document == json.loads((Path(__file__).parents[2] / "transcoder" / "openapi.json").read_text())
+    assert "/api/sessions/{session_id}" in document["paths"]
+
+
+def test_access_log_and_prometheus_stats(edge: Stack, http: httpx.Client) -> None:
+    http.get("/api/sessions", headers={"user-agent": "access-log-probe"})
+    log = edge.settings.data_dir / "access.log"
+    deadline = time.monotonic() + 10
+    entries: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not any(e.get("user_agent") == "access-log-probe" for e in entries):
+        time.sleep(0.2)  # Envoy flushes its access log on a timer
+        entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    probe = next(e for e in entries if e.get("user_agent") == "access-log-probe")
+    assert probe["path"] == "/api/sessions" and probe["status"] == 200
+    metrics = httpx.get(f"http://127.0.0.1:{edge.settings.admin_port}/stats/prometheus", timeout=10).text
+    assert "flowport_v1_SessionService" in metrics or "SessionService" in metrics, "per-method gRPC stats"
+
+
+class _Page(BaseHTTPRequestHandler):
+    """Serves the EventSource page and collects what it reports."""
+
+    page = ""
+    reports: ClassVar[list[dict[str, Any]]] = []
+
+    def do_GET(self) -> None:
+        body = self.page.encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        length = int(self.headers["content-length"])
+        self.reports.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (see the README's test command)")
+def test_a_browser_eventsource_receives_the_stream(edge: Stack, http: httpx.Client, tmp_path: Path) -> None:
+    _slow_workflow(http, "browser", 1.0)
+    started = http.post("/api/executions", json={"workflow_id": "browser"}).json()
+    url = f"{edge.http}/api/executions/{started['execution_id']}:watch"
+    _Page.reports = []
+    _Page.page = f"""<!doctype html><html><body><script>
+      const seen = [];
+      const source = new EventSource({json.dumps(url)});
+      source.onmessage = (message) => {{
+        const data = JSON.parse(message.data);
+        seen.push(data.event ? data.event.type : "state");
+        if (data.event && data.event.type === "execution.completed") {{
+          source.close();
+          fetch("/report", {{method: "POST", body: JSON.stringify({{seen}})}});
+          document.title = "done";
+        }}
+      }};
+    </script></body></html>"""
+    server = ThreadingHTTPServer(("127.0.0.1", PAGE_PORT), _Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                f"{PAGE_ORIGIN}/",
+            ],
+            capture_output=True,
+            timeout=90,
+            check=False,
+        )
+        deadline = time.monotonic() + 10
+        while not _Page.reports and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        server.shutdown()
+    assert _Page.reports, "the page never reported: EventSource received no completion"
+    seen = _Page.reports[0]["seen"]
+    assert seen[0] == "state" and seen[-1] == "execution.completed"
+
+
+def test_a_failed_stream_is_a_json_error_before_the_first_event(http: httpx.Client) -> None:
+    response = http.get("/api/executions/exe_missing:watch", headers={"Accept": "text/event-stream"})
+    assert response.status_code == 404
+    assert _status(response)["code"] == 5
+
+
+def test_schemathesis_finds_no_server_error_and_no_response_off_the_document(edge: Stack) -> None:
+    st = shutil.which("st")
+    assert st is not None, "schemathesis comes with the dev extra"
+    excluded = [
+        # Streams: a fuzzer cannot read an endless body as one JSON document.
+        "ExecutionService_WatchExecution",
+        "EventService_StreamEvents",
+        # Runs user workflows (their nodes may reach out); covered by the workflow tests.
+        "ExecutionService_CreateExecution",
+        "ExecutionService_CreateExecution_2",
+    ]
+    result = subprocess.run(
+        [
+            st,
+            "run",
+            f"{edge.http}/openapi.json",
+            "--url",
+            edge.http,
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,"
+            "response_schema_conformance,response_headers_conformance",
+            "--max-examples",
+            "25",
+            "--seed",
+            "7",
+            "--workers",
+            "1",
+            # UNFINISHED: WebhookService answers 501 until it is built.
+            "--exclude-tag",
+            "WebhookService",
+            *(arg for op in excluded for arg in ("--exclude-operation-id", op)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "generated" in result.stdout

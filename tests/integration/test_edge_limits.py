@@ -1,0 +1,147 @@
+"""Rate limits and health at the edge, through a real Envoy: buckets per
+client and per route, 429 JSON with x-ratelimit headers, RESOURCE_EXHAUSTED
+for gRPC, no bucket-picking by forged headers, /healthz that follows the
+server, and fast 503s that recover after a restart."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import pytest
+
+from flowport.clients import ApiError, Client
+from flowport.v1 import gateway_pb2
+
+from ..conftest import EnvoyProcess, ServeProcess, Stack, make_settings, start_up, stop_up
+
+pytestmark = pytest.mark.integration
+WINDOW = 1.0
+CLIENT_LIMIT = 8
+EXECUTION_LIMIT = 3
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("limited"),
+        rate_limit_max_requests=1000,
+        rate_limit_client_max_requests=CLIENT_LIMIT,
+        rate_limit_execution_max_requests=EXECUTION_LIMIT,
+        rate_limit_time_window=WINDOW,
+    )
+    stack = start_up(settings)
+    yield stack
+    stop_up(stack)
+
+
+def _drain(client: httpx.Client, path: str, headers: dict[str, str] | None = None, limit: int = 100) -> httpx.Response:
+    for _ in range(limit):
+        response = client.get(path, headers=headers)
+        if response.status_code == 429:
+            return response
+    raise AssertionError(f"no 429 within {limit} requests")
+
+
+def _wait_for_refill() -> None:
+    time.sleep(WINDOW * 1.5)  # lets the buckets refill; not a timing assertion
+
+
+def test_a_burst_meets_429_json_with_rate_limit_headers_and_recovers(limited: Stack) -> None:
+    _wait_for_refill()
+    with httpx.Client(base_url=limited.http, timeout=10) as client:
+        limited_response = _drain(client, "/health")
+        assert limited_response.headers["content-type"].startswith("application/json")
+        body = limited_response.json()
+        assert body["code"] == 8 and body["details"][0]["reason"] == "RATE_LIMITED"
+        assert limited_response.headers["x-ratelimit-limit"] == str(CLIENT_LIMIT)
+        assert limited_response.headers["x-ratelimit-remaining"] == "0"
+        assert "x-ratelimit-reset" in limited_response.headers and "retry-after" in limited_response.headers
+        _wait_for_refill()
+        assert client.get("/health").status_code == 200
+
+
+def test_one_noisy_client_does_not_starve_another(limited: Stack) -> None:
+    _wait_for_refill()
+    with httpx.Client(base_url=limited.http, timeout=10) as client:
+        _drain(client, "/health", {"x-api-key": "noisy"}, limit=CLIENT_LIMIT + 2)
+        # Same address, another key: its own bucket, still full.
+        assert client.get("/health", headers={"x-api-key": "quiet"}).status_code == 200
+
+
+def test_made_up_keys_still_meet_the_address_bucket(limited: Stack) -> None:
+    _wait_for_refill()
+    with httpx.Client(base_url=limited.http, timeout=10) as client:
+        statuses = [client.get("/health", headers={"x-api-key": f"k{i}"}).status_code for i in range(6 * CLIENT_LIMIT)]
+    assert 429 in statuses, "a fresh key per request must not escape every per-client limit"
+
+
+def test_forged_forwarding_headers_do_not_pick_another_bucket(limited: Stack) -> None:
+    _wait_for_refill()
+    with httpx.Client(base_url=limited.http, timeout=10) as client:
+        _drain(client, "/health")
+        forged = client.get("/health", headers={"x-forwarded-for": "203.0.113.7", "x-real-ip": "203.0.113.7"})
+        assert forged.status_code == 429, "the bucket is the peer address Envoy saw, not one the client claims"
+
+
+def test_executions_have_a_stricter_bucket_than_reads(limited: Stack) -> None:
+    _wait_for_refill()
+    with httpx.Client(base_url=limited.http, timeout=10) as client:
+        statuses = [
+            client.post("/api/executions", json={"workflow_id": "missing"}, headers={"x-api-key": f"k{i}"}).status_code
+            for i in range(EXECUTION_LIMIT + 3)
+        ]
+    # Different keys, so no client bucket runs out: the route's own bucket does.
+    assert statuses[:EXECUTION_LIMIT] == [404] * EXECUTION_LIMIT
+    assert 429 in statuses[EXECUTION_LIMIT:]
+
+
+def test_a_limited_grpc_call_is_resource_exhausted(limited: Stack) -> None:
+    _wait_for_refill()
+    with Client(limited.envoy_target) as client:
+        for _ in range(100):
+            try:
+                client.gateway.GetInfo(gateway_pb2.GetInfoRequest(), timeout=5)
+            except grpc.RpcError as exc:
+                error = ApiError.from_rpc_error(exc)
+                assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                return
+    raise AssertionError("no call was rate limited")
+
+
+@pytest.fixture
+def separate(tmp_path: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, EnvoyProcess]]:
+    settings = make_settings(tmp_path / "data")  # type: ignore[operator]
+    server, envoy = ServeProcess(settings), EnvoyProcess(settings)
+    server.start()
+    envoy.start()
+    yield server, envoy
+    envoy.stop()
+    server.stop()
+
+
+def _poll(predicate: object, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_healthz_follows_the_server_and_rest_fails_fast_then_recovers(
+    separate: tuple[ServeProcess, EnvoyProcess],
+) -> None:
+    server, envoy = separate
+    base = envoy.settings.http_url
+    assert _poll(lambda: httpx.get(f"{base}/healthz").status_code == 200, 10)
+    server.stop()
+    assert _poll(lambda: httpx.get(f"{base}/healthz").status_code == 503, 10), "/healthz did not turn 503"
+    down = httpx.get(f"{base}/health", timeout=10)
+    assert down.status_code == 503
+    assert down.json()["code"] == 14, "Envoy's own 503 is a JSON google.rpc.Status"
+    server.start()
+    assert _poll(lambda: httpx.get(f"{base}/healthz").status_code == 200, 10), "/healthz did not recover"
+    assert _poll(lambda: httpx.get(f"{base}/health").status_code == 200, 10), "REST did not recover"

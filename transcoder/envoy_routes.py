@@ -1,0 +1,78 @@
+"""Envoy routes, generated from the API's RPCs.
+
+Routes are matched twice: first on the REST path (where the transcoder
+picks its per-route settings: SSE or NDJSON for streams), then, once the
+transcoder has rewritten the request, on the gRPC path (where timeouts,
+retries and rate-limit overrides are chosen per RPC).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from flowport.server.settings import Settings
+from flowport.transcoder.http_rules import methods
+
+CLUSTER = "flowport_grpc"
+TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
+RATE_LIMIT = "envoy.filters.http.local_ratelimit"
+OPENAPI_PATH = "/openapi.json"
+# Calls that are safe to repeat are retried when the server could not be
+# reached or refused the stream; nothing else is.
+RETRY_ON = "connect-failure,refused-stream,unavailable"
+# Methods whose bucket is stricter than the gateway-wide one.
+EXECUTION_METHODS = ("/flowport.v1.ExecutionService/CreateExecution",)
+
+
+def _template_regex(template: str) -> str:
+    """A REST path template as a regex: `{x}` matches one segment."""
+    parts = re.split(r"(\{[^}]+\})", template)
+    return "^" + "".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts) + "$"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def stream_routes(sse: dict[str, Any], ndjson: dict[str, Any]) -> list[dict[str, Any]]:
+    """REST routes of the streaming RPCs: SSE when the client accepts it, NDJSON otherwise."""
+    routes = []
+    for method in methods():
+        if not method.server_streaming:
+            continue
+        for binding in method.bindings:
+            match = {"safe_regex": {"regex": _template_regex(binding.template)}}
+            for name, config, accept in (("sse", sse, True), ("ndjson", ndjson, False)):
+                route: dict[str, Any] = {
+                    "name": f"{method.name}-{name}",
+                    "match": dict(match),
+                    "route": {"cluster": CLUSTER, "timeout": "0s"},
+                    "typed_per_filter_config": {TRANSCODER: config},
+                }
+                if accept:
+                    route["match"]["headers"] = [{"name": "accept", "string_match": {"contains": "text/event-stream"}}]
+                routes.append(route)
+    return routes
+
+
+def rpc_routes(settings: Settings, execution_limit: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One route per RPC on its gRPC path: timeout, retries, rate-limit override."""
+    routes = []
+    for method in methods():
+        action: dict[str, Any] = {
+            "cluster": CLUSTER,
+            # Streams end when they end; unary calls get the unary timeout.
+            "timeout": "0s" if method.server_streaming else _seconds(settings.unary_timeout),
+        }
+        if method.idempotent and not method.server_streaming:
+            action["retry_policy"] = {
+                "retry_on": RETRY_ON,
+                "num_retries": 2,
+                "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
+            }
+        route: dict[str, Any] = {"name": method.grpc_path, "match": {"path": method.grpc_path}, "route": action}
+        if execution_limit is not None and method.grpc_path in EXECUTION_METHODS:
+            route["typed_per_filter_config"] = {RATE_LIMIT: execution_limit}
+        routes.append(route)
+    return routes
