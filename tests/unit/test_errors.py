@@ -13,6 +13,7 @@ from flowport.clients import ApiError
 from flowport.server import errors
 from flowport.server.interceptor import ErrorInterceptor
 from flowport.server.metrics import RequestMetrics
+from flowport.v1 import event_pb2
 
 RAISED: dict[str, Exception] = {
     "NotFound": errors.NotFound("thing 'x' does not exist", reason="THING_NOT_FOUND", metadata={"thing": "x"}),
@@ -29,6 +30,11 @@ async def _stream(request: Any, context: Any) -> AsyncIterator[empty_pb2.Empty]:
     raise errors.OutOfRange("cursor too old", reason="CURSOR_EXPIRED")
 
 
+async def _event_stream(request: Any, context: Any) -> AsyncIterator[event_pb2.Event]:
+    yield event_pb2.Event(id="1", type="execution.started")
+    raise errors.Unavailable("the bus went away", reason="BUS_DOWN")
+
+
 class _Handler(grpc.GenericRpcHandler):
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         name = details.method.rsplit("/", 1)[1]
@@ -38,6 +44,12 @@ class _Handler(grpc.GenericRpcHandler):
         }
         if name == "Stream":
             return grpc.unary_stream_rpc_method_handler(_stream, **kwargs)
+        if name == "Events":
+            return grpc.unary_stream_rpc_method_handler(
+                _event_stream,
+                request_deserializer=empty_pb2.Empty.FromString,
+                response_serializer=event_pb2.Event.SerializeToString,
+            )
 
         async def behaviour(request: Any, context: Any) -> empty_pb2.Empty:
             raise RAISED[name]
@@ -134,3 +146,32 @@ def test_every_status_code_maps_to_a_google_rpc_code() -> None:
 
         _E.code = code
         assert _E("x").to_status().code == code.value[0]
+
+
+async def test_a_rest_stream_that_fails_midway_ends_with_an_error_event(
+    channel: tuple[grpc.aio.Channel, RequestMetrics],
+) -> None:
+    ch, _ = channel
+    call = ch.unary_stream(
+        "/test.Errors/Events",
+        request_serializer=empty_pb2.Empty.SerializeToString,
+        response_deserializer=event_pb2.Event.FromString,
+    )
+    # As Envoy's transcoder sends it: HTTP/1.1 clients cannot see trailers.
+    rest = [e async for e in call(empty_pb2.Empty(), metadata=(("x-envoy-original-path", "/events"),))]
+    assert [e.type for e in rest] == ["execution.started", "error"]
+    assert dict(rest[1].data) == {"code": 14.0, "message": "the bus went away", "reason": "BUS_DOWN"}
+    # A native gRPC caller gets the status itself.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        [e async for e in call(empty_pb2.Empty())]
+    assert ApiError.from_rpc_error(caught.value).reason == "BUS_DOWN"
+
+
+async def test_a_request_that_does_not_decode_is_invalid_argument(
+    channel: tuple[grpc.aio.Channel, RequestMetrics],
+) -> None:
+    call = channel[0].unary_unary("/test.Errors/NotFound")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(b"\xff\xff\xff")  # not a protobuf message
+    error = ApiError.from_rpc_error(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
