@@ -145,3 +145,22 @@ def test_healthz_follows_the_server_and_rest_fails_fast_then_recovers(
     server.start()
     assert _poll(lambda: httpx.get(f"{base}/healthz").status_code == 200, 10), "/healthz did not recover"
     assert _poll(lambda: httpx.get(f"{base}/health").status_code == 200, 10), "REST did not recover"
+
+
+def test_a_unary_call_over_the_route_timeout_is_504_json(tmp_path: pytest.TempPathFactory) -> None:
+    settings = make_settings(tmp_path / "data", unary_timeout=1.0)  # type: ignore[operator]
+    server, envoy = ServeProcess(settings), EnvoyProcess(settings)
+    server.start()
+    envoy.start()
+    try:
+        base = settings.http_url
+        assert _poll(lambda: httpx.get(f"{base}/healthz").status_code == 200, 10)
+        code = "import time\ntime.sleep(3)\nresult = 1"
+        workflow = {"name": "slow", "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": code}}]}
+        assert httpx.post(f"{base}/api/workflows", json=workflow).status_code == 200
+        response = httpx.post(f"{base}/api/executions", json={"workflow_id": "slow", "wait": True}, timeout=30)
+        assert response.status_code == 504
+        assert response.json()["code"] == 4, "DEADLINE_EXCEEDED, as JSON"
+    finally:
+        envoy.stop()
+        server.stop()
