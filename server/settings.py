@@ -95,6 +95,29 @@ class Settings(BaseModel):
     access_log: str = Field(
         "", description="Envoy access log (JSON lines): a path, '-' for stdout, 'off'; default <data-dir>/access.log"
     )
+    event_retention_count: int = Field(
+        1_000_000, ge=1000, description="events kept in the log for resuming streams (oldest dropped first)"
+    )
+    event_retention_seconds: float = Field(
+        7 * 86400.0, ge=60, description="seconds an event is kept in the log for resuming streams"
+    )
+    event_queue_size: int = Field(
+        1000, ge=10, le=1_000_000, description="events buffered per stream subscriber before it is cut off as too slow"
+    )
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=50, description="delivery attempts before a webhook delivery is dead-lettered"
+    )
+    webhook_timeout: float = Field(10.0, gt=0, le=300, description="seconds one webhook delivery attempt may take")
+    webhook_max_backoff: float = Field(
+        600.0, gt=0, le=86400, description="longest wait between webhook delivery attempts, seconds"
+    )
+    webhook_concurrency_per_target: int = Field(
+        4, ge=1, le=256, description="deliveries in flight to one webhook at once (a slow receiver delays only itself)"
+    )
+    webhook_allowlist: list[str] = Field(
+        default_factory=list,
+        description="hosts/IPs webhooks may target though private, loopback or link-local (comma-separated)",
+    )
     http_allowlist: list[str] = Field(
         default_factory=list,
         description="hosts/IPs HTTP nodes may reach though private, loopback or link-local (comma-separated)",
@@ -107,7 +130,7 @@ class Settings(BaseModel):
             raise ValueError("must not be empty")
         return value
 
-    @field_validator("http_allowlist", "cors_origins", mode="before")
+    @field_validator("http_allowlist", "cors_origins", "webhook_allowlist", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

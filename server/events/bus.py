@@ -111,6 +111,7 @@ class EventBus:
     def __init__(self, queue_size: int = 1024) -> None:
         self._queue_size = queue_size
         self._subscribers: list[Subscription] = []
+        self._listeners: list[Callable[[BusEvent], None]] = []
         self._ids = itertools.count(1)
         self.published = 0
 
@@ -129,11 +130,21 @@ class EventBus:
             str(next(self._ids)), type_, time.time_ns(), tenant, session_id, workflow_id, execution_id, data
         )
         self.published += 1
+        for listener in self._listeners:
+            listener(event)
         # A copy: a subscriber that overflows removes itself meanwhile.
         for subscriber in tuple(self._subscribers):
             if subscriber.accept(event):
                 subscriber.offer(event)
         return event
+
+    def add_listener(self, listener: Callable[[BusEvent], None]) -> None:
+        """Call `listener` with every event, in order, as it is published.
+
+        For the event log and webhook fan-out: a listener must not block or
+        raise (queue the work and return).
+        """
+        self._listeners.append(listener)
 
     def subscribe(self, accept: Filter, size: int | None = None) -> Subscription:
         """A new subscriber receiving events that `accept` approves, from now on."""

@@ -1,0 +1,1 @@
+"""Webhooks: durable, signed delivery of events to HTTP receivers."""
