@@ -18,6 +18,7 @@ import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from flowport.server.api.events import EventService
 from flowport.server.api.executions import ExecutionService
 from flowport.server.api.gateway import GatewayService
 from flowport.server.api.schemas import SchemaService
@@ -28,6 +29,7 @@ from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.events.bus import EventBus
+from flowport.server.events.log import EventLog
 from flowport.server.interceptor import ErrorInterceptor
 from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
@@ -38,6 +40,7 @@ from flowport.server.settings import Settings
 from flowport.server.storage import MigrationError, SqliteStore, Store
 from flowport.v1 import (
     event_pb2,
+    event_pb2_grpc,
     execution_pb2,
     execution_pb2_grpc,
     gateway_pb2,
@@ -62,9 +65,9 @@ IMPLEMENTED = [
     workflow_pb2.DESCRIPTOR.services_by_name["WorkflowService"],
     execution_pb2.DESCRIPTOR.services_by_name["ExecutionService"],
     schema_pb2.DESCRIPTOR.services_by_name["SchemaService"],
+    event_pb2.DESCRIPTOR.services_by_name["EventService"],
 ]
 NOT_YET_IMPLEMENTED = [
-    event_pb2.DESCRIPTOR.services_by_name["EventService"],
     webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"],
 ]
 ALL_SERVICES = [s.full_name for s in IMPLEMENTED + NOT_YET_IMPLEMENTED]
@@ -85,6 +88,7 @@ class Running:
     executor: Executor
     services: NodeServices
     bus: EventBus
+    event_log: EventLog
 
 
 async def _open_node_services(settings: Settings) -> NodeServices:
@@ -124,7 +128,12 @@ async def start(settings: Settings) -> Running:
     store, services = await asyncio.gather(SqliteStore.open(settings.database_path), _open_node_services(settings))
     registry = NodeRegistry.default()
     plans = PlanCache(registry)
-    bus = EventBus()
+    event_log, bus = await EventLog.open(
+        store,
+        queue_size=settings.event_queue_size,
+        retention_count=settings.event_retention_count,
+        retention_seconds=settings.event_retention_seconds,
+    )
     executor = Executor(store, plans, bus, services, max_concurrent=settings.max_concurrent_executions)
     metrics = RequestMetrics()
     server = grpc.aio.server(
@@ -143,6 +152,7 @@ async def start(settings: Settings) -> Running:
         ExecutionService(store, executor, bus, settings.stream_heartbeat), server
     )
     schema_pb2_grpc.add_SchemaServiceServicer_to_server(SchemaService(store, registry, plans), server)
+    event_pb2_grpc.add_EventServiceServicer_to_server(EventService(bus, event_log, settings.stream_heartbeat), server)
     server.add_generic_rpc_handlers([unimplemented_handler(s) for s in NOT_YET_IMPLEMENTED])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -154,6 +164,7 @@ async def start(settings: Settings) -> Running:
     except RuntimeError as exc:
         port, cause = 0, f" ({exc})"
     if port == 0:
+        await event_log.close()
         await _close_node_services(services)
         await store.close()
         raise StartupError(
@@ -166,7 +177,7 @@ async def start(settings: Settings) -> Running:
         log.info("after restart: %d executions resumed, %d failed as INTERRUPTED", resumed, failed)
     for name in ["", *ALL_SERVICES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, health_servicer, store, port, executor, services, bus)
+    return Running(server, health_servicer, store, port, executor, services, bus, event_log)
 
 
 async def stop(running: Running, grace: float) -> None:
@@ -175,6 +186,7 @@ async def stop(running: Running, grace: float) -> None:
     await running.health.enter_graceful_shutdown()
     await running.server.stop(grace)
     await running.executor.shutdown()
+    await running.event_log.close()
     await _close_node_services(running.services)
     await running.store.close()
 

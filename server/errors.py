@@ -97,6 +97,13 @@ class OutOfRange(FlowportError):
     default_reason = "OUT_OF_RANGE"
 
 
+class Aborted(FlowportError):
+    """The call was cut short (e.g. a stream that fell behind); retry or resume."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
 class ResourceExhausted(FlowportError):
     """A limit was reached; `retry_delay` says when to try again."""
 

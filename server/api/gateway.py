@@ -29,7 +29,7 @@ FEATURES = [
     ("executions", True, ""),
     ("schemas", True, ""),
     ("sandboxed_python", True, ""),
-    ("event_streams", False, "not implemented yet: EventService answers UNIMPLEMENTED"),
+    ("event_streams", True, ""),
     ("webhooks", False, "not implemented yet: WebhookService answers UNIMPLEMENTED"),
 ]
 

@@ -4,14 +4,13 @@ each other down.
 Every state change is published here as a `flowport.v1.Event`. Each
 subscriber has a bounded queue; a subscriber whose queue is full is cut off
 (its iterator raises `SubscriberOverflow`) instead of making the publisher
-wait. UNFINISHED: the durable, resumable event log and `StreamEvents` come
-with the real-time work; until then events live only in memory.
+wait. Ids increase by one per event; the event log (`events/log.py`) is a
+listener that writes every event to the store.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -108,11 +107,11 @@ class Subscription:
 class EventBus:
     """Fan-out of events to the subscribers whose filter accepts them."""
 
-    def __init__(self, queue_size: int = 1024) -> None:
+    def __init__(self, queue_size: int = 1024, first_id: int = 1) -> None:
         self._queue_size = queue_size
+        self.last_id = first_id - 1
         self._subscribers: list[Subscription] = []
         self._listeners: list[Callable[[BusEvent], None]] = []
-        self._ids = itertools.count(1)
         self.published = 0
 
     def publish(
@@ -126,9 +125,8 @@ class EventBus:
         data: dict[str, Any] | None = None,
     ) -> BusEvent:
         """Stamp and deliver an event; returns it. Never waits."""
-        event = BusEvent(
-            str(next(self._ids)), type_, time.time_ns(), tenant, session_id, workflow_id, execution_id, data
-        )
+        self.last_id += 1
+        event = BusEvent(str(self.last_id), type_, time.time_ns(), tenant, session_id, workflow_id, execution_id, data)
         self.published += 1
         for listener in self._listeners:
             listener(event)

@@ -126,6 +126,25 @@ def test_cors_preflight_allowed_and_denied(edge: Stack, http: httpx.Client) -> N
     assert "access-control-allow-origin" not in http.get("/health", headers={"Origin": "http://evil.test"}).headers
 
 
+def test_event_stream_as_ndjson_and_sse(http: httpx.Client) -> None:
+    _slow_workflow(http, "events_ndjson", 0.2)
+    started = http.post("/api/executions", json={"workflow_id": "events_ndjson", "wait": True}).json()
+    query = {"execution_id": started["execution_id"], "after_id": "0", "types": "execution.*"}
+    for accept in ("application/json", "text/event-stream"):
+        with http.stream("GET", "/events", params=query, headers={"Accept": accept}) as response:
+            assert response.status_code == 200
+            lines = []
+            for line in response.iter_lines():
+                if line.strip():
+                    lines.append(json.loads(line.removeprefix("data: ")))
+                if lines and lines[-1].get("type") == "execution.completed":
+                    break
+        types = [e["type"] for e in lines]
+        assert types[0] == "execution.started" and types[-1] == "execution.completed"
+        assert all(t.startswith("execution.") for t in types)
+        assert all(e["id"] for e in lines), "ids let a client resume"
+
+
 def test_streams_as_server_sent_events_and_ndjson(http: httpx.Client) -> None:
     _slow_workflow(http, "streamed", 0.5)
     for accept, content_type in (("text/event-stream", "text/event-stream"), ("application/json", "application/json")):
@@ -225,18 +244,26 @@ class _Page(BaseHTTPRequestHandler):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (see the README's test command)")
-def test_a_browser_eventsource_receives_the_stream(edge: Stack, http: httpx.Client, tmp_path: Path) -> None:
-    _slow_workflow(http, "browser", 1.0)
-    started = http.post("/api/executions", json={"workflow_id": "browser"}).json()
-    url = f"{edge.http}/api/executions/{started['execution_id']}:watch"
+@pytest.mark.parametrize("stream", ["watch", "events"])
+def test_a_browser_eventsource_receives_the_stream(
+    edge: Stack, http: httpx.Client, tmp_path: Path, stream: str
+) -> None:
+    _slow_workflow(http, f"browser_{stream}", 1.0)
+    started = http.post("/api/executions", json={"workflow_id": f"browser_{stream}"}).json()
+    execution_id = started["execution_id"]
+    if stream == "watch":
+        url = f"{edge.http}/api/executions/{execution_id}:watch"
+    else:  # the execution's events from the log, then live: nothing missed however late the page connects
+        url = f"{edge.http}/events?execution_id={execution_id}&after_id=0"
     _Page.reports = []
     _Page.page = f"""<!doctype html><html><body><script>
       const seen = [];
       const source = new EventSource({json.dumps(url)});
       source.onmessage = (message) => {{
         const data = JSON.parse(message.data);
-        seen.push(data.event ? data.event.type : "state");
-        if (data.event && data.event.type === "execution.completed") {{
+        const event = data.event || (data.type ? data : null);
+        seen.push(event ? event.type : "state");
+        if (event && event.type === "execution.completed") {{
           source.close();
           fetch("/report", {{method: "POST", body: JSON.stringify({{seen}})}});
           document.title = "done";
@@ -273,7 +300,8 @@ def test_a_browser_eventsource_receives_the_stream(edge: Stack, http: httpx.Clie
         server.shutdown()
     assert _Page.reports, "the page never reported: EventSource received no completion"
     seen = _Page.reports[0]["seen"]
-    assert seen[0] == "state" and seen[-1] == "execution.completed"
+    first = "state" if stream == "watch" else "execution.started"
+    assert seen[0] == first and seen[-1] == "execution.completed", seen
 
 
 def test_a_failed_stream_is_a_json_error_before_the_first_event(http: httpx.Client) -> None:

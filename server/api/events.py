@@ -1,0 +1,123 @@
+"""EventService: resumable event streams (the seed's WebSocket and SSE).
+
+A stream replays the logged events after its cursor (`after_id`, or the
+`last-event-id` header an SSE client sends), then follows new events as
+they are published, with heartbeats while idle. The subscription starts
+before the replay, so no event falls between the two; ids already sent are
+skipped. A subscriber that falls more than its queue behind is cut with
+ABORTED (reason SUBSCRIBER_TOO_SLOW, metadata last_event_id) and resumes
+with `after_id`; the other subscribers never wait for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from flowport.server.errors import Aborted, InvalidArgument, OutOfRange
+from flowport.server.events.bus import BusEvent, EventBus, SubscriberOverflow
+from flowport.server.events.log import EventLog
+from flowport.server.tenancy import tenant_of
+from flowport.server.types import Context
+from flowport.v1 import event_pb2, event_pb2_grpc
+
+LAST_EVENT_ID = "last-event-id"
+MAX_TYPES = 50
+
+
+def _cursor(request: event_pb2.StreamEventsRequest, context: Context) -> int | None:
+    raw = request.after_id
+    field = "after_id"
+    if not raw:
+        for key, value in context.invocation_metadata() or ():
+            if key == LAST_EVENT_ID and isinstance(value, str):
+                raw, field = value.strip(), "last-event-id"
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise InvalidArgument(
+            f"{field} {raw!r} is not an event id", violations=[(field, "an event id from this server")]
+        )
+    return int(raw)
+
+
+def event_filter(request: event_pb2.StreamEventsRequest) -> tuple[set[str], tuple[str, ...]]:
+    """(exact types, type families) of the request; both empty accepts every type."""
+    if len(request.types) > MAX_TYPES:
+        raise InvalidArgument(f"at most {MAX_TYPES} types", violations=[("types", f"at most {MAX_TYPES}")])
+    exact = {t for t in request.types if not t.endswith(".*")}
+    families = tuple(t[:-1] for t in request.types if t.endswith(".*"))
+    return exact, families
+
+
+class EventService(event_pb2_grpc.EventServiceServicer):
+    """Streams of the gateway's events, per tenant, resumable by id."""
+
+    def __init__(self, bus: EventBus, event_log: EventLog, heartbeat: float) -> None:
+        self._bus = bus
+        self._log = event_log
+        self._heartbeat = heartbeat
+
+    async def StreamEvents(
+        self, request: event_pb2.StreamEventsRequest, context: Context
+    ) -> AsyncIterator[event_pb2.Event]:
+        tenant = tenant_of(context)
+        after = _cursor(request, context)
+        exact, families = event_filter(request)
+
+        def accept(event: BusEvent) -> bool:
+            return (
+                event.tenant == tenant
+                and (not request.session_id or event.session_id == request.session_id)
+                and (not request.workflow_id or event.workflow_id == request.workflow_id)
+                and (not request.execution_id or event.execution_id == request.execution_id)
+                and (not (exact or families) or event.type in exact or event.type.startswith(families))
+            )
+
+        subscription = self._bus.subscribe(accept)
+        sent = self._bus.last_id if after is None else after
+        try:
+            if after is not None:
+                oldest, newest = await self._log.bounds()
+                if after < oldest - 1 or after > newest:
+                    raise OutOfRange(
+                        f"event id {after} is outside the retained log ({oldest - 1}..{newest}); "
+                        "start again without after_id",
+                        reason="CURSOR_OUT_OF_RANGE",
+                        metadata={"oldest_event_id": str(oldest), "newest_event_id": str(newest)},
+                    )
+                while True:
+                    async for event in self._log.history(
+                        tenant,
+                        sent,
+                        session_id=request.session_id,
+                        workflow_id=request.workflow_id,
+                        execution_id=request.execution_id,
+                    ):
+                        if accept(event):
+                            yield event.to_proto()
+                        sent = int(event.id)
+                    if not subscription.overflowed:
+                        break
+                    # The replay was long enough to overflow the live queue:
+                    # subscribe afresh and replay what was published meanwhile.
+                    subscription = self._bus.subscribe(accept)
+                    await self._log.flush()
+            while True:
+                event = await subscription.next(self._heartbeat)
+                if event is None:
+                    heartbeat = event_pb2.Event(type="heartbeat")
+                    heartbeat.time.GetCurrentTime()
+                    yield heartbeat
+                    continue
+                if int(event.id) <= sent:
+                    continue
+                yield event.to_proto()
+                sent = int(event.id)
+        except SubscriberOverflow:
+            raise Aborted(
+                f"the stream fell behind by more than its queue; resume with after_id={sent}",
+                reason="SUBSCRIBER_TOO_SLOW",
+                metadata={"last_event_id": str(sent)},
+            ) from None
+        finally:
+            subscription.close()

@@ -1,0 +1,119 @@
+"""The event log: every published event, durably, for resuming streams.
+
+A bus listener queues each event and writes queued events in one batch per
+loop turn (grouped with other writes by the store), so publishing never
+waits for the disk. Reads for a resuming stream first flush what is queued,
+so a resume sees every event published before it. Retention is by count
+and by age; a cursor older than what is kept is OUT_OF_RANGE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from flowport.server.events.bus import BusEvent, EventBus
+from flowport.server.storage.events import EventTables
+
+log = logging.getLogger(__name__)
+
+PAGE = 500
+PURGE_INTERVAL = 60.0
+
+
+class EventLog:
+    """Writes the bus's events to the store and reads them back by cursor."""
+
+    def __init__(self, store: EventTables, bus: EventBus, *, retention_count: int, retention_seconds: float) -> None:
+        self._store = store
+        self._bus = bus
+        self._retention_count = retention_count
+        self._retention_seconds = retention_seconds
+        self._pending: list[BusEvent] = []
+        self._scheduled = False
+        self._purger: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls, store: EventTables, *, queue_size: int, retention_count: int, retention_seconds: float
+    ) -> tuple[EventLog, EventBus]:
+        """The log and a bus whose ids continue after the last logged event."""
+        _, newest = await store.event_bounds()
+        bus = EventBus(queue_size=queue_size, first_id=newest + 1)
+        event_log = cls(store, bus, retention_count=retention_count, retention_seconds=retention_seconds)
+        bus.add_listener(event_log.append)
+        event_log._purger = asyncio.create_task(event_log._purge_forever())
+        return event_log, bus
+
+    def append(self, event: BusEvent) -> None:
+        """Bus listener: queue `event` for the next batch write."""
+        self._pending.append(event)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_batch)
+
+    def _write_batch(self) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        if batch:
+            self._store.append_events_soon(batch)
+
+    async def flush(self) -> None:
+        """Return once every event published so far is committed."""
+        batch, self._pending = self._pending, []
+        # Writes commit in order, so awaiting this one covers earlier queued ones.
+        await self._store.append_events(batch)
+
+    async def bounds(self) -> tuple[int, int]:
+        """(oldest, newest) event id kept; the oldest is newest+1 when the log is empty."""
+        await self.flush()
+        oldest, newest = await self._store.event_bounds()
+        newest = max(newest, self._bus.last_id)
+        return (oldest or newest + 1), newest
+
+    async def history(
+        self, tenant: str, after: int, *, session_id: str, workflow_id: str, execution_id: str
+    ) -> AsyncIterator[BusEvent]:
+        """A tenant's logged events after `after`, oldest first, until caught up."""
+        while True:
+            page = await self._store.read_events(
+                tenant,
+                after=after,
+                limit=PAGE,
+                session_id=session_id,
+                workflow_id=workflow_id,
+                execution_id=execution_id,
+            )
+            for event in page:
+                yield event
+            if len(page) < PAGE:
+                return
+            after = int(page[-1].id)
+
+    async def close(self) -> None:
+        """Stop purging and write what is queued."""
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
+        await self.flush()
+
+    async def purge(self, now: Callable[[], float] = time.time) -> int:
+        """Drop events beyond the retention count or age; returns how many."""
+        keep_after_id = self._bus.last_id - self._retention_count
+        keep_after_us = int((now() - self._retention_seconds) * 1e6)
+        return await self._store.purge_events(keep_after_id=keep_after_id, keep_after_us=keep_after_us)
+
+    async def _purge_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_INTERVAL)
+            try:
+                removed = await self.purge()
+            except Exception:
+                log.exception("purging the event log failed; will retry")
+            else:
+                if removed:
+                    log.debug("purged %d events past retention", removed)

@@ -1,0 +1,83 @@
+"""Event log rows."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from flowport.server.events.bus import BusEvent
+from flowport.server.storage.tables import Tables
+
+_INSERT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def _row(event: BusEvent) -> tuple[Any, ...]:
+    return (
+        int(event.id),
+        event.tenant,
+        event.type,
+        event.time_ns // 1000,
+        event.session_id,
+        event.workflow_id,
+        event.execution_id,
+        orjson.dumps(event.data or {}),
+    )
+
+
+class EventTables(Tables):
+    """The append-only event log."""
+
+    async def append_events(self, events: Sequence[BusEvent]) -> None:
+        """Append events (ids already assigned) and wait for the commit."""
+        rows = [_row(e) for e in events]
+        await self._write(lambda conn: conn.executemany(_INSERT, rows))
+
+    def append_events_soon(self, events: Sequence[BusEvent]) -> None:
+        """Queue an append; it commits in order with the writes around it."""
+        rows = [_row(e) for e in events]
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(_INSERT, rows)
+
+        self._write_soon(op)
+
+    async def event_bounds(self) -> tuple[int, int]:
+        """(oldest id, newest id) in the log; (0, 0) when it is empty."""
+        row = self._lookup("SELECT COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) FROM events", ())
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    async def read_events(
+        self,
+        tenant: str,
+        *,
+        after: int,
+        limit: int,
+        session_id: str = "",
+        workflow_id: str = "",
+        execution_id: str = "",
+    ) -> list[BusEvent]:
+        """A tenant's events with id > `after`, oldest first, filtered by the ids given."""
+        sql = "SELECT * FROM events WHERE tenant=? AND id>?"
+        args: list[object] = [tenant, after]
+        for column, value in (("session_id", session_id), ("workflow_id", workflow_id), ("execution_id", execution_id)):
+            if value:
+                sql += f" AND {column}=?"
+                args.append(value)
+        sql += " ORDER BY id LIMIT ?"
+        args.append(limit)
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
+        return [
+            BusEvent(str(r[0]), r[2], r[3] * 1000, r[1], r[4], r[5], r[6], orjson.loads(r[7]) or None) for r in rows
+        ]
+
+    async def purge_events(self, *, keep_after_id: int, keep_after_us: int) -> int:
+        """Drop events at or below `keep_after_id` or older than `keep_after_us`."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM events WHERE id<=? OR time_us<?", (keep_after_id, keep_after_us)).rowcount
+
+        return await self._write(op)

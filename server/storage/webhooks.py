@@ -1,0 +1,350 @@
+"""Webhook and webhook delivery rows.
+
+A delivery row is the durable queue entry: it is written before the first
+attempt, every attempt updates it, and PENDING/RETRYING rows are what a
+restarted dispatcher resumes. Secrets live in their own column and never in
+the serialized Webhook that reads return.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from flowport.server.storage import idempotency
+from flowport.server.storage.base import IdempotentResult
+from flowport.server.storage.tables import Tables, micros
+from flowport.v1 import webhook_pb2
+
+_CREATE = "flowport.v1.WebhookService/CreateWebhook"
+_DELETE = "flowport.v1.WebhookService/DeleteWebhook"
+_REDELIVER = "flowport.v1.WebhookService/RedeliverWebhookDelivery"
+
+PENDING = webhook_pb2.WebhookDelivery.STATE_PENDING
+RETRYING = webhook_pb2.WebhookDelivery.STATE_RETRYING
+SUCCEEDED = webhook_pb2.WebhookDelivery.STATE_SUCCEEDED
+DEAD_LETTERED = webhook_pb2.WebhookDelivery.STATE_DEAD_LETTERED
+UNFINISHED = (PENDING, RETRYING)
+
+_DELIVERY_COLUMNS = (
+    "delivery_id, webhook_id, event_id, event_type, state, attempts, last_status_code, last_error,"
+    " last_duration_us, next_attempt_us, create_us, update_us"
+)
+
+
+class WebhookExists(Exception):
+    """The tenant already has a webhook with this id."""
+
+
+class NotDeadLettered(Exception):
+    """Only a dead-lettered delivery can be redelivered."""
+
+    def __init__(self, state: int) -> None:
+        super().__init__(state)
+        self.state = state
+
+
+@dataclass(frozen=True, slots=True)
+class StoredWebhook:
+    """A webhook with its secret (empty when unsigned): what the dispatcher caches."""
+
+    webhook: webhook_pb2.Webhook
+    secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """A delivery row to insert, PENDING and due at `create_us`."""
+
+    delivery_id: str
+    tenant: str
+    webhook_id: str
+    event_id: str
+    event_type: str
+    payload: bytes
+    create_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class DueDelivery:
+    """An unfinished delivery, as the dispatcher schedules it."""
+
+    delivery_id: str
+    tenant: str
+    webhook_id: str
+    next_attempt_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptInput:
+    """What one attempt needs from a delivery row."""
+
+    state: int
+    attempts: int
+    event_id: str
+    event_type: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """The outcome of one attempt, written to its row."""
+
+    delivery_id: str
+    state: int
+    attempts: int
+    last_status_code: int
+    last_error: str
+    last_duration_us: int
+    next_attempt_us: int | None
+    update_us: int
+
+
+def _timestamp(us: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
+
+
+def _delivery(row: Sequence[Any]) -> webhook_pb2.WebhookDelivery:
+    """A WebhookDelivery from a row selected with _DELIVERY_COLUMNS."""
+    duration_us: int = row[8]
+    delivery = webhook_pb2.WebhookDelivery(
+        delivery_id=row[0],
+        webhook_id=row[1],
+        event_id=row[2],
+        event_type=row[3],
+        state=row[4],
+        attempts=row[5],
+        last_status_code=row[6],
+        last_error=row[7],
+        last_duration=duration_pb2.Duration(seconds=duration_us // 1_000_000, nanos=(duration_us % 1_000_000) * 1000),
+        create_time=_timestamp(row[10]),
+        update_time=_timestamp(row[11]),
+    )
+    if row[9] is not None:  # only while PENDING or RETRYING
+        delivery.next_attempt_time.CopyFrom(_timestamp(row[9]))
+    return delivery
+
+
+class WebhookTables(Tables):
+    """Webhooks scoped by tenant, and the durable delivery queue."""
+
+    # -- webhooks -----------------------------------------------------------
+
+    async def create_webhook(
+        self,
+        tenant: str,
+        webhook: webhook_pb2.Webhook,
+        secret: bytes,
+        idempotency_key: tuple[str, bytes] | None,
+    ) -> IdempotentResult:
+        """Insert `webhook` (already without its secret); raises WebhookExists for a taken id."""
+        body = webhook.SerializeToString()
+        now_us = micros(webhook.create_time)
+
+        def op(conn: sqlite3.Connection) -> IdempotentResult:
+            if idempotency_key is not None:
+                first = idempotency.replayed(conn, tenant, _CREATE, *idempotency_key)
+                if first is not None:
+                    return IdempotentResult(first, replayed=True)
+            try:
+                conn.execute(
+                    "INSERT INTO webhooks (tenant, webhook_id, create_us, secret, body) VALUES (?, ?, ?, ?, ?)",
+                    (tenant, webhook.webhook_id, now_us, secret or None, body),
+                )
+            except sqlite3.IntegrityError:
+                raise WebhookExists(webhook.webhook_id) from None
+            if idempotency_key is not None:
+                idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
+            return IdempotentResult(body, replayed=False)
+
+        return await self._write(op)
+
+    async def get_webhook(self, tenant: str, webhook_id: str) -> webhook_pb2.Webhook | None:
+        """The webhook, or None when absent or another tenant's."""
+        row = self._lookup("SELECT body FROM webhooks WHERE tenant=? AND webhook_id=?", (tenant, webhook_id))
+        return None if row is None else webhook_pb2.Webhook.FromString(row[0])
+
+    async def list_webhooks(self, tenant: str, *, after: str | None, limit: int) -> list[webhook_pb2.Webhook]:
+        """The tenant's webhooks by id, after `after`."""
+        sql = "SELECT body FROM webhooks WHERE tenant=?"
+        args: list[object] = [tenant]
+        if after is not None:
+            sql += " AND webhook_id > ?"
+            args.append(after)
+        sql += " ORDER BY webhook_id LIMIT ?"
+        args.append(limit)
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
+        return [webhook_pb2.Webhook.FromString(row[0]) for row in rows]
+
+    async def delete_webhook(self, tenant: str, webhook_id: str, now_us: int, request_id: str = "") -> bool:
+        """Delete the webhook and every delivery to it; False when there was none."""
+        key = webhook_id.encode()
+
+        def op(conn: sqlite3.Connection) -> bool:
+            if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
+                return True
+            deleted = conn.execute(
+                "DELETE FROM webhooks WHERE tenant=? AND webhook_id=?", (tenant, webhook_id)
+            ).rowcount
+            if not deleted:
+                return False
+            conn.execute("DELETE FROM webhook_deliveries WHERE tenant=? AND webhook_id=?", (tenant, webhook_id))
+            if request_id:
+                idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
+            return True
+
+        return await self._write(op)
+
+    async def all_webhooks(self, tenant: str | None = None) -> list[StoredWebhook]:
+        """Every webhook with its secret (of one tenant, when given): the dispatcher's cache."""
+        sql = "SELECT body, secret FROM webhooks"
+        args: tuple[object, ...] = ()
+        if tenant is not None:
+            sql += " WHERE tenant=?"
+            args = (tenant,)
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
+        return [StoredWebhook(webhook_pb2.Webhook.FromString(body), bytes(secret or b"")) for body, secret in rows]
+
+    # -- deliveries -----------------------------------------------------------
+
+    async def insert_deliveries(self, rows: Sequence[NewDelivery]) -> int:
+        """Queue deliveries as PENDING, in one write; returns how many were inserted.
+
+        A row whose webhook was deleted meanwhile is skipped: it could never
+        be attempted and would only linger.
+        """
+
+        def op(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT INTO webhook_deliveries (delivery_id, tenant, webhook_id, event_id, event_type, state,"
+                " next_attempt_us, create_us, update_us, payload)"
+                " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+                " WHERE EXISTS (SELECT 1 FROM webhooks WHERE tenant=? AND webhook_id=?)",
+                [
+                    (
+                        r.delivery_id,
+                        r.tenant,
+                        r.webhook_id,
+                        r.event_id,
+                        r.event_type,
+                        PENDING,
+                        r.create_us,
+                        r.create_us,
+                        r.create_us,
+                        r.payload,
+                        r.tenant,
+                        r.webhook_id,
+                    )
+                    for r in rows
+                ],
+            )
+            return conn.total_changes - before
+
+        return await self._write(op)
+
+    async def unfinished_deliveries(self) -> list[DueDelivery]:
+        """PENDING and RETRYING deliveries of every tenant, soonest due first (the restart scan)."""
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT delivery_id, tenant, webhook_id, next_attempt_us FROM webhook_deliveries"
+                " WHERE state IN (?, ?) ORDER BY next_attempt_us",
+                UNFINISHED,
+            ).fetchall()
+        )
+        return [DueDelivery(*row) for row in rows]
+
+    async def delivery_for_attempt(self, delivery_id: str) -> AttemptInput | None:
+        """State, attempts so far and body of a delivery; None once it is gone."""
+        row = self._lookup(
+            "SELECT state, attempts, event_id, event_type, payload FROM webhook_deliveries WHERE delivery_id=?",
+            (delivery_id,),
+        )
+        return None if row is None else AttemptInput(row[0], row[1], row[2], row[3], bytes(row[4]))
+
+    async def record_attempt(self, record: AttemptRecord) -> bool:
+        """Write an attempt's outcome; False when the delivery is gone or already finished."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            updated = conn.execute(
+                "UPDATE webhook_deliveries SET state=?, attempts=?, last_status_code=?, last_error=?,"
+                " last_duration_us=?, next_attempt_us=?, update_us=? WHERE delivery_id=? AND state IN (?, ?)",
+                (
+                    record.state,
+                    record.attempts,
+                    record.last_status_code,
+                    record.last_error,
+                    record.last_duration_us,
+                    record.next_attempt_us,
+                    record.update_us,
+                    record.delivery_id,
+                    *UNFINISHED,
+                ),
+            ).rowcount
+            return updated > 0
+
+        return await self._write(op)
+
+    async def list_deliveries(
+        self, tenant: str, webhook_id: str, *, state: int, after: tuple[int, str] | None, limit: int
+    ) -> list[webhook_pb2.WebhookDelivery]:
+        """A webhook's deliveries, newest first, in `state` when non-zero, after the (create_us, id) cursor."""
+        sql = f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE tenant=? AND webhook_id=?"  # noqa: S608 - constant columns
+        args: list[object] = [tenant, webhook_id]
+        if state:
+            sql += " AND state=?"
+            args.append(state)
+        if after is not None:
+            sql += " AND (create_us, delivery_id) < (?, ?)"
+            args.extend(after)
+        sql += " ORDER BY create_us DESC, delivery_id DESC LIMIT ?"
+        args.append(limit)
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
+        return [_delivery(row) for row in rows]
+
+    async def redeliver(
+        self,
+        tenant: str,
+        webhook_id: str,
+        delivery_id: str,
+        now_us: int,
+        idempotency_key: tuple[str, bytes] | None,
+    ) -> IdempotentResult | None:
+        """Queue a dead-lettered delivery again with a fresh attempt budget.
+
+        `response` is the updated WebhookDelivery; None when there is no such
+        delivery; raises NotDeadLettered for one in another state.
+        """
+
+        def op(conn: sqlite3.Connection) -> IdempotentResult | None:
+            if idempotency_key is not None:
+                first = idempotency.replayed(conn, tenant, _REDELIVER, *idempotency_key)
+                if first is not None:
+                    return IdempotentResult(first, replayed=True)
+            key = (tenant, webhook_id, delivery_id)
+            row = conn.execute(
+                "SELECT state FROM webhook_deliveries WHERE tenant=? AND webhook_id=? AND delivery_id=?", key
+            ).fetchone()
+            if row is None:
+                return None
+            if row[0] != DEAD_LETTERED:
+                raise NotDeadLettered(row[0])
+            # attempts restarts at 0: the budget (and the attempt header) count afresh.
+            conn.execute(
+                "UPDATE webhook_deliveries SET state=?, attempts=0, next_attempt_us=?, update_us=? WHERE delivery_id=?",
+                (PENDING, now_us, now_us, delivery_id),
+            )
+            selected = conn.execute(
+                f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE delivery_id=?",  # noqa: S608 - constant columns
+                (delivery_id,),
+            ).fetchone()
+            body = _delivery(selected).SerializeToString()
+            if idempotency_key is not None:
+                idempotency.remember(conn, tenant, _REDELIVER, idempotency_key, body, now_us=now_us)
+            return IdempotentResult(body, replayed=False)
+
+        return await self._write(op)

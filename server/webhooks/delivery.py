@@ -1,0 +1,179 @@
+"""One delivery attempt: the request, its outcome, and the wait before the next.
+
+An attempt resolves and checks the target, then POSTs the stored body
+within one overall timeout. 2xx succeeds; timeouts, connection errors, 429
+and 5xx may be retried (honouring Retry-After); anything else, and a refused
+target, fails for good. Error texts name no URL and no header, so neither a
+token in a query string nor a secret ever reaches the delivery row or a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+from google.protobuf import json_format
+
+from flowport.server.events.bus import BusEvent
+from flowport.server.nodes.http import parse_retry_after
+from flowport.server.version import VERSION
+from flowport.server.webhooks.signing import HEADER as SIGNATURE_HEADER
+from flowport.server.webhooks.signing import sign
+from flowport.server.webhooks.targets import TargetRefused, TargetUnresolvable, check_target
+
+USER_AGENT = f"flowport-webhooks/{VERSION}"
+# Enough of a receiver's error body to say what went wrong, no more.
+MAX_ERROR_BODY = 200
+MAX_READ = 64 * 1024
+MAX_ERROR = 1024
+_MAX_EXACT = 2**53  # doubles hold every integer up to here
+
+_jitter = random.SystemRandom()
+
+
+def _integral(value: Any) -> Any:
+    """Struct numbers are doubles; print whole ones as integers, as protobuf's C++
+    printer (and so Envoy's event stream) does."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def event_body(event: BusEvent) -> bytes:
+    """The event as delivered: proto3 JSON with proto field names, every field, compact."""
+    proto = event.to_proto()
+    as_dict = json_format.MessageToDict(
+        proto, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    # Declaration order reads best (id and type first).
+    ordered = {f.name: _integral(as_dict[f.name]) for f in proto.DESCRIPTOR.fields if f.name in as_dict}
+    return orjson.dumps(ordered)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where and how a webhook's deliveries are sent."""
+
+    url: httpx.URL
+    headers: dict[str, str]
+    secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt came to."""
+
+    status_code: int  # 0 when no response arrived
+    error: str  # empty on success
+    retryable: bool
+    retry_after: float | None
+    duration_us: int
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status_code < 300
+
+
+def backoff(attempt: int, initial: float, cap: float) -> float:
+    """Seconds before the attempt after `attempt`: full jitter over a doubling, capped window.
+
+    Full jitter spreads the retries of many deliveries that failed together
+    (a receiver that was down) instead of bringing them back in one wave.
+    """
+    return _jitter.uniform(0.0, min(cap, initial * 2.0 ** min(attempt - 1, 62)))
+
+
+def _headers(target: Target, body: bytes, event_id: str, delivery_id: str, attempt: int) -> dict[str, str]:
+    headers = dict(target.headers)
+    headers.update(
+        {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "X-Flowport-Event-Id": event_id,
+            "X-Flowport-Delivery-Id": delivery_id,
+            "X-Flowport-Delivery-Attempt": str(attempt),
+        }
+    )
+    if target.secret:
+        headers[SIGNATURE_HEADER] = sign(target.secret, body, int(time.time()))
+    return headers
+
+
+async def _read_some(response: httpx.Response) -> bytes:
+    """Up to MAX_READ bytes of the body: enough to reuse the connection for a short
+    answer, without letting a receiver make us download a large one."""
+    data = bytearray()
+    async for chunk in response.aiter_raw():
+        data += chunk
+        if len(data) >= MAX_READ:
+            break
+    return bytes(data)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 3] + "..."
+
+
+async def attempt(
+    http: httpx.AsyncClient,
+    target: Target,
+    *,
+    body: bytes,
+    event_id: str,
+    delivery_id: str,
+    attempt_number: int,
+    timeout: float,
+    allowlist: frozenset[str],
+) -> Outcome:
+    """POST `body` to `target` once, within `timeout` seconds in all."""
+    headers = _headers(target, body, event_id, delivery_id, attempt_number)
+    start = time.perf_counter()
+
+    def outcome(status: int, error: str, retryable: bool, retry_after: float | None = None) -> Outcome:
+        return Outcome(status, _clip(error), retryable, retry_after, int((time.perf_counter() - start) * 1e6))
+
+    try:
+        async with asyncio.timeout(timeout):
+            pinned = await check_target(target.url, allowlist)
+            url = target.url
+            if pinned is not None:
+                headers["Host"] = url.netloc.decode("ascii")
+                url = url.copy_with(host=pinned)
+            request = httpx.Request(
+                "POST", url, headers=headers, content=body, extensions={"timeout": httpx.Timeout(timeout).as_dict()}
+            )
+            response = await http.send(request, stream=True, follow_redirects=False)
+            try:
+                content = await _read_some(response)
+            finally:
+                await response.aclose()
+    except TargetRefused as exc:
+        return outcome(0, str(exc), retryable=False)
+    except TargetUnresolvable as exc:
+        return outcome(0, str(exc), retryable=True)
+    except (TimeoutError, httpx.TimeoutException):
+        return outcome(0, f"no answer within {timeout:g}s", retryable=True)
+    except httpx.HTTPError as exc:
+        # Connection refused or reset, a malformed answer: the receiver may recover.
+        return outcome(0, f"request failed: {type(exc).__name__}: {exc}", retryable=True)
+    status = response.status_code
+    if 200 <= status < 300:
+        return outcome(status, "", retryable=False)
+    # A compressed body (read raw) would only show as noise.
+    encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
+    snippet = "" if encoded else content[:MAX_ERROR_BODY].decode("utf-8", errors="replace").strip()
+    error = f"receiver answered HTTP {status}" + (f": {snippet}" if snippet else "")
+    if status == 429 or status >= 500:
+        return outcome(
+            status, error, retryable=True, retry_after=parse_retry_after(response.headers.get("retry-after"))
+        )
+    return outcome(status, error, retryable=False)

@@ -1,0 +1,414 @@
+"""The webhook dispatcher: from published events to durable, retried deliveries.
+
+Flow:
+
+- `on_event` runs inside `EventBus.publish`, so it only matches the event
+  against the cached webhooks of its tenant and appends to an inbox; it
+  never awaits, writes or serializes.
+- One flusher task (started on demand) turns the inbox into delivery rows,
+  written in one awaited store write per batch (group-committed with
+  everything else). Only then is a delivery scheduled: no attempt is made
+  for a row that is not durable.
+- Each webhook has a lane: ready deliveries and at most
+  `webhook_concurrency_per_target` worker tasks, so a slow receiver holds up
+  only its own lane. Retries wait on loop timers (exponential backoff with
+  full jitter, or Retry-After), never in a worker.
+- The delivery row is the truth: each attempt reads its state and attempt
+  count first and writes its outcome after. A delivery whose row is gone
+  (webhook deleted) or finished is simply forgotten.
+- At start, PENDING and RETRYING rows are scheduled at their due time, so a
+  delivery survives a restart. An attempt cut off by a shutdown is made
+  again: delivery is at least once, and receivers dedupe on
+  `X-Flowport-Delivery-Id`.
+
+In memory the dispatcher holds a small record per unfinished delivery (ids
+and a timer), never its body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+import httpx
+
+from flowport.server.events.bus import BusEvent, EventBus
+from flowport.server.ids import new_id
+from flowport.server.settings import Settings
+from flowport.server.storage.webhooks import (
+    DEAD_LETTERED,
+    RETRYING,
+    SUCCEEDED,
+    UNFINISHED,
+    AttemptRecord,
+    NewDelivery,
+    StoredWebhook,
+    WebhookTables,
+)
+from flowport.server.webhooks.delivery import Outcome, Target, attempt, backoff, event_body
+from flowport.server.webhooks.targets import normalize_allowlist
+from flowport.v1 import gateway_pb2
+
+log = logging.getLogger(__name__)
+
+FAILED_EVENT = "webhook.failed"
+Key = tuple[str, str]  # (tenant, webhook_id)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class _Hook:
+    """A cached webhook: what to match events against and where to send them."""
+
+    key: Key
+    exact: frozenset[str]
+    families: tuple[str, ...]  # "execution." for "execution.*"
+    target: Target
+
+    @classmethod
+    def of(cls, stored: StoredWebhook) -> _Hook:
+        webhook = stored.webhook
+        types = list(webhook.event_types)
+        return cls(
+            key=(webhook.tenant, webhook.webhook_id),
+            exact=frozenset(t for t in types if not t.endswith(".*")),
+            families=tuple(t[:-1] for t in types if t.endswith(".*")),
+            target=Target(httpx.URL(webhook.url), dict(webhook.headers), stored.secret),
+        )
+
+    def wants(self, event: BusEvent) -> bool:
+        # A webhook never hears about its own failed deliveries: that
+        # delivery would most likely fail too, and report itself again.
+        if event.type == FAILED_EVENT and (event.data or {}).get("webhook_id") == self.key[1]:
+            return False
+        if not self.exact and not self.families:
+            return True
+        return event.type in self.exact or event.type.startswith(self.families)
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """An unfinished delivery the dispatcher is responsible for."""
+
+    delivery_id: str
+    key: Key
+    timer: asyncio.TimerHandle | None = None
+    dropped: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Lane:
+    """One webhook's ready deliveries and how many workers serve them."""
+
+    ready: deque[_Pending] = field(default_factory=deque)
+    active: int = 0
+
+
+class WebhookDispatcher:
+    """Delivers every published event to the webhooks of its tenant that want it."""
+
+    def __init__(
+        self,
+        store: WebhookTables,
+        bus: EventBus,
+        http: httpx.AsyncClient,
+        settings: Settings,
+        *,
+        initial_backoff: float = 1.0,
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._http = http
+        self._max_attempts = settings.webhook_max_attempts
+        self._timeout = settings.webhook_timeout
+        self._max_backoff = settings.webhook_max_backoff
+        self._concurrency = settings.webhook_concurrency_per_target
+        self._allowlist = normalize_allowlist(settings.webhook_allowlist)
+        self._initial_backoff = initial_backoff
+        self._hooks: dict[Key, _Hook] = {}
+        self._by_tenant: dict[str, list[_Hook]] = {}
+        self._generations: defaultdict[str, int] = defaultdict(int)
+        self._inbox: list[tuple[BusEvent, list[_Hook]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._lanes: dict[Key, _Lane] = {}
+        self._workers: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._last_create_us = 0
+        self.delivered = 0
+        self.retried = 0
+        self.dead_lettered = 0
+        self.lost = 0  # deliveries whose rows could not be written
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the webhooks and resume the deliveries a previous process left unfinished."""
+        by_tenant: defaultdict[str, list[StoredWebhook]] = defaultdict(list)
+        for stored in await self._store.all_webhooks():
+            by_tenant[stored.webhook.tenant].append(stored)
+        for tenant, stored_hooks in by_tenant.items():
+            self._install(tenant, stored_hooks)
+        now = _now_us()
+        resumed = 0
+        for due in await self._store.unfinished_deliveries():
+            key = (due.tenant, due.webhook_id)
+            if key in self._hooks:
+                self._schedule(_Pending(due.delivery_id, key), (due.next_attempt_us - now) / 1e6)
+                resumed += 1
+        log.info("webhooks: %d registered, %d unfinished deliveries resumed", len(self._hooks), resumed)
+
+    async def close(self) -> None:
+        """Write the rows of events already received, then stop attempts (resumed at the next start)."""
+        self._closed = True
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        for pending in self._pending.values():
+            if pending.timer is not None:
+                pending.timer.cancel()
+        self._pending.clear()
+        self._lanes.clear()
+        workers = list(self._workers)
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+    # -- webhooks ------------------------------------------------------------
+
+    async def webhooks_changed(self, tenant: str) -> None:
+        """Reload the tenant's webhooks after a create or delete; deliveries to a deleted one stop."""
+        self._generations[tenant] += 1
+        generation = self._generations[tenant]
+        stored = await self._store.all_webhooks(tenant)
+        # Reloads may finish out of order; only the latest one started reflects the latest write.
+        if self._generations[tenant] == generation:
+            self._install(tenant, stored)
+
+    def _install(self, tenant: str, stored: list[StoredWebhook]) -> None:
+        hooks = [_Hook.of(s) for s in stored]
+        keys = {hook.key for hook in hooks}
+        for old in self._by_tenant.get(tenant, []):
+            if old.key not in keys:
+                self._hooks.pop(old.key, None)
+                self._drop(old.key)
+        for hook in hooks:
+            self._hooks[hook.key] = hook
+        if hooks:
+            self._by_tenant[tenant] = hooks
+        else:
+            self._by_tenant.pop(tenant, None)
+
+    def _drop(self, key: Key) -> None:
+        """Forget every delivery to a deleted webhook (the store deleted their rows)."""
+        for pending in [p for p in self._pending.values() if p.key == key]:
+            pending.dropped = True
+            self._forget(pending)
+        self._lanes.pop(key, None)
+
+    # -- events --------------------------------------------------------------
+
+    def on_event(self, event: BusEvent) -> None:
+        """Bus listener: queue deliveries of `event`. Never blocks, never raises."""
+        if self._closed:
+            return
+        try:
+            hooks = [hook for hook in self._by_tenant.get(event.tenant, ()) if hook.wants(event)]
+            if not hooks:
+                return
+            self._inbox.append((event, hooks))
+            if self._flusher is None:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        except Exception:  # a raising listener would break publish for everyone
+            log.exception("could not queue webhook deliveries of event %s", event.id)
+
+    async def _flush(self) -> None:
+        try:
+            while self._inbox:
+                batch, self._inbox = self._inbox, []
+                rows = self._rows(batch)
+                try:
+                    await self._store.insert_deliveries(rows)
+                except Exception:
+                    self.lost += len(rows)
+                    log.exception("could not queue %d webhook deliveries", len(rows))
+                    continue
+                # Once closed, the rows wait for the next start.
+                for row in rows:
+                    self._schedule(_Pending(row.delivery_id, (row.tenant, row.webhook_id)), 0.0)
+        finally:
+            self._flusher = None
+
+    def _rows(self, batch: list[tuple[BusEvent, list[_Hook]]]) -> list[NewDelivery]:
+        rows: list[NewDelivery] = []
+        for event, hooks in batch:
+            try:
+                body = event_body(event)
+            except Exception:  # a publisher put something in data that JSON cannot hold
+                self.lost += len(hooks)
+                log.exception("event %s (%s) cannot be encoded for webhooks", event.id, event.type)
+                continue
+            for hook in hooks:
+                tenant, webhook_id = hook.key
+                rows.append(NewDelivery(new_id("dlv"), tenant, webhook_id, event.id, event.type, body, self._stamp()))
+        return rows
+
+    def _stamp(self) -> int:
+        """A create time later than every earlier one, so "newest first" is queue order
+        even for deliveries queued within the same microsecond."""
+        self._last_create_us = max(_now_us(), self._last_create_us + 1)
+        return self._last_create_us
+
+    def redelivered(self, tenant: str, webhook_id: str, delivery_id: str) -> None:
+        """Schedule a delivery the store has just queued again."""
+        if (tenant, webhook_id) in self._hooks:
+            self._schedule(_Pending(delivery_id, (tenant, webhook_id)), 0.0)
+
+    # -- scheduling ------------------------------------------------------------
+
+    def _schedule(self, pending: _Pending, delay: float) -> None:
+        if self._closed or pending.dropped:
+            return
+        current = self._pending.get(pending.delivery_id)
+        if current is not None and current is not pending:
+            return  # a fresh row can be seen both by the restart scan and by the flusher
+        self._pending[pending.delivery_id] = pending
+        if delay <= 0:
+            self._ready(pending)
+        else:
+            pending.timer = asyncio.get_running_loop().call_later(delay, self._ready, pending)
+
+    def _ready(self, pending: _Pending) -> None:
+        pending.timer = None
+        if self._closed or pending.dropped:
+            return
+        lane = self._lanes.setdefault(pending.key, _Lane())
+        lane.ready.append(pending)
+        if lane.active < self._concurrency:
+            lane.active += 1
+            task = asyncio.get_running_loop().create_task(self._work(lane))
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+
+    def _forget(self, pending: _Pending) -> None:
+        if pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+        if self._pending.get(pending.delivery_id) is pending:
+            del self._pending[pending.delivery_id]
+
+    async def _work(self, lane: _Lane) -> None:
+        try:
+            while lane.ready and not self._closed:
+                pending = lane.ready.popleft()
+                if pending.dropped:
+                    continue
+                try:
+                    await self._deliver(pending)
+                except Exception:
+                    # A bug or a store failure: keep the delivery, try again later.
+                    log.exception("webhook delivery %s failed unexpectedly", pending.delivery_id)
+                    self._schedule(pending, max(self._initial_backoff, 1.0))
+        finally:
+            lane.active -= 1
+
+    # -- attempts ------------------------------------------------------------
+
+    async def _deliver(self, pending: _Pending) -> None:
+        row = await self._store.delivery_for_attempt(pending.delivery_id)
+        hook = self._hooks.get(pending.key)
+        if row is None or row.state not in UNFINISHED or hook is None:
+            self._forget(pending)
+            return
+        number = row.attempts + 1
+        outcome = await attempt(
+            self._http,
+            hook.target,
+            body=row.payload,
+            event_id=row.event_id,
+            delivery_id=pending.delivery_id,
+            attempt_number=number,
+            timeout=self._timeout,
+            allowlist=self._allowlist,
+        )
+        state, delay = self._next_step(outcome, number)
+        if delay is None:
+            # Before the write: a redelivery that follows it must find no stale entry.
+            self._forget(pending)
+        now = _now_us()
+        record = AttemptRecord(
+            delivery_id=pending.delivery_id,
+            state=state,
+            attempts=number,
+            last_status_code=outcome.status_code,
+            last_error=outcome.error,
+            last_duration_us=outcome.duration_us,
+            next_attempt_us=None if delay is None else now + int(delay * 1e6),
+            update_us=now,
+        )
+        if not await self._store.record_attempt(record):
+            self._forget(pending)  # deleted meanwhile
+            return
+        if state == SUCCEEDED:
+            self.delivered += 1
+        elif state == RETRYING:
+            self.retried += 1
+            assert delay is not None
+            self._schedule(pending, delay)
+        else:
+            self.dead_lettered += 1
+            self._report_failure(pending, row.event_id, row.event_type, record)
+
+    def _next_step(self, outcome: Outcome, number: int) -> tuple[int, float | None]:
+        """The delivery's next state, and the wait before its next attempt if any."""
+        if outcome.ok:
+            return SUCCEEDED, None
+        if not outcome.retryable or number >= self._max_attempts:
+            return DEAD_LETTERED, None
+        if outcome.retry_after is not None:
+            return RETRYING, min(outcome.retry_after, self._max_backoff)
+        return RETRYING, backoff(number, self._initial_backoff, self._max_backoff)
+
+    def _report_failure(self, pending: _Pending, event_id: str, event_type: str, record: AttemptRecord) -> None:
+        tenant, webhook_id = pending.key
+        log.warning(
+            "webhook %s: delivery %s of event %s dead-lettered after %d attempts: %s",
+            webhook_id,
+            pending.delivery_id,
+            event_id,
+            record.attempts,
+            record.last_error,
+        )
+        if event_type == FAILED_EVENT:
+            return  # reporting the failure of a failure report could go on forever
+        self._bus.publish(
+            FAILED_EVENT,
+            tenant=tenant,
+            data={
+                "webhook_id": webhook_id,
+                "delivery_id": pending.delivery_id,
+                "event_id": event_id,
+                "event_type": event_type,
+                "attempts": record.attempts,
+                "last_status_code": record.last_status_code,
+                "last_error": record.last_error,
+            },
+        )
+
+    # -- figures ---------------------------------------------------------------
+
+    def stats(self) -> gateway_pb2.WebhookStats:
+        """Counters since start, for GatewayService.GetStats."""
+        return gateway_pb2.WebhookStats(
+            delivered=self.delivered, retried=self.retried, dead_lettered=self.dead_lettered
+        )
+
+    @property
+    def unfinished(self) -> int:
+        """Deliveries waiting for an attempt or being attempted."""
+        return len(self._pending)

@@ -1,0 +1,115 @@
+"""Checks on a webhook as a caller registers it; each problem names its field."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from flowport.server.webhooks.targets import registration_problem
+from flowport.v1 import webhook_pb2
+
+WEBHOOK_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# A dotted type such as "execution.completed", or a family such as "execution.*".
+EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*(\.\*)?$")
+MAX_URL = 2048
+MAX_EVENT_TYPES = 64
+MAX_HEADERS = 32
+MAX_HEADER_VALUE = 4096
+MIN_SECRET_BYTES = 16
+MAX_SECRET_BYTES = 1024
+MAX_DESCRIPTION = 1024
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
+_BAD_HEADER_VALUE = re.compile(r"[\r\n\x00]")
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection, and the rest
+# describe the body or identify the sender: flowport sets those itself.
+RESERVED_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "expect",
+        "user-agent",
+    }
+)
+RESERVED_PREFIX = "x-flowport-"
+
+Violation = tuple[str, str]
+
+
+def url_problem(raw: str, allowlist: frozenset[str]) -> str | None:
+    """Why `raw` is not a usable webhook URL, or None."""
+    if not raw:
+        return "required"
+    if len(raw) > MAX_URL:
+        return f"at most {MAX_URL} characters"
+    try:
+        url = httpx.URL(raw)
+    except httpx.InvalidURL as exc:
+        return f"not a valid URL: {exc}"
+    if url.scheme not in ("http", "https") or not url.host:
+        return "must be an http(s) URL with a host"
+    if url.userinfo:
+        # They would show up wherever the URL does; send credentials in webhook.headers.
+        return "must not contain credentials; use webhook.headers"
+    return registration_problem(url, allowlist)
+
+
+def _event_type_problems(types: list[str]) -> list[Violation]:
+    if len(types) > MAX_EVENT_TYPES:
+        return [("webhook.event_types", f"at most {MAX_EVENT_TYPES} types")]
+    return [
+        ("webhook.event_types", f"[{i}] {t!r} is not an event type such as 'execution.completed' or 'execution.*'")
+        for i, t in enumerate(types)
+        if not EVENT_TYPE.match(t)
+    ]
+
+
+def _header_problems(headers: dict[str, str]) -> list[Violation]:
+    if len(headers) > MAX_HEADERS:
+        return [("webhook.headers", f"at most {MAX_HEADERS} headers")]
+    problems: list[Violation] = []
+    seen: set[str] = set()
+    for name, value in sorted(headers.items()):
+        lower = name.lower()
+        if not _HEADER_NAME.match(name):
+            problems.append(("webhook.headers", f"{name!r} is not a valid header name"))
+        elif lower in RESERVED_HEADERS or lower.startswith(RESERVED_PREFIX):
+            problems.append(("webhook.headers", f"{name} is set by flowport (or hop-by-hop) and cannot be given"))
+        elif lower in seen:
+            problems.append(("webhook.headers", f"{name} is given twice (header names ignore case)"))
+        if _BAD_HEADER_VALUE.search(value) or len(value) > MAX_HEADER_VALUE:
+            problems.append(
+                ("webhook.headers", f"the value of {name!r} must be at most {MAX_HEADER_VALUE} characters, one line")
+            )
+        seen.add(lower)
+    return problems
+
+
+def webhook_problems(given: webhook_pb2.Webhook, allowlist: frozenset[str]) -> list[Violation]:
+    """Every problem with `given`, as (field, description) pairs."""
+    problems: list[Violation] = []
+    if given.webhook_id and not WEBHOOK_ID.match(given.webhook_id):
+        problems.append(("webhook.webhook_id", "1 to 128 letters, digits, '_', '-' or '.'"))
+    url = url_problem(given.url, allowlist)
+    if url is not None:
+        problems.append(("webhook.url", url))
+    problems += _event_type_problems(list(given.event_types))
+    problems += _header_problems(dict(given.headers))
+    secret = len(given.secret.encode())
+    if given.secret and not MIN_SECRET_BYTES <= secret <= MAX_SECRET_BYTES:
+        problems.append(("webhook.secret", f"{MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} bytes"))
+    if len(given.description) > MAX_DESCRIPTION:
+        problems.append(("webhook.description", f"at most {MAX_DESCRIPTION} characters"))
+    return problems
