@@ -86,16 +86,16 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                         metadata={"oldest_event_id": str(oldest), "newest_event_id": str(newest)},
                     )
                 while True:
-                    async for event in self._log.history(
+                    async for logged in self._log.history(
                         tenant,
                         sent,
                         session_id=request.session_id,
                         workflow_id=request.workflow_id,
                         execution_id=request.execution_id,
                     ):
-                        if accept(event):
-                            yield event.to_proto()
-                        sent = int(event.id)
+                        if accept(logged):
+                            yield logged.to_proto()
+                        sent = int(logged.id)
                     if not subscription.overflowed:
                         break
                     # The replay was long enough to overflow the live queue:
