@@ -24,6 +24,7 @@ from flowport.server.api.gateway import GatewayService
 from flowport.server.api.schemas import SchemaService
 from flowport.server.api.sessions import SessionService
 from flowport.server.api.unimplemented import unimplemented_handler
+from flowport.server.api.webhooks import WebhookService
 from flowport.server.api.workflows import WorkflowService
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache
@@ -37,7 +38,8 @@ from flowport.server.nodes.python_code import PythonCodeNode
 from flowport.server.nodes.sql_pools import SqlPools
 from flowport.server.sandbox import SandboxLimits, SandboxPool
 from flowport.server.settings import Settings
-from flowport.server.storage import MigrationError, SqliteStore, Store
+from flowport.server.storage import MigrationError, SqliteStore
+from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.v1 import (
     event_pb2,
     event_pb2_grpc,
@@ -50,6 +52,7 @@ from flowport.v1 import (
     session_pb2,
     session_pb2_grpc,
     webhook_pb2,
+    webhook_pb2_grpc,
     workflow_pb2,
     workflow_pb2_grpc,
 )
@@ -58,6 +61,8 @@ log = logging.getLogger("flowport.server")
 
 PURGE_INTERVAL = 60.0
 IDEMPOTENCY_RETENTION = 24 * 3600.0
+# Finished webhook deliveries (succeeded or dead-lettered) are listed this long.
+DELIVERY_RETENTION = 7 * 24 * 3600.0
 
 IMPLEMENTED = [
     gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
@@ -66,10 +71,10 @@ IMPLEMENTED = [
     execution_pb2.DESCRIPTOR.services_by_name["ExecutionService"],
     schema_pb2.DESCRIPTOR.services_by_name["SchemaService"],
     event_pb2.DESCRIPTOR.services_by_name["EventService"],
-]
-NOT_YET_IMPLEMENTED = [
     webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"],
 ]
+# Services in the API that this server does not serve yet (none today).
+NOT_YET_IMPLEMENTED: list[Any] = []
 ALL_SERVICES = [s.full_name for s in IMPLEMENTED + NOT_YET_IMPLEMENTED]
 
 
@@ -83,12 +88,14 @@ class Running:
 
     server: grpc.aio.Server
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
-    store: Store
+    store: SqliteStore
     port: int
     executor: Executor
     services: NodeServices
     bus: EventBus
     event_log: EventLog
+    dispatcher: WebhookDispatcher
+    webhook_http: httpx.AsyncClient
 
 
 async def _open_node_services(settings: Settings) -> NodeServices:
@@ -134,6 +141,14 @@ async def start(settings: Settings) -> Running:
         retention_count=settings.event_retention_count,
         retention_seconds=settings.event_retention_seconds,
     )
+    # Its own pool, so slow receivers and node traffic cannot starve each
+    # other; trust_env off, so no proxy from the environment skips the SSRF checks.
+    webhook_http = httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False
+    )
+    dispatcher = WebhookDispatcher(store, bus, webhook_http, settings)
+    await dispatcher.start()
+    bus.add_listener(dispatcher.on_event)
     executor = Executor(store, plans, bus, services, max_concurrent=settings.max_concurrent_executions)
     metrics = RequestMetrics()
     server = grpc.aio.server(
@@ -144,7 +159,7 @@ async def start(settings: Settings) -> Running:
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ],
     )
-    gateway = GatewayService(store, metrics, executor, bus, services)
+    gateway = GatewayService(store, metrics, executor=executor, bus=bus, services=services, dispatcher=dispatcher)
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
     session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, settings, bus), server)
     workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowService(store, registry, bus), server)
@@ -153,6 +168,7 @@ async def start(settings: Settings) -> Running:
     )
     schema_pb2_grpc.add_SchemaServiceServicer_to_server(SchemaService(store, registry, plans), server)
     event_pb2_grpc.add_EventServiceServicer_to_server(EventService(bus, event_log, settings.stream_heartbeat), server)
+    webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(store, dispatcher, bus, settings), server)
     server.add_generic_rpc_handlers([unimplemented_handler(s) for s in NOT_YET_IMPLEMENTED])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -164,6 +180,8 @@ async def start(settings: Settings) -> Running:
     except RuntimeError as exc:
         port, cause = 0, f" ({exc})"
     if port == 0:
+        await dispatcher.close()
+        await webhook_http.aclose()
         await event_log.close()
         await _close_node_services(services)
         await store.close()
@@ -177,7 +195,7 @@ async def start(settings: Settings) -> Running:
         log.info("after restart: %d executions resumed, %d failed as INTERRUPTED", resumed, failed)
     for name in ["", *ALL_SERVICES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, health_servicer, store, port, executor, services, bus, event_log)
+    return Running(server, health_servicer, store, port, executor, services, bus, event_log, dispatcher, webhook_http)
 
 
 async def stop(running: Running, grace: float) -> None:
@@ -186,17 +204,21 @@ async def stop(running: Running, grace: float) -> None:
     await running.health.enter_graceful_shutdown()
     await running.server.stop(grace)
     await running.executor.shutdown()
+    # Unsent deliveries stay queued in the store and resume at the next start.
+    await running.dispatcher.close()
+    await running.webhook_http.aclose()
     await running.event_log.close()
     await _close_node_services(running.services)
     await running.store.close()
 
 
-async def _purge_forever(store: Store) -> None:
+async def _purge_forever(store: SqliteStore) -> None:
     while True:
         await asyncio.sleep(PURGE_INTERVAL)
         now_us = time.time_ns() // 1000
         try:
             removed = await store.purge_expired(now_us, now_us - int(IDEMPOTENCY_RETENTION * 1e6))
+            removed += await store.purge_finished_deliveries(now_us - int(DELIVERY_RETENTION * 1e6))
         except Exception:
             log.exception("purging expired sessions failed; will retry")
         else:

@@ -16,6 +16,7 @@ from flowport.server.nodes.base import NodeServices
 from flowport.server.storage import Store
 from flowport.server.types import Context
 from flowport.server.version import VERSION
+from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.v1 import gateway_pb2, gateway_pb2_grpc
 
 CHECK_TIMEOUT = 2.0
@@ -30,7 +31,7 @@ FEATURES = [
     ("schemas", True, ""),
     ("sandboxed_python", True, ""),
     ("event_streams", True, ""),
-    ("webhooks", False, "not implemented yet: WebhookService answers UNIMPLEMENTED"),
+    ("webhooks", True, ""),
 ]
 
 ENDPOINTS = {
@@ -58,8 +59,16 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
     """What the gateway is, how healthy and how busy."""
 
     def __init__(
-        self, store: Store, metrics: RequestMetrics, executor: Executor, bus: EventBus, services: NodeServices
+        self,
+        store: Store,
+        metrics: RequestMetrics,
+        *,
+        executor: Executor,
+        bus: EventBus,
+        services: NodeServices,
+        dispatcher: WebhookDispatcher,
     ) -> None:
+        self._dispatcher = dispatcher
         self._store = store
         self._metrics = metrics
         self._executor = executor
@@ -127,8 +136,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
                 latency_p90=c.percentile(0.9),
                 latency_p99=c.percentile(0.99),
             ),
-            # UNFINISHED: webhook and security figures stay zero until those
-            # subsystems exist.
-            webhooks=gateway_pb2.WebhookStats(),
+            webhooks=self._dispatcher.stats(),
+            # UNFINISHED: security figures stay zero until authentication exists.
             security=gateway_pb2.SecurityStats(),
         )

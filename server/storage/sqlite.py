@@ -23,6 +23,7 @@ from flowport.server.storage.events import EventTables
 from flowport.server.storage.executions import ExecutionTables
 from flowport.server.storage.migrate import Migration, bundled, migrate
 from flowport.server.storage.sessions import SessionTables
+from flowport.server.storage.webhooks import WebhookTables
 from flowport.server.storage.workflows import WorkflowTables
 
 T = TypeVar("T")
@@ -135,9 +136,6 @@ class _GroupWriter:
                 for (_, future), (ok, value) in zip(batch, results, strict=True):
                     if future.done():  # the caller was cancelled; the write stands
                         continue
-                    if not ok and not future.get_loop().is_closed():
-                        # Nobody may await a queued write: its failure must still be seen.
-                        future.add_done_callback(_log_unretrieved)
                     if ok:
                         future.set_result(value)
                     else:
@@ -151,7 +149,7 @@ class _GroupWriter:
             await asyncio.shield(self._flusher)
 
 
-class SqliteStore(SessionTables, WorkflowTables, ExecutionTables, EventTables):
+class SqliteStore(SessionTables, WorkflowTables, ExecutionTables, EventTables, WebhookTables):
     """Store on a SQLite file; create with `await SqliteStore.open(path)`."""
 
     def __init__(self, path: Path) -> None:
@@ -200,7 +198,8 @@ class SqliteStore(SessionTables, WorkflowTables, ExecutionTables, EventTables):
         return row
 
     def _write_soon(self, op: Callable[[sqlite3.Connection], object]) -> None:
-        self._group.enqueue(op)
+        # Nobody awaits a queued write, so its failure is logged here.
+        self._group.enqueue(op).add_done_callback(_log_unretrieved)
 
     @property
     def write_batches(self) -> tuple[int, int]:

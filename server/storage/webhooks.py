@@ -145,23 +145,27 @@ class WebhookTables(Tables):
         body = webhook.SerializeToString()
         now_us = micros(webhook.create_time)
 
-        def op(conn: sqlite3.Connection) -> IdempotentResult:
+        # A taken id is an answer, not a failed write (which the store logs as an error).
+        def op(conn: sqlite3.Connection) -> IdempotentResult | None:
             if idempotency_key is not None:
                 first = idempotency.replayed(conn, tenant, _CREATE, *idempotency_key)
                 if first is not None:
                     return IdempotentResult(first, replayed=True)
-            try:
-                conn.execute(
-                    "INSERT INTO webhooks (tenant, webhook_id, create_us, secret, body) VALUES (?, ?, ?, ?, ?)",
-                    (tenant, webhook.webhook_id, now_us, secret or None, body),
-                )
-            except sqlite3.IntegrityError:
-                raise WebhookExists(webhook.webhook_id) from None
+            inserted = conn.execute(
+                "INSERT INTO webhooks (tenant, webhook_id, create_us, secret, body) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (tenant, webhook_id) DO NOTHING",
+                (tenant, webhook.webhook_id, now_us, secret or None, body),
+            ).rowcount
+            if not inserted:
+                return None
             if idempotency_key is not None:
                 idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
             return IdempotentResult(body, replayed=False)
 
-        return await self._write(op)
+        result = await self._write(op)
+        if result is None:
+            raise WebhookExists(webhook.webhook_id)
+        return result
 
     async def get_webhook(self, tenant: str, webhook_id: str) -> webhook_pb2.Webhook | None:
         """The webhook, or None when absent or another tenant's."""
@@ -249,13 +253,12 @@ class WebhookTables(Tables):
 
     async def unfinished_deliveries(self) -> list[DueDelivery]:
         """PENDING and RETRYING deliveries of every tenant, soonest due first (the restart scan)."""
-        rows = await self._read(
-            lambda conn: conn.execute(
-                "SELECT delivery_id, tenant, webhook_id, next_attempt_us FROM webhook_deliveries"
-                " WHERE state IN (?, ?) ORDER BY next_attempt_us",
-                UNFINISHED,
-            ).fetchall()
+        # Literal states, matching the partial index's condition, so SQLite uses it.
+        sql = (
+            "SELECT delivery_id, tenant, webhook_id, next_attempt_us FROM webhook_deliveries"
+            " WHERE state IN (1, 2) ORDER BY next_attempt_us"
         )
+        rows = await self._read(lambda conn: conn.execute(sql).fetchall())
         return [DueDelivery(*row) for row in rows]
 
     async def delivery_for_attempt(self, delivery_id: str) -> AttemptInput | None:
@@ -289,6 +292,12 @@ class WebhookTables(Tables):
 
         return await self._write(op)
 
+    async def purge_finished_deliveries(self, before_us: int) -> int:
+        """Delete SUCCEEDED and DEAD_LETTERED deliveries last changed before `before_us`; rows removed."""
+        # Literal states, matching the partial index's condition, so SQLite uses it.
+        sql = "DELETE FROM webhook_deliveries WHERE state IN (3, 4) AND update_us < ?"
+        return await self._write(lambda conn: conn.execute(sql, (before_us,)).rowcount)
+
     async def list_deliveries(
         self, tenant: str, webhook_id: str, *, state: int, after: tuple[int, str] | None, limit: int
     ) -> list[webhook_pb2.WebhookDelivery]:
@@ -320,7 +329,9 @@ class WebhookTables(Tables):
         delivery; raises NotDeadLettered for one in another state.
         """
 
-        def op(conn: sqlite3.Connection) -> IdempotentResult | None:
+        # Returns the blocking state (an int) rather than raising inside the write,
+        # which the store would log as a failed write.
+        def op(conn: sqlite3.Connection) -> IdempotentResult | int | None:
             if idempotency_key is not None:
                 first = idempotency.replayed(conn, tenant, _REDELIVER, *idempotency_key)
                 if first is not None:
@@ -332,7 +343,7 @@ class WebhookTables(Tables):
             if row is None:
                 return None
             if row[0] != DEAD_LETTERED:
-                raise NotDeadLettered(row[0])
+                return int(row[0])
             # attempts restarts at 0: the budget (and the attempt header) count afresh.
             conn.execute(
                 "UPDATE webhook_deliveries SET state=?, attempts=0, next_attempt_us=?, update_us=? WHERE delivery_id=?",
@@ -347,4 +358,7 @@ class WebhookTables(Tables):
                 idempotency.remember(conn, tenant, _REDELIVER, idempotency_key, body, now_us=now_us)
             return IdempotentResult(body, replayed=False)
 
-        return await self._write(op)
+        result = await self._write(op)
+        if isinstance(result, int):
+            raise NotDeadLettered(result)
+        return result

@@ -91,12 +91,6 @@ def test_envoy_healthz_reports_the_upstream(http: httpx.Client) -> None:
     assert http.get("/healthz").status_code == 200
 
 
-def test_unimplemented_service_is_501_json(http: httpx.Client) -> None:
-    response = http.get("/api/webhooks")
-    assert response.status_code == 501
-    assert "not implemented" in response.json()["message"]
-
-
 def test_unknown_paths_and_query_parameters_are_refused(http: httpx.Client) -> None:
     assert http.get("/api/nothing-here").status_code == 404
     unknown = http.get("/api/sessions", params={"bogus": "1"})

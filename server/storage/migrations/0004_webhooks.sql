@@ -30,4 +30,7 @@ CREATE TABLE webhook_deliveries (
 CREATE INDEX webhook_deliveries_by_webhook
     ON webhook_deliveries (tenant, webhook_id, create_us DESC, delivery_id DESC);
 -- The due-delivery scan: PENDING (1) and RETRYING (2) rows by due time.
-CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_attempt_us);
+-- Partial, so it stays as small as the backlog however many rows are kept.
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_attempt_us) WHERE state IN (1, 2);
+-- Expiry of SUCCEEDED (3) and DEAD_LETTERED (4) rows by age.
+CREATE INDEX webhook_deliveries_finished ON webhook_deliveries (update_us) WHERE state IN (3, 4);

@@ -1,0 +1,735 @@
+"""WebhookService through an in-process gRPC server, and the dispatcher
+delivering to real receivers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import httpx
+import pytest
+
+from flowport.clients import ApiError, AsyncClient
+from flowport.clients.webhooks import verify_signature
+from flowport.server.api import webhooks as webhooks_api
+from flowport.server.events.bus import BusEvent, EventBus
+from flowport.server.interceptor import ErrorInterceptor
+from flowport.server.metrics import RequestMetrics
+from flowport.server.settings import Settings
+from flowport.server.storage import SqliteStore
+from flowport.server.storage.webhooks import WebhookTables
+from flowport.server.types import Context
+from flowport.server.webhooks.delivery import backoff
+from flowport.server.webhooks.dispatcher import WebhookDispatcher
+from flowport.v1 import webhook_pb2, webhook_pb2_grpc
+
+W = webhook_pb2
+D = webhook_pb2.WebhookDelivery
+SECRET = "whsec-test-0123456789"
+
+
+class _Store(SqliteStore, WebhookTables):
+    """The store with the webhook tables mixed in (the app's SqliteStore gains them when wired)."""
+
+
+# -- receivers -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Seen:
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    @property
+    def event(self) -> dict[str, Any]:
+        return cast(dict[str, Any], json.loads(self.body))
+
+
+Reply = tuple[int, dict[str, str]]
+HANG: Reply = (-1, {})  # answer only once `release` is set (then 200)
+Script = Callable[[int, Seen], Reply]
+
+
+def _always(status: int) -> Script:
+    return lambda n, seen: (status, {})
+
+
+OK = _always(200)
+
+
+class Receiver(ThreadingHTTPServer):
+    """An HTTP receiver on 127.0.0.1 whose answers follow a script."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, script: Script, port: int = 0) -> None:
+        self.script = script
+        self.seen: list[Seen] = []
+        self.connections = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        super().__init__(("127.0.0.1", port), _Handler)
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def url(self, scheme: str = "http", host: str = "127.0.0.1") -> str:
+        return f"{scheme}://{host}:{self.port}/hook"
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self.lock:
+            self.connections += 1
+        return True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that gave up on a hung request: expected here
+
+    def close(self) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+    def events(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [seen.event for seen in self.seen]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Receiver
+    protocol_version = "HTTP/1.1"  # keep-alive, as real receivers do
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        seen = Seen(
+            {k.lower(): v for k, v in self.headers.items()}, self.rfile.read(int(self.headers["Content-Length"]))
+        )
+        with self.server.lock:
+            self.server.seen.append(seen)
+            number = len(self.server.seen)
+            self.server.in_flight += 1
+            self.server.max_in_flight = max(self.server.max_in_flight, self.server.in_flight)
+        try:
+            status, headers = self.server.script(number, seen)
+            if status == HANG[0]:
+                self.server.release.wait(30)
+                status = 200
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        finally:
+            with self.server.lock:
+                self.server.in_flight -= 1
+
+
+@pytest.fixture
+def receivers() -> Iterator[Callable[..., Receiver]]:
+    started: list[Receiver] = []
+
+    def start(script: Script = OK, port: int = 0) -> Receiver:
+        receiver = Receiver(script, port)
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        receiver.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- the service and dispatcher, in process ---------------------------------------
+
+
+def _tenant_from_metadata(context: Context) -> str:
+    # Authentication does not exist yet; tests name the tenant in metadata.
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-tenant":
+            return str(value)
+    return "default"
+
+
+@pytest.fixture(autouse=True)
+def _tenants(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(webhooks_api, "tenant_of", _tenant_from_metadata)
+
+
+@dataclass
+class Env:
+    store: _Store
+    bus: EventBus
+    dispatcher: WebhookDispatcher
+    client: AsyncClient
+
+    async def create(self, url: str, tenant: str = "default", **fields: Any) -> W.Webhook:
+        created: W.Webhook = await self.client.webhooks.CreateWebhook(
+            W.CreateWebhookRequest(webhook=W.Webhook(url=url, **fields)), metadata=(("x-tenant", tenant),)
+        )
+        return created
+
+    async def deliveries(self, webhook_id: str, tenant: str = "default", **fields: Any) -> list[D]:
+        response = await self.client.webhooks.ListWebhookDeliveries(
+            W.ListWebhookDeliveriesRequest(webhook_id=webhook_id, page_size=1000, **fields),
+            metadata=(("x-tenant", tenant),),
+        )
+        return list(response.deliveries)
+
+    def publish(self, type_: str = "execution.completed", tenant: str = "default", **data: Any) -> BusEvent:
+        return self.bus.publish(type_, tenant=tenant, execution_id="exe_1", data=data)
+
+
+@asynccontextmanager
+async def running(data_dir: Path, initial_backoff: float = 0.02, **overrides: object) -> AsyncIterator[Env]:
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "webhook_allowlist": "127.0.0.1",
+        "webhook_timeout": 5.0,
+        "webhook_max_backoff": 0.2,
+        "webhook_max_attempts": 5,
+    }
+    values.update(overrides)
+    settings = Settings.load(values, environ={})
+    store = cast(_Store, await _Store.open(settings.database_path))
+    bus = EventBus()
+    # No proxies from the environment: receivers are on loopback.
+    http = httpx.AsyncClient(trust_env=False)
+    dispatcher = WebhookDispatcher(store, bus, http, settings, initial_backoff=initial_backoff)
+    await dispatcher.start()
+    bus.add_listener(dispatcher.on_event)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(RequestMetrics())])
+    webhook_pb2_grpc.add_WebhookServiceServicer_to_server(
+        webhooks_api.WebhookService(store, dispatcher, bus, settings), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = AsyncClient(f"127.0.0.1:{port}")
+    try:
+        yield Env(store, bus, dispatcher, client)
+    finally:
+        await client.close()
+        await server.stop(None)
+        await dispatcher.close()
+        await http.aclose()
+        await store.close()
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    async with running(tmp_path) as e:
+        yield e
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 15.0) -> None:
+    """Poll `check` until it holds; fail naming `what` if it never does."""
+    try:
+        async with asyncio.timeout(timeout):
+            # Polling: the state lives in receiver threads and the store, not in an asyncio.Event.
+            while not await check():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"never happened: {what}") from None
+
+
+async def _error(awaitable: Awaitable[object]) -> ApiError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await awaitable
+    return ApiError.from_rpc_error(caught.value)
+
+
+def _states(deliveries: list[D]) -> list[str]:
+    return [D.State.Name(d.state) for d in deliveries]
+
+
+# -- the service --------------------------------------------------------------------
+
+
+async def test_create_get_list_delete(env: Env, receivers: Callable[..., Receiver]) -> None:
+    url = receivers().url()
+    created = await env.create(
+        url,
+        event_types=["execution.*", "session.created", "execution.*"],
+        headers={"Authorization": "Bearer t0k"},
+        secret=SECRET,
+        description="orders",
+    )
+    assert created.webhook_id.startswith("whk_") and created.tenant == "default"
+    assert created.has_secret and created.secret == ""
+    assert list(created.event_types) == ["execution.*", "session.created"]
+    assert created.create_time.seconds > 0 and created.url == url
+    got = await env.client.webhooks.GetWebhook(W.GetWebhookRequest(webhook_id=created.webhook_id))
+    assert got == created
+
+    named = await env.create(url, webhook_id="a-hook.1")
+    assert named.webhook_id == "a-hook.1" and not named.has_secret
+    taken = await _error(env.create(url, webhook_id="a-hook.1"))
+    assert (taken.code, taken.reason) == (grpc.StatusCode.ALREADY_EXISTS, "WEBHOOK_ALREADY_EXISTS")
+    await env.create(url, webhook_id="b-hook")
+
+    first = await env.client.webhooks.ListWebhooks(W.ListWebhooksRequest(page_size=2))
+    rest = await env.client.webhooks.ListWebhooks(W.ListWebhooksRequest(page_size=2, page_token=first.next_page_token))
+    listed = [*first.webhooks, *rest.webhooks]
+    assert [w.webhook_id for w in listed] == sorted(["a-hook.1", "b-hook", created.webhook_id])
+    assert rest.next_page_token == "" and all(w.secret == "" for w in listed)
+
+    await env.client.webhooks.DeleteWebhook(W.DeleteWebhookRequest(webhook_id="a-hook.1"))
+    for call in (
+        env.client.webhooks.GetWebhook(W.GetWebhookRequest(webhook_id="a-hook.1")),
+        env.client.webhooks.DeleteWebhook(W.DeleteWebhookRequest(webhook_id="a-hook.1")),
+        env.client.webhooks.ListWebhookDeliveries(W.ListWebhookDeliveriesRequest(webhook_id="a-hook.1")),
+    ):
+        error = await _error(call)
+        assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "WEBHOOK_NOT_FOUND")
+
+
+async def test_create_is_idempotent_with_request_id(env: Env, receivers: Callable[..., Receiver]) -> None:
+    url = receivers().url()
+    request = W.CreateWebhookRequest(webhook=W.Webhook(url=url, secret=SECRET), request_id="req-1")
+    first = await env.client.webhooks.CreateWebhook(request)
+    again = await env.client.webhooks.CreateWebhook(request)
+    assert again == first
+    other = W.CreateWebhookRequest(webhook=W.Webhook(url=url, secret=SECRET + "x"), request_id="req-1")
+    error = await _error(env.client.webhooks.CreateWebhook(other))
+    assert (error.code, error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    listed = await env.client.webhooks.ListWebhooks(W.ListWebhooksRequest())
+    assert [w.webhook_id for w in listed.webhooks] == [first.webhook_id]
+
+
+@pytest.mark.parametrize(
+    ("webhook", "field"),
+    [
+        (W.Webhook(), "webhook.url"),
+        (W.Webhook(url="ftp://example.com/hook"), "webhook.url"),
+        (W.Webhook(url="https://"), "webhook.url"),
+        (W.Webhook(url="http://example.com/hook"), "webhook.url"),  # plain http, not allowlisted
+        (W.Webhook(url="https://user:pw@example.com/hook"), "webhook.url"),
+        (W.Webhook(url="https://10.1.2.3/hook"), "webhook.url"),
+        (W.Webhook(url="https://192.168.0.10/hook"), "webhook.url"),
+        (W.Webhook(url="https://169.254.169.254/latest/meta-data"), "webhook.url"),
+        (W.Webhook(url="https://127.0.0.2/hook"), "webhook.url"),  # only 127.0.0.1 is allowlisted
+        (W.Webhook(url="https://[::1]:8443/hook"), "webhook.url"),
+        (W.Webhook(url="https://[::ffff:10.0.0.1]/hook"), "webhook.url"),
+        (W.Webhook(url="https://example.com/hook", secret="too-short"), "webhook.secret"),
+        (W.Webhook(url="https://example.com/hook", event_types=["Execution Completed"]), "webhook.event_types"),
+        (W.Webhook(url="https://example.com/hook", event_types=["*"]), "webhook.event_types"),
+        (W.Webhook(url="https://example.com/hook", event_types=["execution.*.x"]), "webhook.event_types"),
+        (W.Webhook(url="https://example.com/hook", headers={"Host": "a"}), "webhook.headers"),
+        (W.Webhook(url="https://example.com/hook", headers={"content-length": "1"}), "webhook.headers"),
+        (W.Webhook(url="https://example.com/hook", headers={"Transfer-Encoding": "chunked"}), "webhook.headers"),
+        (W.Webhook(url="https://example.com/hook", headers={"X-Flowport-Signature": "t=1"}), "webhook.headers"),
+        (W.Webhook(url="https://example.com/hook", headers={"bad name": "a"}), "webhook.headers"),
+        (W.Webhook(url="https://example.com/hook", headers={"X-A": "a\r\nX-B: b"}), "webhook.headers"),
+        (W.Webhook(url="https://example.com/hook", webhook_id="has space"), "webhook.webhook_id"),
+        (W.Webhook(url="https://example.com/hook", webhook_id="x" * 129), "webhook.webhook_id"),
+    ],
+)
+async def test_invalid_webhooks_name_the_field(env: Env, webhook: W.Webhook, field: str) -> None:
+    error = await _error(env.client.webhooks.CreateWebhook(W.CreateWebhookRequest(webhook=webhook)))
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in error.violations] == [field]
+
+
+async def test_every_problem_is_reported_at_once(env: Env) -> None:
+    webhook = W.Webhook(url="https://10.0.0.1/", secret="short", headers={"Host": "x"}, event_types=["?"])
+    error = await _error(env.client.webhooks.CreateWebhook(W.CreateWebhookRequest(webhook=webhook)))
+    assert {f for f, _ in error.violations} == {
+        "webhook.url",
+        "webhook.secret",
+        "webhook.headers",
+        "webhook.event_types",
+    }
+    assert "short" not in error.message  # the secret is never echoed
+
+
+async def test_tenants_are_isolated(env: Env, receivers: Callable[..., Receiver]) -> None:
+    at_a, at_b = receivers(), receivers()
+    await env.create(at_a.url(), tenant="a", webhook_id="shared")
+    b = (("x-tenant", "b"),)
+    for call in (
+        env.client.webhooks.GetWebhook(W.GetWebhookRequest(webhook_id="shared"), metadata=b),
+        env.client.webhooks.DeleteWebhook(W.DeleteWebhookRequest(webhook_id="shared"), metadata=b),
+        env.client.webhooks.ListWebhookDeliveries(W.ListWebhookDeliveriesRequest(webhook_id="shared"), metadata=b),
+    ):
+        assert (await _error(call)).code is grpc.StatusCode.NOT_FOUND
+    assert not (await env.client.webhooks.ListWebhooks(W.ListWebhooksRequest(), metadata=b)).webhooks
+    # Ids are per tenant: B may use the same one, and learns nothing about A's.
+    await env.create(at_b.url(), tenant="b", webhook_id="shared")
+
+    for_a = env.publish(tenant="a", n=1)
+    for_b = env.publish(tenant="b", n=2)
+
+    async def both_delivered() -> bool:
+        return len(at_a.seen) == 1 and len(at_b.seen) == 1
+
+    await eventually(both_delivered, "one delivery to each tenant's webhook")
+    assert [(e["id"], e["tenant"]) for e in at_a.events()] == [(for_a.id, "a")]
+    assert [(e["id"], e["tenant"]) for e in at_b.events()] == [(for_b.id, "b")]
+    assert [d.event_id for d in await env.deliveries("shared", tenant="a")] == [for_a.id]
+    assert [d.event_id for d in await env.deliveries("shared", tenant="b")] == [for_b.id]
+
+
+# -- delivery -----------------------------------------------------------------------
+
+
+async def test_deliveries_are_signed_filtered_and_carry_headers(env: Env, receivers: Callable[..., Receiver]) -> None:
+    signed, unsigned = receivers(), receivers()
+    hook = await env.create(
+        signed.url(), event_types=["execution.*"], headers={"Authorization": "Bearer t0k"}, secret=SECRET
+    )
+    plain = await env.create(unsigned.url())  # no event types: every event
+    env.publish("session.created")
+    event = env.publish("execution.completed", n=1, items=[1, "x"])
+
+    async def done() -> bool:
+        return (
+            len(await env.deliveries(hook.webhook_id, state=D.STATE_SUCCEEDED)) == 1
+            and len(await env.deliveries(plain.webhook_id, state=D.STATE_SUCCEEDED)) == 2
+            and env.dispatcher.delivered == 3
+        )
+
+    await eventually(done, "deliveries to both receivers")
+    [delivery] = await env.deliveries(hook.webhook_id)
+    assert (delivery.state, delivery.attempts, delivery.last_status_code) == (D.STATE_SUCCEEDED, 1, 200)
+    assert delivery.last_error == "" and not delivery.HasField("next_attempt_time")
+    assert delivery.event_id == event.id and delivery.event_type == "execution.completed"
+
+    seen = signed.seen[0]
+    assert seen.headers["content-type"] == "application/json"
+    assert seen.headers["user-agent"].startswith("flowport-webhooks/")
+    assert seen.headers["x-flowport-event-id"] == event.id
+    assert seen.headers["x-flowport-delivery-id"] == delivery.delivery_id
+    assert seen.headers["x-flowport-delivery-attempt"] == "1"
+    assert seen.headers["authorization"] == "Bearer t0k"
+    assert verify_signature(SECRET, seen.headers["x-flowport-signature"], seen.body)
+    assert not verify_signature(SECRET, seen.headers["x-flowport-signature"], seen.body + b" ")
+    assert not any(SECRET in value for value in seen.headers.values())
+    body = seen.event
+    assert body["id"] == event.id and body["type"] == "execution.completed" and body["tenant"] == "default"
+    assert body["execution_id"] == "exe_1" and body["data"] == {"n": 1, "items": [1, "x"]}
+    assert body["time"].endswith("Z") and body["session_id"] == ""
+
+    assert all("x-flowport-signature" not in s.headers for s in unsigned.seen)
+    assert sorted(e["type"] for e in unsigned.events()) == ["execution.completed", "session.created"]
+
+
+async def test_receiver_down_then_500_then_200(tmp_path: Path, receivers: Callable[..., Receiver]) -> None:
+    port = _free_port()
+    async with running(tmp_path, webhook_max_attempts=50) as env:
+        hook = await env.create(f"http://127.0.0.1:{port}/hook")
+        event = env.publish(n=1)
+
+        async def refused() -> bool:
+            found = await env.deliveries(hook.webhook_id)
+            return bool(found) and found[0].attempts >= 1
+
+        await eventually(refused, "a failed attempt while nothing listens")
+        [delivery] = await env.deliveries(hook.webhook_id)
+        assert delivery.state in (D.STATE_RETRYING, D.STATE_PENDING) and delivery.last_status_code == 0
+        assert "ConnectError" in delivery.last_error
+
+        receiver = receivers(lambda n, seen: (500, {}) if n == 1 else (200, {}), port=port)
+
+        async def succeeded() -> bool:
+            return (
+                _states(await env.deliveries(hook.webhook_id)) == ["STATE_SUCCEEDED"] and env.dispatcher.delivered == 1
+            )
+
+        await eventually(succeeded, "delivery once the receiver answers 200")
+        [delivery] = await env.deliveries(hook.webhook_id)
+        attempts = [int(s.headers["x-flowport-delivery-attempt"]) for s in receiver.seen]
+        assert len(attempts) == 2 and attempts[1] == attempts[0] + 1 == delivery.attempts >= 3
+        assert {s.headers["x-flowport-delivery-id"] for s in receiver.seen} == {delivery.delivery_id}
+        assert {s.headers["x-flowport-event-id"] for s in receiver.seen} == {event.id}
+        assert receiver.seen[0].body == receiver.seen[1].body
+        assert delivery.last_status_code == 200 and delivery.last_error == ""
+        assert env.dispatcher.retried == delivery.attempts - 1
+
+
+async def test_retry_after_is_honoured_and_other_4xx_fail_at_once(
+    tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    busy = receivers(_always_reply(503, {"Retry-After": "3600"}))
+    gone = receivers(_always(404))
+    async with running(tmp_path, webhook_max_backoff=50.0) as env:
+        # Only execution events: the webhook.failed of the other one would muddle the count.
+        later = await env.create(busy.url(), event_types=["execution.*"])
+        never = await env.create(gone.url())
+        env.publish()
+
+        async def settled() -> bool:
+            retrying = await env.deliveries(later.webhook_id, state=D.STATE_RETRYING)
+            dead = await env.deliveries(never.webhook_id, state=D.STATE_DEAD_LETTERED)
+            return len(retrying) == 1 and len(dead) == 1
+
+        await eventually(settled, "one delivery retrying, the other dead-lettered")
+        [retrying] = await env.deliveries(later.webhook_id)
+        # Retry-After asked for an hour; the wait is capped at webhook_max_backoff.
+        wait_us = retrying.next_attempt_time.ToMicroseconds() - retrying.update_time.ToMicroseconds()
+        assert wait_us == 50_000_000 and retrying.last_status_code == 503
+        [dead] = await env.deliveries(never.webhook_id)
+        assert (dead.attempts, dead.last_status_code) == (1, 404) and "HTTP 404" in dead.last_error
+        assert len(gone.seen) == 1
+
+
+def _always_reply(status: int, headers: dict[str, str]) -> Script:
+    return lambda n, seen: (status, headers)
+
+
+def test_backoff_is_full_jitter_within_a_doubling_capped_window() -> None:
+    for attempt in range(1, 12):
+        window = min(30.0, 1.0 * 2 ** (attempt - 1))
+        samples = [backoff(attempt, 1.0, 30.0) for _ in range(200)]
+        assert all(0.0 <= s <= window for s in samples)
+        assert max(samples) > window / 2  # spread over the window, not pinned to its start
+    assert backoff(1000, 1.0, 30.0) <= 30.0
+
+
+async def test_dead_letter_publishes_webhook_failed_and_redelivery_works(
+    tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    answering = threading.Event()
+    silent = receivers(lambda n, seen: (200, {}) if answering.is_set() else HANG)
+    watcher = receivers()
+    async with running(tmp_path, webhook_timeout=0.2, webhook_max_attempts=2, initial_backoff=0.01) as env:
+        failures = env.bus.subscribe(lambda e: e.type == "webhook.failed")
+        hook = await env.create(silent.url())
+        watching = await env.create(watcher.url(), event_types=["webhook.failed", "execution.*"])
+        event = env.publish()
+
+        failed = await failures.next(timeout=15)
+        assert failed is not None and failed.tenant == "default"
+        [delivery] = await env.deliveries(hook.webhook_id)
+        assert failed.data == {
+            "webhook_id": hook.webhook_id,
+            "delivery_id": delivery.delivery_id,
+            "event_id": event.id,
+            "event_type": "execution.completed",
+            "attempts": 2,
+            "last_status_code": 0,
+            "last_error": "no answer within 0.2s",
+        }
+        assert (delivery.state, delivery.attempts) == (D.STATE_DEAD_LETTERED, 2)
+        assert env.dispatcher.dead_lettered == 1
+
+        async def watcher_told() -> bool:
+            return len(await env.deliveries(watching.webhook_id, state=D.STATE_SUCCEEDED)) == 2
+
+        await eventually(watcher_told, "the other webhook receives webhook.failed")
+        assert sorted(e["type"] for e in watcher.events()) == ["execution.completed", "webhook.failed"]
+        # The failing webhook is never sent its own failure.
+        assert [d.event_type for d in await env.deliveries(hook.webhook_id)] == ["execution.completed"]
+
+        succeeded = (await env.deliveries(watching.webhook_id, state=D.STATE_SUCCEEDED))[0]
+        redeliver = env.client.webhooks.RedeliverWebhookDelivery
+        error = await _error(
+            redeliver(
+                W.RedeliverWebhookDeliveryRequest(webhook_id=watching.webhook_id, delivery_id=succeeded.delivery_id)
+            )
+        )
+        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "DELIVERY_NOT_DEAD_LETTERED")
+        error = await _error(
+            redeliver(W.RedeliverWebhookDeliveryRequest(webhook_id=hook.webhook_id, delivery_id="dlv_x"))
+        )
+        assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "DELIVERY_NOT_FOUND")
+
+        answering.set()
+        request = W.RedeliverWebhookDeliveryRequest(
+            webhook_id=hook.webhook_id, delivery_id=delivery.delivery_id, request_id="again-1"
+        )
+        queued = await redeliver(request)
+        assert (queued.state, queued.attempts) == (D.STATE_PENDING, 0)
+
+        async def redelivered() -> bool:
+            return _states(await env.deliveries(hook.webhook_id)) == ["STATE_SUCCEEDED"]
+
+        await eventually(redelivered, "the redelivered delivery succeeds")
+        [done] = await env.deliveries(hook.webhook_id)
+        assert done.attempts == 1
+        # The budget starts afresh, and so does the attempt header.
+        assert [s.headers["x-flowport-delivery-attempt"] for s in silent.seen] == ["1", "2", "1"]
+        # The same request_id replays the first answer instead of failing on the new state.
+        assert await redeliver(request) == queued
+
+
+async def test_a_failed_failure_report_is_not_reported_again(
+    tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    broken, sink = receivers(_always(500)), receivers(_always(400))
+    async with running(tmp_path, webhook_max_attempts=1) as env:
+        failures = env.bus.subscribe(lambda e: e.type == "webhook.failed")
+        await env.create(broken.url(), event_types=["execution.*"])
+        reports = await env.create(sink.url(), event_types=["webhook.failed"])
+        env.publish()
+        assert await failures.next(timeout=15) is not None
+
+        async def sink_failed() -> bool:
+            return _states(await env.deliveries(reports.webhook_id)) == ["STATE_DEAD_LETTERED"]
+
+        await eventually(sink_failed, "the report's own delivery dead-letters")
+
+        async def idle() -> bool:
+            return env.dispatcher.unfinished == 0
+
+        await eventually(idle, "nothing left to deliver")
+        await asyncio.sleep(0.05)  # room for a (wrong) second report to be published
+        assert failures.queue.empty()
+        assert env.dispatcher.dead_lettered == 2
+
+
+async def test_restart_loses_no_pending_delivery(tmp_path: Path, receivers: Callable[..., Receiver]) -> None:
+    port = _free_port()
+    async with running(tmp_path, webhook_max_attempts=50) as env:
+        hook = await env.create(f"http://127.0.0.1:{port}/hook")
+        published = [env.publish(n=i).id for i in range(5)]
+        # Closing at once: the rows of what was published are written by close().
+    receiver = receivers(port=port)
+    async with running(tmp_path, webhook_max_attempts=50) as env:
+        unfinished = await env.store.unfinished_deliveries()
+        assert len(unfinished) == 5
+
+        async def all_delivered() -> bool:
+            return _states(await env.deliveries(hook.webhook_id)) == ["STATE_SUCCEEDED"] * 5
+
+        await eventually(all_delivered, "every delivery queued before the restart succeeds after it")
+        assert {e["id"] for e in receiver.events()} == set(published)
+        assert env.dispatcher.unfinished == 0
+
+
+async def test_targets_resolving_to_internal_addresses_are_refused(
+    tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    receiver = receivers()
+    async with running(tmp_path, webhook_allowlist="") as env:
+        error = await _error(env.create(receiver.url()))
+        assert error.violations and error.violations[0][0] == "webhook.url"
+        # A host name passes registration; its address is checked at every attempt.
+        hook = await env.create(receiver.url(scheme="https", host="localhost"))
+        env.publish()
+
+        async def refused() -> bool:
+            return _states(await env.deliveries(hook.webhook_id)) == ["STATE_DEAD_LETTERED"]
+
+        await eventually(refused, "the delivery to localhost is refused")
+        [delivery] = await env.deliveries(hook.webhook_id)
+        assert delivery.attempts == 1 and delivery.last_status_code == 0
+        assert "internal address" in delivery.last_error and "not allowlisted" in delivery.last_error
+        assert receiver.connections == 0
+
+
+async def test_a_slow_receiver_does_not_delay_other_webhooks(
+    tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    slow, fast = receivers(lambda n, seen: HANG), receivers()
+    async with running(tmp_path, webhook_timeout=30.0, webhook_concurrency_per_target=2) as env:
+        stuck = await env.create(slow.url())
+        quick = await env.create(fast.url())
+        for i in range(6):
+            env.publish(n=i)
+
+        async def fast_done() -> bool:
+            return len(await env.deliveries(quick.webhook_id, state=D.STATE_SUCCEEDED)) == 6
+
+        await eventually(fast_done, "all deliveries to the fast receiver")
+
+        async def slow_saturated() -> bool:
+            return slow.in_flight == 2
+
+        await eventually(slow_saturated, "the slow receiver holds its two concurrent deliveries")
+        assert not await env.deliveries(stuck.webhook_id, state=D.STATE_SUCCEEDED)
+        slow.release.set()
+
+        async def slow_done() -> bool:
+            return len(await env.deliveries(stuck.webhook_id, state=D.STATE_SUCCEEDED)) == 6
+
+        await eventually(slow_done, "all deliveries to the slow receiver once it answers")
+        assert slow.max_in_flight == 2
+
+
+async def test_deleting_a_webhook_drops_its_pending_deliveries(tmp_path: Path) -> None:
+    port = _free_port()
+    async with running(tmp_path, webhook_max_attempts=50) as env:
+        hook = await env.create(f"http://127.0.0.1:{port}/hook", webhook_id="doomed")
+        for _ in range(3):
+            env.publish()
+
+        async def attempted() -> bool:
+            found = await env.deliveries(hook.webhook_id)
+            return len(found) == 3 and all(d.attempts >= 1 for d in found)
+
+        await eventually(attempted, "three failing deliveries")
+        await env.client.webhooks.DeleteWebhook(W.DeleteWebhookRequest(webhook_id="doomed"))
+        assert env.dispatcher.unfinished == 0
+        assert await env.store.unfinished_deliveries() == []
+        await env.create(f"http://127.0.0.1:{port}/hook", webhook_id="doomed")
+        assert await env.deliveries("doomed") == []
+
+
+async def test_deliveries_list_newest_first_with_pages_and_state_filter(
+    env: Env, receivers: Callable[..., Receiver]
+) -> None:
+    receiver = receivers(lambda n, seen: (200, {}) if seen.event["data"]["ok"] else (410, {}))
+    hook = await env.create(receiver.url(), event_types=["execution.*"])
+    published = [env.publish(ok=i % 2 == 0).id for i in range(5)]
+
+    async def finished() -> bool:
+        found = await env.deliveries(hook.webhook_id)
+        return len(found) == 5 and all(d.state in (D.STATE_SUCCEEDED, D.STATE_DEAD_LETTERED) for d in found)
+
+    await eventually(finished, "five finished deliveries")
+    request = W.ListWebhookDeliveriesRequest(webhook_id=hook.webhook_id, page_size=2)
+    pages: list[list[str]] = []
+    tokens: list[str] = []
+    while True:
+        page = await env.client.webhooks.ListWebhookDeliveries(request)
+        pages.append([d.event_id for d in page.deliveries])
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+        tokens.append(page.next_page_token)
+    assert pages == [published[4:2:-1], published[2:0:-1], published[:1]]
+    dead = await env.deliveries(hook.webhook_id, state=D.STATE_DEAD_LETTERED)
+    assert [d.event_id for d in dead] == [published[3], published[1]]
+
+    bad_state = W.ListWebhookDeliveriesRequest(webhook_id=hook.webhook_id, state=cast(Any, 99))
+    assert (await _error(env.client.webhooks.ListWebhookDeliveries(bad_state))).violations[0][0] == "state"
+    # A token only works with the filters it was issued for.
+    other_filter = W.ListWebhookDeliveriesRequest(
+        webhook_id=hook.webhook_id, state=D.STATE_SUCCEEDED, page_size=2, page_token=tokens[0]
+    )
+    error = await _error(env.client.webhooks.ListWebhookDeliveries(other_filter))
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+
+    # Finished deliveries expire; unfinished ones never do.
+    slow = receivers(lambda n, seen: HANG)
+    waiting = await env.create(slow.url(), event_types=["session.*"])
+    env.publish("session.created", ok=True)
+
+    async def in_flight() -> bool:
+        return slow.in_flight == 1
+
+    await eventually(in_flight, "a delivery in flight")
+    assert await env.store.purge_finished_deliveries(before_us=0) == 0
+    hour_ahead = (time.time_ns() // 1000) + 3_600_000_000
+    assert await env.store.purge_finished_deliveries(before_us=hour_ahead) == 5
+    assert [d.webhook_id for d in await env.store.unfinished_deliveries()] == [waiting.webhook_id]
