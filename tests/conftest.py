@@ -42,6 +42,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "shutdown_grace": 2.0,
         "sandbox_workers": 2,
         "http_allowlist": "127.0.0.1,localhost",
+        "webhook_allowlist": "127.0.0.1,localhost",
     }
     values.update(overrides)
     return Settings.load(values, environ={})

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -377,3 +378,58 @@ def test_list_executions_filters_and_pages(http: httpx.Client) -> None:
     assert len(failed) == 1 and failed[0]["inputs"] == {"n": 0}
     unknown_session = http.post("/api/executions", json={"workflow_id": "listed", "session_id": "ses_nope"})
     assert unknown_session.status_code == 404
+
+
+class _Hooks(BaseHTTPRequestHandler):
+    received: ClassVar[list[tuple[dict[str, str], bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        self.received.append((dict(self.headers), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_webhook_receives_a_signed_execution_event(http: httpx.Client) -> None:
+    from flowport.clients.webhooks import verify_signature
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Hooks)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    secret = "a-webhook-secret-of-32-bytes-ok!"
+    try:
+        hook = http.post(
+            "/api/webhooks",
+            json={
+                "url": f"http://127.0.0.1:{receiver.server_address[1]}/hook",
+                "event_types": ["execution.completed"],
+                "secret": secret,
+                "headers": {"Authorization": "Bearer receiver-token"},
+            },
+        )
+        assert hook.status_code == 200, hook.text
+        assert "secret" not in hook.json() or hook.json()["secret"] == "", "the secret is write-only"
+        assert hook.json()["has_secret"] is True
+        create(
+            http,
+            {"name": "hooked", "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": "result = 7"}}]},
+        )
+        execution = http.post("/api/executions", json={"workflow_id": "hooked", "wait": True}).json()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(
+            json.loads(body)["execution_id"] == execution["execution_id"] for _, body in _Hooks.received
+        ):
+            time.sleep(0.1)
+        headers, body = next(
+            (h, b) for h, b in _Hooks.received if json.loads(b)["execution_id"] == execution["execution_id"]
+        )
+        assert json.loads(body)["type"] == "execution.completed"
+        assert verify_signature(secret, headers["X-Flowport-Signature"], body)
+        assert secret not in headers["X-Flowport-Signature"]
+        assert headers["Authorization"] == "Bearer receiver-token"
+        deliveries = http.get(f"/api/webhooks/{hook.json()['webhook_id']}/deliveries").json()["deliveries"]
+        assert any(d["state"] == "STATE_SUCCEEDED" and d["attempts"] == 1 for d in deliveries)
+    finally:
+        receiver.shutdown()
