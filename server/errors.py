@@ -111,6 +111,20 @@ class ResourceExhausted(FlowportError):
     default_reason = "RESOURCE_EXHAUSTED"
 
 
+class Unauthenticated(FlowportError):
+    """No valid credential; the message never says which check failed."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(FlowportError):
+    """Authenticated, but the caller's roles do not allow the call."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
 class Unimplemented(FlowportError):
     """The RPC exists in the API but this server does not serve it yet."""
 
