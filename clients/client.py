@@ -3,7 +3,7 @@
     from flowport.clients import Client
     from flowport.v1 import session_pb2
 
-    with Client("127.0.0.1:8080") as fp:          # through Envoy, or :50051 direct
+    with Client("127.0.0.1:8080", api_key=KEY) as fp:   # through Envoy, or :50051 direct
         s = fp.sessions.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session(user_id="ada")))
 
 `AsyncClient` is the same on grpc.aio. Failed calls raise grpc.RpcError;
@@ -17,7 +17,14 @@ from typing import Any
 
 import grpc
 
+from flowport.clients.credentials import (
+    AsyncStreamCredential,
+    AsyncUnaryCredential,
+    SyncCredential,
+    credential_metadata,
+)
 from flowport.v1 import (
+    apikey_pb2_grpc,
     event_pb2_grpc,
     execution_pb2_grpc,
     gateway_pb2_grpc,
@@ -39,14 +46,23 @@ class _Stubs:
         self.events = event_pb2_grpc.EventServiceStub(channel)
         self.webhooks = webhook_pb2_grpc.WebhookServiceStub(channel)
         self.schemas = schema_pb2_grpc.SchemaServiceStub(channel)
+        self.keys = apikey_pb2_grpc.ApiKeyServiceStub(channel)
 
 
 class Client(_Stubs):
     """Blocking client. Use as a context manager, or call `close()`."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        token: str | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
         self.channel = channel or grpc.insecure_channel(target)
-        self._bind(self.channel)
+        metadata = credential_metadata(api_key, token)
+        self._bind(grpc.intercept_channel(self.channel, SyncCredential(metadata)) if metadata else self.channel)
 
     def close(self) -> None:
         """Close the channel."""
@@ -62,8 +78,17 @@ class Client(_Stubs):
 class AsyncClient(_Stubs):
     """asyncio client. Use as an async context manager, or await `close()`."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.aio.Channel | None = None) -> None:
-        self.channel = channel or grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        token: str | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        metadata = credential_metadata(api_key, token)
+        interceptors = [AsyncUnaryCredential(metadata), AsyncStreamCredential(metadata)] if metadata else None
+        self.channel = channel or grpc.aio.insecure_channel(target, interceptors=interceptors)
         self._bind(self.channel)
 
     async def close(self) -> None:

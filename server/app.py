@@ -18,6 +18,7 @@ import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from flowport.server.api.api_keys import ApiKeyService
 from flowport.server.api.events import EventService
 from flowport.server.api.executions import ExecutionService
 from flowport.server.api.gateway import GatewayService
@@ -26,6 +27,10 @@ from flowport.server.api.sessions import SessionService
 from flowport.server.api.unimplemented import unimplemented_handler
 from flowport.server.api.webhooks import WebhookService
 from flowport.server.api.workflows import WorkflowService
+from flowport.server.auth.authenticator import Authenticator
+from flowport.server.auth.bootstrap import ensure_admin_key
+from flowport.server.auth.jwt import JwtConfig, JwtConfigError, JwtVerifier
+from flowport.server.auth.keys import KeyAuthenticator
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
@@ -41,6 +46,8 @@ from flowport.server.settings import Settings
 from flowport.server.storage import MigrationError, SqliteStore
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.v1 import (
+    apikey_pb2,
+    apikey_pb2_grpc,
     event_pb2,
     event_pb2_grpc,
     execution_pb2,
@@ -72,6 +79,7 @@ IMPLEMENTED = [
     schema_pb2.DESCRIPTOR.services_by_name["SchemaService"],
     event_pb2.DESCRIPTOR.services_by_name["EventService"],
     webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"],
+    apikey_pb2.DESCRIPTOR.services_by_name["ApiKeyService"],
 ]
 # Services in the API that this server does not serve yet (none today).
 NOT_YET_IMPLEMENTED: list[Any] = []
@@ -96,6 +104,47 @@ class Running:
     event_log: EventLog
     dispatcher: WebhookDispatcher
     webhook_http: httpx.AsyncClient
+
+
+async def _authenticator(store: SqliteStore, keys: KeyAuthenticator, settings: Settings) -> Authenticator:
+    if settings.insecure_no_auth:
+        log.warning("AUTHENTICATION IS OFF (--insecure-no-auth): every caller acts as an admin of tenant 'default'")
+    else:
+        written = await ensure_admin_key(store, settings)
+        if written is not None:
+            log.warning("admin API key: %s", written)
+    return Authenticator(
+        keys,
+        _jwt_verifier(settings),
+        insecure=settings.insecure_no_auth,
+        max_failures=settings.max_login_attempts,
+        trusted_proxies=frozenset(settings.trusted_proxies),
+    )
+
+
+def _jwt_verifier(settings: Settings) -> JwtVerifier | None:
+    if settings.jwt_secret is None and settings.jwt_jwks_file is None:
+        return None
+    config = JwtConfig(
+        secret=settings.jwt_secret.get_secret_value().encode() if settings.jwt_secret else None,
+        jwks_file=settings.jwt_jwks_file,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        # Only the algorithms the configured keys can verify.
+        algorithms=tuple(
+            a
+            for a in settings.jwt_algorithms
+            if (a.startswith("HS") and settings.jwt_secret) or (not a.startswith("HS") and settings.jwt_jwks_file)
+        ),
+        leeway=settings.jwt_leeway,
+        tenant_claim=settings.jwt_tenant_claim,
+        subject_claim=settings.jwt_subject_claim,
+        roles_claim=settings.jwt_roles_claim,
+    )
+    try:
+        return JwtVerifier(config)
+    except JwtConfigError as exc:
+        raise StartupError(f"bearer tokens: {exc}") from None
 
 
 async def _open_node_services(settings: Settings) -> NodeServices:
@@ -151,8 +200,10 @@ async def start(settings: Settings) -> Running:
     bus.add_listener(dispatcher.on_event)
     executor = Executor(store, plans, bus, services, max_concurrent=settings.max_concurrent_executions)
     metrics = RequestMetrics()
+    keys = KeyAuthenticator(store)
+    authenticator = await _authenticator(store, keys, settings)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics)],
+        interceptors=[ErrorInterceptor(metrics, authenticator)],
         options=[
             # Without this a second server would silently share the port.
             ("grpc.so_reuseport", 0),
@@ -169,6 +220,7 @@ async def start(settings: Settings) -> Running:
     schema_pb2_grpc.add_SchemaServiceServicer_to_server(SchemaService(store, registry, plans), server)
     event_pb2_grpc.add_EventServiceServicer_to_server(EventService(bus, event_log, settings.stream_heartbeat), server)
     webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(store, dispatcher, bus, settings), server)
+    apikey_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyService(store, keys), server)
     server.add_generic_rpc_handlers([unimplemented_handler(s) for s in NOT_YET_IMPLEMENTED])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -16,6 +16,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from flowport.server.api.in_band import in_band_error
+from flowport.server.auth.authenticator import Authenticator
+from flowport.server.auth.context import CURRENT
 from flowport.server.errors import FlowportError, Internal, InvalidArgument
 from flowport.server.metrics import RequestMetrics
 from flowport.server.transcoding import original_path
@@ -76,8 +78,9 @@ def _internal(method: str, exc: BaseException) -> Internal:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler so raised FlowportErrors become rich statuses."""
 
-    def __init__(self, metrics: RequestMetrics) -> None:
+    def __init__(self, metrics: RequestMetrics, authenticator: Authenticator | None = None) -> None:
         self._metrics = metrics
+        self._auth = authenticator
         # Handlers are fixed per method, so each is wrapped once, not per call.
         self._wrapped: dict[str, Handler | None] = {}
 
@@ -93,67 +96,81 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = wrapped
         return wrapped
 
+    async def _begin(self, method: str, request: Any, context: Context) -> None:
+        """Authenticate (before the handler, so before any idempotency or cache
+        lookup) and refuse a request that did not decode."""
+        if self._auth is not None:
+            metadata: Any = context.invocation_metadata() or ()
+            CURRENT.set(await self._auth.authenticate(method, metadata, context.peer()))
+        if isinstance(request, _Undecodable):
+            raise _undecodable(method)
+
     def _wrap(self, method: str, handler: Handler) -> Handler:
-        metrics = self._metrics
         if handler.unary_unary is not None:
-            unary = cast("UnaryBehavior", handler.unary_unary)
-
-            async def unary_behavior(request: Any, context: Context) -> Any:
-                start = time.perf_counter()
-                ok = False
-                try:
-                    if isinstance(request, _Undecodable):
-                        raise _undecodable(method)
-                    response = await unary(request, context)
-                    ok = True
-                    return response
-                except FlowportError as exc:
-                    await abort_with(context, exc)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a bug must still answer with a status
-                    await abort_with(context, _internal(method, exc))
-                finally:
-                    metrics.record(time.perf_counter() - start, ok)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_behavior,
-                request_deserializer=_lenient(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
+            return self._wrap_unary(method, handler)
         if handler.unary_stream is not None:
-            stream = cast("StreamBehavior", handler.unary_stream)
-
-            async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
-                ok = False
-                last: type[Any] | None = None
-                metrics.stream_opened()
-                try:
-                    try:
-                        if isinstance(request, _Undecodable):
-                            raise _undecodable(method)
-                        async for item in stream(request, context):
-                            last = type(item)
-                            yield item
-                        ok = True
-                    except FlowportError as exc:
-                        error = exc
-                    except grpc.aio.AbortError:
-                        raise
-                    except Exception as exc:  # noqa: BLE001
-                        error = _internal(method, exc)
-                    if not ok:
-                        final = in_band_error(last, error) if last is not None and original_path(context) else None
-                        if final is None:
-                            await abort_with(context, error)
-                        yield final
-                finally:
-                    metrics.stream_closed(ok)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream_behavior,
-                request_deserializer=_lenient(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
+            return self._wrap_stream(method, handler)
         # Client- and bidi-streaming methods are not part of the API.
         return handler
+
+    def _wrap_unary(self, method: str, handler: Handler) -> Handler:
+        metrics, begin = self._metrics, self._begin
+        unary = cast("UnaryBehavior", handler.unary_unary)
+
+        async def unary_behavior(request: Any, context: Context) -> Any:
+            start = time.perf_counter()
+            ok = False
+            try:
+                await begin(method, request, context)
+                response = await unary(request, context)
+                ok = True
+                return response
+            except FlowportError as exc:
+                await abort_with(context, exc)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug must still answer with a status
+                await abort_with(context, _internal(method, exc))
+            finally:
+                metrics.record(time.perf_counter() - start, ok)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_behavior,
+            request_deserializer=_lenient(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_stream(self, method: str, handler: Handler) -> Handler:
+        metrics, begin = self._metrics, self._begin
+        stream = cast("StreamBehavior", handler.unary_stream)
+
+        async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
+            ok = False
+            last: type[Any] | None = None
+            metrics.stream_opened()
+            try:
+                try:
+                    await begin(method, request, context)
+                    async for item in stream(request, context):
+                        last = type(item)
+                        yield item
+                    ok = True
+                except FlowportError as exc:
+                    error = exc
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    error = _internal(method, exc)
+                if not ok:
+                    final = in_band_error(last, error) if last is not None and original_path(context) else None
+                    if final is None:
+                        await abort_with(context, error)
+                    yield final
+            finally:
+                metrics.stream_closed(ok)
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream_behavior,
+            request_deserializer=_lenient(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )

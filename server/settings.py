@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "FLOWPORT_"
 
@@ -118,6 +118,30 @@ class Settings(BaseModel):
         default_factory=list,
         description="hosts/IPs webhooks may target though private, loopback or link-local (comma-separated)",
     )
+    admin_api_key: SecretStr | None = Field(
+        None, description="the admin API key to create at start if absent (at least 32 characters; for CI and tests)"
+    )
+    insecure_no_auth: bool = Field(
+        False, description="turn authentication off: every call acts as an admin of tenant default (warned at start)"
+    )
+    jwt_secret: SecretStr | None = Field(None, description="HS256 secret for bearer tokens, at least 32 bytes")
+    jwt_jwks_file: Path | None = Field(None, description="JWKS file with the public keys of RS256/ES256 bearer tokens")
+    jwt_issuer: str | None = Field(None, description="required `iss` of bearer tokens")
+    jwt_audience: str | None = Field(None, description="required `aud` of bearer tokens")
+    jwt_algorithms: list[str] = Field(
+        default_factory=lambda: ["HS256", "RS256", "ES256"], description="bearer token algorithms accepted"
+    )
+    jwt_leeway: float = Field(30.0, ge=0, le=600, description="clock skew allowed for exp/nbf, seconds")
+    jwt_tenant_claim: str = Field("tenant", description="token claim that names the tenant")
+    jwt_subject_claim: str = Field("sub", description="token claim that names the subject")
+    jwt_roles_claim: str = Field("roles", description="token claim that lists the roles")
+    max_login_attempts: int = Field(
+        5, ge=1, le=1000, description="failed authentications per minute from one client before answers slow down"
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description="peers whose X-Forwarded-For names the real client (Envoy's address)",
+    )
     http_allowlist: list[str] = Field(
         default_factory=list,
         description="hosts/IPs HTTP nodes may reach though private, loopback or link-local (comma-separated)",
@@ -130,7 +154,9 @@ class Settings(BaseModel):
             raise ValueError("must not be empty")
         return value
 
-    @field_validator("http_allowlist", "cors_origins", "webhook_allowlist", mode="before")
+    @field_validator(
+        "http_allowlist", "cors_origins", "webhook_allowlist", "jwt_algorithms", "trusted_proxies", mode="before"
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -141,6 +167,10 @@ class Settings(BaseModel):
     def _default_ttl_within_max(self) -> Settings:
         if self.session_default_ttl > self.session_max_ttl:
             raise ValueError("session_default_ttl must not exceed session_max_ttl")
+        if self.admin_api_key is not None and len(self.admin_api_key.get_secret_value()) < 32:
+            raise ValueError("admin_api_key must be at least 32 characters")
+        if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value().encode()) < 32:
+            raise ValueError("jwt_secret must be at least 32 bytes")
         if self.stream_heartbeat >= self.stream_idle_timeout:
             raise ValueError("stream_heartbeat must be shorter than stream_idle_timeout, or Envoy cuts idle streams")
         return self

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import SecretStr
 
 from flowport.server.envoy_binary import EnvoyNotFound, find_envoy
 from flowport.server.settings import ENV_PREFIX, Settings
@@ -69,7 +70,9 @@ def child_environment(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.pop(f"{ENV_PREFIX}CONFIG", None)
     for name, value in settings.model_dump().items():
-        if isinstance(value, list):
+        if isinstance(value, SecretStr):
+            env[ENV_PREFIX + name.upper()] = value.get_secret_value()
+        elif isinstance(value, list):
             env[ENV_PREFIX + name.upper()] = ",".join(map(str, value))
         elif value is not None:
             env[ENV_PREFIX + name.upper()] = str(value)

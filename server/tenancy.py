@@ -1,17 +1,22 @@
-"""Which tenant a call acts for.
-
-Authentication is not built yet, so every call acts for tenant `default`.
-UNFINISHED: the security issue replaces this with the authenticated
-principal's tenant; the store already scopes every read and write by it.
-"""
+"""Which tenant a call acts for: its authenticated principal's."""
 
 from __future__ import annotations
 
+from flowport.server.auth.context import CURRENT
+from flowport.server.auth.principal import Principal
 from flowport.server.types import Context
 
 DEFAULT_TENANT = "default"
 
 
+def principal_of(context: Context) -> Principal | None:
+    """The caller, as authenticated by the interceptor (None for public calls)."""
+    return CURRENT.get()
+
+
 def tenant_of(context: Context) -> str:
     """The tenant the call acts for."""
-    return DEFAULT_TENANT
+    principal = CURRENT.get()
+    # Only public RPCs (health) and in-process tests without the
+    # authenticating interceptor have no principal.
+    return DEFAULT_TENANT if principal is None else principal.tenant

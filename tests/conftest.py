@@ -18,6 +18,11 @@ import pytest
 from flowport.server.settings import Settings
 from flowport.server.supervisor import child_environment
 
+# The admin key every test stack is started with (FLOWPORT_ADMIN_API_KEY).
+ADMIN_KEY = "fpk_test-admin.0123456789abcdefghijklmnopqrstuvwxyz"
+ADMIN_HEADERS = {"x-api-key": ADMIN_KEY}
+ADMIN_METADATA = (("x-api-key", ADMIN_KEY),)
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on right now."""
@@ -43,6 +48,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "sandbox_workers": 2,
         "http_allowlist": "127.0.0.1,localhost",
         "webhook_allowlist": "127.0.0.1,localhost",
+        "admin_api_key": ADMIN_KEY,
     }
     values.update(overrides)
     return Settings.load(values, environ={})
@@ -121,7 +127,7 @@ class ServeProcess:
             [sys.executable, "-m", "flowport.clients.cli", "serve"], env=child_environment(self.settings)
         )
         deadline = time.monotonic() + timeout
-        with Client(self.settings.grpc_target) as client:
+        with Client(self.settings.grpc_target, api_key=ADMIN_KEY) as client:
             while time.monotonic() < deadline:
                 try:
                     client.gateway.GetInfo(gateway_pb2.GetInfoRequest(), timeout=1)

@@ -9,8 +9,8 @@ from flowport.server.api.common import idempotency_key, now_us, request_id_reuse
 from flowport.server.api.sessions import session_not_found
 from flowport.server.api.workflows import workflow_not_found
 from flowport.server.engine.executor import FINISHED, Executor
-from flowport.server.errors import InvalidArgument, NotFound
-from flowport.server.events.bus import EventBus
+from flowport.server.errors import Aborted, InvalidArgument, NotFound
+from flowport.server.events.bus import EventBus, SubscriberOverflow
 from flowport.server.storage import IdempotencyConflict, Store
 from flowport.server.tenancy import tenant_of
 from flowport.server.transcoding import original_path
@@ -145,7 +145,13 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
             if execution.state in FINISHED:
                 return
             while True:
-                event = await subscription.next(self._heartbeat)
+                try:
+                    event = await subscription.next(self._heartbeat)
+                except SubscriberOverflow:
+                    raise Aborted(
+                        "the watch fell behind by more than its queue; watch again to get the current state",
+                        reason="SUBSCRIBER_TOO_SLOW",
+                    ) from None
                 if event is None:
                     heartbeat = event_pb2.Event(type="heartbeat", execution_id=execution_id)
                     heartbeat.time.GetCurrentTime()

@@ -27,7 +27,7 @@ from typing import Any
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from flowport.server.engine.plan import Plan, PlanCache, PlanNode
+from flowport.server.engine.plan import InvalidWorkflow, Plan, PlanCache, PlanNode
 from flowport.server.engine.stats import ExecutionCounters
 from flowport.server.engine.values import python_to_struct, struct_to_python
 from flowport.server.errors import DOMAIN, InvalidArgument, ResourceExhausted
@@ -85,6 +85,7 @@ class _Run:
     node_runs: dict[str, NodeRun] = field(default_factory=dict)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_requested: bool = False
+    finalizing: bool = False
     task: asyncio.Task[None] | None = None
 
 
@@ -200,8 +201,10 @@ class Executor:
         """Cancel; an execution that has ended is returned unchanged."""
         run = self._runs.get(execution_id)
         if run is not None and run.tenant == tenant and run.task is not None:
-            run.cancel_requested = True
-            run.task.cancel()
+            if not run.finalizing and not run.cancel_requested:
+                run.cancel_requested = True
+                run.task.cancel()
+            # Ended, or ending anyway: its outcome stands.
             await run.finished.wait()
             return await self.get(tenant, execution_id)
         execution = await self._store.get_execution(tenant, execution_id)
@@ -242,8 +245,12 @@ class Executor:
             if workflow is None:
                 reason = f"workflow {execution.workflow_id!r} version {execution.workflow_version} no longer exists"
             else:
-                plan = self._plans.get(tenant, workflow)
-                for node_run in execution.node_runs:
+                try:
+                    plan = self._plans.get(tenant, workflow)
+                except InvalidWorkflow as exc:
+                    reason = f"workflow {execution.workflow_id!r} no longer validates ({exc})"
+                    plan = None
+                for node_run in execution.node_runs if plan is not None else ():
                     node = plan.nodes.get(node_run.node_id)
                     if node_run.state == NodeRun.STATE_RUNNING and (node is None or not node.retry_safe):
                         reason = (
@@ -326,15 +333,26 @@ class Executor:
                 raise
             execution.state = Execution.STATE_CANCELLED
             execution.error.CopyFrom(_status(code_pb2.CANCELLED, "cancelled by request", "CANCELLED", {}))
-            for node_run in run.node_runs.values():
-                if node_run.state == NodeRun.STATE_RUNNING:
-                    _finish(node_run, NodeRun.STATE_CANCELLED)
         except Exception as exc:
             log.exception("execution %s failed inside the executor", execution.execution_id)
             execution.state = Execution.STATE_FAILED
             execution.error.CopyFrom(
                 _status(code_pb2.INTERNAL, f"internal error: {type(exc).__name__}", "INTERNAL", {})
             )
+        # From here the outcome is decided: a late cancel must not interrupt
+        # recording it (the run would never be marked finished).
+        run.finalizing = True
+        for node_run in run.node_runs.values():
+            if node_run.state == NodeRun.STATE_RUNNING:  # siblings stopped by a failure or a cancel
+                _finish(node_run, NodeRun.STATE_CANCELLED)
+        try:
+            await asyncio.shield(self._finalize(run, started))
+        finally:
+            self._runs.pop(execution.execution_id, None)
+            run.finished.set()
+
+    async def _finalize(self, run: _Run, started: float) -> None:
+        execution = run.execution
         execution.end_time.CopyFrom(_now())
         if execution.HasField("start_time"):
             execution.duration.FromNanoseconds(
@@ -355,8 +373,6 @@ class Executor:
         self._publish(final[0], run.tenant, execution, data)
         setattr(self.counters, final[1], getattr(self.counters, final[1]) + 1)
         self.counters.latencies_ms.append(1000 * (time.perf_counter() - started))
-        self._runs.pop(execution.execution_id, None)
-        run.finished.set()
 
     def _inputs_for(self, run: _Run, node: PlanNode) -> tuple[dict[str, Any], bool]:
         """The node's parameters, and whether it must be skipped."""
@@ -461,13 +477,14 @@ class Executor:
                 # asyncio.timeout, unlike wait_for, runs the node in this task: no extra task per node.
                 async with asyncio.timeout(node.timeout):
                     outputs = await node.node_type.run(ctx, node.prepared, params)
-                python_to_struct({node.node_id: outputs}, execution.outputs)
+                try:
+                    python_to_struct({node.node_id: outputs}, execution.outputs)
+                except (TypeError, ValueError) as exc:
+                    raise NodeError(f"outputs are not JSON: {exc}", reason="BAD_OUTPUT") from None
             except NodeError as exc:
                 error = exc
             except TimeoutError:
                 error = NodeError(f"timed out after {node.timeout:g}s", reason="NODE_TIMEOUT", retryable=True)
-            except (TypeError, ValueError) as exc:
-                error = NodeError(f"outputs are not JSON: {exc}", reason="BAD_OUTPUT")
             except Exception as exc:
                 log.exception("node type %s raised", node.node_type.type_name)
                 error = NodeError(f"{type(exc).__name__}: {exc}", reason="NODE_CRASHED")

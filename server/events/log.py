@@ -21,6 +21,9 @@ from flowport.server.storage.events import EventTables
 log = logging.getLogger(__name__)
 
 PAGE = 500
+# Ids are reserved durably a block at a time, so none is ever handed out
+# twice, even after a crash; a restart skips what was left of its block.
+ID_BLOCK = 1_000_000
 PURGE_INTERVAL = 60.0
 
 
@@ -34,16 +37,18 @@ class EventLog:
         self._retention_seconds = retention_seconds
         self._pending: list[BusEvent] = []
         self._scheduled = False
+        self._reserved = 0
         self._purger: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
         cls, store: EventTables, *, queue_size: int, retention_count: int, retention_seconds: float
     ) -> tuple[EventLog, EventBus]:
-        """The log and a bus whose ids continue after the last logged event."""
-        _, newest = await store.event_bounds()
-        bus = EventBus(queue_size=queue_size, first_id=newest + 1)
+        """The log and a bus whose ids continue after every id ever handed out."""
+        last, reserved = await store.reserve_event_ids(ID_BLOCK)
+        bus = EventBus(queue_size=queue_size, first_id=last + 1)
         event_log = cls(store, bus, retention_count=retention_count, retention_seconds=retention_seconds)
+        event_log._reserved = reserved
         bus.add_listener(event_log.append)
         event_log._purger = asyncio.create_task(event_log._purge_forever())
         return event_log, bus
@@ -51,6 +56,10 @@ class EventLog:
     def append(self, event: BusEvent) -> None:
         """Bus listener: queue `event` for the next batch write."""
         self._pending.append(event)
+        if int(event.id) > self._reserved - ID_BLOCK // 2:
+            # Half the block is left: reserve the next one long before it is needed.
+            self._reserved += ID_BLOCK
+            self._store.extend_event_ids_soon(self._reserved)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._write_batch)

@@ -44,6 +44,26 @@ class EventTables(Tables):
 
         self._write_soon(op)
 
+    async def reserve_event_ids(self, block: int) -> tuple[int, int]:
+        """Reserve the next `block` ids durably; returns (last id used before, reserved until)."""
+
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            (reserved,) = conn.execute("SELECT reserved_until FROM event_id_reservation WHERE id=1").fetchone()
+            (newest,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
+            start = max(int(reserved), int(newest))
+            conn.execute("UPDATE event_id_reservation SET reserved_until=? WHERE id=1", (start + block,))
+            return start, start + block
+
+        return await self._write(op)
+
+    def extend_event_ids_soon(self, until: int) -> None:
+        """Queue raising the reservation to `until` (committed in order with other writes)."""
+        self._write_soon(
+            lambda conn: conn.execute(
+                "UPDATE event_id_reservation SET reserved_until=MAX(reserved_until, ?) WHERE id=1", (until,)
+            )
+        )
+
     async def event_bounds(self) -> tuple[int, int]:
         """(oldest id, newest id) in the log; (0, 0) when it is empty."""
         row = self._lookup("SELECT COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) FROM events", ())

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flowport.server.storage.api_keys import ApiKeyTables
 from flowport.server.storage.events import EventTables
 from flowport.server.storage.executions import ExecutionTables
 from flowport.server.storage.migrate import Migration, bundled, migrate
@@ -149,7 +150,7 @@ class _GroupWriter:
             await asyncio.shield(self._flusher)
 
 
-class SqliteStore(SessionTables, WorkflowTables, ExecutionTables, EventTables, WebhookTables):
+class SqliteStore(SessionTables, WorkflowTables, ExecutionTables, EventTables, WebhookTables, ApiKeyTables):
     """Store on a SQLite file; create with `await SqliteStore.open(path)`."""
 
     def __init__(self, path: Path) -> None:

@@ -18,8 +18,8 @@ from google.protobuf import json_format
 from flowport.clients import Client
 from flowport.v1 import execution_pb2, workflow_pb2
 
+from ..conftest import ADMIN_KEY, make_settings
 from ..conftest import ServeProcess as Server
-from ..conftest import make_settings
 
 pytestmark = pytest.mark.integration
 Execution = execution_pb2.Execution
@@ -55,7 +55,7 @@ def _runs(execution: Execution) -> dict[str, NodeRun]:
 
 
 def test_a_killed_server_resumes_retry_safe_work_without_rerunning_finished_nodes(server: Server) -> None:
-    with Client(server.settings.grpc_target) as client:
+    with Client(server.settings.grpc_target, api_key=ADMIN_KEY) as client:
         _workflow(
             client,
             {
@@ -79,7 +79,7 @@ def test_a_killed_server_resumes_retry_safe_work_without_rerunning_finished_node
         assert first_run.state == NodeRun.STATE_SUCCEEDED
     server.kill()
     server.start()
-    with Client(server.settings.grpc_target) as client:
+    with Client(server.settings.grpc_target, api_key=ADMIN_KEY) as client:
         done = _poll(
             client, started.execution_id, lambda e: e.state not in (Execution.STATE_PENDING, Execution.STATE_RUNNING)
         )
@@ -107,7 +107,7 @@ def test_a_node_that_is_not_safe_to_rerun_fails_as_interrupted_and_runs_once(ser
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{receiver.server_address[1]}/charge"
     try:
-        with Client(server.settings.grpc_target) as client:
+        with Client(server.settings.grpc_target, api_key=ADMIN_KEY) as client:
             _workflow(
                 client,
                 {
@@ -125,7 +125,7 @@ def test_a_node_that_is_not_safe_to_rerun_fails_as_interrupted_and_runs_once(ser
             _poll(client, started.execution_id, lambda e: bool(_Hanging.hits))
         server.kill()
         server.start()
-        with Client(server.settings.grpc_target) as client:
+        with Client(server.settings.grpc_target, api_key=ADMIN_KEY) as client:
             done = _poll(client, started.execution_id, lambda e: e.state == Execution.STATE_FAILED)
         assert "interrupted" in done.error.message and "'charge'" in done.error.message
         info = json.loads(json_format.MessageToJson(done.error))["details"][0]

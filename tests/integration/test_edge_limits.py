@@ -15,7 +15,7 @@ import pytest
 from flowport.clients import ApiError, Client
 from flowport.v1 import gateway_pb2
 
-from ..conftest import EnvoyProcess, ServeProcess, Stack, make_settings, start_up, stop_up
+from ..conftest import ADMIN_HEADERS, ADMIN_KEY, EnvoyProcess, ServeProcess, Stack, make_settings, start_up, stop_up
 
 pytestmark = pytest.mark.integration
 WINDOW = 1.0
@@ -66,9 +66,14 @@ def test_a_burst_meets_429_json_with_rate_limit_headers_and_recovers(limited: St
 def test_one_noisy_client_does_not_starve_another(limited: Stack) -> None:
     _wait_for_refill()
     with httpx.Client(base_url=limited.http, timeout=10) as client:
-        _drain(client, "/health", {"x-api-key": "noisy"}, limit=CLIENT_LIMIT + 2)
+        keys = [
+            client.post("/api/keys", json={"description": name}, headers=ADMIN_HEADERS).json()["key"]
+            for name in ("noisy", "quiet")
+        ]
+        _wait_for_refill()
+        _drain(client, "/health", {"x-api-key": keys[0]}, limit=CLIENT_LIMIT + 2)
         # Same address, another key: its own bucket, still full.
-        assert client.get("/health", headers={"x-api-key": "quiet"}).status_code == 200
+        assert client.get("/health", headers={"x-api-key": keys[1]}).status_code == 200
 
 
 def test_made_up_keys_still_meet_the_address_bucket(limited: Stack) -> None:
@@ -90,17 +95,17 @@ def test_executions_have_a_stricter_bucket_than_reads(limited: Stack) -> None:
     _wait_for_refill()
     with httpx.Client(base_url=limited.http, timeout=10) as client:
         statuses = [
-            client.post("/api/executions", json={"workflow_id": "missing"}, headers={"x-api-key": f"k{i}"}).status_code
+            client.post("/api/executions", json={"workflow_id": "missing"}, headers=ADMIN_HEADERS).status_code
             for i in range(EXECUTION_LIMIT + 3)
         ]
-    # Different keys, so no client bucket runs out: the route's own bucket does.
+    # Fewer calls than the client bucket holds: the route's own bucket runs out.
     assert statuses[:EXECUTION_LIMIT] == [404] * EXECUTION_LIMIT
     assert 429 in statuses[EXECUTION_LIMIT:]
 
 
 def test_a_limited_grpc_call_is_resource_exhausted(limited: Stack) -> None:
     _wait_for_refill()
-    with Client(limited.envoy_target) as client:
+    with Client(limited.envoy_target, api_key=ADMIN_KEY) as client:
         for _ in range(100):
             try:
                 client.gateway.GetInfo(gateway_pb2.GetInfoRequest(), timeout=5)
@@ -157,8 +162,10 @@ def test_a_unary_call_over_the_route_timeout_is_504_json(tmp_path: pytest.TempPa
         assert _poll(lambda: httpx.get(f"{base}/healthz").status_code == 200, 10)
         code = "import time\ntime.sleep(3)\nresult = 1"
         workflow = {"name": "slow", "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": code}}]}
-        assert httpx.post(f"{base}/api/workflows", json=workflow).status_code == 200
-        response = httpx.post(f"{base}/api/executions", json={"workflow_id": "slow", "wait": True}, timeout=30)
+        assert httpx.post(f"{base}/api/workflows", json=workflow, headers=ADMIN_HEADERS).status_code == 200
+        response = httpx.post(
+            f"{base}/api/executions", json={"workflow_id": "slow", "wait": True}, timeout=30, headers=ADMIN_HEADERS
+        )
         assert response.status_code == 504
         assert response.json()["code"] == 4, "DEADLINE_EXCEEDED, as JSON"
     finally:

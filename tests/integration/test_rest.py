@@ -9,7 +9,7 @@ import pytest
 from flowport.clients import ApiError, Client
 from flowport.v1 import gateway_pb2, session_pb2
 
-from ..conftest import Stack
+from ..conftest import ADMIN_HEADERS, ADMIN_KEY, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +18,7 @@ ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 
 @pytest.fixture
 def http(stack: Stack) -> httpx.Client:
-    with httpx.Client(base_url=stack.http, timeout=10) as client:
+    with httpx.Client(base_url=stack.http, timeout=10, headers=ADMIN_HEADERS) as client:
         yield client
 
 
@@ -99,7 +99,7 @@ def test_unknown_paths_and_query_parameters_are_refused(http: httpx.Client) -> N
 
 
 def test_grpc_through_envoy(stack: Stack) -> None:
-    with Client(stack.envoy_target) as client:
+    with Client(stack.envoy_target, api_key=ADMIN_KEY) as client:
         created = client.sessions.CreateSession(
             session_pb2.CreateSessionRequest(session=session_pb2.Session(user_id="grpc"))
         )
@@ -117,6 +117,6 @@ def test_grpc_through_envoy(stack: Stack) -> None:
 
 def test_rest_and_grpc_see_the_same_data(stack: Stack, http: httpx.Client) -> None:
     created = http.post("/api/sessions", json={"user_id": "both"}).json()
-    with Client(stack.grpc_target) as direct:
+    with Client(stack.grpc_target, api_key=ADMIN_KEY) as direct:
         got = direct.sessions.GetSession(session_pb2.GetSessionRequest(session_id=created["session_id"]))
     assert got.user_id == "both"

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
-from ..conftest import Stack
+from ..conftest import ADMIN_HEADERS, Stack
 from ..unit.test_validation import SEED_PIPELINE
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,7 @@ def api() -> Iterator[str]:
 
 @pytest.fixture
 def http(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.http, timeout=30) as client:
+    with httpx.Client(base_url=stack.http, timeout=30, headers=ADMIN_HEADERS) as client:
         yield client
 
 

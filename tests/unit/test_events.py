@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from flowport.clients import ApiError
+from flowport.clients import ApiError, AsyncClient
 from flowport.server.app import Running, start, stop
 from flowport.server.settings import Settings
 from flowport.v1 import event_pb2, event_pb2_grpc
 
-from ..conftest import make_settings
+from ..conftest import ADMIN_KEY, ADMIN_METADATA, make_settings
 
 
 @pytest.fixture
@@ -28,8 +28,8 @@ async def running(tmp_path: object) -> AsyncIterator[Running]:
 
 @pytest.fixture
 async def events(running: Running) -> AsyncIterator[event_pb2_grpc.EventServiceStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        yield event_pb2_grpc.EventServiceStub(channel)
+    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as client:
+        yield client.events
 
 
 def publish(running: Running, type_: str, tenant: str = "default", **ids: str) -> str:
@@ -123,8 +123,8 @@ async def test_the_log_survives_a_restart(tmp_path: object) -> None:
     try:
         later = second.bus.publish("session.created", tenant="default").id
         assert int(later) > int(ids[-1]), "ids keep increasing across restarts"
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as channel:
-            call = event_pb2_grpc.EventServiceStub(channel).StreamEvents(event_pb2.StreamEventsRequest(after_id=ids[0]))
+        async with AsyncClient(f"127.0.0.1:{second.port}", api_key=ADMIN_KEY) as client:
+            call = client.events.StreamEvents(event_pb2.StreamEventsRequest(after_id=ids[0]))
             assert [e.id for e in await take(call, 3)] == [*ids[1:], later]
             call.cancel()
     finally:
@@ -139,12 +139,11 @@ async def test_a_stalled_subscriber_is_cut_while_another_keeps_pace(tmp_path: ob
         grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as fast_channel,
         grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as slow_channel,
     ):
-        fast = event_pb2_grpc.EventServiceStub(fast_channel).StreamEvents(
-            event_pb2.StreamEventsRequest(types=["load.*"])
-        )
-        slow = event_pb2_grpc.EventServiceStub(slow_channel).StreamEvents(
-            event_pb2.StreamEventsRequest(types=["load.*"])
-        )
+        # Plain channels with the key per call: a client interceptor may read
+        # a stream ahead of its caller, and this one must really stall.
+        request = event_pb2.StreamEventsRequest(types=["load.*"])
+        fast = event_pb2_grpc.EventServiceStub(fast_channel).StreamEvents(request, metadata=ADMIN_METADATA)
+        slow = event_pb2_grpc.EventServiceStub(slow_channel).StreamEvents(request, metadata=ADMIN_METADATA)
         await asyncio.sleep(0.2)
         received: list[str] = []
 
@@ -163,7 +162,7 @@ async def test_a_stalled_subscriber_is_cut_while_another_keeps_pace(tmp_path: ob
             published.append(running.bus.publish("load.tick", tenant="default", data={"padding": padding}).id)
             # Publish at a pace the fast reader sustains (within its queue);
             # the stalled one is never waited for.
-            while len(received) < i - 100:  # noqa: ASYNC110 - polling a counter the reader task bumps
+            while len(received) < i - 100 and not reader.done():  # noqa: ASYNC110 - polling the reader's count
                 await asyncio.sleep(0.001)
         await asyncio.wait_for(reader, 60)
         assert received == published, "the fast subscriber got every event, in order"

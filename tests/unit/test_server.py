@@ -17,6 +17,8 @@ from flowport.server.app import ALL_SERVICES, Running, start, stop
 from flowport.server.settings import Settings
 from flowport.v1 import gateway_pb2, session_pb2, webhook_pb2, workflow_pb2
 
+from ..conftest import ADMIN_KEY
+
 S = session_pb2
 
 
@@ -29,7 +31,7 @@ async def running(settings: Settings) -> AsyncIterator[Running]:
 
 @pytest.fixture
 async def client(running: Running) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(f"127.0.0.1:{running.port}") as c:
+    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as c:
         yield c
 
 
@@ -228,7 +230,7 @@ async def test_graceful_stop_lets_in_flight_calls_finish(settings: Settings) -> 
         return await original(*args, **kwargs)  # type: ignore[arg-type]
 
     store.get_session = slow_get  # type: ignore[method-assign]
-    async with AsyncClient(f"127.0.0.1:{running.port}") as c:
+    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as c:
         created = await c.sessions.CreateSession(S.CreateSessionRequest(session=S.Session()))
         in_flight = asyncio.ensure_future(c.sessions.GetSession(S.GetSessionRequest(session_id=created.session_id)))
         await asyncio.sleep(0.2)

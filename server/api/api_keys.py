@@ -1,0 +1,94 @@
+"""ApiKeyService: admins create, list and revoke API keys."""
+
+from __future__ import annotations
+
+import re
+
+from flowport.server import pagination
+from flowport.server.api.common import idempotency_key, now_us, request_id_reused, require
+from flowport.server.auth.keys import KeyAuthenticator, describe, key_hash, new_key
+from flowport.server.auth.principal import ROLES, USER
+from flowport.server.errors import InvalidArgument, NotFound
+from flowport.server.storage import IdempotencyConflict
+from flowport.server.storage.api_keys import ApiKeyTables
+from flowport.server.tenancy import principal_of, tenant_of
+from flowport.server.types import Context
+from flowport.v1 import apikey_pb2, apikey_pb2_grpc
+
+TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MAX_DESCRIPTION = 512
+
+
+def _not_found(key_id: str) -> NotFound:
+    return NotFound(f"API key {key_id!r} does not exist", reason="API_KEY_NOT_FOUND", metadata={"key_id": key_id})
+
+
+class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
+    """API keys of every tenant (the permission table makes it admin-only)."""
+
+    def __init__(self, store: ApiKeyTables, keys: KeyAuthenticator) -> None:
+        self._store = store
+        self._keys = keys
+
+    async def CreateApiKey(
+        self, request: apikey_pb2.CreateApiKeyRequest, context: Context
+    ) -> apikey_pb2.CreateApiKeyResponse:
+        given = request.api_key
+        tenant = given.tenant or tenant_of(context)
+        roles = sorted(set(given.roles)) or [USER]
+        violations = []
+        if not TENANT.match(tenant):
+            violations.append(
+                ("api_key.tenant", "1 to 63 characters: a-z, 0-9, '_' and '-', starting with a letter or digit")
+            )
+        unknown = [r for r in roles if r not in ROLES]
+        if unknown:
+            violations.append(("api_key.roles", f"unknown roles {unknown}; known: {sorted(ROLES)}"))
+        if len(given.description) > MAX_DESCRIPTION:
+            violations.append(("api_key.description", f"at most {MAX_DESCRIPTION} characters"))
+        if given.HasField("expire_time") and given.expire_time.ToMicroseconds() <= now_us():
+            violations.append(("api_key.expire_time", "must be in the future"))
+        if violations:
+            raise InvalidArgument(
+                "api key is not valid: " + "; ".join(f"{f} {d}" for f, d in violations), violations=violations
+            )
+        principal = principal_of(context)
+        key_id, key = new_key()
+        description = describe(key_id, tenant, roles, given.description, principal.subject if principal else "")
+        if given.HasField("expire_time"):
+            description.expire_time.CopyFrom(given.expire_time)
+        fingerprint = idempotency_key(request.request_id, given)
+        try:
+            result = await self._store.create_api_key(description, key_hash(key), fingerprint, tenant_of(context))
+        except IdempotencyConflict:
+            raise request_id_reused(request.request_id, "with a different key") from None
+        if result.replayed:
+            # The first key was shown once; a retry only describes it.
+            return apikey_pb2.CreateApiKeyResponse(api_key=apikey_pb2.ApiKey.FromString(result.response))
+        return apikey_pb2.CreateApiKeyResponse(api_key=description, key=key)
+
+    async def GetApiKey(self, request: apikey_pb2.GetApiKeyRequest, context: Context) -> apikey_pb2.ApiKey:
+        require(request.key_id, "key_id")
+        key = await self._store.get_api_key(request.key_id, None)
+        if key is None:
+            raise _not_found(request.key_id)
+        return key
+
+    async def ListApiKeys(
+        self, request: apikey_pb2.ListApiKeysRequest, context: Context
+    ) -> apikey_pb2.ListApiKeysResponse:
+        size = pagination.page_size(request.page_size)
+        filters = {"tenant": request.tenant}
+        after = pagination.cursor_time_id(pagination.decode_token(request.page_token, filters))
+        rows = await self._store.list_api_keys(tenant=request.tenant or None, after=after, limit=size + 1)
+        keys, token = pagination.page(rows, size, filters, lambda k: [k.create_time.ToMicroseconds(), k.key_id])
+        return apikey_pb2.ListApiKeysResponse(api_keys=keys, next_page_token=token)
+
+    async def RevokeApiKey(self, request: apikey_pb2.RevokeApiKeyRequest, context: Context) -> apikey_pb2.ApiKey:
+        require(request.key_id, "key_id")
+        key = await self._store.revoke_api_key(request.key_id, None, now_us())
+        if key is None:
+            raise _not_found(request.key_id)
+        # Immediate effect: the next call with this key is looked up again.
+        self._keys.forget(request.key_id)
+        return key

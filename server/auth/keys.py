@@ -1,0 +1,99 @@
+"""API keys: made random, shown once, kept as hashes, checked in O(1).
+
+A key looks like `fpk_<26 chars>.<43 chars>`: the part before the dot is
+its public id (safe to log and to revoke by), the rest 256 random bits.
+The store keeps SHA-256 of the whole key: the keys are random, so a fast
+hash is enough (no password to stretch), and a lookup is one indexed read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from flowport.server.auth.principal import AuthenticationFailed, Principal
+from flowport.server.ids import new_id
+from flowport.server.storage.api_keys import ApiKeyTables
+from flowport.v1 import apikey_pb2
+
+PREFIX = "fpk"
+MAX_KEY_CHARS = 256
+MIN_CONFIGURED_KEY_CHARS = 32
+# A cached verdict is reused this long; revocation through this server
+# evicts it at once.
+CACHE_SECONDS = 30.0
+
+
+def new_key() -> tuple[str, str]:
+    """A fresh (key_id, key)."""
+    key_id = new_id(PREFIX)
+    return key_id, f"{key_id}.{secrets.token_urlsafe(32)}"
+
+
+def key_hash(key: str) -> bytes:
+    """What the store keeps of a key."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+def key_id_of(key: str) -> str:
+    """The public id part of a key (for logs), or a placeholder for a foreign one."""
+    head = key.split(".", 1)[0]
+    return head if head.startswith(f"{PREFIX}_") and len(head) < 64 else "(unrecognised key)"
+
+
+@dataclass
+class _Cached:
+    principal: Principal
+    expire_us: int | None
+    checked: float
+
+
+class KeyAuthenticator:
+    """Verifies `x-api-key` values against the store, with a small cache."""
+
+    def __init__(self, store: ApiKeyTables) -> None:
+        self._store = store
+        self._cache: dict[bytes, _Cached] = {}
+
+    async def verify(self, key: str) -> Principal:
+        """The key's principal; AuthenticationFailed when unknown, expired or revoked."""
+        if not key or len(key) > MAX_KEY_CHARS:
+            raise AuthenticationFailed("malformed api key")
+        digest = key_hash(key)
+        now = time.time()
+        cached = self._cache.get(digest)
+        if cached is None or now - cached.checked > CACHE_SECONDS:
+            found = await self._store.api_key_by_hash(digest)
+            if found is None:
+                raise AuthenticationFailed(f"unknown api key {key_id_of(key)}")
+            description, expire_us, revoke_us = found
+            if revoke_us is not None:
+                raise AuthenticationFailed(f"revoked api key {description.key_id}")
+            principal = Principal(
+                tenant=description.tenant,
+                subject=description.key_id,
+                roles=frozenset(description.roles),
+                method="api_key",
+                credential_id=description.key_id,
+            )
+            cached = _Cached(principal, expire_us, now)
+            self._cache[digest] = cached
+        if cached.expire_us is not None and now * 1e6 >= cached.expire_us:
+            self._cache.pop(digest, None)
+            raise AuthenticationFailed(f"expired api key {cached.principal.credential_id}")
+        return cached.principal
+
+    def forget(self, key_id: str) -> None:
+        """Evict a key (after revocation) so the next call is refused."""
+        for digest, cached in list(self._cache.items()):
+            if cached.principal.credential_id == key_id:
+                del self._cache[digest]
+
+
+def describe(key_id: str, tenant: str, roles: list[str], description: str, created_by: str) -> apikey_pb2.ApiKey:
+    """A new key's stored description."""
+    key = apikey_pb2.ApiKey(key_id=key_id, tenant=tenant, roles=roles, description=description, created_by=created_by)
+    key.create_time.GetCurrentTime()
+    return key
