@@ -28,7 +28,7 @@ def _with(details: Any, extra: tuple[tuple[str, str], ...]) -> Any:
         if hasattr(details, f)
     }
     if isinstance(details, grpc.aio.ClientCallDetails):
-        return details._replace(metadata=grpc.aio.Metadata(*metadata))
+        return details._replace(metadata=grpc.aio.Metadata(*metadata))  # type: ignore[attr-defined]
     return _Details(metadata=metadata, **fields)
 
 

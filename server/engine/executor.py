@@ -250,8 +250,9 @@ class Executor:
                 except InvalidWorkflow as exc:
                     reason = f"workflow {execution.workflow_id!r} no longer validates ({exc})"
                     plan = None
+                nodes = plan.nodes if plan is not None else {}
                 for node_run in execution.node_runs if plan is not None else ():
-                    node = plan.nodes.get(node_run.node_id)
+                    node = nodes.get(node_run.node_id)
                     if node_run.state == NodeRun.STATE_RUNNING and (node is None or not node.retry_safe):
                         reason = (
                             f"node {node_run.node_id!r} ({node_run.node_type}) was running when the server stopped "
