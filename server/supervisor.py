@@ -195,7 +195,12 @@ def up(settings: Settings, out: Callable[[str], None] = print) -> int:
             f"  gRPC (server)        {s.grpc_target}\n"
             f"  Envoy admin          http://127.0.0.1:{s.admin_port}\n"
             f"  data                 {Path(s.data_dir).resolve()}\n"
-            "Press Ctrl-C to stop."
+            + (
+                f"  admin API key        {(s.data_dir / 'admin-api-key').resolve()} (send it as x-api-key)\n"
+                if (s.data_dir / "admin-api-key").exists()
+                else ""
+            )
+            + "Press Ctrl-C to stop."
         )
         return supervisor.wait()
     finally:
