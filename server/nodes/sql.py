@@ -230,11 +230,26 @@ async def _sqlite_watchdog(conn: AsyncConnection, delay: float) -> _Watchdog | N
     return _Watchdog(driver, delay) if hasattr(driver, "interrupt") else None
 
 
-def _refuse_protected(url: URL, protected: tuple[Path, ...]) -> None:
-    """Refuse a SQLite file inside a protected folder (the server's own data)."""
-    if not url.drivername.startswith("sqlite") or not url.database or not protected:
+# Statements that reach other database files from a SQLite connection.
+_SQLITE_ESCAPES = re.compile(r"\b(attach|detach|vacuum|load_extension)\b", re.IGNORECASE)
+
+
+def _refuse_protected(url: URL, protected: tuple[Path, ...], query: str = "") -> None:
+    """Refuse a SQLite file inside a protected folder (the server's own data),
+    URI file names (which bypass the path check), and statements that open
+    other files from a SQLite connection."""
+    if not url.drivername.startswith("sqlite"):
         return
-    target = Path(url.database).resolve()
+    database = url.database or ""
+    if database.startswith("file:") or str(url.query.get("uri", "")).lower() in ("true", "1"):
+        raise NodeError("SQLite URI file names are not accepted; give a plain path", reason="SQL_DATABASE_FORBIDDEN")
+    if _SQLITE_ESCAPES.search(query):
+        raise NodeError(
+            "ATTACH, DETACH, VACUUM and load_extension are not allowed on SQLite", reason="SQL_STATEMENT_FORBIDDEN"
+        )
+    if not database or database == ":memory:" or not protected:
+        return
+    target = Path(database).resolve()
     for folder in protected:
         if target.is_relative_to(folder.resolve()):
             raise NodeError(
@@ -305,7 +320,7 @@ class SQLDatabaseNode(NodeType):
             raise NodeError(str(exc), reason="SQL_UNSUPPORTED_DATABASE") from exc
         check_params(type(self), params)
         assert url is not None and isinstance(connection_string, str)  # both checked by check_params
-        _refuse_protected(url, ctx.services.protected_paths)
+        _refuse_protected(url, ctx.services.protected_paths, str(params.get("query", "")))
         pools = ctx.services.sql
         if pools is None:
             raise NodeError("no SQL pools are configured", reason="SQL_POOLS_UNAVAILABLE")

@@ -382,3 +382,33 @@ async def test_seed_select_on_postgres(pools: SqlPools, postgres_url: str) -> No
     assert caught.value.reason == "SQL_TIMEOUT"
     assert (await run_sql(ctx, postgres_url, "SELECT 1 AS one"))["rows"] == [{"one": 1}]
     assert pools.engine(postgres_url) is pools.engine(postgres_url)
+
+
+@pytest.mark.parametrize(
+    ("connection", "query"),
+    [
+        ("sqlite:///file:{data}/flowport.db?uri=true", "SELECT 1"),
+        ("sqlite:///:memory:", "ATTACH DATABASE '{data}/flowport.db' AS srv"),
+        ("sqlite:///{other}", "attach database :p as srv"),
+    ],
+)
+async def test_sqlite_nodes_cannot_reach_the_servers_database(tmp_path: Path, connection: str, query: str) -> None:
+    from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
+    from flowport.server.nodes.sql import SQLDatabaseNode
+    from flowport.server.nodes.sql_pools import SqlPools
+
+    data = tmp_path / "data"
+    data.mkdir()
+    params = {
+        "connection_string": connection.format(data=data, other=tmp_path / "other.db"),
+        "query": query.format(data=data),
+        "query_params": {"p": str(data / "flowport.db")},
+    }
+    pools = SqlPools()
+    ctx = NodeContext("t", "exe", "n", 1, 10.0, NodeServices(sql=pools, protected_paths=(data,)))
+    try:
+        with pytest.raises(NodeError) as caught:
+            await SQLDatabaseNode().run(ctx, None, params)
+    finally:
+        await pools.close()
+    assert caught.value.reason in ("SQL_DATABASE_FORBIDDEN", "SQL_STATEMENT_FORBIDDEN")
