@@ -98,7 +98,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         health.timestamp.GetCurrentTime()
         for name, result in zip(names, results, strict=True):
             component = health.components[name]
-            component.status = result.status
+            # A sandbox worker being replaced slows user code, it does not
+            # stop the gateway: degraded, not unhealthy.
+            component.status = "degraded" if name == "sandbox" and result.status == "unhealthy" else result.status
             component.latency = round(result.latency_ms, 3)
             component.message = result.message
             component.last_check.FromNanoseconds(int(result.checked_at * 1e9))

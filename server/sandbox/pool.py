@@ -220,7 +220,18 @@ class SandboxPool:
         self._idle.put_nowait(None)
 
     async def ping(self) -> None:
-        """Health check: raises unless the pool runs and an idle worker (if any) answers."""
+        """Health check: raises unless the pool runs and an idle worker (if any) answers.
+
+        A worker that fails the ping is replaced and the ping tried once more:
+        one worker being recycled (after a refused job, say) is not an
+        unhealthy pool.
+        """
+        try:
+            await self._ping_once()
+        except SandboxCrashed:
+            await self._ping_once()
+
+    async def _ping_once(self) -> None:
         if not self._started or self._closed:
             raise SandboxError("sandbox pool is not running", reason="SANDBOX_UNAVAILABLE")
         try:
