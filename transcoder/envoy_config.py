@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from flowport.server.settings import Settings, _connect_host
-from flowport.transcoder.envoy_routes import CLUSTER, OPENAPI_PATH, RATE_LIMIT, TRANSCODER, rpc_routes, stream_routes
+from flowport.transcoder.envoy_routes import (
+    CLUSTER,
+    OPENAPI_PATH,
+    RATE_LIMIT,
+    TRANSCODER,
+    rpc_routes,
+    stream_routes,
+)
+from flowport.transcoder.envoy_routes import (
+    seconds as _seconds,
+)
 from flowport.transcoder.http_rules import descriptor_path, services
 from flowport.transcoder.local_replies import local_reply_config
 
@@ -50,10 +60,6 @@ def _address(host: str, port: int) -> dict[str, Any]:
 
 def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
     return {"@type": f"type.googleapis.com/{type_name}", **fields}
-
-
-def _seconds(value: float) -> str:
-    return f"{value:g}s"
 
 
 def _percent(value: int) -> dict[str, Any]:

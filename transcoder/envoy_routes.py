@@ -31,7 +31,8 @@ def _template_regex(template: str) -> str:
     return "^" + "".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts) + "$"
 
 
-def _seconds(value: float) -> str:
+def seconds(value: float) -> str:
+    """A duration as Envoy writes it, e.g. `30s`."""
     return f"{value:g}s"
 
 
@@ -63,7 +64,7 @@ def rpc_routes(settings: Settings, execution_limit: dict[str, Any] | None) -> li
         action: dict[str, Any] = {
             "cluster": CLUSTER,
             # Streams end when they end; unary calls get the unary timeout.
-            "timeout": "0s" if method.server_streaming else _seconds(settings.unary_timeout),
+            "timeout": "0s" if method.server_streaming else seconds(settings.unary_timeout),
         }
         if method.idempotent and not method.server_streaming:
             action["retry_policy"] = {

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
 from google.protobuf import timestamp_pb2
 
+from flowport.server.api.common import now_us
 from flowport.server.engine.executor import Executor
 from flowport.server.events.bus import EventBus
 from flowport.server.health import Check, overall, run_check
@@ -120,7 +120,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
     async def GetStats(self, request: gateway_pb2.GetStatsRequest, context: Context) -> gateway_pb2.Stats:
         m = self._metrics
         c = self._executor.counters
-        active = await self._store.count_active_sessions(time.time_ns() // 1000)
+        active = await self._store.count_active_sessions(now_us())
         return gateway_pb2.Stats(
             sessions=gateway_pb2.SessionStats(active=active),
             requests=gateway_pb2.RequestStats(
