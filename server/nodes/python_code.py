@@ -112,7 +112,7 @@ class PythonCodeNode(NodeType):
             raise NodeError("no sandbox pool is running in this server", reason="SANDBOX_UNAVAILABLE")
         variables = {k: v for k, v in params.items() if k != "code"}
         try:
-            result = await pool.run(prepared, variables, timeout=ctx.remaining)
+            result = await pool.run(prepared, variables, tenant=ctx.tenant, timeout=ctx.remaining)
         except sandbox_errors.SandboxTimeout as exc:
             raise NodeError(str(exc), reason=exc.reason, retryable=False) from None
         except sandbox_errors.SandboxCrashed as exc:

@@ -4,12 +4,13 @@ Layers, outermost first (an audit hook alone is not a sandbox, PEP 578):
 
 - the restricted `__import__` and the safe builtins user code starts with;
 - the audit hook: it refuses file writes, reads outside the allowed
-  directories, network, processes, native code, interpreter hooks and every
-  event it does not know, and it refuses every import of a module that was
-  not loaded at warm-up;
+  directories, network, processes, native code, interpreter hooks, frame
+  introspection and every event it does not know, and it refuses every
+  import of a module that was not loaded at warm-up;
 - `remove_unaudited()`, which deletes the few dangerous functions CPython
   raises no audit event for (pidfd signals, mknod, clock_settime, loading
-  extension modules by hand, signal handlers and timers);
+  extension modules by hand, signal handlers and timers, and reading or
+  writing file descriptors by number, which would reach the worker's pipes);
 - kernel limits the worker sets on itself (see worker.py).
 """
 
@@ -69,9 +70,17 @@ _OS_CALLS = (
     "pidfd_open", "mknod", "mkfifo", "chroot", "sched_setaffinity", "sched_setscheduler", "sched_setparam",
     "setpriority", "setns", "unshare",
 )  # fmt: skip
+# Raw descriptor I/O: the worker's protocol pipes are descriptors too, and
+# user code that could write to them could answer for a job it did not run.
+# Opening a descriptor as a file object raises "open" with an int, which the
+# hook refuses.
+_FD_CALLS = (
+    "read", "readv", "pread", "preadv", "write", "writev", "pwrite", "pwritev", "sendfile", "splice",
+    "copy_file_range", "dup", "dup2", "close", "closerange",
+)  # fmt: skip
 UNAUDITED: dict[str, tuple[str, ...]] = {
-    "posix": _OS_CALLS,
-    "os": _OS_CALLS,
+    "posix": _OS_CALLS + _FD_CALLS,
+    "os": _OS_CALLS + _FD_CALLS,
     "_signal": _SIGNAL_CALLS,
     "signal": _SIGNAL_CALLS,
     "time": ("clock_settime", "clock_settime_ns"),
@@ -88,11 +97,19 @@ REMOVED_BUILTINS = frozenset(
 # Events ordinary computation raises, allowed without looking at arguments.
 # Every event not named here or handled in the hook is refused.
 ALLOWED_EVENTS = frozenset(
-    {"exec", "compile", "object.__getattr__", "object.__setattr__", "object.__delattr__", "builtins.id",
-     "sys._getframe", "sys._getframemodulename", "function.__new__", "array.__new__", "sys.excepthook",
-     "sys.unraisablehook", "time.sleep", "marshal.dumps", "cpython._PySys_ClearAuditHooks",
-     "cpython.PyInterpreterState_Clear"}
+    {"exec", "compile", "object.__setattr__", "object.__delattr__", "builtins.id", "sys._getframemodulename",
+     "function.__new__", "array.__new__", "sys.excepthook", "sys.unraisablehook", "time.sleep", "marshal.dumps",
+     "cpython._PySys_ClearAuditHooks", "cpython.PyInterpreterState_Clear"}
 )  # fmt: skip
+
+# Attributes that lead to a frame. From any frame, `f_back` (which raises no
+# event) walks up into the worker's own frames: its pipes, its job loop and
+# the inputs of the next job. So no frame is handed out at all.
+FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
+# sys._getframe is refused with the ValueError it raises when the stack is
+# not that deep: the stdlib callers (namedtuple, typing, enum looking up their
+# caller's module name) expect that error and fall back.
+NO_FRAME = "frames are not available in the sandbox"
 
 # What a refused event is called in its message, by event-name prefix; the
 # first match wins, events matching none are an "operation".
@@ -176,6 +193,7 @@ def make_hook(  # noqa: PLR0915 - one flat hook on purpose, see the docstring
     cwd: str = "/",
     source_name: str = "",
     report_fd: int,
+    frame_gate: bytearray | None = None,
 ) -> AuditHook:
     """The audit hook: it returns to allow an event and raises to refuse it.
 
@@ -192,6 +210,11 @@ def make_hook(  # noqa: PLR0915 - one flat hook on purpose, see the docstring
     `source_name` is the file name user code is compiled under: on a syntax
     error the compiler tries to open it to quote the line. It does not exist
     (relative to `cwd`), so reading it is allowed.
+
+    Frame attributes are refused unless `frame_gate[0]` is set: the worker
+    opens the gate to find the line of an error in a traceback, and user code
+    cannot reach the gate (it is held by this closure and the worker's runner,
+    and without frames neither is reachable).
     """
     internal, excluded, user = tuple(internal_roots), tuple(excluded_roots), tuple(user_roots)
     allowed, categories, user_open = ALLOWED_EVENTS, _CATEGORIES, USER_OPEN_EVENT
@@ -202,13 +225,21 @@ def make_hook(  # noqa: PLR0915 - one flat hook on purpose, see the docstring
     _type, _str, _bytes, _int, _len, _repr = type, str, bytes, int, len, repr
     os_error, value_error, import_error, permission_error = OSError, ValueError, ImportError, PermissionError
     max_links, max_shown, refused_import = MAX_SYMLINKS, MAX_SHOWN, IMPORT_REFUSED
+    frame_attributes, no_frame, gate = FRAME_ATTRIBUTES, NO_FRAME, frame_gate or bytearray(1)
 
     def hook(event: str, args: tuple[Any, ...]) -> None:  # noqa: PLR0915
         if event in allowed:
             return
         path: Any = None
         roots: tuple[str, ...] = ()
-        if event == "open" and _len(args) == 3:
+        if event == "object.__getattr__":
+            name = args[1] if _len(args) == 2 else None
+            if _type(name) is not _str or name not in frame_attributes or gate[0]:
+                return
+            message = f"frame introspection refused ({name})"
+        elif event == "sys._getframe":
+            raise value_error(no_frame)
+        elif event == "open" and _len(args) == 3:
             path, mode, flags = args
             if _type(flags) is _int and not flags & write_flags:
                 if source_name and _type(path) is _str and path == source_name:

@@ -1,10 +1,20 @@
 """SandboxPool: warm worker processes that run user code, one job at a time each.
 
-`run()` takes an idle worker from a queue (waiting when all are busy), sends
-the job, and puts the worker back. A worker that timed out, crashed, ran out
-of memory, hit the CPU limit, was refused something, or whose caller was
-cancelled is killed and replaced in the background, so the next `run()`
-finds a fresh one. User code never runs in this process.
+`run()` takes an idle worker (waiting when all are busy), sends the job, and
+puts the worker back. A worker that timed out, crashed, ran out of memory,
+hit the CPU limit, was refused something, or whose caller was cancelled is
+killed and replaced in the background, so the next `run()` finds a fresh one.
+User code never runs in this process.
+
+A worker serves one tenant for its whole life. The audit hook refuses frame
+introspection and the worker keeps nothing of one job in reach of the next,
+but code that runs in a process can always leave something behind for later
+code in that process (a patched stdlib function, a value hidden in a module):
+the only boundary that holds whatever user code does is the process. So a
+worker that ran tenant A's code is never given tenant B's job: B gets a fresh
+worker, and when none is idle, the least recently used idle worker of another
+tenant is killed to make room. Within a tenant, jobs share workers (that is
+what keeps them warm).
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import os
 import signal
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +74,7 @@ class SandboxStats:
     jobs: int = 0  # runs that reached a worker
     failures: int = 0  # runs that raised a SandboxError
     workers_replaced: int = 0
+    tenant_switches: int = 0  # idle workers killed so another tenant could have a fresh one
 
 
 class _Lost(Exception):
@@ -94,6 +105,8 @@ class _Worker:
         self.stderr = bytearray()
         self.stderr_task = asyncio.create_task(self._drain_stderr(process.stderr))
         self.killed = False
+        # The tenant whose code this worker runs; None until its first job.
+        self.tenant: str | None = None
         # Per job: set by the wall-clock timer and by the worker's notices.
         self.expired = False
         self.cpu_exceeded = False
@@ -173,8 +186,10 @@ class SandboxPool:
             }
         ).decode()
         self._env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
-        # Idle workers; None once closed, to wake whoever waits for one.
-        self._idle: asyncio.Queue[_Worker | None] = asyncio.Queue()
+        self._idle: list[_Worker] = []  # least recently used first
+        # Callers waiting for a worker; woken (all) whenever one becomes idle.
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._spawning = 0  # replacement workers starting
         self._workers: set[_Worker] = set()  # in service: idle or running a job
         self._processes: set[_Worker] = set()  # every process not yet reaped
         self._tasks: set[asyncio.Task[None]] = set()
@@ -203,7 +218,7 @@ class SandboxPool:
             raise failure
         for worker in results:
             assert isinstance(worker, _Worker)
-            self._idle.put_nowait(worker)
+            self._put_idle(worker)
 
     async def close(self) -> None:
         """Stop every worker and wait for it to exit."""
@@ -217,7 +232,8 @@ class SandboxPool:
         await asyncio.gather(*(w.reap() for w in processes), return_exceptions=True)
         self._processes.clear()
         self._workers.clear()
-        self._idle.put_nowait(None)
+        self._idle.clear()
+        self._wake()
 
     async def ping(self) -> None:
         """Health check: raises unless the pool runs and an idle worker (if any) answers.
@@ -234,12 +250,11 @@ class SandboxPool:
     async def _ping_once(self) -> None:
         if not self._started or self._closed:
             raise SandboxError("sandbox pool is not running", reason="SANDBOX_UNAVAILABLE")
-        try:
-            worker = self._checked(self._idle.get_nowait())
-        except asyncio.QueueEmpty:
+        if not self._idle:
             if not self._workers:
-                raise SandboxCrashed("no sandbox worker is running") from None
+                raise SandboxCrashed("no sandbox worker is running")
             return  # all busy running jobs: alive
+        worker = self._idle.pop()
         timer = asyncio.get_running_loop().call_later(PING_TIMEOUT, worker.expire)
         healthy = False
         try:
@@ -256,12 +271,14 @@ class SandboxPool:
         code: str,
         inputs: dict[str, Any],
         *,
+        tenant: str,
         timeout: float | None = None,
     ) -> Any:
         """Run `code` with `inputs` as variables; the JSON value it assigned to `result` (None if none).
 
-        `timeout` bounds the whole call, waiting for a free worker included;
-        `limits.wall_seconds` bounds the run in the worker.
+        `tenant` is whose code it is: it runs in a worker that has only ever
+        run that tenant's code. `timeout` bounds the whole call, waiting for a
+        free worker included; `limits.wall_seconds` bounds the run in the worker.
         """
         try:
             if not self._started or self._closed:
@@ -272,16 +289,14 @@ class SandboxPool:
                 raise UserCodeError(f"inputs are not JSON-serializable: {exc}", reason="USER_CODE_INPUT") from None
             limit = wall = self._limits.wall_seconds
             if timeout is None:
-                worker = self._checked(self._idle.get_nowait() if self._idle.qsize() else await self._idle.get())
+                worker = await self._acquire(tenant)
             else:
                 started = time.monotonic()
-                worker = self._checked(
-                    self._idle.get_nowait() if self._idle.qsize() else await self._wait_for_worker(timeout)
-                )
+                worker = await self._acquire_within(tenant, timeout)
                 limit = min(limit, timeout)
                 wall = min(wall, timeout - (time.monotonic() - started))
                 if wall <= 0:
-                    self._idle.put_nowait(worker)
+                    self._put_idle(worker)
                     raise SandboxTimeout(f"no time left to run the code ({timeout:g} s)", limit="wall", seconds=0)
             self.stats.jobs += 1
             return await self._run_on(worker, code, inputs_json, wall, limit)
@@ -289,20 +304,63 @@ class SandboxPool:
             self.stats.failures += 1
             raise
 
-    def _checked(self, worker: _Worker | None) -> _Worker:
-        if worker is None:  # closed: pass the wake-up on to the next waiter
-            self._idle.put_nowait(None)
-            raise SandboxError("sandbox pool is not running", reason="SANDBOX_UNAVAILABLE")
-        return worker
+    async def _acquire(self, tenant: str) -> _Worker:
+        """An idle worker for `tenant`: its own, else a fresh one, else wait.
 
-    async def _wait_for_worker(self, seconds: float) -> _Worker | None:
+        A caller that finds only other tenants' idle workers kills the least
+        recently used one, so that a fresh worker starts, unless enough fresh
+        workers are already starting for everyone waiting: that bound keeps
+        a burst of one tenant from killing every idle worker of the others.
+        """
+        while True:
+            if self._closed:
+                raise SandboxError("sandbox pool is not running", reason="SANDBOX_UNAVAILABLE")
+            worker = self._take(tenant)
+            if worker is not None:
+                return worker
+            if self._idle and self._spawning <= len(self._waiters):
+                self.stats.tenant_switches += 1
+                self._release(self._idle.pop(0), healthy=False)  # the least recently used
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    async def _acquire_within(self, tenant: str, seconds: float) -> _Worker:
         try:
             async with asyncio.timeout(max(seconds, 0.0)):
-                return await self._idle.get()
+                return await self._acquire(tenant)
         except TimeoutError:
             raise SandboxTimeout(
                 f"no sandbox worker became free within the {seconds:g} s timeout", limit="wall", seconds=seconds
             ) from None
+
+    def _take(self, tenant: str) -> _Worker | None:
+        """Remove and return an idle worker of `tenant` (most recently used), or a fresh one bound to it."""
+        for index in range(len(self._idle) - 1, -1, -1):
+            if self._idle[index].tenant == tenant:
+                return self._idle.pop(index)
+        for index, worker in enumerate(self._idle):
+            if worker.tenant is None:
+                worker.tenant = tenant
+                return self._idle.pop(index)
+        return None
+
+    def _put_idle(self, worker: _Worker) -> None:
+        self._idle.append(worker)
+        self._wake()
+
+    def _wake(self) -> None:
+        # Everyone re-checks: the idle worker may suit only some of them.
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
 
     async def _run_on(self, worker: _Worker, code: str, inputs: orjson.Fragment, wall: float, limit: float) -> Any:
         """Run the job on `worker`, killing it after `wall` seconds (`limit` is the limit as configured)."""
@@ -398,18 +456,25 @@ class SandboxPool:
     def _release(self, worker: _Worker, healthy: bool) -> None:
         """Back to the idle queue, or kill it and start a replacement."""
         if healthy and not self._closed and worker.process.returncode is None:
-            self._idle.put_nowait(worker)
+            self._put_idle(worker)
             return
         self._workers.discard(worker)
         worker.kill()
         if self._closed:
             return  # close() reaps it
         self.stats.workers_replaced += 1
+        self._spawning += 1
         task = asyncio.get_running_loop().create_task(self._replace(worker))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _replace(self, old: _Worker) -> None:
+        try:  # counted in _release, so callers deciding right now see it
+            await self._respawn(old)
+        finally:
+            self._spawning -= 1
+
+    async def _respawn(self, old: _Worker) -> None:
         await old.reap()
         self._processes.discard(old)
         for attempt in itertools.count():
@@ -427,7 +492,7 @@ class SandboxPool:
                 worker.kill()
                 await worker.reap()
                 return
-            self._idle.put_nowait(worker)
+            self._put_idle(worker)
             return
 
     async def _spawn(self) -> _Worker:

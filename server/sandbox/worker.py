@@ -48,6 +48,9 @@ NOBODY = 65534
 READ_CHUNK = 1 << 16
 
 Reply = dict[str, Any]
+# Bound at import: the policy removes raw descriptor I/O from posix before
+# user code runs, and the worker's own pipes need it.
+_READ, _WRITE = posix.read, posix.write
 
 
 class CpuLimitExceeded(BaseException):
@@ -141,7 +144,7 @@ def _make_cpu_handler(report_fd: int) -> Callable[[int, types.FrameType | None],
     holds only immutable values and C functions (user code sees it in the
     traceback of CpuLimitExceeded).
     """
-    getitimer, write, which, filename = signal.getitimer, posix.write, signal.ITIMER_PROF, USER_FILENAME
+    getitimer, write, which, filename = signal.getitimer, _WRITE, signal.ITIMER_PROF, USER_FILENAME
     notice, exceeded, os_error = frame({"cpu": True}), CpuLimitExceeded, OSError
 
     def on_sigprof(signum: int, current: types.FrameType | None) -> None:
@@ -159,17 +162,23 @@ def _make_cpu_handler(report_fd: int) -> Callable[[int, types.FrameType | None],
     return on_sigprof
 
 
-def _describe(exc: BaseException) -> tuple[str, str, int | None]:
+def _describe(exc: BaseException, frame_gate: bytearray) -> tuple[str, str, int | None]:
     """(message, exception type name, line of the user's code) for an exception from user code.
 
-    An import the policy refused is described by the refusal alone.
+    An import the policy refused is described by the refusal alone. The
+    traceback walk needs `tb_frame`, which the audit hook refuses unless
+    `frame_gate` is open; nothing of user code runs while it is.
     """
     line = None
     tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == USER_FILENAME:
-            line = tb.tb_lineno
-        tb = tb.tb_next
+    frame_gate[0] = 1
+    try:
+        while type(tb) is types.TracebackType:
+            if tb.tb_frame.f_code.co_filename == USER_FILENAME:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+    finally:
+        frame_gate[0] = 0
     name = type(exc).__name__
     try:
         text = str(exc)
@@ -184,8 +193,9 @@ def _describe(exc: BaseException) -> tuple[str, str, int | None]:
 class _Runner:
     """Runs jobs: the compile cache, the per-job namespace, the CPU timer and the reply."""
 
-    def __init__(self, cpu_seconds: float, wall_seconds: float, retire_at: float) -> None:
+    def __init__(self, cpu_seconds: float, wall_seconds: float, retire_at: float, frame_gate: bytearray) -> None:
         self.cpu_seconds = cpu_seconds
+        self.frame_gate = frame_gate
         # The parent enforces the wall clock; this SIGALRM (default action:
         # exit) only ends a job whose parent died, e.g. code stuck in sleep().
         self.orphan_seconds = wall_seconds + ORPHAN_MARGIN
@@ -261,7 +271,7 @@ class _Runner:
             except (CpuLimitExceeded, MemoryError):
                 raise
             except BaseException as exc:  # noqa: BLE001 - whatever user code raises is its error
-                message, name, line = _describe(exc)
+                message, name, line = _describe(exc, self.frame_gate)
                 kind = "policy" if policy.is_import_refusal(exc) else "user"
                 return self.error(job_id, kind, message, name, line)
             unsupported: list[str] = []
@@ -311,7 +321,7 @@ def _thread_count() -> Callable[[], int]:
 
 def _serve(proto_in: int, proto_out: int, runner: _Runner) -> None:
     """Answer frames until the parent closes the pipe (or dies)."""
-    read, write, loads = posix.read, posix.write, orjson.loads
+    read, write, loads = _READ, _WRITE, orjson.loads
     buffer = bytearray()
     while True:
         size = -1
@@ -358,22 +368,28 @@ def main(argv: list[str]) -> None:
     # empty one rather than this worker's.
     sys.modules["__main__"] = types.ModuleType("__main__")
     retire_at = _limit_resources(int(config["memory_bytes"]), max(60.0, 20 * cpu_seconds))
-    runner = _Runner(cpu_seconds, float(config["wall_seconds"]), retire_at)
+    frame_gate = bytearray(1)
+    runner = _Runner(cpu_seconds, float(config["wall_seconds"]), retire_at, frame_gate)
     _drop_privileges()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which stops the workers
     for default in (signal.SIGALRM, signal.SIGXCPU, signal.SIGTERM):
         signal.signal(default, signal.SIG_DFL)  # these end the worker, whatever the parent had
     signal.signal(signal.SIGPROF, _make_cpu_handler(proto_out))
-    policy.remove_unaudited()
-    sys.addaudithook(
-        policy.make_hook(
-            internal_roots=internal_roots,
-            excluded_roots=excluded_roots,
-            user_roots=user_roots,
-            source_name=USER_FILENAME,
-            report_fd=proto_out,
-        )
+    hook = policy.make_hook(
+        internal_roots=internal_roots,
+        excluded_roots=excluded_roots,
+        user_roots=user_roots,
+        source_name=USER_FILENAME,
+        report_fd=proto_out,
+        frame_gate=frame_gate,
     )
+    policy.remove_unaudited()
+    # Nothing of flowport stays importable or reachable through sys.modules:
+    # the worker's functions and the policy are held by this frame only.
+    for name in [n for n in sys.modules if n == "flowport" or n.startswith("flowport.")]:
+        del sys.modules[name]
+    sys.addaudithook(hook)
+    del hook
     _serve(proto_in, proto_out, runner)
     sys.stderr.flush()
     os._exit(0)

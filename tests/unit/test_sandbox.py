@@ -34,6 +34,7 @@ from flowport.server.sandbox import (
 )
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
+TENANT = "acme"
 
 # Reaches os.system without importing anything: a class defined in the os
 # module, found through object's subclasses, has os's globals.
@@ -52,7 +53,7 @@ async def pool() -> AsyncIterator[SandboxPool]:
 
 
 async def still_works(pool: SandboxPool) -> None:
-    assert await pool.run("result = n * 2", {"n": 21}) == 42
+    assert await pool.run("result = n * 2", {"n": 21}, tenant=TENANT) == 42
 
 
 def process_gone(pid: int, within: float = 10.0) -> bool:
@@ -70,13 +71,15 @@ def process_gone(pid: int, within: float = 10.0) -> bool:
 @module_loop
 async def test_inputs_are_variables_and_result_is_returned(pool: SandboxPool) -> None:
     code = "result = {'processed': len(data), 'timestamp': datetime.now().isoformat(), 'as_json': json.dumps(data)}"
-    result = await pool.run(code, {"data": [1, 2, 3]})
+    result = await pool.run(code, {"data": [1, 2, 3]}, tenant=TENANT)
     assert result["processed"] == 3
     assert result["as_json"] == "[1, 2, 3]"
     assert isinstance(result["timestamp"], str) and "T" in result["timestamp"]
-    assert await pool.run("x = 1", {}) is None  # no `result`: None
+    assert await pool.run("x = 1", {}, tenant=TENANT) is None  # no `result`: None
     code = "import math, re\nresult = [math.sqrt(n), re.sub('a', 'b', s), name.upper(), flag, nested['k']]"
-    assert await pool.run(code, {"n": 16, "s": "aa", "name": "ada", "flag": True, "nested": {"k": None}}) == [
+    assert await pool.run(
+        code, {"n": 16, "s": "aa", "name": "ada", "flag": True, "nested": {"k": None}}, tenant=TENANT
+    ) == [
         4.0,
         "bb",
         "ADA",
@@ -108,7 +111,7 @@ result = {
     'later': (date(2024, 1, 2) + timedelta(days=1)).isoformat(),
 }
 """
-    assert await pool.run(code, {}) == {
+    assert await pool.run(code, {}, tenant=TENANT) == {
         "date": "2024-01-02",
         "parsed": "2024-01-02T00:00:00",
         "parsed_time": 2024,
@@ -124,12 +127,12 @@ result = {
 @module_loop
 async def test_reading_etc_passwd_is_refused(pool: SandboxPool) -> None:
     with pytest.raises(SandboxPolicyViolation) as caught:
-        await pool.run("result = open('/etc/passwd').read()", {})
+        await pool.run("result = open('/etc/passwd').read()", {}, tenant=TENANT)
     assert str(caught.value) == "file access refused: open('/etc/passwd', 'r')"
     assert caught.value.reason == "SANDBOX_POLICY"
     # The real open, reached around the safe builtins, meets the audit hook.
     with pytest.raises(SandboxPolicyViolation, match="file access refused: open"):
-        await pool.run("result = json.__builtins__['open']('/etc/passwd').read()", {})
+        await pool.run("result = json.__builtins__['open']('/etc/passwd').read()", {}, tenant=TENANT)
     await still_works(pool)
 
 
@@ -137,9 +140,9 @@ async def test_reading_etc_passwd_is_refused(pool: SandboxPool) -> None:
 async def test_writing_a_file_is_refused(pool: SandboxPool, tmp_path: Path) -> None:
     target = tmp_path / "out.txt"
     with pytest.raises(SandboxPolicyViolation, match=r"file access refused: open\(.*out\.txt', 'w'\)"):
-        await pool.run("open(path, 'w').write('x')", {"path": str(target)})
+        await pool.run("open(path, 'w').write('x')", {"path": str(target)}, tenant=TENANT)
     with pytest.raises(SandboxPolicyViolation, match="file access refused"):
-        await pool.run("json.__builtins__['open'](path, 'a').write('x')", {"path": str(target)})
+        await pool.run("json.__builtins__['open'](path, 'a').write('x')", {"path": str(target)}, tenant=TENANT)
     assert not target.exists()
     await still_works(pool)
 
@@ -147,20 +150,20 @@ async def test_writing_a_file_is_refused(pool: SandboxPool, tmp_path: Path) -> N
 @module_loop
 async def test_network_is_refused(pool: SandboxPool) -> None:
     with pytest.raises(SandboxPolicyViolation, match="import of 'socket' is not allowed"):
-        await pool.run("import socket\nsocket.create_connection(('127.0.0.1', 80))", {})
+        await pool.run("import socket\nsocket.create_connection(('127.0.0.1', 80))", {}, tenant=TENANT)
     # With the real __import__ the module still cannot be loaded: the hook refuses new imports.
     escape = "s = json.__builtins__['__import__']('socket')\ns.create_connection(('127.0.0.1', 80))"
     with pytest.raises(SandboxPolicyViolation, match="import of 'socket' is not allowed"):
-        await pool.run(escape, {})
+        await pool.run(escape, {}, tenant=TENANT)
     await still_works(pool)
 
 
 @module_loop
 async def test_processes_are_refused(pool: SandboxPool) -> None:
     with pytest.raises(SandboxPolicyViolation, match="import of 'subprocess' is not allowed"):
-        await pool.run("import subprocess\nsubprocess.run(['true'])", {})
+        await pool.run("import subprocess\nsubprocess.run(['true'])", {}, tenant=TENANT)
     with pytest.raises(SandboxPolicyViolation) as caught:
-        await pool.run(SUBCLASS_ESCAPE, {})
+        await pool.run(SUBCLASS_ESCAPE, {}, tenant=TENANT)
     assert str(caught.value) == "subprocess refused (os.system)"
     await still_works(pool)
 
@@ -168,10 +171,10 @@ async def test_processes_are_refused(pool: SandboxPool) -> None:
 @module_loop
 async def test_ctypes_is_refused(pool: SandboxPool) -> None:
     with pytest.raises(SandboxPolicyViolation) as caught:
-        await pool.run("import ctypes", {})
+        await pool.run("import ctypes", {}, tenant=TENANT)
     assert str(caught.value) == "import of 'ctypes' is not allowed (line 1)"
     with pytest.raises(SandboxPolicyViolation, match="import of 'ctypes' is not allowed"):
-        await pool.run("json.__builtins__['__import__']('ctypes')", {})
+        await pool.run("json.__builtins__['__import__']('ctypes')", {}, tenant=TENANT)
     await still_works(pool)
 
 
@@ -179,49 +182,49 @@ async def test_ctypes_is_refused(pool: SandboxPool) -> None:
 async def test_catching_the_refusal_does_not_hide_it(pool: SandboxPool) -> None:
     code = "try:\n    open('/etc/passwd')\nexcept BaseException:\n    pass\nresult = 'swallowed'"
     with pytest.raises(SandboxPolicyViolation, match="/etc/passwd"):
-        await pool.run(code, {})
+        await pool.run(code, {}, tenant=TENANT)
     code = "try:\n" + "".join(f"    {line}\n" for line in SUBCLASS_ESCAPE.strip().splitlines())
     code += "except BaseException:\n    pass\nresult = 'swallowed'"
     with pytest.raises(SandboxPolicyViolation, match=r"os\.system"):
-        await pool.run(code, {})
+        await pool.run(code, {}, tenant=TENANT)
     await still_works(pool)
 
 
 @module_loop
 async def test_an_optional_import_may_fall_back(pool: SandboxPool) -> None:
     code = "try:\n    import numpy\nexcept ImportError:\n    numpy = None\nresult = numpy is None"
-    assert await pool.run(code, {}) is True
+    assert await pool.run(code, {}, tenant=TENANT) is True
 
 
 @module_loop
 async def test_infinite_loop_hits_the_cpu_limit(pool: SandboxPool) -> None:
     with pytest.raises(SandboxTimeout) as caught:
-        await pool.run("while True: pass", {})
+        await pool.run("while True: pass", {}, tenant=TENANT)
     assert caught.value.limit == "cpu"
     assert caught.value.reason == "SANDBOX_TIMEOUT"
     assert str(caught.value) == "CPU time limit exceeded (1 s)"
     # Catching the limit's exception does not escape it.
     code = "while True:\n    try:\n        while True: pass\n    except BaseException:\n        pass"
     with pytest.raises(SandboxTimeout):
-        await pool.run(code, {}, timeout=2)
+        await pool.run(code, {}, timeout=2, tenant=TENANT)
     await still_works(pool)
 
 
 @module_loop
 async def test_wall_clock_limit_kills_a_sleeping_job(pool: SandboxPool) -> None:
     with pytest.raises(SandboxTimeout) as caught:
-        await pool.run("import time\ntime.sleep(30)", {}, timeout=0.3)
+        await pool.run("import time\ntime.sleep(30)", {}, timeout=0.3, tenant=TENANT)
     assert caught.value.limit == "wall"
     assert "wall-clock time limit exceeded (0.3 s)" in str(caught.value)
     with pytest.raises(SandboxTimeout):
-        await pool.run("result = 1", {}, timeout=0)
+        await pool.run("result = 1", {}, timeout=0, tenant=TENANT)
     await still_works(pool)
 
 
 @module_loop
 async def test_allocating_2_gib_hits_the_memory_limit(pool: SandboxPool) -> None:
     with pytest.raises(SandboxMemoryError) as caught:
-        await pool.run("x = bytearray(2 * 1024**3)", {})
+        await pool.run("x = bytearray(2 * 1024**3)", {}, tenant=TENANT)
     assert caught.value.reason == "SANDBOX_MEMORY"
     assert "512 MiB" in str(caught.value)
     await still_works(pool)
@@ -230,7 +233,7 @@ async def test_allocating_2_gib_hits_the_memory_limit(pool: SandboxPool) -> None
 @module_loop
 async def test_user_exception_names_type_message_and_line(pool: SandboxPool) -> None:
     with pytest.raises(UserCodeError) as caught:
-        await pool.run("a = 1\nb = 0\nc = a / b\n", {})
+        await pool.run("a = 1\nb = 0\nc = a / b\n", {}, tenant=TENANT)
     assert str(caught.value) == "ZeroDivisionError: division by zero (line 3)"
     assert (caught.value.reason, caught.value.error_type, caught.value.line) == (
         "USER_CODE_ERROR",
@@ -238,14 +241,14 @@ async def test_user_exception_names_type_message_and_line(pool: SandboxPool) -> 
         3,
     )
     with pytest.raises(UserCodeError, match=r"KeyError: 'x' \(line 2\)"):
-        await pool.run("def f(d):\n    return d['x']\nf({})", {})
+        await pool.run("def f(d):\n    return d['x']\nf({})", {}, tenant=TENANT)
     await still_works(pool)
 
 
 @module_loop
 async def test_syntax_error(pool: SandboxPool) -> None:
     with pytest.raises(UserCodeError) as caught:
-        await pool.run("x = 1\ndef f(:\n", {})
+        await pool.run("x = 1\ndef f(:\n", {}, tenant=TENANT)
     assert caught.value.reason == "USER_CODE_SYNTAX"
     assert str(caught.value).startswith("SyntaxError: ")
     assert caught.value.line == 2
@@ -255,17 +258,17 @@ async def test_syntax_error(pool: SandboxPool) -> None:
 @module_loop
 async def test_non_serializable_result(pool: SandboxPool) -> None:
     with pytest.raises(UserCodeError) as caught:
-        await pool.run("result = {'s': {1, 2}}", {})
+        await pool.run("result = {'s': {1, 2}}", {}, tenant=TENANT)
     assert str(caught.value) == "result is not JSON-serializable: type 'set'"
     with pytest.raises(UserCodeError, match="type 'Thing'"):
-        await pool.run("class Thing: pass\nresult = [Thing()]", {})
+        await pool.run("class Thing: pass\nresult = [Thing()]", {}, tenant=TENANT)
     await still_works(pool)
 
 
 @module_loop
 async def test_non_serializable_inputs_are_refused_before_any_worker(pool: SandboxPool) -> None:
     with pytest.raises(UserCodeError) as caught:
-        await pool.run("result = 1", {"x": object()})
+        await pool.run("result = 1", {"x": object()}, tenant=TENANT)
     assert caught.value.reason == "USER_CODE_INPUT"
 
 
@@ -273,17 +276,105 @@ async def test_non_serializable_inputs_are_refused_before_any_worker(pool: Sandb
 async def test_a_dying_worker_is_replaced(pool: SandboxPool) -> None:
     escape = SUBCLASS_ESCAPE.replace("['system']('true')", "['_exit'](3)")
     with pytest.raises(SandboxCrashed, match="exited with status 3"):
-        await pool.run(escape, {})
+        await pool.run(escape, {}, tenant=TENANT)
     await still_works(pool)
 
 
 @module_loop
-async def test_forged_frames_cannot_pass_for_a_reply(pool: SandboxPool) -> None:
-    # fd 4 is the worker's protocol output; garbage there fails this job only.
-    escape = SUBCLASS_ESCAPE.replace("['system']('true')", "['write'](4, b'\\x00\\x00\\x00\\x02xx')")
-    with pytest.raises(SandboxCrashed, match="broke the protocol"):
-        await pool.run(escape, {})
+async def test_user_code_cannot_write_to_the_worker_pipes(pool: SandboxPool) -> None:
+    # fd 4 is the worker's protocol output: a frame written there could pass
+    # for the reply to a job. Raw descriptor I/O is gone from os...
+    escape = SUBCLASS_ESCAPE.replace("['system']('true')", "['write'](4, b'\\x00\\x00\\x00\\x02{}')")
+    with pytest.raises(UserCodeError, match="KeyError: 'write'"):
+        await pool.run(escape, {}, tenant=TENANT)
+    # ...the open() of user code takes paths only...
+    with pytest.raises(UserCodeError, match="not int"):
+        await pool.run("open(4, 'wb')", {}, tenant=TENANT)
+    # ...and the real one, reached all the same, is refused by the hook.
+    with pytest.raises(SandboxPolicyViolation, match=r"file access refused: open\(4,"):
+        await pool.run("json.__builtins__['open'](4, 'wb')", {}, tenant=TENANT)
     await still_works(pool)
+
+
+# Each walks from a frame of user code up into the worker's job loop, where
+# the pipes, the runner and the next job's request are.
+FRAME_WALKS = {
+    "tb_frame": "try:\n    1 / 0\nexcept ZeroDivisionError as exc:\n    result = exc.__traceback__.tb_frame.f_back",
+    "gi_frame": "def walk():\n    yield g.gi_frame.f_back\ng = walk()\nresult = next(g)",
+    "cr_frame": "async def co():\n    pass\nc = co()\nresult = c.cr_frame\nc.close()",
+}
+
+
+@module_loop
+@pytest.mark.parametrize("attribute", sorted(FRAME_WALKS))
+async def test_frames_are_not_handed_to_user_code(pool: SandboxPool, attribute: str) -> None:
+    with pytest.raises(SandboxPolicyViolation, match=rf"frame introspection refused \({attribute}\)"):
+        await pool.run(FRAME_WALKS[attribute], {}, tenant=TENANT)
+    await still_works(pool)
+
+
+@module_loop
+async def test_getframe_fails_as_on_a_shallow_stack_and_the_stdlib_copes(pool: SandboxPool) -> None:
+    with pytest.raises(UserCodeError, match="ValueError: frames are not available in the sandbox"):
+        await pool.run("import typing\ntyping.sys._getframe(0)", {}, tenant=TENANT)
+    # namedtuple, typing and enum ask for their caller's frame and fall back.
+    code = """
+import collections, enum, typing
+Point = collections.namedtuple("Point", "x y")
+Pair = typing.NamedTuple("Pair", [("a", int)])
+T = typing.TypeVar("T")
+Color = enum.Enum("Color", "RED GREEN")
+result = [Point(1, 2).x, Pair(3).a, T.__name__, Color.GREEN.value]
+"""
+    assert await pool.run(code, {}, tenant=TENANT) == [1, 3, "T", 2]
+
+
+@module_loop
+async def test_the_worker_leaves_nothing_of_itself_in_sys_modules(pool: SandboxPool) -> None:
+    code = "import typing\nresult = sorted(m for m in typing.sys.modules if m.split('.')[0] == 'flowport')"
+    assert await pool.run(code, {}, tenant=TENANT) == []
+
+
+@module_loop
+async def test_a_worker_never_runs_two_tenants_code() -> None:
+    # Whatever one tenant's code leaves in a worker (here a patched stdlib
+    # function) must not exist for the next tenant: it gets another process.
+    sandbox = SandboxPool(size=1)
+    await sandbox.start()
+    try:
+        getpid = "__import__('typing').sys.modules['os'].getpid()"
+        patch = f"json.dumps = lambda *a, **k: 'stolen'\nresult = {getpid}"
+        probe = f"result = [json.dumps(1), {getpid}]"
+        first_pid = await sandbox.run(patch, {}, tenant="tenant-a")
+        # Same tenant: the same warm worker, patch included.
+        assert await sandbox.run(probe, {}, tenant="tenant-a") == ["stolen", first_pid]
+        assert sandbox.stats.tenant_switches == 0
+        dumped, second_pid = await sandbox.run(probe, {}, tenant="tenant-b")
+        assert (dumped, sandbox.stats.tenant_switches) == ("1", 1)
+        assert second_pid != first_pid
+        # And back: tenant A does not get B's worker either.
+        assert (await sandbox.run(probe, {}, tenant="tenant-a"))[1] not in (first_pid, second_pid)
+    finally:
+        await sandbox.close()
+
+
+@module_loop
+async def test_every_tenant_waiting_for_a_worker_gets_one() -> None:
+    sandbox = SandboxPool(size=2)
+    await sandbox.start()
+    try:
+        await asyncio.gather(*(sandbox.run("result = 1", {}, tenant="a") for _ in range(2)))
+        # b, c, b at once: both of a's idle workers go; whichever of b and c
+        # gets the fresh ones first, the other still gets one in the end.
+        jobs = (sandbox.run("result = t", {"t": t}, tenant=t, timeout=60) for t in ("b", "c", "b", "c", "b"))
+        assert await asyncio.gather(*jobs) == ["b", "c", "b", "c", "b"]
+        assert sandbox.stats.tenant_switches >= 2
+        assert len(sandbox.pids) == 2
+        # A burst of one tenant takes the idle workers of others, one per waiter.
+        burst = await asyncio.gather(*(sandbox.run("result = 1", {}, tenant="d", timeout=60) for _ in range(8)))
+        assert burst == [1] * 8
+    finally:
+        await sandbox.close()
 
 
 @module_loop
@@ -293,7 +384,7 @@ async def test_server_environment_is_not_passed_to_workers(monkeypatch: pytest.M
     await sandbox.start()
     try:
         escape = SUBCLASS_ESCAPE.replace("wrap.__init__.__globals__['system']('true')", "")
-        environ = await sandbox.run(escape + "result = dict(wrap.__init__.__globals__['environ'])", {})
+        environ = await sandbox.run(escape + "result = dict(wrap.__init__.__globals__['environ'])", {}, tenant=TENANT)
     finally:
         await sandbox.close()
     assert "FLOWPORT_TEST_SECRET" not in environ
@@ -302,7 +393,7 @@ async def test_server_environment_is_not_passed_to_workers(monkeypatch: pytest.M
 @module_loop
 async def test_concurrent_runs_on_two_workers(pool: SandboxPool) -> None:
     code = "import hashlib\nresult = [n, hashlib.sha256(str(n).encode()).hexdigest()[:8]]"
-    results = await asyncio.gather(*(pool.run(code, {"n": n}) for n in range(40)))
+    results = await asyncio.gather(*(pool.run(code, {"n": n}, tenant=TENANT) for n in range(40)))
     assert [r[0] for r in results] == list(range(40))
     assert len({r[1] for r in results}) == 40
 
@@ -313,14 +404,14 @@ async def test_code_is_sent_once_and_resent_when_the_worker_lost_it() -> None:
     await sandbox.start()
     try:
         worker = next(iter(sandbox._workers))
-        assert await sandbox.run("result = n + 1", {"n": 1}) == 2
-        assert await sandbox.run("result = n + 1", {"n": 2}) == 3
+        assert await sandbox.run("result = n + 1", {"n": 1}, tenant=TENANT) == 2
+        assert await sandbox.run("result = n + 1", {"n": 2}, tenant=TENANT) == 3
         assert len(worker.known) == 1
         # Pretend the worker has code it never saw (as after an eviction):
         # it answers "missing" and the pool sends the code.
         code = "result = 'resent'"
         worker.known[hashlib.sha256(code.encode()).hexdigest()] = None
-        assert await sandbox.run(code, {}) == "resent"
+        assert await sandbox.run(code, {}, tenant=TENANT) == "resent"
         assert sandbox.stats.workers_replaced == 0
     finally:
         await sandbox.close()
@@ -332,7 +423,7 @@ async def test_cancelling_a_run_kills_and_replaces_its_worker() -> None:
     await sandbox.start()
     try:
         (busy,) = sandbox.pids
-        task = asyncio.create_task(sandbox.run("while True: pass", {}))
+        task = asyncio.create_task(sandbox.run("while True: pass", {}, tenant=TENANT))
         await asyncio.sleep(0.2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -358,7 +449,7 @@ async def test_close_leaves_no_worker_alive() -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     with pytest.raises(SandboxError, match="not running"):
-        await sandbox.run("result = 1", {})
+        await sandbox.run("result = 1", {}, tenant=TENANT)
 
 
 @pytest.fixture
@@ -374,8 +465,8 @@ def readable_dir() -> Iterator[Path]:
 async def test_close_fails_running_and_waiting_runs() -> None:
     sandbox = SandboxPool(size=1)
     await sandbox.start()
-    running = asyncio.create_task(sandbox.run("import time\ntime.sleep(30)", {}))
-    waiting = asyncio.create_task(sandbox.run("result = 1", {}))
+    running = asyncio.create_task(sandbox.run("import time\ntime.sleep(30)", {}, tenant=TENANT))
+    waiting = asyncio.create_task(sandbox.run("result = 1", {}, tenant=TENANT))
     await asyncio.sleep(0.2)
     await sandbox.close()
     for task in (running, waiting):
@@ -388,7 +479,9 @@ async def test_close_fails_running_and_waiting_runs() -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="workers change user only when the server is root")
 async def test_workers_of_a_root_server_run_as_nobody(pool: SandboxPool) -> None:
     escape = SUBCLASS_ESCAPE.replace("wrap.__init__.__globals__['system']('true')", "")
-    assert await pool.run(escape + "g = wrap.__init__.__globals__\nresult = [g['getuid'](), g['getgid']()]", {}) == [
+    assert await pool.run(
+        escape + "g = wrap.__init__.__globals__\nresult = [g['getuid'](), g['getgid']()]", {}, tenant=TENANT
+    ) == [
         65534,
         65534,
     ]
@@ -404,12 +497,12 @@ async def test_read_allowlist(readable_dir: Path) -> None:
     sandbox = SandboxPool(size=1, read_allowlist=[str(allowed)])
     await sandbox.start()
     try:
-        assert await sandbox.run("result = open(p).read()", {"p": str(allowed / "data.txt")}) == "hello"
+        assert await sandbox.run("result = open(p).read()", {"p": str(allowed / "data.txt")}, tenant=TENANT) == "hello"
         for path in (readable_dir / "secret.txt", allowed / "link.txt", allowed / ".." / "secret.txt"):
             with pytest.raises(SandboxPolicyViolation, match="file access refused"):
-                await sandbox.run("result = open(p).read()", {"p": str(path)})
+                await sandbox.run("result = open(p).read()", {"p": str(path)}, tenant=TENANT)
         with pytest.raises(SandboxPolicyViolation, match="file access refused"):
-            await sandbox.run("open(p, 'w')", {"p": str(allowed / "data.txt")})
+            await sandbox.run("open(p, 'w')", {"p": str(allowed / "data.txt")}, tenant=TENANT)
         assert (allowed / "data.txt").read_text() == "hello"
     finally:
         await sandbox.close()
