@@ -10,7 +10,7 @@ from flowport.server.errors import InvalidArgument, NotFound
 from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
 from flowport.server.settings import Settings
-from flowport.server.storage import IdempotencyConflict, Store
+from flowport.server.storage import Deletion, IdempotencyConflict, Store
 from flowport.server.tenancy import tenant_of
 from flowport.server.types import Context
 from flowport.v1 import session_pb2, session_pb2_grpc
@@ -110,9 +110,10 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             )
         except IdempotencyConflict:
             raise request_id_reused(request.request_id, "to delete another session") from None
-        if not deleted:
+        if not deleted.done:
             raise session_not_found(request.session_id)
-        self._bus.publish("session.deleted", tenant=tenant_of(context), session_id=request.session_id)
+        if deleted is Deletion.DELETED:  # a replay was announced the first time
+            self._bus.publish("session.deleted", tenant=tenant_of(context), session_id=request.session_id)
         return empty_pb2.Empty()
 
 

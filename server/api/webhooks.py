@@ -97,7 +97,7 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
             deleted = await self._store.delete_webhook(tenant, request.webhook_id, now_us(), request.request_id)
         except IdempotencyConflict:
             raise request_id_reused(request.request_id, "to delete another webhook") from None
-        if not deleted:
+        if not deleted.done:
             raise webhook_not_found(request.webhook_id)
         await self._dispatcher.webhooks_changed(tenant)
         return empty_pb2.Empty()

@@ -12,7 +12,7 @@ from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import validate
 from flowport.server.errors import InvalidArgument, NotFound
 from flowport.server.events.bus import EventBus
-from flowport.server.storage import IdempotencyConflict, Store
+from flowport.server.storage import Deletion, IdempotencyConflict, Store
 from flowport.server.tenancy import tenant_of
 from flowport.server.types import Context
 from flowport.v1 import workflow_pb2, workflow_pb2_grpc
@@ -99,9 +99,10 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
             deleted = await self._store.delete_workflow(tenant, request.workflow_id, now_us(), request.request_id)
         except IdempotencyConflict:
             raise request_id_reused(request.request_id, "to delete another workflow") from None
-        if not deleted:
+        if not deleted.done:
             raise workflow_not_found(request.workflow_id)
-        self._bus.publish("workflow.deleted", tenant=tenant, workflow_id=request.workflow_id)
+        if deleted is Deletion.DELETED:  # a replay was announced the first time
+            self._bus.publish("workflow.deleted", tenant=tenant, workflow_id=request.workflow_id)
         return empty_pb2.Empty()
 
     async def ValidateWorkflow(

@@ -139,7 +139,15 @@ class Executor:
                 f"inputs missing for workflow {workflow.workflow_id!r}: {', '.join(missing)}",
                 violations=[(f"inputs.{name}", "required by the workflow") for name in missing],
             )
+        key = (request_id, request_hash) if request_id and request_hash is not None else None
         if len(self._runs) + self._admitting >= self._max:
+            # A retry of a call that already started an execution is answered
+            # even when full: it asks for nothing new.
+            first_id = None if key is None else await self._store.replayed_execution(tenant, key)
+            if first_id is not None:
+                first = await self.get(tenant, first_id)
+                assert first is not None, "an idempotency record points at a missing execution"
+                return first, True
             raise ResourceExhausted(
                 f"the server is running its maximum of {self._max} executions; retry shortly",
                 reason="TOO_MANY_EXECUTIONS",
@@ -159,7 +167,6 @@ class Executor:
         )
         self._admitting += 1
         try:
-            key = (request_id, request_hash) if request_id and request_hash is not None else None
             result = await self._store.insert_execution(tenant, execution, key)
         finally:
             self._admitting -= 1

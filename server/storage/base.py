@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 from flowport.v1 import execution_pb2, session_pb2, workflow_pb2
@@ -20,6 +21,19 @@ class IdempotentResult:
 
 class IdempotencyConflict(Exception):
     """The idempotency key was used before with a different request."""
+
+
+class Deletion(Enum):
+    """Outcome of a delete guarded by an idempotency key."""
+
+    DELETED = "deleted"
+    REPLAYED = "replayed"  # a repeat of a delete that succeeded: report success, announce nothing again
+    MISSING = "missing"
+
+    @property
+    def done(self) -> bool:
+        """Whether the caller is told the delete succeeded."""
+        return self is not Deletion.MISSING
 
 
 class Store(Protocol):
@@ -47,10 +61,10 @@ class Store(Protocol):
     ) -> list[session_pb2.Session]:
         """Unexpired sessions, newest first, strictly after the (create_us, id) cursor."""
 
-    async def delete_session(self, tenant: str, session_id: str, now_us: int, request_id: str = "") -> bool:
-        """Delete; False when there was no such unexpired session.
+    async def delete_session(self, tenant: str, session_id: str, now_us: int, request_id: str = "") -> Deletion:
+        """Delete; MISSING when there was no such unexpired session.
 
-        With `request_id`, a repeat of a delete that succeeded returns True;
+        With `request_id`, a repeat of a delete that succeeded is REPLAYED;
         raises IdempotencyConflict when the key deleted another session.
         """
 
@@ -78,13 +92,16 @@ class Store(Protocol):
     ) -> list[workflow_pb2.Workflow]:
         """Latest version of each workflow, ordered by id, after `after`."""
 
-    async def delete_workflow(self, tenant: str, workflow_id: str, now_us: int, request_id: str = "") -> bool:
-        """Hide every version; False when there was none."""
+    async def delete_workflow(self, tenant: str, workflow_id: str, now_us: int, request_id: str = "") -> Deletion:
+        """Hide every version; MISSING when there was none (REPLAYED as for delete_session)."""
 
     async def insert_execution(
         self, tenant: str, execution: execution_pb2.Execution, idempotency_key: tuple[str, bytes] | None
     ) -> IdempotentResult:
         """Record a new execution; `response` is the (first) execution's id."""
+
+    async def replayed_execution(self, tenant: str, idempotency_key: tuple[str, bytes]) -> str | None:
+        """The execution id a CreateExecution key already made, or None; IdempotencyConflict for another request."""
 
     async def save_execution(self, execution: execution_pb2.Execution, *, wait: bool = True) -> None:
         """Write an execution's current state; `wait=False` queues it (committed in order)."""

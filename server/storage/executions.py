@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from flowport.server.storage import idempotency
-from flowport.server.storage.base import IdempotentResult
+from flowport.server.storage.base import IdempotencyConflict, IdempotentResult
 from flowport.server.storage.tables import Tables, micros
 from flowport.v1 import execution_pb2
 
@@ -63,6 +63,24 @@ class ExecutionTables(Tables):
             await self._write(op)
         else:
             self._write_soon(op)
+
+    async def replayed_execution(self, tenant: str, idempotency_key: tuple[str, bytes]) -> str | None:
+        """The id of the execution a CreateExecution key already made, None if none.
+
+        IdempotencyConflict when the key was used with another request. Read
+        before admission control, so a retry is answered even when the server
+        is full.
+        """
+        request_id, request_hash = idempotency_key
+        row = self._lookup(
+            "SELECT request_hash, response FROM idempotency WHERE tenant=? AND method=? AND request_id=?",
+            (tenant, _CREATE, request_id),
+        )
+        if row is None:
+            return None
+        if bytes(row[0]) != request_hash:
+            raise IdempotencyConflict(request_id)
+        return bytes(row[1]).decode()
 
     async def get_execution(self, tenant: str, execution_id: str) -> execution_pb2.Execution | None:
         row = self._lookup("SELECT body FROM executions WHERE execution_id=? AND tenant=?", (execution_id, tenant))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from flowport.server.storage import idempotency
-from flowport.server.storage.base import IdempotentResult
+from flowport.server.storage.base import Deletion, IdempotentResult
 from flowport.server.storage.tables import Tables, micros
 from flowport.v1 import session_pb2
 
@@ -58,18 +58,18 @@ class SessionTables(Tables):
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [session_pb2.Session.FromString(row[0]) for row in rows]
 
-    async def delete_session(self, tenant: str, session_id: str, now_us: int, request_id: str = "") -> bool:
+    async def delete_session(self, tenant: str, session_id: str, now_us: int, request_id: str = "") -> Deletion:
         key = session_id.encode()
 
-        def op(conn: sqlite3.Connection) -> bool:
+        def op(conn: sqlite3.Connection) -> Deletion:
             if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
-                return True
+                return Deletion.REPLAYED
             deleted = conn.execute(
                 "DELETE FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?", (session_id, tenant, now_us)
             ).rowcount
             if deleted and request_id:
                 idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
-            return deleted > 0
+            return Deletion.DELETED if deleted else Deletion.MISSING
 
         return await self._write(op)
 

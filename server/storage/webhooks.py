@@ -16,7 +16,7 @@ from typing import Any
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from flowport.server.storage import idempotency
-from flowport.server.storage.base import IdempotentResult
+from flowport.server.storage.base import Deletion, IdempotentResult
 from flowport.server.storage.tables import Tables, micros
 from flowport.v1 import webhook_pb2
 
@@ -184,22 +184,22 @@ class WebhookTables(Tables):
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [webhook_pb2.Webhook.FromString(row[0]) for row in rows]
 
-    async def delete_webhook(self, tenant: str, webhook_id: str, now_us: int, request_id: str = "") -> bool:
-        """Delete the webhook and every delivery to it; False when there was none."""
+    async def delete_webhook(self, tenant: str, webhook_id: str, now_us: int, request_id: str = "") -> Deletion:
+        """Delete the webhook and every delivery to it; MISSING when there was none."""
         key = webhook_id.encode()
 
-        def op(conn: sqlite3.Connection) -> bool:
+        def op(conn: sqlite3.Connection) -> Deletion:
             if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
-                return True
+                return Deletion.REPLAYED
             deleted = conn.execute(
                 "DELETE FROM webhooks WHERE tenant=? AND webhook_id=?", (tenant, webhook_id)
             ).rowcount
             if not deleted:
-                return False
+                return Deletion.MISSING
             conn.execute("DELETE FROM webhook_deliveries WHERE tenant=? AND webhook_id=?", (tenant, webhook_id))
             if request_id:
                 idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
-            return True
+            return Deletion.DELETED
 
         return await self._write(op)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 
 from flowport.server.storage import idempotency
-from flowport.server.storage.base import IdempotentResult
+from flowport.server.storage.base import Deletion, IdempotentResult
 from flowport.server.storage.tables import Tables, micros
 from flowport.v1 import workflow_pb2
 
@@ -82,19 +82,19 @@ class WorkflowTables(Tables):
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [workflow_pb2.Workflow.FromString(row[0]) for row in rows]
 
-    async def delete_workflow(self, tenant: str, workflow_id: str, now_us: int, request_id: str = "") -> bool:
-        """Hide every version; False when there was none to hide."""
+    async def delete_workflow(self, tenant: str, workflow_id: str, now_us: int, request_id: str = "") -> Deletion:
+        """Hide every version; MISSING when there was none to hide."""
         key = workflow_id.encode()
 
-        def op(conn: sqlite3.Connection) -> bool:
+        def op(conn: sqlite3.Connection) -> Deletion:
             if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
-                return True
+                return Deletion.REPLAYED
             hidden = conn.execute(
                 "UPDATE workflows SET deleted_us=? WHERE tenant=? AND workflow_id=? AND deleted_us IS NULL",
                 (now_us, tenant, workflow_id),
             ).rowcount
             if hidden and request_id:
                 idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
-            return hidden > 0
+            return Deletion.DELETED if hidden else Deletion.MISSING
 
         return await self._write(op)

@@ -18,7 +18,7 @@ from flowport.server.errors import InvalidArgument, ResourceExhausted
 from flowport.server.events.bus import EventBus
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeServices, NodeType
 from flowport.server.nodes.builtins import MergeNode, SwitchNode
-from flowport.server.storage import SqliteStore
+from flowport.server.storage import IdempotencyConflict, SqliteStore
 from flowport.v1 import execution_pb2, workflow_pb2
 
 Execution = execution_pb2.Execution
@@ -193,6 +193,29 @@ async def test_the_concurrency_limit_answers_resource_exhausted(env: tuple[Execu
         await executor.create("t", waiting, inputs(), session_id="", request_id="", request_hash=None)
     assert caught.value.retry_delay is not None
     for execution, _ in started:
+        await executor.cancel("t", execution.execution_id)
+    assert executor.running == 0
+
+
+async def test_a_retry_is_answered_even_when_the_server_is_full(env: tuple[Executor, SqliteStore, EventBus]) -> None:
+    executor, _, _ = env
+    waiting = wf("waiting", [{"type": "GateNode", "name": "g", "config": {"gate": "never"}}])
+    first, replayed = await executor.create(
+        "t", waiting, inputs(), session_id="", request_id="retry-me", request_hash=b"h1"
+    )
+    assert not replayed
+    started = [
+        await executor.create("t", waiting, inputs(), session_id="", request_id="", request_hash=None) for _ in range(3)
+    ]
+    again, replayed = await executor.create(
+        "t", waiting, inputs(), session_id="", request_id="retry-me", request_hash=b"h1"
+    )
+    assert replayed and again.execution_id == first.execution_id
+    with pytest.raises(IdempotencyConflict):  # the key with another body: still a conflict, not "full"
+        await executor.create("t", waiting, inputs(), session_id="", request_id="retry-me", request_hash=b"h2")
+    with pytest.raises(ResourceExhausted):  # another tenant's key of that name is not a replay
+        await executor.create("u", waiting, inputs(), session_id="", request_id="retry-me", request_hash=b"h1")
+    for execution, _ in [(first, False), *started]:
         await executor.cancel("t", execution.execution_id)
     assert executor.running == 0
 

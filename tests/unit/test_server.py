@@ -117,12 +117,17 @@ async def test_request_id_makes_create_idempotent(client: AsyncClient) -> None:
     assert len(listed.sessions) == 1, "the retry must not create a second session"
 
 
-async def test_request_id_makes_delete_retryable(client: AsyncClient) -> None:
+async def test_request_id_makes_delete_retryable(running: Running, client: AsyncClient) -> None:
+    deleted: list[str] = []
+    running.bus.add_listener(
+        lambda event: deleted.append(event.session_id) if event.type == "session.deleted" else None
+    )
     created = await client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session()))
     other = await client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session()))
     request = S.DeleteSessionRequest(session_id=created.session_id, request_id="del-1")
     await client.sessions.DeleteSession(request)
-    await client.sessions.DeleteSession(request)  # a retry succeeds
+    await client.sessions.DeleteSession(request)  # a retry succeeds...
+    assert deleted == [created.session_id]  # ...and announces nothing twice
     error = await _error(
         client.sessions.DeleteSession(S.DeleteSessionRequest(session_id=other.session_id, request_id="del-1"))
     )

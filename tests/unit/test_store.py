@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import timestamp_pb2
 
-from flowport.server.storage import IdempotencyConflict, MigrationError, SqliteStore
+from flowport.server.storage import Deletion, IdempotencyConflict, MigrationError, SqliteStore
 from flowport.server.storage.migrate import Migration, bundled
 from flowport.v1 import session_pb2
 
@@ -35,8 +35,8 @@ async def test_sessions_round_trip_and_are_scoped_by_tenant(tmp_path: Path) -> N
         got = await store.get_session("t1", "s1", NOW)
         assert got is not None and got.session_id == "s1" and got.user_id == "u"
         assert await store.get_session("t2", "s1", NOW) is None
-        assert await store.delete_session("t2", "s1", NOW) is False
-        assert await store.delete_session("t1", "s1", NOW) is True
+        assert await store.delete_session("t2", "s1", NOW) is Deletion.MISSING
+        assert await store.delete_session("t1", "s1", NOW) is Deletion.DELETED
         assert await store.get_session("t1", "s1", NOW) is None
     finally:
         await store.close()
