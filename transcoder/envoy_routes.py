@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from flowport.server.api.executions import MAX_WAIT
 from flowport.server.settings import Settings
 from flowport.transcoder.http_rules import methods
 
@@ -23,6 +24,9 @@ OPENAPI_PATH = "/openapi.json"
 RETRY_ON = "connect-failure,refused-stream,unavailable"
 # Methods whose bucket is stricter than the gateway-wide one.
 EXECUTION_METHODS = ("/flowport.v1.ExecutionService/CreateExecution",)
+# CreateExecution with `wait` holds the call until the execution ends or its
+# wait_timeout (at most MAX_WAIT) passes; the route must not cut it sooner.
+WAIT_MARGIN = 5.0
 
 
 def _template_regex(template: str) -> str:
@@ -61,10 +65,13 @@ def rpc_routes(settings: Settings, execution_limit: dict[str, Any] | None) -> li
     """One route per RPC on its gRPC path: timeout, retries, rate-limit override."""
     routes = []
     for method in methods():
+        timeout = settings.unary_timeout
+        if method.grpc_path in EXECUTION_METHODS:
+            timeout = max(timeout, MAX_WAIT + WAIT_MARGIN)
         action: dict[str, Any] = {
             "cluster": CLUSTER,
             # Streams end when they end; unary calls get the unary timeout.
-            "timeout": "0s" if method.server_streaming else seconds(settings.unary_timeout),
+            "timeout": "0s" if method.server_streaming else seconds(timeout),
         }
         if method.idempotent and not method.server_streaming:
             action["retry_policy"] = {

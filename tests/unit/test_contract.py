@@ -11,6 +11,7 @@ import pytest
 from google.api import annotations_pb2, field_behavior_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
+from flowport.server.api.executions import MAX_WAIT
 from flowport.server.settings import Settings
 from flowport.transcoder import codegen
 from flowport.transcoder.envoy_config import SERVICES, render
@@ -101,6 +102,14 @@ def test_streaming_rpcs_are_exactly_the_ones_envoy_gives_no_timeout(
     routes = manager["route_config"]["virtual_hosts"][0]["routes"]
     untimed = {r["match"]["path"] for r in routes if "path" in r["match"] and r.get("route", {}).get("timeout") == "0s"}
     assert untimed == streaming
+
+
+def test_a_waiting_create_execution_outlives_its_longest_wait_at_envoy() -> None:
+    config = render(Settings.load({}, environ={}))
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    create = next(r for r in routes if r["match"].get("path") == "/flowport.v1.ExecutionService/CreateExecution")
+    assert float(create["route"]["timeout"].rstrip("s")) > MAX_WAIT
 
 
 def test_every_message_field_and_enum_value_is_commented(api_files: list[descriptor_pb2.FileDescriptorProto]) -> None:
