@@ -156,8 +156,12 @@ async def _open_node_services(settings: Settings) -> NodeServices:
     sandbox = SandboxPool(size=settings.sandbox_workers or os.cpu_count() or 1, limits=limits)
     await sandbox.start()
     return NodeServices(
-        # One connection pool for every HTTP node of every execution.
-        http=httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)),
+        # One connection pool for every HTTP node of every execution; trust_env
+        # off, so no proxy from the environment carries requests past the
+        # SSRF check (which vets the address the node itself connects to).
+        http=httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False
+        ),
         sandbox=sandbox,
         sql=SqlPools(),
         http_allowlist=frozenset(settings.http_allowlist),
