@@ -50,7 +50,7 @@ def check_ports_free(settings: Settings) -> None:
     """Fail, naming the port and its flag, when one is already taken."""
     for flag, host, port in (
         ("--http-port", settings.host, settings.http_port),
-        ("--grpc-port", settings.host, settings.grpc_port),
+        ("--grpc-port", settings.grpc_host, settings.grpc_port),
         ("--admin-port", "127.0.0.1", settings.admin_port),
     ):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

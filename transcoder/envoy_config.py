@@ -323,7 +323,7 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
             "endpoints": [
                 {
                     "lb_endpoints": [
-                        {"endpoint": {"address": _address(_connect_host(settings.host), settings.grpc_port)}}
+                        {"endpoint": {"address": _address(_connect_host(settings.grpc_host), settings.grpc_port)}}
                     ]
                 }
             ],
