@@ -229,7 +229,8 @@ async def start(settings: Settings) -> Running:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*ALL_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    address = f"{settings.host}:{settings.grpc_port}"
+    host = settings.grpc_host
+    address = f"{'[' + host + ']' if ':' in host else host}:{settings.grpc_port}"
     cause = ""
     try:
         port = server.add_insecure_port(address)
@@ -285,7 +286,7 @@ async def _purge_forever(store: SqliteStore) -> None:
 async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully."""
     running = await start(settings)
-    log.info("gRPC server listening on %s:%d", settings.host, running.port)
+    log.info("gRPC server listening on %s:%d", settings.grpc_host, running.port)
     if on_ready is not None:
         on_ready(running.port)
     stopping = asyncio.Event()

@@ -29,7 +29,12 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = Field("127.0.0.1", description="address the REST/gRPC listener (Envoy) and the server bind to")
+    host: str = Field("127.0.0.1", description="address Envoy's REST/gRPC listener binds to")
+    grpc_host: str = Field(
+        "127.0.0.1",
+        description="address the gRPC server binds to; loopback keeps every outside client behind Envoy "
+        "(rate limits, CORS, header stripping); 0.0.0.0 lets internal services call it directly",
+    )
     http_port: Port = Field(8080, ge=1, le=65535, description="Envoy listener: REST/JSON and native gRPC")
     grpc_port: Port = Field(50051, ge=1, le=65535, description="the gRPC server's own port")
     admin_port: Port = Field(9901, ge=1, le=65535, description="Envoy admin interface, always on 127.0.0.1")
@@ -147,7 +152,7 @@ class Settings(BaseModel):
         description="hosts/IPs HTTP nodes may reach though private, loopback or link-local (comma-separated)",
     )
 
-    @field_validator("host")
+    @field_validator("host", "grpc_host")
     @classmethod
     def _host_not_empty(cls, value: str) -> str:
         if not value.strip():
@@ -183,7 +188,8 @@ class Settings(BaseModel):
     @property
     def grpc_target(self) -> str:
         """Where a client on this machine reaches the gRPC server directly."""
-        return f"{_connect_host(self.host)}:{self.grpc_port}"
+        host = _connect_host(self.grpc_host)
+        return f"{'[' + host + ']' if ':' in host else host}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
