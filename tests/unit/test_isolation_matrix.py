@@ -1,0 +1,370 @@
+"""Tenant isolation, for every RPC of every service.
+
+The RPCs come from the descriptor set, not from a list here: tenant "alpha"
+owns one of every resource, and tenant "beta" (a user) calls each RPC with
+alpha's identifiers in every field that takes one. What beta must see is
+derived from the RPC's declared permission and its verb, so a new RPC is
+covered as soon as it exists; an RPC whose verb has no rule fails the test
+until one is written.
+
+- admin-only RPCs: PERMISSION_DENIED (beta is not an admin);
+- Get, Delete, Cancel, Watch, Redeliver, Revoke: NOT_FOUND, never
+  PERMISSION_DENIED, which would confirm the resource exists;
+- List: none of alpha's identifiers in the answer (or NOT_FOUND when it
+  lists under one of alpha's resources);
+- Create and Put with alpha's identifiers: beta's own resource, or
+  NOT_FOUND where it points at one of alpha's;
+- StreamEvents: none of alpha's events, live or replayed by id;
+- webhooks: beta's webhook receives none of alpha's events.
+
+Afterwards every resource of alpha is checked to be as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import pkgutil
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
+
+import flowport.v1
+from flowport.clients import ApiError, AsyncClient
+from flowport.server.app import Running, start, stop
+from flowport.server.auth.permissions import Access, access_for
+from flowport.server.settings import Settings
+from flowport.transcoder.http_rules import descriptor_path
+from flowport.v1 import (
+    apikey_pb2,
+    event_pb2,
+    execution_pb2,
+    session_pb2,
+    webhook_pb2,
+    workflow_pb2,
+)
+
+from ..conftest import ADMIN_KEY
+from .test_webhooks import OK, Receiver
+
+for _module in pkgutil.iter_modules(flowport.v1.__path__):
+    if _module.name.endswith("_pb2"):
+        importlib.import_module(f"flowport.v1.{_module.name}")
+
+NOT_FOUND_VERBS = ("Get", "Delete", "Cancel", "Watch", "Redeliver", "Revoke")
+LIST_VERBS = ("List",)
+# Calls that create or change something; beta's version is checked by name.
+OWN_VERBS = ("Create", "Put", "Validate")
+TENANT_FREE = {
+    # Describe the server or the node types, the same for every tenant.
+    "/flowport.v1.GatewayService/GetInfo",
+    "/flowport.v1.SchemaService/ListNodeSchemas",
+    "/flowport.v1.SchemaService/GetNodeSchema",
+}
+
+
+@dataclass
+class Alpha:
+    """What tenant alpha owns; the values go into every field of the same name."""
+
+    ids: dict[str, str] = field(default_factory=dict)
+    event_ids: list[str] = field(default_factory=list)
+
+    def marks(self) -> list[str]:
+        """Strings that must not appear in anything beta receives."""
+        # Not event ids: they are one sequence across tenants (small integers).
+        return [v for k, v in self.ids.items() if k.endswith("_id") and k != "request_id"]
+
+
+def _api_methods() -> list[MethodDescriptor]:
+    descriptor_set = descriptor_pb2.FileDescriptorSet.FromString(descriptor_path().read_bytes())
+    pool = descriptor_pool.Default()
+    return [
+        pool.FindMethodByName(f"{f.package}.{service.name}.{method.name}")
+        for f in descriptor_set.file
+        if f.package == "flowport.v1"
+        for service in f.service
+        for method in service.method
+    ]
+
+
+def _path(method: MethodDescriptor) -> str:
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
+def _request(method: MethodDescriptor, alpha: Alpha) -> Message:
+    """The input message with alpha's identifiers in every string field that has a value for it."""
+    request = message_factory.GetMessageClass(method.input_type)()
+    for descriptor in method.input_type.fields:
+        value = alpha.ids.get(descriptor.name)
+        if value is not None and descriptor.type == descriptor.TYPE_STRING and not descriptor.is_repeated:
+            setattr(request, descriptor.name, value)
+    if "request_id" in method.input_type.fields_by_name:
+        request.request_id = f"beta-{method.name}-{time.monotonic_ns()}"  # type: ignore[attr-defined]
+    return request
+
+
+class Caller:
+    """Calls any RPC by descriptor, with one tenant's key."""
+
+    def __init__(self, channel: grpc.aio.Channel, key: str) -> None:
+        self.channel = channel
+        self.metadata = (("x-api-key", key),)
+
+    def _call(self, method: MethodDescriptor) -> Any:
+        output = message_factory.GetMessageClass(method.output_type)
+        factory: Callable[..., Any] = self.channel.unary_stream if method.server_streaming else self.channel.unary_unary
+        return factory(
+            _path(method), request_serializer=lambda m: m.SerializeToString(), response_deserializer=output.FromString
+        )
+
+    async def unary(self, method: MethodDescriptor, request: Message) -> Message:
+        response: Message = await self._call(method)(request, metadata=self.metadata, timeout=30)
+        return response
+
+    async def stream(self, method: MethodDescriptor, request: Message, seconds: float) -> list[Message]:
+        received: list[Message] = []
+        call = self._call(method)(request, metadata=self.metadata)
+        try:
+            async with asyncio.timeout(seconds):
+                async for item in call:
+                    received.append(item)
+        except TimeoutError:
+            call.cancel()
+        return received
+
+
+async def _code(awaitable: Any) -> grpc.StatusCode:
+    try:
+        await awaitable
+    except grpc.aio.AioRpcError as error:
+        return ApiError.from_rpc_error(error).code
+    return grpc.StatusCode.OK
+
+
+def _text(message: Message) -> str:
+    return json_format.MessageToJson(message, preserving_proto_field_name=True)
+
+
+@pytest.fixture
+async def running(settings: Settings) -> AsyncIterator[Running]:
+    server = await start(settings)
+    yield server
+    await stop(server, 1.0)
+
+
+async def _user_key(admin: AsyncClient, tenant: str) -> tuple[str, str]:
+    created = await admin.keys.CreateApiKey(
+        apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant=tenant, roles=["user"]))
+    )
+    return created.api_key.key_id, created.key
+
+
+async def _wait_for(predicate: Callable[[], Any], what: str) -> Any:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _alpha_world(alpha_client: AsyncClient, alpha_caller: Caller, receiver: Receiver, key_id: str) -> Alpha:
+    alpha = Alpha()
+    alpha.ids["key_id"] = key_id
+    alpha.ids["tenant"] = "alpha"
+    hook = await alpha_client.webhooks.CreateWebhook(
+        webhook_pb2.CreateWebhookRequest(webhook=webhook_pb2.Webhook(url=receiver.url()))
+    )
+    session = await alpha_client.sessions.CreateSession(
+        session_pb2.CreateSessionRequest(session=session_pb2.Session(user_id="alpha-user"), request_id="alpha-rid")
+    )
+    workflow = workflow_pb2.Workflow(name="alpha-flow")
+    json_format.ParseDict(
+        {"nodes": [{"type": "PythonCodeNode", "name": "double", "config": {"code": "result = n * 2"}}]}, workflow
+    )
+    created = await alpha_client.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=workflow))
+    request = execution_pb2.CreateExecutionRequest(
+        workflow_id=created.workflow_id, session_id=session.session_id, wait=True
+    )
+    request.inputs.update({"n": 21})
+    execution = await alpha_client.executions.CreateExecution(request)
+    assert execution.state == execution_pb2.Execution.STATE_SUCCEEDED, execution.error.message
+    deliveries = await _wait_for(lambda: _deliveries(alpha_client, hook.webhook_id), "a delivery of alpha's webhook")
+    alpha.ids.update(
+        session_id=session.session_id,
+        workflow_id=created.workflow_id,
+        execution_id=execution.execution_id,
+        webhook_id=hook.webhook_id,
+        delivery_id=deliveries[0].delivery_id,
+        name="ALPHA_TOKEN",
+        node_type="PythonCodeNode",
+    )
+    secret_method = descriptor_pool.Default().FindMethodByName("flowport.v1.SecretService.PutSecret")
+    secret_request = message_factory.GetMessageClass(secret_method.input_type)(name="ALPHA_TOKEN", value="s3cr3t-alpha")
+    await alpha_caller.unary(secret_method, secret_request)
+    events = await alpha_caller.stream(
+        descriptor_pool.Default().FindMethodByName("flowport.v1.EventService.StreamEvents"),
+        event_pb2.StreamEventsRequest(after_id="0"),
+        seconds=1.0,
+    )
+    alpha.event_ids = [e.id for e in events if e.id]  # type: ignore[attr-defined]
+    assert alpha.event_ids, "alpha's events should replay for alpha"
+    return alpha
+
+
+async def _deliveries(client: AsyncClient, webhook_id: str) -> list[webhook_pb2.WebhookDelivery]:
+    listed = await client.webhooks.ListWebhookDeliveries(
+        webhook_pb2.ListWebhookDeliveriesRequest(webhook_id=webhook_id)
+    )
+    return list(listed.deliveries)
+
+
+async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> None:
+    target = f"127.0.0.1:{running.port}"
+    alpha_receiver, beta_receiver = Receiver(OK), Receiver(OK)
+    try:
+        async with AsyncClient(target, api_key=ADMIN_KEY) as admin:
+            alpha_key_id, alpha_key = await _user_key(admin, "alpha")
+            _beta_key_id, beta_key = await _user_key(admin, "beta")
+        async with (
+            AsyncClient(target, api_key=alpha_key) as alpha_client,
+            AsyncClient(target, api_key=beta_key) as beta_client,
+        ):
+            alpha_caller = Caller(alpha_client.channel, alpha_key)
+            beta = Caller(beta_client.channel, beta_key)
+            alpha = await _alpha_world(alpha_client, alpha_caller, alpha_receiver, alpha_key_id)
+            secret_before = await _alpha_secret(alpha_caller)
+            await beta_client.webhooks.CreateWebhook(
+                webhook_pb2.CreateWebhookRequest(webhook=webhook_pb2.Webhook(url=beta_receiver.url()))
+            )
+            checked = await _every_rpc(beta, alpha)
+            # More alpha activity while beta listens, then: nothing of it reached beta.
+            stream_method = descriptor_pool.Default().FindMethodByName("flowport.v1.EventService.StreamEvents")
+            listening = asyncio.create_task(beta.stream(stream_method, event_pb2.StreamEventsRequest(), seconds=2.0))
+            await asyncio.sleep(0.3)
+            await alpha_client.sessions.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session()))
+            live = await listening
+            assert not any(e.tenant == "alpha" for e in live)  # type: ignore[attr-defined]
+            await _alpha_is_untouched(alpha_client, alpha_caller, alpha, secret_before)
+        await asyncio.sleep(0.5)  # deliveries of the last events
+        beta_seen = beta_receiver.events()
+        assert beta_seen, "beta's webhook should have received beta's own events"
+        leaked = [e for e in beta_seen if e.get("tenant") != "beta" or e.get("id") in alpha.event_ids]
+        assert not leaked, f"beta's webhook received alpha's events: {leaked[:3]}"
+        assert alpha_receiver.events(), "alpha's webhook should have received alpha's events"
+    finally:
+        alpha_receiver.close()
+        beta_receiver.close()
+    assert checked >= 30
+
+
+async def _every_rpc(beta: Caller, alpha: Alpha) -> int:
+    """Calls every RPC as beta; returns how many were checked."""
+    checked = 0
+    # Creates last: beta's own resource under alpha's name (a secret, say)
+    # would otherwise answer beta's Get.
+    for method in sorted(_api_methods(), key=lambda m: m.name.startswith(OWN_VERBS)):
+        path, verb = _path(method), method.name
+        access = access_for(path)
+        request = _request(method, alpha)
+        label = f"{path} as beta"
+        if access is Access.PUBLIC:
+            response = await beta.unary(method, request)
+            assert not any(mark in _text(response) for mark in alpha.marks()), label
+        elif access is Access.ADMIN:
+            code = await _code(
+                beta.stream(method, request, 2.0) if method.server_streaming else beta.unary(method, request)
+            )
+            assert code is grpc.StatusCode.PERMISSION_DENIED, f"{label}: {code}"
+        elif path in TENANT_FREE:
+            response = await beta.unary(method, request)
+            assert not any(mark in _text(response) for mark in alpha.marks()), label
+        elif method.server_streaming and verb == "StreamEvents":
+            for replay in ({"after_id": alpha.event_ids[0]}, {"after_id": "0"}, {}):
+                stream_request = event_pb2.StreamEventsRequest(**replay)
+                stream_request.workflow_id = alpha.ids["workflow_id"]
+                received = await beta.stream(method, stream_request, 1.0)
+                text = " ".join(_text(m) for m in received)
+                assert not any(mark in text for mark in alpha.marks()), f"{label} {replay}: {text[:300]}"
+                leaked = [m.id for m in received if m.id in alpha.event_ids or m.tenant == "alpha"]  # type: ignore[attr-defined]
+                assert not leaked, f"{label} {replay}: alpha's events {leaked}"
+        elif verb.startswith(NOT_FOUND_VERBS):
+            code = await _code(
+                beta.stream(method, request, 2.0) if method.server_streaming else beta.unary(method, request)
+            )
+            assert code is grpc.StatusCode.NOT_FOUND, f"{label}: {code}"
+        elif verb.startswith(LIST_VERBS):
+            try:
+                text = _text(await beta.unary(method, request))
+            except grpc.aio.AioRpcError as error:  # a list under alpha's parent (a webhook's deliveries)
+                assert error.code() is grpc.StatusCode.NOT_FOUND, f"{label}: {error.code()}"
+            else:
+                assert not any(mark in text for mark in alpha.marks()), f"{label}: {text[:300]}"
+        elif verb.startswith(OWN_VERBS):
+            await _own(beta, method, request, alpha, label)
+        else:
+            raise AssertionError(f"{label}: no isolation rule for the verb of {verb}; add one to this test")
+        checked += 1
+    return checked
+
+
+async def _own(beta: Caller, method: MethodDescriptor, request: Message, alpha: Alpha, label: str) -> None:
+    """Create/Put/Validate with alpha's identifiers: beta's own thing, or NOT_FOUND for alpha's."""
+    name = method.name
+    if name == "CreateExecution":  # alpha's workflow_id and session_id
+        assert await _code(beta.unary(method, request)) is grpc.StatusCode.NOT_FOUND, label
+        return
+    if name == "CreateSession":  # alpha's request_id, alpha's body: a new session of beta's
+        replay = session_pb2.CreateSessionRequest(
+            session=session_pb2.Session(user_id="alpha-user"), request_id="alpha-rid"
+        )
+        created = await beta.unary(method, replay)
+        assert created.session_id != alpha.ids["session_id"], label  # type: ignore[attr-defined]
+        assert created.tenant == "beta", label  # type: ignore[attr-defined]
+        return
+    if name == "CreateWorkflow":  # alpha's workflow name: beta's own first version (ids are per tenant)
+        workflow = workflow_pb2.Workflow(name="alpha-flow")
+        json_format.ParseDict({"nodes": [{"type": "MergeNode", "name": "m"}]}, workflow)
+        created = await beta.unary(method, workflow_pb2.CreateWorkflowRequest(workflow=workflow))
+        assert (created.tenant, created.version) == ("beta", 1), label  # type: ignore[attr-defined]
+        return
+    if name == "CreateWebhook":  # nothing of alpha's to name; covered by beta's receiver
+        return
+    if name == "PutSecret":  # alpha's secret name: beta's own secret, alpha's untouched (checked later)
+        request.value = "beta-value"  # type: ignore[attr-defined]
+        await beta.unary(method, request)
+        return
+    if name == "ValidateWorkflow":  # nothing stored
+        text = _text(await beta.unary(method, request))
+        assert not any(mark in text for mark in alpha.marks()), label
+        return
+    if access_for(_path(method)) is Access.ADMIN:
+        return
+    raise AssertionError(f"{label}: no isolation rule for {name}; add one to this test")
+
+
+async def _alpha_secret(caller: Caller) -> str:
+    method = descriptor_pool.Default().FindMethodByName("flowport.v1.SecretService.GetSecret")
+    return _text(await caller.unary(method, message_factory.GetMessageClass(method.input_type)(name="ALPHA_TOKEN")))
+
+
+async def _alpha_is_untouched(client: AsyncClient, caller: Caller, alpha: Alpha, secret_before: str) -> None:
+    ids = alpha.ids
+    await client.sessions.GetSession(session_pb2.GetSessionRequest(session_id=ids["session_id"]))
+    workflow = await client.workflows.GetWorkflow(workflow_pb2.GetWorkflowRequest(workflow_id=ids["workflow_id"]))
+    assert workflow.version == 1
+    execution = await client.executions.GetExecution(
+        execution_pb2.GetExecutionRequest(execution_id=ids["execution_id"])
+    )
+    assert execution.state == execution_pb2.Execution.STATE_SUCCEEDED
+    await client.webhooks.GetWebhook(webhook_pb2.GetWebhookRequest(webhook_id=ids["webhook_id"]))
+    assert await _alpha_secret(caller) == secret_before, "beta's PutSecret changed alpha's secret"
