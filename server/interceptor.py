@@ -1,7 +1,8 @@
 """The server interceptor: maps FlowportError to google.rpc.Status, once.
 
-It also counts calls for GatewayService.GetStats, since it is the one place
-every call passes through.
+It also counts calls for GatewayService.GetStats and hands each finished
+call to the audit log (which records only the few that matter), since it
+is the one place every call passes through.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from flowport.server.api.in_band import in_band_error
+from flowport.server.audit.calls import CallAuditor
 from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.context import CURRENT
 from flowport.server.errors import FlowportError, Internal, InvalidArgument
@@ -78,9 +80,12 @@ def _internal(method: str, exc: BaseException) -> Internal:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler so raised FlowportErrors become rich statuses."""
 
-    def __init__(self, metrics: RequestMetrics, authenticator: Authenticator | None = None) -> None:
+    def __init__(
+        self, metrics: RequestMetrics, authenticator: Authenticator | None = None, auditor: CallAuditor | None = None
+    ) -> None:
         self._metrics = metrics
         self._auth = authenticator
+        self._auditor = auditor
         # Handlers are fixed per method, so each is wrapped once, not per call.
         self._wrapped: dict[str, Handler | None] = {}
 
@@ -114,25 +119,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _wrap_unary(self, method: str, handler: Handler) -> Handler:
-        metrics, begin = self._metrics, self._begin
+        metrics, begin, auditor = self._metrics, self._begin, self._auditor
         unary = cast("UnaryBehavior", handler.unary_unary)
 
         async def unary_behavior(request: Any, context: Context) -> Any:
             start = time.perf_counter()
             ok = False
+            response: Any = None
+            code, error = grpc.StatusCode.CANCELLED, None
             try:
                 await begin(method, request, context)
                 response = await unary(request, context)
-                ok = True
+                ok, code = True, grpc.StatusCode.OK
                 return response
             except FlowportError as exc:
+                code, error = exc.code, exc
                 await abort_with(context, exc)
             except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug must still answer with a status
-                await abort_with(context, _internal(method, exc))
+                code, error = grpc.StatusCode.INTERNAL, _internal(method, exc)
+                await abort_with(context, error)
             finally:
                 metrics.record(time.perf_counter() - start, ok)
+                if auditor is not None:
+                    auditor.finish(method, context, request=request, response=response, code=code, error=error)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_behavior,
@@ -141,12 +153,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _wrap_stream(self, method: str, handler: Handler) -> Handler:
-        metrics, begin = self._metrics, self._begin
+        metrics, begin, auditor = self._metrics, self._begin, self._auditor
         stream = cast("StreamBehavior", handler.unary_stream)
 
         async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
             ok = False
             last: type[Any] | None = None
+            error: FlowportError | None = None
             metrics.stream_opened()
             try:
                 try:
@@ -161,13 +174,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except Exception as exc:  # noqa: BLE001
                     error = _internal(method, exc)
-                if not ok:
+                if error is not None:
                     final = in_band_error(last, error) if last is not None and original_path(context) else None
                     if final is None:
                         await abort_with(context, error)
                     yield final
             finally:
                 metrics.stream_closed(ok)
+                if auditor is not None:
+                    code = grpc.StatusCode.OK if ok else error.code if error is not None else grpc.StatusCode.CANCELLED
+                    auditor.finish(method, context, request=request, response=None, code=code, error=error)
 
         return grpc.unary_stream_rpc_method_handler(
             stream_behavior,

@@ -53,6 +53,9 @@ _WELL_KNOWN: dict[str, Schema] = {
         "additionalProperties": True,
     },
 }
+# Messages whose JSON form is one string, which Envoy's transcoder also
+# accepts as a query parameter (e.g. `?start_time=2025-01-31T00:00:00Z`).
+_QUERY_MESSAGES = frozenset({"google.protobuf.Timestamp"})
 STATUS = "google.rpc.Status"
 # Bounds the server enforces that proto3 cannot express; in the document so
 # clients (and fuzzers) know them.
@@ -221,8 +224,8 @@ class _Builder:
             else [f for f in request.field if f.name not in path_params and f.name != binding.body]
         )
         for field in query_fields:
-            if field.type == FDP.TYPE_MESSAGE:
-                continue  # only scalar fields travel in the query string
+            if field.type == FDP.TYPE_MESSAGE and field.type_name.lstrip(".") not in _QUERY_MESSAGES:
+                continue  # only scalars (and types written as one string) travel in the query string
             schema = self.field_schema(field)
             if field.name in FIELD_CONSTRAINTS and field.label != FDP.LABEL_REPEATED:
                 schema = {**schema, **FIELD_CONSTRAINTS[field.name]}

@@ -6,6 +6,7 @@ import re
 
 from flowport.server import pagination
 from flowport.server.api.common import idempotency_key, now_us, request_id_reused, require
+from flowport.server.audit import actions, note
 from flowport.server.auth.keys import KeyAuthenticator, describe, key_hash, new_key
 from flowport.server.auth.principal import ROLES, USER
 from flowport.server.errors import InvalidArgument, NotFound
@@ -35,6 +36,8 @@ class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
     ) -> apikey_pb2.CreateApiKeyResponse:
         given = request.api_key
         tenant = given.tenant or tenant_of(context)
+        # Noted first, so a refused attempt is in the audit log too.
+        note(actions.API_KEY_CREATED, resource_tenant=tenant)
         roles = sorted(set(given.roles)) or [USER]
         violations = []
         if not TENANT.match(tenant):
@@ -64,7 +67,10 @@ class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
             raise request_id_reused(request.request_id, "with a different key") from None
         if result.replayed:
             # The first key was shown once; a retry only describes it.
-            return apikey_pb2.CreateApiKeyResponse(api_key=apikey_pb2.ApiKey.FromString(result.response))
+            first = apikey_pb2.ApiKey.FromString(result.response)
+            note(actions.API_KEY_CREATED, resource=f"api_keys/{first.key_id}")
+            return apikey_pb2.CreateApiKeyResponse(api_key=first)
+        note(actions.API_KEY_CREATED, resource=f"api_keys/{key_id}")
         return apikey_pb2.CreateApiKeyResponse(api_key=description, key=key)
 
     async def GetApiKey(self, request: apikey_pb2.GetApiKeyRequest, context: Context) -> apikey_pb2.ApiKey:
@@ -85,10 +91,12 @@ class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
         return apikey_pb2.ListApiKeysResponse(api_keys=keys, next_page_token=token)
 
     async def RevokeApiKey(self, request: apikey_pb2.RevokeApiKeyRequest, context: Context) -> apikey_pb2.ApiKey:
+        note(actions.API_KEY_REVOKED, resource=f"api_keys/{request.key_id}" if request.key_id else "")
         require(request.key_id, "key_id")
         key = await self._store.revoke_api_key(request.key_id, None, now_us())
         if key is None:
             raise _not_found(request.key_id)
+        note(actions.API_KEY_REVOKED, resource_tenant=key.tenant)
         # Immediate effect: the next call with this key is looked up again.
         self._keys.forget(request.key_id)
         return key

@@ -16,10 +16,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from flowport.server.audit import actions
+from flowport.server.audit.recorder import AuditRecorder, Kind, entry
 from flowport.server.auth.keys import KeyAuthenticator
+from flowport.server.auth.origin import Origin, origin_of
 from flowport.server.auth.permissions import Access, access_for, allowed
 from flowport.server.auth.principal import ADMIN, USER, AuthenticationFailed, Principal
 from flowport.server.errors import PermissionDenied, Unauthenticated
+from flowport.v1 import audit_pb2
 
 log = logging.getLogger(__name__)
 
@@ -60,33 +64,36 @@ class Authenticator:
         insecure: bool,
         max_failures: int,
         trusted_proxies: frozenset[str],
+        audit: AuditRecorder | None = None,
     ) -> None:
         self._keys = keys
         self._jwt = jwt
         self._insecure = insecure
         self._failures = _Failures(max_failures)
         self._trusted_proxies = trusted_proxies
+        self._audit = audit
         self.failed = 0
 
+    def origin_of(self, metadata: Sequence[tuple[str, Any]], peer: str) -> Origin:
+        """The caller's address (Envoy's X-Forwarded-For when the peer is a trusted proxy)."""
+        return origin_of(metadata, peer, self._trusted_proxies)
+
     def client_of(self, metadata: Sequence[tuple[str, Any]], peer: str) -> str:
-        """The caller's address: Envoy's X-Forwarded-For when the peer is a trusted proxy."""
-        address = _peer_host(peer)
-        if address in self._trusted_proxies:
-            for key, value in metadata:
-                if key == "x-forwarded-for" and isinstance(value, str):
-                    return value.split(",")[-1].strip() or address
-        return address
+        """The caller's address alone."""
+        return self.origin_of(metadata, peer).client
 
     async def authenticate(self, method: str, metadata: Sequence[tuple[str, Any]], peer: str) -> Principal | None:
         """The principal for this call (None for public calls); raises FlowportError."""
         access = access_for(method)
         if access is None:
             # Fail closed: an RPC nobody declared access for is nobody's to call.
+            self._denied(method, metadata, peer, None, "NO_PERMISSION_DECLARED")
             raise PermissionDenied(f"{method} is not open to callers", reason="NO_PERMISSION_DECLARED")
         if access is Access.PUBLIC:
             return None
         principal = INSECURE if self._insecure else await self._verify(method, metadata, peer)
         if not allowed(principal, access):
+            self._denied(method, metadata, peer, principal, f"needs the {access.value} role")
             raise PermissionDenied(
                 f"{method} needs the {access.value} role", reason="ROLE_REQUIRED", metadata={"role": access.value}
             )
@@ -108,19 +115,50 @@ class Authenticator:
             raise AuthenticationFailed("no credential" if not bearer else "bearer tokens are not configured")
         except AuthenticationFailed as failure:
             self.failed += 1
-            client = self.client_of(metadata, peer)
-            log.warning("authentication failed for %s from %s: %s", method, client, failure.reason)
-            delay = self._failures.record(client)
+            origin = self.origin_of(metadata, peer)
+            known = f" ({failure.credential_id})" if failure.credential_id else ""
+            log.warning("authentication failed for %s from %s: %s%s", method, origin.client, failure.reason, known)
+            kind = (
+                Kind.CREDENTIAL_KIND_API_KEY
+                if api_key
+                else Kind.CREDENTIAL_KIND_JWT
+                if bearer
+                else Kind.CREDENTIAL_KIND_NONE
+            )
+            self._record_failure(method, origin, failure, kind)
+            delay = self._failures.record(origin.client)
             if delay:
                 await asyncio.sleep(delay)
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE) from None
 
+    def _record_failure(
+        self,
+        method: str,
+        origin: Origin,
+        failure: AuthenticationFailed,
+        kind: audit_pb2.AuditEvent.CredentialKind.ValueType,
+    ) -> None:
+        if self._audit is None:
+            return
+        event = entry(actions.AUTH_FAILED, code="UNAUTHENTICATED", reason=failure.reason, method=method, origin=origin)
+        event.credential_id = failure.credential_id
+        event.credential_kind = kind
+        # Throttled per client address: a loop of bad keys cannot fill the disk.
+        self._audit.append_limited(origin.client, event)
 
-def _peer_host(peer: str) -> str:
-    # grpc peers look like "ipv4:127.0.0.1:5000" or "ipv6:[::1]:5000".
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6":
-        return rest.rsplit("]", 1)[0].lstrip("[")
-    if kind == "ipv4":
-        return rest.rsplit(":", 1)[0]
-    return peer
+    def _denied(
+        self, method: str, metadata: Sequence[tuple[str, Any]], peer: str, principal: Principal | None, reason: str
+    ) -> None:
+        if self._audit is None:
+            return
+        origin = self.origin_of(metadata, peer)
+        event = entry(
+            actions.ACCESS_DENIED,
+            code="PERMISSION_DENIED",
+            reason=reason,
+            method=method,
+            principal=principal,
+            origin=origin,
+        )
+        who = f"{principal.tenant}/{principal.subject}" if principal is not None else origin.client
+        self._audit.append_limited(who, event)

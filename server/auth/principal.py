@@ -31,9 +31,12 @@ class AuthenticationFailed(Exception):
     """A credential was missing or did not verify.
 
     `reason` is for the audit log and server logs only; callers always get
-    the same UNAUTHENTICATED answer, which tells an attacker nothing.
+    the same UNAUTHENTICATED answer, which tells an attacker nothing. It
+    never holds credential material. `credential_id` is the public id of a
+    credential the server knows (a revoked or expired key), else empty.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, credential_id: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.credential_id = credential_id
