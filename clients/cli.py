@@ -3,6 +3,10 @@
     flowport up             run the gRPC server and Envoy (REST on :8080)
     flowport serve          run the gRPC server alone, behind your own Envoy
     flowport envoy-config   print the Envoy bootstrap `up` would use
+    flowport keys create|list|revoke
+                            manage API keys on a running server (admin key)
+    flowport secrets rotate-key|generate-key
+                            re-encrypt secrets under a new key (no downtime)
 
 Every setting is a flag here, a FLOWPORT_<NAME> environment variable, or a
 key in the TOML file given with --config (flags win over the environment,
@@ -19,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flowport.clients.keys_cli import add_keys_parser, run_keys
+from flowport.clients.secrets_cli import add_secrets_parser, run_secrets
 from flowport.server.settings import ENV_PREFIX, Settings, SettingsError
 from flowport.server.version import VERSION
 
@@ -52,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text)
         _add_setting_flags(sub)
+    add_keys_parser(commands)
+    add_secrets_parser(commands, _add_setting_flags)
     return parser
 
 
@@ -64,6 +72,9 @@ def load_settings(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flowport` command."""
     args = build_parser().parse_args(argv)
+    if args.command == "keys":
+        # A client of a running server: only the settings that locate it apply.
+        return run_keys(args)
     try:
         settings = load_settings(args)
     except SettingsError as exc:
@@ -72,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.command == "secrets":
+        return run_secrets(args, settings)
     if args.command == "envoy-config":
         from flowport.transcoder.envoy_config import render
 

@@ -25,10 +25,12 @@ from flowport.clients.credentials import (
 )
 from flowport.v1 import (
     apikey_pb2_grpc,
+    audit_pb2_grpc,
     event_pb2_grpc,
     execution_pb2_grpc,
     gateway_pb2_grpc,
     schema_pb2_grpc,
+    secret_pb2_grpc,
     session_pb2_grpc,
     webhook_pb2_grpc,
     workflow_pb2_grpc,
@@ -47,6 +49,8 @@ class _Stubs:
         self.webhooks = webhook_pb2_grpc.WebhookServiceStub(channel)
         self.schemas = schema_pb2_grpc.SchemaServiceStub(channel)
         self.keys = apikey_pb2_grpc.ApiKeyServiceStub(channel)
+        self.secrets = secret_pb2_grpc.SecretServiceStub(channel)
+        self.audit = audit_pb2_grpc.AuditServiceStub(channel)
 
 
 class Client(_Stubs):

@@ -19,14 +19,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from flowport.server.api.api_keys import ApiKeyService
+from flowport.server.api.audit import AuditService
 from flowport.server.api.events import EventService
 from flowport.server.api.executions import ExecutionService
 from flowport.server.api.gateway import GatewayService
 from flowport.server.api.schemas import SchemaService
+from flowport.server.api.secrets import SecretService
 from flowport.server.api.sessions import SessionService
 from flowport.server.api.unimplemented import unimplemented_handler
 from flowport.server.api.webhooks import WebhookService
 from flowport.server.api.workflows import WorkflowService
+from flowport.server.audit import AuditRecorder, CallAuditor
 from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.bootstrap import ensure_admin_key
 from flowport.server.auth.jwt import JwtConfig, JwtConfigError, JwtVerifier
@@ -42,12 +45,17 @@ from flowport.server.nodes.base import NodeServices
 from flowport.server.nodes.python_code import PythonCodeNode
 from flowport.server.nodes.sql_pools import SqlPools
 from flowport.server.sandbox import SandboxLimits, SandboxPool
+from flowport.server.secrets.keyring import KeyringError
+from flowport.server.secrets.source import KeySource, open_key_source
+from flowport.server.secrets.vault import SecretVault
 from flowport.server.settings import Settings
 from flowport.server.storage import MigrationError, SqliteStore
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.v1 import (
     apikey_pb2,
     apikey_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
     event_pb2,
     event_pb2_grpc,
     execution_pb2,
@@ -56,6 +64,8 @@ from flowport.v1 import (
     gateway_pb2_grpc,
     schema_pb2,
     schema_pb2_grpc,
+    secret_pb2,
+    secret_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
     webhook_pb2,
@@ -80,6 +90,8 @@ IMPLEMENTED = [
     event_pb2.DESCRIPTOR.services_by_name["EventService"],
     webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"],
     apikey_pb2.DESCRIPTOR.services_by_name["ApiKeyService"],
+    secret_pb2.DESCRIPTOR.services_by_name["SecretService"],
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
 ]
 # Services in the API that this server does not serve yet (none today).
 NOT_YET_IMPLEMENTED: list[Any] = []
@@ -104,9 +116,12 @@ class Running:
     event_log: EventLog
     dispatcher: WebhookDispatcher
     webhook_http: httpx.AsyncClient
+    audit: AuditRecorder
 
 
-async def _authenticator(store: SqliteStore, keys: KeyAuthenticator, settings: Settings) -> Authenticator:
+async def _authenticator(
+    store: SqliteStore, keys: KeyAuthenticator, settings: Settings, audit: AuditRecorder
+) -> Authenticator:
     if settings.insecure_no_auth:
         log.warning("AUTHENTICATION IS OFF (--insecure-no-auth): every caller acts as an admin of tenant 'default'")
     else:
@@ -119,6 +134,7 @@ async def _authenticator(store: SqliteStore, keys: KeyAuthenticator, settings: S
         insecure=settings.insecure_no_auth,
         max_failures=settings.max_login_attempts,
         trusted_proxies=frozenset(settings.trusted_proxies),
+        audit=audit,
     )
 
 
@@ -159,9 +175,7 @@ async def _open_node_services(settings: Settings) -> NodeServices:
         # One connection pool for every HTTP node of every execution; trust_env
         # off, so no proxy from the environment carries requests past the
         # SSRF check (which vets the address the node itself connects to).
-        http=httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False
-        ),
+        http=httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False),
         sandbox=sandbox,
         sql=SqlPools(),
         http_allowlist=frozenset(settings.http_allowlist),
@@ -178,14 +192,25 @@ async def _close_node_services(services: NodeServices) -> None:
         await services.sql.close()
 
 
-async def start(settings: Settings) -> Running:
+def _secret_keys(settings: Settings) -> KeySource:
+    try:
+        return open_key_source(settings)
+    except KeyringError as exc:
+        raise StartupError(f"secrets: {exc}") from None
+
+
+async def start(settings: Settings) -> Running:  # noqa: PLR0915 - the start-up sequence, in order
     """Open the store, start the sandbox pool, bind the port and serve.
 
     Executions a previous process left unfinished are resumed (or failed as
     INTERRUPTED) once the server is up. Raises StartupError.
     """
+    # Before anything starts: without its key no secret can be stored or read.
+    secret_keys = _secret_keys(settings)
     # Workers boot while the database opens.
     store, services = await asyncio.gather(SqliteStore.open(settings.database_path), _open_node_services(settings))
+    # Nodes open secrets through the vault, for their execution's tenant only.
+    services.secrets = vault = SecretVault(store, secret_keys)
     registry = NodeRegistry.default()
     plans = PlanCache(registry)
     event_log, bus = await EventLog.open(
@@ -205,9 +230,10 @@ async def start(settings: Settings) -> Running:
     executor = Executor(store, plans, bus, services, max_concurrent=settings.max_concurrent_executions)
     metrics = RequestMetrics()
     keys = KeyAuthenticator(store)
-    authenticator = await _authenticator(store, keys, settings)
+    audit = AuditRecorder(store)
+    authenticator = await _authenticator(store, keys, settings, audit)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics, authenticator)],
+        interceptors=[ErrorInterceptor(metrics, authenticator, CallAuditor(audit, authenticator.origin_of))],
         options=[
             # Without this a second server would silently share the port.
             ("grpc.so_reuseport", 0),
@@ -225,6 +251,8 @@ async def start(settings: Settings) -> Running:
     event_pb2_grpc.add_EventServiceServicer_to_server(EventService(bus, event_log, settings.stream_heartbeat), server)
     webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(store, dispatcher, bus, settings), server)
     apikey_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyService(store, keys), server)
+    secret_pb2_grpc.add_SecretServiceServicer_to_server(SecretService(store, vault), server)
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(store, audit), server)
     server.add_generic_rpc_handlers([unimplemented_handler(s) for s in NOT_YET_IMPLEMENTED])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -252,7 +280,9 @@ async def start(settings: Settings) -> Running:
         log.info("after restart: %d executions resumed, %d failed as INTERRUPTED", resumed, failed)
     for name in ["", *ALL_SERVICES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, health_servicer, store, port, executor, services, bus, event_log, dispatcher, webhook_http)
+    return Running(
+        server, health_servicer, store, port, executor, services, bus, event_log, dispatcher, webhook_http, audit
+    )
 
 
 async def stop(running: Running, grace: float) -> None:
@@ -266,6 +296,8 @@ async def stop(running: Running, grace: float) -> None:
     await running.webhook_http.aclose()
     await running.event_log.close()
     await _close_node_services(running.services)
+    # Pending aggregates of throttled entries, queued before the store drains.
+    running.audit.close()
     await running.store.close()
 
 

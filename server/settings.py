@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from flowport.server.secrets.keyring import KeyringError, parse
+
 ENV_PREFIX = "FLOWPORT_"
 
 Port = int
@@ -151,6 +153,16 @@ class Settings(BaseModel):
         default_factory=list,
         description="hosts/IPs HTTP nodes may reach though private, loopback or link-local (comma-separated)",
     )
+    secrets_key: SecretStr | None = Field(
+        None,
+        description="keys that encrypt secrets instead of a key file: base64 of 32 bytes each, comma-separated, "
+        "the first encrypts new values",
+    )
+    secrets_key_file: Path | None = Field(
+        None,
+        description="file of keys that encrypt secrets (one base64 key per line, the first encrypts); "
+        "default <data-dir>/secrets-key, created at first start",
+    )
 
     @field_validator("host", "grpc_host")
     @classmethod
@@ -176,8 +188,19 @@ class Settings(BaseModel):
             raise ValueError("admin_api_key must be at least 32 characters")
         if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value().encode()) < 32:
             raise ValueError("jwt_secret must be at least 32 bytes")
+        if self.cors_allow_credentials and "*" in self.cors_origins:
+            # Browsers refuse credentials with a wildcard origin; Envoy would
+            # echo any origin instead, which lets every site act as the user.
+            raise ValueError("cors_allow_credentials needs explicit cors_origins, not '*'")
         if self.stream_heartbeat >= self.stream_idle_timeout:
             raise ValueError("stream_heartbeat must be shorter than stream_idle_timeout, or Envoy cuts idle streams")
+        if self.secrets_key is not None:
+            if self.secrets_key_file is not None:
+                raise ValueError("give secrets_key or secrets_key_file, not both")
+            try:
+                parse(self.secrets_key.get_secret_value(), "secrets_key")
+            except KeyringError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
     @property

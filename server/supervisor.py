@@ -200,6 +200,11 @@ def up(settings: Settings, out: Callable[[str], None] = print) -> int:
                 if (s.data_dir / "admin-api-key").exists()
                 else ""
             )
+            + (
+                f"  secrets key          {(s.data_dir / 'secrets-key').resolve()} (back it up)\n"
+                if s.secrets_key is None and s.secrets_key_file is None and (s.data_dir / "secrets-key").exists()
+                else ""
+            )
             + "Press Ctrl-C to stop."
         )
         return supervisor.wait()

@@ -55,6 +55,13 @@ PERMISSIONS: dict[str, Access] = {
     f"{_API}ApiKeyService/GetApiKey": Access.ADMIN,
     f"{_API}ApiKeyService/ListApiKeys": Access.ADMIN,
     f"{_API}ApiKeyService/RevokeApiKey": Access.ADMIN,
+    # The caller's own tenant's secrets; values never leave through any RPC.
+    f"{_API}SecretService/PutSecret": Access.USER,
+    f"{_API}SecretService/GetSecret": Access.USER,
+    f"{_API}SecretService/ListSecrets": Access.USER,
+    f"{_API}SecretService/DeleteSecret": Access.USER,
+    # Every tenant's entries, failed logins included.
+    f"{_API}AuditService/ListAuditEvents": Access.ADMIN,
 }
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -73,3 +80,27 @@ def allowed(principal: Principal, access: Access) -> bool:
     if access is Access.ADMIN:
         return principal.is_admin
     return bool(principal.roles & {USER, ADMIN})
+
+
+# What the seed's `tenant_id:resource_id:permission` strings may ask for.
+RESOURCE_PERMISSIONS = frozenset({"read", "write", "execute", "delete", "admin"})
+
+
+def resource_allowed(tenant: str, roles: frozenset[str], resource_tenant: str, permission: str) -> tuple[bool, str]:
+    """Whether a subject of `tenant` with `roles` may `permission` a resource of `resource_tenant`.
+
+    The rule the RPC table applies, for resources a workflow names
+    (PermissionCheckNode): admins may do anything in every tenant; users
+    anything but `admin`, in their own tenant only. Returns (allowed, why).
+    """
+    if permission not in RESOURCE_PERMISSIONS:
+        return False, f"unknown permission {permission!r}; known: {', '.join(sorted(RESOURCE_PERMISSIONS))}"
+    if ADMIN in roles:
+        return True, "the admin role covers every tenant"
+    if USER not in roles:
+        return False, "no role that grants access"
+    if resource_tenant != tenant:
+        return False, "the resource belongs to another tenant"
+    if permission == "admin":
+        return False, "the admin permission needs the admin role"
+    return True, "users may act on their own tenant's resources"

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import Any
 
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.values import struct_to_python
+from flowport.server.nodes.base import NodeType
 from flowport.server.nodes.paths import steps
+from flowport.server.nodes.substitution import SECRET_NAME, secret_references
 from flowport.v1 import workflow_pb2
 
 Violation = tuple[str, str]
@@ -76,7 +79,9 @@ def _check_node(i: int, node: workflow_pb2.Node, registry: NodeRegistry, ids: di
             (f"{where}.type", f"unknown node type {node.type!r}; known types: {', '.join(registry.names())}")
         )
         return problems
-    problems += node_type.validate_config(struct_to_python(node.config), f"{where}.config")
+    config = struct_to_python(node.config)
+    problems += node_type.validate_config(config, f"{where}.config")
+    problems += _check_secret_references(node_type, config, f"{where}.config")
     if node.HasField("timeout"):
         seconds = node.timeout.ToNanoseconds() / 1e9
         if not 0 < seconds <= node_type.max_timeout:
@@ -93,6 +98,32 @@ def _check_node(i: int, node: workflow_pb2.Node, registry: NodeRegistry, ids: di
         for field, duration in backoffs:
             if duration.ByteSize() and duration.ToNanoseconds() <= 0:
                 problems.append((f"{where}.retry.{field}", "must be positive"))
+    return problems
+
+
+def _check_secret_references(node_type: NodeType, config: dict[str, Any], where: str) -> list[Violation]:
+    """`${secret:NAME}` only with a valid name, and only where the node type resolves it
+    (elsewhere it would be sent or run as written)."""
+    problems: list[Violation] = []
+    for path, name in secret_references(config):
+        field = path.split(".", 1)[0].split("[", 1)[0]
+        if not SECRET_NAME.match(name):
+            problems.append(
+                (
+                    f"{where}.{path}",
+                    f"secret name {name[:140]!r}: 1 to 128 characters of A-Z, 0-9 and '_', not starting with a digit",
+                )
+            )
+        elif field not in node_type.secret_fields:
+            takes = ", ".join(sorted(node_type.secret_fields))
+            problems.append(
+                (
+                    f"{where}.{path}",
+                    f"{node_type.type_name} resolves ${{secret:...}} only in {takes}"
+                    if takes
+                    else f"{node_type.type_name} does not resolve ${{secret:...}}; HTTP and SQL nodes do",
+                )
+            )
     return problems
 
 

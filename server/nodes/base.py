@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from jsonschema import Draft202012Validator
 
@@ -42,6 +42,17 @@ class NodeError(Exception):
         self.retry_after = retry_after
 
 
+class SecretReader(Protocol):
+    """Opens a tenant's secrets for a node that references them (server/secrets/vault.py)."""
+
+    async def reveal(self, tenant: str, names: Collection[str]) -> dict[str, str]:
+        """The values of those of `names` that `tenant` has; absent names are left out.
+
+        Raises SecretDecryptError when a value exists but cannot be opened.
+        """
+        ...
+
+
 @dataclass
 class NodeServices:
     """Resources shared by every node run in this process."""
@@ -54,6 +65,8 @@ class NodeServices:
     # Folders a SQLite connection string may not point into: the server's
     # own data dir holds every tenant's state.
     protected_paths: tuple[Path, ...] = ()
+    # Where `${secret:NAME}` values come from; None: nodes that reference one fail.
+    secrets: SecretReader | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,9 @@ class NodeType(ABC):
     # Runs even when some inbound connections carry nothing (a branch not
     # taken): MergeNode. Others are skipped in that case.
     runs_on_partial_inputs: ClassVar[bool] = False
+    # Top-level config keys whose `${secret:NAME}` references the type resolves
+    # when it runs (server/secrets/resolver.py); elsewhere validation refuses them.
+    secret_fields: ClassVar[frozenset[str]] = frozenset()
 
     _validator: ClassVar[Draft202012Validator | None] = None
 

@@ -32,6 +32,13 @@ Behaviour of `perform`:
   the API key header are dropped when the origin changes).
 - Bodies larger than `max_response_bytes` (at most 10 MiB) fail with
   `HTTP_RESPONSE_TOO_LARGE`; the size is counted after decompression.
+- `${secret:NAME}` is resolved in the request fields of `secret_fields`,
+  in values from the node's config only (server/secrets/resolver.py). The
+  values are masked (`***`) in the outputs and error messages; a header
+  holding one is dropped on a redirect to another origin, like
+  Authorization; a body holding one is never re-sent to another origin
+  (`HTTP_REDIRECT_REFUSED`). A secret goes into a URL as written: one that
+  may contain `&`, `?`, `/` or `#` belongs in `params`, which encodes it.
 
 `retry_safe` is False on both classes: the engine cannot tell a GET from a
 POST at class level, and re-running a POST is not safe.
@@ -57,7 +64,8 @@ from typing import Any, ClassVar, Final
 import httpx
 
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType
-from flowport.server.nodes.substitution import check_params, substitute
+from flowport.server.nodes.substitution import check_params, secret_references, substitute
+from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, revealed
 from flowport.server.version import VERSION
 
 MAX_RESPONSE_BYTES: Final = 10 * 1024 * 1024
@@ -191,10 +199,17 @@ class HttpCall:
     max_response_bytes: int = MAX_RESPONSE_BYTES
     # Header names (lower case) dropped when a redirect changes origin.
     sensitive_headers: frozenset[str] = frozenset({"authorization", "cookie", "proxy-authorization"})
+    # The body holds a secret: never re-sent to another origin by a 307/308.
+    secret_body: bool = False
 
 
 def build_call(
-    params: Mapping[str, Any], url: Any, headers: Mapping[str, Any], *, sensitive_headers: frozenset[str] = frozenset()
+    params: Mapping[str, Any],
+    url: Any,
+    headers: Mapping[str, Any],
+    *,
+    sensitive_headers: frozenset[str] = frozenset(),
+    secrets: Revealed = NONE,
 ) -> HttpCall:
     """An HttpCall from merged parameters, for `url` and `headers` already substituted."""
     if not isinstance(url, str) or not url:
@@ -205,7 +220,7 @@ def build_call(
 
     query: dict[str, Any] = {}
     for key in ("params", "query"):
-        value = substitute(params.get(key), params)
+        value = substitute(params.get(key), params, secrets.for_key(key))
         if value is None:
             continue
         if not isinstance(value, Mapping):
@@ -218,10 +233,10 @@ def build_call(
     if len(bodies) > 1:
         raise NodeError(f"give only one of json, body, data (got {', '.join(bodies)})", reason="INVALID_PARAMETER")
     if bodies == ["data"]:
-        data = substitute(params["data"], params)
+        data = substitute(params["data"], params, secrets.for_key("data"))
         content = (data if isinstance(data, str) else json.dumps(data)).encode()
     elif bodies:
-        value = substitute(params[bodies[0]], params)
+        value = substitute(params[bodies[0]], params, secrets.for_key(bodies[0]))
         try:
             content = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
@@ -245,8 +260,23 @@ def build_call(
         expect_json=expect_json if isinstance(expect_json, bool) else None,
         follow_redirects=bool(params.get("follow_redirects", False)),
         max_response_bytes=min(int(params.get("max_response_bytes", MAX_RESPONSE_BYTES)), MAX_RESPONSE_BYTES),
-        sensitive_headers=HttpCall.sensitive_headers | {name.lower() for name in sensitive_headers},
+        sensitive_headers=HttpCall.sensitive_headers
+        | {name.lower() for name in sensitive_headers}
+        | _secret_headers(params, secrets),
+        secret_body=any(
+            secret_references(params.get(key)) and secrets.for_key(key) is not None for key in ("json", "body", "data")
+        ),
     )
+
+
+def _secret_headers(params: Mapping[str, Any], secrets: Revealed) -> set[str]:
+    """Names (lower case) of headers whose value holds a secret: like Authorization, kept to their origin."""
+    names: set[str] = set()
+    for key in ("headers", "default_headers"):
+        given = params.get(key)
+        if isinstance(given, Mapping) and secrets.for_key(key) is not None:
+            names.update(str(name).lower() for name, value in given.items() if secret_references(value))
+    return names
 
 
 def _clean_headers(headers: Mapping[str, Any]) -> dict[str, str]:
@@ -415,6 +445,12 @@ async def _exchange(
                     if content is None:
                         headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
                     if (target.scheme, target.host, target.port) != (url.scheme, url.host, url.port):
+                        if content is not None and call.secret_body:
+                            raise NodeError(
+                                f"not following the redirect to {_safe(target)}: "
+                                "the request body holds a secret and the redirect keeps it",
+                                reason="HTTP_REDIRECT_REFUSED",
+                            )
                         headers = {k: v for k, v in headers.items() if k.lower() not in call.sensitive_headers}
                     url = target
                     continue
@@ -565,14 +601,23 @@ class _HTTPNode(NodeType):
         # Safe methods only (RFC 9110): rerunning a POST could act twice.
         return str(config.get("method", "GET")).upper() in ("GET", "HEAD", "OPTIONS")
 
-    def call(self, params: Mapping[str, Any]) -> HttpCall:
-        """The request `params` describe."""
+    def call(self, params: Mapping[str, Any], secrets: Revealed = NONE) -> HttpCall:
+        """The request `params` describe, with `secrets` in the config values that reference them."""
         raise NotImplementedError
+
+    def prepare(self, config: Mapping[str, Any]) -> ConfigSecrets:
+        return ConfigSecrets.of(config, self.secret_fields)
 
     async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
         check_params(type(self), params)
-        return await perform(ctx, self.call(params))
+        scope = prepared if isinstance(prepared, ConfigSecrets) else None
+        async with revealed(ctx, scope, params) as secrets:
+            # A service may echo what it was sent (a URL, a header): the outputs are recorded, so mask it.
+            return secrets.redact(await perform(ctx, self.call(params, secrets)))
 
+
+# Where `${secret:NAME}` is resolved: everything that goes into the request.
+_REQUEST_SECRET_FIELDS: Final = frozenset({"url", "headers", "params", "query", "body", "json", "data"})
 
 _HTTP_REQUEST_CONFIG: JsonSchema = {
     "type": "object",
@@ -594,11 +639,12 @@ class HTTPRequestNode(_HTTPNode):
     )
     config_schema: ClassVar[JsonSchema] = _HTTP_REQUEST_CONFIG
     inputs_schema: ClassVar[JsonSchema] = _inputs_schema(_HTTP_REQUEST_CONFIG)
+    secret_fields: ClassVar[frozenset[str]] = _REQUEST_SECRET_FIELDS
 
-    def call(self, params: Mapping[str, Any]) -> HttpCall:
-        url = substitute(params.get("url"), params)
-        headers = substitute(params.get("headers") or {}, params)
-        return build_call(params, url, headers)
+    def call(self, params: Mapping[str, Any], secrets: Revealed = NONE) -> HttpCall:
+        url = substitute(params.get("url"), params, secrets.for_key("url"))
+        headers = substitute(params.get("headers") or {}, params, secrets.for_key("headers"))
+        return build_call(params, url, headers, secrets=secrets)
 
 
 AUTH_TYPES: Final = ("none", "bearer", "basic", "api_key")
@@ -642,10 +688,20 @@ class RESTClientNode(_HTTPNode):
     )
     config_schema: ClassVar[JsonSchema] = _REST_CONFIG
     inputs_schema: ClassVar[JsonSchema] = _inputs_schema(_REST_CONFIG)
+    secret_fields: ClassVar[frozenset[str]] = _REQUEST_SECRET_FIELDS | {
+        "base_url",
+        "resource",
+        "path",
+        "auth_token",
+        "username",
+        "password",
+        "default_headers",
+    }
 
-    def call(self, params: Mapping[str, Any]) -> HttpCall:
-        base = substitute(params.get("base_url"), params)
-        resource = substitute(params.get("resource", params.get("path")), params)
+    def call(self, params: Mapping[str, Any], secrets: Revealed = NONE) -> HttpCall:
+        base = substitute(params.get("base_url"), params, secrets.for_key("base_url"))
+        resource_key = "resource" if "resource" in params else "path"
+        resource = substitute(params.get(resource_key), params, secrets.for_key(resource_key))
         if not isinstance(base, str) or not base:
             raise NodeError("base_url must be a non-empty string", reason="INVALID_PARAMETER")
         url = base
@@ -653,30 +709,30 @@ class RESTClientNode(_HTTPNode):
             url = base.rstrip("/") + "/" + str(resource).lstrip("/")
         headers: dict[str, Any] = {}
         for key in ("default_headers", "headers"):
-            for name, value in (substitute(params.get(key) or {}, params)).items():
+            for name, value in (substitute(params.get(key) or {}, params, secrets.for_key(key))).items():
                 headers = {k: v for k, v in headers.items() if k.lower() != str(name).lower()}
                 headers[name] = value
         sensitive: frozenset[str] = frozenset()
         auth_type = params.get("auth_type") or "none"
         if auth_type != "none":
-            name, value = self._auth_header(auth_type, params)
+            name, value = self._auth_header(auth_type, params, secrets)
             headers = {k: v for k, v in headers.items() if k.lower() != name.lower()}
             headers[name] = value
             sensitive = frozenset({name.lower()})
-        return build_call(params, url, headers, sensitive_headers=sensitive)
+        return build_call(params, url, headers, sensitive_headers=sensitive, secrets=secrets)
 
     @staticmethod
-    def _auth_header(auth_type: str, params: Mapping[str, Any]) -> tuple[str, str]:
+    def _auth_header(auth_type: str, params: Mapping[str, Any], secrets: Revealed) -> tuple[str, str]:
         if auth_type == "basic":
-            username = substitute(params.get("username"), params)
-            password = substitute(params.get("password"), params)
+            username = substitute(params.get("username"), params, secrets.for_key("username"))
+            password = substitute(params.get("password"), params, secrets.for_key("password"))
             if username is None or password is None:
                 raise NodeError("basic auth needs username and password", reason="INVALID_PARAMETER")
             if ":" in str(username):
                 raise NodeError("a basic auth username may not contain ':'", reason="INVALID_PARAMETER")
             pair = f"{username}:{password}".encode()
             return "Authorization", "Basic " + base64.b64encode(pair).decode("ascii")
-        token = substitute(params.get("auth_token"), params)
+        token = substitute(params.get("auth_token"), params, secrets.for_key("auth_token"))
         if token is None or token == "":
             raise NodeError(f"auth_type {auth_type} needs auth_token", reason="INVALID_PARAMETER")
         if auth_type == "bearer":

@@ -35,6 +35,10 @@ bytes as base64, UUID as a string, timedelta as seconds (float), JSON and
 array columns as JSON values; other driver types are str()-ed. When two
 columns share a name the last one wins in the row objects.
 
+`${secret:NAME}` is resolved in `connection_string` (e.g. the password)
+and in `query_params`/`parameters`, never in the query itself: a secret
+reaches SQL only as a bound value. Rows that return one have it masked.
+
 `echo` is accepted for compatibility and ignored: SQL logging would log
 bound values, and engines are shared between workflows.
 """
@@ -61,7 +65,8 @@ from sqlalchemy.sql.elements import TextClause
 
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType
 from flowport.server.nodes.sql_pools import CONNECTION_STRING_PATTERN, UnsupportedDatabase, async_url, describe
-from flowport.server.nodes.substitution import check_params, substitute
+from flowport.server.nodes.substitution import check_params, insert_secrets, substitute
+from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, revealed
 
 DEFAULT_MAX_ROWS: Final = 10_000
 DEADLINE_MARGIN: Final = 0.05  # seconds
@@ -121,6 +126,15 @@ class PreparedQuery:
     streamed: bool
 
 
+@dataclass(frozen=True)
+class PreparedSql:
+    """What a SQL node keeps per workflow version: its compiled query (None when it
+    does not parse; run reports that) and its config values that reference secrets."""
+
+    query: PreparedQuery | None
+    secrets: ConfigSecrets
+
+
 def prepare_query(query: str) -> PreparedQuery:
     """`query` as a text() clause and the names of its bind parameters, in order."""
     try:
@@ -131,20 +145,21 @@ def prepare_query(query: str) -> PreparedQuery:
     return PreparedQuery(query, statement, names, bool(_QUERY_STATEMENT.match(query)))
 
 
-def bind_values(prepared: PreparedQuery, params: Mapping[str, Any]) -> dict[str, Any]:
+def bind_values(prepared: PreparedQuery, params: Mapping[str, Any], secrets: Revealed = NONE) -> dict[str, Any]:
     """A value for each bind parameter: query_params/parameters (substituted), else the parameter itself."""
-    explicit: dict[str, Any] = {}
+    explicit: dict[str, tuple[str, Any]] = {}  # bind name -> (the key it came from, its value)
     for key in ("parameters", "query_params"):
         given = params.get(key)
         if given is None:
             continue
         if not isinstance(given, Mapping):
             raise NodeError(f"{key} must be an object, got {type(given).__name__}", reason="INVALID_PARAMETER")
-        explicit.update(given)
+        explicit.update((name, (key, value)) for name, value in given.items())
     values: dict[str, Any] = {}
     for name in prepared.bind_names:
         if name in explicit:
-            values[name] = substitute(explicit[name], params)
+            key, value = explicit[name]
+            values[name] = substitute(value, params, secrets.for_key(key))
         elif name in params:
             values[name] = params[name]
         else:
@@ -275,6 +290,8 @@ class SQLDatabaseNode(NodeType):
         "additionalProperties": True,
     }
     open_inputs: ClassVar[bool] = True
+    # Never the query itself: values reach SQL only as bound parameters.
+    secret_fields: ClassVar[frozenset[str]] = frozenset({"connection_string", "query_params", "parameters"})
     outputs_schema: ClassVar[JsonSchema] = {
         "type": "object",
         "properties": {
@@ -303,17 +320,27 @@ class SQLDatabaseNode(NodeType):
                 names.update(prepare_query(query).bind_names)
         return names
 
-    def prepare(self, config: Mapping[str, Any]) -> PreparedQuery | None:
+    def prepare(self, config: Mapping[str, Any]) -> PreparedSql:
+        secrets = ConfigSecrets.of(config, self.secret_fields)
         query = config.get("query")
         if not isinstance(query, str) or not query.strip():
-            return None
+            return PreparedSql(None, secrets)
         try:
-            return prepare_query(query)
+            return PreparedSql(prepare_query(query), secrets)
         except NodeError:  # reported by run, where it fails the node rather than the plan
-            return None
+            return PreparedSql(None, secrets)
 
     async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        scope = prepared.secrets if isinstance(prepared, PreparedSql) else None
+        async with revealed(ctx, scope, params) as secrets:
+            # Rows may hold a value the query was given (SELECT :token): the outputs are recorded, so mask it.
+            return secrets.redact(await self._run(ctx, prepared, params, secrets))
+
+    async def _run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any], secrets: Revealed) -> dict[str, Any]:
         connection_string = params.get("connection_string")
+        inserted = secrets.for_key("connection_string")
+        if isinstance(connection_string, str) and inserted is not None:
+            connection_string = insert_secrets(connection_string, inserted)
         try:
             url = async_url(connection_string) if isinstance(connection_string, str) else None
         except UnsupportedDatabase as exc:
@@ -325,9 +352,10 @@ class SQLDatabaseNode(NodeType):
         if pools is None:
             raise NodeError("no SQL pools are configured", reason="SQL_POOLS_UNAVAILABLE")
         query = params["query"]
-        if not isinstance(prepared, PreparedQuery) or prepared.query != query:
-            prepared = prepare_query(query)
-        values = bind_values(prepared, params)
+        compiled = prepared.query if isinstance(prepared, PreparedSql) else None
+        if compiled is None or compiled.query != query:
+            compiled = prepare_query(query)
+        values = bind_values(compiled, params, secrets)
         engine = pools.engine(
             connection_string,
             int(params.get("pool_size", 5)),
@@ -342,7 +370,7 @@ class SQLDatabaseNode(NodeType):
         result = await _run_statement(
             engine,
             url,
-            prepared=prepared,
+            prepared=compiled,
             values=values,
             max_rows=max_rows,
             remaining=remaining,

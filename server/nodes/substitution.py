@@ -8,7 +8,8 @@ are left alone) and replaces each `${name}` with `params[name]`:
   `str()`-ed (`"Bearer ${token}"` → `"Bearer abc"`);
 - dotted names navigate dicts (and lists by index): `${session.tenant_id}`;
   a parameter whose own name contains the dot wins over navigation;
-- `${secret:NAME}` is left untouched (secrets are resolved elsewhere);
+- `${secret:NAME}` is replaced from `secrets` when given (a node's secret
+  values, see server/secrets/resolver.py), else left untouched;
 - `$${x}` is the literal text `${x}`;
 - an unknown name raises `NodeError(reason="UNRESOLVED_REFERENCE")`.
 
@@ -30,21 +31,60 @@ from jsonschema import Draft202012Validator
 
 from flowport.server.nodes.base import NodeError, NodeType
 
-# `$${` (escape), `${secret:…}` (kept), or `${name}`.
+# `$${` (escape), `${secret:…}`, or `${name}`.
 _TOKEN = re.compile(r"\$\$\{|\$\{([^{}]*)\}")
 _KEPT_PREFIX = "secret:"
 _MISSING = object()
+# Env-var style, so `${secret:NAME}` reads unambiguously and names never differ only in case.
+SECRET_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
 
 
-def substitute(value: Any, params: Mapping[str, Any]) -> Any:
-    """`value` with every `${name}` in its strings replaced from `params`."""
+def substitute(value: Any, params: Mapping[str, Any], secrets: Mapping[str, str] | None = None) -> Any:
+    """`value` with every `${name}` in its strings replaced from `params`
+    (and every `${secret:NAME}` from `secrets`, when given)."""
     if isinstance(value, str):
-        return _substitute_string(value, params)
+        return _substitute_string(value, params, secrets)
     if isinstance(value, dict):
-        return {key: substitute(item, params) for key, item in value.items()}
+        return {key: substitute(item, params, secrets) for key, item in value.items()}
     if isinstance(value, list):
-        return [substitute(item, params) for item in value]
+        return [substitute(item, params, secrets) for item in value]
     return value
+
+
+def insert_secrets(text: str, secrets: Mapping[str, str]) -> str:
+    """`text` with only its `${secret:NAME}` references replaced; everything else stays as written."""
+
+    def replace(match: re.Match[str]) -> str:
+        inner = match.group(1)
+        if inner is None or not inner.strip().startswith(_KEPT_PREFIX):
+            return match.group(0)
+        return _secret(inner, secrets)
+
+    return _TOKEN.sub(replace, text)
+
+
+def secret_references(value: Any, path: str = "") -> list[tuple[str, str]]:
+    """(path, NAME) of every `${secret:NAME}` in `value`'s strings; paths like `headers.Authorization`."""
+    found: list[tuple[str, str]] = []
+    if isinstance(value, str):
+        for match in _TOKEN.finditer(value):
+            inner = match.group(1)
+            if inner is not None and inner.strip().startswith(_KEPT_PREFIX):
+                found.append((path, inner.strip()[len(_KEPT_PREFIX) :].strip()))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found += secret_references(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += secret_references(item, f"{path}[{i}]")
+    return found
+
+
+def _secret(inner: str, secrets: Mapping[str, str]) -> str:
+    name = inner.strip()[len(_KEPT_PREFIX) :].strip()
+    if name not in secrets:
+        raise NodeError(f"unknown secret {name!r}", reason="SECRET_NOT_FOUND")
+    return secrets[name]
 
 
 def references(value: Any) -> list[str]:
@@ -88,14 +128,14 @@ def _lookup(name: str, params: Mapping[str, Any]) -> Any:
     return current
 
 
-def _substitute_string(text: str, params: Mapping[str, Any]) -> Any:
+def _substitute_string(text: str, params: Mapping[str, Any], secrets: Mapping[str, str] | None) -> Any:
     if "$" not in text:
         return text
     whole = _TOKEN.fullmatch(text)
     if whole is not None and whole.group(1) is not None:
         name = whole.group(1).strip()
         if name.startswith(_KEPT_PREFIX):
-            return text
+            return text if secrets is None else _secret(name, secrets)
         return lookup(name, params)
 
     def replace(match: re.Match[str]) -> str:
@@ -104,7 +144,7 @@ def _substitute_string(text: str, params: Mapping[str, Any]) -> Any:
             return "${"
         name = inner.strip()
         if name.startswith(_KEPT_PREFIX):
-            return match.group(0)
+            return match.group(0) if secrets is None else _secret(name, secrets)
         return str(lookup(name, params))
 
     return _TOKEN.sub(replace, text)

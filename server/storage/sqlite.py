@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from flowport.server.storage.api_keys import ApiKeyTables
+from flowport.server.storage.audit import AuditTables
 from flowport.server.storage.events import EventTables
 from flowport.server.storage.executions import ExecutionTables
 from flowport.server.storage.migrate import Migration, bundled, migrate
+from flowport.server.storage.secrets import SecretTables
 from flowport.server.storage.sessions import SessionTables
 from flowport.server.storage.webhooks import WebhookTables
 from flowport.server.storage.workflows import WorkflowTables
@@ -150,7 +152,16 @@ class _GroupWriter:
             await asyncio.shield(self._flusher)
 
 
-class SqliteStore(SessionTables, WorkflowTables, ExecutionTables, EventTables, WebhookTables, ApiKeyTables):
+class SqliteStore(
+    SessionTables,
+    WorkflowTables,
+    ExecutionTables,
+    EventTables,
+    WebhookTables,
+    ApiKeyTables,
+    AuditTables,
+    SecretTables,
+):
     """Store on a SQLite file; create with `await SqliteStore.open(path)`."""
 
     def __init__(self, path: Path) -> None:

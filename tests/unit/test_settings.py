@@ -71,10 +71,18 @@ def test_bind_all_host_is_reached_through_loopback() -> None:
     s = Settings.load({"host": "0.0.0.0"}, environ={})  # noqa: S104
     assert s.grpc_target == "127.0.0.1:50051"
     assert s.http_url == "http://127.0.0.1:8080"
-    v6 = Settings.load({"host": "::"}, environ={})
+    v6 = Settings.load({"host": "::", "grpc_host": "::"}, environ={})
     assert v6.http_url == "http://[::1]:8080"
+    assert v6.grpc_target == "[::1]:50051"
+
+
+def test_the_grpc_server_stays_on_loopback_unless_asked() -> None:
+    # Envoy may listen on every interface; the server behind it does not follow.
+    assert Settings.load({"host": "0.0.0.0"}, environ={}).grpc_host == "127.0.0.1"  # noqa: S104
 
 
 def test_settings_that_contradict_each_other_are_refused() -> None:
+    with pytest.raises(SettingsError, match="cors_allow_credentials needs explicit cors_origins"):
+        Settings.load({"cors_origins": "*", "cors_allow_credentials": "true"}, environ={})
     with pytest.raises(SettingsError, match="session_default_ttl must not exceed session_max_ttl"):
         Settings.load({"session_default_ttl": "100", "session_max_ttl": "10"}, environ={})
