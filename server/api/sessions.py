@@ -11,7 +11,7 @@ from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
 from flowport.server.settings import Settings
 from flowport.server.storage import Deletion, IdempotencyConflict, Store
-from flowport.server.tenancy import tenant_of
+from flowport.server.tenancy import principal_of, tenant_of
 from flowport.server.types import Context
 from flowport.v1 import session_pb2, session_pb2_grpc
 
@@ -62,11 +62,13 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
                 "session is not valid: " + "; ".join(f"{f} {d}" for f, d in violations), violations=violations
             )
         now = now_us()
+        principal = principal_of(context)
         session = session_pb2.Session(
             session_id=new_id("ses"),
             user_id=given.user_id,
             metadata=given.metadata,
             tenant=tenant_of(context),
+            creator=principal.subject if principal is not None else "",
             create_time=timestamp(now),
             expire_time=timestamp(self._expiry_us(given, now)),
         )
@@ -95,8 +97,11 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         size = pagination.page_size(request.page_size)
         filters = {"user_id": request.user_id}
         after = pagination.cursor_time_id(pagination.decode_token(request.page_token, filters))
+        # Listing across the tenant is for admins; anyone else sees what it created.
+        principal = principal_of(context)
+        creator = None if principal is None or principal.is_admin else principal.subject
         rows = await self._store.list_sessions(
-            tenant_of(context), user_id=request.user_id, after=after, limit=size + 1, now_us=now_us()
+            tenant_of(context), user_id=request.user_id, after=after, limit=size + 1, now_us=now_us(), creator=creator
         )
         sessions, token = pagination.page(rows, size, filters, lambda s: [s.create_time.ToMicroseconds(), s.session_id])
         return session_pb2.ListSessionsResponse(sessions=sessions, next_page_token=token)

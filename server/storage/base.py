@@ -57,9 +57,16 @@ class Store(Protocol):
         """The session, or None when absent, another tenant's, or expired."""
 
     async def list_sessions(
-        self, tenant: str, *, user_id: str, after: tuple[int, str] | None, limit: int, now_us: int
+        self,
+        tenant: str,
+        *,
+        user_id: str,
+        after: tuple[int, str] | None,
+        limit: int,
+        now_us: int,
+        creator: str | None = None,
     ) -> list[session_pb2.Session]:
-        """Unexpired sessions, newest first, strictly after the (create_us, id) cursor."""
+        """Unexpired sessions, newest first, strictly after the (create_us, id) cursor; only `creator`'s if given."""
 
     async def delete_session(self, tenant: str, session_id: str, now_us: int, request_id: str = "") -> Deletion:
         """Delete; MISSING when there was no such unexpired session.

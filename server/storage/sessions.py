@@ -29,8 +29,17 @@ class SessionTables(Tables):
                     return IdempotentResult(first, replayed=True)
                 idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
             conn.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
-                (tenant, session.session_id, session.user_id, now_us, micros(session.expire_time), body),
+                "INSERT INTO sessions (tenant, session_id, user_id, create_us, expire_us, body, creator)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    tenant,
+                    session.session_id,
+                    session.user_id,
+                    now_us,
+                    micros(session.expire_time),
+                    body,
+                    session.creator,
+                ),
             )
             return IdempotentResult(body, replayed=False)
 
@@ -43,10 +52,20 @@ class SessionTables(Tables):
         return None if row is None else session_pb2.Session.FromString(row[0])
 
     async def list_sessions(
-        self, tenant: str, *, user_id: str, after: tuple[int, str] | None, limit: int, now_us: int
+        self,
+        tenant: str,
+        *,
+        user_id: str,
+        after: tuple[int, str] | None,
+        limit: int,
+        now_us: int,
+        creator: str | None = None,
     ) -> list[session_pb2.Session]:
         sql = "SELECT body FROM sessions WHERE tenant=? AND expire_us>?"
         args: list[object] = [tenant, now_us]
+        if creator is not None:
+            sql += " AND creator=?"
+            args.append(creator)
         if user_id:
             sql += " AND user_id=?"
             args.append(user_id)

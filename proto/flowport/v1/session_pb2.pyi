@@ -34,12 +34,17 @@ class Session(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Server-assigned identifier, e.g. "ses_01J9Z...". Unique across tenants."""
     user_id: _builtins.str
     """The user the session belongs to. At most 256 characters."""
     tenant: _builtins.str
     """The tenant that owns the session."""
+    creator: _builtins.str
+    """Who created the session: the API key id or the token subject. A caller
+    without the admin role lists only the sessions it created.
+    """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
         """Free-form JSON object kept with the session. At most 64 KiB encoded."""
@@ -70,10 +75,11 @@ class Session(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        creator: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expiration", b"expiration", "expire_time", b"expire_time", "metadata", b"metadata", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expiration", b"expiration", "expire_time", b"expire_time", "metadata", b"metadata", "session_id", b"session_id", "tenant", b"tenant", "ttl", b"ttl", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "expiration", b"expiration", "expire_time", b"expire_time", "metadata", b"metadata", "session_id", b"session_id", "tenant", b"tenant", "ttl", b"ttl", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_expiration: _TypeAlias = _typing.Literal["expire_time", "ttl"]  # noqa: Y015
     _WhichOneofArgType_expiration: _TypeAlias = _typing.Literal["expiration", b"expiration"]  # noqa: Y015

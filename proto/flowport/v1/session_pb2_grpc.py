@@ -83,7 +83,8 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Lists sessions that have not expired, newest first.
+        """Lists sessions that have not expired, newest first: every session of
+        the tenant for an admin, the caller's own (by `creator`) for others.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

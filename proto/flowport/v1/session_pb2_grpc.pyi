@@ -47,7 +47,9 @@ class SessionServiceStub:
     deleted, or has expired.
     """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_session_pb2.ListSessionsRequest, _session_pb2.ListSessionsResponse]
-    """Lists sessions that have not expired, newest first."""
+    """Lists sessions that have not expired, newest first: every session of
+    the tenant for an admin, the caller's own (by `creator`) for others.
+    """
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.DeleteSessionRequest, _empty_pb2.Empty]
     """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist."""
 
@@ -69,7 +71,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
     deleted, or has expired.
     """
     ListSessions: _aio.UnaryUnaryMultiCallable[_session_pb2.ListSessionsRequest, _session_pb2.ListSessionsResponse]  # type: ignore[assignment]
-    """Lists sessions that have not expired, newest first."""
+    """Lists sessions that have not expired, newest first: every session of
+    the tenant for an admin, the caller's own (by `creator`) for others.
+    """
     DeleteSession: _aio.UnaryUnaryMultiCallable[_session_pb2.DeleteSessionRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist."""
 
@@ -106,7 +110,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_pb2.ListSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.ListSessionsResponse, _abc.Awaitable[_session_pb2.ListSessionsResponse]]:
-        """Lists sessions that have not expired, newest first."""
+        """Lists sessions that have not expired, newest first: every session of
+        the tenant for an admin, the caller's own (by `creator`) for others.
+        """
 
     @_abc_1.abstractmethod
     def DeleteSession(
