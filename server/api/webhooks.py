@@ -28,6 +28,20 @@ W = webhook_pb2
 _STATES = W.WebhookDelivery.State
 
 
+HIDDEN = "***"
+
+
+def shown(webhook: W.Webhook) -> W.Webhook:
+    """The webhook as callers see it: header values are write-only, like the secret.
+
+    They typically carry a receiver's credentials (an Authorization header),
+    which must not be readable by everyone who may list the tenant's webhooks.
+    """
+    for name in webhook.headers:
+        webhook.headers[name] = HIDDEN
+    return webhook
+
+
 class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
     """Webhooks on the store, scoped by tenant."""
 
@@ -72,14 +86,14 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
             ) from None
         if not result.replayed:
             await self._dispatcher.webhooks_changed(tenant)
-        return W.Webhook.FromString(result.response)
+        return shown(W.Webhook.FromString(result.response))
 
     async def GetWebhook(self, request: W.GetWebhookRequest, context: Context) -> W.Webhook:
         require(request.webhook_id, "webhook_id")
         webhook = await self._store.get_webhook(tenant_of(context), request.webhook_id)
         if webhook is None:
             raise webhook_not_found(request.webhook_id)
-        return webhook
+        return shown(webhook)
 
     async def ListWebhooks(self, request: W.ListWebhooksRequest, context: Context) -> W.ListWebhooksResponse:
         size = pagination.page_size(request.page_size)
@@ -87,7 +101,7 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
         after = pagination.cursor_str(pagination.decode_token(request.page_token, filters))
         rows = await self._store.list_webhooks(tenant_of(context), after=after, limit=size + 1)
         webhooks, token = pagination.page(rows, size, filters, lambda w: [w.webhook_id])
-        return W.ListWebhooksResponse(webhooks=webhooks, next_page_token=token)
+        return W.ListWebhooksResponse(webhooks=[shown(w) for w in webhooks], next_page_token=token)
 
     async def DeleteWebhook(self, request: W.DeleteWebhookRequest, context: Context) -> empty_pb2.Empty:
         require(request.webhook_id, "webhook_id")

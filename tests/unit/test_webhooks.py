@@ -278,6 +278,7 @@ async def test_create_get_list_delete(env: Env, receivers: Callable[..., Receive
     assert created.has_secret and created.secret == ""
     assert list(created.event_types) == ["execution.*", "session.created"]
     assert created.create_time.seconds > 0 and created.url == url
+    assert dict(created.headers) == {"Authorization": "***"}  # write-only, like the secret
     got = await env.client.webhooks.GetWebhook(W.GetWebhookRequest(webhook_id=created.webhook_id))
     assert got == created
 
@@ -292,6 +293,7 @@ async def test_create_get_list_delete(env: Env, receivers: Callable[..., Receive
     listed = [*first.webhooks, *rest.webhooks]
     assert [w.webhook_id for w in listed] == sorted(["a-hook.1", "b-hook", created.webhook_id])
     assert rest.next_page_token == "" and all(w.secret == "" for w in listed)
+    assert all("t0k" not in str(w) for w in listed)
 
     await env.client.webhooks.DeleteWebhook(W.DeleteWebhookRequest(webhook_id="a-hook.1"))
     for call in (

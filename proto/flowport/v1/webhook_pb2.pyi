@@ -80,7 +80,9 @@ class Webhook(_message.Message):
 
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Extra headers sent with every delivery, e.g. an Authorization header."""
+        """Extra headers sent with every delivery, e.g. an Authorization header.
+        Values are write-only: responses show each value as "***".
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
