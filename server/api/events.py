@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from flowport.server.errors import Aborted, InvalidArgument, OutOfRange
 from flowport.server.events.bus import BusEvent, EventBus, SubscriberOverflow
 from flowport.server.events.log import EventLog
+from flowport.server.events.types import TypeFilter
 from flowport.server.tenancy import tenant_of
 from flowport.server.types import Context
 from flowport.v1 import event_pb2, event_pb2_grpc
@@ -40,13 +41,11 @@ def _cursor(request: event_pb2.StreamEventsRequest, context: Context) -> int | N
     return int(raw)
 
 
-def event_filter(request: event_pb2.StreamEventsRequest) -> tuple[set[str], tuple[str, ...]]:
-    """(exact types, type families) of the request; both empty accepts every type."""
+def event_filter(request: event_pb2.StreamEventsRequest) -> TypeFilter:
+    """The types the request asks for (none: every type)."""
     if len(request.types) > MAX_TYPES:
         raise InvalidArgument(f"at most {MAX_TYPES} types", violations=[("types", f"at most {MAX_TYPES}")])
-    exact = {t for t in request.types if not t.endswith(".*")}
-    families = tuple(t[:-1] for t in request.types if t.endswith(".*"))
-    return exact, families
+    return TypeFilter.of(request.types)
 
 
 class EventService(event_pb2_grpc.EventServiceServicer):
@@ -62,7 +61,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
     ) -> AsyncIterator[event_pb2.Event]:
         tenant = tenant_of(context)
         after = _cursor(request, context)
-        exact, families = event_filter(request)
+        types = event_filter(request)
 
         def accept(event: BusEvent) -> bool:
             return (
@@ -70,7 +69,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                 and (not request.session_id or event.session_id == request.session_id)
                 and (not request.workflow_id or event.workflow_id == request.workflow_id)
                 and (not request.execution_id or event.execution_id == request.execution_id)
-                and (not (exact or families) or event.type in exact or event.type.startswith(families))
+                and types.accepts(event.type)
             )
 
         subscription = self._bus.subscribe(accept)

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import httpx
 
+from flowport.server.api.common import now_us
 from flowport.server.events.bus import BusEvent, EventBus
+from flowport.server.events.types import TypeFilter
 from flowport.server.ids import new_id
 from flowport.server.settings import Settings
 from flowport.server.storage.webhooks import (
@@ -58,27 +59,20 @@ FAILED_EVENT = "webhook.failed"
 Key = tuple[str, str]  # (tenant, webhook_id)
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
-
-
 @dataclass(frozen=True, slots=True)
 class _Hook:
     """A cached webhook: what to match events against and where to send them."""
 
     key: Key
-    exact: frozenset[str]
-    families: tuple[str, ...]  # "execution." for "execution.*"
+    types: TypeFilter
     target: Target
 
     @classmethod
     def of(cls, stored: StoredWebhook) -> _Hook:
         webhook = stored.webhook
-        types = list(webhook.event_types)
         return cls(
             key=(webhook.tenant, webhook.webhook_id),
-            exact=frozenset(t for t in types if not t.endswith(".*")),
-            families=tuple(t[:-1] for t in types if t.endswith(".*")),
+            types=TypeFilter.of(webhook.event_types),
             target=Target(httpx.URL(webhook.url), dict(webhook.headers), stored.secret),
         )
 
@@ -87,9 +81,7 @@ class _Hook:
         # delivery would most likely fail too, and report itself again.
         if event.type == FAILED_EVENT and (event.data or {}).get("webhook_id") == self.key[1]:
             return False
-        if not self.exact and not self.families:
-            return True
-        return event.type in self.exact or event.type.startswith(self.families)
+        return self.types.accepts(event.type)
 
 
 @dataclass(eq=False, slots=True)
@@ -155,7 +147,7 @@ class WebhookDispatcher:
             by_tenant[stored.webhook.tenant].append(stored)
         for tenant, stored_hooks in by_tenant.items():
             self._install(tenant, stored_hooks)
-        now = _now_us()
+        now = now_us()
         resumed = 0
         for due in await self._store.unfinished_deliveries():
             key = (due.tenant, due.webhook_id)
@@ -261,7 +253,7 @@ class WebhookDispatcher:
     def _stamp(self) -> int:
         """A create time later than every earlier one, so "newest first" is queue order
         even for deliveries queued within the same microsecond."""
-        self._last_create_us = max(_now_us(), self._last_create_us + 1)
+        self._last_create_us = max(now_us(), self._last_create_us + 1)
         return self._last_create_us
 
     def redelivered(self, tenant: str, webhook_id: str, delivery_id: str) -> None:
@@ -340,7 +332,7 @@ class WebhookDispatcher:
         if delay is None:
             # Before the write: a redelivery that follows it must find no stale entry.
             self._forget(pending)
-        now = _now_us()
+        now = now_us()
         record = AttemptRecord(
             delivery_id=pending.delivery_id,
             state=state,
