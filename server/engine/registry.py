@@ -27,6 +27,7 @@ def builtin_types() -> list[type[NodeType]]:
     """The node types that ship with flowport."""
     from flowport.server.nodes.builtins import MergeNode, SwitchNode, TransformNode
     from flowport.server.nodes.http import HTTPRequestNode, RESTClientNode
+    from flowport.server.nodes.permission_check import PermissionCheckNode
     from flowport.server.nodes.python_code import PythonCodeNode
     from flowport.server.nodes.sql import AsyncSQLDatabaseNode, SQLDatabaseNode
 
@@ -39,6 +40,7 @@ def builtin_types() -> list[type[NodeType]]:
         SwitchNode,
         MergeNode,
         TransformNode,
+        PermissionCheckNode,
     ]
 
 
