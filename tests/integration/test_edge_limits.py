@@ -5,12 +5,15 @@ server, and fast 503s that recover after a restart."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flowport.clients import ApiError, Client
 from flowport.v1 import gateway_pb2
@@ -153,21 +156,38 @@ def test_healthz_follows_the_server_and_rest_fails_fast_then_recovers(
 
 
 def test_a_unary_call_over_the_route_timeout_is_504_json(tmp_path: pytest.TempPathFactory) -> None:
+    # No RPC of the server is slow on purpose (a waiting CreateExecution has
+    # a route timeout beyond its longest wait), so the upstream here is a
+    # stand-in: healthy to Envoy's checks, and never answering GetSession.
     settings = make_settings(tmp_path / "data", unary_timeout=1.0)  # type: ignore[operator]
-    server, envoy = ServeProcess(settings), EnvoyProcess(settings)
-    server.start()
+    release = threading.Event()
+
+    def hang(request: bytes, context: grpc.ServicerContext) -> bytes:
+        release.wait(10)
+        return b""
+
+    upstream = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    checks = health.HealthServicer()
+    checks.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, upstream)
+    upstream.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "flowport.v1.SessionService", {"GetSession": grpc.unary_unary_rpc_method_handler(hang)}
+            )
+        ]
+    )
+    upstream.add_insecure_port(settings.grpc_target)
+    upstream.start()
+    envoy = EnvoyProcess(settings)
     envoy.start()
     try:
         base = settings.http_url
         assert _poll(lambda: httpx.get(f"{base}/healthz").status_code == 200, 10)
-        code = "import time\ntime.sleep(3)\nresult = 1"
-        workflow = {"name": "slow", "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": code}}]}
-        assert httpx.post(f"{base}/api/workflows", json=workflow, headers=ADMIN_HEADERS).status_code == 200
-        response = httpx.post(
-            f"{base}/api/executions", json={"workflow_id": "slow", "wait": True}, timeout=30, headers=ADMIN_HEADERS
-        )
+        response = httpx.get(f"{base}/api/sessions/ses_slow", timeout=30, headers=ADMIN_HEADERS)
         assert response.status_code == 504
         assert response.json()["code"] == 4, "DEADLINE_EXCEEDED, as JSON"
     finally:
+        release.set()
         envoy.stop()
-        server.stop()
+        upstream.stop(0)
