@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 from flowport.server import pagination
 from flowport.server.api.common import idempotency_key, now_us, request_id_reused, require
 from flowport.server.audit import actions, note
 from flowport.server.auth.keys import KeyAuthenticator, describe, key_hash, new_key
-from flowport.server.auth.principal import ROLES, USER
+from flowport.server.auth.principal import ROLES, TENANT_NAME, USER
 from flowport.server.errors import InvalidArgument, NotFound
 from flowport.server.storage import IdempotencyConflict
 from flowport.server.storage.api_keys import ApiKeyTables
@@ -16,7 +14,7 @@ from flowport.server.tenancy import principal_of, tenant_of
 from flowport.server.types import Context
 from flowport.v1 import apikey_pb2, apikey_pb2_grpc
 
-TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+TENANT = TENANT_NAME
 MAX_DESCRIPTION = 512
 
 

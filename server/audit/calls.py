@@ -8,7 +8,7 @@ is a few attribute reads and no write. A call is recorded when:
   the call's final status code;
 - an admin made an admin-only call that changes something (the RPC is
   declared ADMIN and not NO_SIDE_EFFECTS), or an admin call names another
-  tenant: `admin.call`. An admin's ordinary work in its own tenant (running
+  tenant or acts for one (reads included): `admin.call`. An admin's ordinary work in its own tenant (running
   executions, say) is not an admin action, and with authentication off
   (`--insecure-no-auth`) there is no one to record;
 - a non-admin named another tenant in a `tenant` field of the request (or
@@ -174,7 +174,9 @@ class CallAuditor:
             named = _named_tenant(request, rules.tenant_paths, principal.tenant)
         noted = _NOTE.get()
         admin_action = (
-            principal.is_admin and principal.method != "insecure" and (named or (rules.admin_only and rules.mutating))
+            principal.is_admin
+            and principal.method != "insecure"
+            and bool(named or principal.acting_from or (rules.admin_only and rules.mutating))
         )
         if noted is None and not named and not admin_action:
             return

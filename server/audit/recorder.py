@@ -54,7 +54,7 @@ def entry(
     )
     event.time.CopyFrom(timestamp(now_us()))
     if principal is not None:
-        event.tenant = principal.tenant
+        event.tenant = principal.home_tenant
         event.subject = principal.subject
         event.credential_id = principal.credential_id
         event.credential_kind = _KINDS.get(principal.method, Kind.CREDENTIAL_KIND_INSECURE)

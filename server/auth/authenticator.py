@@ -14,6 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from flowport.server.audit import actions
@@ -21,8 +22,8 @@ from flowport.server.audit.recorder import AuditRecorder, Kind, entry
 from flowport.server.auth.keys import KeyAuthenticator
 from flowport.server.auth.origin import Origin, origin_of
 from flowport.server.auth.permissions import Access, access_for, allowed
-from flowport.server.auth.principal import ADMIN, USER, AuthenticationFailed, Principal
-from flowport.server.errors import PermissionDenied, Unauthenticated
+from flowport.server.auth.principal import ACT_AS_HEADER, ADMIN, TENANT_NAME, USER, AuthenticationFailed, Principal
+from flowport.server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from flowport.v1 import audit_pb2
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,26 @@ class Authenticator:
             raise PermissionDenied(
                 f"{method} needs the {access.value} role", reason="ROLE_REQUIRED", metadata={"role": access.value}
             )
+        acting_for = next((v for k, v in metadata if k == ACT_AS_HEADER and isinstance(v, str)), "")
+        if acting_for and acting_for != principal.tenant:
+            return self._act_as(method, metadata, peer, principal, acting_for)
         return principal
+
+    def _act_as(
+        self, method: str, metadata: Sequence[tuple[str, Any]], peer: str, principal: Principal, tenant: str
+    ) -> Principal:
+        """`principal`, acting for `tenant` (admins only)."""
+        if not principal.is_admin:
+            self._denied(method, metadata, peer, principal, f"{ACT_AS_HEADER} needs the admin role")
+            raise PermissionDenied(
+                f"acting for another tenant ({ACT_AS_HEADER}) needs the admin role",
+                reason="ROLE_REQUIRED",
+                metadata={"role": ADMIN},
+            )
+        if not TENANT_NAME.match(tenant):
+            rule = "1 to 63 characters: a-z, 0-9, '_' and '-', starting with a letter or digit"
+            raise InvalidArgument(f"{ACT_AS_HEADER} is not a tenant name: {rule}", violations=[(ACT_AS_HEADER, rule)])
+        return replace(principal, tenant=tenant, acting_from=principal.tenant)
 
     async def _verify(self, method: str, metadata: Sequence[tuple[str, Any]], peer: str) -> Principal:
         api_key = bearer = ""

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 ADMIN = "admin"
 USER = "user"
 ROLES = frozenset({ADMIN, USER})
+# Metadata (an HTTP header through Envoy) with which an admin acts for
+# another tenant: every RPC then sees that tenant, as if its own.
+ACT_AS_HEADER = "x-flowport-act-as-tenant"
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,14 @@ class Principal:
     method: str
     # The API key's public id, or the JWT's `jti`, for audit; empty otherwise.
     credential_id: str = ""
+    # For an admin acting for another tenant (ACT_AS_HEADER): its own tenant,
+    # while `tenant` is the one it acts for. Empty otherwise.
+    acting_from: str = ""
+
+    @property
+    def home_tenant(self) -> str:
+        """The tenant the credential belongs to."""
+        return self.acting_from or self.tenant
 
     @property
     def is_admin(self) -> bool:

@@ -20,6 +20,7 @@ from flowport.server.app import Running, start, stop
 from flowport.server.audit import AuditRecorder, actions
 from flowport.server.audit.recorder import entry
 from flowport.server.auth.origin import Origin
+from flowport.server.auth.principal import ACT_AS_HEADER
 from flowport.server.settings import Settings
 from flowport.server.storage import SqliteStore
 from flowport.server.storage.audit import AuditQuery, AuditTables
@@ -362,3 +363,31 @@ async def test_actions_outside_any_call_are_recorded_as_the_system(tmp_path: Pat
         Kind.CREDENTIAL_KIND_SYSTEM,
     )
     assert (event.tenant, event.subject, event.method, event.client_address) == ("", "", "", "")
+
+
+async def test_an_admin_acts_for_another_tenant_only_when_asked_and_it_is_recorded(
+    admin: AsyncClient, running: Running
+) -> None:
+    key = await _user(admin)
+    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=key.key) as user:
+        session = await user.sessions.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session()))
+        # A user cannot act for another tenant...
+        refused = await _error(
+            user.sessions.ListSessions(session_pb2.ListSessionsRequest(), metadata=((ACT_AS_HEADER, "default"),))
+        )
+        assert (refused.code, refused.reason) == (grpc.StatusCode.PERMISSION_DENIED, "ROLE_REQUIRED")
+    get = session_pb2.GetSessionRequest(session_id=session.session_id)
+    # ...an admin does not by default: acme's session is not in its tenant...
+    assert (await _error(admin.sessions.GetSession(get))).code is grpc.StatusCode.NOT_FOUND
+    # ...and does when it says so.
+    found = await admin.sessions.GetSession(get, metadata=((ACT_AS_HEADER, "acme"),))
+    assert found.tenant == "acme"
+    bad = await _error(admin.sessions.GetSession(get, metadata=((ACT_AS_HEADER, "Not A Tenant"),)))
+    assert bad.code is grpc.StatusCode.INVALID_ARGUMENT and bad.violations[0][0] == ACT_AS_HEADER
+    recorded = [
+        (e.action, e.method.rsplit("/", 1)[1], e.tenant, e.resource_tenant, e.code)
+        for e in await _events(admin)
+        if e.action in (actions.ADMIN_CALL, actions.ACCESS_DENIED)
+    ]
+    assert (actions.ADMIN_CALL, "GetSession", "default", "acme", "OK") in recorded  # a read, recorded all the same
+    assert (actions.ACCESS_DENIED, "ListSessions", "acme", "", "PERMISSION_DENIED") in recorded
