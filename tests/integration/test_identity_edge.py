@@ -127,3 +127,21 @@ def test_a_failed_authentication_says_nothing_that_helps_an_attacker(edge: Stack
     assert len(messages) <= 2, messages  # "no credential" may be told apart from "bad credential"
     for message in messages:
         assert "revoked" not in message and "unknown" not in message and "expired" not in message
+
+
+def test_secrets_over_rest_are_write_only_and_per_tenant(edge: Stack, admin: httpx.Client) -> None:
+    value = f"s3cr3t-{uuid.uuid4()}"
+    alpha, beta = _user_key(admin, "alpha"), _user_key(admin, "beta")
+    with httpx.Client(base_url=edge.http, timeout=30) as http:
+        put = http.put("/api/secrets/PAYMENT_TOKEN", json={"value": value}, headers={"x-api-key": alpha})
+        assert put.status_code == 200, put.text
+        got = http.get("/api/secrets/PAYMENT_TOKEN", headers={"x-api-key": alpha})
+        listed = http.get("/api/secrets", headers={"x-api-key": alpha})
+        assert got.status_code == listed.status_code == 200
+        assert value not in put.text + got.text + listed.text
+        assert got.json()["name"] == "PAYMENT_TOKEN"
+        assert http.get("/api/secrets/PAYMENT_TOKEN", headers={"x-api-key": beta}).status_code == 404
+        bad = http.put("/api/secrets/not-a-name", json={"value": value}, headers={"x-api-key": alpha})
+        assert bad.status_code == 400 and value not in bad.text
+        assert http.delete("/api/secrets/PAYMENT_TOKEN", headers={"x-api-key": beta}).status_code == 404
+        assert http.delete("/api/secrets/PAYMENT_TOKEN", headers={"x-api-key": alpha}).status_code == 200
