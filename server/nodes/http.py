@@ -50,12 +50,10 @@ import asyncio
 import base64
 import codecs
 import email.utils
-import ipaddress
 import json
 import math
 import random
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,6 +61,7 @@ from typing import Any, ClassVar, Final
 
 import httpx
 
+from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType
 from flowport.server.nodes.substitution import check_params, secret_references, substitute
 from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, revealed
@@ -80,7 +79,6 @@ _jitter = random.SystemRandom()
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _BAD_HEADER_VALUE = re.compile(r"[\r\n\x00]")
-_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # -- schemas ---------------------------------------------------------------
 
@@ -489,61 +487,17 @@ def _safe(url: httpx.URL) -> str:
     return str(url.copy_with(username=None, password=None, query=None, fragment=None))
 
 
-# -- SSRF guard -------------------------------------------------------------
-
-
-def forbidden_address(address: _IPAddress) -> bool:
-    """True for addresses an HTTP node may not reach unless allowlisted."""
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
-        if embedded is not None and forbidden_address(embedded):
-            return True
-    return (
-        address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_reserved
-        or address.is_multicast
-        or address.is_unspecified
-        or not address.is_global
-    )
+# -- SSRF guard (server/egress.py) -----------------------------------------
 
 
 async def _check_target(url: httpx.URL, allowlist: frozenset[str]) -> str | None:
-    """Refuse forbidden targets; the address to pin a plain-http request to, if any."""
-    host = url.host.lower()
-    if host in allowlist:
-        return None
+    """Refuse forbidden targets as node errors; the address to pin a plain-http request to, if any."""
     try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
-    if literal is not None:
-        if forbidden_address(literal) and literal.compressed not in allowlist:
-            raise _forbidden(host, literal.compressed)
-        return None
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise _Transient("HTTP_UNREACHABLE", f"cannot resolve {host}: {exc}") from exc
-    addresses: list[str] = []
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if forbidden_address(address) and address.compressed not in allowlist:
-            raise _forbidden(host, address.compressed)
-        addresses.append(address.compressed)
-    if not addresses:
-        raise _Transient("HTTP_UNREACHABLE", f"{host} resolves to no address")
-    return addresses[0] if url.scheme == "http" else None
-
-
-def _forbidden(host: str, address: str) -> NodeError:
-    shown = host if host == address else f"{host} ({address})"
-    return NodeError(
-        f"target {shown} is a private, loopback or otherwise internal address and not allowlisted",
-        reason="HTTP_TARGET_FORBIDDEN",
-    )
+        return await check_target(url, allowlist)
+    except TargetRefused as exc:
+        raise NodeError(str(exc), reason="HTTP_TARGET_FORBIDDEN") from None
+    except TargetUnresolvable as exc:
+        raise _Transient("HTTP_UNREACHABLE", str(exc)) from exc
 
 
 # -- outputs ----------------------------------------------------------------

@@ -18,9 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
+from flowport.server.egress import forbidden_address
 from flowport.server.nodes import http as http_nodes
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
-from flowport.server.nodes.http import HTTPRequestNode, RESTClientNode, forbidden_address, parse_retry_after
+from flowport.server.nodes.http import HTTPRequestNode, RESTClientNode, parse_retry_after
 from flowport.server.nodes.substitution import references, substitute
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost"})

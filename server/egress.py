@@ -1,0 +1,96 @@
+"""Outbound requests to user-given URLs: the SSRF guard shared by HTTP nodes and webhooks.
+
+A target is refused when its host is, or resolves to, a private, loopback,
+link-local or otherwise non-global address (IPv4 embedded in IPv6
+included), unless the host name or that address is allowlisted. Names are
+resolved at every attempt, since DNS answers change; a plain-http request is
+then pinned to the address that was checked, so a second DNS answer cannot
+swap in an internal one (https relies on certificate verification for that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable
+
+import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class TargetRefused(Exception):
+    """The target is internal and not allowlisted: a permanent failure."""
+
+    def __init__(self, host: str, address: str) -> None:
+        self.host, self.address = host, address
+        shown = host if host == address else f"{host} ({address})"
+        super().__init__(f"target {shown} is a private, loopback or otherwise internal address and not allowlisted")
+
+
+class TargetUnresolvable(Exception):
+    """The host name did not resolve: perhaps temporary, so worth retrying."""
+
+
+def normalize_allowlist(items: Iterable[str]) -> frozenset[str]:
+    """Lower-case host names and addresses without IPv6 brackets."""
+    return frozenset(item.strip().lower().strip("[]") for item in items if item.strip())
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address when `host` is an IP literal, else None."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def allowlisted(host: str, allowlist: frozenset[str]) -> bool:
+    """Whether the host (name or address, in any spelling) is allowlisted."""
+    host = host.lower()
+    literal = literal_address(host)
+    return host in allowlist or (literal is not None and literal.compressed in allowlist)
+
+
+def forbidden_address(address: IPAddress) -> bool:
+    """True for addresses no user-given URL may reach unless allowlisted."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
+        if embedded is not None and forbidden_address(embedded):
+            return True
+    return (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_reserved
+        or address.is_multicast
+        or address.is_unspecified
+        or not address.is_global
+    )
+
+
+async def check_target(url: httpx.URL, allowlist: frozenset[str]) -> str | None:
+    """Refuse an internal target (TargetRefused, TargetUnresolvable); the address to pin plain http to, if any."""
+    host = url.host.lower()
+    if allowlisted(host, allowlist):
+        return None
+    literal = literal_address(host)
+    if literal is not None:
+        if forbidden_address(literal):
+            raise TargetRefused(host, literal.compressed)
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise TargetUnresolvable(f"cannot resolve {host}: {exc}") from exc
+    addresses: list[str] = []
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if forbidden_address(address) and address.compressed not in allowlist:
+            raise TargetRefused(host, address.compressed)
+        addresses.append(address.compressed)
+    if not addresses:
+        raise TargetUnresolvable(f"{host} resolves to no address")
+    return addresses[0] if url.scheme == "http" else None
