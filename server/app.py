@@ -199,7 +199,7 @@ def _secret_keys(settings: Settings) -> KeySource:
         raise StartupError(f"secrets: {exc}") from None
 
 
-async def start(settings: Settings) -> Running:  # noqa: PLR0915 - the start-up sequence, in order
+async def start(settings: Settings) -> Running:
     """Open the store, start the sandbox pool, bind the port and serve.
 
     Executions a previous process left unfinished are resumed (or failed as
@@ -207,8 +207,29 @@ async def start(settings: Settings) -> Running:  # noqa: PLR0915 - the start-up 
     """
     # Before anything starts: without its key no secret can be stored or read.
     secret_keys = _secret_keys(settings)
+    # Whatever opened is closed again, in reverse, when a later step fails.
+    async with contextlib.AsyncExitStack() as opened:
+        running = await _start(settings, secret_keys, opened)
+        opened.pop_all()
+    return running
+
+
+async def _start(  # noqa: PLR0915 - the start-up sequence, in order
+    settings: Settings, secret_keys: KeySource, opened: contextlib.AsyncExitStack
+) -> Running:
     # Workers boot while the database opens.
-    store, services = await asyncio.gather(SqliteStore.open(settings.database_path), _open_node_services(settings))
+    store_opening, services_opening = await asyncio.gather(
+        SqliteStore.open(settings.database_path), _open_node_services(settings), return_exceptions=True
+    )
+    if isinstance(store_opening, SqliteStore):
+        opened.push_async_callback(store_opening.close)
+    if isinstance(services_opening, NodeServices):
+        opened.push_async_callback(_close_node_services, services_opening)
+    for outcome in (store_opening, services_opening):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    assert isinstance(store_opening, SqliteStore) and isinstance(services_opening, NodeServices)
+    store, services = store_opening, services_opening
     # Nodes open secrets through the vault, for their execution's tenant only.
     services.secrets = vault = SecretVault(store, secret_keys)
     registry = NodeRegistry.default()
@@ -219,15 +240,19 @@ async def start(settings: Settings) -> Running:  # noqa: PLR0915 - the start-up 
         retention_count=settings.event_retention_count,
         retention_seconds=settings.event_retention_seconds,
     )
+    opened.push_async_callback(event_log.close)
     # Its own pool, so slow receivers and node traffic cannot starve each
     # other; trust_env off, so no proxy from the environment skips the SSRF checks.
     webhook_http = httpx.AsyncClient(
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False
     )
+    opened.push_async_callback(webhook_http.aclose)
     dispatcher = WebhookDispatcher(store, bus, webhook_http, settings)
     await dispatcher.start()
+    opened.push_async_callback(dispatcher.close)
     bus.add_listener(dispatcher.on_event)
     executor = Executor(store, plans, bus, services, max_concurrent=settings.max_concurrent_executions)
+    opened.push_async_callback(executor.shutdown)
     metrics = RequestMetrics()
     keys = KeyAuthenticator(store)
     audit = AuditRecorder(store)
@@ -265,16 +290,12 @@ async def start(settings: Settings) -> Running:  # noqa: PLR0915 - the start-up 
     except RuntimeError as exc:
         port, cause = 0, f" ({exc})"
     if port == 0:
-        await dispatcher.close()
-        await webhook_http.aclose()
-        await event_log.close()
-        await _close_node_services(services)
-        await store.close()
         raise StartupError(
             f"cannot listen on {address} (--grpc-port {settings.grpc_port}): "
             f"the port is in use or the address is not available{cause}"
         )
     await server.start()
+    opened.push_async_callback(server.stop, None)
     resumed, failed = await executor.recover()
     if resumed or failed:
         log.info("after restart: %d executions resumed, %d failed as INTERRUPTED", resumed, failed)

@@ -4,7 +4,9 @@ reflection, UNIMPLEMENTED services and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,7 +19,7 @@ from flowport.server.app import ALL_SERVICES, Running, start, stop
 from flowport.server.settings import Settings
 from flowport.v1 import apikey_pb2, gateway_pb2, session_pb2, webhook_pb2, workflow_pb2
 
-from ..conftest import ADMIN_KEY
+from ..conftest import ADMIN_KEY, make_settings
 
 S = session_pb2
 
@@ -220,8 +222,29 @@ async def test_standard_health_and_reflection(running: Running) -> None:
 async def test_a_second_server_on_the_same_port_fails_naming_it(running: Running, settings: Settings) -> None:
     from flowport.server.app import StartupError
 
+    before = _sandbox_workers()
     with pytest.raises(StartupError, match=f"--grpc-port {settings.grpc_port}"):
         await start(settings)
+    # What the failed start opened is closed again: its sandbox workers are gone.
+    for _ in range(100):
+        if _sandbox_workers() <= before:
+            break
+        await asyncio.sleep(0.05)
+    assert _sandbox_workers() == before
+
+
+def _sandbox_workers() -> set[int]:
+    """Children of this process that are sandbox workers."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if f"PPid:\t{os.getpid()}\n" in status and b"flowport.server.sandbox.worker" in cmdline:
+            found.add(int(entry.name))
+    return found
 
 
 async def test_graceful_stop_lets_in_flight_calls_finish(settings: Settings) -> None:
@@ -301,3 +324,24 @@ async def test_only_admins_list_every_session_of_the_tenant(running: Running, cl
     async with AsyncClient(target, api_key=keys["boss"][1]) as boss:
         every = await boss.sessions.ListSessions(S.ListSessionsRequest())
     assert {s.session_id for s in every.sessions} == {mine.session_id, theirs.session_id}
+
+
+async def test_a_start_failing_late_closes_what_it_opened(tmp_path: Path) -> None:
+    from flowport.server.app import StartupError
+
+    broken = tmp_path / "jwks.json"
+    broken.write_text("not a key set")
+    # The JWKS file is read after the store, the sandbox pool and the webhook
+    # dispatcher have started.
+    settings = make_settings(tmp_path / "data", jwt_jwks_file=str(broken))
+    before = _sandbox_workers()
+    with pytest.raises(StartupError, match="bearer tokens"):
+        await start(settings)
+    for _ in range(100):
+        if _sandbox_workers() <= before:
+            break
+        await asyncio.sleep(0.05)
+    assert _sandbox_workers() == before
+    # The store was closed too: a new start opens the same file at once.
+    settings = make_settings(tmp_path / "data")
+    await stop(await start(settings), 1.0)
