@@ -1,20 +1,34 @@
-"""Versioned schema migrations: numbered SQL files applied in order, once.
+"""Versioned schema migrations, one source for SQLite and PostgreSQL.
 
-`migrations/NNNN_name.sql` files are applied in their own transaction each
-and recorded in `schema_migrations`. A database migrated by a newer flowport
-(a version this code does not know) is refused rather than guessed at.
+Each `migrations/vNNNN_name.py` module has an `upgrade(op)` written with
+Alembic's operations, which render the right DDL for either engine. They
+are applied in order, each in its own transaction (DDL is transactional on
+both), and recorded in `schema_migrations`. A database migrated by a newer
+flowport (a version this code does not know) is refused rather than guessed
+at. On PostgreSQL an advisory lock makes processes starting together
+migrate one after the other.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
-import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
+from typing import Any
 
-_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from sqlalchemy.pool import NullPool
+
+from flowport.server.storage import migrations as migrations_package
+
+_NAME = re.compile(r"^v(\d{4})_([a-z0-9_]+)$")
+# Any constant works; this one spells "flowport" in ASCII.
+_ADVISORY_LOCK = 0x666C6F77706F7274
 
 
 class MigrationError(RuntimeError):
@@ -27,17 +41,17 @@ class Migration:
 
     version: int
     name: str
-    sql: str
+    upgrade: Callable[[Operations], None]
 
 
 def bundled() -> list[Migration]:
     """The migrations shipped with this package, in version order."""
-    folder = resources.files("flowport.server.storage") / "migrations"
     found = []
-    for entry in folder.iterdir():
-        match = _NAME.match(entry.name)
+    for module in pkgutil.iter_modules(migrations_package.__path__):
+        match = _NAME.match(module.name)
         if match:
-            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8")))
+            loaded = importlib.import_module(f"{migrations_package.__name__}.{module.name}")
+            found.append(Migration(int(match.group(1)), match.group(2), loaded.upgrade))
     found.sort(key=lambda m: m.version)
     for expected, migration in enumerate(found, start=1):
         if migration.version != expected:
@@ -47,39 +61,73 @@ def bundled() -> list[Migration]:
     return found
 
 
-def applied_versions(conn: sqlite3.Connection) -> list[int]:
-    """Versions recorded in the database, ascending."""
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations "
-        "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_us INTEGER NOT NULL)"
-    )
-    return [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+def engine_for(url: str) -> sa.Engine:
+    """A SQLAlchemy engine for migrating the database at `url` (sqlite:/// or postgresql+psycopg://)."""
+    engine = sa.create_engine(url, poolclass=NullPool)
+    if engine.dialect.name == "sqlite":
+        # pysqlite begins transactions only before DML; DDL would commit as
+        # it goes. Take transactions in hand, so a migration is all or nothing.
+        @sa.event.listens_for(engine, "connect")
+        def _autocommit_driver(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.isolation_level = None
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(connection: sa.Connection) -> None:
+            connection.exec_driver_sql("BEGIN")
+
+    return engine
 
 
-def migrate(conn: sqlite3.Connection, migrations: list[Migration], path: Path | str = "database") -> list[int]:
-    """Apply what is missing; return the versions applied now."""
-    done = applied_versions(conn)
+def migrate(url: str, migrations: list[Migration], where: str = "database") -> list[int]:
+    """Apply what is missing to the database at `url`; the versions applied now."""
+    engine = engine_for(url)
+    try:
+        with engine.connect() as conn:
+            postgres = engine.dialect.name == "postgresql"
+            if postgres:
+                conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _ADVISORY_LOCK})
+                conn.commit()
+            try:
+                return _apply(conn, migrations, where)
+            finally:
+                if postgres:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _ADVISORY_LOCK})
+                    conn.commit()
+    finally:
+        engine.dispose()
+
+
+def _apply(conn: sa.Connection, migrations: list[Migration], where: str) -> list[int]:
+    with conn.begin():
+        conn.execute(
+            sa.text(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_us BIGINT NOT NULL)"
+            )
+        )
+        done = [row[0] for row in conn.execute(sa.text("SELECT version FROM schema_migrations ORDER BY version"))]
     known = {m.version for m in migrations}
     unknown = [v for v in done if v not in known]
     if unknown:
         raise MigrationError(
-            f"{path} has schema version {max(unknown)}, newer than this flowport knows "
-            f"({max(known, default=0)}): upgrade flowport or use another --data-dir"
+            f"{where} has schema version {max(unknown)}, newer than this flowport knows "
+            f"({max(known, default=0)}): upgrade flowport or use another database"
         )
     applied = []
     for migration in migrations:
         if migration.version in done:
             continue
         try:
-            # executescript commits first; BEGIN/COMMIT make the file atomic.
-            conn.executescript(
-                f"BEGIN;\n{migration.sql}\n"
-                "INSERT INTO schema_migrations VALUES "
-                f"({migration.version}, '{migration.name}', {time.time_ns() // 1000});\n"
-                "COMMIT;"
-            )
-        except sqlite3.Error as exc:
-            conn.rollback()
-            raise MigrationError(f"migration {migration.version:04d}_{migration.name} failed on {path}: {exc}") from exc
+            with conn.begin():
+                migration.upgrade(Operations(MigrationContext.configure(conn)))
+                conn.execute(
+                    sa.text("INSERT INTO schema_migrations VALUES (:version, :name, :applied_us)"),
+                    {"version": migration.version, "name": migration.name, "applied_us": time.time_ns() // 1000},
+                )
+        except sa.exc.SQLAlchemyError as exc:
+            detail = str(exc.orig) if isinstance(exc, sa.exc.DBAPIError) else str(exc)
+            raise MigrationError(
+                f"migration {migration.version:04d}_{migration.name} failed on {where}: {detail}"
+            ) from exc
         applied.append(migration.version)
     return applied

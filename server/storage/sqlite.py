@@ -177,12 +177,10 @@ class SqliteStore(
         path.parent.mkdir(parents=True, exist_ok=True)
         store = cls(path)
         steps = bundled() if migrations is None else migrations
+        # Migrated through SQLAlchemy (Alembic's operations), before the
+        # store's own connections open.
+        await asyncio.get_running_loop().run_in_executor(None, migrate, f"sqlite:///{path}", steps, str(path))
         await store._writer.open(lambda: _connect(path, readonly=False))
-        try:
-            await store._writer.run(lambda conn: migrate(conn, steps, path))
-        except BaseException:
-            await store._writer.close()
-            raise
         await store._reader.open(lambda: _connect(path, readonly=True))
         store._inline = _connect(path, readonly=True)
         return store

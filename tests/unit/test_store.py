@@ -6,6 +6,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from alembic.operations import Operations
 from google.protobuf import timestamp_pb2
 
 from flowport.server.storage import Deletion, IdempotencyConflict, MigrationError, SqliteStore
@@ -113,7 +115,9 @@ async def test_an_existing_file_is_upgraded_by_new_migrations_keeping_its_rows(t
     await store.create_session("t1", session("before"), None)
     await store.close()
     upgrade = Migration(
-        len(bundled()) + 1, "add_note", "ALTER TABLE sessions ADD COLUMN note TEXT NOT NULL DEFAULT '';"
+        len(bundled()) + 1,
+        "add_note",
+        lambda op: op.add_column("sessions", sa.Column("note", sa.Text, nullable=False, server_default="")),
     )
     upgraded = await SqliteStore.open(path, [*bundled(), upgrade])
     try:
@@ -127,7 +131,7 @@ async def test_an_existing_file_is_upgraded_by_new_migrations_keeping_its_rows(t
 
 async def test_a_database_from_a_newer_flowport_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
-    newer = Migration(len(bundled()) + 1, "future", "CREATE TABLE future (x INTEGER);")
+    newer = Migration(len(bundled()) + 1, "future", lambda op: op.create_table("future", sa.Column("x", sa.Integer)))
     store = await SqliteStore.open(path, [*bundled(), newer])
     await store.close()
     with pytest.raises(MigrationError, match="newer than this flowport knows"):
@@ -136,7 +140,12 @@ async def test_a_database_from_a_newer_flowport_is_refused(tmp_path: Path) -> No
 
 async def test_a_failing_migration_leaves_the_schema_unchanged(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
-    broken = Migration(len(bundled()) + 1, "broken", "CREATE TABLE half (x INTEGER);\nNOT SQL;")
+
+    def broken_upgrade(op: Operations) -> None:
+        op.create_table("half", sa.Column("x", sa.Integer))
+        op.execute("NOT SQL")
+
+    broken = Migration(len(bundled()) + 1, "broken", broken_upgrade)
     with pytest.raises(MigrationError, match="broken failed"):
         await SqliteStore.open(path, [*bundled(), broken])
     with sqlite3.connect(path) as conn:
