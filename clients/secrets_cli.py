@@ -88,16 +88,16 @@ async def rotate_key(settings: Settings, wait: float, out: Callable[[str], None]
     from flowport.server.secrets.keyring import KeyringError
     from flowport.server.secrets.rotation import rotate
     from flowport.server.secrets.source import open_key_source
-    from flowport.server.storage import MigrationError, SqliteStore
+    from flowport.server.storage import MigrationError, open_store
 
     say = out or (lambda line: print(line, flush=True))
-    if not settings.database_path.exists():
+    if settings.database_url is None and not settings.database_path.exists():
         # Opening would create an empty database: most likely the wrong --data-dir.
         print(f"flowport: no database at {settings.database_path}: check --data-dir", file=sys.stderr)
         return 2
     try:
         keys = open_key_source(settings, create=False)
-        store = await SqliteStore.open(settings.database_path)
+        store = await open_store(settings)
     except (KeyringError, MigrationError) as exc:
         print(f"flowport: {exc}", file=sys.stderr)
         return 2

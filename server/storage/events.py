@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
 from flowport.server.events.bus import BusEvent
-from flowport.server.storage.tables import Tables
+from flowport.server.storage.tables import Connection, Tables
 
 _INSERT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
@@ -39,7 +38,7 @@ class EventTables(Tables):
         """Queue an append; it commits in order with the writes around it."""
         rows = [_row(e) for e in events]
 
-        def op(conn: sqlite3.Connection) -> None:
+        def op(conn: Connection) -> None:
             conn.executemany(_INSERT, rows)
 
         self._write_soon(op)
@@ -47,7 +46,7 @@ class EventTables(Tables):
     async def reserve_event_ids(self, block: int) -> tuple[int, int]:
         """Reserve the next `block` ids durably; returns (last id used before, reserved until)."""
 
-        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+        def op(conn: Connection) -> tuple[int, int]:
             (reserved,) = conn.execute("SELECT reserved_until FROM event_id_reservation WHERE id=1").fetchone()
             (newest,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
             start = max(int(reserved), int(newest))
@@ -58,15 +57,13 @@ class EventTables(Tables):
 
     def extend_event_ids_soon(self, until: int) -> None:
         """Queue raising the reservation to `until` (committed in order with other writes)."""
-        self._write_soon(
-            lambda conn: conn.execute(
-                "UPDATE event_id_reservation SET reserved_until=MAX(reserved_until, ?) WHERE id=1", (until,)
-            )
-        )
+        greatest = self._greatest()  # a fixed function name, not input
+        sql = f"UPDATE event_id_reservation SET reserved_until={greatest}(reserved_until, ?) WHERE id=1"  # noqa: S608
+        self._write_soon(lambda conn: conn.execute(sql, (until,)))
 
     async def event_bounds(self) -> tuple[int, int]:
         """(oldest id, newest id) in the log; (0, 0) when it is empty."""
-        row = self._lookup("SELECT COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) FROM events", ())
+        row = await self._lookup("SELECT COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) FROM events", ())
         assert row is not None
         return int(row[0]), int(row[1])
 
@@ -97,7 +94,7 @@ class EventTables(Tables):
     async def purge_events(self, *, keep_after_id: int, keep_after_us: int) -> int:
         """Drop events at or below `keep_after_id` or older than `keep_after_us`."""
 
-        def op(conn: sqlite3.Connection) -> int:
+        def op(conn: Connection) -> int:
             return conn.execute("DELETE FROM events WHERE id<=? OR time_us<?", (keep_after_id, keep_after_us)).rowcount
 
         return await self._write(op)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import IdempotencyConflict, IdempotentResult
-from flowport.server.storage.tables import Tables, micros
+from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import execution_pb2
 
 _CREATE = "flowport.v1.ExecutionService/CreateExecution"
@@ -23,7 +21,7 @@ class ExecutionTables(Tables):
         body = execution.SerializeToString()
         now_us = micros(execution.create_time)
 
-        def op(conn: sqlite3.Connection) -> IdempotentResult:
+        def op(conn: Connection) -> IdempotentResult:
             if idempotency_key is not None:
                 first = idempotency.replayed(conn, tenant, _CREATE, *idempotency_key)
                 if first is not None:
@@ -56,7 +54,7 @@ class ExecutionTables(Tables):
         body = execution.SerializeToString()
         args = (execution.state, body, execution.execution_id)
 
-        def op(conn: sqlite3.Connection) -> None:
+        def op(conn: Connection) -> None:
             conn.execute("UPDATE executions SET state=?, body=? WHERE execution_id=?", args)
 
         if wait:
@@ -72,7 +70,7 @@ class ExecutionTables(Tables):
         is full.
         """
         request_id, request_hash = idempotency_key
-        row = self._lookup(
+        row = await self._lookup(
             "SELECT request_hash, response FROM idempotency WHERE tenant=? AND method=? AND request_id=?",
             (tenant, _CREATE, request_id),
         )
@@ -83,7 +81,9 @@ class ExecutionTables(Tables):
         return bytes(row[1]).decode()
 
     async def get_execution(self, tenant: str, execution_id: str) -> execution_pb2.Execution | None:
-        row = self._lookup("SELECT body FROM executions WHERE execution_id=? AND tenant=?", (execution_id, tenant))
+        row = await self._lookup(
+            "SELECT body FROM executions WHERE execution_id=? AND tenant=?", (execution_id, tenant)
+        )
         return None if row is None else execution_pb2.Execution.FromString(row[0])
 
     async def list_executions(

@@ -7,12 +7,11 @@ transaction on the writer thread.
 
 from __future__ import annotations
 
-import sqlite3
-
 from flowport.server.storage.base import IdempotencyConflict
+from flowport.server.storage.tables import Connection
 
 
-def replayed(conn: sqlite3.Connection, tenant: str, method: str, request_id: str, request_hash: bytes) -> bytes | None:
+def replayed(conn: Connection, tenant: str, method: str, request_id: str, request_hash: bytes) -> bytes | None:
     """The first call's response, None for a new key; IdempotencyConflict for another request."""
     row = conn.execute(
         "SELECT request_hash, response FROM idempotency WHERE tenant=? AND method=? AND request_id=?",
@@ -26,7 +25,7 @@ def replayed(conn: sqlite3.Connection, tenant: str, method: str, request_id: str
 
 
 def remember(
-    conn: sqlite3.Connection, tenant: str, method: str, key: tuple[str, bytes], response: bytes, *, now_us: int
+    conn: Connection, tenant: str, method: str, key: tuple[str, bytes], response: bytes, *, now_us: int
 ) -> None:
     """Record the response of the first call with this (request_id, request_hash) key."""
     conn.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?)", (tenant, method, *key, response, now_us))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 from flowport.server.secrets.cipher import Sealed
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import IdempotentResult
-from flowport.server.storage.tables import Tables
+from flowport.server.storage.tables import Connection, Tables
 from flowport.v1 import secret_pb2
 
 _PUT = "flowport.v1.SecretService/PutSecret"
@@ -64,7 +63,7 @@ class SecretTables(Tables):
         secret twice is not a new version.
         """
 
-        def op(conn: sqlite3.Connection) -> IdempotentResult:
+        def op(conn: Connection) -> IdempotentResult:
             if idempotency_key is not None:
                 first = idempotency.replayed(conn, tenant, _PUT, *idempotency_key)
                 if first is not None:
@@ -78,7 +77,7 @@ class SecretTables(Tables):
                 row = conn.execute(
                     "INSERT INTO secrets VALUES (?, ?, ?, 1, ?, ?, ?, ?) "
                     "ON CONFLICT (tenant, name) DO UPDATE SET description=excluded.description, "
-                    "version=version + 1, update_us=excluded.update_us, key_id=excluded.key_id, "
+                    "version=secrets.version + 1, update_us=excluded.update_us, key_id=excluded.key_id, "
                     "sealed=excluded.sealed RETURNING tenant, name, description, version, create_us, update_us",
                     (tenant, name, description, now_us, now_us, sealed.key_id, sealed.blob),
                 ).fetchone()
@@ -91,7 +90,7 @@ class SecretTables(Tables):
 
     async def get_secret(self, tenant: str, name: str) -> StoredSecret | None:
         """The row, or None when the tenant has no secret by that name."""
-        row = self._lookup(
+        row = await self._lookup(
             "SELECT tenant, name, description, version, create_us, update_us, key_id, sealed "
             "FROM secrets WHERE tenant=? AND name=?",
             (tenant, name),
@@ -114,7 +113,7 @@ class SecretTables(Tables):
         """Delete; False when there was none. A repeated `request_id` of a delete that succeeded is True."""
         key = name.encode()
 
-        def op(conn: sqlite3.Connection) -> bool:
+        def op(conn: Connection) -> bool:
             if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
                 return True
             if not conn.execute("DELETE FROM secrets WHERE tenant=? AND name=?", (tenant, name)).rowcount:
@@ -144,7 +143,7 @@ class SecretTables(Tables):
         Version and update time stay: the value did not change.
         """
 
-        def op(conn: sqlite3.Connection) -> int:
+        def op(conn: Connection) -> int:
             done = 0
             for change in changes:
                 done += conn.execute(

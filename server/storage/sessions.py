@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import Deletion, IdempotentResult
-from flowport.server.storage.tables import Tables, micros
+from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import session_pb2
 
 _CREATE = "flowport.v1.SessionService/CreateSession"
@@ -22,7 +20,7 @@ class SessionTables(Tables):
         body = session.SerializeToString()
         now_us = micros(session.create_time)
 
-        def op(conn: sqlite3.Connection) -> IdempotentResult:
+        def op(conn: Connection) -> IdempotentResult:
             if idempotency_key is not None:
                 first = idempotency.replayed(conn, tenant, _CREATE, *idempotency_key)
                 if first is not None:
@@ -46,7 +44,7 @@ class SessionTables(Tables):
         return await self._write(op)
 
     async def get_session(self, tenant: str, session_id: str, now_us: int) -> session_pb2.Session | None:
-        row = self._lookup(
+        row = await self._lookup(
             "SELECT body FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?", (session_id, tenant, now_us)
         )
         return None if row is None else session_pb2.Session.FromString(row[0])
@@ -80,7 +78,7 @@ class SessionTables(Tables):
     async def delete_session(self, tenant: str, session_id: str, now_us: int, request_id: str = "") -> Deletion:
         key = session_id.encode()
 
-        def op(conn: sqlite3.Connection) -> Deletion:
+        def op(conn: Connection) -> Deletion:
             if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
                 return Deletion.REPLAYED
             deleted = conn.execute(
@@ -93,7 +91,7 @@ class SessionTables(Tables):
         return await self._write(op)
 
     async def session_exists(self, tenant: str, session_id: str, now_us: int) -> bool:
-        row = self._lookup(
+        row = await self._lookup(
             "SELECT 1 FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?", (session_id, tenant, now_us)
         )
         return row is not None
@@ -105,7 +103,7 @@ class SessionTables(Tables):
         return int(row[0])
 
     async def purge_expired(self, now_us: int, idempotency_before_us: int) -> int:
-        def op(conn: sqlite3.Connection) -> int:
+        def op(conn: Connection) -> int:
             removed = conn.execute("DELETE FROM sessions WHERE expire_us<=?", (now_us,)).rowcount
             removed += conn.execute("DELETE FROM idempotency WHERE create_us<?", (idempotency_before_us,)).rowcount
             return removed

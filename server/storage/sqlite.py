@@ -12,25 +12,17 @@ others in its batch down with it.
 from __future__ import annotations
 
 import asyncio
-import logging
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flowport.server.storage.api_keys import ApiKeyTables
-from flowport.server.storage.audit import AuditTables
-from flowport.server.storage.events import EventTables
-from flowport.server.storage.executions import ExecutionTables
+from flowport.server.storage.group_commit import ConnectionThread, GroupWriter
 from flowport.server.storage.migrate import Migration, bundled, migrate
-from flowport.server.storage.secrets import SecretTables
-from flowport.server.storage.sessions import SessionTables
-from flowport.server.storage.webhooks import WebhookTables
-from flowport.server.storage.workflows import WorkflowTables
+from flowport.server.storage.sql_store import SqlStore
+from flowport.server.storage.tables import Connection
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
 Op = Callable[[sqlite3.Connection], Any]
 
 
@@ -45,36 +37,6 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
         # can lose the last transactions, never corrupt the file.
         conn.execute("PRAGMA synchronous = NORMAL")
     return conn
-
-
-class _Thread:
-    """A connection confined to one thread."""
-
-    def __init__(self, name: str) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self.conn: sqlite3.Connection | None = None
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            assert self.conn is not None, "store is closed"
-            return fn(self.conn)
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-
-    async def open(self, opener: Callable[[], sqlite3.Connection]) -> None:
-        def set_conn() -> None:
-            self.conn = opener()
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, set_conn)
-
-    async def close(self) -> None:
-        def close_conn() -> None:
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, close_conn)
-        self._executor.shutdown(wait=True)
 
 
 def _run_batch(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
@@ -99,76 +61,14 @@ def _run_batch(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]
     return results
 
 
-def _log_unretrieved(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("a queued write failed: %s", future.exception())
-
-
-class _GroupWriter:
-    """Queues write operations and commits each batch in one transaction."""
-
-    def __init__(self, thread: _Thread) -> None:
-        self._thread = thread
-        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self.batches = 0
-        self.writes = 0
-
-    def enqueue(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Queue `op`; the future resolves once its batch is committed."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush())
-        return future
-
-    async def submit(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        return await self.enqueue(op)
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                self.batches += 1
-                self.writes += len(batch)
-                try:
-                    ops = [op for op, _ in batch]
-                    results = await self._thread.run(lambda conn, ops=ops: _run_batch(conn, ops))  # type: ignore[misc]
-                except Exception as exc:  # noqa: BLE001 - the commit failed: every write in it failed
-                    results = [(False, exc)] * len(batch)
-                for (_, future), (ok, value) in zip(batch, results, strict=True):
-                    if future.done():  # the caller was cancelled; the write stands
-                        continue
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
-        finally:
-            self._flusher = None
-
-    async def drain(self) -> None:
-        """Wait until every queued write is committed."""
-        while self._flusher is not None:
-            await asyncio.shield(self._flusher)
-
-
-class SqliteStore(
-    SessionTables,
-    WorkflowTables,
-    ExecutionTables,
-    EventTables,
-    WebhookTables,
-    ApiKeyTables,
-    AuditTables,
-    SecretTables,
-):
+class SqliteStore(SqlStore):
     """Store on a SQLite file; create with `await SqliteStore.open(path)`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._writer = _Thread("flowport-sqlite-w")
-        self._reader = _Thread("flowport-sqlite-r")
-        self._group = _GroupWriter(self._writer)
+        self._writer: ConnectionThread[sqlite3.Connection] = ConnectionThread("flowport-sqlite-w")
+        self._reader: ConnectionThread[sqlite3.Connection] = ConnectionThread("flowport-sqlite-r")
+        self._group = GroupWriter(self._writer, _run_batch)
         self._inline: sqlite3.Connection | None = None
 
     @classmethod
@@ -190,28 +90,19 @@ class SqliteStore(
         if self._inline is not None:
             self._inline.close()
             self._inline = None
-        await self._reader.close()
-        await self._writer.close()
+        await self._reader.close(sqlite3.Connection.close)
+        await self._writer.close(sqlite3.Connection.close)
 
     async def ping(self) -> None:
         await self._reader.run(lambda conn: conn.execute("SELECT 1").fetchone())
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._group.submit(op)
-
-    async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _read(self, op: Callable[[Connection], T]) -> T:
         return await self._reader.run(op)
 
-    def _lookup(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
+    async def _lookup(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
+        # On the calling thread: a primary-key read in WAL mode takes
+        # microseconds and never waits for the writer, less than a hop to a
+        # thread and back costs.
         assert self._inline is not None, "store is closed"
         row: tuple[Any, ...] | None = self._inline.execute(sql, args).fetchone()
         return row
-
-    def _write_soon(self, op: Callable[[sqlite3.Connection], object]) -> None:
-        # Nobody awaits a queued write, so its failure is logged here.
-        self._group.enqueue(op).add_done_callback(_log_unretrieved)
-
-    @property
-    def write_batches(self) -> tuple[int, int]:
-        """(transactions committed, writes in them) since open: the group-commit ratio."""
-        return self._group.batches, self._group.writes

@@ -8,7 +8,6 @@ the serialized Webhook that reads return.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import Deletion, IdempotentResult
-from flowport.server.storage.tables import Tables, micros
+from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import webhook_pb2
 
 _CREATE = "flowport.v1.WebhookService/CreateWebhook"
@@ -146,7 +145,7 @@ class WebhookTables(Tables):
         now_us = micros(webhook.create_time)
 
         # A taken id is an answer, not a failed write (which the store logs as an error).
-        def op(conn: sqlite3.Connection) -> IdempotentResult | None:
+        def op(conn: Connection) -> IdempotentResult | None:
             if idempotency_key is not None:
                 first = idempotency.replayed(conn, tenant, _CREATE, *idempotency_key)
                 if first is not None:
@@ -169,7 +168,7 @@ class WebhookTables(Tables):
 
     async def get_webhook(self, tenant: str, webhook_id: str) -> webhook_pb2.Webhook | None:
         """The webhook, or None when absent or another tenant's."""
-        row = self._lookup("SELECT body FROM webhooks WHERE tenant=? AND webhook_id=?", (tenant, webhook_id))
+        row = await self._lookup("SELECT body FROM webhooks WHERE tenant=? AND webhook_id=?", (tenant, webhook_id))
         return None if row is None else webhook_pb2.Webhook.FromString(row[0])
 
     async def list_webhooks(self, tenant: str, *, after: str | None, limit: int) -> list[webhook_pb2.Webhook]:
@@ -188,7 +187,7 @@ class WebhookTables(Tables):
         """Delete the webhook and every delivery to it; MISSING when there was none."""
         key = webhook_id.encode()
 
-        def op(conn: sqlite3.Connection) -> Deletion:
+        def op(conn: Connection) -> Deletion:
             if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
                 return Deletion.REPLAYED
             deleted = conn.execute(
@@ -222,9 +221,8 @@ class WebhookTables(Tables):
         be attempted and would only linger.
         """
 
-        def op(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
-            conn.executemany(
+        def op(conn: Connection) -> int:
+            inserted = conn.executemany(
                 "INSERT INTO webhook_deliveries (delivery_id, tenant, webhook_id, event_id, event_type, state,"
                 " next_attempt_us, create_us, update_us, payload)"
                 " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
@@ -246,8 +244,8 @@ class WebhookTables(Tables):
                     )
                     for r in rows
                 ],
-            )
-            return conn.total_changes - before
+            ).rowcount
+            return inserted
 
         return await self._write(op)
 
@@ -263,7 +261,7 @@ class WebhookTables(Tables):
 
     async def delivery_for_attempt(self, delivery_id: str) -> AttemptInput | None:
         """State, attempts so far and body of a delivery; None once it is gone."""
-        row = self._lookup(
+        row = await self._lookup(
             "SELECT state, attempts, event_id, event_type, payload FROM webhook_deliveries WHERE delivery_id=?",
             (delivery_id,),
         )
@@ -272,7 +270,7 @@ class WebhookTables(Tables):
     async def record_attempt(self, record: AttemptRecord) -> bool:
         """Write an attempt's outcome; False when the delivery is gone or already finished."""
 
-        def op(conn: sqlite3.Connection) -> bool:
+        def op(conn: Connection) -> bool:
             updated = conn.execute(
                 "UPDATE webhook_deliveries SET state=?, attempts=?, last_status_code=?, last_error=?,"
                 " last_duration_us=?, next_attempt_us=?, update_us=? WHERE delivery_id=? AND state IN (?, ?)",
@@ -331,7 +329,7 @@ class WebhookTables(Tables):
 
         # Returns the blocking state (an int) rather than raising inside the write,
         # which the store would log as a failed write.
-        def op(conn: sqlite3.Connection) -> IdempotentResult | int | None:
+        def op(conn: Connection) -> IdempotentResult | int | None:
             if idempotency_key is not None:
                 first = idempotency.replayed(conn, tenant, _REDELIVER, *idempotency_key)
                 if first is not None:

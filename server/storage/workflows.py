@@ -3,11 +3,9 @@ executions that ran a version can still be resumed and inspected."""
 
 from __future__ import annotations
 
-import sqlite3
-
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import Deletion, IdempotentResult
-from flowport.server.storage.tables import Tables, micros
+from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import workflow_pb2
 
 _CREATE = "flowport.v1.WorkflowService/CreateWorkflow"
@@ -23,7 +21,7 @@ class WorkflowTables(Tables):
         """Store `workflow` as the next version of its name; `version` is set here."""
         now_us = micros(workflow.create_time)
 
-        def op(conn: sqlite3.Connection) -> IdempotentResult:
+        def op(conn: Connection) -> IdempotentResult:
             if idempotency_key is not None:
                 first = idempotency.replayed(conn, tenant, _CREATE, *idempotency_key)
                 if first is not None:
@@ -58,7 +56,7 @@ class WorkflowTables(Tables):
             sql += " AND version=?"
             args.append(version)
         sql += " ORDER BY version DESC LIMIT 1"
-        row = self._lookup(sql, tuple(args))
+        row = await self._lookup(sql, tuple(args))
         return None if row is None else workflow_pb2.Workflow.FromString(row[0])
 
     async def list_workflows(
@@ -86,7 +84,7 @@ class WorkflowTables(Tables):
         """Hide every version; MISSING when there was none to hide."""
         key = workflow_id.encode()
 
-        def op(conn: sqlite3.Connection) -> Deletion:
+        def op(conn: Connection) -> Deletion:
             if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
                 return Deletion.REPLAYED
             hidden = conn.execute(

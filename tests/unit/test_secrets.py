@@ -37,6 +37,7 @@ from flowport.server.secrets.source import KEY_FILE, open_key_source
 from flowport.server.secrets.vault import SecretVault
 from flowport.server.settings import Settings, SettingsError
 from flowport.server.storage import SqliteStore
+from flowport.server.storage.postgres import PostgresStore
 from flowport.v1 import apikey_pb2, audit_pb2, execution_pb2, secret_pb2, workflow_pb2
 
 from ..conftest import ADMIN_KEY, make_settings
@@ -362,7 +363,15 @@ async def test_another_tenants_secret_is_not_found(admin: AsyncClient, beta: Asy
     assert (await admin.secrets.GetSecret(P.GetSecretRequest(name="API_TOKEN"))).tenant == "default"
 
 
+def _sqlite_only(where: object) -> None:
+    # These read or change the database file behind the server's back; the
+    # PostgreSQL run of the other tests covers the same code through the API.
+    if (isinstance(where, Settings) and where.database_url is not None) or isinstance(where, PostgresStore):
+        pytest.skip("inspects the SQLite file directly")
+
+
 async def test_a_ciphertext_moved_to_another_tenants_row_does_not_open(admin: AsyncClient, running: Running) -> None:
+    _sqlite_only(running.store)
     await _put(admin, "API_TOKEN", TOKEN)
     vault = running.services.secrets
     assert isinstance(vault, SecretVault)
@@ -551,6 +560,7 @@ async def test_first_start_creates_a_private_key_file_and_keeps_using_it(setting
 
 
 async def test_rotate_key_reseals_everything_while_the_server_runs(settings: Settings, receiver: _Receiver) -> None:
+    _sqlite_only(settings)
     running = await start(settings)
     path = settings.data_dir / KEY_FILE
     old = read_key_file(path)
@@ -596,6 +606,7 @@ async def test_rotate_key_reseals_everything_while_the_server_runs(settings: Set
 
 
 def test_rotate_key_cli_and_its_help(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    _sqlite_only(settings)
     argv = ["secrets", "rotate-key", "--data-dir", str(settings.data_dir), "--wait", "0"]
     assert main(argv) == 2  # no database yet: most likely the wrong --data-dir
     assert "no database" in capsys.readouterr().err

@@ -1,8 +1,10 @@
-"""The SQLite store on a real file: sessions, idempotency, expiry, migrations."""
+"""The store on a real SQLite file and on a real PostgreSQL database: sessions,
+idempotency, expiry, migrations."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,9 @@ import sqlalchemy as sa
 from alembic.operations import Operations
 from google.protobuf import timestamp_pb2
 
-from flowport.server.storage import Deletion, IdempotencyConflict, MigrationError, SqliteStore
+from flowport.server.storage import Deletion, IdempotencyConflict, MigrationError, SqliteStore, SqlStore
 from flowport.server.storage.migrate import Migration, bundled
+from flowport.server.storage.postgres import PostgresStore
 from flowport.v1 import session_pb2
 
 NOW = 1_700_000_000_000_000
@@ -30,8 +33,20 @@ def session(
     )
 
 
-async def test_sessions_round_trip_and_are_scoped_by_tenant(tmp_path: Path) -> None:
-    store = await SqliteStore.open(tmp_path / "db.sqlite")
+Opener = Callable[..., Awaitable[SqlStore]]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """Opens the store under test: the SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        return lambda migrations=None: PostgresStore.open(url, migrations)
+    return lambda migrations=None: SqliteStore.open(tmp_path / "db.sqlite", migrations)
+
+
+async def test_sessions_round_trip_and_are_scoped_by_tenant(opener: Opener) -> None:
+    store = await opener()
     try:
         await store.create_session("t1", session("s1"), None)
         got = await store.get_session("t1", "s1", NOW)
@@ -44,8 +59,8 @@ async def test_sessions_round_trip_and_are_scoped_by_tenant(tmp_path: Path) -> N
         await store.close()
 
 
-async def test_expired_sessions_are_invisible_and_purged(tmp_path: Path) -> None:
-    store = await SqliteStore.open(tmp_path / "db.sqlite")
+async def test_expired_sessions_are_invisible_and_purged(opener: Opener) -> None:
+    store = await opener()
     try:
         await store.create_session("t1", session("old", ttl=HOUR), None)
         await store.create_session("t1", session("new", ttl=3 * HOUR), None)
@@ -61,8 +76,8 @@ async def test_expired_sessions_are_invisible_and_purged(tmp_path: Path) -> None
         await store.close()
 
 
-async def test_list_is_newest_first_and_resumes_after_a_cursor(tmp_path: Path) -> None:
-    store = await SqliteStore.open(tmp_path / "db.sqlite")
+async def test_list_is_newest_first_and_resumes_after_a_cursor(opener: Opener) -> None:
+    store = await opener()
     try:
         for i in range(5):
             await store.create_session("t1", session(f"s{i}", created=NOW + i, user="a" if i % 2 else "b"), None)
@@ -76,8 +91,8 @@ async def test_list_is_newest_first_and_resumes_after_a_cursor(tmp_path: Path) -
         await store.close()
 
 
-async def test_idempotent_create_replays_the_first_result_and_refuses_another_body(tmp_path: Path) -> None:
-    store = await SqliteStore.open(tmp_path / "db.sqlite")
+async def test_idempotent_create_replays_the_first_result_and_refuses_another_body(opener: Opener) -> None:
+    store = await opener()
     try:
         first = await store.create_session("t1", session("s1"), ("key", b"hash-a"))
         again = await store.create_session("t1", session("s2"), ("key", b"hash-a"))
@@ -153,3 +168,41 @@ async def test_a_failing_migration_leaves_the_schema_unchanged(tmp_path: Path) -
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
     assert "half" not in tables
     assert versions == [m.version for m in bundled()]
+
+
+async def test_postgres_refuses_a_newer_schema_and_rolls_back_a_failing_migration(postgres_url: str) -> None:
+    newer = Migration(len(bundled()) + 1, "future", lambda op: op.create_table("future", sa.Column("x", sa.Integer)))
+    store = await PostgresStore.open(postgres_url, [*bundled(), newer])
+    await store.create_session("t1", session("kept"), None)
+    await store.close()
+    with pytest.raises(MigrationError, match="newer than this flowport knows"):
+        await PostgresStore.open(postgres_url)
+
+    def broken_upgrade(op: Operations) -> None:
+        op.create_table("half", sa.Column("x", sa.Integer))
+        op.execute("NOT SQL")
+
+    broken = Migration(len(bundled()) + 2, "broken", broken_upgrade)
+    with pytest.raises(MigrationError, match="broken failed"):
+        await PostgresStore.open(postgres_url, [*bundled(), newer, broken])
+    reopened = await PostgresStore.open(postgres_url, [*bundled(), newer])
+    try:
+        assert await reopened.get_session("t1", "kept", NOW) is not None
+        tables = await reopened._read(
+            lambda conn: conn.execute("SELECT tablename FROM pg_tables WHERE schemaname='public'").fetchall()
+        )
+        assert "half" not in {t[0] for t in tables} and "future" in {t[0] for t in tables}
+    finally:
+        await reopened.close()
+
+
+async def test_the_audit_log_is_append_only_on_postgres_too(postgres_url: str) -> None:
+    store = await PostgresStore.open(postgres_url)
+    try:
+        row = ("aud_1", NOW, "auth.failed", "UNAUTHENTICATED", "t1", "", "", b"")
+        await store._write(lambda conn: conn.execute("INSERT INTO audit_log VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row))
+        for statement in ("UPDATE audit_log SET code='OK'", "DELETE FROM audit_log"):
+            with pytest.raises(Exception, match="append-only"):
+                await store._write(lambda conn, sql=statement: conn.execute(sql))  # type: ignore[misc]
+    finally:
+        await store.close()

@@ -1,0 +1,108 @@
+"""Group commit: writes queued while a transaction runs share the next one.
+
+Database drivers block, so each connection lives on its own thread
+(`ConnectionThread`). `GroupWriter` queues write operations and runs every
+operation queued meanwhile in one transaction (the engine's `run_batch`),
+each in its own SAVEPOINT so one failing write never takes the others in
+its batch down with it. Many executions finishing together cost one commit,
+not one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+C = TypeVar("C")
+log = logging.getLogger(__name__)
+# One batch: the results of its operations, (True, value) or (False, exception).
+BatchRunner = Callable[[C, list[Callable[[C], Any]]], list[tuple[bool, Any]]]
+
+
+class ConnectionThread(Generic[C]):
+    """A connection confined to one thread."""
+
+    def __init__(self, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.conn: C | None = None
+
+    async def run(self, fn: Callable[[C], T]) -> T:
+        def call() -> T:
+            assert self.conn is not None, "store is closed"
+            return fn(self.conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def open(self, opener: Callable[[], C]) -> None:
+        def set_conn() -> None:
+            self.conn = opener()
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, set_conn)
+
+    async def close(self, closer: Callable[[C], object]) -> None:
+        def close_conn() -> None:
+            if self.conn is not None:
+                closer(self.conn)
+                self.conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, close_conn)
+        self._executor.shutdown(wait=True)
+
+
+def log_unretrieved(future: asyncio.Future[Any]) -> None:
+    """Done-callback of a write nobody awaits: its failure is logged here."""
+    if not future.cancelled() and future.exception() is not None:
+        log.error("a queued write failed: %s", future.exception())
+
+
+class GroupWriter(Generic[C]):
+    """Queues write operations and commits each batch in one transaction."""
+
+    def __init__(self, thread: ConnectionThread[C], run_batch: BatchRunner[C]) -> None:
+        self._thread = thread
+        self._run_batch = run_batch
+        self._pending: list[tuple[Callable[[C], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.writes = 0
+
+    def enqueue(self, op: Callable[[C], T]) -> asyncio.Future[T]:
+        """Queue `op`; the future resolves once its batch is committed."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return future
+
+    async def submit(self, op: Callable[[C], T]) -> T:
+        return await self.enqueue(op)
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                self.batches += 1
+                self.writes += len(batch)
+                ops = [op for op, _ in batch]
+                try:
+                    results = await self._thread.run(lambda conn, ops=ops: self._run_batch(conn, ops))  # type: ignore[misc]
+                except Exception as exc:  # noqa: BLE001 - the commit failed: every write in it failed
+                    results = [(False, exc)] * len(batch)
+                for (_, future), (ok, value) in zip(batch, results, strict=True):
+                    if future.done():  # the caller was cancelled; the write stands
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+        finally:
+            self._flusher = None
+
+    async def drain(self) -> None:
+        """Wait until every queued write is committed."""
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)

@@ -1,0 +1,154 @@
+"""The shared store: PostgreSQL, for several flowport processes at once.
+
+The same table mixins as the SQLite store, over psycopg connections, each
+on its own thread as with SQLite: one writer with group commit (every
+process has its own; PostgreSQL's row locks order them) and a small pool of
+readers for lists and lookups, which must not block the event loop on a
+network round trip.
+
+The mixins' SQL uses `?` placeholders; `PgConnection` turns them into
+psycopg's `%s` once per statement text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import pq
+
+from flowport.server.storage.group_commit import ConnectionThread, GroupWriter
+from flowport.server.storage.migrate import Migration, bundled, migrate
+from flowport.server.storage.sql_store import SqlStore
+from flowport.server.storage.tables import Connection, Cursor
+
+T = TypeVar("T")
+READERS = 4
+
+
+@functools.lru_cache(maxsize=1024)
+def _placeholders(sql: str) -> str:
+    """`?` placeholders as psycopg's `%s` (a literal `%` doubled first).
+
+    The mixins' SQL never has a `?` inside a string literal, which this
+    would break; a test runs every statement on both engines.
+    """
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PgConnection:
+    """A psycopg connection with the sqlite3-like surface the mixins use."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.raw = conn
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
+        cursor: Cursor = self.raw.execute(_placeholders(sql), tuple(parameters))
+        return cursor
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Cursor:
+        cursor = self.raw.cursor()
+        cursor.executemany(_placeholders(sql), [tuple(p) for p in parameters])
+        return cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status != pq.TransactionStatus.IDLE
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _connect(url: str) -> PgConnection:
+    # Autocommit at the driver: transactions are begun and ended explicitly
+    # (one per write batch), and reads see the latest committed state.
+    return PgConnection(psycopg.connect(url, autocommit=True))
+
+
+def _run_batch(conn: PgConnection, ops: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+    results: list[tuple[bool, Any]] = []
+    conn.execute("BEGIN")
+    try:
+        for op in ops:
+            conn.execute("SAVEPOINT op")
+            try:
+                value = op(conn)
+            except Exception as exc:  # noqa: BLE001 - handed to that op's caller
+                conn.execute("ROLLBACK TO SAVEPOINT op")
+                results.append((False, exc))
+            else:
+                results.append((True, value))
+            conn.execute("RELEASE SAVEPOINT op")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+def migration_url(url: str) -> str:
+    """The SQLAlchemy URL of a postgresql:// database URL (the psycopg 3 driver)."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres", "postgresql+psycopg"):
+        raise ValueError(f"not a PostgreSQL URL: {scheme}://")
+    return f"postgresql+psycopg://{rest}"
+
+
+class PostgresStore(SqlStore):
+    """Store on a PostgreSQL database; create with `await PostgresStore.open(url)`."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._writer: ConnectionThread[PgConnection] = ConnectionThread("flowport-pg-w")
+        self._readers: list[ConnectionThread[PgConnection]] = [
+            ConnectionThread(f"flowport-pg-r{n}") for n in range(READERS)
+        ]
+        self._next_reader = itertools.cycle(self._readers)
+        self._group = GroupWriter(self._writer, _run_batch)
+
+    @classmethod
+    async def open(cls, url: str, migrations: list[Migration] | None = None) -> PostgresStore:
+        """Connect to and migrate the database at `url` (postgresql://user@host:port/db)."""
+        store = cls(url)
+        steps = bundled() if migrations is None else migrations
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, migrate, migration_url(url), steps, _shown(url))
+        await store._writer.open(lambda: _connect(url))
+        try:
+            await asyncio.gather(*(reader.open(lambda: _connect(url)) for reader in store._readers))
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._group.drain()
+        for thread in [*self._readers, self._writer]:
+            await thread.close(PgConnection.close)
+
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def _read(self, op: Callable[[Connection], T]) -> T:
+        return await next(self._next_reader).run(op)
+
+    async def _lookup(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = await self._read(lambda conn: conn.execute(sql, args).fetchone())
+        return row
+
+
+def _shown(url: str) -> str:
+    """The URL without its password, for messages."""
+    scheme, _, rest = url.partition("://")
+    credentials, at, location = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}@{location}"
