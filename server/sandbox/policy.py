@@ -76,7 +76,8 @@ _OS_CALLS = (
 # hook refuses.
 _FD_CALLS = (
     "read", "readv", "pread", "preadv", "write", "writev", "pwrite", "pwritev", "sendfile", "splice",
-    "copy_file_range", "dup", "dup2", "close", "closerange",
+    "copy_file_range", "dup", "dup2", "close", "closerange", "eventfd", "eventfd_read", "eventfd_write",
+    "set_blocking", "openpty", "login_tty", "memfd_create",
 )  # fmt: skip
 UNAUDITED: dict[str, tuple[str, ...]] = {
     "posix": _OS_CALLS + _FD_CALLS,

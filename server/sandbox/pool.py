@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -52,6 +53,18 @@ WORKER_MODULE = "flowport.server.sandbox.worker"
 START_TIMEOUT = 30.0  # a cold interpreter importing everything, on a busy machine
 PING_TIMEOUT = 5.0
 STDERR_TAIL = 4096
+# What the server reads of a worker's stderr in its life. User code can
+# write there; past this the server closes its end of the pipe.
+STDERR_CAP = 256 * 2**10
+STDERR_CHUNK = 64 * 2**10
+# CPU seconds an idle worker may use (between jobs it should use none), and
+# how much past its limit a job may run before the server's watchdog kills
+# the worker: code that fooled the protocol or ignores its CPU timer does
+# not keep a core busy.
+IDLE_CPU = 0.5
+CPU_GRACE = 0.5
+WATCH_INTERVAL = 0.25
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 RESPAWN_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 # The worker gets no secrets from the server's environment: user code can read
 # os.environ without raising any audit event.
@@ -107,6 +120,9 @@ class _Worker:
         self.killed = False
         # The tenant whose code this worker runs; None until its first job.
         self.tenant: str | None = None
+        # CPU time at the last allow_cpu(), and how much more it may use.
+        self.cpu_mark = 0.0
+        self.cpu_allowance = START_TIMEOUT
         # Per job: set by the wall-clock timer and by the worker's notices.
         self.expired = False
         self.cpu_exceeded = False
@@ -114,9 +130,22 @@ class _Worker:
 
     async def _drain_stderr(self, stream: asyncio.StreamReader) -> None:
         # Keep only a tail, for crash messages; user code can write here.
-        while chunk := await stream.read(STDERR_TAIL):
+        read = 0
+        while read < STDERR_CAP and (chunk := await stream.read(STDERR_CHUNK)):
+            read += len(chunk)
             self.stderr += chunk
             del self.stderr[:-STDERR_TAIL]
+        if read >= STDERR_CAP:
+            # Close our end: the worker's further writes fail at once (EPIPE)
+            # instead of costing this process CPU, or blocking on a full pipe
+            # that would keep the process from ever being reaped.
+            transport = getattr(self.process, "_transport", None)
+            pipe = transport.get_pipe_transport(2) if transport is not None else None
+            if pipe is not None:
+                pipe.close()
+            else:
+                while await stream.read(STDERR_CHUNK):
+                    pass
 
     def begin_job(self) -> None:
         self.expired = self.cpu_exceeded = False
@@ -146,25 +175,53 @@ class _Worker:
         return lines[-1][:500] if lines else ""
 
     async def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and read frames until its reply; notices on the way are recorded."""
+        """Send one request and read frames until its reply.
+
+        The worker is not trusted: user code can reach its pipes. So the
+        first frame that is not the reply ends the job (and the worker): a
+        refusal or CPU notice is recorded first, anything else is a broken
+        protocol. A frame longer than a reply can be is refused unread.
+        """
         job_id = request["id"]
         payload = orjson.dumps(request)
         self.writer.write(len(payload).to_bytes(4, "big") + payload)
         await self.writer.drain()
-        while True:
-            size = int.from_bytes(await self.reader.readexactly(4), "big")
-            if size > MAX_FRAME:
-                raise _Lost(f"sent a frame of {size} bytes")
-            message = orjson.loads(await self.reader.readexactly(size))
-            if type(message) is not dict:
-                raise _Lost("sent a malformed frame")
-            if message.get("id") == job_id:
-                return message
-            if "violation" in message:
-                self.violations.append(str(message["violation"]))
-            elif "cpu" in message:
-                self.cpu_exceeded = True
-            # Anything else is stale or forged by user code: dropped.
+        size = int.from_bytes(await self.reader.readexactly(4), "big")
+        if size > MAX_FRAME:
+            raise _Lost(f"sent a frame of {size} bytes")
+        message = orjson.loads(await self.reader.readexactly(size))
+        if type(message) is not dict:
+            raise _Lost("sent a malformed frame")
+        if message.get("id") == job_id:
+            return message
+        if "violation" in message:
+            self.violations.append(str(message["violation"])[:1000])
+            raise _Lost("was refused an operation")
+        if "cpu" in message:
+            self.cpu_exceeded = True
+            raise _Lost("ran out of CPU time")
+        raise _Lost("answered for another job")
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the process has used (user + system), from /proc; None if unknown."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+    def allow_cpu(self, allowance: float) -> None:
+        """From now on, the process may use `allowance` more CPU seconds (the watchdog checks).
+
+        Enforced by the server, outside the worker's reach, so it holds
+        whatever user code did to the worker's own timer or protocol.
+        """
+        self.cpu_mark = self.cpu_seconds() or 0.0
+        self.cpu_allowance = allowance
+
+    def over_cpu(self) -> bool:
+        used = self.cpu_seconds()
+        return used is not None and used - self.cpu_mark > self.cpu_allowance
 
 
 class SandboxPool:
@@ -219,6 +276,9 @@ class SandboxPool:
         for worker in results:
             assert isinstance(worker, _Worker)
             self._put_idle(worker)
+        watchdog = asyncio.get_running_loop().create_task(self._watchdog())
+        self._tasks.add(watchdog)
+        watchdog.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         """Stop every worker and wait for it to exit."""
@@ -352,6 +412,7 @@ class SandboxPool:
         return None
 
     def _put_idle(self, worker: _Worker) -> None:
+        worker.allow_cpu(IDLE_CPU)
         self._idle.append(worker)
         self._wake()
 
@@ -366,6 +427,8 @@ class SandboxPool:
         """Run the job on `worker`, killing it after `wall` seconds (`limit` is the limit as configured)."""
         key = _code_key(code)
         worker.begin_job()
+        # The worker's own timer reports the limit; the watchdog is the backstop.
+        worker.allow_cpu(self._limits.cpu_seconds + CPU_GRACE)
         healthy = False
         timer = asyncio.get_running_loop().call_later(wall, worker.expire)
         try:
@@ -444,14 +507,15 @@ class SandboxPool:
         status = await worker.reap()
         if status == -signal.SIGXCPU:
             return self._cpu_timeout()  # the RLIMIT_CPU backstop
-        if status < 0:
-            how = f"was killed by {signal.Signals(-status).name}"
-            if -status in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
-                how += " (possibly out of memory)"
-        else:
-            how = f"exited with status {status}"
         detail = worker.last_stderr_line()
-        return SandboxCrashed(f"sandbox worker {how}" + (f": {detail}" if detail else ""))
+        detail = f": {detail}" if detail else ""
+        if -status in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
+            # Native code (orjson, say) that runs out of address space crashes
+            # rather than raise MemoryError; running it again would too.
+            name = signal.Signals(-status).name
+            return SandboxMemoryError(f"sandbox worker was killed by {name}, most likely out of memory{detail}")
+        how = f"was killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
+        return SandboxCrashed(f"sandbox worker {how}{detail}")
 
     def _release(self, worker: _Worker, healthy: bool) -> None:
         """Back to the idle queue, or kill it and start a replacement."""
@@ -531,4 +595,27 @@ class SandboxPool:
         finally:
             timer.cancel()
         self._workers.add(worker)
+        watcher = asyncio.get_running_loop().create_task(self._watch(worker))
+        self._tasks.add(watcher)
+        watcher.add_done_callback(self._tasks.discard)
         return worker
+
+    async def _watchdog(self) -> None:
+        """Kill workers past their CPU allowance: busy ones fail their job with the CPU limit."""
+        while not self._closed:
+            await asyncio.sleep(WATCH_INTERVAL)
+            for worker in list(self._workers):
+                if not worker.killed and worker.over_cpu():
+                    log.warning("sandbox worker %d went past its CPU allowance: killed", worker.pid)
+                    worker.cpu_exceeded = True
+                    worker.kill()
+
+    async def _watch(self, worker: _Worker) -> None:
+        """Replace a worker that dies while idle (killed by its idle CPU limit, say).
+
+        A worker that dies during a job is the job's to report.
+        """
+        await worker.process.wait()
+        if worker in self._idle:
+            self._idle.remove(worker)
+            self._release(worker, healthy=False)

@@ -38,8 +38,11 @@ from flowport.server.sandbox import policy
 
 USER_FILENAME = "<code>"
 CODE_CACHE_SIZE = 256
-MAX_FRAME = 256 * 2**20  # the parent refuses longer frames
-MAX_RESULT = 16 * 2**20  # orjson crashes rather than raise when a huge string exhausts RLIMIT_AS
+# The largest `result`, as JSON: parsing JSON in the server costs up to ~30
+# times its size in memory, so this bounds what one job can make it hold.
+MAX_RESULT = 4 * 2**20
+# The parent refuses any longer frame (a reply is the result plus a little).
+MAX_FRAME = MAX_RESULT + 64 * 2**10
 MAX_MESSAGE = 2000
 CPU_REFIRE = 0.05  # CPU seconds between repeated SIGPROFs once the limit is hit
 ORPHAN_MARGIN = 10.0

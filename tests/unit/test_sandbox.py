@@ -296,6 +296,102 @@ async def test_user_code_cannot_write_to_the_worker_pipes(pool: SandboxPool) -> 
     await still_works(pool)
 
 
+# Inside its worker, user code can reach everything of the worker (here its
+# pipe-writing function, through a class found in object's subclasses). The
+# server treats the worker as untrusted, which is what these tests check.
+RAW_WRITE = "W = [c for c in ().__class__.__base__.__subclasses__() if c.__name__ == '_Runner'][0]"
+RAW_WRITE += ".__init__.__globals__['_WRITE']\n"
+
+
+@module_loop
+async def test_a_frame_longer_than_any_reply_is_refused_unread(pool: SandboxPool) -> None:
+    code = RAW_WRITE + "W(4, (256 * 2**20).to_bytes(4, 'big') + b'[0,0,0')\nimport time\ntime.sleep(5)"
+    with pytest.raises(SandboxCrashed, match=r"broke the protocol \(sent a frame of 268435456 bytes\)"):
+        await pool.run(code, {}, tenant=TENANT)
+    await still_works(pool)
+
+
+@module_loop
+async def test_a_forged_reply_for_another_job_ends_the_worker(pool: SandboxPool) -> None:
+    code = RAW_WRITE + "import json as j\np = j.dumps({'id': 1, 'status': 'ok', 'result': 'forged'}).encode()\n"
+    code += "W(4, len(p).to_bytes(4, 'big') + p)\nimport time\ntime.sleep(5)"
+    with pytest.raises(SandboxCrashed, match="answered for another job"):
+        await pool.run(code, {}, tenant=TENANT)
+    await still_works(pool)
+
+
+@module_loop
+async def test_the_first_refusal_ends_the_job_however_many_follow(pool: SandboxPool) -> None:
+    # Each refusal is a notice on the pipe; the server reads one, not millions.
+    code = """
+try:
+    1 / 0
+except ZeroDivisionError as exc:
+    tb = exc.__traceback__
+while True:
+    try:
+        tb.tb_frame
+    except PermissionError:
+        pass
+"""
+    with pytest.raises(SandboxPolicyViolation, match="frame introspection refused"):
+        await pool.run(code, {}, tenant=TENANT)
+    await still_works(pool)
+
+
+@module_loop
+async def test_code_that_swallows_its_cpu_limit_is_stopped_by_the_server() -> None:
+    sandbox = SandboxPool(size=1, limits=SandboxLimits(cpu_seconds=0.5, wall_seconds=30.0))
+    await sandbox.start()
+    try:
+        code = "while True:\n    try:\n        while True: pass\n    except BaseException:\n        pass"
+        with pytest.raises(SandboxTimeout, match="CPU time limit exceeded") as caught:
+            await sandbox.run(code, {}, tenant=TENANT)
+        assert caught.value.limit == "cpu"
+        await still_works(sandbox)
+    finally:
+        await sandbox.close()
+
+
+@module_loop
+async def test_a_worker_that_answers_early_and_keeps_running_is_killed_while_idle() -> None:
+    sandbox = SandboxPool(size=1, limits=SandboxLimits(cpu_seconds=1.0, wall_seconds=30.0))
+    await sandbox.start()
+    try:
+        # Patch the worker so the code can answer its own job, then burn CPU
+        # with the server believing the worker idle.
+        patch = (
+            "import typing\nR = [c for c in object.__subclasses__() if c.__name__ == '_Runner'][0]\n"
+            "orig = R.handle\ndef handle(self, request, _orig=orig, _stash=typing):\n"
+            "    _stash.request = request\n    return _orig(self, request)\nR.handle = handle\nresult = 1"
+        )
+        await sandbox.run(patch, {}, tenant=TENANT)
+        burn = RAW_WRITE + (
+            "import typing\np = typing.sys.modules['orjson'].dumps({'id': typing.request['id'], 'status': 'ok'})\n"
+            "W(4, len(p).to_bytes(4, 'big') + p)\n"
+            "while True:\n    try:\n        while True: pass\n    except BaseException:\n        pass"
+        )
+        assert await sandbox.run(burn, {}, tenant=TENANT) is None  # the forged answer
+        (burner,) = sandbox.pids
+        for _ in range(200):  # the watchdog runs on this event loop: wait without blocking it
+            if burner not in sandbox.pids:
+                break
+            await asyncio.sleep(0.1)
+        assert burner not in sandbox.pids, "an idle worker burning CPU must be killed"
+        assert process_gone(burner)
+        await still_works(sandbox)
+    finally:
+        await sandbox.close()
+
+
+@module_loop
+async def test_a_stderr_flood_is_cut_off(pool: SandboxPool) -> None:
+    code = "import typing\nerr = typing.sys.stderr\nwhile True:\n    err.write('x' * 65536)\n    err.flush()"
+    with pytest.raises(UserCodeError, match="BrokenPipeError"):
+        await pool.run(code, {}, tenant=TENANT)
+    await still_works(pool)
+
+
 # Each walks from a frame of user code up into the worker's job loop, where
 # the pipes, the runner and the next job's request are.
 FRAME_WALKS = {
