@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -59,6 +61,18 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+ADMIN_KEY = "fpk_bench." + secrets.token_urlsafe(32)
+
+
+class _ApiKey(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, key: str) -> None:
+        self._metadata = (("x-api-key", key),)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        details = details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+        return await continuation(details, request)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -66,7 +80,9 @@ def _free_port() -> int:
 
 
 async def _drive(target: str, count: int, concurrency: int, baseline: bool) -> float:
-    async with grpc.aio.insecure_channel(target) as channel:
+    # A user key, as a production caller would send (authenticated on every call).
+    interceptor = _ApiKey(ADMIN_KEY)
+    async with grpc.aio.insecure_channel(target, interceptors=[interceptor]) as channel:
         for _ in range(100):
             try:
                 await gateway_pb2_grpc.GatewayServiceStub(channel).GetInfo(gateway_pb2.GetInfoRequest(), timeout=1)
@@ -115,9 +131,16 @@ def main() -> int:
     parser.add_argument(
         "--baseline", action="store_true", help="measure a trivial unary RPC (GetInfo) instead: the gRPC floor"
     )
+    parser.add_argument(
+        "--no-auth", action="store_true", help="run the server with --insecure-no-auth: the cost of authentication"
+    )
     args = parser.parse_args()
+    extra: dict[str, object] = {"insecure_no_auth": True} if args.no_auth else {}
     with tempfile.TemporaryDirectory() as data:
-        settings = Settings.load({"data_dir": data, "grpc_port": _free_port(), "sandbox_workers": 1}, environ={})
+        settings = Settings.load(
+            {"data_dir": data, "grpc_port": _free_port(), "sandbox_workers": 1, "admin_api_key": ADMIN_KEY, **extra},
+            environ={},
+        )
         server = subprocess.Popen(
             [sys.executable, "-m", "flowport.clients.cli", "serve", "--log-level", "warning"],
             env=child_environment(settings),

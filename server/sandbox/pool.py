@@ -121,7 +121,7 @@ class _Worker:
         # The tenant whose code this worker runs; None until its first job.
         self.tenant: str | None = None
         # CPU time at the last allow_cpu(), and how much more it may use.
-        self.cpu_mark = 0.0
+        self.cpu_mark: float | None = None
         self.cpu_allowance = START_TIMEOUT
         # Per job: set by the wall-clock timer and by the worker's notices.
         self.expired = False
@@ -214,14 +214,23 @@ class _Worker:
         """From now on, the process may use `allowance` more CPU seconds (the watchdog checks).
 
         Enforced by the server, outside the worker's reach, so it holds
-        whatever user code did to the worker's own timer or protocol.
+        whatever user code did to the worker's own timer or protocol. The
+        watchdog's next sample is the starting point (reading /proc here, twice
+        per job, would cost more than the rest of the round trip): up to one
+        watch interval of CPU goes uncounted.
         """
-        self.cpu_mark = self.cpu_seconds() or 0.0
+        self.cpu_mark = None
         self.cpu_allowance = allowance
 
     def over_cpu(self) -> bool:
+        """Whether it used more than its allowance since allow_cpu (called by the watchdog)."""
         used = self.cpu_seconds()
-        return used is not None and used - self.cpu_mark > self.cpu_allowance
+        if used is None:
+            return False
+        if self.cpu_mark is None:
+            self.cpu_mark = used
+            return False
+        return used - self.cpu_mark > self.cpu_allowance
 
 
 class SandboxPool:
