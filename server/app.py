@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import httpx
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -22,7 +23,7 @@ from flowport.server.api.api_keys import ApiKeyService
 from flowport.server.api.audit import AuditService
 from flowport.server.api.events import EventService
 from flowport.server.api.executions import ExecutionService
-from flowport.server.api.gateway import GatewayService
+from flowport.server.api.gateway import GatewayService, SecurityCounters
 from flowport.server.api.schemas import SchemaService
 from flowport.server.api.secrets import SecretService
 from flowport.server.api.sessions import SessionService
@@ -44,6 +45,8 @@ from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.nodes.python_code import PythonCodeNode
 from flowport.server.nodes.sql_pools import SqlPools
+from flowport.server.ratelimit.counters import RedisCounters
+from flowport.server.ratelimit.service import RateLimitService
 from flowport.server.sandbox import SandboxLimits, SandboxPool
 from flowport.server.secrets.keyring import KeyringError
 from flowport.server.secrets.source import KeySource, open_key_source
@@ -135,6 +138,20 @@ async def _authenticator(
         max_failures=settings.max_login_attempts,
         trusted_proxies=frozenset(settings.trusted_proxies),
         audit=audit,
+    )
+
+
+def _rate_limit_service(settings: Settings, keys: KeyAuthenticator) -> RateLimitService | None:
+    """Envoy's rate limit service with counters in Redis, when a per-tenant limit is set."""
+    if not settings.rate_limit_tenant_max_requests or settings.redis_url is None:
+        return None
+    return RateLimitService(
+        RedisCounters(settings.redis_url.get_secret_value()),
+        keys,
+        _jwt_verifier(settings),
+        limit=settings.rate_limit_tenant_max_requests,
+        window=settings.rate_limit_time_window,
+        fail_open=settings.rate_limit_fail_open,
     )
 
 
@@ -265,7 +282,19 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ],
     )
-    gateway = GatewayService(store, metrics, executor=executor, bus=bus, services=services, dispatcher=dispatcher)
+    rate_limit = _rate_limit_service(settings, keys)
+    if rate_limit is not None:
+        opened.push_async_callback(rate_limit.close)
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(rate_limit, server)
+    gateway = GatewayService(
+        store,
+        metrics,
+        executor=executor,
+        bus=bus,
+        services=services,
+        dispatcher=dispatcher,
+        security=SecurityCounters(authenticator, rate_limit),
+    )
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
     session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, settings, bus), server)
     workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowService(store, registry, bus), server)

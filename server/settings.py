@@ -101,6 +101,20 @@ class Settings(BaseModel):
     rate_limit_address_max_requests: int = Field(
         0, ge=0, description="requests per window from one address whatever the keys; 0 means 4x the client limit"
     )
+    rate_limit_tenant_max_requests: int = Field(
+        0,
+        ge=0,
+        description="requests per window for each tenant, counted in Redis across every Envoy and flowport "
+        "process (Envoy's rate limit service, served by flowport); needs --redis-url; 0 turns it off",
+    )
+    rate_limit_fail_open: bool = Field(
+        True,
+        description="when Redis cannot be reached: let requests through (true, counted and logged) "
+        "or refuse them (false)",
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="redis://[:password@]host:6379/0: where processes share rate-limit counters"
+    )
     rate_limit_execution_max_requests: int = Field(
         500, ge=0, description="CreateExecution calls per window, gateway-wide (stricter than reads); 0: no override"
     )
@@ -200,6 +214,12 @@ class Settings(BaseModel):
             raise ValueError("admin_api_key must be at least 32 characters")
         if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value().encode()) < 32:
             raise ValueError("jwt_secret must be at least 32 bytes")
+        if self.rate_limit_tenant_max_requests and self.redis_url is None:
+            raise ValueError("rate_limit_tenant_max_requests counts in Redis: set redis_url too")
+        if self.redis_url is not None and not self.redis_url.get_secret_value().startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("redis_url must be a redis://, rediss:// or unix:// URL")
         if self.cors_allow_credentials and "*" in self.cors_origins:
             # Browsers refuse credentials with a wildcard origin; Envoy would
             # echo any origin instead, which lets every site act as the user.

@@ -20,6 +20,7 @@ from typing import Any
 from flowport.server.settings import Settings, _connect_host
 from flowport.transcoder.envoy_routes import (
     CLUSTER,
+    GLOBAL_RATE_LIMIT,
     OPENAPI_PATH,
     RATE_LIMIT,
     TRANSCODER,
@@ -246,6 +247,8 @@ def _http_filters(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
         filters.append(
             {"name": RATE_LIMIT, "typed_config": rate_limit_config(settings, settings.rate_limit_max_requests)}
         )
+    if settings.rate_limit_tenant_max_requests:
+        filters.append({"name": GLOBAL_RATE_LIMIT, "typed_config": global_rate_limit_config(settings)})
     filters += [
         {
             "name": "envoy.filters.http.grpc_stats",
@@ -287,6 +290,36 @@ def _routes(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
     return routes
 
 
+def global_rate_limit_config(settings: Settings) -> dict[str, Any]:
+    """Envoy's ratelimit filter, asking flowport's rate limit service (on the server's own port).
+
+    Envoy's own failure mode follows the same setting as the service's when
+    Redis is down: an unreachable service lets requests through unless
+    rate_limit_fail_open is off.
+    """
+    return _typed(
+        "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+        domain="flowport",
+        stage=0,
+        failure_mode_deny=not settings.rate_limit_fail_open,
+        timeout="0.25s",
+        enable_x_ratelimit_headers="DRAFT_VERSION_03",
+        rate_limited_as_resource_exhausted=True,
+        rate_limit_service={
+            "grpc_service": {"envoy_grpc": {"cluster_name": CLUSTER}},
+            "transport_api_version": "V3",
+        },
+    )
+
+
+# The request's credential goes to the rate limit service, which counts
+# per tenant; only one of the two is present on a request.
+GLOBAL_RATE_LIMIT_ACTIONS = [
+    {"actions": [{"request_headers": {"header_name": "x-api-key", "descriptor_key": "api_key"}}]},
+    {"actions": [{"request_headers": {"header_name": "authorization", "descriptor_key": "authorization"}}]},
+]
+
+
 def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]:
     """The Envoy v3 bootstrap for `settings`, as a JSON-ready dict."""
     descriptor = descriptor or descriptor_path()
@@ -296,6 +329,8 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
         "routes": _routes(settings, descriptor),
         "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(settings)},
     }
+    if settings.rate_limit_tenant_max_requests:
+        virtual_host["rate_limits"] = GLOBAL_RATE_LIMIT_ACTIONS
     connection_manager = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="flowport",

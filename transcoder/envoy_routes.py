@@ -18,6 +18,7 @@ from flowport.transcoder.http_rules import methods
 CLUSTER = "flowport_grpc"
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 RATE_LIMIT = "envoy.filters.http.local_ratelimit"
+GLOBAL_RATE_LIMIT = "envoy.filters.http.ratelimit"
 OPENAPI_PATH = "/openapi.json"
 # Calls that are safe to repeat are retried when the server could not be
 # reached or refused the stream; nothing else is.

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
 from flowport.server.api.common import now_us
+from flowport.server.auth.authenticator import Authenticator
 from flowport.server.engine.executor import Executor
 from flowport.server.events.bus import EventBus
 from flowport.server.health import Check, overall, run_check
 from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
+from flowport.server.ratelimit.service import RateLimitService
 from flowport.server.storage import Store
 from flowport.server.types import Context
 from flowport.server.version import VERSION
@@ -55,6 +58,22 @@ def _rss_bytes() -> int:
         return 0  # not Linux: the figure is unknown, reported as 0
 
 
+@dataclass(frozen=True)
+class SecurityCounters:
+    """Where the security figures of GetStats come from (either may be absent)."""
+
+    authenticator: Authenticator | None
+    rate_limit: RateLimitService | None
+
+    def stats(self) -> gateway_pb2.SecurityStats:
+        limits = self.rate_limit.stats if self.rate_limit is not None else None
+        return gateway_pb2.SecurityStats(
+            failed_auth=self.authenticator.failed if self.authenticator is not None else 0,
+            rate_limits=limits.limited if limits is not None else 0,
+            rate_limit_backend_failures=limits.backend_failures if limits is not None else 0,
+        )
+
+
 class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
     """What the gateway is, how healthy and how busy."""
 
@@ -67,8 +86,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         bus: EventBus,
         services: NodeServices,
         dispatcher: WebhookDispatcher,
+        security: SecurityCounters | None = None,
     ) -> None:
         self._dispatcher = dispatcher
+        self._security = security or SecurityCounters(None, None)
         self._store = store
         self._metrics = metrics
         self._executor = executor
@@ -139,6 +160,5 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
                 latency_p99=c.percentile(0.99),
             ),
             webhooks=self._dispatcher.stats(),
-            # UNFINISHED: security figures stay zero until authentication exists.
-            security=gateway_pb2.SecurityStats(),
+            security=self._security.stats(),
         )

@@ -63,7 +63,13 @@ PERMISSIONS: dict[str, Access] = {
     # Every tenant's entries, failed logins included.
     f"{_API}AuditService/ListAuditEvents": Access.ADMIN,
 }
-PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Envoy calls the rate limit service without a credential; what it returns
+# is a count, and what it counts is whatever identity the request carried.
+PUBLIC_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+    "/envoy.service.ratelimit.v3.RateLimitService/",
+)
 
 
 def access_for(method: str) -> Access | None:

@@ -520,19 +520,27 @@ class SecurityStats(_message.Message):
 
     FAILED_AUTH_FIELD_NUMBER: _builtins.int
     RATE_LIMITS_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_BACKEND_FAILURES_FIELD_NUMBER: _builtins.int
     failed_auth: _builtins.int
     """Calls refused for failed authentication."""
     rate_limits: _builtins.int
-    """Calls refused by the server's own rate limits (Envoy counts its own)."""
+    """Requests this process's rate limit service answered OVER_LIMIT (the
+    per-tenant limit counted in Redis; Envoy counts its local limits itself).
+    """
+    rate_limit_backend_failures: _builtins.int
+    """Rate-limit checks this process answered without Redis (unreachable):
+    let through or refused, as `rate_limit_fail_open` says.
+    """
     def __init__(
         self,
         *,
         failed_auth: _builtins.int = ...,
         rate_limits: _builtins.int = ...,
+        rate_limit_backend_failures: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_auth", b"failed_auth", "rate_limits", b"rate_limits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_auth", b"failed_auth", "rate_limit_backend_failures", b"rate_limit_backend_failures", "rate_limits", b"rate_limits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

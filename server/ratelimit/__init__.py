@@ -1,0 +1,1 @@
+"""Global rate limits: Envoy's rate limit service, with counters in Redis."""

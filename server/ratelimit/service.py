@@ -1,0 +1,115 @@
+"""Envoy's rate limit service (envoy.service.ratelimit.v3), served by flowport.
+
+Envoy asks before forwarding each request, with the request's credential
+as a descriptor (`api_key` from x-api-key, `authorization` from a bearer
+token). The service turns the credential into its tenant (the same key and
+token checks as the server's own, cached) and counts the tenant's requests
+in Redis, so the limit holds across every Envoy and every flowport process.
+A request without a valid credential is not counted here: the server
+refuses it, and Envoy's local per-address limit bounds how many arrive.
+
+When Redis cannot be reached the answer follows `rate_limit_fail_open`:
+OK (the default), or OVER_LIMIT; either way it is counted and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from redis.exceptions import RedisError
+
+from flowport.server.auth.keys import KeyAuthenticator
+from flowport.server.auth.principal import AuthenticationFailed
+from flowport.server.ratelimit.counters import RedisCounters
+from flowport.server.types import Context
+
+log = logging.getLogger(__name__)
+DOMAIN = "flowport"
+LOG_EVERY = 10.0  # seconds between log lines about an unreachable Redis
+
+OK = rls_pb2.RateLimitResponse.OK
+OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
+
+
+@dataclass
+class RateLimitStats:
+    """Counters since the process started."""
+
+    checked: int = 0  # requests counted against a tenant
+    limited: int = 0  # answered OVER_LIMIT
+    backend_failures: int = 0  # Redis could not be reached
+
+
+class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    """Per-tenant request counts in Redis, as Envoy's rate limit service."""
+
+    def __init__(
+        self,
+        counters: RedisCounters,
+        keys: KeyAuthenticator,
+        jwt: Any | None,
+        *,
+        limit: int,
+        window: float,
+        fail_open: bool,
+    ) -> None:
+        self._counters = counters
+        self._keys = keys
+        self._jwt = jwt
+        self._limit = limit
+        self._window = window
+        self._fail_open = fail_open
+        self._logged = 0.0
+        self.stats = RateLimitStats()
+
+    async def ShouldRateLimit(self, request: Any, context: Context) -> Any:
+        tenant = await self._tenant(request)
+        if tenant is None:
+            return rls_pb2.RateLimitResponse(overall_code=OK)
+        addend = max(1, int(request.hits_addend))
+        try:
+            count = await self._counters.hit(f"tenant:{tenant}", addend, self._window)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return self._unavailable(exc)
+        self.stats.checked += 1
+        remaining = max(0, self._limit - count)
+        code = OK if count <= self._limit else OVER_LIMIT
+        if code == OVER_LIMIT:
+            self.stats.limited += 1
+        status = rls_pb2.RateLimitResponse.DescriptorStatus(code=code, limit_remaining=remaining)
+        status.current_limit.requests_per_unit = self._limit
+        status.current_limit.unit = rls_pb2.RateLimitResponse.RateLimit.SECOND
+        return rls_pb2.RateLimitResponse(overall_code=code, statuses=[status])
+
+    async def close(self) -> None:
+        await self._counters.close()
+
+    async def _tenant(self, request: Any) -> str | None:
+        """The tenant of the credential in the request's descriptors; None without a valid one."""
+        for descriptor in request.descriptors:
+            for entry in descriptor.entries:
+                try:
+                    if entry.key == "api_key" and entry.value:
+                        principal = await self._keys.verify(entry.value)
+                        return principal.tenant
+                    if entry.key == "authorization" and self._jwt is not None:
+                        scheme, _, token = entry.value.partition(" ")
+                        if scheme.lower() == "bearer" and token:
+                            tenant: str = self._jwt.verify(token.strip()).tenant
+                            return tenant
+                except AuthenticationFailed:
+                    return None
+        return None
+
+    def _unavailable(self, exc: BaseException) -> Any:
+        self.stats.backend_failures += 1
+        now = time.monotonic()
+        if now - self._logged > LOG_EVERY:
+            self._logged = now
+            what = "letting requests through" if self._fail_open else "refusing requests"
+            log.warning("rate limit counters in Redis unavailable (%s): %s", exc.__class__.__name__, what)
+        return rls_pb2.RateLimitResponse(overall_code=OK if self._fail_open else OVER_LIMIT)
