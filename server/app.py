@@ -256,6 +256,8 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         queue_size=settings.event_queue_size,
         retention_count=settings.event_retention_count,
         retention_seconds=settings.event_retention_seconds,
+        # With Redis, events cross processes (server/events/redis_bus.py).
+        redis_url=settings.redis_url.get_secret_value() if settings.redis_url is not None else None,
     )
     opened.push_async_callback(event_log.close)
     # Its own pool, so slow receivers and node traffic cannot starve each

@@ -12,6 +12,7 @@ from flowport.server.api.common import now_us
 from flowport.server.auth.authenticator import Authenticator
 from flowport.server.engine.executor import Executor
 from flowport.server.events.bus import EventBus
+from flowport.server.events.redis_bus import RedisBus
 from flowport.server.health import Check, overall, run_check
 from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
@@ -100,6 +101,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         self._checks: dict[str, Check] = {"database": store.ping}
         if services.sandbox is not None:
             self._checks["sandbox"] = services.sandbox.ping
+        if isinstance(bus, RedisBus):
+            self._checks["bus"] = bus.ping
 
     async def GetInfo(self, request: gateway_pb2.GetInfoRequest, context: Context) -> gateway_pb2.GatewayInfo:
         return gateway_pb2.GatewayInfo(
@@ -119,9 +122,12 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         health.timestamp.GetCurrentTime()
         for name, result in zip(names, results, strict=True):
             component = health.components[name]
-            # A sandbox worker being replaced slows user code, it does not
-            # stop the gateway: degraded, not unhealthy.
-            component.status = "degraded" if name == "sandbox" and result.status == "unhealthy" else result.status
+            # A sandbox worker being replaced slows user code, and without
+            # Redis events stay within each process: both leave the gateway
+            # serving, degraded, not unhealthy.
+            component.status = (
+                "degraded" if name in ("sandbox", "bus") and result.status == "unhealthy" else result.status
+            )
             component.latency = round(result.latency_ms, 3)
             component.message = result.message
             component.last_check.FromNanoseconds(int(result.checked_at * 1e9))

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from flowport.server.events.bus import BusEvent, EventBus
+from flowport.server.events.redis_bus import RedisBus
 from flowport.server.storage.events import EventTables
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,29 @@ class EventLog:
         self._scheduled = False
         self._reserved = 0
         self._purger: asyncio.Task[None] | None = None
+        # With Redis, ids come from the stream: nothing to reserve here.
+        self._shared = bus if isinstance(bus, RedisBus) else None
 
     @classmethod
     async def open(
-        cls, store: EventTables, *, queue_size: int, retention_count: int, retention_seconds: float
+        cls,
+        store: EventTables,
+        *,
+        queue_size: int,
+        retention_count: int,
+        retention_seconds: float,
+        redis_url: str | None = None,
     ) -> tuple[EventLog, EventBus]:
-        """The log and a bus whose ids continue after every id ever handed out."""
-        last, reserved = await store.reserve_event_ids(ID_BLOCK)
-        bus = EventBus(queue_size=queue_size, first_id=last + 1)
+        """The log and its bus: in-process, with ids after every id ever handed out, or across
+        processes through Redis (`redis_url`), with ids from the Redis stream."""
+        bus: EventBus
+        if redis_url is not None:
+            bus = RedisBus(redis_url, queue_size=queue_size, max_len=retention_count)
+            await bus.start()
+            reserved = 0
+        else:
+            last, reserved = await store.reserve_event_ids(ID_BLOCK)
+            bus = EventBus(queue_size=queue_size, first_id=last + 1)
         event_log = cls(store, bus, retention_count=retention_count, retention_seconds=retention_seconds)
         event_log._reserved = reserved
         bus.add_listener(event_log.append)
@@ -56,7 +72,7 @@ class EventLog:
     def append(self, event: BusEvent) -> None:
         """Bus listener: queue `event` for the next batch write."""
         self._pending.append(event)
-        if int(event.id) > self._reserved - ID_BLOCK // 2:
+        if self._shared is None and int(event.id) > self._reserved - ID_BLOCK // 2:
             # Half the block is left: reserve the next one long before it is needed.
             self._reserved += ID_BLOCK
             self._store.extend_event_ids_soon(self._reserved)
@@ -86,7 +102,39 @@ class EventLog:
     async def history(
         self, tenant: str, after: int, *, session_id: str, workflow_id: str, execution_id: str
     ) -> AsyncIterator[BusEvent]:
-        """A tenant's logged events after `after`, oldest first, until caught up."""
+        """A tenant's events after `after`, oldest first, until caught up with the bus.
+
+        With Redis, another process logs its events a moment after the stream
+        has them, so the recent part comes from the stream, the older part
+        (beyond what the stream keeps) from the log.
+        """
+        if self._shared is None:
+            async for event in self._logged(
+                tenant, after, session_id=session_id, workflow_id=workflow_id, execution_id=execution_id
+            ):
+                yield event
+            return
+        bus, until = self._shared, self._shared.last_id
+        first = await bus.first_id()
+        if first is None or after < first - 1:
+            async for event in self._logged(
+                tenant, after, session_id=session_id, workflow_id=workflow_id, execution_id=execution_id
+            ):
+                if first is not None and int(event.id) >= first:
+                    break
+                yield event
+                after = int(event.id)
+            if first is not None:
+                after = max(after, first - 1)
+        wanted = {"session_id": session_id, "workflow_id": workflow_id, "execution_id": execution_id}
+        async for event in bus.history(after, until):
+            if event.tenant == tenant and all(not v or getattr(event, k) == v for k, v in wanted.items()):
+                yield event
+
+    async def _logged(
+        self, tenant: str, after: int, *, session_id: str, workflow_id: str, execution_id: str
+    ) -> AsyncIterator[BusEvent]:
+        """A tenant's logged events after `after`, oldest first."""
         while True:
             page = await self._store.read_events(
                 tenant,
@@ -108,11 +156,15 @@ class EventLog:
             self._purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._purger
+        if self._shared is not None:
+            await self._shared.close()  # its last events reach this log's queue
         await self.flush()
 
     async def purge(self, now: Callable[[], float] = time.time) -> int:
         """Drop events beyond the retention count or age; returns how many."""
-        keep_after_id = self._bus.last_id - self._retention_count
+        # Redis ids are not consecutive: with them, only age counts here (the
+        # stream itself keeps about retention_count).
+        keep_after_id = 0 if self._shared is not None else self._bus.last_id - self._retention_count
         keep_after_us = int((now() - self._retention_seconds) * 1e6)
         return await self._store.purge_events(keep_after_id=keep_after_id, keep_after_us=keep_after_us)
 

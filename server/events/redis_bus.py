@@ -1,0 +1,213 @@
+"""The event bus across processes: one Redis stream, read by every process.
+
+`publish()` still never waits: the event is queued, and a sender task adds
+queued events to the stream in one pipelined round trip. Redis orders them:
+an event's id is its stream entry's id (`<ms>-<seq>`, as one integer
+`ms * 100000 + seq`), so ids increase across every process and a stream
+resumed by id on any process misses nothing and repeats nothing. Once an
+event has its id, the publishing process alone runs the listeners (the event
+log, webhook fan-out), so each event is logged and delivered to webhooks
+once. Every process (the publisher too) reads the stream and hands each
+event to its own subscribers.
+
+When Redis cannot be reached, publishing goes on: events get provisional
+ids from the clock (above any id Redis gave before, so streams stay in
+order), go to the listeners and to this process's subscribers only, and
+`degraded` is set, which the health check reports. The reader retries and
+picks a restarted Redis up again without a restart of flowport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from flowport.server.events.bus import BusEvent, EventBus
+
+log = logging.getLogger(__name__)
+
+STREAM = "flowport:events"
+SEQUENCE = 100_000  # an id is ms * SEQUENCE + the entry's sequence number in that ms
+READ_BLOCK_MS = 1000
+READ_COUNT = 500
+RETRY_DELAY = 0.5
+TIMEOUT = 2.0
+_FAILURES = (RedisError, OSError, TimeoutError)
+
+
+def event_id(stream_id: bytes | str) -> int:
+    """The integer id of a stream entry id."""
+    text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+    ms, _, seq = text.partition("-")
+    return int(ms) * SEQUENCE + int(seq or 0)
+
+
+def stream_id(event: int) -> str:
+    """The stream entry id of an integer id."""
+    return f"{event // SEQUENCE}-{event % SEQUENCE}"
+
+
+def _encode(event: BusEvent, origin: str) -> dict[str, bytes]:
+    fields = [event.type, event.time_ns, event.tenant, event.session_id, event.workflow_id, event.execution_id]
+    return {"e": orjson.dumps([*fields, event.data]), "o": origin.encode()}
+
+
+def _decode(entry_id: bytes, fields: dict[bytes, bytes]) -> BusEvent:
+    type_, time_ns, tenant, session_id, workflow_id, execution_id, data = orjson.loads(fields[b"e"])
+    return BusEvent(str(event_id(entry_id)), type_, time_ns, tenant, session_id, workflow_id, execution_id, data)
+
+
+class RedisBus(EventBus):
+    """An EventBus whose events reach the subscribers of every process sharing a Redis."""
+
+    def __init__(self, url: str, *, queue_size: int = 1024, max_len: int = 100_000) -> None:
+        super().__init__(queue_size=queue_size, first_id=1)
+        # Typed Any: redis-py's reply types are unions of every encoding it might use.
+        self._redis: Any = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
+        self._max_len = max_len
+        self._origin = os.urandom(8).hex()
+        self._outbox: list[BusEvent] = []
+        self._sender: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        # Provisional ids (Redis down) differ between processes by this salt.
+        self._salt = secrets.randbelow(500) * 100
+        self._provisional = 0
+        self.degraded = False
+
+    async def start(self) -> None:
+        """Begin reading the stream from its end: subscribers get what is published from now on."""
+        position = "$"
+        try:
+            newest = await self._redis.xrevrange(STREAM, count=1)
+            if newest:
+                position = newest[0][0].decode()
+                self.last_id = event_id(position)
+        except _FAILURES as exc:
+            self._failed("reading the event stream's end", exc)
+        self._reader = asyncio.create_task(self._read_forever(position), name="redis event reader")
+
+    async def close(self) -> None:
+        """Send what is queued, stop reading, disconnect."""
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
+        if self._outbox:
+            await self._send()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self._redis.aclose()
+
+    async def ping(self) -> None:
+        """Raises unless Redis answers (the health check's `bus`)."""
+        await self._redis.ping()
+
+    def publish(
+        self,
+        type_: str,
+        *,
+        tenant: str,
+        session_id: str = "",
+        workflow_id: str = "",
+        execution_id: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> BusEvent:
+        """Queue an event for the stream; its id is set once Redis has ordered it. Never waits."""
+        event = BusEvent("", type_, time.time_ns(), tenant, session_id, workflow_id, execution_id, data)
+        self.published += 1
+        self._outbox.append(event)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send())
+        return event
+
+    async def _send(self) -> None:
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for event in batch:
+                        pipe.xadd(STREAM, _encode(event, self._origin), maxlen=self._max_len, approximate=True)
+                    ids = await pipe.execute()
+            except _FAILURES as exc:
+                self._failed("publishing events", exc)
+                stamped = [replace(event, id=str(self._provisional_id())) for event in batch]
+                for event in stamped:
+                    self._deliver(event)  # the reader will not see these
+            else:
+                self._recovered()
+                stamped = [replace(event, id=str(event_id(i))) for event, i in zip(batch, ids, strict=True)]
+            for event in stamped:
+                for listener in self._listeners:
+                    listener(event)
+
+    def _provisional_id(self) -> int:
+        # Above every id seen, and time-based like Redis's own, so that ids
+        # keep increasing when Redis comes back (an empty one starts at now).
+        self._provisional = (self._provisional + 1) % 100
+        floor = time.time_ns() // 1_000_000 * SEQUENCE + 50_000 + self._salt + self._provisional
+        self.last_id = max(self.last_id + 1, floor)
+        return self.last_id
+
+    async def _read_forever(self, position: str) -> None:
+        while True:
+            try:
+                replies = await self._redis.xread({STREAM: position}, count=READ_COUNT, block=READ_BLOCK_MS)
+            except _FAILURES as exc:
+                # Retried from the last entry seen: a restarted Redis is empty
+                # and numbers entries from the clock, so later than that.
+                self._failed("reading events", exc)
+                await asyncio.sleep(RETRY_DELAY)
+                continue
+            self._recovered()
+            for _stream, entries in replies or ():
+                for entry_id, fields in entries:
+                    position = entry_id.decode()
+                    try:
+                        event = _decode(entry_id, fields)
+                    except (KeyError, ValueError, TypeError) as exc:
+                        log.warning("skipped a malformed event %s in %s: %s", position, STREAM, exc)
+                        continue
+                    self._deliver(event)
+
+    def _deliver(self, event: BusEvent) -> None:
+        self.last_id = max(self.last_id, int(event.id))
+        for subscriber in tuple(self._subscribers):
+            if subscriber.accept(event):
+                subscriber.offer(event)
+
+    async def history(self, after: int, until: int) -> AsyncIterator[BusEvent]:
+        """Events in the stream with ids in (after, until], oldest first."""
+        start = "(" + stream_id(after)
+        while True:
+            entries = await self._redis.xrange(STREAM, min=start, max=stream_id(until), count=READ_COUNT)
+            for entry_id, fields in entries:
+                yield _decode(entry_id, fields)
+            if len(entries) < READ_COUNT:
+                return
+            start = "(" + entries[-1][0].decode()
+
+    async def first_id(self) -> int | None:
+        """The oldest id the stream still holds (None when it is empty)."""
+        oldest = await self._redis.xrange(STREAM, count=1)
+        return event_id(oldest[0][0]) if oldest else None
+
+    def _failed(self, doing: str, exc: BaseException) -> None:
+        if not self.degraded:
+            log.warning("event bus degraded: Redis unavailable while %s (%s: %s)", doing, type(exc).__name__, exc)
+        self.degraded = True
+
+    def _recovered(self) -> None:
+        if self.degraded:
+            log.warning("event bus recovered: Redis answers again")
+        self.degraded = False

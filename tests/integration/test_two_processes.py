@@ -1,0 +1,130 @@
+"""Two flowport processes sharing one PostgreSQL database and one Redis:
+events published on one reach streams on the other, in one order that a
+resume by id follows without gaps; an execution started on one is watched
+through the other; and without Redis both keep serving, degraded."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from flowport.clients import Client
+from flowport.v1 import event_pb2, execution_pb2, gateway_pb2, session_pb2, workflow_pb2
+
+from ..backends import RedisServer
+from ..conftest import ADMIN_KEY, ServeProcess, make_settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def clients(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[list[Client]]:
+    servers = []
+    try:
+        for name in ("a", "b"):
+            server = ServeProcess(
+                make_settings(tmp_path / name, database_url=postgres_url, redis_url=redis_url, stream_heartbeat=0.5)
+            )
+            server.start()
+            servers.append(server)
+        with (
+            Client(servers[0].settings.grpc_target, api_key=ADMIN_KEY) as a,
+            Client(servers[1].settings.grpc_target, api_key=ADMIN_KEY) as b,
+        ):
+            yield [a, b]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _take(stream: grpc.Future, count: int, timeout: float = 15.0) -> list[event_pb2.Event]:
+    """The next `count` events of a stream that are not heartbeats."""
+    got: list[event_pb2.Event] = []
+    deadline = time.monotonic() + timeout
+    for event in stream:
+        if event.type != "heartbeat":
+            got.append(event)
+        if len(got) == count or time.monotonic() > deadline:
+            break
+    return got
+
+
+def _session(client: Client) -> str:
+    return client.sessions.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session())).session_id
+
+
+def test_a_stream_on_one_process_sees_the_other_and_resumes_without_gaps(clients: list[Client]) -> None:
+    a, b = clients
+    request = event_pb2.StreamEventsRequest(types=["session.*"])
+    stream = b.events.StreamEvents(request, timeout=30)
+    time.sleep(0.3)  # the stream subscribes
+    published = [_session(a), _session(b), _session(a)]
+    seen = _take(stream, 3)
+    stream.cancel()
+    assert [e.session_id for e in seen] == published
+    ids = [int(e.id) for e in seen]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    # Events published while nobody listens, on both processes...
+    missed = [_session(a), _session(b)]
+    # ...come back on a resume from the last id seen, on either process.
+    for client in (a, b):
+        resumed = client.events.StreamEvents(event_pb2.StreamEventsRequest(types=["session.*"], after_id=str(ids[-1])))
+        assert [e.session_id for e in _take(resumed, 2)] == missed
+        resumed.cancel()
+
+
+def test_an_execution_started_on_one_process_is_watched_through_the_other(clients: list[Client]) -> None:
+    a, b = clients
+    workflow = json_format.ParseDict(
+        {
+            "name": "slowish",
+            "nodes": [
+                {"type": "PythonCodeNode", "name": "nap", "config": {"code": "import time\ntime.sleep(1)\nresult = 7"}}
+            ],
+        },
+        workflow_pb2.Workflow(),
+    )
+    a.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=workflow))
+    started = a.executions.CreateExecution(execution_pb2.CreateExecutionRequest(workflow_id="slowish"))
+    watch = b.executions.WatchExecution(
+        execution_pb2.WatchExecutionRequest(execution_id=started.execution_id), timeout=30
+    )
+    responses = list(watch)
+    assert responses[0].HasField("execution")
+    last = responses[-1]
+    finished = last.execution.state if last.HasField("execution") else None
+    assert (last.event.type if last.HasField("event") else "") == "execution.completed" or (
+        finished == execution_pb2.Execution.STATE_SUCCEEDED
+    )
+
+
+def test_without_redis_both_keep_serving_degraded_and_recover(clients: list[Client], redis_server: RedisServer) -> None:
+    a, b = clients
+    redis_server.stop()
+    try:
+        assert _session(a) and _session(b)  # requests keep working
+        health = a.gateway.GetHealth(gateway_pb2.GetHealthRequest())
+        assert health.components["bus"].status == "degraded"
+        assert health.status == "degraded"
+        # Streams still get this process's own events.
+        stream = a.events.StreamEvents(event_pb2.StreamEventsRequest(types=["session.*"]), timeout=30)
+        time.sleep(0.3)
+        own = _session(a)
+        assert [e.session_id for e in _take(stream, 1)] == [own]
+        stream.cancel()
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 15
+    while a.gateway.GetHealth(gateway_pb2.GetHealthRequest()).components["bus"].status != "healthy":
+        assert time.monotonic() < deadline, "the bus never recovered"
+        time.sleep(0.2)
+    stream = b.events.StreamEvents(event_pb2.StreamEventsRequest(types=["session.*"]), timeout=30)
+    time.sleep(0.3)
+    crossed = _session(a)
+    assert [e.session_id for e in _take(stream, 1)] == [crossed]
+    stream.cancel()
