@@ -270,7 +270,16 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     await dispatcher.start()
     opened.push_async_callback(dispatcher.close)
     bus.add_listener(dispatcher.on_event)
-    executor = Executor(store, plans, bus, services, max_concurrent=settings.max_concurrent_executions)
+    executor = Executor(
+        store,
+        plans,
+        bus,
+        services,
+        max_concurrent=settings.max_concurrent_executions,
+        lease_seconds=settings.execution_lease_seconds,
+        # A SQLite file is this process's alone; PostgreSQL may be shared.
+        exclusive=store.dialect == "sqlite",
+    )
     opened.push_async_callback(executor.shutdown)
     metrics = RequestMetrics()
     keys = KeyAuthenticator(store)
@@ -328,6 +337,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     await server.start()
     opened.push_async_callback(server.stop, None)
     resumed, failed = await executor.recover()
+    executor.start_leasing()
     if resumed or failed:
         log.info("after restart: %d executions resumed, %d failed as INTERRUPTED", resumed, failed)
     for name in ["", *ALL_SERVICES]:

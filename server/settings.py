@@ -112,6 +112,13 @@ class Settings(BaseModel):
         description="when Redis cannot be reached: let requests through (true, counted and logged) "
         "or refuse them (false)",
     )
+    execution_lease_seconds: float = Field(
+        30.0,
+        ge=1.0,
+        le=3600,
+        description="how long a process's claim on a running execution lasts unrenewed: another process "
+        "sharing the database takes over an execution this long after its process died",
+    )
     redis_url: SecretStr | None = Field(
         None, description="redis://[:password@]host:6379/0: where processes share rate-limit counters"
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -100,12 +101,23 @@ class Executor:
         services: NodeServices,
         *,
         max_concurrent: int,
+        lease_seconds: float = 30.0,
+        exclusive: bool = True,
     ) -> None:
         self._store = store
         self._plans = plans
         self._bus = bus
         self._services = services
         self._max = max_concurrent
+        # Each execution this process runs is leased to it (renewed every
+        # third of the lease); another process sharing the database takes
+        # over executions whose lease ran out. `exclusive`: no other process
+        # can share the store (SQLite), so what is unfinished at start is
+        # taken at once, whatever its lease says.
+        self._owner = os.urandom(8).hex()
+        self._lease = lease_seconds
+        self._exclusive = exclusive
+        self._leasing: asyncio.Task[None] | None = None
         self._runs: dict[str, _Run] = {}
         self._admitting = 0
         self.counters = ExecutionCounters()
@@ -167,7 +179,9 @@ class Executor:
         )
         self._admitting += 1
         try:
-            result = await self._store.insert_execution(tenant, execution, key)
+            result = await self._store.insert_execution(
+                tenant, execution, key, owner=self._owner, lease_until_us=self._lease_until()
+            )
         finally:
             self._admitting -= 1
         if result.replayed:
@@ -226,23 +240,62 @@ class Executor:
 
     async def shutdown(self) -> None:
         """Stop running executions without recording an end: they stay
-        RUNNING in the store and are recovered by the next start."""
+        RUNNING in the store, with their leases released, and are recovered
+        by the next start or by another process sharing the store."""
+        if self._leasing is not None:
+            self._leasing.cancel()
+            await asyncio.gather(self._leasing, return_exceptions=True)
         tasks = [run.task for run in self._runs.values() if run.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self._store.release_leases(self._owner)
+        except Exception:  # noqa: BLE001 - the store may be failing; the leases then simply expire
+            log.warning("could not release execution leases; other processes take over when they expire")
+
+    def _lease_until(self) -> int:
+        return time.time_ns() // 1000 + int(self._lease * 1_000_000)
+
+    def start_leasing(self) -> None:
+        """Keep this process's leases fresh and take over executions of processes that died."""
+        self._leasing = asyncio.create_task(self._lease_forever(), name="execution leases")
+
+    async def _lease_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            try:
+                await self._store.renew_leases(self._owner, self._lease_until())
+                resumed, failed = await self.recover(expired_only=True)
+            except Exception:
+                log.exception("renewing execution leases failed; will retry")
+                continue
+            if resumed or failed:
+                log.info("took over executions of a stopped process: %d resumed, %d failed", resumed, failed)
 
     # -- recovery -------------------------------------------------------------
 
-    async def recover(self) -> tuple[int, int]:
-        """Resume or fail executions a previous process left unfinished.
+    async def recover(self, *, expired_only: bool | None = None) -> tuple[int, int]:
+        """Claim and resume (or fail) executions a stopped process left unfinished.
 
         Finished nodes keep their outputs. A node caught RUNNING is rerun when
         its type is retry-safe; otherwise the execution fails as INTERRUPTED.
+        At start (`expired_only` None) an exclusive store's unfinished
+        executions are all taken; otherwise only those whose lease expired.
         Returns (resumed, failed).
         """
         resumed = failed = 0
-        for execution in await self._store.unfinished_executions():
+        if expired_only is None:
+            expired_only = not self._exclusive
+        claimed = await self._store.claim_executions(
+            self._owner,
+            now_us=time.time_ns() // 1000,
+            lease_until_us=self._lease_until(),
+            expired_only=expired_only,
+        )
+        for execution in claimed:
+            if execution.execution_id in self._runs:
+                continue  # ours already (its lease ran out under a stalled loop)
             tenant = execution.tenant
             workflow = await self._store.get_workflow(
                 tenant, execution.workflow_id, execution.workflow_version, include_deleted=True

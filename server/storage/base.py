@@ -103,9 +103,26 @@ class Store(Protocol):
         """Hide every version; MISSING when there was none (REPLAYED as for delete_session)."""
 
     async def insert_execution(
-        self, tenant: str, execution: execution_pb2.Execution, idempotency_key: tuple[str, bytes] | None
+        self,
+        tenant: str,
+        execution: execution_pb2.Execution,
+        idempotency_key: tuple[str, bytes] | None,
+        *,
+        owner: str = "",
+        lease_until_us: int = 0,
     ) -> IdempotentResult:
-        """Record a new execution; `response` is the (first) execution's id."""
+        """Record a new execution leased to `owner`; `response` is the (first) execution's id."""
+
+    async def claim_executions(
+        self, owner: str, *, now_us: int, lease_until_us: int, expired_only: bool = True
+    ) -> list[execution_pb2.Execution]:
+        """Take over unfinished executions whose lease expired (all unfinished ones with expired_only=False)."""
+
+    async def renew_leases(self, owner: str, lease_until_us: int) -> None:
+        """Extend the leases of `owner`'s unfinished executions."""
+
+    async def release_leases(self, owner: str) -> None:
+        """Let other processes take `owner`'s unfinished executions at once."""
 
     async def replayed_execution(self, tenant: str, idempotency_key: tuple[str, bytes]) -> str | None:
         """The execution id a CreateExecution key already made, or None; IdempotencyConflict for another request."""

@@ -15,9 +15,15 @@ class ExecutionTables(Tables):
     """Executions, scoped by tenant."""
 
     async def insert_execution(
-        self, tenant: str, execution: execution_pb2.Execution, idempotency_key: tuple[str, bytes] | None
+        self,
+        tenant: str,
+        execution: execution_pb2.Execution,
+        idempotency_key: tuple[str, bytes] | None,
+        *,
+        owner: str = "",
+        lease_until_us: int = 0,
     ) -> IdempotentResult:
-        """Record a new execution; a replayed key returns the first one's id as `response`."""
+        """Record a new execution, leased to `owner`; a replayed key returns the first one's id as `response`."""
         body = execution.SerializeToString()
         now_us = micros(execution.create_time)
 
@@ -30,7 +36,8 @@ class ExecutionTables(Tables):
                     conn, tenant, _CREATE, idempotency_key, execution.execution_id.encode(), now_us=now_us
                 )
             conn.execute(
-                "INSERT INTO executions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO executions (tenant, execution_id, workflow_id, session_id, state, create_us, body,"
+                " owner, lease_until_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     tenant,
                     execution.execution_id,
@@ -39,6 +46,8 @@ class ExecutionTables(Tables):
                     execution.state,
                     now_us,
                     body,
+                    owner,
+                    lease_until_us,
                 ),
             )
             return IdempotentResult(execution.execution_id.encode(), replayed=False)
@@ -119,3 +128,32 @@ class ExecutionTables(Tables):
             ).fetchall()
         )
         return [execution_pb2.Execution.FromString(row[0]) for row in rows]
+
+    async def claim_executions(
+        self, owner: str, *, now_us: int, lease_until_us: int, expired_only: bool = True
+    ) -> list[execution_pb2.Execution]:
+        """Take over unfinished executions whose lease expired (or every unfinished one).
+
+        One UPDATE, so two processes claiming at once never both get a row.
+        """
+
+        def op(conn: Connection) -> list[execution_pb2.Execution]:
+            sql = "UPDATE executions SET owner=?, lease_until_us=? WHERE state IN (?, ?)"
+            args: list[object] = [owner, lease_until_us, *UNFINISHED]
+            if expired_only:
+                sql += " AND lease_until_us<?"
+                args.append(now_us)
+            rows = conn.execute(sql + " RETURNING create_us, body", args).fetchall()
+            return [execution_pb2.Execution.FromString(body) for _, body in sorted(rows, key=lambda r: r[0])]
+
+        return await self._write(op)
+
+    async def renew_leases(self, owner: str, lease_until_us: int) -> None:
+        """Extend the leases of `owner`'s unfinished executions."""
+        sql = "UPDATE executions SET lease_until_us=? WHERE owner=? AND state IN (?, ?)"
+        await self._write(lambda conn: conn.execute(sql, (lease_until_us, owner, *UNFINISHED)))
+
+    async def release_leases(self, owner: str) -> None:
+        """Let others take `owner`'s unfinished executions at once (a graceful stop)."""
+        sql = "UPDATE executions SET lease_until_us=0 WHERE owner=? AND state IN (?, ?)"
+        await self._write(lambda conn: conn.execute(sql, (owner, *UNFINISHED)))

@@ -5,8 +5,11 @@ through the other; and without Redis both keep serving, degraded."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -128,3 +131,103 @@ def test_without_redis_both_keep_serving_degraded_and_recover(clients: list[Clie
     crossed = _session(a)
     assert [e.session_id for e in _take(stream, 1)] == [crossed]
     stream.cancel()
+
+
+class _SlowReceiver(ThreadingHTTPServer):
+    """Counts POSTs and answers each after a pause (so a node calling it is caught RUNNING)."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.posts = 0
+        super().__init__(("127.0.0.1", 0), _SlowHandler)
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+
+
+class _SlowHandler(BaseHTTPRequestHandler):
+    server: _SlowReceiver
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.server.posts += 1
+        time.sleep(4)
+        with contextlib.suppress(OSError):  # the caller may be gone (killed)
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+
+@pytest.fixture
+def leased(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[list[ServeProcess]]:
+    """Two servers with short execution leases (2 s)."""
+    servers = []
+    try:
+        for name in ("a", "b"):
+            server = ServeProcess(
+                make_settings(
+                    tmp_path / name, database_url=postgres_url, redis_url=redis_url, execution_lease_seconds=2.0
+                )
+            )
+            server.start()
+            servers.append(server)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _wait_for(client: Client, execution_id: str, states: set[int], seconds: float) -> execution_pb2.Execution:
+    deadline = time.monotonic() + seconds
+    while True:
+        got = client.executions.GetExecution(execution_pb2.GetExecutionRequest(execution_id=execution_id))
+        if got.state in states or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def test_when_a_process_dies_another_takes_over_its_executions(leased: list[ServeProcess]) -> None:
+    a_server, b_server = leased
+    receiver = _SlowReceiver()
+    try:
+        with (
+            Client(a_server.settings.grpc_target, api_key=ADMIN_KEY) as a,
+            Client(b_server.settings.grpc_target, api_key=ADMIN_KEY) as b,
+        ):
+            nap = {
+                "type": "PythonCodeNode",
+                "name": "nap",
+                "config": {"code": "import time\ntime.sleep(3)\nresult = 1"},
+            }
+            post = {
+                "type": "HTTPRequestNode",
+                "name": "post",
+                "config": {"url": f"http://127.0.0.1:{receiver.server_port}/hook", "method": "POST", "body": {}},
+            }
+            for name, node in (("safe", nap), ("unsafe", post)):
+                workflow = json_format.ParseDict({"name": name, "nodes": [node]}, workflow_pb2.Workflow())
+                a.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=workflow))
+            safe = a.executions.CreateExecution(execution_pb2.CreateExecutionRequest(workflow_id="safe"))
+            unsafe = a.executions.CreateExecution(execution_pb2.CreateExecutionRequest(workflow_id="unsafe"))
+            running = {execution_pb2.Execution.STATE_RUNNING}
+            for started in (safe, unsafe):
+                assert _wait_for(b, started.execution_id, running, 10).state in running
+            time.sleep(0.5)  # the nodes are under way
+            a_server.kill()
+            finished = {
+                execution_pb2.Execution.STATE_SUCCEEDED,
+                execution_pb2.Execution.STATE_FAILED,
+            }
+            # The lease (2 s) runs out; B takes both over within a few renewals.
+            done_safe = _wait_for(b, safe.execution_id, finished, 30)
+            done_unsafe = _wait_for(b, unsafe.execution_id, finished, 30)
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+    assert done_safe.state == execution_pb2.Execution.STATE_SUCCEEDED, done_safe.error.message
+    assert done_unsafe.state == execution_pb2.Execution.STATE_FAILED
+    assert "interrupted" in done_unsafe.error.message and "not safe to run twice" in done_unsafe.error.message
+    assert receiver.posts == 1, "the POST must not be sent twice"
