@@ -266,7 +266,14 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False
     )
     opened.push_async_callback(webhook_http.aclose)
-    dispatcher = WebhookDispatcher(store, bus, webhook_http, settings)
+    dispatcher = WebhookDispatcher(
+        store,
+        bus,
+        webhook_http,
+        settings,
+        lease_seconds=settings.execution_lease_seconds,
+        exclusive=store.dialect == "sqlite",
+    )
     await dispatcher.start()
     opened.push_async_callback(dispatcher.close)
     bus.add_listener(dispatcher.on_event)

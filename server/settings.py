@@ -116,8 +116,8 @@ class Settings(BaseModel):
         30.0,
         ge=1.0,
         le=3600,
-        description="how long a process's claim on a running execution lasts unrenewed: another process "
-        "sharing the database takes over an execution this long after its process died",
+        description="how long a process's claim on a running execution or an unfinished webhook delivery "
+        "lasts unrenewed: another process sharing the database takes it over this long after its process died",
     )
     redis_url: SecretStr | None = Field(
         None, description="redis://[:password@]host:6379/0: where processes share rate-limit counters"

@@ -15,7 +15,7 @@ from flowport.server.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
 from flowport.server.settings import Settings
-from flowport.server.storage import IdempotencyConflict
+from flowport.server.storage import Deletion, IdempotencyConflict
 from flowport.server.storage.webhooks import NotDeadLettered, WebhookExists, WebhookTables
 from flowport.server.tenancy import tenant_of
 from flowport.server.types import Context
@@ -48,8 +48,8 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
     def __init__(self, store: WebhookTables, dispatcher: WebhookDispatcher, bus: EventBus, settings: Settings) -> None:
         self._store = store
         self._dispatcher = dispatcher
-        # Kept for symmetry with the other services: this one publishes
-        # nothing itself (webhook.failed comes from the dispatcher).
+        # webhook.created / webhook.deleted: every process (through Redis)
+        # reloads the tenant's webhooks; webhook.failed comes from the dispatcher.
         self._bus = bus
         self._allowlist = normalize_allowlist(settings.webhook_allowlist)
 
@@ -84,9 +84,11 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
                 reason="WEBHOOK_ALREADY_EXISTS",
                 metadata={"webhook_id": webhook.webhook_id},
             ) from None
+        created = W.Webhook.FromString(result.response)
         if not result.replayed:
             await self._dispatcher.webhooks_changed(tenant)
-        return shown(W.Webhook.FromString(result.response))
+            self._bus.publish("webhook.created", tenant=tenant, data={"webhook_id": created.webhook_id})
+        return shown(created)
 
     async def GetWebhook(self, request: W.GetWebhookRequest, context: Context) -> W.Webhook:
         require(request.webhook_id, "webhook_id")
@@ -114,6 +116,8 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
         if not deleted.done:
             raise webhook_not_found(request.webhook_id)
         await self._dispatcher.webhooks_changed(tenant)
+        if deleted is Deletion.DELETED:
+            self._bus.publish("webhook.deleted", tenant=tenant, data={"webhook_id": request.webhook_id})
         return empty_pb2.Empty()
 
     async def ListWebhookDeliveries(

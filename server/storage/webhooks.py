@@ -214,8 +214,8 @@ class WebhookTables(Tables):
 
     # -- deliveries -----------------------------------------------------------
 
-    async def insert_deliveries(self, rows: Sequence[NewDelivery]) -> int:
-        """Queue deliveries as PENDING, in one write; returns how many were inserted.
+    async def insert_deliveries(self, rows: Sequence[NewDelivery], *, owner: str = "", lease_until_us: int = 0) -> int:
+        """Queue deliveries as PENDING, leased to `owner`, in one write; returns how many were inserted.
 
         A row whose webhook was deleted meanwhile is skipped: it could never
         be attempted and would only linger.
@@ -224,8 +224,8 @@ class WebhookTables(Tables):
         def op(conn: Connection) -> int:
             inserted = conn.executemany(
                 "INSERT INTO webhook_deliveries (delivery_id, tenant, webhook_id, event_id, event_type, state,"
-                " next_attempt_us, create_us, update_us, payload)"
-                " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+                " next_attempt_us, create_us, update_us, payload, owner, lease_until_us)"
+                " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
                 " WHERE EXISTS (SELECT 1 FROM webhooks WHERE tenant=? AND webhook_id=?)",
                 [
                     (
@@ -239,6 +239,8 @@ class WebhookTables(Tables):
                         r.create_us,
                         r.create_us,
                         r.payload,
+                        owner,
+                        lease_until_us,
                         r.tenant,
                         r.webhook_id,
                     )
@@ -248,6 +250,33 @@ class WebhookTables(Tables):
             return inserted
 
         return await self._write(op)
+
+    async def claim_deliveries(
+        self, owner: str, *, now_us: int, lease_until_us: int, expired_only: bool = True
+    ) -> list[DueDelivery]:
+        """Take over PENDING and RETRYING deliveries whose lease expired (or all), soonest due first."""
+
+        def op(conn: Connection) -> list[DueDelivery]:
+            sql = "UPDATE webhook_deliveries SET owner=?, lease_until_us=? WHERE state IN (1, 2)"
+            args: list[object] = [owner, lease_until_us]
+            if expired_only:
+                sql += " AND lease_until_us<?"
+                args.append(now_us)
+            sql += " RETURNING delivery_id, tenant, webhook_id, next_attempt_us"
+            rows = conn.execute(sql, args).fetchall()
+            return sorted((DueDelivery(*row) for row in rows), key=lambda d: d.next_attempt_us or 0)
+
+        return await self._write(op)
+
+    async def renew_delivery_leases(self, owner: str, lease_until_us: int) -> None:
+        """Extend the leases of `owner`'s unfinished deliveries."""
+        sql = "UPDATE webhook_deliveries SET lease_until_us=? WHERE owner=? AND state IN (1, 2)"
+        await self._write(lambda conn: conn.execute(sql, (lease_until_us, owner)))
+
+    async def release_delivery_leases(self, owner: str) -> None:
+        """Let other processes take `owner`'s unfinished deliveries at once."""
+        sql = "UPDATE webhook_deliveries SET lease_until_us=0 WHERE owner=? AND state IN (1, 2)"
+        await self._write(lambda conn: conn.execute(sql, (owner,)))
 
     async def unfinished_deliveries(self) -> list[DueDelivery]:
         """PENDING and RETRYING deliveries of every tenant, soonest due first (the restart scan)."""

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import httpx
 
 from flowport.server.api.common import now_us
-from flowport.server.events.bus import BusEvent, EventBus
+from flowport.server.events.bus import BusEvent, EventBus, Subscription
 from flowport.server.events.types import TypeFilter
 from flowport.server.ids import new_id
 from flowport.server.settings import Settings
@@ -54,6 +55,8 @@ from flowport.server.webhooks.targets import normalize_allowlist
 from flowport.v1 import gateway_pb2
 
 log = logging.getLogger(__name__)
+# Published by WebhookService; every process reloads the tenant's webhooks.
+CHANGE_EVENTS = frozenset({"webhook.created", "webhook.deleted"})
 
 FAILED_EVENT = "webhook.failed"
 Key = tuple[str, str]  # (tenant, webhook_id)
@@ -80,6 +83,10 @@ class _Hook:
         # A webhook never hears about its own failed deliveries: that
         # delivery would most likely fail too, and report itself again.
         if event.type == FAILED_EVENT and (event.data or {}).get("webhook_id") == self.key[1]:
+            return False
+        # Webhook changes are for event streams (and for the other processes'
+        # dispatchers), not for the receivers themselves.
+        if event.type in CHANGE_EVENTS:
             return False
         return self.types.accepts(event.type)
 
@@ -113,9 +120,17 @@ class WebhookDispatcher:
         settings: Settings,
         *,
         initial_backoff: float = 1.0,
+        lease_seconds: float = 30.0,
+        exclusive: bool = True,
     ) -> None:
         self._store = store
         self._bus = bus
+        # Unfinished deliveries are leased to this process, as executions are
+        # (engine/executor.py): others take over those of a process that died.
+        self._owner = os.urandom(8).hex()
+        self._lease = lease_seconds
+        self._exclusive = exclusive
+        self._background: list[asyncio.Task[None]] = []
         self._http = http
         self._max_attempts = settings.webhook_max_attempts
         self._timeout = settings.webhook_timeout
@@ -147,18 +162,58 @@ class WebhookDispatcher:
             by_tenant[stored.webhook.tenant].append(stored)
         for tenant, stored_hooks in by_tenant.items():
             self._install(tenant, stored_hooks)
-        now = now_us()
-        resumed = 0
-        for due in await self._store.unfinished_deliveries():
-            key = (due.tenant, due.webhook_id)
-            if key in self._hooks:
-                self._schedule(_Pending(due.delivery_id, key), (due.next_attempt_us - now) / 1e6)
-                resumed += 1
+        resumed = await self._claim(expired_only=not self._exclusive)
         log.info("webhooks: %d registered, %d unfinished deliveries resumed", len(self._hooks), resumed)
+        # Another process's webhook changes reach this one as events.
+        changes = self._bus.subscribe(lambda e: e.type in CHANGE_EVENTS)
+        loop = asyncio.get_running_loop()
+        self._background = [
+            loop.create_task(self._follow_changes(changes), name="webhook changes"),
+            loop.create_task(self._lease_forever(), name="webhook delivery leases"),
+        ]
+
+    def _lease_until(self) -> int:
+        return now_us() + int(self._lease * 1_000_000)
+
+    async def _claim(self, *, expired_only: bool) -> int:
+        """Take over unfinished deliveries (whose lease expired) and schedule them; how many."""
+        now = now_us()
+        claimed = await self._store.claim_deliveries(
+            self._owner, now_us=now, lease_until_us=self._lease_until(), expired_only=expired_only
+        )
+        scheduled = 0
+        for due in claimed:
+            key = (due.tenant, due.webhook_id)
+            if key in self._hooks and due.delivery_id not in self._pending:
+                self._schedule(_Pending(due.delivery_id, key), (due.next_attempt_us - now) / 1e6)
+                scheduled += 1
+        return scheduled
+
+    async def _lease_forever(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._lease / 3)
+            try:
+                await self._store.renew_delivery_leases(self._owner, self._lease_until())
+                taken = await self._claim(expired_only=True)
+            except Exception:
+                log.exception("renewing webhook delivery leases failed; will retry")
+                continue
+            if taken:
+                log.info("took over %d webhook deliveries of a stopped process", taken)
+
+    async def _follow_changes(self, changes: Subscription) -> None:
+        try:
+            async for event in changes:
+                await self.webhooks_changed(event.tenant)
+        finally:
+            changes.close()
 
     async def close(self) -> None:
         """Write the rows of events already received, then stop attempts (resumed at the next start)."""
         self._closed = True
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
         for pending in self._pending.values():
@@ -170,6 +225,10 @@ class WebhookDispatcher:
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+        try:
+            await self._store.release_delivery_leases(self._owner)
+        except Exception:  # noqa: BLE001 - the store may be failing; the leases then simply expire
+            log.warning("could not release webhook delivery leases; other processes take over when they expire")
 
     # -- webhooks ------------------------------------------------------------
 
@@ -225,7 +284,7 @@ class WebhookDispatcher:
                 batch, self._inbox = self._inbox, []
                 rows = self._rows(batch)
                 try:
-                    await self._store.insert_deliveries(rows)
+                    await self._store.insert_deliveries(rows, owner=self._owner, lease_until_us=self._lease_until())
                 except Exception:
                     self.lost += len(rows)
                     log.exception("could not queue %d webhook deliveries", len(rows))
