@@ -97,7 +97,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if method in self._wrapped:
             return self._wrapped[method]
         handler = await continuation(handler_call_details)
-        wrapped = self._wrap(method, handler) if handler is not None else None
+        if handler is None:
+            return None  # not cached: callers choose unknown paths, and the cache must not grow with them
+        wrapped = self._wrap(method, handler)
         self._wrapped[method] = wrapped
         return wrapped
 

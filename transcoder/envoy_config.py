@@ -284,9 +284,31 @@ def _routes(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
     if settings.rate_limit_max_requests and settings.rate_limit_execution_max_requests:
         execution_limit = rate_limit_config(settings, settings.rate_limit_execution_max_requests)
     routes += rpc_routes(settings, execution_limit)
-    # Everything else that reaches the router is native gRPC to the server's
-    # other services (health, reflection).
-    routes.append({"name": "other-grpc", "match": {"prefix": "/"}, "route": {"cluster": CLUSTER, "timeout": "0s"}})
+    # Native gRPC to the server's other public services. Nothing else is
+    # routed: the rate limit service on the same port is Envoy's own to call
+    # (through its cluster, not the listener), and unknown paths are a 404
+    # here rather than work for the server.
+    for prefix in EDGE_GRPC_PREFIXES:
+        routes.append(
+            {"name": f"grpc:{prefix}", "match": {"prefix": prefix}, "route": {"cluster": CLUSTER, "timeout": "0s"}}
+        )
+    # Any request that is not gRPC: REST calls find this route before the
+    # transcoder turns them into gRPC (the cors filter needs a route for its
+    # policy, preflights included); the transcoder then refuses paths it
+    # does not know, so nothing unknown reaches the server this way either.
+    not_grpc = {
+        "name": "content-type",
+        "string_match": {"prefix": "application/grpc"},
+        "invert_match": True,
+        "treat_missing_header_as_empty": True,
+    }
+    routes.append(
+        {
+            "name": "rest",
+            "match": {"prefix": "/", "headers": [not_grpc]},
+            "route": {"cluster": CLUSTER, "timeout": "0s"},
+        }
+    )
     return routes
 
 
@@ -311,6 +333,9 @@ def global_rate_limit_config(settings: Settings) -> dict[str, Any]:
         },
     )
 
+
+# Services besides the API that clients may call through Envoy.
+EDGE_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 # The request's credential goes to the rate limit service, which counts
 # per tenant; only one of the two is present on a request.

@@ -121,12 +121,20 @@ class Authenticator:
 
     async def _verify(self, method: str, metadata: Sequence[tuple[str, Any]], peer: str) -> Principal:
         api_key = bearer = ""
+        credentials = 0
         for key, value in metadata:
             if key == "x-api-key" and isinstance(value, str):
                 api_key = value
-            elif key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
-                bearer = value[7:].strip()
+                credentials += 1
+            elif key == "authorization" and isinstance(value, str):
+                credentials += 1
+                if value[:7].lower() == "bearer ":
+                    bearer = value[7:].strip()
         try:
+            if credentials > 1:
+                # One credential per call: with two, Envoy's rate limit (which
+                # reads the first) and the server (the last) could disagree.
+                raise AuthenticationFailed("more than one credential")
             if api_key:
                 return await self._keys.verify(api_key)
             if bearer and self._jwt is not None:

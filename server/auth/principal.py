@@ -11,7 +11,7 @@ ROLES = frozenset({ADMIN, USER})
 # Metadata (an HTTP header through Envoy) with which an admin acts for
 # another tenant: every RPC then sees that tenant, as if its own.
 ACT_AS_HEADER = "x-flowport-act-as-tenant"
-TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+TENANT_NAME = re.compile(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")
 
 
 @dataclass(frozen=True)

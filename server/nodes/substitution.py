@@ -36,7 +36,7 @@ _TOKEN = re.compile(r"\$\$\{|\$\{([^{}]*)\}")
 _KEPT_PREFIX = "secret:"
 _MISSING = object()
 # Env-var style, so `${secret:NAME}` reads unambiguously and names never differ only in case.
-SECRET_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
+SECRET_NAME = re.compile(r"\A[A-Z_][A-Z0-9_]{0,127}\Z")
 
 
 def substitute(value: Any, params: Mapping[str, Any], secrets: Mapping[str, str] | None = None) -> Any:

@@ -70,7 +70,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         tenant = await self._tenant(request)
         if tenant is None:
             return rls_pb2.RateLimitResponse(overall_code=OK)
-        addend = max(1, int(request.hits_addend))
+        # One hit per request, whatever the caller asks: a larger addend would
+        # let one request use up a tenant's whole window.
+        addend = 1
         try:
             count = await self._counters.hit(f"tenant:{tenant}", addend, self._window)
         except (RedisError, OSError, TimeoutError) as exc:

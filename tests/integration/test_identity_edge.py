@@ -145,3 +145,31 @@ def test_secrets_over_rest_are_write_only_and_per_tenant(edge: Stack, admin: htt
         assert bad.status_code == 400 and value not in bad.text
         assert http.delete("/api/secrets/PAYMENT_TOKEN", headers={"x-api-key": beta}).status_code == 404
         assert http.delete("/api/secrets/PAYMENT_TOKEN", headers={"x-api-key": alpha}).status_code == 200
+
+
+def test_only_the_api_health_and_reflection_are_routed_to_the_server(edge: Stack) -> None:
+    # Envoy's rate limit service shares the server's port; clients must not reach it (or
+    # anything else unknown) through the edge.
+    with grpc.insecure_channel(edge.envoy_target) as channel:
+        for path in ("/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit", "/no.such.Service/Call"):
+            call = channel.unary_unary(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as caught:
+                call(b"", timeout=10)
+            assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED, path
+        health = channel.unary_unary(
+            "/grpc.health.v1.Health/Check", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        assert health(b"", timeout=10) == b"\x08\x01"  # SERVING
+
+
+def test_two_credentials_on_one_call_are_refused(edge: Stack, admin: httpx.Client) -> None:
+    # Envoy's rate limit would count the first, the server would check the last.
+    alpha = _user_key(admin, "alpha")
+    with httpx.Client(base_url=edge.http, timeout=30) as http:
+        headers = [("x-api-key", "fpk_junk_000000000000"), ("x-api-key", alpha)]
+        _unauthenticated(http.get("/api/sessions", headers=headers))
+        _unauthenticated(http.get("/api/sessions", headers=[("x-api-key", alpha), ("authorization", "Bearer a.b.c")]))
+        assert http.get("/api/sessions", headers={"x-api-key": alpha}).status_code == 200
+    # A tenant name is checked whole: no trailing newline passes for "acme".
+    refused = admin.post("/api/keys", json={"tenant": "acme\n", "roles": ["user"]})
+    assert refused.status_code == 400

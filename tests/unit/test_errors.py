@@ -182,3 +182,28 @@ async def test_a_request_that_does_not_decode_is_invalid_argument(
         await call(b"\xff\xff\xff")  # not a protobuf message
     error = ApiError.from_rpc_error(caught.value)
     assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+
+
+class _OnlyErrors(_Handler):
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return super().service(details) if details.method.startswith("/test.Errors/") else None
+
+
+async def test_unknown_methods_leave_nothing_behind() -> None:
+    interceptor = ErrorInterceptor(RequestMetrics())
+    server = grpc.aio.server(interceptors=[interceptor])
+    server.add_generic_rpc_handlers([_OnlyErrors()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            for n in range(20):
+                call = ch.unary_unary(f"/nope.Service{n}/Call", request_serializer=bytes, response_deserializer=bytes)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call(b"")
+                assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+            await _call(ch, "NotFound")
+    finally:
+        await server.stop(None)
+    # Wrapped handlers are cached for real methods only: callers choose unknown paths.
+    assert list(interceptor._wrapped) == ["/test.Errors/NotFound"]
