@@ -560,7 +560,7 @@ class _HTTPNode(NodeType):
         raise NotImplementedError
 
     def prepare(self, config: Mapping[str, Any]) -> ConfigSecrets:
-        return ConfigSecrets.of(config, self.secret_fields)
+        return ConfigSecrets.of(config, self.secret_fields, SECRET_TARGETS)
 
     async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
         check_params(type(self), params)
@@ -572,6 +572,9 @@ class _HTTPNode(NodeType):
 
 # Where `${secret:NAME}` is resolved: everything that goes into the request.
 _REQUEST_SECRET_FIELDS: Final = frozenset({"url", "headers", "params", "query", "body", "json", "data"})
+# Where the request goes: an execution input or a connection that changes
+# one of these means no secret is resolved (it could send them elsewhere).
+SECRET_TARGETS: Final = ("url", "base_url", "resource", "path", "method", "params", "query")
 
 _HTTP_REQUEST_CONFIG: JsonSchema = {
     "type": "object",

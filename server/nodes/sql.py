@@ -321,7 +321,9 @@ class SQLDatabaseNode(NodeType):
         return names
 
     def prepare(self, config: Mapping[str, Any]) -> PreparedSql:
-        secrets = ConfigSecrets.of(config, self.secret_fields)
+        # A changed connection or query could send a bound secret elsewhere or
+        # select it into the rows (SELECT :token): then none is resolved.
+        secrets = ConfigSecrets.of(config, self.secret_fields, ("connection_string", "query"))
         query = config.get("query")
         if not isinstance(query, str) or not query.strip():
             return PreparedSql(None, secrets)
@@ -361,6 +363,7 @@ class SQLDatabaseNode(NodeType):
             int(params.get("pool_size", 5)),
             int(params.get("max_overflow", 10)),
             int(params.get("pool_recycle", 3600)),
+            tenant=ctx.tenant,
         )
         max_rows = int(params.get("max_rows", DEFAULT_MAX_ROWS))
         # A little before the engine's own deadline, so the node reports what timed out.

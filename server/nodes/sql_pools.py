@@ -64,10 +64,16 @@ def describe(connection_string: str) -> str:
 
 
 class SqlPools:
-    """Process-wide async engines keyed by (normalised) connection string."""
+    """Process-wide async engines keyed by tenant and (normalised) connection string.
+
+    Per tenant: pooled connections keep session state (temporary tables,
+    settings), and an in-memory SQLite database is one connection, so a
+    shared engine would let one tenant's workflows read what another's
+    left behind.
+    """
 
     def __init__(self) -> None:
-        self._engines: dict[str, AsyncEngine] = {}
+        self._engines: dict[tuple[str, str], AsyncEngine] = {}
 
     def engine(
         self,
@@ -76,11 +82,12 @@ class SqlPools:
         max_overflow: int = 10,
         pool_recycle: int = 3600,
         *,
+        tenant: str = "",
         echo: bool = False,
     ) -> AsyncEngine:
-        """The shared engine for `connection_string`, created on first use (with `pool_pre_ping`)."""
+        """The engine of `tenant` for `connection_string`, created on first use (with `pool_pre_ping`)."""
         url = async_url(connection_string)
-        key = url.render_as_string(hide_password=False)
+        key = (tenant, url.render_as_string(hide_password=False))
         engine = self._engines.get(key)
         if engine is None:
             options: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": pool_recycle, "echo": echo}

@@ -1,13 +1,15 @@
 """Keeping secret values out of outputs, error messages and logs.
 
 `Redactor` replaces every occurrence of some values with `***`, in the
-forms a value takes on its way back: as written, percent-encoded (wholly
-or in part, as URL libraries do; `+` for a space), JSON-escaped (a body)
-and repr-escaped (an error message, a logged bytes object), each
-character in any of those forms. A service that echoes a value
-transformed otherwise (e.g. base64 inside a Basic auth header) is not
-recognised. Values longer than PER_CHARACTER_LIMIT are matched only as
-written and fully percent- or JSON-encoded, to keep the pattern small.
+forms a value takes on its way back: as written, lower-cased (URL hosts),
+percent-encoded (wholly, as a path, as a form, and as httpx leaves a query
+value), JSON-escaped (a body) and repr-escaped (an error message, a logged
+bytes object). Each form is a plain substring search (`str.replace`), so
+masking costs a few passes over the text whatever the values are: user
+data cannot make it slow. A value transformed otherwise (base64 inside a
+Basic auth header, a hash, one character at a time) is not recognised:
+masking prevents accidents; it cannot stop a workflow author who wants a
+secret out (see the README).
 
 `scrubbing_logs(values)` covers logs: while any node holds revealed
 values, every log record this process makes, from any library (httpx logs
@@ -17,9 +19,9 @@ created, tracebacks included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import re
 import threading
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
@@ -27,71 +29,53 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote, quote_plus
 
+import httpx
+
 MASK = "***"
-PER_CHARACTER_LIMIT = 4096
-_ESCAPES = {  # JSON's and repr's short escapes
-    '"': [r'\\"'],
-    "'": [r"\\'"],
-    "\\": [r"\\\\"],
-    "/": [r"\\/"],
-    "\n": [r"\\n"],
-    "\r": [r"\\r"],
-    "\t": [r"\\t"],
-    "\b": [r"\\b"],
-    "\f": [r"\\f"],
-}
+# Characters percent-encoding leaves alone in a URL path (RFC 3986 pchar).
+_PATH_SAFE = "/:@!$&'()*+,;="
 
 
-def _hex(number: int, digits: int) -> str:
-    """A case-insensitive pattern for `number` in hex."""
-    return "".join(f"[{d.lower()}{d.upper()}]" if d.isalpha() else d for d in f"{number:0{digits}x}")
-
-
-def _character(char: str) -> str:
-    """Every form `char` may take in a URL, a JSON string or a repr."""
-    options = [re.escape(char), "".join("%" + _hex(byte, 2) for byte in char.encode())]
-    code = ord(char)
-    if char == " ":
-        options.append(r"\+")
-    if not char.isalnum() or not char.isascii():
-        options += _ESCAPES.get(char, [])
-        if code < 0x100:
-            options.append(r"\\x" + _hex(code, 2))  # repr
-        if code < 0x10000:
-            options.append(r"\\u" + _hex(code, 4))  # JSON, repr
-        else:
-            options.append(r"\\U" + _hex(code, 8))  # repr (JSON's surrogate pairs are not matched)
-        if not char.isascii():
-            options.append("".join(r"\\x" + _hex(byte, 2) for byte in char.encode()))  # a bytes repr
-    return "(?:" + "|".join(options) + ")"
-
-
-def _pattern(value: str) -> str:
-    if len(value) <= PER_CHARACTER_LIMIT:
-        return "".join(_character(char) for char in value)
-    forms = {value, quote(value, safe=""), quote_plus(value), json.dumps(value)[1:-1]}
-    return "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
+def forms(value: str) -> set[str]:
+    """The spellings of `value` that masking looks for."""
+    found = {
+        value,
+        value.lower(),
+        quote(value, safe=""),
+        quote(value, safe=_PATH_SAFE),
+        quote_plus(value),
+        json.dumps(value)[1:-1],
+        json.dumps(value, ensure_ascii=False)[1:-1],
+        repr(value)[1:-1],
+        repr(value.encode("utf-8", "surrogatepass"))[2:-1],
+    }
+    with contextlib.suppress(httpx.InvalidURL, IndexError):  # as httpx itself encodes a query value
+        found.add(str(httpx.URL("http://h/?k=" + value)).split("k=", 1)[1])
+    found.update([f.lower() for f in found])
+    return {f for f in found if f}
 
 
 class Redactor:
     """Masks a fixed set of values wherever they appear in strings."""
 
     def __init__(self, values: Iterable[str]) -> None:
+        spellings = {form for value in values if value for form in forms(value)}
         # Longest first, so a value containing another is masked whole.
-        unique = sorted({value for value in values if value}, key=len, reverse=True)
-        patterns = [f"(?:{_pattern(value)})" for value in unique]
-        self._pattern = re.compile("|".join(patterns)) if patterns else None
+        self._forms = sorted(spellings, key=len, reverse=True)
 
     def __bool__(self) -> bool:
-        return self._pattern is not None
+        return bool(self._forms)
 
     def text(self, text: str) -> str:
         """`text` with every value masked."""
-        return text if self._pattern is None else self._pattern.sub(MASK, text)
+        for form in self._forms:
+            if form in text:
+                text = text.replace(form, MASK)
+        return text
 
     def value(self, value: Any) -> Any:
         """`value` (JSON-like: dicts, lists, strings) with every value masked, keys included."""
-        if self._pattern is None:
+        if not self._forms:
             return value
         if isinstance(value, str):
             return self.text(value)

@@ -6,7 +6,10 @@ config values of those keys that reference secrets (`ConfigSecrets`). At
 run time a parameter gets secrets only while it still holds that config
 value: one replaced by an execution input or a connection (data from
 callers or from remote services) is not searched, so such data cannot
-pull a secret into a request.
+pull a secret into a request. Nor can it send one elsewhere: when any
+field that says where the request goes (`secret_targets`: the URL, the
+SQL connection and query) differs from the config, no secret is resolved
+at all.
 
 `revealed(ctx, scope, params)` opens the needed secrets of the execution's
 tenant for one attempt and, while it is open, keeps them out of every log
@@ -28,6 +31,7 @@ from flowport.server.secrets.cipher import SecretDecryptError
 from flowport.server.secrets.redaction import Redactor, scrubbing_logs
 
 log = logging.getLogger(__name__)
+_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -35,19 +39,27 @@ class ConfigSecrets:
     """A node's config values that reference secrets, by key, with the names each references."""
 
     fields: Mapping[str, tuple[Any, frozenset[str]]] = field(default_factory=dict)
+    # The config values (or their absence) of the fields that say where the
+    # request goes: secrets only travel to the destination the config names.
+    targets: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, config: Mapping[str, Any], keys: Iterable[str]) -> ConfigSecrets:
-        """The secret-referencing values of `keys` in `config`."""
+    def of(cls, config: Mapping[str, Any], keys: Iterable[str], targets: Iterable[str] = ()) -> ConfigSecrets:
+        """The secret-referencing values of `keys` in `config`, and the values of its `targets`."""
         found: dict[str, tuple[Any, frozenset[str]]] = {}
         for key in keys:
             names = frozenset(name for _, name in secret_references(config.get(key)))
             if names:
                 found[key] = (config[key], names)
-        return cls(found)
+        return cls(found, {key: config.get(key, _ABSENT) for key in targets} if found else {})
 
     def applicable(self, params: Mapping[str, Any]) -> dict[str, frozenset[str]]:
-        """Keys whose parameter is still the config's value, with their secret names."""
+        """Keys whose parameter is still the config's value, with their secret names.
+
+        None at all when a target field no longer holds the config's value.
+        """
+        if any(params.get(key, _ABSENT) != value for key, value in self.targets.items()):
+            return {}
         return {key: names for key, (value, names) in self.fields.items() if params.get(key) == value}
 
 

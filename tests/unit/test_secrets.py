@@ -241,9 +241,18 @@ def test_redactor_masks_the_forms_a_value_comes_back_in() -> None:
     for form in forms:
         assert redactor.text(f"<{form}>") == f"<{MASK}>", form
     assert redactor.value({value: [f"Bearer {value}", 3]}) == {MASK: [f"Bearer {MASK}", 3]}
+    assert redactor.text(f"cannot resolve {value.lower()}.invalid") == f"cannot resolve {MASK}.invalid"  # a URL host
     assert redactor.text("an0ther value") == "an0ther value"
     assert redactor.text("another value") == f"an{MASK} value"  # masked wherever it appears
     assert not Redactor([])
+
+
+def test_masking_is_plain_substring_search_whatever_the_data() -> None:
+    # Per-character patterns made this quadratic: a 4 KiB secret of 'a's and
+    # 200,000 'a's of output stalled the event loop for seconds.
+    secret = "a" * 4095 + "b"
+    output = "a" * 200_000 + secret
+    assert Redactor([secret]).text(output) == "a" * 200_000 + MASK
 
 
 # -- the API ----------------------------------------------------------------
@@ -498,6 +507,18 @@ async def test_values_from_inputs_are_not_searched_for_secrets(admin: AsyncClien
     assert execution.state == execution_pb2.Execution.STATE_SUCCEEDED
     sent = receiver.seen[0][1]
     assert sent["x-injected"] == "${secret:API_TOKEN}" and "x-config" not in sent
+
+
+async def test_inputs_that_redirect_a_request_get_no_secret(admin: AsyncClient, receiver: _Receiver) -> None:
+    """The config's header holds a secret; an input moves the request elsewhere: nothing is resolved."""
+    await _put(admin, "API_TOKEN", TOKEN)
+    node = _call_node(receiver.url("/configured"), headers={"Authorization": "Bearer ${secret:API_TOKEN}"})
+    workflow = _workflow("redirected", [node])
+    execution = await _run(admin, workflow, {"call": {"url": receiver.url("/attacker")}})
+    assert execution.state == execution_pb2.Execution.STATE_SUCCEEDED
+    path, sent = receiver.seen[0][0], receiver.seen[0][1]
+    assert path == "/attacker" and TOKEN not in str(sent)
+    assert sent["authorization"] == "Bearer ${secret:API_TOKEN}"
 
 
 async def test_a_sql_node_binds_the_secret_and_masks_it_in_rows(admin: AsyncClient, tmp_path: Path) -> None:

@@ -227,20 +227,34 @@ def test_config_validation() -> None:
         assert set(node_type.output_names()) == {"result", "rows", "row_count"}
 
 
-async def test_pool_is_shared(pools: SqlPools, tmp_path: Path) -> None:
+async def test_pool_is_shared_within_a_tenant(pools: SqlPools, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    engine = pools.engine(url)
-    assert pools.engine(url) is engine
-    assert pools.engine(f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}") is engine
-    assert pools.engine(f"sqlite:///{tmp_path / 'other.db'}") is not engine
+    engine = pools.engine(url, tenant="acme")
+    assert pools.engine(url, tenant="acme") is engine
+    assert pools.engine(f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}", tenant="acme") is engine
+    assert pools.engine(f"sqlite:///{tmp_path / 'other.db'}", tenant="acme") is not engine
+    # Another tenant never gets the same pooled connections (or in-memory database).
+    assert pools.engine(url, tenant="globex") is not engine
     assert engine.url.drivername == "sqlite+aiosqlite"
     for _ in range(3):
-        await run_sql(make_ctx(pools), url, "SELECT 1")
-    assert len(pools) == 2
-    assert pools.engine(url) is engine
+        await run_sql(make_ctx(pools), url, "SELECT 1")  # tenant acme: the same engine
+    assert len(pools) == 3
     await pools.close()
     assert len(pools) == 0
-    assert pools.engine(url) is not engine
+    assert pools.engine(url, tenant="acme") is not engine
+
+
+async def test_tenants_do_not_share_an_in_memory_database(pools: SqlPools) -> None:
+    acme = make_ctx(pools)
+    globex = NodeContext(
+        tenant="globex", execution_id="exe_2", node_id="db", attempt=1, timeout=10.0, services=NodeServices(sql=pools)
+    )
+    memory = "sqlite:///:memory:"
+    await run_sql(acme, memory, "CREATE TABLE cache (v TEXT)")
+    await run_sql(acme, memory, "INSERT INTO cache VALUES ('acme data')")
+    assert (await run_sql(acme, memory, "SELECT v FROM cache"))["rows"] == [{"v": "acme data"}]
+    with pytest.raises(NodeError, match="no such table"):
+        await run_sql(globex, memory, "SELECT v FROM cache")
 
 
 def test_async_url_mapping() -> None:
