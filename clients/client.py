@@ -64,6 +64,7 @@ class Client(_Stubs):
         token: str | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
+        self.target = target
         self.channel = channel or grpc.insecure_channel(target)
         metadata = credential_metadata(api_key, token)
         self._bind(grpc.intercept_channel(self.channel, SyncCredential(metadata)) if metadata else self.channel)
@@ -92,6 +93,7 @@ class AsyncClient(_Stubs):
     ) -> None:
         metadata = credential_metadata(api_key, token)
         interceptors = [AsyncUnaryCredential(metadata), AsyncStreamCredential(metadata)] if metadata else None
+        self.target = target
         self.channel = channel or grpc.aio.insecure_channel(target, interceptors=interceptors)
         self._bind(self.channel)
 

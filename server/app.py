@@ -120,6 +120,8 @@ class Running:
     dispatcher: WebhookDispatcher
     webhook_http: httpx.AsyncClient
     audit: AuditRecorder
+    keys: KeyAuthenticator | None = None
+    rate_limit: RateLimitService | None = None
 
 
 async def _authenticator(
@@ -290,6 +292,8 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     opened.push_async_callback(executor.shutdown)
     metrics = RequestMetrics()
     keys = KeyAuthenticator(store)
+    keys.follow(bus)
+    opened.push_async_callback(keys.close)
     audit = AuditRecorder(store)
     authenticator = await _authenticator(store, keys, settings, audit)
     server = grpc.aio.server(
@@ -322,7 +326,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     schema_pb2_grpc.add_SchemaServiceServicer_to_server(SchemaService(store, registry, plans), server)
     event_pb2_grpc.add_EventServiceServicer_to_server(EventService(bus, event_log, settings.stream_heartbeat), server)
     webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(store, dispatcher, bus, settings), server)
-    apikey_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyService(store, keys), server)
+    apikey_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyService(store, keys, bus), server)
     secret_pb2_grpc.add_SecretServiceServicer_to_server(SecretService(store, vault), server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(store, audit), server)
     server.add_generic_rpc_handlers([unimplemented_handler(s) for s in NOT_YET_IMPLEMENTED])
@@ -350,7 +354,19 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     for name in ["", *ALL_SERVICES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return Running(
-        server, health_servicer, store, port, executor, services, bus, event_log, dispatcher, webhook_http, audit
+        server,
+        health_servicer,
+        store,
+        port,
+        executor,
+        services,
+        bus,
+        event_log,
+        dispatcher,
+        webhook_http,
+        audit,
+        keys,
+        rate_limit,
     )
 
 
@@ -363,6 +379,10 @@ async def stop(running: Running, grace: float) -> None:
     # Unsent deliveries stay queued in the store and resume at the next start.
     await running.dispatcher.close()
     await running.webhook_http.aclose()
+    if running.keys is not None:
+        await running.keys.close()
+    if running.rate_limit is not None:
+        await running.rate_limit.close()
     await running.event_log.close()
     await _close_node_services(running.services)
     # Pending aggregates of throttled entries, queued before the store drains.

@@ -5,9 +5,10 @@ from __future__ import annotations
 from flowport.server import pagination
 from flowport.server.api.common import idempotency_key, now_us, request_id_reused, require
 from flowport.server.audit import actions, note
-from flowport.server.auth.keys import KeyAuthenticator, describe, key_hash, new_key
+from flowport.server.auth.keys import REVOKED_EVENT, KeyAuthenticator, describe, key_hash, new_key
 from flowport.server.auth.principal import ROLES, TENANT_NAME, USER
 from flowport.server.errors import InvalidArgument, NotFound
+from flowport.server.events.bus import EventBus
 from flowport.server.storage import IdempotencyConflict
 from flowport.server.storage.api_keys import ApiKeyTables
 from flowport.server.tenancy import principal_of, tenant_of
@@ -25,9 +26,10 @@ def _not_found(key_id: str) -> NotFound:
 class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
     """API keys of every tenant (the permission table makes it admin-only)."""
 
-    def __init__(self, store: ApiKeyTables, keys: KeyAuthenticator) -> None:
+    def __init__(self, store: ApiKeyTables, keys: KeyAuthenticator, bus: EventBus | None = None) -> None:
         self._store = store
         self._keys = keys
+        self._bus = bus
 
     async def CreateApiKey(
         self, request: apikey_pb2.CreateApiKeyRequest, context: Context
@@ -95,6 +97,9 @@ class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
         if key is None:
             raise _not_found(request.key_id)
         note(actions.API_KEY_REVOKED, resource_tenant=key.tenant)
-        # Immediate effect: the next call with this key is looked up again.
+        # Immediate effect: the next call with this key is looked up again,
+        # here and (through the bus) in every other process.
         self._keys.forget(request.key_id)
+        if self._bus is not None:
+            self._bus.publish(REVOKED_EVENT, tenant=key.tenant, data={"key_id": key.key_id})
         return key

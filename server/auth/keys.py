@@ -8,12 +8,14 @@ hash is enough (no password to stretch), and a lookup is one indexed read.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
 from dataclasses import dataclass
 
 from flowport.server.auth.principal import AuthenticationFailed, Principal
+from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
 from flowport.server.storage.api_keys import ApiKeyTables
 from flowport.v1 import apikey_pb2
@@ -24,6 +26,8 @@ MIN_CONFIGURED_KEY_CHARS = 32
 # A cached verdict is reused this long; revocation through this server
 # evicts it at once.
 CACHE_SECONDS = 30.0
+# Published on revocation, so every process sharing the bus forgets the key.
+REVOKED_EVENT = "api_key.revoked"
 
 
 def new_key() -> tuple[str, str]:
@@ -50,6 +54,10 @@ class KeyAuthenticator:
     def __init__(self, store: ApiKeyTables) -> None:
         self._store = store
         self._cache: dict[bytes, _Cached] = {}
+        # Bumped by forget(): a lookup that started before a revocation must
+        # not put what it read (the key still valid) into the cache after it.
+        self._generation = 0
+        self._following: asyncio.Task[None] | None = None
 
     async def verify(self, key: str) -> Principal:
         """The key's principal; AuthenticationFailed when unknown, expired or revoked."""
@@ -59,6 +67,7 @@ class KeyAuthenticator:
         now = time.time()
         cached = self._cache.get(digest)
         if cached is None or now - cached.checked > CACHE_SECONDS:
+            generation = self._generation
             found = await self._store.api_key_by_hash(digest)
             if found is None:
                 # Not even the presented key's head: for a configured key
@@ -75,7 +84,8 @@ class KeyAuthenticator:
                 credential_id=description.key_id,
             )
             cached = _Cached(principal, expire_us, now)
-            self._cache[digest] = cached
+            if generation == self._generation:
+                self._cache[digest] = cached
         if cached.expire_us is not None and now * 1e6 >= cached.expire_us:
             self._cache.pop(digest, None)
             raise AuthenticationFailed("expired api key", credential_id=cached.principal.credential_id)
@@ -83,9 +93,28 @@ class KeyAuthenticator:
 
     def forget(self, key_id: str) -> None:
         """Evict a key (after revocation) so the next call is refused."""
+        self._generation += 1
         for digest, cached in list(self._cache.items()):
             if cached.principal.credential_id == key_id:
                 del self._cache[digest]
+
+    def follow(self, bus: EventBus) -> None:
+        """Forget keys revoked by any process: `api_key.revoked` events (through Redis, from every process)."""
+        revoked = bus.subscribe(lambda e: e.type == REVOKED_EVENT)
+
+        async def forget_forever() -> None:
+            try:
+                async for event in revoked:
+                    self.forget(str((event.data or {}).get("key_id", "")))
+            finally:
+                revoked.close()
+
+        self._following = asyncio.create_task(forget_forever(), name="api key revocations")
+
+    async def close(self) -> None:
+        if self._following is not None:
+            self._following.cancel()
+            await asyncio.gather(self._following, return_exceptions=True)
 
 
 def describe(key_id: str, tenant: str, roles: list[str], description: str, created_by: str) -> apikey_pb2.ApiKey:

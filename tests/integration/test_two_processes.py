@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import json_format
 
 from flowport.clients import Client
-from flowport.v1 import event_pb2, execution_pb2, gateway_pb2, session_pb2, webhook_pb2, workflow_pb2
+from flowport.v1 import apikey_pb2, event_pb2, execution_pb2, gateway_pb2, session_pb2, webhook_pb2, workflow_pb2
 
 from ..backends import RedisServer
 from ..conftest import ADMIN_KEY, ServeProcess, make_settings
@@ -279,3 +279,21 @@ def test_a_webhook_made_on_one_process_gets_the_events_of_the_other(clients: lis
         collector.server_close()
     assert len(collector.bodies) == 1, collector.bodies
     assert created.encode() in collector.bodies[0]
+
+
+def test_a_key_revoked_on_one_process_is_refused_at_once_by_the_other(clients: list[Client]) -> None:
+    a, b = clients
+    created = a.keys.CreateApiKey(apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant="acme")))
+    target = b.target
+    with Client(target, api_key=created.key) as user:
+        user.sessions.ListSessions(session_pb2.ListSessionsRequest())  # B now has the key cached
+        a.keys.RevokeApiKey(apikey_pb2.RevokeApiKeyRequest(key_id=created.api_key.key_id))
+        deadline = time.monotonic() + 2  # the revocation crosses the bus (milliseconds)
+        while True:
+            try:
+                user.sessions.ListSessions(session_pb2.ListSessionsRequest())
+            except grpc.RpcError as error:
+                assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+                break
+            assert time.monotonic() < deadline, "process B kept accepting a revoked key"
+            time.sleep(0.05)

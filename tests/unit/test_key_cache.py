@@ -1,0 +1,44 @@
+"""The API-key cache never outlives a revocation, even one that lands while a lookup is in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowport.server.auth.keys import KeyAuthenticator, describe, key_hash, new_key
+from flowport.server.auth.principal import AuthenticationFailed
+from flowport.server.storage import SqliteStore
+
+
+async def test_a_lookup_in_flight_during_a_revocation_does_not_cache_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    try:
+        key_id, key = new_key()
+        await store.create_api_key(describe(key_id, "acme", ["user"], "", "test"), key_hash(key), None, "acme")
+        keys = KeyAuthenticator(store)
+        real = store.api_key_by_hash
+        read, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(digest: bytes) -> Any:
+            found = await real(digest)  # read while the key is still valid...
+            read.set()
+            await release.wait()  # ...and answered only after the revocation
+            return found
+
+        monkeypatch.setattr(store, "api_key_by_hash", slow)
+        lookup = asyncio.create_task(keys.verify(key))
+        await read.wait()
+        await store.revoke_api_key(key_id, None, 1)
+        keys.forget(key_id)
+        release.set()
+        assert (await lookup).tenant == "acme"  # that call started before the revocation
+        monkeypatch.setattr(store, "api_key_by_hash", real)
+        with pytest.raises(AuthenticationFailed, match="revoked"):
+            await keys.verify(key)  # looked up again, not served from a stale cache
+    finally:
+        await store.close()
