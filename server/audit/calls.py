@@ -82,6 +82,9 @@ def note(action: str, *, resource: str = "", resource_tenant: str = "") -> None:
     current.resource_tenant = resource_tenant or current.resource_tenant
 
 
+_REFUSED_INPUT = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND})
+
+
 @dataclass(frozen=True)
 class _Rules:
     """What the auditor needs to know about one RPC."""
@@ -197,7 +200,13 @@ class CallAuditor:
             )
 
         if noted is not None:
-            self._recorder.append(make(noted.action, noted.resource, noted.resource_tenant or named))
+            entry_ = make(noted.action, noted.resource, noted.resource_tenant or named)
+            if code in _REFUSED_INPUT:
+                # A change refused for bad input changed nothing, and a caller
+                # can repeat it at will: capped per caller like failures.
+                self._recorder.append_limited(f"{principal.tenant}/{principal.subject}", entry_)
+            else:
+                self._recorder.append(entry_)
         elif admin_action:
             self._recorder.append(make(actions.ADMIN_CALL, _resource(request, response), named or principal.tenant))
         if named and not principal.is_admin:
