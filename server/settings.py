@@ -39,6 +39,13 @@ class Settings(BaseModel):
     )
     http_port: Port = Field(8080, ge=1, le=65535, description="Envoy listener: REST/JSON and native gRPC")
     grpc_port: Port = Field(50051, ge=1, le=65535, description="the gRPC server's own port")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes `flowport up` runs behind the one Envoy, on --grpc-port, --grpc-port+1, …; "
+        "above 1 needs --database-url (PostgreSQL) and --redis-url",
+    )
     admin_port: Port = Field(9901, ge=1, le=65535, description="Envoy admin interface, always on 127.0.0.1")
     data_dir: Path = Field(Path(".flowport"), description="where the SQLite database and rendered Envoy config live")
     database_url: SecretStr | None = Field(
@@ -221,6 +228,13 @@ class Settings(BaseModel):
             raise ValueError("admin_api_key must be at least 32 characters")
         if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value().encode()) < 32:
             raise ValueError("jwt_secret must be at least 32 bytes")
+        if self.workers > 1 and (self.database_url is None or self.redis_url is None):
+            raise ValueError(
+                "workers above 1 need database_url (PostgreSQL: the SQLite file is one process's) and redis_url "
+                "(events, revocations and webhook changes cross processes through Redis)"
+            )
+        if self.grpc_port + self.workers - 1 > 65535:
+            raise ValueError("grpc_port + workers - 1 must be a port number")
         if self.rate_limit_tenant_max_requests and self.redis_url is None:
             raise ValueError("rate_limit_tenant_max_requests counts in Redis: set redis_url too")
         if self.redis_url is not None and not self.redis_url.get_secret_value().startswith(
@@ -246,6 +260,11 @@ class Settings(BaseModel):
     def database_path(self) -> Path:
         """The embedded SQLite database file."""
         return self.data_dir / "flowport.db"
+
+    @property
+    def grpc_ports(self) -> list[int]:
+        """The ports of the server processes `flowport up` runs (one per worker)."""
+        return [self.grpc_port + n for n in range(self.workers)]
 
     @property
     def grpc_target(self) -> str:

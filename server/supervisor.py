@@ -1,11 +1,16 @@
-"""`flowport up`: run the gRPC server and Envoy as child processes.
+"""`flowport up`: run the gRPC server (`--workers` of them) and Envoy as child processes.
 
-Start the server, wait until it reports SERVING, start Envoy, wait until
+Start the servers, wait until each reports SERVING, start Envoy, wait until
 `/healthz` answers 200 through it, print the URLs; on SIGINT/SIGTERM stop
-the server gracefully first (Envoy keeps relaying its in-flight answers),
+the servers gracefully first (Envoy keeps relaying their in-flight answers),
 then Envoy. Children run in their own process group, so a terminal's Ctrl-C
 reaches only the supervisor, which then stops them in order; on Linux they
 also get SIGTERM if the supervisor itself dies, so none is left behind.
+
+With several workers, each server process has its own port and is one
+endpoint of Envoy's cluster (health-checked and ejected on its own, which
+SO_REUSEPORT's kernel hashing could not do); one that dies is started again
+while the others serve. A lone server that dies ends `flowport up`.
 """
 
 from __future__ import annotations
@@ -48,9 +53,11 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 def check_ports_free(settings: Settings) -> None:
     """Fail, naming the port and its flag, when one is already taken."""
+    grpc_ports = [("--grpc-port" if n == 0 else f"--grpc-port+{n}", settings.grpc_host, port)
+                  for n, port in enumerate(settings.grpc_ports)]  # fmt: skip
     for flag, host, port in (
         ("--http-port", settings.host, settings.http_port),
-        ("--grpc-port", settings.grpc_host, settings.grpc_port),
+        *grpc_ports,
         ("--admin-port", "127.0.0.1", settings.admin_port),
     ):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -61,8 +68,8 @@ def check_ports_free(settings: Settings) -> None:
                 sock.bind((host, port))
             except OSError as exc:
                 raise UpError(f"port {port} ({flag}) on {host} is not available: {exc.strerror}") from None
-    if len({settings.http_port, settings.grpc_port, settings.admin_port}) < 3:
-        raise UpError("--http-port, --grpc-port and --admin-port must be three different ports")
+    if len({settings.http_port, *settings.grpc_ports, settings.admin_port}) < 2 + settings.workers:
+        raise UpError("--http-port, --admin-port and the --grpc-port range (one per worker) must not overlap")
 
 
 def child_environment(settings: Settings) -> dict[str, str]:
@@ -79,15 +86,33 @@ def child_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
+RESTART_DELAY = 1.0  # seconds between restarts of one worker
+
+
 class Supervisor:
-    """The two children and the order they start and stop in."""
+    """The children and the order they start and stop in."""
 
     def __init__(self, settings: Settings, out: Callable[[str], None] = print) -> None:
         self.settings = settings
         self.out = out
-        self.server: subprocess.Popen[bytes] | None = None
+        self.servers: list[subprocess.Popen[bytes] | None] = [None] * settings.workers
         self.envoy: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
+        self.restarts = 0
+
+    @property
+    def server(self) -> subprocess.Popen[bytes] | None:
+        """The first server process."""
+        return self.servers[0]
+
+    def _server_settings(self, worker: int) -> Settings:
+        return self.settings.model_copy(update={"grpc_port": self.settings.grpc_ports[worker]})
+
+    def _start_server(self, worker: int) -> subprocess.Popen[bytes]:
+        env = child_environment(self._server_settings(worker))
+        process = self._spawn([sys.executable, "-m", "flowport.clients.cli", "serve"], env)
+        self.servers[worker] = process
+        return process
 
     def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -109,8 +134,17 @@ class Supervisor:
         config_path = s.data_dir / "envoy.json"
         config_path.write_text(json.dumps(render(s), indent=2))
         deadline = time.monotonic() + s.startup_timeout
-        self.server = self._spawn([sys.executable, "-m", "flowport.clients.cli", "serve"], child_environment(s))
-        self._wait(self.server, "server", lambda: _grpc_serving(s.grpc_target), deadline)
+        # The first server alone first: it migrates the database and makes
+        # the admin key, which the others then find done.
+        for batch in ([0], range(1, s.workers)):
+            for worker in batch:
+                self._start_server(worker)
+            for worker in batch:
+                process = self.servers[worker]
+                assert process is not None
+                target = self._server_settings(worker).grpc_target
+                what = "server" if s.workers == 1 else f"server {worker + 1}"
+                self._wait(process, what, lambda target=target: _grpc_serving(target), deadline)  # type: ignore[misc]
         self.envoy = self._spawn(
             [str(envoy_bin), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
         )
@@ -134,26 +168,45 @@ class Supervisor:
             time.sleep(POLL_INTERVAL)
 
     def wait(self) -> int:
-        """Block until a signal or a child's exit; return the exit code to use."""
+        """Block until a signal or a child's exit; return the exit code to use.
+
+        With several workers, one that exits is started again (at most once
+        a second); Envoy ejects it meanwhile and its executions are taken
+        over by the others once their leases run out.
+        """
+        started = [time.monotonic()] * len(self.servers)
         while not self.stopping.wait(0.2):
-            for proc, what in ((self.server, "server"), (self.envoy, "Envoy")):
-                if proc is not None and proc.poll() is not None:
-                    self.out(f"flowport: the {what} exited unexpectedly with code {proc.returncode}; stopping")
+            if self.envoy is not None and self.envoy.poll() is not None:
+                self.out(f"flowport: Envoy exited unexpectedly with code {self.envoy.returncode}; stopping")
+                return 1
+            for worker, proc in enumerate(self.servers):
+                if proc is None or proc.poll() is None:
+                    continue
+                if self.settings.workers == 1:
+                    self.out(f"flowport: the server exited unexpectedly with code {proc.returncode}; stopping")
                     return 1
+                if time.monotonic() - started[worker] < RESTART_DELAY:
+                    continue
+                self.out(f"flowport: server {worker + 1} exited with code {proc.returncode}; starting it again")
+                self._start_server(worker)
+                started[worker] = time.monotonic()
+                self.restarts += 1
         return 0
 
     def stop(self) -> None:
-        """Stop the server gracefully, then Envoy; kill whatever overstays."""
+        """Stop the servers gracefully (together), then Envoy; kill whatever overstays."""
         grace = self.settings.shutdown_grace
-        for proc, timeout in ((self.server, grace + 5.0), (self.envoy, 5.0)):
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for group, timeout in (([p for p in self.servers if p is not None], grace + 5.0), ([self.envoy], 5.0)):
+            running = [p for p in group if p is not None and p.poll() is None]
+            for proc in running:
+                proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for proc in running:
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def _grpc_serving(target: str) -> bool:
@@ -189,11 +242,16 @@ def up(settings: Settings, out: Callable[[str], None] = print) -> int:
             out(f"flowport: {exc}")
             return 2
         s = settings
+        if s.workers == 1:
+            servers = f"  gRPC (server)        {s.grpc_target}\n"
+        else:
+            targets = ", ".join(supervisor._server_settings(n).grpc_target for n in range(s.workers))
+            servers = f"  gRPC ({s.workers} servers)    {targets}\n"
         out(
             f"flowport is up in {time.monotonic() - started:.2f}s\n"
             f"  REST + gRPC (Envoy)  {s.http_url}\n"
-            f"  gRPC (server)        {s.grpc_target}\n"
-            f"  Envoy admin          http://127.0.0.1:{s.admin_port}\n"
+            + servers
+            + f"  Envoy admin          http://127.0.0.1:{s.admin_port}\n"
             f"  data                 {Path(s.data_dir).resolve()}\n"
             + (
                 f"  admin API key        {(s.data_dir / 'admin-api-key').resolve()} (send it as x-api-key)\n"

@@ -378,12 +378,16 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
         "name": CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
         "load_assignment": {
             "cluster_name": CLUSTER,
+            # One endpoint per server process (`--workers`), each health-checked
+            # and ejected on its own; a request goes to the least busy.
             "endpoints": [
                 {
                     "lb_endpoints": [
-                        {"endpoint": {"address": _address(_connect_host(settings.grpc_host), settings.grpc_port)}}
+                        {"endpoint": {"address": _address(_connect_host(settings.grpc_host), port)}}
+                        for port in settings.grpc_ports
                     ]
                 }
             ],

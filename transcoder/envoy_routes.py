@@ -22,7 +22,9 @@ GLOBAL_RATE_LIMIT = "envoy.filters.http.ratelimit"
 OPENAPI_PATH = "/openapi.json"
 # Calls that are safe to repeat are retried when the server could not be
 # reached or refused the stream; nothing else is.
-RETRY_ON = "connect-failure,refused-stream,unavailable"
+# Idempotent calls only: a connection a dead worker reset is retried on
+# another worker (previous_hosts), as is one that could not connect.
+RETRY_ON = "connect-failure,refused-stream,unavailable,reset"
 # Methods whose bucket is stricter than the gateway-wide one.
 EXECUTION_METHODS = ("/flowport.v1.ExecutionService/CreateExecution",)
 # CreateExecution with `wait` holds the call until the execution ends or its
@@ -79,6 +81,16 @@ def rpc_routes(settings: Settings, execution_limit: dict[str, Any] | None) -> li
                 "retry_on": RETRY_ON,
                 "num_retries": 2,
                 "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
+                "retry_host_predicate": [
+                    {
+                        "name": "envoy.retry_host_predicates.previous_hosts",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/"
+                            "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                        },
+                    }
+                ],
+                "host_selection_retry_max_attempts": 3,
             }
         route: dict[str, Any] = {"name": method.grpc_path, "match": {"path": method.grpc_path}, "route": action}
         if execution_limit is not None and method.grpc_path in EXECUTION_METHODS:

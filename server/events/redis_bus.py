@@ -43,6 +43,7 @@ READ_BLOCK_MS = 1000
 READ_COUNT = 500
 RETRY_DELAY = 0.5
 TIMEOUT = 2.0
+CLOSE_TIMEOUT = 3.0
 _FAILURES = (RedisError, OSError, TimeoutError)
 
 
@@ -83,6 +84,7 @@ class RedisBus(EventBus):
         # Provisional ids (Redis down) differ between processes by this salt.
         self._salt = secrets.randbelow(500) * 100
         self._provisional = 0
+        self._closing = False
         self.degraded = False
 
     async def start(self) -> None:
@@ -98,16 +100,21 @@ class RedisBus(EventBus):
         self._reader = asyncio.create_task(self._read_forever(position), name="redis event reader")
 
     async def close(self) -> None:
-        """Send what is queued, stop reading, disconnect."""
+        """Send what is queued, stop reading, disconnect (each step bounded: Redis may be gone)."""
+        self._closing = True
         if self._sender is not None:
-            await asyncio.gather(self._sender, return_exceptions=True)
-        if self._outbox:
-            await self._send()
+            await asyncio.wait({self._sender}, timeout=CLOSE_TIMEOUT)
+        if self._outbox and (self._sender is None or self._sender.done()):
+            await asyncio.wait({asyncio.create_task(self._send())}, timeout=CLOSE_TIMEOUT)
         if self._reader is not None:
+            # redis-py may turn the cancellation of a blocked read into a
+            # connection error; the loop checks _closing, and the wait is bounded.
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        await self._redis.aclose()
+            done, _ = await asyncio.wait({self._reader}, timeout=CLOSE_TIMEOUT)
+            if not done:
+                log.warning("the Redis event reader did not stop within %g s", CLOSE_TIMEOUT)
+        with contextlib.suppress(*_FAILURES):
+            await asyncio.wait_for(self._redis.aclose(), CLOSE_TIMEOUT)
 
     async def ping(self) -> None:
         """Raises unless Redis answers (the health check's `bus`)."""
@@ -160,7 +167,7 @@ class RedisBus(EventBus):
         return self.last_id
 
     async def _read_forever(self, position: str) -> None:
-        while True:
+        while not self._closing:
             try:
                 replies = await self._redis.xread({STREAM: position}, count=READ_COUNT, block=READ_BLOCK_MS)
             except _FAILURES as exc:

@@ -8,9 +8,12 @@ request, which is what a gateway can afford on every call.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 PREFIX = "flowport:ratelimit:"
 
@@ -39,4 +42,6 @@ class RedisCounters:
         await self._redis.ping()
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        # Bounded: Redis may be gone, and a stopping server must not wait on it.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self._redis.aclose(), 3.0)

@@ -239,8 +239,10 @@ async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> N
             AsyncClient(target, api_key=alpha_key) as alpha_client,
             AsyncClient(target, api_key=beta_key) as beta_client,
         ):
-            alpha_caller = Caller(alpha_client.channel, alpha_key)
-            beta = Caller(beta_client.channel, beta_key)
+            # Bare channels: the clients' own already carry their key, and a
+            # call with two credentials is refused.
+            alpha_caller = Caller(grpc.aio.insecure_channel(target), alpha_key)
+            beta = Caller(grpc.aio.insecure_channel(target), beta_key)
             alpha = await _alpha_world(alpha_client, alpha_caller, alpha_receiver, alpha_key_id)
             secret_before = await _alpha_secret(alpha_caller)
             await beta_client.webhooks.CreateWebhook(
