@@ -23,6 +23,10 @@ class IdempotencyConflict(Exception):
     """The idempotency key was used before with a different request."""
 
 
+class IdempotencyRace(Exception):
+    """Another process recorded the same idempotency key while this write ran (retried by the store)."""
+
+
 class Deletion(Enum):
     """Outcome of a delete guarded by an idempotency key."""
 

@@ -7,7 +7,7 @@ transaction on the writer thread.
 
 from __future__ import annotations
 
-from flowport.server.storage.base import IdempotencyConflict
+from flowport.server.storage.base import IdempotencyConflict, IdempotencyRace
 from flowport.server.storage.tables import Connection
 
 
@@ -27,5 +27,15 @@ def replayed(conn: Connection, tenant: str, method: str, request_id: str, reques
 def remember(
     conn: Connection, tenant: str, method: str, key: tuple[str, bytes], response: bytes, *, now_us: int
 ) -> None:
-    """Record the response of the first call with this (request_id, request_hash) key."""
-    conn.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?)", (tenant, method, *key, response, now_us))
+    """Record the response of the first call with this (request_id, request_hash) key.
+
+    IdempotencyRace when another process recorded the same key meanwhile
+    (it committed between our lookup and this insert): the write is then run
+    again, and its lookup finds that record.
+    """
+    inserted = conn.execute(
+        "INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (tenant, method, *key, response, now_us),
+    ).rowcount
+    if inserted == 0:
+        raise IdempotencyRace(key[0])

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from flowport.server.storage.api_keys import ApiKeyTables
 from flowport.server.storage.audit import AuditTables
+from flowport.server.storage.base import IdempotencyRace
 from flowport.server.storage.events import EventTables
 from flowport.server.storage.executions import ExecutionTables
 from flowport.server.storage.group_commit import GroupWriter, log_unretrieved
@@ -47,7 +48,12 @@ class SqlStore(
         raise NotImplementedError
 
     async def _write(self, op: Callable[[Connection], T]) -> T:
-        return await self._group.submit(op)
+        try:
+            return await self._group.submit(op)
+        except IdempotencyRace:
+            # Its savepoint was rolled back; run again, the lookup now sees
+            # the other process's record and answers with its response.
+            return await self._group.submit(op)
 
     def _write_soon(self, op: Callable[[Connection], object]) -> None:
         # Nobody awaits a queued write, so its failure is logged.

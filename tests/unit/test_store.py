@@ -3,6 +3,7 @@ idempotency, expiry, migrations."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -206,3 +207,25 @@ async def test_the_audit_log_is_append_only_on_postgres_too(postgres_url: str) -
                 await store._write(lambda conn, sql=statement: conn.execute(sql))  # type: ignore[misc]
     finally:
         await store.close()
+
+
+async def test_two_processes_racing_on_one_request_id_get_one_result(postgres_url: str) -> None:
+    # Two stores stand for two processes: both look the key up, find nothing,
+    # and insert; the second insert waits for the first to commit, finds the
+    # record, and answers with the first call's result.
+    first, second = await PostgresStore.open(postgres_url), await PostgresStore.open(postgres_url)
+    try:
+        for round_ in range(5):
+            key = (f"race-{round_}", b"same-body")
+            results = await asyncio.gather(
+                first.create_session("t1", session(f"a{round_}"), key),
+                second.create_session("t1", session(f"b{round_}"), key),
+            )
+            ids = {session_pb2.Session.FromString(r.response).session_id for r in results}
+            assert len(ids) == 1, results
+            assert sorted(r.replayed for r in results) == [False, True]
+        rows = await first.list_sessions("t1", user_id="", after=None, limit=100, now_us=NOW)
+        assert len(rows) == 5
+    finally:
+        await first.close()
+        await second.close()
