@@ -1,26 +1,39 @@
 """EventService on an in-process server: filters, resume by after_id and by
 last-event-id, OUT_OF_RANGE for an expired cursor, heartbeats, and a stalled
-subscriber cut off while another keeps its pace."""
+subscriber cut off while another keeps its pace. Every test runs on the
+in-process bus and on the Redis bus (a real Redis)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
 
 from flowport.clients import ApiError, AsyncClient
 from flowport.server.app import Running, start, stop
+from flowport.server.events.bus import BusEvent, EventBus
 from flowport.server.settings import Settings
 from flowport.v1 import event_pb2, event_pb2_grpc
 
 from ..conftest import ADMIN_KEY, ADMIN_METADATA, make_settings
 
 
+@pytest.fixture(params=["memory", "redis"])
+def bus_settings(request: pytest.FixtureRequest) -> dict[str, object]:
+    """Settings that choose the bus: in-process, or a Redis stream."""
+    return {"redis_url": request.getfixturevalue("redis_url")} if request.param == "redis" else {}
+
+
 @pytest.fixture
-async def running(tmp_path: object) -> AsyncIterator[Running]:
-    settings: Settings = make_settings(tmp_path / "data", stream_heartbeat=0.3, event_queue_size=10)  # type: ignore[operator]
+async def running(tmp_path: object, bus_settings: dict[str, object]) -> AsyncIterator[Running]:
+    settings: Settings = make_settings(
+        tmp_path / "data",  # type: ignore[operator]
+        stream_heartbeat=0.3,
+        event_queue_size=10,
+        **bus_settings,
+    )
     server = await start(settings)
     yield server
     await stop(server, 1.0)
@@ -32,8 +45,28 @@ async def events(running: Running) -> AsyncIterator[event_pb2_grpc.EventServiceS
         yield client.events
 
 
-def publish(running: Running, type_: str, tenant: str = "default", **ids: str) -> str:
-    return running.bus.publish(type_, tenant=tenant, data={"n": 1}, **ids).id
+async def published(running: Running, type_: str, tenant: str = "default", **ids: str) -> str:
+    """Publish an event; its id (on the Redis bus, once Redis has ordered it)."""
+    return await stamped(running.bus, lambda: running.bus.publish(type_, tenant=tenant, data={"n": 1}, **ids))
+
+
+async def stamped(bus: EventBus, publish: Callable[[], object]) -> str:
+    """Run `publish` (one event) and return the id the event got."""
+    seen: list[BusEvent] = []
+    arrived = asyncio.Event()
+
+    def listener(event: BusEvent) -> None:  # listeners get events once they have their id
+        seen.append(event)
+        arrived.set()
+
+    bus.add_listener(listener)
+    try:
+        publish()
+        async with asyncio.timeout(10):
+            await arrived.wait()
+    finally:
+        bus._listeners.remove(listener)
+    return seen[0].id
 
 
 async def take(call: object, count: int, timeout: float = 10) -> list[event_pb2.Event]:
@@ -51,12 +84,12 @@ async def take(call: object, count: int, timeout: float = 10) -> list[event_pb2.
 async def test_filters_by_ids_types_and_tenant(running: Running, events: event_pb2_grpc.EventServiceStub) -> None:
     call = events.StreamEvents(event_pb2.StreamEventsRequest(session_id="s1", types=["execution.*", "session.created"]))
     await asyncio.sleep(0.1)  # let the subscription start
-    publish(running, "execution.started", session_id="s2")  # other session
-    publish(running, "node.started", session_id="s1")  # other type
-    publish(running, "execution.started", tenant="other", session_id="s1")  # other tenant
+    await published(running, "execution.started", session_id="s2")  # other session
+    await published(running, "node.started", session_id="s1")  # other type
+    await published(running, "execution.started", tenant="other", session_id="s1")  # other tenant
     wanted = [
-        publish(running, "execution.started", session_id="s1"),
-        publish(running, "session.created", session_id="s1"),
+        await published(running, "execution.started", session_id="s1"),
+        await published(running, "session.created", session_id="s1"),
     ]
     got = await take(call, 2)
     assert [e.id for e in got] == wanted
@@ -69,10 +102,10 @@ async def test_resume_after_a_disconnect_misses_and_repeats_nothing(
 ) -> None:
     first = events.StreamEvents(event_pb2.StreamEventsRequest(workflow_id="w"))
     await asyncio.sleep(0.1)
-    ids = [publish(running, "workflow.created", workflow_id="w") for _ in range(3)]
+    ids = [await published(running, "workflow.created", workflow_id="w") for _ in range(3)]
     seen = await take(first, 2)
     first.cancel()  # disconnect having seen two of three
-    ids += [publish(running, "workflow.created", workflow_id="w") for _ in range(3)]  # published while away
+    ids += [await published(running, "workflow.created", workflow_id="w") for _ in range(3)]  # published while away
     resumed = events.StreamEvents(event_pb2.StreamEventsRequest(workflow_id="w", after_id=seen[-1].id))
     rest = await take(resumed, 4)
     assert [e.id for e in seen + rest] == ids
@@ -88,12 +121,15 @@ async def test_resume_after_a_disconnect_misses_and_repeats_nothing(
 async def test_a_cursor_older_than_retention_is_out_of_range(
     running: Running, events: event_pb2_grpc.EventServiceStub
 ) -> None:
-    old = publish(running, "session.created")
+    old = await published(running, "session.created")
     for _ in range(3):
-        publish(running, "session.created")
+        await published(running, "session.created")
     await running.event_log.flush()
-    # Everything up to now falls out of a one-event retention window.
+    # Everything up to now falls out of a one-event retention window (by
+    # count on the in-process bus; by age with Redis, whose ids are not
+    # consecutive).
     running.event_log._retention_count = 1
+    running.event_log._retention_seconds = -1.0
     await running.event_log.purge()
     call = events.StreamEvents(event_pb2.StreamEventsRequest(after_id=old))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -114,14 +150,14 @@ async def test_idle_streams_get_heartbeats(running: Running, events: event_pb2_g
     call.cancel()
 
 
-async def test_the_log_survives_a_restart(tmp_path: object) -> None:
-    settings = make_settings(tmp_path / "data")  # type: ignore[operator]
+async def test_the_log_survives_a_restart(tmp_path: object, bus_settings: dict[str, object]) -> None:
+    settings = make_settings(tmp_path / "data", **bus_settings)  # type: ignore[operator]
     first = await start(settings)
-    ids = [first.bus.publish("session.created", tenant="default").id for _ in range(3)]
+    ids = [await stamped(first.bus, lambda: first.bus.publish("session.created", tenant="default")) for _ in range(3)]
     await stop(first, 1.0)
     second = await start(settings)
     try:
-        later = second.bus.publish("session.created", tenant="default").id
+        later = await stamped(second.bus, lambda: second.bus.publish("session.created", tenant="default"))
         assert int(later) > int(ids[-1]), "ids keep increasing across restarts"
         async with AsyncClient(f"127.0.0.1:{second.port}", api_key=ADMIN_KEY) as client:
             call = client.events.StreamEvents(event_pb2.StreamEventsRequest(after_id=ids[0]))
@@ -131,9 +167,11 @@ async def test_the_log_survives_a_restart(tmp_path: object) -> None:
         await stop(second, 1.0)
 
 
-async def test_a_stalled_subscriber_is_cut_while_another_keeps_pace(tmp_path: object) -> None:
+async def test_a_stalled_subscriber_is_cut_while_another_keeps_pace(
+    tmp_path: object, bus_settings: dict[str, object]
+) -> None:
     # A queue that absorbs the bursts below, not a stalled reader's backlog.
-    running = await start(make_settings(tmp_path / "data", event_queue_size=200))  # type: ignore[operator]
+    running = await start(make_settings(tmp_path / "data", event_queue_size=200, **bus_settings))  # type: ignore[operator]
     total = 3000
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as fast_channel,
@@ -154,17 +192,19 @@ async def test_a_stalled_subscriber_is_cut_while_another_keeps_pace(tmp_path: ob
                     received.append(event.id)
 
         reader = asyncio.create_task(read_fast())
-        published = []
         # Big enough that the stalled stream's transport buffers fill long
         # before the end, so its queue has to overflow.
         padding = "x" * 8192
+        stamped_events: list[BusEvent] = []
+        running.bus.add_listener(stamped_events.append)  # each event once it has its id
         for i in range(total):
-            published.append(running.bus.publish("load.tick", tenant="default", data={"padding": padding}).id)
+            running.bus.publish("load.tick", tenant="default", data={"padding": padding})
             # Publish at a pace the fast reader sustains (within its queue);
             # the stalled one is never waited for.
             while len(received) < i - 100 and not reader.done():  # noqa: ASYNC110 - polling the reader's count
                 await asyncio.sleep(0.001)
         await asyncio.wait_for(reader, 60)
+        published = [e.id for e in stamped_events if e.type == "load.tick"]
         assert received == published, "the fast subscriber got every event, in order"
         # The stalled one never read; now it finds it was cut, with its cursor.
         with pytest.raises(grpc.aio.AioRpcError) as caught:
