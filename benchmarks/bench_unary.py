@@ -5,6 +5,7 @@ above plain Python gRPC on this machine."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,9 @@ from flowport.server.settings import Settings
 from flowport.v1 import session_pb2, session_pb2_grpc
 
 CALLS = 200  # per benchmark round: one round is 200 sequential unary calls
+# Every call authenticates, as in production; the bare server gets the same header.
+KEY = "fpk_bench." + secrets.token_urlsafe(32)
+METADATA = (("x-api-key", KEY),)
 
 
 def _port() -> int:
@@ -37,14 +41,14 @@ class _Echo(session_pb2_grpc.SessionServiceServicer):
 
 @pytest.fixture
 def flowport(loop: asyncio.AbstractEventLoop, tmp_path: Path) -> Iterator[tuple[Running, session_pb2.Session]]:
-    settings = Settings.load({"data_dir": tmp_path, "grpc_port": _port()}, environ={})
+    settings = Settings.load({"data_dir": tmp_path, "grpc_port": _port(), "admin_api_key": KEY}, environ={})
     running = loop.run_until_complete(start(settings))
 
     async def create() -> session_pb2.Session:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             stub = session_pb2_grpc.SessionServiceStub(ch)
             request = session_pb2.CreateSessionRequest(session=session_pb2.Session(user_id="bench"))
-            return await stub.CreateSession(request)
+            return await stub.CreateSession(request, metadata=METADATA)
 
     yield running, loop.run_until_complete(create())
     loop.run_until_complete(stop(running, 1.0))
@@ -57,7 +61,7 @@ def _rounds(loop: asyncio.AbstractEventLoop, target: str, session_id: str) -> An
             request = session_pb2.GetSessionRequest(session_id=session_id)
             reply = session_pb2.Session()
             for _ in range(CALLS):
-                reply = await stub.GetSession(request)
+                reply = await stub.GetSession(request, metadata=METADATA)
             return reply
 
     return lambda: loop.run_until_complete(go())
