@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import httpx
@@ -40,7 +40,7 @@ from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.events.bus import EventBus
 from flowport.server.events.log import EventLog
-from flowport.server.interceptor import ErrorInterceptor
+from flowport.server.interceptor import ErrorInterceptor, WrappingRegistrar
 from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.nodes.python_code import PythonCodeNode
@@ -296,14 +296,17 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     opened.push_async_callback(keys.close)
     audit = AuditRecorder(store)
     authenticator = await _authenticator(store, keys, settings, audit)
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics, authenticator, CallAuditor(audit, authenticator.origin_of))],
+    grpc_server = grpc.aio.server(
         options=[
             # Without this a second server would silently share the port.
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ],
     )
+    # Every service is registered through this, so each method handler is
+    # wrapped by the interceptor's logic (errors, auth, metrics, audit).
+    interceptor = ErrorInterceptor(metrics, authenticator, CallAuditor(audit, authenticator.origin_of))
+    server = cast("grpc.aio.Server", WrappingRegistrar(grpc_server, interceptor))
     rate_limit = _rate_limit_service(settings, keys)
     if rate_limit is not None:
         opened.push_async_callback(rate_limit.close)
@@ -337,7 +340,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     address = f"{'[' + host + ']' if ':' in host else host}:{settings.grpc_port}"
     cause = ""
     try:
-        port = server.add_insecure_port(address)
+        port = grpc_server.add_insecure_port(address)
     except RuntimeError as exc:
         port, cause = 0, f" ({exc})"
     if port == 0:
@@ -345,8 +348,8 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
             f"cannot listen on {address} (--grpc-port {settings.grpc_port}): "
             f"the port is in use or the address is not available{cause}"
         )
-    await server.start()
-    opened.push_async_callback(server.stop, None)
+    await grpc_server.start()
+    opened.push_async_callback(grpc_server.stop, None)
     resumed, failed = await executor.recover()
     executor.start_leasing()
     if resumed or failed:
@@ -354,7 +357,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     for name in ["", *ALL_SERVICES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return Running(
-        server,
+        grpc_server,
         health_servicer,
         store,
         port,
