@@ -1,4 +1,8 @@
-"""AIP-158 pagination: page size bounds and opaque, tamper-evident page tokens."""
+"""AIP-158 pagination: page size bounds and opaque page tokens bound to the request's filters.
+
+Tokens are not signed: a client that crafts one only moves its cursor within
+its own results (every query is scoped by tenant before the cursor applies).
+"""
 
 from __future__ import annotations
 
