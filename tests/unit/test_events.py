@@ -81,9 +81,17 @@ async def take(call: object, count: int, timeout: float = 10) -> list[event_pb2.
     return got
 
 
+async def subscribed(running: Running, before: int) -> None:
+    """Wait until a stream opened since the bus had `before` subscribers has subscribed."""
+    async with asyncio.timeout(10):
+        while running.bus.subscriber_count <= before:  # noqa: ASYNC110 - the count is not awaitable
+            await asyncio.sleep(0.005)
+
+
 async def test_filters_by_ids_types_and_tenant(running: Running, events: event_pb2_grpc.EventServiceStub) -> None:
+    before = running.bus.subscriber_count
     call = events.StreamEvents(event_pb2.StreamEventsRequest(session_id="s1", types=["execution.*", "session.created"]))
-    await asyncio.sleep(0.1)  # let the subscription start
+    await subscribed(running, before)
     await published(running, "execution.started", session_id="s2")  # other session
     await published(running, "node.started", session_id="s1")  # other type
     await published(running, "execution.started", tenant="other", session_id="s1")  # other tenant
@@ -100,8 +108,9 @@ async def test_filters_by_ids_types_and_tenant(running: Running, events: event_p
 async def test_resume_after_a_disconnect_misses_and_repeats_nothing(
     running: Running, events: event_pb2_grpc.EventServiceStub
 ) -> None:
+    before = running.bus.subscriber_count
     first = events.StreamEvents(event_pb2.StreamEventsRequest(workflow_id="w"))
-    await asyncio.sleep(0.1)
+    await subscribed(running, before)
     ids = [await published(running, "workflow.created", workflow_id="w") for _ in range(3)]
     seen = await take(first, 2)
     first.cancel()  # disconnect having seen two of three
