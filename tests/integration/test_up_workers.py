@@ -44,7 +44,7 @@ def test_two_workers_share_the_load_and_a_killed_one_comes_back(
             first, second = settings.grpc_ports
             assert _calls(settings, first) > 1 and _calls(settings, second) > 1, "both workers serve"
             # Kill the second worker: the supervisor starts it again; the first serves meanwhile.
-            victim = next(pid for pid in children if str(second) in _environ_port(pid))
+            victim = next(pid for pid in children if _environ_port(pid) == str(second))
             os.kill(victim, signal.SIGKILL)
             deadline = time.monotonic() + 30
             statuses = []
