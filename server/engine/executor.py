@@ -32,7 +32,7 @@ from flowport.server.engine.plan import InvalidWorkflow, Plan, PlanCache, PlanNo
 from flowport.server.engine.stats import ExecutionCounters
 from flowport.server.engine.values import python_to_struct, struct_to_python
 from flowport.server.errors import DOMAIN, InvalidArgument, ResourceExhausted
-from flowport.server.events.bus import EventBus
+from flowport.server.events.bus import EventBus, Subscription
 from flowport.server.ids import new_id
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.paths import MISSING, lookup
@@ -40,6 +40,10 @@ from flowport.server.storage.base import Store
 from flowport.v1 import execution_pb2, workflow_pb2
 
 log = logging.getLogger(__name__)
+# Asks the process running an execution to cancel it (cancel through another process).
+CANCEL_REQUESTED = "execution.cancel_requested"
+TERMINAL_EVENTS = frozenset({"execution.completed", "execution.failed", "execution.cancelled"})
+CANCEL_WAIT = 10.0
 
 Execution = execution_pb2.Execution
 NodeRun = execution_pb2.NodeRun
@@ -118,6 +122,8 @@ class Executor:
         self._lease = lease_seconds
         self._exclusive = exclusive
         self._leasing: asyncio.Task[None] | None = None
+        self._following: asyncio.Task[None] | None = None
+        self._cancelling: set[asyncio.Task[Execution | None]] = set()
         self._runs: dict[str, _Run] = {}
         self._admitting = 0
         self.counters = ExecutionCounters()
@@ -228,9 +234,14 @@ class Executor:
             # Ended, or ending anyway: its outcome stands.
             await run.finished.wait()
             return await self.get(tenant, execution_id)
+        lease = await self._store.execution_lease(tenant, execution_id)
+        if lease is not None and lease[0] not in ("", self._owner) and lease[1] > time.time_ns() // 1000:
+            # Running in another live process: ask it (through the bus) to
+            # cancel its run, which records the outcome; wait for that.
+            return await self._cancel_elsewhere(tenant, execution_id)
         execution = await self._store.get_execution(tenant, execution_id)
         if execution is not None and execution.state not in FINISHED:
-            # Recorded but not running here (e.g. waiting to be recovered).
+            # Recorded but not running anywhere (e.g. waiting to be recovered).
             execution.state = Execution.STATE_CANCELLED
             execution.error.CopyFrom(_status(code_pb2.CANCELLED, "cancelled by request", "CANCELLED", {}))
             execution.end_time.CopyFrom(_now())
@@ -242,9 +253,10 @@ class Executor:
         """Stop running executions without recording an end: they stay
         RUNNING in the store, with their leases released, and are recovered
         by the next start or by another process sharing the store."""
-        if self._leasing is not None:
-            self._leasing.cancel()
-            await asyncio.gather(self._leasing, return_exceptions=True)
+        for background in (self._leasing, self._following):
+            if background is not None:
+                background.cancel()
+                await asyncio.gather(background, return_exceptions=True)
         tasks = [run.task for run in self._runs.values() if run.task is not None]
         for task in tasks:
             task.cancel()
@@ -257,9 +269,36 @@ class Executor:
     def _lease_until(self) -> int:
         return time.time_ns() // 1000 + int(self._lease * 1_000_000)
 
+    async def _cancel_elsewhere(self, tenant: str, execution_id: str) -> Execution | None:
+        ended = self._bus.subscribe(
+            lambda e: e.execution_id == execution_id and e.tenant == tenant and e.type in TERMINAL_EVENTS
+        )
+        try:
+            self._bus.publish(CANCEL_REQUESTED, tenant=tenant, execution_id=execution_id)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CANCEL_WAIT):
+                    await ended.next()
+        finally:
+            ended.close()
+        return await self.get(tenant, execution_id)
+
     def start_leasing(self) -> None:
-        """Keep this process's leases fresh and take over executions of processes that died."""
+        """Keep this process's leases fresh, take over executions of processes that died,
+        and cancel local runs that another process was asked to cancel."""
         self._leasing = asyncio.create_task(self._lease_forever(), name="execution leases")
+        requests = self._bus.subscribe(lambda e: e.type == CANCEL_REQUESTED and e.execution_id in self._runs)
+        self._following = asyncio.create_task(self._follow_cancels(requests), name="cancel requests")
+
+    async def _follow_cancels(self, requests: Subscription) -> None:
+        try:
+            async for event in requests:
+                run = self._runs.get(event.execution_id)
+                if run is not None and run.tenant == event.tenant:
+                    task = asyncio.create_task(self.cancel(event.tenant, event.execution_id))
+                    self._cancelling.add(task)  # held, or the loop may drop it
+                    task.add_done_callback(self._cancelling.discard)
+        finally:
+            requests.close()
 
     async def _lease_forever(self) -> None:
         while True:

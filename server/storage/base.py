@@ -125,6 +125,9 @@ class Store(Protocol):
     async def renew_leases(self, owner: str, lease_until_us: int) -> None:
         """Extend the leases of `owner`'s unfinished executions."""
 
+    async def execution_lease(self, tenant: str, execution_id: str) -> tuple[str, int] | None:
+        """(owner, lease_until_us) of an execution; None when absent or another tenant's."""
+
     async def release_leases(self, owner: str) -> None:
         """Let other processes take `owner`'s unfinished executions at once."""
 

@@ -89,6 +89,13 @@ class ExecutionTables(Tables):
             raise IdempotencyConflict(request_id)
         return bytes(row[1]).decode()
 
+    async def execution_lease(self, tenant: str, execution_id: str) -> tuple[str, int] | None:
+        """(owner, lease_until_us) of an execution; None when absent or another tenant's."""
+        row = await self._lookup(
+            "SELECT owner, lease_until_us FROM executions WHERE execution_id=? AND tenant=?", (execution_id, tenant)
+        )
+        return None if row is None else (str(row[0]), int(row[1]))
+
     async def get_execution(self, tenant: str, execution_id: str) -> execution_pb2.Execution | None:
         row = await self._lookup(
             "SELECT body FROM executions WHERE execution_id=? AND tenant=?", (execution_id, tenant)

@@ -297,3 +297,22 @@ def test_a_key_revoked_on_one_process_is_refused_at_once_by_the_other(clients: l
                 break
             assert time.monotonic() < deadline, "process B kept accepting a revoked key"
             time.sleep(0.05)
+
+
+def test_an_execution_running_on_one_process_is_cancelled_through_the_other(clients: list[Client]) -> None:
+    a, b = clients
+    code = "import time\ntime.sleep(20)\nresult = 1"
+    workflow = json_format.ParseDict(
+        {"name": "long", "nodes": [{"type": "PythonCodeNode", "name": "nap", "config": {"code": code}}]},
+        workflow_pb2.Workflow(),
+    )
+    a.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=workflow))
+    started = a.executions.CreateExecution(execution_pb2.CreateExecutionRequest(workflow_id="long"))
+    running = {execution_pb2.Execution.STATE_RUNNING}
+    assert _wait_for(b, started.execution_id, running, 10).state in running
+    cancelled = b.executions.CancelExecution(execution_pb2.CancelExecutionRequest(execution_id=started.execution_id))
+    assert cancelled.state == execution_pb2.Execution.STATE_CANCELLED
+    time.sleep(1)  # a run that went on in process A would record its own end by now... or in 20 s
+    again = a.executions.GetExecution(execution_pb2.GetExecutionRequest(execution_id=started.execution_id))
+    assert again.state == execution_pb2.Execution.STATE_CANCELLED
+    assert again.end_time.ToNanoseconds() - again.start_time.ToNanoseconds() < 15 * 10**9, "the run was stopped"
