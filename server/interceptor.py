@@ -87,21 +87,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._auth = authenticator
         self._auditor = auditor
         # Handlers are fixed per method, so each is wrapped once, not per call.
-        self._wrapped: dict[str, Handler | None] = {}
+        self._wrapped: dict[str, Handler] = {}
 
     # grpc returns None for an unknown method, and so must an interceptor.
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         method = handler_call_details.method
-        if method in self._wrapped:
-            return self._wrapped[method]
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
         handler = await continuation(handler_call_details)
         if handler is None:
             return None  # not cached: callers choose unknown paths, and the cache must not grow with them
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = wrapped
-        return wrapped
+        return self.wrapped(method, handler)
 
     def wrapped(self, method: str, handler: Handler) -> Handler:
         """`handler` of `method` with errors mapped, calls counted and callers authenticated (once per method)."""

@@ -130,11 +130,15 @@ class EventBus:
         self.published += 1
         for listener in self._listeners:
             listener(event)
+        self._deliver(event)
+        return event
+
+    def _deliver(self, event: BusEvent) -> None:
+        """Offer `event` to every subscriber whose filter accepts it."""
         # A copy: a subscriber that overflows removes itself meanwhile.
         for subscriber in tuple(self._subscribers):
             if subscriber.accept(event):
                 subscriber.offer(event)
-        return event
 
     def add_listener(self, listener: Callable[[BusEvent], None]) -> None:
         """Call `listener` with every event, in order, as it is published.

@@ -189,9 +189,7 @@ class RedisBus(EventBus):
 
     def _deliver(self, event: BusEvent) -> None:
         self.last_id = max(self.last_id, int(event.id))
-        for subscriber in tuple(self._subscribers):
-            if subscriber.accept(event):
-                subscriber.offer(event)
+        super()._deliver(event)
 
     async def history(self, after: int, until: int) -> AsyncIterator[BusEvent]:
         """Events in the stream with ids in (after, until], oldest first."""
