@@ -151,6 +151,3 @@ class Store(Protocol):
         limit: int,
     ) -> list[execution_pb2.Execution]:
         """Executions newest first, filtered, after the (create_us, id) cursor."""
-
-    async def unfinished_executions(self) -> list[execution_pb2.Execution]:
-        """PENDING and RUNNING executions of every tenant, oldest first."""

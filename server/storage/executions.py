@@ -127,15 +127,6 @@ class ExecutionTables(Tables):
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [execution_pb2.Execution.FromString(row[0]) for row in rows]
 
-    async def unfinished_executions(self) -> list[execution_pb2.Execution]:
-        """Executions left PENDING or RUNNING, of every tenant, oldest first."""
-        rows = await self._read(
-            lambda conn: conn.execute(
-                "SELECT body FROM executions WHERE state IN (?, ?) ORDER BY create_us", UNFINISHED
-            ).fetchall()
-        )
-        return [execution_pb2.Execution.FromString(row[0]) for row in rows]
-
     async def claim_executions(
         self, owner: str, *, now_us: int, lease_until_us: int, expired_only: bool = True
     ) -> list[execution_pb2.Execution]:

@@ -279,7 +279,7 @@ class WebhookTables(Tables):
         await self._write(lambda conn: conn.execute(sql, (owner,)))
 
     async def unfinished_deliveries(self) -> list[DueDelivery]:
-        """PENDING and RETRYING deliveries of every tenant, soonest due first (the restart scan)."""
+        """PENDING and RETRYING deliveries of every tenant, soonest due first (dispatchers claim theirs)."""
         # Literal states, matching the partial index's condition, so SQLite uses it.
         sql = (
             "SELECT delivery_id, tenant, webhook_id, next_attempt_us FROM webhook_deliveries"
