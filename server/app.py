@@ -41,6 +41,7 @@ from flowport.server.engine.registry import NodeRegistry
 from flowport.server.events.bus import EventBus
 from flowport.server.events.log import EventLog
 from flowport.server.interceptor import ErrorInterceptor, WrappingRegistrar
+from flowport.server.leases import Leases
 from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.nodes.python_code import PythonCodeNode
@@ -268,12 +269,14 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False
     )
     opened.push_async_callback(webhook_http.aclose)
+    # One lease holder per process, for its executions and webhook deliveries.
+    leases = Leases(settings.execution_lease_seconds)
     dispatcher = WebhookDispatcher(
         store,
         bus,
         webhook_http,
         settings,
-        lease_seconds=settings.execution_lease_seconds,
+        leases=leases,
         exclusive=store.dialect == "sqlite",
     )
     await dispatcher.start()
@@ -285,7 +288,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         bus,
         services,
         max_concurrent=settings.max_concurrent_executions,
-        lease_seconds=settings.execution_lease_seconds,
+        leases=leases,
         # A SQLite file is this process's alone; PostgreSQL may be shared.
         exclusive=store.dialect == "sqlite",
     )

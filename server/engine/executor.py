@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,12 +27,14 @@ from typing import Any
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from flowport.server.api.common import now_us
 from flowport.server.engine.plan import InvalidWorkflow, Plan, PlanCache, PlanNode
 from flowport.server.engine.stats import ExecutionCounters
 from flowport.server.engine.values import python_to_struct, struct_to_python
 from flowport.server.errors import DOMAIN, InvalidArgument, ResourceExhausted
 from flowport.server.events.bus import EventBus, Subscription
 from flowport.server.ids import new_id
+from flowport.server.leases import Leases
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.paths import MISSING, lookup
 from flowport.server.storage.base import Store
@@ -105,7 +106,7 @@ class Executor:
         services: NodeServices,
         *,
         max_concurrent: int,
-        lease_seconds: float = 30.0,
+        leases: Leases | None = None,
         exclusive: bool = True,
     ) -> None:
         self._store = store
@@ -113,13 +114,10 @@ class Executor:
         self._bus = bus
         self._services = services
         self._max = max_concurrent
-        # Each execution this process runs is leased to it (renewed every
-        # third of the lease); another process sharing the database takes
-        # over executions whose lease ran out. `exclusive`: no other process
-        # can share the store (SQLite), so what is unfinished at start is
-        # taken at once, whatever its lease says.
-        self._owner = os.urandom(8).hex()
-        self._lease = lease_seconds
+        # Each execution this process runs is leased to it (server/leases.py).
+        # `exclusive`: no other process can share the store (SQLite), so what
+        # is unfinished at start is taken at once, whatever its lease says.
+        self._leases = leases or Leases()
         self._exclusive = exclusive
         self._leasing: asyncio.Task[None] | None = None
         self._following: asyncio.Task[None] | None = None
@@ -186,7 +184,7 @@ class Executor:
         self._admitting += 1
         try:
             result = await self._store.insert_execution(
-                tenant, execution, key, owner=self._owner, lease_until_us=self._lease_until()
+                tenant, execution, key, owner=self._leases.owner, lease_until_us=self._leases.until()
             )
         finally:
             self._admitting -= 1
@@ -235,7 +233,7 @@ class Executor:
             await run.finished.wait()
             return await self.get(tenant, execution_id)
         lease = await self._store.execution_lease(tenant, execution_id)
-        if lease is not None and lease[0] not in ("", self._owner) and lease[1] > time.time_ns() // 1000:
+        if lease is not None and lease[0] not in ("", self._leases.owner) and lease[1] > now_us():
             # Running in another live process: ask it (through the bus) to
             # cancel its run, which records the outcome; wait for that.
             return await self._cancel_elsewhere(tenant, execution_id)
@@ -262,12 +260,9 @@ class Executor:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         try:
-            await self._store.release_leases(self._owner)
+            await self._store.release_leases(self._leases.owner)
         except Exception:  # noqa: BLE001 - the store may be failing; the leases then simply expire
             log.warning("could not release execution leases; other processes take over when they expire")
-
-    def _lease_until(self) -> int:
-        return time.time_ns() // 1000 + int(self._lease * 1_000_000)
 
     async def _cancel_elsewhere(self, tenant: str, execution_id: str) -> Execution | None:
         ended = self._bus.subscribe(
@@ -285,7 +280,7 @@ class Executor:
     def start_leasing(self) -> None:
         """Keep this process's leases fresh, take over executions of processes that died,
         and cancel local runs that another process was asked to cancel."""
-        self._leasing = asyncio.create_task(self._lease_forever(), name="execution leases")
+        self._leasing = asyncio.create_task(self._leases.keep(self._renew_and_claim, "executions"))
         requests = self._bus.subscribe(lambda e: e.type == CANCEL_REQUESTED and e.execution_id in self._runs)
         self._following = asyncio.create_task(self._follow_cancels(requests), name="cancel requests")
 
@@ -300,17 +295,10 @@ class Executor:
         finally:
             requests.close()
 
-    async def _lease_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._lease / 3)
-            try:
-                await self._store.renew_leases(self._owner, self._lease_until())
-                resumed, failed = await self.recover(expired_only=True)
-            except Exception:
-                log.exception("renewing execution leases failed; will retry")
-                continue
-            if resumed or failed:
-                log.info("took over executions of a stopped process: %d resumed, %d failed", resumed, failed)
+    async def _renew_and_claim(self) -> int:
+        await self._store.renew_leases(self._leases.owner, self._leases.until())
+        resumed, failed = await self.recover(expired_only=True)
+        return resumed + failed
 
     # -- recovery -------------------------------------------------------------
 
@@ -327,9 +315,9 @@ class Executor:
         if expired_only is None:
             expired_only = not self._exclusive
         claimed = await self._store.claim_executions(
-            self._owner,
-            now_us=time.time_ns() // 1000,
-            lease_until_us=self._lease_until(),
+            self._leases.owner,
+            now_us=now_us(),
+            lease_until_us=self._leases.until(),
             expired_only=expired_only,
         )
         for execution in claimed:

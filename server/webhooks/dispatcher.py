@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ from flowport.server.api.common import now_us
 from flowport.server.events.bus import BusEvent, EventBus, Subscription
 from flowport.server.events.types import TypeFilter
 from flowport.server.ids import new_id
+from flowport.server.leases import Leases
 from flowport.server.settings import Settings
 from flowport.server.storage.webhooks import (
     DEAD_LETTERED,
@@ -120,15 +120,14 @@ class WebhookDispatcher:
         settings: Settings,
         *,
         initial_backoff: float = 1.0,
-        lease_seconds: float = 30.0,
+        leases: Leases | None = None,
         exclusive: bool = True,
     ) -> None:
         self._store = store
         self._bus = bus
-        # Unfinished deliveries are leased to this process, as executions are
-        # (engine/executor.py): others take over those of a process that died.
-        self._owner = os.urandom(8).hex()
-        self._lease = lease_seconds
+        # Unfinished deliveries are leased to this process (server/leases.py):
+        # others take over those of a process that died.
+        self._leases = leases or Leases()
         self._exclusive = exclusive
         self._background: list[asyncio.Task[None]] = []
         self._http = http
@@ -169,17 +168,14 @@ class WebhookDispatcher:
         loop = asyncio.get_running_loop()
         self._background = [
             loop.create_task(self._follow_changes(changes), name="webhook changes"),
-            loop.create_task(self._lease_forever(), name="webhook delivery leases"),
+            loop.create_task(self._leases.keep(self._renew_and_claim, "webhook deliveries")),
         ]
-
-    def _lease_until(self) -> int:
-        return now_us() + int(self._lease * 1_000_000)
 
     async def _claim(self, *, expired_only: bool) -> int:
         """Take over unfinished deliveries (whose lease expired) and schedule them; how many."""
         now = now_us()
         claimed = await self._store.claim_deliveries(
-            self._owner, now_us=now, lease_until_us=self._lease_until(), expired_only=expired_only
+            self._leases.owner, now_us=now, lease_until_us=self._leases.until(), expired_only=expired_only
         )
         scheduled = 0
         for due in claimed:
@@ -189,17 +185,9 @@ class WebhookDispatcher:
                 scheduled += 1
         return scheduled
 
-    async def _lease_forever(self) -> None:
-        while not self._closed:
-            await asyncio.sleep(self._lease / 3)
-            try:
-                await self._store.renew_delivery_leases(self._owner, self._lease_until())
-                taken = await self._claim(expired_only=True)
-            except Exception:
-                log.exception("renewing webhook delivery leases failed; will retry")
-                continue
-            if taken:
-                log.info("took over %d webhook deliveries of a stopped process", taken)
+    async def _renew_and_claim(self) -> int:
+        await self._store.renew_delivery_leases(self._leases.owner, self._leases.until())
+        return await self._claim(expired_only=True)
 
     async def _follow_changes(self, changes: Subscription) -> None:
         try:
@@ -226,7 +214,7 @@ class WebhookDispatcher:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         try:
-            await self._store.release_delivery_leases(self._owner)
+            await self._store.release_delivery_leases(self._leases.owner)
         except Exception:  # noqa: BLE001 - the store may be failing; the leases then simply expire
             log.warning("could not release webhook delivery leases; other processes take over when they expire")
 
@@ -284,7 +272,9 @@ class WebhookDispatcher:
                 batch, self._inbox = self._inbox, []
                 rows = self._rows(batch)
                 try:
-                    await self._store.insert_deliveries(rows, owner=self._owner, lease_until_us=self._lease_until())
+                    await self._store.insert_deliveries(
+                        rows, owner=self._leases.owner, lease_until_us=self._leases.until()
+                    )
                 except Exception:
                     self.lost += len(rows)
                     log.exception("could not queue %d webhook deliveries", len(rows))
