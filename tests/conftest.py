@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -17,6 +17,8 @@ from typing import NoReturn, TypeVar
 import grpc
 import pytest
 
+from flowport.clients import AsyncClient
+from flowport.server.app import Running, start, stop
 from flowport.server.settings import Settings
 from flowport.server.supervisor import child_environment
 
@@ -38,6 +40,23 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     if request.param == "postgresql":
         return make_settings(tmp_path / "data", database_url=request.getfixturevalue("postgres_url"))
     return make_settings(tmp_path / "data")
+
+
+@pytest.fixture
+async def running(settings: Settings) -> AsyncIterator[Running]:
+    """A server started in process on `settings` (each engine of the fixture), stopped after the test."""
+    server = await start(settings)
+    try:
+        yield server
+    finally:
+        await stop(server, 1.0)
+
+
+@pytest.fixture
+async def admin(running: Running) -> AsyncIterator[AsyncClient]:
+    """A client of `running` with the admin key."""
+    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as client:
+        yield client
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:

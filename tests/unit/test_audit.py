@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +35,6 @@ Kind = A.AuditEvent.CredentialKind
 def settings(tmp_path: Path) -> Settings:
     # Failed logins answered at once, so tests can fail many in a row.
     return make_settings(tmp_path / "data", max_login_attempts=1000)
-
-
-@pytest.fixture
-async def running(settings: Settings) -> AsyncIterator[Running]:
-    server = await start(settings)
-    yield server
-    await stop(server, 1.0)
-
-
-@pytest.fixture
-async def admin(running: Running) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as client:
-        yield client
 
 
 async def _admin_key_id(admin: AsyncClient) -> str:

@@ -26,21 +26,19 @@ import asyncio
 import importlib
 import pkgutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
 import flowport.v1
 from flowport.clients import ApiError, AsyncClient
-from flowport.server.app import Running, start, stop
+from flowport.server.app import Running
 from flowport.server.auth.permissions import Access, access_for
-from flowport.server.settings import Settings
 from flowport.transcoder.http_rules import descriptor_path
 from flowport.v1 import (
     apikey_pb2,
@@ -151,13 +149,6 @@ async def _code(awaitable: Any) -> grpc.StatusCode:
 
 def _text(message: Message) -> str:
     return json_format.MessageToJson(message, preserving_proto_field_name=True)
-
-
-@pytest.fixture
-async def running(settings: Settings) -> AsyncIterator[Running]:
-    server = await start(settings)
-    yield server
-    await stop(server, 1.0)
 
 
 async def _user_key(admin: AsyncClient, tenant: str) -> tuple[str, str]:

@@ -106,21 +106,6 @@ def receiver() -> Iterator[_Receiver]:
 # -- the server and its clients ---------------------------------------------
 
 
-@pytest.fixture
-async def running(settings: Settings) -> AsyncIterator[Running]:
-    server = await start(settings)
-    try:
-        yield server
-    finally:
-        await stop(server, 1.0)
-
-
-@pytest.fixture
-async def admin(running: Running) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as client:
-        yield client
-
-
 async def _tenant_client(admin: AsyncClient, running: Running, tenant: str) -> AsyncClient:
     created = await admin.keys.CreateApiKey(
         apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant=tenant, roles=["user"]))

@@ -25,13 +25,6 @@ S = session_pb2
 
 
 @pytest.fixture
-async def running(settings: Settings) -> AsyncIterator[Running]:
-    server = await start(settings)
-    yield server
-    await stop(server, 1.0)
-
-
-@pytest.fixture
 async def client(running: Running) -> AsyncIterator[AsyncClient]:
     async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as c:
         yield c
