@@ -38,6 +38,7 @@ from flowport.server.auth.keys import KeyAuthenticator
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
+from flowport.server.engine.work_queue import RedisWorkQueue
 from flowport.server.events.bus import EventBus
 from flowport.server.events.log import EventLog
 from flowport.server.interceptor import ErrorInterceptor, WrappingRegistrar
@@ -282,6 +283,12 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     await dispatcher.start()
     opened.push_async_callback(dispatcher.close)
     bus.add_listener(dispatcher.on_event)
+    # Processes sharing PostgreSQL and Redis hand work they have no room
+    # for to each other; a SQLite file is this process's alone.
+    work_queue = None
+    if settings.redis_url is not None and store.dialect != "sqlite":
+        work_queue = RedisWorkQueue(settings.redis_url.get_secret_value(), consumer=leases.owner)
+        opened.push_async_callback(work_queue.close)
     executor = Executor(
         store,
         plans,
@@ -289,8 +296,8 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         services,
         max_concurrent=settings.max_concurrent_executions,
         leases=leases,
-        # A SQLite file is this process's alone; PostgreSQL may be shared.
         exclusive=store.dialect == "sqlite",
+        queue=work_queue,
     )
     opened.push_async_callback(executor.shutdown)
     metrics = RequestMetrics()

@@ -9,9 +9,12 @@ published as an event. A node that is not safe to run twice is recorded
 RUNNING before it starts, so a crash can never make it run twice: after a
 restart such an execution fails as INTERRUPTED instead.
 
-At most `max_concurrent` executions run at once in this process; beyond
-that CreateExecution fails fast with RESOURCE_EXHAUSTED (and a RetryInfo)
-rather than queueing without bound.
+At most `max_concurrent` executions run at once in this process. Beyond
+that, processes sharing PostgreSQL and Redis hand the execution to the
+shared work queue (server/engine/work_queue.py), where any process with a
+free slot takes it, up to a backlog of QUEUE_DEPTH times `max_concurrent`;
+past that, or with no queue, CreateExecution fails fast with
+RESOURCE_EXHAUSTED (and a RetryInfo) rather than queueing without bound.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from flowport.server.api.common import now_us
 from flowport.server.engine.plan import InvalidWorkflow, Plan, PlanCache, PlanNode
 from flowport.server.engine.stats import ExecutionCounters
 from flowport.server.engine.values import python_to_struct, struct_to_python
+from flowport.server.engine.work_queue import QUEUE_FAILURES, QueuedExecution, RedisWorkQueue
 from flowport.server.errors import DOMAIN, InvalidArgument, ResourceExhausted
 from flowport.server.events.bus import EventBus, Subscription
 from flowport.server.ids import new_id
@@ -45,6 +49,12 @@ log = logging.getLogger(__name__)
 CANCEL_REQUESTED = "execution.cancel_requested"
 TERMINAL_EVENTS = frozenset({"execution.completed", "execution.failed", "execution.cancelled"})
 CANCEL_WAIT = 10.0
+# A queued backlog beyond this many times max_concurrent is refused, not queued.
+QUEUE_DEPTH = 4
+# How often a wait for an execution running elsewhere rereads it, in case the
+# event that says it ended was lost (Redis unreachable between the processes).
+WAIT_POLL = 1.0
+QUEUE_RETRY_MAX = 5.0
 
 Execution = execution_pb2.Execution
 NodeRun = execution_pb2.NodeRun
@@ -108,6 +118,7 @@ class Executor:
         max_concurrent: int,
         leases: Leases | None = None,
         exclusive: bool = True,
+        queue: RedisWorkQueue | None = None,
     ) -> None:
         self._store = store
         self._plans = plans
@@ -119,6 +130,10 @@ class Executor:
         # is unfinished at start is taken at once, whatever its lease says.
         self._leases = leases or Leases()
         self._exclusive = exclusive
+        # Shared with other processes; None: executions run where they are created.
+        self._queue = queue
+        self._consuming: asyncio.Task[None] | None = None
+        self._slot_freed = asyncio.Event()
         self._leasing: asyncio.Task[None] | None = None
         self._following: asyncio.Task[None] | None = None
         self._cancelling: set[asyncio.Task[Execution | None]] = set()
@@ -156,7 +171,8 @@ class Executor:
                 violations=[(f"inputs.{name}", "required by the workflow") for name in missing],
             )
         key = (request_id, request_hash) if request_id and request_hash is not None else None
-        if len(self._runs) + self._admitting >= self._max:
+        queued = len(self._runs) + self._admitting >= self._max
+        if queued:
             # A retry of a call that already started an execution is answered
             # even when full: it asks for nothing new.
             first_id = None if key is None else await self._store.replayed_execution(tenant, key)
@@ -164,12 +180,13 @@ class Executor:
                 first = await self.get(tenant, first_id)
                 assert first is not None, "an idempotency record points at a missing execution"
                 return first, True
-            raise ResourceExhausted(
-                f"the server is running its maximum of {self._max} executions; retry shortly",
-                reason="TOO_MANY_EXECUTIONS",
-                metadata={"max_concurrent_executions": str(self._max)},
-                retry_delay=1.0,
-            )
+            if not await self._queue_has_room():
+                raise ResourceExhausted(
+                    f"the server is running its maximum of {self._max} executions; retry shortly",
+                    reason="TOO_MANY_EXECUTIONS",
+                    metadata={"max_concurrent_executions": str(self._max)},
+                    retry_delay=1.0,
+                )
         execution = Execution(
             execution_id=new_id("exe"),
             workflow_id=workflow.workflow_id,
@@ -181,19 +198,52 @@ class Executor:
             tenant=tenant,
             request_id=request_id,
         )
-        self._admitting += 1
+        # A queued execution is recorded unowned, its lease ending one lease
+        # from now: if no process takes it from the queue by then, the lease
+        # sweep of any process does.
+        owner, admitting = ("", 0) if queued else (self._leases.owner, 1)
+        self._admitting += admitting
         try:
             result = await self._store.insert_execution(
-                tenant, execution, key, owner=self._leases.owner, lease_until_us=self._leases.until()
+                tenant, execution, key, owner=owner, lease_until_us=self._leases.until()
             )
         finally:
-            self._admitting -= 1
+            self._admitting -= admitting
         if result.replayed:
             first = await self.get(tenant, result.response.decode())
             assert first is not None, "an idempotency record points at a missing execution"
             return first, True
-        self._start(_Run(tenant, plan, execution, values))
+        if queued:
+            await self._submit(tenant, execution.execution_id)
+        else:
+            self._start(_Run(tenant, plan, execution, values))
         return execution, False
+
+    async def _queue_has_room(self) -> bool:
+        if self._queue is None:
+            return False
+        try:
+            return await self._queue.backlog() < QUEUE_DEPTH * self._max
+        except QUEUE_FAILURES as exc:
+            self.counters.queue_failures += 1
+            log.warning("the execution work queue cannot be reached (%s); refusing work beyond this process", exc)
+            return False
+
+    async def _submit(self, tenant: str, execution_id: str) -> None:
+        assert self._queue is not None
+        try:
+            await self._queue.submit(tenant, execution_id)
+        except QUEUE_FAILURES as exc:
+            # Recorded all the same: the lease sweep runs it within a lease.
+            self.counters.queue_failures += 1
+            log.warning(
+                "could not queue execution %s (%s); a process takes it when its lease ends in %gs",
+                execution_id,
+                exc,
+                self._leases.seconds,
+            )
+        else:
+            self.counters.queued += 1
 
     def _start(self, run: _Run) -> None:
         self._runs[run.execution.execution_id] = run
@@ -214,13 +264,34 @@ class Executor:
         """The execution once it has ended, or as it is when `timeout` passes."""
         run = self._runs.get(execution_id)
         if run is None or run.tenant != tenant:
-            return await self.get(tenant, execution_id)
+            return await self._wait_elsewhere(tenant, execution_id, timeout)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await run.finished.wait()
         snapshot = Execution()
         snapshot.CopyFrom(run.execution)
         return snapshot
+
+    async def _wait_elsewhere(self, tenant: str, execution_id: str, timeout: float) -> Execution | None:
+        """Wait for an execution this process is not running (queued, or run by another process)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Subscribed before the first read, so an end between the two is not missed.
+        ended = self._bus.subscribe(
+            lambda e: e.execution_id == execution_id and e.tenant == tenant and e.type in TERMINAL_EVENTS
+        )
+        try:
+            while True:
+                run = self._runs.get(execution_id)
+                if run is not None and run.tenant == tenant:  # taken from the queue by this process
+                    return await self.wait(tenant, execution_id, max(0.0, deadline - loop.time()))
+                execution = await self.get(tenant, execution_id)
+                remaining = deadline - loop.time()
+                if execution is None or execution.state in FINISHED or remaining <= 0:
+                    return execution
+                await ended.next(min(remaining, WAIT_POLL))
+        finally:
+            ended.close()
 
     async def cancel(self, tenant: str, execution_id: str) -> Execution | None:
         """Cancel; an execution that has ended is returned unchanged."""
@@ -233,25 +304,35 @@ class Executor:
             await run.finished.wait()
             return await self.get(tenant, execution_id)
         lease = await self._store.execution_lease(tenant, execution_id)
-        if lease is not None and lease[0] not in ("", self._leases.owner) and lease[1] > now_us():
+        if lease is None:
+            return None
+        if lease[0] not in ("", self._leases.owner) and lease[1] > now_us():
             # Running in another live process: ask it (through the bus) to
             # cancel its run, which records the outcome; wait for that.
             return await self._cancel_elsewhere(tenant, execution_id)
-        execution = await self._store.get_execution(tenant, execution_id)
-        if execution is not None and execution.state not in FINISHED:
-            # Recorded but not running anywhere (e.g. waiting to be recovered).
-            execution.state = Execution.STATE_CANCELLED
-            execution.error.CopyFrom(_status(code_pb2.CANCELLED, "cancelled by request", "CANCELLED", {}))
-            execution.end_time.CopyFrom(_now())
-            await self._store.save_execution(execution)
-            self._publish("execution.cancelled", tenant, execution)
+        # Recorded but not running anywhere (queued, or left by a stopped
+        # process): claimed first, so no process starts it meanwhile.
+        execution = await self._store.claim_execution(
+            tenant, execution_id, self._leases.owner, now_us=now_us(), lease_until_us=self._leases.until()
+        )
+        if execution is None:
+            execution = await self._store.get_execution(tenant, execution_id)
+            if execution is None or execution.state in FINISHED:
+                return execution
+            return await self._cancel_elsewhere(tenant, execution_id)  # a live process took it meanwhile
+        execution.state = Execution.STATE_CANCELLED
+        execution.error.CopyFrom(_status(code_pb2.CANCELLED, "cancelled by request", "CANCELLED", {}))
+        execution.end_time.CopyFrom(_now())
+        await self._store.save_execution(execution)
+        self._publish("execution.cancelled", tenant, execution)
+        self.counters.cancelled += 1
         return execution
 
     async def shutdown(self) -> None:
         """Stop running executions without recording an end: they stay
         RUNNING in the store, with their leases released, and are recovered
         by the next start or by another process sharing the store."""
-        for background in (self._leasing, self._following):
+        for background in (self._consuming, self._leasing, self._following):
             if background is not None:
                 background.cancel()
                 await asyncio.gather(background, return_exceptions=True)
@@ -281,6 +362,8 @@ class Executor:
         """Keep this process's leases fresh, take over executions of processes that died,
         and cancel local runs that another process was asked to cancel."""
         self._leasing = asyncio.create_task(self._leases.keep(self._renew_and_claim, "executions"))
+        if self._queue is not None:
+            self._consuming = asyncio.create_task(self._consume(), name="execution work queue")
         requests = self._bus.subscribe(lambda e: e.type == CANCEL_REQUESTED and e.execution_id in self._runs)
         self._following = asyncio.create_task(self._follow_cancels(requests), name="cancel requests")
 
@@ -298,7 +381,67 @@ class Executor:
     async def _renew_and_claim(self) -> int:
         await self._store.renew_leases(self._leases.owner, self._leases.until())
         resumed, failed = await self.recover(expired_only=True)
-        return resumed + failed
+        taken = 0
+        if self._queue is not None:
+            try:
+                # Entries a process read and died before claiming.
+                taken = await self._run_queued(await self._queue.reclaim(int(self._leases.seconds * 1000)))
+            except QUEUE_FAILURES as exc:
+                self.counters.queue_failures += 1
+                log.warning("could not take over the execution work queue's stalled entries: %s", exc)
+        return resumed + failed + taken
+
+    # -- the shared work queue ------------------------------------------------
+
+    async def _consume(self) -> None:
+        """Forever: while this process has free slots, take queued executions and run them."""
+        assert self._queue is not None
+        delay = 0.1
+        while True:
+            free = self._max - len(self._runs) - self._admitting
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                entries = await self._queue.take(free)
+                # Executions created here while the read waited may have taken the room.
+                room = max(0, self._max - len(self._runs) - self._admitting)
+                await self._queue.give_back(entries[room:])
+                await self._run_queued(entries[:room])
+                delay = 0.1
+            except Exception as exc:  # Redis or the database failing: retry, never stop
+                if not isinstance(exc, QUEUE_FAILURES):
+                    log.exception("taking executions from the work queue failed; will retry")
+                else:
+                    self.counters.queue_failures += 1
+                    log.warning("the execution work queue cannot be reached (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, QUEUE_RETRY_MAX)
+
+    async def _run_queued(self, entries: list[QueuedExecution]) -> int:
+        """Claim and start the executions of `entries`, then remove the entries; returns how many started.
+
+        An entry whose execution another process holds or that has ended is
+        removed unrun: the database claim decides who runs what.
+        """
+        assert self._queue is not None
+        started = 0
+        for entry in entries:
+            execution = await self._store.claim_execution(
+                entry.tenant,
+                entry.execution_id,
+                self._leases.owner,
+                now_us=now_us(),
+                lease_until_us=self._leases.until(),
+            )
+            if execution is None or execution.execution_id in self._runs:
+                continue
+            if await self._resume(execution):
+                self.counters.taken_from_queue += 1
+                started += 1
+        await self._queue.done(entries)
+        return started
 
     # -- recovery -------------------------------------------------------------
 
@@ -323,66 +466,76 @@ class Executor:
         for execution in claimed:
             if execution.execution_id in self._runs:
                 continue  # ours already (its lease ran out under a stalled loop)
-            tenant = execution.tenant
-            workflow = await self._store.get_workflow(
-                tenant, execution.workflow_id, execution.workflow_version, include_deleted=True
-            )
-            reason = ""
-            plan = None
-            if workflow is None:
-                reason = f"workflow {execution.workflow_id!r} version {execution.workflow_version} no longer exists"
+            if await self._resume(execution):
+                resumed += 1
             else:
-                try:
-                    plan = self._plans.get(tenant, workflow)
-                except InvalidWorkflow as exc:
-                    reason = f"workflow {execution.workflow_id!r} no longer validates ({exc})"
-                    plan = None
-                nodes = plan.nodes if plan is not None else {}
-                for node_run in execution.node_runs if plan is not None else ():
-                    node = nodes.get(node_run.node_id)
-                    if node_run.state == NodeRun.STATE_RUNNING and (node is None or not node.retry_safe):
-                        reason = (
-                            f"node {node_run.node_id!r} ({node_run.node_type}) was running when the server stopped "
-                            "and is not safe to run twice"
-                        )
-                        break
-            if reason or plan is None:
-                execution.state = Execution.STATE_FAILED
-                execution.error.CopyFrom(
-                    _status(
-                        code_pb2.ABORTED,
-                        f"interrupted: {reason}",
-                        "INTERRUPTED",
-                        {"execution_id": execution.execution_id},
-                    )
-                )
-                execution.end_time.CopyFrom(_now())
-                await self._store.save_execution(execution)
-                self._publish("execution.failed", tenant, execution)
-                self.counters.failed += 1
                 failed += 1
-                continue
-            run = _Run(tenant, plan, execution, struct_to_python(execution.inputs))
-            outputs = struct_to_python(execution.outputs)
-            kept = []
-            for node_run in execution.node_runs:
-                if node_run.state == NodeRun.STATE_SUCCEEDED and node_run.node_id in outputs:
-                    run.done[node_run.node_id] = outputs[node_run.node_id]
-                elif node_run.state == NodeRun.STATE_SKIPPED:
-                    run.skipped.add(node_run.node_id)
-                else:
-                    continue  # a retry-safe node caught RUNNING: dropped, it reruns
-                kept.append(node_run)
-            del execution.node_runs[:]
-            for node_run in kept:
-                run.node_runs[node_run.node_id] = execution.node_runs.add()
-                run.node_runs[node_run.node_id].CopyFrom(node_run)
+        return resumed, failed
+
+    async def _resume(self, execution: Execution) -> bool:
+        """Start a claimed execution: afresh when PENDING, after its finished nodes when RUNNING.
+
+        Returns False when it cannot go on and was failed as INTERRUPTED instead.
+        """
+        tenant = execution.tenant
+        workflow = await self._store.get_workflow(
+            tenant, execution.workflow_id, execution.workflow_version, include_deleted=True
+        )
+        reason = ""
+        plan = None
+        if workflow is None:
+            reason = f"workflow {execution.workflow_id!r} version {execution.workflow_version} no longer exists"
+        else:
+            try:
+                plan = self._plans.get(tenant, workflow)
+            except InvalidWorkflow as exc:
+                reason = f"workflow {execution.workflow_id!r} no longer validates ({exc})"
+                plan = None
+            nodes = plan.nodes if plan is not None else {}
+            for node_run in execution.node_runs if plan is not None else ():
+                node = nodes.get(node_run.node_id)
+                if node_run.state == NodeRun.STATE_RUNNING and (node is None or not node.retry_safe):
+                    reason = (
+                        f"node {node_run.node_id!r} ({node_run.node_type}) was running when the server stopped "
+                        "and is not safe to run twice"
+                    )
+                    break
+        if reason or plan is None:
+            execution.state = Execution.STATE_FAILED
+            execution.error.CopyFrom(
+                _status(
+                    code_pb2.ABORTED,
+                    f"interrupted: {reason}",
+                    "INTERRUPTED",
+                    {"execution_id": execution.execution_id},
+                )
+            )
+            execution.end_time.CopyFrom(_now())
+            await self._store.save_execution(execution)
+            self._publish("execution.failed", tenant, execution)
+            self.counters.failed += 1
+            return False
+        run = _Run(tenant, plan, execution, struct_to_python(execution.inputs))
+        outputs = struct_to_python(execution.outputs)
+        kept = []
+        for node_run in execution.node_runs:
+            if node_run.state == NodeRun.STATE_SUCCEEDED and node_run.node_id in outputs:
+                run.done[node_run.node_id] = outputs[node_run.node_id]
+            elif node_run.state == NodeRun.STATE_SKIPPED:
+                run.skipped.add(node_run.node_id)
+            else:
+                continue  # a retry-safe node caught RUNNING: dropped, it reruns
+            kept.append(node_run)
+        del execution.node_runs[:]
+        for node_run in kept:
+            run.node_runs[node_run.node_id] = execution.node_runs.add()
+            run.node_runs[node_run.node_id].CopyFrom(node_run)
+        if execution.state == Execution.STATE_RUNNING:
             log.info(
                 "resuming execution %s after a restart (%d nodes already done)", execution.execution_id, len(run.done)
             )
-            self._start(run)
-            resumed += 1
-        return resumed, failed
+        self._start(run)
+        return True
 
     # -- running ----------------------------------------------------------
 
@@ -438,6 +591,7 @@ class Executor:
         finally:
             self._runs.pop(execution.execution_id, None)
             run.finished.set()
+            self._slot_freed.set()
 
     async def _finalize(self, run: _Run, started: float) -> None:
         execution = run.execution

@@ -14,6 +14,9 @@ class ExecutionCounters:
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0
+    queued: int = 0
+    taken_from_queue: int = 0
+    queue_failures: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
     def percentile(self, fraction: float) -> float:

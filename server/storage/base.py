@@ -122,6 +122,11 @@ class Store(Protocol):
     ) -> list[execution_pb2.Execution]:
         """Take over unfinished executions whose lease expired (all unfinished ones with expired_only=False)."""
 
+    async def claim_execution(
+        self, tenant: str, execution_id: str, owner: str, *, now_us: int, lease_until_us: int
+    ) -> execution_pb2.Execution | None:
+        """Take one unfinished execution that is unowned (queued) or whose lease expired; None otherwise."""
+
     async def renew_leases(self, owner: str, lease_until_us: int) -> None:
         """Extend the leases of `owner`'s unfinished executions."""
 

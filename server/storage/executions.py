@@ -146,6 +146,22 @@ class ExecutionTables(Tables):
 
         return await self._write(op)
 
+    async def claim_execution(
+        self, tenant: str, execution_id: str, owner: str, *, now_us: int, lease_until_us: int
+    ) -> execution_pb2.Execution | None:
+        """Take one unfinished execution that is unowned (queued) or whose lease expired; None if another
+        process holds it, it has ended, or it does not exist."""
+
+        def op(conn: Connection) -> execution_pb2.Execution | None:
+            row = conn.execute(
+                "UPDATE executions SET owner=?, lease_until_us=? WHERE execution_id=? AND tenant=?"
+                " AND state IN (?, ?) AND (owner='' OR lease_until_us<?) RETURNING body",
+                (owner, lease_until_us, execution_id, tenant, *UNFINISHED, now_us),
+            ).fetchone()
+            return None if row is None else execution_pb2.Execution.FromString(row[0])
+
+        return await self._write(op)
+
     async def renew_leases(self, owner: str, lease_until_us: int) -> None:
         """Extend the leases of `owner`'s unfinished executions."""
         sql = "UPDATE executions SET lease_until_us=? WHERE owner=? AND state IN (?, ?)"

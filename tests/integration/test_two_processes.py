@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
 
 from flowport.clients import Client
 from flowport.v1 import apikey_pb2, event_pb2, execution_pb2, gateway_pb2, session_pb2, webhook_pb2, workflow_pb2
@@ -316,3 +317,106 @@ def test_an_execution_running_on_one_process_is_cancelled_through_the_other(clie
     again = a.executions.GetExecution(execution_pb2.GetExecutionRequest(execution_id=started.execution_id))
     assert again.state == execution_pb2.Execution.STATE_CANCELLED
     assert again.end_time.ToNanoseconds() - again.start_time.ToNanoseconds() < 15 * 10**9, "the run was stopped"
+
+
+@pytest.fixture
+def one_slot(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[list[ServeProcess]]:
+    """Two servers that each run one execution at a time."""
+    servers = []
+    try:
+        for name in ("a", "b"):
+            settings = make_settings(
+                tmp_path / name, database_url=postgres_url, redis_url=redis_url, max_concurrent_executions=1
+            )
+            server = ServeProcess(settings)
+            server.start()
+            servers.append(server)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _nap_workflow(client: Client, name: str, seconds: float) -> None:
+    code = f"import time\ntime.sleep({seconds})\nresult = {{'n': n * 2}}"
+    workflow = json_format.ParseDict(
+        {"name": name, "nodes": [{"type": "PythonCodeNode", "name": "nap", "config": {"code": code}}]},
+        workflow_pb2.Workflow(),
+    )
+    client.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=workflow))
+
+
+def _execution_stats(client: Client) -> gateway_pb2.ExecutionStats:
+    return client.gateway.GetStats(gateway_pb2.GetStatsRequest()).executions
+
+
+def test_work_a_full_process_takes_runs_on_a_process_with_room(one_slot: list[ServeProcess]) -> None:
+    a_server, b_server = one_slot
+    with (
+        Client(a_server.settings.grpc_target, api_key=ADMIN_KEY) as a,
+        Client(b_server.settings.grpc_target, api_key=ADMIN_KEY) as b,
+    ):
+        _nap_workflow(a, "long", 4)
+        _nap_workflow(a, "short", 0)
+        inputs = {"n": 21}
+        long_run = a.executions.CreateExecution(
+            execution_pb2.CreateExecutionRequest(workflow_id="long", inputs=json_format.ParseDict(inputs, Struct()))
+        )
+        running = {execution_pb2.Execution.STATE_RUNNING}
+        assert _wait_for(a, long_run.execution_id, running, 10).state in running
+        # A is full: the next one goes to the shared queue, and B runs it
+        # (synchronously waited for through A) while A's slot is still taken.
+        short_run = a.executions.CreateExecution(
+            execution_pb2.CreateExecutionRequest(
+                workflow_id="short", inputs=json_format.ParseDict(inputs, Struct()), wait=True
+            ),
+            timeout=30,
+        )
+        assert short_run.state == execution_pb2.Execution.STATE_SUCCEEDED, short_run.error.message
+        assert json_format.MessageToDict(short_run.outputs) == {"nap": {"result": {"n": 42.0}}}
+        assert (
+            a.executions.GetExecution(execution_pb2.GetExecutionRequest(execution_id=long_run.execution_id)).state
+            in running
+        ), "B ran it while A was still busy"
+        a_stats, b_stats = _execution_stats(a), _execution_stats(b)
+        assert (a_stats.queued, a_stats.taken_from_queue) == (1, 0)
+        assert (b_stats.queued, b_stats.taken_from_queue) == (0, 1)
+        # Both full now: a third one waits in the queue, and a cancel through
+        # either process ends it there, before any process runs it.
+        b_long = b.executions.CreateExecution(
+            execution_pb2.CreateExecutionRequest(workflow_id="long", inputs=json_format.ParseDict(inputs, Struct()))
+        )
+        assert _wait_for(b, b_long.execution_id, running, 10).state in running
+        queued = a.executions.CreateExecution(
+            execution_pb2.CreateExecutionRequest(workflow_id="short", inputs=json_format.ParseDict(inputs, Struct()))
+        )
+        assert queued.state == execution_pb2.Execution.STATE_PENDING
+        cancelled = b.executions.CancelExecution(execution_pb2.CancelExecutionRequest(execution_id=queued.execution_id))
+        assert cancelled.state == execution_pb2.Execution.STATE_CANCELLED
+        finished = {execution_pb2.Execution.STATE_SUCCEEDED}
+        assert _wait_for(a, long_run.execution_id, finished, 15).state in finished
+        assert _wait_for(b, b_long.execution_id, finished, 15).state in finished
+        time.sleep(1.5)  # a slot is free on both: nothing may take the cancelled one
+        again = a.executions.GetExecution(execution_pb2.GetExecutionRequest(execution_id=queued.execution_id))
+        assert again.state == execution_pb2.Execution.STATE_CANCELLED and not again.node_runs
+
+
+def test_without_the_queue_a_full_process_refuses_more_work(
+    one_slot: list[ServeProcess], redis_server: RedisServer
+) -> None:
+    a_server, _ = one_slot
+    with Client(a_server.settings.grpc_target, api_key=ADMIN_KEY) as a:
+        _nap_workflow(a, "long", 3)
+        inputs = json_format.ParseDict({"n": 1}, Struct())
+        first = a.executions.CreateExecution(execution_pb2.CreateExecutionRequest(workflow_id="long", inputs=inputs))
+        redis_server.stop()
+        try:
+            with pytest.raises(grpc.RpcError) as refused:
+                a.executions.CreateExecution(execution_pb2.CreateExecutionRequest(workflow_id="long", inputs=inputs))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "maximum of 1 executions" in (refused.value.details() or "")
+            assert _execution_stats(a).queue_failures >= 1
+        finally:
+            redis_server.start()
+        finished = {execution_pb2.Execution.STATE_SUCCEEDED}
+        assert _wait_for(a, first.execution_id, finished, 15).state in finished

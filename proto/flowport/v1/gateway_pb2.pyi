@@ -420,6 +420,9 @@ class ExecutionStats(_message.Message):
     LATENCY_P50_FIELD_NUMBER: _builtins.int
     LATENCY_P90_FIELD_NUMBER: _builtins.int
     LATENCY_P99_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    TAKEN_FROM_QUEUE_FIELD_NUMBER: _builtins.int
+    QUEUE_FAILURES_FIELD_NUMBER: _builtins.int
     started: _builtins.int
     """Executions started since start."""
     succeeded: _builtins.int
@@ -436,6 +439,16 @@ class ExecutionStats(_message.Message):
     """90th percentile execution latency, in milliseconds."""
     latency_p99: _builtins.float
     """99th percentile execution latency, in milliseconds."""
+    queued: _builtins.int
+    """Executions this process created while full and handed to the shared
+    work queue (with `--redis-url` and PostgreSQL) for another process to run.
+    """
+    taken_from_queue: _builtins.int
+    """Executions this process took from the shared work queue and ran."""
+    queue_failures: _builtins.int
+    """Times the shared work queue could not be reached; queued executions then
+    run once their lease ends and a process's lease sweep finds them.
+    """
     def __init__(
         self,
         *,
@@ -447,10 +460,13 @@ class ExecutionStats(_message.Message):
         latency_p50: _builtins.float = ...,
         latency_p90: _builtins.float = ...,
         latency_p99: _builtins.float = ...,
+        queued: _builtins.int = ...,
+        taken_from_queue: _builtins.int = ...,
+        queue_failures: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "failed", b"failed", "latency_p50", b"latency_p50", "latency_p90", b"latency_p90", "latency_p99", b"latency_p99", "running", b"running", "started", b"started", "succeeded", b"succeeded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "failed", b"failed", "latency_p50", b"latency_p50", "latency_p90", b"latency_p90", "latency_p99", b"latency_p99", "queue_failures", b"queue_failures", "queued", b"queued", "running", b"running", "started", b"started", "succeeded", b"succeeded", "taken_from_queue", b"taken_from_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

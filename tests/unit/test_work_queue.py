@@ -1,0 +1,105 @@
+"""The execution work queue against a real Redis: two queues stand for two processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from flowport.server.engine.work_queue import QUEUE_FAILURES, RedisWorkQueue
+
+from ..backends import RedisServer
+
+
+@pytest.fixture
+async def queues(redis_url: str) -> AsyncIterator[tuple[RedisWorkQueue, RedisWorkQueue]]:
+    first = RedisWorkQueue(redis_url, "process-a", block_ms=200)
+    second = RedisWorkQueue(redis_url, "process-b", block_ms=200)
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def test_each_entry_goes_to_one_process_and_leaves_once_done(
+    queues: tuple[RedisWorkQueue, RedisWorkQueue],
+) -> None:
+    a, b = queues
+    for n in range(6):
+        await a.submit("tenant-1", f"exe_{n}")
+    assert await a.backlog() == 6
+    first = await a.take(4)
+    second = await b.take(4)
+    taken = [e.execution_id for e in first + second]
+    assert sorted(taken) == [f"exe_{n}" for n in range(6)], "every entry once, none twice"
+    assert len(first) == 4 and len(second) == 2, "count bounds what a process takes"
+    assert {e.tenant for e in first + second} == {"tenant-1"}
+    await a.done(first)
+    await b.done(second)
+    assert await a.backlog() == 0
+    assert await b.take(1) == [], "an empty queue returns nothing after the block"
+
+
+async def test_entries_a_dead_process_read_but_never_claimed_are_taken_over(
+    queues: tuple[RedisWorkQueue, RedisWorkQueue],
+) -> None:
+    a, b = queues
+    await a.submit("t", "exe_orphan")
+    read = await a.take(1)  # process A reads it, then dies before acknowledging
+    assert [e.execution_id for e in read] == ["exe_orphan"]
+    assert await b.reclaim(idle_ms=60_000) == [], "not before the lease"
+    await asyncio.sleep(0.25)
+    reclaimed = await b.reclaim(idle_ms=200)
+    assert [e.execution_id for e in reclaimed] == ["exe_orphan"]
+    await b.done(reclaimed)
+    assert await b.reclaim(idle_ms=0) == [] and await a.backlog() == 0
+
+
+async def test_entries_added_before_any_process_reads_are_delivered(redis_url: str) -> None:
+    early = RedisWorkQueue(redis_url, "early")
+    await early.submit("t", "exe_before_group")  # no consumer group exists yet
+    late = RedisWorkQueue(redis_url, "late", block_ms=100)
+    try:
+        assert [e.execution_id for e in await late.take(5)] == ["exe_before_group"]
+    finally:
+        await early.close()
+        await late.close()
+
+
+async def test_a_redis_that_lost_its_data_gets_the_group_made_again(redis_url: str) -> None:
+    queue = RedisWorkQueue(redis_url, "p", block_ms=100)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await queue.submit("t", "exe_1")
+        await queue.done(await queue.take(1))
+        await admin.flushall()  # as a Redis restarted without persistence
+        with pytest.raises(QUEUE_FAILURES, match="NOGROUP"):
+            await queue.take(1)
+        await queue.submit("t", "exe_2")
+        assert [e.execution_id for e in await queue.take(1)] == ["exe_2"]
+    finally:
+        await queue.close()
+        await admin.aclose()
+
+
+async def test_a_stopped_redis_raises_a_queue_failure(redis_server: RedisServer, redis_url: str) -> None:
+    queue = RedisWorkQueue(redis_url, "p", block_ms=100)
+    try:
+        redis_server.stop()
+        with pytest.raises(QUEUE_FAILURES):
+            await queue.submit("t", "exe_1")
+    finally:
+        redis_server.start()
+        await queue.close()
+
+
+async def test_entries_given_back_go_to_another_process(queues: tuple[RedisWorkQueue, RedisWorkQueue]) -> None:
+    a, b = queues
+    await a.submit("t", "exe_1")
+    await a.submit("t", "exe_2")
+    taken = await a.take(2)  # then A fills up before claiming them
+    await a.give_back(taken)
+    assert await a.reclaim(idle_ms=0) == [], "nothing is left pending on A"
+    assert sorted(e.execution_id for e in await b.take(5)) == ["exe_1", "exe_2"]
+    assert await b.backlog() == 2, "still there until B is done with them"
