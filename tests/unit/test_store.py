@@ -16,7 +16,7 @@ from google.protobuf import timestamp_pb2
 from flowport.server.storage import Deletion, IdempotencyConflict, MigrationError, SqliteStore, SqlStore
 from flowport.server.storage.migrate import Migration, bundled
 from flowport.server.storage.postgres import PostgresStore
-from flowport.v1 import session_pb2
+from flowport.v1 import execution_pb2, session_pb2
 
 NOW = 1_700_000_000_000_000
 HOUR = 3600 * 1_000_000
@@ -105,6 +105,46 @@ async def test_idempotent_create_replays_the_first_result_and_refuses_another_bo
         # Keys are per tenant: another tenant's identical key is independent.
         other = await store.create_session("t2", session("s4", tenant="t2"), ("key", b"hash-b"))
         assert not other.replayed
+    finally:
+        await store.close()
+
+
+async def test_leases_are_claimed_once_renewed_and_released(opener: Opener) -> None:
+    store = await opener()
+    try:
+        queued, held = (
+            execution_pb2.Execution(
+                execution_id=eid,
+                tenant="t1",
+                workflow_id="w",
+                state=execution_pb2.Execution.STATE_PENDING,
+                create_time=_ts(NOW),
+            )
+            for eid in ("exe_queued", "exe_held")
+        )
+        await store.insert_execution("t1", queued, None, owner="", lease_until_us=NOW + HOUR)
+        await store.insert_execution("t1", held, None, owner="a", lease_until_us=NOW + HOUR)
+        claim = store.claim_execution
+        # Unowned (queued) is taken at once, by one claimant only, and only in its tenant.
+        assert await claim("t2", "exe_queued", "b", now_us=NOW, lease_until_us=NOW + 2 * HOUR) is None
+        got = await claim("t1", "exe_queued", "b", now_us=NOW, lease_until_us=NOW + 2 * HOUR)
+        assert got is not None and got.execution_id == "exe_queued"
+        assert await claim("t1", "exe_queued", "c", now_us=NOW, lease_until_us=NOW + 2 * HOUR) is None
+        assert await store.execution_lease("t1", "exe_queued") == ("b", NOW + 2 * HOUR)
+        # A live lease holds until it ends, then anyone may take it.
+        assert await claim("t1", "exe_held", "b", now_us=NOW, lease_until_us=NOW + 2 * HOUR) is None
+        assert await store.claim_executions("b", now_us=NOW, lease_until_us=NOW + 2 * HOUR) == []
+        await store.renew_leases("a", NOW + 3 * HOUR)
+        assert await store.claim_executions("b", now_us=NOW + 2 * HOUR + 1, lease_until_us=NOW + 4 * HOUR) == [got], (
+            "only b's own (expired) lease is taken; a renewed"
+        )
+        await store.release_leases("a")
+        assert await claim("t1", "exe_held", "c", now_us=NOW, lease_until_us=NOW + HOUR) is not None
+        # An execution that has ended is never claimed.
+        held.state = execution_pb2.Execution.STATE_SUCCEEDED
+        await store.save_execution(held)
+        assert await claim("t1", "exe_held", "d", now_us=NOW * 2, lease_until_us=NOW * 3) is None
+        assert await claim("t1", "exe_missing", "d", now_us=NOW, lease_until_us=NOW + HOUR) is None
     finally:
         await store.close()
 
