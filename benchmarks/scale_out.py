@@ -121,7 +121,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-def _run(config: dict[str, Any], scenario: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
+def run_one(config: dict[str, Any], scenario: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
     settings = Settings.load(
         {
             "data_dir": data / f"{config['name']}-{scenario}",
@@ -142,7 +142,7 @@ def _run(config: dict[str, Any], scenario: str, args: argparse.Namespace, data: 
     up = _up(settings)
     try:
         target = f"127.0.0.1:{settings.http_port}"
-        asyncio.run(_load(target, scenario, 2.0, args.concurrency))  # warm-up
+        asyncio.run(_load(target, scenario, getattr(args, "warmup", 2.0), args.concurrency))  # warm-up
         calls, latencies, errors = asyncio.run(_load(target, scenario, args.duration, args.concurrency))
     finally:
         up.send_signal(signal.SIGTERM)
@@ -204,7 +204,7 @@ def main() -> int:
         ]
         for config in configs:
             for scenario in ("unary", "executions"):
-                rows.append(_run(config, scenario, args, data))
+                rows.append(run_one(config, scenario, args, data))
                 row = rows[-1]
                 print(
                     f"{row['config']:<22} {row['scenario']:<11} {row['per_second']:8.0f}/s "
