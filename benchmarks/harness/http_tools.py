@@ -7,6 +7,7 @@ Lua script (wrk.lua) prints, h2load's from its per-request log file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -17,6 +18,11 @@ from pathlib import Path
 from benchmarks.harness.latency import LoadResult
 
 LUA = Path(__file__).with_name("wrk.lua")
+# Each wrk run numbers its bodies from its own base: a server that answers a
+# body it saw before from a cache (Kailash's durability layer does) must not
+# get a repeat from an earlier run. 10^9 per run; the integers stay below
+# 2^53, exact as JSON numbers and protobuf doubles.
+_WRK_RUNS = itertools.count(1)
 
 
 class ToolMissing(RuntimeError):
@@ -55,6 +61,7 @@ def wrk(
         "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items()),
         "BENCH_BODY": body,
         "BENCH_EXPECT": expect,
+        "BENCH_BASE": str(next(_WRK_RUNS) * 1_000_000_000),
     }
     command = [
         _need("wrk"),

@@ -4,7 +4,9 @@
 --   BENCH_METHOD, BENCH_PATH, BENCH_HEADERS ("Name: value" lines),
 --   BENCH_BODY   a body with "%d" where a unique integer goes (empty: no body),
 --   BENCH_EXPECT a Lua pattern capturing an integer in the answer that must be
---                that request's integer + 1 (empty: only the status is checked).
+--                that request's integer + 1 (empty: only the status is checked),
+--   BENCH_BASE   where this run's integers start (each run of wrk its own range,
+--                so no body repeats one a server saw in an earlier run).
 -- Each thread gets its own range of integers. wrk cannot tell which request
 -- an answer belongs to, so an answer is right when its integer is one this
 -- thread sent (plus one) and not answered before.
@@ -28,7 +30,7 @@ function init(args)
     local name, value = string.match(line, "^([^:]+):%s*(.*)$")
     if name then headers[name] = value end
   end
-  counter = id * 10000000
+  counter = tonumber(os.getenv("BENCH_BASE") or "0") + id * 10000000
   pending = {}
   bad = 0
   non2xx = 0
@@ -54,6 +56,7 @@ function response(status, headers, body)
       pending[got - 1] = nil
     else
       bad = bad + 1
+      if os.getenv("BENCH_DEBUG") then io.stderr:write("unexpected answer: " .. body .. "\n") end
     end
   end
 end
