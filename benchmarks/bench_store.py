@@ -10,7 +10,7 @@ from pathlib import Path
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from flowport.server.storage import SqliteStore
-from flowport.v1 import session_pb2
+from flowport.v1 import execution_pb2, session_pb2
 
 
 def _session(n: int) -> session_pb2.Session:
@@ -33,4 +33,19 @@ def test_get_session(benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoo
     now = time.time_ns() // 1000
     result = benchmark(lambda: loop.run_until_complete(store.get_session("t", _session(1).session_id, now)))
     assert result is not None
+    loop.run_until_complete(store.close())
+
+
+def test_write_execution_state(benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
+    """One state change of an execution: the write each node start and end costs."""
+    store = loop.run_until_complete(SqliteStore.open(tmp_path / "db.sqlite"))
+    execution = execution_pb2.Execution(
+        execution_id="exe_bench", tenant="t", workflow_id="w", state=execution_pb2.Execution.STATE_RUNNING
+    )
+    execution.create_time.GetCurrentTime()
+    loop.run_until_complete(store.insert_execution("t", execution, None))
+    execution.outputs.update({"calc": {"result": {"n": 8}}})
+    benchmark(lambda: loop.run_until_complete(store.save_execution(execution)))
+    saved = loop.run_until_complete(store.get_execution("t", "exe_bench"))
+    assert saved is not None and saved.outputs == execution.outputs
     loop.run_until_complete(store.close())

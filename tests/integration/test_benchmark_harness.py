@@ -1,0 +1,58 @@
+"""`python -m benchmarks run` at its smallest size: every scenario runs against real
+processes (flowport up with Envoy, a bare grpc.aio server, the Kailash gateway from
+PyPI in its own venv, PostgreSQL and Redis) and checks its answers. Speed is
+never asserted: the machine is shared."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from benchmarks.report import BEGIN, END
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = {"unary", "workflow", "realtime", "memory", "startup", "scale_out"}
+
+
+def test_every_scenario_runs_and_checks_its_answers(tmp_path: Path) -> None:
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Results\n\nHand-written notes stay.\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--smoke", "--out", str(tmp_path), "--results-md", str(results_md)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    [result_file] = tmp_path.glob("smoke-*.json")
+    record = orjson.loads(result_file.read_bytes())
+    assert set(record["scenarios"]) == SCENARIOS
+    for name, outcome in record["scenarios"].items():
+        assert "error" not in outcome, f"{name}: {outcome.get('error')}"
+        assert outcome["checks"], f"{name} checked nothing"
+    machine = record["machine"]
+    assert machine["cores"] and machine["cpu_model"] and machine["versions"]["envoy"].count("/") >= 2
+    assert record["kailash"] == "kailash[server]==2.65.0"
+    # Each comparison has both sides, measured in this run.
+    unary = record["scenarios"]["unary"]["runs"]
+    assert unary["flowport_h2load"]["requests"] == unary["bare_h2load"]["requests"] == 300
+    workflow = record["scenarios"]["workflow"]["at_32_connections"]
+    assert {"flowport_rest", "flowport_grpc", "kailash_rest"} <= set(workflow)
+    assert workflow["kailash_rest"]["requests"] > 0 and workflow["kailash_rest"]["incorrect"] == 0
+    assert record["scenarios"]["realtime"]["webhooks"]["every_event_once"]
+    # The report: hand-written text kept, the generated section and its plots written.
+    report = results_md.read_text()
+    assert report.startswith("# Results\n\nHand-written notes stay.")
+    assert BEGIN in report and END in report and "### Targets" in report
+    plots = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert plots == ["flowport_vs_kailash.png", "latency_cdf.png", "workflow_throughput.png"]
+    assert all((tmp_path / "plots" / p).stat().st_size > 5000 for p in plots)
