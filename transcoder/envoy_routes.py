@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flowport.server.api.executions import MAX_WAIT
+from flowport.server.limits import MAX_WAIT
 from flowport.server.settings import Settings
 from flowport.transcoder.http_rules import methods
 

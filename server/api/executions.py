@@ -11,6 +11,7 @@ from flowport.server.api.workflows import workflow_not_found
 from flowport.server.engine.executor import FINISHED, Executor
 from flowport.server.errors import Aborted, InvalidArgument, NotFound
 from flowport.server.events.bus import EventBus, SubscriberOverflow
+from flowport.server.limits import MAX_WAIT
 from flowport.server.storage import IdempotencyConflict, Store
 from flowport.server.tenancy import tenant_of
 from flowport.server.transcoding import original_path
@@ -18,7 +19,7 @@ from flowport.server.types import Context
 from flowport.v1 import event_pb2, execution_pb2, execution_pb2_grpc
 
 DEFAULT_WAIT = 30.0
-MAX_WAIT = 300.0
+
 KAILASH_EXECUTE_SUFFIX = "/execute"
 
 

@@ -12,6 +12,7 @@ migrate one after the other.
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 import re
 import time
@@ -25,6 +26,10 @@ from alembic.operations import Operations
 from sqlalchemy.pool import NullPool
 
 from flowport.server.storage import migrations as migrations_package
+
+log = logging.getLogger(__name__)
+# Alembic reports each step at INFO; flowport logs the migrations it applies itself.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 _NAME = re.compile(r"^v(\d{4})_([a-z0-9_]+)$")
 # Any constant works; this one spells "flowport" in ASCII.
@@ -88,13 +93,16 @@ def migrate(url: str, migrations: list[Migration], where: str = "database") -> l
                 conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _ADVISORY_LOCK})
                 conn.commit()
             try:
-                return _apply(conn, migrations, where)
+                applied = _apply(conn, migrations, where)
             finally:
                 if postgres:
                     conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _ADVISORY_LOCK})
                     conn.commit()
     finally:
         engine.dispose()
+    if applied:
+        log.info("%s: applied schema migrations %s", where, ", ".join(f"{v:04d}" for v in applied))
+    return applied
 
 
 def _apply(conn: sa.Connection, migrations: list[Migration], where: str) -> list[int]:

@@ -11,7 +11,7 @@ import pytest
 from google.api import annotations_pb2, field_behavior_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
-from flowport.server.api.executions import MAX_WAIT
+from flowport.server.limits import MAX_WAIT
 from flowport.server.settings import Settings
 from flowport.transcoder import codegen
 from flowport.transcoder.envoy_config import SERVICES, render
