@@ -132,6 +132,14 @@ def summary(record: dict[str, Any]) -> str:
             "",
             "Ratios: " + ", ".join(f"{k} {v}x" for k, v in s["unary"]["ratios"].items()) + ".",
         ]
+        cpu = s["unary"].get("cpu_ms_per_call", {})
+        if cpu:
+            out += [
+                "",
+                "CPU per call (ms), server processes and Envoy, which share the cores: "
+                + "; ".join(f"{k} server {v['server_ms']}, Envoy {v['envoy_ms']}" for k, v in cpu.items())
+                + ".",
+            ]
     if "at_32_connections" in s.get("workflow", {}):
         w = s["workflow"]["at_32_connections"]
         out += [

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,11 +42,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_http(url: str, deadline: float) -> None:
+def _wait_http(url: str, deadline: float, process: subprocess.Popen[Any] | None = None) -> None:
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=2).status_code == 200:
                 return
+        if process is not None and process.poll() is not None:
+            raise TargetFailed(f"it exited with code {process.returncode} before {url} answered")
         time.sleep(0.02)
     raise TargetFailed(f"{url} did not answer 200 in time")
 
@@ -77,7 +80,7 @@ class FlowportUp:
     """`flowport up`: the supervisor, its server processes (with their sandbox workers) and Envoy."""
 
     settings: Settings
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes]
     # Seconds from launching `flowport up` to health answering through Envoy.
     startup_seconds: float
 
@@ -123,22 +126,28 @@ class FlowportUp:
         }
         values.update(overrides)
         settings = Settings.load(values, environ={})
+        # Output to a file: a pipe nobody reads during a long run would fill and stall the process.
+        data_dir.mkdir(parents=True, exist_ok=True)
+        log_path = data_dir / "up.log"
         started = time.monotonic()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flowport.clients.cli", "up"],
-            env=child_environment(settings),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "flowport.clients.cli", "up"],
+                env=child_environment(settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             deadline = started + 90
-            _wait_http(f"http://127.0.0.1:{settings.http_port}/health", deadline)
+            _wait_http(f"http://127.0.0.1:{settings.http_port}/health", deadline, process)
             up = cls(settings, process, time.monotonic() - started)
             _wait_grpc_serving(up.grpc_direct, deadline)
             yield up
         except TargetFailed as exc:
-            output = process.stdout.read() if process.poll() is not None and process.stdout else ""
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            output = log_path.read_text(errors="replace")
             raise TargetFailed(f"flowport up did not start: {exc}\n{output[-2000:]}") from exc
         finally:
             _stop(process)
@@ -199,19 +208,22 @@ class KailashGateway:
         api_key = secrets.token_urlsafe(24)
         env = {**os.environ, "KAILASH_API_KEY_BENCH": api_key}
         env.pop("PYTHONPATH", None)  # nothing of flowport's environment leaks into Kailash's
-        process = subprocess.Popen(
-            [str(python), str(HERE / "peers" / "kailash_gateway.py"), "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            _wait_http(f"http://127.0.0.1:{port}/health", time.monotonic() + 90)
-        except TargetFailed as exc:
-            _stop(process)
-            error = process.stderr.read().decode(errors="replace")[-2000:] if process.stderr else ""
-            raise TargetFailed(f"the Kailash gateway did not start: {exc}\n{error}") from exc
-        try:
-            yield cls(port, process, api_key)
-        finally:
-            _stop(process)
+        # Its output to a file: a pipe nobody reads during the run would fill and stall it.
+        with tempfile.TemporaryFile() as output:
+            process = subprocess.Popen(
+                [str(python), str(HERE / "peers" / "kailash_gateway.py"), "--port", str(port)],
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                _wait_http(f"http://127.0.0.1:{port}/health", time.monotonic() + 90, process)
+            except TargetFailed as exc:
+                _stop(process)
+                output.seek(0)
+                error = output.read().decode(errors="replace")[-2000:]
+                raise TargetFailed(f"the Kailash gateway did not start: {exc}\n{error}") from exc
+            try:
+                yield cls(port, process, api_key)
+            finally:
+                _stop(process)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import grpc
 
-from benchmarks.harness import grpc_load, http_tools
+from benchmarks.harness import grpc_load, http_tools, procstat
 from benchmarks.harness.latency import LoadResult
 from benchmarks.harness.targets import EchoServer, FlowportUp
 from benchmarks.scenarios import Context, Result, check
@@ -44,6 +44,7 @@ def run(ctx: Context) -> Result:
     requests = ctx.sizes.unary_requests
     checks: list[str] = []
     runs: dict[str, LoadResult] = {}
+    cpu_per_call: dict[str, dict[str, float]] = {}
     with FlowportUp.run(ctx.folder("unary")) as up:
         session = prepare(up)
         with grpc.insecure_channel(up.grpc_direct) as channel:
@@ -65,16 +66,28 @@ def run(ctx: Context) -> Result:
             echo_load = grpc_load.Workload("get_session", echo.target, METADATA, {"session_id": session.session_id})
             runs["flowport_grpc_aio"] = grpc_load.run(flowport_load, concurrency=32, processes=2, requests=requests)
             runs["bare_grpc_aio"] = grpc_load.run(echo_load, concurrency=32, processes=2, requests=requests)
-        # Transcoding: the same call through Envoy, as gRPC and as REST.
-        runs["grpc_direct"] = _h2load_grpc(up.grpc_direct, body, requests)
-        runs["grpc_via_envoy"] = _h2load_grpc(up.edge, body, requests)
+        # Transcoding: the same call through Envoy, as gRPC and as REST, with
+        # the CPU each side spends per call (they share the machine's cores).
         rest_url = f"http://{up.edge}/api/sessions/{session.session_id}"
-        runs["rest_h2c_via_envoy"] = http_tools.h2load(
-            rest_url, requests=requests, clients=CLIENTS, streams=STREAMS, headers=HEADERS
-        )
-        runs["rest_http1_via_envoy"] = http_tools.wrk(
-            rest_url, connections=32, duration=max(1.0, requests / 5000), headers=HEADERS
-        )
+        edge_runs = {
+            "grpc_direct": lambda: _h2load_grpc(up.grpc_direct, body, requests),
+            "grpc_via_envoy": lambda: _h2load_grpc(up.edge, body, requests),
+            "rest_h2c_via_envoy": lambda: http_tools.h2load(
+                rest_url, requests=requests, clients=CLIENTS, streams=STREAMS, headers=HEADERS
+            ),
+            "rest_http1_via_envoy": lambda: http_tools.wrk(
+                rest_url, connections=32, duration=max(1.0, requests / 5000), headers=HEADERS
+            ),
+        }
+        for name, measure in edge_runs.items():
+            server_cpu = procstat.tree_cpu_seconds(up.server_pids())
+            envoy_cpu = procstat.tree_cpu_seconds(up.envoy_pids())
+            runs[name] = measure()
+            calls_made = max(1, runs[name].requests)
+            cpu_per_call[name] = {
+                "server_ms": round(1000 * (procstat.tree_cpu_seconds(up.server_pids()) - server_cpu) / calls_made, 4),
+                "envoy_ms": round(1000 * (procstat.tree_cpu_seconds(up.envoy_pids()) - envoy_cpu) / calls_made, 4),
+            }
         total, errors = _server_errors(up)
     calls = sum(r.requests for k, r in runs.items() if not k.startswith("bare"))
     checks.append(check(errors == before[1], f"the server counted no errors over {calls} calls"))
@@ -92,6 +105,7 @@ def run(ctx: Context) -> Result:
     return {
         "runs": {name: result.as_json() for name, result in runs.items()},
         "ratios": {name: round(value, 3) for name, value in ratio.items()},
+        "cpu_ms_per_call": cpu_per_call,
         "reply_bytes": reply.ByteSize(),
         "checks": checks,
     }
