@@ -56,3 +56,21 @@ def test_every_scenario_runs_and_checks_its_answers(tmp_path: Path) -> None:
     plots = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert plots == ["flowport_vs_kailash.png", "latency_cdf.png", "workflow_throughput.png"]
     assert all((tmp_path / "plots" / p).stat().st_size > 5000 for p in plots)
+
+
+def test_the_grpc_load_generator_counts_closed_and_open_loop_calls() -> None:
+    from benchmarks.harness import grpc_load
+    from benchmarks.harness.targets import EchoServer
+    from flowport.v1 import session_pb2
+
+    with EchoServer.run(session_pb2.Session(session_id="ses_1").SerializeToString()) as echo:
+        right = grpc_load.Workload("get_session", echo.target, params={"session_id": "ses_1"})
+        closed = grpc_load.run(right, concurrency=4, processes=2, requests=101)
+        assert (closed.requests, closed.errors, closed.incorrect) == (101, 0, 0)
+        assert 0 < closed.p50 <= closed.p90 <= closed.p99 <= closed.max
+        # Open loop: 100 calls scheduled at 200/s take about half a second, whatever the answers do.
+        opened = grpc_load.run(right, concurrency=8, rate=200.0, requests=100)
+        assert (opened.requests, opened.errors) == (100, 0) and opened.seconds >= 0.45
+        # A wrong answer (another session's id) is counted, not taken for speed.
+        wrong = grpc_load.Workload("get_session", echo.target, params={"session_id": "ses_other"})
+        assert grpc_load.run(wrong, concurrency=2, requests=10).incorrect == 10
