@@ -6,8 +6,10 @@
     python -m benchmarks report [FILE]    # RESULTS.md section and plots from a result file
 
 A run writes benchmarks/results/<size>-<time>.json (machine, versions,
-settings, every figure) and, unless --no-report, regenerates the report from
-it. Every scenario checks the answers it measured; a wrong answer fails the
+settings, every figure) and, unless --no-report, the report from it: a full
+run rewrites RESULTS.md's generated section and results/plots/, a smaller
+one writes <size>-<time>.md and results/plots-<size>/ beside its JSON.
+Every scenario checks the answers it measured; a wrong answer fails the
 scenario (exit status 1) rather than counting as speed. Run it on an
 otherwise quiet machine, and compare only figures from one run.
 """
@@ -91,8 +93,20 @@ def run(args: argparse.Namespace) -> int:
 
     print(report.summary(record))
     if not args.no_report:
-        report.write(record, results_md=Path(args.results_md), plots=out / "plots")
+        # Only a full run replaces the published figures; smaller ones report beside their JSON.
+        results_md, plots = _report_paths(path, sizes.name, args.results_md)
+        report.write(record, results_md=results_md, plots=plots)
+        print(f"report: {results_md}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _report_paths(result: Path, size: str, results_md: str | None) -> tuple[Path, Path]:
+    """Where the report of `result` goes: RESULTS.md for a full run, beside the JSON otherwise."""
+    if results_md is not None:
+        return Path(results_md), result.parent / "plots"
+    if size == "full":
+        return RESULTS.parent / "RESULTS.md", result.parent / "plots"
+    return result.with_suffix(".md"), result.parent / f"plots-{size}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     runner.add_argument("--only", help="comma-separated scenarios: unary,workflow,realtime,memory,startup,scale_out")
     runner.add_argument("--no-kailash", action="store_true", help="skip the Kailash gateway (no venv is made)")
     runner.add_argument("--out", default=str(RESULTS), help="folder for result files and plots")
-    runner.add_argument("--results-md", default=str(RESULTS.parent / "RESULTS.md"), help="report to update")
+    runner.add_argument(
+        "--results-md",
+        help="report to update (default: benchmarks/RESULTS.md for --full, <result file>.md otherwise)",
+    )
     runner.add_argument("--no-report", action="store_true", help="write the result file only")
     reporter = commands.add_parser("report", help="regenerate RESULTS.md's harness section and the plots")
     reporter.add_argument("file", nargs="?", help="a result file (default: the newest full run, else the newest)")
-    reporter.add_argument("--results-md", default=str(RESULTS.parent / "RESULTS.md"))
+    reporter.add_argument("--results-md", help="report to update (default: as for `run`)")
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args)
@@ -120,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.file) if args.file else report.newest(RESULTS)
     record = orjson.loads(path.read_bytes())
     print(report.summary(record))
-    report.write(record, results_md=Path(args.results_md), plots=path.parent / "plots")
+    results_md, plots = _report_paths(path, record["size"], args.results_md)
+    report.write(record, results_md=results_md, plots=plots)
+    print(f"report: {results_md}", file=sys.stderr)
     return 0
 
 
