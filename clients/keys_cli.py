@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from flowport.server.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
-    from flowport.clients import Client
+    from flowport.clients import ApiError, Client
     from flowport.v1 import apikey_pb2
 
 API_KEY_ENV = "FLOWPORT_API_KEY"
@@ -171,10 +171,10 @@ def _call(args: argparse.Namespace, target: str, api_key: str, out: Callable[[st
     return 0
 
 
-def _explain(error: Any, target: str) -> CliError:
+def _explain(error: ApiError, target: str) -> CliError:
     import grpc
 
-    code = error.code
+    code = error.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return CliError(
             f"cannot reach the server at {target} ({error.message}); is `flowport up` or `flowport serve` "

@@ -97,7 +97,7 @@ def test_native_grpc_through_envoy_keeps_its_status(edge: Stack) -> None:
     with Client(edge.envoy_target, api_key=ADMIN_KEY) as client, pytest.raises(grpc.RpcError) as caught:
         client.sessions.GetSession(session_pb2.GetSessionRequest(session_id="ses_missing"))
     error = ApiError.from_rpc_error(caught.value)
-    assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert (error.code(), error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
     with Client(edge.envoy_target, api_key=ADMIN_KEY) as client, pytest.raises(grpc.RpcError) as unknown:
         client.channel.unary_unary("/flowport.v1.Nope/Nothing")(b"", timeout=5)
     assert unknown.value.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)  # type: ignore[attr-defined]

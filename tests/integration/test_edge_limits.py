@@ -114,7 +114,7 @@ def test_a_limited_grpc_call_is_resource_exhausted(limited: Stack) -> None:
                 client.gateway.GetInfo(gateway_pb2.GetInfoRequest(), timeout=5)
             except grpc.RpcError as exc:
                 error = ApiError.from_rpc_error(exc)
-                assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, error
                 return
     raise AssertionError("no call was rate limited")
 

@@ -81,7 +81,7 @@ def test_the_server_ignores_identity_metadata_on_direct_grpc(edge: Stack, admin:
         metadata = tuple(SPOOFED.items())
         with pytest.raises(grpc.RpcError) as caught:
             client.gateway.GetStats(gateway_pb2.GetStatsRequest(), metadata=metadata)
-        assert ApiError.from_rpc_error(caught.value).code is grpc.StatusCode.PERMISSION_DENIED
+        assert ApiError.from_rpc_error(caught.value).code() is grpc.StatusCode.PERMISSION_DENIED
         created = client.sessions.CreateSession(session_pb2.CreateSessionRequest(), metadata=metadata)
     with httpx.Client(base_url=edge.http, timeout=30) as http:
         listed = http.get("/api/sessions", headers={"x-api-key": _user_key(admin, "beta")})

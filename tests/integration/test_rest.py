@@ -111,7 +111,7 @@ def test_grpc_through_envoy(stack: Stack) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             client.sessions.GetSession(session_pb2.GetSessionRequest(session_id=created.session_id))
         error = ApiError.from_rpc_error(caught.value)
-        assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+        assert (error.code(), error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
         assert client.gateway.GetHealth(gateway_pb2.GetHealthRequest()).status == "healthy"
 
 

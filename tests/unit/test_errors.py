@@ -83,21 +83,21 @@ async def _call(ch: grpc.aio.Channel, name: str) -> ApiError:
 
 async def test_not_found_carries_error_info(channel: tuple[grpc.aio.Channel, RequestMetrics]) -> None:
     error = await _call(channel[0], "NotFound")
-    assert error.code is grpc.StatusCode.NOT_FOUND
+    assert error.code() is grpc.StatusCode.NOT_FOUND
     assert error.message == "thing 'x' does not exist"
     assert (error.reason, error.domain, error.metadata) == ("THING_NOT_FOUND", "flowport.dev", {"thing": "x"})
 
 
 async def test_invalid_argument_carries_every_field_violation(channel: tuple[grpc.aio.Channel, RequestMetrics]) -> None:
     error = await _call(channel[0], "Invalid")
-    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert error.reason == "INVALID_ARGUMENT"
     assert error.violations == [("nodes[1].config.url", "required"), ("name", "too long")]
 
 
 async def test_resource_exhausted_carries_retry_info(channel: tuple[grpc.aio.Channel, RequestMetrics]) -> None:
     error = await _call(channel[0], "Exhausted")
-    assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error.retry_delay == pytest.approx(1.5)
 
 
@@ -105,7 +105,7 @@ async def test_an_unexpected_exception_is_internal_without_leaking_details(
     channel: tuple[grpc.aio.Channel, RequestMetrics], caplog: pytest.LogCaptureFixture
 ) -> None:
     error = await _call(channel[0], "Bug")
-    assert error.code is grpc.StatusCode.INTERNAL
+    assert error.code() is grpc.StatusCode.INTERNAL
     assert "secret internal detail" not in error.message
     incident = error.metadata["incident"]
     assert incident in error.message
@@ -127,7 +127,7 @@ async def test_an_error_after_a_stream_started_ends_it_with_the_status(
             received.append(item)
     error = ApiError.from_rpc_error(caught.value)
     assert len(received) == 1
-    assert (error.code, error.reason) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED")
+    assert (error.code(), error.reason) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED")
     assert metrics.active_streams == 0 and metrics.errors == 1
 
 
@@ -181,7 +181,7 @@ async def test_a_request_that_does_not_decode_is_invalid_argument(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call(b"\xff\xff\xff")  # not a protobuf message
     error = ApiError.from_rpc_error(caught.value)
-    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    assert (error.code(), error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
 
 
 class _OnlyErrors(_Handler):

@@ -144,7 +144,7 @@ async def test_a_cursor_older_than_retention_is_out_of_range(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call.read()
     error = ApiError.from_rpc_error(caught.value)
-    assert (error.code, error.reason) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_OUT_OF_RANGE")
+    assert (error.code(), error.reason) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_OUT_OF_RANGE")
     bad = events.StreamEvents(event_pb2.StreamEventsRequest(after_id="abc"))
     with pytest.raises(grpc.aio.AioRpcError) as invalid:
         await bad.read()
@@ -221,7 +221,7 @@ async def test_a_stalled_subscriber_is_cut_while_another_keeps_pace(
                 while True:
                     await slow.read()
         error = ApiError.from_rpc_error(caught.value)
-        assert (error.code, error.reason) == (grpc.StatusCode.ABORTED, "SUBSCRIBER_TOO_SLOW")
+        assert (error.code(), error.reason) == (grpc.StatusCode.ABORTED, "SUBSCRIBER_TOO_SLOW")
         assert int(error.metadata["last_event_id"]) < int(published[-1])
         fast.cancel()
     await stop(running, 1.0)

@@ -143,7 +143,7 @@ async def _code(awaitable: Any) -> grpc.StatusCode:
     try:
         await awaitable
     except grpc.aio.AioRpcError as error:
-        return ApiError.from_rpc_error(error).code
+        return ApiError.from_rpc_error(error).code()
     return grpc.StatusCode.OK
 
 

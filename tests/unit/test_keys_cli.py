@@ -57,7 +57,7 @@ def _works(server: Settings, key: str) -> grpc.StatusCode:
         try:
             client.gateway.GetInfo(gateway_pb2.GetInfoRequest(), timeout=5)
         except grpc.RpcError as exc:
-            return ApiError.from_rpc_error(exc).code
+            return ApiError.from_rpc_error(exc).code()
     return grpc.StatusCode.OK
 
 

@@ -298,7 +298,7 @@ async def test_list_pages_by_name_and_delete_removes(admin: AsyncClient) -> None
         admin.secrets.DeleteSecret(P.DeleteSecretRequest(name="B")),
     ):
         error = await _error(call)
-        assert (error.code, error.reason, error.metadata) == (
+        assert (error.code(), error.reason, error.metadata) == (
             grpc.StatusCode.NOT_FOUND,
             "SECRET_NOT_FOUND",
             {"name": "B"},
@@ -312,7 +312,7 @@ async def test_request_id_replays_and_refuses_another_secret(admin: AsyncClient)
     assert await _put(admin, "TOKEN", "one", request_id="r-1") == first
     assert (await admin.secrets.GetSecret(P.GetSecretRequest(name="TOKEN"))).version == 2
     error = await _error(_put(admin, "OTHER", "one", request_id="r-1"))
-    assert (error.code, error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    assert (error.code(), error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
 
 
 @pytest.mark.parametrize(
@@ -332,7 +332,7 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
     admin: AsyncClient, request_fields: dict[str, Any], field: str
 ) -> None:
     error = await _error(admin.secrets.PutSecret(P.PutSecretRequest(**request_fields)))
-    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert [f for f, _ in error.violations] == [field]
     value = request_fields["value"]
     if value:
@@ -349,7 +349,7 @@ async def test_another_tenants_secret_is_not_found(admin: AsyncClient, beta: Asy
         beta.secrets.GetSecret(P.GetSecretRequest(name="API_TOKEN")),
         beta.secrets.DeleteSecret(P.DeleteSecretRequest(name="API_TOKEN")),
     ):
-        assert (await _error(call)).code is grpc.StatusCode.NOT_FOUND
+        assert (await _error(call)).code() is grpc.StatusCode.NOT_FOUND
     assert list((await beta.secrets.ListSecrets(P.ListSecretsRequest())).secrets) == []
     # Beta's own secret of the same name is a different secret.
     mine = await _put(beta, "API_TOKEN", "beta's own")

@@ -59,14 +59,14 @@ async def _first_start(data_dir: Path) -> tuple[str, Settings]:
         async with AsyncClient(settings.grpc_target) as anonymous:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await anonymous.sessions.ListSessions(session_pb2.ListSessionsRequest())
-            assert ApiError.from_rpc_error(caught.value).code is grpc.StatusCode.UNAUTHENTICATED
+            assert ApiError.from_rpc_error(caught.value).code() is grpc.StatusCode.UNAUTHENTICATED
             for guess in GUESSES:
                 claims = {"sub": "x", "tenant": "default", "roles": ["admin"], "exp": int(time.time()) + 60}
                 token = _hs256(guess, claims)
                 async with AsyncClient(settings.grpc_target, token=token) as forged:
                     with pytest.raises(grpc.aio.AioRpcError) as caught:
                         await forged.sessions.ListSessions(session_pb2.ListSessionsRequest())
-                assert ApiError.from_rpc_error(caught.value).code is grpc.StatusCode.UNAUTHENTICATED, guess
+                assert ApiError.from_rpc_error(caught.value).code() is grpc.StatusCode.UNAUTHENTICATED, guess
         key = admin_key_path(settings).read_text().strip()
         async with AsyncClient(settings.grpc_target, api_key=key) as admin:
             await admin.sessions.ListSessions(session_pb2.ListSessionsRequest())

@@ -53,7 +53,7 @@ async def test_session_lifecycle(client: AsyncClient) -> None:
     assert created.session_id in [s.session_id for s in listed.sessions]
     await client.sessions.DeleteSession(S.DeleteSessionRequest(session_id=created.session_id))
     error = await _error(client.sessions.GetSession(S.GetSessionRequest(session_id=created.session_id)))
-    assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert (error.code(), error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
     assert error.metadata == {"session_id": created.session_id}
 
 
@@ -63,7 +63,7 @@ async def test_unknown_session_is_not_found_for_get_and_delete(client: AsyncClie
         client.sessions.DeleteSession(S.DeleteSessionRequest(session_id="ses_nope")),
     ):
         error = await _error(call)
-        assert error.code is grpc.StatusCode.NOT_FOUND
+        assert error.code() is grpc.StatusCode.NOT_FOUND
         assert "ses_nope" in error.message
 
 
@@ -77,7 +77,7 @@ async def test_unknown_session_is_not_found_for_get_and_delete(client: AsyncClie
 )
 async def test_invalid_sessions_name_the_field(client: AsyncClient, session: S.Session, field: str) -> None:
     error = await _error(client.sessions.CreateSession(S.CreateSessionRequest(session=session)))
-    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert [f for f, _ in error.violations] == [field]
 
 
@@ -107,7 +107,7 @@ async def test_request_id_makes_create_idempotent(client: AsyncClient) -> None:
     error = await _error(
         client.sessions.CreateSession(S.CreateSessionRequest(session=S.Session(user_id="bob"), request_id="req-1"))
     )
-    assert (error.code, error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    assert (error.code(), error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
     listed = await client.sessions.ListSessions(S.ListSessionsRequest(user_id="ada"))
     assert len(listed.sessions) == 1, "the retry must not create a second session"
 
@@ -126,7 +126,7 @@ async def test_request_id_makes_delete_retryable(running: Running, client: Async
     error = await _error(
         client.sessions.DeleteSession(S.DeleteSessionRequest(session_id=other.session_id, request_id="del-1"))
     )
-    assert error.code is grpc.StatusCode.ALREADY_EXISTS
+    assert error.code() is grpc.StatusCode.ALREADY_EXISTS
     assert (await client.sessions.GetSession(S.GetSessionRequest(session_id=other.session_id))).session_id
 
 
@@ -195,7 +195,7 @@ async def test_rpcs_not_served_yet_say_so_clearly() -> None:
             error = await _error(client.webhooks.ListWebhooks(webhook_pb2.ListWebhooksRequest()))
     finally:
         await server.stop(None)
-    assert error.code is grpc.StatusCode.UNIMPLEMENTED
+    assert error.code() is grpc.StatusCode.UNIMPLEMENTED
     assert "flowport.v1.WebhookService.ListWebhooks" in error.message
     assert error.reason == "NOT_IMPLEMENTED_YET"
 
@@ -295,7 +295,7 @@ async def test_watch_execution_streams_state_then_events_until_the_end(client: A
     error = await _error(
         client.executions.WatchExecution(execution_pb2.WatchExecutionRequest(execution_id="exe_missing")).read()
     )
-    assert error.code is grpc.StatusCode.NOT_FOUND
+    assert error.code() is grpc.StatusCode.NOT_FOUND
 
 
 async def test_only_admins_list_every_session_of_the_tenant(running: Running, client: AsyncClient) -> None:

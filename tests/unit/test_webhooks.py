@@ -285,7 +285,7 @@ async def test_create_get_list_delete(env: Env, receivers: Callable[..., Receive
     named = await env.create(url, webhook_id="a-hook.1")
     assert named.webhook_id == "a-hook.1" and not named.has_secret
     taken = await _error(env.create(url, webhook_id="a-hook.1"))
-    assert (taken.code, taken.reason) == (grpc.StatusCode.ALREADY_EXISTS, "WEBHOOK_ALREADY_EXISTS")
+    assert (taken.code(), taken.reason) == (grpc.StatusCode.ALREADY_EXISTS, "WEBHOOK_ALREADY_EXISTS")
     await env.create(url, webhook_id="b-hook")
 
     first = await env.client.webhooks.ListWebhooks(W.ListWebhooksRequest(page_size=2))
@@ -302,7 +302,7 @@ async def test_create_get_list_delete(env: Env, receivers: Callable[..., Receive
         env.client.webhooks.ListWebhookDeliveries(W.ListWebhookDeliveriesRequest(webhook_id="a-hook.1")),
     ):
         error = await _error(call)
-        assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "WEBHOOK_NOT_FOUND")
+        assert (error.code(), error.reason) == (grpc.StatusCode.NOT_FOUND, "WEBHOOK_NOT_FOUND")
 
 
 async def test_create_is_idempotent_with_request_id(env: Env, receivers: Callable[..., Receiver]) -> None:
@@ -313,7 +313,7 @@ async def test_create_is_idempotent_with_request_id(env: Env, receivers: Callabl
     assert again == first
     other = W.CreateWebhookRequest(webhook=W.Webhook(url=url, secret=SECRET + "x"), request_id="req-1")
     error = await _error(env.client.webhooks.CreateWebhook(other))
-    assert (error.code, error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    assert (error.code(), error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
     listed = await env.client.webhooks.ListWebhooks(W.ListWebhooksRequest())
     assert [w.webhook_id for w in listed.webhooks] == [first.webhook_id]
 
@@ -348,7 +348,7 @@ async def test_create_is_idempotent_with_request_id(env: Env, receivers: Callabl
 )
 async def test_invalid_webhooks_name_the_field(env: Env, webhook: W.Webhook, field: str) -> None:
     error = await _error(env.client.webhooks.CreateWebhook(W.CreateWebhookRequest(webhook=webhook)))
-    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert [f for f, _ in error.violations] == [field]
 
 
@@ -373,7 +373,7 @@ async def test_tenants_are_isolated(env: Env, receivers: Callable[..., Receiver]
         env.client.webhooks.DeleteWebhook(W.DeleteWebhookRequest(webhook_id="shared"), metadata=b),
         env.client.webhooks.ListWebhookDeliveries(W.ListWebhookDeliveriesRequest(webhook_id="shared"), metadata=b),
     ):
-        assert (await _error(call)).code is grpc.StatusCode.NOT_FOUND
+        assert (await _error(call)).code() is grpc.StatusCode.NOT_FOUND
     assert not (await env.client.webhooks.ListWebhooks(W.ListWebhooksRequest(), metadata=b)).webhooks
     # Ids are per tenant: B may use the same one, and learns nothing about A's.
     await env.create(at_b.url(), tenant="b", webhook_id="shared")
@@ -549,11 +549,11 @@ async def test_dead_letter_publishes_webhook_failed_and_redelivery_works(
                 W.RedeliverWebhookDeliveryRequest(webhook_id=watching.webhook_id, delivery_id=succeeded.delivery_id)
             )
         )
-        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "DELIVERY_NOT_DEAD_LETTERED")
+        assert (error.code(), error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "DELIVERY_NOT_DEAD_LETTERED")
         error = await _error(
             redeliver(W.RedeliverWebhookDeliveryRequest(webhook_id=hook.webhook_id, delivery_id="dlv_x"))
         )
-        assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "DELIVERY_NOT_FOUND")
+        assert (error.code(), error.reason) == (grpc.StatusCode.NOT_FOUND, "DELIVERY_NOT_FOUND")
 
         answering.set()
         request = W.RedeliverWebhookDeliveryRequest(
@@ -720,7 +720,7 @@ async def test_deliveries_list_newest_first_with_pages_and_state_filter(
         webhook_id=hook.webhook_id, state=D.STATE_SUCCEEDED, page_size=2, page_token=tokens[0]
     )
     error = await _error(env.client.webhooks.ListWebhookDeliveries(other_filter))
-    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
 
     # Finished deliveries expire; unfinished ones never do.
     slow = receivers(lambda n, seen: HANG)
