@@ -7,6 +7,11 @@
                             manage API keys on a running server (admin key)
     flowport secrets rotate-key|generate-key
                             re-encrypt secrets under a new key (no downtime)
+    flowport sessions|workflows|executions|events|webhooks ...
+                            the API from a shell (`flowport executions run
+                            -f workflow.json --input n=7 --wait`)
+    flowport completion bash|zsh
+                            print a shell completion script
 
 Every setting is a flag here, a FLOWPORT_<NAME> environment variable, or a
 key in the TOML file given with --config (flags win over the environment,
@@ -23,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flowport.clients.commands import add_resource_parsers, run_resource
 from flowport.clients.keys_cli import add_keys_parser, run_keys
 from flowport.clients.secrets_cli import add_secrets_parser, run_secrets
 from flowport.server.settings import ENV_PREFIX, Settings, SettingsError
@@ -60,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         _add_setting_flags(sub)
     add_keys_parser(commands)
     add_secrets_parser(commands, _add_setting_flags)
+    add_resource_parsers(commands)
+    completion = commands.add_parser(
+        "completion",
+        help="print a completion script: `flowport completion bash > /etc/bash_completion.d/flowport`",
+        description="Print a shell completion script for flowport (generated from its arguments).",
+    )
+    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"])
     return parser
 
 
@@ -71,7 +84,15 @@ def load_settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flowport` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        import shtab
+
+        print(shtab.complete(parser, shell=args.shell))
+        return 0
+    if getattr(args, "handler", None) is not None:
+        return run_resource(args)
     if args.command == "keys":
         # A client of a running server: only the settings that locate it apply.
         return run_keys(args)

@@ -167,11 +167,12 @@ def _call(args: argparse.Namespace, target: str, api_key: str, out: Callable[[st
             else:
                 _revoke(client, args, out)
         except grpc.RpcError as exc:
-            raise _explain(ApiError.from_rpc_error(exc), target) from None
+            raise explain(ApiError.from_rpc_error(exc), target) from None
     return 0
 
 
-def _explain(error: ApiError, target: str) -> CliError:
+def explain(error: ApiError, target: str, *, admin_needed: bool = True) -> CliError:
+    """A failed call as one line and the exit code scripts can rely on."""
     import grpc
 
     code = error.code()
@@ -184,9 +185,13 @@ def _explain(error: ApiError, target: str) -> CliError:
     if code is grpc.StatusCode.UNAUTHENTICATED:
         return CliError("the server did not accept the API key (unknown, revoked or expired)", EXIT_REFUSED)
     if code is grpc.StatusCode.PERMISSION_DENIED:
-        return CliError("the API key is not an admin key: managing keys needs the admin role", EXIT_REFUSED)
-    details = "".join(f"\n  {field}: {description}" for field, description in error.violations)
-    return CliError(f"{error.message}{details}", EXIT_API_ERROR)
+        if admin_needed:
+            return CliError("the API key is not an admin key: managing keys needs the admin role", EXIT_REFUSED)
+        return CliError(str(error), EXIT_REFUSED)
+    if admin_needed:
+        details = "".join(f"\n  {field}: {description}" for field, description in error.violations)
+        return CliError(f"{error.message}{details}", EXIT_API_ERROR)
+    return CliError(str(error), EXIT_API_ERROR)
 
 
 def _create(client: Client, args: argparse.Namespace, out: Callable[[str], None]) -> None:

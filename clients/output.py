@@ -1,0 +1,96 @@
+"""How the CLI prints API messages: `--output json` (proto3 JSON, proto field
+names, as the REST API answers) or `--output table` (a few columns per kind
+of message, for people)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+FORMATS = ("table", "json")
+
+
+def as_dict(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _state(value: Any) -> str:
+    return str(value).removeprefix("STATE_").lower() if value else ""
+
+
+def _time(value: Any) -> str:
+    return str(value)[:19].replace("T", " ") if value else ""
+
+
+Column = tuple[str, Callable[[dict[str, Any]], Any]]
+# Columns by message type; a type without columns prints its fields.
+COLUMNS: dict[str, list[Column]] = {
+    "flowport.v1.Session": [
+        ("SESSION", lambda d: d.get("session_id", "")),
+        ("USER", lambda d: d.get("user_id", "")),
+        ("CREATED", lambda d: _time(d.get("create_time"))),
+        ("EXPIRES", lambda d: _time(d.get("expire_time"))),
+    ],
+    "flowport.v1.Workflow": [
+        ("WORKFLOW", lambda d: d.get("workflow_id", "")),
+        ("VERSION", lambda d: d.get("version", "")),
+        ("NODES", lambda d: len(d.get("nodes", []))),
+        ("CREATED", lambda d: _time(d.get("create_time"))),
+    ],
+    "flowport.v1.Execution": [
+        ("EXECUTION", lambda d: d.get("execution_id", "")),
+        ("WORKFLOW", lambda d: f"{d.get('workflow_id', '')} v{d.get('workflow_version', '')}"),
+        ("STATE", lambda d: _state(d.get("state"))),
+        ("CREATED", lambda d: _time(d.get("create_time"))),
+        ("DURATION", lambda d: d.get("duration", "")),
+        ("ERROR", lambda d: d.get("error", {}).get("message", "")),
+    ],
+    "flowport.v1.Event": [
+        ("ID", lambda d: d.get("id", "")),
+        ("TIME", lambda d: _time(d.get("time"))),
+        ("TYPE", lambda d: d.get("type", "")),
+        ("SUBJECT", lambda d: d.get("execution_id") or d.get("session_id") or d.get("workflow_id") or ""),
+    ],
+    "flowport.v1.Webhook": [
+        ("WEBHOOK", lambda d: d.get("webhook_id", "")),
+        ("URL", lambda d: d.get("url", "")),
+        ("EVENTS", lambda d: ",".join(d.get("event_types", [])) or "*"),
+        ("SECRET", lambda d: "yes" if d.get("has_secret") else "no"),
+    ],
+    "flowport.v1.WebhookDelivery": [
+        ("DELIVERY", lambda d: d.get("delivery_id", "")),
+        ("EVENT", lambda d: d.get("event_type", "") or d.get("event_id", "")),
+        ("STATE", lambda d: _state(d.get("state"))),
+        ("ATTEMPTS", lambda d: d.get("attempts", 0)),
+    ],
+}
+
+
+def _field(name: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda d: d.get(name, "")
+
+
+def table(messages: Sequence[Message]) -> str:
+    """Aligned columns, a header line first; empty string for no messages."""
+    if not messages:
+        return ""
+    columns = COLUMNS.get(messages[0].DESCRIPTOR.full_name)
+    rows = [as_dict(m) for m in messages]
+    if columns is None:
+        names = sorted({key for row in rows for key in row})
+        columns = [(name.upper(), _field(name)) for name in names]
+    cells = [[title for title, _ in columns]] + [[str(get(row)) for _, get in columns] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+
+
+def render(messages: Sequence[Message], fmt: str, *, single: bool = False) -> str:
+    """`messages` in `fmt`: JSON (one object when `single`, else a list) or a table."""
+    if fmt == "json":
+        payload: Any = as_dict(messages[0]) if single and messages else [as_dict(m) for m in messages]
+        return json.dumps(payload, indent=2)
+    return table(messages)
