@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flowport.server.settings import Settings, _connect_host
+from flowport.transcoder.console_routes import console_routes
 from flowport.transcoder.envoy_routes import (
     CLUSTER,
     GLOBAL_RATE_LIMIT,
@@ -277,6 +278,7 @@ def _routes(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
                 "typed_per_filter_config": {TRANSCODER: PER_ROUTE_DISABLED, RATE_LIMIT: PER_ROUTE_DISABLED},
             }
         )
+    routes += console_routes({TRANSCODER: PER_ROUTE_DISABLED, RATE_LIMIT: PER_ROUTE_DISABLED})
     routes += stream_routes(
         transcoder_config(settings, descriptor, "sse"), transcoder_config(settings, descriptor, "ndjson")
     )
