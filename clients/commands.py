@@ -408,6 +408,54 @@ def _events_tail(client: Client, args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
+# -- secrets --------------------------------------------------------------
+
+
+def add_secret_actions(actions: Any) -> None:
+    """`secrets put|list|delete`, beside the key management actions of secrets_cli."""
+    put = _command(actions, "put", "store (or replace) a secret; its value is never shown again", _secret_put)
+    put.add_argument("name")
+    put.add_argument(
+        "--value-file",
+        type=Path,
+        metavar="FILE",
+        help="read the value from FILE (default: stdin; never an argument, which shell history would keep)",
+    )
+    put.add_argument("--description", default="", help="what the secret is for")
+    listing = _command(actions, "list", "the tenant's secrets (names and versions, never values)", _secret_list)
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    _command(actions, "delete", "delete a secret", _secret_delete).add_argument("name")
+
+
+def _secret_put(client: Client, args: argparse.Namespace, out: Out) -> int:
+    from flowport.v1 import secret_pb2
+
+    try:
+        value = args.value_file.read_text(encoding="utf-8") if args.value_file else sys.stdin.read()
+    except OSError as exc:
+        raise CliError(f"cannot read {args.value_file}: {exc.strerror}", EXIT_USAGE) from None
+    value = value.removesuffix("\n")
+    request = secret_pb2.PutSecretRequest(name=args.name, value=value, description=args.description)
+    _show(out, args, [client.secrets.PutSecret(request)], single=True)
+    return 0
+
+
+def _secret_list(client: Client, args: argparse.Namespace, out: Out) -> int:
+    from flowport.v1 import secret_pb2
+
+    request = secret_pb2.ListSecretsRequest(page_size=min(args.limit, 100))
+    _show(out, args, _limited(client.paginate(client.secrets.ListSecrets, request), args.limit))
+    return 0
+
+
+def _secret_delete(client: Client, args: argparse.Namespace, out: Out) -> int:
+    from flowport.v1 import secret_pb2
+
+    client.secrets.DeleteSecret(secret_pb2.DeleteSecretRequest(name=args.name))
+    print(f"deleted secret {args.name}", file=sys.stderr)
+    return 0
+
+
 # -- webhooks -------------------------------------------------------------
 
 

@@ -97,7 +97,10 @@ def _action(actions: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, metavar="DIR", help="the server's data dir (env FLOWPORT_DATA_DIR)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file with settings (env FLOWPORT_CONFIG)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per call (default 10)")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
+    parser.add_argument(
+        "-o", "--output", choices=["table", "json"], default="table", help="table (default) or json, for scripts"
+    )
+    parser.add_argument("--json", action="store_true", help="the same as --output json")
     return parser
 
 
@@ -201,7 +204,7 @@ def _create(client: Client, args: argparse.Namespace, out: Callable[[str], None]
     if args.expires is not None:
         given.expire_time.FromDatetime(args.expires.astimezone(UTC))
     created = client.keys.CreateApiKey(apikey_pb2.CreateApiKeyRequest(api_key=given), timeout=args.timeout)
-    if args.json:
+    if args.json or args.output == "json":
         out(json.dumps({**_as_dict(created.api_key), "key": created.key}, indent=2))
         return
     described = created.api_key
@@ -231,7 +234,7 @@ def _pages(client: Client, tenant: str, timeout: float) -> Iterator[apikey_pb2.A
 
 def _list(client: Client, args: argparse.Namespace, out: Callable[[str], None]) -> None:
     keys = list(_pages(client, args.tenant or "", args.timeout))
-    if args.json:
+    if args.json or args.output == "json":
         out(json.dumps([_as_dict(k) for k in keys], indent=2))
         return
     header = ("ID", "TENANT", "ROLES", "CREATED", "EXPIRES", "REVOKED", "DESCRIPTION")
@@ -256,7 +259,7 @@ def _revoke(client: Client, args: argparse.Namespace, out: Callable[[str], None]
     from flowport.v1 import apikey_pb2
 
     key = client.keys.RevokeApiKey(apikey_pb2.RevokeApiKeyRequest(key_id=args.key_id), timeout=args.timeout)
-    if args.json:
+    if args.json or args.output == "json":
         out(json.dumps(_as_dict(key), indent=2))
         return
     out(f"revoked {key.key_id} (tenant {key.tenant}) at {_time(key, 'revoke_time')}")

@@ -61,6 +61,12 @@ COLUMNS: dict[str, list[Column]] = {
         ("EVENTS", lambda d: ",".join(d.get("event_types", [])) or "*"),
         ("SECRET", lambda d: "yes" if d.get("has_secret") else "no"),
     ],
+    "flowport.v1.Secret": [
+        ("SECRET", lambda d: d.get("name", "")),
+        ("VERSION", lambda d: d.get("version", "")),
+        ("UPDATED", lambda d: _time(d.get("update_time") or d.get("create_time"))),
+        ("DESCRIPTION", lambda d: d.get("description", "")),
+    ],
     "flowport.v1.WebhookDelivery": [
         ("DELIVERY", lambda d: d.get("delivery_id", "")),
         ("EVENT", lambda d: d.get("event_type", "") or d.get("event_id", "")),

@@ -2,7 +2,9 @@
 
 Unlike `flowport keys`, these work on the data directory itself (the key
 file and the database), so run them on the server's machine with the same
-settings as the server (`--data-dir`, `--secrets-key-file`, ...).
+settings as the server (`--data-dir`, `--secrets-key-file`, ...). The
+tenant's secrets themselves (`secrets put|list|delete`) go through the API
+like any client call (clients/commands.py).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ exit codes: 0 done; 1 a secret could not be decrypted (nothing removed);
 
 def add_secrets_parser(commands: Any, add_setting_flags: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add `secrets` and its subcommands to the top-level subparsers."""
-    help_text = "manage the keys that encrypt secrets (run on the server's machine)"
+    help_text = "a tenant's secrets (put, list, delete) and the keys that encrypt them (rotate-key, generate-key)"
     secrets = commands.add_parser("secrets", help=help_text, description=help_text)
     actions = secrets.add_subparsers(dest="secrets_command", required=True, metavar="ACTION")
     rotate = actions.add_parser(
@@ -63,6 +65,9 @@ def add_secrets_parser(commands: Any, add_setting_flags: Callable[[argparse.Argu
         description="print a new random key (base64) for FLOWPORT_SECRETS_KEY",
     )
     add_setting_flags(generate)
+    from flowport.clients.commands import add_secret_actions
+
+    add_secret_actions(actions)
 
 
 def run_secrets(args: argparse.Namespace, settings: Settings) -> int:

@@ -154,3 +154,19 @@ def test_completion_scripts_are_generated(capsys: pytest.CaptureFixture[str]) ->
     assert main(["completion", "bash"]) == 0
     script = capsys.readouterr().out
     assert "flowport" in script and "executions" in script and "complete" in script
+
+
+def test_secrets_put_list_delete(capsys: pytest.CaptureFixture[str], stack: Stack, tmp_path: Path) -> None:
+    value = tmp_path / "value"
+    value.write_text("s3cr3t-value\n")
+    name = f"CLI_{uuid.uuid4().hex[:8].upper()}"
+    code, out, _ = _run(capsys, stack, "secrets", "put", name, "--value-file", str(value), "-o", "json")
+    assert code == 0 and json.loads(out)["name"] == name and "s3cr3t" not in out
+    code, out, _ = _run(capsys, stack, "secrets", "list")
+    assert code == 0 and name in out and "s3cr3t" not in out
+    code, _, _ = _run(capsys, stack, "secrets", "delete", name)
+    assert code == 0
+    code, _, err = _run(capsys, stack, "secrets", "delete", name)
+    assert code == 1 and "NOT_FOUND" in err
+    code, _, err = _run(capsys, stack, "secrets", "put", "bad name!", "--value-file", str(value))
+    assert code == 1 and "INVALID_ARGUMENT" in err
