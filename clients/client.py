@@ -51,6 +51,13 @@ def _options(retries: int, options: list[tuple[str, Any]] | None) -> list[tuple[
     return [
         ("grpc.enable_retries", 1 if retries > 1 else 0),
         ("grpc.service_config", service_config(retries)),
+        # A restarted server is found again within seconds: gRPC's default
+        # reconnect backoff grows to two minutes.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 5000),
+        # Each client keeps its own connections: grpc otherwise shares them
+        # process-wide, and one client's failed reconnects would hold back another.
+        ("grpc.use_local_subchannel_pool", 1),
         *(options or []),
     ]
 

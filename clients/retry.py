@@ -1,8 +1,8 @@
 """Retries of calls that are safe to repeat, through gRPC's service config.
 
-A method is retried on UNAVAILABLE (the server or Envoy's upstream is down
-or restarting), with exponential backoff and jitter done by gRPC itself,
-when the API says it is safe: `idempotency_level` NO_SIDE_EFFECTS or
+A unary method is retried on UNAVAILABLE (the server or Envoy's upstream is
+down or restarting), with exponential backoff and jitter done by gRPC
+itself, when the API says it is safe: `idempotency_level` NO_SIDE_EFFECTS or
 IDEMPOTENT in the .proto, or its request carries a `request_id` (the
 clients fill one in, so the server answers a repeat with its first result).
 """
@@ -44,7 +44,14 @@ _SAFE_LEVELS = (descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.Met
 
 
 def safe_to_retry(method: MethodDescriptor) -> bool:
-    """Whether repeating `method` after UNAVAILABLE cannot do anything twice."""
+    """Whether gRPC should repeat `method` after UNAVAILABLE: unary, and unable to do anything twice.
+
+    Server streams are left out: the SDK's iterators resume them from the
+    last event they saw (streams.py), and a stream gRPC retried underneath
+    them could hang through a restart instead of failing so they reconnect.
+    """
+    if method.server_streaming:
+        return False
     return method.GetOptions().idempotency_level in _SAFE_LEVELS or "request_id" in method.input_type.fields_by_name
 
 

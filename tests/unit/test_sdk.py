@@ -139,6 +139,8 @@ def test_every_method_the_clients_retry_is_safe_to_repeat() -> None:
     retried = set(retried_methods())
     assert ("flowport.v1.SessionService", "GetSession") in retried  # NO_SIDE_EFFECTS
     assert ("flowport.v1.ExecutionService", "CreateExecution") in retried  # takes a request_id
+    # Streams resume in the SDK's iterators instead (a gRPC-retried stream could hang through a restart).
+    assert ("flowport.v1.EventService", "StreamEvents") not in retried
     assert '"maxAttempts": 4' in service_config(4) and '"methodConfig": []' in service_config(1)
     with pytest.raises(ValueError, match="1 or more"):
         service_config(0)
