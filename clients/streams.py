@@ -52,6 +52,11 @@ class _Backoff:
     def worked(self) -> None:
         self.delay, self.failing_since = 0.1, None
 
+    def ended(self) -> float:
+        """Seconds to wait after a stream ended without an error (a server closing it): never a busy loop."""
+        delay, self.delay = self.delay, min(self.delay * 2, 5.0)
+        return delay
+
 
 def _after(request: event_pb2.StreamEventsRequest, last_id: str) -> event_pb2.StreamEventsRequest:
     again = event_pb2.StreamEventsRequest()
@@ -73,6 +78,7 @@ def events(
                 if event.type != "heartbeat":
                     last_id = event.id
                     yield event
+            time.sleep(backoff.ended())
         except ApiError as error:
             time.sleep(backoff.failed(error))
 
@@ -89,6 +95,7 @@ async def aevents(
                 if event.type != "heartbeat":
                     last_id = event.id
                     yield event
+            await asyncio.sleep(backoff.ended())
         except ApiError as error:
             await asyncio.sleep(backoff.failed(error))
 
@@ -116,6 +123,7 @@ def watch(
                 yield update
                 if _ended(update):
                     return
+            time.sleep(backoff.ended())
         except ApiError as error:
             time.sleep(backoff.failed(error))
 
@@ -137,5 +145,6 @@ async def awatch(
                 yield update
                 if _ended(update):
                     return
+            await asyncio.sleep(backoff.ended())
         except ApiError as error:
             await asyncio.sleep(backoff.failed(error))
