@@ -379,7 +379,8 @@ class Executor:
             requests.close()
 
     async def _renew_and_claim(self) -> int:
-        await self._store.renew_leases(self._leases.owner, self._leases.until())
+        # Only what runs here: a claimed row that never started must expire.
+        await self._store.renew_leases(self._leases.owner, self._leases.until(), list(self._runs))
         resumed, failed = await self.recover(expired_only=True)
         taken = 0
         if self._queue is not None:

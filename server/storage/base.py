@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -127,8 +128,8 @@ class Store(Protocol):
     ) -> execution_pb2.Execution | None:
         """Take one unfinished execution that is unowned (queued) or whose lease expired; None otherwise."""
 
-    async def renew_leases(self, owner: str, lease_until_us: int) -> None:
-        """Extend the leases of `owner`'s unfinished executions."""
+    async def renew_leases(self, owner: str, lease_until_us: int, execution_ids: Collection[str] | None = None) -> None:
+        """Extend the leases of `owner`'s unfinished executions (only `execution_ids`, when given)."""
 
     async def execution_lease(self, tenant: str, execution_id: str) -> tuple[str, int] | None:
         """(owner, lease_until_us) of an execution; None when absent or another tenant's."""

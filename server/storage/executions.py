@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import IdempotencyConflict, IdempotentResult
 from flowport.server.storage.tables import Connection, Tables, micros
@@ -162,10 +164,21 @@ class ExecutionTables(Tables):
 
         return await self._write(op)
 
-    async def renew_leases(self, owner: str, lease_until_us: int) -> None:
-        """Extend the leases of `owner`'s unfinished executions."""
+    async def renew_leases(self, owner: str, lease_until_us: int, execution_ids: Collection[str] | None = None) -> None:
+        """Extend the leases of `owner`'s unfinished executions (only `execution_ids`, when given).
+
+        A process renews only what it is running: a row it claimed but could
+        not start (its store failed in between) then expires, and another
+        process takes it, instead of staying leased to a live process forever.
+        """
         sql = "UPDATE executions SET lease_until_us=? WHERE owner=? AND state IN (?, ?)"
-        await self._write(lambda conn: conn.execute(sql, (lease_until_us, owner, *UNFINISHED)))
+        args: list[object] = [lease_until_us, owner, *UNFINISHED]
+        if execution_ids is not None:
+            if not execution_ids:
+                return
+            sql += f" AND execution_id IN ({', '.join('?' * len(execution_ids))})"
+            args.extend(execution_ids)
+        await self._write(lambda conn: conn.execute(sql, args))
 
     async def release_leases(self, owner: str) -> None:
         """Let others take `owner`'s unfinished executions at once (a graceful stop)."""

@@ -134,7 +134,9 @@ async def test_leases_are_claimed_once_renewed_and_released(opener: Opener) -> N
         # A live lease holds until it ends, then anyone may take it.
         assert await claim("t1", "exe_held", "b", now_us=NOW, lease_until_us=NOW + 2 * HOUR) is None
         assert await store.claim_executions("b", now_us=NOW, lease_until_us=NOW + 2 * HOUR) == []
-        await store.renew_leases("a", NOW + 3 * HOUR)
+        await store.renew_leases("a", NOW + 3 * HOUR, ["exe_held"])
+        await store.renew_leases("a", NOW + 9 * HOUR, [])  # nothing running: nothing renewed
+        assert await store.execution_lease("t1", "exe_held") == ("a", NOW + 3 * HOUR)
         assert await store.claim_executions("b", now_us=NOW + 2 * HOUR + 1, lease_until_us=NOW + 4 * HOUR) == [got], (
             "only b's own (expired) lease is taken; a renewed"
         )
