@@ -1,7 +1,7 @@
 """`python -m benchmarks`: run every scenario with its baseline in one run, or rebuild the report.
 
     python -m benchmarks run --quick      # the CI-sized run, under three minutes
-    python -m benchmarks run --full       # the figures for RESULTS.md (about 15 minutes)
+    python -m benchmarks run --full       # the figures for RESULTS.md (about 8 minutes on two cores)
     python -m benchmarks run --smoke      # every scenario at a few hundred requests (the test suite's)
     python -m benchmarks report [FILE]    # RESULTS.md section and plots from a result file
 
