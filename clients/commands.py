@@ -378,11 +378,16 @@ def _execution_cancel(client: Client, args: argparse.Namespace, out: Out) -> int
 
 
 def _execution_watch(client: Client, args: argparse.Namespace, out: Out) -> int:
+    from flowport.clients.output import as_dict
     from flowport.v1 import execution_pb2
 
     for update in client.watch(args.execution_id):
-        if update.HasField("event"):
-            _show(out, args, [update.event], single=args.output == "json")
+        if not update.HasField("event"):
+            continue
+        if args.output == "json":
+            out(json.dumps(as_dict(update.event)))  # one object per line, as `events tail`
+        else:
+            _show(out, args, [update.event])
     execution = client.executions.GetExecution(execution_pb2.GetExecutionRequest(execution_id=args.execution_id))
     print(f"{execution.execution_id}: {execution_pb2.Execution.State.Name(execution.state)}", file=sys.stderr)
     return _ended_code(execution)
