@@ -36,6 +36,7 @@ from flowport.v1 import (
     execution_pb2,
     execution_pb2_grpc,
     gateway_pb2_grpc,
+    registry_pb2_grpc,
     schema_pb2_grpc,
     secret_pb2_grpc,
     session_pb2_grpc,
@@ -106,6 +107,7 @@ class _Stubs:
         self.keys = apikey_pb2_grpc.ApiKeyServiceStub(channel)
         self.secrets = secret_pb2_grpc.SecretServiceStub(channel)
         self.audit = audit_pb2_grpc.AuditServiceStub(channel)
+        self.services = registry_pb2_grpc.ServiceRegistryServiceStub(channel)
 
 
 class Client(_Stubs):

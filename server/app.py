@@ -26,6 +26,7 @@ from flowport.server.api.executions import ExecutionService
 from flowport.server.api.gateway import GatewayService, SecurityCounters
 from flowport.server.api.schemas import SchemaService
 from flowport.server.api.secrets import SecretService
+from flowport.server.api.service_registry import ServiceRegistryService
 from flowport.server.api.sessions import SessionService
 from flowport.server.api.unimplemented import unimplemented_handler
 from flowport.server.api.webhooks import WebhookService
@@ -67,6 +68,8 @@ from flowport.v1 import (
     execution_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
     schema_pb2,
     schema_pb2_grpc,
     secret_pb2,
@@ -97,6 +100,7 @@ IMPLEMENTED = [
     apikey_pb2.DESCRIPTOR.services_by_name["ApiKeyService"],
     secret_pb2.DESCRIPTOR.services_by_name["SecretService"],
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
+    registry_pb2.DESCRIPTOR.services_by_name["ServiceRegistryService"],
 ]
 # Services in the API that this server does not serve yet (none today).
 NOT_YET_IMPLEMENTED: list[Any] = []
@@ -342,6 +346,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     apikey_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyService(store, keys, bus), server)
     secret_pb2_grpc.add_SecretServiceServicer_to_server(SecretService(store, vault), server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(store, audit), server)
+    registry_pb2_grpc.add_ServiceRegistryServiceServicer_to_server(ServiceRegistryService(store), server)
     server.add_generic_rpc_handlers([unimplemented_handler(s) for s in NOT_YET_IMPLEMENTED])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

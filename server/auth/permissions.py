@@ -60,6 +60,11 @@ PERMISSIONS: dict[str, Access] = {
     f"{_API}SecretService/GetSecret": Access.USER,
     f"{_API}SecretService/ListSecrets": Access.USER,
     f"{_API}SecretService/DeleteSecret": Access.USER,
+    f"{_API}ServiceRegistryService/RegisterService": Access.USER,
+    f"{_API}ServiceRegistryService/GetService": Access.USER,
+    f"{_API}ServiceRegistryService/ListServices": Access.USER,
+    f"{_API}ServiceRegistryService/Heartbeat": Access.USER,
+    f"{_API}ServiceRegistryService/DeregisterService": Access.USER,
     # Every tenant's entries, failed logins included.
     f"{_API}AuditService/ListAuditEvents": Access.ADMIN,
 }

@@ -17,6 +17,7 @@ from flowport.server.storage.events import EventTables
 from flowport.server.storage.executions import ExecutionTables
 from flowport.server.storage.group_commit import GroupWriter, log_unretrieved
 from flowport.server.storage.secrets import SecretTables
+from flowport.server.storage.services import ServiceTables
 from flowport.server.storage.sessions import SessionTables
 from flowport.server.storage.tables import Connection
 from flowport.server.storage.webhooks import WebhookTables
@@ -34,6 +35,7 @@ class SqlStore(
     ApiKeyTables,
     AuditTables,
     SecretTables,
+    ServiceTables,
 ):
     """Durable state on a SQL engine; open one with `open_store` (server/storage/__init__.py)."""
 

@@ -9,7 +9,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format
 
 from flowport.clients import ApiError, Client
 from flowport.v1 import (
@@ -18,6 +18,7 @@ from flowport.v1 import (
     event_pb2,
     execution_pb2,
     gateway_pb2,
+    registry_pb2,
     schema_pb2,
     secret_pb2,
     session_pb2,
@@ -141,6 +142,24 @@ def test_every_rpc_answers_through_the_sdk_and_envoy(stack: Stack) -> None:  # n
         call(fp.keys.RevokeApiKey, apikey_pb2.RevokeApiKeyRequest(key_id=key_id))
         call(fp.audit.ListAuditEvents, audit_pb2.ListAuditEventsRequest(page_size=5))
 
+        registered = call(
+            fp.services.RegisterService,
+            registry_pb2.RegisterServiceRequest(
+                service=registry_pb2.RegisteredService(
+                    service_id=f"svc-{tag}",
+                    endpoint="http://127.0.0.1:9/",
+                    capabilities=["analytics"],
+                    ttl=duration_pb2.Duration(seconds=60),
+                )
+            ),
+        )
+        assert registered.tenant  # type: ignore[attr-defined]
+        call(fp.services.GetService, registry_pb2.GetServiceRequest(service_id=f"svc-{tag}"))
+        listed = call(fp.services.ListServices, registry_pb2.ListServicesRequest(capabilities=["analytics"]))
+        assert f"svc-{tag}" in [s.service_id for s in listed.services]  # type: ignore[attr-defined]
+        call(fp.services.Heartbeat, registry_pb2.HeartbeatRequest(service_id=f"svc-{tag}"))
+        call(fp.services.DeregisterService, registry_pb2.DeregisterServiceRequest(service_id=f"svc-{tag}"))
+
         call(fp.workflows.DeleteWorkflow, workflow_pb2.DeleteWorkflowRequest(workflow_id=wid))
         call(fp.sessions.DeleteSession, session_pb2.DeleteSessionRequest(session_id=sid))
         with pytest.raises(ApiError) as gone:
@@ -149,8 +168,8 @@ def test_every_rpc_answers_through_the_sdk_and_envoy(stack: Stack) -> None:  # n
     receiver.shutdown()
     receiver.server_close()
     modules = (apikey_pb2, audit_pb2, event_pb2, execution_pb2, gateway_pb2, schema_pb2, secret_pb2)
-    modules += (session_pb2, webhook_pb2, workflow_pb2)
+    modules += (registry_pb2, session_pb2, webhook_pb2, workflow_pb2)
     every = {
         m.name for module in modules for service in module.DESCRIPTOR.services_by_name.values() for m in service.methods
     }
-    assert len(every) >= 36 and every <= called, f"not called: {sorted(every - called)}"
+    assert len(every) >= 41 and every <= called, f"not called: {sorted(every - called)}"

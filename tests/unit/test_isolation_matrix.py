@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
@@ -44,6 +44,7 @@ from flowport.v1 import (
     apikey_pb2,
     event_pb2,
     execution_pb2,
+    registry_pb2,
     session_pb2,
     webhook_pb2,
     workflow_pb2,
@@ -56,10 +57,10 @@ for _module in pkgutil.iter_modules(flowport.v1.__path__):
     if _module.name.endswith("_pb2"):
         importlib.import_module(f"flowport.v1.{_module.name}")
 
-NOT_FOUND_VERBS = ("Get", "Delete", "Cancel", "Watch", "Redeliver", "Revoke")
+NOT_FOUND_VERBS = ("Get", "Delete", "Cancel", "Watch", "Redeliver", "Revoke", "Heartbeat", "Deregister")
 LIST_VERBS = ("List",)
 # Calls that create or change something; beta's version is checked by name.
-OWN_VERBS = ("Create", "Put", "Validate")
+OWN_VERBS = ("Create", "Put", "Validate", "Register")
 TENANT_FREE = {
     # Describe the server or the node types, the same for every tenant.
     "/flowport.v1.GatewayService/GetInfo",
@@ -199,6 +200,17 @@ async def _alpha_world(alpha_client: AsyncClient, alpha_caller: Caller, receiver
         name="ALPHA_TOKEN",
         node_type="PythonCodeNode",
     )
+    await alpha_client.services.RegisterService(
+        registry_pb2.RegisterServiceRequest(
+            service=registry_pb2.RegisteredService(
+                service_id="alpha-svc",
+                endpoint="http://127.0.0.1:9/alpha",
+                capabilities=["alpha-capability"],
+                ttl=duration_pb2.Duration(seconds=600),
+            )
+        )
+    )
+    alpha.ids["service_id"] = "alpha-svc"
     secret_method = descriptor_pool.Default().FindMethodByName("flowport.v1.SecretService.PutSecret")
     secret_request = message_factory.GetMessageClass(secret_method.input_type)(name="ALPHA_TOKEN", value="s3cr3t-alpha")
     await alpha_caller.unary(secret_method, secret_request)
@@ -332,6 +344,11 @@ async def _own(beta: Caller, method: MethodDescriptor, request: Message, alpha: 
         return
     if name == "CreateWebhook":  # nothing of alpha's to name; covered by beta's receiver
         return
+    if name == "RegisterService":  # alpha's service id: beta's own registration, alpha's untouched (checked later)
+        service = registry_pb2.RegisteredService(service_id=alpha.ids["service_id"], endpoint="http://127.0.0.1:9/b")
+        created = await beta.unary(method, registry_pb2.RegisterServiceRequest(service=service))
+        assert created.tenant == "beta", label  # type: ignore[attr-defined]
+        return
     if name == "PutSecret":  # alpha's secret name: beta's own secret, alpha's untouched (checked later)
         request.value = "beta-value"  # type: ignore[attr-defined]
         await beta.unary(method, request)
@@ -361,3 +378,5 @@ async def _alpha_is_untouched(client: AsyncClient, caller: Caller, alpha: Alpha,
     assert execution.state == execution_pb2.Execution.STATE_SUCCEEDED
     await client.webhooks.GetWebhook(webhook_pb2.GetWebhookRequest(webhook_id=ids["webhook_id"]))
     assert await _alpha_secret(caller) == secret_before, "beta's PutSecret changed alpha's secret"
+    service = await client.services.GetService(registry_pb2.GetServiceRequest(service_id=ids["service_id"]))
+    assert (service.tenant, list(service.capabilities)) == ("alpha", ["alpha-capability"]), "beta changed it"

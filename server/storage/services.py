@@ -1,0 +1,119 @@
+"""Service registry rows: the whole RegisteredService, with provider and TTL as columns.
+
+A registration whose TTL ran out is treated as gone by every read; the rows
+themselves are removed when the same id registers again or is deregistered.
+"""
+
+from __future__ import annotations
+
+from flowport.server.storage import idempotency
+from flowport.server.storage.base import IdempotentResult
+from flowport.server.storage.tables import Connection, Tables
+from flowport.v1 import registry_pb2
+
+_REGISTER = "flowport.v1.ServiceRegistryService/RegisterService"
+_DEREGISTER = "flowport.v1.ServiceRegistryService/DeregisterService"
+
+
+def _expire_us(service: registry_pb2.RegisteredService) -> int:
+    return service.expire_time.ToMicroseconds() if service.HasField("expire_time") else 0
+
+
+class ServiceTables(Tables):
+    """Registered services, keyed by (tenant, service_id)."""
+
+    async def register_service(
+        self,
+        tenant: str,
+        service: registry_pb2.RegisteredService,
+        idempotency_key: tuple[str, bytes] | None,
+        now_us: int,
+    ) -> IdempotentResult:
+        """Insert or replace; keeps the first create_time and the last health check of a live registration."""
+
+        def op(conn: Connection) -> IdempotentResult:
+            if idempotency_key is not None:
+                first = idempotency.replayed(conn, tenant, _REGISTER, *idempotency_key)
+                if first is not None:
+                    return IdempotentResult(first, replayed=True)
+            row = conn.execute(
+                "SELECT body FROM services WHERE tenant=? AND service_id=? AND (expire_us=0 OR expire_us>?)",
+                (tenant, service.service_id, now_us),
+            ).fetchone()
+            if row is not None:
+                before = registry_pb2.RegisteredService.FromString(row[0])
+                service.create_time.CopyFrom(before.create_time)
+                if before.endpoint == service.endpoint and before.health_path == service.health_path:
+                    service.status, service.latency_ms = before.status, before.latency_ms
+                    if before.HasField("check_time"):
+                        service.check_time.CopyFrom(before.check_time)
+            body = service.SerializeToString()
+            conn.execute(
+                "INSERT INTO services VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, service_id) DO UPDATE SET "
+                "provider=excluded.provider, expire_us=excluded.expire_us, create_us=excluded.create_us, "
+                "body=excluded.body",
+                (
+                    tenant,
+                    service.service_id,
+                    service.provider,
+                    _expire_us(service),
+                    service.create_time.ToMicroseconds(),
+                    body,
+                ),
+            )
+            if idempotency_key is not None:
+                idempotency.remember(conn, tenant, _REGISTER, idempotency_key, body, now_us=now_us)
+            return IdempotentResult(body, replayed=False)
+
+        return await self._write(op)
+
+    async def get_service(self, tenant: str, service_id: str, now_us: int) -> registry_pb2.RegisteredService | None:
+        row = await self._lookup(
+            "SELECT body FROM services WHERE tenant=? AND service_id=? AND (expire_us=0 OR expire_us>?)",
+            (tenant, service_id, now_us),
+        )
+        return None if row is None else registry_pb2.RegisteredService.FromString(row[0])
+
+    async def list_services(
+        self, tenant: str, *, provider: str, after: str | None, limit: int, now_us: int
+    ) -> list[registry_pb2.RegisteredService]:
+        """Live registrations by id, strictly after `after` (capability and zone filters are the caller's)."""
+        sql = "SELECT body FROM services WHERE tenant=? AND (expire_us=0 OR expire_us>?)"
+        args: list[object] = [tenant, now_us]
+        if provider:
+            sql += " AND provider=?"
+            args.append(provider)
+        if after is not None:
+            sql += " AND service_id > ?"
+            args.append(after)
+        sql += " ORDER BY service_id LIMIT ?"
+        args.append(limit)
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
+        return [registry_pb2.RegisteredService.FromString(r[0]) for r in rows]
+
+    async def save_service(self, tenant: str, service: registry_pb2.RegisteredService, now_us: int) -> bool:
+        """Rewrite a live registration (a heartbeat or a health check); False when it is gone."""
+        sql = "UPDATE services SET expire_us=?, body=? WHERE tenant=? AND service_id=? AND (expire_us=0 OR expire_us>?)"
+        args = (_expire_us(service), service.SerializeToString(), tenant, service.service_id, now_us)
+        return bool(await self._write(lambda conn: conn.execute(sql, args).rowcount))
+
+    async def deregister_service(self, tenant: str, service_id: str, now_us: int, request_id: str = "") -> bool:
+        """Delete; False when there was no live registration. A repeated `request_id` of a delete is True."""
+        key = service_id.encode()
+
+        def op(conn: Connection) -> bool:
+            if request_id and idempotency.replayed(conn, tenant, _DEREGISTER, request_id, key) is not None:
+                return True
+            deleted = conn.execute(
+                "DELETE FROM services WHERE tenant=? AND service_id=? AND (expire_us=0 OR expire_us>?)",
+                (tenant, service_id, now_us),
+            ).rowcount
+            # An expired row goes too, but counts as not found.
+            conn.execute("DELETE FROM services WHERE tenant=? AND service_id=?", (tenant, service_id))
+            if not deleted:
+                return False
+            if request_id:
+                idempotency.remember(conn, tenant, _DEREGISTER, (request_id, key), b"", now_us=now_us)
+            return True
+
+        return await self._write(op)
