@@ -50,6 +50,7 @@ from flowport.server.nodes.python_code import PythonCodeNode
 from flowport.server.nodes.sql_pools import SqlPools
 from flowport.server.ratelimit.counters import RedisCounters
 from flowport.server.ratelimit.service import RateLimitService
+from flowport.server.registry.health import HealthChecker
 from flowport.server.sandbox import SandboxLimits, SandboxPool
 from flowport.server.secrets.keyring import KeyringError
 from flowport.server.secrets.source import KeySource, open_key_source
@@ -274,6 +275,17 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False
     )
     opened.push_async_callback(webhook_http.aclose)
+    # Registered services' endpoints are tenants' input: the nodes' allowlist
+    # and SSRF guard apply to their health checks too.
+    checker = HealthChecker(
+        store,
+        webhook_http,
+        frozenset(host.lower().strip("[]") for host in settings.http_allowlist),
+        interval=settings.service_check_interval,
+        timeout=settings.service_check_timeout,
+    )
+    checker.start()
+    opened.push_async_callback(checker.close)
     # One lease holder per process, for its executions and webhook deliveries.
     leases = Leases(settings.execution_lease_seconds)
     dispatcher = WebhookDispatcher(

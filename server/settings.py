@@ -184,7 +184,14 @@ class Settings(BaseModel):
     )
     http_allowlist: list[str] = Field(
         default_factory=list,
-        description="hosts/IPs HTTP nodes may reach though private, loopback or link-local (comma-separated)",
+        description="hosts/IPs HTTP nodes and service health checks may reach though private, loopback or "
+        "link-local (comma-separated)",
+    )
+    service_check_interval: float = Field(
+        10.0, ge=0.2, le=3600, description="seconds between health checks of registered services"
+    )
+    service_check_timeout: float = Field(
+        5.0, gt=0, le=60, description="seconds a registered service's health check may take"
     )
     secrets_key: SecretStr | None = Field(
         None,

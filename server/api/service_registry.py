@@ -1,8 +1,9 @@
 """ServiceRegistryService: a tenant's catalogue of external services, with TTLs renewed by heartbeats.
 
-UNFINISHED (issue 10): active health checks of registered endpoints, the
-MCPServiceDiscoveryNode that reads this registry, and the `external_apis`
-component of GET /health are not built yet; `status` stays UNSPECIFIED.
+Health checks run in the background (server/registry/health.py) and set
+`status`, `latency_ms` and `check_time`. UNFINISHED (issue 10): the
+MCPServiceDiscoveryNode that reads this registry and the `external_apis`
+component of GET /health are not built yet.
 """
 
 from __future__ import annotations

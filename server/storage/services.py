@@ -97,6 +97,39 @@ class ServiceTables(Tables):
         args = (_expire_us(service), service.SerializeToString(), tenant, service.service_id, now_us)
         return bool(await self._write(lambda conn: conn.execute(sql, args).rowcount))
 
+    async def services_to_check(self, now_us: int) -> list[tuple[str, registry_pb2.RegisteredService]]:
+        """(tenant, registration) of every live registration, of every tenant."""
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT tenant, body FROM services WHERE (expire_us=0 OR expire_us>?) ORDER BY tenant, service_id",
+                (now_us,),
+            ).fetchall()
+        )
+        return [(str(t), registry_pb2.RegisteredService.FromString(b)) for t, b in rows]
+
+    async def record_check(self, tenant: str, service_id: str, status: int, latency_ms: float, now_us: int) -> bool:
+        """Store a health check's outcome on a live registration (read and rewritten in one write: a
+        heartbeat meanwhile keeps its TTL). False when it is gone."""
+
+        def op(conn: Connection) -> bool:
+            row = conn.execute(
+                "SELECT body FROM services WHERE tenant=? AND service_id=? AND (expire_us=0 OR expire_us>?)",
+                (tenant, service_id, now_us),
+            ).fetchone()
+            if row is None:
+                return False
+            service = registry_pb2.RegisteredService.FromString(row[0])
+            service.status = status  # type: ignore[assignment]
+            service.latency_ms = latency_ms
+            service.check_time.FromMicroseconds(now_us)
+            conn.execute(
+                "UPDATE services SET body=? WHERE tenant=? AND service_id=?",
+                (service.SerializeToString(), tenant, service_id),
+            )
+            return True
+
+        return await self._write(op)
+
     async def deregister_service(self, tenant: str, service_id: str, now_us: int, request_id: str = "") -> bool:
         """Delete; False when there was no live registration. A repeated `request_id` of a delete is True."""
         key = service_id.encode()

@@ -1,0 +1,1 @@
+"""The service registry's background work: checking registered endpoints' health."""

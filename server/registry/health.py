@@ -1,0 +1,105 @@
+"""Active health checks of registered services.
+
+Every `interval` seconds, each live registration with a `health_path` gets
+one GET of endpoint + path (no redirects followed, `timeout` seconds). A 2xx
+answer is HEALTHY, anything else (another status, a timeout, a refused
+connection) UNHEALTHY; the status, the latency and the time are recorded on
+the registration. The endpoint is a tenant's input, so the request goes
+through the same SSRF guard as HTTP nodes and webhooks (server/egress.py):
+internal addresses are refused unless allowlisted (`--http-allowlist`), and
+plain http is pinned to the address that was checked.
+
+Each process checks every registration (idempotent writes); with many
+registrations and processes a claim per check would spread the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+
+from flowport.server.api.common import now_us
+from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target
+from flowport.server.storage.services import ServiceTables
+from flowport.v1 import registry_pb2
+
+log = logging.getLogger(__name__)
+HEALTHY = registry_pb2.RegisteredService.STATUS_HEALTHY
+UNHEALTHY = registry_pb2.RegisteredService.STATUS_UNHEALTHY
+PARALLEL = 16
+
+
+async def probe(
+    http: httpx.AsyncClient, service: registry_pb2.RegisteredService, allowlist: frozenset[str], timeout: float
+) -> tuple[int, float]:
+    """(status, latency in ms) of one health check of `service`."""
+    url = httpx.URL(service.endpoint).join(service.health_path)
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            pinned = await check_target(url, allowlist)
+            headers = {"user-agent": "flowport-registry"}
+            if pinned is not None:
+                headers["host"] = url.netloc.decode("ascii")
+                url = url.copy_with(host=pinned)
+            response = await http.get(url, headers=headers, follow_redirects=False)
+            healthy = 200 <= response.status_code < 300
+    except (TargetRefused, TargetUnresolvable, httpx.HTTPError, TimeoutError, OSError):
+        healthy = False
+    return (HEALTHY if healthy else UNHEALTHY), round(1000 * (time.perf_counter() - started), 3)
+
+
+class HealthChecker:
+    """Checks every live registration with a health path, on a schedule."""
+
+    def __init__(
+        self,
+        store: ServiceTables,
+        http: httpx.AsyncClient,
+        allowlist: frozenset[str],
+        *,
+        interval: float,
+        timeout: float,
+    ) -> None:
+        self._store = store
+        self._http = http
+        self._allowlist = allowlist
+        self._interval = interval
+        self._timeout = timeout
+        self._task: asyncio.Task[None] | None = None
+        self.checks = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._forever(), name="service health checks")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _forever(self) -> None:
+        while True:
+            try:
+                await self.check_all()
+            except Exception:
+                log.exception("checking registered services failed; will retry")
+            await asyncio.sleep(self._interval)
+
+    async def check_all(self) -> int:
+        """Check every due registration once; returns how many were checked."""
+        due = [
+            (tenant, s) for tenant, s in await self._store.services_to_check(now_us()) if s.health_path and s.endpoint
+        ]
+        gate = asyncio.Semaphore(PARALLEL)
+
+        async def one(tenant: str, service: registry_pb2.RegisteredService) -> None:
+            async with gate:
+                status, latency = await probe(self._http, service, self._allowlist, self._timeout)
+                await self._store.record_check(tenant, service.service_id, status, latency, now_us())
+
+        await asyncio.gather(*(one(tenant, service) for tenant, service in due))
+        self.checks += len(due)
+        return len(due)

@@ -1,0 +1,120 @@
+"""Active health checks of registered services: a local service that stops answering turns
+UNHEALTHY and comes back HEALTHY; an internal address outside the allowlist is never called."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from flowport.clients import AsyncClient
+from flowport.server.app import Running, start, stop
+from flowport.v1 import registry_pb2
+
+from ..conftest import ADMIN_KEY, make_settings
+
+HEALTHY = registry_pb2.RegisteredService.STATUS_HEALTHY
+UNHEALTHY = registry_pb2.RegisteredService.STATUS_UNHEALTHY
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Service:
+    """A local HTTP service that can be stopped and started again on the same port."""
+
+    def __init__(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+        self.port = self.server.server_port
+        self._serve()
+
+    def _serve(self) -> None:
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def start(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), _Health)
+        self._serve()
+
+
+@pytest.fixture
+async def fast(tmp_path: Path) -> AsyncIterator[AsyncClient]:
+    running: Running = await start(make_settings(tmp_path, service_check_interval=0.2, service_check_timeout=1.0))
+    try:
+        async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as client:
+            yield client
+    finally:
+        await stop(running, 1.0)
+
+
+async def _status_becomes(client: AsyncClient, service_id: str, status: int) -> registry_pb2.RegisteredService:
+    for _ in range(100):
+        got: registry_pb2.RegisteredService = await client.services.GetService(
+            registry_pb2.GetServiceRequest(service_id=service_id)
+        )
+        if got.status == status:
+            return got
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{service_id} did not become {registry_pb2.RegisteredService.Status.Name(status)}: {got}")
+
+
+async def test_a_service_that_stops_answering_turns_unhealthy_then_recovers(fast: AsyncClient) -> None:
+    service = _Service()
+    try:
+        await fast.services.RegisterService(
+            registry_pb2.RegisterServiceRequest(
+                service=registry_pb2.RegisteredService(
+                    service_id="local", endpoint=f"http://127.0.0.1:{service.port}", health_path="/health"
+                )
+            )
+        )
+        healthy = await _status_becomes(fast, "local", HEALTHY)
+        assert healthy.latency_ms > 0 and healthy.HasField("check_time")
+        service.stop()
+        await _status_becomes(fast, "local", UNHEALTHY)
+        service.start()
+        await _status_becomes(fast, "local", HEALTHY)
+    finally:
+        service.stop()
+
+
+async def test_a_wrong_path_and_an_internal_address_are_unhealthy(fast: AsyncClient) -> None:
+    service = _Service()
+    try:
+        for service_id, endpoint, path in (
+            ("wrong-path", f"http://127.0.0.1:{service.port}", "/missing"),
+            # Private and not allowlisted: refused by the SSRF guard, never connected to.
+            ("internal", "http://10.255.255.1:8080", "/health"),
+        ):
+            await fast.services.RegisterService(
+                registry_pb2.RegisterServiceRequest(
+                    service=registry_pb2.RegisteredService(service_id=service_id, endpoint=endpoint, health_path=path)
+                )
+            )
+            await _status_becomes(fast, service_id, UNHEALTHY)
+        # Without a health path a registration is not checked.
+        await fast.services.RegisterService(
+            registry_pb2.RegisterServiceRequest(
+                service=registry_pb2.RegisteredService(service_id="unchecked", endpoint="http://10.255.255.1")
+            )
+        )
+        await asyncio.sleep(0.6)
+        unchecked = await fast.services.GetService(registry_pb2.GetServiceRequest(service_id="unchecked"))
+        assert unchecked.status == registry_pb2.RegisteredService.STATUS_UNSPECIFIED
+        assert not unchecked.HasField("check_time")
+    finally:
+        service.stop()
