@@ -258,6 +258,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     store, services = store_opening, services_opening
     # Nodes open secrets through the vault, for their execution's tenant only.
     services.secrets = vault = SecretVault(store, secret_keys)
+    services.registry = store  # for MCPServiceDiscoveryNode: the execution's tenant's registrations
     registry = NodeRegistry.default()
     plans = PlanCache(registry)
     event_log, bus = await EventLog.open(

@@ -1,9 +1,9 @@
 """ServiceRegistryService: a tenant's catalogue of external services, with TTLs renewed by heartbeats.
 
 Health checks run in the background (server/registry/health.py) and set
-`status`, `latency_ms` and `check_time`. UNFINISHED (issue 10): the
-MCPServiceDiscoveryNode that reads this registry and the `external_apis`
-component of GET /health are not built yet.
+`status`, `latency_ms` and `check_time`; MCPServiceDiscoveryNode reads
+the registry (server/nodes/service_discovery.py). UNFINISHED (issue 10):
+the `external_apis` component of GET /health is not built yet.
 """
 
 from __future__ import annotations

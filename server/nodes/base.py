@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from jsonschema import Draft202012Validator
 
+from flowport.v1 import registry_pb2
+
 if TYPE_CHECKING:
     import httpx
 
@@ -53,6 +55,16 @@ class SecretReader(Protocol):
         ...
 
 
+class ServiceDirectory(Protocol):
+    """A tenant's registered services (the store's service registry tables)."""
+
+    async def list_services(
+        self, tenant: str, *, provider: str, after: str | None, limit: int, now_us: int
+    ) -> list[registry_pb2.RegisteredService]:
+        """Live registrations by id, strictly after `after`."""
+        ...
+
+
 @dataclass
 class NodeServices:
     """Resources shared by every node run in this process."""
@@ -67,6 +79,8 @@ class NodeServices:
     protected_paths: tuple[Path, ...] = ()
     # Where `${secret:NAME}` values come from; None: nodes that reference one fail.
     secrets: SecretReader | None = None
+    # The service registry, for MCPServiceDiscoveryNode; None: that node fails.
+    registry: ServiceDirectory | None = None
 
 
 @dataclass(frozen=True)

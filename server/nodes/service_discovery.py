@@ -1,0 +1,174 @@
+"""MCPServiceDiscoveryNode: the tenant's registered services that fit a workflow's needs.
+
+It reads the service registry (ServiceRegistryService) of the execution's
+tenant only, never another's. The config has the seed's shape:
+`tenant_context` (`compliance_zones` a service must all support; an `id`
+must be the execution's tenant), `required_capabilities` (all of them),
+`preferred_providers` (their services first, in that order), `health_check`
+(only services whose last check passed), `load_balancing` (`round_robin`,
+`least_latency` or `random`: the order of the list, whose first entry is
+`selected`) and `cache_duration` (seconds the tenant's matching list is
+reused before the registry is read again).
+
+Outputs `services` (also as `result`, so the seed's connection from
+`result` works), `count` and `selected`. Each service is
+`{id, endpoint, capabilities, provider, compliance_zones, metadata,
+health: {status: healthy|unhealthy|unknown, latency, checked_at}}`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from typing import Any, ClassVar
+
+from google.protobuf import json_format
+
+from flowport.server.api.common import now_us
+from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType
+from flowport.v1 import registry_pb2
+
+BALANCING = ("round_robin", "least_latency", "random")
+STATUS = {
+    registry_pb2.RegisteredService.STATUS_HEALTHY: "healthy",
+    registry_pb2.RegisteredService.STATUS_UNHEALTHY: "unhealthy",
+    registry_pb2.RegisteredService.STATUS_UNSPECIFIED: "unknown",
+}
+PAGE = 500
+MAX_SERVICES = 5000
+
+
+def describe(service: registry_pb2.RegisteredService) -> dict[str, Any]:
+    """A registration in the node's output shape."""
+    return {
+        "id": service.service_id,
+        "endpoint": service.endpoint,
+        "capabilities": list(service.capabilities),
+        "provider": service.provider,
+        "compliance_zones": list(service.compliance_zones),
+        "metadata": json_format.MessageToDict(service.metadata),
+        "health": {
+            "status": STATUS.get(service.status, "unknown"),
+            "latency": service.latency_ms,
+            "checked_at": service.check_time.ToJsonString() if service.HasField("check_time") else None,
+        },
+    }
+
+
+class MCPServiceDiscoveryNode(NodeType):
+    """Finds the execution's tenant's services by capability, zone, provider and health."""
+
+    type_name = "MCPServiceDiscoveryNode"
+    description = (
+        "Lists the tenant's registered services (/api/services) that have every `required_capabilities` and "
+        "support every `tenant_context.compliance_zones`, healthy ones only with `health_check`, ordered by "
+        "`preferred_providers` then `load_balancing`; outputs `services`, `count` and `selected`."
+    )
+    category = "integration"
+    config_schema: ClassVar[JsonSchema] = {
+        "type": "object",
+        "properties": {
+            "tenant_context": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "compliance_zones": {"type": "array", "items": {"type": "string"}},
+                    "service_tier": {"type": "string"},
+                },
+            },
+            "required_capabilities": {"type": "array", "items": {"type": "string"}, "default": []},
+            "preferred_providers": {"type": "array", "items": {"type": "string"}, "default": []},
+            "cache_duration": {"type": "number", "minimum": 0, "maximum": 86400, "default": 0},
+            "health_check": {"type": "boolean", "default": True},
+            "load_balancing": {"enum": list(BALANCING), "default": "round_robin"},
+        },
+        "additionalProperties": False,
+    }
+    inputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {}}
+    outputs_schema: ClassVar[JsonSchema] = {
+        "type": "object",
+        "properties": {
+            "services": {"type": "array", "items": {"type": "object"}},
+            "result": {"type": "array", "items": {"type": "object"}},
+            "count": {"type": "integer"},
+            "selected": {"type": ["object", "null"]},
+        },
+    }
+    retry_safe = True
+    default_timeout = 10.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        # (tenant, filters) -> (read at, matching registrations), for cache_duration.
+        self._cache: dict[tuple[Any, ...], tuple[float, list[registry_pb2.RegisteredService]]] = {}
+        # Round-robin positions per (tenant, filters).
+        self._turns: dict[tuple[Any, ...], itertools.count[int]] = {}
+
+    async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        directory = ctx.services.registry
+        if directory is None:
+            raise NodeError("the service registry is not available in this server", reason="NODE_UNAVAILABLE")
+        tenant_context = params.get("tenant_context") or {}
+        named = tenant_context.get("id")
+        if named not in (None, "", ctx.tenant):
+            raise NodeError(
+                f"tenant_context.id {str(named)[:64]!r} is not this execution's tenant", reason="TENANT_MISMATCH"
+            )
+        capabilities = sorted(set(params.get("required_capabilities") or []))
+        zones = sorted(set(tenant_context.get("compliance_zones") or []))
+        healthy_only = bool(params.get("health_check", True))
+        key = (ctx.tenant, tuple(capabilities), tuple(zones), healthy_only)
+        matching = await self._matching(directory, ctx.tenant, key, float(params.get("cache_duration") or 0))
+        preferred = list(params.get("preferred_providers") or [])
+        ordered = self._order(matching, key, params.get("load_balancing", "round_robin"))
+        rank = {provider: i for i, provider in enumerate(preferred)}
+        # A stable sort: preference first, the balancing order within each provider.
+        ordered.sort(key=lambda s: rank.get(s.provider, len(rank)))
+        services = [describe(s) for s in ordered]
+        return {
+            "services": services,
+            "result": services,
+            "count": len(services),
+            "selected": next(iter(services), None),
+        }
+
+    async def _matching(
+        self, directory: Any, tenant: str, key: tuple[Any, ...], cache_for: float
+    ) -> list[registry_pb2.RegisteredService]:
+        cached = self._cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < cache_for:
+            return cached[1]
+        _, capabilities, zones, healthy_only = key
+        found: list[registry_pb2.RegisteredService] = []
+        after: str | None = None
+        while len(found) < MAX_SERVICES:
+            page = await directory.list_services(tenant, provider="", after=after, limit=PAGE, now_us=now_us())
+            for service in page:
+                if not set(capabilities) <= set(service.capabilities):
+                    continue
+                if not set(zones) <= set(service.compliance_zones):
+                    continue
+                if healthy_only and service.status != registry_pb2.RegisteredService.STATUS_HEALTHY:
+                    continue
+                found.append(service)
+            if len(page) < PAGE:
+                break
+            after = page[-1].service_id
+        if cache_for > 0:
+            self._cache[key] = (time.monotonic(), found)
+        return found
+
+    def _order(
+        self, services: list[registry_pb2.RegisteredService], key: tuple[Any, ...], how: str
+    ) -> list[registry_pb2.RegisteredService]:
+        ordered = sorted(services, key=lambda s: s.service_id)
+        if how == "least_latency":
+            # Unchecked services (no latency yet) last.
+            ordered.sort(key=lambda s: (not s.HasField("check_time"), s.latency_ms))
+        elif how == "random":
+            random.shuffle(ordered)
+        elif ordered:
+            turn = next(self._turns.setdefault(key, itertools.count())) % len(ordered)
+            ordered = ordered[turn:] + ordered[:turn]
+        return ordered
