@@ -346,6 +346,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         services=services,
         dispatcher=dispatcher,
         security=SecurityCounters(authenticator, rate_limit),
+        service_checks=checker,
     )
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
     session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, settings, bus), server)

@@ -17,6 +17,7 @@ from flowport.server.health import Check, overall, run_check
 from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.ratelimit.service import RateLimitService
+from flowport.server.registry.health import HealthChecker
 from flowport.server.storage import Store
 from flowport.server.types import Context
 from flowport.server.version import VERSION
@@ -88,8 +89,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         services: NodeServices,
         dispatcher: WebhookDispatcher,
         security: SecurityCounters | None = None,
+        service_checks: HealthChecker | None = None,
     ) -> None:
         self._dispatcher = dispatcher
+        self._service_checks = service_checks
         self._security = security or SecurityCounters(None, None)
         self._store = store
         self._metrics = metrics
@@ -131,6 +134,16 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
             component.latency = round(result.latency_ms, 3)
             component.message = result.message
             component.last_check.FromNanoseconds(int(result.checked_at * 1e9))
+        sweep = self._service_checks.last_sweep if self._service_checks is not None else None
+        if sweep is not None:
+            # Every tenant's registered services, as counts only (/health is public):
+            # failing external services leave the gateway degraded, never down.
+            external = health.components["external_apis"]
+            external.status = "degraded" if sweep.failed else "healthy"
+            external.last_check.FromNanoseconds(int(sweep.at * 1e9))
+            external.details.update({"checked": sweep.checked, "failed_checks": sweep.failed})
+            if sweep.failed:
+                external.message = f"{sweep.failed} of {sweep.checked} registered services failed their last check"
         server = health.components["server"]
         server.status = "healthy"
         server.last_check.CopyFrom(health.timestamp)

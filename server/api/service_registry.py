@@ -1,9 +1,9 @@
 """ServiceRegistryService: a tenant's catalogue of external services, with TTLs renewed by heartbeats.
 
 Health checks run in the background (server/registry/health.py) and set
-`status`, `latency_ms` and `check_time`; MCPServiceDiscoveryNode reads
-the registry (server/nodes/service_discovery.py). UNFINISHED (issue 10):
-the `external_apis` component of GET /health is not built yet.
+`status`, `latency_ms` and `check_time`, and GET /health's `external_apis`
+component counts the failures; MCPServiceDiscoveryNode reads the registry
+(server/nodes/service_discovery.py).
 """
 
 from __future__ import annotations

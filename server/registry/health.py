@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import httpx
 
@@ -52,6 +53,15 @@ async def probe(
     return (HEALTHY if healthy else UNHEALTHY), round(1000 * (time.perf_counter() - started), 3)
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """One round of checks over every tenant's registrations: counts only, no names."""
+
+    checked: int
+    failed: int
+    at: float  # unix seconds
+
+
 class HealthChecker:
     """Checks every live registration with a health path, on a schedule."""
 
@@ -71,6 +81,8 @@ class HealthChecker:
         self._timeout = timeout
         self._task: asyncio.Task[None] | None = None
         self.checks = 0
+        # The last sweep, for GET /health's `external_apis` component.
+        self.last_sweep: Sweep | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._forever(), name="service health checks")
@@ -95,11 +107,20 @@ class HealthChecker:
         ]
         gate = asyncio.Semaphore(PARALLEL)
 
-        async def one(tenant: str, service: registry_pb2.RegisteredService) -> None:
+        async def one(tenant: str, service: registry_pb2.RegisteredService) -> bool:
             async with gate:
                 status, latency = await probe(self._http, service, self._allowlist, self._timeout)
                 await self._store.record_check(tenant, service.service_id, status, latency, now_us())
+                return status == HEALTHY
 
-        await asyncio.gather(*(one(tenant, service) for tenant, service in due))
+        failed = 0
+
+        async def counted(tenant: str, service: registry_pb2.RegisteredService) -> None:
+            nonlocal failed
+            healthy = await one(tenant, service)  # awaited before `failed` is read: checks run concurrently
+            failed += not healthy
+
+        await asyncio.gather(*(counted(tenant, service) for tenant, service in due))
         self.checks += len(due)
+        self.last_sweep = Sweep(checked=len(due), failed=failed, at=time.time())
         return len(due)

@@ -8,12 +8,13 @@ import threading
 from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from flowport.clients import AsyncClient
 from flowport.server.app import Running, start, stop
-from flowport.v1 import registry_pb2
+from flowport.v1 import gateway_pb2, registry_pb2
 
 from ..conftest import ADMIN_KEY, make_settings
 
@@ -61,6 +62,16 @@ async def fast(tmp_path: Path) -> AsyncIterator[AsyncClient]:
         await stop(running, 1.0)
 
 
+async def _external_apis(client: AsyncClient, status: str, failed: int = 0) -> Any:
+    for _ in range(100):
+        health = await client.gateway.GetHealth(gateway_pb2.GetHealthRequest())
+        component = health.components.get("external_apis")
+        if component is not None and component.status == status and component.details["failed_checks"] == failed:
+            return component
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"external_apis did not become {status}: {health}")
+
+
 async def _status_becomes(client: AsyncClient, service_id: str, status: int) -> registry_pb2.RegisteredService:
     for _ in range(100):
         got: registry_pb2.RegisteredService = await client.services.GetService(
@@ -84,6 +95,8 @@ async def test_a_service_that_stops_answering_turns_unhealthy_then_recovers(fast
         )
         healthy = await _status_becomes(fast, "local", HEALTHY)
         assert healthy.latency_ms > 0 and healthy.HasField("check_time")
+        external = await _external_apis(fast, "healthy")
+        assert external.details["failed_checks"] == 0 and external.details["checked"] == 1
         service.stop()
         await _status_becomes(fast, "local", UNHEALTHY)
         service.start()
@@ -106,6 +119,11 @@ async def test_a_wrong_path_and_an_internal_address_are_unhealthy(fast: AsyncCli
                 )
             )
             await _status_becomes(fast, service_id, UNHEALTHY)
+        # GET /health (public) reports the failures as counts, never which services.
+        external = await _external_apis(fast, "degraded", failed=2)
+        assert "2 of 2" in external.message
+        health = await fast.gateway.GetHealth(gateway_pb2.GetHealthRequest())
+        assert health.status == "degraded" and "wrong-path" not in str(health) and "10.255" not in str(health)
         # Without a health path a registration is not checked.
         await fast.services.RegisterService(
             registry_pb2.RegisterServiceRequest(
