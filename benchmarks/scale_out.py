@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from benchmarks.harness.latency import percentile
 from flowport.server.settings import Settings
 from flowport.server.supervisor import child_environment
 from flowport.v1 import (
@@ -116,11 +117,6 @@ async def _load(target: str, scenario: str, duration: float, concurrency: int) -
     return len(latencies), latencies, errors
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
 def run_one(config: dict[str, Any], scenario: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
     settings = Settings.load(
         {
@@ -147,12 +143,13 @@ def run_one(config: dict[str, Any], scenario: str, args: argparse.Namespace, dat
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(60)
+    ordered = sorted(latencies)
     return {
         "config": config["name"],
         "scenario": scenario,
         "per_second": calls / args.duration,
-        "p50": _percentile(latencies, 0.5),
-        "p99": _percentile(latencies, 0.99),
+        "p50": percentile(ordered, 0.5),
+        "p99": percentile(ordered, 0.99),
         "errors": errors,
     }
 

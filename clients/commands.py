@@ -23,10 +23,9 @@ from flowport.clients.keys_cli import (
     EXIT_USAGE,
     CliError,
     explain,
-    find_api_key,
+    run_client_command,
 )
 from flowport.clients.output import FORMATS, render
-from flowport.server.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from flowport.clients import Client
@@ -152,22 +151,16 @@ def run_resource(args: argparse.Namespace, out: Out = print) -> int:
     """Run one resource command; returns the exit code."""
     from flowport.clients import ApiError, Client
 
-    try:
-        settings = Settings.load({"data_dir": args.data_dir}, config_file=args.config)
-        api_key = find_api_key(args.api_key, settings)
-        target = args.target or settings.grpc_target
+    def call(target: str, api_key: str) -> int:
         with Client(target, api_key=api_key, timeout=args.timeout) as client:
             try:
                 code: int = args.handler(client, args, out)
             except ApiError as error:
                 raise explain(error, target, admin_needed=False) from None
         return code
-    except SettingsError as exc:
-        print(f"flowport: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except CliError as exc:
-        print(f"flowport: {exc}", file=sys.stderr)
-        return exc.code
+
+    try:
+        return run_client_command(args, call)
     except KeyboardInterrupt:
         return 130
 

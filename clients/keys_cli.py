@@ -121,11 +121,19 @@ def parse_expiry(value: str, now: datetime | None = None) -> datetime:
 
 def run_keys(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     """Run one `flowport keys` action; returns the exit code."""
+    return run_client_command(args, lambda target, api_key: _call(args, target, api_key, out))
+
+
+def run_client_command(args: argparse.Namespace, call: Callable[[str, str], int]) -> int:
+    """Find the server (`--target`, else the settings') and the key, then `call(target, api_key)`.
+
+    Every command that calls a running server goes through here: bad settings
+    and CliErrors print as one `flowport: …` line and become the exit code.
+    """
     try:
         settings = Settings.load({"data_dir": args.data_dir}, config_file=args.config)
         api_key = find_api_key(args.api_key, settings)
-        target = args.target or settings.grpc_target
-        return _call(args, target, api_key, out)
+        return call(args.target or settings.grpc_target, api_key)
     except SettingsError as exc:
         print(f"flowport: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,39 +9,16 @@ clients fill one in, so the server answers a repeat with its first result).
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 from functools import cache
 
 from google.protobuf import descriptor_pb2
-from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
-from flowport.v1 import (
-    apikey_pb2,
-    audit_pb2,
-    event_pb2,
-    execution_pb2,
-    gateway_pb2,
-    registry_pb2,
-    schema_pb2,
-    secret_pb2,
-    session_pb2,
-    webhook_pb2,
-    workflow_pb2,
-)
+import flowport.v1
 
-_MODULES = (
-    apikey_pb2,
-    audit_pb2,
-    event_pb2,
-    execution_pb2,
-    gateway_pb2,
-    registry_pb2,
-    schema_pb2,
-    secret_pb2,
-    session_pb2,
-    webhook_pb2,
-    workflow_pb2,
-)
 _SAFE_LEVELS = (descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.MethodOptions.IDEMPOTENT)
 
 
@@ -58,12 +35,22 @@ def safe_to_retry(method: MethodDescriptor) -> bool:
 
 
 @cache
+def api_services() -> tuple[ServiceDescriptor, ...]:
+    """Every service of the flowport.v1 API, found in its generated modules (a new .proto needs no edit here)."""
+    modules = [
+        importlib.import_module(f"{flowport.v1.__name__}.{info.name}")
+        for info in pkgutil.iter_modules(flowport.v1.__path__)
+        if info.name.endswith("_pb2")
+    ]
+    return tuple(service for module in modules for service in module.DESCRIPTOR.services_by_name.values())
+
+
+@cache
 def retried_methods() -> tuple[tuple[str, str], ...]:
     """(service, method) of every method the clients retry."""
     return tuple(
         (service.full_name, method.name)
-        for module in _MODULES
-        for service in module.DESCRIPTOR.services_by_name.values()
+        for service in api_services()
         for method in service.methods
         if safe_to_retry(method)
     )

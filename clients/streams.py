@@ -100,6 +100,16 @@ async def aevents(
             await asyncio.sleep(backoff.failed(error))
 
 
+def _fresh(update: execution_pb2.WatchExecutionResponse, seen: set[str]) -> bool:
+    """Whether to yield `update`: not a heartbeat, not an event yielded before a reconnect (remembered in `seen`)."""
+    if not update.HasField("event"):
+        return True
+    if update.event.type == "heartbeat" or update.event.id in seen:
+        return False
+    seen.add(update.event.id)
+    return True
+
+
 def _ended(update: execution_pb2.WatchExecutionResponse) -> bool:
     if update.HasField("execution"):
         return update.execution.state in FINISHED
@@ -116,10 +126,8 @@ def watch(
         try:
             for update in watch_execution(request):
                 backoff.worked()
-                if update.HasField("event") and (update.event.type == "heartbeat" or update.event.id in seen):
+                if not _fresh(update, seen):
                     continue
-                if update.HasField("event"):
-                    seen.add(update.event.id)
                 yield update
                 if _ended(update):
                     return
@@ -138,10 +146,8 @@ async def awatch(
         try:
             async for update in watch_execution(request):
                 backoff.worked()
-                if update.HasField("event") and (update.event.type == "heartbeat" or update.event.id in seen):
+                if not _fresh(update, seen):
                     continue
-                if update.HasField("event"):
-                    seen.add(update.event.id)
                 yield update
                 if _ended(update):
                     return

@@ -12,6 +12,7 @@ import pytest
 from google.protobuf import duration_pb2, json_format
 
 from flowport.clients import ApiError, Client
+from flowport.clients.retry import api_services
 from flowport.v1 import (
     apikey_pb2,
     audit_pb2,
@@ -167,9 +168,5 @@ def test_every_rpc_answers_through_the_sdk_and_envoy(stack: Stack) -> None:  # n
         assert gone.value.reason == "SESSION_NOT_FOUND"
     receiver.shutdown()
     receiver.server_close()
-    modules = (apikey_pb2, audit_pb2, event_pb2, execution_pb2, gateway_pb2, schema_pb2, secret_pb2)
-    modules += (registry_pb2, session_pb2, webhook_pb2, workflow_pb2)
-    every = {
-        m.name for module in modules for service in module.DESCRIPTOR.services_by_name.values() for m in service.methods
-    }
+    every = {method.name for service in api_services() for method in service.methods}
     assert len(every) >= 41 and every <= called, f"not called: {sorted(every - called)}"

@@ -26,24 +26,33 @@ from ..conftest import ADMIN_KEY, ServeProcess, make_settings
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def clients(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[list[Client]]:
-    servers = []
+@contextlib.contextmanager
+def _two_servers(
+    tmp_path: Path, postgres_url: str, redis_url: str, **overrides: object
+) -> Iterator[list[ServeProcess]]:
+    """Servers "a" and "b" sharing one PostgreSQL database and one Redis; stopped afterwards."""
+    servers: list[ServeProcess] = []
     try:
         for name in ("a", "b"):
             server = ServeProcess(
-                make_settings(tmp_path / name, database_url=postgres_url, redis_url=redis_url, stream_heartbeat=0.5)
+                make_settings(tmp_path / name, database_url=postgres_url, redis_url=redis_url, **overrides)
             )
             server.start()
             servers.append(server)
-        with (
-            Client(servers[0].settings.grpc_target, api_key=ADMIN_KEY) as a,
-            Client(servers[1].settings.grpc_target, api_key=ADMIN_KEY) as b,
-        ):
-            yield [a, b]
+        yield servers
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture
+def clients(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[list[Client]]:
+    with (
+        _two_servers(tmp_path, postgres_url, redis_url, stream_heartbeat=0.5) as servers,
+        Client(servers[0].settings.grpc_target, api_key=ADMIN_KEY) as a,
+        Client(servers[1].settings.grpc_target, api_key=ADMIN_KEY) as b,
+    ):
+        yield [a, b]
 
 
 def _take(stream: grpc.Future, count: int, timeout: float = 15.0) -> list[event_pb2.Event]:
@@ -169,20 +178,8 @@ class _SlowHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def leased(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[list[ServeProcess]]:
     """Two servers with short execution leases (2 s)."""
-    servers = []
-    try:
-        for name in ("a", "b"):
-            server = ServeProcess(
-                make_settings(
-                    tmp_path / name, database_url=postgres_url, redis_url=redis_url, execution_lease_seconds=2.0
-                )
-            )
-            server.start()
-            servers.append(server)
+    with _two_servers(tmp_path, postgres_url, redis_url, execution_lease_seconds=2.0) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def _wait_for(client: Client, execution_id: str, states: set[int], seconds: float) -> execution_pb2.Execution:
@@ -322,19 +319,8 @@ def test_an_execution_running_on_one_process_is_cancelled_through_the_other(clie
 @pytest.fixture
 def one_slot(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[list[ServeProcess]]:
     """Two servers that each run one execution at a time."""
-    servers = []
-    try:
-        for name in ("a", "b"):
-            settings = make_settings(
-                tmp_path / name, database_url=postgres_url, redis_url=redis_url, max_concurrent_executions=1
-            )
-            server = ServeProcess(settings)
-            server.start()
-            servers.append(server)
+    with _two_servers(tmp_path, postgres_url, redis_url, max_concurrent_executions=1) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def _nap_workflow(client: Client, name: str, seconds: float) -> None:
