@@ -29,6 +29,7 @@ def builtin_types() -> list[type[NodeType]]:
     from flowport.server.nodes.http import HTTPRequestNode, RESTClientNode
     from flowport.server.nodes.permission_check import PermissionCheckNode
     from flowport.server.nodes.python_code import PythonCodeNode
+    from flowport.server.nodes.rate_limited import RateLimitedAPINode
     from flowport.server.nodes.service_discovery import MCPServiceDiscoveryNode
     from flowport.server.nodes.sql import AsyncSQLDatabaseNode, SQLDatabaseNode
 
@@ -43,6 +44,7 @@ def builtin_types() -> list[type[NodeType]]:
         TransformNode,
         PermissionCheckNode,
         MCPServiceDiscoveryNode,
+        RateLimitedAPINode,
     ]
 
 

@@ -42,6 +42,10 @@ Behaviour of `perform`:
 
 `retry_safe` is False on both classes: the engine cannot tell a GET from a
 POST at class level, and re-running a POST is not safe.
+
+`perform` takes an optional `AttemptGate`, which holds each attempt back
+and may choose the wait after an answer: RateLimitedAPINode
+(rate_limited.py) uses it to keep every attempt to its rate limit.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Protocol
 
 import httpx
 
@@ -312,7 +316,23 @@ class _Fetched:
     charset: str | None
 
 
-async def perform(ctx: NodeContext, call: HttpCall) -> dict[str, Any]:
+class AttemptGate(Protocol):
+    """Holds each attempt of `perform` back, and may set the wait after an answer (RateLimitedAPINode)."""
+
+    async def admit(self, attempt: int) -> None:
+        """Before attempt `attempt` (from 1): returns when it may be sent, or raises NodeError.
+
+        On the first attempt the error is the node's; on a later one the
+        previous attempt's result stands, as when time runs out.
+        """
+        ...
+
+    async def answered(self, status: int, headers: httpx.Headers) -> float | None:
+        """After an attempt got an answer: seconds to wait before the next attempt, or None for perform's backoff."""
+        ...
+
+
+async def perform(ctx: NodeContext, call: HttpCall, *, gate: AttemptGate | None = None) -> dict[str, Any]:
     """Run `call` with retries; the node's outputs."""
     client = ctx.services.http
     if client is None:
@@ -327,6 +347,13 @@ async def perform(ctx: NodeContext, call: HttpCall) -> dict[str, Any]:
     fetched: _Fetched | None = None
     failure: _Transient | None = None
     for attempt in range(1, attempts + 1):
+        if gate is not None:
+            try:
+                await gate.admit(attempt)
+            except NodeError:
+                if made == 0:
+                    raise
+                break
         # A little before the engine's own deadline, so the node reports what timed out.
         budget = min(call.timeout, ctx.remaining - DEADLINE_MARGIN)
         if budget <= 0:
@@ -338,11 +365,12 @@ async def perform(ctx: NodeContext, call: HttpCall) -> dict[str, Any]:
             fetched, failure = await _attempt(client, call, url, allowlist, budget), None
         except _Transient as exc:
             fetched, failure = None, exc
+        wait = None if gate is None or fetched is None else await gate.answered(fetched.status_code, fetched.headers)
         if fetched is not None and not _retryable_status(fetched.status_code):
             break
         if attempt == attempts:
             break
-        delay = _backoff(call, attempt, fetched)
+        delay = _backoff(call, attempt, fetched) if wait is None else wait
         if delay >= ctx.remaining - DEADLINE_MARGIN:
             break
         await _sleep(delay)
@@ -567,7 +595,11 @@ class _HTTPNode(NodeType):
         scope = prepared if isinstance(prepared, ConfigSecrets) else None
         async with revealed(ctx, scope, params) as secrets:
             # A service may echo what it was sent (a URL, a header): the outputs are recorded, so mask it.
-            return secrets.redact(await perform(ctx, self.call(params, secrets)))
+            return secrets.redact(await self.send(ctx, self.call(params, secrets), params))
+
+    async def send(self, ctx: NodeContext, call: HttpCall, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Perform `call`; the outputs. RateLimitedAPINode wraps it to hold each attempt to its limit."""
+        return await perform(ctx, call)
 
 
 # Where `${secret:NAME}` is resolved: everything that goes into the request.
