@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flowport.clients.commands import add_resource_parsers, run_resource
+from flowport.clients.integration_commands import add_integration_parsers
 from flowport.clients.keys_cli import add_keys_parser, run_keys
 from flowport.clients.secrets_cli import add_secrets_parser, run_secrets
 from flowport.server.settings import ENV_PREFIX, Settings, SettingsError
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_parser(commands)
     add_secrets_parser(commands, _add_setting_flags)
     add_resource_parsers(commands)
+    add_integration_parsers(commands)
     completion = commands.add_parser(
         "completion",
         help="print a completion script: `flowport completion bash > /etc/bash_completion.d/flowport`",

@@ -37,6 +37,7 @@ from flowport.v1 import (
     execution_pb2_grpc,
     gateway_pb2_grpc,
     registry_pb2_grpc,
+    resource_pb2_grpc,
     schema_pb2_grpc,
     secret_pb2_grpc,
     session_pb2_grpc,
@@ -108,6 +109,7 @@ class _Stubs:
         self.secrets = secret_pb2_grpc.SecretServiceStub(channel)
         self.audit = audit_pb2_grpc.AuditServiceStub(channel)
         self.services = registry_pb2_grpc.ServiceRegistryServiceStub(channel)
+        self.resources = resource_pb2_grpc.ResourceServiceStub(channel)
 
 
 class Client(_Stubs):

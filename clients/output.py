@@ -67,6 +67,24 @@ COLUMNS: dict[str, list[Column]] = {
         ("UPDATED", lambda d: _time(d.get("update_time") or d.get("create_time"))),
         ("DESCRIPTION", lambda d: d.get("description", "")),
     ],
+    "flowport.v1.RegisteredService": [
+        ("SERVICE", lambda d: d.get("service_id", "")),
+        ("ENDPOINT", lambda d: d.get("endpoint", "")),
+        ("CAPABILITIES", lambda d: ",".join(d.get("capabilities", []))),
+        ("PROVIDER", lambda d: d.get("provider", "")),
+        ("STATUS", lambda d: str(d.get("status", "")).removeprefix("STATUS_").lower() or "unchecked"),
+        ("LATENCY_MS", lambda d: d.get("latency_ms", "")),
+    ],
+    "flowport.v1.Resource": [
+        ("RESOURCE", lambda d: d.get("name", "")),
+        ("KIND", lambda d: "database" if "database" in d else "http" if "http" in d else ""),
+        (
+            "TARGET",
+            lambda d: d.get("database", {}).get("connection_string", "") or d.get("http", {}).get("base_url", ""),
+        ),
+        ("POOL", lambda d: d.get("database", {}).get("pool_size", "")),
+        ("FROM", lambda d: "settings" if d.get("from_settings") else "api"),
+    ],
     "flowport.v1.WebhookDelivery": [
         ("DELIVERY", lambda d: d.get("delivery_id", "")),
         ("EVENT", lambda d: d.get("event_type", "") or d.get("event_id", "")),

@@ -24,6 +24,7 @@ from flowport.server.api.audit import AuditService
 from flowport.server.api.events import EventService
 from flowport.server.api.executions import ExecutionService
 from flowport.server.api.gateway import GatewayService, SecurityCounters
+from flowport.server.api.resources import ResourceService
 from flowport.server.api.schemas import SchemaService
 from flowport.server.api.secrets import SecretService
 from flowport.server.api.service_registry import ServiceRegistryService
@@ -49,8 +50,13 @@ from flowport.server.nodes.base import NodeServices
 from flowport.server.nodes.python_code import PythonCodeNode
 from flowport.server.nodes.sql_pools import SqlPools
 from flowport.server.ratelimit.counters import RedisCounters
+from flowport.server.ratelimit.outbound import LocalLimiter, OutboundLimiter
+from flowport.server.ratelimit.outbound_redis import RedisLimiter
 from flowport.server.ratelimit.service import RateLimitService
 from flowport.server.registry.health import HealthChecker
+from flowport.server.resources import settings_file
+from flowport.server.resources.directory import ResourceDirectory
+from flowport.server.resources.health import PoolHealth
 from flowport.server.sandbox import SandboxLimits, SandboxPool
 from flowport.server.secrets.keyring import KeyringError
 from flowport.server.secrets.source import KeySource, open_key_source
@@ -71,6 +77,8 @@ from flowport.v1 import (
     gateway_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    resource_pb2,
+    resource_pb2_grpc,
     schema_pb2,
     schema_pb2_grpc,
     secret_pb2,
@@ -102,6 +110,7 @@ IMPLEMENTED = [
     secret_pb2.DESCRIPTOR.services_by_name["SecretService"],
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
     registry_pb2.DESCRIPTOR.services_by_name["ServiceRegistryService"],
+    resource_pb2.DESCRIPTOR.services_by_name["ResourceService"],
 ]
 # Services in the API that this server does not serve yet (none today).
 NOT_YET_IMPLEMENTED: list[Any] = []
@@ -197,6 +206,10 @@ async def _open_node_services(settings: Settings) -> NodeServices:
     )
     sandbox = SandboxPool(size=settings.sandbox_workers or os.cpu_count() or 1, limits=limits)
     await sandbox.start()
+    # With Redis, RateLimitedAPINode's limits hold across every process that shares it.
+    outbound: OutboundLimiter = (
+        RedisLimiter(settings.redis_url.get_secret_value()) if settings.redis_url is not None else LocalLimiter()
+    )
     return NodeServices(
         # One connection pool for every HTTP node of every execution; trust_env
         # off, so no proxy from the environment carries requests past the
@@ -206,6 +219,7 @@ async def _open_node_services(settings: Settings) -> NodeServices:
         sql=SqlPools(),
         http_allowlist=frozenset(settings.http_allowlist),
         protected_paths=(settings.data_dir,),
+        outbound=outbound,
     )
 
 
@@ -216,6 +230,17 @@ async def _close_node_services(services: NodeServices) -> None:
         await services.http.aclose()
     if services.sql is not None:
         await services.sql.close()
+    if services.outbound is not None:
+        await services.outbound.close()
+
+
+def _declared_resources(settings: Settings) -> list[resource_pb2.Resource]:
+    if settings.resources_file is None:
+        return []
+    try:
+        return settings_file.load(settings.resources_file)
+    except settings_file.ResourcesFileError as exc:
+        raise StartupError(f"resources: {exc}") from None
 
 
 def _secret_keys(settings: Settings) -> KeySource:
@@ -233,15 +258,19 @@ async def start(settings: Settings) -> Running:
     """
     # Before anything starts: without its key no secret can be stored or read.
     secret_keys = _secret_keys(settings)
+    declared = _declared_resources(settings)
     # Whatever opened is closed again, in reverse, when a later step fails.
     async with contextlib.AsyncExitStack() as opened:
-        running = await _start(settings, secret_keys, opened)
+        running = await _start(settings, secret_keys, declared, opened)
         opened.pop_all()
     return running
 
 
 async def _start(  # noqa: PLR0915 - the start-up sequence, in order
-    settings: Settings, secret_keys: KeySource, opened: contextlib.AsyncExitStack
+    settings: Settings,
+    secret_keys: KeySource,
+    declared: list[resource_pb2.Resource],
+    opened: contextlib.AsyncExitStack,
 ) -> Running:
     # Workers boot while the database opens.
     store_opening, services_opening = await asyncio.gather(
@@ -259,6 +288,9 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     # Nodes open secrets through the vault, for their execution's tenant only.
     services.secrets = vault = SecretVault(store, secret_keys)
     services.registry = store  # for MCPServiceDiscoveryNode: the execution's tenant's registrations
+    await settings_file.apply(store, declared, time.time_ns() // 1000)
+    assert services.sql is not None
+    services.resources = resources = ResourceDirectory(store, services.sql)
     registry = NodeRegistry.default()
     plans = PlanCache(registry)
     event_log, bus = await EventLog.open(
@@ -287,6 +319,11 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     )
     checker.start()
     opened.push_async_callback(checker.close)
+    pool_health = PoolHealth(
+        services.sql, resources, interval=settings.service_check_interval, timeout=settings.service_check_timeout
+    )
+    pool_health.start()
+    opened.push_async_callback(pool_health.close)
     # One lease holder per process, for its executions and webhook deliveries.
     leases = Leases(settings.execution_lease_seconds)
     dispatcher = WebhookDispatcher(
@@ -347,6 +384,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         dispatcher=dispatcher,
         security=SecurityCounters(authenticator, rate_limit),
         service_checks=checker,
+        pool_checks=pool_health,
     )
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
     session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, settings, bus), server)
@@ -361,6 +399,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     secret_pb2_grpc.add_SecretServiceServicer_to_server(SecretService(store, vault), server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(store, audit), server)
     registry_pb2_grpc.add_ServiceRegistryServiceServicer_to_server(ServiceRegistryService(store), server)
+    resource_pb2_grpc.add_ResourceServiceServicer_to_server(ResourceService(store, resources), server)
     server.add_generic_rpc_handlers([unimplemented_handler(s) for s in NOT_YET_IMPLEMENTED])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -188,10 +188,18 @@ class Settings(BaseModel):
         "link-local (comma-separated)",
     )
     service_check_interval: float = Field(
-        10.0, ge=0.2, le=3600, description="seconds between health checks of registered services"
+        10.0,
+        ge=0.2,
+        le=3600,
+        description="seconds between health checks of registered services and of open resource pools",
     )
     service_check_timeout: float = Field(
         5.0, gt=0, le=60, description="seconds a registered service's health check may take"
+    )
+    resources_file: Path | None = Field(
+        None,
+        description="JSON file of shared resources (database pools, HTTP profiles) per tenant, written to the "
+        'store at every start: {"resources": [{"tenant": …, "name": …, "database": {…}}]}',
     )
     secrets_key: SecretStr | None = Field(
         None,

@@ -18,6 +18,7 @@ from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.ratelimit.service import RateLimitService
 from flowport.server.registry.health import HealthChecker
+from flowport.server.resources.health import PoolHealth
 from flowport.server.storage import Store
 from flowport.server.types import Context
 from flowport.server.version import VERSION
@@ -90,7 +91,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         dispatcher: WebhookDispatcher,
         security: SecurityCounters | None = None,
         service_checks: HealthChecker | None = None,
+        pool_checks: PoolHealth | None = None,
     ) -> None:
+        self._pool_checks = pool_checks
         self._dispatcher = dispatcher
         self._service_checks = service_checks
         self._security = security or SecurityCounters(None, None)
@@ -144,6 +147,17 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
             external.details.update({"checked": sweep.checked, "failed_checks": sweep.failed})
             if sweep.failed:
                 external.message = f"{sweep.failed} of {sweep.checked} registered services failed their last check"
+        pools = self._pool_checks.last_sweep if self._pool_checks is not None else None
+        if pools is not None and pools.checked:
+            # The tenants' database resources (the seed's `database` with latency): an
+            # external database failing degrades the gateway, it does not take it down.
+            database_pools = health.components["database_pools"]
+            database_pools.status = "degraded" if pools.failed else "healthy"
+            database_pools.latency = pools.latency_ms
+            database_pools.last_check.FromNanoseconds(int(pools.at * 1e9))
+            database_pools.details.update({"checked": pools.checked, "failed_checks": pools.failed})
+            if pools.failed:
+                database_pools.message = f"{pools.failed} of {pools.checked} resource pools failed their last check"
         server = health.components["server"]
         server.status = "healthy"
         server.last_check.CopyFrom(health.timestamp)

@@ -35,6 +35,7 @@ LABEL_RULE = "1 to 64 characters: letters, digits, '_', '.', ':' and '-'"
 MIN_TTL_S, MAX_TTL_S = 1, 24 * 3600
 MAX_LABELS = 32
 MAX_ENDPOINT = 2048
+SCHEMES = ("http", "https", "grpc", "grpcs")
 # Reads past a page's worth of rows the capability and zone filters dropped, up to this many in all.
 MAX_SCANNED = 5000
 
@@ -56,10 +57,14 @@ def _violations(service: registry_pb2.RegisteredService) -> list[tuple[str, str]
         found.append(("service.service_id", ID_RULE))
     try:
         url = httpx.URL(service.endpoint)
-        if url.scheme not in ("http", "https") or not url.host or len(service.endpoint) > MAX_ENDPOINT:
+        if url.scheme not in SCHEMES or not url.host or len(service.endpoint) > MAX_ENDPOINT:
             raise ValueError
+        if url.scheme.startswith("grpc") and (url.port is None or url.path not in ("", "/")):
+            found.append(("service.endpoint", "a gRPC endpoint is grpc://host:port (or grpcs://), without a path"))
     except (httpx.InvalidURL, ValueError):
-        found.append(("service.endpoint", f"an http or https URL of at most {MAX_ENDPOINT} characters"))
+        found.append(("service.endpoint", f"an http, https, grpc or grpcs URL of at most {MAX_ENDPOINT} characters"))
+    if len(service.health_service) > 256:
+        found.append(("service.health_service", "at most 256 characters"))
     for field, labels in (("capabilities", service.capabilities), ("compliance_zones", service.compliance_zones)):
         if len(labels) > MAX_LABELS:
             found.append((f"service.{field}", f"at most {MAX_LABELS}"))

@@ -65,6 +65,12 @@ PERMISSIONS: dict[str, Access] = {
     f"{_API}ServiceRegistryService/ListServices": Access.USER,
     f"{_API}ServiceRegistryService/Heartbeat": Access.USER,
     f"{_API}ServiceRegistryService/DeregisterService": Access.USER,
+    # The caller's own tenant's resources; credentials in them are secret references.
+    f"{_API}ResourceService/CreateResource": Access.USER,
+    f"{_API}ResourceService/GetResource": Access.USER,
+    f"{_API}ResourceService/ListResources": Access.USER,
+    f"{_API}ResourceService/UpdateResource": Access.USER,
+    f"{_API}ResourceService/DeleteResource": Access.USER,
     # Every tenant's entries, failed logins included.
     f"{_API}AuditService/ListAuditEvents": Access.ADMIN,
 }

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     import httpx
 
     from flowport.server.nodes.sql_pools import SqlPools
+    from flowport.server.ratelimit.outbound import OutboundLimiter
+    from flowport.server.resources.directory import ResourceDirectory
     from flowport.server.sandbox.pool import SandboxPool
 
 JsonSchema = dict[str, Any]
@@ -81,6 +83,11 @@ class NodeServices:
     secrets: SecretReader | None = None
     # The service registry, for MCPServiceDiscoveryNode; None: that node fails.
     registry: ServiceDirectory | None = None
+    # Limits on calls to external APIs, per tenant and target (RateLimitedAPINode):
+    # in Redis when configured, so they hold across processes; None: that node fails.
+    outbound: OutboundLimiter | None = None
+    # Named database pools and HTTP profiles (server/resources/); None: nodes naming one fail.
+    resources: ResourceDirectory | None = None
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,10 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import TextClause
 
-from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType
+from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
 from flowport.server.nodes.sql_pools import CONNECTION_STRING_PATTERN, UnsupportedDatabase, async_url, describe
 from flowport.server.nodes.substitution import check_params, insert_secrets, substitute
+from flowport.server.secrets.redaction import Redactor, scrubbing_logs
 from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, revealed
 
 DEFAULT_MAX_ROWS: Final = 10_000
@@ -86,6 +87,12 @@ _CONFIG_SCHEMA: JsonSchema = {
             "pattern": CONNECTION_STRING_PATTERN,
             "description": "sqlite:///path.db or postgresql://user:pass@host:port/db",
         },
+        "resource_name": {
+            "type": "string",
+            "pattern": r"^[a-z0-9][a-z0-9_-]{0,62}$",
+            "description": "A database resource of the tenant (/api/resources) instead of connection_string: "
+            "its shared pool and its settings (pool_size, max_overflow, pool_recycle here are ignored).",
+        },
         "query": {"type": "string", "minLength": 1, "description": "One SQL statement with :name parameters."},
         "query_params": {
             "type": "object",
@@ -98,7 +105,7 @@ _CONFIG_SCHEMA: JsonSchema = {
         "pool_recycle": {"type": "integer", "minimum": -1, "default": 3600, "description": "Seconds; -1 never."},
         "echo": {"type": "boolean", "description": "Accepted and ignored (SQL logging is not per node)."},
     },
-    "required": ["connection_string", "query"],
+    "required": ["query"],
     "additionalProperties": False,
 }
 
@@ -306,6 +313,16 @@ class SQLDatabaseNode(NodeType):
     max_timeout: ClassVar[float] = 600.0
 
     @classmethod
+    def validate_config(cls, config: Mapping[str, Any], path: str) -> list[Violation]:
+        problems = super().validate_config(config, path)
+        given = [key for key in ("connection_string", "resource_name") if key in config]
+        if not given:
+            problems.append((f"{path}.connection_string", f"{cls.type_name} needs connection_string or resource_name"))
+        elif len(given) == 2:
+            problems.append((f"{path}.resource_name", "give connection_string or resource_name, not both"))
+        return problems
+
+    @classmethod
     def is_retry_safe(cls, config: Mapping[str, Any]) -> bool:
         query = config.get("query")
         # A plain SELECT reads only; anything else may write.
@@ -323,7 +340,7 @@ class SQLDatabaseNode(NodeType):
     def prepare(self, config: Mapping[str, Any]) -> PreparedSql:
         # A changed connection or query could send a bound secret elsewhere or
         # select it into the rows (SELECT :token): then none is resolved.
-        secrets = ConfigSecrets.of(config, self.secret_fields, ("connection_string", "query"))
+        secrets = ConfigSecrets.of(config, self.secret_fields, ("connection_string", "resource_name", "query"))
         query = config.get("query")
         if not isinstance(query, str) or not query.strip():
             return PreparedSql(None, secrets)
@@ -339,6 +356,8 @@ class SQLDatabaseNode(NodeType):
             return secrets.redact(await self._run(ctx, prepared, params, secrets))
 
     async def _run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any], secrets: Revealed) -> dict[str, Any]:
+        if params.get("resource_name") is not None:
+            return await self._run_on_resource(ctx, prepared, params, secrets)
         connection_string = params.get("connection_string")
         inserted = secrets.for_key("connection_string")
         if isinstance(connection_string, str) and inserted is not None:
@@ -348,16 +367,12 @@ class SQLDatabaseNode(NodeType):
         except UnsupportedDatabase as exc:
             raise NodeError(str(exc), reason="SQL_UNSUPPORTED_DATABASE") from exc
         check_params(type(self), params)
-        assert url is not None and isinstance(connection_string, str)  # both checked by check_params
+        if url is None or not isinstance(connection_string, str):
+            raise NodeError("connection_string or resource_name is required", reason="INVALID_PARAMETER")
         _refuse_protected(url, ctx.services.protected_paths, str(params.get("query", "")))
         pools = ctx.services.sql
         if pools is None:
             raise NodeError("no SQL pools are configured", reason="SQL_POOLS_UNAVAILABLE")
-        query = params["query"]
-        compiled = prepared.query if isinstance(prepared, PreparedSql) else None
-        if compiled is None or compiled.query != query:
-            compiled = prepare_query(query)
-        values = bind_values(compiled, params, secrets)
         engine = pools.engine(
             connection_string,
             int(params.get("pool_size", 5)),
@@ -365,6 +380,56 @@ class SQLDatabaseNode(NodeType):
             int(params.get("pool_recycle", 3600)),
             tenant=ctx.tenant,
         )
+        return await self._query(
+            ctx, prepared, params, secrets, engine=engine, url=url, where=describe(connection_string)
+        )
+
+    async def _run_on_resource(
+        self, ctx: NodeContext, prepared: Any, params: dict[str, Any], secrets: Revealed
+    ) -> dict[str, Any]:
+        check_params(type(self), params)
+        if params.get("connection_string") is not None:
+            raise NodeError("give connection_string or resource_name, not both", reason="INVALID_PARAMETER")
+        directory = ctx.services.resources
+        if directory is None:
+            raise NodeError("this server has no resource registry", reason="RESOURCES_UNAVAILABLE")
+        name = str(params["resource_name"])
+        resolved, engine = await directory.database(ctx, name)
+        mask = Redactor(resolved.secret_values)
+        try:
+            url = async_url(resolved.connection_string)
+            _refuse_protected(url, ctx.services.protected_paths, str(params.get("query", "")))
+            with scrubbing_logs(resolved.secret_values):
+                result = await self._query(
+                    ctx, prepared, params, secrets, engine=engine, url=url, where=f"resource {name!r}"
+                )
+        except UnsupportedDatabase as exc:
+            raise NodeError(mask.text(str(exc)), reason="SQL_UNSUPPORTED_DATABASE") from None
+        except NodeError as exc:
+            if not mask:
+                raise
+            raise NodeError(
+                mask.text(exc.message), reason=exc.reason, retryable=exc.retryable, retry_after=exc.retry_after
+            ) from None
+        masked: dict[str, Any] = mask.value(result)
+        return masked
+
+    async def _query(
+        self,
+        ctx: NodeContext,
+        prepared: Any,
+        params: dict[str, Any],
+        secrets: Revealed,
+        *,
+        engine: AsyncEngine,
+        url: URL,
+        where: str,
+    ) -> dict[str, Any]:
+        query = params["query"]
+        compiled = prepared.query if isinstance(prepared, PreparedSql) else None
+        if compiled is None or compiled.query != query:
+            compiled = prepare_query(query)
+        values = bind_values(compiled, params, secrets)
         max_rows = int(params.get("max_rows", DEFAULT_MAX_ROWS))
         # A little before the engine's own deadline, so the node reports what timed out.
         remaining = ctx.remaining - DEADLINE_MARGIN
@@ -377,7 +442,7 @@ class SQLDatabaseNode(NodeType):
             values=values,
             max_rows=max_rows,
             remaining=remaining,
-            where=describe(connection_string),
+            where=where,
         )
         return {"result": result, "rows": result["rows"], "row_count": result["row_count"]}
 

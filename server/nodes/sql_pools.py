@@ -13,6 +13,7 @@ those drivers explicitly is accepted too. Anything else is refused with
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any, Final
 
@@ -74,6 +75,9 @@ class SqlPools:
 
     def __init__(self) -> None:
         self._engines: dict[tuple[str, str], AsyncEngine] = {}
+        # Pools of named resources (server/resources/): (tenant, name) -> (settings fingerprint, engine).
+        self._resources: dict[tuple[str, str], tuple[str, AsyncEngine]] = {}
+        self._disposing: set[asyncio.Task[None]] = set()
 
     def engine(
         self,
@@ -97,14 +101,64 @@ class SqlPools:
             self._engines[key] = engine
         return engine
 
+    def resource_engine(
+        self,
+        tenant: str,
+        name: str,
+        fingerprint: str,
+        connection_string: str,
+        *,
+        pool_size: int,
+        max_overflow: int,
+        pool_recycle: int,
+    ) -> AsyncEngine:
+        """The pool of `tenant`'s resource `name`, shared by all its executions.
+
+        A different `fingerprint` (the resource or a secret in it changed)
+        replaces the pool: the old one is disposed in the background, and
+        connections checked out of it are closed when they are returned.
+        """
+        key = (tenant, name)
+        held = self._resources.get(key)
+        if held is not None and held[0] == fingerprint:
+            return held[1]
+        url = async_url(connection_string)
+        options: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": pool_recycle}
+        if not _sqlite_memory(url):
+            # pool_timeout: a waiter gives up after the SQL node's own deadline, not SQLAlchemy's 30 s.
+            options.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=3600)
+        engine = create_async_engine(url, **options)
+        self._resources[key] = (fingerprint, engine)
+        if held is not None:
+            self._dispose_later(held[1])
+        return engine
+
+    def discard_resource(self, tenant: str, name: str) -> bool:
+        """Close the pool of a deleted or changed resource; False when this process had none."""
+        held = self._resources.pop((tenant, name), None)
+        if held is not None:
+            self._dispose_later(held[1])
+        return held is not None
+
+    def resource_pools(self) -> list[tuple[str, str, str, AsyncEngine]]:
+        """(tenant, name, fingerprint, engine) of every open resource pool."""
+        return [(tenant, name, fp, engine) for (tenant, name), (fp, engine) in self._resources.items()]
+
+    def _dispose_later(self, engine: AsyncEngine) -> None:
+        task = asyncio.get_running_loop().create_task(engine.dispose())
+        self._disposing.add(task)
+        task.add_done_callback(self._disposing.discard)
+
     def __len__(self) -> int:
-        return len(self._engines)
+        return len(self._engines) + len(self._resources)
 
     async def close(self) -> None:
         """Dispose every engine (closing pooled connections); later calls create new ones."""
-        engines, self._engines = list(self._engines.values()), {}
+        engines = list(self._engines.values()) + [engine for _, engine in self._resources.values()]
+        self._engines, self._resources = {}, {}
         for engine in engines:
             await engine.dispose()
+        await asyncio.gather(*self._disposing, return_exceptions=True)
 
 
 def _sqlite_memory(url: URL) -> bool:

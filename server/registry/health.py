@@ -1,10 +1,12 @@
 """Active health checks of registered services.
 
-Every `interval` seconds, each live registration with a `health_path` gets
-one GET of endpoint + path (no redirects followed, `timeout` seconds). A 2xx
-answer is HEALTHY, anything else (another status, a timeout, a refused
-connection) UNHEALTHY; the status, the latency and the time are recorded on
-the registration. The endpoint is a tenant's input, so the request goes
+Every `interval` seconds, each live registration with an http(s) endpoint
+and a `health_path` gets one GET of endpoint + path (no redirects followed,
+`timeout` seconds): a 2xx answer is HEALTHY. Each grpc(s):// endpoint gets
+one `grpc.health.v1.Health/Check` for its `health_service`: SERVING is
+HEALTHY. Anything else (another answer, a timeout, a refused connection) is
+UNHEALTHY; the status, the latency and the time are recorded on the
+registration. The endpoint is a tenant's input, so the request goes
 through the same SSRF guard as HTTP nodes and webhooks (server/egress.py):
 internal addresses are refused unless allowlisted (`--http-allowlist`), and
 plain http is pinned to the address that was checked.
@@ -20,7 +22,9 @@ import logging
 import time
 from dataclasses import dataclass
 
+import grpc
 import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowport.server.api.common import now_us
 from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target
@@ -33,24 +37,58 @@ UNHEALTHY = registry_pb2.RegisteredService.STATUS_UNHEALTHY
 PARALLEL = 16
 
 
+def checked(service: registry_pb2.RegisteredService) -> bool:
+    """Whether the registry checks `service`: gRPC endpoints always, http(s) ones with a health_path."""
+    return service.endpoint.startswith("grpc") or bool(service.health_path and service.endpoint)
+
+
 async def probe(
     http: httpx.AsyncClient, service: registry_pb2.RegisteredService, allowlist: frozenset[str], timeout: float
 ) -> tuple[int, float]:
     """(status, latency in ms) of one health check of `service`."""
-    url = httpx.URL(service.endpoint).join(service.health_path)
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
-            pinned = await check_target(url, allowlist)
-            headers = {"user-agent": "flowport-registry"}
-            if pinned is not None:
-                headers["host"] = url.netloc.decode("ascii")
-                url = url.copy_with(host=pinned)
-            response = await http.get(url, headers=headers, follow_redirects=False)
-            healthy = 200 <= response.status_code < 300
-    except (TargetRefused, TargetUnresolvable, httpx.HTTPError, TimeoutError, OSError):
+            if service.endpoint.startswith("grpc"):
+                healthy = await _grpc_serving(service, allowlist)
+            else:
+                healthy = await _http_ok(http, service, allowlist)
+    except (TargetRefused, TargetUnresolvable, httpx.HTTPError, grpc.RpcError, TimeoutError, OSError):
         healthy = False
     return (HEALTHY if healthy else UNHEALTHY), round(1000 * (time.perf_counter() - started), 3)
+
+
+async def _http_ok(http: httpx.AsyncClient, service: registry_pb2.RegisteredService, allowlist: frozenset[str]) -> bool:
+    url = httpx.URL(service.endpoint).join(service.health_path)
+    pinned = await check_target(url, allowlist)
+    headers = {"user-agent": "flowport-registry"}
+    if pinned is not None:
+        headers["host"] = url.netloc.decode("ascii")
+        url = url.copy_with(host=pinned)
+    response = await http.get(url, headers=headers, follow_redirects=False)
+    return 200 <= response.status_code < 300
+
+
+async def _grpc_serving(service: registry_pb2.RegisteredService, allowlist: frozenset[str]) -> bool:
+    endpoint = httpx.URL(service.endpoint)
+    tls = endpoint.scheme == "grpcs"
+    # The SSRF guard speaks URLs: plain gRPC is pinned like plain http, TLS verifies the name.
+    pinned = await check_target(endpoint.copy_with(scheme="https" if tls else "http"), allowlist)
+    host = pinned or endpoint.host
+    target = f"[{host}]:{endpoint.port}" if ":" in host else f"{host}:{endpoint.port}"
+    # One short-lived channel per check: checks are seconds apart, and no
+    # connection state should carry between tenants' endpoints.
+    options = [("grpc.enable_retries", 0), ("grpc.default_authority", f"{endpoint.host}:{endpoint.port}")]
+    channel = (
+        grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
+        if tls
+        else grpc.aio.insecure_channel(target, options=options)
+    )
+    async with channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service.health_service)
+        )
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 @dataclass(frozen=True)
@@ -102,9 +140,7 @@ class HealthChecker:
 
     async def check_all(self) -> int:
         """Check every due registration once; returns how many were checked."""
-        due = [
-            (tenant, s) for tenant, s in await self._store.services_to_check(now_us()) if s.health_path and s.endpoint
-        ]
+        due = [(tenant, s) for tenant, s in await self._store.services_to_check(now_us()) if checked(s)]
         gate = asyncio.Semaphore(PARALLEL)
 
         async def one(tenant: str, service: registry_pb2.RegisteredService) -> bool:

@@ -88,7 +88,8 @@ class Revealed:
 NONE = Revealed({}, ())
 
 
-async def _open(ctx: NodeContext, names: frozenset[str]) -> dict[str, str]:
+async def open_secrets(ctx: NodeContext, names: frozenset[str]) -> dict[str, str]:
+    """The values of `names` for `ctx.tenant`; NodeError SECRET_NOT_FOUND, SECRET_UNREADABLE or SECRETS_UNAVAILABLE."""
     reader = ctx.services.secrets
     if reader is None:
         raise NodeError(
@@ -123,7 +124,7 @@ async def revealed(ctx: NodeContext, scope: ConfigSecrets | None, params: Mappin
     if not names:
         yield NONE
         return
-    values = await _open(ctx, names)
+    values = await open_secrets(ctx, names)
     secrets = Revealed(values, applicable)
     with scrubbing_logs(list(values.values())):
         try:

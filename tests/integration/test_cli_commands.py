@@ -170,3 +170,48 @@ def test_secrets_put_list_delete(capsys: pytest.CaptureFixture[str], stack: Stac
     assert code == 1 and "NOT_FOUND" in err
     code, _, err = _run(capsys, stack, "secrets", "put", "bad name!", "--value-file", str(value))
     assert code == 1 and "INVALID_ARGUMENT" in err
+
+
+def test_services_register_list_heartbeat_deregister(capsys: pytest.CaptureFixture[str], stack: Stack) -> None:
+    sid = f"svc-{uuid.uuid4().hex[:8]}"
+    register = ["services", "register", sid, "--endpoint", "http://127.0.0.1:9/", "--capability", "analytics"]
+    code, out, _ = _run(capsys, stack, *register, "--zone", "eu", "--ttl", "60", "-o", "json")
+    assert code == 0 and json.loads(out)["compliance_zones"] == ["eu"]
+    code, out, _ = _run(capsys, stack, "services", "list", "--capability", "analytics", "--zone", "eu")
+    assert code == 0 and out.splitlines()[0].split()[:2] == ["SERVICE", "ENDPOINT"] and sid in out
+    code, out, _ = _run(capsys, stack, "services", "list", "--zone", "us", "-o", "json")
+    assert code == 0 and sid not in [s["service_id"] for s in json.loads(out)]
+    code, out, _ = _run(capsys, stack, "services", "heartbeat", sid, "-o", "json")
+    assert code == 0 and "expire_time" in json.loads(out)
+    code, _, err = _run(capsys, stack, "services", "deregister", sid)
+    assert code == 0 and f"deregistered service {sid}" in err
+    code, _, err = _run(capsys, stack, "services", "get", sid)
+    assert code == 1 and "[SERVICE_NOT_FOUND]" in err
+    code, _, err = _run(capsys, stack, "services", "register", "Bad Id", "--endpoint", "http://127.0.0.1:9/")
+    assert code == 1 and "INVALID_ARGUMENT" in err and "service.service_id" in err
+
+
+def test_resources_create_list_update_delete(capsys: pytest.CaptureFixture[str], stack: Stack, tmp_path: Path) -> None:
+    name = f"db-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "resource.json"
+    path.write_text(json.dumps({"name": name, "database": {"connection_string": f"sqlite:///{tmp_path}/r.db"}}))
+    code, out, _ = _run(capsys, stack, "resources", "create", "-f", str(path), "-o", "json")
+    assert code == 0 and json.loads(out)["database"]["pool_size"] == 5
+    code, out, _ = _run(capsys, stack, "resources", "list")
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["RESOURCE", "KIND", "TARGET"]
+    assert any(line.split()[:2] == [name, "database"] for line in out.splitlines())
+    path.write_text(json.dumps({"database": {"connection_string": f"sqlite:///{tmp_path}/r.db", "pool_size": 2}}))
+    code, out, _ = _run(capsys, stack, "resources", "update", name, "-f", str(path), "-o", "json")
+    assert code == 0 and json.loads(out)["database"]["pool_size"] == 2
+    code, out, _ = _run(capsys, stack, "resources", "get", name, "-o", "json")
+    assert code == 0 and json.loads(out)["name"] == name
+    code, _, err = _run(capsys, stack, "resources", "delete", name)
+    assert code == 0 and f"deleted resource {name}" in err
+    code, _, err = _run(capsys, stack, "resources", "get", name)
+    assert code == 1 and "[RESOURCE_NOT_FOUND]" in err
+    path.write_text(json.dumps({"name": name, "database": {"connection_string": "postgresql://u:hunter2@db/x"}}))
+    code, _, err = _run(capsys, stack, "resources", "create", "-f", str(path))
+    assert code == 1 and "resource.database.connection_string" in err and "hunter2" not in err
+    path.write_text("{not json")
+    code, _, err = _run(capsys, stack, "resources", "create", "-f", str(path))
+    assert code == 2 and "is not a resource in JSON" in err

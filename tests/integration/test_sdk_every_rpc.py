@@ -20,6 +20,7 @@ from flowport.v1 import (
     execution_pb2,
     gateway_pb2,
     registry_pb2,
+    resource_pb2,
     schema_pb2,
     secret_pb2,
     session_pb2,
@@ -161,6 +162,21 @@ def test_every_rpc_answers_through_the_sdk_and_envoy(stack: Stack) -> None:  # n
         call(fp.services.Heartbeat, registry_pb2.HeartbeatRequest(service_id=f"svc-{tag}"))
         call(fp.services.DeregisterService, registry_pb2.DeregisterServiceRequest(service_id=f"svc-{tag}"))
 
+        profile = resource_pb2.Resource(
+            name=f"api-{tag}", http=resource_pb2.HttpProfile(base_url="http://127.0.0.1:9/")
+        )
+        made_resource = call(fp.resources.CreateResource, resource_pb2.CreateResourceRequest(resource=profile))
+        assert made_resource.http.base_url == "http://127.0.0.1:9/"  # type: ignore[attr-defined]
+        call(fp.resources.GetResource, resource_pb2.GetResourceRequest(name=f"api-{tag}"))
+        listed_resources = call(fp.resources.ListResources, resource_pb2.ListResourcesRequest())
+        assert f"api-{tag}" in [r.name for r in listed_resources.resources]  # type: ignore[attr-defined]
+        profile.description = "changed"
+        updated = call(
+            fp.resources.UpdateResource, resource_pb2.UpdateResourceRequest(name=f"api-{tag}", resource=profile)
+        )
+        assert updated.description == "changed"  # type: ignore[attr-defined]
+        call(fp.resources.DeleteResource, resource_pb2.DeleteResourceRequest(name=f"api-{tag}"))
+
         call(fp.workflows.DeleteWorkflow, workflow_pb2.DeleteWorkflowRequest(workflow_id=wid))
         call(fp.sessions.DeleteSession, session_pb2.DeleteSessionRequest(session_id=sid))
         with pytest.raises(ApiError) as gone:
@@ -169,4 +185,4 @@ def test_every_rpc_answers_through_the_sdk_and_envoy(stack: Stack) -> None:  # n
     receiver.shutdown()
     receiver.server_close()
     every = {method.name for service in api_services() for method in service.methods}
-    assert len(every) >= 41 and every <= called, f"not called: {sorted(every - called)}"
+    assert len(every) >= 46 and every <= called, f"not called: {sorted(every - called)}"

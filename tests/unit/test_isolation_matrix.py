@@ -45,6 +45,7 @@ from flowport.v1 import (
     event_pb2,
     execution_pb2,
     registry_pb2,
+    resource_pb2,
     session_pb2,
     webhook_pb2,
     workflow_pb2,
@@ -57,7 +58,7 @@ for _module in pkgutil.iter_modules(flowport.v1.__path__):
     if _module.name.endswith("_pb2"):
         importlib.import_module(f"flowport.v1.{_module.name}")
 
-NOT_FOUND_VERBS = ("Get", "Delete", "Cancel", "Watch", "Redeliver", "Revoke", "Heartbeat", "Deregister")
+NOT_FOUND_VERBS = ("Get", "Delete", "Cancel", "Watch", "Redeliver", "Revoke", "Heartbeat", "Deregister", "Update")
 LIST_VERBS = ("List",)
 # Calls that create or change something; beta's version is checked by name.
 OWN_VERBS = ("Create", "Put", "Validate", "Register")
@@ -105,6 +106,11 @@ def _request(method: MethodDescriptor, alpha: Alpha) -> Message:
         value = alpha.ids.get(descriptor.name)
         if value is not None and descriptor.type == descriptor.TYPE_STRING and not descriptor.is_repeated:
             setattr(request, descriptor.name, value)
+    if method.containing_service.name == "ResourceService" and "name" in method.input_type.fields_by_name:
+        # Resource names are lower case; `name` above is a secret's.
+        request.name = alpha.ids["resource_name"]  # type: ignore[attr-defined]
+        if method.name == "UpdateResource":  # a valid body, so only the name decides
+            request.resource.http.base_url = "http://127.0.0.1:9/beta"  # type: ignore[attr-defined]
     if "request_id" in method.input_type.fields_by_name:
         request.request_id = f"beta-{method.name}-{time.monotonic_ns()}"  # type: ignore[attr-defined]
     return request
@@ -211,6 +217,16 @@ async def _alpha_world(alpha_client: AsyncClient, alpha_caller: Caller, receiver
         )
     )
     alpha.ids["service_id"] = "alpha-svc"
+    await alpha_client.resources.CreateResource(
+        resource_pb2.CreateResourceRequest(
+            resource=resource_pb2.Resource(
+                name="alpha-api",
+                description="alpha-resource-mark",
+                http=resource_pb2.HttpProfile(base_url="http://127.0.0.1:9/alpha"),
+            )
+        )
+    )
+    alpha.ids.update(resource_name="alpha-api", resource_mark_id="alpha-resource-mark")
     secret_method = descriptor_pool.Default().FindMethodByName("flowport.v1.SecretService.PutSecret")
     secret_request = message_factory.GetMessageClass(secret_method.input_type)(name="ALPHA_TOKEN", value="s3cr3t-alpha")
     await alpha_caller.unary(secret_method, secret_request)
@@ -349,6 +365,13 @@ async def _own(beta: Caller, method: MethodDescriptor, request: Message, alpha: 
         created = await beta.unary(method, registry_pb2.RegisterServiceRequest(service=service))
         assert created.tenant == "beta", label  # type: ignore[attr-defined]
         return
+    if name == "CreateResource":  # alpha's resource name: beta's own resource, alpha's untouched (checked later)
+        resource = resource_pb2.Resource(
+            name=alpha.ids["resource_name"], http=resource_pb2.HttpProfile(base_url="http://127.0.0.1:9/beta")
+        )
+        created = await beta.unary(method, resource_pb2.CreateResourceRequest(resource=resource))
+        assert created.tenant == "beta", label  # type: ignore[attr-defined]
+        return
     if name == "PutSecret":  # alpha's secret name: beta's own secret, alpha's untouched (checked later)
         request.value = "beta-value"  # type: ignore[attr-defined]
         await beta.unary(method, request)
@@ -380,3 +403,9 @@ async def _alpha_is_untouched(client: AsyncClient, caller: Caller, alpha: Alpha,
     assert await _alpha_secret(caller) == secret_before, "beta's PutSecret changed alpha's secret"
     service = await client.services.GetService(registry_pb2.GetServiceRequest(service_id=ids["service_id"]))
     assert (service.tenant, list(service.capabilities)) == ("alpha", ["alpha-capability"]), "beta changed it"
+    resource = await client.resources.GetResource(resource_pb2.GetResourceRequest(name=ids["resource_name"]))
+    assert (resource.tenant, resource.description, resource.http.base_url) == (
+        "alpha",
+        "alpha-resource-mark",
+        "http://127.0.0.1:9/alpha",
+    ), "beta changed alpha's resource"

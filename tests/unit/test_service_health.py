@@ -136,3 +136,46 @@ async def test_a_wrong_path_and_an_internal_address_are_unhealthy(fast: AsyncCli
         assert not unchecked.HasField("check_time")
     finally:
         service.stop()
+
+
+async def test_grpc_endpoints_use_the_grpc_health_protocol(fast: AsyncClient) -> None:
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await servicer.set("orders.v1.Orders", health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service_id, name in (("grpc-whole", ""), ("grpc-orders", "orders.v1.Orders"), ("grpc-unknown", "nope")):
+            await fast.services.RegisterService(
+                registry_pb2.RegisterServiceRequest(
+                    service=registry_pb2.RegisteredService(
+                        service_id=service_id, endpoint=f"grpc://127.0.0.1:{port}", health_service=name
+                    )
+                )
+            )
+        await _status_becomes(fast, "grpc-whole", HEALTHY)
+        await _status_becomes(fast, "grpc-orders", UNHEALTHY)
+        await _status_becomes(fast, "grpc-unknown", UNHEALTHY)  # NOT_FOUND from the health service
+        await servicer.set("orders.v1.Orders", health_pb2.HealthCheckResponse.SERVING)
+        await _status_becomes(fast, "grpc-orders", HEALTHY)
+    finally:
+        await server.stop(0)
+    await _status_becomes(fast, "grpc-whole", UNHEALTHY)  # the server is gone
+
+
+async def test_grpc_endpoint_shape_is_checked(fast: AsyncClient) -> None:
+    from flowport.clients.errors import ApiError
+
+    for endpoint in ("grpc://127.0.0.1", "grpc://127.0.0.1:50051/path", "ftp://127.0.0.1:21"):
+        with pytest.raises(ApiError) as raised:
+            await fast.services.RegisterService(
+                registry_pb2.RegisterServiceRequest(
+                    service=registry_pb2.RegisteredService(service_id="g", endpoint=endpoint)
+                )
+            )
+        assert [f for f, _ in raised.value.violations] == ["service.endpoint"], endpoint

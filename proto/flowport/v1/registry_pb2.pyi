@@ -65,17 +65,21 @@ class RegisteredService(_message.Message):
     CHECK_TIME_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    HEALTH_SERVICE_FIELD_NUMBER: _builtins.int
     service_id: _builtins.str
     """The service's id, unique in the tenant: 1 to 63 characters, a-z, 0-9,
     '-' and '_', starting with a letter or digit.
     """
     endpoint: _builtins.str
-    """Where it answers: an http(s) URL."""
+    """Where it answers: an http(s) URL, or grpc://host:port (grpcs:// with
+    TLS) for a gRPC service.
+    """
     provider: _builtins.str
     """Who provides it, e.g. "internal", "trusted_partners"."""
     health_path: _builtins.str
-    """Path the registry GETs to check its health (e.g. "/health"); empty: not
-    checked.
+    """For an http(s) endpoint: the path the registry GETs to check its health
+    (e.g. "/health"); empty: not checked. gRPC endpoints are always checked
+    with the standard health protocol (grpc.health.v1.Health/Check).
     """
     status: Global___RegisteredService.Status.ValueType
     """Health as last checked."""
@@ -83,6 +87,10 @@ class RegisteredService(_message.Message):
     """Latency of the last check, in milliseconds."""
     tenant: _builtins.str
     """The tenant it belongs to."""
+    health_service: _builtins.str
+    """For a gRPC endpoint: the service name its health check asks about;
+    empty: the server as a whole.
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What it can do, e.g. "data_processing", "analytics"."""
@@ -130,10 +138,11 @@ class RegisteredService(_message.Message):
         check_time: _timestamp_pb2.Timestamp | None = ...,
         tenant: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        health_service: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["check_time", b"check_time", "create_time", b"create_time", "expire_time", b"expire_time", "metadata", b"metadata", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "check_time", b"check_time", "compliance_zones", b"compliance_zones", "create_time", b"create_time", "endpoint", b"endpoint", "expire_time", b"expire_time", "health_path", b"health_path", "latency_ms", b"latency_ms", "metadata", b"metadata", "provider", b"provider", "service_id", b"service_id", "status", b"status", "tenant", b"tenant", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "check_time", b"check_time", "compliance_zones", b"compliance_zones", "create_time", b"create_time", "endpoint", b"endpoint", "expire_time", b"expire_time", "health_path", b"health_path", "health_service", b"health_service", "latency_ms", b"latency_ms", "metadata", b"metadata", "provider", b"provider", "service_id", b"service_id", "status", b"status", "tenant", b"tenant", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,1 @@
+"""Shared resources: a tenant's named database pools and HTTP client profiles."""

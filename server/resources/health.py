@@ -1,0 +1,89 @@
+"""Health of the database resource pools this process has open.
+
+Every sweep runs `SELECT 1` through each open pool (bounded by a timeout)
+and records the outcome for GET /health's `database_pools` component, as
+counts and the slowest latency: /health is public, so no names. A pool
+whose resource was deleted or changed through another process is closed
+here too (the API closes its own process's pool at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from flowport.server.nodes.sql_pools import SqlPools
+from flowport.server.resources.directory import ResourceDirectory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolSweep:
+    """One round of pool checks."""
+
+    checked: int
+    failed: int
+    latency_ms: float  # the slowest check
+    at: float  # unix seconds
+
+
+async def ping(engine: AsyncEngine, timeout: float) -> float:
+    """Milliseconds for SELECT 1 through `engine`; raises when it fails or takes longer than `timeout`."""
+    started = time.perf_counter()
+    async with asyncio.timeout(timeout), engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+    return 1000 * (time.perf_counter() - started)
+
+
+class PoolHealth:
+    """Checks the open resource pools on a schedule."""
+
+    def __init__(self, pools: SqlPools, directory: ResourceDirectory, *, interval: float, timeout: float) -> None:
+        self._pools = pools
+        self._directory = directory
+        self._interval = interval
+        self._timeout = timeout
+        self._task: asyncio.Task[None] | None = None
+        self.last_sweep: PoolSweep | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._forever(), name="resource pool health checks")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _forever(self) -> None:
+        while True:
+            try:
+                await self.check_all()
+            except Exception:
+                log.exception("checking resource pools failed; will retry")
+            await asyncio.sleep(self._interval)
+
+    async def check_all(self) -> PoolSweep:
+        """Check every open pool once (closing those whose resource is gone or changed)."""
+        open_pools = self._pools.resource_pools()
+        current = []
+        for tenant, name, fingerprint, engine in open_pools:
+            if await self._directory.still_current(tenant, name, fingerprint) is False:
+                self._directory.forget(tenant, name)
+            else:
+                current.append(engine)
+        outcomes = await asyncio.gather(*(ping(engine, self._timeout) for engine in current), return_exceptions=True)
+        latencies = [o for o in outcomes if isinstance(o, float)]
+        sweep = PoolSweep(
+            checked=len(outcomes),
+            failed=len(outcomes) - len(latencies),
+            latency_ms=round(max(latencies, default=0.0), 3),
+            at=time.time(),
+        )
+        self.last_sweep = sweep
+        return sweep

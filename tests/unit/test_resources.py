@@ -1,0 +1,309 @@
+"""ResourceService and the nodes that name resources: CRUD and refusals, SQL nodes on a
+tenant's shared pool (50 concurrent executions never open more connections than the
+pool's size, on a real PostgreSQL), secrets filled into connection strings, pools
+closed when their resource goes, the settings file, and GET /health's pool component."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+
+from flowport.clients import AsyncClient
+from flowport.clients.errors import ApiError
+from flowport.server.app import Running, StartupError, start, stop
+from flowport.v1 import apikey_pb2, execution_pb2, gateway_pb2, resource_pb2, secret_pb2, workflow_pb2
+
+from ..backends import PostgresServer, free_port
+from ..conftest import ADMIN_KEY, make_settings
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Running]:
+    running = await start(make_settings(tmp_path / "data", service_check_interval=0.2, service_check_timeout=1.0))
+    try:
+        yield running
+    finally:
+        await stop(running, 1.0)
+
+
+@pytest.fixture
+async def admin(server: Running) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(f"127.0.0.1:{server.port}", api_key=ADMIN_KEY) as client:
+        yield client
+
+
+def _database(name: str, connection_string: str, **pool: Any) -> resource_pb2.Resource:
+    return resource_pb2.Resource(
+        name=name, database=resource_pb2.DatabasePool(connection_string=connection_string, **pool)
+    )
+
+
+async def _create(client: AsyncClient, resource: resource_pb2.Resource) -> resource_pb2.Resource:
+    return await client.resources.CreateResource(resource_pb2.CreateResourceRequest(resource=resource))
+
+
+async def _code(awaitable: Any) -> ApiError:
+    with pytest.raises(ApiError) as raised:
+        await awaitable
+    return raised.value
+
+
+def _sql_workflow(config: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "sql", "nodes": [{"type": "SQLDatabaseNode", "name": "q", "config": config}]}
+
+
+async def _run(client: AsyncClient, workflow: dict[str, Any] | str, **inputs: Any) -> execution_pb2.Execution:
+    return await client.run_workflow(workflow, inputs)
+
+
+def _reason(execution: execution_pb2.Execution) -> str:
+    """The ErrorInfo reason of a failed execution."""
+    for detail in execution.error.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return ""
+
+
+def _rows(execution: execution_pb2.Execution) -> list[dict[str, Any]]:
+    assert execution.state == execution_pb2.Execution.STATE_SUCCEEDED, execution.error.message
+    outputs = json_format.MessageToDict(execution.outputs)
+    rows: list[dict[str, Any]] = outputs["q"]["rows"]
+    return rows
+
+
+async def test_crud_pagination_and_refusals(admin: AsyncClient) -> None:
+    made = await _create(admin, _database("main_db", "postgresql://app:${secret:DB_PASSWORD}@db.internal:5432/app"))
+    # Defaults are filled in, so a stored resource says what it runs with.
+    assert (made.database.pool_size, made.database.max_overflow, made.database.pool_recycle_seconds) == (5, 0, 3600)
+    assert made.tenant and made.HasField("create_time") and not made.from_settings
+    again = await _code(_create(admin, _database("main_db", "sqlite:///x.db")))
+    assert (again.code(), again.reason) == (grpc.StatusCode.ALREADY_EXISTS, "RESOURCE_EXISTS")
+
+    plain = await _code(_create(admin, _database("other", "postgresql://app:hunter2@db/app")))
+    assert plain.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in plain.violations] == ["resource.database.connection_string"]
+    assert "hunter2" not in plain.details()
+    for bad, field in [
+        (_database("Bad Name", "sqlite:///x.db"), "resource.name"),
+        (_database("x", "mysql://db/app"), "resource.database.connection_string"),
+        (_database("x", "sqlite:///x.db", pool_size=500), "resource.database.pool_size"),
+        (resource_pb2.Resource(name="x"), "resource.database"),
+        (
+            resource_pb2.Resource(
+                name="x", http=resource_pb2.HttpProfile(base_url="https://api.example", headers={"Authorization": "t"})
+            ),
+            "resource.http.headers.Authorization",
+        ),
+        (resource_pb2.Resource(name="x", http=resource_pb2.HttpProfile(base_url="ftp://x")), "resource.http.base_url"),
+    ]:
+        error = await _code(_create(admin, bad))
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, field
+        assert field in [f for f, _ in error.violations], (field, error.violations)
+
+    for i in range(3):
+        await _create(admin, _database(f"db-{i}", f"sqlite:///db{i}.db"))
+    first = await admin.resources.ListResources(resource_pb2.ListResourcesRequest(page_size=2))
+    second = await admin.resources.ListResources(
+        resource_pb2.ListResourcesRequest(page_size=2, page_token=first.next_page_token)
+    )
+    names = [r.name for r in [*first.resources, *second.resources]]
+    assert names == ["db-0", "db-1", "db-2", "main_db"] and not second.next_page_token
+
+    changed = _database("db-0", "sqlite:///elsewhere.db", pool_size=2)
+    updated = await admin.resources.UpdateResource(resource_pb2.UpdateResourceRequest(name="db-0", resource=changed))
+    assert (updated.database.connection_string, updated.database.pool_size) == ("sqlite:///elsewhere.db", 2)
+    assert updated.create_time == first.resources[0].create_time
+    to_http = resource_pb2.Resource(http=resource_pb2.HttpProfile(base_url="https://api.example"))
+    kind = await _code(
+        admin.resources.UpdateResource(resource_pb2.UpdateResourceRequest(name="db-0", resource=to_http))
+    )
+    assert (kind.code(), kind.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "RESOURCE_KIND_CHANGED")
+    renamed = await _code(
+        admin.resources.UpdateResource(resource_pb2.UpdateResourceRequest(name="db-1", resource=changed))
+    )
+    assert renamed.code() is grpc.StatusCode.INVALID_ARGUMENT
+    missing = await _code(
+        admin.resources.UpdateResource(resource_pb2.UpdateResourceRequest(name="nope", resource=to_http))
+    )
+    assert missing.code() is grpc.StatusCode.NOT_FOUND
+
+    await admin.resources.DeleteResource(resource_pb2.DeleteResourceRequest(name="db-2", request_id="del-1"))
+    # A retried delete is answered like the first; a new one is NOT_FOUND.
+    await admin.resources.DeleteResource(resource_pb2.DeleteResourceRequest(name="db-2", request_id="del-1"))
+    gone = await _code(admin.resources.DeleteResource(resource_pb2.DeleteResourceRequest(name="db-2")))
+    assert (gone.code(), gone.reason) == (grpc.StatusCode.NOT_FOUND, "RESOURCE_NOT_FOUND")
+
+
+async def test_sql_node_on_a_resource_and_its_pool_lifecycle(
+    server: Running, admin: AsyncClient, tmp_path: Path
+) -> None:
+    await _create(admin, _database("app_db", f"sqlite:///{tmp_path / 'app.db'}", pool_size=2))
+    create = _sql_workflow({"resource_name": "app_db", "query": "CREATE TABLE t (id INTEGER, name TEXT)"})
+    assert (await _run(admin, create)).state == execution_pb2.Execution.STATE_SUCCEEDED
+    insert = _sql_workflow(
+        {"resource_name": "app_db", "query": "INSERT INTO t VALUES (:id, :name)", "query_params": {"id": 1}}
+    )
+    assert (await _run(admin, insert, name="ada")).state == execution_pb2.Execution.STATE_SUCCEEDED
+    select = _sql_workflow({"resource_name": "app_db", "query": "SELECT id, name FROM t"})
+    assert _rows(await _run(admin, select)) == [{"id": 1, "name": "ada"}]
+    pools = server.services.sql
+    assert pools is not None
+    assert [(name, engine.pool.size()) for _, name, _, engine in pools.resource_pools()] == [("app_db", 2)]
+
+    # Another tenant naming it: not there.
+    key = await admin.keys.CreateApiKey(
+        apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant="beta", roles=["user"]))
+    )
+    async with AsyncClient(f"127.0.0.1:{server.port}", api_key=key.key) as beta:
+        failed = await _run(beta, select)
+    assert failed.state == execution_pb2.Execution.STATE_FAILED
+    assert _reason(failed) == "RESOURCE_NOT_FOUND", failed.error.message
+
+    # Both, or neither: refused when the workflow is created, with the field.
+    for config, field in [
+        ({"resource_name": "app_db", "connection_string": "sqlite:///x.db", "query": "SELECT 1"}, "resource_name"),
+        ({"query": "SELECT 1"}, "connection_string"),
+    ]:
+        workflow = workflow_pb2.Workflow()
+        json_format.ParseDict(_sql_workflow(config), workflow)
+        error = await _code(admin.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=workflow)))
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert any(f.endswith(field) for f, _ in error.violations), error.violations
+
+    # An HTTP profile is not a database.
+    profile = resource_pb2.Resource(name="api", http=resource_pb2.HttpProfile(base_url="https://api.example"))
+    await _create(admin, profile)
+    wrong = await _run(admin, _sql_workflow({"resource_name": "api", "query": "SELECT 1"}))
+    assert _reason(wrong) == "RESOURCE_KIND_MISMATCH", wrong.error.message
+
+    # Changing the resource replaces the pool; deleting it closes it.
+    changed = _database("app_db", f"sqlite:///{tmp_path / 'app.db'}", pool_size=3)
+    await admin.resources.UpdateResource(resource_pb2.UpdateResourceRequest(name="app_db", resource=changed))
+    assert pools.resource_pools() == []
+    assert _rows(await _run(admin, select)) == [{"id": 1, "name": "ada"}]
+    assert [engine.pool.size() for *_, engine in pools.resource_pools()] == [3]
+    await admin.resources.DeleteResource(resource_pb2.DeleteResourceRequest(name="app_db"))
+    assert pools.resource_pools() == []
+    after = await _run(admin, select)
+    assert _reason(after) == "RESOURCE_NOT_FOUND"
+
+
+async def test_fifty_concurrent_executions_share_a_pool_of_three(
+    server: Running, admin: AsyncClient, postgres_server: PostgresServer
+) -> None:
+    database = postgres_server.new_database().rsplit("/", 1)[1]
+    try:
+        port = postgres_server.url.rsplit(":", 1)[1].split("/")[0]
+        # The user name and a password with URL delimiters come from the secret store
+        # (the server trusts local connections, so any password is accepted).
+        for name, value in (("PG_USER", "flowport"), ("PG_PASSWORD", "p@ss/w:rd?#")):
+            await admin.secrets.PutSecret(secret_pb2.PutSecretRequest(name=name, value=value))
+        url = f"postgresql://${{secret:PG_USER}}:${{secret:PG_PASSWORD}}@127.0.0.1:{port}/{database}"
+        await _create(admin, _database("pg", url, pool_size=3))
+        query = (
+            "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend') AS connections, current_user AS who, pg_sleep(0.1)::text AS slept"
+        )
+        workflow = await admin.workflows.CreateWorkflow(
+            workflow_pb2.CreateWorkflowRequest(
+                workflow=_message(_sql_workflow({"resource_name": "pg", "query": query}))
+            )
+        )
+        runs = await asyncio.gather(*(_run(admin, workflow.workflow_id) for _ in range(50)))
+        rows = [_rows(run)[0] for run in runs]
+        seen = [row["connections"] for row in rows]
+        # Connected as the secret PG_USER (no other role exists), which outputs show masked.
+        assert {row["who"] for row in rows} == {"***"}
+        assert max(seen) <= 3, f"connections seen by the queries: {sorted(seen)}"
+        assert max(seen) >= 2, f"the executions never overlapped: {sorted(seen)}"
+        outside = postgres_server.sql(
+            f"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = '{database}'"  # noqa: S608 - the test's own database name
+        )
+        assert int(outside.strip()) <= 3
+        # Masked wherever the node reports text: a failing query's message never shows the password.
+        failing = await _run(admin, _sql_workflow({"resource_name": "pg", "query": "SELECT nope FROM nowhere"}))
+        assert _reason(failing) == "SQL_ERROR" and "p@ss" not in failing.error.message
+    finally:
+        pools = server.services.sql
+        assert pools is not None
+        await pools.close()
+        postgres_server.drop_database(database)
+
+
+def _message(workflow: dict[str, Any]) -> workflow_pb2.Workflow:
+    message = workflow_pb2.Workflow()
+    json_format.ParseDict(workflow, message)
+    return message
+
+
+async def test_health_reports_resource_pools(server: Running, admin: AsyncClient, tmp_path: Path) -> None:
+    await _create(admin, _database("local", f"sqlite:///{tmp_path / 'ok.db'}"))
+    assert _rows(await _run(admin, _sql_workflow({"resource_name": "local", "query": "SELECT 1 AS one"}))) == [
+        {"one": 1}
+    ]
+    health = await _wait_pools(admin, lambda c: c.details["checked"] == 1)
+    assert health.components["database_pools"].status == "healthy"
+    # A database nobody answers on: the node fails, the pool's check fails, the gateway is degraded (not down).
+    await _create(admin, _database("gone", f"postgresql://flowport@127.0.0.1:{free_port()}/none"))
+    failed = await _run(admin, _sql_workflow({"resource_name": "gone", "query": "SELECT 1"}))
+    assert _reason(failed) == "SQL_UNAVAILABLE", failed.error.message
+    health = await _wait_pools(admin, lambda c: c.details["failed_checks"] == 1)
+    component = health.components["database_pools"]
+    assert (component.status, component.details["checked"]) == ("degraded", 2)
+    assert health.status == "degraded" and "gone" not in component.message
+    # Deleting the resource closes its pool; the next sweep is healthy again.
+    await admin.resources.DeleteResource(resource_pb2.DeleteResourceRequest(name="gone"))
+    health = await _wait_pools(admin, lambda c: c.details["failed_checks"] == 0)
+    assert health.components["database_pools"].status == "healthy"
+
+
+async def _wait_pools(client: AsyncClient, predicate: Any) -> gateway_pb2.Health:
+    for _ in range(100):
+        health = await client.gateway.GetHealth(gateway_pb2.GetHealthRequest())
+        component = health.components.get("database_pools")
+        if component is not None and component.details and predicate(component):
+            return health
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"database_pools never matched: {health.components.get('database_pools')}")
+
+
+async def test_resources_from_the_settings_file(tmp_path: Path) -> None:
+    declared = {
+        "resources": [
+            {"tenant": "default", "name": "reports", "database": {"connection_string": f"sqlite:///{tmp_path}/r.db"}},
+            {
+                "tenant": "acme",
+                "name": "partner",
+                "http": {"base_url": "https://partner.example", "headers": {"Authorization": "Bearer ${secret:T}"}},
+            },
+        ]
+    }
+    path = tmp_path / "resources.json"
+    path.write_text(json.dumps(declared))
+    running = await start(make_settings(tmp_path / "data", resources_file=path))
+    try:
+        async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as admin:
+            listed = await admin.resources.ListResources(resource_pb2.ListResourcesRequest())
+            assert [(r.name, r.from_settings, r.database.pool_size) for r in listed.resources] == [("reports", True, 5)]
+            rows = _rows(await _run(admin, _sql_workflow({"resource_name": "reports", "query": "SELECT 2 AS two"})))
+            assert rows == [{"two": 2}]
+        assert (await running.store.get_resource("acme", "partner")) is not None
+    finally:
+        await stop(running, 1.0)
+
+    declared["resources"].append({"tenant": "acme", "name": "db", "database": {"connection_string": "mysql://x"}})
+    path.write_text(json.dumps(declared))
+    with pytest.raises(StartupError, match=r"resources\[2\]\.database\.connection_string"):
+        await start(make_settings(tmp_path / "data", resources_file=path))
+    path.write_text("{not json")
+    with pytest.raises(StartupError, match="not JSON"):
+        await start(make_settings(tmp_path / "data", resources_file=path))
