@@ -61,15 +61,19 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 import httpx
 
 from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target
-from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType
+from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
 from flowport.server.nodes.substitution import check_params, secret_references, substitute
+from flowport.server.secrets.redaction import Redactor, scrubbing_logs
 from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, revealed
 from flowport.server.version import VERSION
+
+if TYPE_CHECKING:
+    from flowport.server.resources.directory import HttpResource
 
 MAX_RESPONSE_BYTES: Final = 10 * 1024 * 1024
 MAX_REDIRECTS: Final = 5
@@ -583,8 +587,11 @@ class _HTTPNode(NodeType):
         # Safe methods only (RFC 9110): rerunning a POST could act twice.
         return str(config.get("method", "GET")).upper() in ("GET", "HEAD", "OPTIONS")
 
-    def call(self, params: Mapping[str, Any], secrets: Revealed = NONE) -> HttpCall:
-        """The request `params` describe, with `secrets` in the config values that reference them."""
+    def call(
+        self, params: Mapping[str, Any], secrets: Revealed = NONE, profile: HttpResource | None = None
+    ) -> HttpCall:
+        """The request `params` describe, with `secrets` in the config values that reference them,
+        against `profile` (a named HTTP resource) when the node names one."""
         raise NotImplementedError
 
     def prepare(self, config: Mapping[str, Any]) -> ConfigSecrets:
@@ -593,28 +600,96 @@ class _HTTPNode(NodeType):
     async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
         check_params(type(self), params)
         scope = prepared if isinstance(prepared, ConfigSecrets) else None
+        profile = await _profile(ctx, params)
+        if profile is None:
+            async with revealed(ctx, scope, params) as secrets:
+                # A service may echo what it was sent (a URL, a header): the outputs are recorded, so mask it.
+                return secrets.redact(await self.send(ctx, self.call(params, secrets), params))
+        mask = Redactor(profile.secret_values)
         async with revealed(ctx, scope, params) as secrets:
-            # A service may echo what it was sent (a URL, a header): the outputs are recorded, so mask it.
-            return secrets.redact(await self.send(ctx, self.call(params, secrets), params))
+            try:
+                with scrubbing_logs(profile.secret_values):
+                    outputs = await self.send(ctx, self.call(params, secrets, profile), params)
+            except NodeError as exc:
+                if not mask:
+                    raise
+                raise NodeError(
+                    mask.text(exc.message), reason=exc.reason, retryable=exc.retryable, retry_after=exc.retry_after
+                ) from None
+            masked: dict[str, Any] = mask.value(secrets.redact(outputs))
+            return masked
 
     async def send(self, ctx: NodeContext, call: HttpCall, params: Mapping[str, Any]) -> dict[str, Any]:
         """Perform `call`; the outputs. RateLimitedAPINode wraps it to hold each attempt to its limit."""
         return await perform(ctx, call)
 
 
+async def _profile(ctx: NodeContext, params: Mapping[str, Any]) -> HttpResource | None:
+    """The HTTP resource the node names (`resource_name`), with its secrets; None when it names none."""
+    name = params.get("resource_name")
+    if name is None:
+        return None
+    directory = ctx.services.resources
+    if directory is None:
+        raise NodeError("this server has no resource registry", reason="RESOURCES_UNAVAILABLE")
+    return await directory.http(ctx, str(name))
+
+
+def profile_url(profile: HttpResource, url: Any) -> str:
+    """`url` resolved against the profile's base_url; it may not leave the profile's origin
+    (the profile's headers carry its credentials)."""
+    if url is not None and not isinstance(url, str):
+        raise NodeError(f"url must be a string, got {type(url).__name__}", reason="INVALID_PARAMETER")
+    base = httpx.URL(profile.base_url)
+    try:
+        joined = base.join(url) if url else base
+    except httpx.InvalidURL as exc:
+        raise NodeError(f"url {url!r} cannot be resolved against resource {profile.name!r}: {exc}") from exc
+    if (joined.scheme, joined.host, joined.port) != (base.scheme, base.host, base.port):
+        raise NodeError(
+            f"url {_safe(joined)} leaves the origin of resource {profile.name!r} ({_safe(base.copy_with(path='/'))})",
+            reason="HTTP_OUTSIDE_RESOURCE",
+        )
+    return str(joined)
+
+
+def with_profile(
+    profile: HttpResource, headers: Mapping[str, Any], params: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The profile's headers under the node's own (which win, by case-insensitive name), and the
+    parameters with the profile's timeout unless the node sets one."""
+    merged: dict[str, Any] = dict(profile.headers)
+    for name, value in headers.items():
+        merged = {k: v for k, v in merged.items() if k.lower() != str(name).lower()}
+        merged[name] = value
+    if profile.timeout is not None and params.get("timeout") is None:
+        params = {**params, "timeout": profile.timeout}
+    return merged, dict(params)
+
+
 # Where `${secret:NAME}` is resolved: everything that goes into the request.
 _REQUEST_SECRET_FIELDS: Final = frozenset({"url", "headers", "params", "query", "body", "json", "data"})
 # Where the request goes: an execution input or a connection that changes
 # one of these means no secret is resolved (it could send them elsewhere).
-SECRET_TARGETS: Final = ("url", "base_url", "resource", "path", "method", "params", "query")
+SECRET_TARGETS: Final = ("url", "base_url", "resource", "path", "method", "params", "query", "resource_name")
 
 _HTTP_REQUEST_CONFIG: JsonSchema = {
     "type": "object",
     "properties": {
-        "url": {"type": "string", "minLength": 1, "description": "Target URL; may hold ${name} references."},
+        "url": {
+            "type": "string",
+            "minLength": 1,
+            "description": "Target URL (with resource_name: resolved against its base_url); may hold ${name} "
+            "references.",
+        },
+        "resource_name": {
+            "type": "string",
+            "pattern": r"^[a-z0-9][a-z0-9_-]{0,62}$",
+            "description": "An HTTP resource of the tenant (/api/resources): its base_url, headers and timeout.",
+        },
         **_COMMON_PROPERTIES,
     },
-    "required": ["url"],
+    "anyOf": [{"required": ["url"]}, {"required": ["resource_name"]}],
     "additionalProperties": False,
 }
 
@@ -630,10 +705,24 @@ class HTTPRequestNode(_HTTPNode):
     inputs_schema: ClassVar[JsonSchema] = _inputs_schema(_HTTP_REQUEST_CONFIG)
     secret_fields: ClassVar[frozenset[str]] = _REQUEST_SECRET_FIELDS
 
-    def call(self, params: Mapping[str, Any], secrets: Revealed = NONE) -> HttpCall:
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any], path: str) -> list[Violation]:
+        problems = [p for p in super().validate_config(config, path) if "is not valid under any" not in p[1]]
+        if "url" not in config and "resource_name" not in config:
+            problems.append((f"{path}.url", f"required by {cls.type_name} (or resource_name)"))
+        return problems
+
+    def call(
+        self, params: Mapping[str, Any], secrets: Revealed = NONE, profile: HttpResource | None = None
+    ) -> HttpCall:
         url = substitute(params.get("url"), params, secrets.for_key("url"))
         headers = substitute(params.get("headers") or {}, params, secrets.for_key("headers"))
-        return build_call(params, url, headers, secrets=secrets)
+        if profile is None:
+            return build_call(params, url, headers, secrets=secrets)
+        merged, params = with_profile(profile, headers, params)
+        return build_call(
+            params, profile_url(profile, url), merged, sensitive_headers=profile.secret_headers, secrets=secrets
+        )
 
 
 AUTH_TYPES: Final = ("none", "bearer", "basic", "api_key")
@@ -687,7 +776,9 @@ class RESTClientNode(_HTTPNode):
         "default_headers",
     }
 
-    def call(self, params: Mapping[str, Any], secrets: Revealed = NONE) -> HttpCall:
+    def call(
+        self, params: Mapping[str, Any], secrets: Revealed = NONE, profile: HttpResource | None = None
+    ) -> HttpCall:
         base = substitute(params.get("base_url"), params, secrets.for_key("base_url"))
         resource_key = "resource" if "resource" in params else "path"
         resource = substitute(params.get(resource_key), params, secrets.for_key(resource_key))

@@ -98,7 +98,9 @@ _CONFIG: JsonSchema = {
             "description": "Seconds this node run may spend waiting for slots in total (default: until its timeout).",
         },
     },
-    "required": ["url", "rate_limit"],
+    "required": ["rate_limit"],
+    # A URL, or a named HTTP resource (HTTPRequestNode's rule).
+    "anyOf": HTTPRequestNode.config_schema["anyOf"],
     "additionalProperties": False,
 }
 

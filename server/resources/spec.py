@@ -126,7 +126,7 @@ def _check_http(profile: resource_pb2.HttpProfile, where: str) -> list[Violation
         url = httpx.URL(profile.base_url)
         if url.scheme not in ("http", "https") or not url.host or len(profile.base_url) > MAX_TEXT:
             raise ValueError
-        if url.userinfo:
+        if url.userinfo or "${secret:" in profile.base_url:
             found.append((f"{where}.base_url", "credentials belong in headers, from the secret store, not the URL"))
     except (httpx.InvalidURL, ValueError):
         found.append((f"{where}.base_url", f"an http or https URL of at most {MAX_TEXT} characters"))

@@ -224,7 +224,8 @@ def test_schemas(http: httpx.Client) -> None:
         "TransformNode",
     } <= names
     http_node = http.get("/api/schemas/nodes/HTTPRequestNode").json()
-    assert "url" in http_node["config_schema"]["required"]
+    # A URL, or a named HTTP resource whose base_url it is resolved against.
+    assert http_node["config_schema"]["anyOf"] == [{"required": ["url"]}, {"required": ["resource_name"]}]
     assert http.get("/api/schemas/nodes/TeleportNode").status_code == 404
     create(http, {"name": "needs_n", "nodes": [{"type": "SwitchNode", "name": "s", "config": {"operator": "truthy"}}]})
     schema = http.get("/api/schemas/workflows/needs_n").json()

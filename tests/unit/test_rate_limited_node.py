@@ -168,7 +168,10 @@ async def test_concurrent_runs_never_exceed_the_limit(api: Api, client: httpx.As
     }[strategy]
     assert max(arrivals) - min(arrivals) >= floor - ARRIVAL_SLACK
     waited = [out["rate_limit"]["waited"] for out in outs]
-    assert sum(1 for w in waited if w > 0) >= 30 - first_burst
+    # Those past the first burst report their wait. Not exactly 30 - first_burst: on a
+    # loaded machine a window edge (or a refill) can pass while the 30 first ask, and a
+    # second burst then goes without waiting.
+    assert sum(1 for w in waited if w > 0) >= 30 - 2 * first_burst
     assert all(out["rate_limit"]["backoffs"] == 0 for out in outs)
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -307,3 +309,108 @@ async def test_resources_from_the_settings_file(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(StartupError, match="not JSON"):
         await start(make_settings(tmp_path / "data", resources_file=path))
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """Answers with what it received; /v1/hop redirects to the server in `elsewhere`."""
+
+    elsewhere = ""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/v1/hop"):
+            self.send_response(302)
+            self.send_header("location", f"{self.elsewhere}/landed")
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        body = json.dumps({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _serve() -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+def _http_workflow(node_type: str, config: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "call", "nodes": [{"type": node_type, "name": "q", "config": config}]}
+
+
+def _response(execution: execution_pb2.Execution) -> dict[str, Any]:
+    assert execution.state == execution_pb2.Execution.STATE_SUCCEEDED, execution.error.message
+    response: dict[str, Any] = json_format.MessageToDict(execution.outputs)["q"]["response"]
+    return response
+
+
+async def test_http_nodes_on_a_profile(admin: AsyncClient) -> None:
+    partner, other = _serve(), _serve()
+    _Echo.elsewhere = f"http://127.0.0.1:{other.server_port}"
+    try:
+        for name, value in (("PARTNER_TOKEN", "tok-123"), ("PARTNER_KEY", "key-456")):
+            await admin.secrets.PutSecret(secret_pb2.PutSecretRequest(name=name, value=value))
+        profile = resource_pb2.HttpProfile(
+            base_url=f"http://127.0.0.1:{partner.server_port}/v1/",
+            headers={
+                "Authorization": "Bearer ${secret:PARTNER_TOKEN}",
+                "X-Partner-Key": "${secret:PARTNER_KEY}",
+                "X-Client": "flowport",
+            },
+            timeout_seconds=5,
+        )
+        await _create(admin, resource_pb2.Resource(name="partner", http=profile))
+
+        got = _response(
+            await _run(
+                admin,
+                _http_workflow(
+                    "HTTPRequestNode",
+                    {"resource_name": "partner", "url": "orders?id=7", "headers": {"x-client": "mine"}},
+                ),
+            )
+        )
+        echoed = got["json"]
+        assert echoed["path"] == "/v1/orders?id=7"
+        # The secrets reached the partner, and the echo of them is masked in the recorded outputs.
+        assert echoed["headers"]["authorization"] == "Bearer ***" and echoed["headers"]["x-partner-key"] == "***"
+        assert echoed["headers"]["x-client"] == "mine"  # the node's own header wins
+        assert "tok-123" not in json.dumps(got) and "key-456" not in json.dumps(got)
+
+        # The base_url alone; and the same profile from RateLimitedAPINode.
+        limited = {"resource_name": "partner", "rate_limit": {"max_requests": 5, "time_window": 1.0}}
+        assert _response(await _run(admin, _http_workflow("RateLimitedAPINode", limited)))["json"]["path"] == "/v1/"
+
+        # Leaving the profile's origin is refused before anything is sent.
+        away = await _run(
+            admin,
+            _http_workflow(
+                "HTTPRequestNode", {"resource_name": "partner", "url": f"http://127.0.0.1:{other.server_port}/x"}
+            ),
+        )
+        assert _reason(away) == "HTTP_OUTSIDE_RESOURCE", away.error.message
+
+        # A redirect to another origin drops every header that holds a secret.
+        hop = _response(
+            await _run(
+                admin,
+                _http_workflow("HTTPRequestNode", {"resource_name": "partner", "url": "hop", "follow_redirects": True}),
+            )
+        )
+        landed = hop["json"]
+        assert landed["path"] == "/landed"
+        assert "authorization" not in landed["headers"] and "x-partner-key" not in landed["headers"]
+        assert landed["headers"]["x-client"] == "flowport"
+
+        database = await _run(admin, _http_workflow("HTTPRequestNode", {"resource_name": "nope"}))
+        assert _reason(database) == "RESOURCE_NOT_FOUND"
+    finally:
+        for server in (partner, other):
+            server.shutdown()
+            server.server_close()
