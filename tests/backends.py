@@ -42,11 +42,20 @@ class BackendUnavailable(RuntimeError):
     """The server's binaries are not installed (as opposed to a server that failed to start)."""
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 nobody listens on right now, never one this process handed out
+    before: ports asked for together (HTTP, gRPC, admin) must differ, and the kernel may hand
+    the same free port out twice while none of them is bound yet."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def process_alive(pid: int) -> bool:
