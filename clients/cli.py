@@ -103,9 +103,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"flowport: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    if args.command in ("serve", "up"):
+        from flowport.server.observability.logs import configure
+
+        configure(settings.log_level, settings.log_format)
+    else:
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     if args.command == "secrets":
         return run_secrets(args, settings)
     if args.command == "envoy-config":

@@ -49,6 +49,8 @@ from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.nodes.python_code import PythonCodeNode
 from flowport.server.nodes.sql_pools import SqlPools
+from flowport.server.observability import tracing
+from flowport.server.observability.prometheus import Prometheus, multiprocess
 from flowport.server.ratelimit.counters import RedisCounters
 from flowport.server.ratelimit.outbound import LocalLimiter, OutboundLimiter
 from flowport.server.ratelimit.outbound_redis import RedisLimiter
@@ -95,6 +97,8 @@ log = logging.getLogger("flowport.server")
 
 PURGE_INTERVAL = 60.0
 IDEMPOTENCY_RETENTION = 24 * 3600.0
+# Seconds between samples of gauges read from state (sandbox workers busy).
+SAMPLE_INTERVAL = 1.0
 # Finished webhook deliveries (succeeded or dead-lettered) are listed this long.
 DELIVERY_RETENTION = 7 * 24 * 3600.0
 
@@ -138,6 +142,9 @@ class Running:
     audit: AuditRecorder
     keys: KeyAuthenticator | None = None
     rate_limit: RateLimitService | None = None
+    prometheus: Prometheus | None = None
+    # Set when this server set up OpenTelemetry from its settings (it shuts it down).
+    tracing_owner: bool = False
 
 
 async def _authenticator(
@@ -272,6 +279,10 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     declared: list[resource_pb2.Resource],
     opened: contextlib.AsyncExitStack,
 ) -> Running:
+    # Spans from the first call on; none of this runs (or loads) without --otlp-endpoint.
+    tracing_owner = tracing.setup(settings) is not None
+    if tracing_owner:
+        opened.callback(tracing.shutdown)
     # Workers boot while the database opens.
     store_opening, services_opening = await asyncio.gather(
         open_store(settings), _open_node_services(settings), return_exceptions=True
@@ -355,6 +366,12 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     )
     opened.push_async_callback(executor.shutdown)
     metrics = RequestMetrics()
+    prometheus = _prometheus(settings, store, services)
+    if prometheus is not None:
+        opened.callback(prometheus.close)
+        executor.prometheus = dispatcher.prometheus = prometheus
+        sampling = asyncio.create_task(_sample_forever(prometheus, services), name="metrics sampling")
+        opened.push_async_callback(_cancel, sampling)
     keys = KeyAuthenticator(store)
     keys.follow(bus)
     opened.push_async_callback(keys.close)
@@ -369,11 +386,12 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     )
     # Every service is registered through this, so each method handler is
     # wrapped by the interceptor's logic (errors, auth, metrics, audit).
-    interceptor = ErrorInterceptor(metrics, authenticator, CallAuditor(audit, authenticator.origin_of))
+    interceptor = ErrorInterceptor(metrics, authenticator, CallAuditor(audit, authenticator.origin_of), prometheus)
     server = cast("grpc.aio.Server", WrappingRegistrar(grpc_server, interceptor))
     rate_limit = _rate_limit_service(settings, keys)
     if rate_limit is not None:
         opened.push_async_callback(rate_limit.close)
+        rate_limit.prometheus = prometheus
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(rate_limit, server)
     gateway = GatewayService(
         store,
@@ -382,7 +400,8 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         bus=bus,
         services=services,
         dispatcher=dispatcher,
-        security=SecurityCounters(authenticator, rate_limit),
+        # Envoy's admin answers on --admin-port when `flowport up` runs it (nothing there: zero).
+        security=SecurityCounters(authenticator, rate_limit, settings.admin_port, webhook_http),
         service_checks=checker,
         pool_checks=pool_health,
     )
@@ -416,6 +435,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
             f"cannot listen on {address} (--grpc-port {settings.grpc_port}): "
             f"the port is in use or the address is not available{cause}"
         )
+    _serve_metrics(settings, prometheus)  # after the gRPC port: a second server fails on that one first
     await grpc_server.start()
     opened.push_async_callback(grpc_server.stop, None)
     resumed, failed = await executor.recover()
@@ -438,6 +458,8 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         audit,
         keys,
         rate_limit,
+        prometheus,
+        tracing_owner,
     )
 
 
@@ -459,6 +481,46 @@ async def stop(running: Running, grace: float) -> None:
     # Pending aggregates of throttled entries, queued before the store drains.
     running.audit.close()
     await running.store.close()
+    if running.prometheus is not None:
+        running.prometheus.close()
+    if running.tracing_owner:
+        tracing.shutdown()  # exports the spans still buffered
+
+
+def _prometheus(settings: Settings, store: SqlStore, services: NodeServices) -> Prometheus | None:
+    """The process's Prometheus metrics; None when --metrics-port is 0 (and no other worker serves them)."""
+    if not settings.metrics_port and not multiprocess():
+        return None
+    prometheus = Prometheus()
+    store.observe_queries(lambda operation, seconds: prometheus.store_duration.labels(operation).observe(seconds))
+    if services.sandbox is not None:
+        prometheus.sandbox_workers.set(services.sandbox.size)
+    return prometheus
+
+
+def _serve_metrics(settings: Settings, prometheus: Prometheus | None) -> None:
+    if prometheus is None or not settings.metrics_port:
+        return
+    try:
+        prometheus.serve(settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} (--metrics-port): "
+            f"{exc.strerror or exc}"
+        ) from None
+
+
+async def _sample_forever(prometheus: Prometheus, services: NodeServices) -> None:
+    """Gauges read from state rather than counted at each change: the sandbox pool's."""
+    while True:
+        if services.sandbox is not None:
+            prometheus.sandbox_busy.set(services.sandbox.busy)
+        await asyncio.sleep(SAMPLE_INTERVAL)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _purge_forever(store: SqlStore) -> None:

@@ -1,16 +1,19 @@
 """The server interceptor: maps FlowportError to google.rpc.Status, once.
 
-It also counts calls for GatewayService.GetStats and hands each finished
-call to the audit log (which records only the few that matter), since it
-is the one place every call passes through.
+It is the one place every call passes through, so it also counts calls
+(GetStats, per process and per tenant; Prometheus), opens the call's span
+when tracing is on, sets the call's log context, writes a debug line per
+call, and hands each finished call to the audit log (which records only
+the few that matter).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -22,13 +25,17 @@ from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.context import CURRENT
 from flowport.server.errors import FlowportError, Internal, InvalidArgument
 from flowport.server.metrics import RequestMetrics
-from flowport.server.transcoding import original_path
+from flowport.server.observability import tracing
+from flowport.server.observability.context import CALL, Call
+from flowport.server.transcoding import original_path, stream_transport
 
 log = logging.getLogger(__name__)
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 if TYPE_CHECKING:  # the grpc classes are generic only in their stubs
+    from flowport.server.observability.prometheus import Prometheus
+
     Handler = grpc.RpcMethodHandler[Any, Any]
     Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -81,9 +88,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler so raised FlowportErrors become rich statuses."""
 
     def __init__(
-        self, metrics: RequestMetrics, authenticator: Authenticator | None = None, auditor: CallAuditor | None = None
+        self,
+        metrics: RequestMetrics,
+        authenticator: Authenticator | None = None,
+        auditor: CallAuditor | None = None,
+        prometheus: Prometheus | None = None,
     ) -> None:
         self._metrics = metrics
+        self._prometheus = prometheus
         self._auth = authenticator
         self._auditor = auditor
         # Handlers are fixed per method, so each is wrapped once, not per call.
@@ -126,11 +138,35 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         # Client- and bidi-streaming methods are not part of the API.
         return handler
 
-    def _wrap_unary(self, method: str, handler: Handler) -> Handler:
-        metrics, begin, auditor = self._metrics, self._begin, self._auditor
-        unary = cast("UnaryBehavior", handler.unary_unary)
+    def _finish(self, method: str, code: grpc.StatusCode, seconds: float | None, span: Any) -> None:
+        """What every call reports when it ends: Prometheus, its span, the debug log line."""
+        if self._prometheus is not None:
+            self._prometheus.rpc(method, code.name, seconds)
+            if code is grpc.StatusCode.UNAUTHENTICATED:
+                self._prometheus.auth_failures.inc()
+        if span is not None:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code is not grpc.StatusCode.OK:
+                tracing.fail(span, code.name)
+        if log.isEnabledFor(logging.DEBUG):
+            took = "" if seconds is None else f" in {1000 * seconds:.3f} ms"
+            log.debug("%s answered %s%s", method, code.name, took)
 
-        async def unary_behavior(request: Any, context: Context) -> Any:
+    def _stream_opened(self, method: str, transport: str) -> Any:
+        """Count a stream that opened; its open-streams gauge (incremented), None without Prometheus."""
+        self._metrics.stream_opened(transport)
+        if self._prometheus is None:
+            return None
+        gauge = self._prometheus.streams_open.labels(method, transport)
+        gauge.inc()
+        return gauge
+
+    def _wrap_unary(self, method: str, handler: Handler) -> Handler:
+        metrics, begin, auditor, finish = self._metrics, self._begin, self._auditor, self._finish
+        unary = cast("UnaryBehavior", handler.unary_unary)
+        attributes = _rpc_attributes(method)
+
+        async def body(request: Any, context: Context, span: Any) -> Any:
             start = time.perf_counter()
             ok = False
             response: Any = None
@@ -150,9 +186,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 code, error = grpc.StatusCode.INTERNAL, _internal(method, exc)
                 await abort_with(context, error)
             finally:
-                metrics.record(time.perf_counter() - start, ok)
+                seconds = time.perf_counter() - start
+                principal = CURRENT.get()
+                metrics.record(seconds, ok, principal.tenant if principal is not None else None)
+                finish(method, code, seconds, span)
                 if auditor is not None:
                     auditor.finish(method, context, request=request, response=response, code=code, error=error)
+
+        async def unary_behavior(request: Any, context: Context) -> Any:
+            # Each call runs in its own task: the value never reaches another call
+            # (only tasks the call starts, which see it closed once it has ended).
+            call = Call(method, context)
+            CALL.set(call)
+            try:
+                if not tracing.enabled():  # the hot path: not even a context manager
+                    return await body(request, context, None)
+                with _server_span(method, attributes, context) as span:
+                    return await body(request, context, span)
+            finally:
+                call.open = False
 
         return grpc.unary_unary_rpc_method_handler(
             unary_behavior,
@@ -160,18 +212,26 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _wrap_stream(self, method: str, handler: Handler) -> Handler:
-        metrics, begin, auditor = self._metrics, self._begin, self._auditor
+    def _wrap_stream(self, method: str, handler: Handler) -> Handler:  # noqa: PLR0915 - one stream's life, in order
+        metrics, begin, auditor, finish = self._metrics, self._begin, self._auditor, self._finish
+        opened = self._stream_opened
         stream = cast("StreamBehavior", handler.unary_stream)
+        attributes = _rpc_attributes(method)
 
-        async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
+        async def body(request: Any, context: Context, span: Any) -> AsyncGenerator[Any]:
             ok = False
             last: type[Any] | None = None
             error: FlowportError | None = None
-            metrics.stream_opened()
+            transport = stream_transport(context)
+            tenant: str | None = None
+            gauge = opened(method, transport)
             try:
                 try:
                     await begin(method, request, context)
+                    principal = CURRENT.get()
+                    if principal is not None:
+                        tenant = principal.tenant
+                        metrics.stream_tenant(tenant, transport)
                     async for item in stream(request, context):
                         last = type(item)
                         yield item
@@ -188,16 +248,45 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         await abort_with(context, error)
                     yield final
             finally:
-                metrics.stream_closed(ok)
+                metrics.stream_closed(ok, transport, tenant)
+                if gauge is not None:
+                    gauge.dec()
+                code = grpc.StatusCode.OK if ok else error.code if error is not None else grpc.StatusCode.CANCELLED
+                finish(method, code, None, span)
                 if auditor is not None:
-                    code = grpc.StatusCode.OK if ok else error.code if error is not None else grpc.StatusCode.CANCELLED
                     auditor.finish(method, context, request=request, response=None, code=code, error=error)
+
+        async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
+            call = Call(method, context)
+            CALL.set(call)
+            # aclosing: when grpc closes this generator (the client went away), the
+            # inner one must run its cleanup now, not whenever it is collected.
+            try:
+                with _server_span(method, attributes, context) as span:
+                    async with contextlib.aclosing(body(request, context, span)) as items:
+                        async for item in items:
+                            yield item
+            finally:
+                call.open = False
 
         return grpc.unary_stream_rpc_method_handler(
             stream_behavior,
             request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+
+def _server_span(method: str, attributes: dict[str, str], context: Context) -> contextlib.AbstractContextManager[Any]:
+    """The call's SERVER span, continuing the caller's trace; nothing with tracing off."""
+    if not tracing.enabled():
+        return contextlib.nullcontext()
+    parent = tracing.extract(context.invocation_metadata())
+    return tracing.span(method.lstrip("/"), kind="server", attributes=attributes, context=parent)
+
+
+def _rpc_attributes(method: str) -> dict[str, str]:
+    service, _, name = method.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
 
 class _WrappedGeneric(grpc.GenericRpcHandler):

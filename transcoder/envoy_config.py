@@ -13,6 +13,7 @@ result for operators who run their own Envoy.
 
 from __future__ import annotations
 
+import ipaddress
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -376,6 +377,12 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
         },
         http_filters=_http_filters(settings, descriptor),
     )
+    extra_clusters: list[dict[str, Any]] = []
+    if settings.otlp_endpoint:
+        # Envoy starts each request's trace (or continues the client's traceparent)
+        # and hands its span to the server as the parent of the server's spans.
+        connection_manager["tracing"] = _tracing(settings)
+        extra_clusters.append(_collector_cluster(settings.otlp_endpoint))
     cluster = {
         "name": CLUSTER,
         "type": "STATIC",
@@ -459,6 +466,61 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
                     ],
                 }
             ],
-            "clusters": [cluster],
+            "clusters": [cluster, *extra_clusters],
         },
     }
+
+
+OTEL_CLUSTER = "otel_collector"
+
+
+def _tracing(settings: Settings) -> dict[str, Any]:
+    return {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": _typed(
+                "envoy.config.trace.v3.OpenTelemetryConfig",
+                grpc_service={"envoy_grpc": {"cluster_name": OTEL_CLUSTER}, "timeout": "1s"},
+                service_name=f"{settings.otel_service_name}-envoy",
+            ),
+        },
+        "random_sampling": {"value": 100 * settings.trace_sample_ratio},
+    }
+
+
+def _collector_cluster(endpoint: str) -> dict[str, Any]:
+    """The OTLP/gRPC collector at `endpoint` (http://host:port or https://host:port)."""
+    scheme, _, rest = endpoint.partition("://")
+    hostport = (rest or scheme).split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    cluster: dict[str, Any] = {
+        "name": OTEL_CLUSTER,
+        # A name is resolved by Envoy; an address is used as is.
+        "type": "STATIC" if _is_address(host) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": OTEL_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, int(port or 4317))}}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": {}},
+            )
+        },
+    }
+    if scheme == "https":
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": _typed("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", sni=host),
+        }
+    return cluster
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

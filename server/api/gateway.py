@@ -6,20 +6,23 @@ import asyncio
 import os
 from dataclasses import dataclass
 
+import httpx
 from google.protobuf import timestamp_pb2
 
 from flowport.server.api.common import now_us
 from flowport.server.auth.authenticator import Authenticator
+from flowport.server.auth.context import CURRENT
 from flowport.server.engine.executor import Executor
 from flowport.server.events.bus import EventBus
 from flowport.server.events.redis_bus import RedisBus
 from flowport.server.health import Check, overall, run_check
-from flowport.server.metrics import RequestMetrics
+from flowport.server.metrics import CallFigures, RequestMetrics
 from flowport.server.nodes.base import NodeServices
+from flowport.server.observability.edge import local_rate_limited
 from flowport.server.ratelimit.service import RateLimitService
 from flowport.server.registry.health import HealthChecker
 from flowport.server.resources.health import PoolHealth
-from flowport.server.storage import Store
+from flowport.server.storage.sql_store import SqlStore
 from flowport.server.types import Context
 from flowport.server.version import VERSION
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
@@ -63,17 +66,30 @@ def _rss_bytes() -> int:
 
 @dataclass(frozen=True)
 class SecurityCounters:
-    """Where the security figures of GetStats come from (either may be absent)."""
+    """Where the security figures of GetStats come from (any may be absent)."""
 
     authenticator: Authenticator | None
     rate_limit: RateLimitService | None
+    # Envoy's admin port (`flowport up`) and a client for it: its local rate limits' counters.
+    envoy_admin_port: int | None = None
+    http: httpx.AsyncClient | None = None
 
-    def stats(self) -> gateway_pb2.SecurityStats:
+    async def stats(self, tenant: str | None = None) -> gateway_pb2.SecurityStats:
+        """Every figure for an admin (None); a tenant's own rate-limit refusals for its users."""
         limits = self.rate_limit.stats if self.rate_limit is not None else None
+        if tenant is not None:
+            refused = limits.limited_by_tenant[tenant] if limits is not None else 0
+            return gateway_pb2.SecurityStats(rate_limits=refused, service_rate_limits=refused)
+        service = limits.limited if limits is not None else 0
+        edge = 0
+        if self.envoy_admin_port is not None and self.http is not None:
+            edge = await local_rate_limited(self.http, self.envoy_admin_port) or 0
         return gateway_pb2.SecurityStats(
             failed_auth=self.authenticator.failed if self.authenticator is not None else 0,
-            rate_limits=limits.limited if limits is not None else 0,
+            rate_limits=service + edge,
             rate_limit_backend_failures=limits.backend_failures if limits is not None else 0,
+            service_rate_limits=service,
+            edge_rate_limits=edge,
         )
 
 
@@ -82,7 +98,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
 
     def __init__(
         self,
-        store: Store,
+        store: SqlStore,
         metrics: RequestMetrics,
         *,
         executor: Executor,
@@ -172,29 +188,67 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         return health
 
     async def GetStats(self, request: gateway_pb2.GetStatsRequest, context: Context) -> gateway_pb2.Stats:
-        m = self._metrics
-        c = self._executor.counters
-        active = await self._store.count_active_sessions(now_us())
-        return gateway_pb2.Stats(
-            sessions=gateway_pb2.SessionStats(active=active),
-            requests=gateway_pb2.RequestStats(
-                total=m.total, errors=m.errors, error_rate=m.error_rate, avg_response_time=m.avg_response_ms
-            ),
-            realtime=gateway_pb2.RealtimeStats(active_streams=m.active_streams, events_published=self._bus.published),
-            system=gateway_pb2.SystemStats(uptime=m.uptime, rss_bytes=_rss_bytes()),
-            executions=gateway_pb2.ExecutionStats(
-                started=c.started,
-                succeeded=c.succeeded,
-                failed=c.failed,
-                cancelled=c.cancelled,
-                running=self._executor.running,
-                latency_p50=c.percentile(0.5),
-                latency_p90=c.percentile(0.9),
-                latency_p99=c.percentile(0.99),
-                queued=c.queued,
-                taken_from_queue=c.taken_from_queue,
-                queue_failures=c.queue_failures,
-            ),
-            webhooks=self._dispatcher.stats(),
-            security=self._security.stats(),
+        principal = CURRENT.get()
+        # Admins see every tenant and the process; a tenant's user sees the tenant.
+        scope = None if principal is None or principal.is_admin else principal.tenant
+        calls: CallFigures = self._metrics if scope is None else self._metrics.tenant(scope)
+        counters = self._executor.counters if scope is None else self._executor.tenant_counters(scope)
+        now = now_us()
+        sessions, by_state, retrying = await asyncio.gather(
+            self._store.count_sessions(scope, now),
+            self._store.executions_by_state(scope),
+            self._store.deliveries_retrying(scope),
         )
+        p50, p90, p99 = (calls.latency.percentile_ms(q) for q in (0.5, 0.9, 0.99))
+        webhooks = self._dispatcher.stats(scope)
+        webhooks.retrying = retrying
+        stats = gateway_pb2.Stats(
+            tenant=scope or "",
+            sessions=gateway_pb2.SessionStats(active=sessions),
+            requests=gateway_pb2.RequestStats(
+                total=calls.total,
+                errors=calls.errors,
+                error_rate=calls.error_rate,
+                avg_response_time=calls.avg_response_ms,
+                latency_p50=p50,
+                latency_p90=p90,
+                latency_p99=p99,
+            ),
+            performance=gateway_pb2.PerformanceStats(
+                avg_response_time=calls.avg_response_ms, p50=p50, p90=p90, p99=p99
+            ),
+            errors=gateway_pb2.ErrorStats(total=calls.errors, rate=calls.error_rate),
+            realtime=gateway_pb2.RealtimeStats(
+                active_streams=calls.active_streams,
+                events_published=self._bus.published if scope is None else 0,
+                grpc_count=calls.streams["grpc"],
+                sse_count=calls.streams["sse"],
+                ndjson_count=calls.streams["ndjson"],
+            ),
+            system=gateway_pb2.SystemStats(uptime=self._metrics.uptime),
+            executions=gateway_pb2.ExecutionStats(
+                started=counters.started,
+                succeeded=counters.succeeded,
+                failed=counters.failed,
+                cancelled=counters.cancelled,
+                running=self._executor.running if scope is None else by_state["running"],
+                latency_p50=counters.percentile(0.5),
+                latency_p90=counters.percentile(0.9),
+                latency_p99=counters.percentile(0.99),
+                by_state=by_state,
+            ),
+            webhooks=webhooks,
+            security=await self._security.stats(scope),
+        )
+        if scope is None:
+            c = self._executor.counters
+            stats.executions.queued, stats.executions.taken_from_queue = c.queued, c.taken_from_queue
+            stats.executions.queue_failures = c.queue_failures
+            stats.system.rss_bytes = _rss_bytes()
+            connections, active, queries, average = self._store.query_figures()
+            stats.database.CopyFrom(
+                gateway_pb2.DatabaseStats(
+                    connections=connections, active_connections=active, queries=queries, avg_query_time=average
+                )
+            )
+        return stats

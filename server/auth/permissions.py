@@ -25,8 +25,8 @@ _API = "/flowport.v1."
 PERMISSIONS: dict[str, Access] = {
     f"{_API}GatewayService/GetInfo": Access.USER,
     f"{_API}GatewayService/GetHealth": Access.PUBLIC,
-    # Counters of the whole server, every tenant's work included.
-    f"{_API}GatewayService/GetStats": Access.ADMIN,
+    # A tenant's own figures; admins get every tenant's and the process's.
+    f"{_API}GatewayService/GetStats": Access.USER,
     f"{_API}SessionService/CreateSession": Access.USER,
     f"{_API}SessionService/GetSession": Access.USER,
     f"{_API}SessionService/ListSessions": Access.USER,

@@ -24,8 +24,9 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -41,8 +42,14 @@ from flowport.server.ids import new_id
 from flowport.server.leases import Leases
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.paths import MISSING, lookup
+from flowport.server.observability import tracing
+from flowport.server.observability.context import CALL, EXECUTION, request_id
+from flowport.server.observability.context import Execution as ExecutionContext
 from flowport.server.storage.base import Store
 from flowport.v1 import execution_pb2, workflow_pb2
+
+if TYPE_CHECKING:
+    from flowport.server.observability.prometheus import Prometheus
 
 log = logging.getLogger(__name__)
 # Asks the process running an execution to cancel it (cancel through another process).
@@ -140,11 +147,21 @@ class Executor:
         self._runs: dict[str, _Run] = {}
         self._admitting = 0
         self.counters = ExecutionCounters()
+        self._tenant_counters: dict[str, ExecutionCounters] = {}
+        # Set by the app when /metrics is on (server/observability/prometheus.py).
+        self.prometheus: Prometheus | None = None
 
     @property
     def running(self) -> int:
         """Executions in progress in this process."""
         return len(self._runs)
+
+    def tenant_counters(self, tenant: str) -> ExecutionCounters:
+        """`tenant`'s execution figures in this process (GetStats for a tenant's users)."""
+        counters = self._tenant_counters.get(tenant)
+        if counters is None:
+            counters = self._tenant_counters[tenant] = ExecutionCounters(latencies_ms=deque(maxlen=1000))
+        return counters
 
     # -- starting ---------------------------------------------------------
 
@@ -551,6 +568,33 @@ class Executor:
         )
 
     async def _execute(self, run: _Run) -> None:
+        # This task's log lines name the execution and the request that started it
+        # (server/observability/logs.py); the call's context is not read after this.
+        call = CALL.get()
+        started_by = request_id(call) if call is not None else None
+        CALL.set(None)
+        EXECUTION.set(ExecutionContext(run.tenant, run.execution.execution_id, started_by))
+        prometheus = self.prometheus
+        if prometheus is not None:
+            prometheus.executions_running.inc()
+        try:
+            if not tracing.enabled():
+                await self._execute_traced(run, None)
+                return
+            # A child of the RPC that created it (the task inherited its context); a root
+            # span for one resumed or taken from the queue.
+            attributes = {
+                "flowport.execution_id": run.execution.execution_id,
+                "flowport.workflow_id": run.execution.workflow_id,
+                "flowport.tenant": run.tenant,
+            }
+            with tracing.span("execution", attributes=attributes) as span:
+                await self._execute_traced(run, span)
+        finally:
+            if prometheus is not None:
+                prometheus.executions_running.dec()
+
+    async def _execute_traced(self, run: _Run, span: Any) -> None:
         execution = run.execution
         started = time.perf_counter()
         try:
@@ -558,6 +602,7 @@ class Executor:
                 execution.state = Execution.STATE_RUNNING
                 execution.start_time.CopyFrom(_now())
                 self.counters.started += 1
+                self.tenant_counters(run.tenant).started += 1
                 await self._store.save_execution(execution, wait=False)
                 self._publish(
                     "execution.started", run.tenant, execution, {"workflow_version": execution.workflow_version}
@@ -587,6 +632,10 @@ class Executor:
         for node_run in run.node_runs.values():
             if node_run.state == NodeRun.STATE_RUNNING:  # siblings stopped by a failure or a cancel
                 _finish(node_run, NodeRun.STATE_CANCELLED)
+        if span is not None:
+            span.set_attribute("flowport.state", Execution.State.Name(execution.state))
+            if execution.state != Execution.STATE_SUCCEEDED:
+                tracing.fail(span, execution.error.message)
         try:
             await asyncio.shield(self._finalize(run, started))
         finally:
@@ -614,8 +663,17 @@ class Executor:
         if execution.HasField("error"):
             data["error"] = execution.error.message
         self._publish(final[0], run.tenant, execution, data)
-        setattr(self.counters, final[1], getattr(self.counters, final[1]) + 1)
-        self.counters.latencies_ms.append(1000 * (time.perf_counter() - started))
+        took = time.perf_counter() - started
+        for counters in (self.counters, self.tenant_counters(run.tenant)):
+            setattr(counters, final[1], getattr(counters, final[1]) + 1)
+            counters.latencies_ms.append(1000 * took)
+        if self.prometheus is not None:
+            self.prometheus.executions.labels(final[1]).inc()
+            self.prometheus.execution_duration.labels(run.tenant, execution.workflow_id, final[1]).observe(took)
+        if execution.state == Execution.STATE_FAILED:
+            log.info("execution ended failed: %s", execution.error.message)
+        else:
+            log.debug("execution ended %s in %.3f ms", final[1], 1000 * took)
 
     def _inputs_for(self, run: _Run, node: PlanNode) -> tuple[dict[str, Any], bool]:
         """The node's parameters, and whether it must be skipped."""
@@ -692,6 +750,24 @@ class Executor:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _attempt(self, node: PlanNode, ctx: NodeContext, params: dict[str, Any]) -> dict[str, Any]:
+        """One attempt of `node`, within its timeout, in a span of its own when tracing."""
+        # asyncio.timeout, unlike wait_for, runs the node in this task: no extra task per node.
+        async with asyncio.timeout(node.timeout):
+            if not tracing.enabled():
+                return await node.node_type.run(ctx, node.prepared, params)
+            attributes = {
+                "flowport.node_id": node.node_id,
+                "flowport.node_type": node.node_type.type_name,
+                "flowport.attempt": ctx.attempt,
+            }
+            with tracing.span(f"node {node.node_id}", attributes=attributes) as span:
+                try:
+                    return await node.node_type.run(ctx, node.prepared, params)
+                except NodeError as exc:
+                    tracing.fail(span, f"{exc.reason}: {exc.message}")
+                    raise
+
     def _record_skip(self, run: _Run, node: PlanNode) -> None:
         node_run = run.execution.node_runs.add(
             node_id=node.node_id, node_type=node.node_type.type_name, state=NodeRun.STATE_SKIPPED
@@ -717,9 +793,7 @@ class Executor:
             node_run.attempts = attempt
             ctx = NodeContext(run.tenant, execution.execution_id, node.node_id, attempt, node.timeout, self._services)
             try:
-                # asyncio.timeout, unlike wait_for, runs the node in this task: no extra task per node.
-                async with asyncio.timeout(node.timeout):
-                    outputs = await node.node_type.run(ctx, node.prepared, params)
+                outputs = await self._attempt(node, ctx, params)
                 try:
                     python_to_struct({node.node_id: outputs}, execution.outputs)
                 except (TypeError, ValueError) as exc:

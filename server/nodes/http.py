@@ -68,6 +68,7 @@ import httpx
 from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
 from flowport.server.nodes.substitution import check_params, secret_references, substitute
+from flowport.server.observability import tracing
 from flowport.server.secrets.redaction import Redactor, scrubbing_logs
 from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, revealed
 from flowport.server.version import VERSION
@@ -434,7 +435,22 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 async def _attempt(
     client: httpx.AsyncClient, call: HttpCall, url: httpx.URL, allowlist: frozenset[str], budget: float
 ) -> _Fetched:
-    """One attempt, redirects included, within `budget` seconds."""
+    """One attempt, redirects included, within `budget` seconds (a CLIENT span when tracing)."""
+    if not tracing.enabled():
+        return await _attempt_within(client, call, url, allowlist, budget)
+    attributes = {"http.request.method": call.method, "url.full": _safe(url)}
+    with tracing.span(f"{call.method}", kind="client", attributes=attributes) as span:
+        fetched = await _attempt_within(client, call, url, allowlist, budget)
+        if span is not None:
+            span.set_attribute("http.response.status_code", fetched.status_code)
+            if fetched.status_code >= 500:
+                tracing.fail(span, f"HTTP {fetched.status_code}")
+        return fetched
+
+
+async def _attempt_within(
+    client: httpx.AsyncClient, call: HttpCall, url: httpx.URL, allowlist: frozenset[str], budget: float
+) -> _Fetched:
     try:
         async with asyncio.timeout(budget):
             return await _exchange(client, call, url, allowlist, budget)
@@ -457,6 +473,7 @@ async def _exchange(
         pinned = await _check_target(url, allowlist)
         request_url = url.copy_with(host=pinned) if pinned is not None else url
         request_headers = dict(headers)
+        tracing.inject(request_headers)  # traceparent, so the service can continue the trace
         if pinned is not None and not any(name.lower() == "host" for name in request_headers):
             request_headers["Host"] = url.netloc.decode("ascii")
         request = httpx.Request(

@@ -66,6 +66,7 @@ from sqlalchemy.sql.elements import TextClause
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
 from flowport.server.nodes.sql_pools import CONNECTION_STRING_PATTERN, UnsupportedDatabase, async_url, describe
 from flowport.server.nodes.substitution import check_params, insert_secrets, substitute
+from flowport.server.observability import tracing
 from flowport.server.secrets.redaction import Redactor, scrubbing_logs
 from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, revealed
 
@@ -448,6 +449,32 @@ class SQLDatabaseNode(NodeType):
 
 
 async def _run_statement(
+    engine: AsyncEngine,
+    url: URL,
+    *,
+    prepared: PreparedQuery,
+    values: dict[str, Any],
+    max_rows: int,
+    remaining: float,
+    where: str,
+) -> dict[str, Any]:
+    """One statement in its own transaction within `remaining` seconds (a CLIENT span when tracing)."""
+    if not tracing.enabled():
+        return await _statement(
+            engine, url, prepared=prepared, values=values, max_rows=max_rows, remaining=remaining, where=where
+        )
+    # The statement's text only: values are bound, never part of it.
+    attributes = {"db.system": url.get_backend_name(), "db.query.text": prepared.query[:2048]}
+    with tracing.span("SQL", kind="client", attributes=attributes) as span:
+        result = await _statement(
+            engine, url, prepared=prepared, values=values, max_rows=max_rows, remaining=remaining, where=where
+        )
+        if span is not None:
+            span.set_attribute("db.response.returned_rows", len(result["rows"]))
+        return result
+
+
+async def _statement(
     engine: AsyncEngine,
     url: URL,
     *,

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from redis.exceptions import RedisError
@@ -26,6 +27,9 @@ from flowport.server.auth.keys import KeyAuthenticator
 from flowport.server.auth.principal import AuthenticationFailed
 from flowport.server.ratelimit.counters import RedisCounters
 from flowport.server.types import Context
+
+if TYPE_CHECKING:
+    from flowport.server.observability.prometheus import Prometheus
 
 log = logging.getLogger(__name__)
 DOMAIN = "flowport"
@@ -42,6 +46,7 @@ class RateLimitStats:
     checked: int = 0  # requests counted against a tenant
     limited: int = 0  # answered OVER_LIMIT
     backend_failures: int = 0  # Redis could not be reached
+    limited_by_tenant: Counter[str] = field(default_factory=Counter)  # OVER_LIMIT answers per tenant
 
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
@@ -65,6 +70,8 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self._fail_open = fail_open
         self._logged = 0.0
         self.stats = RateLimitStats()
+        # Set by the app when /metrics is on (server/observability/prometheus.py).
+        self.prometheus: Prometheus | None = None
 
     async def ShouldRateLimit(self, request: Any, context: Context) -> Any:
         tenant = await self._tenant(request)
@@ -82,6 +89,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         code = OK if count <= self._limit else OVER_LIMIT
         if code == OVER_LIMIT:
             self.stats.limited += 1
+            self.stats.limited_by_tenant[tenant] += 1
+            if self.prometheus is not None:
+                self.prometheus.rate_limited.inc()
         status = rls_pb2.RateLimitResponse.DescriptorStatus(code=code, limit_remaining=remaining)
         status.current_limit.requests_per_unit = self._limit
         status.current_limit.unit = rls_pb2.RateLimitResponse.RateLimit.SECOND

@@ -268,6 +268,11 @@ class SandboxPool:
         return self._size
 
     @property
+    def busy(self) -> int:
+        """Workers running a job now (in service and not idle)."""
+        return len(self._workers) - len(self._idle)
+
+    @property
     def pids(self) -> list[int]:
         """Process ids of the workers in service (for tests and diagnostics)."""
         return sorted(w.pid for w in self._workers)

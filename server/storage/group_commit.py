@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
@@ -23,17 +24,47 @@ log = logging.getLogger(__name__)
 BatchRunner = Callable[[C, list[Callable[[C], Any]]], list[tuple[bool, Any]]]
 
 
+class QueryTiming:
+    """How busy one connection is: operations run, their time, whether one is running now.
+
+    Updated on the connection's own thread (one writer per instance), read
+    by GetStats; `observe` also reports each operation's time (Prometheus).
+    """
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+        self.count = 0
+        self.seconds = 0.0
+        self.active = 0
+        self.observe: Callable[[float], None] | None = None
+
+    def done(self, seconds: float) -> None:
+        self.count += 1
+        self.seconds += seconds
+        if self.observe is not None:
+            self.observe(seconds)
+
+
 class ConnectionThread(Generic[C]):
     """A connection confined to one thread."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, operation: str = "read") -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.conn: C | None = None
+        self.timing = QueryTiming(operation)
 
     async def run(self, fn: Callable[[C], T]) -> T:
+        timing = self.timing
+
         def call() -> T:
             assert self.conn is not None, "store is closed"
-            return fn(self.conn)
+            timing.active += 1
+            started = time.perf_counter()
+            try:
+                return fn(self.conn)
+            finally:
+                timing.active -= 1
+                timing.done(time.perf_counter() - started)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import pq
 
-from flowport.server.storage.group_commit import ConnectionThread, GroupWriter
+from flowport.server.storage.group_commit import ConnectionThread, GroupWriter, QueryTiming
 from flowport.server.storage.migrate import Migration, bundled, migrate
 from flowport.server.storage.sql_store import SqlStore
 from flowport.server.storage.tables import Connection, Cursor
@@ -112,7 +112,7 @@ class PostgresStore(SqlStore):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._writer: ConnectionThread[PgConnection] = ConnectionThread("flowport-pg-w")
+        self._writer: ConnectionThread[PgConnection] = ConnectionThread("flowport-pg-w", "write")
         self._readers: list[ConnectionThread[PgConnection]] = [
             ConnectionThread(f"flowport-pg-r{n}") for n in range(READERS)
         ]
@@ -148,6 +148,9 @@ class PostgresStore(SqlStore):
     async def _lookup(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
         row: tuple[Any, ...] | None = await self._read(lambda conn: conn.execute(sql, args).fetchone())
         return row
+
+    def timings(self) -> list[QueryTiming]:
+        return [self._writer.timing, *(reader.timing for reader in self._readers)]
 
 
 def _shown(url: str) -> str:

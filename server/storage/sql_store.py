@@ -15,11 +15,12 @@ from flowport.server.storage.audit import AuditTables
 from flowport.server.storage.base import IdempotencyRace
 from flowport.server.storage.events import EventTables
 from flowport.server.storage.executions import ExecutionTables
-from flowport.server.storage.group_commit import GroupWriter, log_unretrieved
+from flowport.server.storage.group_commit import GroupWriter, QueryTiming, log_unretrieved
 from flowport.server.storage.resources import ResourceTables
 from flowport.server.storage.secrets import SecretTables
 from flowport.server.storage.services import ServiceTables
 from flowport.server.storage.sessions import SessionTables
+from flowport.server.storage.stats import StatsTables
 from flowport.server.storage.tables import Connection
 from flowport.server.storage.webhooks import WebhookTables
 from flowport.server.storage.workflows import WorkflowTables
@@ -38,6 +39,7 @@ class SqlStore(
     SecretTables,
     ServiceTables,
     ResourceTables,
+    StatsTables,
 ):
     """Durable state on a SQL engine; open one with `open_store` (server/storage/__init__.py)."""
 
@@ -50,6 +52,22 @@ class SqlStore(
     async def ping(self) -> None:
         """Round-trip to the database; raises when it is unusable."""
         raise NotImplementedError
+
+    def timings(self) -> list[QueryTiming]:
+        """One per connection: operations, their time, in use now."""
+        raise NotImplementedError
+
+    def query_figures(self) -> tuple[int, int, int, float]:
+        """(connections, in use now, operations since start, mean operation time in ms)."""
+        timings = self.timings()
+        count = sum(t.count for t in timings)
+        seconds = sum(t.seconds for t in timings)
+        return len(timings), sum(t.active for t in timings), count, 1000 * seconds / count if count else 0.0
+
+    def observe_queries(self, observe: Callable[[str, float], None]) -> None:
+        """Report every operation's time to `observe(operation, seconds)` (Prometheus)."""
+        for timing in self.timings():
+            timing.observe = lambda seconds, operation=timing.operation: observe(operation, seconds)
 
     async def _write(self, op: Callable[[Connection], T]) -> T:
         try:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flowport.server.storage.group_commit import ConnectionThread, GroupWriter
+from flowport.server.storage.group_commit import ConnectionThread, GroupWriter, QueryTiming
 from flowport.server.storage.migrate import Migration, bundled, migrate
 from flowport.server.storage.sql_store import SqlStore
 from flowport.server.storage.tables import Connection
@@ -66,10 +67,12 @@ class SqliteStore(SqlStore):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._writer: ConnectionThread[sqlite3.Connection] = ConnectionThread("flowport-sqlite-w")
+        self._writer: ConnectionThread[sqlite3.Connection] = ConnectionThread("flowport-sqlite-w", "write")
         self._reader: ConnectionThread[sqlite3.Connection] = ConnectionThread("flowport-sqlite-r")
         self._group = GroupWriter(self._writer, _run_batch)
         self._inline: sqlite3.Connection | None = None
+        # The connection of primary-key reads on the calling thread (`_lookup`).
+        self._inline_timing = QueryTiming("read")
 
     @classmethod
     async def open(cls, path: Path, migrations: list[Migration] | None = None) -> SqliteStore:
@@ -104,5 +107,10 @@ class SqliteStore(SqlStore):
         # microseconds and never waits for the writer, less than a hop to a
         # thread and back costs.
         assert self._inline is not None, "store is closed"
+        started = time.perf_counter()
         row: tuple[Any, ...] | None = self._inline.execute(sql, args).fetchone()
+        self._inline_timing.done(time.perf_counter() - started)
         return row
+
+    def timings(self) -> list[QueryTiming]:
+        return [self._writer.timing, self._reader.timing, self._inline_timing]

@@ -21,6 +21,7 @@ from google.protobuf import json_format
 
 from flowport.server.events.bus import BusEvent
 from flowport.server.nodes.http import parse_retry_after
+from flowport.server.observability import tracing
 from flowport.server.version import VERSION
 from flowport.server.webhooks.signing import HEADER as SIGNATURE_HEADER
 from flowport.server.webhooks.signing import sign
@@ -136,6 +137,7 @@ async def attempt(
 ) -> Outcome:
     """POST `body` to `target` once, within `timeout` seconds in all."""
     headers = _headers(target, body, event_id, delivery_id, attempt_number)
+    tracing.inject(headers)  # the receiver may continue the trace (nothing with tracing off)
     start = time.perf_counter()
 
     def outcome(status: int, error: str, retryable: bool, retry_after: float | None = None) -> Outcome:

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -39,6 +40,7 @@ from flowport.server.events.bus import BusEvent, EventBus, Subscription
 from flowport.server.events.types import TypeFilter
 from flowport.server.ids import new_id
 from flowport.server.leases import Leases
+from flowport.server.observability import tracing
 from flowport.server.settings import Settings
 from flowport.server.storage.webhooks import (
     DEAD_LETTERED,
@@ -53,6 +55,9 @@ from flowport.server.storage.webhooks import (
 from flowport.server.webhooks.delivery import Outcome, Target, attempt, backoff, event_body
 from flowport.server.webhooks.targets import normalize_allowlist
 from flowport.v1 import gateway_pb2
+
+if TYPE_CHECKING:
+    from flowport.server.observability.prometheus import Prometheus
 
 log = logging.getLogger(__name__)
 # Published by WebhookService; every process reloads the tenant's webhooks.
@@ -148,6 +153,10 @@ class WebhookDispatcher:
         self._closed = False
         self._last_create_us = 0
         self.delivered = 0
+        # The same outcomes by (tenant, outcome), for a tenant's GetStats.
+        self.tenant_outcomes: Counter[tuple[str, str]] = Counter()
+        # Set by the app when /metrics is on (server/observability/prometheus.py).
+        self.prometheus: Prometheus | None = None
         self.retried = 0
         self.dead_lettered = 0
         self.lost = 0  # deliveries whose rows could not be written
@@ -367,16 +376,29 @@ class WebhookDispatcher:
             self._forget(pending)
             return
         number = row.attempts + 1
-        outcome = await attempt(
-            self._http,
-            hook.target,
-            body=row.payload,
-            event_id=row.event_id,
-            delivery_id=pending.delivery_id,
-            attempt_number=number,
-            timeout=self._timeout,
-            allowlist=self._allowlist,
-        )
+        tenant = pending.key[0]
+        attributes = {
+            "flowport.tenant": tenant,
+            "flowport.webhook_id": pending.key[1],
+            "flowport.delivery_id": pending.delivery_id,
+            "flowport.event_type": row.event_type,
+            "flowport.attempt": number,
+        }
+        with tracing.span("webhook delivery", kind="client", attributes=attributes) as span:
+            outcome = await attempt(
+                self._http,
+                hook.target,
+                body=row.payload,
+                event_id=row.event_id,
+                delivery_id=pending.delivery_id,
+                attempt_number=number,
+                timeout=self._timeout,
+                allowlist=self._allowlist,
+            )
+            if span is not None:
+                span.set_attribute("http.response.status_code", outcome.status_code)
+                if not outcome.ok:
+                    tracing.fail(span, outcome.error or f"HTTP {outcome.status_code}")
         state, delay = self._next_step(outcome, number)
         if delay is None:
             # Before the write: a redelivery that follows it must find no stale entry.
@@ -397,13 +419,21 @@ class WebhookDispatcher:
             return
         if state == SUCCEEDED:
             self.delivered += 1
+            self._count(tenant, "delivered")
         elif state == RETRYING:
             self.retried += 1
+            self._count(tenant, "retried")
             assert delay is not None
             self._schedule(pending, delay)
         else:
             self.dead_lettered += 1
+            self._count(tenant, "dead_lettered")
             self._report_failure(pending, row.event_id, row.event_type, record)
+
+    def _count(self, tenant: str, outcome: str) -> None:
+        self.tenant_outcomes[(tenant, outcome)] += 1
+        if self.prometheus is not None:
+            self.prometheus.webhook_deliveries.labels(outcome).inc()
 
     def _next_step(self, outcome: Outcome, number: int) -> tuple[int, float | None]:
         """The delivery's next state, and the wait before its next attempt if any."""
@@ -443,10 +473,16 @@ class WebhookDispatcher:
 
     # -- figures ---------------------------------------------------------------
 
-    def stats(self) -> gateway_pb2.WebhookStats:
-        """Counters since start, for GatewayService.GetStats."""
+    def stats(self, tenant: str | None = None) -> gateway_pb2.WebhookStats:
+        """Counters since start (of `tenant`, or all), for GatewayService.GetStats."""
+        if tenant is None:
+            return gateway_pb2.WebhookStats(
+                delivered=self.delivered, retried=self.retried, dead_lettered=self.dead_lettered
+            )
         return gateway_pb2.WebhookStats(
-            delivered=self.delivered, retried=self.retried, dead_lettered=self.dead_lettered
+            delivered=self.tenant_outcomes[(tenant, "delivered")],
+            retried=self.tenant_outcomes[(tenant, "retried")],
+            dead_lettered=self.tenant_outcomes[(tenant, "dead_lettered")],
         )
 
     @property

@@ -299,6 +299,12 @@ class Stats(_message.Message):
     WEBHOOKS_FIELD_NUMBER: _builtins.int
     SECURITY_FIELD_NUMBER: _builtins.int
     SYSTEM_FIELD_NUMBER: _builtins.int
+    DATABASE_FIELD_NUMBER: _builtins.int
+    PERFORMANCE_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant these figures are of; empty: every tenant (an admin's view)."""
     @_builtins.property
     def sessions(self) -> Global___SessionStats:
         """Session figures."""
@@ -327,6 +333,18 @@ class Stats(_message.Message):
     def system(self) -> Global___SystemStats:
         """Process figures."""
 
+    @_builtins.property
+    def database(self) -> Global___DatabaseStats:
+        """The store's connections and their operations (admins only)."""
+
+    @_builtins.property
+    def performance(self) -> Global___PerformanceStats:
+        """Response times (the seed's `performance`)."""
+
+    @_builtins.property
+    def errors(self) -> Global___ErrorStats:
+        """Failed calls (the seed's `errors`)."""
+
     def __init__(
         self,
         *,
@@ -337,10 +355,14 @@ class Stats(_message.Message):
         webhooks: Global___WebhookStats | None = ...,
         security: Global___SecurityStats | None = ...,
         system: Global___SystemStats | None = ...,
+        database: Global___DatabaseStats | None = ...,
+        performance: Global___PerformanceStats | None = ...,
+        errors: Global___ErrorStats | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "realtime", b"realtime", "requests", b"requests", "security", b"security", "sessions", b"sessions", "system", b"system", "webhooks", b"webhooks"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "errors", b"errors", "executions", b"executions", "performance", b"performance", "realtime", b"realtime", "requests", b"requests", "security", b"security", "sessions", b"sessions", "system", b"system", "webhooks", b"webhooks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "realtime", b"realtime", "requests", b"requests", "security", b"security", "sessions", b"sessions", "system", b"system", "webhooks", b"webhooks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "errors", b"errors", "executions", b"executions", "performance", b"performance", "realtime", b"realtime", "requests", b"requests", "security", b"security", "sessions", b"sessions", "system", b"system", "tenant", b"tenant", "webhooks", b"webhooks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -382,6 +404,9 @@ class RequestStats(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     ERROR_RATE_FIELD_NUMBER: _builtins.int
     AVG_RESPONSE_TIME_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_FIELD_NUMBER: _builtins.int
+    LATENCY_P90_FIELD_NUMBER: _builtins.int
+    LATENCY_P99_FIELD_NUMBER: _builtins.int
     total: _builtins.int
     """Calls handled since start."""
     errors: _builtins.int
@@ -390,6 +415,12 @@ class RequestStats(_message.Message):
     """errors / total, 0 when there were no calls."""
     avg_response_time: _builtins.float
     """Mean handling time of unary calls, in milliseconds."""
+    latency_p50: _builtins.float
+    """Median handling time of unary calls, in milliseconds (within 5%)."""
+    latency_p90: _builtins.float
+    """90th percentile handling time of unary calls, in milliseconds."""
+    latency_p99: _builtins.float
+    """99th percentile handling time of unary calls, in milliseconds."""
     def __init__(
         self,
         *,
@@ -397,20 +428,139 @@ class RequestStats(_message.Message):
         errors: _builtins.int = ...,
         error_rate: _builtins.float = ...,
         avg_response_time: _builtins.float = ...,
+        latency_p50: _builtins.float = ...,
+        latency_p90: _builtins.float = ...,
+        latency_p99: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_response_time", b"avg_response_time", "error_rate", b"error_rate", "errors", b"errors", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_response_time", b"avg_response_time", "error_rate", b"error_rate", "errors", b"errors", "latency_p50", b"latency_p50", "latency_p90", b"latency_p90", "latency_p99", b"latency_p99", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RequestStats: _TypeAlias = RequestStats  # noqa: Y015
 
 @_typing.final
+class PerformanceStats(_message.Message):
+    """Response times of unary calls, in milliseconds (the same figures as
+    RequestStats, where the seed's monitoring code reads them).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVG_RESPONSE_TIME_FIELD_NUMBER: _builtins.int
+    P50_FIELD_NUMBER: _builtins.int
+    P90_FIELD_NUMBER: _builtins.int
+    P99_FIELD_NUMBER: _builtins.int
+    avg_response_time: _builtins.float
+    """Mean handling time."""
+    p50: _builtins.float
+    """Median handling time (within 5%)."""
+    p90: _builtins.float
+    """90th percentile handling time."""
+    p99: _builtins.float
+    """99th percentile handling time."""
+    def __init__(
+        self,
+        *,
+        avg_response_time: _builtins.float = ...,
+        p50: _builtins.float = ...,
+        p90: _builtins.float = ...,
+        p99: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_response_time", b"avg_response_time", "p50", b"p50", "p90", b"p90", "p99", b"p99"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PerformanceStats: _TypeAlias = PerformanceStats  # noqa: Y015
+
+@_typing.final
+class ErrorStats(_message.Message):
+    """Failed calls (the same figures as RequestStats, where the seed reads them)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_FIELD_NUMBER: _builtins.int
+    RATE_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """Calls that ended with a status other than OK."""
+    rate: _builtins.float
+    """total / calls, 0 when there were no calls."""
+    def __init__(
+        self,
+        *,
+        total: _builtins.int = ...,
+        rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rate", b"rate", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ErrorStats: _TypeAlias = ErrorStats  # noqa: Y015
+
+@_typing.final
+class DatabaseStats(_message.Message):
+    """The store's database connections (each runs one operation at a time)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTIONS_FIELD_NUMBER: _builtins.int
+    ACTIVE_CONNECTIONS_FIELD_NUMBER: _builtins.int
+    QUERIES_FIELD_NUMBER: _builtins.int
+    AVG_QUERY_TIME_FIELD_NUMBER: _builtins.int
+    connections: _builtins.int
+    """Connections the store keeps open."""
+    active_connections: _builtins.int
+    """Connections running an operation right now."""
+    queries: _builtins.int
+    """Operations run since start (a write may commit a group of them)."""
+    avg_query_time: _builtins.float
+    """Mean time of an operation, in milliseconds."""
+    def __init__(
+        self,
+        *,
+        connections: _builtins.int = ...,
+        active_connections: _builtins.int = ...,
+        queries: _builtins.int = ...,
+        avg_query_time: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_connections", b"active_connections", "avg_query_time", b"avg_query_time", "connections", b"connections", "queries", b"queries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatabaseStats: _TypeAlias = DatabaseStats  # noqa: Y015
+
+@_typing.final
 class ExecutionStats(_message.Message):
     """Execution counters."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ByStateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     STARTED_FIELD_NUMBER: _builtins.int
     SUCCEEDED_FIELD_NUMBER: _builtins.int
@@ -423,6 +573,7 @@ class ExecutionStats(_message.Message):
     QUEUED_FIELD_NUMBER: _builtins.int
     TAKEN_FROM_QUEUE_FIELD_NUMBER: _builtins.int
     QUEUE_FAILURES_FIELD_NUMBER: _builtins.int
+    BY_STATE_FIELD_NUMBER: _builtins.int
     started: _builtins.int
     """Executions started since start."""
     succeeded: _builtins.int
@@ -449,6 +600,12 @@ class ExecutionStats(_message.Message):
     """Times the shared work queue could not be reached; queued executions then
     run once their lease ends and a process's lease sweep finds them.
     """
+    @_builtins.property
+    def by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Executions in the store by state (`pending`, `running`, `succeeded`,
+        `failed`, `cancelled`), whichever process ran them.
+        """
+
     def __init__(
         self,
         *,
@@ -463,10 +620,11 @@ class ExecutionStats(_message.Message):
         queued: _builtins.int = ...,
         taken_from_queue: _builtins.int = ...,
         queue_failures: _builtins.int = ...,
+        by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "failed", b"failed", "latency_p50", b"latency_p50", "latency_p90", b"latency_p90", "latency_p99", b"latency_p99", "queue_failures", b"queue_failures", "queued", b"queued", "running", b"running", "started", b"started", "succeeded", b"succeeded", "taken_from_queue", b"taken_from_queue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_state", b"by_state", "cancelled", b"cancelled", "failed", b"failed", "latency_p50", b"latency_p50", "latency_p90", b"latency_p90", "latency_p99", b"latency_p99", "queue_failures", b"queue_failures", "queued", b"queued", "running", b"running", "started", b"started", "succeeded", b"succeeded", "taken_from_queue", b"taken_from_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -480,19 +638,33 @@ class RealtimeStats(_message.Message):
 
     ACTIVE_STREAMS_FIELD_NUMBER: _builtins.int
     EVENTS_PUBLISHED_FIELD_NUMBER: _builtins.int
+    GRPC_COUNT_FIELD_NUMBER: _builtins.int
+    SSE_COUNT_FIELD_NUMBER: _builtins.int
+    NDJSON_COUNT_FIELD_NUMBER: _builtins.int
     active_streams: _builtins.int
-    """Event streams open right now (gRPC, SSE and NDJSON alike)."""
+    """Server streams open right now (gRPC, SSE and NDJSON alike)."""
     events_published: _builtins.int
     """Events published since start."""
+    grpc_count: _builtins.int
+    """Streams open right now over native gRPC (and gRPC-Web)."""
+    sse_count: _builtins.int
+    """Streams open right now as server-sent events (REST, Accept:
+    text/event-stream), the seed's `sse_count`.
+    """
+    ndjson_count: _builtins.int
+    """Streams open right now as newline-delimited JSON (REST)."""
     def __init__(
         self,
         *,
         active_streams: _builtins.int = ...,
         events_published: _builtins.int = ...,
+        grpc_count: _builtins.int = ...,
+        sse_count: _builtins.int = ...,
+        ndjson_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_streams", b"active_streams", "events_published", b"events_published"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_streams", b"active_streams", "events_published", b"events_published", "grpc_count", b"grpc_count", "ndjson_count", b"ndjson_count", "sse_count", b"sse_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -507,22 +679,26 @@ class WebhookStats(_message.Message):
     DELIVERED_FIELD_NUMBER: _builtins.int
     RETRIED_FIELD_NUMBER: _builtins.int
     DEAD_LETTERED_FIELD_NUMBER: _builtins.int
+    RETRYING_FIELD_NUMBER: _builtins.int
     delivered: _builtins.int
     """Deliveries a receiver accepted."""
     retried: _builtins.int
     """Delivery attempts that failed and will be retried."""
     dead_lettered: _builtins.int
     """Deliveries that exhausted their retries."""
+    retrying: _builtins.int
+    """Deliveries in the store waiting for another attempt after a failed one."""
     def __init__(
         self,
         *,
         delivered: _builtins.int = ...,
         retried: _builtins.int = ...,
         dead_lettered: _builtins.int = ...,
+        retrying: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_lettered", b"dead_lettered", "delivered", b"delivered", "retried", b"retried"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_lettered", b"dead_lettered", "delivered", b"delivered", "retried", b"retried", "retrying", b"retrying"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,15 +713,25 @@ class SecurityStats(_message.Message):
     FAILED_AUTH_FIELD_NUMBER: _builtins.int
     RATE_LIMITS_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_BACKEND_FAILURES_FIELD_NUMBER: _builtins.int
+    SERVICE_RATE_LIMITS_FIELD_NUMBER: _builtins.int
+    EDGE_RATE_LIMITS_FIELD_NUMBER: _builtins.int
     failed_auth: _builtins.int
     """Calls refused for failed authentication."""
     rate_limits: _builtins.int
-    """Requests this process's rate limit service answered OVER_LIMIT (the
-    per-tenant limit counted in Redis; Envoy counts its local limits itself).
+    """Requests refused by a rate limit: `service_rate_limits` plus
+    `edge_rate_limits` (a tenant's user sees its tenant's service figure).
     """
     rate_limit_backend_failures: _builtins.int
     """Rate-limit checks this process answered without Redis (unreachable):
     let through or refused, as `rate_limit_fail_open` says.
+    """
+    service_rate_limits: _builtins.int
+    """Requests this process's rate limit service answered OVER_LIMIT (the
+    per-tenant limit counted in Redis).
+    """
+    edge_rate_limits: _builtins.int
+    """Requests Envoy's local rate limits refused (per route, per API key and per
+    address), read from Envoy's admin stats (`flowport up`); admins only.
     """
     def __init__(
         self,
@@ -553,10 +739,12 @@ class SecurityStats(_message.Message):
         failed_auth: _builtins.int = ...,
         rate_limits: _builtins.int = ...,
         rate_limit_backend_failures: _builtins.int = ...,
+        service_rate_limits: _builtins.int = ...,
+        edge_rate_limits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_auth", b"failed_auth", "rate_limit_backend_failures", b"rate_limit_backend_failures", "rate_limits", b"rate_limits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edge_rate_limits", b"edge_rate_limits", "failed_auth", b"failed_auth", "rate_limit_backend_failures", b"rate_limit_backend_failures", "rate_limits", b"rate_limits", "service_rate_limits", b"service_rate_limits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -74,7 +74,10 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """Returns counters and latency figures since the server started.
+        """Returns counters and latency figures of the server process that answers,
+        since it started. A tenant's user gets the figures of that tenant; an
+        admin gets every tenant's, plus the process-wide ones (database, failed
+        authentication, Envoy's rate limits, memory).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,11 @@ class GatewayServiceStub:
     A degraded component does not fail the call: the call reports it.
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetStatsRequest, _gateway_pb2.Stats]
-    """Returns counters and latency figures since the server started."""
+    """Returns counters and latency figures of the server process that answers,
+    since it started. A tenant's user gets the figures of that tenant; an
+    admin gets every tenant's, plus the process-wide ones (database, failed
+    authentication, Envoy's rate limits, memory).
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -58,7 +62,11 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     A degraded component does not fail the call: the call reports it.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetStatsRequest, _gateway_pb2.Stats]  # type: ignore[assignment]
-    """Returns counters and latency figures since the server started."""
+    """Returns counters and latency figures of the server process that answers,
+    since it started. A tenant's user gets the figures of that tenant; an
+    admin gets every tenant's, plus the process-wide ones (database, failed
+    authentication, Envoy's rate limits, memory).
+    """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     """GatewayService describes the gateway itself: what it is, whether it is
@@ -89,6 +97,10 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.GetStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.Stats, _abc.Awaitable[_gateway_pb2.Stats]]:
-        """Returns counters and latency figures since the server started."""
+        """Returns counters and latency figures of the server process that answers,
+        since it started. A tenant's user gets the figures of that tenant; an
+        admin gets every tenant's, plus the process-wide ones (database, failed
+        authentication, Envoy's rate limits, memory).
+        """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

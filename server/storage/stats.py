@@ -1,0 +1,54 @@
+"""Counts GetStats reads from the store: what exists now, whichever process made it.
+
+Each is one aggregate query, scoped to a tenant or to all of them (None);
+GetStats is called by dashboards every few seconds, not per request.
+"""
+
+from __future__ import annotations
+
+from flowport.server.storage.tables import Tables
+from flowport.v1 import execution_pb2, webhook_pb2
+
+_STATE_NAMES: dict[int, str] = {
+    execution_pb2.Execution.STATE_PENDING: "pending",
+    execution_pb2.Execution.STATE_RUNNING: "running",
+    execution_pb2.Execution.STATE_SUCCEEDED: "succeeded",
+    execution_pb2.Execution.STATE_FAILED: "failed",
+    execution_pb2.Execution.STATE_CANCELLED: "cancelled",
+}
+
+
+def _scope(tenant: str | None) -> tuple[str, tuple[object, ...]]:
+    return ("tenant=?", (tenant,)) if tenant is not None else ("1=1", ())
+
+
+class StatsTables(Tables):
+    """Aggregates over sessions, executions and webhook deliveries."""
+
+    async def count_sessions(self, tenant: str | None, now_us: int) -> int:
+        """Sessions of `tenant` (or all) that have not expired."""
+        where, args = _scope(tenant)
+        sql = f"SELECT count(*) FROM sessions WHERE {where} AND expire_us>?"  # noqa: S608 - fixed fragments
+        row = await self._read(lambda conn: conn.execute(sql, (*args, now_us)).fetchone())
+        return int(row[0])
+
+    async def executions_by_state(self, tenant: str | None) -> dict[str, int]:
+        """Executions of `tenant` (or all) by state name; every state present, zeros included."""
+        where, args = _scope(tenant)
+        sql = f"SELECT state, count(*) FROM executions WHERE {where} GROUP BY state"  # noqa: S608 - fixed fragments
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
+        counts = dict.fromkeys(_STATE_NAMES.values(), 0)
+        for state, count in rows:
+            name = _STATE_NAMES.get(int(state))
+            if name is not None:
+                counts[name] = int(count)
+        return counts
+
+    async def deliveries_retrying(self, tenant: str | None) -> int:
+        """Webhook deliveries of `tenant` (or all) waiting for another attempt after a failed one."""
+        where, args = _scope(tenant)
+        sql = f"SELECT count(*) FROM webhook_deliveries WHERE {where} AND state=?"  # noqa: S608 - fixed fragments
+        row = await self._read(
+            lambda conn: conn.execute(sql, (*args, webhook_pb2.WebhookDelivery.STATE_RETRYING)).fetchone()
+        )
+        return int(row[0])
