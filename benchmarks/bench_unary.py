@@ -41,7 +41,24 @@ class _Echo(session_pb2_grpc.SessionServiceServicer):
 
 @pytest.fixture
 def flowport(loop: asyncio.AbstractEventLoop, tmp_path: Path) -> Iterator[tuple[Running, session_pb2.Session]]:
-    settings = Settings.load({"data_dir": tmp_path, "grpc_port": _port(), "admin_api_key": KEY}, environ={})
+    """The server as configured by default (Prometheus metrics on)."""
+    yield from _flowport(loop, tmp_path, _port())
+
+
+@pytest.fixture
+def flowport_without_metrics(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> Iterator[tuple[Running, session_pb2.Session]]:
+    """--metrics-port 0: what Prometheus counting costs a call, beside the default."""
+    yield from _flowport(loop, tmp_path, 0)
+
+
+def _flowport(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path, metrics_port: int
+) -> Iterator[tuple[Running, session_pb2.Session]]:
+    settings = Settings.load(
+        {"data_dir": tmp_path, "grpc_port": _port(), "metrics_port": metrics_port, "admin_api_key": KEY}, environ={}
+    )
     running = loop.run_until_complete(start(settings))
 
     async def create() -> session_pb2.Session:
@@ -71,6 +88,16 @@ def test_get_session_flowport(
     benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, flowport: tuple[Running, session_pb2.Session]
 ) -> None:
     running, session = flowport
+    reply = benchmark(_rounds(loop, f"127.0.0.1:{running.port}", session.session_id))
+    assert reply.session_id == session.session_id
+
+
+def test_get_session_flowport_without_metrics(
+    benchmark: BenchmarkFixture,
+    loop: asyncio.AbstractEventLoop,
+    flowport_without_metrics: tuple[Running, session_pb2.Session],
+) -> None:
+    running, session = flowport_without_metrics
     reply = benchmark(_rounds(loop, f"127.0.0.1:{running.port}", session.session_id))
     assert reply.session_id == session.session_id
 

@@ -138,7 +138,14 @@ def main() -> int:
     extra: dict[str, object] = {"insecure_no_auth": True} if args.no_auth else {}
     with tempfile.TemporaryDirectory() as data:
         settings = Settings.load(
-            {"data_dir": data, "grpc_port": _free_port(), "sandbox_workers": 1, "admin_api_key": ADMIN_KEY, **extra},
+            {
+                "data_dir": data,
+                "grpc_port": _free_port(),
+                "metrics_port": _free_port(),
+                "sandbox_workers": 1,
+                "admin_api_key": ADMIN_KEY,
+                **extra,
+            },
             environ={},
         )
         server = subprocess.Popen(

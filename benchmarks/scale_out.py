@@ -124,6 +124,7 @@ def run_one(config: dict[str, Any], scenario: str, args: argparse.Namespace, dat
             "http_port": free_port(),
             "grpc_port": free_port(),
             "admin_port": free_port(),
+            "metrics_port": free_port(),
             "admin_api_key": ADMIN_KEY,
             "log_level": "warning",
             "access_log": "off",

@@ -370,7 +370,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     if prometheus is not None:
         opened.callback(prometheus.close)
         executor.prometheus = dispatcher.prometheus = prometheus
-        sampling = asyncio.create_task(_sample_forever(prometheus, services), name="metrics sampling")
+        sampling = asyncio.create_task(_sample_forever(prometheus, services, dispatcher), name="metrics sampling")
         opened.push_async_callback(_cancel, sampling)
     keys = KeyAuthenticator(store)
     keys.follow(bus)
@@ -510,11 +510,12 @@ def _serve_metrics(settings: Settings, prometheus: Prometheus | None) -> None:
         ) from None
 
 
-async def _sample_forever(prometheus: Prometheus, services: NodeServices) -> None:
-    """Gauges read from state rather than counted at each change: the sandbox pool's."""
+async def _sample_forever(prometheus: Prometheus, services: NodeServices, dispatcher: WebhookDispatcher) -> None:
+    """Gauges read from state rather than counted at each change: the sandbox pool's, the deliveries held."""
     while True:
         if services.sandbox is not None:
             prometheus.sandbox_busy.set(services.sandbox.busy)
+        prometheus.webhook_pending.set(dispatcher.unfinished)
         await asyncio.sleep(SAMPLE_INTERVAL)
 
 

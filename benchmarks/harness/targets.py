@@ -116,6 +116,7 @@ class FlowportUp:
             "http_port": free_port(),
             "grpc_port": free_port(),
             "admin_port": free_port(),
+            "metrics_port": free_port(),
             "admin_api_key": ADMIN_KEY,
             "log_level": "warning",
             "access_log": "off",

@@ -11,6 +11,7 @@ The metrics (all prefixed `flowport_`):
 | `executions_running` | gauge | |
 | `execution_duration_seconds` | histogram | `tenant`, `workflow`, `state` |
 | `webhook_deliveries_total` | counter | `outcome` (`delivered`, `retried`, `dead_lettered`) |
+| `webhook_deliveries_pending` | gauge | |
 | `sandbox_workers_busy`, `sandbox_workers` | gauge | |
 | `store_operation_duration_seconds` | histogram | `operation` (`read`, `write`) |
 | `auth_failures_total` | counter | |
@@ -90,6 +91,12 @@ class Prometheus:
             "flowport_webhook_deliveries_total",
             "Webhook delivery attempts by outcome (delivered, retried, dead_lettered).",
             ["outcome"],
+            registry=reg,
+        )
+        self.webhook_pending = Gauge(
+            "flowport_webhook_deliveries_pending",
+            "Webhook deliveries this process holds, waiting for an attempt or being attempted.",
+            multiprocess_mode="livesum",
             registry=reg,
         )
         self.sandbox_busy = Gauge(

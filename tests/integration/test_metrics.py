@@ -25,6 +25,7 @@ DOCUMENTED = {
     "flowport_executions_running": "gauge",
     "flowport_execution_duration_seconds": "histogram",
     "flowport_webhook_deliveries": "counter",
+    "flowport_webhook_deliveries_pending": "gauge",
     "flowport_sandbox_workers_busy": "gauge",
     "flowport_sandbox_workers": "gauge",
     "flowport_store_operation_duration_seconds": "histogram",
