@@ -145,6 +145,8 @@ class Running:
     prometheus: Prometheus | None = None
     # Set when this server set up OpenTelemetry from its settings (it shuts it down).
     tracing_owner: bool = False
+    # Health checks of registered services and resource pools, metrics sampling.
+    background: contextlib.AsyncExitStack | None = None
 
 
 async def _authenticator(
@@ -328,13 +330,16 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         interval=settings.service_check_interval,
         timeout=settings.service_check_timeout,
     )
+    # Background loops, stopped by `stop` (and by `opened` if the start fails later).
+    background = contextlib.AsyncExitStack()
+    opened.push_async_callback(background.aclose)
     checker.start()
-    opened.push_async_callback(checker.close)
+    background.push_async_callback(checker.close)
     pool_health = PoolHealth(
         services.sql, resources, interval=settings.service_check_interval, timeout=settings.service_check_timeout
     )
     pool_health.start()
-    opened.push_async_callback(pool_health.close)
+    background.push_async_callback(pool_health.close)
     # One lease holder per process, for its executions and webhook deliveries.
     leases = Leases(settings.execution_lease_seconds)
     dispatcher = WebhookDispatcher(
@@ -371,7 +376,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         opened.callback(prometheus.close)
         executor.prometheus = dispatcher.prometheus = prometheus
         sampling = asyncio.create_task(_sample_forever(prometheus, services, dispatcher), name="metrics sampling")
-        opened.push_async_callback(_cancel, sampling)
+        background.push_async_callback(_cancel, sampling)
     keys = KeyAuthenticator(store)
     keys.follow(bus)
     opened.push_async_callback(keys.close)
@@ -460,6 +465,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         rate_limit,
         prometheus,
         tracing_owner,
+        background,
     )
 
 
@@ -468,6 +474,8 @@ async def stop(running: Running, grace: float) -> None:
     within `grace`, then stop executions (left RUNNING, resumed next start)."""
     await running.health.enter_graceful_shutdown()
     await running.server.stop(grace)
+    if running.background is not None:
+        await running.background.aclose()
     await running.executor.shutdown()
     # Unsent deliveries stay queued in the store and resume at the next start.
     await running.dispatcher.close()
