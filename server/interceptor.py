@@ -26,7 +26,7 @@ from flowport.server.auth.context import CURRENT
 from flowport.server.errors import FlowportError, Internal, InvalidArgument
 from flowport.server.metrics import RequestMetrics
 from flowport.server.observability import tracing
-from flowport.server.observability.context import CALL, Call
+from flowport.server.observability.context import CALL, open_call
 from flowport.server.transcoding import original_path, stream_transport
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def unary_behavior(request: Any, context: Context) -> Any:
             # Each call runs in its own task: the value never reaches another call
             # (only tasks the call starts, which see it closed once it has ended).
-            call = Call(method, context)
+            call = open_call(method, context)
             CALL.set(call)
             try:
                 if not tracing.enabled():  # the hot path: not even a context manager
@@ -257,7 +257,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     auditor.finish(method, context, request=request, response=None, code=code, error=error)
 
         async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
-            call = Call(method, context)
+            call = open_call(method, context)
             CALL.set(call)
             # aclosing: when grpc closes this generator (the client went away), the
             # inner one must run its cleanup now, not whenever it is collected.

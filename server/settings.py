@@ -8,6 +8,7 @@ A bad value fails at start with a message naming the setting and its source.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from flowport.server.secrets.keyring import KeyringError, parse
 
+# http(s)://host:port, the host a name, an IPv4 address or a bracketed IPv6 one.
+_OTLP_ENDPOINT = re.compile(r"\Ahttps?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}/?\Z")
 ENV_PREFIX = "FLOWPORT_"
 
 Port = int
@@ -271,6 +274,8 @@ class Settings(BaseModel):
             raise ValueError("grpc_port + workers - 1 must be a port number")
         if self.rate_limit_tenant_max_requests and self.redis_url is None:
             raise ValueError("rate_limit_tenant_max_requests counts in Redis: set redis_url too")
+        if self.otlp_endpoint is not None and not _OTLP_ENDPOINT.match(self.otlp_endpoint):
+            raise ValueError("otlp_endpoint must be http://host:port or https://host:port (OTLP over gRPC)")
         if self.redis_url is not None and not self.redis_url.get_secret_value().startswith(
             ("redis://", "rediss://", "unix://")
         ):

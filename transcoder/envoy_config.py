@@ -14,9 +14,11 @@ result for operators who run their own Envoy.
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from flowport.server.settings import Settings, _connect_host
 from flowport.transcoder.console_routes import console_routes
@@ -489,11 +491,10 @@ def _tracing(settings: Settings) -> dict[str, Any]:
 
 
 def _collector_cluster(endpoint: str) -> dict[str, Any]:
-    """The OTLP/gRPC collector at `endpoint` (http://host:port or https://host:port)."""
-    scheme, _, rest = endpoint.partition("://")
-    hostport = (rest or scheme).split("/", 1)[0]
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
+    """The OTLP/gRPC collector at `endpoint` (http://host:port, or https:// verified against the system CAs)."""
+    parts = urlsplit(endpoint)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or 4317
     cluster: dict[str, Any] = {
         "name": OTEL_CLUSTER,
         # A name is resolved by Envoy; an address is used as is.
@@ -501,7 +502,7 @@ def _collector_cluster(endpoint: str) -> dict[str, Any]:
         "connect_timeout": "1s",
         "load_assignment": {
             "cluster_name": OTEL_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, int(port or 4317))}}]}],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}],
         },
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
@@ -510,10 +511,19 @@ def _collector_cluster(endpoint: str) -> dict[str, Any]:
             )
         },
     }
-    if scheme == "https":
+    if parts.scheme == "https":
+        paths = ssl.get_default_verify_paths()
+        context: dict[str, Any] = {"match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}]}
+        ca = paths.cafile or paths.openssl_cafile
+        if ca:
+            context["trusted_ca"] = {"filename": ca}
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
-            "typed_config": _typed("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", sni=host),
+            "typed_config": _typed(
+                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                sni=host,
+                common_tls_context={"validation_context": context},
+            ),
         }
     return cluster
 

@@ -110,6 +110,8 @@ class _Run:
     cancel_requested: bool = False
     finalizing: bool = False
     task: asyncio.Task[None] | None = None
+    # The x-request-id of the call that started it, for its log lines.
+    request_id: str | None = None
 
 
 class Executor:
@@ -263,6 +265,9 @@ class Executor:
             self.counters.queued += 1
 
     def _start(self, run: _Run) -> None:
+        # Read now, while the call that starts it (if any) is still open.
+        call = CALL.get()
+        run.request_id = request_id(call) if call is not None else None
         self._runs[run.execution.execution_id] = run
         run.task = asyncio.create_task(self._execute(run), name=f"execution {run.execution.execution_id}")
 
@@ -569,11 +574,9 @@ class Executor:
 
     async def _execute(self, run: _Run) -> None:
         # This task's log lines name the execution and the request that started it
-        # (server/observability/logs.py); the call's context is not read after this.
-        call = CALL.get()
-        started_by = request_id(call) if call is not None else None
+        # (server/observability/logs.py); the call that created it may be over.
         CALL.set(None)
-        EXECUTION.set(ExecutionContext(run.tenant, run.execution.execution_id, started_by))
+        EXECUTION.set(ExecutionContext(run.tenant, run.execution.execution_id, run.request_id))
         prometheus = self.prometheus
         if prometheus is not None:
             prometheus.executions_running.inc()

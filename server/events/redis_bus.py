@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import secrets
@@ -135,7 +136,8 @@ class RedisBus(EventBus):
         self.published += 1
         self._outbox.append(event)
         if self._sender is None or self._sender.done():
-            self._sender = asyncio.get_running_loop().create_task(self._send())
+            # Its own context: a batch carries many publishers' events.
+            self._sender = asyncio.get_running_loop().create_task(self._send(), context=contextvars.Context())
         return event
 
     async def _send(self) -> None:

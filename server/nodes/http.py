@@ -69,6 +69,7 @@ from flowport.server.egress import TargetRefused, TargetUnresolvable, check_targ
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
 from flowport.server.nodes.substitution import check_params, secret_references, substitute
 from flowport.server.observability import tracing
+from flowport.server.resources.pinning import ABSENT, pinned_to_config
 from flowport.server.secrets.redaction import Redactor, scrubbing_logs
 from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, revealed
 from flowport.server.version import VERSION
@@ -438,7 +439,13 @@ async def _attempt(
     """One attempt, redirects included, within `budget` seconds (a CLIENT span when tracing)."""
     if not tracing.enabled():
         return await _attempt_within(client, call, url, allowlist, budget)
-    attributes = {"http.request.method": call.method, "url.full": _safe(url)}
+    # The origin only: a path may hold a filled-in secret (a webhook token), and spans are not masked.
+    attributes = {
+        "http.request.method": call.method,
+        "url.scheme": url.scheme,
+        "server.address": url.host,
+        "server.port": url.port or (443 if url.scheme == "https" else 80),
+    }
     with tracing.span(f"{call.method}", kind="client", attributes=attributes) as span:
         fetched = await _attempt_within(client, call, url, allowlist, budget)
         if span is not None:
@@ -598,6 +605,8 @@ class _HTTPNode(NodeType):
     retry_safe: ClassVar[bool] = False
     default_timeout: ClassVar[float] = 60.0
     max_timeout: ClassVar[float] = 600.0
+    # Parameters taken from the workflow's config only (RateLimitedAPINode's limits).
+    config_only: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def is_retry_safe(cls, config: Mapping[str, Any]) -> bool:
@@ -611,12 +620,25 @@ class _HTTPNode(NodeType):
         against `profile` (a named HTTP resource) when the node names one."""
         raise NotImplementedError
 
-    def prepare(self, config: Mapping[str, Any]) -> ConfigSecrets:
-        return ConfigSecrets.of(config, self.secret_fields, SECRET_TARGETS)
+    def prepare(self, config: Mapping[str, Any]) -> HttpPrepared:
+        pinned_keys = self.config_only + (RESOURCE_PINNED if "resource_name" in config else ())
+        return HttpPrepared(
+            ConfigSecrets.of(config, self.secret_fields, SECRET_TARGETS),
+            {key: config.get(key, ABSENT) for key in pinned_keys},
+        )
 
     async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
         check_params(type(self), params)
-        scope = prepared if isinstance(prepared, ConfigSecrets) else None
+        pinned = prepared.pinned if isinstance(prepared, HttpPrepared) else {}
+        for key in self.config_only:
+            if params.get(key, ABSENT) != pinned.get(key, ABSENT):
+                raise NodeError(
+                    f"{key} must be set in the workflow's config, not by an execution input or a connection",
+                    reason="CONFIG_ONLY_PARAMETER",
+                )
+        scope = prepared.secrets if isinstance(prepared, HttpPrepared) else None
+        if params.get("resource_name") is not None:
+            pinned_to_config(params, pinned, RESOURCE_PINNED)
         profile = await _profile(ctx, params)
         if profile is None:
             async with revealed(ctx, scope, params) as secrets:
@@ -641,6 +663,19 @@ class _HTTPNode(NodeType):
         return await perform(ctx, call)
 
 
+# With a resource, where the request goes comes from the workflow's config only.
+RESOURCE_PINNED: Final = ("resource_name", "url", "method")
+
+
+@dataclass(frozen=True)
+class HttpPrepared:
+    """What an HTTP node keeps per workflow version: its config's secret references, and the
+    config values of the parameters that may not come from inputs or connections."""
+
+    secrets: ConfigSecrets
+    pinned: Mapping[str, Any]
+
+
 async def _profile(ctx: NodeContext, params: Mapping[str, Any]) -> HttpResource | None:
     """The HTTP resource the node names (`resource_name`), with its secrets; None when it names none."""
     name = params.get("resource_name")
@@ -653,15 +688,24 @@ async def _profile(ctx: NodeContext, params: Mapping[str, Any]) -> HttpResource 
 
 
 def profile_url(profile: HttpResource, url: Any) -> str:
-    """`url` resolved against the profile's base_url; it may not leave the profile's origin
+    """`url` under the profile's base_url, as httpx's `base_url` does: a relative `url` (with or
+    without a leading '/') is appended to the base path; an absolute one must be on the same origin
     (the profile's headers carry its credentials)."""
     if url is not None and not isinstance(url, str):
         raise NodeError(f"url must be a string, got {type(url).__name__}", reason="INVALID_PARAMETER")
     base = httpx.URL(profile.base_url)
     try:
-        joined = base.join(url) if url else base
+        given = httpx.URL(url or "")
+        if given.is_relative_url:
+            prefix = base.raw_path.split(b"?", 1)[0]
+            prefix = prefix if prefix.endswith(b"/") else prefix + b"/"
+            joined = base.copy_with(raw_path=prefix + given.raw_path.lstrip(b"/")) if url else base
+        else:
+            joined = given
     except httpx.InvalidURL as exc:
-        raise NodeError(f"url {url!r} cannot be resolved against resource {profile.name!r}: {exc}") from exc
+        raise NodeError(
+            f"url {url!r} cannot be resolved against resource {profile.name!r}: {exc}", reason="INVALID_PARAMETER"
+        ) from exc
     if (joined.scheme, joined.host, joined.port) != (base.scheme, base.host, base.port):
         raise NodeError(
             f"url {_safe(joined)} leaves the origin of resource {profile.name!r} ({_safe(base.copy_with(path='/'))})",

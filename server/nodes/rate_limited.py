@@ -203,6 +203,8 @@ class RateLimitedAPINode(HTTPRequestNode):
     config_schema: ClassVar[JsonSchema] = _CONFIG
     inputs_schema: ClassVar[JsonSchema] = _inputs_schema(_CONFIG)
     outputs_schema: ClassVar[JsonSchema] = _OUTPUTS
+    # A caller's input must not lift the tenant's limit for an origin.
+    config_only: ClassVar[tuple[str, ...]] = ("rate_limit", "max_wait")
 
     async def send(self, ctx: NodeContext, call: HttpCall, params: Mapping[str, Any]) -> dict[str, Any]:
         limiter = ctx.services.outbound

@@ -53,7 +53,7 @@ import decimal
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
@@ -67,6 +67,7 @@ from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeT
 from flowport.server.nodes.sql_pools import CONNECTION_STRING_PATTERN, UnsupportedDatabase, async_url, describe
 from flowport.server.nodes.substitution import check_params, insert_secrets, substitute
 from flowport.server.observability import tracing
+from flowport.server.resources.pinning import ABSENT, pinned_to_config
 from flowport.server.secrets.redaction import Redactor, scrubbing_logs
 from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, revealed
 
@@ -79,6 +80,8 @@ _QUERY_STATEMENT = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 MAX_MAX_ROWS: Final = 100_000
+# With a resource, the statement and the database come from the workflow's config only.
+SQL_RESOURCE_PINNED: Final = ("resource_name", "query")
 
 _CONFIG_SCHEMA: JsonSchema = {
     "type": "object",
@@ -141,6 +144,8 @@ class PreparedSql:
 
     query: PreparedQuery | None
     secrets: ConfigSecrets
+    # With a resource: the config's resource_name and query, which inputs may not change.
+    pinned: Mapping[str, Any] = field(default_factory=dict)
 
 
 def prepare_query(query: str) -> PreparedQuery:
@@ -342,13 +347,14 @@ class SQLDatabaseNode(NodeType):
         # A changed connection or query could send a bound secret elsewhere or
         # select it into the rows (SELECT :token): then none is resolved.
         secrets = ConfigSecrets.of(config, self.secret_fields, ("connection_string", "resource_name", "query"))
+        pinned = {key: config.get(key, ABSENT) for key in SQL_RESOURCE_PINNED} if "resource_name" in config else {}
         query = config.get("query")
         if not isinstance(query, str) or not query.strip():
-            return PreparedSql(None, secrets)
+            return PreparedSql(None, secrets, pinned)
         try:
-            return PreparedSql(prepare_query(query), secrets)
+            return PreparedSql(prepare_query(query), secrets, pinned)
         except NodeError:  # reported by run, where it fails the node rather than the plan
-            return PreparedSql(None, secrets)
+            return PreparedSql(None, secrets, pinned)
 
     async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
         scope = prepared.secrets if isinstance(prepared, PreparedSql) else None
@@ -391,19 +397,25 @@ class SQLDatabaseNode(NodeType):
         check_params(type(self), params)
         if params.get("connection_string") is not None:
             raise NodeError("give connection_string or resource_name, not both", reason="INVALID_PARAMETER")
+        pinned_to_config(params, prepared.pinned if isinstance(prepared, PreparedSql) else {}, SQL_RESOURCE_PINNED)
         directory = ctx.services.resources
         if directory is None:
             raise NodeError("this server has no resource registry", reason="RESOURCES_UNAVAILABLE")
         name = str(params["resource_name"])
-        resolved, engine = await directory.database(ctx, name)
+        resolved = await directory.database(ctx, name)
         mask = Redactor(resolved.secret_values)
+        pools = ctx.services.sql
+        if pools is None:
+            raise NodeError("no SQL pools are configured", reason="SQL_POOLS_UNAVAILABLE")
         try:
             url = async_url(resolved.connection_string)
+            # Before the pool exists: a refused database is never opened, nor health-checked.
             _refuse_protected(url, ctx.services.protected_paths, str(params.get("query", "")))
             with scrubbing_logs(resolved.secret_values):
-                result = await self._query(
-                    ctx, prepared, params, secrets, engine=engine, url=url, where=f"resource {name!r}"
-                )
+                async with pools.using(directory.pool(ctx.tenant, resolved)) as engine:
+                    result = await self._query(
+                        ctx, prepared, params, secrets, engine=engine, url=url, where=f"resource {name!r}"
+                    )
         except UnsupportedDatabase as exc:
             raise NodeError(mask.text(str(exc)), reason="SQL_UNSUPPORTED_DATABASE") from None
         except NodeError as exc:

@@ -14,7 +14,9 @@ those drivers explicitly is accepted too. Anything else is refused with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from sqlalchemy.engine import URL, make_url
@@ -78,6 +80,9 @@ class SqlPools:
         # Pools of named resources (server/resources/): (tenant, name) -> (settings fingerprint, engine).
         self._resources: dict[tuple[str, str], tuple[str, AsyncEngine]] = {}
         self._disposing: set[asyncio.Task[None]] = set()
+        # Statements running on each resource pool, and pools replaced while in use.
+        self._users: dict[AsyncEngine, int] = {}
+        self._retired: set[AsyncEngine] = set()
 
     def engine(
         self,
@@ -112,11 +117,11 @@ class SqlPools:
         max_overflow: int,
         pool_recycle: int,
     ) -> AsyncEngine:
-        """The pool of `tenant`'s resource `name`, shared by all its executions.
+        """The pool of `tenant`'s resource `name`, shared by all its executions; use it inside `using`.
 
         A different `fingerprint` (the resource or a secret in it changed)
-        replaces the pool: the old one is disposed in the background, and
-        connections checked out of it are closed when they are returned.
+        replaces the pool: the old one is retired, and disposed once the
+        last statement running on it has finished.
         """
         key = (tenant, name)
         held = self._resources.get(key)
@@ -130,19 +135,44 @@ class SqlPools:
         engine = create_async_engine(url, **options)
         self._resources[key] = (fingerprint, engine)
         if held is not None:
-            self._dispose_later(held[1])
+            self._retire(held[1])
         return engine
 
+    @contextlib.asynccontextmanager
+    async def using(self, engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
+        """Hold `engine` while a statement runs on it: a retired pool is disposed only after its
+        last user, so its connections are closed, not left to the garbage collector."""
+        self._users[engine] = self._users.get(engine, 0) + 1
+        try:
+            yield engine
+        finally:
+            self._users[engine] -= 1
+            if not self._users[engine]:
+                del self._users[engine]
+                if engine in self._retired:
+                    self._retired.discard(engine)
+                    self._dispose_later(engine)
+
+    def is_current(self, engine: AsyncEngine) -> bool:
+        """Whether `engine` is still some resource's pool (not retired)."""
+        return any(held is engine for _, held in self._resources.values())
+
     def discard_resource(self, tenant: str, name: str) -> bool:
-        """Close the pool of a deleted or changed resource; False when this process had none."""
+        """Retire the pool of a deleted or changed resource; False when this process had none."""
         held = self._resources.pop((tenant, name), None)
         if held is not None:
-            self._dispose_later(held[1])
+            self._retire(held[1])
         return held is not None
 
     def resource_pools(self) -> list[tuple[str, str, str, AsyncEngine]]:
         """(tenant, name, fingerprint, engine) of every open resource pool."""
         return [(tenant, name, fp, engine) for (tenant, name), (fp, engine) in self._resources.items()]
+
+    def _retire(self, engine: AsyncEngine) -> None:
+        if self._users.get(engine):
+            self._retired.add(engine)
+        else:
+            self._dispose_later(engine)
 
     def _dispose_later(self, engine: AsyncEngine) -> None:
         task = asyncio.get_running_loop().create_task(engine.dispose())
@@ -154,8 +184,8 @@ class SqlPools:
 
     async def close(self) -> None:
         """Dispose every engine (closing pooled connections); later calls create new ones."""
-        engines = list(self._engines.values()) + [engine for _, engine in self._resources.values()]
-        self._engines, self._resources = {}, {}
+        engines = [*self._engines.values(), *(engine for _, engine in self._resources.values()), *self._retired]
+        self._engines, self._resources, self._retired = {}, {}, set()
         for engine in engines:
             await engine.dispose()
         await asyncio.gather(*self._disposing, return_exceptions=True)

@@ -47,10 +47,24 @@ CALL: ContextVar[Call | None] = ContextVar("flowport_call", default=None)
 EXECUTION: ContextVar[Execution | None] = ContextVar("flowport_execution", default=None)
 
 
+def open_call(method: str, context: Any) -> Call:
+    """A Call for `context`, closed the moment grpc finishes it (cancelled calls included)."""
+    call = Call(method, context)
+
+    def closed(_: object) -> None:
+        call.open = False
+
+    context.add_done_callback(closed)
+    return call
+
+
 def _metadata(call: Call, key: str) -> str | None:
     if not call.open:
         return None
     try:
+        if call.context.done():
+            call.open = False
+            return None
         pairs = call.context.invocation_metadata() or ()
     except Exception:  # noqa: BLE001 - a finished call's context may refuse; a log line must not fail
         return None

@@ -81,20 +81,23 @@ class ResourceDirectory:
         self._ttl = ttl
         self._cache: dict[tuple[str, str], tuple[float, Resolved]] = {}
 
-    async def database(self, ctx: NodeContext, name: str) -> tuple[DatabaseResource, AsyncEngine]:
-        """The database resource `name` of `ctx.tenant` and its pool; NodeError when there is none."""
+    async def database(self, ctx: NodeContext, name: str) -> DatabaseResource:
+        """The database resource `name` of `ctx.tenant`, secrets filled in; NodeError when there is none."""
         resolved = await self._resolve(ctx, name, "database")
         assert isinstance(resolved, DatabaseResource)
-        engine = self._pools.resource_engine(
-            ctx.tenant,
-            name,
+        return resolved
+
+    def pool(self, tenant: str, resolved: DatabaseResource) -> AsyncEngine:
+        """The tenant's shared pool of `resolved` (opened on first use; use it inside `pools.using`)."""
+        return self._pools.resource_engine(
+            tenant,
+            resolved.name,
             resolved.fingerprint,
             resolved.connection_string,
             pool_size=resolved.pool_size,
             max_overflow=resolved.max_overflow,
             pool_recycle=resolved.pool_recycle,
         )
-        return resolved, engine
 
     async def http(self, ctx: NodeContext, name: str) -> HttpResource:
         """The HTTP profile `name` of `ctx.tenant`; NodeError when there is none."""

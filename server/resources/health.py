@@ -68,6 +68,14 @@ class PoolHealth:
                 log.exception("checking resource pools failed; will retry")
             await asyncio.sleep(self._interval)
 
+    async def _ping(self, engine: AsyncEngine) -> float | None:
+        """The ping's latency; None when the pool was retired before it could be held."""
+        async with self._pools.using(engine):
+            # Held from here: retiring it now waits for this ping instead of being reopened by it.
+            if not self._pools.is_current(engine):
+                return None
+            return await ping(engine, self._timeout)
+
     async def check_all(self) -> PoolSweep:
         """Check every open pool once (closing those whose resource is gone or changed)."""
         open_pools = self._pools.resource_pools()
@@ -77,7 +85,13 @@ class PoolHealth:
                 self._directory.forget(tenant, name)
             else:
                 current.append(engine)
-        outcomes = await asyncio.gather(*(ping(engine, self._timeout) for engine in current), return_exceptions=True)
+        # Only pools still in service: a retired one (its resource changed meanwhile) is not reopened.
+        current = [engine for engine in current if self._pools.is_current(engine)]
+        outcomes = [
+            outcome
+            for outcome in await asyncio.gather(*(self._ping(engine) for engine in current), return_exceptions=True)
+            if outcome is not None
+        ]
         latencies = [o for o in outcomes if isinstance(o, float)]
         sweep = PoolSweep(
             checked=len(outcomes),

@@ -91,7 +91,7 @@ def _check_database(pool: resource_pb2.DatabasePool, where: str) -> list[Violati
             raise UnsupportedDatabase(f"at most {MAX_TEXT} characters")
         url, tokens = parse_url(text)
         async_url(url.render_as_string(hide_password=False))
-    except (UnsupportedDatabase, ArgumentError) as exc:
+    except (UnsupportedDatabase, ArgumentError, ValueError) as exc:  # ValueError: e.g. a port that is not a number
         found.append((field, str(exc)))
         return found
 

@@ -11,6 +11,7 @@ not one each.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -106,7 +107,8 @@ class GroupWriter(Generic[C]):
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((op, future))
         if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush())
+            # Its own context: a batch holds many callers' writes, not the first one's.
+            self._flusher = asyncio.create_task(self._flush(), context=contextvars.Context())
         return future
 
     async def submit(self, op: Callable[[C], T]) -> T:

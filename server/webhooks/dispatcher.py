@@ -28,6 +28,7 @@ and a timer), never its body.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
@@ -271,7 +272,9 @@ class WebhookDispatcher:
                 return
             self._inbox.append((event, hooks))
             if self._flusher is None:
-                self._flusher = asyncio.get_running_loop().create_task(self._flush())
+                # A context of its own: deliveries serve many tenants, not the publisher's call
+                # (its log fields, its trace, which must not reach another tenant's receiver).
+                self._flusher = asyncio.get_running_loop().create_task(self._flush(), context=contextvars.Context())
         except Exception:  # a raising listener would break publish for everyone
             log.exception("could not queue webhook deliveries of event %s", event.id)
 
@@ -341,7 +344,7 @@ class WebhookDispatcher:
         lane.ready.append(pending)
         if lane.active < self._concurrency:
             lane.active += 1
-            task = asyncio.get_running_loop().create_task(self._work(lane))
+            task = asyncio.get_running_loop().create_task(self._work(lane), context=contextvars.Context())
             self._workers.add(task)
             task.add_done_callback(self._workers.discard)
 
@@ -377,13 +380,17 @@ class WebhookDispatcher:
             return
         number = row.attempts + 1
         tenant = pending.key[0]
-        attributes = {
-            "flowport.tenant": tenant,
-            "flowport.webhook_id": pending.key[1],
-            "flowport.delivery_id": pending.delivery_id,
-            "flowport.event_type": row.event_type,
-            "flowport.attempt": number,
-        }
+        attributes = (
+            {
+                "flowport.tenant": tenant,
+                "flowport.webhook_id": pending.key[1],
+                "flowport.delivery_id": pending.delivery_id,
+                "flowport.event_type": row.event_type,
+                "flowport.attempt": number,
+            }
+            if tracing.enabled()
+            else None
+        )
         with tracing.span("webhook delivery", kind="client", attributes=attributes) as span:
             outcome = await attempt(
                 self._http,

@@ -414,3 +414,73 @@ async def test_http_nodes_on_a_profile(admin: AsyncClient) -> None:
         for server in (partner, other):
             server.shutdown()
             server.server_close()
+
+
+async def test_inputs_cannot_redirect_a_resource(admin: AsyncClient, tmp_path: Path) -> None:
+    await _create(admin, _database("app_db", f"sqlite:///{tmp_path / 'pinned.db'}"))
+    sql = _sql_workflow({"resource_name": "app_db", "query": "SELECT 1 AS one"})
+    assert _rows(await _run(admin, sql)) == [{"one": 1}]
+    # An input keyed by the node's id overrides its config: not for the statement run on a resource...
+    other_query = await _run(admin, sql, q={"query": "SELECT 2 AS two"})
+    assert _reason(other_query) == "RESOURCE_NOT_FROM_CONFIG", other_query.error.message
+    # ...nor for which resource a node with a connection string uses.
+    plain = _sql_workflow({"connection_string": f"sqlite:///{tmp_path / 'other.db'}", "query": "SELECT 1 AS one"})
+    both = await _run(admin, plain, q={"resource_name": "app_db"})
+    assert _reason(both) == "INVALID_PARAMETER", both.error.message
+
+    profile = resource_pb2.HttpProfile(base_url="http://127.0.0.1:9/v1/")
+    await _create(admin, resource_pb2.Resource(name="partner", http=profile))
+    call = _http_workflow("HTTPRequestNode", {"resource_name": "partner", "url": "orders"})
+    for override in ({"url": "refunds"}, {"method": "DELETE"}, {"resource_name": "app_db"}):
+        redirected = await _run(admin, call, q=override)
+        assert _reason(redirected) == "RESOURCE_NOT_FROM_CONFIG", (override, redirected.error.message)
+    limited = _http_workflow(
+        "RateLimitedAPINode",
+        {"resource_name": "partner", "rate_limit": {"max_requests": 1, "time_window": 60.0}},
+    )
+    lifted = await _run(admin, limited, q={"rate_limit": {"max_requests": 1000, "time_window": 1.0}})
+    assert _reason(lifted) == "CONFIG_ONLY_PARAMETER", lifted.error.message
+
+
+def test_profile_urls_stay_under_the_base_path() -> None:
+    from flowport.server.nodes.base import NodeError
+    from flowport.server.nodes.http import profile_url
+    from flowport.server.resources.directory import HttpResource
+
+    profile = HttpResource("p", "https://api.example.com/v2", {}, None, frozenset(), ())
+    assert profile_url(profile, None) == "https://api.example.com/v2"
+    assert profile_url(profile, "users?id=7") == "https://api.example.com/v2/users?id=7"
+    assert profile_url(profile, "/users") == "https://api.example.com/v2/users"
+    assert profile_url(profile, "https://api.example.com/v3/x") == "https://api.example.com/v3/x"
+    with pytest.raises(NodeError) as away:
+        profile_url(profile, "https://api.example.com:8443/x")
+    assert away.value.reason == "HTTP_OUTSIDE_RESOURCE"
+
+
+async def test_a_bad_port_is_a_clear_400(admin: AsyncClient) -> None:
+    error = await _code(_create(admin, _database("x", "postgresql://app@db.internal:notaport/app")))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in error.violations] == ["resource.database.connection_string"]
+
+
+async def test_a_pool_replaced_while_in_use_is_disposed_after_its_last_statement(tmp_path: Path) -> None:
+    from flowport.server.nodes.sql_pools import SqlPools
+
+    pools = SqlPools()
+    url = f"sqlite:///{tmp_path / 'held.db'}"
+    first = pools.resource_engine("t", "db", "v1", url, pool_size=2, max_overflow=0, pool_recycle=3600)
+    # Disposing an engine swaps in a fresh pool object: that is how disposal is seen here.
+    original = first.sync_engine.pool
+    async with pools.using(first) as engine:
+        replacement = pools.resource_engine("t", "db", "v2", url, pool_size=2, max_overflow=0, pool_recycle=3600)
+        assert replacement is not first and not pools.is_current(first)
+        await asyncio.sleep(0.05)
+        assert first.sync_engine.pool is original, "disposed while a statement still held it"
+        async with engine.connect() as conn:  # the running statement carries on
+            await conn.exec_driver_sql("SELECT 1")
+    for _ in range(100):
+        if first.sync_engine.pool is not original:
+            break
+        await asyncio.sleep(0.01)
+    assert first.sync_engine.pool is not original, "not disposed after its last statement"
+    await pools.close()

@@ -90,3 +90,13 @@ def test_settings_that_contradict_each_other_are_refused() -> None:
         Settings.load({"cors_origins": "*", "cors_allow_credentials": "true"}, environ={})
     with pytest.raises(SettingsError, match="session_default_ttl must not exceed session_max_ttl"):
         Settings.load({"session_default_ttl": "100", "session_max_ttl": "10"}, environ={})
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["https://otel.example.com", "otel:4317", "grpc://otel:4317", "http://otel:4317/v1"]
+)
+def test_an_otlp_endpoint_needs_scheme_host_and_port(endpoint: str) -> None:
+    with pytest.raises(SettingsError, match="otlp_endpoint must be http://host:port or https://host:port"):
+        Settings.load({"otlp_endpoint": endpoint}, environ={})
+    for good in ("http://127.0.0.1:4317", "https://otel.example.com:4317", "http://[::1]:4317"):
+        assert Settings.load({"otlp_endpoint": good}, environ={}).otlp_endpoint == good
