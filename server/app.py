@@ -282,7 +282,10 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     opened: contextlib.AsyncExitStack,
 ) -> Running:
     # Spans from the first call on; none of this runs (or loads) without --otlp-endpoint.
-    tracing_owner = tracing.setup(settings) is not None
+    try:
+        tracing_owner = tracing.setup(settings) is not None
+    except tracing.TracingUnavailable as exc:
+        raise StartupError(f"tracing (--otlp-endpoint): {exc}") from None
     if tracing_owner:
         opened.callback(tracing.shutdown)
     # Workers boot while the database opens.

@@ -174,8 +174,10 @@ class ServeProcess:
 class EnvoyProcess:
     """Envoy alone, on the config `flowport up` would render, in front of a ServeProcess."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, runtime: dict[str, object] | None = None) -> None:
         self.settings = settings
+        # Envoy runtime values for the test (a static layer), e.g. its tracer's flush settings.
+        self.runtime = runtime
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
@@ -188,7 +190,10 @@ class EnvoyProcess:
 
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.settings.data_dir / "envoy.json"
-        config.write_text(json.dumps(render(self.settings)))
+        rendered = render(self.settings)
+        if self.runtime:
+            rendered["layered_runtime"] = {"layers": [{"name": "test", "static_layer": self.runtime}]}
+        config.write_text(json.dumps(rendered))
         self.process = subprocess.Popen(
             [str(find_envoy(None)), "-c", str(config), "--disable-hot-restart", "--log-level", "error"]
         )

@@ -56,6 +56,7 @@ def setup(settings: Settings) -> TracerProvider | None:
     """A provider exporting to `settings.otlp_endpoint`, installed; None when no endpoint is set."""
     if settings.otlp_endpoint is None:
         return None
+    _check_otlp_protos()
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -72,6 +73,26 @@ def setup(settings: Settings) -> TracerProvider | None:
     )
     install(provider)
     return provider
+
+
+class TracingUnavailable(RuntimeError):
+    """Traces cannot be exported from this installation; the message says how to repair it."""
+
+
+def _check_otlp_protos() -> None:
+    """xds-protos (Envoy's API, for the rate limit service) ships an old copy of the
+    `opentelemetry.proto` modules; installed after opentelemetry-proto (pip's usual order)
+    it overwrites them, and the OTLP exporter cannot encode spans."""
+    from importlib import metadata
+
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    if not hasattr(trace_pb2, "ScopeSpans"):
+        version = metadata.version("opentelemetry-proto")
+        raise TracingUnavailable(
+            "the opentelemetry.proto modules were overwritten by xds-protos's older copy; repair with "
+            f"`pip install --force-reinstall --no-deps opentelemetry-proto=={version}`"
+        )
 
 
 def shutdown() -> None:

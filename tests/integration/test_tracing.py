@@ -34,7 +34,10 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[m
 
     async def Export(self, request: Any, context: Any) -> Any:
         for resource in request.resource_spans:
-            for scope in resource.scope_spans:
+            # xds-protos may have replaced these modules with an older copy, where the same
+            # field (2) is called instrumentation_library_spans; the wire format is the same.
+            scopes = getattr(resource, "scope_spans", None) or resource.instrumentation_library_spans
+            for scope in scopes:
                 self.spans.extend(scope.spans)
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -91,7 +94,11 @@ async def test_one_rest_call_is_one_trace_from_envoy_to_each_node(
     settings = make_settings(tmp_path / "data", grpc_port=free_port())
     running = await start(settings)
     # Envoy traces and exports to the collector; the server's spans go to the in-memory exporter.
-    envoy = EnvoyProcess(settings.model_copy(update={"otlp_endpoint": f"http://127.0.0.1:{collector_port}"}))
+    envoy = EnvoyProcess(
+        settings.model_copy(update={"otlp_endpoint": f"http://127.0.0.1:{collector_port}"}),
+        # Export each span at once instead of batching five or waiting 5 s.
+        runtime={"tracing.opentelemetry.min_flush_spans": 1, "tracing.opentelemetry.flush_interval_ms": 200},
+    )
     await asyncio.to_thread(envoy.start)
     try:
         async with httpx.AsyncClient(base_url=settings.http_url, headers=ADMIN_HEADERS, timeout=20) as http:
@@ -106,7 +113,7 @@ async def test_one_rest_call_is_one_trace_from_envoy_to_each_node(
             answer = await http.post(f"/workflows/{workflow_id}/execute", json={"inputs": {"n": 20}})
             assert answer.status_code == 200, answer.text
             assert answer.json()["state"] == "STATE_SUCCEEDED"
-        for _ in range(100):  # Envoy exports in batches
+        for _ in range(300):  # Envoy exports on its own schedule
             if _for_path(receiver.spans, f"/workflows/{workflow_id}/execute"):
                 break
             await asyncio.sleep(0.1)
@@ -168,3 +175,19 @@ async def test_tracing_off_makes_no_spans_and_a_failed_call_is_an_error_span(
             assert not tracing.enabled() and tracing.current_trace_id() is None
     finally:
         await stop(running, 1.0)
+
+
+def test_overwritten_otlp_modules_stop_the_start_with_the_repair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What xds-protos's older copy of opentelemetry.proto looks like to the exporter.
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    if hasattr(trace_pb2, "ScopeSpans"):
+        monkeypatch.delattr(trace_pb2, "ScopeSpans")
+    settings = make_settings(tmp_path / "data", otlp_endpoint="http://127.0.0.1:4317")
+    with pytest.raises(
+        tracing.TracingUnavailable, match="pip install --force-reinstall --no-deps opentelemetry-proto=="
+    ):
+        tracing.setup(settings)
+    assert not tracing.enabled()
