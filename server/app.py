@@ -15,7 +15,6 @@ from typing import Any, cast
 
 import grpc
 import httpx
-from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -51,6 +50,7 @@ from flowport.server.nodes.python_code import PythonCodeNode
 from flowport.server.nodes.sql_pools import SqlPools
 from flowport.server.observability import tracing
 from flowport.server.observability.prometheus import Prometheus, multiprocess
+from flowport.server.ratelimit import wire
 from flowport.server.ratelimit.counters import RedisCounters
 from flowport.server.ratelimit.outbound import LocalLimiter, OutboundLimiter
 from flowport.server.ratelimit.outbound_redis import RedisLimiter
@@ -395,12 +395,13 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     # Every service is registered through this, so each method handler is
     # wrapped by the interceptor's logic (errors, auth, metrics, audit).
     interceptor = ErrorInterceptor(metrics, authenticator, CallAuditor(audit, authenticator.origin_of), prometheus)
-    server = cast("grpc.aio.Server", WrappingRegistrar(grpc_server, interceptor))
+    registrar = WrappingRegistrar(grpc_server, interceptor)
+    server = cast("grpc.aio.Server", registrar)
     rate_limit = _rate_limit_service(settings, keys)
     if rate_limit is not None:
         opened.push_async_callback(rate_limit.close)
         rate_limit.prometheus = prometheus
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(rate_limit, server)
+        registrar.add_registered_method_handlers(wire.SERVICE, rate_limit.method_handlers())
     gateway = GatewayService(
         store,
         metrics,

@@ -80,9 +80,9 @@ class TracingUnavailable(RuntimeError):
 
 
 def _check_otlp_protos() -> None:
-    """xds-protos (Envoy's API, for the rate limit service) ships an old copy of the
-    `opentelemetry.proto` modules; installed after opentelemetry-proto (pip's usual order)
-    it overwrites them, and the OTLP exporter cannot encode spans."""
+    """Some packages (xds-protos, Envoy's API) ship an old copy of the `opentelemetry.proto`
+    modules; installed after opentelemetry-proto they overwrite them, and the OTLP exporter
+    cannot encode spans. flowport does not depend on one, but an environment may hold one."""
     from importlib import metadata
 
     from opentelemetry.proto.trace.v1 import trace_pb2
@@ -90,7 +90,8 @@ def _check_otlp_protos() -> None:
     if not hasattr(trace_pb2, "ScopeSpans"):
         version = metadata.version("opentelemetry-proto")
         raise TracingUnavailable(
-            "the opentelemetry.proto modules were overwritten by xds-protos's older copy; repair with "
+            "the opentelemetry.proto modules are an older copy another package installed (xds-protos ships one); "
+            "repair with "
             f"`pip install --force-reinstall --no-deps opentelemetry-proto=={version}`"
         )
 

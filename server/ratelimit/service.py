@@ -20,11 +20,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+import grpc
 from redis.exceptions import RedisError
 
 from flowport.server.auth.keys import KeyAuthenticator
 from flowport.server.auth.principal import AuthenticationFailed
+from flowport.server.ratelimit import wire
 from flowport.server.ratelimit.counters import RedisCounters
 from flowport.server.types import Context
 
@@ -35,8 +36,8 @@ log = logging.getLogger(__name__)
 DOMAIN = "flowport"
 LOG_EVERY = 10.0  # seconds between log lines about an unreachable Redis
 
-OK = rls_pb2.RateLimitResponse.OK
-OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
+OK = wire.OK
+OVER_LIMIT = wire.OVER_LIMIT
 
 
 @dataclass
@@ -49,7 +50,7 @@ class RateLimitStats:
     limited_by_tenant: Counter[str] = field(default_factory=Counter)  # OVER_LIMIT answers per tenant
 
 
-class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+class RateLimitService:
     """Per-tenant request counts in Redis, as Envoy's rate limit service."""
 
     def __init__(
@@ -76,7 +77,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
     async def ShouldRateLimit(self, request: Any, context: Context) -> Any:
         tenant = await self._tenant(request)
         if tenant is None:
-            return rls_pb2.RateLimitResponse(overall_code=OK)
+            return wire.RateLimitResponse(overall_code=OK)
         # One hit per request, whatever the caller asks: a larger addend would
         # let one request use up a tenant's whole window.
         addend = 1
@@ -92,10 +93,20 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             self.stats.limited_by_tenant[tenant] += 1
             if self.prometheus is not None:
                 self.prometheus.rate_limited.inc()
-        status = rls_pb2.RateLimitResponse.DescriptorStatus(code=code, limit_remaining=remaining)
+        status = wire.DescriptorStatus(code=code, limit_remaining=remaining)
         status.current_limit.requests_per_unit = self._limit
-        status.current_limit.unit = rls_pb2.RateLimitResponse.RateLimit.SECOND
-        return rls_pb2.RateLimitResponse(overall_code=code, statuses=[status])
+        status.current_limit.unit = wire.SECOND
+        return wire.RateLimitResponse(overall_code=code, statuses=[status])
+
+    def method_handlers(self) -> dict[str, Any]:
+        """The service's one method, for registering under `wire.SERVICE`."""
+        return {
+            wire.METHOD: grpc.unary_unary_rpc_method_handler(
+                self.ShouldRateLimit,
+                request_deserializer=wire.RateLimitRequest.FromString,
+                response_serializer=wire.RateLimitResponse.SerializeToString,
+            )
+        }
 
     async def close(self) -> None:
         await self._counters.close()
@@ -124,4 +135,4 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             self._logged = now
             what = "letting requests through" if self._fail_open else "refusing requests"
             log.warning("rate limit counters in Redis unavailable (%s): %s", exc.__class__.__name__, what)
-        return rls_pb2.RateLimitResponse(overall_code=OK if self._fail_open else OVER_LIMIT)
+        return wire.RateLimitResponse(overall_code=OK if self._fail_open else OVER_LIMIT)
