@@ -220,19 +220,24 @@ def _session_delete(client: Client, args: argparse.Namespace, out: Out) -> int:
 # -- workflows ------------------------------------------------------------
 
 
-def _read_workflow(path: Path) -> Any:
+def read_message(path: Path, message: Any, what: str) -> Any:
+    """`message` filled from the JSON file at `path` ('-': stdin); exit 2 naming the file when it cannot be."""
     from google.protobuf import json_format
-
-    from flowport.v1 import workflow_pb2
 
     try:
         text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
     try:
-        return json_format.Parse(text, workflow_pb2.Workflow())
+        return json_format.Parse(text, message)
     except json_format.ParseError as exc:
-        raise CliError(f"{path} is not a workflow in JSON: {exc}", EXIT_USAGE) from None
+        raise CliError(f"{path} is not {what} in JSON: {exc}", EXIT_USAGE) from None
+
+
+def _read_workflow(path: Path) -> Any:
+    from flowport.v1 import workflow_pb2
+
+    return read_message(path, workflow_pb2.Workflow(), "a workflow")
 
 
 def _workflow_create(client: Client, args: argparse.Namespace, out: Out) -> int:

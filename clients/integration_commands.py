@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowport.clients.commands import Out, _command, _group, _limited, _show
-from flowport.clients.keys_cli import EXIT_USAGE, CliError
+from flowport.clients.commands import Out, _command, _group, _limited, _show, read_message
 
 if TYPE_CHECKING:
     from flowport.clients import Client
@@ -123,18 +122,9 @@ def _service_deregister(client: Client, args: argparse.Namespace, out: Out) -> i
 
 
 def _read_resource(path: Path) -> Any:
-    from google.protobuf import json_format
-
     from flowport.v1 import resource_pb2
 
-    try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
-    try:
-        return json_format.Parse(text, resource_pb2.Resource())
-    except json_format.ParseError as exc:
-        raise CliError(f"{path} is not a resource in JSON: {exc}", EXIT_USAGE) from None
+    return read_message(path, resource_pb2.Resource(), "a resource")
 
 
 def _resource_create(client: Client, args: argparse.Namespace, out: Out) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -50,6 +51,7 @@ from flowport.server.nodes.python_code import PythonCodeNode
 from flowport.server.nodes.sql_pools import SqlPools
 from flowport.server.observability import tracing
 from flowport.server.observability.prometheus import Prometheus, multiprocess
+from flowport.server.periodic import Periodic
 from flowport.server.ratelimit import wire
 from flowport.server.ratelimit.counters import RedisCounters
 from flowport.server.ratelimit.outbound import LocalLimiter, OutboundLimiter
@@ -378,8 +380,11 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     if prometheus is not None:
         opened.callback(prometheus.close)
         executor.prometheus = dispatcher.prometheus = prometheus
-        sampling = asyncio.create_task(_sample_forever(prometheus, services, dispatcher), name="metrics sampling")
-        background.push_async_callback(_cancel, sampling)
+        sampling = Periodic(
+            functools.partial(_sample, prometheus, services, dispatcher), SAMPLE_INTERVAL, "metrics sampling"
+        )
+        sampling.start()
+        background.push_async_callback(sampling.close)
     keys = KeyAuthenticator(store)
     keys.follow(bus)
     opened.push_async_callback(keys.close)
@@ -522,18 +527,11 @@ def _serve_metrics(settings: Settings, prometheus: Prometheus | None) -> None:
         ) from None
 
 
-async def _sample_forever(prometheus: Prometheus, services: NodeServices, dispatcher: WebhookDispatcher) -> None:
+async def _sample(prometheus: Prometheus, services: NodeServices, dispatcher: WebhookDispatcher) -> None:
     """Gauges read from state rather than counted at each change: the sandbox pool's, the deliveries held."""
-    while True:
-        if services.sandbox is not None:
-            prometheus.sandbox_busy.set(services.sandbox.busy)
-        prometheus.webhook_pending.set(dispatcher.unfinished)
-        await asyncio.sleep(SAMPLE_INTERVAL)
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    if services.sandbox is not None:
+        prometheus.sandbox_busy.set(services.sandbox.busy)
+    prometheus.webhook_pending.set(dispatcher.unfinished)
 
 
 async def _purge_forever(store: SqlStore) -> None:

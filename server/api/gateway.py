@@ -194,10 +194,12 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         calls: CallFigures = self._metrics if scope is None else self._metrics.tenant(scope)
         counters = self._executor.counters if scope is None else self._executor.tenant_counters(scope)
         now = now_us()
-        sessions, by_state, retrying = await asyncio.gather(
+        # The store's counts and Envoy's (over HTTP, for admins) at once.
+        sessions, by_state, retrying, security = await asyncio.gather(
             self._store.count_sessions(scope, now),
             self._store.executions_by_state(scope),
             self._store.deliveries_retrying(scope),
+            self._security.stats(scope),
         )
         p50, p90, p99 = (calls.latency.percentile_ms(q) for q in (0.5, 0.9, 0.99))
         webhooks = self._dispatcher.stats(scope)
@@ -238,7 +240,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
                 by_state=by_state,
             ),
             webhooks=webhooks,
-            security=await self._security.stats(scope),
+            security=security,
         )
         if scope is None:
             c = self._executor.counters

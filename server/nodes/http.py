@@ -70,8 +70,7 @@ from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeT
 from flowport.server.nodes.substitution import check_params, secret_references, substitute
 from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
-from flowport.server.secrets.redaction import Redactor, scrubbing_logs
-from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, revealed
+from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, masking, revealed
 from flowport.server.version import VERSION
 
 if TYPE_CHECKING:
@@ -437,8 +436,10 @@ async def _attempt(
     client: httpx.AsyncClient, call: HttpCall, url: httpx.URL, allowlist: frozenset[str], budget: float
 ) -> _Fetched:
     """One attempt, redirects included, within `budget` seconds (a CLIENT span when tracing)."""
+    # Created here, run by the await: inside the span when there is one.
+    attempt = _attempt_within(client, call, url, allowlist, budget)
     if not tracing.enabled():
-        return await _attempt_within(client, call, url, allowlist, budget)
+        return await attempt
     # The origin only: a path may hold a filled-in secret (a webhook token), and spans are not masked.
     attributes = {
         "http.request.method": call.method,
@@ -447,7 +448,7 @@ async def _attempt(
         "server.port": url.port or (443 if url.scheme == "https" else 80),
     }
     with tracing.span(f"{call.method}", kind="client", attributes=attributes) as span:
-        fetched = await _attempt_within(client, call, url, allowlist, budget)
+        fetched = await attempt
         if span is not None:
             span.set_attribute("http.response.status_code", fetched.status_code)
             if fetched.status_code >= 500:
@@ -640,21 +641,11 @@ class _HTTPNode(NodeType):
         if params.get("resource_name") is not None:
             pinned_to_config(params, pinned, RESOURCE_PINNED)
         profile = await _profile(ctx, params)
-        if profile is None:
-            async with revealed(ctx, scope, params) as secrets:
-                # A service may echo what it was sent (a URL, a header): the outputs are recorded, so mask it.
-                return secrets.redact(await self.send(ctx, self.call(params, secrets), params))
-        mask = Redactor(profile.secret_values)
         async with revealed(ctx, scope, params) as secrets:
-            try:
-                with scrubbing_logs(profile.secret_values):
-                    outputs = await self.send(ctx, self.call(params, secrets, profile), params)
-            except NodeError as exc:
-                if not mask:
-                    raise
-                raise NodeError(
-                    mask.text(exc.message), reason=exc.reason, retryable=exc.retryable, retry_after=exc.retry_after
-                ) from None
+            # A profile's secrets too (none without a profile: then this changes nothing).
+            with masking(ctx, profile.secret_values if profile is not None else ()) as mask:
+                outputs = await self.send(ctx, self.call(params, secrets, profile), params)
+            # A service may echo what it was sent (a URL, a header): the outputs are recorded, so mask it.
             masked: dict[str, Any] = mask.value(secrets.redact(outputs))
             return masked
 

@@ -68,8 +68,7 @@ from flowport.server.nodes.sql_pools import CONNECTION_STRING_PATTERN, Unsupport
 from flowport.server.nodes.substitution import check_params, insert_secrets, substitute
 from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
-from flowport.server.secrets.redaction import Redactor, scrubbing_logs
-from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, revealed
+from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, masking, revealed
 
 DEFAULT_MAX_ROWS: Final = 10_000
 DEADLINE_MARGIN: Final = 0.05  # seconds
@@ -403,27 +402,20 @@ class SQLDatabaseNode(NodeType):
             raise NodeError("this server has no resource registry", reason="RESOURCES_UNAVAILABLE")
         name = str(params["resource_name"])
         resolved = await directory.database(ctx, name)
-        mask = Redactor(resolved.secret_values)
         pools = ctx.services.sql
         if pools is None:
             raise NodeError("no SQL pools are configured", reason="SQL_POOLS_UNAVAILABLE")
-        try:
-            url = async_url(resolved.connection_string)
+        with masking(ctx, resolved.secret_values) as mask:
+            try:
+                url = async_url(resolved.connection_string)
+            except UnsupportedDatabase as exc:
+                raise NodeError(str(exc), reason="SQL_UNSUPPORTED_DATABASE") from None
             # Before the pool exists: a refused database is never opened, nor health-checked.
             _refuse_protected(url, ctx.services.protected_paths, str(params.get("query", "")))
-            with scrubbing_logs(resolved.secret_values):
-                async with pools.using(directory.pool(ctx.tenant, resolved)) as engine:
-                    result = await self._query(
-                        ctx, prepared, params, secrets, engine=engine, url=url, where=f"resource {name!r}"
-                    )
-        except UnsupportedDatabase as exc:
-            raise NodeError(mask.text(str(exc)), reason="SQL_UNSUPPORTED_DATABASE") from None
-        except NodeError as exc:
-            if not mask:
-                raise
-            raise NodeError(
-                mask.text(exc.message), reason=exc.reason, retryable=exc.retryable, retry_after=exc.retry_after
-            ) from None
+            async with pools.using(directory.pool(ctx.tenant, resolved)) as engine:
+                result = await self._query(
+                    ctx, prepared, params, secrets, engine=engine, url=url, where=f"resource {name!r}"
+                )
         masked: dict[str, Any] = mask.value(result)
         return masked
 
@@ -471,16 +463,16 @@ async def _run_statement(
     where: str,
 ) -> dict[str, Any]:
     """One statement in its own transaction within `remaining` seconds (a CLIENT span when tracing)."""
+    # Created here, run by the await: inside the span when there is one.
+    statement = _statement(
+        engine, url, prepared=prepared, values=values, max_rows=max_rows, remaining=remaining, where=where
+    )
     if not tracing.enabled():
-        return await _statement(
-            engine, url, prepared=prepared, values=values, max_rows=max_rows, remaining=remaining, where=where
-        )
+        return await statement
     # The statement's text only: values are bound, never part of it.
     attributes = {"db.system": url.get_backend_name(), "db.query.text": prepared.query[:2048]}
     with tracing.span("SQL", kind="client", attributes=attributes) as span:
-        result = await _statement(
-            engine, url, prepared=prepared, values=values, max_rows=max_rows, remaining=remaining, where=where
-        )
+        result = await statement
         if span is not None:
             span.set_attribute("db.response.returned_rows", len(result["rows"]))
         return result

@@ -18,7 +18,6 @@ registrations and processes a claim per check would spread the work.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 
@@ -28,10 +27,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowport.server.api.common import now_us
 from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target
+from flowport.server.periodic import Periodic
 from flowport.server.storage.services import ServiceTables
 from flowport.v1 import registry_pb2
 
-log = logging.getLogger(__name__)
 HEALTHY = registry_pb2.RegisteredService.STATUS_HEALTHY
 UNHEALTHY = registry_pb2.RegisteredService.STATUS_UNHEALTHY
 PARALLEL = 16
@@ -115,28 +114,17 @@ class HealthChecker:
         self._store = store
         self._http = http
         self._allowlist = allowlist
-        self._interval = interval
         self._timeout = timeout
-        self._task: asyncio.Task[None] | None = None
         self.checks = 0
         # The last sweep, for GET /health's `external_apis` component.
         self.last_sweep: Sweep | None = None
+        self._schedule = Periodic(self.check_all, interval, "service health checks")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._forever(), name="service health checks")
+        self._schedule.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _forever(self) -> None:
-        while True:
-            try:
-                await self.check_all()
-            except Exception:
-                log.exception("checking registered services failed; will retry")
-            await asyncio.sleep(self._interval)
+        await self._schedule.close()
 
     async def check_all(self) -> int:
         """Check every due registration once; returns how many were checked."""

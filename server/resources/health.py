@@ -10,7 +10,6 @@ here too (the API closes its own process's pool at once).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 
@@ -18,9 +17,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flowport.server.nodes.sql_pools import SqlPools
+from flowport.server.periodic import Periodic
 from flowport.server.resources.directory import ResourceDirectory
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,26 +45,15 @@ class PoolHealth:
     def __init__(self, pools: SqlPools, directory: ResourceDirectory, *, interval: float, timeout: float) -> None:
         self._pools = pools
         self._directory = directory
-        self._interval = interval
         self._timeout = timeout
-        self._task: asyncio.Task[None] | None = None
         self.last_sweep: PoolSweep | None = None
+        self._schedule = Periodic(self.check_all, interval, "resource pool health checks")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._forever(), name="resource pool health checks")
+        self._schedule.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _forever(self) -> None:
-        while True:
-            try:
-                await self.check_all()
-            except Exception:
-                log.exception("checking resource pools failed; will retry")
-            await asyncio.sleep(self._interval)
+        await self._schedule.close()
 
     async def _ping(self, engine: AsyncEngine) -> float | None:
         """The ping's latency; None when the pool was retired before it could be held."""

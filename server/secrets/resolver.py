@@ -20,8 +20,8 @@ record; an error leaving the block has them masked in its message, and
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,16 +126,32 @@ async def revealed(ctx: NodeContext, scope: ConfigSecrets | None, params: Mappin
         return
     values = await open_secrets(ctx, names)
     secrets = Revealed(values, applicable)
-    with scrubbing_logs(list(values.values())):
+    with masking(ctx, values.values()):
+        yield secrets
+
+
+@contextmanager
+def masking(ctx: NodeContext, values: Collection[str]) -> Iterator[Redactor]:
+    """Keep `values` out of log records made in the block and out of any error leaving it.
+
+    A NodeError keeps its reason with its message masked; another exception
+    is logged (still scrubbed) and becomes NODE_CRASHED. With no values the
+    block runs as it is.
+    """
+    redactor = Redactor(values)
+    if not redactor:
+        yield redactor
+        return
+    with scrubbing_logs(list(values)):
         try:
-            yield secrets
+            yield redactor
         except NodeError as exc:
             raise NodeError(
-                secrets.text(exc.message), reason=exc.reason, retryable=exc.retryable, retry_after=exc.retry_after
+                redactor.text(exc.message), reason=exc.reason, retryable=exc.retryable, retry_after=exc.retry_after
             ) from None
         except TimeoutError:
             raise  # the engine reports it with its own message
         except Exception as exc:
             # Logged here, while the values are still scrubbed from log records.
             log.exception("node %s (%s) failed unexpectedly", ctx.node_id, ctx.execution_id)
-            raise NodeError(secrets.text(f"{type(exc).__name__}: {exc}"), reason="NODE_CRASHED") from None
+            raise NodeError(redactor.text(f"{type(exc).__name__}: {exc}"), reason="NODE_CRASHED") from None

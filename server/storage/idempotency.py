@@ -7,6 +7,8 @@ transaction on the writer thread.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flowport.server.storage.base import IdempotencyConflict, IdempotencyRace
 from flowport.server.storage.tables import Connection
 
@@ -39,3 +41,24 @@ def remember(
     ).rowcount
     if inserted == 0:
         raise IdempotencyRace(key[0])
+
+
+def delete_once(
+    conn: Connection,
+    tenant: str,
+    method: str,
+    request_id: str,
+    *,
+    key: bytes,
+    delete: Callable[[], bool],
+    now_us: int,
+) -> bool:
+    """Run `delete` (True when it removed something) unless `request_id` already did: a retry of a
+    delete that succeeded is True again, not False because the row is gone."""
+    if request_id and replayed(conn, tenant, method, request_id, key) is not None:
+        return True
+    if not delete():
+        return False
+    if request_id:
+        remember(conn, tenant, method, (request_id, key), b"", now_us=now_us)
+    return True

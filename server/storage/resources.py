@@ -103,15 +103,13 @@ class ResourceTables(Tables):
 
     async def delete_resource(self, tenant: str, name: str, now_us: int, request_id: str = "") -> bool:
         """Delete; False when there was none. A repeated `request_id` of a delete is True."""
-        key = name.encode()
 
         def op(conn: Connection) -> bool:
-            if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
-                return True
-            if not conn.execute("DELETE FROM resources WHERE tenant=? AND name=?", (tenant, name)).rowcount:
-                return False
-            if request_id:
-                idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
-            return True
+            def delete() -> bool:
+                return bool(conn.execute("DELETE FROM resources WHERE tenant=? AND name=?", (tenant, name)).rowcount)
+
+            return idempotency.delete_once(
+                conn, tenant, _DELETE, request_id, key=name.encode(), delete=delete, now_us=now_us
+            )
 
         return await self._write(op)

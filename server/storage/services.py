@@ -132,21 +132,19 @@ class ServiceTables(Tables):
 
     async def deregister_service(self, tenant: str, service_id: str, now_us: int, request_id: str = "") -> bool:
         """Delete; False when there was no live registration. A repeated `request_id` of a delete is True."""
-        key = service_id.encode()
 
         def op(conn: Connection) -> bool:
-            if request_id and idempotency.replayed(conn, tenant, _DEREGISTER, request_id, key) is not None:
-                return True
-            deleted = conn.execute(
-                "DELETE FROM services WHERE tenant=? AND service_id=? AND (expire_us=0 OR expire_us>?)",
-                (tenant, service_id, now_us),
-            ).rowcount
-            # An expired row goes too, but counts as not found.
-            conn.execute("DELETE FROM services WHERE tenant=? AND service_id=?", (tenant, service_id))
-            if not deleted:
-                return False
-            if request_id:
-                idempotency.remember(conn, tenant, _DEREGISTER, (request_id, key), b"", now_us=now_us)
-            return True
+            def delete() -> bool:
+                live = conn.execute(
+                    "DELETE FROM services WHERE tenant=? AND service_id=? AND (expire_us=0 OR expire_us>?)",
+                    (tenant, service_id, now_us),
+                ).rowcount
+                # An expired row goes too, but counts as not found.
+                conn.execute("DELETE FROM services WHERE tenant=? AND service_id=?", (tenant, service_id))
+                return bool(live)
+
+            return idempotency.delete_once(
+                conn, tenant, _DEREGISTER, request_id, key=service_id.encode(), delete=delete, now_us=now_us
+            )
 
         return await self._write(op)
