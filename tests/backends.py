@@ -77,6 +77,32 @@ def child_pids(pid: int) -> set[int]:
     return children
 
 
+class OwnerGuard:
+    """A detached watcher that runs `cleanup` (a shell command) once the process that
+    started a server is gone, however it went: a test killed by its timeout, or a
+    benchmark run killed with SIGKILL, must not leave PostgreSQL or Redis running.
+
+    It lives in a session of its own so that killing the owner's process group does
+    not take it along; `cancel()` ends it when the owner stops the server itself.
+    """
+
+    def __init__(self, cleanup: str, *, owner: int | None = None, poll: float = 0.5) -> None:
+        owner = os.getpid() if owner is None else owner
+        script = f"while kill -0 {owner} 2>/dev/null; do sleep {poll}; done; {cleanup}"
+        self.process = subprocess.Popen(
+            ["/bin/sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def cancel(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
 def _version_key(bin_dir: Path) -> tuple[int, ...]:
     version = bin_dir.parent.name
     return tuple(int(part) for part in version.split(".") if part.isdigit()) or (0,)
@@ -121,6 +147,7 @@ class PostgresServer:
         self.base_dir: Path | None = None
         self._run_as: list[str] = []
         self._counter = 0
+        self._guard: OwnerGuard | None = None
 
     # -- paths and urls ------------------------------------------------------
 
@@ -180,11 +207,20 @@ class PostgresServer:
         if started.returncode != 0:
             self.stop()
             raise RuntimeError(f"PostgreSQL did not start:\n{failure}")
+        # pg_ctl detaches the postmaster into a session of its own: nothing but this
+        # guard stops it if we are killed before stop() runs.
+        pg_ctl = shlex.join([*self._run_as, str(self.bin_dir / "pg_ctl")])
+        self._guard = OwnerGuard(
+            f"{pg_ctl} stop -m immediate -D {shlex.quote(str(self.data_dir))}; rm -rf {shlex.quote(str(self.base_dir))}"
+        )
         self._wait_ready()
         self.sql(f"CREATE DATABASE {POSTGRES_ROLE}", database="postgres")
 
     def stop(self) -> None:
         """Stop at once (no shutdown checkpoint: the data is discarded) and remove the folder."""
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
         if self.base_dir is None:
             return
         if (self.data_dir / "postmaster.pid").exists():
@@ -373,6 +409,7 @@ class RedisServer:
         self.port = free_port()
         self.base_dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
+        self._guard: OwnerGuard | None = None
 
     @property
     def url(self) -> str:
@@ -412,6 +449,7 @@ class RedisServer:
             str(self.log_file),
         ]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, cwd=self.base_dir)
+        self._guard = OwnerGuard(f"kill -9 {self.process.pid}; rm -rf {shlex.quote(str(self.base_dir))}")
         deadline = time.monotonic() + self.start_timeout
         while True:
             try:
@@ -456,6 +494,9 @@ class RedisServer:
                 return read_reply(reader)
 
     def _halt(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
         if self.process is None:
             return
         if self.process.poll() is None:

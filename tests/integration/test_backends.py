@@ -4,7 +4,12 @@ asked, and leave no process or folder behind."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -131,6 +136,45 @@ def test_a_closed_redis_leaves_no_process_or_folder_behind(redis_server: RedisSe
     assert server.process.returncode is not None
     assert not process_alive(pid)
     assert not folder.exists()
+
+
+# -- an owner that dies without stopping them --------------------------------------
+
+_OWNER = """
+import sys, time
+from tests.backends import PostgresServer, RedisServer
+postgres, redis = PostgresServer(), RedisServer()
+postgres.start()
+redis.start()
+print(postgres.pid, redis.process.pid, postgres.base_dir, redis.base_dir, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_servers_whose_owner_is_killed_stop_and_leave_no_folder(
+    postgres_server: PostgresServer, redis_server: RedisServer
+) -> None:
+    # The owner is killed as a test is by a hard timeout, or a benchmark run by SIGKILL: no stop() runs.
+    root = Path(__file__).resolve().parents[2]
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER], cwd=root, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert owner.stdout is not None
+        postmaster, redis_pid, pg_dir, redis_dir = owner.stdout.readline().split()
+        processes = {int(postmaster), int(redis_pid), *child_pids(int(postmaster))}
+        assert all(process_alive(pid) for pid in processes)
+    finally:
+        os.killpg(owner.pid, signal.SIGKILL)
+        owner.wait(10)
+    deadline = time.monotonic() + 60
+    while [pid for pid in processes if process_alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in processes if process_alive(pid)]
+    while (Path(pg_dir).exists() or Path(redis_dir).exists()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(pg_dir).exists() and not Path(redis_dir).exists()
 
 
 # -- missing binaries ------------------------------------------------------------
