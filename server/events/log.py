@@ -4,7 +4,8 @@ A bus listener queues each event and writes queued events in one batch per
 loop turn (grouped with other writes by the store), so publishing never
 waits for the disk. Reads for a resuming stream first flush what is queued,
 so a resume sees every event published before it. Retention is by count
-and by age; a cursor older than what is kept is OUT_OF_RANGE.
+(rows, not id arithmetic: ids skip ahead at a restart) and by age; a
+cursor is OUT_OF_RANGE only when retention dropped an event after it.
 """
 
 from __future__ import annotations
@@ -93,11 +94,12 @@ class EventLog:
         await self._store.append_events(batch)
 
     async def bounds(self) -> tuple[int, int]:
-        """(oldest, newest) event id kept; the oldest is newest+1 when the log is empty."""
+        """(oldest, newest): a stream may resume after any id from oldest-1 to newest and miss
+        nothing, since retention has dropped no event after oldest-1. Ids have gaps (a
+        restart skips ahead), so oldest need not be an id that was handed out."""
         await self.flush()
-        oldest, newest = await self._store.event_bounds()
-        newest = max(newest, self._bus.last_id)
-        return (oldest or newest + 1), newest
+        purged, newest = await self._store.event_bounds()
+        return purged + 1, max(newest, self._bus.last_id)
 
     async def history(
         self, tenant: str, after: int, *, session_id: str, workflow_id: str, execution_id: str
@@ -162,11 +164,8 @@ class EventLog:
 
     async def purge(self, now: Callable[[], float] = time.time) -> int:
         """Drop events beyond the retention count or age; returns how many."""
-        # Redis ids are not consecutive: with them, only age counts here (the
-        # stream itself keeps about retention_count).
-        keep_after_id = 0 if self._shared is not None else self._bus.last_id - self._retention_count
         keep_after_us = int((now() - self._retention_seconds) * 1e6)
-        return await self._store.purge_events(keep_after_id=keep_after_id, keep_after_us=keep_after_us)
+        return await self._store.purge_events(keep_count=self._retention_count, keep_after_us=keep_after_us)
 
     async def _purge_forever(self) -> None:
         while True:

@@ -62,8 +62,11 @@ class EventTables(Tables):
         self._write_soon(lambda conn: conn.execute(sql, (until,)))
 
     async def event_bounds(self) -> tuple[int, int]:
-        """(oldest id, newest id) in the log; (0, 0) when it is empty."""
-        row = await self._lookup("SELECT COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) FROM events", ())
+        """(purged through, newest): the highest id retention ever dropped (0: none) and the newest id
+        in the log (0 when it is empty). Every event with an id above the first is still in the log."""
+        row = await self._lookup(
+            "SELECT purged_through, (SELECT COALESCE(MAX(id), 0) FROM events) FROM event_id_reservation WHERE id=1", ()
+        )
         assert row is not None
         return int(row[0]), int(row[1])
 
@@ -91,10 +94,29 @@ class EventTables(Tables):
             BusEvent(str(r[0]), r[2], r[3] * 1000, r[1], r[4], r[5], r[6], orjson.loads(r[7]) or None) for r in rows
         ]
 
-    async def purge_events(self, *, keep_after_id: int, keep_after_us: int) -> int:
-        """Drop events at or below `keep_after_id` or older than `keep_after_us`."""
+    async def purge_events(self, *, keep_count: int, keep_after_us: int) -> int:
+        """Drop all but the newest `keep_count` events, and every event older than `keep_after_us`;
+        returns how many. The highest id dropped is remembered (`event_bounds`)."""
+        # Counted in rows, never from ids: ids skip ahead at every restart.
+        # Read outside the write: later appends only add newer events.
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?", (keep_count,)
+            ).fetchone()
+        )
+        beyond_count = 0 if row is None else int(row[0])
+        greatest = self._greatest()  # a fixed function name, not input
+        mark = f"UPDATE event_id_reservation SET purged_through={greatest}(purged_through, ?) WHERE id=1"  # noqa: S608
 
         def op(conn: Connection) -> int:
-            return conn.execute("DELETE FROM events WHERE id<=? OR time_us<?", (keep_after_id, keep_after_us)).rowcount
+            (too_old,) = conn.execute("SELECT MAX(id) FROM events WHERE time_us<?", (keep_after_us,)).fetchone()
+            highest = max(beyond_count, int(too_old or 0))
+            if not highest:
+                return 0
+            removed = conn.execute(
+                "DELETE FROM events WHERE id<=? OR time_us<?", (beyond_count, keep_after_us)
+            ).rowcount
+            conn.execute(mark, (highest,))
+            return removed
 
         return await self._write(op)

@@ -1,12 +1,15 @@
 """EventService on an in-process server: filters, resume by after_id and by
 last-event-id, OUT_OF_RANGE for an expired cursor, heartbeats, and a stalled
-subscriber cut off while another keeps its pace. Every test runs on the
-in-process bus and on the Redis bus (a real Redis)."""
+subscriber cut off while another keeps its pace. Most tests run on the
+in-process bus and on the Redis bus (a real Redis); retention across
+restarts runs on each store engine (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,6 +18,8 @@ from flowport.clients import ApiError, AsyncClient
 from flowport.server.app import Running, start, stop
 from flowport.server.events.bus import BusEvent, EventBus
 from flowport.server.settings import Settings
+from flowport.server.storage import SqliteStore
+from flowport.server.storage.migrate import bundled
 from flowport.v1 import event_pb2, event_pb2_grpc
 
 from ..conftest import ADMIN_KEY, ADMIN_METADATA, make_settings
@@ -225,3 +230,90 @@ async def test_a_stalled_subscriber_is_cut_while_another_keeps_pace(
         assert int(error.metadata["last_event_id"]) < int(published[-1])
         fast.cancel()
     await stop(running, 1.0)
+
+
+async def _tick(running: Running) -> str:
+    """Publish one `restart.tick` event of tenant default; its id."""
+    return await stamped(running.bus, lambda: running.bus.publish("restart.tick", tenant="default"))
+
+
+async def _replayed(running: Running, count: int, *, after_id: str = "", last_event_id: str = "") -> list[str]:
+    """The ids of the first `count` `restart.tick` events a stream resumed from a cursor gets."""
+    metadata = (("last-event-id", last_event_id),) if last_event_id else ()
+    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as client:
+        call = client.events.StreamEvents(
+            event_pb2.StreamEventsRequest(after_id=after_id, types=["restart.*"]), metadata=metadata
+        )
+        try:
+            return [e.id for e in await take(call, count)]
+        finally:
+            call.cancel()
+
+
+async def _out_of_range(running: Running, after_id: str) -> None:
+    """A stream resumed after `after_id` is refused with CURSOR_OUT_OF_RANGE."""
+    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as client:
+        call = client.events.StreamEvents(event_pb2.StreamEventsRequest(after_id=after_id, types=["restart.*"]))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async with asyncio.timeout(10):
+                await call.read()
+    error = ApiError.from_rpc_error(caught.value)
+    assert (error.code(), error.reason) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_OUT_OF_RANGE"), after_id
+
+
+@pytest.mark.timeout(300)
+async def test_restarts_lose_no_event_and_only_a_real_purge_is_out_of_range(settings: Settings) -> None:
+    # Each start reserves a fresh block of ids, so ids jump at every restart;
+    # retention (run at every start here, as the periodic sweep would) must
+    # count events, not ids.
+    ids: list[str] = []
+    for _ in range(4):
+        server = await start(settings)
+        try:
+            assert await server.event_log.purge() == 0
+            ids += [await _tick(server) for _ in range(3)]
+        finally:
+            await stop(server, 1.0)
+    assert int(ids[3]) - int(ids[2]) > 1, "a restart skips ahead"
+    server = await start(settings)
+    try:
+        assert await server.event_log.purge() == 0
+        assert await _replayed(server, len(ids), after_id="0") == ids
+        assert await _replayed(server, len(ids) - 4, last_event_id=ids[3]) == ids[4:]
+        # Retention by count drops the oldest events for real: a cursor
+        # before them is out of range, one after them (even across the gap
+        # of a restart) replays the rest.
+        server.event_log._retention_count = len(ids) - 3
+        assert await server.event_log.purge() == 3
+        await _out_of_range(server, "0")
+        await _out_of_range(server, ids[1])
+        assert await _replayed(server, len(ids) - 3, after_id=ids[2]) == ids[3:]
+        # By age: everything goes, and only the newest id is still a cursor.
+        server.event_log._retention_count = 1_000_000
+        assert await server.event_log.purge(now=lambda: time.time() + 8 * 86400) == len(ids) - 3
+        await _out_of_range(server, ids[-2])
+        later = await _tick(server)
+        assert await _replayed(server, 1, after_id=ids[-1]) == [later]
+    finally:
+        await stop(server, 1.0)
+
+
+@pytest.mark.parametrize(("kept", "purged"), [([5, 6, 1_000_001], 4), ([], 2_000_000)])
+async def test_a_log_from_before_the_purge_mark_counts_below_its_oldest_event_as_purged(
+    tmp_path: Path, kept: list[int], purged: int
+) -> None:
+    # Such a log kept no record of its purges: what streams were told before
+    # (out of range below the oldest kept event; all of it when empty) holds.
+    path = tmp_path / "db.sqlite"
+    store = await SqliteStore.open(path, [m for m in bundled() if m.name != "event_purge_mark"])
+    try:
+        for _ in range(2):
+            await store.reserve_event_ids(1_000_000)
+        await store.append_events([BusEvent(str(i), "old.tick", time.time_ns(), "default") for i in kept])
+    finally:
+        await store.close()
+    upgraded = await SqliteStore.open(path)
+    try:
+        assert await upgraded.event_bounds() == (purged, max(kept, default=0))
+    finally:
+        await upgraded.close()
