@@ -153,16 +153,17 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
             component.latency = round(result.latency_ms, 3)
             component.message = result.message
             component.last_check.FromNanoseconds(int(result.checked_at * 1e9))
+        # /health answers anyone: statuses and latencies only, never a count
+        # (of executions, streams, calls, other tenants' services or pools):
+        # those are GetStats', which scopes them to the caller.
         sweep = self._service_checks.last_sweep if self._service_checks is not None else None
         if sweep is not None:
-            # Every tenant's registered services, as counts only (/health is public):
-            # failing external services leave the gateway degraded, never down.
+            # Failing external services leave the gateway degraded, never down.
             external = health.components["external_apis"]
             external.status = "degraded" if sweep.failed else "healthy"
             external.last_check.FromNanoseconds(int(sweep.at * 1e9))
-            external.details.update({"checked": sweep.checked, "failed_checks": sweep.failed})
             if sweep.failed:
-                external.message = f"{sweep.failed} of {sweep.checked} registered services failed their last check"
+                external.message = "registered services failed their last check"
         pools = self._pool_checks.last_sweep if self._pool_checks is not None else None
         if pools is not None and pools.checked:
             # The tenants' database resources (the seed's `database` with latency): an
@@ -171,19 +172,11 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
             database_pools.status = "degraded" if pools.failed else "healthy"
             database_pools.latency = pools.latency_ms
             database_pools.last_check.FromNanoseconds(int(pools.at * 1e9))
-            database_pools.details.update({"checked": pools.checked, "failed_checks": pools.failed})
             if pools.failed:
-                database_pools.message = f"{pools.failed} of {pools.checked} resource pools failed their last check"
+                database_pools.message = "resource pools failed their last check"
         server = health.components["server"]
         server.status = "healthy"
         server.last_check.CopyFrom(health.timestamp)
-        server.details.update(
-            {
-                "active_streams": self._metrics.active_streams,
-                "calls": self._metrics.total,
-                "running_executions": self._executor.running,
-            }
-        )
         health.status = overall([c.status for c in health.components.values()])
         return health
 

@@ -77,6 +77,8 @@ def test_health_json_has_the_seed_shape(http: httpx.Client) -> None:
     assert isinstance(body["uptime"], int)
     database = body["components"]["database"]
     assert database["status"] == "healthy" and isinstance(database["latency"], float | int)
+    # Public: statuses and latencies, no counts of anything (those are in /api/stats).
+    assert not [name for name, c in body["components"].items() if c.get("details")], body["components"]
 
 
 def test_info_and_stats_over_rest(http: httpx.Client) -> None:
