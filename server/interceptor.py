@@ -9,7 +9,9 @@ the few that matter).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import logging
 import time
 import uuid
@@ -23,7 +25,8 @@ from flowport.server.api.in_band import in_band_error
 from flowport.server.audit.calls import CallAuditor
 from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.context import CURRENT
-from flowport.server.errors import FlowportError, Internal, InvalidArgument
+from flowport.server.auth.lifetime import EXPIRED
+from flowport.server.errors import FlowportError, Internal, InvalidArgument, Unauthenticated
 from flowport.server.metrics import RequestMetrics
 from flowport.server.observability import tracing
 from flowport.server.observability.context import CALL, open_call
@@ -82,6 +85,79 @@ def _internal(method: str, exc: BaseException) -> Internal:
     incident = uuid.uuid4().hex[:12]
     log.error("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
     return Internal(f"internal error (incident {incident})", metadata={"incident": incident})
+
+
+_DONE = object()
+
+
+class _Cut:
+    """Ends a server stream whose credential ended, whatever the handler is waiting for.
+
+    `end()` is called from outside the stream's task (a revocation, an expiry
+    timer). While the task waits inside the handler it is cancelled there,
+    and the CancelledError becomes UNAUTHENTICATED; while grpc is sending,
+    the check before the next item ends it. Nothing is cancelled inside
+    grpc's own code.
+    """
+
+    __slots__ = ("_cancelled", "_task", "_waiting", "reason")
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._task = asyncio.current_task()
+        self._waiting = False
+        self._cancelled = False
+
+    def end(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            if self._waiting and self._task is not None:
+                self._task.cancel()
+                self._cancelled = True
+
+    def error(self) -> Unauthenticated:
+        """UNAUTHENTICATED for the ended credential (the task's cancellation taken back, if any)."""
+        assert self.reason is not None
+        if self._cancelled and self._task is not None:
+            # A handler may have swallowed it (asyncio.wait_for can): either way it is spent.
+            self._cancelled = False
+            self._task.uncancel()
+        return Unauthenticated(
+            f"the credential this stream was opened with was {self.reason}; open it again with a valid one",
+            reason="CREDENTIAL_EXPIRED" if self.reason == EXPIRED else "CREDENTIAL_REVOKED",
+        )
+
+    async def next(self, items: AsyncIterator[Any]) -> Any:
+        """The handler's next item (_DONE at its end), or the credential's end."""
+        if self.reason is not None:
+            raise self.error()
+        self._waiting = True
+        try:
+            return await anext(items, _DONE)
+        except asyncio.CancelledError:
+            if not self._ours():
+                raise
+            raise self.error() from None
+        finally:
+            self._waiting = False
+
+    async def run(self, writing: Awaitable[Any]) -> None:
+        """A handler that writes with context.write() (grpc.health.v1's Watch) and returns nothing."""
+        if self.reason is not None:
+            raise self.error()
+        self._waiting = True
+        try:
+            await writing
+        except asyncio.CancelledError:
+            if not self._ours():
+                raise
+            raise self.error() from None
+        finally:
+            self._waiting = False
+
+    def _ours(self) -> bool:
+        """Whether a CancelledError in the handler is this cut's, not grpc's (the client went away)."""
+        return self._cancelled
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -217,14 +293,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         opened = self._stream_opened
         stream = cast("StreamBehavior", handler.unary_stream)
         attributes = _rpc_attributes(method)
+        watch = self._auth.watch if self._auth is not None else None
 
-        async def body(request: Any, context: Context, span: Any) -> AsyncGenerator[Any]:
+        async def body(request: Any, context: Context, span: Any) -> AsyncGenerator[Any]:  # noqa: PLR0915
             ok = False
             last: type[Any] | None = None
             error: FlowportError | None = None
             transport = stream_transport(context)
             tenant: str | None = None
             gauge = opened(method, transport)
+            # Ends the stream (UNAUTHENTICATED) when its credential is revoked or expires.
+            cut = _Cut()
+            watched = None
+            produced: Any = None
             try:
                 try:
                     await begin(method, request, context)
@@ -232,9 +313,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     if principal is not None:
                         tenant = principal.tenant
                         metrics.stream_tenant(tenant, transport)
-                    async for item in stream(request, context):
-                        last = type(item)
-                        yield item
+                        if watch is not None:
+                            watched = watch(principal, cut.end)
+                    produced = stream(request, context)
+                    if inspect.isawaitable(produced):
+                        await cut.run(produced)
+                    else:
+                        while (item := await cut.next(produced)) is not _DONE:
+                            last = type(item)
+                            yield item
                     ok = True
                 except FlowportError as exc:
                     error = exc
@@ -248,6 +335,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         await abort_with(context, error)
                     yield final
             finally:
+                if watched is not None:
+                    watched.close()
+                if inspect.isasyncgen(produced):
+                    await produced.aclose()  # the handler's cleanup now, even when grpc closed us at a yield
                 metrics.stream_closed(ok, transport, tenant)
                 if gauge is not None:
                     gauge.dec()

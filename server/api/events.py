@@ -2,11 +2,12 @@
 
 A stream replays the logged events after its cursor (`after_id`, or the
 `last-event-id` header an SSE client sends), then follows new events as
-they are published, with heartbeats while idle. The subscription starts
-before the replay, so no event falls between the two; ids already sent are
-skipped. A subscriber that falls more than its queue behind is cut with
-ABORTED (reason SUBSCRIBER_TOO_SLOW, metadata last_event_id) and resumes
-with `after_id`; the other subscribers never wait for it.
+they are published. It starts with a heartbeat (so headers reach the client
+at once) and beats while idle. The subscription starts before the replay,
+so no event falls between the two; ids already sent are skipped. A
+subscriber that falls more than its queue behind is cut with ABORTED
+(reason SUBSCRIBER_TOO_SLOW, metadata last_event_id) and resumes with
+`after_id`; the other subscribers never wait for it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flowport.server.types import Context
 from flowport.v1 import event_pb2, event_pb2_grpc
 
 LAST_EVENT_ID = "last-event-id"
+HEARTBEAT = "heartbeat"
 MAX_TYPES = 50
 
 
@@ -46,6 +48,12 @@ def event_filter(request: event_pb2.StreamEventsRequest) -> TypeFilter:
     if len(request.types) > MAX_TYPES:
         raise InvalidArgument(f"at most {MAX_TYPES} types", violations=[("types", f"at most {MAX_TYPES}")])
     return TypeFilter.of(request.types)
+
+
+def _heartbeat() -> event_pb2.Event:
+    heartbeat = event_pb2.Event(type=HEARTBEAT)
+    heartbeat.time.GetCurrentTime()
+    return heartbeat
 
 
 class EventService(event_pb2_grpc.EventServiceServicer):
@@ -84,6 +92,10 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                         reason="CURSOR_OUT_OF_RANGE",
                         metadata={"oldest_event_id": str(oldest), "newest_event_id": str(newest)},
                     )
+            # Open: a first heartbeat now carries the response headers (and
+            # through Envoy the first bytes) to a client waiting on a quiet stream.
+            yield _heartbeat()
+            if after is not None:
                 while True:
                     async for logged in self._log.history(
                         tenant,
@@ -104,9 +116,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
             while True:
                 event = await subscription.next(self._heartbeat)
                 if event is None:
-                    heartbeat = event_pb2.Event(type="heartbeat")
-                    heartbeat.time.GetCurrentTime()
-                    yield heartbeat
+                    yield _heartbeat()
                     continue
                 if int(event.id) <= sent:
                     continue

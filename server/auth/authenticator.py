@@ -20,6 +20,7 @@ from typing import Any
 from flowport.server.audit import actions
 from flowport.server.audit.recorder import AuditRecorder, Kind, entry
 from flowport.server.auth.keys import KeyAuthenticator
+from flowport.server.auth.lifetime import Ended, Watched
 from flowport.server.auth.origin import Origin, origin_of
 from flowport.server.auth.permissions import Access, access_for, allowed
 from flowport.server.auth.principal import ACT_AS_HEADER, ADMIN, TENANT_NAME, USER, AuthenticationFailed, Principal
@@ -74,6 +75,10 @@ class Authenticator:
         self._trusted_proxies = trusted_proxies
         self._audit = audit
         self.failed = 0
+
+    def watch(self, principal: Principal, ended: Ended) -> Watched | None:
+        """Call `ended` when `principal`'s credential is revoked or expires (for open streams)."""
+        return self._keys.streams.watch(principal, ended)
 
     def origin_of(self, metadata: Sequence[tuple[str, Any]], peer: str) -> Origin:
         """The caller's address (Envoy's X-Forwarded-For when the peer is a trusted proxy)."""

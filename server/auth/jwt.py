@@ -216,12 +216,15 @@ class JwtVerifier:
         jti = claims.get("jti", "")
         if not isinstance(jti, str):
             raise AuthenticationFailed("invalid jti claim")
+        # PyJWT checked that a present `exp` is a number; streams end once it passes.
+        exp = claims.get("exp")
         return Principal(
             tenant=tenant,
             subject=subject,
             roles=_roles(claims, config.roles_claim),
             method="jwt",
             credential_id=jti,
+            expires_at=None if exp is None else float(exp) + config.leeway,
         )
 
 

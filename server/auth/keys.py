@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import secrets
 import time
 from dataclasses import dataclass
 
+from flowport.server.auth.lifetime import CredentialWatch
 from flowport.server.auth.principal import AuthenticationFailed, Principal
 from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
@@ -28,6 +30,11 @@ MIN_CONFIGURED_KEY_CHARS = 32
 CACHE_SECONDS = 30.0
 # Published on revocation, so every process sharing the bus forgets the key.
 REVOKED_EVENT = "api_key.revoked"
+# Keys with open streams are checked against the store this often, so a
+# revocation whose bus event was lost (Redis down) still ends their streams.
+RECHECK_SECONDS = CACHE_SECONDS
+
+log = logging.getLogger(__name__)
 
 
 def new_key() -> tuple[str, str]:
@@ -58,6 +65,9 @@ class KeyAuthenticator:
         # not put what it read (the key still valid) into the cache after it.
         self._generation = 0
         self._following: asyncio.Task[None] | None = None
+        self._rechecking: asyncio.Task[None] | None = None
+        # The streams open in this process per key: a revocation ends them.
+        self.streams = CredentialWatch()
 
     async def verify(self, key: str) -> Principal:
         """The key's principal; AuthenticationFailed when unknown, expired or revoked."""
@@ -82,6 +92,7 @@ class KeyAuthenticator:
                 roles=frozenset(description.roles),
                 method="api_key",
                 credential_id=description.key_id,
+                expires_at=None if expire_us is None else expire_us / 1e6,
             )
             cached = _Cached(principal, expire_us, now)
             if generation == self._generation:
@@ -92,11 +103,21 @@ class KeyAuthenticator:
         return cached.principal
 
     def forget(self, key_id: str) -> None:
-        """Evict a key (after revocation) so the next call is refused."""
+        """Evict a key (after revocation) so the next call is refused, and end the streams it opened here."""
         self._generation += 1
         for digest, cached in list(self._cache.items()):
             if cached.principal.credential_id == key_id:
                 del self._cache[digest]
+        ended = self.streams.revoked(key_id)
+        if ended:
+            log.info("ended %d stream(s) opened with the revoked api key %s", ended, key_id)
+
+    async def recheck(self) -> None:
+        """Forget every key with open streams here that the store says is revoked or gone."""
+        for key_id in self.streams.key_ids():
+            description = await self._store.get_api_key(key_id, None)
+            if description is None or description.HasField("revoke_time"):
+                self.forget(key_id)
 
     def follow(self, bus: EventBus) -> None:
         """Forget keys revoked by any process: `api_key.revoked` events (through Redis, from every process)."""
@@ -111,10 +132,21 @@ class KeyAuthenticator:
 
         self._following = asyncio.create_task(forget_forever(), name="api key revocations")
 
+        async def recheck_forever() -> None:
+            while True:
+                await asyncio.sleep(RECHECK_SECONDS)
+                try:
+                    await self.recheck()
+                except Exception:  # the store may be briefly away; the next round retries
+                    log.warning("could not recheck the api keys of open streams", exc_info=True)
+
+        self._rechecking = asyncio.create_task(recheck_forever(), name="api key recheck")
+
     async def close(self) -> None:
-        if self._following is not None:
-            self._following.cancel()
-            await asyncio.gather(self._following, return_exceptions=True)
+        tasks = [t for t in (self._following, self._rechecking) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def describe(key_id: str, tenant: str, roles: list[str], description: str, created_by: str) -> apikey_pb2.ApiKey:

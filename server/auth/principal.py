@@ -28,6 +28,10 @@ class Principal:
     # For an admin acting for another tenant (ACT_AS_HEADER): its own tenant,
     # while `tenant` is the one it acts for. Empty otherwise.
     acting_from: str = ""
+    # Unix time at which the credential stops being accepted (a JWT's exp
+    # plus leeway, an API key's expire_time); None when it does not expire.
+    # Open streams end then.
+    expires_at: float | None = None
 
     @property
     def home_tenant(self) -> str:

@@ -104,25 +104,44 @@ def _refused(verifier: JwtVerifier, token: str) -> str:
 
 
 def test_hs256_token(verifier: JwtVerifier) -> None:
-    token = jwt.encode(_claims(), SECRET, algorithm="HS256")
+    claims = _claims()
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
     assert verifier.verify(token) == Principal(
-        tenant="acme", subject="ada", roles=frozenset({"admin", "user"}), method="jwt", credential_id="tok-1"
+        tenant="acme",
+        subject="ada",
+        roles=frozenset({"admin", "user"}),
+        method="jwt",
+        credential_id="tok-1",
+        # Open streams end when exp plus the leeway passes.
+        expires_at=claims["exp"] + verifier.config.leeway,
     )
 
 
 def test_rs256_token(verifier: JwtVerifier, rsa_key: rsa.RSAPrivateKey) -> None:
-    token = jwt.encode(_claims(roles=["user"]), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
+    claims = _claims(roles=["user"])
+    token = jwt.encode(claims, rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
     principal = verifier.verify(token)
     assert principal == Principal(
-        tenant="acme", subject="ada", roles=frozenset({"user"}), method="jwt", credential_id="tok-1"
+        tenant="acme",
+        subject="ada",
+        roles=frozenset({"user"}),
+        method="jwt",
+        credential_id="tok-1",
+        expires_at=claims["exp"] + verifier.config.leeway,
     )
     assert not principal.is_admin
 
 
 def test_es256_token(verifier: JwtVerifier, ec_key: ec.EllipticCurvePrivateKey) -> None:
-    token = jwt.encode(_claims(jti=None, tenant="t_2-b"), ec_key, algorithm="ES256", headers={"kid": "ec-1"})
+    claims = _claims(jti=None, tenant="t_2-b")
+    token = jwt.encode(claims, ec_key, algorithm="ES256", headers={"kid": "ec-1"})
     assert verifier.verify(token) == Principal(
-        tenant="t_2-b", subject="ada", roles=frozenset({"admin", "user"}), method="jwt", credential_id=""
+        tenant="t_2-b",
+        subject="ada",
+        roles=frozenset({"admin", "user"}),
+        method="jwt",
+        credential_id="",
+        expires_at=claims["exp"] + verifier.config.leeway,
     )
 
 
