@@ -1,4 +1,5 @@
-"""Outbound requests to user-given URLs: the SSRF guard shared by HTTP nodes and webhooks.
+"""Outbound connections to user-given targets: the SSRF guard shared by HTTP
+nodes, webhooks, service health checks and SQL nodes.
 
 A target is refused when its host is, or resolves to, a private, loopback,
 link-local or otherwise non-global address (IPv4 embedded in IPv6
@@ -6,12 +7,18 @@ included), unless the host name or that address is allowlisted. Names are
 resolved at every attempt, since DNS answers change; a plain-http request is
 then pinned to the address that was checked, so a second DNS answer cannot
 swap in an internal one (https relies on certificate verification for that).
+SQL connections are pinned the same way (server/nodes/sql_pools.py).
+
+Header values sent to such targets are printable ASCII only
+(`header_value_problem`): httpx would fail on anything else with an error
+that quotes the offending character, which may belong to a secret.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable
 
@@ -72,7 +79,15 @@ def forbidden_address(address: IPAddress) -> bool:
 
 async def check_target(url: httpx.URL, allowlist: frozenset[str]) -> str | None:
     """Refuse an internal target (TargetRefused, TargetUnresolvable); the address to pin plain http to, if any."""
-    host = url.host.lower()
+    port = url.port or (443 if url.scheme == "https" else 80)
+    address = await resolve_host(url.host, port, allowlist)
+    return address if url.scheme == "http" else None
+
+
+async def resolve_host(host: str, port: int, allowlist: frozenset[str]) -> str | None:
+    """Refuse an internal `host` (TargetRefused, TargetUnresolvable); the checked address to
+    connect to instead of the name, or None when `host` is allowlisted or an address already."""
+    host = host.lower().strip("[]")
     if allowlisted(host, allowlist):
         return None
     literal = literal_address(host)
@@ -80,7 +95,6 @@ async def check_target(url: httpx.URL, allowlist: frozenset[str]) -> str | None:
         if forbidden_address(literal):
             raise TargetRefused(host, literal.compressed)
         return None
-    port = url.port or (443 if url.scheme == "https" else 80)
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -93,4 +107,18 @@ async def check_target(url: httpx.URL, allowlist: frozenset[str]) -> str | None:
         addresses.append(address.compressed)
     if not addresses:
         raise TargetUnresolvable(f"{host} resolves to no address")
-    return addresses[0] if url.scheme == "http" else None
+    return addresses[0]
+
+
+# Visible ASCII, space and tab: what httpx encodes (it refuses the rest) and HTTP allows.
+_SENDABLE_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+
+
+def header_value_problem(value: str) -> str | None:
+    """Why `value` cannot be sent as an HTTP header value, or None; never quotes the value."""
+    if _SENDABLE_HEADER_VALUE.fullmatch(value):
+        return None
+    return (
+        "holds a line break, a control character or a character outside ASCII, which an HTTP header cannot "
+        "carry (encode it first, e.g. percent-encoding or base64)"
+    )

@@ -209,6 +209,11 @@ class Settings(BaseModel):
         description="hosts/IPs HTTP nodes and service health checks may reach though private, loopback or "
         "link-local (comma-separated)",
     )
+    sql_allowlist: list[str] = Field(
+        default_factory=list,
+        description="hosts/IPs SQL nodes and database resources may connect to though private, loopback or "
+        "link-local (comma-separated), e.g. your internal PostgreSQL",
+    )
     service_check_interval: float = Field(
         10.0,
         ge=0.2,
@@ -249,7 +254,13 @@ class Settings(BaseModel):
         return value
 
     @field_validator(
-        "http_allowlist", "cors_origins", "webhook_allowlist", "jwt_algorithms", "trusted_proxies", mode="before"
+        "http_allowlist",
+        "sql_allowlist",
+        "cors_origins",
+        "webhook_allowlist",
+        "jwt_algorithms",
+        "trusted_proxies",
+        mode="before",
     )
     @classmethod
     def _comma_separated(cls, value: object) -> object:

@@ -60,7 +60,7 @@ async def admin(running: Running) -> AsyncIterator[AsyncClient]:
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
-    """Loopback ports, small pools, loopback allowed for HTTP nodes (receivers run on 127.0.0.1)."""
+    """Loopback ports, small pools, loopback allowed for HTTP and SQL nodes (receivers, databases on 127.0.0.1)."""
     values: dict[str, object] = {
         "data_dir": data_dir,
         "http_port": free_port(),
@@ -71,6 +71,8 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "sandbox_workers": 2,
         "http_allowlist": "127.0.0.1,localhost",
         "webhook_allowlist": "127.0.0.1,localhost",
+        # SQL nodes and database resources reach the tests' PostgreSQL on loopback.
+        "sql_allowlist": "127.0.0.1,localhost",
         "admin_api_key": ADMIN_KEY,
     }
     values.update(overrides)

@@ -41,6 +41,14 @@ reaches SQL only as a bound value. Rows that return one have it masked.
 
 `echo` is accepted for compatibility and ignored: SQL logging would log
 bound values, and engines are shared between workflows.
+
+PostgreSQL targets go through the SSRF guard (server/nodes/sql_pools.py):
+internal addresses only with `--sql-allowlist`. Every failure to connect
+(a refused or unresolvable target, a closed or filtered port, rejected
+credentials, an unknown database) fails the node the same way:
+`SQL_UNAVAILABLE` (retryable), "could not connect to the database at
+host:port", without the driver's text, so that a node cannot tell them
+apart and probe the network with it; the cause goes to the server log.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import base64
 import contextlib
 import datetime as dt
 import decimal
+import logging
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -64,11 +73,20 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import TextClause
 
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
-from flowport.server.nodes.sql_pools import CONNECTION_STRING_PATTERN, UnsupportedDatabase, async_url, describe
+from flowport.server.nodes.sql_pools import (
+    CONNECTION_STRING_PATTERN,
+    UnsupportedDatabase,
+    async_url,
+    connect_arguments,
+    describe,
+    postgres_targets,
+)
 from flowport.server.nodes.substitution import check_params, insert_secrets, substitute
 from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
 from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, masking, revealed
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ROWS: Final = 10_000
 DEADLINE_MARGIN: Final = 0.05  # seconds
@@ -503,25 +521,51 @@ async def _statement(
             finally:
                 if watchdog is not None:
                     watchdog.cancel()
-    except TimeoutError as exc:
+    except Exception as exc:
+        if connected or not postgres:
+            failure = _failure(exc, connected, where, remaining=remaining, max_rows=max_rows, watchdog=watchdog)
+            if failure is exc:
+                raise
+            raise failure from exc
+        # One message whatever the cause: a node must not tell a refused target from a closed
+        # port, a missing host or a wrong password (a port scanner); the log has the cause.
+        log.warning("SQL connection to %s failed: %s: %s", _target(url), type(exc).__name__, exc)
         raise NodeError(
-            f"query on {where} timed out after {remaining:.3g}s", reason="SQL_TIMEOUT", retryable=True
-        ) from exc
-    except _TooManyRows as exc:
-        raise NodeError(
+            f"could not connect to the database at {_target(url)}", reason="SQL_UNAVAILABLE", retryable=True
+        ) from None
+
+
+def _target(url: URL) -> str:
+    """host:port of each host of a PostgreSQL `url`, as written (for messages)."""
+    try:
+        targets = postgres_targets(connect_arguments(url))
+    except UnsupportedDatabase:  # refused before the pool is made: not reached
+        return "its host"
+    return ", ".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in targets)
+
+
+def _failure(
+    exc: Exception, connected: bool, where: str, *, remaining: float, max_rows: int, watchdog: _Watchdog | None
+) -> Exception:
+    """The NodeError for `exc` from a statement on SQLite, or on PostgreSQL once connected (else `exc`)."""
+    if isinstance(exc, TimeoutError):
+        return NodeError(f"query on {where} timed out after {remaining:.3g}s", reason="SQL_TIMEOUT", retryable=True)
+    if isinstance(exc, _TooManyRows):
+        return NodeError(
             f"the query returned more than max_rows={max_rows} rows (rolled back)", reason="SQL_TOO_MANY_ROWS"
-        ) from exc
-    except DBAPIError as exc:
+        )
+    if isinstance(exc, DBAPIError):
         detail = str(exc.orig) if exc.orig is not None else type(exc).__name__
         if getattr(exc.orig, "sqlstate", None) == _QUERY_CANCELED or (watchdog is not None and watchdog.fired):
-            raise NodeError(f"query on {where} timed out", reason="SQL_TIMEOUT", retryable=True) from exc
+            return NodeError(f"query on {where} timed out", reason="SQL_TIMEOUT", retryable=True)
         if not connected or exc.connection_invalidated:
-            raise NodeError(f"cannot reach {where}: {detail}", reason="SQL_UNAVAILABLE", retryable=True) from exc
-        raise NodeError(f"query failed on {where}: {detail}", reason="SQL_ERROR") from exc
-    except (OSError, SQLAlchemyError) as exc:
+            return NodeError(f"cannot reach {where}: {detail}", reason="SQL_UNAVAILABLE", retryable=True)
+        return NodeError(f"query failed on {where}: {detail}", reason="SQL_ERROR")
+    if isinstance(exc, OSError | SQLAlchemyError):
         if not connected:
-            raise NodeError(f"cannot reach {where}: {exc}", reason="SQL_UNAVAILABLE", retryable=True) from exc
-        raise NodeError(f"query failed on {where}: {exc}", reason="SQL_ERROR") from exc
+            return NodeError(f"cannot reach {where}: {exc}", reason="SQL_UNAVAILABLE", retryable=True)
+        return NodeError(f"query failed on {where}: {exc}", reason="SQL_ERROR")
+    return exc
 
 
 class AsyncSQLDatabaseNode(SQLDatabaseNode):

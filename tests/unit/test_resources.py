@@ -484,3 +484,32 @@ async def test_a_pool_replaced_while_in_use_is_disposed_after_its_last_statement
         await asyncio.sleep(0.01)
     assert first.sync_engine.pool is not original, "not disposed after its last statement"
     await pools.close()
+
+
+async def test_database_resources_go_through_the_sql_guard(tmp_path: Path, postgres_server: PostgresServer) -> None:
+    running = await start(
+        make_settings(tmp_path / "data", sql_allowlist="", service_check_interval=0.2, service_check_timeout=1.0)
+    )
+    database = postgres_server.new_database().rsplit("/", 1)[1]
+    try:
+        async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as admin:
+            # Targets found elsewhere than the URL's host are refused when the resource is registered.
+            for where in ("postgresql://app@/app", "postgresql://app@/app?host=/var/run/postgresql"):
+                error = await _code(_create(admin, _database("sock", where)))
+                assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, where
+                assert [f for f, _ in error.violations] == ["resource.database.connection_string"]
+            port = postgres_server.url.rsplit(":", 1)[1].split("/", 1)[0]
+            await _create(admin, _database("local", f"postgresql://flowport@127.0.0.1:{port}/{database}"))
+            key = await admin.keys.CreateApiKey(
+                apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant="default", roles=["user"]))
+            )
+        async with AsyncClient(f"127.0.0.1:{running.port}", api_key=key.key) as user:
+            # Loopback is not allowlisted here: the node never reaches the database...
+            failed = await _run(user, _sql_workflow({"resource_name": "local", "query": "SELECT current_user AS who"}))
+            assert _reason(failed) == "SQL_UNAVAILABLE", failed.error.message
+            assert f"could not connect to the database at 127.0.0.1:{port}" in failed.error.message
+            # ...nor does the health sweep of its pool, its only one (a ping that connected would be healthy).
+            await _wait_pools(user, lambda c: c.status == "degraded")
+    finally:
+        await stop(running, 1.0)
+        postgres_server.drop_database(database)

@@ -3,6 +3,7 @@ throw-away PostgreSQL cluster when PostgreSQL is installed."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import decimal
 import glob
@@ -15,14 +16,25 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from sqlalchemy.engine import make_url
 
+from flowport.clients import AsyncClient
+from flowport.server.app import start, stop
+from flowport.server.egress import TargetRefused
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.sql import AsyncSQLDatabaseNode, SQLDatabaseNode, jsonable, prepare_query
-from flowport.server.nodes.sql_pools import SqlPools, async_url
+from flowport.server.nodes.sql_pools import SqlPools, async_url, pin_connection
+from flowport.v1 import apikey_pb2, execution_pb2
+
+from ..backends import free_port
+from ..conftest import ADMIN_KEY, make_settings
 
 SEED_SELECT = """
     SELECT id, name, status, tenant_id, created_at
@@ -40,9 +52,13 @@ RECORDS = [
 ]
 
 
+# The tests' PostgreSQL listens on loopback, which SQL nodes reach only when allowlisted.
+LOOPBACK = frozenset({"127.0.0.1"})
+
+
 @pytest.fixture
 async def pools() -> AsyncIterator[SqlPools]:
-    shared = SqlPools()
+    shared = SqlPools(LOOPBACK)
     yield shared
     await shared.close()
 
@@ -426,3 +442,145 @@ async def test_sqlite_nodes_cannot_reach_the_servers_database(tmp_path: Path, co
     finally:
         await pools.close()
     assert caught.value.reason in ("SQL_DATABASE_FORBIDDEN", "SQL_STATEMENT_FORBIDDEN")
+
+
+# -- the SSRF guard on SQL targets ----------------------------------------------------
+
+
+def _sql_workflow(connection_string: str, query: str = "SELECT current_user AS who") -> dict[str, Any]:
+    config = {"connection_string": connection_string, "query": query}
+    return {"name": "sql", "nodes": [{"type": "SQLDatabaseNode", "name": "q", "config": config}]}
+
+
+def _error(execution: execution_pb2.Execution) -> tuple[str, str, dict[str, str]]:
+    """The failed execution's message, ErrorInfo reason and metadata."""
+    assert execution.state == execution_pb2.Execution.STATE_FAILED, json_format.MessageToDict(execution.outputs)
+    for detail in execution.error.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return execution.error.message, info.reason, dict(info.metadata)
+    raise AssertionError(f"no ErrorInfo in {execution.error}")
+
+
+@asynccontextmanager
+async def _tenant_user(tmp_path: Path, **settings: object) -> AsyncIterator[AsyncClient]:
+    """A server on `settings` and a client of it with a `user` key of tenant acme (not an admin)."""
+    server = await start(make_settings(tmp_path / "data", **settings))
+    try:
+        async with AsyncClient(f"127.0.0.1:{server.port}", api_key=ADMIN_KEY) as admin:
+            key = await admin.keys.CreateApiKey(
+                apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant="acme", roles=["user"]))
+            )
+        async with AsyncClient(f"127.0.0.1:{server.port}", api_key=key.key) as user:
+            yield user
+    finally:
+        await stop(server, 1.0)
+
+
+async def test_sql_nodes_cannot_reach_internal_databases_unless_allowlisted(tmp_path: Path, postgres_url: str) -> None:
+    port = make_url(postgres_url).port
+    async with _tenant_user(tmp_path, sql_allowlist="") as user:
+        # A superuser with trust auth on loopback: pg_read_file would read the server's files.
+        for host in ("127.0.0.1", "[::1]", "localhost"):
+            target = f"{host}:{port}"
+            execution = await user.run_workflow(
+                _sql_workflow(f"postgresql://postgres@{target}/postgres", "SELECT pg_read_file('/etc/hostname')")
+            )
+            message, reason, _ = _error(execution)
+            assert reason == "SQL_UNAVAILABLE", (host, message)
+            assert f"could not connect to the database at {target}" in message, message
+            assert "allowlist" not in message and "loopback" not in message
+        # A host name in the URL with the real target in the query's host= is checked by the latter.
+        hidden = await user.run_workflow(
+            _sql_workflow(f"postgresql://postgres@db.invalid/postgres?host=127.0.0.1&port={port}")
+        )
+        assert _error(hidden)[1] == "SQL_UNAVAILABLE"
+        # Unix sockets and parameters that read files here are refused before any connection.
+        for refused in (
+            "postgresql://postgres@/postgres",
+            f"postgresql://postgres@/postgres?host=/var/run/postgresql&port={port}",
+            f"postgresql://postgres@127.0.0.1:{port}/postgres?passfile=/root/.pgpass",
+            f"postgresql://postgres@db.invalid:{port}/postgres?dsn=postgresql://127.0.0.1/postgres",
+        ):
+            message, reason, _ = _error(await user.run_workflow(_sql_workflow(refused)))
+            assert reason == "SQL_UNSUPPORTED_DATABASE", (refused, message)
+    # Allowlisted, the same workflow runs.
+    async with _tenant_user(tmp_path / "allowed", sql_allowlist="127.0.0.1") as user:
+        allowed = await user.run_workflow(_sql_workflow(f"postgresql://postgres@127.0.0.1:{port}/postgres"))
+        assert allowed.state == execution_pb2.Execution.STATE_SUCCEEDED, allowed.error.message
+
+
+async def test_connection_failures_look_the_same_whatever_the_cause(tmp_path: Path, postgres_url: str) -> None:
+    port = make_url(postgres_url).port
+    targets = {
+        "closed port": f"127.0.0.1:{free_port()}",  # allowlisted, nothing listens
+        "unknown role": f"127.0.0.1:{port}",  # allowlisted, the server rejects the user
+        "refused loopback": f"[::1]:{port}",  # not allowlisted: never connected to
+        "refused private": "10.1.2.3:5432",
+        "refused link-local": "169.254.169.254:5432",
+    }
+    async with _tenant_user(tmp_path, sql_allowlist="127.0.0.1") as user:
+        seen = {}
+        for cause, target in targets.items():
+            execution = await user.run_workflow(_sql_workflow(f"postgresql://nobody@{target}/postgres"))
+            message, reason, metadata = _error(execution)
+            seen[cause] = (message.replace(target, "<target>"), reason, metadata)
+    first = next(iter(seen.values()))
+    assert "could not connect to the database at <target>" in first[0]
+    assert all(outcome == first for outcome in seen.values()), seen
+    # None of the driver's words that tell the causes apart.
+    for word in ("refused", "role", "nobody", "allowlist", "Errno", "timed out"):
+        assert word not in first[0], first[0]
+
+
+async def test_connections_are_pinned_to_the_checked_address(
+    pools: SqlPools, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = make_url(postgres_url).port
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+    lookups: list[str] = []
+
+    async def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
+        # db.test answers the allowlisted database first, then another loopback address
+        # (nothing listens there): a driver that resolved again would not reach the database.
+        if host == "db.test":
+            lookups.append(host)
+            host = "127.0.0.1" if len(lookups) == 1 else "127.0.0.2"
+        return await real(host, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", rebinding)
+    url = f"postgresql://postgres@db.test:{port}/postgres"
+    # The name is resolved and checked: its loopback answer is refused without an allowlist...
+    strict = SqlPools()
+    try:
+        with pytest.raises(NodeError) as caught:
+            await run_sql(make_ctx(strict), url, "SELECT 1 AS one")
+    finally:
+        await strict.close()
+    assert caught.value.reason == "SQL_UNAVAILABLE"
+    # ...and with 127.0.0.1 allowlisted, the connection goes to the address that was checked.
+    lookups.clear()
+    out = await run_sql(make_ctx(pools), url, "SELECT 1 AS one")
+    assert out["rows"] == [{"one": 1}]
+    assert lookups == ["db.test"]  # the guard's lookup only: the driver was given the address
+
+
+async def test_pin_connection_keeps_the_name_for_verify_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def public(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("8.8.8.8", port))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", public)
+    plain: dict[str, Any] = {"host": "db.example", "user": "u"}
+    await pin_connection(plain, frozenset())
+    assert (plain["host"], plain["port"]) == ("8.8.8.8", 5432)
+    verified: dict[str, Any] = {"host": "db.example", "port": 6432, "ssl": "verify-full"}
+    await pin_connection(verified, frozenset())
+    assert (verified["host"], verified["port"]) == ("db.example", 6432)
+    several: dict[str, Any] = {"host": ["a.example", "b.example"], "port": [5432, 5433]}
+    await pin_connection(several, frozenset())
+    assert several["host"] == ["8.8.8.8", "8.8.8.8"] and several["port"] == [5432, 5433]
+    with pytest.raises(TargetRefused):
+        await pin_connection({"host": "fd00::1"}, frozenset())
