@@ -130,6 +130,9 @@ def run_one(config: dict[str, Any], scenario: str, args: argparse.Namespace, dat
             "access_log": "off",
             # The benchmark measures the servers, not Envoy's local limits.
             "rate_limit_max_requests": 0,
+            # One tenant drives the load: the caps that keep tenants apart would only idle capacity.
+            "tenant_execution_share": 1.0,
+            "tenant_sandbox_share": 1.0,
             **config["settings"],
         },
         environ={},

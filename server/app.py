@@ -45,6 +45,7 @@ from flowport.server.events.bus import EventBus
 from flowport.server.events.log import EventLog
 from flowport.server.interceptor import ErrorInterceptor, WrappingRegistrar
 from flowport.server.leases import Leases
+from flowport.server.limits import tenant_share
 from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.nodes.python_code import PythonCodeNode
@@ -215,7 +216,8 @@ async def _open_node_services(settings: Settings) -> NodeServices:
         memory_bytes=settings.sandbox_memory_mb * 2**20,
         wall_seconds=PythonCodeNode.max_timeout,
     )
-    sandbox = SandboxPool(size=settings.sandbox_workers or os.cpu_count() or 1, limits=limits)
+    size = settings.sandbox_workers or os.cpu_count() or 1
+    sandbox = SandboxPool(size=size, limits=limits, tenant_share=tenant_share(settings.tenant_sandbox_share, size))
     await sandbox.start()
     # With Redis, RateLimitedAPINode's limits hold across every process that shares it.
     outbound: OutboundLimiter = (
@@ -373,6 +375,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         leases=leases,
         exclusive=store.dialect == "sqlite",
         queue=work_queue,
+        tenant_share=tenant_share(settings.tenant_execution_share, settings.max_concurrent_executions),
     )
     opened.push_async_callback(executor.shutdown)
     metrics = RequestMetrics()

@@ -100,6 +100,22 @@ class Settings(BaseModel):
     )
     sandbox_memory_mb: int = Field(512, ge=64, le=65536, description="address-space limit of a sandbox worker, MiB")
     sandbox_cpu_seconds: float = Field(10.0, gt=0, le=3600, description="CPU time one PythonCodeNode run may use")
+    tenant_execution_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="fraction of --max-concurrent-executions one tenant may run at once in a process (rounded up, "
+        "at least 1); past it that tenant's new executions get RESOURCE_EXHAUSTED with a retry delay while other "
+        "tenants still start theirs; 1 lets one tenant take every slot",
+    )
+    tenant_sandbox_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="fraction of the sandbox workers one tenant's PythonCodeNode runs may hold at once (rounded up, "
+        "at least 1); its other runs wait, and waiting runs are served round-robin across tenants; "
+        "1 lets one tenant hold every worker",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="origins browsers may call the API from, e.g. https://app.example.com, or '*' (comma-separated)",

@@ -122,6 +122,9 @@ class FlowportUp:
             "access_log": "off",
             # Measured: the servers and Envoy, not Envoy's local request limits.
             "rate_limit_max_requests": 0,
+            # One tenant drives the load: the caps that keep tenants apart would only idle capacity.
+            "tenant_execution_share": 1.0,
+            "tenant_sandbox_share": 1.0,
             # The webhook scenario's receiver listens on loopback.
             "webhook_allowlist": "127.0.0.1",
         }

@@ -15,6 +15,12 @@ shared work queue (server/engine/work_queue.py), where any process with a
 free slot takes it, up to a backlog of QUEUE_DEPTH times `max_concurrent`;
 past that, or with no queue, CreateExecution fails fast with
 RESOURCE_EXHAUSTED (and a RetryInfo) rather than queueing without bound.
+
+One tenant runs at most `tenant_share` of those slots at once in a process:
+beyond it that tenant's new executions fail the same way (reason
+TENANT_EXECUTION_SHARE), while other tenants still start theirs. A process
+taking work from the shared queue passes over a tenant at its share there
+(the entry goes back to the queue for another process, or for later).
 """
 
 from __future__ import annotations
@@ -128,12 +134,20 @@ class Executor:
         leases: Leases | None = None,
         exclusive: bool = True,
         queue: RedisWorkQueue | None = None,
+        tenant_share: int | None = None,
     ) -> None:
+        """`tenant_share`: executions one tenant may run at once here (None: up to `max_concurrent`)."""
+        if tenant_share is not None and tenant_share < 1:
+            raise ValueError("a tenant's share of the execution slots must be at least one")
         self._store = store
         self._plans = plans
         self._bus = bus
         self._services = services
         self._max = max_concurrent
+        # None when one tenant may fill every slot anyway.
+        self._tenant_max = tenant_share if tenant_share is not None and tenant_share < max_concurrent else None
+        # Per tenant: its runs in _runs plus its executions being admitted (as len(_runs) + _admitting).
+        self._tenant_slots: dict[str, int] = {}
         # Each execution this process runs is leased to it (server/leases.py).
         # `exclusive`: no other process can share the store (SQLite), so what
         # is unfinished at start is taken at once, whatever its lease says.
@@ -157,6 +171,25 @@ class Executor:
     def running(self) -> int:
         """Executions in progress in this process."""
         return len(self._runs)
+
+    @property
+    def tenant_share(self) -> int:
+        """Executions one tenant may run at once in this process."""
+        return self._max if self._tenant_max is None else self._tenant_max
+
+    def tenant_running(self, tenant: str) -> int:
+        """`tenant`'s executions in progress (or being admitted) in this process."""
+        return self._tenant_slots.get(tenant, 0)
+
+    def _tenant_full(self, tenant: str) -> bool:
+        return self._tenant_max is not None and self._tenant_slots.get(tenant, 0) >= self._tenant_max
+
+    def _hold_slot(self, tenant: str, change: int) -> None:
+        left = self._tenant_slots.get(tenant, 0) + change
+        if left > 0:
+            self._tenant_slots[tenant] = left
+        else:
+            self._tenant_slots.pop(tenant, None)
 
     def tenant_counters(self, tenant: str) -> ExecutionCounters:
         """`tenant`'s execution figures in this process (GetStats for a tenant's users)."""
@@ -190,8 +223,9 @@ class Executor:
                 violations=[(f"inputs.{name}", "required by the workflow") for name in missing],
             )
         key = (request_id, request_hash) if request_id and request_hash is not None else None
+        tenant_full = self._tenant_full(tenant)
         queued = len(self._runs) + self._admitting >= self._max
-        if queued:
+        if queued or tenant_full:
             # A retry of a call that already started an execution is answered
             # even when full: it asks for nothing new.
             first_id = None if key is None else await self._store.replayed_execution(tenant, key)
@@ -199,6 +233,19 @@ class Executor:
                 first = await self.get(tenant, first_id)
                 assert first is not None, "an idempotency record points at a missing execution"
                 return first, True
+            if tenant_full:
+                # Refused, not queued: queueing a tenant's overflow would let it
+                # fill the shared backlog the other tenants need.
+                raise ResourceExhausted(
+                    f"this tenant is running its share of {self._tenant_max} of the server's {self._max} "
+                    "concurrent executions; retry shortly",
+                    reason="TENANT_EXECUTION_SHARE",
+                    metadata={
+                        "tenant_max_concurrent_executions": str(self._tenant_max),
+                        "max_concurrent_executions": str(self._max),
+                    },
+                    retry_delay=1.0,
+                )
             if not await self._queue_has_room():
                 raise ResourceExhausted(
                     f"the server is running its maximum of {self._max} executions; retry shortly",
@@ -222,12 +269,14 @@ class Executor:
         # sweep of any process does.
         owner, admitting = ("", 0) if queued else (self._leases.owner, 1)
         self._admitting += admitting
+        self._hold_slot(tenant, admitting)
         try:
             result = await self._store.insert_execution(
                 tenant, execution, key, owner=owner, lease_until_us=self._leases.until()
             )
         finally:
             self._admitting -= admitting
+            self._hold_slot(tenant, -admitting)
         if result.replayed:
             first = await self.get(tenant, result.response.decode())
             assert first is not None, "an idempotency record points at a missing execution"
@@ -269,6 +318,7 @@ class Executor:
         call = CALL.get()
         run.request_id = request_id(call) if call is not None else None
         self._runs[run.execution.execution_id] = run
+        self._hold_slot(run.tenant, 1)
         run.task = asyncio.create_task(self._execute(run), name=f"execution {run.execution.execution_id}")
 
     # -- reading, waiting, cancelling --------------------------------------
@@ -408,7 +458,7 @@ class Executor:
         if self._queue is not None:
             try:
                 # Entries a process read and died before claiming.
-                taken = await self._run_queued(await self._queue.reclaim(int(self._leases.seconds * 1000)))
+                taken, _ = await self._run_queued(await self._queue.reclaim(int(self._leases.seconds * 1000)))
             except QUEUE_FAILURES as exc:
                 self.counters.queue_failures += 1
                 log.warning("could not take over the execution work queue's stalled entries: %s", exc)
@@ -431,8 +481,15 @@ class Executor:
                 # Executions created here while the read waited may have taken the room.
                 room = max(0, self._max - len(self._runs) - self._admitting)
                 await self._queue.give_back(entries[room:])
-                await self._run_queued(entries[:room])
+                started, passed_over = await self._run_queued(entries[:room])
                 delay = 0.1
+                if passed_over and not started:
+                    # Only tenants at their share here are queued: read again once a
+                    # run ends, or after a while (other processes add work meanwhile).
+                    self._slot_freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(WAIT_POLL):
+                            await self._slot_freed.wait()
             except Exception as exc:  # Redis or the database failing: retry, never stop
                 if not isinstance(exc, QUEUE_FAILURES):
                     log.exception("taking executions from the work queue failed; will retry")
@@ -442,15 +499,21 @@ class Executor:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, QUEUE_RETRY_MAX)
 
-    async def _run_queued(self, entries: list[QueuedExecution]) -> int:
-        """Claim and start the executions of `entries`, then remove the entries; returns how many started.
+    async def _run_queued(self, entries: list[QueuedExecution]) -> tuple[int, int]:
+        """Claim and start the executions of `entries`, then remove the entries.
 
         An entry whose execution another process holds or that has ended is
-        removed unrun: the database claim decides who runs what.
+        removed unrun: the database claim decides who runs what. An entry of a
+        tenant at its share here goes back to the end of the queue, unclaimed.
+        Returns how many started and how many went back.
         """
         assert self._queue is not None
         started = 0
+        passed_over: list[QueuedExecution] = []
         for entry in entries:
+            if self._tenant_full(entry.tenant):
+                passed_over.append(entry)
+                continue
             execution = await self._store.claim_execution(
                 entry.tenant,
                 entry.execution_id,
@@ -463,8 +526,9 @@ class Executor:
             if await self._resume(execution):
                 self.counters.taken_from_queue += 1
                 started += 1
-        await self._queue.done(entries)
-        return started
+        await self._queue.done([entry for entry in entries if entry not in passed_over])
+        await self._queue.give_back(passed_over)
+        return started, len(passed_over)
 
     # -- recovery -------------------------------------------------------------
 
@@ -618,7 +682,7 @@ class Executor:
         except asyncio.CancelledError:
             if not run.cancel_requested:
                 # Server shutdown: leave the execution RUNNING for recovery.
-                self._runs.pop(execution.execution_id, None)
+                self._drop(run)
                 run.finished.set()
                 raise
             execution.state = Execution.STATE_CANCELLED
@@ -642,9 +706,14 @@ class Executor:
         try:
             await asyncio.shield(self._finalize(run, started))
         finally:
-            self._runs.pop(execution.execution_id, None)
+            self._drop(run)
             run.finished.set()
             self._slot_freed.set()
+
+    def _drop(self, run: _Run) -> None:
+        """No longer in progress here: its slot, and its tenant's, are free."""
+        if self._runs.pop(run.execution.execution_id, None) is not None:
+            self._hold_slot(run.tenant, -1)
 
     async def _finalize(self, run: _Run, started: float) -> None:
         execution = run.execution

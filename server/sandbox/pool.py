@@ -15,6 +15,11 @@ worker that ran tenant A's code is never given tenant B's job: B gets a fresh
 worker, and when none is idle, the least recently used idle worker of another
 tenant is killed to make room. Within a tenant, jobs share workers (that is
 what keeps them warm).
+
+Workers are shared fairly between tenants: a tenant holds at most
+`tenant_share` workers at once, and callers waiting for a worker are served
+round-robin across tenants (server/sandbox/fairness.py), so a tenant that
+queued many jobs does not make another tenant's job wait behind all of them.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import os
 import signal
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +50,7 @@ from flowport.server.sandbox.errors import (
     SandboxTimeout,
     UserCodeError,
 )
+from flowport.server.sandbox.fairness import FairQueue
 from flowport.server.sandbox.worker import CODE_CACHE_SIZE, MAX_FRAME
 
 log = logging.getLogger(__name__)
@@ -88,6 +94,7 @@ class SandboxStats:
     failures: int = 0  # runs that raised a SandboxError
     workers_replaced: int = 0
     tenant_switches: int = 0  # idle workers killed so another tenant could have a fresh one
+    share_waits: int = 0  # runs that waited because their tenant held its share of workers
 
 
 class _Lost(Exception):
@@ -120,6 +127,8 @@ class _Worker:
         self.killed = False
         # The tenant whose code this worker runs; None until its first job.
         self.tenant: str | None = None
+        # Handed to a job of `tenant` (counted in its share) until released.
+        self.held = False
         # CPU time at the last allow_cpu(), and how much more it may use.
         self.cpu_mark: float | None = None
         self.cpu_allowance = START_TIMEOUT
@@ -237,10 +246,18 @@ class SandboxPool:
     """A fixed number of warm sandbox workers; `run()` executes user code in one of them."""
 
     def __init__(
-        self, size: int = 2, limits: SandboxLimits = SandboxLimits(), read_allowlist: Sequence[str] = ()
+        self,
+        size: int = 2,
+        limits: SandboxLimits = SandboxLimits(),
+        read_allowlist: Sequence[str] = (),
+        *,
+        tenant_share: int | None = None,
     ) -> None:
+        """`tenant_share`: workers one tenant may hold at once (None: all of them)."""
         if size < 1:
             raise ValueError("a sandbox pool needs at least one worker")
+        if tenant_share is not None and tenant_share < 1:
+            raise ValueError("a tenant's share of the sandbox pool must be at least one worker")
         self._size = size
         self._limits = limits
         self._config = orjson.dumps(
@@ -253,8 +270,9 @@ class SandboxPool:
         ).decode()
         self._env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
         self._idle: list[_Worker] = []  # least recently used first
-        # Callers waiting for a worker; woken (all) whenever one becomes idle.
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Callers waiting for a worker, per tenant; a worker is handed to one of
+        # them (its future resolved; None when the pool closes).
+        self._waiting: FairQueue[_Worker | None] = FairQueue(min(tenant_share or size, size))
         self._spawning = 0  # replacement workers starting
         self._workers: set[_Worker] = set()  # in service: idle or running a job
         self._processes: set[_Worker] = set()  # every process not yet reaped
@@ -266,6 +284,20 @@ class SandboxPool:
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def tenant_share(self) -> int:
+        """Workers one tenant may hold at once."""
+        return self._waiting.cap
+
+    def held(self, tenant: str) -> int:
+        """Workers running `tenant`'s jobs now."""
+        return self._waiting.held(tenant)
+
+    @property
+    def waiting(self) -> int:
+        """Runs waiting for a worker."""
+        return len(self._waiting)
 
     @property
     def busy(self) -> int:
@@ -307,7 +339,9 @@ class SandboxPool:
         self._processes.clear()
         self._workers.clear()
         self._idle.clear()
-        self._wake()
+        for waiter in self._waiting.drain():
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def ping(self) -> None:
         """Health check: raises unless the pool runs and an idle worker (if any) answers.
@@ -370,7 +404,7 @@ class SandboxPool:
                 limit = min(limit, timeout)
                 wall = min(wall, timeout - (time.monotonic() - started))
                 if wall <= 0:
-                    self._put_idle(worker)
+                    self._release(worker, healthy=True)
                     raise SandboxTimeout(f"no time left to run the code ({timeout:g} s)", limit="wall", seconds=0)
             self.stats.jobs += 1
             return await self._run_on(worker, code, inputs_json, wall, limit)
@@ -379,31 +413,27 @@ class SandboxPool:
             raise
 
     async def _acquire(self, tenant: str) -> _Worker:
-        """An idle worker for `tenant`: its own, else a fresh one, else wait.
-
-        A caller that finds only other tenants' idle workers kills the least
-        recently used one, so that a fresh worker starts, unless enough fresh
-        workers are already starting for everyone waiting: that bound keeps
-        a burst of one tenant from killing every idle worker of the others.
-        """
-        while True:
-            if self._closed:
-                raise SandboxError("sandbox pool is not running", reason="SANDBOX_UNAVAILABLE")
-            worker = self._take(tenant)
-            if worker is not None:
-                return worker
-            if self._idle and self._spawning <= len(self._waiters):
-                self.stats.tenant_switches += 1
-                self._release(self._idle.pop(0), healthy=False)  # the least recently used
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+        """A worker for `tenant`, counted in its share: handed over by `_dispatch`, waiting if need be."""
+        if self._closed:
+            raise SandboxError("sandbox pool is not running", reason="SANDBOX_UNAVAILABLE")
+        waiter: asyncio.Future[_Worker | None] = asyncio.get_running_loop().create_future()
+        self._waiting.push(tenant, waiter)
+        at_share = self._waiting.held(tenant) >= self._waiting.cap
+        self._dispatch()
+        if not waiter.done() and at_share:
+            self.stats.share_waits += 1
+        try:
+            worker = await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and (handed := waiter.result()) is not None:
+                # Handed a worker just as the caller gave up: it goes back unused.
+                self._release(handed, healthy=True)
+            else:
+                self._waiting.remove(tenant, waiter)
+            raise
+        if worker is None:
+            raise SandboxError("sandbox pool is not running", reason="SANDBOX_UNAVAILABLE")
+        return worker
 
     async def _acquire_within(self, tenant: str, seconds: float) -> _Worker:
         try:
@@ -428,14 +458,38 @@ class SandboxPool:
     def _put_idle(self, worker: _Worker) -> None:
         worker.allow_cpu(IDLE_CPU)
         self._idle.append(worker)
-        self._wake()
+        self._dispatch()
 
-    def _wake(self) -> None:
-        # Everyone re-checks: the idle worker may suit only some of them.
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._waiters.clear()
+    def _dispatch(self) -> None:
+        """Hand idle workers to waiting callers, one tenant at a time in turn, each within its share.
+
+        A tenant whose turn it is but who finds only other tenants' idle
+        workers gets a fresh one: the least recently used idle worker is
+        killed and replaced for it, unless a fresh worker already starting
+        is its. So its turn is kept (later tenants cannot take every worker
+        that frees up while it waits), and a burst of one tenant does not
+        kill more idle workers of the others than it can use.
+        """
+        if self._closed:
+            return
+        progressed = True
+        while progressed:
+            progressed = False
+            coming = self._spawning  # fresh workers on their way, each for the first tenant without one
+            for tenant in self._waiting.ready():
+                worker = self._take(tenant)
+                if worker is not None:
+                    worker.held = True
+                    self._waiting.pop(tenant).set_result(worker)
+                    progressed = True
+                    break  # the served tenant went to the back: start the round again
+                if coming:
+                    coming -= 1
+                elif self._idle:
+                    self.stats.tenant_switches += 1
+                    self._retire(self._idle.pop(0))  # the least recently used
+                else:
+                    break  # nothing idle is left for anyone
 
     async def _run_on(self, worker: _Worker, code: str, inputs: orjson.Fragment, wall: float, limit: float) -> Any:
         """Run the job on `worker`, killing it after `wall` seconds (`limit` is the limit as configured)."""
@@ -532,10 +586,19 @@ class SandboxPool:
         return SandboxCrashed(f"sandbox worker {how}{detail}")
 
     def _release(self, worker: _Worker, healthy: bool) -> None:
-        """Back to the idle queue, or kill it and start a replacement."""
+        """Back to the idle queue, or kill it and start a replacement; either way its tenant's share frees up."""
+        if worker.held:
+            worker.held = False
+            assert worker.tenant is not None
+            self._waiting.release(worker.tenant)
         if healthy and not self._closed and worker.process.returncode is None:
             self._put_idle(worker)
             return
+        self._retire(worker)
+        self._dispatch()
+
+    def _retire(self, worker: _Worker) -> None:
+        """Kill a worker taken out of service and start its replacement."""
         self._workers.discard(worker)
         worker.kill()
         if self._closed:

@@ -220,6 +220,47 @@ async def test_a_retry_is_answered_even_when_the_server_is_full(env: tuple[Execu
     assert executor.running == 0
 
 
+async def test_a_tenant_at_its_share_is_refused_while_other_tenants_still_start(tmp_path: Path) -> None:
+    GATES.clear()
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    executor = Executor(store, PlanCache(REGISTRY), EventBus(), NodeServices(), max_concurrent=4, tenant_share=2)
+    waiting = wf("waiting", [{"type": "GateNode", "name": "g", "config": {"gate": "never"}}])
+    started: list[tuple[str, Execution]] = []
+
+    async def create(tenant: str, request_id: str = "") -> Execution:
+        hash_ = b"h" if request_id else None
+        execution, _ = await executor.create(
+            tenant, waiting, inputs(), session_id="", request_id=request_id, request_hash=hash_
+        )
+        started.append((tenant, execution))
+        return execution
+
+    try:
+        first = await create("t", "first")
+        await create("t")
+        with pytest.raises(ResourceExhausted) as caught:
+            await create("t")
+        assert caught.value.reason == "TENANT_EXECUTION_SHARE" and caught.value.retry_delay is not None
+        assert caught.value.metadata == {"tenant_max_concurrent_executions": "2", "max_concurrent_executions": "4"}
+        # A retry of a call that started one is still answered at the share.
+        assert (await create("t", "first")).execution_id == first.execution_id
+        for _ in range(2):  # the other half of the slots is there for everyone else
+            await create("u")
+        with pytest.raises(ResourceExhausted) as full:
+            await create("v")
+        assert full.value.reason == "TOO_MANY_EXECUTIONS", "the server-wide limit still holds"
+        assert (executor.tenant_running("t"), executor.tenant_running("u"), executor.running) == (2, 2, 4)
+        await executor.cancel("t", first.execution_id)
+        assert executor.tenant_running("t") == 1
+        await create("t")  # its slot is back
+    finally:
+        for tenant, execution in started:
+            await executor.cancel(tenant, execution.execution_id)
+        assert executor.running == 0 and executor.tenant_running("t") == 0
+        await executor.shutdown()
+        await store.close()
+
+
 async def test_a_node_timeout_fails_the_execution_naming_the_node(env: tuple[Executor, SqliteStore, EventBus]) -> None:
     executor, _, _ = env
     slow = wf("slow", [{"type": "GateNode", "name": "stuck", "config": {"gate": "never"}, "timeout": "0.2s"}])
