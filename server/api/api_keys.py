@@ -7,7 +7,7 @@ from flowport.server.api.common import idempotency_key, now_us, request_id_reuse
 from flowport.server.audit import actions, note
 from flowport.server.auth.keys import REVOKED_EVENT, KeyAuthenticator, describe, key_hash, new_key
 from flowport.server.auth.principal import ROLES, TENANT_NAME, USER
-from flowport.server.errors import InvalidArgument, NotFound
+from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.events.bus import EventBus
 from flowport.server.storage import IdempotencyConflict
 from flowport.server.storage.api_keys import ApiKeyTables
@@ -20,7 +20,7 @@ MAX_DESCRIPTION = 512
 
 
 def _not_found(key_id: str) -> NotFound:
-    return NotFound(f"API key {key_id!r} does not exist", reason="API_KEY_NOT_FOUND", metadata={"key_id": key_id})
+    return NotFound(f"API key {shown(key_id)} does not exist", reason="API_KEY_NOT_FOUND", metadata={"key_id": key_id})
 
 
 class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):

@@ -8,7 +8,7 @@ import time
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
-from flowport.server.errors import AlreadyExists, InvalidArgument
+from flowport.server.errors import AlreadyExists, InvalidArgument, shown
 
 MAX_REQUEST_ID = 128
 
@@ -52,7 +52,7 @@ def idempotency_key(request_id: str, message: Message) -> tuple[str, bytes] | No
 def request_id_reused(request_id: str, what: str) -> AlreadyExists:
     """ALREADY_EXISTS for an idempotency key used before with another request."""
     return AlreadyExists(
-        f"request_id {request_id!r} was already used {what}",
+        f"request_id {shown(request_id)} was already used {what}",
         reason="REQUEST_ID_REUSED",
         metadata={"request_id": request_id},
     )

@@ -13,7 +13,7 @@ from google.protobuf import empty_pb2
 
 from flowport.server import pagination
 from flowport.server.api.common import check_request_id, idempotency_key, now_us, request_id_reused, timestamp
-from flowport.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from flowport.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, shown
 from flowport.server.resources import spec
 from flowport.server.resources.directory import ResourceDirectory
 from flowport.server.storage import IdempotencyConflict
@@ -24,12 +24,14 @@ from flowport.v1 import resource_pb2, resource_pb2_grpc
 
 
 def _not_found(name: str) -> NotFound:
-    return NotFound(f"resource {name!r} does not exist", reason="RESOURCE_NOT_FOUND", metadata={"name": name})
+    return NotFound(f"resource {shown(name)} does not exist", reason="RESOURCE_NOT_FOUND", metadata={"name": name})
 
 
 def _check_name(name: str) -> None:
     if not spec.NAME.match(name):
-        raise InvalidArgument(f"name {name[:80]!r} is not a valid resource name", violations=[("name", spec.NAME_RULE)])
+        raise InvalidArgument(
+            f"name {shown(name, 80)} is not a valid resource name", violations=[("name", spec.NAME_RULE)]
+        )
 
 
 def _checked(given: resource_pb2.Resource, tenant: str) -> resource_pb2.Resource:
@@ -71,7 +73,7 @@ class ResourceService(resource_pb2_grpc.ResourceServiceServicer):
             raise request_id_reused(request.request_id, "to create another resource") from None
         except ResourceExists:
             raise AlreadyExists(
-                f"resource {resource.name!r} already exists: change it with PUT /api/resources/{resource.name}",
+                f"resource {shown(resource.name)} already exists: change it with PUT /api/resources/{resource.name}",
                 reason="RESOURCE_EXISTS",
                 metadata={"name": resource.name},
             ) from None
@@ -100,7 +102,8 @@ class ResourceService(resource_pb2_grpc.ResourceServiceServicer):
         check_request_id(request.request_id)
         if request.resource.name and request.resource.name != request.name:
             raise InvalidArgument(
-                f"resource.name {request.resource.name[:80]!r} differs from the name in the path {request.name!r}",
+                f"resource.name {shown(request.resource.name, 80)} differs from the name in the path "
+                f"{shown(request.name, 80)}",
                 violations=[("resource.name", "must equal name (a resource cannot be renamed)")],
             )
         given = resource_pb2.Resource()
@@ -113,7 +116,7 @@ class ResourceService(resource_pb2_grpc.ResourceServiceServicer):
             raise _not_found(request.name)
         if before.WhichOneof("kind") != resource.WhichOneof("kind"):
             raise FailedPrecondition(
-                f"resource {request.name!r} is a {before.WhichOneof('kind')} resource; its kind cannot change "
+                f"resource {shown(request.name)} is a {before.WhichOneof('kind')} resource; its kind cannot change "
                 "(delete it and create it again)",
                 reason="RESOURCE_KIND_CHANGED",
             )

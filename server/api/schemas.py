@@ -7,7 +7,7 @@ from flowport.server.api.workflows import workflow_not_found
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.values import python_to_struct
-from flowport.server.errors import InvalidArgument, NotFound
+from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.nodes.base import NodeType
 from flowport.server.storage import Store
 from flowport.server.tenancy import tenant_of
@@ -55,7 +55,7 @@ class SchemaService(schema_pb2_grpc.SchemaServiceServicer):
         schema = self._schemas.get(request.node_type)
         if schema is None:
             raise NotFound(
-                f"node type {request.node_type!r} does not exist; known types: {', '.join(sorted(self._schemas))}",
+                f"node type {shown(request.node_type)} does not exist; known types: {', '.join(sorted(self._schemas))}",
                 reason="NODE_TYPE_NOT_FOUND",
                 metadata={"node_type": request.node_type},
             )

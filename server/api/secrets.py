@@ -7,7 +7,7 @@ from google.protobuf import empty_pb2
 from flowport.server import pagination
 from flowport.server.api.common import check_request_id, idempotency_key, now_us, request_id_reused
 from flowport.server.audit import actions, note
-from flowport.server.errors import InvalidArgument, NotFound
+from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.nodes.substitution import SECRET_NAME
 from flowport.server.secrets.vault import SecretVault
 from flowport.server.storage import IdempotencyConflict
@@ -23,7 +23,7 @@ NAME_RULE = "1 to 128 characters: A-Z, 0-9 and '_', not starting with a digit"
 
 def _check_name(name: str) -> None:
     if not SECRET_NAME.match(name):
-        raise InvalidArgument(f"name {name[:140]!r} is not a valid secret name", violations=[("name", NAME_RULE)])
+        raise InvalidArgument(f"name {shown(name, 140)} is not a valid secret name", violations=[("name", NAME_RULE)])
 
 
 def _resource(name: str) -> str:
@@ -32,7 +32,7 @@ def _resource(name: str) -> str:
 
 
 def _not_found(name: str) -> NotFound:
-    return NotFound(f"secret {name!r} does not exist", reason="SECRET_NOT_FOUND", metadata={"name": name})
+    return NotFound(f"secret {shown(name)} does not exist", reason="SECRET_NOT_FOUND", metadata={"name": name})
 
 
 class SecretService(secret_pb2_grpc.SecretServiceServicer):

@@ -21,7 +21,7 @@ from flowport.server.api.common import (
     request_id_reused,
     timestamp,
 )
-from flowport.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from flowport.server.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from flowport.server.storage import IdempotencyConflict
 from flowport.server.storage.services import ServiceTables
 from flowport.server.tenancy import tenant_of
@@ -42,13 +42,17 @@ MAX_SCANNED = 5000
 
 def _not_found(service_id: str) -> NotFound:
     return NotFound(
-        f"service {service_id!r} is not registered", reason="SERVICE_NOT_FOUND", metadata={"service_id": service_id}
+        f"service {shown(service_id)} is not registered",
+        reason="SERVICE_NOT_FOUND",
+        metadata={"service_id": service_id},
     )
 
 
 def _check_id(service_id: str, field: str = "service_id") -> None:
     if not SERVICE_ID.match(service_id):
-        raise InvalidArgument(f"{field} {service_id[:80]!r} is not a valid service id", violations=[(field, ID_RULE)])
+        raise InvalidArgument(
+            f"{field} {shown(service_id, 80)} is not a valid service id", violations=[(field, ID_RULE)]
+        )
 
 
 def _violations(service: registry_pb2.RegisteredService) -> list[tuple[str, str]]:
@@ -173,7 +177,9 @@ class ServiceRegistryService(registry_pb2_grpc.ServiceRegistryServiceServicer):
         if service is None:
             raise _not_found(request.service_id)
         if not service.HasField("ttl"):
-            raise FailedPrecondition(f"service {request.service_id!r} has no TTL to renew", reason="SERVICE_HAS_NO_TTL")
+            raise FailedPrecondition(
+                f"service {shown(request.service_id)} has no TTL to renew", reason="SERVICE_HAS_NO_TTL"
+            )
         service.expire_time.CopyFrom(timestamp(now + service.ttl.ToMicroseconds()))
         if not await self._store.save_service(tenant, service, now):
             raise _not_found(request.service_id)  # expired between the read and the write

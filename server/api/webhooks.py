@@ -12,6 +12,7 @@ from google.protobuf import empty_pb2
 from flowport.server import pagination
 from flowport.server.api.common import check_request_id, idempotency_key, now_us, request_id_reused, require, timestamp
 from flowport.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from flowport.server.errors import shown as show_value
 from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
 from flowport.server.settings import Settings
@@ -80,7 +81,7 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
             raise request_id_reused(request.request_id, "with a different webhook") from None
         except WebhookExists:
             raise AlreadyExists(
-                f"webhook {webhook.webhook_id!r} already exists",
+                f"webhook {show_value(webhook.webhook_id)} already exists",
                 reason="WEBHOOK_ALREADY_EXISTS",
                 metadata={"webhook_id": webhook.webhook_id},
             ) from None
@@ -161,13 +162,14 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
         except NotDeadLettered as exc:
             state = _STATES.Name(_STATES.ValueType(exc.state))
             raise FailedPrecondition(
-                f"delivery {request.delivery_id!r} is {state}; only a dead-lettered delivery can be redelivered",
+                f"delivery {show_value(request.delivery_id)} is {state}; "
+                "only a dead-lettered delivery can be redelivered",
                 reason="DELIVERY_NOT_DEAD_LETTERED",
                 metadata={"delivery_id": request.delivery_id, "state": state},
             ) from None
         if result is None:
             raise NotFound(
-                f"webhook {request.webhook_id!r} has no delivery {request.delivery_id!r}",
+                f"webhook {show_value(request.webhook_id)} has no delivery {show_value(request.delivery_id)}",
                 reason="DELIVERY_NOT_FOUND",
                 metadata={"webhook_id": request.webhook_id, "delivery_id": request.delivery_id},
             )
@@ -179,5 +181,7 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
 def webhook_not_found(webhook_id: str) -> NotFound:
     """NOT_FOUND for a webhook that does not exist (or is another tenant's)."""
     return NotFound(
-        f"webhook {webhook_id!r} does not exist", reason="WEBHOOK_NOT_FOUND", metadata={"webhook_id": webhook_id}
+        f"webhook {show_value(webhook_id)} does not exist",
+        reason="WEBHOOK_NOT_FOUND",
+        metadata={"webhook_id": webhook_id},
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from enum import Enum
 
 from flowport.server.auth.principal import ADMIN, USER, Principal
+from flowport.server.errors import shown
 
 
 class Access(Enum):
@@ -111,7 +112,7 @@ def resource_allowed(tenant: str, roles: frozenset[str], resource_tenant: str, p
     anything but `admin`, in their own tenant only. Returns (allowed, why).
     """
     if permission not in RESOURCE_PERMISSIONS:
-        return False, f"unknown permission {permission!r}; known: {', '.join(sorted(RESOURCE_PERMISSIONS))}"
+        return False, f"unknown permission {shown(permission)}; known: {', '.join(sorted(RESOURCE_PERMISSIONS))}"
     if ADMIN in roles:
         return True, "the admin role covers every tenant"
     if USER not in roles:

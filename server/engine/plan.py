@@ -9,7 +9,7 @@ stale, and the cache is bounded.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -136,10 +136,10 @@ def compile_plan(workflow: workflow_pb2.Workflow, registry: NodeRegistry) -> Pla
 
 def _topological(nodes: dict[str, PlanNode]) -> tuple[str, ...]:
     waiting = {nid: len(n.upstream) for nid, n in nodes.items()}
-    ready = [nid for nid, count in waiting.items() if count == 0]
+    ready = deque(nid for nid, count in waiting.items() if count == 0)
     order: list[str] = []
     while ready:
-        current = ready.pop(0)
+        current = ready.popleft()
         order.append(current)
         for child in nodes[current].downstream:
             waiting[child] -= 1

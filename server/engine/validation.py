@@ -16,6 +16,7 @@ from typing import Any
 
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.values import struct_to_python
+from flowport.server.errors import shown
 from flowport.server.nodes.base import NodeType
 from flowport.server.nodes.paths import steps
 from flowport.server.nodes.substitution import SECRET_NAME, secret_references
@@ -27,6 +28,8 @@ NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 NODE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 MAX_NODES = 500
 MAX_ATTEMPTS = 10
+# A longer cycle is described by its first nodes and its length.
+MAX_CYCLE_SHOWN = 8
 
 
 def node_id(node: workflow_pb2.Node) -> str:
@@ -44,7 +47,9 @@ def validate(workflow: workflow_pb2.Workflow, registry: NodeRegistry, prefix: st
     if not workflow.nodes:
         problems.append(("nodes", "at least one node is required"))
     elif len(workflow.nodes) > MAX_NODES:
-        problems.append(("nodes", f"at most {MAX_NODES} nodes"))
+        # Checked first and alone: the other checks' cost grows with the nodes.
+        problems.append(("nodes", f"at most {MAX_NODES} nodes, got {len(workflow.nodes)}"))
+        return [(prefix + path, description) for path, description in problems]
     ids: dict[str, int] = {}
     for i, node in enumerate(workflow.nodes):
         problems += _check_node(i, node, registry, ids)
@@ -59,7 +64,7 @@ def _check_node(i: int, node: workflow_pb2.Node, registry: NodeRegistry, ids: di
     if not ident:
         problems.append((f"{where}.name", "a node needs an identifier in 'name' or 'id'"))
     elif node.name and node.id and node.name != node.id:
-        problems.append((f"{where}.id", f"differs from name {node.name!r}; give one, or the same in both"))
+        problems.append((f"{where}.id", f"differs from name {shown(node.name)}; give one, or the same in both"))
     elif not NODE_ID.match(ident):
         field = "name" if node.name else "id"
         problems.append(
@@ -67,7 +72,7 @@ def _check_node(i: int, node: workflow_pb2.Node, registry: NodeRegistry, ids: di
         )
     elif ident in ids:
         field = "name" if node.name else "id"
-        problems.append((f"{where}.{field}", f"duplicate node id {ident!r} (also nodes[{ids[ident]}])"))
+        problems.append((f"{where}.{field}", f"duplicate node id {shown(ident)} (also nodes[{ids[ident]}])"))
     else:
         ids[ident] = i
     if not node.type:
@@ -76,7 +81,7 @@ def _check_node(i: int, node: workflow_pb2.Node, registry: NodeRegistry, ids: di
     node_type = registry.get(node.type)
     if node_type is None:
         problems.append(
-            (f"{where}.type", f"unknown node type {node.type!r}; known types: {', '.join(registry.names())}")
+            (f"{where}.type", f"unknown node type {shown(node.type)}; known types: {', '.join(registry.names())}")
         )
         return problems
     config = struct_to_python(node.config)
@@ -111,7 +116,8 @@ def _check_secret_references(node_type: NodeType, config: dict[str, Any], where:
             problems.append(
                 (
                     f"{where}.{path}",
-                    f"secret name {name[:140]!r}: 1 to 128 characters of A-Z, 0-9 and '_', not starting with a digit",
+                    f"secret name {shown(name, 140)}: "
+                    "1 to 128 characters of A-Z, 0-9 and '_', not starting with a digit",
                 )
             )
         elif field not in node_type.secret_fields:
@@ -143,9 +149,9 @@ def _check_connections(workflow: workflow_pb2.Workflow, registry: NodeRegistry, 
         source = ids.get(conn.from_node)
         target = ids.get(conn.to_node)
         if source is None:
-            problems.append((f"{where}.from_node", f"no node with id {conn.from_node!r}"))
+            problems.append((f"{where}.from_node", f"no node with id {shown(conn.from_node)}"))
         if target is None:
-            problems.append((f"{where}.to_node", f"no node with id {conn.to_node!r}"))
+            problems.append((f"{where}.to_node", f"no node with id {shown(conn.to_node)}"))
         if source is None or target is None:
             continue
         source_type = registry.get(workflow.nodes[source].type)
@@ -155,7 +161,7 @@ def _check_connections(workflow: workflow_pb2.Workflow, registry: NodeRegistry, 
             problems.append(
                 (
                     f"{where}.from_output",
-                    f"{source_type.type_name} has no output {output!r}; "
+                    f"{source_type.type_name} has no output {shown(output)}; "
                     f"it has: {', '.join(source_type.output_names())}",
                 )
             )
@@ -163,7 +169,7 @@ def _check_connections(workflow: workflow_pb2.Workflow, registry: NodeRegistry, 
             problems.append(
                 (
                     f"{where}.to_input",
-                    f"{target_type.type_name} has no input {conn.to_input!r}; "
+                    f"{target_type.type_name} has no input {shown(conn.to_input)}; "
                     f"it has: {', '.join(target_type.input_names())}",
                 )
             )
@@ -172,45 +178,52 @@ def _check_connections(workflow: workflow_pb2.Workflow, registry: NodeRegistry, 
             problems.append(
                 (
                     f"{where}.to_input",
-                    f"input {conn.to_input!r} of {conn.to_node!r} is already bound by connections[{bound[key]}]",
+                    f"input {shown(conn.to_input)} of {shown(conn.to_node)} "
+                    f"is already bound by connections[{bound[key]}]",
                 )
             )
         else:
             bound[key] = k
         if conn.from_node == conn.to_node:
-            problems.append((where, f"connects node {conn.from_node!r} to itself"))
+            problems.append((where, f"connects node {shown(conn.from_node)} to itself"))
             continue
         edges[conn.from_node].append((conn.to_node, k))
     cycle = find_cycle(list(ids), edges)
     if cycle is not None:
         nodes, index = cycle
+        if len(nodes) > MAX_CYCLE_SHOWN:
+            nodes = [*nodes[: MAX_CYCLE_SHOWN - 1], f"… ({len(nodes) - 1} nodes)", nodes[-1]]
         problems.append((f"connections[{index}]", "creates a cycle: " + " → ".join(nodes)))
     return problems
 
 
 def find_cycle(nodes: list[str], edges: dict[str, list[tuple[str, int]]]) -> tuple[list[str], int] | None:
-    """A cycle as (node path, index of its closing connection), or None."""
+    """A cycle as (node path, index of its closing connection), or None.
+
+    Depth-first, with an explicit stack: a long chain of nodes must not
+    exhaust Python's recursion limit.
+    """
     white, grey, black = 0, 1, 2
     color = dict.fromkeys(nodes, white)
-    stack: list[str] = []
-
-    def visit(node: str) -> tuple[list[str], int] | None:
-        color[node] = grey
-        stack.append(node)
-        for target, index in edges.get(node, []):
+    for start in nodes:
+        if color[start] != white:
+            continue
+        color[start] = grey
+        path = [start]  # the grey nodes, in order
+        # Per grey node: its outgoing edges and how many were followed.
+        pending = [(edges.get(start, []), 0)]
+        while pending:
+            out, followed = pending[-1]
+            if followed == len(out):
+                pending.pop()
+                color[path.pop()] = black
+                continue
+            pending[-1] = (out, followed + 1)
+            target, index = out[followed]
             if color.get(target) == grey:
-                return [*stack[stack.index(target) :], target], index
+                return [*path[path.index(target) :], target], index
             if color.get(target) == white:
-                found = visit(target)
-                if found is not None:
-                    return found
-        stack.pop()
-        color[node] = black
-        return None
-
-    for node in nodes:
-        if color[node] == white:
-            found = visit(node)
-            if found is not None:
-                return found
+                color[target] = grey
+                path.append(target)
+                pending.append((edges.get(target, []), 0))
     return None

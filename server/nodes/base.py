@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError
 
+from flowport.server.errors import SHOWN_CHARS, shown
 from flowport.v1 import registry_pb2
 
 if TYPE_CHECKING:
@@ -44,6 +45,25 @@ class NodeError(Exception):
         self.reason = reason
         self.retryable = retryable
         self.retry_after = retry_after
+
+
+def _described(error: ValidationError) -> str:
+    """jsonschema's message, with the offending value (which it quotes whole) shortened."""
+    text = repr(error.instance)
+    if len(text) > SHOWN_CHARS and text in error.message:
+        return error.message.replace(text, shown(error.instance))
+    return error.message
+
+
+def _unexpected(error: ValidationError) -> str:
+    """Which keys an object may not have, each shortened: jsonschema lists them whole."""
+    known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+    extra = sorted(k for k in error.instance if k not in known) if isinstance(error.instance, dict) else []
+    if not extra:
+        return "additional properties are not allowed"
+    listed = ", ".join(shown(k, 60) for k in extra[:5])
+    more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+    return f"additional properties are not allowed: {listed}{more}"
 
 
 class SecretReader(Protocol):
@@ -180,9 +200,9 @@ class NodeType(ABC):
                 missing = error.message.split("'")[1] if "'" in error.message else "?"
                 problems.append((f"{where}.{missing}", f"required by {cls.type_name}"))
             elif error.validator == "additionalProperties":
-                problems.append((where, f"{error.message} ({cls.type_name} does not take it)"))
+                problems.append((where, f"{_unexpected(error)} ({cls.type_name} does not take it)"))
             else:
-                problems.append((where, error.message))
+                problems.append((where, _described(error)))
         return problems
 
     def prepare(self, config: Mapping[str, Any]) -> Any:

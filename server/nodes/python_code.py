@@ -13,6 +13,7 @@ import symtable
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from flowport.server.errors import SHOWN_CHARS, cut
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
 from flowport.server.sandbox import errors as sandbox_errors
 
@@ -88,7 +89,8 @@ class PythonCodeNode(NodeType):
                 # Compiling only parses; nothing in the code runs here.
                 compile(code, "<node>", "exec", dont_inherit=True)
             except SyntaxError as exc:
-                problems.append((f"{path}.code", f"SyntaxError: {exc.msg} (line {exc.lineno})"))
+                # The message may quote the code (a name, a literal): only its start.
+                problems.append((f"{path}.code", f"SyntaxError: {cut(exc.msg, SHOWN_CHARS)} (line {exc.lineno})"))
             except (ValueError, RecursionError, MemoryError) as exc:
                 problems.append((f"{path}.code", f"cannot be compiled: {type(exc).__name__}"))
         return problems

@@ -17,6 +17,7 @@ import httpx
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from flowport.server.errors import cut, shown
 from flowport.server.nodes.sql_pools import UnsupportedDatabase, async_url
 from flowport.server.nodes.substitution import SECRET_NAME, secret_references
 from flowport.v1 import resource_pb2
@@ -55,7 +56,7 @@ def check(resource: resource_pb2.Resource, where: str = "resource") -> list[Viol
     for path, name in secret_references(_strings(resource)):
         if not SECRET_NAME.match(name):
             rule = "upper-case letters, digits and _, not starting with a digit"
-            found.append((f"{where}.{path}", f"secret name {name[:40]!r}: {rule}"))
+            found.append((f"{where}.{path}", f"secret name {shown(name, 40)}: {rule}"))
     return found
 
 
@@ -92,7 +93,7 @@ def _check_database(pool: resource_pb2.DatabasePool, where: str) -> list[Violati
         url, tokens = parse_url(text)
         async_url(url.render_as_string(hide_password=False))
     except (UnsupportedDatabase, ArgumentError, ValueError) as exc:  # ValueError: e.g. a port that is not a number
-        found.append((field, str(exc)))
+        found.append((field, cut(str(exc), 300)))
         return found
 
     def only_references(value: str) -> bool:
@@ -106,7 +107,7 @@ def _check_database(pool: resource_pb2.DatabasePool, where: str) -> list[Violati
     for key, value in url.query.items():
         values = value if isinstance(value, tuple) else (value,)
         if "password" in key.lower() and not all(only_references(v) for v in values):
-            found.append((field, f"query parameter {key!r} must be a ${{secret:NAME}} reference"))
+            found.append((field, f"query parameter {shown(key)} must be a ${{secret:NAME}} reference"))
     if pool.pool_size == 0:
         pool.pool_size = DEFAULT_POOL_SIZE
     if not 1 <= pool.pool_size <= MAX_POOL_SIZE:

@@ -6,6 +6,7 @@ import re
 
 import httpx
 
+from flowport.server.errors import shown
 from flowport.server.webhooks.targets import registration_problem
 from flowport.v1 import webhook_pb2
 
@@ -70,7 +71,7 @@ def _event_type_problems(types: list[str]) -> list[Violation]:
     if len(types) > MAX_EVENT_TYPES:
         return [("webhook.event_types", f"at most {MAX_EVENT_TYPES} types")]
     return [
-        ("webhook.event_types", f"[{i}] {t!r} is not an event type such as 'execution.completed' or 'execution.*'")
+        ("webhook.event_types", f"[{i}] {shown(t)} is not an event type such as 'execution.completed' or 'execution.*'")
         for i, t in enumerate(types)
         if not EVENT_TYPE.match(t)
     ]
@@ -84,14 +85,19 @@ def _header_problems(headers: dict[str, str]) -> list[Violation]:
     for name, value in sorted(headers.items()):
         lower = name.lower()
         if not _HEADER_NAME.match(name):
-            problems.append(("webhook.headers", f"{name!r} is not a valid header name"))
+            problems.append(("webhook.headers", f"{shown(name)} is not a valid header name"))
         elif lower in RESERVED_HEADERS or lower.startswith(RESERVED_PREFIX):
-            problems.append(("webhook.headers", f"{name} is set by flowport (or hop-by-hop) and cannot be given"))
+            problems.append(
+                ("webhook.headers", f"{shown(name)} is set by flowport (or hop-by-hop) and cannot be given")
+            )
         elif lower in seen:
-            problems.append(("webhook.headers", f"{name} is given twice (header names ignore case)"))
+            problems.append(("webhook.headers", f"{shown(name)} is given twice (header names ignore case)"))
         if _BAD_HEADER_VALUE.search(value) or len(value) > MAX_HEADER_VALUE:
             problems.append(
-                ("webhook.headers", f"the value of {name!r} must be at most {MAX_HEADER_VALUE} characters, one line")
+                (
+                    "webhook.headers",
+                    f"the value of {shown(name)} must be at most {MAX_HEADER_VALUE} characters, one line",
+                )
             )
         seen.add(lower)
     return problems
