@@ -429,7 +429,9 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         ExecutionService(store, executor, bus, settings.stream_heartbeat), server
     )
     schema_pb2_grpc.add_SchemaServiceServicer_to_server(SchemaService(store, registry, plans), server)
-    event_pb2_grpc.add_EventServiceServicer_to_server(EventService(bus, event_log, settings.stream_heartbeat), server)
+    event_pb2_grpc.add_EventServiceServicer_to_server(
+        EventService(bus, event_log, settings.stream_heartbeat, store), server
+    )
     webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(store, dispatcher, bus, settings), server)
     apikey_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyService(store, keys, bus), server)
     secret_pb2_grpc.add_SecretServiceServicer_to_server(SecretService(store, vault), server)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from flowport.server.api.sessions import check_session, session_scope
 from flowport.server.errors import Aborted, InvalidArgument, OutOfRange
 from flowport.server.events.bus import BusEvent, EventBus, SubscriberOverflow
 from flowport.server.events.log import EventLog
 from flowport.server.events.types import TypeFilter
+from flowport.server.storage import Store
 from flowport.server.tenancy import tenant_of
 from flowport.server.types import Context
 from flowport.v1 import event_pb2, event_pb2_grpc
@@ -59,10 +61,11 @@ def _heartbeat() -> event_pb2.Event:
 class EventService(event_pb2_grpc.EventServiceServicer):
     """Streams of the gateway's events, per tenant, resumable by id."""
 
-    def __init__(self, bus: EventBus, event_log: EventLog, heartbeat: float) -> None:
+    def __init__(self, bus: EventBus, event_log: EventLog, heartbeat: float, store: Store) -> None:
         self._bus = bus
         self._log = event_log
         self._heartbeat = heartbeat
+        self._store = store
 
     async def StreamEvents(
         self, request: event_pb2.StreamEventsRequest, context: Context
@@ -70,6 +73,9 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         tenant = tenant_of(context)
         after = _cursor(request, context)
         types = event_filter(request)
+        if request.session_id and session_scope(context) is not None:
+            # Another credential's session is as missing here as in GetSession.
+            await check_session(self._store, context, request.session_id)
 
         def accept(event: BusEvent) -> bool:
             return (

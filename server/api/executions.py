@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from flowport.server import pagination
-from flowport.server.api.common import idempotency_key, now_us, request_id_reused, require
-from flowport.server.api.sessions import session_not_found
+from flowport.server.api.common import idempotency_key, request_id_reused, require
+from flowport.server.api.sessions import check_session
 from flowport.server.api.workflows import workflow_not_found
 from flowport.server.engine.executor import FINISHED, Executor
 from flowport.server.errors import Aborted, InvalidArgument, NotFound
@@ -71,8 +71,8 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         workflow = await self._store.get_workflow(tenant, request.workflow_id, request.workflow_version)
         if workflow is None:
             raise workflow_not_found(request.workflow_id, request.workflow_version)
-        if request.session_id and not await self._store.session_exists(tenant, request.session_id, now_us()):
-            raise session_not_found(request.session_id)
+        if request.session_id:
+            await check_session(self._store, context, request.session_id)
         try:
             execution, _ = await self._executor.create(
                 tenant,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from google.protobuf import empty_pb2
 
 from flowport.server import pagination
 from flowport.server.api.common import check_request_id, idempotency_key, now_us, request_id_reused, require, timestamp
+from flowport.server.auth.principal import Principal
 from flowport.server.errors import InvalidArgument, NotFound
 from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
@@ -63,12 +66,13 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             )
         now = now_us()
         principal = principal_of(context)
+        creator = credential_of(principal) if principal is not None else ""
         session = session_pb2.Session(
             session_id=new_id("ses"),
             user_id=given.user_id,
             metadata=given.metadata,
             tenant=tenant_of(context),
-            creator=principal.subject if principal is not None else "",
+            creator=creator,
             create_time=timestamp(now),
             expire_time=timestamp(self._expiry_us(given, now)),
         )
@@ -80,13 +84,19 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         except IdempotencyConflict:
             raise request_id_reused(request.request_id, "with a different session") from None
         if result.replayed:
-            return session_pb2.Session.FromString(result.response)
+            first = session_pb2.Session.FromString(result.response)
+            if first.creator != creator:
+                # Another credential's key: its session is not this caller's to see.
+                raise request_id_reused(request.request_id, "by another credential")
+            return first
         self._bus.publish("session.created", tenant=session.tenant, session_id=session.session_id)
         return session
 
     async def GetSession(self, request: session_pb2.GetSessionRequest, context: Context) -> session_pb2.Session:
         require(request.session_id, "session_id")
-        session = await self._store.get_session(tenant_of(context), request.session_id, now_us())
+        session = await self._store.get_session(
+            tenant_of(context), request.session_id, now_us(), creator=session_scope(context)
+        )
         if session is None:
             raise session_not_found(request.session_id)
         return session
@@ -97,11 +107,13 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         size = pagination.page_size(request.page_size)
         filters = {"user_id": request.user_id}
         after = pagination.cursor_time_id(pagination.decode_token(request.page_token, filters))
-        # Listing across the tenant is for admins; anyone else sees what it created.
-        principal = principal_of(context)
-        creator = None if principal is None or principal.is_admin else principal.subject
         rows = await self._store.list_sessions(
-            tenant_of(context), user_id=request.user_id, after=after, limit=size + 1, now_us=now_us(), creator=creator
+            tenant_of(context),
+            user_id=request.user_id,
+            after=after,
+            limit=size + 1,
+            now_us=now_us(),
+            creator=session_scope(context),
         )
         sessions, token = pagination.page(rows, size, filters, lambda s: [s.create_time.ToMicroseconds(), s.session_id])
         return session_pb2.ListSessionsResponse(sessions=sessions, next_page_token=token)
@@ -111,7 +123,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         check_request_id(request.request_id)
         try:
             deleted = await self._store.delete_session(
-                tenant_of(context), request.session_id, now_us(), request.request_id
+                tenant_of(context), request.session_id, now_us(), request.request_id, creator=session_scope(context)
             )
         except IdempotencyConflict:
             raise request_id_reused(request.request_id, "to delete another session") from None
@@ -122,8 +134,31 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         return empty_pb2.Empty()
 
 
+def credential_of(principal: Principal) -> str:
+    """The credential a session belongs to: an API key's id; for a bearer token
+    `jwt:<iss>:<sub>` (the issuer percent-encoded, so the first ':' after it
+    ends it), i.e. the identity the token speaks for, whichever token carries it."""
+    if principal.method == "jwt":
+        return f"jwt:{quote(principal.issuer, safe='')}:{principal.subject}"
+    # An API key's subject is its id; without authentication, "anonymous" (an admin).
+    return principal.subject
+
+
+def session_scope(context: Context) -> str | None:
+    """Whose sessions the caller may use: every one of its tenant's (None) for an admin,
+    else only those its own credential created."""
+    principal = principal_of(context)
+    return None if principal is None or principal.is_admin else credential_of(principal)
+
+
+async def check_session(store: Store, context: Context, session_id: str) -> None:
+    """NOT_FOUND unless `session_id` is a live session of the caller's tenant that the caller may use."""
+    if not await store.session_exists(tenant_of(context), session_id, now_us(), creator=session_scope(context)):
+        raise session_not_found(session_id)
+
+
 def session_not_found(session_id: str) -> NotFound:
-    """NOT_FOUND for a session that does not exist or has expired."""
+    """NOT_FOUND for a session that does not exist, has expired, or is another credential's."""
     return NotFound(
         f"session {session_id!r} does not exist or has expired",
         reason="SESSION_NOT_FOUND",

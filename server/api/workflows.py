@@ -7,7 +7,7 @@ from google.rpc import error_details_pb2
 
 from flowport.server import pagination
 from flowport.server.api.common import idempotency_key, now_us, request_id_reused, require, timestamp
-from flowport.server.api.sessions import session_not_found
+from flowport.server.api.sessions import check_session
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import validate
 from flowport.server.errors import InvalidArgument, NotFound
@@ -46,8 +46,8 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
                 violations=problems,
             )
         tenant = tenant_of(context)
-        if given.session_id and not await self._store.session_exists(tenant, given.session_id, now_us()):
-            raise session_not_found(given.session_id)
+        if given.session_id:
+            await check_session(self._store, context, given.session_id)
         workflow = workflow_pb2.Workflow()
         workflow.CopyFrom(given)
         workflow.workflow_id = given.name

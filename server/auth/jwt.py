@@ -216,6 +216,10 @@ class JwtVerifier:
         jti = claims.get("jti", "")
         if not isinstance(jti, str):
             raise AuthenticationFailed("invalid jti claim")
+        # With the subject it names who owns what the token creates (sessions).
+        issuer = claims.get("iss", "")
+        if not isinstance(issuer, str):
+            raise AuthenticationFailed("invalid iss claim")
         # PyJWT checked that a present `exp` is a number; streams end once it passes.
         exp = claims.get("exp")
         return Principal(
@@ -224,6 +228,7 @@ class JwtVerifier:
             roles=_roles(claims, config.roles_claim),
             method="jwt",
             credential_id=jti,
+            issuer=issuer,
             expires_at=None if exp is None else float(exp) + config.leeway,
         )
 

@@ -25,6 +25,8 @@ class Principal:
     method: str
     # The API key's public id, or the JWT's `jti`, for audit; empty otherwise.
     credential_id: str = ""
+    # A JWT's `iss` (empty when it has none); with `subject`, who the token speaks for.
+    issuer: str = ""
     # For an admin acting for another tenant (ACT_AS_HEADER): its own tenant,
     # while `tenant` is the one it acts for. Empty otherwise.
     acting_from: str = ""

@@ -58,8 +58,10 @@ class Store(Protocol):
         Raises IdempotencyConflict when the key was used with another hash.
         """
 
-    async def get_session(self, tenant: str, session_id: str, now_us: int) -> session_pb2.Session | None:
-        """The session, or None when absent, another tenant's, or expired."""
+    async def get_session(
+        self, tenant: str, session_id: str, now_us: int, creator: str | None = None
+    ) -> session_pb2.Session | None:
+        """The session, or None when absent, another tenant's, expired, or (with `creator`) someone else's."""
 
     async def list_sessions(
         self,
@@ -73,15 +75,17 @@ class Store(Protocol):
     ) -> list[session_pb2.Session]:
         """Unexpired sessions, newest first, strictly after the (create_us, id) cursor; only `creator`'s if given."""
 
-    async def delete_session(self, tenant: str, session_id: str, now_us: int, request_id: str = "") -> Deletion:
-        """Delete; MISSING when there was no such unexpired session.
+    async def delete_session(
+        self, tenant: str, session_id: str, now_us: int, request_id: str = "", creator: str | None = None
+    ) -> Deletion:
+        """Delete; MISSING when there was no such unexpired session (of `creator`'s, if given).
 
         With `request_id`, a repeat of a delete that succeeded is REPLAYED;
         raises IdempotencyConflict when the key deleted another session.
         """
 
-    async def session_exists(self, tenant: str, session_id: str, now_us: int) -> bool:
-        """Whether an unexpired session with this id exists in the tenant."""
+    async def session_exists(self, tenant: str, session_id: str, now_us: int, creator: str | None = None) -> bool:
+        """Whether an unexpired session with this id exists in the tenant (of `creator`'s, if given)."""
 
     async def count_active_sessions(self, now_us: int) -> int:
         """Unexpired sessions across tenants."""

@@ -43,10 +43,10 @@ class SessionTables(Tables):
 
         return await self._write(op)
 
-    async def get_session(self, tenant: str, session_id: str, now_us: int) -> session_pb2.Session | None:
-        row = await self._lookup(
-            "SELECT body FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?", (session_id, tenant, now_us)
-        )
+    async def get_session(
+        self, tenant: str, session_id: str, now_us: int, creator: str | None = None
+    ) -> session_pb2.Session | None:
+        row = await self._lookup(*_one("body", tenant, session_id, now_us, creator))
         return None if row is None else session_pb2.Session.FromString(row[0])
 
     async def list_sessions(
@@ -75,26 +75,27 @@ class SessionTables(Tables):
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [session_pb2.Session.FromString(row[0]) for row in rows]
 
-    async def delete_session(self, tenant: str, session_id: str, now_us: int, request_id: str = "") -> Deletion:
+    async def delete_session(
+        self, tenant: str, session_id: str, now_us: int, request_id: str = "", creator: str | None = None
+    ) -> Deletion:
         key = session_id.encode()
+        sql = "DELETE FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?"
+        args: tuple[object, ...] = (session_id, tenant, now_us)
+        if creator is not None:
+            sql, args = sql + " AND creator=?", (*args, creator)
 
         def op(conn: Connection) -> Deletion:
             if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
                 return Deletion.REPLAYED
-            deleted = conn.execute(
-                "DELETE FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?", (session_id, tenant, now_us)
-            ).rowcount
+            deleted = conn.execute(sql, args).rowcount
             if deleted and request_id:
                 idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
             return Deletion.DELETED if deleted else Deletion.MISSING
 
         return await self._write(op)
 
-    async def session_exists(self, tenant: str, session_id: str, now_us: int) -> bool:
-        row = await self._lookup(
-            "SELECT 1 FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?", (session_id, tenant, now_us)
-        )
-        return row is not None
+    async def session_exists(self, tenant: str, session_id: str, now_us: int, creator: str | None = None) -> bool:
+        return await self._lookup(*_one("1", tenant, session_id, now_us, creator)) is not None
 
     async def count_active_sessions(self, now_us: int) -> int:
         row = await self._read(
@@ -109,3 +110,11 @@ class SessionTables(Tables):
             return removed
 
         return await self._write(op)
+
+
+def _one(column: str, tenant: str, session_id: str, now_us: int, creator: str | None) -> tuple[str, tuple[object, ...]]:
+    """The query for one unexpired session's `column` (a fixed name), only `creator`'s if given."""
+    sql = f"SELECT {column} FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?"  # noqa: S608
+    if creator is None:
+        return sql, (session_id, tenant, now_us)
+    return sql + " AND creator=?", (session_id, tenant, now_us, creator)

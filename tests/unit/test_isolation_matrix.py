@@ -17,6 +17,11 @@ until one is written.
 - StreamEvents: none of alpha's events, live or replayed by id;
 - webhooks: beta's webhook receives none of alpha's events.
 
+Sessions also belong to the credential that created them: another user key
+of alpha's own tenant calls every RPC that names a session with alpha's
+session id and gets NOT_FOUND (reason SESSION_NOT_FOUND) where it would use
+the session, and does not find it listed; alpha's admin sees it.
+
 Afterwards every resource of alpha is checked to be as it was.
 """
 
@@ -62,6 +67,12 @@ NOT_FOUND_VERBS = ("Get", "Delete", "Cancel", "Watch", "Redeliver", "Revoke", "H
 LIST_VERBS = ("List",)
 # Calls that create or change something; beta's version is checked by name.
 OWN_VERBS = ("Create", "Put", "Validate", "Register")
+# Verbs with which a call uses the session it names (reads, deletes, runs or
+# streams in it): another credential of its tenant finds it missing.
+SESSION_USE_VERBS = ("Get", "Delete", "Create", "Stream")
+# Calls that name a session only to filter what every credential of the
+# tenant may list (executions, workflows), or that store nothing.
+SESSION_FILTERS = {"ListExecutions", "ListWorkflows", "ValidateWorkflow"}
 TENANT_FREE = {
     # Describe the server or the node types, the same for every tenant.
     "/flowport.v1.GatewayService/GetInfo",
@@ -160,9 +171,9 @@ def _text(message: Message) -> str:
     return json_format.MessageToJson(message, preserving_proto_field_name=True)
 
 
-async def _user_key(admin: AsyncClient, tenant: str) -> tuple[str, str]:
+async def _user_key(admin: AsyncClient, tenant: str, role: str = "user") -> tuple[str, str]:
     created = await admin.keys.CreateApiKey(
-        apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant=tenant, roles=["user"]))
+        apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant=tenant, roles=[role]))
     )
     return created.api_key.key_id, created.key
 
@@ -256,6 +267,8 @@ async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> N
         async with AsyncClient(target, api_key=ADMIN_KEY) as admin:
             alpha_key_id, alpha_key = await _user_key(admin, "alpha")
             _beta_key_id, beta_key = await _user_key(admin, "beta")
+            _sibling_key_id, sibling_key = await _user_key(admin, "alpha")
+            _alpha_admin_key_id, alpha_admin_key = await _user_key(admin, "alpha", "admin")
         async with (
             AsyncClient(target, api_key=alpha_key) as alpha_client,
             AsyncClient(target, api_key=beta_key) as beta_client,
@@ -270,6 +283,8 @@ async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> N
                 webhook_pb2.CreateWebhookRequest(webhook=webhook_pb2.Webhook(url=beta_receiver.url()))
             )
             checked = await _every_rpc(beta, alpha)
+            checked += await _every_session_rpc(Caller(grpc.aio.insecure_channel(target), sibling_key), alpha)
+            await _alpha_admin_sees_the_session(Caller(grpc.aio.insecure_channel(target), alpha_admin_key), alpha)
             # More alpha activity while beta listens, then: nothing of it reached beta.
             stream_method = descriptor_pool.Default().FindMethodByName("flowport.v1.EventService.StreamEvents")
             listening = asyncio.create_task(beta.stream(stream_method, event_pb2.StreamEventsRequest(), seconds=2.0))
@@ -338,6 +353,84 @@ async def _every_rpc(beta: Caller, alpha: Alpha) -> int:
             raise AssertionError(f"{label}: no isolation rule for the verb of {verb}; add one to this test")
         checked += 1
     return checked
+
+
+def _session_field(method: MethodDescriptor) -> str | None:
+    """Where a request names a session: its `session_id`, or the message field holding one."""
+    fields = method.input_type.fields_by_name
+    if "session_id" in fields:
+        return "session_id"
+    return next(
+        (
+            f.name
+            for f in fields.values()
+            if f.message_type is not None and "session_id" in f.message_type.fields_by_name
+        ),
+        None,
+    )
+
+
+def _naming_alphas_session(method: MethodDescriptor, alpha: Alpha, where: str) -> Message:
+    """The request with alpha's identifiers, and alpha's session wherever it names one."""
+    request = _request(method, alpha)
+    if where != "session_id":
+        inner = getattr(request, where)
+        if method.name == "CreateWorkflow":  # valid, so only the session decides
+            json_format.ParseDict({"name": "sibling-flow", "nodes": [{"type": "MergeNode", "name": "m"}]}, inner)
+        inner.session_id = alpha.ids["session_id"]
+    return request
+
+
+async def _every_session_rpc(sibling: Caller, alpha: Alpha) -> int:
+    """Calls, as another user key of alpha's tenant, every RPC that names a session; returns how many."""
+    checked = 0
+    for method in _api_methods():
+        where = _session_field(method)
+        if where is None or method.name in SESSION_FILTERS:
+            continue
+        label = f"{_path(method)} as another credential of alpha's tenant"
+        request = _naming_alphas_session(method, alpha, where)
+        if method.name == "CreateSession":  # alpha's request id and body: never alpha's session
+            replay = session_pb2.CreateSessionRequest(
+                session=session_pb2.Session(user_id="alpha-user"), request_id="alpha-rid"
+            )
+            try:
+                text = _text(await sibling.unary(method, replay))
+            except grpc.aio.AioRpcError as error:
+                assert error.code() is grpc.StatusCode.ALREADY_EXISTS, f"{label}: {error.code()}"
+                text = error.details() or ""
+            assert alpha.ids["session_id"] not in text, label
+        elif method.name.startswith(SESSION_USE_VERBS):
+            try:
+                if method.server_streaming:
+                    await sibling.stream(method, request, 2.0)
+                else:
+                    await sibling.unary(method, request)
+            except grpc.aio.AioRpcError as rpc_error:
+                error = ApiError.from_rpc_error(rpc_error)
+                assert (error.code(), error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND"), label
+            else:
+                raise AssertionError(f"{label}: used alpha's session")
+        else:
+            raise AssertionError(f"{label}: no session rule for the verb of {method.name}; add one to this test")
+        checked += 1
+    listed = _text(await sibling.unary(_method("SessionService", "ListSessions"), session_pb2.ListSessionsRequest()))
+    assert alpha.ids["session_id"] not in listed, "ListSessions shows alpha's session to another credential"
+    return checked + 1
+
+
+async def _alpha_admin_sees_the_session(admin: Caller, alpha: Alpha) -> None:
+    session_id = alpha.ids["session_id"]
+    got = await admin.unary(
+        _method("SessionService", "GetSession"), session_pb2.GetSessionRequest(session_id=session_id)
+    )
+    assert got.session_id == session_id  # type: ignore[attr-defined]
+    listed = _text(await admin.unary(_method("SessionService", "ListSessions"), session_pb2.ListSessionsRequest()))
+    assert session_id in listed, "alpha's admin should list every session of alpha"
+
+
+def _method(service: str, name: str) -> MethodDescriptor:
+    return descriptor_pool.Default().FindMethodByName(f"flowport.v1.{service}.{name}")
 
 
 async def _own(beta: Caller, method: MethodDescriptor, request: Message, alpha: Alpha, label: str) -> None:

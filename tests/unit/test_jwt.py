@@ -112,6 +112,7 @@ def test_hs256_token(verifier: JwtVerifier) -> None:
         roles=frozenset({"admin", "user"}),
         method="jwt",
         credential_id="tok-1",
+        issuer=ISSUER,
         # Open streams end when exp plus the leeway passes.
         expires_at=claims["exp"] + verifier.config.leeway,
     )
@@ -127,6 +128,7 @@ def test_rs256_token(verifier: JwtVerifier, rsa_key: rsa.RSAPrivateKey) -> None:
         roles=frozenset({"user"}),
         method="jwt",
         credential_id="tok-1",
+        issuer=ISSUER,
         expires_at=claims["exp"] + verifier.config.leeway,
     )
     assert not principal.is_admin
@@ -141,6 +143,7 @@ def test_es256_token(verifier: JwtVerifier, ec_key: ec.EllipticCurvePrivateKey) 
         roles=frozenset({"admin", "user"}),
         method="jwt",
         credential_id="",
+        issuer=ISSUER,
         expires_at=claims["exp"] + verifier.config.leeway,
     )
 
@@ -212,6 +215,17 @@ def test_exp_is_required_unless_turned_off(config: JwtConfig) -> None:
 def test_wrong_issuer(verifier: JwtVerifier) -> None:
     assert _refused(verifier, jwt.encode(_claims(iss="https://evil"), SECRET, algorithm="HS256")) == "wrong issuer"
     assert _refused(verifier, jwt.encode(_claims(iss=None), SECRET, algorithm="HS256")) == "missing iss claim"
+
+
+def test_without_a_configured_issuer_the_tokens_own_is_kept(config: JwtConfig) -> None:
+    verifier = JwtVerifier(replace(config, issuer=None))
+    assert verifier.verify(jwt.encode(_claims(iss="https://idp.two"), SECRET, algorithm="HS256")).issuer == (
+        "https://idp.two"
+    )
+    assert verifier.verify(jwt.encode(_claims(iss=None), SECRET, algorithm="HS256")).issuer == ""
+    # It names who owns the token's sessions, so it must be a string.
+    numeric = _hand_made({"alg": "HS256", "typ": "JWT"}, _claims(iss=7), SECRET)
+    assert _refused(verifier, numeric) == "invalid iss claim"
 
 
 def test_wrong_audience(verifier: JwtVerifier) -> None:

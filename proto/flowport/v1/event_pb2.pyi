@@ -93,7 +93,9 @@ class StreamEventsRequest(_message.Message):
     TYPES_FIELD_NUMBER: _builtins.int
     AFTER_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """Only events of this session, when set."""
+    """Only events of this session, when set. NOT_FOUND unless the caller may
+    use the session (its creator, or an admin of the tenant).
+    """
     workflow_id: _builtins.str
     """Only events of this workflow, when set."""
     execution_id: _builtins.str

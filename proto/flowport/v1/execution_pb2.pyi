@@ -268,7 +268,9 @@ class CreateExecutionRequest(_message.Message):
     workflow_version: _builtins.int
     """The workflow version to run; 0 runs the latest."""
     session_id: _builtins.str
-    """Session to run the execution in, if any."""
+    """Session to run the execution in, if any: one the caller created (any
+    of the tenant's for an admin), else NOT_FOUND.
+    """
     request_id: _builtins.str
     """Idempotency key (at most 128 characters). A retry with the same key
     and request returns the first execution; the same key with a

@@ -247,7 +247,9 @@ class ComponentHealth(_message.Message):
 
     @_builtins.property
     def details(self) -> _struct_pb2.Struct:
-        """Component-specific figures, e.g. `{"active_streams": 3}`."""
+        """Component-specific details. Never counts: GetHealth answers anyone
+        (GetStats has the figures, scoped to the caller).
+        """
 
     def __init__(
         self,

@@ -42,8 +42,9 @@ class Session(_message.Message):
     tenant: _builtins.str
     """The tenant that owns the session."""
     creator: _builtins.str
-    """Who created the session: the API key id or the token subject. A caller
-    without the admin role lists only the sessions it created.
+    """The credential the session belongs to: the API key id, or for a bearer
+    token `jwt:<iss, percent-encoded>:<sub>`. Only it and the tenant's
+    admins can read, delete, list and use the session.
     """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:

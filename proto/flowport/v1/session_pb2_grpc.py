@@ -76,7 +76,7 @@ class SessionServiceServicer:
 
     def GetSession(self, request, context):
         """Returns a session. Fails with NOT_FOUND when it does not exist, was
-        deleted, or has expired.
+        deleted, has expired, or is another credential's (admins excepted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,7 +91,8 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSession(self, request, context):
-        """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist.
+        """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist
+        or is another credential's (admins excepted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,14 +44,16 @@ class SessionServiceStub:
     """
     GetSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetSessionRequest, _session_pb2.Session]
     """Returns a session. Fails with NOT_FOUND when it does not exist, was
-    deleted, or has expired.
+    deleted, has expired, or is another credential's (admins excepted).
     """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_session_pb2.ListSessionsRequest, _session_pb2.ListSessionsResponse]
     """Lists sessions that have not expired, newest first: every session of
     the tenant for an admin, the caller's own (by `creator`) for others.
     """
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.DeleteSessionRequest, _empty_pb2.Empty]
-    """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist."""
+    """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist
+    or is another credential's (admins excepted).
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -68,14 +70,16 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """
     GetSession: _aio.UnaryUnaryMultiCallable[_session_pb2.GetSessionRequest, _session_pb2.Session]  # type: ignore[assignment]
     """Returns a session. Fails with NOT_FOUND when it does not exist, was
-    deleted, or has expired.
+    deleted, has expired, or is another credential's (admins excepted).
     """
     ListSessions: _aio.UnaryUnaryMultiCallable[_session_pb2.ListSessionsRequest, _session_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """Lists sessions that have not expired, newest first: every session of
     the tenant for an admin, the caller's own (by `creator`) for others.
     """
     DeleteSession: _aio.UnaryUnaryMultiCallable[_session_pb2.DeleteSessionRequest, _empty_pb2.Empty]  # type: ignore[assignment]
-    """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist."""
+    """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist
+    or is another credential's (admins excepted).
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """SessionService manages user sessions: a caller's context that executions
@@ -101,7 +105,7 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.Session, _abc.Awaitable[_session_pb2.Session]]:
         """Returns a session. Fails with NOT_FOUND when it does not exist, was
-        deleted, or has expired.
+        deleted, has expired, or is another credential's (admins excepted).
         """
 
     @_abc_1.abstractmethod
@@ -120,6 +124,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_pb2.DeleteSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
-        """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist."""
+        """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist
+        or is another credential's (admins excepted).
+        """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
