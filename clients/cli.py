@@ -84,6 +84,26 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return Settings.load(flags, config_file=args.config)
 
 
+def _serve(settings: Settings) -> int:
+    """`flowport serve`, holding the data dir (server/datadir.py) for as long as it runs."""
+    from flowport.server.datadir import DataDirError, open_data_dir
+
+    try:
+        data_dir = open_data_dir(settings.data_dir, "flowport serve")
+    except DataDirError as exc:
+        print(f"flowport: {exc}", file=sys.stderr)
+        return 2
+    for warning in data_dir.warnings:
+        logging.getLogger("flowport.server").warning("%s", warning)
+    # Imported once the data dir is this process's: a refusal prints its one line and nothing else.
+    from flowport.server.app import run
+
+    try:
+        return run(settings)
+    finally:
+        data_dir.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flowport` command."""
     parser = build_parser()
@@ -121,9 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(render(settings), indent=2))
         return 0
     if args.command == "serve":
-        from flowport.server.app import run
-
-        return run(settings)
+        return _serve(settings)
     from flowport.server.supervisor import up
 
     return up(settings, out=lambda line: print(line, flush=True))

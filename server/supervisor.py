@@ -7,14 +7,20 @@ then Envoy. Children run in their own process group, so a terminal's Ctrl-C
 reaches only the supervisor, which then stops them in order; on Linux they
 also get SIGTERM if the supervisor itself dies, so none is left behind.
 
+The supervisor holds the data dir's lock (server/datadir.py) and hands it to
+the servers it starts, so a second `flowport up` or `serve` on the same dir
+is refused while this one runs.
+
 With several workers, each server process has its own port and is one
 endpoint of Envoy's cluster (health-checked and ejected on its own, which
-SO_REUSEPORT's kernel hashing could not do); one that dies is started again
-while the others serve. A lone server that dies ends `flowport up`.
+SO_REUSEPORT's kernel hashing could not do). A server that dies, lone or
+one of several, is started again (after a delay that grows while it keeps
+dying soon after its start); Envoy answers 503 for it meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +40,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
+from flowport.server.datadir import LOCK_FD_ENV, DataDirError, DataDirLock, open_data_dir, write_private
 from flowport.server.envoy_binary import EnvoyNotFound, find_envoy
 from flowport.server.settings import ENV_PREFIX, Settings
 from flowport.transcoder.envoy_config import render
@@ -94,7 +101,25 @@ def child_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-RESTART_DELAY = 1.0  # seconds between restarts of one worker
+RESTART_DELAY = 1.0  # seconds before a server that died is started again
+MAX_RESTART_DELAY = 30.0
+# A server that ran this long before it died was not crash-looping: its next restart waits RESTART_DELAY again.
+STABLE_RUN = 30.0
+
+
+def restart_delay(quick_deaths: int) -> float:
+    """Seconds to wait before starting a server again that died `quick_deaths` times in a row soon after starting."""
+    return min(MAX_RESTART_DELAY, RESTART_DELAY * 2.0 ** max(0, quick_deaths - 1))
+
+
+def describe_exit(code: int) -> str:
+    """'exited with code 1', or 'was killed by SIGKILL' for a signal."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
 # prometheus_client's multi-process directory (server/observability/prometheus.py);
 # spelled out here so the supervisor does not import the metrics library to start.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -110,6 +135,8 @@ class Supervisor:
         self.envoy: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
         self.restarts = 0
+        self.data_dir: DataDirLock | None = None
+        self.clock: Callable[[], float] = time.monotonic  # what restart delays are measured with
 
     @property
     def server(self) -> subprocess.Popen[bytes] | None:
@@ -131,14 +158,22 @@ class Supervisor:
         env = child_environment(self._server_settings(worker))
         if self.settings.workers > 1:
             env[MULTIPROC_ENV] = str(self.metrics_dir)
-        process = self._spawn([sys.executable, "-m", "flowport.clients.cli", "serve"], env)
+        lock_fd = self.data_dir.fd if self.data_dir is not None else None
+        if lock_fd is not None:
+            env[LOCK_FD_ENV] = str(lock_fd)
+        process = self._spawn(
+            [sys.executable, "-m", "flowport.clients.cli", "serve"], env, () if lock_fd is None else (lock_fd,)
+        )
         self.servers[worker] = process
         return process
 
-    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, argv: list[str], env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+    ) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             argv,
             env=env,
+            pass_fds=pass_fds,
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
         )
@@ -146,18 +181,24 @@ class Supervisor:
     def start(self) -> None:
         """Start both children and wait until both are healthy."""
         s = self.settings
+        # First: a port taken by another flowport on this dir is better explained by naming it.
+        try:
+            self.data_dir = open_data_dir(s.data_dir, "flowport up")
+        except DataDirError as exc:
+            raise UpError(str(exc)) from None
+        for warning in self.data_dir.warnings:
+            self.out(f"flowport: warning: {warning}")
         check_ports_free(s)
         try:
             envoy_bin = find_envoy(s.envoy)
         except EnvoyNotFound as exc:
             raise UpError(str(exc)) from None
-        s.data_dir.mkdir(parents=True, exist_ok=True)
         if s.workers > 1:
             # Values of an earlier run would be added to this one's.
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
-            self.metrics_dir.mkdir()
+            self.metrics_dir.mkdir(mode=0o700)
         config_path = s.data_dir / "envoy.json"
-        config_path.write_text(json.dumps(render(s), indent=2))
+        write_private(config_path, json.dumps(render(s), indent=2))
         deadline = time.monotonic() + s.startup_timeout
         # The first server alone first: it migrates the database and makes
         # the admin key, which the others then find done.
@@ -193,32 +234,41 @@ class Supervisor:
             time.sleep(POLL_INTERVAL)
 
     def wait(self) -> int:
-        """Block until a signal or a child's exit; return the exit code to use.
+        """Block until a signal or Envoy's exit; return the exit code to use.
 
-        With several workers, one that exits is started again (at most once
-        a second); Envoy ejects it meanwhile and its executions are taken
-        over by the others once their leases run out.
+        A server that exits is started again, RESTART_DELAY later, or longer
+        while it keeps dying soon after its start (restart_delay). Envoy
+        answers 503 for it meanwhile (with several workers it sends calls to
+        the others), and executions it ran are resumed by the new process (a
+        SQLite file) or taken over by the others once their leases run out.
         """
-        started = [time.monotonic()] * len(self.servers)
+        count = len(self.servers)
+        started = [self.clock()] * count
+        died: list[float | None] = [None] * count
+        quick_deaths = [0] * count
         while not self.stopping.wait(0.2):
             if self.envoy is not None and self.envoy.poll() is not None:
-                self.out(f"flowport: Envoy exited unexpectedly with code {self.envoy.returncode}; stopping")
+                self.out(f"flowport: Envoy {describe_exit(self.envoy.returncode)} unexpectedly; stopping")
                 return 1
             for worker, proc in enumerate(self.servers):
                 if proc is None or proc.poll() is None:
                     continue
-                if self.settings.workers == 1:
-                    self.out(f"flowport: the server exited unexpectedly with code {proc.returncode}; stopping")
-                    return 1
-                if time.monotonic() - started[worker] < RESTART_DELAY:
+                now = self.clock()
+                died_at = died[worker]
+                if died_at is None:
+                    died[worker] = died_at = now
+                    quick_deaths[worker] = 1 if now - started[worker] >= STABLE_RUN else quick_deaths[worker] + 1
+                    what = "the server" if count == 1 else f"server {worker + 1}"
+                    delay = restart_delay(quick_deaths[worker])
+                    self.out(f"flowport: {what} {describe_exit(proc.returncode)}; starting it again in {delay:g}s")
+                    # Its live gauges (open streams, running executions) are no longer live;
+                    # its counters stay, so totals do not drop (prometheus_client's mark_process_dead).
+                    for stale in self.metrics_dir.glob(f"gauge_live*_{proc.pid}.db"):
+                        stale.unlink(missing_ok=True)
+                if now - died_at < restart_delay(quick_deaths[worker]):
                     continue
-                self.out(f"flowport: server {worker + 1} exited with code {proc.returncode}; starting it again")
-                # Its live gauges (open streams, running executions) are no longer live;
-                # its counters stay, so totals do not drop (prometheus_client's mark_process_dead).
-                for stale in self.metrics_dir.glob(f"gauge_live*_{proc.pid}.db"):
-                    stale.unlink(missing_ok=True)
                 self._start_server(worker)
-                started[worker] = time.monotonic()
+                started[worker], died[worker] = self.clock(), None
                 self.restarts += 1
         return 0
 
@@ -236,6 +286,8 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        if self.data_dir is not None:
+            self.data_dir.close()
 
 
 def _grpc_serving(target: str) -> bool:

@@ -13,17 +13,23 @@ Worker to parent: `{"id", "status": ...}` replies, and at any time during a
 job `{"violation": message}` (from the audit hook) or `{"cpu": true}` (the
 CPU limit fired). Those two cannot be suppressed by the user code, which
 may catch the exceptions that go with them.
+
+A worker ends with its server, however the server ends (kill -9 included):
+between jobs it reads end-of-file on its request pipe; during one, the
+kernel's SIGIO for that pipe's closing stops it (see _exit_with_parent).
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import math
 import os
 import posix
 import re
 import resource
+import select
 import signal
 import sys
 import time
@@ -46,6 +52,7 @@ MAX_FRAME = MAX_RESULT + 64 * 2**10
 MAX_MESSAGE = 2000
 CPU_REFIRE = 0.05  # CPU seconds between repeated SIGPROFs once the limit is hit
 ORPHAN_MARGIN = 10.0
+ORPHANED = 4  # exit status of a worker whose server died
 NOFILE = 32
 NOBODY = 65534
 READ_CHUNK = 1 << 16
@@ -137,6 +144,31 @@ def _drop_privileges() -> None:
         os.setuid(NOBODY)
     except OSError as exc:  # e.g. a user namespace that does not map nobody: the other layers still hold
         sys.stderr.write(f"sandbox worker stays root, cannot switch to uid {NOBODY}: {exc}\n")
+
+
+def _exit_with_parent(proto_in: int, parent: int) -> None:
+    """Exit as soon as the server (`parent`) is gone, even while user code runs.
+
+    The request channel is set to signal SIGIO on every change, its closing
+    included, which the kernel does for a server that dies, before it hands
+    the server's children to another parent. SIGIO also comes with each
+    request, so the handler asks whether the server's end hung up. (The
+    kernel's PR_SET_PDEATHSIG needs ctypes, which must not be loaded here, and
+    the switch to nobody would clear it anyway.) The handler holds only ints
+    and C functions, like the CPU one.
+    """
+    hangup = select.poll()
+    hangup.register(proto_in, select.POLLHUP)  # a hang-up or an error; never a request
+    del sys.modules["select"]  # nothing of it stays for user code to find
+    hung_up, getppid, exit_now = hangup.poll, os.getppid, os._exit
+
+    def on_sigio(signum: int, current: types.FrameType | None) -> None:
+        if hung_up(0) or getppid() != parent:
+            exit_now(ORPHANED)
+
+    signal.signal(signal.SIGIO, on_sigio)
+    fcntl.fcntl(proto_in, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(proto_in, fcntl.F_SETFL, fcntl.fcntl(proto_in, fcntl.F_GETFL) | os.O_ASYNC)
 
 
 def _make_cpu_handler(report_fd: int) -> Callable[[int, types.FrameType | None], None]:
@@ -348,6 +380,9 @@ def _serve(proto_in: int, proto_out: int, runner: _Runner) -> None:
 
 
 def main(argv: list[str]) -> None:
+    # The server, while it lives; read first: should it die before the pipe
+    # signals, the first read here finds the end of the file instead.
+    parent = os.getppid()
     config = orjson.loads(argv[1])
     cpu_seconds = float(config["cpu_seconds"])
     read_allowlist = [str(p) for p in config.get("read_allowlist", ())]
@@ -378,6 +413,7 @@ def main(argv: list[str]) -> None:
     for default in (signal.SIGALRM, signal.SIGXCPU, signal.SIGTERM):
         signal.signal(default, signal.SIG_DFL)  # these end the worker, whatever the parent had
     signal.signal(signal.SIGPROF, _make_cpu_handler(proto_out))
+    _exit_with_parent(proto_in, parent)
     hook = policy.make_hook(
         internal_roots=internal_roots,
         excluded_roots=excluded_roots,

@@ -12,6 +12,8 @@ others in its batch down with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -77,7 +79,11 @@ class SqliteStore(SqlStore):
     @classmethod
     async def open(cls, path: Path, migrations: list[Migration] | None = None) -> SqliteStore:
         """Open (creating if needed) and migrate the database at `path`."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Created 0600 here, not by SQLite (0644 less the umask): its -wal and
+        # -shm files take the database file's mode.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         store = cls(path)
         steps = bundled() if migrations is None else migrations
         # Migrated through SQLAlchemy (Alembic's operations), before the

@@ -18,7 +18,7 @@ from flowport.server.envoy_binary import find_envoy
 from flowport.server.settings import Settings
 from flowport.transcoder.envoy_config import render
 
-from ..conftest import start_up
+from ..conftest import ADMIN_HEADERS, make_settings, start_up, stop_up
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +76,73 @@ def test_children_do_not_outlive_a_killed_supervisor(settings: Settings) -> None
     stack.process.send_signal(signal.SIGKILL)
     stack.process.wait(10)
     assert all(_gone(pid) for pid in children), "an orphan was left after kill -9 of flowport up"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _sleeping(pid: int) -> bool | None:
+    """Whether the process waits in a sleep call; None when the kernel does not say (no ptrace access)."""
+    try:
+        where = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return None
+    return None if where in ("", "0") else "sleep" in where
+
+
+SLEEPER = {
+    "name": "sleeper",
+    "nodes": [{"type": "PythonCodeNode", "name": "nap", "config": {"code": "import time\ntime.sleep(120)"}}],
+    "connections": [],
+}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.timeout(180)
+def test_a_killed_server_comes_back_behind_the_same_envoy_and_its_sandbox_workers_die(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", sandbox_workers=1)
+    stack = start_up(settings)
+    try:
+        children = _children(stack.process.pid)
+        server = next(pid for pid in children if b"flowport.clients.cli" in _cmdline(pid))
+        envoy = next(pid for pid in children if pid != server)
+        worker = next(pid for pid in _children(server) if b"flowport.server.sandbox.worker" in _cmdline(pid))
+        with httpx.Client(base_url=settings.http_url, headers=ADMIN_HEADERS, timeout=10) as http:
+            assert http.post("/api/workflows", json=SLEEPER).status_code == 200
+            assert http.post("/api/executions", json={"workflow_id": "sleeper"}).status_code == 200
+            # The lone worker runs the user's time.sleep (idle, it would end at its pipe's EOF anyway).
+            deadline = time.monotonic() + 30
+            while _sleeping(worker) is False and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _sleeping(worker) is None:  # the kernel hides where it waits: give the job time to arrive
+                time.sleep(2)
+            assert _sleeping(worker) is not False, "the sandbox worker never ran the job"
+            os.kill(server, signal.SIGKILL)
+            assert _gone(worker, timeout=5), "the sandbox worker outlived its server"
+            answers: list[httpx.Response] = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                answers.append(http.get("/health"))
+                if answers[-1].status_code == 200:
+                    break
+                time.sleep(0.05)
+        assert answers[-1].status_code == 200, "the gateway did not come back"
+        unavailable = [a for a in answers if a.status_code == 503]
+        assert unavailable, [a.status_code for a in answers]
+        assert {a.status_code for a in answers} <= {200, 503}
+        for answer in unavailable:
+            assert answer.headers["content-type"].startswith("application/json")
+            assert answer.json()["code"] == 14  # UNAVAILABLE
+        now = _children(stack.process.pid)
+        assert envoy in now and server not in now and len(now) == 2, "Envoy kept running, the server is new"
+    finally:
+        code = stop_up(stack)
+    assert code == 0
+    assert "flowport: the server was killed by SIGKILL; starting it again in 1s" in "".join(stack.output)
 
 
 @pytest.mark.parametrize(("flag", "which"), [("--http-port", "http_port"), ("--grpc-port", "grpc_port")])
