@@ -116,9 +116,11 @@ _SENDABLE_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
 def header_value_problem(value: str) -> str | None:
     """Why `value` cannot be sent as an HTTP header value, or None; never quotes the value."""
-    if _SENDABLE_HEADER_VALUE.fullmatch(value):
-        return None
-    return (
-        "holds a line break, a control character or a character outside ASCII, which an HTTP header cannot "
-        "carry (encode it first, e.g. percent-encoding or base64)"
-    )
+    if not _SENDABLE_HEADER_VALUE.fullmatch(value):
+        return (
+            "holds a line break, a control character or a character outside ASCII, which an HTTP header "
+            "cannot carry (encode it first, e.g. percent-encoding or base64)"
+        )
+    if value != value.strip(" \t"):
+        return "starts or ends with a space or tab, which an HTTP header cannot carry"
+    return None

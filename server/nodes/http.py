@@ -32,6 +32,10 @@ Behaviour of `perform`:
   the API key header are dropped when the origin changes).
 - Bodies larger than `max_response_bytes` (at most 10 MiB) fail with
   `HTTP_RESPONSE_TOO_LARGE`; the size is counted after decompression.
+- Header values (from the config, inputs, a resource's profile, secrets)
+  must be printable ASCII (tabs inside allowed): anything else fails the
+  node with `INVALID_PARAMETER` naming the header, never quoting the value
+  or any character of it (it may hold a secret).
 - `${secret:NAME}` is resolved in the request fields of `secret_fields`,
   in values from the node's config only (server/secrets/resolver.py). The
   values are masked (`***`) in the outputs and error messages; a header
@@ -65,7 +69,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 import httpx
 
-from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target
+from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target, header_value_problem
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
 from flowport.server.nodes.substitution import check_params, secret_references, substitute
 from flowport.server.observability import tracing
@@ -87,7 +91,6 @@ _sleep = asyncio.sleep
 _jitter = random.SystemRandom()
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_BAD_HEADER_VALUE = re.compile(r"[\r\n\x00]")
 
 # -- schemas ---------------------------------------------------------------
 
@@ -294,8 +297,10 @@ def _clean_headers(headers: Mapping[str, Any]) -> dict[str, str]:
         text = value if isinstance(value, str) else str(value)
         if not isinstance(name, str) or not _HEADER_NAME.match(name):
             raise NodeError(f"invalid header name {name!r}", reason="INVALID_PARAMETER")
-        if _BAD_HEADER_VALUE.search(text):
-            raise NodeError(f"header {name} holds a line break or NUL", reason="INVALID_PARAMETER")
+        # Never the value, nor where it goes wrong: it may hold a secret (httpx's own error quotes the character).
+        problem = header_value_problem(text)
+        if problem is not None:
+            raise NodeError(f"header {name} {problem}", reason="INVALID_PARAMETER")
         cleaned[name] = text
     return cleaned
 
@@ -465,7 +470,11 @@ async def _attempt_within(
     except (TimeoutError, httpx.TimeoutException) as exc:
         raise _Transient("HTTP_TIMEOUT", f"{call.method} {_safe(url)} timed out after {budget:.3g}s") from exc
     except httpx.LocalProtocolError as exc:
-        raise NodeError(f"cannot send {call.method} {_safe(url)}: {exc}", reason="INVALID_PARAMETER") from exc
+        # Not the error's text: h11 quotes the offending header value, which may hold a secret.
+        raise NodeError(
+            f"cannot send {call.method} {_safe(url)}: httpx refused the request as malformed",
+            reason="INVALID_PARAMETER",
+        ) from exc
     except httpx.TransportError as exc:
         detail = str(exc) or type(exc).__name__
         raise _Transient("HTTP_UNREACHABLE", f"{call.method} {_safe(url)} failed: {detail}") from exc

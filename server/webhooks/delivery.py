@@ -3,8 +3,10 @@
 An attempt resolves and checks the target, then POSTs the stored body
 within one overall timeout. 2xx succeeds; timeouts, connection errors, 429
 and 5xx may be retried (honouring Retry-After); anything else, and a refused
-target, fails for good. Error texts name no URL and no header, so neither a
-token in a query string nor a secret ever reaches the delivery row or a log.
+target, fails for good, as does a header value HTTP cannot carry (outside
+printable ASCII). Error texts name no URL and no header value (a header's
+name at most), so neither a token in a query string nor a secret ever
+reaches the delivery row or a log.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import httpx
 import orjson
 from google.protobuf import json_format
 
+from flowport.server.egress import header_value_problem
 from flowport.server.events.bus import BusEvent
 from flowport.server.nodes.http import parse_retry_after
 from flowport.server.observability import tracing
@@ -143,6 +146,11 @@ async def attempt(
     def outcome(status: int, error: str, retryable: bool, retry_after: float | None = None) -> Outcome:
         return Outcome(status, _clip(error), retryable, retry_after, int((time.perf_counter() - start) * 1e6))
 
+    for name, value in target.headers.items():
+        problem = header_value_problem(value)
+        if problem is not None:
+            # httpx would raise quoting the character; the value is the receiver's credential.
+            return outcome(0, f"header {name} {problem}", retryable=False)
     try:
         async with asyncio.timeout(timeout):
             pinned = await check_target(target.url, allowlist)

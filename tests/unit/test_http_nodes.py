@@ -465,6 +465,26 @@ async def test_bad_parameters(server: _Server, client: httpx.AsyncClient) -> Non
     assert server.seen == []
 
 
+async def test_header_values_http_cannot_carry_fail_cleanly(server: _Server, client: httpx.AsyncClient) -> None:
+    # httpx would raise UnicodeEncodeError quoting the character (and h11 the whole value): never shown here.
+    for value, shown in (("Jos\u00e9 Garc\u00eda", "\u00e9"), ("a\x01b", "\x01"), ("padded ", "padded")):
+        for node, params in (
+            (run_http, {"url": server.url("/json"), "headers": {"X-Name": value}}),
+            # "Bearer <token>": a token ending in a space makes the header value end in one.
+            (run_rest, {"base_url": server.url(""), "resource": "json", "auth_type": "bearer", "auth_token": value}),
+        ):
+            with pytest.raises(NodeError) as caught:
+                await node(make_ctx(client), **params)
+            assert caught.value.reason == "INVALID_PARAMETER", caught.value.message
+            message = caught.value.message
+            assert message.startswith(("header X-Name ", "header Authorization ")), message
+            assert shown not in message and repr(shown).strip("'") not in message, message
+    assert server.seen == []
+    # A tab inside a value is fine.
+    out = await run_http(make_ctx(client), url=server.url("/echo"), headers={"X-Tabbed": "a\tb"})
+    assert out["response"]["json"]["headers"]["x-tabbed"] == "a\tb"
+
+
 async def test_missing_http_client() -> None:
     ctx = NodeContext("t", "e", "n", 1, 5.0, NodeServices())
     with pytest.raises(NodeError) as caught:

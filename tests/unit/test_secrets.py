@@ -38,7 +38,7 @@ from flowport.server.secrets.vault import SecretVault
 from flowport.server.settings import Settings, SettingsError
 from flowport.server.storage import SqliteStore
 from flowport.server.storage.postgres import PostgresStore
-from flowport.v1 import apikey_pb2, audit_pb2, execution_pb2, secret_pb2, workflow_pb2
+from flowport.v1 import apikey_pb2, audit_pb2, execution_pb2, resource_pb2, secret_pb2, workflow_pb2
 
 from ..conftest import ADMIN_KEY, make_settings
 
@@ -454,6 +454,41 @@ async def test_a_node_error_that_would_show_the_value_masks_it(admin: AsyncClien
     assert "HTTP_INVALID_URL" in str(execution.node_runs[0].error)
     assert "TOP-SECRET" not in json_format.MessageToJson(execution)
     assert MASK in execution.error.message
+
+
+async def test_a_secret_a_header_cannot_carry_fails_the_node_without_showing_it(
+    admin: AsyncClient, receiver: _Receiver
+) -> None:
+    # httpx's UnicodeEncodeError would quote the character and its position in the value.
+    await _put(admin, "ACCENTED", "pa\u00dfw\u00f6rd-TOP-SECRET")
+    profile = resource_pb2.HttpProfile(base_url=receiver.url("/"), headers={"X-Key": "${secret:ACCENTED}"})
+    await admin.resources.CreateResource(
+        resource_pb2.CreateResourceRequest(resource=resource_pb2.Resource(name="partner", http=profile))
+    )
+    nodes = {
+        "header": (
+            _call_node(receiver.url("/x"), headers={"Authorization": "Bearer ${secret:ACCENTED}"}),
+            "Authorization",
+        ),
+        "rest": (
+            {
+                "type": "RESTClientNode",
+                "name": "call",
+                "config": {"base_url": receiver.url("/"), "auth_type": "api_key", "auth_token": "${secret:ACCENTED}"},
+            },
+            "X-API-Key",
+        ),
+        "profile": ({"type": "HTTPRequestNode", "name": "call", "config": {"resource_name": "partner"}}, "X-Key"),
+    }
+    for name, (node, header) in nodes.items():
+        execution = await _run(admin, _workflow(f"accented-{name}", [node]))
+        assert execution.state == execution_pb2.Execution.STATE_FAILED, name
+        assert "INVALID_PARAMETER" in str(execution.node_runs[0].error), execution.error.message
+        assert f"header {header} holds " in execution.error.message, execution.error.message
+        recorded = json_format.MessageToJson(execution, ensure_ascii=True) + execution.error.message
+        for shown in ("\u00df", "\u00f6", "\\xdf", "\\xf6", "\\u00f6", "TOP-SECRET", "position"):
+            assert shown not in recorded, (name, shown)
+    assert receiver.seen == []
 
 
 async def test_each_tenant_resolves_its_own_secret(admin: AsyncClient, beta: AsyncClient, receiver: _Receiver) -> None:

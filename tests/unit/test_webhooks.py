@@ -29,6 +29,7 @@ from flowport.server.settings import Settings
 from flowport.server.storage import SqliteStore
 from flowport.server.storage.webhooks import WebhookTables
 from flowport.server.types import Context
+from flowport.server.webhooks import delivery as webhook_delivery
 from flowport.server.webhooks.delivery import backoff
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.v1 import webhook_pb2, webhook_pb2_grpc
@@ -735,3 +736,27 @@ async def test_deliveries_list_newest_first_with_pages_and_state_filter(
     hour_ahead = (time.time_ns() // 1000) + 3_600_000_000
     assert await env.store.purge_finished_deliveries(before_us=hour_ahead) == 5
     assert [d.webhook_id for d in await env.store.unfinished_deliveries()] == [waiting.webhook_id]
+
+
+async def test_a_header_value_http_cannot_carry_fails_for_good_without_showing_it(
+    receivers: Callable[..., Receiver],
+) -> None:
+    receiver = receivers()
+    # Webhook headers carry the receiver's credentials: the error names the header, never a character of it.
+    target = webhook_delivery.Target(httpx.URL(receiver.url()), {"Authorization": "Bearer t\u00f6ken-XYZ"}, b"")
+    async with httpx.AsyncClient() as http:
+        outcome = await webhook_delivery.attempt(
+            http,
+            target,
+            body=b"{}",
+            event_id="evt_1",
+            delivery_id="dlv_1",
+            attempt_number=1,
+            timeout=5.0,
+            allowlist=frozenset({"127.0.0.1"}),
+        )
+    assert (outcome.status_code, outcome.retryable) == (0, False)
+    assert outcome.error.startswith("header Authorization holds"), outcome.error
+    for shown in ("\u00f6", "xf6", "XYZ", "ken"):
+        assert shown not in outcome.error
+    assert receiver.connections == 0
