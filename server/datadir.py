@@ -86,7 +86,7 @@ def write_private(path: Path, text: str) -> None:
     """Write `path` readable and writable by its owner only, whatever mode it had."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        os.fchmod(fd, PRIVATE_FILE)
+        os.chmod(path, PRIVATE_FILE)  # an existing file keeps its mode through O_CREAT
         f.write(text)
 
 
@@ -130,7 +130,7 @@ def _lock(path: Path, command: str, warnings: list[str]) -> DataDirLock:
 
     where = f"data dir {path} (--data-dir)"
     try:
-        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)  # not inherited (PEP 446)
     except OSError as exc:
         raise DataDirError(f"{where} is not writable: {exc.strerror}") from None
     try:

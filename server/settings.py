@@ -50,7 +50,11 @@ class Settings(BaseModel):
         "above 1 needs --database-url (PostgreSQL) and --redis-url",
     )
     admin_port: Port = Field(9901, ge=1, le=65535, description="Envoy admin interface, always on 127.0.0.1")
-    data_dir: Path = Field(Path(".flowport"), description="where the SQLite database and rendered Envoy config live")
+    data_dir: Path = Field(
+        Path(".flowport"),
+        description="where the SQLite database, the key files, Envoy's config and its access log live; "
+        "created 0700, its files 0600, used by one flowport up or serve at a time (a lock)",
+    )
     database_url: SecretStr | None = Field(
         None,
         description="postgresql://user:password@host:5432/db: a PostgreSQL database several flowport processes "

@@ -83,7 +83,7 @@ class SqliteStore(SqlStore):
         # Created 0600 here, not by SQLite (0644 less the umask): its -wal and
         # -shm files take the database file's mode.
         with contextlib.suppress(FileExistsError):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         store = cls(path)
         steps = bundled() if migrations is None else migrations
         # Migrated through SQLAlchemy (Alembic's operations), before the
