@@ -17,6 +17,7 @@ import httpx
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from flowport.server.egress import header_value_problem
 from flowport.server.errors import cut, shown
 from flowport.server.nodes.sql_pools import UnsupportedDatabase, async_url
 from flowport.server.nodes.substitution import SECRET_NAME, secret_references
@@ -34,7 +35,6 @@ MAX_TEXT: Final = 2048
 CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
 _REFERENCE = re.compile(r"\$\{secret:([^{}]*)\}")
 _HEADER_NAME = re.compile(r"\A[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")
-_BAD_HEADER_VALUE = re.compile(r"[\r\n\x00]")
 
 Violation = tuple[str, str]
 
@@ -137,8 +137,11 @@ def _check_http(profile: resource_pb2.HttpProfile, where: str) -> list[Violation
         here = f"{where}.headers.{name[:40]}"
         if not _HEADER_NAME.match(name):
             found.append((here, "not a valid header name"))
-        elif _BAD_HEADER_VALUE.search(value) or len(value) > MAX_TEXT:
-            found.append((here, f"a header value without CR, LF or NUL, at most {MAX_TEXT} characters"))
+        elif len(value) > MAX_TEXT:
+            found.append((here, f"a header value of at most {MAX_TEXT} characters"))
+        elif (problem := header_value_problem(value)) is not None:
+            # Secrets filled in later are checked when a node sends them.
+            found.append((here, f"the value {problem}"))
         elif name.lower() in CREDENTIAL_HEADERS and "${secret:" not in value:
             found.append((here, "a credential: write it as a ${secret:NAME} reference (e.g. Bearer ${secret:TOKEN})"))
     if profile.timeout_seconds and not 0 < profile.timeout_seconds <= MAX_HTTP_TIMEOUT:

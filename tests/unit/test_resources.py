@@ -513,3 +513,15 @@ async def test_database_resources_go_through_the_sql_guard(tmp_path: Path, postg
     finally:
         await stop(running, 1.0)
         postgres_server.drop_database(database)
+
+
+async def test_profile_header_values_http_cannot_carry_are_refused(admin: AsyncClient) -> None:
+    for value in ("Jos\u00e9", "a\x01b", "padded ", "two\r\nlines"):
+        profile = resource_pb2.HttpProfile(base_url="https://api.example", headers={"X-Name": value})
+        error = await _code(_create(admin, resource_pb2.Resource(name="p", http=profile)))
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, value
+        assert [f for f, _ in error.violations] == ["resource.http.headers.X-Name"]
+        assert value.strip() not in error.details() and value.strip() not in str(error.violations)
+    # A reference is checked when a node fills it in (server/nodes/http.py).
+    profile = resource_pb2.HttpProfile(base_url="https://api.example", headers={"Authorization": "Bearer ${secret:T}"})
+    assert (await _create(admin, resource_pb2.Resource(name="p", http=profile))).name == "p"
