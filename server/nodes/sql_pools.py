@@ -22,7 +22,8 @@ so a second DNS answer cannot swap in an internal one. With
 `ssl=verify-full` the name is kept (the certificate is checked against it,
 which a swapped-in server cannot pass); an allowlisted name is connected to
 by name. The refusal is raised from the connection attempt, so a node, a
-resource's pool and the pool health sweep all meet it.
+resource's pool and the pool health sweep all meet it. A connection string
+without a password gets none: never the server's own (PGPASSWORD, ~/.pgpass).
 """
 
 from __future__ import annotations
@@ -149,6 +150,9 @@ async def pin_connection(arguments: dict[str, Any], allowlist: frozenset[str]) -
     ports = [port for _, port in targets]
     # Explicit ports, so that PGPORT in the server's environment does not pick another one.
     arguments["host"], arguments["port"] = (hosts[0], ports[0]) if len(hosts) == 1 else (hosts, ports)
+    if arguments.get("password") is None:
+        # Not None, or the driver would take the server's own (PGPASSWORD, ~/.pgpass) for a tenant's connection.
+        arguments["password"] = ""
 
 
 def _guard(engine: AsyncEngine, allowlist: frozenset[str]) -> AsyncEngine:

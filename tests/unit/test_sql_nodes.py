@@ -566,16 +566,18 @@ async def test_connections_are_pinned_to_the_checked_address(
     assert lookups == ["db.test"]  # the guard's lookup only: the driver was given the address
 
 
-async def test_pin_connection_keeps_the_name_for_verify_full(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_pin_connection_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     loop = asyncio.get_running_loop()
 
     async def public(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("8.8.8.8", port))]
 
     monkeypatch.setattr(loop, "getaddrinfo", public)
+    monkeypatch.setenv("PGPASSWORD", "the-servers-own")
     plain: dict[str, Any] = {"host": "db.example", "user": "u"}
     await pin_connection(plain, frozenset())
-    assert (plain["host"], plain["port"]) == ("8.8.8.8", 5432)
+    # The address that was checked, an explicit port, and not the server's password from its environment.
+    assert (plain["host"], plain["port"], plain["password"]) == ("8.8.8.8", 5432, "")
     verified: dict[str, Any] = {"host": "db.example", "port": 6432, "ssl": "verify-full"}
     await pin_connection(verified, frozenset())
     assert (verified["host"], verified["port"]) == ("db.example", 6432)
