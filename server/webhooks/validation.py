@@ -6,6 +6,7 @@ import re
 
 import httpx
 
+from flowport.server.egress import header_value_problem
 from flowport.server.errors import shown
 from flowport.server.webhooks.targets import registration_problem
 from flowport.v1 import webhook_pb2
@@ -22,7 +23,6 @@ MAX_SECRET_BYTES = 1024
 MAX_DESCRIPTION = 1024
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
-_BAD_HEADER_VALUE = re.compile(r"[\r\n\x00]")
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection, and the rest
 # describe the body or identify the sender: flowport sets those itself.
 RESERVED_HEADERS = frozenset(
@@ -92,13 +92,13 @@ def _header_problems(headers: dict[str, str]) -> list[Violation]:
             )
         elif lower in seen:
             problems.append(("webhook.headers", f"{shown(name)} is given twice (header names ignore case)"))
-        if _BAD_HEADER_VALUE.search(value) or len(value) > MAX_HEADER_VALUE:
+        if len(value) > MAX_HEADER_VALUE:
             problems.append(
-                (
-                    "webhook.headers",
-                    f"the value of {shown(name)} must be at most {MAX_HEADER_VALUE} characters, one line",
-                )
+                ("webhook.headers", f"the value of {shown(name)} must be at most {MAX_HEADER_VALUE} characters")
             )
+        elif (problem := header_value_problem(value)) is not None:
+            # Never the value: it is write-only, like the secret (a receiver's credential).
+            problems.append(("webhook.headers", f"the value of {shown(name)} {problem}"))
         seen.add(lower)
     return problems
 

@@ -365,6 +365,16 @@ async def test_every_problem_is_reported_at_once(env: Env) -> None:
     assert "short" not in error.message  # the secret is never echoed
 
 
+async def test_header_values_http_cannot_carry_are_refused_without_showing_them(env: Env) -> None:
+    for value in ("Bearer t\u00f6k-XYZ", "Bearer \x01XYZ", "Bearer XYZ "):
+        webhook = W.Webhook(url="https://example.com/hook", headers={"Authorization": value})
+        error = await _error(env.client.webhooks.CreateWebhook(W.CreateWebhookRequest(webhook=webhook)))
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in error.violations] == ["webhook.headers"]
+        described = error.message + str(error.violations)
+        assert "Authorization" in described and "XYZ" not in described and "\u00f6" not in described
+
+
 async def test_tenants_are_isolated(env: Env, receivers: Callable[..., Receiver]) -> None:
     at_a, at_b = receivers(), receivers()
     await env.create(at_a.url(), tenant="a", webhook_id="shared")
