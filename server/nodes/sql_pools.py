@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
 
 from flowport.server.egress import normalize_allowlist, resolve_host
+from flowport.server.errors import shown
 
 # Schemes a connection string may start with, and the async driver each maps to.
 ASYNC_DRIVERS: Final = {
@@ -105,7 +106,7 @@ def connect_arguments(url: URL) -> dict[str, Any]:
     unknown = sorted(set(url.query) - POSTGRES_QUERY_PARAMETERS)
     if unknown:
         raise UnsupportedDatabase(
-            f"connection string parameter {unknown[0][:40]!r} is not accepted; "
+            f"connection string parameter {shown(unknown[0], 40)} is not accepted; "
             f"accepted: {', '.join(sorted(POSTGRES_QUERY_PARAMETERS))}"
         )
     try:
