@@ -1,13 +1,13 @@
 """EventService: resumable event streams (the seed's WebSocket and SSE).
 
-A stream replays the logged events after its cursor (`after_id`, or the
-`last-event-id` header an SSE client sends), then follows new events as
-they are published. It starts with a heartbeat (so headers reach the client
-at once) and beats while idle. The subscription starts before the replay,
-so no event falls between the two; ids already sent are skipped. A
-subscriber that falls more than its queue behind is cut with ABORTED
-(reason SUBSCRIBER_TOO_SLOW, metadata last_event_id) and resumes with
-`after_id`; the other subscribers never wait for it.
+A stream replays the logged events after its cursor (the `last-event-id`
+header an SSE client sends on a reconnect, else `after_id`), then follows
+new events as they are published. It starts with a heartbeat (so headers
+reach the client at once) and beats while idle. The subscription starts
+before the replay, so no event falls between the two; ids already sent are
+skipped. A subscriber that falls more than its queue behind is cut with
+ABORTED (reason SUBSCRIBER_TOO_SLOW, metadata last_event_id) and resumes
+with `after_id`; the other subscribers never wait for it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from flowport.server.api.sessions import check_session, session_scope
-from flowport.server.errors import Aborted, InvalidArgument, OutOfRange
+from flowport.server.errors import Aborted, InvalidArgument, OutOfRange, shown
 from flowport.server.events.bus import BusEvent, EventBus, SubscriberOverflow
 from flowport.server.events.log import EventLog
 from flowport.server.events.types import TypeFilter
@@ -30,17 +30,19 @@ MAX_TYPES = 50
 
 
 def _cursor(request: event_pb2.StreamEventsRequest, context: Context) -> int | None:
-    raw = request.after_id
-    field = "after_id"
+    # Last-Event-ID first: an EventSource sends it on a reconnect to the same
+    # URL, whose after_id (if any) is where the first connection started.
+    raw, field = "", LAST_EVENT_ID
+    for key, value in context.invocation_metadata() or ():
+        if key == LAST_EVENT_ID and isinstance(value, str):
+            raw = value.strip()
     if not raw:
-        for key, value in context.invocation_metadata() or ():
-            if key == LAST_EVENT_ID and isinstance(value, str):
-                raw, field = value.strip(), "last-event-id"
+        raw, field = request.after_id, "after_id"
     if not raw:
         return None
     if not raw.isdigit():
         raise InvalidArgument(
-            f"{field} {raw!r} is not an event id", violations=[(field, "an event id from this server")]
+            f"{field} {shown(raw)} is not an event id", violations=[(field, "an event id from this server")]
         )
     return int(raw)
 

@@ -135,8 +135,11 @@ def test_event_stream_as_ndjson_and_sse(http: httpx.Client) -> None:
             assert response.status_code == 200
             lines = []
             for line in response.iter_lines():
-                if line.strip():
-                    lines.append(json.loads(line.removeprefix("data: ")))
+                # SSE's id: and event: lines are covered in test_stream_edge; heartbeats open every stream.
+                if line.strip() and not line.startswith(("id: ", "event: ")):
+                    event = json.loads(line.removeprefix("data: "))
+                    if event["type"] != "heartbeat":
+                        lines.append(event)
                 if lines and lines[-1].get("type") == "execution.completed":
                     break
         types = [e["type"] for e in lines]
@@ -156,8 +159,8 @@ def test_streams_as_server_sent_events_and_ndjson(http: httpx.Client) -> None:
             assert response.headers["content-type"].startswith(content_type)
             lines = [line for line in response.iter_lines() if line.strip()]
         if accept == "text/event-stream":
-            assert all(line.startswith("data: ") for line in lines)
-            lines = [line.removeprefix("data: ") for line in lines]
+            assert all(line.startswith(("data: ", "id: ", "event: heartbeat")) for line in lines), lines
+            lines = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
         messages = [json.loads(line) for line in lines]
         assert messages[0]["execution"]["execution_id"] == started["execution_id"]
         assert messages[-1]["event"]["type"] == "execution.completed"

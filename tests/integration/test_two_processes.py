@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
-from flowport.clients import Client
+from flowport.clients import ApiError, Client
 from flowport.v1 import apikey_pb2, event_pb2, execution_pb2, gateway_pb2, session_pb2, webhook_pb2, workflow_pb2
 
 from ..backends import RedisServer
@@ -295,6 +295,21 @@ def test_a_key_revoked_on_one_process_is_refused_at_once_by_the_other(clients: l
                 break
             assert time.monotonic() < deadline, "process B kept accepting a revoked key"
             time.sleep(0.05)
+
+
+def test_a_key_revoked_on_one_process_ends_its_open_streams_on_the_other(clients: list[Client]) -> None:
+    a, b = clients
+    created = a.keys.CreateApiKey(apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant="acme")))
+    with Client(b.target, api_key=created.key) as user:
+        # Heartbeats every 0.5 s keep it busy; the deadline bounds the wait for its end.
+        stream = user.events.StreamEvents(event_pb2.StreamEventsRequest(), timeout=20)
+        assert next(stream).type == "heartbeat"  # open on process B
+        a.keys.RevokeApiKey(apikey_pb2.RevokeApiKeyRequest(key_id=created.api_key.key_id))
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stream:
+                pass
+    error = ApiError.from_rpc_error(ended.value)
+    assert (error.code(), error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "CREDENTIAL_REVOKED")
 
 
 def test_an_execution_running_on_one_process_is_cancelled_through_the_other(clients: list[Client]) -> None:
