@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 from flowport.clients import pages, runs, streams
 from flowport.clients.interceptors import AsyncStreamCalls, AsyncUnaryCalls, SyncCalls, credential_metadata
 from flowport.clients.retry import service_config
+from flowport.server.limits import MAX_MESSAGE_BYTES
 from flowport.v1 import (
     apikey_pb2_grpc,
     audit_pb2_grpc,
@@ -60,6 +61,9 @@ def _options(retries: int, options: list[tuple[str, Any]] | None) -> list[tuple[
         # Each client keeps its own connections: grpc otherwise shares them
         # process-wide, and one client's failed reconnects would hold back another.
         ("grpc.use_local_subchannel_pool", 1),
+        # As much as the API answers with (an execution's outputs can be
+        # megabytes): gRPC's default receive limit is 4 MiB.
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         *(options or []),
     ]
 

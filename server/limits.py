@@ -9,6 +9,15 @@ import math
 # in seconds; Envoy's route for it must outlast this.
 MAX_WAIT = 300.0
 
+# The largest message the API answers with, in bytes (the server's own
+# receive cap): Envoy's transcoder buffers a REST response up to this and
+# the SDK accepts this much over gRPC.
+MAX_MESSAGE_BYTES = 16 * 2**20
+# A list page stops before this many bytes (it always holds at least one
+# item), so a page fits gRPC's default 4 MiB receive limit whenever its
+# items do, and stays well inside MAX_MESSAGE_BYTES.
+MAX_PAGE_BYTES = 4 * 2**20 - 2**16
+
 
 def tenant_share(fraction: float, total: int) -> int:
     """How many of `total` slots one tenant may hold with a `fraction` (0 < fraction <= 1) of them.

@@ -12,8 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import orjson
+from google.protobuf.message import Message
 
 from flowport.server.errors import InvalidArgument
+from flowport.server.limits import MAX_PAGE_BYTES
 
 T = TypeVar("T")
 
@@ -82,13 +84,28 @@ def cursor_time_id(cursor: list[Any] | None) -> tuple[int, str] | None:
 
 
 def page(
-    rows: Sequence[T], size: int, filters: dict[str, Any], cursor: Callable[[T], list[Any]]
+    rows: Sequence[T],
+    size: int,
+    filters: dict[str, Any],
+    cursor: Callable[[T], list[Any]],
+    max_bytes: int = MAX_PAGE_BYTES,
 ) -> tuple[list[T], str]:
     """Split `size + 1` fetched rows into the page and the token for the next one.
 
     Fetching one row more than the page tells whether another page exists
-    without a count query.
+    without a count query. A page of messages also ends before it would
+    exceed `max_bytes` (with at least one row in it): the rest come with
+    the next token, so a page never outgrows what REST and gRPC carry.
     """
-    if len(rows) <= size:
+    count = min(len(rows), size)
+    total = 0
+    for i in range(count):
+        row = rows[i]
+        if isinstance(row, Message):
+            total += row.ByteSize() + 8  # with its tag and length in the response
+            if total > max_bytes and i > 0:
+                count = i
+                break
+    if count == len(rows):
         return list(rows), ""
-    return list(rows[:size]), encode_token(cursor(rows[size - 1]), filters)
+    return list(rows[:count]), encode_token(cursor(rows[count - 1]), filters)

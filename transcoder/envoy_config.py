@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from flowport.server.limits import MAX_MESSAGE_BYTES
 from flowport.server.settings import Settings, _connect_host
+from flowport.transcoder.body_fields import lua_source as body_fields_lua
 from flowport.transcoder.console_routes import console_routes
 from flowport.transcoder.envoy_routes import (
     CLUSTER,
@@ -38,6 +40,14 @@ from flowport.transcoder.http_rules import descriptor_path, services
 from flowport.transcoder.local_replies import local_reply_config
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
+# Request headers Envoy accepts (431 beyond): what it forwards, with its own
+# additions and gRPC's 32 bytes of accounting per header, must stay under the
+# server's 8 KiB metadata limit, past which gRPC refuses calls at random
+# (RESOURCE_EXHAUSTED, a 429) instead of always.
+MAX_REQUEST_HEADERS_KB = 6
+MAX_REQUEST_HEADERS = 40
+# A REST response the transcoder buffers whole: the largest message plus gRPC framing.
+MAX_RESPONSE_BODY_BYTES = MAX_MESSAGE_BYTES + 64
 # Headers that carry identity inside the gateway; a client must never set them.
 IDENTITY_HEADERS = ("x-flowport-tenant", "x-flowport-subject", "x-flowport-roles", "x-envoy-original-path")
 CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -49,6 +59,7 @@ CORS_EXPOSE_HEADERS = (
     "grpc-status, grpc-message, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset, retry-after"
 )
 HEALTH_CHECK_PATH = "/healthz"
+BODY_FIELDS = "flowport.body_fields"
 PER_ROUTE_DISABLED = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
 
 SERVICES = services()
@@ -92,6 +103,10 @@ def transcoder_config(settings: Settings, descriptor: Path, stream_style: str = 
         # google/rpc/error_details.proto in the descriptor set.
         convert_grpc_status=True,
         request_validation_options={"reject_unknown_method": True, "reject_unknown_query_parameters": True},
+        # Without these the transcoder holds at most a connection's buffer
+        # (1 MiB) and answers 500 for a legal, larger message.
+        max_request_body_size=settings.max_request_bytes,
+        max_response_body_size=MAX_RESPONSE_BODY_BYTES,
     )
 
 
@@ -244,6 +259,15 @@ def _http_filters(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
                 "envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=settings.max_request_bytes
             ),
         },
+        {
+            # Refuses unknown keys in REST bodies, which the transcoder would drop
+            # (transcoder/body_fields.py); after the buffer filter, so bodies are capped.
+            "name": BODY_FIELDS,
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.lua.v3.Lua",
+                default_source_code={"inline_string": body_fields_lua(descriptor)},
+            ),
+        },
         {"name": TRANSCODER, "typed_config": transcoder_config(settings, descriptor)},
     ]
     if settings.rate_limit_max_requests:
@@ -369,6 +393,8 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
         # The client address is the peer's, never an X-Forwarded-For it sent.
         use_remote_address=True,
         xff_num_trusted_hops=0,
+        max_request_headers_kb=MAX_REQUEST_HEADERS_KB,
+        common_http_protocol_options={"max_headers_count": MAX_REQUEST_HEADERS},
         local_reply_config=local_reply_config(),
         access_log=_access_log(settings),
         route_config={
@@ -421,13 +447,21 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
             }
         ],
         # Eject a server that cannot be reached or resets streams; never one
-        # that answers: an application error (a 501, a 500 for a bad request)
-        # says nothing about the server's health.
+        # that answers. Every gRPC status is an answer, whatever HTTP status
+        # it maps to (UNAVAILABLE is a 503, INTERNAL a 500): it says nothing
+        # about the server's health, and a client's bad input must never count.
+        # Split mode keeps Envoy's own failures to reach the server (connect
+        # failures, resets, timeouts) apart from answers, and only they eject.
         "outlier_detection": {
-            "consecutive_5xx": 5,
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 3,
+            "enforcing_consecutive_local_origin_failure": 100,
+            "enforcing_local_origin_success_rate": 0,
+            "enforcing_failure_percentage_local_origin": 0,
             "enforcing_consecutive_5xx": 0,
-            "consecutive_gateway_failure": 3,
-            "enforcing_consecutive_gateway_failure": 100,
+            "enforcing_consecutive_gateway_failure": 0,
+            "enforcing_success_rate": 0,
+            "enforcing_failure_percentage": 0,
             "interval": "5s",
             "base_ejection_time": "5s",
             "max_ejection_percent": 100,

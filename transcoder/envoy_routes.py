@@ -27,8 +27,11 @@ OPENAPI_PATH = "/openapi.json"
 RETRY_ON = "connect-failure,refused-stream,unavailable,reset"
 # Methods whose bucket is stricter than the gateway-wide one.
 EXECUTION_METHODS = ("/flowport.v1.ExecutionService/CreateExecution",)
-# CreateExecution with `wait` holds the call until the execution ends or its
-# wait_timeout (at most MAX_WAIT) passes; the route must not cut it sooner.
+# CreateExecution with `wait` (and POST /workflows/{id}/execute, the same
+# RPC) holds the call until the execution ends or its wait_timeout (at most
+# MAX_WAIT) passes, sending nothing meanwhile; neither the route's timeout
+# nor its idle timeout (else the stream idle timeout) may cut it sooner.
+WAIT_METHODS = ("/flowport.v1.ExecutionService/CreateExecution",)
 WAIT_MARGIN = 5.0
 
 
@@ -69,13 +72,15 @@ def rpc_routes(settings: Settings, execution_limit: dict[str, Any] | None) -> li
     routes = []
     for method in methods():
         timeout = settings.unary_timeout
-        if method.grpc_path in EXECUTION_METHODS:
+        if method.grpc_path in WAIT_METHODS:
             timeout = max(timeout, MAX_WAIT + WAIT_MARGIN)
         action: dict[str, Any] = {
             "cluster": CLUSTER,
             # Streams end when they end; unary calls get the unary timeout.
             "timeout": "0s" if method.server_streaming else seconds(timeout),
         }
+        if method.grpc_path in WAIT_METHODS:
+            action["idle_timeout"] = seconds(timeout)
         if method.idempotent and not method.server_streaming:
             action["retry_policy"] = {
                 "retry_on": RETRY_ON,

@@ -4,7 +4,9 @@ the server's errors take.
 
 Only REST requests get JSON: the edge filter marks them in dynamic metadata
 (`flowport.rest`). Native gRPC and grpc-web callers keep gRPC's own local
-replies, whose `grpc-message` must stay plain text.
+replies, whose `grpc-message` must stay plain text. A request refused before
+any filter ran (headers too large: 431, or malformed) has no mark; it gets
+JSON unless its content-type says gRPC.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ STATUS_CODES = {
     405: 12,  # UNIMPLEMENTED (method not allowed on this path)
     408: 4,  # DEADLINE_EXCEEDED
     413: 3,  # INVALID_ARGUMENT (request too large)
+    431: 3,  # INVALID_ARGUMENT (request headers too large)
     429: 8,  # RESOURCE_EXHAUSTED
     500: 13,  # INTERNAL
     501: 12,  # UNIMPLEMENTED
@@ -30,16 +33,53 @@ STATUS_CODES = {
 REASONS = {
     404: "NOT_FOUND",
     413: "REQUEST_TOO_LARGE",
+    431: "REQUEST_HEADERS_TOO_LARGE",
     429: "RATE_LIMITED",
     503: "UPSTREAM_UNAVAILABLE",
     504: "UPSTREAM_TIMEOUT",
 }
 UNKNOWN = 2
+# Tells transcoder/body_fields.lua which responses are Envoy's JSON replies:
+# it cuts a long message (Envoy's text may quote the request whole) and drops this header.
+LOCAL_REPLY_HEADER = "x-flowport-local-reply"
+_MARK = {"header": {"key": LOCAL_REPLY_HEADER, "value": "1"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
-_IS_REST = {
+_MARKED_REST = {
     "metadata_filter": {
         "matcher": {"filter": "flowport", "path": [{"key": "rest"}], "value": {"bool_match": True}},
         "match_if_key_not_found": False,
+    }
+}
+# The edge filter never ran: the mark is absent (it is only ever set to true).
+_UNMARKED = {
+    "metadata_filter": {
+        "matcher": {"filter": "flowport", "path": [{"key": "rest"}], "value": {"bool_match": False}},
+        "match_if_key_not_found": True,
+    }
+}
+_NOT_GRPC = {
+    "header_filter": {
+        "header": {
+            "name": "content-type",
+            "string_match": {"prefix": "application/grpc"},
+            "invert_match": True,
+            "treat_missing_header_as_empty": True,
+        }
+    }
+}
+# A reply already written as a JSON google.rpc.Status (transcoder/body_fields.lua) is left as is.
+_NOT_WRITTEN = {
+    "metadata_filter": {
+        "matcher": {"filter": "flowport", "path": [{"key": "json_reply"}], "value": {"bool_match": False}},
+        "match_if_key_not_found": True,
+    }
+}
+_IS_REST = {
+    "and_filter": {
+        "filters": [
+            {"or_filter": {"filters": [_MARKED_REST, {"and_filter": {"filters": [_UNMARKED, _NOT_GRPC]}}]}},
+            _NOT_WRITTEN,
+        ]
     }
 }
 
@@ -70,6 +110,7 @@ def local_reply_config() -> dict[str, Any]:
         {
             "filter": {"and_filter": {"filters": [_status_filter("EQ", status), _IS_REST]}},
             "body_format_override": _body(code, REASONS.get(status, "")),
+            "headers_to_add": [_MARK],
         }
         for status, code in STATUS_CODES.items()
     ]
@@ -77,6 +118,7 @@ def local_reply_config() -> dict[str, Any]:
         {
             "filter": {"and_filter": {"filters": [_status_filter("GE", 400), _IS_REST]}},
             "body_format_override": _body(UNKNOWN, ""),
+            "headers_to_add": [_MARK],
         }
     )
     return {"mappers": mappers}

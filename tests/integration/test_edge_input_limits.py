@@ -1,0 +1,279 @@
+"""Bad or large input through a real Envoy: short, marked errors that never
+eject the server, REST answers as large as gRPC's, unknown JSON fields
+refused, oversized workflows and headers refused, long waits not cut."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from flowport.clients import ApiError, Client
+from flowport.server.limits import MAX_PAGE_BYTES
+from flowport.v1 import execution_pb2, session_pb2
+
+from ..conftest import ADMIN_HEADERS, ADMIN_KEY, Stack, make_settings, start_up, stop_up
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+LONG = "x" * 40_000
+SLOW_SECONDS = 5.0
+
+
+class _Slow(http.server.BaseHTTPRequestHandler):
+    """Answers every GET after SLOW_SECONDS."""
+
+    def do_GET(self) -> None:
+        time.sleep(SLOW_SECONDS)
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"ok": true}')
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def slow_url() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # Unary calls and idle streams time out sooner than a waiting execution
+    # here, so a wait of a few seconds shows whether the wait routes outlast both.
+    settings = make_settings(
+        tmp_path_factory.mktemp("edge_input"), unary_timeout=2.0, stream_idle_timeout=3.0, stream_heartbeat=1.0
+    )
+    stack = start_up(settings)
+    yield stack
+    stop_up(stack)
+
+
+@pytest.fixture
+def rest(edge: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=edge.http, headers=ADMIN_HEADERS, timeout=60) as client:
+        yield client
+
+
+def _marked(message: str) -> None:
+    assert "characters, cut)" in message, message
+    assert len(message) < 1100, f"{len(message)} characters"
+
+
+def _ejections(stack: Stack) -> int:
+    stats = httpx.get(f"http://127.0.0.1:{stack.settings.admin_port}/stats", timeout=10).text
+    lines = [line for line in stats.splitlines() if "outlier_detection.ejections_enforced_total" in line]
+    return sum(int(line.rsplit(":", 1)[1]) for line in lines)
+
+
+def _code_with_a_long_name() -> str:
+    # A SyntaxError whose message quotes a 40,000-character name, in 100 KB of code.
+    name = "n" * 40_000
+    return f"def f({name}):\n    global {name}\n" + "#" * (100_000 - 2 * 40_000 - 40)
+
+
+def test_oversized_values_get_short_marked_errors_and_never_eject_the_server(edge: Stack, rest: httpx.Client) -> None:
+    before = _ejections(edge)
+    oversized = [
+        (
+            "code",
+            lambda: rest.post(
+                "/api/workflows",
+                json={
+                    "name": "w",
+                    "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": _code_with_a_long_name()}}],
+                },
+            ),
+            400,
+        ),
+        (
+            "node type",
+            lambda: rest.post("/api/workflows", json={"name": "w", "nodes": [{"type": LONG, "name": "a"}]}),
+            400,
+        ),
+        ("workflow id", lambda: rest.post("/api/executions", json={"workflow_id": LONG}), 404),
+        ("execution id in the path", lambda: rest.get(f"/api/executions/{'e' * 5000}"), 404),
+        ("node type in the path", lambda: rest.get(f"/api/schemas/nodes/{'t' * 5000}"), 404),
+    ]
+    other = httpx.Client(base_url=edge.http, timeout=30)
+    with Client(edge.envoy_target, api_key=ADMIN_KEY) as grpc_client:
+        for _ in range(8):  # past every outlier threshold Envoy has
+            for what, call, status in oversized:
+                response = call()
+                assert response.status_code == status, (what, response.text[:300])
+                _marked(response.json()["message"])
+                assert other.get("/health").status_code == 200, f"another caller failed after the {what} request"
+            with pytest.raises(ApiError) as caught:
+                grpc_client.sessions.GetSession(session_pb2.GetSessionRequest(session_id=LONG))
+            assert caught.value.code() is grpc.StatusCode.NOT_FOUND, caught.value
+            _marked(caught.value.message)
+            assert other.get("/health").status_code == 200
+    other.close()
+    assert _ejections(edge) == before
+
+
+def _python_workflow(rest: httpx.Client, name: str, code: str) -> str:
+    created = rest.post(
+        "/api/workflows",
+        json={"name": name, "nodes": [{"type": "PythonCodeNode", "name": "py", "config": {"code": code}}]},
+    )
+    assert created.status_code == 200, created.text
+    return str(created.json()["workflow_id"])
+
+
+def test_rest_lists_executions_with_megabyte_outputs(rest: httpx.Client) -> None:
+    workflow_id = _python_workflow(rest, "one_mb", f"result = 'x' * {2**20}")
+    for _ in range(2):
+        ran = rest.post("/api/executions", json={"workflow_id": workflow_id, "wait": True})
+        assert ran.status_code == 200 and ran.json()["state"] == "STATE_SUCCEEDED", ran.text[:300]
+    listed = rest.get("/api/executions", params={"page_size": 2, "workflow_id": workflow_id})
+    assert listed.status_code == 200, listed.text[:300]
+    assert [len(e["outputs"]["py"]["result"]) for e in listed.json()["executions"]] == [2**20, 2**20]
+
+
+def test_an_output_at_the_sandbox_cap_comes_back_over_rest_as_over_grpc(edge: Stack, rest: httpx.Client) -> None:
+    size = 4 * 2**20 - 16  # the sandbox's largest result, as JSON
+    workflow_id = _python_workflow(rest, "four_mb", f"result = 'y' * {size}")
+    waited = rest.post("/api/executions", json={"workflow_id": workflow_id, "wait": True})
+    assert waited.status_code == 200, waited.text[:300]
+    assert waited.json()["state"] == "STATE_SUCCEEDED" and len(waited.json()["outputs"]["py"]["result"]) == size
+    execution_id = waited.json()["execution_id"]
+    fetched = rest.get(f"/api/executions/{execution_id}")
+    assert fetched.status_code == 200 and len(fetched.json()["outputs"]["py"]["result"]) == size
+    with Client(edge.envoy_target, api_key=ADMIN_KEY) as client:
+        over_grpc = client.executions.GetExecution(execution_pb2.GetExecutionRequest(execution_id=execution_id))
+    assert len(over_grpc.outputs["py"]["result"]) == size
+
+
+def test_a_page_ends_before_it_outgrows_what_rest_carries(rest: httpx.Client) -> None:
+    item = MAX_PAGE_BYTES // 3 + 2**16  # three of these do not fit in one page
+    workflow_id = _python_workflow(rest, "third_of_a_page", f"result = 'z' * {item}")
+    for _ in range(3):
+        ran = rest.post("/api/executions", json={"workflow_id": workflow_id, "wait": True})
+        assert ran.status_code == 200, ran.text[:300]
+    first = rest.get("/api/executions", params={"page_size": 3, "workflow_id": workflow_id})
+    assert first.status_code == 200, first.text[:300]
+    assert len(first.json()["executions"]) == 2 and first.json()["next_page_token"]
+    second = rest.get(
+        "/api/executions",
+        params={"page_size": 3, "workflow_id": workflow_id, "page_token": first.json()["next_page_token"]},
+    )
+    assert second.status_code == 200 and len(second.json()["executions"]) == 1
+    assert not second.json()["next_page_token"]
+    ids = {e["execution_id"] for e in first.json()["executions"] + second.json()["executions"]}
+    assert len(ids) == 3
+
+
+def _sessions(rest: httpx.Client) -> int:
+    return len(rest.get("/api/sessions", params={"page_size": 1000}).json()["sessions"])
+
+
+def test_an_unknown_top_level_field_is_refused_by_name_and_does_nothing(rest: httpx.Client) -> None:
+    before = _sessions(rest)
+    response = rest.post("/api/sessions", json={"userid": "ada"})
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["code"] == 3 and "'userid'" in body["message"]
+    assert body["details"][0]["reason"] == "UNKNOWN_FIELD"
+    assert body["details"][1]["field_violations"][0]["field"] == "userid"
+    assert _sessions(rest) == before
+    # Known fields, by proto or JSON name, still work; free-form values take any key.
+    for given in ({"user_id": "ada"}, {"userId": "ada", "metadata": {"any": {"thing": 1}}}):
+        created = rest.post("/api/sessions", json=given)
+        assert created.status_code == 200 and created.json()["user_id"] == "ada", created.text
+
+
+def test_an_unknown_nested_field_is_refused_by_its_path(rest: httpx.Client) -> None:
+    workflow = {
+        "name": "nested_typo",
+        "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": "result = 1"}, "timeot": "5s"}],
+    }
+    response = rest.post("/api/workflows", json=workflow)
+    assert response.status_code == 400, response.text
+    assert response.json()["details"][1]["field_violations"][0]["field"] == "nodes[0].timeot"
+    assert rest.get("/api/workflows/nested_typo").status_code == 404
+
+
+def test_a_wrongly_wrapped_key_request_makes_no_key(rest: httpx.Client) -> None:
+    before = len(rest.get("/api/keys", params={"page_size": 1000}).json()["api_keys"])
+    response = rest.post("/api/keys", json={"api_key": {"tenant": "acme", "description": "wrapped"}})
+    assert response.status_code == 400, response.text
+    assert "'api_key'" in response.json()["message"]
+    assert len(rest.get("/api/keys", params={"page_size": 1000}).json()["api_keys"]) == before
+
+
+def test_an_unknown_field_of_any_length_is_quoted_cut(rest: httpx.Client) -> None:
+    response = rest.post("/api/sessions", json={LONG: 1})
+    assert response.status_code == 400
+    _marked(response.json()["message"])
+
+
+def test_envoy_quotes_a_value_it_cannot_convert_cut(rest: httpx.Client) -> None:
+    response = rest.post("/api/executions", json={"workflow_id": "w", "wait": "y" * 3000})
+    assert response.status_code == 400
+    assert response.json()["message"].startswith("wait: invalid value")
+    _marked(response.json()["message"])
+    assert "x-flowport-local-reply" not in response.headers
+
+
+def test_a_chain_of_a_thousand_nodes_is_a_400(rest: httpx.Client) -> None:
+    nodes = [{"type": "PythonCodeNode", "name": f"n{i}", "config": {"code": "result = x"}} for i in range(1000)]
+    connections = [
+        {"from_node": f"n{i}", "from_output": "result", "to_node": f"n{i + 1}", "to_input": "x"} for i in range(999)
+    ]
+    response = rest.post("/api/workflows", json={"name": "chain", "nodes": nodes, "connections": connections})
+    assert response.status_code == 400, response.text[:300]
+    violations = response.json()["details"][1]["field_violations"]
+    assert [(v["field"], v["description"]) for v in violations] == [("nodes", "at most 500 nodes, got 1000")]
+
+
+def test_waiting_executions_outlast_the_unary_and_idle_timeouts(rest: httpx.Client, slow_url: str) -> None:
+    workflow = {
+        "name": "slow",
+        "nodes": [
+            {"type": "HTTPRequestNode", "name": "get", "config": {"url": slow_url, "method": "GET", "timeout": 30}}
+        ],
+    }
+    created = rest.post("/api/workflows", json=workflow)
+    assert created.status_code == 200, created.text
+    for path, body in (
+        ("/api/executions", {"workflow_id": "slow", "wait": True, "wait_timeout": "30s"}),
+        ("/workflows/slow/execute", {"wait_timeout": "30s"}),
+    ):
+        response = rest.post(path, json=body)
+        assert response.status_code == 200, (path, response.status_code, response.text[:300])
+        assert response.json()["state"] == "STATE_SUCCEEDED", (path, response.text[:300])
+
+
+def test_headers_past_the_limit_are_always_431_json(edge: Stack) -> None:
+    with httpx.Client(base_url=edge.http, timeout=30) as client:
+        for size in (7_000, 9_000, 12_000, 16_000, 40_000):
+            for _ in range(5):
+                response = client.get("/health", headers={"x-big": "v" * size})
+                assert response.status_code == 431, (size, response.status_code, response.text[:200])
+                assert response.headers["content-type"] == "application/json"
+                body = response.json()
+                assert body["code"] == 3 and body["details"][0]["reason"] == "REQUEST_HEADERS_TOO_LARGE"
+
+
+def test_headers_within_the_limit_are_never_refused(edge: Stack) -> None:
+    # The most Envoy lets through, in one header or in as many as it allows:
+    # the server must take all of it, every time (gRPC refuses at random past 8 KiB).
+    one = {"x-big": "v" * 5_800}
+    many = {f"x-h{i:02d}": "v" * 150 for i in range(34)}
+    with httpx.Client(base_url=edge.http, timeout=30, headers=ADMIN_HEADERS) as client:
+        for headers in (one, many):
+            statuses = {client.get("/api/sessions", headers=headers).status_code for _ in range(60)}
+            assert statuses == {200}

@@ -1,0 +1,124 @@
+"""The Envoy config and the server agree on what the edge carries: message
+and page sizes, header limits, waits, and which failures eject a server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowport.clients.client import _options
+from flowport.server import pagination
+from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_PAGE_BYTES, MAX_WAIT
+from flowport.server.settings import Settings
+from flowport.transcoder.body_fields import lua_source, tables
+from flowport.transcoder.envoy_config import MAX_REQUEST_HEADERS_KB, render
+from flowport.transcoder.local_replies import local_reply_config
+from flowport.v1 import execution_pb2
+
+
+def _config(**values: object) -> dict[str, Any]:
+    return render(Settings.load(values, environ={}))
+
+
+def _connection_manager(config: dict[str, Any]) -> dict[str, Any]:
+    typed: dict[str, Any] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return typed
+
+
+def _filter(config: dict[str, Any], name: str) -> dict[str, Any]:
+    filters = _connection_manager(config)["http_filters"]
+    found: dict[str, Any] = next(f for f in filters if f["name"] == name)
+    return found
+
+
+def test_only_failures_to_reach_a_server_eject_it() -> None:
+    outlier = _config()["static_resources"]["clusters"][0]["outlier_detection"]
+    # Every answer, whatever gRPC status it carries, is the server's: never an ejection.
+    assert outlier["split_external_local_origin_errors"] is True
+    for answered in ("enforcing_consecutive_5xx", "enforcing_consecutive_gateway_failure", "enforcing_success_rate"):
+        assert outlier[answered] == 0, answered
+    assert outlier["enforcing_failure_percentage"] == 0
+    assert outlier["enforcing_consecutive_local_origin_failure"] == 100
+
+
+def test_the_transcoder_carries_what_the_server_sends_and_takes() -> None:
+    transcoder = _filter(_config(max_request_bytes=8 * 2**20), "envoy.filters.http.grpc_json_transcoder")
+    config = transcoder["typed_config"]
+    assert config["max_response_body_size"] >= MAX_MESSAGE_BYTES
+    assert config["max_request_body_size"] == 8 * 2**20
+
+
+def test_every_waiting_route_outlasts_the_longest_wait_and_its_idle_time() -> None:
+    routes = _connection_manager(_config(unary_timeout=2.0, stream_idle_timeout=3.0, stream_heartbeat=1.0))[
+        "route_config"
+    ]["virtual_hosts"][0]["routes"]
+    create = next(r for r in routes if r["name"] == "/flowport.v1.ExecutionService/CreateExecution")
+    for key in ("timeout", "idle_timeout"):
+        assert float(create["route"][key].rstrip("s")) > MAX_WAIT, key
+
+
+def test_headers_are_capped_below_the_servers_metadata_limit() -> None:
+    manager = _connection_manager(_config())
+    assert manager["max_request_headers_kb"] == MAX_REQUEST_HEADERS_KB < 8
+    assert manager["common_http_protocol_options"]["max_headers_count"] <= 50
+
+
+def test_a_refused_request_without_the_rest_mark_still_gets_json() -> None:
+    mappers = local_reply_config()["mappers"]
+    headers_too_large = next(
+        m
+        for m in mappers
+        if m["filter"]["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"]["default_value"] == 431
+    )
+    assert headers_too_large["body_format_override"]["json_format"]["details"][0]["reason"] == (
+        "REQUEST_HEADERS_TOO_LARGE"
+    )
+    assert "header_filter" in str(headers_too_large["filter"]), "unmarked requests are told apart by content-type"
+
+
+def _execution(size: int, n: int) -> execution_pb2.Execution:
+    execution = execution_pb2.Execution(execution_id=f"exe_{n}")
+    execution.outputs.update({"a": {"result": "x" * size}})
+    return execution
+
+
+def _cursor(execution: execution_pb2.Execution) -> list[Any]:
+    return [execution.execution_id]
+
+
+def test_a_page_ends_before_it_outgrows_its_byte_budget() -> None:
+    rows = [_execution(MAX_PAGE_BYTES // 3, n) for n in range(4)]
+    page, token = pagination.page(rows, 10, {}, _cursor)
+    assert [e.execution_id for e in page] == ["exe_0", "exe_1"]
+    assert pagination.decode_token(token, {}) == ["exe_1"]
+
+
+def test_a_page_always_holds_its_first_row_however_large() -> None:
+    rows = [_execution(MAX_PAGE_BYTES + 10, 0), _execution(10, 1)]
+    page, token = pagination.page(rows, 10, {}, _cursor)
+    assert [e.execution_id for e in page] == ["exe_0"] and token
+
+
+def test_a_small_page_is_cut_by_its_size_only() -> None:
+    rows = [_execution(10, n) for n in range(3)]
+    assert pagination.page(rows, 5, {}, _cursor) == (rows, "")
+    page, token = pagination.page(rows, 2, {}, _cursor)
+    assert page == rows[:2] and pagination.decode_token(token, {}) == ["exe_1"]
+
+
+def test_the_sdk_receives_messages_as_large_as_the_api_sends() -> None:
+    assert ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES) in _options(4, None)
+
+
+def test_the_body_check_knows_every_route_with_a_body_and_both_field_names() -> None:
+    types, routes = tables()
+    assert ("POST", "^/api/sessions$", "flowport.v1.Session") in routes
+    assert ("POST", "^/workflows/[^/]+/execute$", "flowport.v1.CreateExecutionRequest") in routes
+    assert ("POST", "^/api/workflows:validate$", "flowport.v1.Workflow") in routes
+    session = types["flowport.v1.Session"]
+    assert session["user_id"] == session["userId"] == ""
+    assert session["metadata"] == "", "a Struct takes any key"
+    workflow = types["flowport.v1.Workflow"]
+    assert workflow["nodes"] == "flowport.v1.Node" and "flowport.v1.Node" in types
+    assert types["flowport.v1.Node"]["config"] == ""
+    source = lua_source()
+    assert source.startswith("local TYPES = {") and "function envoy_on_request" in source

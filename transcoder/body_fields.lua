@@ -1,0 +1,402 @@
+-- flowport's body check, in front of the gRPC-JSON transcoder.
+--
+-- The transcoder drops JSON keys that are not fields of the request message
+-- (its parser ignores unknown fields, with no option to refuse them), so a
+-- misspelt or wrongly nested key would silently do nothing. This filter
+-- walks the body of each REST call that has one against the message it
+-- becomes and answers 400, a JSON google.rpc.Status naming the keys, when
+-- one is not a field. Free-form values (Struct, Value, Any, map keys) take
+-- any key; malformed JSON is left to the transcoder to refuse.
+--
+-- TYPES and ROUTES are written in front of this code by
+-- transcoder/body_fields.py, from the descriptor set:
+--   TYPES[message] = { [json key] = kind }, a kind being "" (a value not
+--     walked), a message name, or "map:" .. the kind of the map's values;
+--   ROUTES = { { method, Lua pattern of the path, kind of the body } }.
+
+local find, sub, match = string.find, string.sub, string.match
+
+local MAX_REPORTED = 10 -- unknown keys named in one answer
+local MAX_DEPTH = 64 -- nested messages walked; deeper ones are left to the transcoder
+local SHOWN_BYTES = 200 -- how much of a key an answer quotes
+-- Envoy's JSON local replies carry this header (transcoder/local_replies.py).
+local LOCAL_REPLY_HEADER = "x-flowport-local-reply"
+local MAX_LOCAL_MESSAGE_BYTES = 300
+
+local function skip_space(s, i)
+  return find(s, "[^ \t\r\n]", i) or (#s + 1)
+end
+
+-- The raw text of the string whose quote is at i, and the index after it.
+local function read_string(s, i)
+  local stop = sub(s, i, i) == '"' and '["\\]' or "['\\]"
+  local j = i + 1
+  while true do
+    local k = find(s, stop, j)
+    if k == nil then
+      return nil
+    end
+    if sub(s, k, k) == "\\" then
+      j = k + 2
+    else
+      return sub(s, i + 1, k - 1), k + 1
+    end
+  end
+end
+
+local ESCAPES = { b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
+
+local function utf8_char(code)
+  if code < 0x80 then
+    return string.char(code)
+  elseif code < 0x800 then
+    return string.char(0xC0 + math.floor(code / 64), 0x80 + code % 64)
+  elseif code < 0x10000 then
+    return string.char(0xE0 + math.floor(code / 4096), 0x80 + math.floor(code / 64) % 64, 0x80 + code % 64)
+  end
+  return string.char(
+    0xF0 + math.floor(code / 262144), 0x80 + math.floor(code / 4096) % 64, 0x80 + math.floor(code / 64) % 64,
+    0x80 + code % 64)
+end
+
+-- A key as the transcoder reads it: "\u0075ser_id" is user_id.
+local function unescape(raw)
+  if not find(raw, "\\", 1, true) then
+    return raw
+  end
+  local out, i = {}, 1
+  while true do
+    local k = find(raw, "\\", i, true)
+    if k == nil then
+      out[#out + 1] = sub(raw, i)
+      return table.concat(out)
+    end
+    out[#out + 1] = sub(raw, i, k - 1)
+    local c = sub(raw, k + 1, k + 1)
+    if c == "u" then
+      local code = tonumber(sub(raw, k + 2, k + 5), 16) or 0xFFFD
+      i = k + 6
+      if code >= 0xD800 and code < 0xDC00 and sub(raw, i, i + 1) == "\\u" then
+        local low = tonumber(sub(raw, i + 2, i + 5), 16)
+        if low ~= nil and low >= 0xDC00 and low < 0xE000 then
+          code, i = 0x10000 + (code - 0xD800) * 1024 + (low - 0xDC00), i + 6
+        end
+      end
+      if code >= 0xD800 and code < 0xE000 then
+        code = 0xFFFD -- a lone surrogate
+      end
+      out[#out + 1] = utf8_char(code)
+    else
+      out[#out + 1] = ESCAPES[c] or c
+      i = k + 2
+    end
+  end
+end
+
+-- The index after the value at i, whatever it holds; nil when it does not end.
+local function skip_value(s, i)
+  local c = sub(s, i, i)
+  if c == '"' or c == "'" then
+    local _, after = read_string(s, i)
+    return after
+  end
+  if c ~= "{" and c ~= "[" then
+    return find(s, "[,}%] \t\r\n]", i) or (#s + 1)
+  end
+  local depth, j = 0, i
+  while true do
+    local k = find(s, "[\"'{}%[%]]", j)
+    if k == nil then
+      return nil
+    end
+    local d = sub(s, k, k)
+    if d == '"' or d == "'" then
+      local _, after = read_string(s, k)
+      if after == nil then
+        return nil
+      end
+      j = after
+    else
+      depth = (d == "{" or d == "[") and depth + 1 or depth - 1
+      j = k + 1
+      if depth == 0 then
+        return j
+      end
+    end
+  end
+end
+
+local walk_value
+
+-- The members of the object at i: each key must be a field of `fields`
+-- (nil: any key, a map's), each value is walked as `kind_of(key)`.
+local function walk_object(s, i, fields, map_kind, path, found, depth)
+  local j = skip_space(s, i + 1)
+  if sub(s, j, j) == "}" then
+    return j + 1
+  end
+  while true do
+    local key, after
+    local q = sub(s, j, j)
+    if q == '"' or q == "'" then
+      key, after = read_string(s, j)
+      if key == nil then
+        return nil
+      end
+      key = unescape(key)
+    else
+      -- The transcoder's parser also takes bare keys.
+      key = match(s, "^[%w_$]+", j)
+      if key == nil then
+        return nil
+      end
+      after = j + #key
+    end
+    j = skip_space(s, after)
+    if sub(s, j, j) ~= ":" then
+      return nil
+    end
+    j = skip_space(s, j + 1)
+    local where, kind
+    if fields == nil then
+      where, kind = path .. "[" .. key .. "]", map_kind
+    else
+      where, kind = path == "" and key or (path .. "." .. key), fields[key]
+      if kind == nil then
+        if #found < MAX_REPORTED then
+          found[#found + 1] = where
+        end
+        kind = ""
+      end
+    end
+    j = walk_value(s, j, kind, where, found, depth)
+    if j == nil then
+      return nil
+    end
+    j = skip_space(s, j)
+    local d = sub(s, j, j)
+    if d == "}" then
+      return j + 1
+    elseif d ~= "," then
+      return nil
+    end
+    j = skip_space(s, j + 1)
+  end
+end
+
+walk_value = function(s, i, kind, path, found, depth)
+  local c = sub(s, i, i)
+  if kind == "" or depth > MAX_DEPTH or (c ~= "{" and c ~= "[") then
+    return skip_value(s, i)
+  end
+  if c == "[" then
+    -- A repeated field: each element is of its kind (an array in an array is no field's).
+    local j, n = skip_space(s, i + 1), 0
+    if sub(s, j, j) == "]" then
+      return j + 1
+    end
+    while true do
+      local element = path .. "[" .. n .. "]"
+      if sub(s, j, j) == "[" then
+        j = skip_value(s, j)
+      else
+        j = walk_value(s, j, kind, element, found, depth + 1)
+      end
+      if j == nil then
+        return nil
+      end
+      j = skip_space(s, j)
+      local d = sub(s, j, j)
+      if d == "]" then
+        return j + 1
+      elseif d ~= "," then
+        return nil
+      end
+      j, n = skip_space(s, j + 1), n + 1
+    end
+  end
+  local map_kind = match(kind, "^map:(.*)$")
+  if map_kind ~= nil then
+    return walk_object(s, i, nil, map_kind, path, found, depth + 1)
+  end
+  local fields = TYPES[kind]
+  if fields == nil then
+    return skip_value(s, i)
+  end
+  return walk_object(s, i, fields, nil, path, found, depth + 1)
+end
+
+local function continuation(b)
+  return b ~= nil and b >= 128 and b < 192
+end
+
+-- At most SHOWN_BYTES of `text`, whole characters, and how many characters it has.
+local function prefix(text)
+  local characters = select(2, string.gsub(text, "[^\128-\191]", ""))
+  if #text <= SHOWN_BYTES then
+    return text, characters, false
+  end
+  local stop = SHOWN_BYTES
+  while stop > 0 and continuation(string.byte(text, stop + 1)) do
+    stop = stop - 1
+  end
+  return sub(text, 1, stop), characters, true
+end
+
+-- As the server's errors quote a value: 'abc' or 'abc…' (40000 characters, cut).
+local function shown(text)
+  local start, characters, was_cut = prefix(text)
+  if not was_cut then
+    return "'" .. start .. "'"
+  end
+  return "'" .. start .. "\226\128\166' (" .. characters .. " characters, cut)"
+end
+
+-- At most SHOWN_BYTES of `text`, marked as cut when it was longer.
+local function cut(text)
+  local start, characters, was_cut = prefix(text)
+  return was_cut and (start .. "\226\128\166 (" .. characters .. " characters, cut)") or start
+end
+
+-- `text` as the inside of a JSON string: escaped, and bytes that are not UTF-8 as U+FFFD.
+local function json_text(text)
+  local out, i, n = {}, 1, #text
+  while i <= n do
+    local b = string.byte(text, i)
+    if b < 32 or b == 34 or b == 92 then
+      out[#out + 1] = string.format("\\u%04x", b)
+      i = i + 1
+    elseif b < 128 then
+      out[#out + 1] = string.char(b)
+      i = i + 1
+    else
+      local size = (b >= 240 and b < 245) and 4 or (b >= 224 and b < 240) and 3 or (b >= 194 and b < 224) and 2 or 0
+      local ok = size > 0 and i + size - 1 <= n
+      for k = i + 1, i + size - 1 do
+        if not continuation(string.byte(text, k)) then
+          ok = false
+        end
+      end
+      -- No overlong forms, surrogates or code points past U+10FFFF.
+      local second = string.byte(text, i + 1) or 0
+      if (b == 224 and second < 160) or (b == 237 and second >= 160) or (b == 240 and second < 144)
+        or (b == 244 and second >= 144) then
+        ok = false
+      end
+      if ok then
+        out[#out + 1] = sub(text, i, i + size - 1)
+        i = i + size
+      else
+        out[#out + 1] = "\239\191\189"
+        i = i + 1
+      end
+    end
+  end
+  return table.concat(out)
+end
+
+local function answer(request_handle, method, path, body_kind, found)
+  local names, violations = {}, {}
+  for i, where in ipairs(found) do
+    names[i] = shown(where)
+    violations[i] = '{"field":"' .. json_text(cut(where)) .. '","description":"not a field of '
+      .. body_kind .. '; unknown fields are refused, not ignored"}'
+  end
+  local message = "unknown field" .. (#found > 1 and "s " or " ") .. table.concat(names, ", ")
+    .. " in the body of " .. method .. " " .. cut(path)
+  local body = '{"code":3,"message":"' .. json_text(message) .. '","details":['
+    .. '{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"UNKNOWN_FIELD","domain":"flowport.dev",'
+    .. '"metadata":{"message_type":"' .. body_kind .. '"}},'
+    .. '{"@type":"type.googleapis.com/google.rpc.BadRequest","field_violations":['
+    .. table.concat(violations, ",") .. "]}]}"
+  -- Marked, so the local reply mappers (transcoder/local_replies.py) leave this body as it is.
+  request_handle:streamInfo():dynamicMetadata():set("flowport", "json_reply", true)
+  request_handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, body)
+end
+
+function envoy_on_request(request_handle)
+  local headers = request_handle:headers()
+  local method = headers:get(":method")
+  if method ~= "POST" and method ~= "PUT" and method ~= "PATCH" then
+    return
+  end
+  if string.find(headers:get("content-type") or "", "application/grpc", 1, true) == 1 then
+    return
+  end
+  local path = headers:get(":path") or ""
+  path = match(path, "^[^?]*")
+  local body_kind = nil
+  for _, route in ipairs(ROUTES) do
+    if route[1] == method and find(path, route[2]) then
+      body_kind = route[3]
+      break
+    end
+  end
+  if body_kind == nil or body_kind == "" then
+    return
+  end
+  local body = request_handle:body()
+  if body == nil or body:length() == 0 then
+    return
+  end
+  local text = body:getBytes(0, body:length())
+  local found = {}
+  local start = skip_space(text, 1)
+  if walk_value(text, start, body_kind, "", found, 0) ~= nil and #found > 0 then
+    answer(request_handle, method, path, body_kind, found)
+  end
+end
+
+-- How many characters the JSON string content `raw` stands for.
+local function characters_of(raw)
+  local n = #raw - select(2, string.gsub(raw, "[\128-\191]", ""))
+  n = n - 5 * select(2, string.gsub(raw, "\\u%x%x%x%x", ""))
+  return n - select(2, string.gsub(raw, "\\[^u]", ""))
+end
+
+-- Envoy's own messages may quote the request whole (the transcoder quotes a
+-- value it could not convert, a query parameter it does not know): a local
+-- reply keeps the start of its message, marked as cut like the server's.
+function envoy_on_response(response_handle)
+  local headers = response_handle:headers()
+  if headers:get(LOCAL_REPLY_HEADER) == nil then
+    return
+  end
+  headers:remove(LOCAL_REPLY_HEADER)
+  local length = tonumber(headers:get("content-length") or "")
+  if length ~= nil and length <= MAX_LOCAL_MESSAGE_BYTES + 200 then
+    return
+  end
+  local body = response_handle:body()
+  if body == nil then
+    return
+  end
+  local text = body:getBytes(0, body:length())
+  local start = find(text, '"message":"', 1, true)
+  if start == nil then
+    return
+  end
+  local open = start + 10
+  local raw, after = read_string(text, open)
+  if raw == nil or #raw <= MAX_LOCAL_MESSAGE_BYTES then
+    return
+  end
+  -- Whole escapes and whole characters only.
+  local i = 1
+  while i <= MAX_LOCAL_MESSAGE_BYTES do
+    local step = 1
+    if sub(raw, i, i) == "\\" then
+      step = sub(raw, i + 1, i + 1) == "u" and 6 or 2
+    end
+    if i + step - 1 > MAX_LOCAL_MESSAGE_BYTES then
+      break
+    end
+    i = i + step
+  end
+  while i > 1 and continuation(string.byte(raw, i)) do
+    i = i - 1
+  end
+  local kept = sub(raw, 1, i - 1) .. "\226\128\166 (" .. characters_of(raw) .. " characters, cut)"
+  body:setBytes(sub(text, 1, open) .. kept .. sub(text, after - 1))
+  headers:replace("content-length", tostring(body:length()))
+end

@@ -1,0 +1,142 @@
+"""The Lua filter that refuses unknown fields in REST request bodies.
+
+Envoy's gRPC-JSON transcoder drops JSON keys its descriptor does not know
+(the transcoding library parses with unknown fields ignored and Envoy has no
+option to refuse them), so `{"userid": "ada"}` on POST /api/sessions made a
+session with no user. `body_fields.lua` walks each REST body against the
+message it becomes and answers 400 naming the keys; this module writes the
+tables it walks with (every message a body can reach, every route that takes
+a body) from the descriptor set, so they always match what the transcoder does.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2
+
+from flowport.transcoder.http_rules import descriptor_set, methods
+
+FieldType = descriptor_pb2.FieldDescriptorProto
+# Types whose JSON form is not an object of their fields: any key (Struct,
+# Any), a scalar (Timestamp, Duration, FieldMask, wrappers) or `{}` (Empty).
+# The transcoder checks those forms itself; the walk does not enter them.
+OPAQUE_PREFIX = "google.protobuf."
+# A path template's variable: `{name}` or `{name=pattern}`.
+_VARIABLE = re.compile(r"\{([^}=]+)(?:=([^}]*))?\}")
+_LUA_MAGIC = re.compile(r"([\^$()%.\[\]*+\-?])")
+
+
+def _messages(path: Path | None) -> dict[str, descriptor_pb2.DescriptorProto]:
+    """Every message of the descriptor set by full name, nested ones included."""
+    found: dict[str, descriptor_pb2.DescriptorProto] = {}
+
+    def add(prefix: str, message: descriptor_pb2.DescriptorProto) -> None:
+        name = f"{prefix}.{message.name}" if prefix else message.name
+        found[name] = message
+        for nested in message.nested_type:
+            add(name, nested)
+
+    for file in descriptor_set(path).file:
+        for message in file.message_type:
+            add(file.package, message)
+    return found
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _kind(field: descriptor_pb2.FieldDescriptorProto, messages: dict[str, descriptor_pb2.DescriptorProto]) -> str:
+    """What the walk does with a field's value: '' (not entered), a message name, or 'map:' + the values' kind."""
+    if field.type != FieldType.TYPE_MESSAGE:
+        return ""
+    name = field.type_name.lstrip(".")
+    message = messages.get(name)
+    if message is None:
+        return ""
+    if message.options.map_entry:
+        value = next(f for f in message.field if f.number == 2)
+        return "map:" + _kind(value, messages)
+    if name.startswith(OPAQUE_PREFIX):
+        return ""
+    return name
+
+
+def tables(path: Path | None = None) -> tuple[dict[str, dict[str, str]], list[tuple[str, str, str]]]:
+    """(TYPES, ROUTES) for body_fields.lua: each message a body reaches with its
+    keys (proto and JSON names) and their kinds; each (method, Lua path pattern,
+    body kind) of a REST binding that takes a body."""
+    messages = _messages(path)
+    types: dict[str, dict[str, str]] = {}
+
+    def reach(name: str) -> None:
+        pending = [name]
+        while pending:
+            current = pending.pop()
+            if current in types or current not in messages:
+                continue
+            keys: dict[str, str] = {}
+            for field in messages[current].field:
+                kind = _kind(field, messages)
+                for key in (field.name, field.json_name or _camel(field.name)):
+                    keys[key] = kind
+                target = kind
+                while target.startswith("map:"):
+                    target = target.removeprefix("map:")
+                if target:
+                    pending.append(target)
+            types[current] = keys
+
+    routes: list[tuple[str, str, str]] = []
+    for method in methods(path):
+        for binding in method.bindings:
+            if not binding.body:
+                continue
+            if binding.body == "*":
+                kind = method.input_type
+            else:
+                field = next(f for f in messages[method.input_type].field if f.name == binding.body)
+                kind = "" if field.label == FieldType.LABEL_REPEATED else _kind(field, messages)
+            if kind and not kind.startswith("map:"):
+                reach(kind)
+            routes.append((binding.verb.upper(), _path_pattern(binding.template), kind))
+    return types, routes
+
+
+def _path_pattern(template: str) -> str:
+    """A path template as an anchored Lua pattern: a variable is one segment (`**`: any rest)."""
+    out = []
+    position = 0
+    for found in _VARIABLE.finditer(template):
+        out.append(_LUA_MAGIC.sub(r"%\1", template[position : found.start()]))
+        out.append(".+" if (found.group(2) or "").endswith("**") else "[^/]+")
+        position = found.end()
+    out.append(_LUA_MAGIC.sub(r"%\1", template[position:]))
+    return "^" + "".join(out) + "$"
+
+
+def _lua_string(text: str) -> str:
+    """`text` as a Lua string literal."""
+    escaped = "".join(
+        ch if (" " <= ch <= "~" and ch not in '"\\') else "".join(f"\\{b}" for b in ch.encode()) for ch in text
+    )
+    return f'"{escaped}"'
+
+
+def lua_source(path: Path | None = None) -> str:
+    """body_fields.lua with its TYPES and ROUTES tables in front."""
+    types, routes = tables(path)
+    lines = ["local TYPES = {"]
+    for name in sorted(types):
+        keys = ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in sorted(types[name].items()))
+        lines.append(f"  [{_lua_string(name)}] = {{ {keys} }},")
+    lines.append("}")
+    lines.append("local ROUTES = {")
+    lines += [f"  {{ {_lua_string(m)}, {_lua_string(p)}, {_lua_string(k)} }}," for m, p, k in routes]
+    lines.append("}")
+    code = resources.files("flowport.transcoder").joinpath("body_fields.lua").read_text("utf-8")
+    return "\n".join(lines) + "\n\n" + code
