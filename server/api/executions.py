@@ -9,7 +9,7 @@ from flowport.server.api.common import idempotency_key, request_id_reused, requi
 from flowport.server.api.sessions import check_session
 from flowport.server.api.workflows import workflow_not_found
 from flowport.server.engine.executor import FINISHED, Executor
-from flowport.server.errors import Aborted, InvalidArgument, NotFound
+from flowport.server.errors import Aborted, InvalidArgument, NotFound, shown
 from flowport.server.events.bus import EventBus, SubscriberOverflow
 from flowport.server.limits import MAX_WAIT
 from flowport.server.storage import IdempotencyConflict, Store
@@ -25,7 +25,7 @@ KAILASH_EXECUTE_SUFFIX = "/execute"
 
 def _not_found(execution_id: str) -> NotFound:
     return NotFound(
-        f"execution {execution_id!r} does not exist",
+        f"execution {shown(execution_id)} does not exist",
         reason="EXECUTION_NOT_FOUND",
         metadata={"execution_id": execution_id},
     )

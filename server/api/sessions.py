@@ -9,7 +9,7 @@ from google.protobuf import empty_pb2
 from flowport.server import pagination
 from flowport.server.api.common import check_request_id, idempotency_key, now_us, request_id_reused, require, timestamp
 from flowport.server.auth.principal import Principal
-from flowport.server.errors import InvalidArgument, NotFound
+from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
 from flowport.server.settings import Settings
@@ -160,7 +160,7 @@ async def check_session(store: Store, context: Context, session_id: str) -> None
 def session_not_found(session_id: str) -> NotFound:
     """NOT_FOUND for a session that does not exist, has expired, or is another credential's."""
     return NotFound(
-        f"session {session_id!r} does not exist or has expired",
+        f"session {shown(session_id)} does not exist or has expired",
         reason="SESSION_NOT_FOUND",
         metadata={"session_id": session_id},
     )

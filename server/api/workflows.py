@@ -10,7 +10,7 @@ from flowport.server.api.common import idempotency_key, now_us, request_id_reuse
 from flowport.server.api.sessions import check_session
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import validate
-from flowport.server.errors import InvalidArgument, NotFound
+from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.events.bus import EventBus
 from flowport.server.storage import Deletion, IdempotencyConflict, Store
 from flowport.server.tenancy import tenant_of
@@ -20,7 +20,7 @@ from flowport.v1 import workflow_pb2, workflow_pb2_grpc
 
 def workflow_not_found(workflow_id: str, version: int = 0) -> NotFound:
     """NOT_FOUND for a workflow (or one version of it)."""
-    what = f"workflow {workflow_id!r}" + (f" version {version}" if version else "")
+    what = f"workflow {shown(workflow_id)}" + (f" version {version}" if version else "")
     return NotFound(f"{what} does not exist", reason="WORKFLOW_NOT_FOUND", metadata={"workflow_id": workflow_id})
 
 
