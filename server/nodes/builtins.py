@@ -12,6 +12,7 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+from flowport.server.errors import shown
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType
 from flowport.server.nodes.paths import MISSING, lookup, steps
 
@@ -175,7 +176,7 @@ class TransformNode(NodeType):
                     value = defaults[key]
                 elif params.get("strict"):
                     raise NodeError(
-                        f"path {params['mapping'][key]!r} for {key!r} is not in data", reason="MISSING_PATH"
+                        f"path {shown(params['mapping'][key])} for {shown(key)} is not in data", reason="MISSING_PATH"
                     )
                 else:
                     value = None

@@ -29,6 +29,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from flowport.server.errors import shown
 from flowport.server.nodes.base import NodeError, NodeType
 
 # `$${` (escape), `${secret:…}`, or `${name}`.
@@ -83,7 +84,7 @@ def secret_references(value: Any, path: str = "") -> list[tuple[str, str]]:
 def _secret(inner: str, secrets: Mapping[str, str]) -> str:
     name = inner.strip()[len(_KEPT_PREFIX) :].strip()
     if name not in secrets:
-        raise NodeError(f"unknown secret {name!r}", reason="SECRET_NOT_FOUND")
+        raise NodeError(f"unknown secret {shown(name)}", reason="SECRET_NOT_FOUND")
     return secrets[name]
 
 
@@ -108,7 +109,7 @@ def lookup(name: str, params: Mapping[str, Any]) -> Any:
     """The value `name` refers to in `params`; raises UNRESOLVED_REFERENCE when there is none."""
     value = _lookup(name, params)
     if value is _MISSING:
-        raise NodeError(f"unresolved reference ${{{name}}}: no parameter named {name!r}", reason="UNRESOLVED_REFERENCE")
+        raise NodeError(f"unresolved reference: no parameter named {shown(name)}", reason="UNRESOLVED_REFERENCE")
     return value
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from flowport.server.errors import shown
 from flowport.server.nodes.base import NodeContext, NodeError
 from flowport.server.nodes.substitution import insert_secrets, secret_references
 from flowport.server.resources.spec import parse_url
@@ -131,7 +132,7 @@ class ResourceDirectory:
             resource = await self._store.get_resource(ctx.tenant, name)
             if resource is None:
                 raise NodeError(
-                    f"resource {name!r} does not exist in this tenant: create it with POST /api/resources",
+                    f"resource {shown(name)} does not exist in this tenant: create it with POST /api/resources",
                     reason="RESOURCE_NOT_FOUND",
                 )
             resolved = await _fill(ctx, resource)
@@ -139,7 +140,7 @@ class ResourceDirectory:
         wanted = DatabaseResource if kind == "database" else HttpResource
         if not isinstance(resolved, wanted):
             raise NodeError(
-                f"resource {name!r} is not a {kind} resource; this node needs one", reason="RESOURCE_KIND_MISMATCH"
+                f"resource {shown(name)} is not a {kind} resource; this node needs one", reason="RESOURCE_KIND_MISMATCH"
             )
         return resolved
 

@@ -188,3 +188,13 @@ def test_a_syntax_error_quoting_the_code_is_cut() -> None:
     ((where, description),) = PythonCodeNode.validate_config({"code": code}, "c")
     assert where == "c.code" and description.startswith("SyntaxError: name 'aaa")
     assert len(description) < 300 and "characters, cut)" in description
+
+
+def test_a_node_error_about_a_missing_parameter_quotes_its_name_cut() -> None:
+    from flowport.server.nodes.base import NodeError
+    from flowport.server.nodes.substitution import lookup
+
+    with pytest.raises(NodeError) as caught:
+        lookup("p" * 40_000, {})
+    assert caught.value.reason == "UNRESOLVED_REFERENCE"
+    assert len(caught.value.message) < 300 and "(40000 characters, cut)" in caught.value.message
