@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from flowport.clients.client import _options
 from flowport.server import pagination
 from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_PAGE_BYTES, MAX_WAIT
@@ -122,3 +124,17 @@ def test_the_body_check_knows_every_route_with_a_body_and_both_field_names() -> 
     assert types["flowport.v1.Node"]["config"] == ""
     source = lua_source()
     assert source.startswith("local TYPES = {") and "function envoy_on_request" in source
+
+
+def test_the_sdk_refuses_unknown_fields_in_a_workflow_given_as_json() -> None:
+    # As REST does: a misspelt or misplaced key is an error, not silently dropped.
+    from google.protobuf import json_format
+
+    from flowport.clients.runs import _workflow
+
+    for config, field in (
+        ({"name": "w", "nodez": []}, "nodez"),
+        ({"name": "w", "nodes": [{"type": "PythonCodeNode", "name": "a", "timeot": "1s"}]}, "timeot"),
+    ):
+        with pytest.raises(json_format.ParseError, match=field):
+            _workflow(config)
