@@ -8,17 +8,20 @@ import http.server
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flowport.clients import ApiError, Client
 from flowport.server.limits import MAX_PAGE_BYTES
 from flowport.v1 import execution_pb2, session_pb2
 
-from ..conftest import ADMIN_HEADERS, ADMIN_KEY, Stack, make_settings, start_up, stop_up
+from ..conftest import ADMIN_HEADERS, ADMIN_KEY, EnvoyProcess, Stack, make_settings, start_up, stop_up
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -277,3 +280,54 @@ def test_headers_within_the_limit_are_never_refused(edge: Stack) -> None:
         for headers in (one, many):
             statuses = {client.get("/api/sessions", headers=headers).status_code for _ in range(60)}
             assert statuses == {200}
+
+
+def test_answers_that_map_to_5xx_never_eject_the_server(tmp_path: Path) -> None:
+    # A stand-in upstream, healthy to Envoy's checks, answering GetSession with
+    # UNAVAILABLE (HTTP 503, which Envoy also retries) and ListSessions with
+    # INTERNAL (500): answers, so the server is up.
+    settings = make_settings(tmp_path / "data")
+    calls = {"n": 0}
+
+    def answer_with(code: grpc.StatusCode) -> Any:
+        def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
+            calls["n"] += 1
+            context.abort(code, "not now")
+            return b""
+
+        return grpc.unary_unary_rpc_method_handler(fail)
+
+    upstream = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    checks = health.HealthServicer()
+    checks.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, upstream)
+    upstream.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "flowport.v1.SessionService",
+                {
+                    "GetSession": answer_with(grpc.StatusCode.UNAVAILABLE),
+                    "ListSessions": answer_with(grpc.StatusCode.INTERNAL),
+                },
+            )
+        ]
+    )
+    upstream.add_insecure_port(settings.grpc_target)
+    upstream.start()
+    envoy = EnvoyProcess(settings)
+    envoy.start()
+    try:
+        base = settings.http_url
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{base}/healthz").status_code != 200:
+            assert time.monotonic() < deadline, "the stand-in never turned healthy"
+            time.sleep(0.1)
+        with httpx.Client(base_url=base, timeout=10, headers=ADMIN_HEADERS) as client:
+            statuses = [client.get(path).status_code for _ in range(6) for path in ("/api/sessions/s", "/api/sessions")]
+        assert statuses == [503, 500] * 6 and calls["n"] >= 12, "every call reached the server"
+        stats = httpx.get(f"http://127.0.0.1:{settings.admin_port}/stats", timeout=10).text
+        ejected = [line for line in stats.splitlines() if "outlier_detection.ejections_enforced_total" in line]
+        assert ejected and all(line.endswith(": 0") for line in ejected), ejected
+    finally:
+        envoy.stop()
+        upstream.stop(0)
