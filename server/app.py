@@ -45,7 +45,7 @@ from flowport.server.events.bus import EventBus
 from flowport.server.events.log import EventLog
 from flowport.server.interceptor import ErrorInterceptor, WrappingRegistrar
 from flowport.server.leases import Leases
-from flowport.server.limits import tenant_share
+from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_METADATA_BYTES, tenant_share
 from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.nodes.python_code import PythonCodeNode
@@ -397,7 +397,9 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         options=[
             # Without this a second server would silently share the port.
             ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ],
     )
     # Every service is registered through this, so each method handler is

@@ -17,6 +17,14 @@ MAX_MESSAGE_BYTES = 16 * 2**20
 # item), so a page fits gRPC's default 4 MiB receive limit whenever its
 # items do, and stays well inside MAX_MESSAGE_BYTES.
 MAX_PAGE_BYTES = 4 * 2**20 - 2**16
+# Request metadata the server takes, soft and hard limit alike: gRPC's own
+# defaults (8 KiB soft, 16 KiB hard) refuse calls between the two at random.
+MAX_METADATA_BYTES = 64 * 2**10
+# Request headers Envoy accepts (431 beyond): what it forwards, with its own
+# additions and gRPC's 32 bytes of accounting per header, stays far under
+# MAX_METADATA_BYTES.
+MAX_REQUEST_HEADERS_KB = 32
+MAX_REQUEST_HEADERS = 100
 
 
 def tenant_share(fraction: float, total: int) -> int:

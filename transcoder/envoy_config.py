@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from flowport.server.limits import MAX_MESSAGE_BYTES
+from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_REQUEST_HEADERS, MAX_REQUEST_HEADERS_KB
 from flowport.server.settings import Settings, _connect_host
 from flowport.transcoder.body_fields import lua_source as body_fields_lua
 from flowport.transcoder.console_routes import console_routes
@@ -40,12 +40,6 @@ from flowport.transcoder.http_rules import descriptor_path, services
 from flowport.transcoder.local_replies import local_reply_config
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
-# Request headers Envoy accepts (431 beyond): what it forwards, with its own
-# additions and gRPC's 32 bytes of accounting per header, must stay under the
-# server's 8 KiB metadata limit, past which gRPC refuses calls at random
-# (RESOURCE_EXHAUSTED, a 429) instead of always.
-MAX_REQUEST_HEADERS_KB = 6
-MAX_REQUEST_HEADERS = 40
 # A REST response the transcoder buffers whole: the largest message plus gRPC framing.
 MAX_RESPONSE_BODY_BYTES = MAX_MESSAGE_BYTES + 64
 # Headers that carry identity inside the gateway; a client must never set them.

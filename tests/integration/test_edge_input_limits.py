@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flowport.clients import ApiError, Client
 from flowport.server.limits import MAX_PAGE_BYTES
-from flowport.v1 import execution_pb2, session_pb2
+from flowport.v1 import execution_pb2, session_pb2, session_pb2_grpc
 
 from ..conftest import ADMIN_HEADERS, ADMIN_KEY, EnvoyProcess, Stack, make_settings, start_up, stop_up
 
@@ -262,7 +262,7 @@ def test_waiting_executions_outlast_the_unary_and_idle_timeouts(rest: httpx.Clie
 
 def test_headers_past_the_limit_are_always_431_json(edge: Stack) -> None:
     with httpx.Client(base_url=edge.http, timeout=30) as client:
-        for size in (7_000, 9_000, 12_000, 16_000, 40_000):
+        for size in (33_000, 40_000, 64_000, 100_000):
             for _ in range(5):
                 response = client.get("/health", headers={"x-big": "v" * size})
                 assert response.status_code == 431, (size, response.status_code, response.text[:200])
@@ -273,13 +273,20 @@ def test_headers_past_the_limit_are_always_431_json(edge: Stack) -> None:
 
 def test_headers_within_the_limit_are_never_refused(edge: Stack) -> None:
     # The most Envoy lets through, in one header or in as many as it allows:
-    # the server must take all of it, every time (gRPC refuses at random past 8 KiB).
-    one = {"x-big": "v" * 5_800}
-    many = {f"x-h{i:02d}": "v" * 150 for i in range(34)}
+    # the server must take all of it, every time (with gRPC's default limits it
+    # refused calls at random between 8 and 16 KiB).
+    one = {"x-big": "v" * 31_000}
+    many = {f"x-h{i:02d}": "v" * 300 for i in range(90)}
     with httpx.Client(base_url=edge.http, timeout=30, headers=ADMIN_HEADERS) as client:
         for headers in (one, many):
             statuses = {client.get("/api/sessions", headers=headers).status_code for _ in range(60)}
             assert statuses == {200}
+    # Called directly, the server takes metadata past gRPC's default 8 KiB every time too.
+    with grpc.insecure_channel(edge.grpc_target) as channel:
+        stub = session_pb2_grpc.SessionServiceStub(channel)
+        metadata = (("x-api-key", ADMIN_KEY), ("x-big", "v" * 20_000))
+        for _ in range(30):
+            stub.ListSessions(session_pb2.ListSessionsRequest(), metadata=metadata, timeout=30)
 
 
 def test_answers_that_map_to_5xx_never_eject_the_server(tmp_path: Path) -> None:

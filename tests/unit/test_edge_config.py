@@ -9,7 +9,7 @@ import pytest
 
 from flowport.clients.client import _options
 from flowport.server import pagination
-from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_PAGE_BYTES, MAX_WAIT
+from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_METADATA_BYTES, MAX_PAGE_BYTES, MAX_WAIT
 from flowport.server.settings import Settings
 from flowport.transcoder.body_fields import lua_source, tables
 from flowport.transcoder.envoy_config import MAX_REQUEST_HEADERS_KB, render
@@ -60,8 +60,11 @@ def test_every_waiting_route_outlasts_the_longest_wait_and_its_idle_time() -> No
 
 def test_headers_are_capped_below_the_servers_metadata_limit() -> None:
     manager = _connection_manager(_config())
-    assert manager["max_request_headers_kb"] == MAX_REQUEST_HEADERS_KB < 8
-    assert manager["common_http_protocol_options"]["max_headers_count"] <= 50
+    count = manager["common_http_protocol_options"]["max_headers_count"]
+    assert manager["max_request_headers_kb"] == MAX_REQUEST_HEADERS_KB
+    # What Envoy lets through, with gRPC's 32 bytes of accounting per header and
+    # room for Envoy's own additions, stays under what the server takes.
+    assert MAX_REQUEST_HEADERS_KB * 1024 + 32 * count + 4096 <= MAX_METADATA_BYTES
 
 
 def test_a_refused_request_without_the_rest_mark_still_gets_json() -> None:
