@@ -84,10 +84,23 @@ def open_data_dir(data_dir: Path, command: str) -> DataDirLock:
 
 def write_private(path: Path, text: str) -> None:
     """Write `path` readable and writable by its owner only, whatever mode it had."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    # No symlink is followed: in a data dir others can write to, one planted in
+    # place of our file must not make us truncate or chmod its target.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, PRIVATE_FILE)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        os.chmod(path, PRIVATE_FILE)  # an existing file keeps its mode through O_CREAT
+        _make_private(fd, path)  # an existing file keeps its mode through O_CREAT
         f.write(text)
+
+
+# Windows has neither O_NOFOLLOW nor (before 3.13) fchmod.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _make_private(fd: int, path: Path) -> None:
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, PRIVATE_FILE)
+    else:
+        os.chmod(path, PRIVATE_FILE)
 
 
 def _private_umask() -> None:
@@ -118,8 +131,12 @@ def _prepare(path: Path) -> list[str]:
     for name in OWN_FILES:
         # Not owned by us, or on a read-only mount: whatever opens it next says so.
         with contextlib.suppress(OSError):
-            if stat.S_IMODE((path / name).stat().st_mode) & 0o077:
-                (path / name).chmod(PRIVATE_FILE)
+            fd = os.open(path / name, os.O_RDONLY | _NOFOLLOW)  # a symlink raises: left alone
+            try:
+                if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+                    _make_private(fd, path / name)
+            finally:
+                os.close(fd)
     return warnings
 
 

@@ -109,7 +109,8 @@ STABLE_RUN = 30.0
 
 def restart_delay(quick_deaths: int) -> float:
     """Seconds to wait before starting a server again that died `quick_deaths` times in a row soon after starting."""
-    return min(MAX_RESTART_DELAY, RESTART_DELAY * 2.0 ** max(0, quick_deaths - 1))
+    # The exponent is capped: a server crash-looping all night must not overflow the float.
+    return min(MAX_RESTART_DELAY, RESTART_DELAY * 2.0 ** min(max(0, quick_deaths - 1), 32))
 
 
 def describe_exit(code: int) -> str:

@@ -82,3 +82,21 @@ def test_any_other_descriptor_does_not_count(tmp_path: Path, monkeypatch: pytest
     finally:
         os.close(other)
         holder.close()
+
+
+def test_a_symlink_planted_in_the_data_dir_is_neither_followed_nor_chmodded(tmp_path: Path) -> None:
+    # In a data dir others can write to, a link in place of our file must not reach its target.
+    from flowport.server.datadir import write_private
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    target = tmp_path / "victim"
+    target.write_text("keep me")
+    target.chmod(0o644)
+    (data / "flowport.db").symlink_to(target)
+    (data / "envoy.json").symlink_to(target)
+    open_data_dir(data, "flowport serve").close()
+    with pytest.raises(OSError):
+        write_private(data / "envoy.json", "{}")
+    assert target.read_text() == "keep me"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644

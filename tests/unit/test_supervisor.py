@@ -94,3 +94,9 @@ def test_a_server_that_ran_a_while_is_restarted_after_the_short_delay_every_time
 def test_exits_are_described_by_signal_or_code() -> None:
     assert supervisor.describe_exit(-9) == "was killed by SIGKILL"
     assert supervisor.describe_exit(3) == "exited with code 3"
+
+
+def test_the_restart_delay_stays_capped_however_long_the_crash_loop() -> None:
+    # A night of quick deaths (a database that stays down): 2.0 ** n overflowed past n = 1024.
+    assert [supervisor.restart_delay(n) for n in (1, 2, 3)] == [RESTART_DELAY, 2 * RESTART_DELAY, 4 * RESTART_DELAY]
+    assert supervisor.restart_delay(2000) == supervisor.restart_delay(10**9) == MAX_RESTART_DELAY
