@@ -229,9 +229,8 @@ async def _open_node_services(settings: Settings) -> NodeServices:
         # SSRF check (which vets the address the node itself connects to).
         http=httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False),
         sandbox=sandbox,
-        sql=SqlPools(frozenset(settings.sql_allowlist)),
+        sql=SqlPools(frozenset(settings.sql_allowlist), sqlite_root=settings.sqlite_root),
         http_allowlist=frozenset(settings.http_allowlist),
-        protected_paths=(settings.data_dir,),
         outbound=outbound,
     )
 

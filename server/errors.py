@@ -15,7 +15,8 @@ Envoy ejecting the server).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
+from itertools import islice
 from typing import Any
 
 import grpc
@@ -33,6 +34,8 @@ MAX_DESCRIPTION_CHARS = 600
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 256
 MAX_METADATA_ENTRIES = 16
+# Field violations an error keeps (a status holds fewer); the rest are only counted.
+MAX_VIOLATIONS = 100
 # The serialized status (message included); base64 in grpc-status-details-bin
 # makes it 4/3 larger. With the message that stays under gRPC's 8 KiB
 # default metadata limit, where clients start refusing trailers.
@@ -101,7 +104,13 @@ class FlowportError(Exception):
             cut(str(k), MAX_METADATA_KEY_CHARS): cut(str(v), MAX_METADATA_VALUE_CHARS)
             for k, v in list((metadata or {}).items())[:MAX_METADATA_ENTRIES]
         }
-        self.violations = [(cut(str(f), MAX_FIELD_CHARS), cut(str(d), MAX_DESCRIPTION_CHARS)) for f, d in violations]
+        # The first ones only, so a caller's list of millions is never copied whole.
+        items = iter(violations)
+        self.violations = [
+            (cut(str(f), MAX_FIELD_CHARS), cut(str(d), MAX_DESCRIPTION_CHARS)) for f, d in islice(items, MAX_VIOLATIONS)
+        ]
+        rest = len(violations) - len(self.violations) if isinstance(violations, Sized) else sum(1 for _ in items)
+        self.violations_omitted = rest
         self.retry_delay = retry_delay
 
     def to_status(self) -> status_pb2.Status:
@@ -138,7 +147,7 @@ class FlowportError(Exception):
                 break
             bad_request.field_violations.append(violation)
             room -= violation.ByteSize() + 8
-        omitted = len(self.violations) - len(bad_request.field_violations)
+        omitted = len(self.violations) - len(bad_request.field_violations) + self.violations_omitted
         if omitted:
             info.metadata[OMITTED_KEY] = str(omitted)
         details: list[Any] = [info]

@@ -243,6 +243,11 @@ class Settings(BaseModel):
     service_check_timeout: float = Field(
         5.0, gt=0, le=60, description="seconds a registered service's health check may take"
     )
+    sqlite_dir: Path | None = Field(
+        None,
+        description="folder of the SQLite databases of SQL nodes and database resources, one subfolder per "
+        "tenant (sqlite:///name.db is name.db in it); default <data-dir>/sqlite",
+    )
     resources_file: Path | None = Field(
         None,
         description="JSON file of shared resources (database pools, HTTP profiles) per tenant, written to the "
@@ -325,6 +330,20 @@ class Settings(BaseModel):
             except KeyringError as exc:
                 raise ValueError(str(exc)) from None
         return self
+
+    @model_validator(mode="after")
+    def _sqlite_dir_apart(self) -> Settings:
+        # A tenant's folder must never be the data dir or hold it (a tenant named like a folder in it).
+        if self.sqlite_dir is not None:
+            data, tenants = self.data_dir.resolve(), self.sqlite_dir.resolve()
+            if data == tenants or data.is_relative_to(tenants):
+                raise ValueError("sqlite_dir must not be data_dir nor a folder that holds it")
+        return self
+
+    @property
+    def sqlite_root(self) -> Path:
+        """Where tenants' SQLite databases live, one folder per tenant."""
+        return self.sqlite_dir if self.sqlite_dir is not None else self.data_dir / "sqlite"
 
     @property
     def database_path(self) -> Path:

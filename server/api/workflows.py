@@ -40,7 +40,7 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
         problems = validate(given, self._registry)
         if problems:
             raise InvalidArgument(
-                f"workflow is not valid ({len(problems)} problem{'s' if len(problems) > 1 else ''}): "
+                f"workflow is not valid ({problems.total} problem{'s' if problems.total > 1 else ''}): "
                 + "; ".join(f"{p}: {d}" for p, d in problems[:5]),
                 reason="INVALID_WORKFLOW",
                 violations=problems,
@@ -108,6 +108,7 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
     async def ValidateWorkflow(
         self, request: workflow_pb2.ValidateWorkflowRequest, context: Context
     ) -> workflow_pb2.ValidateWorkflowResponse:
+        # At most MAX_PROBLEMS and a note counting the rest: the answer stays small whatever was sent.
         problems = validate(request.workflow, self._registry)
         return workflow_pb2.ValidateWorkflowResponse(
             valid=not problems,

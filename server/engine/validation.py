@@ -6,12 +6,19 @@ their type's JSON Schema; timeouts and retry policies within the type's
 bounds; connections between existing nodes, from outputs the source
 declares to inputs the target declares, one connection per input, and no
 cycles.
+
+Its cost is bounded whatever the request holds: the node and connection
+counts and the configs' total size are checked first and alone, a node's
+config is checked only up to a size, and at most MAX_PROBLEMS problems are
+listed (the rest are counted in a last note; configs are no longer checked
+once the list is full).
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 from flowport.server.engine.registry import NodeRegistry
@@ -27,6 +34,16 @@ Violation = tuple[str, str]
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 NODE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 MAX_NODES = 500
+# Ten per node: more than any workflow binds, few enough to check at once.
+MAX_CONNECTIONS = 10 * MAX_NODES
+# A node's config, serialized: room for the largest code (100,000 characters) and request bodies.
+MAX_CONFIG_BYTES = 2**20
+# All the nodes' configs together: checking them is the costly part (about 0.4 s a MiB).
+MAX_CONFIGS_BYTES = 4 * 2**20
+# A connection's from_output path and to_input name.
+MAX_PATH_CHARS = 1024
+# Problems listed at most; a last one says how many more there are.
+MAX_PROBLEMS = 100
 MAX_ATTEMPTS = 10
 # A longer cycle is described by its first nodes and its length.
 MAX_CYCLE_SHOWN = 8
@@ -37,73 +54,134 @@ def node_id(node: workflow_pb2.Node) -> str:
     return node.name or node.id
 
 
-def validate(workflow: workflow_pb2.Workflow, registry: NodeRegistry, prefix: str = "") -> list[Violation]:
-    """Every problem with `workflow`; empty when it is valid. Paths get `prefix`."""
-    problems: list[Violation] = []
+class Problems(list[Violation]):
+    """What validate() found: at most MAX_PROBLEMS, then a note; `total` counts every problem found."""
+
+    def __init__(self, listed: Iterable[Violation] = (), total: int = 0) -> None:
+        super().__init__(listed)
+        self.total = total
+
+
+class _Found:
+    """Problems as they are found: the first MAX_PROBLEMS kept, the rest only counted."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.kept: list[Violation] = []
+        self.more = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.kept) >= MAX_PROBLEMS
+
+    def add(self, path: str, description: str) -> None:
+        if self.full:
+            self.more += 1
+        else:
+            self.kept.append((self.prefix + path, description))
+
+    def extend(self, problems: Iterable[Violation]) -> None:
+        for path, description in problems:
+            self.add(path, description)
+
+    def listed(self, unchecked: int) -> Problems:
+        """The kept problems, and a note on what was left out."""
+        total = len(self.kept) + self.more
+        if not self.more and not unchecked:
+            return Problems(self.kept, total)
+        notes = []
+        if self.more:
+            notes.append(f"{self.more} more problem{'s' if self.more > 1 else ''} not listed")
+        if unchecked:
+            notes.append(f"the configs of {unchecked} more node{'s' if unchecked > 1 else ''} not checked")
+        return Problems([*self.kept, (self.prefix.rstrip(".") or "workflow", "and " + "; ".join(notes))], total)
+
+
+def validate(workflow: workflow_pb2.Workflow, registry: NodeRegistry, prefix: str = "") -> Problems:
+    """Every problem with `workflow` (at most MAX_PROBLEMS, then a note); empty when it is valid.
+
+    Paths get `prefix`.
+    """
+    found = _Found(prefix)
     if not workflow.name:
-        problems.append(("name", "required"))
+        found.add("name", "required")
     elif not NAME.match(workflow.name):
-        problems.append(("name", "1 to 128 characters: letters, digits, '_', '-', '.', not starting with '-' or '.'"))
+        found.add("name", "1 to 128 characters: letters, digits, '_', '-', '.', not starting with '-' or '.'")
+    # The counts are checked first and alone: every other check's cost grows with them.
     if not workflow.nodes:
-        problems.append(("nodes", "at least one node is required"))
+        found.add("nodes", "at least one node is required")
     elif len(workflow.nodes) > MAX_NODES:
-        # Checked first and alone: the other checks' cost grows with the nodes.
-        problems.append(("nodes", f"at most {MAX_NODES} nodes, got {len(workflow.nodes)}"))
-        return [(prefix + path, description) for path, description in problems]
+        found.add("nodes", f"at most {MAX_NODES} nodes, got {len(workflow.nodes)}")
+    if len(workflow.connections) > MAX_CONNECTIONS:
+        found.add("connections", f"at most {MAX_CONNECTIONS} connections, got {len(workflow.connections)}")
+    if len(workflow.nodes) > MAX_NODES or len(workflow.connections) > MAX_CONNECTIONS:
+        return found.listed(0)
+    configs = sum(node.config.ByteSize() for node in workflow.nodes)
+    if configs > MAX_CONFIGS_BYTES:
+        found.add("nodes", f"the nodes' configs take at most {MAX_CONFIGS_BYTES} bytes together, got {configs}")
+        return found.listed(0)
     ids: dict[str, int] = {}
+    unchecked = 0
     for i, node in enumerate(workflow.nodes):
-        problems += _check_node(i, node, registry, ids)
-    problems += _check_connections(workflow, registry, ids)
-    return [(prefix + path, description) for path, description in problems]
+        # Configs cost the most to check: once the list is full, they are not.
+        if not _check_node(i, node, registry, ids, found, check_config=not found.full):
+            unchecked += 1
+    _check_connections(workflow, registry, ids, found)
+    return found.listed(unchecked)
 
 
-def _check_node(i: int, node: workflow_pb2.Node, registry: NodeRegistry, ids: dict[str, int]) -> list[Violation]:
+def _check_node(
+    i: int, node: workflow_pb2.Node, registry: NodeRegistry, ids: dict[str, int], found: _Found, *, check_config: bool
+) -> bool:
+    """Adds `node`'s problems to `found`; False when its config was left unchecked."""
     where = f"nodes[{i}]"
-    problems: list[Violation] = []
     ident = node_id(node)
     if not ident:
-        problems.append((f"{where}.name", "a node needs an identifier in 'name' or 'id'"))
+        found.add(f"{where}.name", "a node needs an identifier in 'name' or 'id'")
     elif node.name and node.id and node.name != node.id:
-        problems.append((f"{where}.id", f"differs from name {shown(node.name)}; give one, or the same in both"))
+        found.add(f"{where}.id", f"differs from name {shown(node.name)}; give one, or the same in both")
     elif not NODE_ID.match(ident):
         field = "name" if node.name else "id"
-        problems.append(
-            (f"{where}.{field}", "1 to 128 characters: letters, digits, '_', '-', '.', starting with a letter or '_'")
+        found.add(
+            f"{where}.{field}", "1 to 128 characters: letters, digits, '_', '-', '.', starting with a letter or '_'"
         )
     elif ident in ids:
         field = "name" if node.name else "id"
-        problems.append((f"{where}.{field}", f"duplicate node id {shown(ident)} (also nodes[{ids[ident]}])"))
+        found.add(f"{where}.{field}", f"duplicate node id {shown(ident)} (also nodes[{ids[ident]}])")
     else:
         ids[ident] = i
     if not node.type:
-        problems.append((f"{where}.type", "required"))
-        return problems
+        found.add(f"{where}.type", "required")
+        return True
     node_type = registry.get(node.type)
     if node_type is None:
-        problems.append(
-            (f"{where}.type", f"unknown node type {shown(node.type)}; known types: {', '.join(registry.names())}")
-        )
-        return problems
-    config = struct_to_python(node.config)
-    problems += node_type.validate_config(config, f"{where}.config")
-    problems += _check_secret_references(node_type, config, f"{where}.config")
+        found.add(f"{where}.type", f"unknown node type {shown(node.type)}; known types: {', '.join(registry.names())}")
+        return True
+    config: dict[str, Any] | None = None
+    size = node.config.ByteSize()
+    if size > MAX_CONFIG_BYTES:
+        found.add(f"{where}.config", f"at most {MAX_CONFIG_BYTES} bytes serialized, got {size}")
+    elif check_config:
+        config = struct_to_python(node.config)
+        found.extend(node_type.validate_config(config, f"{where}.config"))
+        found.extend(_check_secret_references(node_type, config, f"{where}.config"))
     if node.HasField("timeout"):
         seconds = node.timeout.ToNanoseconds() / 1e9
         if not 0 < seconds <= node_type.max_timeout:
-            problems.append(
-                (f"{where}.timeout", f"must be more than 0s and at most {node_type.max_timeout:g}s for {node.type}")
+            found.add(
+                f"{where}.timeout", f"must be more than 0s and at most {node_type.max_timeout:g}s for {node.type}"
             )
     if node.HasField("retry"):
         attempts = node.retry.max_attempts
         if not 0 <= attempts <= MAX_ATTEMPTS:
-            problems.append((f"{where}.retry.max_attempts", f"between 0 and {MAX_ATTEMPTS}"))
-        elif attempts > 1 and not node_type.is_retry_safe(struct_to_python(node.config)):
-            problems.append((f"{where}.retry", f"{node.type} is not safe to run twice, so it cannot be retried"))
+            found.add(f"{where}.retry.max_attempts", f"between 0 and {MAX_ATTEMPTS}")
+        elif attempts > 1 and config is not None and not node_type.is_retry_safe(config):
+            found.add(f"{where}.retry", f"{node.type} is not safe to run twice, so it cannot be retried")
         backoffs = (("initial_backoff", node.retry.initial_backoff), ("max_backoff", node.retry.max_backoff))
         for field, duration in backoffs:
             if duration.ByteSize() and duration.ToNanoseconds() <= 0:
-                problems.append((f"{where}.retry.{field}", "must be positive"))
-    return problems
+                found.add(f"{where}.retry.{field}", "must be positive")
+    return check_config or size > MAX_CONFIG_BYTES
 
 
 def _check_secret_references(node_type: NodeType, config: dict[str, Any], where: str) -> list[Violation]:
@@ -133,8 +211,9 @@ def _check_secret_references(node_type: NodeType, config: dict[str, Any], where:
     return problems
 
 
-def _check_connections(workflow: workflow_pb2.Workflow, registry: NodeRegistry, ids: dict[str, int]) -> list[Violation]:
-    problems: list[Violation] = []
+def _check_connections(
+    workflow: workflow_pb2.Workflow, registry: NodeRegistry, ids: dict[str, int], found: _Found
+) -> None:
     edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
     bound: dict[tuple[str, str], int] = {}
     for k, conn in enumerate(workflow.connections):
@@ -142,50 +221,48 @@ def _check_connections(workflow: workflow_pb2.Workflow, registry: NodeRegistry, 
         ok = True
         for field in ("from_node", "from_output", "to_node", "to_input"):
             if not getattr(conn, field):
-                problems.append((f"{where}.{field}", "required"))
+                found.add(f"{where}.{field}", "required")
+                ok = False
+        for field in ("from_output", "to_input"):
+            # Paths are split into steps: a long one would cost as much.
+            if len(getattr(conn, field)) > MAX_PATH_CHARS:
+                found.add(f"{where}.{field}", f"at most {MAX_PATH_CHARS} characters")
                 ok = False
         if not ok:
             continue
         source = ids.get(conn.from_node)
         target = ids.get(conn.to_node)
         if source is None:
-            problems.append((f"{where}.from_node", f"no node with id {shown(conn.from_node)}"))
+            found.add(f"{where}.from_node", f"no node with id {shown(conn.from_node)}")
         if target is None:
-            problems.append((f"{where}.to_node", f"no node with id {shown(conn.to_node)}"))
+            found.add(f"{where}.to_node", f"no node with id {shown(conn.to_node)}")
         if source is None or target is None:
             continue
         source_type = registry.get(workflow.nodes[source].type)
         target_type = registry.get(workflow.nodes[target].type)
         output = str(next(iter(steps(conn.from_output)), ""))
         if source_type is not None and output not in source_type.output_names():
-            problems.append(
-                (
-                    f"{where}.from_output",
-                    f"{source_type.type_name} has no output {shown(output)}; "
-                    f"it has: {', '.join(source_type.output_names())}",
-                )
+            found.add(
+                f"{where}.from_output",
+                f"{source_type.type_name} has no output {shown(output)}; "
+                f"it has: {', '.join(source_type.output_names())}",
             )
         if target_type is not None and not target_type.open_inputs and conn.to_input not in target_type.input_names():
-            problems.append(
-                (
-                    f"{where}.to_input",
-                    f"{target_type.type_name} has no input {shown(conn.to_input)}; "
-                    f"it has: {', '.join(target_type.input_names())}",
-                )
+            found.add(
+                f"{where}.to_input",
+                f"{target_type.type_name} has no input {shown(conn.to_input)}; "
+                f"it has: {', '.join(target_type.input_names())}",
             )
         key = (conn.to_node, conn.to_input)
         if key in bound:
-            problems.append(
-                (
-                    f"{where}.to_input",
-                    f"input {shown(conn.to_input)} of {shown(conn.to_node)} "
-                    f"is already bound by connections[{bound[key]}]",
-                )
+            found.add(
+                f"{where}.to_input",
+                f"input {shown(conn.to_input)} of {shown(conn.to_node)} is already bound by connections[{bound[key]}]",
             )
         else:
             bound[key] = k
         if conn.from_node == conn.to_node:
-            problems.append((where, f"connects node {shown(conn.from_node)} to itself"))
+            found.add(where, f"connects node {shown(conn.from_node)} to itself")
             continue
         edges[conn.from_node].append((conn.to_node, k))
     cycle = find_cycle(list(ids), edges)
@@ -193,8 +270,7 @@ def _check_connections(workflow: workflow_pb2.Workflow, registry: NodeRegistry, 
         nodes, index = cycle
         if len(nodes) > MAX_CYCLE_SHOWN:
             nodes = [*nodes[: MAX_CYCLE_SHOWN - 1], f"… ({len(nodes) - 1} nodes)", nodes[-1]]
-        problems.append((f"connections[{index}]", "creates a cycle: " + " → ".join(nodes)))
-    return problems
+        found.add(f"connections[{index}]", "creates a cycle: " + " → ".join(nodes))
 
 
 def find_cycle(nodes: list[str], edges: dict[str, list[tuple[str, int]]]) -> tuple[list[str], int] | None:

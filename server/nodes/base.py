@@ -14,13 +14,16 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from itertools import islice
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from jsonschema import Draft202012Validator, ValidationError
 
 from flowport.server.errors import SHOWN_CHARS, shown
 from flowport.v1 import registry_pb2
+
+# Schema errors one config reports at most.
+MAX_CONFIG_PROBLEMS = 100
 
 if TYPE_CHECKING:
     import httpx
@@ -96,9 +99,6 @@ class NodeServices:
     sql: SqlPools | None = None
     # Hosts an HTTP node may reach although they resolve to private ranges.
     http_allowlist: frozenset[str] = frozenset()
-    # Folders a SQLite connection string may not point into: the server's
-    # own data dir holds every tenant's state.
-    protected_paths: tuple[Path, ...] = ()
     # Where `${secret:NAME}` values come from; None: nodes that reference one fail.
     secrets: SecretReader | None = None
     # The service registry, for MCPServiceDiscoveryNode; None: that node fails.
@@ -190,11 +190,13 @@ class NodeType(ABC):
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any], path: str) -> list[Violation]:
-        """Problems with `config`, each with a field path under `path`."""
+        """Problems with `config` (at most MAX_CONFIG_PROBLEMS), each with a field path under `path`."""
         if cls._validator is None or cls._validator.schema is not cls.config_schema:
             cls._validator = Draft202012Validator(cls.config_schema)
         problems = []
-        for error in sorted(cls._validator.iter_errors(dict(config)), key=lambda e: list(e.absolute_path)):
+        # The first errors only: a config of a million wrong values would make a million.
+        errors = islice(cls._validator.iter_errors(dict(config)), MAX_CONFIG_PROBLEMS)
+        for error in sorted(errors, key=lambda e: list(e.absolute_path)):
             where = path + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
             if error.validator == "required":
                 missing = error.message.split("'")[1] if "'" in error.message else "?"

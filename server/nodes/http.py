@@ -533,7 +533,8 @@ def _redirect_method(method: str, content: bytes | None, status: int) -> tuple[s
 
 async def _read_capped(response: httpx.Response, cap: int, head: bool, url: httpx.URL) -> bytes:
     declared = response.headers.get("content-length", "")
-    if not head and declared.isdigit() and int(declared) > cap:
+    # ASCII digits only ("²".isdigit() is true), and few enough for int(); the read below caps the rest.
+    if not head and declared.isascii() and declared.isdigit() and len(declared) <= 18 and int(declared) > cap:
         raise NodeError(
             f"response from {_safe(url)} is {declared} bytes, more than the {cap} allowed",
             reason="HTTP_RESPONSE_TOO_LARGE",

@@ -42,6 +42,8 @@ reaches SQL only as a bound value. Rows that return one have it masked.
 `echo` is accepted for compatibility and ignored: SQL logging would log
 bound values, and engines are shared between workflows.
 
+A SQLite database is a file in the tenant's own folder (`sqlite:///name.db`)
+or `:memory:`; a PostgreSQL connection string names its user and database.
 PostgreSQL targets go through the SSRF guard (server/nodes/sql_pools.py):
 internal addresses only with `--sql-allowlist`. Every failure to connect
 (a refused or unresolvable target, a closed or filtered port, rejected
@@ -63,7 +65,6 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Final
 
 from sqlalchemy import text
@@ -75,6 +76,7 @@ from sqlalchemy.sql.elements import TextClause
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
 from flowport.server.nodes.sql_pools import (
     CONNECTION_STRING_PATTERN,
+    ForbiddenDatabase,
     UnsupportedDatabase,
     async_url,
     connect_arguments,
@@ -106,7 +108,8 @@ _CONFIG_SCHEMA: JsonSchema = {
         "connection_string": {
             "type": "string",
             "pattern": CONNECTION_STRING_PATTERN,
-            "description": "sqlite:///path.db or postgresql://user:pass@host:port/db",
+            "description": "sqlite:///name.db (a file in the tenant's own folder; no paths) or sqlite:///:memory:, "
+            "or postgresql://user:pass@host:port/db (user and database required)",
         },
         "resource_name": {
             "type": "string",
@@ -277,30 +280,35 @@ async def _sqlite_watchdog(conn: AsyncConnection, delay: float) -> _Watchdog | N
 
 # Statements that reach other database files from a SQLite connection.
 _SQLITE_ESCAPES = re.compile(r"\b(attach|detach|vacuum|load_extension)\b", re.IGNORECASE)
+_SECRET_REFERENCE = re.compile(r"\$\{secret:[^{}]*\}")
 
 
-def _refuse_protected(url: URL, protected: tuple[Path, ...], query: str = "") -> None:
-    """Refuse a SQLite file inside a protected folder (the server's own data),
-    URI file names (which bypass the path check), and statements that open
-    other files from a SQLite connection."""
-    if not url.drivername.startswith("sqlite"):
-        return
-    database = url.database or ""
-    if database.startswith("file:") or str(url.query.get("uri", "")).lower() in ("true", "1"):
-        raise NodeError("SQLite URI file names are not accepted; give a plain path", reason="SQL_DATABASE_FORBIDDEN")
-    if _SQLITE_ESCAPES.search(query):
+def _refuse_sqlite_statements(url: URL, query: str) -> None:
+    """Refuse statements that open other files from a SQLite connection."""
+    if url.get_backend_name() == "sqlite" and _SQLITE_ESCAPES.search(query):
         raise NodeError(
             "ATTACH, DETACH, VACUUM and load_extension are not allowed on SQLite", reason="SQL_STATEMENT_FORBIDDEN"
         )
-    if not database or database == ":memory:" or not protected:
-        return
-    target = Path(database).resolve()
-    for folder in protected:
-        if target.is_relative_to(folder.resolve()):
-            raise NodeError(
-                "this SQLite database is in the server's data directory, which nodes may not open",
-                reason="SQL_DATABASE_FORBIDDEN",
-            )
+
+
+def _database_error(exc: UnsupportedDatabase) -> NodeError:
+    reason = "SQL_DATABASE_FORBIDDEN" if isinstance(exc, ForbiddenDatabase) else "SQL_UNSUPPORTED_DATABASE"
+    return NodeError(str(exc), reason=reason)
+
+
+def connection_string_problem(value: object) -> str | None:
+    """Why a config's connection string is refused, or None (also when only the run can tell: it
+    holds a ${name} reference). A ${secret:NAME} stands for a plain value here."""
+    if not isinstance(value, str) or not re.match(CONNECTION_STRING_PATTERN, value):
+        return None  # the schema reports it
+    stood_in = _SECRET_REFERENCE.sub("secret", value)
+    if "${" in stood_in:
+        return None
+    try:
+        async_url(stood_in)
+    except UnsupportedDatabase as exc:
+        return str(exc)
+    return None
 
 
 class SQLDatabaseNode(NodeType):
@@ -343,6 +351,8 @@ class SQLDatabaseNode(NodeType):
             problems.append((f"{path}.connection_string", f"{cls.type_name} needs connection_string or resource_name"))
         elif len(given) == 2:
             problems.append((f"{path}.resource_name", "give connection_string or resource_name, not both"))
+        if (problem := connection_string_problem(config.get("connection_string"))) is not None:
+            problems.append((f"{path}.connection_string", problem))
         return problems
 
     @classmethod
@@ -389,24 +399,29 @@ class SQLDatabaseNode(NodeType):
         try:
             url = async_url(connection_string) if isinstance(connection_string, str) else None
         except UnsupportedDatabase as exc:
-            raise NodeError(str(exc), reason="SQL_UNSUPPORTED_DATABASE") from exc
+            raise _database_error(exc) from None
         check_params(type(self), params)
         if url is None or not isinstance(connection_string, str):
             raise NodeError("connection_string or resource_name is required", reason="INVALID_PARAMETER")
-        _refuse_protected(url, ctx.services.protected_paths, str(params.get("query", "")))
+        _refuse_sqlite_statements(url, str(params.get("query", "")))
         pools = ctx.services.sql
         if pools is None:
             raise NodeError("no SQL pools are configured", reason="SQL_POOLS_UNAVAILABLE")
-        engine = pools.engine(
-            connection_string,
-            int(params.get("pool_size", 5)),
-            int(params.get("max_overflow", 10)),
-            int(params.get("pool_recycle", 3600)),
-            tenant=ctx.tenant,
-        )
-        return await self._query(
-            ctx, prepared, params, secrets, engine=engine, url=url, where=describe(connection_string)
-        )
+        try:
+            engine = pools.engine(
+                connection_string,
+                int(params.get("pool_size", 5)),
+                int(params.get("max_overflow", 10)),
+                int(params.get("pool_recycle", 3600)),
+                tenant=ctx.tenant,
+            )
+        except UnsupportedDatabase as exc:
+            raise _database_error(exc) from None
+        # Held until the statement ends: an engine dropped from the cache meanwhile is disposed after it.
+        async with pools.using(engine):
+            return await self._query(
+                ctx, prepared, params, secrets, engine=engine, url=url, where=describe(connection_string)
+            )
 
     async def _run_on_resource(
         self, ctx: NodeContext, prepared: Any, params: dict[str, Any], secrets: Revealed
@@ -426,11 +441,12 @@ class SQLDatabaseNode(NodeType):
         with masking(ctx, resolved.secret_values) as mask:
             try:
                 url = async_url(resolved.connection_string)
+                # Before the pool exists: a refused database is never opened, nor health-checked.
+                _refuse_sqlite_statements(url, str(params.get("query", "")))
+                engine = directory.pool(ctx.tenant, resolved)
             except UnsupportedDatabase as exc:
-                raise NodeError(str(exc), reason="SQL_UNSUPPORTED_DATABASE") from None
-            # Before the pool exists: a refused database is never opened, nor health-checked.
-            _refuse_protected(url, ctx.services.protected_paths, str(params.get("query", "")))
-            async with pools.using(directory.pool(ctx.tenant, resolved)) as engine:
+                raise _database_error(exc) from None
+            async with pools.using(engine):
                 result = await self._query(
                     ctx, prepared, params, secrets, engine=engine, url=url, where=f"resource {name!r}"
                 )
@@ -548,6 +564,8 @@ def _failure(
     exc: Exception, connected: bool, where: str, *, remaining: float, max_rows: int, watchdog: _Watchdog | None
 ) -> Exception:
     """The NodeError for `exc` from a statement on SQLite, or on PostgreSQL once connected (else `exc`)."""
+    if isinstance(exc, ForbiddenDatabase):  # a SQLite file that became a symbolic link
+        return NodeError(str(exc), reason="SQL_DATABASE_FORBIDDEN")
     if isinstance(exc, TimeoutError):
         return NodeError(f"query on {where} timed out after {remaining:.3g}s", reason="SQL_TIMEOUT", retryable=True)
     if isinstance(exc, _TooManyRows):

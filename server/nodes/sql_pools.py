@@ -24,16 +24,43 @@ which a swapped-in server cannot pass); an allowlisted name is connected to
 by name. The refusal is raised from the connection attempt, so a node, a
 resource's pool and the pool health sweep all meet it. A connection string
 without a password gets none: never the server's own (PGPASSWORD, ~/.pgpass).
+
+A tenant's connection carries nothing of the server's: the connection
+string must name its user and database (no PGUSER, PGDATABASE or OS user
+name), and TLS is set up here from `ssl` (default `prefer`) with a context
+that holds no client certificate and trusts the system's CAs, so asyncpg
+never reads PGSSLMODE, PGSSLCERT, PGSSLKEY, PGSSLROOTCERT, PGSSLNEGOTIATION
+or ~/.postgresql. The TCP connection goes to the checked address while TLS
+still uses the host's name (server name, and the certificate check with
+`verify-full`). `prefer` and `allow` try TLS first and go on without it
+when the server refuses it.
+
+SQLite databases live in the tenant's own folder: `sqlite:///name.db` is
+the file `name.db` in `<root>/<tenant>/` (`sqlite_folder`); absolute
+paths, folders, `..` and URI file names are refused (`ForbiddenDatabase`),
+`:memory:` is allowed. A symbolic link is never opened: the folder and the
+file are checked when the engine is made and before each new connection.
+
+`SqlPools.engine` keeps at most `MAX_ENGINES_PER_TENANT` engines per tenant
+and `MAX_ENGINES` in all, dropping the least recently used; a dropped engine
+is disposed once no statement runs on it (`using`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import hashlib
 import os
+import platform
 import re
+import ssl
+import stat
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Final
+from pathlib import Path
+from typing import Any, Final, Literal
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
@@ -75,29 +102,89 @@ POSTGRES_QUERY_PARAMETERS: Final = frozenset(
     }
 )
 DEFAULT_POSTGRES_PORT: Final = 5432
+# libpq's sslmode values; `prefer` when none is given, as libpq does.
+SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+DEFAULT_SSL_MODE: Final = "prefer"
+# Query parameters a SQLite connection string may carry (others would become SQLite URI parameters).
+SQLITE_QUERY_PARAMETERS: Final = frozenset({"timeout"})
+# A SQLite database's name in the tenant's folder: one plain file name.
+SQLITE_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+SQLITE_NAME_RULE: Final = (
+    "a SQLite database is a file in the tenant's own folder: sqlite:///name.db (1 to 128 letters, digits, "
+    "'.', '_' or '-', not starting with '.'), or sqlite:///:memory:"
+)
+# Engines SqlPools.engine keeps open per tenant and in all (least recently used dropped first).
+MAX_ENGINES_PER_TENANT: Final = 8
+MAX_ENGINES: Final = 128
+_PLAIN_TENANT = re.compile(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")
+_TRUE, _FALSE = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})
 
 
 class UnsupportedDatabase(ValueError):
     """A connection string for a database or driver flowport does not support."""
 
 
+class ForbiddenDatabase(UnsupportedDatabase):
+    """A SQLite database outside the tenant's own folder (or one that cannot be opened safely)."""
+
+
 def async_url(connection_string: str) -> URL:
-    """The async-driver URL for `connection_string`; raises UnsupportedDatabase."""
+    """The async-driver URL for `connection_string`; raises UnsupportedDatabase
+    (ForbiddenDatabase for a SQLite database outside the tenant's folder)."""
     match = _SCHEME.match(connection_string)
     scheme = match.group(1).lower() if match else ""
     driver = ASYNC_DRIVERS.get(scheme)
     if driver is None:
         shown = scheme or connection_string.split(":", 1)[0][:40]
         raise UnsupportedDatabase(
-            f"unsupported database {shown!r}: use sqlite:///path.db or postgresql://user:pass@host:port/db"
+            f"unsupported database {shown!r}: use sqlite:///name.db or postgresql://user:pass@host:port/db"
         )
     try:
         url = make_url(driver + connection_string[match.end(1) :] if match else connection_string)
     except ArgumentError as exc:
         raise UnsupportedDatabase(f"cannot parse the connection string for {scheme}: {exc}") from exc
     if url.get_backend_name() == "postgresql":
-        postgres_targets(connect_arguments(url))
+        arguments = connect_arguments(url)
+        postgres_targets(arguments)
+        tenant_options(arguments)
+    else:
+        check_sqlite(url)
     return url
+
+
+def check_sqlite(url: URL) -> None:
+    """Raise ForbiddenDatabase unless `url` names `:memory:` or a plain file name (see SQLITE_NAME_RULE)."""
+    if url.username or url.password or url.host or url.port:
+        raise UnsupportedDatabase("a sqlite connection string has no user, host or port: sqlite:///name.db")
+    if "uri" in url.query or (url.database or "").startswith("file:"):
+        raise ForbiddenDatabase(f"SQLite URI file names are not accepted: {SQLITE_NAME_RULE}")
+    unknown = sorted(set(url.query) - SQLITE_QUERY_PARAMETERS)
+    if unknown:
+        raise UnsupportedDatabase(
+            f"connection string parameter {shown(unknown[0], 40)} is not accepted for sqlite; "
+            f"accepted: {', '.join(sorted(SQLITE_QUERY_PARAMETERS))}"
+        )
+    database = url.database or ""
+    if _sqlite_memory(url):
+        return
+    if database.startswith(("/", "\\")) or re.match(r"\A[A-Za-z]:", database):
+        raise ForbiddenDatabase(f"absolute paths are not accepted: {SQLITE_NAME_RULE}")
+    if "/" in database or "\\" in database:
+        raise ForbiddenDatabase(f"paths with folders are not accepted: {SQLITE_NAME_RULE}")
+    if not SQLITE_NAME.match(database):
+        raise ForbiddenDatabase(f"not a plain file name: {SQLITE_NAME_RULE}")
+
+
+def sqlite_folder(root: Path, tenant: str) -> Path:
+    """`tenant`'s folder of SQLite databases under `root`: the tenant id itself when it is
+    a plain one ([a-z0-9_-]), else '~' and its UTF-8 bytes in hex (a hash when long), so
+    that no tenant id can name a path outside `root` or another tenant's folder."""
+    if _PLAIN_TENANT.match(tenant):
+        return root / tenant
+    encoded = tenant.encode().hex()
+    if len(encoded) > 128:  # within any file system's name limit
+        encoded = "sha256-" + hashlib.sha256(tenant.encode()).hexdigest()
+    return root / f"~{encoded}"
 
 
 def connect_arguments(url: URL) -> dict[str, Any]:
@@ -137,35 +224,149 @@ def postgres_targets(arguments: Mapping[str, Any]) -> list[tuple[str, int]]:
     return list(zip(hosts, numbers, strict=True))
 
 
-async def pin_connection(arguments: dict[str, Any], allowlist: frozenset[str]) -> None:
-    """Check each target host of a PostgreSQL connection against the SSRF guard and point
-    `arguments` at the checked addresses; raises TargetRefused, TargetUnresolvable or
-    UnsupportedDatabase (see the module docstring)."""
+def tenant_options(arguments: Mapping[str, Any]) -> tuple[str, bool]:
+    """The sslmode and direct_tls of a tenant's PostgreSQL connection; UnsupportedDatabase when the
+    user or the database is missing (the driver would take the server's own) or an option is invalid."""
+    for key, part in (("user", "a user"), ("database", "a database")):
+        value = arguments.get(key)
+        if not isinstance(value, str) or not value:
+            raise UnsupportedDatabase(
+                f"a postgresql connection string needs {part}: postgresql://user:password@host:5432/database"
+            )
+    mode = arguments.get("ssl", DEFAULT_SSL_MODE)
+    if not isinstance(mode, str) or mode.lower() not in SSL_MODES:
+        raise UnsupportedDatabase(f"ssl must be one of {', '.join(SSL_MODES)}")
+    direct = arguments.get("direct_tls", False)
+    if isinstance(direct, str):
+        if direct.lower() not in _TRUE | _FALSE:
+            raise UnsupportedDatabase("direct_tls must be true or false")
+        direct = direct.lower() in _TRUE
+    if direct and mode.lower() not in ("require", "verify-ca", "verify-full"):
+        raise UnsupportedDatabase("direct_tls needs ssl=require, verify-ca or verify-full")
+    return mode.lower(), bool(direct)
+
+
+class _CheckedAddressTLS(ssl.SSLContext):
+    """TLS on a connection made to a checked address: the handshake uses the host name the
+    address was resolved from (server name; certificate check when check_hostname is on)."""
+
+    names: Mapping[str, str] = {}
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        # asyncio passes the address it connected to; the driver cannot be given another name.
+        if isinstance(server_hostname, str):
+            server_hostname = self.names.get(server_hostname, server_hostname)
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+
+def tls_context(mode: str, names: Mapping[str, str]) -> ssl.SSLContext | Literal[False]:
+    """The TLS context of a tenant's connection for sslmode `mode` (False: none): never a client
+    certificate, the system's CAs for verify-ca/verify-full, `names` mapping addresses to host names."""
+    if mode == "disable":
+        return False
+    context = _CheckedAddressTLS(ssl.PROTOCOL_TLS_CLIENT)
+    context.names = dict(names)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ssl.HAS_ALPN:  # what PostgreSQL 17 expects with direct TLS; ignored otherwise
+        context.set_alpn_protocols(["postgresql"])
+    if mode in ("verify-ca", "verify-full"):
+        context.load_default_certs()
+        context.check_hostname = mode == "verify-full"
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def pin_connection(arguments: dict[str, Any], allowlist: frozenset[str]) -> bool:
+    """Make `arguments` a tenant's connection (see the module docstring): check each target host
+    against the SSRF guard and point them at the checked addresses, set the TLS context and every
+    option the driver would otherwise read from the server's environment or home directory.
+    Whether TLS is optional (prefer, allow); raises TargetRefused, TargetUnresolvable or
+    UnsupportedDatabase."""
     targets = postgres_targets(arguments)
-    # With verify-full the certificate must match the name: keep it, the check covers a changed answer.
-    keep_names = str(arguments.get("ssl", os.environ.get("PGSSLMODE", ""))).lower() == "verify-full"
-    hosts = []
+    mode, direct = tenant_options(arguments)
+    hosts: list[str] = []
+    names: dict[str, str] = {}  # checked address -> the host name it came from
     for host, port in targets:
         address = await resolve_host(host, port, allowlist)
-        hosts.append(host if address is None or keep_names else address)
+        if address is None:  # an address already, or an allowlisted name: connected to as given
+            hosts.append(host)
+            continue
+        # Two names on one address: TLS only sees the address, so the first name is used for both.
+        names.setdefault(address, host)
+        hosts.append(address)
     ports = [port for _, port in targets]
     # Explicit ports, so that PGPORT in the server's environment does not pick another one.
     arguments["host"], arguments["port"] = (hosts[0], ports[0]) if len(hosts) == 1 else (hosts, ports)
     if arguments.get("password") is None:
         # Not None, or the driver would take the server's own (PGPASSWORD, ~/.pgpass) for a tenant's connection.
         arguments["password"] = ""
+    # A context, never a mode name: from a name the driver loads ~/.postgresql or PGSSLCERT's client certificate.
+    arguments["ssl"] = tls_context(mode, names)
+    arguments["direct_tls"] = direct
+    # Each given, so that PGTARGETSESSIONATTRS, PGKRBSRVNAME and PGGSSLIB are not read.
+    arguments.setdefault("target_session_attrs", "any")
+    arguments["krbsrvname"] = "postgres"
+    arguments["gsslib"] = "sspi" if platform.system() == "Windows" else "gssapi"
+    return mode in ("prefer", "allow")
+
+
+def open_nofollow(path: Path) -> None:
+    """Create the SQLite file `path` if it is missing; ForbiddenDatabase when it or its folder is a
+    symbolic link, or it is not a regular file. Python's sqlite3 cannot pass SQLITE_OPEN_NOFOLLOW,
+    so this runs just before SQLite opens the same path."""
+    if path.parent.is_symlink():
+        raise ForbiddenDatabase("this SQLite database is a symbolic link, which is not opened")
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        descriptor = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ForbiddenDatabase("this SQLite database is a symbolic link, which is not opened") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ForbiddenDatabase("this SQLite database is not a regular file")
+    finally:
+        os.close(descriptor)
 
 
 def _guard(engine: AsyncEngine, allowlist: frozenset[str]) -> AsyncEngine:
-    """Send every new connection of a PostgreSQL `engine` through `pin_connection`."""
-    if engine.url.get_backend_name() != "postgresql":
+    """Send every new connection of a PostgreSQL `engine` through `pin_connection`, and of a
+    SQLite file engine through `open_nofollow`."""
+    if engine.url.get_backend_name() == "sqlite":
+        if not _sqlite_memory(engine.url):
+            path = Path(str(engine.url.database))
+
+            def check(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
+                open_nofollow(path)
+
+            event.listen(engine.sync_engine, "do_connect", check)
         return engine
 
-    def pin(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+    def connect(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
         # Runs inside SQLAlchemy's greenlet (the driver's connect is awaited the same way).
-        await_only(pin_connection(cparams, allowlist))
+        optional_tls = await_only(pin_connection(cparams, allowlist))
+        if not optional_tls:
+            return None  # SQLAlchemy connects with the arguments as they are now
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except (TimeoutError, ConnectionRefusedError):
+            raise
+        except OSError:
+            # The server refused TLS or its handshake failed: prefer and allow go on without it, as libpq does.
+            cparams["ssl"] = False
+            return dialect.connect(*cargs, **cparams)
 
-    event.listen(engine.sync_engine, "do_connect", pin)
+    event.listen(engine.sync_engine, "do_connect", connect)
     return engine
 
 
@@ -183,17 +384,29 @@ class SqlPools:
     Per tenant: pooled connections keep session state (temporary tables,
     settings), and an in-memory SQLite database is one connection, so a
     shared engine would let one tenant's workflows read what another's
-    left behind.
+    left behind. SQLite files are found in `sqlite_folder(sqlite_root,
+    tenant)`; without a `sqlite_root` only `:memory:` is open to nodes.
     """
 
-    def __init__(self, allowlist: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        allowlist: frozenset[str] = frozenset(),
+        *,
+        sqlite_root: Path | None = None,
+        max_engines_per_tenant: int = MAX_ENGINES_PER_TENANT,
+        max_engines: int = MAX_ENGINES,
+    ) -> None:
         # Hosts/addresses PostgreSQL connections may reach though internal (--sql-allowlist).
         self.allowlist = normalize_allowlist(allowlist)
-        self._engines: dict[tuple[str, str], AsyncEngine] = {}
+        self.sqlite_root = sqlite_root
+        self._max_per_tenant = max_engines_per_tenant
+        self._max_engines = max_engines
+        # Least recently used first.
+        self._engines: OrderedDict[tuple[str, str], AsyncEngine] = OrderedDict()
         # Pools of named resources (server/resources/): (tenant, name) -> (settings fingerprint, engine).
         self._resources: dict[tuple[str, str], tuple[str, AsyncEngine]] = {}
         self._disposing: set[asyncio.Task[None]] = set()
-        # Statements running on each resource pool, and pools replaced while in use.
+        # Statements running on each engine, and engines dropped (replaced, evicted) while in use.
         self._users: dict[AsyncEngine, int] = {}
         self._retired: set[AsyncEngine] = set()
 
@@ -207,17 +420,55 @@ class SqlPools:
         tenant: str = "",
         echo: bool = False,
     ) -> AsyncEngine:
-        """The engine of `tenant` for `connection_string`, created on first use (with `pool_pre_ping`)."""
-        url = async_url(connection_string)
+        """The engine of `tenant` for `connection_string`, created on first use (with `pool_pre_ping`);
+        run statements on it inside `using`, or it may be disposed when it is dropped from the cache.
+        Raises UnsupportedDatabase (ForbiddenDatabase: a SQLite file outside the tenant's folder)."""
+        url = self.tenant_url(async_url(connection_string), tenant)
         key = (tenant, url.render_as_string(hide_password=False))
         engine = self._engines.get(key)
-        if engine is None:
-            options: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": pool_recycle, "echo": echo}
-            if not _sqlite_memory(url):  # in-memory SQLite uses one static connection, no pool sizes
-                options.update(pool_size=pool_size, max_overflow=max_overflow)
-            engine = _guard(create_async_engine(url, **options), self.allowlist)
-            self._engines[key] = engine
+        if engine is not None:
+            self._engines.move_to_end(key)
+            return engine
+        options: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": pool_recycle, "echo": echo}
+        if not _sqlite_memory(url):  # in-memory SQLite uses one static connection, no pool sizes
+            options.update(pool_size=pool_size, max_overflow=max_overflow)
+        engine = _guard(create_async_engine(url, **options), self.allowlist)
+        self._engines[key] = engine
+        self._evict(tenant)
         return engine
+
+    def _evict(self, tenant: str) -> None:
+        """Drop the least recently used engines beyond the caps (the tenant's, then the overall one)."""
+        owned = [key for key in self._engines if key[0] == tenant]
+        for key in owned[: max(0, len(owned) - self._max_per_tenant)]:
+            self._retire(self._engines.pop(key))
+        while len(self._engines) > self._max_engines:
+            _, engine = self._engines.popitem(last=False)
+            self._retire(engine)
+
+    def tenant_url(self, url: URL, tenant: str) -> URL:
+        """`url` with a SQLite file name placed in `tenant`'s folder (created on first use); other URLs
+        unchanged. Raises ForbiddenDatabase."""
+        if url.get_backend_name() != "sqlite" or _sqlite_memory(url):
+            return url
+        check_sqlite(url)
+        if self.sqlite_root is None:
+            raise ForbiddenDatabase("this server keeps no SQLite files for workflows: use sqlite:///:memory:")
+        root = self.sqlite_root
+        folder = sqlite_folder(root, tenant)
+        try:
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ForbiddenDatabase(f"cannot make the tenant's SQLite folder: {exc.strerror}") from None
+        path = folder / str(url.database)
+        # The tenant's folder and the file as they are, never a link elsewhere (checked again at each connection).
+        if folder.is_symlink() or not folder.is_dir() or path.is_symlink():
+            raise ForbiddenDatabase("this SQLite database is a symbolic link, which is not opened")
+        real = path.resolve()
+        if real.parent != folder.resolve():
+            raise ForbiddenDatabase(f"not in the tenant's folder: {SQLITE_NAME_RULE}")
+        return url.set(database=str(real))
 
     def resource_engine(
         self,
@@ -234,13 +485,14 @@ class SqlPools:
 
         A different `fingerprint` (the resource or a secret in it changed)
         replaces the pool: the old one is retired, and disposed once the
-        last statement running on it has finished.
+        last statement running on it has finished. Raises UnsupportedDatabase
+        (ForbiddenDatabase: a SQLite file outside the tenant's folder).
         """
         key = (tenant, name)
         held = self._resources.get(key)
         if held is not None and held[0] == fingerprint:
             return held[1]
-        url = async_url(connection_string)
+        url = self.tenant_url(async_url(connection_string), tenant)
         options: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": pool_recycle}
         if not _sqlite_memory(url):
             # pool_timeout: a waiter gives up after the SQL node's own deadline, not SQLAlchemy's 30 s.
@@ -253,8 +505,9 @@ class SqlPools:
 
     @contextlib.asynccontextmanager
     async def using(self, engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
-        """Hold `engine` while a statement runs on it: a retired pool is disposed only after its
-        last user, so its connections are closed, not left to the garbage collector."""
+        """Hold `engine` while a statement runs on it: a retired pool (a replaced resource's, an engine
+        dropped from the cache) is disposed only after its last user, so its connections are closed,
+        not left to the garbage collector, and never under a running statement."""
         self._users[engine] = self._users.get(engine, 0) + 1
         try:
             yield engine
@@ -298,7 +551,7 @@ class SqlPools:
     async def close(self) -> None:
         """Dispose every engine (closing pooled connections); later calls create new ones."""
         engines = [*self._engines.values(), *(engine for _, engine in self._resources.values()), *self._retired]
-        self._engines, self._resources, self._retired = {}, {}, set()
+        self._engines, self._resources, self._retired = OrderedDict(), {}, set()
         for engine in engines:
             await engine.dispose()
         await asyncio.gather(*self._disposing, return_exceptions=True)

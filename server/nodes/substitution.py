@@ -31,6 +31,7 @@ from jsonschema import Draft202012Validator
 
 from flowport.server.errors import shown
 from flowport.server.nodes.base import NodeError, NodeType
+from flowport.server.nodes.paths import is_index
 
 # `$${` (escape), `${secret:…}`, or `${name}`.
 _TOKEN = re.compile(r"\$\$\{|\$\{([^{}]*)\}")
@@ -122,7 +123,7 @@ def _lookup(name: str, params: Mapping[str, Any]) -> Any:
     for part in name.split("."):
         if isinstance(current, Mapping) and part in current:
             current = current[part]
-        elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
+        elif isinstance(current, list) and is_index(part) and int(part) < len(current):
             current = current[int(part)]
         else:
             return _MISSING

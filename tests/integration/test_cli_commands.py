@@ -194,13 +194,13 @@ def test_services_register_list_heartbeat_deregister(capsys: pytest.CaptureFixtu
 def test_resources_create_list_update_delete(capsys: pytest.CaptureFixture[str], stack: Stack, tmp_path: Path) -> None:
     name = f"db-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "resource.json"
-    path.write_text(json.dumps({"name": name, "database": {"connection_string": f"sqlite:///{tmp_path}/r.db"}}))
+    path.write_text(json.dumps({"name": name, "database": {"connection_string": "sqlite:///r.db"}}))
     code, out, _ = _run(capsys, stack, "resources", "create", "-f", str(path), "-o", "json")
     assert code == 0 and json.loads(out)["database"]["pool_size"] == 5
     code, out, _ = _run(capsys, stack, "resources", "list")
     assert code == 0 and out.splitlines()[0].split()[:3] == ["RESOURCE", "KIND", "TARGET"]
     assert any(line.split()[:2] == [name, "database"] for line in out.splitlines())
-    path.write_text(json.dumps({"database": {"connection_string": f"sqlite:///{tmp_path}/r.db", "pool_size": 2}}))
+    path.write_text(json.dumps({"database": {"connection_string": "sqlite:///r.db", "pool_size": 2}}))
     code, out, _ = _run(capsys, stack, "resources", "update", name, "-f", str(path), "-o", "json")
     assert code == 0 and json.loads(out)["database"]["pool_size"] == 2
     code, out, _ = _run(capsys, stack, "resources", "get", name, "-o", "json")

@@ -338,3 +338,19 @@ def test_answers_that_map_to_5xx_never_eject_the_server(tmp_path: Path) -> None:
     finally:
         envoy.stop()
         upstream.stop(0)
+
+
+def test_a_cursor_that_is_not_an_event_id_is_a_400(rest: httpx.Client) -> None:
+    # "²".isdigit() is true and int() refuses it; 5,000 digits are past int()'s limit: both were a 500.
+    for headers, params, field in (
+        ({"last-event-id": "²".encode()}, {}, "last-event-id"),
+        ({}, {"after_id": "²"}, "after_id"),
+        ({}, {"after_id": "7" * 5000}, "after_id"),
+        ({}, {"after_id": str(2**64)}, "after_id"),
+    ):
+        response = rest.get("/events", headers=headers, params=params)
+        assert response.status_code == 400, (field, response.status_code, response.text[:300])
+        body = response.json()
+        assert body["details"][1]["field_violations"][0]["field"] == field
+        if len(params.get("after_id", "")) > 200:
+            _marked(body["message"])

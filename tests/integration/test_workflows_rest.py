@@ -282,12 +282,14 @@ def test_hostile_user_code_fails_clearly_and_the_server_stays_healthy(http: http
     assert after["state"] == "STATE_SUCCEEDED" and after["outputs"]["ok"]["result"] == 2
 
 
-def test_the_seed_sql_example_runs_against_a_sqlite_file(
-    http: httpx.Client, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_the_seed_sql_example_runs_against_a_sqlite_file(http: httpx.Client, stack: Stack) -> None:
     import sqlite3
 
-    db = tmp_path_factory.mktemp("sql") / "enterprise.db"
+    # An operator's file for the tenant: in its own folder, named by the workflow as sqlite:///enterprise.db.
+    folder = stack.settings.sqlite_root / "default"
+    folder.mkdir(parents=True, exist_ok=True)
+    db = folder / "enterprise.db"
+    db.unlink(missing_ok=True)
     with sqlite3.connect(db) as conn:
         conn.execute(
             "CREATE TABLE enterprise_records (id INTEGER, name TEXT, status TEXT, tenant_id TEXT, created_at TEXT)"
@@ -310,7 +312,7 @@ def test_the_seed_sql_example_runs_against_a_sqlite_file(
                     "type": "AsyncSQLDatabaseNode",
                     "name": "enterprise_db",
                     "config": {
-                        "connection_string": f"sqlite:///{db}",
+                        "connection_string": "sqlite:///enterprise.db",
                         "pool_size": 5,
                         "query": "SELECT id, name, status, tenant_id, created_at FROM enterprise_records "
                         "WHERE tenant_id = :tenant_id AND status = :status ORDER BY created_at DESC LIMIT :limit",

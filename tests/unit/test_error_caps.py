@@ -10,6 +10,7 @@ from flowport.server import errors
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import MAX_NODES, find_cycle, validate
 from flowport.server.errors import InvalidArgument, NotFound, shown
+from flowport.server.nodes.base import NodeError
 from flowport.server.nodes.http import HTTPRequestNode
 from flowport.server.nodes.python_code import PythonCodeNode
 from flowport.v1 import workflow_pb2
@@ -198,3 +199,41 @@ def test_a_node_error_about_a_missing_parameter_quotes_its_name_cut() -> None:
         lookup("p" * 40_000, {})
     assert caught.value.reason == "UNRESOLVED_REFERENCE"
     assert len(caught.value.message) < 300 and "(40000 characters, cut)" in caught.value.message
+
+
+def test_an_error_keeps_its_first_violations_and_counts_the_rest() -> None:
+    many = ((f"connections[{i}].from_node", "required") for i in range(1_000_000))
+    error = InvalidArgument("workflow is not valid", violations=many)
+    assert len(error.violations) == errors.MAX_VIOLATIONS and error.violations_omitted == 1_000_000 - 100
+    listed = _unpacked(error.to_status())
+    info, bad_request = listed["ErrorInfo"], listed["BadRequest"]
+    assert isinstance(info, error_details_pb2.ErrorInfo) and isinstance(bad_request, error_details_pb2.BadRequest)
+    shown_count = len(bad_request.field_violations)
+    assert int(info.metadata[errors.OMITTED_KEY]) == 1_000_000 - shown_count
+    # A list is counted by its length, not walked.
+    assert InvalidArgument("x", violations=[("f", "d")] * 500).violations_omitted == 400
+
+
+def test_digits_only_ascii_ones_index_a_list() -> None:
+    # "²".isdigit() is true but int() refuses it; 5,000 digits are past int()'s limit.
+    from flowport.server.nodes.paths import MISSING, lookup, steps
+    from flowport.server.nodes.substitution import lookup as parameter
+
+    assert lookup([1, 2], ["²"]) is MISSING and lookup([1, 2], ["1" * 5000]) is MISSING
+    assert lookup([1, 2], ["1"]) == 2 and steps("a[1]") == ["a", 1]
+    assert steps("a[٣]") == ["a", "٣"]  # an Arabic-Indic digit is a name, not index 3
+    for name in ("a.²", "a." + "1" * 5000):
+        with pytest.raises(NodeError) as caught:
+            parameter(name, {"a": [1]})
+        assert caught.value.reason == "UNRESOLVED_REFERENCE"
+
+
+async def test_a_content_length_int_cannot_read_is_left_to_the_capped_read() -> None:
+    import httpx
+
+    from flowport.server.nodes.http import _read_capped
+
+    url = httpx.URL("http://example.test/")
+    for declared in ("²".encode("latin-1"), b"9" * 5000):
+        response = httpx.Response(200, headers=[(b"content-length", declared)], stream=httpx.ByteStream(b"ok"))
+        assert await _read_capped(response, 1024, False, url) == b"ok"

@@ -148,7 +148,7 @@ async def test_crud_pagination_and_refusals(admin: AsyncClient) -> None:
 async def test_sql_node_on_a_resource_and_its_pool_lifecycle(
     server: Running, admin: AsyncClient, tmp_path: Path
 ) -> None:
-    await _create(admin, _database("app_db", f"sqlite:///{tmp_path / 'app.db'}", pool_size=2))
+    await _create(admin, _database("app_db", "sqlite:///app.db", pool_size=2))
     create = _sql_workflow({"resource_name": "app_db", "query": "CREATE TABLE t (id INTEGER, name TEXT)"})
     assert (await _run(admin, create)).state == execution_pb2.Execution.STATE_SUCCEEDED
     insert = _sql_workflow(
@@ -158,7 +158,10 @@ async def test_sql_node_on_a_resource_and_its_pool_lifecycle(
     select = _sql_workflow({"resource_name": "app_db", "query": "SELECT id, name FROM t"})
     assert _rows(await _run(admin, select)) == [{"id": 1, "name": "ada"}]
     pools = server.services.sql
-    assert pools is not None
+    assert pools is not None and pools.sqlite_root is not None
+    # In the tenant's own folder under <data-dir>/sqlite.
+    assert pools.sqlite_root == tmp_path / "data" / "sqlite"
+    assert (pools.sqlite_root / "default" / "app.db").is_file()
     assert [(name, engine.pool.size()) for _, name, _, engine in pools.resource_pools()] == [("app_db", 2)]
 
     # Another tenant naming it: not there.
@@ -188,7 +191,7 @@ async def test_sql_node_on_a_resource_and_its_pool_lifecycle(
     assert _reason(wrong) == "RESOURCE_KIND_MISMATCH", wrong.error.message
 
     # Changing the resource replaces the pool; deleting it closes it.
-    changed = _database("app_db", f"sqlite:///{tmp_path / 'app.db'}", pool_size=3)
+    changed = _database("app_db", "sqlite:///app.db", pool_size=3)
     await admin.resources.UpdateResource(resource_pb2.UpdateResourceRequest(name="app_db", resource=changed))
     assert pools.resource_pools() == []
     assert _rows(await _run(admin, select)) == [{"id": 1, "name": "ada"}]
@@ -248,7 +251,7 @@ def _message(workflow: dict[str, Any]) -> workflow_pb2.Workflow:
 
 
 async def test_health_reports_resource_pools(server: Running, admin: AsyncClient, tmp_path: Path) -> None:
-    await _create(admin, _database("local", f"sqlite:///{tmp_path / 'ok.db'}"))
+    await _create(admin, _database("local", "sqlite:///ok.db"))
     assert _rows(await _run(admin, _sql_workflow({"resource_name": "local", "query": "SELECT 1 AS one"}))) == [
         {"one": 1}
     ]
@@ -281,7 +284,7 @@ async def _wait_pools(client: AsyncClient, predicate: Any) -> gateway_pb2.Health
 async def test_resources_from_the_settings_file(tmp_path: Path) -> None:
     declared = {
         "resources": [
-            {"tenant": "default", "name": "reports", "database": {"connection_string": f"sqlite:///{tmp_path}/r.db"}},
+            {"tenant": "default", "name": "reports", "database": {"connection_string": "sqlite:///r.db"}},
             {
                 "tenant": "acme",
                 "name": "partner",
@@ -417,14 +420,14 @@ async def test_http_nodes_on_a_profile(admin: AsyncClient) -> None:
 
 
 async def test_inputs_cannot_redirect_a_resource(admin: AsyncClient, tmp_path: Path) -> None:
-    await _create(admin, _database("app_db", f"sqlite:///{tmp_path / 'pinned.db'}"))
+    await _create(admin, _database("app_db", "sqlite:///pinned.db"))
     sql = _sql_workflow({"resource_name": "app_db", "query": "SELECT 1 AS one"})
     assert _rows(await _run(admin, sql)) == [{"one": 1}]
     # An input keyed by the node's id overrides its config: not for the statement run on a resource...
     other_query = await _run(admin, sql, q={"query": "SELECT 2 AS two"})
     assert _reason(other_query) == "RESOURCE_NOT_FROM_CONFIG", other_query.error.message
     # ...nor for which resource a node with a connection string uses.
-    plain = _sql_workflow({"connection_string": f"sqlite:///{tmp_path / 'other.db'}", "query": "SELECT 1 AS one"})
+    plain = _sql_workflow({"connection_string": "sqlite:///other.db", "query": "SELECT 1 AS one"})
     both = await _run(admin, plain, q={"resource_name": "app_db"})
     assert _reason(both) == "INVALID_PARAMETER", both.error.message
 
@@ -466,8 +469,8 @@ async def test_a_bad_port_is_a_clear_400(admin: AsyncClient) -> None:
 async def test_a_pool_replaced_while_in_use_is_disposed_after_its_last_statement(tmp_path: Path) -> None:
     from flowport.server.nodes.sql_pools import SqlPools
 
-    pools = SqlPools()
-    url = f"sqlite:///{tmp_path / 'held.db'}"
+    pools = SqlPools(sqlite_root=tmp_path / "sqlite")
+    url = "sqlite:///held.db"
     first = pools.resource_engine("t", "db", "v1", url, pool_size=2, max_overflow=0, pool_recycle=3600)
     # Disposing an engine swaps in a fresh pool object: that is how disposal is seen here.
     original = first.sync_engine.pool
@@ -525,3 +528,28 @@ async def test_profile_header_values_http_cannot_carry_are_refused(admin: AsyncC
     # A reference is checked when a node fills it in (server/nodes/http.py).
     profile = resource_pb2.HttpProfile(base_url="https://api.example", headers={"Authorization": "Bearer ${secret:T}"})
     assert (await _create(admin, resource_pb2.Resource(name="p", http=profile))).name == "p"
+
+
+async def test_a_database_resource_keeps_its_sqlite_file_in_the_tenants_folder(
+    server: Running, admin: AsyncClient, tmp_path: Path
+) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for connection in (
+        f"sqlite:///{outside}/evil.pth",
+        "sqlite:///../other-tenant/app.db",
+        "sqlite:///sub/app.db",
+        f"sqlite:///file:{outside}/evil.pth?uri=true",
+    ):
+        error = await _code(_create(admin, _database("escape", connection)))
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, connection
+        assert [f for f, _ in error.violations] == ["resource.database.connection_string"]
+        assert str(outside) not in error.details() and "tenant's own folder" in error.details()
+    # One stored before this rule (or written to the store directly) fails its node, opening nothing.
+    stored = _database("legacy", f"sqlite:///{outside}/legacy.db")
+    await server.store.put_resource("default", stored, 0)
+    failed = await _run(admin, _sql_workflow({"resource_name": "legacy", "query": "CREATE TABLE t (x INTEGER)"}))
+    assert _reason(failed) == "SQL_DATABASE_FORBIDDEN", failed.error.message
+    assert list(outside.iterdir()) == []
+    pools = server.services.sql
+    assert pools is not None and pools.resource_pools() == []

@@ -541,9 +541,9 @@ async def test_inputs_that_redirect_a_request_get_no_secret(admin: AsyncClient, 
     assert sent["authorization"] == "Bearer ${secret:API_TOKEN}"
 
 
-async def test_a_sql_node_binds_the_secret_and_masks_it_in_rows(admin: AsyncClient, tmp_path: Path) -> None:
+async def test_a_sql_node_binds_the_secret_and_masks_it_in_rows(admin: AsyncClient, settings: Settings) -> None:
     await _put(admin, "DB_TOKEN", TOKEN)
-    await _put(admin, "DB_FILE", str(tmp_path / "other.db"))
+    await _put(admin, "DB_FILE", "other.db")
     node = {
         "type": "SQLDatabaseNode",
         "name": "q",
@@ -557,7 +557,8 @@ async def test_a_sql_node_binds_the_secret_and_masks_it_in_rows(admin: AsyncClie
     assert execution.state == execution_pb2.Execution.STATE_SUCCEEDED, execution.error
     row = json_format.MessageToDict(execution.outputs)["q"]["rows"][0]
     assert row == {"n": len(TOKEN), "echoed": MASK}
-    assert (tmp_path / "other.db").exists()  # the connection string's secret was resolved too
+    # The connection string's secret was resolved too: the file is in the tenant's folder.
+    assert (settings.sqlite_root / "default" / "other.db").exists()
 
 
 async def test_validation_accepts_secret_references_where_they_resolve(admin: AsyncClient) -> None:

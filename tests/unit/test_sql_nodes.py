@@ -12,25 +12,30 @@ import pwd
 import shutil
 import socket
 import sqlite3
+import ssl
+import stat
 import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from sqlalchemy.engine import make_url
 
 from flowport.clients import AsyncClient
+from flowport.clients.errors import ApiError
 from flowport.server.app import start, stop
 from flowport.server.egress import TargetRefused
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.sql import AsyncSQLDatabaseNode, SQLDatabaseNode, jsonable, prepare_query
-from flowport.server.nodes.sql_pools import SqlPools, async_url, pin_connection
+from flowport.server.nodes.sql_pools import SqlPools, async_url, pin_connection, sqlite_folder
 from flowport.v1 import apikey_pb2, execution_pb2
 
 from ..backends import free_port
@@ -57,15 +62,16 @@ LOOPBACK = frozenset({"127.0.0.1"})
 
 
 @pytest.fixture
-async def pools() -> AsyncIterator[SqlPools]:
-    shared = SqlPools(LOOPBACK)
+async def pools(tmp_path: Path) -> AsyncIterator[SqlPools]:
+    shared = SqlPools(LOOPBACK, sqlite_root=tmp_path / "sqlite")
     yield shared
     await shared.close()
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'app.db'}"
+def sqlite_url() -> str:
+    # A file in the tenant's own folder: <sqlite root>/acme/app.db for make_ctx's tenant.
+    return "sqlite:///app.db"
 
 
 def make_ctx(pools: SqlPools | None, timeout: float = 10.0) -> NodeContext:
@@ -105,7 +111,9 @@ async def create_records(ctx: NodeContext, url: str, *, id_column: str = "INTEGE
 
 
 @pytest.mark.parametrize("node_type", [SQLDatabaseNode, AsyncSQLDatabaseNode])
-async def test_seed_select_on_sqlite(pools: SqlPools, sqlite_url: str, node_type: type[SQLDatabaseNode]) -> None:
+async def test_seed_select_on_sqlite(
+    pools: SqlPools, sqlite_url: str, node_type: type[SQLDatabaseNode], tmp_path: Path
+) -> None:
     ctx = make_ctx(pools)
     await create_records(ctx, sqlite_url)
     out = await run_sql(
@@ -120,7 +128,7 @@ async def test_seed_select_on_sqlite(pools: SqlPools, sqlite_url: str, node_type
         {"id": 1, "name": "alpha", "status": "active", "tenant_id": "acme", "created_at": "2026-01-01T10:00:00"},
     ]
     # The writes were committed: another connection sees them.
-    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as raw:
+    with sqlite3.connect(tmp_path / "sqlite" / "acme" / "app.db") as raw:
         assert raw.execute("SELECT count(*) FROM enterprise_records").fetchone() == (4,)
 
 
@@ -243,12 +251,12 @@ def test_config_validation() -> None:
         assert set(node_type.output_names()) == {"result", "rows", "row_count"}
 
 
-async def test_pool_is_shared_within_a_tenant(pools: SqlPools, tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
+async def test_pool_is_shared_within_a_tenant(pools: SqlPools) -> None:
+    url = "sqlite:///shared.db"
     engine = pools.engine(url, tenant="acme")
     assert pools.engine(url, tenant="acme") is engine
-    assert pools.engine(f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}", tenant="acme") is engine
-    assert pools.engine(f"sqlite:///{tmp_path / 'other.db'}", tenant="acme") is not engine
+    assert pools.engine("sqlite+aiosqlite:///shared.db", tenant="acme") is engine
+    assert pools.engine("sqlite:///other.db", tenant="acme") is not engine
     # Another tenant never gets the same pooled connections (or in-memory database).
     assert pools.engine(url, tenant="globex") is not engine
     assert engine.url.drivername == "sqlite+aiosqlite"
@@ -276,7 +284,8 @@ async def test_tenants_do_not_share_an_in_memory_database(pools: SqlPools) -> No
 def test_async_url_mapping() -> None:
     assert async_url("postgresql://u:p@h:5432/db").drivername == "postgresql+asyncpg"
     assert async_url("postgres://u:p@h/db").drivername == "postgresql+asyncpg"
-    assert async_url("sqlite:///data/app.db").database == "data/app.db"
+    assert async_url("sqlite:///app.db").database == "app.db"
+    assert async_url("sqlite:///:memory:").database == ":memory:"
 
 
 async def test_missing_sql_service(sqlite_url: str) -> None:
@@ -331,6 +340,14 @@ def _free_port() -> int:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A throw-away PostgreSQL cluster on 127.0.0.1 (trust auth); its URL."""
+    with _cluster() as url:
+        yield url
+
+
+@contextmanager
+def _cluster(pki: _Pki | None = None) -> Iterator[str]:
+    """A throw-away PostgreSQL cluster on 127.0.0.1; its URL. Trust auth without `pki`; with it, TLS
+    only: database template1 trusts postgres, database postgres takes postgres's client certificate."""
     bindir = _postgres_bin()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl in /usr/local/bin or /usr/lib/postgresql/*/bin)")
@@ -362,6 +379,19 @@ def postgres_url() -> Iterator[str]:
                     "--no-locale", "--no-sync")  # fmt: skip
         assert init.returncode == 0, init.stdout + init.stderr
         options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
+        if pki is not None:
+            files = {"server.crt": pki.server_cert, "server.key": pki.server_key, "ca.crt": pki.ca_cert}
+            hba = "hostssl template1 postgres 127.0.0.1/32 trust\nhostssl postgres postgres 127.0.0.1/32 cert\n"
+            for name, text in [*((name, source.read_text()) for name, source in files.items()), ("pg_hba.conf", hba)]:
+                path = data / name if name == "pg_hba.conf" else base / name
+                path.write_text(text)
+                path.chmod(0o600)
+                if owner is not None:
+                    os.chown(path, owner.pw_uid, owner.pw_gid)
+            options += (
+                f" -c ssl=on -c ssl_cert_file={base}/server.crt -c ssl_key_file={base}/server.key"
+                f" -c ssl_ca_file={base}/ca.crt"
+            )
         start = tool(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60", "-o", options,
                      "start")  # fmt: skip
         started = start.returncode == 0
@@ -418,30 +448,165 @@ async def test_seed_select_on_postgres(pools: SqlPools, postgres_url: str) -> No
     ("connection", "query"),
     [
         ("sqlite:///file:{data}/flowport.db?uri=true", "SELECT 1"),
+        ("sqlite:///app.db?uri=true", "SELECT 1"),
         ("sqlite:///:memory:", "ATTACH DATABASE '{data}/flowport.db' AS srv"),
-        ("sqlite:///{other}", "attach database :p as srv"),
+        ("sqlite:///app.db", "attach database :p as srv"),
+        ("sqlite:///{data}/flowport.db", "SELECT 1"),
     ],
 )
 async def test_sqlite_nodes_cannot_reach_the_servers_database(tmp_path: Path, connection: str, query: str) -> None:
-    from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
-    from flowport.server.nodes.sql import SQLDatabaseNode
-    from flowport.server.nodes.sql_pools import SqlPools
-
     data = tmp_path / "data"
     data.mkdir()
     params = {
-        "connection_string": connection.format(data=data, other=tmp_path / "other.db"),
+        "connection_string": connection.format(data=data),
         "query": query.format(data=data),
         "query_params": {"p": str(data / "flowport.db")},
     }
-    pools = SqlPools()
-    ctx = NodeContext("t", "exe", "n", 1, 10.0, NodeServices(sql=pools, protected_paths=(data,)))
+    pools = SqlPools(sqlite_root=data / "sqlite")
+    ctx = NodeContext("t", "exe", "n", 1, 10.0, NodeServices(sql=pools))
     try:
         with pytest.raises(NodeError) as caught:
             await SQLDatabaseNode().run(ctx, None, params)
     finally:
         await pools.close()
     assert caught.value.reason in ("SQL_DATABASE_FORBIDDEN", "SQL_STATEMENT_FORBIDDEN")
+    assert not (data / "flowport.db").exists()
+
+
+OUTSIDE = [
+    "sqlite:///{outside}/evil.pth",  # an absolute path: a .pth file runs code at the next interpreter start
+    "sqlite:////{outside}/evil.pth",
+    "sqlite:///../evil.pth",
+    "sqlite:///../globex/app.db",  # another tenant's database
+    "sqlite:///sub/app.db",
+    "sqlite:///.hidden.db",
+    "sqlite:///file:evil.pth",
+    "sqlite:///app.db?vfs=unix-none",
+]
+
+
+@pytest.mark.parametrize("connection", OUTSIDE)
+async def test_sqlite_files_live_only_in_the_tenants_folder(tmp_path: Path, connection: str) -> None:
+    outside = tmp_path / "site-packages"
+    outside.mkdir()
+    root = tmp_path / "sqlite"
+    connection = connection.format(outside=outside)
+    # Known when the workflow is created: a 400 naming the field, without the path.
+    violations = SQLDatabaseNode.validate_config({"connection_string": connection, "query": "SELECT 1"}, "n")
+    assert [path for path, _ in violations] == ["n.connection_string"], violations
+    message = violations[0][1]
+    assert str(outside) not in message and "evil" not in message
+    assert ("vfs" in message) if "vfs" in connection else ("tenant's own folder" in message), message
+    # From an input (a ${name} reference): the node fails and creates nothing anywhere.
+    pools = SqlPools(sqlite_root=root)
+    try:
+        with pytest.raises(NodeError) as caught:
+            await run_sql(make_ctx(pools), connection, "CREATE TABLE t (x INTEGER)")
+    finally:
+        await pools.close()
+    expected = "SQL_UNSUPPORTED_DATABASE" if "vfs" in connection else "SQL_DATABASE_FORBIDDEN"
+    assert caught.value.reason == expected, caught.value.message
+    assert list(outside.iterdir()) == [] and not (tmp_path / "evil.pth").exists()
+    assert [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()] == []
+
+
+async def test_each_tenant_has_its_own_sqlite_folder(tmp_path: Path) -> None:
+    root = tmp_path / "sqlite"
+    pools = SqlPools(sqlite_root=root)
+    globex = NodeContext("globex", "exe_2", "db", 1, 10.0, NodeServices(sql=pools))
+    odd = NodeContext("../acme", "exe_3", "db", 1, 10.0, NodeServices(sql=pools))
+    try:
+        await run_sql(make_ctx(pools), "sqlite:///app.db", "CREATE TABLE secrets (v TEXT)")
+        await run_sql(make_ctx(pools), "sqlite:///app.db", "INSERT INTO secrets VALUES ('acme only')")
+        # The same name in another tenant is another file.
+        with pytest.raises(NodeError, match="no such table"):
+            await run_sql(globex, "sqlite:///app.db", "SELECT v FROM secrets")
+        # A tenant id is never a path: encoded into one folder name under the root.
+        with pytest.raises(NodeError, match="no such table"):
+            await run_sql(odd, "sqlite:///app.db", "SELECT v FROM secrets")
+        assert (await run_sql(make_ctx(pools), "sqlite:///app.db", "SELECT v FROM secrets"))["rows"] == [
+            {"v": "acme only"}
+        ]
+    finally:
+        await pools.close()
+    folders = sorted(p.name for p in root.iterdir())
+    assert folders == ["acme", "globex", sqlite_folder(root, "../acme").name]
+    assert sqlite_folder(root, "../acme").parent == root and "/" not in sqlite_folder(root, "../acme").name
+    assert all((root / name / "app.db").is_file() for name in folders)
+    assert stat.S_IMODE((root / "acme").stat().st_mode) == 0o700
+    # Without a folder for them, a server opens no SQLite file at all; memory is fine.
+    bare = SqlPools()
+    try:
+        with pytest.raises(NodeError) as caught:
+            await run_sql(make_ctx(bare), "sqlite:///app.db", "SELECT 1")
+        assert caught.value.reason == "SQL_DATABASE_FORBIDDEN"
+        assert (await run_sql(make_ctx(bare), "sqlite:///:memory:", "SELECT 1 AS one"))["rows"] == [{"one": 1}]
+    finally:
+        await bare.close()
+
+
+async def test_a_symbolic_link_in_the_tenants_folder_is_never_opened(tmp_path: Path) -> None:
+    root = tmp_path / "sqlite"
+    folder = root / "acme"
+    folder.mkdir(parents=True)
+    target = tmp_path / "authorized_keys"
+    (folder / "linked.db").symlink_to(target)
+    pools = SqlPools(sqlite_root=root)
+    try:
+        with pytest.raises(NodeError) as caught:
+            await run_sql(make_ctx(pools), "sqlite:///linked.db", "CREATE TABLE t (x INTEGER)")
+        assert caught.value.reason == "SQL_DATABASE_FORBIDDEN"
+        # A link put in place after the pool was made: refused when the next connection opens.
+        url = "sqlite:///later.db"
+        await run_sql(make_ctx(pools), url, "SELECT 1")
+        await pools.engine(url, tenant="acme").dispose()  # no pooled connection left
+        (folder / "later.db").unlink()
+        (folder / "later.db").symlink_to(target)
+        with pytest.raises(NodeError) as caught:
+            await run_sql(make_ctx(pools), url, "CREATE TABLE t (x INTEGER)")
+        assert caught.value.reason == "SQL_DATABASE_FORBIDDEN", caught.value.message
+    finally:
+        await pools.close()
+    assert not target.exists()
+
+
+async def test_the_engine_cache_is_capped_and_keeps_engines_in_use(tmp_path: Path) -> None:
+    pools = SqlPools(sqlite_root=tmp_path / "sqlite", max_engines_per_tenant=2, max_engines=3)
+    try:
+        first = pools.engine("sqlite:///a.db", tenant="acme")
+        original = first.sync_engine.pool  # disposing swaps in a fresh pool object
+        async with pools.using(first):
+            async with first.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+            second = pools.engine("sqlite:///b.db", tenant="acme")
+            pools.engine("sqlite:///c.db", tenant="acme")  # the tenant's third: the least recently used goes
+            assert len(pools) == 2
+            assert pools.engine("sqlite:///b.db", tenant="acme") is second
+            await asyncio.sleep(0.05)
+            assert first.sync_engine.pool is original, "disposed under a running statement"
+            async with first.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+        for _ in range(100):
+            if first.sync_engine.pool is not original:
+                break
+            await asyncio.sleep(0.01)
+        assert first.sync_engine.pool is not original, "not disposed after its last statement"
+        # b was used after c: d pushes c out, not b.
+        pools.engine("sqlite:///d.db", tenant="acme")
+        assert pools.engine("sqlite:///b.db", tenant="acme") is second
+        assert len(pools) == 2
+        # The overall cap: another tenant's engine pushes out the least recently used of all.
+        globex = pools.engine("sqlite:///:memory:", tenant="globex")
+        assert len(pools) == 3
+        pools.engine("sqlite:///:memory:", tenant="initech")
+        assert len(pools) == 3
+        assert pools.engine("sqlite:///:memory:", tenant="globex") is globex
+        assert pools.engine("sqlite:///b.db", tenant="acme") is second
+        # The node holds its engine while its statement runs, and leaves none held.
+        await run_sql(make_ctx(pools), "sqlite:///e.db", "SELECT 1")
+        assert not pools._users
+    finally:
+        await pools.close()
 
 
 # -- the SSRF guard on SQL targets ----------------------------------------------------
@@ -495,14 +660,21 @@ async def test_sql_nodes_cannot_reach_internal_databases_unless_allowlisted(tmp_
             _sql_workflow(f"postgresql://postgres@db.invalid/postgres?host=127.0.0.1&port={port}")
         )
         assert _error(hidden)[1] == "SQL_UNAVAILABLE"
-        # Unix sockets and parameters that read files here are refused before any connection.
+        # Unix sockets and parameters that read files here are refused before any connection: when the
+        # workflow is created (400 naming the field), or when the node runs with the string from an input.
         for refused in (
             "postgresql://postgres@/postgres",
             f"postgresql://postgres@/postgres?host=/var/run/postgresql&port={port}",
             f"postgresql://postgres@127.0.0.1:{port}/postgres?passfile=/root/.pgpass",
             f"postgresql://postgres@db.invalid:{port}/postgres?dsn=postgresql://127.0.0.1/postgres",
         ):
-            message, reason, _ = _error(await user.run_workflow(_sql_workflow(refused)))
+            with pytest.raises(ApiError) as invalid:
+                await user.run_workflow(_sql_workflow(refused))
+            assert invalid.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused
+            assert [f for f, _ in invalid.value.violations] == ["nodes[0].config.connection_string"]
+            # An input keyed by the node's name overrides its config.
+            from_input = _sql_workflow("sqlite:///:memory:")
+            message, reason, _ = _error(await user.run_workflow(from_input, {"q": {"connection_string": refused}}))
             assert reason == "SQL_UNSUPPORTED_DATABASE", (refused, message)
     # Allowlisted, the same workflow runs.
     async with _tenant_user(tmp_path / "allowed", sql_allowlist="127.0.0.1") as user:
@@ -574,15 +746,260 @@ async def test_pin_connection_arguments(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(loop, "getaddrinfo", public)
     monkeypatch.setenv("PGPASSWORD", "the-servers-own")
-    plain: dict[str, Any] = {"host": "db.example", "user": "u"}
-    await pin_connection(plain, frozenset())
+    plain: dict[str, Any] = {"host": "db.example", "user": "u", "database": "d"}
+    assert await pin_connection(plain, frozenset()) is True  # prefer: TLS if the server has it
     # The address that was checked, an explicit port, and not the server's password from its environment.
     assert (plain["host"], plain["port"], plain["password"]) == ("8.8.8.8", 5432, "")
-    verified: dict[str, Any] = {"host": "db.example", "port": 6432, "ssl": "verify-full"}
-    await pin_connection(verified, frozenset())
-    assert (verified["host"], verified["port"]) == ("db.example", 6432)
-    several: dict[str, Any] = {"host": ["a.example", "b.example"], "port": [5432, 5433]}
+    assert isinstance(plain["ssl"], ssl.SSLContext) and plain["ssl"].verify_mode == ssl.CERT_NONE
+    verified: dict[str, Any] = {"host": "db.example", "port": 6432, "ssl": "verify-full", "user": "u", "database": "d"}
+    assert await pin_connection(verified, frozenset()) is False
+    # Pinned too: the certificate is checked against the name the address came from.
+    assert (verified["host"], verified["port"]) == ("8.8.8.8", 6432)
+    context = verified["ssl"]
+    assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
+    assert context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="8.8.8.8").server_hostname == "db.example"
+    several: dict[str, Any] = {"host": ["a.example", "b.example"], "port": [5432, 5433], "user": "u", "database": "d"}
     await pin_connection(several, frozenset())
     assert several["host"] == ["8.8.8.8", "8.8.8.8"] and several["port"] == [5432, 5433]
     with pytest.raises(TargetRefused):
-        await pin_connection({"host": "fd00::1"}, frozenset())
+        await pin_connection({"host": "fd00::1", "user": "u", "database": "d"}, frozenset())
+    disabled: dict[str, Any] = {"host": "db.example", "ssl": "disable", "user": "u", "database": "d"}
+    assert await pin_connection(disabled, frozenset()) is False and disabled["ssl"] is False
+
+
+@pytest.mark.parametrize(
+    ("connection", "missing"),
+    [
+        ("postgresql://db.example/app", "a user"),
+        ("postgresql://app@db.example", "a database"),
+        ("postgresql://app:pw@db.example:5432/", "a database"),
+    ],
+)
+async def test_a_postgres_connection_names_its_user_and_database(
+    pools: SqlPools, connection: str, missing: str
+) -> None:
+    # Else the driver would take PGUSER, the server's OS user name or PGDATABASE.
+    violations = SQLDatabaseNode.validate_config({"connection_string": connection, "query": "SELECT 1"}, "n")
+    assert [(path, missing in text) for path, text in violations] == [("n.connection_string", True)], violations
+    with pytest.raises(NodeError) as caught:
+        await run_sql(make_ctx(pools), connection, "SELECT 1")
+    assert caught.value.reason == "SQL_UNSUPPORTED_DATABASE" and missing in caught.value.message
+    for bad in ("?ssl=verify-nothing", "?direct_tls=maybe", "?direct_tls=true&ssl=prefer"):
+        assert SQLDatabaseNode.validate_config(
+            {"connection_string": f"postgresql://app@db.example/app{bad}", "query": "SELECT 1"}, "n"
+        ), bad
+
+
+def _poison_environment(monkeypatch: pytest.MonkeyPatch, home: Path, cert: Path, key: Path) -> None:
+    """The server's own PostgreSQL client settings, as an operator may have them."""
+    postgresql = home / ".postgresql"
+    postgresql.mkdir(parents=True)
+    for name, source in (("postgresql.crt", cert), ("postgresql.key", key), ("root.crt", cert)):
+        (postgresql / name).write_bytes(source.read_bytes())
+    (home / ".pgpass").write_text("*:*:*:*:the-servers-password\n")
+    (home / ".pgpass").chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    for name, value in {
+        "PGSSLCERT": str(cert),
+        "PGSSLKEY": str(key),
+        "PGSSLROOTCERT": str(cert),
+        "PGSSLMODE": "verify-ca",
+        "PGSSLNEGOTIATION": "direct",
+        "PGUSER": "postgres",
+        "PGDATABASE": "postgres",
+        "PGPASSWORD": "the-servers-password",
+        "PGTARGETSESSIONATTRS": "read-write",
+        "PGKRBSRVNAME": "gateway",
+        "PGGSSLIB": "sspi",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+async def test_tenant_connections_take_nothing_from_the_servers_environment(
+    pools: SqlPools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncpg
+    from asyncpg import connect_utils
+
+    pki = _pki(tmp_path / "pki")
+    _poison_environment(monkeypatch, tmp_path / "home", pki.client_cert, pki.client_key)
+    loop = asyncio.get_running_loop()
+
+    async def public(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("8.8.8.8", port))]
+
+    given: list[dict[str, Any]] = []
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        given.append(kwargs)
+        raise ConnectionRefusedError("not connecting anywhere")
+
+    monkeypatch.setattr(loop, "getaddrinfo", public)
+    monkeypatch.setattr(asyncpg, "connect", connect)
+    with pytest.raises(NodeError):
+        await run_sql(make_ctx(pools), "postgresql://app@db.example/app", "SELECT 1")
+    [arguments] = given
+    # What asyncpg makes of these arguments with the poisoned environment and home directory.
+    addresses, params = connect_utils._parse_connect_dsn_and_args(
+        dsn=None,
+        host=arguments["host"],
+        port=arguments["port"],
+        user=arguments["user"],
+        password=arguments["password"],
+        passfile=None,
+        database=arguments["database"],
+        ssl=arguments["ssl"],
+        service=None,
+        servicefile=None,
+        direct_tls=arguments["direct_tls"],
+        server_settings=None,
+        target_session_attrs=arguments["target_session_attrs"],
+        krbsrvname=arguments["krbsrvname"],
+        gsslib=arguments["gsslib"],
+    )
+    assert addresses == [("8.8.8.8", 5432)]
+    assert (params.user, params.database, params.password) == ("app", "app", "")
+    # Our context as it is (asyncpg loads PGSSLCERT or ~/.postgresql only into a context it makes itself).
+    assert params.ssl is arguments["ssl"] and params.ssl.verify_mode == ssl.CERT_NONE
+    assert params.ssl.get_ca_certs() == []
+    assert params.ssl_negotiation is connect_utils.SSLNegotiation.postgres
+    assert str(params.target_session_attrs.value) == "any"
+    assert (params.krbsrvname, params.gsslib) == ("postgres", "gssapi")
+
+
+# -- TLS: a throw-away PostgreSQL with certificates --------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pki:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path  # CN=postgres: the server's own identity for certificate authentication
+    client_key: Path
+
+
+def _pki(folder: Path) -> _Pki:
+    """A test CA, a server certificate for db.test and a client certificate for the role postgres."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[Path, Path]:
+        path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        path.with_suffix(".key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        path.with_suffix(".key").chmod(0o600)
+        return path.with_suffix(".crt"), path.with_suffix(".key")
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("flowport test CA"))
+        .issuer_name(name("flowport test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_cert, _ = write(folder / "ca", ca_key, ca)
+
+    def issue(common: str, dns: list[str]) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(common))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        )
+        if dns:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False)
+        return key, builder.sign(ca_key, hashes.SHA256())
+
+    server_cert, server_key = write(folder / "server", *issue("db.test", ["db.test"]))
+    client_cert, client_key = write(folder / "client", *issue("postgres", []))
+    return _Pki(ca_cert, server_cert, server_key, client_cert, client_key)
+
+
+@pytest.fixture
+def tls_postgres(tmp_path: Path) -> Iterator[tuple[str, _Pki]]:
+    """A TLS-only PostgreSQL (see _cluster) and its certificates."""
+    pki = _pki(tmp_path / "pki")
+    with _cluster(pki) as url:
+        yield url, pki
+
+
+async def test_a_tenant_never_connects_with_the_servers_client_certificate(
+    pools: SqlPools, tls_postgres: tuple[str, _Pki], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, pki = tls_postgres
+    port = make_url(url).port
+    home = tmp_path / "home" / ".postgresql"
+    home.mkdir(parents=True)
+    for name, source in (("postgresql.crt", pki.client_cert), ("postgresql.key", pki.client_key)):
+        (home / name).write_bytes(source.read_bytes())
+        (home / name).chmod(0o600)
+    # The gateway's own certificate for the role postgres, as libpq and asyncpg would find it.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PGSSLCERT", str(pki.client_cert))
+    monkeypatch.setenv("PGSSLKEY", str(pki.client_key))
+    monkeypatch.setenv("PGSSLROOTCERT", str(pki.ca_cert))
+    monkeypatch.setenv("PGSSLMODE", "verify-ca")
+    # TLS works (template1 trusts postgres over TLS, our context and no certificate)...
+    out = await run_sql(make_ctx(pools), f"postgresql://postgres@127.0.0.1:{port}/template1", "SELECT 1 AS one")
+    assert out["rows"] == [{"one": 1}]
+    # ...and the database that authenticates postgres by certificate gets none from a tenant's node.
+    with pytest.raises(NodeError) as caught:
+        await run_sql(make_ctx(pools), f"postgresql://postgres@127.0.0.1:{port}/postgres", "SELECT current_user")
+    assert caught.value.reason == "SQL_UNAVAILABLE", caught.value.message
+
+
+async def test_verify_full_connects_to_the_checked_address_and_checks_the_name(
+    pools: SqlPools, tls_postgres: tuple[str, _Pki], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, pki = tls_postgres
+    port = make_url(url).port
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))  # the system's CAs, as far as this test goes
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+    lookups: list[str] = []
+
+    async def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
+        # db.test answers the database first, then another loopback address where nothing listens:
+        # a driver that resolved the name again would connect there.
+        if host in ("db.test", "other.test"):
+            lookups.append(host)
+            host = "127.0.0.1" if len(lookups) == 1 else "127.0.0.2"
+        return await real(host, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", rebinding)
+    query = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+    out = await run_sql(make_ctx(pools), f"postgresql://postgres@db.test:{port}/template1?ssl=verify-full", query)
+    assert out["rows"] == [{"ssl": True}]
+    assert lookups == ["db.test"]  # the guard's lookup only: the driver was given the address
+    # The certificate is still checked against the name: one for db.test does not pass for other.test.
+    lookups.clear()
+    with pytest.raises(NodeError) as caught:
+        await run_sql(make_ctx(pools), f"postgresql://postgres@other.test:{port}/template1?ssl=verify-full", query)
+    assert caught.value.reason == "SQL_UNAVAILABLE"
+    lookups.clear()
+    out = await run_sql(make_ctx(pools), f"postgresql://postgres@other.test:{port}/template1?ssl=verify-ca", query)
+    assert out["rows"] == [{"ssl": True}]

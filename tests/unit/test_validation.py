@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,7 +10,16 @@ from google.protobuf import duration_pb2, json_format
 
 from flowport.server.engine.plan import InvalidWorkflow, compile_plan
 from flowport.server.engine.registry import NodeRegistry
-from flowport.server.engine.validation import validate
+from flowport.server.engine.validation import (
+    MAX_CONFIG_BYTES,
+    MAX_CONFIGS_BYTES,
+    MAX_CONNECTIONS,
+    MAX_PATH_CHARS,
+    MAX_PROBLEMS,
+    validate,
+)
+from flowport.server.nodes.base import MAX_CONFIG_PROBLEMS
+from flowport.server.nodes.http import HTTPRequestNode
 from flowport.v1 import workflow_pb2
 
 # The seed's dynamic_data_pipeline example, as-is.
@@ -236,3 +246,113 @@ def test_python_code_inputs_are_its_free_variables(registry: NodeRegistry) -> No
     plan = compile_plan(workflow(data), registry)
     # `data` comes from a connection; datetime, len and math are provided.
     assert plan.inputs_schema["required"] == ["factor", "items"]
+
+
+# -- Bounded cost: whatever a request holds, validation does bounded work and answers briefly.
+
+
+def _with_empty_connections(count: int) -> workflow_pb2.Workflow:
+    """One valid node and `count` empty connections (2 bytes each on the wire), parsed from bytes."""
+    head = workflow_pb2.Workflow(name="w")
+    head.nodes.add(type="PythonCodeNode", name="a").config.update({"code": "result = 1"})
+    return workflow_pb2.Workflow.FromString(head.SerializeToString() + b"\x2a\x00" * count)
+
+
+def test_too_many_connections_is_one_violation_checked_first(registry: NodeRegistry) -> None:
+    problems = validate(_with_empty_connections(MAX_CONNECTIONS + 1), registry)
+    assert problems == [("connections", f"at most {MAX_CONNECTIONS} connections, got {MAX_CONNECTIONS + 1}")]
+
+
+def test_problems_past_the_cap_are_counted_in_a_last_note(registry: NodeRegistry) -> None:
+    count = 4000  # under the connection cap; four problems each
+    problems = validate(_with_empty_connections(count), registry)
+    assert len(problems) == MAX_PROBLEMS + 1 and problems.total == 4 * count
+    assert problems[0] == ("connections[0].from_node", "required")
+    assert problems[-1] == ("workflow", f"and {4 * count - MAX_PROBLEMS} more problems not listed")
+
+
+def test_configs_are_not_checked_once_the_list_is_full(registry: NodeRegistry) -> None:
+    unnamed = {"type": "PythonCodeNode", "config": {"code": "result = 1"}}  # one problem each
+    wf = workflow({"name": "w", "nodes": [unnamed] * MAX_PROBLEMS + [code_node("b", "x = ("), code_node("c")]})
+    problems = validate(wf, registry)
+    assert problems[-1] == ("workflow", "and the configs of 2 more nodes not checked")
+    assert all(path.endswith(".name") for path, _ in problems[:-1]) and problems.total == MAX_PROBLEMS
+
+
+def test_a_config_with_a_million_wrong_values_costs_a_hundred_problems(registry: NodeRegistry) -> None:
+    config = {"url": "https://x.test", "headers": {f"h{i}": i for i in range(200_000)}}
+    found = HTTPRequestNode.validate_config(config, "c")
+    assert len(found) == MAX_CONFIG_PROBLEMS and all(path.startswith("c.headers.") for path, _ in found)
+
+
+def test_an_oversized_config_is_one_problem(registry: NodeRegistry) -> None:
+    wf = workflow({"name": "w", "nodes": [code_node("a")]})
+    wf.nodes[0].config.update({"code": "result = 1", "blob": "x" * MAX_CONFIG_BYTES})
+    assert validate(wf, registry) == [
+        ("nodes[0].config", f"at most {MAX_CONFIG_BYTES} bytes serialized, got {wf.nodes[0].config.ByteSize()}")
+    ]
+
+
+def test_the_configs_together_are_capped_first(registry: NodeRegistry) -> None:
+    blob = "x" * (MAX_CONFIG_BYTES // 2)
+    wf = workflow({"name": "w", "nodes": [code_node(f"n{i}") for i in range(10)]})
+    for node in wf.nodes:
+        node.config.update({"blob": blob})
+    total = sum(node.config.ByteSize() for node in wf.nodes)
+    assert total > MAX_CONFIGS_BYTES
+    assert validate(wf, registry) == [
+        ("nodes", f"the nodes' configs take at most {MAX_CONFIGS_BYTES} bytes together, got {total}")
+    ]
+
+
+def test_a_long_output_path_is_refused_before_it_is_split(registry: NodeRegistry) -> None:
+    data = {
+        "name": "w",
+        "nodes": [code_node("a"), code_node("b")],
+        "connections": [{"from_node": "a", "from_output": "r." * 500_000, "to_node": "b", "to_input": "x"}],
+    }
+    assert paths(data, registry) == {"connections[0].from_output": f"at most {MAX_PATH_CHARS} characters"}
+
+
+def test_an_index_of_five_thousand_digits_is_not_an_internal_error(registry: NodeRegistry) -> None:
+    data = {
+        "name": "w",
+        "nodes": [code_node("a"), code_node("b")],
+        "connections": [{"from_node": "a", "from_output": f"result[{'9' * 1000}]", "to_node": "b", "to_input": "x"}],
+    }
+    assert paths(data, registry) == {}  # the path's first step names the output; the index is looked up at run time
+
+
+async def test_a_flood_of_empty_connections_gets_a_short_answer_from_the_server(tmp_path: Path) -> None:
+    from flowport.clients import ApiError, AsyncClient
+    from flowport.server.app import start, stop
+
+    from ..conftest import ADMIN_KEY, make_settings
+
+    server = await start(make_settings(tmp_path / "data", sandbox_workers=1))
+    try:
+        async with AsyncClient(f"127.0.0.1:{server.port}", api_key=ADMIN_KEY) as client:
+            # Under the cap: every problem counted, a hundred listed.
+            answer = await client.workflows.ValidateWorkflow(
+                workflow_pb2.ValidateWorkflowRequest(workflow=_with_empty_connections(4000))
+            )
+            assert not answer.valid and len(answer.errors) == MAX_PROBLEMS + 1
+            assert answer.errors[-1].description == f"and {16_000 - MAX_PROBLEMS} more problems not listed"
+            # Past it: one violation, whatever the count.
+            flood = _with_empty_connections(200_000)
+            answer = await client.workflows.ValidateWorkflow(workflow_pb2.ValidateWorkflowRequest(workflow=flood))
+            assert [(e.field, e.description) for e in answer.errors] == [
+                ("connections", f"at most {MAX_CONNECTIONS} connections, got 200000")
+            ]
+            with pytest.raises(ApiError) as caught:
+                await client.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=flood))
+            assert caught.value.reason == "INVALID_WORKFLOW" and caught.value.violations == [
+                ("connections", f"at most {MAX_CONNECTIONS} connections, got 200000")
+            ]
+            with pytest.raises(ApiError) as caught:
+                await client.workflows.CreateWorkflow(
+                    workflow_pb2.CreateWorkflowRequest(workflow=_with_empty_connections(4000))
+                )
+            assert caught.value.message.startswith("workflow is not valid (16000 problems): ")
+    finally:
+        await stop(server, 1.0)
