@@ -15,7 +15,8 @@
 
 Every setting is a flag here, a FLOWPORT_<NAME> environment variable, or a
 key in the TOML file given with --config (flags win over the environment,
-which wins over the file).
+which wins over the file). Output piped into a reader that stops early
+(`| head`) ends the command quietly with exit code 141 (128 + SIGPIPE).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +36,9 @@ from flowport.clients.keys_cli import add_keys_parser, run_keys
 from flowport.clients.secrets_cli import add_secrets_parser, run_secrets
 from flowport.server.settings import ENV_PREFIX, Settings, SettingsError
 from flowport.server.version import VERSION
+
+# 128 + SIGPIPE: what a shell reports for a tool that a closed pipe ended.
+EXIT_BROKEN_PIPE = 141
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +110,34 @@ def _serve(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `flowport` command."""
+    """Entry point of the `flowport` command.
+
+    A reader that stops early (`flowport keys list | head -1`) ends the
+    command quietly with exit code 141, as SIGPIPE ends other Unix tools.
+    """
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Written here, not at interpreter exit, so a closed pipe is caught below.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered must not fail again at exit."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's capture): nothing is flushed to a pipe at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "completion":

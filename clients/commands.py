@@ -38,7 +38,8 @@ setting, else <data-dir>/admin-api-key.
 
 exit codes: 0 done; 1 the server refused the request (the message says why);
 2 bad usage, a bad file or no key; 3 server unreachable; 4 key not accepted;
-5 the execution ended FAILED or CANCELLED (run --wait, watch)."""
+5 the execution ended FAILED or CANCELLED (run --wait, watch); 141 the output
+went into a pipe its reader closed (`| head`)."""
 
 Out = Callable[[str], None]
 Handler = Callable[["Client", argparse.Namespace, Out], int]
@@ -169,6 +170,11 @@ def _show(out: Out, args: argparse.Namespace, messages: list[Any], *, single: bo
     text = render(messages, args.output, single=single)
     if text:
         out(text)
+
+
+def _flush() -> None:
+    """Each line of a stream as it comes, also into a pipe (`| head`, `| grep`), not when a buffer fills."""
+    sys.stdout.flush()
 
 
 def _limited(items: Iterator[Any], limit: int) -> list[Any]:
@@ -314,15 +320,46 @@ def _ended_code(execution: Any) -> int:
 
 
 def _progress(update: Any) -> None:
-    """One stderr line per state seen and per node event while waiting."""
+    """One stderr line per state seen and per node event while waiting; a failed node says why."""
     from flowport.v1 import execution_pb2
 
     if update.HasField("execution"):
         print(f"  {execution_pb2.Execution.State.Name(update.execution.state)}", file=sys.stderr, flush=True)
     elif update.event.type.startswith(("node.", "execution.")):
-        subject = update.event.data.fields.get("node_id")
-        node = f" {subject.string_value}" if subject is not None else ""
-        print(f"  {update.event.type}{node}", file=sys.stderr, flush=True)
+        fields = update.event.data.fields
+        node = f" {fields['node_id'].string_value}" if "node_id" in fields else ""
+        why = ""
+        if "error" in fields:
+            reason = fields["reason"].string_value if "reason" in fields else ""
+            why = f": {fields['error'].string_value}" + (f" [{reason}]" if reason else "")
+        print(f"  {update.event.type}{node}{why}", file=sys.stderr, flush=True)
+
+
+def _ended(execution: Any) -> None:
+    """The last stderr line of a wait: the state, and for a failed or cancelled execution why."""
+    from flowport.clients.output import describe_status
+    from flowport.v1 import execution_pb2
+
+    line = f"{execution.execution_id}: {execution_pb2.Execution.State.Name(execution.state)}"
+    if execution.HasField("error"):
+        line += f": {describe_status(execution.error)}"
+    print(line, file=sys.stderr, flush=True)
+
+
+def _show_execution(out: Out, args: argparse.Namespace, execution: Any) -> None:
+    """The execution; in a table, followed by its outputs per node, cut to the terminal's width."""
+    import shutil
+
+    from flowport.clients.output import execution_outputs
+
+    _show(out, args, [execution], single=True)
+    if args.output != "table":
+        return
+    lines, cut = execution_outputs(execution, shutil.get_terminal_size().columns)
+    if lines:
+        out("\n" + "\n".join(lines))
+    if cut:
+        out(f"(cut to fit; `flowport executions get {execution.execution_id} -o json` prints every output in full)")
 
 
 def _execution_run(client: Client, args: argparse.Namespace, out: Out) -> int:
@@ -345,7 +382,8 @@ def _execution_run(client: Client, args: argparse.Namespace, out: Out) -> int:
         execution = client.executions.GetExecution(
             execution_pb2.GetExecutionRequest(execution_id=execution.execution_id)
         )
-    _show(out, args, [execution], single=True)
+        _ended(execution)
+    _show_execution(out, args, execution)
     return _ended_code(execution) if args.wait else 0
 
 
@@ -363,7 +401,7 @@ def _execution_get(client: Client, args: argparse.Namespace, out: Out) -> int:
     from flowport.v1 import execution_pb2
 
     execution = client.executions.GetExecution(execution_pb2.GetExecutionRequest(execution_id=args.execution_id))
-    _show(out, args, [execution], single=True)
+    _show_execution(out, args, execution)
     return 0
 
 
@@ -386,8 +424,9 @@ def _execution_watch(client: Client, args: argparse.Namespace, out: Out) -> int:
             out(json.dumps(as_dict(update.event)))  # one object per line, as `events tail`
         else:
             _show(out, args, [update.event])
+        _flush()
     execution = client.executions.GetExecution(execution_pb2.GetExecutionRequest(execution_id=args.execution_id))
-    print(f"{execution.execution_id}: {execution_pb2.Execution.State.Name(execution.state)}", file=sys.stderr)
+    _ended(execution)
     return _ended_code(execution)
 
 
@@ -406,6 +445,7 @@ def _events_tail(client: Client, args: argparse.Namespace, out: Out) -> int:
         else:
             row = as_dict(event)
             out("  ".join(str(get(row)) for _, get in columns))
+        _flush()
         if args.count is not None and shown >= args.count:
             break
     return 0

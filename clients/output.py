@@ -10,8 +10,11 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 FORMATS = ("table", "json")
+# Nodes whose outputs a table shows; a workflow may have hundreds.
+OUTPUT_NODES_SHOWN = 50
 
 
 def as_dict(message: Message) -> dict[str, Any]:
@@ -118,3 +121,50 @@ def render(messages: Sequence[Message], fmt: str, *, single: bool = False) -> st
         payload: Any = as_dict(messages[0]) if single and messages else [as_dict(m) for m in messages]
         return json.dumps(payload, indent=2)
     return table(messages)
+
+
+def _plain(value: Any) -> Any:
+    """JSON from a Struct with whole numbers as integers (a Struct holds every number as a double)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def execution_outputs(execution: Message, width: int) -> tuple[list[str], bool]:
+    """An execution's outputs for a terminal: a NODE/OUTPUTS header, then one line per node
+    (its outputs as one line of JSON), in the order the nodes ran, each cut to `width` columns.
+
+    Returns the lines (none when there are no outputs) and whether anything was left out.
+    """
+    outputs = as_dict(execution).get("outputs") or {}
+    ran = [r.node_id for r in getattr(execution, "node_runs", ()) if r.node_id in outputs]
+    order = list(dict.fromkeys([*ran, *sorted(outputs)]))
+    if not order:
+        return [], False
+    shown = order[:OUTPUT_NODES_SHOWN]
+    name_width = max(len("NODE"), *(len(node) for node in shown))
+    cut = len(order) > len(shown)
+    lines = [f"{'NODE'.ljust(name_width)}  OUTPUTS"]
+    for node in shown:
+        line = f"{node.ljust(name_width)}  {json.dumps(_plain(outputs[node]), ensure_ascii=False)}"
+        if len(line) > width:
+            line, cut = line[: max(width - 1, name_width + 3)] + "…", True
+        lines.append(line)
+    if len(order) > len(shown):
+        lines.append(f"… and {len(order) - len(shown)} more nodes")
+    return lines, cut
+
+
+def describe_status(status: status_pb2.Status) -> str:
+    """A google.rpc.Status as one line: `CODE [REASON]: message` (the reason when an ErrorInfo gives one)."""
+    code = code_pb2.Code.Name(status.code) if status.code in code_pb2.Code.values() else str(status.code)
+    reason = ""
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            reason = info.reason
+    return f"{code}{f' [{reason}]' if reason else ''}: {status.message}"

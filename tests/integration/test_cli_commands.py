@@ -4,6 +4,9 @@ path and an error path, checking what is printed and the exit code."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -104,6 +107,75 @@ def test_executions_run_wait_get_list_watch_cancel(
     assert code == 2 and "is not NAME=VALUE" in err
     code, _, err = _run(capsys, stack, "executions", "run", "--workflow", workflow_id, "--wait")
     assert code == 1 and "INVALID_ARGUMENT" in err and "inputs.n" in err
+
+
+def test_run_wait_as_a_table_shows_each_nodes_outputs_cut_to_the_terminal(
+    capsys: pytest.CaptureFixture[str], stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    flow = _workflow(tmp_path, "result = {'n': n + 1}")
+    code, out, _ = _run(capsys, stack, "executions", "run", "-f", str(flow), "--input", "n=7", "--wait")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[lines.index("NODE  OUTPUTS") + 1] == 'calc  {"result": {"n": 8}}'
+    assert "-o json" not in out, "nothing was cut"
+    eid = lines[1].split()[0]
+    code, out, _ = _run(capsys, stack, "executions", "get", eid)
+    assert code == 0 and 'calc  {"result": {"n": 8}}' in out.splitlines()
+    # Outputs wider than the terminal are cut there, with a pointer to all of them.
+    monkeypatch.setenv("COLUMNS", "60")
+    wide = _workflow(tmp_path, "result = {'text': 'x' * 500}")
+    code, out, _ = _run(capsys, stack, "executions", "run", "-f", str(wide), "--wait")
+    assert code == 0
+    lines = out.splitlines()
+    shown = lines[lines.index("NODE  OUTPUTS") + 1]
+    assert shown.startswith('calc  {"result": {"text": "xxx') and shown.endswith("…") and len(shown) == 60
+    assert f"`flowport executions get {lines[1].split()[0]} -o json` prints every output in full" in out
+    code, out, _ = _run(capsys, stack, "executions", "run", "-f", str(wide), "--wait", "-o", "json")
+    assert code == 0 and json.loads(out)["outputs"]["calc"]["result"]["text"] == "x" * 500
+
+
+def test_a_failed_run_says_why_while_waiting_and_watching(
+    capsys: pytest.CaptureFixture[str], stack: Stack, tmp_path: Path
+) -> None:
+    # The node fails after the watch has begun (it begins within milliseconds), so its event is seen.
+    failing = _workflow(tmp_path, "import time\ntime.sleep(3)\nraise ValueError('no such thing')")
+    code, out, err = _run(capsys, stack, "executions", "run", "-f", str(failing), "--wait")
+    assert code == 5 and "failed" in out
+    progress = [line for line in err.splitlines() if "node.failed calc" in line]
+    assert progress and "ValueError: no such thing" in progress[0], err
+    eid = out.splitlines()[1].split()[0]
+    ended = f"{eid}: STATE_FAILED: ABORTED ["
+    last = err.splitlines()[-1]
+    assert last.startswith(ended) and "node 'calc' (PythonCodeNode) failed" in last and "no such thing" in last, err
+    code, _, err = _run(capsys, stack, "executions", "watch", eid)
+    assert code == 5 and err.splitlines()[-1] == last, "watch ends with the same reason"
+
+
+def test_output_into_a_closed_pipe_ends_quietly_with_141(stack: Stack) -> None:
+    flowport = shutil.which("flowport")
+    assert flowport is not None, "pip install -e . puts the command on PATH"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `| head -2` once it has read its lines
+    tail = subprocess.Popen(
+        [flowport, "events", "tail", "--target", stack.envoy_target, "--api-key", ADMIN_KEY],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+    )
+    os.close(write_end)
+    from flowport.clients import Client
+    from flowport.v1 import session_pb2
+
+    deadline = time.monotonic() + 60
+    with Client(stack.envoy_target, api_key=ADMIN_KEY) as client:
+        # An event for the tail to print; the first line it writes meets the closed pipe.
+        while tail.poll() is None and time.monotonic() < deadline:
+            client.sessions.CreateSession(session_pb2.CreateSessionRequest())
+            time.sleep(0.5)
+    if tail.poll() is None:
+        tail.kill()
+    _, err = tail.communicate(timeout=30)
+    assert (tail.returncode, err.decode()) == (141, "")
 
 
 def test_events_tail_prints_new_events(capsys: pytest.CaptureFixture[str], stack: Stack) -> None:

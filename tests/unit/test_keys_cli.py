@@ -186,3 +186,21 @@ def test_the_flowport_command_end_to_end(server: Settings) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert _works(server, json.loads(result.stdout)["key"]) is grpc.StatusCode.OK
+
+
+def test_a_list_into_a_closed_pipe_ends_quietly_with_141(server: Settings) -> None:
+    flowport = shutil.which("flowport")
+    assert flowport is not None, "pip install -e . puts the command on PATH"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `| head -1` once it has read its line
+    try:
+        result = subprocess.run(
+            [flowport, "keys", "list", "--target", server.grpc_target, "--api-key", ADMIN_KEY],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr.decode()) == (141, "")

@@ -1,0 +1,47 @@
+"""How the CLI shows an execution's outputs and errors in a terminal (clients/output.py)."""
+
+from __future__ import annotations
+
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from flowport.clients.output import OUTPUT_NODES_SHOWN, describe_status, execution_outputs
+from flowport.v1 import execution_pb2
+
+
+def _execution(outputs: dict[str, object], ran: list[str]) -> execution_pb2.Execution:
+    execution = execution_pb2.Execution(execution_id="exe_1")
+    execution.outputs.update(outputs)
+    execution.node_runs.extend(execution_pb2.NodeRun(node_id=node) for node in ran)
+    return execution
+
+
+def test_outputs_are_one_line_per_node_in_the_order_the_nodes_ran() -> None:
+    execution = _execution({"a": {"x": 1}, "later": {"y": [1, 2]}, "z": {}}, ran=["later", "a", "z"])
+    lines, cut = execution_outputs(execution, width=80)
+    assert lines == ["NODE   OUTPUTS", 'later  {"y": [1, 2]}', 'a      {"x": 1}', "z      {}"]
+    assert not cut
+
+
+def test_no_outputs_show_nothing() -> None:
+    assert execution_outputs(_execution({}, ran=["a"]), width=80) == ([], False)
+
+
+def test_a_line_wider_than_the_terminal_is_cut_there_and_marked() -> None:
+    lines, cut = execution_outputs(_execution({"node": {"text": "é" * 300}}, ran=["node"]), width=40)
+    assert cut and len(lines[1]) == 40 and lines[1].endswith("…") and lines[1].startswith('node  {"text": "éé')
+
+
+def test_many_nodes_show_the_first_and_say_how_many_more() -> None:
+    names = [f"n{i:03d}" for i in range(OUTPUT_NODES_SHOWN + 7)]
+    lines, cut = execution_outputs(_execution({n: {"v": 1} for n in names}, ran=names), width=80)
+    assert cut and len(lines) == 1 + OUTPUT_NODES_SHOWN + 1 and lines[-1] == "… and 7 more nodes"
+
+
+def test_a_status_reads_as_code_reason_and_message() -> None:
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason="USER_CODE_ERROR", metadata={"node_id": "calc"}))
+    status = status_pb2.Status(code=code_pb2.ABORTED, message="node 'calc' failed: boom", details=[detail])
+    assert describe_status(status) == "ABORTED [USER_CODE_ERROR]: node 'calc' failed: boom"
+    assert describe_status(status_pb2.Status(code=code_pb2.CANCELLED, message="cancelled")) == "CANCELLED: cancelled"
+    assert describe_status(status_pb2.Status(code=99, message="odd")) == "99: odd"
