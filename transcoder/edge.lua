@@ -11,6 +11,10 @@
 -- themselves (they send it back as Last-Event-ID), and `event: heartbeat`
 -- on heartbeats, so EventSource's onmessage sees events only.
 --
+-- The transcoder keeps a REST call's method and path in x-envoy-original-method
+-- and x-envoy-original-path (the access log shows them, not the POST to the
+-- gRPC method it makes of the call); copies a client sent are removed first.
+--
 -- A browser EventSource cannot send headers, so a GET may carry its
 -- credential as `?access_token=`: it is moved into `x-api-key` (keys start
 -- with "fpk_") or `authorization: Bearer` and removed from the path, so it
@@ -98,6 +102,9 @@ end
 
 function envoy_on_request(request_handle)
   local headers = request_handle:headers()
+  -- The access log's method and path: set by the transcoder alone, never taken from a client.
+  headers:remove("x-envoy-original-method")
+  headers:remove("x-envoy-original-path")
   local content_type = headers:get("content-type") or ""
   if string.find(content_type, "application/grpc", 1, true) ~= 1 then
     request_handle:streamInfo():dynamicMetadata():set("flowport", "rest", true)

@@ -189,7 +189,9 @@ def _access_log(settings: Settings) -> list[dict[str, Any]]:
     )
     fields = {
         "time": "%START_TIME%",
-        "method": "%REQ(:METHOD)%",
+        # A REST call as the client made it (the transcoder turns it into a POST to the gRPC method):
+        # edge.lua removes client-sent copies of these headers, so only the transcoder's are read.
+        "method": "%REQ(X-ENVOY-ORIGINAL-METHOD?:METHOD)%",
         "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
         "protocol": "%PROTOCOL%",
         "status": "%RESPONSE_CODE%",

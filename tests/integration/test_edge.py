@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from flowport.clients import ApiError, Client
-from flowport.v1 import session_pb2
+from flowport.v1 import session_pb2, session_pb2_grpc
 
 from ..conftest import ADMIN_HEADERS, ADMIN_KEY, Stack, free_port, make_settings, start_up, stop_up
 
@@ -220,6 +220,41 @@ def test_access_log_and_prometheus_stats(edge: Stack, http: httpx.Client) -> Non
     assert probe["path"] == "/api/sessions" and probe["status"] == 200
     metrics = httpx.get(f"http://127.0.0.1:{edge.settings.admin_port}/stats/prometheus", timeout=10).text
     assert "flowport_v1_SessionService" in metrics or "SessionService" in metrics, "per-method gRPC stats"
+
+
+def _logged(edge: Stack, agents: set[str]) -> dict[str, dict[str, Any]]:
+    """The access log entry of each request whose user agent starts with one of `agents`."""
+    log = edge.settings.data_dir / "access.log"
+    deadline = time.monotonic() + 10
+    found: dict[str, dict[str, Any]] = {}
+    while set(found) != agents and time.monotonic() < deadline:
+        time.sleep(0.2)  # Envoy flushes its access log on a timer
+        lines = log.read_text().splitlines() if log.exists() else []
+        for entry in (json.loads(line) for line in lines if line.strip()):
+            found.update({a: entry for a in agents if str(entry.get("user_agent") or "").startswith(a)})
+    assert set(found) == agents, f"not in the access log: {agents - set(found)}"
+    return found
+
+
+def test_the_access_log_shows_the_method_and_path_the_client_sent(edge: Stack, http: httpx.Client) -> None:
+    created = http.post("/api/sessions", json={"user_id": "log"}, headers={"user-agent": "log-post"})
+    sid = created.json()["session_id"]
+    assert http.get(f"/api/sessions/{sid}", headers={"user-agent": "log-get"}).status_code == 200
+    assert http.delete(f"/api/sessions/{sid}", headers={"user-agent": "log-delete"}).status_code == 200
+    # A gRPC client cannot put another method or path in the log with the transcoder's headers.
+    spoofed = [("x-api-key", ADMIN_KEY), ("x-envoy-original-method", "DELETE"), ("x-envoy-original-path", "/spoofed")]
+    with grpc.insecure_channel(edge.envoy_target, options=[("grpc.primary_user_agent", "log-grpc")]) as channel:
+        session_pb2_grpc.SessionServiceStub(channel).ListSessions(
+            session_pb2.ListSessionsRequest(), metadata=spoofed, timeout=10
+        )
+    entries = _logged(edge, {"log-post", "log-get", "log-delete", "log-grpc"})
+    seen = {agent: (e["method"], e["path"], e["status"]) for agent, e in entries.items()}
+    assert seen == {
+        "log-post": ("POST", "/api/sessions", 200),
+        "log-get": ("GET", f"/api/sessions/{sid}", 200),
+        "log-delete": ("DELETE", f"/api/sessions/{sid}", 200),
+        "log-grpc": ("POST", "/flowport.v1.SessionService/ListSessions", 200),
+    }
 
 
 class _Page(BaseHTTPRequestHandler):
