@@ -188,8 +188,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         counters = self._executor.counters if scope is None else self._executor.tenant_counters(scope)
         now = now_us()
         # The store's counts and Envoy's (over HTTP, for admins) at once.
-        sessions, by_state, retrying, security = await asyncio.gather(
+        sessions, created, by_state, retrying, security = await asyncio.gather(
             self._store.count_sessions(scope, now),
+            self._store.count_sessions_created(scope),
             self._store.executions_by_state(scope),
             self._store.deliveries_retrying(scope),
             self._security.stats(scope),
@@ -199,7 +200,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         webhooks.retrying = retrying
         stats = gateway_pb2.Stats(
             tenant=scope or "",
-            sessions=gateway_pb2.SessionStats(active=sessions),
+            sessions=gateway_pb2.SessionStats(active=sessions, created=created),
             requests=gateway_pb2.RequestStats(
                 total=calls.total,
                 errors=calls.errors,

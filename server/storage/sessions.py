@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import Deletion, IdempotentResult
 from flowport.server.storage.tables import Connection, Tables, micros
@@ -9,10 +11,15 @@ from flowport.v1 import session_pb2
 
 _CREATE = "flowport.v1.SessionService/CreateSession"
 _DELETE = "flowport.v1.SessionService/DeleteSession"
+# Sessions created = rows in `sessions` + `removed` (migrations/v0015_session_counts.py).
+_COUNT_REMOVED = (
+    "INSERT INTO session_counts (tenant, removed) VALUES (?, ?)"
+    " ON CONFLICT (tenant) DO UPDATE SET removed = session_counts.removed + excluded.removed"
+)
 
 
 class SessionTables(Tables):
-    """Sessions, scoped by tenant, expiring at `expire_us`."""
+    """Sessions, scoped by tenant, expiring at `expire_us` (0 once deleted) and removed by the purge."""
 
     async def create_session(
         self, tenant: str, session: session_pb2.Session, idempotency_key: tuple[str, bytes] | None
@@ -79,7 +86,9 @@ class SessionTables(Tables):
         self, tenant: str, session_id: str, now_us: int, request_id: str = "", creator: str | None = None
     ) -> Deletion:
         key = session_id.encode()
-        sql = "DELETE FROM sessions WHERE session_id=? AND tenant=? AND expire_us>?"
+        # Marked expired (0: before any process's clock), not deleted: every read skips it at
+        # once, and the purge removes it and counts it (count_sessions_created).
+        sql = "UPDATE sessions SET expire_us=0 WHERE session_id=? AND tenant=? AND expire_us>?"
         args: tuple[object, ...] = (session_id, tenant, now_us)
         if creator is not None:
             sql, args = sql + " AND creator=?", (*args, creator)
@@ -105,7 +114,13 @@ class SessionTables(Tables):
 
     async def purge_expired(self, now_us: int, idempotency_before_us: int) -> int:
         def op(conn: Connection) -> int:
-            removed = conn.execute("DELETE FROM sessions WHERE expire_us<=?", (now_us,)).rowcount
+            # RETURNING: a row another process purges at the same time is counted once, by the one that deleted it.
+            gone = conn.execute("DELETE FROM sessions WHERE expire_us<=? RETURNING tenant", (now_us,)).fetchall()
+            by_tenant = Counter(str(row[0]) for row in gone)
+            # In tenant order, so that purges in several processes never wait on each other in a cycle.
+            if by_tenant:
+                conn.executemany(_COUNT_REMOVED, sorted(by_tenant.items()))
+            removed = len(gone)
             removed += conn.execute("DELETE FROM idempotency WHERE create_us<?", (idempotency_before_us,)).rowcount
             return removed
 

@@ -32,6 +32,18 @@ class StatsTables(Tables):
         row = await self._read(lambda conn: conn.execute(sql, (*args, now_us)).fetchone())
         return int(row[0])
 
+    async def count_sessions_created(self, tenant: str | None) -> int:
+        """Sessions `tenant` (or every tenant) ever created, by any process: the rows still kept
+        (live, expired or deleted, until the purge) plus what the purge has removed."""
+        where, args = _scope(tenant)
+        sql = (
+            f"SELECT (SELECT count(*) FROM sessions WHERE {where})"  # noqa: S608 - fixed fragments
+            f" + COALESCE((SELECT sum(removed) FROM session_counts WHERE {where}), 0)"
+        )
+        # One statement: one snapshot, so a purge moving rows into `removed` never counts them twice or not at all.
+        row = await self._read(lambda conn: conn.execute(sql, (*args, *args)).fetchone())
+        return int(row[0])
+
     async def executions_by_state(self, tenant: str | None) -> dict[str, int]:
         """Executions of `tenant` (or all) by state name; every state present, zeros included."""
         where, args = _scope(tenant)

@@ -173,6 +173,7 @@ def test_every_figure_moves_with_a_scripted_sequence(stack: Stack) -> None:  # n
     # The tenant's own view: its figures only, none of the process-wide ones.
     assert acme_view["tenant"] == "acme"
     assert acme_view["sessions"]["active"] == 1
+    assert int(acme_view["sessions"]["created"]) == 2, "the deleted session was created too"
     executions = acme_view["executions"]
     assert (int(executions["succeeded"]), int(executions["failed"]), int(executions["started"])) == (1, 1, 2)
     assert {k: int(v) for k, v in executions["by_state"].items()} == {
@@ -196,7 +197,7 @@ def test_every_figure_moves_with_a_scripted_sequence(stack: Stack) -> None:  # n
         return _number(after, path) - _number(before, path)
 
     assert after["tenant"] == ""
-    assert moved("sessions.active") == 1
+    assert moved("sessions.active") == 1 and moved("sessions.created") == 2
     assert moved("executions.succeeded") == 1 and moved("executions.failed") == 1
     assert moved("executions.by_state.failed") == 1
     assert moved("security.failed_auth") == 3
@@ -221,6 +222,7 @@ def test_users_cannot_see_another_tenants_figures(stack: Stack) -> None:
     # A call is counted once answered: each GetStats sees the calls before it.
     assert (mine["tenant"], mine["sessions"]["active"], int(mine["requests"]["total"])) == ("one", 1, 1)
     assert (theirs["tenant"], theirs["sessions"]["active"], int(theirs["requests"]["total"])) == ("two", 0, 0)
+    assert (int(mine["sessions"]["created"]), int(theirs["sessions"]["created"])) == (1, 0)
     with Client(stack.settings.grpc_target, api_key="fpk_nobody", retries=1) as nobody, pytest.raises(ApiError) as no:
         nobody.gateway.GetStats(gateway_pb2.GetStatsRequest())
     assert no.value.code() is grpc.StatusCode.UNAUTHENTICATED

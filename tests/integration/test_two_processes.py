@@ -279,6 +279,17 @@ def test_a_webhook_made_on_one_process_gets_the_events_of_the_other(clients: lis
     assert created.encode() in collector.bodies[0]
 
 
+def test_sessions_created_on_either_process_are_counted_by_both(clients: list[Client]) -> None:
+    a, b = clients
+    first = _session(a)
+    _session(b)
+    _session(b)
+    b.sessions.DeleteSession(session_pb2.DeleteSessionRequest(session_id=first))
+    for client in clients:
+        sessions = client.gateway.GetStats(gateway_pb2.GetStatsRequest()).sessions
+        assert (sessions.active, sessions.created) == (2, 3), client.target
+
+
 def test_a_key_revoked_on_one_process_is_refused_at_once_by_the_other(clients: list[Client]) -> None:
     a, b = clients
     created = a.keys.CreateApiKey(apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant="acme")))

@@ -271,3 +271,33 @@ async def test_two_processes_racing_on_one_request_id_get_one_result(postgres_ur
     finally:
         await first.close()
         await second.close()
+
+
+async def test_sessions_created_counts_every_process_and_survives_delete_and_purge(opener: Opener) -> None:
+    # Two stores on one database stand for two server processes.
+    first, second = await opener(), await opener()
+    try:
+        await first.create_session("t1", session("a"), None)
+        await second.create_session("t1", session("b"), None)
+        await second.create_session("t2", session("c", tenant="t2"), None)
+        key = ("req-1", b"body")
+        assert not (await first.create_session("t1", session("d"), key)).replayed
+        assert (await second.create_session("t1", session("d2"), key)).replayed, "a replay creates nothing"
+        counts = [await store.count_sessions_created(t) for store in (first, second) for t in ("t1", "t2", None)]
+        assert counts == [3, 1, 4] * 2
+        assert await second.delete_session("t1", "a", NOW) is Deletion.DELETED
+        assert await first.get_session("t1", "a", NOW) is None, "a deleted session is gone at once"
+        assert await first.count_sessions("t1", NOW) == 2
+        # Both processes purge at once: every removed row is counted, and once.
+        later = NOW + 2 * HOUR
+        removed = await asyncio.gather(
+            first.purge_expired(later, idempotency_before_us=0), second.purge_expired(later, idempotency_before_us=0)
+        )
+        assert sum(removed) == 4
+        assert await first.count_sessions(None, later) == 0
+        assert [await second.count_sessions_created(t) for t in ("t1", "t2", None)] == [3, 1, 4]
+        await first.create_session("t2", session("e", tenant="t2", created=later), None)
+        assert [await first.count_sessions_created(t) for t in ("t1", "t2", None)] == [3, 2, 5]
+    finally:
+        await first.close()
+        await second.close()

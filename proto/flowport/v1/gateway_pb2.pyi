@@ -381,7 +381,9 @@ class SessionStats(_message.Message):
     active: _builtins.int
     """Sessions that exist and have not expired."""
     created: _builtins.int
-    """Sessions created since start."""
+    """Sessions ever created (of the tenant, or of all for an admin), by any
+    process: counted by the store, deleted and expired ones included.
+    """
     def __init__(
         self,
         *,
