@@ -978,6 +978,7 @@ async def test_verify_full_connects_to_the_checked_address_and_checks_the_name(
     url, pki = tls_postgres
     port = make_url(url).port
     monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))  # the system's CAs, as far as this test goes
+    monkeypatch.setenv("PGSSLROOTCERT", str(pki.ca_cert))  # where a driver left to itself would look
     loop = asyncio.get_running_loop()
     real = loop.getaddrinfo
     lookups: list[str] = []
@@ -1003,3 +1004,12 @@ async def test_verify_full_connects_to_the_checked_address_and_checks_the_name(
     lookups.clear()
     out = await run_sql(make_ctx(pools), f"postgresql://postgres@other.test:{port}/template1?ssl=verify-ca", query)
     assert out["rows"] == [{"ssl": True}]
+
+
+def test_the_sqlite_dir_setting(tmp_path: Path) -> None:
+    assert make_settings(tmp_path / "data").sqlite_root == tmp_path / "data" / "sqlite"
+    assert make_settings(tmp_path / "data", sqlite_dir=tmp_path / "tenants").sqlite_root == tmp_path / "tenants"
+    # A tenant's folder must never be the data dir (a tenant named like a folder of the server's).
+    for overlapping in (tmp_path / "data", tmp_path):
+        with pytest.raises(ValueError, match="sqlite_dir"):
+            make_settings(tmp_path / "data", sqlite_dir=overlapping)
