@@ -4,7 +4,7 @@ SQL nodes never create an engine per call: `SqlPools.engine` returns the
 process-wide `AsyncEngine` for a connection string, creating it on first
 use. The first caller's pool settings win for the life of the engine.
 
-Connection strings name the database, not the driver: `sqlite:///path.db`
+Connection strings name the database, not the driver: `sqlite:///name.db`
 and `postgresql://user:pass@host:5432/db` (also `postgres://`) are mapped
 to the async drivers `sqlite+aiosqlite` and `postgresql+asyncpg`; naming
 those drivers explicitly is accepted too. Anything else is refused with
@@ -18,10 +18,8 @@ connection of a PostgreSQL engine then goes through the SSRF guard HTTP
 nodes use (server/egress.py): each host is resolved, a private, loopback or
 link-local address is refused unless `--sql-allowlist` names the host or
 the address, and the connection is made to the address that was checked,
-so a second DNS answer cannot swap in an internal one. With
-`ssl=verify-full` the name is kept (the certificate is checked against it,
-which a swapped-in server cannot pass); an allowlisted name is connected to
-by name. The refusal is raised from the connection attempt, so a node, a
+so a second DNS answer cannot swap in an internal one (TLS still uses the
+name, below); an allowlisted name is connected to by name. The refusal is raised from the connection attempt, so a node, a
 resource's pool and the pool health sweep all meet it. A connection string
 without a password gets none: never the server's own (PGPASSWORD, ~/.pgpass).
 
