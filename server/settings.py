@@ -110,7 +110,8 @@ class Settings(BaseModel):
         le=1,
         description="fraction of --max-concurrent-executions one tenant may run at once in a process (rounded up, "
         "at least 1); past it that tenant's new executions get RESOURCE_EXHAUSTED with a retry delay while other "
-        "tenants still start theirs; 1 lets one tenant take every slot",
+        "tenants still start theirs, and at most four times its share may wait in the shared work queue; "
+        "1 lets one tenant take every slot",
     )
     tenant_sandbox_share: float = Field(
         0.5,

@@ -18,9 +18,16 @@ RESOURCE_EXHAUSTED (and a RetryInfo) rather than queueing without bound.
 
 One tenant runs at most `tenant_share` of those slots at once in a process:
 beyond it that tenant's new executions fail the same way (reason
-TENANT_EXECUTION_SHARE), while other tenants still start theirs. A process
-taking work from the shared queue passes over a tenant at its share there
-(the entry goes back to the queue for another process, or for later).
+TENANT_EXECUTION_SHARE), while other tenants still start theirs; and it has
+at most QUEUE_DEPTH times its share waiting in the queue (reason
+TENANT_QUEUE_SHARE), so it cannot fill the backlog the others need. A
+process taking work from the shared queue passes over a tenant at its share
+there (the entry goes back to the queue for another process, or for later).
+
+Every way into this process's slots respects both limits: the queue, the
+takeover of executions whose process died, and recovery at start take at
+most the free slots, and per tenant its free share; what does not fit stays
+for a later sweep or another process.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from flowport.server.nodes.paths import MISSING, lookup
 from flowport.server.observability import tracing
 from flowport.server.observability.context import CALL, EXECUTION, request_id
 from flowport.server.observability.context import Execution as ExecutionContext
-from flowport.server.storage.base import Store
+from flowport.server.storage.base import ExpiredExecution, Store
 from flowport.v1 import execution_pb2, workflow_pb2
 
 if TYPE_CHECKING:
@@ -148,9 +155,11 @@ class Executor:
         self._tenant_max = tenant_share if tenant_share is not None and tenant_share < max_concurrent else None
         # Per tenant: its runs in _runs plus its executions being admitted (as len(_runs) + _admitting).
         self._tenant_slots: dict[str, int] = {}
+        # Per tenant: its CreateExecution calls admitted to the queue whose rows are not written yet.
+        self._tenant_queuing: dict[str, int] = {}
         # Each execution this process runs is leased to it (server/leases.py).
         # `exclusive`: no other process can share the store (SQLite), so what
-        # is unfinished at start is taken at once, whatever its lease says.
+        # is unfinished at start is free to take at once, whatever its lease says.
         self._leases = leases or Leases()
         self._exclusive = exclusive
         # Shared with other processes; None: executions run where they are created.
@@ -190,6 +199,17 @@ class Executor:
             self._tenant_slots[tenant] = left
         else:
             self._tenant_slots.pop(tenant, None)
+
+    def _room(self) -> int:
+        """Slots free in this process (runs and admissions hold one each)."""
+        return self._max - len(self._runs) - self._admitting
+
+    def _reserve(self, tenant: str, change: int) -> None:
+        """Hold (or, negative, free) slots for executions being claimed, so nothing else takes them meanwhile."""
+        self._admitting += change
+        self._hold_slot(tenant, change)
+        if change < 0:
+            self._slot_freed.set()
 
     def tenant_counters(self, tenant: str) -> ExecutionCounters:
         """`tenant`'s execution figures in this process (GetStats for a tenant's users)."""
@@ -246,13 +266,6 @@ class Executor:
                     },
                     retry_delay=1.0,
                 )
-            if not await self._queue_has_room():
-                raise ResourceExhausted(
-                    f"the server is running its maximum of {self._max} executions; retry shortly",
-                    reason="TOO_MANY_EXECUTIONS",
-                    metadata={"max_concurrent_executions": str(self._max)},
-                    retry_delay=1.0,
-                )
         execution = Execution(
             execution_id=new_id("exe"),
             workflow_id=workflow.workflow_id,
@@ -264,19 +277,24 @@ class Executor:
             tenant=tenant,
             request_id=request_id,
         )
-        # A queued execution is recorded unowned, its lease ending one lease
-        # from now: if no process takes it from the queue by then, the lease
-        # sweep of any process does.
+        # A queued execution is recorded unowned, to be checked one lease
+        # from now: if it is still waiting then, the lease sweep of some
+        # process makes sure its queue entry still exists (see _without_queued).
         owner, admitting = ("", 0) if queued else (self._leases.owner, 1)
         self._admitting += admitting
         self._hold_slot(tenant, admitting)
+        counted = False
         try:
+            if queued:
+                counted = await self._admit_to_queue(tenant)
             result = await self._store.insert_execution(
                 tenant, execution, key, owner=owner, lease_until_us=self._leases.until()
             )
         finally:
             self._admitting -= admitting
             self._hold_slot(tenant, -admitting)
+            if counted and (left := self._tenant_queuing.pop(tenant) - 1):
+                self._tenant_queuing[tenant] = left
         if result.replayed:
             first = await self.get(tenant, result.response.decode())
             assert first is not None, "an idempotency record points at a missing execution"
@@ -286,6 +304,37 @@ class Executor:
         else:
             self._start(_Run(tenant, plan, execution, values))
         return execution, False
+
+    async def _admit_to_queue(self, tenant: str) -> bool:
+        """Raise ResourceExhausted unless `tenant`'s execution may wait in the shared queue.
+
+        Returns whether it was counted in `_tenant_queuing` (the caller uncounts it once its row exists).
+        """
+        if not await self._queue_has_room():
+            raise ResourceExhausted(
+                f"the server is running its maximum of {self._max} executions; retry shortly",
+                reason="TOO_MANY_EXECUTIONS",
+                metadata={"max_concurrent_executions": str(self._max)},
+                retry_delay=1.0,
+            )
+        if self._tenant_max is None:
+            return False
+        limit = QUEUE_DEPTH * self._tenant_max
+        # Calls admitted here whose rows are not written yet count too: a burst cannot pass together.
+        waiting = await self._store.count_queued_executions(tenant) + self._tenant_queuing.get(tenant, 0)
+        if waiting >= limit:
+            raise ResourceExhausted(
+                f"this tenant already has its share of {limit} of the {QUEUE_DEPTH * self._max} executions "
+                "the server queues waiting for a free slot; retry shortly",
+                reason="TENANT_QUEUE_SHARE",
+                metadata={
+                    "tenant_max_queued_executions": str(limit),
+                    "max_queued_executions": str(QUEUE_DEPTH * self._max),
+                },
+                retry_delay=1.0,
+            )
+        self._tenant_queuing[tenant] = self._tenant_queuing.get(tenant, 0) + 1
+        return True
 
     async def _queue_has_room(self) -> bool:
         if self._queue is None:
@@ -302,10 +351,11 @@ class Executor:
         try:
             await self._queue.submit(tenant, execution_id)
         except QUEUE_FAILURES as exc:
-            # Recorded all the same: the lease sweep runs it within a lease.
+            # Recorded all the same: a lease from now the lease sweep finds it
+            # missing from the queue and adds it again (runs it, if Redis is still down).
             self.counters.queue_failures += 1
             log.warning(
-                "could not queue execution %s (%s); a process takes it when its lease ends in %gs",
+                "could not queue execution %s (%s); the lease sweep queues it again in %gs",
                 execution_id,
                 exc,
                 self._leases.seconds,
@@ -455,10 +505,12 @@ class Executor:
         await self._store.renew_leases(self._leases.owner, self._leases.until(), list(self._runs))
         resumed, failed = await self.recover(expired_only=True)
         taken = 0
-        if self._queue is not None:
+        room = self._room()
+        if self._queue is not None and room > 0:
             try:
-                # Entries a process read and died before claiming.
-                taken, _ = await self._run_queued(await self._queue.reclaim(int(self._leases.seconds * 1000)))
+                # Entries a process read and died before claiming; no more than fit.
+                stalled = await self._queue.reclaim(int(self._leases.seconds * 1000), count=room)
+                taken, _ = await self._run_queued(stalled)
             except QUEUE_FAILURES as exc:
                 self.counters.queue_failures += 1
                 log.warning("could not take over the execution work queue's stalled entries: %s", exc)
@@ -471,7 +523,7 @@ class Executor:
         assert self._queue is not None
         delay = 0.1
         while True:
-            free = self._max - len(self._runs) - self._admitting
+            free = self._room()
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -504,28 +556,33 @@ class Executor:
 
         An entry whose execution another process holds or that has ended is
         removed unrun: the database claim decides who runs what. An entry of a
-        tenant at its share here goes back to the end of the queue, unclaimed.
-        Returns how many started and how many went back.
+        tenant at its share here, or one beyond the free slots, goes back to
+        the end of the queue, unclaimed. Returns how many started and how many
+        went back.
         """
         assert self._queue is not None
         started = 0
         passed_over: list[QueuedExecution] = []
         for entry in entries:
-            if self._tenant_full(entry.tenant):
+            if self._room() <= 0 or self._tenant_full(entry.tenant):
                 passed_over.append(entry)
                 continue
-            execution = await self._store.claim_execution(
-                entry.tenant,
-                entry.execution_id,
-                self._leases.owner,
-                now_us=now_us(),
-                lease_until_us=self._leases.until(),
-            )
-            if execution is None or execution.execution_id in self._runs:
-                continue
-            if await self._resume(execution):
-                self.counters.taken_from_queue += 1
-                started += 1
+            self._reserve(entry.tenant, 1)
+            try:
+                execution = await self._store.claim_execution(
+                    entry.tenant,
+                    entry.execution_id,
+                    self._leases.owner,
+                    now_us=now_us(),
+                    lease_until_us=self._leases.until(),
+                )
+                if execution is None or execution.execution_id in self._runs:
+                    continue
+                if await self._resume(execution):
+                    self.counters.taken_from_queue += 1
+                    started += 1
+            finally:
+                self._reserve(entry.tenant, -1)
         await self._queue.done([entry for entry in entries if entry not in passed_over])
         await self._queue.give_back(passed_over)
         return started, len(passed_over)
@@ -533,31 +590,106 @@ class Executor:
     # -- recovery -------------------------------------------------------------
 
     async def recover(self, *, expired_only: bool | None = None) -> tuple[int, int]:
-        """Claim and resume (or fail) executions a stopped process left unfinished.
+        """Claim and resume (or fail) executions a stopped process left unfinished, as many as fit.
 
         Finished nodes keep their outputs. A node caught RUNNING is rerun when
         its type is retry-safe; otherwise the execution fails as INTERRUPTED.
         At start (`expired_only` None) an exclusive store's unfinished
-        executions are all taken; otherwise only those whose lease expired.
-        Returns (resumed, failed).
+        executions are all free to take, whatever their leases say; otherwise
+        only those whose lease expired. Oldest first, it takes at most the free
+        slots, and per tenant at most its free share: the rest stay unfinished
+        for the next sweep (a third of a lease later) or another process.
+        Queued executions still in the work queue are not taken: they wait
+        their turn there. Returns (resumed, failed).
         """
-        resumed = failed = 0
         if expired_only is None:
             expired_only = not self._exclusive
-        claimed = await self._store.claim_executions(
-            self._leases.owner,
-            now_us=now_us(),
-            lease_until_us=self._leases.until(),
-            expired_only=expired_only,
-        )
-        for execution in claimed:
-            if execution.execution_id in self._runs:
-                continue  # ours already (its lease ran out under a stalled loop)
-            if await self._resume(execution):
-                resumed += 1
-            else:
-                failed += 1
+        if not expired_only:
+            await self._store.expire_leases_except(self._leases.owner)
+        expired = [e for e in await self._store.expired_executions(now_us()) if e.execution_id not in self._runs]
+        if self._queue is not None and any(not e.owner for e in expired):
+            expired = await self._without_queued(expired)
+        picked = self._fitting(expired)
+        if not picked:
+            return 0, 0
+        # Held from the pick until each is running (or failed), so new work cannot take the room meanwhile.
+        held = {e.execution_id: e.tenant for e in picked}
+        for tenant in held.values():
+            self._reserve(tenant, 1)
+        resumed = failed = 0
+        try:
+            claimed = await self._store.claim_executions(
+                self._leases.owner,
+                now_us=now_us(),
+                lease_until_us=self._leases.until(),
+                execution_ids=list(held),
+            )
+            for execution in claimed:
+                claimed_tenant = held.pop(execution.execution_id)
+                try:
+                    if execution.execution_id in self._runs:
+                        continue  # ours already (its lease ran out under a stalled loop)
+                    if await self._resume(execution):
+                        resumed += 1
+                    else:
+                        failed += 1
+                finally:
+                    self._reserve(claimed_tenant, -1)
+        finally:
+            for left in held.values():  # taken by another process meanwhile, or not reached
+                self._reserve(left, -1)
         return resumed, failed
+
+    def _fitting(self, expired: list[ExpiredExecution]) -> list[ExpiredExecution]:
+        """The first of `expired` that fit in the free slots, each tenant within its free share."""
+        room = self._room()
+        picked: list[ExpiredExecution] = []
+        taking: dict[str, int] = {}
+        for candidate in expired:
+            if len(picked) >= room:
+                break
+            held = self._tenant_slots.get(candidate.tenant, 0) + taking.get(candidate.tenant, 0)
+            if self._tenant_max is not None and held >= self._tenant_max:
+                continue
+            picked.append(candidate)
+            taking[candidate.tenant] = taking.get(candidate.tenant, 0) + 1
+        return picked
+
+    async def _without_queued(self, expired: list[ExpiredExecution]) -> list[ExpiredExecution]:
+        """`expired` without the queued (unowned) executions, unless the queue cannot be read.
+
+        A queued execution whose check time passed has waited a lease: if
+        its entry is still in the queue it only waits its turn (checked again
+        a lease later); if the entry was lost, it is added again. Either way
+        the queue, not this sweep, hands it to a process with room. When
+        Redis cannot be reached they stay in: taken within the free slots,
+        they still run once (the database claim decides).
+        """
+        assert self._queue is not None
+        try:
+            in_queue = await self._queue.queued()
+        except QUEUE_FAILURES as exc:
+            self.counters.queue_failures += 1
+            log.warning("cannot read the execution work queue (%s); taking queued executions directly", exc)
+            return expired
+        unowned = {e.execution_id: e for e in expired if not e.owner}
+        # Only one of several processes sweeping at once gets each row back, so only one adds it again.
+        waiting = await self._store.defer_queued_executions(
+            list(unowned), now_us=now_us(), until_us=self._leases.until()
+        )
+        for execution_id in waiting:
+            if execution_id in in_queue:
+                continue
+            try:
+                await self._queue.submit(unowned[execution_id].tenant, execution_id)
+            except QUEUE_FAILURES as exc:
+                self.counters.queue_failures += 1
+                log.warning("could not queue execution %s again (%s); checking again in a lease", execution_id, exc)
+            else:
+                log.warning(
+                    "execution %s was missing from the work queue (lost with Redis?); queued again", execution_id
+                )
+        return [e for e in expired if e.owner]
 
     async def _resume(self, execution: Execution) -> bool:
         """Start a claimed execution: afresh when PENDING, after its finished nodes when RUNNING.

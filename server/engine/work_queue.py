@@ -12,9 +12,12 @@ Two layers keep work from being lost:
   the group's pending list; after a lease without acknowledgement another
   process takes it over (`XAUTOCLAIM`);
 - once claimed, the row's database lease (server/leases.py) covers the run,
-  as for any execution; an entry lost with Redis (restarted without
-  persistence, or unreachable when the work was added) is found by the
-  lease sweep, since an unowned row's lease ends one lease after creation.
+  as for any execution. An unowned (queued) row carries a check time one
+  lease ahead instead: when it passes, the lease sweep of some process looks
+  for the row's entry in the stream (`queued`). Still there, the row is only
+  waiting its turn and its next check moves a lease further; gone (lost with
+  a Redis restarted without persistence, or never added because Redis was
+  unreachable), the entry is added again.
 
 The database claim is the only gate, so a row taken through both layers at
 once still runs once.
@@ -86,6 +89,18 @@ class RedisWorkQueue:
     async def backlog(self) -> int:
         """Entries added and not yet claimed by any process."""
         return int(await self._redis.xlen(STREAM))
+
+    async def queued(self, page: int = 1000) -> set[str]:
+        """The executions of every entry in the stream, read by a process or not: all that waits for one."""
+        found: set[str] = set()
+        start = "-"
+        while True:
+            raw = await self._redis.xrange(STREAM, min=start, max="+", count=page)
+            found.update(entry.execution_id for entry in _entries(raw))
+            if len(raw) < page:
+                return found
+            # Exclusive of the last entry read; entries added meanwhile come after it.
+            start = "(" + raw[-1][0].decode()
 
     async def take(self, count: int) -> list[QueuedExecution]:
         """Up to `count` new entries for this process; waits up to block_ms for one."""

@@ -41,6 +41,16 @@ class Deletion(Enum):
         return self is not Deletion.MISSING
 
 
+@dataclass(frozen=True)
+class ExpiredExecution:
+    """An unfinished execution whose lease ended: up for another process to take."""
+
+    execution_id: str
+    tenant: str
+    owner: str
+    """The process that last held it; '' while it waits in the work queue, never taken."""
+
+
 class Store(Protocol):
     """Durable state. Every read and write is scoped to a tenant."""
 
@@ -123,9 +133,30 @@ class Store(Protocol):
         """Record a new execution leased to `owner`; `response` is the (first) execution's id."""
 
     async def claim_executions(
-        self, owner: str, *, now_us: int, lease_until_us: int, expired_only: bool = True
+        self,
+        owner: str,
+        *,
+        now_us: int,
+        lease_until_us: int,
+        expired_only: bool = True,
+        execution_ids: Collection[str] | None = None,
     ) -> list[execution_pb2.Execution]:
-        """Take over unfinished executions whose lease expired (all unfinished ones with expired_only=False)."""
+        """Take over unfinished executions whose lease expired (all unfinished ones with expired_only=False),
+        only those of `execution_ids` when given."""
+
+    async def expired_executions(self, now_us: int) -> list[ExpiredExecution]:
+        """Unfinished executions whose lease ended before `now_us`, oldest first."""
+
+    async def defer_queued_executions(self, execution_ids: Collection[str], *, now_us: int, until_us: int) -> list[str]:
+        """Of `execution_ids`, those still queued (unowned, unfinished, check time passed), next checked at `until_us`.
+
+        Only one of several processes sweeping at once gets each."""
+
+    async def count_queued_executions(self, tenant: str) -> int:
+        """`tenant`'s executions waiting in the work queue (unowned and unfinished)."""
+
+    async def expire_leases_except(self, owner: str) -> None:
+        """End every unfinished execution's lease but `owner`'s (no other process shares the store)."""
 
     async def claim_execution(
         self, tenant: str, execution_id: str, owner: str, *, now_us: int, lease_until_us: int

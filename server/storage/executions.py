@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from flowport.server.storage import idempotency
-from flowport.server.storage.base import IdempotencyConflict, IdempotentResult
+from flowport.server.storage.base import ExpiredExecution, IdempotencyConflict, IdempotentResult
 from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import execution_pb2
 
@@ -130,9 +130,16 @@ class ExecutionTables(Tables):
         return [execution_pb2.Execution.FromString(row[0]) for row in rows]
 
     async def claim_executions(
-        self, owner: str, *, now_us: int, lease_until_us: int, expired_only: bool = True
+        self,
+        owner: str,
+        *,
+        now_us: int,
+        lease_until_us: int,
+        expired_only: bool = True,
+        execution_ids: Collection[str] | None = None,
     ) -> list[execution_pb2.Execution]:
-        """Take over unfinished executions whose lease expired (or every unfinished one).
+        """Take over unfinished executions whose lease expired (or every unfinished one), only those of
+        `execution_ids` when given (what the caller has room for).
 
         One UPDATE, so two processes claiming at once never both get a row.
         """
@@ -143,6 +150,11 @@ class ExecutionTables(Tables):
             if expired_only:
                 sql += " AND lease_until_us<?"
                 args.append(now_us)
+            if execution_ids is not None:
+                if not execution_ids:
+                    return []
+                sql += f" AND execution_id IN ({', '.join('?' * len(execution_ids))})"
+                args.extend(execution_ids)
             rows = conn.execute(sql + " RETURNING create_us, body", args).fetchall()
             return [execution_pb2.Execution.FromString(body) for _, body in sorted(rows, key=lambda r: r[0])]
 
@@ -184,3 +196,39 @@ class ExecutionTables(Tables):
         """Let others take `owner`'s unfinished executions at once (a graceful stop)."""
         sql = "UPDATE executions SET lease_until_us=0 WHERE owner=? AND state IN (?, ?)"
         await self._write(lambda conn: conn.execute(sql, (owner, *UNFINISHED)))
+
+    async def expired_executions(self, now_us: int) -> list[ExpiredExecution]:
+        """Unfinished executions whose lease ended before `now_us`, oldest first (what a sweep may take)."""
+        # PENDING and RUNNING written out (not parameters): then SQLite and
+        # PostgreSQL's generic plans can use the partial indexes on unfinished rows.
+        sql = (
+            "SELECT execution_id, tenant, owner FROM executions WHERE state IN (1, 2) AND lease_until_us<?"
+            " ORDER BY create_us, execution_id"
+        )
+        rows = await self._read(lambda conn: conn.execute(sql, (now_us,)).fetchall())
+        return [ExpiredExecution(str(row[0]), str(row[1]), str(row[2])) for row in rows]
+
+    async def defer_queued_executions(self, execution_ids: Collection[str], *, now_us: int, until_us: int) -> list[str]:
+        """Of `execution_ids`, those still waiting for a process (unowned, unfinished, check time passed),
+        whose check time moves to `until_us`; only one of several processes sweeping at once gets each."""
+        if not execution_ids:
+            return []
+        sql = "UPDATE executions SET lease_until_us=? WHERE owner='' AND state IN (1, 2) AND lease_until_us<?"
+        sql += f" AND execution_id IN ({', '.join('?' * len(execution_ids))}) RETURNING execution_id"
+        args = [until_us, now_us, *execution_ids]
+        rows = await self._write(lambda conn: conn.execute(sql, args).fetchall())
+        return [str(row[0]) for row in rows]
+
+    async def count_queued_executions(self, tenant: str) -> int:
+        """`tenant`'s executions waiting for a process: unowned and unfinished (in the work queue, or lost from it)."""
+        # Through the unfinished rows, not all of the tenant's: SQLite would otherwise pick the tenant index.
+        hint = " INDEXED BY executions_unfinished" if self.dialect == "sqlite" else ""
+        sql = f"SELECT COUNT(*) FROM executions{hint} WHERE tenant=? AND owner='' AND state IN (1, 2)"  # noqa: S608 - fixed fragments
+        row = await self._lookup(sql, (tenant,))
+        return 0 if row is None else int(row[0])
+
+    async def expire_leases_except(self, owner: str) -> None:
+        """End the lease of every unfinished execution not `owner`'s: no other process shares the store, so
+        what another owner left is free to take at once."""
+        sql = "UPDATE executions SET lease_until_us=0 WHERE owner<>? AND state IN (1, 2) AND lease_until_us<>0"
+        await self._write(lambda conn: conn.execute(sql, (owner,)))

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from google.protobuf import duration_pb2, json_format
 
 from flowport.clients import ApiError, AsyncClient
@@ -20,6 +21,7 @@ from flowport.server.app import Running, start, stop
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.work_queue import RedisWorkQueue
+from flowport.server.errors import ResourceExhausted
 from flowport.server.events.bus import EventBus
 from flowport.server.leases import Leases
 from flowport.server.limits import tenant_share
@@ -28,6 +30,7 @@ from flowport.server.sandbox import SandboxLimits, SandboxPool
 from flowport.server.sandbox.fairness import FairQueue
 from flowport.server.settings import Settings, SettingsError
 from flowport.server.storage import SqliteStore
+from flowport.server.storage.postgres import PostgresStore
 from flowport.v1 import apikey_pb2, execution_pb2, workflow_pb2
 
 from ..conftest import ADMIN_KEY, make_settings
@@ -241,6 +244,286 @@ async def test_the_queue_consumer_passes_over_a_tenant_at_its_share(tmp_path: Pa
         for queue in queues:
             await queue.close()
         await store.close()
+
+
+# -- leases passing while executions wait: never more than fits --------------------------
+
+LEASE = 0.3  # seconds: a sweep every 0.1 s, so a few leases pass within a test
+
+
+def track_peaks(executor: Executor) -> dict[str, int]:
+    """The most executions `executor` ran at once, in all ("*") and per tenant, updated at each start."""
+    peaks: dict[str, int] = {}
+    start = executor._start
+
+    def tracked(run: Any) -> None:
+        start(run)
+        tenants = [r.tenant for r in executor._runs.values()]
+        peaks["*"] = max(peaks.get("*", 0), len(tenants))
+        peaks[run.tenant] = max(peaks.get(run.tenant, 0), tenants.count(run.tenant))
+
+    executor._start = tracked  # type: ignore[method-assign]
+    return peaks
+
+
+async def _gated_workflows(store: Any, tenants: str, gate: str) -> dict[str, workflow_pb2.Workflow]:
+    workflows = {}
+    for tenant in tenants:
+        workflow = wf("gated", [{"type": "GateNode", "name": "g", "config": {"gate": gate}}])
+        workflow.tenant = tenant
+        await store.create_workflow(tenant, workflow, None)
+        workflows[tenant] = workflow
+    return workflows
+
+
+async def _all_succeed_once(store: Any, events: Any, created: list[Execution]) -> None:
+    """Every one of `created` ends SUCCEEDED, having started exactly once (its gate node too)."""
+
+    async def all_done() -> bool:
+        rows = [await store.get_execution(e.tenant, e.execution_id) for e in created]
+        return all(row is not None and row.state == Execution.STATE_SUCCEEDED for row in rows)
+
+    await eventually(all_done, "every execution to succeed")
+    starts: dict[tuple[str, str], int] = {}
+    while (event := await events.next(0.05)) is not None:
+        starts[(event.type, event.execution_id)] = starts.get((event.type, event.execution_id), 0) + 1
+    for kind in ("execution.started", "node.started", "execution.completed"):
+        assert {e.execution_id: starts.get((kind, e.execution_id), 0) for e in created} == {
+            e.execution_id: 1 for e in created
+        }, f"each execution has exactly one {kind}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """One store that two executors share, as processes share PostgreSQL."""
+    if request.param == "postgresql":
+        store: Any = await PostgresStore.open(request.getfixturevalue("postgres_url"))
+    else:
+        store = await SqliteStore.open(tmp_path / "db.sqlite")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.mark.timeout(120)
+async def test_queued_executions_past_their_lease_never_overfill_a_process(shared_store: Any, redis_url: str) -> None:
+    GATES.clear()
+    store = shared_store
+    bus = EventBus()
+    events = bus.subscribe(lambda e: e.type in ("execution.started", "node.started", "execution.completed"))
+    workflows = await _gated_workflows(store, "xtu", "lease-open")
+    queues = [RedisWorkQueue(redis_url, name, block_ms=100) for name in ("full", "consumer")]
+    # Two processes on one store and queue: one full that only queues, and one with three slots, two per tenant.
+    full = Executor(
+        store,
+        PlanCache(REGISTRY),
+        bus,
+        NodeServices(),
+        max_concurrent=3,
+        queue=queues[0],
+        leases=Leases(LEASE),
+        exclusive=False,
+    )
+    full.start_leasing()  # keeps its own runs' leases, as a live process does, and sweeps too
+    consumer = Executor(
+        store,
+        PlanCache(REGISTRY),
+        bus,
+        NodeServices(),
+        max_concurrent=3,
+        queue=queues[1],
+        leases=Leases(LEASE),
+        exclusive=False,
+        tenant_share=2,
+    )
+    peaks, full_peaks = track_peaks(consumer), track_peaks(full)
+    created: list[Execution] = []
+    try:
+        for tenant in "xxxtututttt":
+            execution, _ = await full.create(
+                tenant, workflows[tenant], inputs(), session_id="", request_id="", request_hash=None
+            )
+            created.append(execution)
+        assert full.running == 3 and full.counters.queued == 8
+        await asyncio.sleep(2 * LEASE)  # every queued row has now waited longer than a lease
+        assert full.running == 3 and full_peaks == {"*": 3, "x": 3}, "the full process's sweeps took none"
+        consumer.start_leasing()
+
+        async def consumer_full() -> bool:
+            return consumer.running == 3
+
+        await eventually(consumer_full, "the consumer to fill its slots from the queue")
+        await asyncio.sleep(5 * LEASE)  # fifteen sweeps of the consumer, and of the full process
+        assert (consumer.running, consumer.tenant_running("t"), consumer.tenant_running("u")) == (3, 2, 1)
+        assert peaks == {"*": 3, "t": 2, "u": 1}, "no sweep started more than the slots and the share allow"
+        assert full.running == 3 and full_peaks == {"*": 3, "x": 3}, "nor one of the full process"
+        # The other five wait their turn: still in the queue and unowned, not taken over as abandoned.
+        waiting = []
+        for execution in created[3:]:
+            lease = await store.execution_lease(execution.tenant, execution.execution_id)
+            row = await store.get_execution(execution.tenant, execution.execution_id)
+            assert lease is not None and row is not None
+            if lease[0] == "" and row.state == Execution.STATE_PENDING:
+                waiting.append(execution.execution_id)
+        assert len(waiting) == 5 and await queues[0].backlog() == 5
+        GATES.setdefault("lease-open", asyncio.Event()).set()
+        await _all_succeed_once(store, events, created)
+        assert peaks["*"] <= 3 and peaks["t"] <= 2 and peaks["u"] <= 2 and full_peaks["*"] <= 3
+        assert full.counters.taken_from_queue + consumer.counters.taken_from_queue == 8
+        assert await queues[0].backlog() == 0
+    finally:
+        events.close()
+        for executor in (full, consumer):
+            await executor.shutdown()
+        for queue in queues:
+            await queue.close()
+
+
+async def test_a_queued_execution_whose_entry_was_lost_still_runs_once(tmp_path: Path, redis_url: str) -> None:
+    GATES.clear()
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    bus = EventBus()
+    events = bus.subscribe(lambda e: e.type in ("execution.started", "node.started", "execution.completed"))
+    workflows = await _gated_workflows(store, "xt", "lost-open")
+    queues = [RedisWorkQueue(redis_url, name, block_ms=100) for name in ("full", "consumer")]
+    full = Executor(
+        store,
+        PlanCache(REGISTRY),
+        bus,
+        NodeServices(),
+        max_concurrent=1,
+        queue=queues[0],
+        leases=Leases(LEASE),
+        exclusive=False,
+    )
+    consumer = Executor(
+        store,
+        PlanCache(REGISTRY),
+        bus,
+        NodeServices(),
+        max_concurrent=2,
+        queue=queues[1],
+        leases=Leases(LEASE),
+        exclusive=False,
+    )
+    admin = aioredis.Redis.from_url(redis_url)
+    created: list[Execution] = []
+    try:
+        full.start_leasing()
+        for tenant in "xtt":
+            execution, _ = await full.create(
+                tenant, workflows[tenant], inputs(), session_id="", request_id="", request_hash=None
+            )
+            created.append(execution)
+        assert full.counters.queued == 2
+        await admin.flushall()  # Redis restarted without persistence: both entries are gone
+        GATES.setdefault("lost-open", asyncio.Event()).set()
+        consumer.start_leasing()
+        await _all_succeed_once(store, events, created)
+        taken = full.counters.taken_from_queue + consumer.counters.taken_from_queue
+        assert taken == 2, "queued again after a lease, then taken from the queue"
+    finally:
+        events.close()
+        for executor in (full, consumer):
+            await executor.shutdown()
+        for queue in queues:
+            await queue.close()
+        await admin.aclose()
+        await store.close()
+
+
+async def test_executions_left_by_a_stopped_process_are_resumed_as_they_fit(tmp_path: Path) -> None:
+    GATES.clear()
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    bus = EventBus()
+    events = bus.subscribe(lambda e: e.type in ("execution.started", "node.started", "execution.completed"))
+    workflows = await _gated_workflows(store, "ab", "resume-open")
+    # What a process with more slots left when it crashed: six recorded, its leases still running.
+    left: list[Execution] = []
+    for n, tenant in enumerate("aaaaba"):
+        execution = Execution(
+            execution_id=f"exe_left_{n}",
+            workflow_id="gated",
+            workflow_version=workflows[tenant].version,
+            tenant=tenant,
+            state=Execution.STATE_PENDING,
+        )
+        execution.create_time.GetCurrentTime()
+        await store.insert_execution(tenant, execution, None, owner="crashed", lease_until_us=2**62)
+        left.append(execution)
+    executor = Executor(
+        store, PlanCache(REGISTRY), bus, NodeServices(), max_concurrent=3, leases=Leases(LEASE), tenant_share=2
+    )
+    peaks = track_peaks(executor)
+    try:
+        assert await executor.recover() == (3, 0), "as many as fit: three slots, two of them for a"
+        assert (executor.tenant_running("a"), executor.tenant_running("b")) == (2, 1)
+        executor.start_leasing()
+        await asyncio.sleep(3 * LEASE)  # nine sweeps with no room: nothing more starts
+        assert executor.running == 3 and peaks == {"*": 3, "a": 2, "b": 1}
+        waiting = await store.get_execution("a", "exe_left_5")
+        assert waiting is not None and waiting.state == Execution.STATE_PENDING, "left for later, not lost"
+        GATES.setdefault("resume-open", asyncio.Event()).set()
+        await _all_succeed_once(store, events, left)
+        assert peaks == {"*": 3, "a": 2, "b": 1}
+    finally:
+        events.close()
+        await executor.shutdown()
+        await store.close()
+
+
+async def test_a_tenant_at_its_share_of_the_backlog_is_refused_while_another_still_queues(
+    shared_store: Any, redis_url: str
+) -> None:
+    GATES.clear()
+    store = shared_store
+    workflows = await _gated_workflows(store, "xytu", "backlog-open")
+    queue = RedisWorkQueue(redis_url, "p", block_ms=100)
+    # Two slots, one per tenant: a backlog of eight, four per tenant.
+    executor = Executor(
+        store, PlanCache(REGISTRY), EventBus(), NodeServices(), max_concurrent=2, queue=queue, tenant_share=1
+    )
+
+    async def create(tenant: str, request_id: str = "") -> Execution:
+        execution, _ = await executor.create(
+            tenant,
+            workflows[tenant],
+            inputs(),
+            session_id="",
+            request_id=request_id,
+            request_hash=b"h" if request_id else None,
+        )
+        return execution
+
+    try:
+        for tenant in "xy":  # the slots are full: what follows waits in the queue
+            await create(tenant)
+        assert executor.running == 2
+        # A burst: calls admitted but not yet written count too, so no more than four get in.
+        burst = await asyncio.gather(*(create("t", f"r{n}") for n in range(6)), return_exceptions=True)
+        queued = [e for e in burst if isinstance(e, Execution)]
+        refusals = [e for e in burst if not isinstance(e, Execution)]
+        assert 1 <= len(queued) <= 4, refusals
+        while len(queued) < 4:  # one refused while another's row was being written may get in now
+            queued.append(await create("t"))
+        assert {e.state for e in queued} == {Execution.STATE_PENDING} and await queue.backlog() == 4
+        with pytest.raises(ResourceExhausted) as refused:
+            await create("t")
+        for error in [*refusals, refused.value]:
+            assert isinstance(error, ResourceExhausted) and error.reason == "TENANT_QUEUE_SHARE", error
+            assert error.retry_delay is not None and error.retry_delay > 0
+            assert error.metadata == {"tenant_max_queued_executions": "4", "max_queued_executions": "8"}
+        again, replayed = await executor.create(
+            "t", workflows["t"], inputs(), session_id="", request_id=queued[0].request_id, request_hash=b"h"
+        )
+        assert replayed and again.execution_id == queued[0].execution_id, "a retry is still answered"
+        other = await create("u")
+        assert other.state == Execution.STATE_PENDING and await queue.backlog() == 5, "u still queues"
+    finally:
+        GATES.setdefault("backlog-open", asyncio.Event()).set()
+        await executor.shutdown()
+        await queue.close()
 
 
 # -- a real server: one tenant floods it, another runs `result = 42` ---------------------

@@ -103,3 +103,17 @@ async def test_entries_given_back_go_to_another_process(queues: tuple[RedisWorkQ
     assert await a.reclaim(idle_ms=0) == [], "nothing is left pending on A"
     assert sorted(e.execution_id for e in await b.take(5)) == ["exe_1", "exe_2"]
     assert await b.backlog() == 2, "still there until B is done with them"
+
+
+async def test_queued_lists_every_waiting_entry_read_or_not_across_pages(
+    queues: tuple[RedisWorkQueue, RedisWorkQueue],
+) -> None:
+    a, b = queues
+    assert await a.queued() == set(), "no stream yet: nothing waits"
+    for n in range(5):
+        await a.submit("t", f"exe_{n}")
+    read = await a.take(2)  # read, not yet claimed: still waiting
+    await b.give_back(await b.take(1))  # moved to the end while nothing is lost
+    assert await a.queued(page=2) == {f"exe_{n}" for n in range(5)}
+    await a.done(read)
+    assert await b.queued(page=2) == {f"exe_{n}" for n in range(2, 5)}
