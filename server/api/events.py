@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from flowport.server.api.sessions import check_session, session_scope
+from flowport.server.api.sessions import VisibleSessions, check_session, session_scope
 from flowport.server.errors import Aborted, InvalidArgument, OutOfRange, shown
 from flowport.server.events.bus import BusEvent, EventBus, SubscriberOverflow
 from flowport.server.events.log import EventLog
@@ -75,9 +75,12 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         tenant = tenant_of(context)
         after = _cursor(request, context)
         types = event_filter(request)
+        # Other credentials' sessions' events are left out for a caller without the admin role.
+        sessions = VisibleSessions(self._store, context)
         if request.session_id and session_scope(context) is not None:
             # Another credential's session is as missing here as in GetSession.
             await check_session(self._store, context, request.session_id)
+            sessions.grant(request.session_id)
 
         def accept(event: BusEvent) -> bool:
             return (
@@ -112,7 +115,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                         workflow_id=request.workflow_id,
                         execution_id=request.execution_id,
                     ):
-                        if accept(logged):
+                        if accept(logged) and await sessions.allows(logged.session_id):
                             yield logged.to_proto()
                         sent = int(logged.id)
                     if not subscription.overflowed:
@@ -128,7 +131,8 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                     continue
                 if int(event.id) <= sent:
                     continue
-                yield event.to_proto()
+                if await sessions.allows(event.session_id):
+                    yield event.to_proto()
                 sent = int(event.id)
         except SubscriberOverflow:
             raise Aborted(

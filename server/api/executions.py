@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from flowport.server import pagination
 from flowport.server.api.common import idempotency_key, request_id_reused, require
-from flowport.server.api.sessions import check_session
+from flowport.server.api.sessions import check_owner, check_session, may_see, session_scope
 from flowport.server.api.workflows import workflow_not_found
 from flowport.server.engine.executor import FINISHED, Executor
 from flowport.server.errors import Aborted, InvalidArgument, NotFound, shown
@@ -68,7 +68,10 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         if request.workflow_version < 0:
             raise InvalidArgument("workflow_version must not be negative", violations=[("workflow_version", ">= 0")])
         tenant = tenant_of(context)
-        workflow = await self._store.get_workflow(tenant, request.workflow_id, request.workflow_version)
+        # In the same lookup: a version created in another credential's session is missing.
+        workflow = await self._store.get_workflow(
+            tenant, request.workflow_id, request.workflow_version, session_creator=session_scope(context)
+        )
         if workflow is None:
             raise workflow_not_found(request.workflow_id, request.workflow_version)
         if request.session_id:
@@ -95,7 +98,8 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
     ) -> execution_pb2.Execution:
         require(request.execution_id, "execution_id")
         execution = await self._executor.get(tenant_of(context), request.execution_id)
-        if execution is None:
+        # One in another credential's session is as missing as one that never existed.
+        if execution is None or not await may_see(self._store, context, execution.session_id):
             raise _not_found(request.execution_id)
         return execution
 
@@ -107,6 +111,8 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
             raise InvalidArgument(f"unknown state {request.state}", violations=[("state", "not a known state")])
         filters = {"workflow_id": request.workflow_id, "session_id": request.session_id, "state": request.state}
         after = pagination.cursor_time_id(pagination.decode_token(request.page_token, filters))
+        if request.session_id:
+            await check_owner(self._store, context, request.session_id)
         rows = await self._store.list_executions(
             tenant_of(context),
             workflow_id=request.workflow_id,
@@ -114,6 +120,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
             state=request.state,
             after=after,
             limit=size + 1,
+            session_creator=session_scope(context),
         )
         executions, token = pagination.page(
             rows, size, filters, lambda e: [e.create_time.ToMicroseconds(), e.execution_id]
@@ -125,7 +132,13 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
     ) -> execution_pb2.Execution:
         require(request.execution_id, "execution_id")
         idempotency_key(request.request_id, request)  # validates the key's length
-        execution = await self._executor.cancel(tenant_of(context), request.execution_id)
+        tenant = tenant_of(context)
+        if session_scope(context) is not None:
+            # Read first: another credential's session's execution must stay untouched.
+            seen = await self._executor.get(tenant, request.execution_id)
+            if seen is None or not await may_see(self._store, context, seen.session_id):
+                raise _not_found(request.execution_id)
+        execution = await self._executor.cancel(tenant, request.execution_id)
         if execution is None:
             raise _not_found(request.execution_id)
         return execution
@@ -140,7 +153,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         subscription = self._bus.subscribe(lambda e: e.execution_id == execution_id and e.tenant == tenant)
         try:
             execution = await self._executor.get(tenant, execution_id)
-            if execution is None:
+            if execution is None or not await may_see(self._store, context, execution.session_id):
                 raise _not_found(execution_id)
             yield execution_pb2.WatchExecutionResponse(execution=execution)
             if execution.state in FINISHED:

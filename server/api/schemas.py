@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flowport.server import pagination
+from flowport.server.api.sessions import session_scope
 from flowport.server.api.workflows import workflow_not_found
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
@@ -67,7 +68,9 @@ class SchemaService(schema_pb2_grpc.SchemaServiceServicer):
         if request.version < 0:
             raise InvalidArgument("version must not be negative", violations=[("version", "must be >= 0")])
         tenant = tenant_of(context)
-        workflow = await self._store.get_workflow(tenant, request.workflow_id, request.version)
+        workflow = await self._store.get_workflow(
+            tenant, request.workflow_id, request.version, session_creator=session_scope(context)
+        )
         if workflow is None:
             raise workflow_not_found(request.workflow_id, request.version)
         plan = self._plans.get(tenant, workflow)

@@ -157,6 +157,54 @@ async def check_session(store: Store, context: Context, session_id: str) -> None
         raise session_not_found(session_id)
 
 
+async def check_owner(store: Store, context: Context, session_id: str) -> None:
+    """NOT_FOUND unless the caller may see what ran in `session_id` (its creator, or an admin),
+    though the session has expired or was deleted since."""
+    if not await may_see(store, context, session_id):
+        raise session_not_found(session_id)
+
+
+async def may_see(store: Store, context: Context, session_id: str) -> bool:
+    """Whether the caller may see what belongs to `session_id` (always, outside a session): for a
+    caller without the admin role, only its own credential's sessions. Only a session costs a
+    lookup, and the store caches owners."""
+    if not session_id:
+        return True
+    scope = session_scope(context)
+    return scope is None or await store.session_owner(tenant_of(context), session_id) == scope
+
+
+class VisibleSessions:
+    """Which sessions' events one stream may carry: a caller without the admin role gets only
+    its own credential's. Verdicts are kept for the stream's life, so an event costs a lookup
+    only for the first event of a session (a session created after the stream opened included)."""
+
+    MAX_VERDICTS = 4096
+
+    def __init__(self, store: Store, context: Context) -> None:
+        self._store = store
+        self._tenant = tenant_of(context)
+        self._scope = session_scope(context)
+        self._verdicts: dict[str, bool] = {}
+
+    def grant(self, session_id: str) -> None:
+        """Record a session already checked to be the caller's."""
+        self._verdicts[session_id] = True
+
+    async def allows(self, session_id: str) -> bool:
+        """Whether an event of `session_id` (empty: of no session) may be sent."""
+        if self._scope is None or not session_id:
+            return True
+        verdict = self._verdicts.get(session_id)
+        if verdict is None:
+            # A session whose owner is unknown (its rows all removed) is the admins' alone.
+            verdict = await self._store.session_owner(self._tenant, session_id) == self._scope
+            if len(self._verdicts) >= self.MAX_VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[session_id] = verdict
+        return verdict
+
+
 def session_not_found(session_id: str) -> NotFound:
     """NOT_FOUND for a session that does not exist, has expired, or is another credential's."""
     return NotFound(

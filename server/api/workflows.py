@@ -7,7 +7,7 @@ from google.rpc import error_details_pb2
 
 from flowport.server import pagination
 from flowport.server.api.common import idempotency_key, now_us, request_id_reused, require, timestamp
-from flowport.server.api.sessions import check_session
+from flowport.server.api.sessions import check_owner, check_session, session_scope
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import validate
 from flowport.server.errors import InvalidArgument, NotFound, shown
@@ -73,7 +73,10 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
         require(request.workflow_id, "workflow_id")
         if request.version < 0:
             raise InvalidArgument("version must not be negative", violations=[("version", "must be >= 0")])
-        workflow = await self._store.get_workflow(tenant_of(context), request.workflow_id, request.version)
+        # A version created in another credential's session is as missing as one never created.
+        workflow = await self._store.get_workflow(
+            tenant_of(context), request.workflow_id, request.version, session_creator=session_scope(context)
+        )
         if workflow is None:
             raise workflow_not_found(request.workflow_id, request.version)
         return workflow
@@ -85,8 +88,14 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
         filters = {"session_id": request.session_id}
         cursor = pagination.decode_token(request.page_token, filters)
         after = pagination.cursor_str(cursor)
+        if request.session_id:
+            await check_owner(self._store, context, request.session_id)
         rows = await self._store.list_workflows(
-            tenant_of(context), session_id=request.session_id, after=after, limit=size + 1
+            tenant_of(context),
+            session_id=request.session_id,
+            after=after,
+            limit=size + 1,
+            session_creator=session_scope(context),
         )
         workflows, token = pagination.page(rows, size, filters, lambda w: [w.workflow_id])
         return workflow_pb2.ListWorkflowsResponse(workflows=workflows, next_page_token=token)
@@ -96,7 +105,9 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
         idempotency_key(request.request_id, request)  # validates the key's length
         tenant = tenant_of(context)
         try:
-            deleted = await self._store.delete_workflow(tenant, request.workflow_id, now_us(), request.request_id)
+            deleted = await self._store.delete_workflow(
+                tenant, request.workflow_id, now_us(), request.request_id, session_creator=session_scope(context)
+            )
         except IdempotencyConflict:
             raise request_id_reused(request.request_id, "to delete another workflow") from None
         if not deleted.done:

@@ -97,6 +97,10 @@ class Store(Protocol):
     async def session_exists(self, tenant: str, session_id: str, now_us: int, creator: str | None = None) -> bool:
         """Whether an unexpired session with this id exists in the tenant (of `creator`'s, if given)."""
 
+    async def session_owner(self, tenant: str, session_id: str) -> str | None:
+        """The credential that created the session, expired, deleted or removed (then as its executions
+        and workflows recorded it); None when unknown. Cached: it never changes."""
+
     async def count_active_sessions(self, now_us: int) -> int:
         """Unexpired sessions across tenants."""
 
@@ -109,17 +113,27 @@ class Store(Protocol):
         """Store the next version of `workflow`'s name; `response` is the stored Workflow."""
 
     async def get_workflow(
-        self, tenant: str, workflow_id: str, version: int = 0, *, include_deleted: bool = False
+        self,
+        tenant: str,
+        workflow_id: str,
+        version: int = 0,
+        *,
+        include_deleted: bool = False,
+        session_creator: str | None = None,
     ) -> workflow_pb2.Workflow | None:
-        """A version (0: the latest), or None."""
+        """A version (0: the latest), or None; with `session_creator`, only among the versions
+        created outside sessions or in that credential's."""
 
     async def list_workflows(
-        self, tenant: str, *, session_id: str, after: str | None, limit: int
+        self, tenant: str, *, session_id: str, after: str | None, limit: int, session_creator: str | None = None
     ) -> list[workflow_pb2.Workflow]:
-        """Latest version of each workflow, ordered by id, after `after`."""
+        """Latest version of each workflow, ordered by id, after `after` (`session_creator` as for get_workflow)."""
 
-    async def delete_workflow(self, tenant: str, workflow_id: str, now_us: int, request_id: str = "") -> Deletion:
-        """Hide every version; MISSING when there was none (REPLAYED as for delete_session)."""
+    async def delete_workflow(
+        self, tenant: str, workflow_id: str, now_us: int, request_id: str = "", session_creator: str | None = None
+    ) -> Deletion:
+        """Hide every version (`session_creator`: every one it may see); MISSING when there was none
+        (REPLAYED as for delete_session)."""
 
     async def insert_execution(
         self,
@@ -190,5 +204,7 @@ class Store(Protocol):
         state: int,
         after: tuple[int, str] | None,
         limit: int,
+        session_creator: str | None = None,
     ) -> list[execution_pb2.Execution]:
-        """Executions newest first, filtered, after the (create_us, id) cursor."""
+        """Executions newest first, filtered, after the (create_us, id) cursor; with `session_creator`,
+        only those outside sessions or in that credential's."""

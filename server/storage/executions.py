@@ -6,6 +6,7 @@ from collections.abc import Collection
 
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import ExpiredExecution, IdempotencyConflict, IdempotentResult
+from flowport.server.storage.sessions import session_creator
 from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import execution_pb2
 
@@ -28,6 +29,7 @@ class ExecutionTables(Tables):
         """Record a new execution, leased to `owner`; a replayed key returns the first one's id as `response`."""
         body = execution.SerializeToString()
         now_us = micros(execution.create_time)
+        creator_sql, creator_args = session_creator(tenant, execution.session_id)
 
         def op(conn: Connection) -> IdempotentResult:
             if idempotency_key is not None:
@@ -38,8 +40,8 @@ class ExecutionTables(Tables):
                     conn, tenant, _CREATE, idempotency_key, execution.execution_id.encode(), now_us=now_us
                 )
             conn.execute(
-                "INSERT INTO executions (tenant, execution_id, workflow_id, session_id, state, create_us, body,"
-                " owner, lease_until_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO executions (tenant, execution_id, workflow_id, session_id, state, create_us, body,"  # noqa: S608
+                f" owner, lease_until_us, session_creator) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {creator_sql})",
                 (
                     tenant,
                     execution.execution_id,
@@ -50,6 +52,7 @@ class ExecutionTables(Tables):
                     body,
                     owner,
                     lease_until_us,
+                    *creator_args,
                 ),
             )
             return IdempotentResult(execution.execution_id.encode(), replayed=False)
@@ -113,10 +116,15 @@ class ExecutionTables(Tables):
         state: int,
         after: tuple[int, str] | None,
         limit: int,
+        session_creator: str | None = None,
     ) -> list[execution_pb2.Execution]:
-        """Newest first, strictly after the (create_us, execution_id) cursor."""
+        """Newest first, strictly after the (create_us, execution_id) cursor; with `session_creator`,
+        only executions outside sessions or in that credential's."""
         sql = "SELECT body FROM executions WHERE tenant=?"
         args: list[object] = [tenant]
+        if session_creator is not None:
+            sql += " AND (session_id='' OR session_creator=?)"
+            args.append(session_creator)
         for column, value in (("workflow_id", workflow_id), ("session_id", session_id), ("state", state)):
             if value:
                 sql += f" AND {column}=?"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import Deletion, IdempotentResult
@@ -11,6 +11,14 @@ from flowport.v1 import session_pb2
 
 _CREATE = "flowport.v1.SessionService/CreateSession"
 _DELETE = "flowport.v1.SessionService/DeleteSession"
+# Session owners cached per store: a session's creator never changes, so an entry never goes stale.
+OWNERS_CACHED = 65_536
+# Who owns a session: its row while it is there, then what its executions and workflows recorded.
+_OWNER_QUERIES = (
+    "SELECT creator FROM sessions WHERE session_id=? AND tenant=?",
+    "SELECT session_creator FROM executions WHERE session_id=? AND tenant=? AND session_creator<>'' LIMIT 1",
+    "SELECT session_creator FROM workflows WHERE session_id=? AND tenant=? AND session_creator<>'' LIMIT 1",
+)
 # Sessions created = rows in `sessions` + `removed` (migrations/v0015_session_counts.py).
 _COUNT_REMOVED = (
     "INSERT INTO session_counts (tenant, removed) VALUES (?, ?)"
@@ -20,6 +28,8 @@ _COUNT_REMOVED = (
 
 class SessionTables(Tables):
     """Sessions, scoped by tenant, expiring at `expire_us` (0 once deleted) and removed by the purge."""
+
+    _session_owners: OrderedDict[tuple[str, str], str] | None = None
 
     async def create_session(
         self, tenant: str, session: session_pb2.Session, idempotency_key: tuple[str, bytes] | None
@@ -48,7 +58,39 @@ class SessionTables(Tables):
             )
             return IdempotentResult(body, replayed=False)
 
-        return await self._write(op)
+        result = await self._write(op)
+        if not result.replayed:
+            self._remember_owner(tenant, session.session_id, session.creator)
+        return result
+
+    async def session_owner(self, tenant: str, session_id: str) -> str | None:
+        """The credential that created the session (expired and deleted ones too; once its row is
+        removed, as its executions or workflows recorded it); None when unknown. Cached."""
+        key = (tenant, session_id)
+        owners = self._owner_cache()
+        owner = owners.get(key)
+        if owner is not None:
+            owners.move_to_end(key)
+            return owner
+        for sql in _OWNER_QUERIES:
+            row = await self._lookup(sql, (session_id, tenant))
+            if row is not None:
+                self._remember_owner(tenant, session_id, str(row[0]))
+                return str(row[0])
+        # Not cached: an id nobody has created yet could be created later.
+        return None
+
+    def _owner_cache(self) -> OrderedDict[tuple[str, str], str]:
+        if self._session_owners is None:
+            self._session_owners = OrderedDict()
+        return self._session_owners
+
+    def _remember_owner(self, tenant: str, session_id: str, creator: str) -> None:
+        owners = self._owner_cache()
+        owners[(tenant, session_id)] = creator
+        owners.move_to_end((tenant, session_id))
+        if len(owners) > OWNERS_CACHED:
+            owners.popitem(last=False)
 
     async def get_session(
         self, tenant: str, session_id: str, now_us: int, creator: str | None = None
@@ -94,12 +136,19 @@ class SessionTables(Tables):
             sql, args = sql + " AND creator=?", (*args, creator)
 
         def op(conn: Connection) -> Deletion:
-            if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
-                return Deletion.REPLAYED
-            deleted = conn.execute(sql, args).rowcount
-            if deleted and request_id:
-                idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
-            return Deletion.DELETED if deleted else Deletion.MISSING
+            if request_id:
+                first = idempotency.replayed(conn, tenant, _DELETE, request_id, key)
+                if first is not None:
+                    # The owner check comes first: another credential repeating the owner's
+                    # request_id is told the session is missing, not that it deleted it.
+                    if creator is None or _deleted_owner(conn, tenant, session_id, first) == creator:
+                        return Deletion.REPLAYED
+                    return Deletion.MISSING
+            row = conn.execute(sql + " RETURNING creator", args).fetchone()
+            if row is not None and request_id:
+                # The owner, for the check above when the session's row is gone.
+                idempotency.remember(conn, tenant, _DELETE, (request_id, key), str(row[0]).encode(), now_us=now_us)
+            return Deletion.DELETED if row is not None else Deletion.MISSING
 
         return await self._write(op)
 
@@ -125,6 +174,22 @@ class SessionTables(Tables):
             return removed
 
         return await self._write(op)
+
+
+def session_creator(tenant: str, session_id: str) -> tuple[str, tuple[str, ...]]:
+    """SQL for the `session_creator` of a row written in `session_id`: its session's creator, read
+    in the same statement (no round trip), or '' outside a session."""
+    if not session_id:
+        return "''", ()
+    return "COALESCE((SELECT creator FROM sessions WHERE session_id=? AND tenant=?), '')", (session_id, tenant)
+
+
+def _deleted_owner(conn: Connection, tenant: str, session_id: str, recorded: bytes) -> str | None:
+    """Whose session a remembered delete removed: recorded with it, else (older records) its row's creator."""
+    if recorded:
+        return recorded.decode()
+    row = conn.execute("SELECT creator FROM sessions WHERE session_id=? AND tenant=?", (session_id, tenant)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _one(column: str, tenant: str, session_id: str, now_us: int, creator: str | None) -> tuple[str, tuple[object, ...]]:

@@ -1,15 +1,19 @@
-"""Workflow versions. Deleting hides every version but keeps the rows, so
-executions that ran a version can still be resumed and inspected."""
+"""Workflow versions. Deleting hides every version (a caller without the admin
+role: every version it may see) but keeps the rows, so executions that ran a
+version can still be resumed and inspected."""
 
 from __future__ import annotations
 
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import Deletion, IdempotentResult
+from flowport.server.storage.sessions import session_creator
 from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import workflow_pb2
 
 _CREATE = "flowport.v1.WorkflowService/CreateWorkflow"
 _DELETE = "flowport.v1.WorkflowService/DeleteWorkflow"
+# A version another credential may see: created outside any session, or in one of its sessions.
+_VISIBLE = "(session_id='' OR session_creator=?)"
 
 
 class WorkflowTables(Tables):
@@ -20,6 +24,7 @@ class WorkflowTables(Tables):
     ) -> IdempotentResult:
         """Store `workflow` as the next version of its name; `version` is set here."""
         now_us = micros(workflow.create_time)
+        creator_sql, creator_args = session_creator(tenant, workflow.session_id)
 
         def op(conn: Connection) -> IdempotentResult:
             if idempotency_key is not None:
@@ -35,8 +40,9 @@ class WorkflowTables(Tables):
             stored.version = latest + 1
             body = stored.SerializeToString()
             conn.execute(
-                "INSERT INTO workflows VALUES (?, ?, ?, ?, ?, NULL, ?)",
-                (tenant, stored.workflow_id, stored.version, stored.session_id, now_us, body),
+                "INSERT INTO workflows (tenant, workflow_id, version, session_id, create_us, deleted_us, body,"  # noqa: S608
+                f" session_creator) VALUES (?, ?, ?, ?, ?, NULL, ?, {creator_sql})",
+                (tenant, stored.workflow_id, stored.version, stored.session_id, now_us, body, *creator_args),
             )
             if idempotency_key is not None:
                 idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
@@ -45,13 +51,23 @@ class WorkflowTables(Tables):
         return await self._write(op)
 
     async def get_workflow(
-        self, tenant: str, workflow_id: str, version: int = 0, *, include_deleted: bool = False
+        self,
+        tenant: str,
+        workflow_id: str,
+        version: int = 0,
+        *,
+        include_deleted: bool = False,
+        session_creator: str | None = None,
     ) -> workflow_pb2.Workflow | None:
-        """A version (0: the latest), or None; deleted ones only with `include_deleted`."""
+        """A version (0: the latest), or None; deleted ones only with `include_deleted`; with
+        `session_creator`, only versions outside sessions or in that credential's."""
         sql = "SELECT body FROM workflows WHERE tenant=? AND workflow_id=?"
         args: list[object] = [tenant, workflow_id]
         if not include_deleted:
             sql += " AND deleted_us IS NULL"
+        if session_creator is not None:
+            sql += f" AND {_VISIBLE}"
+            args.append(session_creator)
         if version:
             sql += " AND version=?"
             args.append(version)
@@ -60,15 +76,20 @@ class WorkflowTables(Tables):
         return None if row is None else workflow_pb2.Workflow.FromString(row[0])
 
     async def list_workflows(
-        self, tenant: str, *, session_id: str, after: str | None, limit: int
+        self, tenant: str, *, session_id: str, after: str | None, limit: int, session_creator: str | None = None
     ) -> list[workflow_pb2.Workflow]:
-        """The latest version of each workflow, by workflow_id, after `after`."""
-        sql = (
-            "SELECT body FROM workflows w WHERE tenant=? AND deleted_us IS NULL"
-            " AND version = (SELECT MAX(version) FROM workflows v"
-            " WHERE v.tenant=w.tenant AND v.workflow_id=w.workflow_id)"
-        )
+        """The latest version of each workflow, by workflow_id, after `after`; with `session_creator`,
+        the latest of the versions outside sessions or in that credential's."""
+        visible = ""
         args: list[object] = [tenant]
+        if session_creator is not None:
+            visible = " AND (v.session_id='' OR v.session_creator=?)"
+            args.append(session_creator)
+        sql = (
+            "SELECT body FROM workflows w WHERE tenant=? AND deleted_us IS NULL"  # noqa: S608 - fixed fragments
+            " AND version = (SELECT MAX(version) FROM workflows v"
+            f" WHERE v.tenant=w.tenant AND v.workflow_id=w.workflow_id{visible})"
+        )
         if session_id:
             sql += " AND session_id=?"
             args.append(session_id)
@@ -80,19 +101,32 @@ class WorkflowTables(Tables):
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [workflow_pb2.Workflow.FromString(row[0]) for row in rows]
 
-    async def delete_workflow(self, tenant: str, workflow_id: str, now_us: int, request_id: str = "") -> Deletion:
-        """Hide every version; MISSING when there was none to hide."""
+    async def delete_workflow(
+        self, tenant: str, workflow_id: str, now_us: int, request_id: str = "", session_creator: str | None = None
+    ) -> Deletion:
+        """Hide every version (with `session_creator`, every version it may see); MISSING when there
+        was none to hide."""
         key = workflow_id.encode()
+        sql = "UPDATE workflows SET deleted_us=? WHERE tenant=? AND workflow_id=? AND deleted_us IS NULL"
+        args: tuple[object, ...] = (now_us, tenant, workflow_id)
+        if session_creator is not None:
+            sql, args = f"{sql} AND {_VISIBLE}", (*args, session_creator)
 
         def op(conn: Connection) -> Deletion:
             if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
-                return Deletion.REPLAYED
-            hidden = conn.execute(
-                "UPDATE workflows SET deleted_us=? WHERE tenant=? AND workflow_id=? AND deleted_us IS NULL",
-                (now_us, tenant, workflow_id),
-            ).rowcount
+                # Only for a caller that may see a version of it: to another, the workflow is missing.
+                if session_creator is None or _any_visible(conn, tenant, workflow_id, session_creator):
+                    return Deletion.REPLAYED
+                return Deletion.MISSING
+            hidden = conn.execute(sql, args).rowcount
             if hidden and request_id:
                 idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
             return Deletion.DELETED if hidden else Deletion.MISSING
 
         return await self._write(op)
+
+
+def _any_visible(conn: Connection, tenant: str, workflow_id: str, session_creator: str) -> bool:
+    """Whether `session_creator` may see any version of the workflow, deleted ones included."""
+    sql = f"SELECT 1 FROM workflows WHERE tenant=? AND workflow_id=? AND {_VISIBLE} LIMIT 1"  # noqa: S608 - fixed
+    return conn.execute(sql, (tenant, workflow_id, session_creator)).fetchone() is not None

@@ -20,7 +20,11 @@ until one is written.
 Sessions also belong to the credential that created them: another user key
 of alpha's own tenant calls every RPC that names a session with alpha's
 session id and gets NOT_FOUND (reason SESSION_NOT_FOUND) where it would use
-the session, and does not find it listed; alpha's admin sees it.
+or list by the session, and does not find it listed. What was made in the
+session is as missing: every RPC naming an execution or workflow id, called
+with those of alpha's execution and workflow in the session, is NOT_FOUND or
+shows none of them, and no unfiltered list or event stream carries them.
+Alpha's admin sees all of it.
 
 Afterwards every resource of alpha is checked to be as it was.
 """
@@ -67,12 +71,13 @@ NOT_FOUND_VERBS = ("Get", "Delete", "Cancel", "Watch", "Redeliver", "Revoke", "H
 LIST_VERBS = ("List",)
 # Calls that create or change something; beta's version is checked by name.
 OWN_VERBS = ("Create", "Put", "Validate", "Register")
-# Verbs with which a call uses the session it names (reads, deletes, runs or
-# streams in it): another credential of its tenant finds it missing.
-SESSION_USE_VERBS = ("Get", "Delete", "Create", "Stream")
-# Calls that name a session only to filter what every credential of the
-# tenant may list (executions, workflows), or that store nothing.
-SESSION_FILTERS = {"ListExecutions", "ListWorkflows", "ValidateWorkflow"}
+# Verbs with which a call uses the session it names (reads, deletes, lists,
+# runs or streams in it): another credential of its tenant finds it missing.
+SESSION_USE_VERBS = ("Get", "Delete", "Create", "List", "Stream")
+# Calls that name a session but store and show nothing of it.
+SESSION_FILTERS = {"ValidateWorkflow"}
+# Request fields naming what was made in a session (alpha's execution and workflow in it).
+SESSION_CONTENTS = {"execution_id": "execution_id", "workflow_id": "session_workflow_id"}
 TENANT_FREE = {
     # Describe the server or the node types, the same for every tenant.
     "/flowport.v1.GatewayService/GetInfo",
@@ -209,6 +214,10 @@ async def _alpha_world(alpha_client: AsyncClient, alpha_caller: Caller, receiver
     request.inputs.update({"n": 21})
     execution = await alpha_client.executions.CreateExecution(request)
     assert execution.state == execution_pb2.Execution.STATE_SUCCEEDED, execution.error.message
+    in_session = workflow_pb2.Workflow(name="alpha-session-flow", session_id=session.session_id)
+    json_format.ParseDict({"nodes": [{"type": "MergeNode", "name": "m"}]}, in_session)
+    await alpha_client.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=in_session))
+    alpha.ids["session_workflow_id"] = in_session.name
     deliveries = await _wait_for(lambda: _deliveries(alpha_client, hook.webhook_id), "a delivery of alpha's webhook")
     alpha.ids.update(
         session_id=session.session_id,
@@ -283,7 +292,10 @@ async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> N
                 webhook_pb2.CreateWebhookRequest(webhook=webhook_pb2.Webhook(url=beta_receiver.url()))
             )
             checked = await _every_rpc(beta, alpha)
-            checked += await _every_session_rpc(Caller(grpc.aio.insecure_channel(target), sibling_key), alpha)
+            sibling = Caller(grpc.aio.insecure_channel(target), sibling_key)
+            checked += await _every_session_rpc(sibling, alpha)
+            checked += await _every_rpc_on_the_session_s_contents(sibling, alpha)
+            await _no_list_or_stream_shows_the_session(sibling, alpha_client, alpha)
             await _alpha_admin_sees_the_session(Caller(grpc.aio.insecure_channel(target), alpha_admin_key), alpha)
             # More alpha activity while beta listens, then: nothing of it reached beta.
             stream_method = descriptor_pool.Default().FindMethodByName("flowport.v1.EventService.StreamEvents")
@@ -419,6 +431,80 @@ async def _every_session_rpc(sibling: Caller, alpha: Alpha) -> int:
     return checked + 1
 
 
+def _session_marks(alpha: Alpha) -> list[str]:
+    """Identifiers of alpha's session and what was made in it."""
+    return [alpha.ids[k] for k in ("session_id", "execution_id", "session_workflow_id")]
+
+
+async def _every_rpc_on_the_session_s_contents(sibling: Caller, alpha: Alpha) -> int:
+    """Calls, as another user key of alpha's tenant, every RPC naming an execution or a workflow with
+    those alpha made in its session (lists and streams also with alpha's workflow outside sessions,
+    which ran in the session); returns how many."""
+    checked = 0
+    for method in _api_methods():
+        fields = [f for f in SESSION_CONTENTS if f in method.input_type.fields_by_name]
+        if not fields or access_for(_path(method)) is not Access.USER:
+            continue
+        label = f"{_path(method)} with alpha's session's contents, as another credential of alpha's tenant"
+        verb = method.name
+        for name in fields:
+            values = [alpha.ids[SESSION_CONTENTS[name]]]
+            if name == "workflow_id" and verb.startswith((*LIST_VERBS, "Stream")):
+                values.append(alpha.ids["workflow_id"])
+            for value in values:
+                request = message_factory.GetMessageClass(method.input_type)()
+                setattr(request, name, value)
+                await _sees_none_of_the_session(sibling, method, request, alpha, f"{label} ({name}={value})")
+        checked += 1
+    return checked
+
+
+async def _sees_none_of_the_session(
+    sibling: Caller, method: MethodDescriptor, request: Message, alpha: Alpha, label: str
+) -> None:
+    verb = method.name
+    if verb == "StreamEvents":
+        for replay in ("0", ""):
+            request.after_id = replay  # type: ignore[attr-defined]
+            text = " ".join(_text(m) for m in await sibling.stream(method, request, 1.0))
+            assert not any(mark in text for mark in _session_marks(alpha)), f"{label} after {replay!r}: {text[:300]}"
+    elif verb.startswith((*NOT_FOUND_VERBS, "Create")):
+        code = await _code(
+            sibling.stream(method, request, 2.0) if method.server_streaming else sibling.unary(method, request)
+        )
+        assert code is grpc.StatusCode.NOT_FOUND, f"{label}: {code}"
+    elif verb.startswith(LIST_VERBS):
+        text = _text(await sibling.unary(method, request))
+        assert not any(mark in text for mark in _session_marks(alpha)), f"{label}: {text[:300]}"
+    else:
+        raise AssertionError(f"{label}: no rule for the verb of {verb}; add one to this test")
+
+
+async def _no_list_or_stream_shows_the_session(sibling: Caller, alpha_client: AsyncClient, alpha: Alpha) -> None:
+    """Unfiltered lists and streams of another credential of alpha's tenant: nothing of alpha's session,
+    replayed or live (a session alpha opens while the stream runs included), the tenant's own things still."""
+    for service, name, request in (
+        ("ExecutionService", "ListExecutions", execution_pb2.ListExecutionsRequest()),
+        ("WorkflowService", "ListWorkflows", workflow_pb2.ListWorkflowsRequest()),
+    ):
+        text = _text(await sibling.unary(_method(service, name), request))
+        assert not any(mark in text for mark in _session_marks(alpha)), f"{name}: {text[:300]}"
+    assert alpha.ids["workflow_id"] in text, "the tenant's workflow outside sessions is listed"
+    stream_method = _method("EventService", "StreamEvents")
+    listening = asyncio.create_task(sibling.stream(stream_method, event_pb2.StreamEventsRequest(after_id="0"), 2.0))
+    await asyncio.sleep(0.3)
+    later = await alpha_client.sessions.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session()))
+    run = execution_pb2.CreateExecutionRequest(
+        workflow_id=alpha.ids["session_workflow_id"], session_id=later.session_id, wait=True
+    )
+    later_run = await alpha_client.executions.CreateExecution(run)
+    received = await listening
+    text = " ".join(_text(m) for m in received)
+    for mark in (*_session_marks(alpha), later.session_id, later_run.execution_id):
+        assert mark not in text, f"an unfiltered stream carried {mark}: {text[:300]}"
+    assert any(m.type == "workflow.created" for m in received), "the tenant's events outside sessions"  # type: ignore[attr-defined]
+
+
 async def _alpha_admin_sees_the_session(admin: Caller, alpha: Alpha) -> None:
     session_id = alpha.ids["session_id"]
     got = await admin.unary(
@@ -427,6 +513,21 @@ async def _alpha_admin_sees_the_session(admin: Caller, alpha: Alpha) -> None:
     assert got.session_id == session_id  # type: ignore[attr-defined]
     listed = _text(await admin.unary(_method("SessionService", "ListSessions"), session_pb2.ListSessionsRequest()))
     assert session_id in listed, "alpha's admin should list every session of alpha"
+    executions = _text(
+        await admin.unary(
+            _method("ExecutionService", "ListExecutions"), execution_pb2.ListExecutionsRequest(session_id=session_id)
+        )
+    )
+    assert alpha.ids["execution_id"] in executions, "alpha's admin should list the session's executions"
+    workflow = await admin.unary(
+        _method("WorkflowService", "GetWorkflow"),
+        workflow_pb2.GetWorkflowRequest(workflow_id=alpha.ids["session_workflow_id"]),
+    )
+    assert workflow.session_id == session_id  # type: ignore[attr-defined]
+    events = await admin.stream(
+        _method("EventService", "StreamEvents"), event_pb2.StreamEventsRequest(after_id="0"), 1.0
+    )
+    assert any(e.session_id == session_id for e in events), "alpha's admin streams the session's events"  # type: ignore[attr-defined]
 
 
 def _method(service: str, name: str) -> MethodDescriptor:
@@ -490,6 +591,8 @@ async def _alpha_is_untouched(client: AsyncClient, caller: Caller, alpha: Alpha,
     await client.sessions.GetSession(session_pb2.GetSessionRequest(session_id=ids["session_id"]))
     workflow = await client.workflows.GetWorkflow(workflow_pb2.GetWorkflowRequest(workflow_id=ids["workflow_id"]))
     assert workflow.version == 1
+    in_session = workflow_pb2.GetWorkflowRequest(workflow_id=ids["session_workflow_id"])
+    assert (await client.workflows.GetWorkflow(in_session)).session_id == ids["session_id"], "another key deleted it"
     execution = await client.executions.GetExecution(
         execution_pb2.GetExecutionRequest(execution_id=ids["execution_id"])
     )

@@ -56,7 +56,8 @@ class EventServiceServicer:
         """Streams events that match the filter, oldest first, then new events as
         they happen. Heartbeat events are sent when the stream is idle. With
         `after_id` (or a `last-event-id` header) the stream resumes after that
-        event; OUT_OF_RANGE when it is older than the retained log.
+        event; OUT_OF_RANGE when it is older than the retained log. Events of
+        other credentials' sessions are left out (admins of the tenant get all).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,7 +41,8 @@ class EventServiceStub:
     """Streams events that match the filter, oldest first, then new events as
     they happen. Heartbeat events are sent when the stream is idle. With
     `after_id` (or a `last-event-id` header) the stream resumes after that
-    event; OUT_OF_RANGE when it is older than the retained log.
+    event; OUT_OF_RANGE when it is older than the retained log. Events of
+    other credentials' sessions are left out (admins of the tenant get all).
     """
 
 @_typing.type_check_only
@@ -57,7 +58,8 @@ class EventServiceAsyncStub(EventServiceStub):
     """Streams events that match the filter, oldest first, then new events as
     they happen. Heartbeat events are sent when the stream is idle. With
     `after_id` (or a `last-event-id` header) the stream resumes after that
-    event; OUT_OF_RANGE when it is older than the retained log.
+    event; OUT_OF_RANGE when it is older than the retained log. Events of
+    other credentials' sessions are left out (admins of the tenant get all).
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -76,7 +78,8 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams events that match the filter, oldest first, then new events as
         they happen. Heartbeat events are sent when the stream is idle. With
         `after_id` (or a `last-event-id` header) the stream resumes after that
-        event; OUT_OF_RANGE when it is older than the retained log.
+        event; OUT_OF_RANGE when it is older than the retained log. Events of
+        other credentials' sessions are left out (admins of the tenant get all).
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

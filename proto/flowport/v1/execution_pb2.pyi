@@ -352,7 +352,9 @@ class ListExecutionsRequest(_message.Message):
     workflow_id: _builtins.str
     """Only executions of this workflow, when set."""
     session_id: _builtins.str
-    """Only executions in this session, when set."""
+    """Only executions in this session, when set. NOT_FOUND unless it is the
+    caller's session (any of the tenant's for an admin), ended ones included.
+    """
     state: Global___Execution.State.ValueType
     """Only executions in this state, when set."""
     def __init__(

@@ -82,14 +82,16 @@ class ExecutionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetExecution(self, request, context):
-        """Returns an execution. Fails with NOT_FOUND when it does not exist.
+        """Returns an execution. Fails with NOT_FOUND when it does not exist or
+        ran in another credential's session (admins of the tenant excepted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListExecutions(self, request, context):
-        """Lists executions, newest first.
+        """Lists executions, newest first, leaving out those that ran in other
+        credentials' sessions (admins of the tenant see them all).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,7 +100,8 @@ class ExecutionServiceServicer:
     def CancelExecution(self, request, context):
         """Cancels an execution: running nodes are stopped and the execution ends
         CANCELLED. Cancelling an execution that has already ended returns it
-        unchanged. Fails with NOT_FOUND when it does not exist.
+        unchanged. Fails with NOT_FOUND when it does not exist or ran in
+        another credential's session (admins of the tenant excepted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,7 +109,8 @@ class ExecutionServiceServicer:
 
     def WatchExecution(self, request, context):
         """Streams an execution: its current state first, then its progress and
-        node events, ending when the execution ends.
+        node events, ending when the execution ends. NOT_FOUND as for
+        GetExecution.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,17 +45,23 @@ class ExecutionServiceStub:
     clients use: it always waits and returns outputs keyed by node.
     """
     GetExecution: _grpc.UnaryUnaryMultiCallable[_execution_pb2.GetExecutionRequest, _execution_pb2.Execution]
-    """Returns an execution. Fails with NOT_FOUND when it does not exist."""
+    """Returns an execution. Fails with NOT_FOUND when it does not exist or
+    ran in another credential's session (admins of the tenant excepted).
+    """
     ListExecutions: _grpc.UnaryUnaryMultiCallable[_execution_pb2.ListExecutionsRequest, _execution_pb2.ListExecutionsResponse]
-    """Lists executions, newest first."""
+    """Lists executions, newest first, leaving out those that ran in other
+    credentials' sessions (admins of the tenant see them all).
+    """
     CancelExecution: _grpc.UnaryUnaryMultiCallable[_execution_pb2.CancelExecutionRequest, _execution_pb2.Execution]
     """Cancels an execution: running nodes are stopped and the execution ends
     CANCELLED. Cancelling an execution that has already ended returns it
-    unchanged. Fails with NOT_FOUND when it does not exist.
+    unchanged. Fails with NOT_FOUND when it does not exist or ran in
+    another credential's session (admins of the tenant excepted).
     """
     WatchExecution: _grpc.UnaryStreamMultiCallable[_execution_pb2.WatchExecutionRequest, _execution_pb2.WatchExecutionResponse]
     """Streams an execution: its current state first, then its progress and
-    node events, ending when the execution ends.
+    node events, ending when the execution ends. NOT_FOUND as for
+    GetExecution.
     """
 
 @_typing.type_check_only
@@ -75,17 +81,23 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
     clients use: it always waits and returns outputs keyed by node.
     """
     GetExecution: _aio.UnaryUnaryMultiCallable[_execution_pb2.GetExecutionRequest, _execution_pb2.Execution]  # type: ignore[assignment]
-    """Returns an execution. Fails with NOT_FOUND when it does not exist."""
+    """Returns an execution. Fails with NOT_FOUND when it does not exist or
+    ran in another credential's session (admins of the tenant excepted).
+    """
     ListExecutions: _aio.UnaryUnaryMultiCallable[_execution_pb2.ListExecutionsRequest, _execution_pb2.ListExecutionsResponse]  # type: ignore[assignment]
-    """Lists executions, newest first."""
+    """Lists executions, newest first, leaving out those that ran in other
+    credentials' sessions (admins of the tenant see them all).
+    """
     CancelExecution: _aio.UnaryUnaryMultiCallable[_execution_pb2.CancelExecutionRequest, _execution_pb2.Execution]  # type: ignore[assignment]
     """Cancels an execution: running nodes are stopped and the execution ends
     CANCELLED. Cancelling an execution that has already ended returns it
-    unchanged. Fails with NOT_FOUND when it does not exist.
+    unchanged. Fails with NOT_FOUND when it does not exist or ran in
+    another credential's session (admins of the tenant excepted).
     """
     WatchExecution: _aio.UnaryStreamMultiCallable[_execution_pb2.WatchExecutionRequest, _execution_pb2.WatchExecutionResponse]  # type: ignore[assignment]
     """Streams an execution: its current state first, then its progress and
-    node events, ending when the execution ends.
+    node events, ending when the execution ends. NOT_FOUND as for
+    GetExecution.
     """
 
 class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -114,7 +126,9 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _execution_pb2.GetExecutionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_execution_pb2.Execution, _abc.Awaitable[_execution_pb2.Execution]]:
-        """Returns an execution. Fails with NOT_FOUND when it does not exist."""
+        """Returns an execution. Fails with NOT_FOUND when it does not exist or
+        ran in another credential's session (admins of the tenant excepted).
+        """
 
     @_abc_1.abstractmethod
     def ListExecutions(
@@ -122,7 +136,9 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _execution_pb2.ListExecutionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_execution_pb2.ListExecutionsResponse, _abc.Awaitable[_execution_pb2.ListExecutionsResponse]]:
-        """Lists executions, newest first."""
+        """Lists executions, newest first, leaving out those that ran in other
+        credentials' sessions (admins of the tenant see them all).
+        """
 
     @_abc_1.abstractmethod
     def CancelExecution(
@@ -132,7 +148,8 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_execution_pb2.Execution, _abc.Awaitable[_execution_pb2.Execution]]:
         """Cancels an execution: running nodes are stopped and the execution ends
         CANCELLED. Cancelling an execution that has already ended returns it
-        unchanged. Fails with NOT_FOUND when it does not exist.
+        unchanged. Fails with NOT_FOUND when it does not exist or ran in
+        another credential's session (admins of the tenant excepted).
         """
 
     @_abc_1.abstractmethod
@@ -142,7 +159,8 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_execution_pb2.WatchExecutionResponse], _abc.AsyncIterator[_execution_pb2.WatchExecutionResponse]]:
         """Streams an execution: its current state first, then its progress and
-        node events, ending when the execution ends.
+        node events, ending when the execution ends. NOT_FOUND as for
+        GetExecution.
         """
 
 def add_ExecutionServiceServicer_to_server(servicer: ExecutionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -320,7 +320,9 @@ class ListWorkflowsRequest(_message.Message):
     page_token: _builtins.str
     """`next_page_token` from a previous call, to get the next page."""
     session_id: _builtins.str
-    """Only workflows created in this session, when set."""
+    """Only workflows created in this session, when set. NOT_FOUND unless it
+    is the caller's session (any of the tenant's for an admin).
+    """
     def __init__(
         self,
         *,

@@ -80,14 +80,16 @@ class WorkflowServiceServicer:
 
     def GetWorkflow(self, request, context):
         """Returns a workflow: its latest version, or the version asked for.
-        Fails with NOT_FOUND when it does not exist.
+        Versions created in another credential's session are left out (admins
+        of the tenant excepted). Fails with NOT_FOUND when there is none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListWorkflows(self, request, context):
-        """Lists the latest version of every workflow, ordered by name.
+        """Lists the latest version of every workflow, ordered by name, of the
+        versions the caller may see (as for GetWorkflow).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,7 +97,8 @@ class WorkflowServiceServicer:
 
     def DeleteWorkflow(self, request, context):
         """Deletes a workflow and all its versions. Executions that ran it are
-        kept. Fails with NOT_FOUND when it does not exist.
+        kept. A caller without the admin role deletes the versions it may see
+        (as for GetWorkflow). Fails with NOT_FOUND when there is none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

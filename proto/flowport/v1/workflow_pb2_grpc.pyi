@@ -43,13 +43,17 @@ class WorkflowServiceStub:
     """
     GetWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.GetWorkflowRequest, _workflow_pb2.Workflow]
     """Returns a workflow: its latest version, or the version asked for.
-    Fails with NOT_FOUND when it does not exist.
+    Versions created in another credential's session are left out (admins
+    of the tenant excepted). Fails with NOT_FOUND when there is none.
     """
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.ListWorkflowsRequest, _workflow_pb2.ListWorkflowsResponse]
-    """Lists the latest version of every workflow, ordered by name."""
+    """Lists the latest version of every workflow, ordered by name, of the
+    versions the caller may see (as for GetWorkflow).
+    """
     DeleteWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowRequest, _empty_pb2.Empty]
     """Deletes a workflow and all its versions. Executions that ran it are
-    kept. Fails with NOT_FOUND when it does not exist.
+    kept. A caller without the admin role deletes the versions it may see
+    (as for GetWorkflow). Fails with NOT_FOUND when there is none.
     """
     ValidateWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.ValidateWorkflowRequest, _workflow_pb2.ValidateWorkflowResponse]
     """Checks a workflow without creating it and returns every problem found.
@@ -70,13 +74,17 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """
     GetWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_pb2.GetWorkflowRequest, _workflow_pb2.Workflow]  # type: ignore[assignment]
     """Returns a workflow: its latest version, or the version asked for.
-    Fails with NOT_FOUND when it does not exist.
+    Versions created in another credential's session are left out (admins
+    of the tenant excepted). Fails with NOT_FOUND when there is none.
     """
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_workflow_pb2.ListWorkflowsRequest, _workflow_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
-    """Lists the latest version of every workflow, ordered by name."""
+    """Lists the latest version of every workflow, ordered by name, of the
+    versions the caller may see (as for GetWorkflow).
+    """
     DeleteWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a workflow and all its versions. Executions that ran it are
-    kept. Fails with NOT_FOUND when it does not exist.
+    kept. A caller without the admin role deletes the versions it may see
+    (as for GetWorkflow). Fails with NOT_FOUND when there is none.
     """
     ValidateWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_pb2.ValidateWorkflowRequest, _workflow_pb2.ValidateWorkflowResponse]  # type: ignore[assignment]
     """Checks a workflow without creating it and returns every problem found.
@@ -106,7 +114,8 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_pb2.Workflow, _abc.Awaitable[_workflow_pb2.Workflow]]:
         """Returns a workflow: its latest version, or the version asked for.
-        Fails with NOT_FOUND when it does not exist.
+        Versions created in another credential's session are left out (admins
+        of the tenant excepted). Fails with NOT_FOUND when there is none.
         """
 
     @_abc_1.abstractmethod
@@ -115,7 +124,9 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _workflow_pb2.ListWorkflowsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_pb2.ListWorkflowsResponse, _abc.Awaitable[_workflow_pb2.ListWorkflowsResponse]]:
-        """Lists the latest version of every workflow, ordered by name."""
+        """Lists the latest version of every workflow, ordered by name, of the
+        versions the caller may see (as for GetWorkflow).
+        """
 
     @_abc_1.abstractmethod
     def DeleteWorkflow(
@@ -124,7 +135,8 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
         """Deletes a workflow and all its versions. Executions that ran it are
-        kept. Fails with NOT_FOUND when it does not exist.
+        kept. A caller without the admin role deletes the versions it may see
+        (as for GetWorkflow). Fails with NOT_FOUND when there is none.
         """
 
     @_abc_1.abstractmethod
