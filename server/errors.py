@@ -229,6 +229,13 @@ class PermissionDenied(FlowportError):
     default_reason = "PERMISSION_DENIED"
 
 
+class DeadlineExceeded(FlowportError):
+    """The call ran out of the time it was given; what it started may still finish."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
 class Unimplemented(FlowportError):
     """The RPC exists in the API but this server does not serve it yet."""
 

@@ -26,7 +26,7 @@ from flowport.server.audit.calls import CallAuditor
 from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.context import CURRENT
 from flowport.server.auth.lifetime import EXPIRED
-from flowport.server.errors import FlowportError, Internal, InvalidArgument, Unauthenticated
+from flowport.server.errors import DeadlineExceeded, FlowportError, Internal, InvalidArgument, Unauthenticated
 from flowport.server.metrics import RequestMetrics
 from flowport.server.observability import tracing
 from flowport.server.observability.context import CALL, open_call
@@ -35,6 +35,11 @@ from flowport.server.transcoding import original_path, stream_transport
 log = logging.getLogger(__name__)
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# Envoy's route timeout for the call, in ms, sent with every request on a route that has one.
+ENVOY_TIMEOUT_KEY = "x-envoy-expected-rq-timeout-ms"
+# A unary call answers DEADLINE_EXCEEDED this much before Envoy's route timeout (at most a
+# quarter of it): Envoy counts a timeout toward ejecting the server, never an answer.
+DEADLINE_MARGIN = 1.0
 
 if TYPE_CHECKING:  # the grpc classes are generic only in their stubs
     from flowport.server.observability.prometheus import Prometheus
@@ -78,6 +83,31 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 def _undecodable(method: str) -> InvalidArgument:
     return InvalidArgument(f"the request to {method} could not be decoded", reason="MALFORMED_REQUEST")
+
+
+def time_limit(context: Context) -> float | None:
+    """Seconds a unary call may run before Envoy's route timeout would cut it, less the margin;
+    None when it came without one (direct gRPC callers: their own deadline is gRPC's to keep)."""
+    for key, value in context.invocation_metadata() or ():
+        # ASCII digits, few enough for int(); a value Envoy never sends is no limit.
+        if (
+            key == ENVOY_TIMEOUT_KEY
+            and isinstance(value, str)
+            and value.isascii()
+            and value.isdigit()
+            and len(value) <= 12
+        ):
+            seconds = int(value) / 1000
+            return max(0.0, seconds - min(DEADLINE_MARGIN, seconds / 4))
+    return None
+
+
+def _late(method: str, limit: float) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"{method} did not finish within {limit:.3g} s, the time the gateway gives it; "
+        "it was stopped (work it started, such as an execution, carries on)",
+        metadata={"seconds": f"{limit:.3g}"},
+    )
 
 
 def _internal(method: str, exc: BaseException) -> Internal:
@@ -247,9 +277,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             ok = False
             response: Any = None
             code, error = grpc.StatusCode.CANCELLED, None
+            limit = time_limit(context)
+            window = asyncio.timeout(limit)  # None: no limit
             try:
-                await begin(method, request, context)
-                response = await unary(request, context)
+                async with window:
+                    await begin(method, request, context)
+                    response = await unary(request, context)
                 ok, code = True, grpc.StatusCode.OK
                 return response
             except FlowportError as exc:
@@ -258,6 +291,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
+            except TimeoutError as exc:  # the limit's, or a handler's own (a bug)
+                error = _late(method, limit) if limit is not None and window.expired() else _internal(method, exc)
+                code = error.code
+                await abort_with(context, error)
             except Exception as exc:  # noqa: BLE001 - a bug must still answer with a status
                 code, error = grpc.StatusCode.INTERNAL, _internal(method, exc)
                 await abort_with(context, error)

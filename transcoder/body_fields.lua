@@ -6,13 +6,22 @@
 -- walks the body of each REST call that has one against the message it
 -- becomes and answers 400, a JSON google.rpc.Status naming the keys, when
 -- one is not a field. Free-form values (Struct, Value, Any, map keys) take
--- any key; malformed JSON is left to the transcoder to refuse.
+-- any key.
 --
--- TYPES and ROUTES are written in front of this code by
+-- It fails closed: it sees what the transcoder sees. The path is matched as
+-- the transcoder matches it (a trailing "/" or an empty segment still finds
+-- the route), only what Envoy treats as gRPC (application/grpc, or
+-- application/grpc+...) is left alone, and the walk reads what the
+-- transcoder's JSON parser reads (\v and \f as whitespace, a trailing comma,
+-- single quotes, bare keys). A body the walk cannot read is answered 400
+-- here rather than passed on unchecked.
+--
+-- TYPES, ROUTES and VERBS are written in front of this code by
 -- transcoder/body_fields.py, from the descriptor set:
 --   TYPES[message] = { [json key] = kind }, a kind being "" (a value not
 --     walked), a message name, or "map:" .. the kind of the map's values;
---   ROUTES = { { method, Lua pattern of the path, kind of the body } }.
+--   ROUTES = { { method, Lua pattern of the path, kind of the body } };
+--   VERBS[verb] = true for each custom verb (":validate") of a route.
 
 local find, sub, match = string.find, string.sub, string.match
 
@@ -23,8 +32,9 @@ local SHOWN_BYTES = 200 -- how much of a key an answer quotes
 local LOCAL_REPLY_HEADER = "x-flowport-local-reply"
 local MAX_LOCAL_MESSAGE_BYTES = 300
 
+-- The transcoder's parser skips C's isspace(): \v and \f too.
 local function skip_space(s, i)
-  return find(s, "[^ \t\r\n]", i) or (#s + 1)
+  return find(s, "[^ \t\r\n\v\f]", i) or (#s + 1)
 end
 
 -- The raw text of the string whose quote is at i, and the index after it.
@@ -44,7 +54,7 @@ local function read_string(s, i)
   end
 end
 
-local ESCAPES = { b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
+local ESCAPES = { b = "\b", f = "\f", n = "\n", r = "\r", t = "\t", v = "\v" }
 
 local function utf8_char(code)
   if code < 0x80 then
@@ -101,7 +111,7 @@ local function skip_value(s, i)
     return after
   end
   if c ~= "{" and c ~= "[" then
-    return find(s, "[,}%] \t\r\n]", i) or (#s + 1)
+    return find(s, "[,}%] \t\r\n\v\f]", i) or (#s + 1)
   end
   local depth, j = 0, i
   while true do
@@ -181,6 +191,9 @@ local function walk_object(s, i, fields, map_kind, path, found, depth)
       return nil
     end
     j = skip_space(s, j + 1)
+    if sub(s, j, j) == "}" then
+      return j + 1 -- the parser takes a trailing comma
+    end
   end
 end
 
@@ -213,6 +226,9 @@ walk_value = function(s, i, kind, path, found, depth)
         return nil
       end
       j, n = skip_space(s, j + 1), n + 1
+      if sub(s, j, j) == "]" then
+        return j + 1 -- the parser takes a trailing comma
+      end
     end
   end
   local map_kind = match(kind, "^map:(.*)$")
@@ -295,6 +311,21 @@ local function json_text(text)
   return table.concat(out)
 end
 
+-- Answers 400 with a JSON google.rpc.Status (marked, so the local reply
+-- mappers in transcoder/local_replies.py leave its body as it is).
+local function refuse(request_handle, body)
+  request_handle:streamInfo():dynamicMetadata():set("flowport", "json_reply", true)
+  request_handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, body)
+end
+
+-- A body the walk cannot read: the transcoder would refuse it too, or read
+-- keys the walk never saw, so it is refused here either way.
+local function unreadable(request_handle, method, path)
+  local message = "the body of " .. method .. " " .. cut(path) .. " is not valid JSON"
+  refuse(request_handle, '{"code":3,"message":"' .. json_text(message) .. '","details":['
+    .. '{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"INVALID_JSON","domain":"flowport.dev"}]}')
+end
+
 local function answer(request_handle, method, path, body_kind, found)
   local names, violations = {}, {}
   for i, where in ipairs(found) do
@@ -309,9 +340,29 @@ local function answer(request_handle, method, path, body_kind, found)
     .. '"metadata":{"message_type":"' .. body_kind .. '"}},'
     .. '{"@type":"type.googleapis.com/google.rpc.BadRequest","field_violations":['
     .. table.concat(violations, ",") .. "]}]}"
-  -- Marked, so the local reply mappers (transcoder/local_replies.py) leave this body as it is.
-  request_handle:streamInfo():dynamicMetadata():set("flowport", "json_reply", true)
-  request_handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, body)
+  refuse(request_handle, body)
+end
+
+-- Envoy's own test (Grpc::Common::hasGrpcContentType): exactly application/grpc, or application/grpc+...
+-- grpc-web requests reach this filter as application/grpc (the grpc_web filter comes first).
+local function is_grpc(content_type)
+  return content_type == "application/grpc" or sub(content_type, 1, 17) == "application/grpc+"
+end
+
+-- The path as the transcoder matches it (grpc-httpjson-transcoding's
+-- ExtractRequestParts): no query; a known custom verb split off at the last
+-- ":" after the last "/"; trailing empty segments dropped. So
+-- "/api/workflows/:validate" is "/api/workflows:validate" and "/api/sessions/"
+-- is "/api/sessions"; an empty segment stays, and matches a variable.
+local function canonical(path)
+  path = match(path, "^[^?]*")
+  local verb = ""
+  local colon, slash = match(path, ".*():"), match(path, ".*()/")
+  if colon ~= nil and (slash == nil or colon > slash) and VERBS[sub(path, colon + 1)] then
+    verb = sub(path, colon)
+    path = sub(path, 1, colon - 1)
+  end
+  return (string.gsub(path, "/+$", "")) .. verb
 end
 
 function envoy_on_request(request_handle)
@@ -320,14 +371,14 @@ function envoy_on_request(request_handle)
   if method ~= "POST" and method ~= "PUT" and method ~= "PATCH" then
     return
   end
-  if string.find(headers:get("content-type") or "", "application/grpc", 1, true) == 1 then
+  if is_grpc(headers:get("content-type") or "") then
     return
   end
-  local path = headers:get(":path") or ""
-  path = match(path, "^[^?]*")
+  local path = match(headers:get(":path") or "", "^[^?]*")
+  local matched = canonical(path)
   local body_kind = nil
   for _, route in ipairs(ROUTES) do
-    if route[1] == method and find(path, route[2]) then
+    if route[1] == method and find(matched, route[2]) then
       body_kind = route[3]
       break
     end
@@ -342,7 +393,9 @@ function envoy_on_request(request_handle)
   local text = body:getBytes(0, body:length())
   local found = {}
   local start = skip_space(text, 1)
-  if walk_value(text, start, body_kind, "", found, 0) ~= nil and #found > 0 then
+  if walk_value(text, start, body_kind, "", found, 0) == nil then
+    unreadable(request_handle, method, path)
+  elseif #found > 0 then
     answer(request_handle, method, path, body_kind, found)
   end
 end

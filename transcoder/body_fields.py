@@ -108,12 +108,16 @@ def tables(path: Path | None = None) -> tuple[dict[str, dict[str, str]], list[tu
 
 
 def _path_pattern(template: str) -> str:
-    """A path template as an anchored Lua pattern: a variable is one segment (`**`: any rest)."""
+    """A path template as an anchored Lua pattern: a variable is one segment (`**`: any rest).
+
+    A segment may be empty: the transcoder binds a variable to one, so
+    `/workflows//execute` is a CreateExecution.
+    """
     out = []
     position = 0
     for found in _VARIABLE.finditer(template):
         out.append(_LUA_MAGIC.sub(r"%\1", template[position : found.start()]))
-        out.append(".+" if (found.group(2) or "").endswith("**") else "[^/]+")
+        out.append(".*" if (found.group(2) or "").endswith("**") else "[^/]*")
         position = found.end()
     out.append(_LUA_MAGIC.sub(r"%\1", template[position:]))
     return "^" + "".join(out) + "$"
@@ -127,8 +131,18 @@ def _lua_string(text: str) -> str:
     return f'"{escaped}"'
 
 
+def verbs(path: Path | None = None) -> list[str]:
+    """The custom verbs of every REST binding (`validate` of `/api/workflows:validate`): the
+    transcoder splits only these off a path, and matches every route with the rest."""
+    return sorted({b.template.rsplit(":", 1)[1] for m in methods(path) for b in m.bindings if _has_verb(b.template)})
+
+
+def _has_verb(template: str) -> bool:
+    return ":" in template.rsplit("/", 1)[-1] and "}" not in template.rsplit(":", 1)[1]
+
+
 def lua_source(path: Path | None = None) -> str:
-    """body_fields.lua with its TYPES and ROUTES tables in front."""
+    """body_fields.lua with its TYPES, ROUTES and VERBS tables in front."""
     types, routes = tables(path)
     lines = ["local TYPES = {"]
     for name in sorted(types):
@@ -138,5 +152,6 @@ def lua_source(path: Path | None = None) -> str:
     lines.append("local ROUTES = {")
     lines += [f"  {{ {_lua_string(m)}, {_lua_string(p)}, {_lua_string(k)} }}," for m, p, k in routes]
     lines.append("}")
+    lines.append("local VERBS = { " + " ".join(f"[{_lua_string(v)}] = true," for v in verbs(path)) + " }")
     code = resources.files("flowport.transcoder").joinpath("body_fields.lua").read_text("utf-8")
     return "\n".join(lines) + "\n\n" + code

@@ -100,13 +100,25 @@ local function annotate_events(response_handle)
   end
 end
 
+-- What Envoy serves as gRPC (Grpc::Common::hasGrpcContentType: exactly application/grpc, or
+-- application/grpc+...) or grpc-web (its filter's four content types, exactly); anything else,
+-- application/grpc;charset=utf-8 or application/grpcx included, is transcoded as REST.
+local GRPC_WEB = {
+  ["application/grpc-web"] = true, ["application/grpc-web+proto"] = true,
+  ["application/grpc-web-text"] = true, ["application/grpc-web-text+proto"] = true,
+}
+local function is_grpc(content_type)
+  return content_type == "application/grpc" or string.sub(content_type, 1, 17) == "application/grpc+"
+    or GRPC_WEB[content_type] == true
+end
+
 function envoy_on_request(request_handle)
   local headers = request_handle:headers()
   -- The access log's method and path: set by the transcoder alone, never taken from a client.
   headers:remove("x-envoy-original-method")
   headers:remove("x-envoy-original-path")
   local content_type = headers:get("content-type") or ""
-  if string.find(content_type, "application/grpc", 1, true) ~= 1 then
+  if not is_grpc(content_type) then
     request_handle:streamInfo():dynamicMetadata():set("flowport", "rest", true)
     take_access_token(headers)
   end

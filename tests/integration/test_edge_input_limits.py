@@ -5,6 +5,7 @@ refused, oversized workflows and headers refused, long waits not cut."""
 from __future__ import annotations
 
 import http.server
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -14,14 +15,17 @@ from typing import Any
 
 import grpc
 import httpx
+import hypothesis
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from flowport.clients import ApiError, Client
 from flowport.server.limits import MAX_PAGE_BYTES
 from flowport.v1 import execution_pb2, session_pb2, session_pb2_grpc
 
-from ..conftest import ADMIN_HEADERS, ADMIN_KEY, EnvoyProcess, Stack, make_settings, start_up, stop_up
+from ..conftest import ADMIN_HEADERS, ADMIN_KEY, EnvoyProcess, ServeProcess, Stack, make_settings, start_up, stop_up
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -354,3 +358,280 @@ def test_a_cursor_that_is_not_an_event_id_is_a_400(rest: httpx.Client) -> None:
         assert body["details"][1]["field_violations"][0]["field"] == field
         if len(params.get("after_id", "")) > 200:
             _marked(body["message"])
+
+
+# -- The body check fails closed: it reads what the transcoder reads, finds the route the
+# transcoder finds, and treats as REST whatever Envoy does not serve as gRPC.
+
+_SPACE = " \t\n\r\x0b\x0c"  # the transcoder's parser skips C's isspace(), \v and \f included
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "/": "\\/", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+@st.composite
+def _space(draw: st.DrawFn) -> str:
+    return draw(st.text(alphabet=_SPACE, max_size=3))
+
+
+@st.composite
+def _string(draw: st.DrawFn, value: str) -> str:
+    """`value` as a JSON string the transcoder reads back as `value`: either quote, any escapes."""
+    quote = draw(st.sampled_from(['"', "'"]))
+    out = []
+    for ch in value:
+        form = draw(st.sampled_from(["raw", "unicode", "short"]))
+        if ch in (quote, "\\") or ord(ch) < 0x20 or form == "unicode":
+            if form == "short" and ch in _ESCAPES:
+                out.append(_ESCAPES[ch])
+            elif ord(ch) > 0xFFFF:  # a surrogate pair
+                code = ord(ch) - 0x10000
+                out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04X}")
+            else:
+                out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return quote + "".join(out) + quote
+
+
+@st.composite
+def _key(draw: st.DrawFn, name: str) -> str:
+    bare = re.fullmatch(r"[A-Za-z_$][A-Za-z0-9_$]*", name) and name not in ("true", "false", "null")
+    return name if bare and draw(st.booleans()) else draw(_string(name))
+
+
+@st.composite
+def _number(draw: st.DrawFn) -> str:
+    if draw(st.booleans()):
+        n = draw(st.integers(-(10**18), 10**18))
+        return draw(st.sampled_from([str(n), f"{n}.0", f"{n}e0", f"{n}E+00", f"{n}.5e-1"]))
+    x = draw(st.floats(allow_nan=False, allow_infinity=False, width=64))
+    return draw(st.sampled_from([repr(x), f"{x:e}", f"{x:E}", f"{x:.17g}"]))
+
+
+@st.composite
+def _object(draw: st.DrawFn, members: list[tuple[str, str]]) -> str:
+    """An object of (key text, value text) members, spaced at random, maybe with a trailing comma."""
+    if not members:
+        return "{" + draw(_space()) + "}"
+    parts = [
+        draw(_space()) + key + draw(_space()) + ":" + draw(_space()) + value + draw(_space()) for key, value in members
+    ]
+    trailing = "," + draw(_space()) if draw(st.booleans()) else ""
+    return "{" + ",".join(parts) + trailing + "}"
+
+
+@st.composite
+def _array(draw: st.DrawFn, items: list[str]) -> str:
+    if not items:
+        return "[" + draw(_space()) + "]"
+    trailing = "," + draw(_space()) if draw(st.booleans()) else ""
+    return "[" + ",".join(draw(_space()) + item + draw(_space()) for item in items) + trailing + "]"
+
+
+@st.composite
+def _free(draw: st.DrawFn, depth: int = 0) -> str:
+    """Any JSON value, as free-form fields (Struct) take it."""
+    kinds = ["null", "true", "false", "number", "string"] + (["array", "object"] if depth < 4 else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind in ("null", "true", "false"):
+        return kind
+    if kind == "number":
+        return draw(_number())
+    if kind == "string":
+        return draw(_string(draw(st.text(max_size=8))))
+    if kind == "array":
+        return draw(_array([draw(_free(depth + 1)) for _ in range(draw(st.integers(0, 3)))]))
+    names = draw(st.lists(st.text(max_size=6), max_size=3, unique=True))
+    return draw(_object([(draw(_string(n)), draw(_free(depth + 1))) for n in names]))
+
+
+@st.composite
+def _workflow_body(draw: st.DrawFn) -> tuple[str, str | None]:
+    """A POST /api/workflows:validate body in any form the transcoder reads, and the path of an
+    unknown key put in it (None: every key is a field)."""
+    unknown = draw(st.sampled_from([None, None, "", "nodes[0]", "connections[0]"]))
+    nodes = []
+    for i in range(draw(st.integers(1, 2))):
+        members = [
+            (draw(_key("type")), draw(_string("PythonCodeNode"))),
+            (draw(_key("name")), draw(_string(f"n{i}"))),
+            (
+                draw(_key("config")),
+                draw(
+                    _object(
+                        [
+                            (draw(_string("code")), draw(_string("result = 1"))),
+                            *[
+                                (draw(_string(k)), draw(_free()))
+                                for k in draw(st.lists(st.text(max_size=5), max_size=2, unique=True))
+                                if k != "code"
+                            ],
+                        ]
+                    )
+                ),
+            ),
+        ]
+        if unknown == f"nodes[{i}]":
+            members.insert(draw(st.integers(0, len(members))), (draw(_key("bogus_key")), draw(_free())))
+        nodes.append(draw(_object(draw(st.permutations(members)))))
+    connection = [
+        (draw(_key(draw(st.sampled_from(["from_node", "fromNode"])))), draw(_string("n0"))),
+        (draw(_key(draw(st.sampled_from(["from_output", "fromOutput"])))), draw(_string("result"))),
+        (draw(_key("to_node")), draw(_string("n1"))),
+        (draw(_key("toInput")), draw(_string("x"))),
+    ]
+    if unknown == "connections[0]":
+        connection.append((draw(_key("bogus_key")), "1"))
+    labels = [
+        (draw(_string(k)), draw(_string(v)))
+        for k, v in draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2)).items()
+    ]
+    members = [
+        (draw(_key("name")), draw(_string("fuzzed"))),
+        (draw(_key("description")), draw(_string(draw(st.text(max_size=10))))),
+        (draw(_key("nodes")), draw(_array(nodes))),
+        (draw(_key("connections")), draw(_array([draw(_object(connection))]))),
+        (draw(_key("labels")), draw(_object(labels))),
+    ]
+    if unknown == "":
+        members.append((draw(_key("bogus_key")), draw(_free())))
+    where = None if unknown is None else ("bogus_key" if unknown == "" else f"{unknown}.bogus_key")
+    return draw(_space()) + draw(_object(draw(st.permutations(members)))) + draw(_space()), where
+
+
+@hypothesis.given(_workflow_body())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_every_body_the_transcoder_reads_is_checked_and_none_is_refused_wrongly(
+    edge: Stack, example: tuple[str, str | None]
+) -> None:
+    text, unknown = example
+    response = httpx.post(
+        f"{edge.http}/api/workflows:validate",
+        content=text.encode(),
+        headers={**ADMIN_HEADERS, "content-type": "application/json"},
+        timeout=30,
+    )
+    if unknown is None:
+        assert response.status_code == 200, (text, response.text[:300])
+        assert response.json()["valid"] in (True, False)
+    else:
+        assert response.status_code == 400, (text, response.text[:300])
+        body = response.json()
+        assert body["details"][0]["reason"] == "UNKNOWN_FIELD", (text, body)
+        assert [v["field"] for v in body["details"][1]["field_violations"]] == [unknown]
+
+
+def test_path_variants_the_transcoder_routes_are_checked(rest: httpx.Client) -> None:
+    # The transcoder drops trailing empty segments, splits a known verb off after a "/", and
+    # binds a variable to an empty segment: each of these reaches the RPC, so each is checked.
+    for path in (
+        "/api/sessions/",
+        "/api/sessions//?request_id=",
+        "/api/workflows/:validate",
+        "/workflows//execute",
+        "/api/executions/exe_x/:cancel",
+    ):
+        response = rest.post(path, json={"bogus_key": 1})
+        assert response.status_code == 400, (path, response.status_code, response.text[:300])
+        assert response.json()["details"][0]["reason"] == "UNKNOWN_FIELD", path
+
+
+def test_content_types_envoy_does_not_serve_as_grpc_are_checked(rest: httpx.Client) -> None:
+    # Envoy's gRPC test is exactly application/grpc or application/grpc+…; the rest is transcoded.
+    for content_type in ("application/grpc;charset=utf-8", "application/grpcx", "application/grpc-web+json"):
+        response = rest.post("/api/sessions", content=b'{"userid":"ada"}', headers={"content-type": content_type})
+        assert response.status_code == 400, (content_type, response.status_code, response.text[:300])
+        assert response.json()["details"][0]["reason"] == "UNKNOWN_FIELD", content_type
+
+
+def test_json_the_transcoder_reads_beyond_the_standard_is_checked(rest: httpx.Client) -> None:
+    for body in (b'{\x0b"userid":"ada"}', b'{"user_id":"ada",\x0c"userid":1}', b'{"user_id":"w","userid":1,}'):
+        response = rest.post("/api/sessions", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (body, response.text[:300])
+        assert response.json()["details"][0]["reason"] == "UNKNOWN_FIELD", body
+    # Unreadable to the check: refused, never passed on unchecked.
+    for body in (b'{"user_id": ', b'{"user_id" "ada"}', b'{"user_id":"ada"'):
+        response = rest.post("/api/sessions", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (body, response.text[:300])
+        assert response.json()["code"] == 3 and "x-flowport-local-reply" not in response.headers
+
+
+def test_no_reply_carries_the_local_reply_mark(edge: Stack, rest: httpx.Client) -> None:
+    # The mark is for body_fields.lua, which removes it. Envoy runs every local reply through
+    # the whole encoder chain, so it reaches body_fields too when a filter before it (the
+    # buffer filter's 413) or the codec (431) made it.
+    json_type = {"content-type": "application/json"}
+    replies = {
+        413: rest.post("/api/sessions", content=b"{" + b" " * (4 * 2**20), headers=json_type),
+        431: rest.get("/health", headers={"x-big": "v" * 40_000}),
+        404: rest.get("/api/no-such-thing"),
+        400: rest.post("/api/executions", json={"workflow_id": "w", "wait": "y" * 3000}),
+    }
+    for status, response in replies.items():
+        assert response.status_code == status, (status, response.text[:200])
+        assert response.headers["content-type"] == "application/json", status
+        assert response.json()["code"] in (3, 5), status
+        assert "x-flowport-local-reply" not in response.headers, status
+
+
+CREATE_EXECUTION = "/flowport.v1.ExecutionService/CreateExecution"
+
+
+def test_a_call_outlasting_its_route_timeout_is_answered_and_never_ejects_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real slow unary call: CreateExecution waiting for a workflow that sleeps. Its route
+    # normally outlasts the longest wait; here (test-side only) it gets a 2 s timeout, so the
+    # wait outlasts the route, as any unary call outlasting --unary-timeout would.
+    from flowport.transcoder import envoy_config
+
+    rendered = envoy_config.render
+
+    def short_wait_route(settings: Any, descriptor: Any = None) -> dict[str, Any]:
+        config = rendered(settings, descriptor)
+        manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        for route in manager["route_config"]["virtual_hosts"][0]["routes"]:
+            if route["name"] == CREATE_EXECUTION:
+                route["route"]["timeout"] = route["route"]["idle_timeout"] = "2s"
+        return config
+
+    monkeypatch.setattr(envoy_config, "render", short_wait_route)
+    settings = make_settings(tmp_path / "data")
+    server = ServeProcess(settings)
+    server.start()
+    envoy = EnvoyProcess(settings)
+    try:
+        envoy.start()
+        with httpx.Client(base_url=settings.http_url, headers=ADMIN_HEADERS, timeout=30) as client:
+            code = "import time\ntime.sleep(6)\nresult = 1"
+            created = client.post(
+                "/api/workflows",
+                json={"name": "sleeps", "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": code}}]},
+            )
+            assert created.status_code == 200, created.text
+            for _ in range(5):  # past Envoy's three consecutive failures that eject
+                started = time.monotonic()
+                response = client.post("/api/executions", json={"workflow_id": "sleeps", "wait": True})
+                took = time.monotonic() - started
+                assert response.status_code == 504, (response.status_code, response.text[:300])
+                # The server's answer (DEADLINE_EXCEEDED, its own domain), before Envoy's 2 s.
+                info = response.json()["details"][0]
+                assert (info["domain"], info["reason"]) == ("flowport.dev", "DEADLINE_EXCEEDED"), info
+                assert took < 2.0, took
+            with (
+                Client(f"127.0.0.1:{settings.http_port}", api_key=ADMIN_KEY) as over_grpc,
+                pytest.raises(ApiError) as caught,
+            ):
+                over_grpc.executions.CreateExecution(
+                    execution_pb2.CreateExecutionRequest(workflow_id="sleeps", wait=True), timeout=30
+                )
+            assert (caught.value.code(), caught.value.reason) == (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "DEADLINE_EXCEEDED",
+            )
+            stats = httpx.get(f"http://127.0.0.1:{settings.admin_port}/stats", timeout=10).text
+            ejected = [line for line in stats.splitlines() if "outlier_detection.ejections_enforced_total" in line]
+            assert ejected and all(line.endswith(": 0") for line in ejected), ejected
+            assert client.get("/api/sessions").status_code == 200
+    finally:
+        envoy.stop()
+        server.stop()

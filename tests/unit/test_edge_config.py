@@ -11,7 +11,7 @@ from flowport.clients.client import _options
 from flowport.server import pagination
 from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_METADATA_BYTES, MAX_PAGE_BYTES, MAX_WAIT
 from flowport.server.settings import Settings
-from flowport.transcoder.body_fields import lua_source, tables
+from flowport.transcoder.body_fields import lua_source, tables, verbs
 from flowport.transcoder.envoy_config import MAX_REQUEST_HEADERS_KB, render
 from flowport.transcoder.local_replies import local_reply_config
 from flowport.v1 import execution_pb2
@@ -117,7 +117,8 @@ def test_the_sdk_receives_messages_as_large_as_the_api_sends() -> None:
 def test_the_body_check_knows_every_route_with_a_body_and_both_field_names() -> None:
     types, routes = tables()
     assert ("POST", "^/api/sessions$", "flowport.v1.Session") in routes
-    assert ("POST", "^/workflows/[^/]+/execute$", "flowport.v1.CreateExecutionRequest") in routes
+    # A variable may be an empty segment: the transcoder routes /workflows//execute too.
+    assert ("POST", "^/workflows/[^/]*/execute$", "flowport.v1.CreateExecutionRequest") in routes
     assert ("POST", "^/api/workflows:validate$", "flowport.v1.Workflow") in routes
     session = types["flowport.v1.Session"]
     assert session["user_id"] == session["userId"] == ""
@@ -127,6 +128,9 @@ def test_the_body_check_knows_every_route_with_a_body_and_both_field_names() -> 
     assert types["flowport.v1.Node"]["config"] == ""
     source = lua_source()
     assert source.startswith("local TYPES = {") and "function envoy_on_request" in source
+    # The verbs the transcoder splits off a path (only these: another stays part of the path).
+    assert verbs() == ["cancel", "heartbeat", "redeliver", "revoke", "validate", "watch"]
+    assert 'local VERBS = { ["cancel"] = true,' in source
 
 
 def test_the_sdk_refuses_unknown_fields_in_a_workflow_given_as_json() -> None:
@@ -141,3 +145,34 @@ def test_the_sdk_refuses_unknown_fields_in_a_workflow_given_as_json() -> None:
     ):
         with pytest.raises(json_format.ParseError, match=field):
             _workflow(config)
+
+
+class _Called:
+    """The part of a call's context time_limit reads: its metadata."""
+
+    def __init__(self, *metadata: tuple[str, str]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+@pytest.mark.parametrize("unary_timeout", [2.0, 30.0, 600.0])
+def test_the_server_answers_every_unary_call_before_its_route_times_out(unary_timeout: float) -> None:
+    # Envoy sends each route's timeout as x-envoy-expected-rq-timeout-ms; a timeout counts toward
+    # ejecting the server, an answer never does, so the server's limit ends sooner.
+    from flowport.server.interceptor import ENVOY_TIMEOUT_KEY, time_limit
+
+    routes = _connection_manager(_config(unary_timeout=unary_timeout))["route_config"]["virtual_hosts"][0]["routes"]
+    unary = [r for r in routes if r["name"].startswith("/flowport.v1.") and r["route"]["timeout"] != "0s"]
+    assert unary
+    for route in unary:
+        seconds = float(route["route"]["timeout"].rstrip("s"))
+        limit = time_limit(_Called((ENVOY_TIMEOUT_KEY, str(round(seconds * 1000)))))
+        assert limit is not None and seconds - 1.0 <= limit < seconds, (route["name"], limit)
+        if route["name"] == "/flowport.v1.ExecutionService/CreateExecution":
+            assert limit > MAX_WAIT, "the longest wait still ends with the execution"
+    # Without Envoy's header (a direct gRPC caller) the call has no limit of the server's; a value
+    # Envoy never sends is none either.
+    for metadata in ((), ((ENVOY_TIMEOUT_KEY, "²"),), ((ENVOY_TIMEOUT_KEY, "9" * 5000),)):
+        assert time_limit(_Called(*metadata)) is None
