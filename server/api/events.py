@@ -27,6 +27,9 @@ from flowport.v1 import event_pb2, event_pb2_grpc
 LAST_EVENT_ID = "last-event-id"
 HEARTBEAT = "heartbeat"
 MAX_TYPES = 50
+# Event ids are positive 64-bit integers.
+MAX_ID_DIGITS = 19
+MAX_ID = 2**63 - 1
 
 
 def _cursor(request: event_pb2.StreamEventsRequest, context: Context) -> int | None:
@@ -40,7 +43,9 @@ def _cursor(request: event_pb2.StreamEventsRequest, context: Context) -> int | N
         raw, field = request.after_id, "after_id"
     if not raw:
         return None
-    if not raw.isdigit():
+    # ASCII digits only ("²".isdigit() is true), at most 19 of them, so int() never fails;
+    # within a 64-bit id, so the stores' BIGINT comparisons never overflow.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= MAX_ID_DIGITS and int(raw) <= MAX_ID):
         raise InvalidArgument(
             f"{field} {shown(raw)} is not an event id", violations=[(field, "an event id from this server")]
         )
