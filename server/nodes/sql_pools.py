@@ -19,8 +19,9 @@ nodes use (server/egress.py): each host is resolved, a private, loopback or
 link-local address is refused unless `--sql-allowlist` names the host or
 the address, and the connection is made to the address that was checked,
 so a second DNS answer cannot swap in an internal one (TLS still uses the
-name, below); an allowlisted name is connected to by name. The refusal is raised from the connection attempt, so a node, a
-resource's pool and the pool health sweep all meet it. A connection string
+name, below); an allowlisted name is connected to by name. The refusal is
+raised from the connection attempt, so a node, a resource's pool and the
+pool health sweep all meet it. A connection string
 without a password gets none: never the server's own (PGPASSWORD, ~/.pgpass).
 
 A tenant's connection carries nothing of the server's: the connection
