@@ -3,6 +3,11 @@
 Delivery itself is the dispatcher's (`server/webhooks/dispatcher.py`); this
 service keeps its webhook cache current and hands it redeliveries. Secrets
 are write-only: stored apart from the webhook and never returned.
+
+A webhook belongs to the credential that registered it, as a session does:
+another credential of the tenant without the admin role finds it missing,
+and one registered without the admin role receives only what that
+credential could stream (events outside sessions, and of its own sessions).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from google.protobuf import empty_pb2
 
 from flowport.server import pagination
 from flowport.server.api.common import check_request_id, idempotency_key, now_us, request_id_reused, require, timestamp
+from flowport.server.api.sessions import credential_of, session_scope
 from flowport.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from flowport.server.errors import shown as show_value
 from flowport.server.events.bus import EventBus
@@ -18,7 +24,7 @@ from flowport.server.ids import new_id
 from flowport.server.settings import Settings
 from flowport.server.storage import Deletion, IdempotencyConflict
 from flowport.server.storage.webhooks import NotDeadLettered, WebhookExists, WebhookTables
-from flowport.server.tenancy import tenant_of
+from flowport.server.tenancy import principal_of, tenant_of
 from flowport.server.types import Context
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.server.webhooks.targets import normalize_allowlist
@@ -63,6 +69,8 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
                 "webhook is not valid: " + "; ".join(f"{f} {d}" for f, d in problems), violations=problems
             )
         tenant = tenant_of(context)
+        principal = principal_of(context)
+        creator = credential_of(principal) if principal is not None else ""
         webhook = W.Webhook(
             webhook_id=given.webhook_id or new_id("whk"),
             url=given.url,
@@ -73,10 +81,14 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
             description=given.description,
             tenant=tenant,
             create_time=timestamp(now_us()),
+            creator=creator,
         )
         key = idempotency_key(request.request_id, W.CreateWebhookRequest(webhook=given))
         try:
-            result = await self._store.create_webhook(tenant, webhook, given.secret.encode(), key)
+            # An admin's webhook gets every session's events; anyone else's, what it may stream.
+            result = await self._store.create_webhook(
+                tenant, webhook, given.secret.encode(), key, session_scope=session_scope(context)
+            )
         except IdempotencyConflict:
             raise request_id_reused(request.request_id, "with a different webhook") from None
         except WebhookExists:
@@ -86,6 +98,9 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
                 metadata={"webhook_id": webhook.webhook_id},
             ) from None
         created = W.Webhook.FromString(result.response)
+        if result.replayed and created.creator != creator:
+            # Another credential's key: its webhook is not this caller's to see.
+            raise request_id_reused(request.request_id, "by another credential")
         if not result.replayed:
             await self._dispatcher.webhooks_changed(tenant)
             self._bus.publish("webhook.created", tenant=tenant, data={"webhook_id": created.webhook_id})
@@ -93,7 +108,7 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
 
     async def GetWebhook(self, request: W.GetWebhookRequest, context: Context) -> W.Webhook:
         require(request.webhook_id, "webhook_id")
-        webhook = await self._store.get_webhook(tenant_of(context), request.webhook_id)
+        webhook = await self._store.get_webhook(tenant_of(context), request.webhook_id, session_scope(context))
         if webhook is None:
             raise webhook_not_found(request.webhook_id)
         return shown(webhook)
@@ -102,7 +117,10 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
         size = pagination.page_size(request.page_size)
         filters: dict[str, object] = {}
         after = pagination.cursor_str(pagination.decode_token(request.page_token, filters))
-        rows = await self._store.list_webhooks(tenant_of(context), after=after, limit=size + 1)
+        # Every webhook of the tenant for an admin; anyone else lists what it registered.
+        rows = await self._store.list_webhooks(
+            tenant_of(context), after=after, limit=size + 1, creator=session_scope(context)
+        )
         webhooks, token = pagination.page(rows, size, filters, lambda w: [w.webhook_id])
         return W.ListWebhooksResponse(webhooks=[shown(w) for w in webhooks], next_page_token=token)
 
@@ -111,7 +129,9 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
         check_request_id(request.request_id)
         tenant = tenant_of(context)
         try:
-            deleted = await self._store.delete_webhook(tenant, request.webhook_id, now_us(), request.request_id)
+            deleted = await self._store.delete_webhook(
+                tenant, request.webhook_id, now_us(), request.request_id, creator=session_scope(context)
+            )
         except IdempotencyConflict:
             raise request_id_reused(request.request_id, "to delete another webhook") from None
         if not deleted.done:
@@ -133,7 +153,7 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
         filters = {"webhook_id": request.webhook_id, "state": request.state}
         after = pagination.cursor_time_id(pagination.decode_token(request.page_token, filters))
         tenant = tenant_of(context)
-        if await self._store.get_webhook(tenant, request.webhook_id) is None:
+        if await self._store.get_webhook(tenant, request.webhook_id, session_scope(context)) is None:
             raise webhook_not_found(request.webhook_id)
         rows = await self._store.list_deliveries(
             tenant, request.webhook_id, state=request.state, after=after, limit=size + 1
@@ -153,7 +173,7 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
             request.request_id,
             W.RedeliverWebhookDeliveryRequest(webhook_id=request.webhook_id, delivery_id=request.delivery_id),
         )
-        if await self._store.get_webhook(tenant, request.webhook_id) is None:
+        if await self._store.get_webhook(tenant, request.webhook_id, session_scope(context)) is None:
             raise webhook_not_found(request.webhook_id)
         try:
             result = await self._store.redeliver(tenant, request.webhook_id, request.delivery_id, now_us(), key)
@@ -179,7 +199,7 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
 
 
 def webhook_not_found(webhook_id: str) -> NotFound:
-    """NOT_FOUND for a webhook that does not exist (or is another tenant's)."""
+    """NOT_FOUND for a webhook that does not exist, or is another tenant's or (admins excepted) another credential's."""
     return NotFound(
         f"webhook {show_value(webhook_id)} does not exist",
         reason="WEBHOOK_NOT_FOUND",

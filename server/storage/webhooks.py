@@ -53,6 +53,8 @@ class StoredWebhook:
 
     webhook: webhook_pb2.Webhook
     secret: bytes
+    # Whose sessions' events it receives: None for every session of the tenant (an admin's).
+    session_scope: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +141,11 @@ class WebhookTables(Tables):
         webhook: webhook_pb2.Webhook,
         secret: bytes,
         idempotency_key: tuple[str, bytes] | None,
+        *,
+        session_scope: str | None = None,
     ) -> IdempotentResult:
-        """Insert `webhook` (already without its secret); raises WebhookExists for a taken id."""
+        """Insert `webhook` (already without its secret; its `creator` set), receiving the events of
+        `session_scope`'s sessions only, or of every session (None); raises WebhookExists for a taken id."""
         body = webhook.SerializeToString()
         now_us = micros(webhook.create_time)
 
@@ -151,9 +156,9 @@ class WebhookTables(Tables):
                 if first is not None:
                     return IdempotentResult(first, replayed=True)
             inserted = conn.execute(
-                "INSERT INTO webhooks (tenant, webhook_id, create_us, secret, body) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (tenant, webhook_id) DO NOTHING",
-                (tenant, webhook.webhook_id, now_us, secret or None, body),
+                "INSERT INTO webhooks (tenant, webhook_id, create_us, secret, body, creator, session_scope)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, webhook_id) DO NOTHING",
+                (tenant, webhook.webhook_id, now_us, secret or None, body, webhook.creator, session_scope),
             ).rowcount
             if not inserted:
                 return None
@@ -166,15 +171,24 @@ class WebhookTables(Tables):
             raise WebhookExists(webhook.webhook_id)
         return result
 
-    async def get_webhook(self, tenant: str, webhook_id: str) -> webhook_pb2.Webhook | None:
-        """The webhook, or None when absent or another tenant's."""
-        row = await self._lookup("SELECT body FROM webhooks WHERE tenant=? AND webhook_id=?", (tenant, webhook_id))
+    async def get_webhook(self, tenant: str, webhook_id: str, creator: str | None = None) -> webhook_pb2.Webhook | None:
+        """The webhook, or None when absent, another tenant's, or (with `creator`) another credential's."""
+        sql = "SELECT body FROM webhooks WHERE tenant=? AND webhook_id=?"
+        args: tuple[object, ...] = (tenant, webhook_id)
+        if creator is not None:
+            sql, args = sql + " AND creator=?", (*args, creator)
+        row = await self._lookup(sql, args)
         return None if row is None else webhook_pb2.Webhook.FromString(row[0])
 
-    async def list_webhooks(self, tenant: str, *, after: str | None, limit: int) -> list[webhook_pb2.Webhook]:
-        """The tenant's webhooks by id, after `after`."""
+    async def list_webhooks(
+        self, tenant: str, *, after: str | None, limit: int, creator: str | None = None
+    ) -> list[webhook_pb2.Webhook]:
+        """The tenant's webhooks (only `creator`'s, if given) by id, after `after`."""
         sql = "SELECT body FROM webhooks WHERE tenant=?"
         args: list[object] = [tenant]
+        if creator is not None:
+            sql += " AND creator=?"
+            args.append(creator)
         if after is not None:
             sql += " AND webhook_id > ?"
             args.append(after)
@@ -183,34 +197,58 @@ class WebhookTables(Tables):
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [webhook_pb2.Webhook.FromString(row[0]) for row in rows]
 
-    async def delete_webhook(self, tenant: str, webhook_id: str, now_us: int, request_id: str = "") -> Deletion:
-        """Delete the webhook and every delivery to it; MISSING when there was none."""
+    async def delete_webhook(
+        self, tenant: str, webhook_id: str, now_us: int, request_id: str = "", creator: str | None = None
+    ) -> Deletion:
+        """Delete the webhook and every delivery to it; MISSING when there was none (of `creator`'s, if given).
+
+        With `request_id`, a repeat of a delete that succeeded is REPLAYED (for
+        `creator` only if it was its webhook); raises IdempotencyConflict when
+        the key deleted another webhook.
+        """
         key = webhook_id.encode()
+        sql = "DELETE FROM webhooks WHERE tenant=? AND webhook_id=?"
+        args: tuple[object, ...] = (tenant, webhook_id)
+        if creator is not None:
+            sql, args = sql + " AND creator=?", (*args, creator)
 
         def op(conn: Connection) -> Deletion:
-            if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
-                return Deletion.REPLAYED
-            deleted = conn.execute(
-                "DELETE FROM webhooks WHERE tenant=? AND webhook_id=?", (tenant, webhook_id)
-            ).rowcount
-            if not deleted:
+            if request_id:
+                first = idempotency.replayed(conn, tenant, _DELETE, request_id, key)
+                if first is not None:
+                    # The owner check comes first: another credential repeating the owner's
+                    # request_id is told the webhook is missing, not that it deleted it.
+                    if creator is None or first.decode() == creator:
+                        return Deletion.REPLAYED
+                    return Deletion.MISSING
+            row = conn.execute(sql + " RETURNING creator", args).fetchone()
+            if row is None:
                 return Deletion.MISSING
             conn.execute("DELETE FROM webhook_deliveries WHERE tenant=? AND webhook_id=?", (tenant, webhook_id))
             if request_id:
-                idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
+                # The owner, for the check above once the row is gone.
+                idempotency.remember(conn, tenant, _DELETE, (request_id, key), str(row[0]).encode(), now_us=now_us)
             return Deletion.DELETED
 
         return await self._write(op)
 
     async def all_webhooks(self, tenant: str | None = None) -> list[StoredWebhook]:
-        """Every webhook with its secret (of one tenant, when given): the dispatcher's cache."""
-        sql = "SELECT body, secret FROM webhooks"
+        """Every webhook with its secret and scope (of one tenant, when given): the dispatcher's cache."""
+        sql = "SELECT body, secret, session_scope FROM webhooks"
         args: tuple[object, ...] = ()
         if tenant is not None:
             sql += " WHERE tenant=?"
             args = (tenant,)
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
-        return [StoredWebhook(webhook_pb2.Webhook.FromString(body), bytes(secret or b"")) for body, secret in rows]
+        return [
+            StoredWebhook(webhook_pb2.Webhook.FromString(body), bytes(secret or b""), scope)
+            for body, secret, scope in rows
+        ]
+
+    async def session_owner(self, tenant: str, session_id: str) -> str | None:
+        """The credential that created the session, None when unknown; cached (SessionTables, which
+        the store mixes in, has it: the dispatcher asks it which sessions' events a webhook may get)."""
+        raise NotImplementedError
 
     # -- deliveries -----------------------------------------------------------
 

@@ -9,6 +9,11 @@ Flow:
   written in one awaited store write per batch (group-committed with
   everything else). Only then is a delivery scheduled: no attempt is made
   for a row that is not durable.
+- A webhook registered without the admin role gets only what its
+  credential could stream: events outside sessions and those of its own
+  sessions (the flusher asks the store's session-owner cache, once per
+  session in a batch), and `webhook.failed` of its credential's webhooks.
+  An admin's webhook gets every event of its tenant.
 - Each webhook has a lane: ready deliveries and at most
   `webhook_concurrency_per_target` worker tasks, so a slow receiver holds up
   only its own lane. Retries wait on loop timers (exponential backoff with
@@ -75,6 +80,9 @@ class _Hook:
     key: Key
     types: TypeFilter
     target: Target
+    # The credential that registered it, and whose sessions' events it gets (None: every session's).
+    creator: str
+    scope: str | None
 
     @classmethod
     def of(cls, stored: StoredWebhook) -> _Hook:
@@ -83,6 +91,8 @@ class _Hook:
             key=(webhook.tenant, webhook.webhook_id),
             types=TypeFilter.of(webhook.event_types),
             target=Target(httpx.URL(webhook.url), dict(webhook.headers), stored.secret),
+            creator=webhook.creator,
+            scope=stored.session_scope,
         )
 
     def wants(self, event: BusEvent) -> bool:
@@ -267,7 +277,9 @@ class WebhookDispatcher:
         if self._closed:
             return
         try:
-            hooks = [hook for hook in self._by_tenant.get(event.tenant, ()) if hook.wants(event)]
+            hooks = [
+                hook for hook in self._by_tenant.get(event.tenant, ()) if hook.wants(event) and self._hears(hook, event)
+            ]
             if not hooks:
                 return
             self._inbox.append((event, hooks))
@@ -278,11 +290,46 @@ class WebhookDispatcher:
         except Exception:  # a raising listener would break publish for everyone
             log.exception("could not queue webhook deliveries of event %s", event.id)
 
+    def _hears(self, hook: _Hook, event: BusEvent) -> bool:
+        """Whether `hook` may hear of another webhook's failure: an admin's of any, else only of
+        its own credential's (a webhook deleted meanwhile: the admins' alone)."""
+        if hook.scope is None or event.type != FAILED_EVENT:
+            return True
+        failed = self._hooks.get((event.tenant, str((event.data or {}).get("webhook_id", ""))))
+        return failed is not None and failed.creator == hook.scope
+
+    async def _visible(self, batch: list[tuple[BusEvent, list[_Hook]]]) -> list[tuple[BusEvent, list[_Hook]]]:
+        """The batch without the events of sessions a webhook's credential may not see: as in a
+        stream, a webhook registered without the admin role gets those of its own sessions only."""
+        owners: dict[Key, str | None] = {}
+        unknown: set[Key] = set()
+        kept: list[tuple[BusEvent, list[_Hook]]] = []
+        for event, hooks in batch:
+            allowed = hooks
+            if event.session_id and any(hook.scope is not None for hook in hooks):
+                key = (event.tenant, event.session_id)
+                if key not in owners:
+                    try:
+                        # The store's cache: a round trip only for a session it has not seen yet.
+                        owners[key] = await self._store.session_owner(*key)
+                    except Exception:
+                        log.exception("could not look up the owner of session %s", event.session_id)
+                        owners[key] = None
+                        unknown.add(key)
+                owner = owners[key]
+                # An unknown owner (the session's rows all removed) is the admins' alone.
+                allowed = [hook for hook in hooks if hook.scope is None or hook.scope == owner]
+                if key in unknown:
+                    self.lost += len(hooks) - len(allowed)
+            if allowed:
+                kept.append((event, allowed))
+        return kept
+
     async def _flush(self) -> None:
         try:
             while self._inbox:
                 batch, self._inbox = self._inbox, []
-                rows = self._rows(batch)
+                rows = self._rows(await self._visible(batch))
                 try:
                     await self._store.insert_deliveries(
                         rows, owner=self._leases.owner, lease_until_us=self._leases.until()

@@ -26,6 +26,11 @@ with those of alpha's execution and workflow in the session, is NOT_FOUND or
 shows none of them, and no unfiltered list or event stream carries them.
 Alpha's admin sees all of it.
 
+Webhooks belong to the credential that registered them too: the other user
+key of alpha's tenant gets NOT_FOUND (WEBHOOK_NOT_FOUND) from every RPC
+naming alpha's webhook and does not list it, and its own webhook receives
+none of the events of alpha's sessions; alpha's admin sees alpha's webhook.
+
 Afterwards every resource of alpha is checked to be as it was.
 """
 
@@ -271,12 +276,12 @@ async def _deliveries(client: AsyncClient, webhook_id: str) -> list[webhook_pb2.
 
 async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> None:
     target = f"127.0.0.1:{running.port}"
-    alpha_receiver, beta_receiver = Receiver(OK), Receiver(OK)
+    alpha_receiver, beta_receiver, sibling_receiver = Receiver(OK), Receiver(OK), Receiver(OK)
     try:
         async with AsyncClient(target, api_key=ADMIN_KEY) as admin:
             alpha_key_id, alpha_key = await _user_key(admin, "alpha")
             _beta_key_id, beta_key = await _user_key(admin, "beta")
-            _sibling_key_id, sibling_key = await _user_key(admin, "alpha")
+            sibling_key_id, sibling_key = await _user_key(admin, "alpha")
             _alpha_admin_key_id, alpha_admin_key = await _user_key(admin, "alpha", "admin")
         async with (
             AsyncClient(target, api_key=alpha_key) as alpha_client,
@@ -286,17 +291,30 @@ async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> N
             # call with two credentials is refused.
             alpha_caller = Caller(grpc.aio.insecure_channel(target), alpha_key)
             beta = Caller(grpc.aio.insecure_channel(target), beta_key)
+            sibling = Caller(grpc.aio.insecure_channel(target), sibling_key)
+            # Registered first, so it would hear all of alpha's session.
+            sibling_hook = await sibling.unary(
+                _method("WebhookService", "CreateWebhook"),
+                webhook_pb2.CreateWebhookRequest(webhook=webhook_pb2.Webhook(url=sibling_receiver.url())),
+            )
+            assert sibling_hook.creator == sibling_key_id  # type: ignore[attr-defined]
             alpha = await _alpha_world(alpha_client, alpha_caller, alpha_receiver, alpha_key_id)
             secret_before = await _alpha_secret(alpha_caller)
             await beta_client.webhooks.CreateWebhook(
                 webhook_pb2.CreateWebhookRequest(webhook=webhook_pb2.Webhook(url=beta_receiver.url()))
             )
             checked = await _every_rpc(beta, alpha)
-            sibling = Caller(grpc.aio.insecure_channel(target), sibling_key)
             checked += await _every_session_rpc(sibling, alpha)
             checked += await _every_rpc_on_the_session_s_contents(sibling, alpha)
+            checked += await _every_webhook_rpc(sibling, alpha)
             await _no_list_or_stream_shows_the_session(sibling, alpha_client, alpha)
-            await _alpha_admin_sees_the_session(Caller(grpc.aio.insecure_channel(target), alpha_admin_key), alpha)
+            alpha_admin = Caller(grpc.aio.insecure_channel(target), alpha_admin_key)
+            await _alpha_admin_sees_the_session(alpha_admin, alpha)
+            hook = await alpha_admin.unary(
+                _method("WebhookService", "GetWebhook"),
+                webhook_pb2.GetWebhookRequest(webhook_id=alpha.ids["webhook_id"]),
+            )
+            assert hook.creator == alpha_key_id, "alpha's admin sees alpha's webhook"  # type: ignore[attr-defined]
             # More alpha activity while beta listens, then: nothing of it reached beta.
             stream_method = descriptor_pool.Default().FindMethodByName("flowport.v1.EventService.StreamEvents")
             listening = asyncio.create_task(beta.stream(stream_method, event_pb2.StreamEventsRequest(), seconds=2.0))
@@ -305,15 +323,26 @@ async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> N
             live = await listening
             assert not any(e.tenant == "alpha" for e in live)  # type: ignore[attr-defined]
             await _alpha_is_untouched(alpha_client, alpha_caller, alpha, secret_before)
+            await _sibling_s_webhook_heard_nothing_of_alpha_s_sessions(
+                sibling,
+                sibling_hook.webhook_id,
+                sibling_receiver,
+                alpha_client,
+                alpha,  # type: ignore[attr-defined]
+            )
         await asyncio.sleep(0.5)  # deliveries of the last events
         beta_seen = beta_receiver.events()
         assert beta_seen, "beta's webhook should have received beta's own events"
         leaked = [e for e in beta_seen if e.get("tenant") != "beta" or e.get("id") in alpha.event_ids]
         assert not leaked, f"beta's webhook received alpha's events: {leaked[:3]}"
         assert alpha_receiver.events(), "alpha's webhook should have received alpha's events"
+        assert any(e.get("session_id") == alpha.ids["session_id"] for e in alpha_receiver.events()), (
+            "alpha's webhook should have received the events of alpha's own session"
+        )
     finally:
         alpha_receiver.close()
         beta_receiver.close()
+        sibling_receiver.close()
     assert checked >= 30
 
 
@@ -503,6 +532,52 @@ async def _no_list_or_stream_shows_the_session(sibling: Caller, alpha_client: As
     for mark in (*_session_marks(alpha), later.session_id, later_run.execution_id):
         assert mark not in text, f"an unfiltered stream carried {mark}: {text[:300]}"
     assert any(m.type == "workflow.created" for m in received), "the tenant's events outside sessions"  # type: ignore[attr-defined]
+
+
+async def _every_webhook_rpc(sibling: Caller, alpha: Alpha) -> int:
+    """Calls, as another user key of alpha's tenant, every RPC naming a webhook with alpha's webhook,
+    and ListWebhooks; returns how many."""
+    checked = 0
+    for method in _api_methods():
+        if "webhook_id" not in method.input_type.fields_by_name or access_for(_path(method)) is not Access.USER:
+            continue
+        label = f"{_path(method)} with alpha's webhook, as another credential of alpha's tenant"
+        try:
+            await sibling.unary(method, _request(method, alpha))
+        except grpc.aio.AioRpcError as rpc_error:
+            error = ApiError.from_rpc_error(rpc_error)
+            assert (error.code(), error.reason) == (grpc.StatusCode.NOT_FOUND, "WEBHOOK_NOT_FOUND"), label
+        else:
+            raise AssertionError(f"{label}: reached alpha's webhook")
+        checked += 1
+    listed = _text(await sibling.unary(_method("WebhookService", "ListWebhooks"), webhook_pb2.ListWebhooksRequest()))
+    assert alpha.ids["webhook_id"] not in listed, "ListWebhooks shows alpha's webhook to another credential"
+    return checked + 1
+
+
+async def _sibling_s_webhook_heard_nothing_of_alpha_s_sessions(
+    sibling: Caller, webhook_id: str, receiver: Receiver, alpha_client: AsyncClient, alpha: Alpha
+) -> None:
+    """The sibling has no session: its webhook hears the tenant's events outside sessions only."""
+    # A last event outside sessions: once it is delivered, everything before it was queued.
+    marker = workflow_pb2.Workflow(name="alpha-last-flow")
+    json_format.ParseDict({"nodes": [{"type": "MergeNode", "name": "m"}]}, marker)
+    await alpha_client.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=marker))
+    list_deliveries = _method("WebhookService", "ListWebhookDeliveries")
+
+    async def all_delivered() -> bool:
+        if not any(e.get("workflow_id") == "alpha-last-flow" for e in receiver.events()):
+            return False
+        listed = await sibling.unary(
+            list_deliveries, webhook_pb2.ListWebhookDeliveriesRequest(webhook_id=webhook_id, page_size=1000)
+        )
+        done = webhook_pb2.WebhookDelivery.STATE_SUCCEEDED
+        return all(d.state == done for d in listed.deliveries) and len(listed.deliveries) == len(receiver.seen)  # type: ignore[attr-defined]
+
+    await _wait_for(all_delivered, "every delivery to the sibling's webhook")
+    in_sessions = [(e["type"], e["session_id"]) for e in receiver.events() if e.get("session_id")]
+    assert not in_sessions, f"the sibling's webhook received events of alpha's sessions: {in_sessions[:3]}"
+    assert alpha.ids["session_id"] not in str(receiver.events())
 
 
 async def _alpha_admin_sees_the_session(admin: Caller, alpha: Alpha) -> None:

@@ -4,6 +4,7 @@ delivering to real receivers on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import threading
@@ -18,21 +19,27 @@ from typing import Any, cast
 import grpc
 import httpx
 import pytest
+from google.protobuf import json_format
 
 from flowport.clients import ApiError, AsyncClient
 from flowport.clients.webhooks import verify_signature
 from flowport.server.api import webhooks as webhooks_api
+from flowport.server.app import Running
 from flowport.server.events.bus import BusEvent, EventBus
 from flowport.server.interceptor import ErrorInterceptor
 from flowport.server.metrics import RequestMetrics
 from flowport.server.settings import Settings
-from flowport.server.storage import SqliteStore
+from flowport.server.storage import Deletion, SqliteStore
+from flowport.server.storage.migrate import bundled
+from flowport.server.storage.tables import Connection
 from flowport.server.storage.webhooks import WebhookTables
 from flowport.server.types import Context
 from flowport.server.webhooks import delivery as webhook_delivery
 from flowport.server.webhooks.delivery import backoff
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
-from flowport.v1 import webhook_pb2, webhook_pb2_grpc
+from flowport.v1 import apikey_pb2, execution_pb2, session_pb2, webhook_pb2, webhook_pb2_grpc, workflow_pb2
+
+from ..conftest import ADMIN_KEY
 
 W = webhook_pb2
 D = webhook_pb2.WebhookDelivery
@@ -173,8 +180,10 @@ def _tenant_from_metadata(context: Context) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _tenants(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(webhooks_api, "tenant_of", _tenant_from_metadata)
+def _tenants(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A whole server (`running`) authenticates its callers: its tenants come from their keys.
+    if "running" not in request.fixturenames:
+        monkeypatch.setattr(webhooks_api, "tenant_of", _tenant_from_metadata)
 
 
 @dataclass
@@ -770,3 +779,268 @@ async def test_a_header_value_http_cannot_carry_fails_for_good_without_showing_i
     for shown in ("\u00f6", "xf6", "XYZ", "ken"):
         assert shown not in outcome.error
     assert receiver.connections == 0
+
+
+# -- webhooks belong to the credential that registered them --------------------------
+
+
+async def _acme_key(root: AsyncClient, role: str) -> tuple[str, str]:
+    """A new key of tenant acme with `role`: (its id, the key)."""
+    created = await root.keys.CreateApiKey(
+        apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant="acme", roles=[role]))
+    )
+    return created.api_key.key_id, created.key
+
+
+def _merge_workflow() -> workflow_pb2.Workflow:
+    workflow = workflow_pb2.Workflow(name="merge")
+    json_format.ParseDict({"nodes": [{"type": "MergeNode", "name": "m"}]}, workflow)
+    return workflow
+
+
+async def _run(client: AsyncClient, workflow_id: str, session_id: str = "") -> execution_pb2.Execution:
+    ran: execution_pb2.Execution = await client.executions.CreateExecution(
+        execution_pb2.CreateExecutionRequest(workflow_id=workflow_id, session_id=session_id, wait=True)
+    )
+    assert ran.state == execution_pb2.Execution.STATE_SUCCEEDED, ran.error.message
+    return ran
+
+
+async def _all_delivered(client: AsyncClient, webhook_id: str, state: int, receiver: Receiver) -> bool:
+    """Every delivery of the webhook is in `state`, each seen by the receiver once."""
+    found = (
+        await client.webhooks.ListWebhookDeliveries(
+            W.ListWebhookDeliveriesRequest(webhook_id=webhook_id, page_size=1000)
+        )
+    ).deliveries
+    return all(d.state == state for d in found) and len(found) == len(receiver.seen)
+
+
+@pytest.mark.timeout(180)
+async def test_a_users_webhook_gets_only_what_its_credential_may_stream(
+    running: Running, receivers: Callable[..., Receiver]
+) -> None:
+    target = f"127.0.0.1:{running.port}"
+    async with AsyncClient(target, api_key=ADMIN_KEY) as root:
+        ada_id, ada_key = await _acme_key(root, "user")
+        bob_id, bob_key = await _acme_key(root, "user")
+        _boss_id, boss_key = await _acme_key(root, "admin")
+    ada_seen, boss_seen = receivers(), receivers()
+    # Receivers that refuse every delivery: each failure is reported as webhook.failed.
+    ada_refuses, bob_refuses = receivers(_always(410)), receivers(_always(410))
+    async with (
+        AsyncClient(target, api_key=ada_key) as ada,
+        AsyncClient(target, api_key=bob_key) as bob,
+        AsyncClient(target, api_key=boss_key) as boss,
+    ):
+        ada_hook = await ada.webhooks.CreateWebhook(W.CreateWebhookRequest(webhook=W.Webhook(url=ada_seen.url())))
+        boss_hook = await boss.webhooks.CreateWebhook(W.CreateWebhookRequest(webhook=W.Webhook(url=boss_seen.url())))
+        assert ada_hook.creator == ada_id and boss_hook.creator != ada_id
+        failing: dict[str, W.Webhook] = {}
+        for name, client, receiver in (("ada", ada, ada_refuses), ("bob", bob, bob_refuses)):
+            failing[name] = await client.webhooks.CreateWebhook(
+                W.CreateWebhookRequest(webhook=W.Webhook(url=receiver.url(), event_types=["execution.completed"]))
+            )
+        assert failing["bob"].creator == bob_id
+
+        workflow = await ada.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=_merge_workflow()))
+        theirs = await bob.sessions.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session()))
+        in_theirs = await _run(bob, workflow.workflow_id, theirs.session_id)
+        mine = await ada.sessions.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session()))
+        in_mine = await _run(ada, workflow.workflow_id, mine.session_id)
+        outside = await _run(bob, workflow.workflow_id)  # bob's, outside sessions: the tenant's
+
+        def completed(receiver: Receiver) -> set[str]:
+            return {e["execution_id"] for e in receiver.events() if e["type"] == "execution.completed"}
+
+        def failures(receiver: Receiver) -> list[str]:
+            return sorted(e["data"]["webhook_id"] for e in receiver.events() if e["type"] == "webhook.failed")
+
+        runs = {in_theirs.execution_id, in_mine.execution_id, outside.execution_id}
+        expected_failures = sorted([failing["ada"].webhook_id] * 2 + [failing["bob"].webhook_id] * 2)
+
+        async def admin_got_everything() -> bool:
+            return completed(boss_seen) == runs and failures(boss_seen) == expected_failures
+
+        # Everything is queued to every webhook at once: once the admin's has it all, the rest is queued too.
+        await eventually(admin_got_everything, "the admin's webhook receives every run and every failure")
+        for client, hook, state, receiver in (
+            (ada, ada_hook, D.STATE_SUCCEEDED, ada_seen),
+            (ada, failing["ada"], D.STATE_DEAD_LETTERED, ada_refuses),
+            (bob, failing["bob"], D.STATE_DEAD_LETTERED, bob_refuses),
+        ):
+            await eventually(
+                functools.partial(_all_delivered, client, hook.webhook_id, state, receiver),
+                f"every delivery to {hook.webhook_id} attempted",
+            )
+
+        # Ada's webhook: events outside sessions and of her session, nothing of bob's session.
+        got = ada_seen.events()
+        assert not [e["type"] for e in got if e["session_id"] == theirs.session_id]
+        assert completed(ada_seen) == {in_mine.execution_id, outside.execution_id}
+        assert {e["type"] for e in got if e["session_id"] == mine.session_id} >= {
+            "session.created",
+            "execution.completed",
+        }
+        assert any(e["type"] == "workflow.created" and e["session_id"] == "" for e in got)
+        # Of webhook failures, only those of her own webhooks.
+        assert failures(ada_seen) == [failing["ada"].webhook_id] * 2
+        assert completed(ada_refuses) == {in_mine.execution_id, outside.execution_id}
+        assert completed(bob_refuses) == {in_theirs.execution_id, outside.execution_id}
+
+        # The admin's webhook: every session's events of the tenant.
+        every = boss_seen.events()
+        for session in (theirs, mine):
+            assert {e["type"] for e in every if e["session_id"] == session.session_id} >= {
+                "session.created",
+                "execution.started",
+                "execution.completed",
+            }
+
+
+async def test_a_webhook_is_missing_for_another_credential_of_the_tenant(
+    running: Running, receivers: Callable[..., Receiver]
+) -> None:
+    target = f"127.0.0.1:{running.port}"
+    async with AsyncClient(target, api_key=ADMIN_KEY) as root:
+        ada_id, ada_key = await _acme_key(root, "user")
+        _bob_id, bob_key = await _acme_key(root, "user")
+        _boss_id, boss_key = await _acme_key(root, "admin")
+    url = receivers().url()
+    async with (
+        AsyncClient(target, api_key=ada_key) as ada,
+        AsyncClient(target, api_key=bob_key) as bob,
+        AsyncClient(target, api_key=boss_key) as boss,
+    ):
+        create = W.CreateWebhookRequest(webhook=W.Webhook(url=url, webhook_id="adas"), request_id="ada-create")
+        hers = await ada.webhooks.CreateWebhook(create)
+        await ada.webhooks.CreateWebhook(W.CreateWebhookRequest(webhook=W.Webhook(url=url, webhook_id="adas-old")))
+        delete_old = W.DeleteWebhookRequest(webhook_id="adas-old", request_id="ada-delete")
+        await ada.webhooks.DeleteWebhook(delete_old)
+        his = await bob.webhooks.CreateWebhook(W.CreateWebhookRequest(webhook=W.Webhook(url=url)))
+
+        async def missing(call: Awaitable[object], webhook_id: str) -> None:
+            """The call fails as for a webhook that never existed."""
+            error = await _error(call)
+            assert (error.code(), error.reason) == (grpc.StatusCode.NOT_FOUND, "WEBHOOK_NOT_FOUND"), error.message
+            assert error.metadata == {"webhook_id": webhook_id}
+
+        for webhook_id in ("adas", "never"):
+            await missing(bob.webhooks.GetWebhook(W.GetWebhookRequest(webhook_id=webhook_id)), webhook_id)
+            await missing(bob.webhooks.DeleteWebhook(W.DeleteWebhookRequest(webhook_id=webhook_id)), webhook_id)
+            await missing(
+                bob.webhooks.ListWebhookDeliveries(W.ListWebhookDeliveriesRequest(webhook_id=webhook_id)), webhook_id
+            )
+            await missing(
+                bob.webhooks.RedeliverWebhookDelivery(
+                    W.RedeliverWebhookDeliveryRequest(webhook_id=webhook_id, delivery_id="dlv_x")
+                ),
+                webhook_id,
+            )
+        # Ada's request ids from bob: never her webhook, nor a delete of hers replayed as done.
+        await missing(bob.webhooks.DeleteWebhook(delete_old), "adas-old")
+        reused = await _error(bob.webhooks.CreateWebhook(create))
+        assert (reused.code(), reused.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+        assert "adas" not in reused.message
+        listed = await bob.webhooks.ListWebhooks(W.ListWebhooksRequest())
+        assert [w.webhook_id for w in listed.webhooks] == [his.webhook_id]
+
+        # Ada: all of it works, and bob changed nothing.
+        assert await ada.webhooks.GetWebhook(W.GetWebhookRequest(webhook_id="adas")) == hers
+        assert await ada.webhooks.CreateWebhook(create) == hers
+        await ada.webhooks.DeleteWebhook(delete_old)  # her own repeat: replayed
+        assert [w.webhook_id for w in (await ada.webhooks.ListWebhooks(W.ListWebhooksRequest())).webhooks] == ["adas"]
+        await ada.webhooks.ListWebhookDeliveries(W.ListWebhookDeliveriesRequest(webhook_id="adas"))
+
+        # The tenant's admin sees and manages every webhook of the tenant.
+        every = await boss.webhooks.ListWebhooks(W.ListWebhooksRequest())
+        assert sorted(w.webhook_id for w in every.webhooks) == sorted(["adas", his.webhook_id])
+        assert (await boss.webhooks.GetWebhook(W.GetWebhookRequest(webhook_id="adas"))).creator == ada_id
+        await boss.webhooks.DeleteWebhook(W.DeleteWebhookRequest(webhook_id=his.webhook_id))
+        await missing(bob.webhooks.GetWebhook(W.GetWebhookRequest(webhook_id=his.webhook_id)), his.webhook_id)
+
+
+async def test_webhooks_from_before_are_tenant_wide_and_the_admins(
+    tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    old_receiver, bobs_receiver = receivers(), receivers()
+    path = Settings.load({"data_dir": tmp_path}, environ={}).database_path
+    before = await SqliteStore.open(path, [m for m in bundled() if m.name != "webhook_creators"])
+    now = time.time_ns() // 1000
+    old = W.Webhook(webhook_id="old", url=old_receiver.url(), tenant="default")
+    old.create_time.FromMicroseconds(now)
+
+    def register_old(conn: Connection) -> None:
+        conn.execute(
+            "INSERT INTO webhooks (tenant, webhook_id, create_us, secret, body) VALUES ('default', 'old', ?, NULL, ?)",
+            (now, old.SerializeToString()),
+        )
+
+    await before._write(register_old)
+    await before.close()
+    async with running(tmp_path) as env:
+        adas = session_pb2.Session(session_id="ses_ada", tenant="default", creator="fpk_ada")
+        adas.create_time.FromMicroseconds(now)
+        adas.expire_time.FromMicroseconds(now + 60_000_000)
+        await env.store.create_session("default", adas, None)
+        bobs = W.Webhook(webhook_id="bobs", url=bobs_receiver.url(), tenant="default", creator="fpk_bob")
+        bobs.create_time.FromMicroseconds(now)
+        await env.store.create_webhook("default", bobs, b"", None, session_scope="fpk_bob")
+        await env.dispatcher.webhooks_changed("default")
+        in_session = env.bus.publish("execution.completed", tenant="default", session_id="ses_ada", execution_id="e1")
+        outside = env.publish()
+
+        async def delivered() -> bool:
+            return {e["id"] for e in old_receiver.events()} == {in_session.id, outside.id} and (
+                len(await env.deliveries("bobs", state=D.STATE_SUCCEEDED)) == 1
+            )
+
+        await eventually(delivered, "the webhook from before gets both events, bob's the one outside sessions")
+        assert [e["id"] for e in bobs_receiver.events()] == [outside.id]
+        assert [d.event_id for d in await env.deliveries("bobs")] == [outside.id]
+
+        # Managed by the tenant's admins alone, as if an admin had registered it.
+        assert (await env.store.get_webhook("default", "old")) == old
+        assert await env.store.get_webhook("default", "old", creator="fpk_bob") is None
+        assert [w.webhook_id for w in await env.store.list_webhooks("default", after=None, limit=10)] == ["bobs", "old"]
+        mine = await env.store.list_webhooks("default", after=None, limit=10, creator="fpk_bob")
+        assert [w.webhook_id for w in mine] == ["bobs"]
+        assert await env.store.delete_webhook("default", "old", now, creator="fpk_bob") is Deletion.MISSING
+        assert await env.store.get_webhook("default", "old") is not None
+
+
+async def test_a_session_s_owner_is_looked_up_once_not_per_event(
+    tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    receiver = receivers()
+    async with running(tmp_path) as env:
+        now = time.time_ns() // 1000
+        adas = session_pb2.Session(session_id="ses_ada", tenant="default", creator="fpk_ada")
+        adas.create_time.FromMicroseconds(now)
+        adas.expire_time.FromMicroseconds(now + 60_000_000)
+        await env.store.create_session("default", adas, None)
+        hers = W.Webhook(webhook_id="adas", url=receiver.url(), tenant="default", creator="fpk_ada")
+        hers.create_time.FromMicroseconds(now)
+        await env.store.create_webhook("default", hers, b"", None, session_scope="fpk_ada")
+        await env.dispatcher.webhooks_changed("default")
+        # As in a process that did not create the session: its owner is not cached yet.
+        env.store._session_owners = None
+        lookups: list[str] = []
+        lookup = env.store._lookup
+
+        async def counted(sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
+            if "creator FROM sessions" in sql:
+                lookups.append(sql)
+            return await lookup(sql, args)
+
+        env.store._lookup = counted  # type: ignore[method-assign]
+        for _flush in range(3):
+            for _event in range(10):
+                env.bus.publish("node.completed", tenant="default", session_id="ses_ada", execution_id="e1", data={})
+            await asyncio.sleep(0)  # separate flushes, too
+
+        async def delivered() -> bool:
+            return len(await env.deliveries("adas", state=D.STATE_SUCCEEDED)) == 30
+
+        await eventually(delivered, "thirty deliveries of the session's events")
+        assert len(lookups) == 1

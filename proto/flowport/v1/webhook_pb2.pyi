@@ -23,7 +23,12 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Webhook(_message.Message):
-    """An HTTP endpoint that receives events."""
+    """An HTTP endpoint that receives events. One registered by an admin
+    receives every matching event of its tenant; one registered by another
+    credential receives only what that credential could stream: events
+    outside sessions and those of its own sessions, and `webhook.failed` of
+    its own webhooks.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -56,6 +61,7 @@ class Webhook(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
     webhook_id: _builtins.str
     """Identifier: given by the caller (1 to 128 characters of letters,
     digits, `_`, `-`, `.`) or assigned by the server when empty.
@@ -72,6 +78,12 @@ class Webhook(_message.Message):
     """Human-readable description."""
     tenant: _builtins.str
     """The tenant that owns the webhook."""
+    creator: _builtins.str
+    """The credential the webhook belongs to, as a session's `creator`: the
+    API key id, or for a bearer token `jwt:<iss, percent-encoded>:<sub>`.
+    Empty for a webhook registered before webhooks recorded it (then, as
+    an admin's, it receives every session's events and only admins see it).
+    """
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Event types delivered, e.g. "execution.completed"; a type ending in
@@ -100,10 +112,11 @@ class Webhook(_message.Message):
         description: _builtins.str = ...,
         tenant: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        creator: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "event_types", b"event_types", "has_secret", b"has_secret", "headers", b"headers", "secret", b"secret", "tenant", b"tenant", "url", b"url", "webhook_id", b"webhook_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "description", b"description", "event_types", b"event_types", "has_secret", b"has_secret", "headers", b"headers", "secret", b"secret", "tenant", b"tenant", "url", b"url", "webhook_id", b"webhook_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,7 +28,10 @@ if _version_not_supported:
 
 class WebhookServiceStub:
     """WebhookService registers HTTP endpoints that receive events, signed with
-    HMAC-SHA256, delivered durably with retries.
+    HMAC-SHA256, delivered durably with retries. A webhook belongs to the
+    credential that registered it (see `Webhook.creator`): another credential
+    of the tenant without the admin role finds it missing (NOT_FOUND), while
+    the tenant's admins see and manage every webhook of the tenant.
     """
 
     def __init__(self, channel):
@@ -71,13 +74,17 @@ class WebhookServiceStub:
 
 class WebhookServiceServicer:
     """WebhookService registers HTTP endpoints that receive events, signed with
-    HMAC-SHA256, delivered durably with retries.
+    HMAC-SHA256, delivered durably with retries. A webhook belongs to the
+    credential that registered it (see `Webhook.creator`): another credential
+    of the tenant without the admin role finds it missing (NOT_FOUND), while
+    the tenant's admins see and manage every webhook of the tenant.
     """
 
     def CreateWebhook(self, request, context):
         """Registers a webhook. Fails with INVALID_ARGUMENT for a bad URL or a
         target in a private, loopback or link-local range that is not
-        allowlisted, and ALREADY_EXISTS when `webhook_id` is taken.
+        allowlisted, and ALREADY_EXISTS when `webhook_id` is taken (ids are
+        one namespace per tenant, whoever registered the webhook).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,14 +92,15 @@ class WebhookServiceServicer:
 
     def GetWebhook(self, request, context):
         """Returns a webhook (never its secret). Fails with NOT_FOUND when it
-        does not exist.
+        does not exist or is another credential's (admins excepted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListWebhooks(self, request, context):
-        """Lists webhooks, ordered by identifier.
+        """Lists webhooks, ordered by identifier: every webhook of the tenant for
+        an admin, the caller's own (by `creator`) for others.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,14 +108,16 @@ class WebhookServiceServicer:
 
     def DeleteWebhook(self, request, context):
         """Unregisters a webhook; pending deliveries to it are dropped. Fails with
-        NOT_FOUND when it does not exist.
+        NOT_FOUND when it does not exist or is another credential's (admins
+        excepted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListWebhookDeliveries(self, request, context):
-        """Lists a webhook's deliveries, newest first.
+        """Lists a webhook's deliveries, newest first. Fails with NOT_FOUND when
+        the webhook does not exist or is another credential's (admins excepted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,7 +125,9 @@ class WebhookServiceServicer:
 
     def RedeliverWebhookDelivery(self, request, context):
         """Queues a dead-lettered delivery again with a fresh attempt budget.
-        Fails with FAILED_PRECONDITION when the delivery is not dead-lettered.
+        Fails with FAILED_PRECONDITION when the delivery is not dead-lettered,
+        and NOT_FOUND when the webhook does not exist or is another
+        credential's (admins excepted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,7 +176,10 @@ def add_WebhookServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class WebhookService:
     """WebhookService registers HTTP endpoints that receive events, signed with
-    HMAC-SHA256, delivered durably with retries.
+    HMAC-SHA256, delivered durably with retries. A webhook belongs to the
+    credential that registered it (see `Webhook.creator`): another credential
+    of the tenant without the admin role finds it missing (NOT_FOUND), while
+    the tenant's admins see and manage every webhook of the tenant.
     """
 
     @staticmethod

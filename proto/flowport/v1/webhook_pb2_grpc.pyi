@@ -29,7 +29,10 @@ GRPC_VERSION: str
 
 class WebhookServiceStub:
     """WebhookService registers HTTP endpoints that receive events, signed with
-    HMAC-SHA256, delivered durably with retries.
+    HMAC-SHA256, delivered durably with retries. A webhook belongs to the
+    credential that registered it (see `Webhook.creator`): another credential
+    of the tenant without the admin role finds it missing (NOT_FOUND), while
+    the tenant's admins see and manage every webhook of the tenant.
     """
 
     @_typing.overload
@@ -39,57 +42,79 @@ class WebhookServiceStub:
     CreateWebhook: _grpc.UnaryUnaryMultiCallable[_webhook_pb2.CreateWebhookRequest, _webhook_pb2.Webhook]
     """Registers a webhook. Fails with INVALID_ARGUMENT for a bad URL or a
     target in a private, loopback or link-local range that is not
-    allowlisted, and ALREADY_EXISTS when `webhook_id` is taken.
+    allowlisted, and ALREADY_EXISTS when `webhook_id` is taken (ids are
+    one namespace per tenant, whoever registered the webhook).
     """
     GetWebhook: _grpc.UnaryUnaryMultiCallable[_webhook_pb2.GetWebhookRequest, _webhook_pb2.Webhook]
     """Returns a webhook (never its secret). Fails with NOT_FOUND when it
-    does not exist.
+    does not exist or is another credential's (admins excepted).
     """
     ListWebhooks: _grpc.UnaryUnaryMultiCallable[_webhook_pb2.ListWebhooksRequest, _webhook_pb2.ListWebhooksResponse]
-    """Lists webhooks, ordered by identifier."""
+    """Lists webhooks, ordered by identifier: every webhook of the tenant for
+    an admin, the caller's own (by `creator`) for others.
+    """
     DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_webhook_pb2.DeleteWebhookRequest, _empty_pb2.Empty]
     """Unregisters a webhook; pending deliveries to it are dropped. Fails with
-    NOT_FOUND when it does not exist.
+    NOT_FOUND when it does not exist or is another credential's (admins
+    excepted).
     """
     ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_webhook_pb2.ListWebhookDeliveriesRequest, _webhook_pb2.ListWebhookDeliveriesResponse]
-    """Lists a webhook's deliveries, newest first."""
+    """Lists a webhook's deliveries, newest first. Fails with NOT_FOUND when
+    the webhook does not exist or is another credential's (admins excepted).
+    """
     RedeliverWebhookDelivery: _grpc.UnaryUnaryMultiCallable[_webhook_pb2.RedeliverWebhookDeliveryRequest, _webhook_pb2.WebhookDelivery]
     """Queues a dead-lettered delivery again with a fresh attempt budget.
-    Fails with FAILED_PRECONDITION when the delivery is not dead-lettered.
+    Fails with FAILED_PRECONDITION when the delivery is not dead-lettered,
+    and NOT_FOUND when the webhook does not exist or is another
+    credential's (admins excepted).
     """
 
 @_typing.type_check_only
 class WebhookServiceAsyncStub(WebhookServiceStub):
     """WebhookService registers HTTP endpoints that receive events, signed with
-    HMAC-SHA256, delivered durably with retries.
+    HMAC-SHA256, delivered durably with retries. A webhook belongs to the
+    credential that registered it (see `Webhook.creator`): another credential
+    of the tenant without the admin role finds it missing (NOT_FOUND), while
+    the tenant's admins see and manage every webhook of the tenant.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateWebhook: _aio.UnaryUnaryMultiCallable[_webhook_pb2.CreateWebhookRequest, _webhook_pb2.Webhook]  # type: ignore[assignment]
     """Registers a webhook. Fails with INVALID_ARGUMENT for a bad URL or a
     target in a private, loopback or link-local range that is not
-    allowlisted, and ALREADY_EXISTS when `webhook_id` is taken.
+    allowlisted, and ALREADY_EXISTS when `webhook_id` is taken (ids are
+    one namespace per tenant, whoever registered the webhook).
     """
     GetWebhook: _aio.UnaryUnaryMultiCallable[_webhook_pb2.GetWebhookRequest, _webhook_pb2.Webhook]  # type: ignore[assignment]
     """Returns a webhook (never its secret). Fails with NOT_FOUND when it
-    does not exist.
+    does not exist or is another credential's (admins excepted).
     """
     ListWebhooks: _aio.UnaryUnaryMultiCallable[_webhook_pb2.ListWebhooksRequest, _webhook_pb2.ListWebhooksResponse]  # type: ignore[assignment]
-    """Lists webhooks, ordered by identifier."""
+    """Lists webhooks, ordered by identifier: every webhook of the tenant for
+    an admin, the caller's own (by `creator`) for others.
+    """
     DeleteWebhook: _aio.UnaryUnaryMultiCallable[_webhook_pb2.DeleteWebhookRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Unregisters a webhook; pending deliveries to it are dropped. Fails with
-    NOT_FOUND when it does not exist.
+    NOT_FOUND when it does not exist or is another credential's (admins
+    excepted).
     """
     ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_webhook_pb2.ListWebhookDeliveriesRequest, _webhook_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
-    """Lists a webhook's deliveries, newest first."""
+    """Lists a webhook's deliveries, newest first. Fails with NOT_FOUND when
+    the webhook does not exist or is another credential's (admins excepted).
+    """
     RedeliverWebhookDelivery: _aio.UnaryUnaryMultiCallable[_webhook_pb2.RedeliverWebhookDeliveryRequest, _webhook_pb2.WebhookDelivery]  # type: ignore[assignment]
     """Queues a dead-lettered delivery again with a fresh attempt budget.
-    Fails with FAILED_PRECONDITION when the delivery is not dead-lettered.
+    Fails with FAILED_PRECONDITION when the delivery is not dead-lettered,
+    and NOT_FOUND when the webhook does not exist or is another
+    credential's (admins excepted).
     """
 
 class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
     """WebhookService registers HTTP endpoints that receive events, signed with
-    HMAC-SHA256, delivered durably with retries.
+    HMAC-SHA256, delivered durably with retries. A webhook belongs to the
+    credential that registered it (see `Webhook.creator`): another credential
+    of the tenant without the admin role finds it missing (NOT_FOUND), while
+    the tenant's admins see and manage every webhook of the tenant.
     """
 
     @_abc_1.abstractmethod
@@ -100,7 +125,8 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_webhook_pb2.Webhook, _abc.Awaitable[_webhook_pb2.Webhook]]:
         """Registers a webhook. Fails with INVALID_ARGUMENT for a bad URL or a
         target in a private, loopback or link-local range that is not
-        allowlisted, and ALREADY_EXISTS when `webhook_id` is taken.
+        allowlisted, and ALREADY_EXISTS when `webhook_id` is taken (ids are
+        one namespace per tenant, whoever registered the webhook).
         """
 
     @_abc_1.abstractmethod
@@ -110,7 +136,7 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_webhook_pb2.Webhook, _abc.Awaitable[_webhook_pb2.Webhook]]:
         """Returns a webhook (never its secret). Fails with NOT_FOUND when it
-        does not exist.
+        does not exist or is another credential's (admins excepted).
         """
 
     @_abc_1.abstractmethod
@@ -119,7 +145,9 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _webhook_pb2.ListWebhooksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_webhook_pb2.ListWebhooksResponse, _abc.Awaitable[_webhook_pb2.ListWebhooksResponse]]:
-        """Lists webhooks, ordered by identifier."""
+        """Lists webhooks, ordered by identifier: every webhook of the tenant for
+        an admin, the caller's own (by `creator`) for others.
+        """
 
     @_abc_1.abstractmethod
     def DeleteWebhook(
@@ -128,7 +156,8 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
         """Unregisters a webhook; pending deliveries to it are dropped. Fails with
-        NOT_FOUND when it does not exist.
+        NOT_FOUND when it does not exist or is another credential's (admins
+        excepted).
         """
 
     @_abc_1.abstractmethod
@@ -137,7 +166,9 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _webhook_pb2.ListWebhookDeliveriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_webhook_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_webhook_pb2.ListWebhookDeliveriesResponse]]:
-        """Lists a webhook's deliveries, newest first."""
+        """Lists a webhook's deliveries, newest first. Fails with NOT_FOUND when
+        the webhook does not exist or is another credential's (admins excepted).
+        """
 
     @_abc_1.abstractmethod
     def RedeliverWebhookDelivery(
@@ -146,7 +177,9 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_webhook_pb2.WebhookDelivery, _abc.Awaitable[_webhook_pb2.WebhookDelivery]]:
         """Queues a dead-lettered delivery again with a fresh attempt budget.
-        Fails with FAILED_PRECONDITION when the delivery is not dead-lettered.
+        Fails with FAILED_PRECONDITION when the delivery is not dead-lettered,
+        and NOT_FOUND when the webhook does not exist or is another
+        credential's (admins excepted).
         """
 
 def add_WebhookServiceServicer_to_server(servicer: WebhookServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
