@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -37,6 +36,7 @@ from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.bootstrap import ensure_admin_key
 from flowport.server.auth.jwt import JwtConfig, JwtConfigError, JwtVerifier
 from flowport.server.auth.keys import KeyAuthenticator
+from flowport.server.clock import now_us
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
@@ -307,7 +307,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     # Nodes open secrets through the vault, for their execution's tenant only.
     services.secrets = vault = SecretVault(store, secret_keys)
     services.registry = store  # for MCPServiceDiscoveryNode: the execution's tenant's registrations
-    await settings_file.apply(store, declared, time.time_ns() // 1000)
+    await settings_file.apply(store, declared, now_us())
     assert services.sql is not None
     services.resources = resources = ResourceDirectory(store, services.sql)
     registry = NodeRegistry.default()
@@ -543,10 +543,10 @@ async def _sample(prometheus: Prometheus, services: NodeServices, dispatcher: We
 async def _purge_forever(store: SqlStore) -> None:
     while True:
         await asyncio.sleep(PURGE_INTERVAL)
-        now_us = time.time_ns() // 1000
+        now = now_us()
         try:
-            removed = await store.purge_expired(now_us, now_us - int(IDEMPOTENCY_RETENTION * 1e6))
-            removed += await store.purge_finished_deliveries(now_us - int(DELIVERY_RETENTION * 1e6))
+            removed = await store.purge_expired(now, now - int(IDEMPOTENCY_RETENTION * 1e6))
+            removed += await store.purge_finished_deliveries(now - int(DELIVERY_RETENTION * 1e6))
         except Exception:
             log.exception("purging expired sessions failed; will retry")
         else:

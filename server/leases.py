@@ -14,7 +14,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from flowport.server.api.common import now_us
+from flowport.server.clock import now_us
 
 log = logging.getLogger(__name__)
 

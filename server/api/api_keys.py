@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from flowport.server import pagination
-from flowport.server.api.common import idempotency_key, now_us, request_id_reused, require
+from flowport.server.api.common import idempotency_key, request_id_reused, require
 from flowport.server.audit import actions, note
 from flowport.server.auth.keys import REVOKED_EVENT, KeyAuthenticator, describe, key_hash, new_key
 from flowport.server.auth.principal import ROLES, TENANT_NAME, USER
+from flowport.server.clock import now_us
 from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.events.bus import EventBus
 from flowport.server.storage import IdempotencyConflict

@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import time
 
-from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 from flowport.server.errors import AlreadyExists, InvalidArgument, shown
 
 MAX_REQUEST_ID = 128
-
-
-def now_us() -> int:
-    """Microseconds since the epoch."""
-    return time.time_ns() // 1000
-
-
-def timestamp(us: int) -> timestamp_pb2.Timestamp:
-    """A Timestamp from microseconds since the epoch."""
-    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
 
 
 def check_request_id(request_id: str) -> None:

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import httpx
 from google.protobuf import timestamp_pb2
 
-from flowport.server.api.common import now_us
 from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.context import CURRENT
+from flowport.server.clock import now_us
 from flowport.server.engine.executor import Executor
 from flowport.server.events.bus import EventBus
 from flowport.server.events.redis_bus import RedisBus

@@ -12,7 +12,8 @@ from __future__ import annotations
 from google.protobuf import empty_pb2
 
 from flowport.server import pagination
-from flowport.server.api.common import check_request_id, idempotency_key, now_us, request_id_reused, timestamp
+from flowport.server.api.common import check_request_id, idempotency_key, request_id_reused
+from flowport.server.clock import now_us, timestamp
 from flowport.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, shown
 from flowport.server.resources import spec
 from flowport.server.resources.directory import ResourceDirectory

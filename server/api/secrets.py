@@ -5,8 +5,9 @@ from __future__ import annotations
 from google.protobuf import empty_pb2
 
 from flowport.server import pagination
-from flowport.server.api.common import check_request_id, idempotency_key, now_us, request_id_reused
+from flowport.server.api.common import check_request_id, idempotency_key, request_id_reused
 from flowport.server.audit import actions, note
+from flowport.server.clock import now_us
 from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.nodes.substitution import SECRET_NAME
 from flowport.server.secrets.vault import SecretVault

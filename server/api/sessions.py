@@ -7,8 +7,9 @@ from urllib.parse import quote
 from google.protobuf import empty_pb2
 
 from flowport.server import pagination
-from flowport.server.api.common import check_request_id, idempotency_key, now_us, request_id_reused, require, timestamp
+from flowport.server.api.common import check_request_id, idempotency_key, request_id_reused, require
 from flowport.server.auth.principal import Principal
+from flowport.server.clock import now_us, timestamp
 from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id

@@ -15,8 +15,9 @@ from __future__ import annotations
 from google.protobuf import empty_pb2
 
 from flowport.server import pagination
-from flowport.server.api.common import check_request_id, idempotency_key, now_us, request_id_reused, require, timestamp
+from flowport.server.api.common import check_request_id, idempotency_key, request_id_reused, require
 from flowport.server.api.sessions import credential_of, session_scope
+from flowport.server.clock import now_us, timestamp
 from flowport.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from flowport.server.errors import shown as show_value
 from flowport.server.events.bus import EventBus

@@ -6,8 +6,9 @@ from google.protobuf import empty_pb2
 from google.rpc import error_details_pb2
 
 from flowport.server import pagination
-from flowport.server.api.common import idempotency_key, now_us, request_id_reused, require, timestamp
+from flowport.server.api.common import idempotency_key, request_id_reused, require
 from flowport.server.api.sessions import check_owner, check_session, session_scope
+from flowport.server.clock import now_us, timestamp
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import validate
 from flowport.server.errors import InvalidArgument, NotFound, shown

@@ -12,10 +12,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from flowport.server.api.common import now_us, timestamp
 from flowport.server.audit.throttle import Throttle
 from flowport.server.auth.origin import Origin
 from flowport.server.auth.principal import Principal
+from flowport.server.clock import now_us, timestamp
 from flowport.server.ids import new_id
 from flowport.server.storage.audit import AuditTables
 from flowport.v1 import audit_pb2

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flowport.server.api.common import timestamp
+from flowport.server.clock import timestamp
 from flowport.server.storage.tables import micros
 from flowport.v1 import audit_pb2
 

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from flowport.server.api.common import now_us
+from flowport.server.clock import now_us
 from flowport.server.engine.plan import InvalidWorkflow, Plan, PlanCache, PlanNode
 from flowport.server.engine.stats import ExecutionCounters
 from flowport.server.engine.values import python_to_struct, struct_to_python

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from google.protobuf import json_format
 
-from flowport.server.api.common import now_us
+from flowport.server.clock import now_us
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType
 from flowport.v1 import registry_pb2
 

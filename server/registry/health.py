@@ -25,7 +25,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from flowport.server.api.common import now_us
+from flowport.server.clock import now_us
 from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target
 from flowport.server.periodic import Periodic
 from flowport.server.storage.services import ServiceTables

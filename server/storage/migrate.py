@@ -15,7 +15,6 @@ import importlib
 import logging
 import pkgutil
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from sqlalchemy.pool import NullPool
 
+from flowport.server.clock import now_us
 from flowport.server.storage import migrations as migrations_package
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def _apply(conn: sa.Connection, migrations: list[Migration], where: str) -> list
                 migration.upgrade(Operations(MigrationContext.configure(conn)))
                 conn.execute(
                     sa.text("INSERT INTO schema_migrations VALUES (:version, :name, :applied_us)"),
-                    {"version": migration.version, "name": migration.name, "applied_us": time.time_ns() // 1000},
+                    {"version": migration.version, "name": migration.name, "applied_us": now_us()},
                 )
         except sa.exc.SQLAlchemyError as exc:
             detail = str(exc.orig) if isinstance(exc, sa.exc.DBAPIError) else str(exc)

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
+from flowport.server.clock import timestamp
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import Deletion, IdempotentResult
 from flowport.server.storage.tables import Connection, Tables, micros
@@ -105,10 +106,6 @@ class AttemptRecord:
     update_us: int
 
 
-def _timestamp(us: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
-
-
 def _delivery(row: Sequence[Any]) -> webhook_pb2.WebhookDelivery:
     """A WebhookDelivery from a row selected with _DELIVERY_COLUMNS."""
     duration_us: int = row[8]
@@ -122,11 +119,11 @@ def _delivery(row: Sequence[Any]) -> webhook_pb2.WebhookDelivery:
         last_status_code=row[6],
         last_error=row[7],
         last_duration=duration_pb2.Duration(seconds=duration_us // 1_000_000, nanos=(duration_us % 1_000_000) * 1000),
-        create_time=_timestamp(row[10]),
-        update_time=_timestamp(row[11]),
+        create_time=timestamp(row[10]),
+        update_time=timestamp(row[11]),
     )
     if row[9] is not None:  # only while PENDING or RETRYING
-        delivery.next_attempt_time.CopyFrom(_timestamp(row[9]))
+        delivery.next_attempt_time.CopyFrom(timestamp(row[9]))
     return delivery
 
 

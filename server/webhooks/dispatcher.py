@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from flowport.server.api.common import now_us
+from flowport.server.clock import now_us
 from flowport.server.events.bus import BusEvent, EventBus, Subscription
 from flowport.server.events.types import TypeFilter
 from flowport.server.ids import new_id
