@@ -47,12 +47,15 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         default = field.get_default(call_default_factory=True)
         shown = "none" if default in (None, []) else default
+        # A switch may stand alone (`--dev`) or take a value (`--dev false`, as in the environment).
+        switch: dict[str, Any] = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
         group.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
-            metavar=name.split("_")[-1].upper(),
+            metavar="BOOL" if switch else name.split("_")[-1].upper(),
             default=None,
             help=f"{field.description} (default {shown}; env {ENV_PREFIX}{name.upper()})",
+            **switch,
         )
 
 

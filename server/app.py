@@ -211,6 +211,8 @@ def _jwt_verifier(settings: Settings) -> JwtVerifier | None:
 
 
 async def _open_node_services(settings: Settings) -> NodeServices:
+    if settings.dev:
+        log.warning("--dev is for local development only: HTTP nodes may reach this machine (loopback)")
     limits = SandboxLimits(
         cpu_seconds=settings.sandbox_cpu_seconds,
         memory_bytes=settings.sandbox_memory_mb * 2**20,
@@ -230,7 +232,7 @@ async def _open_node_services(settings: Settings) -> NodeServices:
         http=httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False),
         sandbox=sandbox,
         sql=SqlPools(frozenset(settings.sql_allowlist), sqlite_root=settings.sqlite_root),
-        http_allowlist=frozenset(settings.http_allowlist),
+        http_allowlist=settings.http_node_allowlist,
         outbound=outbound,
     )
 

@@ -30,10 +30,14 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 class TargetRefused(Exception):
     """The target is internal and not allowlisted: a permanent failure."""
 
-    def __init__(self, host: str, address: str) -> None:
+    def __init__(self, host: str, address: str, remedy: str = "") -> None:
         self.host, self.address = host, address
         shown = host if host == address else f"{host} ({address})"
-        super().__init__(f"target {shown} is a private, loopback or otherwise internal address and not allowlisted")
+        # The caller's setting that would allow it: the guard is shared by several allowlists.
+        hint = f" ({remedy})" if remedy else ""
+        super().__init__(
+            f"target {shown} is a private, loopback or otherwise internal address and not allowlisted{hint}"
+        )
 
 
 class TargetUnresolvable(Exception):
@@ -77,23 +81,25 @@ def forbidden_address(address: IPAddress) -> bool:
     )
 
 
-async def check_target(url: httpx.URL, allowlist: frozenset[str]) -> str | None:
-    """Refuse an internal target (TargetRefused, TargetUnresolvable); the address to pin plain http to, if any."""
+async def check_target(url: httpx.URL, allowlist: frozenset[str], *, remedy: str = "") -> str | None:
+    """Refuse an internal target (TargetRefused naming `remedy`, TargetUnresolvable); the address to pin
+    plain http to, if any."""
     port = url.port or (443 if url.scheme == "https" else 80)
-    address = await resolve_host(url.host, port, allowlist)
+    address = await resolve_host(url.host, port, allowlist, remedy=remedy)
     return address if url.scheme == "http" else None
 
 
-async def resolve_host(host: str, port: int, allowlist: frozenset[str]) -> str | None:
-    """Refuse an internal `host` (TargetRefused, TargetUnresolvable); the checked address to
-    connect to instead of the name, or None when `host` is allowlisted or an address already."""
+async def resolve_host(host: str, port: int, allowlist: frozenset[str], *, remedy: str = "") -> str | None:
+    """Refuse an internal `host` (TargetRefused naming `remedy`, the setting that would allow it;
+    TargetUnresolvable); the checked address to connect to instead of the name, or None when `host`
+    is allowlisted or an address already."""
     host = host.lower().strip("[]")
     if allowlisted(host, allowlist):
         return None
     literal = literal_address(host)
     if literal is not None:
         if forbidden_address(literal):
-            raise TargetRefused(host, literal.compressed)
+            raise TargetRefused(host, literal.compressed, remedy)
         return None
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -103,7 +109,7 @@ async def resolve_host(host: str, port: int, allowlist: frozenset[str]) -> str |
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
         if forbidden_address(address) and address.compressed not in allowlist:
-            raise TargetRefused(host, address.compressed)
+            raise TargetRefused(host, address.compressed, remedy)
         addresses.append(address.compressed)
     if not addresses:
         raise TargetUnresolvable(f"{host} resolves to no address")

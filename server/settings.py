@@ -21,6 +21,8 @@ from flowport.server.secrets.keyring import KeyringError, parse
 # http(s)://host:port, the host a name, an IPv4 address or a bracketed IPv6 one.
 _OTLP_ENDPOINT = re.compile(r"\Ahttps?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}/?\Z")
 ENV_PREFIX = "FLOWPORT_"
+# What --dev adds to the HTTP nodes' allowlist: this machine, by address and by name.
+DEV_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 Port = int
 
@@ -230,6 +232,11 @@ class Settings(BaseModel):
         description="hosts/IPs HTTP nodes and service health checks may reach though private, loopback or "
         "link-local (comma-separated)",
     )
+    dev: bool = Field(
+        False,
+        description="for trying flowport out on your own machine only: HTTP nodes may also reach loopback "
+        "(127.0.0.1, ::1, localhost), as if in --http-allowlist; nothing else changes (warned at start)",
+    )
     sql_allowlist: list[str] = Field(
         default_factory=list,
         description="hosts/IPs SQL nodes and database resources may connect to though private, loopback or "
@@ -345,6 +352,12 @@ class Settings(BaseModel):
     def sqlite_root(self) -> Path:
         """Where tenants' SQLite databases live, one folder per tenant."""
         return self.sqlite_dir if self.sqlite_dir is not None else self.data_dir / "sqlite"
+
+    @property
+    def http_node_allowlist(self) -> frozenset[str]:
+        """What HTTP nodes may reach though internal: --http-allowlist, plus loopback with --dev."""
+        hosts = {host.strip().lower().strip("[]") for host in self.http_allowlist if host.strip()}
+        return frozenset(hosts | set(DEV_LOOPBACK) if self.dev else hosts)
 
     @property
     def database_path(self) -> Path:

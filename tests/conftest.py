@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -100,10 +100,11 @@ class Stack:
         return self.settings.grpc_target
 
 
-def start_up(settings: Settings, timeout: float = 30.0) -> Stack:
-    """Run `flowport up` with `settings` (as FLOWPORT_* variables) and wait for its "is up" line."""
+def start_up(settings: Settings, timeout: float = 30.0, args: Sequence[str] = ()) -> Stack:
+    """Run `flowport up` with `settings` (as FLOWPORT_* variables) and `args` (flags, which win over
+    them) and wait for its "is up" line."""
     env = {k: v for k, v in child_environment(settings).items() if k != "FLOWPORT_ENVOY"}
-    argv = [sys.executable, "-m", "flowport.clients.cli", "up"]
+    argv = [sys.executable, "-m", "flowport.clients.cli", "up", *args]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert process.stdout is not None
     output: list[str] = []

@@ -556,11 +556,14 @@ def _safe(url: httpx.URL) -> str:
 
 # -- SSRF guard (server/egress.py) -----------------------------------------
 
+# The settings that let HTTP nodes reach an internal target, named in the refusal.
+HTTP_ALLOWLIST_REMEDY = "--http-allowlist, or --dev for loopback"
+
 
 async def _check_target(url: httpx.URL, allowlist: frozenset[str]) -> str | None:
     """Refuse forbidden targets as node errors; the address to pin a plain-http request to, if any."""
     try:
-        return await check_target(url, allowlist)
+        return await check_target(url, allowlist, remedy=HTTP_ALLOWLIST_REMEDY)
     except TargetRefused as exc:
         raise NodeError(str(exc), reason="HTTP_TARGET_FORBIDDEN") from None
     except TargetUnresolvable as exc:

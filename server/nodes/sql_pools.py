@@ -295,7 +295,7 @@ async def pin_connection(arguments: dict[str, Any], allowlist: frozenset[str]) -
     hosts: list[str] = []
     names: dict[str, str] = {}  # checked address -> the host name it came from
     for host, port in targets:
-        address = await resolve_host(host, port, allowlist)
+        address = await resolve_host(host, port, allowlist, remedy="--sql-allowlist")
         if address is None:  # an address already, or an allowlisted name: connected to as given
             hosts.append(host)
             continue

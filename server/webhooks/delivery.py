@@ -153,7 +153,7 @@ async def attempt(
             return outcome(0, f"header {name} {problem}", retryable=False)
     try:
         async with asyncio.timeout(timeout):
-            pinned = await check_target(target.url, allowlist)
+            pinned = await check_target(target.url, allowlist, remedy="--webhook-allowlist")
             url = target.url
             if pinned is not None:
                 headers["Host"] = url.netloc.decode("ascii")

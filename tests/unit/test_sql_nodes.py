@@ -761,7 +761,7 @@ async def test_pin_connection_arguments(monkeypatch: pytest.MonkeyPatch) -> None
     several: dict[str, Any] = {"host": ["a.example", "b.example"], "port": [5432, 5433], "user": "u", "database": "d"}
     await pin_connection(several, frozenset())
     assert several["host"] == ["8.8.8.8", "8.8.8.8"] and several["port"] == [5432, 5433]
-    with pytest.raises(TargetRefused):
+    with pytest.raises(TargetRefused, match=r"not allowlisted \(--sql-allowlist\)"):
         await pin_connection({"host": "fd00::1", "user": "u", "database": "d"}, frozenset())
     disabled: dict[str, Any] = {"host": "db.example", "ssl": "disable", "user": "u", "database": "d"}
     assert await pin_connection(disabled, frozenset()) is False and disabled["ssl"] is False

@@ -656,6 +656,7 @@ async def test_targets_resolving_to_internal_addresses_are_refused(
         [delivery] = await env.deliveries(hook.webhook_id)
         assert delivery.attempts == 1 and delivery.last_status_code == 0
         assert "internal address" in delivery.last_error and "not allowlisted" in delivery.last_error
+        assert "(--webhook-allowlist)" in delivery.last_error  # the setting that would allow it
         assert receiver.connections == 0
 
 
