@@ -52,11 +52,20 @@ def _cursor(request: event_pb2.StreamEventsRequest, context: Context) -> int | N
     return int(raw)
 
 
+def requested_types(request: event_pb2.StreamEventsRequest) -> list[str]:
+    """`types` and its Kailash alias `event_types` (whose entries may be comma-separated), merged."""
+    # Kailash clients send event_types=a,b; an event type never contains a comma.
+    alias = [name.strip() for entry in request.event_types for name in entry.split(",")]
+    merged = list(request.types) + [name for name in alias if name]
+    if len(merged) > MAX_TYPES:
+        field = "event_types" if request.event_types else "types"
+        raise InvalidArgument(f"at most {MAX_TYPES} types", violations=[(field, f"at most {MAX_TYPES}")])
+    return merged
+
+
 def event_filter(request: event_pb2.StreamEventsRequest) -> TypeFilter:
     """The types the request asks for (none: every type)."""
-    if len(request.types) > MAX_TYPES:
-        raise InvalidArgument(f"at most {MAX_TYPES} types", violations=[("types", f"at most {MAX_TYPES}")])
-    return TypeFilter.of(request.types)
+    return TypeFilter.of(requested_types(request))
 
 
 def _heartbeat() -> event_pb2.Event:

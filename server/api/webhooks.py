@@ -29,7 +29,7 @@ from flowport.server.tenancy import principal_of, tenant_of
 from flowport.server.types import Context
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.server.webhooks.targets import normalize_allowlist
-from flowport.server.webhooks.validation import webhook_problems
+from flowport.server.webhooks.validation import kept_headers, webhook_problems
 from flowport.v1 import webhook_pb2, webhook_pb2_grpc
 
 W = webhook_pb2
@@ -77,7 +77,7 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
             url=given.url,
             # Order kept, repeats dropped: the set is what matters.
             event_types=list(dict.fromkeys(given.event_types)),
-            headers=given.headers,
+            headers=kept_headers(dict(given.headers)),
             has_secret=bool(given.secret),
             description=given.description,
             tenant=tenant,

@@ -29,6 +29,7 @@ from flowport.server.version import VERSION
 from flowport.server.webhooks.signing import HEADER as SIGNATURE_HEADER
 from flowport.server.webhooks.signing import sign
 from flowport.server.webhooks.targets import TargetRefused, TargetUnresolvable, check_target
+from flowport.server.webhooks.validation import kept_headers
 
 USER_AGENT = f"flowport-webhooks/{VERSION}"
 # Enough of a receiver's error body to say what went wrong, no more.
@@ -97,7 +98,7 @@ def backoff(attempt: int, initial: float, cap: float) -> float:
 
 
 def _headers(target: Target, body: bytes, event_id: str, delivery_id: str, attempt: int) -> dict[str, str]:
-    headers = dict(target.headers)
+    headers = kept_headers(target.headers)
     headers.update(
         {
             "Content-Type": "application/json",

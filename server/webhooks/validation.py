@@ -38,13 +38,20 @@ RESERVED_HEADERS = frozenset(
         "upgrade",
         "host",
         "content-length",
-        "content-type",
         "content-encoding",
         "expect",
         "user-agent",
     }
 )
 RESERVED_PREFIX = "x-flowport-"
+# Accepted (Kailash clients send it) but dropped: a delivery's body is always JSON.
+IGNORED_HEADERS = frozenset({"content-type"})
+
+
+def kept_headers(headers: dict[str, str]) -> dict[str, str]:
+    """`headers` without the ones flowport accepts and ignores."""
+    return {name: value for name, value in headers.items() if name.lower() not in IGNORED_HEADERS}
+
 
 Violation = tuple[str, str]
 

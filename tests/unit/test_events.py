@@ -15,7 +15,9 @@ import grpc
 import pytest
 
 from flowport.clients import ApiError, AsyncClient
+from flowport.server.api.events import requested_types
 from flowport.server.app import Running, start, stop
+from flowport.server.errors import InvalidArgument
 from flowport.server.events.bus import BusEvent, EventBus
 from flowport.server.settings import Settings
 from flowport.server.storage import SqliteStore
@@ -318,3 +320,32 @@ async def test_a_log_from_before_the_purge_mark_counts_below_its_oldest_event_as
         assert await upgraded.event_bounds() == (purged, max(kept, default=0))
     finally:
         await upgraded.close()
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        (event_pb2.StreamEventsRequest(), []),
+        (event_pb2.StreamEventsRequest(types=["a.x", "b.*"]), ["a.x", "b.*"]),
+        (event_pb2.StreamEventsRequest(event_types=["a.x,b.*"]), ["a.x", "b.*"]),
+        (event_pb2.StreamEventsRequest(event_types=["a.x", "b.*"]), ["a.x", "b.*"]),
+        (event_pb2.StreamEventsRequest(event_types=[" a.x , ,b.*,"]), ["a.x", "b.*"]),
+        (event_pb2.StreamEventsRequest(types=["a.x"], event_types=["b.y,c.*"]), ["a.x", "b.y", "c.*"]),
+    ],
+)
+def test_event_types_is_merged_with_types(request_: event_pb2.StreamEventsRequest, expected: list[str]) -> None:
+    assert requested_types(request_) == expected
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (event_pb2.StreamEventsRequest(types=[f"t.{i}" for i in range(51)]), "types"),
+        (event_pb2.StreamEventsRequest(event_types=[",".join(f"t.{i}" for i in range(51))]), "event_types"),
+        (event_pb2.StreamEventsRequest(types=["t.a"] * 25, event_types=[",".join(["t.b"] * 26)]), "event_types"),
+    ],
+)
+def test_at_most_50_types_in_all(request_: event_pb2.StreamEventsRequest, field: str) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        requested_types(request_)
+    assert raised.value.violations == [(field, "at most 50")]

@@ -455,6 +455,31 @@ async def test_deliveries_are_signed_filtered_and_carry_headers(env: Env, receiv
     assert sorted(e["type"] for e in unsigned.events()) == ["execution.completed", "session.created"]
 
 
+async def test_a_content_type_header_is_accepted_and_deliveries_stay_json(
+    env: Env, receivers: Callable[..., Receiver]
+) -> None:
+    receiver = receivers()
+    # Kailash clients send one; flowport accepts it, keeps the rest, and always delivers JSON.
+    hook = await env.create(receiver.url(), headers={"content-type": "text/plain", "X-Team": "a"})
+    assert dict(hook.headers) == {"X-Team": webhooks_api.HIDDEN}
+    event = env.publish(n=1)
+
+    async def delivered() -> bool:
+        return bool(receiver.seen)
+
+    await eventually(delivered, "a delivery")
+    seen = receiver.seen[0]
+    assert seen.headers["content-type"] == "application/json" and seen.headers["x-team"] == "a"
+    assert seen.event["id"] == event.id
+
+
+def test_a_stored_content_type_never_reaches_the_wire() -> None:
+    # A Content-Type in a target's headers (in any case) would otherwise go out next to flowport's own.
+    target = webhook_delivery.Target(httpx.URL("https://example.com/"), {"CONTENT-TYPE": "text/plain"}, b"")
+    sent = httpx.Headers(webhook_delivery._headers(target, b"{}", "1", "dlv_1", 1))
+    assert sent.get_list("content-type") == ["application/json"]
+
+
 async def test_receiver_down_then_500_then_200(tmp_path: Path, receivers: Callable[..., Receiver]) -> None:
     port = _free_port()
     async with running(tmp_path, webhook_max_attempts=50) as env:

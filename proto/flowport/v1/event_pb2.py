@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66lowport/v1/event.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x01\n\x05\x45vent\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12.\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x06tenant\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nsession_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0bworkflow_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x65xecution_id\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x04\x64\x61ta\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\"\x93\x01\n\x13StreamEventsRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0bworkflow_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1a\n\x0c\x65xecution_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05types\x18\x04 \x03(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08\x61\x66ter_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x32j\n\x0c\x45ventService\x12Z\n\x0cStreamEvents\x12 .flowport.v1.StreamEventsRequest\x1a\x12.flowport.v1.Event\"\x12\x90\x02\x01\x82\xd3\xe4\x93\x02\t\x12\x07/events0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66lowport/v1/event.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x01\n\x05\x45vent\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12.\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x06tenant\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nsession_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0bworkflow_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x65xecution_id\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x04\x64\x61ta\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\"\xae\x01\n\x13StreamEventsRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0bworkflow_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1a\n\x0c\x65xecution_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05types\x18\x04 \x03(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08\x61\x66ter_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x65vent_types\x18\x06 \x03(\tB\x04\xe2\x41\x01\x01\x32j\n\x0c\x45ventService\x12Z\n\x0cStreamEvents\x12 .flowport.v1.StreamEventsRequest\x1a\x12.flowport.v1.Event\"\x12\x90\x02\x01\x82\xd3\xe4\x93\x02\t\x12\x07/events0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -61,12 +61,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMEVENTSREQUEST'].fields_by_name['types']._serialized_options = b'\342A\001\001'
   _globals['_STREAMEVENTSREQUEST'].fields_by_name['after_id']._loaded_options = None
   _globals['_STREAMEVENTSREQUEST'].fields_by_name['after_id']._serialized_options = b'\342A\001\001'
+  _globals['_STREAMEVENTSREQUEST'].fields_by_name['event_types']._loaded_options = None
+  _globals['_STREAMEVENTSREQUEST'].fields_by_name['event_types']._serialized_options = b'\342A\001\001'
   _globals['_EVENTSERVICE'].methods_by_name['StreamEvents']._loaded_options = None
   _globals['_EVENTSERVICE'].methods_by_name['StreamEvents']._serialized_options = b'\220\002\001\202\323\344\223\002\t\022\007/events'
   _globals['_EVENT']._serialized_start=167
   _globals['_EVENT']._serialized_end=408
   _globals['_STREAMEVENTSREQUEST']._serialized_start=411
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=558
-  _globals['_EVENTSERVICE']._serialized_start=560
-  _globals['_EVENTSERVICE']._serialized_end=666
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=585
+  _globals['_EVENTSERVICE']._serialized_start=587
+  _globals['_EVENTSERVICE']._serialized_end=693
 # @@protoc_insertion_point(module_scope)

@@ -92,6 +92,7 @@ class StreamEventsRequest(_message.Message):
     EXECUTION_ID_FIELD_NUMBER: _builtins.int
     TYPES_FIELD_NUMBER: _builtins.int
     AFTER_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Only events of this session, when set. NOT_FOUND unless the caller may
     use the session (its creator, or an admin of the tenant).
@@ -110,6 +111,13 @@ class StreamEventsRequest(_message.Message):
         family, e.g. "execution.*".
         """
 
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The Kailash gateway's name for `types`, for its clients: each entry may
+        list several types separated by commas ("a,b"). Merged with `types`;
+        at most 50 types in all.
+        """
+
     def __init__(
         self,
         *,
@@ -118,10 +126,11 @@ class StreamEventsRequest(_message.Message):
         execution_id: _builtins.str = ...,
         types: _abc.Iterable[_builtins.str] | None = ...,
         after_id: _builtins.str = ...,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "execution_id", b"execution_id", "session_id", b"session_id", "types", b"types", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "event_types", b"event_types", "execution_id", b"execution_id", "session_id", b"session_id", "types", b"types", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
