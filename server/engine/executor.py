@@ -157,6 +157,7 @@ class Executor:
         self._tenant_slots: dict[str, int] = {}
         # Per tenant: its CreateExecution calls admitted to the queue whose rows are not written yet.
         self._tenant_queuing: dict[str, int] = {}
+        self._queue_admission = asyncio.Lock()
         # Each execution this process runs is leased to it (server/leases.py).
         # `exclusive`: no other process can share the store (SQLite), so what
         # is unfinished at start is free to take at once, whatever its lease says.
@@ -320,9 +321,16 @@ class Executor:
         if self._tenant_max is None:
             return False
         limit = QUEUE_DEPTH * self._tenant_max
-        # Calls admitted here whose rows are not written yet count too: a burst cannot pass together.
-        waiting = await self._store.count_queued_executions(tenant) + self._tenant_queuing.get(tenant, 0)
-        if waiting >= limit:
+        # One admission at a time, so two calls of a burst never both take the last place; and
+        # the calls admitted whose rows are not written yet are counted BEFORE the store is
+        # read: one that finishes its write meanwhile is then in one of the two counts (or
+        # both, refusing a moment early), never in neither.
+        async with self._queue_admission:
+            in_flight = self._tenant_queuing.get(tenant, 0)
+            waiting = await self._store.count_queued_executions(tenant) + in_flight
+            if waiting < limit:
+                self._tenant_queuing[tenant] = self._tenant_queuing.get(tenant, 0) + 1
+                return True
             raise ResourceExhausted(
                 f"this tenant already has its share of {limit} of the {QUEUE_DEPTH * self._max} executions "
                 "the server queues waiting for a free slot; retry shortly",
@@ -333,8 +341,6 @@ class Executor:
                 },
                 retry_delay=1.0,
             )
-        self._tenant_queuing[tenant] = self._tenant_queuing.get(tenant, 0) + 1
-        return True
 
     async def _queue_has_room(self) -> bool:
         if self._queue is None:
