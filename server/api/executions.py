@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from flowport.server import pagination
 from flowport.server.api.common import idempotency_key, request_id_reused, require
-from flowport.server.api.sessions import check_owner, check_session, may_see, session_scope
+from flowport.server.api.sessions import check_named_session, check_owner, check_session, may_see, session_scope
 from flowport.server.api.workflows import workflow_not_found
 from flowport.server.engine.executor import FINISHED, Executor
 from flowport.server.errors import Aborted, InvalidArgument, NotFound, shown
@@ -97,9 +97,13 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         self, request: execution_pb2.GetExecutionRequest, context: Context
     ) -> execution_pb2.Execution:
         require(request.execution_id, "execution_id")
+        if request.session_id:
+            await check_named_session(self._store, context, request.session_id)
         execution = await self._executor.get(tenant_of(context), request.execution_id)
         # One in another credential's session is as missing as one that never existed.
         if execution is None or not await may_see(self._store, context, execution.session_id):
+            raise _not_found(request.execution_id)
+        if request.session_id and execution.session_id != request.session_id:
             raise _not_found(request.execution_id)
         return execution
 

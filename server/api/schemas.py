@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flowport.server import pagination
-from flowport.server.api.sessions import session_scope
+from flowport.server.api.sessions import check_named_session, session_scope
 from flowport.server.api.workflows import workflow_not_found
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
@@ -67,6 +67,8 @@ class SchemaService(schema_pb2_grpc.SchemaServiceServicer):
     ) -> schema_pb2.WorkflowSchema:
         if request.version < 0:
             raise InvalidArgument("version must not be negative", violations=[("version", "must be >= 0")])
+        if request.session_id:
+            await check_named_session(self._store, context, request.session_id)
         tenant = tenant_of(context)
         workflow = await self._store.get_workflow(
             tenant, request.workflow_id, request.version, session_creator=session_scope(context)

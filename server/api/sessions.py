@@ -165,6 +165,15 @@ async def check_owner(store: Store, context: Context, session_id: str) -> None:
         raise session_not_found(session_id)
 
 
+async def check_named_session(store: Store, context: Context, session_id: str) -> None:
+    """NOT_FOUND unless `session_id` is (or was: expired and deleted ones count) a session of the
+    caller's tenant that the caller may see; for reads that name a session (`?session_id=`)."""
+    owner = await store.session_owner(tenant_of(context), session_id)
+    scope = session_scope(context)
+    if owner is None or (scope is not None and owner != scope):
+        raise session_not_found(session_id)
+
+
 async def may_see(store: Store, context: Context, session_id: str) -> bool:
     """Whether the caller may see what belongs to `session_id` (always, outside a session): for a
     caller without the admin role, only its own credential's sessions. Only a session costs a

@@ -7,7 +7,7 @@ from google.rpc import error_details_pb2
 
 from flowport.server import pagination
 from flowport.server.api.common import idempotency_key, request_id_reused, require
-from flowport.server.api.sessions import check_owner, check_session, session_scope
+from flowport.server.api.sessions import check_named_session, check_owner, check_session, session_scope
 from flowport.server.clock import now_us, timestamp
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import validate
@@ -37,6 +37,14 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
         self, request: workflow_pb2.CreateWorkflowRequest, context: Context
     ) -> workflow_pb2.Workflow:
         given = request.workflow
+        if request.session_id:  # Kailash clients name the session in the query string
+            if given.session_id and given.session_id != request.session_id:
+                raise InvalidArgument(
+                    "session_id and workflow.session_id name different sessions",
+                    reason="SESSION_MISMATCH",
+                    violations=[("session_id", "must equal workflow.session_id when both are set")],
+                )
+            given.session_id = request.session_id
         key = idempotency_key(request.request_id, given)
         problems = validate(given, self._registry)
         if problems:
@@ -74,6 +82,8 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
         require(request.workflow_id, "workflow_id")
         if request.version < 0:
             raise InvalidArgument("version must not be negative", violations=[("version", "must be >= 0")])
+        if request.session_id:
+            await check_named_session(self._store, context, request.session_id)
         # A version created in another credential's session is as missing as one never created.
         workflow = await self._store.get_workflow(
             tenant_of(context), request.workflow_id, request.version, session_creator=session_scope(context)

@@ -201,19 +201,25 @@ class GetWorkflowSchemaRequest(_message.Message):
 
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     """The workflow's identifier (its name)."""
     version: _builtins.int
     """Version to describe; 0 describes the latest."""
+    session_id: _builtins.str
+    """The caller's session, as Kailash clients pass it: checked as for
+    WorkflowService.GetWorkflow, not a filter.
+    """
     def __init__(
         self,
         *,
         workflow_id: _builtins.str = ...,
         version: _builtins.int = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "version", b"version", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

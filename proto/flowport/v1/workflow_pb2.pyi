@@ -254,10 +254,16 @@ class CreateWorkflowRequest(_message.Message):
 
     WORKFLOW_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key (at most 128 characters). A retry with the same key
     and workflow returns the version created first instead of a new one;
     the same key with a different workflow fails with ALREADY_EXISTS.
+    """
+    session_id: _builtins.str
+    """Session to create the workflow in: the same as `workflow.session_id`,
+    for clients that pass it as a query parameter (`?session_id=`, as
+    Kailash clients do). When both are set they must be equal.
     """
     @_builtins.property
     def workflow(self) -> Global___Workflow:
@@ -268,10 +274,11 @@ class CreateWorkflowRequest(_message.Message):
         *,
         workflow: Global___Workflow | None = ...,
         request_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "session_id", b"session_id", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -285,19 +292,26 @@ class GetWorkflowRequest(_message.Message):
 
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     """The workflow's identifier (its name)."""
     version: _builtins.int
     """Version to return; 0 returns the latest."""
+    session_id: _builtins.str
+    """The caller's session, as Kailash clients pass it. Checked (NOT_FOUND
+    unless the caller may use it) but not a filter: workflows belong to
+    the tenant, not to one session.
+    """
     def __init__(
         self,
         *,
         workflow_id: _builtins.str = ...,
         version: _builtins.int = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "version", b"version", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
