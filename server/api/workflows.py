@@ -10,7 +10,7 @@ from flowport.server.api.common import idempotency_key, request_id_reused, requi
 from flowport.server.api.sessions import check_named_session, check_owner, check_session, session_scope
 from flowport.server.clock import now_us, timestamp
 from flowport.server.engine.registry import NodeRegistry
-from flowport.server.engine.validation import validate
+from flowport.server.engine.validation import stored_form, validate
 from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.events.bus import EventBus
 from flowport.server.storage import Deletion, IdempotencyConflict, Store
@@ -59,7 +59,7 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
             await check_session(self._store, context, given.session_id)
         workflow = workflow_pb2.Workflow()
         workflow.CopyFrom(given)
-        workflow.workflow_id = given.name
+        stored_form(workflow)
         workflow.tenant = tenant
         workflow.version = 0
         workflow.create_time.CopyFrom(timestamp(now_us()))

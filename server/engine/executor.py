@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -55,6 +56,7 @@ from flowport.server.ids import new_id
 from flowport.server.leases import Leases
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.paths import MISSING, lookup
+from flowport.server.nodes.substitution import Parameters, execution_variables
 from flowport.server.observability import tracing
 from flowport.server.observability.context import CALL, EXECUTION, request_id
 from flowport.server.observability.context import Execution as ExecutionContext
@@ -125,6 +127,12 @@ class _Run:
     task: asyncio.Task[None] | None = None
     # The x-request-id of the call that started it, for its log lines.
     request_id: str | None = None
+
+    @functools.cached_property
+    def variables(self) -> dict[str, Any]:
+        """What `${tenant_id}` and the like mean in this execution's node configs."""
+        e = self.execution
+        return execution_variables(self.tenant, e.session_id, e.execution_id, e.workflow_id)
 
 
 class Executor:
@@ -938,6 +946,7 @@ class Executor:
                             self._record_skip(run, node)
                             progressed = True
                             continue
+                        params = Parameters(params, run.variables)
                         task = asyncio.create_task(self._run_node(run, node, params))
                         tasks[task] = nid
                 if not tasks:

@@ -1,6 +1,6 @@
 """Workflow validation: every problem at once, each with a field path.
 
-Rules: a valid name; at least one node; known node types; node ids given
+Rules: a valid name and id; at least one node; known node types; node ids given
 (as `name` or `id`), well-formed and unique; node configs valid against
 their type's JSON Schema; timeouts and retry policies within the type's
 bounds; connections between existing nodes, from outputs the source
@@ -47,6 +47,38 @@ MAX_PROBLEMS = 100
 MAX_ATTEMPTS = 10
 # A longer cycle is described by its first nodes and its length.
 MAX_CYCLE_SHOWN = 8
+
+
+# A workflow's name is for people: anything printable. Its id stays a path segment.
+MAX_NAME_CHARS = 128
+_NOT_ID = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def workflow_id_of(workflow: workflow_pb2.Workflow) -> str:
+    """The workflow's id: the one given, else its name when that is a valid id, else the name with
+    each run of other characters made `_`, without `_`, `-` or `.` at either end; "" when nothing is left."""
+    if workflow.workflow_id or NAME.match(workflow.name):
+        return workflow.workflow_id or workflow.name
+    made = _NOT_ID.sub("_", workflow.name).strip("_-.")
+    return made if NAME.match(made) else ""
+
+
+def config_of(node: workflow_pb2.Node) -> tuple[str, Any]:
+    """The node's config and the field it came in: `config`, or Kailash's name `parameters` when
+    only that is set."""
+    if node.HasField("parameters") and not node.HasField("config"):
+        return "parameters", node.parameters
+    return "config", node.config
+
+
+def stored_form(workflow: workflow_pb2.Workflow) -> None:
+    """Make a valid `workflow` what the store keeps: its id set, `parameters` moved to `config`."""
+    workflow.workflow_id = workflow_id_of(workflow)
+    for node in workflow.nodes:
+        field, config = config_of(node)
+        if field == "parameters":
+            node.config.CopyFrom(config)
+            node.ClearField("parameters")
 
 
 def node_id(node: workflow_pb2.Node) -> str:
@@ -103,10 +135,7 @@ def validate(workflow: workflow_pb2.Workflow, registry: NodeRegistry, prefix: st
     Paths get `prefix`.
     """
     found = _Found(prefix)
-    if not workflow.name:
-        found.add("name", "required")
-    elif not NAME.match(workflow.name):
-        found.add("name", "1 to 128 characters: letters, digits, '_', '-', '.', not starting with '-' or '.'")
+    _check_names(workflow, found)
     # The counts are checked first and alone: every other check's cost grows with them.
     if not workflow.nodes:
         found.add("nodes", "at least one node is required")
@@ -116,7 +145,7 @@ def validate(workflow: workflow_pb2.Workflow, registry: NodeRegistry, prefix: st
         found.add("connections", f"at most {MAX_CONNECTIONS} connections, got {len(workflow.connections)}")
     if len(workflow.nodes) > MAX_NODES or len(workflow.connections) > MAX_CONNECTIONS:
         return found.listed(0)
-    configs = sum(node.config.ByteSize() for node in workflow.nodes)
+    configs = sum(config_of(node)[1].ByteSize() for node in workflow.nodes)
     if configs > MAX_CONFIGS_BYTES:
         found.add("nodes", f"the nodes' configs take at most {MAX_CONFIGS_BYTES} bytes together, got {configs}")
         return found.listed(0)
@@ -128,6 +157,20 @@ def validate(workflow: workflow_pb2.Workflow, registry: NodeRegistry, prefix: st
             unchecked += 1
     _check_connections(workflow, registry, ids, found)
     return found.listed(unchecked)
+
+
+def _check_names(workflow: workflow_pb2.Workflow, found: _Found) -> None:
+    id_rule = "1 to 128 characters: letters, digits, '_', '-', '.', not starting with '-' or '.'"
+    if not workflow.name.strip():
+        found.add("name", "required")
+    elif len(workflow.name) > MAX_NAME_CHARS:
+        found.add("name", f"at most {MAX_NAME_CHARS} characters, got {len(workflow.name)}")
+    elif not workflow.name.isprintable():
+        found.add("name", "no control characters")
+    elif workflow.workflow_id and not NAME.match(workflow.workflow_id):
+        found.add("workflow_id", id_rule)
+    elif not workflow_id_of(workflow):
+        found.add("workflow_id", f"the name makes no id ({id_rule}): give workflow_id")
 
 
 def _check_node(
@@ -158,13 +201,16 @@ def _check_node(
         found.add(f"{where}.type", f"unknown node type {shown(node.type)}; known types: {', '.join(registry.names())}")
         return True
     config: dict[str, Any] | None = None
-    size = node.config.ByteSize()
+    field, given = config_of(node)
+    if field == "config" and node.HasField("parameters"):
+        found.add(f"{where}.parameters", "Kailash's name for config: give config or parameters, not both")
+    size = given.ByteSize()
     if size > MAX_CONFIG_BYTES:
-        found.add(f"{where}.config", f"at most {MAX_CONFIG_BYTES} bytes serialized, got {size}")
+        found.add(f"{where}.{field}", f"at most {MAX_CONFIG_BYTES} bytes serialized, got {size}")
     elif check_config:
-        config = struct_to_python(node.config)
-        found.extend(node_type.validate_config(config, f"{where}.config"))
-        found.extend(_check_secret_references(node_type, config, f"{where}.config"))
+        config = struct_to_python(given)
+        found.extend(node_type.validate_config(config, f"{where}.{field}"))
+        found.extend(_check_secret_references(node_type, config, f"{where}.{field}"))
     if node.HasField("timeout"):
         seconds = node.timeout.ToNanoseconds() / 1e9
         if not 0 < seconds <= node_type.max_timeout:

@@ -27,6 +27,7 @@ from google.protobuf import json_format
 
 from flowport.server.clock import now_us
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType
+from flowport.server.nodes.substitution import substitute
 from flowport.v1 import registry_pb2
 
 BALANCING = ("round_robin", "least_latency", "random")
@@ -109,18 +110,19 @@ class MCPServiceDiscoveryNode(NodeType):
         directory = ctx.services.registry
         if directory is None:
             raise NodeError("the service registry is not available in this server", reason="NODE_UNAVAILABLE")
-        tenant_context = params.get("tenant_context") or {}
+        # Kailash configs name the tenant as `${tenant_id}`: resolved here like any other reference.
+        tenant_context = substitute(params.get("tenant_context") or {}, params)
         named = tenant_context.get("id")
         if named not in (None, "", ctx.tenant):
             raise NodeError(
                 f"tenant_context.id {str(named)[:64]!r} is not this execution's tenant", reason="TENANT_MISMATCH"
             )
-        capabilities = sorted(set(params.get("required_capabilities") or []))
+        capabilities = sorted(set(substitute(params.get("required_capabilities") or [], params)))
         zones = sorted(set(tenant_context.get("compliance_zones") or []))
         healthy_only = bool(params.get("health_check", True))
         key = (ctx.tenant, tuple(capabilities), tuple(zones), healthy_only)
         matching = await self._matching(directory, ctx.tenant, key, float(params.get("cache_duration") or 0))
-        preferred = list(params.get("preferred_providers") or [])
+        preferred = list(substitute(params.get("preferred_providers") or [], params))
         ordered = self._order(matching, key, params.get("load_balancing", "round_robin"))
         rank = {provider: i for i, provider in enumerate(preferred)}
         # A stable sort: preference first, the balancing order within each provider.

@@ -6,8 +6,13 @@ are left alone) and replaces each `${name}` with `params[name]`:
 - a string that is exactly one reference becomes the value itself, keeping
   its type (`"${limit}"` → `100`); inside a longer string the value is
   `str()`-ed (`"Bearer ${token}"` → `"Bearer abc"`);
-- dotted names navigate dicts (and lists by index): `${session.tenant_id}`;
-  a parameter whose own name contains the dot wins over navigation;
+- dotted names navigate dicts (and lists by index): `${rows.0.id}`; a
+  parameter whose own name contains the dot wins over navigation;
+- the execution's own variables (`Parameters.variables`: `${tenant_id}`,
+  `${session_id}`, `${execution_id}`, `${workflow_id}`, and
+  `${session.tenant_id}` / `${session.id}` as Kailash configs write them)
+  win over parameters of the same name, so an input cannot pose as another
+  tenant;
 - `${secret:NAME}` is replaced from `secrets` when given (a node's secret
   values, see server/secrets/resolver.py), else left untouched;
 - `$${x}` is the literal text `${x}`;
@@ -39,6 +44,27 @@ _KEPT_PREFIX = "secret:"
 _MISSING = object()
 # Env-var style, so `${secret:NAME}` reads unambiguously and names never differ only in case.
 SECRET_NAME = re.compile(r"\A[A-Z_][A-Z0-9_]{0,127}\Z")
+
+
+class Parameters(dict[str, Any]):
+    """A node's merged parameters, with the execution's variables that `${...}` resolves first."""
+
+    __slots__ = ("variables",)
+
+    def __init__(self, params: Mapping[str, Any], variables: Mapping[str, Any]) -> None:
+        super().__init__(params)
+        self.variables = variables
+
+
+def execution_variables(tenant: str, session_id: str, execution_id: str, workflow_id: str) -> dict[str, Any]:
+    """What `${tenant_id}`, `${session.tenant_id}` and the like mean in an execution's node configs."""
+    return {
+        "tenant_id": tenant,
+        "session_id": session_id,
+        "execution_id": execution_id,
+        "workflow_id": workflow_id,
+        "session": {"id": session_id, "session_id": session_id, "tenant_id": tenant},
+    }
 
 
 def substitute(value: Any, params: Mapping[str, Any], secrets: Mapping[str, str] | None = None) -> Any:
@@ -115,6 +141,11 @@ def lookup(name: str, params: Mapping[str, Any]) -> Any:
 
 
 def _lookup(name: str, params: Mapping[str, Any]) -> Any:
+    variables = getattr(params, "variables", None)
+    if variables is not None and name.split(".", 1)[0] in variables:
+        value = _lookup(name, variables)
+        if value is not _MISSING:
+            return value
     if name in params:
         return params[name]
     if not name or "." not in name:

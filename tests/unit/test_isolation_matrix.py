@@ -414,11 +414,11 @@ def _session_field(method: MethodDescriptor) -> str | None:
 def _naming_alphas_session(method: MethodDescriptor, alpha: Alpha, where: str) -> Message:
     """The request with alpha's identifiers, and alpha's session wherever it names one."""
     request = _request(method, alpha)
+    if method.name == "CreateWorkflow":  # valid, so only the session decides
+        valid = {"name": "sibling-flow", "nodes": [{"type": "MergeNode", "name": "m"}]}
+        json_format.ParseDict(valid, request.workflow)  # type: ignore[attr-defined]
     if where != "session_id":
-        inner = getattr(request, where)
-        if method.name == "CreateWorkflow":  # valid, so only the session decides
-            json_format.ParseDict({"name": "sibling-flow", "nodes": [{"type": "MergeNode", "name": "m"}]}, inner)
-        inner.session_id = alpha.ids["session_id"]
+        getattr(request, where).session_id = alpha.ids["session_id"]
     return request
 
 

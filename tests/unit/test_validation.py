@@ -16,7 +16,9 @@ from flowport.server.engine.validation import (
     MAX_CONNECTIONS,
     MAX_PATH_CHARS,
     MAX_PROBLEMS,
+    stored_form,
     validate,
+    workflow_id_of,
 )
 from flowport.server.nodes.base import MAX_CONFIG_PROBLEMS
 from flowport.server.nodes.http import HTTPRequestNode
@@ -177,9 +179,59 @@ def test_an_input_bound_twice(registry: NodeRegistry) -> None:
 
 
 def test_bad_workflow_name_and_empty_nodes(registry: NodeRegistry) -> None:
-    problems = paths({"name": "no spaces please", "nodes": []}, registry)
-    assert "letters, digits" in problems["name"]
+    problems = paths({"name": "   ", "nodes": []}, registry)
+    assert problems["name"] == "required"
     assert problems["nodes"] == "at least one node is required"
+
+
+@pytest.mark.parametrize(
+    ("name", "given_id", "made_id"),
+    [
+        ("plain_name", "", "plain_name"),
+        ("Tenant Isolation Workflow", "", "Tenant_Isolation_Workflow"),
+        ("Tenant Isolation Workflow", "tenant_isolation", "tenant_isolation"),
+        ("  -- rates: EUR/USD --  ", "", "rates_EUR_USD"),
+        ("ünïcode name", "", "n_code_name"),
+    ],
+)
+def test_names_are_free_text_and_ids_are_made_from_them(
+    registry: NodeRegistry, name: str, given_id: str, made_id: str
+) -> None:
+    workflow = json_format.ParseDict(
+        {"name": name, "workflow_id": given_id, "nodes": [code_node("a")]}, workflow_pb2.Workflow()
+    )
+    assert not validate(workflow, registry)
+    assert workflow_id_of(workflow) == made_id
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "says"),
+    [
+        ({"name": "x" * 129}, "name", "at most 128 characters"),
+        ({"name": "line\nbreak"}, "name", "no control characters"),
+        ({"name": "ok", "workflow_id": "no spaces"}, "workflow_id", "letters, digits"),
+        ({"name": "日本"}, "workflow_id", "give workflow_id"),
+    ],
+)
+def test_names_and_ids_that_are_refused(registry: NodeRegistry, data: dict[str, str], path: str, says: str) -> None:
+    assert says in paths({**data, "nodes": [code_node("a")]}, registry)[path]
+
+
+def test_kailash_parameters_are_the_config_and_are_stored_as_it(registry: NodeRegistry) -> None:
+    node = {"type": "PythonCodeNode", "name": "a", "parameters": {"code": "result = 1"}}
+    workflow = json_format.ParseDict({"name": "p", "nodes": [node]}, workflow_pb2.Workflow())
+    assert not validate(workflow, registry)
+    stored_form(workflow)
+    assert json_format.MessageToDict(workflow.nodes[0].config) == {"code": "result = 1"}
+    assert not workflow.nodes[0].HasField("parameters")
+    assert workflow.workflow_id == "p"
+
+
+def test_parameters_problems_are_reported_where_they_were_given(registry: NodeRegistry) -> None:
+    bad = {"type": "PythonCodeNode", "name": "a", "parameters": {"code": 5}}
+    assert any(p.startswith("nodes[0].parameters") for p in paths({"name": "p", "nodes": [bad]}, registry))
+    both = {"type": "PythonCodeNode", "name": "a", "config": {"code": "result = 1"}, "parameters": {"code": "x = 1"}}
+    assert "not both" in paths({"name": "p", "nodes": [both]}, registry)["nodes[0].parameters"]
 
 
 def test_timeout_and_retry_bounds(registry: NodeRegistry) -> None:

@@ -62,11 +62,17 @@ class Workflow(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
-    """Identifier of the workflow; equal to `name`. Stable across versions."""
+    """Identifier of the workflow, stable across versions: 1 to 128
+    characters of letters, digits, `_`, `-` and `.`, not starting with `-`
+    or `.`. Given on create, or made from `name`: the name itself when it
+    is such an identifier, else the name with each run of other characters
+    replaced by `_`, trimmed of `_`, `-` and `.` ("Tenant Isolation"
+    becomes "Tenant_Isolation").
+    Creating a workflow under an existing identifier makes a new version.
+    """
     name: _builtins.str
-    """Name of the workflow: 1 to 128 characters of letters, digits, `_`,
-    `-` and `.`. Creating a workflow under an existing name makes a new
-    version of it.
+    """Name of the workflow: 1 to 128 characters, spaces allowed, no control
+    characters.
     """
     description: _builtins.str
     """Human-readable description."""
@@ -126,6 +132,7 @@ class Node(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     RETRY_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """Node type, e.g. "PythonCodeNode", "HTTPRequestNode". See
     SchemaService.ListNodeSchemas for the types this server knows.
@@ -154,6 +161,13 @@ class Node(_message.Message):
         they are safe to retry accept a policy with more than one attempt.
         """
 
+    @_builtins.property
+    def parameters(self) -> _struct_pb2.Struct:
+        """Kailash's name for `config`, for workflows written for it: used when
+        `config` is not set (setting both is INVALID_ARGUMENT) and stored as
+        `config`.
+        """
+
     def __init__(
         self,
         *,
@@ -163,10 +177,11 @@ class Node(_message.Message):
         config: _struct_pb2.Struct | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
         retry: Global___RetryPolicy | None = ...,
+        parameters: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "parameters", b"parameters", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "id", b"id", "name", b"name", "retry", b"retry", "timeout", b"timeout", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "id", b"id", "name", b"name", "parameters", b"parameters", "retry", b"retry", "timeout", b"timeout", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -88,7 +88,7 @@ class WorkflowServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListWorkflows(self, request, context):
-        """Lists the latest version of every workflow, ordered by name, of the
+        """Lists the latest version of every workflow, ordered by id, of the
         versions the caller may see (as for GetWorkflow).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -47,7 +47,7 @@ class WorkflowServiceStub:
     of the tenant excepted). Fails with NOT_FOUND when there is none.
     """
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.ListWorkflowsRequest, _workflow_pb2.ListWorkflowsResponse]
-    """Lists the latest version of every workflow, ordered by name, of the
+    """Lists the latest version of every workflow, ordered by id, of the
     versions the caller may see (as for GetWorkflow).
     """
     DeleteWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowRequest, _empty_pb2.Empty]
@@ -78,7 +78,7 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     of the tenant excepted). Fails with NOT_FOUND when there is none.
     """
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_workflow_pb2.ListWorkflowsRequest, _workflow_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
-    """Lists the latest version of every workflow, ordered by name, of the
+    """Lists the latest version of every workflow, ordered by id, of the
     versions the caller may see (as for GetWorkflow).
     """
     DeleteWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowRequest, _empty_pb2.Empty]  # type: ignore[assignment]
@@ -124,7 +124,7 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _workflow_pb2.ListWorkflowsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_pb2.ListWorkflowsResponse, _abc.Awaitable[_workflow_pb2.ListWorkflowsResponse]]:
-        """Lists the latest version of every workflow, ordered by name, of the
+        """Lists the latest version of every workflow, ordered by id, of the
         versions the caller may see (as for GetWorkflow).
         """
 
