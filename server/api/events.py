@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator
 from flowport.server.api.sessions import VisibleSessions, check_session, session_scope
 from flowport.server.errors import Aborted, InvalidArgument, OutOfRange, shown
 from flowport.server.events.bus import BusEvent, EventBus, SubscriberOverflow
+from flowport.server.events.kailash import Selection
 from flowport.server.events.log import EventLog
-from flowport.server.events.types import TypeFilter
 from flowport.server.storage import Store
 from flowport.server.tenancy import tenant_of
+from flowport.server.transcoding import stream_transport
 from flowport.server.types import Context
 from flowport.v1 import event_pb2, event_pb2_grpc
 
@@ -63,9 +64,12 @@ def requested_types(request: event_pb2.StreamEventsRequest) -> list[str]:
     return merged
 
 
-def event_filter(request: event_pb2.StreamEventsRequest) -> TypeFilter:
-    """The types the request asks for (none: every type)."""
-    return TypeFilter.of(requested_types(request))
+def event_filter(request: event_pb2.StreamEventsRequest, context: Context) -> Selection:
+    """The types the request asks for (none: every type), Kailash names as copies of flowport's events.
+
+    A browser EventSource that names no types (the Kailash examples' progress bar) also gets the
+    Kailash-named copies; gRPC and NDJSON streams get them only by name."""
+    return Selection.of(requested_types(request), default_copies=stream_transport(context) == "sse")
 
 
 def _heartbeat() -> event_pb2.Event:
@@ -88,7 +92,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
     ) -> AsyncIterator[event_pb2.Event]:
         tenant = tenant_of(context)
         after = _cursor(request, context)
-        types = event_filter(request)
+        types = event_filter(request, context)
         # Other credentials' sessions' events are left out for a caller without the admin role.
         sessions = VisibleSessions(self._store, context)
         if request.session_id and session_scope(context) is not None:
@@ -102,7 +106,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                 and (not request.session_id or event.session_id == request.session_id)
                 and (not request.workflow_id or event.workflow_id == request.workflow_id)
                 and (not request.execution_id or event.execution_id == request.execution_id)
-                and types.accepts(event.type)
+                and types.hears(event.type)
             )
 
         subscription = self._bus.subscribe(accept)
@@ -130,7 +134,8 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                         execution_id=request.execution_id,
                     ):
                         if accept(logged) and await sessions.allows(logged.session_id):
-                            yield logged.to_proto()
+                            for view in types.views(logged):
+                                yield view.to_proto()
                         sent = int(logged.id)
                     if not subscription.overflowed:
                         break
@@ -146,7 +151,8 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                 if int(event.id) <= sent:
                     continue
                 if await sessions.allows(event.session_id):
-                    yield event.to_proto()
+                    for view in types.views(event):
+                        yield view.to_proto()
                 sent = int(event.id)
         except SubscriberOverflow:
             raise Aborted(

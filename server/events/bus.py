@@ -34,6 +34,9 @@ class BusEvent:
     workflow_id: str = ""
     execution_id: str = ""
     data: dict[str, Any] | None = None
+    # Only on Kailash-named copies (events/kailash.py).
+    progress: float | None = None
+    error: str | None = None
 
     def to_proto(self) -> event_pb2.Event:
         """The wire form."""
@@ -49,6 +52,10 @@ class BusEvent:
         event.time.FromNanoseconds(self.time_ns)
         if self.data:
             event.data.update(self.data)
+        if self.progress is not None:
+            event.progress = self.progress
+        if self.error is not None:
+            event.error = self.error
         return event
 
 

@@ -43,7 +43,7 @@ import httpx
 
 from flowport.server.clock import now_us
 from flowport.server.events.bus import BusEvent, EventBus, Subscription
-from flowport.server.events.types import TypeFilter
+from flowport.server.events.kailash import Selection
 from flowport.server.ids import new_id
 from flowport.server.leases import Leases
 from flowport.server.observability import tracing
@@ -78,7 +78,7 @@ class _Hook:
     """A cached webhook: what to match events against and where to send them."""
 
     key: Key
-    types: TypeFilter
+    types: Selection
     target: Target
     # The credential that registered it, and whose sessions' events it gets (None: every session's).
     creator: str
@@ -89,7 +89,7 @@ class _Hook:
         webhook = stored.webhook
         return cls(
             key=(webhook.tenant, webhook.webhook_id),
-            types=TypeFilter.of(webhook.event_types),
+            types=Selection.of(webhook.event_types),
             target=Target(httpx.URL(webhook.url), dict(webhook.headers), stored.secret),
             creator=webhook.creator,
             scope=stored.session_scope,
@@ -104,7 +104,12 @@ class _Hook:
         # dispatchers), not for the receivers themselves.
         if event.type in CHANGE_EVENTS:
             return False
-        return self.types.accepts(event.type)
+        return self.types.hears(event.type)
+
+    def view(self, event: BusEvent) -> BusEvent:
+        """The event as this webhook gets it: itself, or (asked for by a Kailash name only) its
+        copy under that name. One delivery per event, whatever the number of names that match."""
+        return self.types.views(event)[0]
 
 
 @dataclass(eq=False, slots=True)
@@ -347,15 +352,17 @@ class WebhookDispatcher:
     def _rows(self, batch: list[tuple[BusEvent, list[_Hook]]]) -> list[NewDelivery]:
         rows: list[NewDelivery] = []
         for event, hooks in batch:
-            try:
-                body = event_body(event)
-            except Exception:  # a publisher put something in data that JSON cannot hold
-                self.lost += len(hooks)
-                log.exception("event %s (%s) cannot be encoded for webhooks", event.id, event.type)
-                continue
+            bodies: dict[str, bytes] = {}  # by the type delivered: most hooks share the event's own
             for hook in hooks:
+                view = hook.view(event)
+                try:
+                    body = bodies.get(view.type) or bodies.setdefault(view.type, event_body(view))
+                except Exception:  # a publisher put something in data that JSON cannot hold
+                    self.lost += 1
+                    log.exception("event %s (%s) cannot be encoded for webhooks", event.id, event.type)
+                    continue
                 tenant, webhook_id = hook.key
-                rows.append(NewDelivery(new_id("dlv"), tenant, webhook_id, event.id, event.type, body, self._stamp()))
+                rows.append(NewDelivery(new_id("dlv"), tenant, webhook_id, event.id, view.type, body, self._stamp()))
         return rows
 
     def _stamp(self) -> int:

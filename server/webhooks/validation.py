@@ -8,6 +8,7 @@ import httpx
 
 from flowport.server.egress import header_value_problem
 from flowport.server.errors import shown
+from flowport.server.events.kailash import is_known
 from flowport.server.webhooks.targets import registration_problem
 from flowport.v1 import webhook_pb2
 
@@ -77,11 +78,16 @@ def url_problem(raw: str, allowlist: frozenset[str]) -> str | None:
 def _event_type_problems(types: list[str]) -> list[Violation]:
     if len(types) > MAX_EVENT_TYPES:
         return [("webhook.event_types", f"at most {MAX_EVENT_TYPES} types")]
-    return [
-        ("webhook.event_types", f"[{i}] {shown(t)} is not an event type such as 'execution.completed' or 'execution.*'")
-        for i, t in enumerate(types)
-        if not EVENT_TYPE.match(t)
-    ]
+    problems: list[Violation] = []
+    for i, name in enumerate(types):
+        if not EVENT_TYPE.match(name):
+            problem = f"[{i}] {shown(name)} is not an event type such as 'execution.completed' or 'execution.*'"
+            problems.append(("webhook.event_types", problem))
+        elif not is_known(name):
+            # A webhook for a type nothing publishes would be accepted and never fire.
+            problem = f"[{i}] {shown(name)} is no event type the gateway publishes, nor a Kailash name of one"
+            problems.append(("webhook.event_types", problem))
+    return problems
 
 
 def _header_problems(headers: dict[str, str]) -> list[Violation]:
