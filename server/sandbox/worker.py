@@ -225,6 +225,44 @@ def _describe(exc: BaseException, frame_gate: bytearray) -> tuple[str, str, int 
     return message[:MAX_MESSAGE], name, line
 
 
+# SQL nodes (and JSON generally) carry dates and times as ISO 8601 strings.
+# Code written for drivers that return datetime objects calls .isoformat() on
+# them (the Kailash examples do): such strings arrive as `Timestamp`, a str
+# that also has isoformat(), so that code runs and every str use still works.
+_ISO = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}(?::?\d{2})?)?)?")
+_ISO_DEPTH = 32  # deeper values stay as they came
+
+
+class Timestamp(str):
+    """An ISO 8601 date or date-time string that, like datetime objects, has isoformat()."""
+
+    __slots__ = ()
+
+    def isoformat(self, *args: Any, **kwargs: Any) -> str:
+        """What the date or datetime object would give: "2024-01-03T10:20:30" for "2024-01-03 10:20:30"."""
+        if len(self) == len("YYYY-MM-DD"):
+            return datetime.date.fromisoformat(self).isoformat()
+        try:
+            return datetime.datetime.fromisoformat(self).isoformat(*args, **kwargs)
+        except ValueError:  # a form fromisoformat does not read (more than 6 fraction digits)
+            if args or kwargs:
+                raise
+            return str(self)
+
+
+def with_timestamps(value: Any, depth: int = 0) -> Any:
+    """`value` with its ISO 8601 strings as `Timestamp`s (at most _ISO_DEPTH levels down)."""
+    if isinstance(value, str):
+        return Timestamp(value) if 10 <= len(value) <= 40 and value[4:5] == "-" and _ISO.fullmatch(value) else value
+    if depth >= _ISO_DEPTH:
+        return value
+    if isinstance(value, dict):
+        return {key: with_timestamps(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, list):
+        return [with_timestamps(item, depth + 1) for item in value]
+    return value
+
+
 class _Runner:
     """Runs jobs: the compile cache, the per-job namespace, the CPU timer and the reply."""
 
@@ -273,7 +311,7 @@ class _Runner:
             if len(self.cache) > CODE_CACHE_SIZE:
                 self.cache.popitem(last=False)
         namespace = self.globals.copy()
-        namespace.update(request["inputs"])
+        namespace.update(with_timestamps(request["inputs"]))
         namespace["__builtins__"] = self.builtins.copy()
         reply = self.execute(job_id, code, namespace)
         if self.threads() > 0 or self.process_time() + self.cpu_seconds + 1 > self.retire_at:

@@ -99,6 +99,35 @@ async def test_inputs_are_variables_and_result_is_returned(pool: SandboxPool) ->
 
 
 @module_loop
+async def test_iso_strings_in_inputs_have_isoformat_and_stay_strings(pool: SandboxPool) -> None:
+    # The Kailash example's code for SQL rows: row['created_at'].isoformat() on a driver's datetime.
+    code = """
+records = [{'id': row['id'], 'created_at': row['created_at'].isoformat()} for row in db_results]
+result = {
+    'records': records,
+    'plain': db_results[0]['created_at'] + '!',
+    'same': db_results[0]['created_at'] == '2024-01-02T03:04:05.123456+00:00',
+    'minutes': db_results[1]['created_at'].isoformat(timespec='minutes'),
+    'name_has_no_isoformat': hasattr(db_results[0]['name'], 'isoformat'),
+}
+"""
+    rows = [
+        {"id": 1, "name": "2024-01-02 but not a date", "created_at": "2024-01-02T03:04:05.123456+00:00"},
+        {"id": 2, "name": "b", "created_at": "2024-01-03 10:20:30"},
+    ]
+    assert await pool.run(code, {"db_results": rows}, tenant=TENANT) == {
+        "records": [
+            {"id": 1, "created_at": "2024-01-02T03:04:05.123456+00:00"},
+            {"id": 2, "created_at": "2024-01-03T10:20:30"},
+        ],
+        "plain": "2024-01-02T03:04:05.123456+00:00!",
+        "same": True,
+        "minutes": "2024-01-03T10:20",
+        "name_has_no_isoformat": False,
+    }
+
+
+@module_loop
 async def test_dates_are_serialized_as_iso_strings_and_common_stdlib_works(pool: SandboxPool) -> None:
     code = """
 from collections import namedtuple
