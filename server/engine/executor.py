@@ -772,6 +772,11 @@ class Executor:
 
     # -- running ----------------------------------------------------------
 
+    def _system_error(self, tenant: str, execution: Execution, message: str) -> None:
+        """A fault of the gateway's own (not of the workflow) that an execution met: `system.error`
+        for the tenant's streams and webhooks. The message names the fault's kind, never its details."""
+        self._publish("system.error", tenant, execution, {"error": message, "source": "executor"})
+
     def _publish(self, type_: str, tenant: str, execution: Execution, data: dict[str, Any] | None = None) -> None:
         self._bus.publish(
             type_,
@@ -839,6 +844,7 @@ class Executor:
             execution.error.CopyFrom(
                 _status(code_pb2.INTERNAL, f"internal error: {type(exc).__name__}", "INTERNAL", {})
             )
+            self._system_error(run.tenant, execution, execution.error.message)
         # From here the outcome is decided: a late cancel must not interrupt
         # recording it (the run would never be marked finished).
         run.finalizing = True
@@ -870,8 +876,9 @@ class Executor:
             )
         try:
             await self._store.save_execution(execution)
-        except Exception:
+        except Exception as exc:
             log.exception("could not record the end of execution %s", execution.execution_id)
+            self._system_error(run.tenant, execution, f"the end of the execution was not stored: {type(exc).__name__}")
         final = {
             Execution.STATE_SUCCEEDED: ("execution.completed", "succeeded"),
             Execution.STATE_FAILED: ("execution.failed", "failed"),
@@ -957,6 +964,7 @@ class Executor:
                     run.done[nid] = task.result()  # raises NodeFailed
                 total = len(plan.nodes)
                 complete = len(run.done) + len(run.skipped)
+                run.execution.progress = round(100 * complete / total, 2)  # saved with its next write
                 self._publish(
                     "execution.progress",
                     run.tenant,

@@ -407,3 +407,34 @@ async def test_concurrent_executions_share_commits(env: tuple[Executor, SqliteSt
     batches, writes = (a - b for a, b in zip(store.write_batches, before, strict=True))
     assert writes >= 300
     assert batches < writes / 2, f"{batches} commits for {writes} writes: writes were not grouped"
+
+
+async def test_a_fault_of_the_gateway_fails_the_execution_and_publishes_system_error(
+    env: tuple[Executor, SqliteStore, EventBus], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    executor, store, bus = env
+    events = bus.subscribe(lambda event: event.type in ("system.error", "execution.failed"))
+    saving, failures = store.save_execution, [RuntimeError("the disk is full at /secret/path")]
+
+    async def failing_save(execution: Execution, *, wait: bool = True) -> None:
+        if execution.node_runs and wait and failures:  # the durable write a node's dependents wait for
+            raise failures.pop()
+        await saving(execution, wait=wait)
+
+    monkeypatch.setattr(store, "save_execution", failing_save)
+    chain = wf(
+        "faulty",
+        [{"type": "AddNode", "name": "a", "config": {"add": 1}}, {"type": "AddNode", "name": "b"}],
+        [("a", "result", "b", "x")],
+    )
+    done = await run(executor, chain, x=1)
+    assert done.state == Execution.STATE_FAILED and done.error.message == "internal error: RuntimeError"
+    first, second = await events.next(5), await events.next(5)
+    assert first is not None and second is not None
+    assert (first.type, first.execution_id, first.data) == (
+        "system.error",
+        done.execution_id,
+        {"error": "internal error: RuntimeError", "source": "executor"},
+    )
+    assert second.type == "execution.failed"
+    events.close()
