@@ -43,6 +43,7 @@ from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.work_queue import RedisWorkQueue
 from flowport.server.events.bus import EventBus
 from flowport.server.events.log import EventLog
+from flowport.server.events.websocket import WebSocketBridge
 from flowport.server.interceptor import ErrorInterceptor, WrappingRegistrar
 from flowport.server.leases import Leases
 from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_METADATA_BYTES, tenant_share
@@ -150,6 +151,8 @@ class Running:
     tracing_owner: bool = False
     # Health checks of registered services and resource pools, metrics sampling.
     background: contextlib.AsyncExitStack | None = None
+    # /ws: its `connections` are the open WebSocket connections (None with --websocket-port 0).
+    websocket: WebSocketBridge | None = None
 
 
 async def _authenticator(
@@ -424,6 +427,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         security=SecurityCounters(authenticator, rate_limit, settings.admin_port, webhook_http),
         service_checks=checker,
         pool_checks=pool_health,
+        prometheus=prometheus,
     )
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
     session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, settings, bus), server)
@@ -460,6 +464,9 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     _serve_metrics(settings, prometheus)  # after the gRPC port: a second server fails on that one first
     await grpc_server.start()
     opened.push_async_callback(grpc_server.stop, None)
+    websocket = await _start_websocket(settings, bus)
+    if websocket is not None:
+        opened.push_async_callback(websocket.stop)
     resumed, failed = await executor.recover()
     executor.start_leasing()
     if resumed or failed:
@@ -483,6 +490,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         prometheus,
         tracing_owner,
         background,
+        websocket,
     )
 
 
@@ -490,6 +498,8 @@ async def stop(running: Running, grace: float) -> None:
     """Report NOT_SERVING, stop accepting calls, let in-flight ones finish
     within `grace`, then stop executions (left RUNNING, resumed next start)."""
     await running.health.enter_graceful_shutdown()
+    if running.websocket is not None:
+        await running.websocket.stop()  # its clients reconnect (1001, going away), to another worker if any
     await running.server.stop(grace)
     if running.background is not None:
         await running.background.aclose()
@@ -510,6 +520,26 @@ async def stop(running: Running, grace: float) -> None:
         running.prometheus.close()
     if running.tracing_owner:
         tracing.shutdown()  # exports the spans still buffered
+
+
+async def _start_websocket(settings: Settings, bus: EventBus) -> WebSocketBridge | None:
+    """The /ws bridge on --websocket-port, streaming from this server's own gRPC port."""
+    if not settings.websocket_port:
+        return None
+    bridge = WebSocketBridge(
+        settings.grpc_target,
+        require_credential=not settings.insecure_no_auth,
+        trusted_proxies=frozenset(settings.trusted_proxies),
+        head=lambda: bus.last_id,
+        ping_interval=settings.stream_heartbeat,
+    )
+    try:
+        await bridge.start(settings.grpc_host, settings.websocket_port)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {settings.grpc_host}:{settings.websocket_port} (--websocket-port): {exc.strerror or exc}"
+        ) from None
+    return bridge
 
 
 def _prometheus(settings: Settings, store: SqlStore, services: NodeServices) -> Prometheus | None:

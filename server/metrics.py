@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
 
-TRANSPORTS: Final = ("grpc", "sse", "ndjson")
+TRANSPORTS: Final = ("grpc", "sse", "ndjson", "websocket")
 _GROWTH: Final = 1.05
 _SMALLEST: Final = 1e-5  # seconds: the first bucket holds everything up to 0.01 ms
 _BUCKETS: Final = 330  # 1e-5 * 1.05**330 is about 100 s; slower calls share the last bucket

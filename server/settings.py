@@ -44,6 +44,13 @@ class Settings(BaseModel):
     )
     http_port: Port = Field(8080, ge=1, le=65535, description="Envoy listener: REST/JSON and native gRPC")
     grpc_port: Port = Field(50051, ge=1, le=65535, description="the gRPC server's own port")
+    websocket_port: int = Field(
+        50151,
+        ge=0,
+        le=65535,
+        description="the server's WebSocket bridge on --grpc-host, which Envoy serves as /ws (the seed's WebSocket, "
+        "fed by the event stream); --workers use it and the ports after it; 0 turns /ws off",
+    )
     workers: int = Field(
         1,
         ge=1,
@@ -316,6 +323,8 @@ class Settings(BaseModel):
             )
         if self.grpc_port + self.workers - 1 > 65535:
             raise ValueError("grpc_port + workers - 1 must be a port number")
+        if self.websocket_port and self.websocket_port + self.workers - 1 > 65535:
+            raise ValueError("websocket_port + workers - 1 must be a port number")
         if self.rate_limit_tenant_max_requests and self.redis_url is None:
             raise ValueError("rate_limit_tenant_max_requests counts in Redis: set redis_url too")
         if self.otlp_endpoint is not None and not _OTLP_ENDPOINT.match(self.otlp_endpoint):
@@ -368,6 +377,11 @@ class Settings(BaseModel):
     def grpc_ports(self) -> list[int]:
         """The ports of the server processes `flowport up` runs (one per worker)."""
         return [self.grpc_port + n for n in range(self.workers)]
+
+    @property
+    def websocket_ports(self) -> list[int]:
+        """The ports of the server processes' WebSocket bridges (one per worker); none when turned off."""
+        return [self.websocket_port + n for n in range(self.workers)] if self.websocket_port else []
 
     @property
     def grpc_target(self) -> str:

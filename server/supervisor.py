@@ -64,9 +64,12 @@ def check_ports_free(settings: Settings) -> None:
     """Fail, naming the port and its flag, when one is already taken."""
     grpc_ports = [("--grpc-port" if n == 0 else f"--grpc-port+{n}", settings.grpc_host, port)
                   for n, port in enumerate(settings.grpc_ports)]  # fmt: skip
+    websocket_ports = [("--websocket-port" if n == 0 else f"--websocket-port+{n}", settings.grpc_host, port)
+                       for n, port in enumerate(settings.websocket_ports)]  # fmt: skip
     for flag, host, port in (
         ("--http-port", settings.host, settings.http_port),
         *grpc_ports,
+        *websocket_ports,
         ("--admin-port", "127.0.0.1", settings.admin_port),
         *([("--metrics-port", settings.metrics_host, settings.metrics_port)] if settings.metrics_port else []),
     ):
@@ -78,12 +81,13 @@ def check_ports_free(settings: Settings) -> None:
                 sock.bind((host, port))
             except OSError as exc:
                 raise UpError(f"port {port} ({flag}) on {host} is not available: {exc.strerror}") from None
-    ports = [settings.http_port, *settings.grpc_ports, settings.admin_port]
+    ports = [settings.http_port, *settings.grpc_ports, *settings.websocket_ports, settings.admin_port]
     if settings.metrics_port:
         ports.append(settings.metrics_port)
     if len(set(ports)) < len(ports):
         raise UpError(
-            "--http-port, --admin-port, --metrics-port and the --grpc-port range (one per worker) must not overlap"
+            "--http-port, --admin-port, --metrics-port and the --grpc-port and --websocket-port ranges "
+            "(one port per worker each) must not overlap"
         )
 
 
@@ -146,6 +150,8 @@ class Supervisor:
 
     def _server_settings(self, worker: int) -> Settings:
         update: dict[str, Any] = {"grpc_port": self.settings.grpc_ports[worker]}
+        if self.settings.websocket_port:
+            update["websocket_port"] = self.settings.websocket_ports[worker]
         if worker:  # the first worker serves every worker's metrics
             update["metrics_port"] = 0
         return self.settings.model_copy(update=update)

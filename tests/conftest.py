@@ -65,6 +65,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "data_dir": data_dir,
         "http_port": free_port(),
         "grpc_port": free_port(),
+        "websocket_port": free_port(),
         "admin_port": free_port(),
         "metrics_port": free_port(),
         "shutdown_grace": 2.0,

@@ -19,10 +19,31 @@
 -- credential as `?access_token=`: it is moved into `x-api-key` (keys start
 -- with "fpk_") or `authorization: Bearer` and removed from the path, so it
 -- never reaches the access log, the transcoder or the server as a query.
+--
+-- Nor can a browser WebSocket, and the seed's code sends no token at all: a
+-- GET of /events or /ws with neither header nor `?access_token=` takes the
+-- `flowport_token` cookie (the same values), which is removed from the
+-- Cookie header sent on. A browser sends cookies whichever page opened the
+-- connection, and WebSockets have no CORS: so such a request, when it has
+-- an Origin, must come from this host (Origin's host and port equal to the
+-- request's) or one of --cors-origins ('*' does not count), else it is a
+-- 403 here (cross-site WebSocket hijacking). COOKIE_ORIGINS, the configured
+-- origins, is written in front of this code by transcoder/edge_filter.py.
+--
+-- x-flowport-transport marks the WebSocket bridge's own calls to the server
+-- (its stats count them as websocket streams): never taken from a client.
 
 local function unescape(value)
   value = string.gsub(value, "+", " ")
   return (string.gsub(value, "%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end))
+end
+
+local function set_credential(headers, token)
+  if string.sub(token, 1, 4) == "fpk_" then
+    headers:replace("x-api-key", token)
+  else
+    headers:replace("authorization", "Bearer " .. token)
+  end
 end
 
 local function take_access_token(headers)
@@ -45,11 +66,79 @@ local function take_access_token(headers)
   end
   local base = string.sub(path, 1, question - 1)
   headers:replace(":path", #kept > 0 and (base .. "?" .. table.concat(kept, "&")) or base)
-  if string.sub(token, 1, 4) == "fpk_" then
-    headers:replace("x-api-key", token)
-  else
-    headers:replace("authorization", "Bearer " .. token)
+  set_credential(headers, token)
+end
+
+local TOKEN_COOKIE = "flowport_token"
+local COOKIE_PATHS = { ["/events"] = true, ["/ws"] = true }
+local DEFAULT_PORTS = { http = ":80", https = ":443", ws = ":80", wss = ":443" }
+
+-- The flowport_token cookie's value (nil without one), removed from the Cookie header(s).
+local function take_cookie(headers)
+  local count = headers:getNumValues("cookie")
+  local token, kept = nil, {}
+  for i = 0, count - 1 do
+    for pair in string.gmatch(headers:getAtIndex("cookie", i) or "", "[^;]+") do
+      local name, value = string.match(pair, "^%s*([^=]-)%s*=%s*(.-)%s*$")
+      if name == TOKEN_COOKIE then
+        token = string.match(value, '^"(.*)"$') or value
+      elseif string.find(pair, "%S") then
+        kept[#kept + 1] = string.match(pair, "^%s*(.-)%s*$")
+      end
+    end
   end
+  if token ~= nil then
+    headers:remove("cookie")
+    if #kept > 0 then
+      headers:add("cookie", table.concat(kept, "; "))
+    end
+  end
+  return token
+end
+
+-- Whether a browser's Origin is this host (scheme://host[:port] against the request's authority).
+local function same_host(origin, authority)
+  local scheme, rest = string.match(string.lower(origin), "^(%a[%w+.-]*)://([^/]+)$")
+  if scheme == nil or authority == nil then
+    return false
+  end
+  authority = string.lower(authority)
+  local default = DEFAULT_PORTS[scheme]
+  if default ~= nil then
+    if string.sub(rest, -#default) == default then
+      rest = string.sub(rest, 1, -#default - 1)
+    end
+    if string.sub(authority, -#default) == default then
+      authority = string.sub(authority, 1, -#default - 1)
+    end
+  end
+  return rest == authority
+end
+
+-- The cookie credential of a stream GET without one; false when the request is refused.
+local function take_cookie_credential(request_handle, headers)
+  local path = headers:get(":path") or ""
+  if headers:get(":method") ~= "GET" or not COOKIE_PATHS[string.match(path, "^[^?]*")] then
+    return true
+  end
+  if headers:get("x-api-key") ~= nil or headers:get("authorization") ~= nil then
+    return true
+  end
+  local token = take_cookie(headers)
+  if token == nil or token == "" then
+    return true
+  end
+  local origin = headers:get("origin")
+  if origin ~= nil and not COOKIE_ORIGINS[origin] and not same_host(origin, headers:get(":authority")) then
+    request_handle:streamInfo():dynamicMetadata():set("flowport", "json_reply", true)
+    request_handle:respond({ [":status"] = "403", ["content-type"] = "application/json" },
+      '{"code":7,"message":"the flowport_token cookie is accepted from this host\'s pages and --cors-origins only",'
+      .. '"details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"CROSS_ORIGIN_COOKIE",'
+      .. '"domain":"flowport.dev"}]}')
+    return false
+  end
+  set_credential(headers, token)
+  return true
 end
 
 -- The JSON printer writes fields in field-number order, so an event's id
@@ -117,10 +206,12 @@ function envoy_on_request(request_handle)
   -- The access log's method and path: set by the transcoder alone, never taken from a client.
   headers:remove("x-envoy-original-method")
   headers:remove("x-envoy-original-path")
+  headers:remove("x-flowport-transport")
   local content_type = headers:get("content-type") or ""
   if not is_grpc(content_type) then
     request_handle:streamInfo():dynamicMetadata():set("flowport", "rest", true)
     take_access_token(headers)
+    take_cookie_credential(request_handle, headers)
   end
 end
 

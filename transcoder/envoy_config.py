@@ -24,6 +24,7 @@ from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_REQUEST_HEADERS, MAX_R
 from flowport.server.settings import Settings, _connect_host
 from flowport.transcoder.body_fields import lua_source as body_fields_lua
 from flowport.transcoder.console_routes import console_routes
+from flowport.transcoder.edge_filter import edge_source
 from flowport.transcoder.envoy_routes import (
     CLUSTER,
     GLOBAL_RATE_LIMIT,
@@ -38,6 +39,7 @@ from flowport.transcoder.envoy_routes import (
 )
 from flowport.transcoder.http_rules import descriptor_path, services
 from flowport.transcoder.local_replies import local_reply_config
+from flowport.transcoder.websocket_routes import websocket_clusters, websocket_routes
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
 # A REST response the transcoder buffers whole: the largest message plus gRPC framing.
@@ -216,7 +218,7 @@ def _access_log(settings: Settings) -> list[dict[str, Any]]:
 
 
 def _http_filters(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
-    lua = resources.files("flowport.transcoder").joinpath("edge.lua").read_text("utf-8")
+    lua = edge_source(settings)
     filters: list[dict[str, Any]] = [
         {
             "name": "envoy.filters.http.lua",
@@ -302,6 +304,7 @@ def _routes(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
             }
         )
     routes += console_routes({TRANSCODER: PER_ROUTE_DISABLED, RATE_LIMIT: PER_ROUTE_DISABLED})
+    routes += websocket_routes(settings, {TRANSCODER: PER_ROUTE_DISABLED})
     routes += stream_routes(
         transcoder_config(settings, descriptor, "sse"), transcoder_config(settings, descriptor, "ndjson")
     )
@@ -498,7 +501,7 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
                     ],
                 }
             ],
-            "clusters": [cluster, *extra_clusters],
+            "clusters": [cluster, *websocket_clusters(settings), *extra_clusters],
         },
     }
 

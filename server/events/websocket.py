@@ -1,0 +1,366 @@
+"""The seed's WebSocket endpoint (`/ws` through Envoy), served from the native event stream.
+
+Each connection opens `EventService.StreamEvents` on this process's own gRPC
+port with the credential headers Envoy passed on (`x-api-key`,
+`authorization`) and the query's `session_id`, `workflow_id`,
+`execution_id`, `types`, `event_types` and `after_id`: authentication,
+tenants, session visibility and filtering are the stream's, not a second
+copy of them. A handshake without any credential is refused with 401.
+
+Frames are the events (heartbeats left out) as proto3 JSON with the proto
+field names, plus `event` (the same object again) and `timestamp` (unix
+seconds), so the seed's `data.type` / `data.workflow_id` / `data.error` and
+Kailash's `{"event": {...}, "timestamp": ...}` both read them. Without
+types the stream asks for every event and the Kailash-named copies.
+
+Client messages: `{"type": "subscribe", "events": [...]}` (or
+`event_types`) replaces the types, resuming after the last event sent so
+nothing is lost or repeated, and is answered `{"type": "subscribed",
+"events": [...]}`; `ping` and `{"type": "ping"}` get a pong; anything else an
+error frame, the connection staying open. A stream error is an error frame
+`{"type": "error", "error": ..., "code": "<gRPC code>"}`, then a close: 1008
+for credentials, permissions and missing sessions, 1003 for bad input, 1013
+when trying again later may work (the stream fell behind, the server is
+stopping), 1011 otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+import grpc
+import orjson
+from google.protobuf.json_format import MessageToDict
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from flowport.server.errors import shown
+from flowport.server.events.kailash import KAILASH_DEFAULT, NATIVE_TYPES
+from flowport.server.transcoding import TRANSPORT_HEADER
+from flowport.v1 import event_pb2, event_pb2_grpc
+
+log = logging.getLogger("flowport.server.websocket")
+# websockets logs every connection and refused handshake (Envoy's health checks too) at INFO.
+_protocol_log = logging.getLogger("flowport.server.websocket.protocol")
+_protocol_log.setLevel(logging.WARNING)
+
+PATH: Final = "/ws"
+HEALTH_PATH: Final = "/healthz"
+TRANSPORT: Final = "websocket"  # in TRANSPORT_HEADER: the stats count the bridge's streams apart
+MAX_MESSAGE_BYTES: Final = 64 * 2**10  # a client message; a subscription is far smaller
+MAX_TYPES: Final = 50  # as GET /events
+MAX_TYPE_CHARS: Final = 200
+HEARTBEAT: Final = "heartbeat"
+CREDENTIALS: Final = ("x-api-key", "authorization")
+# Headers the stream needs as the client sent them through Envoy.
+FORWARDED: Final = (*CREDENTIALS, "x-flowport-act-as-tenant", "x-request-id")
+SINGLE: Final = ("session_id", "workflow_id", "execution_id", "after_id")
+REPEATED: Final = ("types", "event_types")
+# No types: every flowport event and the underscore-named Kailash copies (what the seed's clients read).
+EVERY_TYPE: Final = (*sorted(NATIVE_TYPES - {HEARTBEAT}), *KAILASH_DEFAULT)
+# Close codes (RFC 6455 §7.4.1) by the stream's gRPC status; anything else is 1011.
+CLOSE_CODES: Final = {
+    grpc.StatusCode.UNAUTHENTICATED: 1008,
+    grpc.StatusCode.PERMISSION_DENIED: 1008,
+    grpc.StatusCode.NOT_FOUND: 1008,
+    grpc.StatusCode.INVALID_ARGUMENT: 1003,
+    grpc.StatusCode.OUT_OF_RANGE: 1003,
+    grpc.StatusCode.ABORTED: 1013,
+    grpc.StatusCode.UNAVAILABLE: 1013,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 1013,
+}
+INTERNAL_CLOSE: Final = 1011
+# JSON numbers up to this are exact integers in a browser.
+_MAX_SAFE_INT: Final = 2**53
+
+
+class BadHandshake(ValueError):
+    """The upgrade request's query or headers cannot make a stream; the message names the part."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamQuery:
+    """What one connection streams: the query's filters and the types asked for last."""
+
+    filters: dict[str, str] = field(default_factory=dict)
+    types: tuple[str, ...] = ()
+    event_types: tuple[str, ...] = ()
+
+    def request(self, after_id: str) -> event_pb2.StreamEventsRequest:
+        types = self.types if self.types or self.event_types else EVERY_TYPE
+        return event_pb2.StreamEventsRequest(
+            **self.filters, types=types, event_types=self.event_types, after_id=after_id
+        )
+
+
+def parse_query(query: str) -> tuple[StreamQuery, str]:
+    """The subscription and `after_id` of a `/ws?...` query; BadHandshake names an unknown or repeated parameter."""
+    filters: dict[str, str] = {}
+    repeated: dict[str, list[str]] = {name: [] for name in REPEATED}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in REPEATED:
+            repeated[name].append(value)
+        elif name not in SINGLE:
+            raise BadHandshake(f"unknown query parameter {shown(name)}")
+        elif name in filters:
+            raise BadHandshake(f"query parameter {name} given twice")
+        else:
+            filters[name] = value
+    after = filters.pop("after_id", "")
+    types = tuple(t for t in repeated["types"] if t)
+    return StreamQuery(filters, types, tuple(repeated["event_types"])), after
+
+
+def subscribed_types(message: dict[str, Any]) -> list[str]:
+    """The `events` (or `event_types`) of a subscribe message; ValueError says what is wrong."""
+    key = "events" if "events" in message else "event_types"
+    names = message.get(key, [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{key} must be a list of event type names")
+    if len(names) > MAX_TYPES:
+        raise ValueError(f"{key}: at most {MAX_TYPES} types")
+    for name in names:
+        if not name or len(name) > MAX_TYPE_CHARS or not name.isprintable():
+            raise ValueError(f"{key}: {shown(name)} is not an event type name")
+    return list(dict.fromkeys(names))
+
+
+def _integral(value: Any) -> Any:
+    # Struct numbers are doubles; print 3 as 3, as Envoy's JSON printer does for GET /events.
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_SAFE_INT:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def frame(event: event_pb2.Event) -> str:
+    """An event as the text frame clients read: its JSON, plus `event` (the same) and `timestamp`."""
+    body = MessageToDict(event, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    if "data" in body:
+        body["data"] = _integral(body["data"])
+    timestamp = event.time.seconds + event.time.nanos / 1e9
+    return orjson.dumps({**body, "event": body, "timestamp": timestamp}).decode()
+
+
+def _error(message: str, code: str = "") -> str:
+    return orjson.dumps({"type": "error", "error": message, **({"code": code} if code else {})}).decode()
+
+
+def _printable_ascii(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
+class WebSocketBridge:
+    """Serves `/ws` on its own port; `connections` is how many are open now."""
+
+    def __init__(
+        self,
+        grpc_target: str,
+        *,
+        require_credential: bool,
+        trusted_proxies: frozenset[str],
+        head: Callable[[], int] | None = None,
+        ping_interval: float = 20.0,
+    ) -> None:
+        self.connections = 0
+        self._target = grpc_target
+        self._require_credential = require_credential
+        self._trusted = trusted_proxies
+        # The newest event id: where a resubscription resumes when nothing was sent yet.
+        self._head = head
+        self._ping_interval = ping_interval
+        self._server: Server | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: event_pb2_grpc.EventServiceAsyncStub | None = None
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the one asked for, or the one the system chose for 0)."""
+        assert self._server is not None
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on host:port; OSError when it cannot."""
+        self._channel = grpc.aio.insecure_channel(self._target)
+        self._stub = event_pb2_grpc.EventServiceStub(self._channel)
+        try:
+            self._server = await serve(
+                self._serve,
+                host,
+                port,
+                process_request=self._check,
+                max_size=MAX_MESSAGE_BYTES,
+                max_queue=16,
+                # Pings keep Envoy's stream idle timeout from cutting a quiet connection and find dead clients.
+                ping_interval=self._ping_interval,
+                ping_timeout=self._ping_interval,
+                logger=_protocol_log,
+            )
+        except OSError:
+            await self._channel.close()
+            raise
+
+    async def stop(self) -> None:
+        """Close every connection (1001, going away) and stop listening."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self._channel is not None:
+            await self._channel.close()
+
+    def _check(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Answer health checks and refuse what cannot become a stream, before the upgrade."""
+        path, _, query = request.path.partition("?")
+        if path == HEALTH_PATH and "upgrade" not in request.headers:
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if path != PATH:
+            return _refuse(connection, HTTPStatus.NOT_FOUND, 5, f"no WebSocket endpoint at {shown(path)}")
+        try:
+            parse_query(query)
+            for name in FORWARDED:
+                if not all(_printable_ascii(v) for v in request.headers.get_all(name)):
+                    raise BadHandshake(f"header {name} must be printable ASCII")
+        except BadHandshake as exc:
+            return _refuse(connection, HTTPStatus.BAD_REQUEST, 3, str(exc))
+        if self._require_credential and not any(request.headers.get_all(h) for h in CREDENTIALS):
+            return _refuse(
+                connection,
+                HTTPStatus.UNAUTHORIZED,
+                16,
+                "no credential: send x-api-key or authorization (or ?access_token=, or the flowport_token cookie)",
+            )
+        return None
+
+    def _metadata(self, connection: ServerConnection, request: Request) -> list[tuple[str, str]]:
+        metadata = [(name, value) for name in FORWARDED for value in request.headers.get_all(name)]
+        peer = str(connection.remote_address[0]) if connection.remote_address else ""
+        forwarded = request.headers.get("x-forwarded-for", "")
+        # The server trusts the bridge's loopback address: pass on a client address only from a trusted proxy.
+        address = forwarded if peer in self._trusted and forwarded and _printable_ascii(forwarded) else peer
+        if address:
+            metadata.append(("x-forwarded-for", address))
+        metadata.append((TRANSPORT_HEADER, TRANSPORT))
+        return metadata
+
+    async def _serve(self, connection: ServerConnection) -> None:
+        assert self._stub is not None and connection.request is not None
+        subscription, after = parse_query(connection.request.path.partition("?")[2])
+        self.connections += 1
+        try:
+            link = _Link(connection, self._stub, self._metadata(connection, connection.request), subscription)
+            await link.run(after, str(self._head()) if self._head is not None and not after else after)
+        finally:
+            self.connections -= 1
+
+
+def _refuse(connection: ServerConnection, status: HTTPStatus, code: int, message: str) -> Response:
+    response = connection.respond(status, orjson.dumps({"code": code, "message": message, "details": []}).decode())
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response
+
+
+class _Link:
+    """One client connection and the upstream stream that feeds it."""
+
+    def __init__(
+        self,
+        connection: ServerConnection,
+        stub: event_pb2_grpc.EventServiceAsyncStub,
+        metadata: Sequence[tuple[str, str]],
+        subscription: StreamQuery,
+    ) -> None:
+        self._ws = connection
+        self._stub = stub
+        self._metadata = tuple(metadata)
+        self._subscription = subscription
+        self._sent = ""  # id of the last event sent
+        self._resume_from = ""
+        self._pump: asyncio.Task[None] | None = None
+
+    async def run(self, after: str, resume_from: str) -> None:
+        """Stream until either side ends; `resume_from` is where a resubscription resumes before any event."""
+        self._sent = after
+        self._resume_from = resume_from
+        self._pump = asyncio.create_task(self._forward(self._subscription.request(after)))
+        try:
+            async for message in self._ws:
+                await self._on_message(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._stop_pump()
+
+    async def _stop_pump(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+
+    async def _forward(self, request: event_pb2.StreamEventsRequest) -> None:
+        call = self._stub.StreamEvents(request, metadata=self._metadata)
+        try:
+            async for event in call:
+                if event.type == HEARTBEAT:
+                    continue
+                self._sent = event.id
+                # Whole even when a resubscription cancels this task: the id above is already counted as sent.
+                await asyncio.shield(self._ws.send(frame(event)))
+            await self._close(INTERNAL_CLOSE, _error("the event stream ended", "UNAVAILABLE"))
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            await self._close(CLOSE_CODES.get(code, INTERNAL_CLOSE), _error(exc.details() or code.name, code.name))
+        except ConnectionClosed:
+            pass
+        finally:
+            call.cancel()
+
+    async def _close(self, code: int, last: str) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(last)
+            await self._ws.close(code)
+
+    async def _on_message(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            await self._ws.send(_error("binary messages are not read: send JSON text"))
+            return
+        if message.strip() == "ping":
+            await self._ws.send("pong")
+            return
+        try:
+            parsed = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            await self._ws.send(_error('not JSON: send {"type": "subscribe", "events": [...]} or {"type": "ping"}'))
+            return
+        kind = parsed.get("type") if isinstance(parsed, dict) else None
+        if kind == "ping":
+            await self._ws.send(orjson.dumps({"type": "pong"}).decode())
+        elif kind == "subscribe":
+            try:
+                names = subscribed_types(parsed)
+            except ValueError as exc:
+                await self._ws.send(_error(str(exc)))
+                return
+            await self._subscribe(names)
+        else:
+            await self._ws.send(_error(f"unknown message type {shown(kind)}: expected subscribe or ping"))
+
+    async def _subscribe(self, names: list[str]) -> None:
+        # The old stream stops before the answer, so every later frame is of the new types.
+        await self._stop_pump()
+        self._subscription = StreamQuery(self._subscription.filters, tuple(names), ())
+        await self._ws.send(orjson.dumps({"type": "subscribed", "events": names}).decode())
+        after = self._sent or self._resume_from
+        self._pump = asyncio.create_task(self._forward(self._subscription.request(after)))

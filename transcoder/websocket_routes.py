@@ -1,0 +1,79 @@
+"""Envoy's route and cluster for `/ws`: WebSocket upgrades to each server process's bridge.
+
+The bridge (server/events/websocket.py) answers the upgrade and feeds the
+connection from the server's event stream. The route keeps the edge Lua
+filter (`?access_token=` and the cookie credential, the Origin check), the
+CORS policy and the rate limits of every other route; the transcoder and
+the body buffer, which would wait for the end of a request that never
+ends, are off for it. No route timeout: the connection lasts until a side
+closes it, Envoy's stream idle timeout kept away by the bridge's pings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowport.server.settings import Settings, _connect_host
+
+WEBSOCKET_CLUSTER = "flowport_ws"
+WEBSOCKET_PATH = "/ws"
+HEALTH_PATH = "/healthz"  # the bridge's own, on its port
+BUFFER = "envoy.filters.http.buffer"
+
+
+def websocket_routes(settings: Settings, disabled_filters: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `/ws` route (any query), or none when --websocket-port is 0."""
+    if not settings.websocket_port:
+        return []
+    disabled = dict(disabled_filters)
+    disabled[BUFFER] = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+    return [
+        {
+            "name": "websocket",
+            "match": {"path": WEBSOCKET_PATH},
+            "route": {
+                "cluster": WEBSOCKET_CLUSTER,
+                "timeout": "0s",
+                "upgrade_configs": [{"upgrade_type": "websocket"}],
+            },
+            "typed_per_filter_config": disabled,
+        }
+    ]
+
+
+def websocket_clusters(settings: Settings) -> list[dict[str, Any]]:
+    """One cluster of the bridges, an endpoint per server process, each health-checked on its own."""
+    if not settings.websocket_port:
+        return []
+    host = _connect_host(settings.grpc_host)
+    return [
+        {
+            "name": WEBSOCKET_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "lb_policy": "LEAST_REQUEST",
+            "load_assignment": {
+                "cluster_name": WEBSOCKET_CLUSTER,
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                            for port in settings.websocket_ports
+                        ]
+                    }
+                ],
+            },
+            "health_checks": [
+                {
+                    "timeout": "1s",
+                    "interval": "1s",
+                    "no_traffic_interval": "1s",
+                    "unhealthy_threshold": 1,
+                    "healthy_threshold": 1,
+                    "http_health_check": {"path": HEALTH_PATH},
+                }
+            ],
+            # A worker being restarted is skipped; with none healthy Envoy answers 503 at once.
+            "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        }
+    ]
