@@ -1,0 +1,99 @@
+"""The /ws bridge's parts that need no stack: its query and subscribe messages, its frames, how the
+server tells its streams apart, and the Envoy route and cluster it gets (one endpoint per worker)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from flowport.server.events.websocket import EVERY_TYPE, BadHandshake, frame, parse_query, subscribed_types
+from flowport.server.settings import Settings
+from flowport.server.transcoding import stream_transport
+from flowport.transcoder.envoy_config import render
+from flowport.v1 import event_pb2
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_the_query_becomes_the_stream_request_and_unknown_parameters_are_refused() -> None:
+    query, after = parse_query("session_id=ses_1&types=a&types=b&event_types=c,d&after_id=7")
+    request = query.request(after)
+    assert (request.session_id, list(request.types), list(request.event_types)) == ("ses_1", ["a", "b"], ["c,d"])
+    assert request.after_id == "7"
+    # No types: every event, the Kailash copies included.
+    assert list(parse_query("")[0].request("").types) == list(EVERY_TYPE)
+    assert "workflow_completed" in EVERY_TYPE and "heartbeat" not in EVERY_TYPE
+    with pytest.raises(BadHandshake, match="sesion_id"):
+        parse_query("sesion_id=ses_1")
+    with pytest.raises(BadHandshake, match="twice"):
+        parse_query("session_id=a&session_id=b")
+
+
+def test_subscribe_takes_a_bounded_list_of_names() -> None:
+    assert subscribed_types({"type": "subscribe", "events": ["a", "b", "a"]}) == ["a", "b"]
+    assert subscribed_types({"type": "subscribe", "event_types": ["x"]}) == ["x"]
+    for bad in ("a", [1], [""], ["a\nb"], ["t"] * 51):
+        with pytest.raises(ValueError, match="events"):
+            subscribed_types({"type": "subscribe", "events": bad})
+
+
+def test_a_frame_is_the_event_with_event_and_timestamp() -> None:
+    event = event_pb2.Event(id="9", type="workflow_completed", workflow_id="wf", error="boom")
+    event.time.FromNanoseconds(1_700_000_000_500_000_000)
+    event.data.update({"attempt": 3, "share": 0.5})
+    body: dict[str, Any] = orjson.loads(frame(event))
+    assert body["type"] == "workflow_completed" and body["workflow_id"] == "wf" and body["error"] == "boom"
+    assert body["data"] == {"attempt": 3, "share": 0.5} and isinstance(body["data"]["attempt"], int)
+    assert body["event"] == {k: v for k, v in body.items() if k not in ("event", "timestamp")}
+    assert body["timestamp"] == 1_700_000_000.5
+    assert body["session_id"] == "" and "progress" not in body  # printed as /events prints them
+
+
+class _Context:
+    def __init__(self, peer: str, *metadata: tuple[str, str]) -> None:
+        self._peer, self._metadata = peer, metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+
+def test_only_the_bridge_on_loopback_marks_a_stream_as_websocket() -> None:
+    mark = ("x-flowport-transport", "websocket")
+    assert stream_transport(_Context("ipv4:127.0.0.1:5000", mark)) == "websocket"  # type: ignore[arg-type]
+    assert stream_transport(_Context("ipv6:[::1]:5000", mark)) == "websocket"  # type: ignore[arg-type]
+    assert stream_transport(_Context("ipv4:10.0.0.7:5000", mark)) == "grpc"  # type: ignore[arg-type]
+    rest = ("x-envoy-original-path", "/events")
+    assert stream_transport(_Context("ipv4:127.0.0.1:5000", mark, rest)) == "ndjson"  # type: ignore[arg-type]
+
+
+def _routes_and_clusters(**values: object) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    config = render(Settings.load(values, environ={}))
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return manager["route_config"]["virtual_hosts"][0]["routes"], config["static_resources"]["clusters"]
+
+
+def test_envoy_upgrades_ws_to_each_workers_bridge_before_the_catch_all() -> None:
+    routes, clusters = _routes_and_clusters(
+        websocket_port=7000, workers=3, database_url="postgresql://db/x", redis_url="redis://r"
+    )
+    names = [r["name"] for r in routes]
+    route = routes[names.index("websocket")]
+    assert names.index("websocket") < names.index("rest")
+    assert route["match"] == {"path": "/ws"} and route["route"]["upgrade_configs"] == [{"upgrade_type": "websocket"}]
+    # The buffer would wait for the end of a request that never ends; the edge Lua filter stays on.
+    disabled = route["typed_per_filter_config"]
+    assert {"envoy.filters.http.buffer", "envoy.filters.http.grpc_json_transcoder"} <= set(disabled)
+    assert "envoy.filters.http.lua" not in disabled and "envoy.filters.http.local_ratelimit" not in disabled
+    cluster = next(c for c in clusters if c["name"] == route["route"]["cluster"])
+    ports = [
+        e["endpoint"]["address"]["socket_address"]["port_value"]
+        for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert ports == [7000, 7001, 7002]
+    routes, clusters = _routes_and_clusters(websocket_port=0)
+    assert "websocket" not in [r["name"] for r in routes] and len(clusters) == 1
