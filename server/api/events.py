@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from flowport.server.api.recent_events import list_recent_events
 from flowport.server.api.sessions import VisibleSessions, check_session, session_scope
 from flowport.server.errors import Aborted, InvalidArgument, OutOfRange, shown
 from flowport.server.events.bus import BusEvent, EventBus, SubscriberOverflow
@@ -86,6 +87,11 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         self._log = event_log
         self._heartbeat = heartbeat
         self._store = store
+
+    async def ListRecentEvents(
+        self, request: event_pb2.ListRecentEventsRequest, context: Context
+    ) -> event_pb2.ListRecentEventsResponse:
+        return await list_recent_events(self._store, self._log, request, context)
 
     async def StreamEvents(
         self, request: event_pb2.StreamEventsRequest, context: Context

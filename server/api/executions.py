@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from flowport.server import pagination
@@ -21,6 +22,25 @@ from flowport.v1 import event_pb2, execution_pb2, execution_pb2_grpc
 DEFAULT_WAIT = 30.0
 
 KAILASH_EXECUTE_SUFFIX = "/execute"
+
+E = execution_pb2.Execution
+# `state` in the words of Kailash's executions (`status`).
+KAILASH_STATUS = {
+    E.STATE_PENDING: "started",
+    E.STATE_RUNNING: "running",
+    E.STATE_SUCCEEDED: "completed",
+    E.STATE_FAILED: "failed",
+    E.STATE_CANCELLED: "cancelled",
+}
+
+
+def kailash_view(execution: execution_pb2.Execution) -> execution_pb2.Execution:
+    """`execution` with Kailash's `status` (and `progress` once it succeeded) set from its state,
+    whichever process or stored version it comes from."""
+    execution.status = KAILASH_STATUS.get(execution.state, "")
+    if execution.state == E.STATE_SUCCEEDED:
+        execution.progress = 100.0
+    return execution
 
 
 def _not_found(execution_id: str) -> NotFound:
@@ -90,8 +110,8 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         if wait and execution.state not in FINISHED:
             waited = await self._executor.wait(tenant, execution.execution_id, timeout)
             if waited is not None:
-                return waited
-        return execution
+                return kailash_view(waited)
+        return kailash_view(execution)
 
     async def GetExecution(
         self, request: execution_pb2.GetExecutionRequest, context: Context
@@ -105,7 +125,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
             raise _not_found(request.execution_id)
         if request.session_id and execution.session_id != request.session_id:
             raise _not_found(request.execution_id)
-        return execution
+        return kailash_view(execution)
 
     async def ListExecutions(
         self, request: execution_pb2.ListExecutionsRequest, context: Context
@@ -117,19 +137,28 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         after = pagination.cursor_time_id(pagination.decode_token(request.page_token, filters))
         if request.session_id:
             await check_owner(self._store, context, request.session_id)
-        rows = await self._store.list_executions(
-            tenant_of(context),
-            workflow_id=request.workflow_id,
-            session_id=request.session_id,
-            state=request.state,
-            after=after,
-            limit=size + 1,
-            session_creator=session_scope(context),
+        tenant, creator = tenant_of(context), session_scope(context)
+        workflow_id, session_id, state = request.workflow_id, request.session_id, request.state
+        rows, total = await asyncio.gather(
+            self._store.list_executions(
+                tenant,
+                workflow_id=workflow_id,
+                session_id=session_id,
+                state=state,
+                after=after,
+                limit=size + 1,
+                session_creator=creator,
+            ),
+            self._store.count_listed_executions(
+                tenant, workflow_id=workflow_id, session_id=session_id, state=state, session_creator=creator
+            ),
         )
         executions, token = pagination.page(
             rows, size, filters, lambda e: [e.create_time.ToMicroseconds(), e.execution_id]
         )
-        return execution_pb2.ListExecutionsResponse(executions=executions, next_page_token=token)
+        return execution_pb2.ListExecutionsResponse(
+            executions=[kailash_view(e) for e in executions], next_page_token=token, total=total
+        )
 
     async def CancelExecution(
         self, request: execution_pb2.CancelExecutionRequest, context: Context
@@ -145,7 +174,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         execution = await self._executor.cancel(tenant, request.execution_id)
         if execution is None:
             raise _not_found(request.execution_id)
-        return execution
+        return kailash_view(execution)
 
     async def WatchExecution(
         self, request: execution_pb2.WatchExecutionRequest, context: Context
@@ -159,7 +188,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
             execution = await self._executor.get(tenant, execution_id)
             if execution is None or not await may_see(self._store, context, execution.session_id):
                 raise _not_found(execution_id)
-            yield execution_pb2.WatchExecutionResponse(execution=execution)
+            yield execution_pb2.WatchExecutionResponse(execution=kailash_view(execution))
             if execution.state in FINISHED:
                 return
             while True:

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from dataclasses import dataclass
 
 import httpx
+from google.api import httpbody_pb2
 from google.protobuf import timestamp_pb2
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.context import CURRENT
 from flowport.server.clock import now_us
 from flowport.server.engine.executor import Executor
+from flowport.server.engine.registry import NodeRegistry
+from flowport.server.errors import FailedPrecondition
 from flowport.server.events.bus import EventBus
 from flowport.server.events.redis_bus import RedisBus
 from flowport.server.health import Check, overall, run_check
 from flowport.server.metrics import CallFigures, RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.observability.edge import local_rate_limited
+from flowport.server.observability.prometheus import Prometheus
 from flowport.server.ratelimit.service import RateLimitService
 from flowport.server.registry.health import HealthChecker
 from flowport.server.resources.health import PoolHealth
@@ -43,6 +49,17 @@ FEATURES = [
     ("webhooks", True, ""),
 ]
 
+# Kailash's `features` keys, each with the flowport feature that serves it.
+KAILASH_FEATURES = {
+    "real_time": "event_streams",
+    "dynamic_workflows": "workflows",
+    "ai_chat": "",  # not offered: always false
+}
+
+# The transport RequestMetrics.streams counts /ws connections under: each is a StreamEvents
+# call of the /ws bridge, marked as such (per tenant, like every stream).
+WEBSOCKET = "websocket"
+
 ENDPOINTS = {
     "info": "/",
     "health": "/health",
@@ -54,6 +71,15 @@ ENDPOINTS = {
     "webhooks": "/api/webhooks",
     "schemas": "/api/schemas/nodes",
 }
+
+
+TITLE = "flowport gateway"
+
+
+def feature_flags() -> dict[str, bool]:
+    """`features` as Kailash shapes it, a map of name to enabled: flowport's names and Kailash's."""
+    enabled = {name: on for name, on, _ in FEATURES}
+    return enabled | {name: enabled.get(ours, False) for name, ours in KAILASH_FEATURES.items()}
 
 
 def _rss_bytes() -> int:
@@ -108,7 +134,11 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         security: SecurityCounters | None = None,
         service_checks: HealthChecker | None = None,
         pool_checks: PoolHealth | None = None,
+        node_types: int | None = None,
+        prometheus: Prometheus | None = None,
     ) -> None:
+        self._prometheus = prometheus
+        self._node_types = len(NodeRegistry.default().names()) if node_types is None else node_types
         self._pool_checks = pool_checks
         self._dispatcher = dispatcher
         self._service_checks = service_checks
@@ -135,6 +165,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
             features=[gateway_pb2.Feature(name=n, enabled=e, detail=d) for n, e, d in FEATURES],
             endpoints=ENDPOINTS,
             start_time=self._started,
+            feature_flags=feature_flags(),
+            uptime_seconds=time.time() - self._metrics.started,
+            status="healthy",
         )
 
     async def GetHealth(self, request: gateway_pb2.GetHealthRequest, context: Context) -> gateway_pb2.Health:
@@ -174,11 +207,38 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
             database_pools.last_check.FromNanoseconds(int(pools.at * 1e9))
             if pools.failed:
                 database_pools.message = "resource pools failed their last check"
+        self._kailash_components(health)
         server = health.components["server"]
         server.status = "healthy"
         server.last_check.CopyFrom(health.timestamp)
         health.status = overall([c.status for c in health.components.values()])
         return health
+
+    async def GetMetrics(self, request: gateway_pb2.GetMetricsRequest, context: Context) -> httpbody_pb2.HttpBody:
+        if self._prometheus is None:
+            raise FailedPrecondition(
+                "metrics are off: start the server with a --metrics-port (or --workers)", reason="METRICS_OFF"
+            )
+        # Reading every worker's files can take a moment: off the event loop.
+        text = await asyncio.to_thread(self._prometheus.exposition)
+        return httpbody_pb2.HttpBody(content_type=CONTENT_TYPE_LATEST, data=text)
+
+    def _kailash_components(self, health: gateway_pb2.Health) -> None:
+        """`authentication` and `websockets`, the components Kailash's /health reports. Statuses
+        only: a count of open connections would tell anyone how busy other tenants are (it is
+        `realtime.websocket_count` in GetStats)."""
+        auth = health.components["authentication"]
+        auth.last_check.CopyFrom(health.timestamp)
+        authenticator = self._security.authenticator
+        # Keys are verified against the store (the `database` check); what can be missing is the verifier.
+        auth.status = "healthy" if authenticator is not None else "unhealthy"
+        if authenticator is None:
+            auth.message = "no credential verifier is loaded"
+        elif authenticator.insecure:
+            auth.message = "authentication is off (--insecure): every caller is an admin"
+        websockets = health.components["websockets"]
+        websockets.status = "healthy"  # /ws is served by this process, next to the streams it bridges
+        websockets.last_check.CopyFrom(health.timestamp)
 
     async def GetStats(self, request: gateway_pb2.GetStatsRequest, context: Context) -> gateway_pb2.Stats:
         principal = CURRENT.get()
@@ -188,13 +248,16 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         counters = self._executor.counters if scope is None else self._executor.tenant_counters(scope)
         now = now_us()
         # The store's counts and Envoy's (over HTTP, for admins) at once.
-        sessions, created, by_state, retrying, security = await asyncio.gather(
+        sessions, created, by_state, retrying, security, workflows = await asyncio.gather(
             self._store.count_sessions(scope, now),
             self._store.count_sessions_created(scope),
             self._store.executions_by_state(scope),
             self._store.deliveries_retrying(scope),
             self._security.stats(scope),
+            self._store.count_workflows(scope),
         )
+        uptime = time.time() - self._metrics.started
+        running = self._executor.running if scope is None else by_state["running"]
         p50, p90, p99 = (calls.latency.percentile_ms(q) for q in (0.5, 0.9, 0.99))
         webhooks = self._dispatcher.stats(scope)
         webhooks.retrying = retrying
@@ -220,6 +283,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
                 grpc_count=calls.streams["grpc"],
                 sse_count=calls.streams["sse"],
                 ndjson_count=calls.streams["ndjson"],
+                websocket_count=calls.streams[WEBSOCKET],
             ),
             system=gateway_pb2.SystemStats(uptime=self._metrics.uptime),
             executions=gateway_pb2.ExecutionStats(
@@ -227,7 +291,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
                 succeeded=counters.succeeded,
                 failed=counters.failed,
                 cancelled=counters.cancelled,
-                running=self._executor.running if scope is None else by_state["running"],
+                running=running,
                 latency_p50=counters.percentile(0.5),
                 latency_p90=counters.percentile(0.9),
                 latency_p99=counters.percentile(0.99),
@@ -235,6 +299,22 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
             ),
             webhooks=webhooks,
             security=security,
+            uptime_seconds=uptime,
+            gateway=gateway_pb2.GatewayFigures(
+                name="flowport",
+                version=VERSION,
+                title=TITLE,
+                uptime_seconds=uptime,
+                requests_processed=calls.total,
+            ),
+            agent_ui=gateway_pb2.AgentUiStats(
+                active_sessions=sessions,
+                total_sessions_created=created,
+                workflows_executed=counters.started,
+                active_executions=running,
+                workflows=workflows,
+            ),
+            schema_registry=gateway_pb2.SchemaRegistryStats(node_types=self._node_types, workflows=workflows),
         )
         if scope is None:
             c = self._executor.counters

@@ -50,7 +50,9 @@ class SchemaService(schema_pb2_grpc.SchemaServiceServicer):
         after = pagination.cursor_str(pagination.decode_token(request.page_token, {}))
         names = [n for n in sorted(self._schemas) if after is None or n > after][: size + 1]
         shown, token = pagination.page(names, size, {}, lambda n: [n])
-        return schema_pb2.ListNodeSchemasResponse(node_schemas=[self._schemas[n] for n in shown], next_page_token=token)
+        return schema_pb2.ListNodeSchemasResponse(
+            node_schemas=[self._schemas[n] for n in shown], next_page_token=token, total=len(self._schemas)
+        )
 
     async def GetNodeSchema(self, request: schema_pb2.GetNodeSchemaRequest, context: Context) -> schema_pb2.NodeSchema:
         schema = self._schemas.get(request.node_type)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import quote
-
-from google.protobuf import empty_pb2
 
 from flowport.server import pagination
 from flowport.server.api.common import check_request_id, idempotency_key, request_id_reused, require
@@ -89,9 +88,9 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             if first.creator != creator:
                 # Another credential's key: its session is not this caller's to see.
                 raise request_id_reused(request.request_id, "by another credential")
-            return first
+            return active(first)
         self._bus.publish("session.created", tenant=session.tenant, session_id=session.session_id)
-        return session
+        return active(session)
 
     async def GetSession(self, request: session_pb2.GetSessionRequest, context: Context) -> session_pb2.Session:
         require(request.session_id, "session_id")
@@ -100,7 +99,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         )
         if session is None:
             raise session_not_found(request.session_id)
-        return session
+        return active(session)
 
     async def ListSessions(
         self, request: session_pb2.ListSessionsRequest, context: Context
@@ -108,18 +107,21 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         size = pagination.page_size(request.page_size)
         filters = {"user_id": request.user_id}
         after = pagination.cursor_time_id(pagination.decode_token(request.page_token, filters))
-        rows = await self._store.list_sessions(
-            tenant_of(context),
-            user_id=request.user_id,
-            after=after,
-            limit=size + 1,
-            now_us=now_us(),
-            creator=session_scope(context),
+        tenant, now, creator = tenant_of(context), now_us(), session_scope(context)
+        rows, total = await asyncio.gather(
+            self._store.list_sessions(
+                tenant, user_id=request.user_id, after=after, limit=size + 1, now_us=now, creator=creator
+            ),
+            self._store.count_listed_sessions(tenant, user_id=request.user_id, now_us=now, creator=creator),
         )
         sessions, token = pagination.page(rows, size, filters, lambda s: [s.create_time.ToMicroseconds(), s.session_id])
-        return session_pb2.ListSessionsResponse(sessions=sessions, next_page_token=token)
+        return session_pb2.ListSessionsResponse(
+            sessions=[active(s) for s in sessions], next_page_token=token, total=total
+        )
 
-    async def DeleteSession(self, request: session_pb2.DeleteSessionRequest, context: Context) -> empty_pb2.Empty:
+    async def DeleteSession(
+        self, request: session_pb2.DeleteSessionRequest, context: Context
+    ) -> session_pb2.DeleteSessionResponse:
         require(request.session_id, "session_id")
         check_request_id(request.request_id)
         try:
@@ -132,7 +134,13 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             raise session_not_found(request.session_id)
         if deleted is Deletion.DELETED:  # a replay was announced the first time
             self._bus.publish("session.deleted", tenant=tenant_of(context), session_id=request.session_id)
-        return empty_pb2.Empty()
+        return session_pb2.DeleteSessionResponse(message="Session closed")
+
+
+def active(session: session_pb2.Session) -> session_pb2.Session:
+    """`session` marked usable: every session an answer carries is (the rest are NOT_FOUND)."""
+    session.active = True
+    return session
 
 
 def credential_of(principal: Principal) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from google.protobuf import empty_pb2
 from google.rpc import error_details_pb2
 
@@ -101,15 +103,15 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
         after = pagination.cursor_str(cursor)
         if request.session_id:
             await check_owner(self._store, context, request.session_id)
-        rows = await self._store.list_workflows(
-            tenant_of(context),
-            session_id=request.session_id,
-            after=after,
-            limit=size + 1,
-            session_creator=session_scope(context),
+        tenant, creator = tenant_of(context), session_scope(context)
+        rows, total = await asyncio.gather(
+            self._store.list_workflows(
+                tenant, session_id=request.session_id, after=after, limit=size + 1, session_creator=creator
+            ),
+            self._store.count_listed_workflows(tenant, session_id=request.session_id, session_creator=creator),
         )
         workflows, token = pagination.page(rows, size, filters, lambda w: [w.workflow_id])
-        return workflow_pb2.ListWorkflowsResponse(workflows=workflows, next_page_token=token)
+        return workflow_pb2.ListWorkflowsResponse(workflows=workflows, next_page_token=token, total=total)
 
     async def DeleteWorkflow(self, request: workflow_pb2.DeleteWorkflowRequest, context: Context) -> empty_pb2.Empty:
         require(request.workflow_id, "workflow_id")

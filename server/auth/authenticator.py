@@ -76,6 +76,11 @@ class Authenticator:
         self._audit = audit
         self.failed = 0
 
+    @property
+    def insecure(self) -> bool:
+        """Whether authentication is off (every caller is the insecure admin)."""
+        return self._insecure
+
     def watch(self, principal: Principal, ended: Ended) -> Watched | None:
         """Call `ended` when `principal`'s credential is revoked or expires (for open streams)."""
         return self._keys.streams.watch(principal, ended)

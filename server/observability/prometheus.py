@@ -33,7 +33,7 @@ import logging
 import os
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
 log = logging.getLogger(__name__)
@@ -138,12 +138,21 @@ class Prometheus:
         if seconds is not None:
             children[1].observe(seconds)
 
-    def serve(self, host: str, port: int) -> int:
-        """Serve /metrics on host:port (0: any free port) in a thread; returns the port."""
+    def _exposed(self) -> CollectorRegistry:
+        """What /metrics shows: this process's registry, or every worker's files summed."""
         registry = self.registry
         if registry is None:
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return registry
+
+    def exposition(self) -> bytes:
+        """The text /metrics answers (GatewayService.GetMetrics serves it through Envoy)."""
+        return generate_latest(self._exposed())
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port (0: any free port) in a thread; returns the port."""
+        registry = self._exposed()
         server, _thread = start_http_server(port, addr=host, registry=registry)
         self._server = server
         bound: int = server.server_address[1]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from flowport.server.events.bus import BusEvent
 from flowport.v1 import execution_pb2, session_pb2, workflow_pb2
 
 
@@ -85,6 +86,9 @@ class Store(Protocol):
     ) -> list[session_pb2.Session]:
         """Unexpired sessions, newest first, strictly after the (create_us, id) cursor; only `creator`'s if given."""
 
+    async def count_listed_sessions(self, tenant: str, *, user_id: str, now_us: int, creator: str | None = None) -> int:
+        """How many sessions list_sessions' pages hold in all (the same filters, no cursor)."""
+
     async def delete_session(
         self, tenant: str, session_id: str, now_us: int, request_id: str = "", creator: str | None = None
     ) -> Deletion:
@@ -128,6 +132,9 @@ class Store(Protocol):
         self, tenant: str, *, session_id: str, after: str | None, limit: int, session_creator: str | None = None
     ) -> list[workflow_pb2.Workflow]:
         """Latest version of each workflow, ordered by id, after `after` (`session_creator` as for get_workflow)."""
+
+    async def count_listed_workflows(self, tenant: str, *, session_id: str, session_creator: str | None = None) -> int:
+        """How many workflows list_workflows' pages hold in all (the same filters, no cursor)."""
 
     async def delete_workflow(
         self, tenant: str, workflow_id: str, now_us: int, request_id: str = "", session_creator: str | None = None
@@ -208,3 +215,20 @@ class Store(Protocol):
     ) -> list[execution_pb2.Execution]:
         """Executions newest first, filtered, after the (create_us, id) cursor; with `session_creator`,
         only those outside sessions or in that credential's."""
+
+    async def count_listed_executions(
+        self, tenant: str, *, workflow_id: str, session_id: str, state: int, session_creator: str | None = None
+    ) -> int:
+        """How many executions list_executions' pages hold in all (the same filters, no cursor)."""
+
+    async def read_recent_events(
+        self,
+        tenant: str,
+        *,
+        before: int | None,
+        limit: int,
+        session_id: str = "",
+        workflow_id: str = "",
+        execution_id: str = "",
+    ) -> list[BusEvent]:
+        """A tenant's logged events with id < `before` (None: any), newest first, filtered by the ids given."""

@@ -81,14 +81,49 @@ class EventTables(Tables):
         execution_id: str = "",
     ) -> list[BusEvent]:
         """A tenant's events with id > `after`, oldest first, filtered by the ids given."""
-        sql = "SELECT * FROM events WHERE tenant=? AND id>?"
-        args: list[object] = [tenant, after]
+        return await self._select_events(
+            "id>? ORDER BY id",
+            tenant,
+            after,
+            limit,
+            session_id=session_id,
+            workflow_id=workflow_id,
+            execution_id=execution_id,
+        )
+
+    async def read_recent_events(
+        self,
+        tenant: str,
+        *,
+        before: int | None,
+        limit: int,
+        session_id: str = "",
+        workflow_id: str = "",
+        execution_id: str = "",
+    ) -> list[BusEvent]:
+        """A tenant's events with id < `before` (None: any), newest first, filtered by the ids given."""
+        return await self._select_events(
+            "id<? ORDER BY id DESC",
+            tenant,
+            2**63 - 1 if before is None else before,
+            limit,
+            session_id=session_id,
+            workflow_id=workflow_id,
+            execution_id=execution_id,
+        )
+
+    async def _select_events(
+        self, order: str, tenant: str, bound: int, limit: int, *, session_id: str, workflow_id: str, execution_id: str
+    ) -> list[BusEvent]:
+        """Events of `tenant` filtered by the ids given, then `order` ("id>? ORDER BY id"...) against `bound`."""
+        sql = "SELECT * FROM events WHERE tenant=?"
+        args: list[object] = [tenant]
         for column, value in (("session_id", session_id), ("workflow_id", workflow_id), ("execution_id", execution_id)):
             if value:
                 sql += f" AND {column}=?"
                 args.append(value)
-        sql += " ORDER BY id LIMIT ?"
-        args.append(limit)
+        sql += f" AND {order} LIMIT ?"
+        args.extend((bound, limit))
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [
             BusEvent(str(r[0]), r[2], r[3] * 1000, r[1], r[4], r[5], r[6], orjson.loads(r[7]) or None) for r in rows

@@ -120,15 +120,8 @@ class ExecutionTables(Tables):
     ) -> list[execution_pb2.Execution]:
         """Newest first, strictly after the (create_us, execution_id) cursor; with `session_creator`,
         only executions outside sessions or in that credential's."""
-        sql = "SELECT body FROM executions WHERE tenant=?"
-        args: list[object] = [tenant]
-        if session_creator is not None:
-            sql += " AND (session_id='' OR session_creator=?)"
-            args.append(session_creator)
-        for column, value in (("workflow_id", workflow_id), ("session_id", session_id), ("state", state)):
-            if value:
-                sql += f" AND {column}=?"
-                args.append(value)
+        where, args = _listed(tenant, workflow_id, session_id, state, session_creator)
+        sql = f"SELECT body FROM executions WHERE {where}"  # noqa: S608 - fixed fragments
         if after is not None:
             sql += " AND (create_us, execution_id) < (?, ?)"
             args.extend(after)
@@ -136,6 +129,15 @@ class ExecutionTables(Tables):
         args.append(limit)
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [execution_pb2.Execution.FromString(row[0]) for row in rows]
+
+    async def count_listed_executions(
+        self, tenant: str, *, workflow_id: str, session_id: str, state: int, session_creator: str | None = None
+    ) -> int:
+        """How many executions list_executions' pages hold in all."""
+        where, args = _listed(tenant, workflow_id, session_id, state, session_creator)
+        sql = f"SELECT count(*) FROM executions WHERE {where}"  # noqa: S608 - fixed fragments
+        row = await self._read(lambda conn: conn.execute(sql, args).fetchone())
+        return int(row[0])
 
     async def claim_executions(
         self,
@@ -240,3 +242,18 @@ class ExecutionTables(Tables):
         what another owner left is free to take at once."""
         sql = "UPDATE executions SET lease_until_us=0 WHERE owner<>? AND state IN (1, 2) AND lease_until_us<>0"
         await self._write(lambda conn: conn.execute(sql, (owner,)))
+
+
+def _listed(
+    tenant: str, workflow_id: str, session_id: str, state: int, session_creator: str | None
+) -> tuple[str, list[object]]:
+    """The WHERE clause of list_executions without its cursor."""
+    where, args = "tenant=?", list[object]([tenant])
+    if session_creator is not None:
+        where += " AND (session_id='' OR session_creator=?)"
+        args.append(session_creator)
+    for column, value in (("workflow_id", workflow_id), ("session_id", session_id), ("state", state)):
+        if value:
+            where += f" AND {column}=?"
+            args.append(value)
+    return where, args

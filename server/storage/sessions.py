@@ -108,14 +108,8 @@ class SessionTables(Tables):
         now_us: int,
         creator: str | None = None,
     ) -> list[session_pb2.Session]:
-        sql = "SELECT body FROM sessions WHERE tenant=? AND expire_us>?"
-        args: list[object] = [tenant, now_us]
-        if creator is not None:
-            sql += " AND creator=?"
-            args.append(creator)
-        if user_id:
-            sql += " AND user_id=?"
-            args.append(user_id)
+        where, args = _listed(tenant, user_id, now_us, creator)
+        sql = f"SELECT body FROM sessions WHERE {where}"  # noqa: S608 - fixed fragments
         if after is not None:
             sql += " AND (create_us, session_id) < (?, ?)"
             args.extend(after)
@@ -123,6 +117,12 @@ class SessionTables(Tables):
         args.append(limit)
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [session_pb2.Session.FromString(row[0]) for row in rows]
+
+    async def count_listed_sessions(self, tenant: str, *, user_id: str, now_us: int, creator: str | None = None) -> int:
+        where, args = _listed(tenant, user_id, now_us, creator)
+        sql = f"SELECT count(*) FROM sessions WHERE {where}"  # noqa: S608 - fixed fragments
+        row = await self._read(lambda conn: conn.execute(sql, args).fetchone())
+        return int(row[0])
 
     async def delete_session(
         self, tenant: str, session_id: str, now_us: int, request_id: str = "", creator: str | None = None
@@ -198,3 +198,15 @@ def _one(column: str, tenant: str, session_id: str, now_us: int, creator: str | 
     if creator is None:
         return sql, (session_id, tenant, now_us)
     return sql + " AND creator=?", (session_id, tenant, now_us, creator)
+
+
+def _listed(tenant: str, user_id: str, now_us: int, creator: str | None) -> tuple[str, list[object]]:
+    """The WHERE clause of list_sessions without its cursor: what its pages hold in all."""
+    where, args = "tenant=? AND expire_us>?", list[object]([tenant, now_us])
+    if creator is not None:
+        where += " AND creator=?"
+        args.append(creator)
+    if user_id:
+        where += " AND user_id=?"
+        args.append(user_id)
+    return where, args

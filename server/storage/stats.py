@@ -64,3 +64,13 @@ class StatsTables(Tables):
             lambda conn: conn.execute(sql, (*args, webhook_pb2.WebhookDelivery.STATE_RETRYING)).fetchone()
         )
         return int(row[0])
+
+    async def count_workflows(self, tenant: str | None) -> int:
+        """Workflows of `tenant` (or all) that are not deleted, each counted once whatever its versions."""
+        where, args = _scope(tenant)
+        sql = (
+            "SELECT count(*) FROM (SELECT DISTINCT tenant, workflow_id FROM workflows"  # noqa: S608 - fixed fragments
+            f" WHERE {where} AND deleted_us IS NULL) AS live"
+        )
+        row = await self._read(lambda conn: conn.execute(sql, args).fetchone())
+        return int(row[0])

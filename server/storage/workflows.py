@@ -80,19 +80,8 @@ class WorkflowTables(Tables):
     ) -> list[workflow_pb2.Workflow]:
         """The latest version of each workflow, by workflow_id, after `after`; with `session_creator`,
         the latest of the versions outside sessions or in that credential's."""
-        visible = ""
-        args: list[object] = [tenant]
-        if session_creator is not None:
-            visible = " AND (v.session_id='' OR v.session_creator=?)"
-            args.append(session_creator)
-        sql = (
-            "SELECT body FROM workflows w WHERE tenant=? AND deleted_us IS NULL"  # noqa: S608 - fixed fragments
-            " AND version = (SELECT MAX(version) FROM workflows v"
-            f" WHERE v.tenant=w.tenant AND v.workflow_id=w.workflow_id{visible})"
-        )
-        if session_id:
-            sql += " AND session_id=?"
-            args.append(session_id)
+        where, args = _listed(tenant, session_id, session_creator)
+        sql = f"SELECT body FROM workflows w WHERE {where}"  # noqa: S608 - fixed fragments
         if after is not None:
             sql += " AND workflow_id > ?"
             args.append(after)
@@ -100,6 +89,13 @@ class WorkflowTables(Tables):
         args.append(limit)
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [workflow_pb2.Workflow.FromString(row[0]) for row in rows]
+
+    async def count_listed_workflows(self, tenant: str, *, session_id: str, session_creator: str | None = None) -> int:
+        """How many workflows list_workflows' pages hold in all."""
+        where, args = _listed(tenant, session_id, session_creator)
+        sql = f"SELECT count(*) FROM workflows w WHERE {where}"  # noqa: S608 - fixed fragments
+        row = await self._read(lambda conn: conn.execute(sql, args).fetchone())
+        return int(row[0])
 
     async def delete_workflow(
         self, tenant: str, workflow_id: str, now_us: int, request_id: str = "", session_creator: str | None = None
@@ -130,3 +126,22 @@ def _any_visible(conn: Connection, tenant: str, workflow_id: str, session_creato
     """Whether `session_creator` may see any version of the workflow, deleted ones included."""
     sql = f"SELECT 1 FROM workflows WHERE tenant=? AND workflow_id=? AND {_VISIBLE} LIMIT 1"  # noqa: S608 - fixed
     return conn.execute(sql, (tenant, workflow_id, session_creator)).fetchone() is not None
+
+
+def _listed(tenant: str, session_id: str, session_creator: str | None) -> tuple[str, list[object]]:
+    """The WHERE clause of list_workflows (over `workflows w`) without its cursor: the latest
+    version each caller may see, of every workflow not deleted."""
+    visible = ""
+    args: list[object] = [tenant]
+    if session_creator is not None:
+        visible = " AND (v.session_id='' OR v.session_creator=?)"
+        args.append(session_creator)
+    where = (
+        "tenant=? AND deleted_us IS NULL"  # noqa: S608 - fixed fragments
+        " AND version = (SELECT MAX(version) FROM workflows v"
+        f" WHERE v.tenant=w.tenant AND v.workflow_id=w.workflow_id{visible})"
+    )
+    if session_id:
+        where += " AND session_id=?"
+        args.append(session_id)
+    return where, args

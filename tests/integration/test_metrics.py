@@ -1,5 +1,6 @@
-"""Prometheus /metrics on its own loopback port: it parses with the Prometheus text parser,
-holds every documented metric, counts what was done, and with two workers adds them up."""
+"""Prometheus /metrics on its own loopback port (and through Envoy for admins): it parses with
+the Prometheus text parser, holds every documented metric, counts what was done, and with two
+workers adds them up."""
 
 from __future__ import annotations
 
@@ -80,8 +81,8 @@ def test_metrics_parse_hold_every_documented_metric_and_count(stack: Stack) -> N
     assert any(dict(labels).get("workflow") == done.workflow_id for _, labels in durations)
     assert _value(after, "flowport_sandbox_workers") == stack.settings.sandbox_workers
     assert _value(after, "flowport_store_operation_duration_seconds_count", operation="write") > 0
-    # Loopback only, and not through Envoy.
-    assert httpx.get(f"{stack.settings.http_url}/metrics", timeout=10).status_code == 404
+    # Through Envoy only with an admin's credential (GatewayService.GetMetrics).
+    assert httpx.get(f"{stack.settings.http_url}/metrics", timeout=10).status_code == 401
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="flowport up --workers needs Linux here")

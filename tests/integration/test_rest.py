@@ -36,7 +36,7 @@ def test_session_crud_over_rest(http: httpx.Client) -> None:
     assert [s["session_id"] for s in listed.json()["sessions"]] == [session_id]
     assert listed.json()["next_page_token"] == "", "defaults are printed"
     deleted = http.delete(f"/api/sessions/{session_id}")
-    assert deleted.status_code == 200 and deleted.json() == {}
+    assert deleted.status_code == 200 and deleted.json() == {"message": "Session closed"}
     assert http.get(f"/api/sessions/{session_id}").status_code == 404
 
 

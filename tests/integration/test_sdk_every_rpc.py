@@ -62,6 +62,8 @@ def test_every_rpc_answers_through_the_sdk_and_envoy(stack: Stack) -> None:  # n
         assert info.version  # type: ignore[attr-defined]
         call(fp.gateway.GetHealth, gateway_pb2.GetHealthRequest())
         call(fp.gateway.GetStats, gateway_pb2.GetStatsRequest())
+        metrics = call(fp.gateway.GetMetrics, gateway_pb2.GetMetricsRequest())
+        assert b"flowport_rpc_requests_total" in metrics.data  # type: ignore[attr-defined]
 
         session = call(fp.sessions.CreateSession, session_pb2.CreateSessionRequest(session=session_pb2.Session()))
         sid = session.session_id  # type: ignore[attr-defined]
@@ -108,6 +110,8 @@ def test_every_rpc_answers_through_the_sdk_and_envoy(stack: Stack) -> None:  # n
         first = next(e for e in events if e.type != "heartbeat")
         assert first.execution_id == eid
         events.cancel()
+        recent = call(fp.events.ListRecentEvents, event_pb2.ListRecentEventsRequest(execution_id=eid))
+        assert {e.execution_id for e in recent.events} == {eid}  # type: ignore[attr-defined]
         call(fp.executions.GetExecution, execution_pb2.GetExecutionRequest(execution_id=eid))
         call(fp.executions.ListExecutions, execution_pb2.ListExecutionsRequest(workflow_id=wid))
         cancelled = call(fp.executions.CancelExecution, execution_pb2.CancelExecutionRequest(execution_id=eid))

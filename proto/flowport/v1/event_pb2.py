@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66lowport/v1/event.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x01\n\x05\x45vent\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12.\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x06tenant\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nsession_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0bworkflow_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x65xecution_id\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x04\x64\x61ta\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\"\xae\x01\n\x13StreamEventsRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0bworkflow_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1a\n\x0c\x65xecution_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05types\x18\x04 \x03(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08\x61\x66ter_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x65vent_types\x18\x06 \x03(\tB\x04\xe2\x41\x01\x01\x32j\n\x0c\x45ventService\x12Z\n\x0cStreamEvents\x12 .flowport.v1.StreamEventsRequest\x1a\x12.flowport.v1.Event\"\x12\x90\x02\x01\x82\xd3\xe4\x93\x02\t\x12\x07/events0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66lowport/v1/event.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x02\n\x05\x45vent\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12.\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x06tenant\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nsession_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0bworkflow_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x65xecution_id\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x04\x64\x61ta\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x1b\n\x08progress\x18\t \x01(\x01\x42\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12\x18\n\x05\x65rror\x18\n \x01(\tB\x04\xe2\x41\x01\x03H\x01\x88\x01\x01\x42\x0b\n\t_progressB\x08\n\x06_error\"\xae\x01\n\x13StreamEventsRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0bworkflow_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1a\n\x0c\x65xecution_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05types\x18\x04 \x03(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08\x61\x66ter_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x65vent_types\x18\x06 \x03(\tB\x04\xe2\x41\x01\x01\"\xe2\x01\n\x17ListRecentEventsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05\x63ount\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\nsession_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0bworkflow_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1a\n\x0c\x65xecution_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05types\x18\x07 \x03(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x65vent_types\x18\x08 \x03(\tB\x04\xe2\x41\x01\x01\"f\n\x18ListRecentEventsResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.flowport.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\x32\xea\x01\n\x0c\x45ventService\x12Z\n\x0cStreamEvents\x12 .flowport.v1.StreamEventsRequest\x1a\x12.flowport.v1.Event\"\x12\x90\x02\x01\x82\xd3\xe4\x93\x02\t\x12\x07/events0\x01\x12~\n\x10ListRecentEvents\x12$.flowport.v1.ListRecentEventsRequest\x1a%.flowport.v1.ListRecentEventsResponse\"\x1d\x90\x02\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/api/events/recentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,6 +51,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT'].fields_by_name['execution_id']._serialized_options = b'\342A\001\003'
   _globals['_EVENT'].fields_by_name['data']._loaded_options = None
   _globals['_EVENT'].fields_by_name['data']._serialized_options = b'\342A\001\003'
+  _globals['_EVENT'].fields_by_name['progress']._loaded_options = None
+  _globals['_EVENT'].fields_by_name['progress']._serialized_options = b'\342A\001\003'
+  _globals['_EVENT'].fields_by_name['error']._loaded_options = None
+  _globals['_EVENT'].fields_by_name['error']._serialized_options = b'\342A\001\003'
   _globals['_STREAMEVENTSREQUEST'].fields_by_name['session_id']._loaded_options = None
   _globals['_STREAMEVENTSREQUEST'].fields_by_name['session_id']._serialized_options = b'\342A\001\001'
   _globals['_STREAMEVENTSREQUEST'].fields_by_name['workflow_id']._loaded_options = None
@@ -63,12 +67,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMEVENTSREQUEST'].fields_by_name['after_id']._serialized_options = b'\342A\001\001'
   _globals['_STREAMEVENTSREQUEST'].fields_by_name['event_types']._loaded_options = None
   _globals['_STREAMEVENTSREQUEST'].fields_by_name['event_types']._serialized_options = b'\342A\001\001'
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['count']._loaded_options = None
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['count']._serialized_options = b'\342A\001\001'
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['session_id']._serialized_options = b'\342A\001\001'
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['workflow_id']._loaded_options = None
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['workflow_id']._serialized_options = b'\342A\001\001'
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['execution_id']._loaded_options = None
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['execution_id']._serialized_options = b'\342A\001\001'
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['types']._loaded_options = None
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['types']._serialized_options = b'\342A\001\001'
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['event_types']._loaded_options = None
+  _globals['_LISTRECENTEVENTSREQUEST'].fields_by_name['event_types']._serialized_options = b'\342A\001\001'
   _globals['_EVENTSERVICE'].methods_by_name['StreamEvents']._loaded_options = None
   _globals['_EVENTSERVICE'].methods_by_name['StreamEvents']._serialized_options = b'\220\002\001\202\323\344\223\002\t\022\007/events'
+  _globals['_EVENTSERVICE'].methods_by_name['ListRecentEvents']._loaded_options = None
+  _globals['_EVENTSERVICE'].methods_by_name['ListRecentEvents']._serialized_options = b'\220\002\001\202\323\344\223\002\024\022\022/api/events/recent'
   _globals['_EVENT']._serialized_start=167
-  _globals['_EVENT']._serialized_end=408
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=411
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=585
-  _globals['_EVENTSERVICE']._serialized_start=587
-  _globals['_EVENTSERVICE']._serialized_end=693
+  _globals['_EVENT']._serialized_end=486
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=489
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=663
+  _globals['_LISTRECENTEVENTSREQUEST']._serialized_start=666
+  _globals['_LISTRECENTEVENTSREQUEST']._serialized_end=892
+  _globals['_LISTRECENTEVENTSRESPONSE']._serialized_start=894
+  _globals['_LISTRECENTEVENTSRESPONSE']._serialized_end=996
+  _globals['_EVENTSERVICE']._serialized_start=999
+  _globals['_EVENTSERVICE']._serialized_end=1233
 # @@protoc_insertion_point(module_scope)

@@ -34,16 +34,19 @@ class Event(_message.Message):
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     EXECUTION_ID_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Position in the event log: opaque, increasing, usable as `after_id`.
     Empty for heartbeats.
     """
     type: _builtins.str
-    """Dotted event type: "session.created", "workflow.created",
+    """Event type: "session.created", "workflow.created",
     "execution.started", "execution.progress", "execution.completed",
     "execution.failed", "execution.cancelled", "node.started",
     "node.completed", "node.failed", "webhook.failed", "system.error", or
-    "heartbeat".
+    "heartbeat"; on a copy for a client that asked for a Kailash name, that
+    name ("workflow_progress", "workflow.completed"...; see the migration page).
     """
     tenant: _builtins.str
     """The tenant the event belongs to."""
@@ -53,6 +56,14 @@ class Event(_message.Message):
     """Workflow the event concerns, if any."""
     execution_id: _builtins.str
     """Execution the event concerns, if any."""
+    progress: _builtins.float
+    """Set only on a copy of an event under a Kailash name (`workflow_progress`):
+    the execution's progress in percent, where Kailash clients read it.
+    """
+    error: _builtins.str
+    """Set only on a copy of an event under a Kailash name (`workflow_failed`,
+    `system_error`): what went wrong, where Kailash clients read it.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the event happened."""
@@ -72,12 +83,21 @@ class Event(_message.Message):
         workflow_id: _builtins.str = ...,
         execution_id: _builtins.str = ...,
         data: _struct_pb2.Struct | None = ...,
+        progress: _builtins.float | None = ...,
+        error: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "_progress", b"_progress", "data", b"data", "error", b"error", "progress", b"progress", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "execution_id", b"execution_id", "id", b"id", "session_id", b"session_id", "tenant", b"tenant", "time", b"time", "type", b"type", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "_progress", b"_progress", "data", b"data", "error", b"error", "execution_id", b"execution_id", "id", b"id", "progress", b"progress", "session_id", b"session_id", "tenant", b"tenant", "time", b"time", "type", b"type", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__error: _TypeAlias = _typing.Literal["error"]  # noqa: Y015
+    _WhichOneofArgType__error: _TypeAlias = _typing.Literal["_error", b"_error"]  # noqa: Y015
+    _WhichOneofReturnType__progress: _TypeAlias = _typing.Literal["progress"]  # noqa: Y015
+    _WhichOneofArgType__progress: _TypeAlias = _typing.Literal["_progress", b"_progress"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__error) -> _WhichOneofReturnType__error | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__progress) -> _WhichOneofReturnType__progress | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
 
@@ -108,7 +128,11 @@ class StreamEventsRequest(_message.Message):
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only events of these types, when set. A type ending in `.*` matches a
-        family, e.g. "execution.*".
+        family, e.g. "execution.*". Kailash's names ("workflow_progress",
+        "workflow.completed", "system_error"...) are accepted too: each event
+        they alias is sent again under that name (same id), with `progress` and
+        `error` set. A server-sent-event stream with no types gets every event
+        and the underscore-named copies, as Kailash's browser code expects.
         """
 
     @_builtins.property
@@ -135,3 +159,97 @@ class StreamEventsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamEventsRequest: _TypeAlias = StreamEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListRecentEventsRequest(_message.Message):
+    """Request for EventService.ListRecentEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum number of events to return: default 100, maximum 500 (larger
+    values are lowered to 500). Negative values are INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """`next_page_token` from a previous call, for older events. The other
+    parameters must match the call that returned the token.
+    """
+    count: _builtins.int
+    """Kailash's name for `page_size`; the smaller applies when both are set."""
+    session_id: _builtins.str
+    """Only events of this session, when set. NOT_FOUND unless the caller may
+    use the session (its creator, or an admin of the tenant).
+    """
+    workflow_id: _builtins.str
+    """Only events of this workflow, when set."""
+    execution_id: _builtins.str
+    """Only events of this execution, when set."""
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events of these types, as StreamEventsRequest.types (families and
+        Kailash names included).
+        """
+
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Kailash's name for `types`, as StreamEventsRequest.event_types."""
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        count: _builtins.int = ...,
+        session_id: _builtins.str = ...,
+        workflow_id: _builtins.str = ...,
+        execution_id: _builtins.str = ...,
+        types: _abc.Iterable[_builtins.str] | None = ...,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "event_types", b"event_types", "execution_id", b"execution_id", "page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id", "types", b"types", "workflow_id", b"workflow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRecentEventsRequest: _TypeAlias = ListRecentEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListRecentEventsResponse(_message.Message):
+    """Response of EventService.ListRecentEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for older events; empty when the log holds no more that match."""
+    total: _builtins.int
+    """How many events this answer holds (Kailash's `total`)."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """The events, newest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRecentEventsResponse: _TypeAlias = ListRecentEventsResponse  # noqa: Y015

@@ -43,6 +43,11 @@ class EventServiceStub:
                 request_serializer=flowport_dot_v1_dot_event__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=flowport_dot_v1_dot_event__pb2.Event.FromString,
                 _registered_method=True)
+        self.ListRecentEvents = channel.unary_unary(
+                '/flowport.v1.EventService/ListRecentEvents',
+                request_serializer=flowport_dot_v1_dot_event__pb2.ListRecentEventsRequest.SerializeToString,
+                response_deserializer=flowport_dot_v1_dot_event__pb2.ListRecentEventsResponse.FromString,
+                _registered_method=True)
 
 
 class EventServiceServicer:
@@ -63,6 +68,17 @@ class EventServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRecentEvents(self, request, context):
+        """Returns the tenant's most recent logged events that match the filter,
+        newest first (Kailash's `GET /api/events/recent`), with the same
+        visibility as StreamEvents: events of other credentials' sessions are
+        left out (admins of the tenant get all). Only what the event log still
+        retains is there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -70,6 +86,11 @@ def add_EventServiceServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=flowport_dot_v1_dot_event__pb2.StreamEventsRequest.FromString,
                     response_serializer=flowport_dot_v1_dot_event__pb2.Event.SerializeToString,
+            ),
+            'ListRecentEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRecentEvents,
+                    request_deserializer=flowport_dot_v1_dot_event__pb2.ListRecentEventsRequest.FromString,
+                    response_serializer=flowport_dot_v1_dot_event__pb2.ListRecentEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -103,6 +124,33 @@ class EventService:
             '/flowport.v1.EventService/StreamEvents',
             flowport_dot_v1_dot_event__pb2.StreamEventsRequest.SerializeToString,
             flowport_dot_v1_dot_event__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRecentEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowport.v1.EventService/ListRecentEvents',
+            flowport_dot_v1_dot_event__pb2.ListRecentEventsRequest.SerializeToString,
+            flowport_dot_v1_dot_event__pb2.ListRecentEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

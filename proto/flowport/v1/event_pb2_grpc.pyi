@@ -44,6 +44,13 @@ class EventServiceStub:
     event; OUT_OF_RANGE when it is older than the retained log. Events of
     other credentials' sessions are left out (admins of the tenant get all).
     """
+    ListRecentEvents: _grpc.UnaryUnaryMultiCallable[_event_pb2.ListRecentEventsRequest, _event_pb2.ListRecentEventsResponse]
+    """Returns the tenant's most recent logged events that match the filter,
+    newest first (Kailash's `GET /api/events/recent`), with the same
+    visibility as StreamEvents: events of other credentials' sessions are
+    left out (admins of the tenant get all). Only what the event log still
+    retains is there.
+    """
 
 @_typing.type_check_only
 class EventServiceAsyncStub(EventServiceStub):
@@ -60,6 +67,13 @@ class EventServiceAsyncStub(EventServiceStub):
     `after_id` (or a `last-event-id` header) the stream resumes after that
     event; OUT_OF_RANGE when it is older than the retained log. Events of
     other credentials' sessions are left out (admins of the tenant get all).
+    """
+    ListRecentEvents: _aio.UnaryUnaryMultiCallable[_event_pb2.ListRecentEventsRequest, _event_pb2.ListRecentEventsResponse]  # type: ignore[assignment]
+    """Returns the tenant's most recent logged events that match the filter,
+    newest first (Kailash's `GET /api/events/recent`), with the same
+    visibility as StreamEvents: events of other credentials' sessions are
+    left out (admins of the tenant get all). Only what the event log still
+    retains is there.
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -80,6 +94,19 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         `after_id` (or a `last-event-id` header) the stream resumes after that
         event; OUT_OF_RANGE when it is older than the retained log. Events of
         other credentials' sessions are left out (admins of the tenant get all).
+        """
+
+    @_abc_1.abstractmethod
+    def ListRecentEvents(
+        self,
+        request: _event_pb2.ListRecentEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_event_pb2.ListRecentEventsResponse, _abc.Awaitable[_event_pb2.ListRecentEventsResponse]]:
+        """Returns the tenant's most recent logged events that match the filter,
+        newest first (Kailash's `GET /api/events/recent`), with the same
+        visibility as StreamEvents: events of other credentials' sessions are
+        left out (admins of the tenant get all). Only what the event log still
+        retains is there.
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -80,6 +80,8 @@ class Execution(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     """Server-assigned identifier, e.g. "exe_01J9Z..."."""
     workflow_id: _builtins.str
@@ -94,6 +96,14 @@ class Execution(_message.Message):
     """The tenant that owns the execution."""
     request_id: _builtins.str
     """The idempotency key it was created with, if any."""
+    status: _builtins.str
+    """`state` in Kailash's words: "started" (pending), "running",
+    "completed" (succeeded), "failed" or "cancelled".
+    """
+    progress: _builtins.float
+    """Share of the workflow's nodes finished or skipped, in percent (0 to
+    100), as the last `execution.progress` event said; 100 once succeeded.
+    """
     @_builtins.property
     def inputs(self) -> _struct_pb2.Struct:
         """Inputs the execution was started with."""
@@ -148,10 +158,12 @@ class Execution(_message.Message):
         duration: _duration_pb2.Duration | None = ...,
         tenant: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        progress: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "inputs", b"inputs", "outputs", b"outputs", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "execution_id", b"execution_id", "inputs", b"inputs", "node_runs", b"node_runs", "outputs", b"outputs", "request_id", b"request_id", "session_id", b"session_id", "start_time", b"start_time", "state", b"state", "tenant", b"tenant", "workflow_id", b"workflow_id", "workflow_version", b"workflow_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "execution_id", b"execution_id", "inputs", b"inputs", "node_runs", b"node_runs", "outputs", b"outputs", "progress", b"progress", "request_id", b"request_id", "session_id", b"session_id", "start_time", b"start_time", "state", b"state", "status", b"status", "tenant", b"tenant", "workflow_id", b"workflow_id", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,8 +401,13 @@ class ListExecutionsResponse(_message.Message):
 
     EXECUTIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty on the last page."""
+    total: _builtins.int
+    """How many executions match the request's filters in all pages, of those the
+    caller may see (Kailash's `total`).
+    """
     @_builtins.property
     def executions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Execution]:
         """The executions, newest first."""
@@ -400,10 +417,11 @@ class ListExecutionsResponse(_message.Message):
         *,
         executions: _abc.Iterable[Global___Execution] | None = ...,
         next_page_token: _builtins.str = ...,
+        total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "next_page_token", b"next_page_token", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -102,6 +102,7 @@ class ExecutionServiceServicer:
         CANCELLED. Cancelling an execution that has already ended returns it
         unchanged. Fails with NOT_FOUND when it does not exist or ran in
         another credential's session (admins of the tenant excepted).
+        `DELETE /api/executions/{execution_id}` is Kailash's route for it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

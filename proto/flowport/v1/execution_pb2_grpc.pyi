@@ -57,6 +57,7 @@ class ExecutionServiceStub:
     CANCELLED. Cancelling an execution that has already ended returns it
     unchanged. Fails with NOT_FOUND when it does not exist or ran in
     another credential's session (admins of the tenant excepted).
+    `DELETE /api/executions/{execution_id}` is Kailash's route for it.
     """
     WatchExecution: _grpc.UnaryStreamMultiCallable[_execution_pb2.WatchExecutionRequest, _execution_pb2.WatchExecutionResponse]
     """Streams an execution: its current state first, then its progress and
@@ -93,6 +94,7 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
     CANCELLED. Cancelling an execution that has already ended returns it
     unchanged. Fails with NOT_FOUND when it does not exist or ran in
     another credential's session (admins of the tenant excepted).
+    `DELETE /api/executions/{execution_id}` is Kailash's route for it.
     """
     WatchExecution: _aio.UnaryStreamMultiCallable[_execution_pb2.WatchExecutionRequest, _execution_pb2.WatchExecutionResponse]  # type: ignore[assignment]
     """Streams an execution: its current state first, then its progress and
@@ -150,6 +152,7 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
         CANCELLED. Cancelling an execution that has already ended returns it
         unchanged. Fails with NOT_FOUND when it does not exist or ran in
         another credential's session (admins of the tenant excepted).
+        `DELETE /api/executions/{execution_id}` is Kailash's route for it.
         """
 
     @_abc_1.abstractmethod

@@ -63,6 +63,26 @@ class GatewayInfo(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class FeatureFlagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.bool
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.bool = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
@@ -70,6 +90,9 @@ class GatewayInfo(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
+    FEATURE_FLAGS_FIELD_NUMBER: _builtins.int
+    UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Product name, always "flowport"."""
     version: _builtins.str
@@ -78,6 +101,10 @@ class GatewayInfo(_message.Message):
     """One-line description of the gateway."""
     api_version: _builtins.str
     """API version served, e.g. "v1"."""
+    uptime_seconds: _builtins.float
+    """Seconds since the server process started (Kailash's `uptime_seconds`)."""
+    status: _builtins.str
+    """"healthy": the process answers (GET /health checks its components)."""
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___Feature]:
         """Features this server offers, each with whether it is enabled."""
@@ -90,6 +117,12 @@ class GatewayInfo(_message.Message):
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When this server process started."""
 
+    @_builtins.property
+    def feature_flags(self) -> _containers.ScalarMap[_builtins.str, _builtins.bool]:
+        """The same features as a map of name to enabled, the shape Kailash
+        clients read (`features` stays the list: a field cannot change type).
+        """
+
     def __init__(
         self,
         *,
@@ -100,10 +133,13 @@ class GatewayInfo(_message.Message):
         features: _abc.Iterable[Global___Feature] | None = ...,
         endpoints: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        feature_flags: _abc.Mapping[_builtins.str, _builtins.bool] | None = ...,
+        uptime_seconds: _builtins.float = ...,
+        status: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "description", b"description", "endpoints", b"endpoints", "features", b"features", "name", b"name", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "description", b"description", "endpoints", b"endpoints", "feature_flags", b"feature_flags", "features", b"features", "name", b"name", "start_time", b"start_time", "status", b"status", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -286,10 +322,30 @@ class GetStatsRequest(_message.Message):
 Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
 
 @_typing.final
+class GetMetricsRequest(_message.Message):
+    """Request for GatewayService.GetMetrics. It has no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMetricsRequest: _TypeAlias = GetMetricsRequest  # noqa: Y015
+
+@_typing.final
 class Stats(_message.Message):
     """Counters since the server process started. Figures a component cannot
-    report yet are zero. Counters are int64, which the JSON mapping prints as
-    decimal strings (e.g. `"total": "1024"`); gauges are int32 numbers.
+    report yet are zero. Counters are doubles holding whole numbers (exact up
+    to 2^53), so JSON clients get numbers (`"total": 1024`): the JSON mapping
+    prints 64-bit integers as strings, and Envoy's transcoder has no option
+    against it. They took new field numbers when they changed type (the old
+    ones are reserved), so no old stub misreads them. Gauges are int32 numbers.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -305,8 +361,14 @@ class Stats(_message.Message):
     PERFORMANCE_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    GATEWAY_FIELD_NUMBER: _builtins.int
+    AGENT_UI_FIELD_NUMBER: _builtins.int
+    SCHEMA_REGISTRY_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """The tenant these figures are of; empty: every tenant (an admin's view)."""
+    uptime_seconds: _builtins.float
+    """Seconds since the server process started (Kailash's `uptime_seconds`)."""
     @_builtins.property
     def sessions(self) -> Global___SessionStats:
         """Session figures."""
@@ -347,6 +409,18 @@ class Stats(_message.Message):
     def errors(self) -> Global___ErrorStats:
         """Failed calls (the seed's `errors`)."""
 
+    @_builtins.property
+    def gateway(self) -> Global___GatewayFigures:
+        """The gateway itself, where Kailash clients read it."""
+
+    @_builtins.property
+    def agent_ui(self) -> Global___AgentUiStats:
+        """Session and execution figures under Kailash's `agent_ui` names."""
+
+    @_builtins.property
+    def schema_registry(self) -> Global___SchemaRegistryStats:
+        """What the schema endpoints describe, under Kailash's `schema_registry`."""
+
     def __init__(
         self,
         *,
@@ -361,14 +435,122 @@ class Stats(_message.Message):
         performance: Global___PerformanceStats | None = ...,
         errors: Global___ErrorStats | None = ...,
         tenant: _builtins.str = ...,
+        uptime_seconds: _builtins.float = ...,
+        gateway: Global___GatewayFigures | None = ...,
+        agent_ui: Global___AgentUiStats | None = ...,
+        schema_registry: Global___SchemaRegistryStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "errors", b"errors", "executions", b"executions", "performance", b"performance", "realtime", b"realtime", "requests", b"requests", "security", b"security", "sessions", b"sessions", "system", b"system", "webhooks", b"webhooks"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_ui", b"agent_ui", "database", b"database", "errors", b"errors", "executions", b"executions", "gateway", b"gateway", "performance", b"performance", "realtime", b"realtime", "requests", b"requests", "schema_registry", b"schema_registry", "security", b"security", "sessions", b"sessions", "system", b"system", "webhooks", b"webhooks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "errors", b"errors", "executions", b"executions", "performance", b"performance", "realtime", b"realtime", "requests", b"requests", "security", b"security", "sessions", b"sessions", "system", b"system", "tenant", b"tenant", "webhooks", b"webhooks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_ui", b"agent_ui", "database", b"database", "errors", b"errors", "executions", b"executions", "gateway", b"gateway", "performance", b"performance", "realtime", b"realtime", "requests", b"requests", "schema_registry", b"schema_registry", "security", b"security", "sessions", b"sessions", "system", b"system", "tenant", b"tenant", "uptime_seconds", b"uptime_seconds", "webhooks", b"webhooks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Stats: _TypeAlias = Stats  # noqa: Y015
+
+@_typing.final
+class GatewayFigures(_message.Message):
+    """The gateway's identity and age (Kailash's `gateway` stats)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUESTS_PROCESSED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Product name, always "flowport"."""
+    version: _builtins.str
+    """Server version (PEP 440)."""
+    title: _builtins.str
+    """Display title, "flowport gateway"."""
+    uptime_seconds: _builtins.float
+    """Seconds since the server process started."""
+    requests_processed: _builtins.float
+    """Calls handled since start (the same figure as `requests.total`)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        title: _builtins.str = ...,
+        uptime_seconds: _builtins.float = ...,
+        requests_processed: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "requests_processed", b"requests_processed", "title", b"title", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatewayFigures: _TypeAlias = GatewayFigures  # noqa: Y015
+
+@_typing.final
+class AgentUiStats(_message.Message):
+    """Kailash's `agent_ui` figures, from the same sources as `sessions` and
+    `executions`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVE_SESSIONS_FIELD_NUMBER: _builtins.int
+    TOTAL_SESSIONS_CREATED_FIELD_NUMBER: _builtins.int
+    WORKFLOWS_EXECUTED_FIELD_NUMBER: _builtins.int
+    ACTIVE_EXECUTIONS_FIELD_NUMBER: _builtins.int
+    WORKFLOWS_FIELD_NUMBER: _builtins.int
+    active_sessions: _builtins.int
+    """Sessions that exist and have not expired (`sessions.active`)."""
+    total_sessions_created: _builtins.float
+    """Sessions ever created (`sessions.created`)."""
+    workflows_executed: _builtins.float
+    """Executions started since start (`executions.started`)."""
+    active_executions: _builtins.int
+    """Executions running right now (`executions.running`)."""
+    workflows: _builtins.int
+    """Workflows in the store (latest versions; deleted ones left out)."""
+    def __init__(
+        self,
+        *,
+        active_sessions: _builtins.int = ...,
+        total_sessions_created: _builtins.float = ...,
+        workflows_executed: _builtins.float = ...,
+        active_executions: _builtins.int = ...,
+        workflows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_executions", b"active_executions", "active_sessions", b"active_sessions", "total_sessions_created", b"total_sessions_created", "workflows", b"workflows", "workflows_executed", b"workflows_executed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentUiStats: _TypeAlias = AgentUiStats  # noqa: Y015
+
+@_typing.final
+class SchemaRegistryStats(_message.Message):
+    """Kailash's `schema_registry` figures: what the schema endpoints describe."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_TYPES_FIELD_NUMBER: _builtins.int
+    WORKFLOWS_FIELD_NUMBER: _builtins.int
+    node_types: _builtins.int
+    """Node types this server runs (`GET /api/schemas/nodes`)."""
+    workflows: _builtins.int
+    """Workflows whose schema can be asked for (`agent_ui.workflows`)."""
+    def __init__(
+        self,
+        *,
+        node_types: _builtins.int = ...,
+        workflows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_types", b"node_types", "workflows", b"workflows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchemaRegistryStats: _TypeAlias = SchemaRegistryStats  # noqa: Y015
 
 @_typing.final
 class SessionStats(_message.Message):
@@ -380,7 +562,7 @@ class SessionStats(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     active: _builtins.int
     """Sessions that exist and have not expired."""
-    created: _builtins.int
+    created: _builtins.float
     """Sessions ever created (of the tenant, or of all for an admin), by any
     process: counted by the store, deleted and expired ones included.
     """
@@ -388,7 +570,7 @@ class SessionStats(_message.Message):
         self,
         *,
         active: _builtins.int = ...,
-        created: _builtins.int = ...,
+        created: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -411,9 +593,9 @@ class RequestStats(_message.Message):
     LATENCY_P50_FIELD_NUMBER: _builtins.int
     LATENCY_P90_FIELD_NUMBER: _builtins.int
     LATENCY_P99_FIELD_NUMBER: _builtins.int
-    total: _builtins.int
+    total: _builtins.float
     """Calls handled since start."""
-    errors: _builtins.int
+    errors: _builtins.float
     """Calls that ended with a status other than OK."""
     error_rate: _builtins.float
     """errors / total, 0 when there were no calls."""
@@ -428,8 +610,8 @@ class RequestStats(_message.Message):
     def __init__(
         self,
         *,
-        total: _builtins.int = ...,
-        errors: _builtins.int = ...,
+        total: _builtins.float = ...,
+        errors: _builtins.float = ...,
         error_rate: _builtins.float = ...,
         avg_response_time: _builtins.float = ...,
         latency_p50: _builtins.float = ...,
@@ -488,14 +670,14 @@ class ErrorStats(_message.Message):
 
     TOTAL_FIELD_NUMBER: _builtins.int
     RATE_FIELD_NUMBER: _builtins.int
-    total: _builtins.int
+    total: _builtins.float
     """Calls that ended with a status other than OK."""
     rate: _builtins.float
     """total / calls, 0 when there were no calls."""
     def __init__(
         self,
         *,
-        total: _builtins.int = ...,
+        total: _builtins.float = ...,
         rate: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -520,7 +702,7 @@ class DatabaseStats(_message.Message):
     """Connections the store keeps open."""
     active_connections: _builtins.int
     """Connections running an operation right now."""
-    queries: _builtins.int
+    queries: _builtins.float
     """Operations run since start (a write may commit a group of them)."""
     avg_query_time: _builtins.float
     """Mean time of an operation, in milliseconds."""
@@ -529,7 +711,7 @@ class DatabaseStats(_message.Message):
         *,
         connections: _builtins.int = ...,
         active_connections: _builtins.int = ...,
-        queries: _builtins.int = ...,
+        queries: _builtins.float = ...,
         avg_query_time: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -553,12 +735,12 @@ class ExecutionStats(_message.Message):
         KEY_FIELD_NUMBER: _builtins.int
         VALUE_FIELD_NUMBER: _builtins.int
         key: _builtins.str
-        value: _builtins.int
+        value: _builtins.float
         def __init__(
             self,
             *,
             key: _builtins.str = ...,
-            value: _builtins.int = ...,
+            value: _builtins.float = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -578,13 +760,13 @@ class ExecutionStats(_message.Message):
     TAKEN_FROM_QUEUE_FIELD_NUMBER: _builtins.int
     QUEUE_FAILURES_FIELD_NUMBER: _builtins.int
     BY_STATE_FIELD_NUMBER: _builtins.int
-    started: _builtins.int
+    started: _builtins.float
     """Executions started since start."""
-    succeeded: _builtins.int
+    succeeded: _builtins.float
     """Executions that succeeded."""
-    failed: _builtins.int
+    failed: _builtins.float
     """Executions that failed."""
-    cancelled: _builtins.int
+    cancelled: _builtins.float
     """Executions that were cancelled."""
     running: _builtins.int
     """Executions running right now."""
@@ -594,18 +776,18 @@ class ExecutionStats(_message.Message):
     """90th percentile execution latency, in milliseconds."""
     latency_p99: _builtins.float
     """99th percentile execution latency, in milliseconds."""
-    queued: _builtins.int
+    queued: _builtins.float
     """Executions this process created while full and handed to the shared
     work queue (with `--redis-url` and PostgreSQL) for another process to run.
     """
-    taken_from_queue: _builtins.int
+    taken_from_queue: _builtins.float
     """Executions this process took from the shared work queue and ran."""
-    queue_failures: _builtins.int
+    queue_failures: _builtins.float
     """Times the shared work queue could not be reached; queued executions then
     run once their lease ends and a process's lease sweep finds them.
     """
     @_builtins.property
-    def by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+    def by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Executions in the store by state (`pending`, `running`, `succeeded`,
         `failed`, `cancelled`), whichever process ran them.
         """
@@ -613,18 +795,18 @@ class ExecutionStats(_message.Message):
     def __init__(
         self,
         *,
-        started: _builtins.int = ...,
-        succeeded: _builtins.int = ...,
-        failed: _builtins.int = ...,
-        cancelled: _builtins.int = ...,
+        started: _builtins.float = ...,
+        succeeded: _builtins.float = ...,
+        failed: _builtins.float = ...,
+        cancelled: _builtins.float = ...,
         running: _builtins.int = ...,
         latency_p50: _builtins.float = ...,
         latency_p90: _builtins.float = ...,
         latency_p99: _builtins.float = ...,
-        queued: _builtins.int = ...,
-        taken_from_queue: _builtins.int = ...,
-        queue_failures: _builtins.int = ...,
-        by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        queued: _builtins.float = ...,
+        taken_from_queue: _builtins.float = ...,
+        queue_failures: _builtins.float = ...,
+        by_state: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -645,9 +827,10 @@ class RealtimeStats(_message.Message):
     GRPC_COUNT_FIELD_NUMBER: _builtins.int
     SSE_COUNT_FIELD_NUMBER: _builtins.int
     NDJSON_COUNT_FIELD_NUMBER: _builtins.int
+    WEBSOCKET_COUNT_FIELD_NUMBER: _builtins.int
     active_streams: _builtins.int
     """Server streams open right now (gRPC, SSE and NDJSON alike)."""
-    events_published: _builtins.int
+    events_published: _builtins.float
     """Events published since start."""
     grpc_count: _builtins.int
     """Streams open right now over native gRPC (and gRPC-Web)."""
@@ -657,18 +840,23 @@ class RealtimeStats(_message.Message):
     """
     ndjson_count: _builtins.int
     """Streams open right now as newline-delimited JSON (REST)."""
+    websocket_count: _builtins.int
+    """WebSocket connections open right now on `/ws`, which carries the same
+    events (Kailash's `websocket_count`).
+    """
     def __init__(
         self,
         *,
         active_streams: _builtins.int = ...,
-        events_published: _builtins.int = ...,
+        events_published: _builtins.float = ...,
         grpc_count: _builtins.int = ...,
         sse_count: _builtins.int = ...,
         ndjson_count: _builtins.int = ...,
+        websocket_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_streams", b"active_streams", "events_published", b"events_published", "grpc_count", b"grpc_count", "ndjson_count", b"ndjson_count", "sse_count", b"sse_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_streams", b"active_streams", "events_published", b"events_published", "grpc_count", b"grpc_count", "ndjson_count", b"ndjson_count", "sse_count", b"sse_count", "websocket_count", b"websocket_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -684,21 +872,21 @@ class WebhookStats(_message.Message):
     RETRIED_FIELD_NUMBER: _builtins.int
     DEAD_LETTERED_FIELD_NUMBER: _builtins.int
     RETRYING_FIELD_NUMBER: _builtins.int
-    delivered: _builtins.int
+    delivered: _builtins.float
     """Deliveries a receiver accepted."""
-    retried: _builtins.int
+    retried: _builtins.float
     """Delivery attempts that failed and will be retried."""
-    dead_lettered: _builtins.int
+    dead_lettered: _builtins.float
     """Deliveries that exhausted their retries."""
-    retrying: _builtins.int
+    retrying: _builtins.float
     """Deliveries in the store waiting for another attempt after a failed one."""
     def __init__(
         self,
         *,
-        delivered: _builtins.int = ...,
-        retried: _builtins.int = ...,
-        dead_lettered: _builtins.int = ...,
-        retrying: _builtins.int = ...,
+        delivered: _builtins.float = ...,
+        retried: _builtins.float = ...,
+        dead_lettered: _builtins.float = ...,
+        retrying: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -719,32 +907,32 @@ class SecurityStats(_message.Message):
     RATE_LIMIT_BACKEND_FAILURES_FIELD_NUMBER: _builtins.int
     SERVICE_RATE_LIMITS_FIELD_NUMBER: _builtins.int
     EDGE_RATE_LIMITS_FIELD_NUMBER: _builtins.int
-    failed_auth: _builtins.int
+    failed_auth: _builtins.float
     """Calls refused for failed authentication."""
-    rate_limits: _builtins.int
+    rate_limits: _builtins.float
     """Requests refused by a rate limit: `service_rate_limits` plus
     `edge_rate_limits` (a tenant's user sees its tenant's service figure).
     """
-    rate_limit_backend_failures: _builtins.int
+    rate_limit_backend_failures: _builtins.float
     """Rate-limit checks this process answered without Redis (unreachable):
     let through or refused, as `rate_limit_fail_open` says.
     """
-    service_rate_limits: _builtins.int
+    service_rate_limits: _builtins.float
     """Requests this process's rate limit service answered OVER_LIMIT (the
     per-tenant limit counted in Redis).
     """
-    edge_rate_limits: _builtins.int
+    edge_rate_limits: _builtins.float
     """Requests Envoy's local rate limits refused (per route, per API key and per
     address), read from Envoy's admin stats (`flowport up`); admins only.
     """
     def __init__(
         self,
         *,
-        failed_auth: _builtins.int = ...,
-        rate_limits: _builtins.int = ...,
-        rate_limit_backend_failures: _builtins.int = ...,
-        service_rate_limits: _builtins.int = ...,
-        edge_rate_limits: _builtins.int = ...,
+        failed_auth: _builtins.float = ...,
+        rate_limits: _builtins.float = ...,
+        rate_limit_backend_failures: _builtins.float = ...,
+        service_rate_limits: _builtins.float = ...,
+        edge_rate_limits: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -764,13 +952,13 @@ class SystemStats(_message.Message):
     RSS_BYTES_FIELD_NUMBER: _builtins.int
     uptime: _builtins.int
     """Whole seconds since the server process started."""
-    rss_bytes: _builtins.int
+    rss_bytes: _builtins.float
     """Resident set size of the server process, in bytes."""
     def __init__(
         self,
         *,
         uptime: _builtins.int = ...,
-        rss_bytes: _builtins.int = ...,
+        rss_bytes: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from flowport.v1 import gateway_pb2 as flowport_dot_v1_dot_gateway__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -51,6 +52,11 @@ class GatewayServiceStub:
                 request_serializer=flowport_dot_v1_dot_gateway__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=flowport_dot_v1_dot_gateway__pb2.Stats.FromString,
                 _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/flowport.v1.GatewayService/GetMetrics',
+                request_serializer=flowport_dot_v1_dot_gateway__pb2.GetMetricsRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -83,6 +89,17 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetrics(self, request, context):
+        """Returns the Prometheus exposition (text format 0.0.4) that the server
+        also serves on `--metrics-port`: with `--workers`, the sum of every
+        worker's. Admins only, so a scraper can come through the front door
+        with an API key. FAILED_PRECONDITION when metrics are off
+        (`--metrics-port 0` with a single process).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +117,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=flowport_dot_v1_dot_gateway__pb2.GetStatsRequest.FromString,
                     response_serializer=flowport_dot_v1_dot_gateway__pb2.Stats.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=flowport_dot_v1_dot_gateway__pb2.GetMetricsRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +207,33 @@ class GatewayService:
             '/flowport.v1.GatewayService/GetStats',
             flowport_dot_v1_dot_gateway__pb2.GetStatsRequest.SerializeToString,
             flowport_dot_v1_dot_gateway__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowport.v1.GatewayService/GetMetrics',
+            flowport_dot_v1_dot_gateway__pb2.GetMetricsRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

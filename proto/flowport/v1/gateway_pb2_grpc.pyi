@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from flowport.v1 import gateway_pb2 as _gateway_pb2
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -47,6 +48,13 @@ class GatewayServiceStub:
     admin gets every tenant's, plus the process-wide ones (database, failed
     authentication, Envoy's rate limits, memory).
     """
+    GetMetrics: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetMetricsRequest, _httpbody_pb2.HttpBody]
+    """Returns the Prometheus exposition (text format 0.0.4) that the server
+    also serves on `--metrics-port`: with `--workers`, the sum of every
+    worker's. Admins only, so a scraper can come through the front door
+    with an API key. FAILED_PRECONDITION when metrics are off
+    (`--metrics-port 0` with a single process).
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -66,6 +74,13 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     since it started. A tenant's user gets the figures of that tenant; an
     admin gets every tenant's, plus the process-wide ones (database, failed
     authentication, Envoy's rate limits, memory).
+    """
+    GetMetrics: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetMetricsRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """Returns the Prometheus exposition (text format 0.0.4) that the server
+    also serves on `--metrics-port`: with `--workers`, the sum of every
+    worker's. Admins only, so a scraper can come through the front door
+    with an API key. FAILED_PRECONDITION when metrics are off
+    (`--metrics-port 0` with a single process).
     """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -101,6 +116,19 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         since it started. A tenant's user gets the figures of that tenant; an
         admin gets every tenant's, plus the process-wide ones (database, failed
         authentication, Envoy's rate limits, memory).
+        """
+
+    @_abc_1.abstractmethod
+    def GetMetrics(
+        self,
+        request: _gateway_pb2.GetMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """Returns the Prometheus exposition (text format 0.0.4) that the server
+        also serves on `--metrics-port`: with `--workers`, the sum of every
+        worker's. Admins only, so a scraper can come through the front door
+        with an API key. FAILED_PRECONDITION when metrics are off
+        (`--metrics-port 0` with a single process).
         """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -111,8 +111,13 @@ class ListNodeSchemasResponse(_message.Message):
 
     NODE_SCHEMAS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty on the last page."""
+    total: _builtins.int
+    """How many node types match the request's filters in all pages, of those the
+    caller may see (Kailash's `total`).
+    """
     @_builtins.property
     def node_schemas(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeSchema]:
         """The node schemas, ordered by type name."""
@@ -122,10 +127,11 @@ class ListNodeSchemasResponse(_message.Message):
         *,
         node_schemas: _abc.Iterable[Global___NodeSchema] | None = ...,
         next_page_token: _builtins.str = ...,
+        total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "node_schemas", b"node_schemas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "node_schemas", b"node_schemas", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

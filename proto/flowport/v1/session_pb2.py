@@ -25,12 +25,11 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
-from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lowport/v1/session.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc6\x02\n\x07Session\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07user_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12/\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x14\n\x06tenant\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x37\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01H\x00\x12.\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x04H\x00\x12\x15\n\x07\x63reator\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x42\x0c\n\nexpiration\"]\n\x14\x43reateSessionRequest\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x14.flowport.v1.SessionB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"-\n\x11GetSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"_\n\x13ListSessionsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07user_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"W\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.flowport.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x14\x44\x65leteSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x32\xc7\x03\n\x0eSessionService\x12h\n\rCreateSession\x12!.flowport.v1.CreateSessionRequest\x1a\x14.flowport.v1.Session\"\x1e\x82\xd3\xe4\x93\x02\x18\"\r/api/sessions:\x07session\x12i\n\nGetSession\x12\x1e.flowport.v1.GetSessionRequest\x1a\x14.flowport.v1.Session\"%\x90\x02\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/api/sessions/{session_id}\x12m\n\x0cListSessions\x12 .flowport.v1.ListSessionsRequest\x1a!.flowport.v1.ListSessionsResponse\"\x18\x90\x02\x01\x82\xd3\xe4\x93\x02\x0f\x12\r/api/sessions\x12q\n\rDeleteSession\x12!.flowport.v1.DeleteSessionRequest\x1a\x16.google.protobuf.Empty\"%\x90\x02\x02\x82\xd3\xe4\x93\x02\x1c*\x1a/api/sessions/{session_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lowport/v1/session.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x02\n\x07Session\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07user_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12/\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x14\n\x06tenant\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x37\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01H\x00\x12.\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x04H\x00\x12\x15\n\x07\x63reator\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x61\x63tive\x18\t \x01(\x08\x42\x04\xe2\x41\x01\x03\x42\x0c\n\nexpiration\"]\n\x14\x43reateSessionRequest\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x14.flowport.v1.SessionB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"-\n\x11GetSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"_\n\x13ListSessionsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07user_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"f\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.flowport.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\"J\n\x14\x44\x65leteSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\".\n\x15\x44\x65leteSessionResponse\x12\x15\n\x07message\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x32\xd3\x03\n\x0eSessionService\x12h\n\rCreateSession\x12!.flowport.v1.CreateSessionRequest\x1a\x14.flowport.v1.Session\"\x1e\x82\xd3\xe4\x93\x02\x18\"\r/api/sessions:\x07session\x12i\n\nGetSession\x12\x1e.flowport.v1.GetSessionRequest\x1a\x14.flowport.v1.Session\"%\x90\x02\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/api/sessions/{session_id}\x12m\n\x0cListSessions\x12 .flowport.v1.ListSessionsRequest\x1a!.flowport.v1.ListSessionsResponse\"\x18\x90\x02\x01\x82\xd3\xe4\x93\x02\x0f\x12\r/api/sessions\x12}\n\rDeleteSession\x12!.flowport.v1.DeleteSessionRequest\x1a\".flowport.v1.DeleteSessionResponse\"%\x90\x02\x02\x82\xd3\xe4\x93\x02\x1c*\x1a/api/sessions/{session_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,6 +52,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSION'].fields_by_name['ttl']._serialized_options = b'\342A\001\004'
   _globals['_SESSION'].fields_by_name['creator']._loaded_options = None
   _globals['_SESSION'].fields_by_name['creator']._serialized_options = b'\342A\001\003'
+  _globals['_SESSION'].fields_by_name['active']._loaded_options = None
+  _globals['_SESSION'].fields_by_name['active']._serialized_options = b'\342A\001\003'
   _globals['_CREATESESSIONREQUEST'].fields_by_name['session']._loaded_options = None
   _globals['_CREATESESSIONREQUEST'].fields_by_name['session']._serialized_options = b'\342A\001\002'
   _globals['_CREATESESSIONREQUEST'].fields_by_name['request_id']._loaded_options = None
@@ -69,6 +70,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETESESSIONREQUEST'].fields_by_name['session_id']._serialized_options = b'\342A\001\002'
   _globals['_DELETESESSIONREQUEST'].fields_by_name['request_id']._loaded_options = None
   _globals['_DELETESESSIONREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_DELETESESSIONRESPONSE'].fields_by_name['message']._loaded_options = None
+  _globals['_DELETESESSIONRESPONSE'].fields_by_name['message']._serialized_options = b'\342A\001\003'
   _globals['_SESSIONSERVICE'].methods_by_name['CreateSession']._loaded_options = None
   _globals['_SESSIONSERVICE'].methods_by_name['CreateSession']._serialized_options = b'\202\323\344\223\002\030\"\r/api/sessions:\007session'
   _globals['_SESSIONSERVICE'].methods_by_name['GetSession']._loaded_options = None
@@ -77,18 +80,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONSERVICE'].methods_by_name['ListSessions']._serialized_options = b'\220\002\001\202\323\344\223\002\017\022\r/api/sessions'
   _globals['_SESSIONSERVICE'].methods_by_name['DeleteSession']._loaded_options = None
   _globals['_SESSIONSERVICE'].methods_by_name['DeleteSession']._serialized_options = b'\220\002\002\202\323\344\223\002\034*\032/api/sessions/{session_id}'
-  _globals['_SESSION']._serialized_start=230
-  _globals['_SESSION']._serialized_end=556
-  _globals['_CREATESESSIONREQUEST']._serialized_start=558
-  _globals['_CREATESESSIONREQUEST']._serialized_end=651
-  _globals['_GETSESSIONREQUEST']._serialized_start=653
-  _globals['_GETSESSIONREQUEST']._serialized_end=698
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=700
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=795
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=797
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=884
-  _globals['_DELETESESSIONREQUEST']._serialized_start=886
-  _globals['_DELETESESSIONREQUEST']._serialized_end=960
-  _globals['_SESSIONSERVICE']._serialized_start=963
-  _globals['_SESSIONSERVICE']._serialized_end=1418
+  _globals['_SESSION']._serialized_start=201
+  _globals['_SESSION']._serialized_end=549
+  _globals['_CREATESESSIONREQUEST']._serialized_start=551
+  _globals['_CREATESESSIONREQUEST']._serialized_end=644
+  _globals['_GETSESSIONREQUEST']._serialized_start=646
+  _globals['_GETSESSIONREQUEST']._serialized_end=691
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=693
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=788
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=790
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=892
+  _globals['_DELETESESSIONREQUEST']._serialized_start=894
+  _globals['_DELETESESSIONREQUEST']._serialized_end=968
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=970
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1016
+  _globals['_SESSIONSERVICE']._serialized_start=1019
+  _globals['_SESSIONSERVICE']._serialized_end=1486
 # @@protoc_insertion_point(module_scope)

@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from flowport.v1 import session_pb2 as flowport_dot_v1_dot_session__pb2
-from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -55,7 +54,7 @@ class SessionServiceStub:
         self.DeleteSession = channel.unary_unary(
                 '/flowport.v1.SessionService/DeleteSession',
                 request_serializer=flowport_dot_v1_dot_session__pb2.DeleteSessionRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                response_deserializer=flowport_dot_v1_dot_session__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
 
 
@@ -119,7 +118,7 @@ def add_SessionServiceServicer_to_server(servicer, server):
             'DeleteSession': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSession,
                     request_deserializer=flowport_dot_v1_dot_session__pb2.DeleteSessionRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+                    response_serializer=flowport_dot_v1_dot_session__pb2.DeleteSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,7 +230,7 @@ class SessionService:
             target,
             '/flowport.v1.SessionService/DeleteSession',
             flowport_dot_v1_dot_session__pb2.DeleteSessionRequest.SerializeToString,
-            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            flowport_dot_v1_dot_session__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

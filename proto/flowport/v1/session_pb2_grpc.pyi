@@ -5,7 +5,6 @@ isort:skip_file
 
 from collections import abc as _abc
 from flowport.v1 import session_pb2 as _session_pb2
-from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -50,7 +49,7 @@ class SessionServiceStub:
     """Lists sessions that have not expired, newest first: every session of
     the tenant for an admin, the caller's own (by `creator`) for others.
     """
-    DeleteSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.DeleteSessionRequest, _empty_pb2.Empty]
+    DeleteSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.DeleteSessionRequest, _session_pb2.DeleteSessionResponse]
     """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist
     or is another credential's (admins excepted).
     """
@@ -76,7 +75,7 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Lists sessions that have not expired, newest first: every session of
     the tenant for an admin, the caller's own (by `creator`) for others.
     """
-    DeleteSession: _aio.UnaryUnaryMultiCallable[_session_pb2.DeleteSessionRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    DeleteSession: _aio.UnaryUnaryMultiCallable[_session_pb2.DeleteSessionRequest, _session_pb2.DeleteSessionResponse]  # type: ignore[assignment]
     """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist
     or is another credential's (admins excepted).
     """
@@ -123,7 +122,7 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _session_pb2.DeleteSessionRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+    ) -> _typing.Union[_session_pb2.DeleteSessionResponse, _abc.Awaitable[_session_pb2.DeleteSessionResponse]]:
         """Closes (deletes) a session. Fails with NOT_FOUND when it does not exist
         or is another credential's (admins excepted).
         """

@@ -375,8 +375,13 @@ class ListWorkflowsResponse(_message.Message):
 
     WORKFLOWS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty on the last page."""
+    total: _builtins.int
+    """How many workflows match the request's filters in all pages, of those the
+    caller may see (Kailash's `total`).
+    """
     @_builtins.property
     def workflows(self) -> _containers.RepeatedCompositeFieldContainer[Global___Workflow]:
         """The latest version of each workflow, ordered by name."""
@@ -386,10 +391,11 @@ class ListWorkflowsResponse(_message.Message):
         *,
         workflows: _abc.Iterable[Global___Workflow] | None = ...,
         next_page_token: _builtins.str = ...,
+        total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "workflows", b"workflows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "total", b"total", "workflows", b"workflows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -89,7 +89,8 @@ class WorkflowServiceServicer:
 
     def ListWorkflows(self, request, context):
         """Lists the latest version of every workflow, ordered by id, of the
-        versions the caller may see (as for GetWorkflow).
+        versions the caller may see (as for GetWorkflow). `GET /workflows` is
+        where the Kailash enterprise server lists its registered workflows.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

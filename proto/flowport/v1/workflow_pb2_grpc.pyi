@@ -48,7 +48,8 @@ class WorkflowServiceStub:
     """
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.ListWorkflowsRequest, _workflow_pb2.ListWorkflowsResponse]
     """Lists the latest version of every workflow, ordered by id, of the
-    versions the caller may see (as for GetWorkflow).
+    versions the caller may see (as for GetWorkflow). `GET /workflows` is
+    where the Kailash enterprise server lists its registered workflows.
     """
     DeleteWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowRequest, _empty_pb2.Empty]
     """Deletes a workflow and all its versions. Executions that ran it are
@@ -79,7 +80,8 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_workflow_pb2.ListWorkflowsRequest, _workflow_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
     """Lists the latest version of every workflow, ordered by id, of the
-    versions the caller may see (as for GetWorkflow).
+    versions the caller may see (as for GetWorkflow). `GET /workflows` is
+    where the Kailash enterprise server lists its registered workflows.
     """
     DeleteWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a workflow and all its versions. Executions that ran it are
@@ -125,7 +127,8 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_pb2.ListWorkflowsResponse, _abc.Awaitable[_workflow_pb2.ListWorkflowsResponse]]:
         """Lists the latest version of every workflow, ordered by id, of the
-        versions the caller may see (as for GetWorkflow).
+        versions the caller may see (as for GetWorkflow). `GET /workflows` is
+        where the Kailash enterprise server lists its registered workflows.
         """
 
     @_abc_1.abstractmethod
