@@ -116,7 +116,7 @@ def parse_query(query: str) -> tuple[StreamQuery, str]:
             filters[name] = value
     after = filters.pop("after_id", "")
     types = tuple(t for t in repeated["types"] if t)
-    return StreamQuery(filters, types, tuple(repeated["event_types"])), after
+    return StreamQuery(filters, types, tuple(t for t in repeated["event_types"] if t)), after
 
 
 def subscribed_types(message: dict[str, Any]) -> list[str]:
@@ -318,7 +318,8 @@ class _Link:
                 self._sent = event.id
                 # Whole even when a resubscription cancels this task: the id above is already counted as sent.
                 await asyncio.shield(self._ws.send(frame(event)))
-            await self._close(INTERNAL_CLOSE, _error("the event stream ended", "UNAVAILABLE"))
+            unavailable = grpc.StatusCode.UNAVAILABLE
+            await self._close(CLOSE_CODES[unavailable], _error("the event stream ended", unavailable.name))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             await self._close(CLOSE_CODES.get(code, INTERNAL_CLOSE), _error(exc.details() or code.name, code.name))
