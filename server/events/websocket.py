@@ -17,7 +17,8 @@ Client messages: `{"type": "subscribe", "events": [...]}` (or
 `event_types`) replaces the types, resuming after the last event sent so
 nothing is lost or repeated, and is answered `{"type": "subscribed",
 "events": [...]}`; `ping` and `{"type": "ping"}` get a pong; anything else an
-error frame, the connection staying open. A stream error is an error frame
+error frame, the connection staying open (so does an 11th subscription
+within 10 s, refused). A stream error is an error frame
 `{"type": "error", "error": ..., "code": "<gRPC code>"}`, then a close: 1008
 for credentials, permissions and missing sessions, 1003 for bad input, 1013
 when trying again later may work (the stream fell behind, the server is
@@ -29,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -58,6 +61,10 @@ TRANSPORT: Final = "websocket"  # in TRANSPORT_HEADER: the stats count the bridg
 MAX_MESSAGE_BYTES: Final = 64 * 2**10  # a client message; a subscription is far smaller
 MAX_TYPES: Final = 50  # as GET /events
 MAX_TYPE_CHARS: Final = 200
+# Each subscription restarts the stream (a replay from the log): at most this many per window,
+# since messages on an open connection pass no rate limit of Envoy's.
+SUBSCRIBE_BURST: Final = 10
+SUBSCRIBE_WINDOW: Final = 10.0
 HEARTBEAT: Final = "heartbeat"
 CREDENTIALS: Final = ("x-api-key", "authorization")
 # Headers the stream needs as the client sent them through Envoy.
@@ -288,6 +295,7 @@ class _Link:
         self._sent = ""  # id of the last event sent
         self._resume_from = ""
         self._pump: asyncio.Task[None] | None = None
+        self._subscribed: deque[float] = deque(maxlen=SUBSCRIBE_BURST)  # when the last ones were
 
     async def run(self, after: str, resume_from: str) -> None:
         """Stream until either side ends; `resume_from` is where a resubscription resumes before any event."""
@@ -354,6 +362,12 @@ class _Link:
             except ValueError as exc:
                 await self._ws.send(_error(str(exc)))
                 return
+            now = time.monotonic()
+            if len(self._subscribed) == SUBSCRIBE_BURST and now - self._subscribed[0] < SUBSCRIBE_WINDOW:
+                limit = f"at most {SUBSCRIBE_BURST} subscriptions in {SUBSCRIBE_WINDOW:g} s: the last one still holds"
+                await self._ws.send(_error(limit, "RESOURCE_EXHAUSTED"))
+                return
+            self._subscribed.append(now)
             await self._subscribe(names)
         else:
             await self._ws.send(_error(f"unknown message type {shown(kind)}: expected subscribe or ping"))
