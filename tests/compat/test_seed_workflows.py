@@ -83,9 +83,7 @@ def test_the_dynamic_data_pipeline(http: httpx.Client, partner: str) -> None:
             {
                 "type": "PythonCodeNode",
                 "name": "process_data",
-                "config": {
-                    "code": "result = {'processed': len(data), 'timestamp': datetime.now().isoformat()}"
-                },
+                "config": {"code": "result = {'processed': len(data), 'timestamp': datetime.now().isoformat()}"},
             },
         ],
         "connections": [
