@@ -71,6 +71,12 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         self, request: execution_pb2.CreateExecutionRequest, context: Context
     ) -> execution_pb2.Execution:
         require(request.workflow_id, "workflow_id")
+        if request.config_overrides.fields:
+            raise InvalidArgument(
+                "config_overrides is not supported: a run takes its workflow version's node configs",
+                reason="CONFIG_OVERRIDES_UNSUPPORTED",
+                violations=[("config_overrides", "must be empty; create a new workflow version instead")],
+            )
         key_message = execution_pb2.CreateExecutionRequest()
         key_message.CopyFrom(request)
         key_message.ClearField("wait")
@@ -166,10 +172,15 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         require(request.execution_id, "execution_id")
         idempotency_key(request.request_id, request)  # validates the key's length
         tenant = tenant_of(context)
-        if session_scope(context) is not None:
-            # Read first: another credential's session's execution must stay untouched.
+        if request.session_id:
+            await check_named_session(self._store, context, request.session_id)
+        if session_scope(context) is not None or request.session_id:
+            # Read first: another credential's session's execution (or one of another
+            # session than the one named) must stay untouched.
             seen = await self._executor.get(tenant, request.execution_id)
             if seen is None or not await may_see(self._store, context, seen.session_id):
+                raise _not_found(request.execution_id)
+            if request.session_id and seen.session_id != request.session_id:
                 raise _not_found(request.execution_id)
         execution = await self._executor.cancel(tenant, request.execution_id)
         if execution is None:

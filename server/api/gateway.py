@@ -173,7 +173,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
     async def GetHealth(self, request: gateway_pb2.GetHealthRequest, context: Context) -> gateway_pb2.Health:
         names = list(self._checks)
         results = await asyncio.gather(*(run_check(self._checks[n], CHECK_TIMEOUT) for n in names))
-        health = gateway_pb2.Health(version=VERSION, uptime=self._metrics.uptime)
+        health = gateway_pb2.Health(
+            version=VERSION, uptime=self._metrics.uptime, uptime_seconds=time.time() - self._metrics.started
+        )
         health.timestamp.GetCurrentTime()
         for name, result in zip(names, results, strict=True):
             component = health.components[name]
@@ -239,6 +241,15 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         websockets = health.components["websockets"]
         websockets.status = "healthy"  # /ws is served by this process, next to the streams it bridges
         websockets.last_check.CopyFrom(health.timestamp)
+        # Kailash's own component names, each the status of what serves it here: sessions and
+        # workflows live in the store, events travel on the bus (Redis, when set), and node
+        # schemas are this process's registry.
+        database = health.components["database"].status
+        bus = health.components["bus"].status if "bus" in health.components else "healthy"
+        for name, status in (("agent_ui", database), ("realtime", bus), ("schema_registry", "healthy")):
+            component = health.components[name]
+            component.status = status
+            component.last_check.CopyFrom(health.timestamp)
 
     async def GetStats(self, request: gateway_pb2.GetStatsRequest, context: Context) -> gateway_pb2.Stats:
         principal = CURRENT.get()

@@ -9,7 +9,13 @@ from google.rpc import error_details_pb2
 
 from flowport.server import pagination
 from flowport.server.api.common import idempotency_key, request_id_reused, require
-from flowport.server.api.sessions import check_named_session, check_owner, check_session, session_scope
+from flowport.server.api.sessions import (
+    MAX_METADATA_BYTES,
+    check_named_session,
+    check_owner,
+    check_session,
+    session_scope,
+)
 from flowport.server.clock import now_us, timestamp
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import stored_form, validate
@@ -48,6 +54,11 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
                 )
             given.session_id = request.session_id
         key = idempotency_key(request.request_id, given)
+        if given.metadata.ByteSize() > MAX_METADATA_BYTES:
+            raise InvalidArgument(
+                f"workflow.metadata must be at most {MAX_METADATA_BYTES} bytes encoded",
+                violations=[("workflow.metadata", f"at most {MAX_METADATA_BYTES} bytes encoded")],
+            )
         problems = validate(given, self._registry)
         if problems:
             raise InvalidArgument(

@@ -24,7 +24,7 @@ class Access(Enum):
 
 _API = "/flowport.v1."
 PERMISSIONS: dict[str, Access] = {
-    f"{_API}GatewayService/GetInfo": Access.USER,
+    f"{_API}GatewayService/GetInfo": Access.PUBLIC,
     f"{_API}GatewayService/GetHealth": Access.PUBLIC,
     # A tenant's own figures; admins get every tenant's and the process's.
     f"{_API}GatewayService/GetStats": Access.USER,

@@ -69,7 +69,7 @@ HEARTBEAT: Final = "heartbeat"
 CREDENTIALS: Final = ("x-api-key", "authorization")
 # Headers the stream needs as the client sent them through Envoy.
 FORWARDED: Final = (*CREDENTIALS, "x-flowport-act-as-tenant", "x-request-id")
-SINGLE: Final = ("session_id", "workflow_id", "execution_id", "after_id")
+SINGLE: Final = ("session_id", "workflow_id", "execution_id", "after_id", "user_id")
 REPEATED: Final = ("types", "event_types")
 # No types: every flowport event and the underscore-named Kailash copies (what the seed's clients read).
 EVERY_TYPE: Final = (*sorted(NATIVE_TYPES - {HEARTBEAT}), *KAILASH_DEFAULT)

@@ -94,8 +94,10 @@ def test_websocket_count_counts_open_ws_connections(http: httpx.Client, stack: S
         time.sleep(0.1)
 
 
-def test_features_are_a_map_beside_the_native_list(http: httpx.Client) -> None:
-    info = http.get("/").json()
+def test_features_are_a_map_beside_the_native_list(stack: Stack) -> None:
+    answer = httpx.get(f"{stack.http}/", timeout=30)  # public, as Kailash's is
+    assert answer.status_code == 200, answer.text
+    info = answer.json()
     assert {"name": "sessions", "enabled": True, "detail": ""} in info["features"]
     flags = info["feature_flags"]
     assert flags["sessions"] is True and flags["real_time"] is True and flags["webhooks"] is True
@@ -110,6 +112,9 @@ def test_health_reports_authentication_and_websockets_without_counts(stack: Stac
     assert components["authentication"]["last_check"]
     assert components["websockets"]["status"] == "healthy"
     assert "active_connections" not in str(components["websockets"])
+    for name in ("agent_ui", "realtime", "schema_registry"):  # Kailash's own components
+        assert components[name]["status"] == "healthy", (name, components[name])
+    assert health["uptime_seconds"] >= health["uptime"]
 
 
 def test_sessions_are_active_and_delete_says_closed(http: httpx.Client) -> None:
@@ -165,6 +170,25 @@ def test_executions_have_kailashs_status_and_progress(http: httpx.Client) -> Non
         assert time.monotonic() < deadline, got
         time.sleep(0.2)
     assert got["state"] == "STATE_CANCELLED"
+
+
+def test_kailash_parameters_are_accepted_where_kailash_sends_them(http: httpx.Client) -> None:
+    mine, other = (http.post("/api/sessions", json={"user_id": "k"}).json()["session_id"] for _ in range(2))
+    name = f"rs_{uuid.uuid4().hex[:8]}"
+    made = http.post("/api/workflows", json={**_workflow(name), "metadata": {"author": "test"}})
+    assert made.status_code == 200 and made.json()["metadata"] == {"author": "test"}, made.text
+    overridden = {"workflow_id": name, "config_overrides": {"a": {"code": "result = 8"}}}
+    assert http.post("/api/executions", json=overridden).status_code == 400  # refused, never ignored
+    body = {"workflow_id": name, "session_id": mine, "wait": True, "config_overrides": {}}
+    run = http.post("/api/executions", json=body).json()
+    path = f"/api/executions/{run['execution_id']}"
+    assert http.delete(path, params={"session_id": other}).status_code == 404
+    assert http.delete(path, params={"session_id": mine}).json()["status"] == "completed"
+    node = http.get("/api/schemas/nodes/PythonCodeNode").json()
+    assert node["schema"]["parameters"] == node["config_schema"] and node["schema"]["category"] == node["category"]
+    assert "schema" not in http.get("/api/schemas/nodes").json()["node_schemas"][0]
+    with http.stream("GET", "/events", params={"user_id": "k", "session_id": mine}) as stream:
+        assert stream.status_code == 200
 
 
 def test_recent_events_are_newest_first_and_only_the_callers(http: httpx.Client) -> None:

@@ -134,12 +134,12 @@ async def test_failed_authentication_is_recorded_without_credential_material(
     target = f"127.0.0.1:{running.port}"
     for key in presented:
         async with AsyncClient(target, api_key=key) as caller:
-            await _error(caller.gateway.GetInfo(gateway_pb2.GetInfoRequest()))
+            await _error(caller.gateway.GetStats(gateway_pb2.GetStatsRequest()))
     token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhZGEifQ.c2lnbmF0dXJlLXNlY3JldA"
     async with AsyncClient(target, token=token) as caller:
-        await _error(caller.gateway.GetInfo(gateway_pb2.GetInfoRequest()))
+        await _error(caller.gateway.GetStats(gateway_pb2.GetStatsRequest()))
     async with AsyncClient(target) as caller:
-        await _error(caller.gateway.GetInfo(gateway_pb2.GetInfoRequest()))
+        await _error(caller.gateway.GetStats(gateway_pb2.GetStatsRequest()))
 
     failures = await _events(admin, action=actions.AUTH_FAILED)
     assert [(e.credential_kind, e.reason, e.credential_id) for e in failures] == [
@@ -150,7 +150,7 @@ async def test_failed_authentication_is_recorded_without_credential_material(
         (Kind.CREDENTIAL_KIND_API_KEY, "unknown api key", ""),
     ]
     for event in failures:
-        assert (event.code, event.method) == ("UNAUTHENTICATED", "/flowport.v1.GatewayService/GetInfo")
+        assert (event.code, event.method) == ("UNAUTHENTICATED", "/flowport.v1.GatewayService/GetStats")
         assert (event.tenant, event.subject, event.client_address) == ("", "", "127.0.0.1")
     # Nothing of any credential anywhere: not in the entries, not in the
     # database file or its write-ahead log (the entries are committed by now).

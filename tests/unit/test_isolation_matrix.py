@@ -78,7 +78,7 @@ LIST_VERBS = ("List",)
 OWN_VERBS = ("Create", "Put", "Validate", "Register")
 # Verbs with which a call uses the session it names (reads, deletes, lists,
 # runs or streams in it): another credential of its tenant finds it missing.
-SESSION_USE_VERBS = ("Get", "Delete", "Create", "List", "Stream")
+SESSION_USE_VERBS = ("Get", "Delete", "Create", "List", "Stream", "Cancel")
 # Calls that name a session but store and show nothing of it.
 SESSION_FILTERS = {"ValidateWorkflow"}
 # Request fields naming what was made in a session (alpha's execution and workflow in it).

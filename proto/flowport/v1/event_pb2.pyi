@@ -113,6 +113,7 @@ class StreamEventsRequest(_message.Message):
     TYPES_FIELD_NUMBER: _builtins.int
     AFTER_ID_FIELD_NUMBER: _builtins.int
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Only events of this session, when set. NOT_FOUND unless the caller may
     use the session (its creator, or an admin of the tenant).
@@ -124,6 +125,11 @@ class StreamEventsRequest(_message.Message):
     after_id: _builtins.str
     """Resume after this event id. Without it, the stream starts with new
     events only.
+    """
+    user_id: _builtins.str
+    """The user Kailash clients name when they connect. Accepted so their URLs
+    work, and not a filter: a stream carries the events the caller's
+    credential may see (its own sessions', every one for an admin).
     """
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -151,10 +157,11 @@ class StreamEventsRequest(_message.Message):
         types: _abc.Iterable[_builtins.str] | None = ...,
         after_id: _builtins.str = ...,
         event_types: _abc.Iterable[_builtins.str] | None = ...,
+        user_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "event_types", b"event_types", "execution_id", b"execution_id", "session_id", b"session_id", "types", b"types", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "event_types", b"event_types", "execution_id", b"execution_id", "session_id", b"session_id", "types", b"types", "user_id", b"user_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

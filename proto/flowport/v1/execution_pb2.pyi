@@ -275,6 +275,7 @@ class CreateExecutionRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    CONFIG_OVERRIDES_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     """The workflow to run."""
     workflow_version: _builtins.int
@@ -302,6 +303,13 @@ class CreateExecutionRequest(_message.Message):
         it passes, the execution is returned as it is and keeps running.
         """
 
+    @_builtins.property
+    def config_overrides(self) -> _struct_pb2.Struct:
+        """Kailash's per-run node config overrides. Accepted empty, as Kailash
+        clients send it; anything in it is INVALID_ARGUMENT, since a run takes
+        the configs of the workflow version it runs (create a new version).
+        """
+
     def __init__(
         self,
         *,
@@ -312,10 +320,11 @@ class CreateExecutionRequest(_message.Message):
         request_id: _builtins.str = ...,
         wait: _builtins.bool = ...,
         wait_timeout: _duration_pb2.Duration | None = ...,
+        config_overrides: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config_overrides", b"config_overrides", "inputs", b"inputs", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "request_id", b"request_id", "session_id", b"session_id", "wait", b"wait", "wait_timeout", b"wait_timeout", "workflow_id", b"workflow_id", "workflow_version", b"workflow_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_overrides", b"config_overrides", "inputs", b"inputs", "request_id", b"request_id", "session_id", b"session_id", "wait", b"wait", "wait_timeout", b"wait_timeout", "workflow_id", b"workflow_id", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -435,19 +444,26 @@ class CancelExecutionRequest(_message.Message):
 
     EXECUTION_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     """The execution's identifier."""
     request_id: _builtins.str
     """Idempotency key (at most 128 characters)."""
+    session_id: _builtins.str
+    """The session the execution ran in, as Kailash clients pass it: when
+    set, NOT_FOUND unless the execution ran in this session and the
+    caller may see it (as for GetExecution).
+    """
     def __init__(
         self,
         *,
         execution_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_id", b"execution_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_id", b"execution_id", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

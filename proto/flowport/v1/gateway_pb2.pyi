@@ -226,6 +226,7 @@ class Health(_message.Message):
     COMPONENTS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     UPTIME_FIELD_NUMBER: _builtins.int
+    UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """Overall status: "healthy" when every component is healthy, "degraded"
     when some component is degraded, "unhealthy" when any is unhealthy.
@@ -235,6 +236,8 @@ class Health(_message.Message):
     """Server version (PEP 440)."""
     uptime: _builtins.int
     """Whole seconds since the server process started."""
+    uptime_seconds: _builtins.float
+    """Seconds since the server process started (Kailash's `uptime_seconds`)."""
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
         """When the checks were taken."""
@@ -251,10 +254,11 @@ class Health(_message.Message):
         components: _abc.Mapping[_builtins.str, Global___ComponentHealth] | None = ...,
         version: _builtins.str = ...,
         uptime: _builtins.int = ...,
+        uptime_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "status", b"status", "timestamp", b"timestamp", "uptime", b"uptime", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "status", b"status", "timestamp", b"timestamp", "uptime", b"uptime", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -65,7 +65,8 @@ class GatewayServiceServicer:
     """
 
     def GetInfo(self, request, context):
-        """Returns the gateway's name, version and the features it offers.
+        """Returns the gateway's name, version and the features it offers. Public,
+        as `GET /` is on the gateway flowport replaces.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,7 +37,9 @@ class GatewayServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GatewayServiceAsyncStub: ...
     GetInfo: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetInfoRequest, _gateway_pb2.GatewayInfo]
-    """Returns the gateway's name, version and the features it offers."""
+    """Returns the gateway's name, version and the features it offers. Public,
+    as `GET /` is on the gateway flowport replaces.
+    """
     GetHealth: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetHealthRequest, _gateway_pb2.Health]
     """Returns the health of the gateway and of each component it depends on.
     A degraded component does not fail the call: the call reports it.
@@ -64,7 +66,9 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetInfo: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetInfoRequest, _gateway_pb2.GatewayInfo]  # type: ignore[assignment]
-    """Returns the gateway's name, version and the features it offers."""
+    """Returns the gateway's name, version and the features it offers. Public,
+    as `GET /` is on the gateway flowport replaces.
+    """
     GetHealth: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetHealthRequest, _gateway_pb2.Health]  # type: ignore[assignment]
     """Returns the health of the gateway and of each component it depends on.
     A degraded component does not fail the call: the call reports it.
@@ -94,7 +98,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.GetInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.GatewayInfo, _abc.Awaitable[_gateway_pb2.GatewayInfo]]:
-        """Returns the gateway's name, version and the features it offers."""
+        """Returns the gateway's name, version and the features it offers. Public,
+        as `GET /` is on the gateway flowport replaces.
+        """
 
     @_abc_1.abstractmethod
     def GetHealth(

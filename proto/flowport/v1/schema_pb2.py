@@ -27,7 +27,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66lowport/v1/schema.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x95\x02\n\nNodeSchema\x12\x17\n\tnode_type\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x64\x65scription\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x63\x61tegory\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\rconfig_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x34\n\rinputs_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x35\n\x0eoutputs_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x18\n\nretry_safe\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x03\"K\n\x16ListNodeSchemasRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"p\n\x17ListNodeSchemasResponse\x12-\n\x0cnode_schemas\x18\x01 \x03(\x0b\x32\x17.flowport.v1.NodeSchema\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\"/\n\x14GetNodeSchemaRequest\x12\x17\n\tnode_type\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xaf\x01\n\x0eWorkflowSchema\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x34\n\rinputs_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x35\n\x0eoutputs_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\"f\n\x18GetWorkflowSchemaRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07version\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\nsession_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x32\x8f\x03\n\rSchemaService\x12{\n\x0fListNodeSchemas\x12#.flowport.v1.ListNodeSchemasRequest\x1a$.flowport.v1.ListNodeSchemasResponse\"\x1d\x90\x02\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/api/schemas/nodes\x12v\n\rGetNodeSchema\x12!.flowport.v1.GetNodeSchemaRequest\x1a\x17.flowport.v1.NodeSchema\")\x90\x02\x01\x82\xd3\xe4\x93\x02 \x12\x1e/api/schemas/nodes/{node_type}\x12\x88\x01\n\x11GetWorkflowSchema\x12%.flowport.v1.GetWorkflowSchemaRequest\x1a\x1b.flowport.v1.WorkflowSchema\"/\x90\x02\x01\x82\xd3\xe4\x93\x02&\x12$/api/schemas/workflows/{workflow_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66lowport/v1/schema.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xc4\x02\n\nNodeSchema\x12\x17\n\tnode_type\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x64\x65scription\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x63\x61tegory\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\rconfig_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x34\n\rinputs_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x35\n\x0eoutputs_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x18\n\nretry_safe\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12-\n\x06schema\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\"K\n\x16ListNodeSchemasRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"p\n\x17ListNodeSchemasResponse\x12-\n\x0cnode_schemas\x18\x01 \x03(\x0b\x32\x17.flowport.v1.NodeSchema\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\"/\n\x14GetNodeSchemaRequest\x12\x17\n\tnode_type\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xaf\x01\n\x0eWorkflowSchema\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x34\n\rinputs_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x35\n\x0eoutputs_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\"f\n\x18GetWorkflowSchemaRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07version\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\nsession_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x32\x8f\x03\n\rSchemaService\x12{\n\x0fListNodeSchemas\x12#.flowport.v1.ListNodeSchemasRequest\x1a$.flowport.v1.ListNodeSchemasResponse\"\x1d\x90\x02\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/api/schemas/nodes\x12v\n\rGetNodeSchema\x12!.flowport.v1.GetNodeSchemaRequest\x1a\x17.flowport.v1.NodeSchema\")\x90\x02\x01\x82\xd3\xe4\x93\x02 \x12\x1e/api/schemas/nodes/{node_type}\x12\x88\x01\n\x11GetWorkflowSchema\x12%.flowport.v1.GetWorkflowSchemaRequest\x1a\x1b.flowport.v1.WorkflowSchema\"/\x90\x02\x01\x82\xd3\xe4\x93\x02&\x12$/api/schemas/workflows/{workflow_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +48,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODESCHEMA'].fields_by_name['outputs_schema']._serialized_options = b'\342A\001\003'
   _globals['_NODESCHEMA'].fields_by_name['retry_safe']._loaded_options = None
   _globals['_NODESCHEMA'].fields_by_name['retry_safe']._serialized_options = b'\342A\001\003'
+  _globals['_NODESCHEMA'].fields_by_name['schema']._loaded_options = None
+  _globals['_NODESCHEMA'].fields_by_name['schema']._serialized_options = b'\342A\001\003'
   _globals['_LISTNODESCHEMASREQUEST'].fields_by_name['page_size']._loaded_options = None
   _globals['_LISTNODESCHEMASREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
   _globals['_LISTNODESCHEMASREQUEST'].fields_by_name['page_token']._loaded_options = None
@@ -75,17 +77,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCHEMASERVICE'].methods_by_name['GetWorkflowSchema']._loaded_options = None
   _globals['_SCHEMASERVICE'].methods_by_name['GetWorkflowSchema']._serialized_options = b'\220\002\001\202\323\344\223\002&\022$/api/schemas/workflows/{workflow_id}'
   _globals['_NODESCHEMA']._serialized_start=135
-  _globals['_NODESCHEMA']._serialized_end=412
-  _globals['_LISTNODESCHEMASREQUEST']._serialized_start=414
-  _globals['_LISTNODESCHEMASREQUEST']._serialized_end=489
-  _globals['_LISTNODESCHEMASRESPONSE']._serialized_start=491
-  _globals['_LISTNODESCHEMASRESPONSE']._serialized_end=603
-  _globals['_GETNODESCHEMAREQUEST']._serialized_start=605
-  _globals['_GETNODESCHEMAREQUEST']._serialized_end=652
-  _globals['_WORKFLOWSCHEMA']._serialized_start=655
-  _globals['_WORKFLOWSCHEMA']._serialized_end=830
-  _globals['_GETWORKFLOWSCHEMAREQUEST']._serialized_start=832
-  _globals['_GETWORKFLOWSCHEMAREQUEST']._serialized_end=934
-  _globals['_SCHEMASERVICE']._serialized_start=937
-  _globals['_SCHEMASERVICE']._serialized_end=1336
+  _globals['_NODESCHEMA']._serialized_end=459
+  _globals['_LISTNODESCHEMASREQUEST']._serialized_start=461
+  _globals['_LISTNODESCHEMASREQUEST']._serialized_end=536
+  _globals['_LISTNODESCHEMASRESPONSE']._serialized_start=538
+  _globals['_LISTNODESCHEMASRESPONSE']._serialized_end=650
+  _globals['_GETNODESCHEMAREQUEST']._serialized_start=652
+  _globals['_GETNODESCHEMAREQUEST']._serialized_end=699
+  _globals['_WORKFLOWSCHEMA']._serialized_start=702
+  _globals['_WORKFLOWSCHEMA']._serialized_end=877
+  _globals['_GETWORKFLOWSCHEMAREQUEST']._serialized_start=879
+  _globals['_GETWORKFLOWSCHEMAREQUEST']._serialized_end=981
+  _globals['_SCHEMASERVICE']._serialized_start=984
+  _globals['_SCHEMASERVICE']._serialized_end=1383
 # @@protoc_insertion_point(module_scope)

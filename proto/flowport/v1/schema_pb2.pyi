@@ -32,6 +32,7 @@ class NodeSchema(_message.Message):
     INPUTS_SCHEMA_FIELD_NUMBER: _builtins.int
     OUTPUTS_SCHEMA_FIELD_NUMBER: _builtins.int
     RETRY_SAFE_FIELD_NUMBER: _builtins.int
+    SCHEMA_FIELD_NUMBER: _builtins.int
     node_type: _builtins.str
     """Type name, e.g. "HTTPRequestNode"."""
     description: _builtins.str
@@ -56,6 +57,14 @@ class NodeSchema(_message.Message):
     def outputs_schema(self) -> _struct_pb2.Struct:
         """JSON Schema of the node's outputs, keyed by output name."""
 
+    @_builtins.property
+    def schema(self) -> _struct_pb2.Struct:
+        """The same schemas in one object where Kailash clients read them:
+        `{"parameters": config_schema, "inputs": inputs_schema, "outputs":
+        outputs_schema, "category": category}`. Set by GetNodeSchema only, so
+        lists stay small.
+        """
+
     def __init__(
         self,
         *,
@@ -66,10 +75,11 @@ class NodeSchema(_message.Message):
         inputs_schema: _struct_pb2.Struct | None = ...,
         outputs_schema: _struct_pb2.Struct | None = ...,
         retry_safe: _builtins.bool = ...,
+        schema: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config_schema", b"config_schema", "inputs_schema", b"inputs_schema", "outputs_schema", b"outputs_schema"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config_schema", b"config_schema", "inputs_schema", b"inputs_schema", "outputs_schema", b"outputs_schema", "schema", b"schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "config_schema", b"config_schema", "description", b"description", "inputs_schema", b"inputs_schema", "node_type", b"node_type", "outputs_schema", b"outputs_schema", "retry_safe", b"retry_safe"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "config_schema", b"config_schema", "description", b"description", "inputs_schema", b"inputs_schema", "node_type", b"node_type", "outputs_schema", b"outputs_schema", "retry_safe", b"retry_safe", "schema", b"schema"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

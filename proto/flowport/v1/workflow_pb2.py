@@ -31,7 +31,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import error_details_pb2 as google_dot_rpc_dot_error__details__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66lowport/v1/workflow.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/rpc/error_details.proto\"\x96\x03\n\x08Workflow\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x64\x65scription\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12&\n\x05nodes\x18\x04 \x03(\x0b\x32\x11.flowport.v1.NodeB\x04\xe2\x41\x01\x02\x12\x32\n\x0b\x63onnections\x18\x05 \x03(\x0b\x32\x17.flowport.v1.ConnectionB\x04\xe2\x41\x01\x01\x12\x15\n\x07version\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nsession_id\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06tenant\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x37\n\x06labels\x18\n \x03(\x0b\x32!.flowport.v1.Workflow.LabelsEntryB\x04\xe2\x41\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x83\x02\n\x04Node\x12\x12\n\x04type\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x10\n\x02id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12-\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x30\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12-\n\x05retry\x18\x06 \x01(\x0b\x32\x18.flowport.v1.RetryPolicyB\x04\xe2\x41\x01\x01\x12\x31\n\nparameters\x18\x07 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x04\"o\n\nConnection\x12\x17\n\tfrom_node\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x66rom_output\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07to_node\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08to_input\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"\x99\x01\n\x0bRetryPolicy\x12\x1a\n\x0cmax_attempts\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x38\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12\x34\n\x0bmax_backoff\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\"z\n\x15\x43reateWorkflowRequest\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.flowport.v1.WorkflowB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nsession_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"`\n\x12GetWorkflowRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07version\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\nsession_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"c\n\x14ListWorkflowsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nsession_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"i\n\x15ListWorkflowsResponse\x12(\n\tworkflows\x18\x01 \x03(\x0b\x32\x15.flowport.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\"L\n\x15\x44\x65leteWorkflowRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"H\n\x17ValidateWorkflowRequest\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.flowport.v1.WorkflowB\x04\xe2\x41\x01\x02\"`\n\x18ValidateWorkflowResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x35\n\x06\x65rrors\x18\x02 \x03(\x0b\x32%.google.rpc.BadRequest.FieldViolation2\xf8\x04\n\x0fWorkflowService\x12m\n\x0e\x43reateWorkflow\x12\".flowport.v1.CreateWorkflowRequest\x1a\x15.flowport.v1.Workflow\" \x82\xd3\xe4\x93\x02\x1a\"\x0e/api/workflows:\x08workflow\x12n\n\x0bGetWorkflow\x12\x1f.flowport.v1.GetWorkflowRequest\x1a\x15.flowport.v1.Workflow\"\'\x90\x02\x01\x82\xd3\xe4\x93\x02\x1e\x12\x1c/api/workflows/{workflow_id}\x12\x7f\n\rListWorkflows\x12!.flowport.v1.ListWorkflowsRequest\x1a\".flowport.v1.ListWorkflowsResponse\"\'\x90\x02\x01\x82\xd3\xe4\x93\x02\x1e\x12\x0e/api/workflowsZ\x0c\x12\n/workflows\x12u\n\x0e\x44\x65leteWorkflow\x12\".flowport.v1.DeleteWorkflowRequest\x1a\x16.google.protobuf.Empty\"\'\x90\x02\x02\x82\xd3\xe4\x93\x02\x1e*\x1c/api/workflows/{workflow_id}\x12\x8d\x01\n\x10ValidateWorkflow\x12$.flowport.v1.ValidateWorkflowRequest\x1a%.flowport.v1.ValidateWorkflowResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\"\x17/api/workflows:validate:\x08workflowb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66lowport/v1/workflow.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/rpc/error_details.proto\"\xc7\x03\n\x08Workflow\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x64\x65scription\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12&\n\x05nodes\x18\x04 \x03(\x0b\x32\x11.flowport.v1.NodeB\x04\xe2\x41\x01\x02\x12\x32\n\x0b\x63onnections\x18\x05 \x03(\x0b\x32\x17.flowport.v1.ConnectionB\x04\xe2\x41\x01\x01\x12\x15\n\x07version\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nsession_id\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06tenant\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x37\n\x06labels\x18\n \x03(\x0b\x32!.flowport.v1.Workflow.LabelsEntryB\x04\xe2\x41\x01\x01\x12/\n\x08metadata\x18\x0b \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x83\x02\n\x04Node\x12\x12\n\x04type\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x10\n\x02id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12-\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x30\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12-\n\x05retry\x18\x06 \x01(\x0b\x32\x18.flowport.v1.RetryPolicyB\x04\xe2\x41\x01\x01\x12\x31\n\nparameters\x18\x07 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x04\"o\n\nConnection\x12\x17\n\tfrom_node\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x66rom_output\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07to_node\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08to_input\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"\x99\x01\n\x0bRetryPolicy\x12\x1a\n\x0cmax_attempts\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x38\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12\x34\n\x0bmax_backoff\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\"z\n\x15\x43reateWorkflowRequest\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.flowport.v1.WorkflowB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nsession_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"`\n\x12GetWorkflowRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07version\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\nsession_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"c\n\x14ListWorkflowsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nsession_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"i\n\x15ListWorkflowsResponse\x12(\n\tworkflows\x18\x01 \x03(\x0b\x32\x15.flowport.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\"L\n\x15\x44\x65leteWorkflowRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"H\n\x17ValidateWorkflowRequest\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.flowport.v1.WorkflowB\x04\xe2\x41\x01\x02\"`\n\x18ValidateWorkflowResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x35\n\x06\x65rrors\x18\x02 \x03(\x0b\x32%.google.rpc.BadRequest.FieldViolation2\xf8\x04\n\x0fWorkflowService\x12m\n\x0e\x43reateWorkflow\x12\".flowport.v1.CreateWorkflowRequest\x1a\x15.flowport.v1.Workflow\" \x82\xd3\xe4\x93\x02\x1a\"\x0e/api/workflows:\x08workflow\x12n\n\x0bGetWorkflow\x12\x1f.flowport.v1.GetWorkflowRequest\x1a\x15.flowport.v1.Workflow\"\'\x90\x02\x01\x82\xd3\xe4\x93\x02\x1e\x12\x1c/api/workflows/{workflow_id}\x12\x7f\n\rListWorkflows\x12!.flowport.v1.ListWorkflowsRequest\x1a\".flowport.v1.ListWorkflowsResponse\"\'\x90\x02\x01\x82\xd3\xe4\x93\x02\x1e\x12\x0e/api/workflowsZ\x0c\x12\n/workflows\x12u\n\x0e\x44\x65leteWorkflow\x12\".flowport.v1.DeleteWorkflowRequest\x1a\x16.google.protobuf.Empty\"\'\x90\x02\x02\x82\xd3\xe4\x93\x02\x1e*\x1c/api/workflows/{workflow_id}\x12\x8d\x01\n\x10ValidateWorkflow\x12$.flowport.v1.ValidateWorkflowRequest\x1a%.flowport.v1.ValidateWorkflowResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\"\x17/api/workflows:validate:\x08workflowb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,6 +60,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKFLOW'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_WORKFLOW'].fields_by_name['labels']._loaded_options = None
   _globals['_WORKFLOW'].fields_by_name['labels']._serialized_options = b'\342A\001\001'
+  _globals['_WORKFLOW'].fields_by_name['metadata']._loaded_options = None
+  _globals['_WORKFLOW'].fields_by_name['metadata']._serialized_options = b'\342A\001\001'
   _globals['_NODE'].fields_by_name['type']._loaded_options = None
   _globals['_NODE'].fields_by_name['type']._serialized_options = b'\342A\001\002'
   _globals['_NODE'].fields_by_name['name']._loaded_options = None
@@ -123,29 +125,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKFLOWSERVICE'].methods_by_name['ValidateWorkflow']._loaded_options = None
   _globals['_WORKFLOWSERVICE'].methods_by_name['ValidateWorkflow']._serialized_options = b'\220\002\001\202\323\344\223\002#\"\027/api/workflows:validate:\010workflow'
   _globals['_WORKFLOW']._serialized_start=263
-  _globals['_WORKFLOW']._serialized_end=669
-  _globals['_WORKFLOW_LABELSENTRY']._serialized_start=624
-  _globals['_WORKFLOW_LABELSENTRY']._serialized_end=669
-  _globals['_NODE']._serialized_start=672
-  _globals['_NODE']._serialized_end=931
-  _globals['_CONNECTION']._serialized_start=933
-  _globals['_CONNECTION']._serialized_end=1044
-  _globals['_RETRYPOLICY']._serialized_start=1047
-  _globals['_RETRYPOLICY']._serialized_end=1200
-  _globals['_CREATEWORKFLOWREQUEST']._serialized_start=1202
-  _globals['_CREATEWORKFLOWREQUEST']._serialized_end=1324
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=1326
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=1422
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1424
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1523
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1525
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1630
-  _globals['_DELETEWORKFLOWREQUEST']._serialized_start=1632
-  _globals['_DELETEWORKFLOWREQUEST']._serialized_end=1708
-  _globals['_VALIDATEWORKFLOWREQUEST']._serialized_start=1710
-  _globals['_VALIDATEWORKFLOWREQUEST']._serialized_end=1782
-  _globals['_VALIDATEWORKFLOWRESPONSE']._serialized_start=1784
-  _globals['_VALIDATEWORKFLOWRESPONSE']._serialized_end=1880
-  _globals['_WORKFLOWSERVICE']._serialized_start=1883
-  _globals['_WORKFLOWSERVICE']._serialized_end=2515
+  _globals['_WORKFLOW']._serialized_end=718
+  _globals['_WORKFLOW_LABELSENTRY']._serialized_start=673
+  _globals['_WORKFLOW_LABELSENTRY']._serialized_end=718
+  _globals['_NODE']._serialized_start=721
+  _globals['_NODE']._serialized_end=980
+  _globals['_CONNECTION']._serialized_start=982
+  _globals['_CONNECTION']._serialized_end=1093
+  _globals['_RETRYPOLICY']._serialized_start=1096
+  _globals['_RETRYPOLICY']._serialized_end=1249
+  _globals['_CREATEWORKFLOWREQUEST']._serialized_start=1251
+  _globals['_CREATEWORKFLOWREQUEST']._serialized_end=1373
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=1375
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=1471
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1473
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1572
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1574
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1679
+  _globals['_DELETEWORKFLOWREQUEST']._serialized_start=1681
+  _globals['_DELETEWORKFLOWREQUEST']._serialized_end=1757
+  _globals['_VALIDATEWORKFLOWREQUEST']._serialized_start=1759
+  _globals['_VALIDATEWORKFLOWREQUEST']._serialized_end=1831
+  _globals['_VALIDATEWORKFLOWRESPONSE']._serialized_start=1833
+  _globals['_VALIDATEWORKFLOWRESPONSE']._serialized_end=1929
+  _globals['_WORKFLOWSERVICE']._serialized_start=1932
+  _globals['_WORKFLOWSERVICE']._serialized_end=2564
 # @@protoc_insertion_point(module_scope)

@@ -61,6 +61,7 @@ class Workflow(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     """Identifier of the workflow, stable across versions: 1 to 128
     characters of letters, digits, `_`, `-` and `.`, not starting with `-`
@@ -98,6 +99,12 @@ class Workflow(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels for filtering and display."""
 
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """Free-form JSON object kept with the version (Kailash's workflow
+        `metadata`). At most 64 KiB encoded.
+        """
+
     def __init__(
         self,
         *,
@@ -111,10 +118,11 @@ class Workflow(_message.Message):
         tenant: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        metadata: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "create_time", b"create_time", "description", b"description", "labels", b"labels", "name", b"name", "nodes", b"nodes", "session_id", b"session_id", "tenant", b"tenant", "version", b"version", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "create_time", b"create_time", "description", b"description", "labels", b"labels", "metadata", b"metadata", "name", b"name", "nodes", b"nodes", "session_id", b"session_id", "tenant", b"tenant", "version", b"version", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
