@@ -297,10 +297,10 @@ def test_the_seed_sql_example_runs_against_a_sqlite_file(http: httpx.Client, sta
         conn.executemany(
             "INSERT INTO enterprise_records VALUES (?, ?, ?, ?, ?)",
             [
-                (1, "alpha", "active", "acme", "2024-01-01T10:00:00"),
-                (2, "beta", "inactive", "acme", "2024-01-02T10:00:00"),
-                (3, "gamma", "active", "acme", "2024-01-03T10:00:00"),
-                (4, "delta", "active", "other", "2024-01-04T10:00:00"),
+                (1, "alpha", "active", "default", "2024-01-01T10:00:00"),
+                (2, "beta", "inactive", "default", "2024-01-02T10:00:00"),
+                (3, "gamma", "active", "default", "2024-01-03T10:00:00"),
+                (4, "delta", "active", "acme", "2024-01-04T10:00:00"),
             ],
         )
     create(
@@ -341,12 +341,13 @@ def test_the_seed_sql_example_runs_against_a_sqlite_file(http: httpx.Client, sta
             ],
         },
     )
+    # ${tenant_id} is the execution's tenant: an input of that name cannot pose as another.
     execution = http.post(
         "/api/executions", json={"workflow_id": "seed_db_workflow", "inputs": {"tenant_id": "acme"}, "wait": True}
     ).json()
     assert execution["state"] == "STATE_SUCCEEDED", execution["error"]
     result = execution["outputs"]["process_db_results"]["result"]
-    assert result["count"] == 2 and result["tenant_id"] == "acme"
+    assert result["count"] == 2 and result["tenant_id"] == "default"
     assert [r["name"] for r in result["records"]] == ["gamma", "alpha"]
 
 
