@@ -55,7 +55,7 @@ def _admin(server: Settings, *argv: str) -> list[str]:
 def _works(server: Settings, key: str) -> grpc.StatusCode:
     with Client(server.grpc_target, api_key=key) as client:
         try:
-            client.gateway.GetInfo(gateway_pb2.GetInfoRequest(), timeout=5)
+            client.gateway.GetStats(gateway_pb2.GetStatsRequest(), timeout=5)  # GetInfo is public
         except grpc.RpcError as exc:
             return ApiError.from_rpc_error(exc).code()
     return grpc.StatusCode.OK

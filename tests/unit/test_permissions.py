@@ -36,9 +36,10 @@ def test_every_declared_permission_names_a_real_rpc() -> None:
     assert not stale, f"permissions for RPCs that do not exist: {stale}"
 
 
-def test_only_health_is_public_in_the_api() -> None:
+def test_only_health_and_info_are_public_in_the_api() -> None:
+    # GetInfo (GET /) names the gateway and its routes, nothing of a tenant's, as Kailash's `/` does.
     public = sorted(m for m, access in PERMISSIONS.items() if access is Access.PUBLIC)
-    assert public == ["/flowport.v1.GatewayService/GetHealth"]
+    assert public == ["/flowport.v1.GatewayService/GetHealth", "/flowport.v1.GatewayService/GetInfo"]
 
 
 def test_undeclared_methods_are_not_public() -> None:
