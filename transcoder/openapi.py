@@ -247,6 +247,9 @@ class _Builder:
                 "application/json": {"schema": response_schema},
             }
             operation["x-flowport-stream"] = True
+        elif response_type.lstrip(".") == "google.api.HttpBody":
+            # The body is the RPC's own bytes with its own type: GetMetrics is Prometheus text.
+            content = {"text/plain": {"schema": {"type": "string"}}}
         else:
             content = {"application/json": {"schema": response_schema}}
         operation["responses"] = {
