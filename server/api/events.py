@@ -20,6 +20,7 @@ from flowport.server.errors import Aborted, InvalidArgument, OutOfRange, shown
 from flowport.server.events.bus import BusEvent, EventBus, SubscriberOverflow
 from flowport.server.events.kailash import Selection
 from flowport.server.events.log import EventLog
+from flowport.server.events.types import requested_types
 from flowport.server.storage import Store
 from flowport.server.tenancy import tenant_of
 from flowport.server.transcoding import stream_transport
@@ -28,7 +29,6 @@ from flowport.v1 import event_pb2, event_pb2_grpc
 
 LAST_EVENT_ID = "last-event-id"
 HEARTBEAT = "heartbeat"
-MAX_TYPES = 50
 # Event ids are positive 64-bit integers.
 MAX_ID_DIGITS = 19
 MAX_ID = 2**63 - 1
@@ -52,17 +52,6 @@ def _cursor(request: event_pb2.StreamEventsRequest, context: Context) -> int | N
             f"{field} {shown(raw)} is not an event id", violations=[(field, "an event id from this server")]
         )
     return int(raw)
-
-
-def requested_types(request: event_pb2.StreamEventsRequest) -> list[str]:
-    """`types` and its Kailash alias `event_types` (whose entries may be comma-separated), merged."""
-    # Kailash clients send event_types=a,b; an event type never contains a comma.
-    alias = [name.strip() for entry in request.event_types for name in entry.split(",")]
-    merged = list(request.types) + [name for name in alias if name]
-    if len(merged) > MAX_TYPES:
-        field = "event_types" if request.event_types else "types"
-        raise InvalidArgument(f"at most {MAX_TYPES} types", violations=[(field, f"at most {MAX_TYPES}")])
-    return merged
 
 
 def event_filter(request: event_pb2.StreamEventsRequest, context: Context) -> Selection:

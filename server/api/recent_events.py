@@ -14,6 +14,7 @@ from flowport.server.api.sessions import VisibleSessions, check_named_session, s
 from flowport.server.errors import InvalidArgument
 from flowport.server.events.kailash import Selection
 from flowport.server.events.log import EventLog
+from flowport.server.events.types import requested_types
 from flowport.server.storage import Store
 from flowport.server.tenancy import tenant_of
 from flowport.server.types import Context
@@ -21,7 +22,6 @@ from flowport.v1 import event_pb2
 
 DEFAULT_SIZE = 100  # Kailash's default `count`
 MAX_SIZE = 500
-MAX_TYPES = 50
 READ = 500  # rows per store read
 MAX_SCANNED = 5000  # rows one call reads at most
 
@@ -34,22 +34,12 @@ def _size(request: event_pb2.ListRecentEventsRequest) -> int:
     return min([*asked, MAX_SIZE]) if asked else DEFAULT_SIZE
 
 
-def _types(request: event_pb2.ListRecentEventsRequest) -> list[str]:
-    # As StreamEvents: `event_types` entries may hold several names separated by commas.
-    alias = [name.strip() for entry in request.event_types for name in entry.split(",")]
-    merged = list(request.types) + [name for name in alias if name]
-    if len(merged) > MAX_TYPES:
-        field = "event_types" if request.event_types else "types"
-        raise InvalidArgument(f"at most {MAX_TYPES} types", violations=[(field, f"at most {MAX_TYPES}")])
-    return merged
-
-
 async def list_recent_events(
     store: Store, log: EventLog, request: event_pb2.ListRecentEventsRequest, context: Context
 ) -> event_pb2.ListRecentEventsResponse:
     """The answer to ListRecentEvents; NOT_FOUND for a session the caller may not see."""
     size = _size(request)
-    types = _types(request)
+    types = requested_types(request)
     filters = {
         "session_id": request.session_id,
         "workflow_id": request.workflow_id,

@@ -47,6 +47,8 @@ from websockets.http11 import Request, Response
 
 from flowport.server.errors import shown
 from flowport.server.events.kailash import KAILASH_DEFAULT, NATIVE_TYPES
+from flowport.server.events.numbers import whole_numbers
+from flowport.server.events.types import MAX_TYPES
 from flowport.server.transcoding import TRANSPORT_HEADER
 from flowport.v1 import event_pb2, event_pb2_grpc
 
@@ -59,7 +61,6 @@ PATH: Final = "/ws"
 HEALTH_PATH: Final = "/healthz"
 TRANSPORT: Final = "websocket"  # in TRANSPORT_HEADER: the stats count the bridge's streams apart
 MAX_MESSAGE_BYTES: Final = 64 * 2**10  # a client message; a subscription is far smaller
-MAX_TYPES: Final = 50  # as GET /events
 MAX_TYPE_CHARS: Final = 200
 # Each subscription restarts the stream (a replay from the log): at most this many per window,
 # since messages on an open connection pass no rate limit of Envoy's.
@@ -86,7 +87,6 @@ CLOSE_CODES: Final = {
 }
 INTERNAL_CLOSE: Final = 1011
 # JSON numbers up to this are exact integers in a browser.
-_MAX_SAFE_INT: Final = 2**53
 
 
 class BadHandshake(ValueError):
@@ -140,22 +140,11 @@ def subscribed_types(message: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _integral(value: Any) -> Any:
-    # Struct numbers are doubles; print 3 as 3, as Envoy's JSON printer does for GET /events.
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_SAFE_INT:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    return value
-
-
 def frame(event: event_pb2.Event) -> str:
     """An event as the text frame clients read: its JSON, plus `event` (the same) and `timestamp`."""
     body = MessageToDict(event, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     if "data" in body:
-        body["data"] = _integral(body["data"])
+        body["data"] = whole_numbers(body["data"])
     timestamp = event.time.seconds + event.time.nanos / 1e9
     return orjson.dumps({**body, "event": body, "timestamp": timestamp}).decode()
 

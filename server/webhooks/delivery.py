@@ -15,7 +15,6 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import orjson
@@ -23,6 +22,7 @@ from google.protobuf import json_format
 
 from flowport.server.egress import header_value_problem
 from flowport.server.events.bus import BusEvent
+from flowport.server.events.numbers import whole_numbers
 from flowport.server.nodes.http import parse_retry_after
 from flowport.server.observability import tracing
 from flowport.server.version import VERSION
@@ -36,21 +36,8 @@ USER_AGENT = f"flowport-webhooks/{VERSION}"
 MAX_ERROR_BODY = 200
 MAX_READ = 64 * 1024
 MAX_ERROR = 1024
-_MAX_EXACT = 2**53  # doubles hold every integer up to here
 
 _jitter = random.SystemRandom()
-
-
-def _integral(value: Any) -> Any:
-    """Struct numbers are doubles; print whole ones as integers, as protobuf's C++
-    printer (and so Envoy's event stream) does."""
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    return value
 
 
 def event_body(event: BusEvent) -> bytes:
@@ -60,7 +47,7 @@ def event_body(event: BusEvent) -> bytes:
         proto, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
     # Declaration order reads best (id and type first).
-    ordered = {f.name: _integral(as_dict[f.name]) for f in proto.DESCRIPTOR.fields if f.name in as_dict}
+    ordered = {f.name: whole_numbers(as_dict[f.name]) for f in proto.DESCRIPTOR.fields if f.name in as_dict}
     return orjson.dumps(ordered)
 
 
