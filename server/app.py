@@ -68,6 +68,7 @@ from flowport.server.secrets.keyring import KeyringError
 from flowport.server.secrets.source import KeySource, open_key_source
 from flowport.server.secrets.vault import SecretVault
 from flowport.server.settings import Settings
+from flowport.server.shutdown import SHUTDOWN_MARGIN, STEP_LIMIT, Watchdog, bounded
 from flowport.server.storage import MigrationError, SqlStore, open_store
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.v1 import (
@@ -142,15 +143,11 @@ class Running:
     bus: EventBus
     event_log: EventLog
     dispatcher: WebhookDispatcher
-    webhook_http: httpx.AsyncClient
-    audit: AuditRecorder
+    # Everything start() opened, closed by stop() in reverse, each step bounded (server/shutdown.py).
+    opened: contextlib.AsyncExitStack
     keys: KeyAuthenticator | None = None
     rate_limit: RateLimitService | None = None
     prometheus: Prometheus | None = None
-    # Set when this server set up OpenTelemetry from its settings (it shuts it down).
-    tracing_owner: bool = False
-    # Health checks of registered services and resource pools, metrics sampling.
-    background: contextlib.AsyncExitStack | None = None
     # /ws: its `connections` are the open WebSocket connections (None with --websocket-port 0).
     websocket: WebSocketBridge | None = None
 
@@ -279,7 +276,7 @@ async def start(settings: Settings) -> Running:
     # Whatever opened is closed again, in reverse, when a later step fails.
     async with contextlib.AsyncExitStack() as opened:
         running = await _start(settings, secret_keys, declared, opened)
-        opened.pop_all()
+        running.opened = opened.pop_all()
     return running
 
 
@@ -295,15 +292,15 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     except tracing.TracingUnavailable as exc:
         raise StartupError(f"tracing (--otlp-endpoint): {exc}") from None
     if tracing_owner:
-        opened.callback(tracing.shutdown)
+        opened.push_async_callback(bounded("tracing", tracing.shutdown))  # exports the spans still buffered
     # Workers boot while the database opens.
     store_opening, services_opening = await asyncio.gather(
         open_store(settings), _open_node_services(settings), return_exceptions=True
     )
     if isinstance(store_opening, SqlStore):
-        opened.push_async_callback(store_opening.close)
+        opened.push_async_callback(bounded("the store", store_opening.close))
     if isinstance(services_opening, NodeServices):
-        opened.push_async_callback(_close_node_services, services_opening)
+        opened.push_async_callback(bounded("the node services", _close_node_services, services_opening))
     for outcome in (store_opening, services_opening):
         if isinstance(outcome, BaseException):
             raise outcome
@@ -325,13 +322,13 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         # With Redis, events cross processes (server/events/redis_bus.py).
         redis_url=settings.redis_url.get_secret_value() if settings.redis_url is not None else None,
     )
-    opened.push_async_callback(event_log.close)
+    opened.push_async_callback(bounded("the event log", event_log.close))
     # Its own pool, so slow receivers and node traffic cannot starve each
     # other; trust_env off, so no proxy from the environment skips the SSRF checks.
     webhook_http = httpx.AsyncClient(
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False
     )
-    opened.push_async_callback(webhook_http.aclose)
+    opened.push_async_callback(bounded("the webhook HTTP client", webhook_http.aclose))
     # Registered services' endpoints are tenants' input: the nodes' allowlist
     # and SSRF guard apply to their health checks too.
     checker = HealthChecker(
@@ -341,16 +338,13 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         interval=settings.service_check_interval,
         timeout=settings.service_check_timeout,
     )
-    # Background loops, stopped by `stop` (and by `opened` if the start fails later).
-    background = contextlib.AsyncExitStack()
-    opened.push_async_callback(background.aclose)
     checker.start()
-    background.push_async_callback(checker.close)
+    opened.push_async_callback(bounded("service health checks", checker.close))
     pool_health = PoolHealth(
         services.sql, resources, interval=settings.service_check_interval, timeout=settings.service_check_timeout
     )
     pool_health.start()
-    background.push_async_callback(pool_health.close)
+    opened.push_async_callback(bounded("resource pool health checks", pool_health.close))
     # One lease holder per process, for its executions and webhook deliveries.
     leases = Leases(settings.execution_lease_seconds)
     dispatcher = WebhookDispatcher(
@@ -362,14 +356,15 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         exclusive=store.dialect == "sqlite",
     )
     await dispatcher.start()
-    opened.push_async_callback(dispatcher.close)
+    # Unsent deliveries stay queued in the store and resume at the next start.
+    opened.push_async_callback(bounded("webhook deliveries", dispatcher.close))
     bus.add_listener(dispatcher.on_event)
     # Processes sharing PostgreSQL and Redis hand work they have no room
     # for to each other; a SQLite file is this process's alone.
     work_queue = None
     if settings.redis_url is not None and store.dialect != "sqlite":
         work_queue = RedisWorkQueue(settings.redis_url.get_secret_value(), consumer=leases.owner)
-        opened.push_async_callback(work_queue.close)
+        opened.push_async_callback(bounded("the work queue", work_queue.close))
     executor = Executor(
         store,
         plans,
@@ -381,21 +376,24 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         queue=work_queue,
         tenant_share=tenant_share(settings.tenant_execution_share, settings.max_concurrent_executions),
     )
-    opened.push_async_callback(executor.shutdown)
+    # Executions are left RUNNING with their leases released: resumed at the next start or elsewhere.
+    opened.push_async_callback(bounded("executions", executor.shutdown))
     metrics = RequestMetrics()
     prometheus = _prometheus(settings, store, services)
     if prometheus is not None:
-        opened.callback(prometheus.close)
+        opened.push_async_callback(bounded("metrics", prometheus.close))
         executor.prometheus = dispatcher.prometheus = prometheus
         sampling = Periodic(
             functools.partial(_sample, prometheus, services, dispatcher), SAMPLE_INTERVAL, "metrics sampling"
         )
         sampling.start()
-        background.push_async_callback(sampling.close)
+        opened.push_async_callback(bounded("metrics sampling", sampling.close))
     keys = KeyAuthenticator(store)
     keys.follow(bus)
-    opened.push_async_callback(keys.close)
+    opened.push_async_callback(bounded("API key cache", keys.close))
     audit = AuditRecorder(store)
+    # Pending aggregates of throttled entries, queued before the store drains.
+    opened.push_async_callback(bounded("the audit log", audit.close))
     authenticator = await _authenticator(store, keys, settings, audit)
     grpc_server = grpc.aio.server(
         options=[
@@ -413,7 +411,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     server = cast("grpc.aio.Server", registrar)
     rate_limit = _rate_limit_service(settings, keys)
     if rate_limit is not None:
-        opened.push_async_callback(rate_limit.close)
+        opened.push_async_callback(bounded("the rate limit service", rate_limit.close))
         rate_limit.prometheus = prometheus
         registrar.add_registered_method_handlers(wire.SERVICE, rate_limit.method_handlers())
     gateway = GatewayService(
@@ -463,10 +461,10 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         )
     _serve_metrics(settings, prometheus)  # after the gRPC port: a second server fails on that one first
     await grpc_server.start()
-    opened.push_async_callback(grpc_server.stop, None)
+    opened.push_async_callback(bounded("the gRPC server", grpc_server.stop, None))
     websocket = await _start_websocket(settings, bus)
     if websocket is not None:
-        opened.push_async_callback(websocket.stop)
+        opened.push_async_callback(bounded("the /ws bridge", websocket.stop))
     resumed, failed = await executor.recover()
     executor.start_leasing()
     if resumed or failed:
@@ -483,43 +481,24 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         bus,
         event_log,
         dispatcher,
-        webhook_http,
-        audit,
+        opened,  # start() hands over what it holds
         keys,
         rate_limit,
         prometheus,
-        tracing_owner,
-        background,
         websocket,
     )
 
 
 async def stop(running: Running, grace: float) -> None:
     """Report NOT_SERVING, stop accepting calls, let in-flight ones finish
-    within `grace`, then stop executions (left RUNNING, resumed next start)."""
+    within `grace`, then close the rest in reverse of opening (executions are
+    left RUNNING, resumed next start). Each step is bounded: see server/shutdown.py."""
     await running.health.enter_graceful_shutdown()
     if running.websocket is not None:
-        await running.websocket.stop()  # its clients reconnect (1001, going away), to another worker if any
-    await running.server.stop(grace)
-    if running.background is not None:
-        await running.background.aclose()
-    await running.executor.shutdown()
-    # Unsent deliveries stay queued in the store and resume at the next start.
-    await running.dispatcher.close()
-    await running.webhook_http.aclose()
-    if running.keys is not None:
-        await running.keys.close()
-    if running.rate_limit is not None:
-        await running.rate_limit.close()
-    await running.event_log.close()
-    await _close_node_services(running.services)
-    # Pending aggregates of throttled entries, queued before the store drains.
-    running.audit.close()
-    await running.store.close()
-    if running.prometheus is not None:
-        running.prometheus.close()
-    if running.tracing_owner:
-        tracing.shutdown()  # exports the spans still buffered
+        # Its clients reconnect (1001, going away), to another worker if any.
+        await bounded("the /ws bridge", running.websocket.stop)()
+    await bounded("the gRPC server", running.server.stop, grace, limit=grace + STEP_LIMIT)()
+    await running.opened.aclose()  # stopping the two above again is a no-op
 
 
 async def _start_websocket(settings: Settings, bus: EventBus) -> WebSocketBridge | None:
@@ -597,9 +576,12 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     purger = asyncio.create_task(_purge_forever(running.store))
+    # Armed at the signal; disarmed by the process ending (a daemon thread).
+    watchdog = Watchdog(settings.shutdown_grace + SHUTDOWN_MARGIN)
     try:
         await stopping.wait()
         log.info("shutting down: finishing in-flight calls (grace %.1fs)", settings.shutdown_grace)
+        watchdog.arm(loop)
     finally:
         purger.cancel()
         with contextlib.suppress(asyncio.CancelledError):
