@@ -28,7 +28,6 @@ from flowport.server.api.schemas import SchemaService
 from flowport.server.api.secrets import SecretService
 from flowport.server.api.service_registry import ServiceRegistryService
 from flowport.server.api.sessions import SessionService
-from flowport.server.api.unimplemented import unimplemented_handler
 from flowport.server.api.webhooks import WebhookService
 from flowport.server.api.workflows import WorkflowService
 from flowport.server.audit import AuditRecorder, CallAuditor
@@ -56,7 +55,7 @@ from flowport.server.observability.prometheus import Prometheus, multiprocess
 from flowport.server.periodic import Periodic
 from flowport.server.ratelimit import wire
 from flowport.server.ratelimit.counters import RedisCounters
-from flowport.server.ratelimit.outbound import LocalLimiter, OutboundLimiter
+from flowport.server.ratelimit.outbound import LocalLimiter
 from flowport.server.ratelimit.outbound_redis import RedisLimiter
 from flowport.server.ratelimit.service import RateLimitService
 from flowport.server.registry.health import HealthChecker
@@ -107,6 +106,7 @@ SAMPLE_INTERVAL = 1.0
 # Finished webhook deliveries (succeeded or dead-lettered) are listed this long.
 DELIVERY_RETENTION = 7 * 24 * 3600.0
 
+# Every service of the flowport.v1 API: each is served.
 IMPLEMENTED = [
     gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
     session_pb2.DESCRIPTOR.services_by_name["SessionService"],
@@ -121,9 +121,7 @@ IMPLEMENTED = [
     registry_pb2.DESCRIPTOR.services_by_name["ServiceRegistryService"],
     resource_pb2.DESCRIPTOR.services_by_name["ResourceService"],
 ]
-# Services in the API that this server does not serve yet (none today).
-NOT_YET_IMPLEMENTED: list[Any] = []
-ALL_SERVICES = [s.full_name for s in IMPLEMENTED + NOT_YET_IMPLEMENTED]
+ALL_SERVICES = [s.full_name for s in IMPLEMENTED]
 
 
 class StartupError(RuntimeError):
@@ -210,7 +208,8 @@ def _jwt_verifier(settings: Settings) -> JwtVerifier | None:
         raise StartupError(f"bearer tokens: {exc}") from None
 
 
-async def _open_node_services(settings: Settings) -> NodeServices:
+async def _start_sandbox(settings: Settings) -> SandboxPool:
+    """The pool of sandbox workers PythonCodeNode runs in, started (its workers boot)."""
     if settings.dev:
         log.warning("--dev is for local development only: HTTP nodes may reach this machine (loopback)")
     limits = SandboxLimits(
@@ -221,25 +220,41 @@ async def _open_node_services(settings: Settings) -> NodeServices:
     size = settings.sandbox_workers or os.cpu_count() or 1
     sandbox = SandboxPool(size=size, limits=limits, tenant_share=tenant_share(settings.tenant_sandbox_share, size))
     await sandbox.start()
-    # With Redis, RateLimitedAPINode's limits hold across every process that shares it.
-    outbound: OutboundLimiter = (
-        RedisLimiter(settings.redis_url.get_secret_value()) if settings.redis_url is not None else LocalLimiter()
-    )
+    return sandbox
+
+
+def _node_services(
+    settings: Settings,
+    sandbox: SandboxPool,
+    *,
+    sql: SqlPools,
+    vault: SecretVault,
+    resources: ResourceDirectory,
+    store: SqlStore,
+) -> NodeServices:
+    """What every node run in this process shares, complete."""
     return NodeServices(
         # One connection pool for every HTTP node of every execution; trust_env
         # off, so no proxy from the environment carries requests past the
         # SSRF check (which vets the address the node itself connects to).
         http=httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False),
         sandbox=sandbox,
-        sql=SqlPools(frozenset(settings.sql_allowlist), sqlite_root=settings.sqlite_root),
+        sql=sql,
         http_allowlist=settings.http_node_allowlist,
-        outbound=outbound,
+        # Nodes open secrets through the vault, for their execution's tenant only.
+        secrets=vault,
+        # For MCPServiceDiscoveryNode: the execution's tenant's registrations.
+        registry=store,
+        # With Redis, RateLimitedAPINode's limits hold across every process that shares it.
+        outbound=(
+            RedisLimiter(settings.redis_url.get_secret_value()) if settings.redis_url is not None else LocalLimiter()
+        ),
+        resources=resources,
     )
 
 
 async def _close_node_services(services: NodeServices) -> None:
-    if services.sandbox is not None:
-        await services.sandbox.close()
+    """Close what `_node_services` opened (the sandbox pool is closed on its own)."""
     if services.http is not None:
         await services.http.aclose()
     if services.sql is not None:
@@ -293,25 +308,25 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         raise StartupError(f"tracing (--otlp-endpoint): {exc}") from None
     if tracing_owner:
         opened.push_async_callback(bounded("tracing", tracing.shutdown))  # exports the spans still buffered
-    # Workers boot while the database opens.
-    store_opening, services_opening = await asyncio.gather(
-        open_store(settings), _open_node_services(settings), return_exceptions=True
+    # Sandbox workers boot while the database opens.
+    store_opening, sandbox_opening = await asyncio.gather(
+        open_store(settings), _start_sandbox(settings), return_exceptions=True
     )
     if isinstance(store_opening, SqlStore):
         opened.push_async_callback(bounded("the store", store_opening.close))
-    if isinstance(services_opening, NodeServices):
-        opened.push_async_callback(bounded("the node services", _close_node_services, services_opening))
-    for outcome in (store_opening, services_opening):
+    if isinstance(sandbox_opening, SandboxPool):
+        opened.push_async_callback(bounded("the sandbox pool", sandbox_opening.close))
+    for outcome in (store_opening, sandbox_opening):
         if isinstance(outcome, BaseException):
             raise outcome
-    assert isinstance(store_opening, SqlStore) and isinstance(services_opening, NodeServices)
-    store, services = store_opening, services_opening
-    # Nodes open secrets through the vault, for their execution's tenant only.
-    services.secrets = vault = SecretVault(store, secret_keys)
-    services.registry = store  # for MCPServiceDiscoveryNode: the execution's tenant's registrations
+    assert isinstance(store_opening, SqlStore) and isinstance(sandbox_opening, SandboxPool)
+    store = store_opening
+    sql = SqlPools(frozenset(settings.sql_allowlist), sqlite_root=settings.sqlite_root)
+    vault = SecretVault(store, secret_keys)
+    resources = ResourceDirectory(store, sql)
+    services = _node_services(settings, sandbox_opening, sql=sql, vault=vault, resources=resources, store=store)
+    opened.push_async_callback(bounded("the node services", _close_node_services, services))
     await settings_file.apply(store, declared, now_us())
-    assert services.sql is not None
-    services.resources = resources = ResourceDirectory(store, services.sql)
     registry = NodeRegistry.default()
     plans = PlanCache(registry)
     event_log, bus = await EventLog.open(
@@ -341,7 +356,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     checker.start()
     opened.push_async_callback(bounded("service health checks", checker.close))
     pool_health = PoolHealth(
-        services.sql, resources, interval=settings.service_check_interval, timeout=settings.service_check_timeout
+        sql, resources, interval=settings.service_check_interval, timeout=settings.service_check_timeout
     )
     pool_health.start()
     opened.push_async_callback(bounded("resource pool health checks", pool_health.close))
@@ -443,7 +458,6 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(store, audit), server)
     registry_pb2_grpc.add_ServiceRegistryServiceServicer_to_server(ServiceRegistryService(store), server)
     resource_pb2_grpc.add_ResourceServiceServicer_to_server(ResourceService(store, resources), server)
-    server.add_generic_rpc_handlers([unimplemented_handler(s) for s in NOT_YET_IMPLEMENTED])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*ALL_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

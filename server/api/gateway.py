@@ -56,6 +56,27 @@ KAILASH_FEATURES = {
     "ai_chat": "",  # not offered: always false
 }
 
+# The Kailash server kind flowport answers for (GET / `type`, /health `server_type`):
+# the enterprise server, which Kailash's create_gateway builds by default.
+KAILASH_SERVER_TYPE = "enterprise_workflow_server"
+
+# GET / `enterprise`: Kailash's capability names, each served here (see the proto's EnterpriseInfo).
+ENTERPRISE = gateway_pb2.EnterpriseInfo(
+    durability=True,
+    async_execution=True,
+    resource_management=True,
+    health_checks=True,
+    features=[
+        "request_durability",  # executions are stored and resumed after a restart
+        "resource_registry",  # /api/resources
+        "secret_management",  # /api/secrets
+        "async_workflows",  # CreateExecution returns at once
+        "health_monitoring",  # /health, service and pool checks
+        "resource_resolution",  # nodes name a resource instead of a connection string
+        "enterprise_security",  # API keys, JWTs, roles, tenants, audit log
+    ],
+)
+
 # The transport RequestMetrics.streams counts /ws connections under: each is a StreamEvents
 # call of the /ws bridge, marked as such (per tenant, like every stream).
 WEBSOCKET = "websocket"
@@ -168,13 +189,18 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
             feature_flags=feature_flags(),
             uptime_seconds=time.time() - self._metrics.started,
             status="healthy",
+            type=KAILASH_SERVER_TYPE,
+            enterprise=ENTERPRISE,
         )
 
     async def GetHealth(self, request: gateway_pb2.GetHealthRequest, context: Context) -> gateway_pb2.Health:
         names = list(self._checks)
         results = await asyncio.gather(*(run_check(self._checks[n], CHECK_TIMEOUT) for n in names))
         health = gateway_pb2.Health(
-            version=VERSION, uptime=self._metrics.uptime, uptime_seconds=time.time() - self._metrics.started
+            version=VERSION,
+            uptime=self._metrics.uptime,
+            uptime_seconds=time.time() - self._metrics.started,
+            server_type=KAILASH_SERVER_TYPE,
         )
         health.timestamp.GetCurrentTime()
         for name, result in zip(names, results, strict=True):

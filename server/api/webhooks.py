@@ -12,8 +12,6 @@ credential could stream (events outside sessions, and of its own sessions).
 
 from __future__ import annotations
 
-from google.protobuf import empty_pb2
-
 from flowport.server import pagination
 from flowport.server.api.common import check_request_id, idempotency_key, request_id_reused, require
 from flowport.server.api.sessions import credential_of, session_scope
@@ -125,7 +123,7 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
         webhooks, token = pagination.page(rows, size, filters, lambda w: [w.webhook_id])
         return W.ListWebhooksResponse(webhooks=[shown(w) for w in webhooks], next_page_token=token)
 
-    async def DeleteWebhook(self, request: W.DeleteWebhookRequest, context: Context) -> empty_pb2.Empty:
+    async def DeleteWebhook(self, request: W.DeleteWebhookRequest, context: Context) -> W.DeleteWebhookResponse:
         require(request.webhook_id, "webhook_id")
         check_request_id(request.request_id)
         tenant = tenant_of(context)
@@ -140,7 +138,7 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
         await self._dispatcher.webhooks_changed(tenant)
         if deleted is Deletion.DELETED:
             self._bus.publish("webhook.deleted", tenant=tenant, data={"webhook_id": request.webhook_id})
-        return empty_pb2.Empty()
+        return W.DeleteWebhookResponse(message="Webhook unregistered")
 
     async def ListWebhookDeliveries(
         self, request: W.ListWebhookDeliveriesRequest, context: Context

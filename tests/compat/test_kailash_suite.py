@@ -91,6 +91,19 @@ def test_k010_k012_k015_health_is_public_with_kailash_components(anonymous: http
     assert {"agent_ui", "realtime", "schema_registry"} <= set(body["components"]), sorted(body["components"])
 
 
+def test_k079_k110_k112_root_and_health_have_the_servers_fields(anonymous: httpx.Client) -> None:
+    root = anonymous.get("/").json()
+    assert root["type"] == "enterprise_workflow_server"
+    # Public calls: tenants' workflows are not listed here (GET /api/workflows lists the caller's).
+    assert root["workflows"] == [] and root["mcp_servers"] == []
+    enterprise = root["enterprise"]
+    assert all(enterprise[k] is True for k in ("durability", "async_execution", "resource_management", "health_checks"))
+    assert "request_durability" in enterprise["features"] and enterprise["resources"] == []
+    health = anonymous.get("/health").json()
+    assert health["server_type"] == "enterprise_workflow_server"
+    assert health["workflows"] == [] and health["mcp_servers"] == []
+
+
 # -- sessions -------------------------------------------------------------------------------
 
 
@@ -306,7 +319,8 @@ def test_k065_k066_a_webhook_is_registered_and_removed(http: httpx.Client) -> No
     made = http.post("/api/webhooks", json=webhook)
     assert made.status_code == 200, made.text
     assert made.json()["webhook_id"] and made.json()["url"] == webhook["url"]
-    assert http.delete(f"/api/webhooks/{made.json()['webhook_id']}").status_code == 200
+    removed = http.delete(f"/api/webhooks/{made.json()['webhook_id']}")
+    assert removed.status_code == 200 and removed.json() == {"message": "Webhook unregistered"}
 
 
 def test_k067_a_webhook_without_event_types(http: httpx.Client, alice: dict[str, str]) -> None:

@@ -1,5 +1,5 @@
 """The gRPC server in-process on 127.0.0.1: sessions, gateway, health,
-reflection, UNIMPLEMENTED services and graceful shutdown."""
+reflection and graceful shutdown."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from flowport.clients import ApiError, AsyncClient
 from flowport.server.app import ALL_SERVICES, Running, start, stop
 from flowport.server.settings import Settings
-from flowport.v1 import gateway_pb2, session_pb2, webhook_pb2, workflow_pb2
+from flowport.v1 import gateway_pb2, session_pb2, workflow_pb2
 
 from ..conftest import ADMIN_KEY, make_settings
 
@@ -177,27 +177,6 @@ async def test_gateway_info_health_and_stats(client: AsyncClient) -> None:
     assert stats.sessions.active == 1
     assert stats.requests.total >= 3
     assert stats.system.rss_bytes > 0
-
-
-async def test_rpcs_not_served_yet_say_so_clearly() -> None:
-    # Every service is served today; the handler stays for RPCs added to the
-    # API before their implementation, and must name them.
-    from flowport.server.api.unimplemented import unimplemented_handler
-    from flowport.server.interceptor import ErrorInterceptor
-    from flowport.server.metrics import RequestMetrics
-
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(RequestMetrics())])
-    server.add_generic_rpc_handlers([unimplemented_handler(webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"])])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with AsyncClient(f"127.0.0.1:{port}") as client:
-            error = await _error(client.webhooks.ListWebhooks(webhook_pb2.ListWebhooksRequest()))
-    finally:
-        await server.stop(None)
-    assert error.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert "flowport.v1.WebhookService.ListWebhooks" in error.message
-    assert error.reason == "NOT_IMPLEMENTED_YET"
 
 
 async def test_standard_health_and_reflection(running: Running) -> None:

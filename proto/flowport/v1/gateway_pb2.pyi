@@ -93,6 +93,10 @@ class GatewayInfo(_message.Message):
     FEATURE_FLAGS_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    WORKFLOWS_FIELD_NUMBER: _builtins.int
+    MCP_SERVERS_FIELD_NUMBER: _builtins.int
+    ENTERPRISE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Product name, always "flowport"."""
     version: _builtins.str
@@ -105,6 +109,10 @@ class GatewayInfo(_message.Message):
     """Seconds since the server process started (Kailash's `uptime_seconds`)."""
     status: _builtins.str
     """"healthy": the process answers (GET /health checks its components)."""
+    type: _builtins.str
+    """The kind of Kailash server this gateway answers for:
+    "enterprise_workflow_server", what Kailash's `create_gateway` builds.
+    """
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___Feature]:
         """Features this server offers, each with whether it is enabled."""
@@ -123,6 +131,26 @@ class GatewayInfo(_message.Message):
         clients read (`features` stays the list: a field cannot change type).
         """
 
+    @_builtins.property
+    def workflows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Always empty here, present for Kailash clients: Kailash lists the
+        workflows registered in its process, while flowport's belong to tenants
+        and this call is public (`GET /api/workflows` lists the caller's).
+        """
+
+    @_builtins.property
+    def mcp_servers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Always empty: flowport hosts no MCP servers (tenants register theirs
+        with the service registry, `/api/services`).
+        """
+
+    @_builtins.property
+    def enterprise(self) -> Global___EnterpriseInfo:
+        """The enterprise capabilities Kailash's enterprise server reports, each
+        served by flowport: durability (executions survive restarts), async
+        execution, resource management (`/api/resources`) and health checks.
+        """
+
     def __init__(
         self,
         *,
@@ -136,14 +164,66 @@ class GatewayInfo(_message.Message):
         feature_flags: _abc.Mapping[_builtins.str, _builtins.bool] | None = ...,
         uptime_seconds: _builtins.float = ...,
         status: _builtins.str = ...,
+        type: _builtins.str = ...,
+        workflows: _abc.Iterable[_builtins.str] | None = ...,
+        mcp_servers: _abc.Iterable[_builtins.str] | None = ...,
+        enterprise: Global___EnterpriseInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enterprise", b"enterprise", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "description", b"description", "endpoints", b"endpoints", "feature_flags", b"feature_flags", "features", b"features", "name", b"name", "start_time", b"start_time", "status", b"status", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "description", b"description", "endpoints", b"endpoints", "enterprise", b"enterprise", "feature_flags", b"feature_flags", "features", b"features", "mcp_servers", b"mcp_servers", "name", b"name", "start_time", b"start_time", "status", b"status", "type", b"type", "uptime_seconds", b"uptime_seconds", "version", b"version", "workflows", b"workflows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GatewayInfo: _TypeAlias = GatewayInfo  # noqa: Y015
+
+@_typing.final
+class EnterpriseInfo(_message.Message):
+    """The `enterprise` object of Kailash's enterprise server root."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DURABILITY_FIELD_NUMBER: _builtins.int
+    ASYNC_EXECUTION_FIELD_NUMBER: _builtins.int
+    RESOURCE_MANAGEMENT_FIELD_NUMBER: _builtins.int
+    HEALTH_CHECKS_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    durability: _builtins.bool
+    """Executions are stored and resumed (or failed as INTERRUPTED) after a restart."""
+    async_execution: _builtins.bool
+    """CreateExecution returns at once; results arrive by events or GetExecution."""
+    resource_management: _builtins.bool
+    """Named database resources per tenant (ResourceService)."""
+    health_checks: _builtins.bool
+    """GET /health and health checks of registered services and pools."""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Kailash's names for these capabilities, e.g. "request_durability"."""
+
+    @_builtins.property
+    def resources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Always empty: resources belong to tenants and this call is public
+        (`GET /api/resources` lists the caller's).
+        """
+
+    def __init__(
+        self,
+        *,
+        durability: _builtins.bool = ...,
+        async_execution: _builtins.bool = ...,
+        resource_management: _builtins.bool = ...,
+        health_checks: _builtins.bool = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+        resources: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["async_execution", b"async_execution", "durability", b"durability", "features", b"features", "health_checks", b"health_checks", "resource_management", b"resource_management", "resources", b"resources"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnterpriseInfo: _TypeAlias = EnterpriseInfo  # noqa: Y015
 
 @_typing.final
 class Feature(_message.Message):
@@ -227,6 +307,9 @@ class Health(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     UPTIME_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    SERVER_TYPE_FIELD_NUMBER: _builtins.int
+    WORKFLOWS_FIELD_NUMBER: _builtins.int
+    MCP_SERVERS_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """Overall status: "healthy" when every component is healthy, "degraded"
     when some component is degraded, "unhealthy" when any is unhealthy.
@@ -238,6 +321,8 @@ class Health(_message.Message):
     """Whole seconds since the server process started."""
     uptime_seconds: _builtins.float
     """Seconds since the server process started (Kailash's `uptime_seconds`)."""
+    server_type: _builtins.str
+    """"enterprise_workflow_server", as GatewayInfo.type."""
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
         """When the checks were taken."""
@@ -245,6 +330,14 @@ class Health(_message.Message):
     @_builtins.property
     def components(self) -> _containers.MessageMap[_builtins.str, Global___ComponentHealth]:
         """Health of each component, keyed by component name ("database", ...)."""
+
+    @_builtins.property
+    def workflows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Always empty, as GatewayInfo.workflows (this call is public)."""
+
+    @_builtins.property
+    def mcp_servers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Always empty, as GatewayInfo.mcp_servers."""
 
     def __init__(
         self,
@@ -255,10 +348,13 @@ class Health(_message.Message):
         version: _builtins.str = ...,
         uptime: _builtins.int = ...,
         uptime_seconds: _builtins.float = ...,
+        server_type: _builtins.str = ...,
+        workflows: _abc.Iterable[_builtins.str] | None = ...,
+        mcp_servers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "status", b"status", "timestamp", b"timestamp", "uptime", b"uptime", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "mcp_servers", b"mcp_servers", "server_type", b"server_type", "status", b"status", "timestamp", b"timestamp", "uptime", b"uptime", "uptime_seconds", b"uptime_seconds", "version", b"version", "workflows", b"workflows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

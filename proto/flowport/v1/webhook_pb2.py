@@ -25,11 +25,10 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
-from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lowport/v1/webhook.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x02\n\x07Webhook\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x11\n\x03url\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x65vent_types\x18\x03 \x03(\tB\x04\xe2\x41\x01\x01\x12\x38\n\x07headers\x18\x04 \x03(\x0b\x32!.flowport.v1.Webhook.HeadersEntryB\x04\xe2\x41\x01\x01\x12\x14\n\x06secret\x18\x05 \x01(\tB\x04\xe2\x41\x01\x04\x12\x18\n\nhas_secret\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x64\x65scription\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06tenant\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reator\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdb\x04\n\x0fWebhookDelivery\x12\x19\n\x0b\x64\x65livery_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nwebhook_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65vent_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x37\n\x05state\x18\x05 \x01(\x0e\x32\".flowport.v1.WebhookDelivery.StateB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x61ttempts\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10last_status_code\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nlast_error\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x36\n\rlast_duration\x18\t \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\x12;\n\x11next_attempt_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"s\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x12\n\x0eSTATE_RETRYING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x17\n\x13STATE_DEAD_LETTERED\x10\x04\"]\n\x14\x43reateWebhookRequest\x12+\n\x07webhook\x18\x01 \x01(\x0b\x32\x14.flowport.v1.WebhookB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"-\n\x11GetWebhookRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"H\n\x13ListWebhooksRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"W\n\x14ListWebhooksResponse\x12&\n\x08webhooks\x18\x01 \x03(\x0b\x32\x14.flowport.v1.Webhook\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x14\x44\x65leteWebhookRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"\xa4\x01\n\x1cListWebhookDeliveriesRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x37\n\x05state\x18\x04 \x01(\x0e\x32\".flowport.v1.WebhookDelivery.StateB\x04\xe2\x41\x01\x01\"j\n\x1dListWebhookDeliveriesResponse\x12\x30\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1c.flowport.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x1fRedeliverWebhookDeliveryRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x64\x65livery_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x32\x9d\x06\n\x0eWebhookService\x12h\n\rCreateWebhook\x12!.flowport.v1.CreateWebhookRequest\x1a\x14.flowport.v1.Webhook\"\x1e\x82\xd3\xe4\x93\x02\x18\"\r/api/webhooks:\x07webhook\x12i\n\nGetWebhook\x12\x1e.flowport.v1.GetWebhookRequest\x1a\x14.flowport.v1.Webhook\"%\x90\x02\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/api/webhooks/{webhook_id}\x12m\n\x0cListWebhooks\x12 .flowport.v1.ListWebhooksRequest\x1a!.flowport.v1.ListWebhooksResponse\"\x18\x90\x02\x01\x82\xd3\xe4\x93\x02\x0f\x12\r/api/webhooks\x12q\n\rDeleteWebhook\x12!.flowport.v1.DeleteWebhookRequest\x1a\x16.google.protobuf.Empty\"%\x90\x02\x02\x82\xd3\xe4\x93\x02\x1c*\x1a/api/webhooks/{webhook_id}\x12\xa0\x01\n\x15ListWebhookDeliveries\x12).flowport.v1.ListWebhookDeliveriesRequest\x1a*.flowport.v1.ListWebhookDeliveriesResponse\"0\x90\x02\x01\x82\xd3\xe4\x93\x02\'\x12%/api/webhooks/{webhook_id}/deliveries\x12\xb0\x01\n\x18RedeliverWebhookDelivery\x12,.flowport.v1.RedeliverWebhookDeliveryRequest\x1a\x1c.flowport.v1.WebhookDelivery\"H\x82\xd3\xe4\x93\x02\x42\"=/api/webhooks/{webhook_id}/deliveries/{delivery_id}:redeliver:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lowport/v1/webhook.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x02\n\x07Webhook\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x11\n\x03url\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x65vent_types\x18\x03 \x03(\tB\x04\xe2\x41\x01\x01\x12\x38\n\x07headers\x18\x04 \x03(\x0b\x32!.flowport.v1.Webhook.HeadersEntryB\x04\xe2\x41\x01\x01\x12\x14\n\x06secret\x18\x05 \x01(\tB\x04\xe2\x41\x01\x04\x12\x18\n\nhas_secret\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x64\x65scription\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06tenant\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reator\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdb\x04\n\x0fWebhookDelivery\x12\x19\n\x0b\x64\x65livery_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nwebhook_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65vent_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x37\n\x05state\x18\x05 \x01(\x0e\x32\".flowport.v1.WebhookDelivery.StateB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x61ttempts\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10last_status_code\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nlast_error\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x36\n\rlast_duration\x18\t \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\x12;\n\x11next_attempt_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"s\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x12\n\x0eSTATE_RETRYING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x17\n\x13STATE_DEAD_LETTERED\x10\x04\"]\n\x14\x43reateWebhookRequest\x12+\n\x07webhook\x18\x01 \x01(\x0b\x32\x14.flowport.v1.WebhookB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"-\n\x11GetWebhookRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"H\n\x13ListWebhooksRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"W\n\x14ListWebhooksResponse\x12&\n\x08webhooks\x18\x01 \x03(\x0b\x32\x14.flowport.v1.Webhook\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x14\x44\x65leteWebhookRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\".\n\x15\x44\x65leteWebhookResponse\x12\x15\n\x07message\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\"\xa4\x01\n\x1cListWebhookDeliveriesRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x37\n\x05state\x18\x04 \x01(\x0e\x32\".flowport.v1.WebhookDelivery.StateB\x04\xe2\x41\x01\x01\"j\n\x1dListWebhookDeliveriesResponse\x12\x30\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1c.flowport.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x1fRedeliverWebhookDeliveryRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x64\x65livery_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x32\xa9\x06\n\x0eWebhookService\x12h\n\rCreateWebhook\x12!.flowport.v1.CreateWebhookRequest\x1a\x14.flowport.v1.Webhook\"\x1e\x82\xd3\xe4\x93\x02\x18\"\r/api/webhooks:\x07webhook\x12i\n\nGetWebhook\x12\x1e.flowport.v1.GetWebhookRequest\x1a\x14.flowport.v1.Webhook\"%\x90\x02\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/api/webhooks/{webhook_id}\x12m\n\x0cListWebhooks\x12 .flowport.v1.ListWebhooksRequest\x1a!.flowport.v1.ListWebhooksResponse\"\x18\x90\x02\x01\x82\xd3\xe4\x93\x02\x0f\x12\r/api/webhooks\x12}\n\rDeleteWebhook\x12!.flowport.v1.DeleteWebhookRequest\x1a\".flowport.v1.DeleteWebhookResponse\"%\x90\x02\x02\x82\xd3\xe4\x93\x02\x1c*\x1a/api/webhooks/{webhook_id}\x12\xa0\x01\n\x15ListWebhookDeliveries\x12).flowport.v1.ListWebhookDeliveriesRequest\x1a*.flowport.v1.ListWebhookDeliveriesResponse\"0\x90\x02\x01\x82\xd3\xe4\x93\x02\'\x12%/api/webhooks/{webhook_id}/deliveries\x12\xb0\x01\n\x18RedeliverWebhookDelivery\x12,.flowport.v1.RedeliverWebhookDeliveryRequest\x1a\x1c.flowport.v1.WebhookDelivery\"H\x82\xd3\xe4\x93\x02\x42\"=/api/webhooks/{webhook_id}/deliveries/{delivery_id}:redeliver:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -96,6 +95,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEWEBHOOKREQUEST'].fields_by_name['webhook_id']._serialized_options = b'\342A\001\002'
   _globals['_DELETEWEBHOOKREQUEST'].fields_by_name['request_id']._loaded_options = None
   _globals['_DELETEWEBHOOKREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_DELETEWEBHOOKRESPONSE'].fields_by_name['message']._loaded_options = None
+  _globals['_DELETEWEBHOOKRESPONSE'].fields_by_name['message']._serialized_options = b'\342A\001\003'
   _globals['_LISTWEBHOOKDELIVERIESREQUEST'].fields_by_name['webhook_id']._loaded_options = None
   _globals['_LISTWEBHOOKDELIVERIESREQUEST'].fields_by_name['webhook_id']._serialized_options = b'\342A\001\002'
   _globals['_LISTWEBHOOKDELIVERIESREQUEST'].fields_by_name['page_size']._loaded_options = None
@@ -122,30 +123,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhookDeliveries']._serialized_options = b'\220\002\001\202\323\344\223\002\'\022%/api/webhooks/{webhook_id}/deliveries'
   _globals['_WEBHOOKSERVICE'].methods_by_name['RedeliverWebhookDelivery']._loaded_options = None
   _globals['_WEBHOOKSERVICE'].methods_by_name['RedeliverWebhookDelivery']._serialized_options = b'\202\323\344\223\002B\"=/api/webhooks/{webhook_id}/deliveries/{delivery_id}:redeliver:\001*'
-  _globals['_WEBHOOK']._serialized_start=200
-  _globals['_WEBHOOK']._serialized_end=562
-  _globals['_WEBHOOK_HEADERSENTRY']._serialized_start=516
-  _globals['_WEBHOOK_HEADERSENTRY']._serialized_end=562
-  _globals['_WEBHOOKDELIVERY']._serialized_start=565
-  _globals['_WEBHOOKDELIVERY']._serialized_end=1168
-  _globals['_WEBHOOKDELIVERY_STATE']._serialized_start=1053
-  _globals['_WEBHOOKDELIVERY_STATE']._serialized_end=1168
-  _globals['_CREATEWEBHOOKREQUEST']._serialized_start=1170
-  _globals['_CREATEWEBHOOKREQUEST']._serialized_end=1263
-  _globals['_GETWEBHOOKREQUEST']._serialized_start=1265
-  _globals['_GETWEBHOOKREQUEST']._serialized_end=1310
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=1312
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=1384
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=1386
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=1473
-  _globals['_DELETEWEBHOOKREQUEST']._serialized_start=1475
-  _globals['_DELETEWEBHOOKREQUEST']._serialized_end=1549
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1552
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=1716
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1718
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1824
-  _globals['_REDELIVERWEBHOOKDELIVERYREQUEST']._serialized_start=1826
-  _globals['_REDELIVERWEBHOOKDELIVERYREQUEST']._serialized_end=1938
-  _globals['_WEBHOOKSERVICE']._serialized_start=1941
-  _globals['_WEBHOOKSERVICE']._serialized_end=2738
+  _globals['_WEBHOOK']._serialized_start=171
+  _globals['_WEBHOOK']._serialized_end=533
+  _globals['_WEBHOOK_HEADERSENTRY']._serialized_start=487
+  _globals['_WEBHOOK_HEADERSENTRY']._serialized_end=533
+  _globals['_WEBHOOKDELIVERY']._serialized_start=536
+  _globals['_WEBHOOKDELIVERY']._serialized_end=1139
+  _globals['_WEBHOOKDELIVERY_STATE']._serialized_start=1024
+  _globals['_WEBHOOKDELIVERY_STATE']._serialized_end=1139
+  _globals['_CREATEWEBHOOKREQUEST']._serialized_start=1141
+  _globals['_CREATEWEBHOOKREQUEST']._serialized_end=1234
+  _globals['_GETWEBHOOKREQUEST']._serialized_start=1236
+  _globals['_GETWEBHOOKREQUEST']._serialized_end=1281
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=1283
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=1355
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=1357
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=1444
+  _globals['_DELETEWEBHOOKREQUEST']._serialized_start=1446
+  _globals['_DELETEWEBHOOKREQUEST']._serialized_end=1520
+  _globals['_DELETEWEBHOOKRESPONSE']._serialized_start=1522
+  _globals['_DELETEWEBHOOKRESPONSE']._serialized_end=1568
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1571
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=1735
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1737
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1843
+  _globals['_REDELIVERWEBHOOKDELIVERYREQUEST']._serialized_start=1845
+  _globals['_REDELIVERWEBHOOKDELIVERYREQUEST']._serialized_end=1957
+  _globals['_WEBHOOKSERVICE']._serialized_start=1960
+  _globals['_WEBHOOKSERVICE']._serialized_end=2769
 # @@protoc_insertion_point(module_scope)

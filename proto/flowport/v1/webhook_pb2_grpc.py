@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from flowport.v1 import webhook_pb2 as flowport_dot_v1_dot_webhook__pb2
-from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -58,7 +57,7 @@ class WebhookServiceStub:
         self.DeleteWebhook = channel.unary_unary(
                 '/flowport.v1.WebhookService/DeleteWebhook',
                 request_serializer=flowport_dot_v1_dot_webhook__pb2.DeleteWebhookRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                response_deserializer=flowport_dot_v1_dot_webhook__pb2.DeleteWebhookResponse.FromString,
                 _registered_method=True)
         self.ListWebhookDeliveries = channel.unary_unary(
                 '/flowport.v1.WebhookService/ListWebhookDeliveries',
@@ -154,7 +153,7 @@ def add_WebhookServiceServicer_to_server(servicer, server):
             'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteWebhook,
                     request_deserializer=flowport_dot_v1_dot_webhook__pb2.DeleteWebhookRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+                    response_serializer=flowport_dot_v1_dot_webhook__pb2.DeleteWebhookResponse.SerializeToString,
             ),
             'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWebhookDeliveries,
@@ -279,7 +278,7 @@ class WebhookService:
             target,
             '/flowport.v1.WebhookService/DeleteWebhook',
             flowport_dot_v1_dot_webhook__pb2.DeleteWebhookRequest.SerializeToString,
-            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            flowport_dot_v1_dot_webhook__pb2.DeleteWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

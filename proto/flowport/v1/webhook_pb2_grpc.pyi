@@ -5,7 +5,6 @@ isort:skip_file
 
 from collections import abc as _abc
 from flowport.v1 import webhook_pb2 as _webhook_pb2
-from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -53,7 +52,7 @@ class WebhookServiceStub:
     """Lists webhooks, ordered by identifier: every webhook of the tenant for
     an admin, the caller's own (by `creator`) for others.
     """
-    DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_webhook_pb2.DeleteWebhookRequest, _empty_pb2.Empty]
+    DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_webhook_pb2.DeleteWebhookRequest, _webhook_pb2.DeleteWebhookResponse]
     """Unregisters a webhook; pending deliveries to it are dropped. Fails with
     NOT_FOUND when it does not exist or is another credential's (admins
     excepted).
@@ -93,7 +92,7 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     """Lists webhooks, ordered by identifier: every webhook of the tenant for
     an admin, the caller's own (by `creator`) for others.
     """
-    DeleteWebhook: _aio.UnaryUnaryMultiCallable[_webhook_pb2.DeleteWebhookRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    DeleteWebhook: _aio.UnaryUnaryMultiCallable[_webhook_pb2.DeleteWebhookRequest, _webhook_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
     """Unregisters a webhook; pending deliveries to it are dropped. Fails with
     NOT_FOUND when it does not exist or is another credential's (admins
     excepted).
@@ -154,7 +153,7 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _webhook_pb2.DeleteWebhookRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+    ) -> _typing.Union[_webhook_pb2.DeleteWebhookResponse, _abc.Awaitable[_webhook_pb2.DeleteWebhookResponse]]:
         """Unregisters a webhook; pending deliveries to it are dropped. Fails with
         NOT_FOUND when it does not exist or is another credential's (admins
         excepted).
