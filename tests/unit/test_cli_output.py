@@ -1,11 +1,11 @@
-"""How the CLI shows an execution's outputs and errors in a terminal (clients/output.py)."""
+"""How the CLI shows an execution's outputs and errors in a terminal (clients/cli/output.py)."""
 
 from __future__ import annotations
 
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from flowport.clients.output import OUTPUT_NODES_SHOWN, describe_status, execution_outputs
+from flowport.clients.cli.output import OUTPUT_NODES_SHOWN, describe_status, execution_outputs
 from flowport.v1 import execution_pb2
 
 

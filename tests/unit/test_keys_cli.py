@@ -17,7 +17,7 @@ import pytest
 
 from flowport.clients import ApiError, Client
 from flowport.clients.cli import main
-from flowport.clients.keys_cli import parse_expiry
+from flowport.clients.cli.keys import parse_expiry
 from flowport.server.settings import Settings
 from flowport.v1 import gateway_pb2
 

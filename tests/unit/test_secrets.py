@@ -26,7 +26,7 @@ from google.protobuf import json_format, struct_pb2
 
 from flowport.clients import ApiError, AsyncClient
 from flowport.clients.cli import main
-from flowport.clients.secrets_cli import rotate_key
+from flowport.clients.cli.secrets import rotate_key
 from flowport.server.api.secrets import MAX_VALUE_BYTES
 from flowport.server.app import Running, start, stop
 from flowport.server.events.bus import BusEvent

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowport.clients.commands import Out, _command, _group, _limited, _show, read_message
+from flowport.clients.cli.commands import Out, _command, _group, _limited, _show, read_message
 
 if TYPE_CHECKING:
     from flowport.clients import Client

@@ -30,10 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flowport.clients.commands import add_resource_parsers, run_resource
-from flowport.clients.integration_commands import add_integration_parsers
-from flowport.clients.keys_cli import add_keys_parser, run_keys
-from flowport.clients.secrets_cli import add_secrets_parser, run_secrets
+from flowport.clients.cli.commands import add_resource_parsers, run_resource
+from flowport.clients.cli.integration_commands import add_integration_parsers
+from flowport.clients.cli.keys import add_keys_parser, run_keys
+from flowport.clients.cli.secrets import add_secrets_parser, run_secrets
 from flowport.server.settings import ENV_PREFIX, Settings, SettingsError
 from flowport.server.version import VERSION
 
@@ -180,7 +180,3 @@ def _main(argv: Sequence[str] | None) -> int:
     from flowport.server.supervisor import up
 
     return up(settings, out=lambda line: print(line, flush=True))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

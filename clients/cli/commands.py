@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowport.clients.keys_cli import (
+from flowport.clients.cli.keys import (
     API_KEY_ENV,
     EXIT_API_ERROR,
     EXIT_USAGE,
@@ -25,7 +25,7 @@ from flowport.clients.keys_cli import (
     explain,
     run_client_command,
 )
-from flowport.clients.output import FORMATS, render
+from flowport.clients.cli.output import FORMATS, render
 
 if TYPE_CHECKING:
     from flowport.clients import Client
@@ -261,7 +261,7 @@ def _workflow_validate(client: Client, args: argparse.Namespace, out: Out) -> in
         workflow_pb2.ValidateWorkflowRequest(workflow=_read_workflow(args.file))
     )
     if args.output == "json":
-        from flowport.clients.output import as_dict
+        from flowport.clients.cli.output import as_dict
 
         out(json.dumps(as_dict(verdict), indent=2))
     elif verdict.valid:
@@ -337,7 +337,7 @@ def _progress(update: Any) -> None:
 
 def _ended(execution: Any) -> None:
     """The last stderr line of a wait: the state, and for a failed or cancelled execution why."""
-    from flowport.clients.output import describe_status
+    from flowport.clients.cli.output import describe_status
     from flowport.v1 import execution_pb2
 
     line = f"{execution.execution_id}: {execution_pb2.Execution.State.Name(execution.state)}"
@@ -350,7 +350,7 @@ def _show_execution(out: Out, args: argparse.Namespace, execution: Any) -> None:
     """The execution; in a table, followed by its outputs per node, cut to the terminal's width."""
     import shutil
 
-    from flowport.clients.output import execution_outputs
+    from flowport.clients.cli.output import execution_outputs
 
     _show(out, args, [execution], single=True)
     if args.output != "table":
@@ -414,7 +414,7 @@ def _execution_cancel(client: Client, args: argparse.Namespace, out: Out) -> int
 
 
 def _execution_watch(client: Client, args: argparse.Namespace, out: Out) -> int:
-    from flowport.clients.output import as_dict
+    from flowport.clients.cli.output import as_dict
     from flowport.v1 import execution_pb2
 
     for update in client.watch(args.execution_id):
@@ -434,7 +434,7 @@ def _execution_watch(client: Client, args: argparse.Namespace, out: Out) -> int:
 
 
 def _events_tail(client: Client, args: argparse.Namespace, out: Out) -> int:
-    from flowport.clients.output import COLUMNS, as_dict
+    from flowport.clients.cli.output import COLUMNS, as_dict
     from flowport.v1 import event_pb2
 
     request = event_pb2.StreamEventsRequest(types=args.types, after_id=args.after)

@@ -65,7 +65,7 @@ def add_secrets_parser(commands: Any, add_setting_flags: Callable[[argparse.Argu
         description="print a new random key (base64) for FLOWPORT_SECRETS_KEY",
     )
     add_setting_flags(generate)
-    from flowport.clients.commands import add_secret_actions
+    from flowport.clients.cli.commands import add_secret_actions
 
     add_secret_actions(actions)
 
