@@ -295,12 +295,35 @@ async def start(settings: Settings) -> Running:
     return running
 
 
-async def _start(  # noqa: PLR0915 - the start-up sequence, in order
+@dataclass
+class _Core:
+    """The store and what nodes share: opened first, used by everything after."""
+
+    store: SqlStore
+    services: NodeServices
+    sql: SqlPools
+    vault: SecretVault
+    resources: ResourceDirectory
+
+
+@dataclass
+class _Engine:
+    """What runs work: webhook deliveries and executions, and the request figures."""
+
+    dispatcher: WebhookDispatcher
+    executor: Executor
+    plans: PlanCache
+    registry: NodeRegistry
+    prometheus: Prometheus | None
+
+
+async def _start(
     settings: Settings,
     secret_keys: KeySource,
     declared: list[resource_pb2.Resource],
     opened: contextlib.AsyncExitStack,
 ) -> Running:
+    """The start-up sequence, in order; whatever opens is pushed on `opened`."""
     # Spans from the first call on; none of this runs (or loads) without --otlp-endpoint.
     try:
         tracing_owner = tracing.setup(settings) is not None
@@ -308,6 +331,109 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
         raise StartupError(f"tracing (--otlp-endpoint): {exc}") from None
     if tracing_owner:
         opened.push_async_callback(bounded("tracing", tracing.shutdown))  # exports the spans still buffered
+    core = await _open_core(settings, secret_keys, declared, opened)
+    event_log, bus = await EventLog.open(
+        core.store,
+        queue_size=settings.event_queue_size,
+        retention_count=settings.event_retention_count,
+        retention_seconds=settings.event_retention_seconds,
+        # With Redis, events cross processes (server/events/redis_bus.py).
+        redis_url=settings.redis_url.get_secret_value() if settings.redis_url is not None else None,
+    )
+    opened.push_async_callback(bounded("the event log", event_log.close))
+    # Its own pool, so slow receivers and node traffic cannot starve each
+    # other; trust_env off, so no proxy from the environment skips the SSRF checks.
+    webhook_http = httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False
+    )
+    opened.push_async_callback(bounded("the webhook HTTP client", webhook_http.aclose))
+    checker, pool_health = _start_checks(settings, core, webhook_http, opened)
+    engine = await _start_engine(settings, core, bus, webhook_http, opened)
+    keys = KeyAuthenticator(store := core.store)
+    keys.follow(bus)
+    opened.push_async_callback(bounded("API key cache", keys.close))
+    audit = AuditRecorder(store)
+    # Pending aggregates of throttled entries, queued before the store drains.
+    opened.push_async_callback(bounded("the audit log", audit.close))
+    authenticator = await _authenticator(store, keys, settings, audit)
+    metrics = RequestMetrics()
+    grpc_server = grpc.aio.server(
+        options=[
+            # Without this a second server would silently share the port.
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+        ],
+    )
+    # Every service is registered through this, so each method handler is
+    # wrapped by the interceptor's logic (errors, auth, metrics, audit).
+    interceptor = ErrorInterceptor(
+        metrics, authenticator, CallAuditor(audit, authenticator.origin_of), engine.prometheus
+    )
+    registrar = WrappingRegistrar(grpc_server, interceptor)
+    rate_limit = _rate_limit_service(settings, keys)
+    if rate_limit is not None:
+        opened.push_async_callback(bounded("the rate limit service", rate_limit.close))
+        rate_limit.prometheus = engine.prometheus
+        registrar.add_registered_method_handlers(wire.SERVICE, rate_limit.method_handlers())
+    gateway = GatewayService(
+        store,
+        metrics,
+        executor=engine.executor,
+        bus=bus,
+        services=core.services,
+        dispatcher=engine.dispatcher,
+        # Envoy's admin answers on --admin-port when `flowport up` runs it (nothing there: zero).
+        security=SecurityCounters(authenticator, rate_limit, settings.admin_port, webhook_http),
+        service_checks=checker,
+        pool_checks=pool_health,
+        prometheus=engine.prometheus,
+    )
+    server = cast("grpc.aio.Server", registrar)
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
+    _add_services(server, settings, core, engine, bus=bus, event_log=event_log, keys=keys, audit=audit)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*ALL_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = _bind(settings, grpc_server)
+    _serve_metrics(settings, engine.prometheus)  # after the gRPC port: a second server fails on that one first
+    await grpc_server.start()
+    opened.push_async_callback(bounded("the gRPC server", grpc_server.stop, None))
+    websocket = await _start_websocket(settings, bus)
+    if websocket is not None:
+        opened.push_async_callback(bounded("the /ws bridge", websocket.stop))
+    resumed, failed = await engine.executor.recover()
+    engine.executor.start_leasing()
+    if resumed or failed:
+        log.info("after restart: %d executions resumed, %d failed as INTERRUPTED", resumed, failed)
+    for name in ["", *ALL_SERVICES]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(
+        grpc_server,
+        health_servicer,
+        store,
+        port,
+        engine.executor,
+        core.services,
+        bus,
+        event_log,
+        engine.dispatcher,
+        opened,  # start() hands over what it holds
+        keys,
+        rate_limit,
+        engine.prometheus,
+        websocket,
+    )
+
+
+async def _open_core(
+    settings: Settings,
+    secret_keys: KeySource,
+    declared: list[resource_pb2.Resource],
+    opened: contextlib.AsyncExitStack,
+) -> _Core:
+    """The store (migrated, with the settings file's resources applied) and the node services."""
     # Sandbox workers boot while the database opens.
     store_opening, sandbox_opening = await asyncio.gather(
         open_store(settings), _start_sandbox(settings), return_exceptions=True
@@ -327,28 +453,18 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     services = _node_services(settings, sandbox_opening, sql=sql, vault=vault, resources=resources, store=store)
     opened.push_async_callback(bounded("the node services", _close_node_services, services))
     await settings_file.apply(store, declared, now_us())
-    registry = NodeRegistry.default()
-    plans = PlanCache(registry)
-    event_log, bus = await EventLog.open(
-        store,
-        queue_size=settings.event_queue_size,
-        retention_count=settings.event_retention_count,
-        retention_seconds=settings.event_retention_seconds,
-        # With Redis, events cross processes (server/events/redis_bus.py).
-        redis_url=settings.redis_url.get_secret_value() if settings.redis_url is not None else None,
-    )
-    opened.push_async_callback(bounded("the event log", event_log.close))
-    # Its own pool, so slow receivers and node traffic cannot starve each
-    # other; trust_env off, so no proxy from the environment skips the SSRF checks.
-    webhook_http = httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False
-    )
-    opened.push_async_callback(bounded("the webhook HTTP client", webhook_http.aclose))
+    return _Core(store, services, sql, vault, resources)
+
+
+def _start_checks(
+    settings: Settings, core: _Core, http: httpx.AsyncClient, opened: contextlib.AsyncExitStack
+) -> tuple[HealthChecker, PoolHealth]:
+    """Periodic health checks of the tenants' registered services and resource pools."""
     # Registered services' endpoints are tenants' input: the nodes' allowlist
     # and SSRF guard apply to their health checks too.
     checker = HealthChecker(
-        store,
-        webhook_http,
+        core.store,
+        http,
         frozenset(host.lower().strip("[]") for host in settings.http_allowlist),
         interval=settings.service_check_interval,
         timeout=settings.service_check_timeout,
@@ -356,20 +472,22 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     checker.start()
     opened.push_async_callback(bounded("service health checks", checker.close))
     pool_health = PoolHealth(
-        sql, resources, interval=settings.service_check_interval, timeout=settings.service_check_timeout
+        core.sql, core.resources, interval=settings.service_check_interval, timeout=settings.service_check_timeout
     )
     pool_health.start()
     opened.push_async_callback(bounded("resource pool health checks", pool_health.close))
+    return checker, pool_health
+
+
+async def _start_engine(
+    settings: Settings, core: _Core, bus: EventBus, http: httpx.AsyncClient, opened: contextlib.AsyncExitStack
+) -> _Engine:
+    """Webhook deliveries, the executor (with the shared work queue, given Redis and
+    PostgreSQL) and Prometheus metrics; executions are not recovered yet."""
+    store = core.store
     # One lease holder per process, for its executions and webhook deliveries.
     leases = Leases(settings.execution_lease_seconds)
-    dispatcher = WebhookDispatcher(
-        store,
-        bus,
-        webhook_http,
-        settings,
-        leases=leases,
-        exclusive=store.dialect == "sqlite",
-    )
+    dispatcher = WebhookDispatcher(store, bus, http, settings, leases=leases, exclusive=store.dialect == "sqlite")
     await dispatcher.start()
     # Unsent deliveries stay queued in the store and resume at the next start.
     opened.push_async_callback(bounded("webhook deliveries", dispatcher.close))
@@ -380,11 +498,13 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     if settings.redis_url is not None and store.dialect != "sqlite":
         work_queue = RedisWorkQueue(settings.redis_url.get_secret_value(), consumer=leases.owner)
         opened.push_async_callback(bounded("the work queue", work_queue.close))
+    registry = NodeRegistry.default()
+    plans = PlanCache(registry)
     executor = Executor(
         store,
         plans,
         bus,
-        services,
+        core.services,
         max_concurrent=settings.max_concurrent_executions,
         leases=leases,
         exclusive=store.dialect == "sqlite",
@@ -393,74 +513,52 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
     )
     # Executions are left RUNNING with their leases released: resumed at the next start or elsewhere.
     opened.push_async_callback(bounded("executions", executor.shutdown))
-    metrics = RequestMetrics()
-    prometheus = _prometheus(settings, store, services)
+    prometheus = _prometheus(settings, store, core.services)
     if prometheus is not None:
         opened.push_async_callback(bounded("metrics", prometheus.close))
         executor.prometheus = dispatcher.prometheus = prometheus
         sampling = Periodic(
-            functools.partial(_sample, prometheus, services, dispatcher), SAMPLE_INTERVAL, "metrics sampling"
+            functools.partial(_sample, prometheus, core.services, dispatcher), SAMPLE_INTERVAL, "metrics sampling"
         )
         sampling.start()
         opened.push_async_callback(bounded("metrics sampling", sampling.close))
-    keys = KeyAuthenticator(store)
-    keys.follow(bus)
-    opened.push_async_callback(bounded("API key cache", keys.close))
-    audit = AuditRecorder(store)
-    # Pending aggregates of throttled entries, queued before the store drains.
-    opened.push_async_callback(bounded("the audit log", audit.close))
-    authenticator = await _authenticator(store, keys, settings, audit)
-    grpc_server = grpc.aio.server(
-        options=[
-            # Without this a second server would silently share the port.
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
-        ],
-    )
-    # Every service is registered through this, so each method handler is
-    # wrapped by the interceptor's logic (errors, auth, metrics, audit).
-    interceptor = ErrorInterceptor(metrics, authenticator, CallAuditor(audit, authenticator.origin_of), prometheus)
-    registrar = WrappingRegistrar(grpc_server, interceptor)
-    server = cast("grpc.aio.Server", registrar)
-    rate_limit = _rate_limit_service(settings, keys)
-    if rate_limit is not None:
-        opened.push_async_callback(bounded("the rate limit service", rate_limit.close))
-        rate_limit.prometheus = prometheus
-        registrar.add_registered_method_handlers(wire.SERVICE, rate_limit.method_handlers())
-    gateway = GatewayService(
-        store,
-        metrics,
-        executor=executor,
-        bus=bus,
-        services=services,
-        dispatcher=dispatcher,
-        # Envoy's admin answers on --admin-port when `flowport up` runs it (nothing there: zero).
-        security=SecurityCounters(authenticator, rate_limit, settings.admin_port, webhook_http),
-        service_checks=checker,
-        pool_checks=pool_health,
-        prometheus=prometheus,
-    )
-    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
+    return _Engine(dispatcher, executor, plans, registry, prometheus)
+
+
+def _add_services(
+    server: grpc.aio.Server,
+    settings: Settings,
+    core: _Core,
+    engine: _Engine,
+    *,
+    bus: EventBus,
+    event_log: EventLog,
+    keys: KeyAuthenticator,
+    audit: AuditRecorder,
+) -> None:
+    """Register the flowport.v1 services (GatewayService apart: it needs the server's counters)."""
+    store = core.store
     session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, settings, bus), server)
-    workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowService(store, registry, bus), server)
+    workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowService(store, engine.registry, bus), server)
     execution_pb2_grpc.add_ExecutionServiceServicer_to_server(
-        ExecutionService(store, executor, bus, settings.stream_heartbeat), server
+        ExecutionService(store, engine.executor, bus, settings.stream_heartbeat), server
     )
-    schema_pb2_grpc.add_SchemaServiceServicer_to_server(SchemaService(store, registry, plans), server)
+    schema_pb2_grpc.add_SchemaServiceServicer_to_server(SchemaService(store, engine.registry, engine.plans), server)
     event_pb2_grpc.add_EventServiceServicer_to_server(
         EventService(bus, event_log, settings.stream_heartbeat, store), server
     )
-    webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(store, dispatcher, bus, settings), server)
+    webhook_pb2_grpc.add_WebhookServiceServicer_to_server(
+        WebhookService(store, engine.dispatcher, bus, settings), server
+    )
     apikey_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyService(store, keys, bus), server)
-    secret_pb2_grpc.add_SecretServiceServicer_to_server(SecretService(store, vault), server)
+    secret_pb2_grpc.add_SecretServiceServicer_to_server(SecretService(store, core.vault), server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(store, audit), server)
     registry_pb2_grpc.add_ServiceRegistryServiceServicer_to_server(ServiceRegistryService(store), server)
-    resource_pb2_grpc.add_ResourceServiceServicer_to_server(ResourceService(store, resources), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*ALL_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    resource_pb2_grpc.add_ResourceServiceServicer_to_server(ResourceService(store, core.resources), server)
+
+
+def _bind(settings: Settings, grpc_server: grpc.aio.Server) -> int:
+    """The gRPC port, bound (not yet serving); StartupError naming the flag when it cannot be."""
     host = settings.grpc_host
     address = f"{'[' + host + ']' if ':' in host else host}:{settings.grpc_port}"
     cause = ""
@@ -473,34 +571,7 @@ async def _start(  # noqa: PLR0915 - the start-up sequence, in order
             f"cannot listen on {address} (--grpc-port {settings.grpc_port}): "
             f"the port is in use or the address is not available{cause}"
         )
-    _serve_metrics(settings, prometheus)  # after the gRPC port: a second server fails on that one first
-    await grpc_server.start()
-    opened.push_async_callback(bounded("the gRPC server", grpc_server.stop, None))
-    websocket = await _start_websocket(settings, bus)
-    if websocket is not None:
-        opened.push_async_callback(bounded("the /ws bridge", websocket.stop))
-    resumed, failed = await executor.recover()
-    executor.start_leasing()
-    if resumed or failed:
-        log.info("after restart: %d executions resumed, %d failed as INTERRUPTED", resumed, failed)
-    for name in ["", *ALL_SERVICES]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(
-        grpc_server,
-        health_servicer,
-        store,
-        port,
-        executor,
-        services,
-        bus,
-        event_log,
-        dispatcher,
-        opened,  # start() hands over what it holds
-        keys,
-        rate_limit,
-        prometheus,
-        websocket,
-    )
+    return port
 
 
 async def stop(running: Running, grace: float) -> None:
