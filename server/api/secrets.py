@@ -9,7 +9,7 @@ from flowport.server.api.common import check_request_id, idempotency_key, reques
 from flowport.server.audit import actions, note
 from flowport.server.clock import now_us
 from flowport.server.errors import InvalidArgument, NotFound, shown
-from flowport.server.nodes.substitution import SECRET_NAME
+from flowport.server.secrets.references import SECRET_NAME
 from flowport.server.secrets.vault import SecretVault
 from flowport.server.storage import IdempotencyConflict
 from flowport.server.storage.secrets import SecretTables

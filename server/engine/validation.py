@@ -26,7 +26,7 @@ from flowport.server.engine.values import struct_to_python
 from flowport.server.errors import shown
 from flowport.server.nodes.base import NodeType
 from flowport.server.nodes.paths import steps
-from flowport.server.nodes.substitution import SECRET_NAME, secret_references
+from flowport.server.secrets.references import SECRET_NAME, secret_references
 from flowport.v1 import workflow_pb2
 
 Violation = tuple[str, str]

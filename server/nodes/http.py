@@ -71,9 +71,10 @@ import httpx
 
 from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target, header_value_problem
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
-from flowport.server.nodes.substitution import check_params, secret_references, substitute
+from flowport.server.nodes.substitution import check_params, substitute
 from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
+from flowport.server.secrets.references import secret_references
 from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, masking, revealed
 from flowport.server.version import VERSION
 

@@ -83,9 +83,10 @@ from flowport.server.nodes.sql_pools import (
     describe,
     postgres_targets,
 )
-from flowport.server.nodes.substitution import check_params, insert_secrets, substitute
+from flowport.server.nodes.substitution import check_params, substitute
 from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
+from flowport.server.secrets.references import insert_secrets, stand_in
 from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, masking, revealed
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,6 @@ async def _sqlite_watchdog(conn: AsyncConnection, delay: float) -> _Watchdog | N
 
 # Statements that reach other database files from a SQLite connection.
 _SQLITE_ESCAPES = re.compile(r"\b(attach|detach|vacuum|load_extension)\b", re.IGNORECASE)
-_SECRET_REFERENCE = re.compile(r"\$\{secret:[^{}]*\}")
 
 
 def _refuse_sqlite_statements(url: URL, query: str) -> None:
@@ -301,7 +301,7 @@ def connection_string_problem(value: object) -> str | None:
     holds a ${name} reference). A ${secret:NAME} stands for a plain value here."""
     if not isinstance(value, str) or not re.match(CONNECTION_STRING_PATTERN, value):
         return None  # the schema reports it
-    stood_in = _SECRET_REFERENCE.sub("secret", value)
+    stood_in = stand_in(value, "secret")
     if "${" in stood_in:
         return None
     try:

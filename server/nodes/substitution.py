@@ -14,7 +14,7 @@ are left alone) and replaces each `${name}` with `params[name]`:
   win over parameters of the same name, so an input cannot pose as another
   tenant;
 - `${secret:NAME}` is replaced from `secrets` when given (a node's secret
-  values, see server/secrets/resolver.py), else left untouched;
+  values; the syntax is server/secrets/references.py's), else left untouched;
 - `$${x}` is the literal text `${x}`;
 - an unknown name raises `NodeError(reason="UNRESOLVED_REFERENCE")`.
 
@@ -37,13 +37,11 @@ from jsonschema import Draft202012Validator
 from flowport.server.errors import shown
 from flowport.server.nodes.base import NodeError, NodeType
 from flowport.server.nodes.paths import is_index
+from flowport.server.secrets.references import TOKEN, is_secret, secret_value
 
-# `$${` (escape), `${secret:…}`, or `${name}`.
-_TOKEN = re.compile(r"\$\$\{|\$\{([^{}]*)\}")
-_KEPT_PREFIX = "secret:"
+# `$${` (escape), `${secret:…}`, or `${name}`: the secrets' syntax, which plain references share.
+_TOKEN = TOKEN
 _MISSING = object()
-# Env-var style, so `${secret:NAME}` reads unambiguously and names never differ only in case.
-SECRET_NAME = re.compile(r"\A[A-Z_][A-Z0-9_]{0,127}\Z")
 
 
 class Parameters(dict[str, Any]):
@@ -79,49 +77,13 @@ def substitute(value: Any, params: Mapping[str, Any], secrets: Mapping[str, str]
     return value
 
 
-def insert_secrets(text: str, secrets: Mapping[str, str]) -> str:
-    """`text` with only its `${secret:NAME}` references replaced; everything else stays as written."""
-
-    def replace(match: re.Match[str]) -> str:
-        inner = match.group(1)
-        if inner is None or not inner.strip().startswith(_KEPT_PREFIX):
-            return match.group(0)
-        return _secret(inner, secrets)
-
-    return _TOKEN.sub(replace, text)
-
-
-def secret_references(value: Any, path: str = "") -> list[tuple[str, str]]:
-    """(path, NAME) of every `${secret:NAME}` in `value`'s strings; paths like `headers.Authorization`."""
-    found: list[tuple[str, str]] = []
-    if isinstance(value, str):
-        for match in _TOKEN.finditer(value):
-            inner = match.group(1)
-            if inner is not None and inner.strip().startswith(_KEPT_PREFIX):
-                found.append((path, inner.strip()[len(_KEPT_PREFIX) :].strip()))
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            found += secret_references(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found += secret_references(item, f"{path}[{i}]")
-    return found
-
-
-def _secret(inner: str, secrets: Mapping[str, str]) -> str:
-    name = inner.strip()[len(_KEPT_PREFIX) :].strip()
-    if name not in secrets:
-        raise NodeError(f"unknown secret {shown(name)}", reason="SECRET_NOT_FOUND")
-    return secrets[name]
-
-
 def references(value: Any) -> list[str]:
     """Names referenced by `${name}` in `value` (secrets and escapes excluded), in order."""
     found: list[str] = []
     if isinstance(value, str):
         for match in _TOKEN.finditer(value):
             name = match.group(1)
-            if name is not None and not name.strip().startswith(_KEPT_PREFIX) and name.strip() not in found:
+            if name is not None and not is_secret(name) and name.strip() not in found:
                 found.append(name.strip())
     elif isinstance(value, dict):
         for item in value.values():
@@ -167,8 +129,8 @@ def _substitute_string(text: str, params: Mapping[str, Any], secrets: Mapping[st
     whole = _TOKEN.fullmatch(text)
     if whole is not None and whole.group(1) is not None:
         name = whole.group(1).strip()
-        if name.startswith(_KEPT_PREFIX):
-            return text if secrets is None else _secret(name, secrets)
+        if is_secret(name):
+            return text if secrets is None else secret_value(name, secrets)
         return lookup(name, params)
 
     def replace(match: re.Match[str]) -> str:
@@ -176,8 +138,8 @@ def _substitute_string(text: str, params: Mapping[str, Any], secrets: Mapping[st
         if inner is None:  # `$${` escape
             return "${"
         name = inner.strip()
-        if name.startswith(_KEPT_PREFIX):
-            return match.group(0) if secrets is None else _secret(name, secrets)
+        if is_secret(name):
+            return match.group(0) if secrets is None else secret_value(name, secrets)
         return str(lookup(name, params))
 
     return _TOKEN.sub(replace, text)

@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flowport.server.errors import shown
 from flowport.server.nodes.base import NodeContext, NodeError
-from flowport.server.nodes.substitution import insert_secrets, secret_references
 from flowport.server.resources.spec import parse_url
+from flowport.server.secrets.references import insert_secrets, secret_references
 from flowport.server.secrets.resolver import open_secrets
 from flowport.v1 import resource_pb2
 

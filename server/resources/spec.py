@@ -20,7 +20,7 @@ from sqlalchemy.exc import ArgumentError
 from flowport.server.egress import header_value_problem
 from flowport.server.errors import cut, shown
 from flowport.server.nodes.sql_pools import UnsupportedDatabase, async_url
-from flowport.server.nodes.substitution import SECRET_NAME, secret_references
+from flowport.server.secrets.references import SECRET_NAME, secret_references
 from flowport.v1 import resource_pb2
 
 NAME = re.compile(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")

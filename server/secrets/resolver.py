@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowport.server.nodes.base import NodeContext, NodeError
-from flowport.server.nodes.substitution import secret_references
 from flowport.server.secrets.cipher import SecretDecryptError
 from flowport.server.secrets.redaction import Redactor, scrubbing_logs
+from flowport.server.secrets.references import secret_references
 
 log = logging.getLogger(__name__)
 _ABSENT = object()
