@@ -22,41 +22,23 @@ which wins over the file). Output piped into a reader that stops early
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from flowport.clients.cli.commands import add_resource_parsers, run_resource
-from flowport.clients.cli.integration_commands import add_integration_parsers
+from flowport.clients.cli import server
+from flowport.clients.cli.api_command import run_api_command
+from flowport.clients.cli.commands import add_resources, add_services, add_sessions, add_webhooks, add_workflows
+from flowport.clients.cli.connect import EXIT_BROKEN_PIPE, EXIT_USAGE
+from flowport.clients.cli.executions import add_events, add_executions
 from flowport.clients.cli.keys import add_keys_parser, run_keys
 from flowport.clients.cli.secrets import add_secrets_parser, run_secrets
-from flowport.server.settings import ENV_PREFIX, Settings, SettingsError
+from flowport.clients.cli.settings_flags import add_setting_flags, load_settings
+from flowport.server.settings import SettingsError
 from flowport.server.version import VERSION
 
-# 128 + SIGPIPE: what a shell reports for a tool that a closed pipe ended.
-EXIT_BROKEN_PIPE = 141
-
-
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("settings (flag > FLOWPORT_* environment > --config file > default)")
-    group.add_argument("--config", type=Path, metavar="FILE", help="TOML file with settings (env FLOWPORT_CONFIG)")
-    for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        shown = "none" if default in (None, []) else default
-        # A switch may stand alone (`--dev`) or take a value (`--dev false`, as in the environment).
-        switch: dict[str, Any] = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
-        group.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            metavar="BOOL" if switch else name.split("_")[-1].upper(),
-            default=None,
-            help=f"{field.description} (default {shown}; env {ENV_PREFIX}{name.upper()})",
-            **switch,
-        )
+__all__ = ["build_parser", "load_settings", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("envoy-config", "print the Envoy bootstrap (JSON) that `up` renders from the settings"),
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        _add_setting_flags(sub)
+        add_setting_flags(sub)
     add_keys_parser(commands)
-    add_secrets_parser(commands, _add_setting_flags)
-    add_resource_parsers(commands)
-    add_integration_parsers(commands)
+    add_secrets_parser(commands)
+    # In this order in `flowport --help`.
+    for add in (add_sessions, add_workflows, add_executions, add_events, add_webhooks, add_services, add_resources):
+        add(commands)
     completion = commands.add_parser(
         "completion",
         help="print a completion script: `flowport completion bash > /etc/bash_completion.d/flowport`",
@@ -86,41 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_settings(args: argparse.Namespace) -> Settings:
-    """Settings from the parsed flags, the environment and the config file."""
-    flags: dict[str, Any] = {name: getattr(args, name) for name in Settings.model_fields}
-    return Settings.load(flags, config_file=args.config)
-
-
-def _serve(settings: Settings) -> int:
-    """`flowport serve`, holding the data dir (server/datadir.py) for as long as it runs."""
-    from flowport.server.datadir import DataDirError, open_data_dir
-
-    try:
-        data_dir = open_data_dir(settings.data_dir, "flowport serve")
-    except DataDirError as exc:
-        print(f"flowport: {exc}", file=sys.stderr)
-        return 2
-    for warning in data_dir.warnings:
-        logging.getLogger("flowport.server").warning("%s", warning)
-    # Imported once the data dir is this process's: a refusal prints its one line and nothing else.
-    from flowport.server.app import run
-
-    try:
-        return run(settings)
-    finally:
-        data_dir.close()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flowport` command.
 
     A reader that stops early (`flowport keys list | head -1`) ends the
-    command quietly with exit code 141, as SIGPIPE ends other Unix tools.
+    command quietly with exit code 141, as SIGPIPE ends other Unix tools:
+    every command's output meets a closed pipe here, and only here.
     """
     try:
         try:
-            return _main(argv)
+            return _run(argv)
         finally:
             # Written here, not at interpreter exit, so a closed pipe is caught below.
             sys.stdout.flush()
@@ -140,7 +98,7 @@ def _discard_stdout() -> None:
     os.close(devnull)
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "completion":
@@ -149,7 +107,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(shtab.complete(parser, shell=args.shell))
         return 0
     if getattr(args, "handler", None) is not None:
-        return run_resource(args)
+        return run_api_command(args)
     if args.command == "keys":
         # A client of a running server: only the settings that locate it apply.
         return run_keys(args)
@@ -157,7 +115,7 @@ def _main(argv: Sequence[str] | None) -> int:
         settings = load_settings(args)
     except SettingsError as exc:
         print(f"flowport: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.command in ("serve", "up"):
         from flowport.server.observability.logs import configure
 
@@ -171,12 +129,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "secrets":
         return run_secrets(args, settings)
     if args.command == "envoy-config":
-        from flowport.transcoder.envoy_config import render
-
-        print(json.dumps(render(settings), indent=2))
-        return 0
+        return server.envoy_config(settings)
     if args.command == "serve":
-        return _serve(settings)
-    from flowport.server.supervisor import up
-
-    return up(settings, out=lambda line: print(line, flush=True))
+        return server.serve(settings)
+    return server.up(settings)

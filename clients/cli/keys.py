@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -18,19 +17,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from flowport.server.settings import Settings, SettingsError
+from flowport.clients.cli.connect import ADMIN_KEY_FILE, API_KEY_ENV, explain, run_client_command
 
 if TYPE_CHECKING:
-    from flowport.clients import ApiError, Client
+    from flowport.clients import Client
     from flowport.v1 import apikey_pb2
 
-API_KEY_ENV = "FLOWPORT_API_KEY"
-ADMIN_KEY_FILE = "admin-api-key"
-# Exit codes beyond argparse's 2 (bad usage or settings).
-EXIT_API_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_REFUSED = 4
 _DURATION = re.compile(r"(\d+)([wdhms])")
 _UNITS = {"w": "weeks", "d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
 EPILOG = f"""\
@@ -40,14 +32,6 @@ admin_api_key setting (FLOWPORT_ADMIN_API_KEY), else <data-dir>/{ADMIN_KEY_FILE}
 exit codes: 0 done; 1 the server refused the request (message says why);
 2 bad usage or settings, or no key found; 3 server unreachable;
 4 key not accepted (unknown, revoked, or not an admin key)."""
-
-
-class CliError(Exception):
-    """A failure to report as `flowport: <message>` with an exit code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def add_keys_parser(commands: Any) -> None:
@@ -124,46 +108,6 @@ def run_keys(args: argparse.Namespace, out: Callable[[str], None] = print) -> in
     return run_client_command(args, lambda target, api_key: _call(args, target, api_key, out))
 
 
-def run_client_command(args: argparse.Namespace, call: Callable[[str, str], int]) -> int:
-    """Find the server (`--target`, else the settings') and the key, then `call(target, api_key)`.
-
-    Every command that calls a running server goes through here: bad settings
-    and CliErrors print as one `flowport: …` line and become the exit code.
-    """
-    try:
-        settings = Settings.load({"data_dir": args.data_dir}, config_file=args.config)
-        api_key = find_api_key(args.api_key, settings)
-        return call(args.target or settings.grpc_target, api_key)
-    except SettingsError as exc:
-        print(f"flowport: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except CliError as exc:
-        print(f"flowport: {exc}", file=sys.stderr)
-        return exc.code
-
-
-def find_api_key(given: str | None, settings: Settings) -> str:
-    """The admin key to call with; CliError when there is none."""
-    if given:
-        return given
-    if os.environ.get(API_KEY_ENV):
-        return os.environ[API_KEY_ENV]
-    if settings.admin_api_key is not None:
-        return settings.admin_api_key.get_secret_value()
-    path = settings.data_dir / ADMIN_KEY_FILE
-    try:
-        key = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise CliError(
-            f"no API key: pass --api-key or set {API_KEY_ENV} ({path} cannot be read: {exc.strerror}; "
-            "--data-dir names the server's data dir)",
-            EXIT_USAGE,
-        ) from None
-    if not key:
-        raise CliError(f"no API key: {path} is empty; pass --api-key or set {API_KEY_ENV}", EXIT_USAGE)
-    return key
-
-
 def _call(args: argparse.Namespace, target: str, api_key: str, out: Callable[[str], None]) -> int:
     import grpc
 
@@ -180,29 +124,6 @@ def _call(args: argparse.Namespace, target: str, api_key: str, out: Callable[[st
         except grpc.RpcError as exc:
             raise explain(ApiError.from_rpc_error(exc), target) from None
     return 0
-
-
-def explain(error: ApiError, target: str, *, admin_needed: bool = True) -> CliError:
-    """A failed call as one line and the exit code scripts can rely on."""
-    import grpc
-
-    code = error.code()
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return CliError(
-            f"cannot reach the server at {target} ({error.message}); is `flowport up` or `flowport serve` "
-            "running? --target names another address",
-            EXIT_UNREACHABLE,
-        )
-    if code is grpc.StatusCode.UNAUTHENTICATED:
-        return CliError("the server did not accept the API key (unknown, revoked or expired)", EXIT_REFUSED)
-    if code is grpc.StatusCode.PERMISSION_DENIED:
-        if admin_needed:
-            return CliError("the API key is not an admin key: managing keys needs the admin role", EXIT_REFUSED)
-        return CliError(str(error), EXIT_REFUSED)
-    if admin_needed:
-        details = "".join(f"\n  {field}: {description}" for field, description in error.violations)
-        return CliError(f"{error.message}{details}", EXIT_API_ERROR)
-    return CliError(str(error), EXIT_API_ERROR)
 
 
 def _create(client: Client, args: argparse.Namespace, out: Callable[[str], None]) -> None:

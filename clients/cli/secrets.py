@@ -1,10 +1,10 @@
-"""`flowport secrets rotate-key|generate-key`: the keys that encrypt secrets.
+"""`flowport secrets ...`: a tenant's secrets, and the keys that encrypt them.
 
-Unlike `flowport keys`, these work on the data directory itself (the key
-file and the database), so run them on the server's machine with the same
-settings as the server (`--data-dir`, `--secrets-key-file`, ...). The
-tenant's secrets themselves (`secrets put|list|delete`) go through the API
-like any client call (clients/commands.py).
+`put`, `list` and `delete` call a running server like the other API
+commands (api_command.py). `rotate-key` and `generate-key` work on the data
+directory itself (the key file and the database), so run them on the
+server's machine with the same settings as the server (`--data-dir`,
+`--secrets-key-file`, ...).
 """
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ import asyncio
 import base64
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from flowport.clients.cli.api_command import Call, add_command, add_limit
+from flowport.clients.cli.connect import EXIT_USAGE, CliError
+from flowport.clients.cli.settings_flags import add_setting_flags
 from flowport.server.settings import Settings
+from flowport.v1 import secret_pb2
 
 ROTATE_HELP = "re-encrypt every secret under a new key, while servers keep running"
 ROTATE_EPILOG = """\
@@ -39,7 +44,7 @@ exit codes: 0 done; 1 a secret could not be decrypted (nothing removed);
 2 bad settings, no key file or no database."""
 
 
-def add_secrets_parser(commands: Any, add_setting_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_secrets_parser(commands: Any) -> None:
     """Add `secrets` and its subcommands to the top-level subparsers."""
     help_text = "a tenant's secrets (put, list, delete) and the keys that encrypt them (rotate-key, generate-key)"
     secrets = commands.add_parser("secrets", help=help_text, description=help_text)
@@ -65,13 +70,49 @@ def add_secrets_parser(commands: Any, add_setting_flags: Callable[[argparse.Argu
         description="print a new random key (base64) for FLOWPORT_SECRETS_KEY",
     )
     add_setting_flags(generate)
-    from flowport.clients.cli.commands import add_secret_actions
+    put = add_command(
+        actions,
+        "put",
+        "store (or replace) a secret; its value is never shown again",
+        Call("secrets", "PutSecret", _put_request),
+    )
+    put.add_argument("name")
+    put.add_argument(
+        "--value-file",
+        type=Path,
+        metavar="FILE",
+        help="read the value from FILE (default: stdin; never an argument, which shell history would keep)",
+    )
+    put.add_argument("--description", default="", help="what the secret is for")
+    listing = add_command(
+        actions,
+        "list",
+        "the tenant's secrets (names and versions, never values)",
+        Call("secrets", "ListSecrets", lambda _: secret_pb2.ListSecretsRequest(), shows="list"),
+    )
+    add_limit(listing, default=100)
+    delete = Call(
+        "secrets",
+        "DeleteSecret",
+        lambda a: secret_pb2.DeleteSecretRequest(name=a.name),
+        shows="done",
+        done="deleted secret {name}",
+    )
+    add_command(actions, "delete", "delete a secret", delete).add_argument("name")
 
-    add_secret_actions(actions)
+
+def _put_request(args: argparse.Namespace) -> secret_pb2.PutSecretRequest:
+    """The value from --value-file or stdin (one final newline dropped), never from an argument."""
+    try:
+        value = args.value_file.read_text(encoding="utf-8") if args.value_file else sys.stdin.read()
+    except OSError as exc:
+        raise CliError(f"cannot read {args.value_file}: {exc.strerror}", EXIT_USAGE) from None
+    value = value.removesuffix("\n")
+    return secret_pb2.PutSecretRequest(name=args.name, value=value, description=args.description)
 
 
 def run_secrets(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the `secrets` subcommand `args` names."""
+    """Run `secrets rotate-key` or `generate-key` (the other actions are API commands)."""
     if args.secrets_command == "generate-key":
         from flowport.server.secrets.keyring import generate_key
 
