@@ -14,7 +14,8 @@ import pytest
 
 from flowport.server.settings import Settings
 
-from ..conftest import ADMIN_HEADERS, make_settings, start_up, stop_up
+from ..conftest import ADMIN_HEADERS, ADMIN_KEY, make_settings, start_up, stop_up
+from . import tour_script
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -47,19 +48,38 @@ def test_the_tour_starts_with_dev() -> None:
     assert '"url": "http://127.0.0.1:8080/health"' in pipeline
 
 
-def test_up_dev_runs_the_tour_pipeline(tmp_path: Path) -> None:
+def test_up_dev_runs_the_tour_as_written(tmp_path: Path) -> None:
     # No allowlist configured (the tests' default allows loopback): only --dev lets the node through.
     settings = make_settings(tmp_path / "data", http_allowlist="")
+    workdir = tmp_path / "reader"
+    (workdir / ".flowport").mkdir(parents=True)
+    (workdir / ".flowport" / "admin-api-key").write_text(ADMIN_KEY + "\n")
     stack = start_up(settings, timeout=90.0, args=["--dev"])
     try:
         warnings = [line for line in stack.output if "--dev is for local development only" in line]
         assert len(warnings) == 1, "".join(stack.output)
-        execution = _run_pipeline(settings)
+        text = tour_script.tour(README)
+        run = tour_script.TourRun(settings, workdir)
+        outputs = [run.shell(c) for block in tour_script.blocks(text, "sh") for c in tour_script.commands(block)]
+        (python,) = tour_script.blocks(text, "python")
+        printed = run.python(python)
     finally:
         stop_up(stack)
-    assert execution["state"] == "STATE_SUCCEEDED", execution
-    assert execution["outputs"]["process_data"]["result"]["status"] == "healthy"
-    assert execution["outputs"]["fetch_data"]["response"]["status_code"] == 200
+    ran = [json.loads(o) for o in outputs if '"state":"STATE_SUCCEEDED"' in o and "process_data" in o]
+    assert ran, "the tour's pipeline ran"
+    assert ran[0]["outputs"]["process_data"]["result"]["status"] == "healthy"
+    assert ran[0]["outputs"]["fetch_data"]["response"]["status_code"] == 200
+    assert printed.splitlines()[1:] == ["healthy", "NOT_FOUND SESSION_NOT_FOUND"], printed
+
+
+def test_the_tour_script_reads_every_command() -> None:
+    # The reader's view of the tour: a command per line (continuations joined), the shown answers attached.
+    text = tour_script.tour(README)
+    found = [c for block in tour_script.blocks(text, "sh") for c in tour_script.commands(block)]
+    assert any(c.text.startswith("cat > pipeline.json <<'JSON'") and c.text.endswith("\nJSON") for c in found)
+    created = next(c for c in found if '-d \'{"user_id": "ada", "metadata"' in c.text)
+    assert "-H 'content-type: application/json'" in created.text and created.shown[0].startswith('{"session_id"')
+    assert len(found) >= 20
 
 
 def test_up_without_dev_refuses_loopback_and_names_the_flags(tmp_path: Path) -> None:
