@@ -58,14 +58,14 @@ from flowport.server.ratelimit.counters import RedisCounters
 from flowport.server.ratelimit.outbound import LocalLimiter
 from flowport.server.ratelimit.outbound_redis import RedisLimiter
 from flowport.server.ratelimit.service import RateLimitService
-from flowport.server.registry.health import HealthChecker
 from flowport.server.resources import settings_file
 from flowport.server.resources.directory import ResourceDirectory
-from flowport.server.resources.health import PoolHealth
+from flowport.server.resources.pool_checks import PoolHealth
 from flowport.server.sandbox import SandboxLimits, SandboxPool
 from flowport.server.secrets.keyring import KeyringError
 from flowport.server.secrets.source import KeySource, open_key_source
 from flowport.server.secrets.vault import SecretVault
+from flowport.server.service_checks import HealthChecker
 from flowport.server.settings import Settings
 from flowport.server.shutdown import SHUTDOWN_MARGIN, STEP_LIMIT, Watchdog, bounded
 from flowport.server.storage import MigrationError, SqlStore, open_store

@@ -26,8 +26,8 @@ from flowport.server.nodes.base import NodeServices
 from flowport.server.observability.edge import local_rate_limited
 from flowport.server.observability.prometheus import Prometheus
 from flowport.server.ratelimit.service import RateLimitService
-from flowport.server.registry.health import HealthChecker
-from flowport.server.resources.health import PoolHealth
+from flowport.server.resources.pool_checks import PoolHealth
+from flowport.server.service_checks import HealthChecker
 from flowport.server.storage.sql_store import SqlStore
 from flowport.server.types import Context
 from flowport.server.version import VERSION

@@ -1,6 +1,6 @@
 """ServiceRegistryService: a tenant's catalogue of external services, with TTLs renewed by heartbeats.
 
-Health checks run in the background (server/registry/health.py) and set
+Health checks run in the background (server/service_checks.py) and set
 `status`, `latency_ms` and `check_time`, and GET /health's `external_apis`
 component counts the failures; MCPServiceDiscoveryNode reads the registry
 (server/nodes/service_discovery.py).

@@ -1,1 +1,0 @@
-"""The service registry's background work: checking registered endpoints' health."""
