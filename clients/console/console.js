@@ -10,6 +10,13 @@ const STATES = {
   "execution.failed": "failed",
   "execution.cancelled": "cancelled",
 };
+// google.rpc.Code names by number (the REST API sends a Status's code as a number).
+const CODES = [
+  "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+  "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+  "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+  "UNAUTHENTICATED",
+];
 const rows = new Map(); // execution_id -> <tr>
 let stream = null;
 
@@ -41,6 +48,16 @@ function when(timestamp) {
   return timestamp ? timestamp.slice(0, 19).replace("T", " ") : "";
 }
 
+// Why an execution or a node failed, as the CLI prints it: `CODE [REASON]: message`
+// (the reason from the status's ErrorInfo); "" when it did not fail.
+function describeError(error) {
+  if (!error) return "";
+  const code = CODES[error.code || 0] || String(error.code);
+  const info = (error.details || []).find((detail) => /[./]google\.rpc\.ErrorInfo$/.test(detail["@type"] || ""));
+  const reason = info && info.reason ? ` [${info.reason}]` : "";
+  return `${code}${reason}: ${error.message || ""}`;
+}
+
 function cell(row, text, className) {
   const td = document.createElement("td");
   td.textContent = text;
@@ -66,6 +83,7 @@ function showExecution(execution, prepend) {
     cell(row, "", "state");
     cell(row, when(execution.create_time));
     cell(row, "", "duration");
+    cell(row, "", "reason");
     row.addEventListener("click", () => timeline(execution.execution_id));
     const body = $("#executions tbody");
     if (prepend) body.prepend(row); else body.appendChild(row);
@@ -73,6 +91,9 @@ function showExecution(execution, prepend) {
   }
   setState(row, shortState(execution.state));
   row.querySelector("td.duration").textContent = execution.duration || "";
+  const reason = row.querySelector("td.reason");
+  reason.textContent = describeError(execution.error);
+  reason.title = reason.textContent; // the whole text, where the cell cuts it
 }
 
 function showWorkflow(workflow) {
@@ -135,6 +156,9 @@ async function timeline(id) {
   const execution = await api(`/api/executions/${encodeURIComponent(id)}`);
   $("#timeline-section").hidden = false;
   $("#timeline-title").textContent = `${id} (${shortState(execution.state)})`;
+  const failure = $("#timeline-error");
+  failure.textContent = describeError(execution.error);
+  failure.hidden = !failure.textContent;
   const box = $("#timeline");
   box.replaceChildren();
   const runs = execution.node_runs || [];
@@ -143,6 +167,7 @@ async function timeline(id) {
   for (const run of runs) {
     const lane = document.createElement("div");
     lane.className = "lane";
+    lane.title = describeError(run.error); // a failed node says why on hover
     const name = document.createElement("span");
     name.textContent = `${run.node_id} (${run.node_type})`;
     const track = document.createElement("div");

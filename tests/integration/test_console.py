@@ -83,3 +83,28 @@ def test_a_wrong_key_is_refused_and_the_page_shows_nothing(page: Page, stack: St
     page.click("button[type=submit]")
     page.wait_for_selector("#status.error:has-text('not accepted')", timeout=10_000)
     assert page.is_hidden("#app")
+
+
+def test_a_failed_execution_shows_its_code_reason_and_message_as_text(page: Page, stack: Stack) -> None:
+    page.goto(f"{stack.http}/console/")
+    page.fill("#api-key", ADMIN_KEY)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#app", state="visible", timeout=10_000)
+    name = f"console_failing_{uuid.uuid4().hex[:8]}"
+    # Markup in the message must arrive as text, never as an element.
+    code = "raise ValueError('<img id=injected src=x>')"
+    with httpx.Client(base_url=stack.http, headers={"x-api-key": ADMIN_KEY}, timeout=10) as http:
+        workflow = {"name": name, "nodes": [{"type": "PythonCodeNode", "name": "calc", "config": {"code": code}}]}
+        assert http.post("/api/workflows", json=workflow).status_code == 200
+        started = http.post("/api/executions", json={"workflow_id": name}).json()
+    row = f"#executions tbody tr[data-id='{started['execution_id']}']"
+    page.wait_for_selector(f"{row}[data-state='failed']", timeout=10_000)
+    reason = page.locator(f"{row} td.reason")
+    reason.filter(has_text="ABORTED").wait_for(timeout=10_000)
+    text = reason.inner_text()
+    assert text.startswith("ABORTED [") and "node 'calc' (PythonCodeNode) failed" in text, text
+    assert "<img id=injected src=x>" in (reason.get_attribute("title") or "")
+    page.click(row)
+    page.wait_for_selector("#timeline-error", state="visible", timeout=5_000)
+    assert page.inner_text("#timeline-error") == reason.get_attribute("title")
+    assert page.locator("#injected").count() == 0
