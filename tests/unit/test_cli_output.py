@@ -1,7 +1,14 @@
-"""How the CLI shows an execution's outputs and errors in a terminal (clients/cli/output.py)."""
+"""How the CLI shows an execution's outputs and errors in a terminal (clients/cli/output.py),
+and how it ends when its reader stops reading."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
@@ -45,3 +52,22 @@ def test_a_status_reads_as_code_reason_and_message() -> None:
     assert describe_status(status) == "ABORTED [USER_CODE_ERROR]: node 'calc' failed: boom"
     assert describe_status(status_pb2.Status(code=code_pb2.CANCELLED, message="cancelled")) == "CANCELLED: cancelled"
     assert describe_status(status_pb2.Status(code=99, message="odd")) == "99: odd"
+
+
+@pytest.mark.timeout(60)
+def test_output_into_a_closed_pipe_ends_quietly_with_141(tmp_path: Path) -> None:
+    # `python -m flowport.clients.cli envoy-config | head -1`: far more than a pipe holds, no server needed.
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `head` once it has read its line
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "flowport.clients.cli", "envoy-config"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "FLOWPORT_DATA_DIR": str(tmp_path / "data")},
+            timeout=50,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr.decode()) == (141, "")
