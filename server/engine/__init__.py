@@ -4,4 +4,8 @@
 it once into the order nodes run in; `executor` runs executions durably (each
 state change written and published, resumed or failed after a restart) and
 `work_queue` hands them between processes; `registry` knows the node types.
+The executor is composed of `walk` (one execution's nodes), `slots` (this
+process's share of the work), `takeover` (recovery, executions of processes
+that died, the work queue) and `elsewhere` (waits and cancels of executions
+another process runs); `run` is the execution in progress they share.
 """

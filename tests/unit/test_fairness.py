@@ -254,15 +254,15 @@ LEASE = 0.3  # seconds: a sweep every 0.1 s, so a few leases pass within a test
 def track_peaks(executor: Executor) -> dict[str, int]:
     """The most executions `executor` ran at once, in all ("*") and per tenant, updated at each start."""
     peaks: dict[str, int] = {}
-    start = executor._start
+    start = executor._walker.start
 
     def tracked(run: Any) -> None:
         start(run)
-        tenants = [r.tenant for r in executor._runs.values()]
+        tenants = [r.tenant for r in executor._slots.runs.values()]
         peaks["*"] = max(peaks.get("*", 0), len(tenants))
         peaks[run.tenant] = max(peaks.get(run.tenant, 0), tenants.count(run.tenant))
 
-    executor._start = tracked  # type: ignore[method-assign]
+    executor._walker.start = tracked  # type: ignore[method-assign]
     return peaks
 
 
