@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import httpx
@@ -33,13 +33,11 @@ from flowport.server.api.workflows import WorkflowService
 from flowport.server.audit import AuditRecorder, CallAuditor
 from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.bootstrap import ensure_admin_key
-from flowport.server.auth.jwt import JwtConfig, JwtConfigError, JwtVerifier
 from flowport.server.auth.keys import KeyAuthenticator
 from flowport.server.clock import now_us
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
-from flowport.server.engine.work_queue import RedisWorkQueue
 from flowport.server.events.bus import EventBus
 from flowport.server.events.log import EventLog
 from flowport.server.events.websocket import WebSocketBridge
@@ -54,10 +52,7 @@ from flowport.server.observability import tracing
 from flowport.server.observability.prometheus import Prometheus, multiprocess
 from flowport.server.periodic import Periodic
 from flowport.server.ratelimit import wire
-from flowport.server.ratelimit.counters import RedisCounters
-from flowport.server.ratelimit.outbound import LocalLimiter
-from flowport.server.ratelimit.outbound_redis import RedisLimiter
-from flowport.server.ratelimit.service import RateLimitService
+from flowport.server.ratelimit.outbound import LocalLimiter, OutboundLimiter
 from flowport.server.resources import settings_file
 from flowport.server.resources.directory import ResourceDirectory
 from flowport.server.resources.pool_checks import PoolHealth
@@ -96,6 +91,10 @@ from flowport.v1 import (
     workflow_pb2,
     workflow_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from flowport.server.auth.jwt import JwtVerifier
+    from flowport.server.ratelimit.service import RateLimitService
 
 log = logging.getLogger("flowport.server")
 
@@ -173,6 +172,10 @@ def _rate_limit_service(settings: Settings, keys: KeyAuthenticator) -> RateLimit
     """Envoy's rate limit service with counters in Redis, when a per-tenant limit is set."""
     if not settings.rate_limit_tenant_max_requests or settings.redis_url is None:
         return None
+    # Redis clients load only when Redis is configured: a default start never imports them.
+    from flowport.server.ratelimit.counters import RedisCounters
+    from flowport.server.ratelimit.service import RateLimitService
+
     return RateLimitService(
         RedisCounters(settings.redis_url.get_secret_value()),
         keys,
@@ -186,6 +189,9 @@ def _rate_limit_service(settings: Settings, keys: KeyAuthenticator) -> RateLimit
 def _jwt_verifier(settings: Settings) -> JwtVerifier | None:
     if settings.jwt_secret is None and settings.jwt_jwks_file is None:
         return None
+    # PyJWT loads only when bearer tokens are configured.
+    from flowport.server.auth.jwt import JwtConfig, JwtConfigError, JwtVerifier
+
     config = JwtConfig(
         secret=settings.jwt_secret.get_secret_value().encode() if settings.jwt_secret else None,
         jwks_file=settings.jwt_jwks_file,
@@ -245,12 +251,18 @@ def _node_services(
         secrets=vault,
         # For MCPServiceDiscoveryNode: the execution's tenant's registrations.
         registry=store,
-        # With Redis, RateLimitedAPINode's limits hold across every process that shares it.
-        outbound=(
-            RedisLimiter(settings.redis_url.get_secret_value()) if settings.redis_url is not None else LocalLimiter()
-        ),
+        outbound=_outbound_limiter(settings),
         resources=resources,
     )
+
+
+def _outbound_limiter(settings: Settings) -> OutboundLimiter:
+    """RateLimitedAPINode's limits: with Redis they hold across every process that shares it."""
+    if settings.redis_url is None:
+        return LocalLimiter()
+    from flowport.server.ratelimit.outbound_redis import RedisLimiter
+
+    return RedisLimiter(settings.redis_url.get_secret_value())
 
 
 async def _close_node_services(services: NodeServices) -> None:
@@ -496,6 +508,8 @@ async def _start_engine(
     # for to each other; a SQLite file is this process's alone.
     work_queue = None
     if settings.redis_url is not None and store.dialect != "sqlite":
+        from flowport.server.engine.redis_work_queue import RedisWorkQueue
+
         work_queue = RedisWorkQueue(settings.redis_url.get_secret_value(), consumer=leases.owner)
         opened.push_async_callback(bounded("the work queue", work_queue.close))
     registry = NodeRegistry.default()

@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import httpx
 from google.api import httpbody_pb2
@@ -19,13 +20,11 @@ from flowport.server.engine.executor import Executor
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.errors import FailedPrecondition
 from flowport.server.events.bus import EventBus
-from flowport.server.events.redis_bus import RedisBus
 from flowport.server.health import Check, overall, run_check
 from flowport.server.metrics import CallFigures, RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.observability.edge import local_rate_limited
 from flowport.server.observability.prometheus import Prometheus
-from flowport.server.ratelimit.service import RateLimitService
 from flowport.server.resources.pool_checks import PoolHealth
 from flowport.server.service_checks import HealthChecker
 from flowport.server.storage.sql_store import SqlStore
@@ -33,6 +32,10 @@ from flowport.server.types import Context
 from flowport.server.version import VERSION
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.v1 import gateway_pb2, gateway_pb2_grpc
+
+if TYPE_CHECKING:
+    from flowport.server.events.redis_bus import RedisBus
+    from flowport.server.ratelimit.service import RateLimitService
 
 CHECK_TIMEOUT = 2.0
 
@@ -174,8 +177,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         self._checks: dict[str, Check] = {"database": store.ping}
         if services.sandbox is not None:
             self._checks["sandbox"] = services.sandbox.ping
-        if isinstance(bus, RedisBus):
-            self._checks["bus"] = bus.ping
+        if bus.shared:
+            self._checks["bus"] = cast("RedisBus", bus).ping
 
     async def GetInfo(self, request: gateway_pb2.GetInfoRequest, context: Context) -> gateway_pb2.GatewayInfo:
         return gateway_pb2.GatewayInfo(

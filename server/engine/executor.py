@@ -53,7 +53,7 @@ from flowport.server.engine.stats import ExecutionCounters
 from flowport.server.engine.takeover import Takeover
 from flowport.server.engine.values import struct_to_python
 from flowport.server.engine.walk import Walker
-from flowport.server.engine.work_queue import QUEUE_FAILURES, RedisWorkQueue
+from flowport.server.engine.work_queue import QUEUE_FAILURES, WorkQueue
 from flowport.server.errors import InvalidArgument, ResourceExhausted
 from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
@@ -86,7 +86,7 @@ class Executor:
         max_concurrent: int,
         leases: Leases | None = None,
         exclusive: bool = True,
-        queue: RedisWorkQueue | None = None,
+        queue: WorkQueue | None = None,
         tenant_share: int | None = None,
     ) -> None:
         """`tenant_share`: executions one tenant may run at once here (None: up to `max_concurrent`)."""

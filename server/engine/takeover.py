@@ -35,7 +35,7 @@ from flowport.server.engine.run import Execution, NodeRun, Run, error_status, pu
 from flowport.server.engine.slots import Slots
 from flowport.server.engine.stats import ExecutionCounters
 from flowport.server.engine.values import struct_to_python
-from flowport.server.engine.work_queue import QUEUE_FAILURES, QueuedExecution, RedisWorkQueue
+from flowport.server.engine.work_queue import QUEUE_FAILURES, QueuedExecution, WorkQueue
 from flowport.server.events.bus import EventBus
 from flowport.server.leases import Leases
 from flowport.server.storage.base import ExpiredExecution, Store
@@ -59,7 +59,7 @@ class Takeover:
         plans: PlanCache,
         bus: EventBus,
         leases: Leases,
-        queue: RedisWorkQueue | None,
+        queue: WorkQueue | None,
         *,
         slots: Slots,
         starter: Starter,

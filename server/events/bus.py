@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from google.protobuf import struct_pb2
 
@@ -113,6 +113,9 @@ class Subscription:
 
 class EventBus:
     """Fan-out of events to the subscribers whose filter accepts them."""
+
+    # Whether events cross processes (RedisBus): this one is the process's own.
+    shared: ClassVar[bool] = False
 
     def __init__(self, queue_size: int = 1024, first_id: int = 1) -> None:
         self._queue_size = queue_size

@@ -15,10 +15,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, cast
 
 from flowport.server.events.bus import BusEvent, EventBus
-from flowport.server.events.redis_bus import RedisBus
 from flowport.server.storage.events import EventTables
+
+if TYPE_CHECKING:
+    from flowport.server.events.redis_bus import RedisBus
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class EventLog:
         self._reserved = 0
         self._purger: asyncio.Task[None] | None = None
         # With Redis, ids come from the stream: nothing to reserve here.
-        self._shared = bus if isinstance(bus, RedisBus) else None
+        self._shared = cast("RedisBus", bus) if bus.shared else None
 
     @classmethod
     async def open(
@@ -58,6 +61,9 @@ class EventLog:
         processes through Redis (`redis_url`), with ids from the Redis stream."""
         bus: EventBus
         if redis_url is not None:
+            # Loaded only with Redis configured: a default start never imports the client.
+            from flowport.server.events.redis_bus import RedisBus
+
             bus = RedisBus(redis_url, queue_size=queue_size, max_len=retention_count)
             await bus.start()
             reserved = 0

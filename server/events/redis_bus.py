@@ -73,6 +73,8 @@ def _decode(entry_id: bytes, fields: dict[bytes, bytes]) -> BusEvent:
 class RedisBus(EventBus):
     """An EventBus whose events reach the subscribers of every process sharing a Redis."""
 
+    shared = True
+
     def __init__(self, url: str, *, queue_size: int = 1024, max_len: int = 100_000) -> None:
         super().__init__(queue_size=queue_size, first_id=1)
         # Typed Any: redis-py's reply types are unions of every encoding it might use.

@@ -65,13 +65,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final
-
-from sqlalchemy import text
-from sqlalchemy.engine import URL, Connection
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql.elements import TextClause
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
 from flowport.server.nodes.sql_pools import (
@@ -88,6 +82,11 @@ from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
 from flowport.server.secrets.references import insert_secrets, stand_in
 from flowport.server.secrets.resolver import NONE, ConfigSecrets, Revealed, masking, revealed
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL, Connection
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+    from sqlalchemy.sql.elements import TextClause
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +170,10 @@ class PreparedSql:
 
 def prepare_query(query: str) -> PreparedQuery:
     """`query` as a text() clause and the names of its bind parameters, in order."""
+    # SQLAlchemy loads with the first SQL node compiled, not at start.
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         statement = text(query)
         names = tuple(statement.compile().params)
@@ -235,6 +238,8 @@ def _execute(
     conn: Connection, prepared: PreparedQuery, values: dict[str, Any], max_rows: int, timeout_ms: int | None
 ) -> dict[str, Any]:
     """Run on the sync side of an AsyncConnection, inside its transaction."""
+    from sqlalchemy import text
+
     if timeout_ms is not None:
         conn.execute(text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": str(timeout_ms)})
     statement = prepared.statement
@@ -564,6 +569,8 @@ def _failure(
     exc: Exception, connected: bool, where: str, *, remaining: float, max_rows: int, watchdog: _Watchdog | None
 ) -> Exception:
     """The NodeError for `exc` from a statement on SQLite, or on PostgreSQL once connected (else `exc`)."""
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
     if isinstance(exc, ForbiddenDatabase):  # a SQLite file that became a symbolic link
         return NodeError(str(exc), reason="SQL_DATABASE_FORBIDDEN")
     if isinstance(exc, TimeoutError):

@@ -59,16 +59,14 @@ import stat
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any, Final, Literal
-
-from sqlalchemy import event
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.util import await_only
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from flowport.server.egress import normalize_allowlist, resolve_host
 from flowport.server.errors import shown
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 # Schemes a connection string may start with, and the async driver each maps to.
 ASYNC_DRIVERS: Final = {
@@ -138,6 +136,10 @@ def async_url(connection_string: str) -> URL:
         raise UnsupportedDatabase(
             f"unsupported database {shown!r}: use sqlite:///name.db or postgresql://user:pass@host:port/db"
         )
+    # SQLAlchemy loads with the first SQL workflow or pool, not at start.
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         url = make_url(driver + connection_string[match.end(1) :] if match else connection_string)
     except ArgumentError as exc:
@@ -189,6 +191,8 @@ def sqlite_folder(root: Path, tenant: str) -> Path:
 def connect_arguments(url: URL) -> dict[str, Any]:
     """The keyword arguments the driver is called with for `url` (the query's parameters included);
     raises UnsupportedDatabase for a parameter that is not accepted."""
+    from sqlalchemy.exc import ArgumentError
+
     unknown = sorted(set(url.query) - POSTGRES_QUERY_PARAMETERS)
     if unknown:
         raise UnsupportedDatabase(
@@ -338,9 +342,19 @@ def open_nofollow(path: Path) -> None:
         os.close(descriptor)
 
 
+def _guarded_engine(url: URL, options: dict[str, Any], allowlist: frozenset[str]) -> AsyncEngine:
+    """A new engine for `url`, each of its connections checked as `_guard` says."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    return _guard(create_async_engine(url, **options), allowlist)
+
+
 def _guard(engine: AsyncEngine, allowlist: frozenset[str]) -> AsyncEngine:
     """Send every new connection of a PostgreSQL `engine` through `pin_connection`, and of a
     SQLite file engine through `open_nofollow`."""
+    from sqlalchemy import event
+    from sqlalchemy.util import await_only
+
     if engine.url.get_backend_name() == "sqlite":
         if not _sqlite_memory(engine.url):
             path = Path(str(engine.url.database))
@@ -431,7 +445,7 @@ class SqlPools:
         options: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": pool_recycle, "echo": echo}
         if not _sqlite_memory(url):  # in-memory SQLite uses one static connection, no pool sizes
             options.update(pool_size=pool_size, max_overflow=max_overflow)
-        engine = _guard(create_async_engine(url, **options), self.allowlist)
+        engine = _guarded_engine(url, options, self.allowlist)
         self._engines[key] = engine
         self._evict(tenant)
         return engine
@@ -496,7 +510,7 @@ class SqlPools:
         if not _sqlite_memory(url):
             # pool_timeout: a waiter gives up after the SQL node's own deadline, not SQLAlchemy's 30 s.
             options.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=3600)
-        engine = _guard(create_async_engine(url, **options), self.allowlist)
+        engine = _guarded_engine(url, options, self.allowlist)
         self._resources[key] = (fingerprint, engine)
         if held is not None:
             self._retire(held[1])

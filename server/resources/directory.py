@@ -16,8 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from flowport.server.errors import shown
 from flowport.server.nodes.base import NodeContext, NodeError
 from flowport.server.resources.spec import parse_url
@@ -26,6 +24,8 @@ from flowport.server.secrets.resolver import open_secrets
 from flowport.v1 import resource_pb2
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from flowport.server.nodes.sql_pools import SqlPools
 
 DEFAULT_TTL = 1.0

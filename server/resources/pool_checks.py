@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from typing import TYPE_CHECKING
 
 from flowport.server.nodes.sql_pools import SqlPools
 from flowport.server.periodic import Periodic
 from flowport.server.resources.directory import ResourceDirectory
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class PoolSweep:
 
 async def ping(engine: AsyncEngine, timeout: float) -> float:
     """Milliseconds for SELECT 1 through `engine`; raises when it fails or takes longer than `timeout`."""
+    from sqlalchemy import text  # loaded with the first pool, not at start
+
     started = time.perf_counter()
     async with asyncio.timeout(timeout), engine.connect() as conn:
         await conn.execute(text("SELECT 1"))

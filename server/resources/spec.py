@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import httpx
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
 
 from flowport.server.egress import header_value_problem
 from flowport.server.errors import cut, shown
 from flowport.server.nodes.sql_pools import UnsupportedDatabase, async_url
 from flowport.server.secrets.references import SECRET_NAME, secret_references
 from flowport.v1 import resource_pb2
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 NAME = re.compile(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")
 NAME_RULE: Final = "1 to 63 characters: a-z, 0-9, '_' and '-', starting with a letter or digit"
@@ -80,11 +81,15 @@ def parse_url(connection_string: str) -> tuple[URL, dict[str, str]]:
         return token
 
     replaced = _REFERENCE.sub(stand_in, connection_string)
+    from sqlalchemy.engine import make_url  # loaded when a resource is checked, not at start
+
     return make_url(replaced.replace("postgres://", "postgresql://", 1)), names
 
 
 def _check_database(pool: resource_pb2.DatabasePool, where: str) -> list[Violation]:
     found: list[Violation] = []
+    from sqlalchemy.exc import ArgumentError
+
     text = pool.connection_string
     field = f"{where}.connection_string"
     try:

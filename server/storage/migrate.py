@@ -11,21 +11,23 @@ migrate one after the other.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import pkgutil
 import re
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import sqlalchemy as sa
-from alembic.migration import MigrationContext
-from alembic.operations import Operations
-from sqlalchemy.pool import NullPool
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from flowport.server.clock import now_us
 from flowport.server.storage import migrations as migrations_package
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from alembic.operations import Operations
 
 log = logging.getLogger(__name__)
 # Alembic reports each step at INFO; flowport logs the migrations it applies itself.
@@ -50,13 +52,15 @@ class Migration:
 
 
 def bundled() -> list[Migration]:
-    """The migrations shipped with this package, in version order."""
+    """The migrations shipped with this package, in version order. Each module (and with it
+    SQLAlchemy and Alembic) loads only when its migration runs: an up-to-date start needs neither."""
     found = []
     for module in pkgutil.iter_modules(migrations_package.__path__):
         match = _NAME.match(module.name)
         if match:
-            loaded = importlib.import_module(f"{migrations_package.__name__}.{module.name}")
-            found.append(Migration(int(match.group(1)), match.group(2), loaded.upgrade))
+            found.append(
+                Migration(int(match.group(1)), match.group(2), _loaded(f"{migrations_package.__name__}.{module.name}"))
+            )
     found.sort(key=lambda m: m.version)
     for expected, migration in enumerate(found, start=1):
         if migration.version != expected:
@@ -66,8 +70,18 @@ def bundled() -> list[Migration]:
     return found
 
 
+def _loaded(module: str) -> Callable[[Operations], None]:
+    def upgrade(op: Operations) -> None:
+        importlib.import_module(module).upgrade(op)
+
+    return upgrade
+
+
 def engine_for(url: str) -> sa.Engine:
     """A SQLAlchemy engine for migrating the database at `url` (sqlite:/// or postgresql+psycopg://)."""
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
     engine = sa.create_engine(url, poolclass=NullPool)
     if engine.dialect.name == "sqlite":
         # pysqlite begins transactions only before DML; DDL would commit as
@@ -85,6 +99,10 @@ def engine_for(url: str) -> sa.Engine:
 
 def migrate(url: str, migrations: list[Migration], where: str = "database") -> list[int]:
     """Apply what is missing to the database at `url`; the versions applied now."""
+    if url.startswith("sqlite:///") and _sqlite_is_current(url.removeprefix("sqlite:///"), migrations):
+        return []
+    import sqlalchemy as sa
+
     engine = engine_for(url)
     try:
         with engine.connect() as conn:
@@ -105,7 +123,24 @@ def migrate(url: str, migrations: list[Migration], where: str = "database") -> l
     return applied
 
 
+def _sqlite_is_current(path: str, migrations: list[Migration]) -> bool:
+    """Whether the SQLite file has exactly `migrations` applied, read with the standard library:
+    then nothing needs SQLAlchemy. Anything else (no table yet, missing or unknown versions)
+    takes the full path, which applies or refuses."""
+    try:
+        uri = Path(path).resolve().as_uri() + "?mode=ro"  # read only: never creates the file
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    except sqlite3.Error:
+        return False
+    return done == {m.version for m in migrations}
+
+
 def _apply(conn: sa.Connection, migrations: list[Migration], where: str) -> list[int]:
+    import sqlalchemy as sa
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
     with conn.begin():
         conn.execute(
             sa.text(

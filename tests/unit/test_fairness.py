@@ -20,7 +20,7 @@ from flowport.clients import ApiError, AsyncClient
 from flowport.server.app import Running, start, stop
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache
-from flowport.server.engine.work_queue import RedisWorkQueue
+from flowport.server.engine.redis_work_queue import RedisWorkQueue
 from flowport.server.errors import ResourceExhausted
 from flowport.server.events.bus import EventBus
 from flowport.server.leases import Leases

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from flowport.server.engine.work_queue import QUEUE_FAILURES, RedisWorkQueue
+from flowport.server.engine.redis_work_queue import RedisWorkQueue
+from flowport.server.engine.work_queue import QUEUE_FAILURES
 
 from ..backends import RedisServer
 
