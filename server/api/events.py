@@ -21,7 +21,7 @@ from flowport.server.events.bus import BusEvent, EventBus, SubscriberOverflow
 from flowport.server.events.kailash import Selection
 from flowport.server.events.log import EventLog
 from flowport.server.events.types import requested_types
-from flowport.server.storage import Store
+from flowport.server.storage.sql_store import SqlStore
 from flowport.server.tenancy import tenant_of
 from flowport.server.transcoding import stream_transport
 from flowport.server.types import Context
@@ -71,7 +71,7 @@ def _heartbeat() -> event_pb2.Event:
 class EventService(event_pb2_grpc.EventServiceServicer):
     """Streams of the gateway's events, per tenant, resumable by id."""
 
-    def __init__(self, bus: EventBus, event_log: EventLog, heartbeat: float, store: Store) -> None:
+    def __init__(self, bus: EventBus, event_log: EventLog, heartbeat: float, store: SqlStore) -> None:
         self._bus = bus
         self._log = event_log
         self._heartbeat = heartbeat

@@ -13,7 +13,8 @@ from flowport.server.engine.executor import FINISHED, Executor
 from flowport.server.errors import Aborted, InvalidArgument, NotFound, shown
 from flowport.server.events.bus import EventBus, SubscriberOverflow
 from flowport.server.limits import MAX_WAIT
-from flowport.server.storage import IdempotencyConflict, Store
+from flowport.server.storage import IdempotencyConflict
+from flowport.server.storage.sql_store import SqlStore
 from flowport.server.tenancy import tenant_of
 from flowport.server.transcoding import original_path
 from flowport.server.types import Context
@@ -52,15 +53,17 @@ def _not_found(execution_id: str) -> NotFound:
 
 
 def _is_kailash_execute(context: Context) -> bool:
-    """True for `POST /workflows/{id}/execute`, which always waits."""
+    """True for `POST /workflows/{id}/execute` and `POST /{id}/execute`, which always wait."""
     path = original_path(context)
-    return path is not None and path.startswith("/workflows/") and path.endswith(KAILASH_EXECUTE_SUFFIX)
+    if path is None or not path.endswith(KAILASH_EXECUTE_SUFFIX):
+        return False
+    return path.startswith("/workflows/") or path.count("/") == 2
 
 
 class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
     """Executions of stored workflows."""
 
-    def __init__(self, store: Store, executor: Executor, bus: EventBus, heartbeat: float) -> None:
+    def __init__(self, store: SqlStore, executor: Executor, bus: EventBus, heartbeat: float) -> None:
         self._store = store
         self._executor = executor
         self._bus = bus

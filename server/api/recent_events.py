@@ -15,7 +15,7 @@ from flowport.server.errors import InvalidArgument
 from flowport.server.events.kailash import Selection
 from flowport.server.events.log import EventLog
 from flowport.server.events.types import requested_types
-from flowport.server.storage import Store
+from flowport.server.storage.sql_store import SqlStore
 from flowport.server.tenancy import tenant_of
 from flowport.server.types import Context
 from flowport.v1 import event_pb2
@@ -35,7 +35,7 @@ def _size(request: event_pb2.ListRecentEventsRequest) -> int:
 
 
 async def list_recent_events(
-    store: Store, log: EventLog, request: event_pb2.ListRecentEventsRequest, context: Context
+    store: SqlStore, log: EventLog, request: event_pb2.ListRecentEventsRequest, context: Context
 ) -> event_pb2.ListRecentEventsResponse:
     """The answer to ListRecentEvents; NOT_FOUND for a session the caller may not see."""
     size = _size(request)

@@ -12,7 +12,7 @@ from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.values import python_to_struct
 from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.nodes.base import NodeType
-from flowport.server.storage import Store
+from flowport.server.storage.sql_store import SqlStore
 from flowport.server.tenancy import tenant_of
 from flowport.server.types import Context
 from flowport.v1 import schema_pb2, schema_pb2_grpc
@@ -34,7 +34,7 @@ def node_schema(node_type: NodeType) -> schema_pb2.NodeSchema:
 class SchemaService(schema_pb2_grpc.SchemaServiceServicer):
     """Schema discovery for clients that build workflows."""
 
-    def __init__(self, store: Store, registry: NodeRegistry, plans: PlanCache) -> None:
+    def __init__(self, store: SqlStore, registry: NodeRegistry, plans: PlanCache) -> None:
         self._store = store
         self._registry = registry
         self._plans = plans

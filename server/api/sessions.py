@@ -13,7 +13,8 @@ from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
 from flowport.server.settings import Settings
-from flowport.server.storage import Deletion, IdempotencyConflict, Store
+from flowport.server.storage import Deletion, IdempotencyConflict
+from flowport.server.storage.sessions import SessionTables
 from flowport.server.tenancy import principal_of, tenant_of
 from flowport.server.types import Context
 from flowport.v1 import session_pb2, session_pb2_grpc
@@ -25,7 +26,7 @@ MAX_METADATA_BYTES = 64 * 1024
 class SessionService(session_pb2_grpc.SessionServiceServicer):
     """Sessions on the store, expiring after their TTL."""
 
-    def __init__(self, store: Store, settings: Settings, bus: EventBus) -> None:
+    def __init__(self, store: SessionTables, settings: Settings, bus: EventBus) -> None:
         self._store = store
         self._bus = bus
         self._default_ttl_us = int(settings.session_default_ttl * 1e6)
@@ -160,20 +161,20 @@ def session_scope(context: Context) -> str | None:
     return None if principal is None or principal.is_admin else credential_of(principal)
 
 
-async def check_session(store: Store, context: Context, session_id: str) -> None:
+async def check_session(store: SessionTables, context: Context, session_id: str) -> None:
     """NOT_FOUND unless `session_id` is a live session of the caller's tenant that the caller may use."""
     if not await store.session_exists(tenant_of(context), session_id, now_us(), creator=session_scope(context)):
         raise session_not_found(session_id)
 
 
-async def check_owner(store: Store, context: Context, session_id: str) -> None:
+async def check_owner(store: SessionTables, context: Context, session_id: str) -> None:
     """NOT_FOUND unless the caller may see what ran in `session_id` (its creator, or an admin),
     though the session has expired or was deleted since."""
     if not await may_see(store, context, session_id):
         raise session_not_found(session_id)
 
 
-async def check_named_session(store: Store, context: Context, session_id: str) -> None:
+async def check_named_session(store: SessionTables, context: Context, session_id: str) -> None:
     """NOT_FOUND unless `session_id` is (or was: expired and deleted ones count) a session of the
     caller's tenant that the caller may see; for reads that name a session (`?session_id=`)."""
     owner = await store.session_owner(tenant_of(context), session_id)
@@ -182,7 +183,7 @@ async def check_named_session(store: Store, context: Context, session_id: str) -
         raise session_not_found(session_id)
 
 
-async def may_see(store: Store, context: Context, session_id: str) -> bool:
+async def may_see(store: SessionTables, context: Context, session_id: str) -> bool:
     """Whether the caller may see what belongs to `session_id` (always, outside a session): for a
     caller without the admin role, only its own credential's sessions. Only a session costs a
     lookup, and the store caches owners."""
@@ -199,7 +200,7 @@ class VisibleSessions:
 
     MAX_VERDICTS = 4096
 
-    def __init__(self, store: Store, context: Context) -> None:
+    def __init__(self, store: SessionTables, context: Context) -> None:
         self._store = store
         self._tenant = tenant_of(context)
         self._scope = session_scope(context)

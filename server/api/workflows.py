@@ -21,7 +21,8 @@ from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import stored_form, validate
 from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.events.bus import EventBus
-from flowport.server.storage import Deletion, IdempotencyConflict, Store
+from flowport.server.storage import Deletion, IdempotencyConflict
+from flowport.server.storage.sql_store import SqlStore
 from flowport.server.tenancy import tenant_of
 from flowport.server.types import Context
 from flowport.v1 import workflow_pb2, workflow_pb2_grpc
@@ -36,7 +37,7 @@ def workflow_not_found(workflow_id: str, version: int = 0) -> NotFound:
 class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
     """Dynamic workflows in the seed's config format, versioned by name."""
 
-    def __init__(self, store: Store, registry: NodeRegistry, bus: EventBus) -> None:
+    def __init__(self, store: SqlStore, registry: NodeRegistry, bus: EventBus) -> None:
         self._store = store
         self._registry = registry
         self._bus = bus

@@ -59,7 +59,7 @@ from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
 from flowport.server.leases import Leases
 from flowport.server.nodes.base import NodeServices
-from flowport.server.storage.base import Store
+from flowport.server.storage.sql_store import SqlStore
 from flowport.v1 import workflow_pb2
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class Executor:
 
     def __init__(
         self,
-        store: Store,
+        store: SqlStore,
         plans: PlanCache,
         bus: EventBus,
         services: NodeServices,

@@ -38,7 +38,8 @@ from flowport.server.engine.values import struct_to_python
 from flowport.server.engine.work_queue import QUEUE_FAILURES, QueuedExecution, WorkQueue
 from flowport.server.events.bus import EventBus
 from flowport.server.leases import Leases
-from flowport.server.storage.base import ExpiredExecution, Store
+from flowport.server.storage.base import ExpiredExecution
+from flowport.server.storage.sql_store import SqlStore
 
 log = logging.getLogger(__name__)
 QUEUE_RETRY_MAX = 5.0
@@ -55,7 +56,7 @@ class Takeover:
 
     def __init__(
         self,
-        store: Store,
+        store: SqlStore,
         plans: PlanCache,
         bus: EventBus,
         leases: Leases,

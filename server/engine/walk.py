@@ -36,7 +36,7 @@ from flowport.server.nodes.substitution import Parameters
 from flowport.server.observability import tracing
 from flowport.server.observability.context import CALL, EXECUTION, request_id
 from flowport.server.observability.context import Execution as ExecutionContext
-from flowport.server.storage.base import Store
+from flowport.server.storage.sql_store import SqlStore
 
 if TYPE_CHECKING:
     from flowport.server.observability.prometheus import Prometheus
@@ -74,7 +74,7 @@ class Figures(Protocol):
 class Walker:
     """Starts runs in this process's slots and walks each to its end."""
 
-    def __init__(self, store: Store, bus: EventBus, services: NodeServices, slots: Slots, figures: Figures) -> None:
+    def __init__(self, store: SqlStore, bus: EventBus, services: NodeServices, slots: Slots, figures: Figures) -> None:
         self._store = store
         self._bus = bus
         self._services = services

@@ -1,10 +1,17 @@
-"""Durable state: the Store interface, its SQL engines, and the choice between them."""
+"""Durable state: the tables, their SQL engines, and the choice between them.
+
+`SqlStore` is the store: one class made of table groups (`SessionTables`,
+`WorkflowTables`, ... in the modules named for them), each holding its SQL
+once for both engines (`SqliteStore`, `PostgresStore`). Components type
+their store as the one table group they use, or as `SqlStore` when they use
+several; there is no separate interface to keep in step with the SQL.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flowport.server.storage.base import Deletion, IdempotencyConflict, IdempotentResult, Store
+from flowport.server.storage.base import Deletion, IdempotencyConflict, IdempotentResult
 from flowport.server.storage.migrate import MigrationError
 from flowport.server.storage.sql_store import SqlStore
 from flowport.server.storage.sqlite import SqliteStore
@@ -19,7 +26,6 @@ __all__ = [
     "MigrationError",
     "SqlStore",
     "SqliteStore",
-    "Store",
     "open_store",
 ]
 
