@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, cast
 import httpx
 from google.api import httpbody_pb2
 from google.protobuf import timestamp_pb2
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.context import CURRENT
@@ -252,7 +252,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
             )
         # Reading every worker's files can take a moment: off the event loop.
         text = await asyncio.to_thread(self._prometheus.exposition)
-        return httpbody_pb2.HttpBody(content_type=CONTENT_TYPE_LATEST, data=text)
+        # generate_latest writes text format 0.0.4 (legacy names); --metrics-port labels it so too
+        # unless a scraper asks for 1.0.0, and Kailash's clients expect 0.0.4.
+        return httpbody_pb2.HttpBody(content_type=CONTENT_TYPE_PLAIN_0_0_4, data=text)
 
     def _kailash_components(self, health: gateway_pb2.Health) -> None:
         """`authentication` and `websockets`, the components Kailash's /health reports. Statuses

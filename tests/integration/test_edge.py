@@ -374,6 +374,7 @@ def test_schemathesis_finds_no_server_error_and_no_response_off_the_document(
         # deliveries may reach out to arbitrary hosts. Covered by their own tests.
         "ExecutionService_CreateExecution",
         "ExecutionService_CreateExecution_2",
+        "ExecutionService_CreateExecution_3",
         "WebhookService_CreateWebhook",
         # Could revoke the very key the run authenticates with.
         "ApiKeyService_RevokeApiKey",

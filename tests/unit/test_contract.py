@@ -93,6 +93,45 @@ def test_every_rpc_has_an_http_binding_and_every_seed_path_is_bound(
     assert not missing, f"seed paths without an RPC: {sorted(missing)}"
 
 
+def _shape(template: str) -> tuple[tuple[str | None, ...], str]:
+    """A path template as its segments (None: a variable, which takes one) and its custom verb."""
+    path, verb = template, ""
+    last = template.rsplit("/", 1)[-1]
+    if ":" in last and "}" not in last.rsplit(":", 1)[1]:
+        path, verb = template.rsplit(":", 1)
+    segments = path.split("/")[1:]
+    assert not any("=" in s or "*" in s for s in segments), f"{template}: extend _shape for wildcards"
+    return tuple(None if s.startswith("{") else s for s in segments), verb
+
+
+def _overlap(a: str, b: str) -> bool:
+    (one, verb), (two, other_verb) = _shape(a), _shape(b)
+    return (
+        verb == other_verb
+        and len(one) == len(two)
+        and all(x is None or y is None or x == y for x, y in zip(one, two, strict=True))
+    )
+
+
+def test_no_rest_route_takes_another_routes_requests(api_files: list[descriptor_pb2.FileDescriptorProto]) -> None:
+    # Envoy's transcoder picks a binding by its path pattern, so a template with a variable where
+    # another has a literal (POST /{workflow_id}/execute) must not match that other's requests.
+    bound = [(*_verb_path(r), name) for name, method in _methods(api_files) for r in _rules(method)]
+    for i, (verb, path, name) in enumerate(bound):
+        for other_verb, other_path, other_name in bound[i + 1 :]:
+            clash = verb == other_verb and _overlap(path, other_path)
+            assert not clash, f"{verb.upper()} {path} ({name}) and {other_path} ({other_name}) match the same paths"
+    # Envoy's own exact-path routes (the console, /ws, /openapi.json) come before the transcoder.
+    config = render(Settings.load({}, environ={}))
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    exact = [r["match"]["path"] for r in manager["route_config"]["virtual_hosts"][0]["routes"] if "path" in r["match"]]
+    own = [p for p in exact if not p.startswith("/flowport.v1.")]
+    assert "/ws" in own and "/openapi.json" in own
+    for path in own:
+        taken = [f"{v.upper()} {t}" for v, t, _ in bound if _overlap(t, path)]
+        assert not taken, f"Envoy's route {path} hides {taken}"
+
+
 def test_streaming_rpcs_are_exactly_the_ones_envoy_gives_no_timeout(
     api_files: list[descriptor_pb2.FileDescriptorProto],
 ) -> None:

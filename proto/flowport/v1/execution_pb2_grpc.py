@@ -76,6 +76,9 @@ class ExecutionServiceServicer:
 
         `POST /workflows/{workflow_id}/execute` is the shortcut existing
         clients use: it always waits and returns outputs keyed by node.
+        `POST /{workflow_id}/execute` is the same, where Kailash's legacy and
+        durable gateways mount it (no other POST route is two segments ending
+        in `execute`, so it takes no other route's requests).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

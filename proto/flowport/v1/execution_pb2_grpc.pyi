@@ -43,6 +43,9 @@ class ExecutionServiceStub:
 
     `POST /workflows/{workflow_id}/execute` is the shortcut existing
     clients use: it always waits and returns outputs keyed by node.
+    `POST /{workflow_id}/execute` is the same, where Kailash's legacy and
+    durable gateways mount it (no other POST route is two segments ending
+    in `execute`, so it takes no other route's requests).
     """
     GetExecution: _grpc.UnaryUnaryMultiCallable[_execution_pb2.GetExecutionRequest, _execution_pb2.Execution]
     """Returns an execution. Fails with NOT_FOUND when it does not exist or
@@ -80,6 +83,9 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
 
     `POST /workflows/{workflow_id}/execute` is the shortcut existing
     clients use: it always waits and returns outputs keyed by node.
+    `POST /{workflow_id}/execute` is the same, where Kailash's legacy and
+    durable gateways mount it (no other POST route is two segments ending
+    in `execute`, so it takes no other route's requests).
     """
     GetExecution: _aio.UnaryUnaryMultiCallable[_execution_pb2.GetExecutionRequest, _execution_pb2.Execution]  # type: ignore[assignment]
     """Returns an execution. Fails with NOT_FOUND when it does not exist or
@@ -120,6 +126,9 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
 
         `POST /workflows/{workflow_id}/execute` is the shortcut existing
         clients use: it always waits and returns outputs keyed by node.
+        `POST /{workflow_id}/execute` is the same, where Kailash's legacy and
+        durable gateways mount it (no other POST route is two segments ending
+        in `execute`, so it takes no other route's requests).
         """
 
     @_abc_1.abstractmethod

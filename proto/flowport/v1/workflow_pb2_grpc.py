@@ -90,7 +90,8 @@ class WorkflowServiceServicer:
     def ListWorkflows(self, request, context):
         """Lists the latest version of every workflow, ordered by id, of the
         versions the caller may see (as for GetWorkflow). `GET /workflows` is
-        where the Kailash enterprise server lists its registered workflows.
+        where the Kailash enterprise server lists its registered workflows,
+        `GET /api/v1/workflows` where Kailash's `create_gateway_app` does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,7 +49,8 @@ class WorkflowServiceStub:
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.ListWorkflowsRequest, _workflow_pb2.ListWorkflowsResponse]
     """Lists the latest version of every workflow, ordered by id, of the
     versions the caller may see (as for GetWorkflow). `GET /workflows` is
-    where the Kailash enterprise server lists its registered workflows.
+    where the Kailash enterprise server lists its registered workflows,
+    `GET /api/v1/workflows` where Kailash's `create_gateway_app` does.
     """
     DeleteWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowRequest, _empty_pb2.Empty]
     """Deletes a workflow and all its versions. Executions that ran it are
@@ -81,7 +82,8 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_workflow_pb2.ListWorkflowsRequest, _workflow_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
     """Lists the latest version of every workflow, ordered by id, of the
     versions the caller may see (as for GetWorkflow). `GET /workflows` is
-    where the Kailash enterprise server lists its registered workflows.
+    where the Kailash enterprise server lists its registered workflows,
+    `GET /api/v1/workflows` where Kailash's `create_gateway_app` does.
     """
     DeleteWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a workflow and all its versions. Executions that ran it are
@@ -128,7 +130,8 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_workflow_pb2.ListWorkflowsResponse, _abc.Awaitable[_workflow_pb2.ListWorkflowsResponse]]:
         """Lists the latest version of every workflow, ordered by id, of the
         versions the caller may see (as for GetWorkflow). `GET /workflows` is
-        where the Kailash enterprise server lists its registered workflows.
+        where the Kailash enterprise server lists its registered workflows,
+        `GET /api/v1/workflows` where Kailash's `create_gateway_app` does.
         """
 
     @_abc_1.abstractmethod
