@@ -14,9 +14,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from flowport.server.secrets.keyring import KeyringError, parse
+from flowport.server.upstreams import Upstream, parse_upstream
 
 # http(s)://host:port, the host a name, an IPv4 address or a bracketed IPv6 one.
 _OTLP_ENDPOINT = re.compile(r"\Ahttps?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}/?\Z")
@@ -57,6 +67,26 @@ class Settings(BaseModel):
         le=64,
         description="server processes `flowport up` runs behind the one Envoy, on --grpc-port, --grpc-port+1, …; "
         "above 1 needs --database-url (PostgreSQL) and --redis-url",
+    )
+    upstream: list[str] = Field(
+        default_factory=list,
+        description="up, envoy-config: a flowport serve elsewhere that Envoy also sends calls to, as HOST:PORT of "
+        "its gRPC port (an IP address, IPv6 in brackets; a name goes to --upstream-dns); repeat the flag or "
+        "separate with commas; each is health-checked and ejected on its own, answers the rate limit service, "
+        "and serves /ws on its --websocket-port",
+        json_schema_extra={"metavar": "HOST:PORT"},
+    )
+    upstream_dns: list[str] = Field(
+        default_factory=list,
+        description="up, envoy-config: a DNS name whose every address is a flowport serve, as NAME:PORT; Envoy "
+        "resolves it again every 5s (STRICT_DNS, A records preferred: e.g. a Kubernetes headless service); "
+        "repeatable or comma-separated, may be combined with --upstream",
+        json_schema_extra={"metavar": "NAME:PORT"},
+    )
+    no_local_server: bool = Field(
+        False,
+        description="up: start no flowport serve of its own, only Envoy in front of the --upstream and "
+        "--upstream-dns servers (then no /metrics here: each server serves its own)",
     )
     admin_port: Port = Field(9901, ge=1, le=65535, description="Envoy admin interface, always on 127.0.0.1")
     data_dir: Path = Field(
@@ -300,6 +330,8 @@ class Settings(BaseModel):
         "webhook_allowlist",
         "jwt_algorithms",
         "trusted_proxies",
+        "upstream",
+        "upstream_dns",
         mode="before",
     )
     @classmethod
@@ -307,6 +339,27 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("upstream", "upstream_dns")
+    @classmethod
+    def _upstream_addresses(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        # Kept in one spelling, so a server given twice is found below.
+        return [str(parse_upstream(item, by_name=info.field_name == "upstream_dns")) for item in value]
+
+    @model_validator(mode="after")
+    def _upstreams_usable(self) -> Settings:
+        given = [*self.upstream, *self.upstream_dns]
+        twice = next((u for n, u in enumerate(given) if u in given[:n]), None)
+        if twice is not None:
+            raise ValueError(f"upstream {twice} is given twice (--upstream, --upstream-dns)")
+        if self.no_local_server and not given:
+            raise ValueError(
+                "no_local_server (--no-local-server) runs Envoy alone: name its servers with --upstream or "
+                "--upstream-dns"
+            )
+        if self.no_local_server and self.workers > 1:
+            raise ValueError("workers (--workers) are local server processes: none run with no_local_server")
+        return self
 
     @model_validator(mode="after")
     def _default_ttl_within_max(self) -> Settings:
@@ -325,7 +378,8 @@ class Settings(BaseModel):
             raise ValueError("grpc_port + workers - 1 must be a port number")
         if self.websocket_port and self.websocket_port + self.workers - 1 > 65535:
             raise ValueError("websocket_port + workers - 1 must be a port number")
-        if self.rate_limit_tenant_max_requests and self.redis_url is None:
+        # Envoy alone needs no Redis: the servers answer its rate limit service.
+        if self.rate_limit_tenant_max_requests and self.redis_url is None and not self.no_local_server:
             raise ValueError("rate_limit_tenant_max_requests counts in Redis: set redis_url too")
         if self.otlp_endpoint is not None and not _OTLP_ENDPOINT.match(self.otlp_endpoint):
             raise ValueError("otlp_endpoint must be http://host:port or https://host:port (OTLP over gRPC)")
@@ -382,6 +436,13 @@ class Settings(BaseModel):
     def websocket_ports(self) -> list[int]:
         """The ports of the server processes' WebSocket bridges (one per worker); none when turned off."""
         return [self.websocket_port + n for n in range(self.workers)] if self.websocket_port else []
+
+    @property
+    def upstreams(self) -> list[Upstream]:
+        """The servers elsewhere that Envoy sends calls to: --upstream, then --upstream-dns."""
+        return [parse_upstream(u, by_name=False) for u in self.upstream] + [
+            parse_upstream(u, by_name=True) for u in self.upstream_dns
+        ]
 
     @property
     def grpc_target(self) -> str:
