@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_REQUEST_HEADERS, MAX_REQUEST_HEADERS_KB
-from flowport.server.settings import Settings, _connect_host
+from flowport.server.settings import Settings
 from flowport.transcoder.body_fields import lua_source as body_fields_lua
 from flowport.transcoder.console_routes import console_routes
 from flowport.transcoder.edge_filter import edge_source
@@ -39,6 +39,7 @@ from flowport.transcoder.envoy_routes import (
 )
 from flowport.transcoder.http_rules import descriptor_path, services
 from flowport.transcoder.local_replies import local_reply_config
+from flowport.transcoder.upstream_endpoints import discovery, grpc_endpoints
 from flowport.transcoder.websocket_routes import websocket_clusters, websocket_routes
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
@@ -412,21 +413,15 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
         extra_clusters.append(_collector_cluster(settings.otlp_endpoint))
     cluster = {
         "name": CLUSTER,
-        "type": "STATIC",
+        **discovery(settings),
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
         "load_assignment": {
             "cluster_name": CLUSTER,
-            # One endpoint per server process (`--workers`), each health-checked
-            # and ejected on its own; a request goes to the least busy.
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": _address(_connect_host(settings.grpc_host), port)}}
-                        for port in settings.grpc_ports
-                    ]
-                }
-            ],
+            # One endpoint per server: each local process (`--workers`) and
+            # each upstream, health-checked and ejected on its own; a request
+            # goes to the least busy. The rate limit service is theirs too.
+            "endpoints": [{"lb_endpoints": grpc_endpoints(settings)}],
         },
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(

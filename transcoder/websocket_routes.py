@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowport.server.settings import Settings, _connect_host
+from flowport.server.settings import Settings
+from flowport.transcoder.upstream_endpoints import discovery, websocket_endpoints
 
 WEBSOCKET_CLUSTER = "flowport_ws"
 WEBSOCKET_PATH = "/ws"
@@ -42,26 +43,18 @@ def websocket_routes(settings: Settings, disabled_filters: dict[str, Any]) -> li
 
 
 def websocket_clusters(settings: Settings) -> list[dict[str, Any]]:
-    """One cluster of the bridges, an endpoint per server process, each health-checked on its own."""
+    """One cluster of the bridges, an endpoint per server (transcoder/upstream_endpoints.py), each health-checked."""
     if not settings.websocket_port:
         return []
-    host = _connect_host(settings.grpc_host)
     return [
         {
             "name": WEBSOCKET_CLUSTER,
-            "type": "STATIC",
+            **discovery(settings),
             "connect_timeout": "1s",
             "lb_policy": "LEAST_REQUEST",
             "load_assignment": {
                 "cluster_name": WEBSOCKET_CLUSTER,
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
-                            for port in settings.websocket_ports
-                        ]
-                    }
-                ],
+                "endpoints": [{"lb_endpoints": websocket_endpoints(settings)}],
             },
             "health_checks": [
                 {
