@@ -11,6 +11,11 @@ The supervisor holds the data dir's lock (server/datadir.py) and hands it to
 the servers it starts, so a second `flowport up` or `serve` on the same dir
 is refused while this one runs.
 
+With `--no-local-server` no server is started: Envoy alone runs in front of
+the `--upstream` and `--upstream-dns` servers, which may still be starting
+(it then reports none healthy yet and keeps running; /healthz answers 503
+until one is).
+
 With several workers, each server process has its own port and is one
 endpoint of Envoy's cluster (health-checked and ejected on its own, which
 SO_REUSEPORT's kernel hashing could not do). A server that dies, lone or
@@ -61,17 +66,19 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 
 def check_ports_free(settings: Settings) -> None:
-    """Fail, naming the port and its flag, when one is already taken."""
+    """Fail, naming the port and its flag, when one is already taken (the servers' only when they run here)."""
+    local = not settings.no_local_server
     grpc_ports = [("--grpc-port" if n == 0 else f"--grpc-port+{n}", settings.grpc_host, port)
-                  for n, port in enumerate(settings.grpc_ports)]  # fmt: skip
+                  for n, port in enumerate(settings.grpc_ports) if local]  # fmt: skip
     websocket_ports = [("--websocket-port" if n == 0 else f"--websocket-port+{n}", settings.grpc_host, port)
-                       for n, port in enumerate(settings.websocket_ports)]  # fmt: skip
+                       for n, port in enumerate(settings.websocket_ports) if local]  # fmt: skip
+    metrics = settings.metrics_port if local else 0
     for flag, host, port in (
         ("--http-port", settings.host, settings.http_port),
         *grpc_ports,
         *websocket_ports,
         ("--admin-port", "127.0.0.1", settings.admin_port),
-        *([("--metrics-port", settings.metrics_host, settings.metrics_port)] if settings.metrics_port else []),
+        *([("--metrics-port", settings.metrics_host, metrics)] if metrics else []),
     ):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -81,9 +88,9 @@ def check_ports_free(settings: Settings) -> None:
                 sock.bind((host, port))
             except OSError as exc:
                 raise UpError(f"port {port} ({flag}) on {host} is not available: {exc.strerror}") from None
-    ports = [settings.http_port, *settings.grpc_ports, *settings.websocket_ports, settings.admin_port]
-    if settings.metrics_port:
-        ports.append(settings.metrics_port)
+    ports = [settings.http_port, *(p for _, _, p in grpc_ports + websocket_ports), settings.admin_port]
+    if metrics:
+        ports.append(metrics)
     if len(set(ports)) < len(ports):
         raise UpError(
             "--http-port, --admin-port, --metrics-port and the --grpc-port and --websocket-port ranges "
@@ -136,7 +143,10 @@ class Supervisor:
     def __init__(self, settings: Settings, out: Callable[[str], None] = print) -> None:
         self.settings = settings
         self.out = out
-        self.servers: list[subprocess.Popen[bytes] | None] = [None] * settings.workers
+        # None with --no-local-server: Envoy alone, in front of the upstreams.
+        self.servers: list[subprocess.Popen[bytes] | None] = (
+            [] if settings.no_local_server else [None] * settings.workers
+        )
         self.envoy: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
         self.restarts = 0
@@ -145,8 +155,8 @@ class Supervisor:
 
     @property
     def server(self) -> subprocess.Popen[bytes] | None:
-        """The first server process."""
-        return self.servers[0]
+        """The first server process (None before it starts, and with --no-local-server)."""
+        return self.servers[0] if self.servers else None
 
     def _server_settings(self, worker: int) -> Settings:
         update: dict[str, Any] = {"grpc_port": self.settings.grpc_ports[worker]}
@@ -200,7 +210,7 @@ class Supervisor:
             envoy_bin = find_envoy(s.envoy)
         except EnvoyNotFound as exc:
             raise UpError(str(exc)) from None
-        if s.workers > 1:
+        if s.workers > 1 and self.servers:
             # Values of an earlier run would be added to this one's.
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             self.metrics_dir.mkdir(mode=0o700)
@@ -209,7 +219,7 @@ class Supervisor:
         deadline = time.monotonic() + s.startup_timeout
         # The first server alone first: it migrates the database and makes
         # the admin key, which the others then find done.
-        for batch in ([0], range(1, s.workers)):
+        for batch in ([0], range(1, s.workers)) if self.servers else ():
             for worker in batch:
                 self._start_server(worker)
             for worker in batch:
@@ -221,12 +231,21 @@ class Supervisor:
         self.envoy = self._spawn(
             [str(envoy_bin), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
         )
-        self._wait(
-            self.envoy,
-            "Envoy",
-            lambda: _http_ok(f"http://127.0.0.1:{s.admin_port}/ready") and _http_ok(f"{s.http_url}/healthz"),
-            deadline,
-        )
+        ready = f"http://127.0.0.1:{s.admin_port}/ready"
+        if self.servers:
+            self._wait(self.envoy, "Envoy", lambda: _http_ok(ready) and _http_ok(f"{s.http_url}/healthz"), deadline)
+            return
+        # Envoy alone: the upstreams are not ours to wait for (they may be deploying), only Envoy is.
+        self._wait(self.envoy, "Envoy", lambda: _http_ok(ready), deadline)
+        try:
+            self._wait(self.envoy, "Envoy", lambda: _http_ok(f"{s.http_url}/healthz"), deadline)
+        except UpError:
+            if self.stopping.is_set() or self.envoy.poll() is not None:
+                raise  # interrupted, or Envoy died
+            self.out(
+                f"flowport: warning: no upstream server is healthy after {s.startup_timeout:g}s (--startup-timeout); "
+                "/healthz answers 503 until one passes its health check"
+            )
 
     def _wait(self, proc: subprocess.Popen[bytes], what: str, ready: Callable[[], bool], deadline: float) -> None:
         while not ready():
@@ -330,11 +349,16 @@ def up(settings: Settings, out: Callable[[str], None] = print) -> int:
             out(f"flowport: {exc}")
             return 2
         s = settings
-        if s.workers == 1:
+        local = not s.no_local_server
+        servers = ""
+        if local and s.workers == 1:
             servers = f"  gRPC (server)        {s.grpc_target}\n"
-        else:
+        elif local:
             targets = ", ".join(supervisor._server_settings(n).grpc_target for n in range(s.workers))
             servers = f"  gRPC ({s.workers} servers)    {targets}\n"
+        if s.upstreams:
+            named = ", ".join(f"{u} (DNS)" if u.by_name else str(u) for u in s.upstreams)
+            servers += f"  gRPC (upstreams)     {named}\n"
         out(
             f"flowport is up in {time.monotonic() - started:.2f}s\n"
             f"  REST + gRPC (Envoy)  {s.http_url}\n"
@@ -343,12 +367,15 @@ def up(settings: Settings, out: Callable[[str], None] = print) -> int:
             f"  data                 {Path(s.data_dir).resolve()}\n"
             + (
                 f"  admin API key        {(s.data_dir / 'admin-api-key').resolve()} (send it as x-api-key)\n"
-                if (s.data_dir / "admin-api-key").exists()
+                if local and (s.data_dir / "admin-api-key").exists()
                 else ""
             )
             + (
                 f"  secrets key          {(s.data_dir / 'secrets-key').resolve()} (back it up)\n"
-                if s.secrets_key is None and s.secrets_key_file is None and (s.data_dir / "secrets-key").exists()
+                if local
+                and s.secrets_key is None
+                and s.secrets_key_file is None
+                and (s.data_dir / "secrets-key").exists()
                 else ""
             )
             + "Press Ctrl-C to stop."
@@ -356,7 +383,7 @@ def up(settings: Settings, out: Callable[[str], None] = print) -> int:
         return supervisor.wait()
     finally:
         supervisor.stop()
-        if supervisor.server is not None:
+        if supervisor.server is not None or supervisor.envoy is not None:
             out("flowport: stopped")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
