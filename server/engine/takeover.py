@@ -306,6 +306,10 @@ class Takeover:
                         async with asyncio.timeout(WAIT_POLL):
                             await self._slots.freed.wait()
             except Exception as exc:  # Redis or the database failing: retry, never stop
+                if _cancelling():
+                    # redis-py can turn the cancellation of a blocked read into a connection
+                    # error: retrying then would outlive the shutdown that cancelled this loop.
+                    raise asyncio.CancelledError from exc
                 if not isinstance(exc, QUEUE_FAILURES):
                     log.exception("taking executions from the work queue failed; will retry")
                 else:
@@ -349,3 +353,9 @@ class Takeover:
         await self._queue.done([entry for entry in entries if entry not in passed_over])
         await self._queue.give_back(passed_over)
         return started, len(passed_over)
+
+
+def _cancelling() -> bool:
+    """Whether the running task was asked to stop (however the await it was in ended)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

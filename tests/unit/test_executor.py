@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pytest
 from google.protobuf import duration_pb2, json_format, struct_pb2
@@ -14,6 +14,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
+from flowport.server.engine.work_queue import QueueUnavailable, WorkQueue
 from flowport.server.errors import InvalidArgument, ResourceExhausted
 from flowport.server.events.bus import EventBus
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeServices, NodeType
@@ -438,3 +439,45 @@ async def test_a_fault_of_the_gateway_fails_the_execution_and_publishes_system_e
     )
     assert second.type == "execution.failed"
     events.close()
+
+
+class _ReadThatFailsWhenCancelled:
+    """A work queue whose blocked read ends as a connection error when cancelled, as redis-py's can."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def take(self, count: int) -> list[Any]:
+        self.reads += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise QueueUnavailable("Connection closed by server.") from None
+        return []
+
+    async def reclaim(self, idle_ms: int, count: int = 100) -> list[Any]:
+        return []
+
+    async def queued(self, page: int = 1000) -> set[str]:
+        return set()
+
+
+@pytest.mark.timeout(30)  # unfixed, the loop never ends: the test fails here rather than hanging the suite
+async def test_shutdown_ends_a_queue_read_that_turns_cancellation_into_an_error(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    queue = _ReadThatFailsWhenCancelled()
+    executor = Executor(
+        store, PlanCache(REGISTRY), EventBus(), NodeServices(), max_concurrent=1, queue=cast(WorkQueue, queue)
+    )
+    executor.start_leasing()
+    try:
+        for _ in range(100):  # the consumer reaches its blocked read
+            if queue.reads:
+                break
+            await asyncio.sleep(0.01)
+        assert queue.reads == 1
+        async with asyncio.timeout(10):  # without the fix the consumer retries forever and this never returns
+            await executor.shutdown()
+        assert queue.reads == 1  # stopped, not retried
+    finally:
+        await store.close()
