@@ -160,7 +160,7 @@ class Executor:
         """
         plan = self._plans.get(tenant, workflow)
         values = struct_to_python(inputs)
-        missing = [name for name in plan.inputs_schema["required"] if name not in values]
+        missing = plan.missing_inputs(values)
         if missing:
             raise InvalidArgument(
                 f"inputs missing for workflow {workflow.workflow_id!r}: {', '.join(missing)}",

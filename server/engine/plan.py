@@ -10,6 +10,7 @@ stale, and the cache is bounded.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -85,6 +86,26 @@ class Plan:
                     properties[name] = schema.get("properties", {}).get(name, {})
                     required.add(name)
         return {"type": "object", "properties": properties, "required": sorted(required)}
+
+    @cached_property
+    def required_by(self) -> dict[str, tuple[str, ...]]:
+        """Each required execution input (as in inputs_schema), with the nodes that need it."""
+        needs: dict[str, list[str]] = {}
+        for node in self.nodes.values():
+            bound = {b.to_input for b in node.inbound} | set(node.config)
+            for name in sorted(node.node_type.required_inputs(node.config)):
+                if name not in bound:
+                    needs.setdefault(name, []).append(node.node_id)
+        return {name: tuple(nodes) for name, nodes in needs.items()}
+
+    def missing_inputs(self, values: Mapping[str, Any]) -> list[str]:
+        """The required inputs `values` does not give, either at the top level or, as Kailash
+        clients write them, under the id of every node that needs it (`{"echo": {"message": ...}}`)."""
+        return sorted(
+            name
+            for name, nodes in self.required_by.items()
+            if name not in values and not all(isinstance(values.get(n), dict) and name in values[n] for n in nodes)
+        )
 
     def outputs_schema(self) -> JsonSchema:
         """JSON Schema of execution outputs, keyed by node id."""

@@ -435,17 +435,14 @@ def test_k115_k116_k121_the_legacy_and_gateway_app_routes(http: httpx.Client, an
     assert listed.status_code == 200 and name in {w["workflow_id"] for w in listed.json()["workflows"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the up-front check of required inputs (server/engine/executor.py create) looks only at top-level "
-    "inputs, so a variable given only under the node's id is refused (400), though the run would pass it",
-)
 def test_k118_inputs_keyed_by_node_feed_the_nodes_code(http: httpx.Client) -> None:
     name = _echo_workflow(http)
     ran = http.post(f"/{name}/execute", json={"inputs": {"echo": SENT}})
     assert ran.status_code == 200, ran.text
     assert ran.json()["outputs"]["echo"]["result"] == SENT
+    # Under another node's id it feeds nothing: still missing, named at the top level.
+    refused = http.post(f"/{name}/execute", json={"inputs": {"other": SENT}})
+    assert refused.status_code == 400 and "inputs.message" in refused.text
 
 
 def test_k083_k086_workflows_by_name(http: httpx.Client, anonymous: httpx.Client) -> None:
