@@ -180,6 +180,11 @@ class JwtVerifier:
             )
         except jwt.PyJWTError as exc:
             raise AuthenticationFailed(_reason(exc)) from None
+        kind = claims.get("type", claims.get("token_type"))
+        if isinstance(kind, str) and kind.lower() == "refresh":
+            # Issuers that share one key for both (Kailash's gateway does) mark refresh
+            # tokens so: those buy new access tokens from their issuer and are no credential here.
+            raise AuthenticationFailed("refresh token")
         return self._principal(claims)
 
     def _key_for(self, alg: str, header: Mapping[str, Any]) -> bytes | _PublicKey:

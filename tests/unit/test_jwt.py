@@ -181,6 +181,13 @@ def test_custom_claim_names() -> None:
     assert (principal.tenant, principal.subject, principal.roles) == ("acme", "ada@example.com", frozenset({"admin"}))
 
 
+def test_a_refresh_token_is_no_credential(verifier: JwtVerifier) -> None:
+    for claim in ({"type": "refresh"}, {"token_type": "Refresh"}):
+        assert _refused(verifier, jwt.encode(_claims(**claim), SECRET, algorithm="HS256")) == "refresh token"
+    access = verifier.verify(jwt.encode(_claims(type="access"), SECRET, algorithm="HS256"))
+    assert access.subject == "ada"
+
+
 # --- time claims ---------------------------------------------------------------
 
 
