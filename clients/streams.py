@@ -4,7 +4,9 @@
 server or Envoy restarting: UNAVAILABLE, or the stream ending), opens it
 again with `after_id` set to the last event it yielded: the server replays
 what was published meanwhile from its event log, so nothing is missed and
-nothing repeats. `watch()` follows `WatchExecution` until the execution
+nothing repeats. A server that stops ends its streams with a heartbeat
+carrying the stream's cursor: a stream that saw no event since it connected
+resumes from there too. `watch()` follows `WatchExecution` until the execution
 ends; after a reconnect the server sends the execution as it is, then new
 events (events already yielded are skipped by id). Heartbeats are dropped.
 
@@ -75,8 +77,8 @@ def events(
         try:
             for event in stream_events(_after(request, last_id)):
                 backoff.worked()
+                last_id = event.id or last_id  # a heartbeat's id, when it has one, is the stream's cursor
                 if event.type != "heartbeat":
-                    last_id = event.id
                     yield event
             time.sleep(backoff.ended())
         except ApiError as error:
@@ -92,8 +94,8 @@ async def aevents(
         try:
             async for event in stream_events(_after(request, last_id)):
                 backoff.worked()
+                last_id = event.id or last_id  # a heartbeat's id, when it has one, is the stream's cursor
                 if event.type != "heartbeat":
-                    last_id = event.id
                     yield event
             await asyncio.sleep(backoff.ended())
         except ApiError as error:

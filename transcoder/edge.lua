@@ -144,22 +144,26 @@ end
 -- The JSON printer writes fields in field-number order, so an event's id
 -- (field 1) leads it: {"id":…} for an Event, {"event":{"id":…}} for a watch.
 local ID_PATTERNS = { '^data: {"id":"(%d+)"', '^data: {"event":{"id":"(%d+)"' }
-local HEARTBEATS = { 'data: {"id":"","type":"heartbeat"', 'data: {"event":{"id":"","type":"heartbeat"' }
+-- A heartbeat has no id, except the last one of a stream a stopping server
+-- ends: it carries the stream's cursor, for the client to resume from.
+local HEARTBEATS = { '^data: {"id":"%d*","type":"heartbeat"', '^data: {"event":{"id":"%d*","type":"heartbeat"' }
 
 -- One event's text (from its `data:`) with the lines it needs in front.
 local function annotate(event)
+  local lines = ""
   for _, pattern in ipairs(ID_PATTERNS) do
     local id = string.match(event, pattern)
     if id ~= nil then
-      return "id: " .. id .. "\n" .. event
+      lines = "id: " .. id .. "\n"
+      break
     end
   end
-  for _, prefix in ipairs(HEARTBEATS) do
-    if string.sub(event, 1, #prefix) == prefix then
-      return "event: heartbeat\n" .. event
+  for _, pattern in ipairs(HEARTBEATS) do
+    if string.find(event, pattern) then
+      return lines .. "event: heartbeat\n" .. event
     end
   end
-  return event
+  return lines .. event
 end
 
 -- Rewrites the stream chunk by chunk, holding nothing back. The transcoder

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from flowport.server.api.recent_events import list_recent_events
 from flowport.server.api.sessions import VisibleSessions, check_session, session_scope
 from flowport.server.errors import Aborted, InvalidArgument, OutOfRange, shown
-from flowport.server.events.bus import BusEvent, EventBus, SubscriberOverflow
+from flowport.server.events.bus import BusEvent, EventBus, StreamsEnded, SubscriberOverflow
 from flowport.server.events.kailash import Selection
 from flowport.server.events.log import EventLog
 from flowport.server.events.types import requested_types
@@ -62,8 +62,8 @@ def event_filter(request: event_pb2.StreamEventsRequest, context: Context) -> Se
     return Selection.of(requested_types(request), default_copies=stream_transport(context) == "sse")
 
 
-def _heartbeat() -> event_pb2.Event:
-    heartbeat = event_pb2.Event(type=HEARTBEAT)
+def _heartbeat(cursor: int = 0) -> event_pb2.Event:
+    heartbeat = event_pb2.Event(type=HEARTBEAT, id=str(cursor) if cursor else "")
     heartbeat.time.GetCurrentTime()
     return heartbeat
 
@@ -104,7 +104,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                 and types.hears(event.type)
             )
 
-        subscription = self._bus.subscribe(accept)
+        subscription = self._bus.subscribe(accept, client_stream=True)
         sent = self._bus.last_id if after is None else after
         try:
             if after is not None:
@@ -136,7 +136,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                         break
                     # The replay was long enough to overflow the live queue:
                     # subscribe afresh and replay what was published meanwhile.
-                    subscription = self._bus.subscribe(accept)
+                    subscription = self._bus.subscribe(accept, client_stream=True)
                     await self._log.flush()
             while True:
                 event = await subscription.next(self._heartbeat)
@@ -149,6 +149,11 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                     for view in types.views(event):
                         yield view.to_proto()
                 sent = int(event.id)
+        except StreamsEnded:
+            # This server is shutting down: the stream ends cleanly (OK) with a heartbeat carrying
+            # its cursor, the last id it has passed, so a client that saw no event since it
+            # connected still resumes (on another server) where this stream stood.
+            yield _heartbeat(sent)
         except SubscriberOverflow:
             raise Aborted(
                 f"the stream fell behind by more than its queue; resume with after_id={sent}",

@@ -11,7 +11,7 @@ from flowport.server.api.sessions import check_named_session, check_owner, check
 from flowport.server.api.workflows import workflow_not_found
 from flowport.server.engine.executor import FINISHED, Executor
 from flowport.server.errors import Aborted, InvalidArgument, NotFound, shown
-from flowport.server.events.bus import EventBus, SubscriberOverflow
+from flowport.server.events.bus import EventBus, StreamsEnded, SubscriberOverflow
 from flowport.server.limits import MAX_WAIT
 from flowport.server.storage import IdempotencyConflict
 from flowport.server.storage.sql_store import SqlStore
@@ -197,7 +197,9 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         tenant = tenant_of(context)
         execution_id = request.execution_id
         # Subscribe before reading the state, so no event falls in between.
-        subscription = self._bus.subscribe(lambda e: e.execution_id == execution_id and e.tenant == tenant)
+        subscription = self._bus.subscribe(
+            lambda e: e.execution_id == execution_id and e.tenant == tenant, client_stream=True
+        )
         try:
             execution = await self._executor.get(tenant, execution_id)
             if execution is None or not await may_see(self._store, context, execution.session_id):
@@ -208,6 +210,10 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
             while True:
                 try:
                     event = await subscription.next(self._heartbeat)
+                except StreamsEnded:
+                    # This server is shutting down: end cleanly; watching again (elsewhere)
+                    # sends the execution as it is, then its new events.
+                    return
                 except SubscriberOverflow:
                     raise Aborted(
                         "the watch fell behind by more than its queue; watch again to get the current state",

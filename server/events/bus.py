@@ -66,26 +66,44 @@ class SubscriberOverflow(Exception):
     """The subscriber fell behind by more than its queue and was cut off."""
 
 
+class StreamsEnded(Exception):
+    """The server is shutting down: a stream reading this subscription ends cleanly (OK), and its
+    client resumes by id on another server."""
+
+
 class Subscription:
     """One subscriber's view of the bus; iterate it with `async for`."""
 
-    def __init__(self, bus: EventBus, accept: Filter, size: int) -> None:
+    def __init__(self, bus: EventBus, accept: Filter, size: int, *, client_stream: bool = False) -> None:
         self._bus = bus
         self.accept = accept
+        # A client's stream (ended at shutdown), not the server's own follower of some events.
+        self.client_stream = client_stream
         self.queue: asyncio.Queue[BusEvent | None] = asyncio.Queue(size)
         self.overflowed = False
+        self.ended = False
 
     def offer(self, event: BusEvent) -> None:
-        if self.overflowed:
+        if self.overflowed or self.ended:
             return
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
             self.overflowed = True
             self._bus.unsubscribe(self)
-            # Wake the reader so it notices at once.
+            self._wake()
+
+    def end(self) -> None:
+        """Make the reader's next `next()` raise StreamsEnded (events still queued are left to the resume)."""
+        self.ended = True
+        self._bus.unsubscribe(self)
+        self._wake()
+
+    def _wake(self) -> None:
+        # A None in the queue wakes a reader waiting in next() at once.
+        if self.queue.full():
             self.queue.get_nowait()
-            self.queue.put_nowait(None)
+        self.queue.put_nowait(None)
 
     def close(self) -> None:
         """Stop receiving events."""
@@ -93,10 +111,14 @@ class Subscription:
 
     async def next(self, timeout: float | None = None) -> BusEvent | None:
         """The next event, or None when `timeout` passes first (then call again)."""
+        if self.ended:
+            raise StreamsEnded("the server is shutting down")
         try:
             event = await asyncio.wait_for(self.queue.get(), timeout)
         except TimeoutError:
             return None
+        if self.ended:
+            raise StreamsEnded("the server is shutting down")
         if event is None:
             raise SubscriberOverflow("subscriber fell behind and was disconnected")
         return event
@@ -123,6 +145,8 @@ class EventBus:
         self._subscribers: list[Subscription] = []
         self._listeners: list[Callable[[BusEvent], None]] = []
         self.published = 0
+        # Set by end_streams(): the server is shutting down, streams end as they (re)subscribe.
+        self.streams_ended = False
 
     def publish(
         self,
@@ -158,11 +182,27 @@ class EventBus:
         """
         self._listeners.append(listener)
 
-    def subscribe(self, accept: Filter, size: int | None = None) -> Subscription:
-        """A new subscriber receiving events that `accept` approves, from now on."""
-        subscription = Subscription(self, accept, size or self._queue_size)
-        self._subscribers.append(subscription)
+    def subscribe(self, accept: Filter, size: int | None = None, *, client_stream: bool = False) -> Subscription:
+        """A new subscriber receiving events that `accept` approves, from now on.
+
+        `client_stream`: it feeds a client's stream, which end_streams() ends at shutdown."""
+        subscription = Subscription(self, accept, size or self._queue_size, client_stream=client_stream)
+        if client_stream and self.streams_ended:
+            subscription.ended = True
+        else:
+            self._subscribers.append(subscription)
         return subscription
+
+    def end_streams(self) -> int:
+        """End every client stream's subscription, and those made from now on (StreamsEnded): the
+        server is shutting down and its streams close cleanly, for their clients to resume elsewhere
+        by id. The server's own subscribers and listeners (the event log, webhooks, executions
+        waited for) keep receiving events. Returns how many ended."""
+        self.streams_ended = True
+        ending = [s for s in self._subscribers if s.client_stream]
+        for subscription in ending:
+            subscription.end()
+        return len(ending)
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """Remove a subscriber (idempotent)."""
