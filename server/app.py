@@ -588,16 +588,34 @@ def _bind(settings: Settings, grpc_server: grpc.aio.Server) -> int:
     return port
 
 
-async def stop(running: Running, grace: float) -> None:
-    """Report NOT_SERVING, stop accepting calls, let in-flight ones finish
-    within `grace`, then close the rest in reverse of opening (executions are
-    left RUNNING, resumed next start). Each step is bounded: see server/shutdown.py."""
+async def stop(running: Running, grace: float, drain: float = 0.0) -> None:
+    """Shut down without failing a call that Envoy could have sent elsewhere.
+
+    Report NOT_SERVING at once and take no more queued work; keep serving
+    for `drain` seconds, while Envoy's health checks take this server out
+    of rotation; then end the event streams cleanly (their clients resume
+    by id on another server) and close /ws (1001, going away); stop taking
+    calls, giving in-flight ones, and the executions running here, `grace`
+    to finish; then close the rest in reverse of opening (executions still
+    running are left RUNNING with their leases released, for another
+    process or the next start). Each step is bounded: see server/shutdown.py.
+    """
     await running.health.enter_graceful_shutdown()
+    await bounded("taking executions", running.executor.stop_taking)()
+    if drain > 0:
+        log.info("draining: reporting NOT_SERVING, still serving for %.1fs (--drain-seconds)", drain)
+        await asyncio.sleep(drain)
     if running.websocket is not None:
-        # Its clients reconnect (1001, going away), to another worker if any.
+        # Its clients reconnect (1001, going away), to another server if any.
         await bounded("the /ws bridge", running.websocket.stop)()
-    await bounded("the gRPC server", running.server.stop, grace, limit=grace + STEP_LIMIT)()
-    await running.opened.aclose()  # stopping the two above again is a no-op
+    ended = running.bus.end_streams()
+    if ended:
+        log.info("ended %d event streams; their clients resume elsewhere", ended)
+    await asyncio.gather(
+        bounded("the gRPC server", running.server.stop, grace, limit=grace + STEP_LIMIT)(),
+        bounded("executions running here", running.executor.settle, grace, limit=grace + STEP_LIMIT)(),
+    )
+    await running.opened.aclose()  # stopping the server and /ws again is a no-op
 
 
 async def _start_websocket(settings: Settings, bus: EventBus) -> WebSocketBridge | None:
@@ -671,21 +689,35 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
     if on_ready is not None:
         on_ready(running.port)
     stopping = asyncio.Event()
+    drain = 0.0
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal drain
+        # SIGTERM is an orchestrator's (or a rolling restart's): drain first. SIGINT is Ctrl-C
+        # at a terminal, or `flowport up` stopping its servers together with Envoy: nobody
+        # is left to take the calls, so the drain would only delay the stop.
+        if not stopping.is_set():
+            drain = settings.drain_seconds if sig == signal.SIGTERM else 0.0
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     purger = asyncio.create_task(_purge_forever(running.store))
-    # Armed at the signal; disarmed by the process ending (a daemon thread).
-    watchdog = Watchdog(settings.shutdown_grace + SHUTDOWN_MARGIN)
     try:
         await stopping.wait()
-        log.info("shutting down: finishing in-flight calls (grace %.1fs)", settings.shutdown_grace)
-        watchdog.arm(loop)
+        log.info(
+            "shutting down: draining %.1fs, then finishing in-flight calls (grace %.1fs)",
+            drain,
+            settings.shutdown_grace,
+        )
+        # Armed at the signal; disarmed by the process ending (a daemon thread).
+        Watchdog(drain + settings.shutdown_grace + SHUTDOWN_MARGIN).arm(loop)
     finally:
         purger.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await purger
-        await stop(running, settings.shutdown_grace)
+        await stop(running, settings.shutdown_grace, drain)
     log.info("stopped")
 
 

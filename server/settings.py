@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from flowport.server.secrets.keyring import KeyringError, parse
+from flowport.server.shutdown import DEFAULT_DRAIN
 from flowport.server.upstreams import Upstream, parse_upstream
 
 # http(s)://host:port, the host a name, an IPv4 address or a bracketed IPv6 one.
@@ -122,6 +123,14 @@ class Settings(BaseModel):
     )
     shutdown_grace: float = Field(
         10.0, gt=0, le=300, description="seconds in-flight calls get to finish on SIGTERM before they are cancelled"
+    )
+    drain_seconds: float = Field(
+        DEFAULT_DRAIN,
+        ge=0,
+        le=300,
+        description="seconds a server keeps serving after SIGTERM while its health check fails, so Envoy takes it "
+        "out of rotation before it stops taking calls (a rolling restart drops none); 0 stops at once. "
+        "SIGINT (Ctrl-C), and `flowport up` stopping its own servers with Envoy, skip it",
     )
     session_default_ttl: float = Field(
         86400.0, gt=0, description="seconds a session lives when created without ttl or expire_time"

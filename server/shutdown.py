@@ -21,9 +21,19 @@ from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
+# Envoy's active gRPC health checks of each server (transcoder/envoy_config.py):
+# one every HEALTH_CHECK_INTERVAL, answered within HEALTH_CHECK_TIMEOUT, and
+# UNHEALTHY_THRESHOLD failures in a row take a server out of rotation.
+HEALTH_CHECK_INTERVAL = 1.0
+HEALTH_CHECK_TIMEOUT = 1.0
+UNHEALTHY_THRESHOLD = 1
+# A draining server reports NOT_SERVING and keeps serving this long: until
+# Envoy's checks have seen it fail (the next check may be an interval away,
+# and take its timeout), with a second to spare.
+DEFAULT_DRAIN = HEALTH_CHECK_INTERVAL * UNHEALTHY_THRESHOLD + HEALTH_CHECK_TIMEOUT + 1.0
 # Seconds one teardown step (closing a pool, a client, a background loop) may take.
 STEP_LIMIT = 10.0
-# Seconds past the in-flight grace the whole shutdown may take before the watchdog ends it.
+# Seconds past the drain and the in-flight grace the whole shutdown may take before the watchdog ends it.
 SHUTDOWN_MARGIN = 15.0
 # Exit status of a shutdown the watchdog cut short (distinct from start-up errors, 2).
 OVERRUN_EXIT = 70

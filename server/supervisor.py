@@ -299,12 +299,19 @@ class Supervisor:
         return 0
 
     def stop(self) -> None:
-        """Stop the servers gracefully (together), then Envoy; kill whatever overstays."""
+        """Stop the servers gracefully (together), then Envoy; kill whatever overstays.
+
+        The servers get SIGINT, which skips their drain (--drain-seconds): they all stop, and
+        Envoy after them, so no other server would take the calls a drain keeps coming."""
         grace = self.settings.shutdown_grace
-        for group, timeout in (([p for p in self.servers if p is not None], grace + 5.0), ([self.envoy], 5.0)):
+        groups = (
+            ([p for p in self.servers if p is not None], grace + 5.0, signal.SIGINT),
+            ([self.envoy], 5.0, signal.SIGTERM),
+        )
+        for group, timeout, sig in groups:
             running = [p for p in group if p is not None and p.poll() is None]
             for proc in running:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(sig)
             deadline = time.monotonic() + timeout
             for proc in running:
                 try:

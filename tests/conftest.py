@@ -69,6 +69,8 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "admin_port": free_port(),
         "metrics_port": free_port(),
         "shutdown_grace": 2.0,
+        # Nothing to drain to in most tests: a SIGTERM stops at once (test_rolling_restart drains).
+        "drain_seconds": 0.0,
         "sandbox_workers": 2,
         "http_allowlist": "127.0.0.1,localhost",
         "webhook_allowlist": "127.0.0.1,localhost",

@@ -71,6 +71,8 @@ __all__ = ["FINISHED", "QUEUE_DEPTH", "Executor"]
 log = logging.getLogger(__name__)
 # A queued backlog beyond this many times max_concurrent is refused, not queued.
 QUEUE_DEPTH = 4
+# Seconds between looks at the runs still going while a shutdown waits for them (runs started meanwhile included).
+SETTLE_POLL = 0.1
 
 
 class Executor:
@@ -349,6 +351,28 @@ class Executor:
         publish(self._bus, "execution.cancelled", tenant, execution)
         self.counters.cancelled += 1
         return execution
+
+    async def stop_taking(self) -> None:
+        """The process is shutting down: take no more executions from the shared queue or from
+        stopped processes (executions created here by calls still served do run)."""
+        await self._takeover.stop_taking()
+
+    async def settle(self, limit: float) -> bool:
+        """Wait up to `limit` seconds for the executions running here to end (resumed elsewhere
+        they would rerun their current nodes, or fail as INTERRUPTED where a node is not safe to
+        run twice). Returns whether none is left running."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while self._slots.runs or self._slots.admitting:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            tasks = {run.task for run in self._slots.runs.values() if run.task is not None}
+            if tasks:
+                await asyncio.wait(tasks, timeout=min(left, SETTLE_POLL))
+            else:  # being admitted, not started yet
+                await asyncio.sleep(min(left, SETTLE_POLL))
+        return True
 
     async def shutdown(self) -> None:
         """Stop running executions without recording an end: they stay

@@ -81,6 +81,8 @@ class Takeover:
         self._exclusive = exclusive
         self._leasing: asyncio.Task[None] | None = None
         self._consuming: asyncio.Task[None] | None = None
+        # Set by stop_taking() when the process starts shutting down: it only renews its own leases.
+        self._draining = False
 
     def start(self) -> None:
         """Keep this process's leases fresh, take over executions of processes that died,
@@ -88,6 +90,14 @@ class Takeover:
         self._leasing = asyncio.create_task(self._leases.keep(self._renew_and_claim, "executions"))
         if self._queue is not None:
             self._consuming = asyncio.create_task(self._consume(), name="execution work queue")
+
+    async def stop_taking(self) -> None:
+        """Take no more work from the queue or from stopped processes (this one is stopping:
+        the others take it); keep renewing the leases of what runs here."""
+        self._draining = True
+        if self._consuming is not None:
+            self._consuming.cancel()
+            await asyncio.gather(self._consuming, return_exceptions=True)
 
     async def stop(self) -> None:
         """Stop taking executions (those started stay running)."""
@@ -266,6 +276,8 @@ class Takeover:
     async def _renew_and_claim(self) -> int:
         # Only what runs here: a claimed row that never started must expire.
         await self._store.renew_leases(self._leases.owner, self._leases.until(), list(self._slots.runs))
+        if self._draining:
+            return 0
         resumed, failed = await self.recover(expired_only=True)
         taken = 0
         room = self._slots.room()
