@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_REQUEST_HEADERS, MAX_REQUEST_HEADERS_KB
 from flowport.server.settings import Settings
+from flowport.server.shutdown import HEALTH_CHECK_INTERVAL, HEALTH_CHECK_TIMEOUT, UNHEALTHY_THRESHOLD
 from flowport.transcoder.body_fields import lua_source as body_fields_lua
 from flowport.transcoder.console_routes import console_routes
 from flowport.transcoder.edge_filter import edge_source
@@ -39,6 +40,8 @@ from flowport.transcoder.envoy_routes import (
 )
 from flowport.transcoder.http_rules import descriptor_path, services
 from flowport.transcoder.local_replies import local_reply_config
+from flowport.transcoder.request_ids import MARK_HEADER
+from flowport.transcoder.request_ids import lua_source as request_ids_lua
 from flowport.transcoder.upstream_endpoints import discovery, grpc_endpoints
 from flowport.transcoder.websocket_routes import websocket_clusters, websocket_routes
 
@@ -57,6 +60,7 @@ CORS_EXPOSE_HEADERS = (
 )
 HEALTH_CHECK_PATH = "/healthz"
 BODY_FIELDS = "flowport.body_fields"
+REQUEST_IDS = "flowport.request_ids"
 PER_ROUTE_DISABLED = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
 
 SERVICES = services()
@@ -231,7 +235,7 @@ def _http_filters(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
             "name": "envoy.filters.http.header_mutation",
             "typed_config": _typed(
                 "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                mutations={"request_mutations": [{"remove": h} for h in IDENTITY_HEADERS]},
+                mutations={"request_mutations": [{"remove": h} for h in (*IDENTITY_HEADERS, MARK_HEADER)]},
             ),
         },
         {
@@ -268,6 +272,15 @@ def _http_filters(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
             ),
         },
         {"name": TRANSCODER, "typed_config": transcoder_config(settings, descriptor)},
+        {
+            # Marks creates whose body sets request_id, for their retrying route
+            # (transcoder/request_ids.py); after the transcoder, so REST bodies are gRPC by then.
+            "name": REQUEST_IDS,
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.lua.v3.Lua",
+                default_source_code={"inline_string": request_ids_lua(descriptor)},
+            ),
+        },
     ]
     if settings.rate_limit_max_requests:
         # After the transcoder, so buckets apply per RPC however it was called.
@@ -431,11 +444,13 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
         },
         "health_checks": [
             {
-                "timeout": "1s",
-                "interval": "1s",
+                # A server stopping reports NOT_SERVING and keeps serving while
+                # these checks take it out (--drain-seconds, server/shutdown.py).
+                "timeout": _seconds(HEALTH_CHECK_TIMEOUT),
+                "interval": _seconds(HEALTH_CHECK_INTERVAL),
                 # Keep checking an idle upstream, so /healthz stays true.
-                "no_traffic_interval": "1s",
-                "unhealthy_threshold": 1,
+                "no_traffic_interval": _seconds(HEALTH_CHECK_INTERVAL),
+                "unhealthy_threshold": UNHEALTHY_THRESHOLD,
                 "healthy_threshold": 1,
                 "grpc_health_check": {},
             }

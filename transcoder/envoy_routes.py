@@ -14,17 +14,22 @@ from typing import Any
 from flowport.server.limits import MAX_WAIT
 from flowport.server.settings import Settings
 from flowport.transcoder.http_rules import methods
+from flowport.transcoder.request_ids import MARK_HEADER, request_id_fields
 
 CLUSTER = "flowport_grpc"
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 RATE_LIMIT = "envoy.filters.http.local_ratelimit"
 GLOBAL_RATE_LIMIT = "envoy.filters.http.ratelimit"
 OPENAPI_PATH = "/openapi.json"
-# Calls that are safe to repeat are retried when the server could not be
-# reached or refused the stream; nothing else is.
-# Idempotent calls only: a connection a dead worker reset is retried on
-# another worker (previous_hosts), as is one that could not connect.
+# Calls safe to repeat (idempotent ones, and creates carrying a request_id,
+# which the server deduplicates) are retried on another server
+# (previous_hosts) when the server could not be reached, refused the stream,
+# answered UNAVAILABLE or reset the call: a server that died or is stopping.
 RETRY_ON = "connect-failure,refused-stream,unavailable,reset"
+# Every other call only when it never reached a server's code: no connection,
+# a stream the server refused (HTTP/2 says it was not processed), or a reset
+# before the request was sent.
+UNSENT_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 # Methods whose bucket is stricter than the gateway-wide one.
 EXECUTION_METHODS = ("/flowport.v1.ExecutionService/CreateExecution",)
 # CreateExecution with `wait` (and POST /workflows/{id}/execute, the same
@@ -68,8 +73,10 @@ def stream_routes(sse: dict[str, Any], ndjson: dict[str, Any]) -> list[dict[str,
 
 
 def rpc_routes(settings: Settings, execution_limit: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """One route per RPC on its gRPC path: timeout, retries, rate-limit override."""
+    """One route per RPC on its gRPC path: timeout, retries, rate-limit override (and, for a
+    create that a request_id makes safe to retry, a twin route for calls that set one)."""
     routes = []
+    with_request_id = request_id_fields()
     for method in methods():
         timeout = settings.unary_timeout
         if method.grpc_path in WAIT_METHODS:
@@ -81,24 +88,37 @@ def rpc_routes(settings: Settings, execution_limit: dict[str, Any] | None) -> li
         }
         if method.grpc_path in WAIT_METHODS:
             action["idle_timeout"] = seconds(timeout)
-        if method.idempotent and not method.server_streaming:
-            action["retry_policy"] = {
-                "retry_on": RETRY_ON,
-                "num_retries": 2,
-                "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
-                "retry_host_predicate": [
-                    {
-                        "name": "envoy.retry_host_predicates.previous_hosts",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/"
-                            "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-                        },
-                    }
-                ],
-                "host_selection_retry_max_attempts": 3,
-            }
+        # A stream is retried only until its response starts (Envoy never retries after that).
+        action["retry_policy"] = retry_policy(RETRY_ON if method.idempotent else UNSENT_RETRY_ON)
         route: dict[str, Any] = {"name": method.grpc_path, "match": {"path": method.grpc_path}, "route": action}
         if execution_limit is not None and method.grpc_path in EXECUTION_METHODS:
             route["typed_per_filter_config"] = {RATE_LIMIT: execution_limit}
+        if method.grpc_path in with_request_id:
+            # Its twin for calls whose body sets request_id (request_ids.lua marks them): retried as idempotent.
+            marked = {
+                **route,
+                "name": f"{method.grpc_path}+request_id",
+                "match": {"path": method.grpc_path, "headers": [{"name": MARK_HEADER, "present_match": True}]},
+                "route": {**action, "retry_policy": retry_policy(RETRY_ON)},
+            }
+            routes.append(marked)
         routes.append(route)
     return routes
+
+
+def retry_policy(retry_on: str) -> dict[str, Any]:
+    """At most two retries, each on a server not tried yet, soon after the failure."""
+    return {
+        "retry_on": retry_on,
+        "num_retries": 2,
+        "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+    }
