@@ -79,8 +79,7 @@ local function sets_field(s, number)
 end
 
 function envoy_on_request(request_handle)
-  local headers = request_handle:headers()
-  local number = REQUEST_ID_FIELDS[headers:get(":path") or ""]
+  local number = REQUEST_ID_FIELDS[request_handle:headers():get(":path") or ""]
   if number == nil then
     return
   end
@@ -89,7 +88,9 @@ function envoy_on_request(request_handle)
     return
   end
   if sets_field(body:getBytes(0, body:length()), number) then
-    headers:replace(MARK_HEADER, "1")
+    -- The headers are held back until the body is in, so they may still change;
+    -- a handle taken before body() is no longer valid after it.
+    request_handle:headers():replace(MARK_HEADER, "1")
     request_handle:clearRouteCache()
   end
 end
