@@ -176,3 +176,41 @@ def test_the_server_answers_every_unary_call_before_its_route_times_out(unary_ti
     # Envoy never sends is none either.
     for metadata in ((), ((ENVOY_TIMEOUT_KEY, "²"),), ((ENVOY_TIMEOUT_KEY, "9" * 5000),)):
         assert time_limit(_Called(*metadata)) is None
+
+
+def _retry_on(route: dict[str, Any]) -> set[str]:
+    return set(route["route"]["retry_policy"]["retry_on"].split(","))
+
+
+def test_only_calls_safe_to_repeat_are_retried_after_they_reached_a_server() -> None:
+    from flowport.transcoder.request_ids import MARK_HEADER
+
+    config = _config()
+    routes = _connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]
+    by_name = {r["name"]: r for r in routes}
+    reached = {"reset", "unavailable"}
+    # Idempotent calls, streams included, are retried on another server whatever happened.
+    for name in ("/flowport.v1.SessionService/GetSession", "/flowport.v1.EventService/StreamEvents"):
+        assert reached <= _retry_on(by_name[name]), name
+        predicates = by_name[name]["route"]["retry_policy"]["retry_host_predicate"]
+        assert predicates[0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+    # A create without a request_id only when it never reached a server.
+    for name in ("/flowport.v1.SessionService/CreateSession", "/flowport.v1.ExecutionService/CreateExecution"):
+        assert not reached & _retry_on(by_name[name]), name
+        assert "connect-failure" in _retry_on(by_name[name])
+    # A create whose body sets request_id is marked, and its twin route, matched first, retries it as idempotent.
+    marked = by_name["/flowport.v1.ExecutionService/CreateExecution+request_id"]
+    assert routes.index(marked) < routes.index(by_name["/flowport.v1.ExecutionService/CreateExecution"])
+    assert marked["match"]["headers"] == [{"name": MARK_HEADER, "present_match": True}]
+    assert reached <= _retry_on(marked)
+    # The mark is Envoy's own: removed from what clients send, set after the transcoder has made REST bodies gRPC.
+    filters = [f["name"] for f in _connection_manager(config)["http_filters"]]
+    assert filters.index("flowport.request_ids") == filters.index("envoy.filters.http.grpc_json_transcoder") + 1
+    removed = _filter(config, "envoy.filters.http.header_mutation")["typed_config"]["mutations"]["request_mutations"]
+    assert {"remove": MARK_HEADER} in removed
+
+
+def test_a_stopping_server_drains_for_longer_than_envoys_health_checks_take_to_notice() -> None:
+    check = _config()["static_resources"]["clusters"][0]["health_checks"][0]
+    noticed = float(check["interval"].rstrip("s")) * check["unhealthy_threshold"] + float(check["timeout"].rstrip("s"))
+    assert Settings.load({}, environ={}).drain_seconds > noticed

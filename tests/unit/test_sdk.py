@@ -268,3 +268,22 @@ async def test_run_workflow_from_a_config_then_by_id_and_watch_it(client: AsyncC
     with pytest.raises(ApiError) as caught:
         await client.run_workflow("no_such_workflow", {})
     assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_a_stream_a_stopping_server_ended_resumes_from_its_last_heartbeats_cursor() -> None:
+    from flowport.clients import streams
+
+    asked: list[str] = []
+
+    def stream_events(request: event_pb2.StreamEventsRequest) -> Iterator[event_pb2.Event]:
+        asked.append(request.after_id)
+        if len(asked) == 1:
+            # No event since it opened, then ended cleanly with the stream's cursor.
+            yield event_pb2.Event(type="heartbeat")
+            yield event_pb2.Event(type="heartbeat", id="41")
+        else:
+            yield event_pb2.Event(type="session.created", id="42")
+
+    first = next(streams.events(stream_events, event_pb2.StreamEventsRequest(types=["session.*"])))
+    assert first.id == "42"
+    assert asked == ["", "41"]

@@ -296,3 +296,29 @@ async def test_a_start_failing_late_closes_what_it_opened(tmp_path: Path) -> Non
     # The store was closed too: a new start opens the same file at once.
     settings = make_settings(tmp_path / "data")
     await stop(await start(settings), 1.0)
+
+
+async def test_a_draining_server_fails_its_health_check_serves_on_then_ends_its_streams_cleanly(
+    running: Running,
+) -> None:
+    from flowport.v1 import event_pb2
+
+    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as c:
+        health = health_pb2_grpc.HealthStub(c.channel)
+        stream = c.events.StreamEvents(event_pb2.StreamEventsRequest(types=["session.*"]))
+        assert (await stream.read()).type == "heartbeat"  # subscribed
+        stopping = asyncio.ensure_future(stop(running, 2.0, drain=1.0))
+        await asyncio.sleep(0.2)
+        # Envoy's health check sees it at once...
+        checked = await health.Check(health_pb2.HealthCheckRequest())
+        assert checked.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # ...while calls Envoy sent before it noticed are still answered, and streams still follow.
+        created = await c.sessions.CreateSession(S.CreateSessionRequest(session=S.Session()))
+        assert not stopping.done()
+        rest = [event async for event in stream]
+        assert await stream.code() == grpc.StatusCode.OK
+        await stopping
+    *events, last = [e for e in rest if e.type != "heartbeat" or e.id]
+    assert [(e.type, e.session_id) for e in events] == [("session.created", created.session_id)]
+    # The stream ends on a heartbeat carrying its cursor, for its client to resume from on another server.
+    assert last.type == "heartbeat" and last.id == events[-1].id
