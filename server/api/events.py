@@ -7,7 +7,9 @@ reach the client at once) and beats while idle. The subscription starts
 before the replay, so no event falls between the two; ids already sent are
 skipped. A subscriber that falls more than its queue behind is cut with
 ABORTED (reason SUBSCRIBER_TOO_SLOW, metadata last_event_id) and resumes
-with `after_id`; the other subscribers never wait for it.
+with `after_id`; the other subscribers never wait for it. A server shutting
+down ends its streams with OK after a heartbeat whose `id` is the stream's
+cursor (the last id it passed), for the client to resume from elsewhere.
 """
 
 from __future__ import annotations
