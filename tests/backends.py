@@ -58,6 +58,31 @@ def free_port() -> int:
             return port
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive ports on 127.0.0.1 nobody listens on right now and none
+    handed out before (a server with --workers N takes its base port and the N-1 after it)."""
+    if count == 1:
+        return free_port()
+    while True:
+        base = free_port()
+        run = range(base, base + count)
+        if base + count > 65536 or any(port in _GIVEN for port in run[1:]):
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in run[1:]:
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue  # one of them is taken: try another base
+        finally:
+            for sock in socks:
+                sock.close()
+        _GIVEN.update(run)
+        return base
+
+
 def process_alive(pid: int) -> bool:
     """Whether `pid` is a running process (a zombie waiting to be reaped counts as gone)."""
     try:

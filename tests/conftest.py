@@ -22,7 +22,7 @@ from flowport.server.app import Running, start, stop
 from flowport.server.settings import Settings
 from flowport.server.supervisor import child_environment
 
-from .backends import BackendUnavailable, PostgresServer, RedisServer, free_port
+from .backends import BackendUnavailable, PostgresServer, RedisServer, free_port, free_ports
 
 # The admin key every test stack is started with (FLOWPORT_ADMIN_API_KEY).
 ADMIN_KEY = "fpk_test-admin.0123456789abcdefghijklmnopqrstuvwxyz"
@@ -61,11 +61,14 @@ async def admin(running: Running) -> AsyncIterator[AsyncClient]:
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
     """Loopback ports, small pools, loopback allowed for HTTP and SQL nodes (receivers, databases on 127.0.0.1)."""
+    workers = overrides.get("workers", 1)
+    assert isinstance(workers, int)
     values: dict[str, object] = {
         "data_dir": data_dir,
         "http_port": free_port(),
-        "grpc_port": free_port(),
-        "websocket_port": free_port(),
+        # Worker n of --workers serves on these ports + n: each base starts a free run.
+        "grpc_port": free_ports(workers),
+        "websocket_port": free_ports(workers),
         "admin_port": free_port(),
         "metrics_port": free_port(),
         "shutdown_grace": 2.0,
