@@ -182,8 +182,18 @@ def _hosts_healthy(admin_port: int, count: int, timeout: float = 15.0) -> None:
         time.sleep(0.1)
 
 
-def _logged(target: str, after: str) -> list[dict[str, Any]]:
-    """The log's events after `after`: a fresh stream's replay, read up to the heartbeat that follows it."""
+def _logged(target: str, after: str, executions: int) -> list[dict[str, Any]]:
+    """The log's events after `after`, once it has the end of each of the `executions` (or 10 s on)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = _replayed(target, after)
+        if sum(e["type"] in END_EVENTS for e in found) >= executions or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _replayed(target: str, after: str) -> list[dict[str, Any]]:
+    """A fresh stream's replay of the log after `after`, read up to the heartbeat that follows it."""
     with Client(target, api_key=ADMIN_KEY) as client:
         stream = client.events.StreamEvents(event_pb2.StreamEventsRequest(types=[TYPES], after_id=after), timeout=30)
         found: list[dict[str, Any]] = []
@@ -307,7 +317,7 @@ def test_a_rolling_restart_fails_no_call_and_loses_no_event(cluster: Cluster) ->
 
         assert load.failures == [], f"{len(load.failures)} of {sum(load.calls.values())} calls failed"
         assert len(load.executions) >= 10, load.calls  # the load did run across the restarts
-        logged = _logged(target, start)
+        logged = _logged(target, start, len(load.executions))
         _each_ran_once(target, load, logged)
         # Both streams saw exactly the log, in order, across the restarts, each resuming at least once.
         deadline = time.monotonic() + 15
