@@ -28,6 +28,7 @@ import yaml
 from flowport.clients.cli import build_parser, load_settings
 from flowport.server.envoy_binary import find_envoy
 from flowport.server.settings import ENV_PREFIX, Settings, SettingsError
+from flowport.server.shutdown import SHUTDOWN_MARGIN
 from flowport.transcoder.envoy_config import HEALTH_CHECK_PATH
 from flowport.transcoder.envoy_routes import CLUSTER
 
@@ -125,9 +126,9 @@ def _envoy_validates(argv: list[str], environment: dict[str, Any], tmp_path: Pat
 
 
 def _stop_time(settings: Settings) -> float:
-    """How long a server may take to stop after SIGTERM: its drain (the rolling restart's, where the
-    settings have one) and the grace in-flight calls get."""
-    return float(getattr(settings, "drain_seconds", 0.0)) + settings.shutdown_grace
+    """How long a server may take to stop after SIGTERM: its drain, the grace in-flight calls get,
+    and the margin after which its own watchdog ends a stuck shutdown (server/shutdown.py)."""
+    return settings.drain_seconds + settings.shutdown_grace + SHUTDOWN_MARGIN
 
 
 def _compose() -> tuple[dict[str, Any], set[str]]:

@@ -38,7 +38,8 @@ class Event(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Position in the event log: opaque, increasing, usable as `after_id`.
-    Empty for heartbeats.
+    Empty for heartbeats, except the last heartbeat of a stream that a
+    stopping server ends: it carries the stream's cursor, to resume from.
     """
     type: _builtins.str
     """Event type: "session.created", "workflow.created",
