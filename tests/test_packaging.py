@@ -58,8 +58,10 @@ def test_the_wheel_holds_every_module_and_package_of_the_tree(tmp_path: Path) ->
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     missing = sorted(_modules(config["package-dir"]) - names)
     assert not missing, f"add their packages to [tool.setuptools] packages in pyproject.toml: {missing}"
-    # And the data files Envoy and the console read, and the PEP 561 markers type checkers look for.
+    # And the data files Envoy, the store and the console read, and the PEP 561 markers type checkers look for.
     data = ["flowport/transcoder/descriptor.pb", "flowport/transcoder/edge.lua", "flowport/transcoder/openapi.json"]
+    data += ["flowport/transcoder/body_fields.lua", "flowport/transcoder/request_ids.lua"]
+    data += ["flowport/server/storage/sqlite_schema.sql"]  # a new database's schema
     data += [f"flowport/{package}/py.typed" for package in ("server", "transcoder", "clients", "v1")]
     assert not [name for name in data if name not in names]
     assert any(name.startswith("flowport/clients/console/") for name in names)

@@ -97,10 +97,25 @@ def engine_for(url: str) -> sa.Engine:
     return engine
 
 
-def migrate(url: str, migrations: list[Migration], where: str = "database") -> list[int]:
-    """Apply what is missing to the database at `url`; the versions applied now."""
-    if url.startswith("sqlite:///") and _sqlite_is_current(url.removeprefix("sqlite:///"), migrations):
-        return []
+def migrate(url: str, migrations: list[Migration], where: str = "database", *, snapshot: bool = True) -> list[int]:
+    """Apply what is missing to the database at `url`; the versions applied now. A new, empty
+    SQLite file is made from the schema snapshot (server/storage/sqlite_snapshot.py) unless
+    `snapshot` is off."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if _sqlite_is_current(path, migrations):
+            return []
+        if snapshot:
+            from flowport.server.storage.sqlite_snapshot import create_from_snapshot
+
+            created = create_from_snapshot(Path(path), migrations)
+            if created is not None:
+                log.info(
+                    "%s: applied schema migrations %s (from the schema snapshot)",
+                    where,
+                    ", ".join(f"{v:04d}" for v in created),
+                )
+                return created
     import sqlalchemy as sa
 
     engine = engine_for(url)

@@ -4,6 +4,7 @@ idempotency, expiry, migrations."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,8 +15,9 @@ from alembic.operations import Operations
 from google.protobuf import timestamp_pb2
 
 from flowport.server.storage import Deletion, IdempotencyConflict, MigrationError, SqliteStore, SqlStore
-from flowport.server.storage.migrate import Migration, bundled
+from flowport.server.storage.migrate import Migration, bundled, migrate
 from flowport.server.storage.postgres import PostgresStore
+from flowport.server.storage.sqlite_snapshot import create_from_snapshot, render, snapshot_text
 from flowport.v1 import execution_pb2, session_pb2
 
 NOW = 1_700_000_000_000_000
@@ -165,6 +167,31 @@ async def test_data_survives_reopening_and_migrations_are_not_reapplied(tmp_path
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert versions == [m.version for m in bundled()]
+
+
+def test_the_sqlite_schema_snapshot_is_current() -> None:
+    # A new migration without a new snapshot: run python -m flowport.server.storage.sqlite_snapshot.
+    assert render() == snapshot_text(), "stale: python -m flowport.server.storage.sqlite_snapshot rewrites it"
+
+
+def test_a_new_file_from_the_snapshot_equals_one_migrated_step_by_step(tmp_path: Path) -> None:
+    from_snapshot, stepwise = tmp_path / "snapshot.db", tmp_path / "stepwise.db"
+    assert migrate(f"sqlite:///{from_snapshot}", bundled()) == [m.version for m in bundled()]
+    migrate(f"sqlite:///{stepwise}", bundled(), snapshot=False)
+
+    def dump(path: Path) -> list[str]:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            rows = conn.execute("SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
+            return [*conn.iterdump(), *map(str, rows)]
+
+    def without_times(lines: list[str]) -> list[str]:
+        return [line for line in lines if not line.startswith('INSERT INTO "schema_migrations"')]
+
+    assert without_times(dump(from_snapshot)) == without_times(dump(stepwise))
+    # A file that is not empty is never made over from the snapshot.
+    assert create_from_snapshot(stepwise, bundled()) is None
+    # Nor is one for another set of migrations (then the migrations run).
+    assert create_from_snapshot(tmp_path / "other.db", bundled()[:-1]) is None
 
 
 async def test_an_existing_file_is_upgraded_by_new_migrations_keeping_its_rows(tmp_path: Path) -> None:
