@@ -342,7 +342,8 @@ async def _start(
     except tracing.TracingUnavailable as exc:
         raise StartupError(f"tracing (--otlp-endpoint): {exc}") from None
     if tracing_owner:
-        opened.push_async_callback(bounded("tracing", tracing.shutdown))  # exports the spans still buffered
+        # Exports the spans still buffered; in a thread, so a collector that hangs cannot hold the loop.
+        opened.push_async_callback(bounded("tracing", asyncio.to_thread, tracing.shutdown))
     core = await _open_core(settings, secret_keys, declared, opened)
     event_log, bus = await EventLog.open(
         core.store,
@@ -601,6 +602,8 @@ async def stop(running: Running, grace: float, drain: float = 0.0) -> None:
     process or the next start). Each step is bounded: see server/shutdown.py.
     """
     await running.health.enter_graceful_shutdown()
+    if running.websocket is not None:
+        running.websocket.draining = True
     await bounded("taking executions", running.executor.stop_taking)()
     if drain > 0:
         log.info("draining: reporting NOT_SERVING, still serving for %.1fs (--drain-seconds)", drain)

@@ -43,7 +43,9 @@ def bounded(
     name: str, close: Callable[..., object], *args: object, limit: float = STEP_LIMIT
 ) -> Callable[[], Awaitable[None]]:
     """`close(*args)` (sync or async) as a teardown step that takes at most
-    `limit` seconds and never raises: a failure is logged with `name`."""
+    `limit` seconds and never raises: a failure is logged with `name`. A sync
+    close runs on the loop and is not cut short: pass one that may block as
+    `asyncio.to_thread, close`."""
 
     async def step() -> None:
         try:

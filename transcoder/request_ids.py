@@ -20,6 +20,9 @@ from flowport.transcoder.http_rules import descriptor_set, methods
 # Set by request_ids.lua; removed from what clients send (transcoder/envoy_config.py).
 MARK_HEADER = "x-flowport-request-id-set"
 REQUEST_ID = "request_id"
+# Creates whose replay answers differently from the first call: a retry would "succeed" without
+# what only the first answer carries (a new API key's secret is shown once).
+NOT_RETRIED = frozenset({"/flowport.v1.ApiKeyService/CreateApiKey"})
 
 
 def request_id_fields(path: Path | None = None) -> dict[str, int]:
@@ -30,7 +33,7 @@ def request_id_fields(path: Path | None = None) -> dict[str, int]:
     }
     found: dict[str, int] = {}
     for method in methods(path):
-        if method.idempotent or method.server_streaming:
+        if method.idempotent or method.server_streaming or method.grpc_path in NOT_RETRIED:
             continue
         for field in messages[method.input_type].field:
             if field.name == REQUEST_ID and field.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING:

@@ -180,8 +180,8 @@ class JwtVerifier:
             )
         except jwt.PyJWTError as exc:
             raise AuthenticationFailed(_reason(exc)) from None
-        kind = claims.get("type", claims.get("token_type"))
-        if isinstance(kind, str) and kind.lower() == "refresh":
+        kinds = (claims.get(name) for name in ("type", "token_type", "typ", "token_use"))
+        if any(isinstance(kind, str) and kind.lower() == "refresh" for kind in kinds):
             # Issuers that share one key for both (Kailash's gateway does) mark refresh
             # tokens so: those buy new access tokens from their issuer and are no credential here.
             raise AuthenticationFailed("refresh token")

@@ -179,6 +179,9 @@ class WebSocketBridge:
         self._server: Server | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: event_pb2_grpc.EventServiceAsyncStub | None = None
+        # Set when the server drains: Envoy's health check then takes this bridge out
+        # of rotation too, and new /ws connections go to another server.
+        self.draining = False
 
     @property
     def port(self) -> int:
@@ -219,6 +222,8 @@ class WebSocketBridge:
         """Answer health checks and refuse what cannot become a stream, before the upgrade."""
         path, _, query = request.path.partition("?")
         if path == HEALTH_PATH and "upgrade" not in request.headers:
+            if self.draining:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             return connection.respond(HTTPStatus.OK, "ok\n")
         if path != PATH:
             return _refuse(connection, HTTPStatus.NOT_FOUND, 5, f"no WebSocket endpoint at {shown(path)}")

@@ -105,7 +105,8 @@ def migrate(url: str, migrations: list[Migration], where: str = "database", *, s
         path = url.removeprefix("sqlite:///")
         if _sqlite_is_current(path, migrations):
             return []
-        if snapshot:
+        # A file name a URL cannot carry as it is (`?`) or an in-memory database takes the migrations.
+        if snapshot and path != ":memory:" and "?" not in path:
             from flowport.server.storage.sqlite_snapshot import create_from_snapshot
 
             created = create_from_snapshot(Path(path), migrations)

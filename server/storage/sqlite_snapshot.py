@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from flowport.server.clock import now_us
-from flowport.server.storage.migrate import Migration, bundled, migrate
+from flowport.server.storage.migrate import Migration, MigrationError, bundled, migrate
 
 SNAPSHOT = "sqlite_schema.sql"
 _VERSIONS = "-- versions: "
@@ -66,6 +66,13 @@ def create_from_snapshot(path: Path, migrations: list[Migration]) -> list[int] |
     listed = first.removeprefix(_VERSIONS)
     if listed != ",".join(f"{m.version}:{m.name}" for m in migrations):
         return None
+    try:
+        return _create(path, migrations, text)
+    except sqlite3.Error as exc:
+        raise MigrationError(f"cannot create the schema of {path}: {exc}") from exc
+
+
+def _create(path: Path, migrations: list[Migration], text: str) -> list[int] | None:
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -84,7 +91,8 @@ def create_from_snapshot(path: Path, migrations: list[Migration]) -> list[int] |
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back already (a full disk)
+                conn.execute("ROLLBACK")
             raise
     return [m.version for m in migrations]
 

@@ -182,7 +182,12 @@ def test_custom_claim_names() -> None:
 
 
 def test_a_refresh_token_is_no_credential(verifier: JwtVerifier) -> None:
-    for claim in ({"type": "refresh"}, {"token_type": "Refresh"}):
+    for claim in (
+        {"type": "refresh"},
+        {"token_type": "Refresh"},
+        {"type": "JWT", "token_type": "refresh"},
+        {"typ": "Refresh"},
+    ):
         assert _refused(verifier, jwt.encode(_claims(**claim), SECRET, algorithm="HS256")) == "refresh token"
     access = verifier.verify(jwt.encode(_claims(type="access"), SECRET, algorithm="HS256"))
     assert access.subject == "ada"

@@ -299,11 +299,15 @@ async def test_a_start_failing_late_closes_what_it_opened(tmp_path: Path) -> Non
 
 
 async def test_a_draining_server_fails_its_health_check_serves_on_then_ends_its_streams_cleanly(
-    running: Running,
+    running: Running, settings: Settings
 ) -> None:
+    import httpx
+
     from flowport.v1 import event_pb2
 
-    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as c:
+    bridge_health = f"http://127.0.0.1:{settings.websocket_port}/healthz"
+    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as c, httpx.AsyncClient() as http:
+        assert (await http.get(bridge_health)).status_code == 200
         health = health_pb2_grpc.HealthStub(c.channel)
         stream = c.events.StreamEvents(event_pb2.StreamEventsRequest(types=["session.*"]))
         assert (await stream.read()).type == "heartbeat"  # subscribed
@@ -312,6 +316,8 @@ async def test_a_draining_server_fails_its_health_check_serves_on_then_ends_its_
         # Envoy's health check sees it at once...
         checked = await health.Check(health_pb2.HealthCheckRequest())
         assert checked.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # ...and the /ws bridge's, so new WebSocket connections go elsewhere too.
+        assert (await http.get(bridge_health)).status_code == 503
         # ...while calls Envoy sent before it noticed are still answered, and streams still follow.
         created = await c.sessions.CreateSession(S.CreateSessionRequest(session=S.Session()))
         assert not stopping.done()

@@ -194,6 +194,12 @@ def test_a_new_file_from_the_snapshot_equals_one_migrated_step_by_step(tmp_path:
     assert create_from_snapshot(tmp_path / "other.db", bundled()[:-1]) is None
 
 
+def test_an_in_memory_database_takes_the_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert migrate("sqlite:///:memory:", bundled()) == [m.version for m in bundled()]
+    assert not (tmp_path / ":memory:").exists()  # no file of that name made from the snapshot
+
+
 async def test_an_existing_file_is_upgraded_by_new_migrations_keeping_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     store = await SqliteStore.open(path)
