@@ -16,6 +16,10 @@ the `--upstream` and `--upstream-dns` servers, which may still be starting
 (it then reports none healthy yet and keeps running; /healthz answers 503
 until one is).
 
+Envoy reads the servers' endpoints from files in the data dir
+(server/endpoint_files.py) that `flowport upstreams` rewrites to add or
+remove upstreams while everything runs: Envoy applies them without a restart.
+
 With several workers, each server process has its own port and is one
 endpoint of Envoy's cluster (health-checked and ejected on its own, which
 SO_REUSEPORT's kernel hashing could not do). A server that dies, lone or
@@ -46,6 +50,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
 from flowport.server.datadir import LOCK_FD_ENV, DataDirError, DataDirLock, open_data_dir, write_private
+from flowport.server.endpoint_files import ENDPOINTS_DIR, Servers
+from flowport.server.endpoint_files import write as write_endpoints
 from flowport.server.envoy_binary import EnvoyNotFound, find_envoy
 from flowport.server.settings import ENV_PREFIX, Settings
 from flowport.transcoder.envoy_config import render
@@ -214,8 +220,12 @@ class Supervisor:
             # Values of an earlier run would be added to this one's.
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             self.metrics_dir.mkdir(mode=0o700)
-        config_path = s.data_dir / "envoy.json"
-        write_private(config_path, json.dumps(render(s), indent=2))
+        # Absolute paths: `flowport upstreams` finds this Envoy's by its config path (Envoy's /server_info).
+        config_path = (s.data_dir / "envoy.json").resolve()
+        endpoints_dir = (s.data_dir / ENDPOINTS_DIR).resolve()
+        # The endpoints files first: Envoy reads them as it loads the bootstrap naming them.
+        write_endpoints(endpoints_dir, Servers.of(s))
+        write_private(config_path, json.dumps(render(s, endpoints_dir=endpoints_dir), indent=2))
         deadline = time.monotonic() + s.startup_timeout
         # The first server alone first: it migrates the database and makes
         # the admin key, which the others then find done.

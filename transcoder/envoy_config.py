@@ -42,7 +42,7 @@ from flowport.transcoder.http_rules import descriptor_path, services
 from flowport.transcoder.local_replies import local_reply_config
 from flowport.transcoder.request_ids import MARK_HEADER
 from flowport.transcoder.request_ids import lua_source as request_ids_lua
-from flowport.transcoder.upstream_endpoints import discovery, grpc_endpoints
+from flowport.transcoder.upstream_endpoints import grpc_endpoints, membership
 from flowport.transcoder.websocket_routes import websocket_clusters, websocket_routes
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
@@ -387,8 +387,13 @@ GLOBAL_RATE_LIMIT_ACTIONS = [
 ]
 
 
-def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]:
-    """The Envoy v3 bootstrap for `settings`, as a JSON-ready dict."""
+def render(settings: Settings, descriptor: Path | None = None, endpoints_dir: Path | None = None) -> dict[str, Any]:
+    """The Envoy v3 bootstrap for `settings`, as a JSON-ready dict.
+
+    With `endpoints_dir` (`flowport up`'s), the servers' clusters read their
+    endpoints from the files there (server/endpoint_files.py writes them),
+    unless a name under --upstream-dns keeps them in the bootstrap.
+    """
     descriptor = descriptor or descriptor_path()
     virtual_host: dict[str, Any] = {
         "name": "flowport",
@@ -426,16 +431,12 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
         extra_clusters.append(_collector_cluster(settings.otlp_endpoint))
     cluster = {
         "name": CLUSTER,
-        **discovery(settings),
+        # One endpoint per server: each local process (`--workers`) and
+        # each upstream, health-checked and ejected on its own; a request
+        # goes to the least busy. The rate limit service is theirs too.
+        **membership(settings, CLUSTER, grpc_endpoints(settings), endpoints_dir),
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
-        "load_assignment": {
-            "cluster_name": CLUSTER,
-            # One endpoint per server: each local process (`--workers`) and
-            # each upstream, health-checked and ejected on its own; a request
-            # goes to the least busy. The rate limit service is theirs too.
-            "endpoints": [{"lb_endpoints": grpc_endpoints(settings)}],
-        },
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -511,7 +512,7 @@ def render(settings: Settings, descriptor: Path | None = None) -> dict[str, Any]
                     ],
                 }
             ],
-            "clusters": [cluster, *websocket_clusters(settings), *extra_clusters],
+            "clusters": [cluster, *websocket_clusters(settings, endpoints_dir), *extra_clusters],
         },
     }
 

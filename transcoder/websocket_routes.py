@@ -11,10 +11,11 @@ closes it, Envoy's stream idle timeout kept away by the bridge's pings.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from flowport.server.settings import Settings
-from flowport.transcoder.upstream_endpoints import discovery, websocket_endpoints
+from flowport.transcoder.upstream_endpoints import membership, websocket_endpoints
 
 WEBSOCKET_CLUSTER = "flowport_ws"
 WEBSOCKET_PATH = "/ws"
@@ -42,20 +43,17 @@ def websocket_routes(settings: Settings, disabled_filters: dict[str, Any]) -> li
     ]
 
 
-def websocket_clusters(settings: Settings) -> list[dict[str, Any]]:
-    """One cluster of the bridges, an endpoint per server (transcoder/upstream_endpoints.py), each health-checked."""
+def websocket_clusters(settings: Settings, endpoints_dir: Path | None = None) -> list[dict[str, Any]]:
+    """One cluster of the bridges, an endpoint per server (transcoder/upstream_endpoints.py), each health-checked;
+    given `endpoints_dir`, from the file there as the servers' cluster (upstream_endpoints.membership)."""
     if not settings.websocket_port:
         return []
     return [
         {
             "name": WEBSOCKET_CLUSTER,
-            **discovery(settings),
+            **membership(settings, WEBSOCKET_CLUSTER, websocket_endpoints(settings), endpoints_dir),
             "connect_timeout": "1s",
             "lb_policy": "LEAST_REQUEST",
-            "load_assignment": {
-                "cluster_name": WEBSOCKET_CLUSTER,
-                "endpoints": [{"lb_endpoints": websocket_endpoints(settings)}],
-            },
             "health_checks": [
                 {
                     "timeout": "1s",
