@@ -7,6 +7,9 @@
                             manage API keys on a running server (admin key)
     flowport secrets rotate-key|generate-key
                             re-encrypt secrets under a new key (no downtime)
+    flowport upstreams list|set|add|remove
+                            change the servers a running `up`'s Envoy
+                            sends calls to, without restarting it
     flowport sessions|workflows|executions|events|webhooks ...
                             the API from a shell (`flowport executions run
                             -f workflow.json --input n=7 --wait`)
@@ -35,6 +38,7 @@ from flowport.clients.cli.executions import add_events, add_executions
 from flowport.clients.cli.keys import add_keys_parser, run_keys
 from flowport.clients.cli.secrets import add_secrets_parser, run_secrets
 from flowport.clients.cli.settings_flags import add_setting_flags, load_settings
+from flowport.clients.cli.upstreams import add_upstreams_parser, run_upstreams
 from flowport.server.settings import SettingsError
 from flowport.server.version import VERSION
 
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_setting_flags(sub)
     add_keys_parser(commands)
     add_secrets_parser(commands)
+    add_upstreams_parser(commands)
     # In this order in `flowport --help`.
     for add in (add_sessions, add_workflows, add_executions, add_events, add_webhooks, add_services, add_resources):
         add(commands)
@@ -111,6 +116,9 @@ def _run(argv: Sequence[str] | None) -> int:
     if args.command == "keys":
         # A client of a running server: only the settings that locate it apply.
         return run_keys(args)
+    if args.command == "upstreams":
+        # Files in a running `up`'s data dir, and its Envoy's admin: only the data dir is a setting here.
+        return run_upstreams(args)
     try:
         settings = load_settings(args)
     except SettingsError as exc:
