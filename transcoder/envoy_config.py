@@ -437,6 +437,20 @@ def render(settings: Settings, descriptor: Path | None = None, endpoints_dir: Pa
         **membership(settings, CLUSTER, grpc_endpoints(settings), endpoints_dir),
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
+        # Envoy's defaults would cap the whole cluster at 1024 requests in flight (each
+        # open event stream is one) and 3 retries at once, so a server dying with many
+        # calls would see most of their retries refused. Retries get a budget instead:
+        # a fifth of the requests in flight, and never fewer than 32 at once.
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_requests": 100_000,
+                    "max_pending_requests": 100_000,
+                    "retry_budget": {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 32},
+                }
+            ]
+        },
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",

@@ -214,3 +214,11 @@ def test_a_stopping_server_drains_for_longer_than_envoys_health_checks_take_to_n
     check = _config()["static_resources"]["clusters"][0]["health_checks"][0]
     noticed = float(check["interval"].rstrip("s")) * check["unhealthy_threshold"] + float(check["timeout"].rstrip("s"))
     assert Settings.load({}, environ={}).drain_seconds > noticed
+
+
+def test_retries_get_a_budget_and_streams_room_beyond_envoys_defaults() -> None:
+    # Envoy's defaults: 1024 requests and 3 retries in flight for the whole cluster.
+    [cluster] = [c for c in _config()["static_resources"]["clusters"] if c["name"] == "flowport_grpc"]
+    [thresholds] = cluster["circuit_breakers"]["thresholds"]
+    assert thresholds["max_requests"] > 1024 and thresholds["max_pending_requests"] > 1024
+    assert thresholds["retry_budget"]["min_retry_concurrency"] > 3
