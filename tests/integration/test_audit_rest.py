@@ -20,7 +20,10 @@ def _since(seconds: float) -> str:
 
 def test_a_failed_rest_login_is_listed_with_the_address_envoy_saw(stack: Stack) -> None:
     start = _since(1)
-    with httpx.Client(base_url=stack.http, timeout=10) as http:
+    # From a loopback address of its own: the other tests' failures from 127.0.0.1 may have used up
+    # that client's entries of the minute (server/audit/throttle.py counts the rest in an aggregate).
+    own_address = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(base_url=stack.http, timeout=10, transport=own_address) as http:
         spoofed = {"x-api-key": "fpk_nope.nope", "x-forwarded-for": "198.51.100.66"}
         assert http.get("/api/webhooks", headers=spoofed).status_code == 401
         response = http.get("/api/audit", params={"action": "auth.failed", "start_time": start}, headers=ADMIN_HEADERS)
@@ -34,7 +37,7 @@ def test_a_failed_rest_login_is_listed_with_the_address_envoy_saw(stack: Stack) 
         "CREDENTIAL_KIND_API_KEY",
     )
     # Envoy appends the peer it saw; what the client put in the header is ignored.
-    assert event["client_address"] not in ("", "198.51.100.66")
+    assert event["client_address"] == "127.0.0.2"
     assert event["proxy_address"] == "127.0.0.1"
     assert "nope" not in response.text
 

@@ -46,7 +46,7 @@ from .test_outbound_limiter import assert_within_limit
 # and the socket. A request delayed more than a later one compresses the
 # window it ends, so arrival windows are checked this much shorter. The
 # limiter's own decisions are checked exactly.
-ARRIVAL_SLACK = 0.1
+ARRIVAL_SLACK = 0.5  # a busy 2-core machine has delayed some requests by a few hundred ms, then let them in together
 
 
 class Recorder(LocalLimiter):
