@@ -50,17 +50,26 @@ Out = Callable[[str], None]
 Handler = Callable[["Client", argparse.Namespace, Out], int]
 
 
-def add_group(commands: Any, name: str, help_text: str) -> Any:
-    """A command group (`sessions`), whose subparsers take its actions."""
-    parser = commands.add_parser(name, help=help_text, description=help_text)
+def add_group(commands: Any, name: str, help_text: str, epilog: str | None = None) -> Any:
+    """A command group (`sessions`), whose subparsers take its actions; `epilog`, as written, ends its help."""
+    if epilog is None:
+        parser = commands.add_parser(name, help=help_text, description=help_text)
+    else:
+        parser = add_action(commands, name, help_text, epilog)
     return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
+
+
+def add_action(actions: Any, name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
+    """An action of a group, its help ending with `epilog` as written (exit codes, where keys come from)."""
+    parser: argparse.ArgumentParser = actions.add_parser(
+        name, help=help_text, description=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    return parser
 
 
 def add_command(actions: Any, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
     """An action of a group, with the flags every API command takes, run by `handler`."""
-    parser: argparse.ArgumentParser = actions.add_parser(
-        name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = add_action(actions, name, help_text, EPILOG)
     parser.add_argument("--target", metavar="HOST:PORT", help="server or Envoy address (default: the settings')")
     parser.add_argument("--api-key", metavar="KEY", help=f"API key (default: ${API_KEY_ENV}, see below)")
     parser.add_argument("--data-dir", type=Path, metavar="DIR", help="the server's data dir (env FLOWPORT_DATA_DIR)")

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from flowport.clients.cli.api_command import add_action, add_group
 from flowport.clients.cli.connect import ADMIN_KEY_FILE, API_KEY_ENV, explain, run_client_command
 
 if TYPE_CHECKING:
@@ -37,14 +38,7 @@ exit codes: 0 done; 1 the server refused the request (message says why);
 def add_keys_parser(commands: Any) -> None:
     """Add `keys` and its subcommands to the top-level subparsers."""
     help_text = "create, list and revoke API keys on a running server (needs an admin key)"
-    keys = commands.add_parser(
-        "keys",
-        help=help_text,
-        description=help_text,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    actions = add_group(commands, "keys", help_text, epilog=EPILOG)
     create = _action(actions, "create", "create a key and print it (it is shown only this once)")
     create.add_argument("--tenant", help="tenant the key acts for (default: the admin key's tenant)")
     create.add_argument(
@@ -69,9 +63,7 @@ def add_keys_parser(commands: Any) -> None:
 
 
 def _action(actions: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = actions.add_parser(
-        name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = add_action(actions, name, help_text, EPILOG)
     parser.add_argument(
         "--target",
         metavar="HOST:PORT",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flowport.clients.cli.api_command import Call, add_command, add_limit
+from flowport.clients.cli.api_command import Call, add_action, add_command, add_group, add_limit
 from flowport.clients.cli.connect import EXIT_USAGE, CliError
 from flowport.clients.cli.settings_flags import add_setting_flags
 from flowport.server.settings import Settings
@@ -47,15 +47,8 @@ exit codes: 0 done; 1 a secret could not be decrypted (nothing removed);
 def add_secrets_parser(commands: Any) -> None:
     """Add `secrets` and its subcommands to the top-level subparsers."""
     help_text = "a tenant's secrets (put, list, delete) and the keys that encrypt them (rotate-key, generate-key)"
-    secrets = commands.add_parser("secrets", help=help_text, description=help_text)
-    actions = secrets.add_subparsers(dest="secrets_command", required=True, metavar="ACTION")
-    rotate = actions.add_parser(
-        "rotate-key",
-        help=ROTATE_HELP,
-        description=ROTATE_HELP,
-        epilog=ROTATE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    actions = add_group(commands, "secrets", help_text)
+    rotate = add_action(actions, "rotate-key", ROTATE_HELP, ROTATE_EPILOG)
     rotate.add_argument(
         "--wait",
         type=float,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flowport.clients.cli.api_command import add_action, add_group
 from flowport.clients.cli.connect import EXIT_API_ERROR, EXIT_UNREACHABLE, EXIT_USAGE, CliError
 from flowport.server.endpoint_files import ENDPOINTS_DIR, EndpointFilesError, Servers, read, write
 from flowport.server.settings import Settings, SettingsError
@@ -45,14 +46,7 @@ none left, an Envoy on --upstream-dns); 3 no flowport up runs on the data dir.""
 def add_upstreams_parser(commands: Any) -> None:
     """Add `upstreams` and its actions to the top-level subparsers."""
     help_text = "list or change the servers a running flowport up's Envoy sends calls to (no restart)"
-    upstreams = commands.add_parser(
-        "upstreams",
-        help=help_text,
-        description=help_text,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    actions = upstreams.add_subparsers(dest="upstreams_command", required=True, metavar="ACTION")
+    actions = add_group(commands, "upstreams", help_text, epilog=EPILOG)
     _action(actions, "list", "each server of Envoy's cluster: address, local or upstream, health")
     for name, help_text in (
         ("set", "make these the upstreams (flowport up's own servers stay)"),
@@ -70,9 +64,7 @@ def add_upstreams_parser(commands: Any) -> None:
 
 
 def _action(actions: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = actions.add_parser(
-        name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = add_action(actions, name, help_text, EPILOG)
     parser.add_argument("--data-dir", type=Path, metavar="DIR", help="flowport up's data dir (env FLOWPORT_DATA_DIR)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file with settings (env FLOWPORT_CONFIG)")
     return parser
