@@ -30,6 +30,7 @@ from flowport.v1 import event_pb2, execution_pb2, workflow_pb2
 
 from ..backends import free_port
 from ..conftest import ADMIN_HEADERS, ADMIN_KEY, EnvoyProcess, ServeProcess, make_settings
+from .test_stream_edge import _sse
 
 pytestmark = pytest.mark.integration
 
@@ -132,18 +133,6 @@ def _follow_sdk(target: str, after: str, into: Followed, stop: threading.Event) 
     return client
 
 
-def _sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
-    fields: dict[str, str] = {}
-    for line in lines:
-        if not line:
-            if fields:
-                yield fields
-            fields = {}
-        elif not line.startswith(":"):
-            name, _, value = line.partition(":")
-            fields[name] = value.removeprefix(" ")
-
-
 def _follow_sse(base: str, after: str, into: Followed, stop: threading.Event) -> None:
     """As an EventSource does: reconnect when the stream ends, sending the last `id:` as Last-Event-ID."""
     last_id = after
@@ -230,12 +219,12 @@ class Cluster:
         return f"127.0.0.1:{self.edge.http_port}"
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[Cluster]:
-    port = free_port()
+def shared_servers(tmp_path: Path, port: int, postgres_url: str, redis_url: str) -> dict[str, ServeProcess]:
+    """A `flowport serve` (not started) on each of HOSTS at `port`, sharing one PostgreSQL and one Redis,
+    draining as in production."""
     shared = {"database_url": postgres_url, "redis_url": redis_url, "websocket_port": 0, "metrics_port": 0}
-    servers = [
-        ServeProcess(
+    return {
+        host: ServeProcess(
             make_settings(
                 tmp_path / host,
                 grpc_host=host,
@@ -247,7 +236,13 @@ def cluster(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[Clust
             )
         )
         for host in HOSTS
-    ]
+    }
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[Cluster]:
+    port = free_port()
+    servers = list(shared_servers(tmp_path, port, postgres_url, redis_url).values())
     upstreams = ",".join(f"{host}:{port}" for host in HOSTS)
     edge = make_settings(tmp_path / "edge", no_local_server=True, upstream=upstreams, websocket_port=0)
     envoy = EnvoyProcess(edge)

@@ -38,6 +38,7 @@ from .test_rolling_restart import (
     _logged,
     _prepare,
     _rest_worker,
+    shared_servers,
 )
 
 pytestmark = pytest.mark.integration
@@ -117,21 +118,7 @@ def _envoy_pid(parent: int) -> int:
 @pytest.fixture
 def servers(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[Servers]:
     port = free_port()
-    shared = {"database_url": postgres_url, "redis_url": redis_url, "websocket_port": 0, "metrics_port": 0}
-    by_host = {
-        host: ServeProcess(
-            make_settings(
-                tmp_path / host,
-                grpc_host=host,
-                grpc_port=port,
-                drain_seconds=DEFAULT_DRAIN,
-                sandbox_workers=1,
-                stream_heartbeat=0.5,
-                **shared,
-            )
-        )
-        for host in HOSTS
-    }
+    by_host = shared_servers(tmp_path, port, postgres_url, redis_url)
     edge_settings = make_settings(
         tmp_path / "edge", no_local_server=True, upstream=f"{REMOVED}:{port},{KEPT}:{port}", websocket_port=0
     )
