@@ -28,6 +28,7 @@ from pydantic import (
 from flowport.server.secrets.keyring import KeyringError, parse
 from flowport.server.shutdown import DEFAULT_DRAIN
 from flowport.server.upstreams import Upstream, parse_upstream
+from flowport.server.version import VERSION
 
 # http(s)://host:port, the host a name, an IPv4 address or a bracketed IPv6 one.
 _OTLP_ENDPOINT = re.compile(r"\Ahttps?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}/?\Z")
@@ -88,6 +89,22 @@ class Settings(BaseModel):
         False,
         description="up: start no flowport serve of its own, only Envoy in front of the --upstream and "
         "--upstream-dns servers (then no /metrics here: each server serves its own)",
+    )
+    title: str = Field(
+        "flowport",
+        min_length=1,
+        max_length=128,
+        description="the gateway's display name: `GET /` `name` and the stats' `gateway.name` and `gateway.title` "
+        "(Kailash's create_gateway(title=...))",
+    )
+    display_version: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="the version `GET /`, /health and the stats show as `version`, and session answers as "
+        "`api_version` (Kailash's create_gateway(version=...)); default flowport's release, which `release` "
+        "always carries",
+        json_schema_extra={"metavar": "VERSION"},
     )
     admin_port: Port = Field(9901, ge=1, le=65535, description="Envoy admin interface, always on 127.0.0.1")
     data_dir: Path = Field(
@@ -325,6 +342,14 @@ class Settings(BaseModel):
             raise ValueError("must be a postgresql:// URL (leave it unset for the embedded SQLite store)")
         return value
 
+    @field_validator("title", "display_version")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        # Shown in answers and consoles as they are: no line breaks or other control characters.
+        if value is not None and (not value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+            raise ValueError("must be printable text, not blank")
+        return value
+
     @field_validator("host", "grpc_host")
     @classmethod
     def _host_not_empty(cls, value: str) -> str:
@@ -419,6 +444,11 @@ class Settings(BaseModel):
             if data == tenants or data.is_relative_to(tenants):
                 raise ValueError("sqlite_dir must not be data_dir nor a folder that holds it")
         return self
+
+    @property
+    def shown_version(self) -> str:
+        """The version answers show: --display-version, else the release."""
+        return self.display_version if self.display_version is not None else VERSION
 
     @property
     def sqlite_root(self) -> Path:

@@ -97,9 +97,6 @@ ENDPOINTS = {
 }
 
 
-TITLE = "flowport gateway"
-
-
 def feature_flags() -> dict[str, bool]:
     """`features` as Kailash shapes it, a map of name to enabled: flowport's names and Kailash's."""
     enabled = {name: on for name, on, _ in FEATURES}
@@ -160,7 +157,12 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         pool_checks: PoolHealth | None = None,
         node_types: int | None = None,
         prometheus: Prometheus | None = None,
+        title: str = "flowport",
+        version: str = VERSION,
     ) -> None:
+        # What answers show as `name` and `version` (--title, --display-version); `release` is VERSION.
+        self._title = title
+        self._version = version
         self._prometheus = prometheus
         self._node_types = len(NodeRegistry.default().names()) if node_types is None else node_types
         self._pool_checks = pool_checks
@@ -182,8 +184,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def GetInfo(self, request: gateway_pb2.GetInfoRequest, context: Context) -> gateway_pb2.GatewayInfo:
         return gateway_pb2.GatewayInfo(
-            name="flowport",
-            version=VERSION,
+            name=self._title,
+            version=self._version,
+            release=VERSION,
             description="High-throughput, gRPC-first workflow gateway",
             api_version="v1",
             features=[gateway_pb2.Feature(name=n, enabled=e, detail=d) for n, e, d in FEATURES],
@@ -200,7 +203,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         names = list(self._checks)
         results = await asyncio.gather(*(run_check(self._checks[n], CHECK_TIMEOUT) for n in names))
         health = gateway_pb2.Health(
-            version=VERSION,
+            version=self._version,
+            release=VERSION,
             uptime=self._metrics.uptime,
             uptime_seconds=time.time() - self._metrics.started,
             server_type=KAILASH_SERVER_TYPE,
@@ -343,9 +347,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
             security=security,
             uptime_seconds=uptime,
             gateway=gateway_pb2.GatewayFigures(
-                name="flowport",
-                version=VERSION,
-                title=TITLE,
+                name=self._title,
+                version=self._version,
+                title=self._title,
+                release=VERSION,
                 uptime_seconds=uptime,
                 requests_processed=calls.total,
             ),

@@ -100,3 +100,25 @@ def test_an_otlp_endpoint_needs_scheme_host_and_port(endpoint: str) -> None:
         Settings.load({"otlp_endpoint": endpoint}, environ={})
     for good in ("http://127.0.0.1:4317", "https://otel.example.com:4317", "http://[::1]:4317"):
         assert Settings.load({"otlp_endpoint": good}, environ={}).otlp_endpoint == good
+
+
+def test_the_display_title_and_version_default_to_the_product_and_its_release() -> None:
+    from flowport.server.version import VERSION
+
+    s = Settings.load({}, environ={})
+    assert (s.title, s.display_version, s.shown_version) == ("flowport", None, VERSION)
+    shown = Settings.load({"title": "Test Gateway"}, environ={"FLOWPORT_DISPLAY_VERSION": "1.0.0"})
+    assert (shown.title, shown.shown_version) == ("Test Gateway", "1.0.0")
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting"),
+    [
+        ({"title": "two\nlines"}, "title"),
+        ({"title": "  "}, "title"),
+        ({"display_version": "1.0\x1b[2J"}, "display_version"),
+    ],
+)
+def test_a_display_title_or_version_must_be_printable(flags: dict[str, str], setting: str) -> None:
+    with pytest.raises(SettingsError, match=f"invalid setting {setting} .*printable"):
+        Settings.load(flags, environ={})

@@ -97,10 +97,15 @@ class GatewayInfo(_message.Message):
     WORKFLOWS_FIELD_NUMBER: _builtins.int
     MCP_SERVERS_FIELD_NUMBER: _builtins.int
     ENTERPRISE_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Product name, always "flowport"."""
+    """The gateway's display name: the `title` setting (`--title`), default
+    "flowport", as Kailash's `create_gateway(title=...)` sets it.
+    """
     version: _builtins.str
-    """Server version (PEP 440), e.g. "0.1.0"."""
+    """The version shown: the `display_version` setting, default the release
+    (`release`), as Kailash's `create_gateway(version=...)` sets it.
+    """
     description: _builtins.str
     """One-line description of the gateway."""
     api_version: _builtins.str
@@ -112,6 +117,10 @@ class GatewayInfo(_message.Message):
     type: _builtins.str
     """The kind of Kailash server this gateway answers for:
     "enterprise_workflow_server", what Kailash's `create_gateway` builds.
+    """
+    release: _builtins.str
+    """flowport's release (PEP 440), e.g. "0.1.0", whatever `version` shows:
+    which software answered.
     """
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___Feature]:
@@ -168,10 +177,11 @@ class GatewayInfo(_message.Message):
         workflows: _abc.Iterable[_builtins.str] | None = ...,
         mcp_servers: _abc.Iterable[_builtins.str] | None = ...,
         enterprise: Global___EnterpriseInfo | None = ...,
+        release: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enterprise", b"enterprise", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "description", b"description", "endpoints", b"endpoints", "enterprise", b"enterprise", "feature_flags", b"feature_flags", "features", b"features", "mcp_servers", b"mcp_servers", "name", b"name", "start_time", b"start_time", "status", b"status", "type", b"type", "uptime_seconds", b"uptime_seconds", "version", b"version", "workflows", b"workflows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "description", b"description", "endpoints", b"endpoints", "enterprise", b"enterprise", "feature_flags", b"feature_flags", "features", b"features", "mcp_servers", b"mcp_servers", "name", b"name", "release", b"release", "start_time", b"start_time", "status", b"status", "type", b"type", "uptime_seconds", b"uptime_seconds", "version", b"version", "workflows", b"workflows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -310,19 +320,22 @@ class Health(_message.Message):
     SERVER_TYPE_FIELD_NUMBER: _builtins.int
     WORKFLOWS_FIELD_NUMBER: _builtins.int
     MCP_SERVERS_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """Overall status: "healthy" when every component is healthy, "degraded"
     when some component is degraded, "unhealthy" when any is unhealthy.
     A string rather than an enum so the JSON matches existing clients.
     """
     version: _builtins.str
-    """Server version (PEP 440)."""
+    """The version shown, as GatewayInfo.version."""
     uptime: _builtins.int
     """Whole seconds since the server process started."""
     uptime_seconds: _builtins.float
     """Seconds since the server process started (Kailash's `uptime_seconds`)."""
     server_type: _builtins.str
     """"enterprise_workflow_server", as GatewayInfo.type."""
+    release: _builtins.str
+    """flowport's release (PEP 440), as GatewayInfo.release."""
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
         """When the checks were taken."""
@@ -351,10 +364,11 @@ class Health(_message.Message):
         server_type: _builtins.str = ...,
         workflows: _abc.Iterable[_builtins.str] | None = ...,
         mcp_servers: _abc.Iterable[_builtins.str] | None = ...,
+        release: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "mcp_servers", b"mcp_servers", "server_type", b"server_type", "status", b"status", "timestamp", b"timestamp", "uptime", b"uptime", "uptime_seconds", b"uptime_seconds", "version", b"version", "workflows", b"workflows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "mcp_servers", b"mcp_servers", "release", b"release", "server_type", b"server_type", "status", b"status", "timestamp", b"timestamp", "uptime", b"uptime", "uptime_seconds", b"uptime_seconds", "version", b"version", "workflows", b"workflows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -559,16 +573,19 @@ class GatewayFigures(_message.Message):
     TITLE_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     REQUESTS_PROCESSED_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Product name, always "flowport"."""
+    """The display name, as GatewayInfo.name (Kailash reads it here)."""
     version: _builtins.str
-    """Server version (PEP 440)."""
+    """The version shown, as GatewayInfo.version."""
     title: _builtins.str
-    """Display title, "flowport gateway"."""
+    """The display name again (the `title` setting)."""
     uptime_seconds: _builtins.float
     """Seconds since the server process started."""
     requests_processed: _builtins.float
     """Calls handled since start (the same figure as `requests.total`)."""
+    release: _builtins.str
+    """flowport's release (PEP 440), as GatewayInfo.release."""
     def __init__(
         self,
         *,
@@ -577,10 +594,11 @@ class GatewayFigures(_message.Message):
         title: _builtins.str = ...,
         uptime_seconds: _builtins.float = ...,
         requests_processed: _builtins.float = ...,
+        release: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "requests_processed", b"requests_processed", "title", b"title", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "release", b"release", "requests_processed", b"requests_processed", "title", b"title", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

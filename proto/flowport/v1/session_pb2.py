@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lowport/v1/session.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x02\n\x07Session\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07user_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12/\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x14\n\x06tenant\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x37\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01H\x00\x12.\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x04H\x00\x12\x15\n\x07\x63reator\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x61\x63tive\x18\t \x01(\x08\x42\x04\xe2\x41\x01\x03\x42\x0c\n\nexpiration\"]\n\x14\x43reateSessionRequest\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x14.flowport.v1.SessionB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"-\n\x11GetSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"_\n\x13ListSessionsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07user_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"f\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.flowport.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\"J\n\x14\x44\x65leteSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\".\n\x15\x44\x65leteSessionResponse\x12\x15\n\x07message\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x32\xd3\x03\n\x0eSessionService\x12h\n\rCreateSession\x12!.flowport.v1.CreateSessionRequest\x1a\x14.flowport.v1.Session\"\x1e\x82\xd3\xe4\x93\x02\x18\"\r/api/sessions:\x07session\x12i\n\nGetSession\x12\x1e.flowport.v1.GetSessionRequest\x1a\x14.flowport.v1.Session\"%\x90\x02\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/api/sessions/{session_id}\x12m\n\x0cListSessions\x12 .flowport.v1.ListSessionsRequest\x1a!.flowport.v1.ListSessionsResponse\"\x18\x90\x02\x01\x82\xd3\xe4\x93\x02\x0f\x12\r/api/sessions\x12}\n\rDeleteSession\x12!.flowport.v1.DeleteSessionRequest\x1a\".flowport.v1.DeleteSessionResponse\"%\x90\x02\x02\x82\xd3\xe4\x93\x02\x1c*\x1a/api/sessions/{session_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lowport/v1/session.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf7\x02\n\x07Session\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07user_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12/\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x14\n\x06tenant\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x37\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01H\x00\x12.\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x04H\x00\x12\x15\n\x07\x63reator\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x61\x63tive\x18\t \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x61pi_version\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x42\x0c\n\nexpiration\"]\n\x14\x43reateSessionRequest\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x14.flowport.v1.SessionB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"-\n\x11GetSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"_\n\x13ListSessionsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07user_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"f\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.flowport.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\"J\n\x14\x44\x65leteSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\".\n\x15\x44\x65leteSessionResponse\x12\x15\n\x07message\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x32\xd3\x03\n\x0eSessionService\x12h\n\rCreateSession\x12!.flowport.v1.CreateSessionRequest\x1a\x14.flowport.v1.Session\"\x1e\x82\xd3\xe4\x93\x02\x18\"\r/api/sessions:\x07session\x12i\n\nGetSession\x12\x1e.flowport.v1.GetSessionRequest\x1a\x14.flowport.v1.Session\"%\x90\x02\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/api/sessions/{session_id}\x12m\n\x0cListSessions\x12 .flowport.v1.ListSessionsRequest\x1a!.flowport.v1.ListSessionsResponse\"\x18\x90\x02\x01\x82\xd3\xe4\x93\x02\x0f\x12\r/api/sessions\x12}\n\rDeleteSession\x12!.flowport.v1.DeleteSessionRequest\x1a\".flowport.v1.DeleteSessionResponse\"%\x90\x02\x02\x82\xd3\xe4\x93\x02\x1c*\x1a/api/sessions/{session_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,6 +54,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSION'].fields_by_name['creator']._serialized_options = b'\342A\001\003'
   _globals['_SESSION'].fields_by_name['active']._loaded_options = None
   _globals['_SESSION'].fields_by_name['active']._serialized_options = b'\342A\001\003'
+  _globals['_SESSION'].fields_by_name['api_version']._loaded_options = None
+  _globals['_SESSION'].fields_by_name['api_version']._serialized_options = b'\342A\001\003'
   _globals['_CREATESESSIONREQUEST'].fields_by_name['session']._loaded_options = None
   _globals['_CREATESESSIONREQUEST'].fields_by_name['session']._serialized_options = b'\342A\001\002'
   _globals['_CREATESESSIONREQUEST'].fields_by_name['request_id']._loaded_options = None
@@ -81,19 +83,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONSERVICE'].methods_by_name['DeleteSession']._loaded_options = None
   _globals['_SESSIONSERVICE'].methods_by_name['DeleteSession']._serialized_options = b'\220\002\002\202\323\344\223\002\034*\032/api/sessions/{session_id}'
   _globals['_SESSION']._serialized_start=201
-  _globals['_SESSION']._serialized_end=549
-  _globals['_CREATESESSIONREQUEST']._serialized_start=551
-  _globals['_CREATESESSIONREQUEST']._serialized_end=644
-  _globals['_GETSESSIONREQUEST']._serialized_start=646
-  _globals['_GETSESSIONREQUEST']._serialized_end=691
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=693
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=788
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=790
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=892
-  _globals['_DELETESESSIONREQUEST']._serialized_start=894
-  _globals['_DELETESESSIONREQUEST']._serialized_end=968
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=970
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1016
-  _globals['_SESSIONSERVICE']._serialized_start=1019
-  _globals['_SESSIONSERVICE']._serialized_end=1486
+  _globals['_SESSION']._serialized_end=576
+  _globals['_CREATESESSIONREQUEST']._serialized_start=578
+  _globals['_CREATESESSIONREQUEST']._serialized_end=671
+  _globals['_GETSESSIONREQUEST']._serialized_start=673
+  _globals['_GETSESSIONREQUEST']._serialized_end=718
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=720
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=815
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=817
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=919
+  _globals['_DELETESESSIONREQUEST']._serialized_start=921
+  _globals['_DELETESESSIONREQUEST']._serialized_end=995
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=997
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1043
+  _globals['_SESSIONSERVICE']._serialized_start=1046
+  _globals['_SESSIONSERVICE']._serialized_end=1513
 # @@protoc_insertion_point(module_scope)

@@ -36,6 +36,7 @@ class Session(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     CREATOR_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
+    API_VERSION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Server-assigned identifier, e.g. "ses_01J9Z...". Unique across tenants."""
     user_id: _builtins.str
@@ -50,6 +51,10 @@ class Session(_message.Message):
     active: _builtins.bool
     """Whether the session can be used: true on every session an answer
     returns (expired and deleted ones are NOT_FOUND), as Kailash reports it.
+    """
+    api_version: _builtins.str
+    """The gateway's shown version (GatewayInfo.version) on every session an
+    answer returns, as Kailash's session routes add it. Never stored.
     """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
@@ -83,10 +88,11 @@ class Session(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         creator: _builtins.str = ...,
         active: _builtins.bool = ...,
+        api_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expiration", b"expiration", "expire_time", b"expire_time", "metadata", b"metadata", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "creator", b"creator", "expiration", b"expiration", "expire_time", b"expire_time", "metadata", b"metadata", "session_id", b"session_id", "tenant", b"tenant", "ttl", b"ttl", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "api_version", b"api_version", "create_time", b"create_time", "creator", b"creator", "expiration", b"expiration", "expire_time", b"expire_time", "metadata", b"metadata", "session_id", b"session_id", "tenant", b"tenant", "ttl", b"ttl", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_expiration: _TypeAlias = _typing.Literal["expire_time", "ttl"]  # noqa: Y015
     _WhichOneofArgType_expiration: _TypeAlias = _typing.Literal["expiration", b"expiration"]  # noqa: Y015
