@@ -9,7 +9,7 @@ from flowport.server import pagination
 from flowport.server.api.common import check_request_id, idempotency_key, request_id_reused, require
 from flowport.server.auth.principal import Principal
 from flowport.server.clock import now_us, timestamp
-from flowport.server.errors import InvalidArgument, NotFound, shown
+from flowport.server.errors import InvalidArgument, NotFound
 from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
 from flowport.server.settings import Settings
@@ -70,7 +70,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         creator = credential_of(principal) if principal is not None else ""
         session = session_pb2.Session(
             session_id=new_id("ses"),
-            user_id=given.user_id,
+            user_id=given.user_id or default_user_id(principal),
             metadata=given.metadata,
             tenant=tenant_of(context),
             creator=creator,
@@ -99,7 +99,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             tenant_of(context), request.session_id, now_us(), creator=session_scope(context)
         )
         if session is None:
-            raise session_not_found(request.session_id)
+            raise session_not_found()
         return active(session)
 
     async def ListSessions(
@@ -132,7 +132,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         except IdempotencyConflict:
             raise request_id_reused(request.request_id, "to delete another session") from None
         if not deleted.done:
-            raise session_not_found(request.session_id)
+            raise session_not_found()
         if deleted is Deletion.DELETED:  # a replay was announced the first time
             self._bus.publish("session.deleted", tenant=tenant_of(context), session_id=request.session_id)
         return session_pb2.DeleteSessionResponse(message="Session closed")
@@ -142,6 +142,16 @@ def active(session: session_pb2.Session) -> session_pb2.Session:
     """`session` marked usable: every session an answer carries is (the rest are NOT_FOUND)."""
     session.active = True
     return session
+
+
+def default_user_id(principal: Principal | None) -> str:
+    """A session's `user_id` when the body leaves it out, as Kailash fills it from the token: a
+    bearer token's subject, an API key's id (the one name a key has that never changes). Only a
+    label: who owns the session is `creator`. Empty without authentication (no credential read)
+    and for a subject too long to be a `user_id`."""
+    if principal is None or principal.method == "insecure":
+        return ""
+    return principal.subject if len(principal.subject) <= MAX_USER_ID else ""
 
 
 def credential_of(principal: Principal) -> str:
@@ -164,14 +174,14 @@ def session_scope(context: Context) -> str | None:
 async def check_session(store: SessionTables, context: Context, session_id: str) -> None:
     """NOT_FOUND unless `session_id` is a live session of the caller's tenant that the caller may use."""
     if not await store.session_exists(tenant_of(context), session_id, now_us(), creator=session_scope(context)):
-        raise session_not_found(session_id)
+        raise session_not_found()
 
 
 async def check_owner(store: SessionTables, context: Context, session_id: str) -> None:
     """NOT_FOUND unless the caller may see what ran in `session_id` (its creator, or an admin),
     though the session has expired or was deleted since."""
     if not await may_see(store, context, session_id):
-        raise session_not_found(session_id)
+        raise session_not_found()
 
 
 async def check_named_session(store: SessionTables, context: Context, session_id: str) -> None:
@@ -180,7 +190,7 @@ async def check_named_session(store: SessionTables, context: Context, session_id
     owner = await store.session_owner(tenant_of(context), session_id)
     scope = session_scope(context)
     if owner is None or (scope is not None and owner != scope):
-        raise session_not_found(session_id)
+        raise session_not_found()
 
 
 async def may_see(store: SessionTables, context: Context, session_id: str) -> bool:
@@ -224,10 +234,9 @@ class VisibleSessions:
         return verdict
 
 
-def session_not_found(session_id: str) -> NotFound:
-    """NOT_FOUND for a session that does not exist, has expired, or is another credential's."""
-    return NotFound(
-        f"session {shown(session_id)} does not exist or has expired",
-        reason="SESSION_NOT_FOUND",
-        metadata={"session_id": session_id},
-    )
+def session_not_found() -> NotFound:
+    """NOT_FOUND for a session that does not exist, has expired, or is another credential's.
+
+    The same bytes for every id: the caller knows which one it named, and two answers that
+    differ only by the id would still let a client compare them (Kailash's tests do)."""
+    return NotFound("session does not exist or has expired", reason="SESSION_NOT_FOUND")

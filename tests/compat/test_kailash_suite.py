@@ -120,11 +120,15 @@ def test_k019_k022_k032_k033_a_session_is_created_active_and_read_back(http: htt
     )
 
 
-def test_k020_k031_a_session_without_a_user_id(http: httpx.Client) -> None:
-    for body in ({"user_id": None, "metadata": {}}, {}):
-        made = http.post("/api/sessions", json=body)
-        assert made.status_code == 200, (body, made.text)
-        assert made.json()["session_id"]
+def test_k020_k031_a_session_without_a_user_id_is_the_callers(http: httpx.Client) -> None:
+    made = http.post("/api/keys", json={"tenant": "default", "roles": ["user"]})
+    assert made.status_code == 200, made.text
+    key = {"x-api-key": made.json()["key"]}
+    for body in ({"user_id": None, "metadata": {}}, {}, {"user_id": ""}):
+        session = http.post("/api/sessions", json=body, headers=key)
+        assert session.status_code == 200, (body, session.text)
+        # Filled from the credential, as Kailash fills it from the token: for an API key, its id.
+        assert session.json()["session_id"] and session.json()["user_id"] == made.json()["api_key"]["key_id"]
 
 
 def test_k021_k023_concurrent_creates_give_unique_ids(http: httpx.Client) -> None:
@@ -185,12 +189,21 @@ def test_k037_k038_k039_k040_another_credential_cannot_see_or_close_a_session(
     theirs = http.get(f"/api/sessions/{mine}", headers=bob)
     missing = http.get(f"/api/sessions/{never}", headers=bob)
     assert theirs.status_code == missing.status_code == 404
-    assert theirs.json()["details"][0].get("reason") == missing.json()["details"][0].get("reason")
+    # The same bytes: nothing tells another credential's session from one never issued.
+    assert theirs.json() == missing.json() and theirs.json()["details"][0]["reason"] == "SESSION_NOT_FOUND"
+    assert theirs.content == missing.content
     assert http.delete(f"/api/sessions/{mine}", headers=bob).status_code == 404
     assert http.get(f"/api/sessions/{mine}", headers=alice).status_code == 200
     _session(http, bob, user_id="bob")
     listed = http.get("/api/sessions", headers=alice).json()["sessions"]
     assert listed and {s["user_id"] for s in listed} == {"alice"}
+    # Kailash's users create theirs with {}: named for the credential (an API key's id, its creator),
+    # each lists only its own.
+    for who, label in ((alice, "alice"), (bob, "bob")):
+        own = _session(http, who, metadata={})
+        assert own["user_id"] == own["creator"] and own["user_id"].startswith("fpk_")
+        listed = http.get("/api/sessions", headers=who).json()["sessions"]
+        assert {s["user_id"] for s in listed} == {own["user_id"], label}
 
 
 # -- workflows ------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def _key(http: httpx.Client, tenant: str, role: str = "user") -> dict[str, str]:
 def _missing(response: httpx.Response, session_id: str) -> None:
     assert response.status_code == 404, response.text
     body = response.json()
-    assert body["message"] == f"session {session_id!r} does not exist or has expired", body
+    assert body["message"] == "session does not exist or has expired", (session_id, body)
+    assert not body["details"][0].get("metadata") and session_id not in response.text
     assert body["details"][0]["reason"] == "SESSION_NOT_FOUND"
 
 

@@ -59,6 +59,9 @@ async def _first_start(data_dir: Path) -> tuple[str, Settings]:
         async with AsyncClient(settings.grpc_target) as anonymous:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await anonymous.sessions.ListSessions(session_pb2.ListSessionsRequest())
+                # No credential is read, so none names a session's user.
+                made = await anonymous.sessions.CreateSession(session_pb2.CreateSessionRequest(session={}))
+                assert made.user_id == ""
             assert ApiError.from_rpc_error(caught.value).code() is grpc.StatusCode.UNAUTHENTICATED
             for guess in GUESSES:
                 claims = {"sub": "x", "tenant": "default", "roles": ["admin"], "exp": int(time.time()) + 60}
@@ -93,6 +96,9 @@ async def test_authentication_off_needs_the_flag_and_warns_on_every_start(
         try:
             async with AsyncClient(settings.grpc_target) as anonymous:
                 await anonymous.sessions.ListSessions(session_pb2.ListSessionsRequest())
+                # No credential is read, so none names a session's user.
+                made = await anonymous.sessions.CreateSession(session_pb2.CreateSessionRequest(session={}))
+                assert made.user_id == ""
         finally:
             await stop(running, 1.0)
         assert any("insecure" in r.getMessage().lower() for r in caplog.records if r.levelno >= logging.WARNING)
