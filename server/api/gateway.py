@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, cast
 
 import httpx
 from google.api import httpbody_pb2
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
+from flowport.server.api.enterprise import DASHBOARD, durability_status, durable_requests, enterprise_health
+from flowport.server.api.sessions import session_scope
 from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.context import CURRENT
 from flowport.server.clock import now_us
@@ -28,6 +30,7 @@ from flowport.server.observability.prometheus import Prometheus
 from flowport.server.resources.pool_checks import PoolHealth
 from flowport.server.service_checks import HealthChecker
 from flowport.server.storage.sql_store import SqlStore
+from flowport.server.tenancy import tenant_of
 from flowport.server.types import Context
 from flowport.server.version import VERSION
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
@@ -69,6 +72,7 @@ ENTERPRISE = gateway_pb2.EnterpriseInfo(
     async_execution=True,
     resource_management=True,
     health_checks=True,
+    secret_management=True,  # /api/secrets, encrypted per tenant
     features=[
         "request_durability",  # executions are stored and resumed after a restart
         "resource_registry",  # /api/resources
@@ -285,6 +289,33 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
             component = health.components[name]
             component.status = status
             component.last_check.CopyFrom(health.timestamp)
+
+    async def GetEnterpriseFeatures(
+        self, request: gateway_pb2.GetEnterpriseFeaturesRequest, context: Context
+    ) -> gateway_pb2.EnterpriseInfo:
+        return ENTERPRISE
+
+    async def GetEnterpriseHealth(
+        self, request: gateway_pb2.GetEnterpriseHealthRequest, context: Context
+    ) -> gateway_pb2.Health:
+        health = await self.GetHealth(gateway_pb2.GetHealthRequest(), context)
+        return enterprise_health(health, secrets_loaded=self._services.secrets is not None)
+
+    async def GetDurabilityStatus(
+        self, request: gateway_pb2.GetDurabilityStatusRequest, context: Context
+    ) -> gateway_pb2.DurabilityStatus:
+        principal = CURRENT.get()
+        # Scoped as GetStats: admins count every tenant, a tenant's user its tenant.
+        scope = None if principal is None or principal.is_admin else principal.tenant
+        return await durability_status(self._store, scope)
+
+    async def GetDurableRequests(
+        self, request: gateway_pb2.GetDurableRequestsRequest, context: Context
+    ) -> struct_pb2.Struct:
+        return await durable_requests(self._store, tenant_of(context), session_scope(context))
+
+    async def GetDashboard(self, request: gateway_pb2.GetDashboardRequest, context: Context) -> gateway_pb2.Dashboard:
+        return DASHBOARD
 
     async def GetStats(self, request: gateway_pb2.GetStatsRequest, context: Context) -> gateway_pb2.Stats:
         principal = CURRENT.get()

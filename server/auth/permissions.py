@@ -28,6 +28,13 @@ PERMISSIONS: dict[str, Access] = {
     f"{_API}GatewayService/GetHealth": Access.PUBLIC,
     # A tenant's own figures; admins get every tenant's and the process's.
     f"{_API}GatewayService/GetStats": Access.USER,
+    # Kailash's enterprise routes: the public ones say what GetInfo and GetHealth say; the
+    # others count or list the caller's tenant, or point at where its figures are.
+    f"{_API}GatewayService/GetEnterpriseFeatures": Access.PUBLIC,
+    f"{_API}GatewayService/GetEnterpriseHealth": Access.PUBLIC,
+    f"{_API}GatewayService/GetDurabilityStatus": Access.USER,
+    f"{_API}GatewayService/GetDurableRequests": Access.USER,
+    f"{_API}GatewayService/GetDashboard": Access.USER,
     f"{_API}SessionService/CreateSession": Access.USER,
     f"{_API}SessionService/GetSession": Access.USER,
     f"{_API}SessionService/ListSessions": Access.USER,
@@ -35,6 +42,7 @@ PERMISSIONS: dict[str, Access] = {
     f"{_API}WorkflowService/CreateWorkflow": Access.USER,
     f"{_API}WorkflowService/GetWorkflow": Access.USER,
     f"{_API}WorkflowService/ListWorkflows": Access.USER,
+    f"{_API}WorkflowService/GetWorkflowMap": Access.USER,
     f"{_API}WorkflowService/DeleteWorkflow": Access.USER,
     f"{_API}WorkflowService/ValidateWorkflow": Access.USER,
     f"{_API}ExecutionService/CreateExecution": Access.USER,

@@ -74,3 +74,17 @@ class StatsTables(Tables):
         )
         row = await self._read(lambda conn: conn.execute(sql, args).fetchone())
         return int(row[0])
+
+    async def count_events(self, tenant: str | None) -> int:
+        """Events of `tenant` (or all) kept in the log."""
+        where, args = _scope(tenant)
+        sql = f"SELECT count(*) FROM events WHERE {where}"  # noqa: S608 - fixed fragments
+        row = await self._read(lambda conn: conn.execute(sql, args).fetchone())
+        return int(row[0])
+
+    async def count_request_ids(self, tenant: str | None) -> int:
+        """Request ids of `tenant` (or all) remembered with their first answer, until the purge."""
+        where, args = _scope(tenant)
+        sql = f"SELECT count(*) FROM idempotency WHERE {where}"  # noqa: S608 - fixed fragments
+        row = await self._read(lambda conn: conn.execute(sql, args).fetchone())
+        return int(row[0])

@@ -469,8 +469,3 @@ def test_k065_differs_a_webhook_secret_under_16_bytes_is_400(http: httpx.Client)
     webhook = {"url": "https://example.com/webhook", "secret": "test_secret", "event_types": ["workflow.completed"]}
     refused = http.post("/api/webhooks", json=webhook)
     assert refused.status_code == 400 and "webhook.secret" in refused.text and "test_secret" not in refused.text
-
-
-def test_k083_differs_workflows_are_a_list_not_a_map_by_name(http: httpx.Client) -> None:
-    listed = http.get("/workflows").json()
-    assert isinstance(listed["workflows"], list) and isinstance(listed["total"], int)

@@ -88,6 +88,12 @@ TENANT_FREE = {
     "/flowport.v1.GatewayService/GetInfo",
     # Beta's own figures: nothing of alpha's may appear in them.
     "/flowport.v1.GatewayService/GetStats",
+    "/flowport.v1.GatewayService/GetDurabilityStatus",
+    # Where the live views are, the same for every tenant.
+    "/flowport.v1.GatewayService/GetDashboard",
+    # Beta's own executions in flight and workflows (Kailash's maps keyed by id): none of alpha's.
+    "/flowport.v1.GatewayService/GetDurableRequests",
+    "/flowport.v1.WorkflowService/GetWorkflowMap",
     "/flowport.v1.SchemaService/ListNodeSchemas",
     "/flowport.v1.SchemaService/GetNodeSchema",
 }

@@ -37,9 +37,15 @@ def test_every_declared_permission_names_a_real_rpc() -> None:
 
 
 def test_only_health_and_info_are_public_in_the_api() -> None:
-    # GetInfo (GET /) names the gateway and its routes, nothing of a tenant's, as Kailash's `/` does.
+    # GetInfo (GET /) names the gateway and its routes, nothing of a tenant's, as Kailash's `/` does;
+    # the enterprise features and health are the same facts under Kailash's enterprise paths.
     public = sorted(m for m, access in PERMISSIONS.items() if access is Access.PUBLIC)
-    assert public == ["/flowport.v1.GatewayService/GetHealth", "/flowport.v1.GatewayService/GetInfo"]
+    assert public == [
+        "/flowport.v1.GatewayService/GetEnterpriseFeatures",
+        "/flowport.v1.GatewayService/GetEnterpriseHealth",
+        "/flowport.v1.GatewayService/GetHealth",
+        "/flowport.v1.GatewayService/GetInfo",
+    ]
 
 
 def test_undeclared_methods_are_not_public() -> None:

@@ -21,6 +21,279 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class GetEnterpriseFeaturesRequest(_message.Message):
+    """Request for GatewayService.GetEnterpriseFeatures. It has no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEnterpriseFeaturesRequest: _TypeAlias = GetEnterpriseFeaturesRequest  # noqa: Y015
+
+@_typing.final
+class GetEnterpriseHealthRequest(_message.Message):
+    """Request for GatewayService.GetEnterpriseHealth. It has no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEnterpriseHealthRequest: _TypeAlias = GetEnterpriseHealthRequest  # noqa: Y015
+
+@_typing.final
+class GetDurabilityStatusRequest(_message.Message):
+    """Request for GatewayService.GetDurabilityStatus. It has no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDurabilityStatusRequest: _TypeAlias = GetDurabilityStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetDurableRequestsRequest(_message.Message):
+    """Request for GatewayService.GetDurableRequests. It has no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDurableRequestsRequest: _TypeAlias = GetDurableRequestsRequest  # noqa: Y015
+
+@_typing.final
+class GetDashboardRequest(_message.Message):
+    """Request for GatewayService.GetDashboard. It has no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDashboardRequest: _TypeAlias = GetDashboardRequest  # noqa: Y015
+
+@_typing.final
+class DurabilityStatus(_message.Message):
+    """Durability as Kailash's durable servers report it (`/durability/status`),
+    from flowport's own records.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    OPT_IN_FIELD_NUMBER: _builtins.int
+    ACTIVE_REQUESTS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_COUNT_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_STATS_FIELD_NUMBER: _builtins.int
+    DEDUPLICATION_STATS_FIELD_NUMBER: _builtins.int
+    EVENT_STORE_STATS_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """Always true: every execution is written to the store before it runs and
+    resumed (or failed as INTERRUPTED) after a restart.
+    """
+    opt_in: _builtins.bool
+    """Always false: durability is not asked for per request (Kailash's
+    `X-Durable` opt-in); every execution has it.
+    """
+    active_requests: _builtins.int
+    """Executions pending or running now."""
+    checkpoint_count: _builtins.float
+    """Executions in the store, whatever their state (`checkpoint_stats.stored`)."""
+    event_count: _builtins.float
+    """Events in the event log (`event_store_stats.event_count`)."""
+    @_builtins.property
+    def checkpoint_stats(self) -> Global___CheckpointStats:
+        """The stored executions."""
+
+    @_builtins.property
+    def deduplication_stats(self) -> Global___DeduplicationStats:
+        """The request ids creates are deduplicated by."""
+
+    @_builtins.property
+    def event_store_stats(self) -> Global___EventStoreStats:
+        """The event log streams resume from."""
+
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        opt_in: _builtins.bool = ...,
+        active_requests: _builtins.int = ...,
+        checkpoint_count: _builtins.float = ...,
+        event_count: _builtins.float = ...,
+        checkpoint_stats: Global___CheckpointStats | None = ...,
+        deduplication_stats: Global___DeduplicationStats | None = ...,
+        event_store_stats: Global___EventStoreStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_stats", b"checkpoint_stats", "deduplication_stats", b"deduplication_stats", "event_store_stats", b"event_store_stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "checkpoint_count", b"checkpoint_count", "checkpoint_stats", b"checkpoint_stats", "deduplication_stats", b"deduplication_stats", "enabled", b"enabled", "event_count", b"event_count", "event_store_stats", b"event_store_stats", "opt_in", b"opt_in"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DurabilityStatus: _TypeAlias = DurabilityStatus  # noqa: Y015
+
+@_typing.final
+class CheckpointStats(_message.Message):
+    """Stored executions: each is its own checkpoint, rewritten as its nodes end."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ByStateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STORED_FIELD_NUMBER: _builtins.int
+    BY_STATE_FIELD_NUMBER: _builtins.int
+    stored: _builtins.float
+    """Executions in the store."""
+    @_builtins.property
+    def by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The same by state (`pending`, `running`, `succeeded`, `failed`, `cancelled`)."""
+
+    def __init__(
+        self,
+        *,
+        stored: _builtins.float = ...,
+        by_state: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_state", b"by_state", "stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointStats: _TypeAlias = CheckpointStats  # noqa: Y015
+
+@_typing.final
+class DeduplicationStats(_message.Message):
+    """Deduplication of mutating calls by their `request_id`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CACHED_REQUESTS_FIELD_NUMBER: _builtins.int
+    cached_requests: _builtins.float
+    """Request ids remembered now, each with its first answer (kept a day)."""
+    def __init__(
+        self,
+        *,
+        cached_requests: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_requests", b"cached_requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeduplicationStats: _TypeAlias = DeduplicationStats  # noqa: Y015
+
+@_typing.final
+class EventStoreStats(_message.Message):
+    """The event log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    event_count: _builtins.float
+    """Events kept in the log (`--event-retention-count`, `--event-retention-seconds`)."""
+    def __init__(
+        self,
+        *,
+        event_count: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_count", b"event_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventStoreStats: _TypeAlias = EventStoreStats  # noqa: Y015
+
+@_typing.final
+class Dashboard(_message.Message):
+    """Where flowport's live monitoring is (Kailash's `/dashboard` page)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSOLE_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    WEBSOCKET_FIELD_NUMBER: _builtins.int
+    console: _builtins.str
+    """The browser console: executions, their timelines and events, live."""
+    stats: _builtins.str
+    """The figures (GetStats)."""
+    events: _builtins.str
+    """The event stream (SSE or NDJSON)."""
+    websocket: _builtins.str
+    """The same events over a WebSocket."""
+    def __init__(
+        self,
+        *,
+        console: _builtins.str = ...,
+        stats: _builtins.str = ...,
+        events: _builtins.str = ...,
+        websocket: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["console", b"console", "events", b"events", "stats", b"stats", "websocket", b"websocket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Dashboard: _TypeAlias = Dashboard  # noqa: Y015
+
+@_typing.final
 class GetInfoRequest(_message.Message):
     """Request for GatewayService.GetInfo. It has no parameters."""
 
@@ -199,6 +472,7 @@ class EnterpriseInfo(_message.Message):
     HEALTH_CHECKS_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    SECRET_MANAGEMENT_FIELD_NUMBER: _builtins.int
     durability: _builtins.bool
     """Executions are stored and resumed (or failed as INTERRUPTED) after a restart."""
     async_execution: _builtins.bool
@@ -207,6 +481,8 @@ class EnterpriseInfo(_message.Message):
     """Named database resources per tenant (ResourceService)."""
     health_checks: _builtins.bool
     """GET /health and health checks of registered services and pools."""
+    secret_management: _builtins.bool
+    """Secrets are stored encrypted per tenant (`/api/secrets`): always true."""
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Kailash's names for these capabilities, e.g. "request_durability"."""
@@ -226,10 +502,11 @@ class EnterpriseInfo(_message.Message):
         health_checks: _builtins.bool = ...,
         features: _abc.Iterable[_builtins.str] | None = ...,
         resources: _abc.Iterable[_builtins.str] | None = ...,
+        secret_management: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["async_execution", b"async_execution", "durability", b"durability", "features", b"features", "health_checks", b"health_checks", "resource_management", b"resource_management", "resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["async_execution", b"async_execution", "durability", b"durability", "features", b"features", "health_checks", b"health_checks", "resource_management", b"resource_management", "resources", b"resources", "secret_management", b"secret_management"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,6 +5,7 @@ import warnings
 
 from flowport.v1 import gateway_pb2 as flowport_dot_v1_dot_gateway__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -57,6 +58,31 @@ class GatewayServiceStub:
                 request_serializer=flowport_dot_v1_dot_gateway__pb2.GetMetricsRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.GetEnterpriseFeatures = channel.unary_unary(
+                '/flowport.v1.GatewayService/GetEnterpriseFeatures',
+                request_serializer=flowport_dot_v1_dot_gateway__pb2.GetEnterpriseFeaturesRequest.SerializeToString,
+                response_deserializer=flowport_dot_v1_dot_gateway__pb2.EnterpriseInfo.FromString,
+                _registered_method=True)
+        self.GetEnterpriseHealth = channel.unary_unary(
+                '/flowport.v1.GatewayService/GetEnterpriseHealth',
+                request_serializer=flowport_dot_v1_dot_gateway__pb2.GetEnterpriseHealthRequest.SerializeToString,
+                response_deserializer=flowport_dot_v1_dot_gateway__pb2.Health.FromString,
+                _registered_method=True)
+        self.GetDurabilityStatus = channel.unary_unary(
+                '/flowport.v1.GatewayService/GetDurabilityStatus',
+                request_serializer=flowport_dot_v1_dot_gateway__pb2.GetDurabilityStatusRequest.SerializeToString,
+                response_deserializer=flowport_dot_v1_dot_gateway__pb2.DurabilityStatus.FromString,
+                _registered_method=True)
+        self.GetDurableRequests = channel.unary_unary(
+                '/flowport.v1.GatewayService/GetDurableRequests',
+                request_serializer=flowport_dot_v1_dot_gateway__pb2.GetDurableRequestsRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                _registered_method=True)
+        self.GetDashboard = channel.unary_unary(
+                '/flowport.v1.GatewayService/GetDashboard',
+                request_serializer=flowport_dot_v1_dot_gateway__pb2.GetDashboardRequest.SerializeToString,
+                response_deserializer=flowport_dot_v1_dot_gateway__pb2.Dashboard.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -101,6 +127,55 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEnterpriseFeatures(self, request, context):
+        """Kailash's enterprise server's `GET /enterprise/features`: the
+        capabilities GetInfo reports as `enterprise`, each served here. Public,
+        as GetInfo is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEnterpriseHealth(self, request, context):
+        """Kailash's enterprise server's `GET /enterprise/health`: GetHealth's
+        checks under Kailash's component names (`base_server`, `resources`,
+        `async_runtime`, `secret_manager`). Public and without counts, as
+        GetHealth is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDurabilityStatus(self, request, context):
+        """Kailash's durable servers' `GET /durability/status`: what makes
+        executions durable here, counted as GetStats counts (the caller's
+        tenant; every tenant for an admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDurableRequests(self, request, context):
+        """Kailash's durable servers' `GET /durability/requests`: the caller's
+        executions not finished yet, as a JSON object keyed by execution id,
+        each `{state, workflow_id, session_id, created_at}` (`state` "pending"
+        or "running", `created_at` RFC 3339), the newest 1000 at most
+        (`GET /api/executions?state=` pages through all). Visible as for
+        ListExecutions. A Struct, as Kailash's answer is that object itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDashboard(self, request, context):
+        """Kailash's `GET /dashboard`, its live monitoring page: here, where
+        flowport's live views are (the console, stats, event streams). Needs a
+        credential, as Kailash's does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +198,31 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.GetMetrics,
                     request_deserializer=flowport_dot_v1_dot_gateway__pb2.GetMetricsRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GetEnterpriseFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEnterpriseFeatures,
+                    request_deserializer=flowport_dot_v1_dot_gateway__pb2.GetEnterpriseFeaturesRequest.FromString,
+                    response_serializer=flowport_dot_v1_dot_gateway__pb2.EnterpriseInfo.SerializeToString,
+            ),
+            'GetEnterpriseHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEnterpriseHealth,
+                    request_deserializer=flowport_dot_v1_dot_gateway__pb2.GetEnterpriseHealthRequest.FromString,
+                    response_serializer=flowport_dot_v1_dot_gateway__pb2.Health.SerializeToString,
+            ),
+            'GetDurabilityStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDurabilityStatus,
+                    request_deserializer=flowport_dot_v1_dot_gateway__pb2.GetDurabilityStatusRequest.FromString,
+                    response_serializer=flowport_dot_v1_dot_gateway__pb2.DurabilityStatus.SerializeToString,
+            ),
+            'GetDurableRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDurableRequests,
+                    request_deserializer=flowport_dot_v1_dot_gateway__pb2.GetDurableRequestsRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+            ),
+            'GetDashboard': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDashboard,
+                    request_deserializer=flowport_dot_v1_dot_gateway__pb2.GetDashboardRequest.FromString,
+                    response_serializer=flowport_dot_v1_dot_gateway__pb2.Dashboard.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -235,6 +335,141 @@ class GatewayService:
             '/flowport.v1.GatewayService/GetMetrics',
             flowport_dot_v1_dot_gateway__pb2.GetMetricsRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEnterpriseFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowport.v1.GatewayService/GetEnterpriseFeatures',
+            flowport_dot_v1_dot_gateway__pb2.GetEnterpriseFeaturesRequest.SerializeToString,
+            flowport_dot_v1_dot_gateway__pb2.EnterpriseInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEnterpriseHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowport.v1.GatewayService/GetEnterpriseHealth',
+            flowport_dot_v1_dot_gateway__pb2.GetEnterpriseHealthRequest.SerializeToString,
+            flowport_dot_v1_dot_gateway__pb2.Health.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDurabilityStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowport.v1.GatewayService/GetDurabilityStatus',
+            flowport_dot_v1_dot_gateway__pb2.GetDurabilityStatusRequest.SerializeToString,
+            flowport_dot_v1_dot_gateway__pb2.DurabilityStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDurableRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowport.v1.GatewayService/GetDurableRequests',
+            flowport_dot_v1_dot_gateway__pb2.GetDurableRequestsRequest.SerializeToString,
+            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDashboard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowport.v1.GatewayService/GetDashboard',
+            flowport_dot_v1_dot_gateway__pb2.GetDashboardRequest.SerializeToString,
+            flowport_dot_v1_dot_gateway__pb2.Dashboard.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from flowport.v1 import gateway_pb2 as _gateway_pb2
 from google.api import httpbody_pb2 as _httpbody_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -57,6 +58,35 @@ class GatewayServiceStub:
     with an API key. FAILED_PRECONDITION when metrics are off
     (`--metrics-port 0` with a single process).
     """
+    GetEnterpriseFeatures: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetEnterpriseFeaturesRequest, _gateway_pb2.EnterpriseInfo]
+    """Kailash's enterprise server's `GET /enterprise/features`: the
+    capabilities GetInfo reports as `enterprise`, each served here. Public,
+    as GetInfo is.
+    """
+    GetEnterpriseHealth: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetEnterpriseHealthRequest, _gateway_pb2.Health]
+    """Kailash's enterprise server's `GET /enterprise/health`: GetHealth's
+    checks under Kailash's component names (`base_server`, `resources`,
+    `async_runtime`, `secret_manager`). Public and without counts, as
+    GetHealth is.
+    """
+    GetDurabilityStatus: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetDurabilityStatusRequest, _gateway_pb2.DurabilityStatus]
+    """Kailash's durable servers' `GET /durability/status`: what makes
+    executions durable here, counted as GetStats counts (the caller's
+    tenant; every tenant for an admin).
+    """
+    GetDurableRequests: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetDurableRequestsRequest, _struct_pb2.Struct]
+    """Kailash's durable servers' `GET /durability/requests`: the caller's
+    executions not finished yet, as a JSON object keyed by execution id,
+    each `{state, workflow_id, session_id, created_at}` (`state` "pending"
+    or "running", `created_at` RFC 3339), the newest 1000 at most
+    (`GET /api/executions?state=` pages through all). Visible as for
+    ListExecutions. A Struct, as Kailash's answer is that object itself.
+    """
+    GetDashboard: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetDashboardRequest, _gateway_pb2.Dashboard]
+    """Kailash's `GET /dashboard`, its live monitoring page: here, where
+    flowport's live views are (the console, stats, event streams). Needs a
+    credential, as Kailash's does.
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -85,6 +115,35 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     worker's. Admins only, so a scraper can come through the front door
     with an API key. FAILED_PRECONDITION when metrics are off
     (`--metrics-port 0` with a single process).
+    """
+    GetEnterpriseFeatures: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetEnterpriseFeaturesRequest, _gateway_pb2.EnterpriseInfo]  # type: ignore[assignment]
+    """Kailash's enterprise server's `GET /enterprise/features`: the
+    capabilities GetInfo reports as `enterprise`, each served here. Public,
+    as GetInfo is.
+    """
+    GetEnterpriseHealth: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetEnterpriseHealthRequest, _gateway_pb2.Health]  # type: ignore[assignment]
+    """Kailash's enterprise server's `GET /enterprise/health`: GetHealth's
+    checks under Kailash's component names (`base_server`, `resources`,
+    `async_runtime`, `secret_manager`). Public and without counts, as
+    GetHealth is.
+    """
+    GetDurabilityStatus: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetDurabilityStatusRequest, _gateway_pb2.DurabilityStatus]  # type: ignore[assignment]
+    """Kailash's durable servers' `GET /durability/status`: what makes
+    executions durable here, counted as GetStats counts (the caller's
+    tenant; every tenant for an admin).
+    """
+    GetDurableRequests: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetDurableRequestsRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    """Kailash's durable servers' `GET /durability/requests`: the caller's
+    executions not finished yet, as a JSON object keyed by execution id,
+    each `{state, workflow_id, session_id, created_at}` (`state` "pending"
+    or "running", `created_at` RFC 3339), the newest 1000 at most
+    (`GET /api/executions?state=` pages through all). Visible as for
+    ListExecutions. A Struct, as Kailash's answer is that object itself.
+    """
+    GetDashboard: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetDashboardRequest, _gateway_pb2.Dashboard]  # type: ignore[assignment]
+    """Kailash's `GET /dashboard`, its live monitoring page: here, where
+    flowport's live views are (the console, stats, event streams). Needs a
+    credential, as Kailash's does.
     """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -135,6 +194,65 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         worker's. Admins only, so a scraper can come through the front door
         with an API key. FAILED_PRECONDITION when metrics are off
         (`--metrics-port 0` with a single process).
+        """
+
+    @_abc_1.abstractmethod
+    def GetEnterpriseFeatures(
+        self,
+        request: _gateway_pb2.GetEnterpriseFeaturesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.EnterpriseInfo, _abc.Awaitable[_gateway_pb2.EnterpriseInfo]]:
+        """Kailash's enterprise server's `GET /enterprise/features`: the
+        capabilities GetInfo reports as `enterprise`, each served here. Public,
+        as GetInfo is.
+        """
+
+    @_abc_1.abstractmethod
+    def GetEnterpriseHealth(
+        self,
+        request: _gateway_pb2.GetEnterpriseHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Health, _abc.Awaitable[_gateway_pb2.Health]]:
+        """Kailash's enterprise server's `GET /enterprise/health`: GetHealth's
+        checks under Kailash's component names (`base_server`, `resources`,
+        `async_runtime`, `secret_manager`). Public and without counts, as
+        GetHealth is.
+        """
+
+    @_abc_1.abstractmethod
+    def GetDurabilityStatus(
+        self,
+        request: _gateway_pb2.GetDurabilityStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.DurabilityStatus, _abc.Awaitable[_gateway_pb2.DurabilityStatus]]:
+        """Kailash's durable servers' `GET /durability/status`: what makes
+        executions durable here, counted as GetStats counts (the caller's
+        tenant; every tenant for an admin).
+        """
+
+    @_abc_1.abstractmethod
+    def GetDurableRequests(
+        self,
+        request: _gateway_pb2.GetDurableRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+        """Kailash's durable servers' `GET /durability/requests`: the caller's
+        executions not finished yet, as a JSON object keyed by execution id,
+        each `{state, workflow_id, session_id, created_at}` (`state` "pending"
+        or "running", `created_at` RFC 3339), the newest 1000 at most
+        (`GET /api/executions?state=` pages through all). Visible as for
+        ListExecutions. A Struct, as Kailash's answer is that object itself.
+        """
+
+    @_abc_1.abstractmethod
+    def GetDashboard(
+        self,
+        request: _gateway_pb2.GetDashboardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Dashboard, _abc.Awaitable[_gateway_pb2.Dashboard]]:
+        """Kailash's `GET /dashboard`, its live monitoring page: here, where
+        flowport's live views are (the console, stats, event streams). Needs a
+        credential, as Kailash's does.
         """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

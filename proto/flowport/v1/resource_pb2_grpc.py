@@ -90,13 +90,15 @@ class ResourceServiceServicer:
 
     def GetResource(self, request, context):
         """Returns a resource. Fails with NOT_FOUND when there is none.
+        `GET /enterprise/resources/{name}` is Kailash's enterprise server's path.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListResources(self, request, context):
-        """Lists the tenant's resources by name.
+        """Lists the tenant's resources by name. `GET /enterprise/resources` is
+        Kailash's enterprise server's path.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

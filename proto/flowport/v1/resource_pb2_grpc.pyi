@@ -47,9 +47,13 @@ class ResourceServiceStub:
     written out instead of referenced from the secret store is refused).
     """
     GetResource: _grpc.UnaryUnaryMultiCallable[_resource_pb2.GetResourceRequest, _resource_pb2.Resource]
-    """Returns a resource. Fails with NOT_FOUND when there is none."""
+    """Returns a resource. Fails with NOT_FOUND when there is none.
+    `GET /enterprise/resources/{name}` is Kailash's enterprise server's path.
+    """
     ListResources: _grpc.UnaryUnaryMultiCallable[_resource_pb2.ListResourcesRequest, _resource_pb2.ListResourcesResponse]
-    """Lists the tenant's resources by name."""
+    """Lists the tenant's resources by name. `GET /enterprise/resources` is
+    Kailash's enterprise server's path.
+    """
     UpdateResource: _grpc.UnaryUnaryMultiCallable[_resource_pb2.UpdateResourceRequest, _resource_pb2.Resource]
     """Replaces a resource's settings and description (its kind may not
     change: FAILED_PRECONDITION). Pools of a changed database resource are
@@ -79,9 +83,13 @@ class ResourceServiceAsyncStub(ResourceServiceStub):
     written out instead of referenced from the secret store is refused).
     """
     GetResource: _aio.UnaryUnaryMultiCallable[_resource_pb2.GetResourceRequest, _resource_pb2.Resource]  # type: ignore[assignment]
-    """Returns a resource. Fails with NOT_FOUND when there is none."""
+    """Returns a resource. Fails with NOT_FOUND when there is none.
+    `GET /enterprise/resources/{name}` is Kailash's enterprise server's path.
+    """
     ListResources: _aio.UnaryUnaryMultiCallable[_resource_pb2.ListResourcesRequest, _resource_pb2.ListResourcesResponse]  # type: ignore[assignment]
-    """Lists the tenant's resources by name."""
+    """Lists the tenant's resources by name. `GET /enterprise/resources` is
+    Kailash's enterprise server's path.
+    """
     UpdateResource: _aio.UnaryUnaryMultiCallable[_resource_pb2.UpdateResourceRequest, _resource_pb2.Resource]  # type: ignore[assignment]
     """Replaces a resource's settings and description (its kind may not
     change: FAILED_PRECONDITION). Pools of a changed database resource are
@@ -120,7 +128,9 @@ class ResourceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _resource_pb2.GetResourceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_resource_pb2.Resource, _abc.Awaitable[_resource_pb2.Resource]]:
-        """Returns a resource. Fails with NOT_FOUND when there is none."""
+        """Returns a resource. Fails with NOT_FOUND when there is none.
+        `GET /enterprise/resources/{name}` is Kailash's enterprise server's path.
+        """
 
     @_abc_1.abstractmethod
     def ListResources(
@@ -128,7 +138,9 @@ class ResourceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _resource_pb2.ListResourcesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_resource_pb2.ListResourcesResponse, _abc.Awaitable[_resource_pb2.ListResourcesResponse]]:
-        """Lists the tenant's resources by name."""
+        """Lists the tenant's resources by name. `GET /enterprise/resources` is
+        Kailash's enterprise server's path.
+        """
 
     @_abc_1.abstractmethod
     def UpdateResource(

@@ -5,6 +5,7 @@ import warnings
 
 from flowport.v1 import workflow_pb2 as flowport_dot_v1_dot_workflow__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -52,6 +53,11 @@ class WorkflowServiceStub:
                 request_serializer=flowport_dot_v1_dot_workflow__pb2.ListWorkflowsRequest.SerializeToString,
                 response_deserializer=flowport_dot_v1_dot_workflow__pb2.ListWorkflowsResponse.FromString,
                 _registered_method=True)
+        self.GetWorkflowMap = channel.unary_unary(
+                '/flowport.v1.WorkflowService/GetWorkflowMap',
+                request_serializer=flowport_dot_v1_dot_workflow__pb2.GetWorkflowMapRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                _registered_method=True)
         self.DeleteWorkflow = channel.unary_unary(
                 '/flowport.v1.WorkflowService/DeleteWorkflow',
                 request_serializer=flowport_dot_v1_dot_workflow__pb2.DeleteWorkflowRequest.SerializeToString,
@@ -89,9 +95,23 @@ class WorkflowServiceServicer:
 
     def ListWorkflows(self, request, context):
         """Lists the latest version of every workflow, ordered by id, of the
-        versions the caller may see (as for GetWorkflow). `GET /workflows` is
-        where the Kailash enterprise server lists its registered workflows,
-        `GET /api/v1/workflows` where Kailash's `create_gateway_app` does.
+        versions the caller may see (as for GetWorkflow). `GET /api/v1/workflows`
+        is where Kailash's `create_gateway_app` lists them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWorkflowMap(self, request, context):
+        """`GET /workflows`, where Kailash's workflow servers list their workflows:
+        a JSON object keyed by workflow id (the name their routes take,
+        `POST /workflows/{id}/execute`), `{}` when there are none. Each entry is
+        `{type, name, description, version, tags, endpoints}`: `type`
+        "embedded" (it runs in this gateway), `version` the latest version
+        number as text, `tags` always empty, `endpoints` the two routes that run
+        it. The first 1000 by id of those the caller may see (as for
+        ListWorkflows, which pages through all). A Struct, as Kailash's answer
+        is that object itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +151,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.ListWorkflows,
                     request_deserializer=flowport_dot_v1_dot_workflow__pb2.ListWorkflowsRequest.FromString,
                     response_serializer=flowport_dot_v1_dot_workflow__pb2.ListWorkflowsResponse.SerializeToString,
+            ),
+            'GetWorkflowMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorkflowMap,
+                    request_deserializer=flowport_dot_v1_dot_workflow__pb2.GetWorkflowMapRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
             ),
             'DeleteWorkflow': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteWorkflow,
@@ -226,6 +251,33 @@ class WorkflowService:
             '/flowport.v1.WorkflowService/ListWorkflows',
             flowport_dot_v1_dot_workflow__pb2.ListWorkflowsRequest.SerializeToString,
             flowport_dot_v1_dot_workflow__pb2.ListWorkflowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWorkflowMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowport.v1.WorkflowService/GetWorkflowMap',
+            flowport_dot_v1_dot_workflow__pb2.GetWorkflowMapRequest.SerializeToString,
+            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from flowport.v1 import workflow_pb2 as _workflow_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -48,9 +49,19 @@ class WorkflowServiceStub:
     """
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.ListWorkflowsRequest, _workflow_pb2.ListWorkflowsResponse]
     """Lists the latest version of every workflow, ordered by id, of the
-    versions the caller may see (as for GetWorkflow). `GET /workflows` is
-    where the Kailash enterprise server lists its registered workflows,
-    `GET /api/v1/workflows` where Kailash's `create_gateway_app` does.
+    versions the caller may see (as for GetWorkflow). `GET /api/v1/workflows`
+    is where Kailash's `create_gateway_app` lists them.
+    """
+    GetWorkflowMap: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.GetWorkflowMapRequest, _struct_pb2.Struct]
+    """`GET /workflows`, where Kailash's workflow servers list their workflows:
+    a JSON object keyed by workflow id (the name their routes take,
+    `POST /workflows/{id}/execute`), `{}` when there are none. Each entry is
+    `{type, name, description, version, tags, endpoints}`: `type`
+    "embedded" (it runs in this gateway), `version` the latest version
+    number as text, `tags` always empty, `endpoints` the two routes that run
+    it. The first 1000 by id of those the caller may see (as for
+    ListWorkflows, which pages through all). A Struct, as Kailash's answer
+    is that object itself.
     """
     DeleteWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowRequest, _empty_pb2.Empty]
     """Deletes a workflow and all its versions. Executions that ran it are
@@ -81,9 +92,19 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_workflow_pb2.ListWorkflowsRequest, _workflow_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
     """Lists the latest version of every workflow, ordered by id, of the
-    versions the caller may see (as for GetWorkflow). `GET /workflows` is
-    where the Kailash enterprise server lists its registered workflows,
-    `GET /api/v1/workflows` where Kailash's `create_gateway_app` does.
+    versions the caller may see (as for GetWorkflow). `GET /api/v1/workflows`
+    is where Kailash's `create_gateway_app` lists them.
+    """
+    GetWorkflowMap: _aio.UnaryUnaryMultiCallable[_workflow_pb2.GetWorkflowMapRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    """`GET /workflows`, where Kailash's workflow servers list their workflows:
+    a JSON object keyed by workflow id (the name their routes take,
+    `POST /workflows/{id}/execute`), `{}` when there are none. Each entry is
+    `{type, name, description, version, tags, endpoints}`: `type`
+    "embedded" (it runs in this gateway), `version` the latest version
+    number as text, `tags` always empty, `endpoints` the two routes that run
+    it. The first 1000 by id of those the caller may see (as for
+    ListWorkflows, which pages through all). A Struct, as Kailash's answer
+    is that object itself.
     """
     DeleteWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a workflow and all its versions. Executions that ran it are
@@ -129,9 +150,25 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_pb2.ListWorkflowsResponse, _abc.Awaitable[_workflow_pb2.ListWorkflowsResponse]]:
         """Lists the latest version of every workflow, ordered by id, of the
-        versions the caller may see (as for GetWorkflow). `GET /workflows` is
-        where the Kailash enterprise server lists its registered workflows,
-        `GET /api/v1/workflows` where Kailash's `create_gateway_app` does.
+        versions the caller may see (as for GetWorkflow). `GET /api/v1/workflows`
+        is where Kailash's `create_gateway_app` lists them.
+        """
+
+    @_abc_1.abstractmethod
+    def GetWorkflowMap(
+        self,
+        request: _workflow_pb2.GetWorkflowMapRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+        """`GET /workflows`, where Kailash's workflow servers list their workflows:
+        a JSON object keyed by workflow id (the name their routes take,
+        `POST /workflows/{id}/execute`), `{}` when there are none. Each entry is
+        `{type, name, description, version, tags, endpoints}`: `type`
+        "embedded" (it runs in this gateway), `version` the latest version
+        number as text, `tags` always empty, `endpoints` the two routes that run
+        it. The first 1000 by id of those the caller may see (as for
+        ListWorkflows, which pages through all). A Struct, as Kailash's answer
+        is that object itself.
         """
 
     @_abc_1.abstractmethod
