@@ -5,7 +5,12 @@ port with the credential headers Envoy passed on (`x-api-key`,
 `authorization`) and the query's `session_id`, `workflow_id`,
 `execution_id`, `types`, `event_types` and `after_id`: authentication,
 tenants, session visibility and filtering are the stream's, not a second
-copy of them. A handshake without any credential is refused with 401.
+copy of them. The stream is opened during the handshake, and the upgrade
+happens only once it has started: a handshake without any credential, with
+a wrong one, or for a session the credential may not use is refused before
+the upgrade with the HTTP status and JSON `google.rpc.Status` that
+`GET /events` gives (401, 404 `SESSION_NOT_FOUND`, ...), as Kailash's
+server refuses its handshakes.
 
 Frames are the events (heartbeats left out) as proto3 JSON with the proto
 field names, plus `event` (the same object again) and `timestamp` (unix
@@ -16,13 +21,16 @@ types the stream asks for every event and the Kailash-named copies.
 Client messages: `{"type": "subscribe", "events": [...]}` (or
 `event_types`) replaces the types, resuming after the last event sent so
 nothing is lost or repeated, and is answered `{"type": "subscribed",
-"events": [...]}`; `ping` and `{"type": "ping"}` get a pong; anything else an
-error frame, the connection staying open (so does an 11th subscription
-within 10 s, refused). A stream error is an error frame
-`{"type": "error", "error": ..., "code": "<gRPC code>"}`, then a close: 1008
-for credentials, permissions and missing sessions, 1003 for bad input, 1013
-when trying again later may work (the stream fell behind, the server is
-stopping), 1011 otherwise.
+"events": [...]}`; `ping` and `{"type": "ping"}` get a pong; other text that
+is not JSON (`Hello`) is echoed as `Echo: Hello`, as Kailash's workflow
+servers do (up to MAX_ECHO_CHARS; the reply is never larger than the
+message, and neither is logged); anything else an error frame, the
+connection staying open (so does an 11th subscription within 10 s,
+refused). A stream error after the upgrade (a key revoked meanwhile) is an
+error frame `{"type": "error", "error": ..., "code": "<gRPC code>"}`, then a
+close: 1008 for credentials, permissions and missing sessions, 1003 for bad
+input, 1013 when trying again later may work (the stream fell behind, the
+server is stopping), 1011 otherwise.
 """
 
 from __future__ import annotations
@@ -37,10 +45,12 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import parse_qsl
+from weakref import WeakKeyDictionary
 
 import grpc
 import orjson
 from google.protobuf.json_format import MessageToDict
+from google.rpc import error_details_pb2, status_pb2
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -86,7 +96,25 @@ CLOSE_CODES: Final = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 1013,
 }
 INTERNAL_CLOSE: Final = 1011
-# JSON numbers up to this are exact integers in a browser.
+# HTTP status of a handshake refused by the stream's gRPC status (as Envoy transcodes it for /events).
+REFUSALS: Final = {
+    grpc.StatusCode.INVALID_ARGUMENT: HTTPStatus.BAD_REQUEST,
+    grpc.StatusCode.OUT_OF_RANGE: HTTPStatus.BAD_REQUEST,
+    grpc.StatusCode.UNAUTHENTICATED: HTTPStatus.UNAUTHORIZED,
+    grpc.StatusCode.PERMISSION_DENIED: HTTPStatus.FORBIDDEN,
+    grpc.StatusCode.NOT_FOUND: HTTPStatus.NOT_FOUND,
+    grpc.StatusCode.ABORTED: HTTPStatus.CONFLICT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: HTTPStatus.TOO_MANY_REQUESTS,
+    grpc.StatusCode.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: HTTPStatus.GATEWAY_TIMEOUT,
+}
+# How long the handshake waits for the stream to start (its first heartbeat comes at once).
+OPEN_TIMEOUT: Final = 5.0
+# Text echoed back at most (a greeting, not a transfer): longer text gets an error frame.
+MAX_ECHO_CHARS: Final = 4096
+ECHO_PREFIX: Final = "Echo: "
+STATUS_DETAILS: Final = "grpc-status-details-bin"
+_ = error_details_pb2  # registers ErrorInfo and BadRequest, so a refusal's details print as JSON
 
 
 class BadHandshake(ValueError):
@@ -157,6 +185,38 @@ def _printable_ascii(value: str) -> bool:
     return value.isascii() and value.isprintable()
 
 
+def echo(message: str) -> str:
+    """The answer to text that is not JSON: `Echo: <text>` (Kailash's servers' /ws), or an error
+    frame for text too long to echo, which quotes none of it."""
+    if len(message) > MAX_ECHO_CHARS:
+        return _error(f"not JSON, and too long to echo (at most {MAX_ECHO_CHARS} characters)")
+    return ECHO_PREFIX + message
+
+
+def refusal_body(error: grpc.aio.AioRpcError) -> str:
+    """The stream's error as the JSON `google.rpc.Status` REST callers get: the server's own
+    status (reason and field violations) when it sent one, else its code and message."""
+    for key, value in error.trailing_metadata() or ():
+        if key == STATUS_DETAILS and isinstance(value, bytes):
+            with contextlib.suppress(Exception):  # a status that does not parse falls back to code and message
+                status = status_pb2.Status.FromString(value)
+                return orjson.dumps(MessageToDict(status, preserving_proto_field_name=True)).decode()
+    code = error.code()
+    number = code.value[0] if isinstance(code.value, tuple) else 2
+    return orjson.dumps({"code": number, "message": error.details() or code.name, "details": []}).decode()
+
+
+@dataclass(slots=True)
+class _Opened:
+    """A stream opened during a handshake, for the connection once upgraded."""
+
+    call: grpc.aio.UnaryStreamCall[event_pb2.StreamEventsRequest, event_pb2.Event]
+    first: event_pb2.Event  # its first message, read to know it started (a heartbeat)
+    subscription: StreamQuery
+    after: str
+    resume_from: str
+
+
 class WebSocketBridge:
     """Serves `/ws` on its own port; `connections` is how many are open now."""
 
@@ -179,6 +239,9 @@ class WebSocketBridge:
         self._server: Server | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: event_pb2_grpc.EventServiceAsyncStub | None = None
+        # Streams opened by handshakes whose connection has not started yet. Weak: a handshake that
+        # never reaches the handler drops its entry with the connection, and gRPC cancels the call.
+        self._opened: WeakKeyDictionary[ServerConnection, _Opened] = WeakKeyDictionary()
         # Set when the server drains: Envoy's health check then takes this bridge out
         # of rotation too, and new /ws connections go to another server.
         self.draining = False
@@ -199,6 +262,7 @@ class WebSocketBridge:
                 host,
                 port,
                 process_request=self._check,
+                process_response=self._answered,
                 max_size=MAX_MESSAGE_BYTES,
                 max_queue=16,
                 # Pings keep Envoy's stream idle timeout from cutting a quiet connection and find dead clients.
@@ -215,10 +279,13 @@ class WebSocketBridge:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        for opened in list(self._opened.values()):
+            opened.call.cancel()
+        self._opened.clear()
         if self._channel is not None:
             await self._channel.close()
 
-    def _check(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _check(self, connection: ServerConnection, request: Request) -> Response | None:
         """Answer health checks and refuse what cannot become a stream, before the upgrade."""
         path, _, query = request.path.partition("?")
         if path == HEALTH_PATH and "upgrade" not in request.headers:
@@ -228,7 +295,7 @@ class WebSocketBridge:
         if path != PATH:
             return _refuse(connection, HTTPStatus.NOT_FOUND, 5, f"no WebSocket endpoint at {shown(path)}")
         try:
-            parse_query(query)
+            subscription, after = parse_query(query)
             for name in FORWARDED:
                 if not all(_printable_ascii(v) for v in request.headers.get_all(name)):
                     raise BadHandshake(f"header {name} must be printable ASCII")
@@ -241,7 +308,40 @@ class WebSocketBridge:
                 16,
                 "no credential: send x-api-key or authorization (or ?access_token=, or the flowport_token cookie)",
             )
+        return await self._open(connection, request, subscription, after)
+
+    async def _open(
+        self, connection: ServerConnection, request: Request, subscription: StreamQuery, after: str
+    ) -> Response | None:
+        """Start the stream, and refuse the handshake as `GET /events` would when it does not
+        start (a wrong credential, another's session); else keep it for the connection."""
+        assert self._stub is not None
+        resume_from = str(self._head()) if self._head is not None and not after else after
+        call = self._stub.StreamEvents(subscription.request(after), metadata=self._metadata(connection, request))
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                # The stream's first message is a heartbeat, sent once its checks have passed.
+                first = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            status = REFUSALS.get(exc.code(), HTTPStatus.INTERNAL_SERVER_ERROR)
+            return _respond(connection, status, refusal_body(exc))
+        except TimeoutError:
+            call.cancel()
+            return _refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, 14, "the event stream did not start in time")
+        except BaseException:
+            call.cancel()
+            raise
+        if not isinstance(first, event_pb2.Event):  # EOF: the server is stopping
+            return _refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, 14, "the event stream ended")
+        self._opened[connection] = _Opened(call, first, subscription, after, resume_from)
         return None
+
+    def _answered(self, connection: ServerConnection, request: Request, response: Response) -> None:
+        """Drop the stream of a handshake that ends without an upgrade after all."""
+        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
+            opened = self._opened.pop(connection, None)
+            if opened is not None:
+                opened.call.cancel()
 
     def _metadata(self, connection: ServerConnection, request: Request) -> list[tuple[str, str]]:
         metadata = [(name, value) for name in FORWARDED for value in request.headers.get_all(name)]
@@ -256,17 +356,25 @@ class WebSocketBridge:
 
     async def _serve(self, connection: ServerConnection) -> None:
         assert self._stub is not None and connection.request is not None
-        subscription, after = parse_query(connection.request.path.partition("?")[2])
+        opened = self._opened.pop(connection, None)
+        if opened is None:  # the handshake opens one for every upgrade; never without
+            await connection.close(INTERNAL_CLOSE)
+            return
         self.connections += 1
         try:
-            link = _Link(connection, self._stub, self._metadata(connection, connection.request), subscription)
-            await link.run(after, str(self._head()) if self._head is not None and not after else after)
+            metadata = self._metadata(connection, connection.request)
+            link = _Link(connection, self._stub, metadata, opened.subscription)
+            await link.run(opened)
         finally:
             self.connections -= 1
 
 
 def _refuse(connection: ServerConnection, status: HTTPStatus, code: int, message: str) -> Response:
-    response = connection.respond(status, orjson.dumps({"code": code, "message": message, "details": []}).decode())
+    return _respond(connection, status, orjson.dumps({"code": code, "message": message, "details": []}).decode())
+
+
+def _respond(connection: ServerConnection, status: HTTPStatus, body: str) -> Response:
+    response = connection.respond(status, body)
     del response.headers["Content-Type"]
     response.headers["Content-Type"] = "application/json"
     return response
@@ -291,11 +399,12 @@ class _Link:
         self._pump: asyncio.Task[None] | None = None
         self._subscribed: deque[float] = deque(maxlen=SUBSCRIBE_BURST)  # when the last ones were
 
-    async def run(self, after: str, resume_from: str) -> None:
-        """Stream until either side ends; `resume_from` is where a resubscription resumes before any event."""
-        self._sent = after
-        self._resume_from = resume_from
-        self._pump = asyncio.create_task(self._forward(self._subscription.request(after)))
+    async def run(self, opened: _Opened) -> None:
+        """Forward the stream the handshake opened until either side ends."""
+        self._sent = opened.after
+        # Where a resubscription resumes before any event was sent.
+        self._resume_from = opened.resume_from
+        self._pump = asyncio.create_task(self._forward(opened.call, opened.first))
         try:
             async for message in self._ws:
                 await self._on_message(message)
@@ -311,15 +420,23 @@ class _Link:
                 await self._pump
             self._pump = None
 
-    async def _forward(self, request: event_pb2.StreamEventsRequest) -> None:
-        call = self._stub.StreamEvents(request, metadata=self._metadata)
+    def _open(self, request: event_pb2.StreamEventsRequest) -> asyncio.Task[None]:
+        return asyncio.create_task(self._forward(self._stub.StreamEvents(request, metadata=self._metadata)))
+
+    async def _forward(
+        self,
+        call: grpc.aio.UnaryStreamCall[event_pb2.StreamEventsRequest, event_pb2.Event],
+        first: event_pb2.Event | None = None,
+    ) -> None:
         try:
-            async for event in call:
-                if event.type == HEARTBEAT:
-                    continue
-                self._sent = event.id
-                # Whole even when a resubscription cancels this task: the id above is already counted as sent.
-                await asyncio.shield(self._ws.send(frame(event)))
+            # read(), not iteration: the handshake has already read the first message of its call.
+            event = first if first is not None else await call.read()
+            while isinstance(event, event_pb2.Event):  # until EOF
+                if event.type != HEARTBEAT:
+                    self._sent = event.id
+                    # Whole even when a resubscription cancels this task: the id is already counted as sent.
+                    await asyncio.shield(self._ws.send(frame(event)))
+                event = await call.read()
             unavailable = grpc.StatusCode.UNAVAILABLE
             await self._close(CLOSE_CODES[unavailable], _error("the event stream ended", unavailable.name))
         except grpc.aio.AioRpcError as exc:
@@ -345,7 +462,10 @@ class _Link:
         try:
             parsed = orjson.loads(message)
         except orjson.JSONDecodeError:
-            await self._ws.send(_error('not JSON: send {"type": "subscribe", "events": [...]} or {"type": "ping"}'))
+            if message.lstrip().startswith(("{", "[")):  # a control message gone wrong, not text to echo
+                await self._ws.send(_error('not JSON: send {"type": "subscribe", "events": [...]} or {"type": "ping"}'))
+            else:
+                await self._ws.send(echo(message))
             return
         kind = parsed.get("type") if isinstance(parsed, dict) else None
         if kind == "ping":
@@ -371,5 +491,4 @@ class _Link:
         await self._stop_pump()
         self._subscription = StreamQuery(self._subscription.filters, tuple(names), ())
         await self._ws.send(orjson.dumps({"type": "subscribed", "events": names}).decode())
-        after = self._sent or self._resume_from
-        self._pump = asyncio.create_task(self._forward(self._subscription.request(after)))
+        self._pump = self._open(self._subscription.request(self._sent or self._resume_from))

@@ -92,12 +92,31 @@ def test_a_subscribed_client_gets_the_workflow_started_then_completed(stack: Sta
     assert int(completed["id"]) > int(started["id"])
 
 
-def test_no_credential_is_refused_and_a_bad_one_gets_nothing_but_an_error(stack: Stack, http: httpx.Client) -> None:
+def _refused(stack: Stack, query: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and JSON body of a handshake refused before the upgrade."""
     with pytest.raises(InvalidStatus) as refused:
-        connect(_ws_url(stack), open_timeout=10)
-    assert refused.value.response.status_code == 401
-    # A key that is no key: the stream's UNAUTHENTICATED, before any event (the log has many by now).
-    with _open(stack, "after_id=0", {"x-api-key": "fpk_not-a-key"}) as ws:
+        connect(_ws_url(stack, query), additional_headers=headers, open_timeout=10)
+    response = refused.value.response
+    assert response.headers["content-type"] == "application/json"
+    return response.status_code, json.loads(response.body)
+
+
+def test_no_credential_or_a_bad_one_is_refused_at_the_handshake(stack: Stack, http: httpx.Client) -> None:
+    assert _refused(stack, "", {})[0] == 401
+    # A key that is no key: the stream's UNAUTHENTICATED, as the 401 of GET /events, before any upgrade.
+    status, body = _refused(stack, "after_id=0", {"x-api-key": "fpk_not-a-key"})
+    assert (status, body["code"]) == (401, 16) and "fpk_not-a-key" not in json.dumps(body)
+    assert http.get("/events", params={"after_id": "0"}, headers={"x-api-key": "fpk_not-a-key"}).status_code == 401
+
+
+def test_a_key_revoked_while_connected_ends_the_socket_with_an_error(stack: Stack, http: httpx.Client) -> None:
+    made = http.post("/api/keys", json={"tenant": "default", "roles": ["user"]})
+    assert made.status_code == 200, made.text
+    with _open(stack, "types=session.created", {"x-api-key": made.json()["key"]}) as ws:
+        ws.send("ping")
+        assert ws.recv(timeout=10) == "pong"
+        revoked = http.post(f"/api/keys/{made.json()['api_key']['key_id']}:revoke", json={})
+        assert revoked.status_code == 200, revoked.text
         _closed_with_error(ws, "UNAUTHENTICATED", 1008)
 
 
@@ -105,9 +124,12 @@ def test_another_credential_cannot_stream_a_session_it_may_not_use(stack: Stack,
     owner, other = _user_key(http), _user_key(http)
     session_id = _session(http, owner)
     # As on GET /events: another credential's session is missing.
-    assert http.get("/events", params={"session_id": session_id}, headers=other).status_code == 404
-    with _open(stack, f"session_id={session_id}&after_id=0", other) as ws:
-        _closed_with_error(ws, "NOT_FOUND", 1008)
+    events = http.get("/events", params={"session_id": session_id}, headers=other)
+    assert events.status_code == 404
+    # Refused before the upgrade with the same status, words and reason.
+    status, body = _refused(stack, f"session_id={session_id}&after_id=0", other)
+    assert (status, body["code"], body["message"]) == (404, 5, events.json()["message"])
+    assert body["details"][0]["reason"] == events.json()["details"][0]["reason"] == "SESSION_NOT_FOUND"
     # Its owner streams it: the replay from the start holds the session's creation.
     with _open(stack, f"session_id={session_id}&after_id=0&types=session.created", owner) as ws:
         assert _receive(ws)["session_id"] == session_id
@@ -121,6 +143,12 @@ def test_ping_is_answered_and_bad_messages_leave_the_connection_open(stack: Stac
         assert _receive(ws) == {"type": "pong"}
         ws.send("{not json")
         assert _receive(ws)["type"] == "error"
+        # Other text is echoed, as Kailash's workflow servers do; too long, only an error that quotes none of it.
+        ws.send("Hello")
+        assert ws.recv(timeout=10) == "Echo: Hello"
+        ws.send("x" * 4097)
+        too_long = _receive(ws)
+        assert too_long["type"] == "error" and "x" * 10 not in too_long["error"]
         ws.send(json.dumps({"type": "subscribe", "events": "workflow_started"}))
         assert "events" in _receive(ws)["error"]
         ws.send(json.dumps({"type": "dance"}))

@@ -8,7 +8,15 @@ from typing import Any
 import orjson
 import pytest
 
-from flowport.server.events.websocket import EVERY_TYPE, BadHandshake, frame, parse_query, subscribed_types
+from flowport.server.events.websocket import (
+    EVERY_TYPE,
+    MAX_ECHO_CHARS,
+    BadHandshake,
+    echo,
+    frame,
+    parse_query,
+    subscribed_types,
+)
 from flowport.server.settings import Settings
 from flowport.server.transcoding import stream_transport
 from flowport.transcoder.envoy_config import render
@@ -49,6 +57,14 @@ def test_a_frame_is_the_event_with_event_and_timestamp() -> None:
     assert body["event"] == {k: v for k, v in body.items() if k not in ("event", "timestamp")}
     assert body["timestamp"] == 1_700_000_000.5
     assert body["session_id"] == "" and "progress" not in body  # printed as /events prints them
+
+
+def test_text_is_echoed_up_to_a_bound_and_never_quoted_beyond_it() -> None:
+    assert echo("Hello") == "Echo: Hello"
+    assert echo("a\r\nb") == "Echo: a\r\nb"  # the client's own text back, as sent
+    assert echo("x" * MAX_ECHO_CHARS) == "Echo: " + "x" * MAX_ECHO_CHARS
+    refused = orjson.loads(echo("x" * (MAX_ECHO_CHARS + 1)))
+    assert refused["type"] == "error" and "xxxx" not in refused["error"]
 
 
 class _Context:
