@@ -25,6 +25,7 @@ from flowport.server.settings import Settings
 from flowport.server.shutdown import HEALTH_CHECK_INTERVAL, HEALTH_CHECK_TIMEOUT, UNHEALTHY_THRESHOLD
 from flowport.transcoder.body_fields import lua_source as body_fields_lua
 from flowport.transcoder.console_routes import console_routes
+from flowport.transcoder.docs_page import docs_route
 from flowport.transcoder.edge_filter import edge_source
 from flowport.transcoder.envoy_routes import (
     CLUSTER,
@@ -317,6 +318,9 @@ def _routes(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
                 "typed_per_filter_config": {TRANSCODER: PER_ROUTE_DISABLED, RATE_LIMIT: PER_ROUTE_DISABLED},
             }
         )
+    docs = docs_route(document, {TRANSCODER: PER_ROUTE_DISABLED, RATE_LIMIT: PER_ROUTE_DISABLED})
+    if docs is not None:
+        routes.append(docs)
     routes += console_routes({TRANSCODER: PER_ROUTE_DISABLED, RATE_LIMIT: PER_ROUTE_DISABLED})
     routes += websocket_routes(settings, {TRANSCODER: PER_ROUTE_DISABLED})
     routes += stream_routes(

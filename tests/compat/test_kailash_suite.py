@@ -105,6 +105,14 @@ def test_k079_k110_k112_root_and_health_have_the_servers_fields(anonymous: httpx
     assert health["workflows"] == [] and health["mcp_servers"] == []
 
 
+def test_k016_docs_is_a_public_page_of_the_rest_operations(anonymous: httpx.Client) -> None:
+    docs = anonymous.get("/docs")
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    # Written here, no script from anywhere: the policy forbids any.
+    assert "default-src 'none'" in docs.headers["content-security-policy"] and "<script" not in docs.text
+    assert "<code>/api/sessions</code>" in docs.text and 'href="/openapi.json"' in docs.text
+
+
 # -- sessions -------------------------------------------------------------------------------
 
 
