@@ -142,6 +142,7 @@ def main() -> int:
                 "data_dir": data,
                 "grpc_port": _free_port(),
                 "metrics_port": _free_port(),
+                "websocket_port": _free_port(),
                 "sandbox_workers": 1,
                 "admin_api_key": ADMIN_KEY,
                 **extra,
