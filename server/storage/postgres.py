@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import pq
 
-from flowport.server.storage.group_commit import ConnectionThread, GroupWriter, QueryTiming
+from flowport.server.storage.group_commit import ConnectionThread, GroupWriter, QueryTiming, commit_unless_one_fails
 from flowport.server.storage.migrate import Migration, bundled, migrate
 from flowport.server.storage.sql_store import SqlStore
 from flowport.server.storage.tables import Connection, Cursor
@@ -70,6 +70,17 @@ def _connect(url: str) -> PgConnection:
 
 
 def _run_batch(conn: PgConnection, ops: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+    """Every op in one transaction, with no savepoint unless one op fails (then `_run_isolated`)."""
+    conn.raw.execute("BEGIN")
+    try:
+        return commit_unless_one_fails(conn, ops, conn.raw.execute, _run_isolated)
+    except BaseException:
+        if conn.in_transaction:
+            conn.raw.execute("ROLLBACK")
+        raise
+
+
+def _run_isolated(conn: PgConnection, ops: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
     """Every op in one transaction, each in a savepoint (one failing op does not undo the others).
 
     Round trips are what a batch costs here: BEGIN goes with the first

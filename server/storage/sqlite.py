@@ -6,7 +6,7 @@ run beside the writer. Writes are queued and every write queued while the
 previous transaction ran is committed in the next one (group commit): many
 executions finishing together cost one fsync-free WAL commit, not one each.
 Each write runs in its own SAVEPOINT, so one failing write never takes the
-others in its batch down with it.
+others in its batch down with it (group_commit.commit_unless_one_fails).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flowport.server.storage.group_commit import ConnectionThread, GroupWriter, QueryTiming
+from flowport.server.storage.group_commit import ConnectionThread, GroupWriter, QueryTiming, commit_unless_one_fails
 from flowport.server.storage.migrate import Migration, bundled, migrate
 from flowport.server.storage.sql_store import SqlStore
 from flowport.server.storage.tables import Connection
@@ -43,6 +43,17 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
 
 
 def _run_batch(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        return commit_unless_one_fails(conn, ops, conn.execute, _run_isolated)
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _run_isolated(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
+    """The batch again, each op in its own SAVEPOINT, after one of them failed."""
     results: list[tuple[bool, Any]] = []
     conn.execute("BEGIN IMMEDIATE")
     try:

@@ -8,6 +8,7 @@ import contextlib
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -107,6 +108,35 @@ async def test_idempotent_create_replays_the_first_result_and_refuses_another_bo
         # Keys are per tenant: another tenant's identical key is independent.
         other = await store.create_session("t2", session("s4", tenant="t2"), ("key", b"hash-b"))
         assert not other.replayed
+    finally:
+        await store.close()
+
+
+async def test_a_write_failing_half_way_in_a_batch_undoes_only_itself(opener: Opener) -> None:
+    """Writes queued together share one transaction; one that raises after changing a row must
+    leave no trace, while the writes before and after it in the batch commit."""
+    store = await opener()
+    try:
+
+        def half_done(conn: Any) -> None:
+            conn.execute("UPDATE sessions SET user_id='half' WHERE session_id='s1'")
+            raise RuntimeError("failed after its first statement")
+
+        await store.create_session("t1", session("s1"), None)
+        rename = "UPDATE sessions SET user_id=? WHERE session_id=?"
+        # Enqueued in one loop turn, so they are committed as one batch.
+        writes = [
+            store._group.enqueue(lambda conn: conn.execute(rename, ("before", "s0")).rowcount),
+            store._group.enqueue(half_done),
+            store._group.enqueue(lambda conn: conn.execute(rename, ("after", "s1")).rowcount),
+        ]
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert results[0] == 0 and results[2] == 1
+        assert isinstance(results[1], RuntimeError)
+        row = await store._lookup("SELECT user_id FROM sessions WHERE session_id=?", ("s1",))
+        assert row == ("after",)
+        batches, _ = store.write_batches
+        assert batches == 2, "the session's create, then the three writes in one batch"
     finally:
         await store.close()
 
