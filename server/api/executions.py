@@ -113,6 +113,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
                 session_id=request.session_id,
                 request_id=request.request_id,
                 request_hash=key[1] if key else None,
+                waited=wait,
             )
         except IdempotencyConflict:
             raise request_id_reused(request.request_id, "with a different request") from None

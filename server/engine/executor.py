@@ -47,7 +47,7 @@ from google.rpc import code_pb2
 from flowport.server.clock import now_us
 from flowport.server.engine.elsewhere import Elsewhere
 from flowport.server.engine.plan import PlanCache
-from flowport.server.engine.run import FINISHED, Execution, Run, error_status, publish, timestamp_now
+from flowport.server.engine.run import FINISHED, Execution, Run, error_status, mark_running, publish, timestamp_now
 from flowport.server.engine.slots import Slots
 from flowport.server.engine.stats import ExecutionCounters
 from flowport.server.engine.takeover import Takeover
@@ -155,8 +155,16 @@ class Executor:
         session_id: str,
         request_id: str,
         request_hash: bytes | None,
+        waited: bool = False,
     ) -> tuple[Execution, bool]:
         """Record and start an execution; returns it and whether it is a replay.
+
+        `waited`: the caller waits for its end (`wait`) before it answers. A
+        waited run without a request id, of a workflow whose nodes are all
+        safe to run twice, that starts at once, is written once, when it
+        ends: its caller holds no id before then, and if this process dies
+        meanwhile the caller's call fails and nothing is left to resume (the
+        caller runs it again). Other processes see it once it has ended.
 
         Raises InvalidArgument for missing inputs, ResourceExhausted when full.
         """
@@ -207,6 +215,13 @@ class Executor:
         # from now: if it is still waiting then, the lease sweep of some
         # process makes sure its queue entry still exists (Takeover._without_queued).
         owner, admitting = ("", 0) if queued else (self._leases.owner, 1)
+        if not queued:
+            # It starts now: recorded RUNNING, not written again when it starts.
+            mark_running(execution)
+        if not queued and waited and key is None and plan.rerunnable:
+            run = Run(tenant, plan, execution, values, starting=True, stored=False)
+            self._walker.start(run)
+            return execution, False
         self._slots.admitting += admitting
         self._slots.hold(tenant, admitting)
         counted = False
@@ -228,7 +243,7 @@ class Executor:
         if queued:
             await self._submit(tenant, execution.execution_id)
         else:
-            self._walker.start(Run(tenant, plan, execution, values))
+            self._walker.start(Run(tenant, plan, execution, values, starting=True))
         return execution, False
 
     async def _admit_to_queue(self, tenant: str) -> bool:
@@ -315,6 +330,12 @@ class Executor:
                 await run.finished.wait()
         snapshot = Execution()
         snapshot.CopyFrom(run.execution)
+        if not run.stored:
+            # Still running when the wait ends: its id is handed out now, so its row must exist.
+            run.stored = True
+            await self._store.insert_execution(
+                tenant, snapshot, None, owner=self._leases.owner, lease_until_us=self._leases.until()
+            )
         return snapshot
 
     async def cancel(self, tenant: str, execution_id: str) -> Execution | None:

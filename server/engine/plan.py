@@ -72,6 +72,11 @@ class Plan:
     order: tuple[str, ...]
 
     @cached_property
+    def rerunnable(self) -> bool:
+        """Whether every node is safe to run twice (a run cut short loses nothing a rerun does not redo)."""
+        return all(node.retry_safe for node in self.nodes.values())
+
+    @cached_property
     def inputs_schema(self) -> JsonSchema:
         """JSON Schema of execution inputs: required node inputs nothing else provides."""
         properties: dict[str, Any] = {}

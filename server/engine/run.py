@@ -41,6 +41,12 @@ def error_status(code: int, message: str, reason: str, metadata: dict[str, str])
     return status_pb2.Status(code=code, message=message, details=[detail])
 
 
+def mark_running(execution: Execution) -> None:
+    """`execution` starts now."""
+    execution.state = Execution.STATE_RUNNING
+    execution.start_time.CopyFrom(timestamp_now())
+
+
 def publish(bus: EventBus, type_: str, tenant: str, execution: Execution, data: dict[str, Any] | None = None) -> None:
     """Publish an event of `execution` (to its tenant's streams and webhooks)."""
     bus.publish(
@@ -70,6 +76,11 @@ class Run:
     task: asyncio.Task[None] | None = None
     # The x-request-id of the call that started it, for its log lines.
     request_id: str | None = None
+    # Recorded RUNNING by the call that created it: the walk counts and announces its start.
+    starting: bool = False
+    # Whether its row exists. A waited run of a rerunnable plan is written once, when it ends
+    # (Executor.create), unless its id is handed out before that (Executor.wait).
+    stored: bool = True
 
     @functools.cached_property
     def variables(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from google.rpc import code_pb2, status_pb2
 
 from flowport.server.engine.plan import PlanNode
-from flowport.server.engine.run import Execution, NodeRun, Run, error_status, publish, timestamp_now
+from flowport.server.engine.run import Execution, NodeRun, Run, error_status, mark_running, publish, timestamp_now
 from flowport.server.engine.slots import Slots
 from flowport.server.engine.stats import ExecutionCounters
 from flowport.server.engine.values import python_to_struct
@@ -123,12 +123,13 @@ class Walker:
         execution = run.execution
         started = time.perf_counter()
         try:
-            if execution.state == Execution.STATE_PENDING:
-                execution.state = Execution.STATE_RUNNING
-                execution.start_time.CopyFrom(timestamp_now())
+            if execution.state == Execution.STATE_PENDING:  # taken from the queue, or left before it began
+                mark_running(execution)
+                await self._store.save_execution(execution, wait=False)
+                run.starting = True
+            if run.starting:
                 self._figures.counters.started += 1
                 self._figures.tenant_counters(run.tenant).started += 1
-                await self._store.save_execution(execution, wait=False)
                 data = {"workflow_version": execution.workflow_version}
                 publish(self._bus, "execution.started", run.tenant, execution, data)
             await self._walk(run)
@@ -176,7 +177,12 @@ class Walker:
                 execution.end_time.ToNanoseconds() - execution.start_time.ToNanoseconds()
             )
         try:
-            await self._store.save_execution(execution)
+            if run.stored:
+                await self._store.save_execution(execution)
+            else:
+                run.stored = True
+                # Ended, so leased to nobody.
+                await self._store.insert_execution(run.tenant, execution, None)
         except Exception as exc:
             log.exception("could not record the end of execution %s", execution.execution_id)
             self._system_error(run.tenant, execution, f"the end of the execution was not stored: {type(exc).__name__}")
@@ -316,6 +322,7 @@ class Walker:
         run.node_runs[node.node_id] = node_run
         if not node.retry_safe:
             # Durably RUNNING before it starts: after a crash it is never rerun.
+            # (A run that is not stored has only retry-safe nodes.)
             await self._store.save_execution(execution)
         publish(
             self._bus, "node.started", run.tenant, execution, {"node_id": node.node_id, "node_type": node_run.node_type}
@@ -341,9 +348,12 @@ class Walker:
                 _finish(node_run, NodeRun.STATE_SUCCEEDED)
                 # Awaited only when other nodes wait for this output: a node
                 # starts only once what it reads is durable, so a restart never
-                # reruns a node whose dependents already started. A last node's
-                # write is committed with the execution's end.
-                await self._store.save_execution(execution, wait=bool(node.downstream))
+                # reruns a node whose dependents already started. A last node
+                # that is safe to rerun is written with the execution's end; one
+                # that is not is written now, so a crash before the end does
+                # not fail it as interrupted.
+                if run.stored and (node.downstream or not node.retry_safe):
+                    await self._store.save_execution(execution, wait=bool(node.downstream))
                 publish(
                     self._bus, "node.completed", run.tenant, execution, {"node_id": node.node_id, "attempts": attempt}
                 )
@@ -362,7 +372,8 @@ class Walker:
         )
         node_run.error.CopyFrom(status)
         _finish(node_run, NodeRun.STATE_FAILED)
-        await self._store.save_execution(execution)
+        if run.stored:
+            await self._store.save_execution(execution)
         publish(
             self._bus,
             "node.failed",

@@ -66,6 +66,13 @@ class GateNode(NodeType):
         return {"result": ctx.node_id}
 
 
+class SafeGateNode(GateNode):
+    """A GateNode that is safe to run twice."""
+
+    type_name = "SafeGateNode"
+    retry_safe = True
+
+
 class FlakyNode(NodeType):
     """Fails (retryably) until its `failures` budget is spent."""
 
@@ -82,7 +89,7 @@ class FlakyNode(NodeType):
         return {"result": ctx.attempt}
 
 
-REGISTRY = NodeRegistry([AddNode, GateNode, FlakyNode, SwitchNode, MergeNode])
+REGISTRY = NodeRegistry([AddNode, GateNode, SafeGateNode, FlakyNode, SwitchNode, MergeNode])
 
 
 def wf(
@@ -406,8 +413,60 @@ async def test_concurrent_executions_share_commits(env: tuple[Executor, SqliteSt
     results = await asyncio.gather(*(run(many, one, x=i) for i in range(100)))
     assert all(r.state == Execution.STATE_SUCCEEDED for r in results)
     batches, writes = (a - b for a, b in zip(store.write_batches, before, strict=True))
-    assert writes >= 300
+    assert writes == 200, "each execution is written as it starts (RUNNING) and as it ends"
     assert batches < writes / 2, f"{batches} commits for {writes} writes: writes were not grouped"
+
+
+async def test_a_waited_execution_of_rerunnable_nodes_is_written_once_when_it_ends(
+    env: tuple[Executor, SqliteStore, EventBus],
+) -> None:
+    executor, store, bus = env
+    chain = wf(
+        "waited",
+        [{"type": "AddNode", "name": "a", "config": {"add": 1}}, {"type": "AddNode", "name": "b"}],
+        [("a", "result", "b", "x")],
+    )
+    events = bus.subscribe(lambda event: event.type in ("execution.started", "execution.completed"))
+    before = store.write_batches[1]
+    execution, _ = await executor.create(
+        "t", chain, inputs(x=1), session_id="", request_id="", request_hash=None, waited=True
+    )
+    assert await store.get_execution("t", execution.execution_id) is None, "written before it ended"
+    assert (await executor.get("t", execution.execution_id)) is not None, "this process sees it running"
+    done = await executor.wait("t", execution.execution_id, 10)
+    assert done is not None and done.state == Execution.STATE_SUCCEEDED
+    assert done.outputs["b"]["result"] == 2
+    assert store.write_batches[1] - before == 1
+    stored = await store.get_execution("t", execution.execution_id)
+    assert stored is not None and stored.state == Execution.STATE_SUCCEEDED and len(stored.node_runs) == 2
+    announced = [await events.next(5) for _ in range(2)]
+    assert [e.type for e in announced if e is not None] == ["execution.started", "execution.completed"]
+
+    # With a request id (a retry must find the first run's record) it is written as it starts.
+    keyed, _ = await executor.create(
+        "t", chain, inputs(x=1), session_id="", request_id="r1", request_hash=b"h", waited=True
+    )
+    assert await store.get_execution("t", keyed.execution_id) is not None
+    await executor.wait("t", keyed.execution_id, 10)
+
+
+async def test_a_waited_execution_still_running_when_the_wait_ends_is_written_then(
+    env: tuple[Executor, SqliteStore, EventBus],
+) -> None:
+    executor, store, _ = env
+    gated = wf("gated", [{"type": "SafeGateNode", "name": "g", "config": {"gate": "g"}}])
+    execution, _ = await executor.create(
+        "t", gated, inputs(), session_id="", request_id="", request_hash=None, waited=True
+    )
+    snapshot = await executor.wait("t", execution.execution_id, 0.05)
+    assert snapshot is not None and snapshot.state == Execution.STATE_RUNNING
+    stored = await store.get_execution("t", execution.execution_id)
+    assert stored is not None and stored.state == Execution.STATE_RUNNING, "its id was handed out"
+    GATES["g"].set()
+    done = await executor.wait("t", execution.execution_id, 10)
+    assert done is not None and done.state == Execution.STATE_SUCCEEDED
+    stored = await store.get_execution("t", execution.execution_id)
+    assert stored is not None and stored.state == Execution.STATE_SUCCEEDED
 
 
 async def test_a_fault_of_the_gateway_fails_the_execution_and_publishes_system_error(
