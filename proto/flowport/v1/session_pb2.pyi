@@ -40,7 +40,11 @@ class Session(_message.Message):
     session_id: _builtins.str
     """Server-assigned identifier, e.g. "ses_01J9Z...". Unique across tenants."""
     user_id: _builtins.str
-    """The user the session belongs to. At most 256 characters."""
+    """The client's name for the session's user, at most 256 characters. Left
+    out or empty on create, it is the caller's credential: a bearer token's
+    subject, an API key's id (empty with --insecure-no-auth). Who owns the
+    session is `creator`, whatever this says.
+    """
     tenant: _builtins.str
     """The tenant that owns the session."""
     creator: _builtins.str
