@@ -3,10 +3,11 @@
 Starts `flowport up` (as the harness does: access log and rate limits off),
 makes a session, then runs further Envoy processes next to it, each on the
 rendered config with one change, in front of the same server. Each takes
---requests REST GetSession calls from h2load (4 connections, 8 streams
-each) after a warm-up; the Envoy's CPU time (from /proc) per call is
-reported, variants alternating over --rounds so the machine's drift hits
-each alike. Every answer is checked (h2load counts non-2xx as errors).
+--requests REST calls from h2load (4 connections, 8 streams each) after a
+warm-up: GetSession, or with `--call execute` the trivial workflow's
+execute. The Envoy's CPU time (from /proc) per call is reported, variants
+alternating over --rounds so the machine's drift hits each alike. Every
+answer is checked (h2load counts non-2xx as errors).
 
     python -m benchmarks.envoy_filters --rounds 5 --requests 20000
 
@@ -78,7 +79,9 @@ def _variant(rendered: Config, name: str, listen_port: int, port: int, admin_por
     return config
 
 
-def _measure(envoy: str, config_path: Path, name: str, *, base_id: int, port: int, url: str, requests: int) -> float:
+def _measure(
+    envoy: str, config_path: Path, name: str, *, base_id: int, port: int, url: str, body: bytes | None, requests: int
+) -> float:
     """Envoy CPU ms per call of one variant."""
     extra = ["--concurrency", "1"] if name == "one-worker" else []
     command = [envoy, "-c", str(config_path), "--disable-hot-restart", "--log-level", "error"]
@@ -90,9 +93,10 @@ def _measure(envoy: str, config_path: Path, name: str, *, base_id: int, port: in
                     break
             except OSError:
                 time.sleep(0.1)
-        http_tools.h2load(url, requests=500, clients=4, streams=8, headers=HEADERS)
+        headers = {**HEADERS, "content-type": "application/json"} if body else HEADERS
+        http_tools.h2load(url, requests=500, clients=4, streams=8, headers=headers, body=body)
         before = procstat.tree_cpu_seconds([process.pid])
-        result = http_tools.h2load(url, requests=requests, clients=4, streams=8, headers=HEADERS)
+        result = http_tools.h2load(url, requests=requests, clients=4, streams=8, headers=headers, body=body)
         spent = procstat.tree_cpu_seconds([process.pid]) - before
     finally:
         process.terminate()
@@ -106,6 +110,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument(
+        "--call",
+        choices=("get-session", "execute"),
+        default="get-session",
+        help="GET /api/sessions/{id}, or POST /workflows/trivial/execute (the harness's trivial workflow)",
+    )
     parser.add_argument("variants", nargs="*", default=list(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     args = parser.parse_args()
     unknown = set(args.variants) - set(VARIANTS)
@@ -123,11 +133,16 @@ def main() -> int:
                 config = _variant(rendered, name, up.settings.http_port, port, admin_port)
                 config_path.write_text(json.dumps(config))
                 url = f"http://127.0.0.1:{port}/api/sessions/{session.session_id}"
+                body = None
+                if args.call == "execute":
+                    url, body = f"http://127.0.0.1:{port}/workflows/trivial/execute", b'{"inputs": {"n": 1}}'
                 base_id = 100 + 10 * round_ + n  # Envoys side by side need their own shared-memory ids
-                ms = _measure(envoy, config_path, name, base_id=base_id, port=port, url=url, requests=args.requests)
+                ms = _measure(
+                    envoy, config_path, name, base_id=base_id, port=port, url=url, body=body, requests=args.requests
+                )
                 spent[name].append(ms)
                 print(f"round {round_ + 1} {name}: {spent[name][-1]:.4f} ms", flush=True)
-    print("\nEnvoy CPU per REST GetSession call, ms (median, min over rounds):")
+    print(f"\nEnvoy CPU per REST call ({args.call}), ms (median, min over rounds):")
     for name, values in spent.items():
         print(f"  {name:12s} {statistics.median(values):.4f}  {min(values):.4f}")
     return 0
