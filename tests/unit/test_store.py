@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from alembic.operations import Operations
 from google.protobuf import timestamp_pb2
 
+from flowport.server.events.bus import BusEvent
 from flowport.server.storage import Deletion, IdempotencyConflict, MigrationError, SqliteStore, SqlStore
 from flowport.server.storage.migrate import Migration, bundled, migrate
 from flowport.server.storage.postgres import PostgresStore
@@ -137,6 +138,24 @@ async def test_a_write_failing_half_way_in_a_batch_undoes_only_itself(opener: Op
         assert row == ("after",)
         batches, _ = store.write_batches
         assert batches == 2, "the session's create, then the three writes in one batch"
+    finally:
+        await store.close()
+
+
+async def test_logged_events_read_back_exactly(opener: Opener) -> None:
+    """A batch of events (written on PostgreSQL as one JSON parameter) reads back field for field."""
+    store = await opener()
+    try:
+        data = {"text": 'naïve "quoted" \\ back\nslash \u0000 nul \u2028 \U0001f600', "n": [1, 2.5, None, True]}
+        at = 1_700_000_000_123_456_000  # whole microseconds: the log keeps those
+        events = [
+            BusEvent(str(10 + n), "node.completed", at + n * 1000, "t1", "s", "w", f"e{n}", data) for n in range(3)
+        ]
+        events.append(BusEvent("20", "execution.started", at, "t1"))
+        await store.append_events(events)
+        await store.append_events([])
+        read = await store.read_events("t1", after=0, limit=10)
+        assert read == events
     finally:
         await store.close()
 
