@@ -80,10 +80,13 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
                 reason="CONFIG_OVERRIDES_UNSUPPORTED",
                 violations=[("config_overrides", "must be empty; create a new workflow version instead")],
             )
-        key_message = execution_pb2.CreateExecutionRequest()
-        key_message.CopyFrom(request)
-        key_message.ClearField("wait")
-        key_message.ClearField("wait_timeout")
+        key_message = request
+        if request.request_id:
+            # A retry that waits, or waits longer, asks for the same execution.
+            key_message = execution_pb2.CreateExecutionRequest()
+            key_message.CopyFrom(request)
+            key_message.ClearField("wait")
+            key_message.ClearField("wait_timeout")
         key = idempotency_key(request.request_id, key_message)
         wait = request.wait or _is_kailash_execute(context)
         timeout = DEFAULT_WAIT
