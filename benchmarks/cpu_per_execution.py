@@ -7,12 +7,18 @@ server process and its sandbox workers spent per execution (from
 /proc/<pid>/stat, so Linux only), plus throughput for context.
 
     python -m benchmarks.cpu_per_execution --count 2000 --concurrency 16
+
+With --postgres-redis the server keeps its state in a PostgreSQL database
+and its events in a Redis stream (both started here, as the test suite
+starts them: tests/backends.py), and their CPU per execution is reported
+too.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -36,6 +42,7 @@ from flowport.v1 import (
     workflow_pb2,
     workflow_pb2_grpc,
 )
+from tests.backends import PostgresServer, RedisServer
 
 TICKS = os.sysconf("SC_CLK_TCK")
 TRIVIAL = {
@@ -44,9 +51,27 @@ TRIVIAL = {
 }
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int, *, with_children: bool = False) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    spent = int(fields[11]) + int(fields[12])  # utime + stime
+    if with_children:
+        spent += int(fields[13]) + int(fields[14])  # cutime + cstime: children that exited
+    return spent / TICKS
+
+
+def _backends_cpu() -> tuple[float, float]:
+    """CPU seconds of every postgres and redis-server process on the machine (those started here
+    while measuring; their exited backends' time is in their parent's)."""
+    spent = {"postgres": 0.0, "redis-server": 0.0}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                name = (entry / "comm").read_text().strip()
+                if name in spent:
+                    spent[name] += _cpu_seconds(int(entry.name), with_children=True)
+            except OSError:
+                continue
+    return spent["postgres"], spent["redis-server"]
 
 
 def _children(pid: int) -> list[int]:
@@ -134,8 +159,20 @@ def main() -> int:
     parser.add_argument(
         "--no-auth", action="store_true", help="run the server with --insecure-no-auth: the cost of authentication"
     )
+    parser.add_argument(
+        "--postgres-redis", action="store_true", help="state in PostgreSQL and events in Redis (started here)"
+    )
     args = parser.parse_args()
     extra: dict[str, object] = {"insecure_no_auth": True} if args.no_auth else {}
+    with contextlib.ExitStack() as backends:
+        if args.postgres_redis:
+            postgres = backends.enter_context(PostgresServer())
+            redis = backends.enter_context(RedisServer())
+            extra |= {"database_url": postgres.new_database(), "redis_url": redis.url}
+        return _measure(args, extra)
+
+
+def _measure(args: argparse.Namespace, extra: dict[str, object]) -> int:
     with tempfile.TemporaryDirectory() as data:
         settings = Settings.load(
             {
@@ -156,16 +193,22 @@ def main() -> int:
         try:
             time.sleep(1.0)
             workers = _children(server.pid)
-            before = _cpu_seconds(server.pid), sum(_cpu_seconds(w) for w in workers)
+            # PostgreSQL's backends come and go: its whole tree, counted by name.
+            before = _cpu_seconds(server.pid), sum(_cpu_seconds(w) for w in workers), _backends_cpu()
             # The warm-up round is inside _drive; measure around the whole run and subtract it below.
             elapsed = asyncio.run(_drive(settings.grpc_target, args.count, args.concurrency, args.baseline))
-            after = _cpu_seconds(server.pid), sum(_cpu_seconds(w) for w in _children(server.pid))
+            after = _cpu_seconds(server.pid), sum(_cpu_seconds(w) for w in _children(server.pid)), _backends_cpu()
         finally:
             server.terminate()
             server.wait(30)
     total = args.count + 50
     server_ms = 1000 * (after[0] - before[0]) / total
     worker_ms = 1000 * (after[1] - before[1]) / total
+    if args.postgres_redis:
+        print(
+            f"PostgreSQL CPU per execution: {1000 * (after[2][0] - before[2][0]) / total:.3f} ms, "
+            f"Redis: {1000 * (after[2][1] - before[2][1]) / total:.3f} ms"
+        )
     print(f"cores: {os.cpu_count()}  executions: {args.count} (+50 warm-up)  concurrency: {args.concurrency}")
     what = "GetInfo call" if args.baseline else "execution"
     print(f"server CPU per {what}:  {server_ms:.3f} ms")
