@@ -248,6 +248,7 @@ class Walker:
         tasks: dict[asyncio.Task[dict[str, Any]], str] = {}
         try:
             while True:
+                ready: list[tuple[str, PlanNode, dict[str, Any]]] = []
                 progressed = True
                 while progressed:
                     progressed = False
@@ -261,15 +262,21 @@ class Walker:
                             self._record_skip(run, node)
                             progressed = True
                             continue
-                        params = Parameters(params, run.variables)
-                        task = asyncio.create_task(self._run_node(run, node, params))
-                        tasks[task] = nid
-                if not tasks:
-                    return
-                finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    nid = tasks.pop(task)
-                    run.done[nid] = task.result()  # raises NodeFailed
+                        ready.append((nid, node, Parameters(params, run.variables)))
+                if len(ready) == 1 and not tasks:
+                    # The one node to run now (a chain's next): run in this
+                    # task, without a task and a wait of its own.
+                    nid, node, params = ready[0]
+                    run.done[nid] = await self._run_node(run, node, params)  # raises NodeFailed
+                else:
+                    for nid, node, params in ready:
+                        tasks[asyncio.create_task(self._run_node(run, node, params))] = nid
+                    if not tasks:
+                        return
+                    finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    for task in finished:
+                        nid = tasks.pop(task)
+                        run.done[nid] = task.result()  # raises NodeFailed
                 total = len(plan.nodes)
                 complete = len(run.done) + len(run.skipped)
                 run.execution.progress = round(100 * complete / total, 2)  # saved with its next write
