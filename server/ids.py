@@ -25,18 +25,23 @@ class _RandomBytes(threading.local):
         self.buffer = b""
         self.offset = 0
 
-    def take10(self) -> bytes:
-        if self.offset + 10 > len(self.buffer):
+    def take(self, count: int) -> bytes:
+        if self.offset + count > len(self.buffer):
             self.buffer, self.offset = os.urandom(_RANDOM_CHUNK), 0
-        self.offset += 10
-        return self.buffer[self.offset - 10 : self.offset]
+        self.offset += count
+        return self.buffer[self.offset - count : self.offset]
 
 
 _random = _RandomBytes()
 
 
+def random_bytes(count: int) -> bytes:
+    """`count` (at most a few dozen) bytes from the OS's random source, read ahead a page at a time."""
+    return _random.take(count)
+
+
 def new_id(prefix: str) -> str:
     """A fresh id such as `ses_01JA2Z7W1Q9V3C5TQF4W8K2M6N`."""
     # 128 bits then two zero bits (as base32 pads them): 26 characters of 5 bits.
-    value = ((time.time_ns() // 1_000_000) << 80 | int.from_bytes(_random.take10(), "big")) << 2
+    value = ((time.time_ns() // 1_000_000) << 80 | int.from_bytes(_random.take(10), "big")) << 2
     return prefix + "_" + "".join([_PAIRS[(value >> shift) & 1023] for shift in range(120, -10, -10)])

@@ -42,6 +42,7 @@ from typing import Any
 
 import orjson
 
+from flowport.server.ids import random_bytes
 from flowport.server.sandbox.errors import (
     SandboxCrashed,
     SandboxError,
@@ -108,7 +109,7 @@ def _code_key(code: str) -> str:
 
 def _new_job_id() -> int:
     # Unpredictable, so frames user code forges cannot pass for a later job's reply.
-    return int.from_bytes(os.urandom(8), "big") >> 1
+    return int.from_bytes(random_bytes(8), "big") >> 1
 
 
 class _Worker:
