@@ -167,7 +167,7 @@ class RedisBus(EventBus):
                 for start in range(0, len(batch), ADD_BATCH_MAX):
                     # Bounded: Redis runs a script to its end before any other command.
                     part = batch[start : start + ADD_BATCH_MAX]
-                    args = [self._max_len, self._origin, *(_encode(event) for event in part)]
+                    args: list[bytes | int | str] = [self._max_len, self._origin, *(_encode(e) for e in part)]
                     ids = await self._add_batch(keys=[STREAM], args=args)
                     stamped += [replace(event, id=str(event_id(i))) for event, i in zip(part, ids, strict=True)]
             except _FAILURES as exc:

@@ -69,7 +69,7 @@ def _connect(url: str) -> PgConnection:
     return PgConnection(psycopg.connect(url, autocommit=True))
 
 
-def _run_batch(conn: PgConnection, ops: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+def _run_batch(conn: PgConnection, ops: list[Callable[[PgConnection], Any]]) -> list[tuple[bool, Any]]:
     """Every op in one transaction, with no savepoint unless one op fails (then `_run_isolated`)."""
     conn.raw.execute("BEGIN")
     try:
@@ -80,7 +80,7 @@ def _run_batch(conn: PgConnection, ops: list[Callable[[Connection], Any]]) -> li
         raise
 
 
-def _run_isolated(conn: PgConnection, ops: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+def _run_isolated(conn: PgConnection, ops: list[Callable[[PgConnection], Any]]) -> list[tuple[bool, Any]]:
     """Every op in one transaction, each in a savepoint (one failing op does not undo the others).
 
     Round trips are what a batch costs here: BEGIN goes with the first
