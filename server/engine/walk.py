@@ -201,8 +201,7 @@ class Walker:
             counters.latencies_ms.append(1000 * took)
         prometheus = self._figures.prometheus
         if prometheus is not None:
-            prometheus.executions.labels(final[1]).inc()
-            prometheus.execution_duration.labels(run.tenant, execution.workflow_id, final[1]).observe(took)
+            prometheus.execution_ended(run.tenant, execution.workflow_id, final[1], took)
         if execution.state == Execution.STATE_FAILED:
             log.info("execution ended failed: %s", execution.error.message)
         else:

@@ -123,7 +123,9 @@ class Prometheus:
             "Requests this server's rate limit service answered OVER_LIMIT.",
             registry=reg,
         )
+        # Labelled children by label values: labels() costs more than the count itself.
         self._rpc: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._executions: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._server: Any = None
 
     def rpc(self, method: str, code: str, seconds: float | None) -> None:
@@ -137,6 +139,18 @@ class Prometheus:
         children[0].inc()
         if seconds is not None:
             children[1].observe(seconds)
+
+    def execution_ended(self, tenant: str, workflow_id: str, outcome: str, seconds: float) -> None:
+        """Count one execution that ended (`outcome`: succeeded, failed or cancelled)."""
+        children = self._executions.get((tenant, workflow_id, outcome))
+        if children is None:
+            # As many as the histogram's own children: one per tenant, workflow and outcome seen.
+            children = self._executions[(tenant, workflow_id, outcome)] = (
+                self.executions.labels(outcome),
+                self.execution_duration.labels(tenant, workflow_id, outcome),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def _exposed(self) -> CollectorRegistry:
         """What /metrics shows: this process's registry, or every worker's files summed."""
