@@ -23,10 +23,10 @@ Client messages: `{"type": "subscribe", "events": [...]}` (or
 nothing is lost or repeated, and is answered `{"type": "subscribed",
 "events": [...]}`; `ping` and `{"type": "ping"}` get a pong; other text that
 is not JSON (`Hello`) is echoed as `Echo: Hello`, as Kailash's workflow
-servers do (up to MAX_ECHO_CHARS; the reply is never larger than the
-message, and neither is logged); anything else an error frame, the
-connection staying open (so does an 11th subscription within 10 s,
-refused). A stream error after the upgrade (a key revoked meanwhile) is an
+servers do (up to MAX_ECHO_CHARS: a reply is its message plus the 6
+characters of `Echo: `, and neither is logged); anything else an error
+frame, the connection staying open (so does an 11th subscription within
+10 s, refused). A stream error after the upgrade (a key revoked meanwhile) is an
 error frame `{"type": "error", "error": ..., "code": "<gRPC code>"}`, then a
 close: 1008 for credentials, permissions and missing sessions, 1003 for bad
 input, 1013 when trying again later may work (the stream fell behind, the
