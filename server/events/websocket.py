@@ -420,7 +420,8 @@ class _Link:
                 await self._pump
             self._pump = None
 
-    def _open(self, request: event_pb2.StreamEventsRequest) -> asyncio.Task[None]:
+    def _start_pump(self, request: event_pb2.StreamEventsRequest) -> asyncio.Task[None]:
+        """A new stream for `request`, forwarded by a task of its own (what _stop_pump stops)."""
         return asyncio.create_task(self._forward(self._stub.StreamEvents(request, metadata=self._metadata)))
 
     async def _forward(
@@ -491,4 +492,4 @@ class _Link:
         await self._stop_pump()
         self._subscription = StreamQuery(self._subscription.filters, tuple(names), ())
         await self._ws.send(orjson.dumps({"type": "subscribed", "events": names}).decode())
-        self._pump = self._open(self._subscription.request(self._sent or self._resume_from))
+        self._pump = self._start_pump(self._subscription.request(self._sent or self._resume_from))
