@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import orjson
+from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from flowport.server.errors import InvalidArgument
@@ -21,6 +22,24 @@ T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+
+
+def bounded_map(entries: Iterable[tuple[str, dict[str, Any]]]) -> struct_pb2.Struct:
+    """A JSON object of `entries` (key, value), as Kailash's maps keyed by id answer.
+
+    Such a map has no room for a page token: it holds the first
+    MAX_PAGE_SIZE entries that fit in MAX_PAGE_BYTES (at least one), as a
+    page would, and the paged list of the same things has them all.
+    """
+    answer = struct_pb2.Struct()
+    used = 0
+    for key, value in entries:
+        size = len(key) + len(orjson.dumps(value)) + 4
+        if len(answer) >= MAX_PAGE_SIZE or (answer and used + size > MAX_PAGE_BYTES):
+            break
+        answer[key] = value
+        used += size
+    return answer
 
 
 def page_size(requested: int) -> int:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
+from flowport.server import pagination
 from flowport.server.health import overall
 from flowport.server.storage.sql_store import SqlStore
 from flowport.v1 import gateway_pb2
 from flowport.v1.execution_pb2 import Execution
-
-# Executions GET /durability/requests answers at most (Kailash's map cannot carry a page token).
-REQUESTS_SHOWN = 1000
 
 DASHBOARD = gateway_pb2.Dashboard(console="/console/", stats="/api/stats", events="/events", websocket="/ws")
 
@@ -71,27 +69,22 @@ async def durability_status(store: SqlStore, scope: str | None) -> gateway_pb2.D
 async def durable_requests(store: SqlStore, tenant: str, creator: str | None) -> struct_pb2.Struct:
     """The newest executions of `tenant` not finished yet, keyed by id, as ListExecutions shows
     them to the caller."""
-    pending, running = await asyncio.gather(
-        *(
-            store.list_executions(
-                tenant,
-                workflow_id="",
-                session_id="",
-                state=state,
-                after=None,
-                limit=REQUESTS_SHOWN,
-                session_creator=creator,
-            )
-            for state in (Execution.STATE_PENDING, Execution.STATE_RUNNING)
+    rows = await store.unfinished_executions(tenant, limit=pagination.MAX_PAGE_SIZE, session_creator=creator)
+    return pagination.bounded_map(
+        (
+            execution_id,
+            {
+                "state": "pending" if state == Execution.STATE_PENDING else "running",
+                "workflow_id": workflow_id,
+                "session_id": session_id,
+                "created_at": _rfc3339(create_us),
+            },
         )
+        for execution_id, state, workflow_id, session_id, create_us in rows
     )
-    newest = sorted([*pending, *running], key=lambda e: (e.create_time.ToMicroseconds(), e.execution_id), reverse=True)
-    answer = struct_pb2.Struct()
-    for execution in newest[:REQUESTS_SHOWN]:
-        answer[execution.execution_id] = {
-            "state": "pending" if execution.state == Execution.STATE_PENDING else "running",
-            "workflow_id": execution.workflow_id,
-            "session_id": execution.session_id,
-            "created_at": execution.create_time.ToJsonString(),
-        }
-    return answer
+
+
+def _rfc3339(us: int) -> str:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMicroseconds(us)
+    return stamp.ToJsonString()

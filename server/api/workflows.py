@@ -27,9 +27,6 @@ from flowport.server.tenancy import tenant_of
 from flowport.server.types import Context
 from flowport.v1 import workflow_pb2, workflow_pb2_grpc
 
-# Workflows GET /workflows answers at most (Kailash's map cannot carry a page token).
-MAP_SIZE = 1000
-
 
 def workflow_not_found(workflow_id: str, version: int = 0) -> NotFound:
     """NOT_FOUND for a workflow (or one version of it)."""
@@ -129,21 +126,27 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
         return workflow_pb2.ListWorkflowsResponse(workflows=workflows, next_page_token=token, total=total)
 
     async def GetWorkflowMap(self, request: workflow_pb2.GetWorkflowMapRequest, context: Context) -> struct_pb2.Struct:
-        # Kailash's shape has no room for a page token: the first MAP_SIZE, and ListWorkflows pages.
         rows = await self._store.list_workflows(
-            tenant_of(context), session_id="", after=None, limit=MAP_SIZE, session_creator=session_scope(context)
+            tenant_of(context),
+            session_id="",
+            after=None,
+            limit=pagination.MAX_PAGE_SIZE,
+            session_creator=session_scope(context),
         )
-        listed = struct_pb2.Struct()
-        for w in rows:
-            listed[w.workflow_id] = {
-                "type": "embedded",  # it runs here; Kailash's other kind, "proxied", forwards elsewhere
-                "name": w.name,
-                "description": w.description,
-                "version": str(w.version),
-                "tags": [],
-                "endpoints": [f"/workflows/{w.workflow_id}/execute", f"/{w.workflow_id}/execute"],
-            }
-        return listed
+        return pagination.bounded_map(
+            (
+                w.workflow_id,
+                {
+                    "type": "embedded",  # it runs here; Kailash's other kind, "proxied", forwards elsewhere
+                    "name": w.name,
+                    "description": w.description,
+                    "version": str(w.version),
+                    "tags": [],
+                    "endpoints": [f"/workflows/{w.workflow_id}/execute", f"/{w.workflow_id}/execute"],
+                },
+            )
+            for w in rows
+        )
 
     async def DeleteWorkflow(self, request: workflow_pb2.DeleteWorkflowRequest, context: Context) -> empty_pb2.Empty:
         require(request.workflow_id, "workflow_id")

@@ -130,6 +130,20 @@ class ExecutionTables(Tables):
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [execution_pb2.Execution.FromString(row[0]) for row in rows]
 
+    async def unfinished_executions(
+        self, tenant: str, *, limit: int, session_creator: str | None = None
+    ) -> list[tuple[str, int, str, str, int]]:
+        """(execution_id, state, workflow_id, session_id, create_us) of the newest executions of
+        `tenant` not ended yet (PENDING or RUNNING), newest first, as list_executions scopes them."""
+        where, args = _listed(tenant, "", "", 0, session_creator)
+        sql = (
+            f"SELECT execution_id, state, workflow_id, session_id, create_us FROM executions WHERE {where}"  # noqa: S608
+            " AND state IN (?, ?) ORDER BY create_us DESC, execution_id DESC LIMIT ?"
+        )
+        args += [*UNFINISHED, limit]
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
+        return [(str(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4])) for r in rows]
+
     async def count_listed_executions(
         self, tenant: str, *, workflow_id: str, session_id: str, state: int, session_creator: str | None = None
     ) -> int:

@@ -21,6 +21,7 @@ from flowport.server.storage.migrate import Migration, bundled, migrate
 from flowport.server.storage.postgres import PostgresStore
 from flowport.server.storage.sqlite_snapshot import create_from_snapshot, render, snapshot_text
 from flowport.v1 import execution_pb2, session_pb2
+from flowport.v1.execution_pb2 import Execution
 
 NOW = 1_700_000_000_000_000
 HOUR = 3600 * 1_000_000
@@ -156,6 +157,42 @@ async def test_logged_events_read_back_exactly(opener: Opener) -> None:
         await store.append_events([])
         read = await store.read_events("t1", after=0, limit=10)
         assert read == events
+    finally:
+        await store.close()
+
+
+async def test_unfinished_executions_are_the_callers_newest_pending_and_running(opener: Opener) -> None:
+    store = await opener()
+    try:
+        alice = session("s-alice")
+        alice.creator = "key-alice"
+        await store.create_session("t1", alice, None)
+        made = [
+            ("e0", "t1", "", Execution.STATE_RUNNING),
+            ("e1", "t1", "", Execution.STATE_SUCCEEDED),
+            ("e2", "t1", "s-alice", Execution.STATE_PENDING),
+            ("e3", "t2", "", Execution.STATE_RUNNING),
+            ("e4", "t1", "", Execution.STATE_FAILED),
+            ("e5", "t1", "", Execution.STATE_PENDING),
+        ]
+        for n, (eid, tenant, sid, state) in enumerate(made):
+            execution = Execution(
+                execution_id=eid, workflow_id="w", session_id=sid, state=state, create_time=_ts(NOW + n)
+            )
+            await store.insert_execution(tenant, execution, None)
+        rows = await store.unfinished_executions("t1", limit=10)
+        assert rows == [
+            ("e5", Execution.STATE_PENDING, "w", "", NOW + 5),
+            ("e2", Execution.STATE_PENDING, "w", "s-alice", NOW + 2),
+            ("e0", Execution.STATE_RUNNING, "w", "", NOW),
+        ]
+        assert [r[0] for r in await store.unfinished_executions("t1", limit=2)] == ["e5", "e2"]
+        # Another credential sees executions outside sessions, not those in alice's session.
+        assert [r[0] for r in await store.unfinished_executions("t1", limit=10, session_creator="key-bob")] == [
+            "e5",
+            "e0",
+        ]
+        assert [r[0] for r in await store.unfinished_executions("t2", limit=10)] == ["e3"]
     finally:
         await store.close()
 
