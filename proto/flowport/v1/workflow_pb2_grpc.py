@@ -109,9 +109,10 @@ class WorkflowServiceServicer:
         `{type, name, description, version, tags, endpoints}`: `type`
         "embedded" (it runs in this gateway), `version` the latest version
         number as text, `tags` always empty, `endpoints` the two routes that run
-        it. The first 1000 by id of those the caller may see (as for
-        ListWorkflows, which pages through all). A Struct, as Kailash's answer
-        is that object itself.
+        it. The first of those the caller may see, by id, as many as a page of
+        ListWorkflows holds (1000, and 4 MiB), since the object has no room for
+        a page token: ListWorkflows pages through all. A Struct, as Kailash's
+        answer is that object itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

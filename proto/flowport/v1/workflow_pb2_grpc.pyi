@@ -59,9 +59,10 @@ class WorkflowServiceStub:
     `{type, name, description, version, tags, endpoints}`: `type`
     "embedded" (it runs in this gateway), `version` the latest version
     number as text, `tags` always empty, `endpoints` the two routes that run
-    it. The first 1000 by id of those the caller may see (as for
-    ListWorkflows, which pages through all). A Struct, as Kailash's answer
-    is that object itself.
+    it. The first of those the caller may see, by id, as many as a page of
+    ListWorkflows holds (1000, and 4 MiB), since the object has no room for
+    a page token: ListWorkflows pages through all. A Struct, as Kailash's
+    answer is that object itself.
     """
     DeleteWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowRequest, _empty_pb2.Empty]
     """Deletes a workflow and all its versions. Executions that ran it are
@@ -102,9 +103,10 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     `{type, name, description, version, tags, endpoints}`: `type`
     "embedded" (it runs in this gateway), `version` the latest version
     number as text, `tags` always empty, `endpoints` the two routes that run
-    it. The first 1000 by id of those the caller may see (as for
-    ListWorkflows, which pages through all). A Struct, as Kailash's answer
-    is that object itself.
+    it. The first of those the caller may see, by id, as many as a page of
+    ListWorkflows holds (1000, and 4 MiB), since the object has no room for
+    a page token: ListWorkflows pages through all. A Struct, as Kailash's
+    answer is that object itself.
     """
     DeleteWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a workflow and all its versions. Executions that ran it are
@@ -166,9 +168,10 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         `{type, name, description, version, tags, endpoints}`: `type`
         "embedded" (it runs in this gateway), `version` the latest version
         number as text, `tags` always empty, `endpoints` the two routes that run
-        it. The first 1000 by id of those the caller may see (as for
-        ListWorkflows, which pages through all). A Struct, as Kailash's answer
-        is that object itself.
+        it. The first of those the caller may see, by id, as many as a page of
+        ListWorkflows holds (1000, and 4 MiB), since the object has no room for
+        a page token: ListWorkflows pages through all. A Struct, as Kailash's
+        answer is that object itself.
         """
 
     @_abc_1.abstractmethod
