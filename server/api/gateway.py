@@ -144,6 +144,14 @@ class SecurityCounters:
         )
 
 
+def _figures_scope() -> str | None:
+    """Whose figures GetStats and GetDurabilityStatus count: every tenant's and the process's
+    (None) for an admin, or with authentication off (one open deployment); the caller's tenant's
+    for anyone else."""
+    principal = CURRENT.get()
+    return None if principal is None or principal.is_admin else principal.tenant
+
+
 class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
     """What the gateway is, how healthy and how busy."""
 
@@ -304,10 +312,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
     async def GetDurabilityStatus(
         self, request: gateway_pb2.GetDurabilityStatusRequest, context: Context
     ) -> gateway_pb2.DurabilityStatus:
-        principal = CURRENT.get()
-        # Scoped as GetStats: admins count every tenant, a tenant's user its tenant.
-        scope = None if principal is None or principal.is_admin else principal.tenant
-        return await durability_status(self._store, scope)
+        return await durability_status(self._store, _figures_scope())
 
     async def GetDurableRequests(
         self, request: gateway_pb2.GetDurableRequestsRequest, context: Context
@@ -318,9 +323,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         return DASHBOARD
 
     async def GetStats(self, request: gateway_pb2.GetStatsRequest, context: Context) -> gateway_pb2.Stats:
-        principal = CURRENT.get()
-        # Admins see every tenant and the process; a tenant's user sees the tenant.
-        scope = None if principal is None or principal.is_admin else principal.tenant
+        scope = _figures_scope()
         calls: CallFigures = self._metrics if scope is None else self._metrics.tenant(scope)
         counters = self._executor.counters if scope is None else self._executor.tenant_counters(scope)
         now = now_us()
