@@ -27,7 +27,7 @@ from flowport.server.api.resources import ResourceService
 from flowport.server.api.schemas import SchemaService
 from flowport.server.api.secrets import SecretService
 from flowport.server.api.service_registry import ServiceRegistryService
-from flowport.server.api.session_answers import VersionedSessionService
+from flowport.server.api.sessions import SessionService
 from flowport.server.api.webhooks import WebhookService
 from flowport.server.api.workflows import WorkflowService
 from flowport.server.audit import AuditRecorder, CallAuditor
@@ -555,7 +555,7 @@ def _add_services(
 ) -> None:
     """Register the flowport.v1 services (GatewayService apart: it needs the server's counters)."""
     store = core.store
-    session_pb2_grpc.add_SessionServiceServicer_to_server(VersionedSessionService(store, settings, bus), server)
+    session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, settings, bus), server)
     workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowService(store, engine.registry, bus), server)
     execution_pb2_grpc.add_ExecutionServiceServicer_to_server(
         ExecutionService(store, engine.executor, bus, settings.stream_heartbeat), server

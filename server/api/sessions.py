@@ -31,6 +31,9 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         self._bus = bus
         self._default_ttl_us = int(settings.session_default_ttl * 1e6)
         self._max_ttl_us = int(settings.session_max_ttl * 1e6)
+        # Kailash's session routes add the gateway's version to each session
+        # answer: a fact of the gateway (what GET / shows), never stored.
+        self._api_version = settings.shown_version
 
     def _expiry_us(self, given: session_pb2.Session, now_us: int) -> int:
         which = given.WhichOneof("expiration")
@@ -89,9 +92,9 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             if first.creator != creator:
                 # Another credential's key: its session is not this caller's to see.
                 raise request_id_reused(request.request_id, "by another credential")
-            return active(first)
+            return self._answer(first)
         self._bus.publish("session.created", tenant=session.tenant, session_id=session.session_id)
-        return active(session)
+        return self._answer(session)
 
     async def GetSession(self, request: session_pb2.GetSessionRequest, context: Context) -> session_pb2.Session:
         require(request.session_id, "session_id")
@@ -100,7 +103,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         )
         if session is None:
             raise session_not_found()
-        return active(session)
+        return self._answer(session)
 
     async def ListSessions(
         self, request: session_pb2.ListSessionsRequest, context: Context
@@ -115,10 +118,19 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             ),
             self._store.count_listed_sessions(tenant, user_id=request.user_id, now_us=now, creator=creator),
         )
-        sessions, token = pagination.page(rows, size, filters, lambda s: [s.create_time.ToMicroseconds(), s.session_id])
-        return session_pb2.ListSessionsResponse(
-            sessions=[active(s) for s in sessions], next_page_token=token, total=total
+        # Marked before paging, so that the page's bytes count what it carries.
+        answers = [self._answer(s) for s in rows]
+        sessions, token = pagination.page(
+            answers, size, filters, lambda s: [s.create_time.ToMicroseconds(), s.session_id]
         )
+        return session_pb2.ListSessionsResponse(sessions=sessions, next_page_token=token, total=total)
+
+    def _answer(self, session: session_pb2.Session) -> session_pb2.Session:
+        """`session` as answers carry it: `active` (every session an answer carries is; the rest
+        are NOT_FOUND) and the gateway's `api_version`."""
+        session.active = True
+        session.api_version = self._api_version
+        return session
 
     async def DeleteSession(
         self, request: session_pb2.DeleteSessionRequest, context: Context
@@ -136,12 +148,6 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         if deleted is Deletion.DELETED:  # a replay was announced the first time
             self._bus.publish("session.deleted", tenant=tenant_of(context), session_id=request.session_id)
         return session_pb2.DeleteSessionResponse(message="Session closed")
-
-
-def active(session: session_pb2.Session) -> session_pb2.Session:
-    """`session` marked usable: every session an answer carries is (the rest are NOT_FOUND)."""
-    session.active = True
-    return session
 
 
 def default_user_id(principal: Principal | None) -> str:
