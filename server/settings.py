@@ -345,8 +345,9 @@ class Settings(BaseModel):
     @field_validator("title", "display_version")
     @classmethod
     def _printable(cls, value: str | None) -> str | None:
-        # Shown in answers and consoles as they are: no line breaks or other control characters.
-        if value is not None and (not value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+        # Shown in answers and consoles as they are: no line breaks, control or format characters
+        # (a right-to-left override would make a console show another name).
+        if value is not None and (not value.strip() or not value.isprintable()):
             raise ValueError("must be printable text, not blank")
         return value
 

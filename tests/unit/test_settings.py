@@ -117,6 +117,8 @@ def test_the_display_title_and_version_default_to_the_product_and_its_release() 
         ({"title": "two\nlines"}, "title"),
         ({"title": "  "}, "title"),
         ({"display_version": "1.0\x1b[2J"}, "display_version"),
+        ({"title": "flow\u202eport"}, "title"),  # a right-to-left override
+        ({"title": "flow\x85port"}, "title"),  # a C1 control
     ],
 )
 def test_a_display_title_or_version_must_be_printable(flags: dict[str, str], setting: str) -> None:
