@@ -37,10 +37,11 @@ def console_dir() -> Path | None:
     return None
 
 
-def _headers(content_type: str) -> list[dict[str, Any]]:
+def static_headers(content_type: str, csp: str = CSP) -> list[dict[str, Any]]:
+    """The response headers of a page or file Envoy serves itself (the console's, /docs)."""
     values = {
         "content-type": content_type,
-        "content-security-policy": CSP,
+        "content-security-policy": csp,
         "x-content-type-options": "nosniff",
         "referrer-policy": "no-referrer",
         "cache-control": "no-cache",
@@ -72,7 +73,7 @@ def console_routes(disabled_filters: dict[str, Any]) -> list[dict[str, Any]]:
                     "name": f"console:{match}",
                     "match": {"path": match},
                     "direct_response": {"status": 200, "body": {"filename": str(path)}},
-                    "response_headers_to_add": _headers(CONTENT_TYPES[path.suffix]),
+                    "response_headers_to_add": static_headers(CONTENT_TYPES[path.suffix]),
                     "typed_per_filter_config": disabled_filters,
                 }
             )

@@ -14,6 +14,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from flowport.transcoder.console_routes import static_headers
+
 DOCS_PATH = "/docs"
 METHODS = ("get", "post", "put", "patch", "delete")
 # Nothing but the page itself: no script, no style from anywhere, no framing.
@@ -40,7 +42,8 @@ def docs_html(document: dict[str, Any]) -> str:
         f"<h1>{escape(title)}</h1>",
         f"<p>{escape(info.get('description', ''))} The whole document, with request and response "
         'schemas: <a href="/openapi.json">/openapi.json</a>. Calls need an <code>x-api-key</code> '
-        "or <code>authorization: Bearer</code> header unless marked public in their description.</p>",
+        "or <code>authorization: Bearer</code> header, except the few public ones (such as "
+        "<code>GET /</code>, <code>GET /health</code> and this page) that the README lists.</p>",
     ]
     for tag, operations in by_tag.items():
         parts.append(f'<h2 id="{escape(tag)}">{escape(tag)}</h2>')
@@ -59,20 +62,10 @@ def docs_route(document: Path, disabled_filters: dict[str, Any]) -> dict[str, An
     if not document.exists():
         return None
     page = docs_html(json.loads(document.read_text(encoding="utf-8")))
-    headers = {
-        "content-type": "text/html; charset=utf-8",
-        "content-security-policy": CSP,
-        "x-content-type-options": "nosniff",
-        "referrer-policy": "no-referrer",
-        "cache-control": "no-cache",
-    }
-    overwrite = "OVERWRITE_IF_EXISTS_OR_ADD"
     return {
         "name": "docs",
         "match": {"path": DOCS_PATH},
         "direct_response": {"status": 200, "body": {"inline_string": page}},
-        "response_headers_to_add": [
-            {"header": {"key": k, "value": v}, "append_action": overwrite} for k, v in headers.items()
-        ],
+        "response_headers_to_add": static_headers("text/html; charset=utf-8", CSP),
         "typed_per_filter_config": disabled_filters,
     }
