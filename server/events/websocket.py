@@ -55,6 +55,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from flowport.server.auth.authenticator import MAX_DELAY
 from flowport.server.errors import shown
 from flowport.server.events.kailash import KAILASH_DEFAULT, NATIVE_TYPES
 from flowport.server.events.numbers import whole_numbers
@@ -108,8 +109,12 @@ REFUSALS: Final = {
     grpc.StatusCode.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: HTTPStatus.GATEWAY_TIMEOUT,
 }
-# How long the handshake waits for the stream to start (its first heartbeat comes at once).
-OPEN_TIMEOUT: Final = 5.0
+# How long the handshake waits for the stream to start (its first heartbeat comes once its checks
+# pass). A wrong credential from an address that keeps failing is answered UNAUTHENTICATED only after
+# the authenticator's stall (up to MAX_DELAY): waiting less turns that 401 into a 503, which
+# reconnecting clients retry for ever. The margin is for the stream's own start; the sum stays under
+# websockets' open_timeout (10 s), which would drop the handshake unanswered.
+OPEN_TIMEOUT: Final = MAX_DELAY + 2.0
 # Text echoed back at most (a greeting, not a transfer): longer text gets an error frame.
 MAX_ECHO_CHARS: Final = 4096
 ECHO_PREFIX: Final = "Echo: "

@@ -3,14 +3,18 @@ server tells its streams apart, and the Envoy route and cluster it gets (one end
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import orjson
 import pytest
+from websockets.asyncio.server import serve
 
+from flowport.server.auth.authenticator import MAX_DELAY
 from flowport.server.events.websocket import (
     EVERY_TYPE,
     MAX_ECHO_CHARS,
+    OPEN_TIMEOUT,
     BadHandshake,
     echo,
     frame,
@@ -113,3 +117,10 @@ def test_envoy_upgrades_ws_to_each_workers_bridge_before_the_catch_all() -> None
     assert ports == [7000, 7001, 7002]
     routes, clusters = _routes_and_clusters(websocket_port=0)
     assert "websocket" not in [r["name"] for r in routes] and len(clusters) == 1
+
+
+def test_the_handshake_outwaits_the_stall_of_a_failed_login() -> None:
+    # Shorter, a repeated wrong key would be a 503 (retried for ever) instead of the stream's 401;
+    # longer than websockets' own handshake limit, the client would get no answer at all.
+    open_timeout = inspect.signature(serve).parameters["open_timeout"].default
+    assert MAX_DELAY < OPEN_TIMEOUT < open_timeout
