@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import parse_qsl
-from weakref import WeakKeyDictionary
 
 import grpc
 import orjson
@@ -220,6 +219,7 @@ class _Opened:
     subscription: StreamQuery
     after: str
     resume_from: str
+    watch: asyncio.Task[None] | None = None  # cancels the stream if the connection ends before the handler
 
 
 class WebSocketBridge:
@@ -244,9 +244,10 @@ class WebSocketBridge:
         self._server: Server | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: event_pb2_grpc.EventServiceAsyncStub | None = None
-        # Streams opened by handshakes whose connection has not started yet. Weak: a handshake that
-        # never reaches the handler drops its entry with the connection, and gRPC cancels the call.
-        self._opened: WeakKeyDictionary[ServerConnection, _Opened] = WeakKeyDictionary()
+        # Streams opened by handshakes whose connection has not reached the handler yet. An entry
+        # leaves when the handler takes it, or with its stream cancelled when the handshake ends
+        # without an upgrade (_answered) or the connection ends first (_cancel_when_lost).
+        self._opened: dict[ServerConnection, _Opened] = {}
         # Set when the server drains: Envoy's health check then takes this bridge out
         # of rotation too, and new /ws connections go to another server.
         self.draining = False
@@ -284,9 +285,8 @@ class WebSocketBridge:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        for opened in list(self._opened.values()):
-            opened.call.cancel()
-        self._opened.clear()
+        for connection in list(self._opened):
+            self._drop(connection)
         if self._channel is not None:
             await self._channel.close()
 
@@ -338,15 +338,31 @@ class WebSocketBridge:
             raise
         if not isinstance(first, event_pb2.Event):  # EOF: the server is stopping
             return _refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, 14, "the event stream ended")
-        self._opened[connection] = _Opened(call, first, subscription, after, resume_from)
+        opened = _Opened(call, first, subscription, after, resume_from)
+        self._opened[connection] = opened
+        opened.watch = asyncio.create_task(self._cancel_when_lost(connection))
         return None
+
+    async def _cancel_when_lost(self, connection: ServerConnection) -> None:
+        """Cancel the stream of a handshake whose connection ends before the handler takes it (the
+        client left during the handshake, or the server began closing after _answered saw 101)."""
+        await connection.wait_closed()
+        opened = self._opened.pop(connection, None)
+        if opened is not None:
+            opened.call.cancel()
+
+    def _drop(self, connection: ServerConnection) -> None:
+        """Cancel the stream kept for `connection`, and its watch, if there is one."""
+        opened = self._opened.pop(connection, None)
+        if opened is not None:
+            opened.call.cancel()
+            if opened.watch is not None:
+                opened.watch.cancel()
 
     def _answered(self, connection: ServerConnection, request: Request, response: Response) -> None:
         """Drop the stream of a handshake that ends without an upgrade after all."""
         if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
-            opened = self._opened.pop(connection, None)
-            if opened is not None:
-                opened.call.cancel()
+            self._drop(connection)
 
     def _metadata(self, connection: ServerConnection, request: Request) -> list[tuple[str, str]]:
         metadata = [(name, value) for name in FORWARDED for value in request.headers.get_all(name)]
@@ -365,6 +381,8 @@ class WebSocketBridge:
         if opened is None:  # the handshake opens one for every upgrade; never without
             await connection.close(INTERNAL_CLOSE)
             return
+        if opened.watch is not None:  # the link cancels the stream from here on
+            opened.watch.cancel()
         self.connections += 1
         try:
             metadata = self._metadata(connection, connection.request)
