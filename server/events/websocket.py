@@ -10,7 +10,9 @@ happens only once it has started: a handshake without any credential, with
 a wrong one, or for a session the credential may not use is refused before
 the upgrade with the HTTP status and JSON `google.rpc.Status` that
 `GET /events` gives (401, 404 `SESSION_NOT_FOUND`, ...), as Kailash's
-server refuses its handshakes.
+server refuses its handshakes. Two refusals come before any stream: a
+request without `upgrade: websocket` (426), and a handshake beyond the
+MAX_PENDING_HANDSHAKES waiting for theirs (503 with Retry-After).
 
 Frames are the events (heartbeats left out) as proto3 JSON with the proto
 field names, plus `event` (the same object again) and `timestamp` (unix
@@ -114,6 +116,11 @@ REFUSALS: Final = {
 # reconnecting clients retry for ever. The margin is for the stream's own start; the sum stays under
 # websockets' open_timeout (10 s), which would drop the handshake unanswered.
 OPEN_TIMEOUT: Final = MAX_DELAY + 2.0
+# Handshakes waiting for their stream at once. Each holds a connection, a stream on the bridge's one
+# gRPC channel and the server's checks for up to OPEN_TIMEOUT; past this many (slow or failing
+# logins piling up), more are refused at once with 503 and Retry-After instead of joining the wait.
+MAX_PENDING_HANDSHAKES: Final = 256
+RETRY_AFTER_SECONDS: Final = 1
 # Text echoed back at most (a greeting, not a transfer): longer text gets an error frame.
 MAX_ECHO_CHARS: Final = 4096
 ECHO_PREFIX: Final = "Echo: "
@@ -233,8 +240,11 @@ class WebSocketBridge:
         trusted_proxies: frozenset[str],
         head: Callable[[], int] | None = None,
         ping_interval: float = 20.0,
+        max_pending: int = MAX_PENDING_HANDSHAKES,
     ) -> None:
         self.connections = 0
+        self._pending = 0  # handshakes waiting for their stream to start
+        self._max_pending = max_pending
         self._target = grpc_target
         self._require_credential = require_credential
         self._trusted = trusted_proxies
@@ -299,6 +309,13 @@ class WebSocketBridge:
             return connection.respond(HTTPStatus.OK, "ok\n")
         if path != PATH:
             return _refuse(connection, HTTPStatus.NOT_FOUND, 5, f"no WebSocket endpoint at {shown(path)}")
+        # websockets checks the upgrade only after this returns: a plain GET would open a stream first.
+        if not _asks_websocket(request):
+            response = _refuse(
+                connection, HTTPStatus.UPGRADE_REQUIRED, 3, "not a WebSocket handshake: send upgrade: websocket"
+            )
+            response.headers["Upgrade"] = "websocket"
+            return response
         try:
             subscription, after = parse_query(query)
             for name in FORWARDED:
@@ -313,7 +330,20 @@ class WebSocketBridge:
                 16,
                 "no credential: send x-api-key or authorization (or ?access_token=, or the flowport_token cookie)",
             )
-        return await self._open(connection, request, subscription, after)
+        if self._pending >= self._max_pending:
+            response = _refuse(
+                connection,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                14,
+                f"too many WebSocket handshakes waiting (at most {self._max_pending}): try again shortly",
+            )
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            return response
+        self._pending += 1
+        try:
+            return await self._open(connection, request, subscription, after)
+        finally:
+            self._pending -= 1
 
     async def _open(
         self, connection: ServerConnection, request: Request, subscription: StreamQuery, after: str
@@ -390,6 +420,12 @@ class WebSocketBridge:
             await link.run(opened)
         finally:
             self.connections -= 1
+
+
+def _asks_websocket(request: Request) -> bool:
+    """Whether the request asks for the WebSocket upgrade (`upgrade: websocket`, in any case)."""
+    tokens = (token.strip().lower() for value in request.headers.get_all("upgrade") for token in value.split(","))
+    return "websocket" in tokens
 
 
 def _refuse(connection: ServerConnection, status: HTTPStatus, code: int, message: str) -> Response:

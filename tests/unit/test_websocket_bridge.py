@@ -1,14 +1,21 @@
 """The /ws bridge's parts that need no stack: its query and subscribe messages, its frames, how the
-server tells its streams apart, and the Envoy route and cluster it gets (one endpoint per worker)."""
+server tells its streams apart, the Envoy route and cluster it gets (one endpoint per worker), and
+the handshakes it refuses before opening a stream (against a stand-in event service)."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
+import httpx
 import orjson
 import pytest
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
+from websockets.exceptions import InvalidStatus
 
 from flowport.server.auth.authenticator import MAX_DELAY
 from flowport.server.events.websocket import (
@@ -16,6 +23,7 @@ from flowport.server.events.websocket import (
     MAX_ECHO_CHARS,
     OPEN_TIMEOUT,
     BadHandshake,
+    WebSocketBridge,
     echo,
     frame,
     parse_query,
@@ -124,3 +132,63 @@ def test_the_handshake_outwaits_the_stall_of_a_failed_login() -> None:
     # longer than websockets' own handshake limit, the client would get no answer at all.
     open_timeout = inspect.signature(serve).parameters["open_timeout"].default
     assert MAX_DELAY < OPEN_TIMEOUT < open_timeout
+
+
+class _StalledEvents:
+    """An EventService whose streams wait for `release`, then refuse the credential."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.called = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def stream(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, event_pb2.Event]
+    ) -> AsyncIterator[event_pb2.Event]:
+        self.calls += 1
+        self.called.set()
+        await self.release.wait()
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong key")
+        yield event_pb2.Event()  # never reached: the handler is a stream's
+
+
+async def test_waiting_handshakes_are_bounded_and_a_plain_get_opens_no_stream() -> None:
+    events = _StalledEvents()
+    server = grpc.aio.server()
+    stream = grpc.unary_stream_rpc_method_handler(
+        events.stream,
+        request_deserializer=event_pb2.StreamEventsRequest.FromString,
+        response_serializer=event_pb2.Event.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("flowport.v1.EventService", {"StreamEvents": stream}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    bridge = WebSocketBridge(f"127.0.0.1:{port}", require_credential=True, trusted_proxies=frozenset(), max_pending=1)
+    await bridge.start("127.0.0.1", 0)
+    url, key = f"ws://127.0.0.1:{bridge.port}/ws", {"x-api-key": "fpk_wrong"}
+
+    async def refusal() -> tuple[int, str | None, dict[str, Any]]:
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url, additional_headers=key, open_timeout=10, proxy=None):
+                pass
+        response = refused.value.response
+        return response.status_code, response.headers.get("Retry-After"), orjson.loads(response.body or b"{}")
+
+    try:
+        waiting = asyncio.create_task(refusal())
+        await asyncio.wait_for(events.called.wait(), 10)  # one handshake holds the only place
+        status, retry_after, body = await refusal()
+        assert (status, retry_after, body["code"]) == (503, "1", 14), body
+        assert events.calls == 1  # refused without a stream
+        async with httpx.AsyncClient(trust_env=False) as http:
+            plain = await http.get(f"http://127.0.0.1:{bridge.port}/ws", headers=key)
+        assert (plain.status_code, plain.headers["upgrade"], plain.json()["code"]) == (426, "websocket", 3)
+        assert events.calls == 1
+        events.release.set()
+        assert (await waiting)[0] == 401  # the stream's refusal, once the server answers
+        assert (await refusal())[0] == 401 and events.calls == 2  # its place is free again
+    finally:
+        await bridge.stop()
+        await server.stop(0)
