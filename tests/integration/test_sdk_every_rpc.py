@@ -64,6 +64,15 @@ def test_every_rpc_answers_through_the_sdk_and_envoy(stack: Stack) -> None:  # n
         call(fp.gateway.GetStats, gateway_pb2.GetStatsRequest())
         metrics = call(fp.gateway.GetMetrics, gateway_pb2.GetMetricsRequest())
         assert b"flowport_rpc_requests_total" in metrics.data  # type: ignore[attr-defined]
+        # Kailash's enterprise and durability routes, as RPCs.
+        assert call(fp.gateway.GetDashboard, gateway_pb2.GetDashboardRequest()).console == "/console/"  # type: ignore[attr-defined]
+        durability = call(fp.gateway.GetDurabilityStatus, gateway_pb2.GetDurabilityStatusRequest())
+        assert durability.enabled  # type: ignore[attr-defined]
+        call(fp.gateway.GetDurableRequests, gateway_pb2.GetDurableRequestsRequest())
+        features = call(fp.gateway.GetEnterpriseFeatures, gateway_pb2.GetEnterpriseFeaturesRequest())
+        assert features.ListFields()  # type: ignore[attr-defined]
+        enterprise_health = call(fp.gateway.GetEnterpriseHealth, gateway_pb2.GetEnterpriseHealthRequest())
+        assert "base_server" in enterprise_health.components  # type: ignore[attr-defined]
 
         session = call(fp.sessions.CreateSession, session_pb2.CreateSessionRequest(session=session_pb2.Session()))
         sid = session.session_id  # type: ignore[attr-defined]
@@ -80,6 +89,7 @@ def test_every_rpc_answers_through_the_sdk_and_envoy(stack: Stack) -> None:  # n
         created = call(fp.workflows.CreateWorkflow, workflow_pb2.CreateWorkflowRequest(workflow=workflow))
         wid = created.workflow_id  # type: ignore[attr-defined]
         call(fp.workflows.GetWorkflow, workflow_pb2.GetWorkflowRequest(workflow_id=wid))
+        assert wid in call(fp.workflows.GetWorkflowMap, workflow_pb2.GetWorkflowMapRequest()).fields  # type: ignore[attr-defined]
         call(fp.workflows.ListWorkflows, workflow_pb2.ListWorkflowsRequest(page_size=5))
 
         schemas = call(fp.schemas.ListNodeSchemas, schema_pb2.ListNodeSchemasRequest())
