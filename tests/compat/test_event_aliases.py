@@ -17,16 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from ..conftest import ADMIN_HEADERS, Stack
-
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 WANTED = {"session.created", "workflow.created"}
-
-
-@pytest.fixture
-def http(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.http, timeout=30, headers=ADMIN_HEADERS)
 
 
 def _make_workflow_then_session(http: httpx.Client) -> tuple[str, str]:

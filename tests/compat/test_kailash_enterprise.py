@@ -10,8 +10,6 @@ import uuid
 import httpx
 import pytest
 
-from ..conftest import ADMIN_HEADERS, Stack
-
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 KAILASH_FEATURES = {
@@ -23,16 +21,6 @@ KAILASH_FEATURES = {
     "resource_resolution",
     "enterprise_security",
 }
-
-
-@pytest.fixture
-def http(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.http, timeout=30, headers=ADMIN_HEADERS)
-
-
-@pytest.fixture
-def anonymous(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.http, timeout=30)
 
 
 def _tenant_key(http: httpx.Client) -> dict[str, str]:

@@ -23,16 +23,6 @@ PROBE_CODE = "result = {'ran': True}"
 
 
 @pytest.fixture
-def http(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.http, timeout=30, headers=ADMIN_HEADERS)
-
-
-@pytest.fixture
-def anonymous(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.http, timeout=30)
-
-
-@pytest.fixture
 def alice(http: httpx.Client) -> dict[str, str]:
     return _user_key(http)
 

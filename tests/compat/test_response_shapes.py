@@ -19,11 +19,6 @@ from ..conftest import ADMIN_HEADERS, Stack
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
-@pytest.fixture
-def http(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.http, timeout=30, headers=ADMIN_HEADERS)
-
-
 def _user_key(http: httpx.Client, tenant: str) -> dict[str, str]:
     made = http.post("/api/keys", json={"tenant": tenant, "roles": ["user"]})
     assert made.status_code == 200, made.text

@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from ..backends import PostgresServer
-from ..conftest import ADMIN_HEADERS, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -46,11 +45,6 @@ def partner() -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
-
-
-@pytest.fixture
-def http(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.http, timeout=60, headers=ADMIN_HEADERS)
 
 
 def _session(http: httpx.Client) -> dict[str, Any]:

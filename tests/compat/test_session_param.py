@@ -9,14 +9,7 @@ import uuid
 import httpx
 import pytest
 
-from ..conftest import ADMIN_HEADERS, Stack
-
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-
-@pytest.fixture
-def http(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.http, timeout=30, headers=ADMIN_HEADERS)
 
 
 def _session(http: httpx.Client) -> str:

@@ -10,14 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ..conftest import ADMIN_HEADERS, Stack
-
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-
-@pytest.fixture
-def http(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.http, timeout=30, headers=ADMIN_HEADERS)
 
 
 def _run(http: httpx.Client, workflow_id: str, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
