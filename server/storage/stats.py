@@ -29,8 +29,7 @@ class StatsTables(Tables):
         """Sessions of `tenant` (or all) that have not expired."""
         where, args = _scope(tenant)
         sql = f"SELECT count(*) FROM sessions WHERE {where} AND expire_us>?"  # noqa: S608 - fixed fragments
-        row = await self._read(lambda conn: conn.execute(sql, (*args, now_us)).fetchone())
-        return int(row[0])
+        return await self._scalar(sql, (*args, now_us))
 
     async def count_sessions_created(self, tenant: str | None) -> int:
         """Sessions `tenant` (or every tenant) ever created, by any process: the rows still kept
@@ -41,8 +40,7 @@ class StatsTables(Tables):
             f" + COALESCE((SELECT sum(removed) FROM session_counts WHERE {where}), 0)"
         )
         # One statement: one snapshot, so a purge moving rows into `removed` never counts them twice or not at all.
-        row = await self._read(lambda conn: conn.execute(sql, (*args, *args)).fetchone())
-        return int(row[0])
+        return await self._scalar(sql, (*args, *args))
 
     async def executions_by_state(self, tenant: str | None) -> dict[str, int]:
         """Executions of `tenant` (or all) by state name; every state present, zeros included."""
@@ -60,10 +58,7 @@ class StatsTables(Tables):
         """Webhook deliveries of `tenant` (or all) waiting for another attempt after a failed one."""
         where, args = _scope(tenant)
         sql = f"SELECT count(*) FROM webhook_deliveries WHERE {where} AND state=?"  # noqa: S608 - fixed fragments
-        row = await self._read(
-            lambda conn: conn.execute(sql, (*args, webhook_pb2.WebhookDelivery.STATE_RETRYING)).fetchone()
-        )
-        return int(row[0])
+        return await self._scalar(sql, (*args, webhook_pb2.WebhookDelivery.STATE_RETRYING))
 
     async def count_workflows(self, tenant: str | None) -> int:
         """Workflows of `tenant` (or all) that are not deleted, each counted once whatever its versions."""
@@ -72,19 +67,21 @@ class StatsTables(Tables):
             "SELECT count(*) FROM (SELECT DISTINCT tenant, workflow_id FROM workflows"  # noqa: S608 - fixed fragments
             f" WHERE {where} AND deleted_us IS NULL) AS live"
         )
-        row = await self._read(lambda conn: conn.execute(sql, args).fetchone())
-        return int(row[0])
+        return await self._scalar(sql, args)
 
     async def count_events(self, tenant: str | None) -> int:
         """Events of `tenant` (or all) kept in the log."""
-        where, args = _scope(tenant)
-        sql = f"SELECT count(*) FROM events WHERE {where}"  # noqa: S608 - fixed fragments
-        row = await self._read(lambda conn: conn.execute(sql, args).fetchone())
-        return int(row[0])
+        return await self._count_rows("events", tenant)
 
     async def count_request_ids(self, tenant: str | None) -> int:
         """Request ids of `tenant` (or all) remembered with their first answer, until the purge."""
+        return await self._count_rows("idempotency", tenant)
+
+    async def _count_rows(self, table: str, tenant: str | None) -> int:
         where, args = _scope(tenant)
-        sql = f"SELECT count(*) FROM idempotency WHERE {where}"  # noqa: S608 - fixed fragments
+        return await self._scalar(f"SELECT count(*) FROM {table} WHERE {where}", args)  # noqa: S608 - fixed names
+
+    async def _scalar(self, sql: str, args: tuple[object, ...]) -> int:
+        """The one number `sql` selects."""
         row = await self._read(lambda conn: conn.execute(sql, args).fetchone())
         return int(row[0])
