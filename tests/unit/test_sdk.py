@@ -176,8 +176,11 @@ async def test_tls_with_the_servers_certificate_and_refused_without_it() -> None
             assert got.session_id == "ses_t"
         async with AsyncClient(server.target, tls=True, retries=1) as untrusting:  # the system's roots only
             with pytest.raises(ApiError) as caught:
-                await untrusting.sessions.GetSession(session_pb2.GetSessionRequest(session_id="x"), timeout=5)
-            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+                await untrusting.sessions.GetSession(session_pb2.GetSessionRequest(session_id="x"), timeout=15)
+            # A refused handshake fails the call as UNAVAILABLE; on a loaded machine gRPC may still be
+            # between connection attempts when the deadline comes. Either way no answer got through.
+            assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert len(server.servicer.seen) == 1  # the trusted call only: the other never reached the servicer
     finally:
         server.close()
 
