@@ -46,11 +46,32 @@ def test_targets_say_met_missed_or_not_measured() -> None:
     assert set(verdicts.values()) == {None}, "nothing measured, nothing met"
     record = _record(
         unary={
-            "ratios": {"grpc_vs_bare_h2load": 0.85, "rest_h2c_vs_grpc_direct": 0.7, "rest_http1_vs_grpc_direct": 0.6}
+            "ratios": {"grpc_vs_bare_h2load": 0.85, "rest_h2c_vs_grpc_direct": 0.9, "rest_http1_vs_grpc_direct": 0.8},
+            "cpu_ms_per_call": {
+                "grpc_direct": {"server_ms": 0.3, "envoy_ms": 0.0},
+                "rest_http1_via_envoy": {"server_ms": 0.3, "envoy_ms": 0.2},
+            },
         },
-        workflow={"ratios": {"rest_executions_vs_kailash": 25.0, "p99_vs_kailash": 0.2}},
+        workflow={
+            "ratios": {"rest_executions_vs_kailash": 15.0, "p99_vs_kailash": 0.2},
+            "at_32_connections": {
+                "flowport_rest": {"cpu_ms_per_execution": 0.5, "envoy": {"cpu_ms_per_execution": 0.1}},
+                "flowport_grpc": {"cpu_ms_per_execution": 0.45},
+            },
+        },
         memory={"growth_mib_per_100k_requests": 1.0},
-        startup={"median_fresh_seconds": 1.2, "median_existing_data_seconds": 1.6},
+        startup={"median_fresh_seconds": 1.2, "median_existing_data_seconds": 1.35},
+        scale_out={
+            "rows": [
+                {"config": "sqlite, 1 worker", "scenario": "unary", "per_second": 10.0},
+                {"config": "sqlite, 1 worker", "scenario": "executions", "per_second": 100.0},
+                {"config": "pg+redis, 1 worker", "scenario": "executions", "per_second": 70.0},
+                {"config": "pg+redis, 2 workers", "scenario": "executions", "per_second": 69.0},
+            ]
+        },
     )
-    met = [m for _, _, m in targets(record)]
-    assert met == [True, False, True, False, True, False]
+    verdicts = targets(record)
+    # REST 0.8x over HTTP/1.1 misses 0.85x; 0.6 ms over 0.3 ms is 2x; 15x meets 12x, not 20x; the
+    # slower of the two starts decides; 70 of 100 is 0.7x; a second worker that adds nothing misses.
+    assert [m for _, _, m in verdicts] == [True, False, True, True, False, False, True, False, True, False]
+    assert "2.0x" in verdicts[2][1] and "1.50x" in verdicts[2][1] and "1.20x" in verdicts[2][1]
