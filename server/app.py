@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -591,7 +591,23 @@ def _bind(settings: Settings, grpc_server: grpc.aio.Server) -> int:
     return port
 
 
-async def stop(running: Running, grace: float, drain: float = 0.0) -> None:
+async def _unless(hurry: asyncio.Event | None, step: Awaitable[object]) -> None:
+    """Await `step`; cancel it if `hurry` is set first (a second stop signal)."""
+    task = asyncio.ensure_future(step)
+    if hurry is None:
+        await task
+        return
+    waiter = asyncio.ensure_future(hurry.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def stop(running: Running, grace: float, drain: float = 0.0, hurry: asyncio.Event | None = None) -> None:
     """Shut down without failing a call that Envoy could have sent elsewhere.
 
     Report NOT_SERVING at once and take no more queued work; keep serving
@@ -602,6 +618,10 @@ async def stop(running: Running, grace: float, drain: float = 0.0) -> None:
     to finish; then close the rest in reverse of opening (executions still
     running are left RUNNING with their leases released, for another
     process or the next start). Each step is bounded: see server/shutdown.py.
+
+    Once `hurry` is set (`serve` sets it on a second SIGTERM or SIGINT), what
+    is left of the drain is skipped and in-flight calls are cancelled at
+    once: the rest of the steps still run, so nothing that is stored is lost.
     """
     await running.health.enter_graceful_shutdown()
     if running.websocket is not None:
@@ -609,17 +629,32 @@ async def stop(running: Running, grace: float, drain: float = 0.0) -> None:
     await bounded("taking executions", running.executor.stop_taking)()
     if drain > 0:
         log.info("draining: reporting NOT_SERVING, still serving for %.1fs (--drain-seconds)", drain)
-        await asyncio.sleep(drain)
+        await _unless(hurry, asyncio.sleep(drain))
     if running.websocket is not None:
         # Its clients reconnect (1001, going away), to another server if any.
         await bounded("the /ws bridge", running.websocket.stop)()
     ended = running.bus.end_streams()
     if ended:
         log.info("ended %d event streams; their clients resume elsewhere", ended)
-    await asyncio.gather(
-        bounded("the gRPC server", running.server.stop, grace, limit=grace + STEP_LIMIT)(),
-        bounded("executions running here", running.executor.settle, grace, limit=grace + STEP_LIMIT)(),
-    )
+
+    async def cut_grace() -> None:
+        assert hurry is not None
+        await hurry.wait()
+        await running.server.stop(None)  # the shorter grace wins over the call below
+
+    cutter = asyncio.create_task(cut_grace()) if hurry is not None else None
+    try:
+        await asyncio.gather(
+            bounded("the gRPC server", running.server.stop, grace, limit=grace + STEP_LIMIT)(),
+            _unless(
+                hurry, bounded("executions running here", running.executor.settle, grace, limit=grace + STEP_LIMIT)()
+            ),
+        )
+    finally:
+        if cutter is not None:
+            cutter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cutter
     await running.opened.aclose()  # stopping the server and /ws again is a no-op
 
 
@@ -694,6 +729,7 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
     if on_ready is not None:
         on_ready(running.port)
     stopping = asyncio.Event()
+    hurry = asyncio.Event()
     drain = 0.0
     loop = asyncio.get_running_loop()
 
@@ -704,7 +740,11 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
         # is left to take the calls, so the drain would only delay the stop.
         if not stopping.is_set():
             drain = settings.drain_seconds if sig == signal.SIGTERM else 0.0
-        stopping.set()
+            stopping.set()
+        elif not hurry.is_set():
+            # A second signal: whoever sent it wants the process gone now, not after the drain and grace.
+            log.warning("%s again: skipping the rest of the drain and cancelling in-flight calls", sig.name)
+            hurry.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -722,7 +762,7 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
         purger.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await purger
-        await stop(running, settings.shutdown_grace, drain)
+        await stop(running, settings.shutdown_grace, drain, hurry)
     log.info("stopped")
 
 

@@ -139,7 +139,11 @@ class Settings(BaseModel):
         1.0, ge=0, le=1, description="share of new traces recorded (a caller's sampled traceparent is followed)"
     )
     shutdown_grace: float = Field(
-        10.0, gt=0, le=300, description="seconds in-flight calls get to finish on SIGTERM before they are cancelled"
+        10.0,
+        gt=0,
+        le=300,
+        description="seconds in-flight calls get to finish on SIGTERM before they are cancelled (at once on a second "
+        "signal)",
     )
     drain_seconds: float = Field(
         DEFAULT_DRAIN,
@@ -147,7 +151,8 @@ class Settings(BaseModel):
         le=300,
         description="seconds a server keeps serving after SIGTERM while its health check fails, so Envoy takes it "
         "out of rotation before it stops taking calls (a rolling restart drops none); 0 stops at once. "
-        "SIGINT (Ctrl-C), and `flowport up` stopping its own servers with Envoy, skip it",
+        "SIGINT (Ctrl-C), and `flowport up` stopping its own servers with Envoy, skip it; a second SIGTERM or SIGINT "
+        "cuts it short and cancels in-flight calls",
     )
     session_default_ttl: float = Field(
         86400.0, gt=0, description="seconds a session lives when created without ttl or expire_time"

@@ -202,3 +202,22 @@ def test_rendered_envoy_config_passes_envoy_validation(settings: Settings, tmp_p
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_second_sigterm_ends_a_long_drain_at_once(tmp_path: Path) -> None:
+    from ..conftest import ServeProcess
+
+    served = ServeProcess(make_settings(tmp_path / "data", drain_seconds=120))
+    served.start()
+    assert served.process is not None
+    try:
+        served.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert served.process.poll() is None, "the first SIGTERM drains (120 s here)"
+        served.process.send_signal(signal.SIGTERM)
+        # Well inside the drain the first signal began: the second one cut it.
+        assert served.process.wait(60) == 0
+    finally:
+        if served.process.poll() is None:
+            served.kill()

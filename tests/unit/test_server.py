@@ -329,3 +329,49 @@ async def test_a_draining_server_fails_its_health_check_serves_on_then_ends_its_
     assert [(e.type, e.session_id) for e in events] == [("session.created", created.session_id)]
     # The stream ends on a heartbeat carrying its cursor, for its client to resume from on another server.
     assert last.type == "heartbeat" and last.id == events[-1].id
+
+
+async def test_a_second_stop_signal_skips_the_drain_and_cancels_calls_in_flight(running: Running) -> None:
+    from flowport.v1 import execution_pb2
+
+    # An HTTP node whose server accepts and never answers keeps one waited call in flight.
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    config = struct_pb2.Struct()
+    config.update({"url": f"http://127.0.0.1:{port}/", "timeout": 120})
+    node = workflow_pb2.Node(name="call", type="HTTPRequestNode", config=config)
+    async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as c:
+        made = await c.workflows.CreateWorkflow(
+            workflow_pb2.CreateWorkflowRequest(workflow=workflow_pb2.Workflow(name="hangs", nodes=[node]))
+        )
+        waited = asyncio.ensure_future(
+            c.executions.CreateExecution(
+                execution_pb2.CreateExecutionRequest(workflow_id=made.workflow_id, wait=True), timeout=120
+            )
+        )
+        for _ in range(200):
+            if held:
+                break
+            await asyncio.sleep(0.05)
+        assert held, "the HTTP node never connected"
+        hurry = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        stopping = asyncio.ensure_future(stop(running, 120.0, drain=120.0, hurry=hurry))
+        await asyncio.sleep(0.3)
+        assert not stopping.done(), "the first signal drains"
+        hurry.set()
+        # Without the second signal the drain alone would take 120 s, and the call its 120 s of grace.
+        await asyncio.wait_for(stopping, 30)
+        with pytest.raises(ApiError) as caught:
+            await waited
+        assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        assert loop.time() - began < 60
+    silent.close()
+    for writer in held:
+        writer.close()
