@@ -34,6 +34,7 @@ from flowport.server.audit import AuditRecorder, CallAuditor
 from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.bootstrap import ensure_admin_key
 from flowport.server.auth.keys import KeyAuthenticator
+from flowport.server.auth.origin import TrustedProxies
 from flowport.server.clock import now_us
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache
@@ -163,7 +164,7 @@ async def _authenticator(
         _jwt_verifier(settings),
         insecure=settings.insecure_no_auth,
         max_failures=settings.max_login_attempts,
-        trusted_proxies=frozenset(settings.trusted_proxies),
+        trusted_proxies=TrustedProxies(settings.trusted_proxies),
         audit=audit,
     )
 
@@ -665,7 +666,7 @@ async def _start_websocket(settings: Settings, bus: EventBus) -> WebSocketBridge
     bridge = WebSocketBridge(
         settings.grpc_target,
         require_credential=not settings.insecure_no_auth,
-        trusted_proxies=frozenset(settings.trusted_proxies),
+        trusted_proxies=TrustedProxies(settings.trusted_proxies),
         head=lambda: bus.last_id,
         ping_interval=settings.stream_heartbeat,
     )

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from flowport.server.auth.origin import trusted_network
 from flowport.server.secrets.keyring import KeyringError, parse
 from flowport.server.shutdown import DEFAULT_DRAIN
 from flowport.server.upstreams import Upstream, parse_upstream
@@ -293,7 +294,8 @@ class Settings(BaseModel):
     )
     trusted_proxies: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "::1"],
-        description="peers whose X-Forwarded-For names the real client (Envoy's address)",
+        description="peers whose X-Forwarded-For names the real client: Envoy's addresses, or networks such as "
+        "10.0.0.0/8 (comma-separated; every peer in a network listed here can name any client address)",
     )
     http_allowlist: list[str] = Field(
         default_factory=list,
@@ -379,6 +381,13 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_addresses(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            trusted_network(entry)  # raises, naming the entry
+        return [entry.strip() for entry in value]
 
     @field_validator("upstream", "upstream_dns")
     @classmethod

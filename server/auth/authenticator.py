@@ -21,7 +21,7 @@ from flowport.server.audit import actions
 from flowport.server.audit.recorder import AuditRecorder, Kind, entry
 from flowport.server.auth.keys import KeyAuthenticator
 from flowport.server.auth.lifetime import Ended, Watched
-from flowport.server.auth.origin import Origin, origin_of
+from flowport.server.auth.origin import Origin, TrustedProxies, origin_of
 from flowport.server.auth.permissions import Access, access_for, allowed
 from flowport.server.auth.principal import ACT_AS_HEADER, ADMIN, TENANT_NAME, USER, AuthenticationFailed, Principal
 from flowport.server.errors import InvalidArgument, PermissionDenied, Unauthenticated
@@ -65,7 +65,7 @@ class Authenticator:
         *,
         insecure: bool,
         max_failures: int,
-        trusted_proxies: frozenset[str],
+        trusted_proxies: TrustedProxies,
         audit: AuditRecorder | None = None,
     ) -> None:
         self._keys = keys

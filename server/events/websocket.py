@@ -57,6 +57,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from flowport.server.auth.authenticator import MAX_DELAY
+from flowport.server.auth.origin import TrustedProxies
 from flowport.server.errors import shown
 from flowport.server.events.kailash import KAILASH_DEFAULT, NATIVE_TYPES
 from flowport.server.events.numbers import whole_numbers
@@ -237,7 +238,7 @@ class WebSocketBridge:
         grpc_target: str,
         *,
         require_credential: bool,
-        trusted_proxies: frozenset[str],
+        trusted_proxies: TrustedProxies,
         head: Callable[[], int] | None = None,
         ping_interval: float = 20.0,
         max_pending: int = MAX_PENDING_HANDSHAKES,

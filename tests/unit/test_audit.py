@@ -322,8 +322,12 @@ async def test_a_failing_audit_write_never_fails_the_call(
 
 async def test_forwarded_addresses_count_only_from_trusted_proxies(tmp_path: Path) -> None:
     forwarded = (("x-forwarded-for", "198.51.100.9, 203.0.113.7"),)
-    for trusted, expected in (("127.0.0.1", ("203.0.113.7", "127.0.0.1")), ("192.0.2.254", ("127.0.0.1", ""))):
-        settings = make_settings(tmp_path / trusted, trusted_proxies=trusted)
+    for trusted, expected in (
+        ("127.0.0.1", ("203.0.113.7", "127.0.0.1")),
+        ("192.0.2.254", ("127.0.0.1", "")),
+        ("127.0.0.0/8", ("203.0.113.7", "127.0.0.1")),  # a network holding the peer
+    ):
+        settings = make_settings(tmp_path / trusted.replace("/", "_"), trusted_proxies=trusted)
         running = await start(settings)
         try:
             async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as admin:
