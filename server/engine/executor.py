@@ -105,6 +105,8 @@ class Executor:
         self._leases = leases or Leases()
         # Shared with other processes; None: executions run where they are created.
         self._queue = queue
+        # Set by stop_taking: the process is stopping, and hands new executions to the queue.
+        self._draining = False
         self.counters = ExecutionCounters()
         self._tenant_counters: dict[str, ExecutionCounters] = {}
         # Set by the app when /metrics is on (server/observability/prometheus.py).
@@ -177,8 +179,12 @@ class Executor:
                 violations=[(f"inputs.{name}", "required by the workflow") for name in missing],
             )
         key = (request_id, request_hash) if request_id and request_hash is not None else None
-        tenant_full = self._slots.tenant_full(tenant)
-        queued = self._slots.room() <= 0
+        # A stopping process hands what it is asked to run to the shared queue, for a process
+        # that stays (one started here now would be cut off by the stop, and run again by
+        # another process after its lease). Without a queue with room it runs it here.
+        handing_off = self._draining and await self._queue_has_room()
+        tenant_full = not handing_off and self._slots.tenant_full(tenant)
+        queued = handing_off or self._slots.room() <= 0
         if queued or tenant_full:
             # A retry of a call that already started an execution is answered
             # even when full: it asks for nothing new.
@@ -375,7 +381,9 @@ class Executor:
 
     async def stop_taking(self) -> None:
         """The process is shutting down: take no more executions from the shared queue or from
-        stopped processes (executions created here by calls still served do run)."""
+        stopped processes, and hand the ones created here by calls still served to the queue
+        (run here when there is none, or it is full)."""
+        self._draining = True
         await self._takeover.stop_taking()
 
     async def settle(self, limit: float) -> bool:

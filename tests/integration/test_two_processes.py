@@ -6,6 +6,7 @@ through the other; and without Redis both keep serving, degraded."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowport.clients import ApiError, Client
 from flowport.v1 import apikey_pb2, event_pb2, execution_pb2, gateway_pb2, session_pb2, webhook_pb2, workflow_pb2
@@ -414,6 +416,44 @@ def test_work_a_full_process_takes_runs_on_a_process_with_room(one_slot: list[Se
         time.sleep(1.5)  # a slot is free on both: nothing may take the cancelled one
         again = a.executions.GetExecution(execution_pb2.GetExecutionRequest(execution_id=queued.execution_id))
         assert again.state == execution_pb2.Execution.STATE_CANCELLED and not again.node_runs
+
+
+def test_an_execution_asked_of_a_draining_process_runs_on_one_that_stays(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    with _two_servers(tmp_path, postgres_url, redis_url, drain_seconds=60) as (a_server, b_server):
+        assert a_server.process is not None
+        with (
+            Client(a_server.settings.grpc_target, api_key=ADMIN_KEY) as a,
+            Client(b_server.settings.grpc_target, api_key=ADMIN_KEY) as b,
+        ):
+            _nap_workflow(a, "short", 0)
+            a_server.process.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(a.channel)
+            for _ in range(100):
+                if health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.05)
+            # Draining, A still answers the call Envoy sent it before noticing; B runs the execution.
+            done = a.executions.CreateExecution(
+                execution_pb2.CreateExecutionRequest(
+                    workflow_id="short", inputs=json_format.ParseDict({"n": 4}, Struct()), wait=True
+                ),
+                timeout=30,
+            )
+            assert done.state == execution_pb2.Execution.STATE_SUCCEEDED, done.error.message
+            assert json_format.MessageToDict(done.outputs) == {"nap": {"result": {"n": 8.0}}}
+            a_stats, b_stats = _execution_stats(a), _execution_stats(b)
+            assert (a_stats.queued, a_stats.taken_from_queue) == (1, 0)
+            assert (b_stats.queued, b_stats.taken_from_queue) == (0, 1)
+        # A second SIGTERM each: neither sits out its drain.
+        a_server.process.send_signal(signal.SIGTERM)
+        assert a_server.process.wait(30) == 0
+        assert b_server.process is not None
+        for _ in range(2):
+            b_server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        assert b_server.process.wait(30) == 0
 
 
 def test_without_the_queue_a_full_process_refuses_more_work(
