@@ -54,6 +54,15 @@ def _without(predicate: Callable[[str], bool]) -> Callable[[Config], None]:
     return change
 
 
+def _no_access_log(config: Config) -> None:
+    for manager in _connection_managers(config):
+        manager.pop("access_log", None)
+
+
+def _no_stats(config: Config) -> None:
+    config["stats_config"] = {"stats_matcher": {"reject_all": True}}
+
+
 VARIANTS: dict[str, Callable[[Config], None]] = {
     "full": lambda config: None,
     "no-edge-lua": _without(lambda name: name == "envoy.filters.http.lua"),
@@ -61,6 +70,8 @@ VARIANTS: dict[str, Callable[[Config], None]] = {
     "no-lua": _without(lambda name: name in ("envoy.filters.http.lua", "flowport.body_fields", "flowport.request_ids")),
     "minimal": _without(lambda name: not name.endswith(("grpc_json_transcoder", "router"))),
     "one-worker": lambda config: None,
+    "no-access-log": _no_access_log,
+    "no-stats": _no_stats,
 }
 
 
@@ -144,7 +155,7 @@ def main() -> int:
                 print(f"round {round_ + 1} {name}: {spent[name][-1]:.4f} ms", flush=True)
     print(f"\nEnvoy CPU per REST call ({args.call}), ms (median, min over rounds):")
     for name, values in spent.items():
-        print(f"  {name:12s} {statistics.median(values):.4f}  {min(values):.4f}")
+        print(f"  {name:14s} {statistics.median(values):.4f}  {min(values):.4f}")
     return 0
 
 
