@@ -22,10 +22,12 @@ written, so `flowport upstreams` can say why it changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from flowport.transcoder.websocket_routes import WEBSOCKET_CLUSTER
 
 ENDPOINTS_DIR = "endpoints"  # under the data dir
 SERVERS_FILE = "servers.json"
+CHANGE_LOCK = ".change.lock"
 
 
 class EndpointFilesError(Exception):
@@ -163,6 +166,34 @@ def read(directory: Path) -> Servers:
         return Servers.from_json(text)
     except (ValueError, KeyError, TypeError):
         raise EndpointFilesError(f"{path} is not a servers file flowport up wrote") from None
+
+
+@contextlib.contextmanager
+def changing(directory: Path) -> Iterator[None]:
+    """Hold the directory's change lock, waiting for it: one `flowport upstreams` change at a time.
+
+    Each change reads the servers, writes them changed and waits for Envoy to
+    hold exactly those: two at once would each write over what the other read,
+    one change would be lost, and each would wait for a set Envoy never holds.
+    POSIX only (flock); on Windows changes are not serialized.
+    """
+    if sys.platform == "win32":
+        yield
+        return
+    import fcntl
+
+    if not directory.is_dir():  # nothing written here yet: `read` says so
+        yield
+        return
+    try:
+        fd = os.open(directory / CHANGE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise EndpointFilesError(f"{directory} is not writable: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the fd closes, or the process ends
+        yield
+    finally:
+        os.close(fd)
 
 
 def _replace(path: Path, text: str) -> None:

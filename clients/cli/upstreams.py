@@ -21,7 +21,7 @@ from typing import Any
 
 from flowport.clients.cli.api_command import add_action, add_group
 from flowport.clients.cli.connect import EXIT_API_ERROR, EXIT_UNREACHABLE, EXIT_USAGE, CliError
-from flowport.server.endpoint_files import ENDPOINTS_DIR, EndpointFilesError, Servers, read, write
+from flowport.server.endpoint_files import ENDPOINTS_DIR, EndpointFilesError, Servers, changing, read, write
 from flowport.server.settings import Settings, SettingsError
 from flowport.server.upstreams import Upstream, parse_upstream
 from flowport.transcoder.envoy_routes import CLUSTER
@@ -75,16 +75,19 @@ def run_upstreams(args: argparse.Namespace, out: Callable[[str], None] = print) 
     try:
         data_dir = Settings.load({"data_dir": args.data_dir}, config_file=args.config).data_dir
         directory = data_dir / ENDPOINTS_DIR
-        servers = read(directory)
-        admin = _Admin(servers.admin_port, data_dir)
         if args.upstreams_command == "list":
-            _list(servers, admin, out)
+            servers = read(directory)
+            _list(servers, _Admin(servers.admin_port, data_dir), out)
             return 0
-        servers.check_reloadable()
-        changed = servers.with_upstreams(_wanted(servers, args.upstreams_command, _parsed(args.servers)))
-        admin.check()  # before writing: files no Envoy reads would change nothing
-        write(directory, changed)
-        admin.wait_for(changed)
+        given = _parsed(args.servers)
+        with changing(directory):  # another change under way ends first, then this one reads its result
+            servers = read(directory)
+            admin = _Admin(servers.admin_port, data_dir)
+            servers.check_reloadable()
+            changed = servers.with_upstreams(_wanted(servers, args.upstreams_command, given))
+            admin.check()  # before writing: files no Envoy reads would change nothing
+            write(directory, changed)
+            admin.wait_for(changed)
     except (SettingsError, EndpointFilesError) as exc:
         print(f"flowport: {exc}", file=sys.stderr)
         return EXIT_USAGE

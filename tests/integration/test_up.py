@@ -221,3 +221,29 @@ def test_a_second_sigterm_ends_a_long_drain_at_once(tmp_path: Path) -> None:
     finally:
         if served.process.poll() is None:
             served.kill()
+
+
+@pytest.mark.timeout(180)
+def test_upstream_changes_made_at_once_are_each_applied(tmp_path: Path) -> None:
+    from ..backends import free_ports
+
+    stack = start_up(make_settings(tmp_path / "data", websocket_port=0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWPORT_")}
+
+    def upstreams(*argv: str) -> subprocess.Popen[str]:
+        command = [sys.executable, "-m", "flowport.clients.cli", "upstreams", argv[0]]
+        command += ["--data-dir", str(stack.settings.data_dir), *argv[1:]]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    try:
+        first = free_ports(4)
+        added = [f"127.0.0.1:{port}" for port in range(first, first + 4)]
+        # Four changes at once: each reads what the one before it wrote, none is lost.
+        changes = [upstreams("add", address) for address in added]
+        for change in changes:
+            out, _ = change.communicate(timeout=60)
+            assert change.returncode == 0, out
+        listed, _ = upstreams("list").communicate(timeout=60)
+        assert sorted(line.split()[0] for line in listed.splitlines() if "upstream" in line) == sorted(added), listed
+    finally:
+        stop_up(stack)
