@@ -36,6 +36,7 @@ servers that stay are kept; a server added gets calls once it passes its
 health check; one removed gets no new calls, and the calls and streams under
 way on it finish (stop it afterwards: SIGTERM, and it drains). The change
 lasts until flowport up restarts, which starts from its --upstream flags again.
+Changes made at once take turns, each starting from what the one before wrote.
 Only addresses change so: with --upstream-dns, Envoy resolves the names itself.
 
 exit codes: 0 done; 1 Envoy did not apply the change in time (see its log);
