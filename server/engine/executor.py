@@ -126,6 +126,11 @@ class Executor:
         self._elsewhere = Elsewhere(bus, self._slots, local=self)
 
     @property
+    def taking_queued_work(self) -> bool:
+        """Whether this process still reads the shared work queue (until a while after stop_taking)."""
+        return self._takeover.consuming
+
+    @property
     def running(self) -> int:
         """Executions in progress in this process."""
         return len(self._slots.runs)

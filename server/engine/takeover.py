@@ -43,6 +43,8 @@ from flowport.server.storage.sql_store import SqlStore
 
 log = logging.getLogger(__name__)
 QUEUE_RETRY_MAX = 5.0
+# Seconds a stop waits for the queue's consumer to end by itself: one blocked read (1 s), and margin.
+CONSUMER_END = 3.0
 
 
 class Starter(Protocol):
@@ -83,6 +85,7 @@ class Takeover:
         self._consuming: asyncio.Task[None] | None = None
         # Set by stop_taking() when the process starts shutting down: it only renews its own leases.
         self._draining = False
+        self._stopping = asyncio.Event()  # set with _draining: wakes the consumer to end
 
     def start(self) -> None:
         """Keep this process's leases fresh, take over executions of processes that died,
@@ -91,16 +94,28 @@ class Takeover:
         if self._queue is not None:
             self._consuming = asyncio.create_task(self._consume(), name="execution work queue")
 
+    @property
+    def consuming(self) -> bool:
+        """Whether this process still reads the shared work queue."""
+        return self._consuming is not None and not self._consuming.done()
+
     async def stop_taking(self) -> None:
         """Take no more work from the queue or from stopped processes (this one is stopping:
-        the others take it); keep renewing the leases of what runs here."""
+        the others take it); keep renewing the leases of what runs here.
+
+        The queue's consumer is not cancelled: it ends by itself once its read
+        returns (within the read's block time), giving back whatever that read
+        handed it. A read cancelled midway could leave an entry Redis already
+        handed to this process pending, for another process to reclaim only
+        after an idle lease.
+        """
         self._draining = True
-        if self._consuming is not None:
-            self._consuming.cancel()
-            await asyncio.gather(self._consuming, return_exceptions=True)
+        self._stopping.set()
 
     async def stop(self) -> None:
         """Stop taking executions (those started stay running)."""
+        if self._consuming is not None and self._draining:
+            await asyncio.wait({self._consuming}, timeout=CONSUMER_END)
         for background in (self._consuming, self._leasing):
             if background is not None:
                 background.cancel()
@@ -297,26 +312,23 @@ class Takeover:
         """Forever: while this process has free slots, take queued executions and run them."""
         assert self._queue is not None
         delay = 0.1
-        while True:
+        while not self._draining:
             free = self._slots.room()
             if free <= 0:
-                self._slots.freed.clear()
-                await self._slots.freed.wait()
+                await self._until_freed(None)
                 continue
             try:
                 entries = await self._queue.take(free)
-                # Executions created here while the read waited may have taken the room.
-                room = max(0, self._slots.room())
+                # Executions created here while the read waited may have taken the room,
+                # and a process that began stopping meanwhile runs none of them.
+                room = 0 if self._draining else max(0, self._slots.room())
                 await self._queue.give_back(entries[room:])
                 started, passed_over = await self._run_queued(entries[:room])
                 delay = 0.1
                 if passed_over and not started:
                     # Only tenants at their share here are queued: read again once a
                     # run ends, or after a while (other processes add work meanwhile).
-                    self._slots.freed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(WAIT_POLL):
-                            await self._slots.freed.wait()
+                    await self._until_freed(WAIT_POLL)
             except Exception as exc:  # Redis or the database failing: retry, never stop
                 if _cancelling():
                     # redis-py can turn the cancellation of a blocked read into a connection
@@ -327,8 +339,20 @@ class Takeover:
                 else:
                     self._counters.queue_failures += 1
                     log.warning("the execution work queue cannot be reached (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stopping.wait()
                 delay = min(delay * 2, QUEUE_RETRY_MAX)
+
+    async def _until_freed(self, timeout: float | None) -> None:
+        """Until a run here ends (a slot is free) or the process begins to stop; at most `timeout` seconds."""
+        self._slots.freed.clear()
+        waits = {asyncio.ensure_future(self._slots.freed.wait()), asyncio.ensure_future(self._stopping.wait())}
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def _run_queued(self, entries: list[QueuedExecution]) -> tuple[int, int]:
         """Claim and start the executions of `entries`, then remove the entries.

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
-from flowport.server.engine.redis_work_queue import RedisWorkQueue
+from flowport.server.app import start, stop
+from flowport.server.engine.redis_work_queue import STREAM, RedisWorkQueue
 from flowport.server.engine.work_queue import QUEUE_FAILURES
 
 from ..backends import RedisServer
+from ..conftest import make_settings
 
 
 @pytest.fixture
@@ -118,3 +121,30 @@ async def test_queued_lists_every_waiting_entry_read_or_not_across_pages(
     assert await a.queued(page=2) == {f"exe_{n}" for n in range(5)}
     await a.done(read)
     assert await b.queued(page=2) == {f"exe_{n}" for n in range(2, 5)}
+
+
+async def test_a_stopping_process_gives_back_what_its_last_read_handed_it(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    running = await start(make_settings(tmp_path / "data", database_url=postgres_url, redis_url=redis_url))
+    other = RedisWorkQueue(redis_url, "process-b", block_ms=200)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        assert running.executor.taking_queued_work
+        await asyncio.sleep(0.5)  # its consumer is in a blocked read by now, as in a server that has run a while
+        await running.executor.stop_taking()
+        # Its consumer is in a blocked read, not cancelled: what that read returns it gives back.
+        first_id = await redis.xadd(STREAM, {"t": "default", "x": "exe_late"})  # as `submit` adds one
+        for _ in range(100):
+            if not running.executor.taking_queued_work:
+                break
+            await asyncio.sleep(0.05)
+        assert not running.executor.taking_queued_work, "the consumer did not end by itself"
+        [entry] = await other.take(5)
+        # Read by the stopping process and added again at the end of the queue: not left pending
+        # with it (another process would reclaim such an entry only after an idle lease).
+        assert entry.execution_id == "exe_late" and entry.entry_id != first_id
+    finally:
+        await redis.aclose()
+        await other.close()
+        await stop(running, 1.0)
