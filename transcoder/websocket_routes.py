@@ -15,12 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from flowport.server.settings import Settings
+from flowport.transcoder.envoy_routes import retry_policy
 from flowport.transcoder.upstream_endpoints import membership, websocket_endpoints
 
 WEBSOCKET_CLUSTER = "flowport_ws"
 WEBSOCKET_PATH = "/ws"
 HEALTH_PATH = "/healthz"  # the bridge's own, on its port
 BUFFER = "envoy.filters.http.buffer"
+# An upgrade that reached no bridge (a server restarting, or stopped before Envoy's health check
+# noticed), or that a bridge refused with 503 (draining, or its handshakes all taken), is tried
+# on another server: nothing of it ran. 401, 404 and the rest are the answer.
+WEBSOCKET_RETRY_ON = "connect-failure,reset-before-request,retriable-status-codes"
 
 
 def websocket_routes(settings: Settings, disabled_filters: dict[str, Any]) -> list[dict[str, Any]]:
@@ -37,6 +42,7 @@ def websocket_routes(settings: Settings, disabled_filters: dict[str, Any]) -> li
                 "cluster": WEBSOCKET_CLUSTER,
                 "timeout": "0s",
                 "upgrade_configs": [{"upgrade_type": "websocket"}],
+                "retry_policy": {**retry_policy(WEBSOCKET_RETRY_ON), "retriable_status_codes": [503]},
             },
             "typed_per_filter_config": disabled,
         }

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from flowport.clients import Client
 from flowport.server.settings import Settings
@@ -43,24 +45,38 @@ def test_two_workers_share_the_load_and_a_killed_one_comes_back(
                 assert http.get("/api/sessions").status_code == 200
             first, second = settings.grpc_ports
             assert _calls(settings, first) > 1 and _calls(settings, second) > 1, "both workers serve"
-            # Kill the second worker: the supervisor starts it again; the first serves meanwhile.
+            # Kill the second worker: the supervisor starts it again; the first serves meanwhile,
+            # REST calls and /ws upgrades alike (one Envoy sent to the dead worker before its
+            # health check noticed is tried on the other).
             victim = next(pid for pid in children if _environ_port(pid) == str(second))
             os.kill(victim, signal.SIGKILL)
             deadline = time.monotonic() + 30
             statuses = []
+            upgrades = []
             while time.monotonic() < deadline:
                 statuses.append(http.get("/api/sessions").status_code)
+                upgrades.append(_upgrade(settings))
                 replacement = [p for p in _children(stack.process.pid) if p not in children]
                 if replacement and _serving(settings, second):
                     break
                 time.sleep(0.2)
             assert replacement, "the killed worker was not started again"
             assert set(statuses) == {200}, statuses
+            assert set(upgrades) == {101}, upgrades
         everyone = set(children) | set(_children(stack.process.pid))
     finally:
         code = stop_up(stack)
     assert code == 0
     assert all(_gone(pid) for pid in everyone), "a child outlived flowport up"
+
+
+def _upgrade(settings: Settings) -> int:
+    """The status of a /ws upgrade through Envoy (101 when it opened; closed at once)."""
+    try:
+        with connect(f"ws://127.0.0.1:{settings.http_port}/ws", additional_headers=ADMIN_HEADERS, open_timeout=10):
+            return 101
+    except InvalidStatus as refused:
+        return refused.response.status_code
 
 
 def _environ_port(pid: int) -> str:
