@@ -46,6 +46,8 @@ def _execution_cpu_ratio(s: dict[str, Any]) -> tuple[float | None, str]:
     unary = _get(s, "unary", "cpu_ms_per_call")
     if not rest or not unary or rest.get("cpu_ms_per_execution") is None or "grpc_direct" not in unary:
         return None, ""
+    if not unary["grpc_direct"]["server_ms"]:
+        return None, ""
     execution = rest["cpu_ms_per_execution"] + (_get(rest, "envoy", "cpu_ms_per_execution") or 0.0)
     call = unary["grpc_direct"]["server_ms"]
     ratio = round(execution / call, 2)
@@ -56,7 +58,8 @@ def _execution_cpu_ratio(s: dict[str, Any]) -> tuple[float | None, str]:
     http1 = unary.get("rest_http1_via_envoy")
     if http1:
         rest_call = http1["server_ms"] + http1["envoy_ms"]
-        text += f"; REST execution to REST call, both through Envoy, {execution / rest_call:.2f}x"
+        if rest_call:
+            text += f"; REST execution to REST call, both through Envoy, {execution / rest_call:.2f}x"
     return ratio, text + ")"
 
 

@@ -641,7 +641,8 @@ async def stop(running: Running, grace: float, drain: float = 0.0, hurry: asynci
     async def cut_grace() -> None:
         assert hurry is not None
         await hurry.wait()
-        await running.server.stop(None)  # the shorter grace wins over the call below
+        # The shorter grace wins over the call below.
+        await bounded("the gRPC server, at once", running.server.stop, None)()
 
     cutter = asyncio.create_task(cut_grace()) if hurry is not None else None
     try:

@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -169,13 +169,14 @@ def read(directory: Path) -> Servers:
 
 
 @contextlib.contextmanager
-def changing(directory: Path) -> Iterator[None]:
+def changing(directory: Path, on_wait: Callable[[], object] | None = None) -> Iterator[None]:
     """Hold the directory's change lock, waiting for it: one `flowport upstreams` change at a time.
 
     Each change reads the servers, writes them changed and waits for Envoy to
     hold exactly those: two at once would each write over what the other read,
     one change would be lost, and each would wait for a set Envoy never holds.
-    POSIX only (flock); on Windows changes are not serialized.
+    POSIX only (flock); on Windows changes are not serialized. `on_wait` is
+    called when another change holds the lock, before waiting for it.
     """
     if sys.platform == "win32":
         yield
@@ -190,7 +191,12 @@ def changing(directory: Path) -> Iterator[None]:
     except OSError as exc:
         raise EndpointFilesError(f"{directory} is not writable: {exc.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the fd closes, or the process ends
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when the fd closes, or the process ends
         yield
     finally:
         os.close(fd)

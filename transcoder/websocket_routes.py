@@ -23,9 +23,10 @@ WEBSOCKET_PATH = "/ws"
 HEALTH_PATH = "/healthz"  # the bridge's own, on its port
 BUFFER = "envoy.filters.http.buffer"
 # An upgrade that reached no bridge (a server restarting, or stopped before Envoy's health check
-# noticed), or that a bridge refused with 503 (draining, or its handshakes all taken), is tried
-# on another server: nothing of it ran. 401, 404 and the rest are the answer.
-WEBSOCKET_RETRY_ON = "connect-failure,reset-before-request,retriable-status-codes"
+# noticed) is tried on another server: nothing of it ran. Every answer a bridge gives is final,
+# its 503s too: one says the bridge's handshakes are all taken (Retry-After is the client's to
+# heed), the other comes after the stream waited its whole time to start.
+WEBSOCKET_RETRY_ON = "connect-failure,reset-before-request"
 
 
 def websocket_routes(settings: Settings, disabled_filters: dict[str, Any]) -> list[dict[str, Any]]:
@@ -42,7 +43,7 @@ def websocket_routes(settings: Settings, disabled_filters: dict[str, Any]) -> li
                 "cluster": WEBSOCKET_CLUSTER,
                 "timeout": "0s",
                 "upgrade_configs": [{"upgrade_type": "websocket"}],
-                "retry_policy": {**retry_policy(WEBSOCKET_RETRY_ON), "retriable_status_codes": [503]},
+                "retry_policy": retry_policy(WEBSOCKET_RETRY_ON),
             },
             "typed_per_filter_config": disabled,
         }

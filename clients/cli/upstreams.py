@@ -81,7 +81,11 @@ def run_upstreams(args: argparse.Namespace, out: Callable[[str], None] = print) 
             _list(servers, _Admin(servers.admin_port, data_dir), out)
             return 0
         given = _parsed(args.servers)
-        with changing(directory):  # another change under way ends first, then this one reads its result
+
+        def waiting() -> None:
+            print("flowport: waiting for another change of the upstreams to end", file=sys.stderr)
+
+        with changing(directory, waiting):  # another change under way ends first, then this one reads its result
             servers = read(directory)
             admin = _Admin(servers.admin_port, data_dir)
             servers.check_reloadable()

@@ -13,6 +13,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Peers whose answer is remembered: the few proxies and clients a server sees, bounded.
@@ -94,8 +95,9 @@ def origin_of(metadata: Sequence[tuple[str, Any]], peer: str, trusted_proxies: T
 
 
 def peer_host(peer: str) -> str:
-    """The host of a gRPC peer such as "ipv4:127.0.0.1:5000" or "ipv6:[::1]:5000"."""
-    kind, _, rest = peer.partition(":")
+    """The host of a gRPC peer such as "ipv4:127.0.0.1:5000" or "ipv6:[::1]:5000" (which grpcio
+    writes URI-escaped: "ipv6:%5B::1%5D:5000")."""
+    kind, _, rest = unquote(peer).partition(":")
     if kind == "ipv6":
         return rest.rsplit("]", 1)[0].lstrip("[")
     if kind == "ipv4":

@@ -40,13 +40,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from google.rpc import code_pb2
 
 from flowport.server.clock import now_us
 from flowport.server.engine.elsewhere import Elsewhere
-from flowport.server.engine.plan import PlanCache
+from flowport.server.engine.plan import Plan, PlanCache
 from flowport.server.engine.run import FINISHED, Execution, Run, error_status, mark_running, publish, timestamp_now
 from flowport.server.engine.slots import Slots
 from flowport.server.engine.stats import ExecutionCounters
@@ -73,6 +74,21 @@ log = logging.getLogger(__name__)
 QUEUE_DEPTH = 4
 # Seconds between looks at the runs still going while a shutdown waits for them (runs started meanwhile included).
 SETTLE_POLL = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """An execution asked for, its inputs checked: what starting or queueing it takes."""
+
+    tenant: str
+    plan: Plan
+    values: dict[str, Any]
+    inputs: Any
+    workflow: workflow_pb2.Workflow
+    session_id: str
+    request_id: str
+    key: tuple[str, bytes] | None
+    waited: bool
 
 
 class Executor:
@@ -184,10 +200,23 @@ class Executor:
                 violations=[(f"inputs.{name}", "required by the workflow") for name in missing],
             )
         key = (request_id, request_hash) if request_id and request_hash is not None else None
-        # A stopping process hands what it is asked to run to the shared queue, for a process
-        # that stays (one started here now would be cut off by the stop, and run again by
-        # another process after its lease). Without a queue with room it runs it here.
-        handing_off = self._draining and await self._queue_has_room()
+        # A stopping process hands an execution nobody waits for to the shared queue, for a
+        # process that stays (started here, the stop would cut it off, to be run again by
+        # another process after its lease). A waited one runs here: its call is in flight
+        # here anyway, and most end within the drain. So does one the queue has no room for.
+        asked = _Asked(tenant, plan, values, inputs, workflow, session_id, request_id, key, waited)
+        if self._draining and not waited and await self._queue_has_room():
+            try:
+                return await self._start(asked, handing_off=True)
+            except ResourceExhausted:
+                pass  # the queue, or the tenant's share of it, is full: run it here
+        return await self._start(asked, handing_off=False)
+
+    async def _start(self, asked: _Asked, *, handing_off: bool) -> tuple[Execution, bool]:
+        """`create` once the inputs are checked: start it here, or queue it (`handing_off`, or when full).
+        A ResourceExhausted raised here has recorded nothing."""
+        tenant, plan, values, inputs, workflow = asked.tenant, asked.plan, asked.values, asked.inputs, asked.workflow
+        session_id, request_id, key, waited = asked.session_id, asked.request_id, asked.key, asked.waited
         tenant_full = not handing_off and self._slots.tenant_full(tenant)
         queued = handing_off or self._slots.room() <= 0
         if queued or tenant_full:

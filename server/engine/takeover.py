@@ -43,8 +43,9 @@ from flowport.server.storage.sql_store import SqlStore
 
 log = logging.getLogger(__name__)
 QUEUE_RETRY_MAX = 5.0
-# Seconds a stop waits for the queue's consumer to end by itself: one blocked read (1 s), and margin.
-CONSUMER_END = 3.0
+# Seconds a stop waits for the queue's consumer to end by itself: one blocked read (1 s, its socket
+# timeout a few more) and the give-back after it.
+CONSUMER_END = 6.0
 
 
 class Starter(Protocol):
@@ -367,7 +368,8 @@ class Takeover:
         started = 0
         passed_over: list[QueuedExecution] = []
         for entry in entries:
-            if self._slots.room() <= 0 or self._slots.tenant_full(entry.tenant):
+            # A process that began stopping meanwhile starts none of the rest: they go back.
+            if self._draining or self._slots.room() <= 0 or self._slots.tenant_full(entry.tenant):
                 passed_over.append(entry)
                 continue
             self._slots.reserve(entry.tenant, 1)

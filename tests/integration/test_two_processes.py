@@ -435,17 +435,24 @@ def test_an_execution_asked_of_a_draining_process_runs_on_one_that_stays(
                     break
                 time.sleep(0.05)
             # Draining, A still answers the call Envoy sent it before noticing; B runs the execution.
-            done = a.executions.CreateExecution(
-                execution_pb2.CreateExecutionRequest(
-                    workflow_id="short", inputs=json_format.ParseDict({"n": 4}, Struct()), wait=True
-                ),
-                timeout=30,
-            )
+            four = json_format.ParseDict({"n": 4}, Struct())
+            made = a.executions.CreateExecution(execution_pb2.CreateExecutionRequest(workflow_id="short", inputs=four))
+            finished = {execution_pb2.Execution.STATE_SUCCEEDED, execution_pb2.Execution.STATE_FAILED}
+            done = _wait_for(b, made.execution_id, finished, 30)
             assert done.state == execution_pb2.Execution.STATE_SUCCEEDED, done.error.message
             assert json_format.MessageToDict(done.outputs) == {"nap": {"result": {"n": 8.0}}}
             a_stats, b_stats = _execution_stats(a), _execution_stats(b)
             assert (a_stats.queued, a_stats.taken_from_queue) == (1, 0)
             assert (b_stats.queued, b_stats.taken_from_queue) == (0, 1)
+            # One its caller waits for runs on A, within the drain: its call is in flight there anyway.
+            waited = a.executions.CreateExecution(
+                execution_pb2.CreateExecutionRequest(
+                    workflow_id="short", inputs=json_format.ParseDict({"n": 5}, Struct()), wait=True
+                ),
+                timeout=30,
+            )
+            assert waited.state == execution_pb2.Execution.STATE_SUCCEEDED, waited.error.message
+            assert _execution_stats(a).queued == 1 and _execution_stats(b).taken_from_queue == 1
         # A second SIGTERM each: neither sits out its drain.
         a_server.process.send_signal(signal.SIGTERM)
         assert a_server.process.wait(30) == 0

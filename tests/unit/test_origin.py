@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flowport.server.auth.origin import Origin, TrustedProxies, origin_of, trusted_network
+from flowport.server.auth.origin import Origin, TrustedProxies, origin_of, peer_host, trusted_network
 from flowport.server.settings import Settings
 
 FORWARDED = (("x-forwarded-for", "198.51.100.9, 203.0.113.7"),)
@@ -26,6 +26,46 @@ def test_a_peer_in_a_trusted_network_names_the_client_and_others_do_not() -> Non
     assert origin_of(FORWARDED, "ipv4:10.4.5.6:40000", proxies) == Origin("203.0.113.7", "10.4.5.6")
     assert origin_of(FORWARDED, "ipv4:172.16.0.1:40000", proxies) == Origin("172.16.0.1")
     assert origin_of(FORWARDED, "ipv6:[::1]:40000", TrustedProxies([])) == Origin("::1")
+
+
+def test_an_ipv6_peer_as_grpcio_writes_it_is_read() -> None:
+    # grpcio escapes the brackets of an IPv6 peer: "ipv6:%5B::1%5D:50232".
+    proxies = TrustedProxies(["::1", "fd00::/8"])
+    assert peer_host("ipv6:%5B::1%5D:50232") == "::1"
+    assert origin_of(FORWARDED, "ipv6:%5B::1%5D:50232", proxies) == Origin("203.0.113.7", "::1")
+    assert origin_of(FORWARDED, "ipv6:%5Bfd00::5%5D:1", proxies) == Origin("203.0.113.7", "fd00::5")
+    assert origin_of(FORWARDED, "ipv6:%5B2001:db8::1%5D:1", proxies) == Origin("2001:db8::1")
+
+
+async def test_a_real_ipv6_call_counts_its_forwarded_address_from_a_trusted_peer() -> None:
+    import grpc
+
+    seen: list[str] = []
+
+    class Probe(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes] | None:
+            async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+                seen.append(context.peer())
+                return request
+
+            return grpc.unary_unary_rpc_method_handler(echo)
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((Probe(),))
+    try:
+        port = server.add_insecure_port("[::1]:0")
+    except RuntimeError:
+        pytest.skip("no IPv6 loopback here")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"[::1]:{port}") as channel:
+            echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/probe/Echo")
+            assert await echo(b"x", timeout=10) == b"x"
+    finally:
+        await server.stop(None)
+    [peer] = seen
+    assert peer_host(peer) == "::1", peer
+    assert origin_of(FORWARDED, peer, TrustedProxies(["::1"])) == Origin("203.0.113.7", "::1")
 
 
 def test_remembered_answers_stay_bounded() -> None:

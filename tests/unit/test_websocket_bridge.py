@@ -113,10 +113,10 @@ def test_envoy_upgrades_ws_to_each_workers_bridge_before_the_catch_all() -> None
     route = routes[names.index("websocket")]
     assert names.index("websocket") < names.index("rest")
     assert route["match"] == {"path": "/ws"} and route["route"]["upgrade_configs"] == [{"upgrade_type": "websocket"}]
-    # An upgrade that reached no bridge, or one a bridge refused with 503, goes to another server.
+    # An upgrade that reached no bridge goes to another server; whatever a bridge answers is final.
     retry = route["route"]["retry_policy"]
-    assert set(retry["retry_on"].split(",")) == {"connect-failure", "reset-before-request", "retriable-status-codes"}
-    assert retry["retriable_status_codes"] == [503] and retry["retry_host_predicate"]
+    assert set(retry["retry_on"].split(",")) == {"connect-failure", "reset-before-request"}
+    assert "retriable_status_codes" not in retry and retry["retry_host_predicate"]
     # The buffer would wait for the end of a request that never ends; the edge Lua filter stays on.
     disabled = route["typed_per_filter_config"]
     assert {"envoy.filters.http.buffer", "envoy.filters.http.grpc_json_transcoder"} <= set(disabled)

@@ -131,7 +131,14 @@ async def test_a_stopping_process_gives_back_what_its_last_read_handed_it(
     redis = aioredis.Redis.from_url(redis_url)
     try:
         assert running.executor.taking_queued_work
-        await asyncio.sleep(0.5)  # its consumer is in a blocked read by now, as in a server that has run a while
+        # As in a server that has run a while, its consumer is in a blocked read (XREADGROUP) first.
+        for _ in range(200):
+            clients = await redis.client_list()
+            if any(c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "") for c in clients):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the consumer never began a blocked read")
         await running.executor.stop_taking()
         # Its consumer is in a blocked read, not cancelled: what that read returns it gives back.
         first_id = await redis.xadd(STREAM, {"t": "default", "x": "exe_late"})  # as `submit` adds one
