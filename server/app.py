@@ -159,12 +159,18 @@ async def _authenticator(
         written = await ensure_admin_key(store, settings)
         if written is not None:
             log.warning("admin API key: %s", written)
+    proxies = TrustedProxies(settings.trusted_proxies)
+    if proxies.everyone:
+        log.warning(
+            "--trusted-proxies holds a network of every address: any caller can name its own client address "
+            "(audit, the slow-down after failed logins)"
+        )
     return Authenticator(
         keys,
         _jwt_verifier(settings),
         insecure=settings.insecure_no_auth,
         max_failures=settings.max_login_attempts,
-        trusted_proxies=TrustedProxies(settings.trusted_proxies),
+        trusted_proxies=proxies,
         audit=audit,
     )
 

@@ -47,6 +47,11 @@ class TrustedProxies:
         self._networks = tuple(n for n in networks if n.num_addresses > 1)
         self._seen: dict[str, bool] = {}
 
+    @property
+    def everyone(self) -> bool:
+        """Whether a listed network holds every address of its family (0.0.0.0/0, ::/0)."""
+        return any(network.prefixlen == 0 for network in self._networks)
+
     def __contains__(self, address: object) -> bool:
         if not isinstance(address, str):
             return False

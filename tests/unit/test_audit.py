@@ -320,12 +320,15 @@ async def test_a_failing_audit_write_never_fails_the_call(
     assert any("could not queue" in r.getMessage() for r in caplog.records)
 
 
-async def test_forwarded_addresses_count_only_from_trusted_proxies(tmp_path: Path) -> None:
+async def test_forwarded_addresses_count_only_from_trusted_proxies(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     forwarded = (("x-forwarded-for", "198.51.100.9, 203.0.113.7"),)
     for trusted, expected in (
         ("127.0.0.1", ("203.0.113.7", "127.0.0.1")),
         ("192.0.2.254", ("127.0.0.1", "")),
         ("127.0.0.0/8", ("203.0.113.7", "127.0.0.1")),  # a network holding the peer
+        ("0.0.0.0/0", ("203.0.113.7", "127.0.0.1")),  # every address: warned at start
     ):
         settings = make_settings(tmp_path / trusted.replace("/", "_"), trusted_proxies=trusted)
         running = await start(settings)
@@ -338,6 +341,8 @@ async def test_forwarded_addresses_count_only_from_trusted_proxies(tmp_path: Pat
             assert (event.client_address, event.proxy_address) == expected
         finally:
             await stop(running, 1.0)
+    warned = [r.getMessage() for r in caplog.records if "holds a network of every address" in r.getMessage()]
+    assert len(warned) == 1, warned
 
 
 async def test_actions_outside_any_call_are_recorded_as_the_system(tmp_path: Path) -> None:

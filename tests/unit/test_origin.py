@@ -68,6 +68,12 @@ async def test_a_real_ipv6_call_counts_its_forwarded_address_from_a_trusted_peer
     assert origin_of(FORWARDED, peer, TrustedProxies(["::1"])) == Origin("203.0.113.7", "::1")
 
 
+def test_a_network_of_every_address_is_known_as_such() -> None:
+    assert TrustedProxies(["0.0.0.0/0"]).everyone and TrustedProxies(["::/0", "10.0.0.1"]).everyone
+    assert not TrustedProxies(["10.0.0.0/8", "::1"]).everyone and not TrustedProxies([]).everyone
+    assert "198.51.100.1" in TrustedProxies(["0.0.0.0/0"])
+
+
 def test_remembered_answers_stay_bounded() -> None:
     proxies = TrustedProxies(["10.0.0.0/8"])
     for n in range(5000):
