@@ -1,11 +1,16 @@
 """Counts GetStats reads from the store: what exists now, whichever process made it.
 
 Each is one aggregate query, scoped to a tenant or to all of them (None);
-GetStats is called by dashboards every few seconds, not per request.
+GetStats is called by dashboards every few seconds, not per request. The
+same query asked again while it runs is not run twice (shared_reads.py):
+callers hammering the figures of one tenant cost one scan at a time.
 """
 
 from __future__ import annotations
 
+import functools
+
+from flowport.server.storage.shared_reads import SharedReads
 from flowport.server.storage.tables import Tables
 from flowport.v1 import execution_pb2, webhook_pb2
 
@@ -29,7 +34,8 @@ class StatsTables(Tables):
         """Sessions of `tenant` (or all) that have not expired."""
         where, args = _scope(tenant)
         sql = f"SELECT count(*) FROM sessions WHERE {where} AND expire_us>?"  # noqa: S608 - fixed fragments
-        return await self._scalar(sql, (*args, now_us))
+        # Shared whatever `now_us`: a caller may get the count of a moment before its own call.
+        return await self._scalar(sql, (*args, now_us), shared_as=args)
 
     async def count_sessions_created(self, tenant: str | None) -> int:
         """Sessions `tenant` (or every tenant) ever created, by any process: the rows still kept
@@ -42,11 +48,17 @@ class StatsTables(Tables):
         # One statement: one snapshot, so a purge moving rows into `removed` never counts them twice or not at all.
         return await self._scalar(sql, (*args, *args))
 
+    @functools.cached_property
+    def _shared_reads(self) -> SharedReads:
+        return SharedReads()
+
     async def executions_by_state(self, tenant: str | None) -> dict[str, int]:
         """Executions of `tenant` (or all) by state name; every state present, zeros included."""
         where, args = _scope(tenant)
         sql = f"SELECT state, count(*) FROM executions WHERE {where} GROUP BY state"  # noqa: S608 - fixed fragments
-        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
+        rows = await self._shared_reads.read(
+            (sql, args), lambda: self._read(lambda conn: conn.execute(sql, args).fetchall())
+        )
         counts = dict.fromkeys(_STATE_NAMES.values(), 0)
         for state, count in rows:
             name = _STATE_NAMES.get(int(state))
@@ -81,7 +93,9 @@ class StatsTables(Tables):
         where, args = _scope(tenant)
         return await self._scalar(f"SELECT count(*) FROM {table} WHERE {where}", args)  # noqa: S608 - fixed names
 
-    async def _scalar(self, sql: str, args: tuple[object, ...]) -> int:
-        """The one number `sql` selects."""
-        row = await self._read(lambda conn: conn.execute(sql, args).fetchone())
+    async def _scalar(self, sql: str, args: tuple[object, ...], shared_as: tuple[object, ...] | None = None) -> int:
+        """The one number `sql` selects; shared with callers asking the same meanwhile (`shared_as`:
+        what makes two asks the same, when not every argument must match)."""
+        key = (sql, args if shared_as is None else shared_as)
+        row = await self._shared_reads.read(key, lambda: self._read(lambda conn: conn.execute(sql, args).fetchone()))
         return int(row[0])
