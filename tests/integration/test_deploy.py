@@ -327,6 +327,25 @@ def test_the_kubernetes_manifests_run_envoy_in_front_of_a_headless_service(
     assert _envoy_validates(container["args"], environment(container, {}), tmp_path) == edge.upstream_dns
 
 
+def test_in_kubernetes_only_envoy_reaches_the_servers_call_ports() -> None:
+    _, documents, _ = _kubernetes()
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    server = objects[("Deployment", "flowport-server")]["spec"]["template"]
+    envoy_labels = objects[("Deployment", "flowport-envoy")]["spec"]["template"]["metadata"]["labels"]
+    [container] = server["spec"]["containers"]
+    policy = objects[("NetworkPolicy", "flowport-server")]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= server["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    admitted = {port["port"]: rule["from"] for rule in policy["ingress"] for port in rule["ports"]}
+    # Every port the server listens on has its rule (one left out would be closed to everyone)...
+    assert set(admitted) == {port["name"] for port in container["ports"]}
+    # ...the gRPC and /ws ports to Envoy's pods of this namespace only; metrics to any scraper.
+    for name in ("grpc", "websocket"):
+        [peer] = admitted[name]
+        assert set(peer) == {"podSelector"} and peer["podSelector"]["matchLabels"].items() <= envoy_labels.items()
+    assert admitted["metrics"] == [{"namespaceSelector": {}}]
+
+
 @pytest.mark.timeout(120)
 def test_the_compose_health_checks_pass_on_a_running_stack_and_fail_without_one(stack: Stack) -> None:
     compose, _ = _compose()
