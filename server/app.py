@@ -231,9 +231,31 @@ async def _start_sandbox(settings: Settings) -> SandboxPool:
         wall_seconds=PythonCodeNode.max_timeout,
     )
     size = settings.sandbox_workers or os.cpu_count() or 1
-    sandbox = SandboxPool(size=size, limits=limits, tenant_share=tenant_share(settings.tenant_sandbox_share, size))
+    sandbox = SandboxPool(
+        size=size,
+        limits=limits,
+        tenant_share=tenant_share(settings.tenant_sandbox_share, size),
+        landlock_mode=settings.sandbox_landlock,
+    )
     await sandbox.start()
+    _report_confinement(settings, sandbox)
     return sandbox
+
+
+def _report_confinement(settings: Settings, sandbox: SandboxPool) -> None:
+    """Say at start how far the kernel confines the sandbox workers, and what it cannot hide from them."""
+    abi, _, why = sandbox.landlock.partition(":")
+    if abi == "0":
+        log.warning(
+            "sandbox workers are not confined by Landlock (%s): the audit hook and resource limits remain", why.strip()
+        )
+        return
+    log.debug("sandbox workers confined by Landlock ABI %s", abi)
+    private = [settings.data_dir.resolve(), settings.sqlite_root.resolve()]
+    for folder in private:
+        for root in sandbox.landlock_rules.get("read", ()):
+            if folder.is_relative_to(root):
+                log.warning("%s lies in %s, which sandbox workers may read: keep data out of it", folder, root)
 
 
 def _node_services(

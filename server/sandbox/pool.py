@@ -43,6 +43,7 @@ from typing import Any
 import orjson
 
 from flowport.server.ids import random_bytes
+from flowport.server.sandbox import landlock
 from flowport.server.sandbox.errors import (
     SandboxCrashed,
     SandboxError,
@@ -253,8 +254,10 @@ class SandboxPool:
         read_allowlist: Sequence[str] = (),
         *,
         tenant_share: int | None = None,
+        landlock_mode: str = "auto",
     ) -> None:
-        """`tenant_share`: workers one tenant may hold at once (None: all of them)."""
+        """`tenant_share`: workers one tenant may hold at once (None: all of them). `landlock_mode`:
+        auto, required or off (see landlock.py)."""
         if size < 1:
             raise ValueError("a sandbox pool needs at least one worker")
         if tenant_share is not None and tenant_share < 1:
@@ -270,6 +273,14 @@ class SandboxPool:
             }
         ).decode()
         self._env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
+        self._command = [sys.executable, "-m", WORKER_MODULE, self._config]
+        # What the workers may open, for landlock.py (none: not confined).
+        self.landlock_rules: dict[str, list[str]] = {}
+        if landlock_mode != "off":
+            self.landlock_rules = landlock.worker_rules(read_allowlist)
+            self._command = landlock.launch(self.landlock_rules, landlock_mode, self._command)
+        # The ABI the workers are confined with, or "0: why not" (from their first answer).
+        self.landlock = "0: turned off" if landlock_mode == "off" else ""
         self._idle: list[_Worker] = []  # least recently used first
         # Callers waiting for a worker, per tenant; a worker is handed to one of
         # them (its future resolved; None when the pool closes).
@@ -640,10 +651,7 @@ class SandboxPool:
     async def _spawn(self) -> _Worker:
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                WORKER_MODULE,
-                self._config,
+                *self._command,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -662,6 +670,8 @@ class SandboxPool:
             reply = await worker.call({"id": _new_job_id(), "op": "ping"})
             if reply.get("status") != "pong":
                 raise _Lost("did not answer the ping")
+            if self.landlock_rules:
+                self.landlock = str(reply.get("landlock", ""))
         except (_Lost, OSError, EOFError, orjson.JSONDecodeError) as exc:
             worker.kill()
             status = await worker.reap()

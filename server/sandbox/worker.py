@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 
 from flowport.server.sandbox import policy
+from flowport.server.sandbox.landlock import ENV_RESULT
 
 USER_FILENAME = "<code>"
 CODE_CACHE_SIZE = 256
@@ -273,6 +274,8 @@ class _Runner:
         # exit) only ends a job whose parent died, e.g. code stuck in sleep().
         self.orphan_seconds = wall_seconds + ORPHAN_MARGIN
         self.retire_at = retire_at
+        # The confinement landlock.py put this worker in: its ABI, or "0: why not".
+        self.landlock = os.environ.get(ENV_RESULT, "0: started without landlock.py")
         self.cache: OrderedDict[str, types.CodeType] = OrderedDict()
         self.builtins = policy.safe_builtins()
         self.globals: dict[str, Any] = {
@@ -292,7 +295,7 @@ class _Runner:
     def handle(self, request: Reply) -> Reply:
         job_id = request["id"]
         if request.get("op") == "ping":
-            return {"id": job_id, "status": "pong"}
+            return {"id": job_id, "status": "pong", "landlock": self.landlock}
         key = request["key"]
         code = self.cache.get(key)
         if code is not None:

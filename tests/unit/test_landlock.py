@@ -1,0 +1,164 @@
+"""Landlock beneath the audit hook: what the kernel itself refuses a sandbox worker.
+
+The probes run as plain Python through landlock.py, with no audit hook, as
+code that escaped the hook would: whatever they reach here, such code could.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from flowport.server.app import _report_confinement
+from flowport.server.sandbox import SandboxPool, landlock
+from flowport.server.settings import Settings
+
+pytestmark = pytest.mark.timeout(60)
+REPO = Path(__file__).resolve().parents[2]
+ABI = landlock.abi()
+needs_landlock = pytest.mark.skipif(ABI == 0, reason="this kernel offers no Landlock")
+
+PROBE = """
+import json, os, socket, sys
+secret, folder, pid, port, abstract = sys.argv[1:]
+def attempt(action):
+    try:
+        action()
+        return "allowed"
+    except OSError as exc:
+        return f"refused {exc.errno}"
+def tcp():
+    socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
+def unix():
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect("\\0" + abstract)
+print(json.dumps({
+    "secret": attempt(lambda: open(secret).read()),
+    "server environ": attempt(lambda: open(f"/proc/{pid}/environ", "rb").read()),
+    "listing": attempt(lambda: os.listdir(folder)),
+    "write": attempt(lambda: open(os.path.join(folder, "new"), "w").close()),
+    "remove": attempt(lambda: os.unlink(secret)),
+    "signal": attempt(lambda: os.kill(int(pid), 0)),
+    "tcp": attempt(tcp),
+    "abstract unix": attempt(unix),
+    "stdlib": attempt(lambda: open(os.__file__).read()),
+    "dev null": attempt(lambda: open(os.devnull, "w").write("x")),
+    "abi": os.environ.get("FLOWPORT_WORKER_LANDLOCK"),
+}))
+"""
+
+
+def _probe(tmp_path: Path, mode: str) -> dict[str, Any]:
+    """What PROBE was allowed, run through landlock.py in `mode` with a worker's rules."""
+    secret = tmp_path / "flowport.db"
+    secret.write_text("every tenant's rows")
+    abstract = f"flowport-test-{os.getpid()}"
+    with socket.create_server(("127.0.0.1", 0)) as listener, socket.socket(socket.AF_UNIX) as unix:
+        unix.bind("\0" + abstract)
+        unix.listen()
+        args = [str(secret), str(tmp_path), str(os.getpid()), str(listener.getsockname()[1]), abstract]
+        command = landlock.launch(landlock.worker_rules(), mode, [sys.executable, "-c", PROBE, *args])
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd="/", check=False)
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+@needs_landlock
+def test_a_confined_process_reads_python_and_nothing_of_the_server(tmp_path: Path) -> None:
+    got = _probe(tmp_path, "required")
+    assert got["abi"] == str(ABI)
+    assert got["stdlib"] == got["dev null"] == "allowed"
+    denied = f"refused {errno.EACCES}"
+    assert got["secret"] == got["server environ"] == got["listing"] == got["write"] == got["remove"] == denied, got
+    if ABI >= 4:
+        assert got["tcp"] == denied, got
+    if ABI >= 6:
+        assert got["signal"] == f"refused {errno.EPERM}", got
+        assert got["abstract unix"] == f"refused {errno.EPERM}", got
+
+
+def test_without_confinement_the_same_probe_reaches_everything(tmp_path: Path) -> None:
+    # The probe's refusals above are Landlock's: turned off, each is allowed.
+    got = _probe(tmp_path, "off")
+    assert got["abi"] == "0: turned off"
+    assert {key for key, value in got.items() if value != "allowed"} == {"abi"}, got
+
+
+def test_the_rules_never_open_the_checkout_or_the_root() -> None:
+    # The default data folder is .flowport in the working directory, often a checkout.
+    read = [Path(p) for p in landlock.worker_rules()["read"]]
+    assert Path("/") not in read
+    assert not any(REPO.is_relative_to(root) for root in read), read
+    assert (REPO / "server" / "sandbox") in read or not (REPO / "server" / "sandbox").is_dir()
+
+
+def test_required_refuses_to_start_when_the_kernel_offers_none(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def unsupported(rules: object) -> int:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(landlock, "confine", unsupported)
+    monkeypatch.setattr(os, "execv", lambda path, argv: ran.append(argv))
+    argv = ["landlock.py", json.dumps({"read": [], "read_write": []}), "required", "--", "/bin/true"]
+    with pytest.raises(SystemExit) as ended:
+        landlock.main(argv)
+    assert ended.value.code == landlock.CONFINEMENT_FAILED and ran == []
+    assert "Landlock is required and this kernel offers no Landlock" in capsys.readouterr().err
+    # auto runs the worker anyway, and says why it is not confined.
+    monkeypatch.setenv(landlock.ENV_RESULT, "")  # so that it is put back
+    landlock.main([*argv[:2], "auto", *argv[3:]])
+    assert ran == [["/bin/true"]]
+    assert os.environ[landlock.ENV_RESULT] == "0: this kernel offers no Landlock"
+
+
+def _status(pid: int) -> str:
+    return Path(f"/proc/{pid}/status").read_text()
+
+
+@needs_landlock
+@pytest.mark.asyncio
+async def test_the_pools_workers_are_confined_and_say_so() -> None:
+    pool = SandboxPool(size=1)
+    await pool.start()
+    try:
+        assert pool.landlock == str(ABI)
+        assert "NoNewPrivs:\t1" in _status(pool.pids[0])
+        assert await pool.run("result = n + 1", {"n": 1}, tenant="acme") == 2
+    finally:
+        await pool.close()
+    unconfined = SandboxPool(size=1, landlock_mode="off")
+    await unconfined.start()
+    try:
+        assert unconfined.landlock == "0: turned off"
+        assert "NoNewPrivs:\t0" in _status(unconfined.pids[0])
+    finally:
+        await unconfined.close()
+
+
+def test_start_warns_of_a_data_folder_the_workers_may_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    confined = SimpleNamespace(landlock="7", landlock_rules={"read": [str(tmp_path)]})
+    with caplog.at_level(logging.WARNING, logger="flowport.server"):
+        _report_confinement(settings, confined)  # type: ignore[arg-type]
+    assert f"{tmp_path / 'data'} lies in {tmp_path}, which sandbox workers may read" in caplog.text
+    caplog.clear()
+    apart = SimpleNamespace(landlock="7", landlock_rules={"read": [str(tmp_path / "python")]})
+    with caplog.at_level(logging.WARNING, logger="flowport.server"):
+        _report_confinement(settings, apart)  # type: ignore[arg-type]
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="flowport.server"):
+        _report_confinement(settings, SimpleNamespace(landlock="0: turned off", landlock_rules={}))  # type: ignore[arg-type]
+    assert "not confined by Landlock (turned off)" in caplog.text
