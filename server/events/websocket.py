@@ -363,7 +363,11 @@ class WebSocketBridge:
             return _respond(connection, status, refusal_body(exc))
         except TimeoutError:
             call.cancel()
-            return _refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, 14, "the event stream did not start in time")
+            # The server took the call and did not answer: a timeout, not a server that is away
+            # (Envoy retries neither; a client may).
+            return _refuse(
+                connection, HTTPStatus.GATEWAY_TIMEOUT, 4, f"the event stream did not start within {OPEN_TIMEOUT:g} s"
+            )
         except BaseException:
             call.cancel()
             raise

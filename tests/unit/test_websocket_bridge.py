@@ -18,6 +18,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import InvalidStatus
 
 from flowport.server.auth.authenticator import MAX_DELAY
+from flowport.server.events import websocket
 from flowport.server.events.websocket import (
     EVERY_TYPE,
     MAX_ECHO_CHARS,
@@ -156,8 +157,7 @@ class _StalledEvents:
         yield event_pb2.Event()  # never reached: the handler is a stream's
 
 
-async def test_waiting_handshakes_are_bounded_and_a_plain_get_opens_no_stream() -> None:
-    events = _StalledEvents()
+async def _stand_in(events: _StalledEvents) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
     stream = grpc.unary_stream_rpc_method_handler(
         events.stream,
@@ -169,6 +169,12 @@ async def test_waiting_handshakes_are_bounded_and_a_plain_get_opens_no_stream() 
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    return server, port
+
+
+async def test_waiting_handshakes_are_bounded_and_a_plain_get_opens_no_stream() -> None:
+    events = _StalledEvents()
+    server, port = await _stand_in(events)
     bridge = WebSocketBridge(f"127.0.0.1:{port}", require_credential=True, trusted_proxies=frozenset(), max_pending=1)
     await bridge.start("127.0.0.1", 0)
     url, key = f"ws://127.0.0.1:{bridge.port}/ws", {"x-api-key": "fpk_wrong"}
@@ -194,5 +200,27 @@ async def test_waiting_handshakes_are_bounded_and_a_plain_get_opens_no_stream() 
         assert (await waiting)[0] == 401  # the stream's refusal, once the server answers
         assert (await refusal())[0] == 401 and events.calls == 2  # its place is free again
     finally:
+        await bridge.stop()
+        await server.stop(0)
+
+
+async def test_a_stream_that_does_not_start_in_time_is_a_gateway_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(websocket, "OPEN_TIMEOUT", 0.5)
+    events = _StalledEvents()
+    server, port = await _stand_in(events)
+    bridge = WebSocketBridge(f"127.0.0.1:{port}", require_credential=True, trusted_proxies=frozenset())
+    await bridge.start("127.0.0.1", 0)
+    try:
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(
+                f"ws://127.0.0.1:{bridge.port}/ws", additional_headers={"x-api-key": "fpk_slow"}, proxy=None
+            ):
+                pass
+        response = refused.value.response
+        body = orjson.loads(response.body or b"{}")
+        assert (response.status_code, body["code"]) == (504, 4), body
+        assert body["message"] == "the event stream did not start within 0.5 s"
+    finally:
+        events.release.set()
         await bridge.stop()
         await server.stop(0)
