@@ -88,9 +88,30 @@ def worker_rules(read_allowlist: Iterable[str] = ()) -> dict[str, list[str]]:
         if top.cached:
             read.add(top.cached)
     read.update(_SYSTEM)
+    read.update(_library_folders())
     read.update(zoneinfo.TZPATH)
     read.update(read_allowlist)
-    return {"read": sorted(os.path.abspath(p) for p in read if p), "read_write": [os.devnull]}
+    # Never the whole file system, whatever the installation's prefix says.
+    return {
+        "read": sorted(os.path.abspath(p) for p in read if p and os.path.abspath(p) != "/"),
+        "read_write": [os.devnull],
+    }
+
+
+def _library_folders() -> set[str]:
+    """Folders of the shared libraries this interpreter has loaded (outside /usr on some
+    installations: /opt, /nix/store...): the worker is the same interpreter and loads them too.
+    Libraries only: other mapped files, such as a SQLite database's shared memory, stay out."""
+    folders = set()
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.rstrip("\n").partition("/")[2]
+                if path and ".so" in os.path.basename(path) and not path.endswith(" (deleted)"):
+                    folders.add(os.path.dirname("/" + path))
+    except OSError:
+        pass  # no /proc: the system folders above cover a usual installation
+    return folders
 
 
 def launch(rules: dict[str, list[str]], mode: str, command: Sequence[str]) -> list[str]:

@@ -676,6 +676,9 @@ class SandboxPool:
             worker.kill()
             status = await worker.reap()
             detail = worker.last_stderr_line() or (f"no answer within {START_TIMEOUT:g} s" if worker.expired else "")
+            if self.landlock_rules and status != landlock.CONFINEMENT_FAILED:
+                # A Python installation that reads files outside landlock.worker_rules() fails here.
+                detail += " (if Landlock's confinement is at fault, --sandbox-landlock off starts it unconfined)"
             raise SandboxCrashed(f"sandbox worker failed to start (status {status}): {detail}") from exc
         except BaseException:
             worker.kill()

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from flowport.server.app import _report_confinement
-from flowport.server.sandbox import SandboxPool, landlock
+from flowport.server.sandbox import SandboxCrashed, SandboxPool, landlock
 from flowport.server.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
@@ -103,6 +103,19 @@ def test_the_rules_never_open_the_checkout_or_the_root() -> None:
     assert (REPO / "server" / "sandbox") in read or not (REPO / "server" / "sandbox").is_dir()
 
 
+def test_the_folders_of_loaded_libraries_are_read_and_no_other_mapped_file(tmp_path: Path) -> None:
+    import mmap
+
+    from grpc._cython import cygrpc
+
+    shared = tmp_path / "flowport.db-shm"  # SQLite maps its WAL index like this
+    shared.write_bytes(b"\0" * 4096)
+    with shared.open("r+b") as file, mmap.mmap(file.fileno(), 4096):
+        read = landlock.worker_rules()["read"]
+    assert os.path.dirname(cygrpc.__file__) in read
+    assert not any(tmp_path.is_relative_to(root) for root in read), read
+
+
 def test_required_refuses_to_start_when_the_kernel_offers_none(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -122,6 +135,17 @@ def test_required_refuses_to_start_when_the_kernel_offers_none(
     landlock.main([*argv[:2], "auto", *argv[3:]])
     assert ran == [["/bin/true"]]
     assert os.environ[landlock.ENV_RESULT] == "0: this kernel offers no Landlock"
+
+
+@needs_landlock
+@pytest.mark.asyncio
+async def test_a_worker_the_confinement_stops_says_how_to_start_it_unconfined() -> None:
+    pool = SandboxPool(size=1)
+    # An installation that needs a file the rules leave out; here, the interpreter itself.
+    pool.landlock_rules = {"read": [], "read_write": []}
+    pool._command = landlock.launch(pool.landlock_rules, "auto", [sys.executable, "-c", "pass"])
+    with pytest.raises(SandboxCrashed, match=r"failed to start .*--sandbox-landlock off starts it unconfined"):
+        await pool.start()
 
 
 def _status(pid: int) -> str:
