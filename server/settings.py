@@ -217,7 +217,11 @@ class Settings(BaseModel):
         2000, ge=0, description="gateway-wide requests per time window through Envoy; 0 turns rate limiting off"
     )
     rate_limit_time_window: float = Field(
-        1.0, gt=0, le=3600, description="rate-limit window (token refill interval), seconds"
+        1.0,
+        gt=0,
+        le=3600,
+        description="rate-limit window, seconds: a bucket gets its max requests back over one window, a "
+        "token at a time (Envoy refills continuously)",
     )
     rate_limit_burst_limit: int = Field(
         0, ge=0, description="tokens a bucket holds (the burst allowed); 0 means the same as its max_requests"
