@@ -363,17 +363,64 @@ def _nap_workflow(client: Client, name: str, seconds: float) -> None:
     client.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=workflow))
 
 
+class _Gate(ThreadingHTTPServer):
+    """Answers each GET once `release` is set: a node that runs as long as a test needs."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _GateHandler)
+        self.release = threading.Event()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}/hold"
+
+
+class _GateHandler(BaseHTTPRequestHandler):
+    server: _Gate
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.release.wait(60)
+        with contextlib.suppress(OSError):
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+
+def _held_workflow(client: Client, name: str, url: str) -> None:
+    """A workflow whose one node runs until the gate at `url` opens."""
+    node = {"type": "HTTPRequestNode", "name": "held", "config": {"url": url, "method": "GET", "timeout": 60}}
+    workflow = json_format.ParseDict({"name": name, "nodes": [node]}, workflow_pb2.Workflow())
+    client.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=workflow))
+
+
 def _execution_stats(client: Client) -> gateway_pb2.ExecutionStats:
     return client.gateway.GetStats(gateway_pb2.GetStatsRequest()).executions
 
 
-def test_work_a_full_process_takes_runs_on_a_process_with_room(one_slot: list[ServeProcess]) -> None:
+@pytest.fixture
+def gate() -> Iterator[_Gate]:
+    held = _Gate()
+    yield held
+    held.release.set()
+    held.shutdown()
+    held.server_close()
+
+
+def test_work_a_full_process_takes_runs_on_a_process_with_room(one_slot: list[ServeProcess], gate: _Gate) -> None:
     a_server, b_server = one_slot
     with (
         Client(a_server.settings.grpc_target, api_key=ADMIN_KEY) as a,
         Client(b_server.settings.grpc_target, api_key=ADMIN_KEY) as b,
     ):
-        _nap_workflow(a, "long", 4)
+        # "long" runs until the gate opens, however slow the machine: the slots stay taken.
+        _held_workflow(a, "long", gate.url)
         _nap_workflow(a, "short", 0)
         inputs = {"n": 21}
         long_run = a.executions.CreateExecution(
@@ -410,6 +457,7 @@ def test_work_a_full_process_takes_runs_on_a_process_with_room(one_slot: list[Se
         assert queued.state == execution_pb2.Execution.STATE_PENDING
         cancelled = b.executions.CancelExecution(execution_pb2.CancelExecutionRequest(execution_id=queued.execution_id))
         assert cancelled.state == execution_pb2.Execution.STATE_CANCELLED
+        gate.release.set()
         finished = {execution_pb2.Execution.STATE_SUCCEEDED}
         assert _wait_for(a, long_run.execution_id, finished, 15).state in finished
         assert _wait_for(b, b_long.execution_id, finished, 15).state in finished

@@ -272,7 +272,9 @@ async def test_redis_limit_is_shared_by_two_processes(limiters: tuple[RedisLimit
 
 async def test_redis_backoff_grows_is_capped_shared_and_reset(limiters: tuple[RedisLimiter, RedisLimiter]) -> None:
     first, second = limiters
-    config = RateLimitConfig(max_requests=100, time_window=1, initial_backoff=0.02, backoff_factor=2, max_backoff=0.05)
+    # Blocks of half a second and more: each check below makes two Redis round trips inside one,
+    # which a stall of a loaded machine must not outlast.
+    config = RateLimitConfig(max_requests=100, time_window=1, initial_backoff=0.5, backoff_factor=2, max_backoff=1.25)
     key = "t1:https://api.example.com:443"
     blocks = []
     for n in range(4):
@@ -282,14 +284,14 @@ async def test_redis_backoff_grows_is_capped_shared_and_reset(limiters: tuple[Re
         assert 0 < await second.reserve(key, config) <= blocks[-1]
         # A 429 for a call sent before the block is the same episode.
         assert await first.penalise(key, config, None) <= blocks[-1]
-        await asyncio.sleep(blocks[-1] + 0.005)
-    assert blocks == pytest.approx([0.02, 0.04, 0.05, 0.05], abs=1e-6)
+        await asyncio.sleep(blocks[-1] + 0.05)
+    assert blocks == pytest.approx([0.5, 1.0, 1.25, 1.25], abs=1e-6)
     await second.succeeded(key)
-    assert await first.penalise(key, config, None) == pytest.approx(0.02, abs=1e-6)
-    await asyncio.sleep(0.025)
+    assert await first.penalise(key, config, None) == pytest.approx(0.5, abs=1e-6)
+    await asyncio.sleep(0.55)
     # Retry-After longer than the backoff wins.
-    assert await first.penalise(key, config, 0.3) == pytest.approx(0.3, abs=1e-6)
-    assert 0.2 < await second.reserve(key, config) <= 0.3
+    assert await first.penalise(key, config, 3.0) == pytest.approx(3.0, abs=1e-6)
+    assert 2.0 < await second.reserve(key, config) <= 3.0
 
 
 async def test_redis_keys_are_prefixed_and_expire(
