@@ -512,11 +512,11 @@ def test_an_execution_asked_of_a_draining_process_runs_on_one_that_stays(
 
 
 def test_without_the_queue_a_full_process_refuses_more_work(
-    one_slot: list[ServeProcess], redis_server: RedisServer
+    one_slot: list[ServeProcess], redis_server: RedisServer, gate: _Gate
 ) -> None:
     a_server, _ = one_slot
     with Client(a_server.settings.grpc_target, api_key=ADMIN_KEY) as a:
-        _nap_workflow(a, "long", 3)
+        _held_workflow(a, "long", gate.url)
         inputs = json_format.ParseDict({"n": 1}, Struct())
         first = a.executions.CreateExecution(execution_pb2.CreateExecutionRequest(workflow_id="long", inputs=inputs))
         redis_server.stop()
@@ -528,5 +528,6 @@ def test_without_the_queue_a_full_process_refuses_more_work(
             assert _execution_stats(a).queue_failures >= 1
         finally:
             redis_server.start()
+        gate.release.set()
         finished = {execution_pb2.Execution.STATE_SUCCEEDED}
         assert _wait_for(a, first.execution_id, finished, 15).state in finished
