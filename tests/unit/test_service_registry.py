@@ -89,15 +89,16 @@ async def test_list_filters_by_capability_provider_and_zone_across_pages(admin: 
 
 
 async def test_a_ttl_expires_unless_renewed_by_heartbeats(admin: AsyncClient) -> None:
-    ttl = duration_pb2.Duration(seconds=1)
+    # Heartbeats every 0.5 s renew a 2 s TTL: a stall of the machine has 1.5 s before one is late.
+    ttl = duration_pb2.Duration(seconds=2)
     made = await _register(admin, _service("short-lived", ttl=ttl))
     assert made.HasField("expire_time")
-    for _ in range(3):  # kept alive past its TTL by heartbeats
+    for _ in range(6):  # kept alive past its TTL by heartbeats
         await asyncio.sleep(0.5)
         renewed = await admin.services.Heartbeat(registry_pb2.HeartbeatRequest(service_id="short-lived"))
         assert renewed.expire_time.ToMicroseconds() > made.expire_time.ToMicroseconds()
     assert "short-lived" in await _ids(admin)
-    await asyncio.sleep(1.3)  # no heartbeat: it drops out
+    await asyncio.sleep(2.3)  # no heartbeat: it drops out
     assert "short-lived" not in await _ids(admin)
     with pytest.raises(ApiError) as expired:
         await admin.services.Heartbeat(registry_pb2.HeartbeatRequest(service_id="short-lived"))
