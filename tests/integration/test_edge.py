@@ -24,6 +24,7 @@ from flowport.clients import ApiError, Client
 from flowport.v1 import session_pb2, session_pb2_grpc
 
 from ..conftest import ADMIN_HEADERS, ADMIN_KEY, Stack, free_port, make_settings, start_up, stop_up
+from ..gate import Gate
 
 pytestmark = pytest.mark.integration
 ALLOWED = "http://allowed.test"
@@ -149,21 +150,33 @@ def test_event_stream_as_ndjson_and_sse(http: httpx.Client) -> None:
 
 
 def test_streams_as_server_sent_events_and_ndjson(http: httpx.Client) -> None:
-    _slow_workflow(http, "streamed", 0.5)
-    for accept, content_type in (("text/event-stream", "text/event-stream"), ("application/json", "application/json")):
-        started = http.post("/api/executions", json={"workflow_id": "streamed"}).json()
-        with http.stream(
-            "GET", f"/api/executions/{started['execution_id']}:watch", headers={"Accept": accept}
-        ) as response:
-            assert response.status_code == 200
-            assert response.headers["content-type"].startswith(content_type)
-            lines = [line for line in response.iter_lines() if line.strip()]
-        if accept == "text/event-stream":
-            assert all(line.startswith(("data: ", "id: ", "event: heartbeat")) for line in lines), lines
-            lines = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
-        messages = [json.loads(line) for line in lines]
-        assert messages[0]["execution"]["execution_id"] == started["execution_id"]
-        assert messages[-1]["event"]["type"] == "execution.completed"
+    with Gate() as gate:
+        # The run waits at the gate until its watch has begun, however slow the machine.
+        workflow = {"name": "streamed", "nodes": [gate.node()]}
+        assert http.post("/api/workflows", json=workflow).status_code == 200
+        for accept, content_type in (
+            ("text/event-stream", "text/event-stream"),
+            ("application/json", "application/json"),
+        ):
+            gate.release.clear()
+            started = http.post("/api/executions", json={"workflow_id": "streamed"}).json()
+            lines = []
+            with http.stream(
+                "GET", f"/api/executions/{started['execution_id']}:watch", headers={"Accept": accept}
+            ) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith(content_type)
+                for line in response.iter_lines():
+                    if line.strip():
+                        lines.append(line)
+                        gate.release.set()  # the watch is open: let the run end
+            if accept == "text/event-stream":
+                assert all(line.startswith(("data: ", "id: ", "event: heartbeat")) for line in lines), lines
+                lines = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+            messages = [json.loads(line) for line in lines]
+            assert messages[0]["execution"]["execution_id"] == started["execution_id"]
+            assert messages[0]["execution"]["state"] == "STATE_RUNNING", messages[0]
+            assert messages[-1]["event"]["type"] == "execution.completed"
 
 
 def test_idle_streams_get_heartbeats_and_no_route_timeout(http: httpx.Client) -> None:

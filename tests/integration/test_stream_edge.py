@@ -22,6 +22,7 @@ from flowport.clients import ApiError, Client
 from flowport.v1 import event_pb2
 
 from ..conftest import ADMIN_HEADERS, Stack, make_settings, start_up, stop_up
+from ..gate import Gate
 
 pytestmark = pytest.mark.integration
 
@@ -115,13 +116,16 @@ def test_sse_events_carry_id_lines_and_heartbeats_their_own_type(admin: httpx.Cl
 
 def test_watch_events_carry_id_lines(admin: httpx.Client) -> None:
     name = f"idlines_{uuid.uuid4().hex[:8]}"
-    # Long enough for the watch to open while it runs.
-    code = "import time\ntime.sleep(1)\nresult = 1"
-    workflow = {"name": name, "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": code}}]}
-    assert admin.post("/api/workflows", json=workflow).status_code == 200
-    started = admin.post("/api/executions", json={"workflow_id": name}).json()
-    with admin.stream("GET", f"/api/executions/{started['execution_id']}:watch", headers=SSE) as response:
-        updates = list(_sse(response.iter_lines()))
+    with Gate() as gate:
+        # The run waits at the gate until its watch has begun.
+        workflow = {"name": name, "nodes": [gate.node()]}
+        assert admin.post("/api/workflows", json=workflow).status_code == 200
+        started = admin.post("/api/executions", json={"workflow_id": name}).json()
+        with admin.stream("GET", f"/api/executions/{started['execution_id']}:watch", headers=SSE) as response:
+            updates = []
+            for update in _sse(response.iter_lines()):
+                updates.append(update)
+                gate.release.set()
     first, *rest = updates
     assert "execution" in json.loads(first["data"]) and "id" not in first
     for update in rest:

@@ -24,6 +24,7 @@ from flowport.v1 import apikey_pb2, event_pb2, execution_pb2, gateway_pb2, sessi
 
 from ..backends import RedisServer
 from ..conftest import ADMIN_KEY, ServeProcess, make_settings
+from ..gate import Gate
 
 pytestmark = pytest.mark.integration
 
@@ -363,40 +364,9 @@ def _nap_workflow(client: Client, name: str, seconds: float) -> None:
     client.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=workflow))
 
 
-class _Gate(ThreadingHTTPServer):
-    """Answers each GET once `release` is set: a node that runs as long as a test needs."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _GateHandler)
-        self.release = threading.Event()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_port}/hold"
-
-
-class _GateHandler(BaseHTTPRequestHandler):
-    server: _Gate
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self.server.release.wait(60)
-        with contextlib.suppress(OSError):
-            self.send_response(200)
-            self.send_header("content-length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-
-def _held_workflow(client: Client, name: str, url: str) -> None:
-    """A workflow whose one node runs until the gate at `url` opens."""
-    node = {"type": "HTTPRequestNode", "name": "held", "config": {"url": url, "method": "GET", "timeout": 60}}
-    workflow = json_format.ParseDict({"name": name, "nodes": [node]}, workflow_pb2.Workflow())
+def _held_workflow(client: Client, name: str, gate: Gate) -> None:
+    """A workflow whose one node runs until `gate` opens."""
+    workflow = json_format.ParseDict({"name": name, "nodes": [gate.node()]}, workflow_pb2.Workflow())
     client.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=workflow))
 
 
@@ -405,22 +375,19 @@ def _execution_stats(client: Client) -> gateway_pb2.ExecutionStats:
 
 
 @pytest.fixture
-def gate() -> Iterator[_Gate]:
-    held = _Gate()
-    yield held
-    held.release.set()
-    held.shutdown()
-    held.server_close()
+def gate() -> Iterator[Gate]:
+    with Gate() as held:
+        yield held
 
 
-def test_work_a_full_process_takes_runs_on_a_process_with_room(one_slot: list[ServeProcess], gate: _Gate) -> None:
+def test_work_a_full_process_takes_runs_on_a_process_with_room(one_slot: list[ServeProcess], gate: Gate) -> None:
     a_server, b_server = one_slot
     with (
         Client(a_server.settings.grpc_target, api_key=ADMIN_KEY) as a,
         Client(b_server.settings.grpc_target, api_key=ADMIN_KEY) as b,
     ):
         # "long" runs until the gate opens, however slow the machine: the slots stay taken.
-        _held_workflow(a, "long", gate.url)
+        _held_workflow(a, "long", gate)
         _nap_workflow(a, "short", 0)
         inputs = {"n": 21}
         long_run = a.executions.CreateExecution(
@@ -512,11 +479,11 @@ def test_an_execution_asked_of_a_draining_process_runs_on_one_that_stays(
 
 
 def test_without_the_queue_a_full_process_refuses_more_work(
-    one_slot: list[ServeProcess], redis_server: RedisServer, gate: _Gate
+    one_slot: list[ServeProcess], redis_server: RedisServer, gate: Gate
 ) -> None:
     a_server, _ = one_slot
     with Client(a_server.settings.grpc_target, api_key=ADMIN_KEY) as a:
-        _held_workflow(a, "long", gate.url)
+        _held_workflow(a, "long", gate)
         inputs = json_format.ParseDict({"n": 1}, Struct())
         first = a.executions.CreateExecution(execution_pb2.CreateExecutionRequest(workflow_id="long", inputs=inputs))
         redis_server.stop()
