@@ -22,15 +22,17 @@ from collections.abc import Awaitable, Callable
 log = logging.getLogger(__name__)
 
 # Envoy's active gRPC health checks of each server (transcoder/envoy_config.py):
-# one every HEALTH_CHECK_INTERVAL, answered within HEALTH_CHECK_TIMEOUT, and
-# UNHEALTHY_THRESHOLD failures in a row take a server out of rotation.
+# one every HEALTH_CHECK_INTERVAL, answered within HEALTH_CHECK_TIMEOUT. An
+# answer of NOT_SERVING takes a server out of rotation at once; checks that
+# get no answer (a timeout, a refused connection) take UNHEALTHY_THRESHOLD in
+# a row, so one stall of a busy server does not turn its calls into 503s.
 HEALTH_CHECK_INTERVAL = 1.0
 HEALTH_CHECK_TIMEOUT = 1.0
-UNHEALTHY_THRESHOLD = 1
+UNHEALTHY_THRESHOLD = 3
 # A draining server reports NOT_SERVING and keeps serving this long: until
-# Envoy's checks have seen it fail (the next check may be an interval away,
-# and take its timeout), with a second to spare.
-DEFAULT_DRAIN = HEALTH_CHECK_INTERVAL * UNHEALTHY_THRESHOLD + HEALTH_CHECK_TIMEOUT + 1.0
+# Envoy's checks have seen it (the next check may be an interval away, and
+# take its timeout), with a second to spare.
+DEFAULT_DRAIN = HEALTH_CHECK_INTERVAL + HEALTH_CHECK_TIMEOUT + 1.0
 # Seconds one teardown step (closing a pool, a client, a background loop) may take.
 STEP_LIMIT = 10.0
 # Seconds past the drain and the in-flight grace the whole shutdown may take before the watchdog ends it.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flowport.server.settings import Settings
+from flowport.server.shutdown import UNHEALTHY_THRESHOLD
 from flowport.transcoder.envoy_routes import retry_policy
 from flowport.transcoder.upstream_endpoints import membership, websocket_endpoints
 
@@ -66,7 +67,7 @@ def websocket_clusters(settings: Settings, endpoints_dir: Path | None = None) ->
                     "timeout": "1s",
                     "interval": "1s",
                     "no_traffic_interval": "1s",
-                    "unhealthy_threshold": 1,
+                    "unhealthy_threshold": UNHEALTHY_THRESHOLD,  # a 503 from a draining bridge counts at once
                     "healthy_threshold": 1,
                     "http_health_check": {"path": HEALTH_PATH},
                 }

@@ -212,8 +212,11 @@ def test_only_calls_safe_to_repeat_are_retried_after_they_reached_a_server() -> 
 
 def test_a_stopping_server_drains_for_longer_than_envoys_health_checks_take_to_notice() -> None:
     check = _config()["static_resources"]["clusters"][0]["health_checks"][0]
-    noticed = float(check["interval"].rstrip("s")) * check["unhealthy_threshold"] + float(check["timeout"].rstrip("s"))
+    # A draining server answers NOT_SERVING, which Envoy acts on at its next check (whatever
+    # unhealthy_threshold says: that counts checks left unanswered, which one stall must not fill).
+    noticed = float(check["interval"].rstrip("s")) + float(check["timeout"].rstrip("s"))
     assert Settings.load({}, environ={}).drain_seconds > noticed
+    assert check["unhealthy_threshold"] > 1
 
 
 def test_retries_get_a_budget_and_streams_room_beyond_envoys_defaults() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from flowport.clients.cli import build_parser, load_settings
 from flowport.server.settings import Settings, SettingsError
+from flowport.server.shutdown import UNHEALTHY_THRESHOLD
 from flowport.transcoder.envoy_config import render
 from flowport.transcoder.envoy_routes import CLUSTER
 from flowport.transcoder.websocket_routes import WEBSOCKET_CLUSTER
@@ -144,7 +145,7 @@ def test_a_name_makes_one_strict_dns_cluster_of_every_upstream_health_checked_al
     ]
     # Health checks and ejection are the cluster's: every endpoint gets them, as a local server does.
     [check] = grpc["health_checks"]
-    assert "grpc_health_check" in check and check["unhealthy_threshold"] == 1
+    assert "grpc_health_check" in check and check["unhealthy_threshold"] == UNHEALTHY_THRESHOLD
     assert grpc["outlier_detection"]["enforcing_consecutive_local_origin_failure"] == 100
     assert grpc["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
     # Two servers on one host share its one bridge endpoint.
