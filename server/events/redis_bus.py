@@ -105,8 +105,15 @@ class RedisBus(EventBus):
         self.degraded = False
 
     async def start(self) -> None:
-        """Begin reading the stream from its end: subscribers get what is published from now on."""
-        position = "$"
+        """Begin reading the stream from its end: subscribers get what is published from now on.
+
+        The reader always reads after a fixed entry id, never after "$": "$" means the end at the
+        time of each read, so what another process added between two reads (while this one waits
+        to retry a Redis that was away, say) would be skipped.
+        """
+        # An empty (or new) stream: everything added to it is new. Redis away: entries from now on
+        # (ids are Redis's clock in ms; one that restarts empty numbers entries from it too).
+        position = "0-0"
         try:
             newest = await self._redis.xrevrange(STREAM, count=1)
             if newest:
@@ -114,6 +121,7 @@ class RedisBus(EventBus):
                 self.last_id = event_id(position)
         except _FAILURES as exc:
             self._failed("reading the event stream's end", exc)
+            position = f"{time.time_ns() // 1_000_000}-0"
         self._reader = asyncio.create_task(self._read_forever(position), name="redis event reader")
 
     async def close(self) -> None:

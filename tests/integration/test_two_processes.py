@@ -70,6 +70,18 @@ def _take(stream: grpc.Future, count: int, timeout: float = 15.0) -> list[event_
     return got
 
 
+def _subscribed(stream: grpc.Future) -> None:
+    """Wait for a stream's first message: a heartbeat, sent once it has subscribed."""
+    assert next(stream).type == "heartbeat"
+
+
+def _bus_healthy(client: Client, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while client.gateway.GetHealth(gateway_pb2.GetHealthRequest()).components["bus"].status != "healthy":
+        assert time.monotonic() < deadline, "the bus never recovered"
+        time.sleep(0.2)
+
+
 def _session(client: Client) -> str:
     return client.sessions.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session())).session_id
 
@@ -78,7 +90,7 @@ def test_a_stream_on_one_process_sees_the_other_and_resumes_without_gaps(clients
     a, b = clients
     request = event_pb2.StreamEventsRequest(types=["session.*"])
     stream = b.events.StreamEvents(request, timeout=30)
-    time.sleep(0.3)  # the stream subscribes
+    _subscribed(stream)
     published = [_session(a), _session(b), _session(a)]
     seen = _take(stream, 3)
     stream.cancel()
@@ -133,18 +145,17 @@ def test_without_redis_both_keep_serving_degraded_and_recover(clients: list[Clie
         assert health.status == "degraded"
         # Streams still get this process's own events.
         stream = a.events.StreamEvents(event_pb2.StreamEventsRequest(types=["session.*"]), timeout=30)
-        time.sleep(0.3)
+        _subscribed(stream)
         own = _session(a)
         assert [e.session_id for e in _take(stream, 1)] == [own]
         stream.cancel()
     finally:
         redis_server.start()
-    deadline = time.monotonic() + 15
-    while a.gateway.GetHealth(gateway_pb2.GetHealthRequest()).components["bus"].status != "healthy":
-        assert time.monotonic() < deadline, "the bus never recovered"
-        time.sleep(0.2)
+    # Both processes: A publishes through Redis again, and B reads from it again.
+    _bus_healthy(a)
+    _bus_healthy(b)
     stream = b.events.StreamEvents(event_pb2.StreamEventsRequest(types=["session.*"]), timeout=30)
-    time.sleep(0.3)
+    _subscribed(stream)
     crossed = _session(a)
     assert [e.session_id for e in _take(stream, 1)] == [crossed]
     stream.cancel()
@@ -220,7 +231,11 @@ def test_when_a_process_dies_another_takes_over_its_executions(leased: list[Serv
             running = {execution_pb2.Execution.STATE_RUNNING}
             for started in (safe, unsafe):
                 assert _wait_for(b, started.execution_id, running, 10).state in running
-            time.sleep(0.5)  # the nodes are under way
+            # The POST is under way (its receiver holds it 4 s) when A dies.
+            deadline = time.monotonic() + 10
+            while receiver.posts < 1:
+                assert time.monotonic() < deadline, "the POST was never sent"
+                time.sleep(0.05)
             a_server.kill()
             finished = {
                 execution_pb2.Execution.STATE_SUCCEEDED,
@@ -303,7 +318,9 @@ def test_a_key_revoked_on_one_process_is_refused_at_once_by_the_other(clients: l
     with Client(target, api_key=created.key) as user:
         user.sessions.ListSessions(session_pb2.ListSessionsRequest())  # B now has the key cached
         a.keys.RevokeApiKey(apikey_pb2.RevokeApiKeyRequest(key_id=created.api_key.key_id))
-        deadline = time.monotonic() + 2  # the revocation crosses the bus (milliseconds)
+        # The revocation crosses the bus in milliseconds; without it B would keep the key for its
+        # cache's 30 s, so 10 s on a slow machine still tells the two apart.
+        deadline = time.monotonic() + 10
         while True:
             try:
                 user.sessions.ListSessions(session_pb2.ListSessionsRequest())

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from flowport.server.events.bus import BusEvent
-from flowport.server.events.redis_bus import SEQUENCE, RedisBus, event_id, stream_id
+from flowport.server.events.redis_bus import SEQUENCE, STREAM, RedisBus, event_id, stream_id
 
 from ..backends import RedisServer
 
@@ -80,3 +80,36 @@ async def test_without_redis_publishing_goes_on_locally_and_recovers(
     assert event is not None and event.session_id == "after"
     assert not a.degraded
     assert int(event.id) > int(logged[0].id), "ids keep increasing across the outage"
+
+
+@pytest.mark.parametrize("redis_away_at_start", [False, True])
+async def test_what_is_added_while_a_reader_waits_to_retry_reaches_it(
+    redis_url: str, redis_server: RedisServer, redis_away_at_start: bool
+) -> None:
+    # A reader that waits to retry, or has not read yet, must read on from a fixed place: events
+    # another process adds meanwhile are its subscribers' too. An empty stream is where "$" (the
+    # end at the time of each read) would have skipped them.
+    redis_server.command("DEL", STREAM)
+    publisher, reader = RedisBus(redis_url), RedisBus(redis_url)
+    await publisher.start()
+    if redis_away_at_start:
+        redis_server.stop()
+        await reader.start()
+        assert reader.degraded
+        redis_server.start()
+    else:
+        await reader.start()
+        redis_server.stop()
+        redis_server.start()  # Redis was away for a moment: the reader's next try is RETRY_DELAY away
+    try:
+        listening = reader.subscribe(lambda e: True)
+        for _ in range(50):  # until the publisher's connection is back (its first tries may fail)
+            publisher.publish("session.created", tenant="t", session_id="meanwhile")
+            await asyncio.sleep(0.05)
+            if not publisher.degraded:
+                break
+        got = await listening.next(10)
+        assert got is not None and got.session_id == "meanwhile"
+    finally:
+        await publisher.close()
+        await reader.close()
