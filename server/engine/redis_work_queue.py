@@ -35,10 +35,16 @@ def _entries(raw: Any) -> list[QueuedExecution]:
     ]
 
 
+# How long a consumer's read waits for an entry: how soon a stopping consumer notices (Takeover).
+READ_BLOCK_MS = 1000
+
+
 class RedisWorkQueue:
     """Executions waiting for a process with a free slot, shared through Redis."""
 
-    def __init__(self, url: str, consumer: str, *, block_ms: int = 1000) -> None:
+    def __init__(self, url: str, consumer: str, *, block_ms: int | None = None) -> None:
+        """`block_ms`: how long a read waits for an entry (default READ_BLOCK_MS)."""
+        block_ms = READ_BLOCK_MS if block_ms is None else block_ms
         # Reads block up to block_ms, so the socket timeout must outlast them.
         self._redis: Any = aioredis.Redis.from_url(
             url, socket_timeout=TIMEOUT + block_ms / 1000, socket_connect_timeout=TIMEOUT

@@ -197,9 +197,10 @@ async def test_a_stalled_subscriber_is_cut_while_another_keeps_pace(
         # Plain channels with the key per call: a client interceptor may read
         # a stream ahead of its caller, and this one must really stall.
         request = event_pb2.StreamEventsRequest(types=["load.*"])
+        before = running.bus.subscriber_count
         fast = event_pb2_grpc.EventServiceStub(fast_channel).StreamEvents(request, metadata=ADMIN_METADATA)
         slow = event_pb2_grpc.EventServiceStub(slow_channel).StreamEvents(request, metadata=ADMIN_METADATA)
-        await asyncio.sleep(0.2)
+        await subscribed(running, before + 1)  # both streams, before anything is published
         received: list[str] = []
 
         async def read_fast() -> None:

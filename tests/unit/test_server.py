@@ -312,7 +312,8 @@ async def test_a_draining_server_fails_its_health_check_serves_on_then_ends_its_
         health = health_pb2_grpc.HealthStub(c.channel)
         stream = c.events.StreamEvents(event_pb2.StreamEventsRequest(types=["session.*"]))
         assert (await stream.read()).type == "heartbeat"  # subscribed
-        stopping = asyncio.ensure_future(stop(running, 2.0, drain=1.0))
+        # A drain long enough for the three calls below on a slow machine.
+        stopping = asyncio.ensure_future(stop(running, 2.0, drain=3.0))
         await asyncio.sleep(0.2)
         # Envoy's health check sees it at once...
         checked = await health.Check(health_pb2.HealthCheckRequest())

@@ -558,7 +558,8 @@ async def test_dead_letter_publishes_webhook_failed_and_redelivery_works(
     answering = threading.Event()
     silent = receivers(lambda n, seen: (200, {}) if answering.is_set() else HANG)
     watcher = receivers()
-    async with running(tmp_path, webhook_timeout=0.2, webhook_max_attempts=2, initial_backoff=0.01) as env:
+    # A second to answer: the watcher below must never miss it on a slow machine.
+    async with running(tmp_path, webhook_timeout=1.0, webhook_max_attempts=2, initial_backoff=0.01) as env:
         failures = env.bus.subscribe(lambda e: e.type == "webhook.failed")
         hook = await env.create(silent.url())
         watching = await env.create(watcher.url(), event_types=["webhook.failed", "execution.*"])
@@ -574,7 +575,7 @@ async def test_dead_letter_publishes_webhook_failed_and_redelivery_works(
             "event_type": "execution.completed",
             "attempts": 2,
             "last_status_code": 0,
-            "last_error": "no answer within 0.2s",
+            "last_error": "no answer within 1s",
         }
         assert (delivery.state, delivery.attempts) == (D.STATE_DEAD_LETTERED, 2)
         assert env.dispatcher.dead_lettered == 1

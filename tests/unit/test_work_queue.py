@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from flowport.server.app import start, stop
+from flowport.server.engine import redis_work_queue
 from flowport.server.engine.redis_work_queue import STREAM, RedisWorkQueue
 from flowport.server.engine.work_queue import QUEUE_FAILURES
 
@@ -124,8 +125,11 @@ async def test_queued_lists_every_waiting_entry_read_or_not_across_pages(
 
 
 async def test_a_stopping_process_gives_back_what_its_last_read_handed_it(
-    tmp_path: Path, postgres_url: str, redis_url: str
+    tmp_path: Path, postgres_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The server's reads wait long enough that the one seen below is still waiting when the entry
+    # comes, however slow the machine.
+    monkeypatch.setattr(redis_work_queue, "READ_BLOCK_MS", 10_000)
     running = await start(make_settings(tmp_path / "data", database_url=postgres_url, redis_url=redis_url))
     other = RedisWorkQueue(redis_url, "process-b", block_ms=200)
     redis = aioredis.Redis.from_url(redis_url)
