@@ -29,7 +29,7 @@ def test_events_resume_across_a_server_restart(tmp_path: Path) -> None:
         with Client(target, api_key=ADMIN_KEY) as client:
             for event in client.events(event_pb2.StreamEventsRequest(types=["session.created"]), give_up_after=30):
                 seen.append(event.session_id)
-                if stop.is_set() and len(seen) >= 6:
+                if stop.is_set():
                     return
 
     def create(count: int) -> list[str]:
@@ -37,20 +37,34 @@ def test_events_resume_across_a_server_restart(tmp_path: Path) -> None:
             request = session_pb2.CreateSessionRequest(session=session_pb2.Session())
             return [client.sessions.CreateSession(request, timeout=10).session_id for _ in range(count)]
 
+    def until_seen(wanted: list[str]) -> None:
+        deadline = time.monotonic() + 15
+        while not set(wanted) <= set(seen):
+            assert time.monotonic() < deadline, f"the iterator did not see {wanted}: saw {seen}"
+            time.sleep(0.05)
+
     follower = threading.Thread(target=follow, daemon=True)
+    probes: list[str] = []
     try:
         follower.start()
-        time.sleep(0.5)  # the stream is open
+        # The stream is open once it has seen one of these (it starts at the newest event).
+        deadline = time.monotonic() + 15
+        while not seen:
+            assert time.monotonic() < deadline, "the iterator never saw an event"
+            probes += create(1)
+            time.sleep(0.2)
         before = create(3)
-        deadline = time.monotonic() + 10
-        while len(seen) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        until_seen(before)
         assert stop_up(stack) == 0  # the stream drops; the iterator keeps retrying
         stack = start_up(settings)  # the same ports and data folder
         after = create(3)  # likely before the iterator is back: it must replay them
+        until_seen(after)
         stop.set()
+        closer = create(1)  # the event the follower ends on
         follower.join(30)
     finally:
         stop_up(stack)
     assert not follower.is_alive(), f"the iterator did not come back: saw {seen}"
-    assert seen == before + after, "every event once, in order, across the restart"
+    # Every event once, in order, across the restart (after the probes it caught).
+    assert seen[-7:] == before + after + closer, seen
+    assert set(seen[:-7]) <= set(probes) and len(seen) == len(set(seen)), seen
