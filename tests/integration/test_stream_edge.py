@@ -139,10 +139,10 @@ def test_watch_events_carry_id_lines(admin: httpx.Client) -> None:
 
 @pytest.mark.parametrize("accept", ["text/event-stream", "application/json"])
 def test_a_quiet_stream_answers_at_once(edge: Stack, accept: str) -> None:
-    # No event matches and the next heartbeat is 15 s away: a client with a 2 s read timeout still
+    # No event matches and the next heartbeat is 15 s away: a client with a 5 s read timeout still
     # gets the status line, the headers and a first heartbeat.
     with (
-        httpx.Client(base_url=edge.http, headers=ADMIN_HEADERS, timeout=httpx.Timeout(10, read=2)) as client,
+        httpx.Client(base_url=edge.http, headers=ADMIN_HEADERS, timeout=httpx.Timeout(10, read=5)) as client,
         client.stream("GET", "/events", params={"types": "nothing.ever"}, headers={"Accept": accept}) as response,
     ):
         assert response.status_code == 200
@@ -269,7 +269,7 @@ def test_revoking_a_key_ends_its_streams_on_every_transport(edge: Stack, admin: 
 
 
 def test_a_jwt_stream_ends_once_exp_and_leeway_pass(edge: Stack) -> None:
-    exp = time.time() + 2
+    exp = time.time() + 5  # time for the stream to open first, on a slow machine
     token = jwt.encode({"sub": "ada", "tenant": "default", "exp": exp}, SECRET, algorithm="HS256")
     sse = _rest_stream(edge, {"authorization": f"Bearer {token}"}, "text/event-stream")
     sse.start()

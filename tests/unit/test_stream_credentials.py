@@ -100,7 +100,7 @@ async def test_revoking_a_key_ends_its_open_streams(server: Running, admin: Asyn
 
 async def test_a_key_past_its_expire_time_ends_its_stream(server: Running, admin: AsyncClient) -> None:
     expiring = apikey_pb2.ApiKey()
-    expiring.expire_time.FromNanoseconds(time.time_ns() + 2 * 10**9)
+    expiring.expire_time.FromNanoseconds(time.time_ns() + 4 * 10**9)  # time for the stream to open first
     created = await _user_key(admin, expire_time=expiring.expire_time)
     async with AsyncClient(f"127.0.0.1:{server.port}", api_key=created.key) as user:
         call = user.events.StreamEvents(event_pb2.StreamEventsRequest())
