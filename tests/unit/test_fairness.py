@@ -248,7 +248,8 @@ async def test_the_queue_consumer_passes_over_a_tenant_at_its_share(tmp_path: Pa
 
 # -- leases passing while executions wait: never more than fits --------------------------
 
-LEASE = 0.3  # seconds: a sweep every 0.1 s, so a few leases pass within a test
+LEASE = 0.6  # seconds: a sweep every 0.2 s, so a few leases pass within a test; a stall of
+# the machine has 0.4 s before a held lease lapses
 
 
 def track_peaks(executor: Executor) -> dict[str, int]:
