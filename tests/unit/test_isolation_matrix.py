@@ -336,7 +336,14 @@ async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> N
                 alpha_client,
                 alpha,  # type: ignore[attr-defined]
             )
-        await asyncio.sleep(0.5)  # deliveries of the last events
+        # Until each webhook has had its own tenant's events (deliveries run in the background).
+        for _ in range(200):
+            if beta_receiver.events() and any(
+                e.get("session_id") == alpha.ids["session_id"] for e in alpha_receiver.events()
+            ):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # and a moment for any delivery that should not come
         beta_seen = beta_receiver.events()
         assert beta_seen, "beta's webhook should have received beta's own events"
         leaked = [e for e in beta_seen if e.get("tenant") != "beta" or e.get("id") in alpha.event_ids]

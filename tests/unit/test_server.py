@@ -224,9 +224,10 @@ async def test_graceful_stop_lets_in_flight_calls_finish(settings: Settings) -> 
     running = await start(settings)
     store = running.store
     original = store.get_session
-    release = asyncio.Event()
+    release, arrived = asyncio.Event(), asyncio.Event()
 
     async def slow_get(*args: object, **kwargs: object) -> object:
+        arrived.set()
         await release.wait()
         return await original(*args, **kwargs)  # type: ignore[arg-type]
 
@@ -234,7 +235,7 @@ async def test_graceful_stop_lets_in_flight_calls_finish(settings: Settings) -> 
     async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as c:
         created = await c.sessions.CreateSession(S.CreateSessionRequest(session=S.Session()))
         in_flight = asyncio.ensure_future(c.sessions.GetSession(S.GetSessionRequest(session_id=created.session_id)))
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(arrived.wait(), 10)  # the call is in the server
         stopping = asyncio.ensure_future(stop(running, 5.0))
         await asyncio.sleep(0.2)
         release.set()
