@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -59,6 +60,8 @@ READ_WRITE_DEVICE = READ_FILE | WRITE_FILE | _TRUNCATE | _IOCTL_DEV
 # The worker's own modules, beside the Python installation.
 _WORKER_PACKAGES = ("flowport.server", "flowport.server.sandbox")
 _SYSTEM = ("/usr", "/lib", "/lib64", "/lib32", "/etc/ld.so.cache", "/etc/localtime")
+# libc.so.6, _ssl.cpython-311-x86_64-linux-gnu.so; not x.sock nor a database's -shm file.
+_SHARED_OBJECT = re.compile(r"\.so(\.[0-9.]+)?$")
 
 
 def worker_rules(read_allowlist: Iterable[str] = ()) -> dict[str, list[str]]:
@@ -107,7 +110,7 @@ def _library_folders() -> set[str]:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
                 path = line.rstrip("\n").partition("/")[2]
-                if path and ".so" in os.path.basename(path) and not path.endswith(" (deleted)"):
+                if path and _SHARED_OBJECT.search(os.path.basename(path)) and not path.endswith(" (deleted)"):
                     folders.add(os.path.dirname("/" + path))
     except OSError:
         pass  # no /proc: the system folders above cover a usual installation
