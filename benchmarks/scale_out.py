@@ -60,15 +60,17 @@ def _up(settings: Settings) -> subprocess.Popen[str]:
         text=True,
     )
     assert process.stdout is not None
+    output: list[str] = []
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         line = process.stdout.readline()
+        output.append(line)
         if "is up" in line:
             return process
         if not line and process.poll() is not None:
             break
     process.kill()
-    raise SystemExit("flowport up did not start")
+    raise SystemExit("flowport up did not start:\n" + "".join(output[-20:]))
 
 
 async def _load(target: str, scenario: str, duration: float, concurrency: int) -> tuple[int, list[float], int]:
@@ -125,6 +127,10 @@ def run_one(config: dict[str, Any], scenario: str, args: argparse.Namespace, dat
             "grpc_port": free_port(),
             "admin_port": free_port(),
             "metrics_port": free_port(),
+            # No /ws (not measured here), so no fixed port a previous run may still hold.
+            "websocket_port": 0,
+            # A loaded machine (the test suite runs this too) may take a while to start both workers.
+            "startup_timeout": 60,
             "admin_api_key": ADMIN_KEY,
             "log_level": "warning",
             "access_log": "off",

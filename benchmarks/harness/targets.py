@@ -117,6 +117,8 @@ class FlowportUp:
             "grpc_port": free_port(),
             "admin_port": free_port(),
             "metrics_port": free_port(),
+            # The /ws bridge as a default start has it, on a port no other run holds.
+            "websocket_port": free_port(),
             "admin_api_key": ADMIN_KEY,
             "log_level": "warning",
             "access_log": "off",
