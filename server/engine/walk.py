@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from google.rpc import code_pb2, status_pb2
 
+from flowport.server.engine.output_limits import add_outputs
 from flowport.server.engine.plan import PlanNode
 from flowport.server.engine.run import Execution, NodeRun, Run, error_status, mark_running, publish, timestamp_now
 from flowport.server.engine.slots import Slots
 from flowport.server.engine.stats import ExecutionCounters
-from flowport.server.engine.values import python_to_struct
 from flowport.server.events.bus import EventBus
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.paths import MISSING, lookup
@@ -340,7 +340,7 @@ class Walker:
             try:
                 outputs = await self._attempt(node, ctx, params)
                 try:
-                    python_to_struct({node.node_id: outputs}, execution.outputs)
+                    run.output_bytes = add_outputs(execution.outputs, node.node_id, outputs, run.output_bytes)
                 except (TypeError, ValueError) as exc:
                     raise NodeError(f"outputs are not JSON: {exc}", reason="BAD_OUTPUT") from None
             except NodeError as exc:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
+
+from google.protobuf.message import DecodeError
 
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import ExpiredExecution, IdempotencyConflict, IdempotentResult
@@ -10,8 +13,24 @@ from flowport.server.storage.sessions import session_creator
 from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import execution_pb2
 
+log = logging.getLogger(__name__)
+
 _CREATE = "flowport.v1.ExecutionService/CreateExecution"
 UNFINISHED = (execution_pb2.Execution.STATE_PENDING, execution_pb2.Execution.STATE_RUNNING)
+
+
+def _readable(conn: Connection, tenant: str, execution_id: str, body: bytes) -> execution_pb2.Execution | None:
+    """The stored execution, or None when its body cannot be read (then it is marked FAILED, so that
+    no process claims it again: one unreadable row must not stop every takeover, nor a restart)."""
+    try:
+        return execution_pb2.Execution.FromString(body)
+    except DecodeError as exc:
+        log.error("execution %s of tenant %s cannot be read (%s): marked failed", execution_id, tenant, exc)
+        conn.execute(
+            "UPDATE executions SET state=?, owner='' WHERE tenant=? AND execution_id=?",
+            (execution_pb2.Execution.STATE_FAILED, tenant, execution_id),
+        )
+        return None
 
 
 class ExecutionTables(Tables):
@@ -179,8 +198,9 @@ class ExecutionTables(Tables):
                     return []
                 sql += f" AND execution_id IN ({', '.join('?' * len(execution_ids))})"
                 args.extend(execution_ids)
-            rows = conn.execute(sql + " RETURNING create_us, body", args).fetchall()
-            return [execution_pb2.Execution.FromString(body) for _, body in sorted(rows, key=lambda r: r[0])]
+            rows = conn.execute(sql + " RETURNING create_us, tenant, execution_id, body", args).fetchall()
+            claimed = (_readable(conn, *row[1:]) for row in sorted(rows, key=lambda r: r[0]))
+            return [execution for execution in claimed if execution is not None]
 
         return await self._write(op)
 
@@ -196,7 +216,7 @@ class ExecutionTables(Tables):
                 " AND state IN (?, ?) AND (owner='' OR lease_until_us<?) RETURNING body",
                 (owner, lease_until_us, execution_id, tenant, *UNFINISHED, now_us),
             ).fetchone()
-            return None if row is None else execution_pb2.Execution.FromString(row[0])
+            return None if row is None else _readable(conn, tenant, execution_id, row[0])
 
         return await self._write(op)
 

@@ -1,0 +1,71 @@
+"""What a node may add to its execution's outputs: bounded in depth and in size.
+
+An execution is stored as one protobuf message, answered whole by
+GetExecution and read back by whichever process takes it over. Protobuf
+parses at most 100 nested messages, and each JSON object costs three of them
+(Struct, its map entry, Value): outputs nested past about 30 objects would be
+written, then never read again, and such a row once stopped every takeover
+(storage/executions.py now sets one aside). Size is bounded for the same
+reader, and for the server's memory: a node that returns gigabytes (a SQL
+query of blobs, many HTTP bodies) must fail, not grow the execution until
+GetExecution cannot answer it, or the process runs out of memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from flowport.server.engine.values import python_to_struct
+from flowport.server.nodes.base import NodeError
+
+# Objects and lists inside one node's outputs (JSON depth; the Kailash
+# examples use 3 or 4).
+MAX_DEPTH = 20
+# One node's outputs, serialized.
+MAX_NODE_BYTES = 8 * 2**20
+# All of an execution's outputs, serialized: with its inputs and node runs it
+# stays within the 16 MiB the API answers with (limits.MAX_MESSAGE_BYTES).
+MAX_EXECUTION_BYTES = 12 * 2**20
+
+
+def add_outputs(outputs: struct_pb2.Struct, node_id: str, value: dict[str, Any], used: int) -> int:
+    """Add a node's outputs under its id, given the bytes the execution's outputs already hold;
+    returns the bytes they hold then. Raises NodeError (nothing added) past a bound, and
+    TypeError/ValueError for a value that is not JSON."""
+    if _deeper_than(value, MAX_DEPTH):
+        raise NodeError(
+            f"outputs nest deeper than {MAX_DEPTH} objects and lists", reason="OUTPUT_TOO_DEEP", retryable=False
+        )
+    added = python_to_struct({node_id: value})
+    size = added.ByteSize()
+    if size > MAX_NODE_BYTES:
+        raise NodeError(
+            f"outputs are {size} bytes, more than a node's {MAX_NODE_BYTES}", reason="OUTPUT_TOO_LARGE", retryable=False
+        )
+    if used + size > MAX_EXECUTION_BYTES:
+        raise NodeError(
+            f"outputs would bring the execution's to {used + size} bytes, more than {MAX_EXECUTION_BYTES}",
+            reason="EXECUTION_OUTPUT_TOO_LARGE",
+            retryable=False,
+        )
+    outputs.MergeFrom(added)
+    return used + size
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether dicts and lists nest in `value` more than `limit` levels (without recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list | tuple))
+    return False
