@@ -18,13 +18,13 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from flowport.server.engine.values import python_to_struct
-from flowport.server.nodes.base import NodeError
+from flowport.server.nodes.base import MAX_OUTPUT_BYTES, NodeError
 
 # Objects and lists inside one node's outputs (JSON depth; the Kailash
 # examples use 3 or 4).
 MAX_DEPTH = 20
 # One node's outputs, serialized.
-MAX_NODE_BYTES = 8 * 2**20
+MAX_NODE_BYTES = MAX_OUTPUT_BYTES
 # All of an execution's outputs, serialized: with its inputs and node runs it
 # stays within the 16 MiB the API answers with (limits.MAX_MESSAGE_BYTES).
 MAX_EXECUTION_BYTES = 12 * 2**20

@@ -37,6 +37,11 @@ JsonSchema = dict[str, Any]
 Violation = tuple[str, str]
 
 
+# The most a node's outputs may take, serialized (engine/output_limits.py checks it; a node that
+# collects rows or bodies stops at it instead of holding more in memory first).
+MAX_OUTPUT_BYTES = 8 * 2**20
+
+
 class NodeError(Exception):
     """A node attempt failed. `retryable` says whether another attempt may help."""
 

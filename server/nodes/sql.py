@@ -67,7 +67,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
+from flowport.server.nodes.base import MAX_OUTPUT_BYTES, JsonSchema, NodeContext, NodeError, NodeType, Violation
 from flowport.server.nodes.sql_pools import (
     CONNECTION_STRING_PATTERN,
     ForbiddenDatabase,
@@ -234,6 +234,24 @@ class _TooManyRows(Exception):
     pass
 
 
+class _TooLarge(Exception):
+    pass
+
+
+FETCH_BATCH = 1000
+
+
+def _json_size(value: Any) -> int:
+    """About what a converted value adds to the outputs (strings by length, the rest a few bytes)."""
+    if isinstance(value, str):
+        return len(value) + 2
+    if isinstance(value, dict):
+        return sum(len(key) + _json_size(item) for key, item in value.items()) + 2
+    if isinstance(value, list):
+        return sum(_json_size(item) for item in value) + 2
+    return 8
+
+
 def _execute(
     conn: Connection, prepared: PreparedQuery, values: dict[str, Any], max_rows: int, timeout_ms: int | None
 ) -> dict[str, Any]:
@@ -250,10 +268,19 @@ def _execute(
         if not result.returns_rows:
             return {"rows": [], "row_count": result.rowcount, "columns": []}
         columns = list(result.keys())
-        fetched = result.fetchmany(max_rows + 1)
-        if len(fetched) > max_rows:
-            raise _TooManyRows
-        rows = [{column: jsonable(value) for column, value in zip(columns, row, strict=True)} for row in fetched]
+        rows: list[dict[str, Any]] = []
+        # Fetched a batch at a time, and stopped once the rows outgrow a node's outputs: a
+        # query of many large values must fail before the server holds all of them.
+        size = 0
+        while batch := result.fetchmany(min(FETCH_BATCH, max_rows + 1 - len(rows))):
+            for row in batch:
+                converted = {column: jsonable(value) for column, value in zip(columns, row, strict=True)}
+                size += sum(_json_size(value) for value in converted.values())
+                if size > MAX_OUTPUT_BYTES:
+                    raise _TooLarge
+                rows.append(converted)
+            if len(rows) > max_rows:
+                raise _TooManyRows
         return {"rows": rows, "row_count": len(rows), "columns": columns}
     finally:
         result.close()
@@ -578,6 +605,11 @@ def _failure(
     if isinstance(exc, _TooManyRows):
         return NodeError(
             f"the query returned more than max_rows={max_rows} rows (rolled back)", reason="SQL_TOO_MANY_ROWS"
+        )
+    if isinstance(exc, _TooLarge):
+        return NodeError(
+            f"the query's rows outgrow a node's outputs ({MAX_OUTPUT_BYTES} bytes; rolled back)",
+            reason="OUTPUT_TOO_LARGE",
         )
     if isinstance(exc, DBAPIError):
         detail = str(exc.orig) if exc.orig is not None else type(exc).__name__

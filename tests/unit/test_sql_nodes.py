@@ -188,6 +188,21 @@ async def test_row_cap(pools: SqlPools, sqlite_url: str) -> None:
     assert out["rows"] == [{"n": 0}]
 
 
+async def test_rows_that_outgrow_a_nodes_outputs_fail_before_all_are_held(pools: SqlPools, sqlite_url: str) -> None:
+    ctx = make_ctx(pools)
+    # 40 rows of 1 MB blobs (base64: 1.3 MB each), well under max_rows: past 8 MiB the fetch stops.
+    blobs = (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 40) "
+        "SELECT i, zeroblob(1000000) AS b FROM n"
+    )
+    with pytest.raises(NodeError) as caught:
+        await run_sql(ctx, sqlite_url, blobs)
+    assert caught.value.reason == "OUTPUT_TOO_LARGE" and "8388608 bytes" in caught.value.message
+    # Under the bound, the same query answers.
+    few = await run_sql(ctx, sqlite_url, blobs.replace("i < 40", "i < 3"))
+    assert few["row_count"] == 3 and len(few["rows"][0]["b"]) == 1333336
+
+
 async def test_write_row_counts_and_errors(pools: SqlPools, sqlite_url: str) -> None:
     ctx = make_ctx(pools)
     await create_records(ctx, sqlite_url)
