@@ -411,7 +411,11 @@ async def _start(
     # Every service is registered through this, so each method handler is
     # wrapped by the interceptor's logic (errors, auth, metrics, audit).
     interceptor = ErrorInterceptor(
-        metrics, authenticator, CallAuditor(audit, authenticator.origin_of), engine.prometheus
+        metrics,
+        authenticator,
+        CallAuditor(audit, authenticator.origin_of),
+        engine.prometheus,
+        tenant_max_streams=settings.tenant_max_streams,
     )
     registrar = WrappingRegistrar(grpc_server, interceptor)
     rate_limit = _rate_limit_service(settings, keys)

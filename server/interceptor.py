@@ -26,7 +26,14 @@ from flowport.server.audit.calls import CallAuditor
 from flowport.server.auth.authenticator import Authenticator
 from flowport.server.auth.context import CURRENT
 from flowport.server.auth.lifetime import EXPIRED
-from flowport.server.errors import DeadlineExceeded, FlowportError, Internal, InvalidArgument, Unauthenticated
+from flowport.server.errors import (
+    DeadlineExceeded,
+    FlowportError,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from flowport.server.metrics import RequestMetrics
 from flowport.server.observability import tracing
 from flowport.server.observability.context import CALL, open_call
@@ -199,8 +206,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         authenticator: Authenticator | None = None,
         auditor: CallAuditor | None = None,
         prometheus: Prometheus | None = None,
+        *,
+        tenant_max_streams: int = 0,
     ) -> None:
+        """`tenant_max_streams`: server streams one tenant may hold open at once (0: no cap)."""
         self._metrics = metrics
+        self._tenant_max_streams = tenant_max_streams
         self._prometheus = prometheus
         self._auth = authenticator
         self._auditor = auditor
@@ -327,7 +338,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, method: str, handler: Handler) -> Handler:  # noqa: PLR0915 - one stream's life, in order
         metrics, begin, auditor, finish = self._metrics, self._begin, self._auditor, self._finish
-        opened = self._stream_opened
+        opened, max_streams = self._stream_opened, self._tenant_max_streams
         stream = cast("StreamBehavior", handler.unary_stream)
         attributes = _rpc_attributes(method)
         watch = self._auth.watch if self._auth is not None else None
@@ -348,6 +359,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await begin(method, request, context)
                     principal = CURRENT.get()
                     if principal is not None:
+                        if max_streams and metrics.tenant(principal.tenant).active_streams >= max_streams:
+                            raise _too_many_streams(max_streams)
                         tenant = principal.tenant
                         metrics.stream_tenant(tenant, transport)
                         if watch is not None:
@@ -402,6 +415,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+
+def _too_many_streams(limit: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"this tenant has {limit} streams open on this server, its most (tenant_max_streams); "
+        "close one or retry shortly",
+        reason="TENANT_STREAM_LIMIT",
+        metadata={"tenant_max_streams": str(limit)},
+        retry_delay=1.0,
+    )
 
 
 def _server_span(method: str, attributes: dict[str, str], context: Context) -> contextlib.AbstractContextManager[Any]:

@@ -190,6 +190,14 @@ class Settings(BaseModel):
         "tenants still start theirs, and at most four times its share may wait in the shared work queue; "
         "1 lets one tenant take every slot",
     )
+    tenant_max_streams: int = Field(
+        1000,
+        ge=0,
+        le=1_000_000,
+        description="event streams and execution watches (gRPC, REST, /ws) one tenant may hold open on one "
+        "server process at once; past it a new one is RESOURCE_EXHAUSTED (HTTP 429) with a retry delay, so one "
+        "tenant's streams cannot take the event loop every tenant shares; 0 removes the cap",
+    )
     tenant_sandbox_share: float = Field(
         0.5,
         gt=0,

@@ -350,3 +350,49 @@ def test_at_most_50_types_in_all(request_: event_pb2.StreamEventsRequest, field:
     with pytest.raises(InvalidArgument) as raised:
         requested_types(request_)
     assert raised.value.violations == [(field, "at most 50")]
+
+
+async def test_a_tenant_past_its_open_streams_is_refused_while_another_tenant_opens_its_own(tmp_path: Path) -> None:
+    from flowport.v1 import apikey_pb2
+
+    running = await start(make_settings(tmp_path / "data", tenant_max_streams=2))
+    try:
+        async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as admin:
+            keys = [
+                (await admin.keys.CreateApiKey(apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant=t)))).key
+                for t in ("noisy", "quiet")
+            ]
+        async with (
+            AsyncClient(f"127.0.0.1:{running.port}", api_key=keys[0]) as noisy,
+            AsyncClient(f"127.0.0.1:{running.port}", api_key=keys[1]) as quiet,
+        ):
+            held = [noisy.events.StreamEvents(event_pb2.StreamEventsRequest()) for _ in range(2)]
+            for call in held:
+                assert (await call.read()).type == "heartbeat"
+            refused = noisy.events.StreamEvents(event_pb2.StreamEventsRequest())
+            with pytest.raises(ApiError) as caught:
+                await refused.read()
+            assert (caught.value.code(), caught.value.reason) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "TENANT_STREAM_LIMIT",
+            )
+            assert caught.value.retry_delay is not None
+            # The cap is the tenant's: another tenant still opens its streams.
+            other = quiet.events.StreamEvents(event_pb2.StreamEventsRequest())
+            assert (await other.read()).type == "heartbeat"
+            # A stream closed gives its place back.
+            held[0].cancel()
+            again = None
+            for _ in range(100):
+                again = noisy.events.StreamEvents(event_pb2.StreamEventsRequest())
+                try:
+                    assert (await again.read()).type == "heartbeat"
+                    break
+                except ApiError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the closed stream's place never came back")
+            for call in (held[1], other, again):
+                call.cancel()
+    finally:
+        await stop(running, 1.0)
