@@ -49,6 +49,7 @@ from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.nodes.python_code import PythonCodeNode
 from flowport.server.nodes.sql_pools import SqlPools
+from flowport.server.nodes.tenant_shares import TenantShares
 from flowport.server.observability import tracing
 from flowport.server.observability.prometheus import Prometheus, multiprocess
 from flowport.server.periodic import Periodic
@@ -258,6 +259,10 @@ def _report_confinement(settings: Settings, sandbox: SandboxPool) -> None:
                 log.warning("%s lies in %s, which sandbox workers may read: keep data out of it", folder, root)
 
 
+# Connections of the pool every HTTP node of this process shares.
+HTTP_NODE_CONNECTIONS = 256
+
+
 def _node_services(
     settings: Settings,
     sandbox: SandboxPool,
@@ -272,7 +277,11 @@ def _node_services(
         # One connection pool for every HTTP node of every execution; trust_env
         # off, so no proxy from the environment carries requests past the
         # SSRF check (which vets the address the node itself connects to).
-        http=httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False),
+        http=httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=HTTP_NODE_CONNECTIONS, max_keepalive_connections=64), trust_env=False
+        ),
+        # One tenant's requests hold at most its share of those connections (as of execution slots).
+        http_shares=TenantShares(tenant_share(settings.tenant_execution_share, HTTP_NODE_CONNECTIONS)),
         sandbox=sandbox,
         sql=sql,
         http_allowlist=settings.http_node_allowlist,

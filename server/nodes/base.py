@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import httpx
 
     from flowport.server.nodes.sql_pools import SqlPools
+    from flowport.server.nodes.tenant_shares import TenantShares
     from flowport.server.ratelimit.outbound import OutboundLimiter
     from flowport.server.resources.directory import ResourceDirectory
     from flowport.server.sandbox.pool import SandboxPool
@@ -100,6 +101,8 @@ class NodeServices:
     """Resources shared by every node run in this process."""
 
     http: httpx.AsyncClient | None = None
+    # How many of `http`'s requests one tenant may have in flight at once (None: no cap).
+    http_shares: TenantShares | None = None
     sandbox: SandboxPool | None = None
     sql: SqlPools | None = None
     # Hosts an HTTP node may reach although they resolve to private ranges.

@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import codecs
+import contextlib
 import email.utils
 import json
 import math
@@ -352,6 +353,7 @@ async def perform(ctx: NodeContext, call: HttpCall, *, gate: AttemptGate | None 
     if call.query:
         url = url.copy_merge_params(call.query)
     allowlist = frozenset(host.lower().strip("[]") for host in ctx.services.http_allowlist)
+    shares = ctx.services.http_shares
 
     attempts = call.retry_attempts + 1
     made = 0
@@ -372,8 +374,9 @@ async def perform(ctx: NodeContext, call: HttpCall, *, gate: AttemptGate | None 
                 raise NodeError("no time left for the request", reason="HTTP_TIMEOUT", retryable=True)
             break
         made = attempt
+        slot = contextlib.nullcontext() if shares is None else shares.slot(ctx.tenant)
         try:
-            fetched, failure = await _attempt(client, call, url, allowlist, budget), None
+            fetched, failure = await _attempt(client, call, url, allowlist, budget, slot=slot), None
         except _Transient as exc:
             fetched, failure = None, exc
         wait = None if gate is None or fetched is None else await gate.answered(fetched.status_code, fetched.headers)
@@ -439,11 +442,18 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 
 async def _attempt(
-    client: httpx.AsyncClient, call: HttpCall, url: httpx.URL, allowlist: frozenset[str], budget: float
+    client: httpx.AsyncClient,
+    call: HttpCall,
+    url: httpx.URL,
+    allowlist: frozenset[str],
+    budget: float,
+    *,
+    slot: contextlib.AbstractAsyncContextManager[Any],
 ) -> _Fetched:
-    """One attempt, redirects included, within `budget` seconds (a CLIENT span when tracing)."""
+    """One attempt, redirects included, within `budget` seconds, holding `slot` (the tenant's share
+    of the shared pool) while it runs (a CLIENT span when tracing)."""
     # Created here, run by the await: inside the span when there is one.
-    attempt = _attempt_within(client, call, url, allowlist, budget)
+    attempt = _attempt_within(client, call, url, allowlist, budget, slot=slot)
     if not tracing.enabled():
         return await attempt
     # The origin only: a path may hold a filled-in secret (a webhook token), and spans are not masked.
@@ -463,10 +473,18 @@ async def _attempt(
 
 
 async def _attempt_within(
-    client: httpx.AsyncClient, call: HttpCall, url: httpx.URL, allowlist: frozenset[str], budget: float
+    client: httpx.AsyncClient,
+    call: HttpCall,
+    url: httpx.URL,
+    allowlist: frozenset[str],
+    budget: float,
+    *,
+    slot: contextlib.AbstractAsyncContextManager[Any],
 ) -> _Fetched:
     try:
-        async with asyncio.timeout(budget):
+        # Waiting for the tenant's place counts against the attempt's time, as waiting for a
+        # connection of the pool does.
+        async with asyncio.timeout(budget), slot:
             return await _exchange(client, call, url, allowlist, budget)
     except (TimeoutError, httpx.TimeoutException) as exc:
         raise _Transient("HTTP_TIMEOUT", f"{call.method} {_safe(url)} timed out after {budget:.3g}s") from exc
