@@ -49,7 +49,6 @@ from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.nodes.python_code import PythonCodeNode
 from flowport.server.nodes.sql_pools import SqlPools
-from flowport.server.nodes.tenant_shares import TenantShares
 from flowport.server.observability import tracing
 from flowport.server.observability.prometheus import Prometheus, multiprocess
 from flowport.server.periodic import Periodic
@@ -66,6 +65,7 @@ from flowport.server.service_checks import HealthChecker
 from flowport.server.settings import Settings
 from flowport.server.shutdown import SHUTDOWN_MARGIN, STEP_LIMIT, Watchdog, bounded
 from flowport.server.storage import MigrationError, SqlStore, open_store
+from flowport.server.tenant_shares import TenantShares
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.v1 import (
     apikey_pb2,
@@ -259,8 +259,9 @@ def _report_confinement(settings: Settings, sandbox: SandboxPool) -> None:
                 log.warning("%s lies in %s, which sandbox workers may read: keep data out of it", folder, root)
 
 
-# Connections of the pool every HTTP node of this process shares.
+# Connections of the pool every HTTP node of this process shares, and of webhook deliveries'.
 HTTP_NODE_CONNECTIONS = 256
+WEBHOOK_CONNECTIONS = 256
 
 
 def _node_services(
@@ -395,7 +396,7 @@ async def _start(
     # Its own pool, so slow receivers and node traffic cannot starve each
     # other; trust_env off, so no proxy from the environment skips the SSRF checks.
     webhook_http = httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), trust_env=False
+        limits=httpx.Limits(max_connections=WEBHOOK_CONNECTIONS, max_keepalive_connections=64), trust_env=False
     )
     opened.push_async_callback(bounded("the webhook HTTP client", webhook_http.aclose))
     checker, pool_health = _start_checks(settings, core, webhook_http, opened)
@@ -544,7 +545,15 @@ async def _start_engine(
     store = core.store
     # One lease holder per process, for its executions and webhook deliveries.
     leases = Leases(settings.execution_lease_seconds)
-    dispatcher = WebhookDispatcher(store, bus, http, settings, leases=leases, exclusive=store.dialect == "sqlite")
+    dispatcher = WebhookDispatcher(
+        store,
+        bus,
+        http,
+        settings,
+        leases=leases,
+        exclusive=store.dialect == "sqlite",
+        tenant_share=tenant_share(settings.tenant_execution_share, WEBHOOK_CONNECTIONS),
+    )
     await dispatcher.start()
     # Unsent deliveries stay queued in the store and resume at the next start.
     opened.push_async_callback(bounded("webhook deliveries", dispatcher.close))

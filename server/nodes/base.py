@@ -29,10 +29,10 @@ if TYPE_CHECKING:
     import httpx
 
     from flowport.server.nodes.sql_pools import SqlPools
-    from flowport.server.nodes.tenant_shares import TenantShares
     from flowport.server.ratelimit.outbound import OutboundLimiter
     from flowport.server.resources.directory import ResourceDirectory
     from flowport.server.sandbox.pool import SandboxPool
+    from flowport.server.tenant_shares import TenantShares
 
 JsonSchema = dict[str, Any]
 Violation = tuple[str, str]

@@ -33,6 +33,7 @@ and a timer), never its body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 from collections import Counter, defaultdict, deque
@@ -58,6 +59,7 @@ from flowport.server.storage.webhooks import (
     StoredWebhook,
     WebhookTables,
 )
+from flowport.server.tenant_shares import TenantShares
 from flowport.server.webhooks.delivery import Outcome, Target, attempt, backoff, event_body
 from flowport.server.webhooks.targets import normalize_allowlist
 from flowport.v1 import gateway_pb2
@@ -143,8 +145,14 @@ class WebhookDispatcher:
         initial_backoff: float = 1.0,
         leases: Leases | None = None,
         exclusive: bool = True,
+        tenant_share: int | None = None,
     ) -> None:
+        """`tenant_share`: deliveries one tenant may have in flight at once, over all its
+        webhooks (None: no cap beyond each webhook's webhook_concurrency_per_target)."""
         self._store = store
+        # A tenant's many webhooks to slow receivers hold at most its share of the shared client's
+        # connections; its further deliveries wait for one of its own places, not another tenant's.
+        self._shares = TenantShares(tenant_share) if tenant_share is not None else None
         self._bus = bus
         # Unfinished deliveries are leased to this process (server/leases.py):
         # others take over those of a process that died.
@@ -445,21 +453,23 @@ class WebhookDispatcher:
             if tracing.enabled()
             else None
         )
-        with tracing.span("webhook delivery", kind="client", attributes=attributes) as span:
-            outcome = await attempt(
-                self._http,
-                hook.target,
-                body=row.payload,
-                event_id=row.event_id,
-                delivery_id=pending.delivery_id,
-                attempt_number=number,
-                timeout=self._timeout,
-                allowlist=self._allowlist,
-            )
-            if span is not None:
-                span.set_attribute("http.response.status_code", outcome.status_code)
-                if not outcome.ok:
-                    tracing.fail(span, outcome.error or f"HTTP {outcome.status_code}")
+        slot = contextlib.nullcontext() if self._shares is None else self._shares.slot(tenant)
+        async with slot:
+            with tracing.span("webhook delivery", kind="client", attributes=attributes) as span:
+                outcome = await attempt(
+                    self._http,
+                    hook.target,
+                    body=row.payload,
+                    event_id=row.event_id,
+                    delivery_id=pending.delivery_id,
+                    attempt_number=number,
+                    timeout=self._timeout,
+                    allowlist=self._allowlist,
+                )
+                if span is not None:
+                    span.set_attribute("http.response.status_code", outcome.status_code)
+                    if not outcome.ok:
+                        tracing.fail(span, outcome.error or f"HTTP {outcome.status_code}")
         state, delay = self._next_step(outcome, number)
         if delay is None:
             # Before the write: a redelivery that follows it must find no stale entry.

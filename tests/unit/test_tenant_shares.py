@@ -10,7 +10,7 @@ import pytest
 
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.http import HTTPRequestNode
-from flowport.server.nodes.tenant_shares import TenantShares
+from flowport.server.tenant_shares import TenantShares
 
 pytestmark = pytest.mark.timeout(60)
 LOOPBACK = frozenset({"127.0.0.1"})

@@ -211,7 +211,9 @@ class Env:
 
 
 @asynccontextmanager
-async def running(data_dir: Path, initial_backoff: float = 0.02, **overrides: object) -> AsyncIterator[Env]:
+async def running(
+    data_dir: Path, initial_backoff: float = 0.02, tenant_share: int | None = None, **overrides: object
+) -> AsyncIterator[Env]:
     values: dict[str, object] = {
         "data_dir": data_dir,
         "webhook_allowlist": "127.0.0.1",
@@ -225,7 +227,9 @@ async def running(data_dir: Path, initial_backoff: float = 0.02, **overrides: ob
     bus = EventBus()
     # No proxies from the environment: receivers are on loopback.
     http = httpx.AsyncClient(trust_env=False)
-    dispatcher = WebhookDispatcher(store, bus, http, settings, initial_backoff=initial_backoff)
+    dispatcher = WebhookDispatcher(
+        store, bus, http, settings, initial_backoff=initial_backoff, tenant_share=tenant_share
+    )
     await dispatcher.start()
     bus.add_listener(dispatcher.on_event)
     server = grpc.aio.server(interceptors=[ErrorInterceptor(RequestMetrics())])
@@ -712,6 +716,38 @@ async def test_a_slow_receiver_does_not_delay_other_webhooks(
             return len(await env.deliveries(stuck.webhook_id, state=D.STATE_SUCCEEDED)) == 6
 
         await eventually(slow_done, "all deliveries to the slow receiver once it answers")
+        assert slow.max_in_flight == 2
+
+
+async def test_a_tenants_many_slow_webhooks_hold_only_its_share_of_deliveries(
+    tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    slow, fast = receivers(lambda n, seen: HANG), receivers()
+    async with running(tmp_path, webhook_timeout=30.0, webhook_concurrency_per_target=2, tenant_share=2) as env:
+        # Three webhooks of two deliveries each: six at once without the tenant's share.
+        noisy = [await env.create(slow.url(), tenant="noisy") for _ in range(3)]
+        quiet = await env.create(fast.url(), tenant="quiet")
+        for i in range(3):
+            env.publish(tenant="noisy", n=i)
+
+        async def noisy_at_its_share() -> bool:
+            return slow.in_flight == 2
+
+        await eventually(noisy_at_its_share, "the noisy tenant's deliveries fill its share")
+        env.publish(tenant="quiet", n=0)
+
+        async def quiet_done() -> bool:
+            return len(await env.deliveries(quiet.webhook_id, tenant="quiet", state=D.STATE_SUCCEEDED)) == 1
+
+        await eventually(quiet_done, "the other tenant's delivery, while the noisy one's hang")
+        assert slow.max_in_flight == 2
+        slow.release.set()
+
+        async def noisy_done() -> bool:
+            done = [await env.deliveries(h.webhook_id, tenant="noisy", state=D.STATE_SUCCEEDED) for h in noisy]
+            return sum(len(d) for d in done) == 9
+
+        await eventually(noisy_done, "every delivery of the noisy tenant once its receiver answers")
         assert slow.max_in_flight == 2
 
 

@@ -1,11 +1,11 @@
 """A per-tenant cap on things held at once, for a pool every tenant shares.
 
-The HTTP nodes of every execution share one connection pool: without a cap,
-one tenant's requests to a server that never answers would hold every
-connection, and another tenant's requests would wait for one until they
-time out. With it, a tenant holds at most its share at once; its further
-requests wait their turn (first come, first served within the tenant), and
-the rest of the pool stays for the other tenants.
+The HTTP nodes of every execution share one connection pool, and webhook
+deliveries another: without a cap, one tenant's requests to a server that
+never answers would hold every connection, and another tenant's would wait
+for one until they time out. With it, a tenant holds at most its share at
+once; its further requests wait their turn (first come, first served within
+the tenant), and the rest of the pool stays for the other tenants.
 """
 
 from __future__ import annotations
