@@ -23,11 +23,12 @@ WEBSOCKET_CLUSTER = "flowport_ws"
 WEBSOCKET_PATH = "/ws"
 HEALTH_PATH = "/healthz"  # the bridge's own, on its port
 BUFFER = "envoy.filters.http.buffer"
-# An upgrade that reached no bridge (a server restarting, or stopped before Envoy's health check
-# noticed) is tried on another server: nothing of it ran. Every answer a bridge gives is final,
-# its 503s too: one says the bridge's handshakes are all taken (Retry-After is the client's to
-# heed), the other comes after the stream waited its whole time to start.
-WEBSOCKET_RETRY_ON = "connect-failure,reset-before-request"
+# An upgrade that got no answer (a server restarting, or killed before Envoy's health check
+# noticed: its connection refused, or reset after the kernel had queued it for the dead process)
+# is tried on another server: an upgrade is a GET, and a stream its bridge began ends with the
+# connection. Every answer a bridge gives is final, its 503s too: one says the bridge's
+# handshakes are all taken (Retry-After is the client's to heed).
+WEBSOCKET_RETRY_ON = "connect-failure,reset"
 
 
 def websocket_routes(settings: Settings, disabled_filters: dict[str, Any]) -> list[dict[str, Any]]:

@@ -116,7 +116,7 @@ def test_envoy_upgrades_ws_to_each_workers_bridge_before_the_catch_all() -> None
     assert route["match"] == {"path": "/ws"} and route["route"]["upgrade_configs"] == [{"upgrade_type": "websocket"}]
     # An upgrade that reached no bridge goes to another server; whatever a bridge answers is final.
     retry = route["route"]["retry_policy"]
-    assert set(retry["retry_on"].split(",")) == {"connect-failure", "reset-before-request"}
+    assert set(retry["retry_on"].split(",")) == {"connect-failure", "reset"}
     assert "retriable_status_codes" not in retry and retry["retry_host_predicate"]
     # The buffer would wait for the end of a request that never ends; the edge Lua filter stays on.
     disabled = route["typed_per_filter_config"]
