@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -243,6 +244,10 @@ async def _start_sandbox(settings: Settings) -> SandboxPool:
     return sandbox
 
 
+# The Landlock ABI from which a confined worker cannot signal processes outside its domain.
+SIGNAL_SCOPED_ABI = 6
+
+
 def _report_confinement(settings: Settings, sandbox: SandboxPool) -> None:
     """Say at start how far the kernel confines the sandbox workers, and what it cannot hide from them."""
     abi, _, why = sandbox.landlock.partition(":")
@@ -252,11 +257,22 @@ def _report_confinement(settings: Settings, sandbox: SandboxPool) -> None:
         )
         return
     log.debug("sandbox workers confined by Landlock ABI %s", abi)
-    private = [settings.data_dir.resolve(), settings.sqlite_root.resolve()]
-    for folder in private:
-        for root in sandbox.landlock_rules.get("read", ()):
-            if folder.is_relative_to(root):
-                log.warning("%s lies in %s, which sandbox workers may read: keep data out of it", folder, root)
+    if int(abi) < SIGNAL_SCOPED_ABI and os.geteuid() != 0:
+        log.warning(
+            "this kernel's Landlock (ABI %s) does not stop sandbox workers signalling the server, whose uid they "
+            "share (ABI %d does; as root, workers become nobody)",
+            abi,
+            SIGNAL_SCOPED_ABI,
+        )
+    private = [settings.data_dir, settings.sqlite_root, settings.secrets_key_file, settings.resources_file]
+    roots = [Path(os.path.realpath(root)) for root in sandbox.landlock_rules.get("read", ())]
+    for path in private:
+        if path is None:
+            continue
+        where = path.resolve()
+        for root in roots:
+            if where.is_relative_to(root):
+                log.warning("%s lies in %s, which sandbox workers may read: keep data and keys out of it", where, root)
 
 
 # Connections of the pool every HTTP node of this process shares, and of webhook deliveries'.

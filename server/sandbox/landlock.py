@@ -19,7 +19,7 @@ code does:
 
 Each holds on the kernels whose ABI has it; on an older kernel the rest
 still do. The worker is started through this file, run as a script with the
-stdlib only (`python -I -S landlock.py RULES -- COMMAND`): it confines
+stdlib only (`python -s -S -P landlock.py RULES MODE -- COMMAND`): it confines
 itself, then execs the worker, and the confinement holds across the exec for
 the worker's whole life. ctypes, which makes the system calls, is never
 loaded in the worker: user code could reach its classes through
@@ -39,8 +39,8 @@ from typing import Any
 # Set for the worker: the ABI it is confined with ("0: why" when it is not).
 ENV_RESULT = "FLOWPORT_WORKER_LANDLOCK"
 MODES = ("auto", "required", "off")
-# The worker's exit status when `required` confinement failed.
-CONFINEMENT_FAILED = 3
+# The worker's exit status when `required` confinement failed (the worker's own refusals use 3).
+CONFINEMENT_FAILED = 5
 
 # linux/landlock.h
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446  # the same number on every architecture
@@ -90,6 +90,10 @@ def worker_rules(read_allowlist: Iterable[str] = ()) -> dict[str, list[str]]:
         read.add(top.origin)
         if top.cached:
             read.add(top.cached)
+    # Where the server finds modules (PYTHONPATH, .pth files, `pip install --target`): the worker
+    # has the same path. Not the working directory, which may be a checkout holding the data folder.
+    here = os.path.realpath(os.getcwd())
+    read.update(p for p in sys.path if p and os.path.isdir(p) and os.path.realpath(p) != here)
     read.update(_SYSTEM)
     read.update(_library_folders())
     read.update(zoneinfo.TZPATH)
@@ -121,7 +125,9 @@ def launch(rules: dict[str, list[str]], mode: str, command: Sequence[str]) -> li
     """The command line that confines itself by `rules` (per `mode`), then runs `command`."""
     if mode not in MODES:
         raise ValueError(f"Landlock mode must be one of {', '.join(MODES)}")
-    return [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(rules), mode, "--", *command]
+    # No site packages, user site or script folder on the path: the launcher needs the stdlib only.
+    # Not -I, which would also drop PYTHONHOME, which a relocated Python needs to start at all.
+    return [sys.executable, "-s", "-S", "-P", os.path.abspath(__file__), json.dumps(rules), mode, "--", *command]
 
 
 def abi() -> int:
@@ -214,9 +220,13 @@ def main(argv: list[str]) -> None:
     if mode != "off":
         try:
             os.environ[ENV_RESULT] = str(confine(rules))
-        except OSError as exc:
-            unsupported = exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP)
-            why = "this kernel offers no Landlock" if unsupported else f"refused: {exc.strerror}"
+        except Exception as exc:  # noqa: BLE001 - any failure is "not confined": auto runs on, required stops
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+                why = "this kernel offers no Landlock"
+            elif isinstance(exc, OSError):
+                why = f"refused: {exc.strerror}"
+            else:  # a Python built without ctypes, say
+                why = f"cannot make the system calls: {type(exc).__name__}: {exc}"
             if mode == "required":
                 sys.stderr.write(f"sandbox worker not started: Landlock is required and {why}\n")
                 sys.exit(CONFINEMENT_FAILED)

@@ -108,12 +108,24 @@ def test_the_folders_of_loaded_libraries_are_read_and_no_other_mapped_file(tmp_p
 
     from grpc._cython import cygrpc
 
-    shared = tmp_path / "flowport.db-shm"  # SQLite maps its WAL index like this
+    shared = tmp_path / "cache.so.db-shm"  # a mapped data file, whatever its name holds
     shared.write_bytes(b"\0" * 4096)
     with shared.open("r+b") as file, mmap.mmap(file.fileno(), 4096):
         read = landlock.worker_rules()["read"]
     assert os.path.dirname(cygrpc.__file__) in read
     assert not any(tmp_path.is_relative_to(root) for root in read), read
+
+
+def test_modules_found_through_pythonpath_are_read_but_never_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deps = tmp_path / "deps"  # pip install --target deps; PYTHONPATH=deps
+    deps.mkdir()
+    monkeypatch.syspath_prepend(str(deps))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # python -m from here puts the working directory first
+    read = landlock.worker_rules()["read"]
+    assert str(deps) in read and str(tmp_path) not in read
 
 
 def test_required_refuses_to_start_when_the_kernel_offers_none(
@@ -135,6 +147,18 @@ def test_required_refuses_to_start_when_the_kernel_offers_none(
     landlock.main([*argv[:2], "auto", *argv[3:]])
     assert ran == [["/bin/true"]]
     assert os.environ[landlock.ENV_RESULT] == "0: this kernel offers no Landlock"
+
+    # Any other failure (a Python built without ctypes) is "not confined" too, never a crash.
+    def no_ctypes(rules: object) -> int:
+        raise ModuleNotFoundError("No module named '_ctypes'")
+
+    monkeypatch.setattr(landlock, "confine", no_ctypes)
+    landlock.main([*argv[:2], "auto", *argv[3:]])
+    assert ran == [["/bin/true"], ["/bin/true"]]
+    assert os.environ[landlock.ENV_RESULT].startswith("0: cannot make the system calls: ModuleNotFoundError")
+    with pytest.raises(SystemExit) as ended:
+        landlock.main(argv)
+    assert ended.value.code == landlock.CONFINEMENT_FAILED
 
 
 @needs_landlock
@@ -186,3 +210,12 @@ def test_start_warns_of_a_data_folder_the_workers_may_read(tmp_path: Path, caplo
     with caplog.at_level(logging.WARNING, logger="flowport.server"):
         _report_confinement(settings, SimpleNamespace(landlock="0: turned off", landlock_rules={}))  # type: ignore[arg-type]
     assert "not confined by Landlock (turned off)" in caplog.text
+    caplog.clear()
+    # A key file is private too, and a readable root reached through a symbolic link is seen through.
+    (tmp_path / "python").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "python")
+    keyed = Settings(data_dir=tmp_path / "data", secrets_key_file=tmp_path / "python" / "etc" / "key")
+    linked = SimpleNamespace(landlock="7", landlock_rules={"read": [str(tmp_path / "link")]})
+    with caplog.at_level(logging.WARNING, logger="flowport.server"):
+        _report_confinement(keyed, linked)  # type: ignore[arg-type]
+    assert f"{tmp_path / 'python' / 'etc' / 'key'} lies in {tmp_path / 'python'}" in caplog.text
