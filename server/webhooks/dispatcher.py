@@ -435,13 +435,23 @@ class WebhookDispatcher:
     # -- attempts ------------------------------------------------------------
 
     async def _deliver(self, pending: _Pending) -> None:
+        tenant = pending.key[0]
+        # The tenant's place first, then the row and the webhook as they are by then: a webhook
+        # deleted or changed while the delivery waited is not sent the old way, and a waiting
+        # delivery holds no body.
+        slot = contextlib.nullcontext() if self._shares is None else self._shares.slot(tenant)
+        async with slot:
+            if pending.dropped or self._closed:
+                return
+            await self._attempt_held(pending, tenant)
+
+    async def _attempt_held(self, pending: _Pending, tenant: str) -> None:
         row = await self._store.delivery_for_attempt(pending.delivery_id)
         hook = self._hooks.get(pending.key)
         if row is None or row.state not in UNFINISHED or hook is None:
             self._forget(pending)
             return
         number = row.attempts + 1
-        tenant = pending.key[0]
         attributes = (
             {
                 "flowport.tenant": tenant,
@@ -453,23 +463,21 @@ class WebhookDispatcher:
             if tracing.enabled()
             else None
         )
-        slot = contextlib.nullcontext() if self._shares is None else self._shares.slot(tenant)
-        async with slot:
-            with tracing.span("webhook delivery", kind="client", attributes=attributes) as span:
-                outcome = await attempt(
-                    self._http,
-                    hook.target,
-                    body=row.payload,
-                    event_id=row.event_id,
-                    delivery_id=pending.delivery_id,
-                    attempt_number=number,
-                    timeout=self._timeout,
-                    allowlist=self._allowlist,
-                )
-                if span is not None:
-                    span.set_attribute("http.response.status_code", outcome.status_code)
-                    if not outcome.ok:
-                        tracing.fail(span, outcome.error or f"HTTP {outcome.status_code}")
+        with tracing.span("webhook delivery", kind="client", attributes=attributes) as span:
+            outcome = await attempt(
+                self._http,
+                hook.target,
+                body=row.payload,
+                event_id=row.event_id,
+                delivery_id=pending.delivery_id,
+                attempt_number=number,
+                timeout=self._timeout,
+                allowlist=self._allowlist,
+            )
+            if span is not None:
+                span.set_attribute("http.response.status_code", outcome.status_code)
+                if not outcome.ok:
+                    tracing.fail(span, outcome.error or f"HTTP {outcome.status_code}")
         state, delay = self._next_step(outcome, number)
         if delay is None:
             # Before the write: a redelivery that follows it must find no stale entry.
