@@ -25,15 +25,16 @@ from flowport.server.nodes.base import MAX_OUTPUT_BYTES, NodeError
 MAX_DEPTH = 20
 # One node's outputs, serialized.
 MAX_NODE_BYTES = MAX_OUTPUT_BYTES
-# All of an execution's outputs, serialized: with its inputs and node runs it
-# stays within the 16 MiB the API answers with (limits.MAX_MESSAGE_BYTES).
+# A whole execution as its nodes' outputs are added (its inputs counted, from
+# the start): with the node runs still to come it stays within the 16 MiB the
+# API answers with (limits.MAX_MESSAGE_BYTES).
 MAX_EXECUTION_BYTES = 12 * 2**20
 
 
 def add_outputs(outputs: struct_pb2.Struct, node_id: str, value: dict[str, Any], used: int) -> int:
-    """Add a node's outputs under its id, given the bytes the execution's outputs already hold;
-    returns the bytes they hold then. Raises NodeError (nothing added) past a bound, and
-    TypeError/ValueError for a value that is not JSON."""
+    """Add a node's outputs under its id to `outputs`, of an execution of `used` bytes; returns its
+    bytes then. Raises NodeError (nothing added) past a bound, and TypeError/ValueError for a
+    value that is not JSON."""
     if _deeper_than(value, MAX_DEPTH):
         raise NodeError(
             f"outputs nest deeper than {MAX_DEPTH} objects and lists", reason="OUTPUT_TOO_DEEP", retryable=False
@@ -46,7 +47,7 @@ def add_outputs(outputs: struct_pb2.Struct, node_id: str, value: dict[str, Any],
         )
     if used + size > MAX_EXECUTION_BYTES:
         raise NodeError(
-            f"outputs would bring the execution's to {used + size} bytes, more than {MAX_EXECUTION_BYTES}",
+            f"outputs would bring the execution to {used + size} bytes, more than {MAX_EXECUTION_BYTES}",
             reason="EXECUTION_OUTPUT_TOO_LARGE",
             retryable=False,
         )

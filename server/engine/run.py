@@ -81,12 +81,12 @@ class Run:
     # Whether its row exists. A waited run of a rerunnable plan is written once, when it ends
     # (Executor.create), unless its id is handed out before that (Executor.wait).
     stored: bool = True
-    # Serialized bytes of its outputs (output_limits.MAX_EXECUTION_BYTES): those it was taken
-    # over with, then what its nodes add.
+    # Serialized bytes of the execution as its nodes' outputs are added (output_limits.
+    # MAX_EXECUTION_BYTES): its inputs and what it was taken over with count from the start.
     output_bytes: int = 0
 
     def __post_init__(self) -> None:
-        self.output_bytes = self.execution.outputs.ByteSize()
+        self.output_bytes = self.execution.ByteSize()
 
     @functools.cached_property
     def variables(self) -> dict[str, Any]:

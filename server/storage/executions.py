@@ -6,6 +6,7 @@ import logging
 from collections.abc import Collection
 
 from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, status_pb2
 
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import ExpiredExecution, IdempotencyConflict, IdempotentResult
@@ -19,16 +20,30 @@ _CREATE = "flowport.v1.ExecutionService/CreateExecution"
 UNFINISHED = (execution_pb2.Execution.STATE_PENDING, execution_pb2.Execution.STATE_RUNNING)
 
 
-def _readable(conn: Connection, tenant: str, execution_id: str, body: bytes) -> execution_pb2.Execution | None:
-    """The stored execution, or None when its body cannot be read (then it is marked FAILED, so that
-    no process claims it again: one unreadable row must not stop every takeover, nor a restart)."""
+def _readable(
+    conn: Connection, tenant: str, execution_id: str, workflow_id: str, body: bytes
+) -> execution_pb2.Execution | None:
+    """The stored execution, or None when its body cannot be read. Such a row is set aside: its
+    body becomes a FAILED execution saying so, which every reader can read and no process claims
+    again (one unreadable row must not stop every takeover, nor a restart)."""
     try:
         return execution_pb2.Execution.FromString(body)
     except DecodeError as exc:
-        log.error("execution %s of tenant %s cannot be read (%s): marked failed", execution_id, tenant, exc)
+        log.error("execution %s of tenant %s cannot be read (%s): set aside as failed", execution_id, tenant, exc)
+        failed = execution_pb2.Execution(
+            execution_id=execution_id,
+            tenant=tenant,
+            workflow_id=workflow_id,
+            state=execution_pb2.Execution.STATE_FAILED,
+            error=status_pb2.Status(
+                code=code_pb2.INTERNAL,
+                message="this execution's stored record could not be read, so it was set aside as failed",
+            ),
+        )
+        failed.end_time.GetCurrentTime()
         conn.execute(
-            "UPDATE executions SET state=?, owner='' WHERE tenant=? AND execution_id=?",
-            (execution_pb2.Execution.STATE_FAILED, tenant, execution_id),
+            "UPDATE executions SET state=?, owner='', body=? WHERE tenant=? AND execution_id=?",
+            (failed.state, failed.SerializeToString(), tenant, execution_id),
         )
         return None
 
@@ -198,7 +213,7 @@ class ExecutionTables(Tables):
                     return []
                 sql += f" AND execution_id IN ({', '.join('?' * len(execution_ids))})"
                 args.extend(execution_ids)
-            rows = conn.execute(sql + " RETURNING create_us, tenant, execution_id, body", args).fetchall()
+            rows = conn.execute(sql + " RETURNING create_us, tenant, execution_id, workflow_id, body", args).fetchall()
             claimed = (_readable(conn, *row[1:]) for row in sorted(rows, key=lambda r: r[0]))
             return [execution for execution in claimed if execution is not None]
 
@@ -213,10 +228,10 @@ class ExecutionTables(Tables):
         def op(conn: Connection) -> execution_pb2.Execution | None:
             row = conn.execute(
                 "UPDATE executions SET owner=?, lease_until_us=? WHERE execution_id=? AND tenant=?"
-                " AND state IN (?, ?) AND (owner='' OR lease_until_us<?) RETURNING body",
+                " AND state IN (?, ?) AND (owner='' OR lease_until_us<?) RETURNING workflow_id, body",
                 (owner, lease_until_us, execution_id, tenant, *UNFINISHED, now_us),
             ).fetchone()
-            return None if row is None else _readable(conn, tenant, execution_id, row[0])
+            return None if row is None else _readable(conn, tenant, execution_id, *row)
 
         return await self._write(op)
 

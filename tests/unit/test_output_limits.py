@@ -100,6 +100,25 @@ async def test_a_node_returning_outputs_too_deep_fails_and_its_execution_stays_r
         await store.close()
 
 
+async def test_an_executions_inputs_count_toward_its_bound(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    executor = Executor(store, PlanCache(NodeRegistry([EchoNode])), EventBus(), NodeServices(), max_concurrent=2)
+    try:
+        six = wf("six", [{"type": "EchoNode", "name": "e", "config": {"size": 6 * 2**20}}])
+        values = struct_pb2.Struct()
+        values.update({"big": "x" * (7 * 2**20)})  # 7 MiB of inputs and 6 MiB of outputs: past 12 MiB
+        started, _ = await executor.create("t", six, values, session_id="", request_id="", request_hash=None)
+        done = await executor.wait("t", started.execution_id, 10)
+        assert done is not None and done.state == Execution.STATE_FAILED
+        assert "more than 12582912" in done.error.message, done.error.message
+        alone, _ = await executor.create("t", six, inputs(), session_id="", request_id="", request_hash=None)
+        done = await executor.wait("t", alone.execution_id, 10)
+        assert done is not None and done.state == Execution.STATE_SUCCEEDED  # the same outputs fit alone
+    finally:
+        await executor.shutdown()
+        await store.close()
+
+
 async def test_an_unreadable_execution_is_set_aside_and_the_others_are_taken_over(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     store = await SqliteStore.open(path)
@@ -127,6 +146,12 @@ async def test_an_unreadable_execution_is_set_aside_and_the_others_are_taken_ove
             [(state,)] = raw.execute("SELECT state FROM executions WHERE execution_id='exe_poison'").fetchall()
         assert state == Execution.STATE_FAILED
         assert await executor.recover(expired_only=False) == (0, 0)
+        # And readable again: every reader gets a failed execution that says why.
+        set_aside = await store.get_execution("t", "exe_poison")
+        assert set_aside is not None and set_aside.state == Execution.STATE_FAILED
+        assert set_aside.workflow_id == "chain" and "could not be read" in set_aside.error.message
+        listed = await store.list_executions("t", workflow_id="", session_id="", state=0, after=None, limit=10)
+        assert {e.execution_id for e in listed} == {"exe_ok", "exe_poison"}
     finally:
         await executor.shutdown()
         await store.close()
