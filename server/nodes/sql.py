@@ -238,15 +238,18 @@ class _TooLarge(Exception):
     pass
 
 
+# Rows fetched at most at once; fewer as the rows seen so far are large (see _execute).
 FETCH_BATCH = 1000
+# Rows a streamed (server-side) cursor reads ahead of what was fetched.
+STREAM_BUFFER = 16
 
 
 def _json_size(value: Any) -> int:
-    """About what a converted value adds to the outputs (strings by length, the rest a few bytes)."""
+    """About what a converted value adds to the outputs, in UTF-8 bytes."""
     if isinstance(value, str):
-        return len(value) + 2
+        return (len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))) + 2
     if isinstance(value, dict):
-        return sum(len(key) + _json_size(item) for key, item in value.items()) + 2
+        return sum(_json_size(key) + _json_size(item) for key, item in value.items()) + 2
     if isinstance(value, list):
         return sum(_json_size(item) for item in value) + 2
     return 8
@@ -262,25 +265,32 @@ def _execute(
         conn.execute(text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": str(timeout_ms)})
     statement = prepared.statement
     if prepared.streamed:
-        statement = statement.execution_options(stream_results=True, max_row_buffer=1000)
+        statement = statement.execution_options(stream_results=True, max_row_buffer=STREAM_BUFFER)
     result = conn.execute(statement, values)
     try:
         if not result.returns_rows:
             return {"rows": [], "row_count": result.rowcount, "columns": []}
         columns = list(result.keys())
         rows: list[dict[str, Any]] = []
-        # Fetched a batch at a time, and stopped once the rows outgrow a node's outputs: a
-        # query of many large values must fail before the server holds all of them.
-        size = 0
-        while batch := result.fetchmany(min(FETCH_BATCH, max_rows + 1 - len(rows))):
+        # Fetched a batch at a time, each no larger than what the rows seen so far say still fits
+        # (one row first), and stopped once they outgrow a node's outputs: a query of many large
+        # values fails before the server holds them all. (A single value is read whole, and a
+        # write's RETURNING rows arrive together: the driver gives them at once.)
+        keys = sum(_json_size(column) for column in columns)
+        size = largest = 0
+        want = 1
+        while batch := result.fetchmany(min(want, max_rows + 1 - len(rows))):
             for row in batch:
                 converted = {column: jsonable(value) for column, value in zip(columns, row, strict=True)}
-                size += sum(_json_size(value) for value in converted.values())
+                row_size = keys + sum(_json_size(value) for value in converted.values())
+                largest = max(largest, row_size)
+                size += row_size
                 if size > MAX_OUTPUT_BYTES:
                     raise _TooLarge
                 rows.append(converted)
             if len(rows) > max_rows:
                 raise _TooManyRows
+            want = max(1, min(FETCH_BATCH, (MAX_OUTPUT_BYTES - size) // max(largest, 1)))
         return {"rows": rows, "row_count": len(rows), "columns": columns}
     finally:
         result.close()

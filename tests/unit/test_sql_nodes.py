@@ -203,6 +203,51 @@ async def test_rows_that_outgrow_a_nodes_outputs_fail_before_all_are_held(pools:
     assert few["row_count"] == 3 and len(few["rows"][0]["b"]) == 1333336
 
 
+def test_rows_are_fetched_in_batches_that_fit_what_is_left() -> None:
+    from types import SimpleNamespace
+
+    from flowport.server.nodes.sql import FETCH_BATCH, _execute, _TooLarge
+
+    asked: list[int] = []
+    big = "x" * 2**20  # rows of about 1 MiB
+
+    class Rows:
+        returns_rows = True
+        left = 1000
+
+        def keys(self) -> list[str]:
+            return ["b"]
+
+        def fetchmany(self, size: int) -> list[tuple[str]]:
+            asked.append(size)
+            given = min(size, self.left)
+            self.left -= given
+            return [(big,)] * given
+
+        def close(self) -> None:
+            pass
+
+    conn = SimpleNamespace(execute=lambda statement, values: Rows())
+    prepared = SimpleNamespace(statement="SELECT", streamed=False)
+    with pytest.raises(_TooLarge):
+        _execute(conn, prepared, {}, 100_000, None)  # type: ignore[arg-type]
+    # One row first, then as many as still fit (7 of about 1 MiB), then one at a time: never 1000.
+    assert asked[:2] == [1, 6] and max(asked) < FETCH_BATCH and sum(asked) <= 9, asked
+    small: list[int] = []
+    asked = small
+
+    class SmallRows(Rows):
+        def fetchmany(self, size: int) -> list[tuple[str]]:
+            small.append(size)
+            given = min(size, self.left)
+            self.left -= given
+            return [("x",)] * given
+
+    conn = SimpleNamespace(execute=lambda statement, values: SmallRows())
+    out = _execute(conn, prepared, {}, 100_000, None)  # type: ignore[arg-type]
+    assert out["row_count"] == 1000 and small[:2] == [1, FETCH_BATCH]  # small rows: full batches
+
+
 async def test_write_row_counts_and_errors(pools: SqlPools, sqlite_url: str) -> None:
     ctx = make_ctx(pools)
     await create_records(ctx, sqlite_url)
