@@ -111,18 +111,23 @@ class RedisBus(EventBus):
         time of each read, so what another process added between two reads (while this one waits
         to retry a Redis that was away, say) would be skipped.
         """
-        # An empty (or new) stream: everything added to it is new. Redis away: entries from now on
-        # (ids are Redis's clock in ms; one that restarts empty numbers entries from it too).
-        position = "0-0"
+        position: str | None = None
         try:
-            newest = await self._redis.xrevrange(STREAM, count=1)
-            if newest:
-                position = newest[0][0].decode()
-                self.last_id = event_id(position)
+            position = await self._end()
         except _FAILURES as exc:
+            # Found on the first read that reaches Redis: nothing before it could be delivered.
             self._failed("reading the event stream's end", exc)
-            position = f"{time.time_ns() // 1_000_000}-0"
         self._reader = asyncio.create_task(self._read_forever(position), name="redis event reader")
+
+    async def _end(self) -> str:
+        """The id of the stream's newest entry, to read after; "0-0" for an empty (or new) stream,
+        everything added to which is new."""
+        newest = await self._redis.xrevrange(STREAM, count=1)
+        if not newest:
+            return "0-0"
+        position = str(newest[0][0].decode())
+        self.last_id = max(self.last_id, event_id(position))
+        return position
 
     async def close(self) -> None:
         """Send what is queued, stop reading, disconnect (each step bounded: Redis may be gone)."""
@@ -199,9 +204,11 @@ class RedisBus(EventBus):
         self.last_id = max(self.last_id + 1, floor)
         return self.last_id
 
-    async def _read_forever(self, position: str) -> None:
+    async def _read_forever(self, position: str | None) -> None:
         while not self._closing:
             try:
+                if position is None:
+                    position = await self._end()
                 replies = await self._redis.xread({STREAM: position}, count=READ_COUNT, block=READ_BLOCK_MS)
             except _FAILURES as exc:
                 # Retried from the last entry seen: a restarted Redis is empty

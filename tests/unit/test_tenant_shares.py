@@ -67,10 +67,11 @@ async def test_one_tenants_hanging_requests_leave_the_pool_to_another() -> None:
             return await node.run(ctx, node.prepare(params), params)
 
         noisy = [asyncio.create_task(call("noisy", "/hang")) for _ in range(4)]
-        for _ in range(100):
+        for _ in range(500):
             if len(arrived) == 2:
                 break
             await asyncio.sleep(0.02)
+        assert arrived == ["/hang", "/hang"], "noisy's two places are taken"
         # Another tenant's request gets a connection at once (without the share, noisy's would hold all 3).
         quiet = await asyncio.wait_for(call("quiet", "/fast"), 10)
         assert quiet["status_code"] == 200
