@@ -248,17 +248,23 @@ class Walker:
         try:
             while True:
                 ready: list[tuple[str, PlanNode, dict[str, Any]]] = []
+                # Once per step, not per node: rebuilt for each node, the walk of a long chain
+                # cost time that grew with the cube of its length (0.36 s for 500 nodes).
+                settled = set(run.done) | run.skipped
                 progressed = True
                 while progressed:
                     progressed = False
                     for nid in plan.order:
+                        if nid in started:
+                            continue
                         node = plan.nodes[nid]
-                        if nid in started or not node.upstream <= (set(run.done) | run.skipped):
+                        if not node.upstream <= settled:
                             continue
                         started.add(nid)
                         params, skip = self._inputs_for(run, node)
                         if skip:
                             self._record_skip(run, node)
+                            settled.add(nid)
                             progressed = True
                             continue
                         ready.append((nid, node, Parameters(params, run.variables)))
