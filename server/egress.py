@@ -16,13 +16,14 @@ that quotes the offending character, which may belong to a secret.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 import socket
 from collections.abc import Iterable
 
 import httpx
+
+from flowport.server.resolver import getaddrinfo
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -102,7 +103,7 @@ async def resolve_host(host: str, port: int, allowlist: frozenset[str], *, remed
             raise TargetRefused(host, literal.compressed, remedy)
         return None
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await getaddrinfo(host, port)
     except (socket.gaierror, UnicodeError) as exc:
         raise TargetUnresolvable(f"cannot resolve {host}: {exc}") from exc
     addresses: list[str] = []

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from flowport.server.clock import now_us
 from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target
 from flowport.server.periodic import Periodic
+from flowport.server.resolver import RESOLVING_FOR
 from flowport.server.storage.services import ServiceTables
 from flowport.v1 import registry_pb2
 
@@ -132,6 +133,7 @@ class HealthChecker:
         gate = asyncio.Semaphore(PARALLEL)
 
         async def one(tenant: str, service: registry_pb2.RegisteredService) -> bool:
+            RESOLVING_FOR.set(tenant)  # its own task (gather): the lookup is the tenant's (resolver.py)
             async with gate:
                 status, latency = await probe(self._http, service, self._allowlist, self._timeout)
                 await self._store.record_check(tenant, service.service_id, status, latency, now_us())

@@ -32,13 +32,14 @@ class TenantShares:
     @contextlib.asynccontextmanager
     async def slot(self, tenant: str) -> AsyncIterator[None]:
         """Hold one of `tenant`'s places for the block, waiting for one first when all are held."""
-        await self._acquire(tenant)
+        await self.acquire(tenant)
         try:
             yield
         finally:
-            self._release(tenant)
+            self.release(tenant)
 
-    async def _acquire(self, tenant: str) -> None:
+    async def acquire(self, tenant: str) -> None:
+        """Take one of `tenant`'s places, waiting for one when all are held; `release` gives it back."""
         if self._held.get(tenant, 0) < self.share and not self._waiting.get(tenant):
             self._held[tenant] = self._held.get(tenant, 0) + 1
             return
@@ -49,7 +50,7 @@ class TenantShares:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self._release(tenant)  # handed a place just as it was cancelled: pass it on
+                self.release(tenant)  # handed a place just as it was cancelled: pass it on
             else:
                 with contextlib.suppress(ValueError):  # a release may have dropped it already
                     queue.remove(waiter)
@@ -57,7 +58,8 @@ class TenantShares:
                     del self._waiting[tenant]
             raise
 
-    def _release(self, tenant: str) -> None:
+    def release(self, tenant: str) -> None:
+        """Give back one of `tenant`'s places, to its next waiter if any."""
         queue = self._waiting.get(tenant)
         while queue:
             waiter = queue.popleft()

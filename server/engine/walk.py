@@ -36,6 +36,7 @@ from flowport.server.nodes.substitution import Parameters
 from flowport.server.observability import tracing
 from flowport.server.observability.context import CALL, EXECUTION, request_id
 from flowport.server.observability.context import Execution as ExecutionContext
+from flowport.server.resolver import RESOLVING_FOR
 from flowport.server.storage.sql_store import SqlStore
 
 if TYPE_CHECKING:
@@ -300,6 +301,14 @@ class Walker:
 
     async def _attempt(self, node: PlanNode, ctx: NodeContext, params: dict[str, Any]) -> dict[str, Any]:
         """One attempt of `node`, within its timeout, in a span of its own when tracing."""
+        # Names the node looks up count against its tenant's share of the resolver's threads.
+        acting = RESOLVING_FOR.set(ctx.tenant)
+        try:
+            return await self._attempt_within(node, ctx, params)
+        finally:
+            RESOLVING_FOR.reset(acting)
+
+    async def _attempt_within(self, node: PlanNode, ctx: NodeContext, params: dict[str, Any]) -> dict[str, Any]:
         # asyncio.timeout, unlike wait_for, runs the node in this task: no extra task per node.
         async with asyncio.timeout(node.timeout):
             if not tracing.enabled():

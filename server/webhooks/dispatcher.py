@@ -48,6 +48,7 @@ from flowport.server.events.kailash import Selection
 from flowport.server.ids import new_id
 from flowport.server.leases import Leases
 from flowport.server.observability import tracing
+from flowport.server.resolver import RESOLVING_FOR
 from flowport.server.settings import Settings
 from flowport.server.storage.webhooks import (
     DEAD_LETTERED,
@@ -443,7 +444,11 @@ class WebhookDispatcher:
         async with slot:
             if pending.dropped or self._closed:
                 return
-            await self._attempt_held(pending, tenant)
+            acting = RESOLVING_FOR.set(tenant)  # its lookups are the tenant's (resolver.py)
+            try:
+                await self._attempt_held(pending, tenant)
+            finally:
+                RESOLVING_FOR.reset(acting)
 
     async def _attempt_held(self, pending: _Pending, tenant: str) -> None:
         row = await self._store.delivery_for_attempt(pending.delivery_id)

@@ -3,7 +3,6 @@ plus the ${name} substitution they rely on."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import socket
@@ -361,15 +360,15 @@ async def test_loopback_needs_the_allowlist(server: _Server, client: httpx.Async
 async def test_resolved_addresses_are_checked_and_pinned(
     server: _Server, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loop = asyncio.get_running_loop()
     answers = {"api.example.test": ["127.0.0.1"], "mixed.example.test": ["93.184.216.34", "10.1.2.3"]}
 
-    async def fake_getaddrinfo(host: str, port: int, **kwargs: Any) -> list[Any]:
+    def fake_getaddrinfo(host: str, port: int, *args: Any) -> list[Any]:
         if host not in answers:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in answers[host]]
 
-    monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)
+    # The resolver's threads call it (server/resolver.py).
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     # The name is not allowlisted but its one address is: connect to that address, Host kept.
     ctx = make_ctx(client, allowlist=frozenset({"127.0.0.1"}))
     out = await run_http(ctx, url=f"http://api.example.test:{server.port}/echo")

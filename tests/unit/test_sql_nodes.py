@@ -769,19 +769,19 @@ async def test_connections_are_pinned_to_the_checked_address(
     pools: SqlPools, postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = make_url(postgres_url).port
-    loop = asyncio.get_running_loop()
-    real = loop.getaddrinfo
+    real = socket.getaddrinfo
     lookups: list[str] = []
 
-    async def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
+    def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
         # db.test answers the allowlisted database first, then another loopback address
         # (nothing listens there): a driver that resolved again would not reach the database.
         if host == "db.test":
             lookups.append(host)
             host = "127.0.0.1" if len(lookups) == 1 else "127.0.0.2"
-        return await real(host, *args, **kwargs)
+        return real(host, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "getaddrinfo", rebinding)
+    # Every lookup: the guard's (in the resolver's threads) and a driver's (the loop's executor).
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     url = f"postgresql://postgres@db.test:{port}/postgres"
     # The name is resolved and checked: its loopback answer is refused without an allowlist...
     strict = SqlPools()
@@ -799,12 +799,10 @@ async def test_connections_are_pinned_to_the_checked_address(
 
 
 async def test_pin_connection_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
-    loop = asyncio.get_running_loop()
-
-    async def public(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+    def public(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("8.8.8.8", port))]
 
-    monkeypatch.setattr(loop, "getaddrinfo", public)
+    monkeypatch.setattr(socket, "getaddrinfo", public)
     monkeypatch.setenv("PGPASSWORD", "the-servers-own")
     plain: dict[str, Any] = {"host": "db.example", "user": "u", "database": "d"}
     assert await pin_connection(plain, frozenset()) is True  # prefer: TLS if the server has it
@@ -883,9 +881,8 @@ async def test_tenant_connections_take_nothing_from_the_servers_environment(
 
     pki = _pki(tmp_path / "pki")
     _poison_environment(monkeypatch, tmp_path / "home", pki.client_cert, pki.client_key)
-    loop = asyncio.get_running_loop()
 
-    async def public(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+    def public(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("8.8.8.8", port))]
 
     given: list[dict[str, Any]] = []
@@ -894,7 +891,7 @@ async def test_tenant_connections_take_nothing_from_the_servers_environment(
         given.append(kwargs)
         raise ConnectionRefusedError("not connecting anywhere")
 
-    monkeypatch.setattr(loop, "getaddrinfo", public)
+    monkeypatch.setattr(socket, "getaddrinfo", public)
     monkeypatch.setattr(asyncpg, "connect", connect)
     with pytest.raises(NodeError):
         await run_sql(make_ctx(pools), "postgresql://app@db.example/app", "SELECT 1")
@@ -1039,19 +1036,18 @@ async def test_verify_full_connects_to_the_checked_address_and_checks_the_name(
     port = make_url(url).port
     monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))  # the system's CAs, as far as this test goes
     monkeypatch.setenv("PGSSLROOTCERT", str(pki.ca_cert))  # where a driver left to itself would look
-    loop = asyncio.get_running_loop()
-    real = loop.getaddrinfo
+    real = socket.getaddrinfo
     lookups: list[str] = []
 
-    async def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
+    def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
         # db.test answers the database first, then another loopback address where nothing listens:
         # a driver that resolved the name again would connect there.
         if host in ("db.test", "other.test"):
             lookups.append(host)
             host = "127.0.0.1" if len(lookups) == 1 else "127.0.0.2"
-        return await real(host, *args, **kwargs)
+        return real(host, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "getaddrinfo", rebinding)
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     query = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
     out = await run_sql(make_ctx(pools), f"postgresql://postgres@db.test:{port}/template1?ssl=verify-full", query)
     assert out["rows"] == [{"ssl": True}]

@@ -1,0 +1,65 @@
+"""Name lookups for tenants: a tenant whose names never resolve holds at most its share of the
+resolver's threads, counted until each thread is done, and other tenants' lookups go on."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any
+
+import pytest
+
+from flowport.server import resolver
+from flowport.server.egress import resolve_host
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_a_tenants_hanging_lookups_hold_only_its_share_of_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    answer = threading.Event()
+    real = socket.getaddrinfo
+
+    def lookup(host: str, *args: Any) -> Any:
+        if host.endswith(".never.example"):
+            answer.wait(30)  # a resolver that does not reply: the thread blocks whatever the caller does
+            raise socket.gaierror(socket.EAI_AGAIN, "no answer")
+        return real("127.0.0.1", *args)  # stands in for a public name, without the network
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+
+    async def as_tenant(tenant: str, host: str, timeout: float) -> Any:
+        resolver.RESOLVING_FOR.set(tenant)
+        async with asyncio.timeout(timeout):
+            return await resolver.getaddrinfo(host, 443)
+
+    try:
+        # The noisy tenant's callers give up after a moment; their threads stay blocked.
+        noisy = [asyncio.create_task(as_tenant("noisy", f"h{n}.never.example", 0.2)) for n in range(20)]
+        outcomes = await asyncio.gather(*noisy, return_exceptions=True)
+        assert all(isinstance(o, TimeoutError) for o in outcomes)
+        assert resolver.held("noisy") == resolver.TENANT_SHARE  # counted until the threads are done
+        # Another tenant's lookup gets a thread at once.
+        quiet = await as_tenant("quiet", "api.example.com", 10)
+        assert quiet and quiet[0][4][0] == "127.0.0.1"
+        assert resolver.held("quiet") == 0
+    finally:
+        answer.set()
+    for _ in range(200):
+        if resolver.held("noisy") == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert resolver.held("noisy") == 0, "every place comes back once the threads are done"
+
+
+async def test_the_ssrf_check_resolves_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+
+    def lookup(host: str, *args: Any) -> Any:
+        seen.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.7", 443))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    with pytest.raises(Exception, match="internal address"):
+        await resolve_host("inside.example", 443, frozenset())
+    assert seen == ["inside.example"]
