@@ -14,8 +14,12 @@ server's own) are not capped.
 from __future__ import annotations
 
 import asyncio
+import functools
+import queue
 import socket
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from contextvars import ContextVar
 from typing import Any
 
@@ -27,17 +31,44 @@ TENANT_SHARE = 8
 # service check); "" is the server itself.
 RESOLVING_FOR: ContextVar[str] = ContextVar("resolving_for", default="")
 
-_pool: ThreadPoolExecutor | None = None
-_shares = TenantShares(TENANT_SHARE)
-
 AddressInfo = list[tuple[Any, ...]]
 
 
-def _threads() -> ThreadPoolExecutor:
-    global _pool  # noqa: PLW0603 - one pool per process, made at first use
-    if _pool is None:
-        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="resolver")
-    return _pool
+class _Threads:
+    """Daemon threads taking lookups from a queue, started as needed up to `count`.
+
+    Not a ThreadPoolExecutor: the interpreter joins its threads at exit, and a
+    lookup the resolver never answers would hold up the server's stop.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self._count = count
+        self._started = 0
+        self._lock = threading.Lock()
+
+    def submit(self, call: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((future, call))
+        with self._lock:
+            if self._started < self._count:
+                self._started += 1
+                threading.Thread(target=self._work, name="resolver", daemon=True).start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, call = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+
+_threads = _Threads(THREADS)
+_shares = TenantShares(TENANT_SHARE)
 
 
 async def getaddrinfo(host: str, port: int) -> AddressInfo:
@@ -45,8 +76,9 @@ async def getaddrinfo(host: str, port: int) -> AddressInfo:
     tenant = RESOLVING_FOR.get()
     if tenant:
         await _shares.acquire(tenant)
-    loop = asyncio.get_running_loop()
-    lookup = loop.run_in_executor(_threads(), socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+    lookup = asyncio.wrap_future(
+        _threads.submit(functools.partial(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM))
+    )
 
     def done(finished: asyncio.Future[Any]) -> None:
         if tenant:

@@ -63,3 +63,11 @@ async def test_the_ssrf_check_resolves_through_it(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(Exception, match="internal address"):
         await resolve_host("inside.example", 443, frozenset())
     assert seen == ["inside.example"]
+
+
+async def test_its_threads_never_hold_up_the_process_exit() -> None:
+    # A ThreadPoolExecutor's threads are joined at exit: one blocked on a resolver that never
+    # answers would hold up the server's stop.
+    await resolver.getaddrinfo("127.0.0.1", 80)
+    threads = [t for t in threading.enumerate() if t.name == "resolver"]
+    assert threads and all(t.daemon for t in threads)
