@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from flowport.server.nodes.sql_pools import SqlPools
 from flowport.server.periodic import Periodic
+from flowport.server.resolver import RESOLVING_FOR
 from flowport.server.resources.directory import ResourceDirectory
 
 if TYPE_CHECKING:
@@ -58,8 +59,10 @@ class PoolHealth:
     async def close(self) -> None:
         await self._schedule.close()
 
-    async def _ping(self, engine: AsyncEngine) -> float | None:
+    async def _ping(self, tenant: str, engine: AsyncEngine) -> float | None:
         """The ping's latency; None when the pool was retired before it could be held."""
+        # Its own task (gather): a new connection's name lookup is the tenant's (resolver.py).
+        RESOLVING_FOR.set(tenant)
         async with self._pools.using(engine):
             # Held from here: retiring it now waits for this ping instead of being reopened by it.
             if not self._pools.is_current(engine):
@@ -74,14 +77,11 @@ class PoolHealth:
             if await self._directory.still_current(tenant, name, fingerprint) is False:
                 self._directory.forget(tenant, name)
             else:
-                current.append(engine)
+                current.append((tenant, engine))
         # Only pools still in service: a retired one (its resource changed meanwhile) is not reopened.
-        current = [engine for engine in current if self._pools.is_current(engine)]
-        outcomes = [
-            outcome
-            for outcome in await asyncio.gather(*(self._ping(engine) for engine in current), return_exceptions=True)
-            if outcome is not None
-        ]
+        current = [(tenant, engine) for tenant, engine in current if self._pools.is_current(engine)]
+        pings = (self._ping(tenant, engine) for tenant, engine in current)
+        outcomes = [outcome for outcome in await asyncio.gather(*pings, return_exceptions=True) if outcome is not None]
         latencies = [o for o in outcomes if isinstance(o, float)]
         sweep = PoolSweep(
             checked=len(outcomes),

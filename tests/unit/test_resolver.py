@@ -71,3 +71,36 @@ async def test_its_threads_never_hold_up_the_process_exit() -> None:
     await resolver.getaddrinfo("127.0.0.1", 80)
     threads = [t for t in threading.enumerate() if t.name == "resolver"]
     assert threads and all(t.daemon for t in threads)
+
+
+async def test_resource_pool_pings_look_up_as_their_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    from flowport.server.resources import pool_checks
+
+    class Pools:
+        def resource_pools(self) -> list[tuple[str, str, str, object]]:
+            return [("acme", "db", "f1", "engine-a"), ("globex", "db", "f2", "engine-g")]
+
+        def is_current(self, engine: object) -> bool:
+            return True
+
+        @contextlib.asynccontextmanager
+        async def using(self, engine: object) -> Any:
+            yield
+
+    class Directory:
+        async def still_current(self, tenant: str, name: str, fingerprint: str) -> bool:
+            return True
+
+    seen: dict[object, str] = {}
+
+    async def ping(engine: object, timeout: float) -> float:
+        seen[engine] = resolver.RESOLVING_FOR.get()  # what a new connection's lookup would count against
+        return 1.0
+
+    monkeypatch.setattr(pool_checks, "ping", ping)
+    health = pool_checks.PoolHealth(Pools(), Directory(), interval=60, timeout=1)  # type: ignore[arg-type]
+    sweep = await health.check_all()
+    assert sweep.checked == 2 and seen == {"engine-a": "acme", "engine-g": "globex"}
+    assert resolver.RESOLVING_FOR.get() == "", "the sweep itself stays the server's"
