@@ -240,6 +240,14 @@ class Settings(BaseModel):
     rate_limit_address_max_requests: int = Field(
         0, ge=0, description="requests per window from one address whatever the keys; 0 means 4x the client limit"
     )
+    rate_limit_client_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="the most of a shared bucket (the gateway's requests, the executions) one client or one "
+        "address may spend, as a fraction: the client and address limits are cut to it, so no one caller, "
+        "even one sending made-up keys, can empty a bucket every other caller needs; 1 lets one take it all",
+    )
     rate_limit_tenant_max_requests: int = Field(
         0,
         ge=0,

@@ -121,15 +121,30 @@ def _bucket(settings: Settings, max_requests: int) -> dict[str, Any]:
     }
 
 
+def caller_limits(settings: Settings, max_requests: int) -> tuple[int, int]:
+    """The per-client and per-address limits within a shared bucket of `max_requests`.
+
+    Each is cut to `rate_limit_client_share` of the shared bucket. Envoy
+    spends a request's token from the shared bucket once the caller's own
+    buckets let it through, so a caller allowed as much as the shared bucket
+    holds (the address limit defaults to 4x the client's, the gateway's 2000
+    to 4x 500) could empty it alone: with made-up keys and no valid one.
+    """
+    share = max(1, int(max_requests * settings.rate_limit_client_share))
+    client = settings.rate_limit_client_max_requests
+    address = settings.rate_limit_address_max_requests or 4 * client
+    return min(client, share), min(address, share)
+
+
 def rate_limit_config(settings: Settings, max_requests: int) -> dict[str, Any]:
-    """A local rate limit with a shared bucket of `max_requests`, plus one bucket per client."""
+    """A local rate limit with a shared bucket of `max_requests`, plus one bucket per client and per
+    address, each holding at most `rate_limit_client_share` of the shared one."""
     descriptors: list[dict[str, Any]] = []
     actions: list[dict[str, Any]] = []
     if settings.rate_limit_client_max_requests:
-        client = _bucket(settings, settings.rate_limit_client_max_requests)
-        address = _bucket(
-            settings, settings.rate_limit_address_max_requests or 4 * settings.rate_limit_client_max_requests
-        )
+        client_limit, address_limit = caller_limits(settings, max_requests)
+        client = _bucket(settings, client_limit)
+        address = _bucket(settings, address_limit)
         # A client is its API key, or its address when it sends none; every
         # address also has a looser bucket, so made-up keys cannot escape.
         # An empty value means one bucket per distinct value.

@@ -30,7 +30,9 @@ pytestmark = pytest.mark.integration
 WINDOW = 3600.0
 CLIENT_LIMIT = 8
 ADDRESS_LIMIT = 4 * CLIENT_LIMIT
-EXECUTION_LIMIT = 3
+EXECUTION_LIMIT = 12
+# What one client or one address may spend of the executions' shared bucket (--rate-limit-client-share).
+EXECUTION_SHARE = EXECUTION_LIMIT // 4
 _addresses = itertools.count(2)
 
 
@@ -120,10 +122,27 @@ def test_executions_have_a_stricter_bucket_than_reads(limited: Stack) -> None:
     with _client(limited) as client:
         statuses = [
             client.post("/api/executions", json={"workflow_id": "missing"}, headers=key).status_code
-            for i in range(EXECUTION_LIMIT + 1)
+            for i in range(EXECUTION_SHARE + 1)
         ]
-    # Fewer calls than the client bucket holds: the route's own bucket runs out.
-    assert statuses == [404] * EXECUTION_LIMIT + [429], statuses
+    # Fewer calls than the client bucket of reads holds: the route's own buckets run out.
+    assert statuses == [404] * EXECUTION_SHARE + [429], statuses
+
+
+def test_one_caller_cannot_empty_a_shared_bucket_even_with_made_up_keys(limited: Stack) -> None:
+    with _client(limited) as client:
+        # No valid key at all: a fresh key per request escapes the per-key buckets, and the address's
+        # holds a quarter of the executions' shared bucket, however many requests follow.
+        statuses = [
+            client.post("/api/executions", json={"workflow_id": "x"}, headers={"x-api-key": f"made-up-{i}"}).status_code
+            for i in range(EXECUTION_LIMIT + 4)
+        ]
+    assert statuses == [401] * EXECUTION_SHARE + [429] * (EXECUTION_LIMIT + 4 - EXECUTION_SHARE), statuses
+    # The calls refused by the caller's own bucket spent nothing of the shared one: a caller from
+    # elsewhere still gets through.
+    key = {"x-api-key": _user_key(limited)}
+    with _client(limited) as other:
+        answer = other.post("/api/executions", json={"workflow_id": "missing"}, headers=key)
+    assert answer.status_code == 404, answer.text
 
 
 def test_a_limited_grpc_call_is_resource_exhausted(limited: Stack) -> None:

@@ -225,3 +225,36 @@ def test_retries_get_a_budget_and_streams_room_beyond_envoys_defaults() -> None:
     [thresholds] = cluster["circuit_breakers"]["thresholds"]
     assert thresholds["max_requests"] > 1024 and thresholds["max_pending_requests"] > 1024
     assert thresholds["retry_budget"]["min_retry_concurrency"] > 3
+
+
+@pytest.mark.parametrize(
+    ("values", "gateway", "client", "address"),
+    [
+        ({}, 2000, 500, 500),  # the defaults: the address's 4x 500 would be the whole gateway's bucket
+        ({"rate_limit_client_max_requests": 100}, 2000, 100, 400),  # within the share: as configured
+        ({"rate_limit_address_max_requests": 5000, "rate_limit_client_share": 1.0}, 2000, 500, 2000),
+        ({"rate_limit_max_requests": 3, "rate_limit_client_max_requests": 8}, 3, 1, 1),  # never below one
+    ],
+)
+def test_no_caller_may_spend_more_than_its_share_of_the_gateways_bucket(
+    values: dict[str, object], gateway: int, client: int, address: int
+) -> None:
+    limit = _filter(_config(**values), "envoy.filters.http.local_ratelimit")["typed_config"]
+    assert limit["token_bucket"]["tokens_per_fill"] == gateway
+    per_client, keyless, per_address = (d["token_bucket"]["tokens_per_fill"] for d in limit["descriptors"])
+    assert (per_client, keyless, per_address) == (client, client, address)
+
+
+def test_the_executions_bucket_is_shared_the_same_way() -> None:
+    config = _config(rate_limit_execution_max_requests=500)
+    routes = _connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]
+    limits = [
+        r["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"]
+        for r in routes
+        if "envoy.filters.http.local_ratelimit" in r.get("typed_per_filter_config", {})
+        and "descriptors" in r["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"]
+    ]
+    assert limits, "no route has a bucket of its own"
+    for limit in limits:
+        assert limit["token_bucket"]["tokens_per_fill"] == 500
+        assert [d["token_bucket"]["tokens_per_fill"] for d in limit["descriptors"]] == [125, 125, 125]
