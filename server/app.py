@@ -45,7 +45,7 @@ from flowport.server.events.log import EventLog
 from flowport.server.events.websocket import WebSocketBridge
 from flowport.server.interceptor import ErrorInterceptor, WrappingRegistrar
 from flowport.server.leases import Leases
-from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_METADATA_BYTES, tenant_share
+from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_METADATA_BYTES, REQUEST_ID_RETENTION, tenant_share
 from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.base import NodeServices
 from flowport.server.nodes.python_code import PythonCodeNode
@@ -102,11 +102,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("flowport.server")
 
 PURGE_INTERVAL = 60.0
-IDEMPOTENCY_RETENTION = 24 * 3600.0
 # Seconds between samples of gauges read from state (sandbox workers busy).
 SAMPLE_INTERVAL = 1.0
 # Finished webhook deliveries (succeeded or dead-lettered) are listed this long.
 DELIVERY_RETENTION = 7 * 24 * 3600.0
+# Ended executions past retention are removed this many at a time (one write each), at most
+# this many batches per purge round.
+EXECUTION_PURGE_BATCH = 1000
+EXECUTION_PURGE_BATCHES = 100
 
 # Every service of the flowport.v1 API: each is served.
 IMPLEMENTED = [
@@ -776,15 +779,29 @@ async def _sample(prometheus: Prometheus, services: NodeServices, dispatcher: We
     prometheus.webhook_pending.set(dispatcher.unfinished)
 
 
-async def _purge_forever(store: SqlStore) -> None:
+async def purge_expired_rows(store: SqlStore, settings: Settings, now: int) -> int:
+    """One round of the purge: expired sessions and request ids, old finished webhook deliveries, and
+    ended executions past `--execution-retention-seconds`; returns how many rows went."""
+    removed = await store.purge_expired(now, now - int(REQUEST_ID_RETENTION * 1e6))
+    removed += await store.purge_finished_deliveries(now - int(DELIVERY_RETENTION * 1e6))
+    if settings.execution_retention_seconds:
+        before = now - int(settings.execution_retention_seconds * 1e6)
+        # Bounded per round: a backlog (retention just turned on) goes over several rounds.
+        for _ in range(EXECUTION_PURGE_BATCHES):
+            gone = await store.purge_ended_executions(before, batch=EXECUTION_PURGE_BATCH)
+            removed += gone
+            if gone < EXECUTION_PURGE_BATCH:
+                break
+    return removed
+
+
+async def _purge_forever(store: SqlStore, settings: Settings) -> None:
     while True:
         await asyncio.sleep(PURGE_INTERVAL)
-        now = now_us()
         try:
-            removed = await store.purge_expired(now, now - int(IDEMPOTENCY_RETENTION * 1e6))
-            removed += await store.purge_finished_deliveries(now - int(DELIVERY_RETENTION * 1e6))
+            removed = await purge_expired_rows(store, settings, now_us())
         except Exception:
-            log.exception("purging expired sessions failed; will retry")
+            log.exception("purging expired rows failed; will retry")
         else:
             if removed:
                 log.debug("purged %d expired rows", removed)
@@ -816,7 +833,7 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    purger = asyncio.create_task(_purge_forever(running.store))
+    purger = asyncio.create_task(_purge_forever(running.store, settings))
     try:
         await stopping.wait()
         log.info(

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 
+# Seconds a request_id is remembered: a retry within this is answered with the first call's result.
+REQUEST_ID_RETENTION = 24 * 3600.0
+
 # The longest a CreateExecution may wait for its execution to end (wait_timeout),
 # in seconds; Envoy's route for it must outlast this.
 MAX_WAIT = 300.0

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from flowport.server.auth.origin import trusted_network
+from flowport.server.limits import REQUEST_ID_RETENTION
 from flowport.server.secrets.keyring import KeyringError, parse
 from flowport.server.shutdown import DEFAULT_DRAIN
 from flowport.server.upstreams import Upstream, parse_upstream
@@ -281,6 +282,12 @@ class Settings(BaseModel):
     event_retention_seconds: float = Field(
         7 * 86400.0, ge=60, description="seconds an event is kept in the log for resuming streams"
     )
+    execution_retention_seconds: float = Field(
+        30 * 86400.0,
+        ge=0,
+        description="seconds an ended execution is kept after it was created, then removed (running ones "
+        "stay); 0 keeps every execution; at least a day (86400), as long as a request_id is remembered",
+    )
     event_queue_size: int = Field(
         1000, ge=10, le=1_000_000, description="events buffered per stream subscriber before it is cut off as too slow"
     )
@@ -475,6 +482,16 @@ class Settings(BaseModel):
                 parse(self.secrets_key.get_secret_value(), "secrets_key")
             except KeyringError as exc:
                 raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _executions_outlive_request_ids(self) -> Settings:
+        # A repeated request_id is answered with the execution it started: that must still be there.
+        if 0 < self.execution_retention_seconds < REQUEST_ID_RETENTION:
+            raise ValueError(
+                f"execution_retention_seconds must be 0 (keep all) or at least {REQUEST_ID_RETENTION:g}: "
+                "a request_id is remembered for a day, and a retry must find the execution it started"
+            )
         return self
 
     @model_validator(mode="after")

@@ -292,6 +292,18 @@ class ExecutionTables(Tables):
         sql = "UPDATE executions SET lease_until_us=0 WHERE owner<>? AND state IN (1, 2) AND lease_until_us<>0"
         await self._write(lambda conn: conn.execute(sql, (owner,)))
 
+    async def purge_ended_executions(self, created_before_us: int, *, batch: int = 1000) -> int:
+        """Remove at most `batch` ended executions (SUCCEEDED, FAILED, CANCELLED) created before
+        `created_before_us`, oldest first; returns how many. Running and waiting ones stay whatever
+        their age. In batches, so other writes share the writer between them."""
+        # SKIP LOCKED: processes purging at once take different rows instead of queueing on the same.
+        skip = " FOR UPDATE SKIP LOCKED" if self.dialect == "postgresql" else ""
+        sql = (
+            "DELETE FROM executions WHERE execution_id IN (SELECT execution_id FROM executions"  # noqa: S608 - fixed
+            f" WHERE state IN (3, 4, 5) AND create_us<? ORDER BY create_us LIMIT ?{skip})"
+        )
+        return await self._write(lambda conn: conn.execute(sql, (created_before_us, batch)).rowcount)
+
 
 def _listed(
     tenant: str, workflow_id: str, session_id: str, state: int, session_creator: str | None

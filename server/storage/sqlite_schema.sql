@@ -1,6 +1,6 @@
 -- The SQLite schema after every migration: generated, do not edit.
 -- python -m flowport.server.storage.sqlite_snapshot rewrites it.
--- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators
+-- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention
 CREATE TABLE api_keys (
 	key_id TEXT NOT NULL, 
 	tenant TEXT NOT NULL, 
@@ -167,3 +167,4 @@ CREATE INDEX executions_leases ON executions (lease_until_us) WHERE state IN (1,
 CREATE INDEX webhook_deliveries_leases ON webhook_deliveries (lease_until_us) WHERE state IN (1, 2);
 CREATE INDEX executions_by_session ON executions (tenant, session_id) WHERE session_id <> '';
 CREATE INDEX workflows_by_session ON workflows (tenant, session_id) WHERE session_id <> '';
+CREATE INDEX executions_ended_by_time ON executions (create_us) WHERE state IN (3, 4, 5);

@@ -197,6 +197,38 @@ async def test_unfinished_executions_are_the_callers_newest_pending_and_running(
         await store.close()
 
 
+async def test_ended_executions_past_retention_are_purged_oldest_first_in_batches(opener: Opener) -> None:
+    store = await opener()
+    try:
+        made = [
+            ("old-ok", Execution.STATE_SUCCEEDED, NOW),
+            ("old-failed", Execution.STATE_FAILED, NOW + 1),
+            ("old-cancelled", Execution.STATE_CANCELLED, NOW + 2),
+            ("old-running", Execution.STATE_RUNNING, NOW + 3),
+            ("old-pending", Execution.STATE_PENDING, NOW + 4),
+            ("new-ok", Execution.STATE_SUCCEEDED, NOW + 2 * HOUR),
+        ]
+        for eid, state, created in made:
+            execution = Execution(execution_id=eid, workflow_id="w", state=state, create_time=_ts(created))
+            await store.insert_execution("t1" if eid != "old-failed" else "t2", execution, None)
+        before = NOW + HOUR
+        assert await store.purge_ended_executions(before, batch=2) == 2  # the two oldest ended, of two tenants
+        assert (
+            await store.get_execution("t1", "old-ok") is None and await store.get_execution("t2", "old-failed") is None
+        )
+        assert await store.get_execution("t1", "old-cancelled") is not None
+        assert await store.purge_ended_executions(before, batch=2) == 1
+        assert await store.purge_ended_executions(before, batch=2) == 0
+        # Running and waiting executions stay however old; so does everything younger.
+        left = {
+            e.execution_id
+            for e in await store.list_executions("t1", workflow_id="", session_id="", state=0, after=None, limit=10)
+        }
+        assert left == {"old-running", "old-pending", "new-ok"}
+    finally:
+        await store.close()
+
+
 async def test_leases_are_claimed_once_renewed_and_released(opener: Opener) -> None:
     store = await opener()
     try:
