@@ -90,7 +90,7 @@ def test_settings_that_contradict_each_other_are_refused() -> None:
         Settings.load({"cors_origins": "*", "cors_allow_credentials": "true"}, environ={})
     with pytest.raises(SettingsError, match="session_default_ttl must not exceed session_max_ttl"):
         Settings.load({"session_default_ttl": "100", "session_max_ttl": "10"}, environ={})
-    with pytest.raises(SettingsError, match="execution_retention_seconds must be 0 .keep all. or at least 86400"):
+    with pytest.raises(SettingsError, match=r"execution_retention_seconds must be 0 \(keep all\) or at least 86400"):
         Settings.load({"execution_retention_seconds": "3600"}, environ={})
     assert Settings.load({"execution_retention_seconds": "0"}, environ={}).execution_retention_seconds == 0
     assert Settings.load({"execution_retention_seconds": "86400"}, environ={}).execution_retention_seconds == 86400
