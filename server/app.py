@@ -106,6 +106,9 @@ PURGE_INTERVAL = 60.0
 SAMPLE_INTERVAL = 1.0
 # Finished webhook deliveries (succeeded or dead-lettered) are listed this long.
 DELIVERY_RETENTION = 7 * 24 * 3600.0
+# Deleted workflow versions are removed this long after their deletion (an execution created from
+# one just before has long been written by then: its takeover finds the version).
+DELETED_WORKFLOW_RETENTION = 3600.0
 # Ended executions past retention are removed this many at a time (one write each), at most
 # this many batches per purge round.
 EXECUTION_PURGE_BATCH = 1000
@@ -780,10 +783,13 @@ async def _sample(prometheus: Prometheus, services: NodeServices, dispatcher: We
 
 
 async def purge_expired_rows(store: SqlStore, settings: Settings, now: int) -> int:
-    """One round of the purge: expired sessions and request ids, old finished webhook deliveries, and
-    ended executions past `--execution-retention-seconds`; returns how many rows went."""
+    """One round of the purge: expired sessions, request ids and service registrations, old finished
+    webhook deliveries, workflow versions deleted an hour ago, and ended executions past
+    `--execution-retention-seconds`; returns how many rows went."""
     removed = await store.purge_expired(now, now - int(REQUEST_ID_RETENTION * 1e6))
     removed += await store.purge_finished_deliveries(now - int(DELIVERY_RETENTION * 1e6))
+    removed += await store.purge_expired_services(now)
+    removed += await store.purge_deleted_workflows(now - int(DELETED_WORKFLOW_RETENTION * 1e6))
     if settings.execution_retention_seconds:
         before = now - int(settings.execution_retention_seconds * 1e6)
         # Bounded per round: a backlog (retention just turned on) goes over several rounds.

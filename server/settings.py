@@ -191,6 +191,14 @@ class Settings(BaseModel):
         "tenants still start theirs, and at most four times its share may wait in the shared work queue; "
         "1 lets one tenant take every slot",
     )
+    tenant_max_objects: int = Field(
+        10_000,
+        ge=0,
+        le=100_000_000,
+        description="workflow versions, webhooks, registered services, resources and secrets one tenant may keep, "
+        "each kind counted apart; past it a create is RESOURCE_EXHAUSTED (HTTP 429, reason TENANT_QUOTA), so one "
+        "tenant cannot fill the store every tenant shares; 0 removes the cap",
+    )
     tenant_max_streams: int = Field(
         1000,
         ge=0,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from flowport.server.storage.base import Deletion, IdempotencyConflict, IdempotentResult
 from flowport.server.storage.migrate import MigrationError
+from flowport.server.storage.quotas import TenantQuotas
 from flowport.server.storage.sql_store import SqlStore
 from flowport.server.storage.sqlite import SqliteStore
 
@@ -32,9 +33,13 @@ __all__ = [
 
 async def open_store(settings: Settings) -> SqlStore:
     """The store the settings name: PostgreSQL for a postgresql:// database_url, else SQLite in data_dir."""
+    store: SqlStore
     if settings.database_url is None:
-        return await SqliteStore.open(settings.database_path)
-    # Imported here: the embedded default never loads the PostgreSQL driver.
-    from flowport.server.storage.postgres import PostgresStore
+        store = await SqliteStore.open(settings.database_path)
+    else:
+        # Imported here: the embedded default never loads the PostgreSQL driver.
+        from flowport.server.storage.postgres import PostgresStore
 
-    return await PostgresStore.open(settings.database_url.get_secret_value())
+        store = await PostgresStore.open(settings.database_url.get_secret_value())
+    store.quotas = TenantQuotas(objects=settings.tenant_max_objects or None)
+    return store

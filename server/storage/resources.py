@@ -7,7 +7,7 @@ written with `put_resource` at every start.
 
 from __future__ import annotations
 
-from flowport.server.storage import idempotency
+from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import IdempotentResult
 from flowport.server.storage.tables import Connection, Tables
 from flowport.v1 import resource_pb2
@@ -41,6 +41,7 @@ class ResourceTables(Tables):
                 raise ResourceExists(resource.name)
             body = resource.SerializeToString()
             conn.execute("INSERT INTO resources VALUES (?, ?, ?, ?)", (tenant, resource.name, now_us, body))
+            quotas.check(conn, self.quotas, tenant, quotas.RESOURCES)
             if idempotency_key is not None:
                 idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
             return IdempotentResult(body, replayed=False)
@@ -61,7 +62,7 @@ class ResourceTables(Tables):
                 "update_us=excluded.update_us, body=excluded.body",
                 (tenant, resource.name, now_us, resource.SerializeToString()),
             )
-            return resource
+            return resource  # the operator's (the resources file): not held to the tenant's cap
 
         return await self._write(op)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowport.server.secrets.cipher import Sealed
-from flowport.server.storage import idempotency
+from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import IdempotentResult
 from flowport.server.storage.tables import Connection, Tables
 from flowport.v1 import secret_pb2
@@ -73,6 +73,7 @@ class SecretTables(Tables):
                 "FROM secrets WHERE tenant=? AND name=?",
                 (tenant, name),
             ).fetchone()
+            new_name = row is None
             if row is None or row[2] != description or not same_value(Sealed(row[6], bytes(row[7]))):
                 row = conn.execute(
                     "INSERT INTO secrets VALUES (?, ?, ?, 1, ?, ?, ?, ?) "
@@ -81,6 +82,8 @@ class SecretTables(Tables):
                     "sealed=excluded.sealed RETURNING tenant, name, description, version, create_us, update_us",
                     (tenant, name, description, now_us, now_us, sealed.key_id, sealed.blob),
                 ).fetchone()
+            if new_name:
+                quotas.check(conn, self.quotas, tenant, quotas.SECRETS)
             body = _secret(row).SerializeToString()
             if idempotency_key is not None:
                 idempotency.remember(conn, tenant, _PUT, idempotency_key, body, now_us=now_us)

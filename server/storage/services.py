@@ -6,7 +6,7 @@ themselves are removed when the same id registers again or is deregistered.
 
 from __future__ import annotations
 
-from flowport.server.storage import idempotency
+from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import IdempotentResult
 from flowport.server.storage.tables import Connection, Tables
 from flowport.v1 import registry_pb2
@@ -61,6 +61,7 @@ class ServiceTables(Tables):
                     body,
                 ),
             )
+            quotas.check(conn, self.quotas, tenant, quotas.SERVICES)
             if idempotency_key is not None:
                 idempotency.remember(conn, tenant, _REGISTER, idempotency_key, body, now_us=now_us)
             return IdempotentResult(body, replayed=False)
@@ -129,6 +130,11 @@ class ServiceTables(Tables):
             return True
 
         return await self._write(op)
+
+    async def purge_expired_services(self, now_us: int) -> int:
+        """Remove registrations whose TTL ran out (already invisible); returns how many."""
+        sql = "DELETE FROM services WHERE expire_us<>0 AND expire_us<=?"
+        return await self._write(lambda conn: conn.execute(sql, (now_us,)).rowcount)
 
     async def deregister_service(self, tenant: str, service_id: str, now_us: int, request_id: str = "") -> bool:
         """Delete; False when there was no live registration. A repeated `request_id` of a delete is True."""

@@ -1,6 +1,6 @@
 -- The SQLite schema after every migration: generated, do not edit.
 -- python -m flowport.server.storage.sqlite_snapshot rewrites it.
--- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention
+-- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention,19:workflow_numbers
 CREATE TABLE api_keys (
 	key_id TEXT NOT NULL, 
 	tenant TEXT NOT NULL, 
@@ -126,6 +126,12 @@ CREATE TABLE webhooks (
 	secret BLOB, 
 	body BLOB NOT NULL, creator TEXT DEFAULT '' NOT NULL, session_scope TEXT, 
 	PRIMARY KEY (tenant, webhook_id)
+);
+CREATE TABLE workflow_numbers (
+	tenant TEXT NOT NULL, 
+	workflow_id TEXT NOT NULL, 
+	last_version BIGINT NOT NULL, 
+	PRIMARY KEY (tenant, workflow_id)
 );
 CREATE TABLE workflows (
 	tenant TEXT NOT NULL, 

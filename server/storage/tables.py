@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from flowport.server.storage.quotas import TenantQuotas
+
 T = TypeVar("T")
 Dialect = Literal["sqlite", "postgresql"]
 
@@ -40,6 +42,8 @@ class Tables:
     """Base of the per-resource mixins of the stores."""
 
     dialect: ClassVar[Dialect] = "sqlite"
+    # What one tenant may keep (the server sets them from its settings when it opens the store).
+    quotas: TenantQuotas = TenantQuotas()
 
     async def _write(self, op: Callable[[Connection], T]) -> T:
         """Run `op` inside a write transaction (grouped with concurrent writes)."""

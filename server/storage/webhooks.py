@@ -15,7 +15,7 @@ from typing import Any
 from google.protobuf import duration_pb2
 
 from flowport.server.clock import timestamp
-from flowport.server.storage import idempotency
+from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import Deletion, IdempotentResult
 from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import webhook_pb2
@@ -159,6 +159,7 @@ class WebhookTables(Tables):
             ).rowcount
             if not inserted:
                 return None
+            quotas.check(conn, self.quotas, tenant, quotas.WEBHOOKS)
             if idempotency_key is not None:
                 idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
             return IdempotentResult(body, replayed=False)

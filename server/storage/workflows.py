@@ -4,7 +4,7 @@ version can still be resumed and inspected."""
 
 from __future__ import annotations
 
-from flowport.server.storage import idempotency
+from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import Deletion, IdempotentResult
 from flowport.server.storage.sessions import session_creator
 from flowport.server.storage.tables import Connection, Tables, micros
@@ -31,9 +31,11 @@ class WorkflowTables(Tables):
                 first = idempotency.replayed(conn, tenant, _CREATE, *idempotency_key)
                 if first is not None:
                     return IdempotentResult(first, replayed=True)
+            # Numbering goes on after versions the purge removed (workflow_numbers).
             (latest,) = conn.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM workflows WHERE tenant=? AND workflow_id=?",
-                (tenant, workflow.workflow_id),
+                "SELECT COALESCE(MAX(version), (SELECT last_version FROM workflow_numbers WHERE tenant=?"
+                " AND workflow_id=?), 0) FROM workflows WHERE tenant=? AND workflow_id=?",
+                (tenant, workflow.workflow_id, tenant, workflow.workflow_id),
             ).fetchone()
             stored = workflow_pb2.Workflow()
             stored.CopyFrom(workflow)
@@ -44,6 +46,7 @@ class WorkflowTables(Tables):
                 f" session_creator) VALUES (?, ?, ?, ?, ?, NULL, ?, {creator_sql})",
                 (tenant, stored.workflow_id, stored.version, stored.session_id, now_us, body, *creator_args),
             )
+            quotas.check(conn, self.quotas, tenant, quotas.WORKFLOW_VERSIONS)
             if idempotency_key is not None:
                 idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
             return IdempotentResult(body, replayed=False)
@@ -118,6 +121,29 @@ class WorkflowTables(Tables):
             if hidden and request_id:
                 idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
             return Deletion.DELETED if hidden else Deletion.MISSING
+
+        return await self._write(op)
+
+    async def purge_deleted_workflows(self, deleted_before_us: int) -> int:
+        """Remove versions deleted before `deleted_before_us`, except those of a workflow with an
+        execution not ended yet (taking it over needs its version); returns how many. The highest
+        number removed of each workflow is kept in workflow_numbers, where the next version goes on."""
+        # Every version of a workflow is deleted at once, so these are its highest versions too.
+        purgeable = (
+            "deleted_us IS NOT NULL AND deleted_us<? AND NOT EXISTS (SELECT 1 FROM executions e"
+            " WHERE e.state IN (1, 2) AND e.tenant=workflows.tenant AND e.workflow_id=workflows.workflow_id)"
+        )
+        greatest = self._greatest()  # a fixed function name, not input
+        remember = (
+            "INSERT INTO workflow_numbers (tenant, workflow_id, last_version)"  # noqa: S608 - fixed fragments
+            f" SELECT tenant, workflow_id, MAX(version) FROM workflows WHERE {purgeable}"
+            " GROUP BY tenant, workflow_id ON CONFLICT (tenant, workflow_id) DO UPDATE SET"
+            f" last_version={greatest}(workflow_numbers.last_version, excluded.last_version)"
+        )
+
+        def op(conn: Connection) -> int:
+            conn.execute(remember, (deleted_before_us,))
+            return int(conn.execute(f"DELETE FROM workflows WHERE {purgeable}", (deleted_before_us,)).rowcount)  # noqa: S608
 
         return await self._write(op)
 

@@ -1,0 +1,69 @@
+"""How much of each kind of object one tenant may keep in the shared store.
+
+Without a cap, one tenant with a valid key could fill the disk every tenant
+shares with workflow versions, webhooks, services, resources or secrets
+(executions go by `--execution-retention-seconds` instead; resources from the
+operator's resources file are not counted against the cap).
+Each create counts the tenant's rows of its kind after its own write, in the
+same transaction: over the cap, it raises and its write is rolled back, so an
+upsert that only replaces a row never counts twice. On SQLite one writer
+makes the cap exact; on PostgreSQL, each process's writer running one
+transaction at a time, processes creating at the same moment can each take
+the last place: at most one row per process beyond the cap.
+
+Counted per kind, by the primary key's tenant prefix, so a count reads at
+most the cap's rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flowport.server.errors import ResourceExhausted
+
+if TYPE_CHECKING:  # tables.py holds a TenantQuotas
+    from flowport.server.storage.tables import Connection
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of object a tenant keeps: its table (every row of the tenant's counts)."""
+
+    table: str
+    name: str  # as the error says it, plural
+
+
+WORKFLOW_VERSIONS = Kind(
+    "workflows",
+    "workflow versions (deleted ones count until the purge removes them, an hour after their deletion "
+    "once no execution of theirs is running)",
+)
+WEBHOOKS = Kind("webhooks", "webhooks")
+SERVICES = Kind("services", "registered services (expired ones count until the purge removes them, within a minute)")
+RESOURCES = Kind("resources", "resources")
+SECRETS = Kind("secrets", "secrets")
+
+
+@dataclass(frozen=True)
+class TenantQuotas:
+    """The caps a store enforces; None: no cap (a store opened outside the server, in tests)."""
+
+    objects: int | None = None
+    """Rows of each kind one tenant may keep (`--tenant-max-objects`)."""
+
+
+def check(conn: Connection, quotas: TenantQuotas, tenant: str, kind: Kind) -> None:
+    """Raise ResourceExhausted (reason TENANT_QUOTA) when `tenant` keeps more rows of `kind` than its
+    cap, counting the row just written; called inside the write, after it."""
+    limit = quotas.objects
+    if limit is None:
+        return
+    sql = f"SELECT count(*) FROM {kind.table} WHERE tenant=?"  # noqa: S608 - a fixed name
+    (count,) = conn.execute(sql, (tenant,)).fetchone()
+    if int(count) > limit:
+        raise ResourceExhausted(
+            f"this tenant keeps its most of {limit} {kind.name}; delete some first",
+            reason="TENANT_QUOTA",
+            metadata={"kind": kind.table, "tenant_max_objects": str(limit)},
+        )

@@ -1,0 +1,171 @@
+"""Per-tenant caps on what a tenant keeps (`--tenant-max-objects`), on a real SQLite file and a real
+PostgreSQL database, and what the purge gives back: deleted workflow versions and expired services."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from flowport.clients import ApiError, AsyncClient
+from flowport.server.app import start, stop
+from flowport.server.errors import ResourceExhausted
+from flowport.server.secrets.cipher import Sealed
+from flowport.server.storage import SqliteStore, SqlStore
+from flowport.server.storage.postgres import PostgresStore
+from flowport.server.storage.quotas import TenantQuotas
+from flowport.v1 import registry_pb2, resource_pb2, webhook_pb2, workflow_pb2
+from flowport.v1.execution_pb2 import Execution
+
+from ..conftest import ADMIN_KEY, make_settings
+
+NOW = 1_700_000_000_000_000
+HOUR = 3600 * 1_000_000
+CAP = 2
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlStore]:
+    opened: SqlStore
+    if request.param == "postgresql":
+        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"))
+    else:
+        opened = await SqliteStore.open(tmp_path / "db.sqlite")
+    opened.quotas = TenantQuotas(objects=CAP)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def _ts(us: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=us // 1_000_000)
+
+
+def _workflow(workflow_id: str) -> workflow_pb2.Workflow:
+    return workflow_pb2.Workflow(workflow_id=workflow_id, create_time=_ts(NOW))
+
+
+async def _refused(attempt: Awaitable[object]) -> ResourceExhausted:
+    with pytest.raises(ResourceExhausted) as caught:
+        await attempt
+    assert caught.value.reason == "TENANT_QUOTA"
+    return caught.value
+
+
+Create = Callable[[SqlStore, str, str], Awaitable[object]]
+
+
+async def _create_workflow(store: SqlStore, tenant: str, name: str) -> object:
+    return await store.create_workflow(tenant, _workflow(name), None)
+
+
+async def _create_webhook(store: SqlStore, tenant: str, name: str) -> object:
+    hook = webhook_pb2.Webhook(webhook_id=name, url="https://example.com/h", create_time=_ts(NOW))
+    return await store.create_webhook(tenant, hook, b"", None)
+
+
+async def _register_service(store: SqlStore, tenant: str, name: str) -> object:
+    service = registry_pb2.RegisteredService(service_id=name, endpoint="https://example.com", create_time=_ts(NOW))
+    return await store.register_service(tenant, service, None, NOW)
+
+
+async def _create_resource(store: SqlStore, tenant: str, name: str) -> object:
+    resource = resource_pb2.Resource(name=name, http=resource_pb2.HttpProfile(base_url="https://example.com"))
+    return await store.create_resource(tenant, resource, None, NOW)
+
+
+async def _put_secret(store: SqlStore, tenant: str, name: str) -> object:
+    return await store.put_secret(
+        tenant=tenant,
+        name=name,
+        description="d",
+        sealed=Sealed("k", name.encode()),
+        now_us=NOW,
+        idempotency_key=None,
+        same_value=lambda sealed: False,  # every put is a new version
+    )
+
+
+@pytest.mark.parametrize(
+    "create", [_create_workflow, _create_webhook, _register_service, _create_resource, _put_secret]
+)
+async def test_a_tenant_keeps_at_most_its_cap_of_each_kind_and_the_others_are_untouched(
+    store: SqlStore, create: Create
+) -> None:
+    for n in range(CAP):
+        await create(store, "greedy", f"o{n}")
+    refused = await _refused(create(store, "greedy", "one-more"))
+    assert refused.metadata["tenant_max_objects"] == str(CAP) and "one-more" not in refused.message
+    # Another tenant's room is its own.
+    await create(store, "other", "o0")
+    # Replacing what the tenant keeps adds nothing: a new version of a secret, a service registered
+    # again. (A workflow's new version is a new row, counted.)
+    if create in (_put_secret, _register_service):
+        await create(store, "greedy", "o0")
+
+
+async def test_the_refused_create_left_nothing_behind(store: SqlStore) -> None:
+    for _ in range(CAP):
+        await _create_workflow(store, "t", "w")
+    await _refused(_create_workflow(store, "t", "w"))
+    latest = await store.get_workflow("t", "w")
+    assert latest is not None and latest.version == CAP
+
+
+async def test_deleted_versions_are_purged_an_hour_on_unless_running_and_numbering_goes_on(store: SqlStore) -> None:
+    for _ in range(CAP):
+        await _create_workflow(store, "t", "w")
+    await _create_workflow(store, "t2", "kept")  # not deleted: never purged
+    await store.delete_workflow("t", "w", NOW)
+    # Deleted, not purged yet: the versions still count.
+    await _refused(_create_workflow(store, "t", "x"))
+    # An unfinished execution of the workflow holds its versions (a takeover needs them).
+    running = Execution(execution_id="e1", workflow_id="w", state=Execution.STATE_RUNNING, create_time=_ts(NOW))
+    await store.insert_execution("t", running, None)
+    assert await store.purge_deleted_workflows(NOW + HOUR) == 0
+    running.state = Execution.STATE_SUCCEEDED
+    await store.save_execution(running)
+    assert await store.purge_deleted_workflows(NOW) == 0, "deleted at NOW: not before it"
+    assert await store.purge_deleted_workflows(NOW + HOUR) == CAP
+    assert await store.get_workflow("t", "w", 1, include_deleted=True) is None
+    assert await store.get_workflow("t2", "kept") is not None
+    # Room again, and the workflow made again goes on from its last number.
+    await _create_workflow(store, "t", "w")
+    again = await store.get_workflow("t", "w")
+    assert again is not None and again.version == CAP + 1
+
+
+async def test_expired_service_registrations_are_purged(store: SqlStore) -> None:
+    expiring = registry_pb2.RegisteredService(
+        service_id="s", endpoint="https://example.com", create_time=_ts(NOW), expire_time=_ts(NOW + HOUR)
+    )
+    await store.register_service("t", expiring, None, NOW)
+    await _register_service(store, "t", "forever")
+    assert await store.purge_expired_services(NOW) == 0
+    assert await store.purge_expired_services(NOW + HOUR) == 1
+    assert await store.get_service("t", "forever", NOW + HOUR) is not None
+    await _register_service(store, "t", "room-again")
+
+
+async def test_a_create_past_the_cap_is_resource_exhausted_through_the_api(tmp_path: Path) -> None:
+    running = await start(make_settings(tmp_path, tenant_max_objects=1))
+    try:
+        async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as client:
+            code = struct_pb2.Struct()
+            code.update({"code": "result = 1"})
+            node = workflow_pb2.Node(name="n", type="PythonCodeNode", config=code)
+            request = workflow_pb2.CreateWorkflowRequest(
+                workflow=workflow_pb2.Workflow(workflow_id="w", name="w", nodes=[node])
+            )
+            await client.workflows.CreateWorkflow(request)
+            with pytest.raises(ApiError) as caught:
+                await client.workflows.CreateWorkflow(request)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert caught.value.reason == "TENANT_QUOTA", caught.value
+            assert "most of 1 workflow versions" in caught.value.message
+    finally:
+        await stop(running, 1.0)
