@@ -285,7 +285,10 @@ class Settings(BaseModel):
         "", description="Envoy access log (JSON lines): a path, '-' for stdout, 'off'; default <data-dir>/access.log"
     )
     event_retention_count: int = Field(
-        1_000_000, ge=1000, description="events kept in the log for resuming streams (oldest dropped first)"
+        1_000_000,
+        ge=1000,
+        description="events of each tenant kept in the log for resuming streams (oldest dropped first); the Redis "
+        "stream, shared, keeps as many of all tenants' (older ones are then read from the log)",
     )
     event_retention_seconds: float = Field(
         7 * 86400.0, ge=60, description="seconds an event is kept in the log for resuming streams"

@@ -110,7 +110,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         sent = self._bus.last_id if after is None else after
         try:
             if after is not None:
-                oldest, newest = await self._log.bounds()
+                oldest, newest = await self._log.bounds(tenant)
                 if after < oldest - 1 or after > newest:
                     raise OutOfRange(
                         f"event id {after} is outside the retained log ({oldest - 1}..{newest}); "

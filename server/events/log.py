@@ -99,12 +99,12 @@ class EventLog:
         # Writes commit in order, so awaiting this one covers earlier queued ones.
         await self._store.append_events(batch)
 
-    async def bounds(self) -> tuple[int, int]:
-        """(oldest, newest): a stream may resume after any id from oldest-1 to newest and miss
-        nothing, since retention has dropped no event after oldest-1. Ids have gaps (a
-        restart skips ahead), so oldest need not be an id that was handed out."""
+    async def bounds(self, tenant: str) -> tuple[int, int]:
+        """(oldest, newest): a stream of `tenant`'s may resume after any id from oldest-1 to newest
+        and miss nothing, since retention has dropped no event of its after oldest-1. Ids have gaps
+        (a restart skips ahead), so oldest need not be an id that was handed out."""
         await self.flush()
-        purged, newest = await self._store.event_bounds()
+        purged, newest = await self._store.event_bounds(tenant)
         return purged + 1, max(newest, self._bus.last_id)
 
     async def history(
@@ -169,7 +169,8 @@ class EventLog:
         await self.flush()
 
     async def purge(self, now: Callable[[], float] = time.time) -> int:
-        """Drop events beyond the retention count or age; returns how many."""
+        """Drop each tenant's events beyond the retention count, and every event past its age;
+        returns how many."""
         keep_after_us = int((now() - self._retention_seconds) * 1e6)
         return await self._store.purge_events(keep_count=self._retention_count, keep_after_us=keep_after_us)
 

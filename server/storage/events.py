@@ -73,14 +73,18 @@ class EventTables(Tables):
         sql = f"UPDATE event_id_reservation SET reserved_until={greatest}(reserved_until, ?) WHERE id=1"  # noqa: S608
         self._write_soon(lambda conn: conn.execute(sql, (until,)))
 
-    async def event_bounds(self) -> tuple[int, int]:
-        """(purged through, newest): the highest id retention ever dropped (0: none) and the newest id
-        in the log (0 when it is empty). Every event with an id above the first is still in the log."""
+    async def event_bounds(self, tenant: str) -> tuple[int, int]:
+        """(purged through, newest): the highest id of `tenant`'s that retention ever dropped (0: none)
+        and the newest id in the log (0 when it is empty). Every event of `tenant` with an id above
+        the first is still in the log."""
         row = await self._lookup(
-            "SELECT purged_through, (SELECT COALESCE(MAX(id), 0) FROM events) FROM event_id_reservation WHERE id=1", ()
+            "SELECT purged_through, COALESCE((SELECT purged_through FROM event_purge_marks WHERE tenant=?), 0),"
+            " (SELECT COALESCE(MAX(id), 0) FROM events) FROM event_id_reservation WHERE id=1",
+            (tenant,),
         )
         assert row is not None
-        return int(row[0]), int(row[1])
+        # The global mark: what retention dropped before it went per tenant, for every tenant.
+        return max(int(row[0]), int(row[1])), int(row[2])
 
     async def read_events(
         self,
@@ -142,28 +146,57 @@ class EventTables(Tables):
         ]
 
     async def purge_events(self, *, keep_count: int, keep_after_us: int) -> int:
-        """Drop all but the newest `keep_count` events, and every event older than `keep_after_us`;
-        returns how many. The highest id dropped is remembered (`event_bounds`)."""
-        # Counted in rows, never from ids: ids skip ahead at every restart.
-        # Read outside the write: later appends only add newer events.
-        row = await self._read(
-            lambda conn: conn.execute(
-                "SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?", (keep_count,)
-            ).fetchone()
-        )
-        beyond_count = 0 if row is None else int(row[0])
+        """Drop all but the newest `keep_count` events of each tenant, and every event older than
+        `keep_after_us`; returns how many. The highest id dropped of each tenant is remembered
+        (`event_bounds`)."""
+        # Counted in rows, never from ids: ids skip ahead at every restart. Read outside the
+        # write: later appends only add newer events. The tenants are found by a skip scan of
+        # the (tenant, id) index, one lookup per tenant, not a walk over every event.
+        beyond = await self._read(lambda conn: _beyond_count(conn, keep_count))
         greatest = self._greatest()  # a fixed function name, not input
-        mark = f"UPDATE event_id_reservation SET purged_through={greatest}(purged_through, ?) WHERE id=1"  # noqa: S608
+        mark = (
+            "INSERT INTO event_purge_marks (tenant, purged_through) VALUES (?, ?) ON CONFLICT (tenant) DO UPDATE"  # noqa: S608
+            f" SET purged_through={greatest}(event_purge_marks.purged_through, excluded.purged_through)"
+        )
+
+        # Through the time index, over the old rows only: SQLite would otherwise walk the tenant index
+        # whole for its GROUP BY.
+        hint = " INDEXED BY events_by_time" if self.dialect == "sqlite" else ""
+        aged_sql = f"SELECT tenant, MAX(id) FROM events{hint} WHERE time_us<? GROUP BY tenant"  # noqa: S608 - fixed
 
         def op(conn: Connection) -> int:
-            (too_old,) = conn.execute("SELECT MAX(id) FROM events WHERE time_us<?", (keep_after_us,)).fetchone()
-            highest = max(beyond_count, int(too_old or 0))
-            if not highest:
-                return 0
-            removed = conn.execute(
-                "DELETE FROM events WHERE id<=? OR time_us<?", (beyond_count, keep_after_us)
-            ).rowcount
-            conn.execute(mark, (highest,))
+            highest = dict(beyond)
+            aged = conn.execute(aged_sql, (keep_after_us,)).fetchall()
+            for tenant, newest_aged in aged:
+                highest[tenant] = max(highest.get(tenant, 0), int(newest_aged))
+            removed = 0
+            if aged:
+                removed += conn.execute("DELETE FROM events WHERE time_us<?", (keep_after_us,)).rowcount
+            for tenant, through in beyond.items():
+                removed += conn.execute("DELETE FROM events WHERE tenant=? AND id<=?", (tenant, through)).rowcount
+            # In tenant order, so that purges in several processes never wait on each other in a cycle.
+            if highest:
+                conn.executemany(mark, sorted(highest.items()))
             return removed
 
         return await self._write(op)
+
+
+# The tenants of the log, by a skip scan of events_by_tenant: one index lookup per tenant.
+_TENANTS = (
+    "WITH RECURSIVE t(tenant) AS (SELECT MIN(tenant) FROM events"
+    " UNION ALL SELECT (SELECT MIN(tenant) FROM events WHERE tenant>t.tenant) FROM t WHERE t.tenant IS NOT NULL)"
+    " SELECT tenant FROM t WHERE tenant IS NOT NULL"
+)
+
+
+def _beyond_count(conn: Connection, keep_count: int) -> dict[str, int]:
+    """The newest id of each tenant's events past its newest `keep_count`; tenants with none left out."""
+    beyond = {}
+    for (tenant,) in conn.execute(_TENANTS).fetchall():
+        row = conn.execute(
+            "SELECT id FROM events WHERE tenant=? ORDER BY id DESC LIMIT 1 OFFSET ?", (tenant, keep_count)
+        ).fetchone()
+        if row is not None:
+            beyond[str(tenant)] = int(row[0])
+    return beyond

@@ -1,6 +1,6 @@
 -- The SQLite schema after every migration: generated, do not edit.
 -- python -m flowport.server.storage.sqlite_snapshot rewrites it.
--- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention,19:workflow_numbers
+-- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention,19:workflow_numbers,20:event_purge_marks
 CREATE TABLE api_keys (
 	key_id TEXT NOT NULL, 
 	tenant TEXT NOT NULL, 
@@ -30,6 +30,11 @@ CREATE TABLE event_id_reservation (
 	CONSTRAINT one_row CHECK (id = 1)
 );
 INSERT INTO "event_id_reservation" VALUES(1,0,0);
+CREATE TABLE event_purge_marks (
+	tenant TEXT NOT NULL, 
+	purged_through BIGINT NOT NULL, 
+	PRIMARY KEY (tenant)
+);
 CREATE TABLE events (
 	id INTEGER NOT NULL, 
 	tenant TEXT NOT NULL, 

@@ -20,8 +20,9 @@ from flowport.server.app import Running, start, stop
 from flowport.server.errors import InvalidArgument
 from flowport.server.events.bus import BusEvent, EventBus
 from flowport.server.settings import Settings
-from flowport.server.storage import SqliteStore
+from flowport.server.storage import SqliteStore, SqlStore
 from flowport.server.storage.migrate import bundled
+from flowport.server.storage.postgres import PostgresStore
 from flowport.v1 import event_pb2, event_pb2_grpc
 
 from ..conftest import ADMIN_KEY, ADMIN_METADATA, make_settings
@@ -318,7 +319,8 @@ async def test_a_log_from_before_the_purge_mark_counts_below_its_oldest_event_as
         await store.close()
     upgraded = await SqliteStore.open(path)
     try:
-        assert await upgraded.event_bounds() == (purged, max(kept, default=0))
+        assert await upgraded.event_bounds("default") == (purged, max(kept, default=0))
+        assert await upgraded.event_bounds("another") == (purged, max(kept, default=0))
     finally:
         await upgraded.close()
 
@@ -396,3 +398,35 @@ async def test_a_tenant_past_its_open_streams_is_refused_while_another_tenant_op
                 call.cancel()
     finally:
         await stop(running, 1.0)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_retention_counts_each_tenants_events_apart(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # One tenant's volume must not push another's events out of the log, nor its cursors out of range.
+    store: SqlStore = (
+        await PostgresStore.open(request.getfixturevalue("postgres_url"))
+        if engine == "postgresql"
+        else await SqliteStore.open(tmp_path / "db.sqlite")
+    )
+    try:
+        now = time.time_ns()
+        quiet = [BusEvent(str(i), "quiet.tick", now, "quiet") for i in (1, 2)]
+        loud = [BusEvent(str(i), "loud.tick", now, "loud") for i in range(3, 13)]
+        await store.append_events([*quiet, *loud])
+        assert await store.purge_events(keep_count=4, keep_after_us=0) == 6
+        assert [e.id for e in await store.read_events("quiet", after=0, limit=100)] == ["1", "2"]
+        assert [e.id for e in await store.read_events("loud", after=0, limit=100)] == ["9", "10", "11", "12"]
+        assert await store.event_bounds("quiet") == (0, 12)
+        assert await store.event_bounds("loud") == (8, 12)
+        # By age, each tenant's mark is the newest of its events that went.
+        aged = [BusEvent("13", "quiet.tick", now + 10**9, "quiet")]
+        await store.append_events(aged)
+        assert await store.purge_events(keep_count=100, keep_after_us=now // 1000 + 1) == 6
+        assert await store.event_bounds("quiet") == (2, 13)
+        assert await store.event_bounds("loud") == (12, 13)
+        assert await store.purge_events(keep_count=100, keep_after_us=0) == 0
+        assert await store.event_bounds("loud") == (12, 13), "a mark never goes back"
+    finally:
+        await store.close()
