@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ from flowport.server.storage.group_commit import ConnectionThread, GroupWriter, 
 from flowport.server.storage.migrate import Migration, bundled, migrate
 from flowport.server.storage.sql_store import SqlStore
 from flowport.server.storage.tables import Connection, Cursor
+from flowport.server.storage.workflow_cache import WorkflowCache
 
 T = TypeVar("T")
 READERS = 4
@@ -131,8 +133,13 @@ class PostgresStore(SqlStore):
         self._group = GroupWriter(self._writer, _run_batch)
 
     @classmethod
-    async def open(cls, url: str, migrations: list[Migration] | None = None) -> PostgresStore:
-        """Connect to and migrate the database at `url` (postgresql://user@host:port/db)."""
+    async def open(
+        cls, url: str, migrations: list[Migration] | None = None, *, keep_workflows: bool = True
+    ) -> PostgresStore:
+        """Connect to and migrate the database at `url` (postgresql://user@host:port/db).
+
+        `keep_workflows`: keep workflow rows in memory, coherent with the other processes
+        (workflow_cache.py); off only for a store that must not poll (tools, older schemas)."""
         store = cls(url)
         steps = bundled() if migrations is None else migrations
         loop = asyncio.get_running_loop()
@@ -140,12 +147,19 @@ class PostgresStore(SqlStore):
         await store._writer.open(lambda: _connect(url))
         try:
             await asyncio.gather(*(reader.open(lambda: _connect(url)) for reader in store._readers))
+            # (A store opened on an older schema, in the migration tests, has no counter to poll.)
+            if keep_workflows and any(step.name == "workflow_cache" for step in steps):
+                cache = WorkflowCache(os.urandom(8).hex(), store._read, store._write)
+                await cache.start()
+                store._workflow_cache = cache
         except BaseException:
             await store.close()
             raise
         return store
 
     async def close(self) -> None:
+        if self._workflow_cache is not None:
+            await self._workflow_cache.close()
         await self._group.drain()
         for thread in [*self._readers, self._writer]:
             await thread.close(PgConnection.close)

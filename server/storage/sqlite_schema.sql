@@ -1,6 +1,6 @@
 -- The SQLite schema after every migration: generated, do not edit.
 -- python -m flowport.server.storage.sqlite_snapshot rewrites it.
--- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention,19:workflow_numbers,20:event_purge_marks
+-- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention,19:workflow_numbers,20:event_purge_marks,21:workflow_cache
 CREATE TABLE api_keys (
 	key_id TEXT NOT NULL, 
 	tenant TEXT NOT NULL, 
@@ -132,6 +132,19 @@ CREATE TABLE webhooks (
 	body BLOB NOT NULL, creator TEXT DEFAULT '' NOT NULL, session_scope TEXT, 
 	PRIMARY KEY (tenant, webhook_id)
 );
+CREATE TABLE workflow_cache_acks (
+	owner TEXT NOT NULL, 
+	seen BIGINT NOT NULL, 
+	until_us BIGINT NOT NULL, 
+	PRIMARY KEY (owner)
+);
+CREATE TABLE workflow_changes (
+	id BIGINT NOT NULL, 
+	seq BIGINT NOT NULL, 
+	PRIMARY KEY (id), 
+	CONSTRAINT one_change_counter CHECK (id = 1)
+);
+INSERT INTO "workflow_changes" VALUES(1,0);
 CREATE TABLE workflow_numbers (
 	tenant TEXT NOT NULL, 
 	workflow_id TEXT NOT NULL, 

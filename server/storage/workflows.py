@@ -8,6 +8,7 @@ from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import Deletion, IdempotentResult
 from flowport.server.storage.sessions import session_creator
 from flowport.server.storage.tables import Connection, Tables, micros
+from flowport.server.storage.workflow_cache import BUMP, WorkflowCache
 from flowport.v1 import workflow_pb2
 
 _CREATE = "flowport.v1.WorkflowService/CreateWorkflow"
@@ -18,6 +19,9 @@ _VISIBLE = "(session_id='' OR session_creator=?)"
 
 class WorkflowTables(Tables):
     """Workflows, scoped by tenant, versioned by name."""
+
+    # Rows kept in memory, on a store that other processes share (PostgreSQL): see workflow_cache.py.
+    _workflow_cache: WorkflowCache | None = None
 
     async def create_workflow(
         self, tenant: str, workflow: workflow_pb2.Workflow, idempotency_key: tuple[str, bytes] | None
@@ -49,9 +53,15 @@ class WorkflowTables(Tables):
             quotas.check(conn, self.quotas, tenant, quotas.WORKFLOW_VERSIONS)
             if idempotency_key is not None:
                 idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
+            if cache is not None:
+                bumped[:] = [int(conn.execute(BUMP).fetchone()[0])]
             return IdempotentResult(body, replayed=False)
 
-        return await self._write(op)
+        cache, bumped = self._workflow_cache, list[int]()
+        result = await self._write(op)
+        if cache is not None and bumped:
+            await cache.changed(bumped[0])
+        return result
 
     async def get_workflow(
         self,
@@ -75,8 +85,20 @@ class WorkflowTables(Tables):
             sql += " AND version=?"
             args.append(version)
         sql += " ORDER BY version DESC LIMIT 1"
-        row = await self._lookup(sql, tuple(args))
-        return None if row is None else workflow_pb2.Workflow.FromString(row[0])
+        cache = None if include_deleted else self._workflow_cache
+        if cache is None:
+            row = await self._lookup(sql, tuple(args))
+            return None if row is None else workflow_pb2.Workflow.FromString(row[0])
+        key = (tenant, workflow_id, version, session_creator)
+        body = cache.get(key)
+        if body is None:
+            tag = cache.tag()
+            row = await self._lookup(sql, tuple(args))
+            if row is None:
+                return None
+            body = bytes(row[0])
+            cache.keep(key, body, tag)
+        return workflow_pb2.Workflow.FromString(body)
 
     async def list_workflows(
         self, tenant: str, *, session_id: str, after: str | None, limit: int, session_creator: str | None = None
@@ -120,9 +142,15 @@ class WorkflowTables(Tables):
             hidden = conn.execute(sql, args).rowcount
             if hidden and request_id:
                 idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
+            if hidden and cache is not None:
+                bumped[:] = [int(conn.execute(BUMP).fetchone()[0])]
             return Deletion.DELETED if hidden else Deletion.MISSING
 
-        return await self._write(op)
+        cache, bumped = self._workflow_cache, list[int]()
+        deletion = await self._write(op)
+        if cache is not None and bumped:
+            await cache.changed(bumped[0])
+        return deletion
 
     async def purge_deleted_workflows(self, deleted_before_us: int) -> int:
         """Remove versions deleted before `deleted_before_us`, except those of a workflow with an

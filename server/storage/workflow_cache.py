@@ -1,0 +1,216 @@
+"""Workflows a process keeps in memory while it shares a PostgreSQL database with other processes,
+never used once another process has changed them.
+
+Every execution starts by reading its workflow. On PostgreSQL that read is a
+round trip from a reader thread, and measured as the largest single part of
+an execution's cost there (benchmarks/RESULTS.md). Keeping the rows in each
+process is only correct if a create or delete through one process is seen by
+every other before the create or delete answers. The protocol:
+
+- A create or delete raises `workflow_changes.seq` in its own transaction,
+  and answers once every process whose lease has not run out has seen that
+  value (`wait_for_others`).
+- Each process reads `seq` every `POLL` seconds. A new value drops all it
+  keeps; then it writes its acknowledgement (`workflow_cache_acks.seen`),
+  renewing its lease: `until_us` = the database's clock + `LEASE`. The
+  acknowledgement share-locks the counter first, so a change that committed
+  without waiting for this process (its lease had run out) is seen by the
+  acknowledgement itself, and one that commits later waits for it.
+- A process uses what it keeps only until its lease ends by its own
+  monotonic clock, counted from before the write that renewed it (less a
+  margin), so never after the database's `until_us`: a process that stops
+  polling (stalled, cut off from the database) stops using its rows before
+  the writers stop waiting for it.
+- A read that began before a drop is not kept: each read carries the `seq`
+  seen when it began (`tag`), and only reads of the current one are kept.
+
+So a create answers at most a poll and a write later (a few tens of
+milliseconds) while every process is well, and at most `LEASE` plus a
+poll later when one stopped answering. SQLite needs none of this: one
+process owns the file, and its reads take microseconds on the event loop's
+thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from flowport.server.storage.tables import Connection
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Key = tuple[str, str, int, str | None]  # tenant, workflow_id, version (0: latest), session_creator
+
+# Seconds a process may use what it keeps after its last acknowledgement.
+LEASE = 2.0
+# Less this much, by the process's own clock: what an acknowledgement's write took beyond its start.
+MARGIN = 0.25
+# Seconds between reads of the change counter.
+POLL = 0.05
+# A lease is renewed when this much of it is left.
+RENEW_LEFT = LEASE * 0.75
+# Rows kept at most, and the largest body kept (larger ones are read each time).
+MAX_ENTRIES = 4096
+MAX_BODY = 256 * 1024
+# Acknowledgements of processes gone this long are removed at start.
+STALE_ACKS_US = 3600 * 1_000_000
+
+_DB_NOW_US = "(extract(epoch from clock_timestamp()) * 1000000)::bigint"
+_ACK = (
+    "INSERT INTO workflow_cache_acks (owner, seen, until_us) VALUES (?, ?, "  # noqa: S608 - fixed fragments
+    f"{_DB_NOW_US} + ?) ON CONFLICT (owner) DO UPDATE SET seen=excluded.seen, until_us=excluded.until_us"
+)
+_BEHIND = (
+    "SELECT count(*) FROM workflow_cache_acks WHERE owner<>? AND seen<?"  # noqa: S608 - fixed fragments
+    f" AND until_us>{_DB_NOW_US}"
+)
+_LOCKED_SEQ = "SELECT seq FROM workflow_changes WHERE id=1 FOR SHARE"
+# What a create or delete of a workflow runs in its transaction; the new value comes back.
+BUMP = "UPDATE workflow_changes SET seq=seq+1 WHERE id=1 RETURNING seq"
+
+Reader = Callable[[Callable[["Connection"], Any]], Awaitable[Any]]
+
+
+class WorkflowCache:
+    """One process's workflow rows, kept under the protocol above."""
+
+    def __init__(self, owner: str, read: Reader, write: Reader) -> None:
+        self._owner = owner
+        self._read = read
+        self._write = write
+        self._entries: OrderedDict[Key, bytes] = OrderedDict()
+        self.seen = -1  # nothing seen yet: nothing is kept until the first acknowledgement
+        self._valid_until = 0.0
+        self._renew_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self.hits = 0
+        self.misses = 0
+
+    # -- use ------------------------------------------------------------
+
+    def get(self, key: Key) -> bytes | None:
+        """The body kept for `key`, if any and while the lease holds."""
+        if time.monotonic() >= self._valid_until:
+            return None
+        body = self._entries.get(key)
+        if body is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return body
+
+    def tag(self) -> int:
+        """What a read beginning now carries to `keep`."""
+        return self.seen
+
+    def keep(self, key: Key, body: bytes, tag: int) -> None:
+        """Keep what a read that began at `tag` found, unless a change was seen since it began."""
+        if tag != self.seen or len(body) > MAX_BODY or time.monotonic() >= self._valid_until:
+            return
+        self._entries[key] = body
+        self._entries.move_to_end(key)
+        while len(self._entries) > MAX_ENTRIES:
+            self._entries.popitem(last=False)
+
+    # -- changes --------------------------------------------------------
+
+    async def changed(self, seq: int) -> None:
+        """This process committed change `seq`: drop what it keeps, acknowledge it, and wait until
+        every other process with a lease has seen it."""
+        self._see(seq)
+        await self._acknowledge()
+        await self.wait_for_others(seq)
+
+    async def wait_for_others(self, seq: int) -> None:
+        """Return once no other process whose lease has not run out is behind `seq`."""
+        deadline = time.monotonic() + LEASE + 2 * POLL + 1.0
+        while True:
+            (behind,) = await self._read(lambda conn: conn.execute(_BEHIND, (self._owner, seq)).fetchone())
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                # Cannot happen while each process acknowledges when it renews; said, not hidden.
+                log.warning("workflow change %d: %d processes neither saw it nor let their lease end", seq, behind)
+                return
+            await asyncio.sleep(POLL / 5)
+
+    def _see(self, seq: int) -> None:
+        if seq > self.seen:
+            self._entries.clear()
+            self.seen = seq
+
+    # -- the lease ------------------------------------------------------
+
+    async def start(self) -> None:
+        """Acknowledge the current counter (taking a lease), then keep polling."""
+        await self._write(
+            lambda conn: conn.execute(
+                f"DELETE FROM workflow_cache_acks WHERE until_us<{_DB_NOW_US} - ?",  # noqa: S608 - fixed fragments
+                (STALE_ACKS_US,),
+            )
+        )
+        await self._poll()
+        self._task = asyncio.create_task(self._forever(), name="flowport-workflow-cache")
+
+    async def close(self) -> None:
+        """Stop polling, stop using what is kept, and give up the lease (writers stop waiting for it)."""
+        self._valid_until = 0.0
+        self._entries.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._write(
+                lambda conn: conn.execute("DELETE FROM workflow_cache_acks WHERE owner=?", (self._owner,))
+            )
+
+    async def _forever(self) -> None:
+        while True:
+            await asyncio.sleep(POLL)
+            try:
+                await self._poll()
+            except Exception:
+                log.warning("reading the workflow change counter failed; will retry", exc_info=True)
+
+    async def _poll(self) -> None:
+        (seq,) = await self._read(lambda conn: conn.execute("SELECT seq FROM workflow_changes WHERE id=1").fetchone())
+        if int(seq) != self.seen:
+            self._see(int(seq))
+            await self._acknowledge()
+        elif time.monotonic() >= self._renew_at:
+            await self._acknowledge()
+
+    async def _acknowledge(self) -> None:
+        """Write what this process has seen, with a new lease.
+
+        The write first takes a share lock on the counter. A change committed before it is
+        seen here, so the lease is not taken on an old value (the change may not have waited
+        for this process: its lease had run out, or it had none yet); a change after it
+        blocks until this acknowledgement commits, and then waits for it."""
+        owner, lease_us = self._owner, int(LEASE * 1_000_000)
+        while True:
+            started = time.monotonic()
+            seen = self.seen
+
+            def op(conn: Connection, seen: int = seen) -> int:
+                (current,) = conn.execute(_LOCKED_SEQ).fetchone()
+                conn.execute(_ACK, (owner, seen, lease_us))
+                return int(current)
+
+            current = await self._write(op)
+            if current <= seen:
+                break
+            self._see(current)
+        # Counted from before the write: the database's `until_us` is later still.
+        self._valid_until = max(self._valid_until, started + LEASE - MARGIN)
+        self._renew_at = started + LEASE - RENEW_LEFT

@@ -1,0 +1,125 @@
+"""Workflow rows kept in memory by processes sharing a real PostgreSQL database: a create or delete
+through one process is seen by every other before it answers, and a process that stops polling
+stops using what it keeps before the writers stop waiting for it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from google.protobuf import timestamp_pb2
+
+from flowport.server.storage.postgres import PostgresStore
+from flowport.server.storage.workflow_cache import WorkflowCache
+from flowport.v1 import workflow_pb2
+
+NOW = 1_700_000_000_000_000
+
+
+@pytest.fixture
+async def two(postgres_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two stores on one database, as two server processes would hold them."""
+    first = await PostgresStore.open(postgres_url)
+    second = await PostgresStore.open(postgres_url)
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+def _workflow(description: str) -> workflow_pb2.Workflow:
+    return workflow_pb2.Workflow(
+        workflow_id="w", description=description, create_time=timestamp_pb2.Timestamp(seconds=NOW // 10**6)
+    )
+
+
+def _cache(store: PostgresStore) -> WorkflowCache:
+    cache = store._workflow_cache
+    assert cache is not None, "a PostgreSQL store keeps workflows"
+    return cache
+
+
+async def test_a_change_through_one_process_is_seen_by_the_other_when_it_answers(
+    two: tuple[PostgresStore, PostgresStore],
+) -> None:
+    runner, editor = two
+    await editor.create_workflow("t", _workflow("first"), None)
+    first = await runner.get_workflow("t", "w")
+    assert first is not None and first.version == 1
+    hits = _cache(runner).hits
+    again = await runner.get_workflow("t", "w")
+    assert again == first and _cache(runner).hits == hits + 1, "the second read is served from memory"
+    # No wait of the test's own: the create answers once the runner has dropped its copy.
+    await editor.create_workflow("t", _workflow("second"), None)
+    latest = await runner.get_workflow("t", "w")
+    assert latest is not None and (latest.version, latest.description) == (2, "second")
+    pinned = await runner.get_workflow("t", "w", 1)
+    assert pinned is not None and pinned.description == "first"
+    await editor.delete_workflow("t", "w", NOW)
+    assert await runner.get_workflow("t", "w") is None
+    assert await runner.get_workflow("t", "w", 1) is None
+    # The process that made the change sees it too.
+    await runner.create_workflow("t", _workflow("third"), None)
+    mine = await runner.get_workflow("t", "w")
+    assert mine is not None and mine.version == 3
+
+
+async def test_a_process_that_stops_polling_stops_using_its_copy_before_writers_stop_waiting(
+    two: tuple[PostgresStore, PostgresStore],
+) -> None:
+    stalled, editor = two
+    await editor.create_workflow("t", _workflow("first"), None)
+    assert await stalled.get_workflow("t", "w") is not None
+    cache = _cache(stalled)
+    assert cache._entries, "the row is kept"
+    assert cache._task is not None
+    cache._task.cancel()  # stalled: it neither sees changes nor renews its lease, and keeps its row
+    await editor.create_workflow("t", _workflow("second"), None)
+    assert cache._entries, "the stalled process still holds the old row"
+    # Its lease ran out, by its own clock, before the create stopped waiting for it.
+    latest = await stalled.get_workflow("t", "w")
+    assert latest is not None and latest.version == 2
+
+
+async def test_a_read_that_began_before_a_change_is_not_kept() -> None:
+    async def unused(op: object) -> None:
+        raise AssertionError("no database here")
+
+    cache = WorkflowCache("owner", unused, unused)
+    cache._valid_until = time.monotonic() + 60
+    cache._see(1)
+    key = ("t", "w", 0, None)
+    tag = cache.tag()
+    cache._see(2)  # a change seen while the read was under way
+    cache.keep(key, b"old", tag)
+    assert cache.get(key) is None
+    cache.keep(key, b"new", cache.tag())
+    assert cache.get(key) == b"new"
+    cache._valid_until = 0.0
+    assert cache.get(key) is None, "nothing is served once the lease ran out"
+
+
+async def test_a_lease_renewed_after_an_unawaited_change_drops_the_old_rows_first(
+    two: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """A process whose lease ran out is not waited for; when it renews, a change committed in
+    between must be seen by the renewal itself, not only by the next poll."""
+    late, editor = two
+    await editor.create_workflow("t", _workflow("first"), None)
+    assert await late.get_workflow("t", "w") is not None
+    cache = _cache(late)
+    assert cache._task is not None
+    cache._task.cancel()
+    # Its lease runs out, here and in the database, so the editor's create does not wait for it.
+    cache._valid_until = 0.0
+    await late._write(
+        lambda conn: conn.execute("UPDATE workflow_cache_acks SET until_us=0 WHERE owner=?", (cache._owner,))
+    )
+    await editor.create_workflow("t", _workflow("second"), None)
+    # The renewal races the poll: it runs with the counter it read before the create.
+    await cache._acknowledge()
+    assert cache.seen == _cache(editor).seen, "the renewal saw the change committed before it"
+    latest = await late.get_workflow("t", "w")
+    assert latest is not None and latest.version == 2
