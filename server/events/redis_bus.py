@@ -43,7 +43,11 @@ SEQUENCE = 100_000  # an id is ms * SEQUENCE + the entry's sequence number in th
 READ_BLOCK_MS = 1000
 READ_COUNT = 500
 ADD_BATCH_MAX = 500
-SEND_DELAY = 0.002
+# At most one command adding events, and one reading them, per this many seconds (plus the
+# command's own round trip): events wait that long to share a command, since a command costs
+# this process far more than the events in it (redis-py's per-command work; benchmarks/RESULTS.md).
+SEND_DELAY = 0.005
+READ_DELAY = 0.005
 RETRY_DELAY = 0.5
 TIMEOUT = 2.0
 CLOSE_TIMEOUT = 3.0
@@ -170,10 +174,12 @@ class RedisBus(EventBus):
         return event
 
     async def _send(self) -> None:
-        # Events published in the next moment share this one's command: a
-        # command costs this process far more than the events in it.
-        await asyncio.sleep(SEND_DELAY)
-        while self._outbox:
+        # Each round first waits SEND_DELAY: events published meanwhile (while the last
+        # command was under way too) share the next command.
+        while True:
+            await asyncio.sleep(SEND_DELAY)
+            if not self._outbox:
+                return
             batch, self._outbox = self._outbox, []
             stamped: list[BusEvent] = []
             try:
@@ -226,6 +232,9 @@ class RedisBus(EventBus):
                         log.warning("skipped a malformed event %s in %s: %s", position, STREAM, exc)
                         continue
                     self._deliver(event)
+            if replies:
+                # What is added meanwhile comes with the next read, not a read each.
+                await asyncio.sleep(READ_DELAY)
 
     def _deliver(self, event: BusEvent) -> None:
         self.last_id = max(self.last_id, int(event.id))

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from flowport.server.events import redis_bus
 from flowport.server.events.bus import BusEvent
 from flowport.server.events.redis_bus import SEQUENCE, STREAM, RedisBus, event_id, stream_id
 
@@ -113,3 +114,36 @@ async def test_what_is_added_while_a_reader_waits_to_retry_reaches_it(
     finally:
         await publisher.close()
         await reader.close()
+
+
+async def test_events_published_during_and_right_after_a_command_share_the_next(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command costs the process far more than an event in it: events published while one is
+    under way, or within SEND_DELAY after it, go out together in the next."""
+    monkeypatch.setattr(redis_bus, "SEND_DELAY", 0.2)  # a window no scheduling hiccup closes
+    bus = RedisBus(redis_url)
+    await bus.start()
+    sizes: list[int] = []
+    first_returned = asyncio.Event()
+    add_batch = bus._add_batch
+
+    async def counted(*, keys: list[str], args: list[object]) -> object:
+        sizes.append(len(args) - 2)  # ARGV: the length cap, the origin, then the events
+        if len(sizes) == 1:
+            bus.publish("session.created", tenant="t", session_id="during")
+        ids = await add_batch(keys=keys, args=args)
+        first_returned.set()
+        return ids
+
+    bus._add_batch = counted
+    listening = bus.subscribe(lambda e: True)
+    try:
+        bus.publish("session.created", tenant="t", session_id="first")
+        await asyncio.wait_for(first_returned.wait(), 10)
+        bus.publish("session.created", tenant="t", session_id="after")
+        got = [await listening.next(10) for _ in range(3)]
+        assert [e.session_id for e in got if e is not None] == ["first", "during", "after"]
+        assert sizes == [1, 2], "the event published during the first command waits for the one after it"
+    finally:
+        await bus.close()
