@@ -57,8 +57,10 @@ MARGIN = 0.25
 POLL = 0.05
 # A lease is renewed when this much of it is left.
 RENEW_LEFT = LEASE * 0.75
-# Rows kept at most, and the largest body kept (larger ones are read each time).
+# Rows kept at most, their bodies' bytes in all, and the largest body kept (larger ones are
+# read each time): at most 32 MiB per process, however large the workflows.
 MAX_ENTRIES = 4096
+MAX_BYTES = 32 * 2**20
 MAX_BODY = 256 * 1024
 # Acknowledgements of processes gone this long are removed at start.
 STALE_ACKS_US = 3600 * 1_000_000
@@ -87,6 +89,7 @@ class WorkflowCache:
         self._read = read
         self._write = write
         self._entries: OrderedDict[Key, bytes] = OrderedDict()
+        self._bytes = 0
         self.seen = -1  # nothing seen yet: nothing is kept until the first acknowledgement
         self._valid_until = 0.0
         self._renew_at = 0.0
@@ -116,10 +119,14 @@ class WorkflowCache:
         """Keep what a read that began at `tag` found, unless a change was seen since it began."""
         if tag != self.seen or len(body) > MAX_BODY or time.monotonic() >= self._valid_until:
             return
+        replaced = self._entries.pop(key, None)
+        if replaced is not None:
+            self._bytes -= len(replaced)
         self._entries[key] = body
-        self._entries.move_to_end(key)
-        while len(self._entries) > MAX_ENTRIES:
-            self._entries.popitem(last=False)
+        self._bytes += len(body)
+        while len(self._entries) > MAX_ENTRIES or self._bytes > MAX_BYTES:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= len(dropped)
 
     # -- changes --------------------------------------------------------
 
@@ -146,6 +153,7 @@ class WorkflowCache:
     def _see(self, seq: int) -> None:
         if seq > self.seen:
             self._entries.clear()
+            self._bytes = 0
             self.seen = seq
 
     # -- the lease ------------------------------------------------------
@@ -165,6 +173,7 @@ class WorkflowCache:
         """Stop polling, stop using what is kept, and give up the lease (writers stop waiting for it)."""
         self._valid_until = 0.0
         self._entries.clear()
+        self._bytes = 0
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

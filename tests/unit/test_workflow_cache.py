@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from google.protobuf import timestamp_pb2
 
+from flowport.server.storage import workflow_cache
 from flowport.server.storage.postgres import PostgresStore
 from flowport.server.storage.workflow_cache import WorkflowCache
 from flowport.v1 import workflow_pb2
@@ -123,3 +124,24 @@ async def test_a_lease_renewed_after_an_unawaited_change_drops_the_old_rows_firs
     assert cache.seen == _cache(editor).seen, "the renewal saw the change committed before it"
     latest = await late.get_workflow("t", "w")
     assert latest is not None and latest.version == 2
+
+
+def test_what_is_kept_stays_within_its_count_and_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def unused(op: object) -> None:
+        raise AssertionError("no database here")
+
+    monkeypatch.setattr(workflow_cache, "MAX_BYTES", 1000)
+    monkeypatch.setattr(workflow_cache, "MAX_ENTRIES", 5)
+    cache = WorkflowCache("owner", unused, unused)
+    cache._valid_until = time.monotonic() + 60
+    cache._see(1)
+    for n in range(4):
+        cache.keep(("t", f"w{n}", 0, None), b"x" * 300, cache.tag())
+    kept = [n for n in range(4) if cache.get(("t", f"w{n}", 0, None)) is not None]
+    assert kept == [1, 2, 3], "the least recently used goes first once the bytes run over"
+    cache.keep(("t", "w3", 0, None), b"y" * 100, cache.tag())  # replaced: its old bytes no longer count
+    for n in range(4, 7):
+        cache.keep(("t", f"w{n}", 0, None), b"z" * 10, cache.tag())
+    assert len(cache._entries) == 5 and cache._bytes == sum(len(b) for b in cache._entries.values()) <= 1000
+    cache.keep(("t", "big", 0, None), b"b" * (workflow_cache.MAX_BODY + 1), cache.tag())
+    assert cache.get(("t", "big", 0, None)) is None, "a body over MAX_BODY is read each time"
