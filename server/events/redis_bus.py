@@ -232,8 +232,9 @@ class RedisBus(EventBus):
                         log.warning("skipped a malformed event %s in %s: %s", position, STREAM, exc)
                         continue
                     self._deliver(event)
-            if replies:
-                # What is added meanwhile comes with the next read, not a read each.
+            if replies and sum(len(entries) for _stream, entries in replies) < READ_COUNT:
+                # What is added meanwhile comes with the next read, not a read each (a full read
+                # means more is waiting: read on at once, so the reader keeps up with the stream).
                 await asyncio.sleep(READ_DELAY)
 
     def _deliver(self, event: BusEvent) -> None:

@@ -149,7 +149,7 @@ class PostgresStore(SqlStore):
             await asyncio.gather(*(reader.open(lambda: _connect(url)) for reader in store._readers))
             # (A store opened on an older schema, in the migration tests, has no counter to poll.)
             if keep_workflows and any(step.name == "workflow_cache" for step in steps):
-                cache = WorkflowCache(os.urandom(8).hex(), store._read, store._write)
+                cache = WorkflowCache(os.urandom(8).hex(), store._read)
                 await cache.start()
                 store._workflow_cache = cache
         except BaseException:

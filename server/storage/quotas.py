@@ -2,8 +2,9 @@
 
 Without a cap, one tenant with a valid key could fill the disk every tenant
 shares with workflow versions, webhooks, services, resources or secrets
-(executions go by `--execution-retention-seconds` instead; resources from the
-operator's resources file are not counted against the cap).
+(executions go by `--execution-retention-seconds` instead). Resources from the
+operator's resources file are never refused, and count with the tenant's own
+toward the cap.
 Each create counts the tenant's rows of its kind after its own write, in the
 same transaction: over the cap, it raises and its write is rolled back, so an
 upsert that only replaces a row never counts twice. On SQLite one writer

@@ -7,9 +7,10 @@ an execution's cost there (benchmarks/RESULTS.md). Keeping the rows in each
 process is only correct if a create or delete through one process is seen by
 every other before the create or delete answers. The protocol:
 
-- A create or delete raises `workflow_changes.seq` in its own transaction,
-  and answers once every process whose lease has not run out has seen that
-  value (`wait_for_others`).
+- A create or delete raises `workflow_changes.seq` in its own transaction
+  (a trigger on `workflows` does, so a process of an earlier release raises
+  it too), and answers once every process whose lease has not run out has
+  seen that value (`wait_for_others`).
 - Each process reads `seq` every `POLL` seconds. A new value drops all it
   keeps; then it writes its acknowledgement (`workflow_cache_acks.seen`),
   renewing its lease: `until_us` = the database's clock + `LEASE`. The
@@ -66,28 +67,41 @@ MAX_BODY = 256 * 1024
 STALE_ACKS_US = 3600 * 1_000_000
 
 _DB_NOW_US = "(extract(epoch from clock_timestamp()) * 1000000)::bigint"
+# One statement, so one transaction on an autocommit connection, outside any write batch: the
+# share lock it takes on the counter is held until the acknowledgement is committed, and it
+# waits for no lock a batch could be holding while that batch waits for the counter.
 _ACK = (
-    "INSERT INTO workflow_cache_acks (owner, seen, until_us) VALUES (?, ?, "  # noqa: S608 - fixed fragments
-    f"{_DB_NOW_US} + ?) ON CONFLICT (owner) DO UPDATE SET seen=excluded.seen, until_us=excluded.until_us"
+    "WITH current AS (SELECT seq FROM workflow_changes WHERE id=1 FOR SHARE),"  # noqa: S608 - fixed fragments
+    " ack AS (INSERT INTO workflow_cache_acks (owner, seen, until_us) VALUES (?, ?, "
+    f"{_DB_NOW_US} + ?) ON CONFLICT (owner) DO UPDATE SET seen=excluded.seen, until_us=excluded.until_us)"
+    " SELECT seq FROM current"
 )
 _BEHIND = (
     "SELECT count(*) FROM workflow_cache_acks WHERE owner<>? AND seen<?"  # noqa: S608 - fixed fragments
     f" AND until_us>{_DB_NOW_US}"
 )
-_LOCKED_SEQ = "SELECT seq FROM workflow_changes WHERE id=1 FOR SHARE"
-# What a create or delete of a workflow runs in its transaction; the new value comes back.
-BUMP = "UPDATE workflow_changes SET seq=seq+1 WHERE id=1 RETURNING seq"
+_SEQ = "SELECT seq FROM workflow_changes WHERE id=1"
+# Rounds of an acknowledgement chasing changes that keep coming; past them the lease is not renewed.
+ACK_ROUNDS = 3
 
-Reader = Callable[[Callable[["Connection"], Any]], Awaitable[Any]]
+Runner = Callable[[Callable[["Connection"], Any]], Awaitable[Any]]
+
+
+def changes(conn: Connection) -> int:
+    """The change counter, read in the transaction of a workflow create or delete: the database
+    raised it there (a trigger on workflows, migration 21), so this is that change's value."""
+    (seq,) = conn.execute(_SEQ).fetchone()
+    return int(seq)
 
 
 class WorkflowCache:
     """One process's workflow rows, kept under the protocol above."""
 
-    def __init__(self, owner: str, read: Reader, write: Reader) -> None:
+    def __init__(self, owner: str, run: Runner) -> None:
+        """`run` runs an op on an autocommit connection (the store's readers): each statement
+        is its own transaction, never part of a write batch."""
         self._owner = owner
-        self._read = read
-        self._write = write
+        self._run = run
         self._entries: OrderedDict[Key, bytes] = OrderedDict()
         self._bytes = 0
         self.seen = -1  # nothing seen yet: nothing is kept until the first acknowledgement
@@ -132,16 +146,21 @@ class WorkflowCache:
 
     async def changed(self, seq: int) -> None:
         """This process committed change `seq`: drop what it keeps, acknowledge it, and wait until
-        every other process with a lease has seen it."""
+        every other process with a lease has seen it. Never raises: the change is committed."""
         self._see(seq)
-        await self._acknowledge()
-        await self.wait_for_others(seq)
+        try:
+            await self._acknowledge()
+            await self.wait_for_others(seq)
+        except Exception:
+            # Whoever has not seen it yet stops using its rows within a lease, polling or not.
+            log.warning("workflow change %d: acknowledgements unreadable; waiting out the lease", seq, exc_info=True)
+            await asyncio.sleep(LEASE + POLL)
 
     async def wait_for_others(self, seq: int) -> None:
         """Return once no other process whose lease has not run out is behind `seq`."""
         deadline = time.monotonic() + LEASE + 2 * POLL + 1.0
         while True:
-            (behind,) = await self._read(lambda conn: conn.execute(_BEHIND, (self._owner, seq)).fetchone())
+            (behind,) = await self._run(lambda conn: conn.execute(_BEHIND, (self._owner, seq)).fetchone())
             if not behind:
                 return
             if time.monotonic() > deadline:
@@ -151,16 +170,20 @@ class WorkflowCache:
             await asyncio.sleep(POLL / 5)
 
     def _see(self, seq: int) -> None:
+        """A change this process made or read: what it keeps is older (changes only go forward)."""
         if seq > self.seen:
-            self._entries.clear()
-            self._bytes = 0
-            self.seen = seq
+            self._drop(seq)
+
+    def _drop(self, seq: int) -> None:
+        self._entries.clear()
+        self._bytes = 0
+        self.seen = seq
 
     # -- the lease ------------------------------------------------------
 
     async def start(self) -> None:
         """Acknowledge the current counter (taking a lease), then keep polling."""
-        await self._write(
+        await self._run(
             lambda conn: conn.execute(
                 f"DELETE FROM workflow_cache_acks WHERE until_us<{_DB_NOW_US} - ?",  # noqa: S608 - fixed fragments
                 (STALE_ACKS_US,),
@@ -179,9 +202,7 @@ class WorkflowCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(Exception):
-            await self._write(
-                lambda conn: conn.execute("DELETE FROM workflow_cache_acks WHERE owner=?", (self._owner,))
-            )
+            await self._run(lambda conn: conn.execute("DELETE FROM workflow_cache_acks WHERE owner=?", (self._owner,)))
 
     async def _forever(self) -> None:
         while True:
@@ -192,9 +213,11 @@ class WorkflowCache:
                 log.warning("reading the workflow change counter failed; will retry", exc_info=True)
 
     async def _poll(self) -> None:
-        (seq,) = await self._read(lambda conn: conn.execute("SELECT seq FROM workflow_changes WHERE id=1").fetchone())
+        (seq,) = await self._run(lambda conn: conn.execute(_SEQ).fetchone())
         if int(seq) != self.seen:
-            self._see(int(seq))
+            # Below what was seen only if the database was restored or the counter reset: it is
+            # the truth either way, and what is kept may be from a future that never happened.
+            self._drop(int(seq))
             await self._acknowledge()
         elif time.monotonic() >= self._renew_at:
             await self._acknowledge()
@@ -202,24 +225,23 @@ class WorkflowCache:
     async def _acknowledge(self) -> None:
         """Write what this process has seen, with a new lease.
 
-        The write first takes a share lock on the counter. A change committed before it is
-        seen here, so the lease is not taken on an old value (the change may not have waited
-        for this process: its lease had run out, or it had none yet); a change after it
-        blocks until this acknowledgement commits, and then waits for it."""
+        The statement share-locks the counter first. A change committed before it is seen
+        here, so the lease is not taken on an old value (the change may not have waited for
+        this process: its lease had run out, or it had none yet); a change after it blocks
+        until this acknowledgement commits, and then waits for it. While changes keep coming
+        faster than an acknowledgement, the lease is left to run out (and the rows unused)."""
         owner, lease_us = self._owner, int(LEASE * 1_000_000)
-        while True:
+        for _ in range(ACK_ROUNDS):
             started = time.monotonic()
             seen = self.seen
 
-            def op(conn: Connection, seen: int = seen) -> int:
-                (current,) = conn.execute(_LOCKED_SEQ).fetchone()
-                conn.execute(_ACK, (owner, seen, lease_us))
-                return int(current)
+            def ack(conn: Connection, seen: int = seen) -> Any:
+                return conn.execute(_ACK, (owner, seen, lease_us)).fetchone()
 
-            current = await self._write(op)
-            if current <= seen:
-                break
-            self._see(current)
-        # Counted from before the write: the database's `until_us` is later still.
-        self._valid_until = max(self._valid_until, started + LEASE - MARGIN)
-        self._renew_at = started + LEASE - RENEW_LEFT
+            (current,) = await self._run(ack)
+            if int(current) <= seen:
+                # Counted from before the statement: the database's `until_us` is later still.
+                self._valid_until = max(self._valid_until, started + LEASE - MARGIN)
+                self._renew_at = started + LEASE - RENEW_LEFT
+                return
+            self._see(int(current))

@@ -8,7 +8,7 @@ from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import Deletion, IdempotentResult
 from flowport.server.storage.sessions import session_creator
 from flowport.server.storage.tables import Connection, Tables, micros
-from flowport.server.storage.workflow_cache import BUMP, WorkflowCache
+from flowport.server.storage.workflow_cache import WorkflowCache, changes
 from flowport.v1 import workflow_pb2
 
 _CREATE = "flowport.v1.WorkflowService/CreateWorkflow"
@@ -29,16 +29,20 @@ class WorkflowTables(Tables):
         """Store `workflow` as the next version of its name; `version` is set here."""
         now_us = micros(workflow.create_time)
         creator_sql, creator_args = session_creator(tenant, workflow.session_id)
+        greatest = self._greatest()  # a fixed function name, not input
 
         def op(conn: Connection) -> IdempotentResult:
+            bumped.clear()  # a batch that fails runs again op by op: only the last run's value counts
             if idempotency_key is not None:
                 first = idempotency.replayed(conn, tenant, _CREATE, *idempotency_key)
                 if first is not None:
                     return IdempotentResult(first, replayed=True)
-            # Numbering goes on after versions the purge removed (workflow_numbers).
+            # Numbering goes on after versions the purge removed (workflow_numbers), which may
+            # be above the versions still there (see purge_deleted_workflows).
             (latest,) = conn.execute(
-                "SELECT COALESCE(MAX(version), (SELECT last_version FROM workflow_numbers WHERE tenant=?"
-                " AND workflow_id=?), 0) FROM workflows WHERE tenant=? AND workflow_id=?",
+                f"SELECT {greatest}(COALESCE(MAX(version), 0), COALESCE((SELECT last_version FROM"  # noqa: S608
+                " workflow_numbers WHERE tenant=? AND workflow_id=?), 0)) FROM workflows WHERE tenant=?"
+                " AND workflow_id=?",
                 (tenant, workflow.workflow_id, tenant, workflow.workflow_id),
             ).fetchone()
             stored = workflow_pb2.Workflow()
@@ -54,7 +58,7 @@ class WorkflowTables(Tables):
             if idempotency_key is not None:
                 idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
             if cache is not None:
-                bumped[:] = [int(conn.execute(BUMP).fetchone()[0])]
+                bumped[:] = [changes(conn)]
             return IdempotentResult(body, replayed=False)
 
         cache, bumped = self._workflow_cache, list[int]()
@@ -134,6 +138,7 @@ class WorkflowTables(Tables):
             sql, args = f"{sql} AND {_VISIBLE}", (*args, session_creator)
 
         def op(conn: Connection) -> Deletion:
+            bumped.clear()  # a batch that fails runs again op by op: only the last run's value counts
             if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
                 # Only for a caller that may see a version of it: to another, the workflow is missing.
                 if session_creator is None or _any_visible(conn, tenant, workflow_id, session_creator):
@@ -143,7 +148,7 @@ class WorkflowTables(Tables):
             if hidden and request_id:
                 idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
             if hidden and cache is not None:
-                bumped[:] = [int(conn.execute(BUMP).fetchone()[0])]
+                bumped[:] = [changes(conn)]
             return Deletion.DELETED if hidden else Deletion.MISSING
 
         cache, bumped = self._workflow_cache, list[int]()
@@ -156,7 +161,8 @@ class WorkflowTables(Tables):
         """Remove versions deleted before `deleted_before_us`, except those of a workflow with an
         execution not ended yet (taking it over needs its version); returns how many. The highest
         number removed of each workflow is kept in workflow_numbers, where the next version goes on."""
-        # Every version of a workflow is deleted at once, so these are its highest versions too.
+        # A delete through a session's credential hides only the versions it may see, so a version
+        # removed here may be above versions still there: create_workflow numbers after both.
         purgeable = (
             "deleted_us IS NOT NULL AND deleted_us<? AND NOT EXISTS (SELECT 1 FROM executions e"
             " WHERE e.state IN (1, 2) AND e.tenant=workflows.tenant AND e.workflow_id=workflows.workflow_id)"

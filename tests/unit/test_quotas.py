@@ -17,7 +17,7 @@ from flowport.server.secrets.cipher import Sealed
 from flowport.server.storage import SqliteStore, SqlStore
 from flowport.server.storage.postgres import PostgresStore
 from flowport.server.storage.quotas import TenantQuotas
-from flowport.v1 import registry_pb2, resource_pb2, webhook_pb2, workflow_pb2
+from flowport.v1 import registry_pb2, resource_pb2, session_pb2, webhook_pb2, workflow_pb2
 from flowport.v1.execution_pb2 import Execution
 
 from ..conftest import ADMIN_KEY, make_settings
@@ -137,6 +137,26 @@ async def test_deleted_versions_are_purged_an_hour_on_unless_running_and_numberi
     await _create_workflow(store, "t", "w")
     again = await store.get_workflow("t", "w")
     assert again is not None and again.version == CAP + 1
+
+
+async def test_numbering_goes_on_after_a_purged_version_above_versions_still_there(store: SqlStore) -> None:
+    """A delete through a session's credential hides only what it may see: here the public v2,
+    not v1 in another credential's session. Once v2 is purged, the next version is v3, never a
+    second v2 with another definition."""
+    bobs = session_pb2.Session(session_id="s-bob", creator="key-bob", create_time=_ts(NOW))
+    await store.create_session("t", bobs, None)
+    in_session = _workflow("w")
+    in_session.session_id = "s-bob"
+    await store.create_workflow("t", in_session, None)
+    await _create_workflow(store, "t", "w")
+    assert await store.delete_workflow("t", "w", NOW, session_creator="key-alice") is not None
+    assert await store.get_workflow("t", "w", 2) is None
+    assert await store.purge_deleted_workflows(NOW + HOUR) == 1
+    still = await store.get_workflow("t", "w", 1)
+    assert still is not None and still.session_id == "s-bob"
+    await _create_workflow(store, "t", "w")
+    latest = await store.get_workflow("t", "w")
+    assert latest is not None and latest.version == 3
 
 
 async def test_expired_service_registrations_are_purged(store: SqlStore) -> None:

@@ -4,6 +4,7 @@ stops using what it keeps before the writers stop waiting for it."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -88,7 +89,7 @@ async def test_a_read_that_began_before_a_change_is_not_kept() -> None:
     async def unused(op: object) -> None:
         raise AssertionError("no database here")
 
-    cache = WorkflowCache("owner", unused, unused)
+    cache = WorkflowCache("owner", unused)
     cache._valid_until = time.monotonic() + 60
     cache._see(1)
     key = ("t", "w", 0, None)
@@ -132,7 +133,7 @@ def test_what_is_kept_stays_within_its_count_and_bytes(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(workflow_cache, "MAX_BYTES", 1000)
     monkeypatch.setattr(workflow_cache, "MAX_ENTRIES", 5)
-    cache = WorkflowCache("owner", unused, unused)
+    cache = WorkflowCache("owner", unused)
     cache._valid_until = time.monotonic() + 60
     cache._see(1)
     for n in range(4):
@@ -145,3 +146,52 @@ def test_what_is_kept_stays_within_its_count_and_bytes(monkeypatch: pytest.Monke
     assert len(cache._entries) == 5 and cache._bytes == sum(len(b) for b in cache._entries.values()) <= 1000
     cache.keep(("t", "big", 0, None), b"b" * (workflow_cache.MAX_BODY + 1), cache.tag())
     assert cache.get(("t", "big", 0, None)) is None, "a body over MAX_BODY is read each time"
+
+
+async def test_a_write_of_an_earlier_release_raises_the_counter_and_is_seen_within_a_poll(
+    two: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """While a deployment is rolled, processes of the earlier release write workflows without
+    knowing of the cache: the trigger raises the counter for them."""
+    runner, editor = two
+    await editor.create_workflow("t", _workflow("first"), None)
+    assert await runner.get_workflow("t", "w") is not None
+    before = _cache(runner).seen
+    newer = _workflow("second")
+    newer.version = 2
+    await editor._write(
+        lambda conn: conn.execute(
+            "INSERT INTO workflows (tenant, workflow_id, version, session_id, create_us, deleted_us, body,"
+            " session_creator) VALUES ('t', 'w', 2, '', ?, NULL, ?, '')",
+            (NOW, newer.SerializeToString()),
+        )
+    )
+    for _ in range(200):  # polled every 50 ms
+        if _cache(runner).seen > before:
+            break
+        await asyncio.sleep(0.05)
+    latest = await runner.get_workflow("t", "w")
+    assert latest is not None and latest.description == "second"
+    await editor._write(lambda conn: conn.execute("UPDATE workflows SET deleted_us=? WHERE tenant='t'", (NOW,)))
+    seen = _cache(runner).seen
+    for _ in range(200):
+        if _cache(runner).seen > seen:
+            break
+        await asyncio.sleep(0.05)
+    assert await runner.get_workflow("t", "w") is None
+
+
+async def test_a_counter_below_what_was_seen_drops_everything(two: tuple[PostgresStore, PostgresStore]) -> None:
+    """A value seen but never committed (or a database restored from a backup) must not make the
+    process take the next real change for one it has already seen."""
+    runner, editor = two
+    await editor.create_workflow("t", _workflow("first"), None)
+    assert await runner.get_workflow("t", "w") is not None
+    cache = _cache(runner)
+    actual = cache.seen
+    cache._see(actual + 5)  # as if a change of a rolled-back batch had been seen
+    cache.keep(("t", "w", 0, None), b"phantom", cache.tag())
+    await cache._poll()
+    assert cache.seen == actual and not cache._entries
+    latest = await runner.get_workflow("t", "w")
+    assert latest is not None and latest.description == "first"
