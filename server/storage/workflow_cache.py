@@ -213,7 +213,11 @@ class WorkflowCache:
                 log.warning("reading the workflow change counter failed; will retry", exc_info=True)
 
     async def _poll(self) -> None:
+        before = self.seen
         (seq,) = await self._run(lambda conn: conn.execute(_SEQ).fetchone())
+        if self.seen != before:
+            # A change of this process's own was seen meanwhile: this read may predate it.
+            return
         if int(seq) != self.seen:
             # Below what was seen only if the database was restored or the counter reset: it is
             # the truth either way, and what is kept may be from a future that never happened.

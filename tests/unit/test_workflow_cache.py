@@ -195,3 +195,29 @@ async def test_a_counter_below_what_was_seen_drops_everything(two: tuple[Postgre
     assert cache.seen == actual and not cache._entries
     latest = await runner.get_workflow("t", "w")
     assert latest is not None and latest.description == "first"
+
+
+async def test_a_poll_that_read_the_counter_before_a_change_of_its_own_does_not_undo_it() -> None:
+    """The poll's read and this process's own change overlap: the poll's older value must not
+    set `seen` back, or a read begun before the change would be kept under it."""
+    read_started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def run(op: object) -> tuple[int]:
+        read_started.set()
+        await release.wait()
+        return (1,)  # the counter as read before the change
+
+    cache = WorkflowCache("owner", run)
+    cache._valid_until = time.monotonic() + 60
+    cache._see(1)
+    key = ("t", "w", 0, None)
+    tag = cache.tag()  # a read of the old row begins
+    polling = asyncio.create_task(cache._poll())
+    await read_started.wait()
+    cache._see(2)  # this process committed change 2
+    release.set()
+    await polling
+    assert cache.seen == 2
+    cache.keep(key, b"old", tag)
+    assert cache.get(key) is None
