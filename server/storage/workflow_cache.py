@@ -22,8 +22,9 @@ every other before the create or delete answers. The protocol:
   margin), so never after the database's `until_us`: a process that stops
   polling (stalled, cut off from the database) stops using its rows before
   the writers stop waiting for it.
-- A read that began before a drop is not kept: each read carries the `seq`
-  seen when it began (`tag`), and only reads of the current one are kept.
+- A read that began before a drop is not kept: each read carries the count
+  of drops when it began (`tag`), and only reads begun since the last drop
+  are kept.
 
 So a create answers at most a poll and a write later (a few tens of
 milliseconds) while every process is well, and at most `LEASE` plus a
@@ -105,6 +106,7 @@ class WorkflowCache:
         self._entries: OrderedDict[Key, bytes] = OrderedDict()
         self._bytes = 0
         self.seen = -1  # nothing seen yet: nothing is kept until the first acknowledgement
+        self._drops = 0  # what a read carries (`tag`): it goes up with every drop, never back
         self._valid_until = 0.0
         self._renew_at = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -127,11 +129,11 @@ class WorkflowCache:
 
     def tag(self) -> int:
         """What a read beginning now carries to `keep`."""
-        return self.seen
+        return self._drops
 
     def keep(self, key: Key, body: bytes, tag: int) -> None:
         """Keep what a read that began at `tag` found, unless a change was seen since it began."""
-        if tag != self.seen or len(body) > MAX_BODY or time.monotonic() >= self._valid_until:
+        if tag != self._drops or len(body) > MAX_BODY or time.monotonic() >= self._valid_until:
             return
         replaced = self._entries.pop(key, None)
         if replaced is not None:
@@ -177,6 +179,7 @@ class WorkflowCache:
     def _drop(self, seq: int) -> None:
         self._entries.clear()
         self._bytes = 0
+        self._drops += 1
         self.seen = seq
 
     # -- the lease ------------------------------------------------------
