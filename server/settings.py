@@ -199,6 +199,14 @@ class Settings(BaseModel):
         "each kind counted apart; past it a create is RESOURCE_EXHAUSTED (HTTP 429, reason TENANT_QUOTA), so one "
         "tenant cannot fill the store every tenant shares; 0 removes the cap",
     )
+    tenant_max_sessions: int = Field(
+        100_000,
+        ge=0,
+        le=100_000_000,
+        description="sessions one tenant may keep (expired and deleted ones count until the purge removes them); "
+        "past it a create is RESOURCE_EXHAUSTED (HTTP 429, reason TENANT_QUOTA). Counted every 64th create of a "
+        "tenant in each process, so a tenant may pass it by at most 64 per process; 0 removes the cap",
+    )
     tenant_max_streams: int = Field(
         1000,
         ge=0,

@@ -41,5 +41,7 @@ async def open_store(settings: Settings) -> SqlStore:
         from flowport.server.storage.postgres import PostgresStore
 
         store = await PostgresStore.open(settings.database_url.get_secret_value())
-    store.quotas = TenantQuotas(objects=settings.tenant_max_objects or None)
+    store.quotas = TenantQuotas(
+        objects=settings.tenant_max_objects or None, sessions=settings.tenant_max_sessions or None
+    )
     return store

@@ -52,19 +52,55 @@ class TenantQuotas:
 
     objects: int | None = None
     """Rows of each kind one tenant may keep (`--tenant-max-objects`)."""
+    sessions: int | None = None
+    """Sessions one tenant may keep (`--tenant-max-sessions`), counted every SESSION_SAMPLE creates."""
+
+
+SESSIONS = Kind(
+    "sessions",
+    "sessions (expired and deleted ones count until the purge removes them)",
+)
+# Sessions are created far more often than the other kinds, and a tenant may keep many: one
+# create in this many is counted, in each process (the first one, and every one while over).
+SESSION_SAMPLE = 64
+# Tenants whose creates since their last count a process remembers; past it, it starts again.
+SESSION_TENANTS_TRACKED = 65_536
 
 
 def check(conn: Connection, quotas: TenantQuotas, tenant: str, kind: Kind) -> None:
     """Raise ResourceExhausted (reason TENANT_QUOTA) when `tenant` keeps more rows of `kind` than its
     cap, counting the row just written; called inside the write, after it."""
-    limit = quotas.objects
+    limit = quotas.sessions if kind is SESSIONS else quotas.objects
     if limit is None:
         return
     sql = f"SELECT count(*) FROM {kind.table} WHERE tenant=?"  # noqa: S608 - a fixed name
     (count,) = conn.execute(sql, (tenant,)).fetchone()
     if int(count) > limit:
+        setting = "tenant_max_sessions" if kind is SESSIONS else "tenant_max_objects"
         raise ResourceExhausted(
             f"this tenant keeps its most of {limit} {kind.name}; delete some first",
             reason="TENANT_QUOTA",
-            metadata={"kind": kind.table, "tenant_max_objects": str(limit)},
+            metadata={"kind": kind.table, setting: str(limit)},
         )
+
+
+class SessionSampler:
+    """Which session creates count the tenant's sessions: the first of a tenant in this process,
+    then one in SESSION_SAMPLE, and every one while the last count was over the cap."""
+
+    def __init__(self) -> None:
+        self._since: dict[str, int] = {}
+
+    def due(self, tenant: str) -> bool:
+        """Whether this create (about to be written) is counted."""
+        since = self._since.get(tenant)
+        if since is None or since + 1 >= SESSION_SAMPLE:
+            return True
+        self._since[tenant] = since + 1
+        return False
+
+    def counted(self, tenant: str, over: bool) -> None:
+        """A count was made: over the cap, the next create is counted again."""
+        if len(self._since) >= SESSION_TENANTS_TRACKED and tenant not in self._since:
+            self._since.clear()
+        self._since[tenant] = SESSION_SAMPLE - 1 if over else 0

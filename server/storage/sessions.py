@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 
-from flowport.server.storage import idempotency
+from flowport.server.errors import ResourceExhausted
+from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import Deletion, IdempotentResult
 from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import session_pb2
@@ -30,12 +31,20 @@ class SessionTables(Tables):
     """Sessions, scoped by tenant, expiring at `expire_us` (0 once deleted) and removed by the purge."""
 
     _session_owners: OrderedDict[tuple[str, str], str] | None = None
+    _session_sampler: quotas.SessionSampler | None = None
 
     async def create_session(
         self, tenant: str, session: session_pb2.Session, idempotency_key: tuple[str, bytes] | None
     ) -> IdempotentResult:
+        """Store a new session; past the tenant's `--tenant-max-sessions` (as last counted), raise
+        ResourceExhausted and write nothing."""
         body = session.SerializeToString()
         now_us = micros(session.create_time)
+        sampler = None
+        if self.quotas.sessions is not None:
+            if self._session_sampler is None:
+                self._session_sampler = quotas.SessionSampler()
+            sampler = self._session_sampler if self._session_sampler.due(tenant) else None
 
         def op(conn: Connection) -> IdempotentResult:
             if idempotency_key is not None:
@@ -56,9 +65,18 @@ class SessionTables(Tables):
                     session.creator,
                 ),
             )
+            if sampler is not None:
+                quotas.check(conn, self.quotas, tenant, quotas.SESSIONS)
             return IdempotentResult(body, replayed=False)
 
-        result = await self._write(op)
+        try:
+            result = await self._write(op)
+        except ResourceExhausted:
+            if sampler is not None:
+                sampler.counted(tenant, over=True)
+            raise
+        if sampler is not None:
+            sampler.counted(tenant, over=False)
         if not result.replayed:
             self._remember_owner(tenant, session.session_id, session.creator)
         return result

@@ -14,7 +14,7 @@ from flowport.clients import ApiError, AsyncClient
 from flowport.server.app import start, stop
 from flowport.server.errors import ResourceExhausted
 from flowport.server.secrets.cipher import Sealed
-from flowport.server.storage import SqliteStore, SqlStore
+from flowport.server.storage import SqliteStore, SqlStore, quotas
 from flowport.server.storage.postgres import PostgresStore
 from flowport.server.storage.quotas import TenantQuotas
 from flowport.v1 import registry_pb2, resource_pb2, session_pb2, webhook_pb2, workflow_pb2
@@ -189,3 +189,34 @@ async def test_a_create_past_the_cap_is_resource_exhausted_through_the_api(tmp_p
             assert "most of 1 workflow versions" in caught.value.message
     finally:
         await stop(running, 1.0)
+
+
+async def test_sessions_past_the_tenants_cap_are_refused_within_a_sample(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions are counted one create in SESSION_SAMPLE (and every create while over): a tenant
+    passes its cap by less than a sample, then every create is refused until the purge makes room;
+    other tenants are not touched."""
+    monkeypatch.setattr(quotas, "SESSION_SAMPLE", 4)
+    store.quotas = TenantQuotas(sessions=10)
+
+    def made(n: int, tenant: str = "t") -> session_pb2.Session:
+        return session_pb2.Session(
+            session_id=f"{tenant}-{n}", creator="k", create_time=_ts(NOW), expire_time=_ts(NOW + HOUR)
+        )
+
+    created = 0
+    with pytest.raises(ResourceExhausted) as caught:
+        for n in range(100):
+            await store.create_session("t", made(n), None)
+            created += 1
+    assert caught.value.reason == "TENANT_QUOTA"
+    assert caught.value.metadata == {"kind": "sessions", "tenant_max_sessions": "10"}
+    assert 10 <= created < 10 + quotas.SESSION_SAMPLE
+    with pytest.raises(ResourceExhausted):  # every create while over is counted, and refused
+        await store.create_session("t", made(1000), None)
+    assert await store.get_session("t", "t-1000", NOW) is None, "a refused create writes nothing"
+    await store.create_session("other", made(0, "other"), None)
+    # Expired sessions go with the purge: room again.
+    await store.purge_expired(NOW + 2 * HOUR, 0)
+    await store.create_session("t", made(2000), None)
