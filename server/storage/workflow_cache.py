@@ -41,14 +41,13 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from flowport.server.storage.tables import Connection
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Key = tuple[str, str, int, str | None]  # tenant, workflow_id, version (0: latest), session_creator
 
 # Seconds a process may use what it keeps after its last acknowledgement.
@@ -198,8 +197,7 @@ class WorkflowCache:
     async def close(self) -> None:
         """Stop polling, stop using what is kept, and give up the lease (writers stop waiting for it)."""
         self._valid_until = 0.0
-        self._entries.clear()
-        self._bytes = 0
+        self._drop(self.seen)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

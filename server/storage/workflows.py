@@ -4,12 +4,17 @@ version can still be resumed and inspected."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import Deletion, IdempotentResult
 from flowport.server.storage.sessions import session_creator
 from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.server.storage.workflow_cache import WorkflowCache, changes
 from flowport.v1 import workflow_pb2
+
+R = TypeVar("R")
 
 _CREATE = "flowport.v1.WorkflowService/CreateWorkflow"
 _DELETE = "flowport.v1.WorkflowService/DeleteWorkflow"
@@ -32,7 +37,6 @@ class WorkflowTables(Tables):
         greatest = self._greatest()  # a fixed function name, not input
 
         def op(conn: Connection) -> IdempotentResult:
-            bumped.clear()  # a batch that fails runs again op by op: only the last run's value counts
             if idempotency_key is not None:
                 first = idempotency.replayed(conn, tenant, _CREATE, *idempotency_key)
                 if first is not None:
@@ -57,15 +61,9 @@ class WorkflowTables(Tables):
             quotas.check(conn, self.quotas, tenant, quotas.WORKFLOW_VERSIONS)
             if idempotency_key is not None:
                 idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
-            if cache is not None:
-                bumped[:] = [changes(conn)]
             return IdempotentResult(body, replayed=False)
 
-        cache, bumped = self._workflow_cache, list[int]()
-        result = await self._write(op)
-        if cache is not None and bumped:
-            await cache.changed(bumped[0])
-        return result
+        return await self._write_change(op, lambda result: not result.replayed)
 
     async def get_workflow(
         self,
@@ -138,7 +136,6 @@ class WorkflowTables(Tables):
             sql, args = f"{sql} AND {_VISIBLE}", (*args, session_creator)
 
         def op(conn: Connection) -> Deletion:
-            bumped.clear()  # a batch that fails runs again op by op: only the last run's value counts
             if request_id and idempotency.replayed(conn, tenant, _DELETE, request_id, key) is not None:
                 # Only for a caller that may see a version of it: to another, the workflow is missing.
                 if session_creator is None or _any_visible(conn, tenant, workflow_id, session_creator):
@@ -147,15 +144,28 @@ class WorkflowTables(Tables):
             hidden = conn.execute(sql, args).rowcount
             if hidden and request_id:
                 idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
-            if hidden and cache is not None:
-                bumped[:] = [changes(conn)]
             return Deletion.DELETED if hidden else Deletion.MISSING
 
-        cache, bumped = self._workflow_cache, list[int]()
-        deletion = await self._write(op)
-        if cache is not None and bumped:
-            await cache.changed(bumped[0])
-        return deletion
+        return await self._write_change(op, lambda deletion: deletion is Deletion.DELETED)
+
+    async def _write_change(self, op: Callable[[Connection], R], changed: Callable[[R], bool]) -> R:
+        """Write a workflow create or delete; on a store whose processes keep workflows, answer once
+        every process has dropped its copies (workflow_cache.py). `changed`: whether the op's result
+        says it changed a row (a replay or a missing workflow changes none)."""
+        cache = self._workflow_cache
+        if cache is None:
+            return await self._write(op)
+
+        def run(conn: Connection) -> tuple[R, int | None]:
+            # The value comes with the result: a batch that fails runs again op by op, and only
+            # its last run counts.
+            result = op(conn)
+            return result, changes(conn) if changed(result) else None
+
+        result, seq = await self._write(run)
+        if seq is not None:
+            await cache.changed(seq)
+        return result
 
     async def purge_deleted_workflows(self, deleted_before_us: int) -> int:
         """Remove versions deleted before `deleted_before_us`, except those of a workflow with an
