@@ -37,6 +37,7 @@ from flowport.server.auth.bootstrap import ensure_admin_key
 from flowport.server.auth.keys import KeyAuthenticator
 from flowport.server.auth.origin import TrustedProxies
 from flowport.server.clock import now_us
+from flowport.server.engine import execution_bytes
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
@@ -600,6 +601,7 @@ async def _start_engine(
         exclusive=store.dialect == "sqlite",
         queue=work_queue,
         tenant_share=tenant_share(settings.tenant_execution_share, settings.max_concurrent_executions),
+        tenant_max_bytes=settings.tenant_max_execution_bytes or None,
     )
     # Executions are left RUNNING with their leases released: resumed at the next start or elsewhere.
     opened.push_async_callback(bounded("executions", executor.shutdown))
@@ -784,8 +786,9 @@ async def _sample(prometheus: Prometheus, services: NodeServices, dispatcher: We
 
 async def purge_expired_rows(store: SqlStore, settings: Settings, now: int) -> int:
     """One round of the purge: expired sessions, request ids and service registrations, old finished
-    webhook deliveries, workflow versions deleted an hour ago, and ended executions past
-    `--execution-retention-seconds`; returns how many rows went."""
+    webhook deliveries, workflow versions deleted an hour ago, ended executions past
+    `--execution-retention-seconds`, and the oldest ended executions of tenants past
+    `--tenant-max-execution-bytes`; returns how many rows went."""
     removed = await store.purge_expired(now, now - int(REQUEST_ID_RETENTION * 1e6))
     removed += await store.purge_finished_deliveries(now - int(DELIVERY_RETENTION * 1e6))
     removed += await store.purge_expired_services(now)
@@ -798,6 +801,8 @@ async def purge_expired_rows(store: SqlStore, settings: Settings, now: int) -> i
             removed += gone
             if gone < EXECUTION_PURGE_BATCH:
                 break
+    if settings.tenant_max_execution_bytes:
+        removed += await execution_bytes.trim_all(store, settings.tenant_max_execution_bytes)
     return removed
 
 

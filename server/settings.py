@@ -207,6 +207,15 @@ class Settings(BaseModel):
         "past it a create is RESOURCE_EXHAUSTED (HTTP 429, reason TENANT_QUOTA). Counted every 64th create of a "
         "tenant in each process, so a tenant may pass it by at most 64 per process; 0 removes the cap",
     )
+    tenant_max_execution_bytes: int = Field(
+        10 * 2**30,
+        ge=0,
+        le=2**50,
+        description="bytes of stored executions (their records: inputs, outputs, node runs) one tenant may keep; "
+        "past it the tenant's new executions are RESOURCE_EXHAUSTED (HTTP 429, reason TENANT_QUOTA) and its "
+        "oldest ended executions are removed, whatever their age, until it is back to nine tenths of it; read "
+        "every second in each process, so a tenant may pass it by what it writes in that time; 0 removes the cap",
+    )
     tenant_max_streams: int = Field(
         1000,
         ge=0,

@@ -47,6 +47,7 @@ from google.rpc import code_pb2
 
 from flowport.server.clock import now_us
 from flowport.server.engine.elsewhere import Elsewhere
+from flowport.server.engine.execution_bytes import ExecutionBytesCap
 from flowport.server.engine.plan import Plan, PlanCache
 from flowport.server.engine.run import FINISHED, Execution, Run, error_status, mark_running, publish, timestamp_now
 from flowport.server.engine.slots import Slots
@@ -55,7 +56,7 @@ from flowport.server.engine.takeover import Takeover
 from flowport.server.engine.values import struct_to_python
 from flowport.server.engine.walk import Walker
 from flowport.server.engine.work_queue import QUEUE_FAILURES, WorkQueue
-from flowport.server.errors import InvalidArgument, ResourceExhausted
+from flowport.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from flowport.server.events.bus import EventBus
 from flowport.server.ids import new_id
 from flowport.server.leases import Leases
@@ -106,9 +107,12 @@ class Executor:
         exclusive: bool = True,
         queue: WorkQueue | None = None,
         tenant_share: int | None = None,
+        tenant_max_bytes: int | None = None,
     ) -> None:
-        """`tenant_share`: executions one tenant may run at once here (None: up to `max_concurrent`)."""
+        """`tenant_share`: executions one tenant may run at once here (None: up to `max_concurrent`);
+        `tenant_max_bytes`: bytes of stored executions one tenant may keep (None: no cap)."""
         self._slots = Slots(max_concurrent, tenant_share)
+        self.bytes_cap = ExecutionBytesCap(store, tenant_max_bytes)
         self._store = store
         self._plans = plans
         self._bus = bus
@@ -219,14 +223,15 @@ class Executor:
         session_id, request_id, key, waited = asked.session_id, asked.request_id, asked.key, asked.waited
         tenant_full = not handing_off and self._slots.tenant_full(tenant)
         queued = handing_off or self._slots.room() <= 0
-        if queued or tenant_full:
+        over_bytes = await self.bytes_cap.over(tenant)
+        if queued or tenant_full or over_bytes:
             # A retry of a call that already started an execution is answered
             # even when full: it asks for nothing new.
             first_id = None if key is None else await self._store.replayed_execution(tenant, key)
             if first_id is not None:
-                first = await self.get(tenant, first_id)
-                assert first is not None, "an idempotency record points at a missing execution"
-                return first, True
+                return await self._replayed(tenant, first_id), True
+            if over_bytes:
+                raise self.bytes_cap.refuse(tenant)
             if tenant_full:
                 # Refused, not queued: queueing a tenant's overflow would let it
                 # fill the shared backlog the other tenants need.
@@ -277,14 +282,25 @@ class Executor:
             if counted and (left := self._tenant_queuing.pop(tenant) - 1):
                 self._tenant_queuing[tenant] = left
         if result.replayed:
-            first = await self.get(tenant, result.response.decode())
-            assert first is not None, "an idempotency record points at a missing execution"
-            return first, True
+            return await self._replayed(tenant, result.response.decode()), True
         if queued:
             await self._submit(tenant, execution.execution_id)
         else:
             self._walker.start(Run(tenant, plan, execution, values, starting=True))
         return execution, False
+
+    async def _replayed(self, tenant: str, execution_id: str) -> Execution:
+        """The execution a repeated request_id made; NotFound once it was removed (its tenant's
+        executions past --tenant-max-execution-bytes lose their oldest, whatever their age)."""
+        first = await self.get(tenant, execution_id)
+        if first is None:
+            raise NotFound(
+                "the execution this request_id started has been removed (its tenant's stored "
+                "executions reached their cap); use a new request_id to run it again",
+                reason="EXECUTION_REMOVED",
+                metadata={"execution_id": execution_id},
+            )
+        return first
 
     async def _admit_to_queue(self, tenant: str) -> bool:
         """Raise ResourceExhausted unless `tenant`'s execution may wait in the shared queue.
@@ -443,6 +459,7 @@ class Executor:
         by the next start or by another process sharing the store."""
         await self._takeover.stop()
         await self._elsewhere.stop()
+        await self.bytes_cap.close()
         tasks = [run.task for run in self._slots.runs.values() if run.task is not None]
         for task in tasks:
             task.cancel()

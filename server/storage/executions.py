@@ -304,6 +304,44 @@ class ExecutionTables(Tables):
         )
         return await self._write(lambda conn: conn.execute(sql, (created_before_us, batch)).rowcount)
 
+    # -- bytes kept per tenant (migration 22: triggers keep `execution_bytes`) ----------------
+
+    async def execution_bytes(self, tenant: str) -> int:
+        """The bytes of `tenant`'s stored executions (their bodies), as of the last commit."""
+        row = await self._lookup("SELECT sum(bytes) FROM execution_bytes WHERE tenant=?", (tenant,))
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    async def tenants_over_execution_bytes(self, limit: int) -> list[str]:
+        """The tenants whose stored executions take more than `limit` bytes."""
+        sql = "SELECT tenant FROM execution_bytes GROUP BY tenant HAVING sum(bytes) > ?"
+        return await self._read(lambda conn: [str(row[0]) for row in conn.execute(sql, (limit,)).fetchall()])
+
+    async def remove_oldest_ended_executions(self, tenant: str, at_least: int, *, batch: int = 1000) -> int:
+        """Remove `tenant`'s oldest ended executions, among its `batch` oldest, until their bodies add
+        up to `at_least` bytes (all of them when they hold less); returns how many went."""
+
+        def op(conn: Connection) -> int:
+            rows = conn.execute(
+                "SELECT execution_id, length(body) FROM executions WHERE tenant=? AND state IN (3, 4, 5)"
+                " ORDER BY create_us, execution_id LIMIT ?",
+                (tenant, batch),
+            ).fetchall()
+            chosen, freed = [], 0
+            for execution_id, size in rows:
+                if freed >= at_least:
+                    break
+                chosen.append(str(execution_id))
+                freed += int(size)
+            gone = 0
+            for start in range(0, len(chosen), 100):
+                ids = chosen[start : start + 100]
+                marks = ",".join("?" * len(ids))
+                sql = f"DELETE FROM executions WHERE tenant=? AND execution_id IN ({marks})"  # noqa: S608 - marks
+                gone += conn.execute(sql, (tenant, *ids)).rowcount
+            return gone
+
+        return await self._write(op)
+
 
 def _listed(
     tenant: str, workflow_id: str, session_id: str, state: int, session_creator: str | None

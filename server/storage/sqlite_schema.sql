@@ -1,6 +1,6 @@
 -- The SQLite schema after every migration: generated, do not edit.
 -- python -m flowport.server.storage.sqlite_snapshot rewrites it.
--- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention,19:workflow_numbers,20:event_purge_marks,21:workflow_cache
+-- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention,19:workflow_numbers,20:event_purge_marks,21:workflow_cache,22:execution_bytes
 CREATE TABLE api_keys (
 	key_id TEXT NOT NULL, 
 	tenant TEXT NOT NULL, 
@@ -45,6 +45,12 @@ CREATE TABLE events (
 	execution_id TEXT NOT NULL, 
 	data BLOB NOT NULL, 
 	PRIMARY KEY (id)
+);
+CREATE TABLE execution_bytes (
+	tenant TEXT NOT NULL, 
+	shard INTEGER NOT NULL, 
+	bytes BIGINT NOT NULL, 
+	PRIMARY KEY (tenant, shard)
 );
 CREATE TABLE executions (
 	tenant TEXT NOT NULL, 
@@ -192,3 +198,6 @@ CREATE INDEX webhook_deliveries_leases ON webhook_deliveries (lease_until_us) WH
 CREATE INDEX executions_by_session ON executions (tenant, session_id) WHERE session_id <> '';
 CREATE INDEX workflows_by_session ON workflows (tenant, session_id) WHERE session_id <> '';
 CREATE INDEX executions_ended_by_time ON executions (create_us) WHERE state IN (3, 4, 5);
+CREATE TRIGGER executions_bytes_inserted AFTER INSERT ON executions BEGIN INSERT INTO execution_bytes (tenant, shard, bytes) VALUES (NEW.tenant, 0, length(NEW.body)) ON CONFLICT (tenant, shard) DO UPDATE SET bytes = bytes + excluded.bytes; END;
+CREATE TRIGGER executions_bytes_updated AFTER UPDATE OF body ON executions WHEN length(NEW.body) <> length(OLD.body) BEGIN INSERT INTO execution_bytes (tenant, shard, bytes) VALUES (NEW.tenant, 0, length(NEW.body) - length(OLD.body)) ON CONFLICT (tenant, shard) DO UPDATE SET bytes = bytes + excluded.bytes; END;
+CREATE TRIGGER executions_bytes_deleted AFTER DELETE ON executions BEGIN INSERT INTO execution_bytes (tenant, shard, bytes) VALUES (OLD.tenant, 0, -length(OLD.body)) ON CONFLICT (tenant, shard) DO UPDATE SET bytes = bytes + excluded.bytes; END;
