@@ -786,11 +786,13 @@ async def _sample(prometheus: Prometheus, services: NodeServices, dispatcher: We
 
 async def purge_expired_rows(store: SqlStore, settings: Settings, now: int) -> int:
     """One round of the purge: expired sessions, request ids and service registrations, old finished
-    webhook deliveries, workflow versions deleted an hour ago, ended executions past
+    webhook deliveries and each webhook's past its newest `--webhook-delivery-retention-count`,
+    workflow versions deleted an hour ago, ended executions past
     `--execution-retention-seconds`, and the oldest ended executions of tenants past
     `--tenant-max-execution-bytes`; returns how many rows went."""
     removed = await store.purge_expired(now, now - int(REQUEST_ID_RETENTION * 1e6))
     removed += await store.purge_finished_deliveries(now - int(DELIVERY_RETENTION * 1e6))
+    removed += await store.purge_deliveries_beyond(settings.webhook_delivery_retention_count)
     removed += await store.purge_expired_services(now)
     removed += await store.purge_deleted_workflows(now - int(DELETED_WORKFLOW_RETENTION * 1e6))
     if settings.execution_retention_seconds:

@@ -195,9 +195,33 @@ class Settings(BaseModel):
         10_000,
         ge=0,
         le=100_000_000,
-        description="workflow versions, webhooks, registered services, resources and secrets one tenant may keep, "
+        description="workflow versions, registered services, resources and secrets one tenant may keep, "
         "each kind counted apart; past it a create is RESOURCE_EXHAUSTED (HTTP 429, reason TENANT_QUOTA), so one "
         "tenant cannot fill the store every tenant shares; 0 removes the cap",
+    )
+    tenant_max_webhooks: int = Field(
+        100,
+        ge=0,
+        le=100_000_000,
+        description="webhooks one tenant may keep; past it a create is RESOURCE_EXHAUSTED (HTTP 429, reason "
+        "TENANT_QUOTA). Each event is delivered once to every webhook that wants it, so this bounds the "
+        "deliveries, and the work, one event of a tenant makes; 0 removes the cap",
+    )
+    tenant_max_pending_deliveries: int = Field(
+        100_000,
+        ge=0,
+        le=100_000_000,
+        description="webhook deliveries of one tenant a server process holds unfinished (waiting, being sent, "
+        "or between attempts); past it the tenant's new deliveries are dropped, counted (webhooks.dropped in "
+        "GetStats) and logged, so receivers that never answer cannot fill the memory and store every tenant "
+        "shares; missed events stay readable from the event log; 0 removes the cap",
+    )
+    webhook_delivery_retention_count: int = Field(
+        10_000,
+        ge=100,
+        le=100_000_000,
+        description="finished deliveries (delivered or dead-lettered) kept of each webhook, the newest; older "
+        "ones go at the purge (within a minute), as do those past seven days",
     )
     tenant_max_sessions: int = Field(
         100_000,

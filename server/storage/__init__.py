@@ -42,6 +42,8 @@ async def open_store(settings: Settings) -> SqlStore:
 
         store = await PostgresStore.open(settings.database_url.get_secret_value())
     store.quotas = TenantQuotas(
-        objects=settings.tenant_max_objects or None, sessions=settings.tenant_max_sessions or None
+        objects=settings.tenant_max_objects or None,
+        sessions=settings.tenant_max_sessions or None,
+        webhooks=settings.tenant_max_webhooks or None,
     )
     return store

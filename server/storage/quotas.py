@@ -2,7 +2,9 @@
 
 Without a cap, one tenant with a valid key could fill the disk every tenant
 shares with workflow versions, webhooks, services, resources or secrets
-(executions go by `--execution-retention-seconds` instead). Resources from the
+(executions are counted in bytes instead: server/engine/execution_bytes.py).
+Webhooks have a smaller cap of their own, since every event is delivered to
+each webhook that wants it. Resources from the
 operator's resources file are never refused, and count with the tenant's own
 toward the cap.
 Each create counts the tenant's rows of its kind after its own write, in the
@@ -54,6 +56,17 @@ class TenantQuotas:
     """Rows of each kind one tenant may keep (`--tenant-max-objects`)."""
     sessions: int | None = None
     """Sessions one tenant may keep (`--tenant-max-sessions`), counted every SESSION_SAMPLE creates."""
+    webhooks: int | None = None
+    """Webhooks one tenant may keep (`--tenant-max-webhooks`): each event is delivered once to each
+    webhook that wants it, so this bounds what one event costs."""
+
+    def limit(self, kind: Kind) -> tuple[int | None, str]:
+        """The cap on `kind`, and the setting that sets it."""
+        if kind is SESSIONS:
+            return self.sessions, "tenant_max_sessions"
+        if kind is WEBHOOKS:
+            return self.webhooks, "tenant_max_webhooks"
+        return self.objects, "tenant_max_objects"
 
 
 SESSIONS = Kind(
@@ -70,13 +83,12 @@ SESSION_TENANTS_TRACKED = 65_536
 def check(conn: Connection, quotas: TenantQuotas, tenant: str, kind: Kind) -> None:
     """Raise ResourceExhausted (reason TENANT_QUOTA) when `tenant` keeps more rows of `kind` than its
     cap, counting the row just written; called inside the write, after it."""
-    limit = quotas.sessions if kind is SESSIONS else quotas.objects
+    limit, setting = quotas.limit(kind)
     if limit is None:
         return
     sql = f"SELECT count(*) FROM {kind.table} WHERE tenant=?"  # noqa: S608 - a fixed name
     (count,) = conn.execute(sql, (tenant,)).fetchone()
     if int(count) > limit:
-        setting = "tenant_max_sessions" if kind is SESSIONS else "tenant_max_objects"
         raise ResourceExhausted(
             f"this tenant keeps its most of {limit} {kind.name}; delete some first",
             reason="TENANT_QUOTA",

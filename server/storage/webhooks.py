@@ -361,6 +361,35 @@ class WebhookTables(Tables):
         sql = "DELETE FROM webhook_deliveries WHERE state IN (3, 4) AND update_us < ?"
         return await self._write(lambda conn: conn.execute(sql, (before_us,)).rowcount)
 
+    async def purge_deliveries_beyond(self, keep: int, *, batch: int = 10_000) -> int:
+        """Delete the finished deliveries of each webhook past its newest `keep` (finished or not), at
+        most `batch` per webhook and call, oldest first; rows removed. A larger backlog goes over
+        several calls, so that other writes share the writer between them."""
+
+        def beyond(conn: Connection) -> list[tuple[str, str, int, str]]:
+            # One walk of at most `keep` index entries per webhook, through (tenant, webhook_id, create_us).
+            found = []
+            for tenant, webhook_id in conn.execute("SELECT tenant, webhook_id FROM webhooks").fetchall():
+                row = conn.execute(
+                    "SELECT create_us, delivery_id FROM webhook_deliveries WHERE tenant=? AND webhook_id=?"
+                    " ORDER BY create_us DESC, delivery_id DESC LIMIT 1 OFFSET ?",
+                    (tenant, webhook_id, keep),
+                ).fetchone()
+                if row is not None:
+                    found.append((str(tenant), str(webhook_id), int(row[0]), str(row[1])))
+            return found
+
+        removed = 0
+        for tenant, webhook_id, create_us, delivery_id in await self._read(beyond):
+            args = (tenant, webhook_id, create_us, create_us, delivery_id, batch)
+            sql = (
+                "DELETE FROM webhook_deliveries WHERE delivery_id IN (SELECT delivery_id FROM webhook_deliveries"
+                " WHERE tenant=? AND webhook_id=? AND state IN (3, 4)"
+                " AND (create_us<? OR (create_us=? AND delivery_id<=?)) ORDER BY create_us LIMIT ?)"
+            )
+            removed += await self._write(lambda conn, args=args, sql=sql: conn.execute(sql, args).rowcount)  # type: ignore[misc]
+        return removed
+
     async def list_deliveries(
         self, tenant: str, webhook_id: str, *, state: int, after: tuple[int, str] | None, limit: int
     ) -> list[webhook_pb2.WebhookDelivery]:

@@ -27,7 +27,11 @@ Flow:
   `X-Flowport-Delivery-Id`.
 
 In memory the dispatcher holds a small record per unfinished delivery (ids
-and a timer), never its body.
+and a timer), never its body. A tenant holds at most
+`--tenant-max-pending-deliveries` of them in a process: past it, its new
+deliveries are dropped and counted instead of queued, so receivers that
+never answer (each delivery lives through every retry) cannot grow this
+process's memory and the store without bound. The events stay in the log.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -74,6 +79,8 @@ CHANGE_EVENTS = frozenset({"webhook.created", "webhook.deleted"})
 
 FAILED_EVENT = "webhook.failed"
 Key = tuple[str, str]  # (tenant, webhook_id)
+# Seconds between two warnings of a tenant's dropped deliveries.
+DROP_WARNING_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +172,11 @@ class WebhookDispatcher:
         self._timeout = settings.webhook_timeout
         self._max_backoff = settings.webhook_max_backoff
         self._concurrency = settings.webhook_concurrency_per_target
+        self._tenant_max_pending = settings.tenant_max_pending_deliveries or None
+        # Per tenant: its deliveries in _pending, and those in the inbox not yet scheduled.
+        self._tenant_pending: Counter[str] = Counter()
+        self._tenant_inboxed: Counter[str] = Counter()
+        self._drop_warned: dict[str, float] = {}
         self._allowlist = normalize_allowlist(settings.webhook_allowlist)
         self._initial_backoff = initial_backoff
         self._hooks: dict[Key, _Hook] = {}
@@ -185,6 +197,7 @@ class WebhookDispatcher:
         self.retried = 0
         self.dead_lettered = 0
         self.lost = 0  # deliveries whose rows could not be written
+        self.dropped = 0  # deliveries not queued: their tenant held its most unfinished
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -242,6 +255,7 @@ class WebhookDispatcher:
             if pending.timer is not None:
                 pending.timer.cancel()
         self._pending.clear()
+        self._tenant_pending.clear()
         self._lanes.clear()
         workers = list(self._workers)
         for task in workers:
@@ -296,6 +310,14 @@ class WebhookDispatcher:
             ]
             if not hooks:
                 return
+            if self._tenant_max_pending is not None:
+                held = self._tenant_pending[event.tenant] + self._tenant_inboxed[event.tenant]
+                if held + len(hooks) > self._tenant_max_pending:
+                    self._drop_over(event.tenant, hooks, self._tenant_max_pending - held)
+                    hooks = hooks[: max(self._tenant_max_pending - held, 0)]
+                    if not hooks:
+                        return
+                self._tenant_inboxed[event.tenant] += len(hooks)
             self._inbox.append((event, hooks))
             if self._flusher is None:
                 # A context of its own: deliveries serve many tenants, not the publisher's call
@@ -303,6 +325,26 @@ class WebhookDispatcher:
                 self._flusher = asyncio.get_running_loop().create_task(self._flush(), context=contextvars.Context())
         except Exception:  # a raising listener would break publish for everyone
             log.exception("could not queue webhook deliveries of event %s", event.id)
+
+    def _drop_over(self, tenant: str, hooks: list[_Hook], room: int) -> None:
+        """Count (and now and then log) the deliveries to `hooks` past the first `room`."""
+        dropped = len(hooks) - max(room, 0)
+        self.dropped += dropped
+        self.tenant_outcomes[(tenant, "dropped")] += dropped
+        if self.prometheus is not None:
+            self.prometheus.webhook_deliveries.labels("dropped").inc(dropped)
+        now = time.monotonic()
+        if now - self._drop_warned.get(tenant, -DROP_WARNING_INTERVAL) >= DROP_WARNING_INTERVAL:
+            if len(self._drop_warned) >= 65_536:
+                self._drop_warned.clear()
+            self._drop_warned[tenant] = now
+            log.warning(
+                "tenant %s holds its most of %d unfinished webhook deliveries in this process: new ones are "
+                "dropped (its receivers are slow or down; %d dropped so far)",
+                tenant,
+                self._tenant_max_pending,
+                self.tenant_outcomes[(tenant, "dropped")],
+            )
 
     def _hears(self, hook: _Hook, event: BusEvent) -> bool:
         """Whether `hook` may hear of another webhook's failure: an admin's of any, else only of
@@ -343,18 +385,26 @@ class WebhookDispatcher:
         try:
             while self._inbox:
                 batch, self._inbox = self._inbox, []
-                rows = self._rows(await self._visible(batch))
                 try:
-                    await self._store.insert_deliveries(
-                        rows, owner=self._leases.owner, lease_until_us=self._leases.until()
-                    )
-                except Exception:
-                    self.lost += len(rows)
-                    log.exception("could not queue %d webhook deliveries", len(rows))
-                    continue
-                # Once closed, the rows wait for the next start.
-                for row in rows:
-                    self._schedule(_Pending(row.delivery_id, (row.tenant, row.webhook_id)), 0.0)
+                    rows = self._rows(await self._visible(batch))
+                    try:
+                        await self._store.insert_deliveries(
+                            rows, owner=self._leases.owner, lease_until_us=self._leases.until()
+                        )
+                    except Exception:
+                        self.lost += len(rows)
+                        log.exception("could not queue %d webhook deliveries", len(rows))
+                        continue
+                    # Once closed, the rows wait for the next start.
+                    for row in rows:
+                        self._schedule(_Pending(row.delivery_id, (row.tenant, row.webhook_id)), 0.0)
+                finally:
+                    # Counted in the inbox until scheduled (in _tenant_pending from then on).
+                    for event, hooks in batch:
+                        if self._tenant_max_pending is not None:
+                            self._tenant_inboxed[event.tenant] -= len(hooks)
+                            if self._tenant_inboxed[event.tenant] <= 0:
+                                del self._tenant_inboxed[event.tenant]
         finally:
             self._flusher = None
 
@@ -393,6 +443,8 @@ class WebhookDispatcher:
         current = self._pending.get(pending.delivery_id)
         if current is not None and current is not pending:
             return  # a fresh row can be seen both by the restart scan and by the flusher
+        if current is None:
+            self._tenant_pending[pending.key[0]] += 1
         self._pending[pending.delivery_id] = pending
         if delay <= 0:
             self._ready(pending)
@@ -417,6 +469,10 @@ class WebhookDispatcher:
             pending.timer = None
         if self._pending.get(pending.delivery_id) is pending:
             del self._pending[pending.delivery_id]
+            tenant = pending.key[0]
+            self._tenant_pending[tenant] -= 1
+            if self._tenant_pending[tenant] <= 0:
+                del self._tenant_pending[tenant]
 
     async def _work(self, lane: _Lane) -> None:
         try:
@@ -561,12 +617,13 @@ class WebhookDispatcher:
         """Counters since start (of `tenant`, or all), for GatewayService.GetStats."""
         if tenant is None:
             return gateway_pb2.WebhookStats(
-                delivered=self.delivered, retried=self.retried, dead_lettered=self.dead_lettered
+                delivered=self.delivered, retried=self.retried, dead_lettered=self.dead_lettered, dropped=self.dropped
             )
         return gateway_pb2.WebhookStats(
             delivered=self.tenant_outcomes[(tenant, "delivered")],
             retried=self.tenant_outcomes[(tenant, "retried")],
             dead_lettered=self.tenant_outcomes[(tenant, "dead_lettered")],
+            dropped=self.tenant_outcomes[(tenant, "dropped")],
         )
 
     @property

@@ -34,7 +34,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         opened = await PostgresStore.open(request.getfixturevalue("postgres_url"))
     else:
         opened = await SqliteStore.open(tmp_path / "db.sqlite")
-    opened.quotas = TenantQuotas(objects=CAP)
+    opened.quotas = TenantQuotas(objects=CAP, webhooks=CAP)
     try:
         yield opened
     finally:
@@ -99,7 +99,8 @@ async def test_a_tenant_keeps_at_most_its_cap_of_each_kind_and_the_others_are_un
     for n in range(CAP):
         await create(store, "greedy", f"o{n}")
     refused = await _refused(create(store, "greedy", "one-more"))
-    assert refused.metadata["tenant_max_objects"] == str(CAP) and "one-more" not in refused.message
+    setting = "tenant_max_webhooks" if create is _create_webhook else "tenant_max_objects"
+    assert refused.metadata[setting] == str(CAP) and "one-more" not in refused.message
     # Another tenant's room is its own.
     await create(store, "other", "o0")
     # Replacing what the tenant keeps adds nothing: a new version of a secret, a service registered
@@ -220,3 +221,13 @@ async def test_sessions_past_the_tenants_cap_are_refused_within_a_sample(
     # Expired sessions go with the purge: room again.
     await store.purge_expired(NOW + 2 * HOUR, 0)
     await store.create_session("t", made(2000), None)
+
+
+async def test_webhooks_have_a_cap_of_their_own(store: SqlStore) -> None:
+    """Every event is delivered to each webhook that wants it: their cap is smaller than the others'."""
+    store.quotas = TenantQuotas(objects=10, webhooks=1)
+    await _create_webhook(store, "t", "h0")
+    refused = await _refused(_create_webhook(store, "t", "h1"))
+    assert refused.metadata == {"kind": "webhooks", "tenant_max_webhooks": "1"}
+    await _create_workflow(store, "t", "w0")  # the other kinds keep the objects' cap
+    await _create_workflow(store, "t", "w1")

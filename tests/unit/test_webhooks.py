@@ -1107,3 +1107,68 @@ async def test_a_session_s_owner_is_looked_up_once_not_per_event(
 
         await eventually(delivered, "thirty deliveries of the session's events")
         assert len(lookups) == 1
+
+
+async def test_a_tenants_unfinished_deliveries_are_bounded_and_the_rest_dropped_and_counted(
+    tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    """Receivers that never answer keep each delivery through every retry: past the tenant's most of
+    unfinished deliveries in the process, its new ones are dropped and counted, not queued; other
+    tenants' deliveries go on, and once the backlog drains the tenant's are queued again."""
+    hung = receivers(lambda n, seen: HANG)
+    fine = receivers()
+    async with running(tmp_path, tenant_max_pending_deliveries=5, webhook_concurrency_per_target=2) as env:
+        greedy = await env.create(hung.url(), tenant="greedy", event_types=["execution.*"])
+        await env.create(fine.url(), tenant="other", event_types=["execution.*"])
+        for n in range(20):
+            env.publish(tenant="greedy", n=n)
+
+        async def two_in_flight() -> bool:
+            return hung.in_flight == 2
+
+        await eventually(two_in_flight, "the hung receiver's two connections")
+        assert env.dispatcher.unfinished == 5
+        stats = env.dispatcher.stats("greedy")
+        assert (stats.dropped, env.dispatcher.stats().dropped) == (15, 15)
+        assert len(await env.deliveries(greedy.webhook_id, tenant="greedy")) == 5, "dropped ones are not stored"
+
+        env.publish(tenant="other", n=0)
+
+        async def other_delivered() -> bool:
+            return len(fine.events()) == 1
+
+        await eventually(other_delivered, "the other tenant's delivery")
+        assert env.dispatcher.stats("other").dropped == 0
+
+        hung.release.set()
+
+        async def drained() -> bool:
+            return env.dispatcher.unfinished == 0
+
+        await eventually(drained, "the backlog delivered")
+        env.publish(tenant="greedy", n=99)
+
+        async def queued_again() -> bool:
+            return any(event["data"].get("n") == 99 for event in hung.events())
+
+        await eventually(queued_again, "a new delivery once there is room")
+        assert env.dispatcher.stats("greedy").dropped == 15
+
+
+async def test_each_webhook_keeps_its_newest_finished_deliveries(env: Env, receivers: Callable[..., Receiver]) -> None:
+    receiver = receivers()
+    hook = await env.create(receiver.url(), event_types=["execution.*"])
+    other = await env.create(receiver.url(), event_types=["session.*"])
+    published = [env.publish(n=n).id for n in range(8)]
+    env.publish("session.created")
+
+    async def all_delivered() -> bool:
+        return len(receiver.events()) == 9 and env.dispatcher.unfinished == 0
+
+    await eventually(all_delivered, "nine deliveries")
+    assert await env.store.purge_deliveries_beyond(3, batch=2) == 2, "at most a batch per webhook and call"
+    assert await env.store.purge_deliveries_beyond(3) == 3
+    assert await env.store.purge_deliveries_beyond(3) == 0
+    kept = await env.deliveries(hook.webhook_id)
+    assert sorted(d.event_id for d in kept) == sorted(published[5:]), "the newest three"
+    assert len(await env.deliveries(other.webhook_id)) == 1

@@ -1267,6 +1267,7 @@ class WebhookStats(_message.Message):
     RETRIED_FIELD_NUMBER: _builtins.int
     DEAD_LETTERED_FIELD_NUMBER: _builtins.int
     RETRYING_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
     delivered: _builtins.float
     """Deliveries a receiver accepted."""
     retried: _builtins.float
@@ -1275,6 +1276,11 @@ class WebhookStats(_message.Message):
     """Deliveries that exhausted their retries."""
     retrying: _builtins.float
     """Deliveries in the store waiting for another attempt after a failed one."""
+    dropped: _builtins.float
+    """Deliveries never queued: their tenant already held its most of unfinished
+    deliveries in the process (`--tenant-max-pending-deliveries`). Their events
+    stay in the event log.
+    """
     def __init__(
         self,
         *,
@@ -1282,10 +1288,11 @@ class WebhookStats(_message.Message):
         retried: _builtins.float = ...,
         dead_lettered: _builtins.float = ...,
         retrying: _builtins.float = ...,
+        dropped: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_lettered", b"dead_lettered", "delivered", b"delivered", "retried", b"retried", "retrying", b"retrying"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_lettered", b"dead_lettered", "delivered", b"delivered", "dropped", b"dropped", "retried", b"retried", "retrying", b"retrying"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
