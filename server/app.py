@@ -257,6 +257,11 @@ SIGNAL_SCOPED_ABI = 6
 
 def _report_confinement(settings: Settings, sandbox: SandboxPool) -> None:
     """Say at start how far the kernel confines the sandbox workers, and what it cannot hide from them."""
+    if sandbox.landlock_rules and sandbox.seccomp != "1":
+        log.warning(
+            "sandbox workers may create sockets: their seccomp filter is not installed (%s)",
+            sandbox.seccomp.partition(":")[2].strip() or sandbox.seccomp,
+        )
     abi, _, why = sandbox.landlock.partition(":")
     if abi == "0":
         log.warning(

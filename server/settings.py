@@ -178,9 +178,10 @@ class Settings(BaseModel):
     sandbox_cpu_seconds: float = Field(10.0, gt=0, le=3600, description="CPU time one PythonCodeNode run may use")
     sandbox_landlock: Literal["auto", "required", "off"] = Field(
         "auto",
-        description="the kernel's Landlock confinement of sandbox workers, beneath the audit hook (no file read "
-        "outside Python and its modules, no write, no TCP, no signal out): auto uses what the kernel offers and "
-        "warns when it offers none; required refuses to start without it; off is for kernels that misbehave",
+        description="the kernel's confinement of sandbox workers, beneath the audit hook: Landlock (no file read "
+        "outside Python and its modules, no write, no TCP, no signal out) and a seccomp filter (no socket at all): "
+        "auto uses what the kernel offers and warns of what it does not; required refuses to start without both; "
+        "off is for kernels that misbehave",
     )
     tenant_execution_share: float = Field(
         0.5,

@@ -18,7 +18,13 @@ code does:
   signalled (ABI 6).
 
 Each holds on the kernels whose ABI has it; on an older kernel the rest
-still do. The worker is started through this file, run as a script with the
+still do. Landlock has no rule for UDP nor for connecting to a Unix socket
+by its path, so a seccomp filter comes with it: the worker, which talks to
+the server over pipes, creates no socket at all (`socket` and
+`io_uring_setup`, which can make one, fail with EPERM; so does every system
+call of another architecture's table, such as x32's or i386's). It is
+installed whenever confinement is on, whatever Landlock offers, on x86-64
+and arm64. The worker is started through this file, run as a script with the
 stdlib only (`python -s -S -P landlock.py RULES MODE -- COMMAND`): it confines
 itself, then execs the worker, and the confinement holds across the exec for
 the worker's whole life. ctypes, which makes the system calls, is never
@@ -41,6 +47,9 @@ ENV_RESULT = "FLOWPORT_WORKER_LANDLOCK"
 MODES = ("auto", "required", "off")
 # The worker's exit status when `required` confinement failed (the worker's own refusals use 3).
 CONFINEMENT_FAILED = 5
+
+# Set for the worker: "1" when the seccomp filter is installed ("0: why" when it is not).
+ENV_SECCOMP = "FLOWPORT_WORKER_SECCOMP"
 
 # linux/landlock.h
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446  # the same number on every architecture
@@ -187,6 +196,54 @@ def confine(rules: dict[str, list[str]]) -> int:
     return version
 
 
+# linux/seccomp.h, linux/filter.h, linux/audit.h. By machine: (AUDIT_ARCH, socket, io_uring_setup).
+_SECCOMP_ARCHES = {"x86_64": (0xC000003E, 41, 425), "aarch64": (0xC00000B7, 198, 425)}
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
+_RET_ALLOW = 0x7FFF0000
+_RET_EPERM = 0x00050000 | errno.EPERM
+_X32_BIT = 0x40000000  # x86-64's x32 table: the same calls under other numbers
+
+
+def forbid_sockets() -> None:
+    """Install the seccomp filter that refuses creating sockets (see the module's docstring) on
+    this process and what it execs. Raises OSError when the kernel refuses it, and when this
+    machine's architecture is not one the filter knows."""
+    import ctypes
+    import platform
+    import struct
+
+    machine = platform.machine()
+    if machine not in _SECCOMP_ARCHES:
+        raise OSError(errno.EOPNOTSUPP, f"no seccomp filter for {machine}")
+    arch, socket_call, io_uring_setup = _SECCOMP_ARCHES[machine]
+    # (code, jump if true, jump if false, k): offsets count from the next instruction.
+    program = [
+        (_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+        (_JEQ_K, 1, 0, arch),
+        (_RET_K, 0, 0, _RET_EPERM),  # another architecture's table
+        (_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+        (_JGE_K, 2, 0, _X32_BIT),
+        (_JEQ_K, 1, 0, socket_call),
+        (_JEQ_K, 0, 1, io_uring_setup),
+        (_RET_K, 0, 0, _RET_EPERM),
+        (_RET_K, 0, 0, _RET_ALLOW),
+    ]
+    code = b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+    filters = ctypes.create_string_buffer(code, len(code))
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+    prog = Program(len(program), ctypes.cast(filters, ctypes.c_void_p))
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:  # needed without privileges
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
 def _is_dir(fd: int) -> bool:
     import stat
 
@@ -231,8 +288,17 @@ def main(argv: list[str]) -> None:
                 sys.stderr.write(f"sandbox worker not started: Landlock is required and {why}\n")
                 sys.exit(CONFINEMENT_FAILED)
             os.environ[ENV_RESULT] = f"0: {why}"
+        try:
+            forbid_sockets()
+            os.environ[ENV_SECCOMP] = "1"
+        except Exception as exc:  # noqa: BLE001 - as above: auto runs on, required stops
+            if mode == "required":
+                sys.stderr.write(f"sandbox worker not started: its seccomp filter was refused: {exc}\n")
+                sys.exit(CONFINEMENT_FAILED)
+            os.environ[ENV_SECCOMP] = f"0: {exc}"
     else:
         os.environ[ENV_RESULT] = "0: turned off"
+        os.environ[ENV_SECCOMP] = "0: turned off"
     os.execv(command[0], command)  # noqa: S606 - the worker's command line, from the server
 
 

@@ -281,6 +281,8 @@ class SandboxPool:
             self._command = landlock.launch(self.landlock_rules, landlock_mode, self._command)
         # The ABI the workers are confined with, or "0: why not" (from their first answer).
         self.landlock = "0: turned off" if landlock_mode == "off" else ""
+        # Whether the workers' seccomp filter (no sockets, landlock.py) is on: "1", or "0: why not".
+        self.seccomp = "0: turned off" if landlock_mode == "off" else ""
         self._idle: list[_Worker] = []  # least recently used first
         # Callers waiting for a worker, per tenant; a worker is handed to one of
         # them (its future resolved; None when the pool closes).
@@ -672,6 +674,7 @@ class SandboxPool:
                 raise _Lost("did not answer the ping")
             if self.landlock_rules:
                 self.landlock = str(reply.get("landlock", ""))
+                self.seccomp = str(reply.get("seccomp", ""))
         except (_Lost, OSError, EOFError, orjson.JSONDecodeError) as exc:
             worker.kill()
             status = await worker.reap()

@@ -41,7 +41,7 @@ from typing import Any
 import orjson
 
 from flowport.server.sandbox import policy
-from flowport.server.sandbox.landlock import ENV_RESULT
+from flowport.server.sandbox.landlock import ENV_RESULT, ENV_SECCOMP
 
 USER_FILENAME = "<code>"
 CODE_CACHE_SIZE = 256
@@ -276,6 +276,7 @@ class _Runner:
         self.retire_at = retire_at
         # The confinement landlock.py put this worker in: its ABI, or "0: why not".
         self.landlock = os.environ.get(ENV_RESULT, "0: started without landlock.py")
+        self.seccomp = os.environ.get(ENV_SECCOMP, "0: started without landlock.py")
         self.cache: OrderedDict[str, types.CodeType] = OrderedDict()
         self.builtins = policy.safe_builtins()
         self.globals: dict[str, Any] = {
@@ -295,7 +296,7 @@ class _Runner:
     def handle(self, request: Reply) -> Reply:
         job_id = request["id"]
         if request.get("op") == "ping":
-            return {"id": job_id, "status": "pong", "landlock": self.landlock}
+            return {"id": job_id, "status": "pong", "landlock": self.landlock, "seccomp": self.seccomp}
         key = request["key"]
         code = self.cache.get(key)
         if code is not None:

@@ -30,7 +30,7 @@ needs_landlock = pytest.mark.skipif(ABI == 0, reason="this kernel offers no Land
 
 PROBE = """
 import json, os, socket, sys
-secret, folder, pid, port, abstract = sys.argv[1:]
+secret, folder, pid, port, abstract, udp_port, unix_path = sys.argv[1:]
 def attempt(action):
     try:
         action()
@@ -42,6 +42,12 @@ def tcp():
 def unix():
     with socket.socket(socket.AF_UNIX) as s:
         s.connect("\\0" + abstract)
+def udp():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"escaped", ("127.0.0.1", int(udp_port)))
+def by_path():
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(unix_path)
 print(json.dumps({
     "secret": attempt(lambda: open(secret).read()),
     "server environ": attempt(lambda: open(f"/proc/{pid}/environ", "rb").read()),
@@ -51,9 +57,12 @@ print(json.dumps({
     "signal": attempt(lambda: os.kill(int(pid), 0)),
     "tcp": attempt(tcp),
     "abstract unix": attempt(unix),
+    "udp": attempt(udp),
+    "unix path": attempt(by_path),
     "stdlib": attempt(lambda: open(os.__file__).read()),
     "dev null": attempt(lambda: open(os.devnull, "w").write("x")),
     "abi": os.environ.get("FLOWPORT_WORKER_LANDLOCK"),
+    "seccomp": os.environ.get("FLOWPORT_WORKER_SECCOMP"),
 }))
 """
 
@@ -63,10 +72,20 @@ def _probe(tmp_path: Path, mode: str) -> dict[str, Any]:
     secret = tmp_path / "flowport.db"
     secret.write_text("every tenant's rows")
     abstract = f"flowport-test-{os.getpid()}"
-    with socket.create_server(("127.0.0.1", 0)) as listener, socket.socket(socket.AF_UNIX) as unix:
+    unix_path = tmp_path / "server.sock"
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.socket(socket.AF_UNIX) as unix,
+        socket.socket(socket.AF_UNIX) as by_path,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+    ):
         unix.bind("\0" + abstract)
         unix.listen()
+        by_path.bind(str(unix_path))
+        by_path.listen()
+        udp.bind(("127.0.0.1", 0))
         args = [str(secret), str(tmp_path), str(os.getpid()), str(listener.getsockname()[1]), abstract]
+        args += [str(udp.getsockname()[1]), str(unix_path)]
         command = landlock.launch(landlock.worker_rules(), mode, [sys.executable, "-c", PROBE, *args])
         done = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd="/", check=False)
     assert done.returncode == 0, done.stderr
@@ -81,18 +100,19 @@ def test_a_confined_process_reads_python_and_nothing_of_the_server(tmp_path: Pat
     assert got["stdlib"] == got["dev null"] == "allowed"
     denied = f"refused {errno.EACCES}"
     assert got["secret"] == got["server environ"] == got["listing"] == got["write"] == got["remove"] == denied, got
-    if ABI >= 4:
-        assert got["tcp"] == denied, got
     if ABI >= 6:
         assert got["signal"] == f"refused {errno.EPERM}", got
-        assert got["abstract unix"] == f"refused {errno.EPERM}", got
+    # No socket is made at all (the seccomp filter), so none of Landlock's gaps is left open.
+    assert got["seccomp"] == "1", got
+    no_socket = f"refused {errno.EPERM}"
+    assert got["tcp"] == got["abstract unix"] == got["udp"] == got["unix path"] == no_socket, got
 
 
 def test_without_confinement_the_same_probe_reaches_everything(tmp_path: Path) -> None:
     # The probe's refusals above are Landlock's: turned off, each is allowed.
     got = _probe(tmp_path, "off")
-    assert got["abi"] == "0: turned off"
-    assert {key for key, value in got.items() if value != "allowed"} == {"abi"}, got
+    assert got["abi"] == got["seccomp"] == "0: turned off"
+    assert {key for key, value in got.items() if value != "allowed"} == {"abi", "seccomp"}, got
 
 
 def test_the_rules_never_open_the_checkout_or_the_root() -> None:
@@ -137,6 +157,9 @@ def test_required_refuses_to_start_when_the_kernel_offers_none(
     ran: list[list[str]] = []
     monkeypatch.setattr(landlock, "confine", unsupported)
     monkeypatch.setattr(os, "execv", lambda path, argv: ran.append(argv))
+    # Never on the test process itself: it would lose its sockets.
+    monkeypatch.setattr(landlock, "forbid_sockets", lambda: None)
+    monkeypatch.setenv(landlock.ENV_SECCOMP, "")
     argv = ["landlock.py", json.dumps({"read": [], "read_write": []}), "required", "--", "/bin/true"]
     with pytest.raises(SystemExit) as ended:
         landlock.main(argv)
@@ -161,6 +184,28 @@ def test_required_refuses_to_start_when_the_kernel_offers_none(
     assert ended.value.code == landlock.CONFINEMENT_FAILED
 
 
+def test_a_refused_seccomp_filter_stops_required_and_is_reported_by_auto(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refused() -> None:
+        raise OSError(errno.EINVAL, "no seccomp here")
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(landlock, "confine", lambda rules: 6)
+    monkeypatch.setattr(landlock, "forbid_sockets", refused)
+    monkeypatch.setattr(os, "execv", lambda path, argv: ran.append(argv))
+    monkeypatch.setenv(landlock.ENV_RESULT, "")
+    monkeypatch.setenv(landlock.ENV_SECCOMP, "")
+    argv = ["landlock.py", json.dumps({"read": [], "read_write": []}), "required", "--", "/bin/true"]
+    with pytest.raises(SystemExit) as ended:
+        landlock.main(argv)
+    assert ended.value.code == landlock.CONFINEMENT_FAILED and ran == []
+    assert "its seccomp filter was refused" in capsys.readouterr().err
+    landlock.main([*argv[:2], "auto", *argv[3:]])
+    assert ran == [["/bin/true"]]
+    assert os.environ[landlock.ENV_SECCOMP] == "0: [Errno 22] no seccomp here"
+
+
 @needs_landlock
 @pytest.mark.asyncio
 async def test_a_worker_the_confinement_stops_says_how_to_start_it_unconfined() -> None:
@@ -182,15 +227,16 @@ async def test_the_pools_workers_are_confined_and_say_so() -> None:
     pool = SandboxPool(size=1)
     await pool.start()
     try:
-        assert pool.landlock == str(ABI)
+        assert pool.landlock == str(ABI) and pool.seccomp == "1"
         assert "NoNewPrivs:\t1" in _status(pool.pids[0])
+        assert "Seccomp:\t2" in _status(pool.pids[0]), "in filter mode"
         assert await pool.run("result = n + 1", {"n": 1}, tenant="acme") == 2
     finally:
         await pool.close()
     unconfined = SandboxPool(size=1, landlock_mode="off")
     await unconfined.start()
     try:
-        assert unconfined.landlock == "0: turned off"
+        assert unconfined.landlock == unconfined.seccomp == "0: turned off"
         assert "NoNewPrivs:\t0" in _status(unconfined.pids[0])
     finally:
         await unconfined.close()
@@ -198,24 +244,31 @@ async def test_the_pools_workers_are_confined_and_say_so() -> None:
 
 def test_start_warns_of_a_data_folder_the_workers_may_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings(data_dir=tmp_path / "data")
-    confined = SimpleNamespace(landlock="7", landlock_rules={"read": [str(tmp_path)]})
+    confined = SimpleNamespace(landlock="7", seccomp="1", landlock_rules={"read": [str(tmp_path)]})
     with caplog.at_level(logging.WARNING, logger="flowport.server"):
         _report_confinement(settings, confined)  # type: ignore[arg-type]
     assert f"{tmp_path / 'data'} lies in {tmp_path}, which sandbox workers may read" in caplog.text
     caplog.clear()
-    apart = SimpleNamespace(landlock="7", landlock_rules={"read": [str(tmp_path / "python")]})
+    apart = SimpleNamespace(landlock="7", seccomp="1", landlock_rules={"read": [str(tmp_path / "python")]})
     with caplog.at_level(logging.WARNING, logger="flowport.server"):
         _report_confinement(settings, apart)  # type: ignore[arg-type]
     assert caplog.text == ""
     with caplog.at_level(logging.WARNING, logger="flowport.server"):
-        _report_confinement(settings, SimpleNamespace(landlock="0: turned off", landlock_rules={}))  # type: ignore[arg-type]
+        _report_confinement(
+            settings, SimpleNamespace(landlock="0: turned off", seccomp="0: turned off", landlock_rules={})
+        )  # type: ignore[arg-type]
     assert "not confined by Landlock (turned off)" in caplog.text
+    caplog.clear()
+    no_filter = SimpleNamespace(landlock="7", seccomp="0: no seccomp filter for riscv64", landlock_rules={"read": []})
+    with caplog.at_level(logging.WARNING, logger="flowport.server"):
+        _report_confinement(settings, no_filter)  # type: ignore[arg-type]
+    assert "may create sockets: their seccomp filter is not installed (no seccomp filter for riscv64)" in caplog.text
     caplog.clear()
     # A key file is private too, and a readable root reached through a symbolic link is seen through.
     (tmp_path / "python").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "python")
     keyed = Settings(data_dir=tmp_path / "data", secrets_key_file=tmp_path / "python" / "etc" / "key")
-    linked = SimpleNamespace(landlock="7", landlock_rules={"read": [str(tmp_path / "link")]})
+    linked = SimpleNamespace(landlock="7", seccomp="1", landlock_rules={"read": [str(tmp_path / "link")]})
     with caplog.at_level(logging.WARNING, logger="flowport.server"):
         _report_confinement(keyed, linked)  # type: ignore[arg-type]
     assert f"{tmp_path / 'python' / 'etc' / 'key'} lies in {tmp_path / 'python'}" in caplog.text
