@@ -17,8 +17,9 @@ from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from flowport.server.engine.plan import Plan
-from flowport.server.errors import DOMAIN
+from flowport.server.errors import DOMAIN, cut
 from flowport.server.events.bus import EventBus
+from flowport.server.nodes.base import MAX_MESSAGE_CHARS
 from flowport.server.nodes.substitution import execution_variables
 from flowport.v1 import execution_pb2
 
@@ -38,7 +39,7 @@ def error_status(code: int, message: str, reason: str, metadata: dict[str, str])
     """The google.rpc.Status an execution or a node run ends with, its ErrorInfo naming `reason`."""
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))
-    return status_pb2.Status(code=code, message=message, details=[detail])
+    return status_pb2.Status(code=code, message=cut(message, MAX_MESSAGE_CHARS), details=[detail])
 
 
 def mark_running(execution: Execution) -> None:

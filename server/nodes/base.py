@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from jsonschema import Draft202012Validator, ValidationError
 
-from flowport.server.errors import SHOWN_CHARS, shown
+from flowport.server.errors import SHOWN_CHARS, cut, shown
 from flowport.v1 import registry_pb2
 
 # Schema errors one config reports at most.
@@ -38,6 +38,10 @@ JsonSchema = dict[str, Any]
 Violation = tuple[str, str]
 
 
+# The most of a node's error message kept: it goes into the execution, two events and a webhook
+# delivery per webhook, and may quote what the tenant's code or a remote server said.
+MAX_MESSAGE_CHARS = 2048
+
 # The most a node's outputs may take, serialized (engine/output_limits.py checks it; a node that
 # collects rows or bodies stops at it instead of holding more in memory first).
 MAX_OUTPUT_BYTES = 8 * 2**20
@@ -49,6 +53,7 @@ class NodeError(Exception):
     def __init__(
         self, message: str, *, reason: str = "NODE_FAILED", retryable: bool = False, retry_after: float | None = None
     ) -> None:
+        message = cut(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
         self.reason = reason

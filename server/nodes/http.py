@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 import httpx
 
 from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target, header_value_problem
+from flowport.server.errors import SHOWN_CHARS, cut, shown
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
 from flowport.server.nodes.substitution import check_params, substitute
 from flowport.server.observability import tracing
@@ -401,9 +402,9 @@ def _parse_url(raw: str) -> httpx.URL:
     try:
         url = httpx.URL(raw)
     except httpx.InvalidURL as exc:
-        raise NodeError(f"invalid url {raw!r}: {exc}", reason="HTTP_INVALID_URL") from exc
+        raise NodeError(f"invalid url {shown(raw)}: {cut(str(exc), SHOWN_CHARS)}", reason="HTTP_INVALID_URL") from exc
     if url.scheme not in ("http", "https") or not url.host:
-        raise NodeError(f"url must be http(s) with a host, got {raw!r}", reason="HTTP_INVALID_URL")
+        raise NodeError(f"url must be http(s) with a host, got {shown(raw)}", reason="HTTP_INVALID_URL")
     return url
 
 

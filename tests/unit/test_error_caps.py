@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from google.rpc import error_details_pb2
 
+from flowport.clients import AsyncClient
 from flowport.server import errors
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import MAX_NODES, find_cycle, validate
 from flowport.server.errors import InvalidArgument, NotFound, shown
-from flowport.server.nodes.base import NodeError
-from flowport.server.nodes.http import HTTPRequestNode
+from flowport.server.nodes.base import MAX_MESSAGE_CHARS, NodeError
+from flowport.server.nodes.http import HTTPRequestNode, _parse_url
 from flowport.server.nodes.python_code import PythonCodeNode
-from flowport.v1 import workflow_pb2
+from flowport.v1 import event_pb2, execution_pb2, workflow_pb2
 
 LONG = "x" * 40_000
 
@@ -237,3 +239,39 @@ async def test_a_content_length_int_cannot_read_is_left_to_the_capped_read() -> 
     for declared in ("²".encode("latin-1"), b"9" * 5000):
         response = httpx.Response(200, headers=[(b"content-length", declared)], stream=httpx.ByteStream(b"ok"))
         assert await _read_capped(response, 1024, False, url) == b"ok"
+
+
+def test_a_node_error_keeps_at_most_its_cap_of_message() -> None:
+    # A node's message goes into the execution, two events and each webhook's delivery.
+    error = NodeError("boom: " + LONG)
+    assert len(error.message) <= MAX_MESSAGE_CHARS and error.message.endswith("(40006 characters, cut)")
+    assert str(error) == error.message
+    assert NodeError("short").message == "short"
+
+
+async def test_a_huge_url_is_not_quoted_whole_in_the_http_nodes_error() -> None:
+    with pytest.raises(NodeError) as caught:
+        _parse_url("ftp://" + LONG)
+    assert caught.value.reason == "HTTP_INVALID_URL"
+    assert len(caught.value.message) < 400 and "(40006 characters, cut)" in caught.value.message
+    with pytest.raises(NodeError) as invalid:
+        _parse_url("http://host:notaport/" + LONG)
+    assert len(invalid.value.message) < 700, invalid.value.message
+
+
+async def test_an_executions_error_from_user_code_stays_within_the_cap(admin: AsyncClient) -> None:
+    """Code raising with a megabyte of text: the execution, its node run and its failure event each
+    carry at most the cap, not the text."""
+    workflow = workflow_pb2.Workflow(workflow_id="loud", name="loud")
+    json_format.ParseDict(
+        {"nodes": [{"name": "n", "type": "PythonCodeNode", "config": {"code": "raise ValueError('y' * 1_000_000)"}}]},
+        workflow,
+    )
+    await admin.workflows.CreateWorkflow(workflow_pb2.CreateWorkflowRequest(workflow=workflow))
+    done = await admin.executions.CreateExecution(execution_pb2.CreateExecutionRequest(workflow_id="loud", wait=True))
+    assert done.state == execution_pb2.Execution.STATE_FAILED
+    assert "ValueError" in done.error.message and len(done.error.message) <= MAX_MESSAGE_CHARS
+    assert all(len(run.error.message) <= MAX_MESSAGE_CHARS for run in done.node_runs)
+    recent = await admin.events.ListRecentEvents(event_pb2.ListRecentEventsRequest(page_size=20))
+    failed = [e for e in recent.events if e.type in ("execution.failed", "node.failed")]
+    assert failed and all(e.ByteSize() < 3 * MAX_MESSAGE_CHARS for e in failed)
