@@ -8,10 +8,11 @@ from collections.abc import Collection
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
+from flowport.server.limits import MAX_PAGE_BYTES
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import ExpiredExecution, IdempotencyConflict, IdempotentResult
 from flowport.server.storage.sessions import session_creator
-from flowport.server.storage.tables import Connection, Tables, micros
+from flowport.server.storage.tables import Connection, Tables, micros, within_budget
 from flowport.v1 import execution_pb2
 
 log = logging.getLogger(__name__)
@@ -155,12 +156,12 @@ class ExecutionTables(Tables):
         """Newest first, strictly after the (create_us, execution_id) cursor; with `session_creator`,
         only executions outside sessions or in that credential's."""
         where, args = _listed(tenant, workflow_id, session_id, state, session_creator)
-        sql = f"SELECT body FROM executions WHERE {where}"  # noqa: S608 - fixed fragments
         if after is not None:
-            sql += " AND (create_us, execution_id) < (?, ?)"
+            where += " AND (create_us, execution_id) < (?, ?)"
             args.extend(after)
-        sql += " ORDER BY create_us DESC, execution_id DESC LIMIT ?"
-        args.append(limit)
+        order = (("create_us", "DESC"), ("execution_id", "DESC"))
+        sql = within_budget("executions", "e", ("execution_id",), order, where)
+        args += [limit, MAX_PAGE_BYTES]
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [execution_pb2.Execution.FromString(row[0]) for row in rows]
 

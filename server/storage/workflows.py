@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+from flowport.server.limits import MAX_PAGE_BYTES
 from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import Deletion, IdempotentResult
 from flowport.server.storage.sessions import session_creator
-from flowport.server.storage.tables import Connection, Tables, micros
+from flowport.server.storage.tables import Connection, Tables, micros, within_budget
 from flowport.server.storage.workflow_cache import WorkflowCache, changes
 from flowport.v1 import workflow_pb2
 
@@ -108,12 +109,11 @@ class WorkflowTables(Tables):
         """The latest version of each workflow, by workflow_id, after `after`; with `session_creator`,
         the latest of the versions outside sessions or in that credential's."""
         where, args = _listed(tenant, session_id, session_creator)
-        sql = f"SELECT body FROM workflows w WHERE {where}"  # noqa: S608 - fixed fragments
         if after is not None:
-            sql += " AND workflow_id > ?"
+            where += " AND w.workflow_id > ?"
             args.append(after)
-        sql += " ORDER BY workflow_id LIMIT ?"
-        args.append(limit)
+        sql = within_budget("workflows", "w", ("tenant", "workflow_id", "version"), (("workflow_id", "ASC"),), where)
+        args += [limit, MAX_PAGE_BYTES]
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [workflow_pb2.Workflow.FromString(row[0]) for row in rows]
 

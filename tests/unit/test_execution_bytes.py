@@ -13,10 +13,12 @@ import pytest
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from flowport.clients import ApiError, AsyncClient
+from flowport.server import pagination
 from flowport.server.app import start, stop
 from flowport.server.engine import execution_bytes
 from flowport.server.engine.execution_bytes import ExecutionBytesCap
 from flowport.server.errors import ResourceExhausted
+from flowport.server.limits import MAX_PAGE_BYTES
 from flowport.server.storage import SqliteStore, SqlStore
 from flowport.server.storage.migrate import Migration, bundled
 from flowport.server.storage.postgres import PostgresStore
@@ -227,3 +229,27 @@ async def test_through_the_api_a_tenant_at_its_cap_gets_429_and_keeps_its_newest
             assert "first-run" not in replay.value.message
     finally:
         await stop(running, 1.0)
+
+
+async def test_a_page_reads_no_more_bodies_than_its_byte_budget_and_walks_them_all(store: SqlStore) -> None:
+    """page_size=1000 over executions of 1.5 MiB each: the store reads the few a 4 MiB page holds
+    (and the one that passes it), not a thousand, and the pages still walk every execution once."""
+    big = 1_500_000
+    for n in range(7):
+        await store.insert_execution("t", _execution(n, Execution.STATE_SUCCEEDED, size=big), None)
+    await store.insert_execution("t", _execution(7, Execution.STATE_SUCCEEDED, size=5_000_000), None)  # alone > 4 MiB
+    seen: list[str] = []
+    after = None
+    pages = 0
+    while True:
+        rows = await store.list_executions("t", workflow_id="", session_id="", state=0, after=after, limit=1001)
+        assert len(rows) <= 4, "at most the page's bodies and the one past it"
+        kept, token = pagination.page(rows, 1000, {}, lambda e: [e.create_time.ToMicroseconds(), e.execution_id])
+        assert sum(e.ByteSize() for e in kept) <= MAX_PAGE_BYTES or len(kept) == 1
+        seen += [e.execution_id for e in kept]
+        pages += 1
+        if not token:
+            break
+        after = pagination.cursor_time_id(pagination.decode_token(token, {}))
+    assert seen == [f"t-e{n:04}" for n in range(7, -1, -1)], "newest first, each once"
+    assert pages >= 4
