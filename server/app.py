@@ -596,6 +596,7 @@ async def _start_engine(
         opened.push_async_callback(bounded("the work queue", work_queue.close))
     registry = NodeRegistry.default()
     plans = PlanCache(registry)
+    opened.callback(plans.checks.close)
     executor = Executor(
         store,
         plans,
@@ -636,7 +637,9 @@ def _add_services(
     """Register the flowport.v1 services (GatewayService apart: it needs the server's counters)."""
     store = core.store
     session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, settings, bus), server)
-    workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowService(store, engine.registry, bus), server)
+    workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(
+        WorkflowService(store, engine.registry, bus, engine.plans.checks), server
+    )
     execution_pb2_grpc.add_ExecutionServiceServicer_to_server(
         ExecutionService(store, engine.executor, bus, settings.stream_heartbeat), server
     )

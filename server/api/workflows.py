@@ -17,6 +17,7 @@ from flowport.server.api.sessions import (
     session_scope,
 )
 from flowport.server.clock import now_us, timestamp
+from flowport.server.engine.checks import WorkflowChecks
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import stored_form, validate
 from flowport.server.errors import InvalidArgument, NotFound, shown
@@ -37,10 +38,12 @@ def workflow_not_found(workflow_id: str, version: int = 0) -> NotFound:
 class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
     """Dynamic workflows in the seed's config format, versioned by name."""
 
-    def __init__(self, store: SqlStore, registry: NodeRegistry, bus: EventBus) -> None:
+    def __init__(self, store: SqlStore, registry: NodeRegistry, bus: EventBus, checks: WorkflowChecks) -> None:
+        """`checks`: where large workflows are validated, off the event loop (engine/checks.py)."""
         self._store = store
         self._registry = registry
         self._bus = bus
+        self._checks = checks
 
     async def CreateWorkflow(
         self, request: workflow_pb2.CreateWorkflowRequest, context: Context
@@ -60,7 +63,8 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
                 f"workflow.metadata must be at most {MAX_METADATA_BYTES} bytes encoded",
                 violations=[("workflow.metadata", f"at most {MAX_METADATA_BYTES} bytes encoded")],
             )
-        problems = validate(given, self._registry)
+        tenant = tenant_of(context)
+        problems = await self._checks.run(tenant, given, lambda: validate(given, self._registry))
         if problems:
             raise InvalidArgument(
                 f"workflow is not valid ({problems.total} problem{'s' if problems.total > 1 else ''}): "
@@ -68,7 +72,6 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
                 reason="INVALID_WORKFLOW",
                 violations=problems,
             )
-        tenant = tenant_of(context)
         if given.session_id:
             await check_session(self._store, context, given.session_id)
         workflow = workflow_pb2.Workflow()
@@ -168,7 +171,8 @@ class WorkflowService(workflow_pb2_grpc.WorkflowServiceServicer):
         self, request: workflow_pb2.ValidateWorkflowRequest, context: Context
     ) -> workflow_pb2.ValidateWorkflowResponse:
         # At most MAX_PROBLEMS and a note counting the rest: the answer stays small whatever was sent.
-        problems = validate(request.workflow, self._registry)
+        workflow = request.workflow
+        problems = await self._checks.run(tenant_of(context), workflow, lambda: validate(workflow, self._registry))
         return workflow_pb2.ValidateWorkflowResponse(
             valid=not problems,
             errors=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in problems],

@@ -195,7 +195,7 @@ class Executor:
 
         Raises InvalidArgument for missing inputs, ResourceExhausted when full.
         """
-        plan = self._plans.get(tenant, workflow)
+        plan = await self._plans.get(tenant, workflow)
         values = struct_to_python(inputs)
         missing = plan.missing_inputs(values)
         if missing:

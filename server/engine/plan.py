@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from flowport.server.engine.checks import WorkflowChecks
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import node_id, validate
 from flowport.server.engine.values import struct_to_python
@@ -175,22 +176,41 @@ def _topological(nodes: dict[str, PlanNode]) -> tuple[str, ...]:
 
 
 class PlanCache:
-    """Compiled plans by (tenant, workflow_id, version), least recently used out first."""
+    """Compiled plans by (tenant, workflow_id, version), least recently used out first.
 
-    def __init__(self, registry: NodeRegistry, capacity: int = 1024) -> None:
+    Bounded in plans and in the bytes of the workflows they were compiled from (a plan holds its
+    nodes' configs as Python values, several times their serialized size), so a tenant cycling
+    through large versions cannot make the cache hold gigabytes. Large workflows are compiled on
+    the checks' thread (checks.py), never on the event loop.
+    """
+
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        capacity: int = 1024,
+        max_bytes: int = 64 * 2**20,
+        checks: WorkflowChecks | None = None,
+    ) -> None:
         self._registry = registry
         self._capacity = capacity
-        self._plans: OrderedDict[tuple[str, str, int], Plan] = OrderedDict()
+        self._max_bytes = max_bytes
+        self.checks = checks or WorkflowChecks()
+        self._plans: OrderedDict[tuple[str, str, int], tuple[Plan, int]] = OrderedDict()
+        self._bytes = 0
 
-    def get(self, tenant: str, workflow: workflow_pb2.Workflow) -> Plan:
+    async def get(self, tenant: str, workflow: workflow_pb2.Workflow) -> Plan:
         """The plan for this stored workflow version, compiled on first use."""
         key = (tenant, workflow.workflow_id, workflow.version)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = compile_plan(workflow, self._registry)
-            self._plans[key] = plan
-            if len(self._plans) > self._capacity:
-                self._plans.popitem(last=False)
-        else:
+        kept = self._plans.get(key)
+        if kept is not None:
             self._plans.move_to_end(key)
+            return kept[0]
+        plan = await self.checks.run(tenant, workflow, lambda: compile_plan(workflow, self._registry))
+        size = workflow.ByteSize()
+        if key not in self._plans:  # another call may have compiled it meanwhile
+            self._plans[key] = (plan, size)
+            self._bytes += size
+            while len(self._plans) > self._capacity or (self._bytes > self._max_bytes and len(self._plans) > 1):
+                _, (_, gone) = self._plans.popitem(last=False)
+                self._bytes -= gone
         return plan

@@ -239,7 +239,7 @@ class Takeover:
             reason = f"workflow {execution.workflow_id!r} version {execution.workflow_version} no longer exists"
         else:
             try:
-                plan = self._plans.get(tenant, workflow)
+                plan = await self._plans.get(tenant, workflow)
             except InvalidWorkflow as exc:
                 reason = f"workflow {execution.workflow_id!r} no longer validates ({exc})"
                 plan = None
