@@ -113,6 +113,22 @@ SQLITE_NAME_RULE: Final = (
 # Engines SqlPools.engine keeps open per tenant and in all (least recently used dropped first).
 MAX_ENGINES_PER_TENANT: Final = 8
 MAX_ENGINES: Final = 128
+# SQLite runs inside the server process: what a tenant's databases may take there. A file database
+# grows to at most SQLITE_FILE_BYTES, an in-memory one to SQLITE_MEMORY_BYTES (SQLite's
+# max_page_count, set on each connection: past it a write fails with "database or disk is full"),
+# a tenant keeps at most SQLITE_FILES_PER_TENANT files, and a SQLite pool at most
+# SQLITE_POOL_CONNECTIONS connections (each a thread): SQLite has one writer anyway.
+SQLITE_FILE_BYTES: Final = 256 * 2**20
+SQLITE_MEMORY_BYTES: Final = 32 * 2**20
+SQLITE_FILES_PER_TENANT: Final = 16
+SQLITE_POOL_CONNECTIONS: Final = 4
+# A pool of a tenant's own PostgreSQL holds at most this many connections, overflow included,
+# whatever a node or resource asks for: with MAX_ENGINES_PER_TENANT pools, a tenant's sockets stay
+# in the hundreds, not the thousands of file descriptors the process has.
+MAX_POOL_CONNECTIONS: Final = 32
+# Pools of named database resources a process keeps open per tenant, the least recently used
+# closed beyond it (reopened at its next use): a tenant may keep thousands of resources.
+MAX_RESOURCE_POOLS_PER_TENANT: Final = 16
 _PLAIN_TENANT = re.compile(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")
 _TRUE, _FALSE = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})
 
@@ -342,6 +358,23 @@ def open_nofollow(path: Path) -> None:
         os.close(descriptor)
 
 
+def _pool_sizes(url: URL, pool_size: int, max_overflow: int) -> dict[str, int]:
+    """The pool sizes an engine of `url` gets for those asked: at most SQLITE_POOL_CONNECTIONS
+    for a SQLite file, MAX_POOL_CONNECTIONS otherwise, overflow included."""
+    most = SQLITE_POOL_CONNECTIONS if url.get_backend_name() == "sqlite" else MAX_POOL_CONNECTIONS
+    size = max(1, min(pool_size, most))
+    return {"pool_size": size, "max_overflow": max(0, min(max_overflow, most - size))}
+
+
+def _databases_in(folder: Path) -> int:
+    """The SQLite databases in a tenant's folder (their -wal, -shm and -journal files not counted)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    return sum(1 for name in names if not name.endswith(("-wal", "-shm", "-journal")))
+
+
 def _guarded_engine(url: URL, options: dict[str, Any], allowlist: frozenset[str]) -> AsyncEngine:
     """A new engine for `url`, each of its connections checked as `_guard` says."""
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -356,13 +389,27 @@ def _guard(engine: AsyncEngine, allowlist: frozenset[str]) -> AsyncEngine:
     from sqlalchemy.util import await_only
 
     if engine.url.get_backend_name() == "sqlite":
-        if not _sqlite_memory(engine.url):
+        memory = _sqlite_memory(engine.url)
+        if not memory:
             path = Path(str(engine.url.database))
 
             def check(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
                 open_nofollow(path)
 
             event.listen(engine.sync_engine, "do_connect", check)
+        most = SQLITE_MEMORY_BYTES if memory else SQLITE_FILE_BYTES
+
+        def bound(connection: Any, record: Any) -> None:
+            # Before any statement of the node's: past it, writes fail as on a full disk.
+            cursor = connection.cursor()
+            try:
+                cursor.execute("PRAGMA page_size")
+                (page_size,) = cursor.fetchone()
+                cursor.execute(f"PRAGMA max_page_count = {most // int(page_size)}")
+            finally:
+                cursor.close()
+
+        event.listen(engine.sync_engine, "connect", bound)
         return engine
 
     def connect(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
@@ -417,7 +464,7 @@ class SqlPools:
         # Least recently used first.
         self._engines: OrderedDict[tuple[str, str], AsyncEngine] = OrderedDict()
         # Pools of named resources (server/resources/): (tenant, name) -> (settings fingerprint, engine).
-        self._resources: dict[tuple[str, str], tuple[str, AsyncEngine]] = {}
+        self._resources: OrderedDict[tuple[str, str], tuple[str, AsyncEngine]] = OrderedDict()  # LRU first
         self._disposing: set[asyncio.Task[None]] = set()
         # Statements running on each engine, and engines dropped (replaced, evicted) while in use.
         self._users: dict[AsyncEngine, int] = {}
@@ -444,7 +491,7 @@ class SqlPools:
             return engine
         options: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": pool_recycle, "echo": echo}
         if not _sqlite_memory(url):  # in-memory SQLite uses one static connection, no pool sizes
-            options.update(pool_size=pool_size, max_overflow=max_overflow)
+            options.update(_pool_sizes(url, pool_size, max_overflow))
         engine = _guarded_engine(url, options, self.allowlist)
         self._engines[key] = engine
         self._evict(tenant)
@@ -478,6 +525,10 @@ class SqlPools:
         # The tenant's folder and the file as they are, never a link elsewhere (checked again at each connection).
         if folder.is_symlink() or not folder.is_dir() or path.is_symlink():
             raise ForbiddenDatabase("this SQLite database is a symbolic link, which is not opened")
+        if not path.exists() and _databases_in(folder) >= SQLITE_FILES_PER_TENANT:
+            raise ForbiddenDatabase(
+                f"this tenant keeps its most of {SQLITE_FILES_PER_TENANT} SQLite databases: use one of them"
+            )
         real = path.resolve()
         if real.parent != folder.resolve():
             raise ForbiddenDatabase(f"not in the tenant's folder: {SQLITE_NAME_RULE}")
@@ -504,16 +555,21 @@ class SqlPools:
         key = (tenant, name)
         held = self._resources.get(key)
         if held is not None and held[0] == fingerprint:
+            self._resources.move_to_end(key)
             return held[1]
         url = self.tenant_url(async_url(connection_string), tenant)
         options: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": pool_recycle}
         if not _sqlite_memory(url):
             # pool_timeout: a waiter gives up after the SQL node's own deadline, not SQLAlchemy's 30 s.
-            options.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=3600)
+            options.update(_pool_sizes(url, pool_size, max_overflow), pool_timeout=3600)
         engine = _guarded_engine(url, options, self.allowlist)
         self._resources[key] = (fingerprint, engine)
+        self._resources.move_to_end(key)
         if held is not None:
             self._retire(held[1])
+        owned = [other for other in self._resources if other[0] == tenant]
+        for other in owned[: max(0, len(owned) - MAX_RESOURCE_POOLS_PER_TENANT)]:
+            self._retire(self._resources.pop(other)[1])
         return engine
 
     @contextlib.asynccontextmanager
@@ -564,7 +620,7 @@ class SqlPools:
     async def close(self) -> None:
         """Dispose every engine (closing pooled connections); later calls create new ones."""
         engines = [*self._engines.values(), *(engine for _, engine in self._resources.values()), *self._retired]
-        self._engines, self._resources, self._retired = OrderedDict(), {}, set()
+        self._engines, self._resources, self._retired = OrderedDict(), OrderedDict(), set()
         for engine in engines:
             await engine.dispose()
         await asyncio.gather(*self._disposing, return_exceptions=True)

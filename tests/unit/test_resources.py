@@ -553,3 +553,26 @@ async def test_a_database_resource_keeps_its_sqlite_file_in_the_tenants_folder(
     assert list(outside.iterdir()) == []
     pools = server.services.sql
     assert pools is not None and pools.resource_pools() == []
+
+
+async def test_a_tenants_open_resource_pools_are_bounded_least_recently_used_out(tmp_path: Path) -> None:
+    from flowport.server.nodes import sql_pools
+    from flowport.server.nodes.sql_pools import SqlPools
+
+    pools = SqlPools(sqlite_root=tmp_path / "sqlite")
+    try:
+        others = pools.resource_engine(
+            "other", "db", "v1", "sqlite:///:memory:", pool_size=1, max_overflow=0, pool_recycle=60
+        )
+        engines = [
+            pools.resource_engine(
+                "t", f"db{n}", "v1", "sqlite:///:memory:", pool_size=1, max_overflow=0, pool_recycle=60
+            )
+            for n in range(sql_pools.MAX_RESOURCE_POOLS_PER_TENANT + 4)
+        ]
+        open_pools = {name for tenant, name, _, _ in pools.resource_pools() if tenant == "t"}
+        assert open_pools == {f"db{n}" for n in range(4, sql_pools.MAX_RESOURCE_POOLS_PER_TENANT + 4)}
+        assert not pools.is_current(engines[0]) and pools.is_current(engines[-1])
+        assert pools.is_current(others), "another tenant's pool stays"
+    finally:
+        await pools.close()

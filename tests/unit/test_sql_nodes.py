@@ -33,6 +33,7 @@ from flowport.clients import AsyncClient
 from flowport.clients.errors import ApiError
 from flowport.server.app import start, stop
 from flowport.server.egress import TargetRefused
+from flowport.server.nodes import sql_pools
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.sql import AsyncSQLDatabaseNode, SQLDatabaseNode, jsonable, prepare_query
 from flowport.server.nodes.sql_pools import SqlPools, async_url, pin_connection, sqlite_folder
@@ -1069,3 +1070,44 @@ def test_the_sqlite_dir_setting(tmp_path: Path) -> None:
     for overlapping in (tmp_path / "data", tmp_path):
         with pytest.raises(ValueError, match="sqlite_dir"):
             make_settings(tmp_path / "data", sqlite_dir=overlapping)
+
+
+async def test_a_tenants_sqlite_databases_are_bounded_in_the_server_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite runs in the server: a database grows to its cap and no further (a write past it fails
+    as on a full disk, in memory as on file), a tenant keeps a bounded number of files, and a pool
+    asks for no more connections (threads) than its cap."""
+    monkeypatch.setattr(sql_pools, "SQLITE_FILE_BYTES", 512 * 1024)
+    monkeypatch.setattr(sql_pools, "SQLITE_MEMORY_BYTES", 256 * 1024)
+    monkeypatch.setattr(sql_pools, "SQLITE_FILES_PER_TENANT", 3)
+    pools = SqlPools(sqlite_root=tmp_path / "sqlite")
+    ctx = make_ctx(pools)
+    fill = (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)"
+        " INSERT INTO blobs SELECT randomblob(1024) FROM n"
+    )
+    try:
+        for url in ("sqlite:///big.db", "sqlite:///:memory:"):
+            await run_sql(ctx, url, "CREATE TABLE blobs (b BLOB)")
+            with pytest.raises(NodeError, match="full"):
+                await run_sql(ctx, url, fill)
+            # What fits still goes in.
+            await run_sql(ctx, url, "INSERT INTO blobs VALUES (randomblob(10))")
+        assert (tmp_path / "sqlite" / "acme" / "big.db").stat().st_size <= 512 * 1024
+        await run_sql(ctx, "sqlite:///two.db", "SELECT 1")
+        await run_sql(ctx, "sqlite:///three.db", "SELECT 1")
+        with pytest.raises(NodeError) as caught:
+            await run_sql(ctx, "sqlite:///four.db", "SELECT 1")
+        assert caught.value.reason == "SQL_DATABASE_FORBIDDEN" and "most of 3 SQLite databases" in caught.value.message
+        await run_sql(ctx, "sqlite:///two.db", "SELECT 1")  # the ones it has stay open to it
+        engine = pools.engine("sqlite:///two.db", pool_size=100, max_overflow=200, tenant="acme")
+        assert engine.pool.size() + engine.pool._max_overflow <= sql_pools.SQLITE_POOL_CONNECTIONS  # type: ignore[attr-defined]
+    finally:
+        await pools.close()
+
+
+def test_a_pool_of_a_tenants_postgresql_is_capped() -> None:
+    sizes = sql_pools._pool_sizes(make_url("postgresql+asyncpg://u@db.example.com/app"), 100, 200)
+    assert sizes == {"pool_size": sql_pools.MAX_POOL_CONNECTIONS, "max_overflow": 0}
+    assert sql_pools._pool_sizes(make_url("postgresql+asyncpg://u@h/d"), 5, 10) == {"pool_size": 5, "max_overflow": 10}
