@@ -30,6 +30,8 @@ LABEL_RULE = "1 to 64 characters: letters, digits, '_', '.', ':' and '-'"
 MIN_TTL_S, MAX_TTL_S = 1, 24 * 3600
 MAX_LABELS = 32
 MAX_ENDPOINT = 2048
+# A registration's metadata, encoded: discovery reads up to 5000 registrations of a tenant at once.
+MAX_METADATA_BYTES = 16 * 2**10
 SCHEMES = ("http", "https", "grpc", "grpcs")
 # Reads past a page's worth of rows the capability and zone filters dropped, up to this many in all.
 MAX_SCANNED = 5000
@@ -74,6 +76,8 @@ def _violations(service: registry_pb2.RegisteredService) -> list[tuple[str, str]
         found.append(("service.health_path", "a path starting with '/', at most 512 characters"))
     if service.HasField("ttl") and not MIN_TTL_S <= service.ttl.ToNanoseconds() / 1e9 <= MAX_TTL_S:
         found.append(("service.ttl", f"between {MIN_TTL_S}s and {MAX_TTL_S}s"))
+    if service.metadata.ByteSize() > MAX_METADATA_BYTES:
+        found.append(("service.metadata", f"at most {MAX_METADATA_BYTES} bytes encoded"))
     return found
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from collections import OrderedDict
 from typing import Any, ClassVar
 
 from google.protobuf import json_format
@@ -38,6 +39,9 @@ STATUS = {
 }
 PAGE = 500
 MAX_SERVICES = 5000
+# Filters whose results and round-robin turns the node remembers, over every tenant: the filters
+# may come from execution inputs, so without a bound each new one would be kept for good.
+MAX_REMEMBERED = 1024
 
 
 def describe(service: registry_pb2.RegisteredService) -> dict[str, Any]:
@@ -101,10 +105,11 @@ class MCPServiceDiscoveryNode(NodeType):
 
     def __init__(self) -> None:
         super().__init__()
-        # (tenant, filters) -> (read at, matching registrations), for cache_duration.
-        self._cache: dict[tuple[Any, ...], tuple[float, list[registry_pb2.RegisteredService]]] = {}
-        # Round-robin positions per (tenant, filters).
-        self._turns: dict[tuple[Any, ...], itertools.count[int]] = {}
+        # (tenant, filters) -> (read at, matching registrations), for cache_duration; least recently
+        # stored first.
+        self._cache: OrderedDict[tuple[Any, ...], tuple[float, list[registry_pb2.RegisteredService]]] = OrderedDict()
+        # Round-robin positions per (tenant, filters), least recently used first.
+        self._turns: OrderedDict[tuple[Any, ...], itertools.count[int]] = OrderedDict()
 
     async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
         directory = ctx.services.registry
@@ -159,6 +164,9 @@ class MCPServiceDiscoveryNode(NodeType):
             after = page[-1].service_id
         if cache_for > 0:
             self._cache[key] = (time.monotonic(), found)
+            self._cache.move_to_end(key)
+            if len(self._cache) > MAX_REMEMBERED:
+                self._cache.popitem(last=False)
         return found
 
     def _order(
@@ -171,6 +179,13 @@ class MCPServiceDiscoveryNode(NodeType):
         elif how == "random":
             random.shuffle(ordered)
         elif ordered:
-            turn = next(self._turns.setdefault(key, itertools.count())) % len(ordered)
+            turns = self._turns.get(key)
+            if turns is None:
+                turns = self._turns[key] = itertools.count()
+                if len(self._turns) > MAX_REMEMBERED:
+                    self._turns.popitem(last=False)
+            else:
+                self._turns.move_to_end(key)
+            turn = next(turns) % len(ordered)
             ordered = ordered[turn:] + ordered[:turn]
         return ordered

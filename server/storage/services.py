@@ -6,10 +6,9 @@ themselves are removed when the same id registers again or is deregistered.
 
 from __future__ import annotations
 
-from flowport.server.limits import MAX_PAGE_BYTES
 from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import IdempotentResult
-from flowport.server.storage.tables import Connection, Tables, within_budget
+from flowport.server.storage.tables import Connection, Tables
 from flowport.v1 import registry_pb2
 
 _REGISTER = "flowport.v1.ServiceRegistryService/RegisterService"
@@ -80,16 +79,18 @@ class ServiceTables(Tables):
         self, tenant: str, *, provider: str, after: str | None, limit: int, now_us: int
     ) -> list[registry_pb2.RegisteredService]:
         """Live registrations by id, strictly after `after` (capability and zone filters are the caller's)."""
-        where = "s.tenant=? AND (s.expire_us=0 OR s.expire_us>?)"
+        # Whole pages of `limit` (callers read on until a short one): a registration is small
+        # (its metadata at most 16 KiB, api/service_registry.py).
+        sql = "SELECT body FROM services WHERE tenant=? AND (expire_us=0 OR expire_us>?)"
         args: list[object] = [tenant, now_us]
         if provider:
-            where += " AND s.provider=?"
+            sql += " AND provider=?"
             args.append(provider)
         if after is not None:
-            where += " AND s.service_id > ?"
+            sql += " AND service_id > ?"
             args.append(after)
-        sql = within_budget("services", "s", ("tenant", "service_id"), (("service_id", "ASC"),), where)
-        args += [limit, MAX_PAGE_BYTES]
+        sql += " ORDER BY service_id LIMIT ?"
+        args.append(limit)
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [registry_pb2.RegisteredService.FromString(r[0]) for r in rows]
 

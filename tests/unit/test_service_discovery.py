@@ -14,6 +14,8 @@ from google.protobuf import json_format
 
 from flowport.clients import AsyncClient
 from flowport.server.app import Running, start, stop
+from flowport.server.nodes import service_discovery
+from flowport.server.nodes.base import NodeContext, NodeServices
 from flowport.v1 import apikey_pb2, execution_pb2, registry_pb2
 
 from ..conftest import ADMIN_KEY, make_settings
@@ -189,3 +191,24 @@ async def test_cache_duration_reuses_the_list(admin: AsyncClient) -> None:
     assert first["discover_services"]["count"] == again["discover_services"]["count"] == 1, "served from the cache"
     fresh = await _run(admin, {**config, "cache_duration": 0})
     assert fresh["discover_services"]["count"] == 2
+
+
+async def test_the_nodes_memory_of_filters_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filters may come from execution inputs: each new one must not be kept for good."""
+    monkeypatch.setattr(service_discovery, "MAX_REMEMBERED", 8)
+
+    class Directory:
+        async def list_services(self, tenant: str, **_: Any) -> list[registry_pb2.RegisteredService]:
+            service = registry_pb2.RegisteredService(
+                service_id="s", endpoint="https://s.example.com", status=registry_pb2.RegisteredService.STATUS_HEALTHY
+            )
+            service.capabilities.extend(["any"] + [f"c{n}" for n in range(100)])
+            return [service]
+
+    node = service_discovery.MCPServiceDiscoveryNode()
+    ctx = NodeContext("t", "exe_1", "find", 1, 10.0, NodeServices(registry=Directory()))  # type: ignore[arg-type]
+    for n in range(100):
+        params = {"required_capabilities": [f"c{n}"], "cache_duration": 60}
+        found = await node.run(ctx, node.prepare(params), params)
+        assert found["count"] == 1
+    assert len(node._cache) == len(node._turns) == 8
