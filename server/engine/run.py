@@ -85,6 +85,8 @@ class Run:
     # Serialized bytes of the execution as its nodes' outputs are added (output_limits.
     # MAX_EXECUTION_BYTES): its inputs and what it was taken over with count from the start.
     output_bytes: int = 0
+    # About how many bytes its writes after a node's end have taken so far (walk.py bounds them).
+    written: int = 0
 
     def __post_init__(self) -> None:
         self.output_bytes = self.execution.ByteSize()

@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 BACKOFF_JITTER = 0.2
+# Bytes an execution's writes after node ends may take before those of nodes safe to rerun wait
+# for the next write that must be made (Walker._write_now): 64 MiB is hundreds of writes of any
+# usual execution, and five of one at its 12 MiB.
+INTERMEDIATE_WRITE_BYTES = 64 * 2**20
 
 
 class NodeFailed(Exception):
@@ -325,6 +329,18 @@ class Walker:
                     tracing.fail(span, f"{exc.reason}: {exc.message}")
                     raise
 
+    @staticmethod
+    def _write_now(run: Run, node: PlanNode) -> bool:
+        """Whether the end of `node` is written now. Each such write is the whole execution, so
+        many nodes after a large output would write gigabytes through the writer every tenant
+        shares: past INTERMEDIATE_WRITE_BYTES, a node safe to rerun is written with the next write
+        that must be made (before a node not safe to rerun starts, at a failure, at the end). A
+        crash meanwhile reruns such nodes, which is what being safe to rerun allows."""
+        if node.retry_safe and run.written > INTERMEDIATE_WRITE_BYTES:
+            return False
+        run.written += run.output_bytes
+        return True
+
     def _record_skip(self, run: Run, node: PlanNode) -> None:
         node_run = run.execution.node_runs.add(
             node_id=node.node_id, node_type=node.node_type.type_name, state=NodeRun.STATE_SKIPPED
@@ -373,7 +389,7 @@ class Walker:
                 # that is safe to rerun is written with the execution's end; one
                 # that is not is written now, so a crash before the end does
                 # not fail it as interrupted.
-                if run.stored and (node.downstream or not node.retry_safe):
+                if run.stored and (node.downstream or not node.retry_safe) and self._write_now(run, node):
                     await self._store.save_execution(execution, wait=bool(node.downstream))
                 publish(
                     self._bus, "node.completed", run.tenant, execution, {"node_id": node.node_id, "attempts": attempt}

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, cast
 import pytest
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
+from flowport.server.engine import walk
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
@@ -540,3 +541,31 @@ async def test_shutdown_ends_a_queue_read_that_turns_cancellation_into_an_error(
         assert queue.reads == 1  # stopped, not retried
     finally:
         await store.close()
+
+
+async def test_a_long_chain_after_a_large_state_stops_writing_each_safe_node(
+    env: tuple[Executor, SqliteStore, EventBus], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each write after a node's end is the whole execution: past the budget, nodes safe to rerun
+    are written with the next write that must be made (here, before the unsafe node and at the
+    end), so a chain of 40 nodes costs a bounded number of writes, and the end holds every output."""
+    monkeypatch.setattr(walk, "INTERMEDIATE_WRITE_BYTES", 4000)
+    executor, store, _ = env
+    saves: list[int] = []
+    real = store.save_execution
+
+    async def counted(execution: Execution, *, wait: bool = True) -> None:
+        saves.append(execution.ByteSize())
+        await real(execution, wait=wait)
+
+    monkeypatch.setattr(store, "save_execution", counted)
+    nodes = [{"type": "AddNode", "name": f"n{i}", "config": {"add": 1}} for i in range(40)]
+    nodes.append({"type": "GateNode", "name": "unsafe", "config": {}})
+    links = [(f"n{i}", "result", f"n{i + 1}", "x") for i in range(39)] + [("n39", "result", "unsafe", "x")]
+    done = await run(executor, wf("long", nodes, links), x=0)
+    assert done.state == Execution.STATE_SUCCEEDED
+    # Not waited, so stored as it goes: writes until the budget, then the unsafe node's RUNNING
+    # and its end, then the execution's end (43 writes without the budget).
+    assert 3 <= len(saves) < 20, saves
+    stored = await store.get_execution("t", done.execution_id)
+    assert stored == done and json_format.MessageToDict(stored.outputs)["n39"] == {"result": 40.0}
