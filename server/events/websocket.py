@@ -79,6 +79,12 @@ MAX_TYPE_CHARS: Final = 200
 # since messages on an open connection pass no rate limit of Envoy's.
 SUBSCRIBE_BURST: Final = 10
 SUBSCRIBE_WINDOW: Final = 10.0
+# Any client message (a ping, text to echo, a subscription): a bucket of MESSAGE_BURST, refilled
+# MESSAGE_RATE a second. Past it the connection is closed (1008): each message costs the event
+# loop every tenant shares a parse and an answer, and pass no rate limit of Envoy's.
+MESSAGE_RATE: Final = 10.0
+MESSAGE_BURST: Final = 50
+POLICY_CLOSE: Final = 1008
 HEARTBEAT: Final = "heartbeat"
 CREDENTIALS: Final = ("x-api-key", "authorization")
 # Headers the stream needs as the client sent them through Envoy.
@@ -462,6 +468,8 @@ class _Link:
         self._resume_from = ""
         self._pump: asyncio.Task[None] | None = None
         self._subscribed: deque[float] = deque(maxlen=SUBSCRIBE_BURST)  # when the last ones were
+        self._tokens = float(MESSAGE_BURST)
+        self._refilled = time.monotonic()
 
     async def run(self, opened: _Opened) -> None:
         """Forward the stream the handshake opened until either side ends."""
@@ -471,11 +479,34 @@ class _Link:
         self._pump = asyncio.create_task(self._forward(opened.call, opened.first))
         try:
             async for message in self._ws:
+                if not self._take_token():
+                    await self._refuse_flood()
+                    break
                 await self._on_message(message)
         except ConnectionClosed:
             pass
         finally:
             await self._stop_pump()
+
+    async def _refuse_flood(self) -> None:
+        """Close the connection (1008) after an error frame. What the client still sends is read and
+        dropped meanwhile: unread, it would hold back its answer to the close for close_timeout."""
+        limit = f"more than {MESSAGE_RATE:g} messages a second (bursts of {MESSAGE_BURST})"
+        closing = asyncio.ensure_future(self._close(POLICY_CLOSE, _error(limit, "RESOURCE_EXHAUSTED")))
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in self._ws:
+                pass
+        await closing
+
+    def _take_token(self) -> bool:
+        """Whether the client may send this message: one token of its bucket."""
+        now = time.monotonic()
+        self._tokens = min(float(MESSAGE_BURST), self._tokens + (now - self._refilled) * MESSAGE_RATE)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     async def _stop_pump(self) -> None:
         if self._pump is not None:

@@ -5,6 +5,7 @@ pages only; and the seed's own browser code, unchanged, sees a workflow complete
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import uuid
@@ -161,6 +162,27 @@ def test_ping_is_answered_and_bad_messages_leave_the_connection_open(stack: Stac
         assert _receive(ws)["code"] == "RESOURCE_EXHAUSTED"
         ws.send("ping")
         assert ws.recv(timeout=10) == "pong"
+
+
+def test_a_client_flooding_messages_is_closed_with_1008(stack: Stack) -> None:
+    """Messages on an open socket pass no rate limit of Envoy's: past its bucket (50, then 10 a
+    second) the bridge closes the connection instead of answering on."""
+    with _open(stack, "types=session.created") as ws:
+        # The server may close while the pings are still being sent.
+        with contextlib.suppress(ConnectionClosed):
+            for _ in range(200):
+                ws.send("ping")
+        answers, errors = 0, []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                message = ws.recv(timeout=10)
+                if message == "pong":
+                    answers += 1
+                else:
+                    errors.append(json.loads(message))
+    assert 50 <= answers < 200
+    assert [error["code"] for error in errors] == ["RESOURCE_EXHAUSTED"], errors
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
 def test_the_cookie_is_a_credential_from_this_hosts_pages_only(stack: Stack, http: httpx.Client) -> None:
