@@ -9,7 +9,7 @@ The metrics (all prefixed `flowport_`):
 | `streams_open` | gauge | `method`, `transport` (`grpc`, `sse`, `ndjson`) |
 | `executions_total` | counter (ended) | `state` |
 | `executions_running` | gauge | |
-| `execution_duration_seconds` | histogram | `tenant`, `workflow`, `state` |
+| `execution_duration_seconds` | histogram | `tenant`, `workflow` (a tenant's first 100, then `_other`), `state` |
 | `webhook_deliveries_total` | counter | `outcome` (`delivered`, `retried`, `dead_lettered`, `dropped`) |
 | `webhook_deliveries_pending` | gauge | |
 | `sandbox_workers_busy`, `sandbox_workers` | gauge | |
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 EXECUTION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+# Workflows of one tenant whose executions get series of their own; the rest share OTHER_WORKFLOWS,
+# so a tenant making ever new workflow ids cannot grow /metrics (and this process) without bound.
+WORKFLOWS_PER_TENANT: Final = 100
+OTHER_WORKFLOWS: Final = "_other"
 
 
 def multiprocess() -> bool:
@@ -126,6 +130,8 @@ class Prometheus:
         # Labelled children by label values: labels() costs more than the count itself.
         self._rpc: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._executions: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        # Workflows labelled apart, per tenant (the rest are OTHER_WORKFLOWS).
+        self._workflows: dict[str, set[str]] = {}
         self._server: Any = None
 
     def rpc(self, method: str, code: str, seconds: float | None) -> None:
@@ -142,6 +148,12 @@ class Prometheus:
 
     def execution_ended(self, tenant: str, workflow_id: str, outcome: str, seconds: float) -> None:
         """Count one execution that ended (`outcome`: succeeded, failed or cancelled)."""
+        named = self._workflows.setdefault(tenant, set())
+        if workflow_id not in named:
+            if len(named) >= WORKFLOWS_PER_TENANT:
+                workflow_id = OTHER_WORKFLOWS
+            else:
+                named.add(workflow_id)
         children = self._executions.get((tenant, workflow_id, outcome))
         if children is None:
             # As many as the histogram's own children: one per tenant, workflow and outcome seen.
