@@ -200,6 +200,14 @@ class Settings(BaseModel):
         "each kind counted apart; past it a create is RESOURCE_EXHAUSTED (HTTP 429, reason TENANT_QUOTA), so one "
         "tenant cannot fill the store every tenant shares; 0 removes the cap",
     )
+    tenant_max_object_bytes: int = Field(
+        2**30,
+        ge=0,
+        le=2**50,
+        description="bytes the workflow versions, sessions, webhooks, registered services, resources and secrets "
+        "of one tenant may take in the store, each kind counted apart; past it a create is RESOURCE_EXHAUSTED "
+        "(HTTP 429, reason TENANT_QUOTA); sessions are counted when their number is; 0 removes the cap",
+    )
     tenant_max_webhooks: int = Field(
         100,
         ge=0,

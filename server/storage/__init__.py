@@ -45,5 +45,6 @@ async def open_store(settings: Settings) -> SqlStore:
         objects=settings.tenant_max_objects or None,
         sessions=settings.tenant_max_sessions or None,
         webhooks=settings.tenant_max_webhooks or None,
+        object_bytes=settings.tenant_max_object_bytes or None,
     )
     return store

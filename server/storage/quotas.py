@@ -35,6 +35,7 @@ class Kind:
 
     table: str
     name: str  # as the error says it, plural
+    column: str = "body"  # what holds a row's bulk, counted toward the tenant's bytes of the kind
 
 
 WORKFLOW_VERSIONS = Kind(
@@ -45,7 +46,7 @@ WORKFLOW_VERSIONS = Kind(
 WEBHOOKS = Kind("webhooks", "webhooks")
 SERVICES = Kind("services", "registered services (expired ones count until the purge removes them, within a minute)")
 RESOURCES = Kind("resources", "resources")
-SECRETS = Kind("secrets", "secrets")
+SECRETS = Kind("secrets", "secrets", column="sealed")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class TenantQuotas:
     webhooks: int | None = None
     """Webhooks one tenant may keep (`--tenant-max-webhooks`): each event is delivered once to each
     webhook that wants it, so this bounds what one event costs."""
+    object_bytes: int | None = None
+    """Bytes the rows of each kind of one tenant may take (`--tenant-max-object-bytes`): counts alone
+    would let 10,000 workflow versions of 4 MiB each take 40 GB."""
 
     def limit(self, kind: Kind) -> tuple[int | None, str]:
         """The cap on `kind`, and the setting that sets it."""
@@ -82,13 +86,22 @@ SESSION_TENANTS_TRACKED = 65_536
 
 def check(conn: Connection, quotas: TenantQuotas, tenant: str, kind: Kind) -> None:
     """Raise ResourceExhausted (reason TENANT_QUOTA) when `tenant` keeps more rows of `kind` than its
-    cap, counting the row just written; called inside the write, after it."""
+    cap, or rows that take more bytes, counting the row just written; called inside the write,
+    after it."""
     limit, setting = quotas.limit(kind)
-    if limit is None:
+    most = quotas.object_bytes
+    if limit is None and most is None:
         return
-    sql = f"SELECT count(*) FROM {kind.table} WHERE tenant=?"  # noqa: S608 - a fixed name
-    (count,) = conn.execute(sql, (tenant,)).fetchone()
-    if int(count) > limit:
+    # length() reads each row's size from its header, never the value itself (on either engine).
+    sql = f"SELECT count(*), coalesce(sum(length({kind.column})), 0) FROM {kind.table} WHERE tenant=?"  # noqa: S608
+    count, size = conn.execute(sql, (tenant,)).fetchone()
+    if most is not None and int(size) > most:
+        raise ResourceExhausted(
+            f"this tenant's {kind.name} take their most of {most} bytes; delete some first",
+            reason="TENANT_QUOTA",
+            metadata={"kind": kind.table, "tenant_max_object_bytes": str(most)},
+        )
+    if limit is not None and int(count) > limit:
         raise ResourceExhausted(
             f"this tenant keeps its most of {limit} {kind.name}; delete some first",
             reason="TENANT_QUOTA",

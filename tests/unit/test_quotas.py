@@ -231,3 +231,21 @@ async def test_webhooks_have_a_cap_of_their_own(store: SqlStore) -> None:
     assert refused.metadata == {"kind": "webhooks", "tenant_max_webhooks": "1"}
     await _create_workflow(store, "t", "w0")  # the other kinds keep the objects' cap
     await _create_workflow(store, "t", "w1")
+
+
+async def test_the_rows_of_each_kind_are_capped_in_bytes_too(store: SqlStore) -> None:
+    """Counts alone would let 10,000 workflow versions of 4 MiB each take 40 GB."""
+    store.quotas = TenantQuotas(objects=100, object_bytes=20_000)
+
+    def big(name: str) -> workflow_pb2.Workflow:
+        workflow = _workflow(name)
+        workflow.description = "x" * 6000
+        return workflow
+
+    for n in range(3):
+        await store.create_workflow("t", big(f"w{n}"), None)
+    refused = await _refused(store.create_workflow("t", big("w3"), None))
+    assert refused.metadata == {"kind": "workflows", "tenant_max_object_bytes": "20000"}
+    assert await store.get_workflow("t", "w3") is None, "the refused create wrote nothing"
+    await store.create_workflow("other", big("w0"), None)  # another tenant's bytes are its own
+    await _create_webhook(store, "t", "h0")  # and each kind's are counted apart
