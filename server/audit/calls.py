@@ -201,9 +201,11 @@ class CallAuditor:
 
         if noted is not None:
             entry_ = make(noted.action, noted.resource, noted.resource_tenant or named)
-            if code in _REFUSED_INPUT:
-                # A change refused for bad input changed nothing, and a caller
-                # can repeat it at will: capped per caller like failures.
+            if code in _REFUSED_INPUT or not principal.is_admin:
+                # A change refused for bad input changed nothing, and a caller can repeat it at
+                # will; a user's own secret changes (a put in a loop) would add a row each to a
+                # log no one may shorten: capped per caller like failures, the rest counted in
+                # one aggregate entry a minute. An admin's changes are each recorded.
                 self._recorder.append_limited(f"{principal.tenant}/{principal.subject}", entry_)
             else:
                 self._recorder.append(entry_)

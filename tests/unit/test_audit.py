@@ -21,9 +21,9 @@ from flowport.server.audit.recorder import entry
 from flowport.server.auth.origin import Origin
 from flowport.server.auth.principal import ACT_AS_HEADER
 from flowport.server.settings import Settings
-from flowport.server.storage import SqliteStore
+from flowport.server.storage import SqliteStore, SqlStore, open_store
 from flowport.server.storage.audit import AuditQuery, AuditTables
-from flowport.v1 import apikey_pb2, audit_pb2, gateway_pb2, session_pb2
+from flowport.v1 import apikey_pb2, audit_pb2, gateway_pb2, secret_pb2, session_pb2
 
 from ..conftest import ADMIN_KEY, make_settings
 
@@ -386,3 +386,32 @@ async def test_an_admin_acts_for_another_tenant_only_when_asked_and_it_is_record
     ]
     assert (actions.ADMIN_CALL, "GetSession", "default", "acme", "OK") in recorded  # a read, recorded all the same
     assert (actions.ACCESS_DENIED, "ListSessions", "acme", "", "PERMISSION_DENIED") in recorded
+
+
+async def test_a_users_own_secret_changes_are_capped_then_counted_and_an_admins_are_each_recorded(
+    settings: Settings,
+) -> None:
+    """The log is append-only, so a user putting its own secret in a loop must not add a row each."""
+    running = await start(settings)
+    try:
+        async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY) as admin:
+            made = await admin.keys.CreateApiKey(
+                apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant="default", roles=["user"]))
+            )
+            async with AsyncClient(f"127.0.0.1:{running.port}", api_key=made.key) as user:
+                for n in range(14):
+                    await user.secrets.PutSecret(secret_pb2.PutSecretRequest(name="MINE", value=f"v{n}"))
+            for n in range(14):
+                await admin.secrets.PutSecret(secret_pb2.PutSecretRequest(name="ADMINS", value=f"v{n}"))
+            written = await _events(admin, action=actions.SECRET_WRITTEN)
+            assert len([e for e in written if e.subject == made.api_key.key_id]) == 10
+            assert len([e for e in written if e.subject != made.api_key.key_id]) == 14
+    finally:
+        await stop(running, 1.0)  # writes the pending aggregate
+    store: SqlStore = await open_store(settings)
+    try:
+        rows = await store.list_audit_events(AuditQuery(action=actions.SECRET_WRITTEN), after=None, limit=100)
+    finally:
+        await store.close()
+    counts = sorted(e.count for e in rows if e.subject == made.api_key.key_id)
+    assert counts == [1] * 10 + [4], "ten recorded one by one, the other four counted in one entry"
