@@ -106,7 +106,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                 and types.hears(event.type)
             )
 
-        subscription = self._bus.subscribe(accept, client_stream=True)
+        subscription = self._bus.subscribe(accept, client_stream=True, tenant=tenant)
         sent = self._bus.last_id if after is None else after
         try:
             if after is not None:
@@ -138,7 +138,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                         break
                     # The replay was long enough to overflow the live queue:
                     # subscribe afresh and replay what was published meanwhile.
-                    subscription = self._bus.subscribe(accept, client_stream=True)
+                    subscription = self._bus.subscribe(accept, client_stream=True, tenant=tenant)
                     await self._log.flush()
             while True:
                 event = await subscription.next(self._heartbeat)

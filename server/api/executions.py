@@ -202,7 +202,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         execution_id = request.execution_id
         # Subscribe before reading the state, so no event falls in between.
         subscription = self._bus.subscribe(
-            lambda e: e.execution_id == execution_id and e.tenant == tenant, client_stream=True
+            lambda e: e.execution_id == execution_id and e.tenant == tenant, client_stream=True, tenant=tenant
         )
         try:
             execution = await self._executor.get(tenant, execution_id)

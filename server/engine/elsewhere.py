@@ -51,7 +51,8 @@ class Elsewhere:
         deadline = loop.time() + timeout
         # Subscribed before the first read, so an end between the two is not missed.
         ended = self._bus.subscribe(
-            lambda e: e.execution_id == execution_id and e.tenant == tenant and e.type in TERMINAL_EVENTS
+            lambda e: e.execution_id == execution_id and e.tenant == tenant and e.type in TERMINAL_EVENTS,
+            tenant=tenant,
         )
         try:
             while True:
@@ -69,7 +70,8 @@ class Elsewhere:
     async def cancel(self, tenant: str, execution_id: str) -> Execution | None:
         """Ask the process running it to cancel it; the execution once it ended, or after CANCEL_WAIT."""
         ended = self._bus.subscribe(
-            lambda e: e.execution_id == execution_id and e.tenant == tenant and e.type in TERMINAL_EVENTS
+            lambda e: e.execution_id == execution_id and e.tenant == tenant and e.type in TERMINAL_EVENTS,
+            tenant=tenant,
         )
         try:
             self._bus.publish(CANCEL_REQUESTED, tenant=tenant, execution_id=execution_id)

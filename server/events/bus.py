@@ -74,9 +74,13 @@ class StreamsEnded(Exception):
 class Subscription:
     """One subscriber's view of the bus; iterate it with `async for`."""
 
-    def __init__(self, bus: EventBus, accept: Filter, size: int, *, client_stream: bool = False) -> None:
+    def __init__(
+        self, bus: EventBus, accept: Filter, size: int, *, client_stream: bool = False, tenant: str | None = None
+    ) -> None:
         self._bus = bus
         self.accept = accept
+        # Offered only that tenant's events (None: every event, for `accept` to choose from).
+        self.tenant = tenant
         # A client's stream (ended at shutdown), not the server's own follower of some events.
         self.client_stream = client_stream
         self.queue: asyncio.Queue[BusEvent | None] = asyncio.Queue(size)
@@ -142,7 +146,10 @@ class EventBus:
     def __init__(self, queue_size: int = 1024, first_id: int = 1) -> None:
         self._queue_size = queue_size
         self.last_id = first_id - 1
+        # Subscribers to every tenant's events, and to one tenant's: an event is tested against the
+        # first and its own tenant's, so one tenant's many streams cost other tenants' events nothing.
         self._subscribers: list[Subscription] = []
+        self._tenant_subscribers: dict[str, list[Subscription]] = {}
         self._listeners: list[Callable[[BusEvent], None]] = []
         self.published = 0
         # Set by end_streams(): the server is shutting down, streams end as they (re)subscribe.
@@ -169,8 +176,11 @@ class EventBus:
 
     def _deliver(self, event: BusEvent) -> None:
         """Offer `event` to every subscriber whose filter accepts it."""
-        # A copy: a subscriber that overflows removes itself meanwhile.
+        # Copies: a subscriber that overflows removes itself meanwhile.
         for subscriber in tuple(self._subscribers):
+            if subscriber.accept(event):
+                subscriber.offer(event)
+        for subscriber in tuple(self._tenant_subscribers.get(event.tenant, ())):
             if subscriber.accept(event):
                 subscriber.offer(event)
 
@@ -182,15 +192,20 @@ class EventBus:
         """
         self._listeners.append(listener)
 
-    def subscribe(self, accept: Filter, size: int | None = None, *, client_stream: bool = False) -> Subscription:
-        """A new subscriber receiving events that `accept` approves, from now on.
+    def subscribe(
+        self, accept: Filter, size: int | None = None, *, client_stream: bool = False, tenant: str | None = None
+    ) -> Subscription:
+        """A new subscriber receiving events that `accept` approves, from now on (of `tenant` only,
+        when given).
 
         `client_stream`: it feeds a client's stream, which end_streams() ends at shutdown."""
-        subscription = Subscription(self, accept, size or self._queue_size, client_stream=client_stream)
+        subscription = Subscription(self, accept, size or self._queue_size, client_stream=client_stream, tenant=tenant)
         if client_stream and self.streams_ended:
             subscription.ended = True
-        else:
+        elif tenant is None:
             self._subscribers.append(subscription)
+        else:
+            self._tenant_subscribers.setdefault(tenant, []).append(subscription)
         return subscription
 
     def end_streams(self) -> int:
@@ -199,17 +214,22 @@ class EventBus:
         by id. The server's own subscribers and listeners (the event log, webhooks, executions
         waited for) keep receiving events. Returns how many ended."""
         self.streams_ended = True
-        ending = [s for s in self._subscribers if s.client_stream]
+        every = [*self._subscribers, *(s for group in self._tenant_subscribers.values() for s in group)]
+        ending = [s for s in every if s.client_stream]
         for subscription in ending:
             subscription.end()
         return len(ending)
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """Remove a subscriber (idempotent)."""
-        if subscription in self._subscribers:
-            self._subscribers.remove(subscription)
+        tenant = subscription.tenant
+        group = self._subscribers if tenant is None else self._tenant_subscribers.get(tenant, [])
+        if subscription in group:
+            group.remove(subscription)
+            if tenant is not None and not group:
+                del self._tenant_subscribers[tenant]
 
     @property
     def subscriber_count(self) -> int:
         """Subscribers connected now."""
-        return len(self._subscribers)
+        return len(self._subscribers) + sum(len(group) for group in self._tenant_subscribers.values())

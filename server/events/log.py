@@ -30,6 +30,33 @@ PAGE = 500
 # twice, even after a crash; a restart skips what was left of its block.
 ID_BLOCK = 1_000_000
 PURGE_INTERVAL = 60.0
+# Events of one tenant its resuming streams read back from the log and the Redis stream, a second,
+# together, in a process: a replay of the whole log (a million events) by each of a tenant's
+# streams would otherwise take every tenant's event loop for as long as its clients read.
+REPLAY_RATE = 10_000.0
+REPLAY_CHUNK = 500
+TENANTS_TRACKED = 65_536
+
+
+class ReplayBudget:
+    """A token bucket per tenant (REPLAY_RATE a second, as many at once): a replay takes a chunk of
+    tokens before each chunk of events it sends, and waits when its tenant has spent them."""
+
+    def __init__(self, rate: float = REPLAY_RATE, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = rate
+        self._clock = clock
+        self._tokens: dict[str, tuple[float, float]] = {}  # tenant: (tokens, when counted)
+
+    async def take(self, tenant: str, count: int) -> None:
+        """Spend `count` of `tenant`'s tokens, waiting until they are there (debt is paid in turn)."""
+        now = self._clock()
+        tokens, then = self._tokens.get(tenant, (self._rate, now))
+        tokens = min(self._rate, tokens + (now - then) * self._rate) - count
+        if len(self._tokens) >= TENANTS_TRACKED and tenant not in self._tokens:
+            self._tokens.clear()
+        self._tokens[tenant] = (tokens, now)
+        if tokens < 0:
+            await asyncio.sleep(-tokens / self._rate)
 
 
 class EventLog:
@@ -44,6 +71,7 @@ class EventLog:
         self._scheduled = False
         self._reserved = 0
         self._purger: asyncio.Task[None] | None = None
+        self.replay = ReplayBudget()
         # With Redis, ids come from the stream: nothing to reserve here.
         self._shared = cast("RedisBus", bus) if bus.shared else None
 
@@ -116,6 +144,18 @@ class EventLog:
         has them, so the recent part comes from the stream, the older part
         (beyond what the stream keeps) from the log.
         """
+        read = 0
+        async for event in self._history(
+            tenant, after, session_id=session_id, workflow_id=workflow_id, execution_id=execution_id
+        ):
+            read += 1
+            if read % REPLAY_CHUNK == 0:
+                await self.replay.take(tenant, REPLAY_CHUNK)
+            yield event
+
+    async def _history(
+        self, tenant: str, after: int, *, session_id: str, workflow_id: str, execution_id: str
+    ) -> AsyncIterator[BusEvent]:
         if self._shared is None:
             async for event in self._logged(
                 tenant, after, session_id=session_id, workflow_id=workflow_id, execution_id=execution_id

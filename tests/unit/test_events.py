@@ -18,6 +18,7 @@ from flowport.clients import ApiError, AsyncClient
 from flowport.server.api.events import requested_types
 from flowport.server.app import Running, start, stop
 from flowport.server.errors import InvalidArgument
+from flowport.server.events import log as event_log
 from flowport.server.events.bus import BusEvent, EventBus
 from flowport.server.settings import Settings
 from flowport.server.storage import SqliteStore, SqlStore
@@ -430,3 +431,49 @@ async def test_retention_counts_each_tenants_events_apart(
         assert await store.event_bounds("loud") == (12, 13), "a mark never goes back"
     finally:
         await store.close()
+
+
+async def test_a_tenants_subscribers_are_offered_its_events_only() -> None:
+    """One tenant's many streams must cost other tenants' events nothing: a subscriber of a tenant
+    is never even asked about another tenant's events."""
+    bus = EventBus()
+    asked: list[str] = []
+
+    def accept(event: BusEvent) -> bool:
+        asked.append(event.tenant)
+        return True
+
+    mine = [bus.subscribe(accept, tenant="busy") for _ in range(100)]
+    every = bus.subscribe(lambda e: True)
+    assert bus.subscriber_count == 101
+    bus.publish("x.happened", tenant="quiet")
+    assert asked == [] and (await every.next(1)) is not None
+    bus.publish("x.happened", tenant="busy")
+    assert asked == ["busy"] * 100 and all([(await s.next(1)) is not None for s in mine])
+    for subscription in mine:
+        subscription.close()
+    assert bus.subscriber_count == 1 and not bus._tenant_subscribers
+    ended = bus.subscribe(accept, tenant="busy", client_stream=True)
+    assert bus.end_streams() == 1 and ended.ended
+
+
+async def test_a_tenants_replays_share_a_budget_and_others_have_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+
+    async def recorded(seconds: float) -> None:
+        waits.append(round(seconds, 3))
+
+    monkeypatch.setattr(event_log.asyncio, "sleep", recorded)
+    now = [0.0]
+    budget = event_log.ReplayBudget(rate=1000.0, clock=lambda: now[0])
+    await budget.take("busy", 500)
+    await budget.take("busy", 500)
+    assert waits == [], "a second's worth at once"
+    await budget.take("busy", 500)  # a second stream of the same tenant: waits its turn
+    await budget.take("busy", 500)
+    assert waits == [0.5, 1.0]
+    await budget.take("quiet", 1000)
+    assert waits == [0.5, 1.0], "another tenant's budget is its own"
+    now[0] += 3.0  # time passed: the debt is paid and the bucket full again, never more
+    await budget.take("busy", 1000)
+    assert waits == [0.5, 1.0]
