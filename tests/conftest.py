@@ -20,6 +20,7 @@ import pytest
 from flowport.clients import AsyncClient
 from flowport.server.app import Running, start, stop
 from flowport.server.settings import Settings
+from flowport.server.storage import SqlStore
 from flowport.server.supervisor import child_environment
 
 from .backends import BackendUnavailable, PostgresServer, RedisServer, free_port, free_ports
@@ -280,6 +281,23 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
         yield url
     finally:
         postgres_server.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def engine_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlStore]:
+    """A store opened on each engine: a SQLite file, then a fresh PostgreSQL database."""
+    from flowport.server.storage import SqliteStore
+    from flowport.server.storage.postgres import PostgresStore
+
+    opened: SqlStore
+    if request.param == "postgresql":
+        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"))
+    else:
+        opened = await SqliteStore.open(tmp_path / "db.sqlite")
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 @pytest.fixture(scope="session")

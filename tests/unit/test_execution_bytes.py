@@ -5,7 +5,6 @@ check, and what a client meets through the API."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -30,17 +29,9 @@ from ..conftest import ADMIN_KEY, make_settings
 NOW = 1_700_000_000
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlStore]:
-    opened: SqlStore
-    if request.param == "postgresql":
-        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"))
-    else:
-        opened = await SqliteStore.open(tmp_path / "db.sqlite")
-    try:
-        yield opened
-    finally:
-        await opened.close()
+@pytest.fixture
+def store(engine_store: SqlStore) -> SqlStore:
+    return engine_store
 
 
 def _execution(n: int, state: int, *, size: int = 0, tenant: str = "t") -> Execution:

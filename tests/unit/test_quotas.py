@@ -3,7 +3,7 @@ PostgreSQL database, and what the purge gives back: deleted workflow versions an
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -14,8 +14,7 @@ from flowport.clients import ApiError, AsyncClient
 from flowport.server.app import start, stop
 from flowport.server.errors import ResourceExhausted
 from flowport.server.secrets.cipher import Sealed
-from flowport.server.storage import SqliteStore, SqlStore, quotas
-from flowport.server.storage.postgres import PostgresStore
+from flowport.server.storage import SqlStore, quotas
 from flowport.server.storage.quotas import TenantQuotas
 from flowport.v1 import registry_pb2, resource_pb2, session_pb2, webhook_pb2, workflow_pb2
 from flowport.v1.execution_pb2 import Execution
@@ -27,18 +26,10 @@ HOUR = 3600 * 1_000_000
 CAP = 2
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlStore]:
-    opened: SqlStore
-    if request.param == "postgresql":
-        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"))
-    else:
-        opened = await SqliteStore.open(tmp_path / "db.sqlite")
-    opened.quotas = TenantQuotas(objects=CAP, webhooks=CAP)
-    try:
-        yield opened
-    finally:
-        await opened.close()
+@pytest.fixture
+def store(engine_store: SqlStore) -> SqlStore:
+    engine_store.quotas = TenantQuotas(objects=CAP, webhooks=CAP)
+    return engine_store
 
 
 def _ts(us: int) -> timestamp_pb2.Timestamp:
