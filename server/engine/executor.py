@@ -221,9 +221,11 @@ class Executor:
         A ResourceExhausted raised here has recorded nothing."""
         tenant, plan, values, inputs, workflow = asked.tenant, asked.plan, asked.values, asked.inputs, asked.workflow
         session_id, request_id, key, waited = asked.session_id, asked.request_id, asked.key, asked.waited
+        # Awaited first: the slot checks below and the slot taken after them must see the same
+        # state, with no wait in between (another call could take the last slot meanwhile).
+        over_bytes = await self.bytes_cap.over(tenant)
         tenant_full = not handing_off and self._slots.tenant_full(tenant)
         queued = handing_off or self._slots.room() <= 0
-        over_bytes = await self.bytes_cap.over(tenant)
         if queued or tenant_full or over_bytes:
             # A retry of a call that already started an execution is answered
             # even when full: it asks for nothing new.
