@@ -358,6 +358,32 @@ def open_nofollow(path: Path) -> None:
         os.close(descriptor)
 
 
+# sqlite3's authorizer: the action code of a PRAGMA, and the answers.
+_SQLITE_PRAGMA, _SQLITE_OK, _SQLITE_DENY = 19, 0, 1
+# Pragmas a node's statement may give an argument: reads of a schema object, and foreign_keys.
+# Any other with an argument sets something of the connection (its size bound among them).
+_PRAGMA_ARGUMENTS = frozenset(
+    {
+        "table_info",
+        "table_xinfo",
+        "table_list",
+        "index_list",
+        "index_info",
+        "index_xinfo",
+        "foreign_key_list",
+        "foreign_key_check",
+        "foreign_keys",
+    }
+)
+
+
+def _authorize_sqlite(action: int, first: str | None, second: str | None, schema: str | None, _: str | None) -> int:
+    """Refuse a pragma that sets something (PRAGMA x = v, PRAGMA x(v)) on a tenant's SQLite connection."""
+    if action == _SQLITE_PRAGMA and second is not None and (first or "").lower() not in _PRAGMA_ARGUMENTS:
+        return _SQLITE_DENY
+    return _SQLITE_OK
+
+
 def _pool_sizes(url: URL, pool_size: int, max_overflow: int) -> dict[str, int]:
     """The pool sizes an engine of `url` gets for those asked: at most SQLITE_POOL_CONNECTIONS
     for a SQLite file, MAX_POOL_CONNECTIONS otherwise, overflow included."""
@@ -400,14 +426,18 @@ def _guard(engine: AsyncEngine, allowlist: frozenset[str]) -> AsyncEngine:
         most = SQLITE_MEMORY_BYTES if memory else SQLITE_FILE_BYTES
 
         def bound(connection: Any, record: Any) -> None:
-            # Before any statement of the node's: past it, writes fail as on a full disk.
+            # Before any statement of the node's: past it, writes fail as on a full disk. The temp
+            # schema (TEMP tables, on disk or in memory) too. Then the node's statements may set no
+            # pragma that would lift it (or any other setting of the connection's).
             cursor = connection.cursor()
             try:
-                cursor.execute("PRAGMA page_size")
-                (page_size,) = cursor.fetchone()
-                cursor.execute(f"PRAGMA max_page_count = {most // int(page_size)}")
+                for schema in ("main", "temp"):
+                    cursor.execute(f"PRAGMA {schema}.page_size")
+                    (page_size,) = cursor.fetchone()
+                    cursor.execute(f"PRAGMA {schema}.max_page_count = {most // int(page_size)}")
             finally:
                 cursor.close()
+            await_only(connection.driver_connection.set_authorizer(_authorize_sqlite))
 
         event.listen(engine.sync_engine, "connect", bound)
         return engine

@@ -1095,6 +1095,15 @@ async def test_a_tenants_sqlite_databases_are_bounded_in_the_server_process(
             # What fits still goes in.
             await run_sql(ctx, url, "INSERT INTO blobs VALUES (randomblob(10))")
         assert (tmp_path / "sqlite" / "acme" / "big.db").stat().st_size <= 512 * 1024
+        # A statement can lift none of it: no pragma that sets something, and TEMP tables are bounded too.
+        for lift in ("PRAGMA max_page_count = 1000000", "PRAGMA main.max_page_count(1000000)", "PRAGMA temp_store = 2"):
+            with pytest.raises(NodeError, match="not authorized"):
+                await run_sql(ctx, "sqlite:///big.db", lift)
+        await run_sql(ctx, "sqlite:///big.db", "CREATE TEMP TABLE scratch (b BLOB)")
+        with pytest.raises(NodeError, match="full"):
+            await run_sql(ctx, "sqlite:///big.db", fill.replace("INSERT INTO blobs", "INSERT INTO scratch"))
+        assert (await run_sql(ctx, "sqlite:///big.db", "PRAGMA table_info(blobs)"))["rows"][0]["name"] == "b"
+        await run_sql(ctx, "sqlite:///big.db", "PRAGMA foreign_keys = ON")
         await run_sql(ctx, "sqlite:///two.db", "SELECT 1")
         await run_sql(ctx, "sqlite:///three.db", "SELECT 1")
         with pytest.raises(NodeError) as caught:
