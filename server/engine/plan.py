@@ -9,6 +9,7 @@ stale, and the cache is bounded.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -197,20 +198,30 @@ class PlanCache:
         self.checks = checks or WorkflowChecks()
         self._plans: OrderedDict[tuple[str, str, int], tuple[Plan, int]] = OrderedDict()
         self._bytes = 0
+        self._compiling: dict[tuple[str, str, int], asyncio.Future[Plan]] = {}
 
     async def get(self, tenant: str, workflow: workflow_pb2.Workflow) -> Plan:
-        """The plan for this stored workflow version, compiled on first use."""
+        """The plan for this stored workflow version, compiled on first use (once, however many
+        calls ask for it while it compiles)."""
         key = (tenant, workflow.workflow_id, workflow.version)
         kept = self._plans.get(key)
         if kept is not None:
             self._plans.move_to_end(key)
             return kept[0]
+        compiling = self._compiling.get(key)
+        if compiling is None:
+            # A task of its own: a caller that gives up leaves it to the others waiting for it.
+            compiling = asyncio.ensure_future(self._compile(key, tenant, workflow))
+            self._compiling[key] = compiling
+            compiling.add_done_callback(lambda _: self._compiling.pop(key, None))
+        return await asyncio.shield(compiling)
+
+    async def _compile(self, key: tuple[str, str, int], tenant: str, workflow: workflow_pb2.Workflow) -> Plan:
         plan = await self.checks.run(tenant, workflow, lambda: compile_plan(workflow, self._registry))
         size = workflow.ByteSize()
-        if key not in self._plans:  # another call may have compiled it meanwhile
-            self._plans[key] = (plan, size)
-            self._bytes += size
-            while len(self._plans) > self._capacity or (self._bytes > self._max_bytes and len(self._plans) > 1):
-                _, (_, gone) = self._plans.popitem(last=False)
-                self._bytes -= gone
+        self._plans[key] = (plan, size)
+        self._bytes += size
+        while len(self._plans) > self._capacity or (self._bytes > self._max_bytes and len(self._plans) > 1):
+            _, (_, gone) = self._plans.popitem(last=False)
+            self._bytes -= gone
         return plan

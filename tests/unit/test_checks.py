@@ -90,3 +90,21 @@ async def test_the_plan_cache_keeps_at_most_its_bytes_of_workflows() -> None:
         assert [key[1] for key in cache._plans] == ["huge"]
     finally:
         cache.checks.close()
+
+
+async def test_a_plan_asked_for_while_it_compiles_is_compiled_once() -> None:
+    cache = PlanCache(NodeRegistry.default())
+    compiled: list[str] = []
+    real = cache.checks.run
+
+    async def counted(tenant: str, workflow: workflow_pb2.Workflow, check: Any) -> Any:
+        compiled.append(workflow.workflow_id)
+        return await real(tenant, workflow, check)
+
+    cache.checks.run = counted  # type: ignore[method-assign]
+    try:
+        large = _workflow("large", 20, 1000)
+        plans = await asyncio.gather(*(cache.get("t", large) for _ in range(5)))
+    finally:
+        cache.checks.close()
+    assert compiled == ["large"] and all(plan is plans[0] for plan in plans)
