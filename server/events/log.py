@@ -152,6 +152,9 @@ class EventLog:
             if read % REPLAY_CHUNK == 0:
                 await self.replay.take(tenant, REPLAY_CHUNK)
             yield event
+        if read % REPLAY_CHUNK:
+            # What is left is charged too: many short replays add up like one long one.
+            await self.replay.take(tenant, read % REPLAY_CHUNK)
 
     async def _history(
         self, tenant: str, after: int, *, session_id: str, workflow_id: str, execution_id: str
