@@ -811,6 +811,7 @@ async def purge_expired_rows(store: SqlStore, settings: Settings, now: int) -> i
             removed += gone
             if gone < EXECUTION_PURGE_BATCH:
                 break
+    await store.fold_execution_bytes()
     if settings.tenant_max_execution_bytes:
         removed += await execution_bytes.trim_all(store, settings.tenant_max_execution_bytes)
     return removed

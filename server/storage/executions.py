@@ -312,6 +312,19 @@ class ExecutionTables(Tables):
         row = await self._lookup("SELECT sum(bytes) FROM execution_bytes WHERE tenant=?", (tenant,))
         return 0 if row is None or row[0] is None else int(row[0])
 
+    async def fold_execution_bytes(self) -> None:
+        """Fold the rows of PostgreSQL connections gone into shard 0 (each connection adds to its own
+        backend pid's row, which would otherwise pile up over restarts)."""
+        if self.dialect != "postgresql":
+            return
+        sql = (
+            "WITH gone AS (DELETE FROM execution_bytes WHERE shard <> 0"
+            " AND shard NOT IN (SELECT pid FROM pg_stat_activity) RETURNING tenant, bytes)"
+            " INSERT INTO execution_bytes (tenant, shard, bytes) SELECT tenant, 0, sum(bytes) FROM gone"
+            " GROUP BY tenant ON CONFLICT (tenant, shard) DO UPDATE SET bytes = execution_bytes.bytes + excluded.bytes"
+        )
+        await self._write(lambda conn: conn.execute(sql))
+
     async def tenants_over_execution_bytes(self, limit: int) -> list[str]:
         """The tenants whose stored executions take more than `limit` bytes."""
         sql = "SELECT tenant FROM execution_bytes GROUP BY tenant HAVING sum(bytes) > ?"
@@ -337,7 +350,7 @@ class ExecutionTables(Tables):
             for start in range(0, len(chosen), 100):
                 ids = chosen[start : start + 100]
                 marks = ",".join("?" * len(ids))
-                sql = f"DELETE FROM executions WHERE tenant=? AND execution_id IN ({marks})"  # noqa: S608 - marks
+                sql = f"DELETE FROM executions WHERE tenant=? AND state IN (3, 4, 5) AND execution_id IN ({marks})"  # noqa: S608
                 gone += conn.execute(sql, (tenant, *ids)).rowcount
             return gone
 

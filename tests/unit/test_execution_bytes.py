@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -244,3 +245,29 @@ async def test_a_page_reads_no_more_bodies_than_its_byte_budget_and_walks_them_a
         after = pagination.cursor_time_id(pagination.decode_token(token, {}))
     assert seen == [f"t-e{n:04}" for n in range(7, -1, -1)], "newest first, each once"
     assert pages >= 4
+
+
+async def test_postgresql_shards_of_connections_gone_are_folded_and_totals_kept(request: pytest.FixtureRequest) -> None:
+    """Each PostgreSQL connection adds to its own backend's row (no two live ones share a row, so no
+    lock is waited on or deadlocked over); the purge folds those of connections gone into shard 0."""
+    url = request.getfixturevalue("postgres_url")
+    first = await PostgresStore.open(url)
+    try:
+        for n in range(3):
+            await first.insert_execution("t", _execution(n, Execution.STATE_SUCCEEDED, size=100), None)
+        total = await first.execution_bytes("t")
+    finally:
+        await first.close()
+    second = await PostgresStore.open(url)
+    try:
+        await second.insert_execution("t", _execution(9, Execution.STATE_SUCCEEDED, size=100), None)
+        await second.fold_execution_bytes()
+
+        def shards(conn: Any) -> list[int]:
+            return [int(r[0]) for r in conn.execute("SELECT shard FROM execution_bytes WHERE tenant=?", ("t",))]
+
+        kept = await second._read(shards)
+        assert 0 in kept and len(kept) == 2, "the gone connection's row folded, the live one's kept"
+        assert await second.execution_bytes("t") == await _stored(second, "t") > total
+    finally:
+        await second.close()

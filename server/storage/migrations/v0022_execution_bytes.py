@@ -4,10 +4,11 @@
 executions, kept by triggers on `executions` in the transaction of each
 insert, body update and delete, so no path that writes an execution can
 leave it out. A tenant's total is the sum of its rows: on PostgreSQL each
-connection adds to the row of its shard (its backend pid modulo 64), so
-processes writing the same tenant's executions at once never wait on one
-row; SQLite has one writer and one shard. Executions stored before this
-migration are counted once, here.
+connection adds to the row of its shard, its backend pid (unique among the
+live connections), so processes writing the same tenant's executions at
+once never wait on, nor deadlock over, one row; the purge folds the rows of
+connections gone into shard 0. SQLite has one writer and one shard.
+Executions stored before this migration are counted once, here, in shard 0.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ BEGIN
         delta := octet_length(NEW.body) - octet_length(OLD.body);
     END IF;
     IF delta <> 0 THEN
-        INSERT INTO execution_bytes (tenant, shard, bytes) VALUES (NEW.tenant, pg_backend_pid() % 64, delta)
+        INSERT INTO execution_bytes (tenant, shard, bytes) VALUES (NEW.tenant, pg_backend_pid(), delta)
         ON CONFLICT (tenant, shard) DO UPDATE SET bytes = execution_bytes.bytes + excluded.bytes;
     END IF;
     RETURN NULL;
@@ -42,7 +43,7 @@ _PG_DELETED = """
 CREATE FUNCTION flowport_execution_bytes_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO execution_bytes (tenant, shard, bytes)
-    SELECT tenant, pg_backend_pid() % 64, -sum(octet_length(body)) FROM gone GROUP BY tenant
+    SELECT tenant, pg_backend_pid(), -sum(octet_length(body)) FROM gone GROUP BY tenant
     ON CONFLICT (tenant, shard) DO UPDATE SET bytes = execution_bytes.bytes + excluded.bytes;
     RETURN NULL;
 END $$
