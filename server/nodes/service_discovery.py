@@ -42,6 +42,9 @@ MAX_SERVICES = 5000
 # Filters whose results and round-robin turns the node remembers, over every tenant: the filters
 # may come from execution inputs, so without a bound each new one would be kept for good.
 MAX_REMEMBERED = 1024
+# Registrations the cache holds in all (each at most 16 KiB of metadata): one entry may hold up to
+# MAX_SERVICES of them.
+MAX_CACHED_SERVICES = 20_000
 
 
 def describe(service: registry_pb2.RegisteredService) -> dict[str, Any]:
@@ -108,6 +111,7 @@ class MCPServiceDiscoveryNode(NodeType):
         # (tenant, filters) -> (read at, matching registrations), for cache_duration; least recently
         # stored first.
         self._cache: OrderedDict[tuple[Any, ...], tuple[float, list[registry_pb2.RegisteredService]]] = OrderedDict()
+        self._cached = 0  # registrations held in _cache
         # Round-robin positions per (tenant, filters), least recently used first.
         self._turns: OrderedDict[tuple[Any, ...], itertools.count[int]] = OrderedDict()
 
@@ -163,10 +167,13 @@ class MCPServiceDiscoveryNode(NodeType):
                 break
             after = page[-1].service_id
         if cache_for > 0:
+            replaced = self._cache.pop(key, None)
+            self._cached -= 0 if replaced is None else len(replaced[1])
             self._cache[key] = (time.monotonic(), found)
-            self._cache.move_to_end(key)
-            if len(self._cache) > MAX_REMEMBERED:
-                self._cache.popitem(last=False)
+            self._cached += len(found)
+            while len(self._cache) > MAX_REMEMBERED or (self._cached > MAX_CACHED_SERVICES and len(self._cache) > 1):
+                _, (_, gone) = self._cache.popitem(last=False)
+                self._cached -= len(gone)
         return found
 
     def _order(

@@ -212,3 +212,27 @@ async def test_the_nodes_memory_of_filters_is_bounded(monkeypatch: pytest.Monkey
         found = await node.run(ctx, node.prepare(params), params)
         assert found["count"] == 1
     assert len(node._cache) == len(node._turns) == 8
+
+
+async def test_the_nodes_cache_holds_a_bounded_number_of_registrations(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_discovery, "MAX_CACHED_SERVICES", 50)
+
+    class Directory:
+        async def list_services(self, tenant: str, **_: Any) -> list[registry_pb2.RegisteredService]:
+            healthy = registry_pb2.RegisteredService.STATUS_HEALTHY
+            found = []
+            for n in range(20):
+                service = registry_pb2.RegisteredService(
+                    service_id=f"s{n:02}", endpoint="https://s.example.com", status=healthy
+                )
+                service.capabilities.extend(f"c{c}" for c in range(10))
+                found.append(service)
+            return found
+
+    node = service_discovery.MCPServiceDiscoveryNode()
+    ctx = NodeContext("t", "exe_1", "find", 1, 10.0, NodeServices(registry=Directory()))  # type: ignore[arg-type]
+    for c in range(10):  # ten filters, twenty registrations each: 200 without the bound
+        params = {"required_capabilities": [f"c{c}"], "cache_duration": 60}
+        assert (await node.run(ctx, node.prepare(params), params))["count"] == 20
+    held = sum(len(found) for _, found in node._cache.values())
+    assert 0 < held <= 50 and held == node._cached
