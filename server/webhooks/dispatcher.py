@@ -312,9 +312,10 @@ class WebhookDispatcher:
                 return
             if self._tenant_max_pending is not None:
                 held = self._tenant_pending[event.tenant] + self._tenant_inboxed[event.tenant]
-                if held + len(hooks) > self._tenant_max_pending:
-                    self._drop_over(event.tenant, hooks, self._tenant_max_pending - held)
-                    hooks = hooks[: max(self._tenant_max_pending - held, 0)]
+                room = max(self._tenant_max_pending - held, 0)
+                if len(hooks) > room:
+                    self._count_dropped(event.tenant, len(hooks) - room)
+                    hooks = hooks[:room]
                     if not hooks:
                         return
                 self._tenant_inboxed[event.tenant] += len(hooks)
@@ -326,9 +327,8 @@ class WebhookDispatcher:
         except Exception:  # a raising listener would break publish for everyone
             log.exception("could not queue webhook deliveries of event %s", event.id)
 
-    def _drop_over(self, tenant: str, hooks: list[_Hook], room: int) -> None:
-        """Count (and now and then log) the deliveries to `hooks` past the first `room`."""
-        dropped = len(hooks) - max(room, 0)
+    def _count_dropped(self, tenant: str, dropped: int) -> None:
+        """Count (and now and then log) `dropped` deliveries of `tenant` never queued."""
         self.dropped += dropped
         self.tenant_outcomes[(tenant, "dropped")] += dropped
         if self.prometheus is not None:

@@ -30,7 +30,6 @@ from flowport.server.sandbox import SandboxLimits, SandboxPool
 from flowport.server.sandbox.fairness import FairQueue
 from flowport.server.settings import Settings, SettingsError
 from flowport.server.storage import SqliteStore
-from flowport.server.storage.postgres import PostgresStore
 from flowport.v1 import apikey_pb2, execution_pb2, workflow_pb2
 
 from ..conftest import ADMIN_KEY, make_settings
@@ -294,17 +293,10 @@ async def _all_succeed_once(store: Any, events: Any, created: list[Execution]) -
         }, f"each execution has exactly one {kind}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+@pytest.fixture
+def shared_store(engine_store: Any) -> Any:
     """One store that two executors share, as processes share PostgreSQL."""
-    if request.param == "postgresql":
-        store: Any = await PostgresStore.open(request.getfixturevalue("postgres_url"))
-    else:
-        store = await SqliteStore.open(tmp_path / "db.sqlite")
-    try:
-        yield store
-    finally:
-        await store.close()
+    return engine_store
 
 
 @pytest.mark.timeout(120)
