@@ -190,12 +190,11 @@ class PlanCache:
         registry: NodeRegistry,
         capacity: int = 1024,
         max_bytes: int = 64 * 2**20,
-        checks: WorkflowChecks | None = None,
     ) -> None:
         self._registry = registry
         self._capacity = capacity
         self._max_bytes = max_bytes
-        self.checks = checks or WorkflowChecks()
+        self.checks = WorkflowChecks()
         self._plans: OrderedDict[tuple[str, str, int], tuple[Plan, int]] = OrderedDict()
         self._bytes = 0
         self._compiling: dict[tuple[str, str, int], asyncio.Future[Plan]] = {}
