@@ -392,6 +392,12 @@ def _pool_sizes(url: URL, pool_size: int, max_overflow: int) -> dict[str, int]:
     return {"pool_size": size, "max_overflow": max(0, min(max_overflow, most - size))}
 
 
+def _oldest_beyond(held: Mapping[tuple[str, str], object], tenant: str, most: int) -> list[tuple[str, str]]:
+    """The keys of `tenant`'s pools in `held` (least recently used first) past its newest `most`."""
+    owned = [key for key in held if key[0] == tenant]
+    return owned[: max(0, len(owned) - most)]
+
+
 def _databases_in(folder: Path) -> int:
     """The SQLite databases in a tenant's folder (their -wal, -shm and -journal files not counted)."""
     try:
@@ -529,8 +535,7 @@ class SqlPools:
 
     def _evict(self, tenant: str) -> None:
         """Drop the least recently used engines beyond the caps (the tenant's, then the overall one)."""
-        owned = [key for key in self._engines if key[0] == tenant]
-        for key in owned[: max(0, len(owned) - self._max_per_tenant)]:
+        for key in _oldest_beyond(self._engines, tenant, self._max_per_tenant):
             self._retire(self._engines.pop(key))
         while len(self._engines) > self._max_engines:
             _, engine = self._engines.popitem(last=False)
@@ -597,8 +602,7 @@ class SqlPools:
         self._resources.move_to_end(key)
         if held is not None:
             self._retire(held[1])
-        owned = [other for other in self._resources if other[0] == tenant]
-        for other in owned[: max(0, len(owned) - MAX_RESOURCE_POOLS_PER_TENANT)]:
+        for other in _oldest_beyond(self._resources, tenant, MAX_RESOURCE_POOLS_PER_TENANT):
             self._retire(self._resources.pop(other)[1])
         return engine
 
