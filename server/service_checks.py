@@ -13,12 +13,19 @@ plain http is pinned to the address that was checked.
 
 Each process checks every registration (idempotent writes); with many
 registrations and processes a claim per check would spread the work.
+
+Tenants take turns. A sweep gives each tenant at most `PER_TENANT` checks in
+flight out of the process's `PARALLEL`, and starts no check after
+`max(interval, timeout)`: a tenant whose endpoints never answer spends only
+its own turns, and what it has left waits for the next sweep (least
+recently checked first), while every other tenant's checks keep their pace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import grpc
@@ -35,6 +42,7 @@ from flowport.v1 import registry_pb2
 HEALTHY = registry_pb2.RegisteredService.STATUS_HEALTHY
 UNHEALTHY = registry_pb2.RegisteredService.STATUS_UNHEALTHY
 PARALLEL = 16
+PER_TENANT = 4
 
 
 def checked(service: registry_pb2.RegisteredService) -> bool:
@@ -115,6 +123,7 @@ class HealthChecker:
         self._store = store
         self._http = http
         self._allowlist = allowlist
+        self._interval = interval
         self._timeout = timeout
         self.checks = 0
         # The last sweep, for GET /health's `external_apis` component.
@@ -128,25 +137,35 @@ class HealthChecker:
         await self._schedule.close()
 
     async def check_all(self) -> int:
-        """Check every due registration once; returns how many were checked."""
-        due = [(tenant, s) for tenant, s in await self._store.services_to_check(now_us()) if checked(s)]
-        gate = asyncio.Semaphore(PARALLEL)
+        """Check due registrations, each tenant in its turns (module docstring); returns how many were checked."""
+        due: dict[str, list[registry_pb2.RegisteredService]] = {}
+        for tenant, service in await self._store.services_to_check(now_us()):
+            if checked(service):
+                due.setdefault(tenant, []).append(service)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(self._interval, self._timeout)
+        gate = asyncio.Semaphore(PARALLEL)  # wakes waiters in order: lanes of all tenants alternate
+        outcomes: list[bool] = []
 
-        async def one(tenant: str, service: registry_pb2.RegisteredService) -> bool:
+        async def lane(tenant: str, queue: deque[registry_pb2.RegisteredService]) -> None:
             RESOLVING_FOR.set(tenant)  # its own task (gather): the lookup is the tenant's (resolver.py)
-            async with gate:
-                status, latency = await probe(self._http, service, self._allowlist, self._timeout)
-                await self._store.record_check(tenant, service.service_id, status, latency, now_us())
-                return status == HEALTHY
+            first = True  # every lane checks at least one, however long it waited for the gate
+            while queue:
+                async with gate:
+                    if not first and loop.time() >= deadline:
+                        return
+                    first = False
+                    service = queue.popleft()
+                    status, latency = await probe(self._http, service, self._allowlist, self._timeout)
+                    await self._store.record_check(tenant, service.service_id, status, latency, now_us())
+                outcomes.append(status == HEALTHY)
 
-        failed = 0
-
-        async def counted(tenant: str, service: registry_pb2.RegisteredService) -> None:
-            nonlocal failed
-            healthy = await one(tenant, service)  # awaited before `failed` is read: checks run concurrently
-            failed += not healthy
-
-        await asyncio.gather(*(counted(tenant, service) for tenant, service in due))
-        self.checks += len(due)
-        self.last_sweep = Sweep(checked=len(due), failed=failed, at=time.time())
-        return len(due)
+        lanes = []
+        for tenant, services in due.items():
+            # Least recently checked first (never checked: 0), so what one sweep leaves is next.
+            queue = deque(sorted(services, key=lambda s: s.check_time.ToMicroseconds()))
+            lanes += [lane(tenant, queue) for _ in range(min(PER_TENANT, len(queue)))]
+        await asyncio.gather(*lanes)
+        self.checks += len(outcomes)
+        self.last_sweep = Sweep(checked=len(outcomes), failed=outcomes.count(False), at=time.time())
+        return len(outcomes)
