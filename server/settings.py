@@ -205,7 +205,8 @@ class Settings(BaseModel):
         ge=0,
         le=2**50,
         description="bytes the workflow versions, sessions, webhooks, registered services, resources and secrets "
-        "of one tenant may take in the store, each kind counted apart; past it a create is RESOURCE_EXHAUSTED "
+        "of one tenant may take in the store, each kind counted apart; past it a create (or a secret rewritten "
+        "larger) is RESOURCE_EXHAUSTED "
         "(HTTP 429, reason TENANT_QUOTA); sessions are counted when their number is; 0 removes the cap",
     )
     tenant_max_webhooks: int = Field(

@@ -84,11 +84,11 @@ SESSION_SAMPLE = 64
 SESSION_TENANTS_TRACKED = 65_536
 
 
-def check(conn: Connection, quotas: TenantQuotas, tenant: str, kind: Kind) -> None:
+def check(conn: Connection, quotas: TenantQuotas, tenant: str, kind: Kind, *, rows: bool = True) -> None:
     """Raise ResourceExhausted (reason TENANT_QUOTA) when `tenant` keeps more rows of `kind` than its
     cap, or rows that take more bytes, counting the row just written; called inside the write,
-    after it."""
-    limit, setting = quotas.limit(kind)
+    after it. `rows=False` checks the bytes alone: a row rewritten larger adds no row."""
+    limit, setting = quotas.limit(kind) if rows else (None, "")
     most = quotas.object_bytes
     if limit is None and most is None:
         return

@@ -74,6 +74,7 @@ class SecretTables(Tables):
                 (tenant, name),
             ).fetchone()
             new_name = row is None
+            grown = row is not None and len(sealed.blob) > len(bytes(row[7]))  # the bytes counted: `sealed`
             if row is None or row[2] != description or not same_value(Sealed(row[6], bytes(row[7]))):
                 row = conn.execute(
                     "INSERT INTO secrets VALUES (?, ?, ?, 1, ?, ?, ?, ?) "
@@ -84,6 +85,9 @@ class SecretTables(Tables):
                 ).fetchone()
             if new_name:
                 quotas.check(conn, self.quotas, tenant, quotas.SECRETS)
+            elif grown:
+                # A rewrite adds no secret, but a larger value takes more of the tenant's bytes.
+                quotas.check(conn, self.quotas, tenant, quotas.SECRETS, rows=False)
             body = _secret(row).SerializeToString()
             if idempotency_key is not None:
                 idempotency.remember(conn, tenant, _PUT, idempotency_key, body, now_us=now_us)

@@ -240,3 +240,30 @@ async def test_the_rows_of_each_kind_are_capped_in_bytes_too(store: SqlStore) ->
     assert await store.get_workflow("t", "w3") is None, "the refused create wrote nothing"
     await store.create_workflow("other", big("w0"), None)  # another tenant's bytes are its own
     await _create_webhook(store, "t", "h0")  # and each kind's are counted apart
+
+
+async def test_a_secret_rewritten_larger_counts_against_the_bytes(store: SqlStore) -> None:
+    """A new version adds no secret, but its value may take more of the tenant's bytes."""
+    store.quotas = TenantQuotas(objects=1, object_bytes=3000)
+
+    async def put(value: bytes) -> object:
+        return await store.put_secret(
+            tenant="t",
+            name="s",
+            description="d",
+            sealed=Sealed("k", value),
+            now_us=NOW,
+            idempotency_key=None,
+            same_value=lambda sealed: False,
+        )
+
+    await put(b"a" * 1000)
+    refused = await _refused(put(b"b" * 3500))
+    assert refused.metadata == {"kind": "secrets", "tenant_max_object_bytes": "3000"}
+    kept = await store.get_secret("t", "s")
+    assert kept is not None and kept.sealed.blob == b"a" * 1000 and kept.secret.version == 1
+    # Rotating to a value no larger is never refused, even by a count the tenant is at.
+    await put(b"c" * 900)
+    await put(b"d" * 2900)
+    kept = await store.get_secret("t", "s")
+    assert kept is not None and kept.secret.version == 3
