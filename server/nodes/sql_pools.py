@@ -398,13 +398,13 @@ def _oldest_beyond(held: Mapping[tuple[str, str], object], tenant: str, most: in
     return owned[: max(0, len(owned) - most)]
 
 
-def _databases_in(folder: Path) -> int:
-    """The SQLite databases in a tenant's folder (their -wal, -shm and -journal files not counted)."""
+def _databases_in(folder: Path) -> set[str]:
+    """The SQLite databases in a tenant's folder (their -wal, -shm and -journal files left out)."""
     try:
         names = os.listdir(folder)
     except OSError:
-        return 0
-    return sum(1 for name in names if not name.endswith(("-wal", "-shm", "-journal")))
+        return set()
+    return {name for name in names if not name.endswith(("-wal", "-shm", "-journal"))}
 
 
 def _guarded_engine(url: URL, options: dict[str, Any], allowlist: frozenset[str]) -> AsyncEngine:
@@ -505,6 +505,9 @@ class SqlPools:
         # Statements running on each engine, and engines dropped (replaced, evicted) while in use.
         self._users: dict[AsyncEngine, int] = {}
         self._retired: set[AsyncEngine] = set()
+        # SQLite names each tenant was given, whether their files exist yet or not: a file is made by
+        # its first connection, later, so counting the folder alone lets concurrent runs past the cap.
+        self._sqlite_names: dict[str, set[str]] = {}
 
     def engine(
         self,
@@ -560,13 +563,16 @@ class SqlPools:
         # The tenant's folder and the file as they are, never a link elsewhere (checked again at each connection).
         if folder.is_symlink() or not folder.is_dir() or path.is_symlink():
             raise ForbiddenDatabase("this SQLite database is a symbolic link, which is not opened")
-        if not path.exists() and _databases_in(folder) >= SQLITE_FILES_PER_TENANT:
+        given = self._sqlite_names.setdefault(tenant, set())
+        new_file = path.name not in given and not path.exists()
+        if new_file and len(given | _databases_in(folder)) >= SQLITE_FILES_PER_TENANT:
             raise ForbiddenDatabase(
                 f"this tenant keeps its most of {SQLITE_FILES_PER_TENANT} SQLite databases: use one of them"
             )
         real = path.resolve()
         if real.parent != folder.resolve():
             raise ForbiddenDatabase(f"not in the tenant's folder: {SQLITE_NAME_RULE}")
+        given.add(path.name)
         return url.set(database=str(real))
 
     def resource_engine(

@@ -36,7 +36,7 @@ from flowport.server.egress import TargetRefused
 from flowport.server.nodes import sql_pools
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.sql import AsyncSQLDatabaseNode, SQLDatabaseNode, jsonable, prepare_query
-from flowport.server.nodes.sql_pools import SqlPools, async_url, pin_connection, sqlite_folder
+from flowport.server.nodes.sql_pools import ForbiddenDatabase, SqlPools, async_url, pin_connection, sqlite_folder
 from flowport.v1 import apikey_pb2, execution_pb2
 
 from ..backends import free_port
@@ -1114,6 +1114,22 @@ async def test_a_tenants_sqlite_databases_are_bounded_in_the_server_process(
         assert engine.pool.size() + engine.pool._max_overflow <= sql_pools.SQLITE_POOL_CONNECTIONS  # type: ignore[attr-defined]
     finally:
         await pools.close()
+
+
+def test_sqlite_names_given_before_their_files_exist_count_toward_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file is made by its first connection, after the name was checked: runs started together
+    must not each see room that the others are about to take."""
+    monkeypatch.setattr(sql_pools, "SQLITE_FILES_PER_TENANT", 3)
+    pools = SqlPools(sqlite_root=tmp_path / "sqlite")
+    for name in ("a.db", "b.db", "c.db"):
+        pools.tenant_url(make_url(f"sqlite+aiosqlite:///{name}"), "acme")
+    assert not list((tmp_path / "sqlite" / "acme").iterdir()), "no file is made before a connection"
+    with pytest.raises(ForbiddenDatabase, match="most of 3 SQLite databases"):
+        pools.tenant_url(make_url("sqlite+aiosqlite:///d.db"), "acme")
+    pools.tenant_url(make_url("sqlite+aiosqlite:///b.db"), "acme")  # a name it was given stays its own
+    pools.tenant_url(make_url("sqlite+aiosqlite:///d.db"), "globex")  # and other tenants keep their room
 
 
 def test_a_pool_of_a_tenants_postgresql_is_capped() -> None:
