@@ -66,7 +66,7 @@ from flowport.server.secrets.vault import SecretVault
 from flowport.server.service_checks import HealthChecker
 from flowport.server.settings import Settings
 from flowport.server.shutdown import SHUTDOWN_MARGIN, STEP_LIMIT, Watchdog, bounded
-from flowport.server.storage import MigrationError, SqlStore, open_store
+from flowport.server.storage import MigrationError, SqlStore, open_store, request_ids
 from flowport.server.tenant_shares import TenantShares
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.v1 import (
@@ -796,8 +796,9 @@ async def purge_expired_rows(store: SqlStore, settings: Settings, now: int) -> i
     """One round of the purge: expired sessions, request ids and service registrations, old finished
     webhook deliveries and each webhook's past its newest `--webhook-delivery-retention-count`,
     workflow versions deleted an hour ago, ended executions past
-    `--execution-retention-seconds`, and the oldest ended executions of tenants past
-    `--tenant-max-execution-bytes`; returns how many rows went."""
+    `--execution-retention-seconds`, the oldest ended executions of tenants past
+    `--tenant-max-execution-bytes`, and the oldest request ids of tenants past
+    `--tenant-max-request-id-bytes`; returns how many rows went."""
     removed = await store.purge_expired(now, now - int(REQUEST_ID_RETENTION * 1e6))
     removed += await store.purge_finished_deliveries(now - int(DELIVERY_RETENTION * 1e6))
     removed += await store.purge_deliveries_beyond(settings.webhook_delivery_retention_count)
@@ -812,8 +813,11 @@ async def purge_expired_rows(store: SqlStore, settings: Settings, now: int) -> i
             if gone < EXECUTION_PURGE_BATCH:
                 break
     await store.fold_execution_bytes()
+    await store.fold_request_id_bytes()
     if settings.tenant_max_execution_bytes:
         removed += await execution_bytes.trim_all(store, settings.tenant_max_execution_bytes)
+    if settings.tenant_max_request_id_bytes:
+        removed += await request_ids.forget_beyond(store, settings.tenant_max_request_id_bytes)
     return removed
 
 

@@ -250,6 +250,15 @@ class Settings(BaseModel):
         "oldest ended executions are removed, whatever their age, until it is back to nine tenths of it; read "
         "every second in each process, so a tenant may pass it by what it writes in that time; 0 removes the cap",
     )
+    tenant_max_request_id_bytes: int = Field(
+        2**30,
+        ge=0,
+        le=2**50,
+        description="bytes of remembered request ids (each call's request_id with its answer, kept a day so that "
+        "a retry gets the same answer) one tenant may keep; every purge round (a minute) forgets the oldest of a "
+        "tenant past it until it is back to nine tenths, so its retries of calls older than those kept are new "
+        "calls; 0 removes the cap",
+    )
     tenant_max_streams: int = Field(
         1000,
         ge=0,

@@ -12,7 +12,7 @@ from flowport.server.limits import MAX_PAGE_BYTES
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import ExpiredExecution, IdempotencyConflict, IdempotentResult
 from flowport.server.storage.sessions import session_creator
-from flowport.server.storage.tables import Connection, Tables, micros, within_budget
+from flowport.server.storage.tables import Connection, Tables, fold_shards, micros, within_budget
 from flowport.v1 import execution_pb2
 
 log = logging.getLogger(__name__)
@@ -317,12 +317,7 @@ class ExecutionTables(Tables):
         backend pid's row, which would otherwise pile up over restarts)."""
         if self.dialect != "postgresql":
             return
-        sql = (
-            "WITH gone AS (DELETE FROM execution_bytes WHERE shard <> 0"
-            " AND shard NOT IN (SELECT pid FROM pg_stat_activity) RETURNING tenant, bytes)"
-            " INSERT INTO execution_bytes (tenant, shard, bytes) SELECT tenant, 0, sum(bytes) FROM gone"
-            " GROUP BY tenant ON CONFLICT (tenant, shard) DO UPDATE SET bytes = execution_bytes.bytes + excluded.bytes"
-        )
+        sql = fold_shards("execution_bytes")
         await self._write(lambda conn: conn.execute(sql))
 
     async def tenants_over_execution_bytes(self, limit: int) -> list[str]:

@@ -16,6 +16,7 @@ from flowport.server.storage.base import IdempotencyRace
 from flowport.server.storage.events import EventTables
 from flowport.server.storage.executions import ExecutionTables
 from flowport.server.storage.group_commit import GroupWriter, QueryTiming, log_unretrieved
+from flowport.server.storage.request_ids import RequestIdTables
 from flowport.server.storage.resources import ResourceTables
 from flowport.server.storage.secrets import SecretTables
 from flowport.server.storage.services import ServiceTables
@@ -39,6 +40,7 @@ class SqlStore(
     SecretTables,
     ServiceTables,
     ResourceTables,
+    RequestIdTables,
     StatsTables,
 ):
     """Durable state on a SQL engine; open one with `open_store` (server/storage/__init__.py)."""

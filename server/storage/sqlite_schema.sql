@@ -1,6 +1,6 @@
 -- The SQLite schema after every migration: generated, do not edit.
 -- python -m flowport.server.storage.sqlite_snapshot rewrites it.
--- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention,19:workflow_numbers,20:event_purge_marks,21:workflow_cache,22:execution_bytes
+-- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention,19:workflow_numbers,20:event_purge_marks,21:workflow_cache,22:execution_bytes,23:request_id_bytes
 CREATE TABLE api_keys (
 	key_id TEXT NOT NULL, 
 	tenant TEXT NOT NULL, 
@@ -70,6 +70,12 @@ CREATE TABLE idempotency (
 	response BLOB NOT NULL, 
 	create_us BIGINT NOT NULL, 
 	PRIMARY KEY (tenant, method, request_id)
+);
+CREATE TABLE request_id_bytes (
+	tenant TEXT NOT NULL, 
+	shard INTEGER NOT NULL, 
+	bytes BIGINT NOT NULL, 
+	PRIMARY KEY (tenant, shard)
 );
 CREATE TABLE resources (
 	tenant TEXT NOT NULL, 
@@ -201,3 +207,6 @@ CREATE INDEX executions_ended_by_time ON executions (create_us) WHERE state IN (
 CREATE TRIGGER executions_bytes_inserted AFTER INSERT ON executions BEGIN INSERT INTO execution_bytes (tenant, shard, bytes) VALUES (NEW.tenant, 0, length(NEW.body)) ON CONFLICT (tenant, shard) DO UPDATE SET bytes = bytes + excluded.bytes; END;
 CREATE TRIGGER executions_bytes_updated AFTER UPDATE OF body ON executions WHEN length(NEW.body) <> length(OLD.body) BEGIN INSERT INTO execution_bytes (tenant, shard, bytes) VALUES (NEW.tenant, 0, length(NEW.body) - length(OLD.body)) ON CONFLICT (tenant, shard) DO UPDATE SET bytes = bytes + excluded.bytes; END;
 CREATE TRIGGER executions_bytes_deleted AFTER DELETE ON executions BEGIN INSERT INTO execution_bytes (tenant, shard, bytes) VALUES (OLD.tenant, 0, -length(OLD.body)) ON CONFLICT (tenant, shard) DO UPDATE SET bytes = bytes + excluded.bytes; END;
+CREATE INDEX idempotency_by_tenant ON idempotency (tenant, create_us);
+CREATE TRIGGER idempotency_bytes_inserted AFTER INSERT ON idempotency BEGIN INSERT INTO request_id_bytes (tenant, shard, bytes) VALUES (NEW.tenant, 0, (length(NEW.response) + length(NEW.request_id) + length(NEW.method) + 64)) ON CONFLICT (tenant, shard) DO UPDATE SET bytes = bytes + excluded.bytes; END;
+CREATE TRIGGER idempotency_bytes_deleted AFTER DELETE ON idempotency BEGIN INSERT INTO request_id_bytes (tenant, shard, bytes) VALUES (OLD.tenant, 0, -(length(OLD.response) + length(OLD.request_id) + length(OLD.method) + 64)) ON CONFLICT (tenant, shard) DO UPDATE SET bytes = bytes + excluded.bytes; END;

@@ -93,3 +93,15 @@ def within_budget(table: str, alias: str, keys: Sequence[str], order: Sequence[t
 def micros(ts: Timestamp) -> int:
     """A protobuf Timestamp as integer microseconds since the epoch."""
     return ts.seconds * 1_000_000 + ts.nanos // 1000
+
+
+def fold_shards(table: str) -> str:
+    """The statement that folds the rows of PostgreSQL connections gone into shard 0, in a table of
+    per-tenant totals that each connection adds to under its backend pid (migrations 22 and 23):
+    without it those rows would pile up over restarts."""
+    return (
+        f"WITH gone AS (DELETE FROM {table} WHERE shard <> 0"  # noqa: S608 - a fixed table name
+        " AND shard NOT IN (SELECT pid FROM pg_stat_activity) RETURNING tenant, bytes)"
+        f" INSERT INTO {table} (tenant, shard, bytes) SELECT tenant, 0, sum(bytes) FROM gone"
+        f" GROUP BY tenant ON CONFLICT (tenant, shard) DO UPDATE SET bytes = {table}.bytes + excluded.bytes"
+    )

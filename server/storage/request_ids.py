@@ -1,0 +1,91 @@
+"""What each tenant's remembered request ids take (`--tenant-max-request-id-bytes`).
+
+Every call with a `request_id` leaves a record of its answer (`idempotency`)
+for a day, so that a retry gets the same answer, whatever became of what the
+call made. Creating and deleting with request ids, a tenant would grow that
+table by its rate limit times a day of answers (a workflow's is the workflow,
+up to 4 MiB). Triggers keep each tenant's total (migration 23, counted as
+RECORD_BYTES says), and each purge round forgets the oldest records of a
+tenant past its cap until it is back to KEEP of it: that tenant's retries of
+calls older than what it kept are then new calls, as they are after a day.
+Other tenants' records are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flowport.server.storage.tables import Connection, Tables, fold_shards
+
+log = logging.getLogger(__name__)
+
+# A tenant past its cap is brought back to this fraction of it.
+KEEP = 0.9
+# Removals (each of at most FORGET_BATCH records) in one tenant's round; a larger excess goes over several.
+FORGET_ROUNDS = 100
+FORGET_BATCH = 1000
+# As migration 23 counts a record.
+_RECORD_BYTES = "(length(response) + length(request_id) + length(method) + 64)"
+
+
+class RequestIdTables(Tables):
+    """Per-tenant totals of the idempotency records, and forgetting the oldest."""
+
+    async def request_id_bytes(self, tenant: str) -> int:
+        """The bytes of `tenant`'s remembered request ids, as of the last commit."""
+        row = await self._lookup("SELECT sum(bytes) FROM request_id_bytes WHERE tenant=?", (tenant,))
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    async def fold_request_id_bytes(self) -> None:
+        """Fold the rows of PostgreSQL connections gone into shard 0."""
+        if self.dialect != "postgresql":
+            return
+        sql = fold_shards("request_id_bytes")
+        await self._write(lambda conn: conn.execute(sql))
+
+    async def tenants_over_request_id_bytes(self, limit: int) -> list[str]:
+        """The tenants whose remembered request ids take more than `limit` bytes."""
+        sql = "SELECT tenant FROM request_id_bytes GROUP BY tenant HAVING sum(bytes) > ?"
+        return await self._read(lambda conn: [str(row[0]) for row in conn.execute(sql, (limit,)).fetchall()])
+
+    async def forget_oldest_request_ids(self, tenant: str, at_least: int, *, batch: int = FORGET_BATCH) -> int:
+        """Forget `tenant`'s oldest records, among its `batch` oldest, until they add up to `at_least`
+        bytes (with any that share the last one's time); returns how many went."""
+
+        def op(conn: Connection) -> int:
+            rows = conn.execute(
+                f"SELECT create_us, {_RECORD_BYTES} FROM idempotency WHERE tenant=?"  # noqa: S608 - fixed fragments
+                " ORDER BY create_us LIMIT ?",
+                (tenant, batch),
+            ).fetchall()
+            freed, until = 0, None
+            for create_us, size in rows:
+                if freed >= at_least:
+                    break
+                freed += int(size)
+                until = int(create_us)
+            if until is None:
+                return 0
+            return int(
+                conn.execute("DELETE FROM idempotency WHERE tenant=? AND create_us<=?", (tenant, until)).rowcount
+            )
+
+        return await self._write(op)
+
+
+async def forget_beyond(store: RequestIdTables, limit: int) -> int:
+    """A purge round: bring each tenant past `limit` back to KEEP of it; returns records forgotten."""
+    forgotten = 0
+    for tenant in await store.tenants_over_request_id_bytes(limit):
+        target, gone = int(limit * KEEP), 0
+        for _ in range(FORGET_ROUNDS):
+            used = await store.request_id_bytes(tenant)
+            if used <= target:
+                break
+            removed = await store.forget_oldest_request_ids(tenant, used - target)
+            gone += removed
+            if not removed:
+                break
+        log.info("tenant %s was past its cap of %d bytes of request ids: forgot its %d oldest", tenant, limit, gone)
+        forgotten += gone
+    return forgotten
