@@ -141,8 +141,9 @@ class EventLog:
         """A tenant's events after `after`, oldest first, until caught up with the bus.
 
         With Redis, another process logs its events a moment after the stream
-        has them, so the recent part comes from the stream, the older part
-        (beyond what the stream keeps) from the log.
+        has them, so the log is read together with the tenant's own stream
+        (its last minute of events; server/events/redis_bus.py), each event
+        once: a replay reads no other tenant's events.
         """
         read = 0
         async for event in self._history(
@@ -159,28 +160,23 @@ class EventLog:
     async def _history(
         self, tenant: str, after: int, *, session_id: str, workflow_id: str, execution_id: str
     ) -> AsyncIterator[BusEvent]:
+        logged = self._logged(tenant, after, session_id=session_id, workflow_id=workflow_id, execution_id=execution_id)
         if self._shared is None:
-            async for event in self._logged(
-                tenant, after, session_id=session_id, workflow_id=workflow_id, execution_id=execution_id
-            ):
+            async for event in logged:
                 yield event
             return
-        bus, until = self._shared, self._shared.last_id
-        first = await bus.first_id()
-        if first is None or after < first - 1:
-            async for event in self._logged(
-                tenant, after, session_id=session_id, workflow_id=workflow_id, execution_id=execution_id
-            ):
-                if first is not None and int(event.id) >= first:
-                    break
-                yield event
-                after = int(event.id)
-            if first is not None:
-                after = max(after, first - 1)
+        # The log up to the bus's newest id, with the tenant's own Redis stream for what other
+        # processes have not logged yet; each event once. Never past `until`: a live event
+        # after it is the subscription's, and must not be taken for one already sent.
+        until = self._shared.last_id
         wanted = {"session_id": session_id, "workflow_id": workflow_id, "execution_id": execution_id}
-        async for event in bus.history(after, until):
-            if event.tenant == tenant and all(not v or getattr(event, k) == v for k, v in wanted.items()):
-                yield event
+        recent = (
+            event
+            async for event in self._shared.history(tenant, after, until)
+            if all(not v or getattr(event, k) == v for k, v in wanted.items())
+        )
+        async for event in _merged(_through(logged, until), recent):
+            yield event
 
     async def _logged(
         self, tenant: str, after: int, *, session_id: str, workflow_id: str, execution_id: str
@@ -227,3 +223,27 @@ class EventLog:
             else:
                 if removed:
                     log.debug("purged %d events past retention", removed)
+
+
+async def _through(events: AsyncIterator[BusEvent], until: int) -> AsyncIterator[BusEvent]:
+    """`events` (ascending ids) up to id `until`."""
+    async for event in events:
+        if int(event.id) > until:
+            return
+        yield event
+
+
+async def _merged(first: AsyncIterator[BusEvent], second: AsyncIterator[BusEvent]) -> AsyncIterator[BusEvent]:
+    """Two iterators of ascending ids as one, each id once."""
+    a = await anext(first, None)
+    b = await anext(second, None)
+    while a is not None or b is not None:
+        if b is None or (a is not None and int(a.id) <= int(b.id)):
+            assert a is not None
+            if b is not None and int(b.id) == int(a.id):
+                b = await anext(second, None)
+            yield a
+            a = await anext(first, None)
+        else:
+            yield b
+            b = await anext(second, None)

@@ -10,6 +10,12 @@ log, webhook fan-out), so each event is logged and delivered to webhooks
 once. Every process (the publisher too) reads the stream and hands each
 event to its own subscribers.
 
+Each event is also added to its tenant's own stream, with the same id, for
+TENANT_WINDOW_MS: a resuming stream reads its tenant's recent events there
+and older ones from the event log (server/events/log.py), so a replay never
+reads other tenants' events. A tenant's stream goes once it is idle for
+twice that window.
+
 When Redis cannot be reached, publishing goes on: events get provisional
 ids from the clock (above any id Redis gave before, so streams stay in
 order), go to the listeners and to this process's subscribers only, and
@@ -39,6 +45,10 @@ from flowport.server.events.bus import BusEvent, EventBus
 log = logging.getLogger(__name__)
 
 STREAM = "flowport:events"
+TENANT_STREAM = "flowport:events:tenant:"  # + the tenant
+# A tenant's own stream keeps this much of its newest events, by their ids' time: long past the
+# moment each is in the event log, which has the older ones.
+TENANT_WINDOW_MS = 60_000
 SEQUENCE = 100_000  # an id is ms * SEQUENCE + the entry's sequence number in that ms
 READ_BLOCK_MS = 1000
 READ_COUNT = 500
@@ -53,12 +63,22 @@ TIMEOUT = 2.0
 CLOSE_TIMEOUT = 3.0
 _FAILURES = (RedisError, OSError, TimeoutError)
 # A batch of events added in one command (one reply to parse, not one per
-# event). KEYS[1]: the stream; ARGV[1]: its approximate length cap; ARGV[2]:
-# the publishing process; ARGV[3...]: the events, each as _encode makes it.
+# event). KEYS[1]: the stream; KEYS[2...]: the batch's tenants' streams.
+# ARGV[1]: the stream's approximate length cap; ARGV[2]: the publishing
+# process; ARGV[3]: the oldest id the tenants' streams keep (approximately);
+# ARGV[4]: their time to live, in ms; ARGV[5...]: each event as the index of
+# its tenant's key in KEYS, then the event as _encode makes it. The tenant's
+# copy is added with pcall: it can fail only on an id its stream has passed,
+# and must not stop the batch, whose events the stream has in any case.
 _ADD_BATCH = """
 local ids = {}
-for i = 3, #ARGV do
-  ids[i - 2] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i], 'o', ARGV[2])
+for i = 5, #ARGV, 2 do
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i + 1], 'o', ARGV[2])
+  ids[#ids + 1] = id
+  redis.pcall('XADD', KEYS[tonumber(ARGV[i])], 'MINID', '~', ARGV[3], id, 'e', ARGV[i + 1])
+end
+for k = 2, #KEYS do
+  redis.call('PEXPIRE', KEYS[k], ARGV[4])
 end
 return ids
 """
@@ -186,8 +206,8 @@ class RedisBus(EventBus):
                 for start in range(0, len(batch), ADD_BATCH_MAX):
                     # Bounded: Redis runs a script to its end before any other command.
                     part = batch[start : start + ADD_BATCH_MAX]
-                    args: list[bytes | int | str] = [self._max_len, self._origin, *(_encode(e) for e in part)]
-                    ids = await self._add_batch(keys=[STREAM], args=args)
+                    keys, args = self._batch_arguments(part)
+                    ids = await self._add_batch(keys=keys, args=args)
                     stamped += [replace(event, id=str(event_id(i))) for event, i in zip(part, ids, strict=True)]
             except _FAILURES as exc:
                 self._failed("publishing events", exc)
@@ -201,6 +221,20 @@ class RedisBus(EventBus):
             for event in stamped:
                 for listener in self._listeners:
                     listener(event)
+
+    def _batch_arguments(self, part: list[BusEvent]) -> tuple[list[str], list[bytes | int | str]]:
+        """_ADD_BATCH's keys and arguments for `part`."""
+        keys = [STREAM]
+        position: dict[str, int] = {}
+        oldest_kept = f"{time.time_ns() // 1_000_000 - TENANT_WINDOW_MS}-0"
+        args: list[bytes | int | str] = [self._max_len, self._origin, oldest_kept, 2 * TENANT_WINDOW_MS]
+        for event in part:
+            index = position.get(event.tenant)
+            if index is None:
+                keys.append(TENANT_STREAM + event.tenant)
+                index = position[event.tenant] = len(keys)  # KEYS counts from 1
+            args += [index, _encode(event)]
+        return keys, args
 
     def _provisional_id(self) -> int:
         # Above every id seen, and time-based like Redis's own, so that ids
@@ -241,21 +275,19 @@ class RedisBus(EventBus):
         self.last_id = max(self.last_id, int(event.id))
         super()._deliver(event)
 
-    async def history(self, after: int, until: int) -> AsyncIterator[BusEvent]:
-        """Events in the stream with ids in (after, until], oldest first."""
+    async def history(self, tenant: str, after: int, until: int) -> AsyncIterator[BusEvent]:
+        """`tenant`'s events with ids in (after, until] that its own stream still keeps (its last
+        TENANT_WINDOW_MS or so), oldest first."""
         start = "(" + stream_id(after)
         while True:
-            entries = await self._redis.xrange(STREAM, min=start, max=stream_id(until), count=READ_COUNT)
+            entries = await self._redis.xrange(
+                TENANT_STREAM + tenant, min=start, max=stream_id(until), count=READ_COUNT
+            )
             for entry_id, fields in entries:
                 yield _decode(entry_id, fields)
             if len(entries) < READ_COUNT:
                 return
             start = "(" + entries[-1][0].decode()
-
-    async def first_id(self) -> int | None:
-        """The oldest id the stream still holds (None when it is empty)."""
-        oldest = await self._redis.xrange(STREAM, count=1)
-        return event_id(oldest[0][0]) if oldest else None
 
     def _failed(self, doing: str, exc: BaseException) -> None:
         if not self.degraded:
