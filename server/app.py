@@ -608,6 +608,7 @@ async def _start_engine(
         queue=work_queue,
         tenant_share=tenant_share(settings.tenant_execution_share, settings.max_concurrent_executions),
         tenant_max_bytes=settings.tenant_max_execution_bytes or None,
+        tenant_max_output_bytes=settings.tenant_max_running_output_bytes or None,
     )
     # Executions are left RUNNING with their leases released: resumed at the next start or elsewhere.
     opened.push_async_callback(bounded("executions", executor.shutdown))

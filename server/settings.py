@@ -250,6 +250,14 @@ class Settings(BaseModel):
         "oldest ended executions are removed, whatever their age, until it is back to nine tenths of it; read "
         "every second in each process, so a tenant may pass it by what it writes in that time; 0 removes the cap",
     )
+    tenant_max_running_output_bytes: int = Field(
+        256 * 2**20,
+        ge=0,
+        le=2**50,
+        description="bytes of node outputs (serialized) one tenant's running executions may hold in a server "
+        "process's memory, where they stay until each execution ends; a node whose outputs would pass it fails "
+        "with TENANT_OUTPUT_MEMORY (retryable: retried as the node's retries allow); 0 removes the cap",
+    )
     tenant_max_request_id_bytes: int = Field(
         2**30,
         ge=0,

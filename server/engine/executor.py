@@ -108,10 +108,12 @@ class Executor:
         queue: WorkQueue | None = None,
         tenant_share: int | None = None,
         tenant_max_bytes: int | None = None,
+        tenant_max_output_bytes: int | None = None,
     ) -> None:
         """`tenant_share`: executions one tenant may run at once here (None: up to `max_concurrent`);
-        `tenant_max_bytes`: bytes of stored executions one tenant may keep (None: no cap)."""
-        self._slots = Slots(max_concurrent, tenant_share)
+        `tenant_max_bytes`: bytes of stored executions one tenant may keep (None: no cap);
+        `tenant_max_output_bytes`: bytes of outputs one tenant's runs may hold here (None: no cap)."""
+        self._slots = Slots(max_concurrent, tenant_share, tenant_max_output_bytes)
         self.bytes_cap = ExecutionBytesCap(store, tenant_max_bytes)
         self._store = store
         self._plans = plans

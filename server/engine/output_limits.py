@@ -13,6 +13,7 @@ GetExecution cannot answer it, or the process runs out of memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -31,10 +32,17 @@ MAX_NODE_BYTES = MAX_OUTPUT_BYTES
 MAX_EXECUTION_BYTES = 12 * 2**20
 
 
-def add_outputs(outputs: struct_pb2.Struct, node_id: str, value: dict[str, Any], used: int) -> int:
+def add_outputs(
+    outputs: struct_pb2.Struct,
+    node_id: str,
+    value: dict[str, Any],
+    used: int,
+    admit: Callable[[int], None] = lambda size: None,
+) -> int:
     """Add a node's outputs under its id to `outputs`, of an execution of `used` bytes; returns its
     bytes then. Raises NodeError (nothing added) past a bound, and TypeError/ValueError for a
-    value that is not JSON."""
+    value that is not JSON. `admit` is given the outputs' size last, and may refuse them (a
+    NodeError) or count them."""
     if _deeper_than(value, MAX_DEPTH):
         raise NodeError(
             f"outputs nest deeper than {MAX_DEPTH} objects and lists", reason="OUTPUT_TOO_DEEP", retryable=False
@@ -51,6 +59,7 @@ def add_outputs(outputs: struct_pb2.Struct, node_id: str, value: dict[str, Any],
             reason="EXECUTION_OUTPUT_TOO_LARGE",
             retryable=False,
         )
+    admit(size)
     outputs.MergeFrom(added)
     return used + size
 

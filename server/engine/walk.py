@@ -341,6 +341,19 @@ class Walker:
         run.written += run.output_bytes
         return True
 
+    def _admit(self, run: Run, size: int) -> None:
+        """Count `size` more bytes of outputs that `run` holds, or refuse them (NodeError) when its
+        tenant's runs in this process hold their most. Retryable: the tenant's other runs end."""
+        if not self._slots.outputs_fit(run.tenant, size):
+            cap = self._slots.tenant_max_output_bytes
+            raise NodeError(
+                f"outputs of {size} bytes would bring this tenant's running executions past the {cap} bytes "
+                "of node outputs they may hold in a server process (--tenant-max-running-output-bytes)",
+                reason="TENANT_OUTPUT_MEMORY",
+                retryable=True,
+            )
+        self._slots.outputs_added(run, size)
+
     def _record_skip(self, run: Run, node: PlanNode) -> None:
         node_run = run.execution.node_runs.add(
             node_id=node.node_id, node_type=node.node_type.type_name, state=NodeRun.STATE_SKIPPED
@@ -371,7 +384,9 @@ class Walker:
             try:
                 outputs = await self._attempt(node, ctx, params)
                 try:
-                    run.output_bytes = add_outputs(execution.outputs, node.node_id, outputs, run.output_bytes)
+                    run.output_bytes = add_outputs(
+                        execution.outputs, node.node_id, outputs, run.output_bytes, lambda size: self._admit(run, size)
+                    )
                 except (TypeError, ValueError) as exc:
                     raise NodeError(f"outputs are not JSON: {exc}", reason="BAD_OUTPUT") from None
             except NodeError as exc:

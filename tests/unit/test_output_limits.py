@@ -3,6 +3,7 @@ cannot be read (written before these bounds, or by any other path) stops no take
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any, ClassVar
@@ -10,6 +11,7 @@ from typing import Any, ClassVar
 import pytest
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2
 
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.output_limits import MAX_DEPTH, MAX_EXECUTION_BYTES, MAX_NODE_BYTES, add_outputs
@@ -153,5 +155,85 @@ async def test_an_unreadable_execution_is_set_aside_and_the_others_are_taken_ove
         listed = await store.list_executions("t", workflow_id="", session_id="", state=0, after=None, limit=10)
         assert {e.execution_id for e in listed} == {"exe_ok", "exe_poison"}
     finally:
+        await executor.shutdown()
+        await store.close()
+
+
+class HoldNode(NodeType):
+    """Waits until HELD is set: its execution keeps its earlier nodes' outputs meanwhile."""
+
+    type_name = "HoldNode"
+    description = "holds"
+    category = "test"
+    inputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"x": {}}}
+    outputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {}}
+    retry_safe = True
+
+    async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        await HELD.wait()
+        return {}
+
+
+HELD = asyncio.Event()
+
+
+def _failure_reason(execution: Execution) -> str:
+    for detail in execution.error.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return ""
+
+
+async def test_a_tenants_running_executions_hold_at_most_its_bytes_of_outputs_and_others_keep_theirs(
+    tmp_path: Path,
+) -> None:
+    """Outputs stay in memory until their execution ends: one tenant's many runs of large outputs
+    get TENANT_OUTPUT_MEMORY past its cap, another tenant's runs go on, and an ended run gives its
+    bytes back."""
+    HELD.clear()
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    registry = NodeRegistry([EchoNode, HoldNode])
+    executor = Executor(
+        store, PlanCache(registry), EventBus(), NodeServices(), max_concurrent=8, tenant_max_output_bytes=2_500_000
+    )
+    held = wf(
+        "held",
+        [{"type": "EchoNode", "name": "e", "config": {"size": 1_000_000}}, {"type": "HoldNode", "name": "h"}],
+        [("e", "result", "h", "x")],
+    )
+    alone = wf("alone", [{"type": "EchoNode", "name": "e", "config": {"size": 1_000_000}}])
+    try:
+        runs = [
+            (await executor.create("t", held, inputs(), session_id="", request_id="", request_hash=None))[0]
+            for _ in range(3)
+        ]
+        async with asyncio.timeout(10):
+            while True:
+                states = [(await executor.get("t", r.execution_id)) for r in runs]
+                failed = [e for e in states if e is not None and e.state == Execution.STATE_FAILED]
+                holding = [e for e in states if e is not None and "e" in e.outputs.fields]
+                if len(failed) + len(holding) == 3:
+                    break
+                await asyncio.sleep(0.01)
+        assert len(failed) == 1 and len(holding) == 2
+        assert _failure_reason(failed[0]) == "TENANT_OUTPUT_MEMORY", failed[0].error.message
+        assert "2500000 bytes" in failed[0].error.message
+        assert 2_000_000 < executor._slots.output_bytes("t") <= 2_500_000
+
+        other, _ = await executor.create("u", alone, inputs(), session_id="", request_id="", request_hash=None)
+        done = await executor.wait("u", other.execution_id, 10)
+        assert done is not None and done.state == Execution.STATE_SUCCEEDED, "another tenant's bytes are its own"
+
+        HELD.set()
+        for execution in holding:
+            done = await executor.wait("t", execution.execution_id, 10)
+            assert done is not None and done.state == Execution.STATE_SUCCEEDED
+        assert executor._slots.output_bytes("t") == 0 == executor._slots.output_bytes("u"), "ended runs give back"
+        again, _ = await executor.create("t", alone, inputs(), session_id="", request_id="", request_hash=None)
+        done = await executor.wait("t", again.execution_id, 10)
+        assert done is not None and done.state == Execution.STATE_SUCCEEDED
+    finally:
+        HELD.set()
         await executor.shutdown()
         await store.close()
