@@ -14,7 +14,8 @@ from flowport.server.storage.sqlite import SqliteStore
 
 
 async def test_callers_at_once_share_one_run_and_later_ones_run_again() -> None:
-    shared = SharedReads()
+    now = [0.0]
+    shared = SharedReads(clock=lambda: now[0])
     runs: list[str] = []
     gate = asyncio.Event()
 
@@ -30,9 +31,31 @@ async def test_callers_at_once_share_one_run_and_later_ones_run_again() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
     assert runs == ["a", "b"], "one run per key, while the callers wait"
+    now[0] = 0.1  # the runs took 0.1 s
     gate.set()
     assert await asyncio.gather(*waiting) == ["answer a"] * 3 + ["answer b"]
-    assert await shared.read("a", work("a")) == "answer a" and runs == ["a", "b", "a"]  # nothing kept
+    now[0] = 0.5
+    assert await shared.read("a", work("a")) == "answer a" and runs == ["a", "b"], "kept ten times as long as it took"
+    now[0] = 1.2
+    assert await shared.read("a", work("a")) == "answer a" and runs == ["a", "b", "a"], "then asked again"
+
+
+async def test_a_caller_asking_in_a_loop_keeps_a_reader_busy_a_tenth_of_the_time() -> None:
+    now = [0.0]
+    shared = SharedReads(clock=lambda: now[0])
+    runs = 0
+
+    async def scan() -> int:
+        nonlocal runs
+        runs += 1
+        now[0] += 0.2  # a scan of 0.2 s
+        return runs
+
+    for _ in range(1000):  # back to back, each ask 10 ms after the last answer
+        await shared.read("acme", scan)
+        now[0] += 0.01
+    busy = 0.2 * runs
+    assert busy / now[0] <= 1 / (1 + 10) + 0.01, (runs, now[0])
 
 
 async def test_a_caller_that_gives_up_leaves_the_run_to_the_others() -> None:
