@@ -21,6 +21,7 @@ from flowport.clients import AsyncClient
 from flowport.server.app import Running, start, stop
 from flowport.server.settings import Settings
 from flowport.server.storage import SqlStore
+from flowport.server.storage.migrate import Migration
 from flowport.server.supervisor import child_environment
 
 from .backends import BackendUnavailable, PostgresServer, RedisServer, free_port, free_ports
@@ -283,17 +284,24 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
         postgres_server.drop_database(url.rsplit("/", 1)[1])
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def engine_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlStore]:
-    """A store opened on each engine: a SQLite file, then a fresh PostgreSQL database."""
+async def open_on(
+    engine: str, request: pytest.FixtureRequest, sqlite_path: Path, migrations: Sequence[Migration] | None = None
+) -> SqlStore:
+    """A store on `engine`: the SQLite file `sqlite_path`, or the test's PostgreSQL database; migrated
+    by `migrations` only (an earlier schema), or by every migration."""
     from flowport.server.storage import SqliteStore
     from flowport.server.storage.postgres import PostgresStore
 
-    opened: SqlStore
-    if request.param == "postgresql":
-        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"))
-    else:
-        opened = await SqliteStore.open(tmp_path / "db.sqlite")
+    listed = None if migrations is None else list(migrations)
+    if engine == "postgresql":
+        return await PostgresStore.open(request.getfixturevalue("postgres_url"), listed)
+    return await SqliteStore.open(sqlite_path, listed)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def engine_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlStore]:
+    """A store opened on each engine: a SQLite file, then a fresh PostgreSQL database."""
+    opened = await open_on(request.param, request, tmp_path / "db.sqlite")
     try:
         yield opened
     finally:

@@ -50,11 +50,7 @@ class Slots:
 
     def hold(self, tenant: str, change: int) -> None:
         """Count (or, negative, uncount) slots `tenant` holds."""
-        left = self._tenant_slots.get(tenant, 0) + change
-        if left > 0:
-            self._tenant_slots[tenant] = left
-        else:
-            self._tenant_slots.pop(tenant, None)
+        _adjust(self._tenant_slots, tenant, change)
 
     def room(self) -> int:
         """Slots free in this process (runs and admissions hold one each)."""
@@ -94,8 +90,13 @@ class Slots:
             self._count_outputs(run.tenant, size)
 
     def _count_outputs(self, tenant: str, change: int) -> None:
-        left = self._tenant_output_bytes.get(tenant, 0) + change
-        if left > 0:
-            self._tenant_output_bytes[tenant] = left
-        else:
-            self._tenant_output_bytes.pop(tenant, None)
+        _adjust(self._tenant_output_bytes, tenant, change)
+
+
+def _adjust(counts: dict[str, int], tenant: str, change: int) -> None:
+    """Add `change` to `tenant`'s count, which goes once it is down to nothing."""
+    left = counts.get(tenant, 0) + change
+    if left > 0:
+        counts[tenant] = left
+    else:
+        counts.pop(tenant, None)

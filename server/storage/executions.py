@@ -12,7 +12,7 @@ from flowport.server.limits import MAX_PAGE_BYTES
 from flowport.server.storage import idempotency
 from flowport.server.storage.base import ExpiredExecution, IdempotencyConflict, IdempotentResult
 from flowport.server.storage.sessions import session_creator
-from flowport.server.storage.tables import Connection, Tables, fold_shards, micros, within_budget
+from flowport.server.storage.tables import Connection, Tables, micros, within_budget
 from flowport.v1 import execution_pb2
 
 log = logging.getLogger(__name__)
@@ -309,21 +309,16 @@ class ExecutionTables(Tables):
 
     async def execution_bytes(self, tenant: str) -> int:
         """The bytes of `tenant`'s stored executions (their bodies), as of the last commit."""
-        row = await self._lookup("SELECT sum(bytes) FROM execution_bytes WHERE tenant=?", (tenant,))
-        return 0 if row is None or row[0] is None else int(row[0])
+        return await self._tenant_total("execution_bytes", tenant)
 
     async def fold_execution_bytes(self) -> None:
         """Fold the rows of PostgreSQL connections gone into shard 0 (each connection adds to its own
         backend pid's row, which would otherwise pile up over restarts)."""
-        if self.dialect != "postgresql":
-            return
-        sql = fold_shards("execution_bytes")
-        await self._write(lambda conn: conn.execute(sql))
+        await self._fold_shards("execution_bytes")
 
     async def tenants_over_execution_bytes(self, limit: int) -> list[str]:
         """The tenants whose stored executions take more than `limit` bytes."""
-        sql = "SELECT tenant FROM execution_bytes GROUP BY tenant HAVING sum(bytes) > ?"
-        return await self._read(lambda conn: [str(row[0]) for row in conn.execute(sql, (limit,)).fetchall()])
+        return await self._tenants_over("execution_bytes", limit)
 
     async def remove_oldest_ended_executions(self, tenant: str, at_least: int, *, batch: int = 1000) -> int:
         """Remove `tenant`'s oldest ended executions, among its `batch` oldest, until their bodies add

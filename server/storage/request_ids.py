@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from flowport.server.storage.tables import Connection, Tables, fold_shards
+from flowport.server.storage.tables import Connection, Tables
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +33,15 @@ class RequestIdTables(Tables):
 
     async def request_id_bytes(self, tenant: str) -> int:
         """The bytes of `tenant`'s remembered request ids, as of the last commit."""
-        row = await self._lookup("SELECT sum(bytes) FROM request_id_bytes WHERE tenant=?", (tenant,))
-        return 0 if row is None or row[0] is None else int(row[0])
+        return await self._tenant_total("request_id_bytes", tenant)
 
     async def fold_request_id_bytes(self) -> None:
         """Fold the rows of PostgreSQL connections gone into shard 0."""
-        if self.dialect != "postgresql":
-            return
-        sql = fold_shards("request_id_bytes")
-        await self._write(lambda conn: conn.execute(sql))
+        await self._fold_shards("request_id_bytes")
 
     async def tenants_over_request_id_bytes(self, limit: int) -> list[str]:
         """The tenants whose remembered request ids take more than `limit` bytes."""
-        sql = "SELECT tenant FROM request_id_bytes GROUP BY tenant HAVING sum(bytes) > ?"
-        return await self._read(lambda conn: [str(row[0]) for row in conn.execute(sql, (limit,)).fetchall()])
+        return await self._tenants_over("request_id_bytes", limit)
 
     async def forget_oldest_request_ids(self, tenant: str, at_least: int, *, batch: int = FORGET_BATCH) -> int:
         """Forget `tenant`'s oldest records, among its `batch` oldest, until they add up to `at_least`

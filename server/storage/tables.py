@@ -57,6 +57,24 @@ class Tables:
         """One row by key (SQLite reads it on the calling thread: microseconds)."""
         raise NotImplementedError
 
+    # -- per-tenant totals kept by triggers, sharded on PostgreSQL (migrations 22 and 23) --
+
+    async def _tenant_total(self, table: str, tenant: str) -> int:
+        """`tenant`'s total in `table` (the sum of its shards), as of the last commit."""
+        row = await self._lookup(f"SELECT sum(bytes) FROM {table} WHERE tenant=?", (tenant,))  # noqa: S608 - fixed names
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    async def _tenants_over(self, table: str, limit: int) -> list[str]:
+        """The tenants whose total in `table` is more than `limit`."""
+        sql = f"SELECT tenant FROM {table} GROUP BY tenant HAVING sum(bytes) > ?"  # noqa: S608 - fixed names
+        return await self._read(lambda conn: [str(row[0]) for row in conn.execute(sql, (limit,)).fetchall()])
+
+    async def _fold_shards(self, table: str) -> None:
+        """Fold the shards of PostgreSQL connections gone into shard 0 (fold_shards)."""
+        if self.dialect == "postgresql":
+            sql = fold_shards(table)
+            await self._write(lambda conn: conn.execute(sql))
+
     def _write_soon(self, op: Callable[[Connection], object]) -> None:
         """Queue a write without waiting for it; a later awaited write commits it too."""
         raise NotImplementedError

@@ -19,13 +19,13 @@ from flowport.server.engine import execution_bytes
 from flowport.server.engine.execution_bytes import ExecutionBytesCap
 from flowport.server.errors import ResourceExhausted
 from flowport.server.limits import MAX_PAGE_BYTES
-from flowport.server.storage import SqliteStore, SqlStore
-from flowport.server.storage.migrate import Migration, bundled
+from flowport.server.storage import SqlStore
+from flowport.server.storage.migrate import bundled
 from flowport.server.storage.postgres import PostgresStore
 from flowport.v1 import apikey_pb2, execution_pb2, workflow_pb2
 from flowport.v1.execution_pb2 import Execution
 
-from ..conftest import ADMIN_KEY, make_settings
+from ..conftest import ADMIN_KEY, make_settings, open_on
 
 NOW = 1_700_000_000
 
@@ -135,21 +135,14 @@ async def test_a_tenant_past_its_cap_is_refused_until_the_trim_it_started_makes_
 async def test_executions_stored_before_the_migration_are_counted_once(
     engine: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    before = [m for m in bundled() if m.version < 22]
-
-    async def opened(migrations: list[Migration] | None) -> SqlStore:
-        if engine == "postgresql":
-            return await PostgresStore.open(request.getfixturevalue("postgres_url"), migrations)
-        return await SqliteStore.open(tmp_path / "old.sqlite", migrations)
-
-    old = await opened(before)
+    old = await open_on(engine, request, tmp_path / "old.sqlite", [m for m in bundled() if m.version < 22])
     try:
         for n in range(3):
             await old.insert_execution("t", _execution(n, Execution.STATE_SUCCEEDED, size=100 * n), None)
         await old.insert_execution("u", _execution(0, Execution.STATE_RUNNING, tenant="u"), None)
     finally:
         await old.close()
-    store = await opened(None)
+    store = await open_on(engine, request, tmp_path / "old.sqlite")
     try:
         for tenant in ("t", "u"):
             assert await store.execution_bytes(tenant) == await _stored(store, tenant) > 0

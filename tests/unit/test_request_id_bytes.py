@@ -14,12 +14,12 @@ from flowport.clients import AsyncClient
 from flowport.server import app
 from flowport.server.app import start, stop
 from flowport.server.clock import now_us
-from flowport.server.storage import SqliteStore, SqlStore, request_ids
-from flowport.server.storage.migrate import Migration, bundled
+from flowport.server.storage import SqlStore, request_ids
+from flowport.server.storage.migrate import bundled
 from flowport.server.storage.postgres import PostgresStore
 from flowport.v1 import workflow_pb2
 
-from ..conftest import ADMIN_KEY, make_settings
+from ..conftest import ADMIN_KEY, make_settings, open_on
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,20 +106,13 @@ async def test_a_tenant_past_its_cap_forgets_its_oldest_down_to_keep_and_nobody_
 async def test_records_made_before_the_migration_are_counted_once(
     engine: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    before = [m for m in bundled() if m.version < 23]
-
-    async def opened(migrations: list[Migration] | None) -> SqlStore:
-        if engine == "postgresql":
-            return await PostgresStore.open(request.getfixturevalue("postgres_url"), migrations)
-        return await SqliteStore.open(tmp_path / "old.sqlite", migrations)
-
-    old = await opened(before)
+    old = await open_on(engine, request, tmp_path / "old.sqlite", [m for m in bundled() if m.version < 23])
     try:
         for n in range(3):
             await _create(old, "t", f"r{n}", n, size=100 * n)
     finally:
         await old.close()
-    store = await opened(None)
+    store = await open_on(engine, request, tmp_path / "old.sqlite")
     try:
         assert await store.request_id_bytes("t") == await _stored(store, "t") > 0
         await _create(store, "t", "r9", 9)
