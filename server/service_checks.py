@@ -15,15 +15,18 @@ Each process checks every registration (idempotent writes); with many
 registrations and processes a claim per check would spread the work.
 
 Tenants take turns. A sweep gives each tenant at most `PER_TENANT` checks in
-flight out of the process's `PARALLEL`, and starts no check after
-`max(interval, timeout)`: a tenant whose endpoints never answer spends only
-its own turns, and what it has left waits for the next sweep (least
-recently checked first), while every other tenant's checks keep their pace.
+flight out of the process's `PARALLEL` (their lanes wait for a place in a
+new random order each sweep), and starts no check after `max(interval,
+timeout)`, so it ends at most a timeout later. What a tenant has left waits
+for the next sweep, least recently checked first: a tenant whose endpoints
+never answer holds only its own `PER_TENANT` places, and every other
+tenant's checks go on in the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -149,12 +152,12 @@ class HealthChecker:
 
         async def lane(tenant: str, queue: deque[registry_pb2.RegisteredService]) -> None:
             RESOLVING_FOR.set(tenant)  # its own task (gather): the lookup is the tenant's (resolver.py)
-            first = True  # every lane checks at least one, however long it waited for the gate
-            while queue:
+            while True:
                 async with gate:
-                    if not first and loop.time() >= deadline:
+                    # Both read once the gate is held: the tenant's other lanes took from the
+                    # queue meanwhile, and the wait for the gate may have outlasted the window.
+                    if not queue or loop.time() >= deadline:
                         return
-                    first = False
                     service = queue.popleft()
                     status, latency = await probe(self._http, service, self._allowlist, self._timeout)
                     await self._store.record_check(tenant, service.service_id, status, latency, now_us())
@@ -165,6 +168,9 @@ class HealthChecker:
             # Least recently checked first (never checked: 0), so what one sweep leaves is next.
             queue = deque(sorted(services, key=lambda s: s.check_time.ToMicroseconds()))
             lanes += [lane(tenant, queue) for _ in range(min(PER_TENANT, len(queue)))]
+        # The gate serves waiters in order: lanes in a new order each sweep, so that when the
+        # window ends with lanes still waiting, it is not always the same tenants' that wait.
+        random.shuffle(lanes)
         await asyncio.gather(*lanes)
         self.checks += len(outcomes)
         self.last_sweep = Sweep(checked=len(outcomes), failed=outcomes.count(False), at=time.time())

@@ -429,8 +429,8 @@ class Settings(BaseModel):
         ge=0.2,
         le=3600,
         description="seconds between health checks of registered services and of open resource pools; tenants "
-        "take turns (at most 4 of a tenant's checks at once, none started after the interval), so endpoints that "
-        "never answer slow only their own tenant's checks",
+        "take turns (at most 4 of a tenant's checks at once, 16 in all, none started after the interval or the "
+        "timeout, if longer), so endpoints that never answer hold only their own tenant's 4 places",
     )
     service_check_timeout: float = Field(
         5.0, gt=0, le=60, description="seconds a registered service's health check may take"

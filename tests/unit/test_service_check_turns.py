@@ -99,3 +99,26 @@ async def test_a_tenant_of_black_holed_endpoints_spends_only_its_own_turns(
         assert (checker.last_sweep.checked, checker.last_sweep.failed) == (PER_TENANT + 1, PER_TENANT)
     finally:
         await store.close()
+
+
+async def test_a_sweep_with_more_lanes_than_places_checks_each_due_service_once(
+    tmp_path: Path, healthy_port: int
+) -> None:
+    """Eight tenants of five services: 32 lanes wait for 16 places, and each tenant's lanes share
+    one queue; every service is checked once, none twice, and the sweep ends."""
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    try:
+        for t in range(8):
+            for n in range(5):
+                service = registry_pb2.RegisteredService(
+                    service_id=f"s{n}", endpoint=f"http://127.0.0.1:{healthy_port}", health_path="/health"
+                )
+                await store.register_service(f"tenant-{t}", service, None, now_us())
+        async with httpx.AsyncClient() as http:
+            checker = HealthChecker(store, http, frozenset({"127.0.0.1"}), interval=30.0, timeout=5.0)
+            assert await checker.check_all() == 40
+        checked = [s for _, s in await store.services_to_check(now_us())]
+        assert all(s.status == registry_pb2.RegisteredService.STATUS_HEALTHY for s in checked)
+        assert checker.last_sweep is not None and (checker.last_sweep.checked, checker.last_sweep.failed) == (40, 0)
+    finally:
+        await store.close()
