@@ -254,9 +254,10 @@ class Settings(BaseModel):
         256 * 2**20,
         ge=0,
         le=2**50,
-        description="bytes of node outputs (serialized) one tenant's running executions may hold in a server "
-        "process's memory, where they stay until each execution ends; a node whose outputs would pass it fails "
-        "with TENANT_OUTPUT_MEMORY (retryable: retried as the node's retries allow); 0 removes the cap",
+        description="bytes one tenant's running executions (serialized: inputs, node outputs, node runs) may hold "
+        "in a server process's memory, where they stay until each execution ends; a node whose outputs would pass "
+        "it fails with TENANT_OUTPUT_MEMORY (run again, as its retries allow, only if safe to rerun); 0 removes "
+        "the cap",
     )
     tenant_max_request_id_bytes: int = Field(
         2**30,

@@ -341,16 +341,17 @@ class Walker:
         run.written += run.output_bytes
         return True
 
-    def _admit(self, run: Run, size: int) -> None:
+    def _admit(self, run: Run, node: PlanNode, size: int) -> None:
         """Count `size` more bytes of outputs that `run` holds, or refuse them (NodeError) when its
-        tenant's runs in this process hold their most. Retryable: the tenant's other runs end."""
+        tenant's runs in this process hold their most. The node has run by then: retried (its
+        tenant's other runs end meanwhile) only when it is safe to run again."""
         if not self._slots.outputs_fit(run.tenant, size):
             cap = self._slots.tenant_max_output_bytes
             raise NodeError(
                 f"outputs of {size} bytes would bring this tenant's running executions past the {cap} bytes "
-                "of node outputs they may hold in a server process (--tenant-max-running-output-bytes)",
+                "they may hold in a server process (--tenant-max-running-output-bytes)",
                 reason="TENANT_OUTPUT_MEMORY",
-                retryable=True,
+                retryable=node.retry_safe,
             )
         self._slots.outputs_added(run, size)
 
@@ -385,7 +386,11 @@ class Walker:
                 outputs = await self._attempt(node, ctx, params)
                 try:
                     run.output_bytes = add_outputs(
-                        execution.outputs, node.node_id, outputs, run.output_bytes, lambda size: self._admit(run, size)
+                        execution.outputs,
+                        node.node_id,
+                        outputs,
+                        run.output_bytes,
+                        lambda size: self._admit(run, node, size),
                     )
                 except (TypeError, ValueError) as exc:
                     raise NodeError(f"outputs are not JSON: {exc}", reason="BAD_OUTPUT") from None
