@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 
 STREAM = "flowport:events"
 TENANT_STREAM = "flowport:events:tenant:"  # + the tenant
-# A tenant's own stream keeps this much of its newest events, by their ids' time: long past the
-# moment each is in the event log, which has the older ones.
+# A tenant's own stream keeps this much of its newest events, by their ids' time (Redis's clock):
+# long past the moment each is in the event log, which has the older ones. A resume misses an event
+# only if the process that published it has not logged it this long after (its store stalled).
 TENANT_WINDOW_MS = 60_000
 SEQUENCE = 100_000  # an id is ms * SEQUENCE + the entry's sequence number in that ms
 READ_BLOCK_MS = 1000
@@ -65,17 +66,19 @@ _FAILURES = (RedisError, OSError, TimeoutError)
 # A batch of events added in one command (one reply to parse, not one per
 # event). KEYS[1]: the stream; KEYS[2...]: the batch's tenants' streams.
 # ARGV[1]: the stream's approximate length cap; ARGV[2]: the publishing
-# process; ARGV[3]: the oldest id the tenants' streams keep (approximately);
-# ARGV[4]: their time to live, in ms; ARGV[5...]: each event as the index of
-# its tenant's key in KEYS, then the event as _encode makes it. The tenant's
-# copy is added with pcall: it can fail only on an id its stream has passed,
-# and must not stop the batch, whose events the stream has in any case.
+# process; ARGV[3]: how many ms of ids the tenants' streams keep (counted
+# from each new id, Redis's clock, never the process's); ARGV[4]: their time
+# to live, in ms; ARGV[5...]: each event as the index of its tenant's key in
+# KEYS, then the event as _encode makes it. The tenant's copy is added with
+# pcall: it can fail only on an id its stream has passed, and must not stop
+# the batch, whose events the stream has in any case.
 _ADD_BATCH = """
 local ids = {}
 for i = 5, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i + 1], 'o', ARGV[2])
   ids[#ids + 1] = id
-  redis.pcall('XADD', KEYS[tonumber(ARGV[i])], 'MINID', '~', ARGV[3], id, 'e', ARGV[i + 1])
+  local oldest = (tonumber(string.match(id, '^%d+')) - tonumber(ARGV[3])) .. '-0'
+  redis.pcall('XADD', KEYS[tonumber(ARGV[i])], 'MINID', '~', oldest, id, 'e', ARGV[i + 1])
 end
 for k = 2, #KEYS do
   redis.call('PEXPIRE', KEYS[k], ARGV[4])
@@ -226,8 +229,7 @@ class RedisBus(EventBus):
         """_ADD_BATCH's keys and arguments for `part`."""
         keys = [STREAM]
         position: dict[str, int] = {}
-        oldest_kept = f"{time.time_ns() // 1_000_000 - TENANT_WINDOW_MS}-0"
-        args: list[bytes | int | str] = [self._max_len, self._origin, oldest_kept, 2 * TENANT_WINDOW_MS]
+        args: list[bytes | int | str] = [self._max_len, self._origin, TENANT_WINDOW_MS, 2 * TENANT_WINDOW_MS]
         for event in part:
             index = position.get(event.tenant)
             if index is None:

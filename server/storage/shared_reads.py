@@ -7,8 +7,9 @@ query runs gets that run's answer. An answer is also kept for KEEP_FACTOR
 times as long as its query took: a client asking for its figures in a loop
 then keeps a reader busy at most a tenth of the time, instead of scanning
 its tenant's millions of executions back to back on the readers every tenant
-shares. A figure is at most about eleven of its queries' time old (a
-millisecond or two on a small table, a second on a large one).
+shares. A figure is at most about eleven of its queries' time old, and never
+kept past KEEP_MAX (a millisecond or two on a small table, a second on a
+large one).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 KEEP_FACTOR = 10
+# Seconds an answer is kept at most, however long its query took (waiting for a reader included).
+KEEP_MAX = 5.0
 # Answers kept at most (tenants times figures); past it, they are all let go.
 KEPT_MAX = 65_536
 
@@ -56,7 +59,7 @@ class SharedReads:
         ended = self._clock()
         if len(self._kept) >= KEPT_MAX:
             self._kept.clear()
-        self._kept[key] = (ended + KEEP_FACTOR * (ended - started), answer)
+        self._kept[key] = (ended + min(KEEP_FACTOR * (ended - started), KEEP_MAX), answer)
         return answer
 
     def _forget(self, key: Hashable, done: asyncio.Future[Any]) -> None:
