@@ -43,11 +43,16 @@ class RequestIdTables(Tables):
         """The tenants whose remembered request ids take more than `limit` bytes."""
         return await self._tenants_over("request_id_bytes", limit)
 
-    async def forget_oldest_request_ids(self, tenant: str, at_least: int, *, batch: int = FORGET_BATCH) -> int:
-        """Forget `tenant`'s oldest records, among its `batch` oldest, until they add up to `at_least`
-        bytes (with any that share the last one's time); returns how many went."""
+    async def forget_oldest_request_ids(self, tenant: str, down_to: int, *, batch: int = FORGET_BATCH) -> int:
+        """Forget `tenant`'s oldest records, among its `batch` oldest, until its total is `down_to`
+        bytes (with any that share the last one's time); returns how many went. The total is read in
+        the same transaction: processes purging at once do not each take away the whole excess."""
 
         def op(conn: Connection) -> int:
+            (used,) = conn.execute("SELECT sum(bytes) FROM request_id_bytes WHERE tenant=?", (tenant,)).fetchone()
+            excess = int(used or 0) - down_to
+            if excess <= 0:
+                return 0
             rows = conn.execute(
                 f"SELECT create_us, {_RECORD_BYTES} FROM idempotency WHERE tenant=?"  # noqa: S608 - fixed fragments
                 " ORDER BY create_us LIMIT ?",
@@ -55,7 +60,7 @@ class RequestIdTables(Tables):
             ).fetchall()
             freed, until = 0, None
             for create_us, size in rows:
-                if freed >= at_least:
+                if freed >= excess:
                     break
                 freed += int(size)
                 until = int(create_us)
@@ -72,15 +77,13 @@ async def forget_beyond(store: RequestIdTables, limit: int) -> int:
     """A purge round: bring each tenant past `limit` back to KEEP of it; returns records forgotten."""
     forgotten = 0
     for tenant in await store.tenants_over_request_id_bytes(limit):
-        target, gone = int(limit * KEEP), 0
+        gone = 0
         for _ in range(FORGET_ROUNDS):
-            used = await store.request_id_bytes(tenant)
-            if used <= target:
-                break
-            removed = await store.forget_oldest_request_ids(tenant, used - target)
+            removed = await store.forget_oldest_request_ids(tenant, int(limit * KEEP))
             gone += removed
             if not removed:
                 break
-        log.info("tenant %s was past its cap of %d bytes of request ids: forgot its %d oldest", tenant, limit, gone)
+        if gone:
+            log.info("tenant %s was past its cap of %d bytes of request ids: forgot its %d oldest", tenant, limit, gone)
         forgotten += gone
     return forgotten
