@@ -47,12 +47,9 @@ async def trim(store: ExecutionTables, tenant: str, limit: int) -> int:
     target = int(limit * KEEP)
     removed = 0
     for _ in range(TRIM_ROUNDS):
-        used = await store.execution_bytes(tenant)
-        if used <= target:
-            break
-        gone = await store.remove_oldest_ended_executions(tenant, used - target, batch=REMOVE_BATCH)
+        gone = await store.remove_oldest_ended_executions(tenant, target, batch=REMOVE_BATCH)
         removed += gone
-        if not gone:  # nothing ended left: what remains is running or waiting
+        if not gone:  # back under, or nothing ended left: what remains is running or waiting
             break
     return removed
 

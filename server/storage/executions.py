@@ -320,11 +320,16 @@ class ExecutionTables(Tables):
         """The tenants whose stored executions take more than `limit` bytes."""
         return await self._tenants_over("execution_bytes", limit)
 
-    async def remove_oldest_ended_executions(self, tenant: str, at_least: int, *, batch: int = 1000) -> int:
-        """Remove `tenant`'s oldest ended executions, among its `batch` oldest, until their bodies add
-        up to `at_least` bytes (all of them when they hold less); returns how many went."""
+    async def remove_oldest_ended_executions(self, tenant: str, down_to: int, *, batch: int = 1000) -> int:
+        """Remove `tenant`'s oldest ended executions, among its `batch` oldest, until its total is
+        `down_to` bytes (all of them when they hold less); returns how many went. The total is read in
+        the same transaction: processes trimming at once do not each remove the whole excess."""
 
         def op(conn: Connection) -> int:
+            (used,) = conn.execute("SELECT sum(bytes) FROM execution_bytes WHERE tenant=?", (tenant,)).fetchone()
+            at_least = int(used or 0) - down_to
+            if at_least <= 0:
+                return 0
             rows = conn.execute(
                 "SELECT execution_id, length(body) FROM executions WHERE tenant=? AND state IN (3, 4, 5)"
                 " ORDER BY create_us, execution_id LIMIT ?",
