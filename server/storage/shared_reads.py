@@ -8,8 +8,8 @@ times as long as its query took: a client asking for its figures in a loop
 then keeps a reader busy at most a tenth of the time, instead of scanning
 its tenant's millions of executions back to back on the readers every tenant
 shares. A figure is at most about eleven of its queries' time old, and never
-kept past KEEP_MAX (a millisecond or two on a small table, a second on a
-large one).
+kept past KEEP_MAX (a second for a tenant's millions of executions); one
+whose query took under KEEP_FROM (a small table) is not kept at all.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ T = TypeVar("T")
 KEEP_FACTOR = 10
 # Seconds an answer is kept at most, however long its query took (waiting for a reader included).
 KEEP_MAX = 5.0
+# A query quicker than this is not kept at all: it costs less than the call that asks for it, and
+# a caller then reads what it just wrote.
+KEEP_FROM = 0.001
 # Answers kept at most (tenants times figures); past it, they are all let go.
 KEPT_MAX = 65_536
 
@@ -57,6 +60,8 @@ class SharedReads:
         started = self._clock()
         answer = await work()
         ended = self._clock()
+        if ended - started < KEEP_FROM:
+            return answer
         if len(self._kept) >= KEPT_MAX:
             self._kept.clear()
         self._kept[key] = (ended + min(KEEP_FACTOR * (ended - started), KEEP_MAX), answer)

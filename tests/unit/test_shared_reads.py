@@ -58,6 +58,20 @@ async def test_a_caller_asking_in_a_loop_keeps_a_reader_busy_a_tenth_of_the_time
     assert busy / now[0] <= 1 / (1 + 10) + 0.01, (runs, now[0])
 
 
+async def test_a_quick_query_is_not_kept_so_a_caller_reads_its_own_writes() -> None:
+    now = [0.0]
+    shared = SharedReads(clock=lambda: now[0])
+    count = 0
+
+    async def quick() -> int:
+        now[0] += 0.0002  # a small table's count
+        return count
+
+    assert await shared.read("acme", quick) == 0
+    count = 1  # the caller writes, then asks again at once
+    assert await shared.read("acme", quick) == 1
+
+
 async def test_a_caller_that_gives_up_leaves_the_run_to_the_others() -> None:
     shared = SharedReads()
     gate = asyncio.Event()
