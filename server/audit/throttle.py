@@ -5,13 +5,17 @@ the disk through the audit log, yet the log must still say that it
 happened. So, per window (a minute):
 
 - each client (key) gets its first `per_key` entries recorded one by one;
+- the clients of one tenant together (the unauthenticated ones count as one
+  tenant) get at most a TENANT_PARTS-th of `total`, so one tenant failing in
+  a loop leaves the rest of the log's room to the others;
 - all clients together get at most `total` such entries;
 - the rest are counted: one aggregate entry per client (with `count` and
-  `first_time`) for those over their own cap, and one per action for
-  everything over the total cap.
+  `first_time`) for those over their own cap, one per tenant and action for
+  a tenant over its part, and one per action for everything over the total.
 
 That bounds the rows a window can add to `total + total // per_key` plus
-one per action, however many clients take part. Aggregates are written
+one per action for each of the at most TENANT_PARTS tenants that fill
+their part, and one per action, however many clients take part. Aggregates are written
 when their window has passed and the throttle is next used or flushed
 (`ListAuditEvents` and shutdown flush it), so they lag by up to a window.
 """
@@ -27,6 +31,8 @@ from flowport.server.storage.tables import micros
 from flowport.v1 import audit_pb2
 
 TRACKED_KEYS = 10_000
+# Each tenant's clients together get at most this fraction of the total.
+TENANT_PARTS = 4
 
 
 @dataclass
@@ -67,11 +73,14 @@ class Throttle:
     ) -> None:
         self._per_key = per_key
         self._total = total
+        self._tenant_part = max(per_key, total // TENANT_PARTS)
         self._window = window
         self._emit = emit
         # In order of window start, so expired windows are at the front.
         self._keys: OrderedDict[str, _Window] = OrderedDict()
         self._overall = _Window(start=float("-inf"))
+        # Each tenant's part of the overall window (the same window: cleared with it).
+        self._tenants: dict[str, _Window] = {}
 
     def admit(self, key: str, event: audit_pb2.AuditEvent, now: float) -> bool:
         """True when `event` should be written now; otherwise it was counted."""
@@ -86,11 +95,19 @@ class Throttle:
         if window.recorded >= self._per_key:
             window.count(event)
             return False
+        part = self._tenants.get(event.tenant)
+        if part is None:
+            part = self._tenants[event.tenant] = _Window(start=now)
+        if part.recorded >= self._tenant_part:
+            # Over the tenant's part: one aggregate per action of this tenant.
+            part.actions.setdefault(event.action, _Window(start=now)).count(event)
+            return False
         if self._overall.recorded >= self._total:
             # Over the total cap: one aggregate per action, whoever the clients are.
             self._overall.actions.setdefault(event.action, _Window(start=now)).count(event)
             return False
         window.recorded += 1
+        part.recorded += 1
         self._overall.recorded += 1
         return True
 
@@ -103,6 +120,17 @@ class Throttle:
             del self._keys[key]
             self._close(key, window)
         if everything or now - self._overall.start >= self._window:
+            for part in self._tenants.values():
+                for overflow in part.actions.values():
+                    entry = overflow.aggregate(
+                        f"{overflow.suppressed} occurrences from this tenant's clients over its part of "
+                        f"{self._tenant_part} entries per {self._window:g}s, counted rather than recorded"
+                    )
+                    if entry is not None:
+                        entry.client_address = entry.proxy_address = ""
+                        entry.subject = entry.credential_id = entry.resource = ""
+                        self._emit(entry)
+            self._tenants.clear()
             for overflow in self._overall.actions.values():
                 entry = overflow.aggregate(
                     f"{overflow.suppressed} occurrences from any client over the audit log's limit of "

@@ -19,7 +19,7 @@ from flowport.server.app import Running, start, stop
 from flowport.server.audit import AuditRecorder, actions
 from flowport.server.audit.recorder import entry
 from flowport.server.auth.origin import Origin
-from flowport.server.auth.principal import ACT_AS_HEADER
+from flowport.server.auth.principal import ACT_AS_HEADER, Principal
 from flowport.server.settings import Settings
 from flowport.server.storage import SqliteStore, SqlStore, open_store
 from flowport.server.storage.audit import AuditQuery, AuditTables
@@ -191,16 +191,47 @@ async def test_the_caps_bound_the_rows_however_many_clients_fail(tmp_path: Path)
             for _ in range(3):
                 recorder.append_limited(str(client), entry(actions.AUTH_FAILED, origin=Origin(f"10.0.0.{client}")))
         rows = await store.list_audit_events(AuditQuery(), after=None, limit=1000)
-        assert len(rows) == 5  # the total cap
+        assert len(rows) == 2  # the unauthenticated clients' part of the total, as one tenant's
         now[0] += 61.0
         recorder.flush()
         rows = await store.list_audit_events(AuditQuery(), after=None, limit=1000)
         counts = sorted(e.count for e in rows)
-        # 5 recorded, 2 clients over their own cap (1 each), everything else in one aggregate.
-        assert counts == [1, 1, 1, 1, 1, 1, 1, 143]
+        # 2 recorded, the first client over its own cap (1), everything else in one aggregate.
+        assert counts == [1, 1, 1, 147]
         assert sum(counts) == 150
-        overflow = next(e for e in rows if e.count == 143)
-        assert overflow.client_address == "" and "any client" in overflow.reason
+        overflow = next(e for e in rows if e.count == 147)
+        assert overflow.client_address == "" and "this tenant's clients" in overflow.reason
+    finally:
+        recorder.close()
+        await store.close()
+
+
+async def test_a_tenant_failing_in_a_loop_takes_only_its_part_of_the_log(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "audit.db")
+    now = [1000.0]
+    recorder = AuditRecorder(store, per_client=2, total=12, window=60.0, clock=lambda: now[0])
+
+    def refused(tenant: str, subject: str) -> audit_pb2.AuditEvent:
+        principal = Principal(tenant=tenant, subject=subject, roles=frozenset(), method="api_key")
+        return entry(actions.ACCESS_DENIED, code="PERMISSION_DENIED", principal=principal)
+
+    try:
+        for client in range(20):  # many keys of one tenant, each refused five times
+            for _ in range(5):
+                recorder.append_limited(f"noisy/{client}", refused("noisy", f"k{client}"))
+        for client in range(2):
+            recorder.append_limited(f"quiet/{client}", refused("quiet", f"k{client}"))
+        recorder.append_limited("", entry(actions.AUTH_FAILED, origin=Origin("10.0.0.9")))
+        rows = await store.list_audit_events(AuditQuery(), after=None, limit=1000)
+        by_tenant = sorted(e.tenant for e in rows)
+        # 12 // 4 = 3 for each tenant: the noisy one's loop leaves the quiet ones their entries.
+        assert by_tenant == ["", "noisy", "noisy", "noisy", "quiet", "quiet"]
+        now[0] += 61.0
+        recorder.flush()
+        rows = await store.list_audit_events(AuditQuery(), after=None, limit=1000)
+        assert sum(e.count for e in rows) == 100 + 3
+        noisy = [e for e in rows if e.tenant == "noisy" and e.count > 1 and "this tenant's clients" in e.reason]
+        assert len(noisy) == 1 and noisy[0].subject == "" and noisy[0].credential_id == ""
     finally:
         recorder.close()
         await store.close()
