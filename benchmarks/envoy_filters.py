@@ -14,7 +14,12 @@ answer is checked (h2load counts non-2xx as errors).
 Variants: `full` (the config as rendered), `no-edge-lua` (without
 transcoder/edge.lua), `no-body-lua` (without body_fields.lua and
 request_ids.lua), `no-lua` (none of the three), `minimal` (the transcoder
-and the router alone: the floor), `one-worker` (`--concurrency 1`).
+and the router alone: the floor), `one-worker` (`--concurrency 1`),
+`no-access-log`, `no-stats` (every statistic rejected), `no-request-id`
+(no `x-request-id` made), `quiet-router` (`suppress_envoy_headers`),
+`upstream-8-streams` (at most 8 streams per connection to the server). The
+server's CPU per call is reported too: what Envoy sends it costs the server
+as well.
 """
 
 from __future__ import annotations
@@ -63,6 +68,52 @@ def _no_stats(config: Config) -> None:
     config["stats_config"] = {"stats_matcher": {"reject_all": True}}
 
 
+def _no_request_id(config: Config) -> None:
+    for manager in _connection_managers(config):
+        manager["generate_request_id"] = False
+
+
+def _quiet_router(config: Config) -> None:
+    for manager in _connection_managers(config):
+        for http_filter in manager["http_filters"]:
+            if http_filter["name"].endswith("router"):
+                http_filter["typed_config"]["suppress_envoy_headers"] = True
+
+
+def _quiet_router_own_timeout_header(config: Config) -> None:
+    """`quiet-router`, each route with a timeout sending it to the server as a header of its own."""
+    _quiet_router(config)
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                manager = network_filter["typed_config"]
+                if "route_config" not in manager:
+                    continue
+                for host in manager["route_config"]["virtual_hosts"]:
+                    for route in host["routes"]:
+                        timeout = route.get("route", {}).get("timeout", "0s")
+                        if timeout != "0s":
+                            ms = str(round(float(timeout.rstrip("s")) * 1000))
+                            header = {"key": "x-envoy-expected-rq-timeout-ms", "value": ms}
+                            route["request_headers_to_add"] = [
+                                {"header": header, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                            ]
+
+
+def _upstream_streams(streams: int) -> Callable[[Config], None]:
+    """At most `streams` streams per upstream connection: Envoy opens more connections to the server."""
+
+    def change(config: Config) -> None:
+        for cluster in config["static_resources"]["clusters"]:
+            options = cluster.get("typed_extension_protocol_options", {})
+            for protocol in options.values():
+                http2 = protocol.get("explicit_http_config", {}).get("http2_protocol_options")
+                if http2 is not None:
+                    http2["max_concurrent_streams"] = streams
+
+    return change
+
+
 VARIANTS: dict[str, Callable[[Config], None]] = {
     "full": lambda config: None,
     "no-edge-lua": _without(lambda name: name == "envoy.filters.http.lua"),
@@ -72,6 +123,10 @@ VARIANTS: dict[str, Callable[[Config], None]] = {
     "one-worker": lambda config: None,
     "no-access-log": _no_access_log,
     "no-stats": _no_stats,
+    "no-request-id": _no_request_id,
+    "quiet-router": _quiet_router,
+    "quiet-router-timeout-header": _quiet_router_own_timeout_header,
+    "upstream-8-streams": _upstream_streams(8),
 }
 
 
@@ -91,9 +146,18 @@ def _variant(rendered: Config, name: str, listen_port: int, port: int, admin_por
 
 
 def _measure(
-    envoy: str, config_path: Path, name: str, *, base_id: int, port: int, url: str, body: bytes | None, requests: int
-) -> float:
-    """Envoy CPU ms per call of one variant."""
+    envoy: str,
+    config_path: Path,
+    name: str,
+    *,
+    base_id: int,
+    port: int,
+    url: str,
+    body: bytes | None,
+    requests: int,
+    server_pids: list[int],
+) -> tuple[float, float]:
+    """Envoy's and the server's CPU ms per call of one variant."""
     extra = ["--concurrency", "1"] if name == "one-worker" else []
     command = [envoy, "-c", str(config_path), "--disable-hot-restart", "--log-level", "error"]
     process = subprocess.Popen([*command, "--base-id", str(base_id), *extra])
@@ -107,14 +171,16 @@ def _measure(
         headers = {**HEADERS, "content-type": "application/json"} if body else HEADERS
         http_tools.h2load(url, requests=500, clients=4, streams=8, headers=headers, body=body)
         before = procstat.tree_cpu_seconds([process.pid])
+        server_before = procstat.tree_cpu_seconds(server_pids)
         result = http_tools.h2load(url, requests=requests, clients=4, streams=8, headers=headers, body=body)
         spent = procstat.tree_cpu_seconds([process.pid]) - before
+        server_spent = procstat.tree_cpu_seconds(server_pids) - server_before
     finally:
         process.terminate()
         process.wait(10)
     if result.errors or result.requests != requests:
         raise SystemExit(f"{name}: {result.errors} failed calls of {result.requests}")
-    return 1000 * spent / requests
+    return 1000 * spent / requests, 1000 * server_spent / requests
 
 
 def main() -> int:
@@ -137,6 +203,7 @@ def main() -> int:
         rendered = json.loads((Path(tmp) / "up" / "envoy.json").read_text())
         envoy = str(Path(f"/proc/{up.envoy_pids()[0]}/exe").readlink())
         spent: dict[str, list[float]] = {name: [] for name in args.variants}
+        server: dict[str, list[float]] = {name: [] for name in args.variants}
         for round_ in range(args.rounds):
             for n, name in enumerate(args.variants):
                 port, admin_port = free_port(), free_port()
@@ -148,14 +215,26 @@ def main() -> int:
                 if args.call == "execute":
                     url, body = f"http://127.0.0.1:{port}/workflows/trivial/execute", b'{"inputs": {"n": 1}}'
                 base_id = 100 + 10 * round_ + n  # Envoys side by side need their own shared-memory ids
-                ms = _measure(
-                    envoy, config_path, name, base_id=base_id, port=port, url=url, body=body, requests=args.requests
+                ms, server_ms = _measure(
+                    envoy,
+                    config_path,
+                    name,
+                    base_id=base_id,
+                    port=port,
+                    url=url,
+                    body=body,
+                    requests=args.requests,
+                    server_pids=up.server_pids(),
                 )
                 spent[name].append(ms)
-                print(f"round {round_ + 1} {name}: {spent[name][-1]:.4f} ms", flush=True)
-    print(f"\nEnvoy CPU per REST call ({args.call}), ms (median, min over rounds):")
+                server[name].append(server_ms)
+                print(f"round {round_ + 1} {name}: Envoy {ms:.4f} ms, server {server_ms:.4f} ms", flush=True)
+    print(f"\nCPU per REST call ({args.call}), ms (median, min over rounds): Envoy, then the server")
     for name, values in spent.items():
-        print(f"  {name:14s} {statistics.median(values):.4f}  {min(values):.4f}")
+        print(
+            f"  {name:18s} {statistics.median(values):.4f}  {min(values):.4f}"
+            f"    {statistics.median(server[name]):.4f}  {min(server[name]):.4f}"
+        )
     return 0
 
 
