@@ -103,6 +103,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("flowport.server")
 
 PURGE_INTERVAL = 60.0
+# Purge rounds between two that look at every webhook's deliveries (the others look at the busy ones').
+FULL_DELIVERY_WALK = 60
+# Writes of a webhook's deliveries past its retention count in one round (10,000 each).
+DELIVERY_PURGE_BATCHES = 10
 # Seconds between samples of gauges read from state (sandbox workers busy).
 SAMPLE_INTERVAL = 1.0
 # Finished webhook deliveries (succeeded or dead-lettered) are listed this long.
@@ -793,16 +797,23 @@ async def _sample(prometheus: Prometheus, services: NodeServices, dispatcher: We
     prometheus.webhook_pending.set(dispatcher.unfinished)
 
 
-async def purge_expired_rows(store: SqlStore, settings: Settings, now: int) -> int:
+async def purge_expired_rows(
+    store: SqlStore, settings: Settings, now: int, *, deliveries_finished_since_us: int = 0
+) -> int:
     """One round of the purge: expired sessions, request ids and service registrations, old finished
-    webhook deliveries and each webhook's past its newest `--webhook-delivery-retention-count`,
+    webhook deliveries and each webhook's past its newest `--webhook-delivery-retention-count`
+    (with `deliveries_finished_since_us`, of the webhooks with a delivery finished since then only),
     workflow versions deleted an hour ago, ended executions past
     `--execution-retention-seconds`, the oldest ended executions of tenants past
     `--tenant-max-execution-bytes`, and the oldest request ids of tenants past
     `--tenant-max-request-id-bytes`; returns how many rows went."""
     removed = await store.purge_expired(now, now - int(REQUEST_ID_RETENTION * 1e6))
     removed += await store.purge_finished_deliveries(now - int(DELIVERY_RETENTION * 1e6))
-    removed += await store.purge_deliveries_beyond(settings.webhook_delivery_retention_count)
+    removed += await store.purge_deliveries_beyond(
+        settings.webhook_delivery_retention_count,
+        finished_since_us=deliveries_finished_since_us,
+        batches=DELIVERY_PURGE_BATCHES,
+    )
     removed += await store.purge_expired_services(now)
     removed += await store.purge_deleted_workflows(now - int(DELETED_WORKFLOW_RETENTION * 1e6))
     if settings.execution_retention_seconds:
@@ -822,14 +833,28 @@ async def purge_expired_rows(store: SqlStore, settings: Settings, now: int) -> i
     return removed
 
 
+def delivery_walk_since(rounds: int, walked_to: int | None) -> int:
+    """The `deliveries_finished_since_us` of purge round `rounds` (from 0): 0, every webhook, at the
+    first round and once every FULL_DELIVERY_WALK rounds; between them, only webhooks with a delivery
+    finished since `walked_to` (the last round's time less an interval, for what committed while that
+    round ran)."""
+    return 0 if walked_to is None or rounds % FULL_DELIVERY_WALK == 0 else walked_to
+
+
 async def _purge_forever(store: SqlStore, settings: Settings) -> None:
+    rounds = 0
+    walked_to: int | None = None  # deliveries finished before this were looked at by an earlier round
     while True:
         await asyncio.sleep(PURGE_INTERVAL)
+        now = now_us()
+        since = delivery_walk_since(rounds, walked_to)
+        rounds += 1
         try:
-            removed = await purge_expired_rows(store, settings, now_us())
+            removed = await purge_expired_rows(store, settings, now, deliveries_finished_since_us=since)
         except Exception:
             log.exception("purging expired rows failed; will retry")
         else:
+            walked_to = now - int(PURGE_INTERVAL * 1e6)
             if removed:
                 log.debug("purged %d expired rows", removed)
 

@@ -361,15 +361,30 @@ class WebhookTables(Tables):
         sql = "DELETE FROM webhook_deliveries WHERE state IN (3, 4) AND update_us < ?"
         return await self._write(lambda conn: conn.execute(sql, (before_us,)).rowcount)
 
-    async def purge_deliveries_beyond(self, keep: int, *, batch: int = 10_000) -> int:
+    async def purge_deliveries_beyond(
+        self, keep: int, *, finished_since_us: int = 0, batch: int = 10_000, batches: int = 1
+    ) -> int:
         """Delete the finished deliveries of each webhook past its newest `keep` (finished or not), at
-        most `batch` per webhook and call, oldest first; rows removed. A larger backlog goes over
-        several calls, so that other writes share the writer between them."""
+        most `batches` writes of `batch` per webhook and call, oldest first; rows removed. A larger
+        backlog goes over several calls, so that other writes share the writer between them.
+
+        With `finished_since_us`, only webhooks with a delivery finished since then are looked at:
+        what a webhook keeps beyond `keep` is finished deliveries, and it grows only as deliveries
+        finish, so a purge round need not walk every webhook's deliveries, only the busy ones'."""
 
         def beyond(conn: Connection) -> list[tuple[str, str, int, str]]:
+            if finished_since_us:
+                # Literal states, matching the partial index's condition, so SQLite uses it.
+                hooks = conn.execute(
+                    "SELECT DISTINCT tenant, webhook_id FROM webhook_deliveries"
+                    " WHERE state IN (3, 4) AND update_us >= ?",
+                    (finished_since_us,),
+                ).fetchall()
+            else:
+                hooks = conn.execute("SELECT tenant, webhook_id FROM webhooks").fetchall()
             # One walk of at most `keep` index entries per webhook, through (tenant, webhook_id, create_us).
             found = []
-            for tenant, webhook_id in conn.execute("SELECT tenant, webhook_id FROM webhooks").fetchall():
+            for tenant, webhook_id in hooks:
                 row = conn.execute(
                     "SELECT create_us, delivery_id FROM webhook_deliveries WHERE tenant=? AND webhook_id=?"
                     " ORDER BY create_us DESC, delivery_id DESC LIMIT 1 OFFSET ?",
@@ -387,7 +402,11 @@ class WebhookTables(Tables):
                 " WHERE tenant=? AND webhook_id=? AND state IN (3, 4)"
                 " AND (create_us<? OR (create_us=? AND delivery_id<=?)) ORDER BY create_us LIMIT ?)"
             )
-            removed += await self._write(lambda conn, args=args, sql=sql: conn.execute(sql, args).rowcount)  # type: ignore[misc]
+            for _ in range(batches):
+                gone = await self._write(lambda conn, args=args, sql=sql: conn.execute(sql, args).rowcount)  # type: ignore[misc]
+                removed += gone
+                if gone < batch:
+                    break
         return removed
 
     async def list_deliveries(

@@ -48,3 +48,11 @@ async def test_a_purge_round_removes_ended_executions_past_retention_a_bounded_n
         assert await store.get_execution("t", "e101") is not None
     finally:
         await store.close()
+
+
+def test_purge_rounds_walk_every_webhook_at_first_and_hourly_and_the_busy_ones_between() -> None:
+    assert app.delivery_walk_since(0, None) == 0
+    assert app.delivery_walk_since(1, None) == 0, "no round has finished yet: everything"
+    assert app.delivery_walk_since(1, 123) == 123
+    assert app.delivery_walk_since(app.FULL_DELIVERY_WALK - 1, 123) == 123
+    assert app.delivery_walk_since(app.FULL_DELIVERY_WALK, 123) == 0

@@ -25,6 +25,7 @@ from flowport.clients import ApiError, AsyncClient
 from flowport.clients.webhooks import verify_signature
 from flowport.server.api import webhooks as webhooks_api
 from flowport.server.app import Running
+from flowport.server.clock import now_us
 from flowport.server.events.bus import BusEvent, EventBus
 from flowport.server.interceptor import ErrorInterceptor
 from flowport.server.metrics import RequestMetrics
@@ -1166,8 +1167,13 @@ async def test_each_webhook_keeps_its_newest_finished_deliveries(env: Env, recei
         return len(receiver.events()) == 9 and env.dispatcher.unfinished == 0
 
     await eventually(all_delivered, "nine deliveries")
+    later = now_us() + 3_600_000_000
+    assert await env.store.purge_deliveries_beyond(3, finished_since_us=later) == 0, (
+        "no delivery finished since: no webhook is looked at"
+    )
     assert await env.store.purge_deliveries_beyond(3, batch=2) == 2, "at most a batch per webhook and call"
-    assert await env.store.purge_deliveries_beyond(3) == 3
+    # Those with a delivery finished since (all of them here), in as many batches as asked.
+    assert await env.store.purge_deliveries_beyond(3, batch=2, batches=2, finished_since_us=1) == 3
     assert await env.store.purge_deliveries_beyond(3) == 0
     kept = await env.deliveries(hook.webhook_id)
     assert sorted(d.event_id for d in kept) == sorted(published[5:]), "the newest three"
