@@ -797,23 +797,50 @@ async def _sample(prometheus: Prometheus, services: NodeServices, dispatcher: We
     prometheus.webhook_pending.set(dispatcher.unfinished)
 
 
-async def purge_expired_rows(
-    store: SqlStore, settings: Settings, now: int, *, deliveries_finished_since_us: int = 0
-) -> int:
+@dataclass
+class DeliveryWalk:
+    """Which webhooks' deliveries past `--webhook-delivery-retention-count` a purge round looks at:
+    every webhook at the first round, once every FULL_DELIVERY_WALK rounds, and after a round that
+    did not finish one's; between them, only those with a delivery finished since the last round
+    (less a round's interval, for what committed while that round ran)."""
+
+    rounds: int = 0
+    walked_to: int | None = None
+    full_due: bool = True
+
+    def since(self) -> int:
+        """This round's `finished_since_us` (0: every webhook)."""
+        if self.rounds % FULL_DELIVERY_WALK == 0:
+            self.full_due = True
+        self.rounds += 1
+        return 0 if self.full_due or self.walked_to is None else self.walked_to
+
+    def walked(self, now: int, since: int, capped: bool) -> None:
+        """The round of `now` looked at what `since` said; `capped`: some webhook has more left."""
+        self.walked_to = now - int(PURGE_INTERVAL * 1e6)
+        self.full_due = capped or (self.full_due and since != 0)
+
+
+async def purge_expired_rows(store: SqlStore, settings: Settings, now: int, walk: DeliveryWalk | None = None) -> int:
     """One round of the purge: expired sessions, request ids and service registrations, old finished
     webhook deliveries and each webhook's past its newest `--webhook-delivery-retention-count`
-    (with `deliveries_finished_since_us`, of the webhooks with a delivery finished since then only),
+    (of the webhooks `walk` says; every webhook without one),
     workflow versions deleted an hour ago, ended executions past
     `--execution-retention-seconds`, the oldest ended executions of tenants past
     `--tenant-max-execution-bytes`, and the oldest request ids of tenants past
     `--tenant-max-request-id-bytes`; returns how many rows went."""
     removed = await store.purge_expired(now, now - int(REQUEST_ID_RETENTION * 1e6))
     removed += await store.purge_finished_deliveries(now - int(DELIVERY_RETENTION * 1e6))
+    since = 0 if walk is None else walk.since()
+    capped: list[tuple[str, str]] = []
     removed += await store.purge_deliveries_beyond(
         settings.webhook_delivery_retention_count,
-        finished_since_us=deliveries_finished_since_us,
+        finished_since_us=since,
         batches=DELIVERY_PURGE_BATCHES,
+        capped=capped,
     )
+    if walk is not None:
+        walk.walked(now, since, bool(capped))
     removed += await store.purge_expired_services(now)
     removed += await store.purge_deleted_workflows(now - int(DELETED_WORKFLOW_RETENTION * 1e6))
     if settings.execution_retention_seconds:
@@ -833,28 +860,15 @@ async def purge_expired_rows(
     return removed
 
 
-def delivery_walk_since(rounds: int, walked_to: int | None) -> int:
-    """The `deliveries_finished_since_us` of purge round `rounds` (from 0): 0, every webhook, at the
-    first round and once every FULL_DELIVERY_WALK rounds; between them, only webhooks with a delivery
-    finished since `walked_to` (the last round's time less an interval, for what committed while that
-    round ran)."""
-    return 0 if walked_to is None or rounds % FULL_DELIVERY_WALK == 0 else walked_to
-
-
 async def _purge_forever(store: SqlStore, settings: Settings) -> None:
-    rounds = 0
-    walked_to: int | None = None  # deliveries finished before this were looked at by an earlier round
+    walk = DeliveryWalk()
     while True:
         await asyncio.sleep(PURGE_INTERVAL)
-        now = now_us()
-        since = delivery_walk_since(rounds, walked_to)
-        rounds += 1
         try:
-            removed = await purge_expired_rows(store, settings, now, deliveries_finished_since_us=since)
+            removed = await purge_expired_rows(store, settings, now_us(), walk)
         except Exception:
             log.exception("purging expired rows failed; will retry")
         else:
-            walked_to = now - int(PURGE_INTERVAL * 1e6)
             if removed:
                 log.debug("purged %d expired rows", removed)
 

@@ -15,12 +15,12 @@ Each process checks every registration (idempotent writes); with many
 registrations and processes a claim per check would spread the work.
 
 Tenants take turns. A sweep gives each tenant at most `PER_TENANT` checks in
-flight out of the process's `PARALLEL` (their lanes wait for a place in a
-new random order each sweep), and starts no check after `max(interval,
-timeout)`, so it ends at most a timeout later. What a tenant has left waits
-for the next sweep, least recently checked first: a tenant whose endpoints
-never answer holds only its own `PER_TENANT` places, and every other
-tenant's checks go on in the rest.
+flight out of the process's `PARALLEL` (their lanes wait for a place, the
+tenant with the least recently checked service first), and starts no check
+after `max(interval, timeout)`, so it ends at most a timeout later. What a
+tenant has left waits for the next sweep, least recently checked first: a
+tenant whose endpoints never answer holds only its own `PER_TENANT` places,
+and every other tenant's checks go on in the rest.
 """
 
 from __future__ import annotations
@@ -163,14 +163,15 @@ class HealthChecker:
                     await self._store.record_check(tenant, service.service_id, status, latency, now_us())
                 outcomes.append(status == HEALTHY)
 
-        lanes = []
+        tenants = []
         for tenant, services in due.items():
             # Least recently checked first (never checked: 0), so what one sweep leaves is next.
             queue = deque(sorted(services, key=lambda s: s.check_time.ToMicroseconds()))
-            lanes += [lane(tenant, queue) for _ in range(min(PER_TENANT, len(queue)))]
-        # The gate serves waiters in order: lanes in a new order each sweep, so that when the
-        # window ends with lanes still waiting, it is not always the same tenants' that wait.
-        random.shuffle(lanes)
+            tenants.append((queue[0].check_time.ToMicroseconds(), random.random(), tenant, queue))  # noqa: S311 - an order
+        # The gate serves waiters in order: the tenants whose oldest check is oldest first (ties in a
+        # new order each sweep), so a tenant whose lanes waited past the window goes first next time.
+        tenants.sort(key=lambda t: t[:2])
+        lanes = [lane(tenant, queue) for _, _, tenant, queue in tenants for _ in range(min(PER_TENANT, len(queue)))]
         await asyncio.gather(*lanes)
         self.checks += len(outcomes)
         self.last_sweep = Sweep(checked=len(outcomes), failed=outcomes.count(False), at=time.time())

@@ -231,7 +231,8 @@ class Settings(BaseModel):
         ge=100,
         le=100_000_000,
         description="finished deliveries (delivered or dead-lettered) kept of each webhook, the newest; older "
-        "ones go at the purge (within a minute), as do those past seven days",
+        "ones go at a purge round (within a minute for a webhook with a delivery finished since the last round, "
+        "within an hour otherwise), as do those past seven days",
     )
     tenant_max_sessions: int = Field(
         100_000,

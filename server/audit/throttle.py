@@ -73,7 +73,8 @@ class Throttle:
     ) -> None:
         self._per_key = per_key
         self._total = total
-        self._tenant_part = max(per_key, total // TENANT_PARTS)
+        # Rounded up: at most TENANT_PARTS tenants can fill their parts before the total is reached.
+        self._tenant_part = max(per_key, -(-total // TENANT_PARTS))
         self._window = window
         self._emit = emit
         # In order of window start, so expired windows are at the front.

@@ -4,12 +4,13 @@ The figures GetStats and /durability/status show are aggregates over whole
 tables (counts by tenant). Asked by many callers at once, each would scan
 again what the others are scanning; instead a caller that asks while the same
 query runs gets that run's answer. An answer is also kept for KEEP_FACTOR
-times as long as its query took: a client asking for its figures in a loop
-then keeps a reader busy at most a tenth of the time, instead of scanning
-its tenant's millions of executions back to back on the readers every tenant
-shares. A figure is at most about eleven of its queries' time old, and never
-kept past KEEP_MAX (a second for a tenant's millions of executions); one
-whose query took under KEEP_FROM (a small table) is not kept at all.
+times as long as its query took, and at most KEEP_MAX seconds: a client
+asking for its figures in a loop then keeps a reader busy about a tenth of
+the time for a query under half a second (a sixth for one of a second, as a
+tenant's millions of executions take), instead of scanning back to back on
+the readers every tenant shares. A figure is at most about eleven of its
+queries' time old, and never more than KEEP_MAX past its query; one whose
+query took under KEEP_FROM (a small table) is not kept at all.
 """
 
 from __future__ import annotations

@@ -362,15 +362,24 @@ class WebhookTables(Tables):
         return await self._write(lambda conn: conn.execute(sql, (before_us,)).rowcount)
 
     async def purge_deliveries_beyond(
-        self, keep: int, *, finished_since_us: int = 0, batch: int = 10_000, batches: int = 1
+        self,
+        keep: int,
+        *,
+        finished_since_us: int = 0,
+        batch: int = 10_000,
+        batches: int = 1,
+        capped: list[tuple[str, str]] | None = None,
     ) -> int:
         """Delete the finished deliveries of each webhook past its newest `keep` (finished or not), at
         most `batches` writes of `batch` per webhook and call, oldest first; rows removed. A larger
-        backlog goes over several calls, so that other writes share the writer between them.
+        backlog goes over several calls, so that other writes share the writer between them: the
+        (tenant, webhook_id) of each webhook that may have more left is added to `capped`.
 
-        With `finished_since_us`, only webhooks with a delivery finished since then are looked at:
-        what a webhook keeps beyond `keep` is finished deliveries, and it grows only as deliveries
-        finish, so a purge round need not walk every webhook's deliveries, only the busy ones'."""
+        With `finished_since_us`, only webhooks with a delivery finished since then are looked at, so
+        a purge round need not walk every webhook's deliveries, only the busy ones'. A webhook's
+        deliveries pass `keep` as new ones are made, and those finish (delivered, or dead-lettered
+        after their retries): its excess is then seen at the round after. One whose new deliveries
+        stay unfinished waits for a round that looks at every webhook."""
 
         def beyond(conn: Connection) -> list[tuple[str, str, int, str]]:
             if finished_since_us:
@@ -407,6 +416,9 @@ class WebhookTables(Tables):
                 removed += gone
                 if gone < batch:
                     break
+            else:
+                if capped is not None:
+                    capped.append((tenant, webhook_id))
         return removed
 
     async def list_deliveries(

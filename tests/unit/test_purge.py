@@ -50,9 +50,21 @@ async def test_a_purge_round_removes_ended_executions_past_retention_a_bounded_n
         await store.close()
 
 
-def test_purge_rounds_walk_every_webhook_at_first_and_hourly_and_the_busy_ones_between() -> None:
-    assert app.delivery_walk_since(0, None) == 0
-    assert app.delivery_walk_since(1, None) == 0, "no round has finished yet: everything"
-    assert app.delivery_walk_since(1, 123) == 123
-    assert app.delivery_walk_since(app.FULL_DELIVERY_WALK - 1, 123) == 123
-    assert app.delivery_walk_since(app.FULL_DELIVERY_WALK, 123) == 0
+def test_purge_rounds_walk_every_webhook_at_first_hourly_and_after_a_capped_or_failed_walk() -> None:
+    walk = app.DeliveryWalk()
+    minute = int(app.PURGE_INTERVAL * 1e6)
+    assert walk.since() == 0, "the first round: every webhook"
+    walk.walked(100 * minute, 0, capped=False)
+    assert walk.since() == 99 * minute, "then the busy ones, since the last round less an interval"
+    walk.walked(101 * minute, 99 * minute, capped=True)
+    assert walk.since() == 0, "a webhook had more left than a round takes: every webhook next"
+    # That round fails before its deliveries are looked at: the next one looks at every webhook again.
+    assert walk.since() == 0
+    walk.walked(103 * minute, 0, capped=False)
+    seen = []
+    for n in range(app.FULL_DELIVERY_WALK):
+        since = walk.since()
+        seen.append(since)
+        walk.walked((104 + n) * minute, since, capped=False)
+    assert seen[0] == 102 * minute and seen.count(0) == 1, "every webhook once every FULL_DELIVERY_WALK rounds"
+    assert walk.since() == (102 + app.FULL_DELIVERY_WALK) * minute, "the last round's time less an interval"

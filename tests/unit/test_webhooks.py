@@ -1171,7 +1171,9 @@ async def test_each_webhook_keeps_its_newest_finished_deliveries(env: Env, recei
     assert await env.store.purge_deliveries_beyond(3, finished_since_us=later) == 0, (
         "no delivery finished since: no webhook is looked at"
     )
-    assert await env.store.purge_deliveries_beyond(3, batch=2) == 2, "at most a batch per webhook and call"
+    capped: list[tuple[str, str]] = []
+    assert await env.store.purge_deliveries_beyond(3, batch=2, capped=capped) == 2, "at most a batch per webhook"
+    assert [webhook_id for _, webhook_id in capped] == [hook.webhook_id], "named as having more left"
     # Those with a delivery finished since (all of them here), in as many batches as asked.
     assert await env.store.purge_deliveries_beyond(3, batch=2, batches=2, finished_since_us=1) == 3
     assert await env.store.purge_deliveries_beyond(3) == 0
