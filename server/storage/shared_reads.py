@@ -25,9 +25,9 @@ T = TypeVar("T")
 KEEP_FACTOR = 10
 # Seconds an answer is kept at most, however long its query took (waiting for a reader included).
 KEEP_MAX = 5.0
-# A query quicker than this is not kept at all: it costs less than the call that asks for it, and
-# a caller then reads what it just wrote.
-KEEP_FROM = 0.001
+# A query quicker than this is not kept at all: a small table's count, read back to back, costs a
+# reader little, and a caller then reads what it just wrote.
+KEEP_FROM = 0.005
 # Answers kept at most (tenants times figures); past it, they are all let go.
 KEPT_MAX = 65_536
 
