@@ -129,9 +129,21 @@ def start_up(settings: Settings, timeout: float = 30.0, args: Sequence[str] = ()
 
 
 def stop_up(stack: Stack, timeout: float = 20.0) -> int:
-    """SIGINT `flowport up` (as Ctrl-C would) and return its exit code."""
+    """SIGINT `flowport up` (as Ctrl-C would) and return its exit code. One that has not ended, with
+    its output closed, within `timeout` is killed, and the failure shows the end of what it printed
+    (whether it began its shutdown, and which process was left)."""
     stack.process.send_signal(signal.SIGINT)
-    out, _ = stack.process.communicate(timeout=timeout)
+    try:
+        out, _ = stack.process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        printed = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else exc.output or ""
+        still = "still running" if stack.process.poll() is None else f"exited {stack.process.returncode}"
+        stack.process.kill()
+        stack.process.communicate()
+        raise AssertionError(
+            f"flowport up ({still}) did not end within {timeout:g}s of SIGINT with its output closed;"
+            f" the end of its output:\n{printed[-4000:]}"
+        ) from None
     stack.output.append(out)
     return stack.process.returncode
 
