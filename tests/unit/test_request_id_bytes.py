@@ -171,3 +171,11 @@ async def test_through_the_api_a_forgotten_request_id_is_a_new_call_and_a_kept_o
             assert oldest.version == versions[-1] + 1, "a forgotten one is a new call"
     finally:
         await stop(running, 1.0)
+
+
+def test_the_purge_sizes_a_record_as_the_triggers_do() -> None:
+    """The migration's formula is frozen with it, and the purge (which must not import the migration:
+    SQLAlchemy and Alembic stay out of a default start) keeps its own copy: the two must agree."""
+    from flowport.server.storage.migrations import v0023_request_id_bytes as migration
+
+    assert migration.RECORD_BYTES.format(row="idempotency").replace("idempotency.", "") == request_ids._RECORD_BYTES
