@@ -147,8 +147,8 @@ class PostgresStore(SqlStore):
         await store._writer.open(lambda: _connect(url))
         try:
             await asyncio.gather(*(reader.open(lambda: _connect(url)) for reader in store._readers))
-            # (A store opened on an older schema, in the migration tests, has no counter to poll.)
-            if keep_workflows and any(step.name == "workflow_cache" for step in steps):
+            # (A store opened on an older schema, in the migration tests, has no changes to poll.)
+            if keep_workflows and any(step.name == "workflow_tenant_changes" for step in steps):
                 cache = WorkflowCache(os.urandom(8).hex(), store._read)
                 await cache.start()
                 store._workflow_cache = cache

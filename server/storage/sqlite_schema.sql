@@ -1,6 +1,6 @@
 -- The SQLite schema after every migration: generated, do not edit.
 -- python -m flowport.server.storage.sqlite_snapshot rewrites it.
--- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention,19:workflow_numbers,20:event_purge_marks,21:workflow_cache,22:execution_bytes,23:request_id_bytes
+-- versions: 1:sessions,2:workflows_executions,3:events,4:webhooks,5:api_keys,6:event_id_reservation,7:secrets,8:audit,9:session_creator,10:execution_leases,11:delivery_leases,12:services,13:resources,14:event_purge_mark,15:session_counts,16:session_owners,17:webhook_creators,18:execution_retention,19:workflow_numbers,20:event_purge_marks,21:workflow_cache,22:execution_bytes,23:request_id_bytes,24:workflow_tenant_changes
 CREATE TABLE api_keys (
 	key_id TEXT NOT NULL, 
 	tenant TEXT NOT NULL, 
@@ -163,6 +163,11 @@ CREATE TABLE workflow_numbers (
 	last_version BIGINT NOT NULL, 
 	PRIMARY KEY (tenant, workflow_id)
 );
+CREATE TABLE workflow_tenant_changes (
+	tenant TEXT NOT NULL, 
+	seq BIGINT NOT NULL, 
+	PRIMARY KEY (tenant)
+);
 CREATE TABLE workflows (
 	tenant TEXT NOT NULL, 
 	workflow_id TEXT NOT NULL, 
@@ -210,3 +215,4 @@ CREATE TRIGGER executions_bytes_deleted AFTER DELETE ON executions BEGIN INSERT 
 CREATE INDEX idempotency_by_tenant ON idempotency (tenant, create_us);
 CREATE TRIGGER idempotency_bytes_inserted AFTER INSERT ON idempotency BEGIN INSERT INTO request_id_bytes (tenant, shard, bytes) VALUES (NEW.tenant, 0, (length(NEW.response) + length(NEW.request_id) + length(NEW.method) + 64)) ON CONFLICT (tenant, shard) DO UPDATE SET bytes = bytes + excluded.bytes; END;
 CREATE TRIGGER idempotency_bytes_deleted AFTER DELETE ON idempotency BEGIN INSERT INTO request_id_bytes (tenant, shard, bytes) VALUES (OLD.tenant, 0, -(length(OLD.response) + length(OLD.request_id) + length(OLD.method) + 64)) ON CONFLICT (tenant, shard) DO UPDATE SET bytes = bytes + excluded.bytes; END;
+CREATE INDEX workflow_tenant_changes_by_seq ON workflow_tenant_changes (seq);

@@ -11,20 +11,26 @@ every other before the create or delete answers. The protocol:
   (a trigger on `workflows` does, so a process of an earlier release raises
   it too), and answers once every process whose lease has not run out has
   seen that value (`wait_for_others`).
-- Each process reads `seq` every `POLL` seconds. A new value drops all it
-  keeps; then it writes its acknowledgement (`workflow_cache_acks.seen`),
-  renewing its lease: `until_us` = the database's clock + `LEASE`. The
-  acknowledgement share-locks the counter first, so a change that committed
-  without waiting for this process (its lease had run out) is seen by the
-  acknowledgement itself, and one that commits later waits for it.
+- Each process reads `seq` every `POLL` seconds, and in the same statement
+  the tenants whose newest change is above the value it saw last
+  (`workflow_tenant_changes`, migration 24). A new value drops what it keeps
+  of those tenants, and only of those: one tenant changing its workflows in
+  a loop costs the others nothing. Then it writes its acknowledgement
+  (`workflow_cache_acks.seen`), renewing its lease: `until_us` = the
+  database's clock + `LEASE`. The acknowledgement share-locks the counter
+  first, so a change that committed without waiting for this process (its
+  lease had run out) is seen by the acknowledgement itself, and one that
+  commits later waits for it.
 - A process uses what it keeps only until its lease ends by its own
   monotonic clock, counted from before the write that renewed it (less a
   margin), so never after the database's `until_us`: a process that stops
   polling (stalled, cut off from the database) stops using its rows before
   the writers stop waiting for it.
-- A read that began before a drop is not kept: each read carries the count
-  of drops when it began (`tag`), and only reads begun since the last drop
-  are kept.
+- A read that began before a drop of its tenant is not kept: each read
+  carries the count of drops when it began (`tag`), and is kept only if its
+  tenant (or everything) was not dropped since.
+- `seen` only moves to a value once the tenants changed up to it, read in
+  one snapshot with it, are dropped.
 
 So a create answers at most a poll and a write later (a few tens of
 milliseconds) while every process is well, and at most `LEASE` plus a
@@ -81,6 +87,16 @@ _BEHIND = (
     f" AND until_us>{_DB_NOW_US}"
 )
 _SEQ = "SELECT seq FROM workflow_changes WHERE id=1"
+# The counter and the tenants changed since a value, in one snapshot. Past MAX_TENANTS of them
+# everything is dropped, which is as correct and cheaper to say.
+MAX_TENANTS = 1000
+_SINCE = (
+    "SELECT c.seq, t.tenant FROM workflow_changes c LEFT JOIN workflow_tenant_changes t ON t.seq > ?"
+    " WHERE c.id=1 LIMIT ?"
+)
+# Tenants dropped one by one that are remembered (for `keep`) before one drop of everything
+# forgets them all.
+MAX_TENANT_MARKS = 10_000
 # Rounds of an acknowledgement chasing changes that keep coming; past them the lease is not renewed.
 ACK_ROUNDS = 3
 
@@ -103,9 +119,12 @@ class WorkflowCache:
         self._owner = owner
         self._run = run
         self._entries: OrderedDict[Key, bytes] = OrderedDict()
+        self._by_tenant: dict[str, set[Key]] = {}
         self._bytes = 0
         self.seen = -1  # nothing seen yet: nothing is kept until the first acknowledgement
         self._drops = 0  # what a read carries (`tag`): it goes up with every drop, never back
+        self._all_dropped = 0  # `_drops` at the last drop of everything
+        self._tenant_dropped: dict[str, int] = {}  # `_drops` at each tenant's last drop since
         self._valid_until = 0.0
         self._renew_at = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -131,25 +150,42 @@ class WorkflowCache:
         return self._drops
 
     def keep(self, key: Key, body: bytes, tag: int) -> None:
-        """Keep what a read that began at `tag` found, unless a change was seen since it began."""
-        if tag != self._drops or len(body) > MAX_BODY or time.monotonic() >= self._valid_until:
+        """Keep what a read that began at `tag` found, unless its tenant's rows (or all) were
+        dropped since it began."""
+        if (
+            self._all_dropped > tag
+            or self._tenant_dropped.get(key[0], 0) > tag
+            or len(body) > MAX_BODY
+            or time.monotonic() >= self._valid_until
+        ):
             return
-        replaced = self._entries.pop(key, None)
-        if replaced is not None:
-            self._bytes -= len(replaced)
+        self._forget(key)
         self._entries[key] = body
+        self._by_tenant.setdefault(key[0], set()).add(key)
         self._bytes += len(body)
         while len(self._entries) > MAX_ENTRIES or self._bytes > MAX_BYTES:
-            _, dropped = self._entries.popitem(last=False)
-            self._bytes -= len(dropped)
+            self._forget(next(iter(self._entries)))
+
+    def _forget(self, key: Key) -> None:
+        body = self._entries.pop(key, None)
+        if body is None:
+            return
+        self._bytes -= len(body)
+        keys = self._by_tenant[key[0]]
+        keys.discard(key)
+        if not keys:
+            del self._by_tenant[key[0]]
 
     # -- changes --------------------------------------------------------
 
-    async def changed(self, seq: int) -> None:
-        """This process committed change `seq`: drop what it keeps, acknowledge it, and wait until
-        every other process with a lease has seen it. Never raises: the change is committed."""
-        self._see(seq)
+    async def changed(self, seq: int, tenant: str) -> None:
+        """This process committed change `seq` of `tenant`'s workflows: drop what it keeps of
+        that tenant, and of any other changed before it, acknowledge it, and wait until every
+        other process with a lease has seen it. Never raises: the change is committed."""
+        # At once, before any other read of this process can use a row the change made old.
+        self._drop_tenants(frozenset((tenant,)))
         try:
+            await self._catch_up()
             await self._acknowledge()
             await self.wait_for_others(seq)
         except Exception:
@@ -170,16 +206,26 @@ class WorkflowCache:
                 return
             await asyncio.sleep(POLL / 5)
 
-    def _see(self, seq: int) -> None:
-        """A change this process made or read: what it keeps is older (changes only go forward)."""
-        if seq > self.seen:
-            self._drop(seq)
-
-    def _drop(self, seq: int) -> None:
-        self._entries.clear()
-        self._bytes = 0
-        self._drops += 1
+    def _drop(self, seq: int, tenants: frozenset[str] | None = None) -> None:
+        """Change `seq` was read with the tenants changed since `seen` (None: unknown, so all):
+        what this process keeps of them is older."""
+        if tenants is None or len(self._tenant_dropped) + len(tenants) > MAX_TENANT_MARKS:
+            self._entries.clear()
+            self._by_tenant.clear()
+            self._bytes = 0
+            self._drops += 1
+            self._all_dropped = self._drops
+            self._tenant_dropped.clear()
+        else:
+            self._drop_tenants(tenants)
         self.seen = seq
+
+    def _drop_tenants(self, tenants: frozenset[str]) -> None:
+        self._drops += 1
+        for tenant in tenants:
+            for key in list(self._by_tenant.get(tenant, ())):
+                self._forget(key)
+            self._tenant_dropped[tenant] = self._drops
 
     # -- the lease ------------------------------------------------------
 
@@ -215,17 +261,31 @@ class WorkflowCache:
 
     async def _poll(self) -> None:
         before = self.seen
-        (seq,) = await self._run(lambda conn: conn.execute(_SEQ).fetchone())
-        if self.seen != before:
-            # A change of this process's own was seen meanwhile: this read may predate it.
-            return
-        if int(seq) != self.seen:
+        if await self._catch_up() or (self.seen == before and time.monotonic() >= self._renew_at):
+            # (A change of this process's own, seen meanwhile, is acknowledged by its writer.)
+            await self._acknowledge()
+
+    async def _catch_up(self) -> bool:
+        """Read the counter and the tenants changed since `seen` in one snapshot, and drop them;
+        whether anything was dropped."""
+        before = self.seen
+
+        def since(conn: Connection) -> list[tuple[int, str | None]]:
+            return list(conn.execute(_SINCE, (before, MAX_TENANTS + 1)).fetchall())
+
+        rows = await self._run(since)
+        seq = int(rows[0][0])
+        if self.seen != before or seq == before:
+            # Another read of this process moved `seen` meanwhile: this one may predate it.
+            return False
+        tenants = frozenset(tenant for _, tenant in rows if tenant is not None)
+        if seq < before or before < 0 or not tenants or len(rows) > MAX_TENANTS:
             # Below what was seen only if the database was restored or the counter reset: it is
             # the truth either way, and what is kept may be from a future that never happened.
-            self._drop(int(seq))
-            await self._acknowledge()
-        elif time.monotonic() >= self._renew_at:
-            await self._acknowledge()
+            self._drop(seq)
+        else:
+            self._drop(seq, tenants)
+        return True
 
     async def _acknowledge(self) -> None:
         """Write what this process has seen, with a new lease.
@@ -249,4 +309,6 @@ class WorkflowCache:
                 self._valid_until = max(self._valid_until, started + LEASE - MARGIN)
                 self._renew_at = started + LEASE - RENEW_LEFT
                 return
-            self._see(int(current))
+            # Not from this statement's tenants: its share lock may have read a counter that
+            # committed after the snapshot the rest of it reads.
+            await self._catch_up()

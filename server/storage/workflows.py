@@ -64,7 +64,7 @@ class WorkflowTables(Tables):
                 idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
             return IdempotentResult(body, replayed=False)
 
-        return await self._write_change(op, lambda result: not result.replayed)
+        return await self._write_change(tenant, op, lambda result: not result.replayed)
 
     async def get_workflow(
         self,
@@ -146,12 +146,13 @@ class WorkflowTables(Tables):
                 idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
             return Deletion.DELETED if hidden else Deletion.MISSING
 
-        return await self._write_change(op, lambda deletion: deletion is Deletion.DELETED)
+        return await self._write_change(tenant, op, lambda deletion: deletion is Deletion.DELETED)
 
-    async def _write_change(self, op: Callable[[Connection], R], changed: Callable[[R], bool]) -> R:
-        """Write a workflow create or delete; on a store whose processes keep workflows, answer once
-        every process has dropped its copies (workflow_cache.py). `changed`: whether the op's result
-        says it changed a row (a replay or a missing workflow changes none)."""
+    async def _write_change(self, tenant: str, op: Callable[[Connection], R], changed: Callable[[R], bool]) -> R:
+        """Write a create or delete of `tenant`'s workflows; on a store whose processes keep
+        workflows, answer once every process has dropped its copies (workflow_cache.py).
+        `changed`: whether the op's result says it changed a row (a replay or a missing workflow
+        changes none)."""
         cache = self._workflow_cache
         if cache is None:
             return await self._write(op)
@@ -164,7 +165,7 @@ class WorkflowTables(Tables):
 
         result, seq = await self._write(run)
         if seq is not None:
-            await cache.changed(seq)
+            await cache.changed(seq, tenant)
         return result
 
     async def purge_deleted_workflows(self, deleted_before_us: int) -> int:

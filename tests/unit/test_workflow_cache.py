@@ -91,10 +91,10 @@ async def test_a_read_that_began_before_a_change_is_not_kept() -> None:
 
     cache = WorkflowCache("owner", unused)
     cache._valid_until = time.monotonic() + 60
-    cache._see(1)
+    cache._drop(1)
     key = ("t", "w", 0, None)
     tag = cache.tag()
-    cache._see(2)  # a change seen while the read was under way
+    cache._drop(2)  # a change seen while the read was under way
     cache.keep(key, b"old", tag)
     assert cache.get(key) is None
     cache.keep(key, b"new", cache.tag())
@@ -103,7 +103,7 @@ async def test_a_read_that_began_before_a_change_is_not_kept() -> None:
     # again for real: a read begun in between is as old as ever.
     tag = cache.tag()
     cache._drop(1)
-    cache._see(2)
+    cache._drop(2)
     cache.keep(key, b"older", tag)
     assert cache.get(key) is None
     cache._valid_until = 0.0
@@ -142,7 +142,7 @@ def test_what_is_kept_stays_within_its_count_and_bytes(monkeypatch: pytest.Monke
     monkeypatch.setattr(workflow_cache, "MAX_ENTRIES", 5)
     cache = WorkflowCache("owner", unused)
     cache._valid_until = time.monotonic() + 60
-    cache._see(1)
+    cache._drop(1)
     for n in range(4):
         cache.keep(("t", f"w{n}", 0, None), b"x" * 300, cache.tag())
     kept = [n for n in range(4) if cache.get(("t", f"w{n}", 0, None)) is not None]
@@ -196,7 +196,7 @@ async def test_a_counter_below_what_was_seen_drops_everything(two: tuple[Postgre
     assert await runner.get_workflow("t", "w") is not None
     cache = _cache(runner)
     actual = cache.seen
-    cache._see(actual + 5)  # as if a change of a rolled-back batch had been seen
+    cache._drop(actual + 5)  # as if a change of a rolled-back batch had been seen
     cache.keep(("t", "w", 0, None), b"phantom", cache.tag())
     await cache._poll()
     assert cache.seen == actual and not cache._entries
@@ -210,21 +210,99 @@ async def test_a_poll_that_read_the_counter_before_a_change_of_its_own_does_not_
     read_started = asyncio.Event()
     release = asyncio.Event()
 
-    async def run(op: object) -> tuple[int]:
+    async def run(op: object) -> list[tuple[int, str | None]]:
         read_started.set()
         await release.wait()
-        return (1,)  # the counter as read before the change
+        return [(1, None)]  # the counter as read before the change, no tenant changed since
 
     cache = WorkflowCache("owner", run)
     cache._valid_until = time.monotonic() + 60
-    cache._see(1)
+    cache._drop(1)
     key = ("t", "w", 0, None)
     tag = cache.tag()  # a read of the old row begins
     polling = asyncio.create_task(cache._poll())
     await read_started.wait()
-    cache._see(2)  # this process committed change 2
+    cache._drop(2, frozenset({"t"}))  # this process's own change 2, of tenant t, caught up
     release.set()
     await polling
     assert cache.seen == 2
     cache.keep(key, b"old", tag)
     assert cache.get(key) is None
+
+
+async def test_a_change_of_one_tenant_leaves_the_others_rows_kept(
+    two: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """One tenant changing its workflows in a loop must not make every process re-read every
+    other tenant's workflows."""
+    runner, editor = two
+    await editor.create_workflow("quiet", _workflow("kept"), None)
+    await editor.create_workflow("busy", _workflow("first"), None)
+    assert await runner.get_workflow("quiet", "w") is not None
+    assert await runner.get_workflow("busy", "w") is not None
+    cache = _cache(runner)
+    for n in range(3):  # through the other process, and through this one
+        await (editor if n % 2 == 0 else runner).create_workflow("busy", _workflow(f"change {n}"), None)
+        latest = await runner.get_workflow("busy", "w")
+        assert latest is not None and latest.description == f"change {n}", "the changed tenant is read anew"
+    await editor.delete_workflow("busy", "w", NOW)
+    assert await runner.get_workflow("busy", "w") is None
+    hits, misses = cache.hits, cache.misses
+    quiet = await runner.get_workflow("quiet", "w")
+    assert quiet is not None and quiet.description == "kept"
+    assert (cache.hits, cache.misses) == (hits + 1, misses), "the quiet tenant's row was kept all along"
+    # The database says which tenant changed, whichever process (or release) wrote it.
+    rows = await editor._read(lambda conn: conn.execute("SELECT tenant, seq FROM workflow_tenant_changes").fetchall())
+    assert {tenant for tenant, _ in rows} == {"quiet", "busy"}
+    (counter,) = await editor._read(lambda conn: conn.execute("SELECT seq FROM workflow_changes").fetchone())
+    assert max(seq for _, seq in rows) == counter
+
+
+async def test_too_many_tenants_changed_at_once_drop_everything(
+    two: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner, editor = two
+    monkeypatch.setattr(workflow_cache, "MAX_TENANTS", 2)
+    await editor.create_workflow("quiet", _workflow("kept"), None)
+    assert await runner.get_workflow("quiet", "w") is not None
+    cache = _cache(runner)
+    assert cache._task is not None
+    cache._task.cancel()  # polled by hand below
+    await runner._write(
+        lambda conn: conn.execute("UPDATE workflow_cache_acks SET until_us=0 WHERE owner=?", (cache._owner,))
+    )
+    for tenant in ("a", "b"):
+        await editor.create_workflow(tenant, _workflow("x"), None)
+    assert ("quiet", "w", 0, None) in cache._entries
+    await cache._poll()  # two tenants changed: within the bound, dropped one by one
+    assert ("quiet", "w", 0, None) in cache._entries
+    for tenant in ("c", "d", "e"):
+        await editor.create_workflow(tenant, _workflow("x"), None)
+    await cache._poll()  # three: past it, everything goes
+    assert not cache._entries and cache.seen == _cache(editor).seen
+
+
+def test_a_drop_of_one_tenant_refuses_only_its_reads_begun_before() -> None:
+    async def unused(op: object) -> None:
+        raise AssertionError("no database here")
+
+    cache = WorkflowCache("owner", unused)
+    cache._valid_until = time.monotonic() + 60
+    cache._drop(1)
+    mine, other = ("a", "w", 0, None), ("b", "w", 0, None)
+    cache.keep(other, b"b1", cache.tag())
+    tag = cache.tag()  # reads of both tenants begin
+    cache._drop(2, frozenset({"a"}))
+    cache.keep(mine, b"a-old", tag)
+    cache.keep(("b", "v", 0, None), b"b2", tag)
+    assert cache.get(mine) is None, "a read begun before its tenant's drop is not kept"
+    assert cache.get(("b", "v", 0, None)) == b"b2" and cache.get(other) == b"b1"
+    cache.keep(mine, b"a-new", cache.tag())
+    assert cache.get(mine) == b"a-new"
+    cache._drop(3, frozenset({"b"}))
+    assert cache.get(other) is None and cache.get(mine) == b"a-new"
+    assert cache._bytes == len(b"a-new") and set(cache._by_tenant) == {"a"}
+    # Past MAX_TENANT_MARKS tenants remembered, everything is dropped and they are forgotten.
+    many = frozenset(f"t{n}" for n in range(workflow_cache.MAX_TENANT_MARKS))
+    cache._drop(4, many)
+    assert not cache._entries and not cache._tenant_dropped and cache.seen == 4
