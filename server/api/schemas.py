@@ -26,9 +26,17 @@ def node_schema(node_type: NodeType) -> schema_pb2.NodeSchema:
         category=node_type.category,
         config_schema=python_to_struct(node_type.config_schema),
         inputs_schema=python_to_struct(node_type.inputs_schema),
-        outputs_schema=python_to_struct(node_type.outputs_schema),
+        outputs_schema=python_to_struct(_with_aliases(node_type)),
         retry_safe=node_type.retry_safe,
     )
+
+
+def _with_aliases(node_type: NodeType) -> dict[str, object]:
+    """The outputs' schema, naming the other names a connection may read them by (stored once,
+    so the execution's outputs hold none of them)."""
+    if not node_type.output_aliases:
+        return dict(node_type.outputs_schema)
+    return {**node_type.outputs_schema, "x-connection-aliases": dict(node_type.output_aliases)}
 
 
 class SchemaService(schema_pb2_grpc.SchemaServiceServicer):

@@ -133,8 +133,15 @@ def compile_plan(workflow: workflow_pb2.Workflow, registry: NodeRegistry) -> Pla
         raise InvalidWorkflow(problems)
     inbound: dict[str, list[Binding]] = {node_id(n): [] for n in workflow.nodes}
     downstream: dict[str, list[str]] = {node_id(n): [] for n in workflow.nodes}
+    types = {node_id(n): registry.get(n.type) for n in workflow.nodes}
     for conn in workflow.connections:
-        inbound[conn.to_node].append(Binding(conn.from_node, tuple(steps(conn.from_output)), conn.to_input))
+        path = steps(conn.from_output)
+        source_type = types[conn.from_node]
+        assert source_type is not None  # validated
+        alias = source_type.output_aliases.get(str(path[0])) if path else None
+        if alias is not None:
+            path = [*steps(alias), *path[1:]]
+        inbound[conn.to_node].append(Binding(conn.from_node, tuple(path), conn.to_input))
         if conn.to_node not in downstream[conn.from_node]:
             downstream[conn.from_node].append(conn.to_node)
     nodes: dict[str, PlanNode] = {}

@@ -152,6 +152,10 @@ class NodeType(ABC):
     # unless `open_inputs` is set (PythonCodeNode takes any variable).
     inputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {}}
     outputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {}}
+    # Other names a connection may read an output by, each naming a path into the outputs, e.g.
+    # {"result": "response"} or {"rows": "result.rows"}: stored once, under its own name, and a
+    # connection to an alias reads it from there (the execution's outputs hold no alias).
+    output_aliases: ClassVar[Mapping[str, str]] = {}
     open_inputs: ClassVar[bool] = False
     # Running twice is harmless: may be retried, and resumed after a crash.
     retry_safe: ClassVar[bool] = False
@@ -168,8 +172,8 @@ class NodeType(ABC):
 
     @classmethod
     def output_names(cls) -> list[str]:
-        """Outputs a connection may read from."""
-        return list(cls.outputs_schema.get("properties", {}))
+        """Outputs a connection may read from, aliases included."""
+        return [*cls.outputs_schema.get("properties", {}), *cls.output_aliases]
 
     @classmethod
     def input_names(cls) -> list[str]:

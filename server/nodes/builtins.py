@@ -113,8 +113,9 @@ class MergeNode(NodeType):
     }
     outputs_schema: ClassVar[JsonSchema] = {
         "type": "object",
-        "properties": {"merged_data": {}, "result": {"description": "same as merged_data"}},
+        "properties": {"merged_data": {}},
     }
+    output_aliases: ClassVar[Mapping[str, str]] = {"result": "merged_data"}
     retry_safe = True
     default_timeout = 5.0
     runs_on_partial_inputs = True
@@ -131,7 +132,7 @@ class MergeNode(NodeType):
             merged = []
             for part in parts:
                 merged.extend(part if isinstance(part, list) else [part])
-        return {"merged_data": merged, "result": merged}
+        return {"merged_data": merged}
 
 
 class TransformNode(NodeType):

@@ -179,7 +179,6 @@ _OUTPUTS_SCHEMA: JsonSchema = {
     "type": "object",
     "properties": {
         "response": _RESPONSE_SCHEMA,
-        "result": {**_RESPONSE_SCHEMA, "description": "Same object as `response`."},
         "status_code": {"type": "integer"},
         "success": {"type": "boolean", "description": "True for a 2xx status."},
     },
@@ -613,7 +612,7 @@ def _outputs(fetched: _Fetched, attempts: int, expect_json: bool | None) -> dict
         "url": fetched.url,
         "attempts": attempts,
     }
-    return {"response": response, "result": response, "status_code": fetched.status_code, "success": success}
+    return {"response": response, "status_code": fetched.status_code, "success": success}
 
 
 def _codec(charset: str | None) -> str:
@@ -633,6 +632,8 @@ class _HTTPNode(NodeType):
 
     category: ClassVar[str] = "api"
     outputs_schema: ClassVar[JsonSchema] = _OUTPUTS_SCHEMA
+    # Stored once: the body is already there twice when it is JSON (as text and parsed).
+    output_aliases: ClassVar[Mapping[str, str]] = {"result": "response"}
     # ${name} references may name any parameter, so connections may write any name.
     open_inputs: ClassVar[bool] = True
     # Class-level: a POST is not safe to run twice, so neither type is.

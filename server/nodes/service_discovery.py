@@ -22,6 +22,7 @@ import itertools
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from google.protobuf import json_format
@@ -98,11 +99,11 @@ class MCPServiceDiscoveryNode(NodeType):
         "type": "object",
         "properties": {
             "services": {"type": "array", "items": {"type": "object"}},
-            "result": {"type": "array", "items": {"type": "object"}},
             "count": {"type": "integer"},
             "selected": {"type": ["object", "null"]},
         },
     }
+    output_aliases: ClassVar[Mapping[str, str]] = {"result": "services"}
     retry_safe = True
     default_timeout = 10.0
 
@@ -139,7 +140,6 @@ class MCPServiceDiscoveryNode(NodeType):
         services = [describe(s) for s in ordered]
         return {
             "services": services,
-            "result": services,
             "count": len(services),
             "selected": next(iter(services), None),
         }

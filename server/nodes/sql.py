@@ -376,10 +376,10 @@ class SQLDatabaseNode(NodeType):
         "type": "object",
         "properties": {
             "result": _RESULT_SCHEMA,
-            "rows": {**_ROWS_SCHEMA, "description": "Same as result.rows."},
-            "row_count": {"type": "integer", "description": "Same as result.row_count."},
         },
     }
+    # Kept once, in `result`: rows are what a query's outputs are mostly made of.
+    output_aliases: ClassVar[Mapping[str, str]] = {"rows": "result.rows", "row_count": "result.row_count"}
     # A write is not safe to run twice.
     retry_safe: ClassVar[bool] = False
     default_timeout: ClassVar[float] = 30.0
@@ -525,7 +525,7 @@ class SQLDatabaseNode(NodeType):
             remaining=remaining,
             where=where,
         )
-        return {"result": result, "rows": result["rows"], "row_count": result["row_count"]}
+        return {"result": result}
 
 
 async def _run_statement(

@@ -226,6 +226,9 @@ def test_schemas(http: httpx.Client) -> None:
     http_node = http.get("/api/schemas/nodes/HTTPRequestNode").json()
     # A URL, or a named HTTP resource whose base_url it is resolved against.
     assert http_node["config_schema"]["anyOf"] == [{"required": ["url"]}, {"required": ["resource_name"]}]
+    # `result` is read from `response` on a connection; the outputs hold `response` alone.
+    assert http_node["outputs_schema"]["x-connection-aliases"] == {"result": "response"}
+    assert set(http_node["outputs_schema"]["properties"]) == {"response", "status_code", "success"}
     assert http.get("/api/schemas/nodes/TeleportNode").status_code == 404
     create(http, {"name": "needs_n", "nodes": [{"type": "SwitchNode", "name": "s", "config": {"operator": "truthy"}}]})
     schema = http.get("/api/schemas/workflows/needs_n").json()

@@ -13,7 +13,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from flowport.server.engine import walk
 from flowport.server.engine.executor import Executor
-from flowport.server.engine.plan import PlanCache
+from flowport.server.engine.plan import InvalidWorkflow, PlanCache, compile_plan
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.work_queue import QueueUnavailable, WorkQueue
 from flowport.server.errors import InvalidArgument, ResourceExhausted
@@ -317,6 +317,34 @@ async def test_a_switch_skips_the_branch_not_taken_and_merge_runs_with_what_arri
     states = {r.node_id: r.state for r in done.node_runs}
     assert states["big"] == NodeRun.STATE_SKIPPED and states["small"] == NodeRun.STATE_SUCCEEDED
     assert json_format.MessageToDict(done.outputs)["m"]["merged_data"] == [3.0]
+
+
+async def test_a_connection_reads_an_alias_from_the_output_it_names_and_the_alias_is_not_stored(
+    env: tuple[Executor, SqliteStore, EventBus],
+) -> None:
+    """MergeNode's `result` is `merged_data` read under another name (as HTTP nodes' `result` is
+    `response`, SQL nodes' `rows` is `result.rows`): stored once, so it counts once."""
+    executor, _, _ = env
+    aliased = wf(
+        "aliased",
+        [
+            {"type": "AddNode", "name": "a", "config": {"add": 1}},
+            {"type": "MergeNode", "name": "m"},
+            {"type": "AddNode", "name": "b", "config": {"add": 10}},
+        ],
+        [("a", "result", "m", "data1"), ("m", "result.0", "b", "x")],
+    )
+    done = await run(executor, aliased, x=5)
+    assert done.state == Execution.STATE_SUCCEEDED, done.error.message
+    outputs = json_format.MessageToDict(done.outputs)
+    assert outputs["m"] == {"merged_data": [6.0]} and outputs["b"] == {"result": 16.0}
+    typo = wf(
+        "typo",
+        [{"type": "MergeNode", "name": "m"}, {"type": "AddNode", "name": "b"}],
+        [("m", "results", "b", "x")],
+    )
+    with pytest.raises(InvalidWorkflow, match="MergeNode has no output 'results'; it has: merged_data, result"):
+        compile_plan(typo, REGISTRY)
 
 
 async def test_missing_required_inputs_are_invalid_argument(env: tuple[Executor, SqliteStore, EventBus]) -> None:

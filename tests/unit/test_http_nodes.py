@@ -190,7 +190,7 @@ async def test_get_json(server: _Server, client: httpx.AsyncClient) -> None:
     assert out["success"] is True
     assert out["status_code"] == 200
     response = out["response"]
-    assert out["result"] == response
+    assert set(out) == {"response", "status_code", "success"}, "kept once: `result` is a connection alias"
     assert response["status_code"] == 200
     assert response["json"] == {"hello": "world"}
     assert json.loads(response["body"]) == {"hello": "world"}
@@ -517,7 +517,7 @@ async def test_rest_bearer_auth_and_resource(server: _Server, client: httpx.Asyn
         q="find me",
     )
     assert out["success"] is True
-    echoed = out["result"]["json"]
+    echoed = out["response"]["json"]
     assert echoed["path"] == "/echo?q=find+me"
     assert echoed["headers"]["authorization"] == "Bearer ek-123"
     assert echoed["headers"]["accept"] == "application/json"

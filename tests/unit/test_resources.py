@@ -78,7 +78,7 @@ def _reason(execution: execution_pb2.Execution) -> str:
 def _rows(execution: execution_pb2.Execution) -> list[dict[str, Any]]:
     assert execution.state == execution_pb2.Execution.STATE_SUCCEEDED, execution.error.message
     outputs = json_format.MessageToDict(execution.outputs)
-    rows: list[dict[str, Any]] = outputs["q"]["rows"]
+    rows: list[dict[str, Any]] = outputs["q"]["result"]["rows"]
     return rows
 
 

@@ -555,7 +555,7 @@ async def test_a_sql_node_binds_the_secret_and_masks_it_in_rows(admin: AsyncClie
     }
     execution = await _run(admin, _workflow("sql", [node]))
     assert execution.state == execution_pb2.Execution.STATE_SUCCEEDED, execution.error
-    row = json_format.MessageToDict(execution.outputs)["q"]["rows"][0]
+    row = json_format.MessageToDict(execution.outputs)["q"]["result"]["rows"][0]
     assert row == {"n": len(TOKEN), "echoed": MASK}
     # The connection string's secret was resolved too: the file is in the tenant's folder.
     assert (settings.sqlite_root / "default" / "other.db").exists()

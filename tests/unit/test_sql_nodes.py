@@ -121,10 +121,9 @@ async def test_seed_select_on_sqlite(
         ctx, sqlite_url, SEED_SELECT, node_type(), query_params=SEED_PARAMS, session={"tenant_id": "acme"}
     )
     assert out["result"]["columns"] == ["id", "name", "status", "tenant_id", "created_at"]
-    assert out["row_count"] == 2
+    assert set(out) == {"result"}, "rows are kept once; `rows` and `row_count` are connection aliases"
     assert out["result"]["row_count"] == 2
-    assert out["rows"] == out["result"]["rows"]
-    assert out["rows"] == [
+    assert out["result"]["rows"] == [
         {"id": 2, "name": "beta", "status": "active", "tenant_id": "acme", "created_at": "2026-01-02T10:00:00"},
         {"id": 1, "name": "alpha", "status": "active", "tenant_id": "acme", "created_at": "2026-01-01T10:00:00"},
     ]
@@ -138,7 +137,7 @@ async def test_parameters_from_node_params_and_aliases(pools: SqlPools, sqlite_u
     await create_records(ctx, sqlite_url)
     # No query_params: parameters with the bind names are used.
     out = await run_sql(ctx, sqlite_url, SEED_SELECT, tenant_id="globex", status="active", limit=10)
-    assert [row["name"] for row in out["rows"]] == ["delta"]
+    assert [row["name"] for row in out["result"]["rows"]] == ["delta"]
     # `parameters` is the seed's other name; query_params wins over it, both win over plain params.
     out = await run_sql(
         ctx,
@@ -148,7 +147,7 @@ async def test_parameters_from_node_params_and_aliases(pools: SqlPools, sqlite_u
         query_params={"status": "active"},
         tenant_id="acme",
     )
-    assert [row["name"] for row in out["rows"]] == ["delta"]
+    assert [row["name"] for row in out["result"]["rows"]] == ["delta"]
 
 
 async def test_injection_attempt_is_just_a_value(pools: SqlPools, sqlite_url: str) -> None:
@@ -156,10 +155,10 @@ async def test_injection_attempt_is_just_a_value(pools: SqlPools, sqlite_url: st
     await create_records(ctx, sqlite_url)
     for evil in ("x' OR '1'='1", "acme' --", "acme'; DROP TABLE enterprise_records; --"):
         out = await run_sql(ctx, sqlite_url, SEED_SELECT, tenant_id=evil, status="active", limit=100)
-        assert out["rows"] == [], evil
-        assert out["row_count"] == 0
+        assert out["result"]["rows"] == [], evil
+        assert out["result"]["row_count"] == 0
     out = await run_sql(ctx, sqlite_url, "SELECT count(*) AS n FROM enterprise_records")
-    assert out["rows"] == [{"n": 4}]
+    assert out["result"]["rows"] == [{"n": 4}]
 
 
 async def test_missing_parameter(pools: SqlPools, sqlite_url: str) -> None:
@@ -180,13 +179,13 @@ async def test_row_cap(pools: SqlPools, sqlite_url: str) -> None:
     with pytest.raises(NodeError) as caught:
         await run_sql(ctx, sqlite_url, "SELECT * FROM enterprise_records", max_rows=3)
     assert caught.value.reason == "SQL_TOO_MANY_ROWS"
-    assert len((await run_sql(ctx, sqlite_url, "SELECT * FROM enterprise_records", max_rows=4))["rows"]) == 4
+    assert len((await run_sql(ctx, sqlite_url, "SELECT * FROM enterprise_records", max_rows=4))["result"]["rows"]) == 4
     # A write returning too many rows is rolled back.
     with pytest.raises(NodeError) as caught:
         await run_sql(ctx, sqlite_url, "UPDATE enterprise_records SET status = 'x' RETURNING id", max_rows=1)
     assert caught.value.reason == "SQL_TOO_MANY_ROWS"
     out = await run_sql(ctx, sqlite_url, "SELECT count(*) AS n FROM enterprise_records WHERE status = 'x'")
-    assert out["rows"] == [{"n": 0}]
+    assert out["result"]["rows"] == [{"n": 0}]
 
 
 async def test_rows_that_outgrow_a_nodes_outputs_fail_before_all_are_held(pools: SqlPools, sqlite_url: str) -> None:
@@ -201,7 +200,7 @@ async def test_rows_that_outgrow_a_nodes_outputs_fail_before_all_are_held(pools:
     assert caught.value.reason == "OUTPUT_TOO_LARGE" and "8388608 bytes" in caught.value.message
     # Under the bound, the same query answers.
     few = await run_sql(ctx, sqlite_url, blobs.replace("i < 40", "i < 3"))
-    assert few["row_count"] == 3 and len(few["rows"][0]["b"]) == 1333336
+    assert few["result"]["row_count"] == 3 and len(few["result"]["rows"][0]["b"]) == 1333336
 
 
 def test_rows_are_fetched_in_batches_that_fit_what_is_left() -> None:
@@ -255,7 +254,7 @@ async def test_write_row_counts_and_errors(pools: SqlPools, sqlite_url: str) -> 
     out = await run_sql(
         ctx, sqlite_url, "UPDATE enterprise_records SET status = :to WHERE tenant_id = :t", to="done", t="acme"
     )
-    assert out == {"result": {"rows": [], "row_count": 3, "columns": []}, "rows": [], "row_count": 3}
+    assert out == {"result": {"rows": [], "row_count": 3, "columns": []}}
     with pytest.raises(NodeError) as caught:
         await run_sql(ctx, sqlite_url, "SELECT * FROM no_such_table")
     assert caught.value.reason == "SQL_ERROR"
@@ -265,7 +264,7 @@ async def test_write_row_counts_and_errors(pools: SqlPools, sqlite_url: str) -> 
         await run_sql(ctx, sqlite_url, "SELECT 1; DELETE FROM enterprise_records")
     assert caught.value.reason == "SQL_ERROR"
     out = await run_sql(ctx, sqlite_url, "SELECT count(*) AS n FROM enterprise_records")
-    assert out["rows"] == [{"n": 4}]
+    assert out["result"]["rows"] == [{"n": 4}]
 
 
 async def test_timeout_interrupts_sqlite(pools: SqlPools, sqlite_url: str) -> None:
@@ -274,7 +273,7 @@ async def test_timeout_interrupts_sqlite(pools: SqlPools, sqlite_url: str) -> No
         await run_sql(make_ctx(pools, timeout=0.3), sqlite_url, slow)
     assert caught.value.reason == "SQL_TIMEOUT"
     # The pooled connection is usable again.
-    assert (await run_sql(make_ctx(pools), sqlite_url, "SELECT 1 AS one"))["rows"] == [{"one": 1}]
+    assert (await run_sql(make_ctx(pools), sqlite_url, "SELECT 1 AS one"))["result"]["rows"] == [{"one": 1}]
     with pytest.raises(NodeError) as caught:
         await run_sql(make_ctx(pools, timeout=0.0), sqlite_url, "SELECT 1")
     assert caught.value.reason == "SQL_TIMEOUT"
@@ -337,7 +336,7 @@ async def test_tenants_do_not_share_an_in_memory_database(pools: SqlPools) -> No
     memory = "sqlite:///:memory:"
     await run_sql(acme, memory, "CREATE TABLE cache (v TEXT)")
     await run_sql(acme, memory, "INSERT INTO cache VALUES ('acme data')")
-    assert (await run_sql(acme, memory, "SELECT v FROM cache"))["rows"] == [{"v": "acme data"}]
+    assert (await run_sql(acme, memory, "SELECT v FROM cache"))["result"]["rows"] == [{"v": "acme data"}]
     with pytest.raises(NodeError, match="no such table"):
         await run_sql(globex, memory, "SELECT v FROM cache")
 
@@ -478,11 +477,11 @@ async def test_seed_select_on_postgres(pools: SqlPools, postgres_url: str) -> No
         pool_size=2,
         max_overflow=1,
     )
-    assert [row["name"] for row in out["rows"]] == ["beta", "alpha"]
+    assert [row["name"] for row in out["result"]["rows"]] == ["beta", "alpha"]
     assert out["result"]["columns"] == ["id", "name", "status", "tenant_id", "created_at"]
     # Injection attempts are values; typed values come back JSON-friendly.
     evil = await run_sql(ctx, postgres_url, SEED_SELECT, tenant_id="x' OR '1'='1", status="active", limit=100)
-    assert evil["rows"] == []
+    assert evil["result"]["rows"] == []
     typed = await run_sql(
         ctx,
         postgres_url,
@@ -490,18 +489,18 @@ async def test_seed_select_on_postgres(pools: SqlPools, postgres_url: str) -> No
         "CAST('{\"a\": [1, 2]}' AS jsonb) AS doc, ARRAY[1, 2] AS nums",
         n="12.30",
     )
-    assert typed["rows"] == [
+    assert typed["result"]["rows"] == [
         {"amount": "12.30", "at": "2026-01-02T03:04:05+00:00", "doc": {"a": [1, 2]}, "nums": [1, 2]}
     ]
     updated = await run_sql(ctx, postgres_url, "UPDATE enterprise_records SET status = 'done' WHERE tenant_id = 'acme'")
-    assert updated["row_count"] == 3
+    assert updated["result"]["row_count"] == 3
     with pytest.raises(NodeError) as caught:
         await run_sql(ctx, postgres_url, "SELECT generate_series(1, 100) AS n", max_rows=10)
     assert caught.value.reason == "SQL_TOO_MANY_ROWS"
     with pytest.raises(NodeError) as caught:
         await run_sql(make_ctx(pools, timeout=0.5), postgres_url, "SELECT pg_sleep(30)")
     assert caught.value.reason == "SQL_TIMEOUT"
-    assert (await run_sql(ctx, postgres_url, "SELECT 1 AS one"))["rows"] == [{"one": 1}]
+    assert (await run_sql(ctx, postgres_url, "SELECT 1 AS one"))["result"]["rows"] == [{"one": 1}]
     assert pools.engine(postgres_url) is pools.engine(postgres_url)
 
 
@@ -585,7 +584,7 @@ async def test_each_tenant_has_its_own_sqlite_folder(tmp_path: Path) -> None:
         # A tenant id is never a path: encoded into one folder name under the root.
         with pytest.raises(NodeError, match="no such table"):
             await run_sql(odd, "sqlite:///app.db", "SELECT v FROM secrets")
-        assert (await run_sql(make_ctx(pools), "sqlite:///app.db", "SELECT v FROM secrets"))["rows"] == [
+        assert (await run_sql(make_ctx(pools), "sqlite:///app.db", "SELECT v FROM secrets"))["result"]["rows"] == [
             {"v": "acme only"}
         ]
     finally:
@@ -601,7 +600,9 @@ async def test_each_tenant_has_its_own_sqlite_folder(tmp_path: Path) -> None:
         with pytest.raises(NodeError) as caught:
             await run_sql(make_ctx(bare), "sqlite:///app.db", "SELECT 1")
         assert caught.value.reason == "SQL_DATABASE_FORBIDDEN"
-        assert (await run_sql(make_ctx(bare), "sqlite:///:memory:", "SELECT 1 AS one"))["rows"] == [{"one": 1}]
+        assert (await run_sql(make_ctx(bare), "sqlite:///:memory:", "SELECT 1 AS one"))["result"]["rows"] == [
+            {"one": 1}
+        ]
     finally:
         await bare.close()
 
@@ -795,7 +796,7 @@ async def test_connections_are_pinned_to_the_checked_address(
     # ...and with 127.0.0.1 allowlisted, the connection goes to the address that was checked.
     lookups.clear()
     out = await run_sql(make_ctx(pools), url, "SELECT 1 AS one")
-    assert out["rows"] == [{"one": 1}]
+    assert out["result"]["rows"] == [{"one": 1}]
     assert lookups == ["db.test"]  # the guard's lookup only: the driver was given the address
 
 
@@ -1023,7 +1024,7 @@ async def test_a_tenant_never_connects_with_the_servers_client_certificate(
     monkeypatch.setenv("PGSSLMODE", "verify-ca")
     # TLS works (template1 trusts postgres over TLS, our context and no certificate)...
     out = await run_sql(make_ctx(pools), f"postgresql://postgres@127.0.0.1:{port}/template1", "SELECT 1 AS one")
-    assert out["rows"] == [{"one": 1}]
+    assert out["result"]["rows"] == [{"one": 1}]
     # ...and the database that authenticates postgres by certificate gets none from a tenant's node.
     with pytest.raises(NodeError) as caught:
         await run_sql(make_ctx(pools), f"postgresql://postgres@127.0.0.1:{port}/postgres", "SELECT current_user")
@@ -1051,7 +1052,7 @@ async def test_verify_full_connects_to_the_checked_address_and_checks_the_name(
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     query = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
     out = await run_sql(make_ctx(pools), f"postgresql://postgres@db.test:{port}/template1?ssl=verify-full", query)
-    assert out["rows"] == [{"ssl": True}]
+    assert out["result"]["rows"] == [{"ssl": True}]
     assert lookups == ["db.test"]  # the guard's lookup only: the driver was given the address
     # The certificate is still checked against the name: one for db.test does not pass for other.test.
     lookups.clear()
@@ -1060,7 +1061,7 @@ async def test_verify_full_connects_to_the_checked_address_and_checks_the_name(
     assert caught.value.reason == "SQL_UNAVAILABLE"
     lookups.clear()
     out = await run_sql(make_ctx(pools), f"postgresql://postgres@other.test:{port}/template1?ssl=verify-ca", query)
-    assert out["rows"] == [{"ssl": True}]
+    assert out["result"]["rows"] == [{"ssl": True}]
 
 
 def test_the_sqlite_dir_setting(tmp_path: Path) -> None:
@@ -1102,7 +1103,7 @@ async def test_a_tenants_sqlite_databases_are_bounded_in_the_server_process(
         await run_sql(ctx, "sqlite:///big.db", "CREATE TEMP TABLE scratch (b BLOB)")
         with pytest.raises(NodeError, match="full"):
             await run_sql(ctx, "sqlite:///big.db", fill.replace("INSERT INTO blobs", "INSERT INTO scratch"))
-        assert (await run_sql(ctx, "sqlite:///big.db", "PRAGMA table_info(blobs)"))["rows"][0]["name"] == "b"
+        assert (await run_sql(ctx, "sqlite:///big.db", "PRAGMA table_info(blobs)"))["result"]["rows"][0]["name"] == "b"
         await run_sql(ctx, "sqlite:///big.db", "PRAGMA foreign_keys = ON")
         await run_sql(ctx, "sqlite:///two.db", "SELECT 1")
         await run_sql(ctx, "sqlite:///three.db", "SELECT 1")
