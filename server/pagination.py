@@ -84,22 +84,49 @@ def _malformed() -> InvalidArgument:
     return InvalidArgument("page_token is not a token this server issued", violations=[("page_token", "malformed")])
 
 
+# What a cursor's parts may be: a token is not signed, so one a client made up must fail as a
+# malformed token, not as a value the database refuses (an integer past 64 bits, a NUL in text).
+_MAX_INT = 2**63 - 1
+_MAX_KEY_CHARS = 1024
+
+
+def _int_part(value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= _MAX_INT:
+        raise _malformed()
+    return value
+
+
+def _str_part(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > _MAX_KEY_CHARS or "\x00" in value:
+        raise _malformed()
+    return value
+
+
 def cursor_str(cursor: list[Any] | None) -> str | None:
     """A one-string cursor ([key]) as its key; None for the first page."""
     if cursor is None:
         return None
-    if len(cursor) != 1 or not isinstance(cursor[0], str):
+    if len(cursor) != 1:
         raise _malformed()
-    return cursor[0]
+    return _str_part(cursor[0])
+
+
+def cursor_int(cursor: list[Any] | None) -> int | None:
+    """A one-integer cursor ([id]) as its integer; None for the first page."""
+    if cursor is None:
+        return None
+    if len(cursor) != 1:
+        raise _malformed()
+    return _int_part(cursor[0])
 
 
 def cursor_time_id(cursor: list[Any] | None) -> tuple[int, str] | None:
     """A ([create_us, id]) cursor as a tuple; None for the first page."""
     if cursor is None:
         return None
-    if len(cursor) != 2 or not isinstance(cursor[0], int) or not isinstance(cursor[1], str):
+    if len(cursor) != 2:
         raise _malformed()
-    return cursor[0], cursor[1]
+    return _int_part(cursor[0]), _str_part(cursor[1])
 
 
 def page(

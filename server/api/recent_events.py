@@ -46,8 +46,7 @@ async def list_recent_events(
         "execution_id": request.execution_id,
         "types": types,
     }
-    cursor = pagination.decode_token(request.page_token, filters)
-    before = int(cursor[0]) if cursor else None
+    before = pagination.cursor_int(pagination.decode_token(request.page_token, filters))
     if request.session_id:
         # A session that ended still has its events: named, it must be one the caller may see.
         await check_named_session(store, context, request.session_id)
