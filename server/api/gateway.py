@@ -152,6 +152,10 @@ def _figures_scope() -> str | None:
     return None if principal is None or principal.is_admin else principal.tenant
 
 
+# Components that report what tenants registered, not the gateway: left out of its overall status.
+TENANT_COMPONENTS = frozenset({"external_apis", "database_pools"})
+
+
 class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
     """What the gateway is, how healthy and how busy."""
 
@@ -258,7 +262,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         server = health.components["server"]
         server.status = "healthy"
         server.last_check.CopyFrom(health.timestamp)
-        health.status = overall([c.status for c in health.components.values()])
+        # The tenants' own endpoints (registered services, database resources) are reported, but
+        # one tenant's failing endpoint must not turn the gateway's status, which every tenant's
+        # and the operator's monitors read, to degraded.
+        health.status = overall([c.status for n, c in health.components.items() if n not in TENANT_COMPONENTS])
         return health
 
     async def GetMetrics(self, request: gateway_pb2.GetMetricsRequest, context: Context) -> httpbody_pb2.HttpBody:

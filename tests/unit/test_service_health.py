@@ -124,7 +124,10 @@ async def test_a_wrong_path_and_an_internal_address_are_unhealthy(fast: AsyncCli
         external = await _external_apis(fast, "degraded")
         assert external.message == "registered services failed their last check"
         health = await fast.gateway.GetHealth(gateway_pb2.GetHealthRequest())
-        assert health.status == "degraded" and "wrong-path" not in str(health) and "10.255" not in str(health)
+        assert "wrong-path" not in str(health) and "10.255" not in str(health)
+        # A tenant's failing endpoint is its own: the gateway's status, which every tenant's and the
+        # operator's monitors read, stays as the gateway's own components say.
+        assert health.status == "healthy"
         # Without a health path a registration is not checked.
         await fast.services.RegisterService(
             registry_pb2.RegisterServiceRequest(
@@ -206,7 +209,7 @@ async def test_anonymous_health_has_statuses_and_latencies_but_no_counts(tmp_pat
                 stream.cancel()
     finally:
         await stop(running, 1.0)
-    assert health.status == "degraded"
+    assert health.status == "healthy" and health.components["external_apis"].status == "degraded"
     assert {"database", "server", "external_apis"} <= set(health.components)
     assert health.components["database"].latency > 0
     for name, component in health.components.items():
