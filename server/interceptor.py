@@ -197,6 +197,10 @@ class _Cut:
         return self._cancelled
 
 
+# Methods whose calls GetStats does not count (see _wrap_unary).
+UNCOUNTED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler so raised FlowportErrors become rich statuses."""
 
@@ -282,6 +286,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         metrics, begin, auditor, finish = self._metrics, self._begin, self._auditor, self._finish
         unary = cast("UnaryBehavior", handler.unary_unary)
         attributes = _rpc_attributes(method)
+        # Envoy's health checks (every few seconds) and reflection are the infrastructure's calls,
+        # not the API's: counted in Prometheus by method, left out of GetStats' request figures.
+        counted = not method.startswith(UNCOUNTED_PREFIXES)
 
         async def body(request: Any, context: Context, span: Any) -> Any:
             start = time.perf_counter()
@@ -312,7 +319,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 seconds = time.perf_counter() - start
                 principal = CURRENT.get()
-                metrics.record(seconds, ok, principal.tenant if principal is not None else None)
+                if counted:
+                    metrics.record(seconds, ok, principal.tenant if principal is not None else None)
                 finish(method, code, seconds, span)
                 if auditor is not None:
                     auditor.finish(method, context, request=request, response=response, code=code, error=error)

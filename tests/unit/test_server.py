@@ -180,12 +180,16 @@ async def test_gateway_info_health_and_stats(client: AsyncClient) -> None:
     assert stats.system.rss_bytes > 0
 
 
-async def test_standard_health_and_reflection(running: Running) -> None:
+async def test_standard_health_and_reflection(running: Running, client: AsyncClient) -> None:
+    before = (await client.gateway.GetStats(gateway_pb2.GetStatsRequest())).requests.total
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ["", *ALL_SERVICES]:
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # Envoy's health checks are not the API's calls: GetStats counts only the one GetStats.
+        after = (await client.gateway.GetStats(gateway_pb2.GetStatsRequest())).requests.total
+        assert after == before + 1
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = [s.name async for r in responses for s in r.list_services_response.service]
