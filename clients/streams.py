@@ -11,12 +11,16 @@ ends; after a reconnect the server sends the execution as it is, then new
 events (events already yielded are skipped by id). Heartbeats are dropped.
 
 Reconnects back off from 0.1 s to 5 s; `give_up_after` seconds without a
-working connection end the iterator with the last ApiError.
+working connection end the iterator with the last ApiError. The first
+failed attempt after a working connection is logged as a warning (logger
+`flowport.clients.streams`), so a reader waiting on a silent stream knows
+it is reconnecting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -25,6 +29,8 @@ import grpc
 
 from flowport.clients.errors import ApiError
 from flowport.v1 import event_pb2, execution_pb2
+
+log = logging.getLogger(__name__)
 
 # What a restart looks like from the client: worth reconnecting.
 RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
@@ -45,9 +51,17 @@ class _Backoff:
     def failed(self, error: ApiError) -> float:
         """Seconds to wait before the next attempt; raises `error` once it has failed for too long."""
         now = time.monotonic()
+        first = self.failing_since is None
         self.failing_since = self.failing_since or now
         if error.code() not in RECONNECT_CODES or now - self.failing_since > self.give_up_after:
             raise error
+        if first:
+            log.warning(
+                "stream interrupted (%s: %s); reconnecting for up to %gs",
+                error.code().name,
+                error.message,
+                self.give_up_after,
+            )
         delay, self.delay = self.delay, min(self.delay * 2, 5.0)
         return delay
 

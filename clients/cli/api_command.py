@@ -26,6 +26,7 @@ from flowport.clients.cli.connect import (
     API_KEY_ENV,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    TARGET_ENV,
     CliError,
     explain,
     run_client_command,
@@ -36,8 +37,10 @@ if TYPE_CHECKING:
     from flowport.clients import Client
 
 EPILOG = f"""\
-The API key is taken from --api-key, else ${API_KEY_ENV}, else the admin_api_key
-setting, else <data-dir>/admin-api-key.
+The server is --target, else ${TARGET_ENV}, else the server's gRPC address from the
+settings (the data dir's or --config's; Envoy's HOST:PORT, 127.0.0.1:8080 by default,
+works too). The API key is taken from --api-key, else ${API_KEY_ENV}, else the
+admin_api_key setting, else <data-dir>/admin-api-key.
 
 exit codes: 0 done; 1 the server refused the request (the message says why);
 2 bad usage, a bad file or no key; 3 server unreachable; 4 key not accepted;
@@ -70,7 +73,9 @@ def add_action(actions: Any, name: str, help_text: str, epilog: str) -> argparse
 def add_command(actions: Any, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
     """An action of a group, with the flags every API command takes, run by `handler`."""
     parser = add_action(actions, name, help_text, EPILOG)
-    parser.add_argument("--target", metavar="HOST:PORT", help="server or Envoy address (default: the settings')")
+    parser.add_argument(
+        "--target", metavar="HOST:PORT", help=f"server or Envoy address (default: ${TARGET_ENV}, else the settings')"
+    )
     parser.add_argument("--api-key", metavar="KEY", help=f"API key (default: ${API_KEY_ENV}, see below)")
     parser.add_argument("--data-dir", type=Path, metavar="DIR", help="the server's data dir (env FLOWPORT_DATA_DIR)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file with settings (env FLOWPORT_CONFIG)")

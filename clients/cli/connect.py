@@ -1,7 +1,7 @@
 """How a command reaches a running server, and how its failures end it.
 
-Every command that calls a server finds the address (`--target`, else the
-settings') and an API key (`--api-key`, `FLOWPORT_API_KEY`, the
+Every command that calls a server finds the address (`--target`, else
+`FLOWPORT_TARGET`, else the server's gRPC address from the settings) and an API key (`--api-key`, `FLOWPORT_API_KEY`, the
 `admin_api_key` setting, `<data-dir>/admin-api-key`), then reports any
 failure as one `flowport: …` line on stderr with an exit code below.
 """
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from flowport.clients import ApiError
 
 API_KEY_ENV = "FLOWPORT_API_KEY"
+TARGET_ENV = "FLOWPORT_TARGET"
 ADMIN_KEY_FILE = "admin-api-key"
 # Exit codes; scripts rely on them, and each command's --help lists those it uses.
 EXIT_API_ERROR = 1  # the server refused the request
@@ -40,7 +41,8 @@ class CliError(Exception):
 
 
 def run_client_command(args: argparse.Namespace, call: Callable[[str, str], int]) -> int:
-    """Find the server (`--target`, else the settings') and the key, then `call(target, api_key)`.
+    """Find the server (`--target`, `FLOWPORT_TARGET`, else the settings') and the key, then
+    `call(target, api_key)`.
 
     Every command that calls a running server goes through here: bad settings
     and CliErrors print as one `flowport: …` line and become the exit code.
@@ -48,13 +50,22 @@ def run_client_command(args: argparse.Namespace, call: Callable[[str, str], int]
     try:
         settings = Settings.load({"data_dir": args.data_dir}, config_file=args.config)
         api_key = find_api_key(args.api_key, settings)
-        return call(args.target or settings.grpc_target, api_key)
+        return call(find_target(args.target, settings), api_key)
     except SettingsError as exc:
         print(f"flowport: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CliError as exc:
         print(f"flowport: {exc}", file=sys.stderr)
         return exc.code
+
+
+def find_target(given: str | None, settings: Settings) -> str:
+    """The HOST:PORT to call; CliError for a URL (what `flowport up` prints is one)."""
+    target = given or os.environ.get(TARGET_ENV) or settings.grpc_target
+    if "://" in target:
+        where = "--target" if given else TARGET_ENV
+        raise CliError(f"{where} takes HOST:PORT, not a URL: leave out {target.split('://', 1)[0]}://", EXIT_USAGE)
+    return target
 
 
 def find_api_key(given: str | None, settings: Settings) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from flowport.clients.cli.api_command import add_action, add_group
-from flowport.clients.cli.connect import ADMIN_KEY_FILE, API_KEY_ENV, explain, run_client_command
+from flowport.clients.cli.connect import ADMIN_KEY_FILE, API_KEY_ENV, TARGET_ENV, explain, run_client_command
 
 if TYPE_CHECKING:
     from flowport.clients import Client
@@ -67,7 +67,7 @@ def _action(actions: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--target",
         metavar="HOST:PORT",
-        help="the server's gRPC address, or Envoy's (default: the grpc_host and grpc_port settings, 127.0.0.1:50051)",
+        help=f"the server's gRPC address, or Envoy's (default: ${TARGET_ENV}, else the grpc_host and grpc_port settings)",
     )
     parser.add_argument("--api-key", metavar="KEY", help=f"an admin API key (default: ${API_KEY_ENV}, see below)")
     parser.add_argument("--data-dir", type=Path, metavar="DIR", help="the server's data dir (env FLOWPORT_DATA_DIR)")

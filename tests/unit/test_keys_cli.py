@@ -120,6 +120,20 @@ def test_the_admin_key_is_found_in_the_environment_or_the_data_dir(
     assert _cli(capsys, "list", *target)[0] == 0
 
 
+def test_the_target_comes_from_the_environment_and_a_url_is_a_usage_error(
+    server: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    key = ["--api-key", ADMIN_KEY, "--data-dir", str(tmp_path)]  # the data dir's settings point elsewhere
+    monkeypatch.setenv("FLOWPORT_TARGET", server.grpc_target)
+    assert _cli(capsys, "list", *key)[0] == 0
+    # What `flowport up` prints is a URL: the command says what it takes instead of failing to resolve.
+    code, out, err = _cli(capsys, "list", *key, "--target", f"http://{server.grpc_target}")
+    assert (code, out) == (2, "") and "--target takes HOST:PORT, not a URL: leave out http://" in err
+    monkeypatch.setenv("FLOWPORT_TARGET", f"http://{server.grpc_target}")
+    code, _, err = _cli(capsys, "list", *key)
+    assert code == 2 and "FLOWPORT_TARGET takes HOST:PORT" in err
+
+
 def test_no_key_is_a_usage_error_that_says_where_it_looked(
     server: Settings, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -290,3 +291,24 @@ def test_a_stream_a_stopping_server_ended_resumes_from_its_last_heartbeats_curso
     first = next(streams.events(stream_events, event_pb2.StreamEventsRequest(types=["session.*"])))
     assert first.id == "42"
     assert asked == ["", "41"]
+
+
+def test_a_stream_that_drops_says_once_that_it_is_reconnecting(caplog: pytest.LogCaptureFixture) -> None:
+    """A reader waiting on a quiet stream learns that it is reconnecting, once per outage, not
+    once per attempt."""
+    from flowport.clients import streams
+
+    attempts = 0
+
+    def stream_events(request: event_pb2.StreamEventsRequest) -> Iterator[event_pb2.Event]:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 3:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "connection refused")
+        yield event_pb2.Event(type="session.created", id="7")
+
+    with caplog.at_level(logging.WARNING, logger="flowport.clients.streams"):
+        first = next(streams.events(stream_events, event_pb2.StreamEventsRequest()))
+    assert first.id == "7" and attempts == 4
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["stream interrupted (UNAVAILABLE: connection refused); reconnecting for up to 60s"]
