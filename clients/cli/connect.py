@@ -1,9 +1,10 @@
 """How a command reaches a running server, and how its failures end it.
 
 Every command that calls a server finds the address (`--target`, else
-`FLOWPORT_TARGET`, else the server's gRPC address from the settings) and an API key (`--api-key`, `FLOWPORT_API_KEY`, the
-`admin_api_key` setting, `<data-dir>/admin-api-key`), then reports any
-failure as one `flowport: …` line on stderr with an exit code below.
+`FLOWPORT_TARGET`, else the server's gRPC address from the settings) and
+an API key (`--api-key`, `FLOWPORT_API_KEY`, the `admin_api_key` setting,
+`<data-dir>/admin-api-key`), then reports any failure as one
+`flowport: …` line on stderr with an exit code below.
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ def _action(actions: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--target",
         metavar="HOST:PORT",
-        help=f"the server's gRPC address, or Envoy's (default: ${TARGET_ENV}, else the grpc_host and grpc_port settings)",
+        help=f"the server's gRPC address, or Envoy's (default: ${TARGET_ENV}, else the grpc_host and grpc_port"
+        " settings)",
     )
     parser.add_argument("--api-key", metavar="KEY", help=f"an admin API key (default: ${API_KEY_ENV}, see below)")
     parser.add_argument("--data-dir", type=Path, metavar="DIR", help="the server's data dir (env FLOWPORT_DATA_DIR)")
