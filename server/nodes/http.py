@@ -28,14 +28,20 @@ Behaviour of `perform`:
   error or timeout on the last attempt raises (`HTTP_UNREACHABLE`,
   `HTTP_TIMEOUT`, retryable).
 - Redirects are not followed unless `follow_redirects` is true (then at
-  most 5 hops, each checked by the SSRF guard; `Authorization`, `Cookie` and
-  the API key header are dropped when the origin changes).
+  most 5 hops, each checked by the SSRF guard; `Authorization`, `Cookie`,
+  `X-API-Key` and RESTClientNode's API key header are dropped when the
+  origin changes).
 - Bodies larger than `max_response_bytes` (at most 10 MiB) fail with
   `HTTP_RESPONSE_TOO_LARGE`; the size is counted after decompression.
 - Header values (from the config, inputs, a resource's profile, secrets)
   must be printable ASCII (tabs inside allowed): anything else fails the
   node with `INVALID_PARAMETER` naming the header, never quoting the value
   or any character of it (it may hold a secret).
+- Header names must be HTTP tokens, and none of `CLIENT_OWNED_HEADERS`
+  (framing, connection and routing headers, any case): the client sets
+  those. Workflow validation refuses them in a config (`header_problems`);
+  `build_call` refuses them again after substitution, since headers may also
+  come from inputs, connections and a resource's profile stored earlier.
 - `${secret:NAME}` is resolved in the request fields of `secret_fields`,
   in values from the node's config only (server/secrets/resolver.py). The
   values are masked (`***`) in the outputs and error messages; a header
@@ -66,13 +72,20 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeGuard
 
 import httpx
 
 from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target, header_value_problem
 from flowport.server.errors import SHOWN_CHARS, cut, shown
-from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
+from flowport.server.nodes.base import (
+    MAX_CONFIG_PROBLEMS,
+    JsonSchema,
+    NodeContext,
+    NodeError,
+    NodeType,
+    Violation,
+)
 from flowport.server.nodes.substitution import check_params, substitute
 from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
@@ -93,7 +106,71 @@ USER_AGENT: Final = f"flowport/{VERSION}"
 _sleep = asyncio.sleep
 _jitter = random.SystemRandom()
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# An HTTP token (RFC 9110 5.1). \Z, not $: `$` also matches before a final newline.
+_HEADER_NAME = re.compile(r"\A[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+
+# Headers the HTTP client sets itself (lower case; refused in any case): how the body is framed,
+# what becomes of the connection, and where the request is routed. Every tenant's requests share
+# one pool of keep-alive connections, so a caller's Transfer-Encoding next to the client's
+# Content-Length would let a server read part of one body as the next request (smuggling); and a
+# caller's Host would reach virtual hosts behind a shared ingress that the SSRF guard, which checks
+# addresses only, never saw.
+CLIENT_OWNED_HEADERS: Final = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+# Headers that carry a credential for the origin they were set for (lower case): dropped when a
+# redirect leaves that origin, and a resource's profile must take their values from secrets.
+CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+
+
+def is_header_name(name: object) -> TypeGuard[str]:
+    """Whether `name` is an HTTP token, so a header may carry it (and a field path may end in it)."""
+    return isinstance(name, str) and _HEADER_NAME.match(name) is not None
+
+
+def header_name_problem(name: object) -> str | None:
+    """Why a header named `name` may not be given by a tenant or an operator, or None."""
+    if not is_header_name(name):
+        return "is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+    if name.lower() in CLIENT_OWNED_HEADERS:
+        return "is set by the HTTP client (message framing, the connection or routing) and cannot be given"
+    return None
+
+
+def header_label(name: object) -> str:
+    """`name` as a message shows it: as is when it is a valid header name, else quoted and cut."""
+    return name if is_header_name(name) else shown(name, 40)
+
+
+def header_problems(headers: Mapping[Any, Any], where: str) -> list[Violation]:
+    """Problems with the headers of a config or a request (field path `where`), each at
+    `where.<Name>` (at `where` itself for a name that cannot be a path segment). Values are
+    checked as written: a `${...}` reference is filled in only when the node runs, and checked then."""
+    problems: list[Violation] = []
+    for name, value in headers.items():
+        field = f"{where}.{name}" if is_header_name(name) else where
+        problem = header_name_problem(name)
+        if problem is not None:
+            problems.append((field, problem if field != where else f"{header_label(name)} {problem}"))
+        elif isinstance(value, str) and (problem := header_value_problem(value)) is not None:
+            # Never the value: it may be a credential.
+            problems.append((field, f"the value {problem}"))
+        if len(problems) >= MAX_CONFIG_PROBLEMS:
+            break
+    return problems
+
 
 # -- schemas ---------------------------------------------------------------
 
@@ -107,7 +184,11 @@ _HEADERS_SCHEMA: JsonSchema = {"type": "object", "additionalProperties": {"type"
 # Request and retry settings shared by both node types.
 _COMMON_PROPERTIES: dict[str, JsonSchema] = {
     "method": {"enum": list(METHODS), "default": "GET", "description": "HTTP method."},
-    "headers": {**_HEADERS_SCHEMA, "description": "Request headers; values may hold ${name} references."},
+    "headers": {
+        **_HEADERS_SCHEMA,
+        "description": "Request headers; values may hold ${name} references. The client's own "
+        "(Host, Content-Length, Transfer-Encoding, Connection and other hop-by-hop headers) are refused.",
+    },
     "params": {**_QUERY_SCHEMA, "description": "Query string parameters (merged into the URL's own)."},
     "query": {**_QUERY_SCHEMA, "description": "Same as `params`; wins on a shared name."},
     "body": {"description": "Any JSON value, sent as JSON (content-type application/json)."},
@@ -210,7 +291,7 @@ class HttpCall:
     follow_redirects: bool = False
     max_response_bytes: int = MAX_RESPONSE_BYTES
     # Header names (lower case) dropped when a redirect changes origin.
-    sensitive_headers: frozenset[str] = frozenset({"authorization", "cookie", "proxy-authorization"})
+    sensitive_headers: frozenset[str] = CREDENTIAL_HEADERS
     # The body holds a secret: never re-sent to another origin by a 307/308.
     secret_body: bool = False
 
@@ -294,11 +375,13 @@ def _secret_headers(params: Mapping[str, Any], secrets: Revealed) -> set[str]:
 def _clean_headers(headers: Mapping[str, Any]) -> dict[str, str]:
     cleaned: dict[str, str] = {}
     for name, value in headers.items():
+        # Checked after substitution: headers may also come from inputs, connections or a profile.
+        problem = header_name_problem(name)
+        if problem is not None:
+            raise NodeError(f"header {header_label(name)} {problem}", reason="INVALID_PARAMETER")
         if value is None:
             continue
         text = value if isinstance(value, str) else str(value)
-        if not isinstance(name, str) or not _HEADER_NAME.match(name):
-            raise NodeError(f"invalid header name {name!r}", reason="INVALID_PARAMETER")
         # Never the value, nor where it goes wrong: it may hold a secret (httpx's own error quotes the character).
         problem = header_value_problem(text)
         if problem is not None:
@@ -648,6 +731,22 @@ class _HTTPNode(NodeType):
         # Safe methods only (RFC 9110): rerunning a POST could act twice.
         return str(config.get("method", "GET")).upper() in ("GET", "HEAD", "OPTIONS")
 
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any], path: str) -> list[Violation]:
+        """The schema's problems, and headers no request may carry: refused when the workflow is
+        created rather than failing every run."""
+        problems = super().validate_config(config, path)
+        properties = cls.config_schema.get("properties", {})
+        for key in ("default_headers", "headers"):
+            given = config.get(key)
+            if key in properties and isinstance(given, Mapping):
+                problems += header_problems(given, f"{path}.{key}")
+        # RESTClientNode sends its api_key auth under this name.
+        name = config.get("api_key_header")
+        if "api_key_header" in properties and isinstance(name, str) and name and (problem := header_name_problem(name)):
+            problems.append((f"{path}.api_key_header", f"{header_label(name)} {problem}"))
+        return problems[:MAX_CONFIG_PROBLEMS]
+
     def call(
         self, params: Mapping[str, Any], secrets: Revealed = NONE, profile: HttpResource | None = None
     ) -> HttpCall:
@@ -744,6 +843,12 @@ def with_profile(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The profile's headers under the node's own (which win, by case-insensitive name), and the
     parameters with the profile's timeout unless the node sets one."""
+    for name in profile.headers:
+        # Said here, naming the resource: a profile stored before the rule existed may have one.
+        if (problem := header_name_problem(name)) is not None:
+            raise NodeError(
+                f"header {header_label(name)} of resource {shown(profile.name)} {problem}", reason="INVALID_PARAMETER"
+            )
     merged: dict[str, Any] = dict(profile.headers)
     for name, value in headers.items():
         merged = {k: v for k, v in merged.items() if k.lower() != str(name).lower()}

@@ -21,6 +21,7 @@ from flowport.server.egress import forbidden_address
 from flowport.server.nodes import http as http_nodes
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.http import HTTPRequestNode, RESTClientNode, parse_retry_after
+from flowport.server.nodes.rate_limited import RateLimitedAPINode
 from flowport.server.nodes.substitution import references, substitute
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost"})
@@ -124,6 +125,9 @@ def server() -> Iterator[_Server]:
             "/redirect": lambda seen, n: (302, {"Location": "/json"}, b""),
             "/redirect-internal": lambda seen, n: (302, {"Location": "http://10.0.0.1/"}, b""),
             "/cookie": lambda seen, n: (200, {"Set-Cookie": "sid=secret; Path=/"}, b"ok"),
+            # The same server under another host name is another origin.
+            "/hop-away": lambda seen, n: (307, {"Location": f"http://localhost:{srv.port}/echo"}, b""),
+            "/hop-here": lambda seen, n: (307, {"Location": "/echo"}, b""),
         }
     )
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -443,6 +447,32 @@ async def test_redirects(server: _Server, client: httpx.AsyncClient) -> None:
     assert caught.value.reason == "HTTP_TARGET_FORBIDDEN"
 
 
+async def test_credentials_stay_with_their_origin_on_a_redirect(server: _Server, client: httpx.AsyncClient) -> None:
+    credentials = {"Authorization": "Bearer tok", "Cookie": "sid=1", "X-API-Key": "k1"}
+    headers = {**credentials, "X-Trace": "t1"}
+    # Same origin: everything is kept.
+    here = await run_http(make_ctx(client), url=server.url("/hop-here"), headers=headers, follow_redirects=True)
+    kept = here["response"]["json"]["headers"]
+    assert {name: kept.get(name.lower()) for name in headers} == headers
+    # Another origin: the credentials set for the first one are dropped, the rest kept; the body
+    # a 307 re-sends is framed by the client, and Host is the new target's alone.
+    away = await run_http(
+        make_ctx(client),
+        url=server.url("/hop-away"),
+        method="POST",
+        body={"a": 1},
+        headers=headers,
+        follow_redirects=True,
+    )
+    assert away["response"]["url"] == f"http://localhost:{server.port}/echo"
+    landed = away["response"]["json"]
+    assert not {name.lower() for name in credentials} & set(landed["headers"]), landed["headers"]
+    assert landed["headers"]["x-trace"] == "t1"
+    assert landed["body"] == {"a": 1}
+    assert landed["headers"]["host"] == f"localhost:{server.port}"
+    assert "transfer-encoding" not in landed["headers"]
+
+
 async def test_cookies_do_not_leak_between_calls(server: _Server, client: httpx.AsyncClient) -> None:
     await run_http(make_ctx(client), url=server.url("/cookie"))
     out = await run_http(make_ctx(client), url=server.url("/echo"))
@@ -482,6 +512,97 @@ async def test_header_values_http_cannot_carry_fail_cleanly(server: _Server, cli
     # A tab inside a value is fine.
     out = await run_http(make_ctx(client), url=server.url("/echo"), headers={"X-Tabbed": "a\tb"})
     assert out["response"]["json"]["headers"]["x-tabbed"] == "a\tb"
+
+
+CLIENT_OWNED = (
+    "Host",
+    "Content-Length",
+    "Transfer-Encoding",
+    "Connection",
+    "Keep-Alive",
+    "Upgrade",
+    "TE",
+    "Trailer",
+    "Proxy-Connection",
+    "Proxy-Authorization",
+    "Proxy-Authenticate",
+)
+
+
+@pytest.mark.parametrize("name", [*CLIENT_OWNED, "transfer-encoding", "HOST", "cOnTeNt-LeNgTh"])
+async def test_headers_the_client_owns_are_refused_at_run_time(
+    server: _Server, client: httpx.AsyncClient, name: str
+) -> None:
+    # What a stored workflow, an input or a connection may still bring: refused before anything is sent.
+    for node, params in (
+        (run_http, {"url": server.url("/echo"), "method": "POST", "body": {"a": 1}, "headers": {name: "${v}"}}),
+        (run_rest, {"base_url": server.url(""), "resource": "echo", "default_headers": {name: "x"}}),
+        (run_rest, {"base_url": server.url(""), "resource": "echo", "headers": {name: "x"}}),
+        (run_rest, {"base_url": server.url(""), "auth_type": "api_key", "auth_token": "k", "api_key_header": name}),
+    ):
+        with pytest.raises(NodeError) as caught:
+            await node(make_ctx(client), **params, v="chunked")
+        assert caught.value.reason == "INVALID_PARAMETER", caught.value.message
+        assert caught.value.message.startswith(f"header {name} is set by the HTTP client"), caught.value.message
+    assert server.seen == []
+
+
+async def test_a_callers_framing_headers_never_reach_the_wire(client: httpx.AsyncClient) -> None:
+    # The finding: Transfer-Encoding from the caller went out next to the client's Content-Length,
+    # and Host as given. Read what arrives on the socket itself (an HTTP server would merge them).
+    received: list[bytes] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def answer() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(2)
+            data = b""
+            while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                data += chunk
+            received.append(data)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/"
+    config = {"url": url, "method": "POST", "body": {"a": 1}}
+    node = HTTPRequestNode()
+    try:
+        for headers in ({"Transfer-Encoding": "chunked"}, {"Host": "internal.admin"}):
+            with pytest.raises(NodeError) as caught:
+                # The whole headers object from an input or a connection, not the config.
+                await node.run(make_ctx(client), node.prepare(config), {**config, "headers": headers})
+            assert caught.value.reason == "INVALID_PARAMETER"
+        # A plain request still goes out framed by the client alone.
+        out = await node.run(make_ctx(client), node.prepare(config), dict(config))
+        assert out["success"] is True
+    finally:
+        thread.join(timeout=5)
+        listener.close()
+    [request] = received
+    head = request.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+    assert b"transfer-encoding: chunked" not in head
+    assert [line for line in head if line.startswith(b"host:")] == [f"host: 127.0.0.1:{port}".encode()]
+    assert sum(line.startswith(b"content-length:") for line in head) == 1
+
+
+@pytest.mark.parametrize("name", ["X-A\n", "X A", "X:A", "X-A\r\nX-B", "X\x00", "Caf\u00e9", ""])
+async def test_header_names_that_are_not_tokens_are_refused(
+    server: _Server, client: httpx.AsyncClient, name: str
+) -> None:
+    with pytest.raises(NodeError) as caught:
+        await run_http(make_ctx(client), url=server.url("/echo"), headers={name: "v"})
+    assert caught.value.reason == "INVALID_PARAMETER"
+    message = caught.value.message
+    assert "is not a valid HTTP header name" in message, message
+    assert "\n" not in message and "\r" not in message and "\x00" not in message, message
+    assert server.seen == []
 
 
 async def test_missing_http_client() -> None:
@@ -581,6 +702,46 @@ def test_http_config_validation() -> None:
         "retry_delay": 2,
     }
     assert HTTPRequestNode.validate_config(seed, "nodes[0].config") == []
+
+
+def test_headers_no_request_may_carry_are_refused_at_validation() -> None:
+    for node_type in (HTTPRequestNode, RateLimitedAPINode):
+        config: dict[str, Any] = {
+            "url": "https://x",
+            "rate_limit": {"max_requests": 1, "time_window": 1},
+            "headers": {"Host": "internal.admin", "transfer-encoding": "chunked", "X-Ok": "Bearer ${t}"},
+        }
+        if node_type is HTTPRequestNode:
+            del config["rate_limit"]
+        problems = dict(node_type.validate_config(config, "nodes[0].config"))
+        assert set(problems) == {"nodes[0].config.headers.Host", "nodes[0].config.headers.transfer-encoding"}
+        assert "set by the HTTP client" in problems["nodes[0].config.headers.Host"]
+    rest = {
+        "base_url": "https://x",
+        "auth_type": "api_key",
+        "auth_token": "k",
+        "api_key_header": "Connection",
+        "default_headers": {"Keep-Alive": "1"},
+        "headers": {"Proxy-Authorization": "Basic x", "Upgrade": "h2c"},
+    }
+    assert {path for path, _ in RESTClientNode.validate_config(rest, "nodes[1].config")} == {
+        "nodes[1].config.api_key_header",
+        "nodes[1].config.default_headers.Keep-Alive",
+        "nodes[1].config.headers.Proxy-Authorization",
+        "nodes[1].config.headers.Upgrade",
+    }
+
+
+def test_invalid_header_names_and_values_are_refused_at_validation() -> None:
+    config = {"url": "https://x", "headers": {"X-Injected\r\nHost": "a", "X-Split": "a\r\nHost: internal.admin"}}
+    problems = HTTPRequestNode.validate_config(config, "nodes[0].config")
+    assert [path for path, _ in problems] == ["nodes[0].config.headers", "nodes[0].config.headers.X-Split"]
+    name, value = problems[0][1], problems[1][1]
+    assert name.startswith("'X-Injected\\r\\nHost' is not a valid HTTP header name"), name
+    assert value.startswith("the value holds a line break"), value
+    assert "internal.admin" not in value  # a value is never quoted: it may be a credential
+    # A reference is filled in when the node runs, and checked then.
+    assert HTTPRequestNode.validate_config({"url": "https://x", "headers": {"X-A": "${v}"}}, "c") == []
 
 
 def test_rest_config_validation() -> None:
