@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -85,6 +86,38 @@ def test_the_seed_progress_bar_moves(browser: Browser, stack: Stack) -> None:
         page.wait_for_function("window.bars.length >= 4", timeout=20_000)
         bars = page.evaluate("window.bars")
         assert bars == [[name, 25], [name, 50], [name, 75], [name, 100]]
+        assert not problems, problems
+    finally:
+        context.close()
+
+
+def test_the_eventsource_example_lists_executions_as_they_happen(browser: Browser, stack: Stack) -> None:
+    """clients/examples/eventsource.html as shipped, from the gateway's origin (as a proxy in front of
+    both would serve it): each execution's events appear in its list."""
+    page_html = (Path(__file__).parents[2] / "clients" / "examples" / "eventsource.html").read_text()
+    http = httpx.Client(base_url=stack.http, timeout=60, headers=ADMIN_HEADERS)
+    name = f"listed_{uuid.uuid4().hex[:8]}"
+    node = {"type": "PythonCodeNode", "name": "calc", "config": {"code": "result = 1"}}
+    assert http.post("/api/workflows", json={"name": name, "nodes": [node]}).status_code == 200
+    context = browser.new_context()
+    try:
+        context.add_init_script(f"sessionStorage.setItem('flowport.apiKey', '{ADMIN_KEY}')")
+        address = f"{stack.http}/examples/eventsource.html"
+        context.route(address, lambda route: route.fulfill(body=page_html, content_type="text/html"))
+        page = context.new_page()
+        problems: list[str] = []
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.goto(address)
+        # Runs until its events show: the first may start before the page's stream has opened.
+        for _ in range(20):
+            run = http.post("/api/executions", json={"workflow_id": name, "wait": True})
+            assert run.status_code == 200 and run.json()["state"] == "STATE_SUCCEEDED", run.text
+            items = page.locator("#events li").all_text_contents()
+            if any(run.json()["execution_id"] in item and "execution.completed" in item for item in items):
+                break
+            page.wait_for_timeout(250)
+        else:
+            raise AssertionError(f"no execution showed in the example's list: {items}")
         assert not problems, problems
     finally:
         context.close()
