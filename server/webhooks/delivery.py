@@ -4,7 +4,8 @@ An attempt resolves and checks the target, then POSTs the stored body
 within one overall timeout. 2xx succeeds; timeouts, connection errors, 429
 and 5xx may be retried (honouring Retry-After); anything else, and a refused
 target, fails for good, as does a header value HTTP cannot carry (outside
-printable ASCII). Error texts name no URL and no header value (a header's
+printable ASCII) or a header name registration now refuses (one stored
+before the rule: Host, Transfer-Encoding and the like). Error texts name no URL and no header value (a header's
 name at most), so neither a token in a query string nor a secret ever
 reaches the delivery row or a log.
 """
@@ -23,13 +24,13 @@ from google.protobuf import json_format
 from flowport.server.egress import header_value_problem
 from flowport.server.events.bus import BusEvent
 from flowport.server.events.numbers import whole_numbers
-from flowport.server.nodes.http import parse_retry_after
+from flowport.server.nodes.http import header_label, parse_retry_after
 from flowport.server.observability import tracing
 from flowport.server.version import VERSION
 from flowport.server.webhooks.signing import HEADER as SIGNATURE_HEADER
 from flowport.server.webhooks.signing import sign
 from flowport.server.webhooks.targets import TargetRefused, TargetUnresolvable, check_target
-from flowport.server.webhooks.validation import kept_headers
+from flowport.server.webhooks.validation import header_name_problem, kept_headers
 
 USER_AGENT = f"flowport-webhooks/{VERSION}"
 # Enough of a receiver's error body to say what went wrong, no more.
@@ -135,6 +136,10 @@ async def attempt(
         return Outcome(status, _clip(error), retryable, retry_after, int((time.perf_counter() - start) * 1e6))
 
     for name, value in target.headers.items():
+        # A webhook stored before registration refused it: a Host or Transfer-Encoding of its own
+        # would go out next to flowport's (two Hosts, or a body framed two ways on a shared connection).
+        if (problem := header_name_problem(name)) is not None:
+            return outcome(0, f"header {header_label(name)} {problem}", retryable=False)
         problem = header_value_problem(value)
         if problem is not None:
             # httpx would raise quoting the character; the value is the receiver's credential.

@@ -9,6 +9,8 @@ import httpx
 from flowport.server.egress import header_value_problem
 from flowport.server.errors import shown
 from flowport.server.events.kailash import is_known
+from flowport.server.nodes.http import CLIENT_OWNED_HEADERS, is_header_name
+from flowport.server.nodes.http import header_name_problem as request_header_name_problem
 from flowport.server.webhooks.targets import registration_problem
 from flowport.v1 import webhook_pb2
 
@@ -22,31 +24,28 @@ MAX_HEADER_VALUE = 4096
 MIN_SECRET_BYTES = 16
 MAX_SECRET_BYTES = 1024
 MAX_DESCRIPTION = 1024
+MAX_HEADER_NAME = 256
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
-# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection, and the rest
-# describe the body or identify the sender: flowport sets those itself.
-RESERVED_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "content-encoding",
-        "expect",
-        "user-agent",
-    }
-)
+# Besides the HTTP client's own (framing, connection, routing: server/nodes/http.py), the headers
+# that describe a delivery's body or identify its sender: flowport sets those itself.
+RESERVED_HEADERS = CLIENT_OWNED_HEADERS | frozenset({"content-encoding", "expect", "user-agent"})
 RESERVED_PREFIX = "x-flowport-"
 # Accepted (Kailash clients send it) but dropped: a delivery's body is always JSON.
 IGNORED_HEADERS = frozenset({"content-type"})
+
+
+def header_name_problem(name: str) -> str | None:
+    """Why a webhook may not carry a header named `name`, or None: checked at registration and
+    again at each delivery (a webhook stored before a rule existed may break it)."""
+    if len(name) > MAX_HEADER_NAME:
+        return f"is longer than {MAX_HEADER_NAME} characters"
+    # The rule HTTP nodes follow: a token, and none of the client's own headers.
+    if (problem := request_header_name_problem(name)) is not None:
+        return problem
+    lower = name.lower()
+    if lower in RESERVED_HEADERS or lower.startswith(RESERVED_PREFIX):
+        return "is set by flowport on every delivery and cannot be given"
+    return None
 
 
 def kept_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -96,22 +95,19 @@ def _header_problems(headers: dict[str, str]) -> list[Violation]:
     problems: list[Violation] = []
     seen: set[str] = set()
     for name, value in sorted(headers.items()):
+        # Each at its own field path; a name that cannot be one is quoted (cut) instead.
+        fits = is_header_name(name) and len(name) <= MAX_HEADER_NAME
+        field, label = (f"webhook.headers.{name}", "") if fits else ("webhook.headers", f"{shown(name, 40)} ")
         lower = name.lower()
-        if not _HEADER_NAME.match(name):
-            problems.append(("webhook.headers", f"{shown(name)} is not a valid header name"))
-        elif lower in RESERVED_HEADERS or lower.startswith(RESERVED_PREFIX):
-            problems.append(
-                ("webhook.headers", f"{shown(name)} is set by flowport (or hop-by-hop) and cannot be given")
-            )
+        if (problem := header_name_problem(name)) is not None:
+            problems.append((field, label + problem))
         elif lower in seen:
-            problems.append(("webhook.headers", f"{shown(name)} is given twice (header names ignore case)"))
+            problems.append((field, "is given twice (header names ignore case)"))
         if len(value) > MAX_HEADER_VALUE:
-            problems.append(
-                ("webhook.headers", f"the value of {shown(name)} must be at most {MAX_HEADER_VALUE} characters")
-            )
+            problems.append((field, f"{label}the value must be at most {MAX_HEADER_VALUE} characters"))
         elif (problem := header_value_problem(value)) is not None:
             # Never the value: it is write-only, like the secret (a receiver's credential).
-            problems.append(("webhook.headers", f"the value of {shown(name)} {problem}"))
+            problems.append((field, f"{label}the value {problem}"))
         seen.add(lower)
     return problems
 

@@ -29,6 +29,7 @@ from flowport.server.clock import now_us
 from flowport.server.events.bus import BusEvent, EventBus
 from flowport.server.interceptor import ErrorInterceptor
 from flowport.server.metrics import RequestMetrics
+from flowport.server.nodes.http import header_label
 from flowport.server.settings import Settings
 from flowport.server.storage import Deletion, SqliteStore
 from flowport.server.storage.migrate import bundled
@@ -351,12 +352,21 @@ async def test_create_is_idempotent_with_request_id(env: Env, receivers: Callabl
         (W.Webhook(url="https://example.com/hook", event_types=["Execution Completed"]), "webhook.event_types"),
         (W.Webhook(url="https://example.com/hook", event_types=["*"]), "webhook.event_types"),
         (W.Webhook(url="https://example.com/hook", event_types=["execution.*.x"]), "webhook.event_types"),
-        (W.Webhook(url="https://example.com/hook", headers={"Host": "a"}), "webhook.headers"),
-        (W.Webhook(url="https://example.com/hook", headers={"content-length": "1"}), "webhook.headers"),
-        (W.Webhook(url="https://example.com/hook", headers={"Transfer-Encoding": "chunked"}), "webhook.headers"),
-        (W.Webhook(url="https://example.com/hook", headers={"X-Flowport-Signature": "t=1"}), "webhook.headers"),
+        (W.Webhook(url="https://example.com/hook", headers={"Host": "a"}), "webhook.headers.Host"),
+        (W.Webhook(url="https://example.com/hook", headers={"content-length": "1"}), "webhook.headers.content-length"),
+        (
+            W.Webhook(url="https://example.com/hook", headers={"Transfer-Encoding": "chunked"}),
+            "webhook.headers.Transfer-Encoding",
+        ),
+        (
+            W.Webhook(url="https://example.com/hook", headers={"X-Flowport-Signature": "t=1"}),
+            "webhook.headers.X-Flowport-Signature",
+        ),
         (W.Webhook(url="https://example.com/hook", headers={"bad name": "a"}), "webhook.headers"),
-        (W.Webhook(url="https://example.com/hook", headers={"X-A": "a\r\nX-B: b"}), "webhook.headers"),
+        # `$` in a pattern also matches before a final newline: this one used to be accepted.
+        (W.Webhook(url="https://example.com/hook", headers={"X-A\n": "a"}), "webhook.headers"),
+        (W.Webhook(url="https://example.com/hook", headers={"X-A": "a\r\nX-B: b"}), "webhook.headers.X-A"),
+        (W.Webhook(url="https://example.com/hook", headers={"X-A": "a", "x-a": "b"}), "webhook.headers.x-a"),
         (W.Webhook(url="https://example.com/hook", webhook_id="has space"), "webhook.webhook_id"),
         (W.Webhook(url="https://example.com/hook", webhook_id="x" * 129), "webhook.webhook_id"),
     ],
@@ -373,7 +383,7 @@ async def test_every_problem_is_reported_at_once(env: Env) -> None:
     assert {f for f, _ in error.violations} == {
         "webhook.url",
         "webhook.secret",
-        "webhook.headers",
+        "webhook.headers.Host",
         "webhook.event_types",
     }
     assert "short" not in error.message  # the secret is never echoed
@@ -384,9 +394,46 @@ async def test_header_values_http_cannot_carry_are_refused_without_showing_them(
         webhook = W.Webhook(url="https://example.com/hook", headers={"Authorization": value})
         error = await _error(env.client.webhooks.CreateWebhook(W.CreateWebhookRequest(webhook=webhook)))
         assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert [f for f, _ in error.violations] == ["webhook.headers"]
+        assert [f for f, _ in error.violations] == ["webhook.headers.Authorization"]
         described = error.message + str(error.violations)
         assert "Authorization" in described and "XYZ" not in described and "\u00f6" not in described
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Host",
+        "Content-Length",
+        "Transfer-Encoding",
+        "Connection",
+        "Keep-Alive",
+        "Upgrade",
+        "TE",
+        "Trailer",
+        "Proxy-Connection",
+        "Proxy-Authorization",
+        "Proxy-Authenticate",
+        "transfer-encoding",
+        "HOST",
+    ],
+)
+async def test_headers_the_http_client_owns_are_refused(env: Env, name: str) -> None:
+    webhook = W.Webhook(url="https://example.com/hook", headers={name: "internal.admin"})
+    error = await _error(env.client.webhooks.CreateWebhook(W.CreateWebhookRequest(webhook=webhook)))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    [(field, description)] = error.violations
+    assert field == f"webhook.headers.{name}"
+    assert description.startswith("is set by the HTTP client"), description
+    assert "internal.admin" not in error.message + description
+
+
+async def test_an_invalid_header_name_is_quoted_not_echoed_raw(env: Env) -> None:
+    webhook = W.Webhook(url="https://example.com/hook", headers={"X-A\r\nHost: internal.admin": "v"})
+    error = await _error(env.client.webhooks.CreateWebhook(W.CreateWebhookRequest(webhook=webhook)))
+    [(field, description)] = error.violations
+    assert field == "webhook.headers"
+    assert description.startswith("'X-A\\r\\nHost: ") and "is not a valid HTTP header name" in description
+    assert "\r" not in error.message + description and "\n" not in error.message + description
 
 
 async def test_tenants_are_isolated(env: Env, receivers: Callable[..., Receiver]) -> None:
@@ -842,6 +889,36 @@ async def test_a_header_value_http_cannot_carry_fails_for_good_without_showing_i
     assert outcome.error.startswith("header Authorization holds"), outcome.error
     for shown in ("\u00f6", "xf6", "XYZ", "ken"):
         assert shown not in outcome.error
+    assert receiver.connections == 0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Host": "internal.admin"}, {"transfer-encoding": "chunked"}, {"User-Agent": "x"}, {"X-A\n": "v"}],
+)
+async def test_a_stored_header_registration_now_refuses_fails_for_good_at_delivery(
+    receivers: Callable[..., Receiver], headers: dict[str, str]
+) -> None:
+    # Stored before registration refused it: a Host or Transfer-Encoding of its own would go out
+    # next to flowport's. The delivery dead-letters at once, naming the header, and sends nothing.
+    receiver = receivers()
+    target = webhook_delivery.Target(httpx.URL(receiver.url()), headers, b"")
+    async with httpx.AsyncClient() as http:
+        outcome = await webhook_delivery.attempt(
+            http,
+            target,
+            body=b"{}",
+            event_id="evt_1",
+            delivery_id="dlv_1",
+            attempt_number=1,
+            timeout=5.0,
+            allowlist=frozenset({"127.0.0.1"}),
+        )
+    assert (outcome.status_code, outcome.retryable) == (0, False)
+    [name] = headers
+    assert outcome.error.startswith(f"header {header_label(name)} "), outcome.error
+    assert "cannot be given" in outcome.error or "not a valid HTTP header name" in outcome.error, outcome.error
+    assert "internal.admin" not in outcome.error and "chunked" not in outcome.error
     assert receiver.connections == 0
 
 
