@@ -5,6 +5,7 @@ operations (access log, Prometheus stats)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import struct
@@ -12,7 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -360,6 +361,47 @@ def test_a_browser_eventsource_receives_the_stream(
         assert seen[0].startswith("state:") and seen[-1] in ("execution.completed", "state:STATE_SUCCEEDED"), seen
     else:
         assert seen[0] == "execution.started" and seen[-1] == "execution.completed", seen
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (see the README's test command)")
+def test_the_eventsource_example_served_from_another_origin_names_the_gateway(edge: Stack, http: httpx.Client) -> None:
+    """clients/examples/eventsource.html as its comment says to serve it: from an origin in
+    --cors-origins, with ?gateway= naming the gateway."""
+    from playwright.sync_api import sync_playwright
+
+    _slow_workflow(http, "example_page", 0.0)
+    # The folder served as the comment says (`python -m http.server`), on the page origin's port.
+    examples = Path(__file__).parents[2] / "clients" / "examples"
+    handler = functools.partial(_QuietFiles, directory=str(examples))
+    server = ThreadingHTTPServer(("127.0.0.1", PAGE_PORT), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=shutil.which("chromium"), headless=True, args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            context = browser.new_context()
+            context.add_init_script(f"sessionStorage.setItem('flowport.apiKey', '{ADMIN_KEY}')")
+            page = context.new_page()
+            page.goto(f"{PAGE_ORIGIN}/eventsource.html?gateway={edge.http}")
+            shown: list[str] = []
+            for _ in range(20):  # the first run may start before the page's stream has opened
+                run = http.post("/api/executions", json={"workflow_id": "example_page", "wait": True}).json()
+                shown = page.locator("#events li").all_text_contents()
+                if any(run["execution_id"] in item and "execution.completed" in item for item in shown):
+                    break
+                page.wait_for_timeout(250)
+            else:
+                raise AssertionError(f"no execution showed in the example's list: {shown}")
+        finally:
+            browser.close()
+            server.shutdown()
+            server.server_close()
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
 
 
 def test_a_failed_stream_is_a_json_error_before_the_first_event(http: httpx.Client) -> None:
