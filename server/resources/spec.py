@@ -3,8 +3,10 @@
 Credentials never sit in a resource as plain text: a database password (in
 the URL or its query) and the values of credential headers must be
 `${secret:NAME}` references to the tenant's secret store, resolved only when
-a node runs. Defaults are filled in here, so a stored resource states every
-setting it runs with.
+a node runs. An HTTP profile's header names follow the HTTP nodes' rule
+(server/nodes/http.py): HTTP tokens, none of the client's own headers
+(Host, Content-Length, Transfer-Encoding and the hop-by-hop ones). Defaults
+are filled in here, so a stored resource states every setting it runs with.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import httpx
 
 from flowport.server.egress import header_value_problem
 from flowport.server.errors import cut, shown
+from flowport.server.nodes.http import CREDENTIAL_HEADERS, header_name_problem, is_header_name
 from flowport.server.nodes.sql_pools import UnsupportedDatabase, async_url
 from flowport.server.secrets.references import SECRET_NAME, secret_references
 from flowport.v1 import resource_pb2
@@ -32,10 +35,8 @@ DEFAULT_POOL_RECYCLE: Final = 3600
 MAX_HTTP_TIMEOUT: Final = 300.0
 MAX_HEADERS: Final = 64
 MAX_TEXT: Final = 2048
-# Headers that carry credentials: their values must come from the secret store.
-CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+MAX_HEADER_NAME: Final = 128
 _REFERENCE = re.compile(r"\$\{secret:([^{}]*)\}")
-_HEADER_NAME = re.compile(r"\A[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")
 
 Violation = tuple[str, str]
 
@@ -139,9 +140,15 @@ def _check_http(profile: resource_pb2.HttpProfile, where: str) -> list[Violation
     if len(profile.headers) > MAX_HEADERS:
         found.append((f"{where}.headers", f"at most {MAX_HEADERS}"))
     for name, value in sorted(profile.headers.items()):
-        here = f"{where}.headers.{name[:40]}"
-        if not _HEADER_NAME.match(name):
-            found.append((here, "not a valid header name"))
+        # Each at its own field path; a name that cannot be one is quoted (cut) instead.
+        fits = is_header_name(name) and len(name) <= MAX_HEADER_NAME
+        here, label = (f"{where}.headers.{name}", "") if fits else (f"{where}.headers", f"{shown(name, 40)} ")
+        if len(name) > MAX_HEADER_NAME:
+            found.append((here, f"{label}is longer than {MAX_HEADER_NAME} characters"))
+        elif (problem := header_name_problem(name)) is not None:
+            # The rule HTTP nodes follow: a token, and none of the client's own headers (Host,
+            # Transfer-Encoding, ...), which every node naming the profile would send.
+            found.append((here, label + problem))
         elif len(value) > MAX_TEXT:
             found.append((here, f"a header value of at most {MAX_TEXT} characters"))
         elif (problem := header_value_problem(value)) is not None:

@@ -310,6 +310,14 @@ async def test_resources_from_the_settings_file(tmp_path: Path) -> None:
     path.write_text(json.dumps(declared))
     with pytest.raises(StartupError, match=r"resources\[2\]\.database\.connection_string"):
         await start(make_settings(tmp_path / "data", resources_file=path))
+    declared["resources"][2] = {
+        "tenant": "acme",
+        "name": "routed",
+        "http": {"base_url": "https://partner.example", "headers": {"Host": "internal.admin"}},
+    }
+    path.write_text(json.dumps(declared))
+    with pytest.raises(StartupError, match=r"resources\[2\]\.http\.headers\.Host is set by the HTTP client"):
+        await start(make_settings(tmp_path / "data", resources_file=path))
     path.write_text("{not json")
     with pytest.raises(StartupError, match="not JSON"):
         await start(make_settings(tmp_path / "data", resources_file=path))
@@ -529,6 +537,49 @@ async def test_profile_header_values_http_cannot_carry_are_refused(admin: AsyncC
     # A reference is checked when a node fills it in (server/nodes/http.py).
     profile = resource_pb2.HttpProfile(base_url="https://api.example", headers={"Authorization": "Bearer ${secret:T}"})
     assert (await _create(admin, resource_pb2.Resource(name="p", http=profile))).name == "p"
+
+
+async def test_profile_headers_the_http_client_owns_are_refused(admin: AsyncClient) -> None:
+    for name in ("Host", "transfer-encoding", "Content-Length", "Connection", "Upgrade", "Proxy-Authorization"):
+        profile = resource_pb2.HttpProfile(base_url="https://api.example", headers={name: "internal.admin"})
+        for call in (
+            _create(admin, resource_pb2.Resource(name="p", http=profile)),
+            admin.resources.UpdateResource(
+                resource_pb2.UpdateResourceRequest(name="p", resource=resource_pb2.Resource(name="p", http=profile))
+            ),
+        ):
+            error = await _code(call)
+            assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, name
+            [(field, description)] = error.violations
+            assert field == f"resource.http.headers.{name}"
+            assert description.startswith("is set by the HTTP client"), description
+            assert "internal.admin" not in error.details()
+    # A name that is not an HTTP token (a final newline slipped through `$`) is quoted, not echoed raw.
+    for name in ("X-A\n", "X A", "X-A\r\nHost"):
+        profile = resource_pb2.HttpProfile(base_url="https://api.example", headers={name: "v"})
+        error = await _code(_create(admin, resource_pb2.Resource(name="p", http=profile)))
+        [(field, description)] = error.violations
+        assert field == "resource.http.headers", name
+        assert "is not a valid HTTP header name" in description and "\n" not in description, description
+
+
+async def test_a_stored_profile_with_a_header_the_client_owns_fails_the_node(
+    server: Running, admin: AsyncClient
+) -> None:
+    # As a resource stored before the rule (or written to the store by hand) would be.
+    echo = _serve()
+    try:
+        profile = resource_pb2.HttpProfile(
+            base_url=f"http://127.0.0.1:{echo.server_port}/", headers={"Transfer-Encoding": "chunked"}
+        )
+        await server.store.put_resource("default", resource_pb2.Resource(name="old", http=profile), 1)
+        failed = await _run(admin, _http_workflow("HTTPRequestNode", {"resource_name": "old", "method": "POST"}))
+        assert failed.state == execution_pb2.Execution.STATE_FAILED
+        assert _reason(failed) == "INVALID_PARAMETER"
+        assert "header Transfer-Encoding of resource 'old' is set by the HTTP client" in failed.error.message
+    finally:
+        echo.shutdown()
+        echo.server_close()
 
 
 async def test_a_database_resource_keeps_its_sqlite_file_in_the_tenants_folder(
