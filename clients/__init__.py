@@ -7,5 +7,6 @@ credential, retries of calls safe to repeat, a default deadline and
 
 from flowport.clients.client import AsyncClient, Client
 from flowport.clients.errors import ApiError
+from flowport.clients.values import plain
 
-__all__ = ["ApiError", "AsyncClient", "Client"]
+__all__ = ["ApiError", "AsyncClient", "Client", "plain"]

@@ -12,13 +12,20 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from flowport.clients.values import plain
+
 FORMATS = ("table", "json")
 # Nodes whose outputs a table shows; a workflow may have hundreds.
 OUTPUT_NODES_SHOWN = 50
 
 
 def as_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    """`message` as the REST API answers it: the API's field names, fields at their defaults
+    included, whole numbers in Structs as integers."""
+    shown: dict[str, Any] = plain(
+        json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    )
+    return shown
 
 
 def _state(value: Any) -> str:
@@ -123,17 +130,6 @@ def render(messages: Sequence[Message], fmt: str, *, single: bool = False) -> st
     return table(messages)
 
 
-def _plain(value: Any) -> Any:
-    """JSON from a Struct with whole numbers as integers (a Struct holds every number as a double)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    return value
-
-
 def execution_outputs(execution: Message, width: int) -> tuple[list[str], bool]:
     """An execution's outputs for a terminal: a NODE/OUTPUTS header, then one line per node
     (its outputs as one line of JSON), in the order the nodes ran, each cut to `width` columns.
@@ -150,7 +146,7 @@ def execution_outputs(execution: Message, width: int) -> tuple[list[str], bool]:
     cut = len(order) > len(shown)
     lines = [f"{'NODE'.ljust(name_width)}  OUTPUTS"]
     for node in shown:
-        line = f"{node.ljust(name_width)}  {json.dumps(_plain(outputs[node]), ensure_ascii=False)}"
+        line = f"{node.ljust(name_width)}  {json.dumps(plain(outputs[node]), ensure_ascii=False)}"
         if len(line) > width:
             line, cut = line[: max(width - 1, name_width + 3)] + "…", True
         lines.append(line)

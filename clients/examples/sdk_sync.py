@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from google.protobuf import json_format
-
-from flowport.clients import ApiError, Client
+from flowport.clients import ApiError, Client, plain
 from flowport.v1 import event_pb2, execution_pb2
 
 # A Kailash-style config: nodes by name, inputs by node or by name.
@@ -26,7 +24,7 @@ def main() -> int:
     target = os.environ.get("FLOWPORT_TARGET", "127.0.0.1:8080")
     with Client(target, api_key=os.environ.get("FLOWPORT_API_KEY"), timeout=30) as fp:
         done = fp.run_workflow(DOUBLER, {"n": 21})  # creates the workflow, runs it, waits
-        outputs = json_format.MessageToDict(done.outputs)  # a Struct, as plain dicts
+        outputs = plain(done.outputs)  # a Struct, as dicts with whole numbers as ints
         print(done.execution_id, execution_pb2.Execution.State.Name(done.state), outputs["calc"]["result"])
 
         request = execution_pb2.ListExecutionsRequest(workflow_id="doubler", page_size=10)

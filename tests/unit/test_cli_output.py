@@ -3,6 +3,7 @@ and how it ends when its reader stops reading."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from flowport.clients.cli.output import OUTPUT_NODES_SHOWN, describe_status, execution_outputs
+from flowport.clients.cli.output import OUTPUT_NODES_SHOWN, describe_status, execution_outputs, render
 from flowport.v1 import execution_pb2
 
 
@@ -71,3 +72,12 @@ def test_output_into_a_closed_pipe_ends_quietly_with_141(tmp_path: Path) -> None
     finally:
         os.close(write_end)
     assert (result.returncode, result.stderr.decode()) == (141, "")
+
+
+def test_json_output_is_what_the_rest_api_answers_whole_numbers_and_defaults_included() -> None:
+    execution = _execution({"calc": {"result": {"n": 7, "half": 3.5, "big": 2.0**60}}}, ["calc"])
+    execution.progress = 100.0
+    shown = json.loads(render([execution], "json", single=True))
+    assert shown["outputs"]["calc"]["result"] == {"n": 7, "half": 3.5, "big": 2.0**60}
+    assert type(shown["outputs"]["calc"]["result"]["n"]) is int and shown["progress"] == 100
+    assert shown["session_id"] == "" and shown["state"] == "STATE_UNSPECIFIED", "fields at their defaults are there"
