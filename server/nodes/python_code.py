@@ -43,7 +43,13 @@ def free_variables(code: str) -> set[str]:
             if symbol.is_referenced() and global_read and not (table is top and symbol.get_name() in bound):
                 used.add(symbol.get_name())
         tables.extend(table.get_children())
-    return used - bound - BUILTIN_NAMES - PROVIDED
+    # A module's dunder names (`__builtins__`, `__file__`...) are the interpreter's, never an input
+    # a caller could give: a run gets them from the sandbox, or a NameError.
+    return {name for name in used - bound - BUILTIN_NAMES - PROVIDED if not _dunder(name)}
+
+
+def _dunder(name: str) -> bool:
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
 
 
 class PythonCodeNode(NodeType):

@@ -298,6 +298,9 @@ def test_python_code_inputs_are_its_free_variables(registry: NodeRegistry) -> No
     plan = compile_plan(workflow(data), registry)
     # `data` comes from a connection; datetime, len and math are provided.
     assert plan.inputs_schema["required"] == ["factor", "items"]
+    # A module's dunder names are the interpreter's: never an input a caller must give.
+    dunders = {"name": "d", "nodes": [code_node("d", "result = [len(__builtins__), __file__, __spec__, _x_, __a]")]}
+    assert compile_plan(workflow(dunders), registry).inputs_schema["required"] == ["__a", "_x_"]
 
 
 # -- Bounded cost: whatever a request holds, validation does bounded work and answers briefly.
