@@ -96,7 +96,8 @@ class PythonCodeNode(NodeType):
                 compile(code, "<node>", "exec", dont_inherit=True)
             except SyntaxError as exc:
                 # The message may quote the code (a name, a literal): only its start.
-                problems.append((f"{path}.code", f"SyntaxError: {cut(exc.msg, SHOWN_CHARS)} (line {exc.lineno})"))
+                where = f" (line {exc.lineno})" if exc.lineno is not None else ""
+                problems.append((f"{path}.code", f"SyntaxError: {cut(exc.msg, SHOWN_CHARS)}{where}"))
             except (ValueError, RecursionError, MemoryError) as exc:
                 problems.append((f"{path}.code", f"cannot be compiled: {type(exc).__name__}"))
         return problems

@@ -307,7 +307,7 @@ class _Runner:
             try:
                 code = self.compile(request["code"], USER_FILENAME, "exec", dont_inherit=True)
             except SyntaxError as exc:
-                message = f"SyntaxError: {exc.msg} (line {exc.lineno})"
+                message = f"SyntaxError: {exc.msg}" + (f" (line {exc.lineno})" if exc.lineno is not None else "")
                 return self.error(job_id, "syntax", message, "SyntaxError", exc.lineno)
             except (ValueError, OverflowError, RecursionError, MemoryError) as exc:
                 return self.error(job_id, "syntax", f"code cannot be compiled: {type(exc).__name__}: {exc}")

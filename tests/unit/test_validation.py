@@ -146,6 +146,9 @@ def test_wrong_config_types(registry: NodeRegistry) -> None:
 def test_syntax_error_in_code_is_found_before_running(registry: NodeRegistry) -> None:
     problems = paths({"name": "w", "nodes": [code_node("a", "result = (")]}, registry)
     assert problems["nodes[0].config.code"].startswith("SyntaxError")
+    # A problem of the whole text has no line, and says none.
+    nul = paths({"name": "w", "nodes": [code_node("a", "result = 1\x00")]}, registry)["nodes[0].config.code"]
+    assert nul == "SyntaxError: source code string cannot contain null bytes"
 
 
 def test_connection_from_an_output_the_node_does_not_declare(registry: NodeRegistry) -> None:
