@@ -36,6 +36,17 @@ def _time(value: Any) -> str:
     return str(value)[:19].replace("T", " ") if value else ""
 
 
+def _duration(value: Any) -> str:
+    """A JSON Duration ("0.000958985s") as a person reads it: "0.96 ms", "1.5 s"."""
+    if not isinstance(value, str) or not value.endswith("s"):
+        return ""
+    try:
+        seconds = float(value[:-1])
+    except ValueError:
+        return value
+    return f"{seconds * 1000:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
 Column = tuple[str, Callable[[dict[str, Any]], Any]]
 # Columns by message type; a type without columns prints its fields.
 COLUMNS: dict[str, list[Column]] = {
@@ -56,7 +67,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("WORKFLOW", lambda d: f"{d.get('workflow_id', '')} v{d.get('workflow_version', '')}"),
         ("STATE", lambda d: _state(d.get("state"))),
         ("CREATED", lambda d: _time(d.get("create_time"))),
-        ("DURATION", lambda d: d.get("duration", "")),
+        ("DURATION", lambda d: _duration(d.get("duration"))),
         ("ERROR", lambda d: d.get("error", {}).get("message", "")),
     ],
     "flowport.v1.Event": [

@@ -81,3 +81,11 @@ def test_json_output_is_what_the_rest_api_answers_whole_numbers_and_defaults_inc
     assert shown["outputs"]["calc"]["result"] == {"n": 7, "half": 3.5, "big": 2.0**60}
     assert type(shown["outputs"]["calc"]["result"]["n"]) is int and shown["progress"] == 100
     assert shown["session_id"] == "" and shown["state"] == "STATE_UNSPECIFIED", "fields at their defaults are there"
+
+
+def test_a_tables_durations_read_in_milliseconds_or_seconds() -> None:
+    execution = _execution({}, [])
+    execution.duration.FromNanoseconds(958_985)
+    assert "0.959 ms" in render([execution], "table")
+    execution.duration.FromNanoseconds(1_500_000_000)
+    assert "1.5 s" in render([execution], "table")
