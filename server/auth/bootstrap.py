@@ -58,5 +58,8 @@ async def ensure_admin_key(store: ApiKeyTables, settings: Settings) -> Path | No
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as f:
         f.write(key + "\n")
-    log.warning("first start: created admin API key %s and wrote it to %s (readable by you only)", key_id, path)
+    # The id names the key in lists and the audit log; the key itself is only in the file.
+    log.warning(
+        "first start: created an admin API key (id %s); the key is in %s (readable by you only): cat it", key_id, path
+    )
     return path
