@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -307,12 +308,8 @@ def _node_services(
 ) -> NodeServices:
     """What every node run in this process shares, complete."""
     return NodeServices(
-        # One connection pool for every HTTP node of every execution; trust_env
-        # off, so no proxy from the environment carries requests past the
-        # SSRF check (which vets the address the node itself connects to).
-        http=httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=HTTP_NODE_CONNECTIONS, max_keepalive_connections=64), trust_env=False
-        ),
+        # One connection pool for every HTTP node of every execution.
+        http=outbound_client(HTTP_NODE_CONNECTIONS),
         # One tenant's requests hold at most its share of those connections (as of execution slots).
         http_shares=TenantShares(tenant_share(settings.tenant_execution_share, HTTP_NODE_CONNECTIONS)),
         sandbox=sandbox,
@@ -325,6 +322,28 @@ def _node_services(
         outbound=_outbound_limiter(settings),
         resources=resources,
     )
+
+
+def outbound_client(connections: int) -> httpx.AsyncClient:
+    """An HTTP client for calls every tenant's nodes (or webhooks) share.
+
+    trust_env off, so no proxy from the environment carries requests past the SSRF check (which
+    vets the address the node itself connects to). No cookie jar: requests never carry the
+    client's cookies, and a jar shared by every tenant would keep each Set-Cookie any target
+    sends, without bound, for the life of the process.
+    """
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=64),
+        trust_env=False,
+        cookies=CookieJar(policy=_KeepNoCookies()),
+    )
+
+
+class _KeepNoCookies(DefaultCookiePolicy):
+    """Every Set-Cookie is refused: the jar stays empty."""
+
+    def set_ok(self, cookie: Any, request: Any) -> bool:
+        return False
 
 
 def _outbound_limiter(settings: Settings) -> OutboundLimiter:
@@ -425,11 +444,8 @@ async def _start(
         redis_url=settings.redis_url.get_secret_value() if settings.redis_url is not None else None,
     )
     opened.push_async_callback(bounded("the event log", event_log.close))
-    # Its own pool, so slow receivers and node traffic cannot starve each
-    # other; trust_env off, so no proxy from the environment skips the SSRF checks.
-    webhook_http = httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=WEBHOOK_CONNECTIONS, max_keepalive_connections=64), trust_env=False
-    )
+    # Its own pool, so slow receivers and node traffic cannot starve each other.
+    webhook_http = outbound_client(WEBHOOK_CONNECTIONS)
     opened.push_async_callback(bounded("the webhook HTTP client", webhook_http.aclose))
     checker, pool_health = _start_checks(settings, core, webhook_http, opened)
     engine = await _start_engine(settings, core, bus, webhook_http, opened)
