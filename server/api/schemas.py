@@ -98,7 +98,7 @@ class SchemaService(schema_pb2_grpc.SchemaServiceServicer):
         )
         if workflow is None:
             raise workflow_not_found(request.workflow_id, request.version)
-        plan = await self._plans.get(tenant, workflow)
+        plan = await self._plans.runnable(tenant, workflow)
         return schema_pb2.WorkflowSchema(
             workflow_id=workflow.workflow_id,
             version=workflow.version,

@@ -195,9 +195,10 @@ class Executor:
         meanwhile the caller's call fails and nothing is left to resume (the
         caller runs it again). Other processes see it once it has ended.
 
-        Raises InvalidArgument for missing inputs, ResourceExhausted when full.
+        Raises InvalidArgument for missing inputs, FailedPrecondition for a stored version that
+        no longer validates, ResourceExhausted when full.
         """
-        plan = await self._plans.get(tenant, workflow)
+        plan = await self._plans.runnable(tenant, workflow)
         values = struct_to_python(inputs)
         missing = plan.missing_inputs(values)
         if missing:

@@ -20,6 +20,7 @@ from flowport.server.engine.checks import WorkflowChecks
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.engine.validation import node_id, validate
 from flowport.server.engine.values import struct_to_python
+from flowport.server.errors import FailedPrecondition
 from flowport.server.nodes.base import JsonSchema, NodeType
 from flowport.server.nodes.paths import steps
 from flowport.v1 import workflow_pb2
@@ -221,6 +222,21 @@ class PlanCache:
             self._compiling[key] = compiling
             compiling.add_done_callback(lambda _: self._compiling.pop(key, None))
         return await asyncio.shield(compiling)
+
+    async def runnable(self, tenant: str, workflow: workflow_pb2.Workflow) -> Plan:
+        """`get` for a caller: a stored version that fails a check added since it was stored (one
+        refused header, say) is FAILED_PRECONDITION naming what, not an internal error."""
+        try:
+            return await self.get(tenant, workflow)
+        except InvalidWorkflow as exc:
+            shown = "; ".join(f"{path}: {problem}" for path, problem in exc.violations[:5])
+            raise FailedPrecondition(
+                f"workflow {workflow.workflow_id!r} version {workflow.version} no longer validates"
+                f" ({shown}); create a new version",
+                reason="WORKFLOW_VERSION_INVALID",
+                metadata={"workflow_id": workflow.workflow_id, "version": str(workflow.version)},
+                violations=exc.violations,
+            ) from None
 
     async def _compile(self, key: tuple[str, str, int], tenant: str, workflow: workflow_pb2.Workflow) -> Plan:
         plan = await self.checks.run(tenant, workflow, lambda: compile_plan(workflow, self._registry))

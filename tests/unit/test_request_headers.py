@@ -1,6 +1,6 @@
 """Headers the HTTP client owns, through a whole server: a workflow whose HTTP node sets one is
 refused when it is created or validated (INVALID_ARGUMENT, naming the header's field path). One
-stored before the rule should fail clearly when it runs; today the engine answers INTERNAL (xfail)."""
+stored before the rule fails clearly when it would run: FAILED_PRECONDITION, naming the header."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
 
 from flowport.clients import AsyncClient
 from flowport.clients.errors import ApiError
 from flowport.server.app import Running, start, stop
 from flowport.server.clock import now_us, timestamp
 from flowport.server.engine.validation import stored_form
-from flowport.v1 import execution_pb2, workflow_pb2
+from flowport.v1 import schema_pb2, workflow_pb2
 
 from ..conftest import ADMIN_KEY, make_settings
 
@@ -75,11 +74,6 @@ async def test_validate_lists_the_same_problems(admin: AsyncClient) -> None:
     assert {error.field for error in checked.errors} == FIELDS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/engine/plan.py compile_plan validates a stored version again and CreateExecution does not "
-    "catch InvalidWorkflow: the caller gets INTERNAL ('internal error (incident …)') instead of the problem",
-)
 async def test_a_workflow_stored_before_the_rule_fails_clearly_when_it_runs(
     server: Running, admin: AsyncClient
 ) -> None:
@@ -89,16 +83,15 @@ async def test_a_workflow_stored_before_the_rule_fails_clearly_when_it_runs(
     stored.tenant = "default"
     stored.create_time.CopyFrom(timestamp(now_us()))
     await server.store.create_workflow("default", stored, None)
-    try:
-        execution = await admin.run_workflow(stored.workflow_id)
-    except ApiError as error:
-        # Refused before it starts: fine, as long as the caller learns why.
-        assert error.code() is not grpc.StatusCode.INTERNAL, error.details()
-        assert "nodes[0].config.headers.Host" in error.details() + str(error.violations)
-        return
-    # Or run, and the node fails before anything is sent.
-    assert execution.state == execution_pb2.Execution.STATE_FAILED
-    info = error_details_pb2.ErrorInfo()
-    assert any(detail.Unpack(info) for detail in execution.error.details)
-    assert info.reason == "INVALID_PARAMETER"
-    assert "header Host is set by the HTTP client" in execution.error.message
+    # Refused before it starts, naming what fails now and what to do.
+    with pytest.raises(ApiError) as caught:
+        await admin.run_workflow(stored.workflow_id)
+    error = caught.value
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION and error.reason == "WORKFLOW_VERSION_INVALID"
+    assert ("nodes[0].config.headers.Host" in error.message) and "create a new version" in error.message
+    assert [field for field, _ in error.violations] == ["nodes[0].config.headers.Host"]
+    assert "internal.admin" not in error.message
+    # Its schema says the same, rather than failing inside.
+    with pytest.raises(ApiError) as schema:
+        await admin.schemas.GetWorkflowSchema(schema_pb2.GetWorkflowSchemaRequest(workflow_id=stored.workflow_id))
+    assert schema.value.reason == "WORKFLOW_VERSION_INVALID"
