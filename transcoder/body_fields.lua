@@ -6,7 +6,10 @@
 -- walks the body of each REST call that has one against the message it
 -- becomes and answers 400, a JSON google.rpc.Status naming the keys, when
 -- one is not a field. Free-form values (Struct, Value, Any, map keys) take
--- any key.
+-- any key. It also refuses, naming the field, a list where the field holds
+-- one value and an object where it holds a scalar: the transcoder would
+-- name the enclosing message instead (or, for a map of strings, pass on
+-- what the server cannot decode).
 --
 -- It fails closed: it sees what the transcoder sees. The path is matched as
 -- the transcoder matches it (a trailing "/" or an empty segment still finds
@@ -14,12 +17,20 @@
 -- application/grpc+...) is left alone, and the walk reads what the
 -- transcoder's JSON parser reads (\v and \f as whitespace, a trailing comma,
 -- single quotes, bare keys). A body the walk cannot read is answered 400
--- here rather than passed on unchecked.
+-- here, naming the byte where it stops making sense, rather than passed on
+-- unchecked.
+--
+-- Errors never quote the body: the transcoder's own parse errors quote the
+-- 20 bytes around the problem (a secret's value, say), so its 400s are
+-- rewritten on the way out (envoy_on_response) to say what is wrong and,
+-- for a value it could not convert, which field, without the bytes.
 --
 -- TYPES, ROUTES and VERBS are written in front of this code by
 -- transcoder/body_fields.py, from the descriptor set:
---   TYPES[message] = { [json key] = kind }, a kind being "" (a value not
---     walked), a message name, or "map:" .. the kind of the map's values;
+--   TYPES[message] = { [json key] = kind }, a kind being "" (any JSON
+--     value, not walked), "=" (one scalar: string, number, bool, null),
+--     a message name, "map:" .. the kind of the map's values, or
+--     "[]" .. the kind of a repeated field's elements;
 --   ROUTES = { { method, Lua pattern of the path, kind of the body } };
 --   VERBS[verb] = true for each custom verb (":validate") of a route.
 
@@ -31,25 +42,57 @@ local SHOWN_BYTES = 200 -- how much of a key an answer quotes
 -- Envoy's JSON local replies carry this header (transcoder/local_replies.py).
 local LOCAL_REPLY_HEADER = "x-flowport-local-reply"
 local MAX_LOCAL_MESSAGE_BYTES = 300
+local ANY, SCALAR, REPEATED = "", "=", "[]"
+
+-- Where the walk stopped reading, and why (set just before a walk function returns nil).
+local failed_at, failed_because = 1, ""
+
+local function fail(i, because)
+  failed_at, failed_because = i, because
+  return nil
+end
 
 -- The transcoder's parser skips C's isspace(): \v and \f too.
 local function skip_space(s, i)
   return find(s, "[^ \t\r\n\v\f]", i) or (#s + 1)
 end
 
+-- The value of the \u escape at i (its backslash), or nil when it is not four hex digits.
+local function code_unit(s, i)
+  local hex = match(s, "^\\u(%x%x%x%x)", i)
+  return hex and tonumber(hex, 16)
+end
+
 -- The raw text of the string whose quote is at i, and the index after it.
+-- Escapes are checked as the transcoder's parser checks them: \u takes four
+-- hex digits and surrogates come in pairs; any other escaped byte stands for itself.
 local function read_string(s, i)
   local stop = sub(s, i, i) == '"' and '["\\]' or "['\\]"
   local j = i + 1
   while true do
     local k = find(s, stop, j)
     if k == nil then
-      return nil
+      return fail(#s + 1, "a string that does not end")
     end
-    if sub(s, k, k) == "\\" then
-      j = k + 2
-    else
+    if sub(s, k, k) ~= "\\" then
       return sub(s, i + 1, k - 1), k + 1
+    end
+    j = k + 2
+    if sub(s, k + 1, k + 1) == "u" then
+      local code = code_unit(s, k)
+      if code == nil then
+        return fail(k, "an escape \\u without four hex digits")
+      end
+      j = k + 6
+      if code >= 0xDC00 and code < 0xE000 then
+        return fail(k, "a low surrogate escape without its high surrogate")
+      elseif code >= 0xD800 and code < 0xDC00 then
+        local low = code_unit(s, j)
+        if low == nil or low < 0xDC00 or low >= 0xE000 then
+          return fail(k, "a high surrogate escape without its low surrogate")
+        end
+        j = j + 6
+      end
     end
   end
 end
@@ -103,6 +146,18 @@ local function unescape(raw)
   end
 end
 
+-- Whether `token` is a literal or a number the transcoder's parser reads:
+-- no NaN or Infinity, no "+", no leading "." and no leading zeros (it takes those as octal).
+local function is_scalar(token)
+  if token == "true" or token == "false" or token == "null" then
+    return true
+  end
+  if not (match(token, "^%-?%d+%.?%d*$") or match(token, "^%-?%d+%.?%d*[eE][%+%-]?%d+$")) then
+    return false
+  end
+  return not find(token, "^%-?0%d")
+end
+
 -- The index after the value at i, whatever it holds; nil when it does not end.
 local function skip_value(s, i)
   local c = sub(s, i, i)
@@ -111,13 +166,17 @@ local function skip_value(s, i)
     return after
   end
   if c ~= "{" and c ~= "[" then
-    return find(s, "[,}%] \t\r\n\v\f]", i) or (#s + 1)
+    local stop = find(s, "[,}%] \t\r\n\v\f]", i) or (#s + 1)
+    if not is_scalar(sub(s, i, stop - 1)) then
+      return fail(i, stop == i and "a value missing" or "something that is not a JSON value")
+    end
+    return stop
   end
   local depth, j = 0, i
   while true do
     local k = find(s, "[\"'{}%[%]]", j)
     if k == nil then
-      return nil
+      return fail(#s + 1, "an object or list that does not end")
     end
     local d = sub(s, k, k)
     if d == '"' or d == "'" then
@@ -158,13 +217,13 @@ local function walk_object(s, i, fields, map_kind, path, found, depth)
       -- The transcoder's parser also takes bare keys.
       key = match(s, "^[%w_$]+", j)
       if key == nil then
-        return nil
+        return fail(j, "a key missing")
       end
       after = j + #key
     end
     j = skip_space(s, after)
     if sub(s, j, j) ~= ":" then
-      return nil
+      return fail(j, "no ':' after a key")
     end
     j = skip_space(s, j + 1)
     local where, kind
@@ -173,10 +232,10 @@ local function walk_object(s, i, fields, map_kind, path, found, depth)
     else
       where, kind = path == "" and key or (path .. "." .. key), fields[key]
       if kind == nil then
-        if #found < MAX_REPORTED then
-          found[#found + 1] = where
+        if #found.unknown < MAX_REPORTED then
+          found.unknown[#found.unknown + 1] = where
         end
-        kind = ""
+        kind = ANY
       end
     end
     j = walk_value(s, j, kind, where, found, depth)
@@ -188,7 +247,7 @@ local function walk_object(s, i, fields, map_kind, path, found, depth)
     if d == "}" then
       return j + 1
     elseif d ~= "," then
-      return nil
+      return fail(j, "no ',' or '}' after a value")
     end
     j = skip_space(s, j + 1)
     if sub(s, j, j) == "}" then
@@ -197,23 +256,36 @@ local function walk_object(s, i, fields, map_kind, path, found, depth)
   end
 end
 
+-- A value of the wrong shape for its field: noted (the first few), then skipped.
+local function misshapen(s, i, path, found, description)
+  if #found.misshapen < MAX_REPORTED then
+    found.misshapen[#found.misshapen + 1] = { path, description }
+  end
+  return skip_value(s, i)
+end
+
 walk_value = function(s, i, kind, path, found, depth)
   local c = sub(s, i, i)
-  if kind == "" or depth > MAX_DEPTH or (c ~= "{" and c ~= "[") then
+  if kind == ANY or depth > MAX_DEPTH or (c ~= "{" and c ~= "[") then
     return skip_value(s, i)
   end
+  local element = match(kind, "^%[%](.*)$")
   if c == "[" then
+    if element == nil then
+      local holds = kind == SCALAR and "one value" or "an object"
+      return misshapen(s, i, path, found, "a list, where " .. holds .. " belongs")
+    end
     -- A repeated field: each element is of its kind (an array in an array is no field's).
     local j, n = skip_space(s, i + 1), 0
     if sub(s, j, j) == "]" then
       return j + 1
     end
     while true do
-      local element = path .. "[" .. n .. "]"
+      local at = path .. "[" .. n .. "]"
       if sub(s, j, j) == "[" then
         j = skip_value(s, j)
       else
-        j = walk_value(s, j, kind, element, found, depth + 1)
+        j = walk_value(s, j, element, at, found, depth + 1)
       end
       if j == nil then
         return nil
@@ -223,13 +295,18 @@ walk_value = function(s, i, kind, path, found, depth)
       if d == "]" then
         return j + 1
       elseif d ~= "," then
-        return nil
+        return fail(j, "no ',' or ']' after a list's element")
       end
       j, n = skip_space(s, j + 1), n + 1
       if sub(s, j, j) == "]" then
         return j + 1 -- the parser takes a trailing comma
       end
     end
+  end
+  -- An object: the transcoder takes one for a repeated field as its only element.
+  kind = element or kind
+  if kind == SCALAR then
+    return misshapen(s, i, path, found, "an object, where one value (a string, number, true, false or null) belongs")
   end
   local map_kind = match(kind, "^map:(.*)$")
   if map_kind ~= nil then
@@ -318,29 +395,48 @@ local function refuse(request_handle, body)
   request_handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, body)
 end
 
--- A body the walk cannot read: the transcoder would refuse it too, or read
--- keys the walk never saw, so it is refused here either way.
-local function unreadable(request_handle, method, path)
-  local message = "the body of " .. method .. " " .. cut(path) .. " is not valid JSON"
-  refuse(request_handle, '{"code":3,"message":"' .. json_text(message) .. '","details":['
-    .. '{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"INVALID_JSON","domain":"flowport.dev"}]}')
+-- A google.rpc.Status of code 3 as JSON: its message, an ErrorInfo, and a BadRequest when
+-- `violations` (each { field, description }) has any.
+local function status_json(message, reason, domain, metadata, violations)
+  local info = '{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"' .. reason .. '","domain":"'
+    .. domain .. '","metadata":{' .. (metadata or "") .. "}}"
+  local rows = {}
+  for i, violation in ipairs(violations or {}) do
+    rows[i] = '{"field":"' .. json_text(cut(violation[1])) .. '","description":"' .. json_text(violation[2]) .. '"}'
+  end
+  local bad_request = #rows > 0 and (',{"@type":"type.googleapis.com/google.rpc.BadRequest","field_violations":['
+    .. table.concat(rows, ",") .. "]}") or ""
+  return '{"code":3,"message":"' .. json_text(message) .. '","details":[' .. info .. bad_request .. "]}"
 end
 
-local function answer(request_handle, method, path, body_kind, found)
+-- A body the walk cannot read: the transcoder would refuse it too, or read
+-- keys the walk never saw, so it is refused here either way. It names the
+-- byte (counted from 0) where reading stopped, never what is there.
+local function unreadable(request_handle, method, path, at, because)
+  local message = "the body of " .. method .. " " .. cut(path) .. " is not valid JSON: " .. because
+    .. " at byte " .. (at - 1)
+  refuse(request_handle, status_json(message, "INVALID_JSON", "flowport.dev", '"offset":"' .. (at - 1) .. '"'))
+end
+
+local function unknown_fields(request_handle, method, path, body_kind, unknown)
   local names, violations = {}, {}
-  for i, where in ipairs(found) do
+  for i, where in ipairs(unknown) do
     names[i] = shown(where)
-    violations[i] = '{"field":"' .. json_text(cut(where)) .. '","description":"not a field of '
-      .. body_kind .. '; unknown fields are refused, not ignored"}'
+    violations[i] = { where, "not a field of " .. body_kind .. "; unknown fields are refused, not ignored" }
   end
-  local message = "unknown field" .. (#found > 1 and "s " or " ") .. table.concat(names, ", ")
+  local message = "unknown field" .. (#unknown > 1 and "s " or " ") .. table.concat(names, ", ")
     .. " in the body of " .. method .. " " .. cut(path)
-  local body = '{"code":3,"message":"' .. json_text(message) .. '","details":['
-    .. '{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"UNKNOWN_FIELD","domain":"flowport.dev",'
-    .. '"metadata":{"message_type":"' .. body_kind .. '"}},'
-    .. '{"@type":"type.googleapis.com/google.rpc.BadRequest","field_violations":['
-    .. table.concat(violations, ",") .. "]}]}"
-  refuse(request_handle, body)
+  local metadata = '"message_type":"' .. body_kind .. '"'
+  refuse(request_handle, status_json(message, "UNKNOWN_FIELD", "flowport.dev", metadata, violations))
+end
+
+local function misshapen_fields(request_handle, method, path, misshapen)
+  local parts = {}
+  for i, problem in ipairs(misshapen) do
+    parts[i] = (problem[1] == "" and "the body" or shown(problem[1])) .. " is " .. problem[2]
+  end
+  local message = table.concat(parts, "; ") .. " (in the body of " .. method .. " " .. cut(path) .. ")"
+  refuse(request_handle, status_json(message, "INVALID_ARGUMENT", "flowport.dev", "", misshapen))
 end
 
 -- Envoy's own test (Grpc::Common::hasGrpcContentType): exactly application/grpc, or application/grpc+...
@@ -383,7 +479,7 @@ function envoy_on_request(request_handle)
       break
     end
   end
-  if body_kind == nil or body_kind == "" then
+  if body_kind == nil or body_kind == ANY then
     return
   end
   local body = request_handle:body()
@@ -391,12 +487,18 @@ function envoy_on_request(request_handle)
     return
   end
   local text = body:getBytes(0, body:length())
-  local found = {}
-  local start = skip_space(text, 1)
-  if walk_value(text, start, body_kind, "", found, 0) == nil then
-    unreadable(request_handle, method, path)
-  elseif #found > 0 then
-    answer(request_handle, method, path, body_kind, found)
+  local found = { unknown = {}, misshapen = {} }
+  local after = walk_value(text, skip_space(text, 1), body_kind, "", found, 0)
+  if after ~= nil and skip_space(text, after) <= #text then
+    -- The transcoder's parser stops after one value and refuses what follows.
+    after = fail(skip_space(text, after), "more after the JSON value")
+  end
+  if after == nil then
+    unreadable(request_handle, method, path, failed_at, failed_because)
+  elseif #found.unknown > 0 then
+    unknown_fields(request_handle, method, path, body_kind, found.unknown)
+  elseif #found.misshapen > 0 then
+    misshapen_fields(request_handle, method, path, found.misshapen)
   end
 end
 
@@ -407,34 +509,9 @@ local function characters_of(raw)
   return n - select(2, string.gsub(raw, "\\[^u]", ""))
 end
 
--- Envoy's own messages may quote the request whole (the transcoder quotes a
--- value it could not convert, a query parameter it does not know): a local
--- reply keeps the start of its message, marked as cut like the server's.
-function envoy_on_response(response_handle)
-  local headers = response_handle:headers()
-  if headers:get(LOCAL_REPLY_HEADER) == nil then
-    return
-  end
-  headers:remove(LOCAL_REPLY_HEADER)
-  local length = tonumber(headers:get("content-length") or "")
-  if length ~= nil and length <= MAX_LOCAL_MESSAGE_BYTES + 200 then
-    return
-  end
-  local body = response_handle:body()
-  if body == nil then
-    return
-  end
-  local text = body:getBytes(0, body:length())
-  local start = find(text, '"message":"', 1, true)
-  if start == nil then
-    return
-  end
-  local open = start + 10
-  local raw, after = read_string(text, open)
-  if raw == nil or #raw <= MAX_LOCAL_MESSAGE_BYTES then
-    return
-  end
-  -- Whole escapes and whole characters only.
+-- The start of a local reply's raw message, marked as cut like the server's
+-- errors: whole escapes and whole characters only.
+local function cut_raw(raw)
   local i = 1
   while i <= MAX_LOCAL_MESSAGE_BYTES do
     local step = 1
@@ -449,7 +526,76 @@ function envoy_on_response(response_handle)
   while i > 1 and continuation(string.byte(raw, i)) do
     i = i - 1
   end
-  local kept = sub(raw, 1, i - 1) .. "\226\128\166 (" .. characters_of(raw) .. " characters, cut)"
-  body:setBytes(sub(text, 1, open) .. kept .. sub(text, after - 1))
-  headers:replace("content-length", tostring(body:length()))
+  return sub(raw, 1, i - 1) .. "\226\128\166 (" .. characters_of(raw) .. " characters, cut)"
+end
+
+-- A type as the transcoder names it, for people: TYPE_STRING is string,
+-- type.googleapis.com/google.protobuf.Duration is google.protobuf.Duration.
+local function type_name(name)
+  local scalar = match(name, "^TYPE_(%u+)$")
+  if scalar ~= nil then
+    return string.lower(scalar)
+  end
+  return match(name, "^type%.googleapis%.com/(.+)$") or name
+end
+
+-- The transcoder's 400 for a body it could not read, as a JSON google.rpc.Status
+-- that quotes none of the body; nil for any other message.
+--   Its parser: "<what>\n<the 20 bytes before and after>\n<spaces>^".
+--   Its converter: "<field path>: invalid value <the value, or why> for type <type>", where
+--   the why of a Duration or Timestamp is "Field '<name>', <why>[, value is <the value>]".
+local function transcoder_error(message)
+  local what = match(message, "^([^\n]*)\n.*\n *%^$")
+  if what ~= nil then
+    what = string.lower(sub(what, 1, 1)) .. string.gsub(sub(what, 2), "%.$", "")
+    return status_json("the request body is not valid JSON: " .. cut(what), "INVALID_JSON", "flowport.dev")
+  end
+  local field, value, kind = match(message, "^(.-): invalid value (.*) for type (%S+)$")
+  if field == nil then
+    return nil
+  end
+  -- Only the converter's own words are kept, never what the body held.
+  local why = match(value, "^Field '[^']*', (.-), value is ") or match(value, "^Field '[^']*', (.*)$")
+  local description = "not a valid " .. type_name(kind) .. (why and (": " .. cut(why)) or "")
+  local shown_field = field == "" and "the body" or shown(field)
+  return status_json(shown_field .. " is " .. description, "INVALID_ARGUMENT", "flowport.dev", "",
+    { { field, description } })
+end
+
+-- Envoy's own replies: a 400 of the transcoder about the body is rewritten
+-- (transcoder_error); any other that quotes the request (an unknown query
+-- parameter) keeps the start of its message, marked as cut like the server's.
+function envoy_on_response(response_handle)
+  local headers = response_handle:headers()
+  if headers:get(LOCAL_REPLY_HEADER) == nil then
+    return
+  end
+  headers:remove(LOCAL_REPLY_HEADER)
+  local is_400 = headers:get(":status") == "400"
+  local length = tonumber(headers:get("content-length") or "")
+  if not is_400 and length ~= nil and length <= MAX_LOCAL_MESSAGE_BYTES + 200 then
+    return
+  end
+  -- From here on the headers are not touched: their handle does not outlive body()
+  -- (Envoy: "object used outside of proper scope"), and setBytes sets content-length.
+  local body = response_handle:body()
+  if body == nil then
+    return
+  end
+  local text = body:getBytes(0, body:length())
+  local start = find(text, '"message":"', 1, true)
+  if start == nil then
+    return
+  end
+  local open = start + 10
+  local raw, after = read_string(text, open)
+  if raw == nil then
+    return
+  end
+  local rewritten = is_400 and transcoder_error(unescape(raw))
+  if rewritten then
+    body:setBytes(rewritten)
+  elseif #raw > MAX_LOCAL_MESSAGE_BYTES then
+    body:setBytes(sub(text, 1, open) .. cut_raw(raw) .. sub(text, after - 1))
+  end
 end

@@ -24,6 +24,29 @@ FieldType = descriptor_pb2.FieldDescriptorProto
 # Any), a scalar (Timestamp, Duration, FieldMask, wrappers) or `{}` (Empty).
 # The transcoder checks those forms itself; the walk does not enter them.
 OPAQUE_PREFIX = "google.protobuf."
+# Of those, the ones written as one JSON scalar (a string, number or bool),
+# never an object or a list.
+SCALAR_TYPES = frozenset(
+    f"google.protobuf.{name}"
+    for name in (
+        "Duration",
+        "Timestamp",
+        "FieldMask",
+        "DoubleValue",
+        "FloatValue",
+        "Int64Value",
+        "UInt64Value",
+        "Int32Value",
+        "UInt32Value",
+        "BoolValue",
+        "StringValue",
+        "BytesValue",
+    )
+)
+# Kinds of value in the tables (see _kind): any JSON value, one scalar, a list of elements of a kind.
+ANY = ""
+SCALAR = "="
+REPEATED = "[]"
 # A path template's variable: `{name}` or `{name=pattern}`.
 _VARIABLE = re.compile(r"\{([^}=]+)(?:=([^}]*))?\}")
 _LUA_MAGIC = re.compile(r"([\^$()%.\[\]*+\-?])")
@@ -51,18 +74,30 @@ def _camel(name: str) -> str:
 
 
 def _kind(field: descriptor_pb2.FieldDescriptorProto, messages: dict[str, descriptor_pb2.DescriptorProto]) -> str:
-    """What the walk does with a field's value: '' (not entered), a message name, or 'map:' + the values' kind."""
+    """What the walk does with a field's value: ANY (not entered), SCALAR (one JSON scalar, not
+    entered), a message name, 'map:' + the values' kind, or REPEATED + the elements' kind."""
+    element = _element_kind(field, messages)
+    if field.label == FieldType.LABEL_REPEATED and not element.startswith("map:"):
+        return REPEATED + element
+    return element
+
+
+def _element_kind(
+    field: descriptor_pb2.FieldDescriptorProto, messages: dict[str, descriptor_pb2.DescriptorProto]
+) -> str:
     if field.type != FieldType.TYPE_MESSAGE:
-        return ""
+        return SCALAR
     name = field.type_name.lstrip(".")
     message = messages.get(name)
     if message is None:
-        return ""
+        return ANY
     if message.options.map_entry:
         value = next(f for f in message.field if f.number == 2)
         return "map:" + _kind(value, messages)
+    if name in SCALAR_TYPES:
+        return SCALAR
     if name.startswith(OPAQUE_PREFIX):
-        return ""
+        return ANY
     return name
 
 
@@ -85,9 +120,9 @@ def tables(path: Path | None = None) -> tuple[dict[str, dict[str, str]], list[tu
                 for key in (field.name, field.json_name or _camel(field.name)):
                     keys[key] = kind
                 target = kind
-                while target.startswith("map:"):
-                    target = target.removeprefix("map:")
-                if target:
+                while target.startswith(("map:", REPEATED)):
+                    target = target.removeprefix("map:").removeprefix(REPEATED)
+                if target not in (ANY, SCALAR):
                     pending.append(target)
             types[current] = keys
 
@@ -100,8 +135,9 @@ def tables(path: Path | None = None) -> tuple[dict[str, dict[str, str]], list[tu
                 kind = method.input_type
             else:
                 field = next(f for f in messages[method.input_type].field if f.name == binding.body)
-                kind = "" if field.label == FieldType.LABEL_REPEATED else _kind(field, messages)
-            if kind and not kind.startswith("map:"):
+                # A repeated body is left to the transcoder (ANY: not walked).
+                kind = ANY if field.label == FieldType.LABEL_REPEATED else _kind(field, messages)
+            if kind not in (ANY, SCALAR) and not kind.startswith("map:"):
                 reach(kind)
             routes.append((binding.verb.upper(), _path_pattern(binding.template), kind))
     return types, routes

@@ -31,6 +31,9 @@ STATUS_CODES = {
     504: 4,  # DEADLINE_EXCEEDED
 }
 REASONS = {
+    # The transcoder's (an unknown query parameter, a path it cannot bind); its errors about
+    # a body are rewritten by transcoder/body_fields.lua, with reasons of their own.
+    400: "INVALID_ARGUMENT",
     404: "NOT_FOUND",
     413: "REQUEST_TOO_LARGE",
     431: "REQUEST_HEADERS_TOO_LARGE",

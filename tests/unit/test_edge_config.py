@@ -121,10 +121,12 @@ def test_the_body_check_knows_every_route_with_a_body_and_both_field_names() -> 
     assert ("POST", "^/workflows/[^/]*/execute$", "flowport.v1.CreateExecutionRequest") in routes
     assert ("POST", "^/api/workflows:validate$", "flowport.v1.Workflow") in routes
     session = types["flowport.v1.Session"]
-    assert session["user_id"] == session["userId"] == ""
-    assert session["metadata"] == "", "a Struct takes any key"
+    assert session["user_id"] == session["userId"] == "=", "one scalar"
+    assert session["ttl"] == "=", "a Duration is one JSON string"
+    assert session["metadata"] == "", "a Struct takes any value"
     workflow = types["flowport.v1.Workflow"]
-    assert workflow["nodes"] == "flowport.v1.Node" and "flowport.v1.Node" in types
+    assert workflow["nodes"] == "[]flowport.v1.Node" and "flowport.v1.Node" in types
+    assert workflow["labels"] == "map:="
     assert types["flowport.v1.Node"]["config"] == ""
     source = lua_source()
     assert source.startswith("local TYPES = {") and "function envoy_on_request" in source

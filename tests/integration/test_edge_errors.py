@@ -1,0 +1,169 @@
+"""Envoy's own errors about a request, through a real Envoy and server: they
+name what is wrong and where without quoting the body (a secret's value),
+in the JSON google.rpc.Status shape of every other REST error; and cutting a
+long one leaves no Lua error in Envoy's log."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from ..conftest import ADMIN_HEADERS, Stack, make_settings, start_up, stop_up
+
+pytestmark = pytest.mark.integration
+
+SECRET = "sk_live_0123456789abcdefghijKLMNOP"
+# Pieces of SECRET a message quoting the body would carry: the transcoder quoted 20 bytes
+# either side of where its parser stopped.
+PIECES = ("0123456789", "abcdefghij", "KLMNOP", "sk_live")
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = start_up(make_settings(tmp_path_factory.mktemp("edge_errors"), max_login_attempts=1000))
+    yield stack
+    stop_up(stack)
+
+
+@pytest.fixture
+def rest(edge: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=edge.http, headers=ADMIN_HEADERS, timeout=30) as client:
+        yield client
+
+
+def output_since_read(stack: Stack) -> str:
+    """What `flowport up` (the server and Envoy) has printed since it came up and was last read."""
+    assert stack.process.stdout is not None
+    fd = stack.process.stdout.fileno()
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.set_blocking(fd, True)  # stop_up reads the rest with communicate()
+    text = b"".join(chunks).decode(errors="replace")
+    stack.output.append(text)
+    return text
+
+
+def _status(response: httpx.Response, reason: str) -> dict[str, Any]:
+    """The response's google.rpc.Status, checked to be a 400 with `reason` in its ErrorInfo."""
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/json"
+    body: dict[str, Any] = response.json()
+    assert body["code"] == 3, body
+    info = body["details"][0]
+    assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo", body
+    assert info["reason"] == reason, body
+    return body
+
+
+def _quotes_nothing_of_the_secret(response: httpx.Response) -> None:
+    for piece in PIECES:
+        assert piece not in response.text, response.text
+
+
+def test_a_body_that_is_not_json_is_refused_without_quoting_it(rest: httpx.Client) -> None:
+    value = json.dumps(SECRET)
+    bodies = {
+        # Something after the value (the reviewer's case): the transcoder quoted `9abcdefghijKLMNOP"} x`.
+        f'{{"value":{value}}} x': 47,
+        f'{{"value":{value} x}}': 46,
+        f'{{"value":{SECRET}}}': 9,  # no quotes: not a JSON value
+        f'{{"value":"{SECRET}\\u00"}}': 44,  # an escape cut short
+        f'{{"value":"{SECRET}\\ud800"}}': 44,  # half a surrogate pair
+        f'{{"value":{value},"description":01}}': 60,  # octal, to the transcoder's parser
+        f'{{"value":{value},"description":}}': 60,
+    }
+    for body, offset in bodies.items():
+        response = rest.put("/api/secrets/ASEC", content=body.encode(), headers={"content-type": "application/json"})
+        status = _status(response, "INVALID_JSON")
+        _quotes_nothing_of_the_secret(response)
+        assert status["message"].startswith("the body of PUT /api/secrets/ASEC is not valid JSON: "), status
+        assert status["message"].endswith(f" at byte {offset}"), (body, status)
+        assert status["details"][0]["metadata"] == {"offset": str(offset)}, status
+    # What only the transcoder's parser finds (bytes that are not UTF-8, NaN in a free-form
+    # value) is rewritten on the way out: what is wrong, none of the bytes around it.
+    for path, body in (
+        ("/api/secrets/ASEC", f'{{"value":"{SECRET}\xff"}}'.encode("latin-1")),
+        ("/api/sessions", f'{{"metadata":{{"token":{value},"n":NaN}}}}'.encode()),
+    ):
+        response = rest.request("POST" if path == "/api/sessions" else "PUT", path, content=body)
+        status = _status(response, "INVALID_JSON")
+        _quotes_nothing_of_the_secret(response)
+        assert status["message"].startswith("the request body is not valid JSON: "), status
+
+
+def test_webhook_secrets_and_resource_headers_are_not_quoted_either(rest: httpx.Client) -> None:
+    webhook = json.dumps({"url": "http://127.0.0.1:9/hook", "secret": SECRET})
+    resource = json.dumps({"name": "partner", "http": {"base_url": "http://x", "headers": {"Authorization": SECRET}}})
+    for path, body in (("/api/webhooks", webhook), ("/api/resources", resource)):
+        for broken in (body + " x", body[:-1] + " x}", body.replace(f'"{SECRET}"', SECRET)):
+            response = rest.post(path, content=broken.encode(), headers={"content-type": "application/json"})
+            _status(response, "INVALID_JSON")
+            _quotes_nothing_of_the_secret(response)
+
+
+def test_a_value_the_transcoder_cannot_convert_is_named_by_its_field_not_quoted(rest: httpx.Client) -> None:
+    for body, field, words in (
+        ({"ttl": 5}, "session.ttl", "not a valid google.protobuf.Duration: Invalid data type for duration"),
+        ({"ttl": "abc"}, "session.ttl", "not a valid google.protobuf.Duration: Illegal duration format"),
+        ({"user_id": 123456789}, "session.user_id", "not a valid string"),
+    ):
+        status = _status(rest.post("/api/sessions", json=body), "INVALID_ARGUMENT")
+        violations = status["details"][1]["field_violations"]
+        assert [v["field"] for v in violations] == [field], status
+        assert violations[0]["description"].startswith(words), status
+        assert "123456789" not in status["message"] and "value is" not in status["message"], status
+    secret = _status(rest.put("/api/secrets/ASEC", json={"value": 12345678901234567890}), "INVALID_ARGUMENT")
+    assert "1234567" not in json.dumps(secret) and secret["details"][1]["field_violations"][0]["field"] == "value"
+
+
+def test_a_list_or_an_object_where_one_value_belongs_names_its_field(rest: httpx.Client) -> None:
+    # The transcoder named the enclosing message ("session: Proto field is not repeating").
+    for body, field, words in (
+        ({"ttl": ["5s"]}, "ttl", "a list, where one value belongs"),
+        ({"user_id": {"a": SECRET}}, "user_id", "an object, where one value"),
+        ([{"user_id": "u"}], "", "a list, where an object belongs"),
+    ):
+        response = rest.post("/api/sessions", json=body)
+        status = _status(response, "INVALID_ARGUMENT")
+        _quotes_nothing_of_the_secret(response)
+        violations = status["details"][1]["field_violations"]
+        assert [v["field"] for v in violations] == [field], status
+        assert violations[0]["description"].startswith(words), status
+    # A map of strings given an object as a value: the transcoder passed on what the server could not decode.
+    labels = rest.post("/api/workflows:validate", json={"name": "w", "labels": {"team": {"a": 1}}})
+    assert _status(labels, "INVALID_ARGUMENT")["details"][1]["field_violations"][0]["field"] == "labels[team]"
+    # A single object for a repeated field is its one element, as the transcoder reads it.
+    one_node = rest.post(
+        "/api/workflows:validate", json={"name": "w", "nodes": {"type": "PythonCodeNode", "name": "a"}}
+    )
+    assert one_node.status_code == 200, one_node.text
+
+
+def test_envoys_other_400s_have_the_status_shape_and_a_long_one_is_cut_without_a_lua_error(
+    edge: Stack, rest: httpx.Client
+) -> None:
+    output_since_read(edge)
+    name = "b" * 500
+    response = rest.get(f"/api/sessions?{name}=1")
+    status = _status(response, "INVALID_ARGUMENT")
+    assert status["details"][0]["domain"] == "envoy.flowport.dev"
+    assert "characters, cut)" in status["message"] and len(status["message"]) < 400, status
+    assert "x-flowport-local-reply" not in response.headers
+    time.sleep(1.0)  # Envoy's log is written as it happens; leave it a moment
+    assert "object used outside of proper scope" not in output_since_read(edge)
