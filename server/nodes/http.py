@@ -128,6 +128,8 @@ CLIENT_OWNED_HEADERS: Final = frozenset(
         "proxy-connection",
         "proxy-authorization",
         "proxy-authenticate",
+        # The client never waits for a 100 Continue: a server that honours one stalls the call.
+        "expect",
     }
 )
 # Headers that carry a credential for the origin they were set for (lower case): dropped when a

@@ -526,6 +526,7 @@ CLIENT_OWNED = (
     "Proxy-Connection",
     "Proxy-Authorization",
     "Proxy-Authenticate",
+    "Expect",
 )
 
 
