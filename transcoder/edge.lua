@@ -131,6 +131,7 @@ local function take_cookie_credential(request_handle, headers)
   local origin = headers:get("origin")
   if origin ~= nil and not COOKIE_ORIGINS[origin] and not same_host(origin, headers:get(":authority")) then
     request_handle:streamInfo():dynamicMetadata():set("flowport", "json_reply", true)
+    request_handle:streamInfo():dynamicMetadata():set("flowport", "grpc_status", 7)
     request_handle:respond({ [":status"] = "403", ["content-type"] = "application/json" },
       '{"code":7,"message":"the flowport_token cookie is accepted from this host\'s pages and --cors-origins only",'
       .. '"details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"CROSS_ORIGIN_COOKIE",'
@@ -219,6 +220,28 @@ function envoy_on_request(request_handle)
   end
 end
 
+-- The gRPC status a REST answer stands for, for the access log (its grpc_status): Envoy's
+-- own %GRPC_STATUS% maps the HTTP status back to a code, and 404 is not UNIMPLEMENTED, nor
+-- 409 UNKNOWN. An error's JSON google.rpc.Status (the server's, converted by the
+-- transcoder, or Envoy's own reply) leads with its code; an answer the server sent
+-- (x-envoy-upstream-service-time) that is not an error is OK. Nothing for anything else
+-- (the OpenAPI document, a WebSocket's upgrade): no gRPC call was made.
+local function record_status(response_handle, status, from_server)
+  local code = nil
+  if status < 400 then
+    code = (status < 300 and from_server) and 0 or nil
+  else
+    local body = response_handle:body()
+    if body ~= nil and body:length() > 0 then
+      code = tonumber(string.match(body:getBytes(0, math.min(body:length(), 64)), '^%s*{%s*"code"%s*:%s*(%d+)'))
+    end
+  end
+  if code ~= nil then
+    -- Fetched here: no handle taken before body() may be used after it.
+    response_handle:streamInfo():dynamicMetadata():set("flowport", "grpc_status", code)
+  end
+end
+
 function envoy_on_response(response_handle)
   local mark = response_handle:streamInfo():dynamicMetadata():get("flowport")
   if mark ~= nil and mark["rest"] then
@@ -228,7 +251,11 @@ function envoy_on_response(response_handle)
     headers:remove("grpc-accept-encoding")
     headers:remove("grpc-encoding")
     local content_type = headers:get("content-type") or ""
-    if string.find(content_type, "text/event-stream", 1, true) == 1 then
+    local status = tonumber(headers:get(":status") or "") or 0
+    local from_server = headers:get("x-envoy-upstream-service-time") ~= nil
+    -- The headers are done with: reading an error's body ends what may be done with them.
+    record_status(response_handle, status, from_server)
+    if status < 400 and string.find(content_type, "text/event-stream", 1, true) == 1 then
       annotate_events(response_handle)
     end
   end

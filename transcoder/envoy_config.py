@@ -204,7 +204,27 @@ def _cors_policy(settings: Settings) -> dict[str, Any]:
     )
 
 
+# Which requests edge.lua marked REST (transcoded, or Envoy's JSON replies), and which not.
+_REST_MARK = {"filter": "flowport", "path": [{"key": "rest"}]}
+# Left unset, match_if_key_not_found would log a request without the key too.
+_IS_REST_LOG = {
+    "metadata_filter": {"matcher": {**_REST_MARK, "value": {"bool_match": True}}, "match_if_key_not_found": False}
+}
+_NOT_REST_LOG = {
+    "metadata_filter": {"matcher": {**_REST_MARK, "value": {"bool_match": False}}, "match_if_key_not_found": True}
+}
+
+
 def _access_log(settings: Settings) -> list[dict[str, Any]]:
+    """Two loggers, one line per request, into one file (Envoy opens a path once for both).
+
+    They differ in `grpc_status` alone. For gRPC and grpc-web it is Envoy's
+    %GRPC_STATUS_NUMBER% (the upstream's grpc-status). A REST answer carries
+    none (the transcoder puts it in the JSON body, edge.lua removes the rest),
+    so that command would map the HTTP status back to a code, wrongly (404 is
+    not UNIMPLEMENTED): edge.lua records the status the answer stands for in
+    dynamic metadata instead.
+    """
     if settings.access_log == "off":
         return []
     path = {"-": "/dev/stdout", "": str(settings.data_dir.resolve() / "access.log")}.get(
@@ -228,13 +248,16 @@ def _access_log(settings: Settings) -> list[dict[str, Any]]:
         "user_agent": "%REQ(USER-AGENT)%",
         "request_id": "%REQ(X-REQUEST-ID)%",
     }
+    rest_fields = {**fields, "grpc_status": "%DYNAMIC_METADATA(flowport:grpc_status)%"}
     return [
         {
             "name": "envoy.access_loggers.file",
+            "filter": log_filter,
             "typed_config": _typed(
-                "envoy.extensions.access_loggers.file.v3.FileAccessLog", path=path, log_format={"json_format": fields}
+                "envoy.extensions.access_loggers.file.v3.FileAccessLog", path=path, log_format={"json_format": format_}
             ),
         }
+        for log_filter, format_ in ((_IS_REST_LOG, rest_fields), (_NOT_REST_LOG, fields))
     ]
 
 

@@ -1,7 +1,8 @@
 """Envoy's own errors about a request, through a real Envoy and server: they
 name what is wrong and where without quoting the body (a secret's value),
-in the JSON google.rpc.Status shape of every other REST error; and cutting a
-long one leaves no Lua error in Envoy's log."""
+in the JSON google.rpc.Status shape of every other REST error; cutting a long
+one leaves no Lua error in Envoy's log; and the access log records the gRPC
+status the client was answered with, REST or gRPC."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
-from ..conftest import ADMIN_HEADERS, Stack, make_settings, start_up, stop_up
+from flowport.v1 import session_pb2, session_pb2_grpc
+
+from ..conftest import ADMIN_HEADERS, ADMIN_KEY, Stack, make_settings, start_up, stop_up
 
 pytestmark = pytest.mark.integration
 
@@ -167,3 +171,60 @@ def test_envoys_other_400s_have_the_status_shape_and_a_long_one_is_cut_without_a
     assert "x-flowport-local-reply" not in response.headers
     time.sleep(1.0)  # Envoy's log is written as it happens; leave it a moment
     assert "object used outside of proper scope" not in output_since_read(edge)
+
+
+def _logged(edge: Stack, agents: set[str]) -> dict[str, dict[str, Any]]:
+    """The access log entry of each request whose user agent is one of `agents`."""
+    log = edge.settings.data_dir / "access.log"
+    deadline = time.monotonic() + 10
+    found: dict[str, dict[str, Any]] = {}
+    while set(found) != agents and time.monotonic() < deadline:
+        time.sleep(0.2)  # Envoy flushes its access log on a timer
+        lines = log.read_text().splitlines() if log.exists() else []
+        for entry in (json.loads(line) for line in lines if line.strip()):
+            # gRPC clients add their own name to the user agent.
+            agent = str(entry.get("user_agent") or "").split(" ")[0]
+            if agent in agents:
+                found[agent] = entry
+    assert set(found) == agents, f"not in the access log: {agents - set(found)}"
+    return found
+
+
+def test_the_access_log_records_the_grpc_status_the_call_was_answered_with(edge: Stack, rest: httpx.Client) -> None:
+    # Envoy's %GRPC_STATUS% maps a REST answer's HTTP status back to a code: 404 was logged
+    # 12 (UNIMPLEMENTED), 409 2 (UNKNOWN), 400 13 (INTERNAL).
+    request_id = {"request_id": f"log-{time.monotonic_ns()}"}
+    assert rest.post("/api/sessions", json={"user_id": "a"}, params=request_id).status_code == 200
+    calls = {
+        "status-ok": (lambda ua: rest.get("/api/sessions", headers=ua), 200, 0),
+        "status-not-found": (lambda ua: rest.get("/api/sessions/ses_missing", headers=ua), 404, 5),
+        "status-exists": (
+            lambda ua: rest.post("/api/sessions", json={"user_id": "b"}, params=request_id, headers=ua),
+            409,
+            6,
+        ),
+        "status-invalid": (lambda ua: rest.post("/api/sessions", json={"ttl": "0s"}, headers=ua), 400, 3),
+        "status-unauthenticated": (
+            lambda ua: httpx.get(f"{edge.http}/api/sessions", headers=ua, timeout=30),
+            401,
+            16,
+        ),
+        # Envoy's own answers: the code their JSON body carries.
+        "status-no-route": (lambda ua: rest.get("/api/no-such-thing", headers=ua), 404, 5),
+        "status-bad-json": (lambda ua: rest.post("/api/sessions", content=b"{", headers=ua), 400, 3),
+    }
+    for agent, (call, http_status, _) in calls.items():
+        response = call({"user-agent": agent})
+        assert response.status_code == http_status, (agent, response.text)
+    options = [("grpc.primary_user_agent", "status-grpc")]
+    with grpc.insecure_channel(edge.envoy_target, options=options) as channel, pytest.raises(grpc.RpcError) as caught:
+        session_pb2_grpc.SessionServiceStub(channel).GetSession(
+            session_pb2.GetSessionRequest(session_id="ses_missing"),
+            metadata=(("x-api-key", ADMIN_KEY),),
+            timeout=10,
+        )
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    logged = _logged(edge, {*calls, "status-grpc"})
+    seen = {agent: (entry["status"], entry["grpc_status"]) for agent, entry in logged.items()}
+    expected = {agent: (http_status, code) for agent, (_, http_status, code) in calls.items()}
+    assert seen == {**expected, "status-grpc": (200, 5)}
