@@ -21,9 +21,14 @@
 -- never reaches the access log, the transcoder or the server as a query.
 --
 -- Nor can a browser WebSocket, and the seed's code sends no token at all: a
--- GET of /events or /ws with neither header nor `?access_token=` takes the
--- `flowport_token` cookie (the same values), which is removed from the
--- Cookie header sent on. A browser sends cookies whichever page opened the
+-- GET of /events or /ws takes the `flowport_token` cookie (the same values)
+-- into those headers too, and removes it from the Cookie header sent on.
+-- Both are added beside the headers a request has, never in their place:
+-- a call carries one credential, and the server refuses one that arrives
+-- with two (a header and a query parameter, a query parameter and a
+-- cookie, two of either), rather than one silently winning over the other.
+--
+-- A browser sends cookies whichever page opened the
 -- connection, and WebSockets have no CORS: so such a request, when it has
 -- an Origin, must come from this host (Origin's host and port equal to the
 -- request's) or one of --cors-origins ('*' does not count), else it is a
@@ -38,62 +43,76 @@ local function unescape(value)
   return (string.gsub(value, "%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end))
 end
 
-local function set_credential(headers, token)
+-- A credential is added beside any the request already has, never put in
+-- place of one: a request with two (a header and ?access_token=, two
+-- cookies, ...) reaches the server with both, which refuses it (401).
+local function add_credential(headers, token)
   if string.sub(token, 1, 4) == "fpk_" then
-    headers:replace("x-api-key", token)
+    headers:add("x-api-key", token)
   else
-    headers:replace("authorization", "Bearer " .. token)
+    headers:add("authorization", "Bearer " .. token)
   end
 end
 
+-- Every ?access_token= of a GET is taken out of the path and added as a credential
+-- (an empty one is only taken out).
 local function take_access_token(headers)
   local path = headers:get(":path") or ""
   local question = string.find(path, "?", 1, true)
   if question == nil or headers:get(":method") ~= "GET" then
     return
   end
-  local kept, token = {}, nil
+  local kept, tokens, found = {}, {}, false
   for pair in string.gmatch(string.sub(path, question + 1), "[^&]+") do
     local name, value = string.match(pair, "^([^=]*)=?(.*)$")
     if name == "access_token" then
-      token = unescape(value)
+      found = true
+      if value ~= "" then
+        tokens[#tokens + 1] = unescape(value)
+      end
     else
       table.insert(kept, pair)
     end
   end
-  if token == nil then
+  if not found then
     return
   end
   local base = string.sub(path, 1, question - 1)
   headers:replace(":path", #kept > 0 and (base .. "?" .. table.concat(kept, "&")) or base)
-  set_credential(headers, token)
+  for _, token in ipairs(tokens) do
+    add_credential(headers, token)
+  end
 end
 
 local TOKEN_COOKIE = "flowport_token"
 local COOKIE_PATHS = { ["/events"] = true, ["/ws"] = true }
 local DEFAULT_PORTS = { http = ":80", https = ":443", ws = ":80", wss = ":443" }
 
--- The flowport_token cookie's value (nil without one), removed from the Cookie header(s).
-local function take_cookie(headers)
+-- The flowport_token cookies' values (empty ones left out), removed from the Cookie header(s).
+local function take_cookies(headers)
   local count = headers:getNumValues("cookie")
-  local token, kept = nil, {}
+  local tokens, kept, found = {}, {}, false
   for i = 0, count - 1 do
     for pair in string.gmatch(headers:getAtIndex("cookie", i) or "", "[^;]+") do
       local name, value = string.match(pair, "^%s*([^=]-)%s*=%s*(.-)%s*$")
       if name == TOKEN_COOKIE then
-        token = string.match(value, '^"(.*)"$') or value
+        found = true
+        local token = string.match(value, '^"(.*)"$') or value
+        if token ~= "" then
+          tokens[#tokens + 1] = token
+        end
       elseif string.find(pair, "%S") then
         kept[#kept + 1] = string.match(pair, "^%s*(.-)%s*$")
       end
     end
   end
-  if token ~= nil then
+  if found then
     headers:remove("cookie")
     if #kept > 0 then
       headers:add("cookie", table.concat(kept, "; "))
     end
   end
-  return token
+  return tokens
 end
 
 -- Whether a browser's Origin is this host (scheme://host[:port] against the request's authority).
@@ -115,17 +134,14 @@ local function same_host(origin, authority)
   return rest == authority
 end
 
--- The cookie credential of a stream GET without one; false when the request is refused.
+-- The cookie credentials of a stream GET, added to its headers; false when the request is refused.
 local function take_cookie_credential(request_handle, headers)
   local path = headers:get(":path") or ""
   if headers:get(":method") ~= "GET" or not COOKIE_PATHS[string.match(path, "^[^?]*")] then
     return true
   end
-  if headers:get("x-api-key") ~= nil or headers:get("authorization") ~= nil then
-    return true
-  end
-  local token = take_cookie(headers)
-  if token == nil or token == "" then
+  local tokens = take_cookies(headers)
+  if #tokens == 0 then
     return true
   end
   local origin = headers:get("origin")
@@ -138,7 +154,9 @@ local function take_cookie_credential(request_handle, headers)
       .. '"domain":"flowport.dev"}]}')
     return false
   end
-  set_credential(headers, token)
+  for _, token in ipairs(tokens) do
+    add_credential(headers, token)
+  end
   return true
 end
 

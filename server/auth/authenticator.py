@@ -3,7 +3,8 @@
 Runs in the server interceptor before the handler, so before any
 idempotency or cache lookup: an unauthenticated caller can never be
 answered from another caller's records. A failure is always the same
-UNAUTHENTICATED answer; why it failed goes to the log only. Repeated
+UNAUTHENTICATED answer (but for a call with two credentials, which is told
+so: that says nothing about either); why it failed goes to the log only. Repeated
 failures from one client are answered more and more slowly.
 """
 
@@ -34,6 +35,12 @@ FAILURE_WINDOW = 60.0
 MAX_DELAY = 5.0
 TRACKED_CLIENTS = 10_000
 UNAUTHENTICATED_MESSAGE = "authentication required: send a valid x-api-key or authorization: Bearer token"
+# Two credentials say nothing about either's validity, so this answer may differ from the bare one.
+MULTIPLE_CREDENTIALS = "more than one credential"
+MULTIPLE_CREDENTIALS_MESSAGE = (
+    "a call carries one credential, this one had more: send one x-api-key, authorization: Bearer,"
+    " ?access_token= or flowport_token cookie, not two"
+)
 
 
 class _Failures:
@@ -144,7 +151,7 @@ class Authenticator:
             if credentials > 1:
                 # One credential per call: with two, Envoy's rate limit (which
                 # reads the first) and the server (the last) could disagree.
-                raise AuthenticationFailed("more than one credential")
+                raise AuthenticationFailed(MULTIPLE_CREDENTIALS)
             if api_key:
                 return await self._keys.verify(api_key)
             if bearer and self._jwt is not None:
@@ -167,6 +174,8 @@ class Authenticator:
             delay = self._failures.record(origin.client)
             if delay:
                 await asyncio.sleep(delay)
+            if failure.reason == MULTIPLE_CREDENTIALS:
+                raise Unauthenticated(MULTIPLE_CREDENTIALS_MESSAGE, reason="MULTIPLE_CREDENTIALS") from None
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE) from None
 
     def _record_failure(
