@@ -42,6 +42,27 @@ MULTIPLE_CREDENTIALS_MESSAGE = (
     " ?access_token= or flowport_token cookie, not two"
 )
 
+# How grpc's message starts when it reads metadata that is not UTF-8 (it then reads it as Latin-1).
+_UNDECODED_METADATA = "Invalid encoding on "
+
+
+class _QuietUndecodedMetadata(logging.Filter):
+    """Drops grpc's ERROR, with a traceback, for each read of a metadata value that is not
+    UTF-8: a client's bad header is no server error, and the record quotes the value (a
+    credential's). The call goes on and is answered as usual: a bad credential is a 401 with
+    the authenticator's own one line and its audit entry."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(_UNDECODED_METADATA))
+
+
+_QUIET = _QuietUndecodedMetadata()
+
+
+def quiet_undecoded_metadata() -> None:
+    """Install the filter on grpc's Cython logger (once; adding it again changes nothing)."""
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_QUIET)
+
 
 class _Failures:
     """Recent authentication failures per client, bounded in memory."""
@@ -82,6 +103,7 @@ class Authenticator:
         self._trusted_proxies = trusted_proxies
         self._audit = audit
         self.failed = 0
+        quiet_undecoded_metadata()
 
     @property
     def insecure(self) -> bool:

@@ -71,7 +71,8 @@ class KeyAuthenticator:
 
     async def verify(self, key: str) -> Principal:
         """The key's principal; AuthenticationFailed when unknown, expired or revoked."""
-        if not key or len(key) > MAX_KEY_CHARS:
+        # Keys are ASCII; grpc hands over a value that was not UTF-8 read as Latin-1.
+        if not key or len(key) > MAX_KEY_CHARS or not key.isascii():
             raise AuthenticationFailed("malformed api key")
         digest = key_hash(key)
         now = time.time()

@@ -1,7 +1,8 @@
 """Credentials at the edge, through a real Envoy and server: a call carries
 one credential, and one with two of any kinds (x-api-key, authorization,
 ?access_token=, the flowport_token cookie) is refused with a 401 that says
-so, over REST, the WebSocket and gRPC alike, never run as one of them."""
+so, over REST, the WebSocket and gRPC alike, never run as one of them; and a
+credential that is not UTF-8 is a clean 401 with one quiet log line."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from flowport.clients import ApiError, Client
 from flowport.v1 import session_pb2
 
 from ..conftest import ADMIN_HEADERS, Stack, make_settings, start_up, stop_up
+from .test_edge_errors import output_since_read
 
 pytestmark = pytest.mark.integration
 
@@ -121,3 +123,22 @@ def test_two_credentials_over_grpc_are_refused_with_the_same_words(edge: Stack, 
             error = caught.value
             assert (error.code(), error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "MULTIPLE_CREDENTIALS"), error
             assert "one credential" in error.message
+
+
+def test_a_credential_that_is_not_utf8_is_a_clean_401_and_one_quiet_log_line(edge: Stack) -> None:
+    output_since_read(edge)
+    bad = b"fpk_\xff\xfe\xc3(not-utf8"
+    with httpx.Client(base_url=edge.http, timeout=30) as http:
+        response = http.get("/api/sessions", headers=[(b"x-api-key", bad), (b"user-agent", b"credential-probe")])
+        assert response.status_code == 401, response.text
+        assert response.json()["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+        # The same answer for a bearer token that is not UTF-8.
+        assert http.get("/api/sessions", headers=[(b"authorization", b"Bearer \xff.\xfe.x")]).status_code == 401
+        # Nothing was left pending: the next call is answered as usual.
+        assert http.get("/api/sessions", headers=ADMIN_HEADERS).status_code == 200
+    printed = output_since_read(edge)
+    # It used to log nine ERROR records, each with a traceback quoting the key's bytes.
+    assert "Traceback" not in printed and '"level":"ERROR"' not in printed, printed[-3000:]
+    assert "\\xff" not in printed and "not-utf8" not in printed, printed[-3000:]
+    lines = [line for line in printed.splitlines() if "authentication failed" in line]
+    assert len(lines) == 2 and all('"level":"WARNING"' in line for line in lines), lines
