@@ -21,12 +21,14 @@
 -- never reaches the access log, the transcoder or the server as a query.
 --
 -- Nor can a browser WebSocket, and the seed's code sends no token at all: a
--- GET of /events or /ws takes the `flowport_token` cookie (the same values)
--- into those headers too, and removes it from the Cookie header sent on.
--- Both are added beside the headers a request has, never in their place:
--- a call carries one credential, and the server refuses one that arrives
--- with two (a header and a query parameter, a query parameter and a
--- cookie, two of either), rather than one silently winning over the other.
+-- GET of /events or /ws without a credential header or `?access_token=`
+-- takes the `flowport_token` cookie (the same values) into those headers,
+-- and removes it from the Cookie header sent on (a cookie comes with every
+-- request of a page's origin, so one the request names itself wins over it).
+-- Query tokens and cookies are added beside the headers a request has,
+-- never in their place: a call carries one credential, and the server
+-- refuses one that arrives with two (a header and a query parameter, two
+-- query parameters, two cookies), rather than one silently winning.
 --
 -- A browser sends cookies whichever page opened the
 -- connection, and WebSockets have no CORS: so such a request, when it has
@@ -141,7 +143,10 @@ local function take_cookie_credential(request_handle, headers)
     return true
   end
   local tokens = take_cookies(headers)
-  if #tokens == 0 then
+  -- A browser sends the cookie with every request of its origin, whatever the page meant: a
+  -- credential the request names itself (a header, ?access_token=) is the one it means, and
+  -- the cookie is left out. Two cookies, or a cookie alone, are the request's own.
+  if #tokens == 0 or headers:get("x-api-key") ~= nil or headers:get("authorization") ~= nil then
     return true
   end
   local origin = headers:get("origin")

@@ -1,7 +1,9 @@
 """Credentials at the edge, through a real Envoy and server: a call carries
 one credential, and one with two of any kinds (x-api-key, authorization,
-?access_token=, the flowport_token cookie) is refused with a 401 that says
-so, over REST, the WebSocket and gRPC alike, never run as one of them; and a
+?access_token=, two flowport_token cookies) is refused with a 401 that says
+so, over REST, the WebSocket and gRPC alike, never run as one of them (a
+cookie, which a browser sends unasked, yields to a credential the request
+names); and a
 credential that is not UTF-8 is a clean 401 with one quiet log line."""
 
 from __future__ import annotations
@@ -76,23 +78,28 @@ def test_a_query_token_never_replaces_a_header(edge: Stack, keys: tuple[str, str
         assert http.get("/api/sessions", params={"access_token": ""}, headers={"x-api-key": alpha}).status_code == 200
 
 
-def test_a_cookie_beside_another_credential_is_refused(edge: Stack, keys: tuple[str, str]) -> None:
+def test_a_cookie_yields_to_the_credential_a_request_names_and_two_cookies_are_refused(
+    edge: Stack, keys: tuple[str, str]
+) -> None:
+    """A browser sends the flowport_token cookie with every request of the page's origin (the
+    console's ?access_token= streams too): a credential the request names itself is the one used,
+    and the cookie is dropped. Two cookies are ambiguous, and refused."""
     alpha, beta = keys
     with httpx.Client(base_url=edge.http, timeout=30) as http:
-        for cookie, params, headers in (
-            (f"flowport_token={alpha}; flowport_token={beta}", None, {}),  # two cookies: the last used to win
-            (f"flowport_token={beta}", None, {"x-api-key": alpha}),  # the header used to win
-            (f"flowport_token={beta}", None, {"authorization": "Bearer a.b.c"}),
-            (f"flowport_token={beta}", {"access_token": alpha}, {}),  # the query token used to win
-        ):
-            status, line = _events(http, params, cookie=cookie, **headers)
-            assert status == 401, (cookie, params, headers, line)
-            assert json.loads(line)["details"][0]["reason"] == "MULTIPLE_CREDENTIALS", line
+        session = http.post("/api/sessions", json={}, headers={"x-api-key": alpha}).json()["session_id"]
+        mine = {"session_id": session}  # alpha's session: opening its events as beta is a 404
+        assert _events(http, mine, cookie=f"flowport_token={beta}")[0] == 404, "beta's cookie alone is beta"
+        for params, headers in (({}, {"x-api-key": alpha}), ({"access_token": alpha}, {})):
+            status, line = _events(http, {**mine, **params}, cookie=f"flowport_token={beta}", **headers)
+            assert status == 200, (params, headers, line)
+        # Two cookies: the last one used to win.
+        status, line = _events(http, cookie=f"flowport_token={alpha}; flowport_token={beta}")
+        assert status == 401 and json.loads(line)["details"][0]["reason"] == "MULTIPLE_CREDENTIALS", line
         # Cookies in two Cookie headers (as HTTP/2 splits them) count both.
         split = [("cookie", f"flowport_token={alpha}"), ("cookie", f"flowport_token={beta}")]
         with http.stream("GET", "/events", headers=split) as response:
             assert response.status_code == 401
-        # One cookie, or an empty one beside a header, still opens the stream.
+        # One cookie, or an empty one beside a header, opens the stream.
         assert _events(http, cookie=f"flowport_token={alpha}")[0] == 200
         assert _events(http, cookie="flowport_token=; theme=dark", **{"x-api-key": alpha})[0] == 200
 
@@ -102,7 +109,7 @@ def test_the_websocket_refuses_two_credentials_before_the_upgrade(edge: Stack, k
     url = f"ws://127.0.0.1:{edge.settings.http_port}/ws"
     for query, headers in (
         (f"?access_token={beta}", {"x-api-key": alpha}),
-        ("", {"cookie": f"flowport_token={beta}", "x-api-key": alpha}),
+        ("", {"cookie": f"flowport_token={beta}; flowport_token={alpha}"}),
     ):
         with pytest.raises(InvalidStatus) as refused:
             connect(url + query, additional_headers=headers, open_timeout=10).close()
