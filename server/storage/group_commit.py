@@ -11,12 +11,15 @@ not one each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
+
+from flowport.server.errors import Unavailable
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -46,37 +49,82 @@ class QueryTiming:
             self.observe(seconds)
 
 
-class ConnectionThread(Generic[C]):
-    """A connection confined to one thread."""
+class StoreUnavailable(Unavailable):
+    """The database cannot be reached (its server restarting, the network down): the call may
+    succeed when retried, once the connection is made again."""
 
-    def __init__(self, name: str, operation: str = "read") -> None:
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="STORE_UNAVAILABLE", retry_delay=1.0)
+
+
+class ConnectionThread(Generic[C]):
+    """A connection confined to one thread.
+
+    With `broken` (a database server the connection can lose), a connection found broken is
+    made again before the next operation, and an operation that failed because the connection
+    broke fails with StoreUnavailable: the process recovers when the server does, without a
+    restart. The operation itself is not run again (a write's outcome is unknown).
+    """
+
+    def __init__(self, name: str, operation: str = "read", broken: Callable[[C], bool] | None = None) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.conn: C | None = None
         self.timing = QueryTiming(operation)
+        self._broken = broken
+        self._opener: Callable[[], C] | None = None
+        self._closer: Callable[[C], object] | None = None
 
     async def run(self, fn: Callable[[C], T]) -> T:
         timing = self.timing
 
         def call() -> T:
-            assert self.conn is not None, "store is closed"
-            timing.active += 1
-            started = time.perf_counter()
-            try:
-                return fn(self.conn)
-            finally:
-                timing.active -= 1
-                timing.done(time.perf_counter() - started)
+            # A read runs once more on a new connection if the one it had was found broken (a
+            # server restarted while it was idle); a write is not run again: it may have committed.
+            for attempt in (1, 2) if timing.operation == "read" else (1,):
+                conn = self._usable()
+                timing.active += 1
+                started = time.perf_counter()
+                try:
+                    return fn(conn)
+                except Exception as exc:
+                    if self._broken is None or not self._broken(conn):
+                        raise
+                    if attempt == 2 or timing.operation != "read":
+                        raise StoreUnavailable(f"the database connection was lost: {type(exc).__name__}") from exc
+                finally:
+                    timing.active -= 1
+                    timing.done(time.perf_counter() - started)
+            raise AssertionError("unreachable")
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
-    async def open(self, opener: Callable[[], C]) -> None:
+    def _usable(self) -> C:
+        """The connection, made again first if it broke (on this thread)."""
+        assert self._opener is not None, "store is closed"
+        conn = self.conn
+        if conn is not None and (self._broken is None or not self._broken(conn)):
+            return conn
+        if conn is not None and self._closer is not None:
+            with contextlib.suppress(Exception):
+                self._closer(conn)
+        self.conn = None
+        try:
+            self.conn = self._opener()
+        except Exception as exc:
+            raise StoreUnavailable(f"cannot connect to the database: {type(exc).__name__}") from exc
+        log.warning("connected to the database again (%s)", self.timing.operation)
+        return self.conn
+
+    async def open(self, opener: Callable[[], C], closer: Callable[[C], object] | None = None) -> None:
         def set_conn() -> None:
             self.conn = opener()
+            self._opener, self._closer = opener, closer
 
         await asyncio.get_running_loop().run_in_executor(self._executor, set_conn)
 
     async def close(self, closer: Callable[[C], object]) -> None:
         def close_conn() -> None:
+            self._opener = None
             if self.conn is not None:
                 closer(self.conn)
                 self.conn = None

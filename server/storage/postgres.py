@@ -65,10 +65,20 @@ class PgConnection:
         self.raw.close()
 
 
+# Seconds a new connection may take (psycopg's connect_timeout).
+CONNECT_TIMEOUT = 5
+
+
+def _broken(conn: PgConnection) -> bool:
+    """Whether the connection is lost (the server went away, the network failed)."""
+    return bool(conn.raw.closed or conn.raw.broken)
+
+
 def _connect(url: str) -> PgConnection:
     # Autocommit at the driver: transactions are begun and ended explicitly
     # (one per write batch), and reads see the latest committed state.
-    return PgConnection(psycopg.connect(url, autocommit=True))
+    # A bounded wait: a thread reconnecting to a server that does not answer must not hang.
+    return PgConnection(psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT))
 
 
 def _run_batch(conn: PgConnection, ops: list[Callable[[PgConnection], Any]]) -> list[tuple[bool, Any]]:
@@ -125,9 +135,10 @@ class PostgresStore(SqlStore):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._writer: ConnectionThread[PgConnection] = ConnectionThread("flowport-pg-w", "write")
+        # A PostgreSQL server restarts or drops connections: each thread connects again then.
+        self._writer: ConnectionThread[PgConnection] = ConnectionThread("flowport-pg-w", "write", _broken)
         self._readers: list[ConnectionThread[PgConnection]] = [
-            ConnectionThread(f"flowport-pg-r{n}") for n in range(READERS)
+            ConnectionThread(f"flowport-pg-r{n}", broken=_broken) for n in range(READERS)
         ]
         self._next_reader = itertools.cycle(self._readers)
         self._group = GroupWriter(self._writer, _run_batch)
@@ -144,9 +155,9 @@ class PostgresStore(SqlStore):
         steps = bundled() if migrations is None else migrations
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, migrate, migration_url(url), steps, _shown(url))
-        await store._writer.open(lambda: _connect(url))
+        await store._writer.open(lambda: _connect(url), PgConnection.close)
         try:
-            await asyncio.gather(*(reader.open(lambda: _connect(url)) for reader in store._readers))
+            await asyncio.gather(*(reader.open(lambda: _connect(url), PgConnection.close) for reader in store._readers))
             # (A store opened on an older schema, in the migration tests, has no changes to poll.)
             if keep_workflows and any(step.name == "workflow_tenant_changes" for step in steps):
                 cache = WorkflowCache(os.urandom(8).hex(), store._read)

@@ -49,6 +49,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from flowport.server.periodic import Failures
+
 if TYPE_CHECKING:
     from flowport.server.storage.tables import Connection
 
@@ -252,12 +254,16 @@ class WorkflowCache:
             await self._run(lambda conn: conn.execute("DELETE FROM workflow_cache_acks WHERE owner=?", (self._owner,)))
 
     async def _forever(self) -> None:
+        # Every 50 ms: a database outage is said once, then once a minute, not at each poll.
+        failures = Failures(log, "reading the workflow change counter")
         while True:
             await asyncio.sleep(POLL)
             try:
                 await self._poll()
-            except Exception:
-                log.warning("reading the workflow change counter failed; will retry", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - said by `failures`; polling goes on
+                failures.failed(exc)
+            else:
+                failures.worked()
 
     async def _poll(self) -> None:
         before = self.seen

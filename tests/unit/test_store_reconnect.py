@@ -1,0 +1,68 @@
+"""A PostgreSQL server that drops the gateway's connections (a restart, a failover, an operator's
+pg_terminate_backend) costs calls made while it cannot be reached, as UNAVAILABLE (retryable,
+reason STORE_UNAVAILABLE), never INTERNAL, and the server recovers on its own when the database
+takes connections again: no restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from flowport.clients import ApiError, AsyncClient
+from flowport.server.app import start, stop
+from flowport.v1 import gateway_pb2, session_pb2
+from tests.backends import PostgresServer
+
+from ..conftest import ADMIN_KEY, make_settings
+
+
+def _cut(server: PostgresServer, database: str, *, allow: bool) -> None:
+    """Refuse (or allow again) new connections to `database`, and drop the ones it has."""
+    server.sql(f"ALTER DATABASE {database} ALLOW_CONNECTIONS {'true' if allow else 'false'}", database="postgres")
+    if not allow:
+        server.sql(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'",  # noqa: S608 - a name the test made
+            database="postgres",
+        )
+
+
+@pytest.mark.timeout(120)
+async def test_dropped_connections_are_unavailable_then_made_again(
+    tmp_path: Path, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    database = postgres_url.rsplit("/", 1)[1]
+    running = await start(make_settings(tmp_path / "data", database_url=postgres_url))
+    try:
+        async with AsyncClient(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY, retries=1) as client:
+            made = await client.sessions.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session()))
+            ask = session_pb2.GetSessionRequest(session_id=made.session_id)
+            _cut(postgres_server, database, allow=False)
+            try:
+                for call in (
+                    client.sessions.GetSession(ask),
+                    client.sessions.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session())),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await call
+                    error = ApiError.from_rpc_error(caught.value)
+                    assert error.code() is grpc.StatusCode.UNAVAILABLE and error.reason == "STORE_UNAVAILABLE", error
+                    assert error.retry_delay is not None
+                health = await client.gateway.GetHealth(gateway_pb2.GetHealthRequest())
+                assert health.components["database"].status == "unhealthy"
+            finally:
+                _cut(postgres_server, database, allow=True)
+            # Back on its own. A read whose connection broke runs again on a new one; a write is
+            # not run twice (it may have committed), so the first on a broken connection may fail.
+            assert (await client.sessions.GetSession(ask)).session_id == made.session_id
+            for attempt in range(2):
+                try:
+                    await client.sessions.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session()))
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    assert attempt == 0 and exc.code() is grpc.StatusCode.UNAVAILABLE, exc
+            health = await client.gateway.GetHealth(gateway_pb2.GetHealthRequest())
+            assert health.components["database"].status == "healthy"
+    finally:
+        await stop(running, 2.0)
