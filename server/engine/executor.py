@@ -469,6 +469,7 @@ class Executor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._walker.close()
         try:
             await self._store.release_leases(self._leases.owner)
         except Exception:  # noqa: BLE001 - the store may be failing; the leases then simply expire

@@ -43,6 +43,11 @@ if TYPE_CHECKING:
     from flowport.server.observability.prometheus import Prometheus
 
 log = logging.getLogger(__name__)
+# An end the store could not take is tried again after these many seconds, doubling to at most
+# RECORD_RETRY_MAX, for RECORD_RETRY_FOR seconds in all.
+RECORD_RETRY_FIRST = 0.5
+RECORD_RETRY_MAX = 5.0
+RECORD_RETRY_FOR = 600.0
 BACKOFF_JITTER = 0.2
 # Bytes an execution's writes after node ends may take before those of nodes safe to rerun wait
 # for the next write that must be made (Walker._write_now): 64 MiB is hundreds of writes of any
@@ -85,6 +90,8 @@ class Walker:
         self._services = services
         self._slots = slots
         self._figures = figures
+        # Ends the store could not take when they came (its database down): written when it can.
+        self._recording: set[asyncio.Task[None]] = set()
 
     def start(self, run: Run) -> None:
         """Run `run` in a slot of its own, in a task of its own."""
@@ -182,15 +189,19 @@ class Walker:
                 execution.end_time.ToNanoseconds() - execution.start_time.ToNanoseconds()
             )
         try:
-            if run.stored:
-                await self._store.save_execution(execution)
-            else:
-                run.stored = True
-                # Ended, so leased to nobody.
-                await self._store.insert_execution(run.tenant, execution, None)
-        except Exception as exc:
-            log.exception("could not record the end of execution %s", execution.execution_id)
-            self._system_error(run.tenant, execution, f"the end of the execution was not stored: {type(exc).__name__}")
+            await self._record_end(run.tenant, execution, stored=run.stored)
+        except Exception as exc:  # noqa: BLE001 - the end is kept, and written once the store takes it
+            log.warning(
+                "could not record the end of execution %s (%s); trying again until the store takes it",
+                execution.execution_id,
+                type(exc).__name__,
+            )
+            ended = Execution()
+            ended.CopyFrom(execution)
+            task = asyncio.create_task(self._record_later(run.tenant, ended, stored=run.stored))
+            self._recording.add(task)
+            task.add_done_callback(self._recording.discard)
+        run.stored = True
         final = {
             Execution.STATE_SUCCEEDED: ("execution.completed", "succeeded"),
             Execution.STATE_FAILED: ("execution.failed", "failed"),
@@ -211,6 +222,54 @@ class Walker:
             log.info("execution ended failed: %s", execution.error.message)
         else:
             log.debug("execution ended %s in %.3f ms", final[1], 1000 * took)
+
+    async def _record_end(self, tenant: str, execution: Execution, *, stored: bool) -> None:
+        """Write an ended execution: over its stored record, or as its first (and only) one."""
+        if stored:
+            await self._store.save_execution(execution)
+            return
+        try:
+            # Ended, so leased to nobody.
+            await self._store.insert_execution(tenant, execution, None)
+        except Exception as exc:
+            # An earlier try that failed as far as this process saw may have committed.
+            if not any(kind.__name__ == "IntegrityError" for kind in type(exc).__mro__):
+                raise
+            await self._store.save_execution(execution)
+
+    async def _record_later(self, tenant: str, execution: Execution, *, stored: bool) -> None:
+        """Keep trying to write an ended execution the store refused (its database unreachable),
+        backing off to RECORD_RETRY_MAX seconds, for RECORD_RETRY_FOR seconds at most. Its caller
+        and its streams already have its end; until it is written a stored record says RUNNING,
+        or (a run written once at its end) there is none."""
+        delay, deadline = RECORD_RETRY_FIRST, time.monotonic() + RECORD_RETRY_FOR
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._record_end(tenant, execution, stored=stored)
+            except Exception as exc:  # noqa: BLE001 - tried again, then given up on, said both ways
+                if time.monotonic() + delay > deadline:
+                    log.error(
+                        "gave up recording the end of execution %s after %.0fs (%s)",
+                        execution.execution_id,
+                        RECORD_RETRY_FOR,
+                        type(exc).__name__,
+                    )
+                    self._system_error(tenant, execution, "the end of the execution was not stored")
+                    return
+                delay = min(delay * 2, RECORD_RETRY_MAX)
+            else:
+                log.warning("recorded the end of execution %s once the store took it", execution.execution_id)
+                return
+
+    async def close(self) -> None:
+        """Stop the tries of ends not recorded yet, naming each left unwritten."""
+        tasks = list(self._recording)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            log.error("%d executions ended without their end recorded (the store was unavailable)", len(tasks))
 
     def _inputs_for(self, run: Run, node: PlanNode) -> tuple[dict[str, Any], bool]:
         """The node's parameters, and whether it must be skipped."""

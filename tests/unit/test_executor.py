@@ -21,6 +21,7 @@ from flowport.server.events.bus import EventBus
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeServices, NodeType
 from flowport.server.nodes.builtins import MergeNode, SwitchNode
 from flowport.server.storage import IdempotencyConflict, SqliteStore
+from flowport.server.storage.group_commit import StoreUnavailable
 from flowport.v1 import execution_pb2, workflow_pb2
 
 Execution = execution_pb2.Execution
@@ -597,3 +598,43 @@ async def test_a_long_chain_after_a_large_state_stops_writing_each_safe_node(
     assert 3 <= len(saves) < 20, saves
     stored = await store.get_execution("t", done.execution_id)
     assert stored == done and json_format.MessageToDict(stored.outputs)["n39"] == {"result": 40.0}
+
+
+@pytest.mark.parametrize("waited", [False, True], ids=["stored_at_start", "written_once_at_its_end"])
+async def test_an_end_the_store_refused_is_written_once_the_store_takes_it(
+    env: tuple[Executor, SqliteStore, EventBus], monkeypatch: pytest.MonkeyPatch, waited: bool
+) -> None:
+    """The database down when an execution ends: its caller gets the end, and the record follows
+    when the database is back (it used to keep RUNNING, or nothing at all, for good)."""
+    executor, store, _ = env
+    monkeypatch.setattr(walk, "RECORD_RETRY_FIRST", 0.01)
+    refused = {"save_execution": 0, "insert_execution": 0}
+
+    def refusing(name: str) -> Any:
+        real = getattr(store, name)
+
+        async def write(*args: Any, **kwargs: Any) -> Any:
+            execution = next(a for a in args if isinstance(a, Execution))
+            if execution.state == Execution.STATE_SUCCEEDED and refused[name] < 3:
+                refused[name] += 1
+                raise StoreUnavailable("cannot connect to the database: OperationalError")
+            return await real(*args, **kwargs)
+
+        return write
+
+    for name in refused:
+        monkeypatch.setattr(store, name, refusing(name))
+    chain = wf("ends", [{"type": "AddNode", "name": "a", "config": {"add": 1}}])
+    execution, _ = await executor.create(
+        "t", chain, inputs(x=1), session_id="", request_id="", request_hash=None, waited=waited
+    )
+    done = await executor.wait("t", execution.execution_id, 10)
+    assert done is not None and done.state == Execution.STATE_SUCCEEDED, "the caller has the end at once"
+    for _ in range(200):
+        stored = await store.get_execution("t", execution.execution_id)
+        if stored is not None and stored.state == Execution.STATE_SUCCEEDED:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError(f"the end was never recorded: {stored}")
+    assert sum(refused.values()) == 3 and json_format.MessageToDict(stored.outputs) == {"a": {"result": 2.0}}
