@@ -385,6 +385,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     error = exc
                 except grpc.aio.AbortError:
                     raise
+                except asyncio.CancelledError:
+                    # The client went away (or the server is stopping): a stream's usual end, not
+                    # an error of the stream's.
+                    ok = True
+                    raise
                 except Exception as exc:  # noqa: BLE001
                     error = _internal(method, exc)
                 if error is not None:

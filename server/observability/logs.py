@@ -38,6 +38,9 @@ LOG_FORMATS: Final = ("auto", "json", "text")
 CONTEXT_FIELDS: Final = ("request_id", "tenant", "rpc", "execution_id", "trace_id")
 # Libraries whose DEBUG lines are wire traffic (headers included): kept at INFO at most.
 _CHATTY: Final = ("hpack", "httpcore", "grpc._cython", "asyncio", "aiosqlite")
+# Libraries that log each request they make at INFO (httpx: GetStats reads Envoy's admin on every
+# call, nodes and webhooks make many): kept at WARNING.
+_PER_REQUEST: Final = ("httpx",)
 
 
 # Set while the filter runs: a library logging from inside it (grpc does, when
@@ -117,4 +120,6 @@ def configure(level: str, fmt: str = "auto", stream: IO[str] | None = None) -> l
     root.setLevel(level.upper())
     for name in _CHATTY:
         logging.getLogger(name).setLevel(max(logging.INFO, root.level))
+    for name in _PER_REQUEST:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     return handler

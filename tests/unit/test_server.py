@@ -381,3 +381,20 @@ async def test_a_second_stop_signal_skips_the_drain_and_cancels_calls_in_flight(
     silent.close()
     for writer in held:
         writer.close()
+
+
+async def test_a_stream_its_client_closes_is_not_an_error(client: AsyncClient) -> None:
+    from flowport.v1 import event_pb2
+
+    before = (await client.gateway.GetStats(gateway_pb2.GetStatsRequest())).requests
+    stream = client.events.StreamEvents(event_pb2.StreamEventsRequest())
+    first = await stream.read()
+    assert first.type == "heartbeat"
+    stream.cancel()
+    for _ in range(100):  # the server sees the cancel a moment later
+        stats = await client.gateway.GetStats(gateway_pb2.GetStatsRequest())
+        if stats.realtime.active_streams == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert stats.realtime.active_streams == 0
+    assert stats.requests.errors == before.errors, "a client closing its stream is how streams end"
