@@ -121,7 +121,14 @@ def migrate(url: str, migrations: list[Migration], where: str = "database", *, s
 
     engine = engine_for(url)
     try:
-        with engine.connect() as conn:
+        try:
+            connection = engine.connect()
+        except sa.exc.OperationalError as exc:
+            # The database is not there (down, a wrong host or port, a bad password): one line that
+            # names it, not the driver's traceback. The driver's first line says which it is.
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+            raise MigrationError(f"cannot connect to {where} (--database-url): {reason}") from None
+        with connection as conn:
             postgres = engine.dialect.name == "postgresql"
             if postgres:
                 conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _ADVISORY_LOCK})

@@ -66,3 +66,19 @@ async def test_dropped_connections_are_unavailable_then_made_again(
             assert health.components["database"].status == "healthy"
     finally:
         await stop(running, 2.0)
+
+
+async def test_a_database_that_is_not_there_at_start_is_one_line_naming_it() -> None:
+    from flowport.server.storage import MigrationError
+    from flowport.server.storage.postgres import PostgresStore
+
+    from ..conftest import free_port
+
+    url = f"postgresql://flowport:hunter2secret@127.0.0.1:{free_port()}/flowport"
+    with pytest.raises(MigrationError) as caught:
+        await PostgresStore.open(url)
+    said = str(caught.value)
+    assert said.startswith(f"cannot connect to postgresql://flowport@127.0.0.1:{url.split(':')[3]}")
+    assert "(--database-url)" in said and "refused" in said.lower()
+    assert "hunter2secret" not in said and "\n" not in said
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__, "no driver traceback behind it"
