@@ -408,6 +408,8 @@ def global_rate_limit_config(settings: Settings) -> dict[str, Any]:
         domain="flowport",
         stage=0,
         failure_mode_deny=not settings.rate_limit_fail_open,
+        # Limits that cannot be checked are the service unavailable, not the caller over its limit.
+        status_on_error={"code": "ServiceUnavailable"},
         timeout="0.25s",
         enable_x_ratelimit_headers="DRAFT_VERSION_03",
         rate_limited_as_resource_exhausted=True,

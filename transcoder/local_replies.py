@@ -107,9 +107,32 @@ def _body(code: int, reason: str) -> dict[str, Any]:
     return {"json_format": status, "content_type": "application/json"}
 
 
+# The rate limit service failed (its counters unreachable) and limits fail closed: Envoy's
+# reply says nothing, so the message is written here.
+_RATE_LIMIT_UNAVAILABLE = {
+    "filter": {"and_filter": {"filters": [{"response_flag_filter": {"flags": ["RLSE"]}}, _IS_REST]}},
+    "body_format_override": {
+        "json_format": {
+            "code": 14,
+            "message": "rate limits cannot be checked right now (their counters are unavailable); try again",
+            "details": [
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "RATE_LIMIT_UNAVAILABLE",
+                    "domain": "envoy.flowport.dev",
+                }
+            ],
+        },
+        "content_type": "application/json",
+    },
+    "headers_to_add": [_MARK],
+}
+
+
 def local_reply_config() -> dict[str, Any]:
     """`local_reply_config` for the HTTP connection manager."""
-    mappers = [
+    mappers = [_RATE_LIMIT_UNAVAILABLE]
+    mappers += [
         {
             "filter": {"and_filter": {"filters": [_status_filter("EQ", status), _IS_REST]}},
             "body_format_override": _body(code, REASONS.get(status, "")),

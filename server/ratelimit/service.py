@@ -9,12 +9,16 @@ A request without a valid credential is not counted here: the server
 refuses it, and Envoy's local per-address limit bounds how many arrive.
 
 When Redis cannot be reached the answer follows `rate_limit_fail_open`:
-OK (the default), or OVER_LIMIT; either way it is counted and logged.
+OK (the default), or the call fails UNAVAILABLE, which Envoy answers with a
+503 (never a 429: the tenant is not over its limit); either way it is
+counted and logged. An answer carries the time to the window's end
+(`x-ratelimit-reset`), and a refusal a `retry-after` header.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -84,7 +88,12 @@ class RateLimitService:
         try:
             count = await self._counters.hit(f"tenant:{tenant}", addend, self._window)
         except (RedisError, OSError, TimeoutError) as exc:
-            return self._unavailable(exc)
+            if self._unavailable(exc):
+                return wire.RateLimitResponse(overall_code=OK)
+            # Refused as the service failing, not as the tenant over its limit: Envoy answers 503
+            # (status_on_error) saying the limits cannot be checked, and no caller waits out a
+            # window it never used.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "rate limit counters unavailable")
         self.stats.checked += 1
         remaining = max(0, self._limit - count)
         code = OK if count <= self._limit else OVER_LIMIT
@@ -93,10 +102,19 @@ class RateLimitService:
             self.stats.limited_by_tenant[tenant] += 1
             if self.prometheus is not None:
                 self.prometheus.rate_limited.inc()
+        # Fixed windows from the epoch (counters.py): this one ends at the next multiple.
+        reset = self._window - time.time() % self._window
         status = wire.DescriptorStatus(code=code, limit_remaining=remaining)
-        status.current_limit.requests_per_unit = self._limit
-        status.current_limit.unit = wire.SECOND
-        return wire.RateLimitResponse(overall_code=code, statuses=[status])
+        status.duration_until_reset.seconds = math.ceil(reset)
+        unit = wire.UNITS.get(int(self._window)) if float(self._window).is_integer() else None
+        if unit is not None:
+            # x-ratelimit-limit's `w=`: a window of another length has no unit to name it by.
+            status.current_limit.requests_per_unit = self._limit
+            status.current_limit.unit = unit
+        response = wire.RateLimitResponse(overall_code=code, statuses=[status])
+        if code == OVER_LIMIT:
+            response.response_headers_to_add.add(key="retry-after", value=str(math.ceil(reset)))
+        return response
 
     def method_handlers(self) -> dict[str, Any]:
         """The service's one method, for registering under `wire.SERVICE`."""
@@ -128,11 +146,12 @@ class RateLimitService:
                     return None
         return None
 
-    def _unavailable(self, exc: BaseException) -> Any:
+    def _unavailable(self, exc: BaseException) -> bool:
+        """Count and (now and then) log a Redis failure; whether to let the request through."""
         self.stats.backend_failures += 1
         now = time.monotonic()
         if now - self._logged > LOG_EVERY:
             self._logged = now
             what = "letting requests through" if self._fail_open else "refusing requests"
             log.warning("rate limit counters in Redis unavailable (%s): %s", exc.__class__.__name__, what)
-        return wire.RateLimitResponse(overall_code=OK if self._fail_open else OVER_LIMIT)
+        return self._fail_open

@@ -9,7 +9,9 @@ with only the fields flowport reads or writes (protobuf skips the others):
   `key` (1) and `value` (2)), `hits_addend` (3);
 - response: `overall_code` (1: UNKNOWN 0, OK 1, OVER_LIMIT 2), `statuses`
   (2: each `code` (1), `current_limit` (2: `requests_per_unit` (1), `unit`
-  (2: SECOND 1, MINUTE 2, HOUR 3, DAY 4)), `limit_remaining` (3)).
+  (2: SECOND 1, MINUTE 2, HOUR 3, DAY 4)), `limit_remaining` (3),
+  `duration_until_reset` (4: a Duration, `seconds` (1) and `nanos` (2))),
+  `response_headers_to_add` (3: each `key` (1) and `value` (2)).
 
 Describing them here, rather than installing a package of Envoy's whole
 API, keeps flowport's dependencies small; that package also ships an old
@@ -31,6 +33,8 @@ _F = descriptor_pb2.FieldDescriptorProto
 OK: Final = 1
 OVER_LIMIT: Final = 2
 SECOND: Final = 1
+# Seconds in each Unit that has a whole number of them: a window of one of these is that unit.
+UNITS: Final = {1: SECOND, 60: 2, 3600: 3, 86400: 4}
 
 
 def _field(message: Any, name: str, number: int, kind: int, *, repeated: bool = False, type_name: str = "") -> None:
@@ -63,13 +67,21 @@ def _descriptor() -> descriptor_pb2.FileDescriptorProto:
     limit = file.message_type.add(name="RateLimit")
     _field(limit, "requests_per_unit", 1, _F.TYPE_UINT32)
     _field(limit, "unit", 2, _F.TYPE_ENUM, type_name="Unit")
+    duration = file.message_type.add(name="Duration")  # google.protobuf.Duration's wire form
+    _field(duration, "seconds", 1, _F.TYPE_INT64)
+    _field(duration, "nanos", 2, _F.TYPE_INT32)
     status = file.message_type.add(name="DescriptorStatus")
     _field(status, "code", 1, _F.TYPE_ENUM, type_name="Code")
     _field(status, "current_limit", 2, _F.TYPE_MESSAGE, type_name="RateLimit")
     _field(status, "limit_remaining", 3, _F.TYPE_UINT32)
+    _field(status, "duration_until_reset", 4, _F.TYPE_MESSAGE, type_name="Duration")
+    header = file.message_type.add(name="HeaderValue")
+    _field(header, "key", 1, _F.TYPE_STRING)
+    _field(header, "value", 2, _F.TYPE_STRING)
     response = file.message_type.add(name="RateLimitResponse")
     _field(response, "overall_code", 1, _F.TYPE_ENUM, type_name="Code")
     _field(response, "statuses", 2, _F.TYPE_MESSAGE, repeated=True, type_name="DescriptorStatus")
+    _field(response, "response_headers_to_add", 3, _F.TYPE_MESSAGE, repeated=True, type_name="HeaderValue")
     return file
 
 

@@ -93,6 +93,11 @@ def test_the_tenant_limit_holds_in_total_across_processes(pair: list[str]) -> No
     assert limited.status_code == 429
     assert limited.headers["content-type"].startswith("application/json")
     assert limited.json()["code"] == 8  # RESOURCE_EXHAUSTED
+    # When to come back: the end of the window (an hour's, so its unit names it).
+    left = WINDOW - time.time() % WINDOW
+    assert abs(int(limited.headers["retry-after"]) - left) <= 2, limited.headers
+    assert f"{LIMIT};w=3600" in limited.headers["x-ratelimit-limit"], limited.headers
+    assert str(int(limited.headers["retry-after"])) in limited.headers["x-ratelimit-reset"], limited.headers
 
 
 def test_without_redis_requests_go_through_and_it_is_picked_up_again(
@@ -117,3 +122,48 @@ def test_without_redis_requests_go_through_and_it_is_picked_up_again(
             break
         time.sleep(0.2)
     assert statuses.count(200) == LIMIT and statuses[-1] == 429, statuses
+
+
+def test_limits_that_fail_closed_without_redis_are_503_saying_so(
+    tmp_path: Path, redis_url: str, redis_server: RedisServer
+) -> None:
+    """--rate-limit-fail-open false and Redis gone: requests are refused as the limits being
+    unavailable (503, UNAVAILABLE), not as the tenant over its limit (429), and pass again once
+    Redis is back."""
+    settings = make_settings(
+        tmp_path / "closed",
+        redis_url=redis_url,
+        rate_limit_tenant_max_requests=LIMIT,
+        rate_limit_time_window=WINDOW,
+        rate_limit_fail_open=False,
+    )
+    server, envoy = ServeProcess(settings), EnvoyProcess(settings)
+    server.start()
+    try:
+        envoy.start()
+        try:
+            url = settings.http_url
+            deadline = time.monotonic() + 15
+            while httpx.get(f"{url}/healthz").status_code != 200:
+                assert time.monotonic() < deadline, "Envoy never saw the server healthy"
+                time.sleep(0.1)
+            _window()
+            key = _user_key(url, "acme")
+            assert _statuses([url, url], key, 1) == [200]
+            redis_server.stop()
+            try:
+                refused = httpx.get(f"{url}/api/sessions", headers={"x-api-key": key}, timeout=10)
+                assert refused.status_code == 503, refused.text
+                body = refused.json()
+                assert body["code"] == 14 and body["details"][0]["reason"] == "RATE_LIMIT_UNAVAILABLE", body
+                assert "try again" in body["message"]
+            finally:
+                redis_server.start()
+            deadline = time.monotonic() + 10
+            while _statuses([url, url], key, 1) != [200]:
+                assert time.monotonic() < deadline, "requests never passed again once Redis was back"
+                time.sleep(0.2)
+        finally:
+            envoy.stop()
+    finally:
+        server.stop()

@@ -72,7 +72,12 @@ def test_a_refused_request_without_the_rest_mark_still_gets_json() -> None:
     headers_too_large = next(
         m
         for m in mappers
-        if m["filter"]["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"]["default_value"] == 431
+        if m["filter"]["and_filter"]["filters"][0]
+        .get("status_code_filter", {})
+        .get("comparison", {})
+        .get("value", {})
+        .get("default_value")
+        == 431
     )
     assert headers_too_large["body_format_override"]["json_format"]["details"][0]["reason"] == (
         "REQUEST_HEADERS_TOO_LARGE"
