@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, cast
 
+from flowport.server.errors import Unavailable
 from flowport.server.events.bus import BusEvent, EventBus
 from flowport.server.storage.events import EventTables
 
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
     from flowport.server.events.redis_bus import RedisBus
 
 log = logging.getLogger(__name__)
+# Seconds between tries to write events the store could not take, and how many of them are kept
+# (the oldest go first past it: memory is bounded however long the database is away).
+RETRY_UNWRITTEN = 1.0
+MAX_UNWRITTEN = 100_000
 
 PAGE = 500
 # Ids are reserved durably a block at a time, so none is ever handed out
@@ -69,6 +74,11 @@ class EventLog:
         self._retention_seconds = retention_seconds
         self._pending: list[BusEvent] = []
         self._scheduled = False
+        # Events whose write failed with the store unavailable (its database down), oldest first:
+        # written again every RETRY_UNWRITTEN seconds, at most MAX_UNWRITTEN of them kept.
+        self._unwritten: list[BusEvent] = []
+        self._retrying = False
+        self.dropped_unwritten = 0
         self._reserved = 0
         self._purger: asyncio.Task[None] | None = None
         self.replay = ReplayBudget()
@@ -119,13 +129,52 @@ class EventLog:
         self._scheduled = False
         batch, self._pending = self._pending, []
         if batch:
-            self._store.append_events_soon(batch)
+            self._store.append_events_soon(batch, lambda failure: self._written(batch, failure))
+
+    def _written(self, batch: list[BusEvent], failure: BaseException | None) -> None:
+        """How a queued batch went: one the store could not take (its database unreachable) is
+        kept and written again once it can; another failure (a bug) is logged, and the batch lost."""
+        if failure is None:
+            return
+        if not isinstance(failure, Unavailable):
+            log.error("could not write %d events to the event log: %s", len(batch), failure)
+            return
+        self._keep(batch)
+        if not self._retrying:
+            self._retrying = True
+            asyncio.get_running_loop().call_later(RETRY_UNWRITTEN, self._write_unwritten)
+
+    def _keep(self, batch: list[BusEvent]) -> None:
+        if not self._unwritten:
+            log.warning("the event log cannot be written (the store is unavailable); keeping its events to write later")
+        self._unwritten.extend(batch)
+        if len(self._unwritten) > MAX_UNWRITTEN:
+            gone = len(self._unwritten) - MAX_UNWRITTEN
+            del self._unwritten[:gone]
+            self.dropped_unwritten += gone
+            log.error("the event log lost its %d oldest unwritten events (the store is still unavailable)", gone)
+
+    def _write_unwritten(self) -> None:
+        self._retrying = False
+        batch, self._unwritten = self._unwritten, []
+        if batch:
+            self._store.append_events_soon(batch, lambda failure: self._caught_up(batch, failure))
+
+    def _caught_up(self, batch: list[BusEvent], failure: BaseException | None) -> None:
+        if failure is None:
+            log.warning("the event log took the %d events it could not write while the store was away", len(batch))
+        else:
+            self._written(batch, failure)
 
     async def flush(self) -> None:
         """Return once every event published so far is committed."""
-        batch, self._pending = self._pending, []
+        batch, self._unwritten, self._pending = [*self._unwritten, *self._pending], [], []
         # Writes commit in order, so awaiting this one covers earlier queued ones.
-        await self._store.append_events(batch)
+        try:
+            await self._store.append_events(batch)
+        except Unavailable:
+            self._keep(batch)
+            raise
 
     async def bounds(self, tenant: str) -> tuple[int, int]:
         """(oldest, newest): a stream of `tenant`'s may resume after any id from oldest-1 to newest

@@ -41,9 +41,12 @@ class EventTables(Tables):
         """Append events (ids already assigned) and wait for the commit."""
         await self._write(self._appending(events))
 
-    def append_events_soon(self, events: Sequence[BusEvent]) -> None:
-        """Queue an append; it commits in order with the writes around it."""
-        self._write_soon(self._appending(events))
+    def append_events_soon(
+        self, events: Sequence[BusEvent], done: Callable[[BaseException | None], None] | None = None
+    ) -> None:
+        """Queue an append; it commits in order with the writes around it. `done` hears how it
+        went (None: committed)."""
+        self._write_soon(self._appending(events), done)
 
     def _appending(self, events: Sequence[BusEvent]) -> Callable[[Connection], object]:
         rows = [_row(e) for e in events]

@@ -79,9 +79,15 @@ class SqlStore(
             # the other process's record and answers with its response.
             return await self._group.submit(op)
 
-    def _write_soon(self, op: Callable[[Connection], object]) -> None:
-        # Nobody awaits a queued write, so its failure is logged.
-        self._group.enqueue(op).add_done_callback(log_unretrieved)
+    def _write_soon(
+        self, op: Callable[[Connection], object], done: Callable[[BaseException | None], None] | None = None
+    ) -> None:
+        future = self._group.enqueue(op)
+        if done is None:
+            # Nobody awaits a queued write, so its failure is logged.
+            future.add_done_callback(log_unretrieved)
+        else:
+            future.add_done_callback(lambda f: None if f.cancelled() else done(f.exception()))
 
     @property
     def write_batches(self) -> tuple[int, int]:

@@ -75,8 +75,11 @@ class Tables:
             sql = fold_shards(table)
             await self._write(lambda conn: conn.execute(sql))
 
-    def _write_soon(self, op: Callable[[Connection], object]) -> None:
-        """Queue a write without waiting for it; a later awaited write commits it too."""
+    def _write_soon(
+        self, op: Callable[[Connection], object], done: Callable[[BaseException | None], None] | None = None
+    ) -> None:
+        """Queue a write without waiting for it; a later awaited write commits it too. `done`, if
+        given, hears how it went (None: committed) instead of a failure being logged."""
         raise NotImplementedError
 
     def _greatest(self) -> str:

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -477,3 +478,43 @@ async def test_a_tenants_replays_share_a_budget_and_others_have_their_own(monkey
     now[0] += 3.0  # time passed: the debt is paid and the bucket full again, never more
     await budget.take("busy", 1000)
     assert waits == [0.5, 1.0]
+
+
+async def test_events_the_store_could_not_take_are_written_once_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database away for a while (PostgreSQL restarting): events published meanwhile reach
+    their live streams, and the event log once the store takes writes again (they used to be
+    lost, so a resume after the outage missed them)."""
+    from flowport.server.events.log import EventLog
+    from flowport.server.storage.group_commit import StoreUnavailable
+
+    monkeypatch.setattr(event_log, "RETRY_UNWRITTEN", 0.01)
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    refusals = 3
+    real = store.append_events_soon
+
+    def append(events: Any, done: Any = None) -> None:
+        nonlocal refusals
+        if refusals and done is not None:
+            refusals -= 1
+            asyncio.get_running_loop().call_soon(done, StoreUnavailable("cannot connect to the database"))
+            return
+        real(events, done)
+
+    monkeypatch.setattr(store, "append_events_soon", append)
+    log, bus = await EventLog.open(store, queue_size=10, retention_count=1000, retention_seconds=3600)
+    try:
+        for n in range(5):
+            bus.publish("session.created", tenant="t", data={"n": n})
+            await asyncio.sleep(0)
+        for _ in range(200):
+            rows = await store.read_events("t", after=0, limit=100)
+            if len(rows) == 5:
+                break
+            await asyncio.sleep(0.01)
+        assert [row.data["n"] for row in rows] == [0, 1, 2, 3, 4], "every event is in the log, in order"
+        assert refusals == 0 and log.dropped_unwritten == 0
+    finally:
+        await log.close()
+        await store.close()
