@@ -127,7 +127,8 @@ class EventLog:
 
     def _write_batch(self) -> None:
         self._scheduled = False
-        batch, self._pending = self._pending, []
+        # Events still unwritten go first, in the same transaction: the log gains ids in order.
+        batch, self._unwritten, self._pending = [*self._unwritten, *self._pending], [], []
         if batch:
             self._store.append_events_soon(batch, lambda failure: self._written(batch, failure))
 
