@@ -667,8 +667,11 @@ class Settings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             first = exc.errors()[0]
-            if not first["loc"]:  # a rule that spans several settings
-                raise SettingsError(f"invalid settings: {first['msg'].removeprefix('Value error, ')}") from None
+            if not first["loc"]:  # a rule that spans several settings: say where each it names came from
+                message = first["msg"].removeprefix("Value error, ")
+                named = [n for n in cls.model_fields if re.search(rf"\b{n}\b", message)]
+                origins = ", ".join(f"{n} from {sources.get(n, 'the default')}" for n in named)
+                raise SettingsError(f"invalid settings: {message}" + (f" ({origins})" if origins else "")) from None
             name = str(first["loc"][0])
             where = sources.get(name, "default")
             if first["type"] == "extra_forbidden":

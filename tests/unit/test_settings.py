@@ -84,8 +84,16 @@ def test_the_grpc_server_stays_on_loopback_unless_asked() -> None:
 def test_settings_that_contradict_each_other_are_refused() -> None:
     with pytest.raises(SettingsError, match="counts in Redis: set redis_url too"):
         Settings.load({"rate_limit_tenant_max_requests": "10"}, environ={})
-    with pytest.raises(SettingsError, match="redis_url must be a redis://"):
+    with pytest.raises(SettingsError, match="redis_url must be a redis://") as caught:
         Settings.load({"redis_url": "http://localhost"}, environ={})
+    # A rule over several settings says where each it names came from: flag, environment, default.
+    assert str(caught.value).endswith("(redis_url from flag --redis-url)")
+    with pytest.raises(SettingsError) as caught:
+        Settings.load({"session_default_ttl": "100"}, environ={"FLOWPORT_SESSION_MAX_TTL": "10"})
+    assert str(caught.value).endswith(
+        "(session_default_ttl from flag --session-default-ttl,"
+        " session_max_ttl from environment FLOWPORT_SESSION_MAX_TTL)"
+    )
     with pytest.raises(SettingsError, match="cors_allow_credentials needs explicit cors_origins"):
         Settings.load({"cors_origins": "*", "cors_allow_credentials": "true"}, environ={})
     with pytest.raises(SettingsError, match="session_default_ttl must not exceed session_max_ttl"):
