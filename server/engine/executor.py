@@ -133,7 +133,7 @@ class Executor:
         self._tenant_counters: dict[str, ExecutionCounters] = {}
         # Set by the app when /metrics is on (server/observability/prometheus.py).
         self.prometheus: Prometheus | None = None
-        self._walker = Walker(store, bus, services, self._slots, figures=self)
+        self._walker = Walker(store, bus, services, self._slots, figures=self, owner=self._leases.owner)
         self._takeover = Takeover(
             store,
             plans,
@@ -451,7 +451,9 @@ class Executor:
             left = deadline - loop.time()
             if left <= 0:
                 return False
-            tasks = {run.task for run in self._slots.runs.values() if run.task is not None}
+            # A run whose end is being written again (its store away) has ended: its try is waited for.
+            tasks = {run.task for run in self._slots.runs.values() if run.task is not None and not run.task.done()}
+            tasks |= self._walker.recording()
             if tasks:
                 await asyncio.wait(tasks, timeout=min(left, SETTLE_POLL))
             else:  # being admitted, not started yet

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 RECORD_RETRY_FIRST = 0.5
 RECORD_RETRY_MAX = 5.0
 RECORD_RETRY_FOR = 600.0
+# Ends held for a try again take at most this many bytes (serialized) in all.
+RECORDING_MAX_BYTES = 256 * 2**20
 BACKOFF_JITTER = 0.2
 # Bytes an execution's writes after node ends may take before those of nodes safe to rerun wait
 # for the next write that must be made (Walker._write_now): 64 MiB is hundreds of writes of any
@@ -84,14 +86,19 @@ class Figures(Protocol):
 class Walker:
     """Starts runs in this process's slots and walks each to its end."""
 
-    def __init__(self, store: SqlStore, bus: EventBus, services: NodeServices, slots: Slots, figures: Figures) -> None:
+    def __init__(
+        self, store: SqlStore, bus: EventBus, services: NodeServices, slots: Slots, *, figures: Figures, owner: str
+    ) -> None:
         self._store = store
         self._bus = bus
         self._services = services
         self._slots = slots
         self._figures = figures
-        # Ends the store could not take when they came (its database down): written when it can.
+        self._owner = owner  # this process's lease owner id
+        # Ends the store could not take when they came (its database down): written when it can,
+        # each run kept in its slot meanwhile, so its lease is renewed and no sweep takes it over.
         self._recording: set[asyncio.Task[None]] = set()
+        self._recording_bytes = 0
 
     def start(self, run: Run) -> None:
         """Run `run` in a slot of its own, in a task of its own."""
@@ -174,33 +181,29 @@ class Walker:
             span.set_attribute("flowport.state", Execution.State.Name(execution.state))
             if execution.state != Execution.STATE_SUCCEEDED:
                 tracing.fail(span, execution.error.message)
+        recorded = True
         try:
-            await asyncio.shield(self._finalize(run, started))
+            recorded = await asyncio.shield(self._finalize(run, started))
         finally:
-            self._slots.drop(run)
+            if recorded:
+                self._slots.drop(run)
+                self._slots.freed.set()
             run.finished.set()
-            self._slots.freed.set()
 
-    async def _finalize(self, run: Run, started: float) -> None:
+    async def _finalize(self, run: Run, started: float) -> bool:
+        """Record and announce the end; whether it was recorded now (else it is being retried, and
+        the run keeps its slot until then)."""
         execution = run.execution
         execution.end_time.CopyFrom(timestamp_now())
         if execution.HasField("start_time"):
             execution.duration.FromNanoseconds(
                 execution.end_time.ToNanoseconds() - execution.start_time.ToNanoseconds()
             )
+        recorded = True
         try:
             await self._record_end(run.tenant, execution, stored=run.stored)
         except Exception as exc:  # noqa: BLE001 - the end is kept, and written once the store takes it
-            log.warning(
-                "could not record the end of execution %s (%s); trying again until the store takes it",
-                execution.execution_id,
-                type(exc).__name__,
-            )
-            ended = Execution()
-            ended.CopyFrom(execution)
-            task = asyncio.create_task(self._record_later(run.tenant, ended, stored=run.stored))
-            self._recording.add(task)
-            task.add_done_callback(self._recording.discard)
+            recorded = self._keep_recording(run, exc)
         run.stored = True
         final = {
             Execution.STATE_SUCCEEDED: ("execution.completed", "succeeded"),
@@ -222,22 +225,62 @@ class Walker:
             log.info("execution ended failed: %s", execution.error.message)
         else:
             log.debug("execution ended %s in %.3f ms", final[1], 1000 * took)
+        return recorded
 
-    async def _record_end(self, tenant: str, execution: Execution, *, stored: bool) -> None:
-        """Write an ended execution: over its stored record, or as its first (and only) one."""
+    async def _record_end(self, tenant: str, execution: Execution, *, stored: bool, late: bool = False) -> bool:
+        """Write an ended execution: over its stored record, or as its first (and only) one.
+        `late` (a try again): over a record still unfinished and still this process's only, and
+        an insert that finds the record there counts as written. Whether it was written."""
         if stored:
+            if late:
+                return await self._store.save_execution_end(execution, self._owner)
             await self._store.save_execution(execution)
-            return
+            return True
         try:
             # Ended, so leased to nobody.
             await self._store.insert_execution(tenant, execution, None)
         except Exception as exc:
-            # An earlier try that failed as far as this process saw may have committed.
-            if not any(kind.__name__ == "IntegrityError" for kind in type(exc).__mro__):
+            # An earlier try that failed as far as this process saw may have committed it.
+            if not late or not any(kind.__name__ == "IntegrityError" for kind in type(exc).__mro__):
                 raise
-            await self._store.save_execution(execution)
+        return True
 
-    async def _record_later(self, tenant: str, execution: Execution, *, stored: bool) -> None:
+    def _keep_recording(self, run: Run, failure: BaseException) -> bool:
+        """The store refused an end: try it again in the background (the run keeps its slot, so its
+        lease goes on being renewed); whether it is recorded (False: being retried)."""
+        execution = run.execution
+        size = execution.ByteSize()
+        if self._recording_bytes + size > RECORDING_MAX_BYTES:
+            # Held in memory until written: past the bound it is left as after a crash (recovered
+            # by the next sweep or start, or lost for a run written once at its end).
+            log.error(
+                "could not record the end of execution %s (%s), and too many ends wait already; left for recovery",
+                execution.execution_id,
+                type(failure).__name__,
+            )
+            self._system_error(run.tenant, execution, "the end of the execution was not stored")
+            return True
+        log.warning(
+            "could not record the end of execution %s (%s); trying again until the store takes it",
+            execution.execution_id,
+            type(failure).__name__,
+        )
+        ended = Execution()
+        ended.CopyFrom(execution)
+        self._recording_bytes += size
+        task = asyncio.create_task(self._record_later(run, ended, stored=run.stored))
+        self._recording.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._recording.discard(task)
+            self._recording_bytes -= size
+            self._slots.drop(run)
+            self._slots.freed.set()
+
+        task.add_done_callback(done)
+        return False
+
+    async def _record_later(self, run: Run, execution: Execution, *, stored: bool) -> None:
         """Keep trying to write an ended execution the store refused (its database unreachable),
         backing off to RECORD_RETRY_MAX seconds, for RECORD_RETRY_FOR seconds at most. Its caller
         and its streams already have its end; until it is written a stored record says RUNNING,
@@ -246,7 +289,7 @@ class Walker:
         while True:
             await asyncio.sleep(delay)
             try:
-                await self._record_end(tenant, execution, stored=stored)
+                written = await self._record_end(run.tenant, execution, stored=stored, late=True)
             except Exception as exc:  # noqa: BLE001 - tried again, then given up on, said both ways
                 if time.monotonic() + delay > deadline:
                     log.error(
@@ -255,12 +298,21 @@ class Walker:
                         RECORD_RETRY_FOR,
                         type(exc).__name__,
                     )
-                    self._system_error(tenant, execution, "the end of the execution was not stored")
+                    self._system_error(run.tenant, execution, "the end of the execution was not stored")
                     return
                 delay = min(delay * 2, RECORD_RETRY_MAX)
-            else:
+                continue
+            if written:
                 log.warning("recorded the end of execution %s once the store took it", execution.execution_id)
-                return
+            else:
+                log.error(
+                    "the end of execution %s was not recorded: another process took it over", execution.execution_id
+                )
+            return
+
+    def recording(self) -> set[asyncio.Task[None]]:
+        """The tries of ends not recorded yet (a stop waits for them, up to its limit)."""
+        return set(self._recording)
 
     async def close(self) -> None:
         """Stop the tries of ends not recorded yet, naming each left unwritten."""

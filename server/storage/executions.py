@@ -111,6 +111,18 @@ class ExecutionTables(Tables):
         else:
             self._write_soon(op)
 
+    async def save_execution_end(self, execution: execution_pb2.Execution, owner: str) -> bool:
+        """Write an execution's end over its record only while that is unfinished and `owner`'s (a
+        late write must not undo a process that took it over); whether it did."""
+        body = execution.SerializeToString()
+        args = (execution.state, body, execution.execution_id, owner, *UNFINISHED)
+
+        def op(conn: Connection) -> bool:
+            sql = "UPDATE executions SET state=?, body=? WHERE execution_id=? AND owner=? AND state IN (?, ?)"
+            return bool(conn.execute(sql, args).rowcount)
+
+        return await self._write(op)
+
     async def replayed_execution(self, tenant: str, idempotency_key: tuple[str, bytes]) -> str | None:
         """The id of the execution a CreateExecution key already made, None if none.
 

@@ -608,14 +608,14 @@ async def test_an_end_the_store_refused_is_written_once_the_store_takes_it(
     when the database is back (it used to keep RUNNING, or nothing at all, for good)."""
     executor, store, _ = env
     monkeypatch.setattr(walk, "RECORD_RETRY_FIRST", 0.01)
-    refused = {"save_execution": 0, "insert_execution": 0}
+    refused = {"save_execution": 0, "save_execution_end": 0, "insert_execution": 0}
 
     def refusing(name: str) -> Any:
         real = getattr(store, name)
 
         async def write(*args: Any, **kwargs: Any) -> Any:
             execution = next(a for a in args if isinstance(a, Execution))
-            if execution.state == Execution.STATE_SUCCEEDED and refused[name] < 3:
+            if execution.state == Execution.STATE_SUCCEEDED and sum(refused.values()) < 3:
                 refused[name] += 1
                 raise StoreUnavailable("cannot connect to the database: OperationalError")
             return await real(*args, **kwargs)
@@ -638,3 +638,44 @@ async def test_an_end_the_store_refused_is_written_once_the_store_takes_it(
     else:
         raise AssertionError(f"the end was never recorded: {stored}")
     assert sum(refused.values()) == 3 and json_format.MessageToDict(stored.outputs) == {"a": {"result": 2.0}}
+    for _ in range(100):  # its slot, kept while the end waited (its lease renewed), is given back
+        if not executor._slots.runs:
+            break
+        await asyncio.sleep(0.01)
+    assert not executor._slots.runs
+
+
+async def test_a_late_end_never_overwrites_a_process_that_took_the_execution_over(
+    env: tuple[Executor, SqliteStore, EventBus], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    executor, store, _ = env
+    monkeypatch.setattr(walk, "RECORD_RETRY_FIRST", 0.05)
+    real = store.save_execution
+
+    async def refused_once(execution: Execution, **kwargs: Any) -> None:
+        if execution.state == Execution.STATE_SUCCEEDED:
+            # Meanwhile (the store away, this process's lease run out) another process took it over.
+            await store._write(
+                lambda conn: conn.execute(
+                    "UPDATE executions SET owner='other' WHERE execution_id=?", (execution.execution_id,)
+                )
+            )
+            raise StoreUnavailable("cannot connect to the database: OperationalError")
+        await real(execution, **kwargs)
+
+    monkeypatch.setattr(store, "save_execution", refused_once)
+    execution, _ = await executor.create(
+        "t",
+        wf("taken", [{"type": "AddNode", "name": "a"}]),
+        inputs(x=1),
+        session_id="",
+        request_id="",
+        request_hash=None,
+    )
+    assert (await executor.wait("t", execution.execution_id, 10)).state == Execution.STATE_SUCCEEDED
+    for _ in range(100):
+        if not executor._slots.runs:
+            break
+        await asyncio.sleep(0.02)
+    stored = await store.get_execution("t", execution.execution_id)
+    assert stored is not None and stored.state == Execution.STATE_RUNNING, "left to the process that took it"
