@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from flowport.server.clock import now_us
+from flowport.server.periodic import Failures
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,14 @@ class Leases:
 
         `renew_and_claim` returns how many pieces of `what` it took over.
         """
+        failures = Failures(log, f"renewing the leases of {what}")  # an outage: said once, then a minute apart
         while True:
             await asyncio.sleep(self.seconds / 3)
             try:
                 taken = await renew_and_claim()
-            except Exception:
-                log.exception("renewing the leases of %s failed; will retry", what)
+            except Exception as exc:  # noqa: BLE001 - said by `failures`; renewing goes on
+                failures.failed(exc)
                 continue
+            failures.worked()
             if taken:
                 log.info("took over %d %s of a stopped process", taken, what)

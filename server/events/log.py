@@ -74,10 +74,12 @@ class EventLog:
         self._retention_seconds = retention_seconds
         self._pending: list[BusEvent] = []
         self._scheduled = False
-        # Events whose write failed with the store unavailable (its database down), oldest first:
-        # written again every RETRY_UNWRITTEN seconds, at most MAX_UNWRITTEN of them kept.
+        # Events whose write failed with the store unavailable (its database down), and the events
+        # published after them: written again every RETRY_UNWRITTEN seconds, together, by one write
+        # at a time (so the log gains ids in order), at most MAX_UNWRITTEN of them kept.
         self._unwritten: list[BusEvent] = []
-        self._retrying = False
+        self._holding = False  # events wait in _unwritten for the retry, not written as they come
+        self._retry_due = False
         self.dropped_unwritten = 0
         self._reserved = 0
         self._purger: asyncio.Task[None] | None = None
@@ -127,10 +129,14 @@ class EventLog:
 
     def _write_batch(self) -> None:
         self._scheduled = False
-        # Events still unwritten go first, in the same transaction: the log gains ids in order.
-        batch, self._unwritten, self._pending = [*self._unwritten, *self._pending], [], []
-        if batch:
-            self._store.append_events_soon(batch, lambda failure: self._written(batch, failure))
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        if self._holding:
+            # Behind events the store refused: written with them by the retry, ids in order.
+            self._keep(batch)
+            return
+        self._store.append_events_soon(batch, lambda failure: self._written(batch, failure))
 
     def _written(self, batch: list[BusEvent], failure: BaseException | None) -> None:
         """How a queued batch went: one the store could not take (its database unreachable) is
@@ -141,31 +147,47 @@ class EventLog:
             log.error("could not write %d events to the event log: %s", len(batch), failure)
             return
         self._keep(batch)
-        if not self._retrying:
-            self._retrying = True
-            asyncio.get_running_loop().call_later(RETRY_UNWRITTEN, self._write_unwritten)
+        self._hold()
 
     def _keep(self, batch: list[BusEvent]) -> None:
-        if not self._unwritten:
+        if not self._unwritten and not self._holding:
             log.warning("the event log cannot be written (the store is unavailable); keeping its events to write later")
         self._unwritten.extend(batch)
         if len(self._unwritten) > MAX_UNWRITTEN:
+            self._unwritten.sort(key=lambda event: int(event.id))
             gone = len(self._unwritten) - MAX_UNWRITTEN
             del self._unwritten[:gone]
             self.dropped_unwritten += gone
             log.error("the event log lost its %d oldest unwritten events (the store is still unavailable)", gone)
 
-    def _write_unwritten(self) -> None:
-        self._retrying = False
-        batch, self._unwritten = self._unwritten, []
-        if batch:
-            self._store.append_events_soon(batch, lambda failure: self._caught_up(batch, failure))
+    def _hold(self) -> None:
+        """New events wait behind the kept ones; one retry is due after RETRY_UNWRITTEN seconds."""
+        self._holding = True
+        if not self._retry_due:
+            self._retry_due = True
+            asyncio.get_running_loop().call_later(RETRY_UNWRITTEN, self._write_unwritten)
 
-    def _caught_up(self, batch: list[BusEvent], failure: BaseException | None) -> None:
-        if failure is None:
-            log.warning("the event log took the %d events it could not write while the store was away", len(batch))
-        else:
-            self._written(batch, failure)
+    def _write_unwritten(self) -> None:
+        self._retry_due = False
+        batch, self._unwritten = self._unwritten, []
+        if not batch:
+            self._holding = False
+            return
+        self._store.append_events_soon(batch, lambda failure: self._retried(batch, failure))
+
+    def _retried(self, batch: list[BusEvent], failure: BaseException | None) -> None:
+        if failure is None or not isinstance(failure, Unavailable):
+            if failure is None:
+                log.warning("the event log took %d events it could not write while the store was away", len(batch))
+            else:
+                log.error("could not write %d events to the event log: %s", len(batch), failure)
+            if self._unwritten:
+                self._hold()  # what came meanwhile, next
+            else:
+                self._holding = False
+            return
+        self._keep(batch)
+        self._hold()
 
     async def flush(self) -> None:
         """Return once every event published so far is committed."""
@@ -175,6 +197,7 @@ class EventLog:
             await self._store.append_events(batch)
         except Unavailable:
             self._keep(batch)
+            self._hold()
             raise
 
     async def bounds(self, tenant: str) -> tuple[int, int]:

@@ -10,14 +10,16 @@ import orjson
 from flowport.server.events.bus import BusEvent
 from flowport.server.storage.tables import Connection, Tables
 
-_INSERT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+# An event already there (a write that committed though its caller saw the connection fail, and
+# was written again) is left as it is: ids are given once, so the row is the same event.
+_INSERT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
 # PostgreSQL takes a batch as one statement with one JSON parameter, which it
 # takes apart itself: psycopg's executemany sends a statement per row
 # (pipelined), and its per-row work, or the adapting of one array per column,
 # was most of a server's CPU per execution on PostgreSQL.
 _INSERT_JSON = (
     "INSERT INTO events SELECT (r->>0)::bigint, r->>1, r->>2, (r->>3)::bigint, r->>4, r->>5, r->>6,"
-    " convert_to(r->>7, 'UTF8') FROM json_array_elements(?::json) AS r"
+    " convert_to(r->>7, 'UTF8') FROM json_array_elements(?::json) AS r ON CONFLICT (id) DO NOTHING"
 )
 
 

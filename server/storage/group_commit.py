@@ -49,6 +49,10 @@ class QueryTiming:
             self.observe(seconds)
 
 
+# Seconds after a failed connect during which operations fail at once instead of trying again.
+RECONNECT_PAUSE = 1.0
+
+
 class StoreUnavailable(Unavailable):
     """The database cannot be reached (its server restarting, the network down): the call may
     succeed when retried, once the connection is made again."""
@@ -73,6 +77,7 @@ class ConnectionThread(Generic[C]):
         self._broken = broken
         self._opener: Callable[[], C] | None = None
         self._closer: Callable[[C], object] | None = None
+        self._refused_until = 0.0  # after a failed connect, operations fail at once until then
 
     async def run(self, fn: Callable[[C], T]) -> T:
         timing = self.timing
@@ -108,9 +113,13 @@ class ConnectionThread(Generic[C]):
             with contextlib.suppress(Exception):
                 self._closer(conn)
         self.conn = None
+        if time.monotonic() < self._refused_until:
+            # Each queued operation would try (and wait) on its own: one try a RECONNECT_PAUSE.
+            raise StoreUnavailable("cannot connect to the database (tried a moment ago)")
         try:
             self.conn = self._opener()
         except Exception as exc:
+            self._refused_until = time.monotonic() + RECONNECT_PAUSE
             raise StoreUnavailable(f"cannot connect to the database: {type(exc).__name__}") from exc
         log.warning("connected to the database again (%s)", self.timing.operation)
         return self.conn
