@@ -198,7 +198,7 @@ class _Cut:
 
 
 # Methods whose calls GetStats does not count (see _wrap_unary).
-UNCOUNTED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+UNCOUNTED_PREFIXES = ("/grpc.health.", "/grpc.reflection.", "/envoy.service.ratelimit.")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -352,7 +352,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         watch = self._auth.watch if self._auth is not None else None
 
         async def body(request: Any, context: Context, span: Any) -> AsyncGenerator[Any]:  # noqa: PLR0915
-            ok = False
+            ok = cancelled = False
             last: type[Any] | None = None
             error: FlowportError | None = None
             transport = stream_transport(context)
@@ -387,8 +387,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except asyncio.CancelledError:
                     # The client went away (or the server is stopping): a stream's usual end, not
-                    # an error of the stream's.
-                    ok = True
+                    # an error of the stream's in GetStats, still CANCELLED in metrics and the audit.
+                    cancelled = True
                     raise
                 except Exception as exc:  # noqa: BLE001
                     error = _internal(method, exc)
@@ -402,7 +402,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     watched.close()
                 if inspect.isasyncgen(produced):
                     await produced.aclose()  # the handler's cleanup now, even when grpc closed us at a yield
-                metrics.stream_closed(ok, transport, tenant)
+                metrics.stream_closed(ok or cancelled, transport, tenant)
                 if gauge is not None:
                     gauge.dec()
                 code = grpc.StatusCode.OK if ok else error.code if error is not None else grpc.StatusCode.CANCELLED

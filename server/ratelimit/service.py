@@ -106,11 +106,11 @@ class RateLimitService:
         reset = self._window - time.time() % self._window
         status = wire.DescriptorStatus(code=code, limit_remaining=remaining)
         status.duration_until_reset.seconds = math.ceil(reset)
-        unit = wire.UNITS.get(int(self._window)) if float(self._window).is_integer() else None
-        if unit is not None:
-            # x-ratelimit-limit's `w=`: a window of another length has no unit to name it by.
-            status.current_limit.requests_per_unit = self._limit
-            status.current_limit.unit = unit
+        status.current_limit.requests_per_unit = self._limit
+        # x-ratelimit-limit's `w=`: a window of another length has no unit to name it by, and
+        # Envoy leaves `w=` out for UNKNOWN.
+        if float(self._window).is_integer():
+            status.current_limit.unit = wire.UNITS.get(int(self._window), 0)
         response = wire.RateLimitResponse(overall_code=code, statuses=[status])
         if code == OVER_LIMIT:
             response.response_headers_to_add.add(key="retry-after", value=str(math.ceil(reset)))
