@@ -64,7 +64,9 @@ class WorkflowTables(Tables):
                 idempotency.remember(conn, tenant, _CREATE, idempotency_key, body, now_us=now_us)
             return IdempotentResult(body, replayed=False)
 
-        return await self._write_change(tenant, op, lambda result: not result.replayed)
+        # A replay waits too: its first call may have committed and then failed to answer (the
+        # store's connection lost), so the change may not have been seen by every process yet.
+        return await self._write_change(tenant, op, lambda result: True)
 
     async def get_workflow(
         self,
@@ -146,13 +148,13 @@ class WorkflowTables(Tables):
                 idempotency.remember(conn, tenant, _DELETE, (request_id, key), b"", now_us=now_us)
             return Deletion.DELETED if hidden else Deletion.MISSING
 
-        return await self._write_change(tenant, op, lambda deletion: deletion is Deletion.DELETED)
+        return await self._write_change(tenant, op, lambda deletion: deletion is not Deletion.MISSING)
 
     async def _write_change(self, tenant: str, op: Callable[[Connection], R], changed: Callable[[R], bool]) -> R:
         """Write a create or delete of `tenant`'s workflows; on a store whose processes keep
         workflows, answer once every process has dropped its copies (workflow_cache.py).
-        `changed`: whether the op's result says it changed a row (a replay or a missing workflow
-        changes none)."""
+        `changed`: whether the op's result says it changed a row, now or in the call it replays (a
+        missing workflow changes none)."""
         cache = self._workflow_cache
         if cache is None:
             return await self._write(op)
