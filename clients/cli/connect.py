@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 API_KEY_ENV = "FLOWPORT_API_KEY"
 TARGET_ENV = "FLOWPORT_TARGET"
+# UNAVAILABLE answers the server itself gives (ErrorInfo reasons): it was reached.
+ANSWERED_UNAVAILABLE = frozenset({"STORE_UNAVAILABLE", "RATE_LIMIT_UNAVAILABLE"})
 ADMIN_KEY_FILE = "admin-api-key"
 # Exit codes; scripts rely on them, and each command's --help lists those it uses.
 EXIT_API_ERROR = 1  # the server refused the request
@@ -100,6 +102,9 @@ def explain(error: ApiError, target: str, *, admin_needed: bool = True) -> CliEr
     import grpc
 
     code = error.code()
+    if code is grpc.StatusCode.UNAVAILABLE and error.reason in ANSWERED_UNAVAILABLE:
+        # The server answered: something behind it (its database, the rate limits' Redis) is away.
+        return CliError(f"the server at {target} is up but cannot serve this now: {error}", EXIT_API_ERROR)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return CliError(
             f"cannot reach the server at {target} ({error.message}); is `flowport up` or `flowport serve` "

@@ -89,3 +89,19 @@ def test_a_tables_durations_read_in_milliseconds_or_seconds() -> None:
     assert "0.959 ms" in render([execution], "table")
     execution.duration.FromNanoseconds(1_500_000_000)
     assert "1.5 s" in render([execution], "table")
+
+
+def test_an_unavailable_answer_of_the_server_is_not_a_server_out_of_reach() -> None:
+    import grpc
+
+    from flowport.clients.cli.connect import EXIT_API_ERROR, EXIT_UNREACHABLE, explain
+    from flowport.clients.errors import ApiError
+
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="STORE_UNAVAILABLE", domain="flowport.dev"))
+    status = status_pb2.Status(code=14, message="cannot connect to the database: OperationalError", details=[info])
+    answered = explain(ApiError(grpc.StatusCode.UNAVAILABLE, status.message, status=status), "127.0.0.1:8080")
+    assert answered.code == EXIT_API_ERROR and "is up but cannot serve this now" in str(answered)
+    assert "STORE_UNAVAILABLE" in str(answered)
+    unreachable = explain(ApiError(grpc.StatusCode.UNAVAILABLE, "failed to connect"), "127.0.0.1:8080")
+    assert unreachable.code == EXIT_UNREACHABLE and "cannot reach the server" in str(unreachable)
