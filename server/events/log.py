@@ -173,7 +173,7 @@ class EventLog:
         if not batch:
             self._holding = False
             return
-        self._store.append_events_soon(batch, lambda failure: self._retried(batch, failure))
+        self._store.append_events_soon(batch, lambda failure: self._retried(batch, failure), again=True)
 
     def _retried(self, batch: list[BusEvent], failure: BaseException | None) -> None:
         if failure is None or not isinstance(failure, Unavailable):
@@ -191,10 +191,11 @@ class EventLog:
 
     async def flush(self) -> None:
         """Return once every event published so far is committed."""
+        again = bool(self._unwritten)
         batch, self._unwritten, self._pending = [*self._unwritten, *self._pending], [], []
         # Writes commit in order, so awaiting this one covers earlier queued ones.
         try:
-            await self._store.append_events(batch)
+            await self._store.append_events(batch, again=again)
         except Unavailable:
             self._keep(batch)
             self._hold()

@@ -10,16 +10,18 @@ import orjson
 from flowport.server.events.bus import BusEvent
 from flowport.server.storage.tables import Connection, Tables
 
-# An event already there (a write that committed though its caller saw the connection fail, and
-# was written again) is left as it is: ids are given once, so the row is the same event.
-_INSERT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+_INSERT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+# Events written again (a write that committed though its caller saw the connection fail): one
+# already there is left as it is, since ids are given once and the row is the same event. Only
+# then: on PostgreSQL, ON CONFLICT makes every row of a batch cost more.
+_AGAIN = " ON CONFLICT (id) DO NOTHING"
 # PostgreSQL takes a batch as one statement with one JSON parameter, which it
 # takes apart itself: psycopg's executemany sends a statement per row
 # (pipelined), and its per-row work, or the adapting of one array per column,
 # was most of a server's CPU per execution on PostgreSQL.
 _INSERT_JSON = (
     "INSERT INTO events SELECT (r->>0)::bigint, r->>1, r->>2, (r->>3)::bigint, r->>4, r->>5, r->>6,"
-    " convert_to(r->>7, 'UTF8') FROM json_array_elements(?::json) AS r ON CONFLICT (id) DO NOTHING"
+    " convert_to(r->>7, 'UTF8') FROM json_array_elements(?::json) AS r"
 )
 
 
@@ -39,26 +41,33 @@ def _row(event: BusEvent) -> tuple[Any, ...]:
 class EventTables(Tables):
     """The append-only event log."""
 
-    async def append_events(self, events: Sequence[BusEvent]) -> None:
-        """Append events (ids already assigned) and wait for the commit."""
-        await self._write(self._appending(events))
+    async def append_events(self, events: Sequence[BusEvent], *, again: bool = False) -> None:
+        """Append events (ids already assigned) and wait for the commit. `again`: some may be
+        there already (written before by a write whose outcome was unknown)."""
+        await self._write(self._appending(events, again))
 
     def append_events_soon(
-        self, events: Sequence[BusEvent], done: Callable[[BaseException | None], None] | None = None
+        self,
+        events: Sequence[BusEvent],
+        done: Callable[[BaseException | None], None] | None = None,
+        *,
+        again: bool = False,
     ) -> None:
         """Queue an append; it commits in order with the writes around it. `done` hears how it
-        went (None: committed)."""
-        self._write_soon(self._appending(events), done)
+        went (None: committed); `again` as for append_events."""
+        self._write_soon(self._appending(events, again), done)
 
-    def _appending(self, events: Sequence[BusEvent]) -> Callable[[Connection], object]:
+    def _appending(self, events: Sequence[BusEvent], again: bool) -> Callable[[Connection], object]:
         rows = [_row(e) for e in events]
         if not rows:
             return lambda conn: None
         if self.dialect == "postgresql":
             # Each row's data is JSON already (orjson's UTF-8), carried as a string.
             batch = orjson.dumps([(*row[:7], row[7].decode()) for row in rows]).decode()
-            return lambda conn: conn.execute(_INSERT_JSON, (batch,))
-        return lambda conn: conn.executemany(_INSERT, rows)
+            sql = _INSERT_JSON + _AGAIN if again else _INSERT_JSON
+            return lambda conn: conn.execute(sql, (batch,))
+        insert = _INSERT + _AGAIN if again else _INSERT
+        return lambda conn: conn.executemany(insert, rows)
 
     async def reserve_event_ids(self, block: int) -> tuple[int, int]:
         """Reserve the next `block` ids durably; returns (last id used before, reserved until)."""

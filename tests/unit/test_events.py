@@ -494,18 +494,18 @@ async def test_events_the_store_could_not_take_are_written_once_it_can(
     refusals = 3
     real = store.append_events_soon
 
-    def append(events: Any, done: Any = None) -> None:
+    def append(events: Any, done: Any = None, *, again: bool = False) -> None:
         nonlocal refusals
         if refusals and done is not None:
             refusals -= 1
             if refusals == 2:
                 # The first refused write did commit (the connection broke after its COMMIT went out):
                 # written again, its events must neither fail the retry nor be there twice.
-                real(events, lambda _: done(StoreUnavailable("the database connection was lost")))
+                real(events, lambda _: done(StoreUnavailable("the database connection was lost")), again=again)
                 return
             asyncio.get_running_loop().call_soon(done, StoreUnavailable("cannot connect to the database"))
             return
-        real(events, done)
+        real(events, done, again=again)
 
     monkeypatch.setattr(store, "append_events_soon", append)
     log, bus = await EventLog.open(store, queue_size=10, retention_count=1000, retention_seconds=3600)
