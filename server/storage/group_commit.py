@@ -67,7 +67,8 @@ class ConnectionThread(Generic[C]):
     With `broken` (a database server the connection can lose), a connection found broken is
     made again before the next operation, and an operation that failed because the connection
     broke fails with StoreUnavailable: the process recovers when the server does, without a
-    restart. The operation itself is not run again (a write's outcome is unknown).
+    restart. A read that failed so runs once more on a new connection; a write does not (its
+    outcome is unknown).
     """
 
     def __init__(self, name: str, operation: str = "read", broken: Callable[[C], bool] | None = None) -> None:
