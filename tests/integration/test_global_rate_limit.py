@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flowport.server.settings import Settings
+
 from ..backends import RedisServer
 from ..conftest import ADMIN_HEADERS, EnvoyProcess, ServeProcess, make_settings
 
@@ -35,20 +37,26 @@ def pair(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[list[str
                 rate_limit_tenant_max_requests=LIMIT,
                 rate_limit_time_window=WINDOW,
             )
-            server, envoy = ServeProcess(settings), EnvoyProcess(settings)
-            server.start()
-            started.append(server)
-            envoy.start()
-            started.append(envoy)
-            urls.append(settings.http_url)
-            deadline = time.monotonic() + 15
-            while httpx.get(f"{settings.http_url}/healthz").status_code != 200:
-                assert time.monotonic() < deadline, "Envoy never saw the server healthy"
-                time.sleep(0.1)
+            urls.append(_behind_envoy(settings, started))
         yield urls
     finally:
         for process in reversed(started):
             process.stop()
+
+
+def _behind_envoy(settings: Settings, started: list[ServeProcess | EnvoyProcess]) -> str:
+    """Start a server and its Envoy (added to `started`, for the caller to stop) and wait until
+    Envoy sees the server healthy; Envoy's URL."""
+    server, envoy = ServeProcess(settings), EnvoyProcess(settings)
+    server.start()
+    started.append(server)
+    envoy.start()
+    started.append(envoy)
+    deadline = time.monotonic() + 15
+    while httpx.get(f"{settings.http_url}/healthz").status_code != 200:
+        assert time.monotonic() < deadline, "Envoy never saw the server healthy"
+        time.sleep(0.1)
+    return settings.http_url
 
 
 def _window() -> None:
@@ -137,33 +145,25 @@ def test_limits_that_fail_closed_without_redis_are_503_saying_so(
         rate_limit_time_window=WINDOW,
         rate_limit_fail_open=False,
     )
-    server, envoy = ServeProcess(settings), EnvoyProcess(settings)
-    server.start()
+    started: list[ServeProcess | EnvoyProcess] = []
     try:
-        envoy.start()
+        url = _behind_envoy(settings, started)
+        _window()
+        key = _user_key(url, "acme")
+        assert _statuses([url, url], key, 1) == [200]
+        redis_server.stop()
         try:
-            url = settings.http_url
-            deadline = time.monotonic() + 15
-            while httpx.get(f"{url}/healthz").status_code != 200:
-                assert time.monotonic() < deadline, "Envoy never saw the server healthy"
-                time.sleep(0.1)
-            _window()
-            key = _user_key(url, "acme")
-            assert _statuses([url, url], key, 1) == [200]
-            redis_server.stop()
-            try:
-                refused = httpx.get(f"{url}/api/sessions", headers={"x-api-key": key}, timeout=10)
-                assert refused.status_code == 503, refused.text
-                body = refused.json()
-                assert body["code"] == 14 and body["details"][0]["reason"] == "RATE_LIMIT_UNAVAILABLE", body
-                assert "try again" in body["message"]
-            finally:
-                redis_server.start()
-            deadline = time.monotonic() + 10
-            while _statuses([url, url], key, 1) != [200]:
-                assert time.monotonic() < deadline, "requests never passed again once Redis was back"
-                time.sleep(0.2)
+            refused = httpx.get(f"{url}/api/sessions", headers={"x-api-key": key}, timeout=10)
+            assert refused.status_code == 503, refused.text
+            body = refused.json()
+            assert body["code"] == 14 and body["details"][0]["reason"] == "RATE_LIMIT_UNAVAILABLE", body
+            assert "try again" in body["message"]
         finally:
-            envoy.stop()
+            redis_server.start()
+        deadline = time.monotonic() + 10
+        while _statuses([url, url], key, 1) != [200]:
+            assert time.monotonic() < deadline, "requests never passed again once Redis was back"
+            time.sleep(0.2)
     finally:
-        server.stop()
+        for process in reversed(started):
+            process.stop()

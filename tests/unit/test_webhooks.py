@@ -852,14 +852,11 @@ async def test_deliveries_list_newest_first_with_pages_and_state_filter(
     assert [d.webhook_id for d in await env.store.unfinished_deliveries()] == [waiting.webhook_id]
 
 
-async def test_a_header_value_http_cannot_carry_fails_for_good_without_showing_it(
-    receivers: Callable[..., Receiver],
-) -> None:
-    receiver = receivers()
-    # Webhook headers carry the receiver's credentials: the error names the header, never a character of it.
-    target = webhook_delivery.Target(httpx.URL(receiver.url()), {"Authorization": "Bearer t\u00f6ken-XYZ"}, b"")
+async def _attempt_once(receiver: Receiver, headers: dict[str, str]) -> webhook_delivery.Outcome:
+    """One delivery attempt of `{}` to `receiver` with the webhook's `headers`; its outcome."""
+    target = webhook_delivery.Target(httpx.URL(receiver.url()), headers, b"")
     async with httpx.AsyncClient() as http:
-        outcome = await webhook_delivery.attempt(
+        return await webhook_delivery.attempt(
             http,
             target,
             body=b"{}",
@@ -869,6 +866,14 @@ async def test_a_header_value_http_cannot_carry_fails_for_good_without_showing_i
             timeout=5.0,
             allowlist=frozenset({"127.0.0.1"}),
         )
+
+
+async def test_a_header_value_http_cannot_carry_fails_for_good_without_showing_it(
+    receivers: Callable[..., Receiver],
+) -> None:
+    receiver = receivers()
+    # Webhook headers carry the receiver's credentials: the error names the header, never a character of it.
+    outcome = await _attempt_once(receiver, {"Authorization": "Bearer t\u00f6ken-XYZ"})
     assert (outcome.status_code, outcome.retryable) == (0, False)
     assert outcome.error.startswith("header Authorization holds"), outcome.error
     for shown in ("\u00f6", "xf6", "XYZ", "ken"):
@@ -886,18 +891,7 @@ async def test_a_stored_header_registration_now_refuses_fails_for_good_at_delive
     # Stored before registration refused it: a Host or Transfer-Encoding of its own would go out
     # next to flowport's. The delivery dead-letters at once, naming the header, and sends nothing.
     receiver = receivers()
-    target = webhook_delivery.Target(httpx.URL(receiver.url()), headers, b"")
-    async with httpx.AsyncClient() as http:
-        outcome = await webhook_delivery.attempt(
-            http,
-            target,
-            body=b"{}",
-            event_id="evt_1",
-            delivery_id="dlv_1",
-            attempt_number=1,
-            timeout=5.0,
-            allowlist=frozenset({"127.0.0.1"}),
-        )
+    outcome = await _attempt_once(receiver, headers)
     assert (outcome.status_code, outcome.retryable) == (0, False)
     [name] = headers
     assert outcome.error.startswith(f"header {header_label(name)} "), outcome.error
