@@ -176,18 +176,16 @@ class EventLog:
         self._store.append_events_soon(batch, lambda failure: self._retried(batch, failure), again=True)
 
     def _retried(self, batch: list[BusEvent], failure: BaseException | None) -> None:
-        if failure is None or not isinstance(failure, Unavailable):
-            if failure is None:
-                log.warning("the event log took %d events it could not write while the store was away", len(batch))
-            else:
-                log.error("could not write %d events to the event log: %s", len(batch), failure)
-            if self._unwritten:
-                self._hold()  # what came meanwhile, next
-            else:
-                self._holding = False
-            return
-        self._keep(batch)
-        self._hold()
+        if failure is None:
+            log.warning("the event log took %d events it could not write while the store was away", len(batch))
+        else:
+            self._written(batch, failure)  # kept again (and held), or logged as lost
+            if isinstance(failure, Unavailable):
+                return
+        if self._unwritten:
+            self._hold()  # what came meanwhile, next
+        else:
+            self._holding = False
 
     async def flush(self) -> None:
         """Return once every event published so far is committed."""
