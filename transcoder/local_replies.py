@@ -7,11 +7,21 @@ Only REST requests get JSON: the edge filter marks them in dynamic metadata
 replies, whose `grpc-message` must stay plain text. A request refused before
 any filter ran (headers too large: 431, or malformed) has no mark; it gets
 JSON unless its content-type says gRPC.
+
+One gRPC local reply is rewritten too: limits that fail closed and cannot be
+checked. Envoy answers a gRPC request with a trailers-only response made from
+the rewritten reply (grpc-message: its body as plain text; the mapper's
+headers as they are), so the mapper gives it the message and a
+`grpc-status-details-bin` with the reason, as the server's own errors carry.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Any
+
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 # HTTP status of a local reply -> google.rpc.Code it stands for.
 STATUS_CODES = {
@@ -70,6 +80,7 @@ _NOT_GRPC = {
         }
     }
 }
+_GRPC = {"header_filter": {"header": {"name": "content-type", "string_match": {"prefix": "application/grpc"}}}}
 # A reply already written as a JSON google.rpc.Status (transcoder/body_fields.lua) is left as is.
 _NOT_WRITTEN = {
     "metadata_filter": {
@@ -109,19 +120,16 @@ def _body(code: int, reason: str) -> dict[str, Any]:
 
 # The rate limit service failed (its counters unreachable) and limits fail closed: Envoy's
 # reply says nothing, so the message is written here.
+_RATE_LIMIT_UNAVAILABLE_MESSAGE = "rate limits cannot be checked right now (their counters are unavailable); try again"
+_RATE_LIMITS_FAILED = {"response_flag_filter": {"flags": ["RLSE"]}}
+_RATE_LIMIT_UNAVAILABLE_INFO = {"reason": "RATE_LIMIT_UNAVAILABLE", "domain": "envoy.flowport.dev"}
 _RATE_LIMIT_UNAVAILABLE = {
-    "filter": {"and_filter": {"filters": [{"response_flag_filter": {"flags": ["RLSE"]}}, _IS_REST]}},
+    "filter": {"and_filter": {"filters": [_RATE_LIMITS_FAILED, _IS_REST]}},
     "body_format_override": {
         "json_format": {
             "code": 14,
-            "message": "rate limits cannot be checked right now (their counters are unavailable); try again",
-            "details": [
-                {
-                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                    "reason": "RATE_LIMIT_UNAVAILABLE",
-                    "domain": "envoy.flowport.dev",
-                }
-            ],
+            "message": _RATE_LIMIT_UNAVAILABLE_MESSAGE,
+            "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", **_RATE_LIMIT_UNAVAILABLE_INFO}],
         },
         "content_type": "application/json",
     },
@@ -129,9 +137,35 @@ _RATE_LIMIT_UNAVAILABLE = {
 }
 
 
+def grpc_status_details(code: int, message: str, reason: str, domain: str) -> str:
+    """`grpc-status-details-bin` of a google.rpc.Status with one ErrorInfo: base64, as gRPC
+    carries a -bin header on the wire (unpadded, as it should emit them); Envoy sends a header
+    value as it is written."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=domain))
+    status = status_pb2.Status(code=code, message=message, details=[detail])
+    return base64.b64encode(status.SerializeToString()).decode("ascii").rstrip("=")
+
+
+def _rate_limit_unavailable_grpc() -> dict[str, Any]:
+    """The same refusal for gRPC callers (UNAVAILABLE from the 503): the body is their
+    grpc-message, the details their grpc-status-details-bin."""
+    details = grpc_status_details(14, _RATE_LIMIT_UNAVAILABLE_MESSAGE, **_RATE_LIMIT_UNAVAILABLE_INFO)
+    return {
+        "filter": {"and_filter": {"filters": [_RATE_LIMITS_FAILED, _UNMARKED, _GRPC]}},
+        "body_format_override": {"text_format": _RATE_LIMIT_UNAVAILABLE_MESSAGE},
+        "headers_to_add": [
+            {
+                "header": {"key": "grpc-status-details-bin", "value": details},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+    }
+
+
 def local_reply_config() -> dict[str, Any]:
     """`local_reply_config` for the HTTP connection manager."""
-    mappers = [_RATE_LIMIT_UNAVAILABLE]
+    mappers = [_RATE_LIMIT_UNAVAILABLE, _rate_limit_unavailable_grpc()]
     mappers += [
         {
             "filter": {"and_filter": {"filters": [_status_filter("EQ", status), _IS_REST]}},

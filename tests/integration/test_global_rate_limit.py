@@ -8,10 +8,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
+from flowport.clients import ApiError, Client
+from flowport.clients.cli.connect import EXIT_API_ERROR, explain
 from flowport.server.settings import Settings
+from flowport.v1 import session_pb2
 
 from ..backends import RedisServer
 from ..conftest import ADMIN_HEADERS, EnvoyProcess, ServeProcess, make_settings
@@ -137,7 +141,8 @@ def test_limits_that_fail_closed_without_redis_are_503_saying_so(
 ) -> None:
     """--rate-limit-fail-open false and Redis gone: requests are refused as the limits being
     unavailable (503, UNAVAILABLE), not as the tenant over its limit (429), and pass again once
-    Redis is back."""
+    Redis is back. A gRPC caller through Envoy is told the same: UNAVAILABLE with the reason in
+    its status details, so the SDK and the CLI say why rather than "cannot reach the server"."""
     settings = make_settings(
         tmp_path / "closed",
         redis_url=redis_url,
@@ -158,6 +163,17 @@ def test_limits_that_fail_closed_without_redis_are_503_saying_so(
             body = refused.json()
             assert body["code"] == 14 and body["details"][0]["reason"] == "RATE_LIMIT_UNAVAILABLE", body
             assert "try again" in body["message"]
+            assert not any(h.startswith("grpc-") for h in refused.headers), refused.headers
+            target = url.removeprefix("http://")
+            with Client(target, api_key=key, timeout=10, retries=1) as client, pytest.raises(ApiError) as raised:
+                client.sessions.ListSessions(session_pb2.ListSessionsRequest())
+            error = raised.value
+            assert error.code() is grpc.StatusCode.UNAVAILABLE, error
+            assert error.reason == "RATE_LIMIT_UNAVAILABLE" and error.domain == "envoy.flowport.dev", repr(error)
+            assert error.details() == body["message"], error.details()
+            assert error.status.code == 14 and error.status.message == body["message"], error.status
+            told = explain(error, target, admin_needed=False)
+            assert told.code == EXIT_API_ERROR and "is up but cannot serve this now" in str(told), told
         finally:
             redis_server.start()
         deadline = time.monotonic() + 10

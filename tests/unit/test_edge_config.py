@@ -3,9 +3,11 @@ and page sizes, header limits, waits, and which failures eject a server."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from flowport.clients.client import _options
 from flowport.server import pagination
@@ -83,6 +85,26 @@ def test_a_refused_request_without_the_rest_mark_still_gets_json() -> None:
         "REQUEST_HEADERS_TOO_LARGE"
     )
     assert "header_filter" in str(headers_too_large["filter"]), "unmarked requests are told apart by content-type"
+
+
+def test_grpc_callers_refused_by_unavailable_limits_get_the_reason_in_their_status_details() -> None:
+    mappers = local_reply_config()["mappers"]
+    rest, grpc_callers = mappers[0], mappers[1]
+    assert "RLSE" in str(rest["filter"]) and "RLSE" in str(grpc_callers["filter"])
+    assert "application/grpc" in str(grpc_callers["filter"]), "only gRPC callers"
+    message = rest["body_format_override"]["json_format"]["message"]
+    # The body of a gRPC local reply is its grpc-message, sent as plain text.
+    assert grpc_callers["body_format_override"] == {"text_format": message}
+    (header,) = [h["header"] for h in grpc_callers["headers_to_add"]]
+    assert header["key"] == "grpc-status-details-bin"
+    # gRPC's base64 (Envoy sends the value as written; a % would be a format specifier).
+    value = header["value"]
+    assert "%" not in value and "%" not in message
+    status = status_pb2.Status.FromString(base64.b64decode(value + "=" * (-len(value) % 4)))
+    info = error_details_pb2.ErrorInfo()
+    assert status.code == 14 and status.message == message
+    assert len(status.details) == 1 and status.details[0].Unpack(info)
+    assert (info.reason, info.domain) == ("RATE_LIMIT_UNAVAILABLE", "envoy.flowport.dev")
 
 
 def _execution(size: int, n: int) -> execution_pb2.Execution:
