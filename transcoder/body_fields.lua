@@ -25,14 +25,24 @@
 -- rewritten on the way out (envoy_on_response) to say what is wrong and,
 -- for a value it could not convert, which field, without the bytes.
 --
--- TYPES, ROUTES and VERBS are written in front of this code by
--- transcoder/body_fields.py, from the descriptor set:
+-- It also refuses a query that gives a field of one value twice (see
+-- "Query parameters" below): the transcoder would keep the last value.
+--
+-- TYPES, ROUTES, VERBS and the QUERY_* tables are written in front of this
+-- code by transcoder/body_fields.py, from the descriptor set:
 --   TYPES[message] = { [json key] = kind }, a kind being "" (any JSON
 --     value, not walked), "=" (one scalar: string, number, bool, null),
 --     a message name, "map:" .. the kind of the map's values, or
 --     "[]" .. the kind of a repeated field's elements;
 --   ROUTES = { { method, Lua pattern of the path, kind of the body } };
---   VERBS[verb] = true for each custom verb (":validate") of a route.
+--   VERBS[verb] = true for each custom verb (":validate") of a route;
+--   QUERY_TYPES[request message] = { [query name] = the field it sets (its
+--     proto names, "session.user_id"), or false for a repeated field };
+--   QUERY_ROUTES = { { method, Lua pattern of the path, request message,
+--     { fields the path binds } } }, every REST route;
+--   QUERY_SUSPECTS[name] = true for the names (lowercase, no "_") that have
+--     a query checked even when given once: fields some path binds (and any
+--     whose JSON name is not its proto name camel-cased).
 
 local find, sub, match = string.find, string.sub, string.match
 
@@ -461,16 +471,147 @@ local function canonical(path)
   return (string.gsub(path, "/+$", "")) .. verb
 end
 
+-- Query parameters.
+--
+-- The transcoder binds each `name=value` pair of a query (a pair without
+-- "=", or with nothing before it, is skipped) to the field `name` names:
+-- parts separated by ".", each a field's proto or JSON name ("page_size",
+-- "pageSize") once percent-decoded ("page%5Fsize"; "+" stays "+"). Every
+-- pair sets the field again, after the path's variables: a field of one
+-- value given twice kept the last value, silently, and one the path binds
+-- took the query's. Such a query is refused here (grpc-gateway's "too many
+-- values for field"), naming each field and never a value; a repeated field
+-- takes every value, as before. A name the transcoder does not know is left
+-- to it (its own 400), and so is a field inside a repeated message or a map.
+--
+-- Cheap first: only a request with a query reads it, and only when two of its
+-- names are alike (lowercase, "_" left out: page_size, pageSize and
+-- page%5Fsize are all "pagesize") or one is a QUERY_SUSPECTS name is its route
+-- found and each name resolved to the field it sets.
+
+-- A query name as the transcoder reads it: "%XX" decoded, after the name is cut
+-- at its dots; so an encoded "." (%2E) is part of a name no field has, and is
+-- left encoded here to match none either.
+local function decode_name(name)
+  return (string.gsub(name, "%%(%x%x)", function(hex)
+    local char = string.char(tonumber(hex, 16))
+    if char ~= "." then
+      return char
+    end
+  end))
+end
+
+-- The query's names, decoded, and whether the query needs the full check.
+local function query_names(query)
+  local names, seen, suspect = {}, {}, false
+  for pair in string.gmatch(query, "[^&]+") do
+    local equals = find(pair, "=", 1, true)
+    if equals ~= nil and equals > 1 then
+      local name = sub(pair, 1, equals - 1)
+      if find(name, "%", 1, true) then
+        name = decode_name(name)
+      end
+      local key = string.lower((string.gsub(name, "_", "")))
+      if seen[key] or QUERY_SUSPECTS[key] then
+        suspect = true
+      end
+      seen[key] = true
+      names[#names + 1] = name
+    end
+  end
+  return names, suspect
+end
+
+-- Each field of one value that the query (with the path) sets more than once,
+-- as { field, description }, and the request message; nil when there is none.
+local function fields_set_twice(method, path, query)
+  local names, suspect = query_names(query)
+  if not suspect then
+    return nil
+  end
+  local matched, route = canonical(path), nil
+  for _, candidate in ipairs(QUERY_ROUTES) do
+    if candidate[1] == method and find(matched, candidate[2]) then
+      route = candidate
+      break
+    end
+  end
+  if route == nil then
+    return nil -- no REST route: the transcoder's 404
+  end
+  local fields, counts, spellings, order = QUERY_TYPES[route[3]], {}, {}, {}
+  for _, name in ipairs(names) do
+    local field = fields[name]
+    if field then
+      if counts[field] == nil then
+        order[#order + 1] = field
+        counts[field], spellings[field] = 0, {}
+      end
+      counts[field] = counts[field] + 1
+      if spellings[field][name] == nil then
+        spellings[field][name] = true
+        spellings[field][#spellings[field] + 1] = "'" .. name .. "'"
+      end
+    end
+  end
+  local bound = {}
+  for _, field in ipairs(route[4]) do
+    bound[field] = true
+  end
+  local found = {}
+  for _, field in ipairs(order) do
+    local count = counts[field]
+    local as = #spellings[field] > 1 and (" (as " .. table.concat(spellings[field], " and ") .. ")") or ""
+    local description = nil
+    if bound[field] then
+      description = "set by the path and " .. (count == 1 and "again" or (count .. " times")) .. " by the query" .. as
+    elseif count > 1 then
+      description = "given " .. count .. " times in the query" .. as
+    end
+    if description ~= nil and #found < MAX_REPORTED then
+      found[#found + 1] = { field, description .. ", where one value belongs" }
+    end
+  end
+  if #found == 0 then
+    return nil
+  end
+  return found, route[3]
+end
+
+local function fields_given_twice(request_handle, found, message_type)
+  local parts = {}
+  for i, problem in ipairs(found) do
+    parts[i] = shown(problem[1]) .. " is " .. problem[2]
+  end
+  local message = table.concat(parts, "; ")
+  local metadata = '"message_type":"' .. message_type .. '"'
+  refuse(request_handle, status_json(message, "INVALID_ARGUMENT", "flowport.dev", metadata, found))
+end
+
 function envoy_on_request(request_handle)
   local headers = request_handle:headers()
   local method = headers:get(":method")
-  if method ~= "POST" and method ~= "PUT" and method ~= "PATCH" then
+  local full_path = headers:get(":path") or ""
+  local question = find(full_path, "?", 1, true)
+  local has_query = question ~= nil and question < #full_path
+  local has_body = method == "POST" or method == "PUT" or method == "PATCH"
+  if not has_query and not has_body then
     return
   end
   if is_grpc(headers:get("content-type") or "") then
     return
   end
-  local path = match(headers:get(":path") or "", "^[^?]*")
+  local path = match(full_path, "^[^?]*")
+  if has_query then
+    local found, message_type = fields_set_twice(method, path, sub(full_path, question + 1))
+    if found ~= nil then
+      fields_given_twice(request_handle, found, message_type)
+      return
+    end
+    if not has_body then
+      return
+    end
+  end
   local matched = canonical(path)
   local body_kind = nil
   for _, route in ipairs(ROUTES) do

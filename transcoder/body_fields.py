@@ -1,4 +1,5 @@
-"""The Lua filter that refuses unknown fields in REST request bodies.
+"""The Lua filter that refuses unknown fields in REST request bodies, and query
+parameters given twice for a field of one value.
 
 Envoy's gRPC-JSON transcoder drops JSON keys its descriptor does not know
 (the transcoding library parses with unknown fields ignored and Envoy has no
@@ -7,6 +8,13 @@ session with no user. `body_fields.lua` walks each REST body against the
 message it becomes and answers 400 naming the keys; this module writes the
 tables it walks with (every message a body can reach, every route that takes
 a body) from the descriptor set, so they always match what the transcoder does.
+
+The transcoder also sets a field once per query parameter naming it, so a
+field of one value given twice (`?page_size=10&page_size=500`, or as
+`page_size` and `pageSize`, or in the path and again in the query) kept the
+last value, silently. `query_tables` writes, from the same descriptor set,
+which names each route's query takes and which field each sets (repeated
+fields marked: they take every value), for the same filter to refuse those.
 """
 
 from __future__ import annotations
@@ -177,8 +185,93 @@ def _has_verb(template: str) -> bool:
     return ":" in template.rsplit("/", 1)[-1] and "}" not in template.rsplit(":", 1)[1]
 
 
+# Messages a query name may reach into (`resource.database.pool_size` is 2); deeper ones are left unchecked.
+MAX_QUERY_DEPTH = 4
+QueryRoute = tuple[str, str, str, tuple[str, ...]]
+
+
+def query_name_key(name: str) -> str:
+    """How body_fields.lua compares query names before it finds their route: both names of a
+    field alike (`page_size`, `pageSize` and `PageSize` are `pagesize`)."""
+    return name.replace("_", "").lower()
+
+
+def _query_fields(messages: dict[str, descriptor_pb2.DescriptorProto], name: str) -> dict[str, str | bool]:
+    """Each query name the transcoder takes for message `name` (every field, by its proto or JSON
+    name, dot-separated into the non-repeated messages it holds) -> the field it sets, by its
+    proto names; False for a repeated field. What is inside a repeated message or a map, and
+    free-form values (Struct, Any), are left out: unchecked, the transcoder's to take or refuse."""
+    found: dict[str, str | bool] = {}
+
+    def walk(type_name: str, prefixes: list[str], parent: str, depth: int) -> None:
+        for field in messages[type_name].field:
+            names = sorted({field.name, field.json_name or _camel(field.name)})
+            keys = [prefix + n for prefix in prefixes for n in names]
+            member = parent + field.name
+            repeated = field.label == FieldType.LABEL_REPEATED
+            if field.type == FieldType.TYPE_MESSAGE:
+                target = field.type_name.lstrip(".")
+                if repeated or target not in messages:
+                    continue
+                if target not in SCALAR_TYPES:
+                    if not target.startswith(OPAQUE_PREFIX) and depth < MAX_QUERY_DEPTH:
+                        walk(target, [key + "." for key in keys], member + ".", depth + 1)
+                    continue
+            for key in keys:
+                found[key] = False if repeated else member
+
+    walk(name, [""], "", 0)
+    return found
+
+
+def query_tables(path: Path | None = None) -> tuple[dict[str, dict[str, str | bool]], list[QueryRoute], set[str]]:
+    """(QUERY_TYPES, QUERY_ROUTES, QUERY_SUSPECTS) for body_fields.lua's query check: the names
+    each request message takes in a query (see _query_fields); each (method, Lua path pattern,
+    request message, fields its path binds) of every REST binding; and the names (as
+    query_name_key makes them) that send a query to be checked even when given once: fields some
+    route binds in its path, and any field whose JSON name is not its proto name camel-cased."""
+    messages = _messages(path)
+    types: dict[str, dict[str, str | bool]] = {}
+    routes: list[QueryRoute] = []
+    suspects: set[str] = set()
+    for method in methods(path):
+        if method.input_type not in types:
+            types[method.input_type] = _query_fields(messages, method.input_type)
+        for binding in method.bindings:
+            bound = tuple(found.group(1).strip() for found in _VARIABLE.finditer(binding.template))
+            suspects.update(query_name_key(member) for member in bound)
+            routes.append((binding.verb.upper(), _path_pattern(binding.template), method.input_type, bound))
+    for fields in types.values():
+        by_member: dict[str | bool, set[str]] = {}
+        for key, member in fields.items():
+            by_member.setdefault(member if member else key, set()).add(query_name_key(key))
+        for keys in by_member.values():
+            if len(keys) > 1:
+                suspects.update(keys)
+    return types, routes, suspects
+
+
+def _query_lua(path: Path | None) -> list[str]:
+    types, routes, suspects = query_tables(path)
+    lines = ["local QUERY_TYPES = {"]
+    for name in sorted(types):
+        entries = ", ".join(
+            f"[{_lua_string(k)}] = {_lua_string(v) if isinstance(v, str) else 'false'}"
+            for k, v in sorted(types[name].items())
+        )
+        lines.append(f"  [{_lua_string(name)}] = {{ {entries} }},")
+    lines.append("}")
+    lines.append("local QUERY_ROUTES = {")
+    for verb, pattern, message, bound in routes:
+        members = ", ".join(_lua_string(m) for m in bound)
+        lines.append(f"  {{ {_lua_string(verb)}, {_lua_string(pattern)}, {_lua_string(message)}, {{ {members} }} }},")
+    lines.append("}")
+    lines.append("local QUERY_SUSPECTS = { " + " ".join(f"[{_lua_string(k)}] = true," for k in sorted(suspects)) + " }")
+    return lines
+
+
 def lua_source(path: Path | None = None) -> str:
-    """body_fields.lua with its TYPES, ROUTES and VERBS tables in front."""
+    """body_fields.lua with its TYPES, ROUTES, VERBS and QUERY_* tables in front."""
     types, routes = tables(path)
     lines = ["local TYPES = {"]
     for name in sorted(types):
@@ -189,5 +282,6 @@ def lua_source(path: Path | None = None) -> str:
     lines += [f"  {{ {_lua_string(m)}, {_lua_string(p)}, {_lua_string(k)} }}," for m, p, k in routes]
     lines.append("}")
     lines.append("local VERBS = { " + " ".join(f"[{_lua_string(v)}] = true," for v in verbs(path)) + " }")
+    lines += _query_lua(path)
     code = resources.files("flowport.transcoder").joinpath("body_fields.lua").read_text("utf-8")
     return "\n".join(lines) + "\n\n" + code

@@ -302,8 +302,10 @@ def _http_filters(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
             ),
         },
         {
-            # Refuses unknown keys in REST bodies, which the transcoder would drop
-            # (transcoder/body_fields.py); after the buffer filter, so bodies are capped.
+            # Refuses unknown keys in REST bodies, which the transcoder would drop, and query
+            # parameters given twice for a field of one value, of which it would keep the last
+            # (transcoder/body_fields.py); after the buffer filter, so bodies are capped, and
+            # after the cors filter, so its 400s carry CORS headers as the transcoder's do.
             "name": BODY_FIELDS,
             "typed_config": _typed(
                 "envoy.extensions.filters.http.lua.v3.Lua",

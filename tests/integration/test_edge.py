@@ -76,6 +76,15 @@ def test_unknown_paths_and_query_parameters_answer_json(http: httpx.Client) -> N
     assert "bogus" in _status(unknown)["message"]
 
 
+def test_a_query_refused_for_a_field_given_twice_carries_cors_headers_as_other_400s(http: httpx.Client) -> None:
+    # Refused after the cors filter (by body_fields.lua), as the transcoder's own 400s: a page of
+    # an allowed origin can read why.
+    for query in ("bogus=1", "page_size=1&page_size=2"):
+        response = http.get(f"/api/sessions?{query}", headers={"origin": ALLOWED})
+        assert response.status_code == 400, response.text
+        assert response.headers.get("access-control-allow-origin") == ALLOWED, (query, response.headers)
+
+
 def test_malformed_json_is_400_json_naming_the_problem(http: httpx.Client) -> None:
     response = http.post("/api/sessions", content=b'{"user_id": ', headers={"content-type": "application/json"})
     assert response.status_code == 400

@@ -228,3 +228,83 @@ def test_the_access_log_records_the_grpc_status_the_call_was_answered_with(edge:
     seen = {agent: (entry["status"], entry["grpc_status"]) for agent, entry in logged.items()}
     expected = {agent: (http_status, code) for agent, (_, http_status, code) in calls.items()}
     assert seen == {**expected, "status-grpc": (200, 5)}
+
+
+def _violated(status: dict[str, Any]) -> list[str]:
+    """The fields of a status's BadRequest field violations."""
+    bad_request = next(d for d in status["details"] if d["@type"] == "type.googleapis.com/google.rpc.BadRequest")
+    return [violation["field"] for violation in bad_request["field_violations"]]
+
+
+def test_a_query_parameter_given_twice_for_a_field_of_one_value_is_refused_naming_it_not_its_values(
+    rest: httpx.Client,
+) -> None:
+    # The transcoder took the last value silently (grpc-gateway: "too many values for field").
+    session = rest.post("/api/sessions", json={"user_id": "query-twice"}).json()["session_id"]
+    other = rest.post("/api/sessions", json={"user_id": "query-twice-other"}).json()["session_id"]
+    before = len(rest.get("/api/sessions", params={"user_id": "query-twice"}).json()["sessions"])
+    cases = [
+        ("GET", "/api/sessions?page_size=10&page_size=487", "page_size"),
+        ("POST", f"/api/sessions?request_id={SECRET}&request_id=second-{SECRET}", "request_id"),
+        ("GET", f"/api/executions?session_id={session}&session_id={other}", "session_id"),
+        ("GET", "/api/events/recent?count=3&types=a&count=487&types=b", "count"),
+        # A stream is refused before it opens.
+        ("GET", f"/events?session_id={session}&session_id={other}", "session_id"),
+        # Both names of one field (proto and JSON), or a name percent-encoded, are one field.
+        ("GET", "/api/sessions?page_size=10&pageSize=487", "page_size"),
+        ("GET", "/api/sessions?page%5Fsize=10&page_size=487", "page_size"),
+        ("GET", "/api/sessions?page%5fsize=10&page%5Fsize=487&user%5Fid=a", "page_size"),
+        ("GET", "/api/sessions?page_size=10&user_id=a&userId=b", "user_id"),
+        # A field of the path given again in the query (the query's value was the one used).
+        ("GET", f"/api/sessions/{session}?session_id={other}", "session_id"),
+        ("GET", f"/api/sessions/{session}?sessionId={other}", "session_id"),
+        ("DELETE", f"/api/sessions/{other}?session_id={session}", "session_id"),
+    ]
+    for method, url, field in cases:
+        response = rest.request(method, url, json={"user_id": "query-twice"} if method == "POST" else None)
+        status = _status(response, "INVALID_ARGUMENT")
+        assert status["details"][0]["domain"] == "flowport.dev", status
+        assert _violated(status) == [field], (url, status)
+        assert f"'{field}'" in status["message"], status
+        # The values are never quoted: not the numbers, not the ids, not a secret.
+        _quotes_nothing_of_the_secret(response)
+        for value in ("487", session, other):
+            assert value not in response.text, (url, response.text)
+    # Nothing was done: no session created by the refused POST, none deleted by the DELETE.
+    assert len(rest.get("/api/sessions", params={"user_id": "query-twice"}).json()["sessions"]) == before
+    assert rest.get(f"/api/sessions/{other}").status_code == 200
+    # Two at once are both named.
+    both = _status(rest.get("/api/sessions?page_size=1&page_token=&pageSize=2&page_token="), "INVALID_ARGUMENT")
+    assert _violated(both) == ["page_size", "page_token"], both
+
+
+def test_a_repeated_field_still_takes_several_query_values(rest: httpx.Client) -> None:
+    for service_id, capabilities in (("dup-both", ["dup-x", "dup-y"]), ("dup-one", ["dup-x"])):
+        registered = rest.post(
+            "/api/services",
+            json={"service_id": service_id, "endpoint": "http://127.0.0.1:9/", "capabilities": capabilities},
+        )
+        assert registered.status_code == 200, registered.text
+    listed = rest.get("/api/services?capabilities=dup-x&capabilities=dup-y")
+    assert listed.status_code == 200, listed.text
+    assert [s["service_id"] for s in listed.json()["services"]] == ["dup-both"]
+    # types and event_types are two repeated fields the server merges: each takes several values,
+    # by either of its names; count and page_size are two fields too (the smaller applies).
+    recent = rest.get("/api/events/recent?types=a&types=b&event_types=c&eventTypes=d&count=5&page_size=7")
+    assert recent.status_code == 200, recent.text
+
+
+def test_queries_that_set_each_field_once_are_unchanged(rest: httpx.Client) -> None:
+    for user in ("once-a", "once-b", "once-a"):
+        assert rest.post("/api/sessions", json={"user_id": user}).status_code == 200
+    for query in ("page_size=1&user_id=once-a", "pageSize=1&userId=once-a", "page%5Fsize=1&user_id=once-a"):
+        listed = rest.get(f"/api/sessions?{query}")
+        assert listed.status_code == 200, (query, listed.text)
+        assert len(listed.json()["sessions"]) == 1 and listed.json()["next_page_token"], (query, listed.text)
+    # A name without "=" is no parameter to the transcoder, however often it comes.
+    assert len(rest.get("/api/sessions?user_id=once-a&page_size&page_size").json()["sessions"]) == 2
+    session = rest.get("/api/sessions?user_id=once-b").json()["sessions"][0]["session_id"]
+    assert rest.get(f"/api/sessions/{session}?").json()["user_id"] == "once-b"
+    # An unknown parameter, even twice, is still the transcoder's to refuse.
+    unknown = _status(rest.get("/api/sessions?bogus=1&bogus=2"), "INVALID_ARGUMENT")
+    assert unknown["details"][0]["domain"] == "envoy.flowport.dev" and "bogus" in unknown["message"], unknown

@@ -13,7 +13,7 @@ from flowport.clients.client import _options
 from flowport.server import pagination
 from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_METADATA_BYTES, MAX_PAGE_BYTES, MAX_WAIT
 from flowport.server.settings import Settings
-from flowport.transcoder.body_fields import lua_source, tables, verbs
+from flowport.transcoder.body_fields import lua_source, query_tables, tables, verbs
 from flowport.transcoder.envoy_config import MAX_REQUEST_HEADERS_KB, render
 from flowport.transcoder.local_replies import local_reply_config
 from flowport.v1 import execution_pb2
@@ -160,6 +160,31 @@ def test_the_body_check_knows_every_route_with_a_body_and_both_field_names() -> 
     # The verbs the transcoder splits off a path (only these: another stays part of the path).
     assert verbs() == ["cancel", "heartbeat", "redeliver", "revoke", "validate", "watch"]
     assert 'local VERBS = { ["cancel"] = true,' in source
+
+
+def test_the_query_check_knows_each_routes_fields_by_both_names_and_which_are_repeated() -> None:
+    from flowport.transcoder.http_rules import methods
+
+    types, routes, suspects = query_tables()
+    recent = types["flowport.v1.ListRecentEventsRequest"]
+    assert recent["page_size"] == recent["pageSize"] == "page_size"
+    # Kailash's names are fields of their own, which the server merges: not one field twice.
+    assert recent["count"] == "count"
+    assert recent["types"] is recent["event_types"] is recent["eventTypes"] is False, "repeated: several values"
+    assert types["flowport.v1.ListServicesRequest"]["capabilities"] is False
+    # Into the messages a request holds (by proto names), not into repeated ones, maps or free-form values.
+    create = types["flowport.v1.CreateSessionRequest"]
+    assert create["session.userId"] == create["session.user_id"] == "session.user_id"
+    assert create["session.ttl"] == "session.ttl", "a Duration is one value"
+    assert not [k for k in create if k.startswith("session.metadata")]
+    workflow = types["flowport.v1.CreateWorkflowRequest"]
+    assert not [k for k in workflow if k.startswith(("workflow.nodes", "workflow.labels"))]
+    # Every REST binding, with the fields its path binds.
+    assert len(routes) == sum(len(m.bindings) for m in methods())
+    assert ("GET", "^/api/sessions/[^/]*$", "flowport.v1.GetSessionRequest", ("session_id",)) in routes
+    assert {"sessionid", "workflowid", "executionid"} <= suspects and "pagesize" not in suspects
+    source = lua_source()
+    assert "local QUERY_TYPES = {" in source and 'local QUERY_SUSPECTS = { ["deliveryid"] = true,' in source
 
 
 def test_the_sdk_refuses_unknown_fields_in_a_workflow_given_as_json() -> None:
