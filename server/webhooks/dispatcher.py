@@ -25,13 +25,24 @@ Flow:
   delivery survives a restart. An attempt cut off by a shutdown is made
   again: delivery is at least once, and receivers dedupe on
   `X-Flowport-Delivery-Id`.
+- While the store is unavailable (its database restarting), nothing is lost
+  and nothing floods the log: the flusher keeps what it could not write (the
+  rows, with their ids, or the events whose sessions it could not look up)
+  and tries again every RETRY_UNAVAILABLE seconds, behind which new events
+  wait in the inbox; an attempt that cannot read or record its row is made
+  again a second later; a webhook change that cannot be reloaded is reloaded
+  again. All of it is said once, then once a minute (`Failures`), then when
+  the store works again. Only a stop during the outage loses what is held
+  (counted in `lost`, and said once).
 
 In memory the dispatcher holds a small record per unfinished delivery (ids
-and a timer), never its body. A tenant holds at most
-`--tenant-max-pending-deliveries` of them in a process: past it, its new
-deliveries are dropped and counted instead of queued, so receivers that
-never answer (each delivery lives through every retry) cannot grow this
-process's memory and the store without bound. The events stay in the log.
+and a timer), never its body (but for rows waiting for the store to come
+back). A tenant holds at most `--tenant-max-pending-deliveries` of them in a
+process, those in the inbox and those waiting for the store included: past
+it, its new deliveries are dropped and counted instead of queued, so
+receivers that never answer (each delivery lives through every retry), or a
+database away for long, cannot grow this process's memory and the store
+without bound. The events stay in the log.
 """
 
 from __future__ import annotations
@@ -48,11 +59,13 @@ from typing import TYPE_CHECKING
 import httpx
 
 from flowport.server.clock import now_us
+from flowport.server.errors import Unavailable
 from flowport.server.events.bus import BusEvent, EventBus, Subscription
 from flowport.server.events.kailash import Selection
 from flowport.server.ids import new_id
 from flowport.server.leases import Leases
 from flowport.server.observability import tracing
+from flowport.server.periodic import Failures
 from flowport.server.resolver import RESOLVING_FOR
 from flowport.server.settings import Settings
 from flowport.server.storage.webhooks import (
@@ -81,6 +94,11 @@ FAILED_EVENT = "webhook.failed"
 Key = tuple[str, str]  # (tenant, webhook_id)
 # Seconds between two warnings of a tenant's dropped deliveries.
 DROP_WARNING_INTERVAL = 60.0
+# Seconds between tries to write what the store could not take (its database away), and to make an
+# attempt again that could not read or record its row.
+RETRY_UNAVAILABLE = 1.0
+# Seconds the store must work without failing before an outage is said to be over.
+OUTAGE_SETTLES = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +148,48 @@ class _Pending:
     key: Key
     timer: asyncio.TimerHandle | None = None
     dropped: bool = False
+
+
+class _Outage:
+    """The store unavailable, said through `Failures`: once with its traceback, then once a minute,
+    then once it has worked for OUTAGE_SETTLES seconds without failing. Its connections come back
+    one at a time (one that failed to connect is tried again a second later), so for a moment after
+    the database is back calls work and fail by turns: that is the end of one outage, not more."""
+
+    def __init__(self, what: str) -> None:
+        self._failures = Failures(log, what)
+        self._failed_at: float | None = None  # the last failure, until the outage is said to be over
+        self._worked_at = 0.0
+        self._check: asyncio.TimerHandle | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        self._failed_at = time.monotonic()
+        self._failures.failed(exc)
+
+    def worked(self) -> None:
+        self._worked_at = time.monotonic()
+        if self._failed_at is not None and self._check is None:
+            self._check_later()
+
+    def _check_later(self) -> None:
+        assert self._failed_at is not None
+        wait = max(self._failed_at + OUTAGE_SETTLES - time.monotonic(), 0.0)
+        self._check = asyncio.get_running_loop().call_later(wait, self._settled)
+
+    def _settled(self) -> None:
+        self._check = None
+        if self._failed_at is None or self._worked_at < self._failed_at:
+            return  # the last call failed: the next one that works (every failure is retried) looks again
+        if time.monotonic() - self._failed_at >= OUTAGE_SETTLES:
+            self._failed_at = None
+            self._failures.worked()
+        else:
+            self._check_later()
+
+    def close(self) -> None:
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
 
 
 @dataclass(eq=False, slots=True)
@@ -183,7 +243,14 @@ class WebhookDispatcher:
         self._by_tenant: dict[str, list[_Hook]] = {}
         self._generations: defaultdict[str, int] = defaultdict(int)
         self._inbox: list[tuple[BusEvent, list[_Hook]]] = []
+        # Rows the store could not take (unavailable): written again, with the same ids, before the inbox.
+        self._unwritten: list[NewDelivery] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Set by close: the flusher stops waiting for the store and tries once more.
+        self._closing = asyncio.Event()
+        # The store unavailable, for the flusher, the attempts and the reloads alike: said once,
+        # then once a minute, then when it works again; never once per event or per delivery.
+        self._store_failures = _Outage("reading and writing webhook deliveries")
         self._pending: dict[str, _Pending] = {}
         self._lanes: dict[Key, _Lane] = {}
         self._workers: set[asyncio.Task[None]] = set()
@@ -239,18 +306,36 @@ class WebhookDispatcher:
     async def _follow_changes(self, changes: Subscription) -> None:
         try:
             async for event in changes:
-                await self.webhooks_changed(event.tenant)
+                await self._reload(event.tenant)
         finally:
             changes.close()
+
+    async def _reload(self, tenant: str) -> None:
+        """webhooks_changed, tried again while the store is unavailable: a change missed would leave
+        this process delivering to a deleted webhook, or not to a new one, until it restarts."""
+        while True:
+            try:
+                await self.webhooks_changed(tenant)
+            except Unavailable as exc:
+                self._store_failures.failed(exc)
+                await asyncio.sleep(RETRY_UNAVAILABLE)  # cancelled by close
+                continue
+            except Exception:
+                log.exception("could not reload the webhooks of tenant %s", tenant)  # a bug: the next change reloads
+            else:
+                self._store_failures.worked()
+            return
 
     async def close(self) -> None:
         """Write the rows of events already received, then stop attempts (resumed at the next start)."""
         self._closed = True
+        self._closing.set()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
+        self._store_failures.close()
         for pending in self._pending.values():
             if pending.timer is not None:
                 pending.timer.cancel()
@@ -340,7 +425,7 @@ class WebhookDispatcher:
             self._drop_warned[tenant] = now
             log.warning(
                 "tenant %s holds its most of %d unfinished webhook deliveries in this process: new ones are "
-                "dropped (its receivers are slow or down; %d dropped so far)",
+                "dropped (its receivers are slow or down, or the store is unavailable; %d dropped so far)",
                 tenant,
                 self._tenant_max_pending,
                 self.tenant_outcomes[(tenant, "dropped")],
@@ -356,7 +441,8 @@ class WebhookDispatcher:
 
     async def _visible(self, batch: list[tuple[BusEvent, list[_Hook]]]) -> list[tuple[BusEvent, list[_Hook]]]:
         """The batch without the events of sessions a webhook's credential may not see: as in a
-        stream, a webhook registered without the admin role gets those of its own sessions only."""
+        stream, a webhook registered without the admin role gets those of its own sessions only.
+        Raises Unavailable when the store is (the batch is then looked at again later)."""
         owners: dict[Key, str | None] = {}
         unknown: set[Key] = set()
         kept: list[tuple[BusEvent, list[_Hook]]] = []
@@ -368,6 +454,8 @@ class WebhookDispatcher:
                     try:
                         # The store's cache: a round trip only for a session it has not seen yet.
                         owners[key] = await self._store.session_owner(*key)
+                    except Unavailable:
+                        raise
                     except Exception:
                         log.exception("could not look up the owner of session %s", event.session_id)
                         owners[key] = None
@@ -382,31 +470,104 @@ class WebhookDispatcher:
         return kept
 
     async def _flush(self) -> None:
+        kept = False  # since the last round that wrote, what the store could not take has been kept
         try:
-            while self._inbox:
-                batch, self._inbox = self._inbox, []
-                try:
-                    rows = self._rows(await self._visible(batch))
-                    try:
-                        await self._store.insert_deliveries(
-                            rows, owner=self._leases.owner, lease_until_us=self._leases.until()
-                        )
-                    except Exception:
-                        self.lost += len(rows)
-                        log.exception("could not queue %d webhook deliveries", len(rows))
-                        continue
-                    # Once closed, the rows wait for the next start.
-                    for row in rows:
-                        self._schedule(_Pending(row.delivery_id, (row.tenant, row.webhook_id)), 0.0)
-                finally:
-                    # Counted in the inbox until scheduled (in _tenant_pending from then on).
-                    for event, hooks in batch:
-                        if self._tenant_max_pending is not None:
-                            self._tenant_inboxed[event.tenant] -= len(hooks)
-                            if self._tenant_inboxed[event.tenant] <= 0:
-                                del self._tenant_inboxed[event.tenant]
+            while self._inbox or self._unwritten:
+                written = await self._write_round()
+                if written is not None:
+                    if kept:
+                        kept = False
+                        log.warning("queued %d webhook deliveries kept while the store was unavailable", written)
+                    continue
+                # The store is unavailable: what could not be written is kept, and new events wait
+                # in the inbox (the tenants' caps count both), until the next try.
+                kept = True
+                if self._closed:
+                    self._give_up()
+                    return
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RETRY_UNAVAILABLE):
+                        await self._closing.wait()  # a close tries once more at once
         finally:
             self._flusher = None
+
+    async def _write_round(self) -> int | None:
+        """Write the rows kept from an earlier round, then what is in the inbox, and say how many;
+        None, with what was not written kept (the kept rows, then the inbox, in order), when the
+        store is unavailable."""
+        written = 0
+        if self._unwritten:
+            held, self._unwritten = self._unwritten, []
+            inserted = await self._insert(held, again=True)
+            if inserted is None:
+                return None
+            written += inserted
+        if not self._inbox:
+            return written
+        batch, self._inbox = self._inbox, []
+        requeued = False
+        try:
+            try:
+                visible = await self._visible(batch)
+            except Unavailable as exc:
+                self._store_failures.failed(exc)
+                self._inbox[:0] = batch  # before what came meanwhile, and still counted in the inbox
+                requeued = True
+                return None
+            inserted = await self._insert(self._rows(visible), again=False)
+            return None if inserted is None else written + inserted
+        finally:
+            # Counted in the inbox until scheduled (in _tenant_pending from then on), or kept as rows.
+            if not requeued:
+                for event, hooks in batch:
+                    self._inboxed(event.tenant, -len(hooks))
+
+    async def _insert(self, rows: list[NewDelivery], *, again: bool) -> int | None:
+        """Write `rows` and schedule them; how many, or None, with them kept (and counted in the
+        inbox), when the store is unavailable. `again`: rows kept from an earlier try, counted in
+        the inbox till now."""
+        try:
+            await self._store.insert_deliveries(rows, owner=self._leases.owner, lease_until_us=self._leases.until())
+        except Unavailable as exc:
+            self._store_failures.failed(exc)
+            self._unwritten[:0] = rows
+            if not again:
+                for row in rows:
+                    self._inboxed(row.tenant, 1)
+            return None
+        except Exception:
+            if not again:
+                self.lost += len(rows)
+                log.exception("could not queue %d webhook deliveries", len(rows))
+                return 0
+            # The write of them that failed may have committed before its connection broke: then
+            # they are there, and this one fails. Each attempt reads its row first, and forgets a
+            # delivery whose row is not there.
+            log.warning("could not queue %d webhook deliveries again: delivering those already stored", len(rows))
+        else:
+            self._store_failures.worked()
+        if again:
+            for row in rows:
+                self._inboxed(row.tenant, -1)
+        # Once closed, the rows wait for the next start.
+        for row in rows:
+            self._schedule(_Pending(row.delivery_id, (row.tenant, row.webhook_id)), 0.0)
+        return len(rows)
+
+    def _inboxed(self, tenant: str, delta: int) -> None:
+        """Count `delta` more (or fewer) of `tenant`'s deliveries in the inbox or kept for the store."""
+        if self._tenant_max_pending is not None:
+            self._tenant_inboxed[tenant] += delta
+            if self._tenant_inboxed[tenant] <= 0:
+                del self._tenant_inboxed[tenant]
+
+    def _give_up(self) -> None:
+        """Stopping while the store is unavailable: what is kept is lost (said once)."""
+        kept = len(self._unwritten) + sum(len(hooks) for _, hooks in self._inbox)
+        self.lost += kept
+        self._unwritten, self._inbox = [], []
+        self._tenant_inboxed.clear()
+        log.error("stopping with the store unavailable: %d webhook deliveries could not be queued", kept)
 
     def _rows(self, batch: list[tuple[BusEvent, list[_Hook]]]) -> list[NewDelivery]:
         rows: list[NewDelivery] = []
@@ -482,10 +643,16 @@ class WebhookDispatcher:
                     continue
                 try:
                     await self._deliver(pending)
+                except Unavailable as exc:
+                    # Its row could not be read or its outcome recorded: made again, said once.
+                    self._store_failures.failed(exc)
+                    self._schedule(pending, max(self._initial_backoff, RETRY_UNAVAILABLE))
                 except Exception:
-                    # A bug or a store failure: keep the delivery, try again later.
+                    # A bug: keep the delivery, try again later.
                     log.exception("webhook delivery %s failed unexpectedly", pending.delivery_id)
                     self._schedule(pending, max(self._initial_backoff, 1.0))
+                else:
+                    self._store_failures.worked()
         finally:
             lane.active -= 1
 

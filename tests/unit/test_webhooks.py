@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import socket
 import threading
 import time
@@ -32,11 +33,13 @@ from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.http import header_label
 from flowport.server.settings import Settings
 from flowport.server.storage import Deletion, SqliteStore
+from flowport.server.storage.group_commit import StoreUnavailable
 from flowport.server.storage.migrate import bundled
 from flowport.server.storage.tables import Connection
 from flowport.server.storage.webhooks import WebhookTables
 from flowport.server.types import Context
 from flowport.server.webhooks import delivery as webhook_delivery
+from flowport.server.webhooks import dispatcher as webhook_dispatcher
 from flowport.server.webhooks.delivery import backoff
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.v1 import apikey_pb2, execution_pb2, session_pb2, webhook_pb2, webhook_pb2_grpc, workflow_pb2
@@ -1209,6 +1212,118 @@ async def test_a_tenants_unfinished_deliveries_are_bounded_and_the_rest_dropped_
 
         await eventually(queued_again, "a new delivery once there is room")
         assert env.dispatcher.stats("greedy").dropped == 15
+
+
+class _StoreAway:
+    """Makes `store`'s session owner lookups and delivery inserts fail as with its database away
+    (StoreUnavailable), each while its flag is set."""
+
+    def __init__(self, store: _Store) -> None:
+        self.lookups = self.inserts = True
+        lookup, insert = store._lookup, store.insert_deliveries
+
+        async def looked_up(sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
+            if self.lookups:
+                raise StoreUnavailable("cannot connect to the database (tried a moment ago)")
+            return await lookup(sql, args)
+
+        async def inserted(rows: Any, **fields: Any) -> int:
+            if self.inserts:
+                raise StoreUnavailable("cannot connect to the database (tried a moment ago)")
+            return await insert(rows, **fields)
+
+        store._lookup = looked_up  # type: ignore[method-assign]
+        store.insert_deliveries = inserted  # type: ignore[method-assign]
+
+
+async def test_deliveries_the_store_cannot_take_yet_are_kept_within_the_tenants_cap(
+    tmp_path: Path,
+    receivers: Callable[..., Receiver],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the store is unavailable, the deliveries of events published meanwhile are kept (the
+    events while their sessions' owners cannot be looked up, then the rows while they cannot be
+    written), counted against the tenant's most of unfinished deliveries, and written once it is
+    back; the outage is said once, not per batch."""
+    monkeypatch.setattr(webhook_dispatcher, "RETRY_UNAVAILABLE", 0.05)
+    monkeypatch.setattr(webhook_dispatcher, "OUTAGE_SETTLES", 0.2)
+    admins, adas = receivers(), receivers()
+    async with running(tmp_path, tenant_max_pending_deliveries=8) as env:
+        now = now_us()
+        session = session_pb2.Session(session_id="ses_ada", tenant="default", creator="fpk_ada")
+        session.create_time.FromMicroseconds(now)
+        session.expire_time.FromMicroseconds(now + 60_000_000)
+        await env.store.create_session("default", session, None)
+        hers = W.Webhook(webhook_id="adas", url=adas.url(), tenant="default", creator="fpk_ada")
+        hers.create_time.FromMicroseconds(now)
+        await env.store.create_webhook("default", hers, b"", None, session_scope="fpk_ada")
+        await env.create(admins.url(), webhook_id="admins")  # the tenant's, every session's events
+        env.store._session_owners = None  # as in a process that did not create the session
+        away = _StoreAway(env.store)
+
+        def publish(n: int) -> str:
+            return env.bus.publish("node.completed", tenant="default", session_id="ses_ada", data={"n": n}).id
+
+        with caplog.at_level(logging.INFO, logger=webhook_dispatcher.__name__):
+            kept = [publish(0)]
+            await asyncio.sleep(0.2)  # its session's owner cannot be looked up: kept as an event
+            kept.append(publish(1))
+            away.lookups = False
+            await asyncio.sleep(0.2)  # looked up, but not written: kept as rows
+            kept += [publish(2), publish(3)]  # two deliveries each: the tenant's eight
+            for n in range(4, 10):
+                publish(n)
+            assert env.dispatcher.stats("default").dropped == 12
+            assert env.dispatcher.unfinished == 0 and await env.deliveries("admins") == []
+            away.inserts = False
+
+            async def delivered() -> bool:
+                return all(sorted(e["id"] for e in r.events()) == sorted(kept) for r in (admins, adas))
+
+            await eventually(delivered, "the kept deliveries made once the store is back")
+            await asyncio.sleep(0.5)  # the outage's end said
+        lines = [r.getMessage() for r in caplog.records if r.name == webhook_dispatcher.__name__]
+        assert lines == [
+            "reading and writing webhook deliveries failed; will retry",
+            "tenant default holds its most of 8 unfinished webhook deliveries in this process: new ones are dropped"
+            " (its receivers are slow or down, or the store is unavailable; 2 dropped so far)",
+            "queued 8 webhook deliveries kept while the store was unavailable",
+            lines[-1],
+        ], lines
+        assert lines[-1].startswith("reading and writing webhook deliveries works again after")
+        assert (env.dispatcher.lost, env.dispatcher.stats().dropped) == (0, 12)
+
+        async def drained() -> bool:
+            return env.dispatcher.unfinished == 0
+
+        await eventually(drained, "every kept delivery finished")
+        later = publish(10)  # room again
+
+        async def queued_again() -> bool:
+            return admins.events()[-1]["id"] == later
+
+        await eventually(queued_again, "a new delivery once the store is back")
+
+
+async def test_stopping_while_the_store_is_unavailable_loses_the_kept_deliveries_and_says_so_once(
+    tmp_path: Path, receivers: Callable[..., Receiver], caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = receivers()
+    async with running(tmp_path) as env:
+        await env.create(receiver.url())
+        _StoreAway(env.store)
+        with caplog.at_level(logging.INFO, logger=webhook_dispatcher.__name__):
+            for n in range(3):
+                env.publish(n=n)
+                await asyncio.sleep(0.05)
+            dispatcher = env.dispatcher
+    lines = [r.getMessage() for r in caplog.records if r.name == webhook_dispatcher.__name__]
+    assert lines == [
+        "reading and writing webhook deliveries failed; will retry",
+        "stopping with the store unavailable: 3 webhook deliveries could not be queued",
+    ]
+    assert dispatcher.lost == 3 and receiver.seen == []
 
 
 async def test_each_webhook_keeps_its_newest_finished_deliveries(env: Env, receivers: Callable[..., Receiver]) -> None:
