@@ -97,8 +97,6 @@ DROP_WARNING_INTERVAL = 60.0
 # Seconds between tries to write what the store could not take (its database away), and to make an
 # attempt again that could not read or record its row.
 RETRY_UNAVAILABLE = 1.0
-# Seconds the store must work without failing before an outage is said to be over.
-OUTAGE_SETTLES = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,48 +146,6 @@ class _Pending:
     key: Key
     timer: asyncio.TimerHandle | None = None
     dropped: bool = False
-
-
-class _Outage:
-    """The store unavailable, said through `Failures`: once with its traceback, then once a minute,
-    then once it has worked for OUTAGE_SETTLES seconds without failing. Its connections come back
-    one at a time (one that failed to connect is tried again a second later), so for a moment after
-    the database is back calls work and fail by turns: that is the end of one outage, not more."""
-
-    def __init__(self, what: str) -> None:
-        self._failures = Failures(log, what)
-        self._failed_at: float | None = None  # the last failure, until the outage is said to be over
-        self._worked_at = 0.0
-        self._check: asyncio.TimerHandle | None = None
-
-    def failed(self, exc: BaseException) -> None:
-        self._failed_at = time.monotonic()
-        self._failures.failed(exc)
-
-    def worked(self) -> None:
-        self._worked_at = time.monotonic()
-        if self._failed_at is not None and self._check is None:
-            self._check_later()
-
-    def _check_later(self) -> None:
-        assert self._failed_at is not None
-        wait = max(self._failed_at + OUTAGE_SETTLES - time.monotonic(), 0.0)
-        self._check = asyncio.get_running_loop().call_later(wait, self._settled)
-
-    def _settled(self) -> None:
-        self._check = None
-        if self._failed_at is None or self._worked_at < self._failed_at:
-            return  # the last call failed: the next one that works (every failure is retried) looks again
-        if time.monotonic() - self._failed_at >= OUTAGE_SETTLES:
-            self._failed_at = None
-            self._failures.worked()
-        else:
-            self._check_later()
-
-    def close(self) -> None:
-        if self._check is not None:
-            self._check.cancel()
-            self._check = None
 
 
 @dataclass(eq=False, slots=True)
@@ -249,8 +205,9 @@ class WebhookDispatcher:
         # Set by close: the flusher stops waiting for the store and tries once more.
         self._closing = asyncio.Event()
         # The store unavailable, for the flusher, the attempts and the reloads alike: said once,
-        # then once a minute, then when it works again; never once per event or per delivery.
-        self._store_failures = _Outage("reading and writing webhook deliveries")
+        # then once a minute, then once it has worked for a few seconds (its connections come
+        # back one at a time); never once per event or per delivery.
+        self._store_failures = Failures(log, "reading and writing webhook deliveries")
         self._pending: dict[str, _Pending] = {}
         self._lanes: dict[Key, _Lane] = {}
         self._workers: set[asyncio.Task[None]] = set()
@@ -335,7 +292,6 @@ class WebhookDispatcher:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
-        self._store_failures.close()
         for pending in self._pending.values():
             if pending.timer is not None:
                 pending.timer.cancel()
@@ -346,6 +302,7 @@ class WebhookDispatcher:
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+        self._store_failures.close()  # nothing calls it any more: no check left pending
         try:
             await self._store.release_delivery_leases(self._leases.owner)
         except Exception:  # noqa: BLE001 - the store may be failing; the leases then simply expire

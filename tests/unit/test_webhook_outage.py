@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from flowport.clients import AsyncClient
+from flowport.server import periodic
 from flowport.server.app import start, stop
 from flowport.server.clock import now_us, timestamp
-from flowport.server.webhooks import dispatcher
 from flowport.v1 import webhook_pb2
 from tests.backends import PostgresServer
 
@@ -95,7 +95,7 @@ async def test_deliveries_queued_while_the_store_is_away_are_made_when_it_return
             except AssertionError as exc:
                 got = [len(published & {e["id"] for e in r.events()}) for r in (seen, flaky)]
                 raise AssertionError(f"{exc}: of {len(published)} events, {got} reached the receivers") from None
-            await asyncio.sleep(dispatcher.OUTAGE_SETTLES + 1.0)  # the end of the outage said too
+            await asyncio.sleep(periodic.SETTLES + 1.0)  # the end of the outage said too
 
         said = [r for r in caplog.records if r.name.startswith(DISPATCHER_LOGGER)]
         lines = [r.getMessage() for r in said]

@@ -24,6 +24,7 @@ from google.protobuf import json_format
 
 from flowport.clients import ApiError, AsyncClient
 from flowport.clients.webhooks import verify_signature
+from flowport.server import periodic
 from flowport.server.api import webhooks as webhooks_api
 from flowport.server.app import Running
 from flowport.server.clock import now_us
@@ -1247,7 +1248,7 @@ async def test_deliveries_the_store_cannot_take_yet_are_kept_within_the_tenants_
     written), counted against the tenant's most of unfinished deliveries, and written once it is
     back; the outage is said once, not per batch."""
     monkeypatch.setattr(webhook_dispatcher, "RETRY_UNAVAILABLE", 0.05)
-    monkeypatch.setattr(webhook_dispatcher, "OUTAGE_SETTLES", 0.2)
+    monkeypatch.setattr(periodic, "SETTLES", 0.2)
     admins, adas = receivers(), receivers()
     async with running(tmp_path, tenant_max_pending_deliveries=8) as env:
         now = now_us()
