@@ -10,7 +10,7 @@ The metrics (all prefixed `flowport_`):
 | `executions_total` | counter (ended) | `state` |
 | `executions_running` | gauge | |
 | `execution_duration_seconds` | histogram | `tenant`, `workflow` (a tenant's first 100, then `_other`), `state` |
-| `webhook_deliveries_total` | counter | `outcome` (`delivered`, `retried`, `dead_lettered`, `dropped`) |
+| `webhook_deliveries_total` | counter | `outcome` (`delivered`, `retried`, `dead_lettered`, `dropped`, `lost`) |
 | `webhook_deliveries_pending` | gauge | |
 | `sandbox_workers_busy`, `sandbox_workers` | gauge | |
 | `store_operation_duration_seconds` | histogram | `operation` (`read`, `write`) |
@@ -93,7 +93,7 @@ class Prometheus:
         )
         self.webhook_deliveries = Counter(
             "flowport_webhook_deliveries_total",
-            "Webhook delivery attempts by outcome (delivered, retried, dead_lettered), and deliveries dropped.",
+            "Webhook delivery attempts by outcome (delivered, retried, dead_lettered), and deliveries dropped or lost.",
             ["outcome"],
             registry=reg,
         )

@@ -33,7 +33,8 @@ Flow:
   again a second later; a webhook change that cannot be reloaded is reloaded
   again. All of it is said once, then once a minute (`Failures`), then when
   the store works again. Only a stop during the outage loses what is held
-  (counted in `lost`, and said once).
+  (counted in `lost`, shown as GetStats' `webhooks.lost` and the Prometheus
+  outcome `lost`, and said once).
 
 In memory the dispatcher holds a small record per unfinished delivery (ids
 and a timer), never its body (but for rows waiting for the store to come
@@ -220,7 +221,10 @@ class WebhookDispatcher:
         self.prometheus: Prometheus | None = None
         self.retried = 0
         self.dead_lettered = 0
-        self.lost = 0  # deliveries whose rows could not be written
+        # Deliveries that will never be made: held unwritten when the process stopped with the
+        # store unavailable, or not written for another reason (a failed write, an event that
+        # cannot be encoded, a session whose owner could not be looked up).
+        self.lost = 0
         self.dropped = 0  # deliveries not queued: their tenant held its most unfinished
 
     # -- lifecycle ---------------------------------------------------------
@@ -420,8 +424,8 @@ class WebhookDispatcher:
                 owner = owners[key]
                 # An unknown owner (the session's rows all removed) is the admins' alone.
                 allowed = [hook for hook in hooks if hook.scope is None or hook.scope == owner]
-                if key in unknown:
-                    self.lost += len(hooks) - len(allowed)
+                if key in unknown and len(allowed) < len(hooks):
+                    self._count_lost(event.tenant, len(hooks) - len(allowed))
             if allowed:
                 kept.append((event, allowed))
         return kept
@@ -494,7 +498,8 @@ class WebhookDispatcher:
             return None
         except Exception:
             if not again:
-                self.lost += len(rows)
+                for tenant, lost in Counter(row.tenant for row in rows).items():
+                    self._count_lost(tenant, lost)
                 log.exception("could not queue %d webhook deliveries", len(rows))
                 return 0
             # The write of them that failed may have committed before its connection broke: then
@@ -511,6 +516,13 @@ class WebhookDispatcher:
             self._schedule(_Pending(row.delivery_id, (row.tenant, row.webhook_id)), 0.0)
         return len(rows)
 
+    def _count_lost(self, tenant: str, lost: int) -> None:
+        """Count `lost` deliveries of `tenant` that will never be made (their callers log why)."""
+        self.lost += lost
+        self.tenant_outcomes[(tenant, "lost")] += lost
+        if self.prometheus is not None:
+            self.prometheus.webhook_deliveries.labels("lost").inc(lost)
+
     def _inboxed(self, tenant: str, delta: int) -> None:
         """Count `delta` more (or fewer) of `tenant`'s deliveries in the inbox or kept for the store."""
         if self._tenant_max_pending is not None:
@@ -520,8 +532,12 @@ class WebhookDispatcher:
 
     def _give_up(self) -> None:
         """Stopping while the store is unavailable: what is kept is lost (said once)."""
-        kept = len(self._unwritten) + sum(len(hooks) for _, hooks in self._inbox)
-        self.lost += kept
+        by_tenant = Counter(row.tenant for row in self._unwritten)
+        for event, hooks in self._inbox:
+            by_tenant[event.tenant] += len(hooks)
+        for tenant, lost in by_tenant.items():
+            self._count_lost(tenant, lost)
+        kept = by_tenant.total()
         self._unwritten, self._inbox = [], []
         self._tenant_inboxed.clear()
         log.error("stopping with the store unavailable: %d webhook deliveries could not be queued", kept)
@@ -535,7 +551,7 @@ class WebhookDispatcher:
                 try:
                     body = bodies.get(view.type) or bodies.setdefault(view.type, event_body(view))
                 except Exception:  # a publisher put something in data that JSON cannot hold
-                    self.lost += 1
+                    self._count_lost(event.tenant, 1)
                     log.exception("event %s (%s) cannot be encoded for webhooks", event.id, event.type)
                     continue
                 tenant, webhook_id = hook.key
@@ -741,13 +757,18 @@ class WebhookDispatcher:
         """Counters since start (of `tenant`, or all), for GatewayService.GetStats."""
         if tenant is None:
             return gateway_pb2.WebhookStats(
-                delivered=self.delivered, retried=self.retried, dead_lettered=self.dead_lettered, dropped=self.dropped
+                delivered=self.delivered,
+                retried=self.retried,
+                dead_lettered=self.dead_lettered,
+                dropped=self.dropped,
+                lost=self.lost,
             )
         return gateway_pb2.WebhookStats(
             delivered=self.tenant_outcomes[(tenant, "delivered")],
             retried=self.tenant_outcomes[(tenant, "retried")],
             dead_lettered=self.tenant_outcomes[(tenant, "dead_lettered")],
             dropped=self.tenant_outcomes[(tenant, "dropped")],
+            lost=self.tenant_outcomes[(tenant, "lost")],
         )
 
     @property

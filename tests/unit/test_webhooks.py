@@ -32,6 +32,7 @@ from flowport.server.events.bus import BusEvent, EventBus
 from flowport.server.interceptor import ErrorInterceptor
 from flowport.server.metrics import RequestMetrics
 from flowport.server.nodes.http import header_label
+from flowport.server.observability.prometheus import Prometheus
 from flowport.server.settings import Settings
 from flowport.server.storage import Deletion, SqliteStore
 from flowport.server.storage.group_commit import StoreUnavailable
@@ -1311,20 +1312,61 @@ async def test_stopping_while_the_store_is_unavailable_loses_the_kept_deliveries
     tmp_path: Path, receivers: Callable[..., Receiver], caplog: pytest.LogCaptureFixture
 ) -> None:
     receiver = receivers()
+    metrics = Prometheus()
     async with running(tmp_path) as env:
         await env.create(receiver.url())
+        await env.create(receiver.url(), tenant="other")
+        env.dispatcher.prometheus = metrics
         _StoreAway(env.store)
         with caplog.at_level(logging.INFO, logger=webhook_dispatcher.__name__):
             for n in range(3):
                 env.publish(n=n)
                 await asyncio.sleep(0.05)
+            env.publish(tenant="other")
             dispatcher = env.dispatcher
     lines = [r.getMessage() for r in caplog.records if r.name == webhook_dispatcher.__name__]
     assert lines == [
         "reading and writing webhook deliveries failed; will retry",
-        "stopping with the store unavailable: 3 webhook deliveries could not be queued",
+        "stopping with the store unavailable: 4 webhook deliveries could not be queued",
     ]
-    assert dispatcher.lost == 3 and receiver.seen == []
+    assert dispatcher.lost == 4 and receiver.seen == []
+    # Shown where the other outcomes are: GetStats (all, and each tenant's) and /metrics.
+    assert (dispatcher.stats().lost, dispatcher.stats("default").lost, dispatcher.stats("other").lost) == (4, 3, 1)
+    assert _deliveries_counted(metrics, "lost") == 4
+
+
+async def test_deliveries_whose_rows_cannot_be_written_are_counted_lost(
+    env: Env, receivers: Callable[..., Receiver], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write that fails for another reason than the store being unavailable is not tried again:
+    its deliveries are lost, logged and counted as such."""
+    receiver = receivers()
+    await env.create(receiver.url())
+    await env.create(receiver.url())
+    metrics = env.dispatcher.prometheus = Prometheus()
+
+    async def broken(rows: Any, **fields: Any) -> int:
+        raise RuntimeError("a bug")
+
+    env.store.insert_deliveries = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO, logger=webhook_dispatcher.__name__):
+        env.publish()
+
+        async def counted() -> bool:
+            return env.dispatcher.lost == 2
+
+        await eventually(counted, "the event's two deliveries counted lost")
+    assert [r.getMessage() for r in caplog.records if r.name == webhook_dispatcher.__name__] == [
+        "could not queue 2 webhook deliveries"
+    ]
+    assert (env.dispatcher.stats().lost, env.dispatcher.stats("default").lost) == (2, 2)
+    assert (env.dispatcher.stats().dropped, env.dispatcher.stats("other").lost) == (0, 0)
+    assert _deliveries_counted(metrics, "lost") == 2 and _deliveries_counted(metrics, "dropped") is None
+
+
+def _deliveries_counted(metrics: Prometheus, outcome: str) -> float | None:
+    assert metrics.registry is not None
+    return metrics.registry.get_sample_value("flowport_webhook_deliveries_total", {"outcome": outcome})
 
 
 async def test_each_webhook_keeps_its_newest_finished_deliveries(env: Env, receivers: Callable[..., Receiver]) -> None:

@@ -1268,6 +1268,7 @@ class WebhookStats(_message.Message):
     DEAD_LETTERED_FIELD_NUMBER: _builtins.int
     RETRYING_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
     delivered: _builtins.float
     """Deliveries a receiver accepted."""
     retried: _builtins.float
@@ -1281,6 +1282,12 @@ class WebhookStats(_message.Message):
     deliveries in the process (`--tenant-max-pending-deliveries`). Their events
     stay in the event log.
     """
+    lost: _builtins.float
+    """Deliveries that will never be made: the process stopped while the store
+    was unavailable and they were still held unwritten, or they could not be
+    written for another reason (a failed write, an event that cannot be
+    encoded; each logged). Their events stay in the event log.
+    """
     def __init__(
         self,
         *,
@@ -1289,10 +1296,11 @@ class WebhookStats(_message.Message):
         dead_lettered: _builtins.float = ...,
         retrying: _builtins.float = ...,
         dropped: _builtins.float = ...,
+        lost: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_lettered", b"dead_lettered", "delivered", b"delivered", "dropped", b"dropped", "retried", b"retried", "retrying", b"retrying"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_lettered", b"dead_lettered", "delivered", b"delivered", "dropped", b"dropped", "lost", b"lost", "retried", b"retried", "retrying", b"retrying"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
