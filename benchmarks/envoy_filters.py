@@ -17,7 +17,9 @@ request_ids.lua), `no-lua` (none of the three), `minimal` (the transcoder
 and the router alone: the floor), `one-worker` (`--concurrency 1`),
 `no-access-log`, `no-stats` (every statistic rejected), `no-request-id`
 (no `x-request-id` made), `quiet-router` (`suppress_envoy_headers`),
-`upstream-8-streams` (at most 8 streams per connection to the server). The
+`upstream-8-streams` (at most 8 streams per connection to the server),
+`nghttp2` and `oghttp2` (Envoy's HTTP/2 codec chosen by its runtime flag
+`envoy.reloadable_features.http2_use_oghttp2`, on both sides). The
 server's CPU per call is reported too: what Envoy sends it costs the server
 as well.
 """
@@ -114,6 +116,16 @@ def _upstream_streams(streams: int) -> Callable[[Config], None]:
     return change
 
 
+def _http2_codec(oghttp2: bool) -> Callable[[Config], None]:
+    """Envoy's HTTP/2 codec picked by its runtime flag (both sides: clients and the server)."""
+
+    def change(config: Config) -> None:
+        layer = {"envoy.reloadable_features.http2_use_oghttp2": oghttp2}
+        config["layered_runtime"] = {"layers": [{"name": "codec", "static_layer": layer}]}
+
+    return change
+
+
 VARIANTS: dict[str, Callable[[Config], None]] = {
     "full": lambda config: None,
     "no-edge-lua": _without(lambda name: name == "envoy.filters.http.lua"),
@@ -127,6 +139,8 @@ VARIANTS: dict[str, Callable[[Config], None]] = {
     "quiet-router": _quiet_router,
     "quiet-router-timeout-header": _quiet_router_own_timeout_header,
     "upstream-8-streams": _upstream_streams(8),
+    "nghttp2": _http2_codec(oghttp2=False),
+    "oghttp2": _http2_codec(oghttp2=True),
 }
 
 
