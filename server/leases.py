@@ -37,13 +37,16 @@ class Leases:
         `renew_and_claim` returns how many pieces of `what` it took over.
         """
         failures = Failures(log, f"renewing the leases of {what}")  # an outage: said once, then a minute apart
-        while True:
-            await asyncio.sleep(self.seconds / 3)
-            try:
-                taken = await renew_and_claim()
-            except Exception as exc:  # noqa: BLE001 - said by `failures`; renewing goes on
-                failures.failed(exc)
-                continue
-            failures.worked()
-            if taken:
-                log.info("took over %d %s of a stopped process", taken, what)
+        try:
+            while True:
+                await asyncio.sleep(self.seconds / 3)
+                try:
+                    taken = await renew_and_claim()
+                except Exception as exc:  # noqa: BLE001 - said by `failures`; renewing goes on
+                    failures.failed(exc)
+                    continue
+                failures.worked()
+                if taken:
+                    log.info("took over %d %s of a stopped process", taken, what)
+        finally:
+            failures.close()

@@ -256,14 +256,17 @@ class WorkflowCache:
     async def _forever(self) -> None:
         # Every 50 ms: a database outage is said once, then once a minute, not at each poll.
         failures = Failures(log, "reading the workflow change counter")
-        while True:
-            await asyncio.sleep(POLL)
-            try:
-                await self._poll()
-            except Exception as exc:  # noqa: BLE001 - said by `failures`; polling goes on
-                failures.failed(exc)
-            else:
-                failures.worked()
+        try:
+            while True:
+                await asyncio.sleep(POLL)
+                try:
+                    await self._poll()
+                except Exception as exc:  # noqa: BLE001 - said by `failures`; polling goes on
+                    failures.failed(exc)
+                else:
+                    failures.worked()
+        finally:
+            failures.close()
 
     async def _poll(self) -> None:
         before = self.seen
