@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from flowport.server.auth.context import CURRENT
-from flowport.server.auth.principal import Principal
+from flowport.server.auth.principal import OPERATOR_TENANT, Principal
 from flowport.server.types import Context
 
-DEFAULT_TENANT = "default"
+# A call with no principal (public RPCs) and the first-start admin key belong to it.
+DEFAULT_TENANT = OPERATOR_TENANT
 
 
 def principal_of(context: Context) -> Principal | None:

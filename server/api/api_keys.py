@@ -1,9 +1,15 @@
-"""ApiKeyService: admins create, list and revoke API keys."""
+"""ApiKeyService: admins create, list and revoke API keys.
+
+An admin manages the keys of its own tenant; the operator's admins
+(principal.OPERATOR_TENANT) every tenant's. Another tenant's key is NOT_FOUND
+to an admin of a tenant, as every other tenant's resource is; naming another
+tenant (to create a key in it, or to list its keys) is PERMISSION_DENIED.
+"""
 
 from __future__ import annotations
 
 from flowport.server import pagination
-from flowport.server.api.common import idempotency_key, request_id_reused, require
+from flowport.server.api.common import idempotency_key, other_tenant_refused, request_id_reused, require
 from flowport.server.audit import actions, note
 from flowport.server.auth.keys import REVOKED_EVENT, KeyAuthenticator, describe, key_hash, new_key
 from flowport.server.auth.principal import ROLES, TENANT_NAME, USER
@@ -18,6 +24,13 @@ from flowport.v1 import apikey_pb2, apikey_pb2_grpc
 
 TENANT = TENANT_NAME
 MAX_DESCRIPTION = 512
+
+
+def _scope(context: Context) -> str | None:
+    """The tenant whose keys the caller manages; None: every tenant's (the operator's admins, and
+    every caller with authentication off)."""
+    principal = principal_of(context)
+    return None if principal is None or principal.is_operator else principal.tenant
 
 
 def _not_found(key_id: str) -> NotFound:
@@ -56,6 +69,9 @@ class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
             raise InvalidArgument(
                 "api key is not valid: " + "; ".join(f"{f} {d}" for f, d in violations), violations=violations
             )
+        scope = _scope(context)
+        if scope is not None and tenant != scope:
+            raise other_tenant_refused("manages the API keys", tenant)
         principal = principal_of(context)
         key_id, key = new_key()
         description = describe(key_id, tenant, roles, given.description, principal.subject if principal else "")
@@ -76,7 +92,7 @@ class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
 
     async def GetApiKey(self, request: apikey_pb2.GetApiKeyRequest, context: Context) -> apikey_pb2.ApiKey:
         require(request.key_id, "key_id")
-        key = await self._store.get_api_key(request.key_id, None)
+        key = await self._store.get_api_key(request.key_id, _scope(context))
         if key is None:
             raise _not_found(request.key_id)
         return key
@@ -85,16 +101,20 @@ class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
         self, request: apikey_pb2.ListApiKeysRequest, context: Context
     ) -> apikey_pb2.ListApiKeysResponse:
         size = pagination.page_size(request.page_size)
-        filters = {"tenant": request.tenant}
+        scope = _scope(context)
+        if scope is not None and request.tenant not in ("", scope):
+            raise other_tenant_refused("manages the API keys", request.tenant)
+        tenant = request.tenant or scope
+        filters = {"tenant": tenant or ""}
         after = pagination.cursor_time_id(pagination.decode_token(request.page_token, filters))
-        rows = await self._store.list_api_keys(tenant=request.tenant or None, after=after, limit=size + 1)
+        rows = await self._store.list_api_keys(tenant=tenant, after=after, limit=size + 1)
         keys, token = pagination.page(rows, size, filters, lambda k: [k.create_time.ToMicroseconds(), k.key_id])
         return apikey_pb2.ListApiKeysResponse(api_keys=keys, next_page_token=token)
 
     async def RevokeApiKey(self, request: apikey_pb2.RevokeApiKeyRequest, context: Context) -> apikey_pb2.ApiKey:
         note(actions.API_KEY_REVOKED, resource=f"api_keys/{request.key_id}" if request.key_id else "")
         require(request.key_id, "key_id")
-        key = await self._store.revoke_api_key(request.key_id, None, now_us())
+        key = await self._store.revoke_api_key(request.key_id, _scope(context), now_us())
         if key is None:
             raise _not_found(request.key_id)
         note(actions.API_KEY_REVOKED, resource_tenant=key.tenant)

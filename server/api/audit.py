@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 
 from flowport.server import pagination
 from flowport.server.api.api_keys import TENANT
+from flowport.server.api.common import other_tenant_refused
 from flowport.server.audit import AuditRecorder, actions
 from flowport.server.errors import InvalidArgument
 from flowport.server.storage.audit import AuditQuery, AuditTables
 from flowport.server.storage.tables import micros
+from flowport.server.tenancy import principal_of
 from flowport.server.types import Context
 from flowport.v1 import audit_pb2, audit_pb2_grpc
 
@@ -54,6 +58,13 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
     ) -> audit_pb2.ListAuditEventsResponse:
         size = pagination.page_size(request.page_size)
         query = _query(request)
+        principal = principal_of(context)
+        if principal is not None and not principal.is_operator:
+            # An admin of a tenant reads the entries of its tenant: its callers', and those
+            # about its resources (cross-tenant attempts on them included).
+            if query.tenant not in ("", principal.tenant):
+                raise other_tenant_refused("reads the audit log", query.tenant)
+            query = replace(query, tenant=principal.tenant)
         filters = {
             "tenant": query.tenant,
             "action": query.action,

@@ -6,7 +6,8 @@ import hashlib
 
 from google.protobuf.message import Message
 
-from flowport.server.errors import AlreadyExists, InvalidArgument, shown
+from flowport.server.auth.principal import ADMIN, OPERATOR_TENANT
+from flowport.server.errors import AlreadyExists, InvalidArgument, PermissionDenied, shown
 
 MAX_REQUEST_ID = 128
 
@@ -43,4 +44,14 @@ def request_id_reused(request_id: str, what: str) -> AlreadyExists:
         f"request_id {shown(request_id)} was already used {what}",
         reason="REQUEST_ID_REUSED",
         metadata={"request_id": request_id},
+    )
+
+
+def other_tenant_refused(what: str, tenant: str) -> PermissionDenied:
+    """An admin of one tenant naming another (`what`: "manages the API keys"): the operator's only."""
+    return PermissionDenied(
+        f"an admin {what} of its own tenant, not of tenant {shown(tenant)}: that takes the admin role "
+        f"in tenant {OPERATOR_TENANT!r} (the gateway operator's)",
+        reason="ROLE_REQUIRED",
+        metadata={"role": ADMIN, "tenant": OPERATOR_TENANT},
     )

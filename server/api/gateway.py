@@ -126,7 +126,8 @@ class SecurityCounters:
     http: httpx.AsyncClient | None = None
 
     async def stats(self, tenant: str | None = None) -> gateway_pb2.SecurityStats:
-        """Every figure for an admin (None); a tenant's own rate-limit refusals for its users."""
+        """Every figure for the operator's admins (None); a tenant's own rate-limit refusals for
+        the tenant's callers, its admins included."""
         limits = self.rate_limit.stats if self.rate_limit is not None else None
         if tenant is not None:
             refused = limits.limited_by_tenant[tenant] if limits is not None else 0
@@ -146,10 +147,10 @@ class SecurityCounters:
 
 def _figures_scope() -> str | None:
     """Whose figures GetStats and GetDurabilityStatus count: every tenant's and the process's
-    (None) for an admin, or with authentication off (one open deployment); the caller's tenant's
-    for anyone else."""
+    (None) for the operator's admins, or with authentication off (one open deployment); the
+    caller's tenant's for anyone else, its admins included."""
     principal = CURRENT.get()
-    return None if principal is None or principal.is_admin else principal.tenant
+    return None if principal is None or principal.is_operator else principal.tenant
 
 
 # Components that report what tenants registered, not the gateway: left out of its overall status.
@@ -334,7 +335,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         calls: CallFigures = self._metrics if scope is None else self._metrics.tenant(scope)
         counters = self._executor.counters if scope is None else self._executor.tenant_counters(scope)
         now = now_us()
-        # The store's counts and Envoy's (over HTTP, for admins) at once.
+        # The store's counts and Envoy's (over HTTP, for the operator's admins) at once.
         sessions, created, by_state, retrying, security, workflows = await asyncio.gather(
             self._store.count_sessions(scope, now),
             self._store.count_sessions_created(scope),

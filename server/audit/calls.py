@@ -107,7 +107,7 @@ def _tenant_paths(message: Any) -> tuple[tuple[str, ...], ...]:
 
 
 def _admin_only(method: str) -> bool:
-    return access_for(method) is Access.ADMIN
+    return access_for(method) in (Access.ADMIN, Access.OPERATOR)
 
 
 def _mutating(method: str) -> bool:

@@ -24,13 +24,22 @@ from flowport.server.auth.keys import KeyAuthenticator
 from flowport.server.auth.lifetime import Ended, Watched
 from flowport.server.auth.origin import Origin, TrustedProxies, origin_of
 from flowport.server.auth.permissions import Access, access_for, allowed
-from flowport.server.auth.principal import ACT_AS_HEADER, ADMIN, TENANT_NAME, USER, AuthenticationFailed, Principal
+from flowport.server.auth.principal import (
+    ACT_AS_HEADER,
+    ADMIN,
+    OPERATOR_TENANT,
+    TENANT_NAME,
+    USER,
+    AuthenticationFailed,
+    Principal,
+)
 from flowport.server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from flowport.v1 import audit_pb2
 
 log = logging.getLogger(__name__)
 
-INSECURE = Principal("default", "anonymous", frozenset({ADMIN, USER}), "insecure")
+INSECURE = Principal(OPERATOR_TENANT, "anonymous", frozenset({ADMIN, USER}), "insecure")
+_NEEDS_OPERATOR = f"the admin role in tenant {OPERATOR_TENANT!r} (the gateway operator's)"
 FAILURE_WINDOW = 60.0
 MAX_DELAY = 5.0
 TRACKED_CLIENTS = 10_000
@@ -133,10 +142,12 @@ class Authenticator:
             return None
         principal = INSECURE if self._insecure else await self._verify(method, metadata, peer)
         if not allowed(principal, access):
-            self._denied(method, metadata, peer, principal, f"needs the {access.value} role")
-            raise PermissionDenied(
-                f"{method} needs the {access.value} role", reason="ROLE_REQUIRED", metadata={"role": access.value}
-            )
+            if access is Access.OPERATOR:
+                needs, metadata_ = _NEEDS_OPERATOR, {"role": ADMIN, "tenant": OPERATOR_TENANT}
+            else:
+                needs, metadata_ = f"the {access.value} role", {"role": access.value}
+            self._denied(method, metadata, peer, principal, f"needs {needs}")
+            raise PermissionDenied(f"{method} needs {needs}", reason="ROLE_REQUIRED", metadata=metadata_)
         acting_for = next((v for k, v in metadata if k == ACT_AS_HEADER and isinstance(v, str)), "")
         if acting_for and acting_for != principal.tenant:
             return self._act_as(method, metadata, peer, principal, acting_for)
@@ -145,13 +156,14 @@ class Authenticator:
     def _act_as(
         self, method: str, metadata: Sequence[tuple[str, Any]], peer: str, principal: Principal, tenant: str
     ) -> Principal:
-        """`principal`, acting for `tenant` (admins only)."""
-        if not principal.is_admin:
-            self._denied(method, metadata, peer, principal, f"{ACT_AS_HEADER} needs the admin role")
+        """`principal`, acting for `tenant` (the operator's admins only: an admin of another
+        tenant administers that tenant alone)."""
+        if not principal.is_operator:
+            self._denied(method, metadata, peer, principal, f"{ACT_AS_HEADER} needs {_NEEDS_OPERATOR}")
             raise PermissionDenied(
-                f"acting for another tenant ({ACT_AS_HEADER}) needs the admin role",
+                f"acting for another tenant ({ACT_AS_HEADER}) needs {_NEEDS_OPERATOR}",
                 reason="ROLE_REQUIRED",
-                metadata={"role": ADMIN},
+                metadata={"role": ADMIN, "tenant": OPERATOR_TENANT},
             )
         if not TENANT_NAME.match(tenant):
             rule = "1 to 63 characters: a-z, 0-9, '_' and '-', starting with a letter or digit"

@@ -2,8 +2,10 @@
 
 `PUBLIC` needs no credential (health checks and reflection, which only
 describes the API that /openapi.json publishes anyway); `USER` needs a
-valid credential for the tenant; `ADMIN` needs the admin role. A test
-fails when an RPC of the API has no entry here.
+valid credential for the tenant; `ADMIN` needs the admin role (what the
+call reaches is the admin's own tenant, unless it is the operator's:
+principal.OPERATOR_TENANT); `OPERATOR` needs an admin of the operator's
+tenant. A test fails when an RPC of the API has no entry here.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ class Access(Enum):
     PUBLIC = "public"
     USER = USER
     ADMIN = ADMIN
+    OPERATOR = "operator"
 
 
 _API = "/flowport.v1."
 PERMISSIONS: dict[str, Access] = {
     f"{_API}GatewayService/GetInfo": Access.PUBLIC,
     f"{_API}GatewayService/GetHealth": Access.PUBLIC,
-    # A tenant's own figures; admins get every tenant's and the process's.
+    # A tenant's own figures; the operator's admins get every tenant's and the process's.
     f"{_API}GatewayService/GetStats": Access.USER,
     # Kailash's enterprise routes: the public ones say what GetInfo and GetHealth say; the
     # others count or list the caller's tenant, or point at where its figures are.
@@ -61,7 +64,8 @@ PERMISSIONS: dict[str, Access] = {
     f"{_API}SchemaService/ListNodeSchemas": Access.USER,
     f"{_API}SchemaService/GetNodeSchema": Access.USER,
     f"{_API}SchemaService/GetWorkflowSchema": Access.USER,
-    f"{_API}GatewayService/GetMetrics": Access.ADMIN,
+    # Every tenant's series: the operator's alone.
+    f"{_API}GatewayService/GetMetrics": Access.OPERATOR,
     f"{_API}ApiKeyService/CreateApiKey": Access.ADMIN,
     f"{_API}ApiKeyService/GetApiKey": Access.ADMIN,
     f"{_API}ApiKeyService/ListApiKeys": Access.ADMIN,
@@ -107,6 +111,8 @@ def allowed(principal: Principal, access: Access) -> bool:
         return True
     if access is Access.ADMIN:
         return principal.is_admin
+    if access is Access.OPERATOR:
+        return principal.is_operator
     return bool(principal.roles & {USER, ADMIN})
 
 

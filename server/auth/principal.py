@@ -11,6 +11,11 @@ ROLES = frozenset({ADMIN, USER})
 # Metadata (an HTTP header through Envoy) with which an admin acts for
 # another tenant: every RPC then sees that tenant, as if its own.
 ACT_AS_HEADER = "x-flowport-act-as-tenant"
+# The tenant whose admins operate the whole gateway (the tenant of the admin key made at first
+# start): they act for any tenant, manage every tenant's keys and read every tenant's audit log,
+# figures and metrics. An admin of any other tenant administers that tenant alone, so a
+# customer's admin key is never a key to the other customers.
+OPERATOR_TENANT = "default"
 TENANT_NAME = re.compile(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")
 
 
@@ -42,8 +47,14 @@ class Principal:
 
     @property
     def is_admin(self) -> bool:
-        """Admins manage keys and tenants and may act on every tenant."""
+        """Admins manage their tenant: its keys, its audit log, every session in it."""
         return ADMIN in self.roles
+
+    @property
+    def is_operator(self) -> bool:
+        """An admin of OPERATOR_TENANT: also acts for every other tenant, and sees the gateway's
+        figures and every tenant's keys and audit entries."""
+        return ADMIN in self.roles and self.home_tenant == OPERATOR_TENANT
 
 
 class AuthenticationFailed(Exception):

@@ -45,8 +45,9 @@ class ApiKey(_message.Message):
     """The subject (key id or token subject) that created the key."""
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Roles: "user" (the tenant's own resources) and/or "admin" (keys and
-        every tenant). Defaults to ["user"].
+        """Roles: "user" (the tenant's own resources) and/or "admin" (the tenant's
+        keys, audit log and every session; in tenant "default", every tenant).
+        Defaults to ["user"].
         """
 
     @_builtins.property

@@ -26,8 +26,11 @@ if _version_not_supported:
 
 
 class ApiKeyServiceStub:
-    """ApiKeyService manages API keys (admins only). A key is shown once, when it
-    is created; the server keeps only its hash.
+    """ApiKeyService manages API keys (admins only). An admin manages its own
+    tenant's keys (another tenant's are NOT_FOUND, naming another tenant is
+    PERMISSION_DENIED); an admin of tenant "default", the gateway operator's,
+    every tenant's. A key is shown once, when it is created; the server keeps
+    only its hash.
     """
 
     def __init__(self, channel):
@@ -59,8 +62,11 @@ class ApiKeyServiceStub:
 
 
 class ApiKeyServiceServicer:
-    """ApiKeyService manages API keys (admins only). A key is shown once, when it
-    is created; the server keeps only its hash.
+    """ApiKeyService manages API keys (admins only). An admin manages its own
+    tenant's keys (another tenant's are NOT_FOUND, naming another tenant is
+    PERMISSION_DENIED); an admin of tenant "default", the gateway operator's,
+    every tenant's. A key is shown once, when it is created; the server keeps
+    only its hash.
     """
 
     def CreateApiKey(self, request, context):
@@ -126,8 +132,11 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ApiKeyService:
-    """ApiKeyService manages API keys (admins only). A key is shown once, when it
-    is created; the server keeps only its hash.
+    """ApiKeyService manages API keys (admins only). An admin manages its own
+    tenant's keys (another tenant's are NOT_FOUND, naming another tenant is
+    PERMISSION_DENIED); an admin of tenant "default", the gateway operator's,
+    every tenant's. A key is shown once, when it is created; the server keeps
+    only its hash.
     """
 
     @staticmethod

@@ -27,8 +27,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ApiKeyServiceStub:
-    """ApiKeyService manages API keys (admins only). A key is shown once, when it
-    is created; the server keeps only its hash.
+    """ApiKeyService manages API keys (admins only). An admin manages its own
+    tenant's keys (another tenant's are NOT_FOUND, naming another tenant is
+    PERMISSION_DENIED); an admin of tenant "default", the gateway operator's,
+    every tenant's. A key is shown once, when it is created; the server keeps
+    only its hash.
     """
 
     @_typing.overload
@@ -52,8 +55,11 @@ class ApiKeyServiceStub:
 
 @_typing.type_check_only
 class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
-    """ApiKeyService manages API keys (admins only). A key is shown once, when it
-    is created; the server keeps only its hash.
+    """ApiKeyService manages API keys (admins only). An admin manages its own
+    tenant's keys (another tenant's are NOT_FOUND, naming another tenant is
+    PERMISSION_DENIED); an admin of tenant "default", the gateway operator's,
+    every tenant's. A key is shown once, when it is created; the server keeps
+    only its hash.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -73,8 +79,11 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     """
 
 class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
-    """ApiKeyService manages API keys (admins only). A key is shown once, when it
-    is created; the server keeps only its hash.
+    """ApiKeyService manages API keys (admins only). An admin manages its own
+    tenant's keys (another tenant's are NOT_FOUND, naming another tenant is
+    PERMISSION_DENIED); an admin of tenant "default", the gateway operator's,
+    every tenant's. A key is shown once, when it is created; the server keeps
+    only its hash.
     """
 
     @_abc_1.abstractmethod

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AuditServiceStub:
-    """AuditService reads the audit log (admins only): authentication failures,
+    """AuditService reads the audit log (admins only; an admin reads its own
+    tenant's entries, an admin of tenant "default" every tenant's): authentication failures,
     API key and secret changes, admin actions and refused cross-tenant
     requests. The log is append-only: no RPC changes or deletes an entry.
     """
@@ -45,7 +46,8 @@ class AuditServiceStub:
 
 
 class AuditServiceServicer:
-    """AuditService reads the audit log (admins only): authentication failures,
+    """AuditService reads the audit log (admins only; an admin reads its own
+    tenant's entries, an admin of tenant "default" every tenant's): authentication failures,
     API key and secret changes, admin actions and refused cross-tenant
     requests. The log is append-only: no RPC changes or deletes an entry.
     """
@@ -76,7 +78,8 @@ def add_AuditServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AuditService:
-    """AuditService reads the audit log (admins only): authentication failures,
+    """AuditService reads the audit log (admins only; an admin reads its own
+    tenant's entries, an admin of tenant "default" every tenant's): authentication failures,
     API key and secret changes, admin actions and refused cross-tenant
     requests. The log is append-only: no RPC changes or deletes an entry.
     """

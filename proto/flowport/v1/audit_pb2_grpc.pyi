@@ -27,7 +27,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AuditServiceStub:
-    """AuditService reads the audit log (admins only): authentication failures,
+    """AuditService reads the audit log (admins only; an admin reads its own
+    tenant's entries, an admin of tenant "default" every tenant's): authentication failures,
     API key and secret changes, admin actions and refused cross-tenant
     requests. The log is append-only: no RPC changes or deletes an entry.
     """
@@ -44,7 +45,8 @@ class AuditServiceStub:
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
-    """AuditService reads the audit log (admins only): authentication failures,
+    """AuditService reads the audit log (admins only; an admin reads its own
+    tenant's entries, an admin of tenant "default" every tenant's): authentication failures,
     API key and secret changes, admin actions and refused cross-tenant
     requests. The log is append-only: no RPC changes or deletes an entry.
     """
@@ -57,7 +59,8 @@ class AuditServiceAsyncStub(AuditServiceStub):
     """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
-    """AuditService reads the audit log (admins only): authentication failures,
+    """AuditService reads the audit log (admins only; an admin reads its own
+    tenant's entries, an admin of tenant "default" every tenant's): authentication failures,
     API key and secret changes, admin actions and refused cross-tenant
     requests. The log is append-only: no RPC changes or deletes an entry.
     """

@@ -757,7 +757,9 @@ class Stats(_message.Message):
     AGENT_UI_FIELD_NUMBER: _builtins.int
     SCHEMA_REGISTRY_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
-    """The tenant these figures are of; empty: every tenant (an admin's view)."""
+    """The tenant these figures are of; empty: every tenant (the view of an
+    admin of tenant "default").
+    """
     uptime_seconds: _builtins.float
     """Seconds since the server process started (Kailash's `uptime_seconds`)."""
     @_builtins.property
@@ -790,7 +792,7 @@ class Stats(_message.Message):
 
     @_builtins.property
     def database(self) -> Global___DatabaseStats:
-        """The store's connections and their operations (admins only)."""
+        """The store's connections and their operations (the operator's admins only)."""
 
     @_builtins.property
     def performance(self) -> Global___PerformanceStats:
@@ -958,7 +960,7 @@ class SessionStats(_message.Message):
     active: _builtins.int
     """Sessions that exist and have not expired."""
     created: _builtins.float
-    """Sessions ever created (of the tenant, or of all for an admin), by any
+    """Sessions ever created (of the tenant, or of all for the operator), by any
     process: counted by the store, deleted and expired ones included.
     """
     def __init__(
@@ -1333,7 +1335,8 @@ class SecurityStats(_message.Message):
     """
     edge_rate_limits: _builtins.float
     """Requests Envoy's local rate limits refused (per route, per API key and per
-    address), read from Envoy's admin stats (`flowport up`); admins only.
+    address), read from Envoy's admin stats (`flowport up`); the operator's
+    admins only.
     """
     def __init__(
         self,

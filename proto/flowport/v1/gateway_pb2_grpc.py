@@ -108,8 +108,9 @@ class GatewayServiceServicer:
 
     def GetStats(self, request, context):
         """Returns counters and latency figures of the server process that answers,
-        since it started. A tenant's user gets the figures of that tenant; an
-        admin gets every tenant's, plus the process-wide ones (database, failed
+        since it started. A tenant's caller (its admins too) gets the figures of
+        that tenant; an admin of tenant "default" (the gateway operator's) gets
+        every tenant's, plus the process-wide ones (database, failed
         authentication, Envoy's rate limits, memory).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -119,7 +120,8 @@ class GatewayServiceServicer:
     def GetMetrics(self, request, context):
         """Returns the Prometheus exposition (text format 0.0.4) that the server
         also serves on `--metrics-port`: with `--workers`, the sum of every
-        worker's. Admins only, so a scraper can come through the front door
+        worker's. For admins of tenant "default" (the gateway operator's) only,
+        since its series count every tenant, so a scraper can come through the front door
         with an API key. FAILED_PRECONDITION when metrics are off
         (`--metrics-port 0` with a single process).
         """
@@ -149,7 +151,7 @@ class GatewayServiceServicer:
     def GetDurabilityStatus(self, request, context):
         """Kailash's durable servers' `GET /durability/status`: what makes
         executions durable here, counted as GetStats counts (the caller's
-        tenant; every tenant for an admin).
+        tenant; every tenant for an admin of tenant "default").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

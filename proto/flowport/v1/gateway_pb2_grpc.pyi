@@ -47,14 +47,16 @@ class GatewayServiceStub:
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetStatsRequest, _gateway_pb2.Stats]
     """Returns counters and latency figures of the server process that answers,
-    since it started. A tenant's user gets the figures of that tenant; an
-    admin gets every tenant's, plus the process-wide ones (database, failed
+    since it started. A tenant's caller (its admins too) gets the figures of
+    that tenant; an admin of tenant "default" (the gateway operator's) gets
+    every tenant's, plus the process-wide ones (database, failed
     authentication, Envoy's rate limits, memory).
     """
     GetMetrics: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetMetricsRequest, _httpbody_pb2.HttpBody]
     """Returns the Prometheus exposition (text format 0.0.4) that the server
     also serves on `--metrics-port`: with `--workers`, the sum of every
-    worker's. Admins only, so a scraper can come through the front door
+    worker's. For admins of tenant "default" (the gateway operator's) only,
+    since its series count every tenant, so a scraper can come through the front door
     with an API key. FAILED_PRECONDITION when metrics are off
     (`--metrics-port 0` with a single process).
     """
@@ -72,7 +74,7 @@ class GatewayServiceStub:
     GetDurabilityStatus: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetDurabilityStatusRequest, _gateway_pb2.DurabilityStatus]
     """Kailash's durable servers' `GET /durability/status`: what makes
     executions durable here, counted as GetStats counts (the caller's
-    tenant; every tenant for an admin).
+    tenant; every tenant for an admin of tenant "default").
     """
     GetDurableRequests: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetDurableRequestsRequest, _struct_pb2.Struct]
     """Kailash's durable servers' `GET /durability/requests`: the caller's
@@ -105,14 +107,16 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetStatsRequest, _gateway_pb2.Stats]  # type: ignore[assignment]
     """Returns counters and latency figures of the server process that answers,
-    since it started. A tenant's user gets the figures of that tenant; an
-    admin gets every tenant's, plus the process-wide ones (database, failed
+    since it started. A tenant's caller (its admins too) gets the figures of
+    that tenant; an admin of tenant "default" (the gateway operator's) gets
+    every tenant's, plus the process-wide ones (database, failed
     authentication, Envoy's rate limits, memory).
     """
     GetMetrics: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetMetricsRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """Returns the Prometheus exposition (text format 0.0.4) that the server
     also serves on `--metrics-port`: with `--workers`, the sum of every
-    worker's. Admins only, so a scraper can come through the front door
+    worker's. For admins of tenant "default" (the gateway operator's) only,
+    since its series count every tenant, so a scraper can come through the front door
     with an API key. FAILED_PRECONDITION when metrics are off
     (`--metrics-port 0` with a single process).
     """
@@ -130,7 +134,7 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     GetDurabilityStatus: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetDurabilityStatusRequest, _gateway_pb2.DurabilityStatus]  # type: ignore[assignment]
     """Kailash's durable servers' `GET /durability/status`: what makes
     executions durable here, counted as GetStats counts (the caller's
-    tenant; every tenant for an admin).
+    tenant; every tenant for an admin of tenant "default").
     """
     GetDurableRequests: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetDurableRequestsRequest, _struct_pb2.Struct]  # type: ignore[assignment]
     """Kailash's durable servers' `GET /durability/requests`: the caller's
@@ -178,8 +182,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.Stats, _abc.Awaitable[_gateway_pb2.Stats]]:
         """Returns counters and latency figures of the server process that answers,
-        since it started. A tenant's user gets the figures of that tenant; an
-        admin gets every tenant's, plus the process-wide ones (database, failed
+        since it started. A tenant's caller (its admins too) gets the figures of
+        that tenant; an admin of tenant "default" (the gateway operator's) gets
+        every tenant's, plus the process-wide ones (database, failed
         authentication, Envoy's rate limits, memory).
         """
 
@@ -191,7 +196,8 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """Returns the Prometheus exposition (text format 0.0.4) that the server
         also serves on `--metrics-port`: with `--workers`, the sum of every
-        worker's. Admins only, so a scraper can come through the front door
+        worker's. For admins of tenant "default" (the gateway operator's) only,
+        since its series count every tenant, so a scraper can come through the front door
         with an API key. FAILED_PRECONDITION when metrics are off
         (`--metrics-port 0` with a single process).
         """
@@ -227,7 +233,7 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gateway_pb2.DurabilityStatus, _abc.Awaitable[_gateway_pb2.DurabilityStatus]]:
         """Kailash's durable servers' `GET /durability/status`: what makes
         executions durable here, counted as GetStats counts (the caller's
-        tenant; every tenant for an admin).
+        tenant; every tenant for an admin of tenant "default").
         """
 
     @_abc_1.abstractmethod
