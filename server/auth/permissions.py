@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from flowport.server.auth.principal import ADMIN, USER, Principal
+from flowport.server.auth.principal import ADMIN, OPERATOR_TENANT, USER, Principal
 from flowport.server.errors import shown
 
 
@@ -124,17 +124,20 @@ def resource_allowed(tenant: str, roles: frozenset[str], resource_tenant: str, p
     """Whether a subject of `tenant` with `roles` may `permission` a resource of `resource_tenant`.
 
     The rule the RPC table applies, for resources a workflow names
-    (PermissionCheckNode): admins may do anything in every tenant; users
-    anything but `admin`, in their own tenant only. Returns (allowed, why).
+    (PermissionCheckNode): admins may do anything in their own tenant, and
+    those of the operator's tenant in every tenant; users anything but
+    `admin`, in their own tenant only. Returns (allowed, why).
     """
     if permission not in RESOURCE_PERMISSIONS:
         return False, f"unknown permission {shown(permission)}; known: {', '.join(sorted(RESOURCE_PERMISSIONS))}"
-    if ADMIN in roles:
-        return True, "the admin role covers every tenant"
-    if USER not in roles:
+    if ADMIN in roles and tenant == OPERATOR_TENANT:
+        return True, f"the admin role in tenant {OPERATOR_TENANT!r} covers every tenant"
+    if not roles & {ADMIN, USER}:
         return False, "no role that grants access"
     if resource_tenant != tenant:
         return False, "the resource belongs to another tenant"
+    if ADMIN in roles:
+        return True, "the admin role covers its own tenant"
     if permission == "admin":
         return False, "the admin permission needs the admin role"
     return True, "users may act on their own tenant's resources"

@@ -29,7 +29,9 @@ async def _check(**params: Any) -> dict[str, Any]:
         ("acme:orders/42:delete", ["user"], True),
         ("acme:orders/42:admin", ["user"], False),  # needs the admin role
         ("globex:orders/42:read", ["user"], False),  # another tenant
-        ("globex:orders/42:admin", ["admin"], True),  # admins: every tenant
+        ("acme:orders/42:admin", ["admin"], True),  # admins: their own tenant
+        ("globex:orders/42:read", ["admin"], False),  # not another
+        ("acme:orders/42:read", ["admin"], True),  # the admin role alone is enough
         ("acme:orders/42:read", [], False),  # no role
     ],
 )
@@ -37,6 +39,13 @@ async def test_the_role_model_decides(permission: str, roles: list[str], allowed
     out = await _check(permission=permission, roles=roles)
     assert out["allowed"] is allowed, out["reason"]
     assert (out["tenant_id"], out["resource_id"]) == (permission.split(":", maxsplit=1)[0], "orders/42")
+
+
+async def test_the_operators_admins_reach_every_tenant() -> None:
+    out = await PermissionCheckNode().run(
+        _ctx("default"), None, {"permission": "globex:orders/42:admin", "roles": ["admin"]}
+    )
+    assert out["allowed"] is True, out["reason"]
 
 
 async def test_defaults_to_the_user_role_and_keeps_colons_in_resource_ids() -> None:
