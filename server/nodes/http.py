@@ -10,11 +10,15 @@ Behaviour of `perform`:
   auth are not applied: nothing one workflow receives leaks into another's
   requests.
 - SSRF guard, before every attempt and every redirect hop: the host is
-  resolved with `loop.getaddrinfo` and refused (`HTTP_TARGET_FORBIDDEN`) when
+  resolved (server/resolver.py) and refused (`HTTP_TARGET_FORBIDDEN`) when
   any address is private, loopback, link-local, reserved, multicast,
   unspecified or otherwise not global (IPv4-mapped/6to4/Teredo IPv6 forms
   are unwrapped), unless the host name or that address is in
-  `ctx.services.http_allowlist`. Plain-`http` requests are pinned to the
+  `ctx.services.http_allowlist`. A name that does not resolve is refused
+  the same way, with the same message, which names neither the address nor
+  the resolver's error (the server log has them): a workflow cannot map
+  internal names with it. Only a temporary lookup failure is retried
+  (`HTTP_UNREACHABLE`). Plain-`http` requests are pinned to the
   checked address (Host header kept) so a second DNS answer cannot swap in
   an internal address; `https` relies on certificate verification for that.
 - Retries (`retry_attempts` after the first) on connect errors, timeouts,
@@ -76,7 +80,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeGuard
 
 import httpx
 
-from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target, header_value_problem
+from flowport.server.egress import TargetUnreachable, check_target, header_value_problem, log_refusal
 from flowport.server.errors import SHOWN_CHARS, cut, shown
 from flowport.server.nodes.base import (
     MAX_CONFIG_PROBLEMS,
@@ -665,13 +669,17 @@ HTTP_ALLOWLIST_REMEDY = "--http-allowlist, or --dev for loopback"
 
 
 async def _check_target(url: httpx.URL, allowlist: frozenset[str]) -> str | None:
-    """Refuse forbidden targets as node errors; the address to pin a plain-http request to, if any."""
+    """Refuse forbidden targets as node errors; the address to pin a plain-http request to, if any.
+
+    The error says neither what a name resolves to nor why it does not resolve (the log does, with
+    the tenant the engine resolves for): a refused name and a missing one read the same."""
     try:
         return await check_target(url, allowlist, remedy=HTTP_ALLOWLIST_REMEDY)
-    except TargetRefused as exc:
-        raise NodeError(str(exc), reason="HTTP_TARGET_FORBIDDEN") from None
-    except TargetUnresolvable as exc:
-        raise _Transient("HTTP_UNREACHABLE", str(exc)) from exc
+    except TargetUnreachable as exc:
+        log_refusal(exc, "an HTTP node's request")
+        if exc.temporary:
+            raise _Transient("HTTP_UNREACHABLE", exc.shown) from None
+        raise NodeError(exc.shown, reason="HTTP_TARGET_FORBIDDEN") from None
 
 
 # -- outputs ----------------------------------------------------------------

@@ -7,7 +7,11 @@ target, fails for good, as does a header value HTTP cannot carry (outside
 printable ASCII) or a header name registration now refuses (one stored
 before the rule: Host, Transfer-Encoding and the like). Error texts name no URL and no header value (a header's
 name at most), so neither a token in a query string nor a secret ever
-reaches the delivery row or a log.
+reaches the delivery row or a log. A host name that resolves to an internal
+address and one that does not resolve are refused alike, with one error
+that names neither the address nor the resolver's error (the server log
+does): the tenant reads `last_error`, and must not map internal names with
+it. Only a temporary lookup failure is retried.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import httpx
 import orjson
 from google.protobuf import json_format
 
-from flowport.server.egress import header_value_problem
+from flowport.server.egress import TargetUnreachable, header_value_problem, log_refusal
 from flowport.server.events.bus import BusEvent
 from flowport.server.events.numbers import whole_numbers
 from flowport.server.nodes.http import header_label, parse_retry_after
@@ -29,7 +33,7 @@ from flowport.server.observability import tracing
 from flowport.server.version import VERSION
 from flowport.server.webhooks.signing import HEADER as SIGNATURE_HEADER
 from flowport.server.webhooks.signing import sign
-from flowport.server.webhooks.targets import TargetRefused, TargetUnresolvable, check_target
+from flowport.server.webhooks.targets import check_target
 from flowport.server.webhooks.validation import header_name_problem, kept_headers
 
 USER_AGENT = f"flowport-webhooks/{VERSION}"
@@ -159,10 +163,10 @@ async def attempt(
                 content = await _read_some(response)
             finally:
                 await response.aclose()
-    except TargetRefused as exc:
-        return outcome(0, str(exc), retryable=False)
-    except TargetUnresolvable as exc:
-        return outcome(0, str(exc), retryable=True)
+    except TargetUnreachable as exc:
+        # The tenant sees `shown`; what the name resolved to, or why it did not, is the log's.
+        log_refusal(exc, f"webhook delivery {delivery_id}")
+        return outcome(0, exc.shown, retryable=exc.temporary)
     except (TimeoutError, httpx.TimeoutException):
         return outcome(0, f"no answer within {timeout:g}s", retryable=True)
     except httpx.HTTPError as exc:

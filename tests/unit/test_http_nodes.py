@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,12 +18,14 @@ from typing import Any
 import httpx
 import pytest
 
+from flowport.server import egress
 from flowport.server.egress import forbidden_address
 from flowport.server.nodes import http as http_nodes
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.http import HTTPRequestNode, RESTClientNode, parse_retry_after
 from flowport.server.nodes.rate_limited import RateLimitedAPINode
 from flowport.server.nodes.substitution import references, substitute
+from flowport.server.resolver import RESOLVING_FOR
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost"})
 
@@ -378,15 +381,74 @@ async def test_resolved_addresses_are_checked_and_pinned(
     out = await run_http(ctx, url=f"http://api.example.test:{server.port}/echo")
     assert out["response"]["json"]["headers"]["host"] == f"api.example.test:{server.port}"
     assert out["response"]["url"] == f"http://api.example.test:{server.port}/echo"
-    # One private address among public ones is enough to refuse.
+    # One private address among public ones is enough to refuse, and the message does not say which.
     with pytest.raises(NodeError) as caught:
         await run_http(ctx, url="http://mixed.example.test/")
-    assert caught.value.reason == "HTTP_TARGET_FORBIDDEN"
-    assert "10.1.2.3" in caught.value.message
-    # A name that does not resolve is unreachable (and retryable).
+    refused = caught.value
+    assert refused.reason == "HTTP_TARGET_FORBIDDEN" and refused.retryable is False
+    assert "10.1.2.3" not in refused.message and "93.184.216.34" not in refused.message
+    # A name that does not resolve fails the same way: a tenant cannot tell it from an internal one.
     with pytest.raises(NodeError) as caught:
         await run_http(ctx, url="http://nowhere.example.test/")
-    assert caught.value.reason == "HTTP_UNREACHABLE"
+    assert (caught.value.reason, caught.value.retryable) == ("HTTP_TARGET_FORBIDDEN", False)
+    assert caught.value.message.replace("nowhere", "mixed") == refused.message
+
+
+async def test_a_name_that_resolves_inside_reads_as_one_that_does_not_resolve(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, sleeps: list[float]
+) -> None:
+    # A tenant must not map the internal names a gateway resolves: localhost (an internal
+    # address) and a name that does not exist fail alike, neither naming an address nor the
+    # resolver's error. The server log has both, with the tenant.
+    acting = RESOLVING_FOR.set("t1")  # as the engine sets it for every node attempt (walk.py)
+    errors: dict[str, NodeError] = {}
+    try:
+        with caplog.at_level(logging.INFO, logger=egress.__name__):
+            for host in ("localhost", "nonexistent.invalid"):
+                with pytest.raises(NodeError) as caught:
+                    await run_http(make_ctx(client, allowlist=frozenset()), url=f"http://{host}:9/x", retry_attempts=2)
+                errors[host] = caught.value
+    finally:
+        RESOLVING_FOR.reset(acting)
+    shapes = {(e.reason, e.retryable, e.message.replace(host, "HOST")) for host, e in errors.items()}
+    assert len(shapes) == 1, shapes
+    [(reason, retryable, message)] = shapes
+    assert (reason, retryable) == ("HTTP_TARGET_FORBIDDEN", False)
+    assert message.startswith("target HOST ") and "(--http-allowlist, or --dev for loopback)" in message
+    for leak in ("127.0.0.1", "::1", "Errno", "-2", "not known", "resolves to no"):
+        assert leak not in message, leak
+    assert sleeps == [], "neither is retried"
+    logged = [r for r in caplog.records if r.name == egress.__name__]
+    assert [r.levelno for r in logged] == [logging.WARNING, logging.WARNING]
+    inside, nowhere = (r.getMessage() for r in logged)
+    assert "tenant t1" in inside and "localhost" in inside and "127.0.0.1" in inside
+    assert "tenant t1" in nowhere and "nonexistent.invalid" in nowhere and "Errno" in nowhere
+
+
+async def test_a_temporary_lookup_failure_is_retried_without_the_resolvers_error(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
+) -> None:
+    def failing(host: str, *args: Any) -> Any:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", failing)
+    with pytest.raises(NodeError) as caught:
+        await run_http(make_ctx(client, allowlist=frozenset()), url="http://flaky.example.test/", retry_attempts=2)
+    assert (caught.value.reason, caught.value.retryable) == ("HTTP_UNREACHABLE", True)
+    assert caught.value.message == (
+        "cannot resolve flaky.example.test right now: the name lookup failed temporarily (after 3 attempts)"
+    )
+    assert len(sleeps) == 2
+
+
+async def test_an_address_given_as_such_is_named(client: httpx.AsyncClient) -> None:
+    # Nothing to hide: the tenant wrote it.
+    with pytest.raises(NodeError) as caught:
+        await run_http(make_ctx(client, allowlist=frozenset()), url="http://10.0.0.1/")
+    assert caught.value.message == (
+        "target 10.0.0.1 is a private, loopback or otherwise internal address and not allowlisted "
+        "(--http-allowlist, or --dev for loopback)"
+    )
 
 
 INTERNAL_ADDRESSES = (

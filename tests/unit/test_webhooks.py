@@ -706,25 +706,48 @@ async def test_restart_loses_no_pending_delivery(tmp_path: Path, receivers: Call
 
 
 async def test_targets_resolving_to_internal_addresses_are_refused(
-    tmp_path: Path, receivers: Callable[..., Receiver]
+    tmp_path: Path, receivers: Callable[..., Receiver], caplog: pytest.LogCaptureFixture
 ) -> None:
     receiver = receivers()
     async with running(tmp_path, webhook_allowlist="") as env:
         error = await _error(env.create(receiver.url()))
         assert error.violations and error.violations[0][0] == "webhook.url"
-        # A host name passes registration; its address is checked at every attempt.
-        hook = await env.create(receiver.url(scheme="https", host="localhost"))
-        env.publish()
+        error = await _error(env.create(receiver.url(scheme="https")))
+        assert "127.0.0.1 is a private" in error.violations[0][1]  # the address the tenant wrote is named
+        # A host name passes registration; its address is checked at every attempt. One that does
+        # not resolve fails the same way: the tenant cannot tell which, so cannot map internal names.
+        hosts = ("localhost", "nonexistent.invalid")
+        hooks = [
+            await env.create(receiver.url(scheme="https", host=host), event_types=["execution.completed"])
+            for host in hosts
+        ]
+        with caplog.at_level(logging.INFO, logger="flowport.server.egress"):
+            env.publish()
 
-        async def refused() -> bool:
-            return _states(await env.deliveries(hook.webhook_id)) == ["STATE_DEAD_LETTERED"]
+            async def refused() -> bool:
+                states = [_states(await env.deliveries(hook.webhook_id)) for hook in hooks]
+                return states == [["STATE_DEAD_LETTERED"]] * len(hooks)
 
-        await eventually(refused, "the delivery to localhost is refused")
-        [delivery] = await env.deliveries(hook.webhook_id)
-        assert delivery.attempts == 1 and delivery.last_status_code == 0
-        assert "internal address" in delivery.last_error and "not allowlisted" in delivery.last_error
-        assert "(--webhook-allowlist)" in delivery.last_error  # the setting that would allow it
+            await eventually(refused, "the deliveries to localhost and to a name that does not resolve are refused")
+        errors = []
+        for host, hook in zip(hosts, hooks, strict=True):
+            [delivery] = await env.deliveries(hook.webhook_id)
+            assert delivery.attempts == 1 and delivery.last_status_code == 0
+            assert f"target {host} " in delivery.last_error
+            errors.append(delivery.last_error.replace(host, "HOST"))
+        assert errors[0] == errors[1], errors
+        assert "internal address" in errors[0] and "not allowlisted" in errors[0]
+        assert "(--webhook-allowlist)" in errors[0]  # the setting that would allow it
+        for leak in ("127.0.0.1", "::1", "Errno", "-2", "not known"):
+            assert leak not in errors[0], leak
         assert receiver.connections == 0
+    # The server log says which, for whom.
+    logged = [r.getMessage() for r in caplog.records if r.name == "flowport.server.egress"]
+    assert len(logged) == 2, logged
+    inside = next(line for line in logged if "localhost" in line)
+    nowhere = next(line for line in logged if "nonexistent.invalid" in line)
+    assert "tenant default" in inside and "127.0.0.1" in inside
+    assert "tenant default" in nowhere and "Errno" in nowhere
 
 
 async def test_a_slow_receiver_does_not_delay_other_webhooks(
