@@ -151,6 +151,20 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
+def no_such_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names under `.invalid` do not resolve, as a resolver answers for them (EAI_NONAME), on
+    every machine: one without a reachable DNS server would answer EAI_AGAIN instead, slowly."""
+    resolve = egress.getaddrinfo
+
+    async def answer(host: str, port: int) -> Any:
+        if host.endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return await resolve(host, port)
+
+    monkeypatch.setattr(egress, "getaddrinfo", answer)
+
+
+@pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Backoff delays the node asked for; nothing actually waits."""
     recorded: list[float] = []
@@ -394,6 +408,7 @@ async def test_resolved_addresses_are_checked_and_pinned(
     assert caught.value.message.replace("nowhere", "mixed") == refused.message
 
 
+@pytest.mark.usefixtures("no_such_names")
 async def test_a_name_that_resolves_inside_reads_as_one_that_does_not_resolve(
     client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, sleeps: list[float]
 ) -> None:

@@ -47,7 +47,10 @@ from flowport.server.webhooks.dispatcher import WebhookDispatcher
 from flowport.v1 import apikey_pb2, execution_pb2, session_pb2, webhook_pb2, webhook_pb2_grpc, workflow_pb2
 
 from ..conftest import ADMIN_KEY
-from .test_http_nodes import CLIENT_OWNED  # the same rule: one list of the headers it names
+from .test_http_nodes import (
+    CLIENT_OWNED,  # the same rule: one list of the headers it names
+    no_such_names,  # noqa: F401 - a fixture
+)
 
 W = webhook_pb2
 D = webhook_pb2.WebhookDelivery
@@ -705,6 +708,7 @@ async def test_restart_loses_no_pending_delivery(tmp_path: Path, receivers: Call
         assert env.dispatcher.unfinished == 0
 
 
+@pytest.mark.usefixtures("no_such_names")
 async def test_targets_resolving_to_internal_addresses_are_refused(
     tmp_path: Path, receivers: Callable[..., Receiver], caplog: pytest.LogCaptureFixture
 ) -> None:
