@@ -27,6 +27,10 @@
 --
 -- It also refuses a query that gives a field of one value twice (see
 -- "Query parameters" below): the transcoder would keep the last value.
+-- And a body key for a field the path binds, unless it holds the path's very
+-- value, or for a field the query sets too (see "Fields set twice" below):
+-- one of the values was dropped, and the path (and Envoy's access log)
+-- could name one resource while the call acted on another.
 --
 -- TYPES, ROUTES, VERBS and the QUERY_* tables are written in front of this
 -- code by transcoder/body_fields.py, from the descriptor set:
@@ -34,7 +38,14 @@
 --     value, not walked), "=" (one scalar: string, number, bool, null),
 --     a message name, "map:" .. the kind of the map's values, or
 --     "[]" .. the kind of a repeated field's elements;
---   ROUTES = { { method, Lua pattern of the path, kind of the body } };
+--   ROUTES = { { method, Lua pattern of the path, kind of the body,
+--     request message, prefix of the fields the body sets ("" for body "*",
+--     else "session."), { the field each captured variable binds (false: one
+--     of several segments, not compared) }, BOUND or false } }, every route
+--     that takes a body; BOUND[body key] = the field the path binds that the
+--     key sets (its proto names), or the BOUND of the message it leads into,
+--     for the fields the path binds that the body can set too (the pattern
+--     captures the path's variables only then);
 --   VERBS[verb] = true for each custom verb (":validate") of a route;
 --   QUERY_TYPES[request message] = { [query name] = the field it sets (its
 --     proto names, "session.user_id"), or false for a repeated field };
@@ -207,9 +218,45 @@ end
 
 local walk_value
 
+-- A field the body sets that the path or the query set already: noted once per
+-- field, with the keys that set it (`by` "path": to another value than the path's).
+local function set_again(found, field, key, by)
+  local again = found.again
+  if again == nil then
+    again = {}
+    found.again = again
+  end
+  local seen = again[field]
+  if seen == nil then
+    if #again >= MAX_REPORTED then
+      return
+    end
+    seen = { field = field, by = by, keys = {} }
+    again[field] = seen
+    again[#again + 1] = seen
+  end
+  if seen.keys[key] == nil then
+    seen.keys[key] = true
+    seen.keys[#seen.keys + 1] = key
+  end
+end
+
+-- Whether the value at i is a string that is, read as the transcoder reads it,
+-- exactly `value` (the path's, decoded; nil: none is the path's).
+local function is_string_of(s, i, value)
+  local q = sub(s, i, i)
+  if value == nil or (q ~= '"' and q ~= "'") then
+    return false
+  end
+  local raw = read_string(s, i)
+  return raw ~= nil and unescape(raw) == value
+end
+
 -- The members of the object at i: each key must be a field of `fields`
--- (nil: any key, a map's), each value is walked as `kind_of(key)`.
-local function walk_object(s, i, fields, map_kind, path, found, depth)
+-- (nil: any key, a map's), each value is walked as `kind_of(key)`. `bound`
+-- (nil for most bodies) holds the keys here that set a field the path binds;
+-- `query` (nil unless the query sets a field the body can) the query's fields.
+local function walk_object(s, i, fields, map_kind, path, found, depth, bound, query)
   local j = skip_space(s, i + 1)
   if sub(s, j, j) == "}" then
     return j + 1
@@ -236,7 +283,7 @@ local function walk_object(s, i, fields, map_kind, path, found, depth)
       return fail(j, "no ':' after a key")
     end
     j = skip_space(s, j + 1)
-    local where, kind
+    local where, kind, inner
     if fields == nil then
       where, kind = path .. "[" .. key .. "]", map_kind
     else
@@ -246,9 +293,25 @@ local function walk_object(s, i, fields, map_kind, path, found, depth)
           found.unknown[#found.unknown + 1] = where
         end
         kind = ANY
+      else
+        if bound ~= nil then
+          inner = bound[key]
+          if type(inner) == "string" then
+            if not is_string_of(s, j, found.path_values[inner]) then
+              set_again(found, inner, key, "path")
+            end
+            inner = nil
+          end
+        end
+        if query ~= nil then
+          local field = query.types[query.prefix .. where]
+          if field and query.fields[field] then
+            set_again(found, field, key, "query")
+          end
+        end
       end
     end
-    j = walk_value(s, j, kind, where, found, depth)
+    j = walk_value(s, j, kind, where, found, depth, inner, query)
     if j == nil then
       return nil
     end
@@ -274,7 +337,7 @@ local function misshapen(s, i, path, found, description)
   return skip_value(s, i)
 end
 
-walk_value = function(s, i, kind, path, found, depth)
+walk_value = function(s, i, kind, path, found, depth, bound, query)
   local c = sub(s, i, i)
   if kind == ANY or depth > MAX_DEPTH or (c ~= "{" and c ~= "[") then
     return skip_value(s, i)
@@ -326,7 +389,8 @@ walk_value = function(s, i, kind, path, found, depth)
   if fields == nil then
     return skip_value(s, i)
   end
-  return walk_object(s, i, fields, nil, path, found, depth + 1)
+  -- The query's fields are followed into messages, not into repeated ones (it sets none there).
+  return walk_object(s, i, fields, nil, path, found, depth + 1, bound, element == nil and query or nil)
 end
 
 local function continuation(b)
@@ -524,8 +588,7 @@ end
 
 -- Each field of one value that the query (with the path) sets more than once,
 -- as { field, description }, and the request message; nil when there is none.
-local function fields_set_twice(method, path, query)
-  local names, suspect = query_names(query)
+local function fields_set_twice(method, path, names, suspect)
   if not suspect then
     return nil
   end
@@ -588,6 +651,90 @@ local function fields_given_twice(request_handle, found, message_type)
   refuse(request_handle, status_json(message, "INVALID_ARGUMENT", "flowport.dev", metadata, found))
 end
 
+-- Fields set twice, by the path or the query and again by the body.
+--
+-- The transcoder weaves the path's variables and the query's parameters into
+-- the body it parses, and a key of the body for the same field won (with the
+-- field's proto name; its JSON name lost to the path): `POST
+-- /workflows/wfa/execute` with {"workflow_id": "wfb"} ran wfb, `PUT
+-- /api/secrets/A` with {"name": "B", ...} wrote B, `POST /api/keys/A:revoke`
+-- with {"key_id": "B"} revoked B, while the path and Envoy's access log named
+-- A. So a body key (by either name) for a field the path binds is refused,
+-- naming the field, unless its value is a string that is exactly the path's
+-- (percent-decoded, as the transcoder decodes a variable of one segment):
+-- clients that send the whole resource, its id too, still work. Every field a
+-- path binds here is a string (tests/unit/test_edge_config.py checks); for
+-- another type only a JSON string of the path's very text would be taken,
+-- which the transcoder reads as the path's value too.
+--
+-- A query parameter for a field of one value that the body sets too lost to
+-- the body's (or won over it, by the JSON names), silently: `POST
+-- /api/executions?workflow_id=wfb` with {"workflow_id": "wfa"} ran wfa. Such a
+-- body is refused, naming the field, whatever the two values. A repeated
+-- field takes the values of both, as before.
+--
+-- Cheap: a route whose path binds no field the body can set has no BOUND, and
+-- a request whose query sets no field under the body walks without the
+-- query's fields; with either, a key costs a lookup (BOUND's: per key of the
+-- top level and of the messages leading to a bound field), and only a key
+-- that sets such a field reads its value again.
+
+-- A path's variable of one segment as the transcoder binds it: every "%XX"
+-- decoded ("%2F" too), "+" left as it is.
+local function decode_segment(segment)
+  if not find(segment, "%", 1, true) then
+    return segment
+  end
+  return (string.gsub(segment, "%%(%x%x)", function(hex)
+    return string.char(tonumber(hex, 16))
+  end))
+end
+
+-- The path's value of each field the body can set too, by field: nil for a variable of several segments.
+local function path_values(matched, route)
+  local values, captures = {}, { match(matched, route[2]) }
+  for k, field in ipairs(route[6]) do
+    if field and captures[k] ~= nil then
+      values[field] = decode_segment(captures[k])
+    end
+  end
+  return values
+end
+
+-- The fields of one value under the body that the query sets (as a set; nil when there is none).
+local function query_fields(route, names)
+  local fields, prefix, set = QUERY_TYPES[route[4]], route[5], nil
+  for _, name in ipairs(names) do
+    local field = fields and fields[name]
+    if field and sub(field, 1, #prefix) == prefix then
+      set = set or {}
+      set[field] = true
+    end
+  end
+  return set
+end
+
+-- As { field, description }: what fields_given_twice names.
+local function set_again_problems(again)
+  local found = {}
+  for i, seen in ipairs(again) do
+    local last = match(seen.field, "[^.]*$")
+    local spellings = {}
+    for k, key in ipairs(seen.keys) do
+      spellings[k] = "'" .. key .. "'"
+    end
+    local as = (#seen.keys > 1 or seen.keys[1] ~= last) and (" (as " .. table.concat(spellings, " and ") .. ")") or ""
+    local description
+    if seen.by == "path" then
+      description = "set by the path and again by the body" .. as .. ", to another value"
+    else
+      description = "set by the query and again by the body" .. as
+    end
+    found[i] = { seen.field, description .. ", where one value belongs" }
+  end
+  return found
+end
+
 function envoy_on_request(request_handle)
   local headers = request_handle:headers()
   local method = headers:get(":method")
@@ -602,8 +749,11 @@ function envoy_on_request(request_handle)
     return
   end
   local path = match(full_path, "^[^?]*")
+  local names = nil
   if has_query then
-    local found, message_type = fields_set_twice(method, path, sub(full_path, question + 1))
+    local suspect
+    names, suspect = query_names(sub(full_path, question + 1))
+    local found, message_type = fields_set_twice(method, path, names, suspect)
     if found ~= nil then
       fields_given_twice(request_handle, found, message_type)
       return
@@ -613,23 +763,34 @@ function envoy_on_request(request_handle)
     end
   end
   local matched = canonical(path)
-  local body_kind = nil
-  for _, route in ipairs(ROUTES) do
-    if route[1] == method and find(matched, route[2]) then
-      body_kind = route[3]
+  local route = nil
+  for _, candidate in ipairs(ROUTES) do
+    if candidate[1] == method and find(matched, candidate[2]) then
+      route = candidate
       break
     end
   end
-  if body_kind == nil or body_kind == ANY then
+  if route == nil or route[3] == ANY then
     return
   end
+  local body_kind = route[3]
   local body = request_handle:body()
   if body == nil or body:length() == 0 then
     return
   end
   local text = body:getBytes(0, body:length())
   local found = { unknown = {}, misshapen = {} }
-  local after = walk_value(text, skip_space(text, 1), body_kind, "", found, 0)
+  local bound, query = route[7] or nil, nil
+  if bound ~= nil then
+    found.path_values = path_values(matched, route)
+  end
+  if names ~= nil and #names > 0 then
+    local fields = query_fields(route, names)
+    if fields ~= nil then
+      query = { types = QUERY_TYPES[route[4]], prefix = route[5], fields = fields }
+    end
+  end
+  local after = walk_value(text, skip_space(text, 1), body_kind, "", found, 0, bound, query)
   if after ~= nil and skip_space(text, after) <= #text then
     -- The transcoder's parser stops after one value and refuses what follows.
     after = fail(skip_space(text, after), "more after the JSON value")
@@ -640,6 +801,8 @@ function envoy_on_request(request_handle)
     unknown_fields(request_handle, method, path, body_kind, found.unknown)
   elseif #found.misshapen > 0 then
     misshapen_fields(request_handle, method, path, found.misshapen)
+  elseif found.again ~= nil then
+    fields_given_twice(request_handle, set_again_problems(found.again), route[4])
   end
 end
 

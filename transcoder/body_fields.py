@@ -9,6 +9,17 @@ message it becomes and answers 400 naming the keys; this module writes the
 tables it walks with (every message a body can reach, every route that takes
 a body) from the descriptor set, so they always match what the transcoder does.
 
+The transcoder also weaves the fields a route's path binds, and its query
+parameters, into the body, and a body key for the same field won: on
+`POST /workflows/wfa/execute` a body `{"workflow_id": "wfb"}` ran wfb while
+the path (and Envoy's access log) named wfa, and on `POST /api/executions?
+workflow_id=wfb` the query's value was dropped for the body's. `tables` writes,
+with each route that takes a body, the fields its path binds that the body can
+set too (by the body keys that reach them, both names), for the filter to
+refuse a body key for one unless it holds the path's very value, and which
+request message and body field the route has, for it to refuse a query
+parameter for a field the body also sets.
+
 The transcoder also sets a field once per query parameter naming it, so a
 field of one value given twice (`?page_size=10&page_size=500`, or as
 `page_size` and `pageSize`, or in the path and again in the query) kept the
@@ -22,6 +33,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 from google.protobuf import descriptor_pb2
 
@@ -109,10 +121,35 @@ def _element_kind(
     return name
 
 
-def tables(path: Path | None = None) -> tuple[dict[str, dict[str, str]], list[tuple[str, str, str]]]:
+# Body keys (both names of each field) -> the path-bound field they set (its proto names,
+# "session.user_id"), or the keys of the message they lead into.
+BoundKeys = dict[str, "str | BoundKeys"]
+
+
+class BodyRoute(NamedTuple):
+    """A REST binding that takes a body, as ROUTES holds it."""
+
+    method: str
+    # The path as an anchored Lua pattern; each variable captured when the body can set a
+    # field the path binds (`bound_keys`), so the filter reads the path's values.
+    pattern: str
+    # What the body is (see _kind): the request message for `body: "*"`, else its body field's.
+    kind: str
+    # The request message.
+    message: str
+    # What prefixes a field of the request message the body sets: "" for `body: "*"`, else
+    # the body field and "." ("session.").
+    prefix: str
+    # The field each captured variable binds, in order; None for a variable of several
+    # segments (`{name=**}`), whose value the filter does not decode: a body key for it is refused.
+    bound: tuple[str | None, ...]
+    # The fields the path binds that the body can set too, by the keys that reach them.
+    bound_keys: BoundKeys
+
+
+def tables(path: Path | None = None) -> tuple[dict[str, dict[str, str]], list[BodyRoute]]:
     """(TYPES, ROUTES) for body_fields.lua: each message a body reaches with its
-    keys (proto and JSON names) and their kinds; each (method, Lua path pattern,
-    body kind) of a REST binding that takes a body."""
+    keys (proto and JSON names) and their kinds; each REST binding that takes a body."""
     messages = _messages(path)
     types: dict[str, dict[str, str]] = {}
 
@@ -134,25 +171,63 @@ def tables(path: Path | None = None) -> tuple[dict[str, dict[str, str]], list[tu
                     pending.append(target)
             types[current] = keys
 
-    routes: list[tuple[str, str, str]] = []
+    routes: list[BodyRoute] = []
     for method in methods(path):
         for binding in method.bindings:
             if not binding.body:
                 continue
             if binding.body == "*":
-                kind = method.input_type
+                kind, prefix, body_message = method.input_type, "", method.input_type
             else:
                 field = next(f for f in messages[method.input_type].field if f.name == binding.body)
                 # A repeated body is left to the transcoder (ANY: not walked).
                 kind = ANY if field.label == FieldType.LABEL_REPEATED else _kind(field, messages)
+                prefix, body_message = binding.body + ".", kind
             if kind not in (ANY, SCALAR) and not kind.startswith("map:"):
                 reach(kind)
-            routes.append((binding.verb.upper(), _path_pattern(binding.template), kind))
+            variables = list(_VARIABLE.finditer(binding.template))
+            bound_keys: BoundKeys = {}
+            if kind not in (ANY, SCALAR) and not kind.startswith(("map:", REPEATED)):
+                for found in variables:
+                    member = found.group(1).strip()
+                    if member.startswith(prefix) and member != binding.body:
+                        _add_bound_keys(messages, body_message, member.removeprefix(prefix), member, bound_keys)
+            bound = tuple(
+                found.group(1).strip() if (found.group(2) or "*").strip() == "*" else None for found in variables
+            )
+            routes.append(
+                BodyRoute(
+                    binding.verb.upper(),
+                    _path_pattern(binding.template, capture=bool(bound_keys)),
+                    kind,
+                    method.input_type,
+                    prefix,
+                    bound if bound_keys else (),
+                    bound_keys,
+                )
+            )
     return types, routes
 
 
-def _path_pattern(template: str) -> str:
-    """A path template as an anchored Lua pattern: a variable is one segment (`**`: any rest).
+def _add_bound_keys(
+    messages: dict[str, descriptor_pb2.DescriptorProto], message: str, relative: str, member: str, into: BoundKeys
+) -> None:
+    """Adds to `into` the body keys that reach field `relative` (dot-separated proto names) of
+    `message`, both names of each field on the way, ending at `member` (its full proto path)."""
+    head, _, rest = relative.partition(".")
+    field = next(f for f in messages[message].field if f.name == head)
+    for key in (field.name, field.json_name or _camel(field.name)):
+        if not rest:
+            into[key] = member
+            continue
+        inner = into.setdefault(key, {})
+        if isinstance(inner, dict):
+            _add_bound_keys(messages, field.type_name.lstrip("."), rest, member, inner)
+
+
+def _path_pattern(template: str, capture: bool = False) -> str:
+    """A path template as an anchored Lua pattern: a variable is one segment (`**`: any rest),
+    each captured with `capture`.
 
     A segment may be empty: the transcoder binds a variable to one, so
     `/workflows//execute` is a CreateExecution.
@@ -161,7 +236,8 @@ def _path_pattern(template: str) -> str:
     position = 0
     for found in _VARIABLE.finditer(template):
         out.append(_LUA_MAGIC.sub(r"%\1", template[position : found.start()]))
-        out.append(".*" if (found.group(2) or "").endswith("**") else "[^/]*")
+        variable = ".*" if (found.group(2) or "").endswith("**") else "[^/]*"
+        out.append(f"({variable})" if capture else variable)
         position = found.end()
     out.append(_LUA_MAGIC.sub(r"%\1", template[position:]))
     return "^" + "".join(out) + "$"
@@ -270,6 +346,14 @@ def _query_lua(path: Path | None) -> list[str]:
     return lines
 
 
+def _lua_bound_keys(keys: BoundKeys) -> str:
+    entries = ", ".join(
+        f"[{_lua_string(key)}] = {_lua_string(value) if isinstance(value, str) else _lua_bound_keys(value)}"
+        for key, value in sorted(keys.items())
+    )
+    return f"{{ {entries} }}"
+
+
 def lua_source(path: Path | None = None) -> str:
     """body_fields.lua with its TYPES, ROUTES, VERBS and QUERY_* tables in front."""
     types, routes = tables(path)
@@ -279,7 +363,11 @@ def lua_source(path: Path | None = None) -> str:
         lines.append(f"  [{_lua_string(name)}] = {{ {keys} }},")
     lines.append("}")
     lines.append("local ROUTES = {")
-    lines += [f"  {{ {_lua_string(m)}, {_lua_string(p)}, {_lua_string(k)} }}," for m, p, k in routes]
+    for route in routes:
+        bound = ", ".join("false" if m is None else _lua_string(m) for m in route.bound)
+        head = ", ".join(_lua_string(v) for v in (route.method, route.pattern, route.kind, route.message, route.prefix))
+        keys = _lua_bound_keys(route.bound_keys) if route.bound_keys else "false"
+        lines.append(f"  {{ {head}, {{ {bound} }}, {keys} }},")
     lines.append("}")
     lines.append("local VERBS = { " + " ".join(f"[{_lua_string(v)}] = true," for v in verbs(path)) + " }")
     lines += _query_lua(path)

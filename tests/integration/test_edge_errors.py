@@ -308,3 +308,129 @@ def test_queries_that_set_each_field_once_are_unchanged(rest: httpx.Client) -> N
     # An unknown parameter, even twice, is still the transcoder's to refuse.
     unknown = _status(rest.get("/api/sessions?bogus=1&bogus=2"), "INVALID_ARGUMENT")
     assert unknown["details"][0]["domain"] == "envoy.flowport.dev" and "bogus" in unknown["message"], unknown
+
+
+def _made_workflow(rest: httpx.Client, name: str) -> str:
+    code = {"type": "PythonCodeNode", "name": "a", "config": {"code": "result = 7"}}
+    made = rest.post("/api/workflows", json={"name": name, "nodes": [code]})
+    assert made.status_code == 200, made.text
+    return str(made.json()["workflow_id"])
+
+
+def _runs(rest: httpx.Client, workflow_id: str) -> int:
+    listed = rest.get("/api/executions", params={"workflow_id": workflow_id, "page_size": 100})
+    assert listed.status_code == 200, listed.text
+    return len(listed.json()["executions"])
+
+
+def _refused_naming(response: httpx.Response, field: str, *values: str) -> dict[str, Any]:
+    """A 400 as the query check's (INVALID_ARGUMENT of flowport.dev, one violation: `field`), quoting no `values`."""
+    status = _status(response, "INVALID_ARGUMENT")
+    assert status["details"][0]["domain"] == "flowport.dev", status
+    assert _violated(status) == [field], status
+    assert f"'{field}'" in status["message"], status
+    _quotes_nothing_of_the_secret(response)
+    for value in values:
+        assert value not in response.text, (value, response.text)
+    return status
+
+
+def test_a_body_key_for_the_workflow_the_path_names_is_refused_and_nothing_runs(rest: httpx.Client) -> None:
+    # The body's key won over the path: POST /workflows/wfa/execute with {"workflow_id": "wfb"}
+    # ran wfb while the path (and Envoy's access log) named wfa.
+    wfa, wfb = _made_workflow(rest, "bound-wfa"), _made_workflow(rest, "bound-wfb")
+    before = {w: _runs(rest, w) for w in (wfa, wfb)}
+    for path in (f"/workflows/{wfa}/execute", f"/{wfa}/execute"):
+        for key in ("workflow_id", "workflowId"):
+            status = _refused_naming(rest.post(path, json={key: wfb, "inputs": {}}), "workflow_id", wfa, wfb)
+            assert "set by the path and again by the body" in status["message"], status
+    # Another value is refused however the body spells it: null, or one key right and one not.
+    for body in (b'{"workflow_id":null}', f'{{"workflow_id":"{wfa}","workflowId":"{wfb}"}}'.encode()):
+        _refused_naming(rest.post(f"/workflows/{wfa}/execute", content=body), "workflow_id", wfa, wfb)
+    assert {w: _runs(rest, w) for w in (wfa, wfb)} == before, "no execution made"
+
+
+def test_a_secret_named_otherwise_in_the_body_than_in_the_path_is_not_written(rest: httpx.Client) -> None:
+    put = rest.put("/api/secrets/BOUND_PATH_NAME", json={"name": "BOUND_BODY_NAME", "value": SECRET})
+    _refused_naming(put, "name", "BOUND_PATH_NAME", "BOUND_BODY_NAME")
+    for name in ("BOUND_PATH_NAME", "BOUND_BODY_NAME"):
+        assert rest.get(f"/api/secrets/{name}").status_code == 404, name
+
+
+def test_revoking_a_key_with_another_named_in_the_body_revokes_neither(rest: httpx.Client) -> None:
+    made = [rest.post("/api/keys", json={"tenant": "bound", "roles": ["user"]}).json() for _ in range(2)]
+    (a, b), keys = [m["api_key"]["key_id"] for m in made], [m["key"] for m in made]
+    _refused_naming(rest.post(f"/api/keys/{a}:revoke", json={"key_id": b}), "key_id", a, b)
+    for key_id, key in zip((a, b), keys, strict=True):
+        assert not rest.get(f"/api/keys/{key_id}").json().get("revoke_time"), key_id
+        assert rest.get("/api/sessions", headers={"x-api-key": key}).status_code == 200, key_id
+
+
+def test_a_body_that_repeats_the_paths_very_value_is_taken(rest: httpx.Client) -> None:
+    # Clients that send the whole resource, its id too (grpc-gateway's, Kailash's).
+    wfa = _made_workflow(rest, "bound-same")
+    ran = rest.post(f"/workflows/{wfa}/execute", json={"workflow_id": wfa, "inputs": {}})
+    assert ran.status_code == 200 and ran.json()["workflow_id"] == wfa, ran.text
+    camel = rest.post(f"/{wfa}/execute", json={"workflowId": wfa})
+    assert camel.status_code == 200 and camel.json()["workflow_id"] == wfa, camel.text
+    # As the transcoder reads both: the path percent-decoded, the body's escapes.
+    encoded = rest.post(
+        f"/workflows/{wfa[:-1]}%{ord(wfa[-1]):02X}/execute",
+        content=f'{{"workflow_id":"{wfa[:-1]}\\u{ord(wfa[-1]):04x}"}}',
+    )
+    assert encoded.status_code == 200 and encoded.json()["workflow_id"] == wfa, encoded.text
+    put = rest.put("/api/secrets/BOUND_SAME", json={"name": "BOUND_SAME", "value": "v1"})
+    assert put.status_code == 200, put.text
+    assert rest.get("/api/secrets/BOUND_SAME").json()["name"] == "BOUND_SAME"
+    made = [rest.post("/api/keys", json={"tenant": "bound", "roles": ["user"]}).json() for _ in range(2)]
+    key_id = made[0]["api_key"]["key_id"]
+    revoked = rest.post(f"/api/keys/{key_id}:revoke", json={"keyId": key_id})
+    assert revoked.status_code == 200 and revoked.json()["revoke_time"], revoked.text
+    assert rest.get("/api/sessions", headers={"x-api-key": made[1]["key"]}).status_code == 200, "the other still works"
+
+
+def test_every_route_refuses_a_body_key_for_a_field_its_path_binds(rest: httpx.Client) -> None:
+    # Every route of the descriptor set whose body is "*" and whose path binds a field (:revoke,
+    # :cancel, :heartbeat, :redeliver, both execute routes, PUT /api/secrets/{name}): refused
+    # before it reaches the server, by either name of the field.
+    from flowport.transcoder.http_rules import methods
+
+    routes = {
+        (b.verb.upper(), b.template, tuple(b.path_params))
+        for m in methods()
+        for b in m.bindings
+        if b.body == "*" and b.path_params
+    }
+    assert len(routes) >= 7, routes
+    for verb, template, params in sorted(routes):
+        url = template
+        for n, param in enumerate(params):
+            url = url.replace("{" + param + "}", f"bound-path-{n}")
+        for param in params:
+            camel = param.split("_")[0] + "".join(part.title() for part in param.split("_")[1:])
+            for key in {param, camel}:
+                response = rest.request(verb, url, json={key: "bound-body-value"})
+                _refused_naming(response, param, "bound-path-", "bound-body-value")
+
+
+def test_a_query_parameter_for_a_field_the_body_sets_too_is_refused(rest: httpx.Client) -> None:
+    # body "*": the query's value was dropped for the body's, silently.
+    wfa, wfb = _made_workflow(rest, "query-body-wfa"), _made_workflow(rest, "query-body-wfb")
+    before = {w: _runs(rest, w) for w in (wfa, wfb)}
+    for query in (f"workflow_id={wfb}", f"workflowId={wfb}"):
+        for key in ("workflow_id", "workflowId"):
+            response = rest.post(f"/api/executions?{query}", json={key: wfa})
+            status = _refused_naming(response, "workflow_id", wfa, wfb)
+            assert "set by the query and again by the body" in status["message"], status
+    # A body field's fields too (the query won or lost by which names were used).
+    response = rest.post("/api/sessions?session.userId=query-user", json={"userId": "body-user"})
+    _refused_naming(response, "session.user_id", "query-user", "body-user")
+    assert rest.get("/api/sessions", params={"user_id": "body-user"}).json()["sessions"] == []
+    assert rest.get("/api/sessions", params={"user_id": "query-user"}).json()["sessions"] == []
+    assert {w: _runs(rest, w) for w in (wfa, wfb)} == before, "no execution made"
+    # Each set once, by the query or the body, is as before.
+    ran = rest.post(f"/api/executions?workflow_id={wfb}", json={"inputs": {}})
+    assert ran.status_code == 200 and ran.json()["workflow_id"] == wfb, ran.text
+    session = rest.post("/api/sessions", json={"user_id": "query-body"}).json()["session_id"]
+    ran = rest.post(f"/workflows/{wfa}/execute?session_id={session}", json={"inputs": {}})
+    assert ran.status_code == 200 and ran.json()["session_id"] == session, ran.text

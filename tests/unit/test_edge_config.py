@@ -142,10 +142,11 @@ def test_the_sdk_receives_messages_as_large_as_the_api_sends() -> None:
 
 
 def test_the_body_check_knows_every_route_with_a_body_and_both_field_names() -> None:
-    types, routes = tables()
+    types, all_routes = tables()
+    routes = [route[:3] for route in all_routes]
     assert ("POST", "^/api/sessions$", "flowport.v1.Session") in routes
     # A variable may be an empty segment: the transcoder routes /workflows//execute too.
-    assert ("POST", "^/workflows/[^/]*/execute$", "flowport.v1.CreateExecutionRequest") in routes
+    assert ("POST", "^/workflows/([^/]*)/execute$", "flowport.v1.CreateExecutionRequest") in routes
     assert ("POST", "^/api/workflows:validate$", "flowport.v1.Workflow") in routes
     session = types["flowport.v1.Session"]
     assert session["user_id"] == session["userId"] == "=", "one scalar"
@@ -185,6 +186,93 @@ def test_the_query_check_knows_each_routes_fields_by_both_names_and_which_are_re
     assert {"sessionid", "workflowid", "executionid"} <= suspects and "pagesize" not in suspects
     source = lua_source()
     assert "local QUERY_TYPES = {" in source and 'local QUERY_SUSPECTS = { ["deliveryid"] = true,' in source
+
+
+def test_the_body_check_knows_each_field_a_path_binds_that_the_body_can_set_too() -> None:
+    from google.protobuf import descriptor_pb2
+
+    from flowport.transcoder.body_fields import BodyRoute, _messages
+    from flowport.transcoder.http_rules import methods
+
+    _, routes = tables()
+    # Derived here from the HTTP rules as the filter needs it: a route whose body is "*" and whose
+    # path binds a field, or whose body field holds one the path binds.
+    expected = {
+        (b.verb.upper(), m.input_type, tuple(p for p in b.path_params if b.body == "*" or p.startswith(b.body + ".")))
+        for m in methods()
+        for b in m.bindings
+        if b.body
+    }
+    bound = {(r.method, r.message, tuple(_leaves(r.bound_keys))) for r in routes if r.bound_keys}
+    assert bound == {(verb, message, params) for verb, message, params in expected if params}
+    assert {r.pattern for r in routes if r.bound_keys} == {
+        "^/api/keys/([^/]*):revoke$",
+        "^/workflows/([^/]*)/execute$",
+        "^/([^/]*)/execute$",
+        "^/api/executions/([^/]*):cancel$",
+        "^/api/services/([^/]*):heartbeat$",
+        "^/api/secrets/([^/]*)$",
+        "^/api/webhooks/([^/]*)/deliveries/([^/]*):redeliver$",
+    }
+    revoke = next(r for r in routes if r.message == "flowport.v1.RevokeApiKeyRequest")
+    assert revoke == BodyRoute(
+        "POST",
+        "^/api/keys/([^/]*):revoke$",
+        "flowport.v1.RevokeApiKeyRequest",
+        "flowport.v1.RevokeApiKeyRequest",
+        "",
+        ("key_id",),
+        {"key_id": "key_id", "keyId": "key_id"},
+    )
+    redeliver = next(r for r in routes if r.message == "flowport.v1.RedeliverWebhookDeliveryRequest")
+    assert redeliver.bound == ("webhook_id", "delivery_id")
+    assert redeliver.bound_keys["deliveryId"] == redeliver.bound_keys["delivery_id"] == "delivery_id"
+    # A body field's route: its fields are the query's "session."…; PUT /api/resources/{name} binds
+    # the request's name, which its body (the resource) does not set: nothing bound, no capture.
+    session = next(r for r in routes if r.message == "flowport.v1.CreateSessionRequest")
+    assert session[2:] == ("flowport.v1.Session", "flowport.v1.CreateSessionRequest", "session.", (), {})
+    update = next(r for r in routes if r.message == "flowport.v1.UpdateResourceRequest")
+    assert (update.pattern, update.bound_keys) == ("^/api/resources/[^/]*$", {})
+    # The filter takes a body's value for a bound field when it is the path's very string: every
+    # field a path binds is a string.
+    messages = _messages(None)
+    for route in routes:
+        for member in _leaves(route.bound_keys):
+            field = next(f for f in messages[route.message].field if f.name == member)
+            assert field.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING, (route.message, member)
+            assert field.label != descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED, (route.message, member)
+    source = lua_source()
+    assert (
+        '{ "POST", "^/api/keys/([^/]*):revoke$", "flowport.v1.RevokeApiKeyRequest", '
+        '"flowport.v1.RevokeApiKeyRequest", "", { "key_id" }, { ["keyId"] = "key_id", ["key_id"] = "key_id" } },'
+    ) in source
+    unbound = '"flowport.v1.Session", "flowport.v1.CreateSessionRequest", "session.", {  }, false },'
+    assert f'{{ "POST", "^/api/sessions$", {unbound}' in source
+
+
+def test_bound_keys_reach_a_field_inside_the_body_by_both_names_of_each_field() -> None:
+    # No route binds a field inside a message today; one that did (`{session.user_id}`, body "*"
+    # or "session") would have the body keys that reach it by both names at every level.
+    from flowport.transcoder.body_fields import _add_bound_keys, _messages
+
+    keys: dict[str, object] = {}
+    _add_bound_keys(_messages(None), "flowport.v1.CreateSessionRequest", "session.user_id", "session.user_id", keys)
+    inner = {"user_id": "session.user_id", "userId": "session.user_id"}
+    assert keys == {"session": inner}
+    keys = {}
+    _add_bound_keys(_messages(None), "flowport.v1.Session", "user_id", "session.user_id", keys)
+    assert keys == inner
+
+
+def _leaves(keys: object) -> list[str]:
+    """The fields a BoundKeys table ends at, each once, in order."""
+    found: list[str] = []
+    assert isinstance(keys, dict)
+    for value in keys.values():
+        for leaf in [value] if isinstance(value, str) else _leaves(value):
+            if leaf not in found:
+                found.append(leaf)
+    return found
 
 
 def test_the_sdk_refuses_unknown_fields_in_a_workflow_given_as_json() -> None:
