@@ -302,8 +302,9 @@ def _http_filters(settings: Settings, descriptor: Path) -> list[dict[str, Any]]:
             ),
         },
         {
-            # Refuses unknown keys in REST bodies, which the transcoder would drop, and query
-            # parameters given twice for a field of one value, of which it would keep the last
+            # Refuses unknown keys in REST bodies, which the transcoder would drop, and a field of
+            # one value set twice (twice in the query, by the path and again by the body or the
+            # query, by the query and the body), of which it would keep one silently
             # (transcoder/body_fields.py); after the buffer filter, so bodies are capped, and
             # after the cors filter, so its 400s carry CORS headers as the transcoder's do.
             "name": BODY_FIELDS,
