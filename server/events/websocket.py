@@ -11,8 +11,13 @@ a wrong one, or for a session the credential may not use is refused before
 the upgrade with the HTTP status and JSON `google.rpc.Status` that
 `GET /events` gives (401, 404 `SESSION_NOT_FOUND`, ...), as Kailash's
 server refuses its handshakes. Two refusals come before any stream: a
-request without `upgrade: websocket` (426), and a handshake beyond the
-MAX_PENDING_HANDSHAKES waiting for theirs (503 with Retry-After).
+request without `upgrade: websocket` (426), and a handshake beyond those
+allowed to wait for theirs (503 with Retry-After): MAX_PENDING_PER_CLIENT
+from one client address, MAX_PENDING_HANDSHAKES of addresses without a
+recent 401, MAX_PENDING_FAILING of addresses with one. The server answers
+an address's repeated failures more and more slowly, and a handshake waits
+through that stall: apart, and few per address, such handshakes cannot take
+the places every other client's handshake needs.
 
 Frames are the events (heartbeats left out) as proto3 JSON with the proto
 field names, plus `event` (the same object again) and `timestamp` (unix
@@ -41,7 +46,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -56,7 +61,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from flowport.server.auth.authenticator import MAX_DELAY
+from flowport.server.auth.authenticator import FAILURE_WINDOW, MAX_DELAY, TRACKED_CLIENTS
 from flowport.server.auth.origin import TrustedProxies
 from flowport.server.errors import shown
 from flowport.server.events.kailash import KAILASH_DEFAULT, NATIVE_TYPES
@@ -124,9 +129,19 @@ REFUSALS: Final = {
 # websockets' open_timeout (10 s), which would drop the handshake unanswered.
 OPEN_TIMEOUT: Final = MAX_DELAY + 2.0
 # Handshakes waiting for their stream at once. Each holds a connection, a stream on the bridge's one
-# gRPC channel and the server's checks for up to OPEN_TIMEOUT; past this many (slow or failing
-# logins piling up), more are refused at once with 503 and Retry-After instead of joining the wait.
+# gRPC channel and the server's checks for up to OPEN_TIMEOUT; past these, more are refused at once
+# with 503 and Retry-After instead of joining the wait. A client address is the server's (Envoy's
+# x-forwarded-for from a trusted proxy, else the peer's), so the server's stall of that address's
+# failed logins and these places are counted for the same client:
+# - at most MAX_PENDING_PER_CLIENT from one address, whichever pool they wait in;
+# - MAX_PENDING_HANDSHAKES places for addresses without a recent failure;
+# - MAX_PENDING_FAILING places apart for addresses the server refused a handshake of with 401 within
+#   FAILURE_WINDOW (the ones it stalls, up to MAX_DELAY each): a flood of wrong keys, from one address
+#   or many, waits there and never takes the places of the others. A handshake that upgrades clears
+#   its address (a mistyped key, then the right one).
 MAX_PENDING_HANDSHAKES: Final = 256
+MAX_PENDING_FAILING: Final = 128
+MAX_PENDING_PER_CLIENT: Final = 16
 RETRY_AFTER_SECONDS: Final = 1
 # Text echoed back at most (a greeting, not a transfer): longer text gets an error frame.
 MAX_ECHO_CHARS: Final = 4096
@@ -248,10 +263,19 @@ class WebSocketBridge:
         head: Callable[[], int] | None = None,
         ping_interval: float = 20.0,
         max_pending: int = MAX_PENDING_HANDSHAKES,
+        max_pending_failing: int = MAX_PENDING_FAILING,
+        max_pending_per_client: int = MAX_PENDING_PER_CLIENT,
     ) -> None:
         self.connections = 0
-        self._pending = 0  # handshakes waiting for their stream to start
-        self._max_pending = max_pending
+        # Handshakes waiting for their stream to start, by whether their address was refused with 401
+        # lately (False: the MAX_PENDING_HANDSHAKES places, True: the MAX_PENDING_FAILING ones), and by
+        # address (no entry at 0: at most one per waiting handshake).
+        self._pending = {False: 0, True: 0}
+        self._max_pending = {False: max_pending, True: max_pending_failing}
+        self._pending_by_client: dict[str, int] = {}
+        self._max_per_client = max_pending_per_client
+        # Addresses refused with 401 within FAILURE_WINDOW, by when last (oldest first, at most TRACKED_CLIENTS).
+        self._failed: OrderedDict[str, float] = OrderedDict()
         self._target = grpc_target
         self._require_credential = require_credential
         self._trusted = trusted_proxies
@@ -337,29 +361,51 @@ class WebSocketBridge:
                 16,
                 "no credential: send x-api-key or authorization (or ?access_token=, or the flowport_token cookie)",
             )
-        if self._pending >= self._max_pending:
-            response = _refuse(
-                connection,
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                14,
-                f"too many WebSocket handshakes waiting (at most {self._max_pending}): try again shortly",
-            )
-            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-            return response
-        self._pending += 1
+        forwarded, client = self._addresses(connection, request)
+        failing = self._failed_lately(client)
+        waiting = self._pending_by_client.get(client, 0)
+        if waiting >= self._max_per_client:
+            most = self._max_per_client
+            return _busy(connection, f"too many WebSocket handshakes waiting from one address (at most {most})")
+        if self._pending[failing] >= self._max_pending[failing]:
+            most = self._max_pending[failing]
+            return _busy(connection, f"too many WebSocket handshakes waiting (at most {most})")
+        self._pending[failing] += 1
+        self._pending_by_client[client] = waiting + 1
         try:
-            return await self._open(connection, request, subscription, after)
+            answer = await self._open(connection, request, subscription, after, forwarded)
         finally:
-            self._pending -= 1
+            self._pending[failing] -= 1
+            left = self._pending_by_client.pop(client) - 1
+            if left:
+                self._pending_by_client[client] = left
+        if answer is None:
+            self._failed.pop(client, None)
+        elif answer.status_code == HTTPStatus.UNAUTHORIZED:
+            self._failed.pop(client, None)
+            self._failed[client] = time.monotonic()
+            while len(self._failed) > TRACKED_CLIENTS:
+                self._failed.popitem(last=False)
+        return answer
+
+    def _failed_lately(self, client: str) -> bool:
+        """Whether a handshake from `client` was refused with 401 within FAILURE_WINDOW."""
+        when = self._failed.get(client)
+        if when is None:
+            return False
+        if time.monotonic() - when < FAILURE_WINDOW:
+            return True
+        del self._failed[client]
+        return False
 
     async def _open(
-        self, connection: ServerConnection, request: Request, subscription: StreamQuery, after: str
+        self, connection: ServerConnection, request: Request, subscription: StreamQuery, after: str, forwarded: str
     ) -> Response | None:
         """Start the stream, and refuse the handshake as `GET /events` would when it does not
         start (a wrong credential, another's session); else keep it for the connection."""
         assert self._stub is not None
         resume_from = str(self._head()) if self._head is not None and not after else after
-        call = self._stub.StreamEvents(subscription.request(after), metadata=self._metadata(connection, request))
+        call = self._stub.StreamEvents(subscription.request(after), metadata=self._metadata(request, forwarded))
         try:
             async with asyncio.timeout(OPEN_TIMEOUT):
                 # The stream's first message is a heartbeat, sent once its checks have passed.
@@ -405,14 +451,22 @@ class WebSocketBridge:
         if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
             self._drop(connection)
 
-    def _metadata(self, connection: ServerConnection, request: Request) -> list[tuple[str, str]]:
-        metadata = [(name, value) for name in FORWARDED for value in request.headers.get_all(name)]
+    def _addresses(self, connection: ServerConnection, request: Request) -> tuple[str, str]:
+        """The `x-forwarded-for` passed on to the server, and the client address the server reads
+        from it (origin_of's: its last entry, which Envoy appends, never what the client claimed
+        before it), which the limits on waiting handshakes count by."""
         peer = str(connection.remote_address[0]) if connection.remote_address else ""
-        forwarded = request.headers.get("x-forwarded-for", "")
+        # Envoy sends one header; a trusted peer calling the port directly may send several.
+        forwarded = ", ".join(request.headers.get_all("x-forwarded-for"))
         # The server trusts the bridge's loopback address: pass on a client address only from a trusted proxy.
-        address = forwarded if peer in self._trusted and forwarded and _printable_ascii(forwarded) else peer
-        if address:
-            metadata.append(("x-forwarded-for", address))
+        if not (peer in self._trusted and forwarded and _printable_ascii(forwarded)):
+            return peer, peer
+        return forwarded, forwarded.rsplit(",", 1)[-1].strip() or peer
+
+    def _metadata(self, request: Request, forwarded: str) -> list[tuple[str, str]]:
+        metadata = [(name, value) for name in FORWARDED for value in request.headers.get_all(name)]
+        if forwarded:
+            metadata.append(("x-forwarded-for", forwarded))
         metadata.append((TRANSPORT_HEADER, TRANSPORT))
         return metadata
 
@@ -426,7 +480,7 @@ class WebSocketBridge:
             opened.watch.cancel()
         self.connections += 1
         try:
-            metadata = self._metadata(connection, connection.request)
+            metadata = self._metadata(connection.request, self._addresses(connection, connection.request)[0])
             link = _Link(connection, self._stub, metadata, opened.subscription)
             await link.run(opened)
         finally:
@@ -437,6 +491,13 @@ def _asks_websocket(request: Request) -> bool:
     """Whether the request asks for the WebSocket upgrade (`upgrade: websocket`, in any case)."""
     tokens = (token.strip().lower() for value in request.headers.get_all("upgrade") for token in value.split(","))
     return "websocket" in tokens
+
+
+def _busy(connection: ServerConnection, message: str) -> Response:
+    """A 503 UNAVAILABLE with Retry-After for a handshake that may not wait now."""
+    response = _refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, 14, f"{message}: try again shortly")
+    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
 
 
 def _refuse(connection: ServerConnection, status: HTTPStatus, code: int, message: str) -> Response:

@@ -18,6 +18,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import InvalidStatus
 
 from flowport.server.auth.authenticator import MAX_DELAY
+from flowport.server.auth.origin import TrustedProxies
 from flowport.server.events import websocket
 from flowport.server.events.websocket import (
     EVERY_TYPE,
@@ -222,5 +223,155 @@ async def test_a_stream_that_does_not_start_in_time_is_a_gateway_timeout(monkeyp
         assert body["message"] == "the event stream did not start within 0.5 s"
     finally:
         events.release.set()
+        await bridge.stop()
+        await server.stop(0)
+
+
+class _KeyedEvents:
+    """An EventService that starts the streams of GOOD at once (a heartbeat) and holds every other
+    key's until `release`, then refuses it, as the server stalls an address's repeated failures."""
+
+    GOOD = "fpk_good"
+
+    def __init__(self) -> None:
+        self.stalled = 0  # streams held now
+        self.changed = asyncio.Condition()
+        self.release = asyncio.Event()
+
+    async def stream(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, event_pb2.Event]
+    ) -> AsyncIterator[event_pb2.Event]:
+        key = dict(context.invocation_metadata() or ()).get("x-api-key")
+        if key == self.GOOD:
+            yield event_pb2.Event(type="heartbeat")
+            await asyncio.Event().wait()  # open until the bridge cancels it
+        async with self.changed:
+            self.stalled += 1
+            self.changed.notify_all()
+        try:
+            await self.release.wait()
+        finally:
+            self.stalled -= 1
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong key")
+
+    async def held(self, count: int) -> None:
+        """Until `count` streams are held."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.stalled >= count)
+
+
+async def _keyed_stand_in(events: _KeyedEvents) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    stream = grpc.unary_stream_rpc_method_handler(
+        events.stream,
+        request_deserializer=event_pb2.StreamEventsRequest.FromString,
+        response_serializer=event_pb2.Event.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("flowport.v1.EventService", {"StreamEvents": stream}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+async def test_one_address_failing_cannot_take_the_places_other_clients_wait_in() -> None:
+    events = _KeyedEvents()
+    server, port = await _keyed_stand_in(events)
+    # Envoy on loopback: x-forwarded-for's last entry (Envoy's) is the client.
+    bridge = WebSocketBridge(
+        f"127.0.0.1:{port}",
+        require_credential=True,
+        trusted_proxies=TrustedProxies(["127.0.0.1"]),
+        max_pending=3,
+        max_pending_failing=2,
+        max_pending_per_client=2,
+    )
+    await bridge.start("127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{bridge.port}/ws"
+
+    def handshake(key: str, forwarded: str) -> Any:
+        headers = {"x-api-key": key, "x-forwarded-for": forwarded}
+        return connect(url, additional_headers=headers, open_timeout=10, proxy=None)
+
+    async def status(key: str, forwarded: str) -> tuple[int, str]:
+        try:
+            async with handshake(key, forwarded):
+                return 101, ""
+        except InvalidStatus as refused:
+            body = orjson.loads(refused.response.body or b"{}")
+            return refused.response.status_code, str(body.get("message", ""))
+
+    flooder = "198.51.100.7"
+    waiting: list[asyncio.Task[tuple[int, str]]] = []
+    try:
+        # Two stalled handshakes from one address (each claiming another address before Envoy's):
+        # its share is full, the third is refused at once, whatever it claims.
+        waiting += [asyncio.create_task(status(f"fpk_bad{n}", f"10.0.0.{n}, {flooder}")) for n in range(2)]
+        await events.held(2)
+        assert await status("fpk_bad2", f"10.0.0.9, {flooder}") == (
+            503,
+            "too many WebSocket handshakes waiting from one address (at most 2): try again shortly",
+        )
+        # Another address's valid key is let in meanwhile.
+        assert (await status(_KeyedEvents.GOOD, "198.51.100.8"))[0] == 101
+        events.release.set()
+        assert [(await task)[0] for task in waiting] == [401, 401]  # still the bare 401, once answered
+        events.release = asyncio.Event()
+        # Refused 401 lately: its next handshakes wait apart, and leave the 3 shared places to others.
+        waiting = [asyncio.create_task(status(f"fpk_bad{n}", flooder)) for n in range(2)]
+        await events.held(2)
+        waiting += [asyncio.create_task(status(f"fpk_other{n}", f"203.0.113.{n}")) for n in range(3)]
+        await events.held(5)
+        busy = "too many WebSocket handshakes waiting (at most 3): try again shortly"
+        assert await status("fpk_more", "203.0.113.9") == (503, busy)
+        events.release.set()
+        assert [(await task)[0] for task in waiting] == [401] * 5
+        # Failing addresses share their own places, bounded too: a second one finds them taken.
+        events.release = asyncio.Event()
+        waiting = [asyncio.create_task(status(f"fpk_bad{n}", flooder)) for n in range(2)]
+        await events.held(2)
+        busy = "too many WebSocket handshakes waiting (at most 2): try again shortly"
+        assert await status("fpk_bad", "203.0.113.0") == (503, busy)
+        events.release.set()
+        assert [(await task)[0] for task in waiting] == [401, 401]
+        events.release = asyncio.Event()
+        # An address that upgrades is failing no more: it waits with the others again.
+        assert (await status(_KeyedEvents.GOOD, "203.0.113.0"))[0] == 101
+        waiting = [asyncio.create_task(status(f"fpk_bad{n}", flooder)) for n in range(2)]
+        await events.held(2)
+        assert (await status(_KeyedEvents.GOOD, "203.0.113.0"))[0] == 101
+    finally:
+        events.release.set()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        await bridge.stop()
+        await server.stop(0)
+
+
+async def test_a_client_address_is_envoys_only_from_a_trusted_peer() -> None:
+    events = _KeyedEvents()
+    server, port = await _keyed_stand_in(events)
+    # Nobody trusted: x-forwarded-for is the client's own claim, and every handshake here is 127.0.0.1's.
+    bridge = WebSocketBridge(
+        f"127.0.0.1:{port}", require_credential=True, trusted_proxies=TrustedProxies([]), max_pending_per_client=1
+    )
+    await bridge.start("127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{bridge.port}/ws"
+
+    async def status(forwarded: str) -> int:
+        headers = {"x-api-key": "fpk_bad", "x-forwarded-for": forwarded}
+        try:
+            async with connect(url, additional_headers=headers, open_timeout=10, proxy=None):
+                return 101
+        except InvalidStatus as refused:
+            return refused.response.status_code
+
+    waiting = asyncio.create_task(status("198.51.100.1"))
+    try:
+        await events.held(1)
+        assert await status("198.51.100.2") == 503
+    finally:
+        events.release.set()
+        assert await waiting == 401
         await bridge.stop()
         await server.stop(0)
