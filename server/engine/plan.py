@@ -81,7 +81,9 @@ class Plan:
 
     @cached_property
     def inputs_schema(self) -> JsonSchema:
-        """JSON Schema of execution inputs: required node inputs nothing else provides."""
+        """JSON Schema of execution inputs: required node inputs nothing else provides (what a
+        node's schema requires, the inputs its config's `${name}` references need, a code node's
+        free variables), less what a connection into the node or its own config gives."""
         properties: dict[str, Any] = {}
         required: set[str] = set()
         for node in self.nodes.values():

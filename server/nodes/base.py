@@ -187,8 +187,16 @@ class NodeType(ABC):
 
     @classmethod
     def required_inputs(cls, config: Mapping[str, Any]) -> set[str]:
-        """Parameters that must be given (by config, connection or execution input)."""
-        return set(cls.inputs_schema.get("required", []))
+        """Parameters that must be given (by config, connection or execution input).
+
+        By default: the inputs its schema requires and those its config's
+        `${name}` references need (`${order.id}` needs `order`), except the
+        execution's own variables (`${tenant_id}`, `${session.id}`, ...) and
+        `${secret:NAME}`. The plan asks for the rest as execution inputs.
+        """
+        from flowport.server.nodes.substitution import input_references
+
+        return set(cls.inputs_schema.get("required", [])) | input_references(dict(config))
 
     @classmethod
     def reads(cls, config: Mapping[str, Any]) -> set[str] | None:

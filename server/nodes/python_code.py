@@ -4,6 +4,12 @@ The code sees each parameter as a variable (config keys other than `code`,
 execution inputs, connected values) plus `datetime`, `date`, `timedelta`,
 `json`, `math` and `re`; whatever it assigns to `result` is the node's
 output `result`. Syntax errors are found when the workflow is validated.
+
+`tenant_id`, `session_id`, `execution_id` and `workflow_id` are the
+execution's own, as `${tenant_id}` and the like are in configs: bound from
+the run, never from a parameter, so an input, a connection or a config key
+of one of these names is ignored (as configs' `${tenant_id}` ignores them)
+and a caller cannot pose as another tenant. They are never required inputs.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any, ClassVar
 
 from flowport.server.errors import SHOWN_CHARS, cut
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType, Violation
+from flowport.server.nodes.substitution import EXECUTION_VARIABLE_NAMES
 from flowport.server.sandbox import errors as sandbox_errors
 
 BUILTIN_NAMES = frozenset(dir(builtins))
@@ -74,7 +81,10 @@ class PythonCodeNode(NodeType):
         "type": "object",
         "additionalProperties": True,
         "properties": {},
-        "description": "Any name: each becomes a variable of the code.",
+        "description": (
+            "Any name: each becomes a variable of the code, except tenant_id, session_id, execution_id "
+            "and workflow_id, which are always the execution's own."
+        ),
     }
     outputs_schema: ClassVar[JsonSchema] = {
         "type": "object",
@@ -104,9 +114,10 @@ class PythonCodeNode(NodeType):
 
     @classmethod
     def required_inputs(cls, config: Mapping[str, Any]) -> set[str]:
-        # The code's free variables: names it reads but never binds.
+        # The code's free variables: names it reads but never binds, less the execution's own
+        # (bound by `run`). Its config's strings are not substituted: `${name}` needs nothing.
         code = config.get("code")
-        return free_variables(code) if isinstance(code, str) else set()
+        return free_variables(code) - set(EXECUTION_VARIABLE_NAMES) if isinstance(code, str) else set()
 
     @classmethod
     def reads(cls, config: Mapping[str, Any]) -> set[str] | None:
@@ -119,7 +130,8 @@ class PythonCodeNode(NodeType):
         pool = ctx.services.sandbox
         if pool is None:
             raise NodeError("no sandbox pool is running in this server", reason="SANDBOX_UNAVAILABLE")
-        variables = {k: v for k, v in params.items() if k != "code"}
+        variables = {k: v for k, v in params.items() if k != "code" and k not in EXECUTION_VARIABLE_NAMES}
+        variables.update(own_variables(ctx, params))
         try:
             result = await pool.run(prepared, variables, tenant=ctx.tenant, timeout=ctx.remaining)
         except sandbox_errors.SandboxTimeout as exc:
@@ -131,3 +143,14 @@ class PythonCodeNode(NodeType):
         except sandbox_errors.SandboxError as exc:
             raise NodeError(str(exc), reason=exc.reason, retryable=False) from None
         return {"result": result}
+
+
+def own_variables(ctx: NodeContext, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The execution's variables the code sees: from the run (the walk's `Parameters.variables`)
+    and the node's context, never from a parameter. Outside a run (no variables) only the two the
+    context knows are bound."""
+    given = getattr(params, "variables", None) or {}
+    own = {name: given[name] for name in EXECUTION_VARIABLE_NAMES if name in given}
+    own["tenant_id"] = ctx.tenant
+    own["execution_id"] = ctx.execution_id
+    return own

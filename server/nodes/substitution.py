@@ -16,7 +16,13 @@ are left alone) and replaces each `${name}` with `params[name]`:
 - `${secret:NAME}` is replaced from `secrets` when given (a node's secret
   values; the syntax is server/secrets/references.py's), else left untouched;
 - `$${x}` is the literal text `${x}`;
-- an unknown name raises `NodeError(reason="UNRESOLVED_REFERENCE")`.
+- an unknown name raises `NodeError(reason="UNRESOLVED_REFERENCE")`. There
+  is no default syntax (`${name:-x}` names a parameter `name:-x`).
+
+`input_references` names the execution inputs a config's references need:
+the first part of each reference that is not an execution variable (nor a
+secret). The plan makes them required inputs of the workflow unless a
+connection or the node's config gives them (server/engine/plan.py).
 
 Substituted values are not themselves searched for references, so a value
 coming from a user cannot inject another reference.
@@ -43,6 +49,10 @@ from flowport.server.secrets.references import TOKEN, is_secret, secret_value
 _TOKEN = TOKEN
 _MISSING = object()
 
+# The execution's own scalar variables: `${tenant_id}` and the like in configs, and the variables
+# of the same names in PythonCodeNode code. Never taken from an input or a connection.
+EXECUTION_VARIABLE_NAMES = ("tenant_id", "session_id", "execution_id", "workflow_id")
+
 
 class Parameters(dict[str, Any]):
     """A node's merged parameters, with the execution's variables that `${...}` resolves first."""
@@ -63,6 +73,16 @@ def execution_variables(tenant: str, session_id: str, execution_id: str, workflo
         "workflow_id": workflow_id,
         "session": {"id": session_id, "session_id": session_id, "tenant_id": tenant},
     }
+
+
+# Any execution's variables: which references they resolve does not depend on their values.
+_ANY_VARIABLES = execution_variables("tenant", "session", "execution", "workflow")
+
+
+def is_execution_variable(name: str) -> bool:
+    """Whether `${name}` is resolved by the execution's variables, whatever the parameters hold
+    (`tenant_id`, `session.tenant_id`; not `session.user_id`, which the parameters resolve)."""
+    return _lookup(name.strip(), _ANY_VARIABLES) is not _MISSING
 
 
 def substitute(value: Any, params: Mapping[str, Any], secrets: Mapping[str, str] | None = None) -> Any:
@@ -92,6 +112,16 @@ def references(value: Any) -> list[str]:
         for item in value:
             found.extend(name for name in references(item) if name not in found)
     return found
+
+
+def input_references(value: Any) -> set[str]:
+    """The inputs `value`'s `${name}` references need: each reference's first part (`order` for
+    `${order.id}`), execution variables, secrets and escapes excluded."""
+    return {
+        root
+        for name in references(value)
+        if not is_execution_variable(name) and (root := name.split(".", 1)[0].strip())
+    }
 
 
 def lookup(name: str, params: Mapping[str, Any]) -> Any:

@@ -247,6 +247,27 @@ def test_schemas(http: httpx.Client) -> None:
     assert violation["field"] == "inputs.n"
 
 
+def test_a_config_reference_is_a_required_input_and_code_knows_its_tenant(http: httpx.Client) -> None:
+    headers = {"Authorization": "Bearer ${api_token}", "X-Tenant": "${tenant_id}"}
+    node = {"type": "HTTPRequestNode", "id": "h", "config": {"url": "http://127.0.0.1:9/data", "headers": headers}}
+    create(http, {"name": "hdr_only", "nodes": [node]})
+    assert http.get("/api/schemas/workflows/hdr_only").json()["inputs_schema"]["required"] == ["api_token"]
+    refused = http.post("/api/executions", json={"workflow_id": "hdr_only", "wait": True})
+    assert refused.status_code == 400, refused.text
+    violation = next(d for d in refused.json()["details"] if d["@type"] == BAD_REQUEST)["field_violations"][0]
+    assert violation["field"] == "inputs.api_token"
+    # `tenant_id` in code is the execution's tenant, as `${tenant_id}` is in configs: not an input.
+    code = {"type": "PythonCodeNode", "name": "c", "config": {"code": "result = {'t': tenant_id}"}}
+    create(http, {"name": "code_tenant", "nodes": [code]})
+    assert http.get("/api/schemas/workflows/code_tenant").json()["inputs_schema"]["required"] == []
+    for given in ({}, {"tenant_id": "evil"}, {"c": {"tenant_id": "evil"}}):
+        execution = http.post(
+            "/api/executions", json={"workflow_id": "code_tenant", "inputs": given, "wait": True}
+        ).json()
+        assert execution["state"] == "STATE_SUCCEEDED", execution
+        assert execution["outputs"]["c"]["result"] == {"t": "default"}
+
+
 HOSTILE = {
     "reads_passwd": ("result = open('/etc/passwd').read()", "SANDBOX_POLICY"),
     "writes_file": ("f = open('/tmp/flowport-sandbox-probe', 'w')\nf.write('x')\nresult = 1", "SANDBOX_POLICY"),

@@ -20,6 +20,8 @@ from flowport.server.errors import InvalidArgument, ResourceExhausted
 from flowport.server.events.bus import EventBus
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeServices, NodeType
 from flowport.server.nodes.builtins import MergeNode, SwitchNode
+from flowport.server.nodes.python_code import PythonCodeNode
+from flowport.server.nodes.substitution import substitute
 from flowport.server.storage import IdempotencyConflict, SqliteStore
 from flowport.server.storage.group_commit import StoreUnavailable
 from flowport.v1 import execution_pb2, workflow_pb2
@@ -91,7 +93,29 @@ class FlakyNode(NodeType):
         return {"result": ctx.attempt}
 
 
-REGISTRY = NodeRegistry([AddNode, GateNode, SafeGateNode, FlakyNode, SwitchNode, MergeNode])
+class SayNode(NodeType):
+    """result = `text` with its `${name}` references substituted, as HTTP nodes do theirs."""
+
+    type_name = "SayNode"
+    description = "says"
+    category = "test"
+    config_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"text": {"type": "string"}}}
+    inputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"who": {}}}
+    outputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"result": {}}}
+    retry_safe = True
+
+    async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        return {"result": substitute(params.get("text"), params)}
+
+
+class EchoSandbox:
+    """A sandbox pool that runs no code: `result` is the variables the code was given, and its tenant."""
+
+    async def run(self, code: str, inputs: dict[str, Any], *, tenant: str, timeout: float | None = None) -> Any:
+        return {"tenant": tenant, "variables": inputs}
+
+
+REGISTRY = NodeRegistry([AddNode, GateNode, SafeGateNode, FlakyNode, SwitchNode, MergeNode, SayNode, PythonCodeNode])
 
 
 def wf(
@@ -360,6 +384,81 @@ async def test_missing_required_inputs_are_invalid_argument(env: tuple[Executor,
             request_hash=None,
         )
     assert caught.value.violations == [("inputs.x", "required by the workflow")]
+
+
+async def test_a_config_reference_is_a_required_input_checked_before_the_run(
+    env: tuple[Executor, SqliteStore, EventBus],
+) -> None:
+    executor, _, _ = env
+    says = wf("says", [{"type": "SayNode", "name": "s", "config": {"text": "Bearer ${api_token} for ${tenant_id}"}}])
+    with pytest.raises(InvalidArgument) as caught:
+        await executor.create("t", says, inputs(), session_id="", request_id="", request_hash=None)
+    assert caught.value.violations == [("inputs.api_token", "required by the workflow")]
+    done = await run(executor, says, api_token="abc", tenant_id="evil")
+    assert done.state == Execution.STATE_SUCCEEDED
+    assert json_format.MessageToDict(done.outputs) == {"s": {"result": "Bearer abc for t"}}
+    # A reference a connection gives is not asked of the caller.
+    chained = wf(
+        "says_chained",
+        [
+            {"type": "AddNode", "name": "a", "config": {"add": 1}},
+            {"type": "SayNode", "name": "s", "config": {"text": "got ${who}"}},
+        ],
+        [("a", "result", "s", "who")],
+    )
+    done = await run(executor, chained, x=1)
+    assert json_format.MessageToDict(done.outputs)["s"] == {"result": "got 2"}
+
+
+async def test_code_sees_the_executions_own_variables_whatever_inputs_and_connections_say(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    services = NodeServices(sandbox=cast(Any, EchoSandbox()))
+    executor = Executor(store, PlanCache(REGISTRY), EventBus(), services, max_concurrent=4)
+    code = "result = [tenant_id, session_id, execution_id, workflow_id, n]"
+    try:
+        alone = wf("own_vars", [{"type": "PythonCodeNode", "name": "c", "config": {"code": code}}])
+        # Not required inputs: only `n` is.
+        with pytest.raises(InvalidArgument) as caught:
+            await executor.create("t", alone, inputs(), session_id="", request_id="", request_hash=None)
+        assert caught.value.violations == [("inputs.n", "required by the workflow")]
+        posing = {"tenant_id": "evil", "session_id": "s-evil", "execution_id": "e-evil", "workflow_id": "w-evil"}
+        execution, _ = await executor.create(
+            "t",
+            alone,
+            inputs(n=1, c=posing, **posing),
+            session_id="sess-1",
+            request_id="",
+            request_hash=None,
+        )
+        done = await executor.wait("t", execution.execution_id, 10)
+        assert done is not None and done.state == Execution.STATE_SUCCEEDED, done
+        given = json_format.MessageToDict(done.outputs)["c"]["result"]
+        assert given["tenant"] == "t"
+        assert given["variables"]["n"] == 1
+        own = {k: given["variables"][k] for k in ("tenant_id", "session_id", "execution_id", "workflow_id")}
+        assert own == {
+            "tenant_id": "t",
+            "session_id": "sess-1",
+            "execution_id": done.execution_id,
+            "workflow_id": "own_vars",
+        }
+        # Nor can a connection, or a config default of the same name, set one.
+        connected = wf(
+            "own_vars_connected",
+            [
+                {"type": "SayNode", "name": "s", "config": {"text": "evil"}},
+                {"type": "PythonCodeNode", "name": "c", "config": {"code": code, "n": 1, "workflow_id": "w-evil"}},
+            ],
+            [("s", "result", "c", "tenant_id")],
+        )
+        execution, _ = await executor.create("t", connected, inputs(), session_id="", request_id="", request_hash=None)
+        done = await executor.wait("t", execution.execution_id, 10)
+        assert done is not None and done.state == Execution.STATE_SUCCEEDED, done
+        variables = json_format.MessageToDict(done.outputs)["c"]["result"]["variables"]
+        assert (variables["tenant_id"], variables["workflow_id"]) == ("t", "own_vars_connected")
+    finally:
+        await executor.shutdown()
+        await store.close()
 
 
 async def test_cancel_stops_running_nodes(env: tuple[Executor, SqliteStore, EventBus]) -> None:

@@ -21,6 +21,9 @@ import orjson
 import pytest
 import pytest_asyncio
 
+from flowport.server.nodes.base import NodeContext, NodeServices
+from flowport.server.nodes.python_code import PythonCodeNode
+from flowport.server.nodes.substitution import Parameters, execution_variables
 from flowport.server.sandbox import (
     SandboxCrashed,
     SandboxError,
@@ -96,6 +99,18 @@ async def test_inputs_are_variables_and_result_is_returned(pool: SandboxPool) ->
         True,
         None,
     ]
+
+
+@module_loop
+async def test_a_code_nodes_tenant_id_is_the_executions_whatever_its_inputs_say(pool: SandboxPool) -> None:
+    ctx = NodeContext(TENANT, "e-1", "c", 1, 20.0, NodeServices(sandbox=pool))
+    node = PythonCodeNode()
+    code = "result = {'t': tenant_id, 's': session_id, 'e': execution_id, 'w': workflow_id, 'n': n}"
+    posing = Parameters(
+        {"tenant_id": "evil", "session_id": "s-evil", "n": 1}, execution_variables(TENANT, "s-1", "e-1", "wf")
+    )
+    outputs = await node.run(ctx, node.prepare({"code": code}), posing)
+    assert outputs == {"result": {"t": TENANT, "s": "s-1", "e": "e-1", "w": "wf", "n": 1}}
 
 
 @module_loop

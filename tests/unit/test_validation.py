@@ -306,6 +306,59 @@ def test_python_code_inputs_are_its_free_variables(registry: NodeRegistry) -> No
     assert compile_plan(workflow(dunders), registry).inputs_schema["required"] == ["__a", "_x_"]
 
 
+def test_config_references_are_required_inputs_unless_something_else_gives_them(registry: NodeRegistry) -> None:
+    headers = {
+        "Authorization": "Bearer ${api_token}",
+        "X-Order": "${order.id}",
+        # The execution's own variables, secrets and escapes need no input.
+        "X-Own": "${tenant_id} ${session_id} ${execution_id} ${workflow_id} ${session.tenant_id} ${session.id}",
+        "X-Key": "${secret:PARTNER_KEY}",
+        "X-Literal": "$${not_an_input}",
+        # A reference the execution's variables do not resolve comes from the inputs.
+        "X-User": "${session.user_id}",
+        # Given by a connection, or by the node's own config.
+        "X-Count": "${count} ${method}",
+    }
+    data = {
+        "name": "hdr",
+        "nodes": [
+            code_node("first", "result = 1"),
+            {
+                "type": "HTTPRequestNode",
+                "id": "h",
+                "config": {"url": "http://127.0.0.1:9/data", "method": "GET", "headers": headers},
+            },
+        ],
+        "connections": [{"from_node": "first", "from_output": "result", "to_node": "h", "to_input": "count"}],
+    }
+    plan = compile_plan(workflow(data), registry)
+    assert plan.inputs_schema["required"] == ["api_token", "order", "session"]
+    assert plan.missing_inputs({"order": {"id": 1}, "session": {}}) == ["api_token"]
+    # As other required inputs: at the top level or under the id of the node that reads it.
+    assert plan.missing_inputs({"h": {"api_token": "t", "order": {}, "session": {}}}) == []
+    # The workflow: its one reference is a required input, listed and checked before a run.
+    hdr_only = {
+        "name": "hdr_only",
+        "nodes": [
+            {
+                "type": "HTTPRequestNode",
+                "id": "h",
+                "config": {"url": "http://127.0.0.1:9/data", "headers": {"Authorization": "Bearer ${api_token}"}},
+            }
+        ],
+    }
+    assert compile_plan(workflow(hdr_only), registry).inputs_schema["required"] == ["api_token"]
+
+
+def test_code_reads_the_executions_own_variables_which_are_never_inputs(registry: NodeRegistry) -> None:
+    code = "result = {'t': tenant_id, 's': session_id, 'e': execution_id, 'w': workflow_id, 'n': n}"
+    data = {"name": "own", "nodes": [code_node("c", code, config={"code": code, "greeting": "hi ${who}"})]}
+    plan = compile_plan(workflow(data), registry)
+    # A code node's config strings are not substituted: `${who}` needs nothing.
+    assert plan.inputs_schema["required"] == ["n"]
+    assert plan.missing_inputs({"n": 1}) == []
+
+
 # -- Bounded cost: whatever a request holds, validation does bounded work and answers briefly.
 
 
