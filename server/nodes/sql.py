@@ -10,6 +10,17 @@ node parameter with the same name; a parameter found in neither fails with
 `SQL_MISSING_PARAMETER`. A literal colon that is not a parameter is written
 `\\:` (text() does not look inside quotes).
 
+`:tenant_id`, `:session_id`, `:execution_id` and `:workflow_id` are the
+execution's own, as they are in PythonCodeNode code (the same values, from
+the run: python_code.own_variables): never a parameter's, so an input, a
+connection, or a `query_params` an input or a connection gives, cannot pose
+as another tenant (`WHERE tenant_id = :tenant_id` on a shared table). Only
+the node's config may map one of them otherwise, in its `query_params` or
+`parameters`: `{"tenant_id": "${session.tenant_id}"}` (the execution's
+again, as `${tenant_id}` in a config always is) or anything else the
+workflow's author chose (`"${customer_tenant}"`, a value). They are never
+required inputs of the workflow.
+
 The statement runs in its own transaction on a pooled connection from
 `ctx.services.sql` (shared engines): committed when it succeeds, rolled back
 when it fails or returns more than `max_rows` rows (`SQL_TOO_MANY_ROWS`).
@@ -68,6 +79,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from flowport.server.nodes.base import MAX_OUTPUT_BYTES, JsonSchema, NodeContext, NodeError, NodeType, Violation
+from flowport.server.nodes.python_code import own_variables
 from flowport.server.nodes.sql_pools import (
     CONNECTION_STRING_PATTERN,
     ForbiddenDatabase,
@@ -77,7 +89,7 @@ from flowport.server.nodes.sql_pools import (
     describe,
     postgres_targets,
 )
-from flowport.server.nodes.substitution import check_params, substitute
+from flowport.server.nodes.substitution import EXECUTION_VARIABLE_NAMES, check_params, substitute
 from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
 from flowport.server.secrets.references import insert_secrets, stand_in
@@ -120,7 +132,9 @@ _CONFIG_SCHEMA: JsonSchema = {
         "query": {"type": "string", "minLength": 1, "description": "One SQL statement with :name parameters."},
         "query_params": {
             "type": "object",
-            "description": "Values for the query's :name parameters; may hold ${name} references.",
+            "description": "Values for the query's :name parameters; may hold ${name} references. "
+            ":tenant_id, :session_id, :execution_id and :workflow_id are the execution's unless the "
+            "workflow's config maps them here.",
         },
         "parameters": {"type": "object", "description": "Same as query_params (which wins on a shared name)."},
         "max_rows": {"type": "integer", "minimum": 1, "maximum": MAX_MAX_ROWS, "default": DEFAULT_MAX_ROWS},
@@ -166,6 +180,8 @@ class PreparedSql:
     secrets: ConfigSecrets
     # With a resource: the config's resource_name and query, which inputs may not change.
     pinned: Mapping[str, Any] = field(default_factory=dict)
+    # The config's own mappings of the execution's variables (query_params' `tenant_id`, ...).
+    own_binds: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
 
 
 def prepare_query(query: str) -> PreparedQuery:
@@ -182,9 +198,9 @@ def prepare_query(query: str) -> PreparedQuery:
     return PreparedQuery(query, statement, names, bool(_QUERY_STATEMENT.match(query)))
 
 
-def bind_values(prepared: PreparedQuery, params: Mapping[str, Any], secrets: Revealed = NONE) -> dict[str, Any]:
-    """A value for each bind parameter: query_params/parameters (substituted), else the parameter itself."""
-    explicit: dict[str, tuple[str, Any]] = {}  # bind name -> (the key it came from, its value)
+def explicit_binds(params: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """Bind name -> (the key it came from, its value), from query_params (which wins) and parameters."""
+    explicit: dict[str, tuple[str, Any]] = {}
     for key in ("parameters", "query_params"):
         given = params.get(key)
         if given is None:
@@ -192,9 +208,47 @@ def bind_values(prepared: PreparedQuery, params: Mapping[str, Any], secrets: Rev
         if not isinstance(given, Mapping):
             raise NodeError(f"{key} must be an object, got {type(given).__name__}", reason="INVALID_PARAMETER")
         explicit.update((name, (key, value)) for name, value in given.items())
+    return explicit
+
+
+def own_binds(config: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """The config's explicit mappings of the execution's variables (a malformed mapping maps none)."""
+    try:
+        explicit = explicit_binds(config)
+    except NodeError:  # reported when the node runs
+        return {}
+    return {name: explicit[name] for name in EXECUTION_VARIABLE_NAMES if name in explicit}
+
+
+def bind_values(
+    prepared: PreparedQuery,
+    params: Mapping[str, Any],
+    secrets: Revealed = NONE,
+    *,
+    own: Mapping[str, Any] | None = None,
+    configured: Mapping[str, tuple[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A value for each bind parameter: query_params/parameters (substituted), else the parameter itself;
+    but the execution's variables (`:tenant_id`, ...) from `own`, unless the node's config maps them
+    (`configured`, from `own_binds`): never from a parameter, nor from a query_params that is not the config's.
+    """
+    explicit = explicit_binds(params)
+    configured = configured or {}
+    own = own or {}
     values: dict[str, Any] = {}
     for name in prepared.bind_names:
-        if name in explicit:
+        if name in EXECUTION_VARIABLE_NAMES:
+            if name in configured:
+                key, value = configured[name]
+                values[name] = substitute(value, params, secrets.for_key(key))
+            elif name in own:
+                values[name] = own[name]
+            else:
+                raise NodeError(
+                    f"query parameter :{name} is the execution's own, and this node runs outside an execution",
+                    reason="SQL_MISSING_PARAMETER",
+                )
+        elif name in explicit:
             key, value = explicit[name]
             values[name] = substitute(value, params, secrets.for_key(key))
         elif name in params:
@@ -409,7 +463,8 @@ class SQLDatabaseNode(NodeType):
         query = config.get("query")
         if isinstance(query, str):
             with contextlib.suppress(NodeError):  # reported when the node runs
-                names.update(prepare_query(query).bind_names)
+                # Not the execution's own variables: those binds never read an input.
+                names.update(set(prepare_query(query).bind_names) - set(EXECUTION_VARIABLE_NAMES))
         return names
 
     def prepare(self, config: Mapping[str, Any]) -> PreparedSql:
@@ -417,13 +472,14 @@ class SQLDatabaseNode(NodeType):
         # select it into the rows (SELECT :token): then none is resolved.
         secrets = ConfigSecrets.of(config, self.secret_fields, ("connection_string", "resource_name", "query"))
         pinned = {key: config.get(key, ABSENT) for key in SQL_RESOURCE_PINNED} if "resource_name" in config else {}
+        own = own_binds(config)
         query = config.get("query")
         if not isinstance(query, str) or not query.strip():
-            return PreparedSql(None, secrets, pinned)
+            return PreparedSql(None, secrets, pinned, own)
         try:
-            return PreparedSql(prepare_query(query), secrets, pinned)
+            return PreparedSql(prepare_query(query), secrets, pinned, own)
         except NodeError:  # reported by run, where it fails the node rather than the plan
-            return PreparedSql(None, secrets, pinned)
+            return PreparedSql(None, secrets, pinned, own)
 
     async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
         scope = prepared.secrets if isinstance(prepared, PreparedSql) else None
@@ -510,7 +566,9 @@ class SQLDatabaseNode(NodeType):
         compiled = prepared.query if isinstance(prepared, PreparedSql) else None
         if compiled is None or compiled.query != query:
             compiled = prepare_query(query)
-        values = bind_values(compiled, params, secrets)
+        # The execution's variables as PythonCodeNode code sees them; a mapping of one counts only in the config.
+        configured = prepared.own_binds if isinstance(prepared, PreparedSql) else {}
+        values = bind_values(compiled, params, secrets, own=own_variables(ctx, params), configured=configured)
         max_rows = int(params.get("max_rows", DEFAULT_MAX_ROWS))
         # A little before the engine's own deadline, so the node reports what timed out.
         remaining = ctx.remaining - DEADLINE_MARGIN

@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 from sqlalchemy.engine import make_url
 
@@ -33,11 +33,17 @@ from flowport.clients import AsyncClient
 from flowport.clients.errors import ApiError
 from flowport.server.app import start, stop
 from flowport.server.egress import TargetRefused
+from flowport.server.engine.executor import Executor
+from flowport.server.engine.plan import PlanCache, compile_plan
+from flowport.server.engine.registry import NodeRegistry
+from flowport.server.events.bus import EventBus
 from flowport.server.nodes import sql_pools
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.sql import AsyncSQLDatabaseNode, SQLDatabaseNode, jsonable, prepare_query
 from flowport.server.nodes.sql_pools import ForbiddenDatabase, SqlPools, async_url, pin_connection, sqlite_folder
-from flowport.v1 import apikey_pb2, execution_pb2
+from flowport.server.nodes.substitution import Parameters, execution_variables
+from flowport.server.storage import SqliteStore
+from flowport.v1 import apikey_pb2, execution_pb2, workflow_pb2
 
 from ..backends import free_port
 from ..conftest import ADMIN_KEY, make_settings
@@ -135,9 +141,10 @@ async def test_seed_select_on_sqlite(
 async def test_parameters_from_node_params_and_aliases(pools: SqlPools, sqlite_url: str) -> None:
     ctx = make_ctx(pools)
     await create_records(ctx, sqlite_url)
-    # No query_params: parameters with the bind names are used.
-    out = await run_sql(ctx, sqlite_url, SEED_SELECT, tenant_id="globex", status="active", limit=10)
-    assert [row["name"] for row in out["result"]["rows"]] == ["delta"]
+    # No query_params: parameters with the bind names are used (but for the execution's own
+    # variables, such as :tenant_id: see test_execution_variable_binds_are_the_executions_own).
+    out = await run_sql(ctx, sqlite_url, SEED_SELECT, status="archived", limit=10)
+    assert [row["name"] for row in out["result"]["rows"]] == ["gamma"]
     # `parameters` is the seed's other name; query_params wins over it, both win over plain params.
     out = await run_sql(
         ctx,
@@ -153,8 +160,8 @@ async def test_parameters_from_node_params_and_aliases(pools: SqlPools, sqlite_u
 async def test_injection_attempt_is_just_a_value(pools: SqlPools, sqlite_url: str) -> None:
     ctx = make_ctx(pools)
     await create_records(ctx, sqlite_url)
-    for evil in ("x' OR '1'='1", "acme' --", "acme'; DROP TABLE enterprise_records; --"):
-        out = await run_sql(ctx, sqlite_url, SEED_SELECT, tenant_id=evil, status="active", limit=100)
+    for evil in ("x' OR '1'='1", "active' --", "active'; DROP TABLE enterprise_records; --"):
+        out = await run_sql(ctx, sqlite_url, SEED_SELECT, status=evil, limit=100)
         assert out["result"]["rows"] == [], evil
         assert out["result"]["row_count"] == 0
     out = await run_sql(ctx, sqlite_url, "SELECT count(*) AS n FROM enterprise_records")
@@ -171,6 +178,161 @@ async def test_missing_parameter(pools: SqlPools, sqlite_url: str) -> None:
         await run_sql(ctx, sqlite_url, SEED_SELECT, query_params=SEED_PARAMS)  # no `session` to resolve from
     assert caught.value.reason == "UNRESOLVED_REFERENCE"
     assert "session.tenant_id" in caught.value.message
+
+
+# -- the execution's own variables as bind parameters -------------------------------
+
+TENANT_SELECT = "SELECT name FROM enterprise_records WHERE tenant_id = :tenant_id ORDER BY id"
+OWN_SELECT = "SELECT :tenant_id AS t, :session_id AS s, :execution_id AS e, :workflow_id AS w"
+
+
+async def test_execution_variable_binds_are_the_executions_own(pools: SqlPools, sqlite_url: str) -> None:
+    ctx = make_ctx(pools)
+    await create_records(ctx, sqlite_url)  # a shared table: acme's rows and globex's
+    # A caller's `tenant_id` does not reach :tenant_id: it is the execution's tenant.
+    out = await run_sql(ctx, sqlite_url, TENANT_SELECT, tenant_id="globex")
+    assert [row["name"] for row in out["result"]["rows"]] == ["alpha", "beta", "gamma"]
+    # Nor does a query_params an input or a connection gives (the config has none).
+    node = SQLDatabaseNode()
+    config = {"connection_string": sqlite_url, "query": TENANT_SELECT}
+    posing = {**config, "query_params": {"tenant_id": "globex"}, "parameters": {"tenant_id": "globex"}}
+    out = await node.run(ctx, node.prepare(config), posing)
+    assert [row["name"] for row in out["result"]["rows"]] == ["alpha", "beta", "gamma"]
+    # In a run, all four come from the execution, whatever the parameters say.
+    variables = execution_variables("acme", "s-1", "exe_1", "wf")
+    given = {"tenant_id": "globex", "session_id": "s-x", "execution_id": "e-x", "workflow_id": "w-x"}
+    config = {"connection_string": sqlite_url, "query": OWN_SELECT}
+    out = await node.run(ctx, node.prepare(config), Parameters({**config, **given}, variables))
+    assert out["result"]["rows"] == [{"t": "acme", "s": "s-1", "e": "exe_1", "w": "wf"}]
+    # Outside a run only the context's two are known: a parameter never stands in for the others.
+    with pytest.raises(NodeError) as caught:
+        await run_sql(ctx, sqlite_url, OWN_SELECT, **given)
+    assert caught.value.reason == "SQL_MISSING_PARAMETER"
+    assert ":session_id" in caught.value.message
+
+
+async def test_an_explicit_mapping_of_an_execution_variable_bind_is_honoured(pools: SqlPools, sqlite_url: str) -> None:
+    ctx = make_ctx(pools)
+    await create_records(ctx, sqlite_url)
+    variables = execution_variables("acme", "s-1", "exe_1", "wf")
+    node = SQLDatabaseNode()
+
+    async def names(query_params: dict[str, Any], **params: Any) -> list[str]:
+        config = {"connection_string": sqlite_url, "query": TENANT_SELECT, "query_params": query_params}
+        out = await node.run(ctx, node.prepare(config), Parameters({**config, **params}, variables))
+        return [row["name"] for row in out["result"]["rows"]]
+
+    # The execution's own variables, as the seed writes it: still the execution's, whatever is given.
+    assert await names({"tenant_id": "${tenant_id}"}, tenant_id="globex") == ["alpha", "beta", "gamma"]
+    session = {"tenant_id": "globex"}
+    assert await names({"tenant_id": "${session.tenant_id}"}, session=session) == ["alpha", "beta", "gamma"]
+    # Anything else the workflow's author maps it to is their choice: an input of another name, a value.
+    assert await names({"tenant_id": "${customer_tenant}"}, customer_tenant="globex") == ["delta"]
+    assert await names({"tenant_id": "globex"}) == ["delta"]
+    # `parameters`, the seed's other name, maps it too.
+    config = {"connection_string": sqlite_url, "query": TENANT_SELECT, "parameters": {"tenant_id": "globex"}}
+    out = await node.run(ctx, node.prepare(config), Parameters(config, variables))
+    assert [row["name"] for row in out["result"]["rows"]] == ["delta"]
+
+
+SQL_REGISTRY = NodeRegistry([SQLDatabaseNode])
+
+
+def sql_workflow(name: str, nodes: list[dict[str, Any]], connections: list[dict[str, str]] | None = None) -> Any:
+    message = json_format.ParseDict(
+        {"name": name, "nodes": nodes, "connections": connections or []}, workflow_pb2.Workflow()
+    )
+    message.workflow_id, message.version, message.tenant = name, 1, "acme"
+    return message
+
+
+def sql_node(node_id: str, query: str, **config: Any) -> dict[str, Any]:
+    return {
+        "type": "SQLDatabaseNode",
+        "id": node_id,
+        "config": {"connection_string": "sqlite:///app.db", "query": query, **config},
+    }
+
+
+@dataclass
+class SqlRunner:
+    executor: Executor
+
+    async def run(self, workflow: Any, values: dict[str, Any]) -> tuple[execution_pb2.Execution, dict[str, Any]]:
+        """Run `workflow` for tenant acme in session sess-1; the execution and its outputs."""
+        given = struct_pb2.Struct()
+        given.update(values)
+        execution, _ = await self.executor.create(
+            "acme", workflow, given, session_id="sess-1", request_id="", request_hash=None
+        )
+        done = await self.executor.wait("acme", execution.execution_id, 10)
+        assert done is not None and done.state == execution_pb2.Execution.STATE_SUCCEEDED, done
+        return done, json_format.MessageToDict(done.outputs)
+
+
+@pytest.fixture
+async def sql_runner(pools: SqlPools, sqlite_url: str, tmp_path: Path) -> AsyncIterator[SqlRunner]:
+    """An executor of SQL nodes on acme's SQLite file, which holds RECORDS (acme's rows and globex's)."""
+    await create_records(make_ctx(pools), sqlite_url)
+    store = await SqliteStore.open(tmp_path / "store.sqlite")
+    executor = Executor(store, PlanCache(SQL_REGISTRY), EventBus(), NodeServices(sql=pools), max_concurrent=4)
+    try:
+        yield SqlRunner(executor)
+    finally:
+        await executor.shutdown()
+        await store.close()
+
+
+async def test_in_a_workflow_an_input_never_sets_an_execution_variable_bind(sql_runner: SqlRunner) -> None:
+    own = sql_workflow(
+        "own_binds",
+        [
+            sql_node("q", TENANT_SELECT),
+            sql_node("o", OWN_SELECT),
+            sql_node(
+                "m",
+                "SELECT :tenant_id AS t, :who AS who",
+                query_params={"tenant_id": "${tenant_id}", "who": "${session.tenant_id}"},
+            ),
+        ],
+    )
+    # An input of the same name, at the top level or under the node's id (there as query_params
+    # too), poses in vain.
+    posing = {"tenant_id": "globex", "session_id": "s-x", "execution_id": "e-x", "workflow_id": "w-x"}
+    values = {**posing, "q": {**posing, "query_params": {"tenant_id": "globex"}}, "o": posing, "m": posing}
+    done, outputs = await sql_runner.run(own, values)
+    assert [row["name"] for row in outputs["q"]["result"]["rows"]] == ["alpha", "beta", "gamma"]
+    assert outputs["o"]["result"]["rows"] == [{"t": "acme", "s": "sess-1", "e": done.execution_id, "w": "own_binds"}]
+    assert outputs["m"]["result"]["rows"] == [{"t": "acme", "who": "acme"}]
+
+
+async def test_in_a_workflow_a_connection_never_sets_an_execution_variable_bind(sql_runner: SqlRunner) -> None:
+    connected = sql_workflow(
+        "own_binds_connected",
+        [sql_node("source", "SELECT 'globex' AS t"), sql_node("q", TENANT_SELECT)],
+        [{"from_node": "source", "from_output": "rows[0].t", "to_node": "q", "to_input": "tenant_id"}],
+    )
+    _, outputs = await sql_runner.run(connected, {})
+    assert [row["name"] for row in outputs["q"]["result"]["rows"]] == ["alpha", "beta", "gamma"]
+
+
+async def test_execution_variable_binds_are_not_required_inputs(sql_runner: SqlRunner) -> None:
+    own = sql_workflow(
+        "own_required",
+        [
+            sql_node("o", OWN_SELECT),
+            sql_node("m", "SELECT :tenant_id AS t", query_params={"tenant_id": "${session.tenant_id}"}),
+            sql_node("r", "SELECT :session_id AS s", query_params={"session_id": "${session_id}"}),
+        ],
+    )
+    plan = compile_plan(own, SQL_REGISTRY)
+    assert plan.inputs_schema["required"] == []
+    assert plan.missing_inputs({}) == []
+    # And an execution given nothing runs (no 400 at inputs.tenant_id).
+    _, outputs = await sql_runner.run(own, {})
+    assert outputs["o"]["result"]["rows"][0]["t"] == "acme"
+    assert outputs["m"]["result"]["rows"] == [{"t": "acme"}]
+    assert outputs["r"]["result"]["rows"] == [{"s": "sess-1"}]
 
 
 async def test_row_cap(pools: SqlPools, sqlite_url: str) -> None:
@@ -480,7 +642,7 @@ async def test_seed_select_on_postgres(pools: SqlPools, postgres_url: str) -> No
     assert [row["name"] for row in out["result"]["rows"]] == ["beta", "alpha"]
     assert out["result"]["columns"] == ["id", "name", "status", "tenant_id", "created_at"]
     # Injection attempts are values; typed values come back JSON-friendly.
-    evil = await run_sql(ctx, postgres_url, SEED_SELECT, tenant_id="x' OR '1'='1", status="active", limit=100)
+    evil = await run_sql(ctx, postgres_url, SEED_SELECT, status="x' OR '1'='1", limit=100)
     assert evil["result"]["rows"] == []
     typed = await run_sql(
         ctx,
