@@ -25,7 +25,8 @@ class PermissionCheckNode(NodeType):
     description = (
         f"Checks `permission` ('{FORMAT}', e.g. 'acme:orders/42:read') for a subject with `roles` "
         "(default ['user']) of the execution's tenant: admins may do anything in their own (in every tenant "
-        "when it is 'default', the operator's), users anything but 'admin' in their own. Outputs `allowed` and `reason`; connect `allowed` to a SwitchNode to gate a step."
+        "when it is 'default', the operator's), users anything but 'admin' in their own. Outputs `allowed` and "
+        "`reason`; connect `allowed` to a SwitchNode to gate a step."
     )
     category = "security"
     config_schema: ClassVar[JsonSchema] = {
