@@ -28,16 +28,20 @@
 -- It also refuses a query that gives a field of one value twice (see
 -- "Query parameters" below): the transcoder would keep the last value.
 -- And a body key for a field the path binds, unless it holds the path's very
--- value, or for a field the query sets too (see "Fields set twice" below):
--- one of the values was dropped, and the path (and Envoy's access log)
--- could name one resource while the call acted on another.
+-- value, or for a field the query sets too, or for a field of one value that
+-- the same object of the body sets already, by its other name or the same
+-- key again, or a key a map was given already (see "Fields set twice"
+-- below): one of the values was dropped, and the path (and Envoy's access
+-- log) could name one resource while the call acted on another.
 --
--- TYPES, ROUTES, VERBS and the QUERY_* tables are written in front of this
--- code by transcoder/body_fields.py, from the descriptor set:
+-- TYPES, JSON_NAMES, ROUTES, VERBS and the QUERY_* tables are written in front
+-- of this code by transcoder/body_fields.py, from the descriptor set:
 --   TYPES[message] = { [json key] = kind }, a kind being "" (any JSON
 --     value, not walked), "=" (one scalar: string, number, bool, null),
 --     a message name, "map:" .. the kind of the map's values, or
---     "[]" .. the kind of a repeated field's elements;
+--     "[]" .. the kind of a repeated field's elements (read into FIELDS below);
+--   JSON_NAMES[message] = { [JSON name] = its field's proto name }, for each
+--     JSON name that is not the proto name ("userId" = "user_id");
 --   ROUTES = { { method, Lua pattern of the path, kind of the body,
 --     request message, prefix of the fields the body sets ("" for body "*",
 --     else "session."), { the field each captured variable binds (false: one
@@ -64,6 +68,40 @@ local SHOWN_BYTES = 200 -- how much of a key an answer quotes
 local LOCAL_REPLY_HEADER = "x-flowport-local-reply"
 local MAX_LOCAL_MESSAGE_BYTES = 300
 local ANY, SCALAR, REPEATED = "", "=", "[]"
+
+-- FIELDS[message][json key] = { kind, proto name, how the field takes a second key, JSON
+-- name, and from MARKS on the marks of the objects that set it }: one table per field, shared
+-- by its two names. The third is REPEATED for a repeated field (the transcoder keeps the
+-- elements of both), "map" for a map (it keeps the keys of both: one in both is a key given
+-- twice), nil for a field of one value (it kept one of the two values: refused).
+--
+-- Each message object of the body the walk enters is numbered (`stamp`), and each field it
+-- sets is marked in the field's entry, at the object's depth (so an object of the same message
+-- nested inside it has marks of its own): a field that holds the object's own mark was set
+-- already, by the name the mark's sign tells (+ proto, - JSON). So a key costs a read and a
+-- write of its field's entry, and an object no table; a map's own mark is a table of the keys
+-- its objects were given, with the stamp at [0]. (The walk never yields: no other request's
+-- walk marks an entry while one is under way.)
+local MARKS = 5
+local FIELDS = {}
+for message, keys in pairs(TYPES) do
+  local renamed, by_name, fields = JSON_NAMES[message] or {}, {}, {}
+  for key, kind in pairs(keys) do
+    local name = renamed[key] or key
+    local entry = by_name[name]
+    if entry == nil then
+      local again = (sub(kind, 1, 2) == REPEATED and REPEATED) or (sub(kind, 1, 4) == "map:" and "map") or nil
+      entry = { kind, name, again, name, 0, 0, 0, 0, 0, 0, 0, 0 } -- marks at depths 1 to 8 in the array part
+      by_name[name] = entry
+    end
+    if key ~= name then
+      entry[4] = key
+    end
+    fields[key] = entry
+  end
+  FIELDS[message] = fields
+end
+local stamps = 0 -- the message objects walked so far
 
 -- Where the walk stopped reading, and why (set just before a walk function returns nil).
 local failed_at, failed_because = 1, ""
@@ -218,8 +256,11 @@ end
 
 local walk_value
 
--- A field the body sets that the path or the query set already: noted once per
--- field, with the keys that set it (`by` "path": to another value than the path's).
+-- A field the body sets that the path or the query set already, or that the body
+-- gives twice: noted once per field (its proto names, from the request message),
+-- with the keys that set it and how often the body did (`by` "path": to another
+-- value than the path's; "query"; "body": the same object set it already; "key":
+-- a map given `key` already, and the keys are the map's).
 local function set_again(found, field, key, by)
   local again = found.again
   if again == nil then
@@ -231,13 +272,28 @@ local function set_again(found, field, key, by)
     if #again >= MAX_REPORTED then
       return
     end
-    seen = { field = field, by = by, keys = {} }
+    seen = { field = field, by = by, keys = {}, count = 1 }
     again[field] = seen
     again[#again + 1] = seen
   end
-  if seen.keys[key] == nil then
+  if seen.keys[key] == nil and #seen.keys < MAX_REPORTED then
     seen.keys[key] = true
     seen.keys[#seen.keys + 1] = key
+  end
+  return seen
+end
+
+-- A field of one value that an object of the body sets again: `first` set it before.
+-- One the path or the query set too is described as theirs already.
+local function given_again(found, field, first, key)
+  local seen = found.again and found.again[field]
+  if seen ~= nil and seen.by ~= "body" then
+    return
+  end
+  seen = set_again(found, field, first, "body")
+  if seen ~= nil then
+    set_again(found, field, key, "body")
+    seen.count = seen.count + 1
   end
 end
 
@@ -253,14 +309,19 @@ local function is_string_of(s, i, value)
 end
 
 -- The members of the object at i: each key must be a field of `fields`
--- (nil: any key, a map's), each value is walked as `kind_of(key)`. `bound`
+-- (nil: any key, a map's), each value is walked as its field's kind. `bound`
 -- (nil for most bodies) holds the keys here that set a field the path binds;
 -- `query` (nil unless the query sets a field the body can) the query's fields.
-local function walk_object(s, i, fields, map_kind, path, found, depth, bound, query)
+-- `proto` is the object's field by proto names from the request message
+-- ("session", "workflow.nodes[0]"; "" for the request itself), which names a
+-- field set twice; `keys`, for a map, the keys its field was given already.
+local function walk_object(s, i, fields, map_kind, path, found, depth, bound, query, proto, keys)
   local j = skip_space(s, i + 1)
   if sub(s, j, j) == "}" then
     return j + 1
   end
+  stamps = stamps + 1
+  local stamp, slot = stamps, MARKS + depth - 1
   while true do
     local key, after
     local q = sub(s, j, j)
@@ -283,17 +344,27 @@ local function walk_object(s, i, fields, map_kind, path, found, depth, bound, qu
       return fail(j, "no ':' after a key")
     end
     j = skip_space(s, j + 1)
-    local where, kind, inner
+    local where, kind, inner, inner_proto, inner_keys
     if fields == nil then
       where, kind = path .. "[" .. key .. "]", map_kind
+      if keys[key] then
+        set_again(found, proto, key, "key")
+      else
+        keys[key] = true
+      end
+      if kind ~= SCALAR and kind ~= ANY then
+        inner_proto = proto .. "[" .. key .. "]"
+      end
     else
-      where, kind = path == "" and key or (path .. "." .. key), fields[key]
-      if kind == nil then
+      local entry = fields[key]
+      where = path == "" and key or (path .. "." .. key)
+      if entry == nil then
         if #found.unknown < MAX_REPORTED then
           found.unknown[#found.unknown + 1] = where
         end
         kind = ANY
       else
+        kind = entry[1]
         if bound ~= nil then
           inner = bound[key]
           if type(inner) == "string" then
@@ -309,9 +380,28 @@ local function walk_object(s, i, fields, map_kind, path, found, depth, bound, qu
             set_again(found, field, key, "query")
           end
         end
+        -- After the path's and the query's checks: a field they name is theirs to describe.
+        local again, mark = entry[3], entry[slot]
+        if again == nil then
+          if mark == stamp or mark == -stamp then
+            local field = proto == "" and entry[2] or (proto .. "." .. entry[2])
+            given_again(found, field, mark > 0 and entry[2] or entry[4], key)
+          else
+            entry[slot] = key == entry[2] and stamp or -stamp
+          end
+        elseif again == "map" then
+          if type(mark) ~= "table" or mark[0] ~= stamp then
+            mark = { [0] = stamp }
+            entry[slot] = mark
+          end
+          inner_keys = mark
+        end
+        if kind ~= SCALAR and kind ~= ANY then
+          inner_proto = proto == "" and entry[2] or (proto .. "." .. entry[2])
+        end
       end
     end
-    j = walk_value(s, j, kind, where, found, depth, inner, query)
+    j = walk_value(s, j, kind, where, found, depth, inner, query, inner_proto, inner_keys)
     if j == nil then
       return nil
     end
@@ -337,7 +427,8 @@ local function misshapen(s, i, path, found, description)
   return skip_value(s, i)
 end
 
-walk_value = function(s, i, kind, path, found, depth, bound, query)
+-- The value at i, of `kind`; `proto` and `keys` as walk_object takes them (nil where not walked into).
+walk_value = function(s, i, kind, path, found, depth, bound, query, proto, keys)
   local c = sub(s, i, i)
   if kind == ANY or depth > MAX_DEPTH or (c ~= "{" and c ~= "[") then
     return skip_value(s, i)
@@ -353,12 +444,13 @@ walk_value = function(s, i, kind, path, found, depth, bound, query)
     if sub(s, j, j) == "]" then
       return j + 1
     end
+    local walked = element ~= SCALAR and element ~= ANY
     while true do
       local at = path .. "[" .. n .. "]"
       if sub(s, j, j) == "[" then
         j = skip_value(s, j)
       else
-        j = walk_value(s, j, element, at, found, depth + 1)
+        j = walk_value(s, j, element, at, found, depth + 1, nil, nil, walked and (proto .. "[" .. n .. "]") or nil)
       end
       if j == nil then
         return nil
@@ -383,14 +475,14 @@ walk_value = function(s, i, kind, path, found, depth, bound, query)
   end
   local map_kind = match(kind, "^map:(.*)$")
   if map_kind ~= nil then
-    return walk_object(s, i, nil, map_kind, path, found, depth + 1)
+    return walk_object(s, i, nil, map_kind, path, found, depth + 1, nil, nil, proto, keys or {})
   end
-  local fields = TYPES[kind]
+  local fields = FIELDS[kind]
   if fields == nil then
     return skip_value(s, i)
   end
   -- The query's fields are followed into messages, not into repeated ones (it sets none there).
-  return walk_object(s, i, fields, nil, path, found, depth + 1, bound, element == nil and query or nil)
+  return walk_object(s, i, fields, nil, path, found, depth + 1, bound, element == nil and query or nil, proto)
 end
 
 local function continuation(b)
@@ -651,7 +743,7 @@ local function fields_given_twice(request_handle, found, message_type)
   refuse(request_handle, status_json(message, "INVALID_ARGUMENT", "flowport.dev", metadata, found))
 end
 
--- Fields set twice, by the path or the query and again by the body.
+-- Fields set twice: by the path or the query and again by the body, or twice by the body.
 --
 -- The transcoder weaves the path's variables and the query's parameters into
 -- the body it parses, and a key of the body for the same field won (with the
@@ -673,11 +765,28 @@ end
 -- body is refused, naming the field, whatever the two values. A repeated
 -- field takes the values of both, as before.
 --
+-- And within the body: an object that gives a field of one value twice, by
+-- both its names or the same key again ({"workflow_id": "wfa", "workflowId":
+-- "wfb"} ran wfb, {"user_id": "a", "user_id": "b"} made b's session), had
+-- one of the values dropped; a message or a Struct given twice was merged
+-- into one, the second's fields winning. Such a body is refused, naming the
+-- field by its proto names from the request message ("session.user_id",
+-- "workflow.nodes[1].retry.max_attempts"), whatever the values. So is a map
+-- given a key twice: in one object the transcoder refused it itself (quoting
+-- the key), and in a map given twice ({"labels": {"a": "1"}, "labels": {"a":
+-- "2"}}) it kept the last; the map is named, and the key shown as an unknown
+-- key is (cut when long), never its values. A repeated field given twice
+-- takes the elements of both, and a map given twice the keys of both, as the
+-- transcoder does. (A key given twice inside a Struct, which the walk does
+-- not enter, the transcoder still refuses itself.)
+--
 -- Cheap: a route whose path binds no field the body can set has no BOUND, and
 -- a request whose query sets no field under the body walks without the
 -- query's fields; with either, a key costs a lookup (BOUND's: per key of the
 -- top level and of the messages leading to a bound field), and only a key
--- that sets such a field reads its value again.
+-- that sets such a field reads its value again. A field given twice costs a
+-- read and a write of its FIELDS entry per key (see FIELDS), and a map a
+-- table per map and an insert per key.
 
 -- A path's variable of one segment as the transcoder binds it: every "%XX"
 -- decoded ("%2F" too), "+" left as it is.
@@ -721,16 +830,22 @@ local function set_again_problems(again)
     local last = match(seen.field, "[^.]*$")
     local spellings = {}
     for k, key in ipairs(seen.keys) do
-      spellings[k] = "'" .. key .. "'"
+      -- A map's keys are the caller's own words: quoted as an unknown key is, cut when long.
+      spellings[k] = seen.by == "key" and shown(key) or ("'" .. key .. "'")
     end
     local as = (#seen.keys > 1 or seen.keys[1] ~= last) and (" (as " .. table.concat(spellings, " and ") .. ")") or ""
     local description
-    if seen.by == "path" then
-      description = "set by the path and again by the body" .. as .. ", to another value"
+    if seen.by == "key" then
+      description = "given the key" .. (#seen.keys > 1 and "s " or " ") .. table.concat(spellings, " and ")
+        .. " more than once, where each key holds one value"
+    elseif seen.by == "path" then
+      description = "set by the path and again by the body" .. as .. ", to another value, where one value belongs"
+    elseif seen.by == "query" then
+      description = "set by the query and again by the body" .. as .. ", where one value belongs"
     else
-      description = "set by the query and again by the body" .. as
+      description = "given " .. seen.count .. " times in the body" .. as .. ", where one value belongs"
     end
-    found[i] = { seen.field, description .. ", where one value belongs" }
+    found[i] = { seen.field, description }
   end
   return found
 end
@@ -790,7 +905,9 @@ function envoy_on_request(request_handle)
       query = { types = QUERY_TYPES[route[4]], prefix = route[5], fields = fields }
     end
   end
-  local after = walk_value(text, skip_space(text, 1), body_kind, "", found, 0, bound, query)
+  -- A body field's object is named by that field ("session"), the request's by nothing.
+  local proto = sub(route[5], 1, -2)
+  local after = walk_value(text, skip_space(text, 1), body_kind, "", found, 0, bound, query, proto)
   if after ~= nil and skip_space(text, after) <= #text then
     -- The transcoder's parser stops after one value and refuses what follows.
     after = fail(skip_space(text, after), "more after the JSON value")

@@ -26,6 +26,11 @@ field of one value given twice (`?page_size=10&page_size=500`, or as
 last value, silently. `query_tables` writes, from the same descriptor set,
 which names each route's query takes and which field each sets (repeated
 fields marked: they take every value), for the same filter to refuse those.
+
+Within a body, too, a field of one value given twice, by both its names
+(`{"workflow_id": "wfa", "workflowId": "wfb"}` ran wfb) or as the same key
+twice, kept one value silently. `json_names` writes which JSON name is which
+field's, for the filter to know both names of a field as one as it walks.
 """
 
 from __future__ import annotations
@@ -91,6 +96,11 @@ def _messages(path: Path | None) -> dict[str, descriptor_pb2.DescriptorProto]:
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _names(field: descriptor_pb2.FieldDescriptorProto) -> tuple[str, str]:
+    """A field's two names, as the transcoder takes them: its proto name and its JSON name."""
+    return field.name, field.json_name or _camel(field.name)
 
 
 def _kind(field: descriptor_pb2.FieldDescriptorProto, messages: dict[str, descriptor_pb2.DescriptorProto]) -> str:
@@ -162,7 +172,7 @@ def tables(path: Path | None = None) -> tuple[dict[str, dict[str, str]], list[Bo
             keys: dict[str, str] = {}
             for field in messages[current].field:
                 kind = _kind(field, messages)
-                for key in (field.name, field.json_name or _camel(field.name)):
+                for key in _names(field):
                     keys[key] = kind
                 target = kind
                 while target.startswith(("map:", REPEATED)):
@@ -216,13 +226,26 @@ def _add_bound_keys(
     `message`, both names of each field on the way, ending at `member` (its full proto path)."""
     head, _, rest = relative.partition(".")
     field = next(f for f in messages[message].field if f.name == head)
-    for key in (field.name, field.json_name or _camel(field.name)):
+    for key in _names(field):
         if not rest:
             into[key] = member
             continue
         inner = into.setdefault(key, {})
         if isinstance(inner, dict):
             _add_bound_keys(messages, field.type_name.lstrip("."), rest, member, inner)
+
+
+def json_names(path: Path | None = None) -> dict[str, dict[str, str]]:
+    """JSON_NAMES for body_fields.lua: for each message of TYPES, each JSON name that is not its
+    field's proto name -> that proto name (`userId` -> `user_id`). The filter reads both names of
+    a field as one field, so that a body giving it twice, by either name, is refused."""
+    messages = _messages(path)
+    found: dict[str, dict[str, str]] = {}
+    for name in tables(path)[0]:
+        renamed = {json: proto for proto, json in map(_names, messages[name].field) if json != proto}
+        if renamed:
+            found[name] = renamed
+    return found
 
 
 def _path_pattern(template: str, capture: bool = False) -> str:
@@ -281,7 +304,7 @@ def _query_fields(messages: dict[str, descriptor_pb2.DescriptorProto], name: str
 
     def walk(type_name: str, prefixes: list[str], parent: str, depth: int) -> None:
         for field in messages[type_name].field:
-            names = sorted({field.name, field.json_name or _camel(field.name)})
+            names = sorted(set(_names(field)))
             keys = [prefix + n for prefix in prefixes for n in names]
             member = parent + field.name
             repeated = field.label == FieldType.LABEL_REPEATED
@@ -355,11 +378,16 @@ def _lua_bound_keys(keys: BoundKeys) -> str:
 
 
 def lua_source(path: Path | None = None) -> str:
-    """body_fields.lua with its TYPES, ROUTES, VERBS and QUERY_* tables in front."""
+    """body_fields.lua with its TYPES, JSON_NAMES, ROUTES, VERBS and QUERY_* tables in front."""
     types, routes = tables(path)
     lines = ["local TYPES = {"]
     for name in sorted(types):
         keys = ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in sorted(types[name].items()))
+        lines.append(f"  [{_lua_string(name)}] = {{ {keys} }},")
+    lines.append("}")
+    lines.append("local JSON_NAMES = {")
+    for name, renamed in sorted(json_names(path).items()):
+        keys = ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in sorted(renamed.items()))
         lines.append(f"  [{_lua_string(name)}] = {{ {keys} }},")
     lines.append("}")
     lines.append("local ROUTES = {")

@@ -434,3 +434,112 @@ def test_a_query_parameter_for_a_field_the_body_sets_too_is_refused(rest: httpx.
     session = rest.post("/api/sessions", json={"user_id": "query-body"}).json()["session_id"]
     ran = rest.post(f"/workflows/{wfa}/execute?session_id={session}", json={"inputs": {}})
     assert ran.status_code == 200 and ran.json()["session_id"] == session, ran.text
+
+
+def _body(rest: httpx.Client, method: str, path: str, body: str) -> httpx.Response:
+    """`body` sent as written: a JSON object with a key given twice, which json= cannot send."""
+    return rest.request(method, path, content=body.encode(), headers={"content-type": "application/json"})
+
+
+_NODE = '{"type":"PythonCodeNode","name":"a","config":{"code":"result = 7"}}'
+
+
+def test_a_field_given_twice_in_the_body_is_refused_naming_it_and_nothing_is_made(rest: httpx.Client) -> None:
+    # The transcoder kept one of the two values, silently: {"workflow_id":"wfa","workflowId":"wfb"} ran wfb.
+    wfa, wfb = _made_workflow(rest, "twice-wfa"), _made_workflow(rest, "twice-wfb")
+    before = {w: _runs(rest, w) for w in (wfa, wfb)}
+    for body in (
+        f'{{"workflow_id":"{wfa}","workflowId":"{wfb}"}}',  # both names, at the top of the body
+        f'{{"workflowId":"{wfa}","workflow_id":"{wfb}","inputs":{{}}}}',
+        f'{{"workflow_id":"{wfa}","inputs":{{}},"workflow_id":"{wfb}"}}',  # the same key twice
+        f'{{"workflow_id":"{wfa}","\\u0077orkflow_id":"{wfb}"}}',  # the same key, as the transcoder reads it
+    ):
+        status = _refused_naming(_body(rest, "POST", "/api/executions", body), "workflow_id", wfa, wfb)
+        assert "given 2 times in the body" in status["message"], status
+        assert status["details"][0]["metadata"] == {"message_type": "flowport.v1.CreateExecutionRequest"}
+    assert {w: _runs(rest, w) for w in (wfa, wfb)} == before, "no execution made"
+    # Inside the message a body field holds (CreateSession's session): named as the query check names it.
+    for body in (
+        f'{{"user_id":"twice-a","userId":"twice-b","metadata":{{"token":"{SECRET}"}}}}',
+        '{"user_id":"twice-a","user_id":"twice-b"}',
+    ):
+        _refused_naming(_body(rest, "POST", "/api/sessions", body), "session.user_id", "twice-a", "twice-b")
+    for user in ("twice-a", "twice-b"):
+        assert rest.get("/api/sessions", params={"user_id": user}).json()["sessions"] == [], user
+    # Deeper: a nested message's field, and one in an element of a repeated field (each body valid but
+    # for that: the transcoder kept one value and the server made it).
+    http = f'{{"base_url":"http://127.0.0.1:9/a","baseUrl":"http://127.0.0.1:9/b","headers":{{"x":"{SECRET}"}}}}'
+    resource = _body(rest, "POST", "/api/resources", f'{{"name":"twice-resource","http":{http}}}')
+    status = _refused_naming(resource, "resource.http.base_url", "127.0.0.1:9/a", "127.0.0.1:9/b")
+    assert "(as 'base_url' and 'baseUrl')" in status["message"], status
+    assert rest.get("/api/resources/twice-resource").status_code == 404
+    retry = (
+        '{"type":"PythonCodeNode","name":"b","config":{"code":"result = 7"},"retry":{"maxAttempts":2,"max_attempts":5}}'
+    )
+    named_twice = _NODE.replace('"name":"a"', '"name":"a","name":"b"')
+    for body, field in (
+        (f'{{"name":"twice-node","nodes":[{_NODE},{retry}]}}', "workflow.nodes[1].retry.max_attempts"),
+        (f'{{"name":"twice-node","nodes":[{named_twice}]}}', "workflow.nodes[0].name"),
+        # A message, a map or a Struct given twice is one field given twice too: the transcoder merged them.
+        (f'{{"name":"twice-node","nodes":[{_NODE}],"metadata":{{"a":1}},"metadata":{{"b":2}}}}', "workflow.metadata"),
+        (f'{{"name":"twice-node","name":"twice-node","nodes":[{_NODE}]}}', "workflow.name"),
+    ):
+        _refused_naming(_body(rest, "POST", "/api/workflows", body), field, "result = 7")
+    assert rest.get("/api/workflows/twice-node").status_code == 404
+    # Several at once are each named once, whatever else is wrong with them.
+    both = _status(
+        _body(rest, "POST", "/api/sessions", '{"user_id":"a","ttl":"5s","userId":"b","ttl":"6s","user_id":"c"}'),
+        "INVALID_ARGUMENT",
+    )
+    assert _violated(both) == ["session.user_id", "session.ttl"], both
+    assert "'session.user_id' is given 3 times in the body (as 'user_id' and 'userId')" in both["message"], both
+
+
+def test_a_key_given_twice_in_a_map_is_refused_naming_the_map_not_the_value(rest: httpx.Client) -> None:
+    # In one object the transcoder refused it (quoting the key), in the map given twice it kept the last.
+    for labels in ('"labels":{"team":"a","team":"b"}', '"labels":{"team":"a"},"labels":{"x":"y","team":"b"}'):
+        body = f'{{"name":"twice-labels","nodes":[{_NODE}],{labels}}}'
+        status = _refused_naming(_body(rest, "POST", "/api/workflows", body), "workflow.labels")
+        assert "the key 'team' more than once" in status["message"], status
+        assert '"a"' not in status["message"] and '"b"' not in status["message"], status
+    assert rest.get("/api/workflows/twice-labels").status_code == 404
+    # A header's value (a secret) is never quoted; nor is a long key, past the usual cut.
+    long_key = "k" * 300
+    headers = (
+        f'{{"Authorization":"{SECRET}","{long_key}":"1","authorization":"b","{long_key}":"2","Authorization":"c"}}'
+    )
+    body = f'{{"name":"twice-headers","http":{{"base_url":"http://127.0.0.1:9/","headers":{headers}}}}}'
+    response = _body(rest, "POST", "/api/resources", body)
+    status = _refused_naming(response, "resource.http.headers")
+    assert "'Authorization'" in status["message"] and "characters, cut)" in status["message"], status
+    assert long_key not in response.text
+    assert rest.get("/api/resources/twice-headers").status_code == 404
+
+
+def test_fields_given_once_and_repeated_fields_given_twice_are_taken(rest: httpx.Client) -> None:
+    # The same names in different objects (each node's, the workflow's own) are different fields.
+    node_b = _NODE.replace('"name":"a"', '"name":"b"')
+    body = f'{{"name":"once-each","nodes":[{_NODE},{node_b}],"labels":{{"name":"x"}},"metadata":{{"name":1}}}}'
+    made = _body(rest, "POST", "/api/workflows", body)
+    assert made.status_code == 200, made.text
+    assert [n["name"] for n in made.json()["nodes"]] == ["a", "b"] and made.json()["labels"] == {"name": "x"}
+    session = _body(rest, "POST", "/api/sessions", '{"user_id":"once-user","ttl":"60s","metadata":{"user_id":1}}')
+    assert session.status_code == 200 and session.json()["user_id"] == "once-user", session.text
+    # A repeated field given twice (by its two names, or one) takes both lists, as the transcoder
+    # merges them; a map given twice with different keys takes every key.
+    merged = _body(
+        rest,
+        "POST",
+        "/api/workflows",
+        f'{{"name":"twice-merged","nodes":[{_NODE}],"nodes":[{node_b}],"labels":{{"a":"1"}},"labels":{{"b":"2"}}}}',
+    )
+    assert merged.status_code == 200, merged.text
+    assert [n["name"] for n in merged.json()["nodes"]] == ["a", "b"] and merged.json()["labels"] == {"a": "1", "b": "2"}
+    service = _body(
+        rest,
+        "POST",
+        "/api/services",
+        '{"service_id":"twice-zones","endpoint":"http://127.0.0.1:9/","compliance_zones":["z1"],"complianceZones":["z2"]}',
+    )
+    assert service.status_code == 200, service.text
+    assert sorted(rest.get("/api/services/twice-zones").json()["compliance_zones"]) == ["z1", "z2"]

@@ -13,7 +13,7 @@ from flowport.clients.client import _options
 from flowport.server import pagination
 from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_METADATA_BYTES, MAX_PAGE_BYTES, MAX_WAIT
 from flowport.server.settings import Settings
-from flowport.transcoder.body_fields import lua_source, query_tables, tables, verbs
+from flowport.transcoder.body_fields import json_names, lua_source, query_tables, tables, verbs
 from flowport.transcoder.envoy_config import MAX_REQUEST_HEADERS_KB, render
 from flowport.transcoder.local_replies import local_reply_config
 from flowport.v1 import execution_pb2
@@ -161,6 +161,24 @@ def test_the_body_check_knows_every_route_with_a_body_and_both_field_names() -> 
     # The verbs the transcoder splits off a path (only these: another stays part of the path).
     assert verbs() == ["cancel", "heartbeat", "redeliver", "revoke", "validate", "watch"]
     assert 'local VERBS = { ["cancel"] = true,' in source
+
+
+def test_the_body_check_reads_both_names_of_a_field_as_one() -> None:
+    # So that a body giving one field twice, by its two names, is refused as one field set twice.
+    types, _ = tables()
+    names = json_names()
+    assert names["flowport.v1.CreateExecutionRequest"]["workflowId"] == "workflow_id"
+    assert names["flowport.v1.RetryPolicy"]["maxAttempts"] == "max_attempts"
+    assert "flowport.v1.Session" in names and "userId" in names["flowport.v1.Session"]
+    # Only JSON names that differ, each of a field of its message, for every message the walk reaches.
+    assert set(names) <= set(types)
+    for message, renamed in names.items():
+        assert renamed and all(json != proto for json, proto in renamed.items()), message
+        assert all(types[message][json] == types[message][proto] for json, proto in renamed.items()), message
+    assert "name" not in names.get("flowport.v1.Workflow", {}), "a one-word name is its own JSON name"
+    source = lua_source()
+    assert "local JSON_NAMES = {" in source and '["workflowId"] = "workflow_id"' in source
+    assert source.index("local JSON_NAMES = {") < source.index("local FIELDS = {}")
 
 
 def test_the_query_check_knows_each_routes_fields_by_both_names_and_which_are_repeated() -> None:
