@@ -4,10 +4,12 @@ PostgreSQL and Redis servers (started only when a test asks for them)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -89,11 +91,24 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
 
 @dataclass
 class Stack:
-    """A running `flowport up`: its process and where to reach it."""
+    """A running `flowport up`: its process, where to reach it, and what it prints (read as it
+    comes, by a thread of its own: a pipe nobody reads fills, and the server then blocks on its
+    next log line)."""
 
     process: subprocess.Popen[str]
     settings: Settings
     output: list[str]
+    reader: threading.Thread | None = None
+    # How much of `output` printed_since_read has handed out.
+    handed: int = 0
+
+    def printed_since_read(self) -> str:
+        """What `flowport up` (the server and Envoy) has printed since it came up, or since the
+        last call."""
+        end = len(self.output)
+        text = "".join(self.output[self.handed : end])
+        self.handed = end
+        return text
 
     @property
     def http(self) -> str:
@@ -123,28 +138,32 @@ def start_up(settings: Settings, timeout: float = 30.0, args: Sequence[str] = ()
             break
         output.append(line)
         if "Press Ctrl-C to stop." in line:
-            return Stack(process, settings, output)
+            reader = threading.Thread(target=output.extend, args=(process.stdout,), daemon=True)
+            reader.start()
+            return Stack(process, settings, output, reader, len(output))
     process.kill()
     raise AssertionError("flowport up did not come up:\n" + "".join(output))
 
 
-def stop_up(stack: Stack, timeout: float = 20.0) -> int:
-    """SIGINT `flowport up` (as Ctrl-C would) and return its exit code. One that has not ended, with
+def stop_up(stack: Stack, timeout: float = 20.0, sig: signal.Signals = signal.SIGINT) -> int:
+    """Signal `flowport up` (SIGINT: as Ctrl-C would) and return its exit code. One that has not ended, with
     its output closed, within `timeout` is killed, and the failure shows the end of what it printed
     (whether it began its shutdown, and which process was left)."""
-    stack.process.send_signal(signal.SIGINT)
-    try:
-        out, _ = stack.process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        printed = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else exc.output or ""
+    stack.process.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        stack.process.wait(timeout)
+    assert stack.reader is not None
+    # The output closes once every process holding it (Envoy, the servers) has ended too.
+    stack.reader.join(max(deadline - time.monotonic(), 0.0))
+    if stack.process.poll() is None or stack.reader.is_alive():
         still = "still running" if stack.process.poll() is None else f"exited {stack.process.returncode}"
         stack.process.kill()
-        stack.process.communicate()
+        stack.process.wait()
         raise AssertionError(
             f"flowport up ({still}) did not end within {timeout:g}s of SIGINT with its output closed;"
-            f" the end of its output:\n{printed[-4000:]}"
-        ) from None
-    stack.output.append(out)
+            f" the end of its output:\n{''.join(stack.output)[-4000:]}"
+        )
     return stack.process.returncode
 
 

@@ -22,7 +22,6 @@ from flowport.clients import ApiError, Client
 from flowport.v1 import session_pb2
 
 from ..conftest import ADMIN_HEADERS, Stack, make_settings, start_up, stop_up
-from .test_edge_errors import output_since_read
 
 pytestmark = pytest.mark.integration
 
@@ -133,7 +132,7 @@ def test_two_credentials_over_grpc_are_refused_with_the_same_words(edge: Stack, 
 
 
 def test_a_credential_that_is_not_utf8_is_a_clean_401_and_one_quiet_log_line(edge: Stack) -> None:
-    output_since_read(edge)
+    edge.printed_since_read()
     bad = b"fpk_\xff\xfe\xc3(not-utf8"
     with httpx.Client(base_url=edge.http, timeout=30) as http:
         response = http.get("/api/sessions", headers=[(b"x-api-key", bad), (b"user-agent", b"credential-probe")])
@@ -143,7 +142,7 @@ def test_a_credential_that_is_not_utf8_is_a_clean_401_and_one_quiet_log_line(edg
         assert http.get("/api/sessions", headers=[(b"authorization", b"Bearer \xff.\xfe.x")]).status_code == 401
         # Nothing was left pending: the next call is answered as usual.
         assert http.get("/api/sessions", headers=ADMIN_HEADERS).status_code == 200
-    printed = output_since_read(edge)
+    printed = edge.printed_since_read()
     # It used to log nine ERROR records, each with a traceback quoting the key's bytes.
     assert "Traceback" not in printed and '"level":"ERROR"' not in printed, printed[-3000:]
     assert "\\xff" not in printed and "not-utf8" not in printed, printed[-3000:]

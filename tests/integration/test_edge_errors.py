@@ -7,7 +7,6 @@ status the client was answered with, REST or gRPC."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -39,28 +38,6 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def rest(edge: Stack) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=edge.http, headers=ADMIN_HEADERS, timeout=30) as client:
         yield client
-
-
-def output_since_read(stack: Stack) -> str:
-    """What `flowport up` (the server and Envoy) has printed since it came up and was last read."""
-    assert stack.process.stdout is not None
-    fd = stack.process.stdout.fileno()
-    os.set_blocking(fd, False)
-    chunks: list[bytes] = []
-    try:
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.set_blocking(fd, True)  # stop_up reads the rest with communicate()
-    text = b"".join(chunks).decode(errors="replace")
-    stack.output.append(text)
-    return text
 
 
 def _status(response: httpx.Response, reason: str) -> dict[str, Any]:
@@ -162,7 +139,7 @@ def test_a_list_or_an_object_where_one_value_belongs_names_its_field(rest: httpx
 def test_envoys_other_400s_have_the_status_shape_and_a_long_one_is_cut_without_a_lua_error(
     edge: Stack, rest: httpx.Client
 ) -> None:
-    output_since_read(edge)
+    edge.printed_since_read()
     name = "b" * 500
     response = rest.get(f"/api/sessions?{name}=1")
     status = _status(response, "INVALID_ARGUMENT")
@@ -170,7 +147,7 @@ def test_envoys_other_400s_have_the_status_shape_and_a_long_one_is_cut_without_a
     assert "characters, cut)" in status["message"] and len(status["message"]) < 400, status
     assert "x-flowport-local-reply" not in response.headers
     time.sleep(1.0)  # Envoy's log is written as it happens; leave it a moment
-    assert "object used outside of proper scope" not in output_since_read(edge)
+    assert "object used outside of proper scope" not in edge.printed_since_read()
 
 
 def _logged(edge: Stack, agents: set[str]) -> dict[str, dict[str, Any]]:

@@ -60,9 +60,8 @@ def test_up_serves_then_stops_both_processes_cleanly(settings: Settings, sig: si
     children = _children(stack.process.pid)
     assert len(children) == 2, f"expected server and Envoy, found {children}"
     assert httpx.get(f"{settings.http_url}/health", timeout=5).json()["status"] == "healthy"
-    stack.process.send_signal(sig)
-    out, _ = stack.process.communicate(timeout=30)
-    assert stack.process.returncode == 0, out
+    assert stop_up(stack, 30, sig) == 0, stack.printed_since_read()
+    out = stack.printed_since_read()
     assert "flowport: stopped" in out
     assert all(_gone(pid) for pid in children), "a child outlived flowport up"
     # The embedded store is a file in the data dir; PostgreSQL keeps its own.
