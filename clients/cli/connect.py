@@ -114,7 +114,8 @@ def explain(error: ApiError, target: str, *, admin_needed: bool = True) -> CliEr
     if code is grpc.StatusCode.UNAUTHENTICATED:
         return CliError("the server did not accept the API key (unknown, revoked or expired)", EXIT_REFUSED)
     if code is grpc.StatusCode.PERMISSION_DENIED:
-        if admin_needed:
+        # An admin of one tenant naming another is refused as well: the server's message says so.
+        if admin_needed and "tenant" not in error.metadata:
             return CliError("the API key is not an admin key: managing keys needs the admin role", EXIT_REFUSED)
         return CliError(str(error), EXIT_REFUSED)
     if admin_needed:

@@ -155,6 +155,13 @@ def test_a_key_the_server_refuses_exits_4(server: Settings, capsys: pytest.Captu
     _, user_key, _ = _cli(capsys, *_admin(server, "create", "--tenant", "delta"))
     code, _, err = _cli(capsys, "list", "--target", server.grpc_target, "--api-key", user_key.strip())
     assert code == 4 and "not an admin key" in err
+    # An admin of delta is one, for delta alone: naming another tenant is refused with the server's why.
+    _, delta_admin, _ = _cli(capsys, *_admin(server, "create", "--tenant", "delta", "--role", "admin"))
+    target = ("--target", server.grpc_target, "--api-key", delta_admin.strip())
+    code, _, err = _cli(capsys, "list", "--tenant", "epsilon", *target)
+    assert code == 4 and "not an admin key" not in err and "its own tenant" in err, err
+    code, out, _ = _cli(capsys, "list", *target)
+    assert code == 0 and "delta" in out and "default" not in out, out
 
 
 def test_a_refused_request_exits_1_naming_the_field(server: Settings, capsys: pytest.CaptureFixture[str]) -> None:
