@@ -21,3 +21,11 @@ def tenant_of(context: Context) -> str:
     # Only public RPCs (health) and in-process tests without the
     # authenticating interceptor have no principal.
     return DEFAULT_TENANT if principal is None else principal.tenant
+
+
+def administered_tenant() -> str | None:
+    """The tenant whose keys, audit entries and figures the caller reaches: its own for an admin of
+    a tenant (and for its users' figures); None, every tenant's, for the operator's admins (those of
+    OPERATOR_TENANT) and with authentication off."""
+    principal = CURRENT.get()
+    return None if principal is None or principal.is_operator else principal.tenant

@@ -18,19 +18,12 @@ from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.events.bus import EventBus
 from flowport.server.storage import IdempotencyConflict
 from flowport.server.storage.api_keys import ApiKeyTables
-from flowport.server.tenancy import principal_of, tenant_of
+from flowport.server.tenancy import administered_tenant, principal_of, tenant_of
 from flowport.server.types import Context
 from flowport.v1 import apikey_pb2, apikey_pb2_grpc
 
 TENANT = TENANT_NAME
 MAX_DESCRIPTION = 512
-
-
-def _scope(context: Context) -> str | None:
-    """The tenant whose keys the caller manages; None: every tenant's (the operator's admins, and
-    every caller with authentication off)."""
-    principal = principal_of(context)
-    return None if principal is None or principal.is_operator else principal.tenant
 
 
 def _not_found(key_id: str) -> NotFound:
@@ -69,7 +62,7 @@ class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
             raise InvalidArgument(
                 "api key is not valid: " + "; ".join(f"{f} {d}" for f, d in violations), violations=violations
             )
-        scope = _scope(context)
+        scope = administered_tenant()
         if scope is not None and tenant != scope:
             raise other_tenant_refused("manages the API keys", tenant)
         principal = principal_of(context)
@@ -92,7 +85,7 @@ class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
 
     async def GetApiKey(self, request: apikey_pb2.GetApiKeyRequest, context: Context) -> apikey_pb2.ApiKey:
         require(request.key_id, "key_id")
-        key = await self._store.get_api_key(request.key_id, _scope(context))
+        key = await self._store.get_api_key(request.key_id, administered_tenant())
         if key is None:
             raise _not_found(request.key_id)
         return key
@@ -101,7 +94,7 @@ class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
         self, request: apikey_pb2.ListApiKeysRequest, context: Context
     ) -> apikey_pb2.ListApiKeysResponse:
         size = pagination.page_size(request.page_size)
-        scope = _scope(context)
+        scope = administered_tenant()
         if scope is not None and request.tenant not in ("", scope):
             raise other_tenant_refused("manages the API keys", request.tenant)
         tenant = request.tenant or scope
@@ -114,7 +107,7 @@ class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
     async def RevokeApiKey(self, request: apikey_pb2.RevokeApiKeyRequest, context: Context) -> apikey_pb2.ApiKey:
         note(actions.API_KEY_REVOKED, resource=f"api_keys/{request.key_id}" if request.key_id else "")
         require(request.key_id, "key_id")
-        key = await self._store.revoke_api_key(request.key_id, _scope(context), now_us())
+        key = await self._store.revoke_api_key(request.key_id, administered_tenant(), now_us())
         if key is None:
             raise _not_found(request.key_id)
         note(actions.API_KEY_REVOKED, resource_tenant=key.tenant)

@@ -9,11 +9,11 @@ import grpc
 from flowport.server import pagination
 from flowport.server.api.api_keys import TENANT
 from flowport.server.api.common import other_tenant_refused
-from flowport.server.audit import AuditRecorder, actions
+from flowport.server.audit import AuditRecorder, actions, note
 from flowport.server.errors import InvalidArgument
 from flowport.server.storage.audit import AuditQuery, AuditTables
 from flowport.server.storage.tables import micros
-from flowport.server.tenancy import principal_of
+from flowport.server.tenancy import administered_tenant
 from flowport.server.types import Context
 from flowport.v1 import audit_pb2, audit_pb2_grpc
 
@@ -58,13 +58,14 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
     ) -> audit_pb2.ListAuditEventsResponse:
         size = pagination.page_size(request.page_size)
         query = _query(request)
-        principal = principal_of(context)
-        if principal is not None and not principal.is_operator:
+        own = administered_tenant()
+        if own is not None:
             # An admin of a tenant reads the entries of its tenant: its callers', and those
             # about its resources (cross-tenant attempts on them included).
-            if query.tenant not in ("", principal.tenant):
+            if query.tenant not in ("", own):
+                note(actions.ACCESS_DENIED, resource_tenant=query.tenant)
                 raise other_tenant_refused("reads the audit log", query.tenant)
-            query = replace(query, tenant=principal.tenant)
+            query = replace(query, tenant=own)
         filters = {
             "tenant": query.tenant,
             "action": query.action,
@@ -79,4 +80,12 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         self._recorder.flush()
         rows = await self._store.list_audit_events(query, after=after, limit=size + 1)
         events, token = pagination.page(rows, size, filters, lambda e: [micros(e.time), e.audit_event_id])
+        if own is not None:
+            for event in events:
+                if event.tenant != own:
+                    # Another tenant's caller, on this tenant's resources: what it did is this
+                    # tenant's to know, who it is (its tenant, key, address) is not.
+                    for name in ("tenant", "subject", "credential_id", "client_address", "proxy_address"):
+                        setattr(event, name, "")
+                    event.credential_kind = audit_pb2.AuditEvent.CREDENTIAL_KIND_UNSPECIFIED
         return audit_pb2.ListAuditEventsResponse(audit_events=events, next_page_token=token)

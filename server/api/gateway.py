@@ -16,7 +16,6 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 from flowport.server.api.enterprise import DASHBOARD, durability_status, durable_requests, enterprise_health
 from flowport.server.api.sessions import session_scope
 from flowport.server.auth.authenticator import Authenticator
-from flowport.server.auth.context import CURRENT
 from flowport.server.clock import now_us
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.registry import NodeRegistry
@@ -30,7 +29,7 @@ from flowport.server.observability.prometheus import Prometheus
 from flowport.server.resources.pool_checks import PoolHealth
 from flowport.server.service_checks import HealthChecker
 from flowport.server.storage.sql_store import SqlStore
-from flowport.server.tenancy import tenant_of
+from flowport.server.tenancy import administered_tenant, tenant_of
 from flowport.server.types import Context
 from flowport.server.version import VERSION
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
@@ -143,14 +142,6 @@ class SecurityCounters:
             service_rate_limits=service,
             edge_rate_limits=edge,
         )
-
-
-def _figures_scope() -> str | None:
-    """Whose figures GetStats and GetDurabilityStatus count: every tenant's and the process's
-    (None) for the operator's admins, or with authentication off (one open deployment); the
-    caller's tenant's for anyone else, its admins included."""
-    principal = CURRENT.get()
-    return None if principal is None or principal.is_operator else principal.tenant
 
 
 # Components that report what tenants registered, not the gateway: left out of its overall status.
@@ -320,7 +311,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
     async def GetDurabilityStatus(
         self, request: gateway_pb2.GetDurabilityStatusRequest, context: Context
     ) -> gateway_pb2.DurabilityStatus:
-        return await durability_status(self._store, _figures_scope())
+        return await durability_status(self._store, administered_tenant())
 
     async def GetDurableRequests(
         self, request: gateway_pb2.GetDurableRequestsRequest, context: Context
@@ -331,7 +322,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServiceServicer):
         return DASHBOARD
 
     async def GetStats(self, request: gateway_pb2.GetStatsRequest, context: Context) -> gateway_pb2.Stats:
-        scope = _figures_scope()
+        scope = administered_tenant()
         calls: CallFigures = self._metrics if scope is None else self._metrics.tenant(scope)
         counters = self._executor.counters if scope is None else self._executor.tenant_counters(scope)
         now = now_us()

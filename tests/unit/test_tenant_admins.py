@@ -95,6 +95,22 @@ async def test_an_admin_of_a_tenant_reaches_nothing_of_another(running: Running)
         assert stats.sessions.active == 0, "beta's session is not counted in alpha's figures"
         await _refused(alpha.gateway.GetMetrics(gateway_pb2.GetMetricsRequest()), grpc.StatusCode.PERMISSION_DENIED)
 
+    # Beta's admin sees alpha's admin's attempt on beta (its key creation, and its act-as), but not
+    # who made it: another tenant's key and address are not beta's to know.
+    async with AsyncClient(target, api_key=beta_admin.key) as beta_admins:
+        entries = (
+            await beta_admins.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(page_size=500))
+        ).audit_events
+    attempts = [e for e in entries if e.resource_tenant == "beta" and e.code == "PERMISSION_DENIED"]
+    assert attempts, entries
+    for entry in attempts:
+        assert (entry.tenant, entry.subject, entry.credential_id, entry.client_address) == ("", "", "", ""), entry
+    assert alpha_admin.api_key.key_id not in str(entries)
+    # Alpha's own entries keep who made them.
+    async with AsyncClient(target, api_key=alpha_admin.key) as alpha:
+        own = (await alpha.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(page_size=500))).audit_events
+    assert any(e.subject == alpha_admin.api_key.key_id for e in own), own
+
     # The operator's admin still does all of it, for any tenant.
     async with AsyncClient(target, api_key=ADMIN_KEY) as operator:
         listed = await operator.keys.ListApiKeys(apikey_pb2.ListApiKeysRequest(tenant="beta"))
