@@ -407,6 +407,8 @@ class WebhookDispatcher:
         owners: dict[Key, str | None] = {}
         unknown: set[Key] = set()
         kept: list[tuple[BusEvent, list[_Hook]]] = []
+        # Counted once the whole batch is looked at: one raising Unavailable is looked at again.
+        lost: Counter[str] = Counter()
         for event, hooks in batch:
             allowed = hooks
             if event.session_id and any(hook.scope is not None for hook in hooks):
@@ -425,9 +427,11 @@ class WebhookDispatcher:
                 # An unknown owner (the session's rows all removed) is the admins' alone.
                 allowed = [hook for hook in hooks if hook.scope is None or hook.scope == owner]
                 if key in unknown and len(allowed) < len(hooks):
-                    self._count_lost(event.tenant, len(hooks) - len(allowed))
+                    lost[event.tenant] += len(hooks) - len(allowed)
             if allowed:
                 kept.append((event, allowed))
+        for tenant, count in lost.items():
+            self._count_lost(tenant, count)
         return kept
 
     async def _flush(self) -> None:
