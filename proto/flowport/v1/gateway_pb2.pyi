@@ -1288,7 +1288,8 @@ class WebhookStats(_message.Message):
     """Deliveries that will never be made: the process stopped while the store
     was unavailable and they were still held unwritten, or they could not be
     written for another reason (a failed write, an event that cannot be
-    encoded; each logged). Their events stay in the event log.
+    encoded, a session whose owner could not be looked up; each logged).
+    Their events stay in the event log.
     """
     def __init__(
         self,
