@@ -452,16 +452,19 @@ class WebSocketBridge:
             self._drop(connection)
 
     def _addresses(self, connection: ServerConnection, request: Request) -> tuple[str, str]:
-        """The `x-forwarded-for` passed on to the server, and the client address the server reads
-        from it (origin_of's: its last entry, which Envoy appends, never what the client claimed
-        before it), which the limits on waiting handshakes count by."""
+        """The `x-forwarded-for` passed on to the server and the client address, which the limits on
+        waiting handshakes count by: from a trusted proxy the header's last entry (origin_of's, the
+        one Envoy appends, never what the client claimed before it), passed on alone; else the peer."""
         peer = str(connection.remote_address[0]) if connection.remote_address else ""
         # Envoy sends one header; a trusted peer calling the port directly may send several.
         forwarded = ", ".join(request.headers.get_all("x-forwarded-for"))
-        # The server trusts the bridge's loopback address: pass on a client address only from a trusted proxy.
-        if not (peer in self._trusted and forwarded and _printable_ascii(forwarded)):
+        # The server trusts the bridge's loopback address: pass on a client address only from a
+        # trusted proxy, and only the one it added (what a client claimed before it, however odd,
+        # neither moves the count to the proxy's address nor reaches the server).
+        client = forwarded.rsplit(",", 1)[-1].strip() if peer in self._trusted else ""
+        if not (client and _printable_ascii(client)):
             return peer, peer
-        return forwarded, forwarded.rsplit(",", 1)[-1].strip() or peer
+        return client, client
 
     def _metadata(self, request: Request, forwarded: str) -> list[tuple[str, str]]:
         metadata = [(name, value) for name in FORWARDED for value in request.headers.get_all(name)]
