@@ -172,20 +172,25 @@ def main() -> int:
         return _measure(args, extra)
 
 
+def server_settings(data: str, extra: dict[str, object] | None = None) -> Settings:
+    """The measured server's: free loopback ports, one sandbox worker, the benchmark's admin key."""
+    return Settings.load(
+        {
+            "data_dir": data,
+            "grpc_port": _free_port(),
+            "metrics_port": _free_port(),
+            "websocket_port": _free_port(),
+            "sandbox_workers": 1,
+            "admin_api_key": ADMIN_KEY,
+            **(extra or {}),
+        },
+        environ={},
+    )
+
+
 def _measure(args: argparse.Namespace, extra: dict[str, object]) -> int:
     with tempfile.TemporaryDirectory() as data:
-        settings = Settings.load(
-            {
-                "data_dir": data,
-                "grpc_port": _free_port(),
-                "metrics_port": _free_port(),
-                "websocket_port": _free_port(),
-                "sandbox_workers": 1,
-                "admin_api_key": ADMIN_KEY,
-                **extra,
-            },
-            environ={},
-        )
+        settings = server_settings(data, extra)
         server = subprocess.Popen(
             [sys.executable, "-m", "flowport.clients.cli", "serve", "--log-level", "warning"],
             env=child_environment(settings),

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.cpu_per_execution import ADMIN_KEY, _drive, _free_port
-from flowport.server.settings import Settings
+from benchmarks.cpu_per_execution import ADMIN_KEY, _drive, server_settings
 from flowport.server.supervisor import child_environment
 from flowport.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -56,17 +55,7 @@ async def _until_ready(target: str, seconds: float = 300.0) -> None:
 def _instructions(count: int, baseline: bool, work: Path) -> int:
     """Instructions the server process ran over its whole life, serving `count` calls (+ warm-up)."""
     with tempfile.TemporaryDirectory(dir=work) as data:
-        settings = Settings.load(
-            {
-                "data_dir": data,
-                "grpc_port": _free_port(),
-                "metrics_port": _free_port(),
-                "websocket_port": _free_port(),
-                "sandbox_workers": 1,
-                "admin_api_key": ADMIN_KEY,
-            },
-            environ={},
-        )
+        settings = server_settings(data)
         command = ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={work}/cachegrind.out"]
         server = subprocess.Popen(
             [*command, sys.executable, "-m", "flowport.clients.cli", "serve", "--log-level", "warning"],

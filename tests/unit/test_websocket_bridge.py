@@ -158,7 +158,7 @@ class _StalledEvents:
         yield event_pb2.Event()  # never reached: the handler is a stream's
 
 
-async def _stand_in(events: _StalledEvents) -> tuple[grpc.aio.Server, int]:
+async def _stand_in(events: _StalledEvents | _KeyedEvents) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
     stream = grpc.unary_stream_rpc_method_handler(
         events.stream,
@@ -260,24 +260,9 @@ class _KeyedEvents:
             await self.changed.wait_for(lambda: self.stalled >= count)
 
 
-async def _keyed_stand_in(events: _KeyedEvents) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server()
-    stream = grpc.unary_stream_rpc_method_handler(
-        events.stream,
-        request_deserializer=event_pb2.StreamEventsRequest.FromString,
-        response_serializer=event_pb2.Event.SerializeToString,
-    )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("flowport.v1.EventService", {"StreamEvents": stream}),)
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
-
-
 async def test_one_address_failing_cannot_take_the_places_other_clients_wait_in() -> None:
     events = _KeyedEvents()
-    server, port = await _keyed_stand_in(events)
+    server, port = await _stand_in(events)
     # Envoy on loopback: x-forwarded-for's last entry (Envoy's) is the client.
     bridge = WebSocketBridge(
         f"127.0.0.1:{port}",
@@ -350,7 +335,7 @@ async def test_one_address_failing_cannot_take_the_places_other_clients_wait_in(
 
 async def test_a_client_address_is_envoys_only_from_a_trusted_peer() -> None:
     events = _KeyedEvents()
-    server, port = await _keyed_stand_in(events)
+    server, port = await _stand_in(events)
     # Nobody trusted: x-forwarded-for is the client's own claim, and every handshake here is 127.0.0.1's.
     bridge = WebSocketBridge(
         f"127.0.0.1:{port}", require_credential=True, trusted_proxies=TrustedProxies([]), max_pending_per_client=1
