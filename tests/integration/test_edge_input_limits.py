@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -612,15 +613,19 @@ def test_a_call_outlasting_its_route_timeout_is_answered_and_never_ejects_the_se
                 json={"name": "sleeps", "nodes": [{"type": "PythonCodeNode", "name": "a", "config": {"code": code}}]},
             )
             assert created.status_code == 200, created.text
-            for _ in range(5):  # past Envoy's three consecutive failures that eject
-                started = time.monotonic()
-                response = client.post("/api/executions", json={"workflow_id": "sleeps", "wait": True})
-                took = time.monotonic() - started
+            # Past Envoy's three consecutive failures that eject, at once (each waits out the route).
+            with ThreadPoolExecutor(5) as calls:
+                responses = list(
+                    calls.map(
+                        lambda _: client.post("/api/executions", json={"workflow_id": "sleeps", "wait": True}),
+                        range(5),
+                    )
+                )
+            for response in responses:
                 assert response.status_code == 504, (response.status_code, response.text[:300])
-                # The server's answer (DEADLINE_EXCEEDED, its own domain), before Envoy's 4 s.
+                # The server's answer (DEADLINE_EXCEEDED, its own domain), not Envoy's at the route's end.
                 info = response.json()["details"][0]
                 assert (info["domain"], info["reason"]) == ("flowport.dev", "DEADLINE_EXCEEDED"), info
-                assert took < 4.0, took
             with (
                 Client(f"127.0.0.1:{settings.http_port}", api_key=ADMIN_KEY) as over_grpc,
                 pytest.raises(ApiError) as caught,
