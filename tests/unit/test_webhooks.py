@@ -1391,6 +1391,42 @@ async def test_deliveries_whose_rows_cannot_be_written_are_counted_lost(
     assert _deliveries_counted(metrics, "lost") == 2 and _deliveries_counted(metrics, "dropped") is None
 
 
+async def test_deliveries_lost_to_a_failed_owner_lookup_are_counted_once_when_the_batch_goes_round_again(
+    tmp_path: Path, receivers: Callable[..., Receiver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owner lookup that fails for a bug loses the scoped webhooks' deliveries of that event; when
+    another lookup of the same batch finds the store unavailable, the batch is looked at again, and
+    the loss must not be counted twice."""
+    monkeypatch.setattr(webhook_dispatcher, "RETRY_UNAVAILABLE", 0.05)
+    hers, admins = receivers(), receivers()
+    async with running(tmp_path) as env:
+        now = now_us()
+        scoped = W.Webhook(webhook_id="hers", url=hers.url(), tenant="default", creator="fpk_ada")
+        scoped.create_time.FromMicroseconds(now)
+        await env.store.create_webhook("default", scoped, b"", None, session_scope="fpk_ada")
+        await env.create(admins.url(), webhook_id="admins")
+        away = [True]
+
+        async def owner(tenant: str, session_id: str) -> str | None:
+            if session_id == "ses_bug":
+                raise RuntimeError("a bug")
+            if away[0]:
+                away[0] = False
+                raise StoreUnavailable("cannot connect to the database (tried a moment ago)")
+            return "fpk_ada"
+
+        env.store.session_owner = owner  # type: ignore[method-assign]
+        # One batch: published together, before the flusher runs.
+        env.bus.publish("node.completed", tenant="default", session_id="ses_bug", data={})
+        ok = env.bus.publish("node.completed", tenant="default", session_id="ses_ok", data={})
+
+        async def delivered() -> bool:
+            return [e["id"] for e in hers.events()] == [ok.id] and len(admins.events()) == 2
+
+        await eventually(delivered, "the deliveries of the batch, looked at again")
+        assert env.dispatcher.lost == 1, env.dispatcher.lost  # hers, of ses_bug's event: once
+
+
 def _deliveries_counted(metrics: Prometheus, outcome: str) -> float | None:
     assert metrics.registry is not None
     return metrics.registry.get_sample_value("flowport_webhook_deliveries_total", {"outcome": outcome})

@@ -15,7 +15,9 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
+from websockets.http11 import Request
 
 from flowport.server.auth.authenticator import MAX_DELAY
 from flowport.server.auth.origin import TrustedProxies
@@ -360,3 +362,26 @@ async def test_a_client_address_is_envoys_only_from_a_trusted_peer() -> None:
         assert await waiting == 401
         await bridge.stop()
         await server.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "counted"),
+    [
+        ("127.0.0.1", ["198.51.100.7"], "198.51.100.7"),  # Envoy's own entry
+        ("127.0.0.1", ["10.0.0.1, 198.51.100.7"], "198.51.100.7"),  # what the client claimed before it
+        ("127.0.0.1", ["caf\u00e9, 198.51.100.7"], "198.51.100.7"),  # an odd claim moves nothing
+        ("127.0.0.1", ["10.0.0.1", "198.51.100.7"], "198.51.100.7"),  # two headers from a trusted peer
+        ("127.0.0.1", [""], "127.0.0.1"),  # nothing added: the peer
+        ("192.0.2.5", ["198.51.100.7"], "192.0.2.5"),  # an untrusted peer's claim is its own
+    ],
+)
+def test_the_client_address_is_the_trusted_proxys_last_entry_passed_on_alone(
+    peer: str, forwarded: list[str], counted: str
+) -> None:
+    bridge = WebSocketBridge("127.0.0.1:1", require_credential=True, trusted_proxies=TrustedProxies(["127.0.0.1"]))
+
+    class Connection:
+        remote_address = (peer, 40000)
+
+    request = Request("/ws", Headers([("x-forwarded-for", value) for value in forwarded]))
+    assert bridge._addresses(Connection(), request) == (counted, counted)  # type: ignore[arg-type]
