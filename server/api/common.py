@@ -6,7 +6,7 @@ import hashlib
 
 from google.protobuf.message import Message
 
-from flowport.server.auth.principal import ADMIN, OPERATOR_TENANT
+from flowport.server.auth.principal import NEEDS_OPERATOR, operator_metadata
 from flowport.server.errors import AlreadyExists, InvalidArgument, PermissionDenied, shown
 
 MAX_REQUEST_ID = 128
@@ -50,8 +50,7 @@ def request_id_reused(request_id: str, what: str) -> AlreadyExists:
 def other_tenant_refused(what: str, tenant: str) -> PermissionDenied:
     """An admin of one tenant naming another (`what`: "manages the API keys"): the operator's only."""
     return PermissionDenied(
-        f"an admin {what} of its own tenant, not of tenant {shown(tenant)}: that takes the admin role "
-        f"in tenant {OPERATOR_TENANT!r} (the gateway operator's)",
+        f"an admin {what} of its own tenant, not of tenant {shown(tenant)}: that takes {NEEDS_OPERATOR}",
         reason="ROLE_REQUIRED",
-        metadata={"role": ADMIN, "tenant": OPERATOR_TENANT},
+        metadata=operator_metadata(),
     )

@@ -27,11 +27,13 @@ from flowport.server.auth.permissions import Access, access_for, allowed
 from flowport.server.auth.principal import (
     ACT_AS_HEADER,
     ADMIN,
+    NEEDS_OPERATOR,
     OPERATOR_TENANT,
     TENANT_NAME,
     USER,
     AuthenticationFailed,
     Principal,
+    operator_metadata,
 )
 from flowport.server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from flowport.v1 import audit_pb2
@@ -39,7 +41,6 @@ from flowport.v1 import audit_pb2
 log = logging.getLogger(__name__)
 
 INSECURE = Principal(OPERATOR_TENANT, "anonymous", frozenset({ADMIN, USER}), "insecure")
-_NEEDS_OPERATOR = f"the admin role in tenant {OPERATOR_TENANT!r} (the gateway operator's)"
 FAILURE_WINDOW = 60.0
 MAX_DELAY = 5.0
 TRACKED_CLIENTS = 10_000
@@ -143,7 +144,7 @@ class Authenticator:
         principal = INSECURE if self._insecure else await self._verify(method, metadata, peer)
         if not allowed(principal, access):
             if access is Access.OPERATOR:
-                needs, metadata_ = _NEEDS_OPERATOR, {"role": ADMIN, "tenant": OPERATOR_TENANT}
+                needs, metadata_ = NEEDS_OPERATOR, operator_metadata()
             else:
                 needs, metadata_ = f"the {access.value} role", {"role": access.value}
             self._denied(method, metadata, peer, principal, f"needs {needs}")
@@ -159,11 +160,11 @@ class Authenticator:
         """`principal`, acting for `tenant` (the operator's admins only: an admin of another
         tenant administers that tenant alone)."""
         if not principal.is_operator:
-            self._denied(method, metadata, peer, principal, f"{ACT_AS_HEADER} needs {_NEEDS_OPERATOR}")
+            self._denied(method, metadata, peer, principal, f"{ACT_AS_HEADER} needs {NEEDS_OPERATOR}")
             raise PermissionDenied(
-                f"acting for another tenant ({ACT_AS_HEADER}) needs {_NEEDS_OPERATOR}",
+                f"acting for another tenant ({ACT_AS_HEADER}) needs {NEEDS_OPERATOR}",
                 reason="ROLE_REQUIRED",
-                metadata={"role": ADMIN, "tenant": OPERATOR_TENANT},
+                metadata=operator_metadata(),
             )
         if not TENANT_NAME.match(tenant):
             rule = "1 to 63 characters: a-z, 0-9, '_' and '-', starting with a letter or digit"

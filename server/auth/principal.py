@@ -16,6 +16,15 @@ ACT_AS_HEADER = "x-flowport-act-as-tenant"
 # figures and metrics. An admin of any other tenant administers that tenant alone, so a
 # customer's admin key is never a key to the other customers.
 OPERATOR_TENANT = "default"
+# What a call reaching another tenant needs, as refusals say it (with `role` and `tenant` metadata).
+NEEDS_OPERATOR = f"the admin role in tenant {OPERATOR_TENANT!r} (the gateway operator's)"
+
+
+def operator_metadata() -> dict[str, str]:
+    """The ErrorInfo metadata of a refusal that needs an admin of OPERATOR_TENANT."""
+    return {"role": ADMIN, "tenant": OPERATOR_TENANT}
+
+
 TENANT_NAME = re.compile(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")
 
 

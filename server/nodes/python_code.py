@@ -117,7 +117,7 @@ class PythonCodeNode(NodeType):
         # The code's free variables: names it reads but never binds, less the execution's own
         # (bound by `run`). Its config's strings are not substituted: `${name}` needs nothing.
         code = config.get("code")
-        return free_variables(code) - set(EXECUTION_VARIABLE_NAMES) if isinstance(code, str) else set()
+        return free_variables(code) - EXECUTION_VARIABLE_NAMES if isinstance(code, str) else set()
 
     @classmethod
     def reads(cls, config: Mapping[str, Any]) -> set[str] | None:

@@ -237,22 +237,20 @@ def bind_values(
     own = own or {}
     values: dict[str, Any] = {}
     for name in prepared.bind_names:
-        if name in EXECUTION_VARIABLE_NAMES:
-            if name in configured:
-                key, value = configured[name]
-                values[name] = substitute(value, params, secrets.for_key(key))
-            elif name in own:
-                values[name] = own[name]
-            else:
-                raise NodeError(
-                    f"query parameter :{name} is the execution's own, and this node runs outside an execution",
-                    reason="SQL_MISSING_PARAMETER",
-                )
-        elif name in explicit:
-            key, value = explicit[name]
+        # An execution variable is mapped by the config alone, else the execution's; any other name
+        # by query_params/parameters, else the parameter of its name.
+        execution_own = name in EXECUTION_VARIABLE_NAMES
+        mapped, given = (configured, own) if execution_own else (explicit, params)
+        if name in mapped:
+            key, value = mapped[name]
             values[name] = substitute(value, params, secrets.for_key(key))
-        elif name in params:
-            values[name] = params[name]
+        elif name in given:
+            values[name] = given[name]
+        elif execution_own:
+            raise NodeError(
+                f"query parameter :{name} is the execution's own, and this node runs outside an execution",
+                reason="SQL_MISSING_PARAMETER",
+            )
         else:
             raise NodeError(
                 f"query parameter :{name} has no value (give it in query_params or as a parameter named {name!r})",
@@ -464,7 +462,7 @@ class SQLDatabaseNode(NodeType):
         if isinstance(query, str):
             with contextlib.suppress(NodeError):  # reported when the node runs
                 # Not the execution's own variables: those binds never read an input.
-                names.update(set(prepare_query(query).bind_names) - set(EXECUTION_VARIABLE_NAMES))
+                names.update(set(prepare_query(query).bind_names) - EXECUTION_VARIABLE_NAMES)
         return names
 
     def prepare(self, config: Mapping[str, Any]) -> PreparedSql:

@@ -51,7 +51,7 @@ _MISSING = object()
 
 # The execution's own scalar variables: `${tenant_id}` and the like in configs, and the variables
 # of the same names in PythonCodeNode code. Never taken from an input or a connection.
-EXECUTION_VARIABLE_NAMES = ("tenant_id", "session_id", "execution_id", "workflow_id")
+EXECUTION_VARIABLE_NAMES = frozenset({"tenant_id", "session_id", "execution_id", "workflow_id"})
 
 
 class Parameters(dict[str, Any]):
