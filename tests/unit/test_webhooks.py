@@ -1130,13 +1130,8 @@ async def test_webhooks_from_before_are_tenant_wide_and_the_admins(
     await before._write(register_old)
     await before.close()
     async with running(tmp_path) as env:
-        adas = session_pb2.Session(session_id="ses_ada", tenant="default", creator="fpk_ada")
-        adas.create_time.FromMicroseconds(now)
-        adas.expire_time.FromMicroseconds(now + 60_000_000)
-        await env.store.create_session("default", adas, None)
-        bobs = W.Webhook(webhook_id="bobs", url=bobs_receiver.url(), tenant="default", creator="fpk_bob")
-        bobs.create_time.FromMicroseconds(now)
-        await env.store.create_webhook("default", bobs, b"", None, session_scope="fpk_bob")
+        await _credential_session(env.store, "fpk_ada")
+        await _credential_webhook(env.store, "bobs", bobs_receiver.url(), "fpk_bob")
         await env.dispatcher.webhooks_changed("default")
         in_session = env.bus.publish("execution.completed", tenant="default", session_id="ses_ada", execution_id="e1")
         outside = env.publish()
@@ -1165,14 +1160,8 @@ async def test_a_session_s_owner_is_looked_up_once_not_per_event(
 ) -> None:
     receiver = receivers()
     async with running(tmp_path) as env:
-        now = time.time_ns() // 1000
-        adas = session_pb2.Session(session_id="ses_ada", tenant="default", creator="fpk_ada")
-        adas.create_time.FromMicroseconds(now)
-        adas.expire_time.FromMicroseconds(now + 60_000_000)
-        await env.store.create_session("default", adas, None)
-        hers = W.Webhook(webhook_id="adas", url=receiver.url(), tenant="default", creator="fpk_ada")
-        hers.create_time.FromMicroseconds(now)
-        await env.store.create_webhook("default", hers, b"", None, session_scope="fpk_ada")
+        await _credential_session(env.store, "fpk_ada")
+        await _credential_webhook(env.store, "adas", receiver.url(), "fpk_ada")
         await env.dispatcher.webhooks_changed("default")
         # As in a process that did not create the session: its owner is not cached yet.
         env.store._session_owners = None
@@ -1243,6 +1232,23 @@ async def test_a_tenants_unfinished_deliveries_are_bounded_and_the_rest_dropped_
         assert env.dispatcher.stats("greedy").dropped == 15
 
 
+async def _credential_session(store: _Store, creator: str) -> None:
+    """Session ses_ada of tenant default, made by `creator`, live for a minute."""
+    now = now_us()
+    session = session_pb2.Session(session_id="ses_ada", tenant="default", creator=creator)
+    session.create_time.FromMicroseconds(now)
+    session.expire_time.FromMicroseconds(now + 60_000_000)
+    await store.create_session("default", session, None)
+
+
+async def _credential_webhook(store: _Store, webhook_id: str, url: str, creator: str) -> None:
+    """A webhook of tenant default registered by the non-admin credential `creator`: the events of
+    its own sessions only."""
+    hook = W.Webhook(webhook_id=webhook_id, url=url, tenant="default", creator=creator)
+    hook.create_time.FromMicroseconds(now_us())
+    await store.create_webhook("default", hook, b"", None, session_scope=creator)
+
+
 class _StoreAway:
     """Makes `store`'s session owner lookups and delivery inserts fail as with its database away
     (StoreUnavailable), each while its flag is set."""
@@ -1279,14 +1285,8 @@ async def test_deliveries_the_store_cannot_take_yet_are_kept_within_the_tenants_
     monkeypatch.setattr(periodic, "SETTLES", 0.2)
     admins, adas = receivers(), receivers()
     async with running(tmp_path, tenant_max_pending_deliveries=8) as env:
-        now = now_us()
-        session = session_pb2.Session(session_id="ses_ada", tenant="default", creator="fpk_ada")
-        session.create_time.FromMicroseconds(now)
-        session.expire_time.FromMicroseconds(now + 60_000_000)
-        await env.store.create_session("default", session, None)
-        hers = W.Webhook(webhook_id="adas", url=adas.url(), tenant="default", creator="fpk_ada")
-        hers.create_time.FromMicroseconds(now)
-        await env.store.create_webhook("default", hers, b"", None, session_scope="fpk_ada")
+        await _credential_session(env.store, "fpk_ada")
+        await _credential_webhook(env.store, "adas", adas.url(), "fpk_ada")
         await env.create(admins.url(), webhook_id="admins")  # the tenant's, every session's events
         env.store._session_owners = None  # as in a process that did not create the session
         away = _StoreAway(env.store)
@@ -1400,10 +1400,7 @@ async def test_deliveries_lost_to_a_failed_owner_lookup_are_counted_once_when_th
     monkeypatch.setattr(webhook_dispatcher, "RETRY_UNAVAILABLE", 0.05)
     hers, admins = receivers(), receivers()
     async with running(tmp_path) as env:
-        now = now_us()
-        scoped = W.Webhook(webhook_id="hers", url=hers.url(), tenant="default", creator="fpk_ada")
-        scoped.create_time.FromMicroseconds(now)
-        await env.store.create_webhook("default", scoped, b"", None, session_scope="fpk_ada")
+        await _credential_webhook(env.store, "hers", hers.url(), "fpk_ada")
         await env.create(admins.url(), webhook_id="admins")
         away = [True]
 
