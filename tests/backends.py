@@ -13,6 +13,7 @@ import contextlib
 import os
 import pwd
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -43,44 +44,58 @@ class BackendUnavailable(RuntimeError):
 
 
 _GIVEN: set[int] = set()
+# Ports are drawn from below the kernel's ephemeral range, so a port handed out here is never
+# taken meanwhile as the source port of some connection before its server binds it. Under
+# pytest-xdist each worker draws from blocks of its own, so two workers never hand out one port.
+_LOWEST_PORT = 10000
+_BLOCK = 64
+
+
+def _listening_ports() -> range:
+    """The ports free_port draws from: from _LOWEST_PORT up to the ephemeral range's start."""
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768  # Linux's default
+    return range(_LOWEST_PORT, max(first_ephemeral, _LOWEST_PORT + 64 * _BLOCK))
+
+
+def _worker() -> tuple[int, int]:
+    """(this process's pytest-xdist worker number, how many workers); (0, 1) outside xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")
+    return (int(name[2:]) if name[2:].isdigit() else 0), max(int(count) if count.isdigit() else 1, 1)
+
+
+def _unbound(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int = 1) -> int:
+    """The first of `count` consecutive ports on 127.0.0.1 nobody listens on right now, none handed
+    out before by this process nor by another xdist worker (ports asked for together must differ,
+    and a server with --workers N takes its base port and the N-1 after it)."""
+    worker, workers = _worker()
+    ports = _listening_ports()
+    while True:
+        base = secrets.choice(ports)
+        run = range(base, base + count)
+        if (base // _BLOCK) % workers != worker or (base % _BLOCK) + count > _BLOCK or base + count > ports.stop:
+            continue
+        if any(port in _GIVEN for port in run) or not all(_unbound(port) for port in run):
+            continue
+        _GIVEN.update(run)
+        return base
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now, never one this process handed out
-    before: ports asked for together (HTTP, gRPC, admin) must differ, and the kernel may hand
-    the same free port out twice while none of them is bound yet."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _GIVEN:
-            _GIVEN.add(port)
-            return port
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive ports on 127.0.0.1 nobody listens on right now and none
-    handed out before (a server with --workers N takes its base port and the N-1 after it)."""
-    if count == 1:
-        return free_port()
-    while True:
-        base = free_port()
-        run = range(base, base + count)
-        if base + count > 65536 or any(port in _GIVEN for port in run[1:]):
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for port in run[1:]:
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue  # one of them is taken: try another base
-        finally:
-            for sock in socks:
-                sock.close()
-        _GIVEN.update(run)
-        return base
+    """A TCP port on 127.0.0.1 nobody listens on right now, never handed out before (free_ports)."""
+    return free_ports(1)
 
 
 def process_alive(pid: int) -> bool:
