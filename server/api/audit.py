@@ -65,7 +65,7 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             if query.tenant not in ("", own):
                 note(actions.ACCESS_DENIED, resource_tenant=query.tenant)
                 raise other_tenant_refused("reads the audit log", query.tenant)
-            query = replace(query, tenant=own)
+            query = replace(query, tenant=own, subject_tenant=own)
         filters = {
             "tenant": query.tenant,
             "action": query.action,

@@ -28,6 +28,9 @@ class AuditQuery:
     """Inclusive lower bound on the time."""
     end_us: int | None = None
     """Exclusive upper bound on the time."""
+    subject_tenant: str = ""
+    """With `subject`: only entries whose caller is of this tenant (a tenant admin cannot see the
+    callers of other tenants, so it must not find them by subject either)."""
 
 
 def _row(event: audit_pb2.AuditEvent) -> tuple[object, ...]:
@@ -89,10 +92,15 @@ class AuditTables(Tables):
         elif query.action:
             sql += " AND action=?"
             args.append(query.action)
-        for clause, value in ((" AND subject=?", query.subject), (" AND code=?", query.code)):
-            if value:
-                sql += clause
-                args.append(value)
+        if query.subject:
+            sql += " AND subject=?"
+            args.append(query.subject)
+            if query.subject_tenant:
+                sql += " AND tenant=?"
+                args.append(query.subject_tenant)
+        if query.code:
+            sql += " AND code=?"
+            args.append(query.code)
         if query.start_us is not None:
             sql += " AND time_us>=?"
             args.append(query.start_us)

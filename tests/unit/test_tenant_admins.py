@@ -33,6 +33,36 @@ async def _refused(call: object, code: grpc.StatusCode) -> ApiError:
     return caught.value
 
 
+async def _audit_views(
+    target: str, alpha_admin: apikey_pb2.CreateApiKeyResponse, beta_admin: apikey_pb2.CreateApiKeyResponse
+) -> None:
+    # Beta's admin sees alpha's admin's attempt on beta (its key creation, and its act-as), but not
+    # who made it: another tenant's key and address are not beta's to know.
+    async with AsyncClient(target, api_key=beta_admin.key) as beta_admins:
+        entries = (
+            await beta_admins.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(page_size=500))
+        ).audit_events
+    attempts = [e for e in entries if e.resource_tenant == "beta" and e.code == "PERMISSION_DENIED"]
+    assert attempts, entries
+    for entry in attempts:
+        assert (entry.tenant, entry.subject, entry.credential_id, entry.client_address) == ("", "", "", ""), entry
+    assert alpha_admin.api_key.key_id not in str(entries)
+    # Nor can it find them by naming the caller: a subject filter matches its own tenant's callers only.
+    async with AsyncClient(target, api_key=beta_admin.key) as beta_admins:
+        by_subject = await beta_admins.audit.ListAuditEvents(
+            audit_pb2.ListAuditEventsRequest(subject=alpha_admin.api_key.key_id, page_size=500)
+        )
+        assert list(by_subject.audit_events) == [], by_subject
+    # Alpha's own entries keep who made them.
+    async with AsyncClient(target, api_key=alpha_admin.key) as alpha:
+        own = (await alpha.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(page_size=500))).audit_events
+        by_subject = await alpha.audit.ListAuditEvents(
+            audit_pb2.ListAuditEventsRequest(subject=alpha_admin.api_key.key_id, page_size=500)
+        )
+    assert any(e.subject == alpha_admin.api_key.key_id for e in own), own
+    assert {e.subject for e in by_subject.audit_events} == {alpha_admin.api_key.key_id}, "found by subject"
+
+
 async def test_an_admin_of_a_tenant_reaches_nothing_of_another(running: Running) -> None:
     target = f"127.0.0.1:{running.port}"
     async with AsyncClient(target, api_key=ADMIN_KEY) as operator:
@@ -95,21 +125,7 @@ async def test_an_admin_of_a_tenant_reaches_nothing_of_another(running: Running)
         assert stats.sessions.active == 0, "beta's session is not counted in alpha's figures"
         await _refused(alpha.gateway.GetMetrics(gateway_pb2.GetMetricsRequest()), grpc.StatusCode.PERMISSION_DENIED)
 
-    # Beta's admin sees alpha's admin's attempt on beta (its key creation, and its act-as), but not
-    # who made it: another tenant's key and address are not beta's to know.
-    async with AsyncClient(target, api_key=beta_admin.key) as beta_admins:
-        entries = (
-            await beta_admins.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(page_size=500))
-        ).audit_events
-    attempts = [e for e in entries if e.resource_tenant == "beta" and e.code == "PERMISSION_DENIED"]
-    assert attempts, entries
-    for entry in attempts:
-        assert (entry.tenant, entry.subject, entry.credential_id, entry.client_address) == ("", "", "", ""), entry
-    assert alpha_admin.api_key.key_id not in str(entries)
-    # Alpha's own entries keep who made them.
-    async with AsyncClient(target, api_key=alpha_admin.key) as alpha:
-        own = (await alpha.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(page_size=500))).audit_events
-    assert any(e.subject == alpha_admin.api_key.key_id for e in own), own
+    await _audit_views(target, alpha_admin, beta_admin)
 
     # The operator's admin still does all of it, for any tenant.
     async with AsyncClient(target, api_key=ADMIN_KEY) as operator:
