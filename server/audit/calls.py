@@ -7,14 +7,19 @@ is a few attribute reads and no write. A call is recorded when:
 - its handler called `note(action, ...)` (key and secret changes), with
   the call's final status code;
 - an admin made an admin-only call that changes something (the RPC is
-  declared ADMIN and not NO_SIDE_EFFECTS), or an admin call names another
-  tenant or acts for one (reads included): `admin.call`. An admin's ordinary work in its own tenant (running
+  declared ADMIN and not NO_SIDE_EFFECTS), or an operator's admin (tenant
+  `default`) names another tenant or acts for one (reads included):
+  `admin.call`. An admin's ordinary work in its own tenant (running
   executions, say) is not an admin action, and with authentication off
   (`--insecure-no-auth`) there is no one to record;
-- a non-admin named another tenant in a `tenant` field of the request (or
-  of the resource in it): `access.cross_tenant`. Services act in the
-  caller's own tenant whatever a request says, so this is an attempt the
-  server refused; it is throttled like failures.
+- anyone but the operator's admins named another tenant in a `tenant`
+  field of the request (or of the resource in it): `access.cross_tenant`.
+  Services act in the caller's own tenant whatever a request says, so this
+  is an attempt the server refused; it is throttled like failures.
+
+Every entry of the operator's admins is kept; a tenant admin's calls that
+fail are throttled like a user's (a customer's loop of refused calls must
+not fill the log, nor another tenant's view of it).
 
 Reading the audit log itself is not recorded, even filtered by a tenant.
 
@@ -176,11 +181,17 @@ class CallAuditor:
         if rules.tenant_paths and isinstance(request, Message):
             named = _named_tenant(request, rules.tenant_paths, principal.tenant)
         noted = _NOTE.get()
+        operator = principal.is_operator
         admin_action = (
             principal.is_admin
             and principal.method != "insecure"
-            and bool(named or principal.acting_from or (rules.admin_only and rules.mutating))
+            and bool((named and operator) or principal.acting_from or (rules.admin_only and rules.mutating))
         )
+        # Each entry of the operator's admins is kept. A tenant's admin is a customer: its refused
+        # calls are capped per caller like a user's, or a loop of refusals naming another tenant
+        # would fill that tenant's view of the log (and the log) at the request rate.
+        capped = not principal.is_admin or (not operator and code is not grpc.StatusCode.OK)
+        caller = f"{principal.tenant}/{principal.subject}"
         if noted is None and not named and not admin_action:
             return
         metadata: Any = context.invocation_metadata() or ()
@@ -201,21 +212,23 @@ class CallAuditor:
 
         if noted is not None:
             entry_ = make(noted.action, noted.resource, noted.resource_tenant or named)
-            if code in _REFUSED_INPUT or not principal.is_admin:
+            if code in _REFUSED_INPUT or capped:
                 # A change refused for bad input changed nothing, and a caller can repeat it at
                 # will; a user's own secret changes (a put in a loop) would add a row each to a
                 # log no one may shorten: capped per caller like failures, the rest counted in
                 # one aggregate entry a minute. An admin's changes are each recorded.
-                self._recorder.append_limited(f"{principal.tenant}/{principal.subject}", entry_)
+                self._recorder.append_limited(caller, entry_)
             else:
                 self._recorder.append(entry_)
         elif admin_action:
-            self._recorder.append(make(actions.ADMIN_CALL, _resource(request, response), named or principal.tenant))
-        if named and not principal.is_admin:
+            admin_entry = make(actions.ADMIN_CALL, _resource(request, response), named or principal.tenant)
+            if capped:
+                self._recorder.append_limited(caller, admin_entry)
+            else:
+                self._recorder.append(admin_entry)
+        if named and not operator:
             why = f"the request named tenant {named!r}; the call acted in the caller's own tenant or failed"
-            self._recorder.append_limited(
-                f"{principal.tenant}/{principal.subject}", make(actions.ACCESS_CROSS_TENANT, "", named, why)
-            )
+            self._recorder.append_limited(caller, make(actions.ACCESS_CROSS_TENANT, "", named, why))
 
     def _rules_for(self, method: str, request: object) -> _Rules:
         rules = self._rules.get(method)

@@ -419,6 +419,39 @@ async def test_an_admin_acts_for_another_tenant_only_when_asked_and_it_is_record
     assert (actions.ACCESS_DENIED, "ListSessions", "acme", "", "PERMISSION_DENIED") in recorded
 
 
+async def test_a_tenant_admins_refused_calls_naming_another_tenant_are_capped(settings: Settings) -> None:
+    """A customer's admin naming another tenant in a loop must not add a row a call to the log, nor
+    to that tenant's view of it; its own tenant's changes are still each recorded."""
+    running = await start(settings)
+    try:
+        target = f"127.0.0.1:{running.port}"
+        async with AsyncClient(target, api_key=ADMIN_KEY) as operator:
+            acme = await operator.keys.CreateApiKey(
+                apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant="acme", roles=["admin"]))
+            )
+            async with AsyncClient(target, api_key=acme.key) as acme_admin:
+                for _ in range(25):
+                    await _error(acme_admin.keys.ListApiKeys(apikey_pb2.ListApiKeysRequest(tenant="victim")))
+                    await _error(
+                        acme_admin.keys.CreateApiKey(
+                            apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant="victim", roles=["user"]))
+                        )
+                    )
+                for _ in range(12):
+                    await acme_admin.keys.CreateApiKey(
+                        apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(roles=["user"]))
+                    )
+            about_victim = await _events(operator, tenant="victim")
+            by_acme = [e for e in about_victim if e.subject == acme.api_key.key_id]
+            # Each action of the caller is capped at ten a minute (access.denied, access.cross_tenant),
+            # the rest counted in one entry later: 50 refused calls, at most 20 rows.
+            assert 0 < len(by_acme) <= 20, [(e.action, e.method) for e in by_acme]
+            created = await _events(operator, action=actions.API_KEY_CREATED, tenant="acme")
+            assert len([e for e in created if e.subject == acme.api_key.key_id and e.code == "OK"]) == 12, "each kept"
+    finally:
+        await stop(running, 1.0)
+
+
 async def test_a_users_own_secret_changes_are_capped_then_counted_and_an_admins_are_each_recorded(
     settings: Settings,
 ) -> None:
