@@ -206,6 +206,12 @@ class Executor:
                 f"inputs missing for workflow {workflow.workflow_id!r}: {', '.join(missing)}",
                 violations=[(f"inputs.{name}", "required by the workflow") for name in missing],
             )
+        fixed = plan.fixed_inputs(values)
+        if fixed:
+            raise InvalidArgument(
+                f"inputs set parameters that workflow {workflow.workflow_id!r} fixes: {', '.join(fixed)}",
+                violations=[(f"inputs.{where}", "set by the workflow, not by execution inputs") for where in fixed],
+            )
         key = (request_id, request_hash) if request_id and request_hash is not None else None
         # A stopping process hands an execution nobody waits for to the shared queue, for a
         # process that stays (started here, the stop would cut it off, to be run again by

@@ -108,6 +108,20 @@ class Plan:
                     needs.setdefault(name, []).append(node.node_id)
         return {name: tuple(nodes) for name, nodes in needs.items()}
 
+    @cached_property
+    def fixed_params(self) -> dict[str, frozenset[str]]:
+        """The parameters execution inputs may not set, of each node that has any (NodeType.fixed_params)."""
+        return {nid: n.node_type.fixed_params for nid, n in self.nodes.items() if n.node_type.fixed_params}
+
+    def fixed_inputs(self, values: Mapping[str, Any]) -> list[str]:
+        """Where `values` sets such a parameter under a node's id, as `node.parameter`."""
+        return [
+            f"{nid}.{name}"
+            for nid, fixed in self.fixed_params.items()
+            if isinstance(given := values.get(nid), dict)
+            for name in sorted(fixed & given.keys())
+        ]
+
     def missing_inputs(self, values: Mapping[str, Any]) -> list[str]:
         """The required inputs `values` does not give, either at the top level or, as Kailash
         clients write them, under the id of every node that needs it (`{"echo": {"message": ...}}`)."""

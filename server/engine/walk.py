@@ -333,7 +333,9 @@ class Walker:
             if node.reads is None or key in node.reads:
                 params[key] = value
         if isinstance(own, dict):
-            params.update(own)
+            fixed = node.node_type.fixed_params
+            # CreateExecution refuses the fixed ones; this keeps them out of a run started otherwise.
+            params.update({k: v for k, v in own.items() if k not in fixed} if fixed else own)
         missing = 0
         for binding in node.inbound:
             outputs = run.done.get(binding.from_node)

@@ -167,6 +167,9 @@ class NodeType(ABC):
     # Top-level config keys whose `${secret:NAME}` references the type resolves
     # when it runs (server/secrets/resolver.py); elsewhere validation refuses them.
     secret_fields: ClassVar[frozenset[str]] = frozenset()
+    # Parameters an execution's inputs may not set, not even under the node's id: the workflow's
+    # config or a connection decides them (a caller must not hand itself a role, say).
+    fixed_params: ClassVar[frozenset[str]] = frozenset()
 
     _validator: ClassVar[Draft202012Validator | None] = None
 

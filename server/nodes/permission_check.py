@@ -3,8 +3,9 @@
 It answers with the gateway's own permission model (server/auth/permissions.py),
 so a workflow that gates a step on it agrees with what the API would allow.
 It decides; it grants nothing: the subject's roles come from the workflow
-(a session's metadata, say), never from the caller's credential, and the
-node reaches no resource itself.
+(its config, or a connection from a session's metadata, say), never from the
+caller's credential nor its execution inputs, and the node reaches no
+resource itself.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class PermissionCheckNode(NodeType):
     }
     retry_safe = True
     default_timeout = 5.0
+    # The workflow says whose roles are checked and how (its config, or a connection from, say, a
+    # session's metadata): a caller's inputs must not make the check pass.
+    fixed_params = frozenset({"roles", "enforce_tenant_scope", "permission_format"})
 
     async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
         raw = params.get("permission")

@@ -20,6 +20,7 @@ from flowport.server.errors import InvalidArgument, ResourceExhausted
 from flowport.server.events.bus import EventBus
 from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeServices, NodeType
 from flowport.server.nodes.builtins import MergeNode, SwitchNode
+from flowport.server.nodes.permission_check import PermissionCheckNode
 from flowport.server.nodes.python_code import PythonCodeNode
 from flowport.server.nodes.substitution import substitute
 from flowport.server.storage import IdempotencyConflict, SqliteStore
@@ -115,7 +116,25 @@ class EchoSandbox:
         return {"tenant": tenant, "variables": inputs}
 
 
-REGISTRY = NodeRegistry([AddNode, GateNode, SafeGateNode, FlakyNode, SwitchNode, MergeNode, SayNode, PythonCodeNode])
+class RolesNode(NodeType):
+    """result: the roles in its config, as a session's metadata might give them."""
+
+    type_name = "RolesNode"
+    description = "gives roles"
+    category = "test"
+    config_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"roles": {"type": "array"}}}
+    outputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"result": {"type": "array"}}}
+
+    async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        return {"result": params["roles"]}
+
+
+REGISTRY = NodeRegistry(
+    [
+        *(AddNode, GateNode, SafeGateNode, FlakyNode, SwitchNode, MergeNode, SayNode, PythonCodeNode),
+        *(PermissionCheckNode, RolesNode),
+    ]
+)
 
 
 def wf(
@@ -408,6 +427,35 @@ async def test_a_config_reference_is_a_required_input_checked_before_the_run(
     )
     done = await run(executor, chained, x=1)
     assert json_format.MessageToDict(done.outputs)["s"] == {"result": "got 2"}
+
+
+async def test_a_callers_inputs_cannot_set_the_roles_a_permission_check_checks(
+    env: tuple[Executor, SqliteStore, EventBus],
+) -> None:
+    """The workflow says whose roles a PermissionCheckNode checks (config or connection): a caller
+    handing itself the admin role under the node's id is refused before the run."""
+    executor, _, _ = env
+    gate = wf("gate", [{"type": "PermissionCheckNode", "name": "check", "config": {"roles": ["user"]}}])
+    forged = {"permission": "t:doc:admin", "roles": ["admin"], "enforce_tenant_scope": False}
+    with pytest.raises(InvalidArgument) as caught:
+        await executor.create("t", gate, inputs(check=forged), session_id="", request_id="", request_hash=None)
+    assert caught.value.violations == [
+        ("inputs.check.enforce_tenant_scope", "set by the workflow, not by execution inputs"),
+        ("inputs.check.roles", "set by the workflow, not by execution inputs"),
+    ]
+    done = await run(executor, gate, check={"permission": "t:doc:admin"}, roles=["admin"])
+    assert json_format.MessageToDict(done.outputs)["check"]["allowed"] is False, "a top-level input is not read"
+    # A connection is the workflow's own: it does set them.
+    connected = wf(
+        "gate_connected",
+        [
+            {"type": "RolesNode", "name": "who", "config": {"roles": ["admin"]}},
+            {"type": "PermissionCheckNode", "name": "check"},
+        ],
+        [("who", "result", "check", "roles")],
+    )
+    done = await run(executor, connected, permission="t:doc:admin")
+    assert json_format.MessageToDict(done.outputs)["check"]["allowed"] is True
 
 
 async def test_code_sees_the_executions_own_variables_whatever_inputs_and_connections_say(tmp_path: Path) -> None:
