@@ -44,7 +44,9 @@ def enterprise_health(health: gateway_pb2.Health, *, secrets_loaded: bool) -> ga
     for component in answer.components.values():
         if not component.HasField("last_check"):
             component.last_check.CopyFrom(health.timestamp)
-    answer.status = overall([c.status for c in answer.components.values()])
+    # `resources` shows the tenants' database pools: one tenant's failing database must not turn
+    # the gateway's public status (what an operator's monitor reads) to degraded, as in GetHealth.
+    answer.status = overall([c.status for name, c in answer.components.items() if name != "resources"])
     return answer
 
 
