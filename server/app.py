@@ -115,6 +115,9 @@ DELIVERY_RETENTION = 7 * 24 * 3600.0
 # Deleted workflow versions are removed this long after their deletion (an execution created from
 # one just before has long been written by then: its takeover finds the version).
 DELETED_WORKFLOW_RETENTION = 3600.0
+# Revoked and expired API keys are removed this long after their end (they count toward the
+# tenant's objects until then; a call with one is told why it is refused until then).
+ENDED_API_KEY_RETENTION = 30 * 24 * 3600.0
 # Ended executions past retention are removed this many at a time (one write each), at most
 # this many batches per purge round.
 EXECUTION_PURGE_BATCH = 1000
@@ -838,7 +841,8 @@ class DeliveryWalk:
 
 
 async def purge_expired_rows(store: SqlStore, settings: Settings, now: int, walk: DeliveryWalk | None = None) -> int:
-    """One round of the purge: expired sessions, request ids and service registrations, old finished
+    """One round of the purge: expired sessions, request ids and service registrations, API keys
+    30 days after their revocation or expiry, old finished
     webhook deliveries and each webhook's past its newest `--webhook-delivery-retention-count`
     (of the webhooks `walk` says; every webhook without one),
     workflow versions deleted an hour ago, ended executions past
@@ -859,6 +863,7 @@ async def purge_expired_rows(store: SqlStore, settings: Settings, now: int, walk
         walk.walked(now, since, bool(capped))
     removed += await store.purge_expired_services(now)
     removed += await store.purge_deleted_workflows(now - int(DELETED_WORKFLOW_RETENTION * 1e6))
+    removed += await store.purge_ended_api_keys(now - int(ENDED_API_KEY_RETENTION * 1e6))
     if settings.execution_retention_seconds:
         before = now - int(settings.execution_retention_seconds * 1e6)
         # Bounded per round: a backlog (retention just turned on) goes over several rounds.

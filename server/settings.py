@@ -196,9 +196,10 @@ class Settings(BaseModel):
         10_000,
         ge=0,
         le=100_000_000,
-        description="workflow versions, registered services, resources and secrets one tenant may keep, "
-        "each kind counted apart; past it a create is RESOURCE_EXHAUSTED (HTTP 429, reason TENANT_QUOTA), so one "
-        "tenant cannot fill the store every tenant shares; 0 removes the cap",
+        description="workflow versions, registered services, resources, secrets and API keys one tenant may keep, "
+        "each kind counted apart (revoked and expired keys until the purge, 30 days after their end); past it "
+        "a create is RESOURCE_EXHAUSTED (HTTP 429, reason TENANT_QUOTA), so one tenant cannot fill the store "
+        "every tenant shares; 0 removes the cap",
     )
     tenant_max_object_bytes: int = Field(
         2**30,

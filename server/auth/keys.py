@@ -28,6 +28,9 @@ MIN_CONFIGURED_KEY_CHARS = 32
 # A cached verdict is reused this long; revocation through this server
 # evicts it at once.
 CACHE_SECONDS = 30.0
+# Verdicts kept at most: past it the oldest goes (a tenant's admin may make many keys, and
+# each process would otherwise keep one entry per key ever used).
+MAX_CACHED = 65_536
 # Published on revocation, so every process sharing the bus forgets the key.
 REVOKED_EVENT = "api_key.revoked"
 # Keys with open streams are checked against the store this often, so a
@@ -60,7 +63,8 @@ class KeyAuthenticator:
 
     def __init__(self, store: ApiKeyTables) -> None:
         self._store = store
-        self._cache: dict[bytes, _Cached] = {}
+        self._cache: dict[bytes, _Cached] = {}  # oldest first: dicts keep their insertion order
+        self._digest_of: dict[str, bytes] = {}  # by key id, so forget() looks at one entry
         # Bumped by forget(): a lookup that started before a revocation must
         # not put what it read (the key still valid) into the cache after it.
         self._generation = 0
@@ -97,18 +101,30 @@ class KeyAuthenticator:
             )
             cached = _Cached(principal, expire_us, now)
             if generation == self._generation:
-                self._cache[digest] = cached
+                self._remember(digest, cached)
         if cached.expire_us is not None and now * 1e6 >= cached.expire_us:
-            self._cache.pop(digest, None)
+            self._drop(digest)
             raise AuthenticationFailed("expired api key", credential_id=cached.principal.credential_id)
         return cached.principal
+
+    def _remember(self, digest: bytes, cached: _Cached) -> None:
+        self._drop(digest)  # moved to the newest end
+        while len(self._cache) >= MAX_CACHED:
+            self._drop(next(iter(self._cache)))
+        self._cache[digest] = cached
+        self._digest_of[cached.principal.credential_id] = digest
+
+    def _drop(self, digest: bytes) -> None:
+        cached = self._cache.pop(digest, None)
+        if cached is not None and self._digest_of.get(cached.principal.credential_id) == digest:
+            del self._digest_of[cached.principal.credential_id]
 
     def forget(self, key_id: str) -> None:
         """Evict a key (after revocation) so the next call is refused, and end the streams it opened here."""
         self._generation += 1
-        for digest, cached in list(self._cache.items()):
-            if cached.principal.credential_id == key_id:
-                del self._cache[digest]
+        digest = self._digest_of.get(key_id)
+        if digest is not None:
+            self._drop(digest)
         ended = self.streams.revoked(key_id)
         if ended:
             log.info("ended %d stream(s) opened with the revoked api key %s", ended, key_id)

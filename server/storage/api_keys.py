@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flowport.server.storage import idempotency
+from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import IdempotentResult
 from flowport.server.storage.tables import Connection, Tables, micros
 from flowport.v1 import apikey_pb2
@@ -31,6 +31,8 @@ class ApiKeyTables(Tables):
                 "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL, ?)",
                 (key.key_id, key.tenant, key_hash, now_us, expire, body),
             )
+            # A tenant's admin is a customer: its keys count toward the tenant's objects.
+            quotas.check(conn, self.quotas, key.tenant, quotas.API_KEYS)
             return IdempotentResult(body, replayed=False)
 
         return await self._write(op)
@@ -93,3 +95,15 @@ class ApiKeyTables(Tables):
         row = await self._lookup("SELECT count(*) FROM api_keys", ())
         assert row is not None
         return int(row[0])
+
+    async def purge_ended_api_keys(self, ended_before_us: int) -> int:
+        """Remove keys revoked or expired before `ended_before_us` (until then a call with one is told
+        it is revoked or expired, and GetApiKey shows it); returns how many went."""
+
+        def op(conn: Connection) -> int:
+            cursor = conn.execute(
+                "DELETE FROM api_keys WHERE revoke_us < ? OR expire_us < ?", (ended_before_us, ended_before_us)
+            )
+            return max(cursor.rowcount, 0)
+
+        return await self._write(op)

@@ -1,7 +1,8 @@
 """How much of each kind of object one tenant may keep in the shared store.
 
 Without a cap, one tenant with a valid key could fill the disk every tenant
-shares with workflow versions, webhooks, services, resources or secrets
+shares with workflow versions, webhooks, services, resources, secrets or (its
+admins) API keys
 (executions are counted in bytes instead: server/engine/execution_bytes.py).
 Webhooks have a smaller cap of their own, since every event is delivered to
 each webhook that wants it. Resources from the
@@ -47,6 +48,9 @@ WEBHOOKS = Kind("webhooks", "webhooks")
 SERVICES = Kind("services", "registered services (expired ones count until the purge removes them, within a minute)")
 RESOURCES = Kind("resources", "resources")
 SECRETS = Kind("secrets", "secrets", column="sealed")
+API_KEYS = Kind(
+    "api_keys", "API keys (revoked and expired ones count until the purge removes them, 30 days after their end)"
+)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from flowport.server.errors import ResourceExhausted
 from flowport.server.secrets.cipher import Sealed
 from flowport.server.storage import SqlStore, quotas
 from flowport.server.storage.quotas import TenantQuotas
-from flowport.v1 import registry_pb2, resource_pb2, session_pb2, webhook_pb2, workflow_pb2
+from flowport.v1 import apikey_pb2, registry_pb2, resource_pb2, session_pb2, webhook_pb2, workflow_pb2
 from flowport.v1.execution_pb2 import Execution
 
 from ..conftest import ADMIN_KEY, make_settings
@@ -81,8 +81,15 @@ async def _put_secret(store: SqlStore, tenant: str, name: str) -> object:
     )
 
 
+async def _create_api_key(store: SqlStore, tenant: str, name: str, expire_us: int | None = None) -> object:
+    key = apikey_pb2.ApiKey(key_id=f"fpk_{tenant}_{name}", tenant=tenant, roles=["user"], create_time=_ts(NOW))
+    if expire_us is not None:
+        key.expire_time.CopyFrom(_ts(expire_us))
+    return await store.create_api_key(key, f"{tenant}/{name}".encode(), None, tenant)
+
+
 @pytest.mark.parametrize(
-    "create", [_create_workflow, _create_webhook, _register_service, _create_resource, _put_secret]
+    "create", [_create_workflow, _create_webhook, _register_service, _create_resource, _put_secret, _create_api_key]
 )
 async def test_a_tenant_keeps_at_most_its_cap_of_each_kind_and_the_others_are_untouched(
     store: SqlStore, create: Create
@@ -161,6 +168,21 @@ async def test_expired_service_registrations_are_purged(store: SqlStore) -> None
     assert await store.purge_expired_services(NOW + HOUR) == 1
     assert await store.get_service("t", "forever", NOW + HOUR) is not None
     await _register_service(store, "t", "room-again")
+
+
+async def test_api_keys_are_purged_30_days_after_their_revocation_or_expiry(store: SqlStore) -> None:
+    """A tenant's admin rotating keys gets its room back: ended keys count until the purge."""
+    day = 24 * HOUR
+    await _create_api_key(store, "t", "revoked")
+    await _create_api_key(store, "t", "expiring", expire_us=NOW + day)
+    await _refused(_create_api_key(store, "t", "one-more"))
+    assert await store.revoke_api_key("fpk_t_revoked", "t", NOW) is not None
+    # The purge names the time before which ended keys go (its round's time less 30 days).
+    assert await store.purge_ended_api_keys(NOW) == 0, "revoked at NOW, expiring a day later: neither before"
+    assert await store.purge_ended_api_keys(NOW + day) == 1
+    assert await store.purge_ended_api_keys(NOW + day + 1) == 1
+    assert await store.get_api_key("fpk_t_revoked", None) is None
+    await _create_api_key(store, "t", "room-again")
 
 
 async def test_a_create_past_the_cap_is_resource_exhausted_through_the_api(tmp_path: Path) -> None:
