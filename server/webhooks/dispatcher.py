@@ -34,7 +34,9 @@ Flow:
   again. All of it is said once, then once a minute (`Failures`), then when
   the store works again. Only a stop during the outage loses what is held
   (counted in `lost`, shown as GetStats' `webhooks.lost` and the Prometheus
-  outcome `lost`, and said once).
+  outcome `lost`, and said once), or a write of kept rows that fails for
+  another reason without having committed (their attempts find no row:
+  each counted lost and logged).
 
 In memory the dispatcher holds a small record per unfinished delivery (ids
 and a timer), never its body (but for rows waiting for the store to come
@@ -147,6 +149,9 @@ class _Pending:
     key: Key
     timer: asyncio.TimerHandle | None = None
     dropped: bool = False
+    # Its row's write failed after an outage and may never have committed: a missing row is then
+    # a lost delivery, not one deleted meanwhile.
+    unconfirmed: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -510,14 +515,16 @@ class WebhookDispatcher:
             # they are there, and this one fails. Each attempt reads its row first, and forgets a
             # delivery whose row is not there.
             log.warning("could not queue %d webhook deliveries again: delivering those already stored", len(rows))
+            unconfirmed = True
         else:
             self._store_failures.worked()
+            unconfirmed = False
         if again:
             for row in rows:
                 self._inboxed(row.tenant, -1)
         # Once closed, the rows wait for the next start.
         for row in rows:
-            self._schedule(_Pending(row.delivery_id, (row.tenant, row.webhook_id)), 0.0)
+            self._schedule(_Pending(row.delivery_id, (row.tenant, row.webhook_id), unconfirmed=unconfirmed), 0.0)
         return len(rows)
 
     def _count_lost(self, tenant: str, lost: int) -> None:
@@ -654,6 +661,10 @@ class WebhookDispatcher:
         row = await self._store.delivery_for_attempt(pending.delivery_id)
         hook = self._hooks.get(pending.key)
         if row is None or row.state not in UNFINISHED or hook is None:
+            if row is None and pending.unconfirmed and hook is not None:
+                # Its write never committed: the delivery will not be made.
+                self._count_lost(tenant, 1)
+                log.error("webhook delivery %s was never stored and is lost", pending.delivery_id)
             self._forget(pending)
             return
         number = row.attempts + 1

@@ -1391,6 +1391,41 @@ async def test_deliveries_whose_rows_cannot_be_written_are_counted_lost(
     assert _deliveries_counted(metrics, "lost") == 2 and _deliveries_counted(metrics, "dropped") is None
 
 
+@pytest.mark.parametrize("committed", [False, True], ids=["never-stored", "stored-before-the-error"])
+async def test_kept_deliveries_whose_second_write_fails_are_made_if_stored_and_counted_lost_if_not(
+    env: Env, receivers: Callable[..., Receiver], monkeypatch: pytest.MonkeyPatch, committed: bool
+) -> None:
+    """Rows kept through an outage are written again; when that write fails for another reason it
+    may still have committed, so they are tried: made when their row is there, counted lost when not."""
+    monkeypatch.setattr(webhook_dispatcher, "RETRY_UNAVAILABLE", 0.05)
+    receiver = receivers()
+    await env.create(receiver.url())
+    await env.create(receiver.url())
+    real = env.store.insert_deliveries
+    calls = 0
+
+    async def outage_then_error(rows: Any, **fields: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StoreUnavailable("cannot connect to the database (tried a moment ago)")
+        if committed:
+            await real(rows, **fields)
+        raise RuntimeError("the connection broke after the write")
+
+    env.store.insert_deliveries = outage_then_error  # type: ignore[method-assign]
+    env.publish()
+
+    async def settled() -> bool:
+        return env.dispatcher.unfinished == 0 and calls >= 2 and (len(receiver.events()) == 2 or env.dispatcher.lost)
+
+    await eventually(settled, "the kept deliveries made or counted lost")
+    if committed:
+        assert (len(receiver.events()), env.dispatcher.lost) == (2, 0)
+    else:
+        assert (receiver.events(), env.dispatcher.lost) == ([], 2)
+
+
 async def test_deliveries_lost_to_a_failed_owner_lookup_are_counted_once_when_the_batch_goes_round_again(
     tmp_path: Path, receivers: Callable[..., Receiver], monkeypatch: pytest.MonkeyPatch
 ) -> None:
