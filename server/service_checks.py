@@ -2,7 +2,7 @@
 
 Every `interval` seconds, each live registration with an http(s) endpoint
 and a `health_path` gets one GET of endpoint + path (no redirects followed,
-`timeout` seconds): a 2xx answer is HEALTHY. Each grpc(s):// endpoint gets
+`timeout` seconds, the body never read): a 2xx answer is HEALTHY. Each grpc(s):// endpoint gets
 one `grpc.health.v1.Health/Check` for its `health_service`: SERVING is
 HEALTHY. Anything else (another answer, a timeout, a refused connection) is
 UNHEALTHY; the status, the latency and the time are recorded on the
@@ -76,7 +76,12 @@ async def _http_ok(http: httpx.AsyncClient, service: registry_pb2.RegisteredServ
     if pinned is not None:
         headers["host"] = url.netloc.decode("ascii")
         url = url.copy_with(host=pinned)
-    response = await http.get(url, headers=headers, follow_redirects=False)
+    request = http.build_request("GET", url, headers=headers)
+    # Only the status matters: the body is never read. httpx would decode a gzip body whole, and a
+    # few hundred KB of compressed zeros from a tenant's endpoint would take hundreds of MB and
+    # hold the event loop while it expanded. Closing unread drops the connection.
+    response = await http.send(request, stream=True, follow_redirects=False)
+    await response.aclose()
     return 200 <= response.status_code < 300
 
 

@@ -36,7 +36,11 @@ Behaviour of `perform`:
   `X-API-Key` and RESTClientNode's API key header are dropped when the
   origin changes).
 - Bodies larger than `max_response_bytes` (at most 10 MiB) fail with
-  `HTTP_RESPONSE_TOO_LARGE`; the size is counted after decompression.
+  `HTTP_RESPONSE_TOO_LARGE`; the size is counted after decompression (and
+  before it too). gzip and deflate are decoded here a step at a time, each
+  step counted before the next, so a compressed bomb never expands past the
+  cap in memory; a body in br or zstd, which could not be decoded that way,
+  fails with `HTTP_BAD_RESPONSE`.
 - Header values (from the config, inputs, a resource's profile, secrets)
   must be printable ASCII (tabs inside allowed): anything else fails the
   node with `INVALID_PARAMETER` naming the header, never quoting the value
@@ -73,7 +77,8 @@ import json
 import math
 import random
 import re
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeGuard
@@ -101,6 +106,9 @@ if TYPE_CHECKING:
     from flowport.server.resources.directory import HttpResource
 
 MAX_RESPONSE_BYTES: Final = 10 * 1024 * 1024
+# A compressed body is decoded at most this much at a time and counted before any more is: one
+# small compressed chunk can otherwise expand a thousandfold in memory before the cap is checked.
+DECODE_STEP: Final = 64 * 1024
 MAX_REDIRECTS: Final = 5
 DEADLINE_MARGIN: Final = 0.05  # seconds
 METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
@@ -647,14 +655,111 @@ async def _read_capped(response: httpx.Response, cap: int, head: bool, url: http
             f"response from {_safe(url)} is {declared} bytes, more than the {cap} allowed",
             reason="HTTP_RESPONSE_TOO_LARGE",
         )
+    layers: list[_Inflater] | None = None
+    received = 0
     body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > cap:
+    # Raw bytes, decoded here a step at a time: httpx's aiter_bytes() decodes a whole chunk at once.
+    async for chunk in response.aiter_raw():
+        if layers is None:
+            # Only a body that is there is refused for its coding (not a HEAD answer's header).
+            layers = _inflaters(response.headers, url)
+        received += len(chunk)
+        for piece in _decoded(chunk, layers):
+            body += piece
+            if len(body) > cap:
+                raise NodeError(
+                    f"response from {_safe(url)} is larger than the {cap} bytes allowed",
+                    reason="HTTP_RESPONSE_TOO_LARGE",
+                )
+        # The compressed size counts too, as the content-length check above does: data past the
+        # end of a gzip stream, or deflate blocks that decode to nothing, would otherwise be read
+        # without limit until the timeout.
+        if received > cap:
             raise NodeError(
                 f"response from {_safe(url)} is larger than the {cap} bytes allowed", reason="HTTP_RESPONSE_TOO_LARGE"
             )
     return bytes(body)
+
+
+# Codings httpx would decode in one piece each when its optional packages are installed: refused,
+# as they cannot be decoded a step at a time here. Other names it does not know (a mislabelled
+# "utf-8", say) it passes through undecoded, and so does the node.
+_UNDECODED_CODINGS: Final = frozenset({"br", "zstd"})
+
+
+class _Inflater:
+    """One gzip or deflate layer of a body, producing at most DECODE_STEP bytes per piece."""
+
+    def __init__(self, coding: str, url: httpx.URL) -> None:
+        self._coding, self._url = coding, url
+        self._zlib: zlib._Decompress | None = None
+        # deflate: its first bytes, until there are two to tell a zlib header from raw deflate.
+        self._start = b""
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if self._zlib is None:
+            if self._coding == "deflate":
+                data = self._start + data
+                if len(data) < 2:
+                    self._start = data
+                    return
+                # "deflate" is meant to be zlib-wrapped, but servers also send raw deflate (as httpx allows).
+                wbits = zlib.MAX_WBITS if _zlib_header(data) else -zlib.MAX_WBITS
+            else:
+                wbits = zlib.MAX_WBITS | 16  # gzip
+            self._zlib = zlib.decompressobj(wbits)
+        inflater = self._zlib
+        more = bool(data)
+        # After the end of the stream anything more is ignored (as httpx does), and never buffered.
+        while more and not inflater.eof:
+            try:
+                piece = inflater.decompress(data, DECODE_STEP)
+            except zlib.error as exc:
+                raise NodeError(
+                    f"response from {_safe(self._url)} is not valid {self._coding} data: {exc}",
+                    reason="HTTP_BAD_RESPONSE",
+                ) from exc
+            data = inflater.unconsumed_tail
+            if piece:
+                yield piece
+            # zlib stops when its input or the room it was given runs out; only the latter leaves
+            # output pending.
+            more = bool(data) or len(piece) == DECODE_STEP
+
+
+def _zlib_header(data: bytes) -> bool:
+    """Whether `data` starts with a zlib header (RFC 1950: method 8, window at most 32 KiB, check bits)."""
+    return data[0] & 0x0F == 8 and data[0] >> 4 <= 7 and (data[0] << 8 | data[1]) % 31 == 0
+
+
+def _inflaters(headers: httpx.Headers, url: httpx.URL) -> list[_Inflater]:
+    """The layers to decode a body with, outermost first; NodeError for a coding the node cannot decode."""
+    layers: list[_Inflater] = []
+    # Listed in the order they were applied: decoded in reverse.
+    for listed in reversed(headers.get_list("content-encoding", split_commas=True)):
+        coding = listed.strip().lower()
+        if coding in ("gzip", "x-gzip", "deflate"):
+            layers.append(_Inflater("gzip" if coding == "x-gzip" else coding, url))
+        elif coding in _UNDECODED_CODINGS:
+            raise NodeError(
+                f"response from {_safe(url)} is compressed with {coding}, which HTTP nodes do not decode "
+                "(they decode gzip and deflate)",
+                reason="HTTP_BAD_RESPONSE",
+            )
+    return layers
+
+
+def _decoded(chunk: bytes, layers: list[_Inflater]) -> Iterator[bytes]:
+    """`chunk` through every layer, lazily: each piece is counted before the next is decoded."""
+    pieces: Iterable[bytes] = (chunk,)
+    for layer in layers:
+        pieces = _through(layer, pieces)
+    return iter(pieces)
+
+
+def _through(layer: _Inflater, pieces: Iterable[bytes]) -> Iterator[bytes]:
+    for piece in pieces:
+        yield from layer.feed(piece)
 
 
 def _safe(url: httpx.URL) -> str:
