@@ -31,6 +31,11 @@ key of alpha's tenant gets NOT_FOUND (WEBHOOK_NOT_FOUND) from every RPC
 naming alpha's webhook and does not list it, and its own webhook receives
 none of the events of alpha's sessions; alpha's admin sees alpha's webhook.
 
+Another tenant's admin (gamma) administers its own tenant alone: every admin-only RPC it
+calls with alpha's identifiers and tenant is refused, missing or shows nothing of alpha's, every
+other RPC answers it as it answers beta, and acting for alpha (x-flowport-act-as-tenant) is
+refused on every RPC but the public ones.
+
 Afterwards every resource of alpha is checked to be as it was.
 """
 
@@ -53,6 +58,7 @@ import flowport.v1
 from flowport.clients import ApiError, AsyncClient
 from flowport.server.app import Running
 from flowport.server.auth.permissions import Access, access_for
+from flowport.server.auth.principal import ACT_AS_HEADER
 from flowport.transcoder.http_rules import descriptor_path
 from flowport.v1 import (
     apikey_pb2,
@@ -148,9 +154,10 @@ def _request(method: MethodDescriptor, alpha: Alpha) -> Message:
 class Caller:
     """Calls any RPC by descriptor, with one tenant's key."""
 
-    def __init__(self, channel: grpc.aio.Channel, key: str) -> None:
+    def __init__(self, channel: grpc.aio.Channel, key: str, tenant: str = "beta", *extra: tuple[str, str]) -> None:
         self.channel = channel
-        self.metadata = (("x-api-key", key),)
+        self.tenant = tenant
+        self.metadata = (("x-api-key", key), *extra)
 
     def _call(self, method: MethodDescriptor) -> Any:
         output = message_factory.GetMessageClass(method.output_type)
@@ -289,6 +296,7 @@ async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> N
             _beta_key_id, beta_key = await _user_key(admin, "beta")
             sibling_key_id, sibling_key = await _user_key(admin, "alpha")
             _alpha_admin_key_id, alpha_admin_key = await _user_key(admin, "alpha", "admin")
+            _gamma_key_id, gamma_key = await _user_key(admin, "gamma", "admin")
         async with (
             AsyncClient(target, api_key=alpha_key) as alpha_client,
             AsyncClient(target, api_key=beta_key) as beta_client,
@@ -310,6 +318,7 @@ async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> N
                 webhook_pb2.CreateWebhookRequest(webhook=webhook_pb2.Webhook(url=beta_receiver.url()))
             )
             checked = await _every_rpc(beta, alpha)
+            checked += await _another_tenants_admin(target, gamma_key, alpha)
             checked += await _every_session_rpc(sibling, alpha)
             checked += await _every_rpc_on_the_session_s_contents(sibling, alpha)
             checked += await _every_webhook_rpc(sibling, alpha)
@@ -336,22 +345,7 @@ async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> N
                 alpha_client,
                 alpha,  # type: ignore[attr-defined]
             )
-        # Until each webhook has had its own tenant's events (deliveries run in the background).
-        for _ in range(200):
-            if beta_receiver.events() and any(
-                e.get("session_id") == alpha.ids["session_id"] for e in alpha_receiver.events()
-            ):
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)  # and a moment for any delivery that should not come
-        beta_seen = beta_receiver.events()
-        assert beta_seen, "beta's webhook should have received beta's own events"
-        leaked = [e for e in beta_seen if e.get("tenant") != "beta" or e.get("id") in alpha.event_ids]
-        assert not leaked, f"beta's webhook received alpha's events: {leaked[:3]}"
-        assert alpha_receiver.events(), "alpha's webhook should have received alpha's events"
-        assert any(e.get("session_id") == alpha.ids["session_id"] for e in alpha_receiver.events()), (
-            "alpha's webhook should have received the events of alpha's own session"
-        )
+        await _each_webhook_heard_its_own_tenant_only(alpha_receiver, beta_receiver, alpha)
     finally:
         alpha_receiver.close()
         beta_receiver.close()
@@ -359,8 +353,31 @@ async def test_tenant_b_cannot_reach_anything_of_tenant_a(running: Running) -> N
     assert checked >= 30
 
 
-async def _every_rpc(beta: Caller, alpha: Alpha) -> int:
-    """Calls every RPC as beta; returns how many were checked."""
+async def _each_webhook_heard_its_own_tenant_only(
+    alpha_receiver: Receiver, beta_receiver: Receiver, alpha: Alpha
+) -> None:
+    """Beta's webhook received beta's events only, alpha's those of alpha's session."""
+    # Until each webhook has had its own tenant's events (deliveries run in the background).
+    for _ in range(200):
+        if beta_receiver.events() and any(
+            e.get("session_id") == alpha.ids["session_id"] for e in alpha_receiver.events()
+        ):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # and a moment for any delivery that should not come
+    beta_seen = beta_receiver.events()
+    assert beta_seen, "beta's webhook should have received beta's own events"
+    leaked = [e for e in beta_seen if e.get("tenant") != "beta" or e.get("id") in alpha.event_ids]
+    assert not leaked, f"beta's webhook received alpha's events: {leaked[:3]}"
+    assert alpha_receiver.events(), "alpha's webhook should have received alpha's events"
+    assert any(e.get("session_id") == alpha.ids["session_id"] for e in alpha_receiver.events()), (
+        "alpha's webhook should have received the events of alpha's own session"
+    )
+
+
+async def _every_rpc(beta: Caller, alpha: Alpha, *, admin: bool = False) -> int:
+    """Calls every RPC as beta (`admin`: with an admin key of its own tenant, which administers
+    that tenant alone); returns how many were checked."""
     checked = 0
     # Creates last: beta's own resource under alpha's name (a secret, say)
     # would otherwise answer beta's Get.
@@ -372,14 +389,20 @@ async def _every_rpc(beta: Caller, alpha: Alpha) -> int:
         if access is Access.PUBLIC:
             response = await beta.unary(method, request)
             assert not any(mark in _text(response) for mark in alpha.marks()), label
+        elif access is Access.ADMIN and admin:
+            await _as_tenant_admin(beta, method, request, alpha, label)
         elif access in (Access.ADMIN, Access.OPERATOR):
             code = await _code(
                 beta.stream(method, request, 2.0) if method.server_streaming else beta.unary(method, request)
             )
             assert code is grpc.StatusCode.PERMISSION_DENIED, f"{label}: {code}"
         elif path in TENANT_FREE:
-            response = await beta.unary(method, request)
-            assert not any(mark in _text(response) for mark in alpha.marks()), label
+            try:
+                response = await beta.unary(method, request)
+            except grpc.aio.AioRpcError as error:  # an admin naming alpha in a `tenant` filter (GetStats)
+                assert admin and error.code() is grpc.StatusCode.PERMISSION_DENIED, f"{label}: {error.code()}"
+            else:
+                assert not any(mark in _text(response) for mark in alpha.marks()), label
         elif method.server_streaming and verb == "StreamEvents":
             for replay in ({"after_id": alpha.event_ids[0]}, {"after_id": "0"}, {}):
                 stream_request = event_pb2.StreamEventsRequest(**replay)
@@ -405,6 +428,50 @@ async def _every_rpc(beta: Caller, alpha: Alpha) -> int:
             await _own(beta, method, request, alpha, label)
         else:
             raise AssertionError(f"{label}: no isolation rule for the verb of {verb}; add one to this test")
+        checked += 1
+    return checked
+
+
+async def _as_tenant_admin(admin: Caller, method: MethodDescriptor, request: Message, alpha: Alpha, label: str) -> None:
+    """An admin-only RPC called by another tenant's admin with alpha's identifiers (its tenant in
+    every `tenant` field): refused, missing, or answered with nothing of alpha's."""
+    if method.name.startswith(OWN_VERBS):
+        # Keys it makes are its own tenant's; naming alpha's is refused (test_tenant_admins.py).
+        code = await _code(admin.unary(method, request))
+        assert code in (grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED), f"{label}: {code}"
+        return
+    try:
+        if method.server_streaming:
+            received = await admin.stream(method, request, 1.0)
+        else:
+            received = [await admin.unary(method, request)]
+    except grpc.aio.AioRpcError as error:
+        refused = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+        assert error.code() in refused, f"{label}: {error.code()}"
+        return
+    text = " ".join(_text(m) for m in received)
+    assert not any(mark in text for mark in alpha.marks()), f"{label}: {text[:300]}"
+
+
+async def _another_tenants_admin(target: str, key: str, alpha: Alpha) -> int:
+    """An admin of another tenant administers that tenant alone, and acts for no other."""
+    admin = Caller(grpc.aio.insecure_channel(target), key, "gamma")
+    checked = await _every_rpc(admin, alpha, admin=True)
+    return checked + await _nothing_as_alpha(Caller(admin.channel, key, "gamma", (ACT_AS_HEADER, "alpha")))
+
+
+async def _nothing_as_alpha(admin: Caller) -> int:
+    """Every RPC but the public ones, by another tenant's admin acting for alpha: refused."""
+    checked = 0
+    for method in _api_methods():
+        path = _path(method)
+        if access_for(path) is Access.PUBLIC:
+            continue
+        request = message_factory.GetMessageClass(method.input_type)()
+        code = await _code(
+            admin.stream(method, request, 1.0) if method.server_streaming else admin.unary(method, request)
+        )
+        assert code is grpc.StatusCode.PERMISSION_DENIED, f"{path} acting for alpha: {code}"
         checked += 1
     return checked
 
@@ -634,27 +701,27 @@ async def _own(beta: Caller, method: MethodDescriptor, request: Message, alpha: 
         )
         created = await beta.unary(method, replay)
         assert created.session_id != alpha.ids["session_id"], label  # type: ignore[attr-defined]
-        assert created.tenant == "beta", label  # type: ignore[attr-defined]
+        assert created.tenant == beta.tenant, label  # type: ignore[attr-defined]
         return
     if name == "CreateWorkflow":  # alpha's workflow name: beta's own first version (ids are per tenant)
         workflow = workflow_pb2.Workflow(name="alpha-flow")
         json_format.ParseDict({"nodes": [{"type": "MergeNode", "name": "m"}]}, workflow)
         created = await beta.unary(method, workflow_pb2.CreateWorkflowRequest(workflow=workflow))
-        assert (created.tenant, created.version) == ("beta", 1), label  # type: ignore[attr-defined]
+        assert (created.tenant, created.version) == (beta.tenant, 1), label  # type: ignore[attr-defined]
         return
     if name == "CreateWebhook":  # nothing of alpha's to name; covered by beta's receiver
         return
     if name == "RegisterService":  # alpha's service id: beta's own registration, alpha's untouched (checked later)
         service = registry_pb2.RegisteredService(service_id=alpha.ids["service_id"], endpoint="http://127.0.0.1:9/b")
         created = await beta.unary(method, registry_pb2.RegisterServiceRequest(service=service))
-        assert created.tenant == "beta", label  # type: ignore[attr-defined]
+        assert created.tenant == beta.tenant, label  # type: ignore[attr-defined]
         return
     if name == "CreateResource":  # alpha's resource name: beta's own resource, alpha's untouched (checked later)
         resource = resource_pb2.Resource(
             name=alpha.ids["resource_name"], http=resource_pb2.HttpProfile(base_url="http://127.0.0.1:9/beta")
         )
         created = await beta.unary(method, resource_pb2.CreateResourceRequest(resource=resource))
-        assert created.tenant == "beta", label  # type: ignore[attr-defined]
+        assert created.tenant == beta.tenant, label  # type: ignore[attr-defined]
         return
     if name == "PutSecret":  # alpha's secret name: beta's own secret, alpha's untouched (checked later)
         request.value = "beta-value"  # type: ignore[attr-defined]
