@@ -13,7 +13,7 @@ the upgrade with the HTTP status and JSON `google.rpc.Status` that
 server refuses its handshakes. Two refusals come before any stream: a
 request without `upgrade: websocket` (426), and a handshake beyond those
 allowed to wait for theirs (503 with Retry-After): MAX_PENDING_PER_CLIENT
-from one client address, MAX_PENDING_HANDSHAKES of addresses without a
+from one client address (an IPv6 one's /64), MAX_PENDING_HANDSHAKES of addresses without a
 recent 401, MAX_PENDING_FAILING of addresses with one. The server answers
 an address's repeated failures more and more slowly, and a handshake waits
 through that stall: apart, and few per address, such handshakes cannot take
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections import OrderedDict, deque
@@ -212,6 +213,21 @@ def frame(event: event_pb2.Event) -> str:
 
 def _error(message: str, code: str = "") -> str:
     return orjson.dumps({"type": "error", "error": message, **({"code": code} if code else {})}).decode()
+
+
+def counted_as(address: str) -> str:
+    """The client a handshake counts against: an IPv4 address itself, an IPv6 one its /64 (one
+    customer's network hands out a /64 or more, so counting its addresses apart would give one
+    client 2**64 times the places), an IPv4-mapped one the IPv4 address; anything else as given."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return str(parsed)
 
 
 def _printable_ascii(value: str) -> bool:
@@ -452,9 +468,10 @@ class WebSocketBridge:
             self._drop(connection)
 
     def _addresses(self, connection: ServerConnection, request: Request) -> tuple[str, str]:
-        """The `x-forwarded-for` passed on to the server and the client address, which the limits on
-        waiting handshakes count by: from a trusted proxy the header's last entry (origin_of's, the
-        one Envoy appends, never what the client claimed before it), passed on alone; else the peer."""
+        """The `x-forwarded-for` passed on to the server, and the client the limits on waiting
+        handshakes count by. The address is, from a trusted proxy, the header's last entry (origin_of's,
+        the one Envoy appends, never what the client claimed before it), passed on alone; else the
+        peer. It is counted as itself, or an IPv6 one as its /64 (counted_as)."""
         peer = str(connection.remote_address[0]) if connection.remote_address else ""
         # Envoy sends one header; a trusted peer calling the port directly may send several.
         forwarded = ", ".join(request.headers.get_all("x-forwarded-for"))
@@ -463,8 +480,8 @@ class WebSocketBridge:
         # neither moves the count to the proxy's address nor reaches the server).
         client = forwarded.rsplit(",", 1)[-1].strip() if peer in self._trusted else ""
         if not (client and _printable_ascii(client)):
-            return peer, peer
-        return client, client
+            client = peer
+        return client, counted_as(client)
 
     def _metadata(self, request: Request, forwarded: str) -> list[tuple[str, str]]:
         metadata = [(name, value) for name in FORWARDED for value in request.headers.get_all(name)]

@@ -365,18 +365,22 @@ async def test_a_client_address_is_envoys_only_from_a_trusted_peer() -> None:
 
 
 @pytest.mark.parametrize(
-    ("peer", "forwarded", "counted"),
+    ("peer", "forwarded", "passed", "counted"),
     [
-        ("127.0.0.1", ["198.51.100.7"], "198.51.100.7"),  # Envoy's own entry
-        ("127.0.0.1", ["10.0.0.1, 198.51.100.7"], "198.51.100.7"),  # what the client claimed before it
-        ("127.0.0.1", ["caf\u00e9, 198.51.100.7"], "198.51.100.7"),  # an odd claim moves nothing
-        ("127.0.0.1", ["10.0.0.1", "198.51.100.7"], "198.51.100.7"),  # two headers from a trusted peer
-        ("127.0.0.1", [""], "127.0.0.1"),  # nothing added: the peer
-        ("192.0.2.5", ["198.51.100.7"], "192.0.2.5"),  # an untrusted peer's claim is its own
+        ("127.0.0.1", ["198.51.100.7"], "198.51.100.7", "198.51.100.7"),  # Envoy's own entry
+        ("127.0.0.1", ["10.0.0.1, 198.51.100.7"], "198.51.100.7", "198.51.100.7"),  # claimed before it
+        ("127.0.0.1", ["caf\u00e9, 198.51.100.7"], "198.51.100.7", "198.51.100.7"),  # an odd claim moves nothing
+        ("127.0.0.1", ["10.0.0.1", "198.51.100.7"], "198.51.100.7", "198.51.100.7"),  # two headers
+        ("127.0.0.1", [""], "127.0.0.1", "127.0.0.1"),  # nothing added: the peer
+        ("192.0.2.5", ["198.51.100.7"], "192.0.2.5", "192.0.2.5"),  # an untrusted peer's claim is its own
+        # IPv6: counted by its /64, which one customer holds whole; passed on as it is.
+        ("127.0.0.1", ["2001:db8:1:2::5"], "2001:db8:1:2::5", "2001:db8:1:2::/64"),
+        ("127.0.0.1", ["2001:db8:1:2:ffff::9"], "2001:db8:1:2:ffff::9", "2001:db8:1:2::/64"),
+        ("127.0.0.1", ["::ffff:198.51.100.7"], "::ffff:198.51.100.7", "198.51.100.7"),
     ],
 )
 def test_the_client_address_is_the_trusted_proxys_last_entry_passed_on_alone(
-    peer: str, forwarded: list[str], counted: str
+    peer: str, forwarded: list[str], passed: str, counted: str
 ) -> None:
     bridge = WebSocketBridge("127.0.0.1:1", require_credential=True, trusted_proxies=TrustedProxies(["127.0.0.1"]))
 
@@ -384,4 +388,4 @@ def test_the_client_address_is_the_trusted_proxys_last_entry_passed_on_alone(
         remote_address = (peer, 40000)
 
     request = Request("/ws", Headers([("x-forwarded-for", value) for value in forwarded]))
-    assert bridge._addresses(Connection(), request) == (counted, counted)  # type: ignore[arg-type]
+    assert bridge._addresses(Connection(), request) == (passed, counted)  # type: ignore[arg-type]
