@@ -4,10 +4,13 @@ nodes, webhooks, service health checks and SQL nodes.
 A target is refused when its host is, or resolves to, a private, loopback,
 link-local or otherwise non-global address (IPv4 embedded in IPv6
 included), unless the host name or that address is allowlisted. Names are
-resolved at every attempt, since DNS answers change; a plain-http request is
-then pinned to the address that was checked, so a second DNS answer cannot
-swap in an internal one (https relies on certificate verification for that).
-SQL connections are pinned the same way (server/nodes/sql_pools.py).
+resolved at every attempt, since DNS answers change; the request is then
+pinned to the address that was checked (`route`), so a second DNS answer
+cannot swap in an internal one. https is pinned too, its TLS still for the
+name: certificate verification does not stop a name that rebinds to an
+internal address, it only fails the handshake after the connection, and the
+failure told a tenant which internal ports were open. SQL connections are
+pinned the same way (server/nodes/sql_pools.py).
 
 What a tenant is told about a refused name (`TargetUnreachable.shown`) is
 the same whether it resolves to an internal address or does not resolve at
@@ -17,6 +20,12 @@ private addresses they have. The detail (`str(exc)`) is for the server log
 (`log_refusal`). An IP literal the tenant wrote is named as it is. Only a
 temporary failure of the lookup (EAI_AGAIN) is told apart, as worth
 retrying.
+
+A request that fails on its way (no connection, a failed TLS handshake, a
+broken-off answer) is told to the tenant as what failed (`failure_shown`),
+never as the error's text, which names addresses and tells a closed port
+from one that answered something else; the server log has the text
+(`log_failure`).
 
 Header values sent to such targets are printable ASCII only
 (`header_value_problem`): httpx would fail on anything else with an error
@@ -29,8 +38,12 @@ import ipaddress
 import logging
 import re
 import socket
+import ssl
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
+import httpcore
 import httpx
 
 from flowport.server.resolver import RESOLVING_FOR, getaddrinfo
@@ -139,10 +152,105 @@ def forbidden_address(address: IPAddress) -> bool:
 
 async def check_target(url: httpx.URL, allowlist: frozenset[str], *, remedy: str = "") -> str | None:
     """Refuse an internal target (TargetRefused naming `remedy`, TargetUnresolvable: both
-    TargetUnreachable); the address to pin plain http to, if any."""
+    TargetUnreachable); the checked address to send the request to (`route`), or None to connect
+    as the URL says (an allowlisted host, or an address already)."""
     port = url.port or (443 if url.scheme == "https" else 80)
-    address = await resolve_host(url.host, port, allowlist, remedy=remedy)
-    return address if url.scheme == "http" else None
+    return await resolve_host(url.host, port, allowlist, remedy=remedy)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How to send a request for a checked URL: to `url`, with `headers` and `extensions` added."""
+
+    url: httpx.URL
+    headers: dict[str, str] = field(default_factory=dict)
+    extensions: dict[str, Any] = field(default_factory=dict)
+
+
+def route(url: httpx.URL, address: str | None) -> Route:
+    """Send a request for `url` to `address`, what check_target found it at (None: as the URL says).
+
+    Plain http goes to the address with the name as Host. https keeps the name in the URL, so the
+    pool keeps its connections apart by name and TLS sends and verifies the name as usual, and a
+    new connection is opened to the address instead of a second lookup of the name
+    (`_ConnectTo`). Not the address in the URL with the name as `sni_hostname`: httpcore pools
+    connections by URL only, and a request for one name would go out on another name's
+    connection to the same address, whose certificate was verified for the other name."""
+    if address is None:
+        return Route(url)
+    if url.scheme == "http":
+        return Route(url.copy_with(host=address), headers={"Host": url.netloc.decode("ascii")})
+    return Route(url, extensions={"trace": _ConnectTo(url.raw_host.decode("ascii"), address)})
+
+
+class _ConnectTo:
+    """httpcore's `trace` request extension: a new connection for `host` goes to `address`.
+
+    httpcore has no documented way to connect a URL's host to another address. It hands this hook
+    the very arguments of the connection it is about to open, so the host among them is replaced;
+    once connected, the peer is checked, and a connection anywhere else (an httpcore that no
+    longer honours the change, a proxy) is closed before a byte is sent and fails as a connect
+    error. A request that reuses a pooled connection for the same name opens none."""
+
+    def __init__(self, host: str, address: str) -> None:
+        self._host, self._address = host, address
+
+    async def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.started" and info.get("host") == self._host:
+            info["host"] = self._address
+        elif event == "connection.connect_tcp.complete":
+            stream = info.get("return_value")
+            peer = None if stream is None else stream.get_extra_info("server_addr")
+            if not (isinstance(peer, tuple) and peer and _same_address(str(peer[0]), self._address)):
+                if stream is not None:
+                    await stream.aclose()
+                raise httpcore.ConnectError(f"connected to {peer} for {self._host}, not the checked {self._address}")
+
+
+def _same_address(one: str, other: str) -> bool:
+    try:
+        return ipaddress.ip_address(one.split("%", 1)[0]) == ipaddress.ip_address(other)
+    except ValueError:
+        return False
+
+
+def failure_shown(exc: httpx.HTTPError) -> str:
+    """What a tenant is told of a request that failed without an answer: what failed, never the
+    error's text (addresses, the kind of refusal, a TLS alert: what tells ports apart)."""
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx.ConnectError):
+        return "TLS handshake failed" if _caused_by(exc, ssl.SSLError) else "could not connect"
+    if isinstance(exc, (httpx.ReadError, httpx.WriteError, httpx.CloseError)):
+        return "the connection broke off"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "the server closed the connection or did not answer in HTTP"
+    return "the request failed"
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx's error, httpcore's, the cause: a few links at most
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def log_failure(exc: BaseException, what: str, tenant: str | None = None) -> None:
+    """Log the detail of a failure the tenant is shown as `failure_shown(exc)`, for `tenant` (by
+    default the one lookups are made for, server/resolver.py)."""
+    tenant = RESOLVING_FOR.get() if tenant is None else tenant
+    root = exc
+    for _ in range(8):  # the first cause: the socket's or the TLS library's own error
+        cause = root.__cause__ or root.__context__
+        if cause is None:
+            break
+        root = cause
+    detail = f"{type(exc).__name__}: {exc}" + (f" ({type(root).__name__}: {root})" if root is not exc else "")
+    log.info("%s for tenant %s failed: %s", what, tenant or "(none)", detail)
 
 
 async def resolve_host(host: str, port: int, allowlist: frozenset[str], *, remedy: str = "") -> str | None:

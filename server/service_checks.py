@@ -9,7 +9,7 @@ UNHEALTHY; the status, the latency and the time are recorded on the
 registration. The endpoint is a tenant's input, so the request goes
 through the same SSRF guard as HTTP nodes and webhooks (server/egress.py):
 internal addresses are refused unless allowlisted (`--http-allowlist`), and
-plain http is pinned to the address that was checked.
+each check connects to the address that was checked (TLS still for the name).
 
 Each process checks every registration (idempotent writes); with many
 registrations and processes a claim per check would spread the work.
@@ -36,7 +36,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowport.server.clock import now_us
-from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target
+from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target, route
 from flowport.server.periodic import Periodic
 from flowport.server.resolver import RESOLVING_FOR
 from flowport.server.storage.services import ServiceTables
@@ -71,12 +71,11 @@ async def probe(
 
 async def _http_ok(http: httpx.AsyncClient, service: registry_pb2.RegisteredService, allowlist: frozenset[str]) -> bool:
     url = httpx.URL(service.endpoint).join(service.health_path)
-    pinned = await check_target(url, allowlist)
-    headers = {"user-agent": "flowport-registry"}
-    if pinned is not None:
-        headers["host"] = url.netloc.decode("ascii")
-        url = url.copy_with(host=pinned)
-    request = http.build_request("GET", url, headers=headers)
+    # To the address that was checked, never to a second answer for the name (egress.route).
+    via = route(url, await check_target(url, allowlist))
+    request = http.build_request(
+        "GET", via.url, headers={"user-agent": "flowport-registry", **via.headers}, extensions=via.extensions
+    )
     # Only the status matters: the body is never read. httpx would decode a gzip body whole, and a
     # few hundred KB of compressed zeros from a tenant's endpoint would take hundreds of MB and
     # hold the event loop while it expanded. Closing unread drops the connection.
@@ -88,9 +87,10 @@ async def _http_ok(http: httpx.AsyncClient, service: registry_pb2.RegisteredServ
 async def _grpc_serving(service: registry_pb2.RegisteredService, allowlist: frozenset[str]) -> bool:
     endpoint = httpx.URL(service.endpoint)
     tls = endpoint.scheme == "grpcs"
-    # The SSRF guard speaks URLs: plain gRPC is pinned like plain http, TLS verifies the name.
-    pinned = await check_target(endpoint.copy_with(scheme="https" if tls else "http"), allowlist)
-    host = pinned or endpoint.host
+    # The SSRF guard speaks URLs. The channel goes to the checked address, grpcs too: its TLS is
+    # for the name still, as gRPC verifies the certificate against the default authority below.
+    checked = await check_target(endpoint.copy_with(scheme="https" if tls else "http"), allowlist)
+    host = checked or endpoint.host
     target = f"[{host}]:{endpoint.port}" if ":" in host else f"{host}:{endpoint.port}"
     # One short-lived channel per check: checks are seconds apart, and no
     # connection state should carry between tenants' endpoints.

@@ -18,9 +18,12 @@ Behaviour of `perform`:
   the same way, with the same message, which names neither the address nor
   the resolver's error (the server log has them): a workflow cannot map
   internal names with it. Only a temporary lookup failure is retried
-  (`HTTP_UNREACHABLE`). Plain-`http` requests are pinned to the
-  checked address (Host header kept) so a second DNS answer cannot swap in
-  an internal address; `https` relies on certificate verification for that.
+  (`HTTP_UNREACHABLE`). Requests are sent to the checked address, so a
+  second DNS answer cannot swap in an internal one: plain `http` with the
+  name as Host, `https` with TLS for the name (egress.route).
+- A request that fails on its way is `HTTP_UNREACHABLE` saying what failed
+  (could not connect, TLS handshake failed, ...), never the error's text,
+  which would tell an open port from a closed one; the log has it.
 - Retries (`retry_attempts` after the first) on connect errors, timeouts,
   5xx and 429, with exponential backoff and jitter
   (`retry_delay * 2**(n-1)` scaled by a random 0.5-1.0, capped at
@@ -85,7 +88,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeGuard
 
 import httpx
 
-from flowport.server.egress import TargetUnreachable, check_target, header_value_problem, log_refusal
+from flowport.server.egress import (
+    TargetUnreachable,
+    check_target,
+    failure_shown,
+    header_value_problem,
+    log_failure,
+    log_refusal,
+    route,
+)
 from flowport.server.errors import SHOWN_CHARS, cut, shown
 from flowport.server.nodes.base import (
     MAX_CONFIG_PROBLEMS,
@@ -592,8 +603,10 @@ async def _attempt_within(
             reason="INVALID_PARAMETER",
         ) from exc
     except httpx.TransportError as exc:
-        detail = str(exc) or type(exc).__name__
-        raise _Transient("HTTP_UNREACHABLE", f"{call.method} {_safe(url)} failed: {detail}") from exc
+        # What failed, not the error's text: it names addresses and tells a closed port from one
+        # that answered something else (the log has it, with the tenant).
+        log_failure(exc, f"an HTTP node's {call.method} to {url.host}")
+        raise _Transient("HTTP_UNREACHABLE", f"{call.method} {_safe(url)} failed: {failure_shown(exc)}") from exc
     except httpx.HTTPError as exc:
         raise NodeError(f"{call.method} {_safe(url)}: bad response: {exc}", reason="HTTP_BAD_RESPONSE") from exc
 
@@ -603,18 +616,17 @@ async def _exchange(
 ) -> _Fetched:
     method, content, headers = call.method, call.content, dict(call.headers)
     for hop in range(MAX_REDIRECTS + 1):
-        pinned = await _check_target(url, allowlist)
-        request_url = url.copy_with(host=pinned) if pinned is not None else url
+        # To the address that was checked, never to a second answer for the name (egress.route).
+        via = route(url, await _check_target(url, allowlist))
         request_headers = dict(headers)
         tracing.inject(request_headers)  # traceparent, so the service can continue the trace
-        if pinned is not None and not any(name.lower() == "host" for name in request_headers):
-            request_headers["Host"] = url.netloc.decode("ascii")
+        request_headers.update(via.headers)  # a Host for plain http: callers can give none (CLIENT_OWNED_HEADERS)
         request = httpx.Request(
             method,
-            request_url,
+            via.url,
             headers=request_headers,
             content=content,
-            extensions={"timeout": httpx.Timeout(budget).as_dict()},
+            extensions={"timeout": httpx.Timeout(budget).as_dict(), **via.extensions},
         )
         response = await client.send(request, stream=True, follow_redirects=False)
         try:
@@ -774,7 +786,7 @@ HTTP_ALLOWLIST_REMEDY = "--http-allowlist, or --dev for loopback"
 
 
 async def _check_target(url: httpx.URL, allowlist: frozenset[str]) -> str | None:
-    """Refuse forbidden targets as node errors; the address to pin a plain-http request to, if any.
+    """Refuse forbidden targets as node errors; the checked address to send the request to, if any.
 
     The error says neither what a name resolves to nor why it does not resolve (the log does, with
     the tenant the engine resolves for): a refused name and a missing one read the same."""

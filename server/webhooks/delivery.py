@@ -1,7 +1,8 @@
 """One delivery attempt: the request, its outcome, and the wait before the next.
 
-An attempt resolves and checks the target, then POSTs the stored body
-within one overall timeout. 2xx succeeds; timeouts, connection errors, 429
+An attempt resolves and checks the target, then POSTs the stored body to
+the address that was checked (TLS still for the name) within one overall
+timeout. 2xx succeeds; timeouts, connection errors, 429
 and 5xx may be retried (honouring Retry-After); anything else, and a refused
 target, fails for good, as does a header value HTTP cannot carry (outside
 printable ASCII) or a header name registration now refuses (one stored
@@ -11,7 +12,10 @@ reaches the delivery row or a log. A host name that resolves to an internal
 address and one that does not resolve are refused alike, with one error
 that names neither the address nor the resolver's error (the server log
 does): the tenant reads `last_error`, and must not map internal names with
-it. Only a temporary lookup failure is retried.
+it. Only a temporary lookup failure is retried. A request that fails on
+its way says what failed (could not connect, TLS handshake failed, ...),
+not the error's text, which would tell an open port from a closed one; the
+server log has it, with the tenant.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ import httpx
 import orjson
 from google.protobuf import json_format
 
-from flowport.server.egress import TargetUnreachable, header_value_problem, log_refusal
+from flowport.server.egress import (
+    TargetUnreachable,
+    failure_shown,
+    header_value_problem,
+    log_failure,
+    log_refusal,
+    route,
+)
 from flowport.server.events.bus import BusEvent
 from flowport.server.events.numbers import whole_numbers
 from flowport.server.nodes.http import header_label, parse_retry_after
@@ -150,13 +161,15 @@ async def attempt(
             return outcome(0, f"header {name} {problem}", retryable=False)
     try:
         async with asyncio.timeout(timeout):
-            pinned = await check_target(target.url, allowlist, remedy="--webhook-allowlist")
-            url = target.url
-            if pinned is not None:
-                headers["Host"] = url.netloc.decode("ascii")
-                url = url.copy_with(host=pinned)
+            # To the address that was checked, never to a second answer for the name (egress.route).
+            via = route(target.url, await check_target(target.url, allowlist, remedy="--webhook-allowlist"))
+            headers.update(via.headers)
             request = httpx.Request(
-                "POST", url, headers=headers, content=body, extensions={"timeout": httpx.Timeout(timeout).as_dict()}
+                "POST",
+                via.url,
+                headers=headers,
+                content=body,
+                extensions={"timeout": httpx.Timeout(timeout).as_dict(), **via.extensions},
             )
             response = await http.send(request, stream=True, follow_redirects=False)
             try:
@@ -170,8 +183,10 @@ async def attempt(
     except (TimeoutError, httpx.TimeoutException):
         return outcome(0, f"no answer within {timeout:g}s", retryable=True)
     except httpx.HTTPError as exc:
-        # Connection refused or reset, a malformed answer: the receiver may recover.
-        return outcome(0, f"request failed: {type(exc).__name__}: {exc}", retryable=True)
+        # Connection refused or reset, a malformed answer: the receiver may recover. What failed,
+        # not the error's text, which tells an open port from a closed one (the log has it).
+        log_failure(exc, f"webhook delivery {delivery_id}")
+        return outcome(0, f"request failed: {type(exc).__name__}: {failure_shown(exc)}", retryable=True)
     status = response.status_code
     if 200 <= status < 300:
         return outcome(status, "", retryable=False)
