@@ -4,8 +4,8 @@ At registration an IP-literal host in a private, loopback, link-local or
 otherwise internal range is refused, and plain http is accepted only for an
 allowlisted host. Every delivery attempt then goes through the SSRF guard
 HTTP nodes use too (server/egress.py): names resolved each time, internal
-addresses refused unless allowlisted, plain http pinned to the checked
-address.
+addresses refused unless allowlisted, and the connection (http or https)
+made to the checked address (egress.route).
 """
 
 from __future__ import annotations
