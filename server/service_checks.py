@@ -30,13 +30,14 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowport.server.clock import now_us
-from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target, route
+from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target, failure_shown, route
 from flowport.server.periodic import Periodic
 from flowport.server.resolver import RESOLVING_FOR
 from flowport.server.storage.services import ServiceTables
@@ -45,6 +46,8 @@ from flowport.v1 import registry_pb2
 HEALTHY = registry_pb2.RegisteredService.STATUS_HEALTHY
 UNHEALTHY = registry_pb2.RegisteredService.STATUS_UNHEALTHY
 PARALLEL = 16
+# The settings that would let a check reach an internal endpoint, as a refusal names them.
+REMEDY = "--http-allowlist, or --dev for loopback"
 PER_TENANT = 4
 
 
@@ -53,26 +56,45 @@ def checked(service: registry_pb2.RegisteredService) -> bool:
     return service.endpoint.startswith("grpc") or bool(service.health_path and service.endpoint)
 
 
+class Probe(NamedTuple):
+    """The outcome of one health check."""
+
+    status: int
+    latency_ms: float
+    message: str
+    """Why it is unhealthy, as the tenant sees it (RegisteredService.check_message); empty when healthy."""
+
+
 async def probe(
     http: httpx.AsyncClient, service: registry_pb2.RegisteredService, allowlist: frozenset[str], timeout: float
-) -> tuple[int, float]:
-    """(status, latency in ms) of one health check of `service`."""
+) -> Probe:
+    """One health check of `service`."""
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
             if service.endpoint.startswith("grpc"):
-                healthy = await _grpc_serving(service, allowlist)
+                message = await _grpc_serving(service, allowlist)
             else:
-                healthy = await _http_ok(http, service, allowlist)
-    except (TargetRefused, TargetUnresolvable, httpx.HTTPError, grpc.RpcError, TimeoutError, OSError):
-        healthy = False
-    return (HEALTHY if healthy else UNHEALTHY), round(1000 * (time.perf_counter() - started), 3)
+                message = await _http_ok(http, service, allowlist)
+    except (TargetRefused, TargetUnresolvable) as exc:
+        message = exc.shown
+    except httpx.HTTPError as exc:
+        message = failure_shown(exc)
+    except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+        message = f"the health check call failed ({code.name if code is not None else 'no status'})"
+    except TimeoutError:
+        message = f"no answer within {timeout:g} s"
+    except OSError:
+        message = "could not connect"
+    latency = round(1000 * (time.perf_counter() - started), 3)
+    return Probe(UNHEALTHY if message else HEALTHY, latency, message)
 
 
-async def _http_ok(http: httpx.AsyncClient, service: registry_pb2.RegisteredService, allowlist: frozenset[str]) -> bool:
+async def _http_ok(http: httpx.AsyncClient, service: registry_pb2.RegisteredService, allowlist: frozenset[str]) -> str:
     url = httpx.URL(service.endpoint).join(service.health_path)
     # To the address that was checked, never to a second answer for the name (egress.route).
-    via = route(url, await check_target(url, allowlist))
+    via = route(url, await check_target(url, allowlist, remedy=REMEDY))
     request = http.build_request(
         "GET", via.url, headers={"user-agent": "flowport-registry", **via.headers}, extensions=via.extensions
     )
@@ -81,15 +103,15 @@ async def _http_ok(http: httpx.AsyncClient, service: registry_pb2.RegisteredServ
     # hold the event loop while it expanded. Closing unread drops the connection.
     response = await http.send(request, stream=True, follow_redirects=False)
     await response.aclose()
-    return 200 <= response.status_code < 300
+    return "" if 200 <= response.status_code < 300 else f"answered HTTP {response.status_code}, not 2xx"
 
 
-async def _grpc_serving(service: registry_pb2.RegisteredService, allowlist: frozenset[str]) -> bool:
+async def _grpc_serving(service: registry_pb2.RegisteredService, allowlist: frozenset[str]) -> str:
     endpoint = httpx.URL(service.endpoint)
     tls = endpoint.scheme == "grpcs"
     # The SSRF guard speaks URLs. The channel goes to the checked address, grpcs too: its TLS is
     # for the name still, as gRPC verifies the certificate against the default authority below.
-    checked = await check_target(endpoint.copy_with(scheme="https" if tls else "http"), allowlist)
+    checked = await check_target(endpoint.copy_with(scheme="https" if tls else "http"), allowlist, remedy=REMEDY)
     host = checked or endpoint.host
     target = f"[{host}]:{endpoint.port}" if ":" in host else f"{host}:{endpoint.port}"
     # One short-lived channel per check: checks are seconds apart, and no
@@ -104,7 +126,9 @@ async def _grpc_serving(service: registry_pb2.RegisteredService, allowlist: froz
         answer = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service.health_service)
         )
-    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+        return ""
+    return f"answered {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}, not SERVING"
 
 
 @dataclass(frozen=True)
@@ -164,9 +188,11 @@ class HealthChecker:
                     if not queue or loop.time() >= deadline:
                         return
                     service = queue.popleft()
-                    status, latency = await probe(self._http, service, self._allowlist, self._timeout)
-                    await self._store.record_check(tenant, service.service_id, status, latency, now_us())
-                outcomes.append(status == HEALTHY)
+                    done = await probe(self._http, service, self._allowlist, self._timeout)
+                    await self._store.record_check(
+                        tenant, service.service_id, done.status, done.latency_ms, now_us(), message=done.message
+                    )
+                outcomes.append(done.status == HEALTHY)
 
         tenants = []
         for tenant, services in due.items():

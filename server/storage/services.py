@@ -110,7 +110,9 @@ class ServiceTables(Tables):
         )
         return [(str(t), registry_pb2.RegisteredService.FromString(b)) for t, b in rows]
 
-    async def record_check(self, tenant: str, service_id: str, status: int, latency_ms: float, now_us: int) -> bool:
+    async def record_check(
+        self, tenant: str, service_id: str, status: int, latency_ms: float, now_us: int, *, message: str = ""
+    ) -> bool:
         """Store a health check's outcome on a live registration (read and rewritten in one write: a
         heartbeat meanwhile keeps its TTL). False when it is gone."""
 
@@ -124,6 +126,7 @@ class ServiceTables(Tables):
             service = registry_pb2.RegisteredService.FromString(row[0])
             service.status = status  # type: ignore[assignment]
             service.latency_ms = latency_ms
+            service.check_message = message
             service.check_time.FromMicroseconds(now_us)
             conn.execute(
                 "UPDATE services SET body=? WHERE tenant=? AND service_id=?",

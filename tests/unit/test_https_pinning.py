@@ -366,7 +366,7 @@ async def test_a_service_health_check_goes_to_the_checked_address(stage: Stage, 
     service = registry_pb2.RegisteredService(
         service_id="svc_1", endpoint=f"https://svc.example.test:{stage.port}", health_path="/health"
     )
-    status, _ = await probe(client, service, ALLOWLIST, timeout=10.0)
+    status = (await probe(client, service, ALLOWLIST, timeout=10.0)).status
     assert status == HEALTHY
     [seen] = stage.seen
     assert (seen.sni, seen.host, seen.path) == ("svc.example.test", f"svc.example.test:{stage.port}", "/health")
@@ -390,7 +390,7 @@ async def test_a_grpcs_health_check_goes_to_the_checked_address_with_tls_for_the
         statuses = []
         for name in ("svc.example.test", UNCERTIFIED):
             service = registry_pb2.RegisteredService(service_id="svc_1", endpoint=f"grpcs://{name}:{port}")
-            statuses.append((await probe(client, service, ALLOWLIST, timeout=10.0))[0])
+            statuses.append((await probe(client, service, ALLOWLIST, timeout=10.0)).status)
     finally:
         await server.stop(None)
     # The certificate is verified for the name: one it does not name fails.

@@ -95,13 +95,15 @@ async def test_a_service_that_stops_answering_turns_unhealthy_then_recovers(fast
             )
         )
         healthy = await _status_becomes(fast, "local", HEALTHY)
-        assert healthy.latency_ms > 0 and healthy.HasField("check_time")
+        assert healthy.latency_ms > 0 and healthy.HasField("check_time") and healthy.check_message == ""
         external = await _external_apis(fast, "healthy")
         assert external.message == "" and external.HasField("last_check")
         service.stop()
-        await _status_becomes(fast, "local", UNHEALTHY)
+        down = await _status_becomes(fast, "local", UNHEALTHY)
+        assert down.check_message == "could not connect", down
         service.start()
-        await _status_becomes(fast, "local", HEALTHY)
+        back = await _status_becomes(fast, "local", HEALTHY)
+        assert back.check_message == "", "the reason goes with the failure"
     finally:
         service.stop()
 
@@ -109,17 +111,19 @@ async def test_a_service_that_stops_answering_turns_unhealthy_then_recovers(fast
 async def test_a_wrong_path_and_an_internal_address_are_unhealthy(fast: AsyncClient) -> None:
     service = _Service()
     try:
-        for service_id, endpoint, path in (
-            ("wrong-path", f"http://127.0.0.1:{service.port}", "/missing"),
-            # Private and not allowlisted: refused by the SSRF guard, never connected to.
-            ("internal", "http://10.255.255.1:8080", "/health"),
+        for service_id, endpoint, path, why in (
+            ("wrong-path", f"http://127.0.0.1:{service.port}", "/missing", "answered HTTP 404, not 2xx"),
+            # Private and not allowlisted: refused by the SSRF guard, never connected to; the
+            # message names the settings that would allow it.
+            ("internal", "http://10.255.255.1:8080", "/health", "not allowlisted (--http-allowlist, or --dev for"),
         ):
             await fast.services.RegisterService(
                 registry_pb2.RegisterServiceRequest(
                     service=registry_pb2.RegisteredService(service_id=service_id, endpoint=endpoint, health_path=path)
                 )
             )
-            await _status_becomes(fast, service_id, UNHEALTHY)
+            failed = await _status_becomes(fast, service_id, UNHEALTHY)
+            assert why in failed.check_message, failed
         # GET /health (public) reports that services fail, never which nor how many.
         external = await _external_apis(fast, "degraded")
         assert external.message == "registered services failed their last check"

@@ -30,7 +30,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66lowport/v1/registry.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x05\n\x11RegisteredService\x12\x18\n\nservice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x65ndpoint\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0c\x63\x61pabilities\x18\x03 \x03(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08provider\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1e\n\x10\x63ompliance_zones\x18\x05 \x03(\tB\x04\xe2\x41\x01\x01\x12/\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x19\n\x0bhealth_path\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\x12,\n\x03ttl\x18\x08 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12\x35\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12;\n\x06status\x18\n \x01(\x0e\x32%.flowport.v1.RegisteredService.StatusB\x04\xe2\x41\x01\x03\x12\x18\n\nlatency_ms\x18\x0b \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x34\n\ncheck_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x06tenant\x18\r \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1c\n\x0ehealth_service\x18\x0f \x01(\tB\x04\xe2\x41\x01\x01\"J\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATUS_HEALTHY\x10\x01\x12\x14\n\x10STATUS_UNHEALTHY\x10\x02\"i\n\x16RegisterServiceRequest\x12\x35\n\x07service\x18\x01 \x01(\x0b\x32\x1e.flowport.v1.RegisteredServiceB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"-\n\x11GetServiceRequest\x12\x18\n\nservice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x9b\x01\n\x13ListServicesRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1a\n\x0c\x63\x61pabilities\x18\x03 \x03(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08provider\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1d\n\x0f\x63ompliance_zone\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"a\n\x14ListServicesResponse\x12\x30\n\x08services\x18\x01 \x03(\x0b\x32\x1e.flowport.v1.RegisteredService\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x10HeartbeatRequest\x12\x18\n\nservice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"N\n\x18\x44\x65registerServiceRequest\x12\x18\n\nservice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x32\xf2\x04\n\x16ServiceRegistryService\x12y\n\x0fRegisterService\x12#.flowport.v1.RegisterServiceRequest\x1a\x1e.flowport.v1.RegisteredService\"!\x90\x02\x02\x82\xd3\xe4\x93\x02\x18\"\r/api/services:\x07service\x12s\n\nGetService\x12\x1e.flowport.v1.GetServiceRequest\x1a\x1e.flowport.v1.RegisteredService\"%\x90\x02\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/api/services/{service_id}\x12m\n\x0cListServices\x12 .flowport.v1.ListServicesRequest\x1a!.flowport.v1.ListServicesResponse\"\x18\x90\x02\x01\x82\xd3\xe4\x93\x02\x0f\x12\r/api/services\x12~\n\tHeartbeat\x12\x1d.flowport.v1.HeartbeatRequest\x1a\x1e.flowport.v1.RegisteredService\"2\x90\x02\x02\x82\xd3\xe4\x93\x02)\"$/api/services/{service_id}:heartbeat:\x01*\x12y\n\x11\x44\x65registerService\x12%.flowport.v1.DeregisterServiceRequest\x1a\x16.google.protobuf.Empty\"%\x90\x02\x02\x82\xd3\xe4\x93\x02\x1c*\x1a/api/services/{service_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66lowport/v1/registry.proto\x12\x0b\x66lowport.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xab\x05\n\x11RegisteredService\x12\x18\n\nservice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x65ndpoint\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0c\x63\x61pabilities\x18\x03 \x03(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08provider\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1e\n\x10\x63ompliance_zones\x18\x05 \x03(\tB\x04\xe2\x41\x01\x01\x12/\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x19\n\x0bhealth_path\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\x12,\n\x03ttl\x18\x08 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12\x35\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12;\n\x06status\x18\n \x01(\x0e\x32%.flowport.v1.RegisteredService.StatusB\x04\xe2\x41\x01\x03\x12\x18\n\nlatency_ms\x18\x0b \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x34\n\ncheck_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x06tenant\x18\r \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1c\n\x0ehealth_service\x18\x0f \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rcheck_message\x18\x10 \x01(\tB\x04\xe2\x41\x01\x03\"J\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATUS_HEALTHY\x10\x01\x12\x14\n\x10STATUS_UNHEALTHY\x10\x02\"i\n\x16RegisterServiceRequest\x12\x35\n\x07service\x18\x01 \x01(\x0b\x32\x1e.flowport.v1.RegisteredServiceB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"-\n\x11GetServiceRequest\x12\x18\n\nservice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x9b\x01\n\x13ListServicesRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1a\n\x0c\x63\x61pabilities\x18\x03 \x03(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08provider\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1d\n\x0f\x63ompliance_zone\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"a\n\x14ListServicesResponse\x12\x30\n\x08services\x18\x01 \x03(\x0b\x32\x1e.flowport.v1.RegisteredService\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x10HeartbeatRequest\x12\x18\n\nservice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"N\n\x18\x44\x65registerServiceRequest\x12\x18\n\nservice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x32\xf2\x04\n\x16ServiceRegistryService\x12y\n\x0fRegisterService\x12#.flowport.v1.RegisterServiceRequest\x1a\x1e.flowport.v1.RegisteredService\"!\x90\x02\x02\x82\xd3\xe4\x93\x02\x18\"\r/api/services:\x07service\x12s\n\nGetService\x12\x1e.flowport.v1.GetServiceRequest\x1a\x1e.flowport.v1.RegisteredService\"%\x90\x02\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/api/services/{service_id}\x12m\n\x0cListServices\x12 .flowport.v1.ListServicesRequest\x1a!.flowport.v1.ListServicesResponse\"\x18\x90\x02\x01\x82\xd3\xe4\x93\x02\x0f\x12\r/api/services\x12~\n\tHeartbeat\x12\x1d.flowport.v1.HeartbeatRequest\x1a\x1e.flowport.v1.RegisteredService\"2\x90\x02\x02\x82\xd3\xe4\x93\x02)\"$/api/services/{service_id}:heartbeat:\x01*\x12y\n\x11\x44\x65registerService\x12%.flowport.v1.DeregisterServiceRequest\x1a\x16.google.protobuf.Empty\"%\x90\x02\x02\x82\xd3\xe4\x93\x02\x1c*\x1a/api/services/{service_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -67,6 +67,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTEREDSERVICE'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_REGISTEREDSERVICE'].fields_by_name['health_service']._loaded_options = None
   _globals['_REGISTEREDSERVICE'].fields_by_name['health_service']._serialized_options = b'\342A\001\001'
+  _globals['_REGISTEREDSERVICE'].fields_by_name['check_message']._loaded_options = None
+  _globals['_REGISTEREDSERVICE'].fields_by_name['check_message']._serialized_options = b'\342A\001\003'
   _globals['_REGISTERSERVICEREQUEST'].fields_by_name['service']._loaded_options = None
   _globals['_REGISTERSERVICEREQUEST'].fields_by_name['service']._serialized_options = b'\342A\001\002'
   _globals['_REGISTERSERVICEREQUEST'].fields_by_name['request_id']._loaded_options = None
@@ -102,21 +104,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVICEREGISTRYSERVICE'].methods_by_name['DeregisterService']._loaded_options = None
   _globals['_SERVICEREGISTRYSERVICE'].methods_by_name['DeregisterService']._serialized_options = b'\220\002\002\202\323\344\223\002\034*\032/api/services/{service_id}'
   _globals['_REGISTEREDSERVICE']._serialized_start=231
-  _globals['_REGISTEREDSERVICE']._serialized_end=885
-  _globals['_REGISTEREDSERVICE_STATUS']._serialized_start=811
-  _globals['_REGISTEREDSERVICE_STATUS']._serialized_end=885
-  _globals['_REGISTERSERVICEREQUEST']._serialized_start=887
-  _globals['_REGISTERSERVICEREQUEST']._serialized_end=992
-  _globals['_GETSERVICEREQUEST']._serialized_start=994
-  _globals['_GETSERVICEREQUEST']._serialized_end=1039
-  _globals['_LISTSERVICESREQUEST']._serialized_start=1042
-  _globals['_LISTSERVICESREQUEST']._serialized_end=1197
-  _globals['_LISTSERVICESRESPONSE']._serialized_start=1199
-  _globals['_LISTSERVICESRESPONSE']._serialized_end=1296
-  _globals['_HEARTBEATREQUEST']._serialized_start=1298
-  _globals['_HEARTBEATREQUEST']._serialized_end=1368
-  _globals['_DEREGISTERSERVICEREQUEST']._serialized_start=1370
-  _globals['_DEREGISTERSERVICEREQUEST']._serialized_end=1448
-  _globals['_SERVICEREGISTRYSERVICE']._serialized_start=1451
-  _globals['_SERVICEREGISTRYSERVICE']._serialized_end=2077
+  _globals['_REGISTEREDSERVICE']._serialized_end=914
+  _globals['_REGISTEREDSERVICE_STATUS']._serialized_start=840
+  _globals['_REGISTEREDSERVICE_STATUS']._serialized_end=914
+  _globals['_REGISTERSERVICEREQUEST']._serialized_start=916
+  _globals['_REGISTERSERVICEREQUEST']._serialized_end=1021
+  _globals['_GETSERVICEREQUEST']._serialized_start=1023
+  _globals['_GETSERVICEREQUEST']._serialized_end=1068
+  _globals['_LISTSERVICESREQUEST']._serialized_start=1071
+  _globals['_LISTSERVICESREQUEST']._serialized_end=1226
+  _globals['_LISTSERVICESRESPONSE']._serialized_start=1228
+  _globals['_LISTSERVICESRESPONSE']._serialized_end=1325
+  _globals['_HEARTBEATREQUEST']._serialized_start=1327
+  _globals['_HEARTBEATREQUEST']._serialized_end=1397
+  _globals['_DEREGISTERSERVICEREQUEST']._serialized_start=1399
+  _globals['_DEREGISTERSERVICEREQUEST']._serialized_end=1477
+  _globals['_SERVICEREGISTRYSERVICE']._serialized_start=1480
+  _globals['_SERVICEREGISTRYSERVICE']._serialized_end=2106
 # @@protoc_insertion_point(module_scope)

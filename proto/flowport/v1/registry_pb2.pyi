@@ -66,6 +66,7 @@ class RegisteredService(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     HEALTH_SERVICE_FIELD_NUMBER: _builtins.int
+    CHECK_MESSAGE_FIELD_NUMBER: _builtins.int
     service_id: _builtins.str
     """The service's id, unique in the tenant: 1 to 63 characters, a-z, 0-9,
     '-' and '_', starting with a letter or digit.
@@ -90,6 +91,11 @@ class RegisteredService(_message.Message):
     health_service: _builtins.str
     """For a gRPC endpoint: the service name its health check asks about;
     empty: the server as a whole.
+    """
+    check_message: _builtins.str
+    """Why the last check found it unhealthy (empty when healthy): the status
+    it answered, no answer in time, a refused target (naming the setting
+    that would allow it), or what failed on the way; never an error's text.
     """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -139,10 +145,11 @@ class RegisteredService(_message.Message):
         tenant: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         health_service: _builtins.str = ...,
+        check_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["check_time", b"check_time", "create_time", b"create_time", "expire_time", b"expire_time", "metadata", b"metadata", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "check_time", b"check_time", "compliance_zones", b"compliance_zones", "create_time", b"create_time", "endpoint", b"endpoint", "expire_time", b"expire_time", "health_path", b"health_path", "health_service", b"health_service", "latency_ms", b"latency_ms", "metadata", b"metadata", "provider", b"provider", "service_id", b"service_id", "status", b"status", "tenant", b"tenant", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "check_message", b"check_message", "check_time", b"check_time", "compliance_zones", b"compliance_zones", "create_time", b"create_time", "endpoint", b"endpoint", "expire_time", b"expire_time", "health_path", b"health_path", "health_service", b"health_service", "latency_ms", b"latency_ms", "metadata", b"metadata", "provider", b"provider", "service_id", b"service_id", "status", b"status", "tenant", b"tenant", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
