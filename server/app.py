@@ -241,7 +241,10 @@ def _jwt_verifier(settings: Settings) -> JwtVerifier | None:
 async def _start_sandbox(settings: Settings) -> SandboxPool:
     """The pool of sandbox workers PythonCodeNode runs in, started (its workers boot)."""
     if settings.dev:
-        log.warning("--dev is for local development only: HTTP nodes may reach this machine (loopback)")
+        log.warning(
+            "--dev is for local development only: HTTP nodes, service checks and webhooks may reach this machine"
+            " (loopback)"
+        )
     limits = SandboxLimits(
         cpu_seconds=settings.sandbox_cpu_seconds,
         memory_bytes=settings.sandbox_memory_mb * 2**20,
@@ -574,7 +577,7 @@ def _start_checks(
     checker = HealthChecker(
         core.store,
         http,
-        frozenset(host.lower().strip("[]") for host in settings.http_allowlist),
+        settings.http_node_allowlist,
         interval=settings.service_check_interval,
         timeout=settings.service_check_timeout,
     )

@@ -35,7 +35,8 @@ from flowport.server.version import VERSION
 # http(s)://host:port, the host a name, an IPv4 address or a bracketed IPv6 one.
 _OTLP_ENDPOINT = re.compile(r"\Ahttps?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}/?\Z")
 ENV_PREFIX = "FLOWPORT_"
-# What --dev adds to the HTTP nodes' allowlist: this machine, by address and by name.
+# What --dev adds to the allowlists of HTTP nodes, service checks and webhooks: this machine, by
+# address and by name.
 DEV_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 Port = int
@@ -419,8 +420,9 @@ class Settings(BaseModel):
     )
     dev: bool = Field(
         False,
-        description="for trying flowport out on your own machine only: HTTP nodes may also reach loopback "
-        "(127.0.0.1, ::1, localhost), as if in --http-allowlist; nothing else changes (warned at start)",
+        description="for trying flowport out on your own machine only: HTTP nodes, service health checks and "
+        "webhooks may also reach loopback (127.0.0.1, ::1, localhost), as if in --http-allowlist and "
+        "--webhook-allowlist (so webhooks to it may be plain http); nothing else changes (warned at start)",
     )
     sql_allowlist: list[str] = Field(
         default_factory=list,
@@ -599,8 +601,18 @@ class Settings(BaseModel):
 
     @property
     def http_node_allowlist(self) -> frozenset[str]:
-        """What HTTP nodes may reach though internal: --http-allowlist, plus loopback with --dev."""
-        hosts = {host.strip().lower().strip("[]") for host in self.http_allowlist if host.strip()}
+        """What HTTP nodes and service health checks may reach though internal: --http-allowlist, plus
+        loopback with --dev."""
+        return self._with_dev_loopback(self.http_allowlist)
+
+    @property
+    def webhook_target_allowlist(self) -> frozenset[str]:
+        """What webhooks may target though internal, and over plain http: --webhook-allowlist, plus
+        loopback with --dev."""
+        return self._with_dev_loopback(self.webhook_allowlist)
+
+    def _with_dev_loopback(self, allowlist: list[str]) -> frozenset[str]:
+        hosts = {host.strip().lower().strip("[]") for host in allowlist if host.strip()}
         return frozenset(hosts | set(DEV_LOOPBACK) if self.dev else hosts)
 
     @property

@@ -26,7 +26,6 @@ from flowport.server.storage.webhooks import NotDeadLettered, WebhookExists, Web
 from flowport.server.tenancy import principal_of, tenant_of
 from flowport.server.types import Context
 from flowport.server.webhooks.dispatcher import WebhookDispatcher
-from flowport.server.webhooks.targets import normalize_allowlist
 from flowport.server.webhooks.validation import kept_headers, webhook_problems
 from flowport.v1 import webhook_pb2, webhook_pb2_grpc
 
@@ -57,7 +56,7 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
         # webhook.created / webhook.deleted: every process (through Redis)
         # reloads the tenant's webhooks; webhook.failed comes from the dispatcher.
         self._bus = bus
-        self._allowlist = normalize_allowlist(settings.webhook_allowlist)
+        self._allowlist = settings.webhook_target_allowlist
 
     async def CreateWebhook(self, request: W.CreateWebhookRequest, context: Context) -> W.Webhook:
         given = request.webhook

@@ -162,7 +162,8 @@ async def attempt(
     try:
         async with asyncio.timeout(timeout):
             # To the address that was checked, never to a second answer for the name (egress.route).
-            via = route(target.url, await check_target(target.url, allowlist, remedy="--webhook-allowlist"))
+            checked = await check_target(target.url, allowlist, remedy="--webhook-allowlist, or --dev for loopback")
+            via = route(target.url, checked)
             headers.update(via.headers)
             request = httpx.Request(
                 "POST",

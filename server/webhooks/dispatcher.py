@@ -83,7 +83,6 @@ from flowport.server.storage.webhooks import (
 )
 from flowport.server.tenant_shares import TenantShares
 from flowport.server.webhooks.delivery import Outcome, Target, attempt, backoff, event_body
-from flowport.server.webhooks.targets import normalize_allowlist
 from flowport.v1 import gateway_pb2
 
 if TYPE_CHECKING:
@@ -199,7 +198,7 @@ class WebhookDispatcher:
         self._tenant_pending: Counter[str] = Counter()
         self._tenant_inboxed: Counter[str] = Counter()
         self._drop_warned: dict[str, float] = {}
-        self._allowlist = normalize_allowlist(settings.webhook_allowlist)
+        self._allowlist = settings.webhook_target_allowlist
         self._initial_backoff = initial_backoff
         self._hooks: dict[Key, _Hook] = {}
         self._by_tenant: dict[str, list[_Hook]] = {}

@@ -28,11 +28,11 @@ __all__ = ["TargetRefused", "TargetUnresolvable", "check_target", "normalize_all
 def registration_problem(url: httpx.URL, allowlist: frozenset[str]) -> str | None:
     """Why `url` may not be registered, or None (the host name itself is checked per attempt)."""
     if url.scheme == "http" and not allowlisted(url.host, allowlist):
-        return "must be https (plain http only for a host in --webhook-allowlist)"
+        return "must be https (plain http only for a host in --webhook-allowlist, or loopback with --dev)"
     literal = literal_address(url.host)
     if literal is not None and forbidden_address(literal) and not allowlisted(url.host, allowlist):
         return (
             f"{literal.compressed} is a private, loopback or link-local address and not allowlisted "
-            "(--webhook-allowlist)"
+            "(--webhook-allowlist, or --dev for loopback)"
         )
     return None

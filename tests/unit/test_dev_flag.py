@@ -1,4 +1,4 @@
-"""`--dev`: loopback for HTTP nodes when trying flowport out locally, and
+"""`--dev`: loopback for HTTP nodes, service checks and webhooks when trying flowport out locally, and
 refusals that name the setting which would allow the target."""
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ def _no_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def test_dev_is_off_by_default_and_adds_only_loopback_to_http_nodes() -> None:
-    plain = Settings.load({"http_allowlist": "10.0.0.5"}, environ={})
+def test_dev_is_off_by_default_and_adds_only_loopback_to_http_nodes_checks_and_webhooks() -> None:
+    plain = Settings.load({"http_allowlist": "10.0.0.5", "webhook_allowlist": "hooks.internal"}, environ={})
     assert plain.dev is False and plain.http_node_allowlist == frozenset({"10.0.0.5"})
+    assert plain.webhook_target_allowlist == frozenset({"hooks.internal"})
     dev = Settings.load({"http_allowlist": "10.0.0.5,[FD00::2]", "dev": "true"}, environ={})
-    assert dev.http_node_allowlist == frozenset({"10.0.0.5", "fd00::2", "127.0.0.1", "::1", "localhost"})
-    # Only HTTP nodes: the configured lists, webhooks' and SQL's included, stay as given.
+    loopback = {"127.0.0.1", "::1", "localhost"}
+    assert dev.http_node_allowlist == frozenset({"10.0.0.5", "fd00::2"} | loopback)
+    assert dev.webhook_target_allowlist == frozenset(loopback)
+    # The configured lists stay as given, and SQL nodes get nothing.
     assert dev.http_allowlist == ["10.0.0.5", "[FD00::2]"]
     assert dev.webhook_allowlist == [] and dev.sql_allowlist == []
 
@@ -53,7 +56,7 @@ def test_help_lists_dev(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["up", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--dev [BOOL]" in text and "HTTP nodes may also reach loopback" in text
+    assert "--dev [BOOL]" in text and "webhooks may also reach loopback" in text
 
 
 async def test_http_node_refusal_names_the_flags_and_dev_allows_loopback() -> None:

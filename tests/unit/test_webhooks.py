@@ -741,7 +741,7 @@ async def test_targets_resolving_to_internal_addresses_are_refused(
             errors.append(delivery.last_error.replace(host, "HOST"))
         assert errors[0] == errors[1], errors
         assert "internal address" in errors[0] and "not allowlisted" in errors[0]
-        assert "(--webhook-allowlist)" in errors[0]  # the setting that would allow it
+        assert "(--webhook-allowlist, or --dev for loopback)" in errors[0]  # the setting that would allow it
         for leak in ("127.0.0.1", "::1", "Errno", "-2", "not known"):
             assert leak not in errors[0], leak
         assert receiver.connections == 0
