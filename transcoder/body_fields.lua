@@ -960,6 +960,12 @@ local function type_name(name)
   return match(name, "^type%.googleapis%.com/(.+)$") or name
 end
 
+-- What a JSON value of these types looks like, for the error of one that is not.
+local FORMAT_HINTS = {
+  ["google.protobuf.Duration"] = ' (a string of seconds such as "3600s" or "0.5s")',
+  ["google.protobuf.Timestamp"] = ' (an RFC 3339 string such as "2026-01-31T00:00:00Z")',
+}
+
 -- The transcoder's 400 for a body it could not read, as a JSON google.rpc.Status
 -- that quotes none of the body; nil for any other message.
 --   Its parser: "<what>\n<the 20 bytes before and after>\n<spaces>^".
@@ -978,6 +984,7 @@ local function transcoder_error(message)
   -- Only the converter's own words are kept, never what the body held.
   local why = match(value, "^Field '[^']*', (.-), value is ") or match(value, "^Field '[^']*', (.*)$")
   local description = "not a valid " .. type_name(kind) .. (why and (": " .. cut(why)) or "")
+    .. (FORMAT_HINTS[type_name(kind)] or "")
   local shown_field = field == "" and "the body" or shown(field)
   return status_json(shown_field .. " is " .. description, "INVALID_ARGUMENT", "flowport.dev", "",
     { { field, description } })

@@ -153,7 +153,7 @@ def _rate_limit_unavailable_grpc() -> dict[str, Any]:
     details = grpc_status_details(14, _RATE_LIMIT_UNAVAILABLE_MESSAGE, **_RATE_LIMIT_UNAVAILABLE_INFO)
     return {
         "filter": {"and_filter": {"filters": [_RATE_LIMITS_FAILED, _UNMARKED, _GRPC]}},
-        "body_format_override": {"text_format": _RATE_LIMIT_UNAVAILABLE_MESSAGE},
+        "body_format_override": {"text_format_source": {"inline_string": _RATE_LIMIT_UNAVAILABLE_MESSAGE}},
         "headers_to_add": [
             {
                 "header": {"key": "grpc-status-details-bin", "value": details},

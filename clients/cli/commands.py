@@ -87,7 +87,7 @@ def add_workflows(commands: Any) -> None:
     listing = add_command(
         workflows,
         "list",
-        "workflows, newest first",
+        "the latest version of each workflow, ordered by id",
         Call("workflows", "ListWorkflows", lambda _: workflow_pb2.ListWorkflowsRequest(), shows="list"),
     )
     add_limit(listing)

@@ -109,6 +109,8 @@ def test_a_value_the_transcoder_cannot_convert_is_named_by_its_field_not_quoted(
         assert [v["field"] for v in violations] == [field], status
         assert violations[0]["description"].startswith(words), status
         assert "123456789" not in status["message"] and "value is" not in status["message"], status
+        # A Duration says what one looks like.
+        assert ('"3600s"' in status["message"]) == (field == "session.ttl"), status
     secret = _status(rest.put("/api/secrets/ASEC", json={"value": 12345678901234567890}), "INVALID_ARGUMENT")
     assert "1234567" not in json.dumps(secret) and secret["details"][1]["field_violations"][0]["field"] == "value"
 

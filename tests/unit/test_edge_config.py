@@ -94,7 +94,7 @@ def test_grpc_callers_refused_by_unavailable_limits_get_the_reason_in_their_stat
     assert "application/grpc" in str(grpc_callers["filter"]), "only gRPC callers"
     message = rest["body_format_override"]["json_format"]["message"]
     # The body of a gRPC local reply is its grpc-message, sent as plain text.
-    assert grpc_callers["body_format_override"] == {"text_format": message}
+    assert grpc_callers["body_format_override"] == {"text_format_source": {"inline_string": message}}
     (header,) = [h["header"] for h in grpc_callers["headers_to_add"]]
     assert header["key"] == "grpc-status-details-bin"
     # gRPC's base64 (Envoy sends the value as written; a % would be a format specifier).
