@@ -953,7 +953,7 @@ end
 -- A type as the transcoder names it, for people: TYPE_STRING is string,
 -- type.googleapis.com/google.protobuf.Duration is google.protobuf.Duration.
 local function type_name(name)
-  local scalar = match(name, "^TYPE_(%u+)$")
+  local scalar = match(name, "^TYPE_([%u%d]+)$")
   if scalar ~= nil then
     return string.lower(scalar)
   end
@@ -976,6 +976,13 @@ local function transcoder_error(message)
   if what ~= nil then
     what = string.lower(sub(what, 1, 1)) .. string.gsub(sub(what, 2), "%.$", "")
     return status_json("the request body is not valid JSON: " .. cut(what), "INVALID_JSON", "flowport.dev")
+  end
+  -- A query parameter the call does not have: named as the server names an unknown body field.
+  local parameter = match(message, '^Could not find field "(.*)" in the type "[%w_.]+"%.$')
+  if parameter ~= nil then
+    local description = "not a parameter of this call (its parameters are in /openapi.json)"
+    return status_json("unknown query parameter " .. shown(parameter) .. ": " .. description, "UNKNOWN_FIELD",
+      "flowport.dev", '"field":"' .. json_text(cut(parameter)) .. '"', { { parameter, description } })
   end
   local field, value, kind = match(message, "^(.-): invalid value (.*) for type (%S+)$")
   if field == nil then
