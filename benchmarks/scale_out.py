@@ -42,7 +42,7 @@ from flowport.v1 import (
     workflow_pb2,
     workflow_pb2_grpc,
 )
-from tests.backends import PostgresServer, RedisServer, free_port
+from tests.backends import PostgresServer, RedisServer, free_port, free_ports
 
 ADMIN_KEY = "fpk_bench." + secrets.token_urlsafe(32)
 TRIVIAL = {
@@ -144,7 +144,7 @@ def run_one(config: dict[str, Any], scenario: str, args: argparse.Namespace, dat
         environ={},
     )
     if settings.workers > 1:  # consecutive ports from grpc_port
-        settings = settings.model_copy(update={"grpc_port": _free_range(settings.workers)})
+        settings = settings.model_copy(update={"grpc_port": free_ports(settings.workers)})
     up = _up(settings)
     try:
         target = f"127.0.0.1:{settings.http_port}"
@@ -162,24 +162,6 @@ def run_one(config: dict[str, Any], scenario: str, args: argparse.Namespace, dat
         "p99": percentile(ordered, 0.99),
         "errors": errors,
     }
-
-
-def _free_range(count: int) -> int:
-    while True:
-        start = free_port()
-        if start + count < 65535 and all(_port_free(start + n) for n in range(count)):
-            return start
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def main() -> int:

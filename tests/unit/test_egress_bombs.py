@@ -19,10 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
-from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
-from flowport.server.nodes.http import MAX_RESPONSE_BYTES, HTTPRequestNode
+from flowport.server.nodes.base import NodeError
+from flowport.server.nodes.http import MAX_RESPONSE_BYTES
 from flowport.server.service_checks import HEALTHY, probe
 from flowport.v1 import registry_pb2
+
+from .test_http_nodes import make_ctx
+from .test_http_nodes import run_http as run_node
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -114,16 +117,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def run_http(client: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
-    ctx = NodeContext(
-        tenant="t1",
-        execution_id="exe_1",
-        node_id="call",
-        attempt=1,
-        timeout=60.0,
-        services=NodeServices(http=client, http_allowlist=LOOPBACK),
-    )
-    node = HTTPRequestNode()
-    return await node.run(ctx, node.prepare(params), params)
+    return await run_node(make_ctx(client, timeout=60.0, allowlist=LOOPBACK), **params)
 
 
 # -- HTTP nodes ---------------------------------------------------------------------------------

@@ -34,12 +34,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2_grpc
 
 from flowport.server import egress
-from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
-from flowport.server.nodes.http import HTTPRequestNode
+from flowport.server.nodes.base import NodeError
 from flowport.server.resolver import RESOLVING_FOR
 from flowport.server.service_checks import HEALTHY, UNHEALTHY, probe
 from flowport.server.webhooks import delivery
 from flowport.v1 import registry_pb2
+
+from .test_http_nodes import make_ctx
+from .test_http_nodes import run_http as run_node
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -239,16 +241,7 @@ def tenant() -> Iterator[str]:
 
 
 async def run_http(client: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
-    ctx = NodeContext(
-        tenant="t1",
-        execution_id="exe_1",
-        node_id="call",
-        attempt=1,
-        timeout=30.0,
-        services=NodeServices(http=client, http_allowlist=ALLOWLIST),
-    )
-    node = HTTPRequestNode()
-    return await node.run(ctx, node.prepare(params), params)
+    return await run_node(make_ctx(client, timeout=30.0, allowlist=ALLOWLIST), **params)
 
 
 def assert_never_inside(stage: Stage) -> None:
