@@ -43,7 +43,8 @@ Behaviour of `perform`:
   before it too). gzip and deflate are decoded here a step at a time, each
   step counted before the next, so a compressed bomb never expands past the
   cap in memory; a body in br or zstd, which could not be decoded that way,
-  fails with `HTTP_BAD_RESPONSE`.
+  or compressed more than once (only the last layer's output would be
+  counted), fails with `HTTP_BAD_RESPONSE`.
 - Header values (from the config, inputs, a resource's profile, secrets)
   must be printable ASCII (tabs inside allowed): anything else fails the
   node with `INVALID_PARAMETER` naming the header, never quoting the value
@@ -751,6 +752,14 @@ def _inflaters(headers: httpx.Headers, url: httpx.URL) -> list[_Inflater]:
     for listed in reversed(headers.get_list("content-encoding", split_commas=True)):
         coding = listed.strip().lower()
         if coding in ("gzip", "x-gzip", "deflate"):
+            if layers:
+                # Only the last layer's output is counted against the cap: what an inner layer
+                # expands to would be decoded (and thrown away) unbounded, holding the event loop.
+                raise NodeError(
+                    f"response from {_safe(url)} is compressed more than once, which HTTP nodes do not decode "
+                    "(they decode one layer of gzip or deflate)",
+                    reason="HTTP_BAD_RESPONSE",
+                )
             layers.append(_Inflater("gzip" if coding == "x-gzip" else coding, url))
         elif coding in _UNDECODED_CODINGS:
             raise NodeError(
