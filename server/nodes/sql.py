@@ -105,11 +105,21 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ROWS: Final = 10_000
 DEADLINE_MARGIN: Final = 0.05  # seconds
 _QUERY_CANCELED: Final = "57014"  # PostgreSQL SQLSTATE of a statement_timeout
-# Statements that read (after leading comments): fetched through a server-side cursor.
-_QUERY_STATEMENT = re.compile(
-    r"^\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*\(?\s*(?:select|with|values|show|table|explain|pragma)\b",
-    re.IGNORECASE | re.DOTALL,
-)
+# Statements that read (after leading comments): fetched through a server-side cursor. The comments
+# are skipped one at a time, each by an unambiguous pattern: `/\*.*?\*/` repeated could split a
+# run of "/**/" in exponentially many ways, and a 161-byte query would hold the event loop for days.
+_LEADING_COMMENT = re.compile(r"\s*(?:--[^\n]*(?:\n|$)|/\*(?:[^*]|\*(?!/))*\*/)")
+_READ_KEYWORD = re.compile(r"\s*\(?\s*(?:select|with|values|show|table|explain|pragma)\b", re.IGNORECASE)
+
+
+def _reads(query: str) -> bool:
+    """Whether `query` is a statement that reads, after any leading comments."""
+    at = 0
+    while (comment := _LEADING_COMMENT.match(query, at)) is not None and comment.end() > at:
+        at = comment.end()
+    return _READ_KEYWORD.match(query, at) is not None
+
+
 MAX_MAX_ROWS: Final = 100_000
 # With a resource, the statement and the database come from the workflow's config only.
 SQL_RESOURCE_PINNED: Final = ("resource_name", "query")
@@ -195,7 +205,7 @@ def prepare_query(query: str) -> PreparedQuery:
         names = tuple(statement.compile().params)
     except SQLAlchemyError as exc:
         raise NodeError(f"cannot parse the query: {exc}", reason="SQL_INVALID_QUERY") from exc
-    return PreparedQuery(query, statement, names, bool(_QUERY_STATEMENT.match(query)))
+    return PreparedQuery(query, statement, names, _reads(query))
 
 
 def explicit_binds(params: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:

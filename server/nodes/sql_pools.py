@@ -54,6 +54,7 @@ import hashlib
 import os
 import platform
 import re
+import sqlite3
 import ssl
 import stat
 from collections import OrderedDict
@@ -119,6 +120,10 @@ MAX_ENGINES: Final = 128
 # a tenant keeps at most SQLITE_FILES_PER_TENANT files, and a SQLite pool at most
 # SQLITE_POOL_CONNECTIONS connections (each a thread): SQLite has one writer anyway.
 SQLITE_FILE_BYTES: Final = 256 * 2**20
+# The longest string or blob a tenant's SQLite statement may make (SQLite's SQLITE_LIMIT_LENGTH,
+# 1e9 by default): one `randomblob(450000000)` took 2.4 GB of the server's memory for a one-row
+# answer. A node's outputs are at most 8 MiB anyway.
+SQLITE_MAX_VALUE_BYTES: Final = 16 * 2**20
 SQLITE_MEMORY_BYTES: Final = 32 * 2**20
 SQLITE_FILES_PER_TENANT: Final = 16
 SQLITE_POOL_CONNECTIONS: Final = 4
@@ -444,6 +449,10 @@ def _guard(engine: AsyncEngine, allowlist: frozenset[str]) -> AsyncEngine:
             finally:
                 cursor.close()
             await_only(connection.driver_connection.set_authorizer(_authorize_sqlite))
+            # aiosqlite has no setlimit: it runs on the connection's own thread, as its calls do
+            # (an aiosqlite without these attributes fails the connection: no unbounded SQLite).
+            driver = connection.driver_connection
+            await_only(driver._execute(driver._conn.setlimit, sqlite3.SQLITE_LIMIT_LENGTH, SQLITE_MAX_VALUE_BYTES))
 
         event.listen(engine.sync_engine, "connect", bound)
         return engine

@@ -516,6 +516,17 @@ async def test_missing_sql_service(sqlite_url: str) -> None:
     assert caught.value.reason == "SQL_POOLS_UNAVAILABLE"
 
 
+@pytest.mark.timeout(30)
+def test_leading_comments_are_skipped_in_time_linear_in_the_query() -> None:
+    """A run of "/**/" could be split in exponentially many ways by the old pattern: 161 bytes held
+    the event loop for days. Each of these ends at once (the test's timeout is the bound)."""
+    assert prepare_query("/**/" * 40 + "x").streamed is False
+    assert prepare_query("/**/" * 40 + " select 1").streamed is True
+    assert prepare_query("/*" + "*" * 100_000).streamed is False  # never closed
+    assert prepare_query("-- a\n/* b */ ( select 1)").streamed is True
+    assert prepare_query("/* select */ delete from t").streamed is False
+
+
 def test_prepare_and_jsonable() -> None:
     prepared = prepare_query(SEED_SELECT)
     assert prepared.bind_names == ("tenant_id", "status", "limit")
@@ -1267,6 +1278,11 @@ async def test_a_tenants_sqlite_databases_are_bounded_in_the_server_process(
             await run_sql(ctx, "sqlite:///big.db", fill.replace("INSERT INTO blobs", "INSERT INTO scratch"))
         assert (await run_sql(ctx, "sqlite:///big.db", "PRAGMA table_info(blobs)"))["result"]["rows"][0]["name"] == "b"
         await run_sql(ctx, "sqlite:///big.db", "PRAGMA foreign_keys = ON")
+        # No value past SQLITE_MAX_VALUE_BYTES, even one the answer never holds (a one-row length).
+        with pytest.raises(NodeError, match="too big"):
+            await run_sql(ctx, "sqlite:///big.db", "SELECT length(randomblob(:n)) AS n", n=17 * 2**20)
+        small = await run_sql(ctx, "sqlite:///big.db", "SELECT length(randomblob(:n)) AS n", n=2**20)
+        assert small["result"]["rows"] == [{"n": 2**20}]
         await run_sql(ctx, "sqlite:///two.db", "SELECT 1")
         await run_sql(ctx, "sqlite:///three.db", "SELECT 1")
         with pytest.raises(NodeError) as caught:
