@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
+from google.api import field_behavior_pb2
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 from flowport.server.auth.principal import NEEDS_OPERATOR, operator_metadata
@@ -54,3 +57,19 @@ def other_tenant_refused(what: str, tenant: str) -> PermissionDenied:
         reason="ROLE_REQUIRED",
         metadata=operator_metadata(),
     )
+
+
+@functools.cache
+def _output_only(descriptor: Descriptor) -> tuple[str, ...]:
+    return tuple(
+        field.name
+        for field in descriptor.fields
+        if field_behavior_pb2.OUTPUT_ONLY in field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+    )
+
+
+def clear_output_only(message: Message) -> None:
+    """Clear the fields the .proto marks OUTPUT_ONLY (the server's to set): a field added later is
+    covered without a list to keep in step."""
+    for name in _output_only(message.DESCRIPTOR):
+        message.ClearField(name)

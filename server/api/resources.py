@@ -12,7 +12,7 @@ from __future__ import annotations
 from google.protobuf import empty_pb2
 
 from flowport.server import pagination
-from flowport.server.api.common import check_request_id, idempotency_key, request_id_reused
+from flowport.server.api.common import check_request_id, clear_output_only, idempotency_key, request_id_reused
 from flowport.server.clock import now_us, timestamp
 from flowport.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, shown
 from flowport.server.resources import spec
@@ -44,8 +44,7 @@ def _checked(given: resource_pb2.Resource, tenant: str) -> resource_pb2.Resource
         raise InvalidArgument(
             "resource is not valid: " + "; ".join(f"{f} {d}" for f, d in violations), violations=violations
         )
-    for field in ("create_time", "update_time", "from_settings"):
-        resource.ClearField(field)
+    clear_output_only(resource)
     resource.tenant = tenant
     return resource
 

@@ -14,7 +14,7 @@ import httpx
 from google.protobuf import empty_pb2
 
 from flowport.server import pagination
-from flowport.server.api.common import check_request_id, idempotency_key, request_id_reused
+from flowport.server.api.common import check_request_id, clear_output_only, idempotency_key, request_id_reused
 from flowport.server.clock import now_us, timestamp
 from flowport.server.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from flowport.server.storage import IdempotencyConflict
@@ -107,9 +107,7 @@ class ServiceRegistryService(registry_pb2_grpc.ServiceRegistryServiceServicer):
         now = now_us()
         service = registry_pb2.RegisteredService()
         service.CopyFrom(given)
-        # Output-only fields are the registry's to set.
-        for field in ("expire_time", "status", "latency_ms", "check_time"):
-            service.ClearField(field)
+        clear_output_only(service)  # the registry's to set
         service.tenant = tenant
         service.create_time.CopyFrom(timestamp(now))
         if service.HasField("ttl"):

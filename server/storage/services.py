@@ -45,6 +45,7 @@ class ServiceTables(Tables):
                 service.create_time.CopyFrom(before.create_time)
                 if before.endpoint == service.endpoint and before.health_path == service.health_path:
                     service.status, service.latency_ms = before.status, before.latency_ms
+                    service.check_message = before.check_message
                     if before.HasField("check_time"):
                         service.check_time.CopyFrom(before.check_time)
             body = service.SerializeToString()

@@ -52,6 +52,16 @@ async def test_register_get_list_and_deregister(admin: AsyncClient) -> None:
     assert made.status == registry_pb2.RegisteredService.STATUS_UNSPECIFIED
     got = await admin.services.GetService(registry_pb2.GetServiceRequest(service_id="analytics-eu"))
     assert got == made
+    # What the registry says of a service is its own: a registration's claims are dropped.
+    claims = _service("claims", status=registry_pb2.RegisteredService.STATUS_HEALTHY, check_message="forged: all good")
+    claims.latency_ms, claims.tenant = 0.1, "other"
+    claimed = await _register(admin, claims)
+    assert (claimed.status, claimed.check_message, claimed.latency_ms, claimed.tenant) == (
+        registry_pb2.RegisteredService.STATUS_UNSPECIFIED,
+        "",
+        0,
+        "default",
+    )
     # Registering the id again replaces it, keeping its first creation time.
     again = await _register(admin, _service("analytics-eu", endpoint="https://analytics.example.com"))
     assert again.endpoint == "https://analytics.example.com" and again.create_time == made.create_time
