@@ -12,7 +12,7 @@ from flowport.server import pagination
 from flowport.server.api.common import idempotency_key, other_tenant_refused, request_id_reused, require
 from flowport.server.audit import actions, note
 from flowport.server.auth.keys import REVOKED_EVENT, KeyAuthenticator, describe, key_hash, new_key
-from flowport.server.auth.principal import ROLES, TENANT_NAME, USER
+from flowport.server.auth.principal import OPERATOR_TENANT, ROLES, TENANT_NAME, USER
 from flowport.server.clock import now_us
 from flowport.server.errors import InvalidArgument, NotFound, shown
 from flowport.server.events.bus import EventBus
@@ -72,7 +72,9 @@ class ApiKeyService(apikey_pb2_grpc.ApiKeyServiceServicer):
             description.expire_time.CopyFrom(given.expire_time)
         fingerprint = idempotency_key(request.request_id, given)
         try:
-            result = await self._store.create_api_key(description, key_hash(key), fingerprint, tenant_of(context))
+            result = await self._store.create_api_key(
+                description, key_hash(key), fingerprint, tenant_of(context), capped=tenant != OPERATOR_TENANT
+            )
         except IdempotencyConflict:
             raise request_id_reused(request.request_id, "with a different key") from None
         if result.replayed:

@@ -40,6 +40,7 @@ async def ensure_admin_key(store: ApiKeyTables, settings: Settings) -> Path | No
                 key_hash(configured),
                 None,
                 DEFAULT_TENANT,
+                capped=False,  # the operator's: a start must not fail on a full tenant
             )
             log.info("created the admin API key %s from the admin_api_key setting", key_id)
         return None
@@ -51,6 +52,7 @@ async def ensure_admin_key(store: ApiKeyTables, settings: Settings) -> Path | No
         key_hash(key),
         None,
         DEFAULT_TENANT,
+        capped=False,
     )
     path = admin_key_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,16 @@ class ApiKeyTables(Tables):
     """API keys, looked up by the hash of the key."""
 
     async def create_api_key(
-        self, key: apikey_pb2.ApiKey, key_hash: bytes, idempotency_key: tuple[str, bytes] | None, caller_tenant: str
+        self,
+        key: apikey_pb2.ApiKey,
+        key_hash: bytes,
+        idempotency_key: tuple[str, bytes] | None,
+        caller_tenant: str,
+        *,
+        capped: bool = True,
     ) -> IdempotentResult:
-        """Store a key; a replayed request returns the first key's description."""
+        """Store a key; a replayed request returns the first key's description. `capped`: counted
+        toward the tenant's objects (not the operator's keys, which the gateway's start may need)."""
         body = key.SerializeToString()
         now_us = micros(key.create_time)
         expire = micros(key.expire_time) if key.HasField("expire_time") else None
@@ -31,8 +38,8 @@ class ApiKeyTables(Tables):
                 "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL, ?)",
                 (key.key_id, key.tenant, key_hash, now_us, expire, body),
             )
-            # A tenant's admin is a customer: its keys count toward the tenant's objects.
-            quotas.check(conn, self.quotas, key.tenant, quotas.API_KEYS)
+            if capped:  # a tenant's admin is a customer: its keys count toward the tenant's objects
+                quotas.check(conn, self.quotas, key.tenant, quotas.API_KEYS)
             return IdempotentResult(body, replayed=False)
 
         return await self._write(op)

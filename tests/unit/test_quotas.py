@@ -201,6 +201,16 @@ async def test_a_create_past_the_cap_is_resource_exhausted_through_the_api(tmp_p
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert caught.value.reason == "TENANT_QUOTA", caught.value
             assert "most of 1 workflow versions" in caught.value.message
+            # API keys: a tenant's are counted, the operator's (tenant default) are not.
+            for tenant in ("default", "default", "acme"):
+                await client.keys.CreateApiKey(
+                    apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant=tenant, roles=["user"]))
+                )
+            with pytest.raises(ApiError) as caught:
+                await client.keys.CreateApiKey(
+                    apikey_pb2.CreateApiKeyRequest(api_key=apikey_pb2.ApiKey(tenant="acme", roles=["user"]))
+                )
+            assert caught.value.reason == "TENANT_QUOTA" and "API keys" in caught.value.message
     finally:
         await stop(running, 1.0)
 
