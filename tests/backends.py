@@ -80,6 +80,8 @@ def free_ports(count: int = 1) -> int:
     """The first of `count` consecutive ports on 127.0.0.1 nobody listens on right now, none handed
     out before by this process nor by another xdist worker (ports asked for together must differ,
     and a server with --workers N takes its base port and the N-1 after it)."""
+    if not 1 <= count <= _BLOCK:
+        raise ValueError(f"free_ports hands out 1 to {_BLOCK} consecutive ports, not {count}")
     worker, workers = _worker()
     ports = _listening_ports()
     while True:

@@ -666,6 +666,7 @@ class WebhookDispatcher:
                 log.error("webhook delivery %s was never stored and is lost", pending.delivery_id)
             self._forget(pending)
             return
+        pending.unconfirmed = False  # its row is there: a later miss is a deletion, not a loss
         number = row.attempts + 1
         attributes = (
             {
