@@ -118,6 +118,8 @@ if TYPE_CHECKING:
     from flowport.server.resources.directory import HttpResource
 
 MAX_RESPONSE_BYTES: Final = 10 * 1024 * 1024
+# The largest request body a node sends, as JSON (`json`/`body` after substitution).
+MAX_REQUEST_BODY_BYTES: Final = 16 * 1024 * 1024
 # A compressed body is decoded at most this much at a time and counted before any more is: one
 # small compressed chunk can otherwise expand a thousandfold in memory before the cap is checked.
 DECODE_STEP: Final = 64 * 1024
@@ -356,6 +358,13 @@ def build_call(
         content = (data if isinstance(data, str) else json.dumps(data)).encode()
     elif bodies:
         value = substitute(params[bodies[0]], params, secrets.for_key(bodies[0]))
+        # A whole-string reference keeps its value by reference, so ["${x}"] * 150000 is small
+        # in memory and huge written out: measured (each shared value once) before it is.
+        size = _json_size(value, MAX_REQUEST_BODY_BYTES)
+        if size > MAX_REQUEST_BODY_BYTES:
+            raise NodeError(
+                f"{bodies[0]} would be more than {MAX_REQUEST_BODY_BYTES} bytes as JSON", reason="REQUEST_TOO_LARGE"
+            )
         try:
             content = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
@@ -738,6 +747,38 @@ class _Inflater:
             # zlib stops when its input or the room it was given runs out; only the latter leaves
             # output pending.
             more = bool(data) or len(piece) == DECODE_STEP
+
+
+def _json_size(value: Any, most: int) -> int:
+    """About how many bytes `value` takes as JSON (at least as many as its strings and numbers), each
+    value shared by reference measured once and counted as often as it appears; stops past `most`."""
+    sizes: dict[int, int] = {}
+
+    def size(item: Any) -> int:
+        known = sizes.get(id(item))
+        if known is not None:
+            return known
+        if isinstance(item, str):
+            total = len(item) + 2
+        elif isinstance(item, dict):
+            total = 2
+            for key, child in item.items():
+                total += len(str(key)) + 4 + size(child)
+                if total > most:
+                    break
+        elif isinstance(item, list | tuple):
+            total = 2
+            for child in item:
+                total += size(child) + 1
+                if total > most:
+                    break
+        else:
+            total = len(repr(item))
+        if isinstance(item, dict | list | tuple | str):
+            sizes[id(item)] = total  # the value outlives this walk: its id names it throughout
+        return total
+
+    return size(value)
 
 
 def _zlib_header(data: bytes) -> bool:

@@ -17,7 +17,9 @@ are left alone) and replaces each `${name}` with `params[name]`:
   values; the syntax is server/secrets/references.py's), else left untouched;
 - `$${x}` is the literal text `${x}`;
 - an unknown name raises `NodeError(reason="UNRESOLVED_REFERENCE")`. There
-  is no default syntax (`${name:-x}` names a parameter `name:-x`).
+  is no default syntax (`${name:-x}` names a parameter `name:-x`);
+- a string whose substituted text would pass MAX_SUBSTITUTED_CHARS raises
+  `NodeError(reason="SUBSTITUTION_TOO_LARGE")` as it grows past it.
 
 `input_references` names the execution inputs a config's references need:
 the first part of each reference that is not an execution variable (nor a
@@ -47,6 +49,9 @@ from flowport.server.secrets.references import TOKEN, is_secret, secret_value
 
 # `$${` (escape), `${secret:…}`, or `${name}`: the secrets' syntax, which plain references share.
 _TOKEN = TOKEN
+# The longest string one substitution may make (16 Mi characters): past any request or output a
+# node may send or keep.
+MAX_SUBSTITUTED_CHARS = 16 * 2**20
 _MISSING = object()
 
 # The execution's own scalar variables: `${tenant_id}` and the like in configs, and the variables
@@ -163,14 +168,27 @@ def _substitute_string(text: str, params: Mapping[str, Any], secrets: Mapping[st
             return text if secrets is None else secret_value(name, secrets)
         return lookup(name, params)
 
+    produced = len(text)
+
     def replace(match: re.Match[str]) -> str:
+        nonlocal produced
         inner = match.group(1)
         if inner is None:  # `$${` escape
             return "${"
         name = inner.strip()
         if is_secret(name):
-            return match.group(0) if secrets is None else secret_value(name, secrets)
-        return str(lookup(name, params))
+            piece = match.group(0) if secrets is None else secret_value(name, secrets)
+        else:
+            piece = str(lookup(name, params))
+        # Counted as it grows: a config of many references to one long input would otherwise
+        # build a string of gigabytes on the event loop.
+        produced += len(piece)
+        if produced > MAX_SUBSTITUTED_CHARS:
+            raise NodeError(
+                f"a string with its references substituted would pass {MAX_SUBSTITUTED_CHARS} characters",
+                reason="SUBSTITUTION_TOO_LARGE",
+            )
+        return piece
 
     return _TOKEN.sub(replace, text)
 

@@ -868,3 +868,17 @@ def test_substitute() -> None:
     assert caught.value.reason == "UNRESOLVED_REFERENCE"
     assert "session.missing" in caught.value.message
     assert references({"a": "${x} ${y.z}", "b": ["${x}", "$${w}", "${secret:S}"]}) == ["x", "y.z"]
+
+
+async def test_substitution_cannot_make_a_request_or_a_string_past_its_bound() -> None:
+    """References multiply what they refer to: ["${x}"] * n keeps one value n times by reference
+    (small in memory, huge as JSON), and "${x}${x}..." builds one long string. Both are refused
+    before they are built, naming the bound."""
+    long_value, target = "x" * 1024, "http://127.0.0.1:9/x"  # never reached
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(NodeError) as caught:
+            await run_http(make_ctx(client), url=target, method="POST", json=["${v}"] * 150_000, v=long_value)
+        assert caught.value.reason == "REQUEST_TOO_LARGE" and "16777216 bytes" in caught.value.message
+        with pytest.raises(NodeError) as caught:
+            await run_http(make_ctx(client), url=target, method="POST", data="${v}" * 20_000, v=long_value)
+        assert caught.value.reason == "SUBSTITUTION_TOO_LARGE"
