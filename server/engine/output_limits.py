@@ -20,6 +20,7 @@ from google.protobuf import struct_pb2
 
 from flowport.server.engine.values import python_to_struct
 from flowport.server.nodes.base import MAX_OUTPUT_BYTES, NodeError
+from flowport.server.nodes.json_size import json_size
 
 # Objects and lists inside one node's outputs (JSON depth; the Kailash
 # examples use 3 or 4).
@@ -46,6 +47,13 @@ def add_outputs(
     if _deeper_than(value, MAX_DEPTH):
         raise NodeError(
             f"outputs nest deeper than {MAX_DEPTH} objects and lists", reason="OUTPUT_TOO_DEEP", retryable=False
+        )
+    # Measured before the Struct is built: a node's outputs may hold one value many times by
+    # reference (a TransformNode mapping many keys to one list), small in memory and gigabytes
+    # as a Struct, built on the event loop.
+    if json_size(value, MAX_NODE_BYTES) > MAX_NODE_BYTES:
+        raise NodeError(
+            f"outputs are more than a node's {MAX_NODE_BYTES} bytes", reason="OUTPUT_TOO_LARGE", retryable=False
         )
     added = python_to_struct({node_id: value})
     size = added.ByteSize()

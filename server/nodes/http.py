@@ -107,6 +107,7 @@ from flowport.server.nodes.base import (
     NodeType,
     Violation,
 )
+from flowport.server.nodes.json_size import json_size
 from flowport.server.nodes.substitution import check_params, substitute
 from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
@@ -360,7 +361,7 @@ def build_call(
         value = substitute(params[bodies[0]], params, secrets.for_key(bodies[0]))
         # A whole-string reference keeps its value by reference, so ["${x}"] * 150000 is small
         # in memory and huge written out: measured (each shared value once) before it is.
-        size = _json_size(value, MAX_REQUEST_BODY_BYTES)
+        size = json_size(value, MAX_REQUEST_BODY_BYTES)
         if size > MAX_REQUEST_BODY_BYTES:
             raise NodeError(
                 f"{bodies[0]} would be more than {MAX_REQUEST_BODY_BYTES} bytes as JSON", reason="REQUEST_TOO_LARGE"
@@ -747,38 +748,6 @@ class _Inflater:
             # zlib stops when its input or the room it was given runs out; only the latter leaves
             # output pending.
             more = bool(data) or len(piece) == DECODE_STEP
-
-
-def _json_size(value: Any, most: int) -> int:
-    """About how many bytes `value` takes as JSON (at least as many as its strings and numbers), each
-    value shared by reference measured once and counted as often as it appears; stops past `most`."""
-    sizes: dict[int, int] = {}
-
-    def size(item: Any) -> int:
-        known = sizes.get(id(item))
-        if known is not None:
-            return known
-        if isinstance(item, str):
-            total = len(item) + 2
-        elif isinstance(item, dict):
-            total = 2
-            for key, child in item.items():
-                total += len(str(key)) + 4 + size(child)
-                if total > most:
-                    break
-        elif isinstance(item, list | tuple):
-            total = 2
-            for child in item:
-                total += size(child) + 1
-                if total > most:
-                    break
-        else:
-            total = len(repr(item))
-        if isinstance(item, dict | list | tuple | str):
-            sizes[id(item)] = total  # the value outlives this walk: its id names it throughout
-        return total
-
-    return size(value)
 
 
 def _zlib_header(data: bytes) -> bool:

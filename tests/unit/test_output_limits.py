@@ -13,6 +13,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 
+from flowport.server.engine import output_limits
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.output_limits import MAX_DEPTH, MAX_EXECUTION_BYTES, MAX_NODE_BYTES, add_outputs
 from flowport.server.engine.plan import PlanCache
@@ -83,6 +84,24 @@ def test_outputs_are_bounded_in_depth_and_size() -> None:
     assert set(outputs.fields) == {"a", "b"}, "a refused output adds nothing"
     with pytest.raises(ValueError, match="Unexpected type"):  # not JSON: the walk's BAD_OUTPUT
         add_outputs(outputs, "c", {"result": object()}, used)
+
+
+def test_outputs_holding_one_value_many_times_are_refused_before_a_struct_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A value held many times by reference (a TransformNode mapping many keys to one list) is small
+    in memory and gigabytes as a Struct: it is measured, each shared value once, and refused
+    before the Struct would be built on the event loop."""
+    shared = ["x" * 4096] * 64
+    many = {f"k{n}": shared for n in range(3000)}  # ~786 MB written out, a few KB in memory
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a Struct was built for outputs already known to be too large")
+
+    monkeypatch.setattr(output_limits, "python_to_struct", never)
+    with pytest.raises(NodeError) as large:
+        add_outputs(struct_pb2.Struct(), "t", many, 0)
+    assert large.value.reason == "OUTPUT_TOO_LARGE" and not large.value.retryable
 
 
 async def test_a_node_returning_outputs_too_deep_fails_and_its_execution_stays_readable(tmp_path: Path) -> None:
