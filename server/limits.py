@@ -28,6 +28,12 @@ MAX_METADATA_BYTES = 64 * 2**10
 # MAX_METADATA_BYTES.
 MAX_REQUEST_HEADERS_KB = 32
 MAX_REQUEST_HEADERS = 100
+# Seconds a request's headers may take to arrive at Envoy, from their first byte: a client sending
+# them a byte at a time (slowloris) holds its connection this long at most.
+REQUEST_HEADERS_SECONDS = 10.0
+# HTTP/2 streams one client connection to Envoy may have open at once, calls and event streams
+# (Envoy's default is 2**31 - 1).
+MAX_STREAMS_PER_CONNECTION = 1000
 
 
 def tenant_share(fraction: float, total: int) -> int:

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from flowport.server.limits import MAX_MESSAGE_BYTES, MAX_REQUEST_HEADERS, MAX_REQUEST_HEADERS_KB
+from flowport.server.limits import (
+    MAX_MESSAGE_BYTES,
+    MAX_REQUEST_HEADERS,
+    MAX_REQUEST_HEADERS_KB,
+    MAX_STREAMS_PER_CONNECTION,
+    REQUEST_HEADERS_SECONDS,
+)
 from flowport.server.settings import Settings
 from flowport.server.shutdown import HEALTH_CHECK_INTERVAL, HEALTH_CHECK_TIMEOUT, UNHEALTHY_THRESHOLD
 from flowport.transcoder.body_fields import lua_source as body_fields_lua
@@ -460,6 +466,8 @@ def render(settings: Settings, descriptor: Path | None = None, endpoints_dir: Pa
         xff_num_trusted_hops=0,
         max_request_headers_kb=MAX_REQUEST_HEADERS_KB,
         common_http_protocol_options={"max_headers_count": MAX_REQUEST_HEADERS},
+        request_headers_timeout=_seconds(REQUEST_HEADERS_SECONDS),
+        http2_protocol_options={"max_concurrent_streams": MAX_STREAMS_PER_CONNECTION},
         local_reply_config=local_reply_config(),
         access_log=_access_log(settings),
         route_config={

@@ -226,3 +226,19 @@ def test_a_unary_call_over_the_route_timeout_is_504_json(tmp_path: pytest.TempPa
         release.set()
         envoy.stop()
         upstream.stop(0)
+
+
+@pytest.mark.timeout(60)
+def test_headers_sent_a_byte_at_a_time_lose_their_connection(stack: Stack) -> None:
+    """A client that never finishes its request headers (slowloris) is answered 408 and cut once
+    REQUEST_HEADERS_SECONDS have passed, instead of holding its connection for the idle timeout."""
+    import socket
+
+    from flowport.server.limits import REQUEST_HEADERS_SECONDS
+
+    with socket.create_connection(("127.0.0.1", stack.settings.http_port), timeout=REQUEST_HEADERS_SECONDS * 3) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: flowport\r\nX-Slow: a")
+        answer = b""
+        while chunk := sock.recv(4096):  # until Envoy closes it (the socket's timeout bounds the wait)
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
