@@ -190,7 +190,9 @@ class _ConnectTo:
     the very arguments of the connection it is about to open, so the host among them is replaced;
     once connected, the peer is checked, and a connection anywhere else (an httpcore that no
     longer honours the change, a proxy) is closed before a byte is sent and fails as a connect
-    error. A request that reuses a pooled connection for the same name opens none."""
+    error. A request that reuses a pooled connection for the same name opens none: it goes to the
+    address that connection was checked at, even if the name resolves elsewhere by now (also
+    checked, or the request was refused before it got here)."""
 
     def __init__(self, host: str, address: str) -> None:
         self._host, self._address = host, address

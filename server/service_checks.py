@@ -116,7 +116,8 @@ async def _grpc_serving(service: registry_pb2.RegisteredService, allowlist: froz
     target = f"[{host}]:{endpoint.port}" if ":" in host else f"{host}:{endpoint.port}"
     # One short-lived channel per check: checks are seconds apart, and no
     # connection state should carry between tenants' endpoints.
-    options = [("grpc.enable_retries", 0), ("grpc.default_authority", f"{endpoint.host}:{endpoint.port}")]
+    authority = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host  # an IPv6 literal in brackets
+    options = [("grpc.enable_retries", 0), ("grpc.default_authority", f"{authority}:{endpoint.port}")]
     channel = (
         grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
         if tls
