@@ -44,14 +44,15 @@ def add_outputs(
     bytes then. Raises NodeError (nothing added) past a bound, and TypeError/ValueError for a
     value that is not JSON. `admit` is given the outputs' size last, and may refuse them (a
     NodeError) or count them."""
-    if _deeper_than(value, MAX_DEPTH):
+    too_deep, shared = _outline(value, MAX_DEPTH)
+    if too_deep:
         raise NodeError(
             f"outputs nest deeper than {MAX_DEPTH} objects and lists", reason="OUTPUT_TOO_DEEP", retryable=False
         )
-    # Measured before the Struct is built: a node's outputs may hold one value many times by
-    # reference (a TransformNode mapping many keys to one list), small in memory and gigabytes
-    # as a Struct, built on the event loop.
-    if json_size(value, MAX_NODE_BYTES) > MAX_NODE_BYTES:
+    # Outputs holding one value many times by reference (a TransformNode mapping many keys to one
+    # list) are small in memory and may be gigabytes as a Struct, built on the event loop: those
+    # are measured first (each shared value once). The others take as long to build as to walk.
+    if shared and json_size(value, MAX_NODE_BYTES) > MAX_NODE_BYTES:
         raise NodeError(
             f"outputs are more than a node's {MAX_NODE_BYTES} bytes", reason="OUTPUT_TOO_LARGE", retryable=False
         )
@@ -72,18 +73,23 @@ def add_outputs(
     return used + size
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether dicts and lists nest in `value` more than `limit` levels (without recursion)."""
+def _outline(value: Any, limit: int) -> tuple[bool, bool]:
+    """(whether dicts and lists nest in `value` more than `limit` levels, whether one of them is held
+    more than once); without recursion, each walked again only when met deeper than before (at most
+    `limit` times), so a list held many times is not walked as often."""
+    deepest: dict[int, int] = {}
+    shared = False
     pending: list[tuple[Any, int]] = [(value, 1)]
     while pending:
         item, depth = pending.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
-            continue
         if depth > limit:
-            return True
+            return True, shared
+        seen = deepest.get(id(item))
+        if seen is not None:
+            shared = True
+            if seen >= depth:
+                continue
+        deepest[id(item)] = depth
+        children: Any = item.values() if isinstance(item, dict) else item
         pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list | tuple))
-    return False
+    return False, shared

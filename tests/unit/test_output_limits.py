@@ -86,6 +86,7 @@ def test_outputs_are_bounded_in_depth_and_size() -> None:
         add_outputs(outputs, "c", {"result": object()}, used)
 
 
+@pytest.mark.timeout(30)
 def test_outputs_holding_one_value_many_times_are_refused_before_a_struct_is_built(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -102,6 +103,12 @@ def test_outputs_holding_one_value_many_times_are_refused_before_a_struct_is_bui
     with pytest.raises(NodeError) as large:
         add_outputs(struct_pb2.Struct(), "t", many, 0)
     assert large.value.reason == "OUTPUT_TOO_LARGE" and not large.value.retryable
+    # The depth walk goes through a list held many times once, not each time (this one 2,000 times
+    # 200,000 numbers: minutes when walked at every reference; the test's timeout is the bound).
+    numbers = list(range(200_000))
+    with pytest.raises(NodeError) as large:
+        add_outputs(struct_pb2.Struct(), "t", {f"k{n}": numbers for n in range(2000)}, 0)
+    assert large.value.reason == "OUTPUT_TOO_LARGE"
 
 
 async def test_a_node_returning_outputs_too_deep_fails_and_its_execution_stays_readable(tmp_path: Path) -> None:
