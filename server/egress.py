@@ -46,6 +46,7 @@ from typing import Any
 import httpcore
 import httpx
 
+from flowport.server.observability.log_budget import LogBudget
 from flowport.server.resolver import RESOLVING_FOR, getaddrinfo
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -104,13 +105,22 @@ class TargetUnresolvable(TargetUnreachable):
     """The host name did not resolve: `temporary` when the resolver says to try again (EAI_AGAIN)."""
 
 
+# Lines of refused and failed outbound requests written per tenant a minute: a tenant's requests
+# in a loop must not flood the log every operator reads.
+LOG_LINES_PER_MINUTE = 60
+LOG_BUDGET = LogBudget(per_minute=LOG_LINES_PER_MINUTE)
+
+
 def log_refusal(exc: TargetUnreachable, what: str, tenant: str | None = None) -> None:
     """Log the detail of a refusal the tenant is shown as `exc.shown`: once per refusal, for `tenant`
     (by default the one the lookup was made for, server/resolver.py)."""
     tenant = RESOLVING_FOR.get() if tenant is None else tenant
+    write, held = LOG_BUDGET.admit(tenant or "")
+    if not write:
+        return
     # A lookup that may work next time is no refusal yet.
     level = logging.INFO if exc.temporary else logging.WARNING
-    log.log(level, "%s for tenant %s refused: %s", what, tenant or "(none)", exc)
+    log.log(level, "%s for tenant %s refused: %s%s", what, tenant or "(none)", exc, _held(held))
 
 
 def normalize_allowlist(items: Iterable[str]) -> frozenset[str]:
@@ -245,6 +255,9 @@ def log_failure(exc: BaseException, what: str, tenant: str | None = None) -> Non
     """Log the detail of a failure the tenant is shown as `failure_shown(exc)`, for `tenant` (by
     default the one lookups are made for, server/resolver.py)."""
     tenant = RESOLVING_FOR.get() if tenant is None else tenant
+    write, held = LOG_BUDGET.admit(tenant or "")
+    if not write:
+        return
     root = exc
     for _ in range(8):  # the first cause: the socket's or the TLS library's own error
         cause = root.__cause__ or root.__context__
@@ -252,7 +265,11 @@ def log_failure(exc: BaseException, what: str, tenant: str | None = None) -> Non
             break
         root = cause
     detail = f"{type(exc).__name__}: {exc}" + (f" ({type(root).__name__}: {root})" if root is not exc else "")
-    log.info("%s for tenant %s failed: %s", what, tenant or "(none)", detail)
+    log.info("%s for tenant %s failed: %s%s", what, tenant or "(none)", detail, _held(held))
+
+
+def _held(count: int) -> str:
+    return f" ({count} more such lines of this tenant were not written)" if count else ""
 
 
 async def resolve_host(host: str, port: int, allowlist: frozenset[str], *, remedy: str = "") -> str | None:

@@ -167,6 +167,16 @@ def stop_up(stack: Stack, timeout: float = 20.0, sig: signal.Signals = signal.SI
     return stack.process.returncode
 
 
+@pytest.fixture(autouse=True)
+def _fresh_log_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with an empty per-tenant budget of egress log lines (egress.LOG_BUDGET is
+    the process's): one test's many refusals must not hold back the lines another reads."""
+    from flowport.server import egress
+    from flowport.server.observability.log_budget import LogBudget
+
+    monkeypatch.setattr(egress, "LOG_BUDGET", LogBudget(per_minute=egress.LOG_LINES_PER_MINUTE))
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One real server + Envoy for the integration tests that only make calls."""
