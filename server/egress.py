@@ -105,6 +105,11 @@ class TargetUnresolvable(TargetUnreachable):
     """The host name did not resolve: `temporary` when the resolver says to try again (EAI_AGAIN)."""
 
 
+# The settings that let a target through although internal, as refusals name them: HTTP nodes and
+# service health checks share --http-allowlist, webhooks have their own; --dev adds loopback to both.
+HTTP_ALLOWLIST_REMEDY = "--http-allowlist, or --dev for loopback"
+WEBHOOK_ALLOWLIST_REMEDY = "--webhook-allowlist, or --dev for loopback"
+
 # Lines of refused and failed outbound requests written per tenant a minute: a tenant's requests
 # in a loop must not flood the log every operator reads.
 LOG_LINES_PER_MINUTE = 60
@@ -114,13 +119,12 @@ LOG_BUDGET = LogBudget(per_minute=LOG_LINES_PER_MINUTE)
 def log_refusal(exc: TargetUnreachable, what: str, tenant: str | None = None) -> None:
     """Log the detail of a refusal the tenant is shown as `exc.shown`: once per refusal, for `tenant`
     (by default the one the lookup was made for, server/resolver.py)."""
-    tenant = RESOLVING_FOR.get() if tenant is None else tenant
-    write, held = LOG_BUDGET.admit(tenant or "")
-    if not write:
+    tenant, held = _within_budget(tenant)
+    if held is None:
         return
     # A lookup that may work next time is no refusal yet.
     level = logging.INFO if exc.temporary else logging.WARNING
-    log.log(level, "%s for tenant %s refused: %s%s", what, tenant or "(none)", exc, _held(held))
+    log.log(level, "%s for tenant %s refused: %s%s", what, tenant or "(none)", exc, held)
 
 
 def normalize_allowlist(items: Iterable[str]) -> frozenset[str]:
@@ -254,9 +258,8 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
 def log_failure(exc: BaseException, what: str, tenant: str | None = None) -> None:
     """Log the detail of a failure the tenant is shown as `failure_shown(exc)`, for `tenant` (by
     default the one lookups are made for, server/resolver.py)."""
-    tenant = RESOLVING_FOR.get() if tenant is None else tenant
-    write, held = LOG_BUDGET.admit(tenant or "")
-    if not write:
+    tenant, held = _within_budget(tenant)
+    if held is None:
         return
     root = exc
     for _ in range(8):  # the first cause: the socket's or the TLS library's own error
@@ -265,11 +268,17 @@ def log_failure(exc: BaseException, what: str, tenant: str | None = None) -> Non
             break
         root = cause
     detail = f"{type(exc).__name__}: {exc}" + (f" ({type(root).__name__}: {root})" if root is not exc else "")
-    log.info("%s for tenant %s failed: %s%s", what, tenant or "(none)", detail, _held(held))
+    log.info("%s for tenant %s failed: %s%s", what, tenant or "(none)", detail, held)
 
 
-def _held(count: int) -> str:
-    return f" ({count} more such lines of this tenant were not written)" if count else ""
+def _within_budget(tenant: str | None) -> tuple[str | None, str | None]:
+    """The tenant a line is for (by default the one lookups are made for), and what the line adds
+    about lines held back before it; None for the second when this one is held back (LOG_BUDGET)."""
+    tenant = RESOLVING_FOR.get() if tenant is None else tenant
+    write, held = LOG_BUDGET.admit(tenant or "")
+    if not write:
+        return tenant, None
+    return tenant, f" ({held} more such lines of this tenant were not written)" if held else ""
 
 
 async def resolve_host(host: str, port: int, allowlist: frozenset[str], *, remedy: str = "") -> str | None:

@@ -37,7 +37,14 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowport.server.clock import now_us
-from flowport.server.egress import TargetRefused, TargetUnresolvable, check_target, failure_shown, route
+from flowport.server.egress import (
+    HTTP_ALLOWLIST_REMEDY,
+    TargetRefused,
+    TargetUnresolvable,
+    check_target,
+    failure_shown,
+    route,
+)
 from flowport.server.periodic import Periodic
 from flowport.server.resolver import RESOLVING_FOR
 from flowport.server.storage.services import ServiceTables
@@ -46,8 +53,6 @@ from flowport.v1 import registry_pb2
 HEALTHY = registry_pb2.RegisteredService.STATUS_HEALTHY
 UNHEALTHY = registry_pb2.RegisteredService.STATUS_UNHEALTHY
 PARALLEL = 16
-# The settings that would let a check reach an internal endpoint, as a refusal names them.
-REMEDY = "--http-allowlist, or --dev for loopback"
 PER_TENANT = 4
 
 
@@ -94,7 +99,7 @@ async def probe(
 async def _http_ok(http: httpx.AsyncClient, service: registry_pb2.RegisteredService, allowlist: frozenset[str]) -> str:
     url = httpx.URL(service.endpoint).join(service.health_path)
     # To the address that was checked, never to a second answer for the name (egress.route).
-    via = route(url, await check_target(url, allowlist, remedy=REMEDY))
+    via = route(url, await check_target(url, allowlist, remedy=HTTP_ALLOWLIST_REMEDY))
     request = http.build_request(
         "GET", via.url, headers={"user-agent": "flowport-registry", **via.headers}, extensions=via.extensions
     )
@@ -106,18 +111,22 @@ async def _http_ok(http: httpx.AsyncClient, service: registry_pb2.RegisteredServ
     return "" if 200 <= response.status_code < 300 else f"answered HTTP {response.status_code}, not 2xx"
 
 
+def _host_port(host: str, port: int | None) -> str:
+    """`host:port`, an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def _grpc_serving(service: registry_pb2.RegisteredService, allowlist: frozenset[str]) -> str:
     endpoint = httpx.URL(service.endpoint)
     tls = endpoint.scheme == "grpcs"
     # The SSRF guard speaks URLs. The channel goes to the checked address, grpcs too: its TLS is
     # for the name still, as gRPC verifies the certificate against the default authority below.
-    checked = await check_target(endpoint.copy_with(scheme="https" if tls else "http"), allowlist, remedy=REMEDY)
-    host = checked or endpoint.host
-    target = f"[{host}]:{endpoint.port}" if ":" in host else f"{host}:{endpoint.port}"
+    as_url = endpoint.copy_with(scheme="https" if tls else "http")
+    checked = await check_target(as_url, allowlist, remedy=HTTP_ALLOWLIST_REMEDY)
+    target = _host_port(checked or endpoint.host, endpoint.port)
     # One short-lived channel per check: checks are seconds apart, and no
     # connection state should carry between tenants' endpoints.
-    authority = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host  # an IPv6 literal in brackets
-    options = [("grpc.enable_retries", 0), ("grpc.default_authority", f"{authority}:{endpoint.port}")]
+    options = [("grpc.enable_retries", 0), ("grpc.default_authority", _host_port(endpoint.host, endpoint.port))]
     channel = (
         grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
         if tls

@@ -90,6 +90,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeGuard
 import httpx
 
 from flowport.server.egress import (
+    HTTP_ALLOWLIST_REMEDY,
     TargetUnreachable,
     check_target,
     failure_shown,
@@ -799,9 +800,6 @@ def _safe(url: httpx.URL) -> str:
 
 
 # -- SSRF guard (server/egress.py) -----------------------------------------
-
-# The settings that let HTTP nodes reach an internal target, named in the refusal.
-HTTP_ALLOWLIST_REMEDY = "--http-allowlist, or --dev for loopback"
 
 
 async def _check_target(url: httpx.URL, allowlist: frozenset[str]) -> str | None:

@@ -30,6 +30,7 @@ import orjson
 from google.protobuf import json_format
 
 from flowport.server.egress import (
+    WEBHOOK_ALLOWLIST_REMEDY,
     TargetUnreachable,
     failure_shown,
     header_value_problem,
@@ -162,7 +163,7 @@ async def attempt(
     try:
         async with asyncio.timeout(timeout):
             # To the address that was checked, never to a second answer for the name (egress.route).
-            checked = await check_target(target.url, allowlist, remedy="--webhook-allowlist, or --dev for loopback")
+            checked = await check_target(target.url, allowlist, remedy=WEBHOOK_ALLOWLIST_REMEDY)
             via = route(target.url, checked)
             headers.update(via.headers)
             request = httpx.Request(

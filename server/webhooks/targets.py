@@ -13,6 +13,7 @@ from __future__ import annotations
 import httpx
 
 from flowport.server.egress import (
+    WEBHOOK_ALLOWLIST_REMEDY,
     TargetRefused,
     TargetUnresolvable,
     allowlisted,
@@ -33,6 +34,6 @@ def registration_problem(url: httpx.URL, allowlist: frozenset[str]) -> str | Non
     if literal is not None and forbidden_address(literal) and not allowlisted(url.host, allowlist):
         return (
             f"{literal.compressed} is a private, loopback or link-local address and not allowlisted "
-            "(--webhook-allowlist, or --dev for loopback)"
+            f"({WEBHOOK_ALLOWLIST_REMEDY})"
         )
     return None
