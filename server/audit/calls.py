@@ -181,19 +181,21 @@ class CallAuditor:
         if rules.tenant_paths and isinstance(request, Message):
             named = _named_tenant(request, rules.tenant_paths, principal.tenant)
         noted = _NOTE.get()
-        operator = principal.is_operator
         admin_action = (
             principal.is_admin
             and principal.method != "insecure"
-            and bool((named and operator) or principal.acting_from or (rules.admin_only and rules.mutating))
+            and bool(
+                (named and principal.is_operator) or principal.acting_from or (rules.admin_only and rules.mutating)
+            )
         )
+        if noted is None and not named and not admin_action:
+            return
+        operator = principal.is_operator
         # Each entry of the operator's admins is kept. A tenant's admin is a customer: its refused
         # calls are capped per caller like a user's, or a loop of refusals naming another tenant
         # would fill that tenant's view of the log (and the log) at the request rate.
         capped = not principal.is_admin or (not operator and code is not grpc.StatusCode.OK)
         caller = f"{principal.tenant}/{principal.subject}"
-        if noted is None and not named and not admin_action:
-            return
         metadata: Any = context.invocation_metadata() or ()
         origin = self._origin(metadata, context.peer())
         reason = error.reason if error is not None else ""
