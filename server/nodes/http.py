@@ -82,7 +82,7 @@ import math
 import random
 import re
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeGuard
@@ -679,29 +679,25 @@ async def _read_capped(response: httpx.Response, cap: int, head: bool, url: http
             f"response from {_safe(url)} is {declared} bytes, more than the {cap} allowed",
             reason="HTTP_RESPONSE_TOO_LARGE",
         )
-    layers: list[_Inflater] | None = None
+    inflater: _Inflater | None = None
+    started = False
     received = 0
     body = bytearray()
     # Raw bytes, decoded here a step at a time: httpx's aiter_bytes() decodes a whole chunk at once.
     async for chunk in response.aiter_raw():
-        if layers is None:
+        if not started:
             # Only a body that is there is refused for its coding (not a HEAD answer's header).
-            layers = _inflaters(response.headers, url)
+            inflater, started = _inflater(response.headers, url), True
         received += len(chunk)
-        for piece in _decoded(chunk, layers):
+        for piece in (chunk,) if inflater is None else inflater.feed(chunk):
             body += piece
             if len(body) > cap:
-                raise NodeError(
-                    f"response from {_safe(url)} is larger than the {cap} bytes allowed",
-                    reason="HTTP_RESPONSE_TOO_LARGE",
-                )
+                raise _too_large(url, cap)
         # The compressed size counts too, as the content-length check above does: data past the
         # end of a gzip stream, or deflate blocks that decode to nothing, would otherwise be read
         # without limit until the timeout.
         if received > cap:
-            raise NodeError(
-                f"response from {_safe(url)} is larger than the {cap} bytes allowed", reason="HTTP_RESPONSE_TOO_LARGE"
-            )
+            raise _too_large(url, cap)
     return bytes(body)
 
 
@@ -756,42 +752,35 @@ def _zlib_header(data: bytes) -> bool:
     return data[0] & 0x0F == 8 and data[0] >> 4 <= 7 and (data[0] << 8 | data[1]) % 31 == 0
 
 
-def _inflaters(headers: httpx.Headers, url: httpx.URL) -> list[_Inflater]:
-    """The layers to decode a body with, outermost first; NodeError for a coding the node cannot decode."""
-    layers: list[_Inflater] = []
-    # Listed in the order they were applied: decoded in reverse.
-    for listed in reversed(headers.get_list("content-encoding", split_commas=True)):
+def _inflater(headers: httpx.Headers, url: httpx.URL) -> _Inflater | None:
+    """The gzip or deflate layer to decode a body with, if any; NodeError for a coding the node cannot
+    decode (br, zstd) or a body compressed more than once."""
+    inflater: _Inflater | None = None
+    for listed in headers.get_list("content-encoding", split_commas=True):
         coding = listed.strip().lower()
         if coding in ("gzip", "x-gzip", "deflate"):
-            if layers:
-                # Only the last layer's output is counted against the cap: what an inner layer
+            if inflater is not None:
+                # Only the last layer's output could be counted against the cap: what an inner layer
                 # expands to would be decoded (and thrown away) unbounded, holding the event loop.
                 raise NodeError(
                     f"response from {_safe(url)} is compressed more than once, which HTTP nodes do not decode "
                     "(they decode one layer of gzip or deflate)",
                     reason="HTTP_BAD_RESPONSE",
                 )
-            layers.append(_Inflater("gzip" if coding == "x-gzip" else coding, url))
+            inflater = _Inflater("gzip" if coding == "x-gzip" else coding, url)
         elif coding in _UNDECODED_CODINGS:
             raise NodeError(
                 f"response from {_safe(url)} is compressed with {coding}, which HTTP nodes do not decode "
                 "(they decode gzip and deflate)",
                 reason="HTTP_BAD_RESPONSE",
             )
-    return layers
+    return inflater
 
 
-def _decoded(chunk: bytes, layers: list[_Inflater]) -> Iterator[bytes]:
-    """`chunk` through every layer, lazily: each piece is counted before the next is decoded."""
-    pieces: Iterable[bytes] = (chunk,)
-    for layer in layers:
-        pieces = _through(layer, pieces)
-    return iter(pieces)
-
-
-def _through(layer: _Inflater, pieces: Iterable[bytes]) -> Iterator[bytes]:
-    for piece in pieces:
-        yield from layer.feed(piece)
+def _too_large(url: httpx.URL, cap: int) -> NodeError:
+    return NodeError(
+        f"response from {_safe(url)} is larger than the {cap} bytes allowed", reason="HTTP_RESPONSE_TOO_LARGE"
+    )
 
 
 def _safe(url: httpx.URL) -> str:
