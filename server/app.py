@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
@@ -900,6 +901,9 @@ async def _purge_forever(store: SqlStore, settings: Settings) -> None:
 async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully."""
     running = await start(settings)
+    # What starting made (modules, descriptors, settings, pools) lives as long as the process:
+    # full collections no longer walk it each time they run.
+    gc.freeze()
     log.info("gRPC server listening on %s:%d", settings.grpc_host, running.port)
     if on_ready is not None:
         on_ready(running.port)

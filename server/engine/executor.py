@@ -53,7 +53,7 @@ from flowport.server.engine.run import FINISHED, Execution, Run, error_status, m
 from flowport.server.engine.slots import Slots
 from flowport.server.engine.stats import ExecutionCounters
 from flowport.server.engine.takeover import Takeover
-from flowport.server.engine.values import struct_to_python
+from flowport.server.engine.values import struct_to_python_in_turns
 from flowport.server.engine.walk import Walker
 from flowport.server.engine.work_queue import QUEUE_FAILURES, WorkQueue
 from flowport.server.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -199,7 +199,7 @@ class Executor:
         no longer validates, ResourceExhausted when full.
         """
         plan = await self._plans.runnable(tenant, workflow)
-        values = struct_to_python(inputs)
+        values = await struct_to_python_in_turns(inputs)
         missing = plan.missing_inputs(values)
         if missing:
             raise InvalidArgument(

@@ -18,9 +18,8 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from flowport.server.engine.values import python_to_struct
+from flowport.server.engine.values import TooDeep, TooLarge, python_to_struct_in_turns
 from flowport.server.nodes.base import MAX_OUTPUT_BYTES, NodeError
-from flowport.server.nodes.json_size import json_size
 
 # Objects and lists inside one node's outputs (JSON depth; the Kailash
 # examples use 3 or 4).
@@ -33,7 +32,7 @@ MAX_NODE_BYTES = MAX_OUTPUT_BYTES
 MAX_EXECUTION_BYTES = 12 * 2**20
 
 
-def add_outputs(
+async def add_outputs(
     outputs: struct_pb2.Struct,
     node_id: str,
     value: dict[str, Any],
@@ -43,21 +42,27 @@ def add_outputs(
     """Add a node's outputs under its id to `outputs`, of an execution of `used` bytes; returns its
     bytes then. Raises NodeError (nothing added) past a bound, and TypeError/ValueError for a
     value that is not JSON. `admit` is given the outputs' size last, and may refuse them (a
-    NodeError) or count them."""
-    too_deep, shared = _outline(value, MAX_DEPTH)
-    if too_deep:
+    NodeError) or count them.
+
+    The Struct is built in turns, the event loop running other calls between them (values.py), and
+    its build stops as soon as it is known to be past a node's bytes: outputs holding one value
+    many times by reference (a TransformNode mapping many keys to one list) are small in memory and
+    may be gigabytes as a Struct."""
+    try:
+        # The node's outputs are the second level under {node_id: ...}.
+        added = await python_to_struct_in_turns({node_id: value}, most_depth=MAX_DEPTH + 1, most_bytes=MAX_NODE_BYTES)
+    except TooDeep:
         raise NodeError(
             f"outputs nest deeper than {MAX_DEPTH} objects and lists", reason="OUTPUT_TOO_DEEP", retryable=False
-        )
-    # Outputs holding one value many times by reference (a TransformNode mapping many keys to one
-    # list) are small in memory and may be gigabytes as a Struct, built on the event loop: those
-    # are measured first (each shared value once). The others take as long to build as to walk.
-    if shared and json_size(value, MAX_NODE_BYTES) > MAX_NODE_BYTES:
+        ) from None
+    except TooLarge:
         raise NodeError(
             f"outputs are more than a node's {MAX_NODE_BYTES} bytes", reason="OUTPUT_TOO_LARGE", retryable=False
-        )
-    added = python_to_struct({node_id: value})
-    size = added.ByteSize()
+        ) from None
+    # Serialized and merged as bytes: a third less time than ByteSize and a MergeFrom copying each
+    # message, both on the event loop (about 0.1 s for a node's 8 MiB of small values).
+    data = added.SerializeToString()
+    size = len(data)
     if size > MAX_NODE_BYTES:
         raise NodeError(
             f"outputs are {size} bytes, more than a node's {MAX_NODE_BYTES}", reason="OUTPUT_TOO_LARGE", retryable=False
@@ -69,27 +74,5 @@ def add_outputs(
             retryable=False,
         )
     admit(size)
-    outputs.MergeFrom(added)
+    outputs.MergeFromString(data)
     return used + size
-
-
-def _outline(value: Any, limit: int) -> tuple[bool, bool]:
-    """(whether dicts and lists nest in `value` more than `limit` levels, whether one of them is held
-    more than once); without recursion, each walked again only when met deeper than before (at most
-    `limit` times), so a list held many times is not walked as often."""
-    deepest: dict[int, int] = {}
-    shared = False
-    pending: list[tuple[Any, int]] = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        if depth > limit:
-            return True, shared
-        seen = deepest.get(id(item))
-        if seen is not None:
-            shared = True
-            if seen >= depth:
-                continue
-        deepest[id(item)] = depth
-        children: Any = item.values() if isinstance(item, dict) else item
-        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list | tuple))
-    return False, shared

@@ -34,7 +34,7 @@ from flowport.server.engine.plan import InvalidWorkflow, PlanCache
 from flowport.server.engine.run import Execution, NodeRun, Run, error_status, publish, timestamp_now
 from flowport.server.engine.slots import Slots
 from flowport.server.engine.stats import ExecutionCounters
-from flowport.server.engine.values import struct_to_python
+from flowport.server.engine.values import struct_to_python_in_turns
 from flowport.server.engine.work_queue import QUEUE_FAILURES, QueuedExecution, WorkQueue
 from flowport.server.events.bus import EventBus
 from flowport.server.leases import Leases
@@ -267,8 +267,8 @@ class Takeover:
             publish(self._bus, "execution.failed", tenant, execution)
             self._counters.failed += 1
             return False
-        run = Run(tenant, plan, execution, struct_to_python(execution.inputs))
-        outputs = struct_to_python(execution.outputs)
+        run = Run(tenant, plan, execution, await struct_to_python_in_turns(execution.inputs))
+        outputs = await struct_to_python_in_turns(execution.outputs)
         kept = []
         for node_run in execution.node_runs:
             if node_run.state == NodeRun.STATE_SUCCEEDED and node_run.node_id in outputs:

@@ -498,7 +498,7 @@ class Walker:
             try:
                 outputs = await self._attempt(node, ctx, params)
                 try:
-                    run.output_bytes = add_outputs(
+                    run.output_bytes = await add_outputs(
                         execution.outputs,
                         node.node_id,
                         outputs,

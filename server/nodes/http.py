@@ -89,6 +89,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeGuard
 
 import httpx
 
+from flowport.server import json_parse
 from flowport.server.egress import (
     HTTP_ALLOWLIST_REMEDY,
     TargetUnreachable,
@@ -816,7 +817,7 @@ def _outputs(fetched: _Fetched, attempts: int, expect_json: bool | None) -> dict
     is_json_type = mime == "application/json" or mime.endswith("+json")
     if text.strip() and (expect_json or (expect_json is None and is_json_type)):
         try:
-            parsed = json.loads(text)
+            parsed = json_parse.loads_python(text)
         except ValueError as exc:
             if expect_json and success:
                 raise NodeError(f"response from {fetched.url} is not JSON: {exc}", reason="HTTP_INVALID_JSON") from exc

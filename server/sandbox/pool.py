@@ -42,6 +42,7 @@ from typing import Any
 
 import orjson
 
+from flowport.server import json_parse
 from flowport.server.ids import random_bytes
 from flowport.server.sandbox import landlock
 from flowport.server.sandbox.errors import (
@@ -200,7 +201,7 @@ class _Worker:
         size = int.from_bytes(await self.reader.readexactly(4), "big")
         if size > MAX_FRAME:
             raise _Lost(f"sent a frame of {size} bytes")
-        message = orjson.loads(await self.reader.readexactly(size))
+        message = json_parse.loads(await self.reader.readexactly(size))
         if type(message) is not dict:
             raise _Lost("sent a malformed frame")
         if message.get("id") == job_id:

@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 
-from flowport.server.engine import output_limits
+from flowport.server.engine import values
 from flowport.server.engine.executor import Executor
 from flowport.server.engine.output_limits import MAX_DEPTH, MAX_EXECUTION_BYTES, MAX_NODE_BYTES, add_outputs
 from flowport.server.engine.plan import PlanCache
@@ -64,51 +64,61 @@ class EchoNode(NodeType):
         return {"result": "x" * params.get("size", 1)}
 
 
-def test_outputs_are_bounded_in_depth_and_size() -> None:
+async def test_outputs_are_bounded_in_depth_and_size() -> None:
     outputs = struct_pb2.Struct()
     deepest = {"result": _nested(MAX_DEPTH - 1)}
     assert _depth(deepest) == MAX_DEPTH
-    used = add_outputs(outputs, "a", deepest, 0)
+    used = await add_outputs(outputs, "a", deepest, 0)
     assert used == outputs.ByteSize()
     with pytest.raises(NodeError) as deep:
-        add_outputs(outputs, "b", {"result": _nested(MAX_DEPTH)}, used)
+        await add_outputs(outputs, "b", {"result": _nested(MAX_DEPTH)}, used)
     assert deep.value.reason == "OUTPUT_TOO_DEEP" and not deep.value.retryable
     with pytest.raises(NodeError) as large:
-        add_outputs(outputs, "b", {"result": "x" * MAX_NODE_BYTES}, used)
+        await add_outputs(outputs, "b", {"result": "x" * MAX_NODE_BYTES}, used)
     assert large.value.reason == "OUTPUT_TOO_LARGE"
     half = {"result": "x" * (MAX_NODE_BYTES - 100)}
-    used = add_outputs(outputs, "b", half, used)
+    used = await add_outputs(outputs, "b", half, used)
     with pytest.raises(NodeError) as total:
-        add_outputs(outputs, "c", half, used)
+        await add_outputs(outputs, "c", half, used)
     assert total.value.reason == "EXECUTION_OUTPUT_TOO_LARGE" and used + len(half["result"]) > MAX_EXECUTION_BYTES
     assert set(outputs.fields) == {"a", "b"}, "a refused output adds nothing"
-    with pytest.raises(ValueError, match="Unexpected type"):  # not JSON: the walk's BAD_OUTPUT
-        add_outputs(outputs, "c", {"result": object()}, used)
+    with pytest.raises(ValueError, match="Unexpected type object"):  # not JSON: the walk's BAD_OUTPUT
+        await add_outputs(outputs, "c", {"result": object()}, used)
+    with pytest.raises(ValueError, match="too large for a JSON number"):
+        await add_outputs(outputs, "c", {"result": 10**400}, used)
+    assert set(outputs.fields) == {"a", "b"}
 
 
 @pytest.mark.timeout(30)
-def test_outputs_holding_one_value_many_times_are_refused_before_a_struct_is_built(
+async def test_outputs_holding_one_value_many_times_are_refused_before_their_struct_is_built(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A value held many times by reference (a TransformNode mapping many keys to one list) is small
-    in memory and gigabytes as a Struct: it is measured, each shared value once, and refused
-    before the Struct would be built on the event loop."""
+    in memory and gigabytes as a Struct: its build stops once the bytes built pass a node's bound,
+    long before the Struct is whole."""
+    built: list[int] = []
+    turn = values._Builder.turn
+
+    def counted(self: Any, budget: int) -> bool:
+        built.append(budget)
+        return turn(self, budget)
+
+    monkeypatch.setattr(values._Builder, "turn", counted)
     shared = ["x" * 4096] * 64
     many = {f"k{n}": shared for n in range(3000)}  # ~786 MB written out, a few KB in memory
-
-    def never(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("a Struct was built for outputs already known to be too large")
-
-    monkeypatch.setattr(output_limits, "python_to_struct", never)
     with pytest.raises(NodeError) as large:
-        add_outputs(struct_pb2.Struct(), "t", many, 0)
+        await add_outputs(struct_pb2.Struct(), "t", many, 0)
     assert large.value.reason == "OUTPUT_TOO_LARGE" and not large.value.retryable
-    # The depth walk goes through a list held many times once, not each time (this one 2,000 times
-    # 200,000 numbers: minutes when walked at every reference; the test's timeout is the bound).
+    # 8 MiB of 4 KiB strings is about 2,050 of the 192,000 held: one turn.
+    assert len(built) == 1, built
+    built.clear()
+    # A list of 200,000 numbers held 2,000 times (minutes and gigabytes as a whole Struct): 11
+    # bytes a number or more, so stopped within its fourth copy, 800,000 values in (196 turns).
     numbers = list(range(200_000))
     with pytest.raises(NodeError) as large:
-        add_outputs(struct_pb2.Struct(), "t", {f"k{n}": numbers for n in range(2000)}, 0)
+        await add_outputs(struct_pb2.Struct(), "t", {f"k{n}": numbers for n in range(2000)}, 0)
     assert large.value.reason == "OUTPUT_TOO_LARGE"
+    assert len(built) <= 4 * 200_000 // values.VALUES_PER_TURN + 2, len(built)
 
 
 async def test_a_node_returning_outputs_too_deep_fails_and_its_execution_stays_readable(tmp_path: Path) -> None:
