@@ -29,7 +29,9 @@ a large result is not loaded before the cap applies; other statements run
 buffered so the driver reports the affected row count. The whole call is
 bounded by `ctx.remaining` (`SQL_TIMEOUT`): on PostgreSQL `statement_timeout`
 is set for the transaction so the server stops the query too, and on SQLite
-the running statement is interrupted at the deadline.
+the running statement is interrupted at the deadline. A SQLite statement
+also stops (`SQL_TEMP_SPACE`) once the disk of SQLite's temporary files is
+down to its reserve (sqlite_temp_space.py).
 
 Outputs, the same shape for every statement:
 
@@ -82,6 +84,7 @@ from flowport.server.nodes.base import MAX_OUTPUT_BYTES, JsonSchema, NodeContext
 from flowport.server.nodes.python_code import own_variables
 from flowport.server.nodes.sql_pools import (
     CONNECTION_STRING_PATTERN,
+    TEMP_GUARD,
     ForbiddenDatabase,
     UnsupportedDatabase,
     async_url,
@@ -89,6 +92,7 @@ from flowport.server.nodes.sql_pools import (
     describe,
     postgres_targets,
 )
+from flowport.server.nodes.sqlite_temp_space import TempSpaceGuard
 from flowport.server.nodes.substitution import EXECUTION_VARIABLE_NAMES, check_params, substitute
 from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
@@ -359,10 +363,14 @@ def _execute(
 
 
 class _Watchdog:
-    """Interrupts a SQLite statement at the deadline (a cancelled task cannot stop SQLite's thread)."""
+    """Interrupts a SQLite statement at the deadline (a cancelled task cannot stop SQLite's thread);
+    `space` is the connection's TempSpaceGuard, reset for this statement."""
 
-    def __init__(self, driver_connection: Any, delay: float) -> None:
+    def __init__(self, driver_connection: Any, delay: float, space: TempSpaceGuard | None) -> None:
         self.fired = False
+        self.space = space
+        if space is not None:
+            space.reset()
         self._driver = driver_connection
         self._tasks: set[asyncio.Task[None]] = set()
         self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
@@ -380,7 +388,7 @@ class _Watchdog:
 async def _sqlite_watchdog(conn: AsyncConnection, delay: float) -> _Watchdog | None:
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
-    return _Watchdog(driver, delay) if hasattr(driver, "interrupt") else None
+    return _Watchdog(driver, delay, raw.info.get(TEMP_GUARD)) if hasattr(driver, "interrupt") else None
 
 
 # Statements that reach other database files from a SQLite connection.
@@ -689,6 +697,12 @@ def _failure(
         )
     if isinstance(exc, DBAPIError):
         detail = str(exc.orig) if exc.orig is not None else type(exc).__name__
+        if watchdog is not None and watchdog.space is not None and watchdog.space.tripped:
+            return NodeError(
+                f"query on {where} stopped: the server's disk for SQLite's temporary files (sorting, DISTINCT, "
+                "GROUP BY) is down to its reserve; sort or group fewer rows",
+                reason="SQL_TEMP_SPACE",
+            )
         if getattr(exc.orig, "sqlstate", None) == _QUERY_CANCELED or (watchdog is not None and watchdog.fired):
             return NodeError(f"query on {where} timed out", reason="SQL_TIMEOUT", retryable=True)
         if not connected or exc.connection_invalidated:

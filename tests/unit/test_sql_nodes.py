@@ -37,7 +37,7 @@ from flowport.server.engine.executor import Executor
 from flowport.server.engine.plan import PlanCache, compile_plan
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.events.bus import EventBus
-from flowport.server.nodes import sql_pools
+from flowport.server.nodes import sql_pools, sqlite_temp_space
 from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.server.nodes.sql import AsyncSQLDatabaseNode, SQLDatabaseNode, jsonable, prepare_query
 from flowport.server.nodes.sql_pools import ForbiddenDatabase, SqlPools, async_url, pin_connection, sqlite_folder
@@ -1293,6 +1293,46 @@ async def test_a_tenants_sqlite_databases_are_bounded_in_the_server_process(
         assert engine.pool.size() + engine.pool._max_overflow <= sql_pools.SQLITE_POOL_CONNECTIONS  # type: ignore[attr-defined]
     finally:
         await pools.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_statement_spilling_to_temporary_files_stops_at_the_disk_reserve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ORDER BY over a recursive CTE that never ends writes its sorter to SQLite's temporary files
+    until the node's timeout. With the reserve set to what is free now less 64 MiB, the statement's
+    own files bring the disk down to it, and it stops; with room, a sort that spills runs."""
+    directory = sqlite_temp_space.temp_directory()
+    found = os.statvfs(directory)
+    free = found.f_bavail * found.f_frsize
+    monkeypatch.setattr(sqlite_temp_space, "reserve_bytes", lambda total: free - 64 * 2**20)
+    pools = SqlPools(sqlite_root=tmp_path / "sqlite")
+    endless = (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n)"
+        " SELECT randomblob(1000) AS b FROM n ORDER BY b"
+    )
+    try:
+        for url in ("sqlite:///spill.db", "sqlite:///:memory:"):
+            with pytest.raises(NodeError) as caught:
+                await run_sql(make_ctx(pools, timeout=60), url, endless)
+            assert caught.value.reason == "SQL_TEMP_SPACE" and not caught.value.retryable, caught.value
+            assert "temporary files" in caught.value.message
+        # The files are gone with the statement, and a sort that spills (20 MB past a 2 MB cache) runs.
+        monkeypatch.setattr(sqlite_temp_space, "reserve_bytes", lambda total: 0)
+        finite = (
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)"
+            " SELECT count(*) AS c FROM (SELECT randomblob(1000) AS b FROM n ORDER BY b)"
+        )
+        sorted_ = await run_sql(make_ctx(pools, timeout=60), "sqlite:///spill.db", finite)
+        assert sorted_["result"]["rows"] == [{"c": 20000}]
+    finally:
+        await pools.close()
+
+
+def test_the_temporary_files_reserve() -> None:
+    assert sqlite_temp_space.reserve_bytes(10 * 2**30) == int(0.05 * 10 * 2**30)
+    assert sqlite_temp_space.reserve_bytes(2**40) == sqlite_temp_space.RESERVE_BYTES
+    assert os.access(sqlite_temp_space.temp_directory(), os.W_OK)
 
 
 def test_sqlite_names_given_before_their_files_exist_count_toward_the_cap(
