@@ -561,9 +561,9 @@ local function refuse(request_handle, body)
   request_handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, body)
 end
 
--- A google.rpc.Status of code 3 as JSON: its message, an ErrorInfo, and a BadRequest when
--- `violations` (each { field, description }) has any.
-local function status_json(message, reason, domain, metadata, violations)
+-- A google.rpc.Status as JSON, of `code` (3 when nil): its message, an ErrorInfo, and a
+-- BadRequest when `violations` (each { field, description }) has any.
+local function status_json(message, reason, domain, metadata, violations, code)
   local info = '{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"' .. reason .. '","domain":"'
     .. domain .. '","metadata":{' .. (metadata or "") .. "}}"
   local rows = {}
@@ -572,7 +572,8 @@ local function status_json(message, reason, domain, metadata, violations)
   end
   local bad_request = #rows > 0 and (',{"@type":"type.googleapis.com/google.rpc.BadRequest","field_violations":['
     .. table.concat(rows, ",") .. "]}") or ""
-  return '{"code":3,"message":"' .. json_text(message) .. '","details":[' .. info .. bad_request .. "]}"
+  return '{"code":' .. (code or 3) .. ',"message":"' .. json_text(message) .. '","details":[' .. info .. bad_request
+    .. "]}"
 end
 
 -- A body the walk cannot read: the transcoder would refuse it too, or read
@@ -997,18 +998,43 @@ local function transcoder_error(message)
     { { field, description } })
 end
 
+-- The methods REST routes take on `path`, as an Allow header lists them ("DELETE, GET");
+-- nil when no route has the path.
+local function methods_allowed(path)
+  local matched, seen, found = canonical(path), {}, {}
+  -- A path ending in a custom verb matches only the routes of that verb: "/api/executions/x:cancel"
+  -- is not "/api/executions/{id}" with id "x:cancel" to the transcoder.
+  local colon = match(matched, ".*():")
+  local verb = colon ~= nil and VERBS[sub(matched, colon + 1)] and (sub(matched, colon) .. "$") or nil
+  for _, route in ipairs(QUERY_ROUTES) do
+    local pattern = route[2]
+    if not seen[route[1]] and find(matched, pattern) and (verb == nil or sub(pattern, -#verb) == verb) then
+      seen[route[1]] = true
+      found[#found + 1] = route[1]
+    end
+  end
+  if #found == 0 then
+    return nil
+  end
+  table.sort(found)
+  return table.concat(found, ", ")
+end
+
 -- Envoy's own replies: a 400 of the transcoder about the body is rewritten
--- (transcoder_error); any other that quotes the request (an unknown query
--- parameter) keeps the start of its message, marked as cut like the server's.
+-- (transcoder_error); its 404 for a path that a route has, with another
+-- method, is 405 with an Allow header (grpc-gateway answers 501 there);
+-- any other that quotes the request (an unknown query parameter) keeps the
+-- start of its message, marked as cut like the server's.
 function envoy_on_response(response_handle)
   local headers = response_handle:headers()
   if headers:get(LOCAL_REPLY_HEADER) == nil then
     return
   end
   headers:remove(LOCAL_REPLY_HEADER)
-  local is_400 = headers:get(":status") == "400"
+  local status = headers:get(":status")
+  local is_400 = status == "400"
   local length = tonumber(headers:get("content-length") or "")
-  if not is_400 and length ~= nil and length <= MAX_LOCAL_MESSAGE_BYTES + 200 then
+  if not is_400 and status ~= "404" and length ~= nil and length <= MAX_LOCAL_MESSAGE_BYTES + 200 then
     return
   end
   -- From here on the headers are not touched: their handle does not outlive body()
@@ -1025,6 +1051,23 @@ function envoy_on_response(response_handle)
   local open = start + 10
   local raw, after = read_string(text, open)
   if raw == nil then
+    return
+  end
+  local unrouted = status == "404" and match(unescape(raw), "^Could not resolve (.*) to a method%.$")
+  if unrouted then
+    local allowed = methods_allowed(unrouted)
+    if allowed == nil then
+      body:setBytes(status_json("no REST route has the path " .. shown(unrouted)
+        .. " (the REST API is described at /openapi.json)", "NOT_FOUND", "envoy.flowport.dev", nil, nil, 5))
+      return
+    end
+    local message = "this method is not allowed on " .. shown(unrouted) .. "; it takes " .. allowed
+    body:setBytes(status_json(message, "METHOD_NOT_ALLOWED", "envoy.flowport.dev", '"allow":"' .. allowed .. '"', nil,
+      12))
+    -- A new handle: headers may change once body() returns (they wait for it), through one got now.
+    local after = response_handle:headers()
+    after:replace(":status", "405")
+    after:replace("allow", allowed)
     return
   end
   local rewritten = is_400 and transcoder_error(unescape(raw))

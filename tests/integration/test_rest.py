@@ -95,7 +95,35 @@ def test_envoy_healthz_reports_the_upstream(http: httpx.Client) -> None:
 
 
 def test_unknown_paths_and_query_parameters_are_refused(http: httpx.Client) -> None:
-    assert http.get("/api/nothing-here").status_code == 404
+    nothing = http.get("/api/nothing-here")
+    assert nothing.status_code == 404 and "allow" not in nothing.headers
+    assert nothing.json() == {
+        "code": 5,
+        "message": "no REST route has the path '/api/nothing-here' (the REST API is described at /openapi.json)",
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "NOT_FOUND",
+                "domain": "envoy.flowport.dev",
+                "metadata": {},
+            }
+        ],
+    }
+    # A path some route has, with a method none of them takes: 405 naming the methods it takes.
+    for method, path, allowed in (
+        ("POST", "/api/sessions/abc", "DELETE, GET"),
+        ("PUT", "/api/workflows", "GET, POST"),
+        ("GET", "/api/executions/abc:cancel", "POST"),  # a custom verb: its routes only
+        ("DELETE", "/health", "GET"),
+    ):
+        refused = http.request(method, path)
+        assert refused.status_code == 405 and refused.headers["allow"] == allowed, (method, path, refused.text)
+        status = refused.json()
+        assert status["code"] == 12 and status["message"].endswith(f"; it takes {allowed}"), status
+        assert status["details"][0]["reason"] == "METHOD_NOT_ALLOWED"
+        assert status["details"][0]["metadata"] == {"allow": allowed}
+    long = http.post("/api/sessions/" + "x" * 5000)
+    assert long.status_code == 405 and len(long.content) < 1000 and "characters, cut" in long.text
     unknown = http.get("/api/sessions", params={"bogus": "1"})
     assert unknown.status_code == 400
     assert "bogus" in unknown.text
