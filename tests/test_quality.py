@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -44,3 +45,19 @@ def test_mypy_strict_is_clean() -> None:
     link_typecheck_tree()
     result = _run("mypy", "-p", "flowport")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# A Lua pattern opening with ".*" and no "^": string.match/find try it again from each character of
+# the subject, so a 30 KB request path cost Envoy seconds of CPU (quadratic). Anchored, it is linear.
+_UNANCHORED_LUA = re.compile(r"""\b(?:match|find)\([^()"]*,\s*"\.\*""")
+
+
+def test_lua_patterns_that_open_with_a_wildcard_are_anchored() -> None:
+    found = [
+        f"{path.name}:{number}: {line.strip()}"
+        for path in sorted((ROOT / "transcoder").glob("*.lua"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if _UNANCHORED_LUA.search(line)
+    ]
+    assert not found, found
+    assert _UNANCHORED_LUA.search('local colon = match(path, ".*():")')  # the check sees the old form

@@ -617,15 +617,17 @@ end
 -- ":" after the last "/"; trailing empty segments dropped. So
 -- "/api/workflows/:validate" is "/api/workflows:validate" and "/api/sessions/"
 -- is "/api/sessions"; an empty segment stays, and matches a variable.
+-- Also returns the verb split off (":validate"), or "" when none was.
 local function canonical(path)
   path = match(path, "^[^?]*")
   local verb = ""
-  local colon, slash = match(path, ".*():"), match(path, ".*()/")
+  -- Anchored: unanchored, a path with no ":" is tried from each of its characters (seconds for 32 KB).
+  local colon, slash = match(path, "^.*():"), match(path, "^.*()/")
   if colon ~= nil and (slash == nil or colon > slash) and VERBS[sub(path, colon + 1)] then
     verb = sub(path, colon)
     path = sub(path, 1, colon - 1)
   end
-  return (string.gsub(path, "/+$", "")) .. verb
+  return (string.gsub(path, "/+$", "")) .. verb, verb
 end
 
 -- Query parameters.
@@ -1001,14 +1003,18 @@ end
 -- The methods REST routes take on `path`, as an Allow header lists them ("DELETE, GET");
 -- nil when no route has the path.
 local function methods_allowed(path)
-  local matched, seen, found = canonical(path), {}, {}
-  -- A path ending in a custom verb matches only the routes of that verb: "/api/executions/x:cancel"
-  -- is not "/api/executions/{id}" with id "x:cancel" to the transcoder.
-  local colon = match(matched, ".*():")
-  local verb = colon ~= nil and VERBS[sub(matched, colon + 1)] and (sub(matched, colon) .. "$") or nil
+  local matched, verb = canonical(path)
+  local seen, found = {}, {}
+  -- The transcoder matches a path it split a custom verb off with that verb's routes only, and
+  -- any other with the routes without one: "/api/executions/x:cancel" is not "/api/executions/{id}"
+  -- with id "x:cancel", and "/api/executions/x:cancel/" is not a cancel.
   for _, route in ipairs(QUERY_ROUTES) do
     local pattern = route[2]
-    if not seen[route[1]] and find(matched, pattern) and (verb == nil or sub(pattern, -#verb) == verb) then
+    local route_verb = match(pattern, "(:[^:/]*)%$$")
+    if route_verb ~= nil and not VERBS[sub(route_verb, 2)] then
+      route_verb = nil
+    end
+    if not seen[route[1]] and find(matched, pattern) and (route_verb or "") == verb then
       seen[route[1]] = true
       found[#found + 1] = route[1]
     end

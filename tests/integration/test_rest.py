@@ -114,6 +114,7 @@ def test_unknown_paths_and_query_parameters_are_refused(http: httpx.Client) -> N
         ("POST", "/api/sessions/abc", "DELETE, GET"),
         ("PUT", "/api/workflows", "GET, POST"),
         ("GET", "/api/executions/abc:cancel", "POST"),  # a custom verb: its routes only
+        ("POST", "/api/executions/abc:cancel/", "DELETE, GET"),  # no verb after the last "/": an id
         ("DELETE", "/health", "GET"),
     ):
         refused = http.request(method, path)
@@ -124,6 +125,10 @@ def test_unknown_paths_and_query_parameters_are_refused(http: httpx.Client) -> N
         assert status["details"][0]["metadata"] == {"allow": allowed}
     long = http.post("/api/sessions/" + "x" * 5000)
     assert long.status_code == 405 and len(long.content) < 1000 and "characters, cut" in long.text
+    # A path of 30,000 characters without a ":" (Envoy's Lua once took seconds of CPU over each:
+    # the client's timeout would end this call first).
+    for path in ("/api/" + "a" * 30_000, "/api/sessions?user_id=1&userId=2&x=" + "a" * 30_000):
+        assert http.get(path, timeout=5).status_code in (400, 404)
     unknown = http.get("/api/sessions", params={"bogus": "1"})
     assert unknown.status_code == 400
     assert "bogus" in unknown.text
