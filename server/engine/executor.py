@@ -53,7 +53,7 @@ from flowport.server.engine.run import FINISHED, Execution, Run, error_status, m
 from flowport.server.engine.slots import Slots
 from flowport.server.engine.stats import ExecutionCounters
 from flowport.server.engine.takeover import Takeover
-from flowport.server.engine.values import struct_to_python_in_turns
+from flowport.server.engine.values import one_turn, struct_to_python, struct_to_python_in_turns
 from flowport.server.engine.walk import Walker
 from flowport.server.engine.work_queue import QUEUE_FAILURES, WorkQueue
 from flowport.server.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -62,6 +62,7 @@ from flowport.server.ids import new_id
 from flowport.server.leases import Leases
 from flowport.server.nodes.base import NodeServices
 from flowport.server.storage.sql_store import SqlStore
+from flowport.server.tenant_shares import TenantShares
 from flowport.v1 import workflow_pb2
 
 if TYPE_CHECKING:
@@ -114,6 +115,10 @@ class Executor:
         `tenant_max_bytes`: bytes of stored executions one tenant may keep (None: no cap);
         `tenant_max_output_bytes`: bytes of outputs one tenant's runs may hold here (None: no cap)."""
         self._slots = Slots(max_concurrent, tenant_share, tenant_max_output_bytes)
+        # Inputs read in more than one turn (values.py), one call of a tenant's at a time: reading
+        # holds the call's values as they are made, before any tenant check, and other calls run
+        # meanwhile (a tenant's many calls of 4 MiB of `[[],…]` would each hold about 60 MiB).
+        self._large_inputs = TenantShares(1)
         self.bytes_cap = ExecutionBytesCap(store, tenant_max_bytes)
         self._store = store
         self._plans = plans
@@ -199,7 +204,11 @@ class Executor:
         no longer validates, ResourceExhausted when full.
         """
         plan = await self._plans.runnable(tenant, workflow)
-        values = await struct_to_python_in_turns(inputs)
+        if one_turn(inputs):
+            values = struct_to_python(inputs)
+        else:
+            async with self._large_inputs.slot(tenant):
+                values = await struct_to_python_in_turns(inputs)
         missing = plan.missing_inputs(values)
         if missing:
             raise InvalidArgument(

@@ -32,22 +32,16 @@ MAX_NODE_BYTES = MAX_OUTPUT_BYTES
 MAX_EXECUTION_BYTES = 12 * 2**20
 
 
-async def add_outputs(
-    outputs: struct_pb2.Struct,
-    node_id: str,
-    value: dict[str, Any],
-    used: int,
-    admit: Callable[[int], None] = lambda size: None,
-) -> int:
-    """Add a node's outputs under its id to `outputs`, of an execution of `used` bytes; returns its
-    bytes then. Raises NodeError (nothing added) past a bound, and TypeError/ValueError for a
-    value that is not JSON. `admit` is given the outputs' size last, and may refuse them (a
-    NodeError) or count them.
+async def built_outputs(node_id: str, value: dict[str, Any]) -> bytes:
+    """A node's outputs as a serialized Struct `{node_id: value}`. Raises NodeError past a node's
+    bounds, and TypeError/ValueError for a value that is not JSON.
 
     The Struct is built in turns, the event loop running other calls between them (values.py), and
     its build stops as soon as it is known to be past a node's bytes: outputs holding one value
     many times by reference (a TransformNode mapping many keys to one list) are small in memory and
-    may be gigabytes as a Struct."""
+    may be gigabytes as a Struct. It is serialized (and merged by `add_outputs` as bytes): a third
+    less time than ByteSize and a MergeFrom copying each message, both on the event loop (about
+    0.1 s for a node's 8 MiB of small values)."""
     try:
         # The node's outputs are the second level under {node_id: ...}.
         added = await python_to_struct_in_turns({node_id: value}, most_depth=MAX_DEPTH + 1, most_bytes=MAX_NODE_BYTES)
@@ -59,14 +53,26 @@ async def add_outputs(
         raise NodeError(
             f"outputs are more than a node's {MAX_NODE_BYTES} bytes", reason="OUTPUT_TOO_LARGE", retryable=False
         ) from None
-    # Serialized and merged as bytes: a third less time than ByteSize and a MergeFrom copying each
-    # message, both on the event loop (about 0.1 s for a node's 8 MiB of small values).
     data = added.SerializeToString()
-    size = len(data)
-    if size > MAX_NODE_BYTES:
+    if len(data) > MAX_NODE_BYTES:
         raise NodeError(
-            f"outputs are {size} bytes, more than a node's {MAX_NODE_BYTES}", reason="OUTPUT_TOO_LARGE", retryable=False
+            f"outputs are {len(data)} bytes, more than a node's {MAX_NODE_BYTES}",
+            reason="OUTPUT_TOO_LARGE",
+            retryable=False,
         )
+    return data
+
+
+def add_outputs(
+    outputs: struct_pb2.Struct, data: bytes, used: int, admit: Callable[[int], None] = lambda size: None
+) -> int:
+    """Add a node's outputs (`built_outputs`) to `outputs`, of an execution of `used` bytes; returns
+    its bytes then. Raises NodeError (nothing added) past the execution's bound. `admit` is given
+    the outputs' size last, and may refuse them (a NodeError) or count them.
+
+    Synchronous, and so to be called with `used` read after the build's last await: parallel nodes
+    of one execution build their outputs at the same time, and each must count the others'."""
+    size = len(data)
     if used + size > MAX_EXECUTION_BYTES:
         raise NodeError(
             f"outputs would bring the execution to {used + size} bytes, more than {MAX_EXECUTION_BYTES}",

@@ -35,11 +35,16 @@ _VALUE: Final = 2
 _NUMBER: Final = 9
 
 
-class TooDeep(Exception):
-    """Containers nest deeper than the conversion allows."""
+# Objects and lists nested in a value converted to a Struct, unless a caller bounds it lower:
+# protobuf parses at most 100 nested messages anyway, and a value holding itself (a cycle) stops.
+MAX_NESTING: Final = 100
 
 
-class TooLarge(Exception):
+class TooDeep(ValueError):
+    """Containers nest deeper than the conversion allows (or hold themselves)."""
+
+
+class TooLarge(ValueError):
     """The Struct being built is already past the bytes the conversion allows."""
 
 
@@ -120,24 +125,32 @@ class _Builder:
         self._open(iter(data.items()), into, 1)
 
     def _open(self, entries: Iterator[Any], into: struct_pb2.Struct | struct_pb2.ListValue, depth: int) -> None:
+        self._check_depth(depth)
+        self._pending.append((entries, into, depth))
+
+    def _check_depth(self, depth: int) -> None:
+        """TooDeep for a container at `depth` (checked for empty ones too, which are not opened)."""
         if depth > self._most_depth:
             raise TooDeep(f"deeper than {self._most_depth} objects and lists")
-        self._pending.append((entries, into, depth))
 
     def turn(self, budget: int) -> bool:
         """Add about `budget` values; whether all are in. Raises TooDeep, TooLarge, and TypeError or
         ValueError for a value that is not JSON."""
         pending = self._pending
-        size = self.size
+        size, most = self.size, self._most_bytes
         while pending:
             entries, into, depth = pending[-1]
             height = len(pending)
+            # The bound is checked at each value: a string held many times by reference is copied
+            # into the Struct each time it is met.
             if isinstance(into, struct_pb2.Struct):
                 fields = into.fields
                 for key, item in entries:
                     if not isinstance(key, str):
                         raise TypeError(f"an object key is {type(key).__name__}, not a string")
                     size += _MAP_ENTRY + len(key) + self._set(fields[key], item, depth)
+                    if size > most:
+                        raise TooLarge(f"more than {most} bytes")
                     budget -= 1
                     if budget <= 0 or len(pending) > height:
                         break
@@ -147,13 +160,13 @@ class _Builder:
                 values = into.values
                 for item in entries:
                     size += _LIST_ITEM + self._set(values.add(), item, depth)
+                    if size > most:
+                        raise TooLarge(f"more than {most} bytes")
                     budget -= 1
                     if budget <= 0 or len(pending) > height:
                         break
                 else:
                     pending.pop()
-            if size > self._most_bytes:
-                raise TooLarge(f"more than {self._most_bytes} bytes")
             if budget <= 0:
                 break
         self.size = size
@@ -176,6 +189,7 @@ class _Builder:
             if item:
                 self._open(iter(item.items()), struct, depth + 1)
             else:
+                self._check_depth(depth + 1)
                 struct.SetInParent()
             return _VALUE
         if kind is list or kind is tuple:
@@ -183,6 +197,7 @@ class _Builder:
             if item:
                 self._open(iter(item), items, depth + 1)
             else:
+                self._check_depth(depth + 1)
                 items.SetInParent()
             return _VALUE
         if item is None:
@@ -234,10 +249,14 @@ def struct_to_python(struct: struct_pb2.Struct) -> dict[str, Any]:
     return {key: _value_to_python(value) for key, value in struct.fields.items()}
 
 
+def one_turn(struct: struct_pb2.Struct) -> bool:
+    """Whether `struct` is read in one turn: each value takes 2 bytes or more serialized."""
+    return struct.ByteSize() <= 2 * VALUES_PER_TURN
+
+
 async def struct_to_python_in_turns(struct: struct_pb2.Struct) -> dict[str, Any]:
     """As `struct_to_python`, yielding to the event loop between turns (module docstring)."""
-    # Each value takes 2 bytes or more serialized: a Struct this small is one turn.
-    if struct.ByteSize() <= 2 * VALUES_PER_TURN:
+    if one_turn(struct):
         return struct_to_python(struct)
     reader = _Reader(struct)
     while not reader.turn(VALUES_PER_TURN):
@@ -247,18 +266,19 @@ async def struct_to_python_in_turns(struct: struct_pb2.Struct) -> dict[str, Any]
 
 def python_to_struct(data: dict[str, Any], into: struct_pb2.Struct | None = None) -> struct_pb2.Struct:
     """A JSON-like dict as a Struct, in one go (for values bounded small); TypeError or ValueError
-    for a value that is not JSON."""
+    for a value that is not JSON (TooDeep past MAX_NESTING levels)."""
     struct = struct_pb2.Struct() if into is None else into
-    _Builder(data, struct, _UNBOUNDED, _UNBOUNDED).turn(_UNBOUNDED)
+    _Builder(data, struct, MAX_NESTING, _UNBOUNDED).turn(_UNBOUNDED)
     return struct
 
 
 async def python_to_struct_in_turns(
-    data: dict[str, Any], *, most_depth: int = _UNBOUNDED, most_bytes: int = _UNBOUNDED
+    data: dict[str, Any], *, most_depth: int = MAX_NESTING, most_bytes: int = _UNBOUNDED
 ) -> struct_pb2.Struct:
     """As `python_to_struct`, yielding between turns (module docstring); TooDeep past `most_depth`
-    levels of objects and lists (`data` is the first), TooLarge once the Struct is known to be past
-    `most_bytes` serialized (`_Builder`). Partly built when it raises: the caller drops it."""
+    levels of objects and lists (`data` is the first; MAX_NESTING unless lower), TooLarge once the
+    Struct is known to be past `most_bytes` serialized (`_Builder`). Partly built when it raises:
+    the caller drops it."""
     struct = struct_pb2.Struct()
     builder = _Builder(data, struct, most_depth, most_bytes)
     while not builder.turn(VALUES_PER_TURN):

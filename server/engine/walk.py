@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from google.rpc import code_pb2, status_pb2
 
-from flowport.server.engine.output_limits import add_outputs
+from flowport.server.engine.output_limits import add_outputs, built_outputs
 from flowport.server.engine.plan import PlanNode
 from flowport.server.engine.run import Execution, NodeRun, Run, error_status, mark_running, publish, timestamp_now
 from flowport.server.engine.slots import Slots
@@ -498,12 +498,10 @@ class Walker:
             try:
                 outputs = await self._attempt(node, ctx, params)
                 try:
-                    run.output_bytes = await add_outputs(
-                        execution.outputs,
-                        node.node_id,
-                        outputs,
-                        run.output_bytes,
-                        lambda size: self._admit(run, node, size),
+                    built = await built_outputs(node.node_id, outputs)
+                    # With no await between: parallel nodes' outputs are each counted.
+                    run.output_bytes = add_outputs(
+                        execution.outputs, built, run.output_bytes, lambda size: self._admit(run, node, size)
                     )
                 except (TypeError, ValueError) as exc:
                     raise NodeError(f"outputs are not JSON: {exc}", reason="BAD_OUTPUT") from None

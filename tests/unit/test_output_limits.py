@@ -15,7 +15,13 @@ from google.rpc import error_details_pb2
 
 from flowport.server.engine import values
 from flowport.server.engine.executor import Executor
-from flowport.server.engine.output_limits import MAX_DEPTH, MAX_EXECUTION_BYTES, MAX_NODE_BYTES, add_outputs
+from flowport.server.engine.output_limits import (
+    MAX_DEPTH,
+    MAX_EXECUTION_BYTES,
+    MAX_NODE_BYTES,
+    add_outputs,
+    built_outputs,
+)
 from flowport.server.engine.plan import PlanCache
 from flowport.server.engine.registry import NodeRegistry
 from flowport.server.events.bus import EventBus
@@ -34,6 +40,14 @@ def _nested(depth: int) -> Any:
     value: Any = "leaf"
     for level in range(depth):
         value = {"d": value} if level % 2 else [value]
+    return value
+
+
+def _empty_nested(depth: int) -> list[Any]:
+    """`depth` levels of lists, the innermost empty."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
     return value
 
 
@@ -64,28 +78,39 @@ class EchoNode(NodeType):
         return {"result": "x" * params.get("size", 1)}
 
 
+async def _add(outputs: struct_pb2.Struct, node_id: str, value: dict[str, Any], used: int) -> int:
+    return add_outputs(outputs, await built_outputs(node_id, value), used)
+
+
 async def test_outputs_are_bounded_in_depth_and_size() -> None:
     outputs = struct_pb2.Struct()
     deepest = {"result": _nested(MAX_DEPTH - 1)}
     assert _depth(deepest) == MAX_DEPTH
-    used = await add_outputs(outputs, "a", deepest, 0)
+    used = await _add(outputs, "a", deepest, 0)
     assert used == outputs.ByteSize()
     with pytest.raises(NodeError) as deep:
-        await add_outputs(outputs, "b", {"result": _nested(MAX_DEPTH)}, used)
+        await _add(outputs, "b", {"result": _nested(MAX_DEPTH)}, used)
     assert deep.value.reason == "OUTPUT_TOO_DEEP" and not deep.value.retryable
+    # An empty list or object is a level too.
+    with pytest.raises(NodeError, match="nest deeper"):
+        await _add(outputs, "b", {"result": _empty_nested(MAX_DEPTH)}, used)
     with pytest.raises(NodeError) as large:
-        await add_outputs(outputs, "b", {"result": "x" * MAX_NODE_BYTES}, used)
+        await _add(outputs, "b", {"result": "x" * MAX_NODE_BYTES}, used)
     assert large.value.reason == "OUTPUT_TOO_LARGE"
     half = {"result": "x" * (MAX_NODE_BYTES - 100)}
-    used = await add_outputs(outputs, "b", half, used)
+    used = await _add(outputs, "b", half, used)
     with pytest.raises(NodeError) as total:
-        await add_outputs(outputs, "c", half, used)
+        await _add(outputs, "c", half, used)
     assert total.value.reason == "EXECUTION_OUTPUT_TOO_LARGE" and used + len(half["result"]) > MAX_EXECUTION_BYTES
     assert set(outputs.fields) == {"a", "b"}, "a refused output adds nothing"
     with pytest.raises(ValueError, match="Unexpected type object"):  # not JSON: the walk's BAD_OUTPUT
-        await add_outputs(outputs, "c", {"result": object()}, used)
+        await _add(outputs, "c", {"result": object()}, used)
     with pytest.raises(ValueError, match="too large for a JSON number"):
-        await add_outputs(outputs, "c", {"result": 10**400}, used)
+        await _add(outputs, "c", {"result": 10**400}, used)
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    with pytest.raises(NodeError, match="nest deeper"):
+        await _add(outputs, "c", {"result": cycle}, used)
     assert set(outputs.fields) == {"a", "b"}
 
 
@@ -93,32 +118,86 @@ async def test_outputs_are_bounded_in_depth_and_size() -> None:
 async def test_outputs_holding_one_value_many_times_are_refused_before_their_struct_is_built(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A value held many times by reference (a TransformNode mapping many keys to one list) is small
-    in memory and gigabytes as a Struct: its build stops once the bytes built pass a node's bound,
-    long before the Struct is whole."""
-    built: list[int] = []
+    """A value held many times by reference (a TransformNode mapping many keys to one list or one
+    string) is small in memory and gigabytes as a Struct: its build stops as soon as the bytes built
+    pass a node's bound, long before the Struct is whole."""
+    copied: list[int] = []
+    set_value = values._Builder._set
+
+    def counted(self: Any, value: Any, item: Any, depth: int) -> int:
+        if isinstance(item, str):
+            copied.append(len(item))
+        return set_value(self, value, item, depth)
+
+    monkeypatch.setattr(values._Builder, "_set", counted)
+    # One 1 MiB string under 4,000 keys (4 GiB as a Struct): its eighth copy, with the keys, passes 8 MiB.
+    text = "x" * 2**20
+    with pytest.raises(NodeError) as large:
+        await built_outputs("t", {f"k{n}": text for n in range(4000)})
+    assert large.value.reason == "OUTPUT_TOO_LARGE" and not large.value.retryable
+    assert len(copied) == MAX_NODE_BYTES // 2**20, len(copied)
+    copied.clear()
+    shared = ["x" * 4096] * 64
+    with pytest.raises(NodeError, match="more than a node's"):
+        await built_outputs("t", {f"k{n}": shared for n in range(3000)})  # ~786 MB written out
+    assert len(copied) <= MAX_NODE_BYTES // 4096 + 1, len(copied)
+    # A list of 200,000 numbers held 2,000 times (minutes and gigabytes as a whole Struct): 11
+    # bytes a number or more, so stopped within its fourth copy.
+    turns: list[int] = []
     turn = values._Builder.turn
 
-    def counted(self: Any, budget: int) -> bool:
-        built.append(budget)
+    def counted_turn(self: Any, budget: int) -> bool:
+        turns.append(budget)
         return turn(self, budget)
 
-    monkeypatch.setattr(values._Builder, "turn", counted)
-    shared = ["x" * 4096] * 64
-    many = {f"k{n}": shared for n in range(3000)}  # ~786 MB written out, a few KB in memory
-    with pytest.raises(NodeError) as large:
-        await add_outputs(struct_pb2.Struct(), "t", many, 0)
-    assert large.value.reason == "OUTPUT_TOO_LARGE" and not large.value.retryable
-    # 8 MiB of 4 KiB strings is about 2,050 of the 192,000 held: one turn.
-    assert len(built) == 1, built
-    built.clear()
-    # A list of 200,000 numbers held 2,000 times (minutes and gigabytes as a whole Struct): 11
-    # bytes a number or more, so stopped within its fourth copy, 800,000 values in (196 turns).
+    monkeypatch.setattr(values._Builder, "turn", counted_turn)
     numbers = list(range(200_000))
     with pytest.raises(NodeError) as large:
-        await add_outputs(struct_pb2.Struct(), "t", {f"k{n}": numbers for n in range(2000)}, 0)
+        await built_outputs("t", {f"k{n}": numbers for n in range(2000)})
     assert large.value.reason == "OUTPUT_TOO_LARGE"
-    assert len(built) <= 4 * 200_000 // values.VALUES_PER_TURN + 2, len(built)
+    assert len(turns) <= 4 * 200_000 // values.VALUES_PER_TURN + 2, len(turns)
+
+
+class ManyNode(NodeType):
+    """Returns `count` strings of 60 characters: outputs built in many turns."""
+
+    type_name = "ManyNode"
+    description = "many strings"
+    category = "test"
+    config_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"count": {"type": "integer"}}}
+    outputs_schema: ClassVar[JsonSchema] = {"type": "object", "properties": {"result": {}}}
+    retry_safe = True
+
+    async def run(self, ctx: NodeContext, prepared: Any, params: dict[str, Any]) -> dict[str, Any]:
+        return {"result": [f"{ctx.node_id}-{n:056d}" for n in range(params["count"])]}
+
+
+async def test_parallel_nodes_building_outputs_at_once_count_each_others_bytes(tmp_path: Path) -> None:
+    """Four parallel nodes of about 6.4 MB of outputs each, built in turns at the same time: each
+    counts what the others added, so the execution stays within its bound, and the tenant's count
+    of held bytes comes back to nothing once it ends."""
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    executor = Executor(
+        store,
+        PlanCache(NodeRegistry([ManyNode])),
+        EventBus(),
+        NodeServices(),
+        max_concurrent=8,
+        tenant_max_output_bytes=256 * 2**20,
+    )
+    nodes = [{"type": "ManyNode", "name": f"m{i}", "config": {"count": 100_000}} for i in range(4)]
+    try:
+        started, _ = await executor.create(
+            "t", wf("wide", nodes), inputs(), session_id="", request_id="", request_hash=None
+        )
+        done = await executor.wait("t", started.execution_id, 60)
+        assert done is not None and done.state == Execution.STATE_FAILED
+        assert _failure_reason(done) == "EXECUTION_OUTPUT_TOO_LARGE", done.error.message
+        assert done.outputs.ByteSize() <= MAX_EXECUTION_BYTES and len(done.outputs.fields) == 1
+        assert executor._slots.output_bytes("t") == 0
+    finally:
+        await executor.shutdown()
+        await store.close()
 
 
 async def test_a_node_returning_outputs_too_deep_fails_and_its_execution_stays_readable(tmp_path: Path) -> None:
@@ -271,5 +350,46 @@ async def test_a_tenants_running_executions_hold_at_most_its_bytes_of_outputs_an
         assert done is not None and done.state == Execution.STATE_SUCCEEDED
     finally:
         HELD.set()
+        await executor.shutdown()
+        await store.close()
+
+
+async def test_a_tenants_large_inputs_are_read_one_call_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inputs too large for one turn are read a call at a time per tenant (each call's values are
+    held as they are made, before any tenant check); another tenant's are read meanwhile."""
+    from flowport.server.engine import executor as executor_module
+
+    reading: dict[str, int] = {}
+    most: dict[str, int] = {}
+    read = executor_module.struct_to_python_in_turns
+
+    async def counted(struct: struct_pb2.Struct) -> dict[str, Any]:
+        tenant = struct.fields["tenant"].string_value
+        reading[tenant] = reading.get(tenant, 0) + 1
+        most[tenant] = max(most.get(tenant, 0), reading[tenant])
+        most["both"] = max(most.get("both", 0), sum(reading.values()))
+        try:
+            return await read(struct)
+        finally:
+            reading[tenant] -= 1
+
+    monkeypatch.setattr(executor_module, "struct_to_python_in_turns", counted)
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    executor = Executor(store, PlanCache(NodeRegistry([EchoNode])), EventBus(), NodeServices(), max_concurrent=8)
+    echo = wf("echo", [{"type": "EchoNode", "name": "e", "config": {"size": 1}}])
+    try:
+
+        async def create(tenant: str) -> None:
+            await executor.create(
+                tenant, echo, inputs(tenant=tenant, rows=[[]] * 50_000), session_id="", request_id="", request_hash=None
+            )
+
+        await asyncio.gather(*(create(tenant) for tenant in ("t", "t", "t", "u", "u")))
+        # One read at a time per tenant, and the two tenants' reads at the same time.
+        assert most == {"t": 1, "u": 1, "both": 2}
+        assert executor._large_inputs.held("t") == 0 == executor._large_inputs.held("u")
+    finally:
         await executor.shutdown()
         await store.close()
