@@ -84,7 +84,6 @@ from flowport.server.nodes.base import MAX_OUTPUT_BYTES, JsonSchema, NodeContext
 from flowport.server.nodes.python_code import own_variables
 from flowport.server.nodes.sql_pools import (
     CONNECTION_STRING_PATTERN,
-    TEMP_GUARD,
     ForbiddenDatabase,
     UnsupportedDatabase,
     async_url,
@@ -92,7 +91,7 @@ from flowport.server.nodes.sql_pools import (
     describe,
     postgres_targets,
 )
-from flowport.server.nodes.sqlite_temp_space import TempSpaceGuard
+from flowport.server.nodes.sqlite_temp_space import CHECK_SECONDS, below_reserve
 from flowport.server.nodes.substitution import EXECUTION_VARIABLE_NAMES, check_params, substitute
 from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
@@ -363,32 +362,44 @@ def _execute(
 
 
 class _Watchdog:
-    """Interrupts a SQLite statement at the deadline (a cancelled task cannot stop SQLite's thread);
-    `space` is the connection's TempSpaceGuard, reset for this statement."""
+    """Interrupts a SQLite statement at the deadline (a cancelled task cannot stop SQLite's thread),
+    or once the disk of SQLite's temporary files is down to its reserve (`out_of_space`), looked at
+    every CHECK_SECONDS (sqlite_temp_space)."""
 
-    def __init__(self, driver_connection: Any, delay: float, space: TempSpaceGuard | None) -> None:
+    def __init__(self, driver_connection: Any, delay: float) -> None:
         self.fired = False
-        self.space = space
-        if space is not None:
-            space.reset()
+        self.out_of_space = False
         self._driver = driver_connection
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_later(delay, self._fire)
+        self._space = loop.call_later(CHECK_SECONDS, self._check_space)
 
     def _fire(self) -> None:
         self.fired = True
+        self._interrupt()
+
+    def _check_space(self) -> None:
+        if below_reserve():
+            self.out_of_space = True
+            self._interrupt()
+        else:
+            self._space = asyncio.get_running_loop().call_later(CHECK_SECONDS, self._check_space)
+
+    def _interrupt(self) -> None:
         task = asyncio.get_running_loop().create_task(self._driver.interrupt())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def cancel(self) -> None:
         self._handle.cancel()
+        self._space.cancel()
 
 
 async def _sqlite_watchdog(conn: AsyncConnection, delay: float) -> _Watchdog | None:
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
-    return _Watchdog(driver, delay, raw.info.get(TEMP_GUARD)) if hasattr(driver, "interrupt") else None
+    return _Watchdog(driver, delay) if hasattr(driver, "interrupt") else None
 
 
 # Statements that reach other database files from a SQLite connection.
@@ -697,10 +708,10 @@ def _failure(
         )
     if isinstance(exc, DBAPIError):
         detail = str(exc.orig) if exc.orig is not None else type(exc).__name__
-        if watchdog is not None and watchdog.space is not None and watchdog.space.tripped:
+        if watchdog is not None and watchdog.out_of_space:
             return NodeError(
-                f"query on {where} stopped: the server's disk for SQLite's temporary files (sorting, DISTINCT, "
-                "GROUP BY) is down to its reserve; sort or group fewer rows",
+                f"query on {where} stopped: the server's disk for SQLite's temporary files is down to its "
+                "reserve (a sort, DISTINCT or GROUP BY of many rows fills it)",
                 reason="SQL_TEMP_SPACE",
             )
         if getattr(exc.orig, "sqlstate", None) == _QUERY_CANCELED or (watchdog is not None and watchdog.fired):

@@ -64,7 +64,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from flowport.server.egress import normalize_allowlist, resolve_host
 from flowport.server.errors import shown
-from flowport.server.nodes.sqlite_temp_space import CHECK_STEPS, TempSpaceGuard
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -127,8 +126,6 @@ SQLITE_FILE_BYTES: Final = 256 * 2**20
 SQLITE_MAX_VALUE_BYTES: Final = 16 * 2**20
 SQLITE_MEMORY_BYTES: Final = 32 * 2**20
 SQLITE_FILES_PER_TENANT: Final = 16
-# Where a SQLite connection's TempSpaceGuard is kept (its pool record's `info`).
-TEMP_GUARD: Final = "flowport.sqlite_temp_guard"
 SQLITE_POOL_CONNECTIONS: Final = 4
 # A pool of a tenant's own PostgreSQL holds at most this many connections, overflow included,
 # whatever a node or resource asks for: with MAX_ENGINES_PER_TENANT pools, a tenant's sockets stay
@@ -456,10 +453,6 @@ def _guard(engine: AsyncEngine, allowlist: frozenset[str]) -> AsyncEngine:
             # (an aiosqlite without these attributes fails the connection: no unbounded SQLite).
             driver = connection.driver_connection
             await_only(driver._execute(driver._conn.setlimit, sqlite3.SQLITE_LIMIT_LENGTH, SQLITE_MAX_VALUE_BYTES))
-            # Sorters and DISTINCT tables spill to temporary files no setting bounds (sqlite_temp_space).
-            guard = TempSpaceGuard()
-            await_only(driver.set_progress_handler(guard, CHECK_STEPS))
-            record.info[TEMP_GUARD] = guard
 
         event.listen(engine.sync_engine, "connect", bound)
         return engine

@@ -1301,20 +1301,21 @@ async def test_a_statement_spilling_to_temporary_files_stops_at_the_disk_reserve
 ) -> None:
     """An ORDER BY over a recursive CTE that never ends writes its sorter to SQLite's temporary files
     until the node's timeout. With the reserve set to what is free now less 64 MiB, the statement's
-    own files bring the disk down to it, and it stops; with room, a sort that spills runs."""
+    own files bring the disk down to it, and it stops, of narrow rows or of wide ones (few SQLite
+    steps a row); with room, a sort that spills runs."""
     directory = sqlite_temp_space.temp_directory()
     found = os.statvfs(directory)
     free = found.f_bavail * found.f_frsize
     monkeypatch.setattr(sqlite_temp_space, "reserve_bytes", lambda total: free - 64 * 2**20)
     pools = SqlPools(sqlite_root=tmp_path / "sqlite")
     endless = (
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n)"
-        " SELECT randomblob(1000) AS b FROM n ORDER BY b"
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT randomblob(1000) AS b FROM n ORDER BY b"
     )
+    wide = endless.replace("randomblob(1000)", "randomblob(4000000)")
     try:
-        for url in ("sqlite:///spill.db", "sqlite:///:memory:"):
+        for url, query in (("sqlite:///spill.db", endless), ("sqlite:///:memory:", endless), ("sqlite:///w.db", wide)):
             with pytest.raises(NodeError) as caught:
-                await run_sql(make_ctx(pools, timeout=60), url, endless)
+                await run_sql(make_ctx(pools, timeout=60), url, query)
             assert caught.value.reason == "SQL_TEMP_SPACE" and not caught.value.retryable, caught.value
             assert "temporary files" in caught.value.message
         # The files are gone with the statement, and a sort that spills (20 MB past a 2 MB cache) runs.
@@ -1333,6 +1334,7 @@ def test_the_temporary_files_reserve() -> None:
     assert sqlite_temp_space.reserve_bytes(10 * 2**30) == int(0.05 * 10 * 2**30)
     assert sqlite_temp_space.reserve_bytes(2**40) == sqlite_temp_space.RESERVE_BYTES
     assert os.access(sqlite_temp_space.temp_directory(), os.W_OK)
+    assert not sqlite_temp_space.below_reserve("/nonexistent/folder")
 
 
 def test_sqlite_names_given_before_their_files_exist_count_toward_the_cap(
