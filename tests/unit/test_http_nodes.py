@@ -882,3 +882,41 @@ async def test_substitution_cannot_make_a_request_or_a_string_past_its_bound() -
         with pytest.raises(NodeError) as caught:
             await run_http(make_ctx(client), url=target, method="POST", data="${v}" * 20_000, v=long_value)
         assert caught.value.reason == "SUBSTITUTION_TOO_LARGE"
+
+
+class _CountedList(list[Any]):
+    """A list whose str() calls are counted."""
+
+    written = 0
+
+    def __str__(self) -> str:
+        type(self).written += 1
+        return super().__str__()
+
+
+def test_one_substitution_bounds_all_its_strings_together_and_measures_a_value_before_writing_it() -> None:
+    """Each string within the bound is not enough: 200 strings each holding a 3 MB input (a list of a
+    million numbers) made 600 MB. The strings of one value count together, so the sixth is refused
+    before it is made; and a value past what is left is refused before str() writes it out."""
+    big = _CountedList([1] * 1_000_000)  # 3 MB written out
+    _CountedList.written = 0
+    with pytest.raises(NodeError) as caught:
+        substitute(["a${big}"] * 200, {"big": big})
+    assert caught.value.reason == "SUBSTITUTION_TOO_LARGE" and "16777216" in caught.value.message
+    assert _CountedList.written == 6, _CountedList.written  # the sixth passes 16 Mi characters
+    huge = _CountedList(["x" * 1000] * 20_000)  # 20 M characters, one string held 20,000 times
+    _CountedList.written = 0
+    with pytest.raises(NodeError, match="would pass"):
+        substitute("a${huge}", {"huge": huge})
+    assert _CountedList.written == 0
+
+
+@pytest.mark.timeout(60)
+def test_references_of_a_large_config_are_found_in_linear_time() -> None:
+    """20,000 references nested 30 lists deep: a list searched at each name and at each level took
+    minutes (the test's timeout bounds it); found once each, in order."""
+    value: Any = "".join(f"${{a{n}}}" for n in range(20_000))
+    for _ in range(30):
+        value = [value, "${a0}"]
+    found = references({"json": value, "again": ["${a19999}", "${b}"]})
+    assert found == [f"a{n}" for n in range(20_000)] + ["b"]
