@@ -68,7 +68,8 @@ def _violations(service: registry_pb2.RegisteredService) -> list[tuple[str, str]
         found.append(("service.health_service", "at most 256 characters"))
     for field, labels in (("capabilities", service.capabilities), ("compliance_zones", service.compliance_zones)):
         if len(labels) > MAX_LABELS:
-            found.append((f"service.{field}", f"at most {MAX_LABELS}"))
+            found.append((f"service.{field}", f"at most {MAX_LABELS}"))  # each is not looked at then
+            continue
         found += [(f"service.{field}[{i}]", LABEL_RULE) for i, label in enumerate(labels) if not LABEL.match(label)]
     if service.provider and not LABEL.match(service.provider):
         found.append(("service.provider", LABEL_RULE))

@@ -18,6 +18,7 @@ health: {status: healthy|unhealthy|unknown, latency, checked_at}}`.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import time
@@ -28,7 +29,7 @@ from typing import Any, ClassVar
 from google.protobuf import json_format
 
 from flowport.server.clock import now_us
-from flowport.server.nodes.base import JsonSchema, NodeContext, NodeError, NodeType
+from flowport.server.nodes.base import MAX_OUTPUT_BYTES, JsonSchema, NodeContext, NodeError, NodeType
 from flowport.server.nodes.substitution import substitute
 from flowport.v1 import registry_pb2
 
@@ -39,6 +40,11 @@ STATUS = {
     registry_pb2.RegisteredService.STATUS_UNSPECIFIED: "unknown",
 }
 PAGE = 500
+# Registrations written into outputs between two yields to the event loop (up to about 1 ms each).
+PAGE_DESCRIBED = 64
+# Names a registration holds at most (server/api/service_registry.py's MAX_LABELS): a node
+# requiring more matches nothing.
+MAX_REQUIRED = 32
 MAX_SERVICES = 5000
 # Filters whose results and round-robin turns the node remembers, over every tenant: the filters
 # may come from execution inputs, so without a bound each new one would be kept for good.
@@ -127,8 +133,16 @@ class MCPServiceDiscoveryNode(NodeType):
             raise NodeError(
                 f"tenant_context.id {str(named)[:64]!r} is not this execution's tenant", reason="TENANT_MISMATCH"
             )
-        capabilities = sorted(set(substitute(params.get("required_capabilities") or [], params)))
-        zones = sorted(set(tenant_context.get("compliance_zones") or []))
+        required = substitute(params.get("required_capabilities") or [], params)
+        zones_given = tenant_context.get("compliance_zones") or []
+        for name, given in (("required_capabilities", required), ("tenant_context.compliance_zones", zones_given)):
+            if len(given) > MAX_REQUIRED:
+                raise NodeError(
+                    f"{name} has {len(given)} names; a service has at most {MAX_REQUIRED}, so none would match",
+                    reason="INVALID_PARAMETER",
+                )
+        capabilities = sorted(set(required))
+        zones = sorted(set(zones_given))
         healthy_only = bool(params.get("health_check", True))
         key = (ctx.tenant, tuple(capabilities), tuple(zones), healthy_only)
         matching = await self._matching(directory, ctx.tenant, key, float(params.get("cache_duration") or 0))
@@ -137,7 +151,21 @@ class MCPServiceDiscoveryNode(NodeType):
         rank = {provider: i for i, provider in enumerate(preferred)}
         # A stable sort: preference first, the balancing order within each provider.
         ordered.sort(key=lambda s: rank.get(s.provider, len(rank)))
-        services = [describe(s) for s in ordered]
+        services = []
+        size = 0
+        for n, service in enumerate(ordered, 1):
+            # Refused before the registrations are written out (their protobuf size is less than
+            # their JSON's), and other calls run between every PAGE_DESCRIBED of them.
+            size += service.ByteSize()
+            if size > MAX_OUTPUT_BYTES:
+                raise NodeError(
+                    f"the matching services' registrations pass a node's {MAX_OUTPUT_BYTES} bytes of outputs: "
+                    "require more capabilities or zones",
+                    reason="OUTPUT_TOO_LARGE",
+                )
+            services.append(describe(service))
+            if n % PAGE_DESCRIBED == 0:
+                await asyncio.sleep(0)
         return {
             "services": services,
             "count": len(services),
@@ -151,14 +179,15 @@ class MCPServiceDiscoveryNode(NodeType):
         if cached is not None and time.monotonic() - cached[0] < cache_for:
             return cached[1]
         _, capabilities, zones, healthy_only = key
+        wanted_capabilities, wanted_zones = set(capabilities), set(zones)
         found: list[registry_pb2.RegisteredService] = []
         after: str | None = None
         while len(found) < MAX_SERVICES:
             page = await directory.list_services(tenant, provider="", after=after, limit=PAGE, now_us=now_us())
             for service in page:
-                if not set(capabilities) <= set(service.capabilities):
+                if not wanted_capabilities.issubset(service.capabilities):
                     continue
-                if not set(zones) <= set(service.compliance_zones):
+                if not wanted_zones.issubset(service.compliance_zones):
                     continue
                 if healthy_only and service.status != registry_pb2.RegisteredService.STATUS_HEALTHY:
                     continue

@@ -138,8 +138,9 @@ def _check_http(profile: resource_pb2.HttpProfile, where: str) -> list[Violation
     except (httpx.InvalidURL, ValueError):
         found.append((f"{where}.base_url", f"an http or https URL of at most {MAX_TEXT} characters"))
     if len(profile.headers) > MAX_HEADERS:
+        # Each is not looked at: 200,000 of them in a 4 MB request held the event loop 1.2 s.
         found.append((f"{where}.headers", f"at most {MAX_HEADERS}"))
-    for name, value in sorted(profile.headers.items()):
+    for name, value in sorted(profile.headers.items()) if len(profile.headers) <= MAX_HEADERS else ():
         # Each at its own field path; a name that cannot be one is quoted (cut) instead.
         fits = is_header_name(name) and len(name) <= MAX_HEADER_NAME
         here, label = (f"{where}.headers.{name}", "") if fits else (f"{where}.headers", f"{shown(name, 40)} ")

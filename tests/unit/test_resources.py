@@ -628,3 +628,18 @@ async def test_a_tenants_open_resource_pools_are_bounded_least_recently_used_out
         assert pools.is_current(others), "another tenant's pool stays"
     finally:
         await pools.close()
+
+
+def test_too_many_headers_or_labels_are_refused_without_looking_at_each() -> None:
+    """Past the count, the one violation says so, and none of the items is checked (200,000 headers
+    in a 4 MB request held the event loop 1.2 s while each was sorted and checked)."""
+    from flowport.server.api.service_registry import MAX_LABELS, _violations
+    from flowport.server.resources.spec import MAX_HEADERS, check
+    from flowport.v1 import registry_pb2
+
+    resource = resource_pb2.Resource(name="api", http=resource_pb2.HttpProfile(base_url="https://api.example.com"))
+    resource.http.headers.update({f"bad name {n}": "v" for n in range(MAX_HEADERS + 1)})
+    assert check(resource) == [("resource.http.headers", f"at most {MAX_HEADERS}")]
+    service = registry_pb2.RegisteredService(service_id="s1", endpoint="https://s.example.com")
+    service.capabilities.extend(["bad label!"] * (MAX_LABELS + 1))
+    assert _violations(service) == [("service.capabilities", f"at most {MAX_LABELS}")]

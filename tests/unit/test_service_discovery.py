@@ -13,9 +13,10 @@ import pytest
 from google.protobuf import json_format
 
 from flowport.clients import AsyncClient
+from flowport.server.api import service_registry
 from flowport.server.app import Running, start, stop
 from flowport.server.nodes import service_discovery
-from flowport.server.nodes.base import NodeContext, NodeServices
+from flowport.server.nodes.base import NodeContext, NodeError, NodeServices
 from flowport.v1 import apikey_pb2, execution_pb2, registry_pb2
 
 from ..conftest import ADMIN_KEY, make_settings
@@ -236,3 +237,42 @@ async def test_the_nodes_cache_holds_a_bounded_number_of_registrations(monkeypat
         assert (await node.run(ctx, node.prepare(params), params))["count"] == 20
     held = sum(len(found) for _, found in node._cache.values())
     assert 0 < held <= 50 and held == node._cached
+
+
+async def test_the_nodes_work_is_bounded_before_its_outputs_are_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registrations past a node's outputs are refused before they are written out (each one's
+    metadata through json_format), and a filter no registration can meet is refused at once."""
+    assert service_discovery.MAX_REQUIRED == service_registry.MAX_LABELS
+    written: list[str] = []
+    describe = service_discovery.describe
+
+    def counted(service: registry_pb2.RegisteredService) -> dict[str, Any]:
+        written.append(service.service_id)
+        return describe(service)
+
+    monkeypatch.setattr(service_discovery, "describe", counted)
+
+    class Directory:
+        async def list_services(self, tenant: str, **_: Any) -> list[registry_pb2.RegisteredService]:
+            found = []
+            for n in range(600):  # 600 of 16 KiB of metadata: about 10 MB
+                service = registry_pb2.RegisteredService(
+                    service_id=f"s{n:03}",
+                    endpoint="https://s.example.com",
+                    status=registry_pb2.RegisteredService.STATUS_HEALTHY,
+                )
+                service.metadata.update({"notes": "x" * 16_000})
+                found.append(service)
+            return found
+
+    node = service_discovery.MCPServiceDiscoveryNode()
+    ctx = NodeContext("t", "exe_1", "find", 1, 10.0, NodeServices(registry=Directory()))  # type: ignore[arg-type]
+    params: dict[str, Any] = {}
+    with pytest.raises(NodeError) as caught:
+        await node.run(ctx, node.prepare(params), params)
+    assert caught.value.reason == "OUTPUT_TOO_LARGE"
+    assert 0 < len(written) < 8 * 2**20 // 16_000, len(written)
+    params = {"required_capabilities": [f"c{n}" for n in range(33)]}
+    with pytest.raises(NodeError) as caught:
+        await node.run(ctx, node.prepare(params), params)
+    assert caught.value.reason == "INVALID_PARAMETER" and "at most 32" in caught.value.message
