@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from google.protobuf import struct_pb2
@@ -37,9 +37,18 @@ class BusEvent:
     # Only on Kailash-named copies (events/kailash.py).
     progress: float | None = None
     error: str | None = None
+    # What is made of the event once for all its subscribers (its wire form, its Kailash copies):
+    # one tenant's hundreds of streams each built their own, all on the event loop.
+    made: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_proto(self) -> event_pb2.Event:
-        """The wire form."""
+        """The wire form, made once: shared by every stream that sends it, so never changed."""
+        proto = self.made.get("proto")
+        if proto is None:
+            proto = self.made["proto"] = self._proto()
+        return proto
+
+    def _proto(self) -> event_pb2.Event:
         event = event_pb2.Event(
             id=self.id,
             type=self.type,

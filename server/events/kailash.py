@@ -115,7 +115,16 @@ class Selection:
     def views(self, event: BusEvent) -> list[BusEvent]:
         """The event as this subscriber gets it: itself, its Kailash copies, or both (in that order)."""
         shown = [event] if self.wants_native(event.type) else []
-        return shown + [kailash_copy(event, name) for name in self.copies.get(event.type, ())]
+        return shown + [_copy_of(event, name) for name in self.copies.get(event.type, ())]
+
+
+def _copy_of(event: BusEvent, name: str) -> BusEvent:
+    """`kailash_copy(event, name)`, made once for all the event's subscribers (and its wire form with it)."""
+    key = "kailash:" + name
+    made = event.made.get(key)
+    if made is None:
+        made = event.made[key] = kailash_copy(event, name)
+    return made
 
 
 def kailash_copy(event: BusEvent, name: str) -> BusEvent:

@@ -141,6 +141,8 @@ OPEN_TIMEOUT: Final = MAX_DELAY + 2.0
 #   or many, waits there and never takes the places of the others. A handshake that upgrades clears
 #   its address (a mistyped key, then the right one).
 MAX_PENDING_HANDSHAKES: Final = 256
+# Text frames kept for the bridge's connections (Frames): the events of the last moments.
+MAX_FRAMES: Final = 1024
 MAX_PENDING_FAILING: Final = 128
 MAX_PENDING_PER_CLIENT: Final = 16
 RETRY_AFTER_SECONDS: Final = 1
@@ -209,6 +211,25 @@ def frame(event: event_pb2.Event) -> str:
         body["data"] = whole_numbers(body["data"])
     timestamp = event.time.seconds + event.time.nanos / 1e9
     return orjson.dumps({**body, "event": body, "timestamp": timestamp}).decode()
+
+
+class Frames:
+    """The text frames of the newest MAX_FRAMES events, shared by the connections of one bridge:
+    each connection gets its own copy of an event from its stream, and writing one out is about
+    ten times the work of sending it (a tenant's hundreds of `/ws` clients each wrote theirs)."""
+
+    def __init__(self) -> None:
+        self._made: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+
+    def of(self, event: event_pb2.Event) -> str:
+        # An event's id names it within this server's bus; a Kailash copy shares it, with its own type.
+        key = (event.tenant, event.id, event.type)
+        text = self._made.get(key)
+        if text is None:
+            text = self._made[key] = frame(event)
+            if len(self._made) > MAX_FRAMES:
+                self._made.popitem(last=False)
+        return text
 
 
 def _error(message: str, code: str = "") -> str:
@@ -305,6 +326,7 @@ class WebSocketBridge:
         # leaves when the handler takes it, or with its stream cancelled when the handshake ends
         # without an upgrade (_answered) or the connection ends first (_cancel_when_lost).
         self._opened: dict[ServerConnection, _Opened] = {}
+        self._frames = Frames()
         # Set when the server drains: Envoy's health check then takes this bridge out
         # of rotation too, and new /ws connections go to another server.
         self.draining = False
@@ -501,7 +523,7 @@ class WebSocketBridge:
         self.connections += 1
         try:
             metadata = self._metadata(connection.request, self._addresses(connection, connection.request)[0])
-            link = _Link(connection, self._stub, metadata, opened.subscription)
+            link = _Link(connection, self._stub, metadata, opened.subscription, self._frames)
             await link.run(opened)
         finally:
             self.connections -= 1
@@ -540,8 +562,10 @@ class _Link:
         stub: event_pb2_grpc.EventServiceAsyncStub,
         metadata: Sequence[tuple[str, str]],
         subscription: StreamQuery,
+        frames: Frames,
     ) -> None:
         self._ws = connection
+        self._frames = frames
         self._stub = stub
         self._metadata = tuple(metadata)
         self._subscription = subscription
@@ -612,7 +636,7 @@ class _Link:
                 if event.type != HEARTBEAT:
                     self._sent = event.id
                     # Whole even when a resubscription cancels this task: the id is already counted as sent.
-                    await asyncio.shield(self._ws.send(frame(event)))
+                    await asyncio.shield(self._ws.send(self._frames.of(event)))
                 event = await call.read()
             unavailable = grpc.StatusCode.UNAVAILABLE
             await self._close(CLOSE_CODES[unavailable], _error("the event stream ended", unavailable.name))

@@ -93,3 +93,17 @@ def test_a_webhook_for_a_type_nothing_publishes_is_refused_naming_it() -> None:
             "[1] 'execution.completd' is no event type the gateway publishes, nor a Kailash name of one",
         )
     ]
+
+
+def test_an_events_wire_form_and_kailash_copies_are_made_once_for_all_subscribers() -> None:
+    """One tenant's hundreds of streams each built the event's protobuf (and its Kailash copies)."""
+    event = BusEvent("7", "execution.completed", 1, "t", execution_id="e", data={"progress": 1.0})
+    assert event.to_proto() is event.to_proto()
+    assert event.to_proto().execution_id == "e" and event.to_proto().data["progress"] == 1.0
+    native, kailash = Selection.of(["execution.completed"]), Selection.of(["workflow_completed"])
+    both = Selection.of(["execution.completed", "workflow_completed"])
+    assert native.views(event) == [event]
+    copies = [kailash.views(event)[0] for _ in range(3)] + [both.views(event)[1]]
+    assert all(copy is copies[0] for copy in copies) and copies[0].type == "workflow_completed"
+    assert copies[0].progress == 100.0 and copies[0].to_proto() is copies[0].to_proto()
+    assert event == BusEvent("7", "execution.completed", 1, "t", execution_id="e", data={"progress": 1.0})

@@ -75,6 +75,31 @@ def test_a_frame_is_the_event_with_event_and_timestamp() -> None:
     assert body["session_id"] == "" and "progress" not in body  # printed as /events prints them
 
 
+def test_an_events_frame_is_written_once_for_all_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection gets its own copy of an event from its stream; the bridge writes its text
+    once (for the newest MAX_FRAMES events), not once per connection."""
+    written: list[str] = []
+
+    def counted(event: event_pb2.Event) -> str:
+        written.append(event.id)
+        return frame(event)
+
+    monkeypatch.setattr(websocket, "frame", counted)
+    monkeypatch.setattr(websocket, "MAX_FRAMES", 4)
+    frames = websocket.Frames()
+    first = [frames.of(event_pb2.Event(id="1", type="node.started", tenant="t")) for _ in range(300)]
+    assert written == ["1"] and len(set(first)) == 1
+    # Another type (a Kailash copy of the same id) or another tenant is another frame.
+    frames.of(event_pb2.Event(id="1", type="workflow_started", tenant="t"))
+    frames.of(event_pb2.Event(id="1", type="node.started", tenant="u"))
+    assert written == ["1", "1", "1"]
+    for n in range(2, 8):
+        frames.of(event_pb2.Event(id=str(n), type="node.started", tenant="t"))
+    assert len(frames._made) == 4
+    frames.of(event_pb2.Event(id="1", type="node.started", tenant="t"))  # dropped since: written again
+    assert written[-1] == "1" and len(written) == 10
+
+
 def test_text_is_echoed_up_to_a_bound_and_never_quoted_beyond_it() -> None:
     assert echo("Hello") == "Echo: Hello"
     assert echo("a\r\nb") == "Echo: a\r\nb"  # the client's own text back, as sent
