@@ -6,11 +6,15 @@ themselves are removed when the same id registers again or is deregistered.
 
 from __future__ import annotations
 
+import asyncio
+
 from flowport.server.storage import idempotency, quotas
 from flowport.server.storage.base import IdempotentResult
 from flowport.server.storage.tables import Connection, Tables
 from flowport.v1 import registry_pb2
 
+# Registrations the health sweep parses between two yields to the event loop.
+PARSED_PER_TURN = 256
 _REGISTER = "flowport.v1.ServiceRegistryService/RegisterService"
 _DEREGISTER = "flowport.v1.ServiceRegistryService/DeregisterService"
 
@@ -102,14 +106,25 @@ class ServiceTables(Tables):
         return bool(await self._write(lambda conn: conn.execute(sql, args).rowcount))
 
     async def services_to_check(self, now_us: int) -> list[tuple[str, registry_pb2.RegisteredService]]:
-        """(tenant, registration) of every live registration, of every tenant."""
+        """(tenant, registration) of every live registration, of every tenant, without its metadata.
+
+        Parsed PARSED_PER_TURN at a time, other calls running in between: a tenant's 10,000
+        registrations of 16 KiB of metadata each took the event loop about a second at every sweep."""
         rows = await self._read(
             lambda conn: conn.execute(
                 "SELECT tenant, body FROM services WHERE (expire_us=0 OR expire_us>?) ORDER BY tenant, service_id",
                 (now_us,),
             ).fetchall()
         )
-        return [(str(t), registry_pb2.RegisteredService.FromString(b)) for t, b in rows]
+        found: list[tuple[str, registry_pb2.RegisteredService]] = []
+        for start in range(0, len(rows), PARSED_PER_TURN):
+            if start:
+                await asyncio.sleep(0)
+            for tenant, body in rows[start : start + PARSED_PER_TURN]:
+                service = registry_pb2.RegisteredService.FromString(body)
+                service.ClearField("metadata")  # not checked; held for the whole sweep otherwise
+                found.append((str(tenant), service))
+        return found
 
     async def record_check(
         self, tenant: str, service_id: str, status: int, latency_ms: float, now_us: int, *, message: str = ""

@@ -220,3 +220,45 @@ async def test_anonymous_health_has_statuses_and_latencies_but_no_counts(tmp_pat
         assert component.status in ("healthy", "degraded", "unhealthy"), name
         assert not component.HasField("details"), f"{name}: {component.details}"
         assert not any(c.isdigit() for c in component.message), f"{name}: {component.message}"
+
+
+async def test_the_sweep_reads_registrations_in_turns_without_their_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tenant's many registrations of large metadata are parsed a turn at a time, other calls
+    running in between, and held for the sweep without the metadata it never reads."""
+    from flowport.server.storage import SqliteStore
+    from flowport.server.storage import services as service_rows
+
+    store = await SqliteStore.open(tmp_path / "db.sqlite")
+    try:
+        for n in range(3 * service_rows.PARSED_PER_TURN):
+            service = registry_pb2.RegisteredService(service_id=f"s{n}", endpoint="https://s.example.com/x")
+            service.metadata.update({"notes": "x" * 4000})
+            await store.register_service("t", service, None, 1)
+        ticks = 0
+
+        async def ticking() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        parsed_at: list[int] = []  # the ticker's count as each registration is parsed
+
+        class _Counted:
+            class RegisteredService:
+                @staticmethod
+                def FromString(body: bytes) -> registry_pb2.RegisteredService:
+                    parsed_at.append(ticks)
+                    return registry_pb2.RegisteredService.FromString(body)
+
+        monkeypatch.setattr(service_rows, "registry_pb2", _Counted)
+        ticker = asyncio.create_task(ticking())
+        found = await store.services_to_check(2)
+        ticker.cancel()
+        assert len(found) == 3 * service_rows.PARSED_PER_TURN
+        assert all(tenant == "t" and not service.HasField("metadata") for tenant, service in found)
+        assert len(set(parsed_at)) == 3, sorted(set(parsed_at))  # three turns, the ticker ran between
+    finally:
+        await store.close()
