@@ -183,7 +183,11 @@ def compile_plan(workflow: workflow_pb2.Workflow, registry: NodeRegistry) -> Pla
             retry_safe=node_type.is_retry_safe(config),
             reads=None if (reads := node_type.reads(config)) is None else frozenset(reads),
         )
-    return Plan(workflow.workflow_id, workflow.version, nodes, _topological(nodes))
+    plan = Plan(workflow.workflow_id, workflow.version, nodes, _topological(nodes))
+    # Worked out now, where a large workflow is compiled off the event loop (engine/checks.py), not
+    # at its first run: 270,000 references take about a second to walk.
+    _ = plan.inputs_schema, plan.required_by
+    return plan
 
 
 def _topological(nodes: dict[str, PlanNode]) -> tuple[str, ...]:
