@@ -35,6 +35,7 @@ MAX_METADATA_BYTES = 16 * 2**10
 SCHEMES = ("http", "https", "grpc", "grpcs")
 # Reads past a page's worth of rows the capability and zone filters dropped, up to this many in all.
 MAX_SCANNED = 5000
+SCAN_BATCH = 500  # rows read at a time while filtering
 
 
 def _not_found(service_id: str) -> NotFound:
@@ -153,13 +154,16 @@ class ServiceRegistryService(registry_pb2_grpc.ServiceRegistryServiceServicer):
         scanned = 0
         # Capabilities and zones are repeated fields, filtered here: read on
         # until a page (and one more, for the token) has passed the filters.
+        # At least SCAN_BATCH rows a read: a page of one over a filter that few match was
+        # thousands of reads of two rows.
+        batch = max(size + 1, SCAN_BATCH)
         while len(kept) <= size and scanned < MAX_SCANNED:
             rows = await self._store.list_services(
-                tenant, provider=request.provider, after=after, limit=size + 1, now_us=now
+                tenant, provider=request.provider, after=after, limit=batch, now_us=now
             )
             scanned += len(rows)
             kept += [row for row in rows if _matches(row, request)]
-            if len(rows) <= size:
+            if len(rows) < batch:
                 break
             after = rows[-1].service_id
         services, token = pagination.page(kept, size, filters, lambda s: [s.service_id])

@@ -12,6 +12,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from flowport.clients import ApiError, AsyncClient
+from flowport.server.api import service_registry
 from flowport.server.app import Running
 from flowport.v1 import apikey_pb2, registry_pb2
 
@@ -174,3 +175,25 @@ async def test_a_retried_registration_is_answered_once(admin: AsyncClient) -> No
     with pytest.raises(ApiError) as reused:
         await admin.services.RegisterService(other)
     assert reused.value.reason == "REQUEST_ID_REUSED"
+
+
+async def test_a_small_page_over_a_rare_filter_reads_rows_in_batches(
+    admin: AsyncClient, running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of one through a filter that few registrations match reads the rows in batches, not
+    two at a time (thousands of reads), and still pages through every match in order."""
+    for n in range(40):
+        await _register(admin, _service(f"s{n:02}", capabilities=["rare"] if n in (3, 17, 38) else []))
+    reads: list[int] = []
+    store = running.store
+    read = store.list_services
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        reads.append(kwargs["limit"])
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(store, "list_services", counted)
+    request = registry_pb2.ListServicesRequest(page_size=1, capabilities=["rare"])
+    found = [s.service_id async for s in admin.paginate(admin.services.ListServices, request)]
+    assert found == ["s03", "s17", "s38"]
+    assert len(reads) <= 4 and set(reads) == {service_registry.SCAN_BATCH}, reads  # two rows a read: 20 reads
