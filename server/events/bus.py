@@ -39,7 +39,7 @@ class BusEvent:
     error: str | None = None
     # What is made of the event once for all its subscribers (its wire form, its Kailash copies):
     # one tenant's hundreds of streams each built their own, all on the event loop.
-    made: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    made: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def to_proto(self) -> event_pb2.Event:
         """The wire form, made once: shared by every stream that sends it, so never changed."""

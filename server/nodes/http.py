@@ -110,7 +110,7 @@ from flowport.server.nodes.base import (
     Violation,
 )
 from flowport.server.nodes.json_size import json_size
-from flowport.server.nodes.substitution import check_params, substitute
+from flowport.server.nodes.substitution import Budget, check_params, substitute
 from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
 from flowport.server.secrets.references import secret_references
@@ -334,8 +334,11 @@ def build_call(
     *,
     sensitive_headers: frozenset[str] = frozenset(),
     secrets: Revealed = NONE,
+    budget: Budget | None = None,
 ) -> HttpCall:
-    """An HttpCall from merged parameters, for `url` and `headers` already substituted."""
+    """An HttpCall from merged parameters, for `url` and `headers` already substituted (within
+    `budget`, which the rest shares)."""
+    budget = budget or Budget()
     if not isinstance(url, str) or not url:
         raise NodeError(f"url must be a non-empty string, got {url!r}", reason="INVALID_PARAMETER")
     method = str(params.get("method") or "GET").upper()
@@ -344,7 +347,7 @@ def build_call(
 
     query: dict[str, Any] = {}
     for key in ("params", "query"):
-        value = substitute(params.get(key), params, secrets.for_key(key))
+        value = substitute(params.get(key), params, secrets.for_key(key), budget)
         if value is None:
             continue
         if not isinstance(value, Mapping):
@@ -357,10 +360,10 @@ def build_call(
     if len(bodies) > 1:
         raise NodeError(f"give only one of json, body, data (got {', '.join(bodies)})", reason="INVALID_PARAMETER")
     if bodies == ["data"]:
-        data = substitute(params["data"], params, secrets.for_key("data"))
+        data = substitute(params["data"], params, secrets.for_key("data"), budget)
         content = (data if isinstance(data, str) else json.dumps(data)).encode()
     elif bodies:
-        value = substitute(params[bodies[0]], params, secrets.for_key(bodies[0]))
+        value = substitute(params[bodies[0]], params, secrets.for_key(bodies[0]), budget)
         # A whole-string reference keeps its value by reference, so ["${x}"] * 150000 is small
         # in memory and huge written out: measured (each shared value once) before it is.
         size = json_size(value, MAX_REQUEST_BODY_BYTES)
@@ -1040,13 +1043,19 @@ class HTTPRequestNode(_HTTPNode):
     def call(
         self, params: Mapping[str, Any], secrets: Revealed = NONE, profile: HttpResource | None = None
     ) -> HttpCall:
-        url = substitute(params.get("url"), params, secrets.for_key("url"))
-        headers = substitute(params.get("headers") or {}, params, secrets.for_key("headers"))
+        budget = Budget()  # one for all the node's parameters
+        url = substitute(params.get("url"), params, secrets.for_key("url"), budget)
+        headers = substitute(params.get("headers") or {}, params, secrets.for_key("headers"), budget)
         if profile is None:
-            return build_call(params, url, headers, secrets=secrets)
+            return build_call(params, url, headers, secrets=secrets, budget=budget)
         merged, params = with_profile(profile, headers, params)
         return build_call(
-            params, profile_url(profile, url), merged, sensitive_headers=profile.secret_headers, secrets=secrets
+            params,
+            profile_url(profile, url),
+            merged,
+            sensitive_headers=profile.secret_headers,
+            secrets=secrets,
+            budget=budget,
         )
 
 
@@ -1104,9 +1113,10 @@ class RESTClientNode(_HTTPNode):
     def call(
         self, params: Mapping[str, Any], secrets: Revealed = NONE, profile: HttpResource | None = None
     ) -> HttpCall:
-        base = substitute(params.get("base_url"), params, secrets.for_key("base_url"))
+        budget = Budget()  # one for all the node's parameters
+        base = substitute(params.get("base_url"), params, secrets.for_key("base_url"), budget)
         resource_key = "resource" if "resource" in params else "path"
-        resource = substitute(params.get(resource_key), params, secrets.for_key(resource_key))
+        resource = substitute(params.get(resource_key), params, secrets.for_key(resource_key), budget)
         if not isinstance(base, str) or not base:
             raise NodeError("base_url must be a non-empty string", reason="INVALID_PARAMETER")
         url = base
@@ -1114,30 +1124,30 @@ class RESTClientNode(_HTTPNode):
             url = base.rstrip("/") + "/" + str(resource).lstrip("/")
         headers: dict[str, Any] = {}
         for key in ("default_headers", "headers"):
-            for name, value in (substitute(params.get(key) or {}, params, secrets.for_key(key))).items():
+            for name, value in (substitute(params.get(key) or {}, params, secrets.for_key(key), budget)).items():
                 headers = {k: v for k, v in headers.items() if k.lower() != str(name).lower()}
                 headers[name] = value
         sensitive: frozenset[str] = frozenset()
         auth_type = params.get("auth_type") or "none"
         if auth_type != "none":
-            name, value = self._auth_header(auth_type, params, secrets)
+            name, value = self._auth_header(auth_type, params, secrets, budget)
             headers = {k: v for k, v in headers.items() if k.lower() != name.lower()}
             headers[name] = value
             sensitive = frozenset({name.lower()})
-        return build_call(params, url, headers, sensitive_headers=sensitive, secrets=secrets)
+        return build_call(params, url, headers, sensitive_headers=sensitive, secrets=secrets, budget=budget)
 
     @staticmethod
-    def _auth_header(auth_type: str, params: Mapping[str, Any], secrets: Revealed) -> tuple[str, str]:
+    def _auth_header(auth_type: str, params: Mapping[str, Any], secrets: Revealed, budget: Budget) -> tuple[str, str]:
         if auth_type == "basic":
-            username = substitute(params.get("username"), params, secrets.for_key("username"))
-            password = substitute(params.get("password"), params, secrets.for_key("password"))
+            username = substitute(params.get("username"), params, secrets.for_key("username"), budget)
+            password = substitute(params.get("password"), params, secrets.for_key("password"), budget)
             if username is None or password is None:
                 raise NodeError("basic auth needs username and password", reason="INVALID_PARAMETER")
             if ":" in str(username):
                 raise NodeError("a basic auth username may not contain ':'", reason="INVALID_PARAMETER")
             pair = f"{username}:{password}".encode()
             return "Authorization", "Basic " + base64.b64encode(pair).decode("ascii")
-        token = substitute(params.get("auth_token"), params, secrets.for_key("auth_token"))
+        token = substitute(params.get("auth_token"), params, secrets.for_key("auth_token"), budget)
         if token is None or token == "":
             raise NodeError(f"auth_type {auth_type} needs auth_token", reason="INVALID_PARAMETER")
         if auth_type == "bearer":

@@ -30,7 +30,7 @@ from google.protobuf import json_format
 
 from flowport.server.clock import now_us
 from flowport.server.nodes.base import MAX_OUTPUT_BYTES, JsonSchema, NodeContext, NodeError, NodeType
-from flowport.server.nodes.substitution import substitute
+from flowport.server.nodes.substitution import Budget, substitute
 from flowport.v1 import registry_pb2
 
 BALANCING = ("round_robin", "least_latency", "random")
@@ -127,26 +127,31 @@ class MCPServiceDiscoveryNode(NodeType):
         if directory is None:
             raise NodeError("the service registry is not available in this server", reason="NODE_UNAVAILABLE")
         # Kailash configs name the tenant as `${tenant_id}`: resolved here like any other reference.
-        tenant_context = substitute(params.get("tenant_context") or {}, params)
+        budget = Budget()  # one for all the node's parameters
+        tenant_context = substitute(params.get("tenant_context") or {}, params, budget=budget)
         named = tenant_context.get("id")
         if named not in (None, "", ctx.tenant):
             raise NodeError(
                 f"tenant_context.id {str(named)[:64]!r} is not this execution's tenant", reason="TENANT_MISMATCH"
             )
-        required = substitute(params.get("required_capabilities") or [], params)
+        required = substitute(params.get("required_capabilities") or [], params, budget=budget)
         zones_given = tenant_context.get("compliance_zones") or []
+        wanted: list[set[str]] = []
         for name, given in (("required_capabilities", required), ("tenant_context.compliance_zones", zones_given)):
-            if len(given) > MAX_REQUIRED:
+            if not isinstance(given, list) or not all(isinstance(item, str) for item in given):
+                raise NodeError(f"{name} must be a list of names", reason="INVALID_PARAMETER")
+            names = set(given)
+            if len(names) > MAX_REQUIRED:
                 raise NodeError(
-                    f"{name} has {len(given)} names; a service has at most {MAX_REQUIRED}, so none would match",
+                    f"{name} has {len(names)} names; a service has at most {MAX_REQUIRED}, so none would match",
                     reason="INVALID_PARAMETER",
                 )
-        capabilities = sorted(set(required))
-        zones = sorted(set(zones_given))
+            wanted.append(names)
+        capabilities, zones = sorted(wanted[0]), sorted(wanted[1])
         healthy_only = bool(params.get("health_check", True))
         key = (ctx.tenant, tuple(capabilities), tuple(zones), healthy_only)
         matching = await self._matching(directory, ctx.tenant, key, float(params.get("cache_duration") or 0))
-        preferred = list(substitute(params.get("preferred_providers") or [], params))
+        preferred = list(substitute(params.get("preferred_providers") or [], params, budget=budget))
         ordered = self._order(matching, key, params.get("load_balancing", "round_robin"))
         rank = {provider: i for i, provider in enumerate(preferred)}
         # A stable sort: preference first, the balancing order within each provider.

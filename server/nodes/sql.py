@@ -92,7 +92,7 @@ from flowport.server.nodes.sql_pools import (
     postgres_targets,
 )
 from flowport.server.nodes.sqlite_temp_space import CHECK_SECONDS, below_reserve
-from flowport.server.nodes.substitution import EXECUTION_VARIABLE_NAMES, check_params, substitute
+from flowport.server.nodes.substitution import EXECUTION_VARIABLE_NAMES, Budget, check_params, substitute
 from flowport.server.observability import tracing
 from flowport.server.resources.pinning import ABSENT, pinned_to_config
 from flowport.server.secrets.references import insert_secrets, stand_in
@@ -249,6 +249,7 @@ def bind_values(
     configured = configured or {}
     own = own or {}
     values: dict[str, Any] = {}
+    budget = Budget()  # one for all the binds: each of 200 binds made 3 MB of one input
     for name in prepared.bind_names:
         # An execution variable is mapped by the config alone, else the execution's; any other name
         # by query_params/parameters, else the parameter of its name.
@@ -256,7 +257,7 @@ def bind_values(
         mapped, given = (configured, own) if execution_own else (explicit, params)
         if name in mapped:
             key, value = mapped[name]
-            values[name] = substitute(value, params, secrets.for_key(key))
+            values[name] = substitute(value, params, secrets.for_key(key), budget)
         elif name in given:
             values[name] = given[name]
         elif execution_own:

@@ -19,8 +19,9 @@ are left alone) and replaces each `${name}` with `params[name]`:
 - an unknown name raises `NodeError(reason="UNRESOLVED_REFERENCE")`. There
   is no default syntax (`${name:-x}` names a parameter `name:-x`);
 - strings whose substituted text would pass MAX_SUBSTITUTED_CHARS together,
-  in one `substitute` call, raise `NodeError(reason="SUBSTITUTION_TOO_LARGE")`
-  as they grow past it (a value is measured before it is written out).
+  in one `substitute` call or the calls sharing a `Budget` (a node's
+  parameters), raise `NodeError(reason="SUBSTITUTION_TOO_LARGE")` as they
+  grow past it (a value is measured before it is written out).
 
 `input_references` names the execution inputs a config's references need:
 the first part of each reference that is not an execution variable (nor a
@@ -92,10 +93,21 @@ def is_execution_variable(name: str) -> bool:
     return _lookup(name.strip(), _ANY_VARIABLES) is not _MISSING
 
 
-def substitute(value: Any, params: Mapping[str, Any], secrets: Mapping[str, str] | None = None) -> Any:
+class Budget:
+    """Characters substitutions may still make, shared by the `substitute` calls given it (a
+    node's parameters: each call otherwise has MAX_SUBSTITUTED_CHARS of its own)."""
+
+    def __init__(self, most: int = MAX_SUBSTITUTED_CHARS) -> None:
+        self.most = most
+        self.produced = 0
+
+
+def substitute(
+    value: Any, params: Mapping[str, Any], secrets: Mapping[str, str] | None = None, budget: Budget | None = None
+) -> Any:
     """`value` with every `${name}` in its strings replaced from `params`
-    (and every `${secret:NAME}` from `secrets`, when given)."""
-    return _Substitution(params, secrets).value(value)
+    (and every `${secret:NAME}` from `secrets`, when given), within `budget`."""
+    return _Substitution(params, secrets, budget or Budget()).value(value)
 
 
 def references(value: Any) -> list[str]:
@@ -158,13 +170,13 @@ def _lookup(name: str, params: Mapping[str, Any]) -> Any:
 
 
 class _Substitution:
-    """One `substitute` call: every string it makes counts toward one MAX_SUBSTITUTED_CHARS, so
-    that many strings of a value, each within it, cannot make gigabytes together."""
+    """One `substitute` call: every string it makes counts toward its Budget, so that many strings,
+    each within it, cannot make gigabytes together."""
 
-    def __init__(self, params: Mapping[str, Any], secrets: Mapping[str, str] | None) -> None:
+    def __init__(self, params: Mapping[str, Any], secrets: Mapping[str, str] | None, budget: Budget) -> None:
         self._params = params
         self._secrets = secrets
-        self._produced = 0
+        self._budget = budget
 
     def value(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -178,10 +190,11 @@ class _Substitution:
     def _count(self, characters: int) -> None:
         # Counted as it grows: a config of many references to one long input would otherwise
         # build gigabytes on the event loop.
-        self._produced += characters
-        if self._produced > MAX_SUBSTITUTED_CHARS:
+        budget = self._budget
+        budget.produced += characters
+        if budget.produced > budget.most:
             raise NodeError(
-                f"the strings of a value with their references substituted would pass {MAX_SUBSTITUTED_CHARS} "
+                f"the strings of a node's parameters with their references substituted would pass {budget.most} "
                 "characters",
                 reason="SUBSTITUTION_TOO_LARGE",
             )
@@ -191,7 +204,7 @@ class _Substitution:
         stops once past what is left): str() of a list of a million numbers is megabytes."""
         if isinstance(found, str):
             return found
-        left = MAX_SUBSTITUTED_CHARS - self._produced
+        left = self._budget.most - self._budget.produced
         if json_size(found, left) > left:
             self._count(left + 1)  # raises
         return str(found)

@@ -894,6 +894,18 @@ class _CountedList(list[Any]):
         return super().__str__()
 
 
+def test_a_nodes_parameters_share_one_substitution_budget() -> None:
+    """Each parameter within the bound is not enough either: an HTTP node's url, headers, query and
+    body count toward one budget for the node (a SQL node's binds too: test_sql_nodes)."""
+    big = _CountedList([1] * 1_000_000)  # 3 MB written out
+    _CountedList.written = 0
+    headers = {f"x-h{n}": "a${big}" for n in range(3)}
+    query = {f"q{n}": "a${big}" for n in range(3)}
+    with pytest.raises(NodeError) as caught:
+        HTTPRequestNode().call({"url": "http://127.0.0.1:9/x", "headers": headers, "params": query, "big": big})
+    assert caught.value.reason == "SUBSTITUTION_TOO_LARGE" and _CountedList.written == 6, _CountedList.written
+
+
 def test_one_substitution_bounds_all_its_strings_together_and_measures_a_value_before_writing_it() -> None:
     """Each string within the bound is not enough: 200 strings each holding a 3 MB input (a list of a
     million numbers) made 600 MB. The strings of one value count together, so the sixth is refused

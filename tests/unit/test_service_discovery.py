@@ -255,13 +255,13 @@ async def test_the_nodes_work_is_bounded_before_its_outputs_are_written(monkeypa
     class Directory:
         async def list_services(self, tenant: str, **_: Any) -> list[registry_pb2.RegisteredService]:
             found = []
-            for n in range(600):  # 600 of 16 KiB of metadata: about 10 MB
+            for n in range(400):  # 400 of 24 KB of metadata (one page): about 10 MB
                 service = registry_pb2.RegisteredService(
                     service_id=f"s{n:03}",
                     endpoint="https://s.example.com",
                     status=registry_pb2.RegisteredService.STATUS_HEALTHY,
                 )
-                service.metadata.update({"notes": "x" * 16_000})
+                service.metadata.update({"notes": "x" * 24_000})
                 found.append(service)
             return found
 
@@ -271,8 +271,13 @@ async def test_the_nodes_work_is_bounded_before_its_outputs_are_written(monkeypa
     with pytest.raises(NodeError) as caught:
         await node.run(ctx, node.prepare(params), params)
     assert caught.value.reason == "OUTPUT_TOO_LARGE"
-    assert 0 < len(written) < 8 * 2**20 // 16_000, len(written)
+    assert 0 < len(written) < 8 * 2**20 // 24_000, len(written)
     params = {"required_capabilities": [f"c{n}" for n in range(33)]}
     with pytest.raises(NodeError) as caught:
         await node.run(ctx, node.prepare(params), params)
     assert caught.value.reason == "INVALID_PARAMETER" and "at most 32" in caught.value.message
+    params = {"required_capabilities": ["c"] * 40}  # one name, given 40 times: matches none here
+    assert (await node.run(ctx, node.prepare(params), params))["count"] == 0
+    params = {"required_capabilities": "c"}
+    with pytest.raises(NodeError, match="a list of names"):
+        await node.run(ctx, node.prepare(params), params)

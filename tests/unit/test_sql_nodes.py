@@ -1357,3 +1357,26 @@ def test_a_pool_of_a_tenants_postgresql_is_capped() -> None:
     sizes = sql_pools._pool_sizes(make_url("postgresql+asyncpg://u@db.example.com/app"), 100, 200)
     assert sizes == {"pool_size": sql_pools.MAX_POOL_CONNECTIONS, "max_overflow": 0}
     assert sql_pools._pool_sizes(make_url("postgresql+asyncpg://u@h/d"), 5, 10) == {"pool_size": 5, "max_overflow": 10}
+
+
+async def test_a_sql_nodes_binds_share_one_substitution_budget(tmp_path: Path) -> None:
+    """200 binds each of "a${big}" (a 3 MB input written out) made 600 M characters, one budget
+    per bind; they share one now, and the sixth passes it."""
+    written: list[int] = []
+
+    class Counted(list[int]):
+        def __str__(self) -> str:
+            written.append(1)
+            return super().__str__()
+
+    pools = SqlPools(sqlite_root=tmp_path / "sqlite")
+    try:
+        binds = {f"p{n}": "a${big}" for n in range(200)}
+        query = "SELECT " + ", ".join(f":p{n} AS c{n}" for n in range(200))
+        with pytest.raises(NodeError) as caught:
+            await run_sql(
+                make_ctx(pools), "sqlite:///:memory:", query, query_params=binds, big=Counted([1] * 1_000_000)
+            )
+        assert caught.value.reason == "SUBSTITUTION_TOO_LARGE" and len(written) == 6, len(written)
+    finally:
+        await pools.close()

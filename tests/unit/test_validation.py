@@ -282,6 +282,8 @@ def test_compiling_an_invalid_workflow_raises_with_the_violations(registry: Node
 
 def test_plan_orders_nodes_and_binds_inputs(registry: NodeRegistry) -> None:
     plan = compile_plan(workflow(SEED_PIPELINE), registry)
+    # Worked out as it is compiled (off the event loop for a large workflow), not at its first run.
+    assert "inputs_schema" in plan.__dict__ and "required_by" in plan.__dict__
     assert plan.order == ("fetch_data", "process_data")
     binding = plan.nodes["process_data"].inbound[0]
     assert (binding.from_node, binding.path, binding.to_input) == ("fetch_data", ("response",), "data")

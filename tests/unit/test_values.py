@@ -137,3 +137,7 @@ def test_json_kinds_by_subclass_and_what_is_not_json() -> None:
         python_to_struct({"m": {1: "x"}})
     with pytest.raises(ValueError, match="too large for a JSON number"):
         python_to_struct({"n": 10**400})
+    cycle: dict[str, Any] = {}
+    cycle["self"] = cycle
+    with pytest.raises(TooDeep):  # a ValueError: callers' "not JSON"
+        python_to_struct({"c": cycle})
