@@ -90,13 +90,29 @@ local TOKEN_COOKIE = "flowport_token"
 local COOKIE_PATHS = { ["/events"] = true, ["/ws"] = true }
 local DEFAULT_PORTS = { http = ":80", https = ":443", ws = ":80", wss = ":443" }
 
+-- `text` without the white space at its ends, found from each end ("^%s*(.-)%s*$" tried the rest
+-- again at each character of a long run of spaces inside it: seconds for a 30 KB cookie).
+local function trim(text)
+  local first = string.find(text, "%S")
+  if first == nil then
+    return ""
+  end
+  local last = #text
+  while string.find(string.sub(text, last, last), "%s") do
+    last = last - 1
+  end
+  return string.sub(text, first, last)
+end
+
 -- The flowport_token cookies' values (empty ones left out), removed from the Cookie header(s).
 local function take_cookies(headers)
   local count = headers:getNumValues("cookie")
   local tokens, kept, found = {}, {}, false
   for i = 0, count - 1 do
     for pair in string.gmatch(headers:getAtIndex("cookie", i) or "", "[^;]+") do
-      local name, value = string.match(pair, "^%s*([^=]-)%s*=%s*(.-)%s*$")
+      local equals = string.find(pair, "=", 1, true)
+      local name = equals and trim(string.sub(pair, 1, equals - 1))
+      local value = equals and trim(string.sub(pair, equals + 1)) or ""
       if name == TOKEN_COOKIE then
         found = true
         local token = string.match(value, '^"(.*)"$') or value
@@ -104,7 +120,7 @@ local function take_cookies(headers)
           tokens[#tokens + 1] = token
         end
       elseif string.find(pair, "%S") then
-        kept[#kept + 1] = string.match(pair, "^%s*(.-)%s*$")
+        kept[#kept + 1] = trim(pair)
       end
     end
   end

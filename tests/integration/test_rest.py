@@ -127,8 +127,16 @@ def test_unknown_paths_and_query_parameters_are_refused(http: httpx.Client) -> N
     assert long.status_code == 405 and len(long.content) < 1000 and "characters, cut" in long.text
     # A path of 30,000 characters without a ":" (Envoy's Lua once took seconds of CPU over each:
     # the client's timeout would end this call first).
-    for path in ("/api/" + "a" * 30_000, "/api/sessions?user_id=1&userId=2&x=" + "a" * 30_000):
+    for path in ("/api/" + "a" * 30_000, "/api/sessions?user_id=1&userId=2&x=" + "a" * 30_000, "/api" + "/" * 30_000):
         assert http.get(path, timeout=5).status_code in (400, 404)
+    # A number of 60,000 digits and then a letter in a body (Envoy's Lua once took about 30 s of
+    # CPU over it: the client's timeout would end this call first), and a cookie of long spaces.
+    digits = '{"user_id": ' + "1" * 60_000 + "x}"
+    refused = http.post("/api/sessions", content=digits, headers={"content-type": "application/json"}, timeout=10)
+    assert refused.status_code == 400 and len(refused.content) < 2000
+    spaces = {"cookie": "flowport_token=x" + " " * 20_000 + "y; other=1"}
+    with httpx.Client(base_url=str(http.base_url), timeout=5) as anonymous:  # the cookie is its credential
+        assert anonymous.get("/events", headers=spaces).status_code == 401
     unknown = http.get("/api/sessions", params={"bogus": "1"})
     assert unknown.status_code == 400
     assert "bogus" in unknown.text
