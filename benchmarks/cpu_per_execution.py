@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,14 +189,24 @@ def server_settings(data: str, extra: dict[str, object] | None = None) -> Settin
     )
 
 
+@contextlib.contextmanager
+def running_server(settings: Settings, log_level: str = "warning") -> Iterator[subprocess.Popen[bytes]]:
+    """`flowport serve` on `settings` for the block (terminated after it)."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flowport.clients.cli", "serve", "--log-level", log_level],
+        env=child_environment(settings),
+    )
+    try:
+        yield server
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def _measure(args: argparse.Namespace, extra: dict[str, object]) -> int:
     with tempfile.TemporaryDirectory() as data:
         settings = server_settings(data, extra)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "flowport.clients.cli", "serve", "--log-level", "warning"],
-            env=child_environment(settings),
-        )
-        try:
+        with running_server(settings) as server:
             time.sleep(1.0)
             workers = _children(server.pid)
             # PostgreSQL's backends come and go: its whole tree, counted by name.
@@ -203,9 +214,6 @@ def _measure(args: argparse.Namespace, extra: dict[str, object]) -> int:
             # The warm-up round is inside _drive; measure around the whole run and subtract it below.
             elapsed = asyncio.run(_drive(settings.grpc_target, args.count, args.concurrency, args.baseline))
             after = _cpu_seconds(server.pid), sum(_cpu_seconds(w) for w in _children(server.pid)), _backends_cpu()
-        finally:
-            server.terminate()
-            server.wait(30)
     total = args.count + 50
     server_ms = 1000 * (after[0] - before[0]) / total
     worker_ms = 1000 * (after[1] - before[1]) / total

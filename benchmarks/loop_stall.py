@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import subprocess
-import sys
 import tempfile
 import time
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from benchmarks.cpu_per_execution import ADMIN_KEY, TRIVIAL, server_settings
-from flowport.server.supervisor import child_environment
+from benchmarks.cpu_per_execution import ADMIN_KEY, TRIVIAL, running_server, server_settings
 from flowport.v1 import (
     execution_pb2,
     execution_pb2_grpc,
@@ -135,15 +132,8 @@ def main() -> int:
     size = args.size or (1_000_000 if args.case == "inputs" else 1_380_000)
     with tempfile.TemporaryDirectory() as data:
         settings = server_settings(data)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "flowport.clients.cli", "serve", "--log-level", "error"],
-            env=child_environment(settings),
-        )
-        try:
+        with running_server(settings, "error"):
             idle, during, spent, sent = asyncio.run(_measure(settings.grpc_target, args.case, args.count, size))
-        finally:
-            server.terminate()
-            server.wait(30)
     print(f"case: {args.case}  lists: {size}  request bytes: {sent}  executions: {args.count} in {spent:.2f} s")
     print(f"worst probe idle:   {idle * 1000:.1f} ms")
     print(f"worst probe during: {during * 1000:.1f} ms")
