@@ -4,7 +4,8 @@
 Read from the event log, newest first, with StreamEvents' filters and visibility: the ids
 filter in the store, types (families, Kailash names) and other credentials' sessions here.
 Type filters can skip most rows, so one call reads at most MAX_SCANNED of them and hands
-back a token to go on from there.
+back a token to go on from there; the rows read are charged to the tenant's replay budget
+(events/log.py), which its resuming streams share.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ async def list_recent_events(
             workflow_id=request.workflow_id,
             execution_id=request.execution_id,
         )
+        # The rows read count toward the tenant's replay budget, as a resuming stream's do: a loop
+        # of these calls over a filter few events match read 5,000 rows each.
+        await log.replay.take(tenant, len(rows))
         for row in rows:
             views = selection.views(row) if selection.hears(row.type) else []
             if views and await sessions.allows(row.session_id):

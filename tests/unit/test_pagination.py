@@ -86,3 +86,25 @@ async def test_forged_cursors_are_invalid_argument_on_lists_never_internal(clien
         event_pb2.ListRecentEventsRequest(page_size=1, page_token=_forged(events.next_page_token, [0]))
     )
     assert list(oldest.events) == []
+
+
+async def test_recent_events_read_count_toward_the_tenants_replay_budget(
+    client: AsyncClient, running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows a ListRecentEvents call reads are charged to its tenant's replay budget, which the
+    tenant's resuming streams share (a loop of calls over a rare type read 5,000 rows each)."""
+    for n in range(5):
+        await client.sessions.CreateSession(
+            session_pb2.CreateSessionRequest(session=session_pb2.Session(user_id=f"u{n}"))
+        )
+    charged: list[tuple[str, int]] = []
+    take = running.event_log.replay.take
+
+    async def counted(tenant: str, count: int) -> None:
+        charged.append((tenant, count))
+        await take(tenant, count)
+
+    monkeypatch.setattr(running.event_log.replay, "take", counted)
+    await client.events.ListRecentEvents(event_pb2.ListRecentEventsRequest(types=["no.such.type"]))
+    assert charged and all(tenant == "default" for tenant, _ in charged)
+    assert sum(count for _, count in charged) >= 5
