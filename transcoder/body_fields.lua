@@ -876,10 +876,51 @@ local function set_again_problems(again)
   return found
 end
 
+-- The methods REST routes take on `path`, as an Allow header lists them ("DELETE, GET");
+-- nil when no route has the path.
+local function methods_allowed(path)
+  local matched, verb = canonical(path)
+  local seen, found = {}, {}
+  -- The transcoder matches a path it split a custom verb off with that verb's routes only, and
+  -- any other with the routes without one: "/api/executions/x:cancel" is not "/api/executions/{id}"
+  -- with id "x:cancel", and "/api/executions/x:cancel/" is not a cancel.
+  for _, route in ipairs(QUERY_ROUTES) do
+    local pattern = route[2]
+    local route_verb = match(pattern, "(:[^:/]*)%$$")
+    if route_verb ~= nil and not VERBS[sub(route_verb, 2)] then
+      route_verb = nil
+    end
+    if not seen[route[1]] and find(matched, pattern) and (route_verb or "") == verb then
+      seen[route[1]] = true
+      found[#found + 1] = route[1]
+    end
+  end
+  if #found == 0 then
+    return nil
+  end
+  table.sort(found)
+  return table.concat(found, ", ")
+end
+
+-- A HEAD of a path that REST routes have (none takes HEAD): 405 with their methods, as the
+-- other methods get (envoy_on_response); Envoy's 404 to a HEAD has no body to find the path in.
+local function refuse_head(request_handle, path)
+  local allowed = methods_allowed(path)
+  if allowed == nil then
+    return -- no route has the path: the transcoder's 404
+  end
+  request_handle:streamInfo():dynamicMetadata():set("flowport", "json_reply", true)
+  request_handle:respond({ [":status"] = "405", ["content-type"] = "application/json", allow = allowed }, "")
+end
+
 function envoy_on_request(request_handle)
   local headers = request_handle:headers()
   local method = headers:get(":method")
   local full_path = headers:get(":path") or ""
+  if method == "HEAD" then
+    refuse_head(request_handle, match(full_path, "^[^?]*"))
+    return
+  end
   local question = find(full_path, "?", 1, true)
   local has_query = question ~= nil and question < #full_path
   local has_body = method == "POST" or method == "PUT" or method == "PATCH"
@@ -1029,32 +1070,6 @@ local function transcoder_error(message)
   local shown_field = field == "" and "the body" or shown(field)
   return status_json(shown_field .. " is " .. description, "INVALID_ARGUMENT", "flowport.dev", "",
     { { field, description } })
-end
-
--- The methods REST routes take on `path`, as an Allow header lists them ("DELETE, GET");
--- nil when no route has the path.
-local function methods_allowed(path)
-  local matched, verb = canonical(path)
-  local seen, found = {}, {}
-  -- The transcoder matches a path it split a custom verb off with that verb's routes only, and
-  -- any other with the routes without one: "/api/executions/x:cancel" is not "/api/executions/{id}"
-  -- with id "x:cancel", and "/api/executions/x:cancel/" is not a cancel.
-  for _, route in ipairs(QUERY_ROUTES) do
-    local pattern = route[2]
-    local route_verb = match(pattern, "(:[^:/]*)%$$")
-    if route_verb ~= nil and not VERBS[sub(route_verb, 2)] then
-      route_verb = nil
-    end
-    if not seen[route[1]] and find(matched, pattern) and (route_verb or "") == verb then
-      seen[route[1]] = true
-      found[#found + 1] = route[1]
-    end
-  end
-  if #found == 0 then
-    return nil
-  end
-  table.sort(found)
-  return table.concat(found, ", ")
 end
 
 -- Envoy's own replies: a 400 of the transcoder about the body is rewritten

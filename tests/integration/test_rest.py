@@ -123,6 +123,10 @@ def test_unknown_paths_and_query_parameters_are_refused(http: httpx.Client) -> N
         assert status["code"] == 12 and status["message"].endswith(f"; it takes {allowed}"), status
         assert status["details"][0]["reason"] == "METHOD_NOT_ALLOWED"
         assert status["details"][0]["metadata"] == {"allow": allowed}
+    # HEAD, which no route takes, alike (its answers have no body).
+    head = http.head("/api/sessions/abc")
+    assert head.status_code == 405 and head.headers["allow"] == "DELETE, GET" and head.content == b""
+    assert http.head("/api/nothing-here").status_code == 404
     long = http.post("/api/sessions/" + "x" * 5000)
     assert long.status_code == 405 and len(long.content) < 1000 and "characters, cut" in long.text
     # A path of 30,000 characters without a ":" (Envoy's Lua once took seconds of CPU over each:
