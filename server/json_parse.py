@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 
-def _paused(parse: Any, data: Any) -> Any:
+def _paused(parse: Callable[[Any], Any], data: bytes | str) -> Any:
     if not gc.isenabled():
         return parse(data)
     gc.disable()

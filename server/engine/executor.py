@@ -53,7 +53,7 @@ from flowport.server.engine.run import FINISHED, Execution, Run, error_status, m
 from flowport.server.engine.slots import Slots
 from flowport.server.engine.stats import ExecutionCounters
 from flowport.server.engine.takeover import Takeover
-from flowport.server.engine.values import one_turn, struct_to_python, struct_to_python_in_turns
+from flowport.server.engine.values import one_turn, read_in_turns, struct_to_python
 from flowport.server.engine.walk import Walker
 from flowport.server.engine.work_queue import QUEUE_FAILURES, WorkQueue
 from flowport.server.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -208,7 +208,7 @@ class Executor:
             values = struct_to_python(inputs)
         else:
             async with self._large_inputs.slot(tenant):
-                values = await struct_to_python_in_turns(inputs)
+                values = await read_in_turns(inputs)
         missing = plan.missing_inputs(values)
         if missing:
             raise InvalidArgument(

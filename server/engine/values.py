@@ -256,8 +256,11 @@ def one_turn(struct: struct_pb2.Struct) -> bool:
 
 async def struct_to_python_in_turns(struct: struct_pb2.Struct) -> dict[str, Any]:
     """As `struct_to_python`, yielding to the event loop between turns (module docstring)."""
-    if one_turn(struct):
-        return struct_to_python(struct)
+    return struct_to_python(struct) if one_turn(struct) else await read_in_turns(struct)
+
+
+async def read_in_turns(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """`struct_to_python_in_turns` for a Struct already known not to fit in one turn (`one_turn`)."""
     reader = _Reader(struct)
     while not reader.turn(VALUES_PER_TURN):
         await _other_calls()

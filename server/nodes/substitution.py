@@ -190,14 +190,16 @@ class _Substitution:
     def _count(self, characters: int) -> None:
         # Counted as it grows: a config of many references to one long input would otherwise
         # build gigabytes on the event loop.
-        budget = self._budget
-        budget.produced += characters
-        if budget.produced > budget.most:
-            raise NodeError(
-                f"the strings of a node's parameters with their references substituted would pass {budget.most} "
-                "characters",
-                reason="SUBSTITUTION_TOO_LARGE",
-            )
+        self._budget.produced += characters
+        if self._budget.produced > self._budget.most:
+            raise self._too_large()
+
+    def _too_large(self) -> NodeError:
+        return NodeError(
+            f"the strings of a node's parameters with their references substituted would pass {self._budget.most} "
+            "characters",
+            reason="SUBSTITUTION_TOO_LARGE",
+        )
 
     def _written(self, found: Any) -> str:
         """`found` as text in a longer string, measured first (a lower bound of its text, which
@@ -206,7 +208,7 @@ class _Substitution:
             return found
         left = self._budget.most - self._budget.produced
         if json_size(found, left) > left:
-            self._count(left + 1)  # raises
+            raise self._too_large()
         return str(found)
 
     def _string(self, text: str) -> Any:

@@ -363,7 +363,7 @@ async def test_a_tenants_large_inputs_are_read_one_call_at_a_time(
 
     reading: dict[str, int] = {}
     most: dict[str, int] = {}
-    read = executor_module.struct_to_python_in_turns
+    read = executor_module.read_in_turns
 
     async def counted(struct: struct_pb2.Struct) -> dict[str, Any]:
         tenant = struct.fields["tenant"].string_value
@@ -375,7 +375,7 @@ async def test_a_tenants_large_inputs_are_read_one_call_at_a_time(
         finally:
             reading[tenant] -= 1
 
-    monkeypatch.setattr(executor_module, "struct_to_python_in_turns", counted)
+    monkeypatch.setattr(executor_module, "read_in_turns", counted)
     store = await SqliteStore.open(tmp_path / "db.sqlite")
     executor = Executor(store, PlanCache(NodeRegistry([EchoNode])), EventBus(), NodeServices(), max_concurrent=8)
     echo = wf("echo", [{"type": "EchoNode", "name": "e", "config": {"size": 1}}])
